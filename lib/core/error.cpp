@@ -1,0 +1,198 @@
+// keel's error categories, the failure exception and the default classifier.
+#include <keel/classify.hpp>
+#include <keel/error.hpp>
+
+#include <boost/asio/error.hpp>
+
+#include <new>
+#include <boost/system/errc.hpp>
+
+#include <system_error>
+
+namespace keel {
+namespace {
+
+class error_category_impl final : public boost::system::error_category {
+ public:
+  // A fixed id makes codes from different shared objects compare equal.
+  constexpr error_category_impl() noexcept : error_category(0x6b65656c5f657272ULL) {}
+  const char* name() const noexcept override { return "keel"; }
+  std::string message(int ev) const override {
+    switch (static_cast<error>(ev)) {
+      case error::retries_exhausted:
+        return "retries exhausted";
+      case error::deadline_exceeded:
+        return "deadline exceeded";
+      case error::circuit_open:
+        return "circuit breaker is open";
+      case error::throttled:
+        return "throttled";
+      case error::budget_exhausted:
+        return "retry budget exhausted";
+      case error::queue_full:
+        return "queue is full";
+      case error::queue_timeout:
+        return "timed out waiting in queue";
+      case error::all_fallbacks_failed:
+        return "all fallbacks failed";
+    }
+    return "unknown keel error";
+  }
+  boost::system::error_condition default_error_condition(int ev) const noexcept override {
+    switch (static_cast<error>(ev)) {
+      case error::deadline_exceeded:
+        return condition::timeout;
+      case error::circuit_open:
+      case error::throttled:
+      case error::queue_full:
+      case error::queue_timeout:
+        return condition::throttled;
+      case error::retries_exhausted:
+      case error::budget_exhausted:
+      case error::all_fallbacks_failed:
+        return condition::permanent;
+    }
+    return condition::permanent;
+  }
+};
+
+class condition_category_impl final : public boost::system::error_category {
+ public:
+  constexpr condition_category_impl() noexcept : error_category(0x6b65656c5f636f6eULL) {}
+  const char* name() const noexcept override { return "keel.condition"; }
+  std::string message(int ev) const override {
+    switch (static_cast<condition>(ev)) {
+      case condition::transient:
+        return "transient failure";
+      case condition::throttled:
+        return "throttled";
+      case condition::timeout:
+        return "timeout";
+      case condition::permanent:
+        return "permanent failure";
+      case condition::cancelled:
+        return "cancelled";
+    }
+    return "unknown condition";
+  }
+  bool equivalent(const boost::system::error_code& code, int cond) const noexcept override {
+    return static_cast<int>(condition_of(code)) == cond;
+  }
+};
+
+const error_category_impl error_category_instance;
+const condition_category_impl condition_category_instance;
+
+}  // namespace
+
+const boost::system::error_category& error_category() noexcept { return error_category_instance; }
+const boost::system::error_category& condition_category() noexcept {
+  return condition_category_instance;
+}
+
+condition condition_of(const boost::system::error_code& ec) noexcept {
+  namespace ae = boost::asio::error;
+  if (!ec) {
+    return condition::permanent;
+  }
+  // A category that maps its codes onto keel conditions (keel's own, a provider's) decides.
+  const auto def = ec.category().default_error_condition(ec.value());
+  if (def.category() == condition_category_instance) {
+    return static_cast<condition>(def.value());
+  }
+  if (ec == ae::operation_aborted || def == boost::system::errc::operation_canceled) {
+    return condition::cancelled;
+  }
+  if (ec == ae::timed_out || def == boost::system::errc::timed_out) {
+    return condition::timeout;
+  }
+  if (ec == ae::connection_reset || ec == ae::connection_refused || ec == ae::connection_aborted ||
+      ec == ae::broken_pipe || ec == ae::eof || ec == ae::host_unreachable ||
+      ec == ae::network_unreachable || ec == ae::network_down || ec == ae::network_reset ||
+      ec == ae::try_again || ec == ae::host_not_found_try_again || ec == ae::shut_down ||
+      ec == ae::not_connected) {
+    return condition::transient;
+  }
+  return condition::permanent;
+}
+
+failure::failure(boost::system::error_code ec, const std::string& what,
+                 std::vector<std::exception_ptr> causes,
+                 std::optional<std::chrono::nanoseconds> retry_after)
+    : boost::system::system_error(ec, what),
+      causes_(std::move(causes)),
+      retry_after_(retry_after) {}
+
+std::string describe(const std::exception_ptr& ep) {
+  if (!ep) {
+    return "no error";
+  }
+  try {
+    std::rethrow_exception(ep);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
+
+void throw_failure(error e, std::exception_ptr cause, int attempts) {
+  std::string what = make_error_code(e).message();
+  std::vector<std::exception_ptr> causes;
+  if (cause) {
+    what += ": ";
+    what += describe(cause);
+    causes.push_back(std::move(cause));
+  }
+  failure f(e, what, std::move(causes));
+  f.set_attempts(attempts);
+  throw f;
+}
+
+std::exception_ptr root_cause(std::exception_ptr ep) {
+  for (int depth = 0; ep && depth < 64; ++depth) {
+    try {
+      std::rethrow_exception(ep);
+    } catch (const failure& f) {
+      if (f.causes().empty()) {
+        return ep;
+      }
+      ep = f.causes().front();
+    } catch (...) {
+      return ep;
+    }
+  }
+  return ep;
+}
+
+classification classify(const boost::system::error_code& ec) noexcept {
+  return {condition_of(ec), std::nullopt, ec};
+}
+
+classification classify(const std::exception_ptr& ep) noexcept {
+  if (!ep) {
+    return {};
+  }
+  try {
+    std::rethrow_exception(ep);
+  } catch (const failure& f) {
+    // A wrapper that stands for its cause ("gave up after N attempts of X") is classified as X,
+    // so that an outer layer (fallback, breaker) reacts to what actually happened.
+    if ((f.code() == error::retries_exhausted || f.code() == error::budget_exhausted) &&
+        !f.causes().empty()) {
+      classification c = classify(f.causes().back());
+      c.code = f.code();
+      return c;
+    }
+    return {condition_of(f.code()), f.retry_after(), f.code()};
+  } catch (const boost::system::system_error& e) {
+    return classify(e.code());
+  } catch (const std::system_error& e) {
+    const boost::system::error_code ec(e.code());
+    return classify(ec);
+  } catch (...) {
+    return {};
+  }
+}
+
+}  // namespace keel

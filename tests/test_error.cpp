@@ -1,0 +1,76 @@
+// Tests for keel/error.hpp and keel/classify.hpp: codes, conditions and the default classifier.
+#include <keel/classify.hpp>
+#include <keel/error.hpp>
+
+#include <boost/asio/error.hpp>
+#include <catch2/catch.hpp>
+
+#include <stdexcept>
+
+using namespace std::chrono_literals;
+
+TEST_CASE("keel errors map to the condition a caller should act on", "[error]") {
+  CHECK(make_error_code(keel::error::deadline_exceeded) == keel::condition::timeout);
+  CHECK(make_error_code(keel::error::circuit_open) == keel::condition::throttled);
+  CHECK(make_error_code(keel::error::queue_full) == keel::condition::throttled);
+  CHECK(make_error_code(keel::error::all_fallbacks_failed) == keel::condition::permanent);
+  CHECK(make_error_code(keel::error::deadline_exceeded) != keel::condition::transient);
+  CHECK(make_error_code(keel::error::retries_exhausted).message() == "retries exhausted");
+}
+
+TEST_CASE("Asio network errors are transient and cancellation is cancelled", "[error]") {
+  namespace ae = boost::asio::error;
+  CHECK(boost::system::error_code(ae::connection_reset) == keel::condition::transient);
+  CHECK(boost::system::error_code(ae::connection_refused) == keel::condition::transient);
+  CHECK(boost::system::error_code(ae::eof) == keel::condition::transient);
+  CHECK(boost::system::error_code(ae::timed_out) == keel::condition::timeout);
+  CHECK(boost::system::error_code(ae::operation_aborted) == keel::condition::cancelled);
+  CHECK(boost::system::error_code(ae::access_denied) == keel::condition::permanent);
+}
+
+TEST_CASE("classify reads the condition and the server hint from a failure", "[error][classify]") {
+  auto ep = std::make_exception_ptr(
+      keel::failure(keel::error::throttled, "slow down", {}, std::chrono::nanoseconds(2s)));
+  auto c = keel::classify(ep);
+  CHECK(c.condition == keel::condition::throttled);
+  REQUIRE(c.retry_after.has_value());
+  CHECK(*c.retry_after == 2s);
+  CHECK(c.code == keel::error::throttled);
+}
+
+TEST_CASE("classify sees through retries_exhausted to the last cause", "[error][classify]") {
+  auto cause = std::make_exception_ptr(
+      boost::system::system_error(boost::asio::error::connection_reset, "reset"));
+  std::exception_ptr wrapped;
+  try {
+    keel::throw_failure(keel::error::retries_exhausted, cause, 5);
+  } catch (const keel::failure& f) {
+    CHECK(f.attempts() == 5);
+    CHECK(f.causes().size() == 1);
+    CHECK(std::string(f.what()).find("reset") != std::string::npos);
+    wrapped = std::current_exception();
+  }
+  REQUIRE(wrapped);
+  auto c = keel::classify(wrapped);
+  CHECK(c.condition == keel::condition::transient);
+  CHECK(c.code == keel::error::retries_exhausted);
+  CHECK(keel::root_cause(wrapped) == cause);
+}
+
+TEST_CASE("classify treats unknown exceptions as permanent and null as permanent", "[classify]") {
+  CHECK(keel::classify(std::make_exception_ptr(std::runtime_error("x"))).condition ==
+        keel::condition::permanent);
+  CHECK(keel::classify(std::exception_ptr{}).condition == keel::condition::permanent);
+  CHECK(keel::describe(std::make_exception_ptr(std::runtime_error("boom"))) == "boom");
+}
+
+TEST_CASE("condition_set holds exactly what was inserted", "[classify]") {
+  auto s = keel::condition_set::retryable();
+  CHECK(s.contains(keel::condition::throttled));
+  CHECK_FALSE(s.contains(keel::condition::permanent));
+  s.erase(keel::condition::throttled).insert(keel::condition::permanent);
+  CHECK_FALSE(s.contains(keel::condition::throttled));
+  CHECK(s.contains(keel::condition::permanent));
+  CHECK(keel::is_retryable(keel::condition::timeout));
+  CHECK_FALSE(keel::is_retryable(keel::condition::cancelled));
+}
