@@ -1,0 +1,165 @@
+// Tests for keel/deadline.hpp: timeouts, cancellation of the operation, nesting, fast failures.
+#include <keel/deadline.hpp>
+
+#include "support.hpp"
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <catch2/catch.hpp>
+
+using namespace keel_test;
+
+TEST_CASE("with_deadline returns the value of an operation that finishes in time", "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{{}, {}, 300ms}}};
+  outcome<int> out;
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), 1s), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.value == 42);
+  CHECK(out.finished_at_ms == 300);
+}
+
+TEST_CASE("a deadline cancels an in-flight operation and nothing of it runs afterwards",
+          "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{{}, {}, 5s}}};
+  outcome<int> out;
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), 1s), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.finished_at_ms == 1000);
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(out.code() == keel::condition::timeout);
+  keel::testing::run_for(ctx, 10s);
+  CHECK(op.started_ms.size() == 1);
+  CHECK(op.ended_ms.empty());  // the operation's code after its sleep never ran
+}
+
+TEST_CASE("a fast failure propagates at once instead of waiting for the timer", "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{asio::error::connection_reset, {}, 10ms}}};
+  outcome<int> out;
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), 10s), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.finished_at_ms == 10);
+  CHECK(out.code() == asio::error::connection_reset);
+}
+
+TEST_CASE("nested deadlines: the tighter wins whichever is outside", "[deadline]") {
+  for (bool outer_tighter : {true, false}) {
+    manual_clock::reset();
+    asio::io_context ctx;
+    scripted op{{step{{}, {}, 5s}}};
+    outcome<int> out;
+    const auto outer = outer_tighter ? 1s : 3s;
+    const auto inner = outer_tighter ? 3s : 1s;
+    spawn(ctx,
+          keel::with_deadline<manual_clock>(
+              [&] { return keel::with_deadline<manual_clock>(op.factory(), inner); }, outer),
+          out);
+    REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+    CHECK(out.finished_at_ms == 1000);
+    CHECK(out.code() == keel::error::deadline_exceeded);
+  }
+}
+
+TEST_CASE("code under a deadline can read the time it has left", "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  std::optional<manual_clock::duration> seen_outer, seen_inner, seen_none;
+  auto probe = [&](std::optional<manual_clock::duration>& into) {
+    return [&]() -> asio::awaitable<int> {
+      co_await sleep_for(200ms);
+      into = co_await keel::remaining_time<manual_clock>();
+      co_return 1;
+    };
+  };
+  outcome<int> a, b, c;
+  spawn(ctx, keel::with_deadline<manual_clock>(probe(seen_outer), 2s), a);
+  spawn(ctx,
+        keel::with_deadline<manual_clock>(
+            [&] { return keel::with_deadline<manual_clock>(probe(seen_inner), 700ms); }, 2s),
+        b);
+  spawn(ctx, probe(seen_none)(), c);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return a.done && b.done && c.done; }));
+  REQUIRE(seen_outer);
+  CHECK(*seen_outer == 1800ms);
+  REQUIRE(seen_inner);
+  CHECK(*seen_inner == 500ms);
+  CHECK_FALSE(seen_none.has_value());
+}
+
+TEST_CASE("cancelling the caller cancels the operation and is not reported as a timeout",
+          "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{{}, {}, 5s}}};
+  outcome<int> out;
+  asio::cancellation_signal sig;
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), 2s), out, sig.slot());
+  keel::testing::run_for(ctx, 300ms);
+  sig.emit(asio::cancellation_type::terminal);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.finished_at_ms == 300);
+  CHECK(out.code() == keel::condition::cancelled);
+  CHECK(op.ended_ms.empty());
+}
+
+TEST_CASE("a deadline that has already passed fails without calling the operation",
+          "[deadline]") {
+  manual_clock::reset();
+  manual_clock::advance(5s);
+  asio::io_context ctx;
+  scripted op;
+  outcome<int> out;
+  spawn(ctx,
+        keel::with_deadline_at<manual_clock>(op.factory(), manual_clock::time_point{1s}), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(op.started_ms.empty());
+}
+
+TEST_CASE("a deadline aborts a socket read that would never complete", "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  asio::ip::tcp::acceptor acceptor(ctx, {asio::ip::make_address("127.0.0.1"), 0});
+  asio::ip::tcp::socket server_side(ctx);
+  acceptor.async_accept(server_side, [](boost::system::error_code) {});
+  bool read_returned = false;
+  boost::system::error_code read_error;
+  auto read_forever = [&]() -> asio::awaitable<int> {
+    asio::ip::tcp::socket s(co_await asio::this_coro::executor);
+    co_await s.async_connect(acceptor.local_endpoint(), asio::use_awaitable);
+    char byte = 0;
+    try {
+      co_await asio::async_read(s, asio::buffer(&byte, 1), asio::use_awaitable);
+    } catch (const boost::system::system_error& e) {
+      read_error = e.code();
+      read_returned = true;
+      throw;
+    }
+    co_return 1;
+  };
+  outcome<int> out;
+  spawn(ctx, keel::with_deadline<manual_clock>(read_forever, 1s), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(out.finished_at_ms == 1000);
+  CHECK(read_returned);
+  CHECK(read_error == asio::error::operation_aborted);
+}
+
+TEST_CASE("with_deadline works for operations returning void", "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  outcome<void> fast, slow;
+  spawn(ctx, keel::with_deadline<manual_clock>([] { return sleep_for(100ms); }, 1s), fast);
+  spawn(ctx, keel::with_deadline<manual_clock>([] { return sleep_for(3s); }, 1s), slow);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return fast.done && slow.done; }));
+  CHECK_FALSE(fast.error);
+  CHECK(fast.finished_at_ms == 100);
+  CHECK(slow.code() == keel::error::deadline_exceeded);
+  CHECK(slow.finished_at_ms == 1000);
+}
