@@ -117,6 +117,10 @@ class failure : public boost::system::system_error {
           std::vector<std::exception_ptr> causes = {},
           std::optional<std::chrono::nanoseconds> retry_after = std::nullopt);
 
+  /// The description given at construction (without the "[category:value]" suffix that
+  /// `boost::system::system_error` would add).
+  const char* what() const noexcept override { return what_.c_str(); }
+
   /// The errors that led to this one (every alternative's error for `all_fallbacks_failed`).
   const std::vector<std::exception_ptr>& causes() const noexcept { return causes_; }
 
@@ -130,6 +134,7 @@ class failure : public boost::system::system_error {
   void set_attempts(int n) noexcept { attempts_ = n; }
 
  private:
+  std::string what_;
   std::vector<std::exception_ptr> causes_;
   std::optional<std::chrono::nanoseconds> retry_after_;
   int attempts_ = 0;

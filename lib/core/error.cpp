@@ -120,6 +120,7 @@ failure::failure(boost::system::error_code ec, const std::string& what,
                  std::vector<std::exception_ptr> causes,
                  std::optional<std::chrono::nanoseconds> retry_after)
     : boost::system::system_error(ec, what),
+      what_(what.empty() ? ec.message() : what),
       causes_(std::move(causes)),
       retry_after_(retry_after) {}
 
@@ -138,6 +139,9 @@ std::string describe(const std::exception_ptr& ep) {
 
 void throw_failure(error e, std::exception_ptr cause, int attempts) {
   std::string what = make_error_code(e).message();
+  if (attempts > 0) {
+    what += " after " + std::to_string(attempts) + (attempts == 1 ? " attempt" : " attempts");
+  }
   std::vector<std::exception_ptr> causes;
   if (cause) {
     what += ": ";
