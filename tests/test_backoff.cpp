@@ -10,7 +10,7 @@
 using namespace std::chrono_literals;
 using ns = std::chrono::nanoseconds;
 
-TEST_CASE("full-jitter delays lie in [0, min(cap, base*2^n)) and differ between seeds",
+TEST_CASE("full-jitter delays lie from 0 up to min(cap, base*2^n) exclusive and differ between seeds",
           "[backoff]") {
   const auto b = keel::backoff::exponential(100ms, 2s, keel::jitter::full);
   std::set<long long> first_delays;

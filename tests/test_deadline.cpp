@@ -82,7 +82,8 @@ TEST_CASE("code under a deadline can read the time it has left", "[deadline]") {
         keel::with_deadline<manual_clock>(
             [&] { return keel::with_deadline<manual_clock>(probe(seen_inner), 700ms); }, 2s),
         b);
-  spawn(ctx, probe(seen_none)(), c);
+  auto no_deadline = probe(seen_none);  // the closure must outlive the coroutine it starts
+  spawn(ctx, no_deadline(), c);
   REQUIRE(keel::testing::run_until(ctx, [&] { return a.done && b.done && c.done; }));
   REQUIRE(seen_outer);
   CHECK(*seen_outer == 1800ms);

@@ -1,0 +1,29 @@
+// keel: every public facility of the core runtime in one include.
+#pragma once
+
+// Overview
+// --------
+// Including this header gives the whole core: errors and classification, results, clocks,
+// randomness, backoff, retry budget, with_retry, with_deadline, with_fallback, the circuit
+// breaker, the throttler, the bulkhead and fan_out. Each also has its own header; include only
+// what you use to keep compile times down.
+//
+// Example:
+//
+//     #include <keel/keel.hpp>
+//     auto reply = co_await keel::with_retry([&] { return call_model(p); }, keel::retry_policy{});
+
+#include <keel/backoff.hpp>
+#include <keel/bulkhead.hpp>
+#include <keel/circuit_breaker.hpp>
+#include <keel/classify.hpp>
+#include <keel/clock.hpp>
+#include <keel/deadline.hpp>
+#include <keel/error.hpp>
+#include <keel/fallback.hpp>
+#include <keel/fan_out.hpp>
+#include <keel/random.hpp>
+#include <keel/result.hpp>
+#include <keel/retry.hpp>
+#include <keel/retry_budget.hpp>
+#include <keel/throttler.hpp>

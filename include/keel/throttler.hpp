@@ -1,0 +1,210 @@
+// keel::basic_throttler: a shared two-dimensional token bucket (requests, LLM tokens) with a FIFO.
+#pragma once
+
+// Overview
+// --------
+// A provider account allows so many requests per second and so many LLM tokens per minute. One
+// `keel::throttler` per account, shared by every caller, keeps the whole process under both
+// limits, so callers wait locally instead of collecting 429s:
+//
+// - Two buckets, acquired all-or-nothing. A call costs `requests` (usually 1) and `tokens` (an
+//   estimate of the LLM tokens it will use); it is granted only when both buckets can pay.
+// - Lazy refill. The levels are recomputed from `Clock::now()` whenever the throttler is used;
+//   there is no background coroutine, and no timer is armed while nobody waits.
+// - Strict FIFO. Once anybody waits, later callers queue behind them, even if they are cheap
+//   enough to pass: a large request is never starved by small ones. One timer, armed for the
+//   instant the head of the queue can be paid, serves the whole queue.
+// - A cost above a bucket's capacity cannot deadlock: it waits for a full bucket, takes
+//   everything and leaves the bucket in debt (a negative level) that later callers wait out.
+// - `settle` corrects the token estimate once the provider reports real usage; `pause_until`
+//   holds everybody after a 429 with Retry-After; `set_rate` and `set_available_*` follow the
+//   provider's rate-limit headers.
+//
+// Example:
+//
+//     keel::throttler bucket{ex, {.requests_per_second = 50, .burst = 10,
+//                                 .tokens_per_minute = 90'000}};
+//
+//     co_await bucket.acquire({.requests = 1, .tokens = estimate});
+//     auto reply = co_await client.send(request);
+//     bucket.settle(estimate, reply.usage.total_tokens);
+//
+//     // On a 429 with "retry-after: 2": hold every caller, not just this one.
+//     bucket.pause_for(2s);
+//
+// Failures: `acquire` only ever throws `boost::system::system_error` with
+// `boost::asio::error::operation_aborted` (condition `keel::condition::cancelled`, never retried)
+// when the waiting coroutine is cancelled or the throttler is destroyed while it waits.
+//
+// Thread safety: every member function may be called concurrently from any thread (one mutex
+// guards the state; the timer runs on the throttler's executor), and a waiter always resumes on
+// its own coroutine's executor.
+
+#include <keel/clock.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace keel {
+
+/// Settings of a throttler: the refill rates and capacities of its two buckets.
+///
+/// Every field is optional: a default-constructed `throttler_options` limits nothing.
+struct throttler_options {
+  /// Requests granted per second; 0 means requests are not limited.
+  double requests_per_second = 0;
+  /// Capacity of the request bucket: how many requests may start back to back after a quiet
+  /// period. 1 (the default) spaces every request evenly; 0 paces like 1 but without any saving.
+  double burst = 1;
+  /// LLM tokens granted per minute; 0 means tokens are not limited.
+  double tokens_per_minute = 0;
+  /// Capacity of the token bucket; 0 (the default) means one minute's worth.
+  double token_burst = 0;
+};
+
+/// What one call takes from a throttler; both parts are taken together or not at all.
+struct throttle_cost {
+  /// Requests (usually 1; 0 for a call that only spends tokens). Negative values count as 0.
+  double requests = 1;
+  /// Estimated LLM tokens (prompt + expected completion). Negative values count as 0.
+  double tokens = 0;
+};
+
+namespace detail {
+template <class Clock>
+class throttler_state;
+}  // namespace detail
+
+/// A shared token bucket over requests and LLM tokens, with a strict FIFO queue of waiters.
+///
+/// Both buckets start full. Not copyable or movable: share it by reference (or `shared_ptr`).
+/// Destroying it completes every waiting `acquire` with `operation_aborted`; it must be destroyed
+/// before its executor's execution context, like any Asio I/O object.
+///
+/// Thread safety: all members may be called concurrently from any thread; waiters resume on
+/// their own executor.
+template <class Clock = std::chrono::steady_clock>
+class basic_throttler {
+ public:
+  /// The clock that drives refill and waits.
+  using clock_type = Clock;
+  /// The clock's duration.
+  using duration = typename Clock::duration;
+  /// The clock's time point.
+  using time_point = typename Clock::time_point;
+  /// The executor the throttler's timer runs on.
+  using executor_type = boost::asio::any_io_executor;
+
+  /// Creates a throttler whose buckets start full.
+  /// @param ex the executor for the throttler's single timer (any thread of it may run it).
+  /// @param options rates and capacities; negative values count as 0.
+  explicit basic_throttler(executor_type ex, throttler_options options = {});
+
+  /// Completes every waiting `acquire` with `operation_aborted`.
+  ~basic_throttler();
+
+  /// Not copyable (nor movable): waiters and the timer refer to it.
+  basic_throttler(const basic_throttler&) = delete;
+  /// Not copyable.
+  basic_throttler& operator=(const basic_throttler&) = delete;
+
+  /// The executor the throttler's timer runs on.
+  executor_type get_executor() const noexcept;
+
+  /// Waits until `cost` can be taken from both buckets, in FIFO order, then takes it.
+  ///
+  /// When nobody is queued and both buckets can pay now, returns without suspending, without
+  /// allocating a handler and without touching a timer. Otherwise joins the back of the queue;
+  /// nobody overtakes a queued waiter. A part of `cost` larger than its bucket's capacity waits for
+  /// a full bucket, takes everything and leaves debt.
+  /// @param cost requests and estimated LLM tokens (default: one request, no tokens).
+  /// @throws boost::system::system_error with `operation_aborted` if the awaiting coroutine's
+  ///   cancellation slot fires (terminal, partial or total) while queued, or the throttler is
+  ///   destroyed. A cancelled waiter takes nothing and leaves the queue at once; the waiters
+  ///   behind it are re-evaluated. If the cancellation arrives after the grant but before the
+  ///   coroutine resumes, the grant is given back and `acquire` still throws. An `acquire`
+  ///   granted without waiting does not check for cancellation (it has nothing to cancel).
+  boost::asio::awaitable<void> acquire(throttle_cost cost = {});
+
+  /// Takes `cost` only if both buckets can pay now and nobody is queued.
+  /// @returns true if taken; false (nothing taken) otherwise.
+  bool try_acquire(throttle_cost cost = {});
+
+  /// Corrects the token bucket once a call's real usage is known.
+  ///
+  /// Gives back `estimated_tokens - actual_tokens` (up to the capacity) or, if the call used
+  /// more than estimated, charges the difference, possibly leaving debt. Waiters that the
+  /// correction unblocks are granted at once. No effect when tokens are not limited.
+  void settle(double estimated_tokens, double actual_tokens);
+
+  /// Grants nothing to anybody before `t` (e.g. a 429's Retry-After instant).
+  ///
+  /// Later calls may extend the pause, never shorten it. The buckets do not refill while paused:
+  /// once the pause ends, queued waiters are released at the configured rate from the levels
+  /// the buckets had when the pause began, not in one burst.
+  void pause_until(time_point t);
+
+  /// Same as `pause_until(Clock::now() + d)`.
+  void pause_for(duration d);
+
+  /// The end of the current (or last) pause; the clock's epoch if never paused.
+  time_point paused_until() const;
+
+  /// Changes both rates at run time (0 = unlimited), e.g. from a provider's rate-limit headers.
+  ///
+  /// The buckets are first refilled at the old rates up to now; the timer is re-armed for the
+  /// head of the queue at the new rate. A dimension that becomes limited starts full. With
+  /// `token_burst` 0 the token capacity follows the new per-minute rate.
+  void set_rate(double requests_per_second, double tokens_per_minute);
+
+  /// Changes the request bucket's capacity; a level above it is cut down to it.
+  void set_burst(double burst);
+
+  /// Changes the token bucket's capacity (0 = one minute's worth); a level above it is cut.
+  void set_token_burst(double token_burst);
+
+  /// Sets the request level (e.g. from `x-ratelimit-remaining-requests`), capped at capacity.
+  /// A negative value is debt.
+  void set_available_requests(double requests);
+
+  /// Sets the token level (e.g. from `x-ratelimit-remaining-tokens`), capped at capacity.
+  /// A negative value is debt.
+  void set_available_tokens(double tokens);
+
+  /// Requests available now (negative when in debt; infinity when requests are not limited).
+  double available_requests() const;
+
+  /// LLM tokens available now (negative when in debt; infinity when tokens are not limited).
+  double available_tokens() const;
+
+  /// The current settings (after any `set_rate` and `set_*burst`).
+  throttler_options options() const;
+
+  /// How many `acquire` calls are queued now.
+  std::size_t waiters() const;
+
+  /// How many acquisitions have been granted (`acquire`, with or without waiting, and
+  /// successful `try_acquire`).
+  std::uint64_t total_granted() const;
+
+  /// How many `acquire` calls had to join the queue (granted, cancelled or aborted since).
+  std::uint64_t total_waits() const;
+
+  /// Total time spent queued by waiters that have left the queue (granted, cancelled, aborted).
+  duration total_wait_time() const;
+
+ private:
+  std::shared_ptr<detail::throttler_state<Clock>> state_;
+};
+
+/// The throttler on `std::chrono::steady_clock`.
+using throttler = basic_throttler<>;
+
+}  // namespace keel
+
+#include <keel/impl/throttler.hpp>

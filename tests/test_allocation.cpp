@@ -1,0 +1,70 @@
+// The success path allocates nothing beyond coroutine frames: with Asio's frame recycling, a
+// warmed-up call through retry, breaker and an uncontended throttler makes no operator new call.
+// (Allocation counts are deterministic, so this is a test, not a benchmark.)
+#include <keel/circuit_breaker.hpp>
+#include <keel/retry.hpp>
+#include <keel/throttler.hpp>
+
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+namespace {
+std::atomic<long> allocations{0};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) {
+    return p;
+  }
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+using namespace keel_test;
+
+TEST_CASE("a successful call through throttler, breaker and retry allocates nothing once warm",
+          "[allocation]") {
+#if defined(BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING)
+  WARN("frame recycling is disabled in this build (sanitizers): allocation test skipped");
+  SUCCEED();
+#else
+  manual_clock::reset();
+  asio::io_context ctx;
+  keel::basic_throttler<manual_clock> bucket{ctx.get_executor(), {}};
+  keel::basic_circuit_breaker<manual_clock> breaker{ctx.get_executor(), keel::breaker_policy{}};
+  const auto policy = keel::retry_policy::exponential_full_jitter(5, 1s, 60s);
+  long before = 0, after = 0;
+  int sum = 0;
+  auto leaf = [&]() -> asio::awaitable<int> {
+    co_await bucket.acquire();
+    co_return 1;
+  };
+  auto body = [&]() -> asio::awaitable<void> {
+    auto one_call = [&]() -> asio::awaitable<int> {
+      co_return co_await keel::with_breaker(
+          breaker, [&] { return keel::with_retry<manual_clock>(leaf, policy); });
+    };
+    for (int i = 0; i < 100; ++i) {  // warm the frame caches
+      sum += co_await one_call();
+    }
+    before = allocations.load();
+    for (int i = 0; i < 1000; ++i) {
+      sum += co_await one_call();
+    }
+    after = allocations.load();
+  };
+  outcome<void> out;
+  spawn(ctx, body(), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK_FALSE(out.error);
+  CHECK(sum == 1100);
+  CHECK(after - before == 0);
+#endif
+}
