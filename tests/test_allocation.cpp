@@ -13,12 +13,12 @@
 #include <cstdlib>
 #include <new>
 
+// Sanitizer builds disable frame recycling and bring their own allocator: count nothing there.
+#if !defined(BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING)
 namespace {
 std::atomic<long> allocations{0};
 }  // namespace
 
-// Sanitizer builds disable frame recycling and bring their own allocator: count nothing there.
-#if !defined(BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING)
 void* operator new(std::size_t n) {
   allocations.fetch_add(1, std::memory_order_relaxed);
   if (void* p = std::malloc(n ? n : 1)) {
