@@ -27,7 +27,7 @@ int main() {
     if (i % 10 == 0) {
       throw std::runtime_error("item " + std::to_string(i) + " failed");
     }
-    co_return i * i;
+    co_return i* i;
   };
   asio::co_spawn(
       ctx,

@@ -33,8 +33,8 @@ namespace {
 // A simulated model endpoint with server-side limits and faults.
 struct fake_model {
   std::string name;
-  int requests_per_second;                     // server-side limit, fixed 100 ms windows
-  double error_rate;                           // random 503s
+  int requests_per_second;                      // server-side limit, fixed 100 ms windows
+  double error_rate;                            // random 503s
   clock_type::duration outage_from, outage_to;  // all 503 in this window (from start)
   clock_type::time_point start;
   keel::random_source rng;
@@ -43,10 +43,15 @@ struct fake_model {
   long long window = -1;
   int in_window = 0;
 
-  fake_model(std::string n, int rps, double err, clock_type::duration from,
-             clock_type::duration to, std::uint64_t seed)
-      : name(std::move(n)), requests_per_second(rps), error_rate(err), outage_from(from),
-        outage_to(to), start(clock_type::now()), rng(seed) {}
+  fake_model(std::string n, int rps, double err, clock_type::duration from, clock_type::duration to,
+             std::uint64_t seed)
+      : name(std::move(n)),
+        requests_per_second(rps),
+        error_rate(err),
+        outage_from(from),
+        outage_to(to),
+        start(clock_type::now()),
+        rng(seed) {}
 
   asio::awaitable<std::string> complete(std::string prompt) {
     ++received;
@@ -83,8 +88,9 @@ struct model_client {
   std::map<std::string, int>& retries_by_cause;
   int attempts = 0;
 
-  model_client(asio::any_io_executor ex, fake_model& m, double client_rps, keel::retry_budget& budget,
-               keel::random_source& rng, std::map<std::string, int>& retries)
+  model_client(asio::any_io_executor ex, fake_model& m, double client_rps,
+               keel::retry_budget& budget, keel::random_source& rng,
+               std::map<std::string, int>& retries)
       : model(m),
         bucket(ex, {.requests_per_second = client_rps, .burst = 10}),
         breaker(ex, keel::breaker_policy::consecutive(5, 200ms)),
@@ -114,7 +120,8 @@ struct model_client {
     } catch (...) {
       failed = std::current_exception();
     }
-    if (auto c = keel::classify(failed); c.condition == keel::condition::throttled && c.retry_after) {
+    if (auto c = keel::classify(failed);
+        c.condition == keel::condition::throttled && c.retry_after) {
       bucket.pause_for(std::chrono::duration_cast<clock_type::duration>(*c.retry_after));
     }
     std::rethrow_exception(failed);
@@ -158,10 +165,9 @@ int main() {
       ctx,
       [&]() -> asio::awaitable<void> {
         results = co_await keel::fan_out(prompts, 64, [&](const std::string& p) {
-          return keel::with_fallback(
-              keel::alternatives([&big, p] { return big.call(p); },
-                                 [&small, p] { return small.call(p); }),
-              fallback);
+          return keel::with_fallback(keel::alternatives([&big, p] { return big.call(p); },
+                                                        [&small, p] { return small.call(p); }),
+                                     fallback);
         });
       },
       asio::detached);
@@ -189,11 +195,12 @@ int main() {
   }
   std::printf("  wall time      %.2f s, %.0f prompts/s\n", wall, static_cast<double>(ok) / wall);
   for (const model_client* m : {&big, &small}) {
-    std::printf("  %-10s     attempts %d, server saw %d (answered %d, 429 %d, 503 %d), "
-                "breaker opened %llu time(s)\n",
-                m->model.name.c_str(), m->attempts, m->model.received, m->model.answered,
-                m->model.throttled, m->model.errors,
-                static_cast<unsigned long long>(m->breaker.opened_count()));
+    std::printf(
+        "  %-10s     attempts %d, server saw %d (answered %d, 429 %d, 503 %d), "
+        "breaker opened %llu time(s)\n",
+        m->model.name.c_str(), m->attempts, m->model.received, m->model.answered,
+        m->model.throttled, m->model.errors,
+        static_cast<unsigned long long>(m->breaker.opened_count()));
   }
   for (const auto& [cause, n] : retries_by_cause) {
     std::printf("  retries        %d x %s\n", n, cause.c_str());

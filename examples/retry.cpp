@@ -31,7 +31,8 @@ int main() {
   policy.on_retry = [](const keel::retry_event& e) {
     std::printf("WARNING retry: attempt %d failed (%s), sleeping %lld ms%s\n", e.attempt,
                 keel::describe(e.error).c_str(),
-                static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(e.delay).count()),
+                static_cast<long long>(
+                    std::chrono::duration_cast<std::chrono::milliseconds>(e.delay).count()),
                 e.from_server_hint ? " (server hint)" : "");
   };
   int rc = 1;

@@ -87,16 +87,16 @@ void spawn(asio::io_context& ctx, asio::awaitable<T> aw, outcome<T>& out,
     auto wrapped = [](asio::awaitable<T> a) -> asio::awaitable<std::optional<T>> {
       co_return std::optional<T>(co_await std::move(a));
     };
-    asio::co_spawn(ctx, wrapped(std::move(aw)),
-                   asio::bind_cancellation_slot(
-                       slot, [&out](std::exception_ptr e, std::optional<T> v) {
-                         out.done = true;
-                         out.error = e;
-                         out.finished_at_ms = now_ms();
-                         if (!e && v) {
-                           out.value.emplace(std::move(*v));
-                         }
-                       }));
+    asio::co_spawn(
+        ctx, wrapped(std::move(aw)),
+        asio::bind_cancellation_slot(slot, [&out](std::exception_ptr e, std::optional<T> v) {
+          out.done = true;
+          out.error = e;
+          out.finished_at_ms = now_ms();
+          if (!e && v) {
+            out.value.emplace(std::move(*v));
+          }
+        }));
   }
 }
 

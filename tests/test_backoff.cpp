@@ -10,8 +10,9 @@
 using namespace std::chrono_literals;
 using ns = std::chrono::nanoseconds;
 
-TEST_CASE("full-jitter delays lie from 0 up to min(cap, base*2^n) exclusive and differ between seeds",
-          "[backoff]") {
+TEST_CASE(
+    "full-jitter delays lie from 0 up to min(cap, base*2^n) exclusive and differ between seeds",
+    "[backoff]") {
   const auto b = keel::backoff::exponential(100ms, 2s, keel::jitter::full);
   std::set<long long> first_delays;
   for (std::uint64_t seed = 1; seed <= 20; ++seed) {
@@ -69,7 +70,8 @@ TEST_CASE("equal jitter keeps at least half of the curve", "[backoff]") {
   }
 }
 
-TEST_CASE("decorrelated jitter stays between base and three times the previous delay", "[backoff]") {
+TEST_CASE("decorrelated jitter stays between base and three times the previous delay",
+          "[backoff]") {
   const auto b = keel::backoff::exponential(100ms, 10s, keel::jitter::decorrelated);
   keel::random_source rng{11};
   keel::backoff_state st;
@@ -118,17 +120,19 @@ TEST_CASE("a backoff strategy picks by selector, then by condition, then the def
           "[backoff]") {
   keel::backoff_strategy s{keel::backoff::constant(5s)};
   s.on(keel::condition::throttled, keel::backoff::constant(1s));
-  s.select([](const std::exception_ptr&, const keel::classification& c)
-               -> std::optional<keel::backoff> {
-    if (c.code == boost::system::errc::resource_unavailable_try_again) {
-      return keel::backoff::linear(2s, 10s);
-    }
-    return std::nullopt;
-  });
+  s.select(
+      [](const std::exception_ptr&, const keel::classification& c) -> std::optional<keel::backoff> {
+        if (c.code == boost::system::errc::resource_unavailable_try_again) {
+          return keel::backoff::linear(2s, 10s);
+        }
+        return std::nullopt;
+      });
   keel::classification throttled{keel::condition::throttled, {}, {}};
   keel::classification transient{keel::condition::transient, {}, {}};
-  keel::classification special{keel::condition::transient, {},
-                               make_error_code(boost::system::errc::resource_unavailable_try_again)};
+  keel::classification special{
+      keel::condition::transient,
+      {},
+      make_error_code(boost::system::errc::resource_unavailable_try_again)};
   CHECK(s.choose(nullptr, throttled).base == 1s);
   CHECK(s.choose(nullptr, transient).base == 5s);
   CHECK(s.choose(nullptr, special).shape == keel::backoff_shape::linear);

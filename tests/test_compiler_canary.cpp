@@ -26,13 +26,16 @@ struct counted {
   }
 };
 
-asio::awaitable<std::size_t> use(const counted& c) { co_return c.payload.size(); }
+asio::awaitable<std::size_t> use(const counted& c) {
+  co_return c.payload.size();
+}
 
 }  // namespace
 
-TEST_CASE("a factory capturing a non-trivial value by copy in the co_await expression is "
-          "destroyed exactly once per copy",
-          "[canary]") {
+TEST_CASE(
+    "a factory capturing a non-trivial value by copy in the co_await expression is "
+    "destroyed exactly once per copy",
+    "[canary]") {
   manual_clock::reset();
   counted::alive = 0;
   {
@@ -51,9 +54,10 @@ TEST_CASE("a factory capturing a non-trivial value by copy in the co_await expre
   CHECK(counted::alive == 0);
 }
 
-TEST_CASE("a policy temporary with non-trivial members in the co_await expression is destroyed "
-          "exactly once",
-          "[canary]") {
+TEST_CASE(
+    "a policy temporary with non-trivial members in the co_await expression is destroyed "
+    "exactly once",
+    "[canary]") {
   manual_clock::reset();
   counted::alive = 0;
   {

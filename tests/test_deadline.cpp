@@ -108,15 +108,13 @@ TEST_CASE("cancelling the caller cancels the operation and is not reported as a 
   CHECK(op.ended_ms.empty());
 }
 
-TEST_CASE("a deadline that has already passed fails without calling the operation",
-          "[deadline]") {
+TEST_CASE("a deadline that has already passed fails without calling the operation", "[deadline]") {
   manual_clock::reset();
   manual_clock::advance(5s);
   asio::io_context ctx;
   scripted op;
   outcome<int> out;
-  spawn(ctx,
-        keel::with_deadline_at<manual_clock>(op.factory(), manual_clock::time_point{1s}), out);
+  spawn(ctx, keel::with_deadline_at<manual_clock>(op.factory(), manual_clock::time_point{1s}), out);
   REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
   CHECK(out.code() == keel::error::deadline_exceeded);
   CHECK(op.started_ms.empty());

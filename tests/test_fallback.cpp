@@ -114,14 +114,14 @@ TEST_CASE("alternatives inherit the remaining deadline", "[fallback][deadline]")
     co_return co_await b.run();
   };
   outcome<int> out;
-  spawn(ctx,
-        keel::with_deadline<manual_clock>(
-            [&] {
-              return keel::with_fallback<int, manual_clock>(
-                  keel::alternatives(a.factory(), b_probe));
-            },
-            1s),
-        out);
+  spawn(
+      ctx,
+      keel::with_deadline<manual_clock>(
+          [&] {
+            return keel::with_fallback<int, manual_clock>(keel::alternatives(a.factory(), b_probe));
+          },
+          1s),
+      out);
   REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
   REQUIRE(left_for_b);
   CHECK(*left_for_b == 400ms);

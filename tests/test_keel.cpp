@@ -62,7 +62,8 @@ TEST_CASE("10,000 coroutines share one throttler, breaker and retry budget on on
           outcomes[i]);
   }
   REQUIRE(keel::testing::run_until(
-      ctx, [&] { return std::all_of(outcomes.begin(), outcomes.end(), [](auto& o) { return o.done; }); },
+      ctx,
+      [&] { return std::all_of(outcomes.begin(), outcomes.end(), [](auto& o) { return o.done; }); },
       1min));
   int ok = 0;
   for (int i = 0; i < n; ++i) {
@@ -70,13 +71,13 @@ TEST_CASE("10,000 coroutines share one throttler, breaker and retry budget on on
       ++ok;
     }
   }
-  CHECK(ok == n);                        // every call has exactly its own answer
-  CHECK(calls == n + n / 10);            // one extra attempt for every 10th call
+  CHECK(ok == n);              // every call has exactly its own answer
+  CHECK(calls == n + n / 10);  // one extra attempt for every 10th call
   CHECK(bucket.total_granted() == static_cast<std::uint64_t>(n + n / 10));
   // 11,000 grants at 2,000/s with a burst of 10: about 5.5 s of virtual time.
   CHECK(last_ms - first_ms >= 5400);
   CHECK(last_ms - first_ms <= 5600);
-  CHECK(max_in_flight >= 40);            // 2,000/s x 20 ms in flight at once
+  CHECK(max_in_flight >= 40);                             // 2,000/s x 20 ms in flight at once
   CHECK(breaker.state() == keel::breaker_state::closed);  // isolated failures never trip it
   CHECK(budget.can_retry());
 }

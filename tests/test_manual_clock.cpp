@@ -40,8 +40,10 @@ TEST_CASE("run_until stops at the predicate or at the limit", "[clock]") {
   manual_clock::reset();
   asio::io_context ctx;
   bool never = false;
-  CHECK_FALSE(keel::testing::run_until(ctx, [&] { return never; }, 2s, 100ms));
+  CHECK_FALSE(keel::testing::run_until(
+      ctx, [&] { return never; }, 2s, 100ms));
   CHECK(now_ms() == 2000);
-  CHECK(keel::testing::run_until(ctx, [&] { return now_ms() >= 2500; }, 1s, 100ms));
+  CHECK(keel::testing::run_until(
+      ctx, [&] { return now_ms() >= 2500; }, 1s, 100ms));
   CHECK(now_ms() == 2500);
 }

@@ -10,10 +10,10 @@ using namespace keel_test;
 
 namespace {
 
-const boost::system::error_code reset = asio::error::connection_reset;     // transient
-const boost::system::error_code throttled = keel::error::throttled;        // throttled
+const boost::system::error_code reset = asio::error::connection_reset;  // transient
+const boost::system::error_code throttled = keel::error::throttled;     // throttled
 const boost::system::error_code bad_request =
-    make_error_code(boost::system::errc::invalid_argument);                // permanent
+    make_error_code(boost::system::errc::invalid_argument);  // permanent
 
 keel::retry_policy constant_policy(int attempts, std::chrono::nanoseconds d) {
   return keel::retry_policy::with_backoff(attempts, keel::backoff::constant(d));
@@ -73,7 +73,8 @@ TEST_CASE("Retry-After overrides the computed backoff and is clamped", "[retry]"
   policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
   outcome<int> out;
   spawn(ctx, keel::with_retry<manual_clock>(op.factory(), policy), out);
-  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }, 1h, 100ms));
+  REQUIRE(keel::testing::run_until(
+      ctx, [&] { return out.done; }, 1h, 100ms));
   CHECK(out.value == 42);
   CHECK(op.started_ms == std::vector<long long>{0, 2000, 32000});
   REQUIRE(events.size() == 2);
@@ -140,11 +141,12 @@ TEST_CASE("an enclosing with_deadline stops the retry loop before a sleep it can
   asio::io_context ctx;
   scripted op{std::vector<step>(10, step{reset})};
   outcome<int> out;
-  spawn(ctx,
-        keel::with_deadline<manual_clock>(
-            [&] { return keel::with_retry<manual_clock>(op.factory(), constant_policy(10, 400ms)); },
-            1s),
-        out);
+  spawn(
+      ctx,
+      keel::with_deadline<manual_clock>(
+          [&] { return keel::with_retry<manual_clock>(op.factory(), constant_policy(10, 400ms)); },
+          1s),
+      out);
   REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
   CHECK(op.started_ms == std::vector<long long>{0, 400, 800});
   CHECK(out.finished_at_ms == 800);
@@ -265,9 +267,10 @@ TEST_CASE("a rejected result is retried and the last one is returned when attemp
   REQUIRE(keel::testing::run_until(ctx, [&] { return until_three.done; }));
   CHECK(until_three.value == 3);
   calls = 0;
-  spawn(ctx,
-        keel::with_retry<manual_clock>(op, constant_policy(4, 10ms), [](const int&) { return true; }),
-        never_good);
+  spawn(
+      ctx,
+      keel::with_retry<manual_clock>(op, constant_policy(4, 10ms), [](const int&) { return true; }),
+      never_good);
   REQUIRE(keel::testing::run_until(ctx, [&] { return never_good.done; }));
   CHECK(never_good.value == 4);
   CHECK_FALSE(never_good.error);

@@ -14,7 +14,7 @@
 // | `full`            | uniform [0, t)                                                   |
 // | `equal`           | t/2 + uniform [0, t/2)                                           |
 // | `decorrelated`    | min(cap, uniform [base, 3·previous delay)), previous starts at base |
-// | `decorrelated_v2` | Polly's DecorrelatedJitterV2: median follows base·2^k, no streaks of tiny delays, capped |
+// | `decorrelated_v2` | Polly's DecorrelatedJitterV2, capped: the median follows base·2^k     |
 //
 // `first_retry_immediate` makes retry 1 wait zero and shifts the curve by one ("immediate retry,
 // then backoff": the first rung of the throttling hierarchy).
@@ -100,8 +100,8 @@ class backoff_strategy {
  public:
   /// A selector that may pick a backoff from the failure itself; `std::nullopt` falls back to the
   /// per-condition choice.
-  using selector = std::function<std::optional<backoff>(const std::exception_ptr&,
-                                                        const classification&)>;
+  using selector =
+      std::function<std::optional<backoff>(const std::exception_ptr&, const classification&)>;
 
   /// Uses `fallback` for every condition.
   backoff_strategy(backoff fallback = backoff{}) : default_(fallback) {}  // NOLINT: implicit

@@ -7,14 +7,14 @@
 // budgets) first asks "what kind of failure is this?". `keel::classify` answers for any
 // `std::exception_ptr`:
 //
-// | exception                                    | condition                                     |
-// | -------------------------------------------- | --------------------------------------------- |
-// | `system_error` with `operation_aborted`      | `cancelled`                                   |
-// | `keel::failure` `retries_exhausted`/`budget_exhausted` | the condition of its cause          |
-// | `keel::failure` other keel codes             | `deadline_exceeded`→timeout, `circuit_open`/`throttled`/`queue_*`→throttled, `all_fallbacks_failed`→permanent |
-// | `system_error` with a provider/transport code| that code's category's `default_error_condition` |
-// | `system_error` with an Asio/system code      | reset/refused/EOF/pipe → transient, `timed_out` → timeout |
-// | `std::bad_alloc`, any other exception        | `permanent`                                   |
+// - `system_error` with `operation_aborted`: `cancelled`;
+// - `keel::failure` `retries_exhausted` / `budget_exhausted`: the condition of its last cause;
+// - other keel codes: `deadline_exceeded` is `timeout`; `circuit_open`, `throttled`, `queue_full`
+//   and `queue_timeout` are `throttled`; `all_fallbacks_failed` is `permanent`;
+// - a provider or transport code: whatever its category's `default_error_condition` says;
+// - an Asio or system code: reset, refused, aborted, EOF, broken pipe, unreachable and try-again
+//   are `transient`; `timed_out` is `timeout`;
+// - anything else (`std::bad_alloc`, `std::runtime_error`, ...): `permanent`.
 //
 // The server delay hint comes from `keel::failure::retry_after()`.
 //

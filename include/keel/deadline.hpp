@@ -94,8 +94,7 @@ namespace detail {
 /// else `timeout` after the moment the returned awaitable first runs.
 template <class Clock, class MakeOp>
 auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
-                   typename Clock::duration timeout)
-    -> boost::asio::awaitable<op_value_t<MakeOp>> {
+                   typename Clock::duration timeout) -> boost::asio::awaitable<op_value_t<MakeOp>> {
   namespace asio = boost::asio;
   using T = op_value_t<MakeOp>;
   auto ex = co_await asio::this_coro::executor;
@@ -158,7 +157,7 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
 ///   without calling `op`, if it has already passed); otherwise whatever the operation threw.
 /// Cancellation: cancelling the caller cancels the operation; its error propagates.
 template <class Clock = default_clock, class MakeOp>
-  requires detail::is_op_factory_v<MakeOp>
+requires detail::is_op_factory_v<MakeOp>
 auto with_deadline_at(MakeOp op, typename Clock::time_point deadline)
     -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
   return detail::deadline_impl<Clock>(std::move(op), deadline, {});
@@ -169,7 +168,7 @@ auto with_deadline_at(MakeOp op, typename Clock::time_point deadline)
 ///
 /// Same semantics as `with_deadline_at`.
 template <class Clock = default_clock, class MakeOp, class Rep, class Period>
-  requires detail::is_op_factory_v<MakeOp>
+requires detail::is_op_factory_v<MakeOp>
 auto with_deadline(MakeOp op, std::chrono::duration<Rep, Period> timeout)
     -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
   return detail::deadline_impl<Clock>(

@@ -3,10 +3,10 @@
 
 // Overview
 // --------
-// keel follows Boost.Beast: a *specific* enum (`keel::error`) names what went wrong inside keel, and a
-// *coarse* enum (`keel::condition`) says what a caller should do about a failure. Both are wired into
-// `boost::system::error_code`, so any error code from anywhere (Asio, a transport, a provider layer)
-// can be compared against a condition:
+// keel follows Boost.Beast: a *specific* enum (`keel::error`) names what went wrong inside keel,
+// and a *coarse* enum (`keel::condition`) says what a caller should do about a failure. Both are
+// wired into `boost::system::error_code`, so any error code from anywhere (Asio, a transport, a
+// provider layer) can be compared against a condition:
 //
 //     catch (boost::system::system_error const& e) {
 //       if (e.code() == keel::condition::throttled) { ... }

@@ -85,8 +85,10 @@ struct fallback_policy {
 
 /// Builds the alternatives list from factories returning the same `awaitable<T>`.
 template <class MakeOp, class... MakeOps>
-  requires(detail::is_op_factory_v<MakeOp> && (detail::is_op_factory_v<MakeOps> && ...))
-std::vector<alternative<detail::op_value_t<MakeOp>>> alternatives(MakeOp first, MakeOps... rest) {
+requires(detail::is_op_factory_v<MakeOp> &&
+         (detail::is_op_factory_v<MakeOps> &&
+          ...)) std::vector<alternative<detail::op_value_t<MakeOp>>> alternatives(MakeOp first,
+                                                                                  MakeOps... rest) {
   std::vector<alternative<detail::op_value_t<MakeOp>>> v;
   v.reserve(1 + sizeof...(rest));
   v.emplace_back(std::move(first));
@@ -130,7 +132,8 @@ boost::asio::awaitable<T> with_fallback(std::vector<alternative<T>> alts,
     causes.push_back(failed);
 
     std::size_t next = index + 1;
-    while (next < alts.size() && policy.should_try && !policy.should_try(failed, cls, index, next)) {
+    while (next < alts.size() && policy.should_try &&
+           !policy.should_try(failed, cls, index, next)) {
       ++next;
     }
     // Do not start an alternative once the enclosing deadline has passed.

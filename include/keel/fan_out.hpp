@@ -51,8 +51,8 @@ namespace keel {
 namespace detail {
 
 template <class Range, class Fn>
-using fan_out_value_t =
-    typename awaitable_traits<std::invoke_result_t<Fn&, std::ranges::range_reference_t<Range>>>::value_type;
+using fan_out_value_t = typename awaitable_traits<
+    std::invoke_result_t<Fn&, std::ranges::range_reference_t<Range>>>::value_type;
 
 template <class Range, class Fn, class T>
 struct fan_out_state {
@@ -112,8 +112,8 @@ boost::asio::awaitable<void> fan_out_worker(fan_out_state<Range, Fn, T>* st) {
 /// @throws std::invalid_argument if `concurrency` is 0. Never throws for an item's failure.
 /// Cancellation: see the header overview; the vector is still complete.
 template <std::ranges::forward_range Range, class Fn>
-auto fan_out(Range&& items, std::size_t concurrency, Fn&& fn)
-    -> boost::asio::awaitable<std::vector<result<detail::fan_out_value_t<Range, Fn>, std::exception_ptr>>> {
+auto fan_out(Range&& items, std::size_t concurrency, Fn&& fn) -> boost::asio::awaitable<
+    std::vector<result<detail::fan_out_value_t<Range, Fn>, std::exception_ptr>>> {
   namespace asio = boost::asio;
   using T = detail::fan_out_value_t<Range, Fn>;
   using R = std::remove_reference_t<Range>;

@@ -33,8 +33,8 @@ class random_source {
 
   /// The next 64 random bits.
   std::uint64_t next() noexcept {
-    std::uint64_t z = state_.fetch_add(0x9e3779b97f4a7c15ULL, std::memory_order_relaxed) +
-                      0x9e3779b97f4a7c15ULL;
+    std::uint64_t z =
+        state_.fetch_add(0x9e3779b97f4a7c15ULL, std::memory_order_relaxed) + 0x9e3779b97f4a7c15ULL;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     return z ^ (z >> 31);

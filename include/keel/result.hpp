@@ -65,10 +65,12 @@ boost::asio::awaitable<result<T, std::exception_ptr>, Executor> try_await_ptr(
       co_await std::move(aw);
       co_return result<T, std::exception_ptr>{};
     } else {
-      co_return result<T, std::exception_ptr>{boost::system::in_place_value, co_await std::move(aw)};
+      co_return result<T, std::exception_ptr>{boost::system::in_place_value,
+                                              co_await std::move(aw)};
     }
   } catch (...) {
-    co_return result<T, std::exception_ptr>{boost::system::in_place_error, std::current_exception()};
+    co_return result<T, std::exception_ptr>{boost::system::in_place_error,
+                                            std::current_exception()};
   }
 }
 

@@ -141,7 +141,9 @@ inline retry_policy retry_policy::immediate(int attempts) {
   return with_backoff(attempts, keel::backoff::immediate());
 }
 
-inline retry_policy retry_policy::none() { return with_backoff(1, keel::backoff::immediate()); }
+inline retry_policy retry_policy::none() {
+  return with_backoff(1, keel::backoff::immediate());
+}
 
 namespace detail {
 
@@ -173,8 +175,9 @@ inline bool cancellation_requested(const boost::asio::cancellation_state& cs) no
 ///   `keel::failure` `retries_exhausted` / `budget_exhausted` (cause: the last error);
 ///   `operation_aborted` when cancelled.
 /// Cancellation: see the header overview; a backoff sleep is cut short at once.
-template <class Clock = default_clock, class MakeOp, class RetryIfResult = detail::never_retry_result>
-  requires detail::is_op_factory_v<MakeOp>
+template <class Clock = default_clock, class MakeOp,
+          class RetryIfResult = detail::never_retry_result>
+requires detail::is_op_factory_v<MakeOp>
 auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = {})
     -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
   namespace asio = boost::asio;
@@ -263,7 +266,8 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
     std::chrono::nanoseconds delay{0};
     bool from_hint = false;
     if (policy.honour_retry_after && cls.retry_after) {
-      delay = std::clamp(*cls.retry_after, std::chrono::nanoseconds::zero(), policy.max_retry_after);
+      delay =
+          std::clamp(*cls.retry_after, std::chrono::nanoseconds::zero(), policy.max_retry_after);
       from_hint = true;
     } else {
       random_source& rng = policy.random ? *policy.random : random_source::thread_default();

@@ -48,7 +48,9 @@ class retry_budget {
   void on_failure() noexcept { add(-1000); }
 
   /// True if a retry may be sent now (`tokens > max_tokens / 2`).
-  bool can_retry() const noexcept { return milli_.load(std::memory_order_relaxed) * 2 > max_milli_; }
+  bool can_retry() const noexcept {
+    return milli_.load(std::memory_order_relaxed) * 2 > max_milli_;
+  }
 
   /// Asks for permission to retry and counts a refusal.
   bool try_retry() noexcept {

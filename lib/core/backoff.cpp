@@ -50,7 +50,9 @@ backoff backoff::exponential(ns base, ns cap, keel::jitter j, double multiplier)
   return b;
 }
 
-backoff backoff::immediate() { return constant(ns::zero(), keel::jitter::none); }
+backoff backoff::immediate() {
+  return constant(ns::zero(), keel::jitter::none);
+}
 
 ns backoff::nominal_delay(int k) const noexcept {
   k = std::max(k, 1);
@@ -93,8 +95,8 @@ ns backoff::next_delay(int k, backoff_state& state, random_source& rng) const no
       break;
     case keel::jitter::decorrelated: {
       const double lo = static_cast<double>(base.count());
-      const double prev = state.previous > ns::zero() ? static_cast<double>(state.previous.count())
-                                                      : lo;
+      const double prev =
+          state.previous > ns::zero() ? static_cast<double>(state.previous.count()) : lo;
       const double hi = std::max(lo, prev * 3);
       d = std::min(cap, to_ns(lo + rng.uniform() * (hi - lo)));
       break;

@@ -4,8 +4,8 @@
 
 #include <boost/asio/error.hpp>
 
-#include <new>
 #include <boost/system/errc.hpp>
+#include <new>
 
 #include <system_error>
 
@@ -85,7 +85,9 @@ const condition_category_impl condition_category_instance;
 
 }  // namespace
 
-const boost::system::error_category& error_category() noexcept { return error_category_instance; }
+const boost::system::error_category& error_category() noexcept {
+  return error_category_instance;
+}
 const boost::system::error_category& condition_category() noexcept {
   return condition_category_instance;
 }

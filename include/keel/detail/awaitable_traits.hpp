@@ -32,8 +32,8 @@ using op_value_t = typename awaitable_traits<op_awaitable_t<MakeOp>>::value_type
 /// Checked at every combinator: a factory must return a fresh boost::asio::awaitable<T>.
 template <class MakeOp>
 inline constexpr bool is_op_factory_v =
-    std::is_invocable_v<MakeOp&> && awaitable_traits<std::invoke_result_t<MakeOp&>>::is_awaitable &&
-    std::is_same_v<typename awaitable_traits<std::invoke_result_t<MakeOp&>>::executor_type,
-                   boost::asio::any_io_executor>;
+    std::is_invocable_v<MakeOp&>&& awaitable_traits<std::invoke_result_t<MakeOp&>>::is_awaitable&&
+        std::is_same_v<typename awaitable_traits<std::invoke_result_t<MakeOp&>>::executor_type,
+                       boost::asio::any_io_executor>;
 
 }  // namespace keel::detail

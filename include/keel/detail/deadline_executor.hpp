@@ -43,24 +43,22 @@ class deadline_executor {
   time_point deadline() const noexcept { return deadline_; }
 
   template <class Property>
-    requires boost::asio::can_query<const Inner&, Property>::value
-  decltype(auto) query(const Property& p) const
+  requires boost::asio::can_query<const Inner&, Property>::value decltype(auto) query(
+      const Property& p) const
       noexcept(boost::asio::is_nothrow_query<const Inner&, Property>::value) {
     return boost::asio::query(inner_, p);
   }
 
   template <class Property>
-    requires boost::asio::can_require<const Inner&, Property>::value
-  auto require(const Property& p) const
-      noexcept(boost::asio::is_nothrow_require<const Inner&, Property>::value) {
+  requires boost::asio::can_require<const Inner&, Property>::value auto require(const Property& p)
+      const noexcept(boost::asio::is_nothrow_require<const Inner&, Property>::value) {
     using result = std::decay_t<decltype(boost::asio::require(inner_, p))>;
     return deadline_executor<result, Clock>(boost::asio::require(inner_, p), deadline_);
   }
 
   template <class Property>
-    requires boost::asio::can_prefer<const Inner&, Property>::value
-  auto prefer(const Property& p) const
-      noexcept(boost::asio::is_nothrow_prefer<const Inner&, Property>::value) {
+  requires boost::asio::can_prefer<const Inner&, Property>::value auto prefer(const Property& p)
+      const noexcept(boost::asio::is_nothrow_prefer<const Inner&, Property>::value) {
     using result = std::decay_t<decltype(boost::asio::prefer(inner_, p))>;
     return deadline_executor<result, Clock>(boost::asio::prefer(inner_, p), deadline_);
   }
@@ -86,7 +84,8 @@ using io_executor = boost::asio::io_context::executor_type;
 
 /// The deadline carried by `ex`, if it is a deadline executor on `Clock`.
 template <class Clock>
-std::optional<typename Clock::time_point> deadline_of(const boost::asio::any_io_executor& ex) noexcept {
+std::optional<typename Clock::time_point> deadline_of(
+    const boost::asio::any_io_executor& ex) noexcept {
   if (auto* d = ex.target<deadline_executor<io_executor, Clock>>()) {
     return d->deadline();
   }
