@@ -415,3 +415,27 @@ TEST_CASE("a bulkhead shared by two threads never exceeds its cap and loses no s
   CHECK(b.queued() == 0);
   CHECK(seconds < 1.0);
 }
+
+TEST_CASE("an unbounded queue timeout never times out a waiter", "[bulkhead][review]") {
+  keel::testing::manual_clock::reset();
+  boost::asio::io_context ctx;
+  keel::basic_bulkhead<keel::testing::manual_clock> pool{
+      ctx.get_executor(),
+      {.max_concurrent = 1, .max_queue = 1, .queue_timeout = std::chrono::nanoseconds::max()}};
+  auto held = pool.try_acquire();
+  REQUIRE(held);
+  bool got = false;
+  boost::asio::co_spawn(
+      ctx,
+      [&]() -> boost::asio::awaitable<void> {
+        auto p = co_await pool.acquire();
+        got = static_cast<bool>(p);
+      },
+      boost::asio::detached);
+  keel::testing::run_for(ctx, std::chrono::seconds(10));
+  CHECK(pool.queued() == 1);
+  CHECK(pool.timed_out() == 0);
+  held.release();
+  keel::testing::run_for(ctx, std::chrono::milliseconds(1));
+  CHECK(got);
+}

@@ -833,3 +833,18 @@ TEST_CASE("an inconsistent policy is rejected at construction", "[breaker]") {
   CHECK(defaults.counts_as_failure == keel::condition_set::retryable());
   CHECK_NOTHROW(test_breaker(ex, defaults));
 }
+
+TEST_CASE("an unbounded break duration keeps the breaker open instead of overflowing",
+          "[breaker][review]") {
+  keel::testing::manual_clock::reset();
+  boost::asio::io_context ctx;
+  keel::basic_circuit_breaker<keel::testing::manual_clock> breaker{
+      ctx.get_executor(), keel::breaker_policy::consecutive(1, std::chrono::nanoseconds::max())};
+  auto permit = breaker.try_acquire();
+  REQUIRE(permit);
+  permit->record_failure(
+      keel::classify(boost::system::error_code(boost::asio::error::connection_reset)));
+  keel::testing::manual_clock::advance(std::chrono::hours(24 * 365));
+  CHECK(breaker.state() == keel::breaker_state::open);
+  CHECK_FALSE(breaker.try_acquire());
+}

@@ -162,3 +162,73 @@ TEST_CASE("with_deadline works for operations returning void", "[deadline]") {
   CHECK(slow.code() == keel::error::deadline_exceeded);
   CHECK(slow.finished_at_ms == 1000);
 }
+
+TEST_CASE("an unbounded deadline does not overflow", "[deadline][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{{}, {}, 100ms}}};
+  outcome<int> out;
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), std::chrono::nanoseconds::max()), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.value == 42);
+  CHECK(out.finished_at_ms == 100);
+}
+
+TEST_CASE("an operation that succeeds despite the caller's cancellation keeps its value",
+          "[deadline][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  auto stubborn = []() -> asio::awaitable<int> {
+    try {
+      co_await sleep_for(1s);
+    } catch (...) {
+    }
+    co_return 7;  // ignores cancellation and answers anyway
+  };
+  outcome<int> out;
+  asio::cancellation_signal sig;
+  spawn(ctx, keel::with_deadline<manual_clock>(stubborn, 5s), out, sig.slot());
+  keel::testing::run_for(ctx, 100ms);
+  sig.emit(asio::cancellation_type::terminal);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.value == 7);
+}
+
+TEST_CASE("detached work spawned under a deadline enforces its own deadline",
+          "[deadline][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  outcome<void> detached;
+  auto parent_spawning_on_own_executor = [&]() -> asio::awaitable<int> {
+    auto ex = co_await asio::this_coro::executor;
+    asio::co_spawn(ex, keel::with_deadline<manual_clock>([] { return sleep_for(1s); }, 300ms),
+                   [&](std::exception_ptr e) {
+                     detached.done = true;
+                     detached.error = e;
+                     detached.finished_at_ms = now_ms();
+                   });
+    co_return 1;
+  };
+  SECTION("spawned on the deadline executor") {
+    outcome<int> out;
+    spawn(ctx, keel::with_deadline<manual_clock>(parent_spawning_on_own_executor, 50ms), out);
+    REQUIRE(keel::testing::run_until(ctx, [&] { return out.done && detached.done; }));
+    CHECK(out.value == 1);
+    CHECK(detached.code() == keel::error::deadline_exceeded);
+    CHECK(detached.finished_at_ms == 300);
+  }
+  SECTION("without_deadline strips the inherited deadline") {
+    std::optional<std::optional<manual_clock::time_point>> seen;
+    auto probe = [&]() -> asio::awaitable<int> {
+      auto ex = co_await asio::this_coro::executor;
+      seen = keel::deadline_of<manual_clock>(keel::without_deadline<manual_clock>(ex));
+      CHECK(keel::deadline_of<manual_clock>(ex).has_value());
+      co_return 1;
+    };
+    outcome<int> out;
+    spawn(ctx, keel::with_deadline<manual_clock>(probe, 50ms), out);
+    REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+    REQUIRE(seen.has_value());
+    CHECK_FALSE(seen->has_value());
+  }
+}

@@ -74,3 +74,18 @@ TEST_CASE("condition_set holds exactly what was inserted", "[classify]") {
   CHECK(keel::is_retryable(keel::condition::timeout));
   CHECK_FALSE(keel::is_retryable(keel::condition::cancelled));
 }
+
+TEST_CASE("generic and std error codes classify like system ones", "[error][review]") {
+  namespace bs = boost::system;
+  CHECK(keel::condition_of(bs::error_code(ECONNRESET, bs::generic_category())) ==
+        keel::condition::transient);
+  CHECK(keel::condition_of(bs::error_code(std::make_error_code(std::errc::connection_reset))) ==
+        keel::condition::transient);
+  CHECK(keel::condition_of(bs::error_code(std::make_error_code(std::errc::timed_out))) ==
+        keel::condition::timeout);
+  CHECK(keel::condition_of(bs::error_code(std::make_error_code(std::errc::operation_canceled))) ==
+        keel::condition::cancelled);
+  CHECK(keel::classify(std::make_exception_ptr(
+                           std::system_error(std::make_error_code(std::errc::connection_refused))))
+            .condition == keel::condition::transient);
+}

@@ -317,3 +317,59 @@ TEST_CASE("with_retry works for operations returning void", "[retry]") {
   CHECK(calls == 3);
   CHECK(out.finished_at_ms == 20);
 }
+
+TEST_CASE("a cancelled attempt that reports another error is still not retried or charged",
+          "[retry][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  int calls = 0;
+  // An attempt that turns its cancellation into a reset, as some transports do.
+  auto op = [&]() -> asio::awaitable<int> {
+    ++calls;
+    try {
+      co_await sleep_for(1s);
+    } catch (...) {
+      throw boost::system::system_error(asio::error::connection_reset);
+    }
+    co_return 1;
+  };
+  keel::retry_budget budget{10, 0.1};
+  auto policy = constant_policy(5, 10ms);
+  policy.budget = &budget;
+  outcome<int> out;
+  asio::cancellation_signal sig;
+  spawn(ctx, keel::with_retry<manual_clock>(op, policy), out, sig.slot());
+  keel::testing::run_for(ctx, 500ms);
+  sig.emit(asio::cancellation_type::terminal);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.code() == asio::error::operation_aborted);
+  CHECK(calls == 1);
+  CHECK(budget.tokens() == 10);
+}
+
+TEST_CASE("a rejected result obeys retry_on like a transient failure", "[retry][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  int calls = 0;
+  auto op = [&]() -> asio::awaitable<int> { co_return ++calls; };
+  auto policy = constant_policy(5, 10ms);
+  policy.retry_on.erase(keel::condition::transient);
+  outcome<int> out;
+  spawn(ctx, keel::with_retry<manual_clock>(op, policy, [](const int&) { return true; }), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.value == 1);
+  CHECK(calls == 1);
+}
+
+TEST_CASE("an unbounded retry timeout does not overflow", "[retry][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{reset}, step{reset}}};
+  auto policy = constant_policy(5, 100ms);
+  policy.timeout = std::chrono::nanoseconds::max();
+  outcome<int> out;
+  spawn(ctx, keel::with_retry<manual_clock>(op.factory(), policy), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.value == 42);
+  CHECK(op.started_ms == std::vector<long long>{0, 100, 200});
+}

@@ -549,3 +549,22 @@ TEST_CASE("many threads share a throttler without losing or double-granting", "[
   CHECK(static_cast<double>(bucket.total_granted()) <= burst + rate * seconds + 1);
   CHECK(seconds < 1.0);
 }
+
+TEST_CASE("an unbounded pause holds waiters without overflowing", "[throttler][review]") {
+  keel::testing::manual_clock::reset();
+  boost::asio::io_context ctx;
+  keel::basic_throttler<keel::testing::manual_clock> bucket{ctx.get_executor(),
+                                                            {.requests_per_second = 10}};
+  bucket.pause_for(std::chrono::nanoseconds::max());
+  int granted = 0;
+  boost::asio::co_spawn(
+      ctx,
+      [&]() -> boost::asio::awaitable<void> {
+        co_await bucket.acquire();
+        ++granted;
+      },
+      boost::asio::detached);
+  keel::testing::run_for(ctx, std::chrono::seconds(10), std::chrono::milliseconds(100));
+  CHECK(granted == 0);
+  CHECK(bucket.waiters() == 1);
+}

@@ -24,6 +24,7 @@
 #include <boost/asio/wait_traits.hpp>
 
 #include <chrono>
+#include <type_traits>
 
 namespace keel {
 
@@ -49,5 +50,39 @@ using basic_timer =
 
 /// keel's default clock.
 using default_clock = std::chrono::steady_clock;
+
+/// Converts `d` to `Duration`, saturating at its limits instead of overflowing (so that
+/// "forever", e.g. `nanoseconds::max()`, stays forever in any unit).
+template <class Duration, class Rep, class Period>
+constexpr Duration saturating_cast(std::chrono::duration<Rep, Period> d) noexcept {
+  if constexpr (std::is_same_v<Duration, std::chrono::duration<Rep, Period>>) {
+    return d;
+  } else {
+    const long double v = std::chrono::duration<long double, typename Duration::period>(d).count();
+    if (v >= static_cast<long double>(Duration::max().count())) {
+      return Duration::max();
+    }
+    if (v <= static_cast<long double>(Duration::min().count())) {
+      return Duration::min();
+    }
+    return Duration(static_cast<typename Duration::rep>(v));
+  }
+}
+
+/// `t + d`, saturating at the time point's limits instead of overflowing.
+template <class Clock, class Duration, class Rep, class Period>
+constexpr std::chrono::time_point<Clock, Duration> saturating_add(
+    std::chrono::time_point<Clock, Duration> t, std::chrono::duration<Rep, Period> d) noexcept {
+  using time_point = std::chrono::time_point<Clock, Duration>;
+  const Duration step = saturating_cast<Duration>(d);
+  const Duration since = t.time_since_epoch();
+  if (step > Duration::zero() && since > Duration::max() - step) {
+    return time_point::max();
+  }
+  if (step < Duration::zero() && since < Duration::min() - step) {
+    return time_point::min();
+  }
+  return t + step;
+}
 
 }  // namespace keel

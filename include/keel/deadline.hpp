@@ -18,8 +18,9 @@
 // Nested deadlines: the tighter wins. The operation runs on an executor that carries its
 // deadline, so code inside it can ask how much time is left (`keel::deadline_of`,
 // `keel::current_deadline`); `with_retry` uses this so that it never starts a backoff sleep that
-// would end after the enclosing deadline. When an enclosing deadline is already tighter,
-// `with_deadline` arms no timer and simply runs the operation.
+// would end after the enclosing deadline. Work that the operation `co_spawn`s onto its own
+// executor inherits that deadline as information only: spawn detached work on
+// `keel::without_deadline(ex)`.
 //
 // Example:
 //
@@ -73,6 +74,14 @@ boost::asio::awaitable<std::optional<typename Clock::duration>> remaining_time()
   co_return *d > now ? *d - now : Clock::duration::zero();
 }
 
+/// `ex` without the keel deadline (on `Clock`) it may carry. Spawn detached work on this executor:
+/// work spawned onto a deadline-carrying executor would otherwise report the caller's deadline
+/// as its own, although nothing enforces it once the caller has returned.
+template <class Clock = default_clock>
+boost::asio::any_io_executor without_deadline(const boost::asio::any_io_executor& ex) {
+  return detail::strip_deadline<Clock>(ex);
+}
+
 namespace detail {
 
 template <class MakeOp>
@@ -98,48 +107,48 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
   namespace asio = boost::asio;
   using T = op_value_t<MakeOp>;
   auto ex = co_await asio::this_coro::executor;
-  const auto deadline = at ? *at : Clock::now() + timeout;
+  const auto deadline = at ? *at : saturating_add(Clock::now(), timeout);
 
-  // The tighter deadline wins: an enclosing one that ends first will cancel us itself.
-  if (auto outer = detail::deadline_of<Clock>(ex); outer && *outer <= deadline) {
-    co_return co_await op();
-  }
+  // Code inside sees the tighter of the enclosing deadline and ours. Our own timer is armed even
+  // when the enclosing deadline is tighter: work spawned onto a deadline executor (detached work)
+  // is not covered by the enclosing timer, so each with_deadline enforces its own.
+  const auto outer = detail::deadline_of<Clock>(ex);
+  const auto visible = outer && *outer < deadline ? *outer : deadline;
   if (Clock::now() >= deadline) {
     throw failure(error::deadline_exceeded, "deadline exceeded before the operation started");
   }
 
   basic_timer<Clock> timer(ex, deadline);
   auto group = asio::experimental::make_parallel_group(
-      asio::co_spawn(detail::with_deadline_executor<Clock>(ex, deadline),
+      asio::co_spawn(detail::with_deadline_executor<Clock>(ex, visible),
                      detail::run_op_to_optional(std::move(op)), asio::deferred),
       timer.async_wait(asio::deferred));
 
-  // order[0] says who finished first: 0 the operation, 1 the timer. A timer that completed
-  // without error expired; one that completed with an error was cancelled with the caller.
+  // order[0] says who finished first: 0 the operation, 1 the timer. The deadline expired only
+  // if the timer finished first, without error, and the caller was not cancelled meanwhile;
+  // otherwise the operation's own outcome (value or error) is what the caller gets.
   if constexpr (std::is_void_v<T>) {
     auto [order, op_error, timer_error] =
         co_await group.async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
-    if (order[0] == 1 && !timer_error) {
+    auto cs = co_await asio::this_coro::cancellation_state;
+    if (order[0] == 1 && !timer_error && cs.cancelled() == asio::cancellation_type::none) {
       throw failure(error::deadline_exceeded, "deadline exceeded");
     }
     if (op_error) {
       std::rethrow_exception(op_error);
-    }
-    if (order[0] == 1) {
-      throw boost::system::system_error(asio::error::operation_aborted);
     }
     co_return;
   } else {
     auto [order, op_error, value, timer_error] =
         co_await group.async_wait(asio::experimental::wait_for_one(), asio::use_awaitable);
-    if (order[0] == 1 && !timer_error) {
+    auto cs = co_await asio::this_coro::cancellation_state;
+    if (order[0] == 1 && !timer_error && cs.cancelled() == asio::cancellation_type::none) {
       throw failure(error::deadline_exceeded, "deadline exceeded");
     }
     if (op_error) {
       std::rethrow_exception(op_error);
     }
-    if (order[0] == 1 || !value) {
-      // The caller was cancelled and the operation ended without a value or an error.
+    if (!value) {
       throw boost::system::system_error(asio::error::operation_aborted);
     }
     co_return std::move(*value);
@@ -171,8 +180,8 @@ template <class Clock = default_clock, class MakeOp, class Rep, class Period>
 requires detail::is_op_factory_v<MakeOp>
 auto with_deadline(MakeOp op, std::chrono::duration<Rep, Period> timeout)
     -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
-  return detail::deadline_impl<Clock>(
-      std::move(op), std::nullopt, std::chrono::duration_cast<typename Clock::duration>(timeout));
+  return detail::deadline_impl<Clock>(std::move(op), std::nullopt,
+                                      saturating_cast<typename Clock::duration>(timeout));
 }
 
 }  // namespace keel

@@ -40,6 +40,8 @@
 #include <keel/error.hpp>
 
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/error.hpp>
 #include <boost/asio/this_coro.hpp>
 
 #include <cstddef>
@@ -124,6 +126,11 @@ boost::asio::awaitable<T> with_fallback(std::vector<alternative<T>> alts,
       }
     } catch (...) {
       failed = std::current_exception();
+    }
+    // Cancellation first, whatever the alternative turned it into: never a reason to move on.
+    auto cs = co_await boost::asio::this_coro::cancellation_state;
+    if (cs.cancelled() != boost::asio::cancellation_type::none) {
+      throw boost::system::system_error(boost::asio::error::operation_aborted);
     }
     const classification cls = policy.classify ? policy.classify(failed) : keel::classify(failed);
     if (cls.condition == condition::cancelled || !policy.fallback_on.contains(cls.condition)) {

@@ -19,6 +19,8 @@
 // 5. The call has an absolute deadline: `policy.timeout` after the first attempt started, and the
 //    enclosing `with_deadline`, whichever is earlier. A sleep that would end past it (plus
 //    `policy.min_attempt_time`) is not started: the call fails fast with the original error.
+//    (`policy.timeout` bounds retrying; it does not cancel a running attempt — `with_deadline`
+//    does.)
 // 6. `policy.on_retry` is told (attempt, error, classification, delay), then the call sleeps on a
 //    timer of `Clock` and tries again.
 //
@@ -57,6 +59,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <exception>
 #include <functional>
@@ -95,7 +98,9 @@ struct retry_policy {
   std::function<bool(const std::exception_ptr&, const classification&)> retry_if;
   /// Classifies failures; `keel::classify` when empty.
   keel::classifier classify;
-  /// Absolute limit for the whole call, measured from the start of the first attempt.
+  /// Absolute limit for retrying, measured from the start of the first attempt: no backoff
+  /// sleep ends past it and no attempt starts after it. It does not cancel an attempt that is
+  /// running; wrap the call in `with_deadline` for that (its deadline is honoured here too).
   std::optional<std::chrono::nanoseconds> timeout;
   /// Whether a server's delay hint replaces the backoff.
   bool honour_retry_after = true;
@@ -186,10 +191,12 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
 
   std::optional<typename Clock::time_point> deadline;
   if (policy.timeout) {
-    deadline = Clock::now() + std::chrono::duration_cast<clock_duration>(*policy.timeout);
+    deadline = saturating_add(Clock::now(), *policy.timeout);
   }
   bool outer_deadline_checked = false;
-  backoff_state bstate;
+  // One state per condition: jitters that remember the previous delay must not mix curves.
+  std::array<backoff_state, 8> bstates{};
+  auto cs = co_await asio::this_coro::cancellation_state;
   std::optional<basic_timer<Clock>> timer;
   const int max_attempts = std::max(policy.max_attempts, 1);
 
@@ -220,6 +227,11 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
     } catch (...) {
       failed = std::current_exception();
     }
+    // Cancellation first, whatever the attempt turned it into (a reset, a deadline): a
+    // cancelled call is never retried and never charged to the budget.
+    if (detail::cancellation_requested(cs)) {
+      detail::throw_aborted();
+    }
 
     auto return_rejected_or_throw = [&](auto&& thrower) -> T {
       if constexpr (!std::is_void_v<T>) {
@@ -241,6 +253,10 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
       if (!retryable) {
         std::rethrow_exception(failed);
       }
+    } else if (!policy.retry_on.contains(cls.condition) ||
+               (policy.retry_if && !policy.retry_if(nullptr, cls))) {
+      // A rejected result obeys the same rules as a failure of condition `transient`.
+      co_return return_rejected_or_throw([] {});
     }
     if (policy.budget) {
       policy.budget->on_failure();
@@ -271,22 +287,19 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
       from_hint = true;
     } else {
       random_source& rng = policy.random ? *policy.random : random_source::thread_default();
+      auto& bstate = bstates[static_cast<std::size_t>(cls.condition) % bstates.size()];
       delay = policy.backoff.choose(failed, cls).next_delay(attempt, bstate, rng);
     }
 
     if (deadline) {
-      const auto resume_at = Clock::now() + std::chrono::duration_cast<clock_duration>(delay) +
-                             std::chrono::duration_cast<clock_duration>(policy.min_attempt_time);
+      const auto resume_at =
+          saturating_add(saturating_add(Clock::now(), delay), policy.min_attempt_time);
       if (resume_at >= *deadline) {
         // Sleeping would end past the deadline: fail fast with what actually went wrong.
         co_return return_rejected_or_throw([&] { std::rethrow_exception(failed); });
       }
     }
 
-    auto cs = co_await asio::this_coro::cancellation_state;
-    if (detail::cancellation_requested(cs)) {
-      detail::throw_aborted();
-    }
     if (policy.on_retry) {
       policy.on_retry(retry_event{attempt, failed, cls, delay, from_hint});
     }
@@ -294,7 +307,7 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
       if (!timer) {
         timer.emplace(ex);
       }
-      timer->expires_after(std::chrono::duration_cast<clock_duration>(delay));
+      timer->expires_after(saturating_cast<clock_duration>(delay));
       co_await timer->async_wait(asio::use_awaitable);
     }
     if (detail::cancellation_requested(cs)) {

@@ -102,17 +102,27 @@ condition condition_of(const boost::system::error_code& ec) noexcept {
   if (def.category() == condition_category_instance) {
     return static_cast<condition>(def.value());
   }
-  if (ec == ae::operation_aborted || def == boost::system::errc::operation_canceled) {
+  // Compare through error conditions (`ec == errc::...`), not codes: that matches the system,
+  // generic and wrapped std::error_code categories alike.
+  using boost::system::errc::errc_t;
+  if (ec == ae::operation_aborted || ec == errc_t::operation_canceled) {
     return condition::cancelled;
   }
-  if (ec == ae::timed_out || def == boost::system::errc::timed_out) {
+  if (ec == errc_t::timed_out) {
     return condition::timeout;
   }
-  if (ec == ae::connection_reset || ec == ae::connection_refused || ec == ae::connection_aborted ||
-      ec == ae::broken_pipe || ec == ae::eof || ec == ae::host_unreachable ||
-      ec == ae::network_unreachable || ec == ae::network_down || ec == ae::network_reset ||
-      ec == ae::try_again || ec == ae::host_not_found_try_again || ec == ae::shut_down ||
-      ec == ae::not_connected) {
+  static constexpr errc_t transient_errors[] = {
+      errc_t::connection_reset,   errc_t::connection_refused,
+      errc_t::connection_aborted, errc_t::broken_pipe,
+      errc_t::host_unreachable,   errc_t::network_unreachable,
+      errc_t::network_down,       errc_t::network_reset,
+      errc_t::not_connected,      errc_t::resource_unavailable_try_again};
+  for (errc_t e : transient_errors) {
+    if (ec == e) {
+      return condition::transient;
+    }
+  }
+  if (ec == ae::eof || ec == ae::host_not_found_try_again || ec == ae::shut_down) {
     return condition::transient;
   }
   return condition::permanent;

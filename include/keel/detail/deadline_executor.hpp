@@ -111,4 +111,16 @@ boost::asio::any_io_executor with_deadline_executor(const boost::asio::any_io_ex
   return deadline_executor<boost::asio::any_io_executor, Clock>(ex, deadline);
 }
 
+/// `ex` without a deadline on `Clock`.
+template <class Clock>
+boost::asio::any_io_executor strip_deadline(const boost::asio::any_io_executor& ex) {
+  if (auto* d = ex.target<deadline_executor<io_executor, Clock>>()) {
+    return d->inner();
+  }
+  if (auto* d = ex.target<deadline_executor<boost::asio::any_io_executor, Clock>>()) {
+    return d->inner();
+  }
+  return ex;
+}
+
 }  // namespace keel::detail

@@ -100,11 +100,11 @@ class bulkhead_state final : public bulkhead_permit_source,
         batch.add(n, error::queue_full);
       } else {
         if (options_.queue_timeout.count() > 0) {
-          n.deadline = Clock::now() + std::chrono::ceil<duration>(options_.queue_timeout);
+          n.deadline = saturating_add(Clock::now(), options_.queue_timeout);
           // FIFO and one timeout for all: the head always has the earliest deadline, so one
           // timer armed for the head serves everybody. If it is armed, it is for an earlier
           // head and will re-arm itself when it fires.
-          if (!armed_) {
+          if (!armed_ && n.deadline != time_point::max()) {
             arm(n.deadline);
           }
         }
@@ -182,9 +182,9 @@ class bulkhead_state final : public bulkhead_permit_source,
  private:
   void arm(time_point at) {
     timer_.expires_at(at);
-    armed_ = true;
     timer_.async_wait([self = this->shared_from_this(), generation = ++generation_](
                           const boost::system::error_code& ec) { self->on_timer(ec, generation); });
+    armed_ = true;  // only once the wait is really pending (async_wait may throw bad_alloc)
   }
 
   // Called when the queue empties, so that an idle bulkhead keeps no work on its executor.
@@ -212,7 +212,7 @@ class bulkhead_state final : public bulkhead_permit_source,
         ++timed_out_;
         batch.add(queue_.pop_front(), error::queue_timeout);
       }
-      if (!queue_.empty()) {
+      if (!queue_.empty() && static_cast<node&>(*queue_.front()).deadline != time_point::max()) {
         arm(static_cast<node&>(*queue_.front()).deadline);
       }
     }

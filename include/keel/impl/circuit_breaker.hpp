@@ -2,6 +2,7 @@
 #pragma once
 
 #include <keel/circuit_breaker.hpp>
+#include <keel/clock.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -400,7 +401,7 @@ void basic_circuit_breaker<Clock>::transition(breaker_state to, time_point now,
       ++counters_.opened;
       // ceil: a break never ends before its full length on a coarser clock.
       const auto length = std::chrono::ceil<typename Clock::duration>(next_break());
-      open_until_ = now + length;
+      open_until_ = saturating_add(now, length);
       break;
     }
     case breaker_state::closed:

@@ -116,7 +116,15 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
         queue_.push_back(n);
         ++waits_;
         if (queue_.size() == 1) {
-          schedule(now);
+          try {
+            schedule(now);
+          } catch (...) {
+            // Arming the timer failed (e.g. bad_alloc): the node lives in a frame that is about
+            // to unwind, so it must not stay queued.
+            queue_.erase(n);
+            --waits_;
+            throw;
+          }
         }
       }
     }
@@ -338,8 +346,8 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     const double seconds =
         std::min(max_seconds, std::max(requests_.seconds_until(head.cost.requests),
                                        tokens_.seconds_until(head.cost.tokens)));
-    const time_point at =
-        std::max(now, last_) + std::chrono::ceil<duration>(std::chrono::duration<double>(seconds));
+    const time_point at = saturating_add(
+        std::max(now, last_), std::chrono::ceil<duration>(std::chrono::duration<double>(seconds)));
     if (armed_ && at == armed_at_) {
       return;
     }
@@ -448,7 +456,7 @@ void basic_throttler<Clock>::pause_until(time_point t) {
 
 template <class Clock>
 void basic_throttler<Clock>::pause_for(duration d) {
-  state_->pause_until(Clock::now() + d);
+  state_->pause_until(saturating_add(Clock::now(), d));
 }
 
 template <class Clock>
