@@ -3,6 +3,7 @@
 
 #include <keel/bulkhead.hpp>
 #include <keel/clock.hpp>
+#include <keel/detail/queue_timer.hpp>
 #include <keel/detail/waiter_queue.hpp>
 #include <keel/error.hpp>
 
@@ -104,7 +105,7 @@ class bulkhead_state final : public bulkhead_permit_source,
           // FIFO and one timeout for all: the head always has the earliest deadline, so one
           // timer armed for the head serves everybody. If it is armed, it is for an earlier
           // head and will re-arm itself when it fires.
-          if (!armed_ && n.deadline != time_point::max()) {
+          if (!timer_.armed() && n.deadline != time_point::max()) {
             arm(n.deadline);
           }
         }
@@ -181,32 +182,19 @@ class bulkhead_state final : public bulkhead_permit_source,
 
  private:
   void arm(time_point at) {
-    timer_.expires_at(at);
-    timer_.async_wait([self = this->shared_from_this(), generation = ++generation_](
-                          const boost::system::error_code& ec) { self->on_timer(ec, generation); });
-    armed_ = true;  // only once the wait is really pending (async_wait may throw bad_alloc)
+    timer_.arm(at, [self = this->shared_from_this()](std::uint64_t g) { self->on_timer(g); });
   }
 
   // Called when the queue empties, so that an idle bulkhead keeps no work on its executor.
-  void disarm() {
-    if (armed_) {
-      armed_ = false;
-      ++generation_;
-      timer_.cancel();
-    }
-  }
+  void disarm() { timer_.disarm(); }
 
-  void on_timer(const boost::system::error_code& ec, std::uint64_t generation) {
-    if (ec == boost::asio::error::operation_aborted) {
-      return;
-    }
+  void on_timer(std::uint64_t generation) {
     completion_batch batch;
     {
       std::lock_guard lock{mutex_};
-      if (!armed_ || generation != generation_) {
-        return;
+      if (!timer_.take(generation)) {
+        return;  // superseded by a re-arm, a disarm or shutdown
       }
-      armed_ = false;
       const time_point now = Clock::now();
       while (!queue_.empty() && static_cast<node&>(*queue_.front()).deadline <= now) {
         ++timed_out_;
@@ -221,14 +209,12 @@ class bulkhead_state final : public bulkhead_permit_source,
 
   mutable std::mutex mutex_;
   boost::asio::any_io_executor ex_;
-  basic_timer<Clock> timer_;
+  queue_timer<Clock> timer_;
   bulkhead_options options_;
   waiter_list queue_;
   std::size_t in_flight_ = 0;
   std::uint64_t rejected_ = 0;
   std::uint64_t timed_out_ = 0;
-  std::uint64_t generation_ = 0;
-  bool armed_ = false;
   bool closed_ = false;
 };
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <keel/clock.hpp>
+#include <keel/detail/queue_timer.hpp>
 #include <keel/detail/waiter_queue.hpp>
 #include <keel/throttler.hpp>
 
@@ -348,36 +349,21 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
                                        tokens_.seconds_until(head.cost.tokens)));
     const time_point at = saturating_add(
         std::max(now, last_), std::chrono::ceil<duration>(std::chrono::duration<double>(seconds)));
-    if (armed_ && at == armed_at_) {
+    if (timer_.armed() && at == timer_.armed_at()) {
       return;
     }
-    timer_.expires_at(at);  // cancels a pending wait, whose handler then does nothing
-    armed_ = true;
-    armed_at_ = at;
-    timer_.async_wait([self = this->shared_from_this(), generation = ++generation_](
-                          const boost::system::error_code& ec) { self->on_timer(ec, generation); });
+    timer_.arm(at, [self = this->shared_from_this()](std::uint64_t g) { self->on_timer(g); });
   }
 
-  void disarm() {
-    if (armed_) {
-      armed_ = false;
-      ++generation_;
-      timer_.cancel();
-    }
-  }
+  void disarm() { timer_.disarm(); }
 
-  void on_timer(const boost::system::error_code& ec, std::uint64_t generation) {
-    if (ec == boost::asio::error::operation_aborted) {
-      return;  // superseded by a re-arm, a disarm or shutdown
-    }
+  void on_timer(std::uint64_t generation) {
     completion_batch batch;
     {
       std::lock_guard lock{mutex_};
-      // A wait that had already fired when it was superseded arrives with success: ignore it.
-      if (!armed_ || generation != generation_) {
-        return;
+      if (!timer_.take(generation)) {
+        return;  // superseded by a re-arm, a disarm or shutdown
       }
-      armed_ = false;
       process(Clock::now(), batch);
     }
     batch.complete(ex_);
@@ -385,7 +371,7 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
 
   mutable std::mutex mutex_;
   boost::asio::any_io_executor ex_;
-  basic_timer<Clock> timer_;
+  queue_timer<Clock> timer_;
   waiter_list queue_;
   throttle_bucket requests_;
   throttle_bucket tokens_;
@@ -393,9 +379,6 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
   double token_burst_ = 0;
   time_point last_;  // refill is accounted up to here
   time_point paused_until_{};
-  time_point armed_at_{};
-  std::uint64_t generation_ = 0;
-  bool armed_ = false;
   bool closed_ = false;
   std::uint64_t granted_ = 0;
   std::uint64_t waits_ = 0;
