@@ -1,0 +1,133 @@
+// keel::http::client: an HTTP/1.1 + TLS client with a keep-alive connection pool per host.
+#pragma once
+
+// Overview
+// --------
+// `keel::http::client` sends a plain `keel::http::request` and returns a `keel::http::response`
+// (message.hpp). It keeps a pool of keep-alive connections per (scheme, host, port), speaks
+// `http://` and `https://` (SNI and host name verification against the system trust store by
+// default), de-chunks responses, and enforces size limits so that a hostile or broken server can
+// never make it use unbounded memory. Beast and OpenSSL stay inside lib/http; this header does not
+// include them.
+//
+// Failures are thrown as `keel::failure` whose code classifies correctly (see error.hpp):
+// refused, reset and closed connections are `transient`, timeouts are `timeout`, limits, bad URLs
+// and certificate failures are `permanent`. The message names the method and the URL (with its
+// query string redacted, since some APIs put keys there) and never a header value. The client
+// does not retry on its own: wrap `send` in `keel::with_retry`.
+//
+// Cancellation: `send` supports terminal cancellation (which `keel::with_deadline` emits). The
+// socket operation in progress completes with `operation_aborted`, the connection is closed (a
+// connection that was cancelled or failed in the middle of a message is never reused), and
+// `send` throws `operation_aborted` (`keel::condition::cancelled`). A connection goes back to the
+// pool only after a complete response that allows keep-alive.
+//
+// Example:
+//
+//     keel::http::client http{ex, keel::http::client_options{}};
+//     keel::http::request req{"POST", "https://api.openai.com/v1/chat/completions"};
+//     req.set("authorization", "Bearer " + key);
+//     req.set("content-type", "application/json");
+//     req.body = body;
+//     keel::http::response res = co_await keel::with_deadline([&] { return http.send(req); }, 60s);
+//
+// Thread safety: a client is not thread-safe. Call `send` (and the counters) only from coroutines
+// running on the client's executor; to use one client from several threads, give it a strand.
+// The client may be destroyed while sends are in flight only if the executor is stopped first
+// (sends keep the pool alive until they finish).
+
+#include <keel/http/message.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace keel::http {
+
+/// TLS settings of a client.
+struct tls_options {
+  /// Verify the server's certificate chain and host name (default). The system trust store is
+  /// used (`set_default_verify_paths`), plus `ca_file` if given.
+  bool verify_peer = true;
+  /// A PEM file of extra trusted CA certificates (e.g. a private CA), if any.
+  std::optional<std::string> ca_file;
+  /// Accept any certificate, for any host name. **Insecure**: anyone on the path can read and
+  /// change the traffic, including API keys. Meant only for local test servers; the client prints
+  /// a warning to stderr once when it is constructed with this set.
+  bool insecure_skip_verify = false;
+
+  tls_options() = default;
+};
+
+/// Limits and settings of a client; the defaults suit LLM APIs.
+struct client_options {
+  /// At most this many connections (busy or idle) per (scheme, host, port); further sends wait
+  /// in FIFO order for one to become free.
+  std::size_t max_connections_per_host = 64;
+  /// An idle pooled connection older than this is closed instead of reused.
+  std::chrono::steady_clock::duration idle_timeout = std::chrono::seconds(90);
+  /// A connection is closed after this many requests.
+  std::size_t max_requests_per_connection = 1000;
+  /// Time allowed for TCP connect plus TLS handshake (`error::connect_timeout`).
+  std::chrono::steady_clock::duration connect_timeout = std::chrono::seconds(10);
+  /// Time allowed for writing the request and reading the whole response
+  /// (`error::request_timeout`); `std::nullopt` for none. 600 s like the official SDKs.
+  std::optional<std::chrono::steady_clock::duration> request_timeout = std::chrono::seconds(600);
+  /// Largest accepted response body in bytes (`error::body_too_large`).
+  std::size_t max_response_body = 16 * 1024 * 1024;
+  /// Most accepted response header fields (`error::too_many_headers`).
+  std::size_t max_header_count = 100;
+  /// Largest accepted response header (status line and fields) in bytes
+  /// (`error::header_too_large`).
+  std::size_t max_header_bytes = 64 * 1024;
+  /// The User-Agent sent when a request has none.
+  std::string user_agent = "keel/0.1";
+  /// TLS settings.
+  tls_options tls;
+
+  client_options() = default;
+};
+
+/// An HTTP/1.1 client with a keep-alive connection pool per host.
+class client {
+ public:
+  /// Creates a client whose connections and timers run on `ex`.
+  /// @throws boost::system::system_error if the TLS settings cannot be applied (e.g. `ca_file`
+  /// cannot be read).
+  client(boost::asio::any_io_executor ex, client_options options);
+  /// Closes idle connections. See the thread-safety note about sends in flight.
+  ~client();
+  client(const client&) = delete;
+  client& operator=(const client&) = delete;
+
+  /// Sends `req` and returns the complete response (any status; a 5xx is a response, not an
+  /// exception).
+  ///
+  /// Reuses an idle pooled connection to the same (scheme, host, port) when there is one,
+  /// otherwise opens one if the host has fewer than `max_connections_per_host`, otherwise waits
+  /// in FIFO order. Adds Host, User-Agent (if absent) and Content-Length.
+  /// @throws keel::failure with a `keel::http::error` (limits, bad URL, timeouts, protocol and
+  /// TLS failures) or an Asio network code (refused, reset, host not found); the message names
+  /// the method and URL, never a header value.
+  /// Cancellation: terminal cancellation aborts the pool wait or socket operation in progress,
+  /// closes the connection, and throws `operation_aborted`.
+  boost::asio::awaitable<response> send(request req);
+
+  /// The executor the client runs on.
+  boost::asio::any_io_executor get_executor() const noexcept;
+  /// How many connections this client has opened (TCP connects that succeeded), for tests.
+  std::size_t connections_opened() const noexcept;
+  /// How many idle connections sit in the pool now, over all hosts, for tests.
+  std::size_t pooled_idle() const noexcept;
+
+ private:
+  struct impl;
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace keel::http

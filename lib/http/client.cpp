@@ -1,0 +1,510 @@
+// keel::http::client: Beast HTTP/1.1 over TCP or TLS with a per-host keep-alive pool.
+#include <keel/error.hpp>
+#include <keel/http/client.hpp>
+#include <keel/http/error.hpp>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/host_name_verification.hpp>
+#include <boost/asio/ssl/stream.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+
+#include <openssl/ssl.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <limits>
+#include <map>
+#include <optional>
+#include <string_view>
+
+namespace keel::http {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+struct url_parts {
+  bool tls = false;
+  std::string host;  // without brackets for IPv6
+  std::uint16_t port = 0;
+  std::string target;
+  bool host_is_ip = false;
+};
+
+bool has_control(std::string_view s) {
+  return std::any_of(s.begin(), s.end(),
+                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
+}
+
+bool istarts_with(std::string_view s, std::string_view prefix) {
+  return s.size() >= prefix.size() && iequals(s.substr(0, prefix.size()), prefix);
+}
+
+std::optional<url_parts> parse_url(std::string_view url) {
+  url_parts u;
+  std::string_view rest;
+  if (istarts_with(url, "http://")) {
+    rest = url.substr(7);
+  } else if (istarts_with(url, "https://")) {
+    u.tls = true;
+    rest = url.substr(8);
+  } else {
+    return std::nullopt;
+  }
+  if (has_control(url) || url.find(' ') != std::string_view::npos) {
+    return std::nullopt;
+  }
+  const auto auth_end = rest.find_first_of("/?#");
+  std::string_view auth = rest.substr(0, auth_end);
+  std::string_view target = auth_end == std::string_view::npos ? "/" : rest.substr(auth_end);
+  target = target.substr(0, target.find('#'));
+  if (auth.find('@') != std::string_view::npos || auth.empty()) {
+    return std::nullopt;  // userinfo would put credentials into error messages and logs
+  }
+  std::string_view port_text;
+  if (auth.front() == '[') {
+    const auto close = auth.find(']');
+    if (close == std::string_view::npos) {
+      return std::nullopt;
+    }
+    u.host = std::string(auth.substr(1, close - 1));
+    const auto after = auth.substr(close + 1);
+    if (!after.empty()) {
+      if (after.front() != ':') {
+        return std::nullopt;
+      }
+      port_text = after.substr(1);
+    }
+  } else {
+    const auto colon = auth.find(':');
+    u.host = std::string(auth.substr(0, colon));
+    if (colon != std::string_view::npos) {
+      port_text = auth.substr(colon + 1);
+    }
+  }
+  if (u.host.empty()) {
+    return std::nullopt;
+  }
+  u.port = u.tls ? 443 : 80;
+  if (!port_text.empty()) {
+    unsigned p = 0;
+    const auto [end, ec] =
+        std::from_chars(port_text.data(), port_text.data() + port_text.size(), p);
+    if (ec != std::errc() || end != port_text.data() + port_text.size() || p == 0 || p > 65535) {
+      return std::nullopt;
+    }
+    u.port = static_cast<std::uint16_t>(p);
+  }
+  u.target =
+      target.empty() || target.front() != '/' ? "/" + std::string(target) : std::string(target);
+  boost::system::error_code ec;
+  asio::ip::make_address(u.host, ec);
+  u.host_is_ip = !ec;
+  return u;
+}
+
+// The URL as it may appear in error messages: the query string can carry an API key (Gemini's
+// `?key=`), so it is replaced by a marker.
+std::string redact(std::string_view url) {
+  std::string out(url);
+  // Userinfo (`user:password@`) is never shown either.
+  if (const auto scheme = out.find("://"); scheme != std::string::npos) {
+    const auto auth_begin = scheme + 3;
+    const auto auth_end = out.find_first_of("/?#", auth_begin);
+    const auto at = out.substr(auth_begin, auth_end - auth_begin).rfind('@');
+    if (at != std::string::npos) {
+      out.replace(auth_begin, at, "<redacted>");
+    }
+  }
+  const auto q = out.find_first_of("?#");
+  if (q != std::string::npos) {
+    const bool query = out[q] == '?';
+    out.resize(q);
+    if (query) {
+      out += "?<redacted>";
+    }
+  }
+  return out;
+}
+
+[[noreturn]] void fail(boost::system::error_code ec, std::string_view what,
+                       std::string_view where) {
+  ec = normalize_error(ec);
+  std::string msg = "keel.http: ";
+  msg += what;
+  msg += ": ";
+  msg += ec.message();
+  msg += " (";
+  msg += where;
+  msg += ")";
+  throw keel::failure(ec, msg);
+}
+
+struct connection {
+  explicit connection(const asio::any_io_executor& ex) : plain(ex) {}
+
+  // `plain` is the TCP stream of an http:// connection; an https:// connection uses `tls` (whose
+  // next layer is its own TCP stream) and leaves `plain` unused.
+  beast::tcp_stream plain;
+  std::optional<asio::ssl::stream<beast::tcp_stream>> tls;
+  beast::flat_buffer buffer;
+  std::size_t requests = 0;
+  std::chrono::steady_clock::time_point idle_since;
+
+  beast::tcp_stream& lowest() { return tls ? tls->next_layer() : plain; }
+  void close() {
+    boost::system::error_code ec;
+    lowest().socket().shutdown(tcp::socket::shutdown_both, ec);
+    lowest().socket().close(ec);
+  }
+  // An idle connection the server has closed (FIN or RST) or sent unsolicited bytes on (e.g. a
+  // 408 or a TLS close_notify) must not carry the next request: it would fail after the request
+  // was written. A non-blocking peek tells without a background read.
+  bool usable() {
+    if (!lowest().socket().is_open() || buffer.size() != 0) {
+      return false;
+    }
+    char byte = 0;
+    const auto n = ::recv(lowest().socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+};
+
+struct waiter {
+  explicit waiter(const asio::any_io_executor& ex)
+      : wake(ex, asio::steady_timer::time_point::max()) {}
+  asio::steady_timer wake;
+  std::unique_ptr<connection> conn;  // an idle connection handed over by release()
+  bool may_open = false;             // a connection slot handed over by release()
+};
+
+struct host_pool {
+  std::size_t open = 0;  // busy + idle connections, plus slots granted for connecting
+  std::deque<std::unique_ptr<connection>> idle;
+  std::deque<waiter*> waiters;
+};
+
+}  // namespace
+
+struct client::impl {
+  impl(asio::any_io_executor executor, client_options options)
+      : ex(std::move(executor)), opts(std::move(options)), ssl_ctx(asio::ssl::context::tls_client) {
+    SSL_CTX_set_min_proto_version(ssl_ctx.native_handle(), TLS1_2_VERSION);
+    if (opts.tls.insecure_skip_verify) {
+      std::fprintf(stderr,
+                   "keel.http: WARNING: insecure_skip_verify is set: TLS certificates and host "
+                   "names are NOT verified; API keys can be stolen by anyone on the network path. "
+                   "Use only with local test servers.\n");
+      ssl_ctx.set_verify_mode(asio::ssl::verify_none);
+    } else {
+      if (opts.tls.verify_peer) {
+        ssl_ctx.set_default_verify_paths();
+        ssl_ctx.set_verify_mode(asio::ssl::verify_peer);
+      } else {
+        ssl_ctx.set_verify_mode(asio::ssl::verify_none);
+      }
+      if (opts.tls.ca_file) {
+        ssl_ctx.load_verify_file(*opts.tls.ca_file);
+      }
+    }
+    opts.max_connections_per_host = std::max<std::size_t>(1, opts.max_connections_per_host);
+    opts.max_requests_per_connection = std::max<std::size_t>(1, opts.max_requests_per_connection);
+  }
+
+  bool verifies() const { return opts.tls.verify_peer && !opts.tls.insecure_skip_verify; }
+
+  // Returns an idle connection, or nullptr with a slot reserved (pool.open counts it) for the
+  // caller to connect. Waits FIFO when the host is at its limit.
+  asio::awaitable<std::unique_ptr<connection>> acquire(host_pool& pool) {
+    const auto now = std::chrono::steady_clock::now();
+    while (!pool.idle.empty()) {
+      // Most recently used first: the likeliest to be alive and warm.
+      auto c = std::move(pool.idle.back());
+      pool.idle.pop_back();
+      if (now - c->idle_since < opts.idle_timeout && c->usable()) {
+        co_return c;
+      }
+      c->close();
+      --pool.open;
+    }
+    if (pool.open < opts.max_connections_per_host) {
+      ++pool.open;
+      co_return nullptr;
+    }
+    waiter w(ex);
+    pool.waiters.push_back(&w);
+    // However this frame ends (even destroyed at io_context shutdown), the queue must not keep
+    // a pointer into it.
+    struct unqueue {
+      host_pool& p;
+      waiter* w;
+      ~unqueue() { std::erase(p.waiters, w); }
+    } guard{pool, &w};
+    // release() cancels the timer after handing over a connection or a slot; a cancellation of
+    // the caller completes the wait with neither.
+    co_await w.wake.async_wait(asio::as_tuple(asio::use_awaitable));
+    if (w.conn || w.may_open) {
+      co_return std::move(w.conn);
+    }
+    throw boost::system::system_error(asio::error::operation_aborted);
+  }
+
+  void release(host_pool& pool, std::unique_ptr<connection> c, bool reusable) {
+    if (c && reusable) {
+      c->idle_since = std::chrono::steady_clock::now();
+      if (!pool.waiters.empty()) {
+        waiter* w = pool.waiters.front();
+        pool.waiters.pop_front();
+        w->conn = std::move(c);
+        w->wake.cancel();
+        return;
+      }
+      pool.idle.push_back(std::move(c));
+      return;
+    }
+    if (c) {
+      c->close();
+    }
+    if (!pool.waiters.empty()) {
+      // The slot passes to the first waiter; pool.open stays the same.
+      waiter* w = pool.waiters.front();
+      pool.waiters.pop_front();
+      w->may_open = true;
+      w->wake.cancel();
+      return;
+    }
+    --pool.open;
+  }
+
+  // Owns a pool slot for the duration of one send; anything but a clean, complete keep-alive
+  // exchange (an exception, a cancellation, a partial message) closes the connection.
+  struct lease {
+    impl* owner;
+    host_pool* pool;
+    std::unique_ptr<connection> conn;
+    bool reusable = false;
+    lease(impl* o, host_pool* p) : owner(o), pool(p) {}
+    lease(const lease&) = delete;
+    lease& operator=(const lease&) = delete;
+    ~lease() { owner->release(*pool, std::move(conn), reusable); }
+  };
+
+  asio::awaitable<void> connect(connection& c, const url_parts& u, std::string_view where) {
+    boost::system::error_code ec;
+    if (u.tls) {
+      c.tls.emplace(ex, ssl_ctx);
+    }
+    beast::tcp_stream& stream = c.lowest();
+    stream.expires_after(opts.connect_timeout);
+    if (u.host_is_ip) {
+      const tcp::endpoint ep(asio::ip::make_address(u.host), u.port);
+      co_await stream.async_connect(ep, asio::redirect_error(asio::use_awaitable, ec));
+    } else {
+      tcp::resolver resolver(ex);
+      auto results = co_await resolver.async_resolve(u.host, std::to_string(u.port),
+                                                     asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        fail(ec, "resolve failed", where);
+      }
+      co_await stream.async_connect(results, asio::redirect_error(asio::use_awaitable, ec));
+    }
+    if (ec == beast::error::timeout) {
+      fail(error::connect_timeout, "connect failed", where);
+    }
+    if (ec) {
+      fail(ec, "connect failed", where);
+    }
+    ++opened;
+    if (u.tls) {
+      if (!u.host_is_ip && !SSL_set_tlsext_host_name(c.tls->native_handle(), u.host.c_str())) {
+        fail(error::tls_error, "cannot set SNI", where);
+      }
+      if (verifies()) {
+        c.tls->set_verify_callback(asio::ssl::host_name_verification(u.host));
+      }
+      co_await c.tls->async_handshake(asio::ssl::stream_base::client,
+                                      asio::redirect_error(asio::use_awaitable, ec));
+      if (ec == beast::error::timeout) {
+        fail(error::connect_timeout, "TLS handshake failed", where);
+      }
+      if (ec) {
+        fail(ec, "TLS handshake failed", where);
+      }
+    }
+  }
+
+  template <class Stream>
+  asio::awaitable<response> exchange(Stream& s, connection& c,
+                                     bhttp::request<bhttp::string_body>& breq, bool head,
+                                     bool& keep_alive, std::string_view where) {
+    boost::system::error_code ec;
+    co_await bhttp::async_write(s, breq, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      fail(ec, "writing the request failed", where);
+    }
+    bhttp::response_parser<bhttp::string_body> parser;
+    parser.header_limit(static_cast<std::uint32_t>(
+        std::min<std::size_t>(opts.max_header_bytes, std::numeric_limits<std::uint32_t>::max())));
+    parser.body_limit(static_cast<std::uint64_t>(opts.max_response_body));
+    parser.skip(head);
+    co_await bhttp::async_read_header(s, c.buffer, parser,
+                                      asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      fail(ec, "reading the response failed", where);
+    }
+    const auto& fields = parser.get().base();
+    if (static_cast<std::size_t>(std::distance(fields.begin(), fields.end())) >
+        opts.max_header_count) {
+      fail(error::too_many_headers, "reading the response failed", where);
+    }
+    if (!parser.is_done()) {
+      co_await bhttp::async_read(s, c.buffer, parser,
+                                 asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        fail(ec, "reading the response failed", where);
+      }
+    }
+    auto& msg = parser.get();
+    keep_alive = msg.keep_alive();
+    response res;
+    res.status = static_cast<int>(msg.result_int());
+    res.reason = std::string(msg.reason());
+    for (const auto& f : msg.base()) {
+      res.headers.add(std::string(f.name_string()), std::string(f.value()));
+    }
+    res.body = std::move(msg.body());
+    co_return res;
+  }
+
+  static asio::awaitable<response> send(std::shared_ptr<impl> self, request req) {
+    const std::string where = req.method + " " + redact(req.url);
+    const auto u = parse_url(req.url);
+    if (!u) {
+      fail(error::bad_url, "cannot send", where);
+    }
+    if (req.method.empty() || has_control(req.method) ||
+        req.method.find(' ') != std::string::npos) {
+      fail(error::bad_header, "bad method", where);
+    }
+
+    bhttp::request<bhttp::string_body> breq;
+    breq.version(11);
+    breq.method_string(req.method);
+    breq.target(u->target);
+    bool has_host = false;
+    bool has_agent = false;
+    for (const auto& [name, value] : req.headers.fields()) {
+      if (name.empty() || has_control(name) || has_control(value) ||
+          name.find_first_of(" :") != std::string::npos) {
+        // The name is safe to report only if it has no control characters; values never are.
+        fail(error::bad_header, "bad request header", where);
+      }
+      if (iequals(name, "content-length") || iequals(name, "transfer-encoding")) {
+        continue;  // framing is computed from the body
+      }
+      has_host = has_host || iequals(name, "host");
+      has_agent = has_agent || iequals(name, "user-agent");
+      breq.insert(name, value);
+    }
+    if (!has_host) {
+      std::string host = u->host.find(':') != std::string::npos ? "[" + u->host + "]" : u->host;
+      if (u->port != (u->tls ? 443 : 80)) {
+        host += ":" + std::to_string(u->port);
+      }
+      breq.set(bhttp::field::host, host);
+    }
+    if (!has_agent && !self->opts.user_agent.empty()) {
+      breq.set(bhttp::field::user_agent, self->opts.user_agent);
+    }
+    breq.body() = std::move(req.body);
+    breq.prepare_payload();
+    const bool head = iequals(req.method, "HEAD");
+
+    std::string key = (u->tls ? "https://" : "http://") + u->host + ":" + std::to_string(u->port);
+    host_pool& pool = self->pools[key];
+    lease l(self.get(), &pool);
+    l.conn = co_await self->acquire(pool);
+    if (!l.conn) {
+      l.conn = std::make_unique<connection>(self->ex);
+      co_await self->connect(*l.conn, *u, where);
+    }
+    connection& c = *l.conn;
+    ++c.requests;
+    if (self->opts.request_timeout) {
+      c.lowest().expires_after(*self->opts.request_timeout);
+    } else {
+      c.lowest().expires_never();
+    }
+    bool keep_alive = false;
+    response res = c.tls ? co_await self->exchange(*c.tls, c, breq, head, keep_alive, where)
+                         : co_await self->exchange(c.plain, c, breq, head, keep_alive, where);
+    c.lowest().expires_never();
+    l.reusable = keep_alive && c.requests < self->opts.max_requests_per_connection;
+    co_return res;
+  }
+
+  void close_idle() {
+    for (auto& [key, pool] : pools) {
+      for (auto& c : pool.idle) {
+        c->close();
+      }
+      pool.open -= pool.idle.size();
+      pool.idle.clear();
+    }
+  }
+
+  asio::any_io_executor ex;
+  client_options opts;
+  asio::ssl::context ssl_ctx;
+  std::map<std::string, host_pool> pools;
+  std::size_t opened = 0;
+};
+
+client::client(asio::any_io_executor ex, client_options options)
+    : impl_(std::make_shared<impl>(std::move(ex), std::move(options))) {}
+
+client::~client() {
+  impl_->close_idle();
+}
+
+asio::awaitable<response> client::send(request req) {
+  // A free-standing coroutine holding the impl: the frame does not depend on `this`.
+  return impl::send(impl_, std::move(req));
+}
+
+asio::any_io_executor client::get_executor() const noexcept {
+  return impl_->ex;
+}
+
+std::size_t client::connections_opened() const noexcept {
+  return impl_->opened;
+}
+
+std::size_t client::pooled_idle() const noexcept {
+  std::size_t n = 0;
+  for (const auto& [key, pool] : impl_->pools) {
+    n += pool.idle.size();
+  }
+  return n;
+}
+
+}  // namespace keel::http

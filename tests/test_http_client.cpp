@@ -1,0 +1,606 @@
+// Tests for keel/http/client.hpp against an in-test Beast server on 127.0.0.1:0 (HTTP and TLS).
+#include <keel/deadline.hpp>
+#include <keel/http/client.hpp>
+#include <keel/http/error.hpp>
+
+#include "support.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/stream.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+#include <catch2/catch.hpp>
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#include <unistd.h>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+
+using namespace keel_test;
+namespace bhttp = boost::beast::http;
+namespace kh = keel::http;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+/// What the server does with one request.
+enum class act {
+  normal,             // 200 with an echo body, keep-alive
+  chunked,            // 200, chunked encoding
+  oversized,          // 200 with a 1 MiB Content-Length body
+  oversized_chunked,  // an endless chunked body (up to 32 MiB)
+  many_headers,       // 150 header fields
+  huge_header,        // one 100 KiB header field
+  close,              // close without answering
+  eof_mid_body,       // Content-Length 100, send 10 bytes, close
+  stall,              // never answer (keep reading until the client closes)
+};
+
+/// A scripted HTTP/1.1 server on 127.0.0.1:0, optionally over TLS. `plan(k)` decides what to do
+/// with the k-th request (0-based, counted over all connections).
+struct test_server {
+  explicit test_server(asio::io_context& ctx, asio::ssl::context* tls = nullptr)
+      : acceptor(ctx, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)), tls_ctx(tls) {
+    asio::co_spawn(ctx, accept_loop(), asio::detached);
+  }
+  unsigned short port() const { return acceptor.local_endpoint().port(); }
+  std::string url(const std::string& path = "/") const {
+    return std::string(tls_ctx ? "https" : "http") + "://127.0.0.1:" + std::to_string(port()) +
+           path;
+  }
+
+  tcp::acceptor acceptor;
+  asio::ssl::context* tls_ctx;
+  std::function<act(int)> plan = [](int) { return act::normal; };
+  int accepts = 0;
+  int requests = 0;
+  int stalled = 0;
+  int sessions_ended = 0;
+  int handshake_failures = 0;
+  std::string last_user_agent;
+  std::string last_host;
+
+  asio::awaitable<void> accept_loop() {
+    for (;;) {
+      auto [ec, sock] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        co_return;
+      }
+      ++accepts;
+      asio::co_spawn(acceptor.get_executor(), session(std::move(sock)), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> session(tcp::socket sock) {
+    if (tls_ctx) {
+      asio::ssl::stream<tcp::socket> s(std::move(sock), *tls_ctx);
+      auto [ec] = co_await s.async_handshake(asio::ssl::stream_base::server,
+                                             asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        ++handshake_failures;
+      } else {
+        co_await serve(s);
+      }
+    } else {
+      co_await serve(sock);
+    }
+    ++sessions_ended;
+  }
+
+  template <class Stream>
+  static asio::awaitable<void> raw(Stream& s, const std::string& bytes) {
+    co_await asio::async_write(s, asio::buffer(bytes), asio::as_tuple(asio::use_awaitable));
+  }
+
+  template <class Stream>
+  asio::awaitable<void> serve(Stream& s) {
+    boost::beast::flat_buffer buf;
+    for (;;) {
+      bhttp::request<bhttp::string_body> req;
+      auto [ec, n] = co_await bhttp::async_read(s, buf, req, asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        co_return;
+      }
+      last_user_agent = std::string(req[bhttp::field::user_agent]);
+      last_host = std::string(req[bhttp::field::host]);
+      switch (plan(requests++)) {
+        case act::normal:
+        case act::chunked: {
+          bhttp::response<bhttp::string_body> res{bhttp::status::ok, 11};
+          res.set("x-test", "yes");
+          res.body() = "echo " + std::string(req.method_string()) + " " +
+                       std::string(req.target()) + " " + req.body();
+          res.keep_alive(req.keep_alive());
+          if (plan(requests - 1) == act::chunked) {
+            res.chunked(true);
+          } else {
+            res.prepare_payload();
+          }
+          auto [wec, wn] = co_await bhttp::async_write(s, res, asio::as_tuple(asio::use_awaitable));
+          if (wec) {
+            co_return;
+          }
+          break;
+        }
+        case act::oversized:
+          co_await raw(
+              s, "HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + std::string(1048576, 'x'));
+          co_return;
+        case act::oversized_chunked: {
+          co_await raw(s, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+          const std::string chunk = "10000\r\n" + std::string(0x10000, 'y') + "\r\n";
+          for (int i = 0; i < 512; ++i) {
+            auto [wec, wn] = co_await asio::async_write(s, asio::buffer(chunk),
+                                                        asio::as_tuple(asio::use_awaitable));
+            if (wec) {
+              co_return;
+            }
+          }
+          co_return;
+        }
+        case act::many_headers: {
+          std::string head = "HTTP/1.1 200 OK\r\n";
+          for (int i = 0; i < 150; ++i) {
+            head += "x-h" + std::to_string(i) + ": v\r\n";
+          }
+          co_await raw(s, head + "Content-Length: 0\r\n\r\n");
+          break;
+        }
+        case act::huge_header:
+          co_await raw(s, "HTTP/1.1 200 OK\r\nx-big: " + std::string(100 * 1024, 'z') +
+                              "\r\nContent-Length: 0\r\n\r\n");
+          co_return;
+        case act::close:
+          co_return;
+        case act::eof_mid_body:
+          co_await raw(s, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+          co_return;
+        case act::stall:
+          ++stalled;
+          break;  // read again: that read ends when the client closes the connection
+      }
+    }
+  }
+};
+
+/// Runs `ctx` in real time (waiting only for I/O) until `done()` or 20 s.
+template <class Predicate>
+bool run_real(asio::io_context& ctx, Predicate done) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) {
+      return false;
+    }
+    if (ctx.stopped()) {
+      ctx.restart();
+    }
+    ctx.run_one_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+/// Sends one request and runs until it ends.
+outcome<kh::response> send_one(asio::io_context& ctx, kh::client& cl, kh::request req) {
+  outcome<kh::response> out;
+  spawn(ctx, cl.send(std::move(req)), out);
+  REQUIRE(run_real(ctx, [&] { return out.done; }));
+  return out;
+}
+
+std::string what_of(const std::exception_ptr& ep) {
+  return keel::describe(ep);
+}
+
+}  // namespace
+
+TEST_CASE("http client: GET and POST round trips with Host and User-Agent added", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+
+  auto get = send_one(ctx, cl, kh::request("GET", srv.url("/v1/models?x=1")));
+  REQUIRE(get.value);
+  CHECK(get.value->status == 200);
+  CHECK(get.value->reason == "OK");
+  CHECK(get.value->body == "echo GET /v1/models?x=1 ");
+  CHECK(get.value->headers.find("X-Test") == "yes");
+  CHECK(srv.last_user_agent == "keel/0.1");
+  CHECK(srv.last_host == "127.0.0.1:" + std::to_string(srv.port()));
+
+  kh::request post("POST", srv.url("/v1/chat"));
+  post.set("content-type", "application/json");
+  post.body = R"({"a":1})";
+  auto res = send_one(ctx, cl, post);
+  REQUIRE(res.value);
+  CHECK(res.value->body == R"(echo POST /v1/chat {"a":1})");
+  CHECK(cl.connections_opened() == 1);
+  CHECK(cl.pooled_idle() == 1);
+}
+
+TEST_CASE("http client: a chunked response is de-chunked", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int) { return act::chunked; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto res = send_one(ctx, cl, kh::request("GET", srv.url("/c")));
+  REQUIRE(res.value);
+  CHECK(res.value->body == "echo GET /c ");
+  CHECK(cl.pooled_idle() == 1);
+}
+
+TEST_CASE("http client: keep-alive reuses one connection for sequential requests", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  int ok = 0;
+  auto seq = [&]() -> asio::awaitable<int> {
+    for (int i = 0; i < 10; ++i) {
+      auto r = co_await cl.send(kh::request("GET", srv.url("/" + std::to_string(i))));
+      ok += r.status == 200 ? 1 : 0;
+    }
+    co_return ok;
+  };
+  outcome<int> out;
+  spawn(ctx, seq(), out);
+  REQUIRE(run_real(ctx, [&] { return out.done; }));
+  CHECK(out.value == 10);
+  CHECK(srv.accepts == 1);
+  CHECK(cl.connections_opened() == 1);
+  CHECK(cl.pooled_idle() == 1);
+}
+
+TEST_CASE("http client: max_requests_per_connection closes a connection after N requests",
+          "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  kh::client_options opts;
+  opts.max_requests_per_connection = 3;
+  kh::client cl(ctx.get_executor(), opts);
+  auto seq = [&]() -> asio::awaitable<int> {
+    int ok = 0;
+    for (int i = 0; i < 10; ++i) {
+      auto r = co_await cl.send(kh::request("GET", srv.url()));
+      ok += r.status == 200 ? 1 : 0;
+    }
+    co_return ok;
+  };
+  outcome<int> out;
+  spawn(ctx, seq(), out);
+  REQUIRE(run_real(ctx, [&] { return out.done; }));
+  CHECK(out.value == 10);
+  CHECK(srv.accepts == 4);  // 3 + 3 + 3 + 1
+  CHECK(cl.connections_opened() == 4);
+}
+
+TEST_CASE("http client: concurrent sends never exceed max_connections_per_host", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  kh::client_options opts;
+  opts.max_connections_per_host = 2;
+  kh::client cl(ctx.get_executor(), opts);
+  std::vector<outcome<kh::response>> outs(6);
+  for (auto& o : outs) {
+    spawn(ctx, cl.send(kh::request("GET", srv.url())), o);
+  }
+  REQUIRE(run_real(ctx, [&] {
+    return std::all_of(outs.begin(), outs.end(), [](const auto& o) { return o.done; });
+  }));
+  for (const auto& o : outs) {
+    REQUIRE(o.value);
+    CHECK(o.value->status == 200);
+  }
+  CHECK(cl.connections_opened() == 2);
+  CHECK(srv.accepts == 2);
+  CHECK(cl.pooled_idle() == 2);
+}
+
+TEST_CASE("http client: an oversized body fails with body_too_large (permanent)", "[http]") {
+  for (act a : {act::oversized, act::oversized_chunked}) {
+    asio::io_context ctx;
+    test_server srv(ctx);
+    srv.plan = [a](int) { return a; };
+    kh::client_options opts;
+    opts.max_response_body = 64 * 1024;
+    kh::client cl(ctx.get_executor(), opts);
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
+    CHECK(out.code() == kh::error::body_too_large);
+    CHECK(out.code() == keel::condition::permanent);
+    CHECK(cl.pooled_idle() == 0);
+    // The client stopped reading and closed; the server's endless writes failed.
+    REQUIRE(run_real(ctx, [&] { return srv.sessions_ended == 1; }));
+  }
+}
+
+TEST_CASE("http client: too many or too large response headers fail (permanent)", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int k) { return k == 0 ? act::many_headers : act::huge_header; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto many = send_one(ctx, cl, kh::request("GET", srv.url()));
+  CHECK(many.code() == kh::error::too_many_headers);
+  CHECK(many.code() == keel::condition::permanent);
+  auto huge = send_one(ctx, cl, kh::request("GET", srv.url()));
+  CHECK(huge.code() == kh::error::header_too_large);
+  CHECK(cl.pooled_idle() == 0);
+  CHECK(cl.connections_opened() == 2);  // the first connection was not reused after the error
+}
+
+TEST_CASE("http client: EOF in the middle of a body is truncated_response (transient)", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int) { return act::eof_mid_body; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
+  CHECK(out.code() == kh::error::truncated_response);
+  CHECK(out.code() == keel::condition::transient);
+  CHECK(cl.pooled_idle() == 0);
+}
+
+TEST_CASE("http client: a close without an answer is connection_closed (transient)", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int) { return act::close; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
+  CHECK(out.code() == keel::condition::transient);
+  CHECK(cl.pooled_idle() == 0);
+}
+
+TEST_CASE("http client: a deadline cancels a stalled request and its connection is not pooled",
+          "[http]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int k) { return k == 0 ? act::stall : act::normal; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  const kh::request req("GET", srv.url("/slow"));
+  outcome<kh::response> out;
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return cl.send(req); }, 5s), out);
+  // Let the request reach the server in real time without moving the virtual clock.
+  REQUIRE(run_real(ctx, [&] { return srv.stalled == 1; }));
+  CHECK(now_ms() == 0);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.finished_at_ms == 5000);
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(out.code() == keel::condition::timeout);
+  CHECK(cl.pooled_idle() == 0);
+  // The client closed the cancelled connection: the server's next read ended.
+  REQUIRE(run_real(ctx, [&] { return srv.sessions_ended == 1; }));
+
+  auto next = send_one(ctx, cl, req);
+  REQUIRE(next.value);
+  CHECK(next.value->status == 200);
+  CHECK(cl.connections_opened() == 2);
+  CHECK(srv.accepts == 2);
+}
+
+TEST_CASE("http client: cancelling a request waiting for a pool slot leaves the queue intact",
+          "[http]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int k) { return k == 0 ? act::stall : act::normal; };
+  kh::client_options opts;
+  opts.max_connections_per_host = 1;
+  kh::client cl(ctx.get_executor(), opts);
+  const kh::request req("GET", srv.url());
+  outcome<kh::response> first, queued, third;
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return cl.send(req); }, 10s), first);
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return cl.send(req); }, 2s), queued);
+  spawn(ctx, cl.send(req), third);
+  REQUIRE(run_real(ctx, [&] { return srv.stalled == 1; }));
+  REQUIRE(keel::testing::run_until(ctx, [&] { return queued.done && first.done; }));
+  CHECK(queued.finished_at_ms == 2000);
+  CHECK(queued.code() == keel::error::deadline_exceeded);
+  CHECK(first.finished_at_ms == 10000);
+  CHECK(first.code() == keel::error::deadline_exceeded);
+  REQUIRE(run_real(ctx, [&] { return third.done; }));
+  REQUIRE(third.value);
+  CHECK(third.value->status == 200);
+  CHECK(cl.connections_opened() == 2);
+}
+
+TEST_CASE("http client: connection refused is transient and the message names the URL only",
+          "[http]") {
+  asio::io_context ctx;
+  tcp::acceptor probe(ctx, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  const auto port = probe.local_endpoint().port();
+  probe.close();
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  kh::request req("POST", "http://127.0.0.1:" + std::to_string(port) + "/v1/chat?key=sk-query");
+  req.set("authorization", "Bearer sk-secret-header");
+  auto out = send_one(ctx, cl, req);
+  CHECK(out.code() == asio::error::connection_refused);
+  CHECK(out.code() == keel::condition::transient);
+  const std::string what = what_of(out.error);
+  CHECK(what.find("POST http://127.0.0.1:" + std::to_string(port) + "/v1/chat") !=
+        std::string::npos);
+  CHECK(what.find("sk-secret-header") == std::string::npos);
+  CHECK(what.find("sk-query") == std::string::npos);
+  CHECK(cl.connections_opened() == 0);
+}
+
+TEST_CASE("http client: bad URLs and header injection are rejected before sending", "[http]") {
+  asio::io_context ctx;
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  for (const char* url : {"ftp://example.com/", "http://", "http://host:99999/", "example.com",
+                          "http://user:pw@example.com/"}) {
+    auto out = send_one(ctx, cl, kh::request("GET", url));
+    CHECK(out.code() == kh::error::bad_url);
+    CHECK(out.code() == keel::condition::permanent);
+    CHECK(what_of(out.error).find("pw@") == std::string::npos);
+  }
+  kh::request inj("GET", "http://127.0.0.1:9/");
+  inj.set("x-a", "v\r\nx-injected: 1");
+  auto out = send_one(ctx, cl, inj);
+  CHECK(out.code() == kh::error::bad_header);
+  CHECK(cl.connections_opened() == 0);
+}
+
+TEST_CASE("http client fail matrix: the server drops request k, every call ends exactly once",
+          "[http]") {
+  constexpr int n = 4;
+  for (int k = 0; k <= n; ++k) {
+    INFO("k = " << k);
+    asio::io_context ctx;
+    test_server srv(ctx);
+    srv.plan = [k](int i) { return i == k ? act::close : act::normal; };
+    kh::client cl(ctx.get_executor(), kh::client_options{});
+    std::vector<int> outcomes;  // 0: response, 1: transient failure, 2: anything else
+    auto seq = [&]() -> asio::awaitable<int> {
+      for (int i = 0; i < n; ++i) {
+        try {
+          auto r = co_await cl.send(kh::request("GET", srv.url()));
+          outcomes.push_back(r.status == 200 ? 0 : 2);
+        } catch (const boost::system::system_error& e) {
+          outcomes.push_back(e.code() == keel::condition::transient ? 1 : 2);
+        }
+      }
+      co_return 0;
+    };
+    outcome<int> out;
+    spawn(ctx, seq(), out);
+    REQUIRE(run_real(ctx, [&] { return out.done; }));
+    REQUIRE(outcomes.size() == static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      CHECK(outcomes[static_cast<std::size_t>(i)] == (i == k ? 1 : 0));
+    }
+    // A dropped connection is replaced only if a request follows it.
+    CHECK(srv.accepts == (k < n - 1 ? 2 : 1));
+    CHECK(cl.pooled_idle() == (k == n - 1 ? 0u : 1u));
+  }
+}
+
+// ---- TLS -------------------------------------------------------------------------------------
+
+namespace {
+
+struct pkey_deleter {
+  void operator()(EVP_PKEY* p) const { EVP_PKEY_free(p); }
+};
+struct x509_deleter {
+  void operator()(X509* p) const { X509_free(p); }
+};
+using pkey_ptr = std::unique_ptr<EVP_PKEY, pkey_deleter>;
+using x509_ptr = std::unique_ptr<X509, x509_deleter>;
+
+void add_ext(X509* cert, X509* issuer, int nid, const char* value) {
+  X509V3_CTX v3;
+  X509V3_set_ctx_nodb(&v3);
+  X509V3_set_ctx(&v3, issuer, cert, nullptr, nullptr, 0);
+  X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &v3, nid, value);
+  REQUIRE(ext != nullptr);
+  X509_add_ext(cert, ext, -1);
+  X509_EXTENSION_free(ext);
+}
+
+/// A certificate for `cn` with public key `key`, signed by `issuer_key` (self-signed when
+/// `issuer` is null).
+x509_ptr make_cert(EVP_PKEY* key, const char* cn, X509* issuer, EVP_PKEY* issuer_key, bool ca,
+                   long serial) {
+  x509_ptr cert(X509_new());
+  X509_set_version(cert.get(), 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), serial);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 24 * 3600);
+  X509_set_pubkey(cert.get(), key);
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>(cn),
+                             -1, -1, 0);
+  X509* signer = issuer ? issuer : cert.get();
+  X509_set_issuer_name(cert.get(), X509_get_subject_name(signer));
+  if (ca) {
+    add_ext(cert.get(), signer, NID_basic_constraints, "critical,CA:TRUE");
+    add_ext(cert.get(), signer, NID_key_usage, "critical,keyCertSign,cRLSign");
+    add_ext(cert.get(), signer, NID_subject_key_identifier, "hash");
+  } else {
+    add_ext(cert.get(), signer, NID_basic_constraints, "CA:FALSE");
+    add_ext(cert.get(), signer, NID_subject_alt_name, "DNS:localhost,IP:127.0.0.1");
+    add_ext(cert.get(), signer, NID_ext_key_usage, "serverAuth");
+  }
+  REQUIRE(X509_sign(cert.get(), issuer_key, EVP_sha256()) > 0);
+  return cert;
+}
+
+/// A test CA, a server certificate for localhost/127.0.0.1 it signed, and the CA in a PEM file.
+struct test_pki {
+  test_pki() {
+    ca_key.reset(EVP_EC_gen("P-256"));
+    server_key.reset(EVP_EC_gen("P-256"));
+    REQUIRE(ca_key);
+    REQUIRE(server_key);
+    ca = make_cert(ca_key.get(), "keel test CA", nullptr, ca_key.get(), true, 1);
+    server = make_cert(server_key.get(), "localhost", ca.get(), ca_key.get(), false, 2);
+    ca_file = (std::filesystem::temp_directory_path() /
+               ("keel_test_ca_" + std::to_string(::getpid()) + ".pem"))
+                  .string();
+    FILE* f = std::fopen(ca_file.c_str(), "w");
+    REQUIRE(f != nullptr);
+    PEM_write_X509(f, ca.get());
+    std::fclose(f);
+    server_ctx.set_options(asio::ssl::context::default_workarounds);
+    REQUIRE(SSL_CTX_use_certificate(server_ctx.native_handle(), server.get()) == 1);
+    REQUIRE(SSL_CTX_use_PrivateKey(server_ctx.native_handle(), server_key.get()) == 1);
+  }
+  ~test_pki() { std::filesystem::remove(ca_file); }
+
+  pkey_ptr ca_key, server_key;
+  x509_ptr ca, server;
+  std::string ca_file;
+  asio::ssl::context server_ctx{asio::ssl::context::tls_server};
+};
+
+}  // namespace
+
+TEST_CASE("https client: an untrusted certificate is refused by default (permanent)", "[http]") {
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
+  CHECK(out.code() == kh::error::tls_verification_failed);
+  CHECK(out.code() == keel::condition::permanent);
+  CHECK(srv.requests == 0);
+  CHECK(cl.pooled_idle() == 0);
+}
+
+TEST_CASE("https client: a certificate signed by ca_file is accepted and reused", "[http]") {
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  kh::client cl(ctx.get_executor(), opts);
+  for (int i = 0; i < 3; ++i) {
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
+    REQUIRE(out.value);
+    CHECK(out.value->body == "echo GET /tls ");
+  }
+  CHECK(srv.accepts == 1);
+  CHECK(cl.connections_opened() == 1);
+}
+
+TEST_CASE("https client: insecure_skip_verify accepts an untrusted certificate", "[http]") {
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  kh::client_options opts;
+  opts.tls.insecure_skip_verify = true;
+  kh::client cl(ctx.get_executor(), opts);
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
+  REQUIRE(out.value);
+  CHECK(out.value->status == 200);
+}
