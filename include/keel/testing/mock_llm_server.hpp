@@ -1,0 +1,291 @@
+// A fault-injecting mock of the OpenAI, Anthropic and Bedrock HTTP APIs, for tests and benchmarks.
+#pragma once
+
+// Overview
+// --------
+// `keel::testing::mock_llm_server` is a real HTTP/1.1 server (Beast, kept inside lib/testing)
+// that listens on `127.0.0.1:0` and answers the three wire formats keel speaks:
+//
+//   - OpenAI chat completions   `POST /v1/chat/completions`
+//   - Anthropic messages        `POST /v1/messages`
+//   - Amazon Bedrock Converse   `POST /model/{modelId}/converse`
+//
+// Successful answers are deterministic: the completion text is "mock answer to: " followed by
+// the first 40 bytes of the last user message, and usage is estimated as one token per four
+// bytes. Malformed JSON is answered with the provider's own 400 error body.
+//
+// A `fault_plan` per model (the request's model, or "*" as a template for every model without a
+// plan of its own) makes the server misbehave the way providers do: latency, random errors
+// (429, 500, 503, 529, Bedrock ThrottlingException, quota exhausted, context too long), a
+// server-side rate limit with an honest `retry-after`/`retry-after-ms`, outage windows,
+// connection resets, stalls, truncated bodies and scripted sequences. Every error is sent with
+// the provider's real body shape and headers. Random choices come from a seeded generator per
+// model, so a single-client run is reproducible.
+//
+// For each request the server decides, in this order: outage window (503) → next scripted
+// outcome (decides outright, even "ok") → context window → rate limit (429) → random faults →
+// success. Latency is applied before every answer, including errors.
+//
+// `stats()` counts requests, statuses, resets, stalls and truncations per model and in total,
+// plus accepted connections, so a test can measure retry amplification exactly.
+//
+// Example:
+//
+//     using keel::testing::fault_kind;
+//     boost::asio::io_context ctx;
+//     keel::testing::mock_llm_server server{ctx, {.seed = 42}};
+//     server.set_plan("gpt-4o-mini",
+//                     keel::testing::fault_plan{}
+//                         .with_script({fault_kind::unavailable, fault_kind::unavailable})
+//                         .with_probability(fault_kind::rate_limit, 0.1));
+//     server.start();
+//     // ... point a client at server.base_url() and run ctx ...
+//     CHECK(server.stats().status_count(503) == 2);
+//
+// Scenario files (JSON; format in docs/mock_llm_server.md) give the same plans without code:
+// `server.set_scenario(keel::testing::load_scenario("docs/scenarios/demo.json"))`.
+//
+// Lifetime: the io_context must outlive the server.
+//
+// Thread safety: the server lives on the executor it was given. `start()` and `stop()` must be
+// called on that executor's thread or while it is not running; `stats()`, `reset_stats()`,
+// `set_plan()`, `set_scenario()` and `clear_plans()` are safe from any thread (one mutex).
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace keel::testing {
+
+/// What the mock server does with one request.
+enum class fault_kind {
+  ok,               ///< Answer normally (200).
+  rate_limit,       ///< 429 rate limit (Bedrock: ThrottlingException) with Retry-After.
+  server_error,     ///< 500 (OpenAI server_error, Anthropic api_error, Bedrock InternalServer).
+  unavailable,      ///< 503 (Bedrock ServiceUnavailableException).
+  overloaded,       ///< Anthropic 529 overloaded_error; 503 "overloaded" for the others.
+  throttling,       ///< Bedrock 429 ThrottlingException; the others' 429 rate limit.
+  quota_exhausted,  ///< OpenAI 429 insufficient_quota; Anthropic 400 credit balance;
+                    ///< Bedrock 400 ServiceQuotaExceededException.
+  context_length,   ///< OpenAI 400 context_length_exceeded; Anthropic 400 "prompt is too
+                    ///< long"; Bedrock 400 ValidationException "Input is too long".
+  reset,            ///< Close the connection without answering (TCP RST).
+  stall,            ///< Never answer; the connection stays open until the client gives up.
+  truncated,        ///< Send a Content-Length larger than the body, then close.
+};
+
+/// The scenario-file name of a fault kind ("ok", "rate_limit", ..., "truncated").
+std::string_view to_string(fault_kind k) noexcept;
+
+/// The fault kind named `name`, if any (the names `to_string` returns).
+std::optional<fault_kind> parse_fault_kind(std::string_view name) noexcept;
+
+/// A period, measured from `start()`, during which every request is answered 503.
+struct outage_window {
+  /// Start of the outage, from server start.
+  std::chrono::milliseconds from{0};
+  /// End of the outage (exclusive), from server start.
+  std::chrono::milliseconds to{0};
+};
+
+/// How one model misbehaves. A default-constructed plan never fails and answers at once.
+struct fault_plan {
+  /// Smallest added latency before each answer.
+  std::chrono::milliseconds latency_min{0};
+  /// Largest added latency (uniform in [min, max]; equal values mean fixed latency).
+  std::chrono::milliseconds latency_max{0};
+  /// Probability of each random fault per request (kinds are tried in enum order; the sum
+  /// should be at most 1).
+  std::map<fault_kind, double> probability;
+  /// Retry-After sent with randomly injected or scripted 429s.
+  std::chrono::milliseconds retry_after{1000};
+  /// Server-side request rate limit (0: none).
+  double requests_per_second = 0;
+  /// Request bucket capacity (0: max(1, requests_per_second)).
+  double burst = 0;
+  /// Server-side token rate limit on prompt + completion tokens (0: none).
+  double tokens_per_minute = 0;
+  /// Prompt-token limit; a longer prompt gets the context-length error (0: none).
+  std::size_t context_window = 0;
+  /// Outage windows.
+  std::vector<outage_window> outages;
+  /// Outcomes for the first requests, consumed in order; afterwards the plan applies.
+  std::vector<fault_kind> script;
+
+  fault_plan() = default;
+
+  /// Sets a fixed latency. @returns *this.
+  fault_plan& with_latency(std::chrono::milliseconds fixed) {
+    latency_min = latency_max = fixed;
+    return *this;
+  }
+  /// Sets a uniform latency in [lo, hi]. @returns *this.
+  fault_plan& with_latency(std::chrono::milliseconds lo, std::chrono::milliseconds hi) {
+    latency_min = lo;
+    latency_max = hi;
+    return *this;
+  }
+  /// Sets the probability of a random fault. @returns *this.
+  fault_plan& with_probability(fault_kind k, double p) {
+    probability[k] = p;
+    return *this;
+  }
+  /// Sets a server-side rate limit (0 disables either part). @returns *this.
+  fault_plan& with_rate_limit(double rps, double tpm = 0, double bucket_burst = 0) {
+    requests_per_second = rps;
+    tokens_per_minute = tpm;
+    burst = bucket_burst;
+    return *this;
+  }
+  /// Adds an outage window [from, to) measured from server start. @returns *this.
+  fault_plan& with_outage(std::chrono::milliseconds from, std::chrono::milliseconds to) {
+    outages.push_back(outage_window{from, to});
+    return *this;
+  }
+  /// Appends scripted outcomes, consumed one per request. @returns *this.
+  fault_plan& with_script(std::vector<fault_kind> outcomes) {
+    script.insert(script.end(), outcomes.begin(), outcomes.end());
+    return *this;
+  }
+};
+
+/// A bad scenario file or JSON text; `what()` and `path()` name the offending JSON location.
+class scenario_error : public std::runtime_error {
+ public:
+  /// An error at JSON pointer `json_path` (e.g. "/models/gpt-4o/latency_ms/min").
+  scenario_error(std::string json_path, std::string message)
+      : std::runtime_error((json_path.empty() ? std::string("(document)") : json_path) + ": " +
+                           message),
+        path_(std::move(json_path)),
+        message_(std::move(message)) {}
+  /// The JSON pointer of the offending value ("" for the whole document or the file).
+  const std::string& path() const noexcept { return path_; }
+  /// What is wrong, without the path.
+  const std::string& message() const noexcept { return message_; }
+
+ private:
+  std::string path_;
+  std::string message_;
+};
+
+/// Fault plans for several models, as loaded from a scenario file.
+struct scenario {
+  /// Seed to use instead of `mock_options::seed`, if the file gives one.
+  std::optional<std::uint64_t> seed;
+  /// Plans by model name; "*" applies to models without their own plan.
+  std::map<std::string, fault_plan> plans;
+
+  /// Parses scenario JSON text (format in docs/mock_llm_server.md).
+  /// @throws scenario_error naming the JSON path of the first bad value.
+  static scenario from_json(std::string_view json_text);
+};
+
+/// Reads and parses a scenario file.
+/// @throws scenario_error if the file cannot be read (path "") or its JSON is bad.
+scenario load_scenario(const std::string& file_path);
+
+/// Counters for one model (or for the whole server).
+struct mock_model_stats {
+  /// Requests received (parsed HTTP requests, whatever the outcome).
+  std::uint64_t requests = 0;
+  /// Responses sent, by HTTP status.
+  std::map<int, std::uint64_t> by_status;
+  /// Connections reset instead of answering.
+  std::uint64_t resets = 0;
+  /// Requests left unanswered on purpose.
+  std::uint64_t stalls = 0;
+  /// Responses cut short.
+  std::uint64_t truncations = 0;
+
+  /// Responses sent with `status` (0 if none).
+  std::uint64_t status_count(int status) const {
+    auto it = by_status.find(status);
+    return it == by_status.end() ? 0 : it->second;
+  }
+};
+
+/// A snapshot of the server's counters.
+struct mock_stats {
+  /// TCP connections accepted.
+  std::uint64_t accepted_connections = 0;
+  /// Totals over every model (requests whose model could not be read count here only).
+  mock_model_stats total;
+  /// Counters per request model.
+  std::map<std::string, mock_model_stats> by_model;
+
+  /// Responses sent with `status`, over every model.
+  std::uint64_t status_count(int status) const { return total.status_count(status); }
+  /// Counters for `model` (zeros if it was never seen).
+  mock_model_stats model(const std::string& name) const {
+    auto it = by_model.find(name);
+    return it == by_model.end() ? mock_model_stats{} : it->second;
+  }
+};
+
+/// Construction options for `mock_llm_server`.
+struct mock_options {
+  /// Address to bind.
+  std::string address = "127.0.0.1";
+  /// Port to bind (0: any free port; read it back with `port()`).
+  unsigned short port = 0;
+  /// Seed of the per-model random generators.
+  std::uint64_t seed = 0;
+  /// Time source for outage windows and the rate limiter (empty: `steady_clock::now`). Tests
+  /// inject a fake one to assert exact Retry-After values; latency always uses real timers.
+  std::function<std::chrono::steady_clock::time_point()> now;
+};
+
+/// A mock LLM provider server with per-model fault plans and exact counters.
+class mock_llm_server {
+ public:
+  /// Creates a stopped server that will run on `ex`.
+  explicit mock_llm_server(boost::asio::any_io_executor ex, mock_options opts = {});
+  /// Creates a stopped server that will run on `ctx`.
+  explicit mock_llm_server(boost::asio::io_context& ctx, mock_options opts = {});
+  /// Stops the server; in-flight sessions end when the executor next runs.
+  ~mock_llm_server();
+
+  mock_llm_server(const mock_llm_server&) = delete;
+  mock_llm_server& operator=(const mock_llm_server&) = delete;
+
+  /// Binds, listens and starts accepting; outage windows are measured from now.
+  /// @throws boost::system::system_error if the address cannot be bound.
+  void start();
+  /// Stops accepting and closes every open connection (stalled ones too). Idempotent.
+  void stop();
+  /// The bound port (valid after `start()`).
+  unsigned short port() const noexcept;
+  /// "http://address:port", the base URL to give a client.
+  std::string base_url() const;
+
+  /// Sets the plan for `model` ("*": every model without its own plan), resetting its script
+  /// position and rate-limit state.
+  void set_plan(const std::string& model, fault_plan plan);
+  /// Replaces every plan with the scenario's (and reseeds if it carries a seed).
+  void set_scenario(const scenario& s);
+  /// Removes every plan: the server then always succeeds at once.
+  void clear_plans();
+
+  /// A snapshot of the counters.
+  mock_stats stats() const;
+  /// Sets every counter to zero.
+  void reset_stats();
+
+ private:
+  struct impl;
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace keel::testing

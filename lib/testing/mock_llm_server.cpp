@@ -1,0 +1,895 @@
+// The mock LLM server: Beast HTTP/1.1 sessions, provider wire formats and fault decisions.
+#include <keel/random.hpp>
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <mutex>
+#include <unordered_set>
+
+namespace keel::testing {
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+using clock_type = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+enum class wire { openai, anthropic, bedrock, unknown };
+
+// What a request asked for, as far as the mock cares.
+struct parsed_request {
+  wire format = wire::unknown;
+  bool malformed = false;  // body is not JSON or lacks the required fields
+  std::string model;       // "" when it could not be read
+  std::string last_user;   // text of the last user message
+  std::size_t prompt_chars = 0;
+};
+
+// One response, ready to write; `action` says whether to write it at all.
+struct reply {
+  fault_kind action = fault_kind::ok;  // ok: write normally; reset/stall/truncated: misbehave
+  int status = 200;
+  std::string reason;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+  milliseconds latency{0};
+};
+
+// JSON dump that never throws on invalid UTF-8 cut out of a prompt.
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string text_of(const json& content) {
+  if (content.is_string()) {
+    return content.get<std::string>();
+  }
+  std::string out;
+  if (content.is_array()) {
+    for (const auto& part : content) {
+      if (part.is_object() && part.contains("text") && part["text"].is_string()) {
+        out += part["text"].get<std::string>();
+      }
+    }
+  }
+  return out;
+}
+
+std::string percent_decode(std::string_view s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '%' && i + 2 < s.size()) {
+      const std::string hex(s.substr(i + 1, 2));
+      char* end = nullptr;
+      const long v = std::strtol(hex.c_str(), &end, 16);
+      if (end == hex.c_str() + 2) {
+        out += static_cast<char>(v);
+        i += 2;
+        continue;
+      }
+    }
+    out += s[i];
+  }
+  return out;
+}
+
+parsed_request parse(std::string_view method, std::string_view target, const std::string& body) {
+  parsed_request r;
+  const std::string_view path = target.substr(0, target.find('?'));
+  if (method != "POST") {
+    return r;
+  }
+  if (path == "/v1/chat/completions") {
+    r.format = wire::openai;
+  } else if (path == "/v1/messages") {
+    r.format = wire::anthropic;
+  } else if (path.starts_with("/model/") && path.ends_with("/converse") &&
+             path.size() > std::string_view("/model//converse").size()) {
+    r.format = wire::bedrock;
+    r.model = percent_decode(path.substr(7, path.size() - 7 - 9));
+  } else {
+    return r;
+  }
+  json doc = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded() || !doc.is_object()) {
+    r.malformed = true;
+    return r;
+  }
+  if (r.format != wire::bedrock) {
+    if (doc.contains("model") && doc["model"].is_string()) {
+      r.model = doc["model"].get<std::string>();
+    }
+  }
+  if (!doc.contains("messages") || !doc["messages"].is_array() || r.model.empty()) {
+    r.malformed = true;
+    return r;
+  }
+  if (doc.contains("system")) {
+    r.prompt_chars += text_of(doc["system"]).size();
+  }
+  for (const auto& m : doc["messages"]) {
+    if (!m.is_object()) {
+      continue;
+    }
+    const std::string t = m.contains("content") ? text_of(m["content"]) : std::string();
+    r.prompt_chars += t.size();
+    if (m.value("role", "") == "user") {
+      r.last_user = t;
+    }
+  }
+  return r;
+}
+
+std::size_t tokens_for(std::size_t chars) {
+  return std::max<std::size_t>(1, (chars + 3) / 4);
+}
+
+std::string completion_for(const std::string& prompt) {
+  std::size_t n = std::min<std::size_t>(40, prompt.size());
+  // Never cut a UTF-8 sequence in half.
+  while (n > 0 && n < prompt.size() && (static_cast<unsigned char>(prompt[n]) & 0xC0) == 0x80) {
+    --n;
+  }
+  return "mock answer to: " + prompt.substr(0, n);
+}
+
+// OpenAI's duration format for x-ratelimit-reset-*: "20ms", "1.5s", "6m0s".
+std::string openai_duration(milliseconds d) {
+  const auto ms = d.count();
+  char buf[64];
+  if (ms < 1000) {
+    std::snprintf(buf, sizeof buf, "%lldms", static_cast<long long>(ms));
+  } else if (ms < 60000) {
+    if (ms % 1000 == 0) {
+      std::snprintf(buf, sizeof buf, "%llds", static_cast<long long>(ms / 1000));
+    } else {
+      std::snprintf(buf, sizeof buf, "%.3gs", static_cast<double>(ms) / 1000.0);
+    }
+  } else {
+    std::snprintf(buf, sizeof buf, "%lldm%llds", static_cast<long long>(ms / 60000),
+                  static_cast<long long>((ms % 60000) / 1000));
+  }
+  return buf;
+}
+
+// Anthropic's reset headers are RFC 3339 instants.
+std::string rfc3339_after(milliseconds d) {
+  const auto t = std::chrono::system_clock::now() + d;
+  const std::time_t tt = std::chrono::system_clock::to_time_t(t);
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+milliseconds ceil_ms(double seconds) {
+  return milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0 - 1e-9)));
+}
+
+// A lazily refilled bucket: no timer, just arithmetic on the last refill instant.
+struct bucket {
+  double capacity = 0;
+  double per_second = 0;
+  double level = 0;
+  clock_type::time_point last{};
+  bool primed = false;
+
+  bool enabled() const { return per_second > 0; }
+  void refill(clock_type::time_point now) {
+    if (!primed) {
+      level = capacity;
+      last = now;
+      primed = true;
+      return;
+    }
+    if (now > last) {
+      level = std::min(capacity,
+                       level + std::chrono::duration<double>(now - last).count() * per_second);
+      last = now;
+    }
+  }
+  // Seconds until `need` is available (0 if it is now).
+  double wait_for(double need) const {
+    need = std::min(need, capacity);
+    // The epsilon keeps "retry exactly when the hint said" from failing on rounding.
+    return level + 1e-9 >= need ? 0.0 : (need - level) / per_second;
+  }
+  milliseconds until_full() const { return ceil_ms((capacity - level) / per_second); }
+};
+
+// Per-model state: the plan, its generator, script position and limiter buckets.
+struct model_state {
+  fault_plan plan;
+  std::unique_ptr<keel::random_source> rng;
+  std::size_t script_pos = 0;
+  bucket requests;
+  bucket tokens;
+
+  model_state(fault_plan p, std::uint64_t seed)
+      : plan(std::move(p)), rng(std::make_unique<keel::random_source>(seed)) {
+    if (plan.requests_per_second > 0) {
+      requests.per_second = plan.requests_per_second;
+      requests.capacity = plan.burst > 0 ? plan.burst : std::max(1.0, plan.requests_per_second);
+    }
+    if (plan.tokens_per_minute > 0) {
+      tokens.per_second = plan.tokens_per_minute / 60.0;
+      tokens.capacity = plan.tokens_per_minute;
+    }
+  }
+};
+
+std::uint64_t fnv1a(std::string_view s) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (char c : s) {
+    h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ULL;
+  }
+  return h;
+}
+
+// ---- provider error bodies ---------------------------------------------------------------
+
+json openai_error(std::string_view message, std::string_view type, json param, json code) {
+  return json{{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", code}}}};
+}
+
+json anthropic_error(std::string_view type, std::string_view message) {
+  return json{{"type", "error"}, {"error", {{"type", type}, {"message", message}}}};
+}
+
+void bedrock_error(reply& r, int status, std::string_view type, std::string_view message) {
+  r.status = status;
+  r.headers.emplace_back(
+      "x-amzn-ErrorType",
+      std::string(type) + ":http://internal.amazon.com/coral/com.amazon.bedrock/");
+  r.body = dump(json{{"message", message}});
+}
+
+const char* reason_for(int status) {
+  switch (status) {
+    case 200:
+      return "OK";
+    case 400:
+      return "Bad Request";
+    case 404:
+      return "Not Found";
+    case 429:
+      return "Too Many Requests";
+    case 500:
+      return "Internal Server Error";
+    case 503:
+      return "Service Unavailable";
+    case 529:
+      return "Overloaded";
+    default:
+      return "Unknown";
+  }
+}
+
+}  // namespace
+
+// ---- the server --------------------------------------------------------------------------
+
+struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
+  struct connection {
+    tcp::socket socket;
+    asio::steady_timer timer;
+    explicit connection(tcp::socket s) : socket(std::move(s)), timer(socket.get_executor()) {}
+  };
+
+  asio::any_io_executor ex;
+  mock_options opts;
+  tcp::acceptor acceptor;
+  unsigned short bound_port = 0;
+  bool running = false;
+  std::unordered_set<connection*> live;  // touched on the executor only
+
+  mutable std::mutex mu;  // guards everything below
+  std::uint64_t seed;
+  std::map<std::string, fault_plan> plans;
+  std::map<std::string, std::unique_ptr<model_state>> states;  // by request model
+  clock_type::time_point started{};
+  std::uint64_t next_id = 0;
+  mock_stats counters;
+
+  impl(asio::any_io_executor e, mock_options o)
+      : ex(std::move(e)), opts(std::move(o)), acceptor(ex), seed(opts.seed) {}
+
+  clock_type::time_point now() const { return opts.now ? opts.now() : clock_type::now(); }
+
+  // ---- decisions (under mu) ----
+
+  model_state* state_for(const std::string& model) {
+    auto it = states.find(model);
+    if (it != states.end()) {
+      return it->second.get();
+    }
+    auto p = plans.find(model);
+    if (p == plans.end()) {
+      p = plans.find("*");
+    }
+    if (p == plans.end()) {
+      return nullptr;
+    }
+    auto st = std::make_unique<model_state>(p->second, seed ^ fnv1a(model));
+    auto* raw = st.get();
+    states.emplace(model, std::move(st));
+    return raw;
+  }
+
+  std::string request_id() {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%012llx", static_cast<unsigned long long>(++next_id));
+    return buf;
+  }
+
+  void add_rate_headers(reply& r, wire f, model_state* st) {
+    const bool has_req = st && st->requests.enabled();
+    const bool has_tok = st && st->tokens.enabled();
+    const long long req_limit = has_req ? static_cast<long long>(st->requests.capacity) : 10000;
+    const long long req_left =
+        has_req ? static_cast<long long>(std::floor(st->requests.level)) : 9999;
+    const milliseconds req_reset = has_req ? st->requests.until_full() : milliseconds(6);
+    const long long tok_limit = has_tok ? static_cast<long long>(st->tokens.capacity) : 2000000;
+    const long long tok_left =
+        has_tok ? static_cast<long long>(std::floor(st->tokens.level)) : 1999000;
+    const milliseconds tok_reset = has_tok ? st->tokens.until_full() : milliseconds(30);
+    if (f == wire::openai) {
+      r.headers.emplace_back("x-ratelimit-limit-requests", std::to_string(req_limit));
+      r.headers.emplace_back("x-ratelimit-remaining-requests", std::to_string(req_left));
+      r.headers.emplace_back("x-ratelimit-reset-requests", openai_duration(req_reset));
+      r.headers.emplace_back("x-ratelimit-limit-tokens", std::to_string(tok_limit));
+      r.headers.emplace_back("x-ratelimit-remaining-tokens", std::to_string(tok_left));
+      r.headers.emplace_back("x-ratelimit-reset-tokens", openai_duration(tok_reset));
+    } else if (f == wire::anthropic) {
+      r.headers.emplace_back("anthropic-ratelimit-requests-limit", std::to_string(req_limit));
+      r.headers.emplace_back("anthropic-ratelimit-requests-remaining", std::to_string(req_left));
+      r.headers.emplace_back("anthropic-ratelimit-requests-reset", rfc3339_after(req_reset));
+      r.headers.emplace_back("anthropic-ratelimit-tokens-limit", std::to_string(tok_limit));
+      r.headers.emplace_back("anthropic-ratelimit-tokens-remaining", std::to_string(tok_left));
+      r.headers.emplace_back("anthropic-ratelimit-tokens-reset", rfc3339_after(tok_reset));
+    }
+  }
+
+  static void add_retry_after(reply& r, milliseconds d) {
+    const auto secs = (d.count() + 999) / 1000;
+    r.headers.emplace_back("retry-after", std::to_string(secs));
+    r.headers.emplace_back("retry-after-ms", std::to_string(d.count()));
+  }
+
+  // Fills `r` with the provider's answer for `k` (an HTTP-level outcome).
+  void answer(reply& r, fault_kind k, const parsed_request& pr, model_state* st,
+              milliseconds retry_after, bool tokens_limited) {
+    const std::string id = request_id();
+    switch (pr.format) {
+      case wire::openai:
+        r.headers.emplace_back("x-request-id", "req_" + id);
+        break;
+      case wire::anthropic:
+        r.headers.emplace_back("request-id", "req_" + id);
+        break;
+      case wire::bedrock:
+        r.headers.emplace_back("x-amzn-RequestId", "mock-" + id);
+        break;
+      case wire::unknown:
+        break;
+    }
+    const std::size_t prompt_tokens = tokens_for(pr.prompt_chars);
+    const std::string text = completion_for(pr.last_user);
+    const std::size_t completion_tokens = tokens_for(text.size());
+    const std::string& model = pr.model;
+
+    if (pr.format == wire::unknown) {
+      r.status = 404;
+      r.body = dump(openai_error("Unknown request URL. Please check the URL and method.",
+                                 "invalid_request_error", nullptr, "unknown_url"));
+      return;
+    }
+    if (pr.malformed) {
+      r.status = 400;
+      if (pr.format == wire::openai) {
+        r.body = dump(openai_error(
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
+            "but what was sent was not valid JSON. If you have trouble figuring out how to fix "
+            "this, please contact us through our help center at help.openai.com.)",
+            "invalid_request_error", nullptr, nullptr));
+      } else if (pr.format == wire::anthropic) {
+        r.body = dump(anthropic_error("invalid_request_error",
+                                      "There was an issue with the format of your request body: "
+                                      "expected a JSON object with \"model\" and \"messages\""));
+      } else {
+        bedrock_error(r, 400, "ValidationException",
+                      "Malformed input request, please reformat your input and try again.");
+      }
+      return;
+    }
+
+    const bool is_rate_limit = k == fault_kind::rate_limit || k == fault_kind::throttling;
+    switch (pr.format) {
+      case wire::openai:
+        switch (k) {
+          case fault_kind::ok:
+            r.body = dump(json{
+                {"id", "chatcmpl-mock" + id},
+                {"object", "chat.completion"},
+                {"created", static_cast<std::int64_t>(std::time(nullptr))},
+                {"model", model},
+                {"choices", json::array({{{"index", 0},
+                                          {"message", {{"role", "assistant"}, {"content", text}}},
+                                          {"logprobs", nullptr},
+                                          {"finish_reason", "stop"}}})},
+                {"usage",
+                 {{"prompt_tokens", prompt_tokens},
+                  {"completion_tokens", completion_tokens},
+                  {"total_tokens", prompt_tokens + completion_tokens}}},
+                {"system_fingerprint", "fp_mock"}});
+            break;
+          case fault_kind::rate_limit:
+          case fault_kind::throttling: {
+            r.status = 429;
+            const char* what = tokens_limited ? "tokens per min (TPM)" : "requests per min (RPM)";
+            r.body = dump(openai_error(
+                "Rate limit reached for " + model + " in organization org-mock on " + what +
+                    ". Please try again in " + openai_duration(retry_after) +
+                    ". Visit https://platform.openai.com/account/rate-limits to learn more.",
+                tokens_limited ? "tokens" : "requests", nullptr, "rate_limit_exceeded"));
+            break;
+          }
+          case fault_kind::quota_exhausted:
+            r.status = 429;
+            r.body = dump(openai_error(
+                "You exceeded your current quota, please check your plan and billing details. "
+                "For more information on this error, read the docs: "
+                "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                "insufficient_quota", nullptr, "insufficient_quota"));
+            break;
+          case fault_kind::context_length: {
+            const std::size_t limit =
+                st && st->plan.context_window ? st->plan.context_window : 128000;
+            r.status = 400;
+            r.body = dump(
+                openai_error("This model's maximum context length is " + std::to_string(limit) +
+                                 " tokens. However, your messages resulted in " +
+                                 std::to_string(std::max(prompt_tokens, limit + 1)) +
+                                 " tokens. Please reduce the length of the messages.",
+                             "invalid_request_error", "messages", "context_length_exceeded"));
+            break;
+          }
+          case fault_kind::server_error:
+            r.status = 500;
+            r.body = dump(openai_error(
+                "The server had an error while processing your request. Sorry about that!",
+                "server_error", nullptr, nullptr));
+            break;
+          default:  // unavailable, overloaded
+            r.status = 503;
+            r.body = dump(openai_error("The server is overloaded or not ready yet.", "server_error",
+                                       nullptr, nullptr));
+            break;
+        }
+        break;
+      case wire::anthropic:
+        switch (k) {
+          case fault_kind::ok:
+            r.body = dump(
+                json{{"id", "msg_mock" + id},
+                     {"type", "message"},
+                     {"role", "assistant"},
+                     {"model", model},
+                     {"content", json::array({{{"type", "text"}, {"text", text}}})},
+                     {"stop_reason", "end_turn"},
+                     {"stop_sequence", nullptr},
+                     {"usage",
+                      {{"input_tokens", prompt_tokens}, {"output_tokens", completion_tokens}}}});
+            break;
+          case fault_kind::rate_limit:
+          case fault_kind::throttling:
+            r.status = 429;
+            r.body = dump(anthropic_error(
+                "rate_limit_error",
+                std::string("This request would exceed your organization's rate limit of ") +
+                    (tokens_limited ? "input tokens per minute" : "requests per minute") +
+                    ". For details, refer to: https://docs.anthropic.com/en/api/rate-limits."));
+            break;
+          case fault_kind::quota_exhausted:
+            r.status = 400;
+            r.body = dump(anthropic_error(
+                "invalid_request_error",
+                "Your credit balance is too low to access the Anthropic API. Please go to Plans "
+                "& Billing to upgrade or purchase credits."));
+            break;
+          case fault_kind::context_length: {
+            const std::size_t limit =
+                st && st->plan.context_window ? st->plan.context_window : 200000;
+            r.status = 400;
+            r.body = dump(anthropic_error(
+                "invalid_request_error",
+                "prompt is too long: " + std::to_string(std::max(prompt_tokens, limit + 1)) +
+                    " tokens > " + std::to_string(limit) + " maximum"));
+            break;
+          }
+          case fault_kind::server_error:
+            r.status = 500;
+            r.body = dump(anthropic_error("api_error", "Internal server error"));
+            break;
+          case fault_kind::overloaded:
+            r.status = 529;
+            r.body = dump(anthropic_error("overloaded_error", "Overloaded"));
+            break;
+          default:  // unavailable
+            r.status = 503;
+            r.body = dump(anthropic_error("api_error", "Service Unavailable"));
+            break;
+        }
+        break;
+      case wire::bedrock:
+        switch (k) {
+          case fault_kind::ok:
+            r.body = dump(
+                json{{"output",
+                      {{"message",
+                        {{"role", "assistant"}, {"content", json::array({{{"text", text}}})}}}}},
+                     {"stopReason", "end_turn"},
+                     {"usage",
+                      {{"inputTokens", prompt_tokens},
+                       {"outputTokens", completion_tokens},
+                       {"totalTokens", prompt_tokens + completion_tokens}}},
+                     {"metrics", {{"latencyMs", r.latency.count()}}}});
+            break;
+          case fault_kind::rate_limit:
+          case fault_kind::throttling:
+            bedrock_error(r, 429, "ThrottlingException",
+                          "Too many requests, please wait before trying again.");
+            break;
+          case fault_kind::quota_exhausted:
+            bedrock_error(r, 400, "ServiceQuotaExceededException",
+                          "Your request exceeds the service quota for your account. You can view "
+                          "your quotas at https://console.aws.amazon.com/servicequotas.");
+            break;
+          case fault_kind::context_length:
+            bedrock_error(r, 400, "ValidationException", "Input is too long for requested model.");
+            break;
+          case fault_kind::server_error:
+            bedrock_error(r, 500, "InternalServerException",
+                          "The system encountered an unexpected error during processing. Try "
+                          "your request again.");
+            break;
+          default:  // unavailable, overloaded
+            bedrock_error(r, 503, "ServiceUnavailableException",
+                          "Bedrock is unable to process your request.");
+            break;
+        }
+        break;
+      case wire::unknown:
+        break;
+    }
+    if (pr.format != wire::bedrock || r.status == 200) {
+      add_rate_headers(r, pr.format, st);
+    }
+    if (is_rate_limit) {
+      add_retry_after(r, retry_after);
+    }
+  }
+
+  reply decide(const parsed_request& pr) {
+    std::lock_guard lock(mu);
+    reply r;
+    model_state* st = pr.model.empty() ? nullptr : state_for(pr.model);
+    fault_kind k = fault_kind::ok;
+    milliseconds retry_after{0};
+    bool tokens_limited = false;
+    if (st && pr.format != wire::unknown && !pr.malformed) {
+      const fault_plan& plan = st->plan;
+      const auto t = now();
+      const auto since_start = std::chrono::duration_cast<milliseconds>(t - started);
+      const std::size_t cost =
+          tokens_for(pr.prompt_chars) + tokens_for(completion_for(pr.last_user).size());
+      bool decided = false;
+      for (const auto& w : plan.outages) {
+        if (since_start >= w.from && since_start < w.to) {
+          k = fault_kind::unavailable;
+          decided = true;
+          break;
+        }
+      }
+      if (!decided && st->script_pos < plan.script.size()) {
+        k = plan.script[st->script_pos++];
+        retry_after = plan.retry_after;
+        decided = true;
+      }
+      if (!decided && plan.context_window > 0 &&
+          tokens_for(pr.prompt_chars) > plan.context_window) {
+        k = fault_kind::context_length;
+        decided = true;
+      }
+      if (!decided && (st->requests.enabled() || st->tokens.enabled())) {
+        double wait = 0;
+        if (st->requests.enabled()) {
+          st->requests.refill(t);
+          wait = st->requests.wait_for(1);
+        }
+        if (st->tokens.enabled()) {
+          st->tokens.refill(t);
+          const double tw = st->tokens.wait_for(static_cast<double>(cost));
+          if (tw > wait) {
+            wait = tw;
+            tokens_limited = true;
+          }
+        }
+        if (wait > 0) {
+          k = fault_kind::rate_limit;
+          retry_after = ceil_ms(wait);
+          decided = true;
+        } else {
+          if (st->requests.enabled()) {
+            st->requests.level -= 1;
+          }
+          if (st->tokens.enabled()) {
+            st->tokens.level -= std::min(static_cast<double>(cost), st->tokens.capacity);
+          }
+        }
+      }
+      if (!decided) {
+        const double u = st->rng->uniform();
+        double acc = 0;
+        for (const auto& [fk, p] : plan.probability) {
+          acc += p;
+          if (u < acc) {
+            k = fk;
+            retry_after = plan.retry_after;
+            break;
+          }
+        }
+      }
+      if (plan.latency_max > plan.latency_min) {
+        const double span = static_cast<double>((plan.latency_max - plan.latency_min).count());
+        r.latency =
+            plan.latency_min +
+            milliseconds(static_cast<std::int64_t>(std::floor(st->rng->uniform() * (span + 1))));
+      } else {
+        r.latency = plan.latency_min;
+      }
+    }
+    r.action = k;
+    if (k == fault_kind::reset || k == fault_kind::stall) {
+      return r;
+    }
+    // A truncated answer cuts a would-be success short.
+    answer(r, k == fault_kind::truncated ? fault_kind::ok : k, pr, st, retry_after, tokens_limited);
+    r.reason = reason_for(r.status);
+    return r;
+  }
+
+  // ---- counters (under mu) ----
+
+  template <class F>
+  void count(const std::string& model, F f) {
+    std::lock_guard lock(mu);
+    f(counters.total);
+    if (!model.empty()) {
+      f(counters.by_model[model]);
+    }
+  }
+
+  // ---- I/O (on the executor) ----
+
+  static asio::awaitable<void> session(std::shared_ptr<impl> self, std::shared_ptr<connection> c) {
+    self->live.insert(c.get());
+    struct unregister {
+      impl* s;
+      connection* c;
+      ~unregister() { s->live.erase(c); }
+    } guard{self.get(), c.get()};
+
+    beast::flat_buffer buffer;
+    for (;;) {
+      bhttp::request<bhttp::string_body> req;
+      auto [ec, n] =
+          co_await bhttp::async_read(c->socket, buffer, req, asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        break;
+      }
+      const parsed_request pr = parse(req.method_string(), req.target(), req.body());
+      self->count(pr.model, [](mock_model_stats& s) { ++s.requests; });
+      const reply r = self->decide(pr);
+      if (r.latency.count() > 0) {
+        c->timer.expires_after(r.latency);
+        auto [tec] = co_await c->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+        if (tec || !self->running) {
+          break;
+        }
+      }
+      if (r.action == fault_kind::reset) {
+        self->count(pr.model, [](mock_model_stats& s) { ++s.resets; });
+        boost::system::error_code ignored;
+        // SO_LINGER 0 makes close() send RST: the client sees a reset, not a clean EOF.
+        c->socket.set_option(asio::socket_base::linger(true, 0), ignored);
+        c->socket.close(ignored);
+        co_return;
+      }
+      if (r.action == fault_kind::stall) {
+        self->count(pr.model, [](mock_model_stats& s) { ++s.stalls; });
+        // Wait for the client to give up (EOF/reset) or for stop(); discard anything it sends.
+        char sink[512];
+        for (;;) {
+          auto [rec, rn] = co_await c->socket.async_read_some(asio::buffer(sink),
+                                                              asio::as_tuple(asio::use_awaitable));
+          if (rec) {
+            break;
+          }
+        }
+        boost::system::error_code ignored;
+        c->socket.close(ignored);
+        co_return;
+      }
+      if (r.action == fault_kind::truncated) {
+        self->count(pr.model, [&](mock_model_stats& s) { ++s.truncations; });
+        // Written by hand: Beast would refuse to send a body shorter than its Content-Length.
+        std::string head = "HTTP/1.1 " + std::to_string(r.status) + " " + r.reason + "\r\n";
+        for (const auto& [name, value] : r.headers) {
+          head += name + ": " + value + "\r\n";
+        }
+        head += "Content-Type: application/json\r\nContent-Length: " +
+                std::to_string(r.body.size() + 64) + "\r\n\r\n";
+        head += r.body.substr(0, r.body.size() / 2);
+        co_await asio::async_write(c->socket, asio::buffer(head),
+                                   asio::as_tuple(asio::use_awaitable));
+        boost::system::error_code ignored;
+        c->socket.shutdown(tcp::socket::shutdown_both, ignored);
+        c->socket.close(ignored);
+        co_return;
+      }
+      bhttp::response<bhttp::string_body> res;
+      res.version(req.version());
+      res.result(static_cast<unsigned>(r.status));
+      res.reason(r.reason);
+      for (const auto& [name, value] : r.headers) {
+        res.insert(name, value);
+      }
+      res.set(bhttp::field::content_type, "application/json");
+      res.keep_alive(req.keep_alive());
+      res.body() = r.body;
+      res.prepare_payload();
+      const int status = r.status;
+      self->count(pr.model, [status](mock_model_stats& s) { ++s.by_status[status]; });
+      auto [wec, wn] =
+          co_await bhttp::async_write(c->socket, res, asio::as_tuple(asio::use_awaitable));
+      if (wec || !res.keep_alive()) {
+        break;
+      }
+    }
+    boost::system::error_code ignored;
+    c->socket.shutdown(tcp::socket::shutdown_send, ignored);
+    c->socket.close(ignored);
+  }
+
+  static asio::awaitable<void> accept_loop(std::shared_ptr<impl> self) {
+    while (self->running) {
+      auto [ec, sock] = co_await self->acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        if (!self->running || !self->acceptor.is_open()) {
+          co_return;
+        }
+        continue;
+      }
+      {
+        std::lock_guard lock(self->mu);
+        ++self->counters.accepted_connections;
+      }
+      sock.set_option(tcp::no_delay(true), ec);
+      asio::co_spawn(self->ex, session(self, std::make_shared<connection>(std::move(sock))),
+                     asio::detached);
+    }
+  }
+
+  void start() {
+    if (running) {
+      return;
+    }
+    const tcp::endpoint ep(asio::ip::make_address(opts.address), opts.port);
+    acceptor.open(ep.protocol());
+    acceptor.set_option(tcp::acceptor::reuse_address(true));
+    acceptor.bind(ep);
+    acceptor.listen();
+    bound_port = acceptor.local_endpoint().port();
+    {
+      std::lock_guard lock(mu);
+      started = now();
+    }
+    running = true;
+    asio::co_spawn(ex, accept_loop(shared_from_this()), asio::detached);
+  }
+
+  void stop() {
+    running = false;
+    boost::system::error_code ignored;
+    acceptor.close(ignored);
+    for (connection* c : live) {
+      c->timer.cancel();
+      c->socket.close(ignored);
+    }
+  }
+};
+
+mock_llm_server::mock_llm_server(boost::asio::any_io_executor ex, mock_options opts)
+    : impl_(std::make_shared<impl>(std::move(ex), std::move(opts))) {}
+
+mock_llm_server::mock_llm_server(boost::asio::io_context& ctx, mock_options opts)
+    : mock_llm_server(ctx.get_executor(), std::move(opts)) {}
+
+mock_llm_server::~mock_llm_server() {
+  impl_->stop();
+}
+
+void mock_llm_server::start() {
+  impl_->start();
+}
+
+void mock_llm_server::stop() {
+  impl_->stop();
+}
+
+unsigned short mock_llm_server::port() const noexcept {
+  return impl_->bound_port;
+}
+
+std::string mock_llm_server::base_url() const {
+  return "http://" + impl_->opts.address + ":" + std::to_string(impl_->bound_port);
+}
+
+void mock_llm_server::set_plan(const std::string& model, fault_plan plan) {
+  std::lock_guard lock(impl_->mu);
+  impl_->plans[model] = std::move(plan);
+  // The model's state (or, for "*", every state derived from "*") restarts from the new plan.
+  if (model == "*") {
+    std::erase_if(impl_->states, [&](const auto& kv) { return !impl_->plans.contains(kv.first); });
+  } else {
+    impl_->states.erase(model);
+  }
+}
+
+void mock_llm_server::set_scenario(const scenario& s) {
+  std::lock_guard lock(impl_->mu);
+  impl_->plans = s.plans;
+  impl_->states.clear();
+  if (s.seed) {
+    impl_->seed = *s.seed;
+  }
+}
+
+void mock_llm_server::clear_plans() {
+  std::lock_guard lock(impl_->mu);
+  impl_->plans.clear();
+  impl_->states.clear();
+}
+
+mock_stats mock_llm_server::stats() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->counters;
+}
+
+void mock_llm_server::reset_stats() {
+  std::lock_guard lock(impl_->mu);
+  impl_->counters = mock_stats{};
+}
+
+}  // namespace keel::testing

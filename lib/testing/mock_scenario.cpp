@@ -1,0 +1,257 @@
+// Scenario files for the mock LLM server: JSON to fault plans, with errors naming the JSON path.
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+namespace keel::testing {
+
+namespace {
+
+using json = nlohmann::json;
+
+constexpr std::array<std::pair<fault_kind, std::string_view>, 11> fault_names{{
+    {fault_kind::ok, "ok"},
+    {fault_kind::rate_limit, "rate_limit"},
+    {fault_kind::server_error, "server_error"},
+    {fault_kind::unavailable, "unavailable"},
+    {fault_kind::overloaded, "overloaded"},
+    {fault_kind::throttling, "throttling"},
+    {fault_kind::quota_exhausted, "quota_exhausted"},
+    {fault_kind::context_length, "context_length"},
+    {fault_kind::reset, "reset"},
+    {fault_kind::stall, "stall"},
+    {fault_kind::truncated, "truncated"},
+}};
+
+// RFC 6901 escaping, so that a model name such as "meta/llama" still yields an unambiguous path.
+std::string pointer_token(std::string_view s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '~') {
+      out += "~0";
+    } else if (c == '/') {
+      out += "~1";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+std::string child(const std::string& path, std::string_view key) {
+  return path + "/" + pointer_token(key);
+}
+
+std::string child(const std::string& path, std::size_t index) {
+  return path + "/" + std::to_string(index);
+}
+
+double number(const json& j, const std::string& path, double lo, double hi) {
+  if (!j.is_number()) {
+    throw scenario_error(path, "expected a number, got " + std::string(j.type_name()));
+  }
+  const double v = j.get<double>();
+  if (!std::isfinite(v) || v < lo || v > hi) {
+    std::ostringstream os;
+    os << "value " << v << " out of range [" << lo << ", " << hi << "]";
+    throw scenario_error(path, os.str());
+  }
+  return v;
+}
+
+std::chrono::milliseconds millis(const json& j, const std::string& path) {
+  return std::chrono::milliseconds(
+      static_cast<std::int64_t>(number(j, path, 0, 24.0 * 3600 * 1000)));
+}
+
+const json& object(const json& j, const std::string& path) {
+  if (!j.is_object()) {
+    throw scenario_error(path, "expected an object, got " + std::string(j.type_name()));
+  }
+  return j;
+}
+
+fault_kind kind(const json& j, const std::string& path) {
+  if (!j.is_string()) {
+    throw scenario_error(path, "expected a fault name string, got " + std::string(j.type_name()));
+  }
+  const auto name = j.get<std::string>();
+  if (auto k = parse_fault_kind(name)) {
+    return *k;
+  }
+  throw scenario_error(path, "unknown fault kind \"" + name + "\"");
+}
+
+void unknown_key(const std::string& path, const std::string& key) {
+  throw scenario_error(child(path, key), "unknown key");
+}
+
+fault_plan parse_plan(const json& j, const std::string& path) {
+  object(j, path);
+  fault_plan plan;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "latency_ms") {
+      if (v.is_number()) {
+        plan.with_latency(millis(v, p));
+      } else {
+        object(v, p);
+        for (const auto& [k2, v2] : v.items()) {
+          if (k2 == "min") {
+            plan.latency_min = millis(v2, child(p, k2));
+          } else if (k2 == "max") {
+            plan.latency_max = millis(v2, child(p, k2));
+          } else {
+            unknown_key(p, k2);
+          }
+        }
+        if (!v.contains("max")) {
+          plan.latency_max = plan.latency_min;
+        }
+        if (plan.latency_max < plan.latency_min) {
+          throw scenario_error(child(p, "max"), "max is smaller than min");
+        }
+      }
+    } else if (key == "errors") {
+      object(v, p);
+      double sum = 0;
+      for (const auto& [k2, v2] : v.items()) {
+        const auto fk = parse_fault_kind(k2);
+        if (!fk) {
+          throw scenario_error(child(p, k2), "unknown fault kind");
+        }
+        const double prob = number(v2, child(p, k2), 0, 1);
+        plan.probability[*fk] = prob;
+        sum += prob;
+      }
+      if (sum > 1.0 + 1e-9) {
+        throw scenario_error(p, "probabilities add up to more than 1");
+      }
+    } else if (key == "retry_after_ms") {
+      plan.retry_after = millis(v, p);
+    } else if (key == "rate_limit") {
+      object(v, p);
+      for (const auto& [k2, v2] : v.items()) {
+        if (k2 == "requests_per_second") {
+          plan.requests_per_second = number(v2, child(p, k2), 0, 1e9);
+        } else if (k2 == "burst") {
+          plan.burst = number(v2, child(p, k2), 0, 1e9);
+        } else if (k2 == "tokens_per_minute") {
+          plan.tokens_per_minute = number(v2, child(p, k2), 0, 1e12);
+        } else {
+          unknown_key(p, k2);
+        }
+      }
+    } else if (key == "context_window") {
+      plan.context_window = static_cast<std::size_t>(number(v, p, 0, 1e12));
+    } else if (key == "outages") {
+      if (!v.is_array()) {
+        throw scenario_error(p, "expected an array, got " + std::string(v.type_name()));
+      }
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        const std::string pi = child(p, i);
+        object(v[i], pi);
+        outage_window w;
+        bool has_from = false;
+        bool has_to = false;
+        for (const auto& [k2, v2] : v[i].items()) {
+          if (k2 == "from_ms") {
+            w.from = millis(v2, child(pi, k2));
+            has_from = true;
+          } else if (k2 == "to_ms") {
+            w.to = millis(v2, child(pi, k2));
+            has_to = true;
+          } else {
+            unknown_key(pi, k2);
+          }
+        }
+        if (!has_from || !has_to) {
+          throw scenario_error(pi, "an outage needs both \"from_ms\" and \"to_ms\"");
+        }
+        if (w.to < w.from) {
+          throw scenario_error(child(pi, "to_ms"), "to_ms is before from_ms");
+        }
+        plan.outages.push_back(w);
+      }
+    } else if (key == "script") {
+      if (!v.is_array()) {
+        throw scenario_error(p, "expected an array, got " + std::string(v.type_name()));
+      }
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        plan.script.push_back(kind(v[i], child(p, i)));
+      }
+    } else {
+      unknown_key(path, key);
+    }
+  }
+  return plan;
+}
+
+}  // namespace
+
+std::string_view to_string(fault_kind k) noexcept {
+  for (const auto& [fk, name] : fault_names) {
+    if (fk == k) {
+      return name;
+    }
+  }
+  return "unknown";
+}
+
+std::optional<fault_kind> parse_fault_kind(std::string_view name) noexcept {
+  for (const auto& [fk, n] : fault_names) {
+    if (n == name) {
+      return fk;
+    }
+  }
+  return std::nullopt;
+}
+
+scenario scenario::from_json(std::string_view json_text) {
+  json doc;
+  try {
+    doc = json::parse(json_text.begin(), json_text.end());
+  } catch (const json::parse_error& e) {
+    throw scenario_error("", std::string("invalid JSON: ") + e.what());
+  }
+  object(doc, "");
+  scenario s;
+  for (const auto& [key, v] : doc.items()) {
+    if (key == "seed") {
+      if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0)) {
+        throw scenario_error("/seed", "expected a non-negative integer");
+      }
+      s.seed = v.get<std::uint64_t>();
+    } else if (key == "models") {
+      object(v, "/models");
+      for (const auto& [model, plan] : v.items()) {
+        s.plans[model] = parse_plan(plan, child("/models", model));
+      }
+    } else {
+      unknown_key("", key);
+    }
+  }
+  return s;
+}
+
+scenario load_scenario(const std::string& file_path) {
+  std::ifstream in(file_path, std::ios::binary);
+  if (!in) {
+    throw scenario_error("", "cannot open scenario file " + file_path);
+  }
+  std::ostringstream os;
+  os << in.rdbuf();
+  try {
+    return scenario::from_json(os.str());
+  } catch (const scenario_error& e) {
+    throw scenario_error(e.path(), e.message() + " (in " + file_path + ")");
+  }
+}
+
+}  // namespace keel::testing

@@ -1,0 +1,611 @@
+// Tests for keel/testing/mock_llm_server.hpp: wire formats, every fault kind, limits and counters.
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core/error.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http.hpp>
+#include <nlohmann/json.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+using keel::testing::fault_kind;
+using keel::testing::fault_plan;
+using keel::testing::mock_llm_server;
+using keel::testing::mock_options;
+using namespace std::chrono_literals;
+using ms = std::chrono::milliseconds;
+
+enum class wire { openai, anthropic, bedrock };
+
+// A request in one of the three wire formats.
+struct call {
+  std::string target;
+  std::string body;
+};
+
+call make_call(wire w, const std::string& model, const std::string& prompt) {
+  switch (w) {
+    case wire::openai:
+      return {"/v1/chat/completions",
+              json{{"model", model},
+                   {"messages", json::array({{{"role", "user"}, {"content", prompt}}})}}
+                  .dump()};
+    case wire::anthropic:
+      return {"/v1/messages",
+              json{{"model", model},
+                   {"max_tokens", 64},
+                   {"messages", json::array({{{"role", "user"}, {"content", prompt}}})}}
+                  .dump()};
+    case wire::bedrock:
+      break;
+  }
+  return {"/model/" + model + "/converse",
+          json{{"messages",
+                json::array({{{"role", "user"}, {"content", json::array({{{"text", prompt}}})}}})}}
+              .dump()};
+}
+
+// What the client saw.
+struct answer {
+  boost::system::error_code ec;
+  bhttp::response<bhttp::string_body> res;
+  int status() const { return static_cast<int>(res.result_int()); }
+  std::string header(const char* name) const { return std::string(res[name]); }
+  json body() const { return json::parse(res.body()); }
+};
+
+// One request/response exchange on an open stream, with a client-side timeout.
+asio::awaitable<answer> exchange(beast::tcp_stream& stream, call c, ms timeout = 2s) {
+  bhttp::request<bhttp::string_body> req{bhttp::verb::post, c.target, 11};
+  req.set(bhttp::field::host, "127.0.0.1");
+  req.set(bhttp::field::content_type, "application/json");
+  req.keep_alive(true);
+  req.body() = std::move(c.body);
+  req.prepare_payload();
+  stream.expires_after(timeout);
+  answer a;
+  auto [wec, wn] = co_await bhttp::async_write(stream, req, asio::as_tuple(asio::use_awaitable));
+  if (wec) {
+    a.ec = wec;
+    co_return a;
+  }
+  beast::flat_buffer buffer;
+  auto [rec, rn] =
+      co_await bhttp::async_read(stream, buffer, a.res, asio::as_tuple(asio::use_awaitable));
+  a.ec = rec;
+  co_return a;
+}
+
+// Connects, exchanges once, and closes.
+asio::awaitable<answer> post(unsigned short port, call c, ms timeout = 2s) {
+  beast::tcp_stream stream(co_await asio::this_coro::executor);
+  co_await stream.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port),
+                                asio::use_awaitable);
+  answer a = co_await exchange(stream, std::move(c), timeout);
+  co_return a;
+}
+
+// Runs the client coroutine `body` against a started server, then stops the server.
+void run(asio::io_context& ctx, mock_llm_server& server,
+         std::function<asio::awaitable<void>()> body) {
+  server.start();
+  bool done = false;
+  std::exception_ptr error;
+  asio::co_spawn(ctx, body(), [&](std::exception_ptr e) {
+    error = e;
+    done = true;
+    server.stop();
+  });
+  ctx.run_for(5s);
+  REQUIRE(done);
+  if (error) {
+    std::rethrow_exception(error);
+  }
+}
+
+// A fake clock for the rate limiter and outage windows.
+struct fake_time {
+  std::chrono::steady_clock::time_point t{std::chrono::hours(1)};
+  std::function<std::chrono::steady_clock::time_point()> fn() {
+    return [this] { return t; };
+  }
+};
+
+}  // namespace
+
+TEST_CASE("mock_llm_server answers each wire format with a deterministic completion",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const std::string prompt = "hello world, tell me about keel";
+    answer o = co_await post(server.port(), make_call(wire::openai, "gpt-4o-mini", prompt));
+    REQUIRE(!o.ec);
+    CHECK(o.status() == 200);
+    json ob = o.body();
+    CHECK(ob["object"] == "chat.completion");
+    CHECK(ob["model"] == "gpt-4o-mini");
+    CHECK(ob["choices"][0]["message"]["role"] == "assistant");
+    CHECK(ob["choices"][0]["message"]["content"] == "mock answer to: " + prompt);
+    CHECK(ob["choices"][0]["finish_reason"] == "stop");
+    CHECK(ob["usage"]["prompt_tokens"] == 8);  // 31 bytes / 4, rounded up
+    CHECK(ob["usage"]["total_tokens"] ==
+          ob["usage"]["prompt_tokens"].get<int>() + ob["usage"]["completion_tokens"].get<int>());
+    CHECK(o.header("x-request-id").starts_with("req_"));
+    CHECK(!o.header("x-ratelimit-limit-requests").empty());
+    CHECK(!o.header("x-ratelimit-remaining-tokens").empty());
+
+    answer a = co_await post(server.port(), make_call(wire::anthropic, "claude-3-5-haiku", prompt));
+    REQUIRE(!a.ec);
+    CHECK(a.status() == 200);
+    json ab = a.body();
+    CHECK(ab["type"] == "message");
+    CHECK(ab["role"] == "assistant");
+    CHECK(ab["content"][0]["type"] == "text");
+    CHECK(ab["content"][0]["text"] == "mock answer to: " + prompt);
+    CHECK(ab["stop_reason"] == "end_turn");
+    CHECK(ab["usage"]["input_tokens"] == 8);
+    CHECK(a.header("request-id").starts_with("req_"));
+    CHECK(!a.header("anthropic-ratelimit-requests-limit").empty());
+
+    const std::string long_prompt(100, 'x');
+    answer b = co_await post(server.port(),
+                             make_call(wire::bedrock, "anthropic.claude-v2%3A1", long_prompt));
+    REQUIRE(!b.ec);
+    CHECK(b.status() == 200);
+    json bb = b.body();
+    CHECK(bb["output"]["message"]["role"] == "assistant");
+    CHECK(bb["output"]["message"]["content"][0]["text"] ==
+          "mock answer to: " + std::string(40, 'x'));
+    CHECK(bb["stopReason"] == "end_turn");
+    CHECK(bb["usage"]["inputTokens"] == 25);
+    CHECK(!b.header("x-amzn-RequestId").empty());
+  });
+  // The Bedrock model id is percent-decoded from the path.
+  CHECK(server.stats().model("anthropic.claude-v2:1").requests == 1);
+}
+
+TEST_CASE("mock_llm_server answers malformed JSON with each provider's 400 body",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer o = co_await post(server.port(), call{"/v1/chat/completions", "{not json"});
+    CHECK(o.status() == 400);
+    CHECK(o.body()["error"]["type"] == "invalid_request_error");
+    CHECK(o.body()["error"].contains("param"));
+    CHECK(o.body()["error"].contains("code"));
+    answer a = co_await post(server.port(), call{"/v1/messages", "[1,"});
+    CHECK(a.status() == 400);
+    CHECK(a.body()["type"] == "error");
+    CHECK(a.body()["error"]["type"] == "invalid_request_error");
+    answer b = co_await post(server.port(), call{"/model/m/converse", "}"});
+    CHECK(b.status() == 400);
+    CHECK(b.header("x-amzn-ErrorType").starts_with("ValidationException"));
+    CHECK(b.body().contains("message"));
+  });
+  CHECK(server.stats().status_count(400) == 3);
+}
+
+namespace {
+
+struct fault_case {
+  wire format;
+  fault_kind kind;
+  int status;
+  const char* pointer;            // JSON pointer into the body
+  const char* expected;           // expected string there
+  const char* error_type_header;  // Bedrock x-amzn-ErrorType prefix, or ""
+  bool retry_after;               // whether retry-after must be present
+};
+
+const std::vector<fault_case> fault_matrix{
+    {wire::openai, fault_kind::rate_limit, 429, "/error/code", "rate_limit_exceeded", "", true},
+    {wire::openai, fault_kind::throttling, 429, "/error/code", "rate_limit_exceeded", "", true},
+    {wire::openai, fault_kind::server_error, 500, "/error/type", "server_error", "", false},
+    {wire::openai, fault_kind::unavailable, 503, "/error/type", "server_error", "", false},
+    {wire::openai, fault_kind::overloaded, 503, "/error/type", "server_error", "", false},
+    {wire::openai, fault_kind::quota_exhausted, 429, "/error/code", "insufficient_quota", "",
+     false},
+    {wire::openai, fault_kind::context_length, 400, "/error/code", "context_length_exceeded", "",
+     false},
+    {wire::anthropic, fault_kind::rate_limit, 429, "/error/type", "rate_limit_error", "", true},
+    {wire::anthropic, fault_kind::server_error, 500, "/error/type", "api_error", "", false},
+    {wire::anthropic, fault_kind::unavailable, 503, "/error/type", "api_error", "", false},
+    {wire::anthropic, fault_kind::overloaded, 529, "/error/type", "overloaded_error", "", false},
+    {wire::anthropic, fault_kind::quota_exhausted, 400, "/error/type", "invalid_request_error", "",
+     false},
+    {wire::anthropic, fault_kind::context_length, 400, "/error/type", "invalid_request_error", "",
+     false},
+    {wire::bedrock, fault_kind::throttling, 429, "/message",
+     "Too many requests, please wait before trying again.", "ThrottlingException", true},
+    {wire::bedrock, fault_kind::rate_limit, 429, "/message",
+     "Too many requests, please wait before trying again.", "ThrottlingException", true},
+    {wire::bedrock, fault_kind::server_error, 500, "", "", "InternalServerException", false},
+    {wire::bedrock, fault_kind::unavailable, 503, "", "", "ServiceUnavailableException", false},
+    {wire::bedrock, fault_kind::overloaded, 503, "", "", "ServiceUnavailableException", false},
+    {wire::bedrock, fault_kind::quota_exhausted, 400, "", "", "ServiceQuotaExceededException",
+     false},
+    {wire::bedrock, fault_kind::context_length, 400, "/message",
+     "Input is too long for requested model.", "ValidationException", false},
+};
+
+}  // namespace
+
+TEST_CASE("mock_llm_server sends each provider's real error body and headers for each fault",
+          "[mock_llm_server]") {
+  for (const fault_case& fc : fault_matrix) {
+    INFO("format " << static_cast<int>(fc.format) << ", fault "
+                   << keel::testing::to_string(fc.kind));
+    asio::io_context ctx;
+    mock_llm_server server{ctx, mock_options{}};
+    server.set_plan("m", fault_plan{}.with_script({fc.kind}));
+    run(ctx, server, [&]() -> asio::awaitable<void> {
+      answer r = co_await post(server.port(), make_call(fc.format, "m", "hi"));
+      REQUIRE(!r.ec);
+      CHECK(r.status() == fc.status);
+      json body = r.body();
+      if (fc.format == wire::openai) {
+        for (const char* k : {"message", "type", "param", "code"}) {
+          CHECK(body["error"].contains(k));
+        }
+        CHECK(r.header("x-request-id").starts_with("req_"));
+      } else if (fc.format == wire::anthropic) {
+        CHECK(body["type"] == "error");
+        CHECK(body["error"]["message"].is_string());
+        CHECK(r.header("request-id").starts_with("req_"));
+      } else {
+        CHECK(body["message"].is_string());
+        CHECK(r.header("x-amzn-ErrorType").starts_with(fc.error_type_header));
+        CHECK(!r.header("x-amzn-RequestId").empty());
+      }
+      if (*fc.pointer) {
+        CHECK(body[json::json_pointer(fc.pointer)] == fc.expected);
+      }
+      CHECK(r.header("retry-after").empty() == !fc.retry_after);
+      if (fc.retry_after) {
+        CHECK(r.header("retry-after") == "1");
+        CHECK(r.header("retry-after-ms") == "1000");
+      }
+      if (fc.kind == fault_kind::context_length && fc.format == wire::anthropic) {
+        CHECK(body["error"]["message"].get<std::string>().starts_with("prompt is too long"));
+      }
+      // The script is used up: the next request succeeds.
+      answer ok = co_await post(server.port(), make_call(fc.format, "m", "hi"));
+      CHECK(ok.status() == 200);
+    });
+    CHECK(server.stats().status_count(fc.status) == 1);
+  }
+}
+
+TEST_CASE(
+    "mock_llm_server rate limit answers 429 with a Retry-After that matches when capacity "
+    "returns",
+    "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_plan("*", fault_plan{}.with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 2));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call c = make_call(wire::openai, "gpt", "hi");
+    CHECK((co_await post(server.port(), c)).status() == 200);
+    answer second = co_await post(server.port(), c);
+    CHECK(second.status() == 200);
+    CHECK(second.header("x-ratelimit-remaining-requests") == "0");
+    CHECK(second.header("x-ratelimit-reset-requests") == "500ms");
+    answer third = co_await post(server.port(), c);
+    CHECK(third.status() == 429);
+    CHECK(third.body()["error"]["code"] == "rate_limit_exceeded");
+    CHECK(third.header("retry-after-ms") == "250");
+    CHECK(third.header("retry-after") == "1");
+    clock.t += 249ms;  // one millisecond early: still limited, 1 ms to go
+    answer early = co_await post(server.port(), c);
+    CHECK(early.status() == 429);
+    CHECK(early.header("retry-after-ms") == "1");
+    clock.t += 1ms;  // exactly when the hint said
+    CHECK((co_await post(server.port(), c)).status() == 200);
+    CHECK((co_await post(server.port(), c)).status() == 429);
+  });
+  CHECK(server.stats().status_count(429) == 3);
+  CHECK(server.stats().status_count(200) == 3);
+}
+
+TEST_CASE("mock_llm_server token rate limit computes Retry-After from the token deficit",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  // 600 tokens per minute = 10 tokens/s. A 104-byte prompt costs 26 prompt tokens plus 14 for
+  // the 56-byte answer: 40 tokens.
+  server.set_plan("claude", fault_plan{}.with_rate_limit(0, 600));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call c = make_call(wire::anthropic, "claude", std::string(104, 'a'));
+    for (int i = 0; i < 15; ++i) {  // 15 * 40 = 600 tokens: the whole minute
+      CHECK((co_await post(server.port(), c)).status() == 200);
+    }
+    answer limited = co_await post(server.port(), c);
+    CHECK(limited.status() == 429);
+    CHECK(limited.body()["error"]["type"] == "rate_limit_error");
+    CHECK(limited.header("retry-after-ms") == "4000");
+    CHECK(limited.header("retry-after") == "4");
+    clock.t += 4s;
+    CHECK((co_await post(server.port(), c)).status() == 200);
+  });
+}
+
+TEST_CASE("mock_llm_server scripted sequence fails the first two requests then succeeds",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  server.set_plan("gpt",
+                  fault_plan{}.with_script({fault_kind::unavailable, fault_kind::unavailable}));
+  std::vector<int> statuses;
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    for (int i = 0; i < 4; ++i) {
+      statuses.push_back(
+          (co_await post(server.port(), make_call(wire::openai, "gpt", "q"))).status());
+    }
+    // Another model has no plan and is unaffected.
+    statuses.push_back(
+        (co_await post(server.port(), make_call(wire::openai, "other", "q"))).status());
+  });
+  CHECK(statuses == std::vector<int>{503, 503, 200, 200, 200});
+  const auto s = server.stats();
+  CHECK(s.total.requests == 5);
+  CHECK(s.model("gpt").requests == 4);
+  CHECK(s.model("gpt").status_count(503) == 2);
+  CHECK(s.model("gpt").status_count(200) == 2);
+  CHECK(s.model("other").status_count(200) == 1);
+  CHECK(s.accepted_connections == 5);
+  server.reset_stats();
+  CHECK(server.stats().total.requests == 0);
+  CHECK(server.stats().by_model.empty());
+}
+
+TEST_CASE("mock_llm_server outage window answers 503 between its bounds", "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_plan("*", fault_plan{}.with_outage(100ms, 200ms));
+  std::vector<int> statuses;
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    for (auto at : {0ms, 99ms, 100ms, 199ms, 200ms}) {
+      clock.t = std::chrono::steady_clock::time_point{std::chrono::hours(1)} + at;
+      answer r = co_await post(server.port(), make_call(wire::bedrock, "m", "q"));
+      statuses.push_back(r.status());
+      if (r.status() == 503) {
+        CHECK(r.header("x-amzn-ErrorType").starts_with("ServiceUnavailableException"));
+      }
+    }
+  });
+  CHECK(statuses == std::vector<int>{200, 200, 503, 503, 200});
+}
+
+TEST_CASE("mock_llm_server reset, truncation and stall are transport errors at the client",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  server.set_plan(
+      "m", fault_plan{}.with_script({fault_kind::reset, fault_kind::truncated, fault_kind::stall}));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call c = make_call(wire::openai, "m", "q");
+    answer reset = co_await post(server.port(), c);
+    CHECK((reset.ec == asio::error::connection_reset || reset.ec == bhttp::error::end_of_stream));
+    answer truncated = co_await post(server.port(), c);
+    CHECK(truncated.ec == bhttp::error::partial_message);
+    const auto before = std::chrono::steady_clock::now();
+    answer stalled = co_await post(server.port(), c, 100ms);
+    CHECK(stalled.ec == beast::error::timeout);
+    CHECK(std::chrono::steady_clock::now() - before >= 100ms);
+    CHECK((co_await post(server.port(), c)).status() == 200);
+  });
+  const auto s = server.stats().model("m");
+  CHECK(s.requests == 4);
+  CHECK(s.resets == 1);
+  CHECK(s.truncations == 1);
+  CHECK(s.stalls == 1);
+  CHECK(s.status_count(200) == 1);  // truncated answers are not counted as sent
+}
+
+TEST_CASE("mock_llm_server random faults are deterministic under the seed", "[mock_llm_server]") {
+  auto statuses_for = [](std::uint64_t seed) {
+    asio::io_context ctx;
+    mock_options opts;
+    opts.seed = seed;
+    mock_llm_server server{ctx, opts};
+    server.set_plan("*", fault_plan{}
+                             .with_probability(fault_kind::rate_limit, 0.3)
+                             .with_probability(fault_kind::overloaded, 0.2));
+    std::vector<int> out;
+    run(ctx, server, [&]() -> asio::awaitable<void> {
+      for (int i = 0; i < 30; ++i) {
+        out.push_back(
+            (co_await post(server.port(), make_call(wire::anthropic, "c", "q"))).status());
+      }
+    });
+    return out;
+  };
+  const auto a = statuses_for(7);
+  CHECK(a == statuses_for(7));
+  CHECK(a != statuses_for(8));
+  const auto n429 = std::count(a.begin(), a.end(), 429);
+  const auto n529 = std::count(a.begin(), a.end(), 529);
+  const auto n200 = std::count(a.begin(), a.end(), 200);
+  CHECK(n429 > 0);
+  CHECK(n529 > 0);
+  CHECK(n200 > 0);
+  CHECK(n429 + n529 + n200 == 30);
+}
+
+TEST_CASE("mock_llm_server applies latency before answering", "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  server.set_plan("m", fault_plan{}.with_latency(60ms));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const auto before = std::chrono::steady_clock::now();
+    CHECK((co_await post(server.port(), make_call(wire::openai, "m", "q"))).status() == 200);
+    CHECK(std::chrono::steady_clock::now() - before >= 60ms);
+  });
+}
+
+TEST_CASE("mock_llm_server keeps connections alive across requests", "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    beast::tcp_stream stream(co_await asio::this_coro::executor);
+    co_await stream.async_connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), server.port()),
+                                  asio::use_awaitable);
+    for (wire w : {wire::openai, wire::anthropic, wire::bedrock, wire::openai, wire::openai}) {
+      answer r = co_await exchange(stream, make_call(w, "m", "q"));
+      REQUIRE(!r.ec);
+      CHECK(r.status() == 200);
+      CHECK(r.res.keep_alive());
+    }
+  });
+  CHECK(server.stats().accepted_connections == 1);
+  CHECK(server.stats().total.requests == 5);
+  CHECK(server.base_url() == "http://127.0.0.1:" + std::to_string(server.port()));
+}
+
+TEST_CASE("mock_llm_server context window turns long prompts into context-length errors",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  fault_plan plan;
+  plan.context_window = 10;  // tokens: 40 bytes fit, 41 do not
+  server.set_plan("small", plan);
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    CHECK((co_await post(server.port(), make_call(wire::openai, "small", std::string(40, 'a'))))
+              .status() == 200);
+    answer r = co_await post(server.port(), make_call(wire::openai, "small", std::string(41, 'a')));
+    CHECK(r.status() == 400);
+    CHECK(r.body()["error"]["code"] == "context_length_exceeded");
+    CHECK(r.body()["error"]["param"] == "messages");
+  });
+}
+
+TEST_CASE("scenario JSON loads into fault plans", "[mock_llm_server]") {
+  const auto s = keel::testing::scenario::from_json(R"({
+    "seed": 9,
+    "models": {
+      "*": {"latency_ms": {"min": 5, "max": 20}, "errors": {"rate_limit": 0.1, "overloaded": 0.05},
+            "retry_after_ms": 2000},
+      "gpt-4o": {"latency_ms": 3, "rate_limit": {"requests_per_second": 5, "burst": 2,
+                 "tokens_per_minute": 1000}, "context_window": 8000,
+                 "outages": [{"from_ms": 100, "to_ms": 300}],
+                 "script": ["unavailable", "unavailable", "ok", "reset"]}
+    }
+  })");
+  CHECK(s.seed == 9u);
+  REQUIRE(s.plans.size() == 2);
+  const auto& any = s.plans.at("*");
+  CHECK(any.latency_min == 5ms);
+  CHECK(any.latency_max == 20ms);
+  CHECK(any.probability.at(fault_kind::rate_limit) == Approx(0.1));
+  CHECK(any.retry_after == 2000ms);
+  const auto& g = s.plans.at("gpt-4o");
+  CHECK(g.latency_min == 3ms);
+  CHECK(g.latency_max == 3ms);
+  CHECK(g.requests_per_second == 5);
+  CHECK(g.burst == 2);
+  CHECK(g.tokens_per_minute == 1000);
+  CHECK(g.context_window == 8000u);
+  REQUIRE(g.outages.size() == 1);
+  CHECK(g.outages[0].to == 300ms);
+  CHECK(g.script == std::vector<fault_kind>{fault_kind::unavailable, fault_kind::unavailable,
+                                            fault_kind::ok, fault_kind::reset});
+}
+
+TEST_CASE("a bad scenario names the JSON path of the offending value", "[mock_llm_server]") {
+  using keel::testing::scenario;
+  using keel::testing::scenario_error;
+  struct bad {
+    const char* text;
+    const char* path;
+  };
+  for (const bad& b : std::vector<bad>{
+           {R"({"models": {"gpt-4o": {"errors": {"rate_limit": 1.5}}}})",
+            "/models/gpt-4o/errors/rate_limit"},
+           {R"({"models": {"m": {"errors": {"teapot": 0.1}}}})", "/models/m/errors/teapot"},
+           {R"({"models": {"m": {"script": ["ok", "explode"]}}})", "/models/m/script/1"},
+           {R"({"models": {"meta/llama": {"latency_ms": {"min": "5"}}}})",
+            "/models/meta~1llama/latency_ms/min"},
+           {R"({"models": {"m": {"outages": [{"from_ms": 5}]}}})", "/models/m/outages/0"},
+           {R"({"models": {"m": {"latncy_ms": 5}}})", "/models/m/latncy_ms"},
+           {R"({"models": []})", "/models"},
+           {R"({"models": )", ""},
+       }) {
+    INFO(b.text);
+    try {
+      (void)scenario::from_json(b.text);
+      FAIL("no error");
+    } catch (const scenario_error& e) {
+      CHECK(e.path() == b.path);
+      CHECK(std::string(e.what()).find(b.path[0] ? b.path : "(document)") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("load_scenario reads the demo file and a server runs it", "[mock_llm_server]") {
+  const auto demo =
+      std::filesystem::path(__FILE__).parent_path().parent_path() / "docs/scenarios/demo.json";
+  REQUIRE(std::filesystem::exists(demo));
+  const auto s = keel::testing::load_scenario(demo.string());
+  CHECK(s.plans.count("*") == 1);
+
+  const auto bad_file = std::filesystem::temp_directory_path() / "keel_mock_bad_scenario.json";
+  {
+    std::ofstream out(bad_file);
+    out << R"({"models": {"x": {"rate_limit": {"requests_per_second": -1}}}})";
+  }
+  try {
+    (void)keel::testing::load_scenario(bad_file.string());
+    FAIL("no error");
+  } catch (const keel::testing::scenario_error& e) {
+    CHECK(e.path() == "/models/x/rate_limit/requests_per_second");
+    CHECK(std::string(e.what()).find(bad_file.string()) != std::string::npos);
+  }
+  std::filesystem::remove(bad_file);
+  CHECK_THROWS_AS(keel::testing::load_scenario("/nonexistent/keel.json"),
+                  keel::testing::scenario_error);
+
+  // A scenario drives a server: its script is consumed in order.
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  keel::testing::scenario sc;
+  sc.plans["m"] = fault_plan{}.with_script({fault_kind::overloaded});
+  server.set_scenario(sc);
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    CHECK((co_await post(server.port(), make_call(wire::anthropic, "m", "q"))).status() == 529);
+    CHECK((co_await post(server.port(), make_call(wire::anthropic, "m", "q"))).status() == 200);
+  });
+}
