@@ -1,0 +1,48 @@
+// The Anthropic messages wire format: build a request, parse a response or an error.
+#pragma once
+
+// Overview
+// --------
+// `build_request` makes `POST {base}/v1/messages` with `x-api-key`, `anthropic-version`
+// (2023-06-01 unless the endpoint says otherwise) and a body `{model, max_tokens, system?,
+// messages:[{role, content}], temperature?, metadata?}`. `response_format` is not sent (the
+// messages API has no equivalent; ask for JSON in the prompt).
+//
+// `parse_response` concatenates the `text` of every `content` block of type "text" and reads
+// `stop_reason`, `model` and `usage.{input_tokens,output_tokens}` (usage is optional). A
+// `stop_reason` of "refusal" throws `content_filtered`.
+//
+// Error classification (body `{type:"error", error:{type, message}}`; `provider_code` is
+// `error.type`): `rate_limit_error` -> rate_limited; `overloaded_error` (529) -> overloaded;
+// `api_error` -> server_error; `timeout_error` -> timeout; `invalid_request_error` ->
+// context_length_exceeded when the message says "prompt is too long", quota_exhausted when it
+// says "credit balance", else bad_request; `billing_error` -> quota_exhausted;
+// `authentication_error`, `permission_error` -> auth; `not_found_error` -> not_found;
+// `request_too_large` (413) -> bad_request; unknown types fall back to the HTTP status as for
+// OpenAI. `x-should-retry` is handled as for OpenAI.
+//
+// Example:
+//
+//     keel::llm::endpoint ep(keel::llm::provider_kind::anthropic, "", key);
+//     auto http_req = keel::llm::anthropic::build_request(req, ep);
+//     auto reply = keel::llm::anthropic::parse_response(res, std::chrono::system_clock::now());
+//
+// Thread safety: pure functions.
+
+#include <keel/http/message.hpp>
+#include <keel/llm/chat.hpp>
+#include <keel/llm/error.hpp>
+
+#include <chrono>
+
+namespace keel::llm::anthropic {
+
+/// Builds the messages request (`ep.kind` is ignored).
+keel::http::request build_request(const chat_request& req, const endpoint& ep);
+
+/// Parses a messages response.
+/// @throws provider_error on failure; see the classification above.
+chat_response parse_response(const keel::http::response& res,
+                             std::chrono::system_clock::time_point now);
+
+}  // namespace keel::llm::anthropic

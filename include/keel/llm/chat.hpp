@@ -1,0 +1,162 @@
+// The provider-neutral chat model (request, response, endpoint) and its dispatching entry points.
+#pragma once
+
+// Overview
+// --------
+// A `chat_request` says what to ask; an `endpoint` says where (provider, base URL, key, region).
+// The wire formats are pure functions from these values to a plain `keel::http::request`, and from
+// a `keel::http::response` back to a `chat_response` or a thrown `keel::llm::provider_error`:
+//
+//   - `keel::llm::openai::{build_request, parse_response}`     (<keel/llm/openai.hpp>)
+//   - `keel::llm::anthropic::{build_request, parse_response}`  (<keel/llm/anthropic.hpp>)
+//   - `keel::llm::bedrock::{build_request, parse_response}`    (<keel/llm/bedrock.hpp>)
+//
+// and `keel::llm::build_request` / `keel::llm::parse_response` here dispatch on
+// `endpoint::kind`. Nothing is sent: a transport (keel::http) does that, which keeps these
+// functions testable byte for byte. A Bedrock request must still be signed with
+// `keel::llm::sign_request` (<keel/llm/sigv4.hpp>) before it is sent.
+//
+// Types have constructors (besides aggregate-style member assignment) because g++ 12 destroys a
+// brace-initialised aggregate temporary twice when it shares a full-expression with `co_await`;
+// build requests on their own line either way.
+//
+// Example:
+//
+//     keel::llm::chat_request req("gpt-4o-mini", {{"user", "Say hi"}}, 64);
+//     keel::llm::endpoint ep(keel::llm::provider_kind::openai, "", api_key);
+//     keel::http::request http_req = keel::llm::build_request(req, ep);
+//     keel::http::response res = co_await client.send(http_req);   // keel::http
+//     keel::llm::chat_response reply =
+//         keel::llm::parse_response(res, ep.kind, std::chrono::system_clock::now());
+//
+// Which failures are worth retrying: see <keel/llm/error.hpp>; `parse_response` throws
+// `provider_error` whose code's condition says so, with `retry_after()` from the server's hints.
+//
+// Thread safety: plain values and pure functions.
+
+#include <keel/http/message.hpp>
+#include <keel/llm/hints.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace keel::llm {
+
+/// One turn of a conversation.
+struct chat_message {
+  /// "user" or "assistant" (put the system prompt in `chat_request::system`).
+  std::string role;
+  /// The text of the turn.
+  std::string content;
+
+  /// An empty turn.
+  chat_message() = default;
+  /// A turn with a role and text.
+  chat_message(std::string r, std::string c) : role(std::move(r)), content(std::move(c)) {}
+};
+
+/// A provider-neutral chat completion request.
+struct chat_request {
+  /// The provider's model id ("gpt-4o-mini", "claude-3-5-haiku-latest",
+  /// "anthropic.claude-3-haiku-20240307-v1:0").
+  std::string model;
+  /// The system prompt (empty: none).
+  std::string system;
+  /// The conversation, oldest first.
+  std::vector<chat_message> messages;
+  /// The most tokens the reply may use.
+  int max_tokens = 1024;
+  /// Sampling temperature (absent: the provider's default).
+  std::optional<double> temperature;
+  /// A JSON schema the reply must follow (OpenAI only; see the provider headers). An object whose
+  /// "type" is "json_schema", "json_object" or "text" is sent verbatim as OpenAI's
+  /// `response_format`.
+  std::optional<nlohmann::json> response_format;
+  /// Free-form metadata: sent as OpenAI `metadata`, Anthropic `metadata`, Bedrock
+  /// `requestMetadata` when it is a non-empty object; otherwise not sent.
+  nlohmann::json metadata;
+
+  /// An empty request (set `model` and `messages`).
+  chat_request() = default;
+  /// A request for `model` with a conversation and a reply budget.
+  chat_request(std::string m, std::vector<chat_message> msgs, int max_tok = 1024)
+      : model(std::move(m)), messages(std::move(msgs)), max_tokens(max_tok) {}
+};
+
+/// Tokens billed for one call.
+struct token_usage {
+  /// Prompt tokens.
+  long long input = 0;
+  /// Completion tokens.
+  long long output = 0;
+};
+
+/// A successful chat completion.
+struct chat_response {
+  /// The reply text (text blocks concatenated).
+  std::string text;
+  /// Why generation stopped, as the provider said it ("stop", "end_turn", "max_tokens", ...).
+  std::string finish_reason;
+  /// The model that answered, when the provider says (Bedrock does not).
+  std::string model;
+  /// Tokens billed (zero when the provider did not report usage).
+  token_usage usage;
+  /// x-request-id / request-id / x-amzn-requestid.
+  std::string request_id;
+  /// Live quota from the response headers.
+  rate_limit_info rate_limits;
+  /// The parsed body, for anything not mapped above.
+  nlohmann::json raw;
+};
+
+/// Which wire format an endpoint speaks.
+enum class provider_kind { openai, anthropic, bedrock };
+
+/// The provider's name as used in `provider_error::provider()`: "openai", "anthropic", "bedrock".
+std::string_view to_string(provider_kind k) noexcept;
+
+/// Where and how to reach a provider. Never logged; `api_key` never appears in errors.
+struct endpoint {
+  /// The wire format.
+  provider_kind kind = provider_kind::openai;
+  /// Scheme and authority (and optional path prefix), no trailing slash needed; empty means the
+  /// provider's public URL (https://api.openai.com, https://api.anthropic.com,
+  /// https://bedrock-runtime.{region}.amazonaws.com). Point it at a mock server in tests.
+  std::string base_url;
+  /// OpenAI / Anthropic API key (Bedrock uses SigV4 credentials instead).
+  std::string api_key;
+  /// AWS region (Bedrock).
+  std::string region;
+  /// The `anthropic-version` header value.
+  std::string anthropic_version = "2023-06-01";
+
+  /// An OpenAI endpoint at the public URL with no key.
+  endpoint() = default;
+  /// An endpoint of `k` at `base` (empty: public URL) with an API key and an AWS region.
+  endpoint(provider_kind k, std::string base, std::string key = {}, std::string aws_region = {})
+      : kind(k),
+        base_url(std::move(base)),
+        api_key(std::move(key)),
+        region(std::move(aws_region)) {}
+};
+
+/// Builds the HTTP request for `req` in `ep.kind`'s wire format (Bedrock: unsigned).
+/// @throws std::invalid_argument if a Bedrock endpoint has neither a base URL nor a region.
+keel::http::request build_request(const chat_request& req, const endpoint& ep);
+
+/// Parses a response in `kind`'s wire format.
+/// @param now the wall-clock time the response arrived, for HTTP-date and RFC 3339 hints.
+/// @return the reply on 2xx.
+/// @throws provider_error on a non-2xx status (classified per provider), on a refusal or content
+///   filter (`content_filtered`), or on a malformed 2xx body (`malformed_response`, naming the
+///   JSON path).
+chat_response parse_response(const keel::http::response& res, provider_kind kind,
+                             std::chrono::system_clock::time_point now);
+
+}  // namespace keel::llm

@@ -1,0 +1,54 @@
+// A cheap, conservative estimate of the tokens a chat request will consume.
+#pragma once
+
+// Overview
+// --------
+// Token-based rate limits (OpenAI TPM, Anthropic ITPM/OTPM, Bedrock tokens per minute) are
+// charged before the provider has tokenised anything, so a client-side token bucket needs an
+// estimate up front. `estimate_tokens` uses the common rule of thumb for English text with BPE
+// tokenisers, rounded up everywhere so that it errs on the side of pacing too much:
+//
+//     ceil(bytes / 4) for the system prompt, the model-visible text of every message
+//   + 4 per message (role and separators) + 3 for the reply's priming
+//   + max_tokens (the reply may use all of it; providers reserve it against the limit)
+//
+// It counts UTF-8 bytes, not characters, which over-estimates non-Latin scripts (a CJK character
+// is 3 bytes and usually 1-2 tokens): conservative, as intended. It is not a tokenizer; for
+// billing use the provider's reported `chat_response::usage`.
+//
+// Example:
+//
+//     long long cost = keel::llm::estimate_tokens(req);
+//     co_await token_bucket.acquire(cost);
+//
+// Thread safety: a pure function.
+
+#include <keel/llm/chat.hpp>
+
+#include <algorithm>
+
+namespace keel::llm {
+
+/// Estimated tokens per message for role and separators.
+inline constexpr long long tokens_per_message = 4;
+/// Estimated tokens that prime the reply.
+inline constexpr long long tokens_reply_priming = 3;
+
+/// Estimates the tokens `req` will consume (prompt plus the full reply budget); see the header.
+/// @return a non-negative estimate.
+inline long long estimate_tokens(const chat_request& req) noexcept {
+  auto text_tokens = [](const std::string& s) {
+    return static_cast<long long>((s.size() + 3) / 4);
+  };
+  long long total = tokens_reply_priming;
+  if (!req.system.empty()) {
+    total += text_tokens(req.system) + tokens_per_message;
+  }
+  for (const auto& m : req.messages) {
+    total += text_tokens(m.content) + tokens_per_message;
+  }
+  total += std::max(req.max_tokens, 0);
+  return total;
+}
+
+}  // namespace keel::llm

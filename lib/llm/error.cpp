@@ -1,0 +1,194 @@
+// The keel.llm error category, provider_error and secret redaction.
+#include <keel/llm/error.hpp>
+
+#include <keel/http/message.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <utility>
+
+namespace keel::llm {
+namespace {
+
+class category_impl final : public boost::system::error_category {
+ public:
+  // A fixed id makes codes from different shared objects compare equal ("keel_llm").
+  constexpr category_impl() noexcept : error_category(0x6b65656c5f6c6c6dULL) {}
+  const char* name() const noexcept override { return "keel.llm"; }
+  std::string message(int ev) const override {
+    switch (static_cast<errc>(ev)) {
+      case errc::rate_limited:
+        return "rate limited";
+      case errc::quota_exhausted:
+        return "quota exhausted";
+      case errc::overloaded:
+        return "provider overloaded";
+      case errc::server_error:
+        return "provider server error";
+      case errc::timeout:
+        return "provider timeout";
+      case errc::transport:
+        return "transport failure";
+      case errc::context_length_exceeded:
+        return "context length exceeded";
+      case errc::content_filtered:
+        return "content filtered";
+      case errc::auth:
+        return "authentication failed";
+      case errc::bad_request:
+        return "bad request";
+      case errc::not_found:
+        return "not found";
+      case errc::malformed_response:
+        return "malformed response";
+    }
+    return "unknown keel.llm error";
+  }
+  boost::system::error_condition default_error_condition(int ev) const noexcept override {
+    return make_error_condition(condition_of(static_cast<errc>(ev)));
+  }
+};
+
+const category_impl category_instance;
+
+bool starts_with_ci(std::string_view s, std::string_view prefix) {
+  return s.size() >= prefix.size() && keel::http::iequals(s.substr(0, prefix.size()), prefix);
+}
+
+bool is_key_char(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '/' ||
+         c == '+' || c == '=' || c == '.';
+}
+
+std::string summary(errc code, const provider_error_info& info) {
+  std::string s = info.provider.empty() ? std::string("llm") : info.provider;
+  s += ": ";
+  s += to_string(code);
+  if (info.status != 0 || !info.provider_code.empty()) {
+    s += " (";
+    if (info.status != 0) {
+      s += "HTTP " + std::to_string(info.status);
+    }
+    if (!info.provider_code.empty()) {
+      s += info.status != 0 ? " " : "";
+      s += redact(info.provider_code, 80);
+    }
+    s += ")";
+  }
+  if (!info.message.empty()) {
+    s += ": ";
+    s += info.message;
+  }
+  if (!info.request_id.empty()) {
+    s += " [request " + info.request_id.substr(0, 100) + "]";
+  }
+  return s;
+}
+
+}  // namespace
+
+const boost::system::error_category& error_category() noexcept {
+  return category_instance;
+}
+
+keel::condition condition_of(errc e) noexcept {
+  switch (e) {
+    case errc::rate_limited:
+      return keel::condition::throttled;
+    case errc::overloaded:
+    case errc::server_error:
+    case errc::transport:
+      return keel::condition::transient;
+    case errc::timeout:
+      return keel::condition::timeout;
+    case errc::quota_exhausted:
+    case errc::context_length_exceeded:
+    case errc::content_filtered:
+    case errc::auth:
+    case errc::bad_request:
+    case errc::not_found:
+    case errc::malformed_response:
+      return keel::condition::permanent;
+  }
+  return keel::condition::permanent;
+}
+
+std::string_view to_string(errc e) noexcept {
+  switch (e) {
+    case errc::rate_limited:
+      return "rate_limited";
+    case errc::quota_exhausted:
+      return "quota_exhausted";
+    case errc::overloaded:
+      return "overloaded";
+    case errc::server_error:
+      return "server_error";
+    case errc::timeout:
+      return "timeout";
+    case errc::transport:
+      return "transport";
+    case errc::context_length_exceeded:
+      return "context_length_exceeded";
+    case errc::content_filtered:
+      return "content_filtered";
+    case errc::auth:
+      return "auth";
+    case errc::bad_request:
+      return "bad_request";
+    case errc::not_found:
+      return "not_found";
+    case errc::malformed_response:
+      return "malformed_response";
+  }
+  return "unknown";
+}
+
+std::string redact(std::string_view text, std::size_t max_bytes) {
+  // Providers echo (partially masked) keys in auth errors ("Incorrect API key provided: sk-..."),
+  // and a caller may pass any text here; we mask whole tokens that look like credentials rather
+  // than trying to recognise every provider's masking scheme.
+  std::string out;
+  out.reserve(std::min(text.size(), max_bytes));
+  std::size_t i = 0;
+  bool after_bearer = false;
+  while (i < text.size()) {
+    if (!is_key_char(text[i])) {
+      char c = text[i];
+      out += (c == '\n' || c == '\r' || c == '\t') ? ' ' : c;
+      ++i;
+      continue;
+    }
+    std::size_t j = i;
+    while (j < text.size() && is_key_char(text[j])) {
+      ++j;
+    }
+    std::string_view word = text.substr(i, j - i);
+    const bool looks_like_key =
+        after_bearer || (starts_with_ci(word, "sk-") && word.size() >= 8) ||
+        ((word.starts_with("AKIA") || word.starts_with("ASIA")) && word.size() >= 16) ||
+        (word.size() >= 32 && word.find_first_of("0123456789") != std::string_view::npos &&
+         word.find(' ') == std::string_view::npos && word.find('.') == std::string_view::npos &&
+         word.find('-') == std::string_view::npos);
+    after_bearer = keel::http::iequals(word, "bearer");
+    out += looks_like_key ? std::string_view("[redacted]") : word;
+    i = j;
+  }
+  if (out.size() > max_bytes) {
+    out.resize(max_bytes);
+    out += "...";
+  }
+  return out;
+}
+
+provider_error::provider_error(errc code, provider_error_info info)
+    : keel::failure(make_error_code(code),
+                    summary(code,
+                            [&] {
+                              info.message = redact(info.message);
+                              return info;
+                            }()),
+                    {}, info.retry_after),
+      code_(code),
+      info_(std::move(info)) {}
+
+}  // namespace keel::llm

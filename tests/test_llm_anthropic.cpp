@@ -1,0 +1,126 @@
+// Tests for keel/llm/anthropic.hpp: request bodies, success parsing and error classification.
+#include <keel/classify.hpp>
+#include <keel/llm/anthropic.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+using namespace std::chrono_literals;
+using keel::llm::errc;
+using json = nlohmann::json;
+
+namespace {
+const auto t0 = std::chrono::system_clock::time_point(
+    std::chrono::duration_cast<std::chrono::system_clock::duration>(784111777s));
+
+keel::http::response reply(int status, std::string body, keel::http::header_list h = {}) {
+  keel::http::response r;
+  r.status = status;
+  r.headers = std::move(h);
+  r.body = std::move(body);
+  return r;
+}
+
+keel::llm::provider_error error_of(const keel::http::response& r) {
+  try {
+    keel::llm::anthropic::parse_response(r, t0);
+  } catch (const keel::llm::provider_error& e) {
+    return e;
+  }
+  FAIL("parse_response did not throw");
+  throw std::logic_error("unreachable");
+}
+
+std::string err_body(const char* type, const char* message) {
+  return json{{"type", "error"}, {"error", {{"type", type}, {"message", message}}}}.dump();
+}
+}  // namespace
+
+TEST_CASE("anthropic build_request makes the messages call", "[llm][anthropic]") {
+  keel::llm::chat_request req("claude-3-5-haiku-latest", {{"user", "Hi"}}, 256);
+  req.system = "Be brief.";
+  req.temperature = 0.0;
+  req.metadata = {{"user_id", "u1"}};
+  req.response_format = json{{"type", "object"}};  // not sent: no equivalent in the API
+  keel::llm::endpoint ep(keel::llm::provider_kind::anthropic, "", "sk-ant-secret");
+  auto r = keel::llm::anthropic::build_request(req, ep);
+  CHECK(r.method == "POST");
+  CHECK(r.url == "https://api.anthropic.com/v1/messages");
+  CHECK(r.headers.find("x-api-key") == std::optional<std::string_view>("sk-ant-secret"));
+  CHECK(r.headers.find("anthropic-version") == std::optional<std::string_view>("2023-06-01"));
+  CHECK_FALSE(r.headers.find("authorization").has_value());
+  CHECK(json::parse(r.body) == json::parse(R"({
+    "model": "claude-3-5-haiku-latest", "max_tokens": 256, "system": "Be brief.",
+    "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.0,
+    "metadata": {"user_id": "u1"}})"));
+}
+
+TEST_CASE("anthropic parse_response joins text blocks and reads usage", "[llm][anthropic]") {
+  auto r = keel::llm::anthropic::parse_response(
+      reply(200,
+            R"({"id":"msg_1","type":"message","role":"assistant","model":"claude-x",
+               "content":[{"type":"text","text":"Hello"},{"type":"thinking","thinking":"..."},
+                          {"type":"text","text":" world"}],
+               "stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":2}})",
+            {{"request-id", "req_a"}, {"anthropic-ratelimit-requests-remaining", "49"}}),
+      t0);
+  CHECK(r.text == "Hello world");
+  CHECK(r.finish_reason == "end_turn");
+  CHECK(r.model == "claude-x");
+  CHECK(r.usage.input == 10);
+  CHECK(r.usage.output == 2);
+  CHECK(r.request_id == "req_a");
+  CHECK(r.rate_limits.remaining_requests == 49.0);
+
+  auto m1 = error_of(reply(200, R"({"content":"x"})"));
+  CHECK(m1.llm_code() == errc::malformed_response);
+  CHECK(std::string(m1.what()).find("content is not an array") != std::string::npos);
+  auto m2 = error_of(reply(200, R"({"content":[{"type":"text"}]})"));
+  CHECK(std::string(m2.what()).find("content[0].text missing") != std::string::npos);
+  auto m3 = error_of(reply(200, R"({"stop_reason":"end_turn"})"));
+  CHECK(std::string(m3.what()).find("content missing") != std::string::npos);
+  CHECK(error_of(reply(200, "{truncated")).llm_code() == errc::malformed_response);
+  CHECK(error_of(reply(200, R"({"content":[],"stop_reason":"refusal"})")).llm_code() ==
+        errc::content_filtered);
+}
+
+TEST_CASE("anthropic errors are classified per the provider table", "[llm][anthropic]") {
+  struct row {
+    int status;
+    std::string body;
+    errc code;
+  };
+  const row table[] = {
+      {429, err_body("rate_limit_error", "Number of requests has exceeded your rate limit"),
+       errc::rate_limited},
+      {529, err_body("overloaded_error", "Overloaded"), errc::overloaded},
+      {500, err_body("api_error", "Internal server error"), errc::server_error},
+      {504, err_body("timeout_error", "timeout"), errc::timeout},
+      {400, err_body("invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"),
+       errc::context_length_exceeded},
+      {400, err_body("invalid_request_error", "Your credit balance is too low"),
+       errc::quota_exhausted},
+      {400, err_body("invalid_request_error", "messages: field required"), errc::bad_request},
+      {401, err_body("authentication_error", "invalid x-api-key"), errc::auth},
+      {403, err_body("permission_error", "no access"), errc::auth},
+      {404, err_body("not_found_error", "model: x"), errc::not_found},
+      {413, err_body("request_too_large", "Request exceeds the maximum allowed size"),
+       errc::bad_request},
+      {402, err_body("billing_error", "billing"), errc::quota_exhausted},
+      {503, "upstream connect error", errc::overloaded},
+      {529, "", errc::overloaded},
+  };
+  for (const auto& t : table) {
+    INFO(t.status << " " << t.body);
+    auto e = error_of(reply(t.status, t.body, {{"request-id", "req_x"}, {"retry-after", "4"}}));
+    CHECK(e.llm_code() == t.code);
+    CHECK(e.status() == t.status);
+    CHECK(e.provider() == "anthropic");
+    CHECK(e.request_id() == "req_x");
+    CHECK(e.retry_after() == std::optional<std::chrono::nanoseconds>(4s));
+  }
+  auto e = error_of(reply(429, err_body("rate_limit_error", "slow")));
+  CHECK(e.provider_code() == "rate_limit_error");
+  CHECK(keel::classify(std::make_exception_ptr(e)).condition == keel::condition::throttled);
+}

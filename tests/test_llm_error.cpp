@@ -1,0 +1,87 @@
+// Tests for keel/llm/error.hpp: the keel.llm category, provider_error and redaction.
+#include <keel/classify.hpp>
+#include <keel/llm/error.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+using namespace std::chrono_literals;
+using keel::llm::errc;
+
+TEST_CASE("every keel.llm code maps to the condition a caller should act on", "[llm][error]") {
+  struct row {
+    errc code;
+    keel::condition cond;
+  };
+  const row table[] = {
+      {errc::rate_limited, keel::condition::throttled},
+      {errc::quota_exhausted, keel::condition::permanent},
+      {errc::overloaded, keel::condition::transient},
+      {errc::server_error, keel::condition::transient},
+      {errc::timeout, keel::condition::timeout},
+      {errc::transport, keel::condition::transient},
+      {errc::context_length_exceeded, keel::condition::permanent},
+      {errc::content_filtered, keel::condition::permanent},
+      {errc::auth, keel::condition::permanent},
+      {errc::bad_request, keel::condition::permanent},
+      {errc::not_found, keel::condition::permanent},
+      {errc::malformed_response, keel::condition::permanent},
+  };
+  for (const auto& r : table) {
+    INFO(keel::llm::to_string(r.code));
+    const boost::system::error_code ec = make_error_code(r.code);
+    CHECK(ec == r.cond);
+    CHECK(keel::condition_of(ec) == r.cond);
+    CHECK(keel::llm::condition_of(r.code) == r.cond);
+    CHECK(std::string(ec.category().name()) == "keel.llm");
+    CHECK_FALSE(ec.message().empty());
+  }
+  CHECK_FALSE(keel::is_retryable(keel::condition_of(make_error_code(errc::quota_exhausted))));
+}
+
+TEST_CASE("classify reads condition and retry_after from a provider_error", "[llm][error]") {
+  keel::llm::provider_error_info info(429, "openai", "rate_limit_exceeded", "Rate limit reached");
+  info.request_id = "req_123";
+  info.retry_after = std::chrono::nanoseconds(1500ms);
+  auto ep = std::make_exception_ptr(keel::llm::provider_error(errc::rate_limited, info));
+  auto c = keel::classify(ep);
+  CHECK(c.condition == keel::condition::throttled);
+  REQUIRE(c.retry_after.has_value());
+  CHECK(*c.retry_after == 1500ms);
+  CHECK(c.code == errc::rate_limited);
+
+  auto quota = std::make_exception_ptr(keel::llm::provider_error(
+      errc::quota_exhausted, {429, "openai", "insufficient_quota", "You exceeded your quota"}));
+  CHECK(keel::classify(quota).condition == keel::condition::permanent);
+  CHECK_FALSE(keel::classify(quota).retry_after.has_value());
+}
+
+TEST_CASE("provider_error keeps the provider's fields and says them in one line", "[llm][error]") {
+  keel::llm::provider_error_info info(529, "anthropic", "overloaded_error", "Overloaded\nnow");
+  info.request_id = "req_abc";
+  info.should_retry = true;
+  keel::llm::provider_error e(errc::overloaded, info);
+  CHECK(e.llm_code() == errc::overloaded);
+  CHECK(e.status() == 529);
+  CHECK(e.provider() == "anthropic");
+  CHECK(e.provider_code() == "overloaded_error");
+  CHECK(e.request_id() == "req_abc");
+  CHECK(e.should_retry() == std::optional<bool>(true));
+  CHECK(std::string(e.what()) ==
+        "anthropic: overloaded (HTTP 529 overloaded_error): Overloaded now [request req_abc]");
+}
+
+TEST_CASE("provider_error never puts a secret in what()", "[llm][error]") {
+  keel::llm::provider_error e(
+      errc::auth, {401, "openai", "invalid_api_key",
+                   "Incorrect API key provided: sk-proj-abcdEFGH1234. Header Bearer tok_secret "
+                   "key AKIAIOSFODNN7EXAMPLE"});
+  const std::string w = e.what();
+  CHECK(w.find("sk-proj") == std::string::npos);
+  CHECK(w.find("tok_secret") == std::string::npos);
+  CHECK(w.find("AKIAIOSFODNN7EXAMPLE") == std::string::npos);
+  CHECK(w.find("[redacted]") != std::string::npos);
+  CHECK(w.find("Incorrect API key provided") != std::string::npos);
+  CHECK(keel::llm::redact(std::string(1000, 'x')).size() == 303);
+}

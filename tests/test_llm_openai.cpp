@@ -1,0 +1,199 @@
+// Tests for keel/llm/openai.hpp: request bodies, success parsing and error classification.
+#include <keel/classify.hpp>
+#include <keel/llm/openai.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+using namespace std::chrono_literals;
+using keel::llm::errc;
+using json = nlohmann::json;
+
+namespace {
+const auto t0 = std::chrono::system_clock::time_point(
+    std::chrono::duration_cast<std::chrono::system_clock::duration>(784111777s));
+
+keel::http::response reply(int status, std::string body, keel::http::header_list h = {}) {
+  keel::http::response r;
+  r.status = status;
+  r.headers = std::move(h);
+  r.body = std::move(body);
+  return r;
+}
+
+// Runs parse_response expecting a provider_error; returns it (or fails the test).
+keel::llm::provider_error error_of(const keel::http::response& r) {
+  try {
+    keel::llm::openai::parse_response(r, t0);
+  } catch (const keel::llm::provider_error& e) {
+    return e;
+  }
+  FAIL("parse_response did not throw");
+  throw std::logic_error("unreachable");
+}
+
+std::string err_body(const char* type, const char* code, const char* message) {
+  json e = {{"type", type}, {"message", message}, {"param", nullptr}};
+  e["code"] = code ? json(code) : json(nullptr);
+  return json{{"error", e}}.dump();
+}
+}  // namespace
+
+TEST_CASE("openai build_request makes the chat completions call", "[llm][openai]") {
+  keel::llm::chat_request req("gpt-4o-mini", {{"user", "Hi"}, {"assistant", "Hello"}}, 64);
+  req.system = "Be brief.";
+  req.temperature = 0.5;
+  req.metadata = {{"job", "42"}};
+  req.response_format = json{{"type", "object"}, {"properties", {{"a", {{"type", "string"}}}}}};
+  keel::llm::endpoint ep(keel::llm::provider_kind::openai, "http://127.0.0.1:8080/", "sk-test");
+  auto r = keel::llm::openai::build_request(req, ep);
+  CHECK(r.method == "POST");
+  CHECK(r.url == "http://127.0.0.1:8080/v1/chat/completions");
+  CHECK(r.headers.find("Authorization") == std::optional<std::string_view>("Bearer sk-test"));
+  CHECK(r.headers.find("content-type") == std::optional<std::string_view>("application/json"));
+  const json expected = json::parse(R"({
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Hello"}],
+    "max_tokens": 64,
+    "temperature": 0.5,
+    "metadata": {"job": "42"},
+    "response_format": {"type": "json_schema", "json_schema": {"name": "response", "strict": true,
+        "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}
+  })");
+  CHECK(json::parse(r.body) == expected);
+
+  keel::llm::chat_request plain("gpt-4o", {{"user", "x"}});
+  auto p =
+      keel::llm::build_request(plain, keel::llm::endpoint(keel::llm::provider_kind::openai, ""));
+  CHECK(p.url == "https://api.openai.com/v1/chat/completions");
+  CHECK(json::parse(p.body) ==
+        json::parse(R"({"model":"gpt-4o","messages":[{"role":"user","content":"x"}],
+                        "max_tokens":1024})"));
+}
+
+TEST_CASE("openai parse_response reads text, usage, ids and rate limits", "[llm][openai]") {
+  auto r = keel::llm::openai::parse_response(
+      reply(200,
+            R"({"id":"chatcmpl-1","model":"gpt-4o-mini-2024","choices":[{"index":0,
+               "message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],
+               "usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}})",
+            {{"x-request-id", "req_1"}, {"x-ratelimit-remaining-requests", "99"}}),
+      t0);
+  CHECK(r.text == "Hello!");
+  CHECK(r.finish_reason == "stop");
+  CHECK(r.model == "gpt-4o-mini-2024");
+  CHECK(r.usage.input == 12);
+  CHECK(r.usage.output == 3);
+  CHECK(r.request_id == "req_1");
+  CHECK(r.rate_limits.remaining_requests == 99.0);
+  CHECK(r.raw["id"] == "chatcmpl-1");
+}
+
+TEST_CASE("openai malformed success bodies name the JSON path", "[llm][openai]") {
+  struct row {
+    const char* body;
+    const char* says;
+  };
+  const row table[] = {
+      {"not json", "body is not valid JSON"},
+      {"[1,2]", "body is not a JSON object"},
+      {"{}", "choices missing"},
+      {R"({"choices":{}})", "choices is not an array"},
+      {R"({"choices":[]})", "choices is empty"},
+      {R"({"choices":[{}]})", "choices[0].message missing"},
+      {R"({"choices":[{"message":{}}]})", "choices[0].message.content missing"},
+      {R"({"choices":[{"message":{"content":7}}]})", "choices[0].message.content is not a string"},
+      {R"({"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":"1"}})",
+       "usage.prompt_tokens is not a non-negative integer"},
+  };
+  for (const auto& t : table) {
+    INFO(t.body);
+    auto e = error_of(reply(200, t.body));
+    CHECK(e.llm_code() == errc::malformed_response);
+    CHECK(std::string(e.what()).find(t.says) != std::string::npos);
+    CHECK(e.code() == keel::condition::permanent);
+  }
+}
+
+TEST_CASE("openai errors are classified per the provider table", "[llm][openai]") {
+  struct row {
+    int status;
+    std::string body;
+    errc code;
+    const char* provider_code;
+  };
+  const row table[] = {
+      {429, err_body("requests", "rate_limit_exceeded", "Rate limit reached"), errc::rate_limited,
+       "rate_limit_exceeded"},
+      {429, err_body("insufficient_quota", "insufficient_quota", "You exceeded your quota"),
+       errc::quota_exhausted, "insufficient_quota"},
+      {429, err_body("billing", "billing_hard_limit_reached", "Billing limit"),
+       errc::quota_exhausted, "billing_hard_limit_reached"},
+      {400, err_body("invalid_request_error", "context_length_exceeded", "too long"),
+       errc::context_length_exceeded, "context_length_exceeded"},
+      {400, err_body("invalid_request_error", nullptr, "This model's maximum context length is 8k"),
+       errc::context_length_exceeded, "invalid_request_error"},
+      {400, err_body("invalid_request_error", "content_filter", "filtered"), errc::content_filtered,
+       "content_filter"},
+      {400, err_body("invalid_request_error", "invalid_value", "bad"), errc::bad_request,
+       "invalid_value"},
+      {401, err_body("invalid_request_error", "invalid_api_key", "Incorrect API key sk-abcdef12"),
+       errc::auth, "invalid_api_key"},
+      {403, err_body("invalid_request_error", "unsupported_country_region_territory", "no"),
+       errc::auth, "unsupported_country_region_territory"},
+      {404, err_body("invalid_request_error", "model_not_found", "no model"), errc::not_found,
+       "model_not_found"},
+      {408, "", errc::timeout, ""},
+      {409, "", errc::server_error, ""},
+      {500, err_body("server_error", nullptr, "oops"), errc::server_error, "server_error"},
+      {502, "<html>Bad Gateway</html>", errc::server_error, ""},
+      {503, "", errc::overloaded, ""},
+      {504, "", errc::timeout, ""},
+      {422, "", errc::bad_request, ""},
+  };
+  for (const auto& t : table) {
+    INFO(t.status << " " << t.body);
+    auto e = error_of(reply(t.status, t.body, {{"x-request-id", "req_9"}}));
+    CHECK(e.llm_code() == t.code);
+    CHECK(e.status() == t.status);
+    CHECK(e.provider() == "openai");
+    CHECK(e.provider_code() == t.provider_code);
+    CHECK(e.request_id() == "req_9");
+  }
+  auto auth =
+      error_of(reply(401, err_body("x", "invalid_api_key", "Incorrect API key sk-abcdef12")));
+  CHECK(std::string(auth.what()).find("sk-abcdef12") == std::string::npos);
+}
+
+TEST_CASE("openai errors carry the retry hint and honour x-should-retry", "[llm][openai]") {
+  auto e = error_of(reply(429, err_body("requests", "rate_limit_exceeded", "slow down"),
+                          {{"retry-after-ms", "1200"}, {"retry-after", "2"}}));
+  auto ep = std::make_exception_ptr(e);
+  auto c = keel::classify(ep);
+  CHECK(c.condition == keel::condition::throttled);
+  CHECK(c.retry_after == std::optional<std::chrono::nanoseconds>(1200ms));
+
+  auto forced =
+      error_of(reply(400, err_body("x", "odd", "retry me"), {{"x-should-retry", "true"}}));
+  CHECK(forced.llm_code() == errc::server_error);
+  CHECK(forced.should_retry() == std::optional<bool>(true));
+  auto quota = error_of(reply(429, err_body("insufficient_quota", "insufficient_quota", "q"),
+                              {{"x-should-retry", "true"}}));
+  CHECK(quota.llm_code() == errc::quota_exhausted);
+  auto no = error_of(reply(500, "", {{"x-should-retry", "false"}}));
+  CHECK(no.llm_code() == errc::server_error);
+  CHECK(no.should_retry() == std::optional<bool>(false));
+}
+
+TEST_CASE("openai content filter and refusals on 200 are content_filtered", "[llm][openai]") {
+  auto f = error_of(reply(
+      200, R"({"choices":[{"message":{"content":"partial"},"finish_reason":"content_filter"}]})"));
+  CHECK(f.llm_code() == errc::content_filtered);
+  auto r = error_of(reply(
+      200,
+      R"({"choices":[{"message":{"content":null,"refusal":"I can't"},"finish_reason":"stop"}]})"));
+  CHECK(r.llm_code() == errc::content_filtered);
+}

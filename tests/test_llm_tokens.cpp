@@ -1,0 +1,28 @@
+// Tests for keel/llm/tokens.hpp: the conservative token estimate.
+#include <keel/llm/tokens.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+TEST_CASE("estimate_tokens counts text, per-message overhead and the reply budget",
+          "[llm][tokens]") {
+  keel::llm::chat_request req("m", {}, 0);
+  CHECK(keel::llm::estimate_tokens(req) == 3);  // reply priming only
+
+  req.messages.emplace_back("user", std::string(8, 'a'));  // 2 tokens + 4
+  CHECK(keel::llm::estimate_tokens(req) == 3 + 2 + 4);
+
+  req.messages.emplace_back("assistant", "abcde");  // 5 bytes rounds up to 2 tokens + 4
+  req.system = "x";                                 // 1 token + 4
+  req.max_tokens = 100;
+  CHECK(keel::llm::estimate_tokens(req) == 3 + (2 + 4) + (2 + 4) + (1 + 4) + 100);
+
+  req.max_tokens = -5;  // a nonsensical budget does not lower the estimate
+  CHECK(keel::llm::estimate_tokens(req) == 3 + (2 + 4) + (2 + 4) + (1 + 4));
+}
+
+TEST_CASE("estimate_tokens errs high on non-Latin text", "[llm][tokens]") {
+  keel::llm::chat_request req("m", {{"user", "\xE4\xBD\xA0\xE5\xA5\xBD"}}, 0);  // two CJK chars
+  CHECK(keel::llm::estimate_tokens(req) == 3 + 2 + 4);
+}
