@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs keel's Debian 12 dependencies, builds keel with clang++ and runs the demo.
 #
-# Usage: scripts/setup.sh [--no-demo] [--build-dir DIR] [--sanitize] [--gcc]
+# Usage: scripts/setup.sh [--no-demo] [--build-dir DIR] [--sanitize] [--gcc] [--tests-only]
 # Environment: KEEL_BUILD_TYPE (default RelWithDebInfo), KEEL_JOBS (default: nproc).
 set -euo pipefail
 
@@ -10,12 +10,14 @@ build_dir="$here/build"
 run_demo=1
 sanitize=OFF
 compiler=clang++
+extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-demo) run_demo=0 ;;
     --build-dir) build_dir="$2"; shift ;;
     --sanitize) sanitize=ON ;;
     --gcc) compiler=g++ ;;
+    --tests-only) extra+=(-DKEEL_BUILD_EXAMPLES=OFF -DKEEL_HEADER_CHECK=OFF); run_demo=0 ;;
     *) echo "setup.sh: unknown option '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -40,7 +42,7 @@ jobs=${KEEL_JOBS:-$(nproc)}
 cmake -S "$here" -B "$build_dir" -G Ninja \
   -DCMAKE_CXX_COMPILER="$compiler" \
   -DCMAKE_BUILD_TYPE="${KEEL_BUILD_TYPE:-RelWithDebInfo}" \
-  -DKEEL_WERROR=ON -DKEEL_SANITIZE="$sanitize"
+  -DKEEL_WERROR=ON -DKEEL_SANITIZE="$sanitize" "${extra[@]}"
 cmake --build "$build_dir" -j "$jobs"
 
 if [ "$run_demo" = 1 ]; then
