@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -159,4 +160,19 @@ TEST_CASE("sign_request adds the session token and content hash and can re-sign"
   } catch (const std::invalid_argument& e) {
     CHECK(std::string(e.what()).find("secret-value") == std::string::npos);
   }
+}
+
+TEST_CASE("AWS credentials come from the standard environment variables", "[llm][sigv4]") {
+  ::setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE", 1);
+  ::setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env", 1);
+  ::setenv("AWS_SESSION_TOKEN", "token-from-env", 1);
+  auto c = keel::llm::aws_credentials_from_environment();
+  REQUIRE(c);
+  CHECK(c->access_key == "AKIDEXAMPLE");
+  CHECK(c->secret_key == "secret-from-env");
+  CHECK(c->session_token == "token-from-env");
+  ::unsetenv("AWS_SECRET_ACCESS_KEY");
+  CHECK_FALSE(keel::llm::aws_credentials_from_environment());
+  ::unsetenv("AWS_ACCESS_KEY_ID");
+  ::unsetenv("AWS_SESSION_TOKEN");
 }

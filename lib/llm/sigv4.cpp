@@ -1,6 +1,8 @@
 // AWS Signature Version 4: canonical request, string to sign, signing key and the signer.
 #include <keel/llm/sigv4.hpp>
 
+#include <cstdlib>
+
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -341,6 +343,19 @@ void sign_request(keel::http::request& req, const aws_credentials& creds, std::s
   req.set("authorization", "AWS4-HMAC-SHA256 Credential=" + creds.access_key + "/" + scope +
                                ", SignedHeaders=" + sigv4::signed_headers(req) +
                                ", Signature=" + signature);
+}
+
+std::optional<aws_credentials> aws_credentials_from_environment() {
+  auto get = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);  // NOLINT(concurrency-mt-unsafe): read once at set-up
+    return v ? std::string(v) : std::string();
+  };
+  aws_credentials c(get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"),
+                    get("AWS_SESSION_TOKEN"));
+  if (c.access_key.empty() || c.secret_key.empty()) {
+    return std::nullopt;
+  }
+  return c;
 }
 
 }  // namespace keel::llm

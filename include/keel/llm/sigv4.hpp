@@ -35,6 +35,7 @@
 #include <keel/http/message.hpp>
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -58,6 +59,11 @@ struct aws_credentials {
         secret_key(std::move(secret)),
         session_token(std::move(token)) {}
 };
+
+/// Credentials from the standard environment variables `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY` and (optional) `AWS_SESSION_TOKEN`.
+/// @returns `std::nullopt` unless both the key id and the secret are set and non-empty.
+std::optional<aws_credentials> aws_credentials_from_environment();
 
 /// Options of `sign_request`.
 struct sigv4_options {
