@@ -848,3 +848,33 @@ TEST_CASE("an unbounded break duration keeps the breaker open instead of overflo
   CHECK(breaker.state() == keel::breaker_state::open);
   CHECK_FALSE(breaker.try_acquire());
 }
+
+TEST_CASE("a cancelled call that reports another error does not count against the breaker",
+          "[breaker][review]") {
+  keel::testing::manual_clock::reset();
+  boost::asio::io_context ctx;
+  keel::basic_circuit_breaker<keel::testing::manual_clock> breaker{
+      ctx.get_executor(), keel::breaker_policy::consecutive(1, std::chrono::seconds(60))};
+  // Turns its cancellation into a reset, as some transports do.
+  auto op = [&]() -> boost::asio::awaitable<int> {
+    keel::basic_timer<keel::testing::manual_clock> t(co_await boost::asio::this_coro::executor,
+                                                     std::chrono::seconds(10));
+    try {
+      co_await t.async_wait(boost::asio::use_awaitable);
+    } catch (...) {
+      throw boost::system::system_error(boost::asio::error::connection_reset);
+    }
+    co_return 1;
+  };
+  boost::asio::cancellation_signal sig;
+  bool done = false;
+  boost::asio::co_spawn(ctx, keel::with_breaker(breaker, op),
+                        boost::asio::bind_cancellation_slot(
+                            sig.slot(), [&](std::exception_ptr, int) { done = true; }));
+  keel::testing::run_for(ctx, std::chrono::milliseconds(100));
+  sig.emit(boost::asio::cancellation_type::terminal);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return done; }));
+  CHECK(breaker.state() == keel::breaker_state::closed);
+  CHECK(breaker.counters().failed == 0);
+  CHECK(breaker.counters().cancelled == 1);
+}

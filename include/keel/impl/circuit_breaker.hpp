@@ -4,6 +4,10 @@
 #include <keel/circuit_breaker.hpp>
 #include <keel/clock.hpp>
 
+#include <boost/asio/cancellation_state.hpp>
+
+#include <boost/asio/this_coro.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -76,6 +80,18 @@ inline failure make_rejection(breaker_state seen, std::optional<std::chrono::nan
 
 struct no_degraded {};
 
+// A failure seen after the caller was cancelled is the cancellation, whatever the operation
+// turned it into (a reset, a deadline): it never counts against the breaker.
+template <class Permit>
+void settle_failure(Permit& p, const std::exception_ptr& error,
+                    const boost::asio::cancellation_state& cs) {
+  if (cs.cancelled() != boost::asio::cancellation_type::none) {
+    p.record_cancelled();
+  } else {
+    p.record_failure(error);
+  }
+}
+
 // Not a catch block with co_await in it: the exception is captured, the permit is settled outside
 // the handler, and the original exception object is rethrown unchanged.
 template <class Clock, class MakeOp, class Degraded>
@@ -114,7 +130,7 @@ boost::asio::awaitable<op_value_t<MakeOp>> with_breaker_impl(basic_circuit_break
       error = std::current_exception();
     }
     if (error) {
-      p->record_failure(error);
+      settle_failure(*p, error, co_await boost::asio::this_coro::cancellation_state);
       std::rethrow_exception(error);
     }
     p->record_success();
@@ -126,7 +142,7 @@ boost::asio::awaitable<op_value_t<MakeOp>> with_breaker_impl(basic_circuit_break
       error = std::current_exception();
     }
     if (error) {
-      p->record_failure(error);
+      settle_failure(*p, error, co_await boost::asio::this_coro::cancellation_state);
       std::rethrow_exception(error);
     }
     p->record_success();
