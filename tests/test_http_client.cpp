@@ -410,6 +410,9 @@ TEST_CASE("http client: cancelling a request waiting for a pool slot leaves the 
   REQUIRE(run_real(ctx, [&] { return third.done; }));
   REQUIRE(third.value);
   CHECK(third.value->status == 200);
+  // The cancelled waiter held no slot: the third request could only connect once the first
+  // released the one connection allowed (at 10 s), never while it was still open.
+  CHECK(third.finished_at_ms >= 10000);
   CHECK(cl.connections_opened() == 2);
 }
 

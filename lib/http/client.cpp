@@ -441,8 +441,11 @@ struct client::impl {
 
     std::string key = (u->tls ? "https://" : "http://") + u->host + ":" + std::to_string(u->port);
     host_pool& pool = self->pools[key];
+    // Acquire first: a caller cancelled while queued holds no slot, so it must not create the
+    // lease whose destructor gives a slot back.
+    std::unique_ptr<connection> acquired = co_await self->acquire(pool);
     lease l(self.get(), &pool);
-    l.conn = co_await self->acquire(pool);
+    l.conn = std::move(acquired);
     if (!l.conn) {
       l.conn = std::make_unique<connection>(self->ex);
       co_await self->connect(*l.conn, *u, where);
