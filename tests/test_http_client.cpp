@@ -387,6 +387,46 @@ TEST_CASE("http client: a deadline cancels a stalled request and its connection 
   CHECK(srv.accepts == 2);
 }
 
+TEST_CASE("http client: request_timeout ends a request the server never answers (timeout)",
+          "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int k) { return k == 0 ? act::stall : act::normal; };
+  kh::client_options opts;
+  opts.request_timeout = std::chrono::milliseconds(20);
+  kh::client cl(ctx.get_executor(), opts);
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url("/never")));
+  REQUIRE(out.error);
+  CHECK(out.code() == kh::error::request_timeout);
+  CHECK(out.code() == keel::condition::timeout);
+  CHECK(srv.stalled == 1);
+  CHECK(cl.pooled_idle() == 0);  // a timed-out connection is never reused
+  // The client closed the connection: the server's pending read ended.
+  REQUIRE(run_real(ctx, [&] { return srv.sessions_ended == 1; }));
+  // The next request gets a fresh connection and an answer.
+  auto next = send_one(ctx, cl, kh::request("GET", srv.url("/again")));
+  REQUIRE(next.value);
+  CHECK(next.value->status == 200);
+  CHECK(srv.accepts == 2);
+}
+
+TEST_CASE("http client: idle_timeout 0 never reuses a pooled connection", "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  kh::client_options opts;
+  opts.idle_timeout = std::chrono::steady_clock::duration::zero();
+  kh::client cl(ctx.get_executor(), opts);
+  for (int i = 0; i < 2; ++i) {
+    auto res = send_one(ctx, cl, kh::request("GET", srv.url("/" + std::to_string(i))));
+    REQUIRE(res.value);
+    CHECK(res.value->status == 200);
+  }
+  // Each idle connection is older than 0 when the next request looks at it, so it is closed.
+  CHECK(srv.accepts == 2);
+  CHECK(cl.connections_opened() == 2);
+  CHECK(cl.pooled_idle() == 1);  // the last one waits in the pool, to be closed on next use
+}
+
 TEST_CASE("http client: cancelling a request waiting for a pool slot leaves the queue intact",
           "[http]") {
   manual_clock::reset();

@@ -192,3 +192,266 @@ TEST_CASE("fail matrix: a reset at request k leaves every call with exactly one 
     CHECK(r.server.stats().total.requests == (k < 3 ? 4u : 3u));
   }
 }
+
+namespace {
+
+constexpr keel::llm::provider_kind all_providers[] = {keel::llm::provider_kind::openai,
+                                                      keel::llm::provider_kind::anthropic,
+                                                      keel::llm::provider_kind::bedrock};
+
+// The code of an error (a provider's errc, an HTTP client error or an Asio code).
+boost::system::error_code code_of(const std::exception_ptr& ep) {
+  try {
+    if (ep) {
+      std::rethrow_exception(ep);
+    }
+  } catch (const boost::system::system_error& e) {
+    return e.code();
+  } catch (...) {
+  }
+  return {};
+}
+
+// What a scripted fault must turn into at the end of keel::llm::complete.
+struct e2e_fault {
+  fault_kind fault;
+  keel::llm::errc code;
+  keel::condition condition;
+};
+
+// Every keel::llm::errc the mock produces with a real provider answer (bad_request only comes
+// from a request keel never builds, transport from the client rather than from keel::llm).
+const std::vector<e2e_fault> retried_faults{
+    {fault_kind::rate_limit, keel::llm::errc::rate_limited, keel::condition::throttled},
+    {fault_kind::throttling, keel::llm::errc::rate_limited, keel::condition::throttled},
+    {fault_kind::overloaded, keel::llm::errc::overloaded, keel::condition::transient},
+    {fault_kind::unavailable, keel::llm::errc::overloaded, keel::condition::transient},
+    {fault_kind::server_error, keel::llm::errc::server_error, keel::condition::transient},
+    {fault_kind::timeout, keel::llm::errc::timeout, keel::condition::timeout},
+};
+
+// The errc a retried fault maps to for `kind`: Anthropic's 503 carries type api_error, which
+// keel::llm reads as server_error (same condition, transient).
+keel::llm::errc expected_code(const e2e_fault& f, keel::llm::provider_kind kind) {
+  if (kind == keel::llm::provider_kind::anthropic && f.fault == fault_kind::unavailable) {
+    return keel::llm::errc::server_error;
+  }
+  return f.code;
+}
+
+const std::vector<e2e_fault> permanent_faults{
+    {fault_kind::quota_exhausted, keel::llm::errc::quota_exhausted, keel::condition::permanent},
+    {fault_kind::context_length, keel::llm::errc::context_length_exceeded,
+     keel::condition::permanent},
+    {fault_kind::content_filter, keel::llm::errc::content_filtered, keel::condition::permanent},
+    {fault_kind::auth, keel::llm::errc::auth, keel::condition::permanent},
+    {fault_kind::not_found, keel::llm::errc::not_found, keel::condition::permanent},
+    {fault_kind::malformed, keel::llm::errc::malformed_response, keel::condition::permanent},
+};
+
+}  // namespace
+
+TEST_CASE("every retryable provider error class is retried until max_attempts, then gives up",
+          "[llm][e2e]") {
+  for (const e2e_fault& f : retried_faults) {
+    for (auto kind : all_providers) {
+      INFO(kind_name(kind) << " fault " << keel::testing::to_string(f.fault));
+      rig r;
+      r.server.set_plan("m", fault_plan()
+                                 .with_script({f.fault, f.fault, f.fault})
+                                 .with_retry_after(1500ms, keel::testing::retry_after_style::both));
+      std::vector<keel::retry_event> events;
+      auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(100ms));
+      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
+      outcome<keel::llm::chat_response> out;
+      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
+      REQUIRE(keel::testing::run_until(
+          r.ctx, [&] { return out.done; }, 1min));
+      REQUIRE(out.error);
+      CHECK(out.code() == keel::error::retries_exhausted);
+      const auto last = keel::root_cause(out.error);
+      CHECK(code_of(last) == expected_code(f, kind));
+      CHECK(code_of(last) == f.condition);
+      CHECK(keel::classify(last).condition == f.condition);
+      CHECK(r.server.stats().model("m").requests == 3);
+      REQUIRE(events.size() == 2);
+      const bool throttled = f.condition == keel::condition::throttled;
+      for (const auto& e : events) {
+        CHECK(code_of(e.error) == expected_code(f, kind));
+        CHECK(e.classification.condition == f.condition);
+        CHECK(e.from_server_hint == throttled);
+        CHECK(e.delay == (throttled ? 1500ms : 100ms));
+      }
+      CHECK(events[0].attempt == 1);
+      CHECK(events[1].attempt == 2);
+      CHECK(out.finished_at_ms >= (throttled ? 3000 : 200));
+    }
+  }
+}
+
+TEST_CASE("a retryable provider error followed by success costs exactly one retry", "[llm][e2e]") {
+  for (const e2e_fault& f : retried_faults) {
+    for (auto kind : all_providers) {
+      INFO(kind_name(kind) << " fault " << keel::testing::to_string(f.fault));
+      rig r;
+      r.server.set_plan("m", fault_plan().with_script({f.fault}));
+      std::vector<keel::retry_event> events;
+      auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(250ms));
+      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
+      outcome<keel::llm::chat_response> out;
+      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
+      REQUIRE(keel::testing::run_until(
+          r.ctx, [&] { return out.done; }, 1min));
+      REQUIRE(out.value);
+      CHECK(out.value->text.find("hello there") != std::string::npos);
+      REQUIRE(events.size() == 1);
+      CHECK(code_of(events[0].error) == expected_code(f, kind));
+      // The default plan's Retry-After is 1 s (retry-after-ms: 1000).
+      CHECK(events[0].delay == (f.condition == keel::condition::throttled ? 1000ms : 250ms));
+      CHECK(r.server.stats().model("m").requests == 2);
+    }
+  }
+}
+
+TEST_CASE("every permanent provider error class fails at once without a retry", "[llm][e2e]") {
+  for (const e2e_fault& f : permanent_faults) {
+    for (auto kind : all_providers) {
+      INFO(kind_name(kind) << " fault " << keel::testing::to_string(f.fault));
+      rig r;
+      r.server.set_plan("m", fault_plan().with_script({f.fault}));
+      std::vector<keel::retry_event> events;
+      auto policy = keel::retry_policy::with_backoff(5, keel::backoff::constant(100ms));
+      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
+      outcome<keel::llm::chat_response> out;
+      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
+      REQUIRE(keel::testing::run_until(
+          r.ctx, [&] { return out.done; }, 1min));
+      REQUIRE(out.error);
+      CHECK(out.code() == f.code);  // rethrown unchanged, not wrapped in retries_exhausted
+      CHECK(out.code() == keel::condition::permanent);
+      CHECK(keel::classify(out.error).condition == keel::condition::permanent);
+      CHECK(events.empty());
+      CHECK(out.finished_at_ms == 0);  // no backoff sleep
+      CHECK(r.server.stats().model("m").requests == 1);
+      CHECK(keel::describe(out.error).find("sk-test-secret-key") == std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("transport faults (reset, truncated body) are transient and retried end to end",
+          "[llm][e2e]") {
+  for (auto fault : {fault_kind::reset, fault_kind::truncated}) {
+    for (auto kind : all_providers) {
+      INFO(kind_name(kind) << " fault " << keel::testing::to_string(fault));
+      rig r;
+      r.server.set_plan("m", fault_plan().with_script({fault, fault}));
+      std::vector<keel::retry_event> events;
+      auto policy = keel::retry_policy::with_backoff(2, keel::backoff::constant(100ms));
+      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
+      outcome<keel::llm::chat_response> out;
+      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
+      REQUIRE(keel::testing::run_until(
+          r.ctx, [&] { return out.done; }, 1min));
+      REQUIRE(out.error);
+      CHECK(out.code() == keel::error::retries_exhausted);
+      const auto last = keel::root_cause(out.error);
+      CHECK(code_of(last) == keel::condition::transient);
+      CHECK(code_of(last).category() != keel::llm::error_category());  // the client's error
+      REQUIRE(events.size() == 1);
+      CHECK(events[0].classification.condition == keel::condition::transient);
+      CHECK(events[0].delay == 100ms);
+      CHECK_FALSE(events[0].from_server_hint);
+      const auto s = r.server.stats().model("m");
+      CHECK(s.requests == 2);
+      CHECK(s.resets + s.truncations == 2);
+    }
+  }
+}
+
+TEST_CASE("each Retry-After form sets the retry delay end to end", "[llm][e2e]") {
+  using keel::testing::retry_after_style;
+  struct form {
+    retry_after_style style;
+    std::chrono::milliseconds lo;  // exclusive, unless equal to hi
+    std::chrono::milliseconds hi;  // inclusive
+  };
+  // The plan's delay is 2300 ms; seconds round it up; an HTTP-date has second resolution and is
+  // computed from the real wall clock, so only a bound holds for it.
+  const std::vector<form> forms{
+      {retry_after_style::milliseconds, 2300ms, 2300ms},
+      {retry_after_style::seconds, 3000ms, 3000ms},
+      {retry_after_style::both, 2300ms, 2300ms},  // retry-after-ms wins over Retry-After
+      {retry_after_style::http_date, 1300ms, 3300ms},
+      {retry_after_style::amz, 2300ms, 2300ms},
+  };
+  for (const form& fm : forms) {
+    for (auto kind : all_providers) {
+      if (fm.style == retry_after_style::amz && kind != keel::llm::provider_kind::bedrock) {
+        continue;  // x-amz-retry-after is Bedrock's header
+      }
+      INFO(kind_name(kind) << " form " << keel::testing::to_string(fm.style));
+      rig r;
+      r.server.set_plan(
+          "m",
+          fault_plan().with_script({fault_kind::rate_limit}).with_retry_after(2300ms, fm.style));
+      std::vector<keel::retry_event> events;
+      auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(100ms));
+      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
+      outcome<keel::llm::chat_response> out;
+      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
+      REQUIRE(keel::testing::run_until(
+          r.ctx, [&] { return out.done; }, 1min));
+      REQUIRE(out.value);
+      REQUIRE(events.size() == 1);
+      CHECK(code_of(events[0].error) == keel::llm::errc::rate_limited);
+      CHECK(events[0].from_server_hint);
+      if (fm.lo == fm.hi) {
+        CHECK(events[0].delay == fm.hi);
+      } else {
+        CHECK(events[0].delay > fm.lo);
+        CHECK(events[0].delay <= fm.hi);
+      }
+      CHECK(out.finished_at_ms >=
+            std::chrono::duration_cast<std::chrono::milliseconds>(events[0].delay).count());
+      CHECK(r.server.stats().model("m").requests == 2);
+    }
+  }
+}
+
+TEST_CASE("the rate limiter's Retry-After is honoured end to end and the retry then succeeds",
+          "[llm][e2e]") {
+  using keel::testing::retry_after_style;
+  for (auto style :
+       {retry_after_style::both, retry_after_style::milliseconds, retry_after_style::amz}) {
+    INFO("form " << keel::testing::to_string(style));
+    rig r;
+    fault_plan plan = fault_plan().with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1);
+    plan.retry_after_format = style;
+    r.server.set_plan("m", plan);
+    std::vector<keel::retry_event> events;
+    auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(10ms));
+    policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
+    outcome<int> out;
+    auto two_calls = [&]() -> asio::awaitable<int> {
+      int ok = 0;
+      for (int i = 0; i < 2; ++i) {
+        auto reply = co_await keel::with_retry<manual_clock>(
+            r.call(keel::llm::provider_kind::bedrock, "m"), policy);
+        ok += reply.text.empty() ? 0 : 1;
+      }
+      co_return ok;
+    };
+    spawn(r.ctx, two_calls(), out);
+    REQUIRE(keel::testing::run_until(
+        r.ctx, [&] { return out.done; }, 1min));
+    CHECK(out.value == 2);
+    // The second call found the bucket empty; virtual time may have moved while the first call
+    // was on the wire, so the wait is at most one refill (250 ms), and obeying it succeeds.
+    REQUIRE(events.size() == 1);
+    CHECK(events[0].from_server_hint);
+    CHECK(events[0].delay > 0ms);
+    CHECK(events[0].delay <= 250ms);
+    CHECK(r.server.stats().model("m").status_count(429) == 1);
+    CHECK(r.server.stats().model("m").requests == 3);
+  }
+}

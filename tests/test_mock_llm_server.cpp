@@ -1,4 +1,5 @@
 // Tests for keel/testing/mock_llm_server.hpp: wire formats, every fault kind, limits and counters.
+#include <keel/llm/hints.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <boost/asio/as_tuple.hpp>
@@ -232,6 +233,10 @@ const std::vector<fault_case> fault_matrix{
      false},
     {wire::openai, fault_kind::context_length, 400, "/error/code", "context_length_exceeded", "",
      false},
+    {wire::openai, fault_kind::auth, 401, "/error/code", "invalid_api_key", "", false},
+    {wire::openai, fault_kind::not_found, 404, "/error/code", "model_not_found", "", false},
+    {wire::openai, fault_kind::content_filter, 400, "/error/code", "content_filter", "", false},
+    {wire::openai, fault_kind::timeout, 408, "/error/message", "Request timed out.", "", false},
     {wire::anthropic, fault_kind::rate_limit, 429, "/error/type", "rate_limit_error", "", true},
     {wire::anthropic, fault_kind::server_error, 500, "/error/type", "api_error", "", false},
     {wire::anthropic, fault_kind::unavailable, 503, "/error/type", "api_error", "", false},
@@ -240,6 +245,9 @@ const std::vector<fault_case> fault_matrix{
      false},
     {wire::anthropic, fault_kind::context_length, 400, "/error/type", "invalid_request_error", "",
      false},
+    {wire::anthropic, fault_kind::auth, 401, "/error/type", "authentication_error", "", false},
+    {wire::anthropic, fault_kind::not_found, 404, "/error/type", "not_found_error", "", false},
+    {wire::anthropic, fault_kind::timeout, 504, "/error/type", "timeout_error", "", false},
     {wire::bedrock, fault_kind::throttling, 429, "/message",
      "Too many requests, please wait before trying again.", "ThrottlingException", true},
     {wire::bedrock, fault_kind::rate_limit, 429, "/message",
@@ -251,6 +259,9 @@ const std::vector<fault_case> fault_matrix{
      false},
     {wire::bedrock, fault_kind::context_length, 400, "/message",
      "Input is too long for requested model.", "ValidationException", false},
+    {wire::bedrock, fault_kind::auth, 403, "", "", "AccessDeniedException", false},
+    {wire::bedrock, fault_kind::not_found, 404, "", "", "ResourceNotFoundException", false},
+    {wire::bedrock, fault_kind::timeout, 408, "", "", "ModelTimeoutException", false},
 };
 
 }  // namespace
@@ -290,6 +301,9 @@ TEST_CASE("mock_llm_server sends each provider's real error body and headers for
         CHECK(r.header("retry-after") == "1");
         CHECK(r.header("retry-after-ms") == "1000");
       }
+      if (fc.kind == fault_kind::auth && fc.format == wire::openai) {
+        CHECK(body["error"]["type"] == "invalid_request_error");
+      }
       if (fc.kind == fault_kind::context_length && fc.format == wire::anthropic) {
         CHECK(body["error"]["message"].get<std::string>().starts_with("prompt is too long"));
       }
@@ -299,6 +313,143 @@ TEST_CASE("mock_llm_server sends each provider's real error body and headers for
     });
     CHECK(server.stats().status_count(fc.status) == 1);
   }
+}
+
+TEST_CASE("mock_llm_server content_filter answers as each provider refuses", "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  server.set_plan("m", fault_plan{}.with_script({fault_kind::content_filter}));
+  server.set_plan("c", fault_plan{}.with_script({fault_kind::content_filter}));
+  server.set_plan("b", fault_plan{}.with_script({fault_kind::content_filter}));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    // Anthropic: a 200 whose stop_reason is "refusal", without text.
+    answer a = co_await post(server.port(), make_call(wire::anthropic, "c", "hi"));
+    REQUIRE(!a.ec);
+    CHECK(a.status() == 200);
+    CHECK(a.body()["type"] == "message");
+    CHECK(a.body()["stop_reason"] == "refusal");
+    CHECK(a.body()["content"].empty());
+    CHECK(a.header("request-id").starts_with("req_"));
+    // Bedrock: a 200 with the guardrail's canned text and stopReason "guardrail_intervened".
+    answer b = co_await post(server.port(), make_call(wire::bedrock, "b", "hi"));
+    REQUIRE(!b.ec);
+    CHECK(b.status() == 200);
+    CHECK(b.body()["stopReason"] == "guardrail_intervened");
+    CHECK(b.body()["output"]["message"]["content"][0]["text"].is_string());
+    CHECK(b.header("x-amzn-ErrorType").empty());
+    // The scripts are used up: normal answers follow.
+    answer a2 = co_await post(server.port(), make_call(wire::anthropic, "c", "hi"));
+    CHECK(a2.body()["stop_reason"] == "end_turn");
+    answer b2 = co_await post(server.port(), make_call(wire::bedrock, "b", "hi"));
+    CHECK(b2.body()["stopReason"] == "end_turn");
+  });
+  CHECK(server.stats().status_count(200) == 4);
+}
+
+TEST_CASE("mock_llm_server malformed answers a complete 200 whose body is not JSON",
+          "[mock_llm_server]") {
+  for (wire w : {wire::openai, wire::anthropic, wire::bedrock}) {
+    INFO("format " << static_cast<int>(w));
+    asio::io_context ctx;
+    mock_llm_server server{ctx, mock_options{}};
+    server.set_plan("m", fault_plan{}.with_script({fault_kind::malformed}));
+    run(ctx, server, [&]() -> asio::awaitable<void> {
+      answer r = co_await post(server.port(), make_call(w, "m", "hi"));
+      REQUIRE(!r.ec);  // framed correctly: the whole body arrived
+      CHECK(r.status() == 200);
+      CHECK(!r.res.body().empty());
+      CHECK_FALSE(json::accept(r.res.body()));
+      CHECK(r.res.body().front() == '{');
+      answer ok = co_await post(server.port(), make_call(w, "m", "hi"));
+      CHECK(json::accept(ok.res.body()));
+    });
+    CHECK(server.stats().status_count(200) == 2);
+    CHECK(server.stats().total.truncations == 0);
+  }
+}
+
+TEST_CASE("mock_llm_server sends the delay of a 429 in the plan's retry-after format",
+          "[mock_llm_server]") {
+  using keel::testing::retry_after_style;
+  for (wire w : {wire::openai, wire::anthropic, wire::bedrock}) {
+    for (auto style :
+         {retry_after_style::both, retry_after_style::milliseconds, retry_after_style::seconds,
+          retry_after_style::http_date, retry_after_style::amz}) {
+      INFO("format " << static_cast<int>(w) << ", style " << keel::testing::to_string(style));
+      asio::io_context ctx;
+      mock_llm_server server{ctx, mock_options{}};
+      server.set_plan(
+          "m", fault_plan{}.with_script({fault_kind::rate_limit}).with_retry_after(1500ms, style));
+      run(ctx, server, [&]() -> asio::awaitable<void> {
+        const auto before = std::chrono::system_clock::now();
+        answer r = co_await post(server.port(), make_call(w, "m", "hi"));
+        const auto after = std::chrono::system_clock::now();
+        REQUIRE(!r.ec);
+        CHECK(r.status() == 429);
+        const std::string ra = r.header("retry-after");
+        const std::string ra_ms = r.header("retry-after-ms");
+        const std::string amz = r.header("x-amz-retry-after");
+        switch (style) {
+          case retry_after_style::both:
+            CHECK(ra == "2");
+            CHECK(ra_ms == "1500");
+            CHECK(amz.empty());
+            break;
+          case retry_after_style::milliseconds:
+            CHECK(ra.empty());
+            CHECK(ra_ms == "1500");
+            CHECK(amz.empty());
+            break;
+          case retry_after_style::seconds:
+            CHECK(ra == "2");  // rounded up
+            CHECK(ra_ms.empty());
+            CHECK(amz.empty());
+            break;
+          case retry_after_style::http_date: {
+            CHECK(ra_ms.empty());
+            CHECK(amz.empty());
+            CHECK(ra.size() == 29);  // "Sun, 06 Nov 1994 08:49:37 GMT"
+            CHECK(ra.ends_with(" GMT"));
+            const auto date = keel::llm::parse_http_date(ra, after);
+            REQUIRE(date);
+            // wall clock + 1.5 s, rounded up to a whole second
+            CHECK(*date >= before + 1500ms);
+            CHECK(*date < after + 2500ms);
+            CHECK(date->time_since_epoch() % std::chrono::seconds(1) ==
+                  std::chrono::system_clock::duration::zero());
+            break;
+          }
+          case retry_after_style::amz:
+            CHECK(ra.empty());
+            CHECK(ra_ms.empty());
+            CHECK(amz == "1500");
+            break;
+        }
+      });
+    }
+  }
+}
+
+TEST_CASE("mock_llm_server rate limiter 429s use the plan's retry-after format",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  fault_plan plan = fault_plan{}.with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1);
+  plan.retry_after_format = keel::testing::retry_after_style::amz;
+  server.set_plan("b", plan);
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call c = make_call(wire::bedrock, "b", "hi");
+    CHECK((co_await post(server.port(), c)).status() == 200);
+    answer limited = co_await post(server.port(), c);
+    CHECK(limited.status() == 429);
+    CHECK(limited.header("x-amzn-ErrorType").starts_with("ThrottlingException"));
+    CHECK(limited.header("x-amz-retry-after") == "250");
+    CHECK(limited.header("retry-after").empty());
+    CHECK(limited.header("retry-after-ms").empty());
+  });
 }
 
 TEST_CASE(
@@ -522,16 +673,24 @@ TEST_CASE("scenario JSON loads into fault plans", "[mock_llm_server]") {
       "gpt-4o": {"latency_ms": 3, "rate_limit": {"requests_per_second": 5, "burst": 2,
                  "tokens_per_minute": 1000}, "context_window": 8000,
                  "outages": [{"from_ms": 100, "to_ms": 300}],
-                 "script": ["unavailable", "unavailable", "ok", "reset"]}
+                 "script": ["unavailable", "unavailable", "ok", "reset"]},
+      "claude": {"retry_after_format": "http_date",
+                 "script": ["auth", "not_found", "content_filter", "timeout", "malformed"]}
     }
   })");
   CHECK(s.seed == 9u);
-  REQUIRE(s.plans.size() == 2);
+  REQUIRE(s.plans.size() == 3);
+  const auto& claude = s.plans.at("claude");
+  CHECK(claude.retry_after_format == keel::testing::retry_after_style::http_date);
+  CHECK(claude.script == std::vector<fault_kind>{fault_kind::auth, fault_kind::not_found,
+                                                 fault_kind::content_filter, fault_kind::timeout,
+                                                 fault_kind::malformed});
   const auto& any = s.plans.at("*");
   CHECK(any.latency_min == 5ms);
   CHECK(any.latency_max == 20ms);
   CHECK(any.probability.at(fault_kind::rate_limit) == Approx(0.1));
   CHECK(any.retry_after == 2000ms);
+  CHECK(any.retry_after_format == keel::testing::retry_after_style::both);
   const auto& g = s.plans.at("gpt-4o");
   CHECK(g.latency_min == 3ms);
   CHECK(g.latency_max == 3ms);
@@ -561,6 +720,9 @@ TEST_CASE("a bad scenario names the JSON path of the offending value", "[mock_ll
             "/models/meta~1llama/latency_ms/min"},
            {R"({"models": {"m": {"outages": [{"from_ms": 5}]}}})", "/models/m/outages/0"},
            {R"({"models": {"m": {"latncy_ms": 5}}})", "/models/m/latncy_ms"},
+           {R"({"models": {"m": {"retry_after_format": "rfc850"}}})",
+            "/models/m/retry_after_format"},
+           {R"({"models": {"m": {"retry_after_format": 5}}})", "/models/m/retry_after_format"},
            {R"({"models": []})", "/models"},
            {R"({"models": )", ""},
        }) {

@@ -170,6 +170,25 @@ std::string openai_duration(milliseconds d) {
   return buf;
 }
 
+// Retry-After as an HTTP-date (RFC 9110 IMF-fixdate): the wall clock plus `d`, rounded up to the
+// next whole second so that a client never retries before the delay is over.
+std::string http_date_after(milliseconds d) {
+  const auto t = std::chrono::ceil<std::chrono::seconds>(std::chrono::system_clock::now() + d);
+  const std::time_t tt = std::chrono::system_clock::to_time_t(
+      std::chrono::time_point_cast<std::chrono::system_clock::duration>(t));
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  // strftime's %a/%b follow the locale; HTTP wants the English names.
+  static constexpr const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+  static constexpr const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[tm.tm_wday % 7],
+                tm.tm_mday, months[tm.tm_mon % 12], tm.tm_year + 1900, tm.tm_hour, tm.tm_min,
+                tm.tm_sec);
+  return buf;
+}
+
 // Anthropic's reset headers are RFC 3339 instants.
 std::string rfc3339_after(milliseconds d) {
   const auto t = std::chrono::system_clock::now() + d;
@@ -269,14 +288,22 @@ const char* reason_for(int status) {
       return "OK";
     case 400:
       return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
     case 404:
       return "Not Found";
+    case 408:
+      return "Request Timeout";
     case 429:
       return "Too Many Requests";
     case 500:
       return "Internal Server Error";
     case 503:
       return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
     case 529:
       return "Overloaded";
     default:
@@ -369,10 +396,26 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     }
   }
 
-  static void add_retry_after(reply& r, milliseconds d) {
+  static void add_retry_after(reply& r, milliseconds d, retry_after_style style) {
     const auto secs = (d.count() + 999) / 1000;
-    r.headers.emplace_back("retry-after", std::to_string(secs));
-    r.headers.emplace_back("retry-after-ms", std::to_string(d.count()));
+    switch (style) {
+      case retry_after_style::both:
+        r.headers.emplace_back("retry-after", std::to_string(secs));
+        r.headers.emplace_back("retry-after-ms", std::to_string(d.count()));
+        break;
+      case retry_after_style::milliseconds:
+        r.headers.emplace_back("retry-after-ms", std::to_string(d.count()));
+        break;
+      case retry_after_style::seconds:
+        r.headers.emplace_back("retry-after", std::to_string(secs));
+        break;
+      case retry_after_style::http_date:
+        r.headers.emplace_back("retry-after", http_date_after(d));
+        break;
+      case retry_after_style::amz:
+        r.headers.emplace_back("x-amz-retry-after", std::to_string(d.count()));
+        break;
+    }
   }
 
   // Fills `r` with the provider's answer for `k` (an HTTP-level outcome).
@@ -424,6 +467,11 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     }
 
     const bool is_rate_limit = k == fault_kind::rate_limit || k == fault_kind::throttling;
+    // A malformed answer is a success body cut in half, still framed as a complete 200.
+    const bool cut_body = k == fault_kind::malformed;
+    if (cut_body) {
+      k = fault_kind::ok;
+    }
     switch (pr.format) {
       case wire::openai:
         switch (k) {
@@ -480,6 +528,30 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
                 "The server had an error while processing your request. Sorry about that!",
                 "server_error", nullptr, nullptr));
             break;
+          case fault_kind::auth:
+            r.status = 401;
+            r.body = dump(
+                openai_error("Incorrect API key provided: sk-****. You can find your API key at "
+                             "https://platform.openai.com/account/api-keys.",
+                             "invalid_request_error", nullptr, "invalid_api_key"));
+            break;
+          case fault_kind::not_found:
+            r.status = 404;
+            r.body = dump(openai_error(
+                "The model `" + model + "` does not exist or you do not have access to it.",
+                "invalid_request_error", nullptr, "model_not_found"));
+            break;
+          case fault_kind::content_filter:
+            r.status = 400;
+            r.body = dump(openai_error(
+                "The response was filtered due to the prompt triggering the content management "
+                "policy. Please modify your prompt and retry.",
+                "invalid_request_error", "prompt", "content_filter"));
+            break;
+          case fault_kind::timeout:
+            r.status = 408;
+            r.body = dump(openai_error("Request timed out.", "server_error", nullptr, "timeout"));
+            break;
           default:  // unavailable, overloaded
             r.status = 503;
             r.body = dump(openai_error("The server is overloaded or not ready yet.", "server_error",
@@ -490,17 +562,23 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       case wire::anthropic:
         switch (k) {
           case fault_kind::ok:
-            r.body = dump(
-                json{{"id", "msg_mock" + id},
-                     {"type", "message"},
-                     {"role", "assistant"},
-                     {"model", model},
-                     {"content", json::array({{{"type", "text"}, {"text", text}}})},
-                     {"stop_reason", "end_turn"},
-                     {"stop_sequence", nullptr},
-                     {"usage",
-                      {{"input_tokens", prompt_tokens}, {"output_tokens", completion_tokens}}}});
+          case fault_kind::content_filter: {
+            // keel::llm reads stop_reason "refusal" as content_filtered; a refusal has no text.
+            const bool refused = k == fault_kind::content_filter;
+            r.body =
+                dump(json{{"id", "msg_mock" + id},
+                          {"type", "message"},
+                          {"role", "assistant"},
+                          {"model", model},
+                          {"content", refused ? json::array()
+                                              : json::array({{{"type", "text"}, {"text", text}}})},
+                          {"stop_reason", refused ? "refusal" : "end_turn"},
+                          {"stop_sequence", nullptr},
+                          {"usage",
+                           {{"input_tokens", prompt_tokens},
+                            {"output_tokens", refused ? std::size_t{0} : completion_tokens}}}});
             break;
+          }
           case fault_kind::rate_limit:
           case fault_kind::throttling:
             r.status = 429;
@@ -535,6 +613,18 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
             r.status = 529;
             r.body = dump(anthropic_error("overloaded_error", "Overloaded"));
             break;
+          case fault_kind::auth:
+            r.status = 401;
+            r.body = dump(anthropic_error("authentication_error", "invalid x-api-key"));
+            break;
+          case fault_kind::not_found:
+            r.status = 404;
+            r.body = dump(anthropic_error("not_found_error", "model: " + model));
+            break;
+          case fault_kind::timeout:
+            r.status = 504;
+            r.body = dump(anthropic_error("timeout_error", "Request timed out"));
+            break;
           default:  // unavailable
             r.status = 503;
             r.body = dump(anthropic_error("api_error", "Service Unavailable"));
@@ -544,17 +634,26 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       case wire::bedrock:
         switch (k) {
           case fault_kind::ok:
+          case fault_kind::content_filter: {
+            // A guardrail answers 200 with its canned message and stopReason
+            // "guardrail_intervened", which keel::llm reads as content_filtered.
+            const bool blocked = k == fault_kind::content_filter;
             r.body = dump(
                 json{{"output",
                       {{"message",
-                        {{"role", "assistant"}, {"content", json::array({{{"text", text}}})}}}}},
-                     {"stopReason", "end_turn"},
+                        {{"role", "assistant"},
+                         {"content",
+                          json::array({{{"text", blocked ? std::string("Sorry, the model cannot "
+                                                                       "answer this question.")
+                                                         : text}}})}}}}},
+                     {"stopReason", blocked ? "guardrail_intervened" : "end_turn"},
                      {"usage",
                       {{"inputTokens", prompt_tokens},
                        {"outputTokens", completion_tokens},
                        {"totalTokens", prompt_tokens + completion_tokens}}},
                      {"metrics", {{"latencyMs", r.latency.count()}}}});
             break;
+          }
           case fault_kind::rate_limit:
           case fault_kind::throttling:
             bedrock_error(r, 429, "ThrottlingException",
@@ -573,6 +672,20 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
                           "The system encountered an unexpected error during processing. Try "
                           "your request again.");
             break;
+          case fault_kind::auth:
+            bedrock_error(r, 403, "AccessDeniedException",
+                          "You don't have access to the model with the specified model ID.");
+            break;
+          case fault_kind::not_found:
+            bedrock_error(r, 404, "ResourceNotFoundException",
+                          "Could not resolve the foundation model from the provided model "
+                          "identifier.");
+            break;
+          case fault_kind::timeout:
+            bedrock_error(r, 408, "ModelTimeoutException",
+                          "Model has timed out in processing the request. Try your request "
+                          "again.");
+            break;
           default:  // unavailable, overloaded
             bedrock_error(r, 503, "ServiceUnavailableException",
                           "Bedrock is unable to process your request.");
@@ -586,7 +699,10 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       add_rate_headers(r, pr.format, st);
     }
     if (is_rate_limit) {
-      add_retry_after(r, retry_after);
+      add_retry_after(r, retry_after, st ? st->plan.retry_after_format : retry_after_style::both);
+    }
+    if (cut_body) {
+      r.body.resize(r.body.size() / 2);
     }
   }
 

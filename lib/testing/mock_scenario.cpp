@@ -15,7 +15,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::array<std::pair<fault_kind, std::string_view>, 11> fault_names{{
+constexpr std::array<std::pair<fault_kind, std::string_view>, 16> fault_names{{
     {fault_kind::ok, "ok"},
     {fault_kind::rate_limit, "rate_limit"},
     {fault_kind::server_error, "server_error"},
@@ -27,6 +27,19 @@ constexpr std::array<std::pair<fault_kind, std::string_view>, 11> fault_names{{
     {fault_kind::reset, "reset"},
     {fault_kind::stall, "stall"},
     {fault_kind::truncated, "truncated"},
+    {fault_kind::auth, "auth"},
+    {fault_kind::not_found, "not_found"},
+    {fault_kind::content_filter, "content_filter"},
+    {fault_kind::timeout, "timeout"},
+    {fault_kind::malformed, "malformed"},
+}};
+
+constexpr std::array<std::pair<retry_after_style, std::string_view>, 5> retry_after_names{{
+    {retry_after_style::both, "both"},
+    {retry_after_style::milliseconds, "milliseconds"},
+    {retry_after_style::seconds, "seconds"},
+    {retry_after_style::http_date, "http_date"},
+    {retry_after_style::amz, "amz"},
 }};
 
 // RFC 6901 escaping, so that a model name such as "meta/llama" still yields an unambiguous path.
@@ -135,6 +148,16 @@ fault_plan parse_plan(const json& j, const std::string& path) {
       }
     } else if (key == "retry_after_ms") {
       plan.retry_after = millis(v, p);
+    } else if (key == "retry_after_format") {
+      if (!v.is_string()) {
+        throw scenario_error(p, "expected a string, got " + std::string(v.type_name()));
+      }
+      const auto style = parse_retry_after_style(v.get<std::string>());
+      if (!style) {
+        throw scenario_error(p, "unknown retry-after format \"" + v.get<std::string>() +
+                                    "\" (expected both, milliseconds, seconds, http_date or amz)");
+      }
+      plan.retry_after_format = *style;
     } else if (key == "rate_limit") {
       object(v, p);
       for (const auto& [k2, v2] : v.items()) {
@@ -208,6 +231,24 @@ std::optional<fault_kind> parse_fault_kind(std::string_view name) noexcept {
   for (const auto& [fk, n] : fault_names) {
     if (n == name) {
       return fk;
+    }
+  }
+  return std::nullopt;
+}
+
+std::string_view to_string(retry_after_style s) noexcept {
+  for (const auto& [rs, name] : retry_after_names) {
+    if (rs == s) {
+      return name;
+    }
+  }
+  return "unknown";
+}
+
+std::optional<retry_after_style> parse_retry_after_style(std::string_view name) noexcept {
+  for (const auto& [rs, n] : retry_after_names) {
+    if (n == name) {
+      return rs;
     }
   }
   return std::nullopt;

@@ -16,9 +16,11 @@
 //
 // A `fault_plan` per model (the request's model, or "*" as a template for every model without a
 // plan of its own) makes the server misbehave the way providers do: latency, random errors
-// (429, 500, 503, 529, Bedrock ThrottlingException, quota exhausted, context too long), a
-// server-side rate limit with an honest `retry-after`/`retry-after-ms`, outage windows,
-// connection resets, stalls, truncated bodies and scripted sequences. Every error is sent with
+// (429, 500, 503, 529, Bedrock ThrottlingException, quota exhausted, context too long, 401/403,
+// 404, content filter, 408/504 timeouts, a 200 that is not JSON), a server-side rate limit with
+// an honest delay hint (`retry-after`/`retry-after-ms`, or one chosen form: seconds, HTTP-date,
+// milliseconds, `x-amz-retry-after`), outage windows, connection resets, stalls, truncated
+// bodies and scripted sequences. Every error is sent with
 // the provider's real body shape and headers. Random choices come from a seeded generator per
 // model, so a single-client run is reproducible.
 //
@@ -84,13 +86,40 @@ enum class fault_kind {
   reset,            ///< Close the connection without answering (TCP RST).
   stall,            ///< Never answer; the connection stays open until the client gives up.
   truncated,        ///< Send a Content-Length larger than the body, then close.
+  auth,             ///< OpenAI 401 invalid_api_key; Anthropic 401 authentication_error;
+                    ///< Bedrock 403 AccessDeniedException.
+  not_found,        ///< OpenAI 404 model_not_found; Anthropic 404 not_found_error; Bedrock 404
+                    ///< ResourceNotFoundException.
+  content_filter,   ///< OpenAI 400 code content_filter; Anthropic 200 with stop_reason
+                    ///< "refusal"; Bedrock 200 with stopReason "guardrail_intervened".
+  timeout,          ///< OpenAI 408; Anthropic 504 timeout_error; Bedrock 408
+                    ///< ModelTimeoutException.
+  malformed,        ///< 200 whose body is cut in half: not valid JSON.
 };
 
-/// The scenario-file name of a fault kind ("ok", "rate_limit", ..., "truncated").
+/// The scenario-file name of a fault kind ("ok", "rate_limit", ..., "malformed").
 std::string_view to_string(fault_kind k) noexcept;
 
 /// The fault kind named `name`, if any (the names `to_string` returns).
 std::optional<fault_kind> parse_fault_kind(std::string_view name) noexcept;
+
+/// Which delay headers a 429 carries (every form states the same delay, `fault_plan::retry_after`
+/// or the limiter's exact wait).
+enum class retry_after_style {
+  both,          ///< `retry-after` (seconds, rounded up) and `retry-after-ms` (the default).
+  milliseconds,  ///< Only `retry-after-ms`.
+  seconds,       ///< Only `Retry-After` delta-seconds, rounded up.
+  http_date,     ///< Only `Retry-After` as an IMF-fixdate: `system_clock::now()` + delay, rounded
+                 ///< up to the next whole second (real wall clock, not `mock_options::now`).
+  amz,           ///< Only `x-amz-retry-after` in milliseconds (Bedrock's form; sent on any format).
+};
+
+/// The scenario-file name of a retry-after style ("both", "milliseconds", "seconds",
+/// "http_date", "amz").
+std::string_view to_string(retry_after_style s) noexcept;
+
+/// The retry-after style named `name`, if any (the names `to_string` returns).
+std::optional<retry_after_style> parse_retry_after_style(std::string_view name) noexcept;
 
 /// A period, measured from `start()`, during which every request is answered 503.
 struct outage_window {
@@ -111,6 +140,8 @@ struct fault_plan {
   std::map<fault_kind, double> probability;
   /// Retry-After sent with randomly injected or scripted 429s.
   std::chrono::milliseconds retry_after{1000};
+  /// Which headers carry the delay of every 429 (scripted, random or from the limiter).
+  retry_after_style retry_after_format = retry_after_style::both;
   /// Server-side request rate limit (0: none).
   double requests_per_second = 0;
   /// Request bucket capacity (0: max(1, requests_per_second)).
@@ -135,6 +166,13 @@ struct fault_plan {
   fault_plan& with_latency(std::chrono::milliseconds lo, std::chrono::milliseconds hi) {
     latency_min = lo;
     latency_max = hi;
+    return *this;
+  }
+  /// Sets the Retry-After delay of random and scripted 429s and how it is sent. @returns *this.
+  fault_plan& with_retry_after(std::chrono::milliseconds delay,
+                               retry_after_style style = retry_after_style::both) {
+    retry_after = delay;
+    retry_after_format = style;
     return *this;
   }
   /// Sets the probability of a random fault. @returns *this.
