@@ -247,6 +247,7 @@ const std::vector<e2e_fault> permanent_faults{
     {fault_kind::auth, keel::llm::errc::auth, keel::condition::permanent},
     {fault_kind::not_found, keel::llm::errc::not_found, keel::condition::permanent},
     {fault_kind::malformed, keel::llm::errc::malformed_response, keel::condition::permanent},
+    {fault_kind::bad_request, keel::llm::errc::bad_request, keel::condition::permanent},
 };
 
 }  // namespace

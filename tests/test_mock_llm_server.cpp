@@ -235,6 +235,7 @@ const std::vector<fault_case> fault_matrix{
      false},
     {wire::openai, fault_kind::auth, 401, "/error/code", "invalid_api_key", "", false},
     {wire::openai, fault_kind::not_found, 404, "/error/code", "model_not_found", "", false},
+    {wire::openai, fault_kind::bad_request, 400, "/error/type", "invalid_request_error", "", false},
     {wire::openai, fault_kind::content_filter, 400, "/error/code", "content_filter", "", false},
     {wire::openai, fault_kind::timeout, 408, "/error/message", "Request timed out.", "", false},
     {wire::anthropic, fault_kind::rate_limit, 429, "/error/type", "rate_limit_error", "", true},
@@ -247,6 +248,8 @@ const std::vector<fault_case> fault_matrix{
      false},
     {wire::anthropic, fault_kind::auth, 401, "/error/type", "authentication_error", "", false},
     {wire::anthropic, fault_kind::not_found, 404, "/error/type", "not_found_error", "", false},
+    {wire::anthropic, fault_kind::bad_request, 400, "/error/type", "invalid_request_error", "",
+     false},
     {wire::anthropic, fault_kind::timeout, 504, "/error/type", "timeout_error", "", false},
     {wire::bedrock, fault_kind::throttling, 429, "/message",
      "Too many requests, please wait before trying again.", "ThrottlingException", true},
@@ -261,6 +264,7 @@ const std::vector<fault_case> fault_matrix{
      "Input is too long for requested model.", "ValidationException", false},
     {wire::bedrock, fault_kind::auth, 403, "", "", "AccessDeniedException", false},
     {wire::bedrock, fault_kind::not_found, 404, "", "", "ResourceNotFoundException", false},
+    {wire::bedrock, fault_kind::bad_request, 400, "", "", "ValidationException", false},
     {wire::bedrock, fault_kind::timeout, 408, "", "", "ModelTimeoutException", false},
 };
 

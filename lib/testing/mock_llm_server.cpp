@@ -535,6 +535,12 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
                              "https://platform.openai.com/account/api-keys.",
                              "invalid_request_error", nullptr, "invalid_api_key"));
             break;
+          case fault_kind::bad_request:
+            r.status = 400;
+            r.body = dump(
+                openai_error("Invalid value for 'temperature': expected a number between 0 and 2.",
+                             "invalid_request_error", "temperature", "invalid_value"));
+            break;
           case fault_kind::not_found:
             r.status = 404;
             r.body = dump(openai_error(
@@ -621,6 +627,11 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
             r.status = 404;
             r.body = dump(anthropic_error("not_found_error", "model: " + model));
             break;
+          case fault_kind::bad_request:
+            r.status = 400;
+            r.body = dump(anthropic_error("invalid_request_error",
+                                          "temperature: Input should be less than or equal to 1"));
+            break;
           case fault_kind::timeout:
             r.status = 504;
             r.body = dump(anthropic_error("timeout_error", "Request timed out"));
@@ -680,6 +691,12 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
             bedrock_error(r, 404, "ResourceNotFoundException",
                           "Could not resolve the foundation model from the provided model "
                           "identifier.");
+            break;
+          case fault_kind::bad_request:
+            bedrock_error(r, 400, "ValidationException",
+                          "1 validation error detected: Value at 'inferenceConfig.temperature' "
+                          "failed to satisfy constraint: Member must have value less than or "
+                          "equal to 1");
             break;
           case fault_kind::timeout:
             bedrock_error(r, 408, "ModelTimeoutException",

@@ -15,7 +15,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::array<std::pair<fault_kind, std::string_view>, 16> fault_names{{
+constexpr std::array<std::pair<fault_kind, std::string_view>, 17> fault_names{{
     {fault_kind::ok, "ok"},
     {fault_kind::rate_limit, "rate_limit"},
     {fault_kind::server_error, "server_error"},
@@ -32,6 +32,7 @@ constexpr std::array<std::pair<fault_kind, std::string_view>, 16> fault_names{{
     {fault_kind::content_filter, "content_filter"},
     {fault_kind::timeout, "timeout"},
     {fault_kind::malformed, "malformed"},
+    {fault_kind::bad_request, "bad_request"},
 }};
 
 constexpr std::array<std::pair<retry_after_style, std::string_view>, 5> retry_after_names{{

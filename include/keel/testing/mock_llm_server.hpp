@@ -95,6 +95,8 @@ enum class fault_kind {
   timeout,          ///< OpenAI 408; Anthropic 504 timeout_error; Bedrock 408
                     ///< ModelTimeoutException.
   malformed,        ///< 200 whose body is cut in half: not valid JSON.
+  bad_request,      ///< OpenAI 400 invalid_request_error (bad parameter); Anthropic 400
+                    ///< invalid_request_error; Bedrock 400 ValidationException.
 };
 
 /// The scenario-file name of a fault kind ("ok", "rate_limit", ..., "malformed").
