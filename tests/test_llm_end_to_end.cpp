@@ -49,6 +49,17 @@ struct rig {
     return
         [this, k, model] { return keel::llm::complete(http, endpoint(k), hello(model), test_aws); };
   }
+  /// Runs `call(k, "m")` under `with_retry` with `policy` to completion; returns the outcome and
+  /// every retry event.
+  std::pair<outcome<keel::llm::chat_response>, std::vector<keel::retry_event>> retried(
+      keel::llm::provider_kind k, keel::retry_policy policy) {
+    std::pair<outcome<keel::llm::chat_response>, std::vector<keel::retry_event>> result;
+    policy.on_retry = [&](const keel::retry_event& e) { result.second.push_back(e); };
+    spawn(ctx, keel::with_retry<manual_clock>(call(k, "m"), policy), result.first);
+    REQUIRE(keel::testing::run_until(
+        ctx, [&] { return result.first.done; }, 1min));
+    return result;
+  }
 };
 
 std::string kind_name(keel::llm::provider_kind k) {
@@ -67,13 +78,8 @@ TEST_CASE("every retryable provider error is retried end to end, honouring the s
                                           fault_kind::server_error, fault_kind::unavailable});
     plan.retry_after = std::chrono::milliseconds(1500);
     r.server.set_plan("m", plan);
-    std::vector<keel::retry_event> events;
-    auto policy = keel::retry_policy::with_backoff(5, keel::backoff::constant(100ms));
-    policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
-    outcome<keel::llm::chat_response> out;
-    spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
-    REQUIRE(keel::testing::run_until(
-        r.ctx, [&] { return out.done; }, 1min));
+    auto [out, events] =
+        r.retried(kind, keel::retry_policy::with_backoff(5, keel::backoff::constant(100ms)));
     REQUIRE(out.value);
     CHECK(out.value->text.find("hello there") != std::string::npos);
     REQUIRE(events.size() == 4);
@@ -85,33 +91,6 @@ TEST_CASE("every retryable provider error is retried end to end, honouring the s
       CHECK(events[i].delay == 100ms);
     }
     CHECK(r.server.stats().model("m").requests == 5);
-  }
-}
-
-TEST_CASE("quota exhausted and context length fail fast without a retry", "[llm][e2e]") {
-  for (auto fault : {fault_kind::quota_exhausted, fault_kind::context_length}) {
-    for (auto kind : {keel::llm::provider_kind::openai, keel::llm::provider_kind::anthropic,
-                      keel::llm::provider_kind::bedrock}) {
-      INFO(kind_name(kind) << " fault " << static_cast<int>(fault));
-      rig r;
-      r.server.set_plan("m", fault_plan().with_script({fault}));
-      outcome<keel::llm::chat_response> out;
-      spawn(r.ctx,
-            keel::with_retry<manual_clock>(r.call(kind, "m"),
-                                           keel::retry_policy::exponential_full_jitter(5, 1s, 60s)),
-            out);
-      REQUIRE(keel::testing::run_until(
-          r.ctx, [&] { return out.done; }, 1min));
-      REQUIRE(out.error);
-      CHECK(keel::classify(out.error).condition == keel::condition::permanent);
-      CHECK(out.code() == (fault == fault_kind::quota_exhausted
-                               ? keel::llm::errc::quota_exhausted
-                               : keel::llm::errc::context_length_exceeded));
-      CHECK(out.finished_at_ms == 0);  // no backoff sleep
-      CHECK(r.server.stats().model("m").requests == 1);
-      // The API key never leaks into the error.
-      CHECK(keel::describe(out.error).find("sk-test-secret-key") == std::string::npos);
-    }
   }
 }
 
@@ -261,13 +240,8 @@ TEST_CASE("every retryable provider error class is retried until max_attempts, t
       r.server.set_plan("m", fault_plan()
                                  .with_script({f.fault, f.fault, f.fault})
                                  .with_retry_after(1500ms, keel::testing::retry_after_style::both));
-      std::vector<keel::retry_event> events;
-      auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(100ms));
-      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
-      outcome<keel::llm::chat_response> out;
-      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
-      REQUIRE(keel::testing::run_until(
-          r.ctx, [&] { return out.done; }, 1min));
+      auto [out, events] =
+          r.retried(kind, keel::retry_policy::with_backoff(3, keel::backoff::constant(100ms)));
       REQUIRE(out.error);
       CHECK(out.code() == keel::error::retries_exhausted);
       const auto last = keel::root_cause(out.error);
@@ -296,13 +270,8 @@ TEST_CASE("a retryable provider error followed by success costs exactly one retr
       INFO(kind_name(kind) << " fault " << keel::testing::to_string(f.fault));
       rig r;
       r.server.set_plan("m", fault_plan().with_script({f.fault}));
-      std::vector<keel::retry_event> events;
-      auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(250ms));
-      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
-      outcome<keel::llm::chat_response> out;
-      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
-      REQUIRE(keel::testing::run_until(
-          r.ctx, [&] { return out.done; }, 1min));
+      auto [out, events] =
+          r.retried(kind, keel::retry_policy::with_backoff(3, keel::backoff::constant(250ms)));
       REQUIRE(out.value);
       CHECK(out.value->text.find("hello there") != std::string::npos);
       REQUIRE(events.size() == 1);
@@ -320,19 +289,16 @@ TEST_CASE("every permanent provider error class fails at once without a retry", 
       INFO(kind_name(kind) << " fault " << keel::testing::to_string(f.fault));
       rig r;
       r.server.set_plan("m", fault_plan().with_script({f.fault}));
-      std::vector<keel::retry_event> events;
-      auto policy = keel::retry_policy::with_backoff(5, keel::backoff::constant(100ms));
-      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
-      outcome<keel::llm::chat_response> out;
-      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
-      REQUIRE(keel::testing::run_until(
-          r.ctx, [&] { return out.done; }, 1min));
+      auto [out, events] =
+          r.retried(kind, keel::retry_policy::with_backoff(5, keel::backoff::constant(100ms)));
       REQUIRE(out.error);
       CHECK(out.code() == f.code);  // rethrown unchanged, not wrapped in retries_exhausted
       CHECK(out.code() == keel::condition::permanent);
       CHECK(keel::classify(out.error).condition == keel::condition::permanent);
       CHECK(events.empty());
       CHECK(out.finished_at_ms == 0);  // no backoff sleep
+      // The API key never leaks into the error.
+      CHECK(keel::describe(out.error).find("sk-test-secret-key") == std::string::npos);
       CHECK(r.server.stats().model("m").requests == 1);
       CHECK(keel::describe(out.error).find("sk-test-secret-key") == std::string::npos);
     }
@@ -346,13 +312,8 @@ TEST_CASE("transport faults (reset, truncated body) are transient and retried en
       INFO(kind_name(kind) << " fault " << keel::testing::to_string(fault));
       rig r;
       r.server.set_plan("m", fault_plan().with_script({fault, fault}));
-      std::vector<keel::retry_event> events;
-      auto policy = keel::retry_policy::with_backoff(2, keel::backoff::constant(100ms));
-      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
-      outcome<keel::llm::chat_response> out;
-      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
-      REQUIRE(keel::testing::run_until(
-          r.ctx, [&] { return out.done; }, 1min));
+      auto [out, events] =
+          r.retried(kind, keel::retry_policy::with_backoff(2, keel::backoff::constant(100ms)));
       REQUIRE(out.error);
       CHECK(out.code() == keel::error::retries_exhausted);
       const auto last = keel::root_cause(out.error);
@@ -395,13 +356,8 @@ TEST_CASE("each Retry-After form sets the retry delay end to end", "[llm][e2e]")
       r.server.set_plan(
           "m",
           fault_plan().with_script({fault_kind::rate_limit}).with_retry_after(2300ms, fm.style));
-      std::vector<keel::retry_event> events;
-      auto policy = keel::retry_policy::with_backoff(3, keel::backoff::constant(100ms));
-      policy.on_retry = [&](const keel::retry_event& e) { events.push_back(e); };
-      outcome<keel::llm::chat_response> out;
-      spawn(r.ctx, keel::with_retry<manual_clock>(r.call(kind, "m"), policy), out);
-      REQUIRE(keel::testing::run_until(
-          r.ctx, [&] { return out.done; }, 1min));
+      auto [out, events] =
+          r.retried(kind, keel::retry_policy::with_backoff(3, keel::backoff::constant(100ms)));
       REQUIRE(out.value);
       REQUIRE(events.size() == 1);
       CHECK(code_of(events[0].error) == keel::llm::errc::rate_limited);
