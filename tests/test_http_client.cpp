@@ -647,3 +647,41 @@ TEST_CASE("https client: insecure_skip_verify accepts an untrusted certificate",
   REQUIRE(out.value);
   CHECK(out.value->status == 200);
 }
+
+TEST_CASE("https client: a host name is resolved by DNS and verified against the certificate",
+          "[http]") {
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  kh::client cl(ctx.get_executor(), opts);
+  // "localhost" goes through the resolver, SNI and host-name verification (DNS:localhost SAN).
+  const std::string url = "https://localhost:" + std::to_string(srv.port()) + "/named";
+  auto out = send_one(ctx, cl, kh::request("GET", url));
+  REQUIRE(out.value);
+  CHECK(out.value->status == 200);
+  CHECK(out.value->body == "echo GET /named ");
+}
+
+TEST_CASE("http client: a connect that cannot complete ends with connect_timeout", "[http]") {
+  asio::io_context ctx;
+  // A listener that never accepts, its backlog filled by two raw connections: further SYNs are
+  // dropped by the kernel, so a connect can only end by the client's timeout.
+  tcp::acceptor full(ctx, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0), false);
+  full.listen(0);
+  std::vector<std::unique_ptr<tcp::socket>> fillers;
+  for (int i = 0; i < 2; ++i) {
+    fillers.push_back(std::make_unique<tcp::socket>(ctx));
+    // Asynchronous: the second filler's own SYN is dropped too, and must not block the test.
+    fillers.back()->async_connect(full.local_endpoint(), [](boost::system::error_code) {});
+  }
+  kh::client_options opts;
+  opts.connect_timeout = std::chrono::milliseconds(100);
+  kh::client cl(ctx.get_executor(), opts);
+  const std::string url = "http://127.0.0.1:" + std::to_string(full.local_endpoint().port()) + "/";
+  auto out = send_one(ctx, cl, kh::request("GET", url));
+  REQUIRE(out.error);
+  CHECK(out.code() == kh::error::connect_timeout);
+  CHECK(out.code() == keel::condition::timeout);
+}
