@@ -2,6 +2,8 @@
 #include <keel/classify.hpp>
 #include <keel/llm/anthropic.hpp>
 
+#include "llm_support.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <string>
@@ -11,25 +13,15 @@ using keel::llm::errc;
 using json = nlohmann::json;
 
 namespace {
-const auto t0 = std::chrono::system_clock::time_point(
-    std::chrono::duration_cast<std::chrono::system_clock::duration>(784111777s));
-
-keel::http::response reply(int status, std::string body, keel::http::header_list h = {}) {
-  keel::http::response r;
-  r.status = status;
-  r.headers = std::move(h);
-  r.body = std::move(body);
-  return r;
-}
+using keel_test::llm::reply;
+using keel_test::llm::t0;
 
 keel::llm::provider_error error_of(const keel::http::response& r) {
-  try {
-    keel::llm::anthropic::parse_response(r, t0);
-  } catch (const keel::llm::provider_error& e) {
-    return e;
-  }
-  FAIL("parse_response did not throw");
-  throw std::logic_error("unreachable");
+  return keel_test::llm::error_of(
+      [](const keel::http::response& res, std::chrono::system_clock::time_point now) {
+        return keel::llm::anthropic::parse_response(res, now);
+      },
+      r);
 }
 
 std::string err_body(const char* type, const char* message) {
