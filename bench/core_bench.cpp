@@ -8,10 +8,10 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <malloc.h>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <malloc.h>
 #include <new>
 
 namespace asio = boost::asio;
@@ -28,12 +28,18 @@ void* operator new(std::size_t n) {
   }
   throw std::bad_alloc();
 }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept {
+  std::free(p);
+}
 
 namespace {
 
-asio::awaitable<int> leaf() { co_return 1; }
+asio::awaitable<int> leaf() {
+  co_return 1;
+}
 
 // Runs `make_call()` once per benchmark iteration inside one coroutine; reports allocations per
 // call (after the first 1,000 calls, so frame caches are warm).
@@ -126,7 +132,9 @@ void bm_full_stack(benchmark::State& state) {
 BENCHMARK(bm_full_stack);
 
 // Heap bytes in use (every operator new here goes through malloc).
-long heap_bytes() { return static_cast<long>(mallinfo2().uordblks); }
+long heap_bytes() {
+  return static_cast<long>(mallinfo2().uordblks);
+}
 
 // N coroutines queue on one throttler (virtual time); the clock then jumps so that every waiter
 // can be granted: measures the queue's cost per grant and the memory per suspended call.
