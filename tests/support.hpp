@@ -100,6 +100,11 @@ void spawn(asio::io_context& ctx, asio::awaitable<T> aw, outcome<T>& out,
   }
 }
 
+/// Virtual time since the manual clock's epoch (tests reset it at their start).
+inline std::chrono::nanoseconds elapsed() {
+  return manual_clock::now().time_since_epoch();
+}
+
 /// Sleeps on the manual clock.
 inline asio::awaitable<void> sleep_for(manual_clock::duration d) {
   keel::basic_timer<manual_clock> t(co_await asio::this_coro::executor);

@@ -4,6 +4,8 @@
 #include <keel/error.hpp>
 #include <keel/testing/manual_clock.hpp>
 
+#include "support.hpp"
+
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -35,15 +37,8 @@ namespace {
 
 namespace asio = boost::asio;
 
-std::chrono::nanoseconds elapsed() {
-  return manual_clock::now().time_since_epoch();
-}
-
-asio::awaitable<void> sleep_for(std::chrono::nanoseconds d) {
-  keel::basic_timer<manual_clock> timer{co_await asio::this_coro::executor};
-  timer.expires_after(d);
-  co_await timer.async_wait(asio::use_awaitable);
-}
+using keel_test::elapsed;
+using keel_test::sleep_for;
 
 // One event in a test's story: who, what, when.
 struct event {

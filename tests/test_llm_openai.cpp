@@ -17,11 +17,7 @@ using keel_test::llm::reply;
 using keel_test::llm::t0;
 
 keel::llm::provider_error error_of(const keel::http::response& r) {
-  return keel_test::llm::error_of(
-      [](const keel::http::response& res, std::chrono::system_clock::time_point now) {
-        return keel::llm::openai::parse_response(res, now);
-      },
-      r);
+  return keel_test::llm::error_of(&keel::llm::openai::parse_response, r);
 }
 
 std::string err_body(const char* type, const char* code, const char* message) {

@@ -1,6 +1,8 @@
 // Tests for keel/throttler.hpp: rate, FIFO order, two dimensions, settle, pause, cancellation.
 #include <keel/testing/manual_clock.hpp>
+
 #include <keel/throttler.hpp>
+#include "support.hpp"
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -33,10 +35,8 @@ namespace {
 
 namespace asio = boost::asio;
 
-// Virtual time since the test's start (the clock is reset at each test start).
-std::chrono::nanoseconds elapsed() {
-  return manual_clock::now().time_since_epoch();
-}
+using keel_test::elapsed;
+using keel_test::sleep_for;
 
 struct grant {
   int id;
