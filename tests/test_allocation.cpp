@@ -54,16 +54,13 @@ void operator delete(void* p, const std::nothrow_t&) noexcept {
 void operator delete[](void* p, const std::nothrow_t&) noexcept {
   std::free(p);
 }
-#endif
 
 using namespace keel_test;
 
+// Not registered in sanitizer builds: there every frame is a fresh allocation by design, so the
+// test could only be skipped, and a test that cannot fail is worse than none.
 TEST_CASE("a successful call through throttler, breaker and retry allocates nothing once warm",
           "[allocation]") {
-#if defined(BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING)
-  WARN("frame recycling is disabled in this build (sanitizers): allocation test skipped");
-  SUCCEED();
-#else
   manual_clock::reset();
   asio::io_context ctx;
   keel::basic_throttler<manual_clock> bucket{ctx.get_executor(), {}};
@@ -95,5 +92,5 @@ TEST_CASE("a successful call through throttler, breaker and retry allocates noth
   CHECK_FALSE(out.error);
   CHECK(sum == 1100);
   CHECK(after - before == 0);
-#endif
 }
+#endif  // !BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING
