@@ -1,0 +1,74 @@
+// `keel batch`: fan a JSONL file of prompts out through a configured client, one record per line.
+#pragma once
+
+// Design
+// ------
+// `concurrency` worker coroutines on one io_context pull lines from the input one at a time
+// (the file is streamed, never loaded whole), so at most `concurrency` items are in flight and
+// memory does not grow with the file. Each line ends as exactly one record in the results file
+// (see jsonl.hpp): the reply, the failure, an `invalid_input` or `duplicate_id` record, or a
+// `cancelled` record if a signal interrupted it.
+//
+// Signals: the first SIGINT/SIGTERM stops admitting lines and gives the items in flight
+// `grace` to finish; then (or at a second signal) they are cancelled and recorded as
+// `cancelled`. The run prints how to resume and exits with 128 + the signal number.
+//
+// Exit status: 0 if every item succeeded, 1 if some failed, 2 for a usage, config or I/O
+// error before the run, 128 + signal when interrupted.
+//
+// Thread safety: runs on the calling thread.
+
+#include "config.hpp"
+#include "log.hpp"
+#include "stats.hpp"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace keel::cli {
+
+/// Options of one batch run.
+struct batch_options {
+  /// Input JSONL ("-": stdin).
+  std::string in;
+  /// Results JSONL ("-": stdout).
+  std::string out;
+  /// Continue an existing results file.
+  bool resume = false;
+  /// Replace an existing results file.
+  bool overwrite = false;
+  /// Items in flight (overrides policy.concurrency).
+  std::optional<int> concurrency;
+  /// Time in-flight items get to finish after a signal, seconds.
+  double grace = 10;
+  /// How progress is shown.
+  progress_mode progress = progress_mode::lines;
+  /// Seconds between plain progress lines.
+  double progress_interval = 5;
+  /// Write the summary JSON here too (empty: no).
+  std::string summary_json;
+  /// Serve Prometheus metrics on 127.0.0.1:port (nullopt: no server).
+  std::optional<unsigned short> metrics_port;
+  /// fdatasync after every record.
+  bool fsync = false;
+  /// Seed of the retry jitter.
+  std::uint64_t seed = 0;
+  /// Title of the summary table.
+  std::string title = "keel batch";
+  /// The command that resumes this run (printed after an interruption).
+  std::string resume_command;
+  /// Print the summary table on stdout (off when results go to stdout).
+  bool print_summary = true;
+  /// Called once the metrics server listens, with its port (tests, `keel demo`).
+  std::function<void(unsigned short)> on_metrics_port;
+};
+
+/// Runs a batch; returns the process exit status (see the header comment).
+/// @param cfg the resolved config (base URLs already pointing where they should).
+/// @param log the logger (retries at WARNING, fallbacks and breaker changes at INFO/WARNING).
+/// @throws std::runtime_error for I/O errors before the run starts (unreadable input, results
+///   file exists without --resume/--overwrite, ...).
+int run_batch(const config& cfg, const batch_options& opts, logger& log);
+
+}  // namespace keel::cli

@@ -1,0 +1,494 @@
+// The configured LLM client of the keel command (see client.hpp for the layering).
+#include "client.hpp"
+
+#include <keel/aws/retry.hpp>
+#include <keel/classify.hpp>
+#include <keel/deadline.hpp>
+#include <keel/fallback.hpp>
+#include <keel/llm/aws_facts.hpp>
+#include <keel/llm/complete.hpp>
+#include <keel/llm/error.hpp>
+#include <keel/llm/tokens.hpp>
+#include <keel/retry.hpp>
+
+#include <boost/asio/error.hpp>
+#include <boost/asio/this_coro.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+
+namespace keel::cli {
+namespace asio = boost::asio;
+using clock_type = std::chrono::steady_clock;
+using std::chrono::duration_cast;
+using std::chrono::nanoseconds;
+
+namespace {
+
+nanoseconds seconds_ns(double s) {
+  if (!(s > 0)) {
+    return nanoseconds{0};
+  }
+  return nanoseconds{static_cast<long long>(std::min(s, 1e9) * 1e9)};
+}
+
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+keel::jitter parse_jitter(const std::string& s) {
+  if (s == "none") {
+    return keel::jitter::none;
+  }
+  if (s == "equal") {
+    return keel::jitter::equal;
+  }
+  if (s == "decorrelated") {
+    return keel::jitter::decorrelated;
+  }
+  if (s == "decorrelated_v2") {
+    return keel::jitter::decorrelated_v2;
+  }
+  return keel::jitter::full;
+}
+
+keel::backoff make_backoff(const backoff_config& b) {
+  const auto j = parse_jitter(b.jitter);
+  if (b.kind == "immediate") {
+    return keel::backoff::immediate();
+  }
+  if (b.kind == "constant") {
+    return keel::backoff::constant(seconds_ns(b.base), j);
+  }
+  if (b.kind == "linear") {
+    return keel::backoff::linear(seconds_ns(b.base), seconds_ns(b.cap), j);
+  }
+  return keel::backoff::exponential(seconds_ns(b.base), seconds_ns(b.cap), j, b.multiplier);
+}
+
+std::optional<keel::condition> parse_condition(const std::string& s) {
+  if (s == "throttled") {
+    return keel::condition::throttled;
+  }
+  if (s == "transient") {
+    return keel::condition::transient;
+  }
+  if (s == "timeout") {
+    return keel::condition::timeout;
+  }
+  return std::nullopt;
+}
+
+bool is_code(const std::exception_ptr& e, keel::error code) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const boost::system::system_error& se) {
+    return se.code() == keel::make_error_code(code);
+  } catch (...) {
+  }
+  return false;
+}
+
+}  // namespace
+
+namespace {
+
+// The error that decided the outcome: through retries_exhausted / budget_exhausted /
+// all_fallbacks_failed to the last attempt's own error.
+std::exception_ptr deciding_error(const std::exception_ptr& e, std::string* reason) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::failure& f) {
+    const auto& ec = f.code();
+    if (ec.category() == keel::error_category() && !f.causes().empty()) {
+      const auto k = static_cast<keel::error>(ec.value());
+      if (k == keel::error::retries_exhausted || k == keel::error::budget_exhausted ||
+          k == keel::error::all_fallbacks_failed) {
+        if (reason && reason->empty()) {
+          *reason = k == keel::error::budget_exhausted    ? "budget_exhausted"
+                    : k == keel::error::retries_exhausted ? "retries_exhausted"
+                                                          : "all_fallbacks_failed";
+        }
+        return deciding_error(f.causes().back(), reason);
+      }
+    }
+  } catch (...) {
+  }
+  return e;
+}
+
+std::string class_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::llm::provider_error& pe) {
+    return std::string(keel::llm::to_string(pe.llm_code()));
+  } catch (const boost::system::system_error& se) {
+    const auto& ec = se.code();
+    if (ec.category() == keel::error_category()) {
+      switch (static_cast<keel::error>(ec.value())) {
+        case keel::error::retries_exhausted:
+          return "retries_exhausted";
+        case keel::error::deadline_exceeded:
+          return "deadline_exceeded";
+        case keel::error::circuit_open:
+          return "circuit_open";
+        case keel::error::throttled:
+          return "throttled";
+        case keel::error::budget_exhausted:
+          return "budget_exhausted";
+        case keel::error::queue_full:
+          return "queue_full";
+        case keel::error::queue_timeout:
+          return "queue_timeout";
+        case keel::error::all_fallbacks_failed:
+          return "all_fallbacks_failed";
+      }
+    }
+    switch (keel::condition_of(ec)) {
+      case keel::condition::cancelled:
+        return "cancelled";
+      case keel::condition::timeout:
+        return "timeout";
+      case keel::condition::transient:
+        return "connection";
+      case keel::condition::throttled:
+        return "throttled";
+      case keel::condition::permanent:
+        break;
+    }
+  } catch (...) {
+  }
+  return "error";
+}
+
+}  // namespace
+
+std::string error_class(const std::exception_ptr& e) {
+  return e ? class_of(deciding_error(e, nullptr)) : "ok";
+}
+
+int error_status(const std::exception_ptr& e) {
+  if (!e) {
+    return 0;
+  }
+  try {
+    std::rethrow_exception(deciding_error(e, nullptr));
+  } catch (const keel::llm::provider_error& pe) {
+    return pe.status();
+  } catch (...) {
+  }
+  return 0;
+}
+
+nlohmann::json error_json(const std::exception_ptr& e) {
+  nlohmann::json j = nlohmann::json::object();
+  if (!e) {
+    return j;
+  }
+  std::string reason;
+  const std::exception_ptr d = deciding_error(e, &reason);
+  j["class"] = class_of(d);
+  const keel::classification c = keel::classify(d);
+  static constexpr const char* names[] = {"",        "transient", "throttled",
+                                          "timeout", "permanent", "cancelled"};
+  const int ci = static_cast<int>(c.condition);
+  j["condition"] = ci >= 1 && ci <= 5 ? names[ci] : "permanent";
+  try {
+    std::rethrow_exception(d);
+  } catch (const keel::llm::provider_error& pe) {
+    j["status"] = pe.status();
+    j["provider"] = pe.provider();
+    if (!pe.provider_code().empty()) {
+      j["code"] = pe.provider_code();
+    }
+    j["message"] = pe.message();
+    if (!pe.request_id().empty()) {
+      j["request_id"] = pe.request_id();
+    }
+  } catch (...) {
+    j["message"] = keel::llm::redact(keel::describe(d));
+  }
+  if (!reason.empty()) {
+    j["gave_up"] = reason;
+  }
+  return j;
+}
+
+// ---- bucket_registry ---------------------------------------------------------------------------
+
+keel::throttler& bucket_registry::get(const entry_config& e) {
+  const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
+  // The key is identified by a hash: the map key is printable without leaking it.
+  const std::string key = std::string(keel::llm::to_string(e.api_type)) + "|" + e.base_url + "|" +
+                          e.model + "|" + std::to_string(std::hash<std::string>{}(secret));
+  auto it = buckets_.find(key);
+  if (it == buckets_.end()) {
+    keel::throttler_options o;
+    o.requests_per_second = e.rate_limits.requests_per_minute / 60.0;
+    o.burst = e.rate_limits.burst > 0 ? e.rate_limits.burst : std::max(1.0, o.requests_per_second);
+    o.tokens_per_minute = e.rate_limits.tokens_per_minute;
+    auto t = std::make_unique<keel::throttler>(ex_, o);
+    it = buckets_.emplace(key, std::make_pair(e.name(), std::move(t))).first;
+  }
+  return *it->second.second;
+}
+
+std::vector<std::pair<std::string, keel::throttler*>> bucket_registry::all() const {
+  std::vector<std::pair<std::string, keel::throttler*>> out;
+  for (const auto& [k, v] : buckets_) {
+    out.emplace_back(v.first, v.second.get());
+  }
+  return out;
+}
+
+// ---- llm_client --------------------------------------------------------------------------------
+
+struct llm_client::entry_state {
+  std::size_t index = 0;
+  const entry_config* cfg = nullptr;
+  keel::llm::endpoint ep;
+  keel::throttler* bucket = nullptr;
+  std::unique_ptr<keel::circuit_breaker> breaker;
+  keel::retry_policy policy;                       // keel-native
+  std::unique_ptr<keel::aws::retry_strategy> aws;  // AWS modes
+  bool last = false;
+};
+
+struct llm_client::call_state {
+  const batch_item* item = nullptr;
+  int attempts = 0;
+  std::size_t entry = 0;
+};
+
+llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client& http,
+                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed)
+    : ex_(std::move(ex)),
+      cfg_(std::move(cfg)),
+      http_(http),
+      hooks_(std::move(hooks)),
+      random_(seed) {
+  const policy_config& pol = cfg_.policy;
+  if (pol.retry_budget.enabled) {
+    budget_ = std::make_unique<keel::retry_budget>(pol.retry_budget.max_tokens,
+                                                   pol.retry_budget.token_ratio);
+  }
+  keel::backoff_strategy strategy{make_backoff(pol.retry.backoff)};
+  for (const auto& [name, b] : pol.retry.backoff_by_condition) {
+    if (auto c = parse_condition(name)) {
+      strategy.on(*c, make_backoff(b));
+    }
+  }
+  for (std::size_t i = 0; i < cfg_.entries.size(); ++i) {
+    auto es = std::make_unique<entry_state>();
+    es->index = i;
+    es->cfg = &cfg_.entries[i];
+    es->ep = cfg_.entries[i].endpoint();
+    es->bucket = &buckets.get(cfg_.entries[i]);
+    es->last = i + 1 == cfg_.entries.size();
+    if (pol.breaker.enabled) {
+      auto bp = keel::breaker_policy::consecutive(
+          static_cast<std::size_t>(pol.breaker.failure_threshold),
+          duration_cast<nanoseconds>(seconds_ns(pol.breaker.break_duration)));
+      bp.break_growth = pol.breaker.break_growth;
+      bp.max_break_duration = seconds_ns(pol.breaker.max_break);
+      // Throttling is the bucket's business; a breaker opens on failures only.
+      bp.counts_as_failure =
+          keel::condition_set{keel::condition::transient, keel::condition::timeout};
+      if (hooks_.on_breaker) {
+        bp.on_state_change = [this, i](keel::breaker_state from, keel::breaker_state to) {
+          hooks_.on_breaker(i, from, to);
+        };
+      }
+      es->breaker = std::make_unique<keel::circuit_breaker>(ex_, bp);
+    }
+    if (const auto& aws = cfg_.entries[i].aws_retry) {
+      const double now =
+          std::chrono::duration<double>(clock_type::now().time_since_epoch()).count();
+      es->aws =
+          std::make_unique<keel::aws::retry_strategy>(*aws, keel::aws::retry_revision::v2_0, now);
+    } else {
+      keel::retry_policy p;
+      p.max_attempts = cfg_.entries[i].max_attempts;
+      p.backoff = strategy;
+      p.honour_retry_after = pol.retry.honour_retry_after;
+      p.max_retry_after = seconds_ns(pol.retry.max_retry_after);
+      p.budget = budget_.get();
+      p.random = &random_;
+      const bool last = es->last;
+      // An open breaker is a reason to move on to the next entry; the last entry waits for it.
+      p.retry_if = [last](const std::exception_ptr& e, const keel::classification&) {
+        return last || !is_code(e, keel::error::circuit_open);
+      };
+      es->policy = std::move(p);
+    }
+    entries_.push_back(std::move(es));
+  }
+}
+
+llm_client::~llm_client() = default;
+
+const keel::circuit_breaker* llm_client::breaker(std::size_t i) const {
+  return i < entries_.size() ? entries_[i]->breaker.get() : nullptr;
+}
+
+asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, call_state& cs) {
+  keel::llm::chat_request req = cs.item->request;
+  if (req.model.empty() || es.index != 0) {
+    req.model = es.cfg->model;
+  }
+  if (es.cfg->response_format) {
+    req.response_format = es.cfg->response_format;
+  }
+  const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
+  keel::throttle_cost cost;
+  cost.requests = 1;
+  cost.tokens = estimate;
+  const auto waited_from = clock_type::now();
+  if (cfg_.policy.queue_max_wait > 0) {
+    try {
+      co_await keel::with_deadline([&] { return es.bucket->acquire(cost); },
+                                   seconds_ns(cfg_.policy.queue_max_wait));
+    } catch (const boost::system::system_error& e) {
+      if (e.code() == keel::make_error_code(keel::error::deadline_exceeded)) {
+        keel::throw_failure(keel::error::queue_timeout);
+      }
+      throw;
+    }
+  } else {
+    co_await es.bucket->acquire(cost);
+  }
+  const auto waited = clock_type::now() - waited_from;
+  if (waited > std::chrono::milliseconds(1) && hooks_.on_throttle_wait) {
+    hooks_.on_throttle_wait(es.index, waited);
+  }
+
+  ++cs.attempts;
+  cs.entry = es.index;
+  const auto sent = clock_type::now();
+  std::exception_ptr failed;
+  std::optional<keel::llm::chat_response> reply;
+  try {
+    std::optional<keel::llm::aws_credentials> creds = es.cfg->aws;
+    if (es.cfg->api_type == keel::llm::provider_kind::bedrock && !creds) {
+      // No credentials (e.g. against the mock server): sign with placeholders.
+      creds = keel::llm::aws_credentials("AKIDKEELPLACEHOLDER", "keel-placeholder-secret");
+    }
+    if (es.cfg->timeout) {
+      reply = co_await keel::with_deadline(
+          [&] { return keel::llm::complete(http_, es.ep, req, creds); },
+          seconds_ns(*es.cfg->timeout));
+    } else {
+      reply = co_await keel::llm::complete(http_, es.ep, req, creds);
+    }
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  attempt_report report;
+  report.entry = es.index;
+  report.item = cs.item;
+  report.seconds = seconds_since(sent);
+  if (failed) {
+    es.bucket->settle(estimate, 0);  // a refused call used no tokens
+    const keel::classification c = keel::classify(failed);
+    if (c.condition == keel::condition::throttled && c.retry_after &&
+        *c.retry_after > nanoseconds{0}) {
+      const auto hint = std::min(*c.retry_after, seconds_ns(cfg_.policy.retry.max_retry_after));
+      es.bucket->pause_for(duration_cast<keel::throttler::duration>(hint));
+    }
+    report.error = failed;
+    report.status = error_status(failed);
+    if (hooks_.on_attempt) {
+      hooks_.on_attempt(report);
+    }
+    std::rethrow_exception(failed);
+  }
+  es.bucket->settle(estimate, static_cast<double>(reply->usage.input + reply->usage.output));
+  // Resync: the provider knows better how much is left.
+  const auto& rl = reply->rate_limits;
+  if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {
+    es.bucket->set_available_requests(*rl.remaining_requests);
+  }
+  if (rl.remaining_tokens && *rl.remaining_tokens < es.bucket->available_tokens()) {
+    es.bucket->set_available_tokens(*rl.remaining_tokens);
+  }
+  report.status = 200;
+  if (hooks_.on_attempt) {
+    hooks_.on_attempt(report);
+  }
+  co_return std::move(*reply);
+}
+
+asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, call_state& cs) {
+  entry_state& es = *entries_[i];
+  auto one = [this, &es, &cs]() -> asio::awaitable<keel::llm::chat_response> {
+    if (es.breaker) {
+      co_return co_await keel::with_breaker(*es.breaker,
+                                            [this, &es, &cs] { return attempt(es, cs); });
+    }
+    co_return co_await attempt(es, cs);
+  };
+  auto on_retry = [this, &es, &cs](const keel::retry_event& ev) {
+    if (hooks_.on_retry) {
+      retry_report r;
+      r.entry = es.index;
+      r.item = cs.item;
+      r.attempt = ev.attempt;
+      r.error = ev.error;
+      r.delay = ev.delay;
+      r.from_server_hint = ev.from_server_hint;
+      hooks_.on_retry(r);
+    }
+  };
+  if (es.aws) {
+    keel::aws::aws_retry_options opts;
+    opts.facts = [](const std::exception_ptr& e) { return keel::llm::aws_attempt_facts(e); };
+    opts.rand = [this] { return random_.uniform(); };
+    opts.on_retry = on_retry;
+    opts.on_rate_limit_wait = [this, &es](nanoseconds d) {
+      if (hooks_.on_throttle_wait) {
+        hooks_.on_throttle_wait(es.index, d);
+      }
+    };
+    co_return co_await keel::aws::with_retry(one, *es.aws, std::move(opts));
+  }
+  keel::retry_policy p = es.policy;
+  p.on_retry = on_retry;
+  co_return co_await keel::with_retry(one, std::move(p));
+}
+
+asio::awaitable<call_outcome> llm_client::call(const batch_item& item) {
+  call_state cs;
+  cs.item = &item;
+  call_outcome out;
+  const auto t0 = clock_type::now();
+  std::vector<keel::alternative<keel::llm::chat_response>> alts;
+  alts.reserve(entries_.size());
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    alts.emplace_back([this, i, &cs] { return run_entry(i, cs); });
+  }
+  keel::fallback_policy fp;
+  if (hooks_.on_fallback) {
+    fp.on_fallback = [this, &item](const keel::fallback_event& e) {
+      hooks_.on_fallback(item, e.from, e.to, e.error);
+    };
+  }
+  try {
+    out.response = co_await keel::with_deadline(
+        [&] { return keel::with_fallback(std::move(alts), std::move(fp)); },
+        seconds_ns(cfg_.policy.deadline));
+  } catch (...) {
+    out.error = std::current_exception();
+  }
+  auto state = co_await asio::this_coro::cancellation_state;
+  if (out.error && state.cancelled() != asio::cancellation_type::none) {
+    out.error =
+        std::make_exception_ptr(boost::system::system_error(asio::error::operation_aborted));
+  }
+  out.entry = cs.entry;
+  out.attempts = cs.attempts;
+  out.seconds = seconds_since(t0);
+  co_return out;
+}
+
+}  // namespace keel::cli

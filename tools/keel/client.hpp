@@ -1,0 +1,186 @@
+// A configured LLM client: the config_list entries as a fallback chain, each with its own retry
+// algorithm, breaker and shared rate-limit buckets.
+#pragma once
+
+// Design
+// ------
+// One call of `llm_client::call(item)` is, from the outside in:
+//
+//   with_deadline(policy.deadline,                            overall limit per item
+//     with_fallback(entry 0, entry 1, ...,                    primary, then fallbacks in order
+//       retry(entry i):  keel::with_retry (policy.retry)      or keel::aws::with_retry (mode)
+//         with_breaker(entry i's breaker,                     transient/timeout failures count
+//           acquire(bucket of (provider, model, key)),        requests + estimated tokens
+//           with_deadline(entry timeout, complete(...)))))    one HTTP attempt
+//
+// - A 429 (or any throttled failure) with a delay hint pauses the entry's bucket for everybody
+//   who shares it, so concurrent calls do not retry in lockstep; the bucket settles the token
+//   estimate with the real usage, and provider rate-limit headers that report fewer remaining
+//   requests or tokens than the bucket holds lower it.
+// - Buckets live in a `bucket_registry` keyed by (provider, model, key): entries, clients and
+//   configs that share a key share its limits. Breakers, the retry budget and the AWS retry
+//   quota/limiter belong to one client, so several clients with different policies can live in
+//   one process.
+// - An open breaker moves on to the next entry at once; on the last entry, keel-native retry
+//   waits for the breaker's probe instead (its error carries the remaining open time).
+// - Throttling (429) does not count against a breaker: that is the bucket's job.
+// - `call` never throws: it returns the reply or the final error with the attempts made.
+//
+// Thread safety: a client and its registry live on one executor (one thread).
+
+#include "config.hpp"
+#include "jsonl.hpp"
+
+#include <keel/circuit_breaker.hpp>
+#include <keel/http/client.hpp>
+#include <keel/random.hpp>
+#include <keel/retry_budget.hpp>
+#include <keel/throttler.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace keel::cli {
+
+/// Shared rate-limit buckets keyed by (provider, model, key).
+class bucket_registry {
+ public:
+  /// Buckets whose timers run on `ex`.
+  explicit bucket_registry(boost::asio::any_io_executor ex) : ex_(std::move(ex)) {}
+
+  /// The bucket of `e` (created on first use with `e.rate_limits`).
+  keel::throttler& get(const entry_config& e);
+
+  /// Every bucket with its (redaction-safe) name.
+  std::vector<std::pair<std::string, keel::throttler*>> all() const;
+
+ private:
+  boost::asio::any_io_executor ex_;
+  std::map<std::string, std::pair<std::string, std::unique_ptr<keel::throttler>>> buckets_;
+};
+
+/// What happened in one attempt (for metrics and logs).
+struct attempt_report {
+  /// The entry.
+  std::size_t entry = 0;
+  /// The item.
+  const batch_item* item = nullptr;
+  /// Null on success.
+  std::exception_ptr error;
+  /// HTTP status (0 without a response).
+  int status = 0;
+  /// Seconds from send to answer.
+  double seconds = 0;
+};
+
+/// A retry about to happen.
+struct retry_report {
+  /// The entry.
+  std::size_t entry = 0;
+  /// The item.
+  const batch_item* item = nullptr;
+  /// The attempt that failed (1-based).
+  int attempt = 0;
+  /// Its error.
+  std::exception_ptr error;
+  /// The sleep before the next attempt.
+  std::chrono::nanoseconds delay{0};
+  /// True if the delay came from the server.
+  bool from_server_hint = false;
+};
+
+/// Observers of a client's calls; every member is optional.
+struct client_hooks {
+  /// After every attempt.
+  std::function<void(const attempt_report&)> on_attempt;
+  /// Before every retry sleep.
+  std::function<void(const retry_report&)> on_retry;
+  /// Moving from entry `from` to entry `to` after `error`.
+  std::function<void(const batch_item&, std::size_t from, std::size_t to, std::exception_ptr)>
+      on_fallback;
+  /// A breaker changed state.
+  std::function<void(std::size_t entry, keel::breaker_state from, keel::breaker_state to)>
+      on_breaker;
+  /// An attempt waited this long for rate-limit capacity (bucket or AWS adaptive limiter).
+  std::function<void(std::size_t entry, std::chrono::nanoseconds)> on_throttle_wait;
+};
+
+/// The outcome of one call.
+struct call_outcome {
+  /// The reply, on success.
+  std::optional<keel::llm::chat_response> response;
+  /// The final error, on failure (`operation_aborted` when cancelled).
+  std::exception_ptr error;
+  /// The entry that answered (or the last one tried).
+  std::size_t entry = 0;
+  /// HTTP attempts made over all entries.
+  int attempts = 0;
+  /// Seconds from start to end.
+  double seconds = 0;
+};
+
+/// A client built from a config.
+class llm_client {
+ public:
+  /// Builds the entries' breakers, retry strategies and buckets.
+  /// @param http the transport (must outlive the client).
+  /// @param buckets the shared buckets (must outlive the client).
+  /// @param seed seeds the jitter.
+  llm_client(boost::asio::any_io_executor ex, config cfg, keel::http::client& http,
+             bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0);
+  ~llm_client();
+  llm_client(const llm_client&) = delete;
+  llm_client& operator=(const llm_client&) = delete;
+
+  /// Runs one item through the whole chain. Never throws.
+  /// Cancellation: the attempt in flight is cancelled and the outcome's error is
+  /// `operation_aborted`.
+  boost::asio::awaitable<call_outcome> call(const batch_item& item);
+
+  /// The config.
+  const config& cfg() const noexcept { return cfg_; }
+
+  /// Breaker of entry `i` (null when breakers are off).
+  const keel::circuit_breaker* breaker(std::size_t i) const;
+
+  /// The shared retry budget (null when off).
+  const keel::retry_budget* budget() const noexcept { return budget_.get(); }
+
+ private:
+  struct entry_state;
+  struct call_state;
+  boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs);
+  boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
+
+  boost::asio::any_io_executor ex_;
+  config cfg_;
+  keel::http::client& http_;
+  client_hooks hooks_;
+  keel::random_source random_;
+  std::unique_ptr<keel::retry_budget> budget_;
+  std::vector<std::unique_ptr<entry_state>> entries_;
+};
+
+/// A short name for the kind of error that decided a failure (through retries_exhausted,
+/// budget_exhausted and all_fallbacks_failed to the last attempt's error): the keel::llm errc
+/// ("rate_limited", "overloaded", ...), else keel's error or condition ("deadline_exceeded",
+/// "circuit_open", "cancelled", "timeout", "connection", ...); "ok" for null.
+std::string error_class(const std::exception_ptr& e);
+
+/// The HTTP status of the deciding provider error (0 otherwise).
+int error_status(const std::exception_ptr& e);
+
+/// The error part of a failure record: class, condition, and for a provider error its status,
+/// provider, code, message and request id; `gave_up` says why retrying or falling back stopped
+/// ("retries_exhausted", "budget_exhausted", "all_fallbacks_failed"). Never holds a secret.
+nlohmann::json error_json(const std::exception_ptr& e);
+
+}  // namespace keel::cli

@@ -1,0 +1,253 @@
+// The keel command's configuration: an AG2-style `config_list` plus a keel `policy` block.
+#pragma once
+
+// Design
+// ------
+// A config file is JSON. Two shapes are accepted:
+//
+//   - a bare AG2 `config_list` array: `[ {"api_type": "openai", "model": "gpt-4o-mini", ...}, ...
+//   ]`
+//   - an object: `{"config_list": [ ... ], "policy": { ... }}`
+//
+// The first entry of `config_list` is the primary model; the others are fallbacks, tried in
+// order. Entry keys (AG2 names; durations are seconds, fractional allowed):
+//
+//   api_type            "openai" | "anthropic" | "bedrock"                  (default "openai")
+//   model               string, required, non-empty
+//   base_url            string (empty: the provider's public URL)
+//   api_key             string (secret)               } at most one of the two; for openai and
+//   api_key_env         name of an environment var.   } anthropic one is required
+//   aws_region          string (bedrock: required unless base_url is set, or AWS_REGION /
+//                       AWS_DEFAULT_REGION is set)
+//   aws_access_key, aws_secret_key, aws_session_token   strings (secrets); both key parts or none
+//   aws_profile_name    a profile of the AWS shared files (credentials and retry settings)
+//   total_max_attempts  integer >= 1: all attempts, wins over max_attempts
+//   max_attempts        integer >= 0: *retries* (total = value + 1)
+//   mode                "legacy" | "standard" | "adaptive": AWS retry semantics (any api_type)
+//   timeout             number > 0: per-attempt timeout in seconds
+//   response_format     object (sent as OpenAI's response_format)
+//   requests_per_minute, tokens_per_minute   numbers >= 0 (keel extension: override the
+//                       policy's rate limits for this entry; 0 = unlimited)
+//   tags                array of strings (AG2 filter tags; kept, otherwise unused)
+//
+// Any other key is an error. Which retry algorithm an entry uses:
+//
+//   - AWS semantics (keel::aws::with_retry) when the entry sets `mode`, or when it is a bedrock
+//     entry. The mode and total attempts then resolve with botocore's precedence
+//     (keel::aws::resolve_retry_config): entry mode/total_max_attempts/max_attempts, then
+//     AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, then the AWS profile's retry_mode / max_attempts,
+//     then the mode's default (legacy 5, standard/adaptive 3).
+//   - otherwise keel's own with_retry with `policy.retry`; the entry's total_max_attempts or
+//     max_attempts (+1) replaces `policy.retry.max_attempts`. AWS_* variables are not read.
+//
+// `policy` (every key optional):
+//
+//   retry:        {max_attempts: int >= 1 (4), backoff: <backoff>, backoff_by_condition:
+//                  {"throttled"|"transient"|"timeout": <backoff>}, honour_retry_after: bool
+//                  (true), max_retry_after: seconds (60)}
+//   <backoff>:    {kind: "exponential"|"linear"|"constant"|"immediate" ("exponential"),
+//                  base: s (0.5), cap: s (20), jitter: "none"|"full"|"equal"|"decorrelated"|
+//                  "decorrelated_v2" ("full"), multiplier: number >= 1 (2)}
+//   deadline:     seconds > 0: overall limit per item, fallbacks included (300)
+//   breaker:      {enabled: bool (true), failure_threshold: int >= 1 (5), break: s (30),
+//                  break_growth: number >= 1 (2), max_break: s (300)}
+//   retry_budget: {enabled: bool (true), max_tokens: number > 0 (100), token_ratio: number in
+//                  (0, 1] (0.1)}
+//   rate_limits:  {requests_per_minute: number >= 0 (0), tokens_per_minute: number >= 0 (0),
+//                  burst: number >= 0 (0: one second's worth of requests)}
+//   concurrency:  int in [1, 100000] (16)
+//   queue:        {max_wait: seconds >= 0 (0 = no limit but the deadline): how long one attempt
+//                  may wait for rate-limit capacity before it fails with queue_timeout}
+//
+// Errors name the file, the JSON pointer and what was expected, e.g.
+//   policy.json: /config_list/1/timeout: expected a number > 0, got "abc"
+//
+// Secrets (`api_key`, the value of `api_key_env`, `aws_secret_key`, `aws_session_token`,
+// `aws_access_key`) never appear in errors or in `to_json(config, redact = true)`.
+//
+// Thread safety: plain values; `load_config` reads files and the environment through the
+// given lookup only.
+
+#include <keel/aws/config.hpp>
+#include <keel/llm/chat.hpp>
+#include <keel/llm/sigv4.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace keel::cli {
+
+/// Looks up an environment variable; empty optional when unset. Tests inject their own.
+using env_lookup = std::function<std::optional<std::string>(std::string_view name)>;
+
+/// The process environment (std::getenv).
+env_lookup process_env();
+
+/// A bad config: `what()` is "<source>: <path>: <message>".
+class config_error : public std::runtime_error {
+ public:
+  /// An error in `source` (a file name or "<config>") at JSON pointer `path`.
+  config_error(std::string source, std::string path, std::string message);
+  /// The JSON pointer of the offending value ("" for the whole document).
+  const std::string& path() const noexcept { return path_; }
+  /// What is wrong, without file and path.
+  const std::string& message() const noexcept { return message_; }
+
+ private:
+  std::string path_;
+  std::string message_;
+};
+
+/// One backoff curve (durations in seconds).
+struct backoff_config {
+  /// "exponential", "linear", "constant" or "immediate".
+  std::string kind = "exponential";
+  /// First delay (exponential, linear) or the delay (constant).
+  double base = 0.5;
+  /// Largest delay.
+  double cap = 20;
+  /// "none", "full", "equal", "decorrelated" or "decorrelated_v2".
+  std::string jitter = "full";
+  /// Growth factor of `exponential` (>= 1).
+  double multiplier = 2.0;
+};
+
+/// keel-native retry settings.
+struct retry_config {
+  /// Total attempts, including the first.
+  int max_attempts = 4;
+  /// The curve for every condition without its own.
+  backoff_config backoff;
+  /// Curves by condition name: "throttled", "transient", "timeout".
+  std::map<std::string, backoff_config> backoff_by_condition;
+  /// Whether a server delay hint (Retry-After, ...) replaces the backoff.
+  bool honour_retry_after = true;
+  /// Longest server hint obeyed, seconds.
+  double max_retry_after = 60;
+};
+
+/// Circuit breaker per entry (consecutive failures).
+struct breaker_config {
+  /// Whether entries have a breaker.
+  bool enabled = true;
+  /// Failures in a row that open it.
+  int failure_threshold = 5;
+  /// How long it stays open the first time, seconds.
+  double break_duration = 30;
+  /// Growth of the break on each re-opening.
+  double break_growth = 2;
+  /// Longest break, seconds.
+  double max_break = 300;
+};
+
+/// gRFC A6 retry budget shared by every entry of one client.
+struct budget_config {
+  /// Whether retries draw on a budget.
+  bool enabled = true;
+  /// Bucket size.
+  double max_tokens = 100;
+  /// Tokens a success gives back.
+  double token_ratio = 0.1;
+};
+
+/// Client-side rate limits (0: unlimited).
+struct rate_limit_config {
+  /// Requests per minute.
+  double requests_per_minute = 0;
+  /// LLM tokens (prompt + completion) per minute.
+  double tokens_per_minute = 0;
+  /// Request burst (0: one second's worth, at least 1).
+  double burst = 0;
+};
+
+/// The keel `policy` block.
+struct policy_config {
+  /// keel-native retry.
+  retry_config retry;
+  /// Overall limit per item including fallbacks, seconds.
+  double deadline = 300;
+  /// Circuit breaker per entry.
+  breaker_config breaker;
+  /// Retry budget.
+  budget_config retry_budget;
+  /// Default rate limits of every entry.
+  rate_limit_config rate_limits;
+  /// Items in flight at once.
+  int concurrency = 16;
+  /// Longest wait for rate-limit capacity per attempt, seconds (0: no limit).
+  double queue_max_wait = 0;
+};
+
+/// One `config_list` entry, resolved.
+struct entry_config {
+  /// Wire format.
+  keel::llm::provider_kind api_type = keel::llm::provider_kind::openai;
+  /// Model id.
+  std::string model;
+  /// Base URL (empty: public URL).
+  std::string base_url;
+  /// The API key, resolved from `api_key` or `api_key_env` (secret).
+  std::string api_key;
+  /// The variable named by `api_key_env` (empty if the key was given inline).
+  std::string api_key_env;
+  /// AWS region (bedrock).
+  std::string aws_region;
+  /// AWS credentials (bedrock), from the entry, the profile or the environment (secrets).
+  std::optional<keel::llm::aws_credentials> aws;
+  /// Where `aws` came from: "config", "profile <name>", "environment" or "" (none).
+  std::string aws_credentials_source;
+  /// AWS profile name, if given.
+  std::string aws_profile_name;
+  /// Per-attempt timeout, seconds.
+  std::optional<double> timeout;
+  /// Sent as OpenAI's response_format.
+  std::optional<nlohmann::json> response_format;
+  /// AG2 tags.
+  std::vector<std::string> tags;
+  /// Effective rate limits (policy defaults overridden by the entry).
+  rate_limit_config rate_limits;
+  /// AWS retry semantics, when they apply (see the header comment); else keel-native.
+  std::optional<keel::aws::resolved_retry_config> aws_retry;
+  /// Total attempts of keel-native retry (policy.retry.max_attempts unless the entry overrides).
+  int max_attempts = 4;
+
+  /// "api_type/model", e.g. "openai/gpt-4o-mini" (never contains a secret).
+  std::string name() const;
+  /// The transport endpoint of this entry.
+  keel::llm::endpoint endpoint() const;
+};
+
+/// A whole resolved config.
+struct config {
+  /// Primary first, then fallbacks in order; never empty.
+  std::vector<entry_config> entries;
+  /// The policy block.
+  policy_config policy;
+  /// Where it was read from (file name or "<config>").
+  std::string source;
+};
+
+/// Parses and validates config JSON text.
+/// @param text the JSON.
+/// @param source named in errors (a file name).
+/// @param env environment lookup (api_key_env, AWS_* variables, AWS shared file locations).
+/// @throws config_error naming the JSON path of the first bad value.
+config parse_config(std::string_view text, const std::string& source, const env_lookup& env);
+
+/// Reads and parses a config file.
+/// @throws config_error if the file cannot be read (path "") or is invalid.
+config load_config(const std::string& file, const env_lookup& env);
+
+/// The resolved config as JSON (every default filled in), for `--print-config` and
+/// `keel config check`. With `redact`, secrets are replaced by "<redacted>" (or by
+/// "<from $VAR>" for api_key_env), never shown.
+nlohmann::json to_json(const config& c, bool redact = true);
+
+}  // namespace keel::cli

@@ -1,0 +1,437 @@
+// Input items, the append-only results file and the resume scan of the keel command.
+#include "jsonl.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+#include <unordered_map>
+#include <vector>
+
+namespace keel::cli {
+namespace {
+
+using nlohmann::json;
+
+std::string type_name(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null:
+      return "null";
+    case json::value_t::boolean:
+      return "a boolean";
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned:
+      return "an integer";
+    case json::value_t::number_float:
+      return "a number";
+    case json::value_t::string:
+      return "a string";
+    case json::value_t::array:
+      return "an array";
+    case json::value_t::object:
+      return "an object";
+    default:
+      return "a value";
+  }
+}
+
+struct bad_line : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] void fail(const std::string& path, const std::string& expected, const json& got) {
+  throw bad_line(path + ": expected " + expected + ", got " + type_name(got));
+}
+
+const std::string& get_string(const json& v, const std::string& path) {
+  if (!v.is_string()) {
+    fail(path, "a string", v);
+  }
+  return v.get_ref<const std::string&>();
+}
+
+std::string preview_of(std::string_view text) {
+  // 100 characters, not bytes: never cut a UTF-8 sequence.
+  std::size_t chars = 0, i = 0;
+  while (i < text.size() && chars < 100) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const std::size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
+    i += len;
+    ++chars;
+  }
+  return std::string(text.substr(0, std::min(i, text.size())));
+}
+
+void throw_errno(const std::string& what, const std::string& path) {
+  throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
+}
+
+}  // namespace
+
+std::variant<batch_item, input_error> parse_input_line(std::string_view text, std::size_t line,
+                                                       int default_max_tokens) {
+  json doc;
+  try {
+    doc = json::parse(text);
+  } catch (const json::parse_error& e) {
+    return input_error{line, nullptr,
+                       "not valid JSON (at byte " + std::to_string(e.byte) + " of the line)"};
+  }
+  if (!doc.is_object()) {
+    return input_error{line, nullptr, "expected a JSON object, got " + type_name(doc)};
+  }
+  json id = nullptr;
+  try {
+    const auto it = doc.find("id");
+    if (it == doc.end()) {
+      throw bad_line("/id: missing (every item needs a string or integer id)");
+    }
+    if (!it->is_string() && !it->is_number_integer() && !it->is_number_unsigned()) {
+      fail("/id", "a string or an integer", *it);
+    }
+    id = *it;
+    batch_item item;
+    item.line = line;
+    item.id = id;
+    item.key = id.dump();
+    item.request.max_tokens = default_max_tokens;
+    bool has_prompt = false, has_messages = false;
+    for (const auto& [key, value] : doc.items()) {
+      const std::string path = "/" + key;
+      if (key == "id") {
+        continue;
+      }
+      if (key == "prompt") {
+        const std::string& p = get_string(value, path);
+        if (p.empty()) {
+          throw bad_line("/prompt: expected a non-empty string");
+        }
+        item.request.messages.emplace_back("user", p);
+        has_prompt = true;
+      } else if (key == "messages") {
+        if (!value.is_array() || value.empty()) {
+          fail(path, "a non-empty array of {\"role\", \"content\"} objects", value);
+        }
+        for (std::size_t i = 0; i < value.size(); ++i) {
+          const json& m = value[i];
+          const std::string mp = path + "/" + std::to_string(i);
+          if (!m.is_object()) {
+            fail(mp, "an object", m);
+          }
+          std::string role, content;
+          bool has_role = false, has_content = false;
+          for (const auto& [mk, mv] : m.items()) {
+            if (mk == "role") {
+              role = get_string(mv, mp + "/role");
+              has_role = true;
+            } else if (mk == "content") {
+              content = get_string(mv, mp + "/content");
+              has_content = true;
+            } else {
+              throw bad_line(mp + "/" + mk + ": unknown key (allowed: role, content)");
+            }
+          }
+          if (!has_role) {
+            throw bad_line(mp + "/role: missing");
+          }
+          if (!has_content) {
+            throw bad_line(mp + "/content: missing");
+          }
+          if (role == "system") {
+            item.request.system += item.request.system.empty() ? content : "\n" + content;
+          } else if (role == "user" || role == "assistant") {
+            item.request.messages.emplace_back(role, content);
+          } else {
+            throw bad_line(mp + "/role: expected \"user\", \"assistant\" or \"system\", got \"" +
+                           preview_of(role) + "\"");
+          }
+        }
+        has_messages = true;
+      } else if (key == "model") {
+        item.request.model = get_string(value, path);
+        if (item.request.model.empty()) {
+          throw bad_line("/model: expected a non-empty string");
+        }
+      } else if (key == "max_tokens") {
+        if (!value.is_number_integer() && !value.is_number_unsigned()) {
+          fail(path, "an integer in [1, 1000000]", value);
+        }
+        const auto n = value.get<long long>();
+        if (n < 1 || n > 1000000) {
+          throw bad_line("/max_tokens: expected an integer in [1, 1000000], got " +
+                         std::to_string(n));
+        }
+        item.request.max_tokens = static_cast<int>(n);
+      } else if (key == "system") {
+        const std::string& s = get_string(value, path);
+        item.request.system = item.request.system.empty() ? s : s + "\n" + item.request.system;
+      } else if (key == "metadata") {
+        if (!value.is_object()) {
+          fail(path, "an object", value);
+        }
+        item.metadata = value;
+      } else {
+        throw bad_line(path +
+                       ": unknown key (allowed: id, prompt, messages, model, max_tokens, system, "
+                       "metadata)");
+      }
+    }
+    if (has_prompt == has_messages) {
+      throw bad_line(has_prompt ? "/: give either prompt or messages, not both"
+                                : "/prompt: missing (give prompt or messages)");
+    }
+    if (item.request.messages.empty() || item.request.messages.back().role != "user") {
+      throw bad_line("/messages: the last message must have role \"user\"");
+    }
+    item.preview = preview_of(item.request.messages.back().content);
+    return item;
+  } catch (const bad_line& e) {
+    return input_error{line, id, e.what()};
+  }
+}
+
+// ---- input_reader ----------------------------------------------------------------------------
+
+input_reader::input_reader(const std::string& path) : path_(path) {
+  if (path == "-") {
+    file_ = stdin;
+    return;
+  }
+  file_ = std::fopen(path.c_str(), "rb");
+  if (!file_) {
+    throw_errno("cannot open input", path);
+  }
+  owned_ = true;
+}
+
+input_reader::~input_reader() {
+  if (owned_ && file_) {
+    std::fclose(file_);
+  }
+}
+
+std::optional<input_reader::raw_line> input_reader::next() {
+  for (;;) {
+    raw_line out;
+    bool any = false;
+    int c;
+    while ((c = std::getc(file_)) != EOF) {
+      any = true;
+      if (c == '\n') {
+        break;
+      }
+      if (out.text.size() < max_line_bytes) {
+        out.text.push_back(static_cast<char>(c));
+      } else {
+        out.too_long = true;
+      }
+    }
+    if (std::ferror(file_)) {
+      throw_errno("cannot read input", path_);
+    }
+    if (!any) {
+      return std::nullopt;
+    }
+    out.number = ++number_;
+    if (!out.text.empty() && out.text.back() == '\r') {
+      out.text.pop_back();
+    }
+    if (out.text.find_first_not_of(" \t") == std::string::npos && !out.too_long) {
+      continue;  // blank lines are not items
+    }
+    return out;
+  }
+}
+
+std::optional<std::size_t> count_items(const std::string& path) {
+  if (path == "-") {
+    return std::nullopt;
+  }
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) {
+    return std::nullopt;
+  }
+  std::size_t n = 0;
+  bool blank = true;
+  std::vector<char> buf(1 << 16);
+  std::size_t got;
+  while ((got = std::fread(buf.data(), 1, buf.size(), f)) > 0) {
+    for (std::size_t i = 0; i < got; ++i) {
+      const char c = buf[i];
+      if (c == '\n') {
+        n += blank ? 0 : 1;
+        blank = true;
+      } else if (c != ' ' && c != '\t' && c != '\r') {
+        blank = false;
+      }
+    }
+  }
+  n += blank ? 0 : 1;
+  std::fclose(f);
+  return n;
+}
+
+// ---- record_writer ---------------------------------------------------------------------------
+
+record_writer::record_writer(const std::string& path, bool sync) : sync_(sync), path_(path) {
+  if (path == "-") {
+    fd_ = STDOUT_FILENO;
+    return;
+  }
+  fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) {
+    throw_errno("cannot open output", path);
+  }
+  owned_ = true;
+}
+
+record_writer::~record_writer() {
+  if (owned_ && fd_ >= 0) {
+    ::close(fd_);
+  }
+}
+
+void record_writer::write(const nlohmann::json& record) {
+  // Invalid UTF-8 from a provider must not make the record unwritable: replace it.
+  std::string line = record.dump(-1, ' ', false, json::error_handler_t::replace);
+  line.push_back('\n');
+  const char* p = line.data();
+  std::size_t left = line.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd_, p, left);
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      throw_errno("cannot write output", path_);
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+  if (sync_ && ::fdatasync(fd_) != 0 && errno != EINVAL) {
+    throw_errno("cannot sync output", path_);
+  }
+  ++written_;
+}
+
+// ---- prepare_resume --------------------------------------------------------------------------
+
+resume_state prepare_resume(const std::string& path) {
+  resume_state st;
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) {
+    if (errno == ENOENT) {
+      return st;
+    }
+    throw_errno("cannot open output for --resume", path);
+  }
+  std::vector<std::string> kept;
+  bool rewrite = false;
+  std::string text;
+  std::size_t number = 0;
+  int c = 0;
+  for (;;) {
+    text.clear();
+    bool any = false, newline = false;
+    while ((c = std::getc(f)) != EOF) {
+      any = true;
+      if (c == '\n') {
+        newline = true;
+        break;
+      }
+      text.push_back(static_cast<char>(c));
+    }
+    if (!any) {
+      break;
+    }
+    ++number;
+    json rec;
+    bool ok = true;
+    try {
+      rec = json::parse(text);
+      ok = rec.is_object() && rec.contains("status") && rec.contains("line") &&
+           rec.contains("id") && rec["status"].is_string() && rec["line"].is_number_unsigned();
+    } catch (const json::parse_error&) {
+      ok = false;
+    }
+    if (!ok) {
+      const bool last = !newline || std::getc(f) == EOF;
+      if (last) {
+        st.dropped_torn_tail = true;
+        rewrite = true;
+        break;
+      }
+      std::fclose(f);
+      throw std::runtime_error(path + ":" + std::to_string(number) +
+                               ": not a keel result record; fix or move the file before --resume");
+    }
+    const std::string status = rec["status"].get<std::string>();
+    if (status == "cancelled") {
+      ++st.dropped_cancelled;
+      rewrite = true;
+      continue;
+    }
+    std::string cls;
+    if (auto e = rec.find("error");
+        e != rec.end() && e->is_object() && e->contains("class") && (*e)["class"].is_string()) {
+      cls = (*e)["class"].get<std::string>();
+    }
+    bool fresh;
+    if (cls == "invalid_input" || cls == "duplicate_id") {
+      fresh = st.done_lines.insert(rec["line"].get<std::size_t>()).second;
+    } else {
+      fresh = st.done_keys.insert(rec["id"].dump()).second;
+    }
+    if (!fresh) {
+      ++st.dropped_duplicates;
+      rewrite = true;
+      continue;
+    }
+    kept.push_back(text);
+    ++st.kept;
+    if (!newline) {
+      rewrite = true;  // appending after it would join two records on one line
+    }
+  }
+  std::fclose(f);
+  if (!rewrite) {
+    return st;
+  }
+  const std::string tmp = path + ".keel-tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw_errno("cannot create", tmp);
+  }
+  std::string out;
+  for (const auto& k : kept) {
+    out += k;
+    out += '\n';
+  }
+  const char* p = out.data();
+  std::size_t left = out.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd, p, left);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      throw_errno("cannot write", tmp);
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    throw_errno("cannot sync", tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    throw_errno("cannot replace", path);
+  }
+  return st;
+}
+
+}  // namespace keel::cli

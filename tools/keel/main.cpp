@@ -1,0 +1,275 @@
+// The keel command line: `keel batch`, `keel demo`, `keel mock`, `keel config check`.
+#include "batch.hpp"
+#include "config.hpp"
+#include "demo.hpp"
+#include "log.hpp"
+
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+
+#include <unistd.h>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <optional>
+#include <string>
+
+namespace {
+
+using namespace keel::cli;
+
+// Shell-quotes one argument for the printed resume command.
+std::string quote(const std::string& s) {
+  if (!s.empty() && s.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                        "0123456789-_./=:,@") == std::string::npos) {
+    return s;
+  }
+  std::string out = "'";
+  for (char c : s) {
+    out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  }
+  return out + "'";
+}
+
+std::string resume_command(int argc, char** argv) {
+  std::string cmd;
+  bool has_resume = false;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--overwrite") {
+      continue;  // resuming must not wipe what was done
+    }
+    has_resume = has_resume || a == "--resume";
+    cmd += (cmd.empty() ? "" : " ") + quote(a);
+  }
+  return has_resume ? cmd : cmd + " --resume";
+}
+
+struct common_flags {
+  std::string log_level = "warning";
+  std::string log_format = "text";
+  std::string progress = "auto";
+  bool quiet = false;
+  double progress_interval = 5;
+  std::string summary_json;
+  std::optional<unsigned short> metrics_port;
+  std::optional<int> concurrency;
+  double grace = 10;
+  std::uint64_t seed = 0;
+  bool fsync = false;
+};
+
+void add_common(CLI::App* app, common_flags& f) {
+  app->add_option("--concurrency,-c", f.concurrency,
+                  "Items in flight (default: policy.concurrency)")
+      ->check(CLI::Range(1, 100000));
+  app->add_option("--log-level", f.log_level, "debug, info, warning (retries), error or off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"debug", "info", "warning", "warn", "error", "off"}));
+  app->add_option("--log-format", f.log_format, "text or json (one object per line)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"text", "json"}));
+  app->add_option("--progress", f.progress,
+                  "auto (bar on a terminal, else lines), bar, lines or none")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "bar", "lines", "none"}));
+  app->add_flag("--quiet,-q", f.quiet, "No progress and no log lines below error");
+  app->add_option("--progress-interval", f.progress_interval, "Seconds between progress lines")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app->add_option("--summary-json", f.summary_json, "Also write the summary as JSON to this file");
+  app->add_option("--metrics-port", f.metrics_port,
+                  "Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)");
+  app->add_option("--grace", f.grace, "Seconds in-flight items get to finish after SIGINT/SIGTERM")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--seed", f.seed, "Seed of the retry jitter (and of the demo's mock)");
+  app->add_flag("--fsync", f.fsync, "fdatasync the results file after every record");
+}
+
+logger make_logger(const common_flags& f) {
+  log_level level = parse_log_level(f.log_level).value_or(log_level::warning);
+  if (f.quiet && level < log_level::error) {
+    level = log_level::error;
+  }
+  return logger(level, f.log_format == "json" ? log_format::json : log_format::text, stderr);
+}
+
+batch_options make_batch_options(const common_flags& f) {
+  batch_options o;
+  o.concurrency = f.concurrency;
+  o.grace = f.grace;
+  o.progress_interval = f.progress_interval;
+  o.summary_json = f.summary_json;
+  o.metrics_port = f.metrics_port;
+  o.seed = f.seed;
+  o.fsync = f.fsync;
+  if (f.quiet || f.progress == "none") {
+    o.progress = progress_mode::quiet;
+  } else if (f.progress == "bar" || (f.progress == "auto" && ::isatty(STDERR_FILENO))) {
+    o.progress = progress_mode::bar;
+  } else {
+    o.progress = progress_mode::lines;
+  }
+  return o;
+}
+
+int run_mock(const std::string& address, unsigned short port, const std::string& scenario_file,
+             std::uint64_t seed) {
+  boost::asio::io_context ctx;
+  keel::testing::mock_options mo;
+  mo.address = address;
+  mo.port = port;
+  mo.seed = seed;
+  keel::testing::mock_llm_server server(ctx, mo);
+  if (!scenario_file.empty()) {
+    server.set_scenario(keel::testing::load_scenario(scenario_file));
+  }
+  server.start();
+  std::printf(
+      "keel mock: listening on %s (OpenAI /v1/chat/completions, Anthropic /v1/messages, "
+      "Bedrock /model/{id}/converse); Ctrl-C to stop\n",
+      server.base_url().c_str());
+  std::fflush(stdout);
+  boost::asio::signal_set signals(ctx, SIGINT, SIGTERM);
+  signals.async_wait([&](const boost::system::error_code&, int) {
+    server.stop();
+    ctx.stop();
+  });
+  ctx.run();
+  const auto s = server.stats();
+  std::printf("keel mock: stopped after %llu requests (%llu answered 200)\n",
+              static_cast<unsigned long long>(s.total.requests),
+              static_cast<unsigned long long>(s.status_count(200)));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"keel: resilient LLM batch calls (retries, fallbacks, breakers, rate limits)",
+               "keel"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "keel 0.1.0");
+
+  // ---- batch ----
+  auto* batch = app.add_subcommand("batch",
+                                   "Run a JSONL file of prompts through a configured "
+                                   "policy, one result record per input line");
+  common_flags bf;
+  std::string config_file, in_file, out_file, mock_scenario;
+  bool resume = false, overwrite = false, print_config = false;
+  batch->add_option("--config", config_file, "Config file (AG2 config_list + policy)");
+  batch->add_option("--in,-i", in_file, "Input JSONL ('-': stdin)");
+  batch->add_option("--out,-o", out_file, "Results JSONL, appended ('-': stdout)");
+  batch->add_flag("--resume", resume, "Skip items already in --out (and redo cancelled ones)");
+  batch->add_flag("--overwrite", overwrite, "Replace an existing --out");
+  batch->add_flag("--print-config", print_config,
+                  "Print the resolved config (secrets redacted) and exit");
+  batch->add_option("--mock", mock_scenario,
+                    "Run against an in-process mock server: 'demo' or a scenario file; every "
+                    "entry's base_url is pointed at it");
+  add_common(batch, bf);
+
+  // ---- demo ----
+  auto* demo = app.add_subcommand(
+      "demo", "Run a generated batch against the in-process mock with a realistic fault mix");
+  common_flags df;
+  df.log_level = "error";
+  df.concurrency = 64;
+  demo_options dopts;
+  demo->add_option("--prompts,-n", dopts.prompts, "How many prompts")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
+  demo->add_option("--out,-o", dopts.out, "Results file (default: a temporary file)");
+  demo->add_option("--scenario", dopts.scenario, "Mock scenario file instead of the built-in one");
+  demo->add_option("--config", dopts.config, "Config file instead of the built-in one");
+  add_common(demo, df);
+
+  // ---- mock ----
+  auto* mock = app.add_subcommand("mock", "Run the fault-injecting mock LLM server");
+  std::string mock_address = "127.0.0.1", mock_file;
+  unsigned short mock_port = 8080;
+  std::uint64_t mock_seed = 0;
+  mock->add_option("--port,-p", mock_port, "Port (0: any free port)")->capture_default_str();
+  mock->add_option("--address", mock_address, "Address to bind")->capture_default_str();
+  mock->add_option("--scenario", mock_file, "Scenario file (docs/mock_llm_server.md)");
+  mock->add_option("--seed", mock_seed, "Seed of the fault generators");
+
+  // ---- config check ----
+  auto* cfg_cmd = app.add_subcommand("config", "Inspect configuration");
+  cfg_cmd->require_subcommand(1);
+  auto* check = cfg_cmd->add_subcommand("check",
+                                        "Validate a config and print it resolved "
+                                        "(secrets redacted)");
+  std::string check_file;
+  check->add_option("file", check_file, "Config file")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  try {
+    if (*check) {
+      const config c = load_config(check_file, process_env());
+      std::cout << to_json(c, true).dump(2) << "\n";
+      std::cerr << "keel: " << check_file << " is valid (" << c.entries.size() << " entr"
+                << (c.entries.size() == 1 ? "y" : "ies") << ")\n";
+      return 0;
+    }
+    if (*mock) {
+      return run_mock(mock_address, mock_port, mock_file, mock_seed);
+    }
+    if (*demo) {
+      logger log = make_logger(df);
+      batch_options o = make_batch_options(df);
+      o.resume_command = resume_command(argc, argv);
+      return run_demo(dopts, o, log);
+    }
+    // batch
+    logger log = make_logger(bf);
+    config c;
+    if (!config_file.empty()) {
+      c = load_config(config_file, process_env());
+    } else if (!mock_scenario.empty()) {
+      c = demo_config();
+    } else {
+      std::cerr << "keel batch: --config is required (or --mock to run against the mock)\n";
+      return 2;
+    }
+    if (print_config) {
+      std::cout << to_json(c, true).dump(2) << "\n";
+      return 0;
+    }
+    if (in_file.empty() || out_file.empty()) {
+      std::cerr << "keel batch: --in and --out are required\n";
+      return 2;
+    }
+    batch_options o = make_batch_options(bf);
+    o.in = in_file;
+    o.out = out_file;
+    o.resume = resume;
+    o.overwrite = overwrite;
+    o.resume_command = resume_command(argc, argv);
+    o.print_summary = out_file != "-";
+    if (!mock_scenario.empty()) {
+      return run_with_mock(mock_scenario, std::move(c), o, log);
+    }
+    return run_batch(c, o, log);
+  } catch (const config_error& e) {
+    std::cerr << "keel: config error: " << e.what() << "\n";
+    return 2;
+  } catch (const keel::testing::scenario_error& e) {
+    std::cerr << "keel: scenario error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "keel: " << e.what() << "\n";
+    return 2;
+  }
+}
