@@ -156,8 +156,9 @@ TEST_CASE("mock_llm_server answers each wire format with a deterministic complet
     CHECK(ob["usage"]["total_tokens"] ==
           ob["usage"]["prompt_tokens"].get<int>() + ob["usage"]["completion_tokens"].get<int>());
     CHECK(o.header("x-request-id").starts_with("req_"));
-    CHECK(!o.header("x-ratelimit-limit-requests").empty());
-    CHECK(!o.header("x-ratelimit-remaining-tokens").empty());
+    // No plan, no limit: no rate-limit headers (a client must not learn a fake limit).
+    CHECK(o.header("x-ratelimit-limit-requests").empty());
+    CHECK(o.header("x-ratelimit-remaining-tokens").empty());
 
     answer a = co_await post(server.port(), make_call(wire::anthropic, "claude-3-5-haiku", prompt));
     REQUIRE(!a.ec);
@@ -170,7 +171,7 @@ TEST_CASE("mock_llm_server answers each wire format with a deterministic complet
     CHECK(ab["stop_reason"] == "end_turn");
     CHECK(ab["usage"]["input_tokens"] == 8);
     CHECK(a.header("request-id").starts_with("req_"));
-    CHECK(!a.header("anthropic-ratelimit-requests-limit").empty());
+    CHECK(a.header("anthropic-ratelimit-requests-limit").empty());
 
     const std::string long_prompt(100, 'x');
     answer b = co_await post(server.port(),
@@ -432,6 +433,28 @@ TEST_CASE("mock_llm_server sends the delay of a 429 in the plan's retry-after fo
       });
     }
   }
+}
+
+TEST_CASE("mock_llm_server reports its rate limits per minute as the providers do",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_plan("*", fault_plan{}.with_rate_limit(/*rps*/ 4, /*tpm*/ 6000, /*burst*/ 2));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer o = co_await post(server.port(), make_call(wire::openai, "m", "hi"));
+    CHECK(o.status() == 200);
+    CHECK(o.header("x-ratelimit-limit-requests") == "240");
+    CHECK(o.header("x-ratelimit-remaining-requests") == "1");
+    CHECK(o.header("x-ratelimit-limit-tokens") == "6000");
+    answer a = co_await post(server.port(), make_call(wire::anthropic, "m", "hi"));
+    CHECK(a.status() == 200);
+    CHECK(a.header("anthropic-ratelimit-requests-limit") == "240");
+    CHECK(a.header("anthropic-ratelimit-requests-remaining") == "0");  // same model, same bucket
+    CHECK(a.header("anthropic-ratelimit-tokens-limit") == "6000");
+  });
 }
 
 TEST_CASE("mock_llm_server rate limiter 429s use the plan's retry-after format",

@@ -368,31 +368,35 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     return buf;
   }
 
+  // Like the providers, limits are stated per minute; a dimension the plan does not limit is not
+  // reported at all (a client must not learn a limit that is not enforced).
   void add_rate_headers(reply& r, wire f, model_state* st) {
     const bool has_req = st && st->requests.enabled();
     const bool has_tok = st && st->tokens.enabled();
-    const long long req_limit = has_req ? static_cast<long long>(st->requests.capacity) : 10000;
-    const long long req_left =
-        has_req ? static_cast<long long>(std::floor(st->requests.level)) : 9999;
-    const milliseconds req_reset = has_req ? st->requests.until_full() : milliseconds(6);
-    const long long tok_limit = has_tok ? static_cast<long long>(st->tokens.capacity) : 2000000;
-    const long long tok_left =
-        has_tok ? static_cast<long long>(std::floor(st->tokens.level)) : 1999000;
-    const milliseconds tok_reset = has_tok ? st->tokens.until_full() : milliseconds(30);
-    if (f == wire::openai) {
-      r.headers.emplace_back("x-ratelimit-limit-requests", std::to_string(req_limit));
-      r.headers.emplace_back("x-ratelimit-remaining-requests", std::to_string(req_left));
-      r.headers.emplace_back("x-ratelimit-reset-requests", openai_duration(req_reset));
-      r.headers.emplace_back("x-ratelimit-limit-tokens", std::to_string(tok_limit));
-      r.headers.emplace_back("x-ratelimit-remaining-tokens", std::to_string(tok_left));
-      r.headers.emplace_back("x-ratelimit-reset-tokens", openai_duration(tok_reset));
-    } else if (f == wire::anthropic) {
-      r.headers.emplace_back("anthropic-ratelimit-requests-limit", std::to_string(req_limit));
-      r.headers.emplace_back("anthropic-ratelimit-requests-remaining", std::to_string(req_left));
-      r.headers.emplace_back("anthropic-ratelimit-requests-reset", rfc3339_after(req_reset));
-      r.headers.emplace_back("anthropic-ratelimit-tokens-limit", std::to_string(tok_limit));
-      r.headers.emplace_back("anthropic-ratelimit-tokens-remaining", std::to_string(tok_left));
-      r.headers.emplace_back("anthropic-ratelimit-tokens-reset", rfc3339_after(tok_reset));
+    const char* const names[2][2][3] = {
+        {{"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+          "x-ratelimit-reset-requests"},
+         {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}},
+        {{"anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
+          "anthropic-ratelimit-requests-reset"},
+         {"anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining",
+          "anthropic-ratelimit-tokens-reset"}}};
+    if (f != wire::openai && f != wire::anthropic) {
+      return;
+    }
+    const int w = f == wire::openai ? 0 : 1;
+    for (int d = 0; d < 2; ++d) {
+      if (!(d == 0 ? has_req : has_tok)) {
+        continue;
+      }
+      const bucket& b = d == 0 ? st->requests : st->tokens;
+      const auto per_minute = static_cast<long long>(std::llround(b.per_second * 60));
+      const auto left = static_cast<long long>(std::floor(b.level));
+      const milliseconds reset = b.until_full();
+      r.headers.emplace_back(names[w][d][0], std::to_string(per_minute));
+      r.headers.emplace_back(names[w][d][1], std::to_string(left));
+      r.headers.emplace_back(names[w][d][2],
+                             w == 0 ? openai_duration(reset) : rfc3339_after(reset));
     }
   }
 

@@ -105,7 +105,7 @@ std::exception_ptr deciding_error(const std::exception_ptr& e, std::string* reas
       const auto k = static_cast<keel::error>(ec.value());
       if (k == keel::error::retries_exhausted || k == keel::error::budget_exhausted ||
           k == keel::error::all_fallbacks_failed) {
-        if (reason && reason->empty()) {
+        if (reason) {  // the innermost reason wins: it is why the last entry gave up
           *reason = k == keel::error::budget_exhausted    ? "budget_exhausted"
                     : k == keel::error::retries_exhausted ? "retries_exhausted"
                                                           : "all_fallbacks_failed";
@@ -404,8 +404,25 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     std::rethrow_exception(failed);
   }
   es.bucket->settle(estimate, static_cast<double>(reply->usage.input + reply->usage.output));
-  // Resync: the provider knows better how much is left.
+  // Resync: the provider knows better how much is left. A dimension the config leaves
+  // unlimited adopts the provider's stated per-minute limit (evenly spaced), so a client with
+  // no configured limits stops running into 429s after the first answers.
   const auto& rl = reply->rate_limits;
+  {
+    const keel::throttler_options now_opts = es.bucket->options();
+    double rps = now_opts.requests_per_second;
+    double tpm = now_opts.tokens_per_minute;
+    if (es.cfg->rate_limits.requests_per_minute <= 0 && rl.limit_requests &&
+        *rl.limit_requests > 0) {
+      rps = *rl.limit_requests / 60.0;
+    }
+    if (es.cfg->rate_limits.tokens_per_minute <= 0 && rl.limit_tokens && *rl.limit_tokens > 0) {
+      tpm = *rl.limit_tokens;
+    }
+    if (rps != now_opts.requests_per_second || tpm != now_opts.tokens_per_minute) {
+      es.bucket->set_rate(rps, tpm);
+    }
+  }
   if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {
     es.bucket->set_available_requests(*rl.remaining_requests);
   }
@@ -475,7 +492,12 @@ asio::awaitable<call_outcome> llm_client::call(const batch_item& item) {
   }
   try {
     out.response = co_await keel::with_deadline(
-        [&] { return keel::with_fallback(std::move(alts), std::move(fp)); },
+        [&]() -> asio::awaitable<keel::llm::chat_response> {
+          if (alts.size() == 1) {
+            return alts.front()();  // nothing to fall back to: no all_fallbacks_failed wrapper
+          }
+          return keel::with_fallback(std::move(alts), std::move(fp));
+        },
         seconds_ns(cfg_.policy.deadline));
   } catch (...) {
     out.error = std::current_exception();

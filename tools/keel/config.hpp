@@ -18,7 +18,7 @@
 //   api_key             string (secret)               } at most one of the two; for openai and
 //   api_key_env         name of an environment var.   } anthropic one is required
 //   aws_region          string (bedrock: required unless base_url is set, or AWS_REGION /
-//                       AWS_DEFAULT_REGION is set)
+//                       AWS_DEFAULT_REGION / the AWS profile's `region` is set)
 //   aws_access_key, aws_secret_key, aws_session_token   strings (secrets); both key parts or none
 //   aws_profile_name    a profile of the AWS shared files (credentials and retry settings)
 //   total_max_attempts  integer >= 1: all attempts, wins over max_attempts
@@ -90,7 +90,8 @@ using env_lookup = std::function<std::optional<std::string>(std::string_view nam
 /// The process environment (std::getenv).
 env_lookup process_env();
 
-/// A bad config: `what()` is "<source>: <path>: <message>".
+/// A bad config: `what()` is "<source>: <path>: <message>" ("<source>: <message>" when the
+/// path is empty: an unreadable file, a JSON syntax error, a bad top-level value).
 class config_error : public std::runtime_error {
  public:
   /// An error in `source` (a file name or "<config>") at JSON pointer `path`.

@@ -1,0 +1,255 @@
+// Tests of the keel command's configured client (tools/keel/client.hpp) against the mock server
+// over loopback: shared buckets, the 429 pause, token settling, fallback and breakers, AWS modes,
+// and two clients with different policies in one process.
+#include "client.hpp"
+
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace asio = boost::asio;
+using keel::testing::fault_kind;
+using keel::testing::fault_plan;
+using namespace std::chrono_literals;
+
+keel::cli::config make_config(const std::string& json, const std::string& base_url) {
+  auto cfg = keel::cli::parse_config(json, "<test>",
+                                     [](std::string_view) { return std::optional<std::string>{}; });
+  for (auto& e : cfg.entries) {
+    e.base_url = base_url;
+  }
+  return cfg;
+}
+
+keel::cli::batch_item item(int id, const std::string& prompt = "hello") {
+  auto r = keel::cli::parse_input_line(
+      R"({"id": )" + std::to_string(id) + R"(, "prompt": ")" + prompt + R"(", "max_tokens": 64})",
+      static_cast<std::size_t>(id), 1024);
+  REQUIRE(std::holds_alternative<keel::cli::batch_item>(r));
+  return std::get<keel::cli::batch_item>(r);
+}
+
+// Runs `items` through `client` with up to `concurrency` at once, in input order per worker.
+std::vector<keel::cli::call_outcome> run(asio::io_context& ctx, keel::cli::llm_client& client,
+                                         const std::vector<keel::cli::batch_item>& items,
+                                         std::size_t concurrency = 1) {
+  std::vector<keel::cli::call_outcome> out(items.size());
+  std::size_t next = 0;
+  std::size_t running = concurrency;
+  for (std::size_t w = 0; w < concurrency; ++w) {
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+          while (next < items.size()) {
+            const std::size_t i = next++;
+            out[i] = co_await client.call(items[i]);
+          }
+          // The server and the pool keep the context busy: stop it once every worker is done.
+          if (--running == 0) {
+            ctx.stop();
+          }
+        },
+        asio::detached);
+  }
+  ctx.run();
+  ctx.restart();
+  return out;
+}
+
+const char* const two_entries = R"({
+  "config_list": [
+    {"api_type": "openai", "model": "primary", "api_key": "k1"},
+    {"api_type": "anthropic", "model": "secondary", "api_key": "k2"}
+  ],
+  "policy": {"retry": {"max_attempts": 2, "backoff": {"kind": "constant", "base": 0.001}},
+             "breaker": {"failure_threshold": 3, "break": 30}}
+})";
+
+}  // namespace
+
+TEST_CASE("an open breaker sends later items straight to the fallback", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("primary", fault_plan{}.with_probability(fault_kind::unavailable, 1.0));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  int fallbacks = 0;
+  std::vector<keel::breaker_state> transitions;
+  keel::cli::client_hooks hooks;
+  hooks.on_fallback = [&](const keel::cli::batch_item&, std::size_t from, std::size_t to,
+                          std::exception_ptr) {
+    CHECK(from == 0);
+    CHECK(to == 1);
+    ++fallbacks;
+  };
+  hooks.on_breaker = [&](std::size_t entry, keel::breaker_state, keel::breaker_state to) {
+    CHECK(entry == 0);
+    transitions.push_back(to);
+  };
+  keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
+                               http, buckets, hooks, 1);
+  std::vector<keel::cli::batch_item> items;
+  for (int i = 1; i <= 6; ++i) {
+    items.push_back(item(i));
+  }
+  const auto out = run(ctx, client, items);
+  for (const auto& o : out) {
+    REQUIRE(o.response);
+    CHECK(o.entry == 1);
+  }
+  // Items 1 and 2 spend 2 attempts each on the primary; the third failure opens the breaker.
+  CHECK(server.stats().model("primary").requests == 3);
+  CHECK(server.stats().model("secondary").status_count(200) == 6);
+  CHECK(fallbacks == 6);
+  CHECK(client.breaker(0)->opened_count() == 1);
+  REQUIRE_FALSE(transitions.empty());
+  CHECK(transitions.front() == keel::breaker_state::open);
+  CHECK(out[0].attempts == 3);  // 2 on the primary, 1 on the fallback
+  CHECK(out[5].attempts == 1);  // the breaker rejected the primary without an HTTP attempt
+}
+
+TEST_CASE("a 429 with a delay hint pauses the shared bucket for every caller", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("primary", fault_plan{}
+                                 .with_script({fault_kind::rate_limit})
+                                 .with_retry_after(300ms, keel::testing::retry_after_style::both));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
+                               http, buckets, {}, 1);
+  const auto before = std::chrono::steady_clock::now();
+  const auto out = run(ctx, client, {item(1), item(2), item(3)}, 3);
+  for (const auto& o : out) {
+    REQUIRE(o.response);
+    CHECK(o.entry == 0);
+  }
+  auto all = buckets.all();
+  REQUIRE(all.size() == 2);
+  keel::throttler* primary = all[0].first == "openai/primary" ? all[0].second : all[1].second;
+  // The pause covered the server's 300 ms hint.
+  CHECK(primary->paused_until() >= before + 300ms);
+  CHECK(server.stats().model("primary").requests == 4);
+}
+
+TEST_CASE("the token bucket is settled with the real usage", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::cli::llm_client client(ctx.get_executor(),
+                               make_config(R"([{"api_type": "openai", "model": "m", "api_key": "k",
+                       "tokens_per_minute": 6000}])",
+                                           server.base_url()),
+                               http, buckets, {}, 1);
+  const auto out = run(ctx, client, {item(1)});
+  REQUIRE(out[0].response);
+  const double used =
+      static_cast<double>(out[0].response->usage.input + out[0].response->usage.output);
+  CHECK(used > 0);
+  // Reserved: the estimate (prompt + 64 max_tokens); settled back to the real usage.
+  CHECK(buckets.all()[0].second->available_tokens() >= 6000 - used - 1);
+  CHECK(buckets.all()[0].second->available_tokens() < 6000 - used + 50);
+}
+
+TEST_CASE("an entry in an AWS retry mode uses its total attempts", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_probability(fault_kind::unavailable, 1.0));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  std::vector<int> retried_attempts;
+  keel::cli::client_hooks hooks;
+  hooks.on_retry = [&](const keel::cli::retry_report& r) {
+    retried_attempts.push_back(r.attempt);
+    CHECK(r.delay <= std::chrono::seconds(1) * (1 << (r.attempt - 1)));
+  };
+  keel::cli::llm_client client(
+      ctx.get_executor(),
+      make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
+                                        "mode": "legacy", "total_max_attempts": 3}],
+                      "policy": {"breaker": {"enabled": false}}})",
+                  server.base_url()),
+      http, buckets, hooks, 3);
+  const auto out = run(ctx, client, {item(1)});
+  REQUIRE(out[0].error);
+  CHECK(out[0].attempts == 3);
+  CHECK(keel::cli::error_class(out[0].error) == "overloaded");
+  CHECK(keel::cli::error_status(out[0].error) == 503);
+  CHECK(retried_attempts == std::vector<int>{1, 2});
+  CHECK(server.stats().model("m").requests == 3);
+}
+
+TEST_CASE("two clients with different policies coexist and share a key's bucket", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_script(
+                           {fault_kind::unavailable, fault_kind::unavailable, fault_kind::ok}));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::cli::llm_client impatient(
+      ctx.get_executor(),
+      make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
+                                        "requests_per_minute": 6000}],
+                      "policy": {"retry": {"max_attempts": 1},
+                                 "breaker": {"failure_threshold": 1, "break": 60}}})",
+                  server.base_url()),
+      http, buckets, {}, 1);
+  keel::cli::llm_client patient(
+      ctx.get_executor(),
+      make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
+                                        "requests_per_minute": 6000}],
+                      "policy": {"retry": {"max_attempts": 5,
+                                           "backoff": {"kind": "constant", "base": 0.001}}}})",
+                  server.base_url()),
+      http, buckets, {}, 2);
+  const auto a = run(ctx, impatient, {item(1)});
+  REQUIRE(a[0].error);
+  CHECK(a[0].attempts == 1);
+  CHECK(impatient.breaker(0)->state() == keel::breaker_state::open);
+  // The other client's breaker is its own: still closed, it retries through the failure.
+  const auto b = run(ctx, patient, {item(2)});
+  REQUIRE(b[0].response);
+  CHECK(b[0].attempts == 2);
+  CHECK(patient.breaker(0)->state() == keel::breaker_state::closed);
+  // Same (provider, model, key): one bucket, which granted all three attempts.
+  REQUIRE(buckets.all().size() == 1);
+  CHECK(buckets.all()[0].second->total_granted() == 3);
+}
+
+TEST_CASE("error classes see through retries and fallbacks to the deciding error", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("primary", fault_plan{}.with_probability(fault_kind::auth, 1.0));
+  server.set_plan("secondary", fault_plan{}.with_probability(fault_kind::context_length, 1.0));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
+                               http, buckets, {}, 1);
+  const auto out = run(ctx, client, {item(1)});
+  REQUIRE(out[0].error);
+  CHECK(keel::cli::error_class(out[0].error) == "context_length_exceeded");
+  const auto j = keel::cli::error_json(out[0].error);
+  CHECK(j["class"] == "context_length_exceeded");
+  CHECK(j["condition"] == "permanent");
+  CHECK(j["status"] == 400);
+  CHECK(j["provider"] == "anthropic");
+  CHECK(j["gave_up"] == "all_fallbacks_failed");
+  // Permanent errors are not retried: one attempt per entry.
+  CHECK(out[0].attempts == 2);
+}

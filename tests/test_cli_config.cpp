@@ -1,0 +1,753 @@
+// Tests for tools/keel/config.hpp: the keel command's config_list + policy loader.
+#include "aws_shared_files.hpp"
+#include "config.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+using keel::aws::retry_mode;
+using keel::cli::config;
+using keel::cli::config_error;
+using keel::cli::parse_config;
+using keel::llm::provider_kind;
+
+namespace {
+
+using env_map = std::map<std::string, std::string>;
+
+keel::cli::env_lookup env_of(env_map vars) {
+  return [vars = std::move(vars)](std::string_view name) -> std::optional<std::string> {
+    const auto it = vars.find(std::string(name));
+    if (it == vars.end()) {
+      return std::nullopt;
+    }
+    return it->second;
+  };
+}
+
+config parse(const std::string& text, env_map env = {}) {
+  return parse_config(text, "p.json", env_of(std::move(env)));
+}
+
+// The error a config produces; fails the test if it loads.
+config_error error_of(const std::string& text, env_map env = {}) {
+  try {
+    parse(text, std::move(env));
+  } catch (const config_error& e) {
+    return e;
+  }
+  FAIL("the config loaded but should not have: " << text);
+  return config_error("", "", "");
+}
+
+// A directory under the system temp dir, removed with its files at scope exit.
+class temp_dir {
+ public:
+  temp_dir() {
+    static int counter = 0;
+    path_ =
+        std::filesystem::temp_directory_path() /
+        ("keel_cli_config_test_" + std::to_string(::getpid()) + "_" + std::to_string(++counter));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+
+  // Writes `content` to `name` in the directory and returns its path.
+  std::string write(const std::string& name, const std::string& content) const {
+    const auto p = path_ / name;
+    std::ofstream(p, std::ios::binary) << content;
+    return p.string();
+  }
+
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+constexpr const char* openai_entry = R"({"model": "gpt-4o-mini", "api_key": "sk-dummy-key"})";
+
+std::string with_entry(const std::string& entry_fields) {
+  return R"({"config_list": [{"model": "m", "api_key": "k")" +
+         (entry_fields.empty() ? "" : ", " + entry_fields) + "}]}";
+}
+
+std::string bedrock(const std::string& extra_fields = "") {
+  return R"({"config_list": [{"api_type": "bedrock", "model": "anthropic.claude-3-haiku")" +
+         (extra_fields.empty() ? "" : ", " + extra_fields) + "}]}";
+}
+
+}  // namespace
+
+// ---- shapes and defaults --------------------------------------------------------------------
+
+TEST_CASE("a bare config_list array resolves with every default", "[cli_config]") {
+  auto c = parse(std::string("[") + openai_entry + "]");
+  CHECK(c.source == "p.json");
+  REQUIRE(c.entries.size() == 1);
+  const auto& e = c.entries[0];
+  CHECK(e.api_type == provider_kind::openai);
+  CHECK(e.model == "gpt-4o-mini");
+  CHECK(e.base_url.empty());
+  CHECK(e.api_key == "sk-dummy-key");
+  CHECK_FALSE(e.timeout);
+  CHECK_FALSE(e.aws_retry);
+  CHECK(e.max_attempts == 4);
+  CHECK(e.rate_limits.requests_per_minute == 0);
+  CHECK(e.name() == "openai/gpt-4o-mini");
+
+  const auto& p = c.policy;
+  CHECK(p.retry.max_attempts == 4);
+  CHECK(p.retry.backoff.kind == "exponential");
+  CHECK(p.retry.backoff.base == 0.5);
+  CHECK(p.retry.backoff.cap == 20);
+  CHECK(p.retry.backoff.jitter == "full");
+  CHECK(p.retry.backoff.multiplier == 2);
+  CHECK(p.retry.backoff_by_condition.empty());
+  CHECK(p.retry.honour_retry_after);
+  CHECK(p.retry.max_retry_after == 60);
+  CHECK(p.deadline == 300);
+  CHECK(p.breaker.enabled);
+  CHECK(p.breaker.failure_threshold == 5);
+  CHECK(p.breaker.break_duration == 30);
+  CHECK(p.breaker.break_growth == 2);
+  CHECK(p.breaker.max_break == 300);
+  CHECK(p.retry_budget.enabled);
+  CHECK(p.retry_budget.max_tokens == 100);
+  CHECK(p.retry_budget.token_ratio == Approx(0.1));
+  CHECK(p.rate_limits.burst == 0);
+  CHECK(p.concurrency == 16);
+  CHECK(p.queue_max_wait == 0);
+}
+
+TEST_CASE("the object shape reads config_list and every policy key", "[cli_config]") {
+  auto c = parse(R"({
+    "config_list": [
+      {"model": "gpt-4o-mini", "api_key": "k1", "base_url": "http://127.0.0.1:9", "timeout": 2.5,
+       "response_format": {"type": "json_object"}, "tags": ["a", "b"]},
+      {"api_type": "anthropic", "model": "claude", "api_key": "k2", "requests_per_minute": 7}
+    ],
+    "policy": {
+      "retry": {"max_attempts": 6, "backoff": {"kind": "linear", "base": 1, "cap": 9,
+                "jitter": "equal", "multiplier": 3},
+                "backoff_by_condition": {"throttled": {"cap": 30}, "timeout": {"kind": "immediate"}},
+                "honour_retry_after": false, "max_retry_after": 10},
+      "deadline": 12.5,
+      "breaker": {"enabled": false, "failure_threshold": 2, "break": 1, "break_growth": 1.5,
+                  "max_break": 4},
+      "retry_budget": {"enabled": false, "max_tokens": 10, "token_ratio": 1},
+      "rate_limits": {"requests_per_minute": 60, "tokens_per_minute": 1000, "burst": 3},
+      "concurrency": 100000,
+      "queue": {"max_wait": 0.25}
+    }
+  })");
+  REQUIRE(c.entries.size() == 2);
+  const auto& a = c.entries[0];
+  CHECK(a.base_url == "http://127.0.0.1:9");
+  CHECK(a.timeout == 2.5);
+  CHECK(a.response_format == nlohmann::json{{"type", "json_object"}});
+  CHECK(a.tags == std::vector<std::string>{"a", "b"});
+  CHECK(a.max_attempts == 6);
+  const auto& b = c.entries[1];
+  CHECK(b.api_type == provider_kind::anthropic);
+  CHECK(b.name() == "anthropic/claude");
+
+  const auto& p = c.policy;
+  CHECK(p.retry.max_attempts == 6);
+  CHECK(p.retry.backoff.kind == "linear");
+  CHECK(p.retry.backoff.jitter == "equal");
+  CHECK(p.retry.backoff.multiplier == 3);
+  // A condition's curve starts from retry.backoff and overrides what it names.
+  REQUIRE(p.retry.backoff_by_condition.count("throttled") == 1);
+  CHECK(p.retry.backoff_by_condition.at("throttled").kind == "linear");
+  CHECK(p.retry.backoff_by_condition.at("throttled").base == 1);
+  CHECK(p.retry.backoff_by_condition.at("throttled").cap == 30);
+  CHECK(p.retry.backoff_by_condition.at("timeout").kind == "immediate");
+  CHECK_FALSE(p.retry.honour_retry_after);
+  CHECK(p.retry.max_retry_after == 10);
+  CHECK(p.deadline == 12.5);
+  CHECK_FALSE(p.breaker.enabled);
+  CHECK(p.breaker.failure_threshold == 2);
+  CHECK(p.breaker.break_duration == 1);
+  CHECK(p.breaker.break_growth == 1.5);
+  CHECK(p.breaker.max_break == 4);
+  CHECK_FALSE(p.retry_budget.enabled);
+  CHECK(p.retry_budget.max_tokens == 10);
+  CHECK(p.retry_budget.token_ratio == 1);
+  CHECK(p.concurrency == 100000);
+  CHECK(p.queue_max_wait == 0.25);
+}
+
+TEST_CASE("entry rate limits are the policy's overridden key by key", "[cli_config]") {
+  auto c = parse(R"({"config_list": [
+      {"model": "a", "api_key": "k"},
+      {"model": "b", "api_key": "k", "requests_per_minute": 5},
+      {"model": "c", "api_key": "k", "tokens_per_minute": 0}],
+    "policy": {"rate_limits": {"requests_per_minute": 60, "tokens_per_minute": 9000, "burst": 4}}})");
+  CHECK(c.entries[0].rate_limits.requests_per_minute == 60);
+  CHECK(c.entries[0].rate_limits.tokens_per_minute == 9000);
+  CHECK(c.entries[1].rate_limits.requests_per_minute == 5);
+  CHECK(c.entries[1].rate_limits.tokens_per_minute == 9000);
+  CHECK(c.entries[1].rate_limits.burst == 4);
+  CHECK(c.entries[2].rate_limits.requests_per_minute == 60);
+  CHECK(c.entries[2].rate_limits.tokens_per_minute == 0);
+}
+
+TEST_CASE("endpoint carries the kind, base URL, key and region of an entry", "[cli_config]") {
+  auto c = parse(R"([{"api_type": "anthropic", "model": "claude", "api_key_env": "MY_KEY",
+                      "base_url": "http://127.0.0.1:1"},
+                     {"api_type": "bedrock", "model": "anthropic.claude", "aws_region": "eu-west-3"}])",
+                 {{"MY_KEY", "key-from-env"}});
+  auto ep = c.entries[0].endpoint();
+  CHECK(ep.kind == provider_kind::anthropic);
+  CHECK(ep.base_url == "http://127.0.0.1:1");
+  CHECK(ep.api_key == "key-from-env");
+  CHECK(c.entries[0].api_key_env == "MY_KEY");
+  auto ep2 = c.entries[1].endpoint();
+  CHECK(ep2.kind == provider_kind::bedrock);
+  CHECK(ep2.region == "eu-west-3");
+  CHECK(c.entries[1].name() == "bedrock/anthropic.claude");
+}
+
+TEST_CASE("to_json fills in every default and says which retry algorithm applies", "[cli_config]") {
+  auto c = parse(R"([{"model": "m", "api_key": "k", "max_attempts": 1},
+                     {"api_type": "bedrock", "model": "b", "aws_region": "us-east-1",
+                      "mode": "adaptive"}])");
+  auto j = keel::cli::to_json(c);
+  CHECK(j["source"] == "p.json");
+  CHECK(j["config_list"][0]["retry"] == nlohmann::json{{"algorithm", "keel"}, {"max_attempts", 2}});
+  CHECK(j["config_list"][0]["timeout"].is_null());
+  CHECK(j["config_list"][0]["rate_limits"]["burst"] == 0);
+  CHECK(j["config_list"][1]["retry"] ==
+        nlohmann::json{{"algorithm", "aws"}, {"mode", "adaptive"}, {"total_max_attempts", 3}});
+  CHECK(j["config_list"][1]["aws_credentials_source"] == "");
+  CHECK(j["config_list"][1]["aws_region"] == "us-east-1");
+  CHECK(j["policy"]["retry"]["backoff"]["jitter"] == "full");
+  CHECK(j["policy"]["breaker"]["break"] == 30);
+  CHECK(j["policy"]["retry_budget"]["token_ratio"] == 0.1);
+  CHECK(j["policy"]["queue"]["max_wait"] == 0);
+  CHECK(j["policy"]["concurrency"] == 16);
+  // The policy block of the output is itself a valid policy block.
+  auto again = parse(nlohmann::json{
+      {"config_list", {{{"model", "m"}, {"api_key", "k"}}}},
+      {"policy",
+       j["policy"]}}.dump());
+  CHECK(keel::cli::to_json(again)["policy"] == j["policy"]);
+}
+
+#ifdef KEEL_SOURCE_DIR
+TEST_CASE("every example config in docs/config loads", "[cli_config]") {
+  const env_map env{{"OPENAI_API_KEY", "sk-example-openai"},
+                    {"ANTHROPIC_API_KEY", "sk-ant-example"}};
+  const std::string dir = std::string(KEEL_SOURCE_DIR) + "/docs/config/";
+  int loaded = 0;
+  for (const auto& f : std::filesystem::directory_iterator(dir)) {
+    if (f.path().extension() != ".json") {
+      continue;
+    }
+    INFO(f.path().string());
+    CHECK_NOTHROW(keel::cli::load_config(f.path().string(), env_of(env)));
+    ++loaded;
+  }
+  CHECK(loaded >= 3);
+
+  auto openai = keel::cli::load_config(dir + "openai.json", env_of(env));
+  REQUIRE(openai.entries.size() == 2);
+  CHECK(openai.entries[0].api_key == "sk-example-openai");
+  CHECK(openai.entries[1].api_type == provider_kind::anthropic);
+  CHECK(openai.policy.rate_limits.requests_per_minute > 0);
+
+  auto bedrock_cfg = keel::cli::load_config(dir + "bedrock.json", env_of({}));
+  REQUIRE(bedrock_cfg.entries.size() == 2);
+  REQUIRE(bedrock_cfg.entries[0].aws_retry);
+  CHECK(bedrock_cfg.entries[0].aws_retry->mode == retry_mode::adaptive);
+  CHECK(bedrock_cfg.entries[0].aws_region != bedrock_cfg.entries[1].aws_region);
+
+  auto mock = keel::cli::load_config(dir + "mock.json", env_of({}));
+  REQUIRE(mock.entries.size() == 3);
+  for (const auto& e : mock.entries) {
+    CHECK(e.base_url == "http://127.0.0.1:8080");
+  }
+  CHECK(mock.entries[2].aws_credentials_source == "config");
+}
+#endif
+
+TEST_CASE("an unreadable config file is an error with an empty path", "[cli_config]") {
+  temp_dir dir;
+  const std::string missing = dir.file("does-not-exist.json");
+  try {
+    keel::cli::load_config(missing, env_of({}));
+    FAIL("loaded a missing file");
+  } catch (const config_error& e) {
+    CHECK(e.path().empty());
+    CHECK(std::string(e.what()).rfind(missing + ": ", 0) == 0);
+  }
+  CHECK_THROWS_AS(keel::cli::load_config(dir.file(""), env_of({})), config_error);
+  const std::string good = dir.write("good.json", std::string("[") + openai_entry + "]");
+  CHECK(keel::cli::load_config(good, env_of({})).source == good);
+}
+
+// ---- errors ---------------------------------------------------------------------------------
+
+TEST_CASE("errors read source, JSON pointer, expected and got", "[cli_config]") {
+  auto e = error_of(R"({"config_list": [{"model": "m", "api_key": "k"},
+                                        {"model": "m", "api_key": "k", "timeout": "abc"}]})");
+  CHECK(std::string(e.what()) ==
+        R"(p.json: /config_list/1/timeout: expected a number > 0, got "abc")");
+  CHECK(e.path() == "/config_list/1/timeout");
+  CHECK(e.message() == R"(expected a number > 0, got "abc")");
+
+  auto u = error_of(with_entry(R"("temperature": 0.2)"));
+  CHECK(u.path() == "/config_list/0/temperature");
+  CHECK(u.message().find("api_key_env") != std::string::npos);  // lists the allowed keys
+  CHECK(u.message().find("unknown key \"temperature\"") != std::string::npos);
+
+  auto long_value = error_of(with_entry(R"("tags": ")" + std::string(200, 'x') + "\""));
+  CHECK(long_value.message().size() < 120);
+}
+
+TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_config]") {
+  struct bad {
+    std::string json;
+    std::string path;
+    std::string says;  // a substring of the message
+  };
+  const std::vector<bad> table{
+      // Shapes.
+      {"3", "", "an array of entries"},
+      {"[]", "", "non-empty array"},
+      {R"({"config_list": []})", "/config_list", "non-empty array"},
+      {R"({"config_list": {}})", "/config_list", "non-empty array"},
+      {R"({"policy": {}})", "/config_list", "got nothing"},
+      {R"({"config_list": [3]})", "/config_list/0", "an object"},
+      {R"([{"model": "m", "api_key": "k", "timeout": "abc"}])", "/0/timeout", "a number > 0"},
+      // Unknown keys at every level.
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policies": {}})", "/policies",
+       "config_list, policy"},
+      {with_entry(R"("a/b": 1)"), "/config_list/0/a~1b", "unknown key"},
+      {with_entry(R"("price": [1, 2])"), "/config_list/0/price", "unknown key"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retries": {}}})",
+       "/policy/retries", "retry_budget"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"max_retries": 1}}})",
+       "/policy/retry/max_retries", "backoff_by_condition"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff": {"factor": 2}}}})",
+       "/policy/retry/backoff/factor", "multiplier"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff_by_condition": {"rate_limited": {}}}}})",
+       "/policy/retry/backoff_by_condition/rate_limited", "throttled, transient, timeout"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff_by_condition": {"throttled": {"bse": 1}}}}})",
+       "/policy/retry/backoff_by_condition/throttled/bse", "unknown key"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"breaker": {"threshold": 1}}})",
+       "/policy/breaker/threshold", "failure_threshold"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry_budget": {"ratio": 1}}})",
+       "/policy/retry_budget/ratio", "token_ratio"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"rate_limits": {"rpm": 1}}})",
+       "/policy/rate_limits/rpm", "requests_per_minute"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"queue": {"wait": 1}}})",
+       "/policy/queue/wait", "max_wait"},
+      // Wrong types and ranges in entries.
+      {R"({"config_list": [{"api_key": "k"}]})", "/config_list/0/model", "got nothing"},
+      {with_entry(R"("model": 5)"), "/config_list/0/model", "non-empty string, got 5"},
+      {R"({"config_list": [{"model": "", "api_key": "k"}]})", "/config_list/0/model",
+       "non-empty string"},
+      {with_entry(R"("api_type": "azure")"), "/config_list/0/api_type",
+       R"(expected "openai", "anthropic" or "bedrock", got "azure")"},
+      {with_entry(R"("base_url": "ftp://host")"), "/config_list/0/base_url", "http://"},
+      {with_entry(R"("timeout": 0)"), "/config_list/0/timeout", "a number > 0, got 0"},
+      {with_entry(R"("timeout": 1e300)"), "/config_list/0/timeout", "<= 31536000"},
+      {with_entry(R"("total_max_attempts": 0)"), "/config_list/0/total_max_attempts",
+       "an integer >= 1, got 0"},
+      {with_entry(R"("max_attempts": -1)"), "/config_list/0/max_attempts",
+       "an integer >= 0, got -1"},
+      {with_entry(R"("max_attempts": 1.5)"), "/config_list/0/max_attempts", "an integer"},
+      {with_entry(R"("mode": "fast")"), "/config_list/0/mode",
+       R"("legacy", "standard" or "adaptive", got "fast")"},
+      {with_entry(R"("requests_per_minute": -5)"), "/config_list/0/requests_per_minute",
+       "a number >= 0"},
+      {with_entry(R"("tags": ["ok", 1])"), "/config_list/0/tags/1", "a string, got 1"},
+      {with_entry(R"("tags": "x")"), "/config_list/0/tags", "an array of strings"},
+      {with_entry(R"("response_format": "json")"), "/config_list/0/response_format", "an object"},
+      // Keys and credentials.
+      {R"([{"model": "m", "api_key": "k", "api_key_env": "K"}])", "/0/api_key_env",
+       "at most one of api_key and api_key_env"},
+      {R"([{"model": "m"}])", "/0/api_key", "api_key or api_key_env"},
+      {R"([{"model": "m", "api_key_env": "KEEL_TEST_UNSET"}])", "/0/api_key_env",
+       "\"KEEL_TEST_UNSET\" (unset)"},
+      {R"([{"model": "m", "api_key": ""}])", "/0/api_key", "got an empty string"},
+      {bedrock(R"("aws_region": "us-east-1", "aws_access_key": "AKIAEXAMPLE")"),
+       "/config_list/0/aws_secret_key", "aws_access_key and aws_secret_key go together"},
+      {bedrock(R"("aws_region": "us-east-1", "aws_secret_key": "s")"),
+       "/config_list/0/aws_access_key", "go together"},
+      {bedrock(R"("aws_region": "us-east-1", "aws_session_token": "t")"),
+       "/config_list/0/aws_access_key", "go together"},
+      {bedrock(), "/config_list/0/aws_region", "AWS_DEFAULT_REGION"},
+      {bedrock(R"("aws_region": "us-east-1", "api_key": "k")"), "/config_list/0/api_key",
+       "no API key on a bedrock entry"},
+      {with_entry(R"("aws_access_key": "a", "aws_secret_key": "s")"),
+       "/config_list/0/aws_access_key", "no AWS credentials on an entry of api_type openai"},
+      // Policy ranges.
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"concurrency": 0}})",
+       "/policy/concurrency", "an integer in [1, 100000], got 0"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"concurrency": 100001}})",
+       "/policy/concurrency", "got 100001"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"deadline": -1}})",
+       "/policy/deadline", "a number > 0, got -1"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"max_attempts": 0}}})",
+       "/policy/retry/max_attempts", "an integer >= 1"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"honour_retry_after": "yes"}}})",
+       "/policy/retry/honour_retry_after", "true or false"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff": {"jitter": "some"}}}})",
+       "/policy/retry/backoff/jitter", "\"decorrelated_v2\""},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff": {"kind": "fibonacci"}}}})",
+       "/policy/retry/backoff/kind", "\"immediate\""},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff": {"multiplier": 0.5}}}})",
+       "/policy/retry/backoff/multiplier", "a number >= 1"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff": {"base": 5, "cap": 1}}}})",
+       "/policy/retry/backoff/cap", "a number >= base (5)"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"backoff": {"base": 30}}}})",
+       "/policy/retry/backoff/base", "a number <= cap (20)"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"breaker": {"failure_threshold": 0}}})",
+       "/policy/breaker/failure_threshold", "an integer >= 1"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"breaker": {"break": 60, "max_break": 10}}})",
+       "/policy/breaker/max_break", "a number >= break (60)"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry_budget": {"token_ratio": 1.5}}})",
+       "/policy/retry_budget/token_ratio", "a number in (0, 1], got 1.5"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry_budget": {"max_tokens": 0}}})",
+       "/policy/retry_budget/max_tokens", "a number > 0"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"queue": {"max_wait": -1}}})",
+       "/policy/queue/max_wait", "a number >= 0"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": []})", "/policy",
+       "an object, got []"},
+  };
+  for (const auto& row : table) {
+    INFO("config: " << row.json);
+    const auto e = error_of(row.json);
+    CHECK(e.path() == row.path);
+    CHECK_THAT(e.message(), Catch::Contains(row.says));
+    CHECK_THAT(e.message(), Catch::StartsWith("expected "));
+    const std::string prefix = row.path.empty() ? "p.json: " : "p.json: " + row.path + ": ";
+    CHECK_THAT(std::string(e.what()), Catch::StartsWith(prefix));
+  }
+}
+
+TEST_CASE("a JSON syntax error names the line and column", "[cli_config]") {
+  const std::string text =
+      "{\n"
+      "  \"config_list\": [\n"
+      "    {\"model\": \"m\", \"api_key\": \"k\",}\n"
+      "  ]\n"
+      "}\n";
+  const auto e = error_of(text);
+  CHECK(e.path().empty());
+  CHECK_THAT(std::string(e.what()),
+             Catch::StartsWith("p.json: invalid JSON at line 3, column 35: "));
+
+  const auto first = error_of("");
+  CHECK_THAT(first.message(), Catch::StartsWith("invalid JSON at line 1, column 1"));
+  const auto later = error_of("[\n\n  {\"model\": \"m\"\n  ]");
+  CHECK_THAT(later.message(), Catch::StartsWith("invalid JSON at line 4, column 3"));
+}
+
+// ---- retry resolution -----------------------------------------------------------------------
+
+TEST_CASE("keel-native attempts take total_max_attempts over max_attempts over the policy",
+          "[cli_config]") {
+  auto c = parse(R"({"config_list": [
+      {"model": "a", "api_key": "k", "total_max_attempts": 7, "max_attempts": 2},
+      {"model": "b", "api_key": "k", "max_attempts": 2},
+      {"model": "c", "api_key": "k", "max_attempts": 0},
+      {"model": "d", "api_key": "k"}],
+    "policy": {"retry": {"max_attempts": 6}}})");
+  CHECK(c.entries[0].max_attempts == 7);
+  CHECK(c.entries[1].max_attempts == 3);
+  CHECK(c.entries[2].max_attempts == 1);
+  CHECK(c.entries[3].max_attempts == 6);
+  for (const auto& e : c.entries) {
+    CHECK_FALSE(e.aws_retry);
+  }
+}
+
+TEST_CASE("a keel-native entry ignores AWS_MAX_ATTEMPTS and AWS_RETRY_MODE", "[cli_config]") {
+  auto c = parse(std::string("[") + openai_entry + "]",
+                 {{"AWS_MAX_ATTEMPTS", "9"}, {"AWS_RETRY_MODE", "adaptive"}});
+  CHECK_FALSE(c.entries[0].aws_retry);
+  CHECK(c.entries[0].max_attempts == 4);
+  // Not even read: an invalid value does not fail a config that does not use it.
+  CHECK_NOTHROW(parse(std::string("[") + openai_entry + "]",
+                      {{"AWS_MAX_ATTEMPTS", "many"}, {"AWS_RETRY_MODE", "fast"}}));
+}
+
+TEST_CASE("an entry with mode uses AWS semantics whatever its api_type", "[cli_config]") {
+  auto c = parse(with_entry(R"("mode": "standard")"), {{"AWS_MAX_ATTEMPTS", "6"}});
+  REQUIRE(c.entries[0].aws_retry);
+  CHECK(c.entries[0].aws_retry->mode == retry_mode::standard);
+  CHECK(c.entries[0].aws_retry->total_max_attempts == 6);
+  CHECK(c.entries[0].max_attempts == 6);
+}
+
+TEST_CASE("AWS attempts come from the entry then AWS_MAX_ATTEMPTS then the profile then the mode",
+          "[cli_config]") {
+  temp_dir dir;
+  const std::string cfg = dir.write("config", "[default]\nmax_attempts = 8\n");
+  const std::string base_fields = R"("aws_region": "us-east-1", "mode": "standard")";
+  const auto attempts = [&](const std::string& extra, env_map env) {
+    auto c = parse(bedrock(base_fields + extra), std::move(env));
+    REQUIRE(c.entries[0].aws_retry);
+    return c.entries[0].aws_retry->total_max_attempts;
+  };
+  const env_map all{{"AWS_MAX_ATTEMPTS", "9"}, {"AWS_CONFIG_FILE", cfg}};
+  CHECK(attempts(R"(, "total_max_attempts": 6, "max_attempts": 1)", all) == 6);
+  CHECK(attempts(R"(, "max_attempts": 1)", all) == 2);
+  CHECK(attempts("", all) == 9);
+  CHECK(attempts("", {{"AWS_CONFIG_FILE", cfg}}) == 8);
+  CHECK(attempts("", {{"AWS_CONFIG_FILE", dir.file("missing")}}) == 3);
+  // A bedrock entry without mode defaults to legacy (5 attempts).
+  auto legacy = parse(bedrock(R"("aws_region": "us-east-1")"));
+  REQUIRE(legacy.entries[0].aws_retry);
+  CHECK(legacy.entries[0].aws_retry->mode == retry_mode::legacy);
+  CHECK(legacy.entries[0].aws_retry->total_max_attempts == 5);
+  // An entry value wins even over an invalid variable, which is then not read.
+  CHECK(attempts(R"(, "total_max_attempts": 2)", {{"AWS_MAX_ATTEMPTS", "many"}}) == 2);
+}
+
+TEST_CASE("the AWS mode comes from the entry then AWS_RETRY_MODE then the profile",
+          "[cli_config]") {
+  temp_dir dir;
+  const std::string cfg = dir.write("config", "[profile team]\nretry_mode = standard\n");
+  const auto mode = [&](const std::string& extra, env_map env) {
+    auto c = parse(bedrock(R"("aws_region": "us-east-1")" + extra), std::move(env));
+    return c.entries[0].aws_retry->mode;
+  };
+  const env_map env{{"AWS_RETRY_MODE", "adaptive"}, {"AWS_CONFIG_FILE", cfg}};
+  CHECK(mode(R"(, "mode": "legacy")", env) == retry_mode::legacy);
+  CHECK(mode("", env) == retry_mode::adaptive);
+  CHECK(mode(R"(, "aws_profile_name": "team")", {{"AWS_CONFIG_FILE", cfg}}) ==
+        retry_mode::standard);
+  CHECK(mode("", {{"AWS_CONFIG_FILE", cfg}}) == retry_mode::legacy);
+}
+
+TEST_CASE("an invalid AWS variable fails at load naming the variable", "[cli_config]") {
+  const std::string text = bedrock(R"("aws_region": "us-east-1")");
+  auto e = error_of(text, {{"AWS_MAX_ATTEMPTS", "many"}});
+  CHECK(e.path() == "/config_list/0 (AWS_MAX_ATTEMPTS)");
+  CHECK(e.message() == R"(expected an integer >= 1 (total attempts), got "many")");
+  CHECK(error_of(text, {{"AWS_MAX_ATTEMPTS", "0"}}).path() == "/config_list/0 (AWS_MAX_ATTEMPTS)");
+  auto m = error_of(text, {{"AWS_RETRY_MODE", "fast"}});
+  CHECK(m.path() == "/config_list/0 (AWS_RETRY_MODE)");
+  CHECK_THAT(m.message(), Catch::EndsWith(R"(got "fast")"));
+}
+
+TEST_CASE("an invalid profile retry setting fails naming the profile and file", "[cli_config]") {
+  temp_dir dir;
+  const std::string cfg = dir.write("config", "[default]\nmax_attempts = lots\nretry_mode = x\n");
+  auto e = error_of(bedrock(R"("aws_region": "us-east-1", "mode": "standard")"),
+                    {{"AWS_CONFIG_FILE", cfg}});
+  CHECK(e.path() == "/config_list/0 (max_attempts of profile \"default\" in " + cfg + ")");
+  auto m = error_of(bedrock(R"("aws_region": "us-east-1")"), {{"AWS_CONFIG_FILE", cfg}});
+  CHECK(m.path() == "/config_list/0 (retry_mode of profile \"default\" in " + cfg + ")");
+}
+
+// ---- credentials and region -----------------------------------------------------------------
+
+TEST_CASE("bedrock credentials and region come from a named profile", "[cli_config]") {
+  temp_dir dir;
+  const std::string creds = dir.write("credentials",
+                                      "# comment\n"
+                                      "[default]\n"
+                                      "aws_access_key_id = AKIADEFAULT000000000\n"
+                                      "aws_secret_access_key = default-secret\n"
+                                      "\n"
+                                      "[dev]\n"
+                                      "  aws_access_key_id=AKIADEV0000000000000  \n"
+                                      "aws_secret_access_key = dev-secret\n"
+                                      "; another comment\n"
+                                      "aws_session_token = dev-token\n");
+  const std::string cfg = dir.write("config",
+                                    "[default]\n"
+                                    "region = ap-south-1\n"
+                                    "[profile dev]\n"
+                                    "region = eu-west-1\n"
+                                    "retry_mode = adaptive\n"
+                                    "max_attempts = 7\n");
+  const env_map files{{"AWS_SHARED_CREDENTIALS_FILE", creds}, {"AWS_CONFIG_FILE", cfg}};
+
+  auto c = parse(bedrock(R"("aws_profile_name": "dev")"), files);
+  const auto& e = c.entries[0];
+  REQUIRE(e.aws);
+  CHECK(e.aws->access_key == "AKIADEV0000000000000");
+  CHECK(e.aws->secret_key == "dev-secret");
+  CHECK(e.aws->session_token == "dev-token");
+  CHECK(e.aws_credentials_source == "profile dev");
+  CHECK(e.aws_region == "eu-west-1");
+  REQUIRE(e.aws_retry);
+  CHECK(e.aws_retry->mode == retry_mode::adaptive);
+  CHECK(e.aws_retry->total_max_attempts == 7);
+
+  // Entry credentials beat the profile; the profile still gives the region.
+  auto inline_creds =
+      parse(bedrock(R"("aws_profile_name": "dev", "aws_access_key": "AKIAINLINE0000000000",
+                 "aws_secret_key": "inline-secret")"),
+            files);
+  CHECK(inline_creds.entries[0].aws_credentials_source == "config");
+  CHECK(inline_creds.entries[0].aws->access_key == "AKIAINLINE0000000000");
+  CHECK(inline_creds.entries[0].aws_region == "eu-west-1");
+
+  // Without a profile name: the environment, then the default profile.
+  env_map with_env = files;
+  with_env["AWS_ACCESS_KEY_ID"] = "AKIAENV0000000000000";
+  with_env["AWS_SECRET_ACCESS_KEY"] = "env-secret";
+  with_env["AWS_SESSION_TOKEN"] = "env-token";
+  auto from_env = parse(bedrock(), with_env);
+  CHECK(from_env.entries[0].aws_credentials_source == "environment");
+  CHECK(from_env.entries[0].aws->session_token == "env-token");
+  CHECK(from_env.entries[0].aws_region == "ap-south-1");
+  auto from_default = parse(bedrock(), files);
+  CHECK(from_default.entries[0].aws_credentials_source == "profile default");
+  CHECK(from_default.entries[0].aws->access_key == "AKIADEFAULT000000000");
+}
+
+TEST_CASE(
+    "the region comes from aws_region then AWS_REGION then AWS_DEFAULT_REGION then the "
+    "profile",
+    "[cli_config]") {
+  temp_dir dir;
+  const std::string cfg = dir.write("config", "[default]\nregion = ap-south-1\n");
+  const auto region = [&](const std::string& fields, env_map env) {
+    env["AWS_CONFIG_FILE"] = cfg;
+    return parse(bedrock(fields), std::move(env)).entries[0].aws_region;
+  };
+  const env_map both{{"AWS_REGION", "us-west-1"}, {"AWS_DEFAULT_REGION", "us-west-2"}};
+  CHECK(region(R"("aws_region": "eu-north-1")", both) == "eu-north-1");
+  CHECK(region("", both) == "us-west-1");
+  CHECK(region("", {{"AWS_DEFAULT_REGION", "us-west-2"}}) == "us-west-2");
+  CHECK(region("", {}) == "ap-south-1");
+  // With a base_url a region is optional.
+  auto c = parse(bedrock(R"("base_url": "http://127.0.0.1:8080")"));
+  CHECK(c.entries[0].aws_region.empty());
+}
+
+TEST_CASE("a bedrock entry without any credentials loads with none", "[cli_config]") {
+  auto c = parse(bedrock(R"("aws_region": "us-east-1")"),
+                 {{"AWS_ACCESS_KEY_ID", "AKIAONLYHALF00000000"}});
+  CHECK_FALSE(c.entries[0].aws);
+  CHECK(c.entries[0].aws_credentials_source.empty());
+  CHECK(keel::cli::to_json(c)["config_list"][0]["aws_credentials_source"] == "");
+}
+
+TEST_CASE("a missing profile or a half key pair in a profile is an error", "[cli_config]") {
+  temp_dir dir;
+  const std::string creds =
+      dir.write("credentials", "[half]\naws_access_key_id = AKIAHALF000000000000\n");
+  const std::string cfg = dir.write("config", "[profile other]\nregion = us-east-1\n");
+  const env_map files{{"AWS_SHARED_CREDENTIALS_FILE", creds}, {"AWS_CONFIG_FILE", cfg}};
+  auto missing =
+      error_of(bedrock(R"("aws_region": "us-east-1", "aws_profile_name": "nope")"), files);
+  CHECK(missing.path() == "/config_list/0/aws_profile_name");
+  CHECK_THAT(missing.message(), Catch::Contains(creds));
+  auto half = error_of(bedrock(R"("aws_region": "us-east-1", "aws_profile_name": "half")"), files);
+  CHECK(half.path() == "/config_list/0/aws_profile_name");
+  CHECK_THAT(half.message(), Catch::Contains("got only aws_access_key_id"));
+  CHECK_THAT(half.message(), !Catch::Contains("AKIAHALF"));
+}
+
+TEST_CASE("the INI reader skips comments and nested blocks and trims whitespace", "[cli_config]") {
+  auto ini = keel::cli::parse_ini(
+      "top = ignored\n"
+      "[default]\n"
+      "  Region   =   us-east-1  \r\n"
+      "# region = wrong\n"
+      "; region = wrong\n"
+      "s3 =\n"
+      "  max_concurrent_requests = 20\n"
+      "output: json\n"
+      "[ profile  dev ]\n"
+      "region=eu-west-1\n");
+  REQUIRE(ini.count("default") == 1);
+  CHECK(ini["default"]["region"] == "us-east-1");
+  CHECK(ini["default"]["s3"] == "");
+  CHECK(ini["default"].count("max_concurrent_requests") == 0);
+  CHECK(ini["default"]["output"] == "json");
+  CHECK(ini.size() == 2);
+  keel::cli::aws_shared_files files;
+  files.config = ini;
+  REQUIRE(files.config_profile("dev") != nullptr);
+  CHECK(files.config_profile("dev")->at("region") == "eu-west-1");
+  CHECK(files.config_profile("default")->at("region") == "us-east-1");
+  CHECK(files.config_profile("prod") == nullptr);
+  CHECK(keel::cli::read_ini_file("/nonexistent/keel/ini").empty());
+}
+
+// ---- secrets --------------------------------------------------------------------------------
+
+TEST_CASE("secrets never appear in redacted JSON or in errors", "[cli_config]") {
+  const std::vector<std::string> secrets{"sk-test-SECRET123", "sk-env-SECRET456",
+                                         "AKIATESTSECRET789XYZ", "aws-secret-SECRET000",
+                                         "session-SECRET111"};
+  const env_map env{{"MY_OPENAI_KEY", "sk-env-SECRET456"}};
+  const std::string good = R"({"config_list": [
+      {"model": "a", "api_key": "sk-test-SECRET123"},
+      {"api_type": "anthropic", "model": "b", "api_key_env": "MY_OPENAI_KEY"},
+      {"api_type": "bedrock", "model": "c", "aws_region": "us-east-1",
+       "aws_access_key": "AKIATESTSECRET789XYZ", "aws_secret_key": "aws-secret-SECRET000",
+       "aws_session_token": "session-SECRET111"}]})";
+  auto c = parse(good, env);
+  const std::string redacted = keel::cli::to_json(c).dump();
+  for (const auto& s : secrets) {
+    INFO(s);
+    CHECK(redacted.find(s) == std::string::npos);
+  }
+  auto j = keel::cli::to_json(c);
+  CHECK(j["config_list"][0]["api_key"] == "<redacted>");
+  CHECK(j["config_list"][1]["api_key"] == "<from $MY_OPENAI_KEY>");
+  CHECK(j["config_list"][2]["aws_access_key"] == "<redacted>");
+  CHECK(j["config_list"][2]["aws_secret_key"] == "<redacted>");
+  CHECK(j["config_list"][2]["aws_session_token"] == "<redacted>");
+  CHECK(j["config_list"][2]["aws_credentials_source"] == "config");
+  const std::string plain = keel::cli::to_json(c, false).dump();
+  for (const auto& s : secrets) {
+    CHECK(plain.find(s) != std::string::npos);
+  }
+
+  const std::vector<std::string> bad{
+      // A later mistake in a config that holds secrets.
+      R"({"config_list": [{"model": "a", "api_key": "sk-test-SECRET123", "timeout": "abc"}]})",
+      R"({"config_list": [{"model": "a", "api_key": "sk-test-SECRET123", "api_key_env": "MY_OPENAI_KEY"}]})",
+      // A secret in the wrong place or of the wrong type.
+      R"({"config_list": [{"model": "a", "api_key": ["sk-test-SECRET123"]}]})",
+      R"({"config_list": [{"model": "a", "api_key": "k", "tags": "sk-test-SECRET123"}]})",
+      R"({"config_list": [{"model": "sk-test-SECRET123", "api_key": "k", "mode": 1}]})",
+      R"({"config_list": [{"model": "a", "apikey": "sk-test-SECRET123"}]})",
+      R"({"config_list": [{"model": "a", "api_key_env": "sk-test-SECRET123"}]})",
+      R"({"config_list": [{"model": "a", "api_key": "k", "base_url": "sk-test-SECRET123"}]})",
+      R"({"config_list": [{"api_type": "bedrock", "model": "c", "aws_region": "us-east-1",
+          "aws_access_key": "AKIATESTSECRET789XYZ"}]})",
+      R"({"config_list": [{"api_type": "bedrock", "model": "c", "aws_region": "us-east-1",
+          "aws_secret_key": "aws-secret-SECRET000", "aws_session_token": 5}]})",
+      R"({"config_list": [{"api_type": "bedrock", "model": "c", "aws_region": "us-east-1",
+          "aws_access_key": "AKIATESTSECRET789XYZ", "aws_secret_key": ["aws-secret-SECRET000"]}]})",
+      // Unterminated secret: the parser's "last read" must not leak it.
+      R"({"config_list": [{"model": "a", "api_key": "sk-test-SECRET123)",
+      "{\"config_list\": [{\"model\": \"a\", \"api_key\": \"sk-test-SECRET123\n\"}]}",
+  };
+  for (const auto& text : bad) {
+    INFO(text);
+    const auto e = error_of(text, env);
+    const std::string what = e.what();
+    for (const auto& s : secrets) {
+      CHECK(what.find(s) == std::string::npos);
+    }
+  }
+}
