@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs keel's Debian 12 dependencies, builds keel with clang++ and runs the demo.
+# Installs keel's Debian 12 dependencies, builds keel with clang++ and runs `keel demo`.
 #
 # Usage: scripts/setup.sh [--no-demo] [--build-dir DIR] [--sanitize] [--gcc] [--tests-only]
 # Environment: KEEL_BUILD_TYPE (default RelWithDebInfo), KEEL_JOBS (default: nproc).
@@ -47,6 +47,6 @@ cmake --build "$build_dir" -j "$jobs"
 
 if [ "$run_demo" = 1 ]; then
   echo
-  echo "setup.sh: build done; running the demo ($build_dir/examples/example_full_stack)"
-  "$build_dir/examples/example_full_stack"
+  echo "setup.sh: build done; running the demo: $build_dir/tools/keel/keel demo"
+  "$build_dir/tools/keel/keel" demo
 fi
