@@ -620,6 +620,30 @@ TEST_CASE("https client: an untrusted certificate is refused by default (permane
   CHECK(cl.pooled_idle() == 0);
 }
 
+TEST_CASE("https client: a self-signed server certificate is refused by default", "[http]") {
+  // The leaf signs itself (no CA at all), as a quick `openssl req -x509` server would.
+  pkey_ptr key(EVP_EC_gen("P-256"));
+  REQUIRE(key);
+  x509_ptr self = make_cert(key.get(), "localhost", nullptr, key.get(), false, 7);
+  asio::ssl::context server_ctx{asio::ssl::context::tls_server};
+  REQUIRE(SSL_CTX_use_certificate(server_ctx.native_handle(), self.get()) == 1);
+  REQUIRE(SSL_CTX_use_PrivateKey(server_ctx.native_handle(), key.get()) == 1);
+  asio::io_context ctx;
+  test_server srv(ctx, &server_ctx);
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
+  CHECK(out.code() == kh::error::tls_verification_failed);
+  CHECK(srv.requests == 0);
+  // Only an explicit opt-out accepts it.
+  kh::client_options insecure;
+  insecure.tls.insecure_skip_verify = true;
+  kh::client cl2(ctx.get_executor(), insecure);
+  auto ok = send_one(ctx, cl2, kh::request("GET", srv.url("/tls")));
+  REQUIRE(ok.value);
+  CHECK(ok.value->status == 200);
+  CHECK(srv.requests == 1);
+}
+
 TEST_CASE("https client: a certificate signed by ca_file is accepted and reused", "[http]") {
   test_pki pki;
   asio::io_context ctx;
