@@ -129,7 +129,7 @@ TEST_CASE("a refused acquisition leaves the recorded cost unchanged", "[aws]") {
   CHECK(q.available() == 7);
 }
 
-TEST_CASE("the retry quota stays within bounds under concurrent use", "[aws]") {
+TEST_CASE("the retry quota stays within bounds under concurrent use", "[aws][threads]") {
   keel::aws::retry_quota q{1000};
   std::atomic<int> successes{0};
   std::vector<std::thread> threads;

@@ -350,7 +350,7 @@ TEST_CASE("destroying a bulkhead aborts its waiters and leaves permits valid", "
 }
 
 TEST_CASE("a bulkhead shared by two threads never exceeds its cap and loses no slot",
-          "[bulkhead]") {
+          "[bulkhead][threads]") {
   asio::io_context ctx;
   keel::bulkhead b{ctx.get_executor(), {.max_concurrent = 3, .max_queue = 1000}};
   constexpr int coroutines = 8;

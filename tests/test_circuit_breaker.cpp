@@ -743,7 +743,7 @@ TEST_CASE("one thousand coroutines share one breaker on one io_context", "[break
   CHECK(b.rejected_count() == 2 * n - 1);
 }
 
-TEST_CASE("concurrent threads keep the breaker's counters consistent", "[breaker]") {
+TEST_CASE("concurrent threads keep the breaker's counters consistent", "[breaker][threads]") {
   manual_clock::reset();
   asio::io_context ctx;
   std::atomic<int> opens{0};

@@ -414,7 +414,8 @@ TEST_CASE("registering a name with another type or other buckets throws", "[cli_
         "keel_x 1\n");
 }
 
-TEST_CASE("counters, gauges and histograms can be updated from several threads", "[cli_metrics]") {
+TEST_CASE("counters, gauges and histograms can be updated from several threads",
+          "[cli_metrics][threads]") {
   metrics_registry registry;
   auto& c = registry.counter("keel_threads_total", "h");
   auto& g = registry.gauge("keel_threads_level", "h");

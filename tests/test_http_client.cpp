@@ -47,6 +47,9 @@ enum class act {
   close,              // close without answering
   eof_mid_body,       // Content-Length 100, send 10 bytes, close
   stall,              // never answer (keep reading until the client closes)
+  interim_then_ok,    // 100 Continue and 103 Early Hints, then 200 "final", keep-alive
+  status_000,         // "HTTP/1.1 000 Zero" with a body, then close
+  switching,          // 101 Switching Protocols, then close
 };
 
 /// A scripted HTTP/1.1 server on 127.0.0.1:0, optionally over TLS. `plan(k)` decides what to do
@@ -171,6 +174,18 @@ struct test_server {
         case act::stall:
           ++stalled;
           break;  // read again: that read ends when the client closes the connection
+        case act::interim_then_ok:
+          co_await raw(s,
+                       "HTTP/1.1 100 Continue\r\n\r\n"
+                       "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                       "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal");
+          break;
+        case act::status_000:
+          co_await raw(s, "HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\n{}");
+          co_return;
+        case act::switching:
+          co_await raw(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n");
+          co_return;
       }
     }
   }
@@ -357,6 +372,39 @@ TEST_CASE("http client: a close without an answer is connection_closed (transien
   auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
   CHECK(out.code() == keel::condition::transient);
   CHECK(cl.pooled_idle() == 0);
+}
+
+TEST_CASE("http client: interim 1xx responses are skipped and the final one returned", "[http]") {
+  // Regression (fuzz/fuzz_http_client): a 1xx was returned as the answer, leaving the real
+  // response in the connection's buffer.
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int k) { return k == 0 ? act::interim_then_ok : act::normal; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto first = send_one(ctx, cl, kh::request("GET", srv.url("/a")));
+  REQUIRE(first.value);
+  CHECK(first.value->status == 200);
+  CHECK(first.value->body == "final");
+  CHECK(cl.pooled_idle() == 1);
+  auto second = send_one(ctx, cl, kh::request("GET", srv.url("/b")));
+  REQUIRE(second.value);
+  CHECK(second.value->body == "echo GET /b ");
+  CHECK(cl.connections_opened() == 1);
+}
+
+TEST_CASE("http client: a status below 100 or 101 is a protocol_error (transient)", "[http]") {
+  // Regression (fuzz/fuzz_http_client): "000" came back as status 0, which the provider layers
+  // read as "no HTTP response".
+  for (act a : {act::status_000, act::switching}) {
+    asio::io_context ctx;
+    test_server srv(ctx);
+    srv.plan = [a](int) { return a; };
+    kh::client cl(ctx.get_executor(), kh::client_options{});
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
+    CHECK(out.code() == kh::error::protocol_error);
+    CHECK(out.code() == keel::condition::transient);
+    CHECK(cl.pooled_idle() == 0);
+  }
 }
 
 TEST_CASE("http client: a deadline cancels a stalled request and its connection is not pooled",

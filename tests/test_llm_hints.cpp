@@ -199,6 +199,28 @@ TEST_CASE("RFC 3339 timestamps parse with fractions and offsets", "[llm][hints]"
   CHECK_FALSE(keel::llm::parse_rfc3339("").has_value());
 }
 
+TEST_CASE("dates that system_clock cannot hold are out of range, not undefined", "[llm][hints]") {
+  // Regression (fuzz/fuzz_hints): well-formed dates before 1678 or after 2261 overflowed the
+  // int64 nanoseconds of system_clock (signed overflow, undefined behaviour).
+  const char* dates[] = {
+      "Fri, 31 Dec 9999 23:59:59 GMT",
+      "Mon, 01 Jan 0001 00:00:00 GMT",
+      "Fri Dec 31 23:59:59 9999",
+      "Sat, 12 Apr 2262 00:00:00 GMT",
+  };
+  for (const char* d : dates) {
+    INFO("'" << d << "'");
+    CHECK_FALSE(keel::llm::parse_http_date(d, now_2026).has_value());
+    CHECK_FALSE(keel::llm::parse_retry_after(d, now_2026).has_value());
+  }
+  CHECK_FALSE(keel::llm::parse_rfc3339("4052-05-28T00:00:06Z").has_value());
+  CHECK_FALSE(keel::llm::parse_rfc3339("0001-01-01T00:00:00+23:59").has_value());
+  CHECK(keel::llm::parse_rfc3339("2261-12-31T23:59:59.999999999-23:59").has_value());
+  CHECK(keel::llm::parse_http_date("Sat, 01 Jan 1678 00:00:00 GMT", now_2026).has_value());
+  const keel::http::header_list far{{"anthropic-ratelimit-tokens-reset", "4052-05-28T00:00:06Z"}};
+  CHECK_FALSE(keel::llm::parse_rate_limits(far, now_2026).reset_tokens.has_value());
+}
+
 TEST_CASE("rate-limit headers from OpenAI and Anthropic fill rate_limit_info", "[llm][hints]") {
   using keel::http::header_list;
   const header_list openai{

@@ -31,7 +31,7 @@ TEST_CASE("the retry budget follows gRFC A6: -1 per failure, +ratio per success,
   CHECK(b.tokens() == 10);  // ceiling
 }
 
-TEST_CASE("the retry budget is consistent under concurrent use", "[budget]") {
+TEST_CASE("the retry budget is consistent under concurrent use", "[budget][threads]") {
   keel::retry_budget b{100000, 1};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {

@@ -482,7 +482,8 @@ TEST_CASE("destroying a throttler aborts its waiters", "[throttler]") {
   CHECK(ctx.stopped());
 }
 
-TEST_CASE("many threads share a throttler without losing or double-granting", "[throttler]") {
+TEST_CASE("many threads share a throttler without losing or double-granting",
+          "[throttler][threads]") {
   // Real time, two threads, each coroutine on its own strand; some acquires race a deadline.
   asio::io_context ctx;
   constexpr double rate = 4000;

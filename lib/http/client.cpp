@@ -361,16 +361,33 @@ struct client::impl {
     if (ec) {
       fail(ec, "writing the request failed", where);
     }
-    bhttp::response_parser<bhttp::string_body> parser;
-    parser.header_limit(static_cast<std::uint32_t>(
-        std::min<std::size_t>(opts.max_header_bytes, std::numeric_limits<std::uint32_t>::max())));
-    parser.body_limit(static_cast<std::uint64_t>(opts.max_response_body));
-    parser.skip(head);
-    co_await bhttp::async_read_header(s, c.buffer, parser,
-                                      asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) {
-      fail(ec, "reading the response failed", where);
+    // Interim 1xx responses (100 Continue, 103 Early Hints) may precede the final one and a
+    // client must read past them (RFC 9110 §15.2); returning one as the answer would leave the
+    // real response in the buffer. A status below 100 is invalid and 101 (switching protocols)
+    // was never asked for: both are protocol errors, so status 0 keeps meaning "no response"
+    // to the provider layers. (Found by fuzz/fuzz_http_client.)
+    constexpr int max_interim = 8;
+    std::optional<bhttp::response_parser<bhttp::string_body>> interim_or_final;
+    for (int interim = 0;; ++interim) {
+      auto& p = interim_or_final.emplace();
+      p.header_limit(static_cast<std::uint32_t>(
+          std::min<std::size_t>(opts.max_header_bytes, std::numeric_limits<std::uint32_t>::max())));
+      p.body_limit(static_cast<std::uint64_t>(opts.max_response_body));
+      p.skip(head);
+      co_await bhttp::async_read_header(s, c.buffer, p,
+                                        asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        fail(ec, "reading the response failed", where);
+      }
+      const unsigned status = p.get().result_int();
+      if (status < 100 || status == 101 || (status < 200 && interim == max_interim)) {
+        fail(error::protocol_error, "reading the response failed", where);
+      }
+      if (status >= 200) {
+        break;
+      }
     }
+    auto& parser = *interim_or_final;
     const auto& fields = parser.get().base();
     if (static_cast<std::size_t>(std::distance(fields.begin(), fields.end())) >
         opts.max_header_count) {

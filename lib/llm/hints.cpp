@@ -131,6 +131,16 @@ std::optional<system_clock::time_point> to_time_point(const civil_time& c) noexc
   }
   const std::int64_t secs =
       days_from_civil(c.year, c.month, c.day) * 86400 + c.hour * 3600 + c.minute * 60 + c.second;
+  // libstdc++'s system_clock counts int64 nanoseconds, so only 1677-09-21..2262-04-11 fits; a
+  // well-formed date outside that ("9999") would overflow the conversion below (undefined
+  // behaviour, found by fuzz/fuzz_hints). It is out of range. The day of margin keeps the
+  // RFC 3339 offset and fraction that callers add from overflowing either.
+  constexpr std::int64_t secs_limit =
+      std::chrono::duration_cast<std::chrono::seconds>(system_clock::duration::max()).count() -
+      86400;
+  if (secs > secs_limit || secs < -secs_limit) {
+    return std::nullopt;
+  }
   return system_clock::time_point(
       std::chrono::duration_cast<system_clock::duration>(std::chrono::seconds(secs)));
 }

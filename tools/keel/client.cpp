@@ -262,11 +262,13 @@ struct llm_client::call_state {
 };
 
 llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client& http,
-                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed)
+                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+                       client_options options)
     : ex_(std::move(ex)),
       cfg_(std::move(cfg)),
       http_(http),
       hooks_(std::move(hooks)),
+      options_(options),
       random_(seed) {
   const policy_config& pol = cfg_.policy;
   if (pol.retry_budget.enabled) {
@@ -391,7 +393,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   if (failed) {
     es.bucket->settle(estimate, 0);  // a refused call used no tokens
     const keel::classification c = keel::classify(failed);
-    if (c.condition == keel::condition::throttled && c.retry_after &&
+    if (options_.shared_pacing && c.condition == keel::condition::throttled && c.retry_after &&
         *c.retry_after > nanoseconds{0}) {
       const auto hint = std::min(*c.retry_after, seconds_ns(cfg_.policy.retry.max_retry_after));
       es.bucket->pause_for(duration_cast<keel::throttler::duration>(hint));
@@ -404,30 +406,37 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     std::rethrow_exception(failed);
   }
   es.bucket->settle(estimate, static_cast<double>(reply->usage.input + reply->usage.output));
-  // Resync: the provider knows better how much is left. A dimension the config leaves
-  // unlimited adopts the provider's stated per-minute limit (evenly spaced), so a client with
-  // no configured limits stops running into 429s after the first answers.
-  const auto& rl = reply->rate_limits;
-  {
-    const keel::throttler_options now_opts = es.bucket->options();
-    double rps = now_opts.requests_per_second;
-    double tpm = now_opts.tokens_per_minute;
-    if (es.cfg->rate_limits.requests_per_minute <= 0 && rl.limit_requests &&
-        *rl.limit_requests > 0) {
-      rps = *rl.limit_requests / 60.0;
+  if (options_.shared_pacing) {
+    // Resync: the provider knows better how much is left. A dimension the config leaves
+    // unlimited adopts the provider's stated per-minute limit (50 ms of burst), so a client with
+    // no configured limits stops running into 429s after the first answers.
+    const auto& rl = reply->rate_limits;
+    {
+      const keel::throttler_options now_opts = es.bucket->options();
+      double rps = now_opts.requests_per_second;
+      double tpm = now_opts.tokens_per_minute;
+      if (es.cfg->rate_limits.requests_per_minute <= 0 && rl.limit_requests &&
+          *rl.limit_requests > 0) {
+        rps = *rl.limit_requests / 60.0;
+      }
+      if (es.cfg->rate_limits.tokens_per_minute <= 0 && rl.limit_tokens && *rl.limit_tokens > 0) {
+        tpm = *rl.limit_tokens;
+      }
+      if (rps != now_opts.requests_per_second || tpm != now_opts.tokens_per_minute) {
+        es.bucket->set_rate(rps, tpm);
+        if (rps != now_opts.requests_per_second) {
+          // 50 ms worth of burst: with a capacity of 1, every late timer tick would be capacity
+          // lost for good (measured: 187-193 r/s against a 200 r/s limit).
+          es.bucket->set_burst(std::max(1.0, rps / 20));
+        }
+      }
     }
-    if (es.cfg->rate_limits.tokens_per_minute <= 0 && rl.limit_tokens && *rl.limit_tokens > 0) {
-      tpm = *rl.limit_tokens;
+    if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {
+      es.bucket->set_available_requests(*rl.remaining_requests);
     }
-    if (rps != now_opts.requests_per_second || tpm != now_opts.tokens_per_minute) {
-      es.bucket->set_rate(rps, tpm);
+    if (rl.remaining_tokens && *rl.remaining_tokens < es.bucket->available_tokens()) {
+      es.bucket->set_available_tokens(*rl.remaining_tokens);
     }
-  }
-  if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {
-    es.bucket->set_available_requests(*rl.remaining_requests);
-  }
-  if (rl.remaining_tokens && *rl.remaining_tokens < es.bucket->available_tokens()) {
-    es.bucket->set_available_tokens(*rl.remaining_tokens);
   }
   report.status = 200;
   if (hooks_.on_attempt) {

@@ -24,6 +24,10 @@
 // - An open breaker moves on to the next entry at once; on the last entry, keel-native retry
 //   waits for the breaker's probe instead (its error carries the remaining open time).
 // - Throttling (429) does not count against a breaker: that is the bucket's job.
+// - `client_options::shared_pacing` (default on) covers the two bucket behaviours above that
+//   react to the server: the pause on a throttled failure and learning limits from rate-limit
+//   headers. Turned off, the client paces only by the configured rate limits, like a common SDK
+//   client; `keel bench` uses that for its non-keel policy variants.
 // - `call` never throws: it returns the reply or the final error with the attempts made.
 //
 // Thread safety: a client and its registry live on one executor (one thread).
@@ -127,6 +131,16 @@ struct call_outcome {
   double seconds = 0;
 };
 
+/// Switches of a client that are not part of the config file.
+struct client_options {
+  /// When true (the default), a throttled failure with a delay hint (a 429 with Retry-After)
+  /// pauses the entry's shared bucket for every caller, and the rate-limit headers of successful
+  /// replies tune the bucket (an unconfigured limit is learned, a lower `remaining` is adopted).
+  /// When false, neither happens: the bucket paces by the configured `rate_limits` only (with
+  /// none configured it never waits), and each call retries on its own schedule.
+  bool shared_pacing = true;
+};
+
 /// A client built from a config.
 class llm_client {
  public:
@@ -134,8 +148,10 @@ class llm_client {
   /// @param http the transport (must outlive the client).
   /// @param buckets the shared buckets (must outlive the client).
   /// @param seed seeds the jitter.
+  /// @param options switches outside the config (shared pacing on by default).
   llm_client(boost::asio::any_io_executor ex, config cfg, keel::http::client& http,
-             bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0);
+             bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0,
+             client_options options = {});
   ~llm_client();
   llm_client(const llm_client&) = delete;
   llm_client& operator=(const llm_client&) = delete;
@@ -164,6 +180,7 @@ class llm_client {
   config cfg_;
   keel::http::client& http_;
   client_hooks hooks_;
+  client_options options_;
   keel::random_source random_;
   std::unique_ptr<keel::retry_budget> budget_;
   std::vector<std::unique_ptr<entry_state>> entries_;

@@ -1,5 +1,6 @@
 // The keel command line: `keel batch`, `keel demo`, `keel mock`, `keel config check`.
 #include "batch.hpp"
+#include "bench.hpp"
 #include "config.hpp"
 #include "demo.hpp"
 #include "log.hpp"
@@ -200,6 +201,45 @@ int main(int argc, char** argv) {
   mock->add_option("--scenario", mock_file, "Scenario file (docs/mock_llm_server.md)");
   mock->add_option("--seed", mock_seed, "Seed of the fault generators");
 
+  // ---- bench ----
+  auto* bench = app.add_subcommand(
+      "bench",
+      "Scenario benchmark: retry policies x fault mixes x concurrency against the in-process "
+      "mock (or --url); prints a table, writes results.json, table.md and SVG plots");
+  bench_options bench_opts;
+  std::size_t bench_prompts = 0;
+  bool bench_no_fork = false;
+  bench->add_flag("--quick", bench_opts.quick, "A small matrix (about ten seconds)");
+  bench->add_option("--out-dir", bench_opts.out_dir, "Directory for results.json, table.md, SVGs")
+      ->capture_default_str();
+  bench->add_option("--url", bench_opts.url,
+                    "Benchmark this endpoint instead of the mock (key: $KEEL_BENCH_API_KEY)");
+  bench->add_option("--api-type", bench_opts.api_type, "Wire format of --url")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"openai", "anthropic"}));
+  bench->add_option("--model", bench_opts.model, "Model sent to --url");
+  bench->add_option("--prompts,-n", bench_prompts, "Prompts per run (default 2000; --quick 200)")
+      ->check(CLI::Range(1, 10000000));
+  bench
+      ->add_option("--concurrency,-c", bench_opts.concurrency,
+                   "Comma-separated concurrency levels (replaces the default matrix)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 100000));
+  bench
+      ->add_option("--faults", bench_opts.faults,
+                   "Comma-separated fault mixes: clean, rate_limited, flaky, outage, slow")
+      ->delimiter(',')
+      ->check(CLI::IsMember(keel::cli::bench_faults()));
+  bench
+      ->add_option("--policies", bench_opts.policies,
+                   "Comma-separated policies: none, naive, exponential, full_jitter, keel")
+      ->delimiter(',')
+      ->check(CLI::IsMember(keel::cli::bench_policies()));
+  bench->add_option("--seed", bench_opts.seed, "Seed of the mock's faults and the jitter")
+      ->capture_default_str();
+  bench->add_flag("--no-fork", bench_no_fork,
+                  "Run every scenario in this process (peak RSS is then cumulative)");
+
   // ---- config check ----
   auto* cfg_cmd = app.add_subcommand("config", "Inspect configuration");
   cfg_cmd->require_subcommand(1);
@@ -225,6 +265,13 @@ int main(int argc, char** argv) {
     }
     if (*mock) {
       return run_mock(mock_address, mock_port, mock_file, mock_seed);
+    }
+    if (*bench) {
+      if (bench_prompts > 0) {
+        bench_opts.prompts = bench_prompts;
+      }
+      bench_opts.fork = !bench_no_fork;
+      return run_bench(bench_opts);
     }
     if (*demo) {
       logger log = make_logger(df);

@@ -107,8 +107,12 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
       std::to_string(s.fallbacks) +
           (s.ok_by_model.empty() ? "" : " (answered by: " + join_counts(s.ok_by_model) + ")"));
   row("breaker opens", std::to_string(s.breaker_opens));
-  row("throttled", fmt_seconds(s.throttled_seconds) + " waited by " +
-                       std::to_string(s.throttle_waits) + " attempts");
+  // Waits overlap (many attempts wait at once), so the sum is attempt-seconds, not wall time.
+  row("throttled",
+      std::to_string(s.throttle_waits) + " attempts waited for rate-limit capacity, " +
+          fmt_seconds(s.throttle_waits ? s.throttled_seconds / static_cast<double>(s.throttle_waits)
+                                       : 0.0) +
+          " on average (" + fmt_seconds(s.throttled_seconds) + " summed)");
   row("latency", "p50 " + fmt_seconds(percentile(s.latencies, 50)) + ", p90 " +
                      fmt_seconds(percentile(s.latencies, 90)) + ", p99 " +
                      fmt_seconds(percentile(s.latencies, 99)));

@@ -105,8 +105,9 @@ class client {
   client(const client&) = delete;
   client& operator=(const client&) = delete;
 
-  /// Sends `req` and returns the complete response (any status; a 5xx is a response, not an
-  /// exception).
+  /// Sends `req` and returns the complete response (any final status; a 5xx is a response, not
+  /// an exception). Interim 1xx responses (100 Continue, 103 Early Hints) are read past; a status
+  /// below 100, or 101 Switching Protocols, is `error::protocol_error`.
   ///
   /// Reuses an idle pooled connection to the same (scheme, host, port) when there is one,
   /// otherwise opens one if the host has fewer than `max_connections_per_host`, otherwise waits

@@ -46,7 +46,8 @@ std::optional<std::chrono::nanoseconds> parse_retry_after_ms(std::string_view va
 /// GMT"), RFC 850 ("Sunday, 06-Nov-94 08:49:37 GMT") and asctime ("Sun Nov  6 08:49:37 1994").
 /// @param now used only for RFC 850's two-digit year: a year more than 50 years after `now` is
 ///   taken to be in the previous century (RFC 9110 §5.6.7).
-/// @return the instant, or nullopt if malformed (bad names, out-of-range fields, 31 Feb, ...).
+/// @return the instant, or nullopt if malformed (bad names, out-of-range fields, 31 Feb, ...) or
+///   outside what `system_clock` holds (about 1678 to 2261 with libstdc++).
 std::optional<std::chrono::system_clock::time_point> parse_http_date(
     std::string_view value, std::chrono::system_clock::time_point now) noexcept;
 
@@ -76,7 +77,7 @@ std::optional<std::chrono::nanoseconds> server_delay_hint(
 std::optional<std::chrono::nanoseconds> parse_go_duration(std::string_view value) noexcept;
 
 /// Parses an RFC 3339 timestamp ("2024-05-01T12:00:30Z", "2024-05-01T12:00:30.25+02:00").
-/// @return the instant, or nullopt if malformed.
+/// @return the instant, or nullopt if malformed or outside what `system_clock` holds.
 std::optional<std::chrono::system_clock::time_point> parse_rfc3339(std::string_view value) noexcept;
 
 /// Live quota as reported by the provider; each field is absent when not sent or malformed.

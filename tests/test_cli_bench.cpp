@@ -1,0 +1,459 @@
+// Tests of `keel bench` (tools/keel/bench.hpp, svg.hpp) and of llm_client's shared-pacing switch:
+// the quick matrix through the real binary (table, results.json, SVG files that parse as XML),
+// the matrix rules, the SVG helper, and what `client_options::shared_pacing = false` turns off.
+#include "bench.hpp"
+#include "client.hpp"
+#include "svg.hpp"
+
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cctype>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+using keel::testing::fault_kind;
+using keel::testing::fault_plan;
+using nlohmann::json;
+using namespace std::chrono_literals;
+
+const std::string keel_binary = KEEL_CLI_PATH;
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// A minimal XML well-formedness check for the SVG files: an optional declaration, then exactly
+// one root element `svg` in the SVG namespace; every tag closed in order, attribute values
+// quoted, `<` never in text or values, `&` only as an entity. Returns "" when the text passes.
+std::string svg_problem(const std::string& s) {
+  std::size_t i = 0;
+  auto skip_ws = [&] {
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) {
+      ++i;
+    }
+  };
+  auto name_char = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == ':' || c == '_' || c == '-' ||
+           c == '.';
+  };
+  auto entity_ok = [&](std::size_t at) {
+    static const char* const ents[] = {"&amp;", "&lt;", "&gt;", "&quot;", "&apos;"};
+    for (const char* e : ents) {
+      if (s.compare(at, std::char_traits<char>::length(e), e) == 0) {
+        return true;
+      }
+    }
+    return s.compare(at, 2, "&#") == 0 && s.find(';', at) != std::string::npos;
+  };
+  skip_ws();
+  if (s.compare(i, 5, "<?xml") == 0) {
+    const auto end = s.find("?>", i);
+    if (end == std::string::npos) {
+      return "unterminated XML declaration";
+    }
+    i = end + 2;
+  }
+  std::vector<std::string> stack;
+  int roots = 0;
+  bool root_ok = false;
+  while (i < s.size()) {
+    if (s[i] != '<') {
+      if (stack.empty() && !std::isspace(static_cast<unsigned char>(s[i]))) {
+        return "text outside the root element at " + std::to_string(i);
+      }
+      if (s[i] == '&' && !entity_ok(i)) {
+        return "bare & at " + std::to_string(i);
+      }
+      ++i;
+      continue;
+    }
+    if (s.compare(i, 4, "<!--") == 0) {
+      const auto end = s.find("-->", i);
+      if (end == std::string::npos) {
+        return "unterminated comment";
+      }
+      i = end + 3;
+      continue;
+    }
+    if (s.compare(i, 2, "</") == 0) {
+      i += 2;
+      const std::size_t n0 = i;
+      while (i < s.size() && name_char(s[i])) {
+        ++i;
+      }
+      const std::string name = s.substr(n0, i - n0);
+      skip_ws();
+      if (i >= s.size() || s[i] != '>') {
+        return "bad end tag </" + name;
+      }
+      ++i;
+      if (stack.empty() || stack.back() != name) {
+        return "end tag </" + name + "> does not match <" +
+               (stack.empty() ? std::string("nothing") : stack.back()) + ">";
+      }
+      stack.pop_back();
+      continue;
+    }
+    ++i;
+    const std::size_t n0 = i;
+    while (i < s.size() && name_char(s[i])) {
+      ++i;
+    }
+    const std::string name = s.substr(n0, i - n0);
+    if (name.empty()) {
+      return "stray < at " + std::to_string(n0 - 1);
+    }
+    std::map<std::string, std::string> attrs;
+    bool self_closing = false;
+    for (;;) {
+      skip_ws();
+      if (i >= s.size()) {
+        return "unterminated tag <" + name;
+      }
+      if (s.compare(i, 2, "/>") == 0) {
+        i += 2;
+        self_closing = true;
+        break;
+      }
+      if (s[i] == '>') {
+        ++i;
+        break;
+      }
+      const std::size_t a0 = i;
+      while (i < s.size() && name_char(s[i])) {
+        ++i;
+      }
+      const std::string attr = s.substr(a0, i - a0);
+      skip_ws();
+      if (attr.empty() || i >= s.size() || s[i] != '=') {
+        return "bad attribute in <" + name + "> at " + std::to_string(a0);
+      }
+      ++i;
+      skip_ws();
+      if (i >= s.size() || (s[i] != '"' && s[i] != '\'')) {
+        return "unquoted attribute " + attr + " in <" + name + ">";
+      }
+      const char q = s[i++];
+      const auto end = s.find(q, i);
+      if (end == std::string::npos) {
+        return "unterminated attribute " + attr;
+      }
+      const std::string value = s.substr(i, end - i);
+      if (value.find('<') != std::string::npos) {
+        return "< in attribute " + attr;
+      }
+      for (std::size_t k = value.find('&'); k != std::string::npos; k = value.find('&', k + 1)) {
+        if (!entity_ok(i + k)) {
+          return "bare & in attribute " + attr;
+        }
+      }
+      if (!attrs.emplace(attr, value).second) {
+        return "duplicate attribute " + attr + " in <" + name + ">";
+      }
+      i = end + 1;
+    }
+    if (stack.empty()) {
+      ++roots;
+      root_ok = name == "svg" && attrs["xmlns"] == "http://www.w3.org/2000/svg";
+    }
+    if (!self_closing) {
+      stack.push_back(name);
+    }
+  }
+  if (!stack.empty()) {
+    return "unclosed <" + stack.back() + ">";
+  }
+  if (roots != 1) {
+    return std::to_string(roots) + " root elements";
+  }
+  return root_ok ? "" : "the root is not <svg xmlns=\"http://www.w3.org/2000/svg\">";
+}
+
+bool have_xmllint() {
+  return std::system("command -v xmllint > /dev/null 2>&1") == 0;
+}
+
+const json* find_run(const json& runs, const std::string& fault, const std::string& policy,
+                     int concurrency) {
+  for (const auto& r : runs) {
+    if (r.value("fault", "") == fault && r.value("policy", "") == policy &&
+        r.value("concurrency", 0) == concurrency) {
+      return &r;
+    }
+  }
+  return nullptr;
+}
+
+keel::cli::batch_item item(int id) {
+  auto r = keel::cli::parse_input_line(
+      R"({"id": )" + std::to_string(id) + R"(, "prompt": "hello", "max_tokens": 64})",
+      static_cast<std::size_t>(id), 1024);
+  REQUIRE(std::holds_alternative<keel::cli::batch_item>(r));
+  return std::get<keel::cli::batch_item>(r);
+}
+
+// Runs `items` one after the other through `client`; the server shares the context.
+std::vector<keel::cli::call_outcome> run(asio::io_context& ctx, keel::cli::llm_client& client,
+                                         const std::vector<keel::cli::batch_item>& items) {
+  std::vector<keel::cli::call_outcome> out;
+  asio::co_spawn(
+      ctx,
+      [&]() -> asio::awaitable<void> {
+        for (const auto& it : items) {
+          out.push_back(co_await client.call(it));
+        }
+        ctx.stop();
+      },
+      asio::detached);
+  ctx.run();
+  ctx.restart();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("keel bench quick writes a table, results JSON and SVG plots that parse", "[cli_bench]") {
+  const fs::path dir = fs::temp_directory_path() / ("keel_cli_bench_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string cmd = "'" + keel_binary + "' bench --quick --seed 3 --out-dir '" +
+                          dir.string() + "' > '" + (dir / "stdout.txt").string() + "' 2> '" +
+                          (dir / "stderr.txt").string() + "'";
+  const int status = std::system(cmd.c_str());
+  INFO(read_file(dir / "stderr.txt"));
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 0);
+
+  const std::string out = read_file(dir / "stdout.txt");
+  CHECK(out.find("attempts/prompt") != std::string::npos);
+  CHECK(out.find("rate_limited") != std::string::npos);
+  CHECK(out.find("target: not measured") != std::string::npos);  // the quick matrix is small
+  CHECK(read_file(dir / "table.md").find("| fault | policy |") != std::string::npos);
+
+  const json results = json::parse(read_file(dir / "results.json"));
+  REQUIRE(results["machine"]["nproc"].get<int>() >= 1);
+  const json& runs = results["runs"];
+  REQUIRE(runs.size() == 10);
+  for (const auto& r : runs) {
+    INFO(r.dump().substr(0, 400));
+    REQUIRE_FALSE(r.contains("error"));
+    for (const char* key :
+         {"wall_s", "goodput_per_s", "success_ratio", "attempts", "attempts_per_prompt", "ok",
+          "failed", "latency_s", "ok_latency_cdf", "throttled_s", "cpu_s", "rss_mib",
+          "retry_delay_histogram", "timeline", "server"}) {
+      CHECK(r.contains(key));
+    }
+    CHECK(r["latency_s"].contains("p50"));
+    CHECK(r["latency_s"]["p99"].get<double>() >= r["latency_s"]["p50"].get<double>());
+    CHECK(r["cpu_s"]["client_thread"].get<double>() > 0);
+    CHECK(r["rss_mib"]["peak"].get<double>() > 0);
+    const auto prompts = r["prompts"].get<std::uint64_t>();
+    const auto attempts = r["attempts"].get<std::uint64_t>();
+    CHECK(r["ok"].get<std::uint64_t>() + r["failed"].get<std::uint64_t>() == prompts);
+    // Every prompt is attempted at least once (no breaker opens in the quick mixes), and the
+    // mock saw exactly the attempts the client reported.
+    CHECK(attempts >= prompts);
+    CHECK(r["server"]["requests"].get<std::uint64_t>() == attempts);
+    // The 100 ms bins account for every attempt and every outcome.
+    std::uint64_t binned = 0;
+    for (const auto& n : r["timeline"]["attempts"]) {
+      binned += n.get<std::uint64_t>();
+    }
+    CHECK(binned == attempts);
+    std::uint64_t done = 0;
+    for (const char* k : {"ok", "failed"}) {
+      for (const auto& n : r["timeline"][k]) {
+        done += n.get<std::uint64_t>();
+      }
+    }
+    CHECK(done == prompts);
+    if (r["policy"] == "none") {
+      CHECK(attempts == prompts);  // no retry means exactly one attempt per prompt
+    }
+  }
+  // On the flaky mix, keel's stack retries its way to a full success; one attempt cannot.
+  const json* none = find_run(runs, "flaky", "none", 16);
+  const json* keel = find_run(runs, "flaky", "keel", 16);
+  REQUIRE(none);
+  REQUIRE(keel);
+  CHECK((*none)["success_ratio"].get<double>() < 1.0);
+  CHECK((*keel)["success_ratio"].get<double>() >= 0.99);
+  CHECK((*keel)["success_ratio"].get<double>() > (*none)["success_ratio"].get<double>());
+  CHECK((*keel)["retries"].get<std::uint64_t>() > 0);
+
+  std::vector<fs::path> svgs;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().extension() == ".svg") {
+      svgs.push_back(e.path());
+    }
+  }
+  CHECK(svgs.size() >= 5);
+  CHECK(fs::exists(dir / "amplification.svg"));
+  CHECK(fs::exists(dir / "latency-cdf-flaky-c16.svg"));
+  CHECK(fs::exists(dir / "timeline-rate_limited-c16.svg"));
+  const bool xmllint = have_xmllint();
+  for (const auto& p : svgs) {
+    INFO(p.string());
+    CHECK(svg_problem(read_file(p)) == "");
+    if (xmllint) {
+      CHECK(std::system(("xmllint --noout '" + p.string() + "'").c_str()) == 0);
+    }
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("the default bench matrix compares policies at 64 and sweeps keel", "[cli_bench]") {
+  keel::cli::bench_options o;
+  const auto full = keel::cli::bench_matrix(o);
+  // 5 mixes x 5 policies at 64, plus keel on clean and rate_limited and full_jitter on
+  // rate_limited at 6 levels each (64 shared).
+  CHECK(full.size() == 25 + 3 * 5);
+  std::map<int, std::size_t> prompts;
+  for (const auto& s : full) {
+    if (s.fault == "rate_limited" && s.policy == "keel") {
+      prompts[s.concurrency] = s.prompts;
+    }
+  }
+  CHECK(prompts ==
+        std::map<int, std::size_t>{
+            {1, 200}, {16, 2000}, {64, 2000}, {256, 2000}, {1024, 2000}, {10000, 10000}});
+
+  keel::cli::bench_options custom;
+  custom.faults = {"flaky"};
+  custom.policies = {"none", "keel"};
+  custom.concurrency = {8, 32};
+  custom.prompts = 100;
+  const auto cross = keel::cli::bench_matrix(custom);
+  REQUIRE(cross.size() == 4);
+  CHECK(cross[0].fault == "flaky");
+  CHECK(cross[0].prompts == 100);
+
+  keel::cli::bench_options bad;
+  bad.faults = {"meteor"};
+  CHECK_THROWS_AS(keel::cli::bench_matrix(bad), std::invalid_argument);
+  keel::cli::bench_options url_and_faults;
+  url_and_faults.url = "http://127.0.0.1:1";
+  url_and_faults.faults = {"clean"};
+  CHECK_THROWS_AS(keel::cli::bench_matrix(url_and_faults), std::invalid_argument);
+}
+
+TEST_CASE("bench policies map to client configs", "[cli_bench]") {
+  keel::cli::bench_options o;
+  const auto none = keel::cli::bench_config("none", "http://127.0.0.1:1", o);
+  CHECK(none.entries.size() == 1);
+  CHECK(none.entries[0].max_attempts == 1);
+  CHECK_FALSE(none.policy.breaker.enabled);
+  CHECK_FALSE(none.policy.retry_budget.enabled);
+  const auto naive = keel::cli::bench_config("naive", "http://127.0.0.1:1", o);
+  CHECK(naive.policy.retry.backoff.kind == "immediate");
+  CHECK_FALSE(naive.policy.retry.honour_retry_after);
+  const auto expo = keel::cli::bench_config("exponential", "http://127.0.0.1:1", o);
+  CHECK(expo.policy.retry.backoff.jitter == "none");
+  const auto keel = keel::cli::bench_config("keel", "http://127.0.0.1:1", o);
+  REQUIRE(keel.entries.size() == 2);
+  CHECK(keel.entries[1].base_url == "http://127.0.0.1:1");
+  CHECK(keel.policy.breaker.enabled);
+  CHECK(keel.policy.retry_budget.enabled);
+  CHECK(keel.policy.retry.backoff.jitter == "full");
+  // The scenarios parse as mock scenarios.
+  for (const auto& f : keel::cli::bench_faults()) {
+    CHECK_NOTHROW(keel::testing::scenario::from_json(keel::cli::bench_scenario_json(f)));
+  }
+  CHECK_THROWS_AS(keel::cli::bench_config("yolo", "http://127.0.0.1:1", o), std::invalid_argument);
+}
+
+TEST_CASE("the svg helper renders a standalone document with log ticks and escaped text",
+          "[cli_bench]") {
+  CHECK(keel::cli::svg::log_ticks(1, 10000) == std::vector<double>{1, 10, 100, 1000, 10000});
+  CHECK(keel::cli::svg::log_ticks(0.01, 1) ==
+        std::vector<double>{0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1});
+  CHECK(keel::cli::svg::linear_ticks(0, 10, 5) == std::vector<double>{0, 2, 4, 6, 8, 10});
+  CHECK(keel::cli::svg::format_tick(10000) == "10k");
+  CHECK(keel::cli::svg::format_tick(0.25) == "0.25");
+  CHECK(keel::cli::svg::format_tick(1500000) == "1.5M");
+  CHECK(keel::cli::svg::escape("a<b & \"c\"") == "a&lt;b &amp; &quot;c&quot;");
+
+  keel::cli::svg::chart c;
+  c.title = "p99 <latency> & \"friends\"";
+  c.x_label = "concurrency";
+  c.log_x = true;
+  c.lines.push_back({"keel", {{1, 1.0}, {64, 1.0}, {10000, 1.9}, {0, 5}}, "", false, true});
+  c.references.push_back({1.0, "one attempt"});
+  const std::string doc = keel::cli::svg::render(c);
+  CHECK(svg_problem(doc) == "");
+  CHECK(doc.find("p99 &lt;latency&gt; &amp; &quot;friends&quot;") != std::string::npos);
+  CHECK(doc.find(">10k</text>") != std::string::npos);
+  CHECK(doc.find("<polyline") != std::string::npos);
+  // The x = 0 point cannot be drawn on a log axis: three markers, not four.
+  std::size_t circles = 0;
+  for (auto p = doc.find("<circle"); p != std::string::npos; p = doc.find("<circle", p + 1)) {
+    ++circles;
+  }
+  CHECK(circles == 3 + 1);  // + the legend's marker
+  const std::string column = keel::cli::svg::render_column("two", {c, keel::cli::svg::chart{}});
+  CHECK(svg_problem(column) == "");
+  CHECK(column.find("no data") != std::string::npos);
+  // The checker itself rejects what a browser would.
+  CHECK(svg_problem("<svg xmlns=\"http://www.w3.org/2000/svg\"><g></svg>") != "");
+  CHECK(svg_problem("<svg xmlns=\"http://www.w3.org/2000/svg\"><text>a & b</text></svg>") != "");
+  CHECK(svg_problem("<html></html>") != "");
+}
+
+TEST_CASE("with shared pacing off a 429 pauses nobody and no limit is learned", "[cli_bench]") {
+  for (const bool pacing : {true, false}) {
+    DYNAMIC_SECTION("shared_pacing " << pacing) {
+      asio::io_context ctx;
+      keel::testing::mock_llm_server server(ctx);
+      server.set_plan("m", fault_plan{}
+                               .with_script({fault_kind::rate_limit})
+                               .with_retry_after(20ms)
+                               .with_rate_limit(100));
+      server.start();
+      keel::http::client http(ctx.get_executor(), {});
+      keel::cli::bucket_registry buckets(ctx.get_executor());
+      auto cfg = keel::cli::parse_config(
+          R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
+              "policy": {"retry": {"max_attempts": 2}}})",
+          "<test>", [](std::string_view) { return std::optional<std::string>{}; });
+      cfg.entries[0].base_url = server.base_url();
+      keel::cli::client_options co;
+      co.shared_pacing = pacing;
+      keel::cli::llm_client client(ctx.get_executor(), cfg, http, buckets, {}, 1, co);
+      const auto out = run(ctx, client, {item(1)});
+      REQUIRE(out[0].response);
+      CHECK(out[0].attempts == 2);
+      REQUIRE(buckets.all().size() == 1);
+      const keel::throttler& bucket = *buckets.all()[0].second;
+      if (pacing) {
+        // The 429's 20 ms hint paused the bucket; the reply's headers taught it 100 r/s.
+        CHECK(bucket.paused_until() > keel::throttler::time_point{});
+        CHECK(bucket.options().requests_per_second == Approx(100));
+      } else {
+        CHECK(bucket.paused_until() == keel::throttler::time_point{});
+        CHECK(bucket.options().requests_per_second == 0);
+      }
+    }
+  }
+}
