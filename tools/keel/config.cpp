@@ -798,6 +798,9 @@ config parse_config(std::string_view text, const std::string& source, const env_
     throw config_error(source, "",
                        "invalid JSON at line " + std::to_string(line) + ", column " +
                            std::to_string(column) + ": " + parse_error_detail(e.what()));
+  } catch (const json::exception& e) {
+    // Valid syntax the parser still refuses, e.g. a number too large for a double ("1e400").
+    throw config_error(source, "", std::string("invalid JSON: ") + e.what());
   }
   return parser(source, env).run(doc);
 }

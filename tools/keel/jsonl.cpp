@@ -77,6 +77,9 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
   } catch (const json::parse_error& e) {
     return input_error{line, nullptr,
                        "not valid JSON (at byte " + std::to_string(e.byte) + " of the line)"};
+  } catch (const json::exception& e) {
+    // Valid syntax the parser still refuses, e.g. a number too large for a double ("1e400").
+    return input_error{line, nullptr, std::string("not usable JSON: ") + e.what()};
   }
   if (!doc.is_object()) {
     return input_error{line, nullptr, "expected a JSON object, got " + type_name(doc)};
@@ -352,7 +355,7 @@ resume_state prepare_resume(const std::string& path) {
       rec = json::parse(text);
       ok = rec.is_object() && rec.contains("status") && rec.contains("line") &&
            rec.contains("id") && rec["status"].is_string() && rec["line"].is_number_unsigned();
-    } catch (const json::parse_error&) {
+    } catch (const json::exception&) {  // parse_error, or out_of_range for "1e400"
       ok = false;
     }
     if (!ok) {
