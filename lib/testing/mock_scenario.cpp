@@ -43,27 +43,14 @@ constexpr std::array<std::pair<retry_after_style, std::string_view>, 5> retry_af
     {retry_after_style::amz, "amz"},
 }};
 
-// RFC 6901 escaping, so that a model name such as "meta/llama" still yields an unambiguous path.
-std::string pointer_token(std::string_view s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '~') {
-      out += "~0";
-    } else if (c == '/') {
-      out += "~1";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
+// JSON pointers of children; nlohmann's json_pointer does the RFC 6901 escaping, so that a key
+// such as "meta/llama" still yields an unambiguous path.
 std::string child(const std::string& path, std::string_view key) {
-  return path + "/" + pointer_token(key);
+  return (nlohmann::json::json_pointer(path) / std::string(key)).to_string();
 }
 
 std::string child(const std::string& path, std::size_t index) {
-  return path + "/" + std::to_string(index);
+  return (nlohmann::json::json_pointer(path) / index).to_string();
 }
 
 double number(const json& j, const std::string& path, double lo, double hi) {

@@ -29,27 +29,14 @@ constexpr double max_seconds = 31536000;  // one year
 constexpr double max_rate = 1e12;
 constexpr std::size_t max_echo = 40;
 
-// RFC 6901 escaping, so that a key such as "a/b" still yields an unambiguous pointer.
-std::string pointer_token(std::string_view s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '~') {
-      out += "~0";
-    } else if (c == '/') {
-      out += "~1";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
+// JSON pointers of children; nlohmann's json_pointer does the RFC 6901 escaping, so that a key
+// such as "meta/llama" still yields an unambiguous path.
 std::string child(const std::string& path, std::string_view key) {
-  return path + "/" + pointer_token(key);
+  return (nlohmann::json::json_pointer(path) / std::string(key)).to_string();
 }
 
 std::string child(const std::string& path, std::size_t index) {
-  return path + "/" + std::to_string(index);
+  return (nlohmann::json::json_pointer(path) / index).to_string();
 }
 
 // Truncates to at most `max` bytes without splitting a UTF-8 sequence.
