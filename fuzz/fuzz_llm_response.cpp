@@ -8,10 +8,10 @@
 //     body bytes ...
 //
 // `kind` is byte % 3 ('o' openai, 'a' anthropic, 'b' bedrock) and the status is the three bytes
-// after it, each taken % 10 ("429"). parse_response must return (2xx only) or throw
-// keel::llm::provider_error; any other exception is a finding. We also check what the error
-// carries: status, provider name, a bounded and redacted message, a non-negative delay hint, and
-// the x-should-retry override rule.
+// after it, each read as (byte - '0') % 10 so that digits mean themselves ("429"). parse_response
+// must return (2xx only) or throw keel::llm::provider_error; any other exception is a finding.
+// We also check what the error carries: status, provider name, a bounded and redacted message, a
+// non-negative delay hint, and the x-should-retry override rule.
 #include "fuzz_support.hpp"
 
 #include <keel/error.hpp>
@@ -57,6 +57,11 @@ void check_error(const keel::llm::provider_error& e, const keel::http::response&
 
 }  // namespace
 
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  keel::fuzz::limit_stack(256 * 1024);  // see limit_stack: catches recursive JSON copies
+  return 0;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 4) {
     return 0;
@@ -64,7 +69,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string_view text = keel::fuzz::as_text(data, size);
   const provider_kind kind = kinds[data[0] % 3];
   keel::http::response res;
-  res.status = (data[1] % 10) * 100 + (data[2] % 10) * 10 + (data[3] % 10);
+  auto digit = [](std::uint8_t c) { return static_cast<std::uint8_t>(c - '0') % 10; };
+  res.status = digit(data[1]) * 100 + digit(data[2]) * 10 + digit(data[3]);
   res.reason = "Fuzz";
   std::string_view rest = text.substr(4);
   const auto eol = rest.find('\n');

@@ -11,6 +11,11 @@
 #include <cstdint>
 #include <string_view>
 
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  keel::fuzz::limit_stack(256 * 1024);  // see limit_stack: catches recursive JSON copies
+  return 0;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view text = keel::fuzz::as_text(data, size);
   try {

@@ -3,6 +3,8 @@
 
 #include <keel/http/message.hpp>
 
+#include <sys/resource.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -47,6 +49,25 @@ inline void known_number_overflow(int id) {
   if (id != 406) {
     std::fprintf(stderr, "nlohmann out_of_range %d is not the known number overflow\n", id);
     std::abort();
+  }
+}
+
+/// Caps the main thread's stack at `bytes` (call it from `LLVMFuzzerInitialize`). Parsers of
+/// untrusted JSON must not recurse with the input's nesting depth; with the default 8 MiB stack
+/// only inputs far above any fuzzing max_len would show it, with a small stack a few thousand
+/// levels do, and ASan reports the overflow.
+/// `KEEL_FUZZ_STACK_KB` in the environment overrides `bytes`; 0 means no cap.
+inline void limit_stack(rlim_t bytes) {
+  if (const char* kb = std::getenv("KEEL_FUZZ_STACK_KB"); kb != nullptr && *kb != '\0') {
+    bytes = static_cast<rlim_t>(std::strtoull(kb, nullptr, 10)) * 1024;
+  }
+  if (bytes == 0) {
+    return;
+  }
+  rlimit r{};
+  if (::getrlimit(RLIMIT_STACK, &r) == 0 && (r.rlim_cur == RLIM_INFINITY || r.rlim_cur > bytes)) {
+    r.rlim_cur = bytes;
+    (void)::setrlimit(RLIMIT_STACK, &r);
   }
 }
 

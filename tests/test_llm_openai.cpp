@@ -184,3 +184,14 @@ TEST_CASE("openai content filter and refusals on 200 are content_filtered", "[ll
       R"({"choices":[{"message":{"content":null,"refusal":"I can't"},"finish_reason":"stop"}]})"));
   CHECK(r.llm_code() == errc::content_filtered);
 }
+
+TEST_CASE("openai reads a deeply nested error body without copying it", "[llm][openai]") {
+  // Regression: the error object was copied, and nlohmann::json copies recursively, so a few
+  // hundred KB of nesting from a broken or hostile server overflowed the stack.
+  const std::size_t depth = 500000;
+  const std::string body = R"({"error":{"type":"requests","code":"rate_limit_exceeded","x":)" +
+                           std::string(depth, '[') + std::string(depth, ']') + "}}";
+  auto e = error_of(reply(429, body));
+  CHECK(e.llm_code() == errc::rate_limited);
+  CHECK(e.provider_code() == "rate_limit_exceeded");
+}

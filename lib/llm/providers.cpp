@@ -191,15 +191,18 @@ bool is_2xx(int status) {
   return status >= 200 && status <= 299;
 }
 
-// The error object of a non-2xx body, if it has the shape `{error: {...}}`.
-json error_object(const json& body) {
+// The error object of a non-2xx body, if it has the shape `{error: {...}}`, else an empty object.
+// A reference, never a copy: nlohmann copies recursively, so copying a deeply nested error object
+// from a broken or hostile server (a few hundred KB of "[[[[...") overflowed the stack.
+const json& error_object(const json& body) {
+  static const json empty = json::object();
   if (body.is_object()) {
     auto it = body.find("error");
     if (it != body.end() && it->is_object()) {
       return *it;
     }
   }
-  return json::object();
+  return empty;
 }
 
 std::string string_field(const json& obj, const char* key) {
@@ -282,7 +285,7 @@ chat_response openai::parse_response(const keel::http::response& res,
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
     const json body = parse_json(res.body);
-    const json err = error_object(body);
+    const json& err = error_object(body);
     const std::string type = string_field(err, "type");
     const std::string code = string_field(err, "code");
     info.provider_code = code.empty() ? type : code;
@@ -361,7 +364,7 @@ chat_response anthropic::parse_response(const keel::http::response& res,
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
     const json body = parse_json(res.body);
-    const json err = error_object(body);
+    const json& err = error_object(body);
     const std::string type = string_field(err, "type");
     info.provider_code = type;
     info.message = err.empty() ? body_excerpt(res.body) : string_field(err, "message");
