@@ -425,6 +425,41 @@ TEST_CASE("a cost above the burst waits for a full bucket and leaves debt", "[th
   CHECK(bucket.available_requests() == Approx(0).margin(1e-9));
 }
 
+TEST_CASE("a timer that fires late does not cost queued waiters their tokens", "[throttler]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  virtual_throttler bucket{ctx.get_executor(), {.requests_per_second = 100, .burst = 1}};
+  std::vector<grant> log;
+  for (int i = 0; i < 300; ++i) {
+    spawn_take(ctx, bucket, {}, i, log);
+  }
+  keel::testing::poll_all(ctx);
+  REQUIRE(log.size() == 1);  // the burst
+
+  // The timer for the head is due at 10 ms; it runs 15 ms late. The grants due at 10 and 20 ms
+  // both go out (a bucket refilled straight to 25 ms would have capped at 1 and granted one).
+  manual_clock::advance(25ms);
+  keel::testing::poll_all(ctx);
+  CHECK(log.size() == 3);
+  // And the schedule stays on the 10 ms grid: the next grant is due at 30 ms, not 35 ms.
+  manual_clock::advance(5ms);
+  keel::testing::poll_all(ctx);
+  CHECK(log.size() == 4);
+  CHECK(log.back() == grant{3, 30ms});
+
+  // A stall longer than the 50 ms catch-up window is not made up: 1 s late, the grants due in
+  // the last 50 ms (at 980 ... 1,030 ms) go out, not 100.
+  manual_clock::advance(1000ms);
+  keel::testing::poll_all(ctx);
+  CHECK(log.size() == 4 + 6);
+  CHECK(bucket.waiters() == 300 - 10);
+  // Then the 10 ms grid again.
+  manual_clock::advance(10ms);
+  keel::testing::poll_all(ctx);
+  CHECK(log.size() == 11);
+  CHECK(bucket.total_granted() == 11);
+}
+
 TEST_CASE("provider headers resync the bucket levels and capacities", "[throttler]") {
   manual_clock::reset();
   asio::io_context ctx;

@@ -14,6 +14,10 @@
 // - Strict FIFO. Once anybody waits, later callers queue behind them, even if they are cheap
 //   enough to pass: a large request is never starved by small ones. One timer, armed for the
 //   instant the head of the queue can be paid, serves the whole queue.
+// - Exact rate under load. A timer fires a little late (Linux timer slack, a busy thread); the
+//   waiters that became payable in between are granted as of the instants they became payable,
+//   so lateness does not waste tokens (with burst 1 at 2,000/s it used to cost 15% of the rate).
+//   Lateness beyond 50 ms (a stalled thread) is not made up, which bounds the catch-up burst.
 // - A cost above a bucket's capacity cannot deadlock: it waits for a full bucket, takes
 //   everything and leaves the bucket in debt (a negative level) that later callers wait out.
 // - `settle` corrects the token estimate once the provider reports real usage; `pause_until`

@@ -319,18 +319,62 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     return true;
   }
 
-  // Grants as many heads as the buckets allow, then arms the timer for the new head.
-  void process(time_point now, completion_batch& batch) {
+  // Grants as many heads as the buckets allow at `t`; a waiter that queued after `t` is not
+  // granted at `t` (only reached by catch_up, whose `t` can be in the past).
+  void grant_heads(time_point t, completion_batch& batch) {
     while (!queue_.empty()) {
       auto& head = static_cast<node&>(*queue_.front());
-      if (!grant(head.cost, now)) {
+      if (head.enqueued > t || !grant(head.cost, t)) {
         break;
       }
       queue_.pop_front();
-      wait_time_ += now - head.enqueued;
+      wait_time_ += t - head.enqueued;
       batch.add(head, {});
     }
+  }
+
+  // Grants as many heads as the buckets allow, then arms the timer for the new head.
+  void process(time_point now, completion_batch& batch) {
+    grant_heads(now, batch);
     schedule(now);
+  }
+
+  // The instant the head can be paid, refill being accounted up to `t` (or the end of a pause).
+  time_point head_due(time_point t) const noexcept {
+    const auto& head = static_cast<const node&>(*queue_.front());
+    // Cap the wait so a near-zero rate cannot overflow the clock (about three years).
+    constexpr double max_seconds = 1e8;
+    const double seconds =
+        std::min(max_seconds, std::max(requests_.seconds_until(head.cost.requests),
+                                       tokens_.seconds_until(head.cost.tokens)));
+    return saturating_add(std::max(t, last_),
+                          std::chrono::ceil<duration>(std::chrono::duration<double>(seconds)));
+  }
+
+  // The timer for a head due at `due` fired at `now`. Timer slack (about 50-100 us on Linux) or a
+  // busy thread makes `now` later than `due`; a bucket refilled straight to `now` would cap the
+  // tokens earned in between at its capacity and lose the rest, which with a small burst costs
+  // a large part of the rate (burst 1 at 2,000/s lost 15%). So the heads that became payable in
+  // [due, now) are granted at the instants they became payable, as if the timer had been exact;
+  // lateness beyond `max_catch_up` (a stalled thread) is not made up, which bounds the burst
+  // that follows a stall to about rate x max_catch_up.
+  void catch_up(time_point due, time_point now, completion_batch& batch) {
+    constexpr auto max_catch_up = std::chrono::milliseconds(50);
+    time_point t = due;
+    if (now - due > max_catch_up) {
+      t = now - std::chrono::duration_cast<duration>(max_catch_up);
+    }
+    while (t < now && !queue_.empty()) {
+      grant_heads(t, batch);
+      if (queue_.empty() || static_cast<const node&>(*queue_.front()).enqueued > t) {
+        break;
+      }
+      const time_point next = head_due(t);
+      if (next <= t) {
+        break;
+      }
+      t = next;
+    }
   }
 
   // Arms the timer for the instant the head can be paid; disarms it when nobody waits, so an
@@ -341,14 +385,7 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
       disarm();
       return;
     }
-    const auto& head = static_cast<const node&>(*queue_.front());
-    // Cap the wait so a near-zero rate cannot overflow the clock (about three years).
-    constexpr double max_seconds = 1e8;
-    const double seconds =
-        std::min(max_seconds, std::max(requests_.seconds_until(head.cost.requests),
-                                       tokens_.seconds_until(head.cost.tokens)));
-    const time_point at = saturating_add(
-        std::max(now, last_), std::chrono::ceil<duration>(std::chrono::duration<double>(seconds)));
+    const time_point at = head_due(now);
     if (timer_.armed() && at == timer_.armed_at()) {
       return;
     }
@@ -361,10 +398,13 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     completion_batch batch;
     {
       std::lock_guard lock{mutex_};
+      const time_point due = timer_.armed_at();
       if (!timer_.take(generation)) {
         return;  // superseded by a re-arm, a disarm or shutdown
       }
-      process(Clock::now(), batch);
+      const time_point now = Clock::now();
+      catch_up(due, now, batch);
+      process(now, batch);
     }
     batch.complete(ex_);
   }
