@@ -253,3 +253,62 @@ TEST_CASE("error classes see through retries and fallbacks to the deciding error
   // Permanent errors are not retried: one attempt per entry.
   CHECK(out[0].attempts == 2);
 }
+
+TEST_CASE("a bucket with no configured limit starts slow and paces at the limit it learns",
+          "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  // 50 r/s with a burst of 50, reported in the replies' rate-limit headers (per minute).
+  server.set_plan("primary", fault_plan{}.with_rate_limit(50).with_latency(20ms));
+  server.set_plan("open", fault_plan{}.with_latency(20ms));  // no limit, no headers
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  const char* const one_try = R"({
+    "config_list": [{"api_type": "openai", "model": "primary", "api_key": "k1"}],
+    "policy": {"retry": {"max_attempts": 1}}
+  })";
+  keel::cli::llm_client client(ctx.get_executor(), make_config(one_try, server.base_url()), http,
+                               buckets, {}, 1);
+  keel::throttler& bucket = *buckets.all().at(0).second;
+  CHECK(buckets.in_slow_start(bucket));
+
+  // 64 at once against a burst of 50 would draw 14 429s (and fail them: one attempt each).
+  // Slow start sends 8, learns 50 r/s from the first reply and paces the other 56.
+  std::vector<keel::cli::batch_item> items;
+  for (int i = 1; i <= 64; ++i) {
+    items.push_back(item(i));
+  }
+  const auto out = run(ctx, client, items, 64);
+  for (const auto& o : out) {
+    CHECK(o.response);
+  }
+  CHECK(server.stats().model("primary").status_count(429) == 0);
+  CHECK(server.stats().model("primary").status_count(200) == 64);
+  CHECK_FALSE(buckets.in_slow_start(bucket));
+  CHECK(bucket.options().requests_per_second == Approx(50.0));
+
+  // A server that reports no limit: slow start ends with no limit at all.
+  const char* const open_entry = R"({
+    "config_list": [{"api_type": "openai", "model": "open", "api_key": "k1"}],
+    "policy": {"retry": {"max_attempts": 1}}
+  })";
+  keel::cli::llm_client open_client(ctx.get_executor(), make_config(open_entry, server.base_url()),
+                                    http, buckets, {}, 1);
+  keel::throttler* open_bucket = nullptr;
+  for (const auto& [name, b] : buckets.all()) {
+    if (name == "openai/open") {
+      open_bucket = b;
+    }
+  }
+  REQUIRE(open_bucket != nullptr);
+  CHECK(buckets.in_slow_start(*open_bucket));
+  items.resize(20);
+  const auto open_out = run(ctx, open_client, items, 20);
+  for (const auto& o : open_out) {
+    CHECK(o.response);
+  }
+  CHECK_FALSE(buckets.in_slow_start(*open_bucket));
+  CHECK(open_bucket->options().requests_per_second == 0);
+  CHECK(server.stats().model("open").status_count(200) == 20);
+}

@@ -217,7 +217,7 @@ nlohmann::json error_json(const std::exception_ptr& e) {
 
 // ---- bucket_registry ---------------------------------------------------------------------------
 
-keel::throttler& bucket_registry::get(const entry_config& e) {
+keel::throttler& bucket_registry::get(const entry_config& e, bool slow_start) {
   const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
   // The key is identified by a hash: the map key is printable without leaking it.
   const std::string key = std::string(keel::llm::to_string(e.api_type)) + "|" + e.base_url + "|" +
@@ -228,10 +228,29 @@ keel::throttler& bucket_registry::get(const entry_config& e) {
     o.requests_per_second = e.rate_limits.requests_per_minute / 60.0;
     o.burst = e.rate_limits.burst > 0 ? e.rate_limits.burst : std::max(1.0, o.requests_per_second);
     o.tokens_per_minute = e.rate_limits.tokens_per_minute;
+    const bool slow = slow_start && o.requests_per_second <= 0;
+    if (slow) {
+      // A rate too small to ever refill: only the window's tokens go out until end_slow_start.
+      o.requests_per_second = 1e-9;
+      o.burst = slow_start_window;
+    }
     auto t = std::make_unique<keel::throttler>(ex_, o);
+    if (slow) {
+      slow_.insert(t.get());
+    }
     it = buckets_.emplace(key, std::make_pair(e.name(), std::move(t))).first;
   }
   return *it->second.second;
+}
+
+void bucket_registry::end_slow_start(keel::throttler& bucket, double requests_per_second,
+                                     double burst) {
+  if (slow_.erase(&bucket) == 0) {
+    return;
+  }
+  // Capacity first, so that a rate that makes the dimension limited starts from a full burst.
+  bucket.set_burst(burst);
+  bucket.set_rate(requests_per_second, bucket.options().tokens_per_minute);
 }
 
 std::vector<std::pair<std::string, keel::throttler*>> bucket_registry::all() const {
@@ -267,6 +286,7 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
     : ex_(std::move(ex)),
       cfg_(std::move(cfg)),
       http_(http),
+      buckets_(buckets),
       hooks_(std::move(hooks)),
       options_(options),
       random_(seed) {
@@ -286,7 +306,7 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
     es->index = i;
     es->cfg = &cfg_.entries[i];
     es->ep = cfg_.entries[i].endpoint();
-    es->bucket = &buckets.get(cfg_.entries[i]);
+    es->bucket = &buckets.get(cfg_.entries[i], options_.shared_pacing);
     es->last = i + 1 == cfg_.entries.size();
     if (pol.breaker.enabled) {
       auto bp = keel::breaker_policy::consecutive(
@@ -391,7 +411,8 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   report.item = cs.item;
   report.seconds = seconds_since(sent);
   if (failed) {
-    es.bucket->settle(estimate, 0);  // a refused call used no tokens
+    es.bucket->settle(estimate, 0);             // a refused call used no tokens
+    buckets_.end_slow_start(*es.bucket, 0, 1);  // nothing learned: unlimited, as configured
     const keel::classification c = keel::classify(failed);
     if (options_.shared_pacing && c.condition == keel::condition::throttled && c.retry_after &&
         *c.retry_after > nanoseconds{0}) {
@@ -409,11 +430,13 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   if (options_.shared_pacing) {
     // Resync: the provider knows better how much is left. A dimension the config leaves
     // unlimited adopts the provider's stated per-minute limit (50 ms of burst), so a client with
-    // no configured limits stops running into 429s after the first answers.
+    // no configured limits stops running into 429s after the first answers. The first reply
+    // also ends the bucket's slow start, with the learned rate or none.
     const auto& rl = reply->rate_limits;
     {
       const keel::throttler_options now_opts = es.bucket->options();
-      double rps = now_opts.requests_per_second;
+      const bool slow = buckets_.in_slow_start(*es.bucket);
+      double rps = slow ? 0 : now_opts.requests_per_second;
       double tpm = now_opts.tokens_per_minute;
       if (es.cfg->rate_limits.requests_per_minute <= 0 && rl.limit_requests &&
           *rl.limit_requests > 0) {
@@ -422,13 +445,17 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
       if (es.cfg->rate_limits.tokens_per_minute <= 0 && rl.limit_tokens && *rl.limit_tokens > 0) {
         tpm = *rl.limit_tokens;
       }
-      if (rps != now_opts.requests_per_second || tpm != now_opts.tokens_per_minute) {
-        es.bucket->set_rate(rps, tpm);
-        if (rps != now_opts.requests_per_second) {
-          // 50 ms worth of burst: with a capacity of 1, every late timer tick would be capacity
-          // lost for good (measured: 187-193 r/s against a 200 r/s limit).
-          es.bucket->set_burst(std::max(1.0, rps / 20));
+      // 50 ms worth of burst, so that a short stall of the client costs no capacity.
+      const double burst = std::max(1.0, rps / 20);
+      if (slow) {
+        buckets_.end_slow_start(*es.bucket, rps, burst);
+      }
+      if (rps != es.bucket->options().requests_per_second ||
+          tpm != es.bucket->options().tokens_per_minute) {
+        if (rps != es.bucket->options().requests_per_second) {
+          es.bucket->set_burst(burst);
         }
+        es.bucket->set_rate(rps, tpm);
       }
     }
     if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {

@@ -24,6 +24,12 @@
 // - An open breaker moves on to the next entry at once; on the last entry, keel-native retry
 //   waits for the breaker's probe instead (its error carries the remaining open time).
 // - Throttling (429) does not count against a breaker: that is the bucket's job.
+// - Slow start: with shared pacing on and no configured request limit, a new bucket lets
+//   `bucket_registry::slow_start_window` requests out and holds the rest until the first attempt
+//   ends. A reply's rate-limit headers then set the bucket's rate (a learned limit); a reply
+//   without them, or a failure, makes it unlimited. Without it, a batch at concurrency 1,024
+//   against a 200 r/s limit sent 1,024 requests before learning anything, and the resulting
+//   429s drained the retry budget (issue 4's scenario benchmark).
 // - `client_options::shared_pacing` (default on) covers the two bucket behaviours above that
 //   react to the server: the pause on a throttled failure and learning limits from rate-limit
 //   headers. Turned off, the client paces only by the configured rate limits, like a common SDK
@@ -49,6 +55,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -60,8 +67,22 @@ class bucket_registry {
   /// Buckets whose timers run on `ex`.
   explicit bucket_registry(boost::asio::any_io_executor ex) : ex_(std::move(ex)) {}
 
+  /// Requests that may go out while a bucket is in slow start.
+  static constexpr double slow_start_window = 8;
+
   /// The bucket of `e` (created on first use with `e.rate_limits`).
-  keel::throttler& get(const entry_config& e);
+  /// @param slow_start if the bucket is created here and `e` configures no request limit, it
+  ///   starts in slow start: `slow_start_window` requests go out and the rest wait until the
+  ///   client calls `end_slow_start` on hearing back from the server (so a large batch against
+  ///   an unknown limit does not send its whole first wave blind).
+  keel::throttler& get(const entry_config& e, bool slow_start = false);
+
+  /// True while `bucket` is in slow start.
+  bool in_slow_start(const keel::throttler& bucket) const { return slow_.count(&bucket) != 0; }
+
+  /// Ends slow start: the bucket takes `requests_per_second` (0 = unlimited) and `burst`, and
+  /// releases its queue at that rate. No effect on a bucket not in slow start.
+  void end_slow_start(keel::throttler& bucket, double requests_per_second, double burst);
 
   /// Every bucket with its (redaction-safe) name.
   std::vector<std::pair<std::string, keel::throttler*>> all() const;
@@ -69,6 +90,7 @@ class bucket_registry {
  private:
   boost::asio::any_io_executor ex_;
   std::map<std::string, std::pair<std::string, std::unique_ptr<keel::throttler>>> buckets_;
+  std::set<const keel::throttler*> slow_;
 };
 
 /// What happened in one attempt (for metrics and logs).
@@ -179,6 +201,7 @@ class llm_client {
   boost::asio::any_io_executor ex_;
   config cfg_;
   keel::http::client& http_;
+  bucket_registry& buckets_;
   client_hooks hooks_;
   client_options options_;
   keel::random_source random_;
