@@ -13,11 +13,11 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/string_body.hpp>
-#include <boost/beast/http/write.hpp>
 
 #include <openssl/ssl.h>
 #include <sys/socket.h>
@@ -353,11 +353,11 @@ struct client::impl {
   }
 
   template <class Stream>
-  asio::awaitable<response> exchange(Stream& s, connection& c,
-                                     bhttp::request<bhttp::string_body>& breq, bool head,
+  asio::awaitable<response> exchange(Stream& s, connection& c, const std::string& wire, bool head,
                                      bool& keep_alive, std::string_view where) {
     boost::system::error_code ec;
-    co_await bhttp::async_write(s, breq, asio::redirect_error(asio::use_awaitable, ec));
+    co_await asio::async_write(s, asio::buffer(wire),
+                               asio::redirect_error(asio::use_awaitable, ec));
     if (ec) {
       fail(ec, "writing the request failed", where);
     }
@@ -418,10 +418,13 @@ struct client::impl {
       fail(error::bad_header, "bad method", where);
     }
 
-    bhttp::request<bhttp::string_body> breq;
-    breq.version(11);
-    breq.method_string(req.method);
-    breq.target(u->target);
+    // The request is serialized here into one buffer and written with one async_write: Beast's
+    // serializer walks a concatenated buffer sequence whose iterators cost about a fifth of the
+    // client's CPU time per request (bench/http_bench.cpp). The URL, the method and every
+    // header are checked for control characters first, so they cannot break the framing.
+    std::string wire;
+    wire.reserve(128 + req.url.size() + req.body.size());
+    wire.append(req.method).append(" ").append(u->target).append(" HTTP/1.1\r\n");
     bool has_host = false;
     bool has_agent = false;
     for (const auto& [name, value] : req.headers.fields()) {
@@ -435,20 +438,32 @@ struct client::impl {
       }
       has_host = has_host || iequals(name, "host");
       has_agent = has_agent || iequals(name, "user-agent");
-      breq.insert(name, value);
+      wire.append(name).append(": ").append(value).append("\r\n");
     }
     if (!has_host) {
-      std::string host = u->host.find(':') != std::string::npos ? "[" + u->host + "]" : u->host;
-      if (u->port != (u->tls ? 443 : 80)) {
-        host += ":" + std::to_string(u->port);
+      wire.append("Host: ");
+      if (u->host.find(':') != std::string::npos) {
+        wire.append("[").append(u->host).append("]");
+      } else {
+        wire.append(u->host);
       }
-      breq.set(bhttp::field::host, host);
+      if (u->port != (u->tls ? 443 : 80)) {
+        wire.append(":").append(std::to_string(u->port));
+      }
+      wire.append("\r\n");
     }
     if (!has_agent && !self->opts.user_agent.empty()) {
-      breq.set(bhttp::field::user_agent, self->opts.user_agent);
+      if (has_control(self->opts.user_agent)) {
+        fail(error::bad_header, "bad user agent", where);
+      }
+      wire.append("User-Agent: ").append(self->opts.user_agent).append("\r\n");
     }
-    breq.body() = std::move(req.body);
-    breq.prepare_payload();
+    // As Beast's prepare_payload: a length for any body, and for the methods that expect one.
+    if (!req.body.empty() || req.method == "POST" || req.method == "PUT" ||
+        req.method == "OPTIONS") {
+      wire.append("Content-Length: ").append(std::to_string(req.body.size())).append("\r\n");
+    }
+    wire.append("\r\n").append(req.body);
     const bool head = iequals(req.method, "HEAD");
 
     std::string key = (u->tls ? "https://" : "http://") + u->host + ":" + std::to_string(u->port);
@@ -470,8 +485,8 @@ struct client::impl {
       c.lowest().expires_never();
     }
     bool keep_alive = false;
-    response res = c.tls ? co_await self->exchange(*c.tls, c, breq, head, keep_alive, where)
-                         : co_await self->exchange(c.plain, c, breq, head, keep_alive, where);
+    response res = c.tls ? co_await self->exchange(*c.tls, c, wire, head, keep_alive, where)
+                         : co_await self->exchange(c.plain, c, wire, head, keep_alive, where);
     c.lowest().expires_never();
     l.reusable = keep_alive && c.requests < self->opts.max_requests_per_connection;
     co_return res;
