@@ -435,6 +435,28 @@ TEST_CASE("http client: a deadline cancels a stalled request and its connection 
   CHECK(srv.accepts == 2);
 }
 
+TEST_CASE("http client: request_timeout is armed again for each request on a reused connection",
+          "[http]") {
+  asio::io_context ctx;
+  test_server srv(ctx);
+  srv.plan = [](int k) { return k < 3 ? act::normal : act::stall; };
+  kh::client_options opts;
+  opts.request_timeout = std::chrono::milliseconds(20);
+  kh::client cl(ctx.get_executor(), opts);
+  for (int i = 0; i < 3; ++i) {
+    auto ok = send_one(ctx, cl, kh::request("GET", srv.url("/ok")));
+    REQUIRE(ok.value);
+    CHECK(ok.value->status == 200);
+  }
+  CHECK(srv.accepts == 1);
+  // The fourth request goes out on the same connection; its own timer ends it.
+  auto out = send_one(ctx, cl, kh::request("GET", srv.url("/never")));
+  REQUIRE(out.error);
+  CHECK(out.code() == kh::error::request_timeout);
+  CHECK(srv.accepts == 1);
+  CHECK(cl.pooled_idle() == 0);
+}
+
 TEST_CASE("http client: request_timeout ends a request the server never answers (timeout)",
           "[http]") {
   asio::io_context ctx;
