@@ -6,7 +6,9 @@
 # Usage: scripts/bench-http.sh [--build-dir DIR] [--seconds N] [--connections "16 64 256"]
 #                              [--rounds R]
 # Needs wrk (apt-get install wrk) and builds bench_http in DIR (default build-bench, Release).
-# Prints one line per (connections, round) and the median ratio per connection count.
+# Prints one line per (connections, round), then per connection count the median of the
+# per-round ratios and the ratio of the median requests/s (rounds are not paired: the VM's noise
+# hits wrk's and keel's turns independently, so both are shown).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,6 +56,8 @@ echo "server: $url (CPU 0); clients on CPU 1; $seconds s per run; $(date -u +%FT
 printf '%-11s %5s %12s %12s %7s\n' connections round "wrk req/s" "keel req/s" ratio
 for c in $conns; do
   ratios=()
+  ws=()
+  ks=()
   for r in $(seq "$rounds"); do
     # wrk has no warm-up; give it the same one second the keel client takes.
     taskset -c 1 wrk -t1 -c"$c" -d1s "$url" >/dev/null
@@ -62,8 +66,14 @@ for c in $conns; do
       sed -n 's/.*"requests_per_second":\([0-9.]*\).*/\1/p')
     ratio=$(awk -v k="$k" -v w="$w" 'BEGIN { printf "%.3f", k / w }')
     ratios+=("$ratio")
+    ws+=("$w")
+    ks+=("$k")
     printf '%-11s %5s %12.0f %12.0f %7s\n' "$c" "$r" "$w" "$k" "$ratio"
   done
-  median=$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-  echo "connections $c: median keel/wrk = $median"
+  med() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+  median=$(med "${ratios[@]}")
+  mw=$(med "${ws[@]}")
+  mk=$(med "${ks[@]}")
+  of_medians=$(awk -v k="$mk" -v w="$mw" 'BEGIN { printf "%.3f", k / w }')
+  echo "connections $c: median of round ratios $median; medians wrk $mw, keel $mk: ratio $of_medians"
 done
