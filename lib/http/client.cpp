@@ -526,7 +526,6 @@ struct client::impl {
     bool keep_alive = false;
     response res = c.tls ? co_await self->exchange(*c.tls, c, wire, head, keep_alive, where)
                          : co_await self->exchange(c.plain, c, wire, head, keep_alive, where);
-    c.lowest().expires_never();
     l.reusable = keep_alive && c.requests < self->opts.max_requests_per_connection;
     co_return res;
   }

@@ -450,9 +450,10 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
       if (slow) {
         buckets_.end_slow_start(*es.bucket, rps, burst);
       }
-      if (rps != es.bucket->options().requests_per_second ||
-          tpm != es.bucket->options().tokens_per_minute) {
-        if (rps != es.bucket->options().requests_per_second) {
+      // One read of the options (each takes the throttler's lock), after slow start changed them.
+      const keel::throttler_options cur = slow ? es.bucket->options() : now_opts;
+      if (rps != cur.requests_per_second || tpm != cur.tokens_per_minute) {
+        if (rps != cur.requests_per_second) {
           es.bucket->set_burst(burst);
         }
         es.bucket->set_rate(rps, tpm);
