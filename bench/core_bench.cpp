@@ -7,11 +7,13 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 
 #include <malloc.h>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <memory>
 #include <new>
 
 namespace asio = boost::asio;
@@ -27,6 +29,15 @@ void* operator new(std::size_t n) {
     return p;
   }
   throw std::bad_alloc();
+}
+// Asio's recycling allocator (coroutine frames, handlers, cancellation slots) falls back to
+// std::aligned_alloc, not operator new, when its per-thread cache misses: count those too.
+extern "C" void* aligned_alloc(std::size_t align, std::size_t n) noexcept {
+  g_allocs.fetch_add(1, std::memory_order_relaxed);
+  void* p = nullptr;
+  return posix_memalign(&p, align < sizeof(void*) ? sizeof(void*) : align, n ? n : 1) == 0
+             ? p
+             : nullptr;
 }
 void operator delete(void* p) noexcept {
   std::free(p);
@@ -130,6 +141,56 @@ void bm_full_stack(benchmark::State& state) {
   });
 }
 BENCHMARK(bm_full_stack);
+
+// The same with the retry policy shared (shared_ptr<const retry_policy>) instead of copied.
+void bm_full_stack_shared_policy(benchmark::State& state) {
+  asio::io_context ctx;
+  keel::throttler bucket{ctx.get_executor(), {}};
+  keel::circuit_breaker breaker{ctx.get_executor(), keel::breaker_policy::consecutive(5, 60s)};
+  const auto policy = std::make_shared<const keel::retry_policy>(
+      keel::retry_policy::exponential_full_jitter(5, 1s, 60s));
+  auto paced = [&]() -> asio::awaitable<int> {
+    co_await bucket.acquire();
+    co_return 1;
+  };
+  run_calls(state, [&] {
+    return keel::with_breaker(breaker, [&] {
+      return keel::with_retry([&] { return keel::with_deadline(paced, 10s); }, policy);
+    });
+  });
+}
+BENCHMARK(bm_full_stack_shared_policy);
+
+// The success path's cost with an operation that suspends once (as every real request does):
+// co_spawn, which with_deadline needs, then skips the extra post it makes for an operation that
+// completes without suspending.
+asio::awaitable<int> suspending_leaf() {
+  co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+  co_return 1;
+}
+
+void bm_bare_suspending(benchmark::State& state) {
+  run_calls(state, [] { return suspending_leaf(); });
+}
+BENCHMARK(bm_bare_suspending);
+
+void bm_full_stack_suspending(benchmark::State& state) {
+  asio::io_context ctx;
+  keel::throttler bucket{ctx.get_executor(), {}};
+  keel::circuit_breaker breaker{ctx.get_executor(), keel::breaker_policy::consecutive(5, 60s)};
+  const auto policy = std::make_shared<const keel::retry_policy>(
+      keel::retry_policy::exponential_full_jitter(5, 1s, 60s));
+  auto paced = [&]() -> asio::awaitable<int> {
+    co_await bucket.acquire();
+    co_return co_await suspending_leaf();
+  };
+  run_calls(state, [&] {
+    return keel::with_breaker(breaker, [&] {
+      return keel::with_retry([&] { return keel::with_deadline(paced, 10s); }, policy);
+    });
+  });
+}
+BENCHMARK(bm_full_stack_suspending);
 
 // Heap bytes in use (every operator new here goes through malloc).
 long heap_bytes() {

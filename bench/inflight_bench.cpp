@@ -61,8 +61,9 @@ struct run_options {
   double burst = 0;      // 0: rate / 100, i.e. 10 ms of saving
   std::string call = "acquire";
   std::string limit = "requests";
-  double tokens = 500;  // tokens per call with --limit tokens
-  int latency_ms = 50;  // simulated request time for --call full
+  double tokens = 500;         // tokens per call with --limit tokens
+  int latency_ms = 50;         // simulated request time for --call full
+  bool shared_policy = false;  // with_retry shares one retry_policy instead of copying it
 };
 
 }  // namespace
@@ -80,6 +81,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"requests", "tokens"}));
   app.add_option("--tokens", o.tokens, "tokens per call with --limit tokens")
       ->check(CLI::PositiveNumber);
+  app.add_flag("--shared-policy", o.shared_policy,
+               "retry and full: pass the retry policy as shared_ptr<const retry_policy>");
   app.add_option("--latency-ms", o.latency_ms, "simulated request time of --call full")
       ->check(CLI::Range(0, 60'000));
   CLI11_PARSE(app, argc, argv);
@@ -98,6 +101,7 @@ int main(int argc, char** argv) {
   }
   keel::circuit_breaker breaker{ctx.get_executor(), keel::breaker_policy::consecutive(5, 60s)};
   const auto policy = keel::retry_policy::exponential_full_jitter(5, 1s, 60s);
+  const auto shared_policy = std::make_shared<const keel::retry_policy>(policy);
   std::vector<steady::time_point> granted_at(static_cast<std::size_t>(o.calls));
   std::fill(granted_at.begin(), granted_at.end(), steady::time_point{});  // make it resident
   std::size_t granted = 0;
@@ -158,10 +162,19 @@ int main(int argc, char** argv) {
     spawn_all(paced);
   } else if (o.call == "breaker") {
     spawn_all([&] { return keel::with_breaker(breaker, paced_request); });
+  } else if (o.call == "retry" && o.shared_policy) {
+    spawn_all([&] { return keel::with_retry(paced_request, shared_policy); });
   } else if (o.call == "retry") {
     spawn_all([&] { return keel::with_retry(paced_request, policy); });
   } else if (o.call == "deadline") {
     spawn_all([&] { return keel::with_deadline(paced_request, 60s); });
+  } else if (o.shared_policy) {
+    spawn_all([&] {
+      return keel::with_breaker(breaker, [&] {
+        return keel::with_retry([&] { return keel::with_deadline(paced_request, 60s); },
+                                shared_policy);
+      });
+    });
   } else {
     spawn_all([&] {
       return keel::with_breaker(breaker, [&] {
@@ -203,9 +216,10 @@ int main(int argc, char** argv) {
   fmt::print("overall granted rate {:.1f}/s (after the initial burst): {:+.3f}% of configured\n",
              overall_rate, 100 * (overall_rate - o.rate) / o.rate);
   fmt::print(
-      "json {{\"calls\":{},\"call\":\"{}\",\"limit\":\"{}\",\"rate\":{},\"burst\":{},"
-      "\"failed\":{},\"bytes_per_call\":{:.0f},\"steady_rate\":{:.2f},"
+      "json {{\"calls\":{},\"call\":\"{}\",\"shared_policy\":{},\"limit\":\"{}\",\"rate\":{},"
+      "\"burst\":{},\"failed\":{},\"bytes_per_call\":{:.0f},\"steady_rate\":{:.2f},"
       "\"overall_rate\":{:.2f}}}\n",
-      o.calls, o.call, o.limit, o.rate, o.burst, failed, per_call, steady_rate, overall_rate);
+      o.calls, o.call, o.shared_policy, o.limit, o.rate, o.burst, failed, per_call, steady_rate,
+      overall_rate);
   return finished == o.calls && failed == 0 ? 0 : 1;
 }

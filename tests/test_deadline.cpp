@@ -4,8 +4,16 @@
 #include "support.hpp"
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
+#include <boost/asio/strand.hpp>
 #include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <utility>
+#include <vector>
 
 using namespace keel_test;
 
@@ -231,4 +239,123 @@ TEST_CASE("detached work spawned under a deadline enforces its own deadline",
     REQUIRE(seen.has_value());
     CHECK_FALSE(seen->has_value());
   }
+}
+
+// ---- the shared deadline queue (one timer per context and clock) ----------------------------
+
+TEST_CASE("deadlines added out of order each expire at their own instant", "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  // Added in this order, so the queue's timer must be moved earlier three times and later
+  // after each expiry; the calls that finish in time must not disturb the others.
+  const std::vector<std::pair<ms, ms>> calls = {{500ms, 1s},   {100ms, 1s}, {300ms, 1s},
+                                                {700ms, 50ms}, {200ms, 1s}, {400ms, 250ms}};
+  std::vector<outcome<void>> out(calls.size());
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    const auto [limit, takes] = calls[i];
+    spawn(ctx,
+          keel::with_deadline<manual_clock>([takes = takes] { return sleep_for(takes); }, limit),
+          out[i]);
+  }
+  CHECK(keel::detail::deadline_queue<manual_clock>::of(ctx.get_executor()).size() == 0);
+  keel::testing::poll_all(ctx);
+  CHECK(keel::detail::deadline_queue<manual_clock>::of(ctx.get_executor()).size() == 6);
+  REQUIRE(keel::testing::run_until(ctx, [&] {
+    return std::all_of(out.begin(), out.end(), [](const auto& o) { return o.done; });
+  }));
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    INFO("call " << i);
+    const auto [limit, takes] = calls[i];
+    if (takes < limit) {
+      CHECK_FALSE(out[i].error);
+      CHECK(out[i].finished_at_ms == takes.count());
+    } else {
+      CHECK(out[i].code() == keel::error::deadline_exceeded);
+      CHECK(out[i].finished_at_ms == limit.count());
+    }
+  }
+  CHECK(keel::detail::deadline_queue<manual_clock>::of(ctx.get_executor()).size() == 0);
+}
+
+TEST_CASE("a pending deadline timer does not keep the io_context running once calls are done",
+          "[deadline]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  outcome<int> first, second;
+  scripted op{{step{{}, {}, 100ms}, step{{}, {}, 100ms}}};
+  // A one-hour deadline: its timer stays armed after the call, for the next call to reuse.
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), 1h), first);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return first.done; }));
+  CHECK(first.value == 42);
+  ctx.poll();
+  CHECK(ctx.stopped());  // no outstanding work: run() would have returned
+  // The context is usable again, and the next call reuses the timer.
+  ctx.restart();
+  spawn(ctx, keel::with_deadline<manual_clock>(op.factory(), 1h), second);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return second.done; }));
+  CHECK(second.value == 42);
+  CHECK(second.finished_at_ms == 200);
+  ctx.poll();
+  CHECK(ctx.stopped());
+}
+
+TEST_CASE("an io_context destroyed with calls under a deadline pending frees them cleanly",
+          "[deadline]") {
+  manual_clock::reset();
+  auto never = []() -> asio::awaitable<int> {
+    co_await sleep_for(24h);
+    co_return 1;
+  };
+  outcome<int> a, b;
+  {
+    asio::io_context ctx;
+    spawn(ctx, keel::with_deadline<manual_clock>(never, 1s), a);
+    spawn(ctx, keel::with_deadline<manual_clock>(never, 2s), b);
+    keel::testing::run_for(ctx, 10ms);
+    CHECK(keel::detail::deadline_queue<manual_clock>::of(ctx.get_executor()).size() == 2);
+  }  // ASan checks that no entry or timer outlives its frame
+  CHECK_FALSE(a.done);
+  CHECK_FALSE(b.done);
+}
+
+TEST_CASE("deadlines on strands of a multi-threaded io_context fire and complete on each strand",
+          "[deadline][threads]") {
+  // Real time, but no outcome depends on timing: `never` cannot finish before its 2 ms deadline,
+  // and `quick` finishes at once, far inside its one-hour deadline.
+  asio::io_context ctx(2);
+  constexpr int per_kind = 200;
+  std::atomic<int> timed_out{0}, answered{0}, wrong{0};
+  auto never = []() -> asio::awaitable<int> {
+    keel::basic_timer<> t(co_await asio::this_coro::executor);
+    t.expires_after(std::chrono::hours(24));
+    co_await t.async_wait(asio::use_awaitable);
+    co_return 1;
+  };
+  auto quick = []() -> asio::awaitable<int> {
+    co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+    co_return 7;
+  };
+  for (int i = 0; i < per_kind; ++i) {
+    auto strand = asio::make_strand(ctx);
+    asio::co_spawn(strand, keel::with_deadline(never, 2ms), [&](std::exception_ptr e, int) {
+      try {
+        if (e) {
+          std::rethrow_exception(e);
+        }
+        ++wrong;
+      } catch (const keel::failure& f) {
+        (f.code() == keel::error::deadline_exceeded ? timed_out : wrong)++;
+      } catch (...) {
+        ++wrong;
+      }
+    });
+    asio::co_spawn(strand, keel::with_deadline(quick, 1h),
+                   [&](std::exception_ptr e, int v) { (!e && v == 7 ? answered : wrong)++; });
+  }
+  std::thread helper([&] { ctx.run(); });
+  ctx.run();
+  helper.join();
+  CHECK(timed_out == per_kind);
+  CHECK(answered == per_kind);
+  CHECK(wrong == 0);
 }

@@ -6,6 +6,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <memory>
+#include <stdexcept>
+
 using namespace keel_test;
 
 namespace {
@@ -372,4 +375,34 @@ TEST_CASE("an unbounded retry timeout does not overflow", "[retry][review]") {
   REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
   CHECK(out.value == 42);
   CHECK(op.started_ms == std::vector<long long>{0, 100, 200});
+}
+
+TEST_CASE("a shared policy drives concurrent calls like a copied one and outlives its owner",
+          "[retry]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  auto policy = std::make_shared<const keel::retry_policy>(constant_policy(3, 100ms));
+  scripted a{{step{reset}, step{reset}}};
+  scripted b{{step{reset}, step{reset}, step{reset}}};
+  outcome<int> out_a, out_b;
+  spawn(ctx, keel::with_retry<manual_clock>(a.factory(), policy), out_a);
+  spawn(ctx, keel::with_retry<manual_clock>(b.factory(), policy), out_b);
+  const std::weak_ptr<const keel::retry_policy> watch = policy;
+  policy.reset();  // the calls keep it alive
+  keel::testing::run_for(ctx, 50ms);
+  CHECK_FALSE(watch.expired());
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out_a.done && out_b.done; }));
+  CHECK(out_a.value == 42);
+  CHECK(a.started_ms == std::vector<long long>{0, 100, 200});
+  CHECK(out_b.code() == keel::error::retries_exhausted);
+  CHECK(b.started_ms == std::vector<long long>{0, 100, 200});
+  CHECK(watch.expired());
+}
+
+TEST_CASE("with_retry refuses a null shared policy before running anything", "[retry]") {
+  asio::io_context ctx;
+  scripted op;
+  std::shared_ptr<const keel::retry_policy> none;
+  CHECK_THROWS_AS(keel::with_retry<manual_clock>(op.factory(), none), std::invalid_argument);
+  CHECK(op.started_ms.empty());
 }

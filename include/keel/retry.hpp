@@ -28,8 +28,11 @@
 // the result is treated as a transient failure, and when no retry is left the last result is
 // returned (not an error).
 //
-// The success path costs one coroutine frame: no timer is created, no allocation is made, and
-// the budget gets its success token.
+// The success path costs one coroutine frame and nothing else: no timer is created, nothing
+// else is allocated, and the budget gets its success token. The timer and backoff state are
+// allocated on the first retry. The policy is copied into the frame; with many calls in flight
+// under one policy, pass it as `std::shared_ptr<const retry_policy>` to share it instead (saves
+// ~0.5 KiB per call).
 //
 // Example:
 //
@@ -63,7 +66,9 @@
 #include <chrono>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <optional>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 
@@ -167,6 +172,27 @@ inline bool cancellation_requested(const boost::asio::cancellation_state& cs) no
   throw boost::system::system_error(boost::asio::error::operation_aborted);
 }
 
+inline const retry_policy& policy_of(const retry_policy& p) noexcept {
+  return p;
+}
+inline const retry_policy& policy_of(const std::shared_ptr<const retry_policy>& p) noexcept {
+  return *p;
+}
+
+/// What only a retrying call needs: made on the first retry, so that the success path's frame
+/// carries neither a timer nor backoff state.
+template <class Clock>
+struct retry_state {
+  explicit retry_state(const boost::asio::any_io_executor& ex) : timer(ex) {}
+  basic_timer<Clock> timer;
+  // One state per condition: jitters that remember the previous delay must not mix curves.
+  std::array<backoff_state, 8> backoff{};
+};
+
+template <class Clock, class MakeOp, class Policy, class RetryIfResult>
+auto retry_impl(MakeOp op, Policy held_policy, RetryIfResult retry_if_result)
+    -> boost::asio::awaitable<op_value_t<MakeOp>>;
+
 }  // namespace detail
 
 /// Runs `op()` until it succeeds, a failure is not worth retrying, or the policy gives up.
@@ -185,8 +211,36 @@ template <class Clock = default_clock, class MakeOp,
 requires detail::is_op_factory_v<MakeOp>
 auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = {})
     -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
+  return detail::retry_impl<Clock>(std::move(op), std::move(policy), std::move(retry_if_result));
+}
+
+/// Same as `with_retry(op, policy, retry_if_result)`, with the policy shared instead of copied
+/// into each call: a `retry_policy` is about half a kilobyte, so a program with many calls in
+/// flight under one policy saves that much per call (and the copy's time).
+///
+/// @param policy must not be null; it is kept alive until the call completes.
+/// @throws std::invalid_argument if `policy` is null (before anything runs).
+/// Cancellation: as `with_retry`.
+template <class Clock = default_clock, class MakeOp,
+          class RetryIfResult = detail::never_retry_result>
+requires detail::is_op_factory_v<MakeOp>
+auto with_retry(MakeOp op, std::shared_ptr<const retry_policy> policy,
+                RetryIfResult retry_if_result = {})
+    -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
+  if (!policy) {
+    throw std::invalid_argument("keel::with_retry: null retry_policy");
+  }
+  return detail::retry_impl<Clock>(std::move(op), std::move(policy), std::move(retry_if_result));
+}
+
+namespace detail {
+
+template <class Clock, class MakeOp, class Policy, class RetryIfResult>
+auto retry_impl(MakeOp op, Policy held_policy, RetryIfResult retry_if_result)
+    -> boost::asio::awaitable<op_value_t<MakeOp>> {
+  const retry_policy& policy = policy_of(held_policy);
   namespace asio = boost::asio;
-  using T = detail::op_value_t<MakeOp>;
+  using T = op_value_t<MakeOp>;
   using clock_duration = typename Clock::duration;
 
   std::optional<typename Clock::time_point> deadline;
@@ -194,10 +248,8 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
     deadline = saturating_add(Clock::now(), *policy.timeout);
   }
   bool outer_deadline_checked = false;
-  // One state per condition: jitters that remember the previous delay must not mix curves.
-  std::array<backoff_state, 8> bstates{};
   auto cs = co_await asio::this_coro::cancellation_state;
-  std::optional<basic_timer<Clock>> timer;
+  std::unique_ptr<retry_state<Clock>> slow;  // made on the first retry
   const int max_attempts = std::max(policy.max_attempts, 1);
 
   for (int attempt = 1;; ++attempt) {
@@ -229,8 +281,8 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
     }
     // Cancellation first, whatever the attempt turned it into (a reset, a deadline): a
     // cancelled call is never retried and never charged to the budget.
-    if (detail::cancellation_requested(cs)) {
-      detail::throw_aborted();
+    if (cancellation_requested(cs)) {
+      throw_aborted();
     }
 
     auto return_rejected_or_throw = [&](auto&& thrower) -> T {
@@ -271,10 +323,13 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
     }
 
     // The effective deadline: the policy's own, or the enclosing with_deadline's if earlier.
-    auto ex = co_await asio::this_coro::executor;
+    if (!slow) {
+      slow = std::make_unique<retry_state<Clock>>(co_await asio::this_coro::executor);
+    }
     if (!outer_deadline_checked) {
       outer_deadline_checked = true;
-      if (auto outer = detail::deadline_of<Clock>(ex); outer && (!deadline || *outer < *deadline)) {
+      if (auto outer = deadline_of<Clock>(slow->timer.get_executor());
+          outer && (!deadline || *outer < *deadline)) {
         deadline = outer;
       }
     }
@@ -287,7 +342,7 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
       from_hint = true;
     } else {
       random_source& rng = policy.random ? *policy.random : random_source::thread_default();
-      auto& bstate = bstates[static_cast<std::size_t>(cls.condition) % bstates.size()];
+      auto& bstate = slow->backoff[static_cast<std::size_t>(cls.condition) % slow->backoff.size()];
       delay = policy.backoff.choose(failed, cls).next_delay(attempt, bstate, rng);
     }
 
@@ -304,16 +359,15 @@ auto with_retry(MakeOp op, retry_policy policy, RetryIfResult retry_if_result = 
       policy.on_retry(retry_event{attempt, failed, cls, delay, from_hint});
     }
     if (delay > std::chrono::nanoseconds::zero()) {
-      if (!timer) {
-        timer.emplace(ex);
-      }
-      timer->expires_after(saturating_cast<clock_duration>(delay));
-      co_await timer->async_wait(asio::use_awaitable);
+      slow->timer.expires_after(saturating_cast<clock_duration>(delay));
+      co_await slow->timer.async_wait(asio::use_awaitable);
     }
-    if (detail::cancellation_requested(cs)) {
-      detail::throw_aborted();
+    if (cancellation_requested(cs)) {
+      throw_aborted();
     }
   }
 }
+
+}  // namespace detail
 
 }  // namespace keel
