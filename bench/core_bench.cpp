@@ -125,14 +125,22 @@ void bm_full_stack_without_deadline(benchmark::State& state) {
 }
 BENCHMARK(bm_full_stack_without_deadline);
 
-void bm_full_stack(benchmark::State& state) {
+asio::awaitable<int> suspending_leaf();
+
+// breaker → retry (with `policy`, copied or shared) → deadline → throttler acquire → op, where
+// the op returns at once or (Suspend) awaits `suspending_leaf()`.
+template <bool Suspend, class Policy>
+void run_full_stack(benchmark::State& state, const Policy& policy) {
   asio::io_context ctx;
   keel::throttler bucket{ctx.get_executor(), {}};
   keel::circuit_breaker breaker{ctx.get_executor(), keel::breaker_policy::consecutive(5, 60s)};
-  const auto policy = keel::retry_policy::exponential_full_jitter(5, 1s, 60s);
   auto paced = [&]() -> asio::awaitable<int> {
     co_await bucket.acquire();
-    co_return 1;
+    if constexpr (Suspend) {
+      co_return co_await suspending_leaf();
+    } else {
+      co_return 1;
+    }
   };
   run_calls(state, [&] {
     return keel::with_breaker(breaker, [&] {
@@ -140,24 +148,20 @@ void bm_full_stack(benchmark::State& state) {
     });
   });
 }
+
+void bm_full_stack(benchmark::State& state) {
+  run_full_stack<false>(state, keel::retry_policy::exponential_full_jitter(5, 1s, 60s));
+}
 BENCHMARK(bm_full_stack);
 
 // The same with the retry policy shared (shared_ptr<const retry_policy>) instead of copied.
-void bm_full_stack_shared_policy(benchmark::State& state) {
-  asio::io_context ctx;
-  keel::throttler bucket{ctx.get_executor(), {}};
-  keel::circuit_breaker breaker{ctx.get_executor(), keel::breaker_policy::consecutive(5, 60s)};
-  const auto policy = std::make_shared<const keel::retry_policy>(
+std::shared_ptr<const keel::retry_policy> shared_policy() {
+  return std::make_shared<const keel::retry_policy>(
       keel::retry_policy::exponential_full_jitter(5, 1s, 60s));
-  auto paced = [&]() -> asio::awaitable<int> {
-    co_await bucket.acquire();
-    co_return 1;
-  };
-  run_calls(state, [&] {
-    return keel::with_breaker(breaker, [&] {
-      return keel::with_retry([&] { return keel::with_deadline(paced, 10s); }, policy);
-    });
-  });
+}
+
+void bm_full_stack_shared_policy(benchmark::State& state) {
+  run_full_stack<false>(state, shared_policy());
 }
 BENCHMARK(bm_full_stack_shared_policy);
 
@@ -175,20 +179,7 @@ void bm_bare_suspending(benchmark::State& state) {
 BENCHMARK(bm_bare_suspending);
 
 void bm_full_stack_suspending(benchmark::State& state) {
-  asio::io_context ctx;
-  keel::throttler bucket{ctx.get_executor(), {}};
-  keel::circuit_breaker breaker{ctx.get_executor(), keel::breaker_policy::consecutive(5, 60s)};
-  const auto policy = std::make_shared<const keel::retry_policy>(
-      keel::retry_policy::exponential_full_jitter(5, 1s, 60s));
-  auto paced = [&]() -> asio::awaitable<int> {
-    co_await bucket.acquire();
-    co_return co_await suspending_leaf();
-  };
-  run_calls(state, [&] {
-    return keel::with_breaker(breaker, [&] {
-      return keel::with_retry([&] { return keel::with_deadline(paced, 10s); }, policy);
-    });
-  });
+  run_full_stack<true>(state, shared_policy());
 }
 BENCHMARK(bm_full_stack_suspending);
 

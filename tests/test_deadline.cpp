@@ -7,6 +7,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -358,4 +359,28 @@ TEST_CASE("deadlines on strands of a multi-threaded io_context fire and complete
   CHECK(timed_out == per_kind);
   CHECK(answered == per_kind);
   CHECK(wrong == 0);
+}
+
+TEST_CASE("on a thread_pool the shared deadline timer does not hold up join",
+          "[deadline][threads]") {
+  // thread_pool has no io_context work count to lend: the queue posts an idle check that
+  // cancels its timer once no deadline is pending. Every call here finishes long before its
+  // one-hour deadline, so the timer is still armed when the last call leaves: without the idle
+  // check, join() would wait an hour.
+  asio::thread_pool pool(2);
+  std::atomic<int> answered{0};
+  auto quick = []() -> asio::awaitable<int> {
+    co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
+    co_return 7;
+  };
+  for (int i = 0; i < 40; ++i) {
+    asio::co_spawn(asio::make_strand(pool), keel::with_deadline(quick, 1h),
+                   [&](std::exception_ptr e, int v) {
+                     if (!e && v == 7) {
+                       ++answered;
+                     }
+                   });
+  }
+  pool.join();
+  CHECK(answered == 40);
 }

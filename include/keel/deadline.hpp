@@ -209,7 +209,9 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
   deadline_queue<Clock>* queue = nullptr;
   if (deadline != Clock::time_point::max()) {
     queue = &deadline_queue<Clock>::of(ex);
-    queue->add(race, ex);
+    if (!queue->add(race, ex)) {
+      queue = nullptr;  // the context is shutting down; nothing would fire
+    }
   }
   struct unregister {
     deadline_queue<Clock>* queue;

@@ -75,11 +75,12 @@ class deadline_queue final : public boost::asio::execution_context::service {
   }
 
   /// Queues `e` (whose `at` and `fire` are set); `ex` is any executor of this context, used to
-  /// make the timer on first use.
-  void add(entry& e, const boost::asio::any_io_executor& ex) {
+  /// make the timer on first use. Returns false, queuing nothing, once the context is shutting
+  /// down.
+  bool add(entry& e, const boost::asio::any_io_executor& ex) {
     std::lock_guard lock(mutex_);
     if (shut_down_) {
-      return;  // the context is being destroyed: nothing will run any more
+      return false;
     }
     if (!timer_) {
       timer_.emplace(timer_executor(ex));
@@ -91,6 +92,7 @@ class deadline_queue final : public boost::asio::execution_context::service {
     if (e.at < armed_) {
       arm(e.at);
     }
+    return true;
   }
 
   /// Takes `e` off the queue. Returns false if the timer has already taken it: then its `fire`
