@@ -4,12 +4,13 @@
 // Why a shared queue: a timer per call costs two system calls on Linux (`timerfd_settime` when
 // the new timer becomes the earliest, and again on cancel), about 3 µs, and an allocated wait
 // operation. Calls with deadlines mostly finish long before them, so the timer almost never fires.
-// The queue keeps one Asio timer per (execution context, clock) armed at the earliest pending
-// deadline and an intrusive binary heap of entries, one per pending call, each living in the
-// caller's coroutine frame. Adding an entry re-arms the timer only if it is now the earliest;
-// removing one never touches the timer (the timer may then fire early, find nothing due, and
-// re-arm for the new earliest). So calls whose deadlines arrive in order (the usual case: a fixed
-// timeout from "now") make no system call at all.
+// The queue keeps one timer per (execution context, clock) armed at the earliest pending
+// deadline (a `queue_timer`, the same generation-checked timer the throttler and bulkhead use
+// for their waiter queues) and an intrusive binary heap of entries, one per pending call, each
+// living in the caller's coroutine frame. Adding an entry re-arms the timer only if it is now the
+// earliest; removing one never touches the timer (the timer may then fire early, find nothing due,
+// and re-arm for the new earliest). So calls whose deadlines arrive in order (the usual case: a
+// fixed timeout from "now") make no system call at all.
 //
 // Idle: a pending timer wait is outstanding work and would keep `io_context::run()` from
 // returning until it fires. So when the heap becomes empty the wait stops counting as work: on an
@@ -29,6 +30,7 @@
 
 #include <keel/clock.hpp>
 #include <keel/detail/deadline_executor.hpp>
+#include <keel/detail/queue_timer.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/error.hpp>
@@ -38,6 +40,7 @@
 #include <boost/asio/strand.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 #include <utility>
@@ -89,8 +92,13 @@ class deadline_queue final : public boost::asio::execution_context::service {
     heap_.push_back(&e);
     sift_up(e.index);
     track_wait();
-    if (e.at < armed_) {
-      arm(e.at);
+    if (!timer_->armed() || e.at < timer_->armed_at()) {
+      try {
+        arm(e.at);
+      } catch (...) {
+        erase_at(e.index);  // the caller's frame is unwinding: leave nothing pointing into it
+        throw;
+      }
     }
     return true;
   }
@@ -103,7 +111,7 @@ class deadline_queue final : public boost::asio::execution_context::service {
       return false;
     }
     erase_at(e.index);
-    if (heap_.empty() && armed_ != time_point::max()) {
+    if (heap_.empty() && timer_->armed()) {
       untrack_wait();
     }
     return true;
@@ -179,27 +187,17 @@ class deadline_queue final : public boost::asio::execution_context::service {
 
   void arm(time_point at) {  // mutex_ held
     track_wait();            // the wait being superseded completes as tracked work
-    armed_ = at;
-    const unsigned generation = ++generation_;
-    timer_->expires_at(at);  // cancels the wait in progress, if any; its handler sees it is stale
-    timer_->async_wait(
-        [this, generation](const boost::system::error_code& ec) { on_timer(generation, ec); });
+    timer_->arm(at, [this](std::uint64_t generation) { on_timer(generation); });
   }
 
-  void on_timer(unsigned generation, const boost::system::error_code& ec) {
+  void on_timer(std::uint64_t generation) {
     entry* due = nullptr;
     {
       std::lock_guard lock(mutex_);
-      if (generation == generation_) {
-        track_wait();  // the scheduler counts this completion as the end of a unit of work
-      }
-      if (generation != generation_ || shut_down_) {
+      if (shut_down_ || !timer_->take(generation)) {
         return;  // a newer wait superseded this one, or the idle check cancelled it
       }
-      armed_ = time_point::max();
-      if (ec) {
-        return;
-      }
+      track_wait();  // the scheduler counts this completion as the end of a unit of work
       const auto now = Clock::now();
       entry** tail = &due;
       while (!heap_.empty() && heap_.front()->at <= now) {
@@ -223,10 +221,8 @@ class deadline_queue final : public boost::asio::execution_context::service {
   void on_idle_check() {
     std::lock_guard lock(mutex_);
     idle_check_posted_ = false;
-    if (heap_.empty() && armed_ != time_point::max() && timer_) {
-      armed_ = time_point::max();
-      ++generation_;
-      timer_->cancel();
+    if (heap_.empty() && timer_) {
+      timer_->disarm();
     }
   }
 
@@ -286,10 +282,8 @@ class deadline_queue final : public boost::asio::execution_context::service {
 
   mutable std::mutex mutex_;
   std::vector<entry*> heap_;
-  std::optional<basic_timer<Clock>> timer_;
+  std::optional<queue_timer<Clock>> timer_;  // armed for the heap's front, or idle
   std::optional<boost::asio::any_io_executor> timer_executor_;
-  time_point armed_ = time_point::max();  // expiry of the wait in progress; max when none
-  unsigned generation_ = 0;               // identifies the wait in progress
 #if !defined(BOOST_ASIO_NO_TS_EXECUTORS)
   std::optional<io_executor> io_;  // set when the timer lives on an io_context
 #endif
