@@ -3,6 +3,7 @@
 // allocations are the frames Asio's two-slot recycling cache cannot hold.
 // (Allocation counts are deterministic, so this is a test, not a benchmark.)
 #include <keel/circuit_breaker.hpp>
+#include <keel/deadline.hpp>
 #include <keel/retry.hpp>
 #include <keel/throttler.hpp>
 
@@ -19,12 +20,17 @@
 namespace {
 std::atomic<long> allocations{0};
 std::atomic<long> frame_cache_misses{0};
+std::atomic<int> failing_aligned_allocs{0};  // makes the next N aligned_alloc calls fail
 }  // namespace
 
 // Asio's recycling allocator (coroutine frames, handlers, cancellation slots) keeps two freed
 // blocks per purpose and thread; on a miss it calls std::aligned_alloc, not operator new.
 extern "C" void* aligned_alloc(std::size_t align, std::size_t n) noexcept {
   frame_cache_misses.fetch_add(1, std::memory_order_relaxed);
+  if (failing_aligned_allocs.load(std::memory_order_relaxed) > 0 &&
+      failing_aligned_allocs.fetch_sub(1) > 0) {
+    return nullptr;
+  }
   void* p = nullptr;
   return posix_memalign(&p, align < sizeof(void*) ? sizeof(void*) : align, n ? n : 1) == 0
              ? p
@@ -112,5 +118,47 @@ TEST_CASE("a warm successful call through throttler, breaker and retry allocates
   // (Defining BOOST_ASIO_RECYCLING_ALLOCATOR_CACHE_SIZE=16 for the whole program makes it zero;
   // see docs/BENCHMARKS.md.)
   CHECK(misses_after - misses_before <= 4 * 1000);
+}
+
+TEST_CASE("a deadline whose timer cannot be re-armed leaves the queue consistent",
+          "[allocation][deadline][review]") {
+  // Re-arming cancels the pending wait before starting the new one. If the new wait cannot be
+  // allocated, the queue re-arms for the entries left; if that fails too, the timer must not
+  // still count as armed: taking the last entry off would then give back work nobody took, and
+  // run() would return with handlers still queued. Outside run() every Asio handler allocation
+  // goes to aligned_alloc, so the failures land on the waits.
+  using queue = keel::detail::deadline_queue<manual_clock>;
+  using entry = keel::detail::deadline_entry<manual_clock>;
+  static int fired = 0;
+  for (const int failures : {1, 2}) {
+    CAPTURE(failures);
+    manual_clock::reset();
+    fired = 0;
+    entry late, early;
+    late.fire = early.fire = [](entry*) noexcept { ++fired; };
+    late.at = manual_clock::time_point{10s};
+    early.at = manual_clock::time_point{1s};
+    asio::io_context ctx;
+    auto& q = queue::of(ctx.get_executor());
+    REQUIRE(q.add(late, ctx.get_executor()));  // arms the timer for 10 s
+    failing_aligned_allocs = failures;
+    CHECK_THROWS_AS(q.add(early, ctx.get_executor()), std::bad_alloc);  // earlier: re-arm
+    failing_aligned_allocs = 0;
+    CHECK(q.size() == 1);  // `early` left nothing behind
+    keel::testing::run_for(ctx, 20s, 100ms);
+    if (failures == 1) {
+      CHECK(fired == 1);            // the queue re-armed for `late`, which fired at its time
+      CHECK_FALSE(q.remove(late));  // taken by the timer
+    } else {
+      CHECK(fired == 0);      // out of memory twice: nothing armed until a later add
+      CHECK(q.remove(late));  // still queued; the owner takes it off
+    }
+    // The work count is intact: a posted handler runs before run() returns.
+    ctx.restart();
+    bool ran = false;
+    asio::post(ctx, [&] { ran = true; });
+    ctx.run();
+    CHECK(ran);
+  }
 }
 #endif  // !BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING

@@ -300,6 +300,66 @@ TEST_CASE("a pending deadline timer does not keep the io_context running once ca
   CHECK(ctx.stopped());
 }
 
+TEST_CASE("a caller on a work-tracking executor does not keep the io_context running",
+          "[deadline][review]") {
+  // The queue keeps an executor for the context's lifetime; a tracked one would hold the
+  // context's work count above zero forever.
+  manual_clock::reset();
+  asio::io_context ctx;
+  scripted op{{step{{}, {}, 100ms}}};
+  outcome<int> out;
+  {
+    auto tracked = asio::require(ctx.get_executor(), asio::execution::outstanding_work.tracked);
+    asio::co_spawn(tracked, keel::with_deadline<manual_clock>(op.factory(), 1h),
+                   [&](std::exception_ptr e, int v) {
+                     out.done = true;
+                     out.error = e;
+                     out.value = v;
+                   });
+  }
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.value == 42);
+  ctx.poll();
+  CHECK(ctx.stopped());  // nothing left holding work: run() would have returned
+}
+
+TEST_CASE("an expiry after an earlier cancellation the caller survived is still a timeout",
+          "[deadline][review]") {
+  // A caller cancelled before the call, that chose to carry on (throw_if_cancelled(false)), e.g.
+  // to run a cleanup step bounded by a deadline: the expiry is deadline_exceeded, not taken for
+  // the earlier cancellation.
+  manual_clock::reset();
+  asio::io_context ctx;
+  asio::cancellation_signal sig;
+  boost::system::error_code first, second;
+  outcome<void> out;
+  auto sleep_for = [](manual_clock::duration d) -> asio::awaitable<void> {
+    keel::basic_timer<manual_clock> t(co_await asio::this_coro::executor);
+    t.expires_after(d);
+    co_await t.async_wait(asio::use_awaitable);
+  };
+  auto body = [&]() -> asio::awaitable<void> {
+    co_await asio::this_coro::throw_if_cancelled(false);
+    try {
+      co_await sleep_for(1h);
+    } catch (const boost::system::system_error& e) {
+      first = e.code();
+    }
+    try {
+      co_await keel::with_deadline<manual_clock>([&] { return sleep_for(24h); }, 1s);
+    } catch (const boost::system::system_error& e) {
+      second = e.code();
+    }
+  };
+  spawn(ctx, body(), out, sig.slot());
+  keel::testing::run_for(ctx, 10ms);
+  sig.emit(asio::cancellation_type::terminal);  // cancels the first step only
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(first == asio::error::operation_aborted);
+  CHECK(second == keel::error::deadline_exceeded);
+  CHECK(out.finished_at_ms == 1010);
+}
+
 TEST_CASE("an io_context destroyed with calls under a deadline pending frees them cleanly",
           "[deadline]") {
   manual_clock::reset();

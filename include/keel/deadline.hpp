@@ -37,8 +37,13 @@
 // Cancellation: cancelling the caller cancels the operation; the caller sees the
 // operation's error (normally `operation_aborted`), never `deadline_exceeded`.
 // Thread safety: each call is independent; the operation runs on the caller's executor, and an
-// expired deadline is delivered there too (dispatched, so a strand's order is kept). On a
-// multi-threaded io_context, run calls from a strand, as for any coroutine.
+// expired deadline is delivered there too (dispatched, so a strand's order is kept). On an
+// io_context run by several threads, make the calls from a strand: the deadline cancels the
+// operation by emitting a cancellation signal from the timer's handler, and Asio's cancellation
+// slots are not thread-safe, so that emission must be serialised with the operation's own
+// completion. (Asio's own `a || b` on parallel groups has the same requirement.) On the plain
+// executor of a multi-threaded io_context, an expiry racing the operation's completion is a
+// data race.
 
 #include <keel/clock.hpp>
 #include <keel/detail/awaitable_traits.hpp>
@@ -175,6 +180,7 @@ struct deadline_race final : deadline_entry<Clock> {
 
   boost::asio::any_io_executor ex;
   boost::asio::cancellation_signal cancel_op;  // bound to the operation's coroutine thread
+  bool caller_cancelled = false;               // the caller's slot fired during this call
   std::atomic<bool> op_done{false};
   std::atomic<bool> fire_done{false};
   std::atomic<bool> expired{false};
@@ -223,16 +229,21 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
     }
   } guard{queue, race};
 
+  // Awaited as an async operation object, which lives in this frame, rather than through
+  // `use_awaitable`, which allocates a frame of its own per call. Made (allocating the
+  // operation's frame) before the caller's slot is connected to `race`: a bad_alloc must not
+  // leave the caller's slot pointing into this unwinding frame.
+  spawn_with_slot<deadline_value_t<T>> spawn{detail::with_deadline_executor<Clock>(ex, visible),
+                                             detail::run_op_lifted(op), race.cancel_op.slot()};
   auto cs = co_await asio::this_coro::cancellation_state;
   if (auto caller = cs.slot(); caller.is_connected()) {
-    caller.assign([&race](asio::cancellation_type type) { race.cancel_op.emit(type); });
+    caller.assign([&race](asio::cancellation_type type) {
+      race.caller_cancelled = true;
+      race.cancel_op.emit(type);
+    });
   }
-  // Awaited as an async operation object, which lives in this frame, rather than through
-  // `use_awaitable`, which allocates a frame of its own per call. The caller's slot is cleared by
-  // the awaitable machinery when the co_await completes.
-  auto [op_error, value] = co_await spawn_with_slot<deadline_value_t<T>>{
-      detail::with_deadline_executor<Clock>(ex, visible), detail::run_op_lifted(op),
-      race.cancel_op.slot()};
+  // The caller's slot is cleared by the awaitable machinery when the co_await completes.
+  auto [op_error, value] = co_await std::move(spawn);
   race.op_done.store(true, std::memory_order_release);
 
   if (queue && !queue->remove(race)) {
@@ -253,9 +264,10 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
   }
 
   // The deadline expired only if it fired before the operation finished and the caller was not
-  // cancelled meanwhile; otherwise the operation's own outcome (value or error) is the answer.
-  if (race.expired.load(std::memory_order_relaxed) &&
-      cs.cancelled() == asio::cancellation_type::none) {
+  // cancelled during this call; otherwise the operation's own outcome (value or error) is the
+  // answer. (A cancellation of the caller before this call, which the caller chose to survive
+  // with throw_if_cancelled(false), does not count: `cs.cancelled()` would still show it.)
+  if (race.expired.load(std::memory_order_relaxed) && !race.caller_cancelled) {
     throw failure(error::deadline_exceeded, "deadline exceeded");
   }
   if (op_error) {

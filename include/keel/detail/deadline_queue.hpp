@@ -97,6 +97,13 @@ class deadline_queue final : public boost::asio::execution_context::service {
         arm(e.at);
       } catch (...) {
         erase_at(e.index);  // the caller's frame is unwinding: leave nothing pointing into it
+        if (!heap_.empty()) {
+          try {
+            arm(heap_.front()->at);  // the cancelled wait served the others; try to restore it
+          } catch (...) {
+            // Out of memory: the others fire once a later add arms the timer again.
+          }
+        }
         throw;
       }
     }
@@ -138,8 +145,12 @@ class deadline_queue final : public boost::asio::execution_context::service {
 
   // The timer's handler runs on the context's plain executor where we can find it, so that it is
   // not serialised behind a strand that happened to make the first call.
+  // The queue keeps this executor for the context's lifetime, so it must not count as work: a
+  // caller's `outstanding_work.tracked` executor would keep `run()` from ever returning.
   boost::asio::any_io_executor timer_executor(const boost::asio::any_io_executor& ex) {
-    boost::asio::any_io_executor plain = strip_deadline<Clock>(ex);
+    namespace execution = boost::asio::execution;
+    boost::asio::any_io_executor plain =
+        boost::asio::prefer(strip_deadline<Clock>(ex), execution::outstanding_work.untracked);
     if (auto* s = plain.target<boost::asio::strand<io_executor>>()) {
       plain = s->get_inner_executor();
     }

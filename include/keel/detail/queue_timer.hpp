@@ -36,6 +36,10 @@ class queue_timer {
   /// executor, and must pass `generation` to `take` under the owner's lock.
   template <class OnFire>
   void arm(time_point at, OnFire on_fire) {
+    // Not armed until the new wait is pending: if `async_wait` throws, the wait just cancelled
+    // must not still count as armed (nothing would fire, and an owner that tracks the wait as
+    // work would release work that does not exist).
+    armed_ = false;
     timer_.expires_at(at);  // cancels a pending wait; its handler sees operation_aborted
     const std::uint64_t generation = ++generation_;
     timer_.async_wait(
