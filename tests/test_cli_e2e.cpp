@@ -904,6 +904,89 @@ TEST_CASE("keel batch refuses to append to existing results without resume or ov
   CHECK(read_file(dir / "results.jsonl") == existing);
 }
 
+TEST_CASE("--overwrite keeps earlier results when the run cannot start, and never eats the input",
+          "[cli_e2e][review]") {
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  const std::string input = prompts_jsonl(3);
+  write_file(dir / "in.jsonl", input);
+  const std::string existing =
+      R"({"id":1,"line":1,"status":"ok","text":"earlier run","attempts":1})"
+      "\n";
+  write_file(dir / "results.jsonl", existing);
+  fs::create_directory(dir / "a_directory");
+
+  SECTION("a missing input") {
+    child_process c(
+        dir, "missing",
+        batch_args(dir, {"--overwrite"}, "config.json", "scenario.json", "no-such-input.jsonl"));
+    CHECK(c.wait() == 2);
+    CHECK(contains(c.err(), "no-such-input.jsonl"));
+    CHECK(read_file(dir / "results.jsonl") == existing);
+  }
+  SECTION("a directory as input") {
+    child_process c(
+        dir, "dir_in",
+        batch_args(dir, {"--overwrite"}, "config.json", "scenario.json", "a_directory"));
+    CHECK(c.wait() == 2);
+    CHECK(contains(c.err(), "directory"));
+    CHECK(read_file(dir / "results.jsonl") == existing);
+  }
+  SECTION("the input named as the output") {
+    for (const std::string out : {"in.jsonl", "./in.jsonl"}) {
+      child_process c(
+          dir, "same",
+          batch_args(dir, {"--overwrite"}, "config.json", "scenario.json", "in.jsonl", out));
+      CHECK(c.wait() == 2);
+      CHECK(contains(c.err(), "same file"));
+      CHECK(read_file(dir / "in.jsonl") == input);
+    }
+  }
+  SECTION("a metrics port already in use") {
+    const int busy = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(busy >= 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    REQUIRE(::bind(busy, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::listen(busy, 1) == 0);
+    REQUIRE(::getsockname(busy, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    const std::string port = std::to_string(ntohs(addr.sin_port));
+    child_process c(dir, "port", batch_args(dir, {"--overwrite", "--metrics-port", port}));
+    CHECK(c.wait() == 2);
+    ::close(busy);
+    CHECK(read_file(dir / "results.jsonl") == existing);
+  }
+  SECTION("a directory as output") {
+    child_process c(dir, "dir_out",
+                    batch_args(dir, {}, "config.json", "scenario.json", "in.jsonl", "a_directory"));
+    CHECK(c.wait() == 2);
+    CHECK(contains(c.err(), "is a directory"));
+  }
+  SECTION("and when the run starts, the earlier results are replaced") {
+    child_process c(dir, "ok", batch_args(dir, {"--overwrite", "--progress", "none"}));
+    CHECK(c.wait() == 0);
+    CHECK(read_records(dir / "results.jsonl").size() == 3);
+  }
+}
+
+TEST_CASE("usage errors exit with status 2, help with 0", "[cli_e2e][review]") {
+  temp_dir dir;
+  for (const std::vector<std::string>& args : {std::vector<std::string>{"batch", "-c", "abc"},
+                                               {"batch", "--bogus"},
+                                               {"batch", "--log-level", "verbose"},
+                                               {"frobnicate"},
+                                               {"config", "check"},
+                                               {"mock", "--port", "99999"}}) {
+    const run_result r = run_keel(dir, "usage", args);
+    INFO(args.front() << " " << (args.size() > 1 ? args[1] : "") << ": " << r.err);
+    CHECK(r.status == 2);
+  }
+  CHECK(run_keel(dir, "help", {"--help"}).status == 0);
+}
+
 // ---- 5. secrets -------------------------------------------------------------------------------
 
 TEST_CASE("API keys and AWS credentials never appear in output, logs or results", "[cli_e2e]") {

@@ -9,6 +9,8 @@
 
 #include "support.hpp"
 
+#include <nlohmann/json.hpp>
+
 #include <catch2/catch.hpp>
 
 using namespace keel_test;
@@ -410,4 +412,84 @@ TEST_CASE("the rate limiter's Retry-After is honoured end to end and the retry t
     CHECK(r.server.stats().model("m").status_count(429) == 1);
     CHECK(r.server.stats().model("m").requests == 3);
   }
+}
+
+namespace {
+
+// A sender that answers 401 and echoes back whatever credentials it was sent, as some
+// OpenAI-compatible servers and proxies do.
+struct echoing_sender {
+  asio::awaitable<keel::http::response> send(keel::http::request req) {
+    std::string sent;
+    for (std::string_view name : {"authorization", "x-api-key", "x-amz-security-token"}) {
+      if (auto v = req.headers.find(name)) {
+        std::string value(*v);
+        if (value.starts_with("Bearer ")) {
+          value.erase(0, 7);  // the bare key: "Bearer ..." is already caught by redact()
+        }
+        sent += value + " ";
+      }
+    }
+    keel::http::response res;
+    res.status = 401;
+    res.headers.set("content-type", "application/json");
+    const std::string message = "Incorrect API key provided: " + sent;
+    if (bedrock) {
+      res.headers.set("x-amzn-errortype", "UnrecognizedClientException");
+      res.body = nlohmann::json{{"message", message}}.dump();
+    } else {
+      res.body = nlohmann::json{{"error", {{"type", "authentication_error"}, {"message", message}}}}
+                     .dump();
+    }
+    co_return res;
+  }
+  bool bedrock = false;
+};
+
+}  // namespace
+
+TEST_CASE("credentials a server echoes in an error never reach the error's message", "[llm]") {
+  // Keys of shapes the pattern-based redaction does not recognise.
+  const std::string key = "ZZplainkey12345";
+  const keel::llm::aws_credentials aws{"AKIDSHORT", "plainsecret/KEY+value", "plain-session-tok"};
+  for (const auto kind : {keel::llm::provider_kind::openai, keel::llm::provider_kind::anthropic,
+                          keel::llm::provider_kind::bedrock}) {
+    CAPTURE(static_cast<int>(kind));
+    asio::io_context ctx;
+    echoing_sender sender{kind == keel::llm::provider_kind::bedrock};
+    keel::llm::endpoint ep(kind, "http://127.0.0.1:1", key, "us-east-1");
+    outcome<keel::llm::chat_response> out;
+    spawn(ctx, keel::llm::complete(sender, ep, hello("m"), aws), out);
+    ctx.run();
+    REQUIRE(out.done);
+    REQUIRE(out.error);
+    try {
+      std::rethrow_exception(out.error);
+    } catch (const keel::llm::provider_error& e) {
+      CHECK(e.llm_code() == keel::llm::errc::auth);
+      const std::string all = std::string(e.what()) + "|" + e.message() + "|" + e.provider_code();
+      CAPTURE(all);
+      CHECK(all.find("[redacted]") != std::string::npos);
+      CHECK(all.find("ZZplain") == std::string::npos);
+      CHECK(all.find("plainsecret") == std::string::npos);
+      CHECK(all.find("plain-session") == std::string::npos);
+      CHECK(all.find("AKIDSHORT") == std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("a secret cut by the message's truncation is masked up to the cut", "[llm]") {
+  keel::llm::provider_error_info info(401, "openai", "",
+                                      std::string(290, 'x') + " ZZplainkey12345");
+  const keel::llm::provider_error e(keel::llm::errc::auth, info);
+  REQUIRE(e.message().find("ZZplai") != std::string::npos);  // cut inside the key
+  REQUIRE(e.message().ends_with("..."));
+  const keel::llm::provider_error clean = keel::llm::without_secrets(e, {"ZZplainkey12345"});
+  CHECK(clean.message().find("ZZpl") == std::string::npos);
+  CHECK(clean.message().find("[redacted]") != std::string::npos);
+  CHECK(std::string(clean.what()).find("ZZpl") == std::string::npos);
+  CHECK(clean.status() == 401);
+  CHECK(clean.llm_code() == keel::llm::errc::auth);
+  // Nothing to mask: the same error comes back.
+  CHECK(keel::llm::without_secrets(e, {"absent-secret", "", "ab"}).message() == e.message());
 }

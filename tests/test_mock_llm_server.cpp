@@ -457,6 +457,25 @@ TEST_CASE("mock_llm_server reports its rate limits per minute as the providers d
   });
 }
 
+TEST_CASE("mock_llm_server caps the wait of a vanishingly small rate at a day",
+          "[mock_llm_server][review]") {
+  // 1e-300 requests per second passes validation; its wait does not fit in int64 milliseconds.
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_plan("*", fault_plan{}.with_rate_limit(/*rps*/ 1e-300, /*tpm*/ 0, /*burst*/ 1));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call c = make_call(wire::openai, "m", "hi");
+    CHECK((co_await post(server.port(), c)).status() == 200);
+    answer limited = co_await post(server.port(), c);
+    CHECK(limited.status() == 429);
+    CHECK(limited.header("retry-after") == "86400");
+    CHECK(limited.header("retry-after-ms") == "86400000");
+  });
+}
+
 TEST_CASE("mock_llm_server rate limiter 429s use the plan's retry-after format",
           "[mock_llm_server]") {
   asio::io_context ctx;

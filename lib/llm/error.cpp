@@ -192,3 +192,54 @@ provider_error::provider_error(errc code, provider_error_info info)
       info_(std::move(info)) {}
 
 }  // namespace keel::llm
+
+namespace keel::llm {
+
+namespace {
+
+// Masks every occurrence of `secret` in `text`, and a beginning of it (4 bytes or more) that
+// ends the text just before the "..." that truncation appends. Returns whether it masked any.
+bool mask_secret(std::string& text, std::string_view secret) {
+  constexpr std::string_view mask = "[redacted]";
+  bool masked = false;
+  for (std::size_t at = text.find(secret); at != std::string::npos;
+       at = text.find(secret, at + mask.size())) {
+    text.replace(at, secret.size(), mask);
+    masked = true;
+  }
+  constexpr std::string_view ellipsis = "...";
+  if (text.size() >= ellipsis.size() && std::string_view(text).ends_with(ellipsis)) {
+    const std::string_view body = std::string_view(text).substr(0, text.size() - ellipsis.size());
+    for (std::size_t k = std::min(secret.size() - 1, body.size()); k >= 4; --k) {
+      if (body.ends_with(secret.substr(0, k))) {
+        // Keep the result within the 300 bytes `redact` allows `provider_error`'s message, so
+        // that re-making the error does not cut the mask itself.
+        constexpr std::size_t limit = 300;
+        std::string kept(body.substr(0, body.size() - k));
+        kept.resize(std::min(kept.size(), limit - mask.size() - ellipsis.size()));
+        text = kept + std::string(mask) + std::string(ellipsis);
+        masked = true;
+        break;
+      }
+    }
+  }
+  return masked;
+}
+
+}  // namespace
+
+provider_error without_secrets(const provider_error& e,
+                               std::initializer_list<std::string_view> secrets) {
+  provider_error_info info = e.info();
+  bool masked = false;
+  for (std::string_view secret : secrets) {
+    if (secret.size() < 4) {
+      continue;
+    }
+    masked = mask_secret(info.message, secret) || masked;
+    masked = mask_secret(info.provider_code, secret) || masked;
+  }
+  return masked ? provider_error(e.llm_code(), std::move(info)) : e;
+}
+
+}  // namespace keel::llm

@@ -200,8 +200,12 @@ std::string rfc3339_after(milliseconds d) {
   return buf;
 }
 
+// Capped at a day: a tiny configured rate gives waits whose milliseconds do not fit in an
+// int64 (and converting such a double is undefined behaviour).
 milliseconds ceil_ms(double seconds) {
-  return milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0 - 1e-9)));
+  constexpr double max_ms = 86'400'000.0;
+  const double ms = std::ceil(seconds * 1000.0 - 1e-9);
+  return milliseconds(static_cast<std::int64_t>(std::clamp(ms, 0.0, max_ms)));
 }
 
 // A lazily refilled bucket: no timer, just arithmetic on the last refill instant.

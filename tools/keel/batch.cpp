@@ -136,18 +136,23 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   }
   if (opts.out != "-") {
     std::error_code ec;
-    const bool exists = fs::exists(opts.out, ec) && fs::file_size(opts.out, ec) > 0;
-    if (exists && !opts.resume && !opts.overwrite) {
+    if (fs::is_directory(opts.out, ec)) {
+      throw std::runtime_error("cannot write results to " + opts.out + ": it is a directory");
+    }
+    // Only a regular file can hold earlier results (/dev/null and pipes cannot).
+    const bool has_results = fs::is_regular_file(opts.out, ec) && fs::file_size(opts.out, ec) > 0;
+    if (has_results && !ec && !opts.resume && !opts.overwrite) {
       throw std::runtime_error(opts.out +
                                " already has results; pass --resume to continue it or "
                                "--overwrite to replace it");
     }
-    if (opts.overwrite) {
-      std::ofstream truncate(opts.out, std::ios::trunc);
-      if (!truncate) {
-        throw std::runtime_error("cannot truncate " + opts.out);
-      }
+    if (opts.in != "-" && fs::equivalent(opts.in, opts.out, ec)) {
+      // --overwrite would empty the input before reading it; --resume would read it as results.
+      throw std::runtime_error("--in and --out name the same file (" + opts.out +
+                               "); write the results to another file");
     }
+    // --overwrite empties the file only once the input is open and the metrics port bound
+    // (below): a run that cannot start leaves the earlier results alone.
   } else if (opts.resume) {
     throw std::runtime_error("--resume needs --out to be a file");
   }
@@ -172,6 +177,20 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
 
   // ---- metrics --------------------------------------------------------------------------------
   auto& m = rs.metrics;
+  std::unique_ptr<metrics_server> metrics_http;
+  if (opts.metrics_port) {
+    metrics_http = std::make_unique<metrics_server>(ex, m, "127.0.0.1", *opts.metrics_port);
+    metrics_http->start();
+    log.log(log_level::info, "metrics", "serving Prometheus metrics",
+            {{"url", "http://127.0.0.1:" + std::to_string(metrics_http->port()) + "/metrics"}});
+    if (opts.on_metrics_port) {
+      opts.on_metrics_port(metrics_http->port());
+    }
+  }
+  // Input open, output open, port bound: only now may --overwrite drop the earlier results.
+  if (opts.overwrite) {
+    rs.writer.truncate();
+  }
   auto& in_flight_gauge = m.gauge("keel_in_flight", "Items being processed.");
   auto& item_latency =
       m.histogram("keel_item_latency_seconds",
@@ -288,18 +307,6 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
           }
         },
         asio::detached);
-  }
-
-  // ---- metrics server ------------------------------------------------------------------------
-  std::unique_ptr<metrics_server> metrics_http;
-  if (opts.metrics_port) {
-    metrics_http = std::make_unique<metrics_server>(ex, m, "127.0.0.1", *opts.metrics_port);
-    metrics_http->start();
-    log.log(log_level::info, "metrics", "serving Prometheus metrics",
-            {{"url", "http://127.0.0.1:" + std::to_string(metrics_http->port()) + "/metrics"}});
-    if (opts.on_metrics_port) {
-      opts.on_metrics_port(metrics_http->port());
-    }
   }
 
   // ---- signals -------------------------------------------------------------------------------
@@ -495,16 +502,28 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   if (!opts.summary_json.empty()) {
     std::ofstream f(opts.summary_json, std::ios::trunc);
     f << summary_json(st).dump(2) << "\n";
+    f.flush();
     if (!f) {
       log.log(log_level::error, "summary_error", "cannot write " + opts.summary_json);
+      rs.fatal = true;  // an output that could not be written: exit status 2
     }
   }
   if (rs.signal_number != 0) {
-    const std::string hint =
-        opts.resume_command.empty() ? "rerun with --resume" : opts.resume_command;
-    std::fprintf(stderr,
-                 "keel: interrupted by %s after %zu records; nothing is lost. Resume with:\n  %s\n",
-                 rs.signal_number == SIGINT ? "SIGINT" : "SIGTERM", st.done, hint.c_str());
+    const char* sig = rs.signal_number == SIGINT ? "SIGINT" : "SIGTERM";
+    if (opts.out == "-") {
+      // --resume needs a results file to read back; standard output cannot be read back.
+      std::fprintf(stderr,
+                   "keel: interrupted by %s after %zu records, written to standard output. To "
+                   "make a run resumable, write its results to a file with --out FILE.\n",
+                   sig, st.done);
+    } else {
+      const std::string hint =
+          opts.resume_command.empty() ? "rerun with --resume" : opts.resume_command;
+      std::fprintf(stderr,
+                   "keel: interrupted by %s after %zu records; nothing is lost. Resume "
+                   "with:\n  %s\n",
+                   sig, st.done, hint.c_str());
+    }
     return 128 + rs.signal_number;
   }
   if (rs.fatal) {

@@ -2,6 +2,7 @@
 #include "jsonl.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
 #include <cstring>
@@ -206,6 +207,12 @@ input_reader::input_reader(const std::string& path) : path_(path) {
     throw_errno("cannot open input", path);
   }
   owned_ = true;
+  struct stat st {};
+  if (::fstat(::fileno(file_), &st) == 0 && S_ISDIR(st.st_mode)) {
+    std::fclose(file_);  // the destructor does not run for a constructor that throws
+    file_ = nullptr;
+    throw std::runtime_error("cannot read input " + path + ": it is a directory");
+  }
 }
 
 input_reader::~input_reader() {
@@ -287,6 +294,12 @@ record_writer::record_writer(const std::string& path, bool sync) : sync_(sync), 
     throw_errno("cannot open output", path);
   }
   owned_ = true;
+}
+
+void record_writer::truncate() {
+  if (owned_ && ::ftruncate(fd_, 0) != 0) {
+    throw_errno("cannot truncate", path_);
+  }
 }
 
 record_writer::~record_writer() {

@@ -122,6 +122,11 @@ class record_writer {
   /// @throws std::runtime_error naming the file on a write error (e.g. disk full).
   void write(const nlohmann::json& record);
 
+  /// Empties the file (for `--overwrite`, once everything else the run needs is in place).
+  /// No effect on standard output.
+  /// @throws std::runtime_error naming the file if it cannot be truncated.
+  void truncate();
+
   /// Records written by this writer.
   std::size_t written() const noexcept { return written_; }
 

@@ -252,7 +252,9 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // CLI11 prints the message (or the help); its own exit codes (104-114) are not keel's: every
+    // usage error is status 2, as documented.
+    return app.exit(e) == 0 ? 0 : 2;
   }
 
   try {

@@ -25,6 +25,7 @@
 
 #include <keel/http/message.hpp>
 #include <keel/llm/chat.hpp>
+#include <keel/llm/error.hpp>
 #include <keel/llm/sigv4.hpp>
 
 #include <boost/asio/awaitable.hpp>
@@ -42,7 +43,8 @@ namespace keel::llm {
 /// @param req the chat request (copied).
 /// @param aws credentials for a Bedrock endpoint (required for Bedrock, ignored otherwise).
 /// @returns the reply.
-/// @throws provider_error for a non-2xx status or a malformed reply; the sender's transport
+/// @throws provider_error for a non-2xx status or a malformed reply, with the endpoint's API
+///   key and the AWS credentials masked wherever the server echoed them; the sender's transport
 ///   errors; std::invalid_argument for a Bedrock endpoint without credentials.
 /// Cancellation: propagates to the send.
 template <class Sender>
@@ -56,7 +58,16 @@ boost::asio::awaitable<chat_response> complete(Sender& sender, endpoint ep, chat
     sign_request(http_req, *aws, ep.region, "bedrock", std::chrono::system_clock::now());
   }
   keel::http::response res = co_await sender.send(std::move(http_req));
-  co_return parse_response(res, ep.kind, std::chrono::system_clock::now());
+  try {
+    co_return parse_response(res, ep.kind, std::chrono::system_clock::now());
+  } catch (const provider_error& e) {
+    // A server may echo the credentials it was sent (e.g. "Incorrect API key provided: ..."),
+    // in a shape `redact`'s patterns do not recognise: mask the exact values we sent.
+    if (aws) {
+      throw without_secrets(e, {ep.api_key, aws->secret_key, aws->session_token, aws->access_key});
+    }
+    throw without_secrets(e, {ep.api_key});
+  }
 }
 
 }  // namespace keel::llm

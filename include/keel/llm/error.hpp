@@ -39,6 +39,7 @@
 #include <boost/system/error_code.hpp>
 
 #include <chrono>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -138,6 +139,8 @@ class provider_error : public keel::failure {
   const std::string& request_id() const noexcept { return info_.request_id; }
   /// The `x-should-retry` header, if sent.
   std::optional<bool> should_retry() const noexcept { return info_.should_retry; }
+  /// Everything the provider said, as stored (message redacted and truncated).
+  const provider_error_info& info() const noexcept { return info_; }
 
  private:
   errc code_;
@@ -147,6 +150,15 @@ class provider_error : public keel::failure {
 /// Redacts substrings that look like secrets (`sk-...`, `sk-ant-...`, `AKIA...`/`ASIA...` key ids,
 /// `Bearer ...`) and truncates to `max_bytes`; used for every message that goes into `what()`.
 std::string redact(std::string_view text, std::size_t max_bytes = 300);
+
+/// Returns `e` with every occurrence of each non-empty value in `secrets` masked as
+/// "[redacted]" in its message and provider code, and a secret's beginning cut off by the
+/// message's truncation masked too. For the secrets `redact`'s patterns cannot recognise, such
+/// as an OpenAI-compatible server's API key echoed in a 401's message; `complete` applies it
+/// with the endpoint's key and AWS credentials. Values shorter than 4 bytes are ignored (they
+/// would mask ordinary words).
+provider_error without_secrets(const provider_error& e,
+                               std::initializer_list<std::string_view> secrets);
 
 }  // namespace keel::llm
 
