@@ -80,6 +80,13 @@ keel::aws::aws_retry_options pinned(double r, std::vector<keel::retry_event>* ev
   return opts;
 }
 
+/// `opts` with its give-up reasons recorded in `why`.
+keel::aws::aws_retry_options recording(keel::aws::aws_retry_options opts,
+                                       std::vector<keel::aws::give_up_reason>& why) {
+  opts.on_give_up = [&why](keel::aws::give_up_reason r) { why.push_back(r); };
+  return opts;
+}
+
 /// Runs one call to completion in virtual time.
 outcome<int> run_call(aws_script& op, keel::aws::retry_strategy& s,
                       keel::aws::aws_retry_options opts) {
@@ -99,7 +106,9 @@ TEST_CASE("standard mode makes 3 attempts on 503 and rethrows the original error
                  bedrock(503, "ServiceUnavailableException"),
                  bedrock(503, "ServiceUnavailableException")}};
   std::vector<keel::retry_event> events;
-  const auto out = run_call(op, s, pinned(1.0, &events));
+  std::vector<keel::aws::give_up_reason> why;
+  const auto out = run_call(op, s, recording(pinned(1.0, &events), why));
+  CHECK(why == std::vector{keel::aws::give_up_reason::attempts_exhausted});
   CHECK(op.started_ms == std::vector<long long>{0, 1000, 3000});
   CHECK(out.finished_at_ms == 3000);
   CHECK(out.error == op.outcomes[2]);  // the very exception object, no retries_exhausted wrapper
@@ -132,7 +141,9 @@ TEST_CASE("a 2.0 quota is drained by 50 calls of three 502s and call 51 gets no 
   CHECK(s.quota()->available() == 0);
 
   aws_script last{three_502()};
-  const auto out = run_call(last, s, pinned(0.0));
+  std::vector<keel::aws::give_up_reason> why;
+  const auto out = run_call(last, s, recording(pinned(0.0), why));
+  CHECK(why == std::vector{keel::aws::give_up_reason::quota_exhausted});
   CHECK(last.started_ms.size() == 1);
   CHECK(out.error == last.outcomes[0]);
   CHECK(s.quota()->available() == 0);
@@ -230,7 +241,9 @@ TEST_CASE("a non-retryable error and the attempt cap stop at once with the origi
   SECTION("a validation error is not retried") {
     auto s = strategy(retry_mode::standard, 3);
     aws_script op{{bedrock(400, "ValidationException")}};
-    const auto out = run_call(op, s, pinned(1.0));
+    std::vector<keel::aws::give_up_reason> why;
+    const auto out = run_call(op, s, recording(pinned(1.0), why));
+    CHECK(why == std::vector{keel::aws::give_up_reason::not_retryable});
     CHECK(op.started_ms.size() == 1);
     CHECK(out.error == op.outcomes[0]);
     CHECK(s.quota()->available() == 500);
@@ -318,7 +331,8 @@ TEST_CASE("an adaptive limiter wait past the enclosing deadline gives up with th
   auto s = strategy(retry_mode::adaptive, 3);
   aws_script op{{bedrock(400, "ThrottlingException")}};
   int waits = 0;
-  auto opts = pinned(0.0);
+  std::vector<keel::aws::give_up_reason> why;
+  auto opts = recording(pinned(0.0), why);
   opts.on_rate_limit_wait = [&](std::chrono::nanoseconds) { ++waits; };
   outcome<int> out;
   spawn(ctx,
@@ -331,6 +345,7 @@ TEST_CASE("an adaptive limiter wait past the enclosing deadline gives up with th
   CHECK(op.started_ms.size() == 1);
   CHECK(waits == 0);
   CHECK(out.error == op.outcomes[0]);
+  CHECK(why == std::vector{keel::aws::give_up_reason::no_time_left});
 }
 
 TEST_CASE("a timeout costs 10 at 2.0 and 14 at 2.1, other transport errors 5", "[aws]") {

@@ -1357,11 +1357,27 @@ TEST_CASE("A failure record says whether the retries or the retry budget ran out
     int attempts;
     std::string gave_up;
   };
+  // AWS retry modes rethrow the last error unchanged; the record still says why they stopped,
+  // alone and as the last entry after a fallback.
+  const std::string aws_entry =
+      R"({"api_type": "openai", "model": "always-503", "api_key": "k", "mode": "standard",
+          "total_max_attempts": 2})";
+  const std::string constant_retry = R"("retry": {"max_attempts": 3,
+                                          "backoff": {"kind": "constant", "base": 0.01}})";
+  write_file(dir / "aws.json", R"({"config_list": [)" + aws_entry +
+                                   R"(], "policy": {"breaker": {"enabled": false}}})");
+  write_file(dir / "aws-fallback.json",
+             R"({"config_list": [{"api_type": "openai", "model": "always-503", "api_key": "k"},
+                                 )" +
+                 aws_entry + R"(], "policy": {)" + constant_retry +
+                 R"(, "breaker": {"enabled": false}}})");
   for (const gave_up_case& k : {gave_up_case{"retries", 3, "retries_exhausted"},
-                                gave_up_case{"budget", 1, "budget_exhausted"}}) {
+                                gave_up_case{"budget", 1, "budget_exhausted"},
+                                gave_up_case{"aws", 2, "retries_exhausted"},
+                                gave_up_case{"aws-fallback", 5, "retries_exhausted"}}) {
     child_process c(dir, k.name,
-                    batch_args(dir, {"--progress", "none"}, k.name + ".json", "scenario.json",
-                               "in.jsonl", k.name + "-results.jsonl"));
+                    batch_args(dir, {"--progress", "none", "--seed", "6"}, k.name + ".json",
+                               "scenario.json", "in.jsonl", k.name + "-results.jsonl"));
     CHECK(c.wait() == 1);
     const auto records = read_records(dir / (k.name + "-results.jsonl"));
     REQUIRE(records.size() == 1);

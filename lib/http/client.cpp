@@ -547,6 +547,10 @@ struct client::impl {
   std::size_t opened = 0;
 };
 
+bool valid_url(std::string_view url) {
+  return parse_url(url).has_value();
+}
+
 client::client(asio::any_io_executor ex, client_options options)
     : impl_(std::make_shared<impl>(std::move(ex), std::move(options))) {}
 

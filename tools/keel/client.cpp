@@ -504,7 +504,26 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
         hooks_.on_throttle_wait(es.index, d);
       }
     };
-    co_return co_await keel::aws::with_retry(one, *es.aws, std::move(opts));
+    // AWS modes rethrow the last attempt's error unchanged, as botocore does. For the record's
+    // `gave_up` (and `--summary`), say why as keel's own retry does: attempts used up is
+    // `retries_exhausted`, an empty retry quota (AWS's retry budget) is `budget_exhausted`.
+    std::optional<keel::aws::give_up_reason> why;
+    opts.on_give_up = [&why](keel::aws::give_up_reason r) { why = r; };
+    const int attempts_before = cs.attempts;
+    std::exception_ptr failed;
+    try {
+      co_return co_await keel::aws::with_retry(one, *es.aws, std::move(opts));
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    const int attempts = cs.attempts - attempts_before;
+    if (why == keel::aws::give_up_reason::attempts_exhausted) {
+      keel::throw_failure(keel::error::retries_exhausted, failed, attempts);
+    }
+    if (why == keel::aws::give_up_reason::quota_exhausted) {
+      keel::throw_failure(keel::error::budget_exhausted, failed, attempts);
+    }
+    std::rethrow_exception(failed);
   }
   keel::retry_policy p = es.policy;
   p.on_retry = on_retry;

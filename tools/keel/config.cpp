@@ -3,6 +3,7 @@
 
 #include "aws_shared_files.hpp"
 
+#include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
 
 #include <algorithm>
@@ -459,9 +460,14 @@ class parser {
           fail(p, "a string (an http:// or https:// URL, or \"\")", shown(v));
         }
         e.base_url = v.get<std::string>();
-        if (!e.base_url.empty() && !e.base_url.starts_with("http://") &&
-            !e.base_url.starts_with("https://")) {
-          fail(p, "an http:// or https:// URL (or \"\")", shown(v));
+        if (!e.base_url.empty() && !keel::http::valid_url(e.base_url)) {
+          // A password in the URL is not echoed back.
+          const auto authority = e.base_url.substr(0, e.base_url.find_first_of("/?#", 8));
+          fail(p,
+               "an http:// or https:// URL with a host, an optional port 1-65535 and no "
+               "user:password@ (or \"\")",
+               authority.find('@') != std::string::npos ? "a URL with user:password@ (not shown)"
+                                                        : shown(v));
         }
       } else if (key == "api_key") {
         api_key = secret(v, p);

@@ -26,7 +26,7 @@
 // included) and told after every attempt outcome (a success is a non-throttling response).
 // When the call gives up (attempt cap, not retryable, quota empty, no time left) the attempt's
 // **original** exception is rethrown unchanged, as botocore does; keel's `retries_exhausted`
-// wrapper is not used.
+// wrapper is not used. `aws_retry_options::on_give_up` tells the caller which of those it was.
 //
 // What the algorithm needs to know about a failed attempt (HTTP status, AWS error code,
 // transport failure, timeout, x-amz-retry-after) is an `attempt_facts`, read from the exception
@@ -213,6 +213,18 @@ class retry_strategy {
   std::optional<adaptive_rate_limiter> limiter_;
 };
 
+/// Why `keel::aws::with_retry` gave up and rethrew an attempt's error.
+enum class give_up_reason {
+  /// The attempt cap (`total_max_attempts`) was reached.
+  attempts_exhausted,
+  /// The mode does not retry this error.
+  not_retryable,
+  /// The retry quota (standard and adaptive modes) refused the retry's cost.
+  quota_exhausted,
+  /// The next sleep would end at or after the enclosing deadline.
+  no_time_left,
+};
+
 /// The per-call options of `keel::aws::with_retry`: how to read failures, randomness and hooks.
 ///
 /// A value type; hooks are `std::function`s, so keep their captures small.
@@ -227,6 +239,11 @@ struct aws_retry_options {
   std::function<void(const keel::retry_event&)> on_retry;
   /// Called when the adaptive limiter delays a send, with the wait, before sleeping it.
   std::function<void(std::chrono::nanoseconds)> on_rate_limit_wait;
+  /// Called once when the call gives up on an attempt's error, with the reason, just before
+  /// that error is rethrown (not for cancellation, nor for an error the extractor says is not
+  /// an attempt outcome). The error itself stays unchanged, as botocore's does; this is how a
+  /// caller tells "attempts used up" from "quota empty" for its own reporting.
+  std::function<void(give_up_reason)> on_give_up;
 
   /// No hooks: default facts, per-thread randomness.
   aws_retry_options() = default;
@@ -318,6 +335,12 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
   }
   // The previous attempt's error while a retry is on its way (for a give-up before its send).
   std::exception_ptr pending;
+  const auto give_up = [&opts](give_up_reason why, const std::exception_ptr& error) {
+    if (opts.on_give_up) {
+      opts.on_give_up(why);
+    }
+    std::rethrow_exception(error);
+  };
 
   for (int attempt = 1;; ++attempt) {
     // §5.5: before every send, retries included. The limiter never blocks; it says how long.
@@ -326,7 +349,7 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
            w = limiter->before_send(now_seconds<Clock>())) {
         const std::chrono::nanoseconds wait = detail::to_nanoseconds(w, /*round_up=*/true);
         if (pending && ends_too_late(wait)) {
-          std::rethrow_exception(pending);
+          give_up(give_up_reason::no_time_left, pending);
         }
         if (opts.on_rate_limit_wait) {
           opts.on_rate_limit_wait(wait);
@@ -386,8 +409,11 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
       limiter->after_response(throttling, now_seconds<Clock>());
     }
     // §3: the attempt cap first, then the classification. A failed call gives back nothing.
-    if (attempt >= s.total_max_attempts() || !detail::aws_retryable(s.mode(), *facts)) {
-      std::rethrow_exception(failed);
+    if (attempt >= s.total_max_attempts()) {
+      give_up(give_up_reason::attempts_exhausted, failed);
+    }
+    if (!detail::aws_retryable(s.mode(), *facts)) {
+      give_up(give_up_reason::not_retryable, failed);
     }
 
     const double r = opts.rand ? opts.rand() : keel::random_source::thread_default().uniform();
@@ -396,11 +422,11 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
         detail::aws_backoff(s, *facts, throttling, r, attempt, from_hint), /*round_up=*/false);
     // Not enough time left: give up before charging the quota for a retry that cannot happen.
     if (ends_too_late(delay)) {
-      std::rethrow_exception(failed);
+      give_up(give_up_reason::no_time_left, failed);
     }
     // §4: all or nothing; when refused (RetryQuotaReached) the error is returned, no retry.
     if (call && !call->try_acquire_retry(facts->timeout, throttling)) {
-      std::rethrow_exception(failed);
+      give_up(give_up_reason::quota_exhausted, failed);
     }
 
     if (opts.on_retry) {

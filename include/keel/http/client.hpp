@@ -46,6 +46,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace keel::http {
 
@@ -92,6 +93,12 @@ struct client_options {
 
   client_options() = default;
 };
+
+/// True if `client::send` accepts `url`: `http://` or `https://`, a host (IPv6 in brackets), an
+/// optional port 1-65535, no `user:password@`, no spaces or control characters. Lets a
+/// configuration be checked before anything is sent. No I/O (no name lookup), so nothing to
+/// cancel.
+bool valid_url(std::string_view url);
 
 /// An HTTP/1.1 client with a keep-alive connection pool per host.
 class client {
