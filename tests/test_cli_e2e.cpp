@@ -1371,10 +1371,10 @@ TEST_CASE("A failure record says whether the retries or the retry budget ran out
                                  )" +
                  aws_entry + R"(], "policy": {)" + constant_retry +
                  R"(, "breaker": {"enabled": false}}})");
-  for (const gave_up_case& k : {gave_up_case{"retries", 3, "retries_exhausted"},
-                                gave_up_case{"budget", 1, "budget_exhausted"},
-                                gave_up_case{"aws", 2, "retries_exhausted"},
-                                gave_up_case{"aws-fallback", 5, "retries_exhausted"}}) {
+  for (const gave_up_case& k :
+       {gave_up_case{"retries", 3, "retries_exhausted"},
+        gave_up_case{"budget", 1, "budget_exhausted"}, gave_up_case{"aws", 2, "retries_exhausted"},
+        gave_up_case{"aws-fallback", 5, "retries_exhausted"}}) {
     child_process c(dir, k.name,
                     batch_args(dir, {"--progress", "none", "--seed", "6"}, k.name + ".json",
                                "scenario.json", "in.jsonl", k.name + "-results.jsonl"));

@@ -1,15 +1,24 @@
 // Tests of the keel command's input parsing, results file and resume scan (tools/keel/jsonl.hpp),
 // and of the summary statistics (tools/keel/stats.hpp).
 #include "jsonl.hpp"
+#include "line_feed.hpp"
 #include "stats.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+
 #include <unistd.h>
 #include <atomic>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 namespace {
 
@@ -269,4 +278,134 @@ TEST_CASE("the summary counts items, failures by class and throughput", "[cli_js
   CHECK(table.find("1 rate_limited") != std::string::npos);
   CHECK(table.find("6 (1.50 per item)") != std::string::npos);
   CHECK(table.find("2.0 items/s") != std::string::npos);
+}
+
+// ---- line_feed: input from a pipe never blocks the io_context ---------------------------------
+
+namespace {
+
+struct pipe_fds {
+  int read = -1;
+  int write = -1;
+  pipe_fds() {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    read = fds[0];
+    write = fds[1];
+  }
+  ~pipe_fds() {
+    close_write();
+    if (read >= 0) {
+      ::close(read);
+    }
+  }
+  void send(const std::string& text) const {
+    REQUIRE(::write(write, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
+  }
+  void close_write() {
+    if (write >= 0) {
+      ::close(write);
+      write = -1;
+    }
+  }
+  std::string path() const { return "/dev/fd/" + std::to_string(read); }
+};
+
+}  // namespace
+
+TEST_CASE("lines of a pipe reach waiting workers while the io_context keeps running",
+          "[cli_jsonl][review]") {
+  // A worker waits for line 2, which the writer sends only once another handler of the same
+  // io_context has run: with a blocking read on the io_context's thread that handler could
+  // never run. A watchdog sends the line after 10 s anyway, so a regression fails instead of
+  // hanging, and says so.
+  pipe_fds p;
+  p.send("{\"prompt\": \"one\"}\n\n");  // and a blank line, which is not an item
+  boost::asio::io_context ctx;
+  keel::cli::line_feed feed(ctx.get_executor(), p.path(), /*window*/ 2);
+  CHECK(feed.threaded());
+  CHECK_FALSE(keel::cli::count_items(p.path()).has_value());  // counting would eat the lines
+
+  std::mutex m;
+  std::condition_variable cv;
+  bool other_handler_ran = false;
+  std::atomic<bool> sent_by_watchdog{false};
+  std::thread watchdog([&] {
+    std::unique_lock lock(m);
+    if (!cv.wait_for(lock, std::chrono::seconds(10), [&] { return other_handler_ran; })) {
+      sent_by_watchdog = true;
+    }
+    lock.unlock();
+    p.send("{\"prompt\": \"two\"}\n");
+    p.close_write();
+  });
+
+  std::vector<std::pair<std::size_t, std::string>> got;
+  bool ended = false;
+  boost::asio::co_spawn(
+      ctx,
+      [&]() -> boost::asio::awaitable<void> {
+        while (auto line = co_await feed.next()) {
+          got.emplace_back(line->number, line->text);
+          if (got.size() == 1) {
+            boost::asio::post(ctx, [&] {
+              std::lock_guard lock(m);
+              other_handler_ran = true;
+              cv.notify_one();
+            });
+          }
+        }
+        ended = true;
+      },
+      boost::asio::detached);
+  ctx.run();
+  watchdog.join();
+  CHECK_FALSE(sent_by_watchdog);
+  CHECK(ended);
+  REQUIRE(got.size() == 2);
+  CHECK(got[0] == std::pair<std::size_t, std::string>{1, "{\"prompt\": \"one\"}"});
+  CHECK(got[1] == std::pair<std::size_t, std::string>{3, "{\"prompt\": \"two\"}"});
+}
+
+TEST_CASE("closing a line_feed releases every worker waiting on a silent pipe",
+          "[cli_jsonl][review]") {
+  pipe_fds p;  // nothing is ever written until the end
+  boost::asio::io_context ctx;
+  keel::cli::line_feed feed(ctx.get_executor(), p.path());
+  int released = 0;
+  for (int i = 0; i < 3; ++i) {
+    boost::asio::co_spawn(
+        ctx,
+        [&]() -> boost::asio::awaitable<void> {
+          auto line = co_await feed.next();
+          released += line ? 0 : 1;
+        },
+        boost::asio::detached);
+  }
+  ctx.poll();
+  CHECK(released == 0);
+  feed.close();
+  ctx.run();  // returns: the feed holds no work once closed
+  CHECK(released == 3);
+  p.close_write();  // the reading thread, still in its read, ends at EOF without posting
+}
+
+TEST_CASE("a regular file is read inline, a line at a time", "[cli_jsonl][review]") {
+  const fs::path file = fs::temp_directory_path() / ("keel-feed-" + std::to_string(::getpid()));
+  std::ofstream(file) << "a\n\nb\r\n";
+  boost::asio::io_context ctx;
+  keel::cli::line_feed feed(ctx.get_executor(), file.string());
+  CHECK_FALSE(feed.threaded());
+  std::vector<std::string> got;
+  boost::asio::co_spawn(
+      ctx,
+      [&]() -> boost::asio::awaitable<void> {
+        while (auto line = co_await feed.next()) {
+          got.push_back(line->text);
+        }
+      },
+      boost::asio::detached);
+  ctx.run();
+  CHECK(got == std::vector<std::string>{"a", "b"});
+  fs::remove(file);
 }

@@ -3,6 +3,7 @@
 
 #include "client.hpp"
 #include "jsonl.hpp"
+#include "line_feed.hpp"
 #include "metrics.hpp"
 
 #include <keel/http/client.hpp>
@@ -75,7 +76,7 @@ struct run_state {
   asio::io_context ctx;
   batch_stats stats;
   metrics_registry metrics;
-  input_reader reader;
+  line_feed feed;  // after ctx: closed (no more posts to it) before the context goes
   record_writer writer;
   resume_state resume;
   std::unordered_map<std::string, std::size_t> seen;  // key -> first line
@@ -89,10 +90,17 @@ struct run_state {
       : cfg(c),
         opts(o),
         log(l),
-        reader(o.in),
+        feed(ctx.get_executor(), o.in),
         writer(o.out, o.fsync),
         cancels(workers),
         workers_left(workers) {}
+
+  // No new items: workers finish the item in hand, and a worker waiting for a line of a pipe
+  // stops waiting.
+  void stop() {
+    stopping = true;
+    feed.close();
+  }
 
   void count_item(const std::string& status) {
     metrics.counter("keel_items_total", "Items finished, by outcome.", {{"status", status}}).inc();
@@ -106,7 +114,7 @@ struct run_state {
         log.log(log_level::error, "output_error", e.what());
       }
       fatal = true;
-      stopping = true;
+      stop();
     }
   }
 
@@ -323,7 +331,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
         return;
       }
       if (!rs.stopping || rs.signal_number == 0) {
-        rs.stopping = true;
+        rs.stop();
         rs.signal_number = signo;
         log.log(
             log_level::warning, "interrupted",
@@ -355,6 +363,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   const int default_max_tokens = 1024;
   auto shutdown = [&] {
     finished = true;
+    rs.feed.close();
     boost::system::error_code ignored;
     signals.cancel(ignored);
     grace_timer.cancel();
@@ -367,11 +376,11 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
     while (!rs.stopping) {
       std::optional<input_reader::raw_line> raw;
       try {
-        raw = rs.reader.next();
+        raw = co_await rs.feed.next();  // never blocks the thread, even on a pipe
       } catch (const std::exception& e) {
         log.log(log_level::error, "input_error", e.what());
         rs.fatal = true;
-        rs.stopping = true;
+        rs.stop();
         break;
       }
       if (!raw) {
@@ -483,7 +492,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
                          log.log(log_level::error, "internal_error", ex_.what());
                        }
                        rs.fatal = true;
-                       rs.stopping = true;
+                       rs.stop();
                      }
                      if (--rs.workers_left == 0) {
                        shutdown();

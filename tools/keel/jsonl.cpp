@@ -254,9 +254,15 @@ std::optional<input_reader::raw_line> input_reader::next() {
   }
 }
 
+bool input_reader::is_regular_file() const {
+  struct stat st {};
+  return ::fstat(::fileno(file_), &st) == 0 && S_ISREG(st.st_mode);
+}
+
 std::optional<std::size_t> count_items(const std::string& path) {
-  if (path == "-") {
-    return std::nullopt;
+  struct stat st {};
+  if (path == "-" || ::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    return std::nullopt;  // reading a pipe to count it would take its lines from the batch
   }
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) {

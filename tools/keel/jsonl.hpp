@@ -93,9 +93,13 @@ class input_reader {
     bool too_long = false;
   };
 
-  /// The next non-blank line, or nullopt at the end of the file.
+  /// The next non-blank line, or nullopt at the end of the file. Blocks until the line is
+  /// there: on a pipe or terminal, until its writer sends it.
   /// @throws std::runtime_error on a read error.
   std::optional<raw_line> next();
+
+  /// True if the input is a regular file (reads never wait for a writer).
+  bool is_regular_file() const;
 
  private:
   std::FILE* file_ = nullptr;
@@ -104,7 +108,8 @@ class input_reader {
   std::string path_;
 };
 
-/// Counts the non-blank lines of a file (for progress); nullopt for stdin or on error.
+/// Counts the non-blank lines of a regular file (for progress); nullopt for stdin, a pipe or
+/// other non-regular file (counting would consume its lines), or on error.
 std::optional<std::size_t> count_items(const std::string& path);
 
 /// Appends records to the results file, one `write(2)` per record.
