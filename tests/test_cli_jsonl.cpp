@@ -314,7 +314,7 @@ struct pipe_fds {
 }  // namespace
 
 TEST_CASE("lines of a pipe reach waiting workers while the io_context keeps running",
-          "[cli_jsonl][review]") {
+          "[cli_jsonl][review][threads]") {
   // A worker waits for line 2, which the writer sends only once another handler of the same
   // io_context has run: with a blocking read on the io_context's thread that handler could
   // never run. A watchdog sends the line after 10 s anyway, so a regression fails instead of
@@ -368,7 +368,7 @@ TEST_CASE("lines of a pipe reach waiting workers while the io_context keeps runn
 }
 
 TEST_CASE("closing a line_feed releases every worker waiting on a silent pipe",
-          "[cli_jsonl][review]") {
+          "[cli_jsonl][review][threads]") {
   pipe_fds p;  // nothing is ever written until the end
   boost::asio::io_context ctx;
   keel::cli::line_feed feed(ctx.get_executor(), p.path());
