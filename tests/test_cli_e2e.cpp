@@ -596,6 +596,9 @@ TEST_CASE("Malformed input lines each get one failure record naming the line and
   std::set<std::size_t> lines;
   for (const auto& r : records) {
     CHECK(lines.insert(r.at("line").get<std::size_t>()).second);  // one record per line
+    for (const char* field : {"id", "line", "status", "attempts", "latency_ms"}) {
+      CHECK(r.contains(field));  // the fields every record has, failures of input included
+    }
   }
   CHECK(lines == std::set<std::size_t>{1, 2, 3, 4, 5, 6, 8, 9, 10});  // not the blank line 7
 
@@ -970,6 +973,24 @@ TEST_CASE("--overwrite keeps earlier results when the run cannot start, and neve
     CHECK(c.wait() == 0);
     CHECK(read_records(dir / "results.jsonl").size() == 3);
   }
+}
+
+TEST_CASE("keel demo keeps the results of a file it was pointed at unless told to overwrite",
+          "[cli_e2e][review]") {
+  temp_dir dir;
+  const std::string mine = R"({"id":1,"line":1,"status":"ok","text":"mine","attempts":1})"
+                           "\n";
+  write_file(dir / "mine.jsonl", mine);
+  const auto refused =
+      run_keel(dir, "demo_refused", {"demo", "-n", "5", "--quiet", "--out", dir / "mine.jsonl"});
+  CHECK(refused.status == 2);
+  CHECK(contains(refused.err, "--overwrite"));
+  CHECK(read_file(dir / "mine.jsonl") == mine);
+  const auto replaced =
+      run_keel(dir, "demo_replaced",
+               {"demo", "-n", "5", "--quiet", "--out", dir / "mine.jsonl", "--overwrite"});
+  CHECK(replaced.status == 0);
+  CHECK(read_records(dir / "mine.jsonl").size() == 5);
 }
 
 TEST_CASE("usage errors exit with status 2, help with 0", "[cli_e2e][review]") {

@@ -202,6 +202,7 @@ TEST_CASE("resume keeps finished records and drops cancelled ones and a torn tai
   CHECK(st.done_keys == std::unordered_set<std::string>{"1", "\"b\""});
   CHECK(st.done_lines == std::unordered_set<std::size_t>{4, 5});
   CHECK(st.kept == 4);
+  CHECK(st.kept_failed == 3);  // "b", line 4 and line 5: the exit status must not say success
   CHECK(st.dropped_cancelled == 1);
   CHECK(st.dropped_duplicates == 1);
   CHECK(st.dropped_torn_tail);

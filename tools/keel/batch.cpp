@@ -126,6 +126,7 @@ struct run_state {
     rec["status"] = "failed";
     rec["error"] = {{"class", cls}, {"condition", "permanent"}, {"message", message}};
     rec["attempts"] = 0;
+    rec["latency_ms"] = 0;  // every record has it; nothing was sent
     write(rec);
     ++stats.done;
     ++stats.failed;
@@ -538,7 +539,8 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   if (rs.fatal) {
     return 2;
   }
-  return st.failed + st.cancelled > 0 ? 1 : 0;
+  // 0 only if every item of the input succeeded, including those an earlier run recorded.
+  return st.failed + st.cancelled + rs.resume.kept_failed > 0 ? 1 : 0;
 }
 
 }  // namespace keel::cli

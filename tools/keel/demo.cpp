@@ -155,9 +155,9 @@ int run_demo(const demo_options& d, batch_options opts, logger& log) {
   }
   opts.in = in.string();
   opts.out = d.out.empty() ? (dir / "results.jsonl").string() : d.out;
-  if (!opts.resume) {
-    opts.overwrite = true;
-  }
+  // The demo's own temporary file is always fresh; a file the user named keeps its results
+  // unless --overwrite says otherwise, as for `keel batch`.
+  opts.overwrite = d.out.empty() || d.overwrite;
   opts.title = "keel demo: " + std::to_string(d.prompts) +
                " prompts against the in-process mock (no network, no keys)";
   config cfg = d.config.empty() ? demo_config() : load_config(d.config, process_env());

@@ -22,8 +22,11 @@ namespace keel::cli {
 struct demo_options {
   /// Generated prompts.
   std::size_t prompts = 3000;
-  /// Results file (empty: a file in a fresh temporary directory).
+  /// Results file (empty: a file in a fresh temporary directory). A file that already holds
+  /// results is refused unless `overwrite`.
   std::string out;
+  /// Replace the results `out` already holds.
+  bool overwrite = false;
   /// Scenario file (empty: the built-in one).
   std::string scenario;
   /// Config file (empty: the built-in one).

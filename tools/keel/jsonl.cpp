@@ -412,6 +412,7 @@ resume_state prepare_resume(const std::string& path) {
     }
     kept.push_back(text);
     ++st.kept;
+    st.kept_failed += status == "failed" ? 1 : 0;
     if (!newline) {
       rewrite = true;  // appending after it would join two records on one line
     }

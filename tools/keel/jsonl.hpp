@@ -151,6 +151,8 @@ struct resume_state {
   std::unordered_set<std::size_t> done_lines;
   /// Records kept.
   std::size_t kept = 0;
+  /// Kept records whose status is `failed` (the batch's exit status counts them).
+  std::size_t kept_failed = 0;
   /// `cancelled` records dropped (their items run again).
   std::size_t dropped_cancelled = 0;
   /// Extra records for an id that already had one (kept: the first).

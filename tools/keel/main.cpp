@@ -130,7 +130,13 @@ int run_mock(const std::string& address, unsigned short port, const std::string&
   if (!scenario_file.empty()) {
     server.set_scenario(keel::testing::load_scenario(scenario_file));
   }
-  server.start();
+  try {
+    server.start();
+  } catch (const boost::system::system_error& e) {
+    // e.what() would add Asio's source location; the address and the reason are what helps.
+    throw std::runtime_error("mock server: cannot listen on " + address + ":" +
+                             std::to_string(port) + ": " + e.code().message());
+  }
   std::printf(
       "keel mock: listening on %s (OpenAI /v1/chat/completions, Anthropic /v1/messages, "
       "Bedrock /model/{id}/converse); Ctrl-C to stop\n",
@@ -187,6 +193,7 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));
   demo->add_option("--out,-o", dopts.out, "Results file (default: a temporary file)");
+  demo->add_flag("--overwrite", dopts.overwrite, "Replace the results --out already holds");
   demo->add_option("--scenario", dopts.scenario, "Mock scenario file instead of the built-in one");
   demo->add_option("--config", dopts.config, "Config file instead of the built-in one");
   add_common(demo, df);
@@ -293,6 +300,9 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (print_config) {
+      if (bf.concurrency) {
+        c.policy.concurrency = *bf.concurrency;  // what the run would use
+      }
       std::cout << to_json(c, true).dump(2) << "\n";
       return 0;
     }

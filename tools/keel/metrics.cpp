@@ -696,7 +696,9 @@ struct metrics_server::impl : std::enable_shared_from_this<impl> {
     if (ec) {
       boost::system::error_code ignored;
       acceptor.close(ignored);
-      throw boost::system::system_error(ec, "metrics_server: cannot listen on " + where);
+      // A copy of the code without Asio's source location, which what() would otherwise show.
+      throw boost::system::system_error(boost::system::error_code(ec.value(), ec.category()),
+                                        "metrics_server: cannot listen on " + where);
     }
     bound_port = local.port();
     st = state::running;
