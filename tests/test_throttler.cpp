@@ -604,3 +604,52 @@ TEST_CASE("an unbounded pause holds waiters without overflowing", "[throttler][r
   CHECK(granted == 0);
   CHECK(bucket.waiters() == 1);
 }
+
+TEST_CASE("a token-only call is not held back by the request bucket, even with burst 0",
+          "[throttler][review]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  // Burst 0 paces requests like burst 1 but leaves the level just below zero after each one.
+  virtual_throttler bucket{ctx.get_executor(),
+                           {.requests_per_second = 1, .burst = 0, .tokens_per_minute = 6000}};
+  REQUIRE(bucket.try_acquire({.requests = 1, .tokens = 10}));
+  CHECK(bucket.try_acquire({.requests = 0, .tokens = 10}));  // spends no request
+  CHECK_FALSE(bucket.try_acquire({.requests = 1}));          // a request still waits its turn
+  std::vector<grant> log;
+  spawn_take(ctx, bucket, {.requests = 0, .tokens = 10}, 1, log);
+  keel::testing::poll_all(ctx);
+  REQUIRE(log.size() == 1);
+  CHECK(log.front() == grant{1, 0ms});
+}
+
+TEST_CASE("infinite costs, corrections and levels cannot block the throttler for good",
+          "[throttler][review]") {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int variant = 0; variant < 4; ++variant) {
+    CAPTURE(variant);
+    manual_clock::reset();
+    asio::io_context ctx;
+    virtual_throttler bucket{ctx.get_executor(), {.tokens_per_minute = 600, .token_burst = 100}};
+    switch (variant) {
+      case 0:
+        bucket.settle(0, inf);
+        break;
+      case 1:
+        bucket.set_available_tokens(-inf);
+        break;
+      case 2:
+        CHECK(bucket.try_acquire({.tokens = inf}));  // counts as 0 tokens
+        break;
+      case 3:
+        bucket.settle(-5, 10);  // a negative estimate counts as 0: charges the 10 used
+        CHECK(bucket.available_tokens() == Approx(90));
+        break;
+    }
+    CHECK(std::isfinite(bucket.available_tokens()));
+    std::vector<grant> log;
+    spawn_take(ctx, bucket, {.tokens = 10}, 1, log);
+    REQUIRE(keel::testing::run_until(
+        ctx, [&] { return !log.empty(); }, 10s));
+    CHECK(log.front().at <= 1s);
+  }
+}

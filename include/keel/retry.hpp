@@ -109,9 +109,11 @@ struct retry_policy {
   std::optional<std::chrono::nanoseconds> timeout;
   /// Whether a server's delay hint replaces the backoff.
   bool honour_retry_after = true;
-  /// Largest server hint obeyed; longer hints are clamped to it.
+  /// Largest server hint obeyed; longer hints are clamped to it (a negative value counts as 0).
   std::chrono::nanoseconds max_retry_after = std::chrono::seconds(60);
-  /// An attempt is not started unless at least this much time remains before the deadline.
+  /// A retry is not started unless at least this much time would remain before the deadline
+  /// after its backoff sleep (the call fails fast with the last error instead). The first
+  /// attempt always starts: an enclosing `with_deadline` bounds it.
   std::chrono::nanoseconds min_attempt_time{0};
   /// Shared retry budget (non-owning; may be null).
   retry_budget* budget = nullptr;
@@ -337,8 +339,8 @@ auto retry_impl(MakeOp op, Policy held_policy, RetryIfResult retry_if_result)
     std::chrono::nanoseconds delay{0};
     bool from_hint = false;
     if (policy.honour_retry_after && cls.retry_after) {
-      delay =
-          std::clamp(*cls.retry_after, std::chrono::nanoseconds::zero(), policy.max_retry_after);
+      const auto cap = std::max(policy.max_retry_after, std::chrono::nanoseconds::zero());
+      delay = std::clamp(*cls.retry_after, std::chrono::nanoseconds::zero(), cap);
       from_hint = true;
     } else {
       random_source& rng = policy.random ? *policy.random : random_source::thread_default();

@@ -73,9 +73,11 @@ struct throttler_options {
 
 /// What one call takes from a throttler; both parts are taken together or not at all.
 struct throttle_cost {
-  /// Requests (usually 1; 0 for a call that only spends tokens). Negative values count as 0.
+  /// Requests (usually 1; 0 for a call that only spends tokens, which the request bucket then
+  /// never holds back). Negative, NaN and infinite values count as 0.
   double requests = 1;
-  /// Estimated LLM tokens (prompt + expected completion). Negative values count as 0.
+  /// Estimated LLM tokens (prompt + expected completion). Negative, NaN and infinite values
+  /// count as 0.
   double tokens = 0;
 };
 
@@ -106,7 +108,7 @@ class basic_throttler {
 
   /// Creates a throttler whose buckets start full.
   /// @param ex the executor for the throttler's single timer (any thread of it may run it).
-  /// @param options rates and capacities; negative values count as 0.
+  /// @param options rates and capacities; negative, NaN and infinite values count as 0.
   explicit basic_throttler(executor_type ex, throttler_options options = {});
 
   /// Completes every waiting `acquire` with `operation_aborted`.
@@ -143,7 +145,8 @@ class basic_throttler {
   ///
   /// Gives back `estimated_tokens - actual_tokens` (up to the capacity) or, if the call used
   /// more than estimated, charges the difference, possibly leaving debt. Waiters that the
-  /// correction unblocks are granted at once. No effect when tokens are not limited.
+  /// correction unblocks are granted at once. No effect when tokens are not limited. Negative,
+  /// NaN and infinite amounts count as 0, as in `throttle_cost`.
   void settle(double estimated_tokens, double actual_tokens);
 
   /// Grants nothing to anybody before `t` (e.g. a 429's Retry-After instant).
@@ -173,11 +176,11 @@ class basic_throttler {
   void set_token_burst(double token_burst);
 
   /// Sets the request level (e.g. from `x-ratelimit-remaining-requests`), capped at capacity.
-  /// A negative value is debt.
+  /// A negative value is debt; NaN and infinite values are ignored.
   void set_available_requests(double requests);
 
   /// Sets the token level (e.g. from `x-ratelimit-remaining-tokens`), capped at capacity.
-  /// A negative value is debt.
+  /// A negative value is debt; NaN and infinite values are ignored.
   void set_available_tokens(double tokens);
 
   /// Requests available now (negative when in debt; infinity when requests are not limited).

@@ -21,9 +21,10 @@
 
 namespace keel::detail {
 
-// Rates, capacities and costs from users: negative and NaN count as 0.
+// Rates, capacities and costs from users: negative, NaN and infinite values count as 0 (an
+// infinite cost or level would leave debt that no refill ever repays).
 inline double throttle_non_negative(double x) noexcept {
-  return x > 0 ? x : 0;
+  return x > 0 && std::isfinite(x) ? x : 0;
 }
 
 inline throttle_cost throttle_normalized(throttle_cost c) noexcept {
@@ -44,7 +45,11 @@ struct throttle_bucket {
   double slack() const noexcept { return 1e-9 * std::max(1.0, capacity); }
   // A cost above capacity waits for a full bucket (then takes everything, leaving debt).
   double need(double cost) const noexcept { return std::min(cost, capacity); }
-  bool covers(double cost) const noexcept { return !limited() || level >= need(cost) - slack(); }
+  // A call that takes nothing from this bucket (a token-only call's requests) is not held back
+  // by it, even when a burst of 0 leaves the level just below zero after every request.
+  bool covers(double cost) const noexcept {
+    return !limited() || cost <= 0 || level >= need(cost) - slack();
+  }
   void refill(double seconds) noexcept {
     if (limited()) {
       level = std::min(capacity, level + rate * seconds);
@@ -170,8 +175,10 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
 
   void settle(double estimated, double actual) {
     update([&] {
-      if (tokens_.limited() && !std::isnan(estimated - actual)) {
-        tokens_.set_level(tokens_.level + (estimated - actual));
+      // Negative and non-finite amounts count as 0, as in costs.
+      const double correction = throttle_non_negative(estimated) - throttle_non_negative(actual);
+      if (tokens_.limited()) {
+        tokens_.set_level(tokens_.level + correction);
       }
     });
   }
@@ -234,7 +241,7 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
 
   void set_available_requests(double n) {
     update([&] {
-      if (!std::isnan(n)) {
+      if (std::isfinite(n)) {
         requests_.set_level(n);
       }
     });
@@ -242,7 +249,7 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
 
   void set_available_tokens(double n) {
     update([&] {
-      if (!std::isnan(n)) {
+      if (std::isfinite(n)) {
         tokens_.set_level(n);
       }
     });
