@@ -50,6 +50,9 @@ enum class act {
   interim_then_ok,    // 100 Continue and 103 Early Hints, then 200 "final", keep-alive
   status_000,         // "HTTP/1.1 000 Zero" with a body, then close
   switching,          // 101 Switching Protocols, then close
+  huge_trailer,       // a chunked 200 whose one trailer field is 70,000 bytes
+  endless_chunk_ext,  // a chunk-size line whose extension never ends (up to 32 MiB)
+  endless_trailers,   // a chunked 200 whose trailer section never ends (up to 32 MiB)
 };
 
 /// A scripted HTTP/1.1 server on 127.0.0.1:0, optionally over TLS. `plan(k)` decides what to do
@@ -119,7 +122,8 @@ struct test_server {
       }
       last_user_agent = std::string(req[bhttp::field::user_agent]);
       last_host = std::string(req[bhttp::field::host]);
-      switch (plan(requests++)) {
+      const act a = plan(requests++);
+      switch (a) {
         case act::normal:
         case act::chunked: {
           bhttp::response<bhttp::string_body> res{bhttp::status::ok, 11};
@@ -166,6 +170,30 @@ struct test_server {
           co_await raw(s, "HTTP/1.1 200 OK\r\nx-big: " + std::string(100 * 1024, 'z') +
                               "\r\nContent-Length: 0\r\n\r\n");
           co_return;
+        case act::huge_trailer:
+          co_await raw(s,
+                       "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       "5\r\nhello\r\n0\r\nx-trailer: " +
+                           std::string(70000, 't') + "\r\n\r\n");
+          co_return;
+        case act::endless_chunk_ext:
+        case act::endless_trailers: {
+          co_await raw(s, a == act::endless_chunk_ext
+                              ? "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext="
+                              : "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                "5\r\nhello\r\n0\r\n");
+          const std::string more = a == act::endless_chunk_ext
+                                       ? std::string(0x10000, 'e')
+                                       : "x-t: " + std::string(0x10000 - 7, 't') + "\r\n";
+          for (int i = 0; i < 512; ++i) {
+            auto [wec, wn] = co_await asio::async_write(s, asio::buffer(more),
+                                                        asio::as_tuple(asio::use_awaitable));
+            if (wec) {
+              co_return;
+            }
+          }
+          co_return;
+        }
         case act::close:
           co_return;
         case act::eof_mid_body:
@@ -351,6 +379,39 @@ TEST_CASE("http client: too many or too large response headers fail (permanent)"
   CHECK(huge.code() == kh::error::header_too_large);
   CHECK(cl.pooled_idle() == 0);
   CHECK(cl.connections_opened() == 2);  // the first connection was not reused after the error
+}
+
+TEST_CASE("http client: an oversized trailer or header field fails instead of crashing",
+          "[http][review]") {
+  // Beast 1.81's parser throws std::length_error for a field over 65,535 bytes; inside
+  // http::async_read that escaped io_context::run(). A trailer counts toward no Beast limit.
+  for (act a : {act::huge_trailer, act::huge_header}) {
+    asio::io_context ctx;
+    test_server srv(ctx);
+    srv.plan = [a](int) { return a; };
+    kh::client_options opts;
+    opts.max_header_bytes = 1024 * 1024;  // so that the 100 KiB header field reaches Beast
+    kh::client cl(ctx.get_executor(), opts);
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
+    CHECK(out.code() == kh::error::header_too_large);
+    CHECK(out.code() == keel::condition::permanent);
+    CHECK(cl.pooled_idle() == 0);
+  }
+}
+
+TEST_CASE("http client: endless chunk extensions or trailers stop at the header limit",
+          "[http][review]") {
+  // Neither counts toward a Beast limit: the bytes waiting to be parsed are capped at
+  // max_header_bytes plus one read, so the send fails long before the server's 32 MiB.
+  for (act a : {act::endless_chunk_ext, act::endless_trailers}) {
+    asio::io_context ctx;
+    test_server srv(ctx);
+    srv.plan = [a](int) { return a; };
+    kh::client cl(ctx.get_executor(), kh::client_options{});
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url()));
+    CHECK(out.code() == kh::error::header_too_large);
+    REQUIRE(run_real(ctx, [&] { return srv.sessions_ended == 1; }));
+  }
 }
 
 TEST_CASE("http client: EOF in the middle of a body is truncated_response (transient)", "[http]") {

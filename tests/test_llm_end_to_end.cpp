@@ -433,6 +433,7 @@ struct echoing_sender {
     keel::http::response res;
     res.status = 401;
     res.headers.set("content-type", "application/json");
+    res.headers.set("x-request-id", "req-" + sent);  // echoed in a header too
     const std::string message = "Incorrect API key provided: " + sent;
     if (bedrock) {
       res.headers.set("x-amzn-errortype", "UnrecognizedClientException");
@@ -467,7 +468,8 @@ TEST_CASE("credentials a server echoes in an error never reach the error's messa
       std::rethrow_exception(out.error);
     } catch (const keel::llm::provider_error& e) {
       CHECK(e.llm_code() == keel::llm::errc::auth);
-      const std::string all = std::string(e.what()) + "|" + e.message() + "|" + e.provider_code();
+      const std::string all = std::string(e.what()) + "|" + e.message() + "|" + e.provider_code() +
+                              "|" + e.request_id();
       CAPTURE(all);
       CHECK(all.find("[redacted]") != std::string::npos);
       CHECK(all.find("ZZplain") == std::string::npos);

@@ -85,3 +85,12 @@ TEST_CASE("provider_error never puts a secret in what()", "[llm][error]") {
   CHECK(w.find("Incorrect API key provided") != std::string::npos);
   CHECK(keel::llm::redact(std::string(1000, 'x')).size() == 303);
 }
+
+TEST_CASE("redact turns control characters into '?' so what() is never cut short",
+          "[llm][review]") {
+  const std::string text = std::string("line1") + '\0' +
+                           "line2\x1b[31m\x07"
+                           "end\nnext";
+  const std::string out = keel::llm::redact(text);
+  CHECK(out == "line1?line2?[31m?end next");
+}

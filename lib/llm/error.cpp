@@ -153,8 +153,11 @@ std::string redact(std::string_view text, std::size_t max_bytes) {
   bool after_bearer = false;
   while (i < text.size()) {
     if (!is_key_char(text[i])) {
-      char c = text[i];
-      out += (c == '\n' || c == '\r' || c == '\t') ? ' ' : c;
+      const char c = text[i];
+      const bool control = static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+      // Line breaks become spaces; other control characters (a NUL would cut what() short, an
+      // ESC could drive a terminal) become '?'.
+      out += (c == '\n' || c == '\r' || c == '\t') ? ' ' : control ? '?' : c;
       ++i;
       continue;
     }
@@ -185,6 +188,7 @@ provider_error::provider_error(errc code, provider_error_info info)
                     summary(code,
                             [&] {
                               info.message = redact(info.message);
+                              info.request_id = redact(info.request_id, 200);
                               return info;
                             }()),
                     {}, info.retry_after),
@@ -238,6 +242,7 @@ provider_error without_secrets(const provider_error& e,
     }
     masked = mask_secret(info.message, secret) || masked;
     masked = mask_secret(info.provider_code, secret) || masked;
+    masked = mask_secret(info.request_id, secret) || masked;
   }
   return masked ? provider_error(e.llm_code(), std::move(info)) : e;
 }

@@ -84,7 +84,10 @@ struct client_options {
   /// Most accepted response header fields (`error::too_many_headers`).
   std::size_t max_header_count = 100;
   /// Largest accepted response header (status line and fields) in bytes
-  /// (`error::header_too_large`).
+  /// (`error::header_too_large`). It also bounds, plus one 64 KiB read, the bytes of a chunked
+  /// body's metadata waiting to be parsed (a chunk-size line with its extensions, the trailer
+  /// section), which Beast itself does not limit; a single field over 65,535 bytes, which
+  /// Beast cannot store, is `error::header_too_large` too.
   std::size_t max_header_bytes = 64 * 1024;
   /// The User-Agent sent when a request has none.
   std::string user_agent = "keel/0.1";

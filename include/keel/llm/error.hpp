@@ -135,7 +135,7 @@ class provider_error : public keel::failure {
   const std::string& provider_code() const noexcept { return info_.provider_code; }
   /// The provider's message, redacted and truncated to 300 bytes.
   const std::string& message() const noexcept { return info_.message; }
-  /// The provider's request id (empty if none).
+  /// The provider's request id (empty if none), redacted like the message and cut at 200 bytes.
   const std::string& request_id() const noexcept { return info_.request_id; }
   /// The `x-should-retry` header, if sent.
   std::optional<bool> should_retry() const noexcept { return info_.should_retry; }
@@ -152,8 +152,8 @@ class provider_error : public keel::failure {
 std::string redact(std::string_view text, std::size_t max_bytes = 300);
 
 /// Returns `e` with every occurrence of each non-empty value in `secrets` masked as
-/// "[redacted]" in its message and provider code, and a secret's beginning cut off by the
-/// message's truncation masked too. For the secrets `redact`'s patterns cannot recognise, such
+/// "[redacted]" in its message, provider code and request id, and a secret's beginning cut off by
+/// the message's truncation masked too. For the secrets `redact`'s patterns cannot recognise, such
 /// as an OpenAI-compatible server's API key echoed in a 401's message; `complete` applies it
 /// with the endpoint's key and AWS credentials. Values shorter than 4 bytes are ignored (they
 /// would mask ordinary words).
