@@ -907,8 +907,9 @@ TEST_CASE("keel batch refuses to append to existing results without resume or ov
   CHECK(read_file(dir / "results.jsonl") == existing);
 }
 
-TEST_CASE("--overwrite keeps earlier results when the run cannot start, and never eats the input",
-          "[cli_e2e][review]") {
+TEST_CASE(
+    "keel batch --overwrite keeps earlier results when the run cannot start, never eats the input",
+    "[cli_e2e][review]") {
   temp_dir dir;
   write_file(dir / "config.json", fast_config);
   write_file(dir / "scenario.json", instant_scenario);
