@@ -11,6 +11,8 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <atomic>
 #include <condition_variable>
@@ -285,20 +287,24 @@ TEST_CASE("the summary counts items, failures by class and throughput", "[cli_js
 
 namespace {
 
+// A named pipe in the temporary directory (no /dev/fd needed, so this runs in a bare chroot).
+// The test's end is opened read-write, which on Linux does not wait for a reader, so the feed's
+// fopen finds a writer and does not block either; closing it is the writer's EOF.
 struct pipe_fds {
-  int read = -1;
+  std::string fifo;
   int write = -1;
-  pipe_fds() {
-    int fds[2];
-    REQUIRE(::pipe(fds) == 0);
-    read = fds[0];
-    write = fds[1];
+  pipe_fds()
+      : fifo((fs::temp_directory_path() /
+              ("keel-feed-fifo-" + std::to_string(::getpid()) + "-" + std::to_string(serial++)))
+                 .string()) {
+    ::unlink(fifo.c_str());
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    write = ::open(fifo.c_str(), O_RDWR);
+    REQUIRE(write >= 0);
   }
   ~pipe_fds() {
     close_write();
-    if (read >= 0) {
-      ::close(read);
-    }
+    ::unlink(fifo.c_str());
   }
   void send(const std::string& text) const {
     REQUIRE(::write(write, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
@@ -309,7 +315,8 @@ struct pipe_fds {
       write = -1;
     }
   }
-  std::string path() const { return "/dev/fd/" + std::to_string(read); }
+  std::string path() const { return fifo; }
+  static inline int serial = 0;
 };
 
 }  // namespace
