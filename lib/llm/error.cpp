@@ -216,11 +216,10 @@ bool mask_secret(std::string& text, std::string_view secret) {
     const std::string_view body = std::string_view(text).substr(0, text.size() - ellipsis.size());
     for (std::size_t k = std::min(secret.size() - 1, body.size()); k >= 4; --k) {
       if (body.ends_with(secret.substr(0, k))) {
-        // Keep the result within the 300 bytes `redact` allows `provider_error`'s message, so
-        // that re-making the error does not cut the mask itself.
-        constexpr std::size_t limit = 300;
+        // Keep the result within the `message_limit` bytes `redact` allows, so that re-making
+        // the error does not cut the mask itself.
         std::string kept(body.substr(0, body.size() - k));
-        kept.resize(std::min(kept.size(), limit - mask.size() - ellipsis.size()));
+        kept.resize(std::min(kept.size(), message_limit - mask.size() - ellipsis.size()));
         text = kept + std::string(mask) + std::string(ellipsis);
         masked = true;
         break;

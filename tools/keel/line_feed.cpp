@@ -140,10 +140,9 @@ asio::awaitable<std::optional<input_reader::raw_line>> line_feed::next() {
   }
   shared_->room.notify_one();
   if (!it.error.empty() || !it.line) {
-    // The last item: release the workers still waiting and let the context finish.
-    ended_ = true;
-    queue_->channel.close();
-    queue_->work = asio::any_io_executor();
+    // The last item (the thread has stopped): close, which releases the workers still waiting
+    // and the context's work.
+    close();
     if (!it.error.empty()) {
       throw std::runtime_error(it.error);
     }

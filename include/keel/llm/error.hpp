@@ -39,6 +39,7 @@
 #include <boost/system/error_code.hpp>
 
 #include <chrono>
+#include <cstddef>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -117,6 +118,9 @@ struct provider_error_info {
         message(std::move(msg)) {}
 };
 
+/// How many bytes of a provider's message `provider_error` keeps (`redact`'s default cut).
+inline constexpr std::size_t message_limit = 300;
+
 /// The exception a provider layer throws: a `keel::failure` with a `keel::llm::errc` code.
 class provider_error : public keel::failure {
  public:
@@ -133,7 +137,7 @@ class provider_error : public keel::failure {
   const std::string& provider() const noexcept { return info_.provider; }
   /// The provider's own error code or type.
   const std::string& provider_code() const noexcept { return info_.provider_code; }
-  /// The provider's message, redacted and truncated to 300 bytes.
+  /// The provider's message, redacted and truncated to `message_limit` bytes.
   const std::string& message() const noexcept { return info_.message; }
   /// The provider's request id (empty if none), redacted like the message and cut at 200 bytes.
   const std::string& request_id() const noexcept { return info_.request_id; }
@@ -149,7 +153,7 @@ class provider_error : public keel::failure {
 
 /// Redacts substrings that look like secrets (`sk-...`, `sk-ant-...`, `AKIA...`/`ASIA...` key ids,
 /// `Bearer ...`) and truncates to `max_bytes`; used for every message that goes into `what()`.
-std::string redact(std::string_view text, std::size_t max_bytes = 300);
+std::string redact(std::string_view text, std::size_t max_bytes = message_limit);
 
 /// Returns `e` with every occurrence of each non-empty value in `secrets` masked as
 /// "[redacted]" in its message, provider code and request id, and a secret's beginning cut off by
