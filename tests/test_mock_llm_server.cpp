@@ -379,7 +379,7 @@ TEST_CASE("mock_llm_server sends the delay of a 429 in the plan's retry-after fo
   for (wire w : {wire::openai, wire::anthropic, wire::bedrock}) {
     for (auto style :
          {retry_after_style::both, retry_after_style::milliseconds, retry_after_style::seconds,
-          retry_after_style::http_date, retry_after_style::amz}) {
+          retry_after_style::http_date, retry_after_style::amz, retry_after_style::none}) {
       INFO("format " << static_cast<int>(w) << ", style " << keel::testing::to_string(style));
       asio::io_context ctx;
       mock_llm_server server{ctx, mock_options{}};
@@ -428,6 +428,15 @@ TEST_CASE("mock_llm_server sends the delay of a 429 in the plan's retry-after fo
             CHECK(ra.empty());
             CHECK(ra_ms.empty());
             CHECK(amz == "1500");
+            break;
+          case retry_after_style::none:
+            CHECK(ra.empty());
+            CHECK(ra_ms.empty());
+            CHECK(amz.empty());
+            if (w == wire::openai) {
+              CHECK(r.body()["error"]["message"].get<std::string>().find("try again later") !=
+                    std::string::npos);
+            }
             break;
         }
       });
@@ -554,6 +563,320 @@ TEST_CASE("mock_llm_server token rate limit computes Retry-After from the token 
     CHECK(limited.header("retry-after") == "4");
     clock.t += 4s;
     CHECK((co_await post(server.port(), c)).status() == 200);
+  });
+}
+
+TEST_CASE("mock_llm_server sends no rate-limit headers when the plan hides its limits",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  const fault_plan limited = fault_plan{}.with_rate_limit(/*rps*/ 4, /*tpm*/ 6000, /*burst*/ 1);
+  server.set_plan("hidden", fault_plan{limited}.with_rate_limit_headers(false));
+  server.set_plan("shown", limited);
+  const std::vector<const char*> openai_headers = {
+      "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+      "x-ratelimit-limit-tokens",   "x-ratelimit-remaining-tokens",   "x-ratelimit-reset-tokens"};
+  const std::vector<const char*> anthropic_headers = {
+      "anthropic-ratelimit-requests-limit",   "anthropic-ratelimit-requests-remaining",
+      "anthropic-ratelimit-requests-reset",   "anthropic-ratelimit-tokens-limit",
+      "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"};
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    // The same limits with headers on: every header is there.
+    answer shown = co_await post(server.port(), make_call(wire::openai, "shown", "hi"));
+    CHECK(shown.status() == 200);
+    for (const char* h : openai_headers) {
+      INFO(h);
+      CHECK(!shown.header(h).empty());
+    }
+
+    answer ok = co_await post(server.port(), make_call(wire::openai, "hidden", "hi"));
+    CHECK(ok.status() == 200);
+    for (const char* h : openai_headers) {
+      INFO(h);
+      CHECK(ok.header(h).empty());
+    }
+    // The limit is still enforced, and its 429 still states the exact wait.
+    answer limited429 = co_await post(server.port(), make_call(wire::anthropic, "hidden", "hi"));
+    CHECK(limited429.status() == 429);
+    CHECK(limited429.header("retry-after-ms") == "250");
+    for (const char* h : anthropic_headers) {
+      INFO(h);
+      CHECK(limited429.header(h).empty());
+    }
+    clock.t += 250ms;
+    answer later = co_await post(server.port(), make_call(wire::anthropic, "hidden", "hi"));
+    CHECK(later.status() == 200);
+    for (const char* h : anthropic_headers) {
+      INFO(h);
+      CHECK(later.header(h).empty());
+    }
+  });
+}
+
+TEST_CASE("mock_llm_server limiter 429s can state a constant Retry-After like nginx",
+          "[mock_llm_server]") {
+  using keel::testing::limiter_retry_after_mode;
+  using keel::testing::retry_after_style;
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_plan("m", fault_plan{}
+                           .with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1)
+                           .with_retry_after(1000ms, retry_after_style::both)
+                           .with_limiter_retry_after(limiter_retry_after_mode::constant));
+  server.set_plan("nginx", fault_plan{}
+                               .with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1)
+                               .with_retry_after(1000ms, retry_after_style::seconds)
+                               .with_limiter_retry_after(limiter_retry_after_mode::constant)
+                               .with_rate_limit_headers(false));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call c = make_call(wire::openai, "m", "hi");
+    CHECK((co_await post(server.port(), c)).status() == 200);
+    answer first = co_await post(server.port(), c);
+    CHECK(first.status() == 429);
+    CHECK(first.header("retry-after-ms") == "1000");  // the exact wait would be 250 ms
+    CHECK(first.header("retry-after") == "1");
+    CHECK(first.body()["error"]["message"].get<std::string>().find("try again in 1s") !=
+          std::string::npos);
+    clock.t += 249ms;  // 1 ms from capacity: still the constant
+    answer early = co_await post(server.port(), c);
+    CHECK(early.status() == 429);
+    CHECK(early.header("retry-after-ms") == "1000");
+    clock.t += 1ms;
+    CHECK((co_await post(server.port(), c)).status() == 200);
+
+    // "add_header Retry-After 1": only the header nginx sends.
+    const call n = make_call(wire::openai, "nginx", "hi");
+    CHECK((co_await post(server.port(), n)).status() == 200);
+    answer ng = co_await post(server.port(), n);
+    CHECK(ng.status() == 429);
+    CHECK(ng.header("retry-after") == "1");
+    CHECK(ng.header("retry-after-ms").empty());
+    CHECK(ng.header("x-ratelimit-limit-requests").empty());
+  });
+}
+
+TEST_CASE("mock_llm_server limiter 429s can carry no delay at all", "[mock_llm_server]") {
+  using keel::testing::limiter_retry_after_mode;
+  for (wire w : {wire::openai, wire::anthropic, wire::bedrock}) {
+    INFO("format " << static_cast<int>(w));
+    asio::io_context ctx;
+    fake_time clock;
+    mock_options opts;
+    opts.now = clock.fn();
+    mock_llm_server server{ctx, opts};
+    server.set_plan("m", fault_plan{}
+                             .with_script({fault_kind::rate_limit})
+                             .with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1)
+                             .with_retry_after(700ms)
+                             .with_limiter_retry_after(limiter_retry_after_mode::none));
+    run(ctx, server, [&]() -> asio::awaitable<void> {
+      const call c = make_call(w, "m", "hi");
+      // A scripted 429 still states the plan's retry_after.
+      answer scripted = co_await post(server.port(), c);
+      CHECK(scripted.status() == 429);
+      CHECK(scripted.header("retry-after-ms") == "700");
+      CHECK((co_await post(server.port(), c)).status() == 200);
+      answer limited = co_await post(server.port(), c);
+      CHECK(limited.status() == 429);
+      CHECK(limited.header("retry-after").empty());
+      CHECK(limited.header("retry-after-ms").empty());
+      CHECK(limited.header("x-amz-retry-after").empty());
+      if (w == wire::openai) {
+        CHECK(limited.body()["error"]["type"] == "requests");
+        const auto msg = limited.body()["error"]["message"].get<std::string>();
+        CHECK(msg.find("try again later") != std::string::npos);
+        CHECK(msg.find("try again in") == std::string::npos);
+        CHECK(limited.header("x-ratelimit-limit-requests") == "240");  // headers are separate
+      } else if (w == wire::bedrock) {
+        CHECK(limited.header("x-amzn-ErrorType").starts_with("ThrottlingException"));
+      }
+    });
+  }
+}
+
+TEST_CASE("mock_llm_server token_burst makes a small token bucket bite at once",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  // 6000 tokens per minute = 100 tokens/s, but only 120 in the bucket: three 40-token requests
+  // (a 104-byte prompt and a 56-byte answer). Without token_burst the bucket would hold 6000.
+  const fault_plan plan =
+      fault_plan{}.with_rate_limit(/*rps*/ 0, /*tpm*/ 6000).with_token_burst(120);
+  server.set_plan("gpt", plan);
+  server.set_plan("claude", plan);
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    const call o = make_call(wire::openai, "gpt", std::string(104, 'a'));
+    for (int i = 0; i < 3; ++i) {
+      answer r = co_await post(server.port(), o);
+      CHECK(r.status() == 200);
+      CHECK(r.header("x-ratelimit-limit-tokens") == "6000");
+      CHECK(r.header("x-ratelimit-remaining-tokens") == std::to_string(80 - 40 * i));
+    }
+    answer limited = co_await post(server.port(), o);
+    CHECK(limited.status() == 429);
+    CHECK(limited.body()["error"]["type"] == "tokens");
+    CHECK(limited.body()["error"]["message"].get<std::string>().find("tokens per min (TPM)") !=
+          std::string::npos);
+    CHECK(limited.header("retry-after-ms") == "400");  // 40 tokens at 100 per second
+
+    const call a = make_call(wire::anthropic, "claude", std::string(104, 'a'));
+    for (int i = 0; i < 3; ++i) {
+      CHECK((co_await post(server.port(), a)).status() == 200);
+    }
+    answer alimited = co_await post(server.port(), a);
+    CHECK(alimited.status() == 429);
+    CHECK(alimited.body()["error"]["message"].get<std::string>().find("input tokens per minute") !=
+          std::string::npos);
+    clock.t += 400ms;
+    CHECK((co_await post(server.port(), a)).status() == 200);
+  });
+}
+
+TEST_CASE("mock_llm_server rate schedule halves the admitted rate at its instant and restores it",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  fake_time clock;
+  const auto t0 = clock.t;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_plan("m", fault_plan{}
+                           .with_rate_limit(/*rps*/ 10, /*tpm*/ 0, /*burst*/ 1)
+                           .with_rate_change(1000ms, 5)
+                           .with_rate_change(2000ms, 10));
+  // burst 0: the capacity derived from the first rate (2) stays when the rate goes to 20.
+  server.set_plan("derived", fault_plan{}.with_rate_limit(/*rps*/ 2).with_rate_change(1000ms, 20));
+  std::vector<int> admitted(3, 0);
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    CHECK(server.current_limit("m").requests_per_second == 10);
+    const call c = make_call(wire::openai, "m", "hi");
+    for (int step = 0; step < 30; ++step) {  // one request every 100 ms for 3 s
+      clock.t = t0 + step * 100ms;
+      answer r = co_await post(server.port(), c);
+      if (r.status() == 200) {
+        ++admitted[static_cast<std::size_t>(step / 10)];
+      }
+      if (step == 11) {  // the first refusal at the halved rate: 0.5 request short at 5/s
+        CHECK(r.status() == 429);
+        CHECK(r.header("retry-after-ms") == "100");
+        CHECK(r.header("x-ratelimit-limit-requests") == "300");
+      }
+      if (step == 15) {
+        CHECK(server.current_limit("m").requests_per_second == 5);
+      }
+      if (step == 25) {
+        CHECK(r.header("x-ratelimit-limit-requests") == "600");
+        CHECK(server.current_limit("m").requests_per_second == 10);
+      }
+    }
+
+    const call d = make_call(wire::openai, "derived", "hi");
+    clock.t = t0;
+    CHECK((co_await post(server.port(), d)).status() == 200);
+    CHECK((co_await post(server.port(), d)).status() == 200);
+    CHECK((co_await post(server.port(), d)).status() == 429);
+    clock.t = t0 + 3s;  // 2 s at 20/s would fill a 40-request bucket; this one holds 2
+    answer first = co_await post(server.port(), d);
+    CHECK(first.status() == 200);
+    CHECK(first.header("x-ratelimit-limit-requests") == "1200");
+    CHECK(first.header("x-ratelimit-remaining-requests") == "1");
+    CHECK((co_await post(server.port(), d)).status() == 200);
+    answer third = co_await post(server.port(), d);
+    CHECK(third.status() == 429);
+    CHECK(third.header("retry-after-ms") == "50");  // one request at the new 20/s
+  });
+  CHECK(admitted == std::vector<int>{10, 5, 10});
+}
+
+TEST_CASE("fault_plan limits_at applies the schedule in order of its instants",
+          "[mock_llm_server]") {
+  const fault_plan plan = fault_plan{}
+                              .with_rate_limit(/*rps*/ 50, /*tpm*/ 60000)
+                              .with_rate_change(15000ms, 200, 0)
+                              .with_rate_change(5000ms, 100)
+                              .with_rate_change(15000ms, std::nullopt, 1000);
+  CHECK(plan.limits_at(0ms).requests_per_second == 50);
+  CHECK(plan.limits_at(4999ms).tokens_per_minute == 60000);
+  CHECK(plan.limits_at(5000ms).requests_per_second == 100);
+  CHECK(plan.limits_at(5000ms).tokens_per_minute == 60000);  // omitted: kept
+  CHECK(plan.limits_at(15000ms).requests_per_second == 200);
+  CHECK(plan.limits_at(15000ms).tokens_per_minute == 1000);  // equal instants: list order
+  // No plan: no limit.
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  CHECK(server.current_limit("none").requests_per_second == 0);
+  CHECK(server.current_limit("none").tokens_per_minute == 0);
+}
+
+TEST_CASE("scenario JSON loads the limiter keys of servers that hide their limits",
+          "[mock_llm_server]") {
+  using keel::testing::limiter_retry_after_mode;
+  using keel::testing::retry_after_style;
+  const auto s = keel::testing::scenario::from_json(R"({
+    "models": {
+      "vllm": {"rate_limit": {"requests_per_second": 50, "burst": 50, "tokens_per_minute": 60000,
+                              "token_burst": 5000},
+               "rate_limit_headers": false, "limiter_retry_after": "constant",
+               "retry_after_ms": 1000, "retry_after_format": "seconds",
+               "rate_schedule": [{"at_ms": 5000, "requests_per_second": 100},
+                                 {"at_ms": 15000, "requests_per_second": 200,
+                                  "tokens_per_minute": 120000}]},
+      "quiet": {"retry_after_format": "none", "limiter_retry_after": "none"},
+      "exact": {"limiter_retry_after": "exact", "rate_limit_headers": true}
+    }
+  })");
+  const auto& v = s.plans.at("vllm");
+  CHECK(v.requests_per_second == 50);
+  CHECK(v.token_burst == 5000);
+  CHECK_FALSE(v.rate_limit_headers);
+  CHECK(v.limiter_retry_after == limiter_retry_after_mode::constant);
+  CHECK(v.retry_after_format == retry_after_style::seconds);
+  REQUIRE(v.rate_schedule.size() == 2);
+  CHECK(v.rate_schedule[0].at == 5000ms);
+  CHECK(v.rate_schedule[0].requests_per_second == 100.0);
+  CHECK_FALSE(v.rate_schedule[0].tokens_per_minute);
+  CHECK(v.rate_schedule[1].at == 15000ms);
+  CHECK(v.rate_schedule[1].requests_per_second == 200.0);
+  CHECK(v.rate_schedule[1].tokens_per_minute == 120000.0);
+  const auto& q = s.plans.at("quiet");
+  CHECK(q.retry_after_format == retry_after_style::none);
+  CHECK(q.limiter_retry_after == limiter_retry_after_mode::none);
+  CHECK(q.rate_limit_headers);  // defaults
+  CHECK(q.token_burst == 0);
+  CHECK(q.rate_schedule.empty());
+  const auto& e = s.plans.at("exact");
+  CHECK(e.limiter_retry_after == limiter_retry_after_mode::exact);
+  CHECK(e.rate_limit_headers);
+  for (auto m : {limiter_retry_after_mode::exact, limiter_retry_after_mode::constant,
+                 limiter_retry_after_mode::none}) {
+    CHECK(keel::testing::parse_limiter_retry_after_mode(keel::testing::to_string(m)) == m);
+  }
+  CHECK(keel::testing::to_string(retry_after_style::none) == "none");
+
+  // The scenario drives a server: the schedule applies from start(), the headers stay away.
+  asio::io_context ctx;
+  fake_time clock;
+  const auto t0 = clock.t;
+  mock_options opts;
+  opts.now = clock.fn();
+  mock_llm_server server{ctx, opts};
+  server.set_scenario(s);
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    clock.t = t0 + 5s;
+    CHECK(server.current_limit("vllm").requests_per_second == 100);
+    CHECK(server.current_limit("vllm").tokens_per_minute == 60000);
+    answer r = co_await post(server.port(), make_call(wire::openai, "vllm", "hi"));
+    CHECK(r.status() == 200);
+    CHECK(r.header("x-ratelimit-limit-requests").empty());
   });
 }
 
@@ -769,6 +1092,26 @@ TEST_CASE("a bad scenario names the JSON path of the offending value", "[mock_ll
            {R"({"models": {"m": {"retry_after_format": "rfc850"}}})",
             "/models/m/retry_after_format"},
            {R"({"models": {"m": {"retry_after_format": 5}}})", "/models/m/retry_after_format"},
+           {R"({"models": {"m": {"limiter_retry_after": "exactly"}}})",
+            "/models/m/limiter_retry_after"},
+           {R"({"models": {"m": {"limiter_retry_after": 1}}})", "/models/m/limiter_retry_after"},
+           {R"({"models": {"m": {"rate_limit_headers": "no"}}})", "/models/m/rate_limit_headers"},
+           {R"({"models": {"m": {"rate_limit": {"token_burst": -5}}}})",
+            "/models/m/rate_limit/token_burst"},
+           {R"({"models": {"m": {"rate_schedule": {"at_ms": 10}}}})", "/models/m/rate_schedule"},
+           {R"({"models": {"m": {"rate_schedule": [{"at_ms": 10, "requests_per_second": "x"}]}}})",
+            "/models/m/rate_schedule/0/requests_per_second"},
+           {R"({"models": {"m": {"rate_schedule": [{"at_ms": 1, "tokens_per_minute": -1}]}}})",
+            "/models/m/rate_schedule/0/tokens_per_minute"},
+           {R"({"models": {"m": {"rate_schedule": [{"requests_per_second": 5}]}}})",
+            "/models/m/rate_schedule/0"},
+           {R"({"models": {"m": {"rate_schedule": [{"at_ms": 10}]}}})",
+            "/models/m/rate_schedule/0"},
+           {R"({"models": {"m": {"rate_schedule": [{"at_ms": 10, "rps": 5}]}}})",
+            "/models/m/rate_schedule/0/rps"},
+           {R"({"models": {"m": {"rate_schedule": [{"at_ms": 9, "requests_per_second": 5},
+                                                   {"at_ms": 5, "requests_per_second": 1}]}}})",
+            "/models/m/rate_schedule/1/at_ms"},
            {R"({"models": []})", "/models"},
            {R"({"models": )", ""},
            // Regression (fuzz/fuzz_mock_scenario): nlohmann reports a number that overflows a

@@ -5,7 +5,7 @@
 // --------
 // Including this header gives the whole core: errors and classification, results, clocks,
 // randomness, backoff, retry budget, with_retry, with_deadline, with_fallback, the circuit
-// breaker, the throttler, the bulkhead and fan_out. Each also has its own header; include only
+// breaker, the throttler and its rate controller, the bulkhead and fan_out. Each also has its own header; include only
 // what you use to keep compile times down.
 //
 // Example:
@@ -23,6 +23,7 @@
 #include <keel/fallback.hpp>
 #include <keel/fan_out.hpp>
 #include <keel/random.hpp>
+#include <keel/rate_controller.hpp>
 #include <keel/result.hpp>
 #include <keel/retry.hpp>
 #include <keel/retry_budget.hpp>

@@ -237,25 +237,73 @@ struct bucket {
     return level + 1e-9 >= need ? 0.0 : (need - level) / per_second;
   }
   milliseconds until_full() const { return ceil_ms((capacity - level) / per_second); }
+  // Switches to `rate` (per second) at `at`. What was earned before `at` accrues at the old rate,
+  // so a change applied late (at the next request) gives the same level as one applied on time.
+  // The capacity is fixed when the bucket is first switched on (`configured`, else `derived`):
+  // a later change is purely a change of rate. A bucket switched on starts full.
+  void set_rate(double rate, double configured, double derived, clock_type::time_point at) {
+    const bool was_enabled = enabled();
+    if (was_enabled && primed) {
+      refill(at);
+    }
+    per_second = rate;
+    if (!enabled()) {
+      return;
+    }
+    if (capacity <= 0) {
+      capacity = configured > 0 ? configured : derived;
+    }
+    if (!was_enabled) {
+      primed = false;
+    }
+  }
 };
 
-// Per-model state: the plan, its generator, script position and limiter buckets.
+// The schedule in the order it applies: by instant, ties in list order.
+std::vector<rate_change> sorted_schedule(const std::vector<rate_change>& changes) {
+  std::vector<rate_change> out = changes;
+  std::stable_sort(out.begin(), out.end(),
+                   [](const rate_change& a, const rate_change& b) { return a.at < b.at; });
+  return out;
+}
+
+// Per-model state: the plan, its generator, script position, limiter buckets and how much of the
+// limit schedule has been applied.
 struct model_state {
   fault_plan plan;
   std::unique_ptr<keel::random_source> rng;
   std::size_t script_pos = 0;
   bucket requests;
   bucket tokens;
+  std::vector<rate_change> schedule;  // sorted
+  std::size_t schedule_pos = 0;
 
   model_state(fault_plan p, std::uint64_t seed)
-      : plan(std::move(p)), rng(std::make_unique<keel::random_source>(seed)) {
-    if (plan.requests_per_second > 0) {
-      requests.per_second = plan.requests_per_second;
-      requests.capacity = plan.burst > 0 ? plan.burst : std::max(1.0, plan.requests_per_second);
-    }
-    if (plan.tokens_per_minute > 0) {
-      tokens.per_second = plan.tokens_per_minute / 60.0;
-      tokens.capacity = plan.tokens_per_minute;
+      : plan(std::move(p)),
+        rng(std::make_unique<keel::random_source>(seed)),
+        schedule(sorted_schedule(plan.rate_schedule)) {
+    set_requests(plan.requests_per_second, {});
+    set_tokens(plan.tokens_per_minute, {});
+  }
+
+  void set_requests(double rps, clock_type::time_point at) {
+    requests.set_rate(rps, plan.burst, std::max(1.0, rps), at);
+  }
+  void set_tokens(double tpm, clock_type::time_point at) {
+    tokens.set_rate(tpm / 60.0, plan.token_burst, tpm, at);
+  }
+
+  // Applies, in order, every scheduled change due by `now`. Lazy like the buckets: no timer.
+  void apply_schedule(clock_type::time_point started, clock_type::time_point now) {
+    while (schedule_pos < schedule.size() && started + schedule[schedule_pos].at <= now) {
+      const rate_change& c = schedule[schedule_pos++];
+      const auto at = started + c.at;
+      if (c.requests_per_second) {
+        set_requests(*c.requests_per_second, at);
+      }
+      if (c.tokens_per_minute) {
+        set_tokens(*c.tokens_per_minute, at);
+      }
     }
   }
 };
@@ -375,6 +423,9 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
   // Like the providers, limits are stated per minute; a dimension the plan does not limit is not
   // reported at all (a client must not learn a limit that is not enforced).
   void add_rate_headers(reply& r, wire f, model_state* st) {
+    if (st && !st->plan.rate_limit_headers) {
+      return;
+    }
     const bool has_req = st && st->requests.enabled();
     const bool has_tok = st && st->tokens.enabled();
     const char* const names[2][2][3] = {
@@ -423,12 +474,15 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       case retry_after_style::amz:
         r.headers.emplace_back("x-amz-retry-after", std::to_string(d.count()));
         break;
+      case retry_after_style::none:
+        break;
     }
   }
 
-  // Fills `r` with the provider's answer for `k` (an HTTP-level outcome).
+  // Fills `r` with the provider's answer for `k` (an HTTP-level outcome). A 429 states
+  // `retry_after` unless it is empty or the plan's format is `none`.
   void answer(reply& r, fault_kind k, const parsed_request& pr, model_state* st,
-              milliseconds retry_after, bool tokens_limited) {
+              std::optional<milliseconds> retry_after, bool tokens_limited) {
     const std::string id = request_id();
     switch (pr.format) {
       case wire::openai:
@@ -475,6 +529,10 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     }
 
     const bool is_rate_limit = k == fault_kind::rate_limit || k == fault_kind::throttling;
+    const retry_after_style style = st ? st->plan.retry_after_format : retry_after_style::both;
+    if (style == retry_after_style::none) {
+      retry_after.reset();
+    }
     // A malformed answer is a success body cut in half, still framed as a complete 200.
     const bool cut_body = k == fault_kind::malformed;
     if (cut_body) {
@@ -503,10 +561,13 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
           case fault_kind::throttling: {
             r.status = 429;
             const char* what = tokens_limited ? "tokens per min (TPM)" : "requests per min (RPM)";
+            // A server that states no delay does not state one in the body either.
+            const std::string when = retry_after
+                                         ? "Please try again in " + openai_duration(*retry_after)
+                                         : std::string("Please try again later");
             r.body = dump(openai_error(
-                "Rate limit reached for " + model + " in organization org-mock on " + what +
-                    ". Please try again in " + openai_duration(retry_after) +
-                    ". Visit https://platform.openai.com/account/rate-limits to learn more.",
+                "Rate limit reached for " + model + " in organization org-mock on " + what + ". " +
+                    when + ". Visit https://platform.openai.com/account/rate-limits to learn more.",
                 tokens_limited ? "tokens" : "requests", nullptr, "rate_limit_exceeded"));
             break;
           }
@@ -723,8 +784,8 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     if (pr.format != wire::bedrock || r.status == 200) {
       add_rate_headers(r, pr.format, st);
     }
-    if (is_rate_limit) {
-      add_retry_after(r, retry_after, st ? st->plan.retry_after_format : retry_after_style::both);
+    if (is_rate_limit && retry_after) {
+      add_retry_after(r, *retry_after, style);
     }
     if (cut_body) {
       r.body.resize(r.body.size() / 2);
@@ -736,11 +797,12 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     reply r;
     model_state* st = pr.model.empty() ? nullptr : state_for(pr.model);
     fault_kind k = fault_kind::ok;
-    milliseconds retry_after{0};
+    std::optional<milliseconds> retry_after;
     bool tokens_limited = false;
     if (st && pr.format != wire::unknown && !pr.malformed) {
       const fault_plan& plan = st->plan;
       const auto t = now();
+      st->apply_schedule(started, t);
       const auto since_start = std::chrono::duration_cast<milliseconds>(t - started);
       const std::size_t cost =
           tokens_for(pr.prompt_chars) + tokens_for(completion_for(pr.last_user).size());
@@ -778,7 +840,16 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
         }
         if (wait > 0) {
           k = fault_kind::rate_limit;
-          retry_after = ceil_ms(wait);
+          switch (plan.limiter_retry_after) {
+            case limiter_retry_after_mode::exact:
+              retry_after = ceil_ms(wait);
+              break;
+            case limiter_retry_after_mode::constant:
+              retry_after = plan.retry_after;
+              break;
+            case limiter_retry_after_mode::none:
+              break;
+          }
           decided = true;
         } else {
           if (st->requests.enabled()) {
@@ -1026,6 +1097,35 @@ void mock_llm_server::clear_plans() {
 mock_stats mock_llm_server::stats() const {
   std::lock_guard lock(impl_->mu);
   return impl_->counters;
+}
+
+rate_limits mock_llm_server::current_limit(const std::string& model) const {
+  std::lock_guard lock(impl_->mu);
+  auto p = impl_->plans.find(model);
+  if (p == impl_->plans.end()) {
+    p = impl_->plans.find("*");
+  }
+  if (p == impl_->plans.end()) {
+    return {};
+  }
+  return p->second.limits_at(
+      std::chrono::duration_cast<milliseconds>(impl_->now() - impl_->started));
+}
+
+rate_limits fault_plan::limits_at(std::chrono::milliseconds since_start) const {
+  rate_limits out{requests_per_second, tokens_per_minute};
+  for (const rate_change& c : sorted_schedule(rate_schedule)) {
+    if (c.at > since_start) {
+      break;
+    }
+    if (c.requests_per_second) {
+      out.requests_per_second = *c.requests_per_second;
+    }
+    if (c.tokens_per_minute) {
+      out.tokens_per_minute = *c.tokens_per_minute;
+    }
+  }
+  return out;
 }
 
 void mock_llm_server::reset_stats() {

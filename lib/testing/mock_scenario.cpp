@@ -35,12 +35,19 @@ constexpr std::array<std::pair<fault_kind, std::string_view>, 17> fault_names{{
     {fault_kind::bad_request, "bad_request"},
 }};
 
-constexpr std::array<std::pair<retry_after_style, std::string_view>, 5> retry_after_names{{
+constexpr std::array<std::pair<retry_after_style, std::string_view>, 6> retry_after_names{{
     {retry_after_style::both, "both"},
     {retry_after_style::milliseconds, "milliseconds"},
     {retry_after_style::seconds, "seconds"},
     {retry_after_style::http_date, "http_date"},
     {retry_after_style::amz, "amz"},
+    {retry_after_style::none, "none"},
+}};
+
+constexpr std::array<std::pair<limiter_retry_after_mode, std::string_view>, 3> limiter_names{{
+    {limiter_retry_after_mode::exact, "exact"},
+    {limiter_retry_after_mode::constant, "constant"},
+    {limiter_retry_after_mode::none, "none"},
 }};
 
 // JSON pointers of children; nlohmann's json_pointer does the RFC 6901 escaping, so that a key
@@ -69,6 +76,20 @@ double number(const json& j, const std::string& path, double lo, double hi) {
 std::chrono::milliseconds millis(const json& j, const std::string& path) {
   return std::chrono::milliseconds(
       static_cast<std::int64_t>(number(j, path, 0, 24.0 * 3600 * 1000)));
+}
+
+std::string string_of(const json& j, const std::string& path) {
+  if (!j.is_string()) {
+    throw scenario_error(path, "expected a string, got " + std::string(j.type_name()));
+  }
+  return j.get<std::string>();
+}
+
+const json& array(const json& j, const std::string& path) {
+  if (!j.is_array()) {
+    throw scenario_error(path, "expected an array, got " + std::string(j.type_name()));
+  }
+  return j;
 }
 
 const json& object(const json& j, const std::string& path) {
@@ -137,15 +158,58 @@ fault_plan parse_plan(const json& j, const std::string& path) {
     } else if (key == "retry_after_ms") {
       plan.retry_after = millis(v, p);
     } else if (key == "retry_after_format") {
-      if (!v.is_string()) {
-        throw scenario_error(p, "expected a string, got " + std::string(v.type_name()));
-      }
-      const auto style = parse_retry_after_style(v.get<std::string>());
+      const std::string name = string_of(v, p);
+      const auto style = parse_retry_after_style(name);
       if (!style) {
-        throw scenario_error(p, "unknown retry-after format \"" + v.get<std::string>() +
-                                    "\" (expected both, milliseconds, seconds, http_date or amz)");
+        throw scenario_error(p, "unknown retry-after format \"" + name +
+                                    "\" (expected both, milliseconds, seconds, http_date, amz or "
+                                    "none)");
       }
       plan.retry_after_format = *style;
+    } else if (key == "limiter_retry_after") {
+      const std::string name = string_of(v, p);
+      const auto mode = parse_limiter_retry_after_mode(name);
+      if (!mode) {
+        throw scenario_error(
+            p, "unknown limiter retry-after \"" + name + "\" (expected exact, constant or none)");
+      }
+      plan.limiter_retry_after = *mode;
+    } else if (key == "rate_limit_headers") {
+      if (!v.is_boolean()) {
+        throw scenario_error(p, "expected true or false, got " + std::string(v.type_name()));
+      }
+      plan.rate_limit_headers = v.get<bool>();
+    } else if (key == "rate_schedule") {
+      array(v, p);
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        const std::string pi = child(p, i);
+        object(v[i], pi);
+        rate_change c;
+        bool has_at = false;
+        for (const auto& [k2, v2] : v[i].items()) {
+          if (k2 == "at_ms") {
+            c.at = millis(v2, child(pi, k2));
+            has_at = true;
+          } else if (k2 == "requests_per_second") {
+            c.requests_per_second = number(v2, child(pi, k2), 0, 1e9);
+          } else if (k2 == "tokens_per_minute") {
+            c.tokens_per_minute = number(v2, child(pi, k2), 0, 1e12);
+          } else {
+            unknown_key(pi, k2);
+          }
+        }
+        if (!has_at) {
+          throw scenario_error(pi, "a rate change needs \"at_ms\"");
+        }
+        if (!c.requests_per_second && !c.tokens_per_minute) {
+          throw scenario_error(
+              pi, "a rate change needs \"requests_per_second\" or \"tokens_per_minute\"");
+        }
+        if (!plan.rate_schedule.empty() && c.at < plan.rate_schedule.back().at) {
+          throw scenario_error(child(pi, "at_ms"), "at_ms is before the previous change's");
+        }
+        plan.rate_schedule.push_back(c);
+      }
     } else if (key == "rate_limit") {
       object(v, p);
       for (const auto& [k2, v2] : v.items()) {
@@ -155,6 +219,8 @@ fault_plan parse_plan(const json& j, const std::string& path) {
           plan.burst = number(v2, child(p, k2), 0, 1e9);
         } else if (k2 == "tokens_per_minute") {
           plan.tokens_per_minute = number(v2, child(p, k2), 0, 1e12);
+        } else if (k2 == "token_burst") {
+          plan.token_burst = number(v2, child(p, k2), 0, 1e12);
         } else {
           unknown_key(p, k2);
         }
@@ -162,9 +228,7 @@ fault_plan parse_plan(const json& j, const std::string& path) {
     } else if (key == "context_window") {
       plan.context_window = static_cast<std::size_t>(number(v, p, 0, 1e12));
     } else if (key == "outages") {
-      if (!v.is_array()) {
-        throw scenario_error(p, "expected an array, got " + std::string(v.type_name()));
-      }
+      array(v, p);
       for (std::size_t i = 0; i < v.size(); ++i) {
         const std::string pi = child(p, i);
         object(v[i], pi);
@@ -191,9 +255,7 @@ fault_plan parse_plan(const json& j, const std::string& path) {
         plan.outages.push_back(w);
       }
     } else if (key == "script") {
-      if (!v.is_array()) {
-        throw scenario_error(p, "expected an array, got " + std::string(v.type_name()));
-      }
+      array(v, p);
       for (std::size_t i = 0; i < v.size(); ++i) {
         plan.script.push_back(kind(v[i], child(p, i)));
       }
@@ -237,6 +299,25 @@ std::optional<retry_after_style> parse_retry_after_style(std::string_view name) 
   for (const auto& [rs, n] : retry_after_names) {
     if (n == name) {
       return rs;
+    }
+  }
+  return std::nullopt;
+}
+
+std::string_view to_string(limiter_retry_after_mode m) noexcept {
+  for (const auto& [lm, name] : limiter_names) {
+    if (lm == m) {
+      return name;
+    }
+  }
+  return "unknown";
+}
+
+std::optional<limiter_retry_after_mode> parse_limiter_retry_after_mode(
+    std::string_view name) noexcept {
+  for (const auto& [lm, n] : limiter_names) {
+    if (n == name) {
+      return lm;
     }
   }
   return std::nullopt;

@@ -20,9 +20,11 @@
 // 404, content filter, 408/504 timeouts, a 200 that is not JSON), a server-side rate limit with
 // an honest delay hint (`retry-after`/`retry-after-ms`, or one chosen form: seconds, HTTP-date,
 // milliseconds, `x-amz-retry-after`), outage windows, connection resets, stalls, truncated
-// bodies and scripted sequences. Every error is sent with
-// the provider's real body shape and headers. Random choices come from a seeded generator per
-// model, so a single-client run is reproducible.
+// bodies and scripted sequences. The limiter can also behave like servers that do not advertise
+// their limits (Bedrock, vLLM, nginx `limit_req`): no `x-ratelimit-*` headers, a constant or
+// absent Retry-After, a small token bucket, and limits that change on a schedule. Every error is
+// sent with the provider's real body shape and headers. Random choices come from a seeded
+// generator per model, so a single-client run is reproducible.
 //
 // For each request the server decides, in this order: outage window (503) → next scripted
 // outcome (decides outright, even "ok") → context window → rate limit (429) → random faults →
@@ -51,7 +53,8 @@
 //
 // Thread safety: the server lives on the executor it was given. `start()` and `stop()` must be
 // called on that executor's thread or while it is not running; `stats()`, `reset_stats()`,
-// `set_plan()`, `set_scenario()` and `clear_plans()` are safe from any thread (one mutex).
+// `current_limit()`, `set_plan()`, `set_scenario()` and `clear_plans()` are safe from any thread
+// (one mutex).
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/io_context.hpp>
@@ -105,8 +108,8 @@ std::string_view to_string(fault_kind k) noexcept;
 /// The fault kind named `name`, if any (the names `to_string` returns).
 std::optional<fault_kind> parse_fault_kind(std::string_view name) noexcept;
 
-/// Which delay headers a 429 carries (every form states the same delay, `fault_plan::retry_after`
-/// or the limiter's exact wait).
+/// Which delay headers a 429 carries (every form states the same delay: `fault_plan::retry_after`,
+/// or for the limiter's own 429s what `fault_plan::limiter_retry_after` chooses).
 enum class retry_after_style {
   both,          ///< `retry-after` (seconds, rounded up) and `retry-after-ms` (the default).
   milliseconds,  ///< Only `retry-after-ms`.
@@ -114,14 +117,51 @@ enum class retry_after_style {
   http_date,     ///< Only `Retry-After` as an IMF-fixdate: `system_clock::now()` + delay, rounded
                  ///< up to the next whole second (real wall clock, not `mock_options::now`).
   amz,           ///< Only `x-amz-retry-after` in milliseconds (Bedrock's form; sent on any format).
+  none,          ///< No delay header on any 429 (scripted, random or from the limiter), and no
+                 ///< "try again in" in the OpenAI body.
 };
 
 /// The scenario-file name of a retry-after style ("both", "milliseconds", "seconds",
-/// "http_date", "amz").
+/// "http_date", "amz", "none").
 std::string_view to_string(retry_after_style s) noexcept;
 
 /// The retry-after style named `name`, if any (the names `to_string` returns).
 std::optional<retry_after_style> parse_retry_after_style(std::string_view name) noexcept;
+
+/// What delay the rate limiter's own 429s state (random and scripted 429s always state
+/// `fault_plan::retry_after`).
+enum class limiter_retry_after_mode {
+  exact,     ///< The exact time until the buckets have room, in `retry_after_format` (default).
+  constant,  ///< `fault_plan::retry_after` whatever the real wait, in `retry_after_format` (an
+             ///< nginx `limit_req` with `add_header Retry-After 1`).
+  none,      ///< No delay header and no "try again in" in the OpenAI body (vLLM, most proxies).
+};
+
+/// The scenario-file name of a limiter retry-after mode ("exact", "constant", "none").
+std::string_view to_string(limiter_retry_after_mode m) noexcept;
+
+/// The limiter retry-after mode named `name`, if any (the names `to_string` returns).
+std::optional<limiter_retry_after_mode> parse_limiter_retry_after_mode(
+    std::string_view name) noexcept;
+
+/// A change of the server-side rate limit, in force from `at` (measured from `start()`) on.
+/// An empty field keeps its current value; 0 switches that part of the limit off.
+struct rate_change {
+  /// When the change takes effect, from server start.
+  std::chrono::milliseconds at{0};
+  /// New request rate, if it changes.
+  std::optional<double> requests_per_second;
+  /// New token rate, if it changes.
+  std::optional<double> tokens_per_minute;
+};
+
+/// The rates of a server-side limiter at one instant (0: that part is off).
+struct rate_limits {
+  /// Requests per second.
+  double requests_per_second = 0;
+  /// Tokens (prompt + completion) per minute.
+  double tokens_per_minute = 0;
+};
 
 /// A period, measured from `start()`, during which every request is answered 503.
 struct outage_window {
@@ -144,12 +184,26 @@ struct fault_plan {
   std::chrono::milliseconds retry_after{1000};
   /// Which headers carry the delay of every 429 (scripted, random or from the limiter).
   retry_after_style retry_after_format = retry_after_style::both;
+  /// What delay the limiter's own 429s state: the exact wait, `retry_after`, or none.
+  limiter_retry_after_mode limiter_retry_after = limiter_retry_after_mode::exact;
+  /// Whether responses carry `x-ratelimit-*` / `anthropic-ratelimit-*` headers for the limits
+  /// this plan enforces (false: none at all, like Bedrock, vLLM or an nginx limiter).
+  bool rate_limit_headers = true;
   /// Server-side request rate limit (0: none).
   double requests_per_second = 0;
   /// Request bucket capacity (0: max(1, requests_per_second)).
   double burst = 0;
   /// Server-side token rate limit on prompt + completion tokens (0: none).
   double tokens_per_minute = 0;
+  /// Token bucket capacity (0: one minute's worth, `tokens_per_minute`). A request larger than
+  /// the capacity is admitted when the bucket is full, and empties it.
+  double token_burst = 0;
+  /// Changes of `requests_per_second` / `tokens_per_minute` over time, applied in order of `at`
+  /// (equal instants: in list order). From each change on the buckets refill at the new rate,
+  /// keeping their level; their capacities never change (`burst`/`token_burst`, or derived once
+  /// from the first non-zero rate), so a change is purely a change of rate. A part switched on
+  /// (from 0) starts with a full bucket.
+  std::vector<rate_change> rate_schedule;
   /// Prompt-token limit; a longer prompt gets the context-length error (0: none).
   std::size_t context_window = 0;
   /// Outage windows.
@@ -189,6 +243,31 @@ struct fault_plan {
     burst = bucket_burst;
     return *this;
   }
+  /// Sets the token bucket capacity (0: one minute's worth). @returns *this.
+  fault_plan& with_token_burst(double tokens) {
+    token_burst = tokens;
+    return *this;
+  }
+  /// Sends or suppresses the rate-limit headers. @returns *this.
+  fault_plan& with_rate_limit_headers(bool send) {
+    rate_limit_headers = send;
+    return *this;
+  }
+  /// Sets what delay the limiter's own 429s state. @returns *this.
+  fault_plan& with_limiter_retry_after(limiter_retry_after_mode mode) {
+    limiter_retry_after = mode;
+    return *this;
+  }
+  /// Adds a limit change at `at` from server start (an empty rate keeps its value; 0 switches
+  /// that part off). @returns *this.
+  fault_plan& with_rate_change(std::chrono::milliseconds at, std::optional<double> rps,
+                               std::optional<double> tpm = std::nullopt) {
+    rate_schedule.push_back(rate_change{at, rps, tpm});
+    return *this;
+  }
+  /// The rates in force `since_start` after server start: the plan's, updated by every
+  /// `rate_schedule` change with `at <= since_start`.
+  rate_limits limits_at(std::chrono::milliseconds since_start) const;
   /// Adds an outage window [from, to) measured from server start. @returns *this.
   fault_plan& with_outage(std::chrono::milliseconds from, std::chrono::milliseconds to) {
     outages.push_back(outage_window{from, to});
@@ -320,6 +399,9 @@ class mock_llm_server {
 
   /// A snapshot of the counters.
   mock_stats stats() const;
+  /// The rates of `model`'s limiter at `mock_options::now` (its plan, or "*"'s, with the
+  /// schedule applied; zeros without a plan). Meaningful after `start()`.
+  rate_limits current_limit(const std::string& model) const;
   /// Sets every counter to zero.
   void reset_stats();
 

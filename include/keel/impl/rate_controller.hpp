@@ -1,0 +1,916 @@
+// Implementation of keel::basic_rate_controller: the rejection log, the per-dimension phases and
+// how they are applied to the throttler.
+#pragma once
+
+#include <keel/rate_controller.hpp>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <random>
+#ifdef KEEL_PACING_TRACE
+#include <cstdio>
+#endif
+
+namespace keel {
+
+inline const char* to_string(pacing_phase p) noexcept {
+  switch (p) {
+    case pacing_phase::unlimited:
+      return "unlimited";
+    case pacing_phase::startup:
+      return "startup";
+    case pacing_phase::search:
+      return "search";
+    case pacing_phase::cruise:
+      return "cruise";
+    case pacing_phase::probe:
+      return "probe";
+    case pacing_phase::fixed:
+      return "fixed";
+  }
+  return "unknown";
+}
+
+}  // namespace keel
+
+namespace keel::detail {
+
+inline double pacing_non_negative(double x) noexcept {
+  return x > 0 && std::isfinite(x) ? x : 0;
+}
+
+template <class Clock>
+class rate_controller_state {
+ public:
+  using time_point = typename Clock::time_point;
+  using duration = typename Clock::duration;
+  using ticket = typename basic_rate_controller<Clock>::ticket;
+
+  static constexpr std::size_t req = 0;
+  static constexpr std::size_t tok = 1;
+
+  // A rate small enough never to refill: the request bucket is then a window whose tokens only
+  // come back through release().
+  static constexpr double window_rate = 1e-9;
+  // Rejections kept for estimates (by send time), and the longest span of one estimate: an
+  // estimate follows the last two seconds, so a limit that changes is re-measured.
+  static constexpr auto log_span = std::chrono::seconds(4);
+  static constexpr auto sample_window = std::chrono::seconds(2);
+  static constexpr std::size_t max_log = 1 << 16;
+  // Send-time bins for the accepted rate of the last second.
+  static constexpr auto bin_width = std::chrono::milliseconds(50);
+  static constexpr std::size_t bin_count = 40;
+  static constexpr std::int64_t accepted_bins = 20;  // one second
+  // The probe gain stops doubling after this many rounds (probe_step x 1023).
+  static constexpr int max_probe_round = 10;
+
+  rate_controller_state(basic_throttler<Clock>& bucket, const rate_controller_options& o)
+      : bucket_(bucket), o_(normalized(o)), epoch_(Clock::now()) {
+    if (o_.random == nullptr) {
+      own_random_ = std::make_unique<random_source>(std::random_device{}());
+      o_.random = own_random_.get();
+    }
+    dims_[req].configured = o_.max_requests_per_second;
+    dims_[tok].configured = o_.max_tokens_per_minute / 60;
+    for (auto& d : dims_) {
+      d.ceiling = d.configured;
+      d.last_update = epoch_;
+    }
+    const throttler_options current = bucket_.options();
+    if (dims_[req].configured > 0) {
+      dims_[req].phase = pacing_phase::fixed;
+      dims_[req].rate = dims_[req].configured;
+      // A caller who configured the bucket at this rate chose its burst too: keep it.
+      keep_request_burst_ = current.requests_per_second == dims_[req].configured;
+    } else {
+      dims_[req].phase = pacing_phase::startup;
+      window_ = o_.initial_window;
+    }
+    if (dims_[tok].configured > 0) {
+      dims_[tok].phase = pacing_phase::fixed;
+      dims_[tok].rate = dims_[tok].configured;
+      keep_token_burst_ = current.tokens_per_minute == o_.max_tokens_per_minute;
+    }
+    apply();
+  }
+
+  ticket on_send(throttle_cost cost) {
+    std::lock_guard lock{mutex_};
+    const time_point now = Clock::now();
+    ticket t;
+    t.seq = ++seq_;
+    t.sent = now;
+    t.tokens = pacing_non_negative(cost.tokens);
+    t.tokens_before = tokens_sent_;
+    tokens_sent_ += t.tokens;
+    max_token_cost_ = std::max(max_token_cost_, t.tokens);
+    bin& b = bin_at(now);
+    b.sent[req] += 1;
+    b.sent[tok] += t.tokens;
+    young_.push_back(young_send{t.seq, t.sent, t.tokens, false});
+    update(now);
+    return t;
+  }
+
+  void on_accepted(const ticket& t) {
+    std::lock_guard lock{mutex_};
+    const time_point now = Clock::now();
+    resolve(t.seq);
+    if (t.seq != 0 && dims_[req].phase == pacing_phase::startup) {
+      // The slot comes back and the window grows by one: doubling per round trip, but at most
+      // doubling per `search_doubling`, so that a fast server's burst does not let the window
+      // (and the first wave of 429s) grow without bound.
+      const double cap =
+          o_.initial_window *
+          std::exp2(std::min(30.0, std::chrono::duration<double>(now - epoch_).count() /
+                                       std::chrono::duration<double>(o_.search_doubling).count()));
+      window_release_ += 1;
+      if (window_ + 1 <= cap) {
+        window_ += 1;
+        window_release_ += 1;
+      }
+    }
+    update(now);
+  }
+
+  void on_abandoned(const ticket& t) {
+    std::lock_guard lock{mutex_};
+    const time_point now = Clock::now();
+    resolve(t.seq);
+    if (t.seq != 0 && dims_[req].phase == pacing_phase::startup) {
+      window_release_ += 1;
+    }
+    update(now);
+  }
+
+  void on_throttled(const ticket& t, limit_kind kind, std::optional<duration> hint) {
+    std::lock_guard lock{mutex_};
+    const time_point now = Clock::now();
+    if (t.seq != 0) {
+      const std::size_t di = kind == limit_kind::tokens ? tok : req;
+      resolve(t.seq);
+      record_rejection(t, di, now);
+      react(di, now, hint);
+      on_rejection(di, t, now);
+    }
+    update(now);
+  }
+
+  void on_advertised(std::optional<double> rpm, std::optional<double> tpm) {
+    std::lock_guard lock{mutex_};
+    bool changed = false;
+    if (rpm && pacing_non_negative(*rpm) > 0) {
+      changed |= advertise(req, *rpm / 60);
+    }
+    if (tpm && pacing_non_negative(*tpm) > 0) {
+      changed |= advertise(tok, *tpm / 60);
+    }
+    if (changed) {
+      update(Clock::now());
+    }
+  }
+
+  pacing_state snapshot(std::size_t di) const {
+    std::lock_guard lock{mutex_};
+    const dim& d = dims_[di];
+    pacing_state s;
+    s.phase = d.phase;
+    s.rate = d.phase == pacing_phase::startup ? 0 : d.rate;
+    s.estimate = d.estimate;
+    s.window = di == req && d.phase == pacing_phase::startup ? window_ : 0;
+    s.samples = d.samples;
+    s.rejections = d.rejections;
+    return s;
+  }
+
+  basic_throttler<Clock>& bucket() const noexcept { return bucket_; }
+
+ private:
+  // What the client was doing when an episode's first rejection came.
+  enum class cause { startup, plateau, probe, search, fixed };
+
+  struct rejection {
+    std::uint64_t seq;
+    time_point sent;
+    double tokens;
+    double tokens_before;
+    std::size_t dim;
+  };
+
+  struct dim {
+    pacing_phase phase = pacing_phase::unlimited;
+    double rate = 0;        // paced rate per second (0: not limited)
+    double estimate = 0;    // the server's limit per second (0: unknown)
+    double configured = 0;  // configured ceiling per second
+    double advertised = 0;  // advertised limit per second
+    double ceiling = 0;     // min of the two (0: none)
+    std::uint64_t samples = 0;
+    std::uint64_t rejections = 0;
+    // Reactions on arrival.
+    bool reacting = false;  // a rejection arrived and its episode has not ended yet
+    cause why = cause::plateau;
+    time_point last_arrival{};   // the latest rejection's arrival
+    time_point block_until{};    // the longest Retry-After of the episode
+    time_point last_halving{};   // search
+    double episode_best = 0;     // accepted work of the episode's adopted sample
+    time_point adopted_at{};     // when the estimate was last set
+    // The episode.
+    bool in_episode = false;
+    rejection first{};
+    rejection latest{};
+    rejection previous{};  // the last rejection of the previous episode
+    cause previous_why = cause::startup;
+    // Phase clocks.
+    time_point last_growth{};
+    time_point plateau_until{};
+    duration probe_elapsed{};
+    time_point last_update{};
+  };
+
+  // A send whose 429 could still be on its way.
+  struct young_send {
+    std::uint64_t seq;
+    time_point sent;
+    double tokens;
+    bool resolved;  // an answer (or a 429) came back
+  };
+
+  struct bin {
+    std::int64_t index = -1;
+    double sent[2] = {0, 0};
+    double rejected[2] = {0, 0};
+  };
+
+  // Work accepted between two logged rejections (by send time) and their span.
+  struct pair_sample {
+    double accepted = 0;
+    double span = 0;  // seconds; 0: no sample
+    double rate() const noexcept { return span > 0 ? accepted / span : 0; }
+  };
+
+  using log_iterator = typename std::deque<rejection>::const_iterator;
+
+  static rate_controller_options normalized(rate_controller_options o) {
+    o.max_requests_per_second = pacing_non_negative(o.max_requests_per_second);
+    o.max_tokens_per_minute = pacing_non_negative(o.max_tokens_per_minute);
+    o.initial_window = std::max(1.0, pacing_non_negative(o.initial_window));
+    o.margin = std::clamp(pacing_non_negative(o.margin), 0.0, 0.5);
+    o.min_sample = std::max(1.0, pacing_non_negative(o.min_sample));
+    o.probe_step = std::clamp(pacing_non_negative(o.probe_step), 1e-4, 1.0);
+    o.min_requests_per_second = std::max(1e-6, pacing_non_negative(o.min_requests_per_second));
+    o.plateau_max = std::max(o.plateau_max, o.plateau_min);
+    o.search_doubling = std::max(o.search_doubling, std::chrono::nanoseconds(1000000));
+    o.probe_round = std::max(o.probe_round, std::chrono::nanoseconds(1000000));
+    return o;
+  }
+
+  static double seconds(std::chrono::nanoseconds d) noexcept {
+    return std::chrono::duration<double>(d).count();
+  }
+
+  template <class Rep, class Period>
+  static duration to_duration(std::chrono::duration<Rep, Period> d) noexcept {
+    return std::chrono::duration_cast<duration>(d);
+  }
+
+  // ---- rates ----
+
+  double mean_token_cost() const noexcept {
+    return seq_ > 0 ? std::max(1.0, tokens_sent_ / static_cast<double>(seq_)) : 1.0;
+  }
+
+  double min_rate(std::size_t di) const noexcept {
+    // Tokens: one typical call's tokens at the minimum request rate.
+    return di == req ? o_.min_requests_per_second
+                     : o_.min_requests_per_second * mean_token_cost();
+  }
+
+  double clamp_rate(std::size_t di, double r) const noexcept {
+    const dim& d = dims_[di];
+    r = std::max(r, min_rate(di));
+    return d.ceiling > 0 ? std::min(r, d.ceiling) : r;
+  }
+
+  // The rate of a cruise plateau.
+  double base_rate(std::size_t di) const noexcept {
+    const dim& d = dims_[di];
+    if (d.estimate <= 0) {
+      return clamp_rate(di, d.rate);
+    }
+    // An advertised limit is exact: no margin below it.
+    if (d.advertised > 0 && d.estimate >= d.advertised) {
+      return clamp_rate(di, d.advertised);
+    }
+    return clamp_rate(di, (1 - o_.margin) * d.estimate);
+  }
+
+  // ---- send-time bins ----
+
+  std::int64_t bin_index(time_point t) const {
+    const auto since = t - epoch_;
+    return since.count() <= 0 ? 0 : static_cast<std::int64_t>(since / to_duration(bin_width));
+  }
+
+  bin& bin_at(time_point t) {
+    const std::int64_t i = bin_index(t);
+    bin& b = bins_[static_cast<std::size_t>(i % static_cast<std::int64_t>(bin_count))];
+    if (b.index != i) {
+      b = bin{};
+      b.index = i;
+    }
+    return b;
+  }
+
+  // Work sent over the last second and not rejected, per second.
+  double accepted_rate(std::size_t di, time_point now) const {
+    const std::int64_t cur = bin_index(now);
+    double sum = 0;
+    for (const bin& b : bins_) {
+      if (b.index >= 0 && b.index > cur - accepted_bins && b.index <= cur) {
+        sum += b.sent[di] - b.rejected[di];
+      }
+    }
+    return std::max(0.0, sum);
+  }
+
+  // ---- the rejection log ----
+
+  void record_rejection(const ticket& t, std::size_t di, time_point now) {
+    const std::int64_t i = bin_index(t.sent);
+    bin& b = bins_[static_cast<std::size_t>(i % static_cast<std::int64_t>(bin_count))];
+    if (b.index == i) {
+      b.rejected[req] += 1;
+      b.rejected[tok] += t.tokens;
+    }
+    // Reports arrive nearly in send order: insert from the back.
+    auto it = log_.end();
+    while (it != log_.begin() && std::prev(it)->seq > t.seq) {
+      --it;
+    }
+    log_.insert(it, rejection{t.seq, t.sent, t.tokens, t.tokens_before, di});
+    while (!log_.empty() &&
+           (log_.front().sent < t.sent - to_duration(log_span) || log_.size() > max_log)) {
+      log_.pop_front();
+    }
+    // How long a 429 takes to come back: a slowly decaying maximum.
+    const duration latency = now > t.sent ? now - t.sent : duration::zero();
+    reject_latency_ = std::max(latency, reject_latency_ - reject_latency_ / 64);
+  }
+
+  // Sends younger than this may still draw a 429 (429s take at most about `reject_latency_` to
+  // come back); older ones that were not rejected were accepted, whether or not their answers
+  // (which may take seconds) have arrived.
+  duration settle_time() const {
+    return reject_latency_ + reject_latency_ / 4 + to_duration(std::chrono::milliseconds(1));
+  }
+
+  void prune_young(time_point now) {
+    const time_point limit = now - settle_time();
+    while (!young_.empty() && (young_.front().sent < limit || young_.size() > max_log)) {
+      young_.pop_front();
+    }
+  }
+
+  void resolve(std::uint64_t seq) {
+    auto it = std::lower_bound(young_.begin(), young_.end(), seq,
+                               [](const young_send& y, std::uint64_t s) { return y.seq < s; });
+    if (it != young_.end() && it->seq == seq) {
+      it->resolved = true;
+    }
+  }
+
+  // Work of young sends strictly between two sequence numbers whose fate is still unknown.
+  double unknown_between(std::size_t di, std::uint64_t a, std::uint64_t b) const {
+    double n = 0;
+    auto it = std::upper_bound(young_.begin(), young_.end(), a,
+                               [](std::uint64_t s, const young_send& y) { return s < y.seq; });
+    for (; it != young_.end() && it->seq < b; ++it) {
+      if (!it->resolved) {
+        n += di == req ? 1.0 : it->tokens;
+      }
+    }
+    return n;
+  }
+
+  log_iterator find_logged(std::uint64_t seq) const {
+    auto it = std::lower_bound(log_.begin(), log_.end(), seq,
+                               [](const rejection& r, std::uint64_t s) { return r.seq < s; });
+    return it != log_.end() && it->seq == seq ? it : log_.end();
+  }
+
+  pair_sample sample_between(std::size_t di, log_iterator first, log_iterator last) const {
+    pair_sample p;
+    if (first == log_.end() || last == log_.end() || first->seq >= last->seq) {
+      return p;
+    }
+    double sent_between = 0;
+    double rejected_between = 0;
+    if (di == req) {
+      sent_between = static_cast<double>(last->seq - first->seq - 1);
+      rejected_between = static_cast<double>(std::distance(first, last) - 1);
+    } else {
+      sent_between = last->tokens_before - (first->tokens_before + first->tokens);
+      for (auto it = std::next(first); it != last; ++it) {
+        rejected_between += it->tokens;
+      }
+    }
+    // Sends between them whose 429 may still come are not counted: a wave of 429s is reported
+    // in any order, and counting its unreported members as accepted would invent a rate.
+    p.accepted =
+        std::max(0.0, sent_between - rejected_between - unknown_between(di, first->seq, last->seq));
+    p.span = std::max(0.0, std::chrono::duration<double>(last->sent - first->sent).count());
+    return p;
+  }
+
+  // Enough accepted work between the two rejections for a rate (or a second between them).
+  bool usable(std::size_t di, const pair_sample& p, double needed) const {
+    const double unit = di == req ? 1.0 : mean_token_cost();
+    return p.span > 0 && p.accepted > 0 &&
+           (p.accepted >= needed * unit || (p.span >= 1.0 && p.accepted >= 2 * unit));
+  }
+
+  // The episode's sample: from its oldest rejection within `sample_window` of the latest one.
+  pair_sample episode_sample(std::size_t di) const {
+    const dim& d = dims_[di];
+    const time_point from = d.latest.sent - to_duration(sample_window);
+    auto first = std::lower_bound(log_.begin(), log_.end(), d.first.seq,
+                                  [](const rejection& r, std::uint64_t s) { return r.seq < s; });
+    while (first != log_.end() && (first->sent < from || first->dim != di)) {
+      ++first;
+    }
+    return sample_between(di, first, find_logged(d.latest.seq));
+  }
+
+  // The sample from the previous episode's last rejection to `r`. Exact while the paced rate
+  // kept the server's bucket from filling up in between (a plateau at (1 - margin) x r refills
+  // it by margin x r per second), a lower bound otherwise.
+  pair_sample cross_sample(std::size_t di, const rejection& r) const {
+    const dim& d = dims_[di];
+    if (d.previous.seq == 0 || r.sent - d.previous.sent > to_duration(sample_window)) {
+      return {};
+    }
+    return sample_between(di, find_logged(d.previous.seq), find_logged(r.seq));
+  }
+
+  // True if the client sent at about the plateau's rate between the previous episode and `r`.
+  bool paced(std::size_t di, const rejection& r, const pair_sample& x) const {
+    const dim& d = dims_[di];
+    if (x.span <= 0) {
+      return false;
+    }
+    const double sent = di == req ? static_cast<double>(r.seq - d.previous.seq - 1)
+                                  : r.tokens_before - (d.previous.tokens_before + d.previous.tokens);
+    return sent / x.span >= 0.9 * base_rate(di);
+  }
+
+  // ---- reactions ----
+
+  // On arrival of a 429: stop raising the rate at once; estimates wait for final rejections.
+  void react(std::size_t di, time_point now, std::optional<duration> hint) {
+    dim& d = dims_[di];
+    ++d.rejections;
+    if (d.reacting && d.phase == pacing_phase::search && now - d.last_arrival >= search_hold(d)) {
+      // Search grew the rate again since the last 429 (the startup wave, or a crossing that
+      // was halved): this one is a new crossing, with a cause of its own.
+      end_episode(di, now);
+    }
+    if (!d.reacting) {
+      d.reacting = true;
+      d.block_until = time_point{};
+      switch (d.phase) {
+        case pacing_phase::startup:
+          // The first 429: the window ends; pace at what the server accepted over the last
+          // second and search upwards from there.
+          d.phase = pacing_phase::search;
+          d.rate = std::max(o_.min_requests_per_second, accepted_rate(req, now));
+          window_release_ = 0;
+          d.why = cause::startup;
+          break;
+        case pacing_phase::unlimited:
+          d.phase = pacing_phase::search;
+          d.rate = std::max(min_rate(di), accepted_rate(di, now));
+          d.why = cause::startup;
+          break;
+        case pacing_phase::search:
+          d.why = cause::search;
+          break;
+        case pacing_phase::probe:
+          // Stop raising the rate, but hold it: the episode's rejections measure the limit.
+          d.phase = pacing_phase::cruise;
+          d.why = cause::probe;
+          break;
+        case pacing_phase::cruise:
+          d.why = cause::plateau;
+          break;
+        case pacing_phase::fixed:
+          d.why = cause::fixed;
+          break;
+      }
+    }
+    if (d.phase == pacing_phase::search && d.why == cause::search &&
+        now - d.last_halving >= halving_gap()) {
+      // Search: the rate crossed the limit. Halve it (at most once per round trip of a 429,
+      // so that one wave of 429s halves it once): growth brings it back above the limit soon,
+      // and the next crossing measures it.
+      d.rate = clamp_rate(di, d.rate / 2);
+      d.last_halving = now;
+    }
+    d.last_arrival = now;
+    d.last_growth = now;
+    if (hint && *hint > duration::zero()) {
+      const auto capped = std::min<duration>(*hint, to_duration(o_.max_pause));
+      d.block_until = std::max(d.block_until, saturating_add(now, capped));
+    }
+  }
+
+  // Feeds a 429 to its dimension's episode.
+  void on_rejection(std::size_t di, const ticket& t, time_point now) {
+    dim& d = dims_[di];
+    const rejection r{t.seq, t.sent, t.tokens, t.tokens_before, di};
+    if (!d.in_episode) {
+      d.in_episode = true;
+      d.first = r;
+      d.latest = r;
+      open_episode(di, r);
+      return;
+    }
+    if (r.seq < d.first.seq) {
+      d.first = r;
+    }
+    if (r.seq > d.latest.seq) {
+      d.latest = r;
+    }
+    continue_episode(di, now);
+  }
+
+  void adopt(std::size_t di, double estimate) {
+    dim& d = dims_[di];
+#ifdef KEEL_PACING_TRACE
+    std::fprintf(stderr, "  adopt %.1f (phase %s)\n", estimate, to_string(d.phase));
+#endif
+    d.estimate = d.advertised > 0 ? std::min(estimate, d.advertised) : estimate;
+    d.adopted_at = Clock::now();
+    ++d.samples;
+    d.phase = pacing_phase::cruise;
+    d.rate = base_rate(di);
+  }
+
+  // The first rejection of an episode.
+  void open_episode(std::size_t di, const rejection& r) {
+    dim& d = dims_[di];
+    const pair_sample x = cross_sample(di, r);
+    const bool cross = usable(di, x, o_.min_sample);
+    d.episode_best = 0;
+    const std::uint64_t samples_before = d.samples;
+    switch (d.why) {
+      case cause::probe:
+        // If the rejections bracketing the plateau and the probe say the limit is about where
+        // it was, take their rate and cut back at once (one 429 per probe). The server's bucket
+        // may have filled up during the plateau (it holds only tens of milliseconds of a fast
+        // limit), which makes that pair under-measure: a probe never lowers the estimate
+        // (plateau rejections do). If they say the limit rose, they under-measure it: keep
+        // holding the probe's rate so that the episode's own rejections measure it.
+        if (cross && x.rate() >= d.estimate && x.rate() <= 1.1 * d.estimate) {
+          adopt(di, x.rate());
+        }
+        break;
+      case cause::plateau:
+        // A rejection at the plateau's rate: the limit is below the estimate. The pair measures
+        // it if the client kept sending at the plateau's rate in between (callers all waiting
+        // out Retry-Afters leave the server idle, and the pair then under-measures).
+        adopt(di, cross && paced(di, r, x) ? std::min(x.rate(), d.estimate)
+                                           : d.estimate * (1 - o_.margin));
+        break;
+      case cause::fixed:
+        // A configured or advertised rate draws 429s: measure the real one.
+        if (cross) {
+          adopt(di, x.rate());
+        }
+        break;
+      case cause::startup:
+        break;
+      case cause::search:
+        // Two crossings close together bracket a stretch where the client paced near the limit
+        // (halved below it, then grew back above it): their pair measures it. The first
+        // crossing's pair with the startup wave spans a stretch far below the limit, where the
+        // server's bucket filled up: not a measurement.
+        if (d.previous_why == cause::search &&
+            r.sent - d.previous.sent <= to_duration(o_.search_doubling * 6)) {
+          const pair_sample c = cross_sample(di, r);
+          if (usable(di, c, std::min(3.0, o_.min_sample))) {
+            adopt(di, c.rate());
+          }
+        }
+        break;
+    }
+    if (d.samples != samples_before) {
+      d.episode_best = std::max(x.accepted, 1.0);
+    }
+  }
+
+  // A later final rejection of the same episode: its own sample measures the limit now.
+  void continue_episode(std::size_t di, time_point now) {
+    dim& d = dims_[di];
+    const pair_sample p = episode_sample(di);
+#ifdef KEEL_PACING_TRACE
+    std::fprintf(stderr, "  episode %llu..%llu A=%.1f span=%.4f\n", (unsigned long long)d.first.seq,
+                 (unsigned long long)d.latest.seq, p.accepted, p.span);
+#endif
+    // Search takes a coarse sample (the rate it holds draws 429s until one comes); later
+    // rejections of the episode refine it.
+    // A held probe takes a precise one unless few calls wait for the bucket: then the 429s it
+    // draws would soon leave every caller waiting out a Retry-After and nobody sending.
+    const bool coarse =
+        d.why == cause::search || d.why == cause::startup ||
+        (d.why == cause::probe &&
+         bucket_.waiters() < static_cast<std::size_t>(std::ceil(o_.min_sample / 2)));
+    const double needed = coarse ? std::min(3.0, o_.min_sample) : o_.min_sample;
+    // A later sample replaces the episode's estimate only if it counts more accepted work (it is
+    // more precise): a pair across a plateau is far more precise than the first few 429s of the
+    // probe that ended it.
+    // A 429 for a call sent after the last estimate was adopted means the limit is lower still
+    // (it changed): then a lower sample wins whatever its precision.
+    if (usable(di, p, needed)) {
+      if (p.accepted > d.episode_best ||
+          (p.rate() < d.estimate && d.latest.sent > d.adopted_at)) {
+        adopt(di, p.rate());
+        d.episode_best = p.accepted;
+      }
+      return;
+    }
+    if (p.span > 0 && p.accepted <= 0 && p.span >= seconds(o_.block_span) &&
+        d.block_until > now) {
+      // Nothing got through for a while: the server refuses everybody (a block), whatever the
+      // rate. Pause everybody for the longest Retry-After of the episode, then go on at the
+      // rate learned before.
+      bucket_.pause_until(d.block_until);
+    }
+  }
+
+  bool advertise(std::size_t di, double per_second) {
+    dim& d = dims_[di];
+    if (d.advertised == per_second) {
+      return false;
+    }
+    d.advertised = per_second;
+    d.ceiling = d.configured > 0 ? std::min(d.configured, per_second) : per_second;
+    switch (d.phase) {
+      case pacing_phase::unlimited:
+      case pacing_phase::startup:
+      case pacing_phase::search:
+      case pacing_phase::fixed:
+        d.phase = pacing_phase::fixed;
+        d.estimate = per_second;
+        d.rate = d.ceiling;
+        if (di == req) {
+          window_release_ = 0;
+        }
+        break;
+      case pacing_phase::cruise:
+      case pacing_phase::probe:
+        d.estimate = d.estimate > 0 ? std::min(d.estimate, per_second) : per_second;
+        d.rate = std::min(d.rate, d.ceiling);
+        break;
+    }
+    return true;
+  }
+
+  // ---- the clock ----
+
+  // Two 429s closer than this belong to one wave.
+  duration halving_gap() const {
+    return std::max(2 * reject_latency_, to_duration(std::chrono::milliseconds(10)));
+  }
+
+  duration search_hold(const dim& d) const {
+    // If the rate is still well above the limit, another 429 comes within two calls' time.
+    const double s = std::clamp(2 / std::max(d.rate, 1e-9), 0.01, 0.25);
+    return to_duration(std::chrono::duration<double>(s));
+  }
+
+  void start_plateau(dim& d, time_point now) {
+    const double u = o_.random->uniform();
+    const auto span = o_.plateau_max - o_.plateau_min;
+    const auto wait =
+        o_.plateau_min + std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::duration<double, std::nano>(
+                                 u * static_cast<double>(span.count())));
+    d.plateau_until = saturating_add(now, to_duration(wait));
+  }
+
+  void end_episode(std::size_t di, time_point now) {
+    dim& d = dims_[di];
+    d.reacting = false;
+    if (d.in_episode) {
+      d.in_episode = false;
+      d.previous = d.latest;
+      d.previous_why = d.why;
+    }
+    if (d.phase == pacing_phase::cruise) {
+      d.rate = base_rate(di);  // a held probe rate that measured nothing falls back
+      start_plateau(d, now);
+    } else if (d.phase == pacing_phase::fixed && d.estimate > 0) {
+      start_plateau(d, now);
+    }
+  }
+
+  // Advances every dimension to `now`: final rejections, episode ends, growth; then applies.
+  void update(time_point now) {
+    bool waiting_known = false;
+    bool waiting = false;
+    auto bottleneck = [&] {
+      if (!waiting_known) {
+        waiting = bucket_.waiters() > 0;
+        waiting_known = true;
+      }
+      return waiting;
+    };
+    prune_young(now);
+    for (std::size_t di = 0; di < dims_.size(); ++di) {
+      dim& d = dims_[di];
+      const duration dt = now > d.last_update ? now - d.last_update : duration::zero();
+      d.last_update = std::max(d.last_update, now);
+      // An episode ends after `quiet` without a 429.
+      if (d.reacting && now - d.last_arrival >= to_duration(o_.quiet)) {
+        end_episode(di, now);
+      }
+      switch (d.phase) {
+        case pacing_phase::search:
+          if (now - d.last_arrival >= search_hold(d) && bottleneck()) {
+            const double doublings = seconds(now - d.last_growth) / seconds(o_.search_doubling);
+            d.rate = clamp_rate(di, d.rate * std::exp2(std::min(doublings, 30.0)));
+          }
+          d.last_growth = now;
+          break;
+        case pacing_phase::cruise:
+          if (!d.reacting && d.plateau_until != time_point{} && now >= d.plateau_until &&
+              (d.ceiling <= 0 || base_rate(di) < d.ceiling)) {
+            d.phase = pacing_phase::probe;
+            d.probe_elapsed = duration::zero();
+          }
+          break;
+        case pacing_phase::probe:
+          if (bottleneck()) {
+            d.probe_elapsed += dt;
+          }
+          break;
+        default:
+          break;
+      }
+      if (d.phase == pacing_phase::probe) {
+        // A round lasts long enough for `min_sample` calls, so that at low rates the gain does
+        // not double faster than the server's burst (which hides the limit) can drain.
+        const double round_s =
+            std::max(seconds(o_.probe_round), o_.min_sample / std::max(base_rate(di), 1e-9));
+        const int k = static_cast<int>(std::min<double>(
+            max_probe_round, std::floor(std::chrono::duration<double>(d.probe_elapsed).count() /
+                                        round_s) + 1));
+        const double gain = o_.probe_step * (std::exp2(k) - 1);
+        d.rate = clamp_rate(di, base_rate(di) * (1 + gain));
+      }
+    }
+    apply();
+  }
+
+  // Pushes the rates and bursts to the throttler when they changed.
+  void apply() {
+#ifdef KEEL_PACING_TRACE
+    {
+      const dim& x = dims_[req];
+      if (x.phase != traced_phase_ || std::abs(x.rate - traced_rate_) > 0.05 * traced_rate_) {
+        std::fprintf(stderr, "t=%.3f phase=%s rate=%.1f est=%.1f ep=%d\n",
+                     std::chrono::duration<double>(Clock::now().time_since_epoch()).count(),
+                     to_string(x.phase), x.rate, x.estimate, int(x.in_episode));
+        traced_phase_ = x.phase;
+        traced_rate_ = x.rate;
+      }
+    }
+#endif
+    const dim& r = dims_[req];
+    const dim& t = dims_[tok];
+    const double burst_s = seconds(o_.burst_time);
+    double rps = 0;
+    double burst = 1;
+    if (r.phase == pacing_phase::startup) {
+      rps = window_rate;
+      burst = window_;
+    } else if (r.rate > 0) {
+      rps = r.rate;
+      burst = std::max(1.0, r.rate * burst_s);
+    }
+    const double tpm = t.rate > 0 ? t.rate * 60 : 0;
+    double token_burst = 0;
+    if (t.rate > 0 && t.phase != pacing_phase::fixed) {
+      token_burst = std::max(t.rate * burst_s, max_token_cost_);
+    }
+    const bool keep_burst = keep_request_burst_ && r.phase == pacing_phase::fixed;
+    const bool keep_tburst = keep_token_burst_ && t.phase == pacing_phase::fixed;
+    if (!keep_burst && burst != applied_.burst) {
+      bucket_.set_burst(burst);
+      applied_.burst = burst;
+    }
+    if (!keep_tburst && token_burst != applied_.token_burst) {
+      bucket_.set_token_burst(token_burst);
+      applied_.token_burst = token_burst;
+    }
+    if (!same(rps, applied_.requests_per_second) || !same(tpm, applied_.tokens_per_minute)) {
+      bucket_.set_rate(rps, tpm);
+      applied_.requests_per_second = rps;
+      applied_.tokens_per_minute = tpm;
+    }
+    if (window_release_ > 0) {
+      bucket_.release({window_release_, 0});
+      window_release_ = 0;
+    }
+  }
+
+  // Rates within 0.1% are the same (each set_rate re-arms the throttler's timer).
+  static bool same(double a, double b) noexcept {
+    return a == b || std::abs(a - b) <= 1e-3 * std::max(std::abs(a), std::abs(b));
+  }
+
+  mutable std::mutex mutex_;
+  basic_throttler<Clock>& bucket_;
+  rate_controller_options o_;
+  std::unique_ptr<random_source> own_random_;
+  time_point epoch_;
+  std::array<dim, 2> dims_{};
+  std::array<bin, bin_count> bins_{};
+  std::deque<rejection> log_;
+  std::deque<young_send> young_;
+  duration reject_latency_{};
+  std::uint64_t seq_ = 0;
+  double tokens_sent_ = 0;
+  double max_token_cost_ = 0;
+  double window_ = 0;
+  double window_release_ = 0;
+  bool keep_request_burst_ = false;
+  bool keep_token_burst_ = false;
+  throttler_options applied_{-1, -1, -1, -1};
+#ifdef KEEL_PACING_TRACE
+  pacing_phase traced_phase_{};
+  double traced_rate_ = -1;
+#endif
+};
+
+}  // namespace keel::detail
+
+namespace keel {
+
+template <class Clock>
+basic_rate_controller<Clock>::basic_rate_controller(basic_throttler<Clock>& bucket,
+                                                    rate_controller_options options)
+    : state_(std::make_unique<detail::rate_controller_state<Clock>>(bucket, options)) {}
+
+template <class Clock>
+basic_rate_controller<Clock>::~basic_rate_controller() = default;
+
+template <class Clock>
+auto basic_rate_controller<Clock>::on_send(throttle_cost cost) -> ticket {
+  return state_->on_send(cost);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::on_accepted(const ticket& t) {
+  state_->on_accepted(t);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::on_throttled(const ticket& t, limit_kind kind,
+                                                std::optional<duration> retry_after) {
+  state_->on_throttled(t, kind, retry_after);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::on_abandoned(const ticket& t) {
+  state_->on_abandoned(t);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::on_advertised(std::optional<double> requests_per_minute,
+                                                 std::optional<double> tokens_per_minute) {
+  state_->on_advertised(requests_per_minute, tokens_per_minute);
+}
+
+template <class Clock>
+pacing_state basic_rate_controller<Clock>::requests() const {
+  return state_->snapshot(detail::rate_controller_state<Clock>::req);
+}
+
+template <class Clock>
+pacing_state basic_rate_controller<Clock>::tokens() const {
+  return state_->snapshot(detail::rate_controller_state<Clock>::tok);
+}
+
+template <class Clock>
+basic_throttler<Clock>& basic_rate_controller<Clock>::bucket() const noexcept {
+  return state_->bucket();
+}
+
+}  // namespace keel

@@ -1,0 +1,349 @@
+// A virtual-time simulation of a batch client against a rate-limited server, for the rate
+// controller's tests and for bench/pacing_sim.cpp.
+#pragma once
+
+// The server is a model of nginx `limit_req` (GCRA with `burst=b nodelay`: b + 1 requests pass at
+// once from idle, then exactly r per second), optionally a token bucket on LLM tokens, a schedule
+// of limit changes, a latency and random 5xx faults after admission. The client is what `keel
+// batch` does: C workers take items in order; each attempt acquires the shared throttler, tells
+// the controller, waits for the server, and on a 429 retries after Retry-After (or a full-jitter
+// backoff when there is none), on a 5xx after a backoff. Everything runs on
+// `keel::testing::manual_clock`, deterministic for a seed.
+
+#include <keel/random.hpp>
+#include <keel/rate_controller.hpp>
+#include <keel/testing/manual_clock.hpp>
+#include <keel/throttler.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <vector>
+
+namespace pacing_sim {
+
+using clock = keel::testing::manual_clock;
+using std::chrono::duration;
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
+
+/// A change of the server's limits at `at` (from the start).
+struct limit_change {
+  nanoseconds at{0};
+  double requests_per_second = 0;
+  double tokens_per_minute = 0;
+};
+
+/// The simulated server.
+struct server_spec {
+  double requests_per_second = 200;  // 0: no request limit
+  double burst = 20;                 // nginx burst: b + 1 pass at once
+  double tokens_per_minute = 0;      // 0: no token limit
+  double token_burst = 0;            // token bucket capacity (0: one second's worth)
+  std::vector<limit_change> schedule;
+  nanoseconds latency{microseconds(200)};      // answer latency of an admitted request
+  nanoseconds latency_max{0};                   // > latency: uniform in [latency, latency_max]
+  nanoseconds reject_latency{microseconds(200)};  // latency of a 429
+  std::optional<nanoseconds> retry_after = std::chrono::seconds(1);  // constant; nullopt: none
+  bool exact_retry_after = false;  // the limiter's exact wait instead of the constant
+  double p_error = 0;              // probability of a 503 after admission
+  bool advertise = false;          // send the limit (as rate-limit headers would)
+};
+
+/// The simulated client.
+struct client_spec {
+  std::size_t prompts = 2000;
+  std::size_t concurrency = 64;
+  int max_attempts = 6;
+  nanoseconds backoff_base = milliseconds(500);
+  nanoseconds backoff_cap = std::chrono::seconds(20);
+  nanoseconds max_retry_after = std::chrono::seconds(60);
+  double tokens_per_prompt = 100;   // mean estimated tokens per call
+  double tokens_spread = 0;         // uniform +- this fraction
+  bool paced = true;                // false: no controller (a plain retry loop)
+  keel::rate_controller_options pacing;
+  std::uint64_t seed = 1;
+};
+
+/// One 100 ms bin of the run.
+struct bin {
+  double accepted = 0;  // admitted by the server, by admission time
+  double rejected = 0;
+  double rate = 0;      // controller's request rate at the end of the bin
+  double limit = 0;     // server's request limit during the bin
+};
+
+/// What happened.
+struct result {
+  double wall_s = 0;
+  std::size_t ok = 0;
+  std::size_t failed = 0;
+  std::size_t attempts = 0;
+  std::size_t rejected = 0;
+  std::size_t errors = 0;
+  double p50_s = 0;
+  double p99_s = 0;
+  std::vector<bin> bins;
+  keel::pacing_state final_requests;
+  keel::pacing_state final_tokens;
+  double accepted_in(double from_s, double to_s) const {
+    double n = 0;
+    for (std::size_t i = 0; i < bins.size(); ++i) {
+      const double t = static_cast<double>(i) * 0.1;
+      if (t >= from_s - 1e-9 && t + 0.1 <= to_s + 1e-9) {
+        n += bins[i].accepted;
+      }
+    }
+    return n;
+  }
+};
+
+class server_model {
+ public:
+  explicit server_model(const server_spec& s) : s_(s) {
+    rps_ = s.requests_per_second;
+    tpm_ = s.tokens_per_minute;
+    req_level_ = s.burst + 1;
+    tok_level_ = token_capacity();
+  }
+
+  struct decision {
+    bool admitted = true;
+    bool tokens = false;
+    double wait_s = 0;
+  };
+
+  decision arrive(double t, double tokens) {
+    apply_schedule(t);
+    refill(t);
+    decision d;
+    double wait = 0;
+    if (rps_ > 0 && req_level_ < 1) {
+      wait = (1 - req_level_) / rps_;
+    }
+    if (tpm_ > 0) {
+      const double need = std::min(tokens, token_capacity());
+      if (tok_level_ < need) {
+        const double tw = (need - tok_level_) / (tpm_ / 60);
+        if (tw > wait) {
+          d.tokens = true;
+        }
+        wait = std::max(wait, tw);
+      }
+    }
+    if (wait > 0) {
+      d.admitted = false;
+      d.wait_s = wait;
+      return d;
+    }
+    if (rps_ > 0) {
+      req_level_ -= 1;
+    }
+    if (tpm_ > 0) {
+      tok_level_ -= std::min(tokens, token_capacity());
+    }
+    return d;
+  }
+
+  double rps() const { return rps_; }
+  double tpm() const { return tpm_; }
+
+ private:
+  double token_capacity() const {
+    return s_.token_burst > 0 ? s_.token_burst : std::max(1.0, tpm_ / 60);
+  }
+  void apply_schedule(double t) {
+    while (next_ < s_.schedule.size() &&
+           t >= std::chrono::duration<double>(s_.schedule[next_].at).count()) {
+      refill(t);
+      const auto& c = s_.schedule[next_++];
+      if (c.requests_per_second > 0) {
+        rps_ = c.requests_per_second;
+      }
+      if (c.tokens_per_minute > 0) {
+        tpm_ = c.tokens_per_minute;
+      }
+    }
+  }
+  void refill(double t) {
+    const double dt = std::max(0.0, t - last_);
+    last_ = std::max(last_, t);
+    if (rps_ > 0) {
+      req_level_ = std::min(s_.burst + 1, req_level_ + dt * rps_);
+    }
+    if (tpm_ > 0) {
+      tok_level_ = std::min(token_capacity(), tok_level_ + dt * tpm_ / 60);
+    }
+  }
+
+  server_spec s_;
+  double rps_ = 0;
+  double tpm_ = 0;
+  double req_level_ = 0;
+  double tok_level_ = 0;
+  double last_ = 0;
+  std::size_t next_ = 0;
+};
+
+namespace asio = boost::asio;
+
+inline double seconds(clock::time_point t) {
+  return std::chrono::duration<double>(t.time_since_epoch()).count();
+}
+
+/// Runs the batch to the end (or `limit` of virtual time) with time advancing by `tick`.
+inline result run(const server_spec& ss, const client_spec& cs,
+                  nanoseconds tick = microseconds(100),
+                  nanoseconds limit = std::chrono::seconds(600)) {
+  clock::reset();
+  asio::io_context ctx;
+  keel::basic_throttler<clock> bucket{ctx.get_executor()};
+  std::optional<keel::basic_rate_controller<clock>> pacing;
+  keel::random_source rng{cs.seed};
+  keel::rate_controller_options po = cs.pacing;
+  if (po.random == nullptr) {
+    po.random = &rng;
+  }
+  if (cs.paced) {
+    pacing.emplace(bucket, po);
+  }
+  server_model server{ss};
+  result res;
+  std::vector<double> latencies;
+  std::size_t next = 0;
+  std::size_t running = cs.concurrency;
+  auto bin_of = [&](double t) -> bin& {
+    const auto i = static_cast<std::size_t>(std::max(0.0, t) / 0.1);
+    if (res.bins.size() <= i) {
+      res.bins.resize(i + 1);
+    }
+    return res.bins[i];
+  };
+  auto sleep = [&](nanoseconds d) -> asio::awaitable<void> {
+    keel::basic_timer<clock> timer{ctx.get_executor()};
+    timer.expires_after(d);
+    co_await timer.async_wait(asio::use_awaitable);
+  };
+  auto backoff = [&](int attempt) {
+    const double cap = std::min(std::chrono::duration<double>(cs.backoff_cap).count(),
+                                std::chrono::duration<double>(cs.backoff_base).count() *
+                                    std::exp2(attempt - 1));
+    return std::chrono::duration_cast<nanoseconds>(duration<double>(rng.uniform() * cap));
+  };
+  keel::random_source faults{cs.seed * 7919 + 1};
+  auto item = [&]() -> asio::awaitable<bool> {
+    const double tokens =
+        cs.tokens_per_prompt * (1 + cs.tokens_spread * (2 * rng.uniform() - 1));
+    for (int attempt = 1;; ++attempt) {
+      co_await bucket.acquire({1, tokens});
+      typename keel::basic_rate_controller<clock>::ticket ticket{};
+      if (pacing) {
+        ticket = pacing->on_send({1, tokens});
+      }
+      ++res.attempts;
+      const double t = seconds(clock::now());
+      const auto d = server.arrive(t, tokens);
+      if (!d.admitted) {
+        ++res.rejected;
+        bin_of(t).rejected += 1;
+        co_await sleep(ss.reject_latency);
+        std::optional<nanoseconds> hint;
+        if (ss.exact_retry_after) {
+          hint = std::chrono::duration_cast<nanoseconds>(duration<double>(d.wait_s));
+        } else if (ss.retry_after) {
+          hint = *ss.retry_after;
+        }
+        if (pacing) {
+          pacing->on_throttled(ticket, d.tokens ? keel::limit_kind::tokens
+                                                : keel::limit_kind::requests,
+                               hint);
+        }
+        if (attempt >= cs.max_attempts) {
+          co_return false;
+        }
+        co_await sleep(hint ? std::min(*hint, cs.max_retry_after) : backoff(attempt));
+        continue;
+      }
+      bin_of(t).accepted += 1;
+      nanoseconds lat = ss.latency;
+      if (ss.latency_max > ss.latency) {
+        lat += std::chrono::duration_cast<nanoseconds>(
+            duration<double, std::nano>(faults.uniform() *
+                                        static_cast<double>((ss.latency_max - ss.latency).count())));
+      }
+      const bool error = ss.p_error > 0 && faults.uniform() < ss.p_error;
+      co_await sleep(lat);
+      if (pacing) {
+        pacing->on_accepted(ticket);
+        if (ss.advertise) {
+          pacing->on_advertised(server.rps() * 60, server.tpm() > 0
+                                                       ? std::optional<double>(server.tpm())
+                                                       : std::nullopt);
+        }
+      }
+      if (error) {
+        ++res.errors;
+        if (attempt >= cs.max_attempts) {
+          co_return false;
+        }
+        co_await sleep(backoff(attempt));
+        continue;
+      }
+      co_return true;
+    }
+  };
+  clock::time_point end{};
+  for (std::size_t w = 0; w < cs.concurrency; ++w) {
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+          while (next < cs.prompts) {
+            ++next;
+            const auto t0 = clock::now();
+            const bool ok = co_await item();
+            latencies.push_back(std::chrono::duration<double>(clock::now() - t0).count());
+            (ok ? res.ok : res.failed) += 1;
+            end = std::max(end, clock::now());
+          }
+          --running;
+        },
+        asio::detached);
+  }
+  double last_sample = -1;
+  keel::testing::run_until(
+      ctx,
+      [&] {
+        const double t = seconds(clock::now());
+        const auto index = static_cast<double>(static_cast<std::int64_t>(t * 10 + 1e-6));
+        if (index > last_sample) {
+          last_sample = index;
+          bin& b = bin_of(t);
+          b.rate = pacing ? pacing->requests().rate : 0;
+          b.limit = server.rps();
+        }
+        return running == 0;
+      },
+      limit, tick);
+  res.wall_s = seconds(end);
+  std::sort(latencies.begin(), latencies.end());
+  if (!latencies.empty()) {
+    res.p50_s = latencies[latencies.size() / 2];
+    res.p99_s = latencies[std::min(latencies.size() - 1, latencies.size() * 99 / 100)];
+  }
+  if (pacing) {
+    res.final_requests = pacing->requests();
+    res.final_tokens = pacing->tokens();
+  }
+  return res;
+}
+
+}  // namespace pacing_sim
