@@ -80,6 +80,9 @@ int main(int argc, char** argv) {
     } else if (a == "--reject-latency-ms") {
       s.reject_latency =
           duration_cast<nanoseconds>(duration<double, std::milli>(std::stod(next())));
+    } else if (a == "--jitter-ms") {
+      s.arrival_jitter =
+          duration_cast<nanoseconds>(duration<double, std::milli>(std::stod(next())));
     } else if (a == "--p-error") {
       s.p_error = std::stod(next());
     } else if (a == "--tpm") {

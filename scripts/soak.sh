@@ -53,10 +53,13 @@ after = [kb for t, kb in rss if t >= 60]
 ok = summary["items"]["ok"]
 # gRFC A6 (400 tokens, 0.5 per success): a retry needs more than 200 tokens, each failure
 # takes 1, so retries <= 200 + 0.5 * successes (+ the 64 in flight when the line is crossed).
+# Throttled failures (429s, an open breaker, a queue timeout) do not draw on the budget.
 allowed = 400 / 2 + 0.5 * ok + 64
+throttled_classes = ("rate_limited", "circuit_open", "queue_timeout")
+charged = summary["retries"] - sum(summary["retries_by_cause"].get(c, 0) for c in throttled_classes)
 checks = {
     "one record per prompt": len(ids) == n and all(c == 1 for c in ids.values()),
-    "retries within the budget": summary["retries"] <= allowed,
+    "retries within the budget": charged <= allowed,
     "breaker opened": any(t == "open" for _, t in breaker),
     "breaker closed again": bool(breaker) and breaker[-1][1] == "closed",
     "rss flat after the first minute (<10% growth)":

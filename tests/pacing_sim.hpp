@@ -56,6 +56,7 @@ struct server_spec {
   std::optional<nanoseconds> retry_after = std::chrono::seconds(1);  // constant; nullopt: none
   bool exact_retry_after = false;  // the limiter's exact wait instead of the constant
   double p_error = 0;              // probability of a 503 after admission
+  nanoseconds arrival_jitter{0};   // each request reaches the server up to this much later
   bool advertise = false;          // send the limit (as rate-limit headers would)
 };
 
@@ -80,6 +81,9 @@ struct bin {
   double rejected = 0;
   double rate = 0;      // controller's request rate at the end of the bin
   double limit = 0;     // server's request limit during the bin
+  double estimate = 0;        // controller's request estimate at the end of the bin
+  double token_rate = 0;      // controller's token rate (per second) at the end of the bin
+  double token_estimate = 0;  // controller's token estimate (per second) at the end of the bin
 };
 
 /// What happened.
@@ -250,6 +254,11 @@ inline result run(const server_spec& ss, const client_spec& cs,
         ticket = pacing->on_send({1, tokens});
       }
       ++res.attempts;
+      if (ss.arrival_jitter > nanoseconds::zero()) {
+        // Requests overtake each other on the way (connections, scheduling).
+        co_await sleep(std::chrono::duration_cast<nanoseconds>(duration<double, std::nano>(
+            faults.uniform() * static_cast<double>(ss.arrival_jitter.count()))));
+      }
       const double t = seconds(clock::now());
       const auto d = server.arrive(t, tokens);
       if (!d.admitted) {
@@ -318,17 +327,21 @@ inline result run(const server_spec& ss, const client_spec& cs,
         },
         asio::detached);
   }
-  double last_sample = -1;
   keel::testing::run_until(
       ctx,
       [&] {
-        const double t = seconds(clock::now());
-        const auto index = static_cast<double>(static_cast<std::int64_t>(t * 10 + 1e-6));
-        if (index > last_sample) {
-          last_sample = index;
-          bin& b = bin_of(t);
-          b.rate = pacing ? pacing->requests().rate : 0;
-          b.limit = server.rps();
+        // Every tick overwrites its bin, so each bin ends with the state at its last tick. (A
+        // sample taken only when t * 10 crossed an integer missed the bins whose start
+        // bin_of() rounds down, e.g. 4.1 / 0.1 = 40.999..., and left them at rate 0.)
+        bin& b = bin_of(seconds(clock::now()));
+        b.limit = server.rps();
+        if (pacing) {
+          const keel::pacing_state r = pacing->requests();
+          const keel::pacing_state k = pacing->tokens();
+          b.rate = r.rate;
+          b.estimate = r.estimate;
+          b.token_rate = k.rate;
+          b.token_estimate = k.estimate;
         }
         return running == 0;
       },

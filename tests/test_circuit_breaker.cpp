@@ -449,9 +449,52 @@ TEST_CASE("permanent errors answer for a healthy provider and never open the bre
   CHECK(b.state() == breaker_state::closed);
   CHECK(b.counters().failed == 0);
   CHECK(b.counters().not_counted == 3);
-  p.default_fault = fault::throttled;
-  CHECK(code_of(call(ctx, b, p).error) == keel::error::throttled);
+  p.default_fault = fault::transient;
+  CHECK(code_of(call(ctx, b, p).error) == asio::error::connection_reset);
   CHECK(b.state() == breaker_state::open);
+}
+
+TEST_CASE("by default throttled failures never open the breaker, transient ones still do",
+          "[breaker]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  // The default policy, as a library user gets it: consecutive(5, 60 s).
+  test_breaker b{ctx.get_executor(), keel::breaker_policy{}};
+  fake_provider p;
+  p.default_fault = fault::throttled;
+  constexpr int n = 50;  // ten times the threshold, in a row
+  for (int i = 0; i < n; ++i) {
+    CHECK(code_of(call(ctx, b, p).error) == keel::error::throttled);
+  }
+  CHECK(b.state() == breaker_state::closed);
+  CHECK(b.opened_count() == 0);
+  CHECK(p.calls == n);  // every throttled call ran: none was rejected
+  CHECK(b.counters().failed == 0);
+  CHECK(b.counters().not_counted == n);
+
+  p.default_fault = fault::transient;
+  for (int i = 0; i < 4; ++i) {
+    CHECK(code_of(call(ctx, b, p).error) == asio::error::connection_reset);
+  }
+  CHECK(b.state() == breaker_state::closed);
+  CHECK(code_of(call(ctx, b, p).error) == asio::error::connection_reset);
+  CHECK(b.state() == breaker_state::open);
+  CHECK(code_of(call(ctx, b, p).error) == keel::error::circuit_open);
+}
+
+TEST_CASE("a policy that lists throttled counts 429s against the breaker", "[breaker]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  auto policy = keel::breaker_policy::consecutive(3, 60s);
+  policy.counts_as_failure.insert(keel::condition::throttled);
+  test_breaker b{ctx.get_executor(), policy};
+  fake_provider p;
+  p.default_fault = fault::throttled;
+  for (int i = 0; i < 3; ++i) {
+    CHECK(code_of(call(ctx, b, p).error) == keel::error::throttled);
+  }
+  CHECK(b.state() == breaker_state::open);
+  CHECK(b.counters().failed == 3);
 }
 
 TEST_CASE("a cancelled call is neither success nor failure and frees its probe slot", "[breaker]") {
@@ -830,7 +873,11 @@ TEST_CASE("an inconsistent policy is rejected at construction", "[breaker]") {
   CHECK(defaults.failure_threshold == 5);
   CHECK(defaults.break_duration == 60s);
   CHECK(defaults.half_open_probes == 1);
-  CHECK(defaults.counts_as_failure == keel::condition_set::retryable());
+  CHECK(defaults.counts_as_failure ==
+        keel::condition_set{keel::condition::transient, keel::condition::timeout});
+  CHECK(keel::breaker_policy::consecutive(3, 1s).counts_as_failure == defaults.counts_as_failure);
+  CHECK(keel::breaker_policy::failure_ratio(0.5, 10, 10s, 1s).counts_as_failure ==
+        defaults.counts_as_failure);
   CHECK_NOTHROW(test_breaker(ex, defaults));
 }
 

@@ -11,6 +11,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -118,29 +119,66 @@ TEST_CASE("an open breaker sends later items straight to the fallback", "[cli_cl
   CHECK(out[5].attempts == 1);  // the breaker rejected the primary without an HTTP attempt
 }
 
-TEST_CASE("a 429 with a delay hint pauses the shared bucket for every caller", "[cli_client]") {
-  asio::io_context ctx;
-  keel::testing::mock_llm_server server(ctx);
-  server.set_plan("primary", fault_plan{}
-                                 .with_script({fault_kind::rate_limit})
-                                 .with_retry_after(300ms, keel::testing::retry_after_style::both));
-  server.start();
-  keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
-  keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
-                               http, buckets, {}, 1);
-  const auto before = std::chrono::steady_clock::now();
-  const auto out = run(ctx, client, {item(1), item(2), item(3)}, 3);
-  for (const auto& o : out) {
-    REQUIRE(o.response);
-    CHECK(o.entry == 0);
+TEST_CASE("one 429 pauses nobody but the rejected call; a block pauses everybody",
+          "[cli_client]") {
+  SECTION("one 429") {
+    asio::io_context ctx;
+    keel::testing::mock_llm_server server(ctx);
+    server.set_plan("primary", fault_plan{}
+                                   .with_script({fault_kind::rate_limit})
+                                   .with_retry_after(300ms, keel::testing::retry_after_style::both));
+    server.start();
+    keel::http::client http(ctx.get_executor(), {});
+    keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
+    keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
+                                 http, buckets, {}, 1);
+    const auto out = run(ctx, client, {item(1), item(2), item(3)}, 3);
+    int waited = 0;
+    for (const auto& o : out) {
+      REQUIRE(o.response);
+      CHECK(o.entry == 0);
+      waited += o.seconds >= 0.29 ? 1 : 0;
+    }
+    // Only the rejected item waited out its Retry-After; the bucket was never paused.
+    CHECK(waited == 1);
+    keel::throttler* primary = nullptr;
+    for (const auto& [name, b] : buckets.all()) {
+      if (name == "openai/primary") {
+        primary = b;
+      }
+    }
+    REQUIRE(primary != nullptr);
+    CHECK(primary->paused_until() == keel::throttler::time_point{});
+    CHECK(server.stats().model("primary").requests == 4);
   }
-  auto all = buckets.all();
-  REQUIRE(all.size() == 2);
-  keel::throttler* primary = all[0].first == "openai/primary" ? all[0].second : all[1].second;
-  // The pause covered the server's 300 ms hint.
-  CHECK(primary->paused_until() >= before + 300ms);
-  CHECK(server.stats().model("primary").requests == 4);
+  SECTION("a block") {
+    asio::io_context ctx;
+    keel::testing::mock_llm_server server(ctx);
+    // Everything refused for two rounds (an exhausted quota window), each 429 saying 300 ms.
+    server.set_plan("primary", fault_plan{}
+                                   .with_script(std::vector<fault_kind>(6, fault_kind::rate_limit))
+                                   .with_retry_after(300ms, keel::testing::retry_after_style::both));
+    server.start();
+    keel::http::client http(ctx.get_executor(), {});
+    keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
+    keel::cli::llm_client client(
+        ctx.get_executor(),
+        make_config(R"({"config_list": [{"api_type": "openai", "model": "primary",
+                                         "api_key": "k"}]})",
+                    server.base_url()),
+        http, buckets, {}, 1);
+    const auto before = std::chrono::steady_clock::now();
+    const auto out = run(ctx, client, {item(1), item(2), item(3)}, 3);
+    for (const auto& o : out) {
+      REQUIRE(o.response);
+      CHECK(o.attempts == 3);
+    }
+    // The second round of 429s, 300 ms after the first with nothing accepted in between, is a
+    // block: everybody paused for its Retry-After.
+    keel::throttler& bucket = *buckets.all().at(0).second;
+    CHECK(bucket.paused_until() >= before + 550ms);
+    CHECK(server.stats().model("primary").requests == 9);
+  }
 }
 
 TEST_CASE("the token bucket is settled with the real usage", "[cli_client]") {
@@ -254,7 +292,7 @@ TEST_CASE("error classes see through retries and fallbacks to the deciding error
   CHECK(out[0].attempts == 2);
 }
 
-TEST_CASE("a bucket with no configured limit starts slow and paces at the limit it learns",
+TEST_CASE("a bucket with no configured limit adopts the limit the server's headers state",
           "[cli_client]") {
   asio::io_context ctx;
   keel::testing::mock_llm_server server(ctx);
@@ -263,7 +301,7 @@ TEST_CASE("a bucket with no configured limit starts slow and paces at the limit 
   server.set_plan("open", fault_plan{}.with_latency(20ms));  // no limit, no headers
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
   const char* const one_try = R"({
     "config_list": [{"api_type": "openai", "model": "primary", "api_key": "k1"}],
     "policy": {"retry": {"max_attempts": 1}}
@@ -271,10 +309,12 @@ TEST_CASE("a bucket with no configured limit starts slow and paces at the limit 
   keel::cli::llm_client client(ctx.get_executor(), make_config(one_try, server.base_url()), http,
                                buckets, {}, 1);
   keel::throttler& bucket = *buckets.all().at(0).second;
-  CHECK(buckets.in_slow_start(bucket));
+  keel::rate_controller* pacing = buckets.pacing(bucket);
+  REQUIRE(pacing != nullptr);
+  CHECK(pacing->requests().phase == keel::pacing_phase::startup);
 
   // 64 at once against a burst of 50 would draw 14 429s (and fail them: one attempt each).
-  // Slow start sends 8, learns 50 r/s from the first reply and paces the other 56.
+  // The startup window sends 16, the first reply states 50 r/s, and the rest are paced.
   std::vector<keel::cli::batch_item> items;
   for (int i = 1; i <= 64; ++i) {
     items.push_back(item(i));
@@ -285,10 +325,12 @@ TEST_CASE("a bucket with no configured limit starts slow and paces at the limit 
   }
   CHECK(server.stats().model("primary").status_count(429) == 0);
   CHECK(server.stats().model("primary").status_count(200) == 64);
-  CHECK_FALSE(buckets.in_slow_start(bucket));
+  CHECK(pacing->requests().phase == keel::pacing_phase::fixed);
+  CHECK(pacing->requests().estimate == Approx(50.0));
   CHECK(bucket.options().requests_per_second == Approx(50.0));
 
-  // A server that reports no limit: slow start ends with no limit at all.
+  // A server that states no limit and never throttles: the bucket stays a startup window that
+  // widens with every answer, and nobody waits on pacing.
   const char* const open_entry = R"({
     "config_list": [{"api_type": "openai", "model": "open", "api_key": "k1"}],
     "policy": {"retry": {"max_attempts": 1}}
@@ -302,13 +344,121 @@ TEST_CASE("a bucket with no configured limit starts slow and paces at the limit 
     }
   }
   REQUIRE(open_bucket != nullptr);
-  CHECK(buckets.in_slow_start(*open_bucket));
-  items.resize(20);
-  const auto open_out = run(ctx, open_client, items, 20);
+  items.resize(16);
+  const auto open_out = run(ctx, open_client, items, 16);
   for (const auto& o : open_out) {
     CHECK(o.response);
   }
-  CHECK_FALSE(buckets.in_slow_start(*open_bucket));
-  CHECK(open_bucket->options().requests_per_second == 0);
-  CHECK(server.stats().model("open").status_count(200) == 20);
+  const auto st = buckets.pacing(*open_bucket)->requests();
+  CHECK(st.phase == keel::pacing_phase::startup);
+  // Every answer widened the window by one, as far as doubling per 50 ms allows.
+  CHECK(st.window > 16);
+  CHECK(st.window <= 32);
+  CHECK(open_bucket->total_waits() == 0);
+  CHECK(server.stats().model("open").status_count(200) == 16);
+}
+
+TEST_CASE("a server that states no limit is paced at the limit its 429s reveal", "[cli_client]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  // nginx limit_req semantics: 100 r/s, 21 at once, 429 with a constant "Retry-After: 1" and no
+  // rate-limit headers.
+  server.set_plan("m", fault_plan{}
+                           .with_rate_limit(100, 0, 21)
+                           .with_rate_limit_headers(false)
+                           .with_limiter_retry_after(keel::testing::limiter_retry_after_mode::constant)
+                           .with_retry_after(1000ms, keel::testing::retry_after_style::seconds));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
+  std::vector<keel::pacing_phase> phases;
+  buckets.on_pacing = [&](const std::string& name, const keel::pacing_state& r,
+                          const keel::pacing_state&) {
+    CHECK(name == "openai/m");
+    phases.push_back(r.phase);
+  };
+  keel::cli::llm_client client(ctx.get_executor(),
+                               make_config(R"({"config_list": [{"api_type": "openai",
+                                                "model": "m", "api_key": "k"}]})",
+                                           server.base_url()),
+                               http, buckets, {}, 1);
+  std::vector<keel::cli::batch_item> items;
+  for (int i = 1; i <= 300; ++i) {
+    items.push_back(item(i));
+  }
+  const auto out = run(ctx, client, items, 64);
+  int ok = 0;
+  int attempts = 0;
+  for (const auto& o : out) {
+    ok += o.response ? 1 : 0;
+    attempts += o.attempts;
+  }
+  // Every item answered; the old shared pause made all 64 callers resume together each second
+  // and collapsed to about 21 per second, failing most items.
+  CHECK(ok == 300);
+  const auto st = buckets.pacing(*buckets.all().at(0).second)->requests();
+  CHECK(st.samples >= 1);
+  CHECK(st.estimate > 80);
+  CHECK(st.estimate < 125);
+  CHECK(attempts <= 345);
+  CHECK(server.stats().model("m").status_count(429) ==
+        static_cast<std::uint64_t>(attempts - 300));
+  // The hook saw the way there: startup, then search, then an estimate.
+  REQUIRE(phases.size() >= 3);
+  CHECK(phases[0] == keel::pacing_phase::startup);
+  CHECK(phases[1] == keel::pacing_phase::search);
+  CHECK(std::find(phases.begin(), phases.end(), keel::pacing_phase::cruise) != phases.end());
+}
+
+TEST_CASE("with hold_open_breaker an item with no fallback left waits for the probe",
+          "[cli_client]") {
+  // One entry; its server answers 503 for the first 600 ms. The breaker opens after 2 failures
+  // for 200 ms; three attempts with 20 ms backoff are used up long before the outage ends.
+  const char* const policy = R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
+    "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.02}},
+               "breaker": {"failure_threshold": 2, "break": 0.2, "break_growth": 1},
+               "retry_budget": {"enabled": false}}
+  })";
+  for (const bool hold : {false, true}) {
+    DYNAMIC_SECTION("hold_open_breaker " << hold) {
+      asio::io_context ctx;
+      keel::testing::mock_llm_server server(ctx);
+      server.set_plan("m", fault_plan{}.with_outage(0ms, 600ms));
+      server.start();
+      keel::http::client http(ctx.get_executor(), {});
+      keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
+      keel::cli::client_hooks hooks;
+      int holds = 0;
+      hooks.on_hold = [&](std::size_t entry, const keel::cli::batch_item&,
+                          std::chrono::nanoseconds left) {
+        CHECK(entry == 0);
+        CHECK(left <= 200ms);
+        ++holds;
+      };
+      keel::cli::client_options co;
+      co.hold_open_breaker = hold;
+      keel::cli::llm_client client(ctx.get_executor(), make_config(policy, server.base_url()),
+                                   http, buckets, hooks, 1, co);
+      const auto out = run(ctx, client, {item(1), item(2), item(3), item(4)}, 4);
+      int ok = 0;
+      for (const auto& o : out) {
+        if (o.response) {
+          ++ok;
+          CHECK(o.seconds >= 0.5);  // answered after the outage
+        } else {
+          const std::string cls = keel::cli::error_class(o.error);
+          CHECK((cls == "circuit_open" || cls == "unavailable" || cls == "overloaded"));
+        }
+        CHECK(o.attempts <= 3);  // waiting for the probe costs no attempt
+      }
+      if (hold) {
+        CHECK(ok == 4);
+        CHECK(holds > 0);
+      } else {
+        CHECK(ok < 4);
+        CHECK(holds == 0);
+      }
+    }
+  }
 }

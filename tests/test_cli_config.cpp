@@ -128,7 +128,7 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
   CHECK(p.breaker.max_break == 300);
   CHECK(p.retry_budget.enabled);
   CHECK(p.retry_budget.max_tokens == 100);
-  CHECK(p.retry_budget.token_ratio == Approx(0.1));
+  CHECK(p.retry_budget.token_ratio == Approx(0.5));
   CHECK(p.rate_limits.burst == 0);
   CHECK(p.concurrency == 16);
   CHECK(p.queue_max_wait == 0);
@@ -238,7 +238,7 @@ TEST_CASE("to_json fills in every default and says which retry algorithm applies
   CHECK(j["config_list"][1]["aws_region"] == "us-east-1");
   CHECK(j["policy"]["retry"]["backoff"]["jitter"] == "full");
   CHECK(j["policy"]["breaker"]["break"] == 30);
-  CHECK(j["policy"]["retry_budget"]["token_ratio"] == 0.1);
+  CHECK(j["policy"]["retry_budget"]["token_ratio"] == 0.5);
   CHECK(j["policy"]["queue"]["max_wait"] == 0);
   CHECK(j["policy"]["concurrency"] == 16);
   // The policy block of the output is itself a valid policy block.

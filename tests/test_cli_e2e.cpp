@@ -1309,6 +1309,7 @@ TEST_CASE("keel demo runs 300 prompts to success and reports fallbacks", "[cli_e
   CHECK(contains(r.out, "300 done: 300 ok, 0 failed"));
   CHECK(contains(r.out, "fallbacks"));
   CHECK(contains(r.out, "mock server"));
+  CHECK(contains(r.out, "--seed 1 draws the same jitter again"));
 }
 
 // ---- 11. attempts precedence ------------------------------------------------------------------
@@ -1407,4 +1408,188 @@ TEST_CASE("A failure record says whether the retries or the retry budget ran out
     CHECK(records[0].at("attempts") == k.attempts);
     CHECK(records[0].at("error").at("gave_up") == k.gave_up);
   }
+}
+
+// ---- 12. defaults that never fail what a plain retry loop completes (issue 12) -----------------
+
+namespace {
+
+// A scenario in which exactly every 10th request to model-a answers 503 (`unavailable`), for the
+// first `requests` requests. With one item in flight at a time a failed attempt's retry is the
+// next request, which succeeds, so no item can run out of attempts or trip the breaker: only the
+// retry budget can fail an item.
+std::string every_tenth_unavailable(int requests) {
+  json script = json::array();
+  for (int i = 1; i <= requests; ++i) {
+    script.push_back(i % 10 == 0 ? "unavailable" : "ok");
+  }
+  return json{{"seed", 3}, {"models", {{"model-a", {{"script", script}}}}}}.dump();
+}
+
+std::size_t count_gave_up(const std::vector<json>& records, const std::string& why) {
+  return static_cast<std::size_t>(std::count_if(records.begin(), records.end(), [&](const json& r) {
+    return r.contains("error") && r.at("error").value("gave_up", "") == why;
+  }));
+}
+
+}  // namespace
+
+TEST_CASE("With the default policy 400 prompts against 10 percent 503s all succeed", "[cli_e2e]") {
+  temp_dir dir;
+  constexpr int items = 400;
+  // Nothing but the entry: every policy default applies (backoff, breaker, retry budget).
+  write_file(dir / "config.json",
+             R"({"config_list": [{"api_type": "openai", "model": "model-a", "api_key": "k"}]})");
+  write_file(dir / "scenario.json", every_tenth_unavailable(500));
+  write_file(dir / "in.jsonl", prompts_jsonl(items));
+  child_process c(dir, "batch",
+                  batch_args(dir, {"--concurrency", "1", "--progress", "none", "--summary-json",
+                                   dir / "summary.json"}));
+  const int status = c.wait(120s);
+  INFO("stdout:\n" << c.out() << "\nstderr:\n" << c.err());
+  CHECK(status == 0);
+  const json summary = json::parse(read_file(dir / "summary.json"), nullptr, false);
+  REQUIRE(!summary.is_discarded());
+  CHECK(summary.at("items").at("ok") == items);
+  CHECK(summary.at("items").at("failed") == 0);
+  CHECK(summary.at("retries") == 44);  // requests 10, 20, ..., 440 failed and were retried once
+  const auto records = read_records(dir / "results.jsonl");
+  check_each_id_once(records, items);
+  CHECK(count_gave_up(records, "budget_exhausted") == 0);
+}
+
+// The long run is where gRPC's ratio (0.1) lost: 10% failures drain it by 0.01 token per prompt,
+// and after about 4,500 prompts it refused 59 retries that would have succeeded.
+TEST_CASE("5000 prompts against 10 percent 503s never exhaust the default retry budget",
+          "[cli_e2e]") {
+  temp_dir dir;
+  constexpr int items = 5000;
+  // Only the backoff is shortened (to keep the test fast); the budget is the default.
+  write_file(dir / "config.json", R"({
+    "config_list": [{"api_type": "openai", "model": "model-a", "api_key": "k"}],
+    "policy": {"retry": {"backoff": {"base": 0.001, "cap": 0.01}}}
+  })");
+  write_file(dir / "scenario.json", every_tenth_unavailable(6000));
+  write_file(dir / "in.jsonl", prompts_jsonl(items));
+  child_process c(dir, "batch",
+                  batch_args(dir, {"--concurrency", "1", "--progress", "none", "--summary-json",
+                                   dir / "summary.json"}));
+  const int status = c.wait(120s);
+  INFO("stdout:\n" << c.out());
+  CHECK(status == 0);
+  const json summary = json::parse(read_file(dir / "summary.json"), nullptr, false);
+  REQUIRE(!summary.is_discarded());
+  CHECK(summary.at("items").at("ok") == items);
+  CHECK(summary.at("items").at("failed") == 0);
+  CHECK(summary.at("retries") == 555);
+  const auto records = read_records(dir / "results.jsonl");
+  REQUIRE(records.size() == static_cast<std::size_t>(items));
+  CHECK(count_gave_up(records, "budget_exhausted") == 0);
+}
+
+TEST_CASE("A rate-limited item is retried past an exhausted retry budget", "[cli_e2e]") {
+  temp_dir dir;
+  // A budget of 2 tokens allows no charged retry at all (gRFC A6: retries need more than half),
+  // yet 429s with Retry-After are retried until they succeed; a 503 is still refused.
+  write_file(dir / "config.json", R"({
+    "config_list": [{"api_type": "openai", "model": "model-a", "api_key": "k"}],
+    "policy": {"retry": {"max_attempts": 4, "backoff": {"kind": "constant", "base": 0.01}},
+               "breaker": {"enabled": false},
+               "retry_budget": {"max_tokens": 2}}
+  })");
+  write_file(dir / "scenario.json", R"({"seed": 5, "models": {"model-a": {
+    "retry_after_ms": 20,
+    "script": ["rate_limit", "rate_limit", "rate_limit", "ok", "unavailable", "ok"]}}})");
+  write_file(dir / "in.jsonl", prompts_jsonl(2));
+  child_process c(dir, "batch",
+                  batch_args(dir, {"--concurrency", "1", "--progress", "none", "--summary-json",
+                                   dir / "summary.json"}));
+  CHECK(c.wait() == 1);
+  INFO("stderr:\n" << c.err());
+  const auto records = read_records(dir / "results.jsonl");
+  REQUIRE(records.size() == 2);
+  const json* first = find_line(records, 1);
+  const json* second = find_line(records, 2);
+  REQUIRE(first != nullptr);
+  REQUIRE(second != nullptr);
+  INFO(first->dump() << "\n" << second->dump());
+  CHECK(first->at("status") == "ok");
+  CHECK(first->at("attempts") == 4);  // three 429s, then the answer
+  CHECK(second->at("status") == "failed");
+  CHECK(second->at("attempts") == 1);
+  CHECK(second->at("error").at("gave_up") == "budget_exhausted");
+}
+
+// ---- 13. the jitter seed ----------------------------------------------------------------------
+
+namespace {
+
+// What one run says about its jitter seed: the summary JSON's, the INFO log line's (with its
+// message) and the summary table on stdout.
+struct seed_report {
+  int status = -1;
+  json summary_seed;
+  json logged_seed;
+  std::string logged_message;
+  std::string out;
+};
+
+seed_report run_for_seed(const temp_dir& dir, const std::string& name,
+                         std::vector<std::string> extra) {
+  std::vector<std::string> flags = {
+      "--progress",   "none", "--log-level",    "info",
+      "--log-format", "json", "--summary-json", dir / (name + ".json")};
+  flags.insert(flags.end(), extra.begin(), extra.end());
+  child_process c(
+      dir, name,
+      batch_args(dir, flags, "config.json", "scenario.json", "in.jsonl", name + "-results.jsonl"));
+  seed_report r;
+  r.status = c.wait();
+  r.out = c.out();
+  const json summary = json::parse(read_file(dir / (name + ".json")), nullptr, false);
+  if (summary.is_object()) {
+    r.summary_seed = summary.value("seed", json());
+  }
+  for (const auto& j : json_lines(c.err())) {
+    if (j.is_object() && j.value("event", "") == "seed") {
+      r.logged_seed = j.value("seed", json());
+      r.logged_message = j.value("message", "");
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("Every run without --seed draws and names its own jitter seed and --seed N is honoured",
+          "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  write_file(dir / "in.jsonl", prompts_jsonl(3));
+
+  const seed_report a = run_for_seed(dir, "a", {});
+  const seed_report b = run_for_seed(dir, "b", {});
+  INFO("a stdout:\n" << a.out << "\nb stdout:\n" << b.out);
+  CHECK(a.status == 0);
+  CHECK(b.status == 0);
+  REQUIRE(a.summary_seed.is_number_unsigned());
+  REQUIRE(b.summary_seed.is_number_unsigned());
+  const auto seed_a = a.summary_seed.get<std::uint64_t>();
+  const auto seed_b = b.summary_seed.get<std::uint64_t>();
+  CHECK(seed_a != seed_b);  // two 53-bit draws
+  CHECK(seed_a < (std::uint64_t{1} << 53));
+  CHECK(seed_b < (std::uint64_t{1} << 53));
+  // The INFO line and the summary table name the same seed, and say how to repeat it.
+  CHECK(a.logged_seed == a.summary_seed);
+  CHECK(contains(a.logged_message, "random"));
+  CHECK(contains(a.out, "--seed " + std::to_string(seed_a)));
+
+  const seed_report fixed = run_for_seed(dir, "fixed", {"--seed", "7"});
+  INFO("fixed stdout:\n" << fixed.out);
+  CHECK(fixed.status == 0);
+  CHECK(fixed.summary_seed == 7);
+  CHECK(fixed.logged_seed == 7);
+  CHECK(contains(fixed.logged_message, "--seed"));
+  CHECK(contains(fixed.out, "--seed 7 "));
 }

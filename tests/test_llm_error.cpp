@@ -1,6 +1,7 @@
 // Tests for keel/llm/error.hpp: the keel.llm category, provider_error and redaction.
 #include <keel/classify.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/rate_controller.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -93,4 +94,40 @@ TEST_CASE("redact turns control characters into '?' so what() is never cut short
                            "end\nnext";
   const std::string out = keel::llm::redact(text);
   CHECK(out == "line1?line2?[31m?end next");
+}
+
+TEST_CASE("limit_of reads which limit a rate-limited answer names", "[llm][error]") {
+  using keel::limit_kind;
+  auto err = [](keel::llm::errc code, std::string provider_code, std::string message) {
+    keel::llm::provider_error_info info;
+    info.status = 429;
+    info.provider = "openai";
+    info.provider_code = std::move(provider_code);
+    info.message = std::move(message);
+    return keel::llm::provider_error(code, info);
+  };
+  using keel::llm::errc;
+  CHECK(keel::llm::limit_of(err(errc::rate_limited, "rate_limit_exceeded",
+                                "Rate limit reached for gpt-4o in organization org-x on tokens "
+                                "per min (TPM): Limit 30000, Used 29800, Requested 400.")) ==
+        limit_kind::tokens);
+  CHECK(keel::llm::limit_of(err(errc::rate_limited, "rate_limit_exceeded",
+                                "Rate limit reached for gpt-4o in organization org-x on requests "
+                                "per min (RPM): Limit 500, Used 500, Requested 1.")) ==
+        limit_kind::requests);
+  CHECK(keel::llm::limit_of(err(errc::rate_limited, "rate_limit_error",
+                                "This request would exceed your organization's rate limit of "
+                                "50,000 input tokens per minute.")) == limit_kind::tokens);
+  CHECK(keel::llm::limit_of(err(errc::rate_limited, "ThrottlingException",
+                                "Too many tokens, please wait before trying again.")) ==
+        limit_kind::tokens);
+  CHECK(keel::llm::limit_of(err(errc::rate_limited, "ThrottlingException",
+                                "Too many requests, please wait before trying again.")) ==
+        limit_kind::requests);
+  // A proxy that says nothing useful.
+  CHECK(keel::llm::limit_of(err(errc::rate_limited, "", "Slow down")) == limit_kind::unknown);
+  // Not a rate limit at all: an exhausted quota says "tokens" too, but is permanent.
+  CHECK(keel::llm::limit_of(err(errc::quota_exhausted, "insufficient_quota",
+                                "You exceeded your current quota of tokens.")) ==
+        limit_kind::unknown);
 }

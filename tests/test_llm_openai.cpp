@@ -56,6 +56,13 @@ TEST_CASE("openai build_request makes the chat completions call", "[llm][openai]
   auto p =
       keel::llm::build_request(plain, keel::llm::endpoint(keel::llm::provider_kind::openai, ""));
   CHECK(p.url == "https://api.openai.com/v1/chat/completions");
+  // The OpenAI SDKs' way of writing a base URL, with the version: not doubled.
+  for (const char* base : {"http://h:8000/v1", "http://h:8000/v1/", "http://h:8000"}) {
+    CAPTURE(base);
+    const auto v = keel::llm::build_request(
+        plain, keel::llm::endpoint(keel::llm::provider_kind::openai, base, "sk-test"));
+    CHECK(v.url == "http://h:8000/v1/chat/completions");
+  }
   CHECK(json::parse(p.body) ==
         json::parse(R"({"model":"gpt-4o","messages":[{"role":"user","content":"x"}],
                         "max_tokens":1024})"));

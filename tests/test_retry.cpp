@@ -241,6 +241,91 @@ TEST_CASE("a shared budget stops retries when exhausted and refills on success",
   CHECK(budget.can_retry());
 }
 
+TEST_CASE("an exhausted budget still lets a throttled failure retry but refuses a transient one",
+          "[retry][budget]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  keel::retry_budget budget{4, 0.5};  // retries allowed while tokens > 2
+  budget.on_failure();
+  budget.on_failure();
+  REQUIRE(budget.tokens() == 2);
+  REQUIRE_FALSE(budget.can_retry());
+  auto policy = constant_policy(5, 10ms);  // charge_budget_on left at its default
+  policy.budget = &budget;
+
+  // 429s: retried at the backoff's instants as if there were no budget, and not charged.
+  scripted throttled_op{{step{throttled}, step{throttled}, step{throttled}}};
+  outcome<int> a;
+  spawn(ctx, keel::with_retry<manual_clock>(throttled_op.factory(), policy), a);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return a.done; }));
+  CHECK(a.value == 42);
+  CHECK(throttled_op.started_ms == std::vector<long long>{0, 10, 20, 30});
+  CHECK(budget.denied() == 0);
+  CHECK(budget.tokens() == Approx(2.5));  // untouched by the 429s; +0.5 for the success
+
+  // Attempts still bound them: five 429s in a row give retries_exhausted, never budget_exhausted.
+  scripted always_throttled{std::vector<step>(10, step{throttled})};
+  outcome<int> b;
+  spawn(ctx, keel::with_retry<manual_clock>(always_throttled.factory(), policy), b);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return b.done; }));
+  CHECK(always_throttled.started_ms.size() == 5);
+  CHECK(b.code() == keel::error::retries_exhausted);
+  CHECK(budget.tokens() == Approx(2.5));
+
+  // A transient failure is charged (2.5 -> 1.5) and refused at once.
+  scripted transient_op{{step{reset}, step{}}};
+  outcome<int> c;
+  spawn(ctx, keel::with_retry<manual_clock>(transient_op.factory(), policy), c);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return c.done; }));
+  CHECK(transient_op.started_ms.size() == 1);
+  CHECK(c.code() == keel::error::budget_exhausted);
+  CHECK(keel::classify(c.error).condition == keel::condition::transient);
+  CHECK(budget.denied() == 1);
+  CHECK(budget.tokens() == Approx(1.5));
+}
+
+TEST_CASE("transient and timeout failures draw on the budget by default, throttled ones do not",
+          "[retry][budget]") {
+  const keel::retry_policy defaults;
+  CHECK(defaults.charge_budget_on ==
+        keel::condition_set{keel::condition::transient, keel::condition::timeout});
+  CHECK(keel::retry_policy::exponential_full_jitter(3, 1s, 10s).charge_budget_on ==
+        defaults.charge_budget_on);
+  CHECK(keel::retry_policy::immediate(3).charge_budget_on == defaults.charge_budget_on);
+
+  // A timeout is charged like a transient failure: one timeout takes a full budget{2} to its half.
+  manual_clock::reset();
+  asio::io_context ctx;
+  keel::retry_budget budget{2, 0.1};
+  auto policy = constant_policy(5, 10ms);
+  policy.budget = &budget;
+  scripted op{{step{keel::error::deadline_exceeded}, step{}}};
+  outcome<int> out;
+  spawn(ctx, keel::with_retry<manual_clock>(op.factory(), policy), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(op.started_ms.size() == 1);
+  CHECK(out.code() == keel::error::budget_exhausted);
+  CHECK(keel::classify(out.error).condition == keel::condition::timeout);
+}
+
+TEST_CASE("a policy that lists throttled in charge_budget_on refuses 429s on an exhausted budget",
+          "[retry][budget]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  keel::retry_budget budget{4, 0.5};
+  auto policy = constant_policy(10, 10ms);
+  policy.budget = &budget;
+  policy.charge_budget_on.insert(keel::condition::throttled);
+  scripted op{std::vector<step>(10, step{throttled})};
+  outcome<int> out;
+  spawn(ctx, keel::with_retry<manual_clock>(op.factory(), policy), out);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  // 4 -> 3 (retry allowed) -> 2 (refused), as for transient failures.
+  CHECK(op.started_ms.size() == 2);
+  CHECK(out.code() == keel::error::budget_exhausted);
+  CHECK(keel::classify(out.error).condition == keel::condition::throttled);
+}
+
 TEST_CASE("retry_if narrows which failures are retried", "[retry]") {
   manual_clock::reset();
   asio::io_context ctx;

@@ -21,10 +21,15 @@
 // resets the run); `failure_ratio(r, min, window, break)` opens when, over the last `window`, at
 // least `min` calls completed and failures/calls >= r.
 //
-// What counts: a failure whose condition is in `counts_as_failure` (default: transient, throttled,
+// What counts: a failure whose condition is in `counts_as_failure` (default: transient and
 // timeout) is a failure; a success slower than `slow_call_threshold` is a failure too. Other
-// failures (permanent ones such as a 400 or a 401) mean the provider answered, so they are
-// recorded as successes. Cancellation is never counted either way: it only frees the call's slot.
+// failures mean the provider answered, so they are recorded as successes: permanent ones such as
+// a 400 or a 401, and throttling (a 429, a local limiter's rejection). Throttling is left out by
+// default because it says the caller is going too fast, not that the provider is down: pacing
+// (a throttler, Retry-After) is the answer to it, and a breaker that opened on a burst of 429s
+// would stop every call, paced or not, for a whole break. Put `condition::throttled` back into
+// `counts_as_failure` to count it. Cancellation is never counted either way: it only frees the
+// call's slot.
 //
 // There is no timer: open -> half_open is taken lazily, against `Clock::now()`, when the next call
 // arrives (`state()` already reports it).
@@ -108,7 +113,7 @@ struct breaker_policy {
     failure_ratio,
   };
 
-  /// The default policy: `consecutive(5, 60 s)`.
+  /// The default policy: `consecutive(5, 60 s)`, counting transient and timeout failures.
   breaker_policy() = default;
 
   /// Opens after `failures` consecutive failures, for `break_duration`, then admits a probe.
@@ -166,8 +171,11 @@ struct breaker_policy {
   /// A successful call slower than this counts as a failure (the caller still gets its value).
   std::optional<duration> slow_call_threshold;
 
-  /// The conditions that count as failures; cancellation never counts, whatever this holds.
-  condition_set counts_as_failure = condition_set::retryable();
+  /// The conditions that count as failures: transient and timeout by default. Throttling is
+  /// not in it (a 429 asks the caller to slow down, which is pacing's business; the provider is
+  /// up), nor are permanent errors (the provider answered); add `condition::throttled` to
+  /// count 429s too. Cancellation never counts, whatever this holds.
+  condition_set counts_as_failure{condition::transient, condition::timeout};
   /// Classifies failures; empty means `keel::classify`. Must not throw (a throw is `permanent`).
   classifier classify;
   /// Called after each state change, outside the breaker's lock, on the thread whose call caused

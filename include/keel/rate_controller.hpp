@@ -41,9 +41,11 @@
 // Phases of each dimension (requests, and LLM tokens when a 429 says the tokens were the limit):
 //
 // 1. *Startup* (requests only; no limit known): a window, not a rate. `initial_window` calls
-//    may be in flight at once and every answer that was not a 429 widens the window by one
-//    (TCP slow start: the window doubles per round trip), so an unthrottled server never waits
-//    on pacing and a burst-limited one sees at most about twice its burst before the first 429.
+//    may be in flight at once, and the window doubles every `startup_doubling` (25 ms) without
+//    waiting for answers (an LLM answer can take seconds; TCP's per-round-trip doubling would
+//    cost the first calls that long). A burst-limited server that rejects fast sees about one
+//    window beyond its burst before the first 429 ends the startup; an unthrottled one is never
+//    held back once the window exceeds the concurrency (about 50 ms at 64 calls in flight).
 // 2. *Search* (after the first 429, before an estimate): pace at the rate accepted over the last
 //    second, and double it every `search_doubling` while calls are waiting for the bucket, until
 //    an episode yields an estimate. A rejection in search cuts the rate back to the accepted rate.
@@ -103,6 +105,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -128,6 +131,22 @@ enum class pacing_phase {
 /// The name of a phase ("startup", "search", ...).
 const char* to_string(pacing_phase p) noexcept;
 
+/// What a controller knows about one dimension now (for logs, metrics and tests).
+struct pacing_state {
+  /// The phase.
+  pacing_phase phase = pacing_phase::unlimited;
+  /// The paced rate per second (requests, or tokens); 0 when not limited.
+  double rate = 0;
+  /// The estimated server limit per second; 0 when none.
+  double estimate = 0;
+  /// The startup window (requests in startup only).
+  double window = 0;
+  /// Estimates made so far.
+  std::uint64_t samples = 0;
+  /// Rejections seen so far in this dimension.
+  std::uint64_t rejections = 0;
+};
+
 /// Settings of a rate controller. The defaults suit LLM APIs and HTTP rate limiters; every
 /// duration is in the controller's clock.
 struct rate_controller_options {
@@ -136,8 +155,10 @@ struct rate_controller_options {
   double max_requests_per_second = 0;
   /// Ceiling on the LLM token rate, per minute; 0: none.
   double max_tokens_per_minute = 0;
-  /// Calls that may be in flight before anything is known (startup window).
+  /// Calls that may be in flight at first, before anything is known (the startup window).
   double initial_window = 16;
+  /// The startup window doubles this often (with or without answers) until the first 429.
+  std::chrono::nanoseconds startup_doubling = std::chrono::milliseconds(25);
   /// Pace at (1 - margin) x the estimate, so small estimation errors do not keep hitting 429s.
   double margin = 0.03;
   /// The throttler's burst is this much time at the paced rate (at least one request).
@@ -165,22 +186,11 @@ struct rate_controller_options {
   double min_requests_per_second = 0.5;
   /// Randomness for the plateau (null: a per-controller source seeded from std::random_device).
   random_source* random = nullptr;
-};
-
-/// What a controller knows about one dimension now (for logs, metrics and tests).
-struct pacing_state {
-  /// The phase.
-  pacing_phase phase = pacing_phase::unlimited;
-  /// The paced rate per second (requests, or tokens); 0 when not limited.
-  double rate = 0;
-  /// The estimated server limit per second; 0 when none.
-  double estimate = 0;
-  /// The startup window (requests in startup only).
-  double window = 0;
-  /// Estimates made so far.
-  std::uint64_t samples = 0;
-  /// Rejections seen so far in this dimension.
-  std::uint64_t rejections = 0;
+  /// Called when a dimension's phase or estimate changes (not on every rate step), with both
+  /// dimensions' states, outside the controller's lock, on the thread of the call that caused
+  /// it. It may read the controller (`requests()`, `tokens()`) and must not throw. Empty:
+  /// nobody is told.
+  std::function<void(const pacing_state& requests, const pacing_state& tokens)> on_change;
 };
 
 namespace detail {

@@ -10,10 +10,13 @@
 //    rethrown at once, never retried. A failure whose condition is not in `policy.retry_on`
 //    (default: transient, throttled, timeout), or that `policy.retry_if` rejects, is rethrown
 //    unchanged.
-// 2. A retryable failure costs one token of the shared `policy.budget` (if any).
+// 2. A retryable failure whose condition is in `policy.charge_budget_on` (default: transient,
+//    timeout) costs one token of the shared `policy.budget` (if any). Throttled failures are not
+//    charged: see "Why throttling does not draw on the budget" below.
 // 3. After `policy.max_attempts` attempts (total, including the first) the call fails with
-//    `keel::error::retries_exhausted`, the last error as its cause. If the budget is below half,
-//    it fails with `keel::error::budget_exhausted` instead of retrying.
+//    `keel::error::retries_exhausted`, the last error as its cause. If the failure was charged
+//    and the budget is below half, it fails with `keel::error::budget_exhausted` instead of
+//    retrying.
 // 4. The delay is the server's hint (Retry-After) if the failure carried one, clamped to
 //    `policy.max_retry_after`; otherwise the policy's backoff for that failure.
 // 5. The call has an absolute deadline: `policy.timeout` after the first attempt started, and the
@@ -27,6 +30,18 @@
 // A result can be retried too: pass a predicate `retry_if_result(const T&)`; when it returns true
 // the result is treated as a transient failure, and when no retry is left the last result is
 // returned (not an error).
+//
+// Why throttling does not draw on the budget: the budget (gRFC A6) exists so that retries cannot
+// multiply the load on a provider that is failing. A throttled failure (a 429, a local limiter's
+// rejection, an open breaker's `circuit_open`) is the opposite case: the provider is up and has
+// said how fast to go, usually with a Retry-After that this loop obeys, and a shared throttler
+// paused on that hint holds every caller back. Retrying it adds no load beyond what the server
+// asked for. Charging it instead lets a rate-limited batch drain the budget in its first second
+// and then fail hundreds of calls after one attempt with `budget_exhausted`, calls the server
+// would have answered a second later. So by default only transient and timeout failures take
+// tokens and can be refused; a throttled failure is retried while `max_attempts` and the
+// deadline allow, and its pacing comes from the hint, the backoff and the throttler. Put
+// `condition::throttled` into `charge_budget_on` to budget it like the others.
 //
 // The success path costs one coroutine frame and nothing else: no timer is created, nothing
 // else is allocated, and the budget gets its success token. The timer and backoff state are
@@ -117,6 +132,12 @@ struct retry_policy {
   std::chrono::nanoseconds min_attempt_time{0};
   /// Shared retry budget (non-owning; may be null).
   retry_budget* budget = nullptr;
+  /// The conditions whose retryable failures take a token of `budget` and may be refused with
+  /// `budget_exhausted`: transient and timeout by default (a rejected result counts as
+  /// transient). Other retried failures, throttling by default, neither take a token nor are
+  /// refused: they are paced by the server's hint, the backoff and a throttler instead (see the
+  /// header overview). Add `condition::throttled` to budget them too.
+  condition_set charge_budget_on{condition::transient, condition::timeout};
   /// Jitter source (non-owning); a per-thread random source when null.
   random_source* random = nullptr;
   /// Called before every backoff sleep (log retries at WARNING here).
@@ -205,7 +226,8 @@ auto retry_impl(MakeOp op, Policy held_policy, RetryIfResult retry_if_result)
 /// @returns the first accepted value (or the last value when `retry_if_result` exhausted the
 ///   attempts).
 /// @throws the attempt's own error if it is not retryable or no time is left for another attempt;
-///   `keel::failure` `retries_exhausted` / `budget_exhausted` (cause: the last error);
+///   `keel::failure` `retries_exhausted` / `budget_exhausted` (cause: the last error; only a
+///   failure in `policy.charge_budget_on` can be refused by the budget);
 ///   `operation_aborted` when cancelled.
 /// Cancellation: see the header overview; a backoff sleep is cut short at once.
 template <class Clock = default_clock, class MakeOp,
@@ -312,14 +334,17 @@ auto retry_impl(MakeOp op, Policy held_policy, RetryIfResult retry_if_result)
       // A rejected result obeys the same rules as a failure of condition `transient`.
       co_return return_rejected_or_throw([] {});
     }
-    if (policy.budget) {
-      policy.budget->on_failure();
+    // Only failures the budget is for are charged (and can be refused); see the overview.
+    retry_budget* const charged =
+        policy.charge_budget_on.contains(cls.condition) ? policy.budget : nullptr;
+    if (charged) {
+      charged->on_failure();
     }
     if (attempt >= max_attempts) {
       co_return return_rejected_or_throw(
           [&] { throw_failure(error::retries_exhausted, failed, attempt); });
     }
-    if (policy.budget && !policy.budget->try_retry()) {
+    if (charged && !charged->try_retry()) {
       co_return return_rejected_or_throw(
           [&] { throw_failure(error::budget_exhausted, failed, attempt); });
     }

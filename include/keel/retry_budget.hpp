@@ -11,12 +11,26 @@
 // In steady state this allows about one retry per `1/token_ratio` successes; during an outage,
 // after `max_tokens/2` failures every call makes exactly one attempt until successes refill it.
 //
-// Permanent failures (nothing would retry them) and cancellations do not touch the budget.
-// Tokens are counted in thousandths, as gRPC does, so `token_ratio` has three decimals.
+// Permanent failures (nothing would retry them) and cancellations do not touch the budget, and
+// `with_retry` charges only the conditions in `retry_policy::charge_budget_on` (transient and
+// timeout by default): a throttled failure is paced by the server's hint and the throttler, not
+// refused by the budget (retry.hpp says why). Tokens are counted in thousandths, as gRPC does,
+// so `token_ratio` has three decimals.
+//
+// Sizing `token_ratio` (r) for an LLM batch: the budget drains while failed attempts per success
+// exceed r, i.e. while the failure rate of attempts is above r / (1 + r). With the class
+// defaults below (10 tokens, r = 0.1, gRPC's own example) that is ~9%: a batch whose provider
+// answers 10% of requests with a 503 loses about 0.01 token per prompt and, after a few hundred
+// prompts (sooner after a run of bad luck: 5 failures in a row take 10 tokens to the half-way
+// line), refuses retries that would have succeeded. LLM providers routinely sit at a few percent
+// of 5xx/529, with bursts above that, so size the budget for the failure rate a batch should
+// *tolerate*: r = 0.5 drains only above ~33% failures (an outage, which the budget is for), and
+// a larger `max_tokens` (100) absorbs bursts. The `keel` command uses {100, 0.5}. The class
+// defaults stay at gRPC's values for code that already relies on them.
 //
 // Example:
 //
-//     keel::retry_budget budget{100, 0.1};  // shared by every call to one provider
+//     keel::retry_budget budget{100, 0.5};  // shared by every call to one provider
 //     auto policy = keel::retry_policy::exponential_full_jitter(5, 1s, 60s);
 //     policy.budget = &budget;
 //
@@ -32,7 +46,9 @@ class retry_budget {
  public:
   /// Creates a full budget.
   /// @param max_tokens the capacity; retries stop at half of it. Must be > 0.
-  /// @param token_ratio tokens returned per success (three decimals are kept).
+  /// @param token_ratio tokens returned per success (three decimals are kept); the budget
+  ///   drains while the failure rate of attempts exceeds token_ratio / (1 + token_ratio): ~9%
+  ///   for the default 0.1, ~33% for 0.5 (see the overview for sizing it for an LLM batch).
   explicit retry_budget(double max_tokens = 10, double token_ratio = 0.1) noexcept
       : max_milli_(static_cast<std::int64_t>(max_tokens * 1000)),
         ratio_milli_(static_cast<std::int64_t>(token_ratio * 1000)),

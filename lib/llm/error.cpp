@@ -1,5 +1,6 @@
 // The keel.llm error category, provider_error and secret redaction.
 #include <keel/llm/error.hpp>
+#include <keel/rate_controller.hpp>
 
 #include <keel/http/message.hpp>
 
@@ -244,6 +245,30 @@ provider_error without_secrets(const provider_error& e,
     masked = mask_secret(info.request_id, secret) || masked;
   }
   return masked ? provider_error(e.llm_code(), std::move(info)) : e;
+}
+
+keel::limit_kind limit_of(const provider_error& e) noexcept {
+  if (e.llm_code() != errc::rate_limited) {
+    return keel::limit_kind::unknown;
+  }
+  auto mentions = [](std::string_view text, std::string_view word) {
+    auto it = std::search(text.begin(), text.end(), word.begin(), word.end(), [](char a, char b) {
+      return std::tolower(static_cast<unsigned char>(a)) ==
+             std::tolower(static_cast<unsigned char>(b));
+    });
+    return it != text.end();
+  };
+  for (std::string_view text : {std::string_view(e.message()), std::string_view(e.provider_code())}) {
+    if (mentions(text, "token") || mentions(text, "TPM")) {
+      return keel::limit_kind::tokens;
+    }
+  }
+  for (std::string_view text : {std::string_view(e.message()), std::string_view(e.provider_code())}) {
+    if (mentions(text, "request") || mentions(text, "RPM")) {
+      return keel::limit_kind::requests;
+    }
+  }
+  return keel::limit_kind::unknown;
 }
 
 }  // namespace keel::llm

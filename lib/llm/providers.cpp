@@ -25,6 +25,19 @@ std::string base_of(const endpoint& ep, std::string_view fallback) {
   return b;
 }
 
+// `base` + "/v1" + `path`, unless `base` already ends with the API version: the official
+// OpenAI SDKs (and AG2 configs, vLLM and most OpenAI-compatible servers' docs) write base URLs
+// as "http://host:8000/v1", which keel used to turn into ".../v1/v1/chat/completions".
+std::string versioned(std::string base, std::string_view path) {
+  constexpr std::string_view version = "/v1";
+  if (base.size() < version.size() || base.compare(base.size() - version.size(), version.size(),
+                                                   version) != 0) {
+    base += version;
+  }
+  base += path;
+  return base;
+}
+
 bool contains_ci(std::string_view hay, std::string_view needle) {
   auto it = std::search(hay.begin(), hay.end(), needle.begin(), needle.end(), [](char a, char b) {
     return std::tolower(static_cast<unsigned char>(a)) ==
@@ -273,7 +286,8 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
   if (has_metadata(req.metadata)) {
     body["metadata"] = req.metadata;
   }
-  keel::http::request r("POST", base_of(ep, "https://api.openai.com") + "/v1/chat/completions");
+  keel::http::request r(
+      "POST", versioned(base_of(ep, "https://api.openai.com"), "/chat/completions"));
   r.set("authorization", "Bearer " + ep.api_key);
   set_json_body(r, body);
   return r;
@@ -351,7 +365,7 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
   if (has_metadata(req.metadata)) {
     body["metadata"] = req.metadata;
   }
-  keel::http::request r("POST", base_of(ep, "https://api.anthropic.com") + "/v1/messages");
+  keel::http::request r("POST", versioned(base_of(ep, "https://api.anthropic.com"), "/messages"));
   r.set("x-api-key", ep.api_key);
   r.set("anthropic-version", ep.anthropic_version);
   set_json_body(r, body);

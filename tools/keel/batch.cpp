@@ -20,9 +20,11 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include <csignal>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -138,6 +140,13 @@ struct run_state {
 
 }  // namespace
 
+std::uint64_t random_seed() {
+  std::random_device device;
+  const std::uint64_t hi = device();
+  const std::uint64_t lo = device();
+  return ((hi << 32) ^ lo) & ((std::uint64_t{1} << 53) - 1);
+}
+
 int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   namespace fs = std::filesystem;
   if (opts.resume && opts.overwrite) {
@@ -181,7 +190,12 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
              {"dropped_torn_tail", rs.resume.dropped_torn_tail}});
   }
   rs.stats.total = count_items(opts.in).value_or(0);
+  rs.stats.seed = opts.seed;
   batch_stats& st = rs.stats;
+  log.log(log_level::info, "seed",
+          opts.seed_is_random ? "retry jitter seed drawn at random; --seed repeats it"
+                              : "retry jitter seed from --seed",
+          {{"seed", opts.seed}});
   auto ex = rs.ctx.get_executor();
 
   // ---- metrics --------------------------------------------------------------------------------
@@ -214,7 +228,36 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   keel::http::client_options ho;
   ho.max_connections_per_host = static_cast<std::size_t>(std::max(64, concurrency));
   keel::http::client http(ex, ho);
-  bucket_registry buckets(ex);
+  bucket_registry buckets(ex, opts.seed);
+  buckets.on_pacing = [&](const std::string& name, const keel::pacing_state& r,
+                          const keel::pacing_state& t) {
+    // Phase changes and new estimates (not every probe step): what the controller learned.
+    m.gauge("keel_pacing_rate", "Rate the bucket paces at (requests per second; 0: unlimited).",
+            {{"bucket", name}})
+        .set(r.rate);
+    m.gauge("keel_pacing_estimate",
+            "The server's request limit as learned or stated (requests per second; 0: unknown).",
+            {{"bucket", name}})
+        .set(r.estimate);
+    m.gauge("keel_pacing_token_estimate",
+            "The server's token limit as learned or stated (tokens per minute; 0: unknown).",
+            {{"bucket", name}})
+        .set(t.estimate * 60);
+    json f;
+    f["bucket"] = name;
+    f["phase"] = keel::to_string(r.phase);
+    if (r.estimate > 0) {
+      f["limit_rps"] = std::round(r.estimate * 100) / 100;
+      f["rate_rps"] = std::round(r.rate * 100) / 100;
+    }
+    if (t.phase != keel::pacing_phase::unlimited) {
+      f["token_phase"] = keel::to_string(t.phase);
+      if (t.estimate > 0) {
+        f["limit_tpm"] = std::round(t.estimate * 60);
+      }
+    }
+    log.log(log_level::info, "pacing", "", f);
+  };
   client_hooks hooks;
   hooks.on_attempt = [&](const attempt_report& r) {
     const std::string& name = cfg.entries[r.entry].name();
@@ -289,7 +332,20 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
               {{"model", cfg.entries[entry].name()}})
         .inc(s);
   };
-  llm_client client(ex, cfg, http, buckets, hooks, opts.seed);
+  hooks.on_hold = [&](std::size_t entry, const batch_item& item, std::chrono::nanoseconds left) {
+    ++st.breaker_holds;
+    m.counter("keel_breaker_holds_total",
+              "Times an item waited for an open breaker's probe (no fallback left).",
+              {{"model", cfg.entries[entry].name()}})
+        .inc();
+    if (log.enabled(log_level::debug)) {
+      log.log(log_level::debug, "hold", "",
+              {{"id", item.id}, {"model", cfg.entries[entry].name()}, {"probe_in", seconds_text(left)}});
+    }
+  };
+  client_options co;
+  co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
+  llm_client client(ex, cfg, http, buckets, hooks, opts.seed, co);
 
   // ---- progress ------------------------------------------------------------------------------
   progress_display progress(opts.progress, stderr, st);

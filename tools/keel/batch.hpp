@@ -52,8 +52,12 @@ struct batch_options {
   std::optional<unsigned short> metrics_port;
   /// fdatasync after every record.
   bool fsync = false;
-  /// Seed of the retry jitter.
+  /// Seed of the retry jitter (and of an in-process mock whose scenario names no seed). The
+  /// command draws one per run with `random_seed()` unless `--seed` is given; the summary and an
+  /// INFO log line name it so that the run's jitter can be repeated.
   std::uint64_t seed = 0;
+  /// True when `seed` was drawn at random rather than given (`--seed`); only changes the log line.
+  bool seed_is_random = false;
   /// Title of the summary table.
   std::string title = "keel batch";
   /// The command that resumes this run (printed after an interruption).
@@ -63,6 +67,11 @@ struct batch_options {
   /// Called once the metrics server listens, with its port (tests, `keel demo`).
   std::function<void(unsigned short)> on_metrics_port;
 };
+
+/// A fresh seed for the retry jitter from `std::random_device`, so that runs and processes do not
+/// all draw the same jitter. It is below 2^53, so the summary JSON holds it exactly for any
+/// reader (jq, JavaScript) and `--seed` given that number repeats the run's draws.
+std::uint64_t random_seed();
 
 /// Runs a batch; returns the process exit status (see the header comment).
 /// @param cfg the resolved config (base URLs already pointing where they should).

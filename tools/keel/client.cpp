@@ -12,11 +12,14 @@
 #include <keel/retry.hpp>
 
 #include <boost/asio/error.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <random>
 
 namespace keel::cli {
 namespace asio = boost::asio;
@@ -88,6 +91,32 @@ bool is_code(const std::exception_ptr& e, keel::error code) {
   } catch (...) {
   }
   return false;
+}
+
+// Tells a bucket's controller how an attempt that failed ended: a rate limit (429,
+// ThrottlingException) is a throttle, with the limit it names; any other answer from the server
+// means its limiter let the call through; no answer (transport failure, timeout, cancellation)
+// is no signal.
+void tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::ticket& t,
+                 const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::llm::provider_error& pe) {
+    if (pe.llm_code() == keel::llm::errc::rate_limited) {
+      std::optional<keel::rate_controller::duration> hint;
+      if (pe.retry_after()) {
+        hint = std::chrono::duration_cast<keel::rate_controller::duration>(*pe.retry_after());
+      }
+      pacing.on_throttled(t, keel::llm::limit_of(pe), hint);
+    } else if (pe.status() != 0) {
+      pacing.on_accepted(t);
+    } else {
+      pacing.on_abandoned(t);
+    }
+    return;
+  } catch (...) {
+  }
+  pacing.on_abandoned(t);
 }
 
 }  // namespace
@@ -217,7 +246,10 @@ nlohmann::json error_json(const std::exception_ptr& e) {
 
 // ---- bucket_registry ---------------------------------------------------------------------------
 
-keel::throttler& bucket_registry::get(const entry_config& e, bool slow_start) {
+bucket_registry::bucket_registry(asio::any_io_executor ex, std::uint64_t seed)
+    : ex_(std::move(ex)), random_(seed != 0 ? seed : std::random_device{}()) {}
+
+keel::throttler& bucket_registry::get(const entry_config& e, bool adaptive) {
   const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
   // The key is identified by a hash: the map key is printable without leaking it.
   const std::string key = std::string(keel::llm::to_string(e.api_type)) + "|" + e.base_url + "|" +
@@ -228,35 +260,40 @@ keel::throttler& bucket_registry::get(const entry_config& e, bool slow_start) {
     o.requests_per_second = e.rate_limits.requests_per_minute / 60.0;
     o.burst = e.rate_limits.burst > 0 ? e.rate_limits.burst : std::max(1.0, o.requests_per_second);
     o.tokens_per_minute = e.rate_limits.tokens_per_minute;
-    const bool slow = slow_start && o.requests_per_second <= 0;
-    if (slow) {
-      // A rate too small to ever refill: only the window's tokens go out until end_slow_start.
-      o.requests_per_second = 1e-9;
-      o.burst = slow_start_window;
+    entry b;
+    b.name = e.name();
+    b.bucket = std::make_unique<keel::throttler>(ex_, o);
+    if (adaptive) {
+      keel::rate_controller_options po;
+      po.max_requests_per_second = o.requests_per_second;
+      po.max_tokens_per_minute = o.tokens_per_minute;
+      po.random = &random_;
+      if (on_pacing) {
+        po.on_change = [this, name = b.name](const keel::pacing_state& r,
+                                             const keel::pacing_state& t) {
+          on_pacing(name, r, t);
+        };
+      }
+      b.pacing = std::make_unique<keel::rate_controller>(*b.bucket, std::move(po));
     }
-    auto t = std::make_unique<keel::throttler>(ex_, o);
-    if (slow) {
-      slow_.insert(t.get());
-    }
-    it = buckets_.emplace(key, std::make_pair(e.name(), std::move(t))).first;
+    it = buckets_.emplace(key, std::move(b)).first;
   }
-  return *it->second.second;
+  return *it->second.bucket;
 }
 
-void bucket_registry::end_slow_start(keel::throttler& bucket, double requests_per_second,
-                                     double burst) {
-  if (slow_.erase(&bucket) == 0) {
-    return;
+keel::rate_controller* bucket_registry::pacing(const keel::throttler& bucket) const {
+  for (const auto& [k, v] : buckets_) {
+    if (v.bucket.get() == &bucket) {
+      return v.pacing.get();
+    }
   }
-  // Capacity first, so that a rate that makes the dimension limited starts from a full burst.
-  bucket.set_burst(burst);
-  bucket.set_rate(requests_per_second, bucket.options().tokens_per_minute);
+  return nullptr;
 }
 
 std::vector<std::pair<std::string, keel::throttler*>> bucket_registry::all() const {
   std::vector<std::pair<std::string, keel::throttler*>> out;
   for (const auto& [k, v] : buckets_) {
-    out.emplace_back(v.first, v.second.get());
+    out.emplace_back(v.name, v.bucket.get());
   }
   return out;
 }
@@ -268,6 +305,7 @@ struct llm_client::entry_state {
   const entry_config* cfg = nullptr;
   keel::llm::endpoint ep;
   keel::throttler* bucket = nullptr;
+  keel::rate_controller* pacing = nullptr;  // null with shared pacing off
   std::unique_ptr<keel::circuit_breaker> breaker;
   keel::retry_policy policy;                       // keel-native
   std::unique_ptr<keel::aws::retry_strategy> aws;  // AWS modes
@@ -286,7 +324,6 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
     : ex_(std::move(ex)),
       cfg_(std::move(cfg)),
       http_(http),
-      buckets_(buckets),
       hooks_(std::move(hooks)),
       options_(options),
       random_(seed) {
@@ -307,6 +344,7 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
     es->cfg = &cfg_.entries[i];
     es->ep = cfg_.entries[i].endpoint();
     es->bucket = &buckets.get(cfg_.entries[i], options_.shared_pacing);
+    es->pacing = options_.shared_pacing ? buckets.pacing(*es->bucket) : nullptr;
     es->last = i + 1 == cfg_.entries.size();
     if (pol.breaker.enabled) {
       auto bp = keel::breaker_policy::consecutive(
@@ -387,6 +425,10 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
 
   ++cs.attempts;
   cs.entry = es.index;
+  keel::rate_controller::ticket ticket{};
+  if (es.pacing) {
+    ticket = es.pacing->on_send(cost);
+  }
   const auto sent = clock_type::now();
   std::exception_ptr failed;
   std::optional<keel::llm::chat_response> reply;
@@ -411,13 +453,9 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   report.item = cs.item;
   report.seconds = seconds_since(sent);
   if (failed) {
-    es.bucket->settle(estimate, 0);             // a refused call used no tokens
-    buckets_.end_slow_start(*es.bucket, 0, 1);  // nothing learned: unlimited, as configured
-    const keel::classification c = keel::classify(failed);
-    if (options_.shared_pacing && c.condition == keel::condition::throttled && c.retry_after &&
-        *c.retry_after > nanoseconds{0}) {
-      const auto hint = std::min(*c.retry_after, seconds_ns(cfg_.policy.retry.max_retry_after));
-      es.bucket->pause_for(duration_cast<keel::throttler::duration>(hint));
+    es.bucket->settle(estimate, 0);  // a refused call used no tokens
+    if (es.pacing) {
+      tell_pacing(*es.pacing, ticket, failed);
     }
     report.error = failed;
     report.status = error_status(failed);
@@ -427,38 +465,12 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     std::rethrow_exception(failed);
   }
   es.bucket->settle(estimate, static_cast<double>(reply->usage.input + reply->usage.output));
-  if (options_.shared_pacing) {
-    // Resync: the provider knows better how much is left. A dimension the config leaves
-    // unlimited adopts the provider's stated per-minute limit (50 ms of burst), so a client with
-    // no configured limits stops running into 429s after the first answers. The first reply
-    // also ends the bucket's slow start, with the learned rate or none.
+  if (es.pacing) {
+    es.pacing->on_accepted(ticket);
+    // Headers win: a stated limit is the estimate and a ceiling; a lower `remaining` than the
+    // bucket holds is adopted (the key may be shared with other clients).
     const auto& rl = reply->rate_limits;
-    {
-      const keel::throttler_options now_opts = es.bucket->options();
-      const bool slow = buckets_.in_slow_start(*es.bucket);
-      double rps = slow ? 0 : now_opts.requests_per_second;
-      double tpm = now_opts.tokens_per_minute;
-      if (es.cfg->rate_limits.requests_per_minute <= 0 && rl.limit_requests &&
-          *rl.limit_requests > 0) {
-        rps = *rl.limit_requests / 60.0;
-      }
-      if (es.cfg->rate_limits.tokens_per_minute <= 0 && rl.limit_tokens && *rl.limit_tokens > 0) {
-        tpm = *rl.limit_tokens;
-      }
-      // 50 ms worth of burst, so that a short stall of the client costs no capacity.
-      const double burst = std::max(1.0, rps / 20);
-      if (slow) {
-        buckets_.end_slow_start(*es.bucket, rps, burst);
-      }
-      // One read of the options (each takes the throttler's lock), after slow start changed them.
-      const keel::throttler_options cur = slow ? es.bucket->options() : now_opts;
-      if (rps != cur.requests_per_second || tpm != cur.tokens_per_minute) {
-        if (rps != cur.requests_per_second) {
-          es.bucket->set_burst(burst);
-        }
-        es.bucket->set_rate(rps, tpm);
-      }
-    }
+    es.pacing->on_advertised(rl.limit_requests, rl.limit_tokens);
     if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {
       es.bucket->set_available_requests(*rl.remaining_requests);
     }
@@ -476,11 +488,36 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
 asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, call_state& cs) {
   entry_state& es = *entries_[i];
   auto one = [this, &es, &cs]() -> asio::awaitable<keel::llm::chat_response> {
-    if (es.breaker) {
+    if (!es.breaker) {
+      co_return co_await attempt(es, cs);
+    }
+    if (!(es.last && options_.hold_open_breaker)) {
       co_return co_await keel::with_breaker(*es.breaker,
                                             [this, &es, &cs] { return attempt(es, cs); });
     }
-    co_return co_await attempt(es, cs);
+    // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
+    // call's deadline still bounds the wait). Waiters wake with jitter and go through the
+    // paced bucket, so the breaker closing does not release them in one burst.
+    asio::steady_timer timer(co_await asio::this_coro::executor);
+    for (;;) {
+      try {
+        co_return co_await keel::with_breaker(*es.breaker,
+                                              [this, &es, &cs] { return attempt(es, cs); });
+      } catch (const boost::system::system_error& e) {
+        if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
+          throw;
+        }
+      }
+      if (hooks_.on_hold) {
+        hooks_.on_hold(es.index, *cs.item, es.breaker->remaining_open_time());
+      }
+      // Until the probe, or (half-open, the probe slots taken) a short while.
+      const auto wait = es.breaker->remaining_open_time() +
+                        std::chrono::duration_cast<nanoseconds>(std::chrono::duration<double>(
+                            0.05 + 0.2 * random_.uniform()));
+      timer.expires_after(wait);
+      co_await timer.async_wait(asio::use_awaitable);
+    }
   };
   auto on_retry = [this, &es, &cs](const keel::retry_event& ev) {
     if (hooks_.on_retry) {

@@ -13,27 +13,26 @@
 //           acquire(bucket of (provider, model, key)),        requests + estimated tokens
 //           with_deadline(entry timeout, complete(...)))))    one HTTP attempt
 //
-// - A 429 (or any throttled failure) with a delay hint pauses the entry's bucket for everybody
-//   who shares it, so concurrent calls do not retry in lockstep; the bucket settles the token
-//   estimate with the real usage, and provider rate-limit headers that report fewer remaining
-//   requests or tokens than the bucket holds lower it.
+// - Pacing: each bucket of (provider, model, key) has a `keel::rate_controller` (shared pacing,
+//   the default) that learns the server's limit from the attempts' outcomes: 429s with or
+//   without Retry-After, and the rate-limit headers when the server sends them (they win).
+//   Configured `requests_per_minute` / `tokens_per_minute` are ceilings, not the only knowledge.
+//   A 429 does not pause the bucket for everybody (a constant Retry-After says nothing about the
+//   rate); the controller cuts the rate instead, and pauses only a block (nothing accepted for a
+//   while). The bucket settles the token estimate with the real usage, and reports of fewer
+//   remaining requests or tokens than the bucket holds lower it.
 // - Buckets live in a `bucket_registry` keyed by (provider, model, key): entries, clients and
-//   configs that share a key share its limits. Breakers, the retry budget and the AWS retry
-//   quota/limiter belong to one client, so several clients with different policies can live in
-//   one process.
+//   configs that share a key share its limits and its controller. Breakers, the retry budget
+//   and the AWS retry quota/limiter belong to one client, so several clients with different
+//   policies can live in one process.
 // - An open breaker moves on to the next entry at once; on the last entry, keel-native retry
-//   waits for the breaker's probe instead (its error carries the remaining open time).
-// - Throttling (429) does not count against a breaker: that is the bucket's job.
-// - Slow start: with shared pacing on and no configured request limit, a new bucket lets
-//   `bucket_registry::slow_start_window` requests out and holds the rest until the first attempt
-//   ends. A reply's rate-limit headers then set the bucket's rate (a learned limit); a reply
-//   without them, or a failure, makes it unlimited. Without it, a batch at concurrency 1,024
-//   against a 200 r/s limit sent 1,024 requests before learning anything, and the resulting
-//   429s drained the retry budget (issue 4's scenario benchmark).
-// - `client_options::shared_pacing` (default on) covers the two bucket behaviours above that
-//   react to the server: the pause on a throttled failure and learning limits from rate-limit
-//   headers. Turned off, the client paces only by the configured rate limits, like a common SDK
-//   client; `keel bench` uses that for its non-keel policy variants.
+//   waits for the breaker's probe instead (its error carries the remaining open time); with
+//   `client_options::hold_open_breaker` (keel batch) that wait costs no attempt.
+// - Throttling (429) does not count against a breaker, nor against the retry budget: pacing is
+//   the controller's job.
+// - `client_options::shared_pacing` (default on) is the controller. Turned off, the client paces
+//   only by the configured rate limits, like a common SDK client; `keel bench` uses that for its
+//   non-keel policy variants.
 // - `call` never throws: it returns the reply or the final error with the attempts made.
 //
 // Thread safety: a client and its registry live on one executor (one thread).
@@ -44,6 +43,7 @@
 #include <keel/circuit_breaker.hpp>
 #include <keel/http/client.hpp>
 #include <keel/random.hpp>
+#include <keel/rate_controller.hpp>
 #include <keel/retry_budget.hpp>
 #include <keel/throttler.hpp>
 
@@ -55,42 +55,42 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <string>
 #include <vector>
 
 namespace keel::cli {
 
-/// Shared rate-limit buckets keyed by (provider, model, key).
+/// Shared rate-limit buckets keyed by (provider, model, key), each with its rate controller.
 class bucket_registry {
  public:
-  /// Buckets whose timers run on `ex`.
-  explicit bucket_registry(boost::asio::any_io_executor ex) : ex_(std::move(ex)) {}
-
-  /// Requests that may go out while a bucket is in slow start.
-  static constexpr double slow_start_window = 8;
+  /// Buckets whose timers run on `ex`; `seed` seeds the controllers' probe timing (0: random).
+  explicit bucket_registry(boost::asio::any_io_executor ex, std::uint64_t seed = 0);
 
   /// The bucket of `e` (created on first use with `e.rate_limits`).
-  /// @param slow_start if the bucket is created here and `e` configures no request limit, it
-  ///   starts in slow start: `slow_start_window` requests go out and the rest wait until the
-  ///   client calls `end_slow_start` on hearing back from the server (so a large batch against
-  ///   an unknown limit does not send its whole first wave blind).
-  keel::throttler& get(const entry_config& e, bool slow_start = false);
+  /// @param adaptive if the bucket is created here, it gets a `keel::rate_controller` that
+  ///   learns the server's limit (configured limits become its ceilings).
+  keel::throttler& get(const entry_config& e, bool adaptive = false);
 
-  /// True while `bucket` is in slow start.
-  bool in_slow_start(const keel::throttler& bucket) const { return slow_.count(&bucket) != 0; }
-
-  /// Ends slow start: the bucket takes `requests_per_second` (0 = unlimited) and `burst`, and
-  /// releases its queue at that rate. No effect on a bucket not in slow start.
-  void end_slow_start(keel::throttler& bucket, double requests_per_second, double burst);
+  /// The controller of `bucket` (null if it has none).
+  keel::rate_controller* pacing(const keel::throttler& bucket) const;
 
   /// Every bucket with its (redaction-safe) name.
   std::vector<std::pair<std::string, keel::throttler*>> all() const;
 
+  /// Called when a bucket's controller changes phase or estimate: the bucket's name and its
+  /// request and token states. Set before the first `get`.
+  std::function<void(const std::string&, const keel::pacing_state&, const keel::pacing_state&)>
+      on_pacing;
+
  private:
+  struct entry {
+    std::string name;
+    std::unique_ptr<keel::throttler> bucket;
+    std::unique_ptr<keel::rate_controller> pacing;
+  };
   boost::asio::any_io_executor ex_;
-  std::map<std::string, std::pair<std::string, std::unique_ptr<keel::throttler>>> buckets_;
-  std::set<const keel::throttler*> slow_;
+  keel::random_source random_;
+  std::map<std::string, entry> buckets_;
 };
 
 /// What happened in one attempt (for metrics and logs).
@@ -137,6 +137,9 @@ struct client_hooks {
       on_breaker;
   /// An attempt waited this long for rate-limit capacity (bucket or AWS adaptive limiter).
   std::function<void(std::size_t entry, std::chrono::nanoseconds)> on_throttle_wait;
+  /// The last entry's breaker is open and the item waits for its probe
+  /// (`client_options::hold_open_breaker`); the time left until the probe.
+  std::function<void(std::size_t entry, const batch_item&, std::chrono::nanoseconds)> on_hold;
 };
 
 /// The outcome of one call.
@@ -155,12 +158,15 @@ struct call_outcome {
 
 /// Switches of a client that are not part of the config file.
 struct client_options {
-  /// When true (the default), a throttled failure with a delay hint (a 429 with Retry-After)
-  /// pauses the entry's shared bucket for every caller, and the rate-limit headers of successful
-  /// replies tune the bucket (an unconfigured limit is learned, a lower `remaining` is adopted).
-  /// When false, neither happens: the bucket paces by the configured `rate_limits` only (with
-  /// none configured it never waits), and each call retries on its own schedule.
+  /// When true (the default), each bucket has a `keel::rate_controller` that learns the
+  /// server's limit from outcomes and rate-limit headers, and a lower `remaining` in the headers
+  /// is adopted. When false, the bucket paces by the configured `rate_limits` only (with none
+  /// configured it never waits), and each call retries on its own schedule.
   bool shared_pacing = true;
+  /// When true, the last entry's open breaker holds the call until the breaker admits a probe
+  /// (bounded by the call's deadline) without spending an attempt; when false (the library's
+  /// way), the wait is an ordinary retry whose delay is the time left until the probe.
+  bool hold_open_breaker = false;
 };
 
 /// A client built from a config.
@@ -201,7 +207,6 @@ class llm_client {
   boost::asio::any_io_executor ex_;
   config cfg_;
   keel::http::client& http_;
-  bucket_registry& buckets_;
   client_hooks hooks_;
   client_options options_;
   keel::random_source random_;

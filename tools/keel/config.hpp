@@ -52,7 +52,8 @@
 //   breaker:      {enabled: bool (true), failure_threshold: int >= 1 (5), break: s (30),
 //                  break_growth: number >= 1 (2), max_break: s (300)}
 //   retry_budget: {enabled: bool (true), max_tokens: number > 0 (100), token_ratio: number in
-//                  (0, 1] (0.1)}
+//                  (0, 1] (0.5: refuses retries only above ~33% failed attempts); only
+//                  transient and timeout failures draw on it, throttling does not}
 //   rate_limits:  {requests_per_minute: number >= 0 (0), tokens_per_minute: number >= 0 (0),
 //                  burst: number >= 0 (0: one second's worth of requests)}
 //   concurrency:  int in [1, 100000] (16)
@@ -154,8 +155,10 @@ struct budget_config {
   bool enabled = true;
   /// Bucket size.
   double max_tokens = 100;
-  /// Tokens a success gives back.
-  double token_ratio = 0.1;
+  /// Tokens a success gives back. 0.5, not gRPC's 0.1: the budget then drains only while more
+  /// than ~33% of attempts fail (an outage), never at the few-to-10% of 5xx/529 an LLM batch
+  /// normally sees, which 0.1 (draining above ~9%) turned into `budget_exhausted` failures.
+  double token_ratio = 0.5;
 };
 
 /// Client-side rate limits (0: unlimited).

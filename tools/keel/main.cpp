@@ -60,7 +60,7 @@ struct common_flags {
   std::optional<unsigned short> metrics_port;
   std::optional<int> concurrency;
   double grace = 10;
-  std::uint64_t seed = 0;
+  std::optional<std::uint64_t> seed;  // none: draw one per process
   bool fsync = false;
 };
 
@@ -88,7 +88,10 @@ void add_common(CLI::App* app, common_flags& f) {
   app->add_option("--grace", f.grace, "Seconds in-flight items get to finish after SIGINT/SIGTERM")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  app->add_option("--seed", f.seed, "Seed of the retry jitter (and of the demo's mock)");
+  app->add_option("--seed", f.seed,
+                  "Seed of the retry jitter (and of the mock when its scenario names none); "
+                  "default: drawn at random per run and shown in the summary, so that processes "
+                  "do not jitter alike and a run can be repeated with --seed");
   app->add_flag("--fsync", f.fsync, "fdatasync the results file after every record");
 }
 
@@ -107,7 +110,10 @@ batch_options make_batch_options(const common_flags& f) {
   o.progress_interval = f.progress_interval;
   o.summary_json = f.summary_json;
   o.metrics_port = f.metrics_port;
-  o.seed = f.seed;
+  // A fixed default seed would give every run, and every process of a fleet, the same jitter:
+  // retries that collide once collide again. Draw one unless asked; the summary names it.
+  o.seed = f.seed ? *f.seed : random_seed();
+  o.seed_is_random = !f.seed;
   o.fsync = f.fsync;
   if (f.quiet || f.progress == "none") {
     o.progress = progress_mode::quiet;
@@ -242,7 +248,10 @@ int main(int argc, char** argv) {
                    "Comma-separated policies: none, naive, exponential, full_jitter, keel")
       ->delimiter(',')
       ->check(CLI::IsMember(keel::cli::bench_policies()));
-  bench->add_option("--seed", bench_opts.seed, "Seed of the mock's faults and the jitter")
+  bench
+      ->add_option("--seed", bench_opts.seed,
+                   "Seed of the mock's faults and the jitter (fixed by default, unlike batch and "
+                   "demo: a benchmark must repeat)")
       ->capture_default_str();
   bench->add_flag("--no-fork", bench_no_fork,
                   "Run every scenario in this process (peak RSS is then cumulative)");

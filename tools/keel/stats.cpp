@@ -63,6 +63,7 @@ nlohmann::json summary_json(const batch_stats& s) {
   j["http_429"] = s.http_429;
   j["fallbacks"] = s.fallbacks;
   j["breaker_opens"] = s.breaker_opens;
+  j["breaker_holds"] = s.breaker_holds;
   j["throttle_waits"] = s.throttle_waits;
   j["throttled_seconds"] = s.throttled_seconds;
   j["latency_seconds"] = {
@@ -74,6 +75,7 @@ nlohmann::json summary_json(const batch_stats& s) {
   j["tokens"] = {{"input", s.tokens_in}, {"output", s.tokens_out}};
   j["wall_seconds"] = wall;
   j["items_per_second"] = wall > 0 ? static_cast<double>(s.done) / wall : 0;
+  j["seed"] = s.seed;
   return j;
 }
 
@@ -107,6 +109,9 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
       std::to_string(s.fallbacks) +
           (s.ok_by_model.empty() ? "" : " (answered by: " + join_counts(s.ok_by_model) + ")"));
   row("breaker opens", std::to_string(s.breaker_opens));
+  if (s.breaker_holds > 0) {
+    row("breaker holds", std::to_string(s.breaker_holds));
+  }
   // Waits overlap (many attempts wait at once), so the sum is attempt-seconds, not wall time.
   row("throttled",
       std::to_string(s.throttle_waits) + " attempts waited for rate-limit capacity, " +
@@ -120,6 +125,8 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
   std::snprintf(buf, sizeof buf, "%s, %.1f items/s", fmt_seconds(wall).c_str(),
                 wall > 0 ? static_cast<double>(s.done) / wall : 0.0);
   row("wall time", buf);
+  row("seed", std::to_string(s.seed) + " (--seed " + std::to_string(s.seed) +
+                  " draws the same jitter again)");
   return out;
 }
 

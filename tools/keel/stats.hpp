@@ -49,6 +49,8 @@ struct batch_stats {
   std::uint64_t fallbacks = 0;
   /// Times a breaker opened.
   std::uint64_t breaker_opens = 0;
+  /// Times an item waited for an open breaker's probe (no fallback left).
+  std::uint64_t breaker_holds = 0;
   /// Failed items by error class.
   std::map<std::string, std::uint64_t> failed_by_class;
   /// Retries by the class of the error that caused them.
@@ -67,6 +69,8 @@ struct batch_stats {
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   /// Wall time of the run (set at the end), seconds.
   double wall_seconds = 0;
+  /// The seed of the run's retry jitter (`--seed` repeats it).
+  std::uint64_t seed = 0;
 };
 
 /// The `p`-th percentile (0..100) of `values` by nearest rank; 0 for none.

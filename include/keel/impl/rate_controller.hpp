@@ -55,9 +55,6 @@ class rate_controller_state {
   static constexpr std::size_t req = 0;
   static constexpr std::size_t tok = 1;
 
-  // A rate small enough never to refill: the request bucket is then a window whose tokens only
-  // come back through release().
-  static constexpr double window_rate = 1e-9;
   // Rejections kept for estimates (by send time), and the longest span of one estimate: an
   // estimate follows the last two seconds, so a limit that changes is re-measured.
   static constexpr auto log_span = std::chrono::seconds(4);
@@ -91,6 +88,7 @@ class rate_controller_state {
     } else {
       dims_[req].phase = pacing_phase::startup;
       window_ = o_.initial_window;
+      window_growth_ = window_ * std::log(2.0) / seconds(o_.startup_doubling);
     }
     if (dims_[tok].configured > 0) {
       dims_[tok].phase = pacing_phase::fixed;
@@ -101,7 +99,60 @@ class rate_controller_state {
   }
 
   ticket on_send(throttle_cost cost) {
+    ticket t;
+    locked([&] { t = send(cost); });
+    return t;
+  }
+
+  void on_accepted(const ticket& t) {
+    locked([&] { accepted(t); });
+  }
+
+  void on_abandoned(const ticket& t) {
+    locked([&] { abandoned(t); });
+  }
+
+  void on_throttled(const ticket& t, limit_kind kind, std::optional<duration> hint) {
+    locked([&] { throttled(t, kind, hint); });
+  }
+
+  void on_advertised(std::optional<double> rpm, std::optional<double> tpm) {
+    locked([&] { advertised(rpm, tpm); });
+  }
+
+  pacing_state snapshot(std::size_t di) const {
     std::lock_guard lock{mutex_};
+    return snapshot_locked(di);
+  }
+
+  basic_throttler<Clock>& bucket() const noexcept { return bucket_; }
+
+ private:
+  // Runs `f` under the lock, then tells `on_change` (outside the lock) if a dimension's phase or
+  // estimate changed.
+  template <class F>
+  void locked(F f) {
+    bool notify = false;
+    pacing_state r;
+    pacing_state t;
+    {
+      std::lock_guard lock{mutex_};
+      f();
+      r = snapshot_locked(req);
+      t = snapshot_locked(tok);
+      if (r.phase != told_[req].phase || r.estimate != told_[req].estimate ||
+          t.phase != told_[tok].phase || t.estimate != told_[tok].estimate) {
+        told_[req] = r;
+        told_[tok] = t;
+        notify = static_cast<bool>(o_.on_change);
+      }
+    }
+    if (notify) {
+      o_.on_change(r, t);
+    }
+  }
+
+  ticket send(throttle_cost cost) {
     const time_point now = Clock::now();
     ticket t;
     t.seq = ++seq_;
@@ -118,29 +169,16 @@ class rate_controller_state {
     return t;
   }
 
-  void on_accepted(const ticket& t) {
-    std::lock_guard lock{mutex_};
+  void accepted(const ticket& t) {
     const time_point now = Clock::now();
     resolve(t.seq);
     if (t.seq != 0 && dims_[req].phase == pacing_phase::startup) {
-      // The slot comes back and the window grows by one: doubling per round trip, but at most
-      // doubling per `search_doubling`, so that a fast server's burst does not let the window
-      // (and the first wave of 429s) grow without bound.
-      const double cap =
-          o_.initial_window *
-          std::exp2(std::min(30.0, std::chrono::duration<double>(now - epoch_).count() /
-                                       std::chrono::duration<double>(o_.search_doubling).count()));
-      window_release_ += 1;
-      if (window_ + 1 <= cap) {
-        window_ += 1;
-        window_release_ += 1;
-      }
+      window_release_ += 1;  // the slot comes back
     }
     update(now);
   }
 
-  void on_abandoned(const ticket& t) {
-    std::lock_guard lock{mutex_};
+  void abandoned(const ticket& t) {
     const time_point now = Clock::now();
     resolve(t.seq);
     if (t.seq != 0 && dims_[req].phase == pacing_phase::startup) {
@@ -149,21 +187,19 @@ class rate_controller_state {
     update(now);
   }
 
-  void on_throttled(const ticket& t, limit_kind kind, std::optional<duration> hint) {
-    std::lock_guard lock{mutex_};
+  void throttled(const ticket& t, limit_kind kind, std::optional<duration> hint) {
     const time_point now = Clock::now();
     if (t.seq != 0) {
       const std::size_t di = kind == limit_kind::tokens ? tok : req;
       resolve(t.seq);
       record_rejection(t, di, now);
       react(di, now, hint);
-      on_rejection(di, t, now);
+      on_rejection(di, t);
     }
     update(now);
   }
 
-  void on_advertised(std::optional<double> rpm, std::optional<double> tpm) {
-    std::lock_guard lock{mutex_};
+  void advertised(std::optional<double> rpm, std::optional<double> tpm) {
     bool changed = false;
     if (rpm && pacing_non_negative(*rpm) > 0) {
       changed |= advertise(req, *rpm / 60);
@@ -176,8 +212,7 @@ class rate_controller_state {
     }
   }
 
-  pacing_state snapshot(std::size_t di) const {
-    std::lock_guard lock{mutex_};
+  pacing_state snapshot_locked(std::size_t di) const {
     const dim& d = dims_[di];
     pacing_state s;
     s.phase = d.phase;
@@ -189,9 +224,6 @@ class rate_controller_state {
     return s;
   }
 
-  basic_throttler<Clock>& bucket() const noexcept { return bucket_; }
-
- private:
   // What the client was doing when an episode's first rejection came.
   enum class cause { startup, plateau, probe, search, fixed };
 
@@ -266,6 +298,7 @@ class rate_controller_state {
     o.min_requests_per_second = std::max(1e-6, pacing_non_negative(o.min_requests_per_second));
     o.plateau_max = std::max(o.plateau_max, o.plateau_min);
     o.search_doubling = std::max(o.search_doubling, std::chrono::nanoseconds(1000000));
+    o.startup_doubling = std::max(o.startup_doubling, std::chrono::nanoseconds(1000000));
     o.probe_round = std::max(o.probe_round, std::chrono::nanoseconds(1000000));
     return o;
   }
@@ -367,7 +400,7 @@ class rate_controller_state {
   // come back); older ones that were not rejected were accepted, whether or not their answers
   // (which may take seconds) have arrived.
   duration settle_time() const {
-    return reject_latency_ + reject_latency_ / 4 + to_duration(std::chrono::milliseconds(1));
+    return reject_latency_ + reject_latency_ / 2 + to_duration(std::chrono::milliseconds(1));
   }
 
   void prune_young(time_point now) {
@@ -429,9 +462,17 @@ class rate_controller_state {
   }
 
   // Enough accepted work between the two rejections for a rate (or a second between them).
+  // The span must also be long against the time a 429 takes to come back: calls reach the
+  // server in about their send order, but only about (connections being opened, requests
+  // written on different connections), so a pair of rejections a few round trips apart may
+  // bracket calls that the server saw before the first of them.
+  // The work of one call: 1 request, or the mean token cost.
+  double unit_of(std::size_t di) const noexcept { return di == req ? 1.0 : mean_token_cost(); }
+
   bool usable(std::size_t di, const pair_sample& p, double needed) const {
-    const double unit = di == req ? 1.0 : mean_token_cost();
-    return p.span > 0 && p.accepted > 0 &&
+    const double unit = unit_of(di);
+    const double min_span = std::max(0.002, 4 * std::chrono::duration<double>(reject_latency_).count());
+    return p.span >= min_span && p.accepted > 0 &&
            (p.accepted >= needed * unit || (p.span >= 1.0 && p.accepted >= 2 * unit));
   }
 
@@ -530,7 +571,7 @@ class rate_controller_state {
   }
 
   // Feeds a 429 to its dimension's episode.
-  void on_rejection(std::size_t di, const ticket& t, time_point now) {
+  void on_rejection(std::size_t di, const ticket& t) {
     dim& d = dims_[di];
     const rejection r{t.seq, t.sent, t.tokens, t.tokens_before, di};
     if (!d.in_episode) {
@@ -543,10 +584,13 @@ class rate_controller_state {
     if (r.seq < d.first.seq) {
       d.first = r;
     }
+    // Only a 429 that extends the episode is evaluated: a late report from inside its span
+    // (a 429 slower than the ones before) may find its wave's other members already counted
+    // as accepted, and would inflate the sample; the next extending 429 counts it.
     if (r.seq > d.latest.seq) {
       d.latest = r;
+      continue_episode(di);
     }
-    continue_episode(di, now);
   }
 
   void adopt(std::size_t di, double estimate) {
@@ -568,6 +612,13 @@ class rate_controller_state {
     const bool cross = usable(di, x, o_.min_sample);
     d.episode_best = 0;
     const std::uint64_t samples_before = d.samples;
+    // Rounds of 429s a Retry-After apart with nothing accepted in between: a block.
+    if (d.previous.seq != 0) {
+      const pair_sample since = sample_between(di, find_logged(d.previous.seq), find_logged(r.seq));
+      if (since.span >= seconds(o_.block_span) && since.accepted <= 0) {
+        pause_block(di);
+      }
+    }
     switch (d.why) {
       case cause::probe:
         // If the rejections bracketing the plateau and the probe say the limit is about where
@@ -614,8 +665,8 @@ class rate_controller_state {
     }
   }
 
-  // A later final rejection of the same episode: its own sample measures the limit now.
-  void continue_episode(std::size_t di, time_point now) {
+  // A later rejection of the same episode: its own sample measures the limit now.
+  void continue_episode(std::size_t di) {
     dim& d = dims_[di];
     const pair_sample p = episode_sample(di);
 #ifdef KEEL_PACING_TRACE
@@ -639,16 +690,28 @@ class rate_controller_state {
     if (usable(di, p, needed)) {
       if (p.accepted > d.episode_best ||
           (p.rate() < d.estimate && d.latest.sent > d.adopted_at)) {
-        adopt(di, p.rate());
+        double rate = p.rate();
+        if (d.why == cause::probe && d.estimate > 0 && p.accepted < o_.min_sample * unit_of(di)) {
+          // A coarse probe sample (few calls left to draw 429s with) moves a known estimate
+          // by at most 10%: three calls over a few milliseconds are not worth more.
+          rate = std::clamp(rate, d.estimate / 1.1, d.estimate * 1.1);
+        }
+        adopt(di, rate);
         d.episode_best = p.accepted;
       }
       return;
     }
-    if (p.span > 0 && p.accepted <= 0 && p.span >= seconds(o_.block_span) &&
-        d.block_until > now) {
-      // Nothing got through for a while: the server refuses everybody (a block), whatever the
-      // rate. Pause everybody for the longest Retry-After of the episode, then go on at the
-      // rate learned before.
+    if (p.span > 0 && p.accepted <= 0 && p.span >= seconds(o_.block_span)) {
+      pause_block(di);
+    }
+  }
+
+  // Nothing got through for a while: the server refuses everybody (a block), whatever the rate.
+  // Pause everybody for the longest Retry-After of the episode (without one there is nothing to
+  // wait for but the rate), then go on at the rate learned before.
+  void pause_block(std::size_t di) {
+    const dim& d = dims_[di];
+    if (d.block_until > Clock::now()) {
       bucket_.pause_until(d.block_until);
     }
   }
@@ -732,6 +795,16 @@ class rate_controller_state {
       return waiting;
     };
     prune_young(now);
+    if (dims_[req].phase == pacing_phase::startup) {
+      // The window doubles every `startup_doubling` whatever the answers (an LLM's answer can
+      // take seconds: waiting for it would cost the first calls a round trip); it only bounds
+      // how many calls a burst-limited server sees before its first 429 comes back. The
+      // throttler refills at the window's growth rate, so the window grows (and each grant
+      // brings the controller here) without a timer.
+      const double doublings = std::min(40.0, seconds(now - epoch_) / seconds(o_.startup_doubling));
+      window_ = std::max(window_, o_.initial_window * std::exp2(doublings));
+      window_growth_ = window_ * std::log(2.0) / seconds(o_.startup_doubling);
+    }
     for (std::size_t di = 0; di < dims_.size(); ++di) {
       dim& d = dims_[di];
       const duration dt = now > d.last_update ? now - d.last_update : duration::zero();
@@ -798,7 +871,7 @@ class rate_controller_state {
     double rps = 0;
     double burst = 1;
     if (r.phase == pacing_phase::startup) {
-      rps = window_rate;
+      rps = window_growth_;
       burst = window_;
     } else if (r.rate > 0) {
       rps = r.rate;
@@ -841,6 +914,7 @@ class rate_controller_state {
   std::unique_ptr<random_source> own_random_;
   time_point epoch_;
   std::array<dim, 2> dims_{};
+  std::array<pacing_state, 2> told_{};  // what on_change was last told
   std::array<bin, bin_count> bins_{};
   std::deque<rejection> log_;
   std::deque<young_send> young_;
@@ -849,6 +923,7 @@ class rate_controller_state {
   double tokens_sent_ = 0;
   double max_token_cost_ = 0;
   double window_ = 0;
+  double window_growth_ = 0;  // the startup window's growth, calls per second
   double window_release_ = 0;
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;

@@ -46,6 +46,10 @@
 #include <string_view>
 #include <type_traits>
 
+namespace keel {
+enum class limit_kind;  // keel/rate_controller.hpp
+}  // namespace keel
+
 namespace keel::llm {
 
 /// Specific failures of an LLM provider call.
@@ -150,6 +154,13 @@ class provider_error : public keel::failure {
   errc code_;
   provider_error_info info_;
 };
+
+/// Which of its limits a rate-limited answer says it hit, from the provider's words: OpenAI's
+/// "... on tokens per min (TPM)" / "requests per min (RPM)" (error type "tokens"/"requests"),
+/// Anthropic's "... input tokens per minute", Bedrock's "Too many tokens/requests". Any other
+/// error, or an answer that names neither, is `limit_kind::unknown` (include
+/// <keel/rate_controller.hpp> for the enumerators).
+keel::limit_kind limit_of(const provider_error& e) noexcept;
 
 /// Redacts substrings that look like secrets (`sk-...`, `sk-ant-...`, `AKIA...`/`ASIA...` key ids,
 /// `Bearer ...`) and truncates to `max_bytes`; used for every message that goes into `what()`.
