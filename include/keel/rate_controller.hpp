@@ -40,12 +40,14 @@
 //
 // Phases of each dimension (requests, and LLM tokens when a 429 says the tokens were the limit):
 //
-// 1. *Startup* (requests only; no limit known): a window, not a rate. `initial_window` calls
-//    may be in flight at once, and the window doubles every `startup_doubling` (25 ms) without
-//    waiting for answers (an LLM answer can take seconds; TCP's per-round-trip doubling would
-//    cost the first calls that long). A burst-limited server that rejects fast sees about one
-//    window beyond its burst before the first 429 ends the startup; an unthrottled one is never
-//    held back once the window exceeds the concurrency (about 50 ms at 64 calls in flight).
+// 1. *Startup* (requests only; no limit known): a ramp. `initial_window` calls may go at once,
+//    then calls are granted at a rate that doubles every `startup_doubling` (25 ms), with or
+//    without answers: an LLM answer can take seconds, and TCP's per-round-trip doubling would
+//    cost the first calls that long. Against a burst-limited server that answers fast the first
+//    429 comes back before more than a few calls beyond its burst have gone (answers do not
+//    free slots early, so a fast server cannot pull a whole window into the 429s); an
+//    unthrottled one is not held back once the ramp exceeds the demand (about 50 ms for 64
+//    calls in flight).
 // 2. *Search* (after the first 429, before an estimate): pace at the rate accepted over the last
 //    second, and double it every `search_doubling` while calls are waiting for the bucket, until
 //    an episode yields an estimate. A rejection in search cuts the rate back to the accepted rate.
@@ -121,7 +123,7 @@ enum class limit_kind {
 /// Where a dimension of a `basic_rate_controller` is.
 enum class pacing_phase {
   unlimited,  ///< Nothing limits it (tokens before any token 429; requests never start here).
-  startup,    ///< No limit known: a window of calls in flight that grows with every answer.
+  startup,    ///< No limit known: calls granted at a rate that doubles every 25 ms.
   search,     ///< Throttled, no estimate yet: pacing at the accepted rate, doubling it.
   cruise,     ///< Pacing at (1 - margin) x the estimate; probing above it after a plateau.
   probe,      ///< Cruise, raising the rate round by round until the next 429.
@@ -139,7 +141,8 @@ struct pacing_state {
   double rate = 0;
   /// The estimated server limit per second; 0 when none.
   double estimate = 0;
-  /// The startup window (requests in startup only).
+  /// The startup ramp's burst, calls (requests in startup only; it doubles every
+  /// `startup_doubling`).
   double window = 0;
   /// Estimates made so far.
   std::uint64_t samples = 0;
@@ -155,9 +158,9 @@ struct rate_controller_options {
   double max_requests_per_second = 0;
   /// Ceiling on the LLM token rate, per minute; 0: none.
   double max_tokens_per_minute = 0;
-  /// Calls that may be in flight at first, before anything is known (the startup window).
+  /// Calls that may go at once at first, before anything is known (the startup ramp's burst).
   double initial_window = 16;
-  /// The startup window doubles this often (with or without answers) until the first 429.
+  /// The startup ramp's rate (and burst) doubles this often until the first 429.
   std::chrono::nanoseconds startup_doubling = std::chrono::milliseconds(25);
   /// Pace at (1 - margin) x the estimate, so small estimation errors do not keep hitting 429s.
   double margin = 0.03;
@@ -248,7 +251,7 @@ class basic_rate_controller {
   ticket on_send(throttle_cost cost = {});
 
   /// The server let the call through: a success, or a failure that is not a rate limit (a 5xx,
-  /// an overload, a 400). Widens the startup window.
+  /// an overload, a 400).
   void on_accepted(const ticket& t);
 
   /// The server rejected the call for its rate limit (429, ThrottlingException).
@@ -258,7 +261,7 @@ class basic_rate_controller {
                     std::optional<duration> retry_after = std::nullopt);
 
   /// The call ended without an answer from the server (cancelled, connection failed, timed out):
-  /// not a rate signal; frees its startup window slot.
+  /// not a rate signal.
   void on_abandoned(const ticket& t);
 
   /// Limits the server advertised (rate-limit headers), per minute; an absent or non-positive

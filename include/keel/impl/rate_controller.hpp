@@ -172,18 +172,12 @@ class rate_controller_state {
   void accepted(const ticket& t) {
     const time_point now = Clock::now();
     resolve(t.seq);
-    if (t.seq != 0 && dims_[req].phase == pacing_phase::startup) {
-      window_release_ += 1;  // the slot comes back
-    }
     update(now);
   }
 
   void abandoned(const ticket& t) {
     const time_point now = Clock::now();
     resolve(t.seq);
-    if (t.seq != 0 && dims_[req].phase == pacing_phase::startup) {
-      window_release_ += 1;
-    }
     update(now);
   }
 
@@ -530,7 +524,6 @@ class rate_controller_state {
           // second and search upwards from there.
           d.phase = pacing_phase::search;
           d.rate = std::max(o_.min_requests_per_second, accepted_rate(req, now));
-          window_release_ = 0;
           d.why = cause::startup;
           break;
         case pacing_phase::unlimited:
@@ -732,7 +725,6 @@ class rate_controller_state {
         d.estimate = per_second;
         d.rate = d.ceiling;
         if (di == req) {
-          window_release_ = 0;
         }
         break;
       case pacing_phase::cruise:
@@ -796,11 +788,13 @@ class rate_controller_state {
     };
     prune_young(now);
     if (dims_[req].phase == pacing_phase::startup) {
-      // The window doubles every `startup_doubling` whatever the answers (an LLM's answer can
-      // take seconds: waiting for it would cost the first calls a round trip); it only bounds
-      // how many calls a burst-limited server sees before its first 429 comes back. The
-      // throttler refills at the window's growth rate, so the window grows (and each grant
-      // brings the controller here) without a timer.
+      // The ramp doubles every `startup_doubling` whatever the answers (an LLM's answer can
+      // take seconds: waiting for it would cost the first calls a round trip). After the first
+      // `initial_window` calls the throttler grants at the ramp's growth rate, so against a fast
+      // burst-limited server the first 429 comes back before the next few calls go (answers do
+      // not free slots: a window refilled by 1 ms answers let a whole window through, into the
+      // 429 that put every caller of a small batch to sleep for its Retry-After). Each grant
+      // brings the controller here, so the ramp needs no timer.
       const double doublings = std::min(40.0, seconds(now - epoch_) / seconds(o_.startup_doubling));
       window_ = std::max(window_, o_.initial_window * std::exp2(doublings));
       window_growth_ = window_ * std::log(2.0) / seconds(o_.startup_doubling);
@@ -897,10 +891,6 @@ class rate_controller_state {
       applied_.requests_per_second = rps;
       applied_.tokens_per_minute = tpm;
     }
-    if (window_release_ > 0) {
-      bucket_.release({window_release_, 0});
-      window_release_ = 0;
-    }
   }
 
   // Rates within 0.1% are the same (each set_rate re-arms the throttler's timer).
@@ -924,7 +914,6 @@ class rate_controller_state {
   double max_token_cost_ = 0;
   double window_ = 0;
   double window_growth_ = 0;  // the startup window's growth, calls per second
-  double window_release_ = 0;
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};
