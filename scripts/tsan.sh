@@ -9,6 +9,7 @@ build_dir="$here/build-tsan"
 if [ "${1:-}" = "--build-dir" ]; then build_dir="$2"; fi
 files="test_throttler.cpp;test_circuit_breaker.cpp;test_bulkhead.cpp;test_retry_budget.cpp"
 files="$files;test_aws_retry_quota.cpp;test_cli_metrics.cpp;test_deadline.cpp;test_cli_jsonl.cpp"
+files="$files;test_rate_controller.cpp"
 cmake -S "$here" -B "$build_dir" -G Ninja -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEEL_WERROR=ON -DKEEL_TSAN=ON \
   -DKEEL_BUILD_EXAMPLES=OFF -DKEEL_HEADER_CHECK=OFF "-DKEEL_TEST_FILES=$files" >/dev/null

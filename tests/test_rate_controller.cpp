@@ -15,6 +15,8 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <thread>
+#include <atomic>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -855,4 +857,79 @@ TEST_CASE("random 503s after admission are not rate signals", "[rate_controller]
     }
   }
   CHECK(estimated);
+}
+
+// ---- threads ----
+
+TEST_CASE("many threads feed one controller without losing a count", "[rate_controller][threads]") {
+  // Real time: four threads send through one throttler and report every kind of outcome while
+  // two more read the state; on_change runs on whichever thread caused a change.
+  asio::io_context ctx;
+  keel::throttler bucket{ctx.get_executor()};
+  // Catch's assertions are not thread-safe: the threads count, the test checks after join.
+  std::atomic<int> changes{0};
+  std::atomic<int> bad{0};
+  keel::rate_controller_options o;
+  o.on_change = [&](const keel::pacing_state& r, const keel::pacing_state& t) {
+    if (!std::isfinite(r.rate) || !std::isfinite(t.rate)) {
+      ++bad;
+    }
+    ++changes;
+  };
+  keel::rate_controller pacing{bucket, o};
+  constexpr int senders = 4;
+  constexpr int per_sender = 3000;
+  std::atomic<int> request_429s{0};
+  std::atomic<int> token_429s{0};
+  std::atomic<bool> done{false};
+  std::vector<std::thread> threads;
+  for (int s = 0; s < senders; ++s) {
+    threads.emplace_back([&, s] {
+      keel::random_source rng(static_cast<std::uint64_t>(s) + 1);
+      for (int i = 0; i < per_sender; ++i) {
+        // Non-blocking: a grant or nothing; either way the controller hears of a send.
+        (void)bucket.try_acquire({1, 10});
+        const auto t = pacing.on_send({1, 10});
+        const double u = rng.uniform();
+        if (u < 0.05) {
+          pacing.on_throttled(t, keel::limit_kind::requests, std::chrono::milliseconds(1));
+          ++request_429s;
+        } else if (u < 0.07) {
+          pacing.on_throttled(t, keel::limit_kind::tokens);
+          ++token_429s;
+        } else if (u < 0.10) {
+          pacing.on_abandoned(t);
+        } else {
+          pacing.on_accepted(t);
+          if (u > 0.999) {
+            pacing.on_advertised(std::nullopt, 600'000.0);
+          }
+        }
+      }
+    });
+  }
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&] {
+      while (!done.load()) {
+        const auto req = pacing.requests();
+        const auto tok = pacing.tokens();
+        if (!(req.rate >= 0) || !(tok.rate >= 0)) {
+          ++bad;
+        }
+        (void)bucket.options();
+      }
+    });
+  }
+  for (int s = 0; s < senders; ++s) {
+    threads[static_cast<std::size_t>(s)].join();
+  }
+  done = true;
+  for (std::size_t i = senders; i < threads.size(); ++i) {
+    threads[i].join();
+  }
+  CHECK(pacing.requests().rejections == static_cast<std::uint64_t>(request_429s.load()));
+  CHECK(pacing.tokens().rejections == static_cast<std::uint64_t>(token_429s.load()));
+  CHECK(pacing.requests().phase != keel::pacing_phase::startup);
+  CHECK(changes.load() > 0);
+  CHECK(bad.load() == 0);
 }

@@ -343,8 +343,12 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
     es->index = i;
     es->cfg = &cfg_.entries[i];
     es->ep = cfg_.entries[i].endpoint();
-    es->bucket = &buckets.get(cfg_.entries[i], options_.shared_pacing);
-    es->pacing = options_.shared_pacing ? buckets.pacing(*es->bucket) : nullptr;
+    // An entry in AWS adaptive mode is paced by that mode's own CUBIC limiter, as botocore
+    // does; a second controller on the same calls would fight it.
+    const bool aws_adaptive = cfg_.entries[i].aws_retry &&
+                              cfg_.entries[i].aws_retry->mode == keel::aws::retry_mode::adaptive;
+    es->bucket = &buckets.get(cfg_.entries[i], options_.shared_pacing && !aws_adaptive);
+    es->pacing = options_.shared_pacing && !aws_adaptive ? buckets.pacing(*es->bucket) : nullptr;
     es->last = i + 1 == cfg_.entries.size();
     if (pol.breaker.enabled) {
       auto bp = keel::breaker_policy::consecutive(

@@ -30,6 +30,8 @@
 //   `client_options::hold_open_breaker` (keel batch) that wait costs no attempt.
 // - Throttling (429) does not count against a breaker, nor against the retry budget: pacing is
 //   the controller's job.
+// - An entry in AWS `adaptive` mode is paced by that mode's CUBIC limiter instead (botocore's
+//   behaviour); legacy and standard entries get the controller like any other.
 // - `client_options::shared_pacing` (default on) is the controller. Turned off, the client paces
 //   only by the configured rate limits, like a common SDK client; `keel bench` uses that for its
 //   non-keel policy variants.
