@@ -105,6 +105,22 @@ void bm_throttler_acquire_no_wait(benchmark::State& state) {
 }
 BENCHMARK(bm_throttler_acquire_no_wait);
 
+// The same acquire with a rate controller told of the send and of its answer (what every
+// `keel batch` attempt does); a ceiling far above the call rate keeps the bucket from waiting.
+void bm_paced_acquire_no_wait(benchmark::State& state) {
+  asio::io_context ctx;
+  keel::throttler bucket{ctx.get_executor(), {.requests_per_second = 1e9, .burst = 1e9}};
+  keel::rate_controller_options o;
+  o.max_requests_per_second = 1e9;
+  keel::rate_controller pacing{bucket, o};
+  run_calls(state, [&]() -> asio::awaitable<int> {
+    co_await bucket.acquire();
+    pacing.on_accepted(pacing.on_send());
+    co_return 1;
+  });
+}
+BENCHMARK(bm_paced_acquire_no_wait);
+
 void bm_with_deadline(benchmark::State& state) {
   run_calls(state, [] { return keel::with_deadline(leaf, 10s); });
 }

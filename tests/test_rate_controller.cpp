@@ -933,3 +933,35 @@ TEST_CASE("many threads feed one controller without losing a count", "[rate_cont
   CHECK(changes.load() > 0);
   CHECK(bad.load() == 0);
 }
+
+TEST_CASE("the client's bursts stay below what the server let through before its first 429",
+          "[rate_controller]") {
+  // nginx burst=20 at 1000 r/s holds 21 ms of traffic; 50 ms of client burst (50 calls) after a
+  // lull would come back as a wave of 429s. The first 429 came after 21 accepted calls: the
+  // throttler's burst stays at 10 whatever the rate.
+  rig r;
+  for (int i = 0; i < 16; ++i) {
+    r.pacing.on_accepted(r.send());
+  }
+  advance_to(20ms);
+  std::vector<ticket> sent;
+  while (r.bucket.try_acquire()) {
+    sent.push_back(r.pacing.on_send());
+  }
+  REQUIRE(sent.size() >= 6);
+  for (std::size_t i = 0; i < 5; ++i) {
+    r.pacing.on_accepted(sent[i]);
+  }
+  r.pacing.on_throttled(sent[5], keel::limit_kind::requests, 1s);  // seq 22: 21 got through
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::search);
+  // Whatever the rate becomes, the burst stays at 10.
+  for (int k = 0; k < 5; ++k) {
+    advance_to(now() + 200ms);
+    (void)r.pacing.requests();
+    r.pacing.on_accepted(r.pacing.on_send());
+    CHECK(r.bucket.options().burst <= 10);
+  }
+  // Without a startup 429 (a configured ceiling), the burst is 50 ms of the rate.
+  rig configured{with_ceiling(1000)};
+  CHECK(configured.bucket.options().burst == Approx(50));
+}

@@ -185,6 +185,13 @@ class rate_controller_state {
     const time_point now = Clock::now();
     if (t.seq != 0) {
       const std::size_t di = kind == limit_kind::tokens ? tok : req;
+      if (di == req && dims_[req].phase == pacing_phase::startup) {
+        // What got through before the first 429 bounds the server's burst (plus what it
+        // refilled meanwhile): the client's own bursts must stay well below it.
+        server_burst_ = static_cast<double>(t.seq - 1);
+      } else if (di == req && dims_[req].why == cause::startup && dims_[req].reacting) {
+        server_burst_ = std::min(server_burst_, static_cast<double>(t.seq - 1));
+      }
       resolve(t.seq);
       record_rejection(t, di, now);
       react(di, now, hint);
@@ -870,6 +877,11 @@ class rate_controller_state {
     } else if (r.rate > 0) {
       rps = r.rate;
       burst = std::max(1.0, r.rate * burst_s);
+      if (server_burst_ > 0) {
+        // A client burst beyond the server's own (nginx burst=20 at 1000 r/s is 21 ms) comes
+        // back as a wave of 429s, each parking a caller for its Retry-After.
+        burst = std::max(1.0, std::min(burst, std::floor(server_burst_ / 2)));
+      }
     }
     const double tpm = t.rate > 0 ? t.rate * 60 : 0;
     double token_burst = 0;
@@ -914,6 +926,7 @@ class rate_controller_state {
   double max_token_cost_ = 0;
   double window_ = 0;
   double window_growth_ = 0;  // the startup window's growth, calls per second
+  double server_burst_ = 0;   // calls accepted before the first 429 (0: not seen)
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};
