@@ -117,7 +117,11 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
   CHECK(p.retry.backoff.cap == 20);
   CHECK(p.retry.backoff.jitter == "full");
   CHECK(p.retry.backoff.multiplier == 2);
-  CHECK(p.retry.backoff_by_condition.empty());
+  CHECK_FALSE(p.retry.backoff.first_retry_immediate);
+  // The throttling hierarchy's first rung: a transient failure gets one immediate retry.
+  REQUIRE(p.retry.backoff_by_condition.size() == 1);
+  CHECK(p.retry.backoff_by_condition.at("transient").first_retry_immediate);
+  CHECK(p.retry.backoff_by_condition.at("transient").base == 0.5);
   CHECK(p.retry.honour_retry_after);
   CHECK(p.retry.max_retry_after == 60);
   CHECK(p.deadline == 300);
@@ -762,4 +766,26 @@ TEST_CASE("secrets never appear in redacted JSON or in errors", "[cli_config]") 
       CHECK(what.find(s) == std::string::npos);
     }
   }
+}
+
+TEST_CASE("naming a backoff replaces the default immediate retry of transient failures",
+          "[cli_config]") {
+  const auto env = [](std::string_view) { return std::optional<std::string>{}; };
+  const auto one = [&](const char* retry) {
+    return keel::cli::parse_config(std::string(R"({"config_list": [{"model": "m", "api_key": "k"}],
+                                                   "policy": {"retry": )") +
+                                       retry + "}}",
+                                   "<test>", env)
+        .policy.retry;
+  };
+  CHECK(one(R"({"max_attempts": 3})").backoff_by_condition.count("transient") == 1);
+  CHECK(one(R"({"backoff": {"kind": "constant", "base": 0.1}})").backoff_by_condition.empty());
+  const auto by = one(R"({"backoff_by_condition": {"throttled": {"base": 2, "cap": 30}}})");
+  CHECK(by.backoff_by_condition.size() == 1);
+  CHECK(by.backoff_by_condition.count("throttled") == 1);
+  // The key itself, on any curve.
+  const auto imm = one(R"({"backoff": {"first_retry_immediate": true}})");
+  CHECK(imm.backoff.first_retry_immediate);
+  CHECK_THROWS_WITH(one(R"({"backoff": {"first_retry_immediate": 1}})"),
+                    Catch::Contains("/policy/retry/backoff/first_retry_immediate"));
 }

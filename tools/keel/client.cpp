@@ -56,7 +56,7 @@ keel::jitter parse_jitter(const std::string& s) {
   return keel::jitter::full;
 }
 
-keel::backoff make_backoff(const backoff_config& b) {
+keel::backoff make_curve(const backoff_config& b) {
   const auto j = parse_jitter(b.jitter);
   if (b.kind == "immediate") {
     return keel::backoff::immediate();
@@ -68,6 +68,12 @@ keel::backoff make_backoff(const backoff_config& b) {
     return keel::backoff::linear(seconds_ns(b.base), seconds_ns(b.cap), j);
   }
   return keel::backoff::exponential(seconds_ns(b.base), seconds_ns(b.cap), j, b.multiplier);
+}
+
+keel::backoff make_backoff(const backoff_config& b) {
+  keel::backoff curve = make_curve(b);
+  curve.first_retry_immediate = b.first_retry_immediate;
+  return curve;
 }
 
 std::optional<keel::condition> parse_condition(const std::string& s) {

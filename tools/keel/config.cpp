@@ -255,7 +255,7 @@ class parser {
   // ---- policy ---------------------------------------------------------------------------------
 
   backoff_config parse_backoff(const json& j, const std::string& path, backoff_config b) const {
-    check_keys(j, path, {"kind", "base", "cap", "jitter", "multiplier"});
+    check_keys(j, path, {"kind", "base", "cap", "jitter", "multiplier", "first_retry_immediate"});
     for (const auto& [key, v] : j.items()) {
       const std::string p = child(path, key);
       if (key == "kind") {
@@ -268,6 +268,8 @@ class parser {
         b.jitter = choice(v, p, {"none", "full", "equal", "decorrelated", "decorrelated_v2"});
       } else if (key == "multiplier") {
         b.multiplier = number(v, p, growth_factor);
+      } else if (key == "first_retry_immediate") {
+        b.first_retry_immediate = boolean(v, p);
       }
     }
     if (b.cap < b.base) {
@@ -285,6 +287,9 @@ class parser {
                {"max_attempts", "backoff", "backoff_by_condition", "honour_retry_after",
                 "max_retry_after"});
     retry_config r;
+    if (j.contains("backoff") || j.contains("backoff_by_condition")) {
+      r.backoff_by_condition.clear();  // a named curve replaces the default immediate retry
+    }
     // `backoff` first: the per-condition curves start from it whatever the key order.
     if (const auto it = j.find("backoff"); it != j.end()) {
       r.backoff = parse_backoff(*it, child(path, "backoff"), r.backoff);
@@ -754,10 +759,17 @@ json backoff_json(const backoff_config& b) {
           {"base", b.base},
           {"cap", b.cap},
           {"jitter", b.jitter},
-          {"multiplier", b.multiplier}};
+          {"multiplier", b.multiplier},
+          {"first_retry_immediate", b.first_retry_immediate}};
 }
 
 }  // namespace
+
+backoff_config default_transient_backoff() {
+  backoff_config b;
+  b.first_retry_immediate = true;
+  return b;
+}
 
 config_error::config_error(std::string source, std::string path, std::string message)
     : std::runtime_error(path.empty() ? source + ": " + message

@@ -47,7 +47,11 @@
 //                  (true), max_retry_after: seconds (60)}
 //   <backoff>:    {kind: "exponential"|"linear"|"constant"|"immediate" ("exponential"),
 //                  base: s (0.5), cap: s (20), jitter: "none"|"full"|"equal"|"decorrelated"|
-//                  "decorrelated_v2" ("full"), multiplier: number >= 1 (2)}
+//                  "decorrelated_v2" ("full"), multiplier: number >= 1 (2),
+//                  first_retry_immediate: bool (false)}
+//                 With neither `backoff` nor `backoff_by_condition` given, transient failures
+//                 get one immediate retry before the curve (the throttling hierarchy's first
+//                 rung); naming either replaces that default.
 //   deadline:     seconds > 0: overall limit per item, fallbacks included (300)
 //   breaker:      {enabled: bool (true), failure_threshold: int >= 1 (5), break: s (30),
 //                  break_growth: number >= 1 (2), max_break: s (300)}
@@ -119,7 +123,13 @@ struct backoff_config {
   std::string jitter = "full";
   /// Growth factor of `exponential` (>= 1).
   double multiplier = 2.0;
+  /// Retry 1 waits zero and the curve starts at retry 2 ("immediate retry, then backoff").
+  bool first_retry_immediate = false;
 };
+
+/// The default curve for transient failures when the config names no backoff: the throttling
+/// hierarchy's first rung, one immediate retry, then the default exponential curve.
+backoff_config default_transient_backoff();
 
 /// keel-native retry settings.
 struct retry_config {
@@ -127,8 +137,10 @@ struct retry_config {
   int max_attempts = 4;
   /// The curve for every condition without its own.
   backoff_config backoff;
-  /// Curves by condition name: "throttled", "transient", "timeout".
-  std::map<std::string, backoff_config> backoff_by_condition;
+  /// Curves by condition name: "throttled", "transient", "timeout". Default (when the config
+  /// names neither `backoff` nor `backoff_by_condition`): transient → `default_transient_backoff`.
+  std::map<std::string, backoff_config> backoff_by_condition = {
+      {"transient", default_transient_backoff()}};
   /// Whether a server delay hint (Retry-After, ...) replaces the backoff.
   bool honour_retry_after = true;
   /// Longest server hint obeyed, seconds.
