@@ -41,13 +41,14 @@
 // Phases of each dimension (requests, and LLM tokens when a 429 says the tokens were the limit):
 //
 // 1. *Startup* (requests only; no limit known): a ramp. `initial_window` calls may go at once,
-//    then calls are granted at a rate that doubles every `startup_doubling` (25 ms), with or
-//    without answers: an LLM answer can take seconds, and TCP's per-round-trip doubling would
-//    cost the first calls that long. Against a burst-limited server that answers fast the first
-//    429 comes back before more than a few calls beyond its burst have gone (answers do not
-//    free slots early, so a fast server cannot pull a whole window into the 429s); an
-//    unthrottled one is not held back once the ramp exceeds the demand (about 50 ms for 64
-//    calls in flight).
+//    then calls are granted at a rate that doubles once per round trip (the fastest answer or
+//    429 so far), but at least every 100 ms and at most every 25 ms (`startup_doubling`), with
+//    or without answers: an LLM answer can take seconds, and waiting for it would cost the
+//    first calls that long. Against a burst-limited server the first 429 comes back before
+//    more than about one round trip's doubling beyond its burst has gone (answers do not free
+//    slots early, so a fast server cannot pull a whole window into the 429s); an unthrottled
+//    one is not held back once the ramp exceeds the demand (about 100 ms for 64 calls in
+//    flight at 50 ms latency).
 // 2. *Search* (after the first 429, before an estimate): pace at the rate accepted over the last
 //    second, and double it every `search_doubling` while calls are waiting for the bucket, until
 //    an episode yields an estimate. A rejection in search cuts the rate back to the accepted rate.
@@ -160,7 +161,9 @@ struct rate_controller_options {
   double max_tokens_per_minute = 0;
   /// Calls that may go at once at first, before anything is known (the startup ramp's burst).
   double initial_window = 16;
-  /// The startup ramp's rate (and burst) doubles this often until the first 429.
+  /// The startup ramp's rate (and burst) doubles at most this often until the first 429: once
+  /// per round trip (the fastest answer so far) within [this, 4 x this], and every 4 x this
+  /// before any answer.
   std::chrono::nanoseconds startup_doubling = std::chrono::milliseconds(25);
   /// Pace at (1 - margin) x the estimate, so small estimation errors do not keep hitting 429s.
   double margin = 0.03;

@@ -149,6 +149,11 @@ class basic_throttler {
   /// NaN and infinite amounts count as 0, as in `throttle_cost`.
   void settle(double estimated_tokens, double actual_tokens);
 
+  /// Gives back what a grant took (a call that was never sent, a finished call's slot when the
+  /// request bucket is used as a window), up to each bucket's capacity. Waiters it unblocks are
+  /// granted at once. Negative, NaN and infinite amounts count as 0, as in `throttle_cost`.
+  void release(throttle_cost cost);
+
   /// Grants nothing to anybody before `t` (e.g. a 429's Retry-After instant).
   ///
   /// Later calls may extend the pause, never shorten it. The buckets do not refill while paused:

@@ -66,6 +66,8 @@ class rate_controller_state {
   static constexpr std::int64_t accepted_bins = 20;  // one second
   // The probe gain stops doubling after this many rounds (probe_step x 1023).
   static constexpr int max_probe_round = 10;
+  // In startup, answers slower than this free their slot (see free_startup_slot).
+  static constexpr auto slot_hold = std::chrono::milliseconds(10);
 
   rate_controller_state(basic_throttler<Clock>& bucket, const rate_controller_options& o)
       : bucket_(bucket), o_(normalized(o)), epoch_(Clock::now()) {
@@ -88,7 +90,8 @@ class rate_controller_state {
     } else {
       dims_[req].phase = pacing_phase::startup;
       window_ = o_.initial_window;
-      window_growth_ = window_ * std::log(2.0) / seconds(o_.startup_doubling);
+      window_updated_ = epoch_;
+      window_growth_ = window_ * std::log(2.0) / startup_tau();
     }
     if (dims_[tok].configured > 0) {
       dims_[tok].phase = pacing_phase::fixed;
@@ -164,6 +167,9 @@ class rate_controller_state {
     bin& b = bin_at(now);
     b.sent[req] += 1;
     b.sent[tok] += t.tokens;
+    if (dims_[req].phase == pacing_phase::startup) {
+      startup_sends_ = t.seq;
+    }
     young_.push_back(young_send{t.seq, t.sent, t.tokens, false});
     update(now);
     return t;
@@ -171,18 +177,22 @@ class rate_controller_state {
 
   void accepted(const ticket& t) {
     const time_point now = Clock::now();
+    note_answer(t, now);
     resolve(t.seq);
+    free_startup_slot(t, now);
     update(now);
   }
 
   void abandoned(const ticket& t) {
     const time_point now = Clock::now();
     resolve(t.seq);
+    free_startup_slot(t, now);
     update(now);
   }
 
   void throttled(const ticket& t, limit_kind kind, std::optional<duration> hint) {
     const time_point now = Clock::now();
+    note_answer(t, now);
     if (t.seq != 0) {
       const std::size_t di = kind == limit_kind::tokens ? tok : req;
       if (di == req && dims_[req].phase == pacing_phase::startup) {
@@ -283,6 +293,7 @@ class rate_controller_state {
   // Work accepted between two logged rejections (by send time) and their span.
   struct pair_sample {
     double accepted = 0;
+    double sent = 0;  // work sent between the two (rejected or not)
     double span = 0;  // seconds; 0: no sample
     double rate() const noexcept { return span > 0 ? accepted / span : 0; }
   };
@@ -395,6 +406,7 @@ class rate_controller_state {
     // How long a 429 takes to come back: a slowly decaying maximum.
     const duration latency = now > t.sent ? now - t.sent : duration::zero();
     reject_latency_ = std::max(latency, reject_latency_ - reject_latency_ / 64);
+    recent_latencies_[latency_slot_++ % recent_latencies_.size()] = latency;
   }
 
   // Sends younger than this may still draw a 429 (429s take at most about `reject_latency_` to
@@ -456,6 +468,7 @@ class rate_controller_state {
     }
     // Sends between them whose 429 may still come are not counted: a wave of 429s is reported
     // in any order, and counting its unreported members as accepted would invent a rate.
+    p.sent = sent_between;
     p.accepted =
         std::max(0.0, sent_between - rejected_between - unknown_between(di, first->seq, last->seq));
     p.span = std::max(0.0, std::chrono::duration<double>(last->sent - first->sent).count());
@@ -463,16 +476,16 @@ class rate_controller_state {
   }
 
   // Enough accepted work between the two rejections for a rate (or a second between them).
-  // The span must also be long against the time a 429 takes to come back: calls reach the
-  // server in about their send order, but only about (connections being opened, requests
-  // written on different connections), so a pair of rejections a few round trips apart may
-  // bracket calls that the server saw before the first of them.
+  // The span must also be long against how much the time a 429 takes to come back varies:
+  // calls reach the server in about their send order, but only about (connections being
+  // opened, requests written on different connections), so a pair of rejections closer than
+  // that spread may bracket calls that the server saw before the first of them.
   // The work of one call: 1 request, or the mean token cost.
   double unit_of(std::size_t di) const noexcept { return di == req ? 1.0 : mean_token_cost(); }
 
   bool usable(std::size_t di, const pair_sample& p, double needed) const {
     const double unit = unit_of(di);
-    const double min_span = std::max(0.002, 4 * std::chrono::duration<double>(reject_latency_).count());
+    const double min_span = std::max(0.002, 4 * seconds(latency_spread()));
     return p.span >= min_span && p.accepted > 0 &&
            (p.accepted >= needed * unit || (p.span >= 1.0 && p.accepted >= 2 * unit));
   }
@@ -615,7 +628,10 @@ class rate_controller_state {
     // Rounds of 429s a Retry-After apart with nothing accepted in between: a block.
     if (d.previous.seq != 0) {
       const pair_sample since = sample_between(di, find_logged(d.previous.seq), find_logged(r.seq));
-      if (since.span >= seconds(o_.block_span) && since.accepted <= 0) {
+      // Something must have been sent in between: callers all parked by the last round's
+      // Retry-After (a batch whose every worker got a 429) send nothing, which is no evidence.
+      if (since.span >= seconds(o_.block_span) && since.accepted <= 0 &&
+          since.sent >= 2 * unit_of(di)) {
         pause_block(di);
       }
     }
@@ -639,8 +655,9 @@ class rate_controller_state {
                                            : d.estimate * (1 - o_.margin));
         break;
       case cause::fixed:
-        // A configured or advertised rate draws 429s: measure the real one.
-        if (cross) {
+        // A configured or advertised rate draws 429s: measure the real one (if the client kept
+        // the server busy in between; callers parked by Retry-Afters make the pair say little).
+        if (cross && paced(di, r, x)) {
           adopt(di, x.rate());
         }
         break;
@@ -652,7 +669,7 @@ class rate_controller_state {
         // crossing's pair with the startup wave spans a stretch far below the limit, where the
         // server's bucket filled up: not a measurement.
         if (d.previous_why == cause::search &&
-            r.sent - d.previous.sent <= to_duration(o_.search_doubling * 6)) {
+            seconds(r.sent - d.previous.sent) <= 6 * search_tau()) {
           const pair_sample c = cross_sample(di, r);
           if (usable(di, c, std::min(3.0, o_.min_sample))) {
             adopt(di, c.rate());
@@ -701,7 +718,8 @@ class rate_controller_state {
       }
       return;
     }
-    if (p.span > 0 && p.accepted <= 0 && p.span >= seconds(o_.block_span)) {
+    if (p.span > 0 && p.accepted <= 0 && p.span >= seconds(o_.block_span) &&
+        p.sent >= 2 * unit_of(di)) {
       pause_block(di);
     }
   }
@@ -745,9 +763,52 @@ class rate_controller_state {
 
   // ---- the clock ----
 
+  // How much the latency of the last 429s varied (their order at the server is that uncertain).
+  duration latency_spread() const {
+    const std::size_t n = std::min<std::size_t>(latency_slot_, recent_latencies_.size());
+    if (n == 0) {
+      return duration::zero();
+    }
+    const auto [lo, hi] = std::minmax_element(recent_latencies_.begin(), recent_latencies_.begin() + n);
+    return *hi - *lo;
+  }
+
   // Two 429s closer than this belong to one wave.
   duration halving_gap() const {
     return std::max(2 * reject_latency_, to_duration(std::chrono::milliseconds(10)));
+  }
+
+  // Search's doubling time, seconds: no faster than the 429s can answer (doubling while the
+  // last doubling's 429s are still on their way overshoots by more than a doubling).
+  double search_tau() const {
+    return std::max(seconds(o_.search_doubling), 2 * seconds(reject_latency_));
+  }
+
+  // In startup, an answer that took at least `slot_hold` gives its call's slot back: a server
+  // that answers in 50 ms would otherwise hold the next calls of a batch of 16 until the ramp
+  // earned them. A faster answer gives nothing back: a server that answers in a millisecond
+  // would pull a whole window of calls into its first 429s, parking every caller of a small
+  // batch for its Retry-After.
+  void free_startup_slot(const ticket& t, time_point now) {
+    if (t.seq != 0 && t.seq <= startup_sends_ && dims_[req].phase == pacing_phase::startup &&
+        now - t.sent >= to_duration(slot_hold)) {
+      slots_freed_ += 1;
+    }
+  }
+
+  // The startup ramp's doubling time, seconds (see update()).
+  double startup_tau() const {
+    const double fastest = seconds(o_.startup_doubling);
+    if (fastest_answer_ == duration::max()) {
+      return 4 * fastest;
+    }
+    return std::clamp(std::chrono::duration<double>(fastest_answer_).count(), fastest, 4 * fastest);
+  }
+
+  void note_answer(const ticket& t, time_point now) {
+    if (t.seq != 0 && now > t.sent) {
+      fastest_answer_ = std::min<duration>(fastest_answer_, now - t.sent);
+    }
   }
 
   duration search_hold(const dim& d) const {
@@ -802,9 +863,17 @@ class rate_controller_state {
       // not free slots: a window refilled by 1 ms answers let a whole window through, into the
       // 429 that put every caller of a small batch to sleep for its Retry-After). Each grant
       // brings the controller here, so the ramp needs no timer.
-      const double doublings = std::min(40.0, seconds(now - epoch_) / seconds(o_.startup_doubling));
-      window_ = std::max(window_, o_.initial_window * std::exp2(doublings));
-      window_growth_ = window_ * std::log(2.0) / seconds(o_.startup_doubling);
+      //
+      // It doubles once per round trip as far as it is known (the fastest answer so far), within
+      // [startup_doubling, 4 x startup_doubling], and at the slow end until a first answer: a
+      // remote server's 429s take a network round trip to come back, and a ramp doubling every
+      // 25 ms would send 16 x 2^(RTT / 25 ms) calls into a burst limit before hearing of it.
+      const double tau = startup_tau();
+      if (now > window_updated_) {
+        window_ *= std::exp2(std::min(40.0, seconds(now - window_updated_) / tau));
+        window_updated_ = now;
+      }
+      window_growth_ = window_ * std::log(2.0) / tau;
     }
     for (std::size_t di = 0; di < dims_.size(); ++di) {
       dim& d = dims_[di];
@@ -817,7 +886,7 @@ class rate_controller_state {
       switch (d.phase) {
         case pacing_phase::search:
           if (now - d.last_arrival >= search_hold(d) && bottleneck()) {
-            const double doublings = seconds(now - d.last_growth) / seconds(o_.search_doubling);
+            const double doublings = seconds(now - d.last_growth) / search_tau();
             d.rate = clamp_rate(di, d.rate * std::exp2(std::min(doublings, 30.0)));
           }
           d.last_growth = now;
@@ -840,8 +909,11 @@ class rate_controller_state {
       if (d.phase == pacing_phase::probe) {
         // A round lasts long enough for `min_sample` calls, so that at low rates the gain does
         // not double faster than the server's burst (which hides the limit) can drain.
+        // A round also lasts two 429 round trips, so that a round's 429s arrive before the
+        // next round raises the rate again.
         const double round_s =
-            std::max(seconds(o_.probe_round), o_.min_sample / std::max(base_rate(di), 1e-9));
+            std::max({seconds(o_.probe_round), o_.min_sample / std::max(base_rate(di), 1e-9),
+                      2 * seconds(reject_latency_)});
         const int k = static_cast<int>(std::min<double>(
             max_probe_round, std::floor(std::chrono::duration<double>(d.probe_elapsed).count() /
                                         round_s) + 1));
@@ -894,6 +966,12 @@ class rate_controller_state {
       bucket_.set_burst(burst);
       applied_.burst = burst;
     }
+    if (slots_freed_ > 0) {
+      if (r.phase == pacing_phase::startup) {
+        bucket_.release({slots_freed_, 0});
+      }
+      slots_freed_ = 0;
+    }
     if (!keep_tburst && token_burst != applied_.token_burst) {
       bucket_.set_token_burst(token_burst);
       applied_.token_burst = token_burst;
@@ -921,11 +999,17 @@ class rate_controller_state {
   std::deque<rejection> log_;
   std::deque<young_send> young_;
   duration reject_latency_{};
+  std::array<duration, 32> recent_latencies_{};  // of the last 32 429s
+  std::size_t latency_slot_ = 0;
   std::uint64_t seq_ = 0;
   double tokens_sent_ = 0;
   double max_token_cost_ = 0;
   double window_ = 0;
+  time_point window_updated_{};
+  duration fastest_answer_ = duration::max();  // the quickest answer or 429 so far
   double window_growth_ = 0;  // the startup window's growth, calls per second
+  double slots_freed_ = 0;     // startup slots to give back to the bucket
+  std::uint64_t startup_sends_ = 0;  // sends made in startup (their slots may come back)
   double server_burst_ = 0;   // calls accepted before the first 429 (0: not seen)
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;

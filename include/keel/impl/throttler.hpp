@@ -183,6 +183,15 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     });
   }
 
+  // Gives back what a grant took, without counting it as ungranted.
+  void release(throttle_cost c) {
+    c = throttle_normalized(c);
+    update([&] {
+      requests_.give_back(c.requests);
+      tokens_.give_back(c.tokens);
+    });
+  }
+
   // Gives back a grant whose waiter was cancelled before it could resume.
   void refund(const throttle_cost& c) {
     update([&] {
@@ -477,6 +486,11 @@ bool basic_throttler<Clock>::try_acquire(throttle_cost cost) {
 template <class Clock>
 void basic_throttler<Clock>::settle(double estimated_tokens, double actual_tokens) {
   state_->settle(estimated_tokens, actual_tokens);
+}
+
+template <class Clock>
+void basic_throttler<Clock>::release(throttle_cost cost) {
+  state_->release(cost);
 }
 
 template <class Clock>
