@@ -1,6 +1,8 @@
 // Tests of `keel bench` (tools/keel/bench.hpp, svg.hpp) and of llm_client's shared-pacing switch:
 // the quick matrix through the real binary (table, results.json, SVG files that parse as XML),
-// the matrix rules, the SVG helper, and what `client_options::shared_pacing = false` turns off.
+// the matrix rules, the policies' configs and the mixes' scenarios, a short run against a
+// limiter that does not advertise its limit (what the controller learned, the rate-over-time
+// plot), the SVG helper, and what `client_options::shared_pacing = false` turns off.
 #include "bench.hpp"
 #include "client.hpp"
 #include "svg.hpp"
@@ -17,13 +19,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -255,16 +260,26 @@ TEST_CASE("keel bench quick writes a table, results JSON and SVG plots that pars
   const json results = json::parse(read_file(dir / "results.json"));
   REQUIRE(results["machine"]["nproc"].get<int>() >= 1);
   const json& runs = results["runs"];
-  REQUIRE(runs.size() == 10);
+  REQUIRE(runs.size() == 15);
   for (const auto& r : runs) {
     INFO(r.dump().substr(0, 400));
     REQUIRE_FALSE(r.contains("error"));
-    for (const char* key :
-         {"wall_s", "goodput_per_s", "success_ratio", "attempts", "attempts_per_prompt", "ok",
-          "failed", "latency_s", "ok_latency_cdf", "throttled_s", "cpu_s", "rss_mib",
-          "retry_delay_histogram", "timeline", "server"}) {
+    for (const char* key : {"wall_s", "goodput_per_s", "success_ratio", "attempts",
+                            "attempts_per_prompt", "ok", "failed", "latency_s", "ok_latency_cdf",
+                            "throttled_s", "cpu_s", "rss_mib", "retry_delay_histogram", "timeline",
+                            "server", "ideal_s", "wall_over_ideal", "attempts_over_prompts"}) {
       CHECK(r.contains(key));
     }
+    // A limiter bounds the limited mixes and rate_limited: they have an ideal; the others not.
+    const bool limited = keel::cli::bench_limited_mix(r["fault"]);
+    CHECK(r["ideal_s"].is_number() == (limited || r["fault"] == "rate_limited"));
+    if (limited) {
+      CHECK(r["rate"].get<double>() == 200);
+      CHECK(r["prompts"].get<std::size_t>() == 600);  // --quick: 3·R
+      CHECK(r["timeline"].contains(r["fault"] == "token_limited" ? "limit_tpm" : "limit_rps"));
+    }
+    // The shared-pacing policies report their primary bucket's controller.
+    CHECK(r.contains("pacing") == keel::cli::bench_paced_policy(r["policy"]));
     CHECK(r["latency_s"].contains("p50"));
     CHECK(r["latency_s"]["p99"].get<double>() >= r["latency_s"]["p50"].get<double>());
     CHECK(r["cpu_s"]["client_thread"].get<double>() > 0);
@@ -313,6 +328,9 @@ TEST_CASE("keel bench quick writes a table, results JSON and SVG plots that pars
   CHECK(fs::exists(dir / "amplification.svg"));
   CHECK(fs::exists(dir / "latency-cdf-flaky-c16.svg"));
   CHECK(fs::exists(dir / "timeline-rate_limited-c16.svg"));
+  CHECK(fs::exists(dir / "timeline-limited-r200-c16.svg"));
+  CHECK(fs::exists(dir / "rate-limited-r200-newcomer-c16.svg"));
+  CHECK(fs::exists(dir / "rate-token_limited-r200-newcomer-c16.svg"));
   const bool xmllint = have_xmllint();
   for (const auto& p : svgs) {
     INFO(p.string());
@@ -327,18 +345,81 @@ TEST_CASE("keel bench quick writes a table, results JSON and SVG plots that pars
 TEST_CASE("the default bench matrix compares policies at 64 and sweeps keel", "[cli_bench]") {
   keel::cli::bench_options o;
   const auto full = keel::cli::bench_matrix(o);
-  // 5 mixes x 5 policies at 64, plus keel on clean and rate_limited and full_jitter on
-  // rate_limited at 6 levels each (64 shared).
-  CHECK(full.size() == 25 + 3 * 5);
+  // 5 classic mixes x 5 policies at 64, plus keel on clean and rate_limited and full_jitter on
+  // rate_limited at 6 levels each (64 shared), plus the limited mixes at 64: limited (4
+  // policies), limited_no_retry_after (2), limit_change (1), token_limited (2), mixed (2).
+  CHECK(full.size() == 25 + 3 * 5 + 4 + 2 + 1 + 2 + 2);
   std::map<int, std::size_t> prompts;
+  std::map<std::string, std::vector<std::string>> limited;
   for (const auto& s : full) {
     if (s.fault == "rate_limited" && s.policy == "keel") {
       prompts[s.concurrency] = s.prompts;
+    }
+    if (keel::cli::bench_limited_mix(s.fault)) {
+      limited[s.fault].push_back(s.policy);
+      CHECK(s.concurrency == 64);
+      CHECK(s.rate == 200);
+      // N = 10·R (an ideal of 10 s), limit_change 15·R (the limit comes back at 15 s).
+      CHECK(s.prompts == (s.fault == "limit_change" ? 3000u : 2000u));
+    } else {
+      CHECK(s.rate == 0);
     }
   }
   CHECK(prompts ==
         std::map<int, std::size_t>{
             {1, 200}, {16, 2000}, {64, 2000}, {256, 2000}, {1024, 2000}, {10000, 10000}});
+  CHECK(limited["limited"] ==
+        std::vector<std::string>{"newcomer", "keel", "keel_limit", "aws_adaptive"});
+  CHECK(limited.size() == 5);
+  for (const auto& [fault, policies] : limited) {
+    INFO(fault);
+    CHECK(policies.front() == "newcomer");  // the config most users run, on every limited mix
+  }
+
+  // --rate alone keeps the default matrix and moves its limited runs to the rate.
+  keel::cli::bench_options slow;
+  slow.rates = {50};
+  const auto at50 = keel::cli::bench_matrix(slow);
+  REQUIRE(at50.size() == full.size());
+  for (const auto& s : at50) {
+    if (s.fault == "limited") {
+      CHECK(s.rate == 50);
+      CHECK(s.prompts == 500);
+    }
+  }
+
+  // The quick matrix: the classic ten and five limited runs at concurrency 16, N = 3·R.
+  keel::cli::bench_options quick;
+  quick.quick = true;
+  const auto q = keel::cli::bench_matrix(quick);
+  REQUIRE(q.size() == 15);
+  std::size_t quick_limited = 0;
+  for (const auto& s : q) {
+    if (keel::cli::bench_limited_mix(s.fault)) {
+      ++quick_limited;
+      CHECK(s.prompts == 600);
+      CHECK(s.concurrency == 16);
+    }
+  }
+  CHECK(quick_limited == 5);
+
+  // The issue's sweep in one command: R x concurrency x with/without Retry-After, N = 10·R.
+  keel::cli::bench_options sweep;
+  sweep.faults = {"limited", "limited_no_retry_after"};
+  sweep.policies = {"newcomer", "keel"};
+  sweep.concurrency = {16, 64, 256, 1024};
+  sweep.rates = {50, 200, 1000};
+  const auto cells = keel::cli::bench_matrix(sweep);
+  REQUIRE(cells.size() == 2 * 2 * 4 * 3);
+  std::set<std::tuple<std::string, std::string, int, double>> distinct;
+  for (const auto& s : cells) {
+    CHECK(s.prompts == static_cast<std::size_t>(10 * s.rate));
+    distinct.emplace(s.fault, s.policy, s.concurrency, s.rate);
+  }
+  CHECK(distinct.size() == cells.size());
+  // A classic mix in the same command runs once, whatever the rates.
+  sweep.faults = {"clean", "limited"};
+  CHECK(keel::cli::bench_matrix(sweep).size() == 2 * 4 + 2 * 4 * 3);
 
   keel::cli::bench_options custom;
   custom.faults = {"flaky"};
@@ -353,10 +434,40 @@ TEST_CASE("the default bench matrix compares policies at 64 and sweeps keel", "[
   keel::cli::bench_options bad;
   bad.faults = {"meteor"};
   CHECK_THROWS_AS(keel::cli::bench_matrix(bad), std::invalid_argument);
+  keel::cli::bench_options bad_rate;
+  bad_rate.rates = {0};
+  CHECK_THROWS_AS(keel::cli::bench_matrix(bad_rate), std::invalid_argument);
   keel::cli::bench_options url_and_faults;
   url_and_faults.url = "http://127.0.0.1:1";
   url_and_faults.faults = {"clean"};
   CHECK_THROWS_AS(keel::cli::bench_matrix(url_and_faults), std::invalid_argument);
+}
+
+TEST_CASE("the ideal wall time follows the limiter: burst, rate, schedule and failures",
+          "[cli_bench]") {
+  keel::cli::bench_run_spec r;
+  r.policy = "keel";
+  r.concurrency = 64;
+  r.fault = "clean";
+  r.prompts = 2000;
+  CHECK_FALSE(keel::cli::bench_ideal_seconds(r));
+  // 21 at once, then 200/s, plus the last answer's mean latency (1 ms).
+  r.fault = "limited";
+  r.rate = 200;
+  CHECK(*keel::cli::bench_ideal_seconds(r) == Approx((2000 - 21) / 200.0 + 0.001));
+  r.fault = "token_limited";
+  CHECK(*keel::cli::bench_ideal_seconds(r) == Approx((2000 - 21) / 200.0 + 0.001));
+  // 21 + 5 s at 200 + 10 s at 100 = 2021 by 15 s; 979 more at 200 r/s.
+  r.fault = "limit_change";
+  r.prompts = 3000;
+  CHECK(*keel::cli::bench_ideal_seconds(r) == Approx(15 + 979 / 200.0 + 0.001));
+  // 10% of admitted attempts fail: 2000 / 0.9 attempts; 50 ms latency.
+  r.fault = "mixed";
+  r.prompts = 2000;
+  CHECK(*keel::cli::bench_ideal_seconds(r) == Approx((2000 / 0.9 - 21) / 200.0 + 0.05));
+  // At concurrency 1 the answers' latency, not the limit, bounds it.
+  r.concurrency = 1;
+  CHECK(*keel::cli::bench_ideal_seconds(r) == Approx(2000 / 0.9 * 0.05));
 }
 
 TEST_CASE("bench policies map to client configs", "[cli_bench]") {
@@ -371,17 +482,189 @@ TEST_CASE("bench policies map to client configs", "[cli_bench]") {
   CHECK_FALSE(naive.policy.retry.honour_retry_after);
   const auto expo = keel::cli::bench_config("exponential", "http://127.0.0.1:1", o);
   CHECK(expo.policy.retry.backoff.jitter == "none");
+
+  // keel: keel's defaults but for the breaker's break, which the bench scales to its runs.
+  const keel::cli::policy_config defaults;
   const auto keel = keel::cli::bench_config("keel", "http://127.0.0.1:1", o);
   REQUIRE(keel.entries.size() == 2);
   CHECK(keel.entries[1].base_url == "http://127.0.0.1:1");
   CHECK(keel.policy.breaker.enabled);
+  CHECK(keel.policy.breaker.break_duration == 1);
+  CHECK(keel.policy.breaker.failure_threshold == defaults.breaker.failure_threshold);
   CHECK(keel.policy.retry_budget.enabled);
+  CHECK(keel.policy.retry_budget.token_ratio == defaults.retry_budget.token_ratio);
+  CHECK(keel.policy.retry_budget.max_tokens == defaults.retry_budget.max_tokens);
+  CHECK(keel.policy.retry.max_attempts == defaults.retry.max_attempts);
   CHECK(keel.policy.retry.backoff.jitter == "full");
+  CHECK(keel.policy.retry.backoff.cap == defaults.retry.backoff.cap);
+  CHECK(keel.policy.deadline == defaults.deadline);
+  CHECK(keel.policy.rate_limits.requests_per_minute == 0);
+
+  // newcomer: one entry, nothing but model, base_url and key; every policy value the default.
+  const auto newcomer = keel::cli::bench_config("newcomer", "http://127.0.0.1:1", o);
+  REQUIRE(newcomer.entries.size() == 1);
+  const auto& e = newcomer.entries[0];
+  CHECK(e.base_url == "http://127.0.0.1:1");
+  CHECK_FALSE(e.timeout.has_value());
+  CHECK_FALSE(e.aws_retry.has_value());
+  CHECK(e.rate_limits.requests_per_minute == 0);
+  CHECK(e.max_attempts == defaults.retry.max_attempts);
+  CHECK(keel::cli::to_json(newcomer)["policy"] ==
+        keel::cli::to_json(keel::cli::config{{e}, defaults, "<x>"})["policy"]);
+  // On an OpenAI-format mix the entry has exactly the three keys (api_type is the default).
+  keel::cli::bench_run_spec lim;
+  lim.fault = "limited";
+  lim.policy = "newcomer";
+  lim.rate = 100;
+  const auto n2 = keel::cli::bench_config(lim, "http://127.0.0.1:1", o);
+  REQUIRE(n2.entries.size() == 1);
+  CHECK(n2.entries[0].api_type == keel::llm::provider_kind::openai);
+  CHECK(n2.entries[0].model == "gpt-4o-mini");
+
+  // keel_limit: keel with the server's true limit configured.
+  lim.policy = "keel_limit";
+  const auto kl = keel::cli::bench_config(lim, "http://127.0.0.1:1", o);
+  REQUIRE(kl.entries.size() == 2);
+  CHECK(kl.entries[0].rate_limits.requests_per_minute == 6000);
+  CHECK(kl.entries[0].api_type == keel::llm::provider_kind::openai);
+  lim.fault = "token_limited";
+  const auto kt = keel::cli::bench_config(lim, "http://127.0.0.1:1", o);
+  CHECK(kt.entries[0].rate_limits.requests_per_minute == 0);
+  CHECK(kt.entries[0].rate_limits.tokens_per_minute == 100 * 60 * (500 + 14));
+  CHECK(keel::cli::bench_config("keel_limit", "http://127.0.0.1:1", o)
+            .policy.rate_limits.requests_per_minute == 0);  // clean has no limit to configure
+
+  // aws_adaptive: one entry in AWS adaptive mode, with its default 3 attempts.
+  const auto aws = keel::cli::bench_config("aws_adaptive", "http://127.0.0.1:1", o);
+  REQUIRE(aws.entries.size() == 1);
+  REQUIRE(aws.entries[0].aws_retry);
+  CHECK(aws.entries[0].aws_retry->mode == keel::aws::retry_mode::adaptive);
+  CHECK(aws.entries[0].aws_retry->total_max_attempts == 3);
+
+  CHECK(keel::cli::bench_paced_policy("newcomer"));
+  CHECK(keel::cli::bench_paced_policy("keel_limit"));
+  CHECK_FALSE(keel::cli::bench_paced_policy("aws_adaptive"));
+  CHECK_FALSE(keel::cli::bench_paced_policy("full_jitter"));
+
   // The scenarios parse as mock scenarios.
   for (const auto& f : keel::cli::bench_faults()) {
     CHECK_NOTHROW(keel::testing::scenario::from_json(keel::cli::bench_scenario_json(f)));
   }
   CHECK_THROWS_AS(keel::cli::bench_config("yolo", "http://127.0.0.1:1", o), std::invalid_argument);
+}
+
+TEST_CASE("the limited mixes are limiters that do not advertise their limits", "[cli_bench]") {
+  using keel::testing::limiter_retry_after_mode;
+  using keel::testing::retry_after_style;
+  for (const auto& f : keel::cli::bench_faults()) {
+    if (!keel::cli::bench_limited_mix(f)) {
+      continue;
+    }
+    DYNAMIC_SECTION(f) {
+      const auto s = keel::testing::scenario::from_json(keel::cli::bench_scenario_json(f, 100));
+      REQUIRE(s.plans.size() == 2);  // the primary and the keel stack's fallback
+      for (const auto& [model, p] : s.plans) {
+        INFO(model);
+        CHECK_FALSE(p.rate_limit_headers);
+        if (f == "limited_no_retry_after") {
+          CHECK(p.limiter_retry_after == limiter_retry_after_mode::none);
+        } else {
+          // nginx's "Retry-After: 1" whatever the real wait.
+          CHECK(p.limiter_retry_after == limiter_retry_after_mode::constant);
+          CHECK(p.retry_after == 1000ms);
+          CHECK(p.retry_after_format == retry_after_style::seconds);
+        }
+        if (f == "token_limited") {
+          CHECK(p.requests_per_second == 0);
+          CHECK(p.tokens_per_minute == 100 * 60 * (500 + 14));  // 2,000-byte prompts
+          CHECK(p.token_burst == 21 * (500 + 14));
+        } else {
+          CHECK(p.requests_per_second == 100);
+          CHECK(p.burst == 21);  // nginx burst=20 nodelay
+          CHECK(p.tokens_per_minute == 0);
+        }
+        if (f == "limit_change") {
+          CHECK(p.limits_at(4999ms).requests_per_second == 100);
+          CHECK(p.limits_at(5000ms).requests_per_second == 50);
+          CHECK(p.limits_at(15000ms).requests_per_second == 100);
+        } else {
+          CHECK(p.rate_schedule.empty());
+        }
+        if (f == "mixed") {
+          CHECK(p.probability.at(fault_kind::unavailable) == Approx(0.05));
+          CHECK(p.probability.at(fault_kind::overloaded) == Approx(0.05));
+          CHECK(p.latency_min == 50ms);
+        } else {
+          CHECK(p.probability.empty());
+          CHECK(p.latency_max <= 2ms);
+        }
+      }
+    }
+  }
+  // The advertising limiter of rate_limited is unchanged.
+  const auto rl =
+      keel::testing::scenario::from_json(keel::cli::bench_scenario_json("rate_limited"));
+  CHECK(rl.plans.begin()->second.rate_limit_headers);
+  CHECK_THROWS_AS(keel::cli::bench_scenario_json("limited", 0), std::invalid_argument);
+}
+
+TEST_CASE("a newcomer's config learns a limiter's unadvertised limit within 25%", "[cli_bench]") {
+  // 300 prompts against 100 r/s (an ideal of about 2.8 s), 32 in flight, in this process.
+  keel::cli::bench_options o;
+  o.fork = false;
+  o.progress = false;
+  keel::cli::bench_run_spec spec;
+  spec.fault = "limited";
+  spec.policy = "newcomer";
+  spec.concurrency = 32;
+  spec.prompts = 300;
+  spec.rate = 100;
+  const json r = keel::cli::run_bench_scenario(spec, o);
+  INFO(r.dump().substr(0, 2000));
+  CHECK(r["ok"].get<std::size_t>() == 300);
+  CHECK(r["rate"].get<double>() == 100);
+  CHECK(r["ideal_s"].get<double>() == Approx((300 - 21) / 100.0 + 0.001));
+  CHECK(r["wall_over_ideal"].get<double>() > 0.9);
+  REQUIRE(r.contains("pacing"));
+  const json& p = r["pacing"]["requests"];
+  CHECK(p["estimate"].get<double>() >= 75);
+  CHECK(p["estimate"].get<double>() <= 125);
+  CHECK(p["samples"].get<std::uint64_t>() >= 1);
+  CHECK(p["rejections"].get<std::uint64_t>() >= 1);
+  CHECK(r["pacing"]["bucket"] == "openai/gpt-4o-mini");
+  // The timeline samples the real limit (100 r/s throughout) and what the controller learned.
+  const json& t = r["timeline"];
+  REQUIRE(t.contains("limit_rps"));
+  REQUIRE(t.contains("pacing_estimate_rps"));
+  REQUIRE(t.contains("pacing_rate_rps"));
+  REQUIRE(t.contains("pacing_phase"));
+  CHECK(t["limit_rps"].size() >= 20);
+  for (const auto& v : t["limit_rps"]) {
+    CHECK(v.get<double>() == 100);
+  }
+  CHECK(t["pacing_estimate_rps"].size() == t["limit_rps"].size());
+  CHECK(t["pacing_estimate_rps"].back().get<double>() > 0);
+  const std::string last = t["pacing_phase"].back();
+  CHECK((last == "cruise" || last == "probe"));
+
+  // Its rate-over-time plot is a well-formed SVG with the four series.
+  const fs::path dir =
+      fs::temp_directory_path() / ("keel_cli_bench_rate_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto written = keel::cli::write_bench_plots(json{{"runs", json::array({r})}}, dir.string());
+  const fs::path rate_svg = dir / "rate-limited-r100-newcomer-c32.svg";
+  CHECK(std::find(written.begin(), written.end(), rate_svg.filename().string()) != written.end());
+  REQUIRE(fs::exists(rate_svg));
+  const std::string doc = read_file(rate_svg);
+  CHECK(svg_problem(doc) == "");
+  for (const char* series : {"server limit", "learned estimate", "paced rate", "admitted"}) {
+    CHECK(doc.find(series) != std::string::npos);
+  }
+  if (have_xmllint()) {
+    CHECK(std::system(("xmllint --noout '" + rate_svg.string() + "'").c_str()) == 0);
+  }
+  fs::remove_all(dir);
 }
 
 TEST_CASE("the svg helper renders a standalone document with log ticks and escaped text",

@@ -4,8 +4,17 @@
   burst.py --port P burst N          open N keep-alive connections, then write one POST on
                                      each in one tight loop (well under a millisecond), and
                                      count the answers: {"200": a, "429": b}
-  burst.py --port P steady RPS SECS  offer RPS requests/s for SECS seconds (spread evenly over
-                                     the connections) and report admitted per second
+  burst.py --port P steady RPS SECS [--bin-ms MS] [--at S --cmd "SHELL COMMAND"]
+                                     offer RPS requests/s for SECS seconds (spread evenly over
+                                     the connections) and report admitted per second (and per
+                                     --bin-ms bin); --at/--cmd runs a command (e.g.
+                                     nginx-limiter.sh rate ...) S seconds in, without waiting.
+                                     A connection the server closes (a reload) is reopened.
+  burst.py --port P reload CMD...    does limit_req's state survive a reload? A burst of 100
+                                     (B + 1 pass), then CMD (e.g. nginx-limiter.sh rate --port P
+                                     --rate R), then at once another burst of 100 on new
+                                     connections: the refill since the first burst passes if
+                                     the state survived, B + 1 if it was reset
   burst.py --port P sequence         the checks the README records: first burst after start,
                                      burst after idle, refill after 100 ms, steady admission
                                      while over-offered, and whether rejected requests count
@@ -16,6 +25,7 @@ import argparse
 import json
 import selectors
 import socket
+import subprocess
 import sys
 import time
 
@@ -74,9 +84,11 @@ def burst(port, n, conns=None):
     return {"burst": n, "send_ms": round(sent_ms, 3), "status": dict(sorted(counts.items()))}, conns
 
 
-def steady(port, rps, secs, nconn=64):
+def steady(port, rps, secs, nconn=64, bin_ms=0, at=None, cmd=None):
     """Open-loop-ish: each connection sends its next request at its own schedule (rps/nconn
-    per connection), and only after its previous answer (so at most nconn in flight)."""
+    per connection), and only after its previous answer (so at most nconn in flight). A
+    connection the server closes (nginx's old worker after a reload) is reopened; the request
+    it carried counts as "closed"."""
     conns = [Conn(port) for _ in range(nconn)]
     req = request(port)
     sel = selectors.DefaultSelector()
@@ -85,38 +97,105 @@ def steady(port, rps, secs, nconn=64):
     nxt = [start + i * interval / nconn for i in range(nconn)]
     busy = [False] * nconn
     per_sec = {}
+    per_bin = {}
     total = {}
+    reconnects = 0
+    proc = None
+    cmd_at = None
     for i, c in enumerate(conns):
         c.s.setblocking(True)
         sel.register(c.s, selectors.EVENT_READ, i)
+
+    def count(st):
+        t = time.perf_counter() - start
+        d = per_sec.setdefault(int(t), {})
+        d[st] = d.get(st, 0) + 1
+        total[st] = total.get(st, 0) + 1
+        if bin_ms and st == "200":
+            b = int(t * 1000 // bin_ms)
+            per_bin[b] = per_bin.get(b, 0) + 1
+
+    def reopen(i):
+        nonlocal reconnects
+        sel.unregister(conns[i].s)
+        conns[i].s.close()
+        conns[i] = Conn(port)
+        sel.register(conns[i].s, selectors.EVENT_READ, i)
+        reconnects += 1
+        busy[i] = False
+
     end = start + secs
     while True:
         now = time.perf_counter()
         if now >= end and not any(busy):
             break
-        for i, c in enumerate(conns):
+        if cmd and proc is None and at is not None and now >= start + at:
+            cmd_at = now - start
+            proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(nconn):
             if not busy[i] and nxt[i] <= now and now < end:
-                c.s.sendall(req)
-                busy[i] = True
+                try:
+                    conns[i].s.sendall(req)
+                    busy[i] = True
+                except OSError:
+                    count("closed")
+                    reopen(i)
                 nxt[i] += interval
                 if nxt[i] < now - interval:  # fell behind: do not build up a backlog
                     nxt[i] = now
         wake = min([t for i, t in enumerate(nxt) if not busy[i]] + [end]) - time.perf_counter()
         for key, _ in sel.select(timeout=max(0.0, min(wake, 0.005)) if wake > 0 else 0):
             i = key.data
-            st = conns[i].read_response()
-            busy[i] = False
-            sec = int(time.perf_counter() - start)
-            d = per_sec.setdefault(sec, {})
-            d[str(st)] = d.get(str(st), 0) + 1
-            total[str(st)] = total.get(str(st), 0) + 1
+            if not busy[i]:  # an idle connection became readable: the server closed it
+                reopen(i)
+                continue
+            try:
+                st = str(conns[i].read_response())
+                busy[i] = False
+            except OSError:
+                st = "closed"
+                reopen(i)
+            count(st)
     for c in conns:
         c.s.close()
-    return {
+    out = {
         "steady_offered_rps": rps,
         "seconds": secs,
         "status": dict(sorted(total.items())),
+        "reconnects": reconnects,
         "admitted_per_second": [per_sec.get(s, {}).get("200", 0) for s in range(int(secs) + 1)],
+    }
+    if bin_ms:
+        out["bin_ms"] = bin_ms
+        out["admitted_per_bin"] = [per_bin.get(b, 0) for b in range(int(secs * 1000 // bin_ms) + 1)]
+    if proc is not None:
+        text, _ = proc.communicate()
+        out["cmd"] = {"at_s": round(cmd_at, 3), "exit": proc.returncode, "output": text.strip()}
+    return out
+
+
+def reload_check(port, cmd):
+    """Burst, CMD (a reload), burst again at once: did the limiter keep its state?"""
+    r1, conns = burst(port, 100)
+    t1 = time.perf_counter()
+    for c in conns:
+        c.s.close()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t_cmd = time.perf_counter()
+    r2, conns = burst(port, 100)
+    t2 = time.perf_counter()
+    for c in conns:
+        c.s.close()
+    return {
+        "first": r1["status"],
+        "cmd": " ".join(cmd),
+        "cmd_exit": p.returncode,
+        "cmd_output": p.stdout.strip(),
+        "cmd_ms": round((t_cmd - t1) * 1000, 1),
+        "second_after_ms": round((t2 - t1) * 1000, 1),
+        "second": r2["status"],
+        "reading": "state survived if the second burst got about the refill since the first "
+                   "(old rate until the reload, new rate after), not B + 1",
     }
 
 
@@ -129,12 +208,22 @@ def main():
     s = sub.add_parser("steady")
     s.add_argument("rps", type=float)
     s.add_argument("secs", type=float)
+    s.add_argument("--bin-ms", type=int, default=0, help="also count admitted per bin of this many ms")
+    s.add_argument("--at", type=float, help="seconds into the run at which to start --cmd")
+    s.add_argument("--cmd", dest="at_cmd", help="shell command to start at --at (not waited for until the end)")
+    s.add_argument("--conns", type=int, default=64)
+    rl = sub.add_parser("reload")
+    rl.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("sequence")
     a = ap.parse_args()
     if a.cmd == "burst":
         print(json.dumps(burst(a.port, a.n)[0]))
     elif a.cmd == "steady":
-        print(json.dumps(steady(a.port, a.rps, a.secs)))
+        print(json.dumps(steady(a.port, a.rps, a.secs, a.conns, a.bin_ms, a.at, a.at_cmd)))
+    elif a.cmd == "reload":
+        if not a.command:
+            ap.error("reload needs a command")
+        print(json.dumps(reload_check(a.port, a.command)))
     else:
         out = lambda label, d: print(json.dumps({"check": label, **d}), flush=True)
         r, conns = burst(a.port, 100)

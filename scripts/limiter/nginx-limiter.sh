@@ -7,6 +7,8 @@
 # Usage:
 #   scripts/limiter/nginx-limiter.sh start --port P --rate R --burst B [--retry-after N|none]
 #                                          [--upstream http://HOST:PORT] [--dir DIR] [--cpu N]
+#                                          [--access-log]
+#   scripts/limiter/nginx-limiter.sh rate   (--port P | --dir DIR) --rate R
 #   scripts/limiter/nginx-limiter.sh stop   (--port P | --dir DIR)
 #   scripts/limiter/nginx-limiter.sh status (--port P | --dir DIR)
 #
@@ -18,6 +20,16 @@
 #                     200 itself; the upstream's status, headers and body pass through unchanged
 #   --dir DIR         config, pid file and error log (default /tmp/keel-limiter-P)
 #   --cpu N           pin the nginx worker to CPU N (worker_cpu_affinity); default unpinned
+#   --access-log      log every request as "$msec $status" (epoch seconds with ms, HTTP status)
+#                     to DIR/access.log, buffered (64k, flushed every second) so that admitted
+#                     requests per 100 ms / per second can be counted afterwards. Off by default:
+#                     it costs a write per 64 KiB and a little CPU per request (see README.md)
+#
+# `rate` rewrites the running instance's limit_req_zone rate (and the RPM stated in its 429
+# body) in DIR/nginx.conf, checks the config and reloads nginx (`nginx -s reload`); everything
+# else stays. limit_req's state (the zone in shared memory) survives the reload; the new rate
+# applies to every request the new worker handles, within milliseconds. The old worker closes
+# its keep-alive connections (clients reconnect). Prints the time from signal to new worker.
 #
 # ONE limit for every request (the zone's key is a constant string, not the client address).
 # Rate-limited: every path except /limiter/health (200 "ok") and /limiter/status (stub_status).
@@ -34,14 +46,15 @@ usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 cmd="$1"
 shift
 case "$cmd" in
-  start | stop | status) ;;
+  start | stop | status | rate) ;;
   -h | --help | help) usage; exit 0 ;;
-  *) die "unknown command '$cmd' (start, stop or status; see --help)" ;;
+  *) die "unknown command '$cmd' (start, stop, status or rate; see --help)" ;;
 esac
 
-port="" rate="" burst="" retry_after=1 upstream="" dir="" cpu=""
+port="" rate="" burst="" retry_after=1 upstream="" dir="" cpu="" access_log=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --access-log) access_log=1; shift; continue ;;
     --port | --rate | --burst | --retry-after | --upstream | --dir | --cpu)
       [ $# -ge 2 ] || die "$1 needs a value"
       case "$1" in
@@ -86,6 +99,22 @@ running_pid() {  # the pid of this dir's nginx master, if it is alive
   echo "$pid"
 }
 
+parse_rate() {  # $rate -> rate_n, rate_unit, rpm
+  if [[ "$rate" =~ ^([0-9]+)$ ]]; then
+    rate_n="${BASH_REMATCH[1]}" rate_unit="r/s"
+  elif [[ "$rate" =~ ^([0-9]+)(r/s|r/m)$ ]]; then
+    rate_n="${BASH_REMATCH[1]}" rate_unit="${BASH_REMATCH[2]}"
+  else
+    die "--rate: expected an integer per second (200) or Nr/s or Nr/m, got '$rate'"
+  fi
+  [ "$rate_n" -ge 1 ] || die "--rate must be at least 1"
+  rpm=$([ "$rate_unit" = "r/s" ] && echo $((rate_n * 60)) || echo "$rate_n")
+}
+
+worker_pids() {  # the master's children (its workers), sorted
+  pgrep -P "$1" 2>/dev/null | sort -n | tr '\n' ' ' || true
+}
+
 # ---- stop / status ------------------------------------------------------------------------------
 if [ "$cmd" = stop ]; then
   if ! pid=$(running_pid); then
@@ -116,19 +145,54 @@ if [ "$cmd" = status ]; then
   exit 0
 fi
 
+if [ "$cmd" = rate ]; then
+  [ -n "$rate" ] || die "rate needs --rate R (requests per second, e.g. 100)"
+  for o in burst upstream cpu access_log; do
+    [ -z "${!o}" ] || die "rate changes only the rate; restart the limiter to change --${o//_/-}"
+  done
+  parse_rate
+  pid=$(running_pid) || die "no limiter running in $dir"
+  conf="$dir/nginx.conf"
+  grep -Eq '^ *limit_req_zone .* rate=[0-9]+r/[sm];$' "$conf" ||
+    die "$conf has no limit_req_zone line written by this script"
+  nginx_bin=$(find_nginx) || die "nginx not found"
+  # The zone's rate, the RPM the 429 body states, the header comment and limiter.env; the
+  # zone's name, size and key stay, so nginx reuses its shared memory (and limit_req's state).
+  sed -E -e "s|^( *limit_req_zone .* rate=)[0-9]+r/[sm];\$|\1${rate_n}${rate_unit};|" \
+    -e "s|(on requests per min \(RPM\): Limit )[0-9]+,|\1${rpm},|" \
+    -e "1s|--rate [^ ]+ |--rate ${rate_n}${rate_unit} |" "$conf" >"$conf.new"
+  "$nginx_bin" -t -q -p "$dir" -c "$conf.new" -e "$dir/error.log" || {
+    rm -f "$conf.new"
+    die "nginx rejected the rewritten config (left $conf as it was)"
+  }
+  mv "$conf.new" "$conf"
+  if [ -f "$dir/limiter.env" ]; then
+    sed -i -E "s|^LIMITER_RATE=.*|LIMITER_RATE=${rate_n}${rate_unit}|" "$dir/limiter.env"
+  fi
+  before=$(worker_pids "$pid")
+  t0=$(date +%s%N)
+  "$nginx_bin" -s reload -p "$dir" -c "$conf" -e "$dir/error.log" 2>/dev/null || kill -HUP "$pid"
+  # Wait for a worker that was not there before: it runs with the new config.
+  new=""
+  for _ in $(seq 500); do
+    for w in $(worker_pids "$pid"); do
+      case " $before " in *" $w "*) ;; *) new="$w" ;; esac
+    done
+    [ -z "$new" ] || break
+    sleep 0.01
+  done
+  [ -n "$new" ] || die "no new nginx worker within 5 s of the reload; see $dir/error.log"
+  t1=$(date +%s%N)
+  echo "$prog: rate ${rate_n}${rate_unit} in force: nginx (pid $pid) reloaded, new worker $new" \
+    "after $(((t1 - t0) / 1000000)) ms (signal sent at $(awk -v t="$t0" 'BEGIN { printf "%.3f", t / 1e9 }'))"
+  exit 0
+fi
+
 # ---- start: validate ----------------------------------------------------------------------------
 [ -n "$port" ] || die "start needs --port P"
 [ -n "$rate" ] || die "start needs --rate R (requests per second, e.g. 200)"
 [ -n "$burst" ] || die "start needs --burst B (e.g. 20)"
-if [[ "$rate" =~ ^([0-9]+)$ ]]; then
-  rate_n="${BASH_REMATCH[1]}" rate_unit="r/s"
-elif [[ "$rate" =~ ^([0-9]+)(r/s|r/m)$ ]]; then
-  rate_n="${BASH_REMATCH[1]}" rate_unit="${BASH_REMATCH[2]}"
-else
-  die "--rate: expected an integer per second (200) or Nr/s or Nr/m, got '$rate'"
-fi
-[ "$rate_n" -ge 1 ] || die "--rate must be at least 1"
-rpm=$([ "$rate_unit" = "r/s" ] && echo $((rate_n * 60)) || echo "$rate_n")
+parse_rate
 is_uint "$burst" || die "--burst: expected an integer >= 0, got '$burst'"
 if [ "$retry_after" != none ]; then
   is_uint "$retry_after" || die "--retry-after: expected whole seconds or 'none', got '$retry_after'"
@@ -264,8 +328,18 @@ $limit
         }"
 fi
 
+if [ -n "$access_log" ]; then
+  : >"$dir/access.log"
+  chmod 644 "$dir/access.log"
+  # $msec: epoch seconds with millisecond resolution, when the answer was logged.
+  log_config="    log_format keel_limiter '\$msec \$status';
+    access_log $dir/access.log keel_limiter buffer=64k flush=1s;"
+else
+  log_config="    access_log off;"
+fi
+
 cat >"$dir/nginx.conf" <<EOF
-# Generated by scripts/limiter/nginx-limiter.sh $(printf '%q ' start --port "$port" --rate "$rate" --burst "$burst" --retry-after "$retry_after" ${upstream:+--upstream "$upstream"} --dir "$dir" ${cpu:+--cpu "$cpu"})
+# Generated by scripts/limiter/nginx-limiter.sh $(printf '%q ' start --port "$port" --rate "$rate" --burst "$burst" --retry-after "$retry_after" ${upstream:+--upstream "$upstream"} --dir "$dir" ${cpu:+--cpu "$cpu"} ${access_log:+--access-log})
 daemon on;
 master_process on;
 worker_processes 1;
@@ -280,7 +354,7 @@ events {
 }
 
 http {
-    access_log off;
+$log_config
     server_tokens off;
     keepalive_requests 1000000;
     keepalive_timeout 75s;
@@ -343,10 +417,12 @@ LIMITER_RATE=${rate_n}${rate_unit}
 LIMITER_BURST=$burst
 LIMITER_RETRY_AFTER=$retry_after
 LIMITER_UPSTREAM=$upstream
+LIMITER_ACCESS_LOG=$([ -n "$access_log" ] && echo "$dir/access.log" || true)
 LIMITER_OPENAI_BASE_URL=http://127.0.0.1:$port/v1
 LIMITER_KEEL_BASE_URL=http://127.0.0.1:$port
 EOF
 echo "$prog: nginx $("$nginx_bin" -v 2>&1 | sed 's/.*nginx\///') (pid $pid) on http://127.0.0.1:$port:" \
   "rate ${rate_n}${rate_unit} burst $burst nodelay, Retry-After $retry_after," \
-  "$([ -n "$upstream" ] && echo "upstream $upstream" || echo "fixed 200 reply"); dir $dir"
+  "$([ -n "$upstream" ] && echo "upstream $upstream" || echo "fixed 200 reply")," \
+  "access log $([ -n "$access_log" ] && echo "$dir/access.log" || echo off); dir $dir"
 echo "  OpenAI SDK baseURL: http://127.0.0.1:$port/v1    keel base_url: http://127.0.0.1:$port"

@@ -222,7 +222,7 @@ int main(int argc, char** argv) {
   bench_options bench_opts;
   std::size_t bench_prompts = 0;
   bool bench_no_fork = false;
-  bench->add_flag("--quick", bench_opts.quick, "A small matrix (about ten seconds)");
+  bench->add_flag("--quick", bench_opts.quick, "A small matrix (about half a minute)");
   bench->add_option("--out-dir", bench_opts.out_dir, "Directory for results.json, table.md, SVGs")
       ->capture_default_str();
   bench->add_option("--url", bench_opts.url,
@@ -240,14 +240,22 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 100000));
   bench
       ->add_option("--faults", bench_opts.faults,
-                   "Comma-separated fault mixes: clean, rate_limited, flaky, outage, slow")
+                   "Comma-separated fault mixes: clean, rate_limited, flaky, outage, slow, "
+                   "limited, limited_no_retry_after, limit_change, token_limited, mixed")
       ->delimiter(',')
       ->check(CLI::IsMember(keel::cli::bench_faults()));
   bench
       ->add_option("--policies", bench_opts.policies,
-                   "Comma-separated policies: none, naive, exponential, full_jitter, keel")
+                   "Comma-separated policies: none, naive, exponential, full_jitter, keel, "
+                   "newcomer, keel_limit, aws_adaptive")
       ->delimiter(',')
       ->check(CLI::IsMember(keel::cli::bench_policies()));
+  bench
+      ->add_option("--rate", bench_opts.rates,
+                   "Comma-separated server limits R (requests/s) of the limited mixes (default "
+                   "200; each run sends 10*R prompts unless --prompts)")
+      ->delimiter(',')
+      ->check(CLI::Range(0.001, 1000000.0));
   bench
       ->add_option("--seed", bench_opts.seed,
                    "Seed of the mock's faults and the jitter (fixed by default, unlike batch and "
