@@ -13,9 +13,6 @@
 #include <limits>
 #include <mutex>
 #include <random>
-#ifdef KEEL_PACING_TRACE
-#include <cstdio>
-#endif
 
 namespace keel {
 
@@ -608,9 +605,6 @@ class rate_controller_state {
 
   void adopt(std::size_t di, double estimate) {
     dim& d = dims_[di];
-#ifdef KEEL_PACING_TRACE
-    std::fprintf(stderr, "  adopt %.1f (phase %s)\n", estimate, to_string(d.phase));
-#endif
     d.estimate = d.advertised > 0 ? std::min(estimate, d.advertised) : estimate;
     d.adopted_at = Clock::now();
     ++d.samples;
@@ -686,10 +680,6 @@ class rate_controller_state {
   void continue_episode(std::size_t di) {
     dim& d = dims_[di];
     const pair_sample p = episode_sample(di);
-#ifdef KEEL_PACING_TRACE
-    std::fprintf(stderr, "  episode %llu..%llu A=%.1f span=%.4f\n", (unsigned long long)d.first.seq,
-                 (unsigned long long)d.latest.seq, p.accepted, p.span);
-#endif
     // Search takes a coarse sample (the rate it holds draws 429s until one comes); later
     // rejections of the episode refine it.
     // A held probe takes a precise one unless few calls wait for the bucket: then the 429s it
@@ -926,18 +916,6 @@ class rate_controller_state {
 
   // Pushes the rates and bursts to the throttler when they changed.
   void apply() {
-#ifdef KEEL_PACING_TRACE
-    {
-      const dim& x = dims_[req];
-      if (x.phase != traced_phase_ || std::abs(x.rate - traced_rate_) > 0.05 * traced_rate_) {
-        std::fprintf(stderr, "t=%.3f phase=%s rate=%.1f est=%.1f ep=%d\n",
-                     std::chrono::duration<double>(Clock::now().time_since_epoch()).count(),
-                     to_string(x.phase), x.rate, x.estimate, int(x.in_episode));
-        traced_phase_ = x.phase;
-        traced_rate_ = x.rate;
-      }
-    }
-#endif
     const dim& r = dims_[req];
     const dim& t = dims_[tok];
     const double burst_s = seconds(o_.burst_time);
@@ -1014,10 +992,6 @@ class rate_controller_state {
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};
-#ifdef KEEL_PACING_TRACE
-  pacing_phase traced_phase_{};
-  double traced_rate_ = -1;
-#endif
 };
 
 }  // namespace keel::detail
