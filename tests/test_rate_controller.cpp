@@ -621,6 +621,45 @@ TEST_CASE("a 429 with Retry-After while calls get through does not pause the buc
   }
 }
 
+TEST_CASE(
+    "callers parked by Retry-After who come back and are all refused again make a block; "
+    "one of them accepted does not",
+    "[rate_controller]") {
+  for (const bool one_accepted : {false, true}) {
+    DYNAMIC_SECTION("one accepted: " << one_accepted) {
+      rig r;
+      // Three callers, each refused with Retry-After 300 ms; nobody sends while they wait.
+      for (int i = 0; i < 3; ++i) {
+        const ticket t = r.pacing.on_send({1, 0});
+        advance_to(now() + 1ms);
+        r.pacing.on_throttled(t, keel::limit_kind::requests, 300ms);
+      }
+      CHECK(r.bucket.paused_until() == manual_clock::time_point{});
+      // They come back 300 ms later.
+      advance_to(303ms);
+      std::vector<ticket> back;
+      for (int i = 0; i < 3; ++i) {
+        back.push_back(r.pacing.on_send({1, 0}));
+      }
+      advance_to(now() + 1ms);
+      if (one_accepted) {
+        r.pacing.on_accepted(back[1]);
+      }
+      for (int i = 0; i < 3; ++i) {
+        if (!(one_accepted && i == 1)) {
+          r.pacing.on_throttled(back[static_cast<std::size_t>(i)], keel::limit_kind::requests,
+                                300ms);
+        }
+      }
+      if (one_accepted) {
+        CHECK(r.bucket.paused_until() == manual_clock::time_point{});
+      } else {
+        CHECK(r.bucket.paused_until() == manual_clock::time_point{304ms + 300ms});
+      }
+    }
+  }
+}
+
 // ---- token limits ----
 
 TEST_CASE("token 429s put the token dimension in search and then cruise, leaving requests alone",

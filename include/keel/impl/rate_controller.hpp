@@ -290,8 +290,9 @@ class rate_controller_state {
   // Work accepted between two logged rejections (by send time) and their span.
   struct pair_sample {
     double accepted = 0;
-    double sent = 0;  // work sent between the two (rejected or not)
-    double span = 0;  // seconds; 0: no sample
+    double sent = 0;      // work sent between the two (rejected or not)
+    double rejected = 0;  // of which rejected so far
+    double span = 0;      // seconds; 0: no sample
     double rate() const noexcept { return span > 0 ? accepted / span : 0; }
   };
 
@@ -466,6 +467,7 @@ class rate_controller_state {
     // Sends between them whose 429 may still come are not counted: a wave of 429s is reported
     // in any order, and counting its unreported members as accepted would invent a rate.
     p.sent = sent_between;
+    p.rejected = rejected_between;
     p.accepted =
         std::max(0.0, sent_between - rejected_between - unknown_between(di, first->seq, last->seq));
     p.span = std::max(0.0, std::chrono::duration<double>(last->sent - first->sent).count());
@@ -621,11 +623,7 @@ class rate_controller_state {
     const std::uint64_t samples_before = d.samples;
     // Rounds of 429s a Retry-After apart with nothing accepted in between: a block.
     if (d.previous.seq != 0) {
-      const pair_sample since = sample_between(di, find_logged(d.previous.seq), find_logged(r.seq));
-      // Something must have been sent in between: callers all parked by the last round's
-      // Retry-After (a batch whose every worker got a 429) send nothing, which is no evidence.
-      if (since.span >= seconds(o_.block_span) && since.accepted <= 0 &&
-          since.sent >= 2 * unit_of(di)) {
+      if (refused_all(di, sample_between(di, find_logged(d.previous.seq), find_logged(r.seq)))) {
         pause_block(di);
       }
     }
@@ -708,10 +706,21 @@ class rate_controller_state {
       }
       return;
     }
-    if (p.span > 0 && p.accepted <= 0 && p.span >= seconds(o_.block_span) &&
-        p.sent >= 2 * unit_of(di)) {
+    // Callers all parked by the last episode's Retry-After send nothing between it and this
+    // one: the calls they send when it ends, all refused, are the evidence.
+    if (refused_all(di, p) ||
+        (d.previous.seq != 0 &&
+         refused_all(di, sample_between(di, find_logged(d.previous.seq),
+                                        find_logged(d.latest.seq))))) {
       pause_block(di);
     }
+  }
+
+  // Rejections at least `block_span` apart with a call's work or more sent between them and
+  // every bit of it refused (a call whose answer is still to come may have been accepted).
+  bool refused_all(std::size_t di, const pair_sample& p) const {
+    return p.span > 0 && p.span >= seconds(o_.block_span) && p.sent >= unit_of(di) &&
+           p.sent - p.rejected <= 0;
   }
 
   // Nothing got through for a while: the server refuses everybody (a block), whatever the rate.
