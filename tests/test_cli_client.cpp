@@ -351,9 +351,9 @@ TEST_CASE("a bucket with no configured limit adopts the limit the server's heade
   }
   const auto st = buckets.pacing(*open_bucket)->requests();
   CHECK(st.phase == keel::pacing_phase::startup);
-  // Every answer widened the window by one, as far as doubling per 50 ms allows.
+  // The window widened (how far depends on how long the calls took: it doubles once per round
+  // trip), and it never held a call back.
   CHECK(st.window > 16);
-  CHECK(st.window <= 32);
   CHECK(open_bucket->total_waits() == 0);
   CHECK(server.stats().model("open").status_count(200) == 16);
 }
@@ -400,7 +400,10 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
   CHECK(st.samples >= 1);
   CHECK(st.estimate > 80);
   CHECK(st.estimate < 125);
-  CHECK(attempts <= 345);
+  // At most one 429 per worker from the first wave (on a slow machine, such as under ASan, all
+  // 64 calls go out before the first answer comes back), and few while learning: a common
+  // client sends 3-4 attempts per prompt here.
+  CHECK(attempts <= 300 + 64 + 20);
   CHECK(server.stats().model("m").status_count(429) ==
         static_cast<std::uint64_t>(attempts - 300));
   // The hook saw the way there: startup, then search, then an estimate.

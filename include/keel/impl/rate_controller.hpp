@@ -13,6 +13,7 @@
 #include <limits>
 #include <mutex>
 #include <random>
+#include <utility>
 
 namespace keel {
 
@@ -65,6 +66,12 @@ class rate_controller_state {
   static constexpr int max_probe_round = 10;
   // In startup, answers slower than this free their slot (see free_startup_slot).
   static constexpr auto slot_hold = std::chrono::milliseconds(10);
+  // How long a 429's latency is remembered: the longest one halves every `latency_half_life`,
+  // and the spread of 429 latencies counts those of the last `spread_memory` only. A startup
+  // wave whose 429s waited for new connections (100-200 ms on a slow client, against 2 ms once
+  // they are open) must not make every later sample look too short to trust.
+  static constexpr auto latency_half_life = std::chrono::seconds(1);
+  static constexpr auto spread_memory = std::chrono::seconds(1);
 
   rate_controller_state(basic_throttler<Clock>& bucket, const rate_controller_options& o)
       : bucket_(bucket), o_(normalized(o)), epoch_(Clock::now()) {
@@ -403,15 +410,17 @@ class rate_controller_state {
     }
     // How long a 429 takes to come back: a slowly decaying maximum.
     const duration latency = now > t.sent ? now - t.sent : duration::zero();
-    reject_latency_ = std::max(latency, reject_latency_ - reject_latency_ / 64);
-    recent_latencies_[latency_slot_++ % recent_latencies_.size()] = latency;
+    reject_latency_ = std::max(latency, reject_latency(now));
+    reject_latency_at_ = now;
+    recent_latencies_[latency_slot_++ % recent_latencies_.size()] = {now, latency};
   }
 
   // Sends younger than this may still draw a 429 (429s take at most about `reject_latency_` to
   // come back); older ones that were not rejected were accepted, whether or not their answers
   // (which may take seconds) have arrived.
   duration settle_time() const {
-    return reject_latency_ + reject_latency_ / 2 + to_duration(std::chrono::milliseconds(1));
+    const duration l = reject_latency(Clock::now());
+    return l + l / 2 + to_duration(std::chrono::milliseconds(1));
   }
 
   void prune_young(time_point now) {
@@ -762,25 +771,42 @@ class rate_controller_state {
 
   // ---- the clock ----
 
-  // How much the latency of the last 429s varied (their order at the server is that uncertain).
+  // How much the latency of the last second's 429s varied (their order at the server is that
+  // uncertain).
   duration latency_spread() const {
     const std::size_t n = std::min<std::size_t>(latency_slot_, recent_latencies_.size());
-    if (n == 0) {
-      return duration::zero();
+    const time_point from = Clock::now() - to_duration(spread_memory);
+    duration lo = duration::max();
+    duration hi = duration::zero();
+    for (std::size_t i = 0; i < n; ++i) {
+      if (recent_latencies_[i].first >= from) {
+        lo = std::min(lo, recent_latencies_[i].second);
+        hi = std::max(hi, recent_latencies_[i].second);
+      }
     }
-    const auto [lo, hi] = std::minmax_element(recent_latencies_.begin(), recent_latencies_.begin() + n);
-    return *hi - *lo;
+    return hi > lo ? hi - lo : duration::zero();
+  }
+
+  // How long a 429 takes to come back: the longest latency seen, halving every
+  // `latency_half_life` since.
+  duration reject_latency(time_point now) const {
+    if (reject_latency_ == duration::zero() || now <= reject_latency_at_) {
+      return reject_latency_;
+    }
+    const double halvings = std::chrono::duration<double>(now - reject_latency_at_).count() /
+                            seconds(latency_half_life);
+    return to_duration(std::chrono::duration<double>(seconds(reject_latency_) * std::exp2(-halvings)));
   }
 
   // Two 429s closer than this belong to one wave.
   duration halving_gap() const {
-    return std::max(2 * reject_latency_, to_duration(std::chrono::milliseconds(10)));
+    return std::max(2 * reject_latency(Clock::now()), to_duration(std::chrono::milliseconds(10)));
   }
 
   // Search's doubling time, seconds: no faster than the 429s can answer (doubling while the
   // last doubling's 429s are still on their way overshoots by more than a doubling).
   double search_tau() const {
-    return std::max(seconds(o_.search_doubling), 2 * seconds(reject_latency_));
+    return std::max(seconds(o_.search_doubling), 2 * seconds(reject_latency(Clock::now())));
   }
 
   // In startup, an answer that took at least `slot_hold` gives its call's slot back: a server
@@ -912,7 +938,7 @@ class rate_controller_state {
         // next round raises the rate again.
         const double round_s =
             std::max({seconds(o_.probe_round), o_.min_sample / std::max(base_rate(di), 1e-9),
-                      2 * seconds(reject_latency_)});
+                      2 * seconds(reject_latency(Clock::now()))});
         const int k = static_cast<int>(std::min<double>(
             max_probe_round, std::floor(std::chrono::duration<double>(d.probe_elapsed).count() /
                                         round_s) + 1));
@@ -985,8 +1011,9 @@ class rate_controller_state {
   std::array<bin, bin_count> bins_{};
   std::deque<rejection> log_;
   std::deque<young_send> young_;
-  duration reject_latency_{};
-  std::array<duration, 32> recent_latencies_{};  // of the last 32 429s
+  duration reject_latency_{};  // see reject_latency()
+  time_point reject_latency_at_{};
+  std::array<std::pair<time_point, duration>, 32> recent_latencies_{};  // the last 32 429s'
   std::size_t latency_slot_ = 0;
   std::uint64_t seq_ = 0;
   double tokens_sent_ = 0;
