@@ -124,7 +124,7 @@ enum class limit_kind {
 /// Where a dimension of a `basic_rate_controller` is.
 enum class pacing_phase {
   unlimited,  ///< Nothing limits it (tokens before any token 429; requests never start here).
-  startup,    ///< No limit known: calls granted at a rate that doubles every 25 ms.
+  startup,    ///< No limit known: calls granted at a rate that doubles once per round trip.
   search,     ///< Throttled, no estimate yet: pacing at the accepted rate, doubling it.
   cruise,     ///< Pacing at (1 - margin) x the estimate; probing above it after a plateau.
   probe,      ///< Cruise, raising the rate round by round until the next 429.
@@ -142,8 +142,8 @@ struct pacing_state {
   double rate = 0;
   /// The estimated server limit per second; 0 when none.
   double estimate = 0;
-  /// The startup ramp's burst, calls (requests in startup only; it doubles every
-  /// `startup_doubling`).
+  /// The startup ramp's burst, calls (requests in startup only; it doubles once per round
+  /// trip, see `startup_doubling`).
   double window = 0;
   /// Estimates made so far.
   std::uint64_t samples = 0;
