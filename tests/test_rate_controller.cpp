@@ -264,6 +264,22 @@ TEST_CASE("before any answer the startup ramp doubles every 100 ms", "[rate_cont
   CHECK(r.pacing.requests().window == Approx(32).epsilon(0.02));
 }
 
+TEST_CASE("the startup window of a server that never throttles stays finite", "[rate_controller]") {
+  // Minutes of sends with no 429: the window doubles every 100 ms at most, and would pass
+  // the largest double (2^1024) after about 100 s.
+  rig r;
+  for (int k = 1; k <= 3000; ++k) {
+    advance_to(std::chrono::milliseconds(100 * k));
+    const ticket t = r.pacing.on_send({1, 0});
+    r.pacing.on_accepted(t);
+  }
+  const keel::pacing_state s = r.pacing.requests();
+  CHECK(s.phase == keel::pacing_phase::startup);
+  CHECK(std::isfinite(s.window));
+  CHECK(s.window == Approx(1e9));
+  CHECK(std::isfinite(r.bucket.options().burst));
+}
+
 // ---- search ----
 
 TEST_CASE("the first 429 ends startup: the controller paces the bucket at the accepted rate",

@@ -20,7 +20,8 @@
 #                after each change the admitted rate stays within 10% of the new limit, and
 #                keel's event=pacing log lines
 #   errors       no effective limit (100000 r/s, burst 100000) in front of `keel mock` with 10%
-#                503 and no latency, and with 0% errors; 2,000 prompts at concurrency 64
+#                503 and no latency (--latency MS sets one), and with 0% errors; 2,000 prompts
+#                at concurrency 64
 #   unthrottled  no effective limit in front of `keel mock` with 50 ms latency: keel vs the
 #                OpenAI Node SDK (sdk-baseline/openai-batch.mjs, default maxRetries) at
 #                concurrency 16 and 64, 2,000 prompts
@@ -37,6 +38,7 @@
 #   --max-wait S    ... but at most S seconds (default 1800), then run anyway and say so
 #   --no-wait       do not wait for a quiet machine (the load is still recorded)
 #   --prompts N     override the prompt count of mixed / change / errors / unthrottled
+#   --latency MS    the mock's latency in the errors series (default 0)
 #
 # Needs nginx (nginx-limiter.sh installs it), python3, taskset; node + npm for `unthrottled`.
 set -euo pipefail
@@ -59,13 +61,13 @@ esac
 
 port=18190 mock_port=19190 keel_src="$root/build/tools/keel/keel" dir="" runs=1
 rates="50,200,1000" concs="16,64,256,1024" retry_afters="1,none" burst=20
-max_load=0.5 max_wait=1800 no_wait="" prompts_override=""
+max_load=0.5 max_wait=1800 no_wait="" prompts_override="" errors_latency=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-wait) no_wait=1; shift; continue ;;
     -h | --help) usage; exit 0 ;;
     --port | --mock-port | --keel | --dir | --runs | --rates | --concurrency | --retry-after | \
-      --burst | --max-load | --max-wait | --prompts)
+      --burst | --max-load | --max-wait | --prompts | --latency)
       [ $# -ge 2 ] || die "$1 needs a value" ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
@@ -73,6 +75,7 @@ while [ $# -gt 0 ]; do
     --port) port="$2" ;;
     --mock-port) mock_port="$2" ;;
     --keel) keel_src="$2" ;;
+    --latency) errors_latency="$2" ;;
     --dir) dir="$2" ;;
     --runs) runs="$2" ;;
     --rates) rates="$2" ;;
@@ -613,8 +616,9 @@ do_errors() {
   wait_quiet errors
   local out="$dir/errors.jsonl" n=${prompts_override:-2000} tag p
   p=$(make_prompts "$n")
-  echo '{"seed": 7, "models": {"gpt-4o-mini": {"errors": {"unavailable": 0.10}}}}' >"$dir/errors-10.json"
-  echo '{"seed": 7, "models": {"gpt-4o-mini": {}}}' >"$dir/errors-0.json"
+  [[ "$errors_latency" =~ ^[0-9]+$ ]] || die "--latency needs whole milliseconds"
+  echo "{\"seed\": 7, \"models\": {\"gpt-4o-mini\": {\"errors\": {\"unavailable\": 0.10}, \"latency_ms\": $errors_latency}}}" >"$dir/errors-10.json"
+  echo "{\"seed\": 7, \"models\": {\"gpt-4o-mini\": {\"latency_ms\": $errors_latency}}}" >"$dir/errors-0.json"
   : >"$out"
   for run in $(seq "$runs"); do
     for e in 0 10; do
@@ -630,7 +634,9 @@ do_errors() {
     done
   done
   "$here/nginx-limiter.sh" stop --dir "$ldir" >/dev/null
-  header "errors (no effective limit: 100000 r/s burst 100000 → keel mock, no latency; $n prompts, concurrency 64; load at start $series_load)" >"$dir/errors.md"
+  local lat="no latency"
+  [ "$errors_latency" = 0 ] || lat="$errors_latency ms latency"
+  header "errors (no effective limit: 100000 r/s burst 100000 → keel mock, $lat; $n prompts, concurrency 64; load at start $series_load)" >"$dir/errors.md"
   report table errors "$out" >>"$dir/errors.md"
   cat "$dir/errors.md"
 }

@@ -66,6 +66,8 @@ class rate_controller_state {
   static constexpr int max_probe_round = 10;
   // In startup, answers slower than this free their slot (see free_startup_slot).
   static constexpr auto slot_hold = std::chrono::milliseconds(10);
+  // The startup window's cap, calls: more than any batch sends at once.
+  static constexpr double max_window = 1e9;
   // How long a 429's latency is remembered: the longest one halves every `latency_half_life`,
   // and the spread of 429 latencies counts those of the last `spread_memory` only. A startup
   // wave whose 429s waited for new connections (100-200 ms on a slow client, against 2 ms once
@@ -702,9 +704,17 @@ class rate_controller_state {
     // A 429 for a call sent after the last estimate was adopted means the limit is lower still
     // (it changed): then a lower sample wins whatever its precision.
     if (usable(di, p, needed)) {
-      if (p.accepted > d.episode_best ||
-          (p.rate() < d.estimate && d.latest.sent > d.adopted_at)) {
-        double rate = p.rate();
+      double rate = p.rate();
+      // A sample below the estimate measures the server only if the client kept sending at
+      // about the paced rate over it: callers parked by Retry-Afters leave the server's bucket
+      // to refill unseen, and the sample under-measures (at concurrency 16 against 1000 r/s,
+      // one wave of 429s with Retry-After: 1 parked 15 of 16 callers, and a 0.2 s sample said
+      // 111 r/s; the probes back up took 4 s). Such a sample lowers the estimate by at most
+      // the margin.
+      if (d.estimate > 0 && rate < d.estimate && p.sent < 0.9 * base_rate(di) * p.span) {
+        rate = std::max(rate, d.estimate * (1 - o_.margin));
+      }
+      if (p.accepted > d.episode_best || (rate < d.estimate && d.latest.sent > d.adopted_at)) {
         if (d.why == cause::probe && d.estimate > 0 && p.accepted < o_.min_sample * unit_of(di)) {
           // A coarse probe sample (few calls left to draw 429s with) moves a known estimate
           // by at most 10%: three calls over a few milliseconds are not worth more.
@@ -895,7 +905,9 @@ class rate_controller_state {
       // 25 ms would send 16 x 2^(RTT / 25 ms) calls into a burst limit before hearing of it.
       const double tau = startup_tau();
       if (now > window_updated_) {
-        window_ *= std::exp2(std::min(40.0, seconds(now - window_updated_) / tau));
+        // Capped: a server that never throttles would otherwise double it to infinity.
+        window_ = std::min(max_window,
+                           window_ * std::exp2(std::min(40.0, seconds(now - window_updated_) / tau)));
         window_updated_ = now;
       }
       window_growth_ = window_ * std::log(2.0) / tau;
