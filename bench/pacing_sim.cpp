@@ -1,7 +1,8 @@
 // pacing_sim: the rate controller against simulated rate limiters, in virtual time (seconds of
 // simulated traffic per second of CPU), for tuning and for the matrix in BENCHMARKS.md.
 //
-// Usage: pacing_sim [--rps R] [--burst B] [--concurrency C] [--prompts N] [--retry-after S|none|exact]
+// Usage: pacing_sim [--rps R] [--burst B] [--concurrency C] [--prompts N] [--retry-after
+// S|none|exact]
 //                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--tpm T] [--token-burst T]
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
 //                   [--max-attempts K] [--seed S] [--timeline] [--matrix]
@@ -16,9 +17,8 @@ namespace {
 
 void print(const char* label, const pacing_sim::server_spec& s, const pacing_sim::client_spec& c,
            const pacing_sim::result& r, bool timeline) {
-  const double ideal = s.requests_per_second > 0
-                           ? static_cast<double>(c.prompts) / s.requests_per_second
-                           : 0;
+  const double ideal =
+      s.requests_per_second > 0 ? static_cast<double>(c.prompts) / s.requests_per_second : 0;
   std::printf(
       "%-28s R=%-5g c=%-5zu N=%-6zu wall=%7.2fs (%.3fx) ok=%zu failed=%zu attempts=%.3fxN 429=%zu "
       "err=%zu p50=%.3f p99=%.3f  est=%.1f rate=%.1f phase=%s samples=%llu\n",

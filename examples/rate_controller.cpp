@@ -24,13 +24,12 @@ using namespace std::chrono_literals;
 int main() {
   asio::io_context ctx;
   keel::testing::mock_llm_server server{ctx};
-  server.set_plan(
-      "gpt-demo",
-      keel::testing::fault_plan{}
-          .with_rate_limit(/*rps*/ 100, /*tpm*/ 0, /*burst*/ 21)
-          .with_rate_limit_headers(false)
-          .with_limiter_retry_after(keel::testing::limiter_retry_after_mode::constant)
-          .with_retry_after(1s, keel::testing::retry_after_style::seconds));
+  server.set_plan("gpt-demo",
+                  keel::testing::fault_plan{}
+                      .with_rate_limit(/*rps*/ 100, /*tpm*/ 0, /*burst*/ 21)
+                      .with_rate_limit_headers(false)
+                      .with_limiter_retry_after(keel::testing::limiter_retry_after_mode::constant)
+                      .with_retry_after(1s, keel::testing::retry_after_style::seconds));
   server.start();
 
   keel::http::client http{ctx.get_executor(), keel::http::client_options{}};
@@ -45,7 +44,8 @@ int main() {
   keel::rate_controller pacing{bucket, po};
 
   // One attempt: wait for the shared bucket, tell the controller, send, report the outcome.
-  auto attempt = [&](const keel::llm::chat_request& req) -> asio::awaitable<keel::llm::chat_response> {
+  auto attempt =
+      [&](const keel::llm::chat_request& req) -> asio::awaitable<keel::llm::chat_response> {
     co_await bucket.acquire();
     const auto ticket = pacing.on_send();
     try {

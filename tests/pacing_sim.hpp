@@ -50,8 +50,8 @@ struct server_spec {
   double tokens_per_minute = 0;      // 0: no token limit
   double token_burst = 0;            // token bucket capacity (0: one second's worth)
   std::vector<limit_change> schedule;
-  nanoseconds latency{microseconds(200)};      // answer latency of an admitted request
-  nanoseconds latency_max{0};                   // > latency: uniform in [latency, latency_max]
+  nanoseconds latency{microseconds(200)};         // answer latency of an admitted request
+  nanoseconds latency_max{0};                     // > latency: uniform in [latency, latency_max]
   nanoseconds reject_latency{microseconds(200)};  // latency of a 429
   std::optional<nanoseconds> retry_after = std::chrono::seconds(1);  // constant; nullopt: none
   bool exact_retry_after = false;  // the limiter's exact wait instead of the constant
@@ -68,9 +68,9 @@ struct client_spec {
   nanoseconds backoff_base = milliseconds(500);
   nanoseconds backoff_cap = std::chrono::seconds(20);
   nanoseconds max_retry_after = std::chrono::seconds(60);
-  double tokens_per_prompt = 100;   // mean estimated tokens per call
-  double tokens_spread = 0;         // uniform +- this fraction
-  bool paced = true;                // false: no controller (a plain retry loop)
+  double tokens_per_prompt = 100;  // mean estimated tokens per call
+  double tokens_spread = 0;        // uniform +- this fraction
+  bool paced = true;               // false: no controller (a plain retry loop)
   keel::rate_controller_options pacing;
   std::uint64_t seed = 1;
 };
@@ -79,8 +79,8 @@ struct client_spec {
 struct bin {
   double accepted = 0;  // admitted by the server, by admission time
   double rejected = 0;
-  double rate = 0;      // controller's request rate at the end of the bin
-  double limit = 0;     // server's request limit during the bin
+  double rate = 0;            // controller's request rate at the end of the bin
+  double limit = 0;           // server's request limit during the bin
   double estimate = 0;        // controller's request estimate at the end of the bin
   double token_rate = 0;      // controller's token rate (per second) at the end of the bin
   double token_estimate = 0;  // controller's token estimate (per second) at the end of the bin
@@ -238,15 +238,14 @@ inline result run(const server_spec& ss, const client_spec& cs,
     co_await timer.async_wait(asio::use_awaitable);
   };
   auto backoff = [&](int attempt) {
-    const double cap = std::min(std::chrono::duration<double>(cs.backoff_cap).count(),
-                                std::chrono::duration<double>(cs.backoff_base).count() *
-                                    std::exp2(attempt - 1));
+    const double cap =
+        std::min(std::chrono::duration<double>(cs.backoff_cap).count(),
+                 std::chrono::duration<double>(cs.backoff_base).count() * std::exp2(attempt - 1));
     return std::chrono::duration_cast<nanoseconds>(duration<double>(rng.uniform() * cap));
   };
   keel::random_source faults{cs.seed * 7919 + 1};
   auto item = [&]() -> asio::awaitable<bool> {
-    const double tokens =
-        cs.tokens_per_prompt * (1 + cs.tokens_spread * (2 * rng.uniform() - 1));
+    const double tokens = cs.tokens_per_prompt * (1 + cs.tokens_spread * (2 * rng.uniform() - 1));
     for (int attempt = 1;; ++attempt) {
       co_await bucket.acquire({1, tokens});
       typename keel::basic_rate_controller<clock>::ticket ticket{};
@@ -272,9 +271,8 @@ inline result run(const server_spec& ss, const client_spec& cs,
           hint = *ss.retry_after;
         }
         if (pacing) {
-          pacing->on_throttled(ticket, d.tokens ? keel::limit_kind::tokens
-                                                : keel::limit_kind::requests,
-                               hint);
+          pacing->on_throttled(
+              ticket, d.tokens ? keel::limit_kind::tokens : keel::limit_kind::requests, hint);
         }
         if (attempt >= cs.max_attempts) {
           co_return false;
@@ -285,9 +283,8 @@ inline result run(const server_spec& ss, const client_spec& cs,
       bin_of(t).accepted += 1;
       nanoseconds lat = ss.latency;
       if (ss.latency_max > ss.latency) {
-        lat += std::chrono::duration_cast<nanoseconds>(
-            duration<double, std::nano>(faults.uniform() *
-                                        static_cast<double>((ss.latency_max - ss.latency).count())));
+        lat += std::chrono::duration_cast<nanoseconds>(duration<double, std::nano>(
+            faults.uniform() * static_cast<double>((ss.latency_max - ss.latency).count())));
       }
       const bool error = ss.p_error > 0 && faults.uniform() < ss.p_error;
       co_await sleep(lat);

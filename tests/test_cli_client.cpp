@@ -119,14 +119,14 @@ TEST_CASE("an open breaker sends later items straight to the fallback", "[cli_cl
   CHECK(out[5].attempts == 1);  // the breaker rejected the primary without an HTTP attempt
 }
 
-TEST_CASE("one 429 pauses nobody but the rejected call; a block pauses everybody",
-          "[cli_client]") {
+TEST_CASE("one 429 pauses nobody but the rejected call; a block pauses everybody", "[cli_client]") {
   SECTION("one 429") {
     asio::io_context ctx;
     keel::testing::mock_llm_server server(ctx);
-    server.set_plan("primary", fault_plan{}
-                                   .with_script({fault_kind::rate_limit})
-                                   .with_retry_after(300ms, keel::testing::retry_after_style::both));
+    server.set_plan("primary",
+                    fault_plan{}
+                        .with_script({fault_kind::rate_limit})
+                        .with_retry_after(300ms, keel::testing::retry_after_style::both));
     server.start();
     keel::http::client http(ctx.get_executor(), {});
     keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
@@ -155,9 +155,10 @@ TEST_CASE("one 429 pauses nobody but the rejected call; a block pauses everybody
     asio::io_context ctx;
     keel::testing::mock_llm_server server(ctx);
     // Everything refused for two rounds (an exhausted quota window), each 429 saying 300 ms.
-    server.set_plan("primary", fault_plan{}
-                                   .with_script(std::vector<fault_kind>(6, fault_kind::rate_limit))
-                                   .with_retry_after(300ms, keel::testing::retry_after_style::both));
+    server.set_plan("primary",
+                    fault_plan{}
+                        .with_script(std::vector<fault_kind>(6, fault_kind::rate_limit))
+                        .with_retry_after(300ms, keel::testing::retry_after_style::both));
     server.start();
     keel::http::client http(ctx.get_executor(), {});
     keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
@@ -363,11 +364,12 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
   keel::testing::mock_llm_server server(ctx);
   // nginx limit_req semantics: 100 r/s, 21 at once, 429 with a constant "Retry-After: 1" and no
   // rate-limit headers.
-  server.set_plan("m", fault_plan{}
-                           .with_rate_limit(100, 0, 21)
-                           .with_rate_limit_headers(false)
-                           .with_limiter_retry_after(keel::testing::limiter_retry_after_mode::constant)
-                           .with_retry_after(1000ms, keel::testing::retry_after_style::seconds));
+  server.set_plan("m",
+                  fault_plan{}
+                      .with_rate_limit(100, 0, 21)
+                      .with_rate_limit_headers(false)
+                      .with_limiter_retry_after(keel::testing::limiter_retry_after_mode::constant)
+                      .with_retry_after(1000ms, keel::testing::retry_after_style::seconds));
   server.start();
   keel::http::client http(ctx.get_executor(), {});
   keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
@@ -404,8 +406,7 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
   // 64 calls go out before the first answer comes back), and few while learning: a common
   // client sends 3-4 attempts per prompt here.
   CHECK(attempts <= 300 + 64 + 20);
-  CHECK(server.stats().model("m").status_count(429) ==
-        static_cast<std::uint64_t>(attempts - 300));
+  CHECK(server.stats().model("m").status_count(429) == static_cast<std::uint64_t>(attempts - 300));
   // The hook saw the way there: startup, then search, then an estimate.
   REQUIRE(phases.size() >= 3);
   CHECK(phases[0] == keel::pacing_phase::startup);
@@ -441,8 +442,8 @@ TEST_CASE("with hold_open_breaker an item with no fallback left waits for the pr
       };
       keel::cli::client_options co;
       co.hold_open_breaker = hold;
-      keel::cli::llm_client client(ctx.get_executor(), make_config(policy, server.base_url()),
-                                   http, buckets, hooks, 1, co);
+      keel::cli::llm_client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
+                                   buckets, hooks, 1, co);
       const auto out = run(ctx, client, {item(1), item(2), item(3), item(4)}, 4);
       int ok = 0;
       for (const auto& o : out) {

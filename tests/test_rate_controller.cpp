@@ -15,9 +15,8 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
-#include <thread>
-#include <atomic>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -25,6 +24,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -198,9 +198,10 @@ TEST_CASE("without a configured limit the controller starts with a window of 16 
   CHECK_FALSE(r.bucket.try_acquire());
 }
 
-TEST_CASE("the startup ramp doubles once per round trip, answered or not; only slow answers free"
-          " slots",
-          "[rate_controller]") {
+TEST_CASE(
+    "the startup ramp doubles once per round trip, answered or not; only slow answers free"
+    " slots",
+    "[rate_controller]") {
   rig r;
   std::vector<ticket> flight;
   for (int i = 0; i < 16; ++i) {
@@ -259,7 +260,7 @@ TEST_CASE("before any answer the startup ramp doubles every 100 ms", "[rate_cont
     (void)r.pacing.on_send();
     ++more;
   }
-  CHECK(more >= 8);   // the ramp earned about 16 (one doubling)
+  CHECK(more >= 8);  // the ramp earned about 16 (one doubling)
   CHECK(more <= 17);
   CHECK(r.pacing.requests().window == Approx(32).epsilon(0.02));
 }

@@ -258,12 +258,14 @@ keel::limit_kind limit_of(const provider_error& e) noexcept {
     });
     return it != text.end();
   };
-  for (std::string_view text : {std::string_view(e.message()), std::string_view(e.provider_code())}) {
+  for (std::string_view text :
+       {std::string_view(e.message()), std::string_view(e.provider_code())}) {
     if (mentions(text, "token") || mentions(text, "TPM")) {
       return keel::limit_kind::tokens;
     }
   }
-  for (std::string_view text : {std::string_view(e.message()), std::string_view(e.provider_code())}) {
+  for (std::string_view text :
+       {std::string_view(e.message()), std::string_view(e.provider_code())}) {
     if (mentions(text, "request") || mentions(text, "RPM")) {
       return keel::limit_kind::requests;
     }

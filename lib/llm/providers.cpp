@@ -30,8 +30,8 @@ std::string base_of(const endpoint& ep, std::string_view fallback) {
 // as "http://host:8000/v1", which keel used to turn into ".../v1/v1/chat/completions".
 std::string versioned(std::string base, std::string_view path) {
   constexpr std::string_view version = "/v1";
-  if (base.size() < version.size() || base.compare(base.size() - version.size(), version.size(),
-                                                   version) != 0) {
+  if (base.size() < version.size() ||
+      base.compare(base.size() - version.size(), version.size(), version) != 0) {
     base += version;
   }
   base += path;
@@ -286,8 +286,8 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
   if (has_metadata(req.metadata)) {
     body["metadata"] = req.metadata;
   }
-  keel::http::request r(
-      "POST", versioned(base_of(ep, "https://api.openai.com"), "/chat/completions"));
+  keel::http::request r("POST",
+                        versioned(base_of(ep, "https://api.openai.com"), "/chat/completions"));
   r.set("authorization", "Bearer " + ep.api_key);
   set_json_body(r, body);
   return r;

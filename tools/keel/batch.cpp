@@ -19,8 +19,8 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
-#include <csignal>
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -340,7 +340,9 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
         .inc();
     if (log.enabled(log_level::debug)) {
       log.log(log_level::debug, "hold", "",
-              {{"id", item.id}, {"model", cfg.entries[entry].name()}, {"probe_in", seconds_text(left)}});
+              {{"id", item.id},
+               {"model", cfg.entries[entry].name()},
+               {"probe_in", seconds_text(left)}});
     }
   };
   client_options co;

@@ -264,11 +264,11 @@ class rate_controller_state {
     // Reactions on arrival.
     bool reacting = false;  // a rejection arrived and its episode has not ended yet
     cause why = cause::plateau;
-    time_point last_arrival{};   // the latest rejection's arrival
-    time_point block_until{};    // the longest Retry-After of the episode
-    time_point last_halving{};   // search
-    double episode_best = 0;     // accepted work of the episode's adopted sample
-    time_point adopted_at{};     // when the estimate was last set
+    time_point last_arrival{};  // the latest rejection's arrival
+    time_point block_until{};   // the longest Retry-After of the episode
+    time_point last_halving{};  // search
+    double episode_best = 0;    // accepted work of the episode's adopted sample
+    time_point adopted_at{};    // when the estimate was last set
     // The episode.
     bool in_episode = false;
     rejection first{};
@@ -339,8 +339,7 @@ class rate_controller_state {
 
   double min_rate(std::size_t di) const noexcept {
     // Tokens: one typical call's tokens at the minimum request rate.
-    return di == req ? o_.min_requests_per_second
-                     : o_.min_requests_per_second * mean_token_cost();
+    return di == req ? o_.min_requests_per_second : o_.min_requests_per_second * mean_token_cost();
   }
 
   double clamp_rate(std::size_t di, double r) const noexcept {
@@ -529,8 +528,9 @@ class rate_controller_state {
     if (x.span <= 0) {
       return false;
     }
-    const double sent = di == req ? static_cast<double>(r.seq - d.previous.seq - 1)
-                                  : r.tokens_before - (d.previous.tokens_before + d.previous.tokens);
+    const double sent = di == req
+                            ? static_cast<double>(r.seq - d.previous.seq - 1)
+                            : r.tokens_before - (d.previous.tokens_before + d.previous.tokens);
     return sent / x.span >= 0.9 * base_rate(di);
   }
 
@@ -728,9 +728,8 @@ class rate_controller_state {
     // Callers all parked by the last episode's Retry-After send nothing between it and this
     // one: the calls they send when it ends, all refused, are the evidence.
     if (refused_all(di, p) ||
-        (d.previous.seq != 0 &&
-         refused_all(di, sample_between(di, find_logged(d.previous.seq),
-                                        find_logged(d.latest.seq))))) {
+        (d.previous.seq != 0 && refused_all(di, sample_between(di, find_logged(d.previous.seq),
+                                                               find_logged(d.latest.seq))))) {
       pause_block(di);
     }
   }
@@ -805,7 +804,8 @@ class rate_controller_state {
     }
     const double halvings = std::chrono::duration<double>(now - reject_latency_at_).count() /
                             seconds(latency_half_life);
-    return to_duration(std::chrono::duration<double>(seconds(reject_latency_) * std::exp2(-halvings)));
+    return to_duration(
+        std::chrono::duration<double>(seconds(reject_latency_) * std::exp2(-halvings)));
   }
 
   // Two 429s closer than this belong to one wave.
@@ -856,9 +856,9 @@ class rate_controller_state {
     const double u = o_.random->uniform();
     const auto span = o_.plateau_max - o_.plateau_min;
     const auto wait =
-        o_.plateau_min + std::chrono::duration_cast<std::chrono::nanoseconds>(
-                             std::chrono::duration<double, std::nano>(
-                                 u * static_cast<double>(span.count())));
+        o_.plateau_min +
+        std::chrono::duration_cast<std::chrono::nanoseconds>(
+            std::chrono::duration<double, std::nano>(u * static_cast<double>(span.count())));
     d.plateau_until = saturating_add(now, to_duration(wait));
   }
 
@@ -906,8 +906,8 @@ class rate_controller_state {
       const double tau = startup_tau();
       if (now > window_updated_) {
         // Capped: a server that never throttles would otherwise double it to infinity.
-        window_ = std::min(max_window,
-                           window_ * std::exp2(std::min(40.0, seconds(now - window_updated_) / tau)));
+        window_ = std::min(
+            max_window, window_ * std::exp2(std::min(40.0, seconds(now - window_updated_) / tau)));
         window_updated_ = now;
       }
       window_growth_ = window_ * std::log(2.0) / tau;
@@ -952,8 +952,8 @@ class rate_controller_state {
             std::max({seconds(o_.probe_round), o_.min_sample / std::max(base_rate(di), 1e-9),
                       2 * seconds(reject_latency(Clock::now()))});
         const int k = static_cast<int>(std::min<double>(
-            max_probe_round, std::floor(std::chrono::duration<double>(d.probe_elapsed).count() /
-                                        round_s) + 1));
+            max_probe_round,
+            std::floor(std::chrono::duration<double>(d.probe_elapsed).count() / round_s) + 1));
         const double gain = o_.probe_step * (std::exp2(k) - 1);
         d.rate = clamp_rate(di, base_rate(di) * (1 + gain));
       }
@@ -1033,10 +1033,10 @@ class rate_controller_state {
   double window_ = 0;
   time_point window_updated_{};
   duration fastest_answer_ = duration::max();  // the quickest answer or 429 so far
-  double window_growth_ = 0;  // the startup window's growth, calls per second
-  double slots_freed_ = 0;     // startup slots to give back to the bucket
-  std::uint64_t startup_sends_ = 0;  // sends made in startup (their slots may come back)
-  double server_burst_ = 0;   // calls accepted before the first 429 (0: not seen)
+  double window_growth_ = 0;                   // the startup window's growth, calls per second
+  double slots_freed_ = 0;                     // startup slots to give back to the bucket
+  std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
+  double server_burst_ = 0;                    // calls accepted before the first 429 (0: not seen)
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};
