@@ -203,6 +203,23 @@ TEST_CASE("the token bucket is settled with the real usage", "[cli_client]") {
   CHECK(buckets.all()[0].second->available_tokens() < 6000 - used + 50);
 }
 
+TEST_CASE("token reservations settle with the real usage unless a learned limit paces them",
+          "[cli_client]") {
+  using keel::pacing_phase;
+  // Nothing learned: settle (a configured or stated limit is in real tokens).
+  for (const auto phase : {pacing_phase::unlimited, pacing_phase::startup, pacing_phase::fixed}) {
+    CHECK(keel::cli::settles_token_usage(phase, 0));
+    CHECK(keel::cli::settles_token_usage(phase, 6000));
+  }
+  for (const auto phase : {pacing_phase::search, pacing_phase::cruise, pacing_phase::probe}) {
+    // Learned from 429s in this client's estimates: settling would give the over-estimate back.
+    CHECK_FALSE(keel::cli::settles_token_usage(phase, 0));
+    // A configured ceiling stays in real tokens after 429s (without settling, 102,800 tokens/s
+    // paced 635-token estimates at 162 calls/s against a limit of 200).
+    CHECK(keel::cli::settles_token_usage(phase, 6000));
+  }
+}
+
 TEST_CASE("an entry in an AWS retry mode uses its total attempts", "[cli_client]") {
   asio::io_context ctx;
   keel::testing::mock_llm_server server(ctx);

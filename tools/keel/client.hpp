@@ -230,4 +230,10 @@ int error_status(const std::exception_ptr& e);
 /// ("retries_exhausted", "budget_exhausted", "all_fallbacks_failed"). Never holds a secret.
 nlohmann::json error_json(const std::exception_ptr& e);
 
+/// True if an answered call's token reservation is settled with the real usage: unless the
+/// controller paces tokens at a limit it learned from 429s (measured in this client's
+/// estimates), and no tokens_per_minute is configured (a configured ceiling is in real tokens
+/// and stays one after 429s).
+bool settles_token_usage(keel::pacing_phase token_phase, double configured_tokens_per_minute);
+
 }  // namespace keel::cli
