@@ -473,7 +473,11 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   report.item = cs.item;
   report.seconds = seconds_since(sent);
   if (failed) {
-    es.bucket->settle(estimate, 0);  // a refused call used no tokens
+    // A refused call used no tokens, but under a controller a 429 keeps its reservation: giving
+    // it back lets the next caller go at once into the same refusal, and at a token limit every
+    // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
+    const bool throttled = es.pacing && error_class(failed) == "rate_limited";
+    es.bucket->settle(estimate, throttled ? estimate : 0);
     if (es.pacing) {
       tell_pacing(*es.pacing, ticket, failed);
     }
