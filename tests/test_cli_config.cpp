@@ -475,6 +475,21 @@ TEST_CASE("a JSON syntax error names the line and column", "[cli_config]") {
   CHECK_THAT(later.message(), Catch::StartsWith("invalid JSON at line 4, column 3"));
 }
 
+TEST_CASE("a config nested 60,000 objects deep is refused naming line and column",
+          "[cli_config][hardening]") {
+  // Before: `keel config check` with such a response_format died of a stack overflow.
+  std::string deep = "[\n  {\"model\": \"m\", \"api_key\": \"k\", \"response_format\": ";
+  for (int i = 0; i < 60000; ++i) {
+    deep += "{\"a\": ";
+  }
+  deep += "1" + std::string(60000, '}') + "}\n]";
+  const auto e = error_of(deep);
+  CHECK(e.path().empty());
+  // Level 3 opens at column 53 of line 2, each level after it 6 columns on: 129 at 53 + 126 * 6.
+  CHECK(e.message() == "JSON nested deeper than 128 levels at line 2, column " +
+                           std::to_string(53 + 126 * 6));
+}
+
 // ---- retry resolution -----------------------------------------------------------------------
 
 TEST_CASE("keel-native attempts take total_max_attempts over max_attempts over the policy",

@@ -1593,3 +1593,126 @@ TEST_CASE("Every run without --seed draws and names its own jitter seed and --se
   CHECK(contains(fixed.logged_message, "--seed"));
   CHECK(contains(fixed.out, "--seed 7 "));
 }
+
+// ---- hardening (issue 13) ---------------------------------------------------------------------
+
+TEST_CASE("A line nested 80,000 deep fails alone; the batch and its resume finish",
+          "[cli_e2e][hardening]") {
+  // Before: SIGSEGV in a recursive copy of the metadata, at every run and every resume.
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  write_file(dir / "in.jsonl",
+             prompts_jsonl(3) + R"({"id":4,"prompt":"x","metadata":{"a":)" +
+                 std::string(80000, '[') + std::string(80000, ']') + "}}\n" +
+                 R"({"id":5,"prompt":"y"})" + "\n");
+  const auto r = run_keel(dir, "deep", {"batch", "--config", dir / "config.json", "--in",
+                                        dir / "in.jsonl", "--out", dir / "results.jsonl",
+                                        "--mock", dir / "scenario.json", "--progress", "none"});
+  INFO(r.err);
+  CHECK(r.status == 1);
+  const auto records = read_records(dir / "results.jsonl");
+  REQUIRE(records.size() == 5);
+  const json* deep = find_line(records, 4);
+  REQUIRE(deep != nullptr);
+  CHECK(deep->at("error").at("class") == "invalid_input");
+  CHECK(contains(deep->at("error").at("message").get<std::string>(),
+                 "line 4: nested deeper than 128 levels"));
+  const auto again = run_keel(dir, "resume", {"batch", "--config", dir / "config.json", "--in",
+                                              dir / "in.jsonl", "--out", dir / "results.jsonl",
+                                              "--mock", dir / "scenario.json", "--progress",
+                                              "none", "--resume"});
+  CHECK(again.status == 1);  // the earlier invalid_input record still counts
+  CHECK(read_records(dir / "results.jsonl").size() == 5);
+}
+
+TEST_CASE("A closed stderr does not stop a batch", "[cli_e2e][hardening]") {
+  // Before: `keel batch ... 2>&1 | head -2` died of SIGPIPE (exit 141) after a few records,
+  // with no summary and no resume hint.
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  write_file(dir / "in.jsonl", prompts_jsonl(50));
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  ::close(fds[0]);  // nobody reads stderr: every write to it fails with EPIPE (or SIGPIPE)
+  auto args = batch_args(dir, {"--progress", "lines", "--progress-interval", "0.1",
+                               "--log-level", "debug"});
+  std::vector<char*> argv;
+  for (auto& a : args) {
+    argv.push_back(a.data());
+  }
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, (dir / "summary.out").c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&fa, fds[1], STDERR_FILENO);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t defaults;
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGPIPE);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGDEF);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, argv[0], &fa, &attr, argv.data(), environ);
+  posix_spawnattr_destroy(&attr);
+  posix_spawn_file_actions_destroy(&fa);
+  ::close(fds[1]);
+  REQUIRE(rc == 0);
+  int st = 0;
+  REQUIRE(::waitpid(pid, &st, 0) == pid);
+  CHECK(decode_status(st) == 0);
+  check_each_id_once(read_records(dir / "results.jsonl"), 50);
+  CHECK(contains(read_file(dir / "summary.out"), "50 done: 50 ok"));
+}
+
+TEST_CASE("A second run on the same results file is refused while the first runs",
+          "[cli_e2e][hardening]") {
+  // Before: two --resume runs on one file wrote two records for thousands of ids.
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", slow_scenario(200));
+  write_file(dir / "in.jsonl", prompts_jsonl(40));
+  const std::string results = dir / "results.jsonl";
+  child_process first(dir, "first", batch_args(dir, {"--progress", "none", "--concurrency", "2"}));
+  REQUIRE(eventually([&] { return count_lines(results) >= 1 || !first.running(); }, 30s));
+  REQUIRE(first.running());
+  const auto second = run_keel(dir, "second", {"batch", "--config", dir / "config.json", "--in",
+                                               dir / "in.jsonl", "--out", results, "--mock",
+                                               dir / "scenario.json", "--progress", "none",
+                                               "--resume"});
+  CHECK(second.status == 2);
+  CHECK(contains(second.err,
+                 "another keel run (pid " + std::to_string(first.pid()) + ") is writing"));
+  first.signal(SIGKILL);  // a crashed run's lock goes with it
+  first.wait();
+  const auto third = run_keel(dir, "third", {"batch", "--config", dir / "config.json", "--in",
+                                             dir / "in.jsonl", "--out", results, "--mock",
+                                             dir / "scenario.json", "--progress", "none",
+                                             "--resume", "--concurrency", "40"});
+  INFO(third.err);
+  CHECK(third.status == 0);
+  check_each_id_once(read_records(results), 40);
+  CHECK_FALSE(fs::exists(results + ".lock"));
+}
+
+TEST_CASE("The summary counts only the records that were written", "[cli_e2e][hardening]") {
+  // Before: with --out /dev/full the summary said "1 done: 1 ok" and nothing was written.
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  write_file(dir / "in.jsonl", prompts_jsonl(1));
+  const auto r = run_keel(dir, "full",
+                          {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl",
+                           "--out", "/dev/full", "--mock", dir / "scenario.json", "--progress",
+                           "none", "--summary-json", dir / "summary.json"});
+  CHECK(r.status == 2);
+  CHECK(contains(r.err, "cannot write output /dev/full"));
+  CHECK(contains(r.out, "0 done: 0 ok, 0 failed, 0 cancelled, 1 not written"));
+  const json summary = json::parse(read_file(dir / "summary.json"));
+  CHECK(summary.at("items").at("done") == 0);
+  CHECK(summary.at("items").at("unwritten") == 1);
+}

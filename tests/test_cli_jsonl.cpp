@@ -4,6 +4,8 @@
 #include "line_feed.hpp"
 #include "stats.hpp"
 
+#include <keel/llm/json_depth.hpp>
+
 #include <catch2/catch.hpp>
 
 #include <boost/asio/co_spawn.hpp>
@@ -12,10 +14,12 @@
 #include <boost/asio/post.hpp>
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <atomic>
 #include <condition_variable>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -279,6 +283,7 @@ TEST_CASE("the summary counts items, failures by class and throughput", "[cli_js
   CHECK(j["items_per_second"] == 2.0);
   const std::string table = keel::cli::summary_table(s, "title");
   CHECK(table.find("1 rate_limited") != std::string::npos);
+  CHECK(table.find("  failed by class 1 ") != std::string::npos);  // was "class1"
   CHECK(table.find("6 (1.50 per item)") != std::string::npos);
   CHECK(table.find("2.0 items/s") != std::string::npos);
 }
@@ -416,4 +421,149 @@ TEST_CASE("a regular file is read inline, a line at a time", "[cli_jsonl][review
   ctx.run();
   CHECK(got == std::vector<std::string>{"a", "b"});
   fs::remove(file);
+}
+
+// ---- hardening (issue 13) ---------------------------------------------------------------------
+
+TEST_CASE("json_too_deep_at counts nesting outside strings only", "[cli_jsonl][hardening]") {
+  using keel::llm::json_too_deep_at;
+  constexpr auto none = std::string_view::npos;
+  CHECK(json_too_deep_at(R"({"a": [1, {"b": 2}]})", 3) == none);
+  CHECK(json_too_deep_at(R"({"a": [1, {"b": 2}]})", 2) == 10);
+  // Brackets inside strings, escaped quotes included, are text.
+  CHECK(json_too_deep_at(R"({"a": "[[[[{{{{\"[[[["})", 1) == none);
+  CHECK(json_too_deep_at(R"(["\\", [[]]])", 2) == 8);
+  CHECK(json_too_deep_at("", 0) == none);
+  CHECK(json_too_deep_at("[]", 0) == 0);
+}
+
+TEST_CASE("an input line nested 80,000 deep is one invalid_input error, not a crash",
+          "[cli_jsonl][hardening]") {
+  // Before: parsed, then a recursive copy of `metadata` overflowed the stack (SIGSEGV).
+  const std::string deep = R"({"id":"d","prompt":"x","metadata":{"a":)" + std::string(80000, '[') +
+                           std::string(80000, ']') + "}}";
+  const std::string message = error_of(deep);
+  CHECK(message.find("nested deeper than 128 levels at byte 165") != std::string::npos);
+  // 50,000 objects deep, the other shape of the report.
+  std::string objects = R"({"id":"o","prompt":"x","metadata":)";
+  for (int i = 0; i < 50000; ++i) {
+    objects += R"({"k":)";
+  }
+  objects += "1" + std::string(50000, '}') + "}";
+  CHECK(error_of(objects).find("nested deeper than 128 levels") != std::string::npos);
+  // Within the bound: accepted, and the metadata survives a copy.
+  const std::string ok = R"({"id":"m","prompt":"x","metadata":{"a":)" + std::string(100, '[') +
+                         std::string(100, ']') + "}}";
+  auto r = parse_input_line(ok, 1, 10);
+  REQUIRE(std::holds_alternative<batch_item>(r));
+  const nlohmann::json copy = std::get<batch_item>(r).metadata;
+  CHECK(copy.contains("a"));
+}
+
+TEST_CASE("a NUL byte in an input line makes it invalid_input", "[cli_jsonl][hardening]") {
+  // Before: nlohmann stopped at the NUL, so item a was run and item b silently dropped.
+  const std::string line = std::string(R"({"id":"a","prompt":"x"})") + '\0' +
+                           R"({"id":"b","prompt":"y"})";
+  CHECK(error_of(line).find("a NUL byte at byte 23") != std::string::npos);
+}
+
+TEST_CASE("resume treats a last record padded with NUL bytes as a torn tail",
+          "[cli_jsonl][hardening]") {
+  temp_dir dir;
+  const auto out = dir.file("out.jsonl");
+  // What a power loss can leave: the file's size was extended, its last block never written.
+  write_file(out, "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n{\"id\":2,\"line\":2,\"status\":\"ok\"}" +
+                      std::string(37, '\0'));
+  const auto st = keel::cli::prepare_resume(out);
+  CHECK(st.kept == 1);
+  CHECK(st.dropped_torn_tail);
+  CHECK(st.done_keys == std::unordered_set<std::string>{"1"});  // item 2 runs again
+  CHECK(read_file(out) == "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n");
+}
+
+TEST_CASE("a short record write is cut back to the record boundary", "[cli_jsonl][hardening]") {
+  // A file size limit makes write(2) write part of a record and fail the rest (EFBIG), as a
+  // full disk does; SIGXFSZ is ignored meanwhile, as keel ignores nothing but SIGPIPE.
+  temp_dir dir;
+  const auto out = dir.file("out.jsonl");
+  const std::string first = "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n";
+  struct rlimit old {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  auto* old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old;
+  small.rlim_cur = first.size() + 20;
+  {
+    keel::cli::record_writer w(out);
+    w.write({{"id", 1}, {"line", 1}, {"status", "ok"}});
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+    CHECK_THROWS_WITH(w.write({{"id", 2}, {"line", 2}, {"status", "ok"}, {"text", "long enough"}}),
+                      Catch::Contains("cannot write output"));
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &old) == 0);
+    // Before: the fragment stayed and this record was glued to it.
+    CHECK(read_file(out) == first);
+    w.write({{"id", 3}, {"line", 3}, {"status", "ok"}});
+    CHECK(w.written() == 2);
+  }
+  std::signal(SIGXFSZ, old_handler);
+  CHECK(read_file(out) == first + "{\"id\":3,\"line\":3,\"status\":\"ok\"}\n");
+  const auto st = keel::cli::prepare_resume(out);
+  CHECK(st.kept == 2);
+  CHECK_FALSE(st.dropped_torn_tail);
+}
+
+TEST_CASE("a results file has one writer: a second lock names the holder's pid",
+          "[cli_jsonl][hardening]") {
+  temp_dir dir;
+  const auto out = dir.file("out.jsonl");
+  {
+    keel::cli::results_lock first(out);
+    CHECK(fs::exists(out + ".lock"));
+    CHECK(read_file(out + ".lock") == std::to_string(::getpid()) + "\n");
+    // flock conflicts between open file descriptions, so a second lock in one process is
+    // refused as another process's would be.
+    CHECK_THROWS_WITH(keel::cli::results_lock(out),
+                      Catch::Contains("another keel run (pid " + std::to_string(::getpid()) +
+                                      ") is writing " + out));
+  }
+  CHECK_FALSE(fs::exists(out + ".lock"));  // released and removed
+  keel::cli::results_lock again(out);     // free again
+  CHECK(fs::exists(out + ".lock"));
+}
+
+TEST_CASE("a pipe's read-ahead is bounded in bytes as well as lines",
+          "[cli_jsonl][hardening][threads]") {
+  // Before: 256 lines of read-ahead whatever their size (300 lines of 8 MB: 2.1 GB RSS).
+  pipe_fds p;
+  const std::string line = R"({"id":1,"prompt":")" + std::string(100000, 'x') + "\"}\n";
+  std::thread writer([&] {
+    for (int i = 0; i < 40; ++i) {
+      p.send(line);  // blocks while the pipe is full and the reader waits for room
+    }
+    p.close_write();
+  });
+  boost::asio::io_context ctx;
+  keel::cli::line_feed feed(ctx.get_executor(), p.path(), /*window*/ 256,
+                            /*window_bytes*/ 350000);
+  // Nobody takes a line until the reading thread waits for room or has read everything.
+  keel::cli::line_feed::read_ahead ra;
+  do {
+    std::this_thread::yield();
+    ra = feed.read_ahead_state();
+  } while (!ra.waiting_for_room && !ra.done);
+  CHECK(ra.waiting_for_room);
+  CHECK(ra.lines == 4);  // 3 lines are under 350,000 bytes, the 4th crosses it
+  CHECK(ra.bytes < 350000 + line.size());
+  std::size_t got = 0;
+  boost::asio::co_spawn(
+      ctx,
+      [&]() -> boost::asio::awaitable<void> {
+        while (auto l = co_await feed.next()) {
+          ++got;
+          CHECK(feed.read_ahead_state().bytes < 350000 + line.size());
+        }
+      },
+      boost::asio::detached);
+  ctx.run();
+  writer.join();
+  CHECK(got == 40);
 }

@@ -4,6 +4,7 @@
 #include <keel/llm/chat.hpp>
 #include <keel/llm/error.hpp>
 #include <keel/llm/hints.hpp>
+#include <keel/llm/json_depth.hpp>
 #include <keel/llm/openai.hpp>
 
 #include <algorithm>
@@ -108,6 +109,9 @@ errc from_status(int status) {
 }
 
 json parse_json(std::string_view body) {
+  if (json_too_deep_at(body) != std::string_view::npos) {
+    return json(json::value_t::discarded);  // malformed: never copied or dumped recursively
+  }
   return json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
 }
 
@@ -120,7 +124,9 @@ class reader {
   json body() const {
     json j = parse_json(res_.body);
     if (j.is_discarded()) {
-      fail("body is not valid JSON");
+      fail(json_too_deep_at(res_.body) != std::string_view::npos
+               ? "body nests deeper than " + std::to_string(max_json_depth) + " levels"
+               : std::string("body is not valid JSON"));
     }
     if (!j.is_object()) {
       fail("body is not a JSON object");

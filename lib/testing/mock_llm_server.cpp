@@ -1,4 +1,5 @@
 // The mock LLM server: Beast HTTP/1.1 sessions, provider wire formats and fault decisions.
+#include <keel/llm/json_depth.hpp>
 #include <keel/random.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
@@ -108,7 +109,9 @@ parsed_request parse(std::string_view method, std::string_view target, const std
   } else {
     return r;
   }
-  json doc = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  json doc = keel::llm::json_too_deep_at(body) == std::string_view::npos
+                 ? json::parse(body, nullptr, /*allow_exceptions=*/false)
+                 : json(json::value_t::discarded);
   if (doc.is_discarded() || !doc.is_object()) {
     r.malformed = true;
     return r;

@@ -1,4 +1,5 @@
 // Scenario files for the mock LLM server: JSON to fault plans, with errors naming the JSON path.
+#include <keel/llm/json_depth.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <nlohmann/json.hpp>
@@ -324,6 +325,11 @@ std::optional<limiter_retry_after_mode> parse_limiter_retry_after_mode(
 }
 
 scenario scenario::from_json(std::string_view json_text) {
+  if (const auto deep = keel::llm::json_too_deep_at(json_text); deep != std::string_view::npos) {
+    throw scenario_error("", "invalid JSON: nested deeper than " +
+                                 std::to_string(keel::llm::max_json_depth) + " levels at byte " +
+                                 std::to_string(deep));
+  }
   json doc;
   try {
     doc = json::parse(json_text.begin(), json_text.end());

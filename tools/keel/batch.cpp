@@ -108,15 +108,20 @@ struct run_state {
     metrics.counter("keel_items_total", "Items finished, by outcome.", {{"status", status}}).inc();
   }
 
-  void write(const json& record) {
+  // True if the record was written. A record that could not be written is not counted as done
+  // (its item runs again on --resume), and the run stops taking new items.
+  bool write(const json& record) {
     try {
       writer.write(record);
+      return true;
     } catch (const std::exception& e) {
       if (!fatal) {
         log.log(log_level::error, "output_error", e.what());
       }
       fatal = true;
       stop();
+      ++stats.unwritten;
+      return false;
     }
   }
 
@@ -129,7 +134,9 @@ struct run_state {
     rec["error"] = {{"class", cls}, {"condition", "permanent"}, {"message", message}};
     rec["attempts"] = 0;
     rec["latency_ms"] = 0;  // every record has it; nothing was sent
-    write(rec);
+    if (!write(rec)) {
+      return;
+    }
     ++stats.done;
     ++stats.failed;
     ++stats.failed_by_class[cls];
@@ -173,6 +180,17 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
     // (below): a run that cannot start leaves the earlier results alone.
   } else if (opts.resume) {
     throw std::runtime_error("--resume needs --out to be a file");
+  }
+  // One run per results file, from before --resume reads (and may rewrite) it until the last
+  // record: two runs wrote two records per id. Only a file (or one to be created) is locked:
+  // /dev/null or a pipe holds no results to protect.
+  std::optional<results_lock> lock;
+  if (opts.out != "-") {
+    std::error_code ec;
+    const auto kind = fs::status(opts.out, ec).type();
+    if (kind == fs::file_type::regular || kind == fs::file_type::not_found) {
+      lock.emplace(opts.out);
+    }
   }
   resume_state resumed;
   if (opts.resume) {
@@ -503,26 +521,42 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
         rec["fallback"] = out.entry != 0;
         rec["finish_reason"] = r.finish_reason;
         rec["usage"] = {{"input", r.usage.input}, {"output", r.usage.output}};
-        ++st.ok;
-        ++st.ok_by_model[entry.name()];
-        st.tokens_in += r.usage.input;
-        st.tokens_out += r.usage.output;
-        m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "input"}})
-            .inc(static_cast<double>(r.usage.input));
-        m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "output"}})
-            .inc(static_cast<double>(r.usage.output));
-        rs.count_item("ok");
       } else if (cls == "cancelled") {
         rec["status"] = "cancelled";
         rec["error"] = {{"class", "cancelled"},
                         {"condition", "cancelled"},
                         {"message", "interrupted by a signal; rerun with --resume"}};
-        ++st.cancelled;
-        rs.count_item("cancelled");
       } else {
         rec["status"] = "failed";
         rec["error"] = error_json(out.error);
         rec["entry"] = entry.name();
+      }
+      rec["attempts"] = out.attempts;
+      rec["latency_ms"] = std::round(out.seconds * 1e4) / 10;
+      if (!item.metadata.is_null()) {
+        rec["metadata"] = item.metadata;
+      }
+      // Tokens were billed whether or not the record could be written.
+      if (out.response) {
+        st.tokens_in += out.response->usage.input;
+        st.tokens_out += out.response->usage.output;
+        m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "input"}})
+            .inc(static_cast<double>(out.response->usage.input));
+        m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "output"}})
+            .inc(static_cast<double>(out.response->usage.output));
+      }
+      // The summary and the metrics count what the results file holds.
+      if (!rs.write(rec)) {
+        continue;
+      }
+      if (out.response) {
+        ++st.ok;
+        ++st.ok_by_model[entry.name()];
+        rs.count_item("ok");
+      } else if (cls == "cancelled") {
+        ++st.cancelled;
+        rs.count_item("cancelled");
+      } else {
         ++st.failed;
         ++st.failed_by_class[cls];
         rs.count_item("failed");
@@ -530,12 +564,6 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
             log_level::error, "failed", "",
             {{"id", item.id}, {"class", cls}, {"model", entry.name()}, {"attempts", out.attempts}});
       }
-      rec["attempts"] = out.attempts;
-      rec["latency_ms"] = std::round(out.seconds * 1e4) / 10;
-      if (!item.metadata.is_null()) {
-        rec["metadata"] = item.metadata;
-      }
-      rs.write(rec);
       ++st.done;
       st.latencies.push_back(out.seconds);
       item_latency.observe(out.seconds);

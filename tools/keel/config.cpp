@@ -5,6 +5,7 @@
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/llm/json_depth.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -795,6 +796,13 @@ keel::llm::endpoint entry_config::endpoint() const {
 }
 
 config parse_config(std::string_view text, const std::string& source, const env_lookup& env) {
+  if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
+    const auto [line, column] = line_column(text, deep + 1);
+    throw config_error(source, "",
+                       "JSON nested deeper than " + std::to_string(keel::llm::max_json_depth) +
+                           " levels at line " + std::to_string(line) + ", column " +
+                           std::to_string(column));
+  }
   json doc;
   try {
     doc = json::parse(text.begin(), text.end());

@@ -1,7 +1,10 @@
 // Input items, the append-only results file and the resume scan of the keel command.
 #include "jsonl.hpp"
 
+#include <keel/llm/json_depth.hpp>
+
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
@@ -72,6 +75,18 @@ void throw_errno(const std::string& what, const std::string& path) {
 
 std::variant<batch_item, input_error> parse_input_line(std::string_view text, std::size_t line,
                                                        int default_max_tokens) {
+  // nlohmann's parser takes a NUL for the end of its input: `{"id": "a"}\0{"id": "b"}` would
+  // be read as item a, and b silently lost.
+  if (const auto nul = text.find('\0'); nul != std::string_view::npos) {
+    return input_error{line, nullptr,
+                       "a NUL byte at byte " + std::to_string(nul) +
+                           " of the line (JSON text cannot hold one)"};
+  }
+  if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
+    return input_error{line, nullptr,
+                       "nested deeper than " + std::to_string(keel::llm::max_json_depth) +
+                           " levels at byte " + std::to_string(deep) + " of the line"};
+  }
   json doc;
   try {
     doc = json::parse(text);
@@ -315,9 +330,16 @@ record_writer::~record_writer() {
 }
 
 void record_writer::write(const nlohmann::json& record) {
+  if (broken_) {
+    throw std::runtime_error("cannot write output " + path_ +
+                             ": an earlier write failed and its part could not be removed");
+  }
   // Invalid UTF-8 from a provider must not make the record unwritable: replace it.
   std::string line = record.dump(-1, ' ', false, json::error_handler_t::replace);
   line.push_back('\n');
+  // Where this record starts: the file's end (O_APPEND, and the run's lock keeps other writers
+  // out). -1 for a pipe or terminal, which cannot be cut back.
+  const off_t start = ::lseek(fd_, 0, SEEK_END);
   const char* p = line.data();
   std::size_t left = line.size();
   while (left > 0) {
@@ -326,6 +348,14 @@ void record_writer::write(const nlohmann::json& record) {
       if (errno == EINTR) {
         continue;
       }
+      const int err = errno;
+      // A short write (a full disk, a file size limit) left part of the record: cut the file
+      // back to the record boundary, so a later record is not glued to the fragment and
+      // --resume can read the file. If that fails, write nothing more.
+      if (left != line.size() && (start < 0 || ::ftruncate(fd_, start) != 0)) {
+        broken_ = true;
+      }
+      errno = err;
       throw_errno("cannot write output", path_);
     }
     p += n;
@@ -335,6 +365,56 @@ void record_writer::write(const nlohmann::json& record) {
     throw_errno("cannot sync output", path_);
   }
   ++written_;
+}
+
+// ---- results_lock ----------------------------------------------------------------------------
+
+results_lock::results_lock(const std::string& path) : lock_path_(path + ".lock") {
+  for (;;) {
+    fd_ = ::open(lock_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) {
+      throw_errno("cannot create the lock file", lock_path_);
+    }
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      std::string holder;
+      char buf[32] = {};
+      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+      for (ssize_t i = 0; i < n && buf[i] >= '0' && buf[i] <= '9'; ++i) {
+        holder.push_back(buf[i]);
+      }
+      ::close(fd_);
+      fd_ = -1;
+      if (err != EWOULDBLOCK) {
+        errno = err;
+        throw_errno("cannot lock", lock_path_);
+      }
+      throw std::runtime_error(
+          "another keel run" + (holder.empty() ? std::string() : " (pid " + holder + ")") +
+          " is writing " + path + "; wait for it to end or stop it (lock file " + lock_path_ +
+          ")");
+    }
+    // The holder before us may have removed the file between our open and our lock: the lock
+    // is ours only if the path still names the locked file.
+    struct stat held {}, named {};
+    if (::fstat(fd_, &held) == 0 && ::stat(lock_path_.c_str(), &named) == 0 &&
+        held.st_dev == named.st_dev && held.st_ino == named.st_ino) {
+      break;
+    }
+    ::close(fd_);
+    fd_ = -1;
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {
+    // The lock holds without the pid; a second run's message just cannot name us.
+  }
+}
+
+results_lock::~results_lock() {
+  if (fd_ >= 0) {
+    ::unlink(lock_path_.c_str());  // while still holding the lock: see the constructor
+    ::close(fd_);
+  }
 }
 
 // ---- prepare_resume --------------------------------------------------------------------------
@@ -371,8 +451,14 @@ resume_state prepare_resume(const std::string& path) {
     json rec;
     bool ok = true;
     try {
-      rec = json::parse(text);
-      ok = rec.is_object() && rec.contains("status") && rec.contains("line") &&
+      // A NUL ends nlohmann's input: "record + NUL padding" (what a power loss can leave) would
+      // parse as the record and be kept with its NULs. Too deep a line is not keel's either.
+      ok = text.find('\0') == std::string::npos &&
+           keel::llm::json_too_deep_at(text) == std::string_view::npos;
+      if (ok) {
+        rec = json::parse(text);
+      }
+      ok = ok && rec.is_object() && rec.contains("status") && rec.contains("line") &&
            rec.contains("id") && rec["status"].is_string() && rec["line"].is_number_unsigned();
     } catch (const json::exception&) {  // parse_error, or out_of_range for "1e400"
       ok = false;

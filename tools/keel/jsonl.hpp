@@ -19,7 +19,11 @@
 // about the line itself (`invalid_input`, `duplicate_id`) are identified by line number.
 // `cancelled` records (items interrupted by a signal) are dropped on resume and run again.
 // `prepare_resume` rewrites the file atomically (temp file + rename) when it must drop
-// cancelled records or a torn last line, so one id never has two records.
+// cancelled records or a torn last line, so one id never has two records. A `results_lock`
+// (flock on `<out>.lock`) keeps a second run off the file for the whole run.
+//
+// Every line is checked for a NUL byte (nlohmann's parser stops at one, silently dropping the
+// rest) and for nesting deeper than keel::llm::max_json_depth before it is parsed.
 //
 // Thread safety: none; the keel command uses these from one thread.
 
@@ -123,7 +127,9 @@ class record_writer {
   record_writer(const record_writer&) = delete;
   record_writer& operator=(const record_writer&) = delete;
 
-  /// Writes `record` as one line.
+  /// Writes `record` as one line, whole or not at all: after a failed or short write (a full
+  /// disk) the file is cut back to where the record started, so it always ends at a record
+  /// boundary; if it cannot be cut back (a pipe), every later call throws without writing.
   /// @throws std::runtime_error naming the file on a write error (e.g. disk full).
   void write(const nlohmann::json& record);
 
@@ -139,8 +145,32 @@ class record_writer {
   int fd_ = -1;
   bool owned_ = false;
   bool sync_ = false;
+  bool broken_ = false;  // a partial record is in the file: write nothing more
   std::size_t written_ = 0;
   std::string path_;
+};
+
+/// The exclusive right to write one results file: an `flock` on `<path>.lock` (beside the file,
+/// never renamed, so it survives `prepare_resume`'s rewrite), holding the owner's pid. A second
+/// run on the same file, resumed or not, is refused while the first lives; a crashed run's lock
+/// is released by the kernel.
+class results_lock {
+ public:
+  /// Takes the lock without waiting.
+  /// @throws std::runtime_error naming the file and the holder's pid if another process holds
+  ///   it, or naming the lock file if it cannot be created.
+  explicit results_lock(const std::string& path);
+  /// Removes the lock file and releases the lock.
+  ~results_lock();
+  results_lock(const results_lock&) = delete;
+  results_lock& operator=(const results_lock&) = delete;
+
+  /// The lock file's path.
+  const std::string& path() const noexcept { return lock_path_; }
+
+ private:
+  int fd_ = -1;
+  std::string lock_path_;
 };
 
 /// What a results file already holds.

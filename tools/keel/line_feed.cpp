@@ -36,22 +36,41 @@ class line_feed::queue {
 
 // Shared by the feed and its reading thread; the thread keeps it alive after the feed is gone.
 struct line_feed::shared {
-  shared(std::unique_ptr<input_reader> r, std::size_t w) : reader(std::move(r)), window(w) {}
+  shared(std::unique_ptr<input_reader> r, std::size_t w, std::size_t wb)
+      : reader(std::move(r)), window(w), window_bytes(wb) {}
 
   std::unique_ptr<input_reader> reader;  // used by the reading thread only
-  std::mutex mutex;
+  mutable std::mutex mutex;
   std::condition_variable room;  // signalled when a line is taken or the feed closes
   std::size_t window;
-  std::size_t unclaimed = 0;  // lines posted and not yet taken (mutex)
-  bool closed = false;        // (mutex)
-  queue* receiver = nullptr;  // io_context thread only; null once closed
+  std::size_t window_bytes;
+  std::size_t unclaimed = 0;        // lines posted and not yet taken (mutex)
+  std::size_t unclaimed_bytes = 0;  // their text (mutex)
+  bool waiting = false;             // the thread waits for room (mutex)
+  bool done = false;                // the thread has posted its last item or stopped (mutex)
+  bool closed = false;              // (mutex)
+  queue* receiver = nullptr;        // io_context thread only; null once closed
 
-  // The reading thread: one line at a time, never more than `window` ahead of the workers.
+  bool has_room() const {
+    return unclaimed == 0 || (unclaimed < window && unclaimed_bytes < window_bytes);
+  }
+
+  // The reading thread: one line at a time, never more than `window` lines or `window_bytes`
+  // ahead of the workers.
   static void read_lines(std::shared_ptr<shared> self, asio::any_io_executor ex) {
+    struct mark_done {
+      shared& s;
+      ~mark_done() {
+        std::lock_guard lock(s.mutex);
+        s.done = true;
+      }
+    } on_exit{*self};
     for (;;) {
       {
         std::unique_lock lock(self->mutex);
-        self->room.wait(lock, [&] { return self->closed || self->unclaimed < self->window; });
+        self->waiting = !self->has_room();
+        self->room.wait(lock, [&] { return self->closed || self->has_room(); });
+        self->waiting = false;
         if (self->closed) {
           return;
         }
@@ -69,6 +88,7 @@ struct line_feed::shared {
           return;  // nobody wants it, and the context may be gone: post nothing
         }
         ++self->unclaimed;
+        self->unclaimed_bytes += it.line ? it.line->text.size() : 0;
         try {
           asio::post(ex, [self, it = std::move(it)]() mutable {
             if (self->receiver) {
@@ -87,14 +107,16 @@ struct line_feed::shared {
   }
 };
 
-line_feed::line_feed(asio::any_io_executor ex, const std::string& path, std::size_t window)
+line_feed::line_feed(asio::any_io_executor ex, const std::string& path, std::size_t window,
+                     std::size_t window_bytes)
     : ex_(std::move(ex)) {
   auto reader = std::make_unique<input_reader>(path);
   if (reader->is_regular_file()) {
     inline_reader_ = std::move(reader);
     return;
   }
-  auto s = std::make_shared<shared>(std::move(reader), window == 0 ? 1 : window);
+  auto s = std::make_shared<shared>(std::move(reader), window == 0 ? 1 : window,
+                                    window_bytes == 0 ? 1 : window_bytes);
   queue_ = std::make_unique<queue>(ex_, s->window + 1);
   s->receiver = queue_.get();
   shared_ = s;
@@ -121,6 +143,14 @@ void line_feed::close() {
   queue_->work = asio::any_io_executor();
 }
 
+line_feed::read_ahead line_feed::read_ahead_state() const {
+  if (!shared_) {
+    return {};
+  }
+  std::lock_guard lock(shared_->mutex);
+  return {shared_->unclaimed, shared_->unclaimed_bytes, shared_->waiting, shared_->done};
+}
+
 asio::awaitable<std::optional<input_reader::raw_line>> line_feed::next() {
   if (ended_) {
     co_return std::nullopt;
@@ -137,6 +167,7 @@ asio::awaitable<std::optional<input_reader::raw_line>> line_feed::next() {
   {
     std::lock_guard lock(shared_->mutex);
     --shared_->unclaimed;
+    shared_->unclaimed_bytes -= it.line ? it.line->text.size() : 0;
   }
   shared_->room.notify_one();
   if (!it.error.empty() || !it.line) {

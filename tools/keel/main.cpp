@@ -164,6 +164,10 @@ int run_mock(const std::string& address, unsigned short port, const std::string&
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A closed stderr or stdout (`keel batch ... 2>&1 | head`) must not end a batch silently: with
+  // SIGPIPE ignored a write there fails with EPIPE, which logging and progress ignore, and which
+  // the results writer reports (results to a closed stdout cannot be written: exit status 2).
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"keel: resilient LLM batch calls (retries, fallbacks, breakers, rate limits)",
                "keel"};
   app.require_subcommand(1);

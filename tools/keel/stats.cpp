@@ -51,7 +51,8 @@ nlohmann::json summary_json(const batch_stats& s) {
   const double wall = s.wall_seconds > 0 ? s.wall_seconds : elapsed(s);
   nlohmann::json j;
   j["items"] = {{"total", s.total},   {"done", s.done},           {"ok", s.ok},
-                {"failed", s.failed}, {"cancelled", s.cancelled}, {"skipped", s.skipped}};
+                {"failed", s.failed}, {"cancelled", s.cancelled}, {"skipped", s.skipped},
+                {"unwritten", s.unwritten}};
   j["failed_by_class"] = s.failed_by_class;
   j["attempts"] = s.attempts;
   j["attempts_per_item"] =
@@ -84,13 +85,16 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
   std::string out = title + "\n";
   auto row = [&out](const char* name, const std::string& value) {
     char buf[32];
-    std::snprintf(buf, sizeof buf, "  %-15s", name);
+    std::snprintf(buf, sizeof buf, "  %-15s ", name);  // "failed by class" fills the 15
     out += buf + value + "\n";
   };
   row("items", std::to_string(s.done) + " done: " + std::to_string(s.ok) + " ok, " +
                    std::to_string(s.failed) + " failed, " + std::to_string(s.cancelled) +
                    " cancelled" +
-                   (s.skipped ? ", " + std::to_string(s.skipped) + " skipped (already done)" : ""));
+                   (s.skipped ? ", " + std::to_string(s.skipped) + " skipped (already done)" : "") +
+                   (s.unwritten ? ", " + std::to_string(s.unwritten) +
+                                      " not written (the output failed; --resume runs them again)"
+                                : ""));
   if (!s.failed_by_class.empty()) {
     row("failed by class", join_counts(s.failed_by_class));
   }

@@ -31,6 +31,9 @@ struct batch_stats {
   std::size_t failed = 0;
   /// Items cancelled by a signal (run again on --resume).
   std::size_t cancelled = 0;
+  /// Items finished whose record could not be written (not in `done`; they run again on
+  /// --resume).
+  std::size_t unwritten = 0;
   /// Items skipped because --resume found their record.
   std::size_t skipped = 0;
   /// Items being processed now.
