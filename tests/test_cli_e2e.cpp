@@ -1007,6 +1007,14 @@ TEST_CASE("usage errors exit with status 2, help with 0", "[cli_e2e][review]") {
     CHECK(r.status == 2);
   }
   CHECK(run_keel(dir, "help", {"--help"}).status == 0);
+  // What was wrong, not CLI11's "A subcommand is required" (issue 13).
+  CHECK(contains(run_keel(dir, "unknown", {"frobnicate"}).err,
+                 "keel: unknown command 'frobnicate'; the commands are batch, demo, mock, bench, "
+                 "config"));
+  // A range a person can read, not 300 digits of DBL_MAX.
+  const run_result grace = run_keel(dir, "grace", {"batch", "--grace", "-1"});
+  CHECK(grace.status == 2);
+  CHECK(contains(grace.err, "--grace: Value -1 not in range 0.000000 to 86400.000000"));
 }
 
 // ---- 5. secrets -------------------------------------------------------------------------------

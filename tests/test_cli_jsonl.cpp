@@ -142,6 +142,17 @@ TEST_CASE("bad input lines name the JSON path of the problem", "[cli_jsonl]") {
             .find("/metadata: expected an object") != std::string::npos);
   CHECK(error_of(R"({"id": 1, "prompt": "x", "promt": "y"})").find("/promt: unknown key") !=
         std::string::npos);
+  // A key given twice: nlohmann kept the last silently, so id "b" ran as "c" (issue 13).
+  CHECK(error_of(R"({"id": "b", "id": "c", "prompt": "x"})")
+            .find("/id: the key appears twice in one object") != std::string::npos);
+  CHECK(error_of(R"({"id": 1, "messages": [{"role": "user", "content": "a"},)"
+                 R"( {"role": "user", "content": "b", "content": "c"}]})")
+            .find("/messages/1/content: the key appears twice") != std::string::npos);
+  CHECK(error_of(R"({"id": 1, "prompt": "x", "metadata": {"a/b": [0, {"~": 1, "~": 2}]}})")
+            .find("/metadata/a~1b/1/~0: the key appears twice") != std::string::npos);
+  // The same key in two objects is no duplicate.
+  CHECK(std::holds_alternative<batch_item>(parse_input_line(
+      R"({"id": 1, "prompt": "x", "metadata": {"a": {"k": 1}, "b": {"k": 2}}})", 1, 10)));
 }
 
 TEST_CASE("an input error keeps the id when it could be read", "[cli_jsonl]") {
@@ -154,7 +165,7 @@ TEST_CASE("the input reader numbers lines, skips blank ones and flags overlong o
           "[cli_jsonl]") {
   temp_dir dir;
   const auto in = dir.file("in.jsonl");
-  write_file(in, "a\n\n  \nb\r\nc");
+  write_file(in, "a\n\n  \nb\r\nc\n\r\r\n \r\t");  // the last lines are blank too
   keel::cli::input_reader reader(in);
   auto l1 = reader.next();
   auto l2 = reader.next();

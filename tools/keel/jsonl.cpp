@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <cerrno>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <unordered_map>
 #include <vector>
@@ -67,6 +68,78 @@ std::string preview_of(std::string_view text) {
   return std::string(text.substr(0, std::min(i, text.size())));
 }
 
+// A key given twice in one object of an input line; `path` is its JSON pointer.
+struct duplicate_key {
+  std::string path;
+};
+
+// A parser callback that throws duplicate_key for `{"id": "b", "id": "c"}` (nlohmann keeps the
+// last silently), tracking the JSON pointer of where the parser is. Containers nest at most
+// keel::llm::max_json_depth deep (checked before parsing), so the stack is bounded.
+class duplicate_key_finder {
+ public:
+  bool operator()(int /*depth*/, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+        element();
+        frames_->push_back({true, {}, {}, 0});
+        break;
+      case json::parse_event_t::array_start:
+        element();
+        frames_->push_back({false, {}, {}, 0});
+        break;
+      case json::parse_event_t::object_end:
+      case json::parse_event_t::array_end:
+        frames_->pop_back();
+        break;
+      case json::parse_event_t::key: {
+        auto& top = frames_->back();
+        top.key = parsed.get<std::string>();
+        if (!top.keys.insert(top.key).second) {
+          throw duplicate_key{pointer()};
+        }
+        break;
+      }
+      case json::parse_event_t::value:
+        element();
+        break;
+    }
+    return true;
+  }
+
+ private:
+  struct frame {
+    bool object;
+    std::unordered_set<std::string> keys;
+    std::string key;         // an object's current key
+    std::size_t next = 0;    // an array's element count
+  };
+
+  void element() {
+    if (!frames_->empty() && !frames_->back().object) {
+      ++frames_->back().next;
+    }
+  }
+
+  std::string pointer() const {
+    std::string out;
+    for (const auto& f : *frames_) {
+      out += '/';
+      if (!f.object) {
+        out += std::to_string(f.next - 1);
+        continue;
+      }
+      for (const char c : f.key) {
+        out += c == '~' ? "~0" : c == '/' ? "~1" : std::string(1, c);
+      }
+    }
+    return out;
+  }
+
+  // nlohmann copies the callback; the copies share one stack.
+  std::shared_ptr<std::vector<frame>> frames_ = std::make_shared<std::vector<frame>>();
+};
+
 void throw_errno(const std::string& what, const std::string& path) {
   throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
 }
@@ -89,7 +162,11 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
   }
   json doc;
   try {
-    doc = json::parse(text);
+    doc = json::parse(text, duplicate_key_finder());
+  } catch (const duplicate_key& d) {
+    return input_error{line, nullptr,
+                       d.path + ": the key appears twice in one object (JSON parsers keep either "
+                                "value; keel refuses to guess)"};
   } catch (const json::parse_error& e) {
     return input_error{line, nullptr,
                        "not valid JSON (at byte " + std::to_string(e.byte) + " of the line)"};
@@ -262,8 +339,8 @@ std::optional<input_reader::raw_line> input_reader::next() {
     if (!out.text.empty() && out.text.back() == '\r') {
       out.text.pop_back();
     }
-    if (out.text.find_first_not_of(" \t") == std::string::npos && !out.too_long) {
-      continue;  // blank lines are not items
+    if (out.text.find_first_not_of(" \t\r") == std::string::npos && !out.too_long) {
+      continue;  // blank lines are not items (the same test as count_items)
     }
     return out;
   }

@@ -81,13 +81,13 @@ void add_common(CLI::App* app, common_flags& f) {
   app->add_flag("--quiet,-q", f.quiet, "No progress and no log lines below error");
   app->add_option("--progress-interval", f.progress_interval, "Seconds between progress lines")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(0.001, 86400.0).description("a number of seconds in [0.001, 86400]"));
   app->add_option("--summary-json", f.summary_json, "Also write the summary as JSON to this file");
   app->add_option("--metrics-port", f.metrics_port,
                   "Serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port)");
   app->add_option("--grace", f.grace, "Seconds in-flight items get to finish after SIGINT/SIGTERM")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0.0, 86400.0).description("a number of seconds in [0, 86400]"));
   app->add_option("--seed", f.seed,
                   "Seed of the retry jitter (and of the mock when its scenario names none); "
                   "default: drawn at random per run and shown in the summary, so that processes "
@@ -277,6 +277,21 @@ int main(int argc, char** argv) {
   std::string check_file;
   check->add_option("file", check_file, "Config file")->required();
 
+  // CLI11 answers an unknown first word with "A subcommand is required", which does not say what
+  // was wrong.
+  if (argc > 1 && argv[1][0] != '-') {
+    bool known = false;
+    std::string names;
+    for (const auto* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known = known || sub->get_name() == argv[1];
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      std::cerr << "keel: unknown command '" << argv[1] << "'; the commands are " << names
+                << " (keel --help)\n";
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
