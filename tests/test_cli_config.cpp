@@ -315,10 +315,10 @@ TEST_CASE("errors read source, JSON pointer, expected and got", "[cli_config]") 
   CHECK(e.path() == "/config_list/1/timeout");
   CHECK(e.message() == R"(expected a number > 0, got "abc")");
 
-  auto u = error_of(with_entry(R"("temperature": 0.2)"));
-  CHECK(u.path() == "/config_list/0/temperature");
+  auto u = error_of(with_entry(R"("temprature": 0.2)"));
+  CHECK(u.path() == "/config_list/0/temprature");
   CHECK(u.message().find("api_key_env") != std::string::npos);  // lists the allowed keys
-  CHECK(u.message().find("unknown key \"temperature\"") != std::string::npos);
+  CHECK(u.message().find("unknown key \"temprature\"") != std::string::npos);
 
   auto long_value = error_of(with_entry(R"("tags": ")" + std::string(200, 'x') + "\""));
   CHECK(long_value.message().size() < 120);
@@ -343,7 +343,7 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policies": {}})", "/policies",
        "config_list, policy"},
       {with_entry(R"("a/b": 1)"), "/config_list/0/a~1b", "unknown key"},
-      {with_entry(R"("price": [1, 2])"), "/config_list/0/price", "unknown key"},
+      {with_entry(R"("prices": [1, 2])"), "/config_list/0/prices", "unknown key"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retries": {}}})",
        "/policy/retries", "retry_budget"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry": {"max_retries": 1}}})",
@@ -486,8 +486,8 @@ TEST_CASE("a config nested 60,000 objects deep is refused naming line and column
   const auto e = error_of(deep);
   CHECK(e.path().empty());
   // Level 3 opens at column 53 of line 2, each level after it 6 columns on: 129 at 53 + 126 * 6.
-  CHECK(e.message() == "JSON nested deeper than 128 levels at line 2, column " +
-                           std::to_string(53 + 126 * 6));
+  CHECK(e.message() ==
+        "JSON nested deeper than 128 levels at line 2, column " + std::to_string(53 + 126 * 6));
 }
 
 // ---- retry resolution -----------------------------------------------------------------------
@@ -803,4 +803,45 @@ TEST_CASE("naming a backoff replaces the default immediate retry of transient fa
   CHECK(imm.backoff.first_retry_immediate);
   CHECK_THROWS_WITH(one(R"({"backoff": {"first_retry_immediate": 1}})"),
                     Catch::Contains("/policy/retry/backoff/first_retry_immediate"));
+}
+
+TEST_CASE("AG2 generation parameters and price are accepted and checked", "[cli_config]") {
+  // An AG2 config list with these keys was refused as a whole (issue 13).
+  const auto c = parse(R"([{"model": "gpt-4o", "api_key": "k", "temperature": 0.7, "top_p": 1,
+                             "stop": ["\n\n", "END"], "seed": -3, "price": [0.0025, 0.01],
+                             "max_tokens_field": "max_completion_tokens"},
+                            {"model": "m2", "api_key": "k", "stop": "X"}])");
+  const auto& e = c.entries.at(0);
+  CHECK(e.temperature == 0.7);
+  CHECK(e.top_p == 1.0);
+  CHECK(e.stop == std::vector<std::string>{"\n\n", "END"});
+  CHECK(e.seed == -3);
+  REQUIRE(e.price);
+  CHECK(e.price->first == 0.0025);
+  CHECK(e.price->second == 0.01);
+  CHECK(e.max_tokens_field == keel::llm::max_tokens_field::max_completion_tokens);
+  CHECK(c.entries.at(1).stop == std::vector<std::string>{"X"});
+  CHECK(c.entries.at(1).max_tokens_field == keel::llm::max_tokens_field::automatic);
+  const auto printed = keel::cli::to_json(c, true);
+  CHECK(printed.at("config_list").at(0).at("price") == nlohmann::json{0.0025, 0.01});
+  CHECK(printed.at("config_list").at(0).at("max_tokens_field") == "max_completion_tokens");
+
+  struct bad {
+    const char* text;
+    const char* path;
+  };
+  for (const bad& b : std::vector<bad>{
+           {R"([{"model": "m", "api_key": "k", "temperature": 2.5}])", "/0/temperature"},
+           {R"([{"model": "m", "api_key": "k", "top_p": "high"}])", "/0/top_p"},
+           {R"([{"model": "m", "api_key": "k", "stop": []}])", "/0/stop"},
+           {R"([{"model": "m", "api_key": "k", "stop": ["a", ""]}])", "/0/stop/1"},
+           {R"([{"model": "m", "api_key": "k", "seed": 1.5}])", "/0/seed"},
+           {R"([{"model": "m", "api_key": "k", "price": [1]}])", "/0/price"},
+           {R"([{"model": "m", "api_key": "k", "price": [1, -2]}])", "/0/price/1"},
+           {R"([{"model": "m", "api_key": "k", "max_tokens_field": "tokens"}])",
+            "/0/max_tokens_field"},
+       }) {
+    INFO(b.text);
+    CHECK(error_of(b.text).path() == b.path);
+  }
 }

@@ -1610,13 +1610,13 @@ TEST_CASE("A line nested 80,000 deep fails alone; the batch and its resume finis
   temp_dir dir;
   write_file(dir / "config.json", fast_config);
   write_file(dir / "scenario.json", instant_scenario);
-  write_file(dir / "in.jsonl",
-             prompts_jsonl(3) + R"({"id":4,"prompt":"x","metadata":{"a":)" +
-                 std::string(80000, '[') + std::string(80000, ']') + "}}\n" +
-                 R"({"id":5,"prompt":"y"})" + "\n");
-  const auto r = run_keel(dir, "deep", {"batch", "--config", dir / "config.json", "--in",
-                                        dir / "in.jsonl", "--out", dir / "results.jsonl",
-                                        "--mock", dir / "scenario.json", "--progress", "none"});
+  write_file(dir / "in.jsonl", prompts_jsonl(3) + R"({"id":4,"prompt":"x","metadata":{"a":)" +
+                                   std::string(80000, '[') + std::string(80000, ']') + "}}\n" +
+                                   R"({"id":5,"prompt":"y"})" + "\n");
+  const auto r =
+      run_keel(dir, "deep",
+               {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out",
+                dir / "results.jsonl", "--mock", dir / "scenario.json", "--progress", "none"});
   INFO(r.err);
   CHECK(r.status == 1);
   const auto records = read_records(dir / "results.jsonl");
@@ -1626,10 +1626,10 @@ TEST_CASE("A line nested 80,000 deep fails alone; the batch and its resume finis
   CHECK(deep->at("error").at("class") == "invalid_input");
   CHECK(contains(deep->at("error").at("message").get<std::string>(),
                  "line 4: nested deeper than 128 levels"));
-  const auto again = run_keel(dir, "resume", {"batch", "--config", dir / "config.json", "--in",
-                                              dir / "in.jsonl", "--out", dir / "results.jsonl",
-                                              "--mock", dir / "scenario.json", "--progress",
-                                              "none", "--resume"});
+  const auto again = run_keel(
+      dir, "resume",
+      {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out",
+       dir / "results.jsonl", "--mock", dir / "scenario.json", "--progress", "none", "--resume"});
   CHECK(again.status == 1);  // the earlier invalid_input record still counts
   CHECK(read_records(dir / "results.jsonl").size() == 5);
 }
@@ -1644,8 +1644,8 @@ TEST_CASE("A closed stderr does not stop a batch", "[cli_e2e][hardening]") {
   int fds[2];
   REQUIRE(::pipe(fds) == 0);
   ::close(fds[0]);  // nobody reads stderr: every write to it fails with EPIPE (or SIGPIPE)
-  auto args = batch_args(dir, {"--progress", "lines", "--progress-interval", "0.1",
-                               "--log-level", "debug"});
+  auto args = batch_args(
+      dir, {"--progress", "lines", "--progress-interval", "0.1", "--log-level", "debug"});
   std::vector<char*> argv;
   for (auto& a : args) {
     argv.push_back(a.data());
@@ -1688,19 +1688,19 @@ TEST_CASE("A second run on the same results file is refused while the first runs
   child_process first(dir, "first", batch_args(dir, {"--progress", "none", "--concurrency", "2"}));
   REQUIRE(eventually([&] { return count_lines(results) >= 1 || !first.running(); }, 30s));
   REQUIRE(first.running());
-  const auto second = run_keel(dir, "second", {"batch", "--config", dir / "config.json", "--in",
-                                               dir / "in.jsonl", "--out", results, "--mock",
-                                               dir / "scenario.json", "--progress", "none",
-                                               "--resume"});
+  const auto second =
+      run_keel(dir, "second",
+               {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out",
+                results, "--mock", dir / "scenario.json", "--progress", "none", "--resume"});
   CHECK(second.status == 2);
   CHECK(contains(second.err,
                  "another keel run (pid " + std::to_string(first.pid()) + ") is writing"));
   first.signal(SIGKILL);  // a crashed run's lock goes with it
   first.wait();
-  const auto third = run_keel(dir, "third", {"batch", "--config", dir / "config.json", "--in",
-                                             dir / "in.jsonl", "--out", results, "--mock",
-                                             dir / "scenario.json", "--progress", "none",
-                                             "--resume", "--concurrency", "40"});
+  const auto third = run_keel(
+      dir, "third",
+      {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out", results,
+       "--mock", dir / "scenario.json", "--progress", "none", "--resume", "--concurrency", "40"});
   INFO(third.err);
   CHECK(third.status == 0);
   check_each_id_once(read_records(results), 40);

@@ -295,6 +295,14 @@ TEST_CASE("the summary counts items, failures by class and throughput", "[cli_js
   const std::string table = keel::cli::summary_table(s, "title");
   CHECK(table.find("1 rate_limited") != std::string::npos);
   CHECK(table.find("  failed by class 1 ") != std::string::npos);  // was "class1"
+  CHECK(table.find("cost") == std::string::npos);                  // no entry had a price
+  s.cost = 0.01234;
+  s.priced = 1;
+  s.unpriced = 1;
+  const std::string priced = keel::cli::summary_table(s, "title");
+  CHECK(priced.find("  cost            $0.0123 estimated from the configured prices (1 answers "
+                    "from entries without a price not counted)") != std::string::npos);
+  CHECK(keel::cli::summary_json(s).at("cost_usd") == 0.01234);
   CHECK(table.find("6 (1.50 per item)") != std::string::npos);
   CHECK(table.find("2.0 items/s") != std::string::npos);
 }
@@ -473,8 +481,8 @@ TEST_CASE("an input line nested 80,000 deep is one invalid_input error, not a cr
 
 TEST_CASE("a NUL byte in an input line makes it invalid_input", "[cli_jsonl][hardening]") {
   // Before: nlohmann stopped at the NUL, so item a was run and item b silently dropped.
-  const std::string line = std::string(R"({"id":"a","prompt":"x"})") + '\0' +
-                           R"({"id":"b","prompt":"y"})";
+  const std::string line =
+      std::string(R"({"id":"a","prompt":"x"})") + '\0' + R"({"id":"b","prompt":"y"})";
   CHECK(error_of(line).find("a NUL byte at byte 23") != std::string::npos);
 }
 
@@ -483,8 +491,9 @@ TEST_CASE("resume treats a last record padded with NUL bytes as a torn tail",
   temp_dir dir;
   const auto out = dir.file("out.jsonl");
   // What a power loss can leave: the file's size was extended, its last block never written.
-  write_file(out, "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n{\"id\":2,\"line\":2,\"status\":\"ok\"}" +
-                      std::string(37, '\0'));
+  write_file(out,
+             "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n{\"id\":2,\"line\":2,\"status\":\"ok\"}" +
+                 std::string(37, '\0'));
   const auto st = keel::cli::prepare_resume(out);
   CHECK(st.kept == 1);
   CHECK(st.dropped_torn_tail);
@@ -537,7 +546,7 @@ TEST_CASE("a results file has one writer: a second lock names the holder's pid",
                                       ") is writing " + out));
   }
   CHECK_FALSE(fs::exists(out + ".lock"));  // released and removed
-  keel::cli::results_lock again(out);     // free again
+  keel::cli::results_lock again(out);      // free again
   CHECK(fs::exists(out + ".lock"));
 }
 

@@ -44,6 +44,19 @@ TEST_CASE("anthropic build_request makes the messages call", "[llm][anthropic]")
     "metadata": {"user_id": "u1"}})"));
 }
 
+TEST_CASE("anthropic build_request maps top_p and stop, and sends no seed", "[llm][anthropic]") {
+  keel::llm::chat_request req("claude-3-5-haiku-latest", {{"user", "Hi"}}, 16);
+  req.top_p = 0.5;
+  req.stop = {"END"};
+  req.seed = 7;
+  req.token_field = keel::llm::max_tokens_field::max_completion_tokens;  // OpenAI's only
+  const auto body = json::parse(
+      keel::llm::anthropic::build_request(req, {keel::llm::provider_kind::anthropic, "", "k"})
+          .body);
+  CHECK(body == json::parse(R"({"model": "claude-3-5-haiku-latest", "max_tokens": 16,
+    "messages": [{"role": "user", "content": "Hi"}], "top_p": 0.5, "stop_sequences": ["END"]})"));
+}
+
 TEST_CASE("anthropic parse_response joins text blocks and reads usage", "[llm][anthropic]") {
   auto r = keel::llm::anthropic::parse_response(
       reply(200,
@@ -113,7 +126,8 @@ TEST_CASE("anthropic errors are classified per the provider table", "[llm][anthr
   CHECK(keel::classify(std::make_exception_ptr(e)).condition == keel::condition::throttled);
 }
 
-TEST_CASE("anthropic classifies a deeply nested error body by its status without parsing it", "[llm][anthropic]") {
+TEST_CASE("anthropic classifies a deeply nested error body by its status without parsing it",
+          "[llm][anthropic]") {
   // Regression: the error object was copied, and nlohmann::json copies recursively, so a few
   // hundred KB of nesting from a broken or hostile server overflowed the stack. Since issue 13
   // a body nested past keel::llm::max_json_depth is not parsed at all: the status classifies it.

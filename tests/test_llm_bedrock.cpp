@@ -37,6 +37,12 @@ TEST_CASE("bedrock build_request makes the Converse call", "[llm][bedrock]") {
     "messages": [{"role": "user", "content": [{"text": "Hi"}]}],
     "system": [{"text": "Be brief."}],
     "inferenceConfig": {"maxTokens": 300, "temperature": 0.2}})"));
+  req.top_p = 0.8;
+  req.stop = {"a", "b"};
+  req.seed = 3;  // Converse has no seed: not sent
+  CHECK(json::parse(keel::llm::bedrock::build_request(req, ep).body).at("inferenceConfig") ==
+        json::parse(R"({"maxTokens": 300, "temperature": 0.2, "topP": 0.8,
+                        "stopSequences": ["a", "b"]})"));
 
   keel::llm::endpoint mock(keel::llm::provider_kind::bedrock, "http://127.0.0.1:9000");
   keel::llm::chat_request arn("arn:aws:bedrock:us-east-1:1:inference-profile/x", {{"user", "q"}});

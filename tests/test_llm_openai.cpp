@@ -27,6 +27,42 @@ std::string err_body(const char* type, const char* code, const char* message) {
 }
 }  // namespace
 
+TEST_CASE("openai build_request maps the generation parameters and the token field",
+          "[llm][openai]") {
+  keel::llm::chat_request req("gpt-4o-mini", {{"user", "Hi"}}, 64);
+  req.top_p = 0.9;
+  req.stop = {"END", "\n\n"};
+  req.seed = 42;
+  const keel::llm::endpoint ep(keel::llm::provider_kind::openai, "http://h", "k");
+  json body = json::parse(keel::llm::openai::build_request(req, ep).body);
+  CHECK(body.at("top_p") == 0.9);
+  CHECK(body.at("stop") == json::array({"END", "\n\n"}));
+  CHECK(body.at("seed") == 42);
+  CHECK(body.at("max_tokens") == 64);
+  CHECK_FALSE(body.contains("max_completion_tokens"));
+  // Reasoning models reject max_tokens (issue 13): the automatic field follows the model family.
+  for (const char* model : {"o1", "o3-mini", "o4-mini-2025-04-16", "gpt-5", "openai/gpt-5-nano"}) {
+    CAPTURE(model);
+    CHECK(keel::llm::is_openai_reasoning_model(model));
+    req.model = model;
+    body = json::parse(keel::llm::openai::build_request(req, ep).body);
+    CHECK(body.at("max_completion_tokens") == 64);
+    CHECK_FALSE(body.contains("max_tokens"));
+  }
+  for (const char* model : {"gpt-4o", "gpt-4.1-mini", "llama-3-o1", "omni"}) {
+    CAPTURE(model);
+    CHECK_FALSE(keel::llm::is_openai_reasoning_model(model));
+  }
+  // Configured either way.
+  req.model = "o3-mini";
+  req.token_field = keel::llm::max_tokens_field::max_tokens;
+  CHECK(json::parse(keel::llm::openai::build_request(req, ep).body).contains("max_tokens"));
+  req.model = "gpt-4o";
+  req.token_field = keel::llm::max_tokens_field::max_completion_tokens;
+  CHECK(json::parse(keel::llm::openai::build_request(req, ep).body).at("max_completion_tokens") ==
+        64);
+}
+
 TEST_CASE("openai build_request makes the chat completions call", "[llm][openai]") {
   keel::llm::chat_request req("gpt-4o-mini", {{"user", "Hi"}, {"assistant", "Hello"}}, 64);
   req.system = "Be brief.";
@@ -104,8 +140,8 @@ TEST_CASE("openai malformed success bodies name the JSON path", "[llm][openai]")
        "usage.prompt_tokens is not a non-negative integer"},
   };
   // A body nested 100,000 deep is refused before nlohmann builds it (its copy and dump recurse).
-  const std::string deep = R"({"choices":)" + std::string(100000, '[') + std::string(100000, ']') +
-                           "}";
+  const std::string deep =
+      R"({"choices":)" + std::string(100000, '[') + std::string(100000, ']') + "}";
   CHECK_THAT(std::string(error_of(reply(200, deep)).what()),
              Catch::Contains("body nests deeper than 128 levels"));
   CHECK(error_of(reply(429, deep)).llm_code() == errc::rate_limited);  // error bodies too
@@ -198,7 +234,8 @@ TEST_CASE("openai content filter and refusals on 200 are content_filtered", "[ll
   CHECK(r.llm_code() == errc::content_filtered);
 }
 
-TEST_CASE("openai classifies a deeply nested error body by its status without parsing it", "[llm][openai]") {
+TEST_CASE("openai classifies a deeply nested error body by its status without parsing it",
+          "[llm][openai]") {
   // Regression: the error object was copied, and nlohmann::json copies recursively, so a few
   // hundred KB of nesting from a broken or hostile server overflowed the stack. Since issue 13
   // a body nested past keel::llm::max_json_depth is not parsed at all: the status classifies it.

@@ -1127,8 +1127,8 @@ TEST_CASE("a bad scenario names the JSON path of the offending value", "[mock_ll
       CHECK(std::string(e.what()).find(b.path[0] ? b.path : "(document)") != std::string::npos);
     }
   }  // Nested past keel::llm::max_json_depth: refused before nlohmann builds the tree (issue 13).
-  const std::string deep = R"({"models": {"m": {"script": )" + std::string(50000, '[') +
-                           std::string(50000, ']') + "}}}";
+  const std::string deep =
+      R"({"models": {"m": {"script": )" + std::string(50000, '[') + std::string(50000, ']') + "}}}";
   CHECK_THROWS_WITH(scenario::from_json(deep), Catch::Contains("nested deeper than 128 levels"));
 }
 

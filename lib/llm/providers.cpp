@@ -264,6 +264,18 @@ std::string_view to_string(provider_kind k) noexcept {
 
 // ---- OpenAI ------------------------------------------------------------------------------------
 
+bool is_openai_reasoning_model(std::string_view model) noexcept {
+  if (const auto slash = model.rfind('/'); slash != std::string_view::npos) {
+    model.remove_prefix(slash + 1);
+  }
+  for (const std::string_view family : {"o1", "o3", "o4", "gpt-5"}) {
+    if (model.substr(0, family.size()) == family) {
+      return true;
+    }
+  }
+  return false;
+}
+
 keel::http::request openai::build_request(const chat_request& req, const endpoint& ep) {
   json messages = json::array();
   if (!req.system.empty()) {
@@ -272,10 +284,23 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
   for (const auto& m : req.messages) {
     messages.push_back({{"role", m.role}, {"content", m.content}});
   }
-  json body = {
-      {"model", req.model}, {"messages", std::move(messages)}, {"max_tokens", req.max_tokens}};
+  const bool completion_field =
+      req.token_field == max_tokens_field::max_completion_tokens ||
+      (req.token_field == max_tokens_field::automatic && is_openai_reasoning_model(req.model));
+  json body = {{"model", req.model},
+               {"messages", std::move(messages)},
+               {completion_field ? "max_completion_tokens" : "max_tokens", req.max_tokens}};
   if (req.temperature) {
     body["temperature"] = *req.temperature;
+  }
+  if (req.top_p) {
+    body["top_p"] = *req.top_p;
+  }
+  if (!req.stop.empty()) {
+    body["stop"] = req.stop;
+  }
+  if (req.seed) {
+    body["seed"] = *req.seed;
   }
   if (req.response_format) {
     const json& rf = *req.response_format;
@@ -367,6 +392,12 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
   }
   if (req.temperature) {
     body["temperature"] = *req.temperature;
+  }
+  if (req.top_p) {
+    body["top_p"] = *req.top_p;
+  }
+  if (!req.stop.empty()) {
+    body["stop_sequences"] = req.stop;
   }
   if (has_metadata(req.metadata)) {
     body["metadata"] = req.metadata;
@@ -470,6 +501,12 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
   json config = {{"maxTokens", req.max_tokens}};
   if (req.temperature) {
     config["temperature"] = *req.temperature;
+  }
+  if (req.top_p) {
+    config["topP"] = *req.top_p;
+  }
+  if (!req.stop.empty()) {
+    config["stopSequences"] = req.stop;
   }
   json body = {{"messages", std::move(messages)}, {"inferenceConfig", std::move(config)}};
   if (!req.system.empty()) {

@@ -924,7 +924,10 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
         break;
       }
       const parsed_request pr = parse(req.method_string(), req.target(), req.body());
-      self->count(pr.model, [](mock_model_stats& s) { ++s.requests; });
+      self->count(pr.model, [&req](mock_model_stats& s) {
+        ++s.requests;
+        s.last_body = req.body();
+      });
       const reply r = self->decide(pr);
       if (r.latency.count() > 0) {
         c->timer.expires_after(r.latency);

@@ -538,6 +538,17 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
       }
       // Tokens were billed whether or not the record could be written.
       if (out.response) {
+        if (entry.price) {
+          const double cost =
+              (static_cast<double>(out.response->usage.input) * entry.price->first +
+               static_cast<double>(out.response->usage.output) * entry.price->second) /
+              1000;
+          rec["cost"] = cost;
+          st.cost += cost;
+          ++st.priced;
+        } else {
+          ++st.unpriced;
+        }
         st.tokens_in += out.response->usage.input;
         st.tokens_out += out.response->usage.output;
         m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "input"}})

@@ -420,6 +420,20 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   if (es.cfg->response_format) {
     req.response_format = es.cfg->response_format;
   }
+  // The entry's generation parameters, where the input line gave none.
+  if (!req.temperature) {
+    req.temperature = es.cfg->temperature;
+  }
+  if (!req.top_p) {
+    req.top_p = es.cfg->top_p;
+  }
+  if (req.stop.empty()) {
+    req.stop = es.cfg->stop;
+  }
+  if (!req.seed) {
+    req.seed = es.cfg->seed;
+  }
+  req.token_field = es.cfg->max_tokens_field;
   const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
   keel::throttle_cost cost;
   cost.requests = 1;

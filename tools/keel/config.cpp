@@ -220,6 +220,21 @@ class parser {
     return v;
   }
 
+  // AG2's `stop`: one string or an array of them, none empty.
+  std::vector<std::string> stop_sequences(const json& j, const std::string& path) const {
+    if (j.is_string()) {
+      return {string(j, path)};
+    }
+    if (!j.is_array() || j.empty()) {
+      fail(path, "a non-empty string or a non-empty array of them", shown(j));
+    }
+    std::vector<std::string> out;
+    for (std::size_t i = 0; i < j.size(); ++i) {
+      out.push_back(string(j[i], child(path, i)));
+    }
+    return out;
+  }
+
   bool boolean(const json& j, const std::string& path) const {
     if (!j.is_boolean()) {
       fail(path, "true or false", shown(j));
@@ -441,10 +456,30 @@ class parser {
 
   entry_config parse_entry(const json& j, const std::string& path, const policy_config& policy) {
     check_keys(j, path,
-               {"api_type", "model", "base_url", "api_key", "api_key_env", "aws_region",
-                "aws_access_key", "aws_secret_key", "aws_session_token", "aws_profile_name",
-                "total_max_attempts", "max_attempts", "mode", "timeout", "response_format",
-                "requests_per_minute", "tokens_per_minute", "tags"});
+               {"api_type",
+                "model",
+                "base_url",
+                "api_key",
+                "api_key_env",
+                "aws_region",
+                "aws_access_key",
+                "aws_secret_key",
+                "aws_session_token",
+                "aws_profile_name",
+                "total_max_attempts",
+                "max_attempts",
+                "mode",
+                "timeout",
+                "response_format",
+                "requests_per_minute",
+                "tokens_per_minute",
+                "tags",
+                "temperature",
+                "top_p",
+                "stop",
+                "seed",
+                "max_tokens_field",
+                "price"});
     entry_config e;
     e.rate_limits = policy.rate_limits;
     e.max_attempts = policy.retry.max_attempts;
@@ -500,6 +535,26 @@ class parser {
       } else if (key == "response_format") {
         expect_object(v, p);
         e.response_format = v;
+      } else if (key == "temperature") {
+        e.temperature = number(v, p, {0, false, 2, false, true});
+      } else if (key == "top_p") {
+        e.top_p = number(v, p, {0, false, 1, false, true});
+      } else if (key == "stop") {
+        e.stop = stop_sequences(v, p);
+      } else if (key == "seed") {
+        e.seed = integer(v, p, {-9.2e18, false, 9.2e18, false, false});
+      } else if (key == "max_tokens_field") {
+        const std::string f = choice(v, p, {"auto", "max_tokens", "max_completion_tokens"});
+        e.max_tokens_field = f == "max_tokens" ? keel::llm::max_tokens_field::max_tokens
+                             : f == "max_completion_tokens"
+                                 ? keel::llm::max_tokens_field::max_completion_tokens
+                                 : keel::llm::max_tokens_field::automatic;
+      } else if (key == "price") {
+        if (!v.is_array() || v.size() != 2) {
+          fail(p, "[dollars per 1,000 input tokens, dollars per 1,000 output tokens]", shown(v));
+        }
+        e.price = std::pair{number(v[0], child(p, 0), {0, false, 1e6, false, true}),
+                            number(v[1], child(p, 1), {0, false, 1e6, false, true})};
       } else if (key == "requests_per_minute") {
         e.rate_limits.requests_per_minute = number(v, p, rate_non_negative);
       } else if (key == "tokens_per_minute") {
@@ -873,6 +928,28 @@ nlohmann::json to_json(const config& c, bool redact) {
     j["timeout"] = e.timeout ? json(*e.timeout) : json(nullptr);
     if (e.response_format) {
       j["response_format"] = *e.response_format;
+    }
+    if (e.temperature) {
+      j["temperature"] = *e.temperature;
+    }
+    if (e.top_p) {
+      j["top_p"] = *e.top_p;
+    }
+    if (!e.stop.empty()) {
+      j["stop"] = e.stop;
+    }
+    if (e.seed) {
+      j["seed"] = *e.seed;
+    }
+    if (e.api_type == keel::llm::provider_kind::openai) {
+      j["max_tokens_field"] =
+          e.max_tokens_field == keel::llm::max_tokens_field::max_tokens ? "max_tokens"
+          : e.max_tokens_field == keel::llm::max_tokens_field::max_completion_tokens
+              ? "max_completion_tokens"
+              : "auto";
+    }
+    if (e.price) {
+      j["price"] = {e.price->first, e.price->second};
     }
     j["tags"] = e.tags;
     j["rate_limits"] = {{"requests_per_minute", e.rate_limits.requests_per_minute},

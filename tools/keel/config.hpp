@@ -225,6 +225,20 @@ struct entry_config {
   std::optional<double> timeout;
   /// Sent as OpenAI's response_format.
   std::optional<nlohmann::json> response_format;
+  /// Generation parameters sent with every request to this entry, unless the input line gives
+  /// its own (AG2 keys; see keel::llm::chat_request for how each provider gets them).
+  std::optional<double> temperature;
+  /// Nucleus sampling.
+  std::optional<double> top_p;
+  /// Stop sequences.
+  std::vector<std::string> stop;
+  /// Sampling seed (OpenAI only).
+  std::optional<std::int64_t> seed;
+  /// OpenAI: the field max_tokens goes in ("auto": by model family).
+  keel::llm::max_tokens_field max_tokens_field = keel::llm::max_tokens_field::automatic;
+  /// AG2 `price`: US dollars per 1,000 input tokens and per 1,000 output tokens; records and
+  /// the summary then carry an estimated `cost`.
+  std::optional<std::pair<double, double>> price;
   /// AG2 tags.
   std::vector<std::string> tags;
   /// Effective rate limits (policy defaults overridden by the entry).

@@ -111,8 +111,8 @@ class duplicate_key_finder {
   struct frame {
     bool object;
     std::unordered_set<std::string> keys;
-    std::string key;         // an object's current key
-    std::size_t next = 0;    // an array's element count
+    std::string key;       // an object's current key
+    std::size_t next = 0;  // an array's element count
   };
 
   void element() {
@@ -151,9 +151,9 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
   // nlohmann's parser takes a NUL for the end of its input: `{"id": "a"}\0{"id": "b"}` would
   // be read as item a, and b silently lost.
   if (const auto nul = text.find('\0'); nul != std::string_view::npos) {
-    return input_error{line, nullptr,
-                       "a NUL byte at byte " + std::to_string(nul) +
-                           " of the line (JSON text cannot hold one)"};
+    return input_error{
+        line, nullptr,
+        "a NUL byte at byte " + std::to_string(nul) + " of the line (JSON text cannot hold one)"};
   }
   if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
     return input_error{line, nullptr,
@@ -165,8 +165,9 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
     doc = json::parse(text, duplicate_key_finder());
   } catch (const duplicate_key& d) {
     return input_error{line, nullptr,
-                       d.path + ": the key appears twice in one object (JSON parsers keep either "
-                                "value; keel refuses to guess)"};
+                       d.path +
+                           ": the key appears twice in one object (JSON parsers keep either "
+                           "value; keel refuses to guess)"};
   } catch (const json::parse_error& e) {
     return input_error{line, nullptr,
                        "not valid JSON (at byte " + std::to_string(e.byte) + " of the line)"};
@@ -267,10 +268,41 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
           fail(path, "an object", value);
         }
         item.metadata = value;
+      } else if (key == "temperature" || key == "top_p") {
+        const double hi = key == "temperature" ? 2 : 1;
+        const char* range = key == "temperature" ? "a number in [0, 2]" : "a number in [0, 1]";
+        if (!value.is_number()) {
+          fail(path, range, value);
+        }
+        const double x = value.get<double>();
+        if (!(x >= 0 && x <= hi)) {
+          throw bad_line(path + ": expected " + range + ", got " + value.dump());
+        }
+        (key == "temperature" ? item.request.temperature : item.request.top_p) = x;
+      } else if (key == "stop") {
+        if (value.is_string() && !value.get_ref<const std::string&>().empty()) {
+          item.request.stop = {value.get<std::string>()};
+        } else if (value.is_array() && !value.empty()) {
+          for (std::size_t i = 0; i < value.size(); ++i) {
+            const std::string& s = get_string(value[i], path + "/" + std::to_string(i));
+            if (s.empty()) {
+              fail(path + "/" + std::to_string(i), "a non-empty string", value[i]);
+            }
+            item.request.stop.push_back(s);
+          }
+        } else {
+          fail(path, "a non-empty string or a non-empty array of them", value);
+        }
+      } else if (key == "seed") {
+        if (!value.is_number_integer() ||
+            (value.is_number_unsigned() && value.get<std::uint64_t>() > INT64_MAX)) {
+          fail(path, "a 64-bit integer", value);
+        }
+        item.request.seed = value.get<std::int64_t>();
       } else {
         throw bad_line(path +
                        ": unknown key (allowed: id, prompt, messages, model, max_tokens, system, "
-                       "metadata)");
+                       "metadata, temperature, top_p, stop, seed)");
       }
     }
     if (has_prompt == has_messages) {
@@ -468,12 +500,12 @@ results_lock::results_lock(const std::string& path) : lock_path_(path + ".lock")
       }
       throw std::runtime_error(
           "another keel run" + (holder.empty() ? std::string() : " (pid " + holder + ")") +
-          " is writing " + path + "; wait for it to end or stop it (lock file " + lock_path_ +
-          ")");
+          " is writing " + path + "; wait for it to end or stop it (lock file " + lock_path_ + ")");
     }
     // The holder before us may have removed the file between our open and our lock: the lock
     // is ours only if the path still names the locked file.
-    struct stat held {}, named {};
+    struct stat held {
+    }, named{};
     if (::fstat(fd_, &held) == 0 && ::stat(lock_path_.c_str(), &named) == 0 &&
         held.st_dev == named.st_dev && held.st_ino == named.st_ino) {
       break;

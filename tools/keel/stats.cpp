@@ -50,8 +50,8 @@ double percentile(std::vector<double> values, double p) {
 nlohmann::json summary_json(const batch_stats& s) {
   const double wall = s.wall_seconds > 0 ? s.wall_seconds : elapsed(s);
   nlohmann::json j;
-  j["items"] = {{"total", s.total},   {"done", s.done},           {"ok", s.ok},
-                {"failed", s.failed}, {"cancelled", s.cancelled}, {"skipped", s.skipped},
+  j["items"] = {{"total", s.total},        {"done", s.done},           {"ok", s.ok},
+                {"failed", s.failed},      {"cancelled", s.cancelled}, {"skipped", s.skipped},
                 {"unwritten", s.unwritten}};
   j["failed_by_class"] = s.failed_by_class;
   j["attempts"] = s.attempts;
@@ -74,6 +74,8 @@ nlohmann::json summary_json(const batch_stats& s) {
       {"max",
        s.latencies.empty() ? 0.0 : *std::max_element(s.latencies.begin(), s.latencies.end())}};
   j["tokens"] = {{"input", s.tokens_in}, {"output", s.tokens_out}};
+  j["cost_usd"] = s.cost;
+  j["unpriced_answers"] = s.unpriced;
   j["wall_seconds"] = wall;
   j["items_per_second"] = wall > 0 ? static_cast<double>(s.done) / wall : 0;
   j["seed"] = s.seed;
@@ -126,6 +128,12 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
                      fmt_seconds(percentile(s.latencies, 90)) + ", p99 " +
                      fmt_seconds(percentile(s.latencies, 99)));
   row("tokens", "in " + std::to_string(s.tokens_in) + ", out " + std::to_string(s.tokens_out));
+  if (s.priced > 0) {
+    std::snprintf(buf, sizeof buf, "$%.4f estimated from the configured prices", s.cost);
+    row("cost", buf + (s.unpriced ? " (" + std::to_string(s.unpriced) +
+                                        " answers from entries without a price not counted)"
+                                  : std::string()));
+  }
   std::snprintf(buf, sizeof buf, "%s, %.1f items/s", fmt_seconds(wall).c_str(),
                 wall > 0 ? static_cast<double>(s.done) / wall : 0.0);
   row("wall time", buf);

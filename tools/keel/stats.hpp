@@ -68,6 +68,12 @@ struct batch_stats {
   long long tokens_in = 0;
   /// Tokens billed (output).
   long long tokens_out = 0;
+  /// Estimated cost of the answers whose entry has a `price`, US dollars.
+  double cost = 0;
+  /// Answers whose entry has a `price`.
+  std::size_t priced = 0;
+  /// Answers whose entry has no `price` (their cost is unknown).
+  std::size_t unpriced = 0;
   /// When the run started.
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
   /// Wall time of the run (set at the end), seconds.

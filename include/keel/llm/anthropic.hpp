@@ -6,7 +6,8 @@
 // `build_request` makes `POST {base}/v1/messages` (`{base}/messages` when the base already ends
 // in "/v1") with `x-api-key`, `anthropic-version`
 // (2023-06-01 unless the endpoint says otherwise) and a body `{model, max_tokens, system?,
-// messages:[{role, content}], temperature?, metadata?}`. `response_format` is not sent (the
+// messages:[{role, content}], temperature?, top_p?, stop_sequences?, metadata?}` (`seed` is not
+// sent: the messages API has none). `response_format` is not sent (the
 // messages API has no equivalent; ask for JSON in the prompt).
 //
 // `parse_response` concatenates the `text` of every `content` block of type "text" and reads

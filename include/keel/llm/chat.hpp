@@ -40,6 +40,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -61,6 +62,23 @@ struct chat_message {
   chat_message(std::string r, std::string c) : role(std::move(r)), content(std::move(c)) {}
 };
 
+/// Which field of an OpenAI chat completions body carries `chat_request::max_tokens`.
+enum class max_tokens_field {
+  /// `max_completion_tokens` for OpenAI's reasoning models (o1, o3, o4, gpt-5 families: they
+  /// reject `max_tokens`), `max_tokens` for every other model (which OpenAI-compatible servers
+  /// such as vLLM and older proxies understand).
+  automatic,
+  /// Always `max_tokens`.
+  max_tokens,
+  /// Always `max_completion_tokens` (OpenAI's current name; the SDK marks `max_tokens`
+  /// deprecated).
+  max_completion_tokens,
+};
+
+/// True for the model ids of OpenAI's reasoning families: the last path segment of `model`
+/// starts with "o1", "o3", "o4" or "gpt-5" ("o3-mini", "openai/o4-mini", "gpt-5-nano").
+bool is_openai_reasoning_model(std::string_view model) noexcept;
+
 /// A provider-neutral chat completion request.
 struct chat_request {
   /// The provider's model id ("gpt-4o-mini", "claude-3-5-haiku-latest",
@@ -74,6 +92,17 @@ struct chat_request {
   int max_tokens = 1024;
   /// Sampling temperature (absent: the provider's default).
   std::optional<double> temperature;
+  /// Nucleus sampling (absent: the provider's default): OpenAI `top_p`, Anthropic `top_p`,
+  /// Bedrock `inferenceConfig.topP`.
+  std::optional<double> top_p;
+  /// Stop sequences (empty: none): OpenAI `stop`, Anthropic `stop_sequences`, Bedrock
+  /// `inferenceConfig.stopSequences`.
+  std::vector<std::string> stop;
+  /// Sampling seed (absent: none): OpenAI `seed`; Anthropic and Bedrock have none and do not
+  /// get it.
+  std::optional<std::int64_t> seed;
+  /// OpenAI only: the field `max_tokens` goes in.
+  max_tokens_field token_field = max_tokens_field::automatic;
   /// A JSON schema the reply must follow (OpenAI only; see the provider headers). An object whose
   /// "type" is "json_schema", "json_object" or "text" is sent verbatim as OpenAI's
   /// `response_format`.

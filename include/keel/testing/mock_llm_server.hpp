@@ -327,6 +327,8 @@ struct mock_model_stats {
   std::uint64_t stalls = 0;
   /// Responses cut short.
   std::uint64_t truncations = 0;
+  /// The body of the latest request (what a client sent, for tests of its wire format).
+  std::string last_body;
 
   /// Responses sent with `status` (0 if none).
   std::uint64_t status_count(int status) const {
