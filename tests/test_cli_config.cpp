@@ -845,3 +845,16 @@ TEST_CASE("AG2 generation parameters and price are accepted and checked", "[cli_
     CHECK(error_of(b.text).path() == b.path);
   }
 }
+
+TEST_CASE("an Anthropic entry's API version reaches its endpoint", "[cli_config]") {
+  const auto c = parse(R"([{"api_type": "anthropic", "model": "m", "api_key": "k"},
+                            {"api_type": "anthropic", "model": "m", "api_key": "k",
+                             "anthropic_version": "2023-06-01"}])");
+  CHECK(c.entries.at(0).endpoint().anthropic_version == "2026-10-21");
+  CHECK(c.entries.at(1).endpoint().anthropic_version == "2023-06-01");
+  CHECK(keel::cli::to_json(c, true).at("config_list").at(1).at("anthropic_version") ==
+        "2023-06-01");
+  CHECK(error_of(R"([{"api_type": "anthropic", "model": "m", "api_key": "k",
+                     "anthropic_version": "latest"}])")
+            .path() == "/0/anthropic_version");
+}

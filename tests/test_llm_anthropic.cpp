@@ -32,9 +32,20 @@ TEST_CASE("anthropic build_request makes the messages call", "[llm][anthropic]")
   req.metadata = {{"user_id", "u1"}};
   req.response_format = json{{"type", "object"}};  // not sent: no equivalent in the API
   keel::llm::endpoint ep(keel::llm::provider_kind::anthropic, "", "sk-ant-secret");
+  // The current version, as @anthropic-ai/sdk 1.x sends it: the key as a bearer token, and no
+  // sampling parameters (2026-10-21 removed them).
   auto r = keel::llm::anthropic::build_request(req, ep);
   CHECK(r.method == "POST");
   CHECK(r.url == "https://api.anthropic.com/v1/messages");
+  CHECK(r.headers.find("authorization") == std::optional<std::string_view>("Bearer sk-ant-secret"));
+  CHECK(r.headers.find("anthropic-version") == std::optional<std::string_view>("2026-10-21"));
+  CHECK_FALSE(r.headers.find("x-api-key").has_value());
+  CHECK(json::parse(r.body) == json::parse(R"({
+    "model": "claude-3-5-haiku-latest", "max_tokens": 256, "system": "Be brief.",
+    "messages": [{"role": "user", "content": "Hi"}], "metadata": {"user_id": "u1"}})"));
+  // An earlier version, configured: x-api-key, and temperature is sent.
+  ep.anthropic_version = "2023-06-01";
+  r = keel::llm::anthropic::build_request(req, ep);
   CHECK(r.headers.find("x-api-key") == std::optional<std::string_view>("sk-ant-secret"));
   CHECK(r.headers.find("anthropic-version") == std::optional<std::string_view>("2023-06-01"));
   CHECK_FALSE(r.headers.find("authorization").has_value());
@@ -50,11 +61,14 @@ TEST_CASE("anthropic build_request maps top_p and stop, and sends no seed", "[ll
   req.stop = {"END"};
   req.seed = 7;
   req.token_field = keel::llm::max_tokens_field::max_completion_tokens;  // OpenAI's only
-  const auto body = json::parse(
-      keel::llm::anthropic::build_request(req, {keel::llm::provider_kind::anthropic, "", "k"})
-          .body);
-  CHECK(body == json::parse(R"({"model": "claude-3-5-haiku-latest", "max_tokens": 16,
+  keel::llm::endpoint ep(keel::llm::provider_kind::anthropic, "", "k");
+  ep.anthropic_version = "2025-01-01";  // before 2026-10-21: top_p is still sent
+  CHECK(json::parse(keel::llm::anthropic::build_request(req, ep).body) ==
+        json::parse(R"({"model": "claude-3-5-haiku-latest", "max_tokens": 16,
     "messages": [{"role": "user", "content": "Hi"}], "top_p": 0.5, "stop_sequences": ["END"]})"));
+  CHECK(keel::llm::anthropic_bearer_version("2026-10-21"));
+  CHECK(keel::llm::anthropic_bearer_version("2027-01-05"));
+  CHECK_FALSE(keel::llm::anthropic_bearer_version("2026-10-20"));
 }
 
 TEST_CASE("anthropic parse_response joins text blocks and reads usage", "[llm][anthropic]") {

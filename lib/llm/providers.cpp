@@ -390,10 +390,12 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
   if (!req.system.empty()) {
     body["system"] = req.system;
   }
-  if (req.temperature) {
+  const bool current = anthropic_bearer_version(ep.anthropic_version);
+  // 2026-10-21 removed the sampling parameters: a request with them would be refused.
+  if (req.temperature && !current) {
     body["temperature"] = *req.temperature;
   }
-  if (req.top_p) {
+  if (req.top_p && !current) {
     body["top_p"] = *req.top_p;
   }
   if (!req.stop.empty()) {
@@ -403,7 +405,11 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
     body["metadata"] = req.metadata;
   }
   keel::http::request r("POST", versioned(base_of(ep, "https://api.anthropic.com"), "/messages"));
-  r.set("x-api-key", ep.api_key);
+  if (current) {
+    r.set("authorization", "Bearer " + ep.api_key);
+  } else {
+    r.set("x-api-key", ep.api_key);
+  }
   r.set("anthropic-version", ep.anthropic_version);
   set_json_body(r, body);
   return r;

@@ -479,6 +479,7 @@ class parser {
                 "stop",
                 "seed",
                 "max_tokens_field",
+                "anthropic_version",
                 "price"});
     entry_config e;
     e.rate_limits = policy.rate_limits;
@@ -543,6 +544,15 @@ class parser {
         e.stop = stop_sequences(v, p);
       } else if (key == "seed") {
         e.seed = integer(v, p, {-9.2e18, false, 9.2e18, false, false});
+      } else if (key == "anthropic_version") {
+        const std::string ver = string(v, p);
+        const bool date = ver.size() == 10 && ver[4] == '-' && ver[7] == '-' &&
+                          std::all_of(ver.begin(), ver.end(),
+                                      [](char c) { return c == '-' || (c >= '0' && c <= '9'); });
+        if (!date) {
+          fail(p, "an API version date such as \"2023-06-01\"", shown(v));
+        }
+        e.anthropic_version = ver;
       } else if (key == "max_tokens_field") {
         const std::string f = choice(v, p, {"auto", "max_tokens", "max_completion_tokens"});
         e.max_tokens_field = f == "max_tokens" ? keel::llm::max_tokens_field::max_tokens
@@ -847,7 +857,11 @@ std::string entry_config::name() const {
 }
 
 keel::llm::endpoint entry_config::endpoint() const {
-  return keel::llm::endpoint(api_type, base_url, api_key, aws_region);
+  keel::llm::endpoint ep(api_type, base_url, api_key, aws_region);
+  if (!anthropic_version.empty()) {
+    ep.anthropic_version = anthropic_version;
+  }
+  return ep;
 }
 
 config parse_config(std::string_view text, const std::string& source, const env_lookup& env) {
@@ -940,6 +954,11 @@ nlohmann::json to_json(const config& c, bool redact) {
     }
     if (e.seed) {
       j["seed"] = *e.seed;
+    }
+    if (e.api_type == keel::llm::provider_kind::anthropic) {
+      j["anthropic_version"] = e.anthropic_version.empty()
+                                   ? std::string(keel::llm::anthropic_current_version)
+                                   : e.anthropic_version;
     }
     if (e.api_type == keel::llm::provider_kind::openai) {
       j["max_tokens_field"] =

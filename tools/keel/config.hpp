@@ -234,6 +234,8 @@ struct entry_config {
   std::vector<std::string> stop;
   /// Sampling seed (OpenAI only).
   std::optional<std::int64_t> seed;
+  /// Anthropic: the `anthropic-version` sent (empty: keel::llm::anthropic_current_version).
+  std::string anthropic_version;
   /// OpenAI: the field max_tokens goes in ("auto": by model family).
   keel::llm::max_tokens_field max_tokens_field = keel::llm::max_tokens_field::automatic;
   /// AG2 `price`: US dollars per 1,000 input tokens and per 1,000 output tokens; records and

@@ -4,11 +4,13 @@
 // Overview
 // --------
 // `build_request` makes `POST {base}/v1/messages` (`{base}/messages` when the base already ends
-// in "/v1") with `x-api-key`, `anthropic-version`
-// (2023-06-01 unless the endpoint says otherwise) and a body `{model, max_tokens, system?,
-// messages:[{role, content}], temperature?, top_p?, stop_sequences?, metadata?}` (`seed` is not
-// sent: the messages API has none). `response_format` is not sent (the
-// messages API has no equivalent; ask for JSON in the prompt).
+// in "/v1") with `anthropic-version` (2026-10-21, the current version the official SDKs send,
+// unless the endpoint says otherwise) and a body `{model, max_tokens, system?, messages:[{role,
+// content}], stop_sequences?, metadata?}`. The version shapes the rest, as the SDKs do: from
+// 2026-10-21 the key goes in `Authorization: Bearer` and `temperature`/`top_p` are not sent (that
+// version removed them); before it, the key goes in `x-api-key` and both are sent. `seed` is
+// never sent (the messages API has none), nor `response_format` (no equivalent; ask for JSON in
+// the prompt).
 //
 // `parse_response` concatenates the `text` of every `content` block of type "text" and reads
 // `stop_reason`, `model` and `usage.{input_tokens,output_tokens}` (usage is optional). A

@@ -150,6 +150,17 @@ enum class provider_kind { openai, anthropic, bedrock };
 /// The provider's name as used in `provider_error::provider()`: "openai", "anthropic", "bedrock".
 std::string_view to_string(provider_kind k) noexcept;
 
+/// The `anthropic-version` keel sends unless an endpoint says otherwise: the current API
+/// version, the one the official SDKs send (@anthropic-ai/sdk 1.x).
+inline constexpr std::string_view anthropic_current_version = "2026-10-21";
+
+/// True if Anthropic API version `version` (an ISO date) is 2026-10-21 or later: the key goes in
+/// `Authorization: Bearer` (not `x-api-key`) and the request has no `temperature`, `top_p` or
+/// `top_k` (the API removed them).
+inline bool anthropic_bearer_version(std::string_view version) noexcept {
+  return version >= anthropic_current_version;
+}
+
 /// Where and how to reach a provider. Never logged; `api_key` never appears in errors.
 struct endpoint {
   /// The wire format.
@@ -162,8 +173,9 @@ struct endpoint {
   std::string api_key;
   /// AWS region (Bedrock).
   std::string region;
-  /// The `anthropic-version` header value.
-  std::string anthropic_version = "2023-06-01";
+  /// The `anthropic-version` header value; it also shapes the request (see
+  /// `anthropic_bearer_version`).
+  std::string anthropic_version = std::string(anthropic_current_version);
 
   /// An OpenAI endpoint at the public URL with no key.
   endpoint() = default;
