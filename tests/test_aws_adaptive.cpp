@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <map>
 
 TEST_CASE("the rate clocker measures nothing until a half-second bucket boundary", "[aws]") {
@@ -130,5 +131,60 @@ TEST_CASE("the adaptive limiter reproduces the cross-SDK end-to-end sending-rate
       CHECK(rate == Approx(it->second).margin(5e-7));
       CHECK(limiter.fill_rate() == rate);
     }
+  }
+}
+
+TEST_CASE("β and the minimum fill rate can be set; the defaults are botocore's", "[aws]") {
+  keel::aws::cubic_calculator half{0.0, 0.0, 0.5};
+  CHECK(half.beta() == 0.5);
+  CHECK(half.throttle(8, 1.0) == Approx(4.0).margin(1e-12));
+  CHECK(half.k() == Approx(std::cbrt(10.0)).margin(1e-12));  // cbrt(8 * (1 - 0.5) / 0.4)
+  CHECK(keel::aws::cubic_calculator{0.0}.beta() == 0.7);
+
+  // The end-to-end table's first throttle (t = 2.0, measured 4.3264): 4.3264 * β.
+  keel::aws::adaptive_options opts;
+  opts.beta = 0.5;
+  opts.min_fill_rate = 0.25;
+  keel::aws::adaptive_rate_limiter tuned{0.0, opts};
+  keel::aws::adaptive_rate_limiter stock{0.0};
+  CHECK(tuned.after_response(false, 0.2) == 0.25);  // measured 0: floored at the new minimum
+  CHECK(stock.after_response(false, 0.2) == 0.5);
+  for (int k = 2; k <= 10; ++k) {
+    const double t = k / 5.0;
+    const double a = tuned.after_response(k == 10, t);
+    const double b = stock.after_response(k == 10, t);
+    if (k == 10) {
+      CHECK(a == Approx(4.3264 * 0.5).margin(5e-7));
+      CHECK(b == Approx(3.02848).margin(5e-7));
+    }
+  }
+}
+
+TEST_CASE("the send bucket at 10 TPS serves 20 sends 0.1 s apart without a rounding refusal",
+          "[aws]") {
+  // Times accumulate in steps of 0.1, so each refill adds 0.9999999999999998 tokens or so: seven
+  // of the 20 sends would be refused without the 1e-9 tolerance (reference §9.6).
+  SECTION("from empty") {
+    keel::aws::send_token_bucket bucket{10.0, 0.0};
+    double t = 0;
+    for (int k = 1; k <= 20; ++k) {
+      t += 0.1;
+      INFO("send " << k);
+      CHECK(bucket.wait_time(1, t) == 0);
+      CHECK(bucket.try_acquire(1, t));
+      CHECK(bucket.capacity() >= 0);
+      CHECK(bucket.capacity() < 1e-9);
+    }
+  }
+  SECTION("from full") {
+    keel::aws::send_token_bucket bucket{10.0, 0.0};
+    bucket.refill(1.0);
+    REQUIRE(bucket.capacity() == 10);
+    double t = 1.0;
+    for (int k = 1; k <= 20; ++k) {
+      t += 0.1;
+      CHECK(bucket.try_acquire(1, t));
+    }
+    CHECK(bucket.capacity() == Approx(9.0).margin(1e-9));
   }
 }

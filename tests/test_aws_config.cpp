@@ -130,3 +130,41 @@ TEST_CASE("read_retry_env reads AWS_RETRY_MODE and AWS_MAX_ATTEMPTS", "[aws]") {
   CHECK_FALSE(unset.mode);
   CHECK_FALSE(unset.max_attempts);
 }
+
+TEST_CASE("AWS_NEW_RETRIES_2026=true selects 2.1 and makes standard the default mode", "[aws]") {
+  using keel::aws::retry_revision;
+  const auto on = resolve_retry_config({}, nullopt, nullopt, nullopt, nullopt, "true");
+  CHECK(on.revision == retry_revision::v2_1);
+  CHECK(on.mode == retry_mode::standard);
+  CHECK(on.total_max_attempts == 3);
+  // Only the default link changes: an explicit mode (client, env, profile) still wins.
+  retry_config_input legacy;
+  legacy.mode = "legacy";
+  const auto client = resolve_retry_config(legacy, nullopt, nullopt, nullopt, nullopt, "true");
+  CHECK(client.mode == retry_mode::legacy);
+  CHECK(client.total_max_attempts == 5);
+  CHECK(client.revision == retry_revision::v2_1);
+  CHECK(resolve_retry_config({}, "adaptive", nullopt, nullopt, nullopt, "true").mode ==
+        retry_mode::adaptive);
+  CHECK(resolve_retry_config({}, nullopt, nullopt, "legacy", nullopt, "true").mode ==
+        retry_mode::legacy);
+  // Exactly "true", as the Go and PHP SDKs test it; anything else leaves 2.0 and legacy.
+  for (const char* off : {"false", "TRUE", "1", "yes", ""}) {
+    INFO(off);
+    const auto cfg = resolve_retry_config({}, nullopt, nullopt, nullopt, nullopt, off);
+    CHECK(cfg.revision == retry_revision::v2_0);
+    CHECK(cfg.mode == retry_mode::legacy);
+  }
+  CHECK(resolve_retry_config({}, nullopt, nullopt, nullopt, nullopt).revision ==
+        retry_revision::v2_0);
+}
+
+TEST_CASE("read_retry_env reads AWS_NEW_RETRIES_2026", "[aws]") {
+  ::setenv("AWS_NEW_RETRIES_2026", "true", 1);
+  auto env = keel::aws::read_retry_env();
+  ::unsetenv("AWS_NEW_RETRIES_2026");
+  CHECK(env.new_retries_2026 == "true");
+  CHECK(resolve_retry_config({}, env.mode, env.max_attempts, nullopt, nullopt, env.new_retries_2026)
+            .revision == keel::aws::retry_revision::v2_1);
+  CHECK_FALSE(keel::aws::read_retry_env().new_retries_2026);
+}

@@ -1,6 +1,7 @@
 // Tests for keel/aws/retry.hpp and keel/llm/aws_facts.hpp: AWS retry modes around any call.
 #include <keel/aws/retry.hpp>
 #include <keel/deadline.hpp>
+#include <keel/http/error.hpp>
 #include <keel/llm/aws_facts.hpp>
 #include <keel/llm/error.hpp>
 
@@ -391,6 +392,77 @@ TEST_CASE("a timeout costs 10 at 2.0 and 14 at 2.1, other transport errors 5", "
   }
 }
 
+TEST_CASE("a strategy built from a config follows its revision (AWS_NEW_RETRIES_2026)", "[aws]") {
+  manual_clock::reset();
+  keel::aws::resolved_retry_config cfg{retry_mode::standard, 3, retry_revision::v2_1};
+  keel::aws::retry_strategy s{cfg, keel::aws::now_seconds<manual_clock>()};
+  CHECK(s.revision() == retry_revision::v2_1);
+  aws_script op{{bedrock(500, "InternalServerException"), bedrock(500, "InternalServerException")}};
+  CHECK(run_call(op, s, pinned(1.0)).value == 42);
+  CHECK(op.started_ms == std::vector<long long>{0, 50, 150});
+  CHECK(s.quota()->available() == 486);
+}
+
+TEST_CASE("the initial quota and the maximum backoff can be tuned", "[aws]") {
+  manual_clock::reset();
+  keel::aws::retry_tuning tuning;
+  tuning.initial_quota = 8;
+  tuning.max_backoff = 1.5;
+  keel::aws::retry_strategy s{keel::aws::resolved_retry_config{retry_mode::standard, 5},
+                              retry_revision::v2_0, keel::aws::now_seconds<manual_clock>(), tuning};
+  CHECK(s.quota()->max() == 8);
+  CHECK(s.max_backoff() == 1.5);
+  // 5 of 8 for the first retry; the second (5 more) is refused.
+  aws_script drained{std::vector<std::exception_ptr>(5, bedrock(503, "ServiceUnavailable"))};
+  std::vector<keel::aws::give_up_reason> why;
+  run_call(drained, s, recording(pinned(1.0), why));
+  CHECK(drained.started_ms == std::vector<long long>{0, 1000});
+  CHECK(why == std::vector<keel::aws::give_up_reason>{keel::aws::give_up_reason::quota_exhausted});
+
+  manual_clock::reset();
+  tuning = keel::aws::retry_tuning{};
+  tuning.max_backoff = 1.5;
+  keel::aws::retry_strategy capped{keel::aws::resolved_retry_config{retry_mode::standard, 4},
+                                   retry_revision::v2_0, keel::aws::now_seconds<manual_clock>(),
+                                   tuning};
+  CHECK(capped.quota()->max() == 500);
+  aws_script op{std::vector<std::exception_ptr>(3, bedrock(503, "ServiceUnavailable"))};
+  CHECK(run_call(op, capped, pinned(1.0)).value == 42);
+  CHECK(op.started_ms == std::vector<long long>{0, 1000, 2500, 4000});  // 1, then 1.5, 1.5
+}
+
+TEST_CASE("the adaptive limiter's clock and rate calculator can be injected", "[aws]") {
+  // A scripted calculator records what it is asked, at the injected clock's times (1000 s ahead
+  // of the manual clock); with a minimum fill rate of 2 the retry after the throttle waits
+  // (1 - 0 tokens) / 2 = 0.5 s.
+  struct scripted : keel::aws::rate_calculator {
+    std::vector<std::pair<std::string, double>> calls;
+    double success(double t) override {
+      calls.emplace_back("success", t);
+      return 100;
+    }
+    double throttle(double rate, double t) override {
+      calls.emplace_back("throttle", t);
+      return rate;
+    }
+  };
+  manual_clock::reset();
+  auto calc = std::make_shared<scripted>();
+  keel::aws::retry_tuning tuning;
+  tuning.adaptive.calculator = calc;
+  tuning.adaptive.min_fill_rate = 2;
+  tuning.limiter_clock = [] { return 1000 + keel::aws::now_seconds<manual_clock>(); };
+  keel::aws::retry_strategy s{keel::aws::resolved_retry_config{retry_mode::adaptive, 3},
+                              keel::aws::now_seconds<manual_clock>(), tuning};
+  aws_script op{{bedrock(400, "ThrottlingException")}};
+  CHECK(run_call(op, s, pinned(0.0)).value == 42);
+  CHECK(op.started_ms == std::vector<long long>{0, 500});
+  CHECK(calc->calls ==
+        std::vector<std::pair<std::string, double>>{{"throttle", 1000.0}, {"success", 1000.5}});
+  // Measured 2 responses / 0.5 s, smoothed to 3.2: the calculator's 100 is capped at 2 x 3.2.
+  CHECK(s.limiter()->fill_rate() == Approx(6.4).margin(1e-9));
+}
+
 TEST_CASE("legacy retries socket errors but not other exceptions", "[aws]") {
   manual_clock::reset();
   auto s = strategy(retry_mode::legacy, 5);
@@ -405,6 +477,75 @@ TEST_CASE("legacy retries socket errors but not other exceptions", "[aws]") {
   const auto out = run_call(odd, s, opts);
   CHECK(odd.started_ms.size() == 1);
   CHECK(out.error == odd.outcomes[0]);
+}
+
+TEST_CASE("legacy does not retry a broken response stream or a malformed response", "[aws]") {
+  // botocore's legacy handler retries only socket errors; ResponseStreamingError (keel::http's
+  // truncated_response) and the base HTTPClientError (protocol_error) propagate on attempt 1.
+  // Standard mode retries both, and legacy still retries a connection closed before the
+  // response, a connect timeout and a refused connection.
+  manual_clock::reset();
+  keel::aws::aws_retry_options opts;
+  opts.facts = keel::llm::aws_attempt_facts;  // what keel batch uses; falls back to the default
+  opts.rand = [] { return 1.0; };
+  for (const keel::http::error e :
+       {keel::http::error::truncated_response, keel::http::error::protocol_error}) {
+    INFO(keel::http::make_error_code(e).message());
+    manual_clock::reset();
+    auto legacy = strategy(retry_mode::legacy, 5);
+    aws_script broken{{system_error(e), system_error(e)}};
+    std::vector<keel::aws::give_up_reason> why;
+    const auto out = run_call(broken, legacy, recording(opts, why));
+    CHECK(broken.started_ms == std::vector<long long>{0});
+    CHECK(out.error == broken.outcomes[0]);
+    CHECK(why == std::vector<keel::aws::give_up_reason>{keel::aws::give_up_reason::not_retryable});
+
+    auto standard = strategy(retry_mode::standard, 3);
+    aws_script again{{system_error(e), system_error(e)}};
+    CHECK(run_call(again, standard, opts).value == 42);
+    CHECK(again.started_ms.size() == 3);
+  }
+  manual_clock::reset();
+  auto legacy = strategy(retry_mode::legacy, 5);
+  aws_script sockets{{system_error(keel::http::error::connection_closed),
+                      system_error(keel::http::error::connect_timeout),
+                      system_error(asio::error::connection_refused)}};
+  CHECK(run_call(sockets, legacy, opts).value == 42);
+  CHECK(sockets.started_ms == std::vector<long long>{0, 1000, 3000, 7000});
+}
+
+TEST_CASE("attempt facts tell a socket error from other transport errors", "[aws]") {
+  using keel::aws::default_attempt_facts;
+  for (const auto& ep :
+       {system_error(asio::error::connection_reset), system_error(asio::error::connection_refused),
+        system_error(asio::error::eof), system_error(keel::http::error::connection_closed)}) {
+    const auto f = default_attempt_facts(ep);
+    REQUIRE(f);
+    CHECK(f->transport_error);
+    CHECK(f->socket_error);
+    CHECK_FALSE(f->timeout);
+  }
+  for (const auto& ep : {system_error(keel::http::error::connect_timeout),
+                         system_error(keel::http::error::request_timeout)}) {
+    const auto f = default_attempt_facts(ep);
+    REQUIRE(f);
+    CHECK(f->socket_error);
+    CHECK(f->timeout);
+  }
+  for (const auto& ep : {system_error(keel::http::error::truncated_response),
+                         system_error(keel::http::error::protocol_error)}) {
+    const auto f = default_attempt_facts(ep);
+    REQUIRE(f);
+    CHECK(f->transport_error);
+    CHECK_FALSE(f->socket_error);
+  }
+  // A provider's "no response at all" is a connection failure.
+  const auto none = keel::llm::aws_attempt_facts(provider("bedrock", errc::transport, 0));
+  REQUIRE(none);
+  CHECK(none->socket_error);
+  const auto throttled = keel::llm::aws_attempt_facts(bedrock(429, "ThrottlingException"));
+  REQUIRE(throttled);
+  CHECK_FALSE(throttled->socket_error);
 }
 
 TEST_CASE("cancellation during a backoff sleep ends the call at once and is not retried", "[aws]") {

@@ -151,3 +151,27 @@ TEST_CASE("the retry quota stays within bounds under concurrent use", "[aws][thr
   CHECK(q.available() == 1000 - successes.load());
   CHECK(q.available() >= 0);
 }
+
+TEST_CASE("the 2.1 retry-eventually-succeeds call leaves 486 while other threads retry too",
+          "[aws][threads]") {
+  // Thread 0 makes the §9.3 call (500, 500, 200): net -14. Seven other threads each make 50 calls
+  // of (500, 200), each net 0. Every release follows its own call's acquire, so the cap is never
+  // reached and the final amount does not depend on the interleaving.
+  keel::aws::retry_quota q;
+  const auto costs = keel::aws::quota_costs::v2_1();
+  std::vector<std::thread> threads;
+  std::atomic<int> attempts{0};
+  threads.emplace_back([&] { attempts += run_call(q, costs, {500, 500, 200}); });
+  for (int t = 0; t < 7; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        attempts += run_call(q, costs, {500, 200});
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  CHECK(attempts.load() == 3 + 7 * 50 * 2);
+  CHECK(q.available() == 486);
+}

@@ -8,10 +8,20 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/read_until.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/streambuf.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <cctype>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -278,6 +288,125 @@ TEST_CASE("an entry in an AWS retry mode uses its total attempts", "[cli_client]
   CHECK(keel::cli::error_status(out[0].error) == 503);
   CHECK(retried_attempts == std::vector<int>{1, 2});
   CHECK(server.stats().model("m").requests == 3);
+}
+
+namespace {
+
+// A Bedrock stand-in on 127.0.0.1:0 that records each request's headers (lower-case names) and
+// answers the first `failures` with 503 ServiceUnavailableException, then 200.
+struct recording_bedrock {
+  explicit recording_bedrock(asio::io_context& ctx, int fail_first)
+      : acceptor(ctx, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)),
+        failures(fail_first) {
+    asio::co_spawn(ctx, accept(), asio::detached);
+  }
+  std::string base_url() const {
+    return "http://127.0.0.1:" + std::to_string(acceptor.local_endpoint().port());
+  }
+
+  asio::ip::tcp::acceptor acceptor;
+  int failures;
+  std::vector<std::map<std::string, std::string>> requests;
+
+  asio::awaitable<void> accept() {
+    for (;;) {
+      auto sock = co_await acceptor.async_accept(asio::use_awaitable);
+      asio::co_spawn(acceptor.get_executor(), serve(std::move(sock)), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> serve(asio::ip::tcp::socket sock) {
+    asio::streambuf buf;
+    boost::system::error_code ec;
+    for (;;) {
+      const std::size_t head = co_await asio::async_read_until(
+          sock, buf, "\r\n\r\n", asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        co_return;
+      }
+      std::string text(asio::buffers_begin(buf.data()), asio::buffers_begin(buf.data()) + head);
+      buf.consume(head);
+      std::map<std::string, std::string> fields;
+      std::istringstream lines(text);
+      std::string line;
+      std::getline(lines, line);  // request line
+      while (std::getline(lines, line) && line != "\r") {
+        const auto colon = line.find(':');
+        std::string name = line.substr(0, colon);
+        std::transform(name.begin(), name.end(), name.begin(),
+                       [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+        std::string value = line.substr(colon + 1);
+        value.erase(0, value.find_first_not_of(' '));
+        value.erase(value.find_last_not_of("\r") + 1);
+        fields[name] = value;
+      }
+      const std::size_t length = std::stoul(fields["content-length"]);
+      if (buf.size() < length) {
+        co_await asio::async_read(sock, buf, asio::transfer_exactly(length - buf.size()),
+                                  asio::redirect_error(asio::use_awaitable, ec));
+        if (ec) {
+          co_return;
+        }
+      }
+      buf.consume(length);
+      requests.push_back(std::move(fields));
+      const bool fail = static_cast<int>(requests.size()) <= failures;
+      const std::string body =
+          fail ? R"({"message":"busy"})"
+               : R"({"output":{"message":{"role":"assistant","content":[{"text":"hi"}]}},)"
+                 R"("stopReason":"end_turn","usage":{"inputTokens":3,"outputTokens":1}})";
+      std::string res = fail ? "HTTP/1.1 503 Service Unavailable\r\n"
+                               "x-amzn-ErrorType: ServiceUnavailableException\r\n"
+                             : "HTTP/1.1 200 OK\r\n";
+      res += "content-type: application/json\r\ncontent-length: " + std::to_string(body.size()) +
+             "\r\n\r\n" + body;
+      co_await asio::async_write(sock, asio::buffer(res),
+                                 asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        co_return;
+      }
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("every Bedrock attempt carries the call's invocation id and attempt=N; max=M",
+          "[cli_client][aws]") {
+  for (const char* mode : {R"("mode": "standard", )", ""}) {
+    INFO((*mode ? "AWS standard" : "AWS legacy (bedrock default)"));
+    asio::io_context ctx;
+    recording_bedrock server(ctx, 1);
+    keel::http::client http(ctx.get_executor(), {});
+    keel::cli::bucket_registry buckets(ctx.get_executor());
+    keel::cli::llm_client client(
+        ctx.get_executor(),
+        make_config(std::string(R"({"config_list": [{"api_type": "bedrock", "model": "m",
+                                        "aws_region": "us-east-1", )") +
+                        mode + R"("total_max_attempts": 4}],
+                      "policy": {"breaker": {"enabled": false},
+                                 "retry": {"backoff": {"kind": "constant", "base": 0.001}}}})",
+                    server.base_url()),
+        http, buckets, {}, 3);
+    const auto out = run(ctx, client, {item(1), item(2)});
+    REQUIRE_FALSE(out[0].error);
+    REQUIRE_FALSE(out[1].error);
+    // Item 1: a 503 then 200 (one real backoff of at most 1 s: AWS modes use the client's seeded
+    // jitter on the steady clock); item 2: 200.
+    REQUIRE(server.requests.size() == 3);
+    const std::string id = server.requests[0]["amz-sdk-invocation-id"];
+    CHECK(id.size() == 36);
+    for (int i = 0; i < 2; ++i) {
+      CHECK(server.requests[i]["amz-sdk-invocation-id"] == id);
+      CHECK(server.requests[i]["amz-sdk-request"] ==
+            "attempt=" + std::to_string(i + 1) + "; max=4");
+      CHECK(server.requests[i]["authorization"].find("amz-sdk-invocation-id;amz-sdk-request") !=
+            std::string::npos);
+    }
+    CHECK(server.requests[2]["amz-sdk-invocation-id"].size() == 36);
+    CHECK(server.requests[2]["amz-sdk-invocation-id"] != id);  // a new call, a new id
+    CHECK(server.requests[2]["amz-sdk-request"] == "attempt=1; max=4");
+  }
 }
 
 TEST_CASE("two clients with different policies coexist and share a key's bucket", "[cli_client]") {

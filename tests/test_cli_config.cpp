@@ -236,8 +236,10 @@ TEST_CASE("to_json fills in every default and says which retry algorithm applies
   CHECK(j["config_list"][0]["retry"] == nlohmann::json{{"algorithm", "keel"}, {"max_attempts", 2}});
   CHECK(j["config_list"][0]["timeout"].is_null());
   CHECK(j["config_list"][0]["rate_limits"]["burst"] == 0);
-  CHECK(j["config_list"][1]["retry"] ==
-        nlohmann::json{{"algorithm", "aws"}, {"mode", "adaptive"}, {"total_max_attempts", 3}});
+  CHECK(j["config_list"][1]["retry"] == nlohmann::json{{"algorithm", "aws"},
+                                                       {"mode", "adaptive"},
+                                                       {"total_max_attempts", 3},
+                                                       {"revision", "2.0"}});
   CHECK(j["config_list"][1]["aws_credentials_source"] == "");
   CHECK(j["config_list"][1]["aws_region"] == "us-east-1");
   CHECK(j["policy"]["retry"]["backoff"]["jitter"] == "full");
@@ -550,6 +552,22 @@ TEST_CASE("AWS attempts come from the entry then AWS_MAX_ATTEMPTS then the profi
   CHECK(legacy.entries[0].aws_retry->total_max_attempts == 5);
   // An entry value wins even over an invalid variable, which is then not read.
   CHECK(attempts(R"(, "total_max_attempts": 2)", {{"AWS_MAX_ATTEMPTS", "many"}}) == 2);
+}
+
+TEST_CASE("AWS_NEW_RETRIES_2026=true gives AWS entries revision 2.1 and standard by default",
+          "[cli_config]") {
+  auto on = parse(bedrock(R"("aws_region": "us-east-1")"), {{"AWS_NEW_RETRIES_2026", "true"}});
+  REQUIRE(on.entries[0].aws_retry);
+  CHECK(on.entries[0].aws_retry->revision == keel::aws::retry_revision::v2_1);
+  CHECK(on.entries[0].aws_retry->mode == retry_mode::standard);
+  CHECK(on.entries[0].aws_retry->total_max_attempts == 3);
+  CHECK(keel::cli::to_json(on, true)["config_list"][0]["retry"]["revision"] == "2.1");
+  auto off = parse(bedrock(R"("aws_region": "us-east-1")"), {{"AWS_NEW_RETRIES_2026", "false"}});
+  CHECK(off.entries[0].aws_retry->revision == keel::aws::retry_revision::v2_0);
+  CHECK(off.entries[0].aws_retry->mode == retry_mode::legacy);
+  auto explicit_mode = parse(bedrock(R"("aws_region": "us-east-1", "mode": "adaptive")"),
+                             {{"AWS_NEW_RETRIES_2026", "true"}});
+  CHECK(explicit_mode.entries[0].aws_retry->mode == retry_mode::adaptive);
 }
 
 TEST_CASE("the AWS mode comes from the entry then AWS_RETRY_MODE then the profile",

@@ -18,8 +18,10 @@ std::optional<keel::aws::attempt_facts> aws_attempt_facts(const std::exception_p
     keel::aws::attempt_facts f;
     f.status = e.status();
     // With no response at all there is nothing to read but the failure itself; every provider
-    // reports it the same way.
+    // reports it the same way. No response at all is a connection failure: a socket error, which
+    // legacy mode retries too.
     f.transport_error = e.llm_code() == errc::transport;
+    f.socket_error = f.transport_error;
     if (e.provider() == "bedrock") {
       // Bedrock speaks AWS already: its error type is the AWS error code. The hint came from
       // x-amz-retry-after (or a standard header, which means the same); rounding up keeps a

@@ -605,6 +605,15 @@ chat_response bedrock::parse_response(const keel::http::response& res,
   return r;
 }
 
+void bedrock::add_sdk_request_headers(keel::http::request& req,
+                                      const keel::aws::sdk_request_info& info) {
+  if (info.invocation_id.empty()) {
+    throw std::invalid_argument("amz-sdk-invocation-id needs an invocation id");
+  }
+  req.set(keel::aws::invocation_id_header, info.invocation_id);
+  req.set(keel::aws::sdk_request_header, info.header_value());
+}
+
 // ---- Dispatch ----------------------------------------------------------------------------------
 
 keel::http::request build_request(const chat_request& req, const endpoint& ep) {

@@ -2,6 +2,7 @@
 #include "client.hpp"
 
 #include <keel/aws/retry.hpp>
+#include <keel/aws/sdk_request.hpp>
 #include <keel/classify.hpp>
 #include <keel/deadline.hpp>
 #include <keel/fallback.hpp>
@@ -332,6 +333,9 @@ struct llm_client::call_state {
   const batch_item* item = nullptr;
   int attempts = 0;
   std::size_t entry = 0;
+  // The AWS SDK headers of the entry being tried (Bedrock only): one invocation per entry, as
+  // each entry is a call on its own client, with its own attempt count and maximum.
+  std::optional<keel::aws::sdk_invocation> invocation;
 };
 
 llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client& http,
@@ -342,7 +346,8 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
       http_(http),
       hooks_(std::move(hooks)),
       options_(options),
-      random_(seed) {
+      random_(seed),
+      invocation_ids_(seed ^ 0x616d7a2d73646bULL) {
   const policy_config& pol = cfg_.policy;
   if (pol.retry_budget.enabled) {
     budget_ = std::make_unique<keel::retry_budget>(pol.retry_budget.max_tokens,
@@ -385,8 +390,8 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
     if (const auto& aws = cfg_.entries[i].aws_retry) {
       const double now =
           std::chrono::duration<double>(clock_type::now().time_since_epoch()).count();
-      es->aws =
-          std::make_unique<keel::aws::retry_strategy>(*aws, keel::aws::retry_revision::v2_0, now);
+      // The revision resolved with the mode (AWS_NEW_RETRIES_2026=true selects 2.1).
+      es->aws = std::make_unique<keel::aws::retry_strategy>(*aws, now);
     } else {
       keel::retry_policy p;
       p.max_attempts = cfg_.entries[i].max_attempts;
@@ -459,6 +464,11 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
 
   ++cs.attempts;
   cs.entry = es.index;
+  // Counted here, where a request really goes out: an open breaker's refusals send nothing.
+  std::optional<keel::aws::sdk_request_info> sdk;
+  if (cs.invocation) {
+    sdk = cs.invocation->next_attempt();
+  }
   keel::rate_controller::ticket ticket{};
   if (es.pacing) {
     ticket = es.pacing->on_send(cost);
@@ -474,10 +484,10 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     }
     if (es.cfg->timeout) {
       reply = co_await keel::with_deadline(
-          [&] { return keel::llm::complete(http_, es.ep, req, creds); },
+          [&] { return keel::llm::complete(http_, es.ep, req, creds, sdk); },
           seconds_ns(*es.cfg->timeout));
     } else {
-      reply = co_await keel::llm::complete(http_, es.ep, req, creds);
+      reply = co_await keel::llm::complete(http_, es.ep, req, creds, sdk);
     }
   } catch (...) {
     failed = std::current_exception();
@@ -534,6 +544,11 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
 
 asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, call_state& cs) {
   entry_state& es = *entries_[i];
+  cs.invocation.reset();
+  if (es.cfg->api_type == keel::llm::provider_kind::bedrock) {
+    const int max = es.aws ? es.aws->total_max_attempts() : es.policy.max_attempts;
+    cs.invocation.emplace(keel::aws::make_invocation_id(invocation_ids_), max);
+  }
   auto one = [this, &es, &cs]() -> asio::awaitable<keel::llm::chat_response> {
     if (!es.breaker) {
       co_return co_await attempt(es, cs);
@@ -560,8 +575,8 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
       }
       // Until the probe, or (half-open, the probe slots taken) a short while.
       const auto wait = es.breaker->remaining_open_time() +
-                        std::chrono::duration_cast<nanoseconds>(std::chrono::duration<double>(
-                            0.05 + 0.2 * random_.uniform()));
+                        std::chrono::duration_cast<nanoseconds>(
+                            std::chrono::duration<double>(0.05 + 0.2 * random_.uniform()));
       timer.expires_after(wait);
       co_await timer.async_wait(asio::use_awaitable);
     }

@@ -212,6 +212,7 @@ class llm_client {
   client_hooks hooks_;
   client_options options_;
   keel::random_source random_;
+  keel::random_source invocation_ids_;  // amz-sdk-invocation-id, apart from the jitter draws
   std::unique_ptr<keel::retry_budget> budget_;
   std::vector<std::unique_ptr<entry_state>> entries_;
 };

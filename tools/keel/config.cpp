@@ -739,11 +739,14 @@ class parser {
     // the environment settle both values.
     const auto env_mode = env_("AWS_RETRY_MODE");
     const auto env_max = env_("AWS_MAX_ATTEMPTS");
+    // The 2.1 switch: revision 2.1 and `standard` as the default mode ("true" only, as the SDKs).
+    const auto env_new_retries = env_("AWS_NEW_RETRIES_2026");
     const std::string profile =
         e.aws_profile_name.empty() ? std::string("default") : e.aws_profile_name;
     std::optional<std::string> profile_mode;
     std::optional<std::string> profile_max;
     if (!in.mode && !env_mode) {
+      // (With 2.1 on the default is `standard`, but the profile still wins over the default.)
       profile_mode = ini_value(shared_files().config_profile(profile), "retry_mode");
     }
     if (!in.total_max_attempts && !in.max_attempts && !env_max) {
@@ -759,14 +762,15 @@ class parser {
     mode_only.mode = in.mode;
     try {
       (void)keel::aws::resolve_retry_config(mode_only, env_mode, std::nullopt, profile_mode,
-                                            std::nullopt);
+                                            std::nullopt, env_new_retries);
     } catch (const std::invalid_argument&) {
       const std::string where = env_mode ? path + " (AWS_RETRY_MODE)" : profile_path("retry_mode");
       fail(where, join_quoted({"legacy", "standard", "adaptive"}, "or"),
            echo_text(env_mode ? *env_mode : profile_mode.value_or("")));
     }
     try {
-      return keel::aws::resolve_retry_config(in, env_mode, env_max, profile_mode, profile_max);
+      return keel::aws::resolve_retry_config(in, env_mode, env_max, profile_mode, profile_max,
+                                             env_new_retries);
     } catch (const std::invalid_argument&) {
       // Entry values were range-checked above, so the culprit is the variable or the profile.
       const std::string where =
@@ -975,9 +979,11 @@ nlohmann::json to_json(const config& c, bool redact) {
                         {"tokens_per_minute", e.rate_limits.tokens_per_minute},
                         {"burst", e.rate_limits.burst}};
     if (e.aws_retry) {
-      j["retry"] = {{"algorithm", "aws"},
-                    {"mode", std::string(keel::aws::to_string(e.aws_retry->mode))},
-                    {"total_max_attempts", e.aws_retry->total_max_attempts}};
+      j["retry"] = {
+          {"algorithm", "aws"},
+          {"mode", std::string(keel::aws::to_string(e.aws_retry->mode))},
+          {"total_max_attempts", e.aws_retry->total_max_attempts},
+          {"revision", e.aws_retry->revision == keel::aws::retry_revision::v2_1 ? "2.1" : "2.0"}};
     } else {
       j["retry"] = {{"algorithm", "keel"}, {"max_attempts", e.max_attempts}};
     }

@@ -22,6 +22,11 @@
 // Time is a `double` in seconds on any monotonic scale (botocore uses wall-clock seconds); it is
 // always passed in, never read, so tests are exact.
 //
+// The constants SDKs expose are settable, defaults unchanged: `adaptive_options::beta` (CUBIC's
+// decrease factor, 0.7) and `min_fill_rate` (0.5 tokens/s). For tests, `adaptive_options::
+// calculator` replaces the CUBIC calculator with any `rate_calculator` (botocore's injectable
+// `rate_adjustor`).
+//
 // Example:
 //
 //     keel::aws::adaptive_rate_limiter limiter{now()};      // one per client
@@ -36,6 +41,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <mutex>
 #include <optional>
 
@@ -86,19 +92,41 @@ class rate_clocker {
   double rate_ = 0;
 };
 
+/// What the adaptive limiter asks for a new send rate (botocore's `rate_adjustor`): implement it
+/// to replace CUBIC, e.g. with a scripted calculator in a test. Called under the limiter's lock.
+class rate_calculator {
+ public:
+  virtual ~rate_calculator() = default;
+
+  /// The rate allowed after a non-throttling response at `t` (tokens per second).
+  /// @param t the current time in seconds.
+  virtual double success(double t) = 0;
+
+  /// Records a throttling response at `t` and returns the rate allowed after it.
+  /// @param rate the rate in force when the throttle happened.
+  /// @param t the current time in seconds.
+  virtual double throttle(double rate, double t) = 0;
+};
+
 /// The CUBIC rate calculator of adaptive mode (botocore's CubicCalculator).
-class cubic_calculator {
+class cubic_calculator final : public rate_calculator {
  public:
   /// Creates a calculator whose last failure is at `now`.
   /// @param now the current time in seconds.
   /// @param starting_max_rate the initial `w_max` (0 in botocore).
-  explicit cubic_calculator(double now, double starting_max_rate = 0) noexcept
-      : w_max_(starting_max_rate), last_fail_(now), k_(compute_k(starting_max_rate)) {}
+  /// @param beta the multiplicative decrease factor β (0.7 in botocore), in (0, 1).
+  explicit cubic_calculator(double now, double starting_max_rate = 0,
+                            double beta = cubic_beta) noexcept
+      : beta_(beta), w_max_(starting_max_rate), last_fail_(now), k_(compute_k(starting_max_rate)) {}
 
   /// The rate allowed after a success at `t`: `C * (t - last_fail - K)^3 + w_max`.
   /// The state does not change.
   /// @param t the current time in seconds.
-  double success(double t) const noexcept {
+  double success(double t) noexcept override { return rate_at(t); }
+
+  /// The same as `success(t)`, on a const calculator.
+  /// @param t the current time in seconds.
+  double rate_at(double t) const noexcept {
     const double dt = t - last_fail_ - k_;
     return cubic_scale * dt * dt * dt + w_max_;
   }
@@ -106,12 +134,15 @@ class cubic_calculator {
   /// Records a throttle at `t` with rate `rate` (which becomes `w_max`) and returns `rate * β`.
   /// @param rate the rate in force when the throttle happened (the pre-decrease rate).
   /// @param t the current time in seconds.
-  double throttle(double rate, double t) noexcept {
+  double throttle(double rate, double t) noexcept override {
     w_max_ = rate;
     k_ = compute_k(rate);
     last_fail_ = t;
-    return rate * cubic_beta;
+    return rate * beta_;
   }
+
+  /// The decrease factor β.
+  double beta() const noexcept { return beta_; }
 
   /// The rate at the last throttle (`w_max`).
   double w_max() const noexcept { return w_max_; }
@@ -123,10 +154,11 @@ class cubic_calculator {
   double last_fail() const noexcept { return last_fail_; }
 
  private:
-  static double compute_k(double w_max) noexcept {
-    return std::cbrt(w_max * (1 - cubic_beta) / cubic_scale);
+  double compute_k(double w_max) const noexcept {
+    return std::cbrt(w_max * (1 - beta_) / cubic_scale);
   }
 
+  double beta_;
   double w_max_;
   double last_fail_;
   double k_;
@@ -148,6 +180,16 @@ class send_token_bucket {
   /// @param rate the fill rate (floored at 0.5) and capacity (floored at 1).
   /// @param now the current time in seconds.
   send_token_bucket(double rate, double now) noexcept : send_token_bucket(rate) { refill(now); }
+
+  /// Creates an empty bucket at `rate` whose clock starts at `now`, with another minimum fill
+  /// rate than botocore's 0.5 tokens/s.
+  /// @param rate the fill rate (floored at `min_fill`) and capacity (floored at 1).
+  /// @param now the current time in seconds.
+  /// @param min_fill the lowest fill rate any `set_rate` may give, in tokens per second (> 0).
+  send_token_bucket(double rate, double now, double min_fill) noexcept : min_fill_(min_fill) {
+    apply_rate(rate);
+    refill(now);
+  }
 
   /// Adds `(now - last) * fill_rate` tokens, up to the capacity; the first call only records
   /// `now`. A `now` earlier than the last refill adds nothing.
@@ -197,6 +239,9 @@ class send_token_bucket {
     return (amount - capacity_) / fill_rate_;
   }
 
+  /// The lowest fill rate `set_rate` may give, in tokens per second.
+  double min_fill() const noexcept { return min_fill_; }
+
   /// The fill rate in tokens per second (botocore's `max_rate`).
   double fill_rate() const noexcept { return fill_rate_; }
 
@@ -208,15 +253,30 @@ class send_token_bucket {
 
  private:
   void apply_rate(double v) noexcept {
-    fill_rate_ = std::max(v, min_fill_rate);
+    fill_rate_ = std::max(v, min_fill_);
     max_capacity_ = v >= 1 ? v : min_bucket_capacity;
     capacity_ = std::min(capacity_, max_capacity_);
   }
 
+  double min_fill_ = min_fill_rate;
   double fill_rate_ = min_fill_rate;
   double max_capacity_ = min_bucket_capacity;
   double capacity_ = 0;
   std::optional<double> last_ts_;
+};
+
+/// The adaptive limiter's settable constants and injectable parts; the defaults are botocore's.
+struct adaptive_options {
+  /// CUBIC's multiplicative decrease factor β, in (0, 1).
+  double beta = cubic_beta;
+  /// The send bucket's minimum fill rate in tokens per second (> 0).
+  double min_fill_rate = keel::aws::min_fill_rate;
+  /// Replaces the CUBIC calculator (then `beta` is unused); null: a `cubic_calculator` started
+  /// at the limiter's creation time. Shared so that a test can keep a handle on it.
+  std::shared_ptr<rate_calculator> calculator;
+
+  /// botocore's constants and the CUBIC calculator.
+  adaptive_options() = default;
 };
 
 /// The adaptive mode's client-side rate limiter (botocore's ClientRateLimiter), one per client.
@@ -224,8 +284,12 @@ class adaptive_rate_limiter {
  public:
   /// Creates a disabled limiter at `now` with a bucket at rate 1, as botocore does.
   /// @param now the current time in seconds.
-  explicit adaptive_rate_limiter(double now) noexcept
-      : clocker_(now), cubic_(now), bucket_(1.0, now) {}
+  /// @param opts the constants (β, minimum fill rate) and an optional rate calculator.
+  explicit adaptive_rate_limiter(double now, adaptive_options opts = {})
+      : clocker_(now),
+        calculator_(opts.calculator ? std::move(opts.calculator)
+                                    : std::make_shared<cubic_calculator>(now, 0.0, opts.beta)),
+        bucket_(1.0, now, opts.min_fill_rate) {}
 
   adaptive_rate_limiter(const adaptive_rate_limiter&) = delete;
   adaptive_rate_limiter& operator=(const adaptive_rate_limiter&) = delete;
@@ -258,10 +322,10 @@ class adaptive_rate_limiter {
     const double measured = clocker_.record(now);
     double next = 0;
     if (!is_throttling) {
-      next = cubic_.success(now);
+      next = calculator_->success(now);
     } else {
       const double r = enabled_ ? std::min(measured, bucket_.fill_rate()) : measured;
-      next = cubic_.throttle(r, now);
+      next = calculator_->throttle(r, now);
       enabled_ = true;
     }
     bucket_.set_rate(std::min(next, max_rate_adjust_scale * measured), now);
@@ -289,7 +353,7 @@ class adaptive_rate_limiter {
  private:
   mutable std::mutex mutex_;
   rate_clocker clocker_;
-  cubic_calculator cubic_;
+  std::shared_ptr<rate_calculator> calculator_;
   send_token_bucket bucket_;
   bool enabled_ = false;
 };

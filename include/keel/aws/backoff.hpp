@@ -47,8 +47,10 @@ inline double exp2_attempt(int attempt) noexcept {
 /// Standard 2.0 backoff: `rand * min(2^(n-1), 20)` seconds (1, 2, 4, 8, 16, 20, 20… at rand 1).
 /// @param rand a uniform draw on [0, 1).
 /// @param attempt the failed attempt's number, from 1.
-inline double standard_delay_v2_0(double rand, int attempt) noexcept {
-  return rand * std::min(detail::exp2_attempt(attempt), max_backoff_seconds);
+/// @param max_backoff the cap in seconds (botocore's 20 unless an SDK setting changes it).
+inline double standard_delay_v2_0(double rand, int attempt,
+                                  double max_backoff = max_backoff_seconds) noexcept {
+  return rand * std::min(detail::exp2_attempt(attempt), max_backoff);
 }
 
 /// The 2.1 backoff scale for a failure: 1.0 for throttling, else 0.05, or 0.025 for DynamoDB.
@@ -66,10 +68,12 @@ constexpr double standard_v2_1_scale(bool is_throttling, bool is_dynamodb = fals
 /// @param attempt the failed attempt's number, from 1.
 /// @param is_throttling the failure is a throttling error (scale 1.0).
 /// @param is_dynamodb the service is `dynamodb` or `dynamodb-streams` (scale 0.025).
+/// @param max_backoff the cap in seconds (botocore's 20 unless an SDK setting changes it).
 inline double standard_delay_v2_1(double rand, int attempt, bool is_throttling,
-                                  bool is_dynamodb = false) noexcept {
+                                  bool is_dynamodb = false,
+                                  double max_backoff = max_backoff_seconds) noexcept {
   const double scale = standard_v2_1_scale(is_throttling, is_dynamodb);
-  return rand * std::min(scale * detail::exp2_attempt(attempt), max_backoff_seconds);
+  return rand * std::min(scale * detail::exp2_attempt(attempt), max_backoff);
 }
 
 /// Parses an `x-amz-retry-after` header: a plain decimal integer of milliseconds with an

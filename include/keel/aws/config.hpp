@@ -15,13 +15,19 @@
 // |                    | profile `max_attempts` (both already totals); mode default: legacy 5,  |
 // |                    | standard and adaptive 3                                                |
 //
+// `AWS_NEW_RETRIES_2026=true` (the 2.1 switch; exactly "true", as the Go and PHP SDKs read it:
+// any other value, or none, leaves 2.0) selects revision 2.1 of the standard algorithm
+// (`resolved_retry_config::revision`) and makes `standard` the default mode. Like botocore's
+// `defaults_mode`, it replaces only the default link of the mode chain: an explicit client, env
+// or profile mode still wins, and the max-attempts default follows the resolved mode.
+//
 // Validation, all reported as `std::invalid_argument` naming the setting and the bad value:
 // a mode other than `legacy`/`standard`/`adaptive` (case-sensitive, env included); a total
 // below 1 (e.g. `AWS_MAX_ATTEMPTS=0`); a client `max_attempts` below 0; an env or profile value
 // that is not an integer. Only the source that wins is validated.
 //
-// Not covered: session-level variables, `defaults_mode`, the 2.1 default of `standard`, and
-// service-specific defaults (legacy DynamoDB 10, 2.1 DynamoDB 4); pass those as client values.
+// Not covered: session-level variables, `defaults_mode`, and service-specific defaults (legacy
+// DynamoDB 10, 2.1 DynamoDB 4); pass those as client values.
 //
 // Example:
 //
@@ -29,7 +35,7 @@
 //     client.mode = "adaptive";
 //     auto env = keel::aws::read_retry_env();
 //     auto cfg = keel::aws::resolve_retry_config(client, env.mode, env.max_attempts,
-//                                                std::nullopt, std::nullopt);
+//                                                std::nullopt, std::nullopt, env.new_retries_2026);
 //     // cfg.mode == retry_mode::adaptive, cfg.total_max_attempts == 3 unless the env says
 //     otherwise
 //
@@ -56,6 +62,16 @@ enum class retry_mode {
   adaptive,
 };
 
+/// The revision of the standard algorithm (costs and backoff) a client follows.
+enum class retry_revision {
+  /// The SDKs' current default: costs 5 / 10 (timeout) / 5, backoff `rand·min(2^(n−1), 20)`,
+  /// x-amz-retry-after ignored.
+  v2_0,
+  /// `AWS_NEW_RETRIES_2026=true`: costs 14 / 14 / 5 (throttling), backoff scaled 0.05 (1 for
+  /// throttling), x-amz-retry-after honoured up to 5 s beyond the backoff.
+  v2_1,
+};
+
 /// The retry settings from a client's configuration (botocore `Config(retries={...})`).
 struct retry_config_input {
   /// `retries.mode`: "legacy", "standard" or "adaptive".
@@ -72,6 +88,8 @@ struct resolved_retry_config {
   retry_mode mode = retry_mode::legacy;
   /// The maximum number of attempts, including the first (at least 1).
   int total_max_attempts = 5;
+  /// The standard algorithm's revision: 2.1 when `AWS_NEW_RETRIES_2026` is "true", else 2.0.
+  retry_revision revision = retry_revision::v2_0;
 };
 
 /// The retry settings read from the process environment.
@@ -80,7 +98,16 @@ struct retry_env {
   std::optional<std::string> mode;
   /// `AWS_MAX_ATTEMPTS`, if set.
   std::optional<std::string> max_attempts;
+  /// `AWS_NEW_RETRIES_2026`, if set.
+  std::optional<std::string> new_retries_2026;
 };
+
+/// True if an `AWS_NEW_RETRIES_2026` value turns the 2.1 behaviour on: exactly "true" (the Go
+/// and PHP SDKs' test); anything else, or no value, leaves 2.0.
+/// @param value the variable's value, if set.
+constexpr bool new_retries_enabled(const std::optional<std::string_view>& value) noexcept {
+  return value && *value == "true";
+}
 
 /// The name of a retry mode as the SDKs spell it ("legacy", "standard", "adaptive").
 constexpr std::string_view to_string(retry_mode m) noexcept {
@@ -158,15 +185,20 @@ inline int checked_total(long long total, std::string_view setting) {
 /// @param env_max_attempts the value of `AWS_MAX_ATTEMPTS`, if set (a total).
 /// @param profile_mode the shared-config profile's `retry_mode`, if set.
 /// @param profile_max_attempts the profile's `max_attempts`, if set (a total).
-/// @return the effective mode and total max attempts.
+/// @param env_new_retries the value of `AWS_NEW_RETRIES_2026`, if set: "true" selects revision
+///   2.1 and makes `standard` the default mode (explicit modes still win).
+/// @return the effective mode, total max attempts and revision.
 /// @throws std::invalid_argument for an unknown mode, a total below 1, a client `max_attempts`
 ///   below 0 or a non-integer env/profile value; the message names the setting and the value.
 inline resolved_retry_config resolve_retry_config(const retry_config_input& client,
                                                   std::optional<std::string> env_mode,
                                                   std::optional<std::string> env_max_attempts,
                                                   std::optional<std::string> profile_mode,
-                                                  std::optional<std::string> profile_max_attempts) {
+                                                  std::optional<std::string> profile_max_attempts,
+                                                  std::optional<std::string> env_new_retries = {}) {
   resolved_retry_config out;
+  const bool v2_1 = new_retries_enabled(env_new_retries);
+  out.revision = v2_1 ? retry_revision::v2_1 : retry_revision::v2_0;
   if (client.mode) {
     out.mode = detail::parse_retry_mode(*client.mode, "retries.mode");
   } else if (env_mode) {
@@ -174,7 +206,7 @@ inline resolved_retry_config resolve_retry_config(const retry_config_input& clie
   } else if (profile_mode) {
     out.mode = detail::parse_retry_mode(*profile_mode, "profile retry_mode");
   } else {
-    out.mode = retry_mode::legacy;
+    out.mode = v2_1 ? retry_mode::standard : retry_mode::legacy;
   }
 
   if (client.total_max_attempts) {
@@ -203,7 +235,8 @@ inline resolved_retry_config resolve_retry_config(const retry_config_input& clie
   return out;
 }
 
-/// Reads `AWS_RETRY_MODE` and `AWS_MAX_ATTEMPTS` from the process environment.
+/// Reads `AWS_RETRY_MODE`, `AWS_MAX_ATTEMPTS` and `AWS_NEW_RETRIES_2026` from the process
+/// environment.
 /// @return the values that are set (possibly empty strings); unset variables are empty optionals.
 inline retry_env read_retry_env() {
   retry_env env;
@@ -212,6 +245,9 @@ inline retry_env read_retry_env() {
   }
   if (const char* n = std::getenv("AWS_MAX_ATTEMPTS")) {
     env.max_attempts = n;
+  }
+  if (const char* v = std::getenv("AWS_NEW_RETRIES_2026")) {
+    env.new_retries_2026 = v;
   }
   return env;
 }

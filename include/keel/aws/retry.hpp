@@ -39,9 +39,8 @@
 //
 //     // One strategy per client, shared by all its calls.
 //     auto cfg = keel::aws::resolve_retry_config(client_cfg, env.mode, env.max_attempts,
-//                                                std::nullopt, std::nullopt);
-//     keel::aws::retry_strategy strategy{cfg, keel::aws::retry_revision::v2_0,
-//                                        keel::aws::now_seconds()};
+//                                                std::nullopt, std::nullopt, env.new_retries_2026);
+//     keel::aws::retry_strategy strategy{cfg, keel::aws::now_seconds()};  // 2.1 if the env says
 //     keel::aws::aws_retry_options opts;
 //     opts.facts = keel::llm::aws_attempt_facts;
 //     opts.on_retry = [](const keel::retry_event& e) { log_warning(e); };
@@ -90,16 +89,6 @@
 
 namespace keel::aws {
 
-/// The revision of the standard algorithm (costs and backoff) a strategy follows.
-enum class retry_revision {
-  /// The SDKs' current default: costs 5 / 10 (timeout) / 5, backoff `rand·min(2^(n−1), 20)`,
-  /// x-amz-retry-after ignored.
-  v2_0,
-  /// `AWS_NEW_RETRIES_2026`: costs 14 / 14 / 5 (throttling), backoff scaled 0.05 (1 for
-  /// throttling), x-amz-retry-after honoured up to 5 s beyond the backoff.
-  v2_1,
-};
-
 /// What the AWS retry algorithm needs to know about one failed attempt.
 struct attempt_facts {
   /// The HTTP status of the error response, or 0 if there was none.
@@ -107,9 +96,16 @@ struct attempt_facts {
   /// The parsed AWS error code (`Error.Code`, e.g. "ThrottlingException"); empty if none.
   std::string code;
   /// The attempt failed in transport (botocore's ConnectionError / HTTPClientError family:
-  /// refused, reset, closed, SSL, proxy, streaming); in legacy mode this counts as a socket error.
+  /// refused, reset, closed, SSL, proxy, a broken response stream, an unparsable response).
+  /// Standard and adaptive modes retry every transport error.
   bool transport_error = false;
-  /// The attempt hit a connect or read timeout (costs 10 at 2.0).
+  /// The transport error is one of botocore's *socket errors*, the only exceptions legacy mode
+  /// retries: connect or read timeout, endpoint connection failure (refused, unreachable, name
+  /// resolution), proxy, SSL, or a connection closed before the response began. A response
+  /// that broke off mid-stream (`ResponseStreamingError`) or any other HTTP-client failure
+  /// (`HTTPClientError`, e.g. a malformed response) is a transport error but not a socket error.
+  bool socket_error = false;
+  /// The attempt hit a connect or read timeout (costs 10 at 2.0; a socket error in legacy mode).
   bool timeout = false;
   /// The raw `x-amz-retry-after` header (integer milliseconds), if the response had one.
   std::optional<std::string> amz_retry_after;
@@ -120,12 +116,30 @@ struct attempt_facts {
 /// nothing and records nothing in the quota or the limiter.
 using fact_extractor = std::function<std::optional<attempt_facts>(const std::exception_ptr&)>;
 
+namespace detail {
+
+// keel::http's `protocol_error` (the peer sent something that is not HTTP/1.1) and
+// `truncated_response` (the peer closed mid-response) are botocore's HTTPClientError and
+// ResponseStreamingError: transport errors, but not socket errors. keel::aws does not link
+// keel::http, so the category is recognised by its name; the values are part of keel::http's
+// public enum (`keel/http/error.hpp`) and must stay in step with it.
+inline bool is_http_response_error(const boost::system::error_code& ec) noexcept {
+  constexpr int protocol_error = 7;      // keel::http::error::protocol_error
+  constexpr int truncated_response = 9;  // keel::http::error::truncated_response
+  return std::string_view(ec.category().name()) == "keel.http" &&
+         (ec.value() == protocol_error || ec.value() == truncated_response);
+}
+
+}  // namespace detail
+
 /// The default fact extractor, built on `keel::classify`: cancellation and
 /// `keel::error::circuit_open` are not attempt outcomes (nullopt); condition `timeout` (a
-/// timed-out socket, a per-attempt `with_deadline`) is a transport timeout; condition `transient`
-/// from a system, Asio or transport error code (any category but keel's own) is a transport error;
-/// anything else is a failure with status 0 and no code, which neither standard nor legacy mode
-/// retries.
+/// timed-out socket, a per-attempt `with_deadline`) is a transport timeout and a socket error;
+/// condition `transient` from a system, Asio or transport error code (any category but keel's
+/// own) is a transport error, and a socket error too unless it is keel::http's `protocol_error`
+/// or `truncated_response` (a malformed or broken-off response, which legacy mode does not
+/// retry); anything else is a failure with status 0 and no code, which neither standard nor
+/// legacy mode retries.
 ///
 /// It knows no HTTP statuses: for LLM provider errors use `keel::llm::aws_attempt_facts`.
 /// @param ep the attempt's exception (null gives a failure with status 0).
@@ -138,10 +152,12 @@ inline std::optional<attempt_facts> default_attempt_facts(const std::exception_p
   attempt_facts facts;
   if (c.condition == keel::condition::timeout) {
     facts.transport_error = true;
+    facts.socket_error = true;
     facts.timeout = true;
   } else if (c.condition == keel::condition::transient && c.code &&
              c.code.category() != keel::error_category()) {
     facts.transport_error = true;
+    facts.socket_error = !detail::is_http_response_error(c.code);
   }
   return facts;
 }
@@ -152,6 +168,24 @@ template <class Clock = keel::default_clock>
 double now_seconds() noexcept {
   return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
 }
+
+/// The constants the AWS SDKs let a client change, and the adaptive limiter's injectable parts.
+/// Every default is botocore's, so a default-constructed `retry_tuning` changes nothing.
+struct retry_tuning {
+  /// The retry quota's initial (and maximum) amount (standard and adaptive modes).
+  int initial_quota = retry_quota::default_capacity;
+  /// The cap on the standard modes' computed backoff, in seconds (2.0 and 2.1; legacy has none).
+  double max_backoff = max_backoff_seconds;
+  /// The adaptive limiter's β, minimum fill rate and optional replacement rate calculator.
+  adaptive_options adaptive;
+  /// The time in seconds the adaptive limiter reads (botocore's injectable `clock`); empty:
+  /// `now_seconds<Clock>()` of the `with_retry` call. Sleeps still run on `Clock`'s timers, so
+  /// give a clock on the same scale as `Clock` (or one a test advances in step with it).
+  std::function<double()> limiter_clock;
+
+  /// botocore's defaults.
+  retry_tuning() = default;
+};
 
 /// One client's AWS retry state: its mode, attempt cap, revision, retry quota (standard and
 /// adaptive) and client-side rate limiter (adaptive), shared by all the client's calls.
@@ -165,18 +199,31 @@ class retry_strategy {
   /// @param config the resolved mode and total max attempts (values below 1 are treated as 1).
   /// @param revision the standard algorithm's revision (ignored by legacy mode).
   /// @param now the current time in seconds on the clock `with_retry` will use
-  ///   (`now_seconds<Clock>()`); starts the adaptive limiter's clocks.
-  retry_strategy(resolved_retry_config config, retry_revision revision, double now)
+  ///   (`now_seconds<Clock>()`); starts the adaptive limiter's clocks (the injected
+  ///   `retry_tuning::limiter_clock` instead, when given).
+  /// @param tuning the SDK constants and injected limiter parts (botocore's by default).
+  retry_strategy(resolved_retry_config config, retry_revision revision, double now,
+                 retry_tuning tuning = {})
       : mode_(config.mode),
         total_max_attempts_(std::max(config.total_max_attempts, 1)),
-        revision_(revision) {
+        revision_(revision),
+        max_backoff_(tuning.max_backoff),
+        limiter_clock_(std::move(tuning.limiter_clock)) {
     if (mode_ != retry_mode::legacy) {
-      quota_.emplace();
+      quota_.emplace(tuning.initial_quota);
     }
     if (mode_ == retry_mode::adaptive) {
-      limiter_.emplace(now);
+      limiter_.emplace(limiter_clock_ ? limiter_clock_() : now, std::move(tuning.adaptive));
     }
   }
+
+  /// Creates the state for a client with the revision the configuration resolved
+  /// (`AWS_NEW_RETRIES_2026`).
+  /// @param config the resolved mode, total max attempts and revision.
+  /// @param now the current time in seconds on the clock `with_retry` will use.
+  /// @param tuning the SDK constants and injected limiter parts (botocore's by default).
+  retry_strategy(resolved_retry_config config, double now, retry_tuning tuning = {})
+      : retry_strategy(config, config.revision, now, std::move(tuning)) {}
 
   retry_strategy(const retry_strategy&) = delete;
   retry_strategy& operator=(const retry_strategy&) = delete;
@@ -195,7 +242,15 @@ class retry_strategy {
     return revision_ == retry_revision::v2_1 ? quota_costs::v2_1() : quota_costs::v2_0();
   }
 
-  /// The client's retry quota (500 at start); null in legacy mode.
+  /// The cap on the standard modes' computed backoff, in seconds (20 unless tuned).
+  double max_backoff() const noexcept { return max_backoff_; }
+
+  /// The time the adaptive limiter reads, in seconds: the injected clock, or `fallback` when
+  /// none was given.
+  /// @param fallback the caller's clock reading (`now_seconds<Clock>()`).
+  double limiter_now(double fallback) const { return limiter_clock_ ? limiter_clock_() : fallback; }
+
+  /// The client's retry quota (500 at start unless tuned); null in legacy mode.
   retry_quota* quota() noexcept { return quota_ ? &*quota_ : nullptr; }
   /// The client's retry quota (500 at start); null in legacy mode.
   const retry_quota* quota() const noexcept { return quota_ ? &*quota_ : nullptr; }
@@ -209,6 +264,8 @@ class retry_strategy {
   retry_mode mode_;
   int total_max_attempts_;
   retry_revision revision_;
+  double max_backoff_;
+  std::function<double()> limiter_clock_;
   std::optional<retry_quota> quota_;
   std::optional<adaptive_rate_limiter> limiter_;
 };
@@ -270,7 +327,9 @@ inline std::chrono::nanoseconds to_nanoseconds(double seconds, bool round_up) no
 // §2 (standard / adaptive) or §6 (legacy), before the attempt cap.
 inline bool aws_retryable(retry_mode mode, const attempt_facts& f) noexcept {
   if (mode == retry_mode::legacy) {
-    return legacy_retryable(f.status, f.code, f.transport_error || f.timeout);
+    // Only botocore's socket-error family; a broken response stream or another HTTP-client
+    // error propagates at once (§6).
+    return legacy_retryable(f.status, f.code, f.socket_error || f.timeout);
   }
   return standard_retryable(f.status, f.code, f.transport_error, f.timeout);
 }
@@ -284,9 +343,9 @@ inline double aws_backoff(const retry_strategy& s, const attempt_facts& f, bool 
     return legacy_delay(rand, attempt);
   }
   if (s.revision() == retry_revision::v2_0) {
-    return standard_delay_v2_0(rand, attempt);
+    return standard_delay_v2_0(rand, attempt, s.max_backoff());
   }
-  const double t = standard_delay_v2_1(rand, attempt, is_throttling);
+  const double t = standard_delay_v2_1(rand, attempt, is_throttling, false, s.max_backoff());
   std::optional<std::string_view> header;
   if (f.amz_retry_after) {
     header = *f.amz_retry_after;
@@ -329,6 +388,7 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
 
   std::optional<basic_timer<Clock>> timer;
   adaptive_rate_limiter* const limiter = s.limiter();
+  const auto limiter_now = [&s] { return s.limiter_now(now_seconds<Clock>()); };
   std::optional<standard_call_state> call;
   if (retry_quota* q = s.quota()) {
     call.emplace(*q, s.costs());
@@ -345,8 +405,8 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
   for (int attempt = 1;; ++attempt) {
     // §5.5: before every send, retries included. The limiter never blocks; it says how long.
     if (limiter) {
-      for (double w = limiter->before_send(now_seconds<Clock>()); w > 0;
-           w = limiter->before_send(now_seconds<Clock>())) {
+      for (double w = limiter->before_send(limiter_now()); w > 0;
+           w = limiter->before_send(limiter_now())) {
         const std::chrono::nanoseconds wait = detail::to_nanoseconds(w, /*round_up=*/true);
         if (pending && ends_too_late(wait)) {
           give_up(give_up_reason::no_time_left, pending);
@@ -372,7 +432,7 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
       } else {
         T value = co_await op();
         if (limiter) {
-          limiter->after_response(false, now_seconds<Clock>());
+          limiter->after_response(false, limiter_now());
         }
         if (call) {
           call->on_call_finished(200);
@@ -385,7 +445,7 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
     if constexpr (std::is_void_v<T>) {
       if (!failed) {
         if (limiter) {
-          limiter->after_response(false, now_seconds<Clock>());
+          limiter->after_response(false, limiter_now());
         }
         if (call) {
           call->on_call_finished(200);
@@ -406,7 +466,7 @@ auto with_retry(MakeOp op, retry_strategy& s, aws_retry_options opts = {})
     const bool throttling = is_throttling_code(facts->code);
     // §5.5: after every response or exception, including the final attempt.
     if (limiter) {
-      limiter->after_response(throttling, now_seconds<Clock>());
+      limiter->after_response(throttling, limiter_now());
     }
     // §3: the attempt cap first, then the classification. A failed call gives back nothing.
     if (attempt >= s.total_max_attempts()) {

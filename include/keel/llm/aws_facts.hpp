@@ -21,7 +21,9 @@
 //
 // "hint → amz": Bedrock's server delay hint (`retry_after()`, from x-amz-retry-after), rounded up
 // to whole milliseconds, becomes `amz_retry_after` (honoured by revision 2.1 only). "transport":
-// `transport_error` is set (connection refused, reset, EOF; no response).
+// `transport_error` and `socket_error` are set (connection refused, reset, EOF; no response).
+// A transport failure that is not a `provider_error` (what `keel::http::client` throws) goes to
+// `default_attempt_facts`, which tells a socket error from a malformed or broken-off response.
 //
 // Consequences in standard mode: a rate limit is a throttling error (retried, cost 5, adaptive
 // slows down); an overload or 5xx is transient; a timeout is transient (cost 5 at 2.0, not 10:

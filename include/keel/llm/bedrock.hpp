@@ -9,7 +9,9 @@
 // and a body `{messages:[{role, content:[{text}]}], system?:[{text}], inferenceConfig:{maxTokens,
 // temperature?, topP?, stopSequences?}, requestMetadata?}` (`seed` is not sent: Converse has none). `response_format` is not sent. The request is **not
 // signed**: call `keel::llm::sign_request(req, credentials, region, "bedrock", now)`
-// (<keel/llm/sigv4.hpp>) before sending it.
+// (<keel/llm/sigv4.hpp>) before sending it. `add_sdk_request_headers` adds the AWS SDKs'
+// `amz-sdk-invocation-id` and `amz-sdk-request: attempt=N; max=M` (add them before signing: the
+// SDKs sign them); `keel::llm::complete` does both when given a `keel::aws::sdk_request_info`.
 //
 // `parse_response` concatenates `output.message.content[].text` and reads `stopReason` and
 // `usage.{inputTokens,outputTokens}` (usage is optional). A `stopReason` of "content_filtered"
@@ -34,6 +36,7 @@
 //
 // Thread safety: pure functions.
 
+#include <keel/aws/sdk_request.hpp>
 #include <keel/http/message.hpp>
 #include <keel/llm/chat.hpp>
 #include <keel/llm/error.hpp>
@@ -47,6 +50,14 @@ namespace keel::llm::bedrock {
 /// Builds the unsigned Converse request (`ep.kind` is ignored).
 /// @throws std::invalid_argument if `ep` has neither a base URL nor a region.
 keel::http::request build_request(const chat_request& req, const endpoint& ep);
+
+/// Sets `amz-sdk-invocation-id` and `amz-sdk-request` on `req` (replacing earlier values, so a
+/// request reused for a retry is safe). Call it before `sign_request`: the AWS SDKs (JS v3,
+/// botocore) add both before signing, and SigV4 signs them like any other header.
+/// @param req the request to send.
+/// @param info the call's invocation id and this attempt's number and maximum.
+/// @throws std::invalid_argument if `info.invocation_id` is empty.
+void add_sdk_request_headers(keel::http::request& req, const keel::aws::sdk_request_info& info);
 
 /// Parses a Converse response.
 /// @throws provider_error on failure; see the classification above.

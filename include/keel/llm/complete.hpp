@@ -9,6 +9,11 @@
 // send(keel::http::request)`, normally `keel::http::client`), and parses the reply, throwing a
 // classified `keel::llm::provider_error` for a non-2xx status. It never retries: compose it.
 //
+// For a Bedrock endpoint, give `sdk` (a `keel::aws::sdk_request_info`, e.g. from
+// `keel::aws::sdk_invocation::next_attempt()` in the retry factory) to send the AWS SDKs'
+// `amz-sdk-invocation-id` and `amz-sdk-request: attempt=N; max=M` headers; they are added
+// before signing, so they are signed, as the SDKs do.
+//
 // Keeping the sender a template parameter keeps `keel::llm` free of any transport dependency
 // (tests can pass a fake sender).
 //
@@ -23,7 +28,9 @@
 // Cancellation: cancelling the caller cancels the send (the transport closes the connection).
 // Thread safety: as the sender's.
 
+#include <keel/aws/sdk_request.hpp>
 #include <keel/http/message.hpp>
+#include <keel/llm/bedrock.hpp>
 #include <keel/llm/chat.hpp>
 #include <keel/llm/error.hpp>
 #include <keel/llm/sigv4.hpp>
@@ -42,18 +49,26 @@ namespace keel::llm {
 /// @param ep the endpoint (copied).
 /// @param req the chat request (copied).
 /// @param aws credentials for a Bedrock endpoint (required for Bedrock, ignored otherwise).
+/// @param sdk the call's invocation id and this attempt's number and maximum, sent as
+///   `amz-sdk-invocation-id` and `amz-sdk-request` on a Bedrock request (ignored otherwise).
 /// @returns the reply.
 /// @throws provider_error for a non-2xx status or a malformed reply, with the endpoint's API
 ///   key and the AWS credentials masked wherever the server echoed them; the sender's transport
-///   errors; std::invalid_argument for a Bedrock endpoint without credentials.
+///   errors; std::invalid_argument for a Bedrock endpoint without credentials, or with an
+///   `sdk` whose invocation id is empty.
 /// Cancellation: propagates to the send.
 template <class Sender>
-boost::asio::awaitable<chat_response> complete(Sender& sender, endpoint ep, chat_request req,
-                                               std::optional<aws_credentials> aws = std::nullopt) {
+boost::asio::awaitable<chat_response> complete(
+    Sender& sender, endpoint ep, chat_request req,
+    std::optional<aws_credentials> aws = std::nullopt,
+    std::optional<keel::aws::sdk_request_info> sdk = std::nullopt) {
   keel::http::request http_req = build_request(req, ep);
   if (ep.kind == provider_kind::bedrock) {
     if (!aws) {
       throw std::invalid_argument("keel::llm::complete: a Bedrock endpoint needs AWS credentials");
+    }
+    if (sdk) {
+      bedrock::add_sdk_request_headers(http_req, *sdk);
     }
     sign_request(http_req, *aws, ep.region, "bedrock", std::chrono::system_clock::now());
   }
