@@ -5,6 +5,9 @@
 
 #include <keel/testing/mock_llm_server.hpp>
 
+#include "tls_support.hpp"
+
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -12,14 +15,20 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/streambuf.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cctype>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -75,6 +84,95 @@ std::vector<keel::cli::call_outcome> run(asio::io_context& ctx, keel::cli::llm_c
   ctx.restart();
   return out;
 }
+
+/// A server on 127.0.0.1:0 (optionally TLS) that answers every request with the same raw HTTP
+/// response, keeping the connection open; it counts the requests it read.
+class canned_server {
+ public:
+  canned_server(asio::io_context& ctx, std::string answer, asio::ssl::context* tls = nullptr)
+      : acceptor_(ctx, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)),
+        answer_(std::move(answer)),
+        tls_(tls) {
+    asio::co_spawn(ctx, accept_loop(), asio::detached);
+  }
+  std::string base_url() const {
+    return std::string(tls_ ? "https" : "http") +
+           "://127.0.0.1:" + std::to_string(acceptor_.local_endpoint().port());
+  }
+  int requests = 0;
+
+ private:
+  asio::awaitable<void> accept_loop() {
+    for (;;) {
+      auto [ec, sock] = co_await acceptor_.async_accept(asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        co_return;
+      }
+      asio::co_spawn(acceptor_.get_executor(), session(std::move(sock)), asio::detached);
+    }
+  }
+  template <class Stream>
+  asio::awaitable<void> serve(Stream& s) {
+    boost::beast::flat_buffer buf;
+    for (;;) {
+      boost::beast::http::request_parser<boost::beast::http::string_body> p;
+      p.body_limit(64 * 1024 * 1024);
+      auto [ec, n] =
+          co_await boost::beast::http::async_read(s, buf, p, asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        co_return;
+      }
+      ++requests;
+      auto [wec, wn] =
+          co_await asio::async_write(s, asio::buffer(answer_), asio::as_tuple(asio::use_awaitable));
+      if (wec) {
+        co_return;
+      }
+    }
+  }
+  asio::awaitable<void> session(asio::ip::tcp::socket sock) {
+    if (!tls_) {
+      co_await serve(sock);
+      co_return;
+    }
+    asio::ssl::stream<asio::ip::tcp::socket> s(std::move(sock), *tls_);
+    auto [ec] = co_await s.async_handshake(asio::ssl::stream_base::server,
+                                           asio::as_tuple(asio::use_awaitable));
+    if (!ec) {
+      co_await serve(s);
+    }
+  }
+
+  asio::ip::tcp::acceptor acceptor_;
+  std::string answer_;
+  asio::ssl::context* tls_;
+};
+
+/// A raw HTTP/1.1 response.
+std::string http_answer(int status, const std::string& reason, const std::string& body,
+                        const std::string& headers = "") {
+  return "HTTP/1.1 " + std::to_string(status) + " " + reason + "\r\n" + headers +
+         "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+         "\r\n\r\n" + body;
+}
+
+/// An OpenAI chat completion whose answer is `text` from `model`.
+std::string openai_ok(const std::string& text, const std::string& model = "m") {
+  return nlohmann::json{
+      {"id", "chatcmpl-1"},
+      {"object", "chat.completion"},
+      {"model", model},
+      {"choices", nlohmann::json::array({{{"index", 0},
+                                          {"message", {{"role", "assistant"}, {"content", text}}},
+                                          {"finish_reason", "stop"}}})},
+      {"usage", {{"prompt_tokens", 1}, {"completion_tokens", 1}, {"total_tokens", 2}}}}
+      .dump();
+}
+
+const char* const one_retrying_entry = R"({
+  "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}],
+  "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}}}
+})";
 
 const char* const two_entries = R"({
   "config_list": [
@@ -670,4 +768,129 @@ TEST_CASE("generation parameters reach the wire: the item's over the entry's", "
   CHECK(sent.at("seed") == 7);                         // the entry's
   CHECK(sent.at("max_completion_tokens") == 32);       // a reasoning model
   CHECK_FALSE(sent.contains("max_tokens"));
+}
+
+TEST_CASE("redirects, 413s and oversized answers get their own class and are not retried",
+          "[cli_client]") {
+  struct row {
+    std::string answer;
+    std::string cls;
+  };
+  const std::string too_large_body = nlohmann::json{
+      {"error",
+       {{"message", "Request too large"},
+        {"type", "invalid_request_error"},
+        {"code", nullptr}}}}.dump();
+  const std::vector<row> rows{
+      {http_answer(301, "Moved Permanently", "",
+                   "Location: https://api.example/v1/chat/completions?key=SECRETQUERY\r\n"),
+       "redirect"},
+      {http_answer(307, "Temporary Redirect", "", "Location: /elsewhere\r\n"), "redirect"},
+      {http_answer(413, "Payload Too Large", too_large_body), "request_too_large"},
+      {http_answer(200, "OK", std::string(4096, ' ') + openai_ok("x")), "response_too_large"},
+  };
+  for (const auto& r : rows) {
+    INFO(r.answer.substr(0, 40));
+    asio::io_context ctx;
+    canned_server srv(ctx, r.answer);
+    keel::http::client_options ho;
+    ho.max_response_body = 1024;
+    keel::http::client http(ctx.get_executor(), ho);
+    keel::cli::bucket_registry buckets(ctx.get_executor());
+    keel::cli::llm_client client(
+        ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()), http, buckets, {}, 1);
+    const auto out = run(ctx, client, {item(1)});
+    REQUIRE(out[0].error);
+    CHECK(keel::cli::error_class(out[0].error) == r.cls);
+    const auto j = keel::cli::error_json(out[0].error);
+    CHECK(j["class"] == r.cls);
+    CHECK(j["condition"] == "permanent");
+    CHECK(out[0].attempts == 1);
+    CHECK(srv.requests == 1);
+    if (r.cls == "redirect") {
+      CHECK_THAT(j["message"].get<std::string>(), Catch::Contains("redirected to "));
+      CHECK_THAT(j.dump(), !Catch::Contains("SECRETQUERY"));
+    }
+  }
+}
+
+TEST_CASE("the mock answers an oversized request 413 and keel does not retry it", "[cli_client]") {
+  // Beast's default 1 MiB request limit used to make the mock drop the connection: keel saw a
+  // reset and retried a request that can never succeed, as `connection`.
+  for (const std::size_t limit : {std::size_t{1024 * 1024}, std::size_t{4096}}) {
+    INFO(limit);
+    asio::io_context ctx;
+    keel::testing::mock_options mo;
+    mo.max_request_body = limit;
+    keel::testing::mock_llm_server server(ctx, mo);
+    server.start();
+    keel::http::client http(ctx.get_executor(), {});
+    keel::cli::bucket_registry buckets(ctx.get_executor());
+    keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
+                                 http, buckets, {}, 1);
+    const auto out = run(ctx, client, {item(1, std::string(limit * 2, 'x')), item(2)});
+    REQUIRE(out[0].error);
+    CHECK(keel::cli::error_class(out[0].error) == "request_too_large");
+    CHECK(keel::cli::error_json(out[0].error)["status"] == 413);
+    // One attempt per entry (the fallback is refused the same way), no retry.
+    CHECK(out[0].attempts == 2);
+    CHECK(server.stats().status_count(413) == 2);
+    // A normal request afterwards is answered.
+    CHECK_FALSE(out[1].error);
+  }
+}
+
+TEST_CASE("a reply that echoes a credential is redacted before it leaves the client",
+          "[cli_client]") {
+  asio::io_context ctx;
+  const std::string key = "sk-test-ECHO12345678";
+  canned_server srv(
+      ctx, http_answer(200, "OK",
+                       openai_ok("your key is " + key + ", twice: " + key + "; k2", "gpt-" + key)));
+  keel::http::client http(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  const std::string cfg = R"({"config_list": [
+      {"api_type": "openai", "model": "m", "api_key": ")" +
+                          key + R"("},
+      {"api_type": "openai", "model": "n", "api_key": "k2"}]})";
+  keel::cli::llm_client client(ctx.get_executor(), make_config(cfg, srv.base_url()), http, buckets,
+                               {}, 1);
+  const auto out = run(ctx, client, {item(1)});
+  REQUIRE(out[0].response);
+  CHECK(out[0].response->text == "your key is <redacted>, twice: <redacted>; k2");
+  CHECK(out[0].response->model == "gpt-<redacted>");
+}
+
+TEST_CASE("an entry's ca_file trusts a private CA; without it the server is refused as tls",
+          "[cli_client]") {
+  keel_test::test_pki pki;
+  asio::io_context ctx;
+  canned_server srv(ctx, http_answer(200, "OK", openai_ok("hello over TLS")), &pki.server_ctx);
+  keel::cli::http_clients clients(ctx.get_executor(), {});
+  keel::cli::bucket_registry buckets(ctx.get_executor());
+  auto trusted = make_config(one_retrying_entry, srv.base_url());
+  trusted.entries[0].ca_file = pki.ca_file;
+  keel::cli::llm_client with_ca(ctx.get_executor(), trusted, clients, buckets, {}, 1);
+  const auto ok = run(ctx, with_ca, {item(1)});
+  REQUIRE(ok[0].response);
+  CHECK(ok[0].response->text == "hello over TLS");
+
+  keel::cli::llm_client without(ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()),
+                                clients, buckets, {}, 1);
+  const auto refused = run(ctx, without, {item(2)});
+  REQUIRE(refused[0].error);
+  CHECK(keel::cli::error_class(refused[0].error) == "tls");
+  const auto j = keel::cli::error_json(refused[0].error);
+  CHECK(j["condition"] == "permanent");
+  CHECK_THAT(j["message"].get<std::string>(), Catch::Contains("certificate chain did not verify"));
+  CHECK(refused[0].attempts == 1);
+  CHECK(srv.requests == 1);
+
+  // One client per distinct CA file; a file that is not PEM fails naming it.
+  CHECK(&clients.get(pki.ca_file) == &clients.get(pki.ca_file));
+  CHECK(&clients.get(pki.ca_file) != &clients.get(""));
+  const std::string not_pem = pki.ca_file + ".txt";
+  { std::ofstream(not_pem) << "not a certificate\n"; }
+  CHECK_THROWS_WITH(clients.get(not_pem), Catch::Contains(not_pem));
+  std::filesystem::remove(not_pem);
 }

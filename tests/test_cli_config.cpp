@@ -876,3 +876,77 @@ TEST_CASE("an Anthropic entry's API version reaches its endpoint", "[cli_config]
                      "anthropic_version": "latest"}])")
             .path() == "/0/anthropic_version");
 }
+
+// ---- values that end up in headers, URLs and TLS ------------------------------------------
+
+TEST_CASE(
+    "a credential with a control character is refused at load naming the field, not the value",
+    "[cli_config]") {
+  const std::string key = "sk-test-NEWLINE123";
+  // Inline, with the newline a copy-paste or `echo` leaves.
+  auto inline_key = error_of(R"([{"model": "a", "api_key": "k"}, {"model": "b", "api_key": ")" +
+                             key + R"(\n"}])");
+  CHECK(inline_key.path() == "/1/api_key");
+  CHECK_THAT(inline_key.message(), Catch::Contains("a line feed (0x0a) at the end"));
+  CHECK_THAT(inline_key.message(), Catch::Contains("HTTP header"));
+  CHECK_THAT(std::string(inline_key.what()), !Catch::Contains(key));
+  // From api_key_env (`export KEY=$(cat key.txt)` keeps no newline, `read` or a .env file may).
+  auto from_env = error_of(R"([{"api_type": "anthropic", "model": "b", "api_key_env": "MY_KEY"}])",
+                           {{"MY_KEY", key + "\r\n"}});
+  CHECK(from_env.path() == "/0/api_key_env (the value of $MY_KEY)");
+  CHECK_THAT(from_env.message(), Catch::Contains("a carriage return (0x0d)"));
+  CHECK_THAT(std::string(from_env.what()), !Catch::Contains(key));
+  // AWS credentials: inline, and from the environment.
+  auto aws_inline = error_of(bedrock(R"("aws_region": "us-east-1",
+      "aws_access_key": "AKIATESTCTRL00000000", "aws_secret_key": "aws-secret-\tCTRL000")"));
+  CHECK(aws_inline.path() == "/config_list/0/aws_secret_key");
+  CHECK_THAT(aws_inline.message(), Catch::Contains("a tab (0x09) inside it"));
+  CHECK_THAT(std::string(aws_inline.what()), !Catch::Contains("CTRL000"));
+  auto aws_env = error_of(bedrock(R"("aws_region": "us-east-1")"),
+                          {{"AWS_ACCESS_KEY_ID", "AKIATESTCTRL00000000"},
+                           {"AWS_SECRET_ACCESS_KEY", "env-secret-CTRL111"},
+                           {"AWS_SESSION_TOKEN", "token-CTRL222\n"}});
+  CHECK(aws_env.path() == "/config_list/0 (AWS_SESSION_TOKEN)");
+  CHECK_THAT(std::string(aws_env.what()), !Catch::Contains("CTRL"));
+  // The region goes into the host name.
+  auto region = error_of(bedrock(), {{"AWS_REGION", "us-east-1\n"}});
+  CHECK(region.path() == "/config_list/0/aws_region");
+  // Clean values still load.
+  CHECK(
+      parse(R"([{"model": "a", "api_key_env": "MY_KEY"}])", {{"MY_KEY", key}}).entries[0].api_key ==
+      key);
+}
+
+TEST_CASE("base_url query values never appear in the printed config or in errors", "[cli_config]") {
+  auto c = parse(
+      R"([{"model": "a", "api_key": "k", "base_url": "https://gw.example/v1?key=AIzaSECRET123&alt=json"}])");
+  auto printed = keel::cli::to_json(c)["config_list"][0]["base_url"];
+  CHECK(printed == "https://gw.example/v1?key=<redacted>&alt=<redacted>");
+  CHECK(keel::cli::to_json(c, false)["config_list"][0]["base_url"] ==
+        "https://gw.example/v1?key=AIzaSECRET123&alt=json");
+  // An invalid base_url is echoed with its query values hidden.
+  auto bad = error_of(
+      R"([{"model": "a", "api_key": "k", "base_url": "https://gw.example:0/v1?key=AIzaSECRET123"}])");
+  CHECK(bad.path() == "/0/base_url");
+  CHECK_THAT(bad.message(), Catch::Contains("key=<redacted>"));
+  CHECK_THAT(std::string(bad.what()), !Catch::Contains("AIzaSECRET123"));
+}
+
+TEST_CASE("ca_file must name a readable file and is printed", "[cli_config]") {
+  temp_dir dir;
+  const std::string pem = dir.write("ca.pem", "-----BEGIN CERTIFICATE-----\n");
+  auto c = parse(R"([{"model": "a", "api_key": "k", "ca_file": ")" + pem + R"("},
+                     {"model": "b", "api_key": "k"}])");
+  CHECK(c.entries[0].ca_file == pem);
+  CHECK(c.entries[1].ca_file.empty());
+  CHECK(keel::cli::to_json(c)["config_list"][0]["ca_file"] == pem);
+  CHECK(keel::cli::to_json(c)["config_list"][1]["ca_file"].is_null());
+  auto missing =
+      error_of(R"([{"model": "a", "api_key": "k", "ca_file": ")" + dir.file("nope.pem") + R"("}])");
+  CHECK(missing.path() == "/0/ca_file");
+  CHECK_THAT(missing.message(), Catch::Contains("No such file or directory"));
+  auto directory =
+      error_of(R"([{"model": "a", "api_key": "k", "ca_file": ")" + dir.file("") + R"("}])");
+  CHECK_THAT(directory.message(), Catch::Contains("it is a directory"));
+  CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": 3}])").path() == "/0/ca_file");
+}

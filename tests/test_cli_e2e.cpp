@@ -1724,3 +1724,67 @@ TEST_CASE("The summary counts only the records that were written", "[cli_e2e][ha
   CHECK(summary.at("items").at("done") == 0);
   CHECK(summary.at("items").at("unwritten") == 1);
 }
+
+// ---- credentials, classes and TLS settings (issue 13, items 9, 10, 12, 14) -------------------
+
+TEST_CASE("keel config check refuses a key with a trailing newline, naming entry and variable",
+          "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "config.json",
+             R"([{"api_type": "openai", "model": "m", "api_key_env": "KEEL_E2E_KEY"}])");
+  const auto r = run_keel(dir, "check", {"config", "check", dir / "config.json"},
+                          {{"KEEL_E2E_KEY", std::string("sk-e2e-NEWLINE9999\n")}});
+  CHECK(r.status == 2);
+  CHECK(contains(r.err, "/0/api_key_env (the value of $KEEL_E2E_KEY)"));
+  CHECK(contains(r.err, "a line feed (0x0a) at the end"));
+  CHECK_FALSE(contains(r.err + r.out, "sk-e2e-NEWLINE9999"));
+}
+
+TEST_CASE("config check and --print-config hide base_url query values; --ca-file fills entries",
+          "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "ca.pem", "-----BEGIN CERTIFICATE-----\n");
+  write_file(dir / "own.pem", "-----BEGIN CERTIFICATE-----\n");
+  write_file(dir / "config.json", R"([
+      {"model": "a", "api_key": "k", "base_url": "https://gw.example/v1?key=AIzaE2ESECRET"},
+      {"model": "b", "api_key": "k", "ca_file": ")" +
+                                      (dir / "own.pem") + R"("}])");
+  const auto checked = run_keel(dir, "check", {"config", "check", dir / "config.json"});
+  CHECK(checked.status == 0);
+  CHECK(contains(checked.out, "https://gw.example/v1?key=<redacted>"));
+  CHECK_FALSE(contains(checked.out + checked.err, "AIzaE2ESECRET"));
+  const auto printed = run_keel(
+      dir, "print",
+      {"batch", "--config", dir / "config.json", "--print-config", "--ca-file", dir / "ca.pem"});
+  CHECK(printed.status == 0);
+  CHECK_FALSE(contains(printed.out + printed.err, "AIzaE2ESECRET"));
+  const json j = json::parse(printed.out);
+  CHECK(j["config_list"][0]["ca_file"] == dir / "ca.pem");   // from the flag
+  CHECK(j["config_list"][1]["ca_file"] == dir / "own.pem");  // the entry's own wins
+  const auto missing = run_keel(
+      dir, "missing",
+      {"batch", "--config", dir / "config.json", "--print-config", "--ca-file", dir / "nope.pem"});
+  CHECK(missing.status == 2);
+  CHECK(contains(missing.err, "--ca-file"));
+}
+
+TEST_CASE("a prompt over the mock's 1 MiB limit fails as request_too_large without retries",
+          "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  write_file(dir / "in.jsonl", R"({"id": "big", "prompt": ")" + std::string(2 * 1024 * 1024, 'x') +
+                                   "\"}\n" + R"({"id": "small", "prompt": "hi"})" + "\n");
+  child_process run(dir, "batch", batch_args(dir, {"--quiet"}));
+  CHECK(run.wait() == 1);
+  const auto records = read_records(dir / "results.jsonl");
+  REQUIRE(records.size() == 2);
+  const json* big = find_line(records, 1);
+  REQUIRE(big != nullptr);
+  INFO(big->dump());
+  CHECK(big->at("status") == "failed");
+  CHECK(big->at("error").at("class") == "request_too_large");
+  CHECK(big->at("error").at("status") == 413);
+  CHECK(big->at("attempts") == 1);  // fast_config allows 8: a 413 is not retried
+  CHECK(find_line(records, 2)->at("status") == "ok");
+}

@@ -155,6 +155,24 @@ TEST_CASE("bad input lines name the JSON path of the problem", "[cli_jsonl]") {
       R"({"id": 1, "prompt": "x", "metadata": {"a": {"k": 1}, "b": {"k": 2}}})", 1, 10)));
 }
 
+TEST_CASE("an out-of-range max_tokens is reported as written, not wrapped to a signed value",
+          "[cli_jsonl]") {
+  // 2^64 - 1 used to be read as a signed integer and reported as "got -1".
+  const std::string huge =
+      error_of(R"({"id": 1, "prompt": "x", "max_tokens": 18446744073709551615})");
+  CHECK(huge.find("got 18446744073709551615") != std::string::npos);
+  CHECK(huge.find("-1") == std::string::npos);
+  CHECK(error_of(R"({"id": 1, "prompt": "x", "max_tokens": 9223372036854775808})")
+            .find("got 9223372036854775808") != std::string::npos);
+  CHECK(error_of(R"({"id": 1, "prompt": "x", "max_tokens": -7})").find("got -7") !=
+        std::string::npos);
+  CHECK(error_of(R"({"id": 1, "prompt": "x", "max_tokens": 1000001})").find("got 1000001") !=
+        std::string::npos);
+  auto ok = parse_input_line(R"({"id": 1, "prompt": "x", "max_tokens": 1000000})", 1, 10);
+  REQUIRE(std::holds_alternative<batch_item>(ok));
+  CHECK(std::get<batch_item>(ok).request.max_tokens == 1000000);
+}
+
 TEST_CASE("an input error keeps the id when it could be read", "[cli_jsonl]") {
   auto r = parse_input_line(R"({"id": "x9", "prompt": 1})", 2, 10);
   REQUIRE(std::holds_alternative<input_error>(r));

@@ -121,7 +121,7 @@ TEST_CASE("anthropic errors are classified per the provider table", "[llm][anthr
       {403, err_body("permission_error", "no access"), errc::auth},
       {404, err_body("not_found_error", "model: x"), errc::not_found},
       {413, err_body("request_too_large", "Request exceeds the maximum allowed size"),
-       errc::bad_request},
+       errc::request_too_large},
       {402, err_body("billing_error", "billing"), errc::quota_exhausted},
       {503, "upstream connect error", errc::overloaded},
       {529, "", errc::overloaded},

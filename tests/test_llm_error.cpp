@@ -28,6 +28,8 @@ TEST_CASE("every keel.llm code maps to the condition a caller should act on", "[
       {errc::bad_request, keel::condition::permanent},
       {errc::not_found, keel::condition::permanent},
       {errc::malformed_response, keel::condition::permanent},
+      {errc::request_too_large, keel::condition::permanent},
+      {errc::redirect, keel::condition::permanent},
   };
   for (const auto& r : table) {
     INFO(keel::llm::to_string(r.code));

@@ -204,6 +204,22 @@ TEST_CASE("openai errors are classified per the provider table", "[llm][openai]"
   CHECK(std::string(auth.what()).find("sk-abcdef12") == std::string::npos);
 }
 
+TEST_CASE("openai 3xx is a redirect naming its Location without the query; 413 is too large",
+          "[llm][openai]") {
+  auto moved =
+      error_of(reply(301, "", {{"location", "https://u:pw@api.example/v1/chat?key=SECRETQ"}}));
+  CHECK(moved.llm_code() == errc::redirect);
+  CHECK(moved.status() == 301);
+  CHECK(keel::classify(std::make_exception_ptr(moved)).condition == keel::condition::permanent);
+  CHECK_THAT(moved.message(), Catch::Contains("redirected to https://api.example/v1/chat;"));
+  CHECK_THAT(std::string(moved.what()), !Catch::Contains("SECRETQ"));
+  CHECK_THAT(std::string(moved.what()), !Catch::Contains("pw@"));
+  CHECK(error_of(reply(308, "")).message().find("(no Location header)") != std::string::npos);
+  auto big = error_of(reply(413, err_body("invalid_request_error", "request_too_large", "big")));
+  CHECK(big.llm_code() == errc::request_too_large);
+  CHECK(keel::classify(std::make_exception_ptr(big)).condition == keel::condition::permanent);
+}
+
 TEST_CASE("openai errors carry the retry hint and honour x-should-retry", "[llm][openai]") {
   auto e = error_of(reply(429, err_body("requests", "rate_limit_exceeded", "slow down"),
                           {{"retry-after-ms", "1200"}, {"retry-after", "2"}}));

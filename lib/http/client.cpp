@@ -9,7 +9,6 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/ssl/context.hpp>
-#include <boost/asio/ssl/host_name_verification.hpp>
 #include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -21,6 +20,9 @@
 #include <boost/beast/http/string_body.hpp>
 
 #include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -123,30 +125,6 @@ std::optional<url_parts> parse_url(std::string_view url) {
   return u;
 }
 
-// The URL as it may appear in error messages: the query string can carry an API key (Gemini's
-// `?key=`), so it is replaced by a marker.
-std::string redact(std::string_view url) {
-  std::string out(url);
-  // Userinfo (`user:password@`) is never shown either.
-  if (const auto scheme = out.find("://"); scheme != std::string::npos) {
-    const auto auth_begin = scheme + 3;
-    const auto auth_end = out.find_first_of("/?#", auth_begin);
-    const auto at = out.substr(auth_begin, auth_end - auth_begin).rfind('@');
-    if (at != std::string::npos) {
-      out.replace(auth_begin, at, "<redacted>");
-    }
-  }
-  const auto q = out.find_first_of("?#");
-  if (q != std::string::npos) {
-    const bool query = out[q] == '?';
-    out.resize(q);
-    if (query) {
-      out += "?<redacted>";
-    }
-  }
-  return out;
-}
-
 [[noreturn]] void fail(boost::system::error_code ec, std::string_view what,
                        std::string_view where) {
   ec = normalize_error(ec);
@@ -158,6 +136,24 @@ std::string redact(std::string_view url) {
   msg += where;
   msg += ")";
   throw keel::failure(ec, msg);
+}
+
+// What failed in a TLS handshake: for a certificate that did not verify, whether the host name
+// did not match or the chain did not verify (and OpenSSL's reason).
+std::string tls_failure(const boost::system::error_code& ec, SSL* ssl, const std::string& host) {
+  if (normalize_error(ec) != error::tls_verification_failed) {
+    return "TLS handshake failed";
+  }
+  const long result = SSL_get_verify_result(ssl);
+  if (result == X509_V_ERR_HOSTNAME_MISMATCH || result == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+    return "TLS handshake failed: the certificate is not valid for host name \"" + host +
+           "\" (the chain is trusted)";
+  }
+  if (result == X509_V_OK) {
+    return "TLS handshake failed: certificate verification failed";
+  }
+  return std::string("TLS handshake failed: the certificate chain did not verify (") +
+         X509_verify_cert_error_string(result) + ")";
 }
 
 struct connection {
@@ -373,7 +369,16 @@ struct client::impl {
         fail(error::tls_error, "cannot set SNI", where);
       }
       if (verifies()) {
-        c.tls->set_verify_callback(asio::ssl::host_name_verification(u.host));
+        // OpenSSL's own host check rather than a verify callback: a mismatch then leaves
+        // X509_V_ERR_HOSTNAME_MISMATCH as the verify result, so the error can tell a wrong host
+        // name from an untrusted chain (the fixes differ: base_url versus ca_file).
+        SSL* ssl = c.tls->native_handle();
+        const int set = u.host_is_ip
+                            ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), u.host.c_str())
+                            : SSL_set1_host(ssl, u.host.c_str());
+        if (set != 1) {
+          fail(error::tls_error, "cannot set the host name to verify", where);
+        }
       }
       co_await c.tls->async_handshake(asio::ssl::stream_base::client,
                                       asio::redirect_error(asio::use_awaitable, ec));
@@ -381,7 +386,7 @@ struct client::impl {
         fail(error::connect_timeout, "TLS handshake failed", where);
       }
       if (ec) {
-        fail(ec, "TLS handshake failed", where);
+        fail(ec, tls_failure(ec, c.tls->native_handle(), u.host), where);
       }
     }
   }
@@ -505,7 +510,7 @@ struct client::impl {
   }
 
   static asio::awaitable<response> send(std::shared_ptr<impl> self, request req) {
-    const std::string where = req.method + " " + redact(req.url);
+    const std::string where = req.method + " " + redact_url(req.url);
     const auto u = parse_url(req.url);
     if (!u) {
       fail(error::bad_url, "cannot send", where);
@@ -527,8 +532,12 @@ struct client::impl {
     for (const auto& [name, value] : req.headers.fields()) {
       if (name.empty() || has_control(name) || has_control(value) ||
           name.find_first_of(" :") != std::string::npos) {
-        // The name is safe to report only if it has no control characters; values never are.
-        fail(error::bad_header, "bad request header", where);
+        // The name is safe to report only if it has no control characters (and is short);
+        // values never are: an API key with a trailing newline must not reach a log.
+        const bool name_shown = !name.empty() && !has_control(name) && name.size() <= 64;
+        fail(error::bad_header,
+             name_shown ? "bad request header \"" + name + "\"" : std::string("bad request header"),
+             where);
       }
       if (iequals(name, "content-length") || iequals(name, "transfer-encoding")) {
         continue;  // framing is computed from the body
@@ -607,6 +616,41 @@ struct client::impl {
   std::map<std::string, host_pool> pools;
   std::size_t opened = 0;
 };
+
+std::string redact_url(std::string_view url) {
+  std::string out(url.substr(0, url.find('#')));  // a fragment is never sent, nor shown
+  // Userinfo (`user:password@`) is never shown.
+  if (const auto scheme = out.find("://"); scheme != std::string::npos) {
+    const auto auth_begin = scheme + 3;
+    const auto auth_end = out.find_first_of("/?", auth_begin);
+    const auto at = out.substr(auth_begin, auth_end - auth_begin).rfind('@');
+    if (at != std::string::npos) {
+      out.replace(auth_begin, at, "<redacted>");
+    }
+  }
+  // The query can carry an API key (Gemini's `?key=`): names stay, values go.
+  const auto q = out.find('?');
+  if (q == std::string::npos) {
+    return out;
+  }
+  const std::string query = out.substr(q + 1);
+  out.resize(q + 1);
+  std::size_t begin = 0;
+  while (begin <= query.size()) {
+    const auto amp = std::min(query.find('&', begin), query.size());
+    const std::string_view param(query.data() + begin, amp - begin);
+    if (begin > 0) {
+      out += '&';
+    }
+    if (const auto eq = param.find('='); eq != std::string_view::npos) {
+      out.append(param.substr(0, eq)).append("=<redacted>");
+    } else if (!param.empty()) {
+      out += "<redacted>";
+    }
+    begin = amp + 1;
+  }
+  return out;
+}
 
 bool valid_url(std::string_view url) {
   return parse_url(url).has_value();

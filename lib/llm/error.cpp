@@ -42,6 +42,10 @@ class category_impl final : public boost::system::error_category {
         return "not found";
       case errc::malformed_response:
         return "malformed response";
+      case errc::request_too_large:
+        return "request too large";
+      case errc::redirect:
+        return "redirected (not followed)";
     }
     return "unknown keel.llm error";
   }
@@ -109,6 +113,8 @@ keel::condition condition_of(errc e) noexcept {
     case errc::bad_request:
     case errc::not_found:
     case errc::malformed_response:
+    case errc::request_too_large:
+    case errc::redirect:
       return keel::condition::permanent;
   }
   return keel::condition::permanent;
@@ -140,6 +146,10 @@ std::string_view to_string(errc e) noexcept {
       return "not_found";
     case errc::malformed_response:
       return "malformed_response";
+    case errc::request_too_large:
+      return "request_too_large";
+    case errc::redirect:
+      return "redirect";
   }
   return "unknown";
 }

@@ -79,6 +79,12 @@ errc from_status(int status) {
   if (status == 404) {
     return errc::not_found;
   }
+  if (status == 413) {
+    return errc::request_too_large;
+  }
+  if (status >= 300 && status <= 399) {
+    return errc::redirect;
+  }
   if (status == 408 || status == 504) {
     return errc::timeout;
   }
@@ -99,6 +105,33 @@ errc from_status(int status) {
     code = errc::server_error;
   }
   throw provider_error(code, std::move(info));
+}
+
+// A 3xx names where it leads: usually the fix of a wrong base_url (http:// for https://, a
+// missing path prefix). The query and any user:password@ are cut (they may hold a key).
+provider_error_info with_redirect(const keel::http::response& res, provider_error_info info) {
+  if (res.status < 300 || res.status > 399) {
+    return info;
+  }
+  std::string to = "(no Location header)";
+  if (auto v = res.headers.find("location")) {
+    std::string_view loc = *v;
+    loc = loc.substr(0, loc.find_first_of("?#"));
+    if (const auto scheme = loc.find("://"); scheme != std::string_view::npos) {
+      const auto at = loc.substr(0, loc.find('/', scheme + 3)).rfind('@');
+      if (at != std::string_view::npos && at > scheme) {
+        to = std::string(loc.substr(0, scheme + 3)) + std::string(loc.substr(at + 1));
+      } else {
+        to = std::string(loc);
+      }
+    } else {
+      to = std::string(loc);
+    }
+  }
+  info.message = "redirected to " + to +
+                 "; keel does not follow redirects (they would resend the key): point base_url "
+                 "at the final URL";
+  return info;
 }
 
 [[noreturn]] void malformed(const keel::http::response& res, provider_kind kind,
@@ -346,7 +379,7 @@ chat_response openai::parse_response(const keel::http::response& res,
     } else if (is("content_filter") || is("content_policy_violation")) {
       e = errc::content_filtered;
     }
-    fail(e, std::move(info));
+    fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);
   json body = rd.body();
@@ -445,9 +478,9 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     } else if (type == "not_found_error") {
       e = errc::not_found;
     } else if (type == "request_too_large") {
-      e = errc::bad_request;
+      e = errc::request_too_large;
     }
-    fail(e, std::move(info));
+    fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);
   json body = rd.body();
@@ -573,7 +606,7 @@ chat_response bedrock::parse_response(const keel::http::response& res,
     } else if (type == "ServiceQuotaExceededException") {
       e = errc::quota_exhausted;
     }
-    fail(e, std::move(info));
+    fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);
   json body = rd.body();

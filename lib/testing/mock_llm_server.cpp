@@ -20,6 +20,7 @@
 #include <ctime>
 #include <mutex>
 #include <unordered_set>
+#include <vector>
 
 namespace keel::testing {
 
@@ -917,12 +918,18 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
 
     beast::flat_buffer buffer;
     for (;;) {
-      bhttp::request<bhttp::string_body> req;
-      auto [ec, n] =
-          co_await bhttp::async_read(c->socket, buffer, req, asio::as_tuple(asio::use_awaitable));
+      bhttp::request_parser<bhttp::string_body> parser;
+      parser.body_limit(self->opts.max_request_body);
+      auto [ec, n] = co_await bhttp::async_read(c->socket, buffer, parser,
+                                                asio::as_tuple(asio::use_awaitable));
+      if (ec == bhttp::error::body_limit) {
+        co_await refuse_too_large(self, c, std::string(parser.get().target()));
+        co_return;
+      }
       if (ec) {
         break;
       }
+      bhttp::request<bhttp::string_body> req = parser.release();
       const parsed_request pr = parse(req.method_string(), req.target(), req.body());
       self->count(pr.model, [&req](mock_model_stats& s) {
         ++s.requests;
@@ -997,6 +1004,53 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     }
     boost::system::error_code ignored;
     c->socket.shutdown(tcp::socket::shutdown_send, ignored);
+    c->socket.close(ignored);
+  }
+
+  // A request body over max_request_body: 413 in the provider's shape, as a real front end
+  // (nginx: "413 Request Entity Too Large") answers. Closing at once would leave the client's
+  // unsent bytes in flight, and the kernel would answer them with a reset that hides the 413;
+  // so the send side is shut after the answer and the rest of the request is read and dropped
+  // until the client closes (nginx's lingering close), bounded in bytes.
+  static asio::awaitable<void> refuse_too_large(std::shared_ptr<impl> self,
+                                                std::shared_ptr<connection> c,
+                                                const std::string& target) {
+    const std::string_view path = std::string_view(target).substr(0, target.find('?'));
+    const std::string limit = std::to_string(self->opts.max_request_body);
+    bhttp::response<bhttp::string_body> res;
+    res.version(11);
+    res.result(bhttp::status::payload_too_large);
+    res.set(bhttp::field::content_type, "application/json");
+    res.set(bhttp::field::connection, "close");
+    if (path == "/v1/messages") {
+      res.body() = anthropic_error("request_too_large",
+                                   "Request exceeds the maximum allowed number of bytes.")
+                       .dump();
+    } else if (path == "/v1/chat/completions") {
+      res.body() = openai_error("Request too large: the body exceeds " + limit + " bytes.",
+                                "invalid_request_error", nullptr, "request_too_large")
+                       .dump();
+    } else {
+      res.body() = json{{"message", "Request Entity Too Large"}}.dump();
+    }
+    res.prepare_payload();
+    self->count("", [](mock_model_stats& st) { ++st.by_status[413]; });
+    auto [wec, wn] =
+        co_await bhttp::async_write(c->socket, res, asio::as_tuple(asio::use_awaitable));
+    boost::system::error_code ignored;
+    if (!wec) {
+      c->socket.shutdown(tcp::socket::shutdown_send, ignored);
+      std::vector<char> sink(64 * 1024);
+      constexpr std::size_t max_drain = std::size_t{256} * 1024 * 1024;
+      for (std::size_t drained = 0; drained < max_drain;) {
+        auto [rec, rn] = co_await c->socket.async_read_some(asio::buffer(sink),
+                                                            asio::as_tuple(asio::use_awaitable));
+        if (rec) {
+          break;
+        }
+        drained += rn;
+      }
+    }
     c->socket.close(ignored);
   }
 

@@ -245,7 +245,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   // ---- client and hooks --------------------------------------------------------------------
   keel::http::client_options ho;
   ho.max_connections_per_host = static_cast<std::size_t>(std::max(64, concurrency));
-  keel::http::client http(ex, ho);
+  http_clients http(ex, ho);  // one per distinct ca_file (a client has one trust store)
   bucket_registry buckets(ex, opts.seed);
   buckets.on_pacing = [&](const std::string& name, const keel::pacing_state& r,
                           const keel::pacing_state& t) {

@@ -6,6 +6,7 @@
 #include <keel/classify.hpp>
 #include <keel/deadline.hpp>
 #include <keel/fallback.hpp>
+#include <keel/http/error.hpp>
 #include <keel/llm/aws_facts.hpp>
 #include <keel/llm/complete.hpp>
 #include <keel/llm/error.hpp>
@@ -167,6 +168,24 @@ std::string class_of(const std::exception_ptr& e) {
     return std::string(keel::llm::to_string(pe.llm_code()));
   } catch (const boost::system::system_error& se) {
     const auto& ec = se.code();
+    if (ec.category() == keel::http::error_category()) {
+      // All permanent (keel::http's table): named so that a record says what to fix.
+      switch (static_cast<keel::http::error>(ec.value())) {
+        case keel::http::error::tls_verification_failed:
+        case keel::http::error::tls_error:
+          return "tls";
+        case keel::http::error::body_too_large:
+        case keel::http::error::header_too_large:
+        case keel::http::error::too_many_headers:
+          return "response_too_large";
+        case keel::http::error::bad_url:
+          return "bad_url";
+        case keel::http::error::bad_header:
+          return "bad_header";
+        default:
+          break;  // timeouts and closed connections: by condition below
+      }
+    }
     if (ec.category() == keel::error_category()) {
       switch (static_cast<keel::error>(ec.value())) {
         case keel::error::retries_exhausted:
@@ -321,6 +340,7 @@ struct llm_client::entry_state {
   std::size_t index = 0;
   const entry_config* cfg = nullptr;
   keel::llm::endpoint ep;
+  keel::http::client* http = nullptr;  // the client of the entry's ca_file
   keel::throttler* bucket = nullptr;
   keel::rate_controller* pacing = nullptr;  // null with shared pacing off
   std::unique_ptr<keel::circuit_breaker> breaker;
@@ -338,12 +358,47 @@ struct llm_client::call_state {
   std::optional<keel::aws::sdk_invocation> invocation;
 };
 
+http_clients::http_clients(asio::any_io_executor ex, keel::http::client_options base)
+    : ex_(std::move(ex)), base_(std::move(base)) {}
+
+keel::http::client& http_clients::get(const std::string& ca_file) {
+  auto it = clients_.find(ca_file);
+  if (it == clients_.end()) {
+    keel::http::client_options o = base_;
+    if (!ca_file.empty()) {
+      o.tls.ca_file = ca_file;
+    }
+    try {
+      it = clients_.emplace(ca_file, std::make_unique<keel::http::client>(ex_, o)).first;
+    } catch (const boost::system::system_error& e) {
+      throw std::runtime_error("cannot load the CA file \"" + ca_file +
+                               "\" (PEM certificates expected): " + e.code().message());
+    }
+  }
+  return *it->second;
+}
+
+llm_client::llm_client(asio::any_io_executor ex, config cfg, http_clients& http,
+                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+                       client_options options)
+    : llm_client(
+          std::move(ex), std::move(cfg),
+          [&http](const entry_config& e) -> keel::http::client& { return http.get(e.ca_file); },
+          buckets, std::move(hooks), seed, options) {}
+
 llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client& http,
+                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+                       client_options options)
+    : llm_client(
+          std::move(ex), std::move(cfg),
+          [&http](const entry_config&) -> keel::http::client& { return http; }, buckets,
+          std::move(hooks), seed, options) {}
+
+llm_client::llm_client(asio::any_io_executor ex, config cfg, const transport_for& http,
                        bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
                        client_options options)
     : ex_(std::move(ex)),
       cfg_(std::move(cfg)),
-      http_(http),
       hooks_(std::move(hooks)),
       options_(options),
       random_(seed),
@@ -359,11 +414,26 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
       strategy.on(*c, make_backoff(b));
     }
   }
+  for (const auto& e : cfg_.entries) {
+    std::vector<const std::string*> candidates{&e.api_key};
+    if (e.aws) {
+      candidates.insert(candidates.end(),
+                        {&e.aws->access_key, &e.aws->secret_key, &e.aws->session_token});
+    }
+    for (const std::string* c : candidates) {
+      // A shorter string would match ordinary words; no real credential is that short.
+      if (c->size() >= min_scrubbed_secret &&
+          std::find(secrets_.begin(), secrets_.end(), *c) == secrets_.end()) {
+        secrets_.push_back(*c);
+      }
+    }
+  }
   for (std::size_t i = 0; i < cfg_.entries.size(); ++i) {
     auto es = std::make_unique<entry_state>();
     es->index = i;
     es->cfg = &cfg_.entries[i];
     es->ep = cfg_.entries[i].endpoint();
+    es->http = &http(cfg_.entries[i]);
     // An entry in AWS adaptive mode is paced by that mode's own CUBIC limiter, as botocore
     // does; a second controller on the same calls would fight it.
     const bool aws_adaptive = cfg_.entries[i].aws_retry &&
@@ -412,6 +482,18 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client&
 }
 
 llm_client::~llm_client() = default;
+
+void llm_client::scrub_secrets(keel::llm::chat_response& r) const {
+  // One search per field and secret: a reply is scanned a handful of times, not per character.
+  for (const std::string& secret : secrets_) {
+    for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
+      for (auto at = field->find(secret); at != std::string::npos;
+           at = field->find(secret, at + secret_marker.size())) {
+        field->replace(at, secret.size(), secret_marker);
+      }
+    }
+  }
+}
 
 const keel::circuit_breaker* llm_client::breaker(std::size_t i) const {
   return i < entries_.size() ? entries_[i]->breaker.get() : nullptr;
@@ -484,10 +566,10 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     }
     if (es.cfg->timeout) {
       reply = co_await keel::with_deadline(
-          [&] { return keel::llm::complete(http_, es.ep, req, creds, sdk); },
+          [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk); },
           seconds_ns(*es.cfg->timeout));
     } else {
-      reply = co_await keel::llm::complete(http_, es.ep, req, creds, sdk);
+      reply = co_await keel::llm::complete(*es.http, es.ep, req, creds, sdk);
     }
   } catch (...) {
     failed = std::current_exception();
@@ -661,6 +743,9 @@ asio::awaitable<call_outcome> llm_client::call(const batch_item& item) {
   if (out.error && state.cancelled() != asio::cancellation_type::none) {
     out.error =
         std::make_exception_ptr(boost::system::system_error(asio::error::operation_aborted));
+  }
+  if (out.response) {
+    scrub_secrets(*out.response);
   }
   out.entry = cs.entry;
   out.attempts = cs.attempts;

@@ -58,6 +58,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace keel::cli {
@@ -171,10 +172,49 @@ struct client_options {
   bool hold_open_breaker = false;
 };
 
+/// The HTTP clients of one run: one per distinct `entry_config::ca_file`, because a
+/// `keel::http::client` has a single TLS context (trust store) for every host. Entries with the
+/// same (or no) CA file share a client and its connection pools.
+/// Thread safety: as `keel::http::client` (one executor).
+class http_clients {
+ public:
+  /// Clients created on `ex` with `base` (its `tls.ca_file` is replaced per client).
+  http_clients(boost::asio::any_io_executor ex, keel::http::client_options base);
+
+  /// The client trusting `ca_file` besides the system store ("": the system store only),
+  /// created on first use.
+  /// @throws std::runtime_error naming the file if it cannot be loaded as PEM certificates.
+  keel::http::client& get(const std::string& ca_file);
+
+ private:
+  boost::asio::any_io_executor ex_;
+  keel::http::client_options base_;
+  std::map<std::string, std::unique_ptr<keel::http::client>> clients_;
+};
+
+/// What replaces a credential that a reply echoes (in its text, model, finish reason or request
+/// id) before the reply leaves `llm_client::call`: records never hold a key.
+inline constexpr std::string_view secret_marker = "<redacted>";
+
+/// Credentials shorter than this many bytes are not searched for in replies (they would match
+/// ordinary text; no real API key or AWS secret is that short).
+inline constexpr std::size_t min_scrubbed_secret = 8;
+
 /// A client built from a config.
 class llm_client {
  public:
-  /// Builds the entries' breakers, retry strategies and buckets.
+  /// Builds the entries' breakers, retry strategies and buckets; each entry sends through the
+  /// client of its `ca_file` (created now, so a bad CA file fails here).
+  /// @param http the transports (must outlive the client).
+  /// @param buckets the shared buckets (must outlive the client).
+  /// @param seed seeds the jitter.
+  /// @param options switches outside the config (shared pacing on by default).
+  /// @throws std::runtime_error if an entry's CA file cannot be loaded.
+  llm_client(boost::asio::any_io_executor ex, config cfg, http_clients& http,
+             bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0,
+             client_options options = {});
+  /// Builds the entries' breakers, retry strategies and buckets; every entry sends through
+  /// `http`, whatever its `ca_file` (the caller chose the transport).
   /// @param http the transport (must outlive the client).
   /// @param buckets the shared buckets (must outlive the client).
   /// @param seed seeds the jitter.
@@ -186,7 +226,8 @@ class llm_client {
   llm_client(const llm_client&) = delete;
   llm_client& operator=(const llm_client&) = delete;
 
-  /// Runs one item through the whole chain. Never throws.
+  /// Runs one item through the whole chain. Never throws. A reply that echoes any entry's API
+  /// key or AWS credentials has each occurrence replaced by `secret_marker`.
   /// Cancellation: the attempt in flight is cancelled and the outcome's error is
   /// `operation_aborted`.
   boost::asio::awaitable<call_outcome> call(const batch_item& item);
@@ -205,16 +246,22 @@ class llm_client {
   struct call_state;
   boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs);
   boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
+  void scrub_secrets(keel::llm::chat_response& r) const;
+
+  using transport_for = std::function<keel::http::client&(const entry_config&)>;
+  llm_client(boost::asio::any_io_executor ex, config cfg, const transport_for& http,
+             bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+             client_options options);
 
   boost::asio::any_io_executor ex_;
   config cfg_;
-  keel::http::client& http_;
   client_hooks hooks_;
   client_options options_;
   keel::random_source random_;
   keel::random_source invocation_ids_;  // amz-sdk-invocation-id, apart from the jitter draws
   std::unique_ptr<keel::retry_budget> budget_;
   std::vector<std::unique_ptr<entry_state>> entries_;
+  std::vector<std::string> secrets_;  // every entry's credentials of min_scrubbed_secret+ bytes
 };
 
 /// A short name for the kind of error that decided a failure (through retries_exhausted,

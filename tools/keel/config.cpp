@@ -8,9 +8,11 @@
 #include <keel/llm/json_depth.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -80,6 +82,31 @@ std::string type_only(const json& v) {
     return "null";
   }
   return v.is_array() ? "an array" : "an object";
+}
+
+// Where a secret holds a control character, described without showing the value: a key read
+// from an environment variable or a file often ends with a newline, which no HTTP header may
+// carry (the request would fail at send time, on every item). Empty when there is none.
+std::string control_character_in(std::string_view s) {
+  const auto bad = [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; };
+  const auto it = std::find_if(s.begin(), s.end(), bad);
+  if (it == s.end()) {
+    return "";
+  }
+  const unsigned char c = static_cast<unsigned char>(*it);
+  std::string name = c == '\n'   ? "a line feed"
+                     : c == '\r' ? "a carriage return"
+                     : c == '\t' ? "a tab"
+                     : c == 0    ? "a NUL byte"
+                                 : "a control character";
+  char hex[8];
+  std::snprintf(hex, sizeof hex, "0x%02x", c);
+  name += std::string(" (") + hex + ")";
+  const auto last = std::find_if(s.rbegin(), s.rend(), bad);
+  if (last == s.rbegin()) {
+    return name + " at the end";
+  }
+  return name + (it == s.begin() ? " at the start" : " inside it");
 }
 
 std::string format_number(double v) {
@@ -255,6 +282,17 @@ class parser {
       fail(path, "a non-empty string", type_only(j));
     }
     return j.get<std::string>();
+  }
+
+  // A secret that is sent in an HTTP header (API key, AWS credentials) must not hold a control
+  // character; `where` names the field (or the variable or profile it came from), never the value.
+  void header_safe(const std::string& where, std::string_view value) const {
+    if (const std::string c = control_character_in(value); !c.empty()) {
+      fail(where,
+           "a value without control characters (it is sent in an HTTP header; a trailing "
+           "newline from an environment variable or a file?)",
+           "a value with " + c + " (not shown)");
+    }
   }
 
   std::string choice(const json& j, const std::string& path,
@@ -480,7 +518,8 @@ class parser {
                 "seed",
                 "max_tokens_field",
                 "anthropic_version",
-                "price"});
+                "price",
+                "ca_file"});
     entry_config e;
     e.rate_limits = policy.rate_limits;
     e.max_attempts = policy.retry.max_attempts;
@@ -508,8 +547,9 @@ class parser {
           fail(p,
                "an http:// or https:// URL with a host, an optional port 1-65535 and no "
                "user:password@ (or \"\")",
-               authority.find('@') != std::string::npos ? "a URL with user:password@ (not shown)"
-                                                        : shown(v));
+               authority.find('@') != std::string::npos
+                   ? "a URL with user:password@ (not shown)"
+                   : shown(json(keel::http::redact_url(e.base_url))));
         }
       } else if (key == "api_key") {
         api_key = secret(v, p);
@@ -569,6 +609,12 @@ class parser {
         e.rate_limits.requests_per_minute = number(v, p, rate_non_negative);
       } else if (key == "tokens_per_minute") {
         e.rate_limits.tokens_per_minute = number(v, p, rate_non_negative);
+      } else if (key == "ca_file") {
+        e.ca_file = string(v, p);
+        if (const std::string why = unreadable_file(e.ca_file); !why.empty()) {
+          fail(p, "a readable PEM file of trusted CA certificates",
+               echo_text(e.ca_file) + " (" + why + ")");
+        }
       } else if (key == "tags") {
         if (!v.is_array()) {
           fail(p, "an array of strings", shown(v));
@@ -621,6 +667,7 @@ class parser {
       fail(child(path, "api_key_env"), "at most one of api_key and api_key_env", "both");
     }
     if (key) {
+      header_safe(child(path, "api_key"), *key);
       e.api_key = std::move(*key);
       return;
     }
@@ -633,6 +680,7 @@ class parser {
       fail(child(path, "api_key_env"), "the name of a set, non-empty environment variable",
            echo_text(e.api_key_env) + (value ? " (empty)" : " (unset)"));
     }
+    header_safe(child(path, "api_key_env") + " (the value of $" + e.api_key_env + ")", *value);
     e.api_key = *value;
   }
 
@@ -685,6 +733,26 @@ class parser {
       }
     }
 
+    if (e.aws) {
+      // Named by where they came from; the values are never shown.
+      const auto where = [&](std::string_view entry_key, std::string_view variable,
+                             std::string_view profile_key) {
+        if (e.aws_credentials_source == "config") {
+          return child(path, entry_key);
+        }
+        if (e.aws_credentials_source == "environment") {
+          return path + " (" + std::string(variable) + ")";
+        }
+        return path + " (" + std::string(profile_key) + " of " + e.aws_credentials_source + ")";
+      };
+      header_safe(where("aws_access_key", "AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+                  e.aws->access_key);
+      header_safe(where("aws_secret_key", "AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                  e.aws->secret_key);
+      header_safe(where("aws_session_token", "AWS_SESSION_TOKEN", "aws_session_token"),
+                  e.aws->session_token);
+    }
+
     // Region: the entry, AWS_REGION, AWS_DEFAULT_REGION, then the profile's `region`.
     if (e.aws_region.empty()) {
       if (auto r = env_value("AWS_REGION")) {
@@ -699,6 +767,15 @@ class parser {
           e.aws_region = *pr;
         }
       }
+    }
+    // The region becomes part of the host name and of the signature's scope.
+    if (!e.aws_region.empty() && !std::all_of(e.aws_region.begin(), e.aws_region.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '-';
+        })) {
+      fail(child(path, "aws_region"),
+           "a region name of letters, digits and '-' (from aws_region, AWS_REGION, "
+           "AWS_DEFAULT_REGION or the AWS profile's region)",
+           shown(json(e.aws_region)));
     }
     if (e.aws_region.empty() && e.base_url.empty()) {
       fail(child(path, "aws_region"),
@@ -841,6 +918,18 @@ backoff_config default_transient_backoff() {
   return b;
 }
 
+std::string unreadable_file(const std::string& path) {
+  if (std::error_code ec; std::filesystem::is_directory(path, ec)) {
+    return "it is a directory";
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    const int err = errno;
+    return err != 0 ? std::strerror(err) : "cannot be opened";
+  }
+  return "";
+}
+
 config_error::config_error(std::string source, std::string path, std::string message)
     : std::runtime_error(path.empty() ? source + ": " + message
                                       : source + ": " + path + ": " + message),
@@ -917,7 +1006,8 @@ nlohmann::json to_json(const config& c, bool redact) {
     j["name"] = e.name();
     j["api_type"] = std::string(keel::llm::to_string(e.api_type));
     j["model"] = e.model;
-    j["base_url"] = e.base_url;
+    // A key can ride in the query (`?key=...`): its values are never printed.
+    j["base_url"] = redact ? keel::http::redact_url(e.base_url) : e.base_url;
     if (e.api_type == keel::llm::provider_kind::bedrock) {
       j["aws_region"] = e.aws_region;
       j["aws_credentials_source"] = e.aws_credentials_source;
@@ -974,6 +1064,7 @@ nlohmann::json to_json(const config& c, bool redact) {
     if (e.price) {
       j["price"] = {e.price->first, e.price->second};
     }
+    j["ca_file"] = e.ca_file.empty() ? json(nullptr) : json(e.ca_file);
     j["tags"] = e.tags;
     j["rate_limits"] = {{"requests_per_minute", e.rate_limits.requests_per_minute},
                         {"tokens_per_minute", e.rate_limits.tokens_per_minute},

@@ -29,6 +29,9 @@
 //   requests_per_minute, tokens_per_minute   numbers >= 0 (keel extension: override the
 //                       policy's rate limits for this entry; 0 = unlimited)
 //   tags                array of strings (AG2 filter tags; kept, otherwise unused)
+//   ca_file             path of a PEM file of CA certificates trusted for this entry's https://
+//                       base_url, besides the system store (a private CA; keel extension).
+//                       Relative paths are taken from the working directory. Must be readable.
 //
 // Any other key is an error. Which retry algorithm an entry uses:
 //
@@ -68,7 +71,10 @@
 //   policy.json: /config_list/1/timeout: expected a number > 0, got "abc"
 //
 // Secrets (`api_key`, the value of `api_key_env`, `aws_secret_key`, `aws_session_token`,
-// `aws_access_key`) never appear in errors or in `to_json(config, redact = true)`.
+// `aws_access_key`, and the values of `base_url`'s query) never appear in errors or in
+// `to_json(config, redact = true)`. A secret with a control character (a trailing newline from
+// an environment variable) is refused at load time, naming the field and never the value: no
+// HTTP header may carry it.
 //
 // Thread safety: plain values; `load_config` reads files and the environment through the
 // given lookup only.
@@ -243,6 +249,8 @@ struct entry_config {
   std::optional<std::pair<double, double>> price;
   /// AG2 tags.
   std::vector<std::string> tags;
+  /// PEM file of extra trusted CA certificates for this entry ("" : the system store only).
+  std::string ca_file;
   /// Effective rate limits (policy defaults overridden by the entry).
   rate_limit_config rate_limits;
   /// AWS retry semantics, when they apply (see the header comment); else keel-native.
@@ -266,6 +274,9 @@ struct config {
   std::string source;
 };
 
+/// Why `path` cannot be read as a file ("" if it can): "it is a directory" or strerror's text.
+std::string unreadable_file(const std::string& path);
+
 /// Parses and validates config JSON text.
 /// @param text the JSON.
 /// @param source named in errors (a file name).
@@ -279,7 +290,7 @@ config load_config(const std::string& file, const env_lookup& env);
 
 /// The resolved config as JSON (every default filled in), for `--print-config` and
 /// `keel config check`. With `redact`, secrets are replaced by "<redacted>" (or by
-/// "<from $VAR>" for api_key_env), never shown.
+/// "<from $VAR>" for api_key_env), never shown, and so are the query values of `base_url`.
 nlohmann::json to_json(const config& c, bool redact = true);
 
 }  // namespace keel::cli

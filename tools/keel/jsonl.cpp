@@ -254,12 +254,16 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
         if (!value.is_number_integer() && !value.is_number_unsigned()) {
           fail(path, "an integer in [1, 1000000]", value);
         }
-        const auto n = value.get<long long>();
-        if (n < 1 || n > 1000000) {
-          throw bad_line("/max_tokens: expected an integer in [1, 1000000], got " +
-                         std::to_string(n));
+        // An unsigned value above LLONG_MAX (18446744073709551615) must not be read as a signed
+        // one: it would be reported as -1. The error shows the number as written.
+        const bool in_range =
+            value.is_number_unsigned()
+                ? value.get<std::uint64_t>() >= 1 && value.get<std::uint64_t>() <= 1000000
+                : value.get<long long>() >= 1 && value.get<long long>() <= 1000000;
+        if (!in_range) {
+          throw bad_line("/max_tokens: expected an integer in [1, 1000000], got " + value.dump());
         }
-        item.request.max_tokens = static_cast<int>(n);
+        item.request.max_tokens = static_cast<int>(value.get<long long>());
       } else if (key == "system") {
         const std::string& s = get_string(value, path);
         item.request.system = item.request.system.empty() ? s : s + "\n" + item.request.system;

@@ -190,6 +190,10 @@ int main(int argc, char** argv) {
   batch->add_option("--mock", mock_scenario,
                     "Run against an in-process mock server: 'demo' or a scenario file; every "
                     "entry's base_url is pointed at it");
+  std::string ca_file;
+  batch->add_option("--ca-file", ca_file,
+                    "PEM file of CA certificates to trust (besides the system store) for every "
+                    "entry without its own ca_file");
   add_common(batch, bf);
 
   // ---- demo ----
@@ -334,6 +338,17 @@ int main(int argc, char** argv) {
     } else {
       std::cerr << "keel batch: --config is required (or --mock to run against the mock)\n";
       return 2;
+    }
+    if (!ca_file.empty()) {
+      if (const std::string why = unreadable_file(ca_file); !why.empty()) {
+        std::cerr << "keel batch: --ca-file " << ca_file << ": " << why << "\n";
+        return 2;
+      }
+      for (auto& e : c.entries) {
+        if (e.ca_file.empty()) {
+          e.ca_file = ca_file;  // an entry's own ca_file wins
+        }
+      }
     }
     if (print_config) {
       if (bf.concurrency) {

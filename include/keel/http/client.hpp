@@ -103,6 +103,14 @@ struct client_options {
 /// cancel.
 bool valid_url(std::string_view url);
 
+/// `url` as it may be shown in errors, logs and printed configs: the value of every query
+/// parameter becomes `<redacted>` (a parameter without `=` wholly), `user:password@` becomes
+/// `<redacted>@` and a fragment is dropped; scheme, host, port, path and parameter names stay.
+/// Some APIs take the key in the query (`?key=...`). No I/O.
+/// Example: `redact_url("https://h/v1?key=abc&alt=json")` is
+/// `"https://h/v1?key=<redacted>&alt=<redacted>"`.
+std::string redact_url(std::string_view url);
+
 /// An HTTP/1.1 client with a keep-alive connection pool per host.
 class client {
  public:

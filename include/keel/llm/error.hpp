@@ -13,8 +13,8 @@
 // | overloaded, server_error, transport | transient | yes (backoff) |
 // | timeout                   | timeout     | yes                |
 // | quota_exhausted           | permanent   | **never**          |
-// | context_length_exceeded, content_filtered, auth, bad_request, not_found, malformed_response |
-// |                           | permanent   | no (fall back)     |
+// | context_length_exceeded, content_filtered, auth, bad_request, not_found, malformed_response, |
+// | request_too_large (413), redirect (3xx) | permanent | no (fall back) |
 //
 // The error also carries what the provider said (HTTP status, provider name, provider error code,
 // message, request id), the server's delay hint (`retry_after()`, from retry-after-ms /
@@ -78,6 +78,13 @@ enum class errc {
   not_found,
   /// A 2xx reply whose body could not be understood; the message names the JSON path.
   malformed_response,
+  /// The server refused the request as too large (HTTP 413, Anthropic `request_too_large`): the
+  /// same bytes would be refused again, so never retried; a fallback with a bigger limit may take
+  /// it.
+  request_too_large,
+  /// The server answered with a redirect (HTTP 3xx), which keel does not follow (it would resend
+  /// the API key to another URL): the base URL is wrong, e.g. http:// for https://. Permanent.
+  redirect,
 };
 
 /// The "keel.llm" category; its `default_error_condition` maps each `errc` to a `keel::condition`.

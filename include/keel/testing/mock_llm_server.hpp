@@ -366,6 +366,12 @@ struct mock_options {
   /// Time source for outage windows and the rate limiter (empty: `steady_clock::now`). Tests
   /// inject a fake one to assert exact Retry-After values; latency always uses real timers.
   std::function<std::chrono::steady_clock::time_point()> now;
+  /// Largest request body accepted, in bytes (nginx's default `client_max_body_size`, 1 MiB). A
+  /// larger request is answered 413 in the provider's error shape (OpenAI `request_too_large`,
+  /// Anthropic `request_too_large`, Bedrock a bare 413), with `Connection: close`, after the rest
+  /// of the request body has been read and discarded (so that the client sees the answer rather
+  /// than a reset), as nginx does.
+  std::size_t max_request_body = 1024 * 1024;
 };
 
 /// A mock LLM provider server with per-model fault plans and exact counters.
