@@ -573,9 +573,13 @@ TEST_CASE("a pipe's read-ahead is bounded in bytes as well as lines",
   // Before: 256 lines of read-ahead whatever their size (300 lines of 8 MB: 2.1 GB RSS).
   pipe_fds p;
   const std::string line = R"({"id":1,"prompt":")" + std::string(100000, 'x') + "\"}\n";
+  // Catch's assertions are not thread-safe: the writer only counts, the test thread checks.
+  std::atomic<int> short_writes{0};
   std::thread writer([&] {
     for (int i = 0; i < 40; ++i) {
-      p.send(line);  // blocks while the pipe is full and the reader waits for room
+      // Blocks while the pipe is full and the reader waits for room.
+      const ssize_t n = ::write(p.write, line.data(), line.size());
+      short_writes += n == static_cast<ssize_t>(line.size()) ? 0 : 1;
     }
     p.close_write();
   });
@@ -603,5 +607,6 @@ TEST_CASE("a pipe's read-ahead is bounded in bytes as well as lines",
       boost::asio::detached);
   ctx.run();
   writer.join();
+  CHECK(short_writes == 0);
   CHECK(got == 40);
 }
