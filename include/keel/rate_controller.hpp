@@ -260,6 +260,9 @@ class basic_rate_controller {
   /// The server rejected the call for its rate limit (429, ThrottlingException).
   /// @param kind which limit, if the answer says (`unknown` is learned as requests).
   /// @param retry_after the server's delay hint, if any; used only to pause a block.
+  /// A caller that reserved tokens for the call should keep them (not `settle` them back to 0):
+  /// a refund lets the next waiting caller go at once into the same refusal, and at a token
+  /// limit every probe then ended with every caller drawing a 429.
   void on_throttled(const ticket& t, limit_kind kind = limit_kind::unknown,
                     std::optional<duration> retry_after = std::nullopt);
 

@@ -111,7 +111,8 @@ bool learned(keel::pacing_phase p) {
 // ThrottlingException) is a throttle, with the limit it names; any other answer from the server
 // means its limiter let the call through; no answer (transport failure, timeout, cancellation)
 // is no signal.
-void tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::ticket& t,
+// Tells the controller how a failed attempt ended; true if it was a 429.
+bool tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::ticket& t,
                  const std::exception_ptr& e) {
   try {
     std::rethrow_exception(e);
@@ -122,15 +123,18 @@ void tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::tic
         hint = std::chrono::duration_cast<keel::rate_controller::duration>(*pe.retry_after());
       }
       pacing.on_throttled(t, keel::llm::limit_of(pe), hint);
-    } else if (pe.status() != 0) {
+      return true;
+    }
+    if (pe.status() != 0) {
       pacing.on_accepted(t);
     } else {
       pacing.on_abandoned(t);
     }
-    return;
+    return false;
   } catch (...) {
   }
   pacing.on_abandoned(t);
+  return false;
 }
 
 }  // namespace
@@ -582,11 +586,9 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     // A refused call used no tokens, but under a controller a 429 keeps its reservation: giving
     // it back lets the next caller go at once into the same refusal, and at a token limit every
     // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
-    const bool throttled = es.pacing && error_class(failed) == "rate_limited";
+    // (One classification of the error serves both the controller and the settling.)
+    const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed);
     es.bucket->settle(estimate, throttled ? estimate : 0);
-    if (es.pacing) {
-      tell_pacing(*es.pacing, ticket, failed);
-    }
     report.error = failed;
     report.status = error_status(failed);
     if (hooks_.on_attempt) {
