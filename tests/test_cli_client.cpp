@@ -679,8 +679,10 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
   CHECK(st.estimate < 125);
   // At most one 429 per worker from the first wave (on a slow machine, such as under ASan, all
   // 64 calls go out before the first answer comes back), and few while learning: a common
-  // client sends 3-4 attempts per prompt here.
-  CHECK(attempts <= 300 + 64 + 20);
+  // client sends 3-4 attempts per prompt here (900-1200). The server runs on real time: under
+  // ASan in a clean chroot one run took 403 (a second wave of 64 while the first estimate
+  // formed), so the bound allows two waves.
+  CHECK(attempts <= 300 + 2 * 64 + 20);
   CHECK(server.stats().model("m").status_count(429) == static_cast<std::uint64_t>(attempts - 300));
   // The hook saw the way there: startup, then search, then an estimate.
   REQUIRE(phases.size() >= 3);
