@@ -78,7 +78,8 @@ TEST_CASE("every retryable provider error is retried end to end, honouring the s
     rig r;
     auto plan = fault_plan().with_script({fault_kind::rate_limit, fault_kind::overloaded,
                                           fault_kind::server_error, fault_kind::unavailable});
-    plan.retry_after = std::chrono::milliseconds(1500);
+    // Both headers on every format (Bedrock documents none; the delay hint is under test here).
+    plan.with_retry_after(1500ms, keel::testing::retry_after_style::both);
     r.server.set_plan("m", plan);
     auto [out, events] =
         r.retried(kind, keel::retry_policy::with_backoff(5, keel::backoff::constant(100ms)));
@@ -271,14 +272,16 @@ TEST_CASE("a retryable provider error followed by success costs exactly one retr
     for (auto kind : all_providers) {
       INFO(kind_name(kind) << " fault " << keel::testing::to_string(f.fault));
       rig r;
-      r.server.set_plan("m", fault_plan().with_script({f.fault}));
+      // Both delay headers on every format (Bedrock documents none).
+      r.server.set_plan("m", fault_plan().with_script({f.fault}).with_retry_after(
+                                 1000ms, keel::testing::retry_after_style::both));
       auto [out, events] =
           r.retried(kind, keel::retry_policy::with_backoff(3, keel::backoff::constant(250ms)));
       REQUIRE(out.value);
       CHECK(out.value->text.find("hello there") != std::string::npos);
       REQUIRE(events.size() == 1);
       CHECK(code_of(events[0].error) == expected_code(f, kind));
-      // The default plan's Retry-After is 1 s (retry-after-ms: 1000).
+      // Retry-After is 1 s (retry-after-ms: 1000).
       CHECK(events[0].delay == (f.condition == keel::condition::throttled ? 1000ms : 250ms));
       CHECK(r.server.stats().model("m").requests == 2);
     }

@@ -1,5 +1,6 @@
 // Tests for keel/testing/mock_llm_server.hpp: wire formats, every fault kind, limits and counters.
 #include <keel/llm/hints.hpp>
+#include <keel/testing/detail/json_schema_instance.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <boost/asio/as_tuple.hpp>
@@ -228,8 +229,9 @@ const std::vector<fault_case> fault_matrix{
     {wire::openai, fault_kind::rate_limit, 429, "/error/code", "rate_limit_exceeded", "", true},
     {wire::openai, fault_kind::throttling, 429, "/error/code", "rate_limit_exceeded", "", true},
     {wire::openai, fault_kind::server_error, 500, "/error/type", "server_error", "", false},
-    {wire::openai, fault_kind::unavailable, 503, "/error/type", "server_error", "", false},
-    {wire::openai, fault_kind::overloaded, 503, "/error/type", "server_error", "", false},
+    {wire::openai, fault_kind::unavailable, 503, "/error/code", "server_is_overloaded", "", false},
+    {wire::openai, fault_kind::overloaded, 503, "/error/type", "service_unavailable_error", "",
+     false},
     {wire::openai, fault_kind::quota_exhausted, 429, "/error/code", "insufficient_quota", "",
      false},
     {wire::openai, fault_kind::context_length, 400, "/error/code", "context_length_exceeded", "",
@@ -237,8 +239,7 @@ const std::vector<fault_case> fault_matrix{
     {wire::openai, fault_kind::auth, 401, "/error/code", "invalid_api_key", "", false},
     {wire::openai, fault_kind::not_found, 404, "/error/code", "model_not_found", "", false},
     {wire::openai, fault_kind::bad_request, 400, "/error/type", "invalid_request_error", "", false},
-    {wire::openai, fault_kind::content_filter, 400, "/error/code", "content_filter", "", false},
-    {wire::openai, fault_kind::timeout, 408, "/error/message", "Request timed out.", "", false},
+    {wire::openai, fault_kind::timeout, 504, "/error/message", "Request timed out.", "", false},
     {wire::anthropic, fault_kind::rate_limit, 429, "/error/type", "rate_limit_error", "", true},
     {wire::anthropic, fault_kind::server_error, 500, "/error/type", "api_error", "", false},
     {wire::anthropic, fault_kind::unavailable, 503, "/error/type", "api_error", "", false},
@@ -253,9 +254,9 @@ const std::vector<fault_case> fault_matrix{
      false},
     {wire::anthropic, fault_kind::timeout, 504, "/error/type", "timeout_error", "", false},
     {wire::bedrock, fault_kind::throttling, 429, "/message",
-     "Too many requests, please wait before trying again.", "ThrottlingException", true},
+     "Too many requests, please wait before trying again.", "ThrottlingException", false},
     {wire::bedrock, fault_kind::rate_limit, 429, "/message",
-     "Too many requests, please wait before trying again.", "ThrottlingException", true},
+     "Too many requests, please wait before trying again.", "ThrottlingException", false},
     {wire::bedrock, fault_kind::server_error, 500, "", "", "InternalServerException", false},
     {wire::bedrock, fault_kind::unavailable, 503, "", "", "ServiceUnavailableException", false},
     {wire::bedrock, fault_kind::overloaded, 503, "", "", "ServiceUnavailableException", false},
@@ -293,6 +294,7 @@ TEST_CASE("mock_llm_server sends each provider's real error body and headers for
         CHECK(body["type"] == "error");
         CHECK(body["error"]["message"].is_string());
         CHECK(r.header("request-id").starts_with("req_"));
+        CHECK(body["request_id"] == r.header("request-id"));
       } else {
         CHECK(body["message"].is_string());
         CHECK(r.header("x-amzn-ErrorType").starts_with(fc.error_type_header));
@@ -304,8 +306,12 @@ TEST_CASE("mock_llm_server sends each provider's real error body and headers for
       CHECK(r.header("retry-after").empty() == !fc.retry_after);
       if (fc.retry_after) {
         CHECK(r.header("retry-after") == "1");
-        CHECK(r.header("retry-after-ms") == "1000");
+        // retry-after-ms is OpenAI's; Anthropic documents retry-after only.
+        CHECK(r.header("retry-after-ms") == (fc.format == wire::openai ? "1000" : ""));
       }
+      // Bedrock documents no delay header at all.
+      CHECK(r.header("retry-after-ms").empty() == (fc.format != wire::openai || !fc.retry_after));
+      CHECK(r.header("x-amz-retry-after").empty());
       if (fc.kind == fault_kind::auth && fc.format == wire::openai) {
         CHECK(body["error"]["type"] == "invalid_request_error");
       }
@@ -351,6 +357,197 @@ TEST_CASE("mock_llm_server content_filter answers as each provider refuses", "[m
   CHECK(server.stats().status_count(200) == 4);
 }
 
+TEST_CASE("mock_llm_server openai content_filter is a 200 finish_reason, Azure's 400 a quirk",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  server.set_plan("m", fault_plan{}.with_script({fault_kind::content_filter}));
+  keel::testing::provider_quirks azure;
+  azure.azure_content_filter = true;
+  server.set_plan("az", fault_plan{}.with_script({fault_kind::content_filter}).with_quirks(azure));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer o = co_await post(server.port(), make_call(wire::openai, "m", "hi"));
+    REQUIRE(!o.ec);
+    CHECK(o.status() == 200);
+    CHECK(o.body()["choices"][0]["finish_reason"] == "content_filter");
+    CHECK(o.body()["choices"][0]["message"]["content"].is_null());
+    answer a = co_await post(server.port(), make_call(wire::openai, "az", "hi"));
+    REQUIRE(!a.ec);
+    CHECK(a.status() == 400);
+    CHECK(a.body()["error"]["code"] == "content_filter");
+  });
+}
+
+TEST_CASE("mock_llm_server openai timeout is a 504, the old 408 a quirk", "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  server.set_plan("m", fault_plan{}.with_script({fault_kind::timeout}));
+  keel::testing::provider_quirks old;
+  old.openai_timeout_408 = true;
+  server.set_plan("old", fault_plan{}.with_script({fault_kind::timeout}).with_quirks(old));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer n = co_await post(server.port(), make_call(wire::openai, "m", "hi"));
+    CHECK(n.status() == 504);
+    CHECK(n.body()["error"]["type"] == "server_error");
+    answer o = co_await post(server.port(), make_call(wire::openai, "old", "hi"));
+    CHECK(o.status() == 408);
+    CHECK(o.body()["error"]["message"] == "Request timed out.");
+  });
+}
+
+TEST_CASE("mock_llm_server default 429 delay headers are the ones each provider documents",
+          "[mock_llm_server]") {
+  using keel::testing::retry_after_style;
+  CHECK(fault_plan{}.retry_after_format == retry_after_style::provider);
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  for (const char* m : {"o", "a", "b"}) {
+    server.set_plan(m, fault_plan{}.with_script({fault_kind::rate_limit}).with_retry_after(1500ms));
+  }
+  // The extras stay available explicitly.
+  server.set_plan("b-both", fault_plan{}
+                                .with_script({fault_kind::throttling})
+                                .with_retry_after(1500ms, retry_after_style::both));
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer o = co_await post(server.port(), make_call(wire::openai, "o", "hi"));
+    CHECK(o.status() == 429);
+    CHECK(o.header("retry-after") == "2");
+    CHECK(o.header("retry-after-ms") == "1500");
+    answer a = co_await post(server.port(), make_call(wire::anthropic, "a", "hi"));
+    CHECK(a.status() == 429);
+    CHECK(a.header("retry-after") == "2");
+    CHECK(a.header("retry-after-ms").empty());
+    CHECK(a.body()["request_id"] == a.header("request-id"));
+    answer b = co_await post(server.port(), make_call(wire::bedrock, "b", "hi"));
+    CHECK(b.status() == 429);
+    CHECK(b.header("x-amzn-ErrorType").starts_with("ThrottlingException"));
+    CHECK(b.header("retry-after").empty());
+    CHECK(b.header("retry-after-ms").empty());
+    CHECK(b.header("x-amz-retry-after").empty());
+    answer bb = co_await post(server.port(), make_call(wire::bedrock, "b-both", "hi"));
+    CHECK(bb.header("retry-after") == "2");
+    CHECK(bb.header("retry-after-ms") == "1500");
+  });
+}
+
+TEST_CASE("mock_llm_server limiter 429s keep both delay headers under the provider default",
+          "[mock_llm_server]") {
+  for (wire w : {wire::anthropic, wire::bedrock}) {
+    INFO("format " << static_cast<int>(w));
+    asio::io_context ctx;
+    fake_time clock;
+    mock_options opts;
+    opts.now = clock.fn();
+    mock_llm_server server{ctx, opts};
+    server.set_plan("m", fault_plan{}.with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1));
+    run(ctx, server, [&]() -> asio::awaitable<void> {
+      const call c = make_call(w, "m", "hi");
+      CHECK((co_await post(server.port(), c)).status() == 200);
+      answer limited = co_await post(server.port(), c);
+      CHECK(limited.status() == 429);
+      CHECK(limited.header("retry-after-ms") == "250");
+      CHECK(limited.header("retry-after") == "1");
+    });
+  }
+}
+
+TEST_CASE("mock_llm_server anthropic 413 carries the request id in header and body",
+          "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_options opts;
+  opts.max_request_body = 64;
+  mock_llm_server server{ctx, opts};
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer r = co_await post(server.port(), make_call(wire::anthropic, "m", std::string(200, 'x')));
+    REQUIRE(!r.ec);
+    CHECK(r.status() == 413);
+    CHECK(r.body()["error"]["type"] == "request_too_large");
+    CHECK(r.header("request-id").starts_with("req_"));
+    CHECK(r.body()["request_id"] == r.header("request-id"));
+  });
+}
+
+TEST_CASE("minimal_json_instance builds the smallest value each schema keyword accepts",
+          "[mock_llm_server]") {
+  using keel::testing::detail::minimal_json_instance;
+  auto inst = [](const char* schema) { return json::parse(minimal_json_instance(schema)); };
+  CHECK(inst(R"({"type":"string"})") == "");
+  CHECK(inst(R"({"type":"string","minLength":3})") == "aaa");
+  CHECK(inst(R"({"type":"integer","minimum":5})") == 5);
+  CHECK(inst(R"({"type":"integer","exclusiveMinimum":5})") == 6);
+  CHECK(inst(R"({"type":"integer","maximum":-2})") == -2);
+  CHECK(inst(R"({"type":"number","minimum":1.5})") == 1.5);
+  CHECK(inst(R"({"type":"boolean"})") == false);
+  CHECK(inst(R"({"type":"null"})").is_null());
+  CHECK(inst(R"({"type":["string","null"]})") == "");
+  CHECK(inst(R"({"enum":["b","a"]})") == "b");
+  CHECK(inst(R"({"const":{"k":1}})") == json{{"k", 1}});
+  CHECK(inst(R"({"anyOf":[{"type":"integer"},{"type":"string"}]})") == 0);
+  CHECK(inst(R"({"oneOf":[{"type":"boolean"}]})") == false);
+  CHECK(inst(R"({"type":"array","items":{"type":"integer","minimum":2},"minItems":2})") ==
+        json::array({2, 2}));
+  CHECK(inst(R"({"type":"array","items":{"type":"string"}})") == json::array());
+  CHECK(inst(R"({"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"}},
+                 "required":["b"]})") == json{{"b", 0}});
+  // Strict structured outputs: every property is required, nested through $defs.
+  CHECK(inst(R"({"type":"object","additionalProperties":false,
+                 "properties":{"step":{"$ref":"#/$defs/step"},"tags":{"type":"array",
+                   "items":{"$ref":"#/definitions/tag"},"minItems":1}},
+                 "required":["step","tags"],
+                 "$defs":{"step":{"type":"object","properties":{"n":{"type":"integer"},
+                   "why":{"type":"string"}},"required":["n","why"],"additionalProperties":false}},
+                 "definitions":{"tag":{"enum":["x","y"]}}})") ==
+        json{{"step", {{"n", 0}, {"why", ""}}}, {"tags", json::array({"x"})}});
+  // A cycle through $ref ends in null at the bound instead of recursing forever.
+  const json cyc =
+      inst(R"({"$defs":{"n":{"type":"object","properties":{"next":{"$ref":"#/$defs/n"}},
+                            "required":["next"]}},"$ref":"#/$defs/n"})");
+  CHECK(cyc.is_object());
+  CHECK(cyc.dump().find("null") != std::string::npos);
+  // A wide recursive schema stops at the value budget.
+  const std::string wide = minimal_json_instance(
+      R"({"$defs":{"w":{"type":"array","minItems":1000,"items":{"$ref":"#/$defs/w"}}},
+          "$ref":"#/$defs/w"})");
+  CHECK(json::accept(wide));
+  CHECK(wide.size() < 200'000);
+  CHECK(minimal_json_instance("not json") == "{}");
+}
+
+TEST_CASE("mock_llm_server answers openai response_format with JSON content", "[mock_llm_server]") {
+  asio::io_context ctx;
+  mock_llm_server server{ctx, mock_options{}};
+  auto with_format = [](json rf) {
+    json body{{"model", "m"},
+              {"messages", json::array({{{"role", "user"}, {"content", "hi"}}})},
+              {"response_format", std::move(rf)}};
+    return call{"/v1/chat/completions", body.dump()};
+  };
+  run(ctx, server, [&]() -> asio::awaitable<void> {
+    answer obj = co_await post(server.port(), with_format(json{{"type", "json_object"}}));
+    CHECK(obj.status() == 200);
+    CHECK(json::parse(obj.body()["choices"][0]["message"]["content"].get<std::string>()) ==
+          json::object());
+    answer sch = co_await post(
+        server.port(),
+        with_format(json{
+            {"type", "json_schema"},
+            {"json_schema",
+             {{"name", "answer"},
+              {"strict", true},
+              {"schema",
+               {{"type", "object"},
+                {"properties",
+                 {{"city", {{"type", "string"}}}, {"rank", {{"type", "integer"}, {"minimum", 1}}}}},
+                {"required", {"city", "rank"}},
+                {"additionalProperties", false}}}}}}));
+    CHECK(sch.status() == 200);
+    CHECK(json::parse(sch.body()["choices"][0]["message"]["content"].get<std::string>()) ==
+          json{{"city", ""}, {"rank", 1}});
+    answer text = co_await post(server.port(), with_format(json{{"type", "text"}}));
+    CHECK(text.body()["choices"][0]["message"]["content"] == "mock answer to: hi");
+  });
+}
+
 TEST_CASE("mock_llm_server malformed answers a complete 200 whose body is not JSON",
           "[mock_llm_server]") {
   for (wire w : {wire::openai, wire::anthropic, wire::bedrock}) {
@@ -378,8 +575,9 @@ TEST_CASE("mock_llm_server sends the delay of a 429 in the plan's retry-after fo
   using keel::testing::retry_after_style;
   for (wire w : {wire::openai, wire::anthropic, wire::bedrock}) {
     for (auto style :
-         {retry_after_style::both, retry_after_style::milliseconds, retry_after_style::seconds,
-          retry_after_style::http_date, retry_after_style::amz, retry_after_style::none}) {
+         {retry_after_style::provider, retry_after_style::both, retry_after_style::milliseconds,
+          retry_after_style::seconds, retry_after_style::http_date, retry_after_style::amz,
+          retry_after_style::none}) {
       INFO("format " << static_cast<int>(w) << ", style " << keel::testing::to_string(style));
       asio::io_context ctx;
       mock_llm_server server{ctx, mock_options{}};
@@ -395,6 +593,11 @@ TEST_CASE("mock_llm_server sends the delay of a 429 in the plan's retry-after fo
         const std::string ra_ms = r.header("retry-after-ms");
         const std::string amz = r.header("x-amz-retry-after");
         switch (style) {
+          case retry_after_style::provider:
+            CHECK(ra == (w == wire::bedrock ? "" : "2"));
+            CHECK(ra_ms == (w == wire::openai ? "1500" : ""));
+            CHECK(amz.empty());
+            break;
           case retry_after_style::both:
             CHECK(ra == "2");
             CHECK(ra_ms == "1500");
@@ -673,7 +876,7 @@ TEST_CASE("mock_llm_server limiter 429s can carry no delay at all", "[mock_llm_s
     server.set_plan("m", fault_plan{}
                              .with_script({fault_kind::rate_limit})
                              .with_rate_limit(/*rps*/ 4, /*tpm*/ 0, /*burst*/ 1)
-                             .with_retry_after(700ms)
+                             .with_retry_after(700ms, keel::testing::retry_after_style::both)
                              .with_limiter_retry_after(limiter_retry_after_mode::none));
     run(ctx, server, [&]() -> asio::awaitable<void> {
       const call c = make_call(w, "m", "hi");
@@ -1096,6 +1299,10 @@ TEST_CASE("a bad scenario names the JSON path of the offending value", "[mock_ll
             "/models/m/limiter_retry_after"},
            {R"({"models": {"m": {"limiter_retry_after": 1}}})", "/models/m/limiter_retry_after"},
            {R"({"models": {"m": {"rate_limit_headers": "no"}}})", "/models/m/rate_limit_headers"},
+           {R"({"models": {"m": {"quirks": []}}})", "/models/m/quirks"},
+           {R"({"models": {"m": {"quirks": {"azure": true}}}})", "/models/m/quirks/azure"},
+           {R"({"models": {"m": {"quirks": {"openai_timeout_408": 1}}}})",
+            "/models/m/quirks/openai_timeout_408"},
            {R"({"models": {"m": {"rate_limit": {"token_burst": -5}}}})",
             "/models/m/rate_limit/token_burst"},
            {R"({"models": {"m": {"rate_schedule": {"at_ms": 10}}}})", "/models/m/rate_schedule"},

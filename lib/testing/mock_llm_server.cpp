@@ -1,6 +1,7 @@
 // The mock LLM server: Beast HTTP/1.1 sessions, provider wire formats and fault decisions.
 #include <keel/llm/json_depth.hpp>
 #include <keel/random.hpp>
+#include <keel/testing/detail/json_schema_instance.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <boost/asio/as_tuple.hpp>
@@ -43,6 +44,8 @@ struct parsed_request {
   std::string model;       // "" when it could not be read
   std::string last_user;   // text of the last user message
   std::size_t prompt_chars = 0;
+  // OpenAI `response_format` json_object / json_schema: the content to answer with.
+  std::optional<std::string> json_content;
 };
 
 // One response, ready to write; `action` says whether to write it at all.
@@ -125,6 +128,16 @@ parsed_request parse(std::string_view method, std::string_view target, const std
   if (!doc.contains("messages") || !doc["messages"].is_array() || r.model.empty()) {
     r.malformed = true;
     return r;
+  }
+  if (r.format == wire::openai) {
+    const json& rf = doc.contains("response_format") ? doc["response_format"] : json();
+    const std::string rf_type = rf.is_object() ? rf.value("type", "") : "";
+    if (rf_type == "json_object") {
+      r.json_content = "{}";
+    } else if (rf_type == "json_schema" && rf.contains("json_schema") &&
+               rf["json_schema"].is_object() && rf["json_schema"].contains("schema")) {
+      r.json_content = detail::minimal_json_instance(dump(rf["json_schema"]["schema"]));
+    }
   }
   if (doc.contains("system")) {
     r.prompt_chars += text_of(doc["system"]).size();
@@ -320,14 +333,158 @@ std::uint64_t fnv1a(std::string_view s) {
   return h;
 }
 
+// ---- structured outputs ------------------------------------------------------------------
+
+// Builds the smallest value a schema accepts. Recursive schemas ($ref cycles) and wide ones are
+// cut off by the two budgets: the answer is then still JSON, just not a valid instance.
+struct schema_instance_builder {
+  static constexpr int max_ref_depth = 32;
+  static constexpr std::size_t max_values = 10'000;
+  static constexpr std::size_t max_repeat = 1'000;  // minItems / minLength honoured up to this
+
+  const json& root;
+  std::size_t values = 0;
+
+  const json* resolve(const std::string& ref) const {
+    if (ref == "#") {
+      return &root;
+    }
+    if (!ref.starts_with("#/")) {
+      return nullptr;
+    }
+    try {
+      const json::json_pointer ptr(ref.substr(1));
+      return root.contains(ptr) ? &root.at(ptr) : nullptr;
+    } catch (const json::exception&) {
+      return nullptr;
+    }
+  }
+
+  static const json* first_branch(const json& s) {
+    for (const char* key : {"anyOf", "oneOf", "allOf"}) {
+      auto it = s.find(key);
+      if (it != s.end() && it->is_array() && !it->empty()) {
+        return &it->front();
+      }
+    }
+    return nullptr;
+  }
+
+  static std::size_t count_of(const json& s, const char* key) {
+    auto it = s.find(key);
+    if (it == s.end() || !it->is_number()) {
+      return 0;
+    }
+    const double v = it->get<double>();
+    return v > 0 ? static_cast<std::size_t>(std::min(std::ceil(v), double{max_repeat})) : 0;
+  }
+
+  static double number_in_range(const json& s, bool integral) {
+    double v = 0;
+    auto num = [&](const char* key) -> std::optional<double> {
+      auto it = s.find(key);
+      return it != s.end() && it->is_number() ? std::optional(it->get<double>()) : std::nullopt;
+    };
+    if (auto lo = num("minimum"); lo && *lo > v) {
+      v = integral ? std::ceil(*lo) : *lo;
+    }
+    if (auto lo = num("exclusiveMinimum"); lo && *lo >= v) {
+      v = integral ? std::floor(*lo) + 1 : *lo + 1;
+    }
+    if (auto hi = num("maximum"); hi && *hi < v) {
+      v = integral ? std::floor(*hi) : *hi;
+    }
+    return v;
+  }
+
+  json build(const json& s, int ref_depth) {
+    if (++values > max_values || !s.is_object()) {
+      return nullptr;  // `true` / `{}` accept anything, null included
+    }
+    if (auto it = s.find("const"); it != s.end()) {
+      return *it;
+    }
+    if (auto it = s.find("enum"); it != s.end() && it->is_array() && !it->empty()) {
+      return it->front();
+    }
+    if (auto it = s.find("$ref"); it != s.end() && it->is_string()) {
+      const json* target = ref_depth < max_ref_depth ? resolve(it->get<std::string>()) : nullptr;
+      return target ? build(*target, ref_depth + 1) : json(nullptr);
+    }
+    if (const json* branch = first_branch(s)) {
+      return build(*branch, ref_depth);
+    }
+    std::string type;
+    if (auto it = s.find("type"); it != s.end()) {
+      if (it->is_string()) {
+        type = it->get<std::string>();
+      } else if (it->is_array() && !it->empty() && it->front().is_string()) {
+        type = it->front().get<std::string>();
+      }
+    } else if (s.contains("properties") || s.contains("required")) {
+      type = "object";
+    } else if (s.contains("items") || s.contains("prefixItems")) {
+      type = "array";
+    }
+    if (type == "object") {
+      json out = json::object();
+      const auto props = s.find("properties");
+      const auto req = s.find("required");
+      if (req != s.end() && req->is_array()) {
+        for (const auto& name : *req) {
+          if (!name.is_string()) {
+            continue;
+          }
+          const std::string key = name.get<std::string>();
+          const bool has = props != s.end() && props->is_object() && props->contains(key);
+          out[key] = has ? build((*props)[key], ref_depth) : json(nullptr);
+        }
+      }
+      return out;
+    }
+    if (type == "array") {
+      json out = json::array();
+      const std::size_t n = count_of(s, "minItems");
+      const auto prefix = s.find("prefixItems");
+      const auto items = s.find("items");
+      for (std::size_t i = 0; i < n && values <= max_values; ++i) {
+        if (prefix != s.end() && prefix->is_array() && i < prefix->size()) {
+          out.push_back(build((*prefix)[i], ref_depth));
+        } else if (items != s.end() && items->is_array()) {  // draft-04 tuple form
+          out.push_back(i < items->size() ? build((*items)[i], ref_depth) : json(nullptr));
+        } else {
+          out.push_back(items != s.end() ? build(*items, ref_depth) : json(nullptr));
+        }
+      }
+      return out;
+    }
+    if (type == "string") {
+      return std::string(count_of(s, "minLength"), 'a');
+    }
+    if (type == "integer") {
+      return static_cast<std::int64_t>(number_in_range(s, true));
+    }
+    if (type == "number") {
+      return number_in_range(s, false);
+    }
+    if (type == "boolean") {
+      return false;
+    }
+    return nullptr;
+  }
+};
+
 // ---- provider error bodies ---------------------------------------------------------------
 
 json openai_error(std::string_view message, std::string_view type, json param, json code) {
   return json{{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", code}}}};
 }
 
-json anthropic_error(std::string_view type, std::string_view message) {
-  return json{{"type", "error"}, {"error", {{"type", type}, {"message", message}}}};
+// Anthropic's documented error body carries the request id at the top level too.
+json anthropic_error(std::string_view type, std::string_view message, std::string_view request_id) {
+  return json{{"type", "error"},
+              {"error", {{"type", type}, {"message", message}}},
+              {"request_id", request_id}};
 }
 
 void bedrock_error(reply& r, int status, std::string_view type, std::string_view message) {
@@ -368,6 +525,17 @@ const char* reason_for(int status) {
 }
 
 }  // namespace
+
+std::string detail::minimal_json_instance(std::string_view schema_json) {
+  const json schema = keel::llm::json_too_deep_at(schema_json) == std::string_view::npos
+                          ? json::parse(schema_json, nullptr, /*allow_exceptions=*/false)
+                          : json(json::value_t::discarded);
+  if (schema.is_discarded()) {
+    return "{}";
+  }
+  schema_instance_builder b{schema};
+  return dump(b.build(schema, 0));
+}
 
 // ---- the server --------------------------------------------------------------------------
 
@@ -459,9 +627,26 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     }
   }
 
+  // `provider` resolved for one answer. The limiter's 429s keep both headers: they model a server
+  // that states its exact wait, which is what the limiter is for (and what benchmarks rely on).
+  static retry_after_style effective_style(retry_after_style style, wire f, bool limiter_429) {
+    if (style != retry_after_style::provider || limiter_429) {
+      return style == retry_after_style::provider ? retry_after_style::both : style;
+    }
+    switch (f) {
+      case wire::anthropic:
+        return retry_after_style::seconds;  // Anthropic documents `retry-after` only
+      case wire::bedrock:
+        return retry_after_style::none;  // Bedrock documents no delay header
+      default:
+        return retry_after_style::both;  // OpenAI's SDKs read retry-after-ms, then retry-after
+    }
+  }
+
   static void add_retry_after(reply& r, milliseconds d, retry_after_style style) {
     const auto secs = (d.count() + 999) / 1000;
     switch (style) {
+      case retry_after_style::provider:  // resolved by effective_style
       case retry_after_style::both:
         r.headers.emplace_back("retry-after", std::to_string(secs));
         r.headers.emplace_back("retry-after-ms", std::to_string(d.count()));
@@ -486,14 +671,15 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
   // Fills `r` with the provider's answer for `k` (an HTTP-level outcome). A 429 states
   // `retry_after` unless it is empty or the plan's format is `none`.
   void answer(reply& r, fault_kind k, const parsed_request& pr, model_state* st,
-              std::optional<milliseconds> retry_after, bool tokens_limited) {
+              std::optional<milliseconds> retry_after, bool tokens_limited, bool limiter_429) {
     const std::string id = request_id();
+    const std::string rid = "req_" + id;  // Anthropic's request-id, also in its error bodies
     switch (pr.format) {
       case wire::openai:
         r.headers.emplace_back("x-request-id", "req_" + id);
         break;
       case wire::anthropic:
-        r.headers.emplace_back("request-id", "req_" + id);
+        r.headers.emplace_back("request-id", rid);
         break;
       case wire::bedrock:
         r.headers.emplace_back("x-amzn-RequestId", "mock-" + id);
@@ -524,7 +710,8 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       } else if (pr.format == wire::anthropic) {
         r.body = dump(anthropic_error("invalid_request_error",
                                       "There was an issue with the format of your request body: "
-                                      "expected a JSON object with \"model\" and \"messages\""));
+                                      "expected a JSON object with \"model\" and \"messages\"",
+                                      rid));
       } else {
         bedrock_error(r, 400, "ValidationException",
                       "Malformed input request, please reformat your input and try again.");
@@ -546,20 +733,22 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       case wire::openai:
         switch (k) {
           case fault_kind::ok:
-            r.body = dump(json{
-                {"id", "chatcmpl-mock" + id},
-                {"object", "chat.completion"},
-                {"created", static_cast<std::int64_t>(std::time(nullptr))},
-                {"model", model},
-                {"choices", json::array({{{"index", 0},
-                                          {"message", {{"role", "assistant"}, {"content", text}}},
-                                          {"logprobs", nullptr},
-                                          {"finish_reason", "stop"}}})},
-                {"usage",
-                 {{"prompt_tokens", prompt_tokens},
-                  {"completion_tokens", completion_tokens},
-                  {"total_tokens", prompt_tokens + completion_tokens}}},
-                {"system_fingerprint", "fp_mock"}});
+            r.body =
+                dump(json{{"id", "chatcmpl-mock" + id},
+                          {"object", "chat.completion"},
+                          {"created", static_cast<std::int64_t>(std::time(nullptr))},
+                          {"model", model},
+                          {"choices", json::array({{{"index", 0},
+                                                    {"message",
+                                                     {{"role", "assistant"},
+                                                      {"content", pr.json_content.value_or(text)}}},
+                                                    {"logprobs", nullptr},
+                                                    {"finish_reason", "stop"}}})},
+                          {"usage",
+                           {{"prompt_tokens", prompt_tokens},
+                            {"completion_tokens", completion_tokens},
+                            {"total_tokens", prompt_tokens + completion_tokens}}},
+                          {"system_fingerprint", "fp_mock"}});
             break;
           case fault_kind::rate_limit:
           case fault_kind::throttling: {
@@ -621,6 +810,27 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
                 "invalid_request_error", nullptr, "model_not_found"));
             break;
           case fault_kind::content_filter:
+            if (!(st && st->plan.quirks.azure_content_filter)) {
+              // OpenAI itself answers 200 and says so in finish_reason; the 400 below is Azure's.
+              r.body = dump(
+                  json{{"id", "chatcmpl-mock" + id},
+                       {"object", "chat.completion"},
+                       {"created", static_cast<std::int64_t>(std::time(nullptr))},
+                       {"model", model},
+                       {"choices",
+                        json::array(
+                            {{{"index", 0},
+                              {"message",
+                               {{"role", "assistant"}, {"content", nullptr}, {"refusal", nullptr}}},
+                              {"logprobs", nullptr},
+                              {"finish_reason", "content_filter"}}})},
+                       {"usage",
+                        {{"prompt_tokens", prompt_tokens},
+                         {"completion_tokens", 0},
+                         {"total_tokens", prompt_tokens}}},
+                       {"system_fingerprint", "fp_mock"}});
+              break;
+            }
             r.status = 400;
             r.body = dump(openai_error(
                 "The response was filtered due to the prompt triggering the content management "
@@ -628,13 +838,16 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
                 "invalid_request_error", "prompt", "content_filter"));
             break;
           case fault_kind::timeout:
-            r.status = 408;
+            // OpenAI documents no timeout status; 408 is a client-side notion (the SDKs retry it),
+            // while a server-side timeout reaches clients as a 504 from the front end.
+            r.status = st && st->plan.quirks.openai_timeout_408 ? 408 : 504;
             r.body = dump(openai_error("Request timed out.", "server_error", nullptr, "timeout"));
             break;
           default:  // unavailable, overloaded
             r.status = 503;
-            r.body = dump(openai_error("The server is overloaded or not ready yet.", "server_error",
-                                       nullptr, nullptr));
+            r.body =
+                dump(openai_error("The server is overloaded. Please try again later.",
+                                  "service_unavailable_error", nullptr, "server_is_overloaded"));
             break;
         }
         break;
@@ -665,14 +878,16 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
                 "rate_limit_error",
                 std::string("This request would exceed your organization's rate limit of ") +
                     (tokens_limited ? "input tokens per minute" : "requests per minute") +
-                    ". For details, refer to: https://docs.anthropic.com/en/api/rate-limits."));
+                    ". For details, refer to: https://docs.anthropic.com/en/api/rate-limits.",
+                rid));
             break;
           case fault_kind::quota_exhausted:
             r.status = 400;
             r.body = dump(anthropic_error(
                 "invalid_request_error",
                 "Your credit balance is too low to access the Anthropic API. Please go to Plans "
-                "& Billing to upgrade or purchase credits."));
+                "& Billing to upgrade or purchase credits.",
+                rid));
             break;
           case fault_kind::context_length: {
             const std::size_t limit =
@@ -681,37 +896,39 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
             r.body = dump(anthropic_error(
                 "invalid_request_error",
                 "prompt is too long: " + std::to_string(std::max(prompt_tokens, limit + 1)) +
-                    " tokens > " + std::to_string(limit) + " maximum"));
+                    " tokens > " + std::to_string(limit) + " maximum",
+                rid));
             break;
           }
           case fault_kind::server_error:
             r.status = 500;
-            r.body = dump(anthropic_error("api_error", "Internal server error"));
+            r.body = dump(anthropic_error("api_error", "Internal server error", rid));
             break;
           case fault_kind::overloaded:
             r.status = 529;
-            r.body = dump(anthropic_error("overloaded_error", "Overloaded"));
+            r.body = dump(anthropic_error("overloaded_error", "Overloaded", rid));
             break;
           case fault_kind::auth:
             r.status = 401;
-            r.body = dump(anthropic_error("authentication_error", "invalid x-api-key"));
+            r.body = dump(anthropic_error("authentication_error", "invalid x-api-key", rid));
             break;
           case fault_kind::not_found:
             r.status = 404;
-            r.body = dump(anthropic_error("not_found_error", "model: " + model));
+            r.body = dump(anthropic_error("not_found_error", "model: " + model, rid));
             break;
           case fault_kind::bad_request:
             r.status = 400;
-            r.body = dump(anthropic_error("invalid_request_error",
-                                          "temperature: Input should be less than or equal to 1"));
+            r.body =
+                dump(anthropic_error("invalid_request_error",
+                                     "temperature: Input should be less than or equal to 1", rid));
             break;
           case fault_kind::timeout:
             r.status = 504;
-            r.body = dump(anthropic_error("timeout_error", "Request timed out"));
+            r.body = dump(anthropic_error("timeout_error", "Request timed out", rid));
             break;
           default:  // unavailable
             r.status = 503;
-            r.body = dump(anthropic_error("api_error", "Service Unavailable"));
+            r.body = dump(anthropic_error("api_error", "Service Unavailable", rid));
             break;
         }
         break;
@@ -789,7 +1006,7 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       add_rate_headers(r, pr.format, st);
     }
     if (is_rate_limit && retry_after) {
-      add_retry_after(r, *retry_after, style);
+      add_retry_after(r, *retry_after, effective_style(style, pr.format, limiter_429));
     }
     if (cut_body) {
       r.body.resize(r.body.size() / 2);
@@ -803,6 +1020,7 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     fault_kind k = fault_kind::ok;
     std::optional<milliseconds> retry_after;
     bool tokens_limited = false;
+    bool limiter_429 = false;
     if (st && pr.format != wire::unknown && !pr.malformed) {
       const fault_plan& plan = st->plan;
       const auto t = now();
@@ -844,6 +1062,7 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
         }
         if (wait > 0) {
           k = fault_kind::rate_limit;
+          limiter_429 = true;
           switch (plan.limiter_retry_after) {
             case limiter_retry_after_mode::exact:
               retry_after = ceil_ms(wait);
@@ -890,7 +1109,8 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
       return r;
     }
     // A truncated answer cuts a would-be success short.
-    answer(r, k == fault_kind::truncated ? fault_kind::ok : k, pr, st, retry_after, tokens_limited);
+    answer(r, k == fault_kind::truncated ? fault_kind::ok : k, pr, st, retry_after, tokens_limited,
+           limiter_429);
     r.reason = reason_for(r.status);
     return r;
   }
@@ -1023,8 +1243,14 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     res.set(bhttp::field::content_type, "application/json");
     res.set(bhttp::field::connection, "close");
     if (path == "/v1/messages") {
+      std::string rid;
+      {
+        std::lock_guard lock(self->mu);
+        rid = "req_" + self->request_id();
+      }
+      res.set("request-id", rid);
       res.body() = anthropic_error("request_too_large",
-                                   "Request exceeds the maximum allowed number of bytes.")
+                                   "Request exceeds the maximum allowed number of bytes.", rid)
                        .dump();
     } else if (path == "/v1/chat/completions") {
       res.body() = openai_error("Request too large: the body exceeds " + limit + " bytes.",

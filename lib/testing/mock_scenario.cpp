@@ -36,7 +36,8 @@ constexpr std::array<std::pair<fault_kind, std::string_view>, 17> fault_names{{
     {fault_kind::bad_request, "bad_request"},
 }};
 
-constexpr std::array<std::pair<retry_after_style, std::string_view>, 6> retry_after_names{{
+constexpr std::array<std::pair<retry_after_style, std::string_view>, 7> retry_after_names{{
+    {retry_after_style::provider, "provider"},
     {retry_after_style::both, "both"},
     {retry_after_style::milliseconds, "milliseconds"},
     {retry_after_style::seconds, "seconds"},
@@ -163,8 +164,8 @@ fault_plan parse_plan(const json& j, const std::string& path) {
       const auto style = parse_retry_after_style(name);
       if (!style) {
         throw scenario_error(p, "unknown retry-after format \"" + name +
-                                    "\" (expected both, milliseconds, seconds, http_date, amz or "
-                                    "none)");
+                                    "\" (expected provider, both, milliseconds, seconds, "
+                                    "http_date, amz or none)");
       }
       plan.retry_after_format = *style;
     } else if (key == "limiter_retry_after") {
@@ -180,6 +181,21 @@ fault_plan parse_plan(const json& j, const std::string& path) {
         throw scenario_error(p, "expected true or false, got " + std::string(v.type_name()));
       }
       plan.rate_limit_headers = v.get<bool>();
+    } else if (key == "quirks") {
+      object(v, p);
+      for (const auto& [k2, v2] : v.items()) {
+        const std::string p2 = child(p, k2);
+        bool* flag = k2 == "openai_timeout_408"     ? &plan.quirks.openai_timeout_408
+                     : k2 == "azure_content_filter" ? &plan.quirks.azure_content_filter
+                                                    : nullptr;
+        if (!flag) {
+          unknown_key(p, k2);
+        }
+        if (!v2.is_boolean()) {
+          throw scenario_error(p2, "expected true or false, got " + std::string(v2.type_name()));
+        }
+        *flag = v2.get<bool>();
+      }
     } else if (key == "rate_schedule") {
       array(v, p);
       for (std::size_t i = 0; i < v.size(); ++i) {

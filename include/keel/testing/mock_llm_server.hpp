@@ -12,7 +12,10 @@
 //
 // Successful answers are deterministic: the completion text is "mock answer to: " followed by
 // the first 40 bytes of the last user message, and usage is estimated as one token per four
-// bytes. Malformed JSON is answered with the provider's own 400 error body.
+// bytes. An OpenAI request with `response_format` `json_object` gets `{}` and one with
+// `json_schema` gets a minimal instance of the schema, so that a client that parses the content
+// as JSON (an SDK's `parse()`) succeeds. Malformed JSON is answered with the provider's own 400
+// error body.
 //
 // A `fault_plan` per model (the request's model, or "*" as a template for every model without a
 // plan of its own) makes the server misbehave the way providers do: latency, random errors
@@ -23,8 +26,9 @@
 // bodies and scripted sequences. The limiter can also behave like servers that do not advertise
 // their limits (Bedrock, vLLM, nginx `limit_req`): no `x-ratelimit-*` headers, a constant or
 // absent Retry-After, a small token bucket, and limits that change on a schedule. Every error is
-// sent with the provider's real body shape and headers. Random choices come from a seeded
-// generator per model, so a single-client run is reproducible.
+// sent with the body shape and headers the provider documents; `fault_plan::quirks` and
+// `retry_after_format` bring back non-documented variants (Azure's content filter, ...). Random
+// choices come from a seeded generator per model, so a single-client run is reproducible.
 //
 // For each request the server decides, in this order: outage window (503) → next scripted
 // outcome (decides outright, even "ok") → context window → rate limit (429) → random faults →
@@ -93,10 +97,11 @@ enum class fault_kind {
                     ///< Bedrock 403 AccessDeniedException.
   not_found,        ///< OpenAI 404 model_not_found; Anthropic 404 not_found_error; Bedrock 404
                     ///< ResourceNotFoundException.
-  content_filter,   ///< OpenAI 400 code content_filter; Anthropic 200 with stop_reason
+  content_filter,   ///< OpenAI 200 with finish_reason "content_filter" (Azure's 400 with
+                    ///< `quirks.azure_content_filter`); Anthropic 200 with stop_reason
                     ///< "refusal"; Bedrock 200 with stopReason "guardrail_intervened".
-  timeout,          ///< OpenAI 408; Anthropic 504 timeout_error; Bedrock 408
-                    ///< ModelTimeoutException.
+  timeout,          ///< OpenAI 504 (408 with `quirks.openai_timeout_408`); Anthropic 504
+                    ///< timeout_error; Bedrock 408 ModelTimeoutException.
   malformed,        ///< 200 whose body is cut in half: not valid JSON.
   bad_request,      ///< OpenAI 400 invalid_request_error (bad parameter); Anthropic 400
                     ///< invalid_request_error; Bedrock 400 ValidationException.
@@ -111,7 +116,11 @@ std::optional<fault_kind> parse_fault_kind(std::string_view name) noexcept;
 /// Which delay headers a 429 carries (every form states the same delay: `fault_plan::retry_after`,
 /// or for the limiter's own 429s what `fault_plan::limiter_retry_after` chooses).
 enum class retry_after_style {
-  both,          ///< `retry-after` (seconds, rounded up) and `retry-after-ms` (the default).
+  provider,      ///< What each provider documents (the default). Random and scripted 429s: OpenAI
+                 ///< `retry-after` (seconds, rounded up) and `retry-after-ms`; Anthropic only
+                 ///< `retry-after`; Bedrock none (it documents no delay header). The limiter's own
+                 ///< 429s keep `both` on every format: its honest hint is what they are for.
+  both,          ///< `retry-after` (seconds, rounded up) and `retry-after-ms`, on every format.
   milliseconds,  ///< Only `retry-after-ms`.
   seconds,       ///< Only `Retry-After` delta-seconds, rounded up.
   http_date,     ///< Only `Retry-After` as an IMF-fixdate: `system_clock::now()` + delay, rounded
@@ -121,7 +130,7 @@ enum class retry_after_style {
                  ///< "try again in" in the OpenAI body.
 };
 
-/// The scenario-file name of a retry-after style ("both", "milliseconds", "seconds",
+/// The scenario-file name of a retry-after style ("provider", "both", "milliseconds", "seconds",
 /// "http_date", "amz", "none").
 std::string_view to_string(retry_after_style s) noexcept;
 
@@ -171,6 +180,16 @@ struct outage_window {
   std::chrono::milliseconds to{0};
 };
 
+/// Deviations from the providers' documented shapes, for clients written against them (all off
+/// by default: the mock then answers as each provider documents).
+struct provider_quirks {
+  /// OpenAI `timeout` answers 408 Request Timeout (the mock's old shape) instead of 504.
+  bool openai_timeout_408 = false;
+  /// OpenAI `content_filter` answers as Azure OpenAI does: 400 with `code: "content_filter"`,
+  /// instead of OpenAI's 200 with `finish_reason: "content_filter"`.
+  bool azure_content_filter = false;
+};
+
 /// How one model misbehaves. A default-constructed plan never fails and answers at once.
 struct fault_plan {
   /// Smallest added latency before each answer.
@@ -183,7 +202,7 @@ struct fault_plan {
   /// Retry-After sent with randomly injected or scripted 429s.
   std::chrono::milliseconds retry_after{1000};
   /// Which headers carry the delay of every 429 (scripted, random or from the limiter).
-  retry_after_style retry_after_format = retry_after_style::both;
+  retry_after_style retry_after_format = retry_after_style::provider;
   /// What delay the limiter's own 429s state: the exact wait, `retry_after`, or none.
   limiter_retry_after_mode limiter_retry_after = limiter_retry_after_mode::exact;
   /// Whether responses carry `x-ratelimit-*` / `anthropic-ratelimit-*` headers for the limits
@@ -210,6 +229,8 @@ struct fault_plan {
   std::vector<outage_window> outages;
   /// Outcomes for the first requests, consumed in order; afterwards the plan applies.
   std::vector<fault_kind> script;
+  /// Non-documented shapes to answer with instead of the documented ones.
+  provider_quirks quirks;
 
   fault_plan() = default;
 
@@ -226,7 +247,7 @@ struct fault_plan {
   }
   /// Sets the Retry-After delay of random and scripted 429s and how it is sent. @returns *this.
   fault_plan& with_retry_after(std::chrono::milliseconds delay,
-                               retry_after_style style = retry_after_style::both) {
+                               retry_after_style style = retry_after_style::provider) {
     retry_after = delay;
     retry_after_format = style;
     return *this;
@@ -271,6 +292,11 @@ struct fault_plan {
   /// Adds an outage window [from, to) measured from server start. @returns *this.
   fault_plan& with_outage(std::chrono::milliseconds from, std::chrono::milliseconds to) {
     outages.push_back(outage_window{from, to});
+    return *this;
+  }
+  /// Sets the non-documented shapes to answer with. @returns *this.
+  fault_plan& with_quirks(provider_quirks q) {
+    quirks = q;
     return *this;
   }
   /// Appends scripted outcomes, consumed one per request. @returns *this.
