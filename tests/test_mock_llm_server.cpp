@@ -1262,7 +1262,7 @@ TEST_CASE("scenario JSON loads into fault plans", "[mock_llm_server]") {
   CHECK(any.latency_max == 20ms);
   CHECK(any.probability.at(fault_kind::rate_limit) == Approx(0.1));
   CHECK(any.retry_after == 2000ms);
-  CHECK(any.retry_after_format == keel::testing::retry_after_style::both);
+  CHECK(any.retry_after_format == keel::testing::retry_after_style::provider);
   const auto& g = s.plans.at("gpt-4o");
   CHECK(g.latency_min == 3ms);
   CHECK(g.latency_max == 3ms);
