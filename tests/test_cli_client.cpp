@@ -896,3 +896,85 @@ TEST_CASE("an entry's ca_file trusts a private CA; without it the server is refu
   CHECK_THROWS_WITH(clients.get(not_pem), Catch::Contains(not_pem));
   std::filesystem::remove(not_pem);
 }
+
+namespace {
+
+// Runs `items` as `keel batch` does: `workers` coroutines that each admit (wait for an attempt
+// slot) before taking the next item; returns the item indexes in the order their calls ended.
+std::vector<std::size_t> run_admitted(asio::io_context& ctx, keel::cli::llm_client& client,
+                                      const std::vector<keel::cli::batch_item>& items,
+                                      std::size_t workers) {
+  std::vector<std::size_t> finished;
+  std::size_t next = 0;
+  std::size_t running = workers;
+  for (std::size_t w = 0; w < workers; ++w) {
+    asio::co_spawn(
+        ctx,
+        [&]() -> asio::awaitable<void> {
+          while (next < items.size()) {
+            keel::bulkhead_permit slot = co_await client.admit();
+            if (next >= items.size()) {
+              break;
+            }
+            const std::size_t i = next++;
+            const auto out = co_await client.call(items[i], std::move(slot));
+            if (out.response) {
+              finished.push_back(i);
+            }
+          }
+          if (--running == 0) {
+            ctx.stop();
+          }
+        },
+        asio::detached);
+  }
+  ctx.run();
+  ctx.restart();
+  return finished;
+}
+
+}  // namespace
+
+TEST_CASE("a call asleep before a retry gives its attempt slot to the next item; an immediate "
+          "retry keeps it",
+          "[cli_client]") {
+  // One attempt slot, two workers. The first request answers 503, every later one 200.
+  struct variant {
+    const char* backoff;                // the transient curve
+    std::vector<std::size_t> finished;  // item order of the ends
+  };
+  const variant variants[] = {
+      // Asleep 50 ms: the spare worker's item 1 takes the slot and ends first.
+      {R"({"kind": "constant", "base": 0.05})", {1, 0}},
+      // Retried at once: item 0 keeps the slot and ends first; item 1 waited for it.
+      {R"({"kind": "immediate"})", {0, 1}},
+  };
+  for (const auto& v : variants) {
+    INFO(v.backoff);
+    asio::io_context ctx;
+    keel::testing::mock_llm_server server(ctx);
+    server.set_plan("m", fault_plan().with_script({fault_kind::unavailable}));
+    server.start();
+    keel::http::client http(ctx.get_executor(), {});
+    keel::cli::bucket_registry buckets(ctx.get_executor());
+    keel::cli::client_options co;
+    co.attempt_slots = 1;
+    keel::cli::llm_client client(
+        ctx.get_executor(),
+        make_config(std::string(R"({"config_list": [{"api_type": "openai", "model": "m",
+                                    "api_key": "sk-test-KEY000001"}],
+                                    "policy": {"retry": {"max_attempts": 3, "backoff": )") +
+                        v.backoff + "}}}",
+                    server.base_url()),
+        http, buckets, {}, 1, co);
+    const auto finished = run_admitted(ctx, client, {item(1), item(2)}, 2);
+    CHECK(finished == v.finished);
+    CHECK(server.stats().model("m").requests == 3);
+  }
+}
+
+TEST_CASE("spare workers are a quarter of the attempt slots", "[cli_client]") {
+  CHECK(keel::cli::spare_workers(1) == 0);
+  CHECK(keel::cli::spare_workers(16) == 4);
+  CHECK(keel::cli::spare_workers(64) == 16);
+}

@@ -106,12 +106,12 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
   CHECK(e.api_key == "sk-dummy-key");
   CHECK_FALSE(e.timeout);
   CHECK_FALSE(e.aws_retry);
-  CHECK(e.max_attempts == 4);
+  CHECK(e.max_attempts == 6);
   CHECK(e.rate_limits.requests_per_minute == 0);
   CHECK(e.name() == "openai/gpt-4o-mini");
 
   const auto& p = c.policy;
-  CHECK(p.retry.max_attempts == 4);
+  CHECK(p.retry.max_attempts == 6);
   CHECK(p.retry.backoff.kind == "exponential");
   CHECK(p.retry.backoff.base == 0.5);
   CHECK(p.retry.backoff.cap == 20);
@@ -126,7 +126,7 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
   CHECK(p.retry.max_retry_after == 60);
   CHECK(p.deadline == 300);
   CHECK(p.breaker.enabled);
-  CHECK(p.breaker.failure_threshold == 5);
+  CHECK(p.breaker.failure_threshold == 10);
   CHECK(p.breaker.break_duration == 30);
   CHECK(p.breaker.break_growth == 2);
   CHECK(p.breaker.max_break == 300);
@@ -515,7 +515,7 @@ TEST_CASE("a keel-native entry ignores AWS_MAX_ATTEMPTS and AWS_RETRY_MODE", "[c
   auto c = parse(std::string("[") + openai_entry + "]",
                  {{"AWS_MAX_ATTEMPTS", "9"}, {"AWS_RETRY_MODE", "adaptive"}});
   CHECK_FALSE(c.entries[0].aws_retry);
-  CHECK(c.entries[0].max_attempts == 4);
+  CHECK(c.entries[0].max_attempts == keel::cli::retry_config{}.max_attempts);
   // Not even read: an invalid value does not fail a config that does not use it.
   CHECK_NOTHROW(parse(std::string("[") + openai_entry + "]",
                       {{"AWS_MAX_ATTEMPTS", "many"}, {"AWS_RETRY_MODE", "fast"}}));

@@ -197,7 +197,10 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
     resumed = prepare_resume(opts.out);
   }
   const int concurrency = std::max(1, opts.concurrency.value_or(cfg.policy.concurrency));
-  run_state rs(cfg, opts, log, static_cast<std::size_t>(concurrency));
+  // `concurrency` attempts in flight, and a quarter more workers: an item asleep before a retry
+  // (or held at an open breaker) gives its attempt slot to a spare worker's next item.
+  const std::size_t slots = static_cast<std::size_t>(concurrency);
+  run_state rs(cfg, opts, log, slots + spare_workers(slots));
   rs.resume = std::move(resumed);
   if (opts.resume) {
     log.log(log_level::info, "resume", "results file scanned",
@@ -365,6 +368,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   };
   client_options co;
   co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
+  co.attempt_slots = slots;
   llm_client client(ex, cfg, http, buckets, hooks, opts.seed, co);
 
   // ---- progress ------------------------------------------------------------------------------
@@ -450,7 +454,18 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
     }
   };
   auto worker = [&]() -> asio::awaitable<void> {
+    keel::bulkhead_permit slot;  // kept across skipped lines; handed to the item's call
     while (!rs.stopping) {
+      if (!slot) {
+        try {
+          slot = co_await client.admit();  // before the item: its clock starts with a slot
+        } catch (const boost::system::system_error&) {
+          break;  // cancelled (a second signal) while waiting
+        }
+        if (rs.stopping) {
+          break;
+        }
+      }
       std::optional<input_reader::raw_line> raw;
       try {
         raw = co_await rs.feed.next();  // never blocks the thread, even on a pipe
@@ -500,7 +515,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
       }
       ++st.in_flight;
       in_flight_gauge.set(static_cast<double>(st.in_flight));
-      call_outcome out = co_await client.call(item);
+      call_outcome out = co_await client.call(item, std::move(slot));
       --st.in_flight;
       in_flight_gauge.set(static_cast<double>(st.in_flight));
 

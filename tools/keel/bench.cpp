@@ -980,7 +980,7 @@ config bench_config(const bench_run_spec& run, const std::string& base_url,
     pol["breaker"] = off;
     pol["retry_budget"] = off;
   } else {  // keel, keel_limit
-    // keel's defaults (4 attempts, full-jitter exponential 0.5 s capped at 20 s, Retry-After
+    // keel's defaults (6 attempts, full-jitter exponential 0.5 s capped at 20 s, Retry-After
     // obeyed, retry budget 100 tokens at ratio 0.5, 300 s deadline) but for the breaker's break:
     // the default 30 s (growing to 300 s) is sized for real outages, and the bench compresses
     // its outage into 3 s of a 10 s run; with 30 s the primary would never be probed again
@@ -1154,13 +1154,18 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
     client_options co;
     co.shared_pacing = bench_paced_policy(spec.policy);
     co.hold_open_breaker = co.shared_pacing;  // as `keel batch`
-    llm_client client(ex, cfg, http, buckets, rec.hooks(cfg), opts.seed, co);
+    // keel's policies run as `keel batch` does: attempt slots, and spare workers that use the
+    // slots of sleeping items. The common clients hold their worker while they sleep.
+    const std::size_t slots = static_cast<std::size_t>(std::max(1, spec.concurrency));
+    if (co.shared_pacing) {
+      co.attempt_slots = slots;
+    }    llm_client client(ex, cfg, http, buckets, rec.hooks(cfg), opts.seed, co);
     // The primary entry's bucket (created by the client) and its controller, if it has one.
     keel::throttler& primary_bucket = buckets.get(cfg.entries.front());
     const keel::rate_controller* controller = buckets.pacing(primary_bucket);
 
     std::size_t next = 0;
-    std::size_t running = static_cast<std::size_t>(std::max(1, spec.concurrency));
+    std::size_t running = slots + (co.attempt_slots > 0 ? spare_workers(slots) : 0);
     const double cpu0 = cpu_seconds(RUSAGE_THREAD);
     rec.t0 = clock_type::now();
     rec.t_end = rec.t0;
@@ -1184,8 +1189,12 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
           ctx,
           [&]() -> asio::awaitable<void> {
             while (next < items.size()) {
+              keel::bulkhead_permit slot = co_await client.admit();
+              if (next >= items.size()) {
+                break;
+              }
               const std::size_t i = next++;
-              const call_outcome out = co_await client.call(items[i]);
+              const call_outcome out = co_await client.call(items[i], std::move(slot));
               rec.complete(out);
             }
             // Idle pooled connections keep the context busy: stop it after the last worker.

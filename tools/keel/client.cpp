@@ -360,6 +360,8 @@ struct llm_client::call_state {
   // The AWS SDK headers of the entry being tried (Bedrock only): one invocation per entry, as
   // each entry is a call on its own client, with its own attempt count and maximum.
   std::optional<keel::aws::sdk_invocation> invocation;
+  // The attempt slot (client_options::attempt_slots) while the call holds one.
+  keel::bulkhead_permit slot;
 };
 
 http_clients::http_clients(asio::any_io_executor ex, keel::http::client_options base)
@@ -408,6 +410,12 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, const transport_for
       random_(seed),
       invocation_ids_(seed ^ 0x616d7a2d73646bULL) {
   const policy_config& pol = cfg_.policy;
+  if (options_.attempt_slots > 0) {
+    keel::bulkhead_options bo;
+    bo.max_concurrent = options_.attempt_slots;
+    bo.max_queue = std::numeric_limits<std::size_t>::max();  // waits are bounded by the caller
+    slots_ = std::make_unique<keel::bulkhead>(ex_, bo);
+  }
   if (pol.retry_budget.enabled) {
     budget_ = std::make_unique<keel::retry_budget>(pol.retry_budget.max_tokens,
                                                    pol.retry_budget.token_ratio);
@@ -525,6 +533,9 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
     req.seed = es.cfg->seed;
   }
   req.token_field = es.cfg->max_tokens_field;
+  if (slots_ && !cs.slot) {
+    cs.slot = co_await slots_->acquire();  // given up while the call slept
+  }
   const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
   keel::throttle_cost cost;
   cost.requests = 1;
@@ -657,6 +668,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
       if (hooks_.on_hold) {
         hooks_.on_hold(es.index, *cs.item, es.breaker->remaining_open_time());
       }
+      cs.slot.release();  // a held item sends nothing: let another one use the slot
       // Until the probe, or (half-open, the probe slots taken) a short while.
       const auto wait = es.breaker->remaining_open_time() +
                         std::chrono::duration_cast<nanoseconds>(
@@ -666,6 +678,9 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
     }
   };
   auto on_retry = [this, &es, &cs](const keel::retry_event& ev) {
+    if (ev.delay > nanoseconds::zero()) {
+      cs.slot.release();  // asleep until the retry: let another item use the slot
+    }
     if (hooks_.on_retry) {
       retry_report r;
       r.entry = es.index;
@@ -713,9 +728,18 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
   co_return co_await keel::with_retry(one, std::move(p));
 }
 
-asio::awaitable<call_outcome> llm_client::call(const batch_item& item) {
+asio::awaitable<keel::bulkhead_permit> llm_client::admit() {
+  if (!slots_) {
+    co_return keel::bulkhead_permit{};
+  }
+  co_return co_await slots_->acquire();
+}
+
+asio::awaitable<call_outcome> llm_client::call(const batch_item& item,
+                                               keel::bulkhead_permit slot) {
   call_state cs;
   cs.item = &item;
+  cs.slot = std::move(slot);
   call_outcome out;
   const auto t0 = clock_type::now();
   std::vector<keel::alternative<keel::llm::chat_response>> alts;
@@ -749,6 +773,7 @@ asio::awaitable<call_outcome> llm_client::call(const batch_item& item) {
   if (out.response) {
     scrub_secrets(*out.response);
   }
+  cs.slot.release();  // the next item may start while the caller writes this one's record
   out.entry = cs.entry;
   out.attempts = cs.attempts;
   out.seconds = seconds_since(t0);

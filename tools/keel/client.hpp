@@ -35,6 +35,9 @@
 // - `client_options::shared_pacing` (default on) is the controller. Turned off, the client paces
 //   only by the configured rate limits, like a common SDK client; `keel bench` uses that for its
 //   non-keel policy variants.
+// - `client_options::attempt_slots` (keel batch: its concurrency) caps the attempts in flight,
+//   not the items: a call sleeping before a retry or at an open breaker gives its slot to the
+//   next item, and takes one again (FIFO) before its next attempt. Immediate retries keep it.
 // - `call` never throws: it returns the reply or the final error with the attempts made.
 //
 // Thread safety: a client and its registry live on one executor (one thread).
@@ -42,6 +45,7 @@
 #include "config.hpp"
 #include "jsonl.hpp"
 
+#include <keel/bulkhead.hpp>
 #include <keel/circuit_breaker.hpp>
 #include <keel/http/client.hpp>
 #include <keel/random.hpp>
@@ -170,7 +174,19 @@ struct client_options {
   /// (bounded by the call's deadline) without spending an attempt; when false (the library's
   /// way), the wait is an ordinary retry whose delay is the time left until the probe.
   bool hold_open_breaker = false;
+  /// When nonzero, at most this many calls hold an attempt slot at once (`llm_client::admit`).
+  /// A call gives its slot up while it sleeps (a retry's backoff or server delay, a hold at an
+  /// open breaker) and takes one again, in FIFO order, before its next attempt: a sleeping item
+  /// then does not idle the run's concurrency, while no more than this many attempts are ever
+  /// in flight (or waiting for pacing). Zero (the default): no slots.
+  std::size_t attempt_slots = 0;
 };
+
+/// Workers beyond `slots` attempt slots that a batch runs (a quarter more, rounded down: 0 below
+/// 4), so that items asleep before a retry leave no slot idle. At a 10% transient error rate about
+/// one item in a hundred sleeps (the first retry is immediate), so a quarter is ample; a run
+/// whose items mostly sleep (an outage) is paced by its breaker and retry budget, not by slots.
+constexpr std::size_t spare_workers(std::size_t slots) noexcept { return slots / 4; }
 
 /// The HTTP clients of one run: one per distinct `entry_config::ca_file`, because a
 /// `keel::http::client` has a single TLS context (trust store) for every host. Entries with the
@@ -226,11 +242,20 @@ class llm_client {
   llm_client(const llm_client&) = delete;
   llm_client& operator=(const llm_client&) = delete;
 
+  /// Waits for an attempt slot (`client_options::attempt_slots`), in FIFO order; with no slots
+  /// configured returns an empty permit at once. A caller that admits before it takes an item
+  /// starts no item's clock while every slot is busy.
+  /// Cancellation: throws `boost::system::system_error` (`operation_aborted`) and takes no slot.
+  boost::asio::awaitable<keel::bulkhead_permit> admit();
+
   /// Runs one item through the whole chain. Never throws. A reply that echoes any entry's API
   /// key or AWS credentials has each occurrence replaced by `secret_marker`.
-  /// Cancellation: the attempt in flight is cancelled and the outcome's error is
-  /// `operation_aborted`.
-  boost::asio::awaitable<call_outcome> call(const batch_item& item);
+  /// @param slot an attempt slot from `admit()`; with none (and slots configured) the call
+  ///   waits for one before its first attempt. Released while the call sleeps and at its end.
+  /// Cancellation: the attempt in flight (or the wait for a slot) is cancelled and the
+  /// outcome's error is `operation_aborted`.
+  boost::asio::awaitable<call_outcome> call(const batch_item& item,
+                                            keel::bulkhead_permit slot = {});
 
   /// The config.
   const config& cfg() const noexcept { return cfg_; }
@@ -260,6 +285,7 @@ class llm_client {
   keel::random_source random_;
   keel::random_source invocation_ids_;  // amz-sdk-invocation-id, apart from the jitter draws
   std::unique_ptr<keel::retry_budget> budget_;
+  std::unique_ptr<keel::bulkhead> slots_;  // client_options::attempt_slots (null: none)
   std::vector<std::unique_ptr<entry_state>> entries_;
   std::vector<std::string> secrets_;  // every entry's credentials of min_scrubbed_secret+ bytes
 };
