@@ -512,6 +512,79 @@ TEST_CASE("the estimate is the work accepted between two rejections over their s
   CHECK(r.bucket.paused_until() == manual_clock::time_point{});
 }
 
+TEST_CASE("an odd 429 at the plateau lowers the estimate by the share refused, not to the rate "
+          "the client sent",
+          "[rate_controller]") {
+  // As above: sends every 10 ms, seq 5 and 25 rejected: estimate 95/s, paced at 92.15/s.
+  rig r{with_ceiling(100)};
+  for (int k = 1; k <= 25; ++k) {
+    advance_to(std::chrono::milliseconds(10 * (k - 1)));
+    const ticket t = r.pacing.on_send({1, 0});
+    if (k == 5 || k == 25) {
+      advance_to(now() + 5ms);
+      r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
+    } else {
+      r.pacing.on_accepted(t);
+    }
+  }
+  REQUIRE(r.pacing.requests().estimate == Approx(95));
+  // Then 45 sends at the paced rate, within the plateau; the server refuses only the last (a
+  // tight bucket and a bunched send). Between seq 25 and 70: 44 sent, none refused.
+  const auto step = std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::duration<double>(1 / (0.97 * 95)));
+  const auto t25 = std::chrono::milliseconds(240);
+  for (int k = 26; k <= 70; ++k) {
+    advance_to(t25 + (k - 25) * step);
+    const ticket t = r.pacing.on_send({1, 0});
+    if (k == 70) {
+      advance_to(now() + 5ms);
+      REQUIRE(r.pacing.requests().phase == keel::pacing_phase::cruise);
+      r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
+    } else {
+      r.pacing.on_accepted(t);
+    }
+  }
+  // 1 refused of 45: the estimate goes down by 1/45, not to the 44 / 0.488 s = 90.1/s the
+  // client itself sent (which a cut at every such 429 ratchets down from).
+  const keel::pacing_state s = r.pacing.requests();
+  CHECK(s.estimate == Approx(95 * (1 - 1.0 / 45)));
+  CHECK(s.rate == Approx(0.97 * 95 * (1 - 1.0 / 45)));
+}
+
+TEST_CASE("429s of one episode that under-measure the limit cut the margin once, not once each",
+          "[rate_controller]") {
+  // Estimate 95/s as above; the episode of seq 5 and 25 ends 250 ms after the last 429.
+  rig r{with_ceiling(100)};
+  for (int k = 1; k <= 25; ++k) {
+    advance_to(std::chrono::milliseconds(10 * (k - 1)));
+    const ticket t = r.pacing.on_send({1, 0});
+    if (k == 5 || k == 25) {
+      advance_to(now() + 5ms);
+      r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
+    } else {
+      r.pacing.on_accepted(t);
+    }
+  }
+  REQUIRE(r.pacing.requests().estimate == Approx(95));
+  // Then the client sends slowly (callers parked by Retry-After: every 15 ms, 67/s) and seq 30,
+  // 40 and 50 are refused, 150 ms apart: one episode. Each 429 came for a call sent after the
+  // previous cut, but the pairs (60/s) under-measure: the client did not keep the server busy.
+  for (int k = 26; k <= 50; ++k) {
+    advance_to(600ms + (k - 26) * 15ms);
+    const ticket t = r.pacing.on_send({1, 0});
+    if (k % 10 == 0) {
+      advance_to(now() + 5ms);
+      r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
+    } else {
+      r.pacing.on_accepted(t);
+    }
+  }
+  // One margin off the estimate the episode opened with (a margin per 429 would be 95 x 0.97^3).
+  const keel::pacing_state s = r.pacing.requests();
+  CHECK(s.rejections == 5);
+  CHECK(s.estimate == Approx(95 * 0.97));
+}
+
 TEST_CASE("429s of a wave reported later than the usual 429 latency do not raise the estimate",
           "[rate_controller]") {
   // As above, but the three earlier members of the wave take 20 ms to come back instead of the

@@ -268,6 +268,7 @@ class rate_controller_state {
     time_point block_until{};   // the longest Retry-After of the episode
     time_point last_halving{};  // search
     double episode_best = 0;    // accepted work of the episode's adopted sample
+    double episode_floor = 0;   // lowest estimate the episode's under-measured samples may set
     time_point adopted_at{};    // when the estimate was last set
     // The episode.
     bool in_episode = false;
@@ -631,6 +632,7 @@ class rate_controller_state {
     const pair_sample x = cross_sample(di, r);
     const bool cross = usable(di, x, o_.min_sample);
     d.episode_best = 0;
+    d.episode_floor = d.estimate * (1 - o_.margin);
     const std::uint64_t samples_before = d.samples;
     // Rounds of 429s a Retry-After apart with nothing accepted in between: a block.
     if (d.previous.seq != 0) {
@@ -650,13 +652,27 @@ class rate_controller_state {
           adopt(di, x.rate());
         }
         break;
-      case cause::plateau:
-        // A rejection at the plateau's rate: the limit is below the estimate. The pair measures
-        // it if the client kept sending at the plateau's rate in between (callers all waiting
-        // out Retry-Afters leave the server idle, and the pair then under-measures).
-        adopt(di, cross && paced(di, r, x) ? std::min(x.rate(), d.estimate)
-                                           : d.estimate * (1 - o_.margin));
+      case cause::plateau: {
+        // A rejection at the plateau's rate: the limit may be below the estimate. If it fell
+        // below the plateau, a share of what was sent since the last rejection was refused, and
+        // the pair measures the limit if the client kept sending at the plateau's rate in
+        // between (callers all waiting out Retry-Afters leave the server idle, and the pair then
+        // under-measures). But a tight bucket (nginx `burst=20` at 1000 r/s holds 20 ms) also
+        // refuses an odd call of a plateau below its limit, when the scheduler bunches a few
+        // sends: then almost everything sent was accepted, and the pair measures the client's
+        // own rate, not the limit. Cutting to it at every such rejection ratcheted an estimate
+        // of 999 r/s down to 511 in 2.4 s; such a rejection lowers the estimate by the share
+        // refused instead (probes win it back).
+        const double own = di == req ? 1.0 : r.tokens;
+        const double refused = cross ? (x.rejected + own) / (x.sent + own) : 1.0;
+        if (refused < o_.margin) {
+          adopt(di, d.estimate * (1 - refused));
+        } else {
+          adopt(di, cross && paced(di, r, x) ? std::min(x.rate(), d.estimate)
+                                             : d.estimate * (1 - o_.margin));
+        }
         break;
+      }
       case cause::fixed:
         // A configured or advertised rate draws 429s: measure the real one (if the client kept
         // the server busy in between; callers parked by Retry-Afters make the pair say little).
@@ -711,8 +727,12 @@ class rate_controller_state {
       // one wave of 429s with Retry-After: 1 parked 15 of 16 callers, and a 0.2 s sample said
       // 111 r/s; the probes back up took 4 s). Such a sample lowers the estimate by at most
       // the margin.
+      // The margin is taken from the estimate the episode opened with, once per episode: a
+      // bunch of sends refused together (a tight bucket, 20 ms at 1000 r/s, and the scheduler
+      // bunching a few sends) each came after the previous cut, and a margin per rejection cut
+      // 968 r/s to 857 in 5 ms.
       if (d.estimate > 0 && rate < d.estimate && p.sent < 0.9 * base_rate(di) * p.span) {
-        rate = std::max(rate, d.estimate * (1 - o_.margin));
+        rate = std::max(rate, std::min(d.estimate, d.episode_floor));
       }
       if (p.accepted > d.episode_best || (rate < d.estimate && d.latest.sent > d.adopted_at)) {
         if (d.why == cause::probe && d.estimate > 0 && p.accepted < o_.min_sample * unit_of(di)) {
