@@ -512,11 +512,10 @@ TEST_CASE("the estimate is the work accepted between two rejections over their s
   CHECK(r.bucket.paused_until() == manual_clock::time_point{});
 }
 
-TEST_CASE("an odd 429 at the plateau lowers the estimate by the share refused, not to the rate "
-          "the client sent",
-          "[rate_controller]") {
-  // As above: sends every 10 ms, seq 5 and 25 rejected: estimate 95/s, paced at 92.15/s.
-  rig r{with_ceiling(100)};
+// Paced at a ceiling of 100/s, sends every 10 ms (seq k at (k - 1) x 10 ms) of which seq 5 and
+// 25 are refused (429s in 5 ms) and the rest answered at once: the estimate is 19 / 0.2 s = 95/s
+// (cruise, paced at 92.15/s), and the episode ends 250 ms after the last 429.
+void learn_95_per_second(rig& r) {
   for (int k = 1; k <= 25; ++k) {
     advance_to(std::chrono::milliseconds(10 * (k - 1)));
     const ticket t = r.pacing.on_send({1, 0});
@@ -528,6 +527,13 @@ TEST_CASE("an odd 429 at the plateau lowers the estimate by the share refused, n
     }
   }
   REQUIRE(r.pacing.requests().estimate == Approx(95));
+}
+
+TEST_CASE("an odd 429 at the plateau lowers the estimate by the share refused, not to the rate "
+          "the client sent",
+          "[rate_controller]") {
+  rig r{with_ceiling(100)};
+  learn_95_per_second(r);
   // Then 45 sends at the paced rate, within the plateau; the server refuses only the last (a
   // tight bucket and a bunched send). Between seq 25 and 70: 44 sent, none refused.
   const auto step = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -553,19 +559,8 @@ TEST_CASE("an odd 429 at the plateau lowers the estimate by the share refused, n
 
 TEST_CASE("429s of one episode that under-measure the limit cut the margin once, not once each",
           "[rate_controller]") {
-  // Estimate 95/s as above; the episode of seq 5 and 25 ends 250 ms after the last 429.
   rig r{with_ceiling(100)};
-  for (int k = 1; k <= 25; ++k) {
-    advance_to(std::chrono::milliseconds(10 * (k - 1)));
-    const ticket t = r.pacing.on_send({1, 0});
-    if (k == 5 || k == 25) {
-      advance_to(now() + 5ms);
-      r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
-    } else {
-      r.pacing.on_accepted(t);
-    }
-  }
-  REQUIRE(r.pacing.requests().estimate == Approx(95));
+  learn_95_per_second(r);
   // Then the client sends slowly (callers parked by Retry-After: every 15 ms, 67/s) and seq 30,
   // 40 and 50 are refused, 150 ms apart: one episode. Each 429 came for a call sent after the
   // previous cut, but the pairs (60/s) under-measure: the client did not keep the server busy.
