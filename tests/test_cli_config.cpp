@@ -950,3 +950,22 @@ TEST_CASE("ca_file must name a readable file and is printed", "[cli_config]") {
   CHECK_THAT(directory.message(), Catch::Contains("it is a directory"));
   CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": 3}])").path() == "/0/ca_file");
 }
+
+TEST_CASE("a relative ca_file is taken from the config file's directory", "[cli_config]") {
+  temp_dir dir;
+  const std::string pem = dir.write("ca.pem", "-----BEGIN CERTIFICATE-----\n");
+  const std::string file =
+      dir.write("policy.json", R"([{"model": "a", "api_key": "k", "ca_file": "ca.pem"}])");
+  // The working directory (the test's) holds no ca.pem: found beside the config, or refused.
+  REQUIRE_FALSE(std::filesystem::exists("ca.pem"));
+  const auto c = keel::cli::load_config(file, env_of({}));
+  CHECK(std::filesystem::equivalent(c.entries[0].ca_file, pem));
+  CHECK(std::filesystem::path(c.entries[0].ca_file).is_absolute() ==
+        std::filesystem::path(file).is_absolute());
+  // An absolute path is kept as written; parse_config (no file) keeps the working directory.
+  const std::string abs = dir.write("abs.json", R"([{"model": "a", "api_key": "k", "ca_file": ")" +
+                                                    pem + R"("}])");
+  CHECK(keel::cli::load_config(abs, env_of({})).entries[0].ca_file == pem);
+  CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": "ca.pem"}])").path() ==
+        "/0/ca_file");
+}

@@ -165,7 +165,9 @@ constexpr num_range growth_factor{1, false, 1e6};
 // One validation pass over a document; every failure throws config_error naming the pointer.
 class parser {
  public:
-  parser(std::string source, const env_lookup& env) : source_(std::move(source)), env_(env) {}
+  // `base_dir`: where relative paths in the document are taken from ("": the working directory).
+  parser(std::string source, const env_lookup& env, std::filesystem::path base_dir = {})
+      : source_(std::move(source)), env_(env), base_dir_(std::move(base_dir)) {}
 
   config run(const json& doc) {
     config c;
@@ -611,6 +613,11 @@ class parser {
         e.rate_limits.tokens_per_minute = number(v, p, rate_non_negative);
       } else if (key == "ca_file") {
         e.ca_file = string(v, p);
+        if (!e.ca_file.empty() && !base_dir_.empty() &&
+            std::filesystem::path(e.ca_file).is_relative()) {
+          // Beside the config file, as a config's own paths are meant, wherever keel runs from.
+          e.ca_file = (base_dir_ / e.ca_file).lexically_normal().string();
+        }
         if (const std::string why = unreadable_file(e.ca_file); !why.empty()) {
           fail(p, "a readable PEM file of trusted CA certificates",
                echo_text(e.ca_file) + " (" + why + ")");
@@ -859,6 +866,7 @@ class parser {
 
   std::string source_;
   const env_lookup& env_;
+  std::filesystem::path base_dir_;
   std::optional<aws_shared_files> shared_files_;
 };
 
@@ -957,7 +965,10 @@ keel::llm::endpoint entry_config::endpoint() const {
   return ep;
 }
 
-config parse_config(std::string_view text, const std::string& source, const env_lookup& env) {
+namespace {
+
+config parse_text(std::string_view text, const std::string& source, const env_lookup& env,
+                  const std::filesystem::path& base_dir) {
   if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
     const auto [line, column] = line_column(text, deep + 1);
     throw config_error(source, "",
@@ -977,7 +988,13 @@ config parse_config(std::string_view text, const std::string& source, const env_
     // Valid syntax the parser still refuses, e.g. a number too large for a double ("1e400").
     throw config_error(source, "", std::string("invalid JSON: ") + e.what());
   }
-  return parser(source, env).run(doc);
+  return parser(source, env, base_dir).run(doc);
+}
+
+}  // namespace
+
+config parse_config(std::string_view text, const std::string& source, const env_lookup& env) {
+  return parse_text(text, source, env, {});
 }
 
 config load_config(const std::string& file, const env_lookup& env) {
@@ -996,7 +1013,9 @@ config load_config(const std::string& file, const env_lookup& env) {
   if (in.bad()) {
     throw config_error(file, "", "cannot read the config file");
   }
-  return parse_config(os.str(), file, env);
+  // A relative ca_file is taken from the config file's directory.
+  const std::filesystem::path dir = std::filesystem::path(file).parent_path();
+  return parse_text(os.str(), file, env, dir.empty() ? std::filesystem::path(".") : dir);
 }
 
 nlohmann::json to_json(const config& c, bool redact) {

@@ -31,7 +31,9 @@
 //   tags                array of strings (AG2 filter tags; kept, otherwise unused)
 //   ca_file             path of a PEM file of CA certificates trusted for this entry's https://
 //                       base_url, besides the system store (a private CA; keel extension).
-//                       Relative paths are taken from the working directory. Must be readable.
+//                       A relative path is taken from the config file's directory
+//                       (`load_config`; `parse_config` takes it from the working directory).
+//                       Must be readable.
 //
 // Any other key is an error. Which retry algorithm an entry uses:
 //
