@@ -8,6 +8,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 keel="${1:?usage: $0 /path/to/keel}"
 [[ -x "$keel" ]] || { echo "not an executable: $keel" >&2; exit 2; }
+keel="$(cd "$(dirname "$keel")" && pwd)/$(basename "$keel")"  # the script changes directory
 
 cd "$here"
 [[ -d node_modules ]] || npm ci --no-audit --no-fund >&2
