@@ -539,6 +539,16 @@ TEST_CASE("attempt facts tell a socket error from other transport errors", "[aws
     CHECK(f->transport_error);
     CHECK_FALSE(f->socket_error);
   }
+  // botocore's SSLError is a ConnectionError: retried by every mode, unlike keel's own policies.
+  for (const auto& ep : {system_error(keel::http::error::tls_verification_failed),
+                         system_error(keel::http::error::tls_error)}) {
+    REQUIRE(keel::classify(ep).condition == keel::condition::permanent);
+    const auto f = default_attempt_facts(ep);
+    REQUIRE(f);
+    CHECK(f->transport_error);
+    CHECK(f->socket_error);
+    CHECK_FALSE(f->timeout);
+  }
   // A provider's "no response at all" is a connection failure.
   const auto none = keel::llm::aws_attempt_facts(provider("bedrock", errc::transport, 0));
   REQUIRE(none);

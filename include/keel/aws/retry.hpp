@@ -130,6 +130,17 @@ inline bool is_http_response_error(const boost::system::error_code& ec) noexcept
          (ec.value() == protocol_error || ec.value() == truncated_response);
 }
 
+// keel::http's `tls_verification_failed` and `tls_error`: botocore's `SSLError`, which is a
+// `ConnectionError`, so both legacy and standard mode retry it (a certificate that does not
+// verify too: the retries cost time, never a wrong answer). keel's own classification calls
+// them permanent; only the AWS modes retry them, to behave as botocore does.
+inline bool is_http_tls_error(const boost::system::error_code& ec) noexcept {
+  constexpr int tls_verification_failed = 10;  // keel::http::error::tls_verification_failed
+  constexpr int tls_error = 11;                // keel::http::error::tls_error
+  return std::string_view(ec.category().name()) == "keel.http" &&
+         (ec.value() == tls_verification_failed || ec.value() == tls_error);
+}
+
 }  // namespace detail
 
 /// The default fact extractor, built on `keel::classify`: cancellation and
@@ -138,8 +149,10 @@ inline bool is_http_response_error(const boost::system::error_code& ec) noexcept
 /// condition `transient` from a system, Asio or transport error code (any category but keel's
 /// own) is a transport error, and a socket error too unless it is keel::http's `protocol_error`
 /// or `truncated_response` (a malformed or broken-off response, which legacy mode does not
-/// retry); anything else is a failure with status 0 and no code, which neither standard nor
-/// legacy mode retries.
+/// retry); keel::http's TLS failures (`tls_verification_failed`, `tls_error`), permanent for
+/// keel, are transport and socket errors here, as botocore's `SSLError` is a `ConnectionError`
+/// that every mode retries; anything else is a failure with status 0 and no code, which neither
+/// standard nor legacy mode retries.
 ///
 /// It knows no HTTP statuses: for LLM provider errors use `keel::llm::aws_attempt_facts`.
 /// @param ep the attempt's exception (null gives a failure with status 0).
@@ -158,6 +171,9 @@ inline std::optional<attempt_facts> default_attempt_facts(const std::exception_p
              c.code.category() != keel::error_category()) {
     facts.transport_error = true;
     facts.socket_error = !detail::is_http_response_error(c.code);
+  } else if (detail::is_http_tls_error(c.code)) {
+    facts.transport_error = true;
+    facts.socket_error = true;
   }
   return facts;
 }
