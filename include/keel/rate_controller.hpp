@@ -59,6 +59,12 @@
 //    estimate replaces the old one: up if the limit rose, down if it fell. A limit that halves
 //    is re-measured within a few hundred milliseconds of rejections; one that doubles is found
 //    within plateau + about 0.7 s.
+//    A rejection *at the plateau* lowers the estimate: to the rate the server accepted since the
+//    previous rejection when a share of at least `margin` was refused since then (the limit
+//    fell), else only by the share refused (a tight bucket, 20 ms of burst at 1000 r/s, refuses
+//    an odd bunched send of a plateau below its limit; cutting to the client's own rate each time
+//    ratcheted the estimate down). Samples of one episode that under-measure (callers parked by
+//    Retry-After leave the server idle) take the margin at most once per episode.
 //
 // Other signals:
 //
