@@ -935,9 +935,10 @@ std::vector<std::size_t> run_admitted(asio::io_context& ctx, keel::cli::llm_clie
 
 }  // namespace
 
-TEST_CASE("a call asleep before a retry gives its attempt slot to the next item; an immediate "
-          "retry keeps it",
-          "[cli_client]") {
+TEST_CASE(
+    "a call asleep before a retry gives its attempt slot to the next item; an immediate "
+    "retry keeps it",
+    "[cli_client]") {
   // One attempt slot, two workers. The first request answers 503, every later one 200.
   struct variant {
     const char* backoff;                // the transient curve

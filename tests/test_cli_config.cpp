@@ -963,8 +963,8 @@ TEST_CASE("a relative ca_file is taken from the config file's directory", "[cli_
   CHECK(std::filesystem::path(c.entries[0].ca_file).is_absolute() ==
         std::filesystem::path(file).is_absolute());
   // An absolute path is kept as written; parse_config (no file) keeps the working directory.
-  const std::string abs = dir.write("abs.json", R"([{"model": "a", "api_key": "k", "ca_file": ")" +
-                                                    pem + R"("}])");
+  const std::string abs =
+      dir.write("abs.json", R"([{"model": "a", "api_key": "k", "ca_file": ")" + pem + R"("}])");
   CHECK(keel::cli::load_config(abs, env_of({})).entries[0].ca_file == pem);
   CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": "ca.pem"}])").path() ==
         "/0/ca_file");

@@ -529,9 +529,10 @@ void learn_95_per_second(rig& r) {
   REQUIRE(r.pacing.requests().estimate == Approx(95));
 }
 
-TEST_CASE("an odd 429 at the plateau lowers the estimate by the share refused, not to the rate "
-          "the client sent",
-          "[rate_controller]") {
+TEST_CASE(
+    "an odd 429 at the plateau lowers the estimate by the share refused, not to the rate "
+    "the client sent",
+    "[rate_controller]") {
   rig r{with_ceiling(100)};
   learn_95_per_second(r);
   // Then 45 sends at the paced rate, within the plateau; the server refuses only the last (a

@@ -1159,7 +1159,8 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
     const std::size_t slots = static_cast<std::size_t>(std::max(1, spec.concurrency));
     if (co.shared_pacing) {
       co.attempt_slots = slots;
-    }    llm_client client(ex, cfg, http, buckets, rec.hooks(cfg), opts.seed, co);
+    }
+    llm_client client(ex, cfg, http, buckets, rec.hooks(cfg), opts.seed, co);
     // The primary entry's bucket (created by the client) and its controller, if it has one.
     keel::throttler& primary_bucket = buckets.get(cfg.entries.front());
     const keel::rate_controller* controller = buckets.pacing(primary_bucket);

@@ -735,8 +735,7 @@ asio::awaitable<keel::bulkhead_permit> llm_client::admit() {
   co_return co_await slots_->acquire();
 }
 
-asio::awaitable<call_outcome> llm_client::call(const batch_item& item,
-                                               keel::bulkhead_permit slot) {
+asio::awaitable<call_outcome> llm_client::call(const batch_item& item, keel::bulkhead_permit slot) {
   call_state cs;
   cs.item = &item;
   cs.slot = std::move(slot);

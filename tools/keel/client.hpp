@@ -186,7 +186,9 @@ struct client_options {
 /// 4), so that items asleep before a retry leave no slot idle. At a 10% transient error rate about
 /// one item in a hundred sleeps (the first retry is immediate), so a quarter is ample; a run
 /// whose items mostly sleep (an outage) is paced by its breaker and retry budget, not by slots.
-constexpr std::size_t spare_workers(std::size_t slots) noexcept { return slots / 4; }
+constexpr std::size_t spare_workers(std::size_t slots) noexcept {
+  return slots / 4;
+}
 
 /// The HTTP clients of one run: one per distinct `entry_config::ca_file`, because a
 /// `keel::http::client` has a single TLS context (trust store) for every host. Entries with the
