@@ -899,8 +899,8 @@ TEST_CASE("an entry's ca_file trusts a private CA; without it the server is refu
 
 namespace {
 
-// Runs `items` as `keel batch` does: `workers` coroutines that each admit (wait for an attempt
-// slot) before taking the next item; returns the item indexes in the order their calls ended.
+// Runs `items` as `keel batch` does: `workers` coroutines that each take the next item and call
+// (which waits for an attempt slot); returns the item indexes in the order their calls ended.
 std::vector<std::size_t> run_admitted(asio::io_context& ctx, keel::cli::llm_client& client,
                                       const std::vector<keel::cli::batch_item>& items,
                                       std::size_t workers) {
@@ -912,12 +912,8 @@ std::vector<std::size_t> run_admitted(asio::io_context& ctx, keel::cli::llm_clie
         ctx,
         [&]() -> asio::awaitable<void> {
           while (next < items.size()) {
-            keel::bulkhead_permit slot = co_await client.admit();
-            if (next >= items.size()) {
-              break;
-            }
             const std::size_t i = next++;
-            const auto out = co_await client.call(items[i], std::move(slot));
+            const auto out = co_await client.call(items[i]);
             if (out.response) {
               finished.push_back(i);
             }

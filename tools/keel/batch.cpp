@@ -198,7 +198,8 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   }
   const int concurrency = std::max(1, opts.concurrency.value_or(cfg.policy.concurrency));
   // `concurrency` attempts in flight, and a quarter more workers: an item asleep before a retry
-  // (or held at an open breaker) gives its attempt slot to a spare worker's next item.
+  // (or held at an open breaker) gives its attempt slot to a spare worker's next item. A spare
+  // worker waits for a slot with its line read (at most `spare_workers` such lines).
   const std::size_t slots = static_cast<std::size_t>(concurrency);
   run_state rs(cfg, opts, log, slots + spare_workers(slots));
   rs.resume = std::move(resumed);
@@ -454,18 +455,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
     }
   };
   auto worker = [&]() -> asio::awaitable<void> {
-    keel::bulkhead_permit slot;  // kept across skipped lines; handed to the item's call
     while (!rs.stopping) {
-      if (!slot) {
-        try {
-          slot = co_await client.admit();  // before the item: its clock starts with a slot
-        } catch (const boost::system::system_error&) {
-          break;  // cancelled (a second signal) while waiting
-        }
-        if (rs.stopping) {
-          break;
-        }
-      }
       std::optional<input_reader::raw_line> raw;
       try {
         raw = co_await rs.feed.next();  // never blocks the thread, even on a pipe
@@ -512,6 +502,18 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
       if (rs.resume.done_keys.count(item.key)) {
         ++st.skipped;
         continue;
+      }
+      // An attempt slot, taken only now: a worker waiting for a line of a slow pipe holds none,
+      // which would keep a sleeping item from its retry. An item that never got one has not
+      // started: after a signal it gets no record, like a line never read (--resume runs it).
+      keel::bulkhead_permit slot;
+      try {
+        slot = co_await client.admit();
+      } catch (const boost::system::system_error&) {
+        break;  // cancelled (a second signal) while waiting
+      }
+      if (rs.stopping) {
+        break;
       }
       ++st.in_flight;
       in_flight_gauge.set(static_cast<double>(st.in_flight));

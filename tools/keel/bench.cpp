@@ -1190,12 +1190,8 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
           ctx,
           [&]() -> asio::awaitable<void> {
             while (next < items.size()) {
-              keel::bulkhead_permit slot = co_await client.admit();
-              if (next >= items.size()) {
-                break;
-              }
               const std::size_t i = next++;
-              const call_outcome out = co_await client.call(items[i], std::move(slot));
+              const call_outcome out = co_await client.call(items[i]);
               rec.complete(out);
             }
             // Idle pooled connections keep the context busy: stop it after the last worker.

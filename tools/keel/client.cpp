@@ -534,7 +534,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   }
   req.token_field = es.cfg->max_tokens_field;
   if (slots_ && !cs.slot) {
-    cs.slot = co_await slots_->acquire();  // given up while the call slept
+    cs.slot = co_await slots_->acquire();  // given up while the call slept; FIFO
   }
   const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
   keel::throttle_cost cost;
@@ -740,6 +740,15 @@ asio::awaitable<call_outcome> llm_client::call(const batch_item& item, keel::bul
   cs.item = &item;
   cs.slot = std::move(slot);
   call_outcome out;
+  if (slots_ && !cs.slot) {
+    // Before the item's clock starts: its latency does not count the wait for a slot.
+    try {
+      cs.slot = co_await slots_->acquire();
+    } catch (...) {
+      out.error = std::current_exception();  // cancelled while waiting: no attempt made
+      co_return out;
+    }
+  }
   const auto t0 = clock_type::now();
   std::vector<keel::alternative<keel::llm::chat_response>> alts;
   alts.reserve(entries_.size());

@@ -174,7 +174,7 @@ struct client_options {
   /// (bounded by the call's deadline) without spending an attempt; when false (the library's
   /// way), the wait is an ordinary retry whose delay is the time left until the probe.
   bool hold_open_breaker = false;
-  /// When nonzero, at most this many calls hold an attempt slot at once (`llm_client::admit`).
+  /// When nonzero, at most this many calls hold an attempt slot at once (`llm_client::call`).
   /// A call gives its slot up while it sleeps (a retry's backoff or server delay, a hold at an
   /// open breaker) and takes one again, in FIFO order, before its next attempt: a sleeping item
   /// then does not idle the run's concurrency, while no more than this many attempts are ever
@@ -244,16 +244,17 @@ class llm_client {
   llm_client(const llm_client&) = delete;
   llm_client& operator=(const llm_client&) = delete;
 
-  /// Waits for an attempt slot (`client_options::attempt_slots`), in FIFO order; with no slots
-  /// configured returns an empty permit at once. A caller that admits before it takes an item
-  /// starts no item's clock while every slot is busy.
-  /// Cancellation: throws `boost::system::system_error` (`operation_aborted`) and takes no slot.
+  /// Waits (FIFO) for an attempt slot (`client_options::attempt_slots`) to give to `call`, for a
+  /// caller that counts an item as started only once it has one; with no slots configured
+  /// returns an empty permit at once.
+  /// Cancellation: throws `boost::system::system_error` (`operation_aborted`); no slot is taken.
   boost::asio::awaitable<keel::bulkhead_permit> admit();
 
   /// Runs one item through the whole chain. Never throws. A reply that echoes any entry's API
   /// key or AWS credentials has each occurrence replaced by `secret_marker`.
-  /// @param slot an attempt slot from `admit()`; with none (and slots configured) the call
-  ///   waits for one before its first attempt. Released while the call sleeps and at its end.
+  /// With `client_options::attempt_slots`, the call holds `slot` or first waits (FIFO) for one,
+  /// before its latency clock starts; it gives the slot up while it sleeps and takes one again
+  /// before its next attempt, and releases it at its end.
   /// Cancellation: the attempt in flight (or the wait for a slot) is cancelled and the
   /// outcome's error is `operation_aborted`.
   boost::asio::awaitable<call_outcome> call(const batch_item& item,
