@@ -897,40 +897,6 @@ TEST_CASE("an entry's ca_file trusts a private CA; without it the server is refu
   std::filesystem::remove(not_pem);
 }
 
-namespace {
-
-// Runs `items` as `keel batch` does: `workers` coroutines that each take the next item and call
-// (which waits for an attempt slot); returns the item indexes in the order their calls ended.
-std::vector<std::size_t> run_admitted(asio::io_context& ctx, keel::cli::llm_client& client,
-                                      const std::vector<keel::cli::batch_item>& items,
-                                      std::size_t workers) {
-  std::vector<std::size_t> finished;
-  std::size_t next = 0;
-  std::size_t running = workers;
-  for (std::size_t w = 0; w < workers; ++w) {
-    asio::co_spawn(
-        ctx,
-        [&]() -> asio::awaitable<void> {
-          while (next < items.size()) {
-            const std::size_t i = next++;
-            const auto out = co_await client.call(items[i]);
-            if (out.response) {
-              finished.push_back(i);
-            }
-          }
-          if (--running == 0) {
-            ctx.stop();
-          }
-        },
-        asio::detached);
-  }
-  ctx.run();
-  ctx.restart();
-  return finished;
-}
-
-}  // namespace
-
 TEST_CASE(
     "a call asleep before a retry gives its attempt slot to the next item; an immediate "
     "retry keeps it",
@@ -956,6 +922,13 @@ TEST_CASE(
     keel::cli::bucket_registry buckets(ctx.get_executor());
     keel::cli::client_options co;
     co.attempt_slots = 1;
+    std::vector<std::size_t> finished;  // item indexes (line - 1) in the order they succeeded
+    keel::cli::client_hooks hooks;
+    hooks.on_attempt = [&](const keel::cli::attempt_report& r) {
+      if (r.status == 200) {
+        finished.push_back(r.item->line - 1);
+      }
+    };
     keel::cli::llm_client client(
         ctx.get_executor(),
         make_config(std::string(R"({"config_list": [{"api_type": "openai", "model": "m",
@@ -963,8 +936,10 @@ TEST_CASE(
                                     "policy": {"retry": {"max_attempts": 3, "backoff": )") +
                         v.backoff + "}}}",
                     server.base_url()),
-        http, buckets, {}, 1, co);
-    const auto finished = run_admitted(ctx, client, {item(1), item(2)}, 2);
+        http, buckets, hooks, 1, co);
+    const auto out = run(ctx, client, {item(1), item(2)}, 2);
+    CHECK(out[0].response);
+    CHECK(out[1].response);
     CHECK(finished == v.finished);
     CHECK(server.stats().model("m").requests == 3);
   }
