@@ -1,4 +1,4 @@
-// Fuzz target: keel::cli::parse_config, the keel command's config file parser (tools/keel).
+// Fuzz target: keel::llm::parse_config, the keel command's config file parser (tools/keel).
 //
 // The environment lookup returns nothing, so no variable and no AWS shared file is ever read.
 // parse_config must return a usable config or throw config_error; anything else is a finding.
@@ -6,7 +6,7 @@
 // an error must name a JSON pointer (or none).
 #include "fuzz_support.hpp"
 
-#include "config.hpp"
+#include <keel/llm/config.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -24,13 +24,13 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  static const keel::cli::env_lookup no_env = [](std::string_view) -> std::optional<std::string> {
+  static const keel::llm::env_lookup no_env = [](std::string_view) -> std::optional<std::string> {
     return std::nullopt;
   };
   static const std::string source = "fuzz.json";
   const std::string_view text = keel::fuzz::as_text(data, size);
   try {
-    const keel::cli::config c = keel::cli::parse_config(text, source, no_env);
+    const keel::llm::client_config c = keel::llm::parse_config(text, source, no_env);
     KEEL_FUZZ_CHECK(!c.entries.empty());
     KEEL_FUZZ_CHECK(c.source == source);
     KEEL_FUZZ_CHECK(c.policy.concurrency >= 1);
@@ -43,16 +43,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       }
     }
     // `keel config check` prints this; secrets are redacted and dumping must not throw.
-    const nlohmann::json shown = keel::cli::to_json(c, /*redact=*/true);
+    const nlohmann::json shown = keel::llm::to_json(c, /*redact=*/true);
     (void)shown.dump(-1, ' ', false, nlohmann::json::error_handler_t::strict);
-  } catch (const keel::cli::config_error& e) {
+  } catch (const keel::llm::config_error& e) {
     KEEL_FUZZ_CHECK(e.path().empty() || e.path().front() == '/');
     KEEL_FUZZ_CHECK(std::string_view(e.what()).starts_with(source + ": "));
     KEEL_FUZZ_CHECK(!e.message().empty());
   } catch (const nlohmann::json::out_of_range& e) {
     keel::fuzz::known_number_overflow(e.id);  // KEEL-FUZZ-1
   } catch (...) {
-    keel::fuzz::unexpected_exception("keel::cli::parse_config");
+    keel::fuzz::unexpected_exception("keel::llm::parse_config");
   }
   return 0;
 }

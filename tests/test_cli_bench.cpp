@@ -3,8 +3,10 @@
 // the matrix rules, the policies' configs and the mixes' scenarios, a short run against a
 // limiter that does not advertise its limit (what the controller learned, the rate-over-time
 // plot), the SVG helper, and what `client_options::shared_pacing = false` turns off.
+#include <keel/llm/client.hpp>
 #include "bench.hpp"
-#include "client.hpp"
+
+#include "jsonl.hpp"
 #include "svg.hpp"
 
 #include <keel/testing/mock_llm_server.hpp>
@@ -220,14 +222,14 @@ keel::cli::batch_item item(int id) {
 }
 
 // Runs `items` one after the other through `client`; the server shares the context.
-std::vector<keel::cli::call_outcome> run(asio::io_context& ctx, keel::cli::llm_client& client,
+std::vector<keel::llm::call_outcome> run(asio::io_context& ctx, keel::llm::client& client,
                                          const std::vector<keel::cli::batch_item>& items) {
-  std::vector<keel::cli::call_outcome> out;
+  std::vector<keel::llm::call_outcome> out;
   asio::co_spawn(
       ctx,
       [&]() -> asio::awaitable<void> {
         for (const auto& it : items) {
-          out.push_back(co_await client.call(it));
+          out.push_back(co_await client.call(it.request, &it));
         }
         ctx.stop();
       },
@@ -484,7 +486,7 @@ TEST_CASE("bench policies map to client configs", "[cli_bench]") {
   CHECK(expo.policy.retry.backoff.jitter == "none");
 
   // keel: keel's defaults but for the breaker's break, which the bench scales to its runs.
-  const keel::cli::policy_config defaults;
+  const keel::llm::policy_config defaults;
   const auto keel = keel::cli::bench_config("keel", "http://127.0.0.1:1", o);
   REQUIRE(keel.entries.size() == 2);
   CHECK(keel.entries[1].base_url == "http://127.0.0.1:1");
@@ -509,8 +511,8 @@ TEST_CASE("bench policies map to client configs", "[cli_bench]") {
   CHECK_FALSE(e.aws_retry.has_value());
   CHECK(e.rate_limits.requests_per_minute == 0);
   CHECK(e.max_attempts == defaults.retry.max_attempts);
-  CHECK(keel::cli::to_json(newcomer)["policy"] ==
-        keel::cli::to_json(keel::cli::config{{e}, defaults, "<x>"})["policy"]);
+  CHECK(keel::llm::to_json(newcomer)["policy"] ==
+        keel::llm::to_json(keel::llm::client_config{{e}, defaults, "<x>"})["policy"]);
   // On an OpenAI-format mix the entry has exactly the three keys (api_type is the default).
   keel::cli::bench_run_spec lim;
   lim.fault = "limited";
@@ -715,15 +717,15 @@ TEST_CASE("with shared pacing off no limit is learned", "[cli_bench]") {
                                .with_rate_limit(100));
       server.start();
       keel::http::client http(ctx.get_executor(), {});
-      keel::cli::bucket_registry buckets(ctx.get_executor());
-      auto cfg = keel::cli::parse_config(
+      keel::llm::bucket_registry buckets(ctx.get_executor());
+      auto cfg = keel::llm::parse_config(
           R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
               "policy": {"retry": {"max_attempts": 2}}})",
           "<test>", [](std::string_view) { return std::optional<std::string>{}; });
       cfg.entries[0].base_url = server.base_url();
-      keel::cli::client_options co;
+      keel::llm::client_options co;
       co.shared_pacing = pacing;
-      keel::cli::llm_client client(ctx.get_executor(), cfg, http, buckets, {}, 1, co);
+      keel::llm::client client(ctx.get_executor(), cfg, http, buckets, {}, 1, co);
       const auto out = run(ctx, client, {item(1)});
       REQUIRE(out[0].response);
       CHECK(out[0].attempts == 2);

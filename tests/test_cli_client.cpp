@@ -1,7 +1,9 @@
 // Tests of the keel command's configured client (tools/keel/client.hpp) against the mock server
 // over loopback: shared buckets, the 429 pause, token settling, fallback and breakers, AWS modes,
 // and two clients with different policies in one process.
-#include "client.hpp"
+#include <keel/llm/client.hpp>
+
+#include "jsonl.hpp"
 
 #include <keel/testing/mock_llm_server.hpp>
 
@@ -41,8 +43,8 @@ using keel::testing::fault_kind;
 using keel::testing::fault_plan;
 using namespace std::chrono_literals;
 
-keel::cli::config make_config(const std::string& json, const std::string& base_url) {
-  auto cfg = keel::cli::parse_config(json, "<test>",
+keel::llm::client_config make_config(const std::string& json, const std::string& base_url) {
+  auto cfg = keel::llm::parse_config(json, "<test>",
                                      [](std::string_view) { return std::optional<std::string>{}; });
   for (auto& e : cfg.entries) {
     e.base_url = base_url;
@@ -59,10 +61,10 @@ keel::cli::batch_item item(int id, const std::string& prompt = "hello") {
 }
 
 // Runs `items` through `client` with up to `concurrency` at once, in input order per worker.
-std::vector<keel::cli::call_outcome> run(asio::io_context& ctx, keel::cli::llm_client& client,
+std::vector<keel::llm::call_outcome> run(asio::io_context& ctx, keel::llm::client& client,
                                          const std::vector<keel::cli::batch_item>& items,
                                          std::size_t concurrency = 1) {
-  std::vector<keel::cli::call_outcome> out(items.size());
+  std::vector<keel::llm::call_outcome> out(items.size());
   std::size_t next = 0;
   std::size_t running = concurrency;
   for (std::size_t w = 0; w < concurrency; ++w) {
@@ -71,7 +73,7 @@ std::vector<keel::cli::call_outcome> run(asio::io_context& ctx, keel::cli::llm_c
         [&]() -> asio::awaitable<void> {
           while (next < items.size()) {
             const std::size_t i = next++;
-            out[i] = co_await client.call(items[i]);
+            out[i] = co_await client.call(items[i].request, &items[i]);
           }
           // The server and the pool keep the context busy: stop it once every worker is done.
           if (--running == 0) {
@@ -191,12 +193,11 @@ TEST_CASE("an open breaker sends later items straight to the fallback", "[cli_cl
   server.set_plan("primary", fault_plan{}.with_probability(fault_kind::unavailable, 1.0));
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::llm::bucket_registry buckets(ctx.get_executor());
   int fallbacks = 0;
   std::vector<keel::breaker_state> transitions;
-  keel::cli::client_hooks hooks;
-  hooks.on_fallback = [&](const keel::cli::batch_item&, std::size_t from, std::size_t to,
-                          std::exception_ptr) {
+  keel::llm::client_hooks hooks;
+  hooks.on_fallback = [&](const void*, std::size_t from, std::size_t to, std::exception_ptr) {
     CHECK(from == 0);
     CHECK(to == 1);
     ++fallbacks;
@@ -205,8 +206,8 @@ TEST_CASE("an open breaker sends later items straight to the fallback", "[cli_cl
     CHECK(entry == 0);
     transitions.push_back(to);
   };
-  keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
-                               http, buckets, hooks, 1);
+  keel::llm::client client(ctx.get_executor(), make_config(two_entries, server.base_url()), http,
+                           buckets, hooks, 1);
   std::vector<keel::cli::batch_item> items;
   for (int i = 1; i <= 6; ++i) {
     items.push_back(item(i));
@@ -237,9 +238,9 @@ TEST_CASE("one 429 pauses nobody but the rejected call; a block pauses everybody
                         .with_retry_after(300ms, keel::testing::retry_after_style::both));
     server.start();
     keel::http::client http(ctx.get_executor(), {});
-    keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
-    keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
-                                 http, buckets, {}, 1);
+    keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
+    keel::llm::client client(ctx.get_executor(), make_config(two_entries, server.base_url()), http,
+                             buckets, {}, 1);
     const auto out = run(ctx, client, {item(1), item(2), item(3)}, 3);
     int waited = 0;
     for (const auto& o : out) {
@@ -269,8 +270,8 @@ TEST_CASE("one 429 pauses nobody but the rejected call; a block pauses everybody
                         .with_retry_after(300ms, keel::testing::retry_after_style::both));
     server.start();
     keel::http::client http(ctx.get_executor(), {});
-    keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
-    keel::cli::llm_client client(
+    keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
+    keel::llm::client client(
         ctx.get_executor(),
         make_config(R"({"config_list": [{"api_type": "openai", "model": "primary",
                                          "api_key": "k"}]})",
@@ -295,12 +296,12 @@ TEST_CASE("the token bucket is settled with the real usage", "[cli_client]") {
   keel::testing::mock_llm_server server(ctx);
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
-  keel::cli::llm_client client(ctx.get_executor(),
-                               make_config(R"([{"api_type": "openai", "model": "m", "api_key": "k",
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client client(ctx.get_executor(),
+                           make_config(R"([{"api_type": "openai", "model": "m", "api_key": "k",
                        "tokens_per_minute": 6000}])",
-                                           server.base_url()),
-                               http, buckets, {}, 1);
+                                       server.base_url()),
+                           http, buckets, {}, 1);
   const auto out = run(ctx, client, {item(1)});
   REQUIRE(out[0].response);
   const double used =
@@ -321,8 +322,8 @@ TEST_CASE("a 429 keeps its token reservation; another failure gives it back", "[
     server.set_plan("m", fault_plan{}.with_script({fault}));
     server.start();
     keel::http::client http(ctx.get_executor(), {});
-    keel::cli::bucket_registry buckets(ctx.get_executor());
-    keel::cli::llm_client client(
+    keel::llm::bucket_registry buckets(ctx.get_executor());
+    keel::llm::client client(
         ctx.get_executor(),
         make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
                                          "tokens_per_minute": 6000}],
@@ -347,15 +348,15 @@ TEST_CASE("token reservations settle with the real usage unless a learned limit 
   using keel::pacing_phase;
   // Nothing learned: settle (a configured or stated limit is in real tokens).
   for (const auto phase : {pacing_phase::unlimited, pacing_phase::startup, pacing_phase::fixed}) {
-    CHECK(keel::cli::settles_token_usage(phase, 0));
-    CHECK(keel::cli::settles_token_usage(phase, 6000));
+    CHECK(keel::llm::settles_token_usage(phase, 0));
+    CHECK(keel::llm::settles_token_usage(phase, 6000));
   }
   for (const auto phase : {pacing_phase::search, pacing_phase::cruise, pacing_phase::probe}) {
     // Learned from 429s in this client's estimates: settling would give the over-estimate back.
-    CHECK_FALSE(keel::cli::settles_token_usage(phase, 0));
+    CHECK_FALSE(keel::llm::settles_token_usage(phase, 0));
     // A configured ceiling stays in real tokens after 429s (without settling, 102,800 tokens/s
     // paced 635-token estimates at 162 calls/s against a limit of 200).
-    CHECK(keel::cli::settles_token_usage(phase, 6000));
+    CHECK(keel::llm::settles_token_usage(phase, 6000));
   }
 }
 
@@ -365,14 +366,14 @@ TEST_CASE("an entry in an AWS retry mode uses its total attempts", "[cli_client]
   server.set_plan("m", fault_plan{}.with_probability(fault_kind::unavailable, 1.0));
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::llm::bucket_registry buckets(ctx.get_executor());
   std::vector<int> retried_attempts;
-  keel::cli::client_hooks hooks;
-  hooks.on_retry = [&](const keel::cli::retry_report& r) {
+  keel::llm::client_hooks hooks;
+  hooks.on_retry = [&](const keel::llm::retry_report& r) {
     retried_attempts.push_back(r.attempt);
     CHECK(r.delay <= std::chrono::seconds(1) * (1 << (r.attempt - 1)));
   };
-  keel::cli::llm_client client(
+  keel::llm::client client(
       ctx.get_executor(),
       make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
                                         "mode": "legacy", "total_max_attempts": 3}],
@@ -382,8 +383,8 @@ TEST_CASE("an entry in an AWS retry mode uses its total attempts", "[cli_client]
   const auto out = run(ctx, client, {item(1)});
   REQUIRE(out[0].error);
   CHECK(out[0].attempts == 3);
-  CHECK(keel::cli::error_class(out[0].error) == "overloaded");
-  CHECK(keel::cli::error_status(out[0].error) == 503);
+  CHECK(keel::llm::error_class(out[0].error) == "overloaded");
+  CHECK(keel::llm::error_status(out[0].error) == 503);
   CHECK(retried_attempts == std::vector<int>{1, 2});
   CHECK(server.stats().model("m").requests == 3);
 }
@@ -476,8 +477,8 @@ TEST_CASE("every Bedrock attempt carries the call's invocation id and attempt=N;
     asio::io_context ctx;
     recording_bedrock server(ctx, 1);
     keel::http::client http(ctx.get_executor(), {});
-    keel::cli::bucket_registry buckets(ctx.get_executor());
-    keel::cli::llm_client client(
+    keel::llm::bucket_registry buckets(ctx.get_executor());
+    keel::llm::client client(
         ctx.get_executor(),
         make_config(std::string(R"({"config_list": [{"api_type": "bedrock", "model": "m",
                                         "aws_region": "us-east-1", )") +
@@ -514,8 +515,8 @@ TEST_CASE("two clients with different policies coexist and share a key's bucket"
                            {fault_kind::unavailable, fault_kind::unavailable, fault_kind::ok}));
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
-  keel::cli::llm_client impatient(
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client impatient(
       ctx.get_executor(),
       make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
                                         "requests_per_minute": 6000}],
@@ -523,7 +524,7 @@ TEST_CASE("two clients with different policies coexist and share a key's bucket"
                                  "breaker": {"failure_threshold": 1, "break": 60}}})",
                   server.base_url()),
       http, buckets, {}, 1);
-  keel::cli::llm_client patient(
+  keel::llm::client patient(
       ctx.get_executor(),
       make_config(R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k",
                                         "requests_per_minute": 6000}],
@@ -552,13 +553,13 @@ TEST_CASE("error classes see through retries and fallbacks to the deciding error
   server.set_plan("secondary", fault_plan{}.with_probability(fault_kind::context_length, 1.0));
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
-  keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
-                               http, buckets, {}, 1);
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client client(ctx.get_executor(), make_config(two_entries, server.base_url()), http,
+                           buckets, {}, 1);
   const auto out = run(ctx, client, {item(1)});
   REQUIRE(out[0].error);
-  CHECK(keel::cli::error_class(out[0].error) == "context_length_exceeded");
-  const auto j = keel::cli::error_json(out[0].error);
+  CHECK(keel::llm::error_class(out[0].error) == "context_length_exceeded");
+  const auto j = keel::llm::error_json(out[0].error);
   CHECK(j["class"] == "context_length_exceeded");
   CHECK(j["condition"] == "permanent");
   CHECK(j["status"] == 400);
@@ -577,13 +578,13 @@ TEST_CASE("a bucket with no configured limit adopts the limit the server's heade
   server.set_plan("open", fault_plan{}.with_latency(20ms));  // no limit, no headers
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
+  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
   const char* const one_try = R"({
     "config_list": [{"api_type": "openai", "model": "primary", "api_key": "k1"}],
     "policy": {"retry": {"max_attempts": 1}}
   })";
-  keel::cli::llm_client client(ctx.get_executor(), make_config(one_try, server.base_url()), http,
-                               buckets, {}, 1);
+  keel::llm::client client(ctx.get_executor(), make_config(one_try, server.base_url()), http,
+                           buckets, {}, 1);
   keel::throttler& bucket = *buckets.all().at(0).second;
   keel::rate_controller* pacing = buckets.pacing(bucket);
   REQUIRE(pacing != nullptr);
@@ -611,8 +612,8 @@ TEST_CASE("a bucket with no configured limit adopts the limit the server's heade
     "config_list": [{"api_type": "openai", "model": "open", "api_key": "k1"}],
     "policy": {"retry": {"max_attempts": 1}}
   })";
-  keel::cli::llm_client open_client(ctx.get_executor(), make_config(open_entry, server.base_url()),
-                                    http, buckets, {}, 1);
+  keel::llm::client open_client(ctx.get_executor(), make_config(open_entry, server.base_url()),
+                                http, buckets, {}, 1);
   keel::throttler* open_bucket = nullptr;
   for (const auto& [name, b] : buckets.all()) {
     if (name == "openai/open") {
@@ -647,18 +648,18 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
                       .with_retry_after(1000ms, keel::testing::retry_after_style::seconds));
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
+  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
   std::vector<keel::pacing_phase> phases;
   buckets.on_pacing = [&](const std::string& name, const keel::pacing_state& r,
                           const keel::pacing_state&) {
     CHECK(name == "openai/m");
     phases.push_back(r.phase);
   };
-  keel::cli::llm_client client(ctx.get_executor(),
-                               make_config(R"({"config_list": [{"api_type": "openai",
+  keel::llm::client client(ctx.get_executor(),
+                           make_config(R"({"config_list": [{"api_type": "openai",
                                                 "model": "m", "api_key": "k"}]})",
-                                           server.base_url()),
-                               http, buckets, {}, 1);
+                                       server.base_url()),
+                           http, buckets, {}, 1);
   std::vector<keel::cli::batch_item> items;
   for (int i = 1; i <= 300; ++i) {
     items.push_back(item(i));
@@ -708,19 +709,18 @@ TEST_CASE("with hold_open_breaker an item with no fallback left waits for the pr
       server.set_plan("m", fault_plan{}.with_outage(0ms, 600ms));
       server.start();
       keel::http::client http(ctx.get_executor(), {});
-      keel::cli::bucket_registry buckets(ctx.get_executor(), 1);
-      keel::cli::client_hooks hooks;
+      keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
+      keel::llm::client_hooks hooks;
       int holds = 0;
-      hooks.on_hold = [&](std::size_t entry, const keel::cli::batch_item&,
-                          std::chrono::nanoseconds left) {
+      hooks.on_hold = [&](std::size_t entry, const void*, std::chrono::nanoseconds left) {
         CHECK(entry == 0);
         CHECK(left <= 200ms);
         ++holds;
       };
-      keel::cli::client_options co;
+      keel::llm::client_options co;
       co.hold_open_breaker = hold;
-      keel::cli::llm_client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
-                                   buckets, hooks, 1, co);
+      keel::llm::client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
+                               buckets, hooks, 1, co);
       const auto out = run(ctx, client, {item(1), item(2), item(3), item(4)}, 4);
       int ok = 0;
       for (const auto& o : out) {
@@ -728,7 +728,7 @@ TEST_CASE("with hold_open_breaker an item with no fallback left waits for the pr
           ++ok;
           CHECK(o.seconds >= 0.5);  // answered after the outage
         } else {
-          const std::string cls = keel::cli::error_class(o.error);
+          const std::string cls = keel::llm::error_class(o.error);
           CHECK((cls == "circuit_open" || cls == "unavailable" || cls == "overloaded"));
         }
         CHECK(o.attempts <= 3);  // waiting for the probe costs no attempt
@@ -750,8 +750,8 @@ TEST_CASE("generation parameters reach the wire: the item's over the entry's", "
   keel::testing::mock_llm_server server(ctx);
   server.start();
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
-  keel::cli::llm_client client(
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client client(
       ctx.get_executor(),
       make_config(R"([{"model": "o3-mini", "api_key": "k", "temperature": 0.2, "top_p": 0.9,
                        "stop": "END", "seed": 7, "price": [1.0, 2.0]}])",
@@ -798,13 +798,13 @@ TEST_CASE("redirects, 413s and oversized answers get their own class and are not
     keel::http::client_options ho;
     ho.max_response_body = 1024;
     keel::http::client http(ctx.get_executor(), ho);
-    keel::cli::bucket_registry buckets(ctx.get_executor());
-    keel::cli::llm_client client(
-        ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()), http, buckets, {}, 1);
+    keel::llm::bucket_registry buckets(ctx.get_executor());
+    keel::llm::client client(ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()),
+                             http, buckets, {}, 1);
     const auto out = run(ctx, client, {item(1)});
     REQUIRE(out[0].error);
-    CHECK(keel::cli::error_class(out[0].error) == r.cls);
-    const auto j = keel::cli::error_json(out[0].error);
+    CHECK(keel::llm::error_class(out[0].error) == r.cls);
+    const auto j = keel::llm::error_json(out[0].error);
     CHECK(j["class"] == r.cls);
     CHECK(j["condition"] == "permanent");
     CHECK(out[0].attempts == 1);
@@ -827,13 +827,13 @@ TEST_CASE("the mock answers an oversized request 413 and keel does not retry it"
     keel::testing::mock_llm_server server(ctx, mo);
     server.start();
     keel::http::client http(ctx.get_executor(), {});
-    keel::cli::bucket_registry buckets(ctx.get_executor());
-    keel::cli::llm_client client(ctx.get_executor(), make_config(two_entries, server.base_url()),
-                                 http, buckets, {}, 1);
+    keel::llm::bucket_registry buckets(ctx.get_executor());
+    keel::llm::client client(ctx.get_executor(), make_config(two_entries, server.base_url()), http,
+                             buckets, {}, 1);
     const auto out = run(ctx, client, {item(1, std::string(limit * 2, 'x')), item(2)});
     REQUIRE(out[0].error);
-    CHECK(keel::cli::error_class(out[0].error) == "request_too_large");
-    CHECK(keel::cli::error_json(out[0].error)["status"] == 413);
+    CHECK(keel::llm::error_class(out[0].error) == "request_too_large");
+    CHECK(keel::llm::error_json(out[0].error)["status"] == 413);
     // One attempt per entry (the fallback is refused the same way), no retry.
     CHECK(out[0].attempts == 2);
     CHECK(server.stats().status_count(413) == 2);
@@ -850,13 +850,13 @@ TEST_CASE("a reply that echoes a credential is redacted before it leaves the cli
       ctx, http_answer(200, "OK",
                        openai_ok("your key is " + key + ", twice: " + key + "; k2", "gpt-" + key)));
   keel::http::client http(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::llm::bucket_registry buckets(ctx.get_executor());
   const std::string cfg = R"({"config_list": [
       {"api_type": "openai", "model": "m", "api_key": ")" +
                           key + R"("},
       {"api_type": "openai", "model": "n", "api_key": "k2"}]})";
-  keel::cli::llm_client client(ctx.get_executor(), make_config(cfg, srv.base_url()), http, buckets,
-                               {}, 1);
+  keel::llm::client client(ctx.get_executor(), make_config(cfg, srv.base_url()), http, buckets, {},
+                           1);
   const auto out = run(ctx, client, {item(1)});
   REQUIRE(out[0].response);
   CHECK(out[0].response->text == "your key is <redacted>, twice: <redacted>; k2");
@@ -868,21 +868,21 @@ TEST_CASE("an entry's ca_file trusts a private CA; without it the server is refu
   keel_test::test_pki pki;
   asio::io_context ctx;
   canned_server srv(ctx, http_answer(200, "OK", openai_ok("hello over TLS")), &pki.server_ctx);
-  keel::cli::http_clients clients(ctx.get_executor(), {});
-  keel::cli::bucket_registry buckets(ctx.get_executor());
+  keel::llm::http_clients clients(ctx.get_executor(), {});
+  keel::llm::bucket_registry buckets(ctx.get_executor());
   auto trusted = make_config(one_retrying_entry, srv.base_url());
   trusted.entries[0].ca_file = pki.ca_file;
-  keel::cli::llm_client with_ca(ctx.get_executor(), trusted, clients, buckets, {}, 1);
+  keel::llm::client with_ca(ctx.get_executor(), trusted, clients, buckets, {}, 1);
   const auto ok = run(ctx, with_ca, {item(1)});
   REQUIRE(ok[0].response);
   CHECK(ok[0].response->text == "hello over TLS");
 
-  keel::cli::llm_client without(ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()),
-                                clients, buckets, {}, 1);
+  keel::llm::client without(ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()),
+                            clients, buckets, {}, 1);
   const auto refused = run(ctx, without, {item(2)});
   REQUIRE(refused[0].error);
-  CHECK(keel::cli::error_class(refused[0].error) == "tls");
-  const auto j = keel::cli::error_json(refused[0].error);
+  CHECK(keel::llm::error_class(refused[0].error) == "tls");
+  const auto j = keel::llm::error_json(refused[0].error);
   CHECK(j["condition"] == "permanent");
   CHECK_THAT(j["message"].get<std::string>(), Catch::Contains("certificate chain did not verify"));
   CHECK(refused[0].attempts == 1);
@@ -919,17 +919,17 @@ TEST_CASE(
     server.set_plan("m", fault_plan().with_script({fault_kind::unavailable}));
     server.start();
     keel::http::client http(ctx.get_executor(), {});
-    keel::cli::bucket_registry buckets(ctx.get_executor());
-    keel::cli::client_options co;
+    keel::llm::bucket_registry buckets(ctx.get_executor());
+    keel::llm::client_options co;
     co.attempt_slots = 1;
     std::vector<std::size_t> finished;  // item indexes (line - 1) in the order they succeeded
-    keel::cli::client_hooks hooks;
-    hooks.on_attempt = [&](const keel::cli::attempt_report& r) {
+    keel::llm::client_hooks hooks;
+    hooks.on_attempt = [&](const keel::llm::attempt_report& r) {
       if (r.status == 200) {
-        finished.push_back(r.item->line - 1);
+        finished.push_back(static_cast<const keel::cli::batch_item*>(r.context)->line - 1);
       }
     };
-    keel::cli::llm_client client(
+    keel::llm::client client(
         ctx.get_executor(),
         make_config(std::string(R"({"config_list": [{"api_type": "openai", "model": "m",
                                     "api_key": "sk-test-KEY000001"}],
@@ -946,7 +946,7 @@ TEST_CASE(
 }
 
 TEST_CASE("spare workers are a quarter of the attempt slots", "[cli_client]") {
-  CHECK(keel::cli::spare_workers(1) == 0);
-  CHECK(keel::cli::spare_workers(16) == 4);
-  CHECK(keel::cli::spare_workers(64) == 16);
+  CHECK(keel::llm::spare_workers(1) == 0);
+  CHECK(keel::llm::spare_workers(16) == 4);
+  CHECK(keel::llm::spare_workers(64) == 16);
 }

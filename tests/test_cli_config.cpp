@@ -1,6 +1,6 @@
 // Tests for tools/keel/config.hpp: the keel command's config_list + policy loader.
-#include "aws_shared_files.hpp"
-#include "config.hpp"
+#include <keel/llm/aws_shared_files.hpp>
+#include <keel/llm/config.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -14,16 +14,16 @@
 #include <vector>
 
 using keel::aws::retry_mode;
-using keel::cli::config;
-using keel::cli::config_error;
-using keel::cli::parse_config;
+using keel::llm::client_config;
+using keel::llm::config_error;
+using keel::llm::parse_config;
 using keel::llm::provider_kind;
 
 namespace {
 
 using env_map = std::map<std::string, std::string>;
 
-keel::cli::env_lookup env_of(env_map vars) {
+keel::llm::env_lookup env_of(env_map vars) {
   return [vars = std::move(vars)](std::string_view name) -> std::optional<std::string> {
     const auto it = vars.find(std::string(name));
     if (it == vars.end()) {
@@ -33,7 +33,7 @@ keel::cli::env_lookup env_of(env_map vars) {
   };
 }
 
-config parse(const std::string& text, env_map env = {}) {
+client_config parse(const std::string& text, env_map env = {}) {
   return parse_config(text, "p.json", env_of(std::move(env)));
 }
 
@@ -231,7 +231,7 @@ TEST_CASE("to_json fills in every default and says which retry algorithm applies
   auto c = parse(R"([{"model": "m", "api_key": "k", "max_attempts": 1},
                      {"api_type": "bedrock", "model": "b", "aws_region": "us-east-1",
                       "mode": "adaptive"}])");
-  auto j = keel::cli::to_json(c);
+  auto j = keel::llm::to_json(c);
   CHECK(j["source"] == "p.json");
   CHECK(j["config_list"][0]["retry"] == nlohmann::json{{"algorithm", "keel"}, {"max_attempts", 2}});
   CHECK(j["config_list"][0]["timeout"].is_null());
@@ -252,7 +252,7 @@ TEST_CASE("to_json fills in every default and says which retry algorithm applies
       {"config_list", {{{"model", "m"}, {"api_key", "k"}}}},
       {"policy",
        j["policy"]}}.dump());
-  CHECK(keel::cli::to_json(again)["policy"] == j["policy"]);
+  CHECK(keel::llm::to_json(again)["policy"] == j["policy"]);
 }
 
 #ifdef KEEL_SOURCE_DIR
@@ -266,24 +266,24 @@ TEST_CASE("every example config in docs/config loads", "[cli_config]") {
       continue;
     }
     INFO(f.path().string());
-    CHECK_NOTHROW(keel::cli::load_config(f.path().string(), env_of(env)));
+    CHECK_NOTHROW(keel::llm::load_config(f.path().string(), env_of(env)));
     ++loaded;
   }
   CHECK(loaded >= 3);
 
-  auto openai = keel::cli::load_config(dir + "openai.json", env_of(env));
+  auto openai = keel::llm::load_config(dir + "openai.json", env_of(env));
   REQUIRE(openai.entries.size() == 2);
   CHECK(openai.entries[0].api_key == "sk-example-openai");
   CHECK(openai.entries[1].api_type == provider_kind::anthropic);
   CHECK(openai.policy.rate_limits.requests_per_minute > 0);
 
-  auto bedrock_cfg = keel::cli::load_config(dir + "bedrock.json", env_of({}));
+  auto bedrock_cfg = keel::llm::load_config(dir + "bedrock.json", env_of({}));
   REQUIRE(bedrock_cfg.entries.size() == 2);
   REQUIRE(bedrock_cfg.entries[0].aws_retry);
   CHECK(bedrock_cfg.entries[0].aws_retry->mode == retry_mode::adaptive);
   CHECK(bedrock_cfg.entries[0].aws_region != bedrock_cfg.entries[1].aws_region);
 
-  auto mock = keel::cli::load_config(dir + "mock.json", env_of({}));
+  auto mock = keel::llm::load_config(dir + "mock.json", env_of({}));
   REQUIRE(mock.entries.size() == 3);
   for (const auto& e : mock.entries) {
     CHECK(e.base_url == "http://127.0.0.1:8080");
@@ -296,15 +296,15 @@ TEST_CASE("an unreadable config file is an error with an empty path", "[cli_conf
   temp_dir dir;
   const std::string missing = dir.file("does-not-exist.json");
   try {
-    keel::cli::load_config(missing, env_of({}));
+    keel::llm::load_config(missing, env_of({}));
     FAIL("loaded a missing file");
   } catch (const config_error& e) {
     CHECK(e.path().empty());
     CHECK(std::string(e.what()).rfind(missing + ": ", 0) == 0);
   }
-  CHECK_THROWS_AS(keel::cli::load_config(dir.file(""), env_of({})), config_error);
+  CHECK_THROWS_AS(keel::llm::load_config(dir.file(""), env_of({})), config_error);
   const std::string good = dir.write("good.json", std::string("[") + openai_entry + "]");
-  CHECK(keel::cli::load_config(good, env_of({})).source == good);
+  CHECK(keel::llm::load_config(good, env_of({})).source == good);
 }
 
 // ---- errors ---------------------------------------------------------------------------------
@@ -515,7 +515,7 @@ TEST_CASE("a keel-native entry ignores AWS_MAX_ATTEMPTS and AWS_RETRY_MODE", "[c
   auto c = parse(std::string("[") + openai_entry + "]",
                  {{"AWS_MAX_ATTEMPTS", "9"}, {"AWS_RETRY_MODE", "adaptive"}});
   CHECK_FALSE(c.entries[0].aws_retry);
-  CHECK(c.entries[0].max_attempts == keel::cli::retry_config{}.max_attempts);
+  CHECK(c.entries[0].max_attempts == keel::llm::retry_config{}.max_attempts);
   // Not even read: an invalid value does not fail a config that does not use it.
   CHECK_NOTHROW(parse(std::string("[") + openai_entry + "]",
                       {{"AWS_MAX_ATTEMPTS", "many"}, {"AWS_RETRY_MODE", "fast"}}));
@@ -561,7 +561,7 @@ TEST_CASE("AWS_NEW_RETRIES_2026=true gives AWS entries revision 2.1 and standard
   CHECK(on.entries[0].aws_retry->revision == keel::aws::retry_revision::v2_1);
   CHECK(on.entries[0].aws_retry->mode == retry_mode::standard);
   CHECK(on.entries[0].aws_retry->total_max_attempts == 3);
-  CHECK(keel::cli::to_json(on, true)["config_list"][0]["retry"]["revision"] == "2.1");
+  CHECK(keel::llm::to_json(on, true)["config_list"][0]["retry"]["revision"] == "2.1");
   auto off = parse(bedrock(R"("aws_region": "us-east-1")"), {{"AWS_NEW_RETRIES_2026", "false"}});
   CHECK(off.entries[0].aws_retry->revision == keel::aws::retry_revision::v2_0);
   CHECK(off.entries[0].aws_retry->mode == retry_mode::legacy);
@@ -691,7 +691,7 @@ TEST_CASE("a bedrock entry without any credentials loads with none", "[cli_confi
                  {{"AWS_ACCESS_KEY_ID", "AKIAONLYHALF00000000"}});
   CHECK_FALSE(c.entries[0].aws);
   CHECK(c.entries[0].aws_credentials_source.empty());
-  CHECK(keel::cli::to_json(c)["config_list"][0]["aws_credentials_source"] == "");
+  CHECK(keel::llm::to_json(c)["config_list"][0]["aws_credentials_source"] == "");
 }
 
 TEST_CASE("a missing profile or a half key pair in a profile is an error", "[cli_config]") {
@@ -711,7 +711,7 @@ TEST_CASE("a missing profile or a half key pair in a profile is an error", "[cli
 }
 
 TEST_CASE("the INI reader skips comments and nested blocks and trims whitespace", "[cli_config]") {
-  auto ini = keel::cli::parse_ini(
+  auto ini = keel::llm::parse_ini(
       "top = ignored\n"
       "[default]\n"
       "  Region   =   us-east-1  \r\n"
@@ -728,13 +728,13 @@ TEST_CASE("the INI reader skips comments and nested blocks and trims whitespace"
   CHECK(ini["default"].count("max_concurrent_requests") == 0);
   CHECK(ini["default"]["output"] == "json");
   CHECK(ini.size() == 2);
-  keel::cli::aws_shared_files files;
+  keel::llm::aws_shared_files files;
   files.config = ini;
   REQUIRE(files.config_profile("dev") != nullptr);
   CHECK(files.config_profile("dev")->at("region") == "eu-west-1");
   CHECK(files.config_profile("default")->at("region") == "us-east-1");
   CHECK(files.config_profile("prod") == nullptr);
-  CHECK(keel::cli::read_ini_file("/nonexistent/keel/ini").empty());
+  CHECK(keel::llm::read_ini_file("/nonexistent/keel/ini").empty());
 }
 
 // ---- secrets --------------------------------------------------------------------------------
@@ -751,19 +751,19 @@ TEST_CASE("secrets never appear in redacted JSON or in errors", "[cli_config]") 
        "aws_access_key": "AKIATESTSECRET789XYZ", "aws_secret_key": "aws-secret-SECRET000",
        "aws_session_token": "session-SECRET111"}]})";
   auto c = parse(good, env);
-  const std::string redacted = keel::cli::to_json(c).dump();
+  const std::string redacted = keel::llm::to_json(c).dump();
   for (const auto& s : secrets) {
     INFO(s);
     CHECK(redacted.find(s) == std::string::npos);
   }
-  auto j = keel::cli::to_json(c);
+  auto j = keel::llm::to_json(c);
   CHECK(j["config_list"][0]["api_key"] == "<redacted>");
   CHECK(j["config_list"][1]["api_key"] == "<from $MY_OPENAI_KEY>");
   CHECK(j["config_list"][2]["aws_access_key"] == "<redacted>");
   CHECK(j["config_list"][2]["aws_secret_key"] == "<redacted>");
   CHECK(j["config_list"][2]["aws_session_token"] == "<redacted>");
   CHECK(j["config_list"][2]["aws_credentials_source"] == "config");
-  const std::string plain = keel::cli::to_json(c, false).dump();
+  const std::string plain = keel::llm::to_json(c, false).dump();
   for (const auto& s : secrets) {
     CHECK(plain.find(s) != std::string::npos);
   }
@@ -805,7 +805,7 @@ TEST_CASE("naming a backoff replaces the default immediate retry of transient fa
           "[cli_config]") {
   const auto env = [](std::string_view) { return std::optional<std::string>{}; };
   const auto one = [&](const char* retry) {
-    return keel::cli::parse_config(std::string(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    return keel::llm::parse_config(std::string(R"({"config_list": [{"model": "m", "api_key": "k"}],
                                                    "policy": {"retry": )") +
                                        retry + "}}",
                                    "<test>", env)
@@ -840,7 +840,7 @@ TEST_CASE("AG2 generation parameters and price are accepted and checked", "[cli_
   CHECK(e.max_tokens_field == keel::llm::max_tokens_field::max_completion_tokens);
   CHECK(c.entries.at(1).stop == std::vector<std::string>{"X"});
   CHECK(c.entries.at(1).max_tokens_field == keel::llm::max_tokens_field::automatic);
-  const auto printed = keel::cli::to_json(c, true);
+  const auto printed = keel::llm::to_json(c, true);
   CHECK(printed.at("config_list").at(0).at("price") == nlohmann::json{0.0025, 0.01});
   CHECK(printed.at("config_list").at(0).at("max_tokens_field") == "max_completion_tokens");
 
@@ -870,7 +870,7 @@ TEST_CASE("an Anthropic entry's API version reaches its endpoint", "[cli_config]
                              "anthropic_version": "2023-06-01"}])");
   CHECK(c.entries.at(0).endpoint().anthropic_version == "2026-10-21");
   CHECK(c.entries.at(1).endpoint().anthropic_version == "2023-06-01");
-  CHECK(keel::cli::to_json(c, true).at("config_list").at(1).at("anthropic_version") ==
+  CHECK(keel::llm::to_json(c, true).at("config_list").at(1).at("anthropic_version") ==
         "2023-06-01");
   CHECK(error_of(R"([{"api_type": "anthropic", "model": "m", "api_key": "k",
                      "anthropic_version": "latest"}])")
@@ -920,9 +920,9 @@ TEST_CASE(
 TEST_CASE("base_url query values never appear in the printed config or in errors", "[cli_config]") {
   auto c = parse(
       R"([{"model": "a", "api_key": "k", "base_url": "https://gw.example/v1?key=AIzaSECRET123&alt=json"}])");
-  auto printed = keel::cli::to_json(c)["config_list"][0]["base_url"];
+  auto printed = keel::llm::to_json(c)["config_list"][0]["base_url"];
   CHECK(printed == "https://gw.example/v1?key=<redacted>&alt=<redacted>");
-  CHECK(keel::cli::to_json(c, false)["config_list"][0]["base_url"] ==
+  CHECK(keel::llm::to_json(c, false)["config_list"][0]["base_url"] ==
         "https://gw.example/v1?key=AIzaSECRET123&alt=json");
   // An invalid base_url is echoed with its query values hidden.
   auto bad = error_of(
@@ -939,8 +939,8 @@ TEST_CASE("ca_file must name a readable file and is printed", "[cli_config]") {
                      {"model": "b", "api_key": "k"}])");
   CHECK(c.entries[0].ca_file == pem);
   CHECK(c.entries[1].ca_file.empty());
-  CHECK(keel::cli::to_json(c)["config_list"][0]["ca_file"] == pem);
-  CHECK(keel::cli::to_json(c)["config_list"][1]["ca_file"].is_null());
+  CHECK(keel::llm::to_json(c)["config_list"][0]["ca_file"] == pem);
+  CHECK(keel::llm::to_json(c)["config_list"][1]["ca_file"].is_null());
   auto missing =
       error_of(R"([{"model": "a", "api_key": "k", "ca_file": ")" + dir.file("nope.pem") + R"("}])");
   CHECK(missing.path() == "/0/ca_file");
@@ -958,14 +958,14 @@ TEST_CASE("a relative ca_file is taken from the config file's directory", "[cli_
       dir.write("policy.json", R"([{"model": "a", "api_key": "k", "ca_file": "ca.pem"}])");
   // The working directory (the test's) holds no ca.pem: found beside the config, or refused.
   REQUIRE_FALSE(std::filesystem::exists("ca.pem"));
-  const auto c = keel::cli::load_config(file, env_of({}));
+  const auto c = keel::llm::load_config(file, env_of({}));
   CHECK(std::filesystem::equivalent(c.entries[0].ca_file, pem));
   CHECK(std::filesystem::path(c.entries[0].ca_file).is_absolute() ==
         std::filesystem::path(file).is_absolute());
   // An absolute path is kept as written; parse_config (no file) keeps the working directory.
   const std::string abs =
       dir.write("abs.json", R"([{"model": "a", "api_key": "k", "ca_file": ")" + pem + R"("}])");
-  CHECK(keel::cli::load_config(abs, env_of({})).entries[0].ca_file == pem);
+  CHECK(keel::llm::load_config(abs, env_of({})).entries[0].ca_file == pem);
   CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": "ca.pem"}])").path() ==
         "/0/ca_file");
 }

@@ -1,7 +1,7 @@
 // `keel batch`: workers, records, signals, progress, metrics and the summary.
 #include "batch.hpp"
 
-#include "client.hpp"
+#include <keel/llm/client.hpp>
 #include "jsonl.hpp"
 #include "line_feed.hpp"
 #include "metrics.hpp"
@@ -33,6 +33,11 @@ namespace asio = boost::asio;
 using nlohmann::json;
 
 namespace {
+
+// The batch item behind a client hook's context: every call of a run passes its item.
+const batch_item& item_of(const void* context) {
+  return *static_cast<const batch_item*>(context);
+}
 
 const std::vector<double> latency_buckets = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                              1,     2.5,  5,     10,   30,  60,   120};
@@ -72,7 +77,7 @@ double breaker_state_value(keel::breaker_state s) {
 
 // Everything one run shares; lives on run_batch's stack while the io_context runs.
 struct run_state {
-  const config& cfg;
+  const llm::client_config& cfg;
   const batch_options& opts;
   logger& log;
   asio::io_context ctx;
@@ -88,7 +93,7 @@ struct run_state {
   bool fatal = false;
   std::size_t workers_left = 0;
 
-  run_state(const config& c, const batch_options& o, logger& l, std::size_t workers)
+  run_state(const llm::client_config& c, const batch_options& o, logger& l, std::size_t workers)
       : cfg(c),
         opts(o),
         log(l),
@@ -154,7 +159,7 @@ std::uint64_t random_seed() {
   return ((hi << 32) ^ lo) & ((std::uint64_t{1} << 53) - 1);
 }
 
-int run_batch(const config& cfg, const batch_options& opts, logger& log) {
+int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log) {
   namespace fs = std::filesystem;
   if (opts.resume && opts.overwrite) {
     throw std::runtime_error("--resume and --overwrite contradict each other");
@@ -201,7 +206,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   // (or held at an open breaker) gives its attempt slot to a spare worker's next item. A spare
   // worker waits for a slot with its line read (at most `spare_workers` such lines).
   const std::size_t slots = static_cast<std::size_t>(concurrency);
-  run_state rs(cfg, opts, log, slots + spare_workers(slots));
+  run_state rs(cfg, opts, log, slots + llm::spare_workers(slots));
   rs.resume = std::move(resumed);
   if (opts.resume) {
     log.log(log_level::info, "resume", "results file scanned",
@@ -249,8 +254,8 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
   // ---- client and hooks --------------------------------------------------------------------
   keel::http::client_options ho;
   ho.max_connections_per_host = static_cast<std::size_t>(std::max(64, concurrency));
-  http_clients http(ex, ho);  // one per distinct ca_file (a client has one trust store)
-  bucket_registry buckets(ex, opts.seed);
+  llm::http_clients http(ex, ho);  // one per distinct ca_file (a client has one trust store)
+  llm::bucket_registry buckets(ex, opts.seed);
   buckets.on_pacing = [&](const std::string& name, const keel::pacing_state& r,
                           const keel::pacing_state& t) {
     // Phase changes and new estimates (not every probe step): what the controller learned.
@@ -280,8 +285,8 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
     }
     log.log(log_level::info, "pacing", "", f);
   };
-  client_hooks hooks;
-  hooks.on_attempt = [&](const attempt_report& r) {
+  llm::client_hooks hooks;
+  hooks.on_attempt = [&](const llm::attempt_report& r) {
     const std::string& name = cfg.entries[r.entry].name();
     ++st.attempts;
     ++st.attempts_by_model[name];
@@ -289,14 +294,14 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
       ++st.http_429;
     }
     m.counter("keel_attempts_total", "HTTP attempts, by entry and outcome class.",
-              {{"model", name}, {"class", error_class(r.error)}})
+              {{"model", name}, {"class", llm::error_class(r.error)}})
         .inc();
     m.histogram("keel_attempt_latency_seconds", "Time from send to answer of each attempt.",
                 latency_buckets, {{"model", name}})
         .observe(r.seconds);
   };
-  hooks.on_retry = [&](const retry_report& r) {
-    const std::string cause = error_class(r.error);
+  hooks.on_retry = [&](const llm::retry_report& r) {
+    const std::string cause = llm::error_class(r.error);
     ++st.retries;
     ++st.retries_by_cause[cause];
     m.counter("keel_retries_total", "Retries, by the class of the error that caused them.",
@@ -304,10 +309,10 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
         .inc();
     if (log.enabled(log_level::warning)) {
       json f;
-      f["id"] = r.item->id;
+      f["id"] = item_of(r.context).id;
       f["attempt"] = r.attempt;
       f["class"] = cause;
-      if (const int status = error_status(r.error)) {
+      if (const int status = llm::error_status(r.error)) {
         f["status"] = status;
       }
       f["delay"] = seconds_text(r.delay);
@@ -315,21 +320,21 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
         f["delay_from"] = "server";
       }
       f["model"] = cfg.entries[r.entry].name();
-      f["prompt"] = r.item->preview;
+      f["prompt"] = item_of(r.context).preview;
       log.log(log_level::warning, "retry", "", f);
     }
   };
-  hooks.on_fallback = [&](const batch_item& item, std::size_t from, std::size_t to,
+  hooks.on_fallback = [&](const void* context, std::size_t from, std::size_t to,
                           std::exception_ptr e) {
     ++st.fallbacks;
     m.counter("keel_fallbacks_total", "Moves from one entry to the next.",
               {{"from", cfg.entries[from].name()}, {"to", cfg.entries[to].name()}})
         .inc();
     log.log(log_level::info, "fallback", "",
-            {{"id", item.id},
+            {{"id", item_of(context).id},
              {"from", cfg.entries[from].name()},
              {"to", cfg.entries[to].name()},
-             {"class", error_class(e)}});
+             {"class", llm::error_class(e)}});
   };
   hooks.on_breaker = [&](std::size_t entry, keel::breaker_state from, keel::breaker_state to) {
     const std::string& name = cfg.entries[entry].name();
@@ -354,7 +359,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
               {{"model", cfg.entries[entry].name()}})
         .inc(s);
   };
-  hooks.on_hold = [&](std::size_t entry, const batch_item& item, std::chrono::nanoseconds left) {
+  hooks.on_hold = [&](std::size_t entry, const void* context, std::chrono::nanoseconds left) {
     ++st.breaker_holds;
     m.counter("keel_breaker_holds_total",
               "Times an item waited for an open breaker's probe (no fallback left).",
@@ -362,15 +367,15 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
         .inc();
     if (log.enabled(log_level::debug)) {
       log.log(log_level::debug, "hold", "",
-              {{"id", item.id},
+              {{"id", item_of(context).id},
                {"model", cfg.entries[entry].name()},
                {"probe_in", seconds_text(left)}});
     }
   };
-  client_options co;
+  llm::client_options co;
   co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
   co.attempt_slots = slots;
-  llm_client client(ex, cfg, http, buckets, hooks, opts.seed, co);
+  llm::client client(ex, cfg, http, buckets, hooks, opts.seed, co);
 
   // ---- progress ------------------------------------------------------------------------------
   progress_display progress(opts.progress, stderr, st);
@@ -517,15 +522,15 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
       }
       ++st.in_flight;
       in_flight_gauge.set(static_cast<double>(st.in_flight));
-      call_outcome out = co_await client.call(item, std::move(slot));
+      llm::call_outcome out = co_await client.call(item.request, &item, std::move(slot));
       --st.in_flight;
       in_flight_gauge.set(static_cast<double>(st.in_flight));
 
       json rec;
       rec["id"] = item.id;
       rec["line"] = item.line;
-      const entry_config& entry = cfg.entries[out.entry];
-      const std::string cls = error_class(out.error);
+      const llm::entry_config& entry = cfg.entries[out.entry];
+      const std::string cls = llm::error_class(out.error);
       if (out.response) {
         const auto& r = *out.response;
         rec["status"] = "ok";
@@ -545,7 +550,7 @@ int run_batch(const config& cfg, const batch_options& opts, logger& log) {
                         {"message", "interrupted by a signal; rerun with --resume"}};
       } else {
         rec["status"] = "failed";
-        rec["error"] = error_json(out.error);
+        rec["error"] = llm::error_json(out.error);
         rec["entry"] = entry.name();
       }
       rec["attempts"] = out.attempts;

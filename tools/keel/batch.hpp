@@ -18,7 +18,7 @@
 //
 // Thread safety: runs on the calling thread.
 
-#include "config.hpp"
+#include <keel/llm/config.hpp>
 #include "log.hpp"
 #include "stats.hpp"
 
@@ -78,6 +78,6 @@ std::uint64_t random_seed();
 /// @param log the logger (retries at WARNING, fallbacks and breaker changes at INFO/WARNING).
 /// @throws std::runtime_error for I/O errors before the run starts (unreadable input, results
 ///   file exists without --resume/--overwrite, ...).
-int run_batch(const config& cfg, const batch_options& opts, logger& log);
+int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log);
 
 }  // namespace keel::cli

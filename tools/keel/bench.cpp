@@ -1,8 +1,8 @@
 // `keel bench`: scenario runs, their measurements, the matrix, the table, JSON and plots.
 #include "bench.hpp"
 
-#include "client.hpp"
-#include "config.hpp"
+#include <keel/llm/client.hpp>
+#include <keel/llm/config.hpp>
 #include "jsonl.hpp"
 #include "stats.hpp"
 #include "svg.hpp"
@@ -192,14 +192,15 @@ struct recorder {
     bins[i] += by;
   }
 
-  client_hooks hooks(const config& cfg) {
-    client_hooks h;
-    h.on_attempt = [this, &cfg](const attempt_report& r) {
+  llm::client_hooks hooks(const llm::client_config& cfg) {
+    llm::client_hooks h;
+    h.on_attempt = [this, &cfg](const llm::attempt_report& r) {
       const auto sent = clock_type::now() - std::chrono::duration_cast<clock_type::duration>(
                                                 std::chrono::duration<double>(r.seconds));
       ++attempts;
       bump(bin_attempts, sent);
-      const std::size_t i = r.item ? r.item->line - 1 : 0;
+      const auto* item = static_cast<const batch_item*>(r.context);
+      const std::size_t i = item ? item->line - 1 : 0;
       if (i < attempts_of.size() && attempts_of[i]++ > 0) {
         bump(bin_repeats, sent);
       }
@@ -210,7 +211,7 @@ struct recorder {
         bump(bin_429, sent);
       }
     };
-    h.on_retry = [this](const retry_report& r) {
+    h.on_retry = [this](const llm::retry_report& r) {
       ++retries;
       const double d = std::chrono::duration<double>(r.delay).count();
       std::size_t b = 0;
@@ -225,7 +226,7 @@ struct recorder {
         backoff_429_s += d;
       }
     };
-    h.on_fallback = [this](const batch_item&, std::size_t, std::size_t, std::exception_ptr) {
+    h.on_fallback = [this](const void*, std::size_t, std::size_t, std::exception_ptr) {
       ++fallbacks;
     };
     h.on_breaker = [this](std::size_t, keel::breaker_state, keel::breaker_state to) {
@@ -240,7 +241,7 @@ struct recorder {
     return h;
   }
 
-  void complete(const call_outcome& out) {
+  void complete(const llm::call_outcome& out) {
     const auto now = clock_type::now();
     t_end = std::max(t_end, now);
     latencies.push_back(out.seconds);
@@ -254,9 +255,9 @@ struct recorder {
     } else {
       ++failed;
       // The deciding error's class, and why retrying or falling back stopped.
-      const json e = error_json(out.error);
+      const json e = llm::error_json(out.error);
       const std::string why = e.value("gave_up", "");
-      ++failed_by_class[error_class(out.error) + (why.empty() ? "" : " (" + why + ")")];
+      ++failed_by_class[llm::error_class(out.error) + (why.empty() ? "" : " (" + why + ")")];
       bump(bin_failed, now);
     }
   }
@@ -910,8 +911,8 @@ std::string bench_scenario_json(const std::string& fault, double rate) {
   return s.dump();
 }
 
-config bench_config(const bench_run_spec& run, const std::string& base_url,
-                    const bench_options& opts) {
+llm::client_config bench_config(const bench_run_spec& run, const std::string& base_url,
+                                const bench_options& opts) {
   const std::string& policy = run.policy;
   if (!contains(bench_policies(), policy)) {
     throw std::invalid_argument("unknown policy \"" + policy + "\"");
@@ -928,8 +929,8 @@ config bench_config(const bench_run_spec& run, const std::string& base_url,
   const std::string fallback_type = external ? opts.api_type : openai ? "anthropic" : "openai";
   const std::string fallback = external ? ext_model : openai ? anthropic_model : openai_model;
   auto parse = [&](const json& doc) {
-    return parse_config(doc.dump(), "<keel bench " + policy + ">",
-                        [](std::string_view) { return std::optional<std::string>{}; });
+    return llm::parse_config(doc.dump(), "<keel bench " + policy + ">",
+                             [](std::string_view) { return std::optional<std::string>{}; });
   };
   if (policy == "newcomer") {
     // What a newcomer writes: model, where, key (and the wire format when it is not OpenAI's).
@@ -1004,8 +1005,8 @@ config bench_config(const bench_run_spec& run, const std::string& base_url,
   return parse(json{{"config_list", list}, {"policy", pol}});
 }
 
-config bench_config(const std::string& policy, const std::string& base_url,
-                    const bench_options& opts) {
+llm::client_config bench_config(const std::string& policy, const std::string& base_url,
+                                const bench_options& opts) {
   bench_run_spec run;
   run.fault = "clean";
   run.policy = policy;
@@ -1135,7 +1136,7 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
         opts.seed);
     url = mock->base_url();
   }
-  const config cfg = bench_config(spec, url, opts);
+  const llm::client_config cfg = bench_config(spec, url, opts);
   const bool token_mix = spec.fault == "token_limited";
   const std::vector<batch_item> items =
       make_items(spec.prompts, token_mix ? token_prompt_bytes : 0);
@@ -1150,8 +1151,8 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
     ho.max_connections_per_host =
         std::min(max_connections, static_cast<std::size_t>(std::max(1, spec.concurrency)));
     keel::http::client http(ex, ho);
-    bucket_registry buckets(ex, opts.seed);
-    client_options co;
+    llm::bucket_registry buckets(ex, opts.seed);
+    llm::client_options co;
     co.shared_pacing = bench_paced_policy(spec.policy);
     co.hold_open_breaker = co.shared_pacing;  // as `keel batch`
     // keel's policies run as `keel batch` does: attempt slots, and spare workers that use the
@@ -1160,13 +1161,13 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
     if (co.shared_pacing) {
       co.attempt_slots = slots;
     }
-    llm_client client(ex, cfg, http, buckets, rec.hooks(cfg), opts.seed, co);
+    llm::client client(ex, cfg, http, buckets, rec.hooks(cfg), opts.seed, co);
     // The primary entry's bucket (created by the client) and its controller, if it has one.
     keel::throttler& primary_bucket = buckets.get(cfg.entries.front());
     const keel::rate_controller* controller = buckets.pacing(primary_bucket);
 
     std::size_t next = 0;
-    std::size_t running = slots + (co.attempt_slots > 0 ? spare_workers(slots) : 0);
+    std::size_t running = slots + (co.attempt_slots > 0 ? llm::spare_workers(slots) : 0);
     const double cpu0 = cpu_seconds(RUSAGE_THREAD);
     rec.t0 = clock_type::now();
     rec.t_end = rec.t0;
@@ -1191,7 +1192,7 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
           [&]() -> asio::awaitable<void> {
             while (next < items.size()) {
               const std::size_t i = next++;
-              const call_outcome out = co_await client.call(items[i]);
+              const llm::call_outcome out = co_await client.call(items[i].request, &items[i]);
               rec.complete(out);
             }
             // Idle pooled connections keep the context busy: stop it after the last worker.

@@ -3,7 +3,7 @@
 
 // Design
 // ------
-// One *run* sends `prompts` generated prompts through an `llm_client` with `concurrency` worker
+// One *run* sends `prompts` generated prompts through an `llm::client` with `concurrency` worker
 // coroutines on one io_context (as `keel batch` does, without the JSONL files), against the
 // in-process mock server on its own thread (or `--url`). The matrix crosses:
 //
@@ -72,6 +72,8 @@
 //
 // Thread safety: run from main only (it forks).
 
+#include <keel/llm/config.hpp>
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -80,8 +82,6 @@
 #include <vector>
 
 namespace keel::cli {
-
-struct config;
 
 /// Options of `keel bench`.
 struct bench_options {
@@ -158,14 +158,14 @@ std::string bench_scenario_json(const std::string& fault, double rate = bench_de
 /// speak the wire format of the run's mix (OpenAI for the limited mixes but `mixed`,
 /// Anthropic for the others), and `keel_limit` configures the run's limit.
 /// @throws std::invalid_argument for an unknown policy.
-config bench_config(const bench_run_spec& run, const std::string& base_url,
-                    const bench_options& opts);
+llm::client_config bench_config(const bench_run_spec& run, const std::string& base_url,
+                                const bench_options& opts);
 
 /// `bench_config` of `policy` on the `clean` mix (an Anthropic-format primary; with `--url`,
 /// `keel_limit` configures the first of `opts.rates`, or 200 r/s).
 /// @throws std::invalid_argument for an unknown policy.
-config bench_config(const std::string& policy, const std::string& base_url,
-                    const bench_options& opts);
+llm::client_config bench_config(const std::string& policy, const std::string& base_url,
+                                const bench_options& opts);
 
 /// The least wall time of `run` against the in-process mock: the time in which the mix's
 /// limiter admits every prompt's successful attempt (for `mixed`, 1/0.9 attempts per prompt),

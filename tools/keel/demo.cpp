@@ -103,16 +103,17 @@ std::string status_line(const keel::testing::mock_model_stats& s) {
 
 }  // namespace
 
-config demo_config() {
-  return parse_config(demo_config_json, "<built-in demo config>",
-                      [](std::string_view) { return std::optional<std::string>{}; });
+llm::client_config demo_config() {
+  return llm::parse_config(demo_config_json, "<built-in demo config>",
+                           [](std::string_view) { return std::optional<std::string>{}; });
 }
 
 const char* demo_scenario_json() {
   return demo_scenario;
 }
 
-int run_with_mock(const std::string& scenario, config cfg, batch_options opts, logger& log) {
+int run_with_mock(const std::string& scenario, llm::client_config cfg, batch_options opts,
+                  logger& log) {
   const keel::testing::scenario s = scenario == "demo"
                                         ? keel::testing::scenario::from_json(demo_scenario)
                                         : keel::testing::load_scenario(scenario);
@@ -160,7 +161,8 @@ int run_demo(const demo_options& d, batch_options opts, logger& log) {
   opts.overwrite = d.out.empty() || d.overwrite;
   opts.title = "keel demo: " + std::to_string(d.prompts) +
                " prompts against the in-process mock (no network, no keys)";
-  config cfg = d.config.empty() ? demo_config() : load_config(d.config, process_env());
+  llm::client_config cfg =
+      d.config.empty() ? demo_config() : llm::load_config(d.config, llm::process_env());
   const int rc = run_with_mock(d.scenario.empty() ? "demo" : d.scenario, std::move(cfg), opts, log);
   std::printf("  files          %s -> %s\n", opts.in.c_str(), opts.out.c_str());
   std::fflush(stdout);

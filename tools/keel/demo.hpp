@@ -10,8 +10,8 @@
 //
 // Thread safety: run from main only.
 
+#include <keel/llm/config.hpp>
 #include "batch.hpp"
-#include "config.hpp"
 #include "log.hpp"
 
 #include <string>
@@ -34,14 +34,15 @@ struct demo_options {
 };
 
 /// The built-in demo config (three entries, a full policy); base URLs are set by the runner.
-config demo_config();
+llm::client_config demo_config();
 
 /// The built-in demo scenario as JSON text (docs/scenarios/keel-demo.json has a copy).
 const char* demo_scenario_json();
 
 /// Runs `run_batch` against an in-process mock: `scenario` is "demo" (built-in) or a file.
 /// @returns run_batch's exit status.
-int run_with_mock(const std::string& scenario, config cfg, batch_options opts, logger& log);
+int run_with_mock(const std::string& scenario, llm::client_config cfg, batch_options opts,
+                  logger& log);
 
 /// Generates the prompts and runs the demo; prints where the files are.
 int run_demo(const demo_options& d, batch_options opts, logger& log);

@@ -1,7 +1,7 @@
 // The keel command line: `keel batch`, `keel demo`, `keel mock`, `keel config check`.
+#include <keel/llm/config.hpp>
 #include "batch.hpp"
 #include "bench.hpp"
-#include "config.hpp"
 #include "demo.hpp"
 #include "log.hpp"
 
@@ -22,6 +22,7 @@
 namespace {
 
 using namespace keel::cli;
+namespace llm = keel::llm;
 
 // Shell-quotes one argument for the printed resume command.
 std::string quote(const std::string& s) {
@@ -306,7 +307,7 @@ int main(int argc, char** argv) {
 
   try {
     if (*check) {
-      const config c = load_config(check_file, process_env());
+      const llm::client_config c = llm::load_config(check_file, llm::process_env());
       std::cout << to_json(c, true).dump(2) << "\n";
       std::cerr << "keel: " << check_file << " is valid (" << c.entries.size() << " entr"
                 << (c.entries.size() == 1 ? "y" : "ies") << ")\n";
@@ -330,9 +331,9 @@ int main(int argc, char** argv) {
     }
     // batch
     logger log = make_logger(bf);
-    config c;
+    llm::client_config c;
     if (!config_file.empty()) {
-      c = load_config(config_file, process_env());
+      c = llm::load_config(config_file, llm::process_env());
     } else if (!mock_scenario.empty()) {
       c = demo_config();
     } else {
@@ -340,7 +341,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (!ca_file.empty()) {
-      if (const std::string why = unreadable_file(ca_file); !why.empty()) {
+      if (const std::string why = llm::unreadable_file(ca_file); !why.empty()) {
         std::cerr << "keel batch: --ca-file " << ca_file << ": " << why << "\n";
         return 2;
       }
@@ -372,7 +373,7 @@ int main(int argc, char** argv) {
       return run_with_mock(mock_scenario, std::move(c), o, log);
     }
     return run_batch(c, o, log);
-  } catch (const config_error& e) {
+  } catch (const llm::config_error& e) {
     std::cerr << "keel: config error: " << e.what() << "\n";
     return 2;
   } catch (const keel::testing::scenario_error& e) {

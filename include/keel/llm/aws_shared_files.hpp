@@ -1,4 +1,4 @@
-// A small reader for the AWS shared credentials and config files (INI) used by the keel command.
+// A small reader for the AWS shared credentials and config files (INI), for the config loader.
 #pragma once
 
 // The AWS SDKs read two INI files: the credentials file (`[name]` sections with
@@ -17,19 +17,19 @@
 //
 // Example:
 //
-//     auto files = keel::cli::load_aws_shared_files(keel::cli::process_env());
+//     auto files = keel::llm::load_aws_shared_files(keel::llm::process_env());
 //     if (const auto* p = files.config_profile("default")) { /* p->at("region") ... */ }
 //
 // Thread safety: plain values; `load_aws_shared_files` reads the environment only through the
 // given lookup.
 
-#include "config.hpp"
+#include <keel/llm/config.hpp>
 
 #include <map>
 #include <string>
 #include <string_view>
 
-namespace keel::cli {
+namespace keel::llm {
 
 /// The keys of one INI section.
 using ini_section = std::map<std::string, std::string>;
@@ -66,4 +66,4 @@ struct aws_shared_files {
 /// expanded with HOME.
 aws_shared_files load_aws_shared_files(const env_lookup& env);
 
-}  // namespace keel::cli
+}  // namespace keel::llm

@@ -1,10 +1,18 @@
-// A configured LLM client: the config_list entries as a fallback chain, each with its own retry
-// algorithm, breaker and shared rate-limit buckets.
+// keel::llm::client: a configured policy stack over LLM providers. The config's entries are a
+// fallback chain, each with its own retry algorithm, breaker and shared rate-limit bucket.
 #pragma once
 
 // Design
 // ------
-// One call of `llm_client::call(item)` is, from the outside in:
+// A service builds one client from a `client_config` (`keel::llm::load_config(file)` reads the
+// same file as the `keel` command) and shares it among all its calls:
+//
+//     keel::llm::client llm{io.get_executor(), keel::llm::load_config("keel.json")};
+//     keel::llm::chat_response r = co_await llm.complete(keel::llm::chat_request(
+//         "", {{"user", "Say hi"}}));     // model "": the entry's
+//
+// One call (`complete`, or `call`, which returns the outcome instead of throwing) is, from the
+// outside in:
 //
 //   with_deadline(policy.deadline,                            overall limit per item
 //     with_fallback(entry 0, entry 1, ...,                    primary, then fallbacks in order
@@ -38,12 +46,15 @@
 // - `client_options::attempt_slots` (keel batch: its concurrency) caps the attempts in flight,
 //   not the items: a call sleeping before a retry or at an open breaker gives its slot to the
 //   next item, and takes one again (FIFO) before its next attempt. Immediate retries keep it.
-// - `call` never throws: it returns the reply or the final error with the attempts made.
+// - `call` never throws: it returns the reply or the final error with the attempts made;
+//   `complete` returns the reply or throws that error.
+// - Hooks see each call's opaque `context` pointer (what the caller passed to `call`), never a
+//   type of the caller's: the keel command passes its batch item, a service its request id.
 //
-// Thread safety: a client and its registry live on one executor (one thread).
+// Thread safety: a client and its registry live on one executor (one thread): call `call` and
+// `complete` from coroutines on that executor.
 
-#include "config.hpp"
-#include "jsonl.hpp"
+#include <keel/llm/config.hpp>
 
 #include <keel/bulkhead.hpp>
 #include <keel/circuit_breaker.hpp>
@@ -65,7 +76,7 @@
 #include <string_view>
 #include <vector>
 
-namespace keel::cli {
+namespace keel::llm {
 
 /// Shared rate-limit buckets keyed by (provider, model, key), each with its rate controller.
 class bucket_registry {
@@ -104,8 +115,8 @@ class bucket_registry {
 struct attempt_report {
   /// The entry.
   std::size_t entry = 0;
-  /// The item.
-  const batch_item* item = nullptr;
+  /// The call's context (what the caller passed to `client::call`; may be null).
+  const void* context = nullptr;
   /// Null on success.
   std::exception_ptr error;
   /// HTTP status (0 without a response).
@@ -118,8 +129,8 @@ struct attempt_report {
 struct retry_report {
   /// The entry.
   std::size_t entry = 0;
-  /// The item.
-  const batch_item* item = nullptr;
+  /// The call's context (what the caller passed to `client::call`; may be null).
+  const void* context = nullptr;
   /// The attempt that failed (1-based).
   int attempt = 0;
   /// Its error.
@@ -137,7 +148,7 @@ struct client_hooks {
   /// Before every retry sleep.
   std::function<void(const retry_report&)> on_retry;
   /// Moving from entry `from` to entry `to` after `error`.
-  std::function<void(const batch_item&, std::size_t from, std::size_t to, std::exception_ptr)>
+  std::function<void(const void* context, std::size_t from, std::size_t to, std::exception_ptr)>
       on_fallback;
   /// A breaker changed state.
   std::function<void(std::size_t entry, keel::breaker_state from, keel::breaker_state to)>
@@ -146,7 +157,12 @@ struct client_hooks {
   std::function<void(std::size_t entry, std::chrono::nanoseconds)> on_throttle_wait;
   /// The last entry's breaker is open and the item waits for its probe
   /// (`client_options::hold_open_breaker`); the time left until the probe.
-  std::function<void(std::size_t entry, const batch_item&, std::chrono::nanoseconds)> on_hold;
+  std::function<void(std::size_t entry, const void* context, std::chrono::nanoseconds)> on_hold;
+  /// A bucket's controller changed phase or estimate: the bucket's (redaction-safe) name and its
+  /// request and token states. Only for a client that owns its buckets (the constructor without
+  /// a `bucket_registry`); with a shared registry, set `bucket_registry::on_pacing`.
+  std::function<void(const std::string&, const keel::pacing_state&, const keel::pacing_state&)>
+      on_pacing;
 };
 
 /// The outcome of one call.
@@ -174,12 +190,19 @@ struct client_options {
   /// (bounded by the call's deadline) without spending an attempt; when false (the library's
   /// way), the wait is an ordinary retry whose delay is the time left until the probe.
   bool hold_open_breaker = false;
-  /// When nonzero, at most this many calls hold an attempt slot at once (`llm_client::call`).
+  /// When nonzero, at most this many calls hold an attempt slot at once (`client::call`).
   /// A call gives its slot up while it sleeps (a retry's backoff or server delay, a hold at an
   /// open breaker) and takes one again, in FIFO order, before its next attempt: a sleeping item
   /// then does not idle the run's concurrency, while no more than this many attempts are ever
   /// in flight (or waiting for pacing). Zero (the default): no slots.
   std::size_t attempt_slots = 0;
+  /// Seeds the jitter and the probe timing of a client that owns its buckets (the constructor
+  /// without a `bucket_registry`); 0 (the default): drawn from `std::random_device`, so that
+  /// processes of a fleet do not draw the same jitter. The other constructors take a seed.
+  std::uint64_t seed = 0;
+  /// The transport settings of a client that owns its transports (TLS verification on by
+  /// default); an entry's `ca_file` replaces `tls.ca_file` for that entry's transport.
+  keel::http::client_options http;
 };
 
 /// Workers beyond `slots` attempt slots that a batch runs (a quarter more, rounded down: 0 below
@@ -211,16 +234,22 @@ class http_clients {
 };
 
 /// What replaces a credential that a reply echoes (in its text, model, finish reason or request
-/// id) before the reply leaves `llm_client::call`: records never hold a key.
+/// id) before the reply leaves `client::call`: records never hold a key.
 inline constexpr std::string_view secret_marker = "<redacted>";
 
 /// Credentials shorter than this many bytes are not searched for in replies (they would match
 /// ordinary text; no real API key or AWS secret is that short).
 inline constexpr std::size_t min_scrubbed_secret = 8;
 
-/// A client built from a config.
-class llm_client {
+/// The configured policy stack: one call runs the fallback chain of entries, each with its
+/// retries, breaker and shared pacing (see the header comment).
+class client {
  public:
+  /// A client that owns its transports (one per CA file) and its rate-limit buckets: the
+  /// simplest way to use keel from a service. Hooks and options are optional.
+  /// @throws std::runtime_error if an entry's CA file cannot be loaded.
+  client(boost::asio::any_io_executor ex, client_config cfg, client_hooks hooks = {},
+         client_options options = {});
   /// Builds the entries' breakers, retry strategies and buckets; each entry sends through the
   /// client of its `ca_file` (created now, so a bad CA file fails here).
   /// @param http the transports (must outlive the client).
@@ -228,21 +257,21 @@ class llm_client {
   /// @param seed seeds the jitter.
   /// @param options switches outside the config (shared pacing on by default).
   /// @throws std::runtime_error if an entry's CA file cannot be loaded.
-  llm_client(boost::asio::any_io_executor ex, config cfg, http_clients& http,
-             bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0,
-             client_options options = {});
+  client(boost::asio::any_io_executor ex, client_config cfg, http_clients& http,
+         bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0,
+         client_options options = {});
   /// Builds the entries' breakers, retry strategies and buckets; every entry sends through
   /// `http`, whatever its `ca_file` (the caller chose the transport).
   /// @param http the transport (must outlive the client).
   /// @param buckets the shared buckets (must outlive the client).
   /// @param seed seeds the jitter.
   /// @param options switches outside the config (shared pacing on by default).
-  llm_client(boost::asio::any_io_executor ex, config cfg, keel::http::client& http,
-             bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0,
-             client_options options = {});
-  ~llm_client();
-  llm_client(const llm_client&) = delete;
-  llm_client& operator=(const llm_client&) = delete;
+  client(boost::asio::any_io_executor ex, client_config cfg, keel::http::client& http,
+         bucket_registry& buckets, client_hooks hooks = {}, std::uint64_t seed = 0,
+         client_options options = {});
+  ~client();
+  client(const client&) = delete;
+  client& operator=(const client&) = delete;
 
   /// Waits (FIFO) for an attempt slot (`client_options::attempt_slots`) to give to `call`, for a
   /// caller that counts an item as started only once it has one; with no slots configured
@@ -250,18 +279,30 @@ class llm_client {
   /// Cancellation: throws `boost::system::system_error` (`operation_aborted`); no slot is taken.
   boost::asio::awaitable<keel::bulkhead_permit> admit();
 
-  /// Runs one item through the whole chain. Never throws. A reply that echoes any entry's API
-  /// key or AWS credentials has each occurrence replaced by `secret_marker`.
+  /// Runs one request through the whole chain. Never throws. A reply that echoes any entry's API
+  /// key or AWS credentials has each occurrence replaced by `secret_marker`. The request's model
+  /// is used on the first entry when it is not empty; every other entry (and an empty model)
+  /// gets the entry's model. `context` is handed to every hook of this call, untouched.
   /// With `client_options::attempt_slots`, the call holds `slot` or first waits (FIFO) for one,
   /// before its latency clock starts; it gives the slot up while it sleeps and takes one again
   /// before its next attempt, and releases it at its end.
   /// Cancellation: the attempt in flight (or the wait for a slot) is cancelled and the
   /// outcome's error is `operation_aborted`.
-  boost::asio::awaitable<call_outcome> call(const batch_item& item,
+  boost::asio::awaitable<call_outcome> call(keel::llm::chat_request request,
+                                            const void* context = nullptr,
                                             keel::bulkhead_permit slot = {});
 
+  /// Runs one request through the whole chain (as `call`) and returns the reply.
+  /// @throws the call's final error: the deciding provider error or transport error, or a
+  ///   `keel::failure` (`retries_exhausted`, `budget_exhausted`, `all_fallbacks_failed`,
+  ///   `deadline_exceeded`, ...) whose causes lead to it; `error_class` names it.
+  /// Cancellation: the attempt in flight (or the wait for a slot) is cancelled and
+  /// `boost::system::system_error` (`operation_aborted`) is thrown.
+  boost::asio::awaitable<keel::llm::chat_response> complete(keel::llm::chat_request request,
+                                                            const void* context = nullptr);
+
   /// The config.
-  const config& cfg() const noexcept { return cfg_; }
+  const client_config& cfg() const noexcept { return cfg_; }
 
   /// Breaker of entry `i` (null when breakers are off).
   const keel::circuit_breaker* breaker(std::size_t i) const;
@@ -276,13 +317,16 @@ class llm_client {
   boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
   void scrub_secrets(keel::llm::chat_response& r) const;
 
+  struct owned;  // the transports and buckets of a client that owns them
   using transport_for = std::function<keel::http::client&(const entry_config&)>;
-  llm_client(boost::asio::any_io_executor ex, config cfg, const transport_for& http,
-             bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
-             client_options options);
+  client(std::unique_ptr<owned> own, boost::asio::any_io_executor ex, client_config cfg,
+         client_hooks hooks, client_options options);
+  client(boost::asio::any_io_executor ex, client_config cfg, const transport_for& http,
+         bucket_registry& buckets, client_hooks hooks, std::uint64_t seed, client_options options);
 
+  std::unique_ptr<owned> own_;  // null unless this client owns its transports and buckets
   boost::asio::any_io_executor ex_;
-  config cfg_;
+  client_config cfg_;
   client_hooks hooks_;
   client_options options_;
   keel::random_source random_;
@@ -313,4 +357,4 @@ nlohmann::json error_json(const std::exception_ptr& e);
 /// and stays one after 429s).
 bool settles_token_usage(keel::pacing_phase token_phase, double configured_tokens_per_minute);
 
-}  // namespace keel::cli
+}  // namespace keel::llm

@@ -1,7 +1,7 @@
-// Parsing and validation of the keel command's config (AG2 config_list + policy).
-#include "config.hpp"
+// Parsing and validation of keel::llm::client_config (AG2 config_list + policy).
+#include <keel/llm/config.hpp>
 
-#include "aws_shared_files.hpp"
+#include <keel/llm/aws_shared_files.hpp>
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
@@ -21,7 +21,7 @@
 #include <sstream>
 #include <utility>
 
-namespace keel::cli {
+namespace keel::llm {
 
 namespace {
 
@@ -169,8 +169,8 @@ class parser {
   parser(std::string source, const env_lookup& env, std::filesystem::path base_dir = {})
       : source_(std::move(source)), env_(env), base_dir_(std::move(base_dir)) {}
 
-  config run(const json& doc) {
-    config c;
+  client_config run(const json& doc) {
+    client_config c;
     c.source = source_;
     const json* list = nullptr;
     std::string list_path;
@@ -967,8 +967,8 @@ keel::llm::endpoint entry_config::endpoint() const {
 
 namespace {
 
-config parse_text(std::string_view text, const std::string& source, const env_lookup& env,
-                  const std::filesystem::path& base_dir) {
+client_config parse_text(std::string_view text, const std::string& source, const env_lookup& env,
+                         const std::filesystem::path& base_dir) {
   if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
     const auto [line, column] = line_column(text, deep + 1);
     throw config_error(source, "",
@@ -993,11 +993,12 @@ config parse_text(std::string_view text, const std::string& source, const env_lo
 
 }  // namespace
 
-config parse_config(std::string_view text, const std::string& source, const env_lookup& env) {
+client_config parse_config(std::string_view text, const std::string& source,
+                           const env_lookup& env) {
   return parse_text(text, source, env, {});
 }
 
-config load_config(const std::string& file, const env_lookup& env) {
+client_config load_config(const std::string& file, const env_lookup& env) {
   if (std::error_code ec; std::filesystem::is_directory(file, ec)) {
     throw config_error(file, "", "cannot read the config file: it is a directory");
   }
@@ -1018,7 +1019,7 @@ config load_config(const std::string& file, const env_lookup& env) {
   return parse_text(os.str(), file, env, dir.empty() ? std::filesystem::path(".") : dir);
 }
 
-nlohmann::json to_json(const config& c, bool redact) {
+nlohmann::json to_json(const client_config& c, bool redact) {
   json entries = json::array();
   for (const auto& e : c.entries) {
     json j;
@@ -1133,4 +1134,4 @@ nlohmann::json to_json(const config& c, bool redact) {
   return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
 }
 
-}  // namespace keel::cli
+}  // namespace keel::llm

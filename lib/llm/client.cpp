@@ -1,5 +1,5 @@
-// The configured LLM client of the keel command (see client.hpp for the layering).
-#include "client.hpp"
+// keel::llm::client, the configured policy stack (see keel/llm/client.hpp for the layering).
+#include <keel/llm/client.hpp>
 
 #include <keel/aws/retry.hpp>
 #include <keel/aws/sdk_request.hpp>
@@ -23,7 +23,7 @@
 #include <functional>
 #include <random>
 
-namespace keel::cli {
+namespace keel::llm {
 namespace asio = boost::asio;
 using clock_type = std::chrono::steady_clock;
 using std::chrono::duration_cast;
@@ -338,9 +338,9 @@ std::vector<std::pair<std::string, keel::throttler*>> bucket_registry::all() con
   return out;
 }
 
-// ---- llm_client --------------------------------------------------------------------------------
+// ---- client --------------------------------------------------------------------------------
 
-struct llm_client::entry_state {
+struct client::entry_state {
   std::size_t index = 0;
   const entry_config* cfg = nullptr;
   keel::llm::endpoint ep;
@@ -353,8 +353,9 @@ struct llm_client::entry_state {
   bool last = false;
 };
 
-struct llm_client::call_state {
-  const batch_item* item = nullptr;
+struct client::call_state {
+  keel::llm::chat_request request;
+  const void* context = nullptr;
   int attempts = 0;
   std::size_t entry = 0;
   // The AWS SDK headers of the entry being tried (Bedrock only): one invocation per entry, as
@@ -384,25 +385,57 @@ keel::http::client& http_clients::get(const std::string& ca_file) {
   return *it->second;
 }
 
-llm_client::llm_client(asio::any_io_executor ex, config cfg, http_clients& http,
-                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
-                       client_options options)
-    : llm_client(
+struct client::owned {
+  owned(
+      const asio::any_io_executor& ex, const client_options& options,
+      std::function<void(const std::string&, const keel::pacing_state&, const keel::pacing_state&)>
+          on_pacing)
+      : seed(options.seed != 0 ? options.seed : std::random_device{}()),
+        http(ex, options.http),
+        buckets(ex, seed) {
+    buckets.on_pacing = std::move(on_pacing);
+  }
+  std::uint64_t seed;
+  http_clients http;
+  bucket_registry buckets;
+};
+
+client::client(asio::any_io_executor ex, client_config cfg, client_hooks hooks,
+               client_options options)
+    // `hooks` is copied, not moved: the arguments' order of evaluation is unspecified.
+    : client(std::make_unique<owned>(ex, options, hooks.on_pacing), ex, std::move(cfg), hooks,
+             options) {}
+
+client::client(std::unique_ptr<owned> own, asio::any_io_executor ex, client_config cfg,
+               client_hooks hooks, client_options options)
+    : client(
+          std::move(ex), std::move(cfg),
+          [p = own.get()](const entry_config& e) -> keel::http::client& {
+            return p->http.get(e.ca_file);
+          },
+          own->buckets, std::move(hooks), own->seed, options) {
+  own_ = std::move(own);  // the delegated constructor used them only while it ran
+}
+
+client::client(asio::any_io_executor ex, client_config cfg, http_clients& http,
+               bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+               client_options options)
+    : client(
           std::move(ex), std::move(cfg),
           [&http](const entry_config& e) -> keel::http::client& { return http.get(e.ca_file); },
           buckets, std::move(hooks), seed, options) {}
 
-llm_client::llm_client(asio::any_io_executor ex, config cfg, keel::http::client& http,
-                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
-                       client_options options)
-    : llm_client(
+client::client(asio::any_io_executor ex, client_config cfg, keel::http::client& http,
+               bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+               client_options options)
+    : client(
           std::move(ex), std::move(cfg),
           [&http](const entry_config&) -> keel::http::client& { return http; }, buckets,
           std::move(hooks), seed, options) {}
 
-llm_client::llm_client(asio::any_io_executor ex, config cfg, const transport_for& http,
-                       bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
-                       client_options options)
+client::client(asio::any_io_executor ex, client_config cfg, const transport_for& http,
+               bucket_registry& buckets, client_hooks hooks, std::uint64_t seed,
+               client_options options)
     : ex_(std::move(ex)),
       cfg_(std::move(cfg)),
       hooks_(std::move(hooks)),
@@ -493,9 +526,9 @@ llm_client::llm_client(asio::any_io_executor ex, config cfg, const transport_for
   }
 }
 
-llm_client::~llm_client() = default;
+client::~client() = default;
 
-void llm_client::scrub_secrets(keel::llm::chat_response& r) const {
+void client::scrub_secrets(keel::llm::chat_response& r) const {
   // One search per field and secret: a reply is scanned a handful of times, not per character.
   for (const std::string& secret : secrets_) {
     for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
@@ -507,12 +540,12 @@ void llm_client::scrub_secrets(keel::llm::chat_response& r) const {
   }
 }
 
-const keel::circuit_breaker* llm_client::breaker(std::size_t i) const {
+const keel::circuit_breaker* client::breaker(std::size_t i) const {
   return i < entries_.size() ? entries_[i]->breaker.get() : nullptr;
 }
 
-asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, call_state& cs) {
-  keel::llm::chat_request req = cs.item->request;
+asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_state& cs) {
+  keel::llm::chat_request req = cs.request;
   if (req.model.empty() || es.index != 0) {
     req.model = es.cfg->model;
   }
@@ -591,7 +624,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   }
   attempt_report report;
   report.entry = es.index;
-  report.item = cs.item;
+  report.context = cs.context;
   report.seconds = seconds_since(sent);
   if (failed) {
     // A refused call used no tokens, but under a controller a 429 keeps its reservation: giving
@@ -637,7 +670,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::attempt(entry_state& es, c
   co_return std::move(*reply);
 }
 
-asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, call_state& cs) {
+asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_state& cs) {
   entry_state& es = *entries_[i];
   cs.invocation.reset();
   if (es.cfg->api_type == keel::llm::provider_kind::bedrock) {
@@ -666,7 +699,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
         }
       }
       if (hooks_.on_hold) {
-        hooks_.on_hold(es.index, *cs.item, es.breaker->remaining_open_time());
+        hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());
       }
       cs.slot.release();  // a held item sends nothing: let another one use the slot
       // Until the probe, or (half-open, the probe slots taken) a short while.
@@ -684,7 +717,7 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
     if (hooks_.on_retry) {
       retry_report r;
       r.entry = es.index;
-      r.item = cs.item;
+      r.context = cs.context;
       r.attempt = ev.attempt;
       r.error = ev.error;
       r.delay = ev.delay;
@@ -728,16 +761,18 @@ asio::awaitable<keel::llm::chat_response> llm_client::run_entry(std::size_t i, c
   co_return co_await keel::with_retry(one, std::move(p));
 }
 
-asio::awaitable<keel::bulkhead_permit> llm_client::admit() {
+asio::awaitable<keel::bulkhead_permit> client::admit() {
   if (!slots_) {
     co_return keel::bulkhead_permit{};
   }
   co_return co_await slots_->acquire();
 }
 
-asio::awaitable<call_outcome> llm_client::call(const batch_item& item, keel::bulkhead_permit slot) {
+asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, const void* context,
+                                           keel::bulkhead_permit slot) {
   call_state cs;
-  cs.item = &item;
+  cs.request = std::move(request);
+  cs.context = context;
   cs.slot = std::move(slot);
   call_outcome out;
   if (slots_ && !cs.slot) {
@@ -757,8 +792,8 @@ asio::awaitable<call_outcome> llm_client::call(const batch_item& item, keel::bul
   }
   keel::fallback_policy fp;
   if (hooks_.on_fallback) {
-    fp.on_fallback = [this, &item](const keel::fallback_event& e) {
-      hooks_.on_fallback(item, e.from, e.to, e.error);
+    fp.on_fallback = [this, context](const keel::fallback_event& e) {
+      hooks_.on_fallback(context, e.from, e.to, e.error);
     };
   }
   try {
@@ -788,8 +823,17 @@ asio::awaitable<call_outcome> llm_client::call(const batch_item& item, keel::bul
   co_return out;
 }
 
+asio::awaitable<keel::llm::chat_response> client::complete(keel::llm::chat_request request,
+                                                           const void* context) {
+  call_outcome out = co_await call(std::move(request), context);
+  if (out.error) {
+    std::rethrow_exception(out.error);
+  }
+  co_return std::move(*out.response);
+}
+
 bool settles_token_usage(keel::pacing_phase token_phase, double configured_tokens_per_minute) {
   return !learned(token_phase) || configured_tokens_per_minute > 0;
 }
 
-}  // namespace keel::cli
+}  // namespace keel::llm

@@ -1,11 +1,11 @@
 // Reading the AWS shared credentials and config files (a small INI dialect).
-#include "aws_shared_files.hpp"
+#include <keel/llm/aws_shared_files.hpp>
 
 #include <cctype>
 #include <fstream>
 #include <sstream>
 
-namespace keel::cli {
+namespace keel::llm {
 
 namespace {
 
@@ -132,4 +132,4 @@ aws_shared_files load_aws_shared_files(const env_lookup& env) {
   return files;
 }
 
-}  // namespace keel::cli
+}  // namespace keel::llm

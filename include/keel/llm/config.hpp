@@ -1,4 +1,5 @@
-// The keel command's configuration: an AG2-style `config_list` plus a keel `policy` block.
+// The configuration of keel::llm::client and the keel command: an AG2-style `config_list` plus a
+// keel `policy` block.
 #pragma once
 
 // Design
@@ -95,7 +96,7 @@
 #include <string_view>
 #include <vector>
 
-namespace keel::cli {
+namespace keel::llm {
 
 /// Looks up an environment variable; empty optional when unset. Tests inject their own.
 using env_lookup = std::function<std::optional<std::string>(std::string_view name)>;
@@ -273,7 +274,7 @@ struct entry_config {
 };
 
 /// A whole resolved config.
-struct config {
+struct client_config {
   /// Primary first, then fallbacks in order; never empty.
   std::vector<entry_config> entries;
   /// The policy block.
@@ -290,15 +291,15 @@ std::string unreadable_file(const std::string& path);
 /// @param source named in errors (a file name).
 /// @param env environment lookup (api_key_env, AWS_* variables, AWS shared file locations).
 /// @throws config_error naming the JSON path of the first bad value.
-config parse_config(std::string_view text, const std::string& source, const env_lookup& env);
+client_config parse_config(std::string_view text, const std::string& source, const env_lookup& env);
 
 /// Reads and parses a config file.
 /// @throws config_error if the file cannot be read (path "") or is invalid.
-config load_config(const std::string& file, const env_lookup& env);
+client_config load_config(const std::string& file, const env_lookup& env = process_env());
 
 /// The resolved config as JSON (every default filled in), for `--print-config` and
 /// `keel config check`. With `redact`, secrets are replaced by "<redacted>" (or by
 /// "<from $VAR>" for api_key_env), never shown, and so are the query values of `base_url`.
-nlohmann::json to_json(const config& c, bool redact = true);
+nlohmann::json to_json(const client_config& c, bool redact = true);
 
-}  // namespace keel::cli
+}  // namespace keel::llm
