@@ -480,10 +480,11 @@ TEST_CASE("bench policies map to client configs", "[cli_bench]") {
   CHECK_FALSE(none.policy.breaker.enabled);
   CHECK_FALSE(none.policy.retry_budget.enabled);
   const auto naive = keel::cli::bench_config("naive", "http://127.0.0.1:1", o);
-  CHECK(naive.policy.retry.backoff.kind == "immediate");
+  CHECK(naive.policy.retry.backoff.base.count() == 0);
+  CHECK(naive.policy.retry.backoff.shape == keel::backoff_shape::constant);
   CHECK_FALSE(naive.policy.retry.honour_retry_after);
   const auto expo = keel::cli::bench_config("exponential", "http://127.0.0.1:1", o);
-  CHECK(expo.policy.retry.backoff.jitter == "none");
+  CHECK(expo.policy.retry.backoff.jitter == keel::jitter::none);
 
   // keel: keel's defaults but for the breaker's break, which the bench scales to its runs.
   const keel::llm::policy_config defaults;
@@ -497,7 +498,7 @@ TEST_CASE("bench policies map to client configs", "[cli_bench]") {
   CHECK(keel.policy.retry_budget.token_ratio == defaults.retry_budget.token_ratio);
   CHECK(keel.policy.retry_budget.max_tokens == defaults.retry_budget.max_tokens);
   CHECK(keel.policy.retry.max_attempts == defaults.retry.max_attempts);
-  CHECK(keel.policy.retry.backoff.jitter == "full");
+  CHECK(keel.policy.retry.backoff.jitter == keel::jitter::full);
   CHECK(keel.policy.retry.backoff.cap == defaults.retry.backoff.cap);
   CHECK(keel.policy.deadline == defaults.deadline);
   CHECK(keel.policy.rate_limits.requests_per_minute == 0);

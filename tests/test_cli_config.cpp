@@ -112,16 +112,17 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
 
   const auto& p = c.policy;
   CHECK(p.retry.max_attempts == 6);
-  CHECK(p.retry.backoff.kind == "exponential");
-  CHECK(p.retry.backoff.base == 0.5);
-  CHECK(p.retry.backoff.cap == 20);
-  CHECK(p.retry.backoff.jitter == "full");
+  CHECK(p.retry.backoff.shape == keel::backoff_shape::exponential);
+  CHECK(p.retry.backoff.base == std::chrono::milliseconds(500));
+  CHECK(p.retry.backoff.cap == std::chrono::seconds(20));
+  CHECK(p.retry.backoff.jitter == keel::jitter::full);
   CHECK(p.retry.backoff.multiplier == 2);
   CHECK_FALSE(p.retry.backoff.first_retry_immediate);
   // The throttling hierarchy's first rung: a transient failure gets one immediate retry.
   REQUIRE(p.retry.backoff_by_condition.size() == 1);
-  CHECK(p.retry.backoff_by_condition.at("transient").first_retry_immediate);
-  CHECK(p.retry.backoff_by_condition.at("transient").base == 0.5);
+  CHECK(p.retry.backoff_by_condition.at(keel::condition::transient).first_retry_immediate);
+  CHECK(p.retry.backoff_by_condition.at(keel::condition::transient).base ==
+        std::chrono::milliseconds(500));
   CHECK(p.retry.honour_retry_after);
   CHECK(p.retry.max_retry_after == 60);
   CHECK(p.deadline == 300);
@@ -172,15 +173,20 @@ TEST_CASE("the object shape reads config_list and every policy key", "[cli_confi
 
   const auto& p = c.policy;
   CHECK(p.retry.max_attempts == 6);
-  CHECK(p.retry.backoff.kind == "linear");
-  CHECK(p.retry.backoff.jitter == "equal");
+  CHECK(p.retry.backoff.shape == keel::backoff_shape::linear);
+  CHECK(p.retry.backoff.jitter == keel::jitter::equal);
   CHECK(p.retry.backoff.multiplier == 3);
   // A condition's curve starts from retry.backoff and overrides what it names.
-  REQUIRE(p.retry.backoff_by_condition.count("throttled") == 1);
-  CHECK(p.retry.backoff_by_condition.at("throttled").kind == "linear");
-  CHECK(p.retry.backoff_by_condition.at("throttled").base == 1);
-  CHECK(p.retry.backoff_by_condition.at("throttled").cap == 30);
-  CHECK(p.retry.backoff_by_condition.at("timeout").kind == "immediate");
+  REQUIRE(p.retry.backoff_by_condition.count(keel::condition::throttled) == 1);
+  CHECK(p.retry.backoff_by_condition.at(keel::condition::throttled).shape ==
+        keel::backoff_shape::linear);
+  CHECK(p.retry.backoff_by_condition.at(keel::condition::throttled).base ==
+        std::chrono::seconds(1));
+  CHECK(p.retry.backoff_by_condition.at(keel::condition::throttled).cap ==
+        std::chrono::seconds(30));
+  CHECK(p.retry.backoff_by_condition.at(keel::condition::timeout).base.count() == 0);
+  CHECK(keel::llm::to_json(c)["policy"]["retry"]["backoff_by_condition"]["timeout"]["kind"] ==
+        "immediate");
   CHECK_FALSE(p.retry.honour_retry_after);
   CHECK(p.retry.max_retry_after == 10);
   CHECK(p.deadline == 12.5);
@@ -811,11 +817,11 @@ TEST_CASE("naming a backoff replaces the default immediate retry of transient fa
                                    "<test>", env)
         .policy.retry;
   };
-  CHECK(one(R"({"max_attempts": 3})").backoff_by_condition.count("transient") == 1);
+  CHECK(one(R"({"max_attempts": 3})").backoff_by_condition.count(keel::condition::transient) == 1);
   CHECK(one(R"({"backoff": {"kind": "constant", "base": 0.1}})").backoff_by_condition.empty());
   const auto by = one(R"({"backoff_by_condition": {"throttled": {"base": 2, "cap": 30}}})");
   CHECK(by.backoff_by_condition.size() == 1);
-  CHECK(by.backoff_by_condition.count("throttled") == 1);
+  CHECK(by.backoff_by_condition.count(keel::condition::throttled) == 1);
   // The key itself, on any curve.
   const auto imm = one(R"({"backoff": {"first_retry_immediate": true}})");
   CHECK(imm.backoff.first_retry_immediate);

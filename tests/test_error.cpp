@@ -89,3 +89,42 @@ TEST_CASE("generic and std error codes classify like system ones", "[error][revi
                            std::system_error(std::make_error_code(std::errc::connection_refused))))
             .condition == keel::condition::transient);
 }
+
+TEST_CASE("keel's error and condition names are one table that reads back", "[error]") {
+  CHECK(keel::to_string(keel::error::retries_exhausted) == "retries_exhausted");
+  CHECK(keel::to_string(keel::error::all_fallbacks_failed) == "all_fallbacks_failed");
+  CHECK(keel::to_string(keel::error::queue_timeout) == "queue_timeout");
+  for (auto c : {keel::condition::transient, keel::condition::throttled, keel::condition::timeout,
+                 keel::condition::permanent, keel::condition::cancelled}) {
+    CHECK(keel::parse_condition(keel::to_string(c)) == c);
+  }
+  CHECK(keel::to_string(keel::condition::throttled) == "throttled");
+  CHECK_FALSE(keel::parse_condition("Throttled").has_value());
+  CHECK_FALSE(keel::parse_condition("").has_value());
+}
+
+TEST_CASE("deciding_cause follows the last cause through every wrapper that gave up", "[error]") {
+  const auto first = std::make_exception_ptr(
+      boost::system::system_error(boost::asio::error::connection_reset, "primary reset"));
+  const auto last = std::make_exception_ptr(
+      boost::system::system_error(boost::asio::error::timed_out, "backup timed out"));
+  std::exception_ptr retried;
+  try {
+    keel::throw_failure(keel::error::budget_exhausted, last, 3);
+  } catch (...) {
+    retried = std::current_exception();
+  }
+  // Two alternatives: the first failed on its own, the second after its retries stopped.
+  const auto both = std::make_exception_ptr(keel::failure(
+      keel::make_error_code(keel::error::all_fallbacks_failed), "all failed", {first, retried}));
+  const keel::decided_by d = keel::deciding_cause(both);
+  CHECK(d.error == last);
+  REQUIRE(d.gave_up.has_value());
+  CHECK(*d.gave_up == keel::error::budget_exhausted);  // the innermost wrapper
+  CHECK(keel::root_cause(both) == last);
+  // Anything else stands for itself.
+  const keel::decided_by plain = keel::deciding_cause(first);
+  CHECK(plain.error == first);
+  CHECK_FALSE(plain.gave_up.has_value());
+  CHECK(keel::deciding_cause(nullptr).error == nullptr);
+}

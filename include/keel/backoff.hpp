@@ -44,6 +44,7 @@
 #include <exception>
 #include <functional>
 #include <optional>
+#include <string_view>
 
 namespace keel {
 
@@ -52,6 +53,18 @@ enum class backoff_shape { constant, linear, exponential };
 
 /// How a backoff delay is randomised.
 enum class jitter { none, full, equal, decorrelated, decorrelated_v2 };
+
+/// The config name of a shape: "constant", "linear", "exponential".
+std::string_view to_string(backoff_shape s) noexcept;
+
+/// The shape named `name` (a name `to_string(backoff_shape)` returns), if any.
+std::optional<backoff_shape> parse_backoff_shape(std::string_view name) noexcept;
+
+/// The config name of a jitter: "none", "full", "equal", "decorrelated", "decorrelated_v2".
+std::string_view to_string(jitter j) noexcept;
+
+/// The jitter named `name` (a name `to_string(jitter)` returns), if any.
+std::optional<jitter> parse_jitter(std::string_view name) noexcept;
 
 /// Per-call state for the jitters that depend on the previous delay.
 struct backoff_state {

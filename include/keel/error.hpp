@@ -25,6 +25,13 @@
 //   `condition::cancelled`. It is never retried, never counts against a breaker or a budget.
 // - Which failures are worth retrying: `transient`, `throttled` and `timeout` are; `permanent` and
 //   `cancelled` are not. `keel::classify` (classify.hpp) applies this to any exception.
+// - Names: `to_string(error)` and `to_string(condition)` are the one table of keel's short names
+//   ("retries_exhausted", "throttled", ...) used in configs, records, logs and metrics;
+//   `parse_condition` reads a condition name back.
+// - What decided a failure: `deciding_cause` follows the wrappers that stand for their cause
+//   (`retries_exhausted`, `budget_exhausted`, `all_fallbacks_failed`) through their *last* cause
+//   (the last attempt; the last alternative tried) to the error that ended the call, and says
+//   which wrapper gave up innermost. `root_cause` is its error.
 //
 // Thread safety: everything here is immutable after construction and safe to share.
 
@@ -35,6 +42,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -143,8 +151,35 @@ class failure : public boost::system::system_error {
 /// Throws `keel::failure` for a keel error, with an optional cause.
 [[noreturn]] void throw_failure(error e, std::exception_ptr cause = nullptr, int attempts = 0);
 
-/// The innermost cause of `ep`: follows the first cause of each `keel::failure` until an error
-/// that has none; returns `ep` itself if it is not a `keel::failure` with causes.
+/// The short name of a keel error: "retries_exhausted", "deadline_exceeded", "circuit_open",
+/// "throttled", "budget_exhausted", "queue_full", "queue_timeout", "all_fallbacks_failed"
+/// ("unknown" for a value outside the enum).
+std::string_view to_string(error e) noexcept;
+
+/// The short name of a condition: "transient", "throttled", "timeout", "permanent",
+/// "cancelled" ("unknown" for a value outside the enum).
+std::string_view to_string(condition c) noexcept;
+
+/// The condition named `name` (one of the names `to_string(condition)` returns), if any.
+std::optional<condition> parse_condition(std::string_view name) noexcept;
+
+/// What decided a failure (see `deciding_cause`).
+struct decided_by {
+  /// The error that ended the call (never a retries_exhausted, budget_exhausted or
+  /// all_fallbacks_failed wrapper that has causes); null for a null input.
+  std::exception_ptr error;
+  /// The innermost wrapper that gave up (`retries_exhausted`, `budget_exhausted` or
+  /// `all_fallbacks_failed`): why retrying or falling back stopped. Empty if there was none.
+  std::optional<keel::error> gave_up;
+};
+
+/// Follows `retries_exhausted`, `budget_exhausted` and `all_fallbacks_failed` failures through
+/// their last cause (the last attempt; the last alternative tried) to the error that decided
+/// the outcome, at most 64 levels deep.
+decided_by deciding_cause(const std::exception_ptr& ep);
+
+/// `deciding_cause(ep).error`: the error that ended the call; `ep` itself if it is not one of
+/// the wrappers `deciding_cause` follows.
 std::exception_ptr root_cause(std::exception_ptr ep);
 
 /// A short description of any exception (its `what()`, or "unknown exception").

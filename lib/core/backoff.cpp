@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
+#include <string_view>
 
 namespace keel {
 namespace {
@@ -151,6 +153,40 @@ backoff_strategy backoff_strategy::hierarchy() {
   backoff_strategy s{expo};
   s.on(condition::throttled, expo).on(condition::timeout, expo).on(condition::transient, transient);
   return s;
+}
+
+namespace {
+constexpr std::string_view shape_names[] = {"constant", "linear", "exponential"};
+constexpr std::string_view jitter_names[] = {"none", "full", "equal", "decorrelated",
+                                             "decorrelated_v2"};
+
+template <class Enum, std::size_t N>
+std::optional<Enum> find_name(const std::string_view (&names)[N], std::string_view name) {
+  for (std::size_t i = 0; i < N; ++i) {
+    if (names[i] == name) {
+      return static_cast<Enum>(i);
+    }
+  }
+  return std::nullopt;
+}
+}  // namespace
+
+std::string_view to_string(backoff_shape s) noexcept {
+  const auto i = static_cast<std::size_t>(s);
+  return i < std::size(shape_names) ? shape_names[i] : std::string_view("unknown");
+}
+
+std::optional<backoff_shape> parse_backoff_shape(std::string_view name) noexcept {
+  return find_name<backoff_shape>(shape_names, name);
+}
+
+std::string_view to_string(jitter j) noexcept {
+  const auto i = static_cast<std::size_t>(j);
+  return i < std::size(jitter_names) ? jitter_names[i] : std::string_view("unknown");
+}
+
+std::optional<jitter> parse_jitter(std::string_view name) noexcept {
+  return find_name<jitter>(jitter_names, name);
 }
 
 }  // namespace keel

@@ -165,20 +165,73 @@ void throw_failure(error e, std::exception_ptr cause, int attempts) {
   throw f;
 }
 
-std::exception_ptr root_cause(std::exception_ptr ep) {
-  for (int depth = 0; ep && depth < 64; ++depth) {
-    try {
-      std::rethrow_exception(ep);
-    } catch (const failure& f) {
-      if (f.causes().empty()) {
-        return ep;
-      }
-      ep = f.causes().front();
-    } catch (...) {
-      return ep;
+std::string_view to_string(error e) noexcept {
+  switch (e) {
+    case error::retries_exhausted:
+      return "retries_exhausted";
+    case error::deadline_exceeded:
+      return "deadline_exceeded";
+    case error::circuit_open:
+      return "circuit_open";
+    case error::throttled:
+      return "throttled";
+    case error::budget_exhausted:
+      return "budget_exhausted";
+    case error::queue_full:
+      return "queue_full";
+    case error::queue_timeout:
+      return "queue_timeout";
+    case error::all_fallbacks_failed:
+      return "all_fallbacks_failed";
+  }
+  return "unknown";
+}
+
+namespace {
+constexpr std::string_view condition_names[] = {"transient", "throttled", "timeout", "permanent",
+                                                "cancelled"};
+}  // namespace
+
+std::string_view to_string(condition c) noexcept {
+  const int i = static_cast<int>(c) - 1;
+  return i >= 0 && i < 5 ? condition_names[i] : std::string_view("unknown");
+}
+
+std::optional<condition> parse_condition(std::string_view name) noexcept {
+  for (int i = 0; i < 5; ++i) {
+    if (condition_names[i] == name) {
+      return static_cast<condition>(i + 1);
     }
   }
-  return ep;
+  return std::nullopt;
+}
+
+decided_by deciding_cause(const std::exception_ptr& ep) {
+  decided_by out{ep, std::nullopt};
+  for (int depth = 0; out.error && depth < 64; ++depth) {
+    try {
+      std::rethrow_exception(out.error);
+    } catch (const failure& f) {
+      const auto& ec = f.code();
+      if (ec.category() != error_category() || f.causes().empty()) {
+        return out;
+      }
+      const auto k = static_cast<error>(ec.value());
+      if (k != error::retries_exhausted && k != error::budget_exhausted &&
+          k != error::all_fallbacks_failed) {
+        return out;
+      }
+      out.gave_up = k;  // the innermost wrapper wins: why the last entry gave up
+      out.error = f.causes().back();
+    } catch (...) {
+      return out;
+    }
+  }
+  return out;
+}
+
+std::exception_ptr root_cause(std::exception_ptr ep) {
+  return deciding_cause(ep).error;
 }
 
 classification classify(const boost::system::error_code& ec) noexcept {

@@ -42,55 +42,6 @@ double seconds_since(clock_type::time_point t0) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
 }
 
-keel::jitter parse_jitter(const std::string& s) {
-  if (s == "none") {
-    return keel::jitter::none;
-  }
-  if (s == "equal") {
-    return keel::jitter::equal;
-  }
-  if (s == "decorrelated") {
-    return keel::jitter::decorrelated;
-  }
-  if (s == "decorrelated_v2") {
-    return keel::jitter::decorrelated_v2;
-  }
-  return keel::jitter::full;
-}
-
-keel::backoff make_curve(const backoff_config& b) {
-  const auto j = parse_jitter(b.jitter);
-  if (b.kind == "immediate") {
-    return keel::backoff::immediate();
-  }
-  if (b.kind == "constant") {
-    return keel::backoff::constant(seconds_ns(b.base), j);
-  }
-  if (b.kind == "linear") {
-    return keel::backoff::linear(seconds_ns(b.base), seconds_ns(b.cap), j);
-  }
-  return keel::backoff::exponential(seconds_ns(b.base), seconds_ns(b.cap), j, b.multiplier);
-}
-
-keel::backoff make_backoff(const backoff_config& b) {
-  keel::backoff curve = make_curve(b);
-  curve.first_retry_immediate = b.first_retry_immediate;
-  return curve;
-}
-
-std::optional<keel::condition> parse_condition(const std::string& s) {
-  if (s == "throttled") {
-    return keel::condition::throttled;
-  }
-  if (s == "transient") {
-    return keel::condition::transient;
-  }
-  if (s == "timeout") {
-    return keel::condition::timeout;
-  }
-  return std::nullopt;
-}
-
 bool is_code(const std::exception_ptr& e, keel::error code) {
   try {
     std::rethrow_exception(e);
@@ -141,30 +92,6 @@ bool tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::tic
 
 namespace {
 
-// The error that decided the outcome: through retries_exhausted / budget_exhausted /
-// all_fallbacks_failed to the last attempt's own error.
-std::exception_ptr deciding_error(const std::exception_ptr& e, std::string* reason) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const keel::failure& f) {
-    const auto& ec = f.code();
-    if (ec.category() == keel::error_category() && !f.causes().empty()) {
-      const auto k = static_cast<keel::error>(ec.value());
-      if (k == keel::error::retries_exhausted || k == keel::error::budget_exhausted ||
-          k == keel::error::all_fallbacks_failed) {
-        if (reason) {  // the innermost reason wins: it is why the last entry gave up
-          *reason = k == keel::error::budget_exhausted    ? "budget_exhausted"
-                    : k == keel::error::retries_exhausted ? "retries_exhausted"
-                                                          : "all_fallbacks_failed";
-        }
-        return deciding_error(f.causes().back(), reason);
-      }
-    }
-  } catch (...) {
-  }
-  return e;
-}
-
 std::string class_of(const std::exception_ptr& e) {
   try {
     std::rethrow_exception(e);
@@ -191,24 +118,7 @@ std::string class_of(const std::exception_ptr& e) {
       }
     }
     if (ec.category() == keel::error_category()) {
-      switch (static_cast<keel::error>(ec.value())) {
-        case keel::error::retries_exhausted:
-          return "retries_exhausted";
-        case keel::error::deadline_exceeded:
-          return "deadline_exceeded";
-        case keel::error::circuit_open:
-          return "circuit_open";
-        case keel::error::throttled:
-          return "throttled";
-        case keel::error::budget_exhausted:
-          return "budget_exhausted";
-        case keel::error::queue_full:
-          return "queue_full";
-        case keel::error::queue_timeout:
-          return "queue_timeout";
-        case keel::error::all_fallbacks_failed:
-          return "all_fallbacks_failed";
-      }
+      return std::string(keel::to_string(static_cast<keel::error>(ec.value())));
     }
     switch (keel::condition_of(ec)) {
       case keel::condition::cancelled:
@@ -230,7 +140,7 @@ std::string class_of(const std::exception_ptr& e) {
 }  // namespace
 
 std::string error_class(const std::exception_ptr& e) {
-  return e ? class_of(deciding_error(e, nullptr)) : "ok";
+  return e ? class_of(keel::root_cause(e)) : "ok";
 }
 
 int error_status(const std::exception_ptr& e) {
@@ -238,7 +148,7 @@ int error_status(const std::exception_ptr& e) {
     return 0;
   }
   try {
-    std::rethrow_exception(deciding_error(e, nullptr));
+    std::rethrow_exception(keel::root_cause(e));
   } catch (const keel::llm::provider_error& pe) {
     return pe.status();
   } catch (...) {
@@ -251,14 +161,12 @@ nlohmann::json error_json(const std::exception_ptr& e) {
   if (!e) {
     return j;
   }
-  std::string reason;
-  const std::exception_ptr d = deciding_error(e, &reason);
+  const keel::decided_by decided = keel::deciding_cause(e);
+  const std::exception_ptr& d = decided.error;
   j["class"] = class_of(d);
-  const keel::classification c = keel::classify(d);
-  static constexpr const char* names[] = {"",        "transient", "throttled",
-                                          "timeout", "permanent", "cancelled"};
-  const int ci = static_cast<int>(c.condition);
-  j["condition"] = ci >= 1 && ci <= 5 ? names[ci] : "permanent";
+  const keel::condition c = keel::classify(d).condition;
+  const std::string_view condition = keel::to_string(c);  // "unknown": classify found none
+  j["condition"] = condition == "unknown" ? "permanent" : condition;
   try {
     std::rethrow_exception(d);
   } catch (const keel::llm::provider_error& pe) {
@@ -274,8 +182,8 @@ nlohmann::json error_json(const std::exception_ptr& e) {
   } catch (...) {
     j["message"] = keel::llm::redact(keel::describe(d));
   }
-  if (!reason.empty()) {
-    j["gave_up"] = reason;
+  if (decided.gave_up) {
+    j["gave_up"] = keel::to_string(*decided.gave_up);
   }
   return j;
 }
@@ -453,11 +361,9 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
     budget_ = std::make_unique<keel::retry_budget>(pol.retry_budget.max_tokens,
                                                    pol.retry_budget.token_ratio);
   }
-  keel::backoff_strategy strategy{make_backoff(pol.retry.backoff)};
-  for (const auto& [name, b] : pol.retry.backoff_by_condition) {
-    if (auto c = parse_condition(name)) {
-      strategy.on(*c, make_backoff(b));
-    }
+  keel::backoff_strategy strategy{pol.retry.backoff};
+  for (const auto& [c, b] : pol.retry.backoff_by_condition) {
+    strategy.on(c, b);
   }
   for (const auto& e : cfg_.entries) {
     std::vector<const std::string*> candidates{&e.api_key};

@@ -33,6 +33,14 @@ constexpr double max_seconds = 31536000;  // one year
 constexpr double max_rate = 1e12;
 constexpr std::size_t max_echo = 40;
 
+// A config's seconds (validated: 0 to max_seconds) as a keel duration, and back.
+std::chrono::nanoseconds seconds_ns(double s) {
+  return std::chrono::nanoseconds{static_cast<long long>(std::llround(s * 1e9))};
+}
+double to_seconds(std::chrono::nanoseconds d) {
+  return static_cast<double>(d.count()) / 1e9;
+}
+
 // JSON pointers of children; nlohmann's json_pointer does the RFC 6901 escaping, so that a key
 // such as "meta/llama" still yields an unambiguous path.
 std::string child(const std::string& path, std::string_view key) {
@@ -310,31 +318,46 @@ class parser {
 
   // ---- policy ---------------------------------------------------------------------------------
 
-  backoff_config parse_backoff(const json& j, const std::string& path, backoff_config b) const {
+  keel::backoff parse_backoff(const json& j, const std::string& path, keel::backoff b) const {
     check_keys(j, path, {"kind", "base", "cap", "jitter", "multiplier", "first_retry_immediate"});
+    bool immediate = false;
+    double base = to_seconds(b.base);
+    double cap = to_seconds(b.cap);
     for (const auto& [key, v] : j.items()) {
       const std::string p = child(path, key);
       if (key == "kind") {
-        b.kind = choice(v, p, {"exponential", "linear", "constant", "immediate"});
+        const std::string kind = choice(v, p, {"exponential", "linear", "constant", "immediate"});
+        immediate = kind == "immediate";
+        if (!immediate) {
+          b.shape = *keel::parse_backoff_shape(kind);
+        }
       } else if (key == "base") {
-        b.base = number(v, p, seconds_non_negative);
+        base = number(v, p, seconds_non_negative);
       } else if (key == "cap") {
-        b.cap = number(v, p, seconds_non_negative);
+        cap = number(v, p, seconds_non_negative);
       } else if (key == "jitter") {
-        b.jitter = choice(v, p, {"none", "full", "equal", "decorrelated", "decorrelated_v2"});
+        b.jitter = *keel::parse_jitter(
+            choice(v, p, {"none", "full", "equal", "decorrelated", "decorrelated_v2"}));
       } else if (key == "multiplier") {
         b.multiplier = number(v, p, growth_factor);
       } else if (key == "first_retry_immediate") {
         b.first_retry_immediate = boolean(v, p);
       }
     }
-    if (b.cap < b.base) {
+    if (cap < base) {
       if (j.contains("cap")) {
-        fail(child(path, "cap"), "a number >= base (" + format_number(b.base) + ")",
-             shown(j["cap"]));
+        fail(child(path, "cap"), "a number >= base (" + format_number(base) + ")", shown(j["cap"]));
       }
-      fail(child(path, "base"), "a number <= cap (" + format_number(b.cap) + ")", shown(j["base"]));
+      fail(child(path, "base"), "a number <= cap (" + format_number(cap) + ")", shown(j["base"]));
     }
+    if (immediate) {
+      const bool first = b.first_retry_immediate;
+      b = keel::backoff::immediate();
+      b.first_retry_immediate = first;
+      return b;
+    }
+    b.base = seconds_ns(base);
+    b.cap = seconds_ns(cap);
     return b;
   }
 
@@ -357,7 +380,8 @@ class parser {
       } else if (key == "backoff_by_condition") {
         check_keys(v, p, {"throttled", "transient", "timeout"});
         for (const auto& [cond, curve] : v.items()) {
-          r.backoff_by_condition[cond] = parse_backoff(curve, child(p, cond), r.backoff);
+          r.backoff_by_condition[*keel::parse_condition(cond)] =
+              parse_backoff(curve, child(p, cond), r.backoff);
         }
       } else if (key == "honour_retry_after") {
         r.honour_retry_after = boolean(v, p);
@@ -909,19 +933,25 @@ json redacted_or(bool redact, const std::string& value, const char* mask = "<red
   return redact ? json(mask) : json(value);
 }
 
-json backoff_json(const backoff_config& b) {
-  return {{"kind", b.kind},
-          {"base", b.base},
-          {"cap", b.cap},
-          {"jitter", b.jitter},
+json backoff_json(const keel::backoff& b) {
+  const bool immediate = b.shape == keel::backoff_shape::constant && b.base.count() == 0;
+  return {{"kind", immediate ? std::string_view("immediate") : keel::to_string(b.shape)},
+          {"base", to_seconds(b.base)},
+          {"cap", to_seconds(b.cap)},
+          {"jitter", keel::to_string(b.jitter)},
           {"multiplier", b.multiplier},
           {"first_retry_immediate", b.first_retry_immediate}};
 }
 
 }  // namespace
 
-backoff_config default_transient_backoff() {
-  backoff_config b;
+keel::backoff default_backoff() {
+  return keel::backoff::exponential(std::chrono::milliseconds(500), std::chrono::seconds(20),
+                                    keel::jitter::full, 2.0);
+}
+
+keel::backoff default_transient_backoff() {
+  keel::backoff b = default_backoff();
   b.first_retry_immediate = true;
   return b;
 }
@@ -1104,7 +1134,7 @@ nlohmann::json to_json(const client_config& c, bool redact) {
   const auto& p = c.policy;
   json by_condition = json::object();
   for (const auto& [cond, b] : p.retry.backoff_by_condition) {
-    by_condition[cond] = backoff_json(b);
+    by_condition[std::string(keel::to_string(cond))] = backoff_json(b);
   }
   json policy = {
       {"retry",

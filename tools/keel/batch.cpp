@@ -48,20 +48,6 @@ std::string seconds_text(std::chrono::nanoseconds d) {
   return buf;
 }
 
-std::string breaker_state_name(keel::breaker_state s) {
-  switch (s) {
-    case keel::breaker_state::closed:
-      return "closed";
-    case keel::breaker_state::open:
-      return "open";
-    case keel::breaker_state::half_open:
-      return "half_open";
-    case keel::breaker_state::isolated:
-      return "isolated";
-  }
-  return "unknown";
-}
-
 double breaker_state_value(keel::breaker_state s) {
   switch (s) {
     case keel::breaker_state::closed:
@@ -346,7 +332,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
             {{"model", name}})
         .set(breaker_state_value(to));
     log.log(to == keel::breaker_state::open ? log_level::warning : log_level::info, "breaker", "",
-            {{"model", name}, {"from", breaker_state_name(from)}, {"to", breaker_state_name(to)}});
+            {{"model", name}, {"from", keel::to_string(from)}, {"to", keel::to_string(to)}});
   };
   hooks.on_throttle_wait = [&](std::size_t entry, std::chrono::nanoseconds d) {
     const double s = std::chrono::duration<double>(d).count();

@@ -83,6 +83,8 @@
 // given lookup only.
 
 #include <keel/aws/config.hpp>
+#include <keel/backoff.hpp>
+#include <keel/error.hpp>
 #include <keel/llm/chat.hpp>
 #include <keel/llm/sigv4.hpp>
 
@@ -120,25 +122,13 @@ class config_error : public std::runtime_error {
   std::string message_;
 };
 
-/// One backoff curve (durations in seconds).
-struct backoff_config {
-  /// "exponential", "linear", "constant" or "immediate".
-  std::string kind = "exponential";
-  /// First delay (exponential, linear) or the delay (constant).
-  double base = 0.5;
-  /// Largest delay.
-  double cap = 20;
-  /// "none", "full", "equal", "decorrelated" or "decorrelated_v2".
-  std::string jitter = "full";
-  /// Growth factor of `exponential` (>= 1).
-  double multiplier = 2.0;
-  /// Retry 1 waits zero and the curve starts at retry 2 ("immediate retry, then backoff").
-  bool first_retry_immediate = false;
-};
+/// The curve of every condition without its own when the config names none: exponential from
+/// 0.5 s, doubling, capped at 20 s, full jitter (`policy.retry.backoff`'s defaults).
+keel::backoff default_backoff();
 
 /// The default curve for transient failures when the config names no backoff: the throttling
-/// hierarchy's first rung, one immediate retry, then the default exponential curve.
-backoff_config default_transient_backoff();
+/// hierarchy's first rung, one immediate retry, then `default_backoff`.
+keel::backoff default_transient_backoff();
 
 /// keel-native retry settings.
 struct retry_config {
@@ -146,12 +136,14 @@ struct retry_config {
   /// work, and at a 10% transient error rate 4 attempts fail one item in 10,000 (10⁻⁴ each)
   /// where 6 fail one in a million; exponential backoff keeps the extra attempts rare and cheap.
   int max_attempts = 6;
-  /// The curve for every condition without its own.
-  backoff_config backoff;
-  /// Curves by condition name: "throttled", "transient", "timeout". Default (when the config
-  /// names neither `backoff` nor `backoff_by_condition`): transient → `default_transient_backoff`.
-  std::map<std::string, backoff_config> backoff_by_condition = {
-      {"transient", default_transient_backoff()}};
+  /// The curve for every condition without its own. A config's `"kind": "immediate"` is
+  /// `keel::backoff::immediate()` (a constant zero delay), and prints back as "immediate".
+  keel::backoff backoff = default_backoff();
+  /// Curves by condition (the config names "throttled", "transient", "timeout"). Default (when
+  /// the config names neither `backoff` nor `backoff_by_condition`): transient →
+  /// `default_transient_backoff`.
+  std::map<keel::condition, keel::backoff> backoff_by_condition = {
+      {keel::condition::transient, default_transient_backoff()}};
   /// Whether a server delay hint (Retry-After, ...) replaces the backoff.
   bool honour_retry_after = true;
   /// Longest server hint obeyed, seconds.
