@@ -29,9 +29,10 @@
 //     keel::throttler bucket{ex, {.requests_per_second = 50, .burst = 10,
 //                                 .tokens_per_minute = 90'000}};
 //
+//     const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
 //     co_await bucket.acquire({.requests = 1, .tokens = estimate});
-//     auto reply = co_await client.send(request);
-//     bucket.settle(estimate, reply.usage.total_tokens);
+//     keel::llm::chat_response reply = co_await keel::llm::complete(http, ep, req);
+//     bucket.settle(estimate, static_cast<double>(reply.usage.input + reply.usage.output));
 //
 //     // On a 429 with "retry-after: 2": hold every caller, not just this one.
 //     bucket.pause_for(2s);
