@@ -37,7 +37,7 @@ int failed = 0;
 // ---- user code -------------------------------------------------------------------------------
 asio::awaitable<void> summarise(keel::llm::client& llm, std::vector<std::string> prompts) {
   auto replies = co_await keel::fan_out(prompts, 64, [&](const std::string& p) {
-    return llm.complete(keel::llm::chat_request("", {{"user", p}}, 64));
+    return llm.complete(keel::llm::chat_request::from_prompt("", p, 64));
   });
   for (const auto& r : replies) {
     std::puts(r ? r->text.c_str() : keel::llm::error_class(r.error()).c_str());

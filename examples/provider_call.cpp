@@ -31,8 +31,8 @@ int main() {
   keel::http::client http{ctx.get_executor(), keel::http::client_options{}};
   const keel::llm::endpoint ep(keel::llm::provider_kind::anthropic, server.base_url(),
                                "sk-ant-demo-key");
-  const keel::llm::chat_request req(
-      "claude-demo", {keel::llm::chat_message("user", "Why do retries need jitter?")}, 128);
+  const auto req =
+      keel::llm::chat_request::from_prompt("claude-demo", "Why do retries need jitter?", 128);
 
   auto policy = keel::retry_policy::exponential_full_jitter(4, 20ms, 500ms);
   policy.on_retry = [](const keel::retry_event& e) {

@@ -22,12 +22,21 @@ double ms() {
       .count();
 }
 
+// What a provider's reply says about its usage.
+struct reply {
+  int total_tokens = 0;
+};
+
+// Stands for the provider call.
+asio::awaitable<reply> send() {
+  co_return reply{250};
+}
+
 // A caller that estimates its LLM tokens, waits for its turn, and settles the real usage.
 asio::awaitable<void> caller(keel::throttler& bucket, int id) {
-  const double estimate = 400;
-  co_await bucket.acquire({.requests = 1, .tokens = estimate});
-  const double used = 250;  // what the provider's reply said
-  bucket.settle(estimate, used);
+  // 400 tokens estimated; the 150 the reply did not use are given back when it arrives.
+  co_await keel::with_throttle(bucket, {.requests = 1, .tokens = 400}, send,
+                               [](const reply& r) { return r.total_tokens; });
   std::printf("t=%4.0f ms  caller %d granted; %.0f tokens left after settling\n", ms(), id,
               bucket.available_tokens());
 }

@@ -1,4 +1,4 @@
-// Tests for keel/throttler.hpp: rate, FIFO order, two dimensions, settle, pause, cancellation.
+// Tests for keel/throttler.hpp: rate, FIFO, two dimensions, settle, pause, cancel, with_throttle.
 #include <keel/testing/manual_clock.hpp>
 
 #include <keel/throttler.hpp>
@@ -19,10 +19,12 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <catch2/catch.hpp>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -652,4 +654,189 @@ TEST_CASE("infinite costs, corrections and levels cannot block the throttler for
         ctx, [&] { return !log.empty(); }, 10s));
     CHECK(log.front().at <= 1s);
   }
+}
+
+namespace {
+
+// A provider reply that reports the tokens it used.
+struct usage_reply {
+  int total_tokens = 0;
+};
+
+}  // namespace
+
+TEST_CASE("with_throttle starts each call when the bucket grants it and returns its value",
+          "[throttler][with_throttle]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  virtual_throttler bucket{ctx.get_executor(), {.requests_per_second = 100, .burst = 1}};
+  std::vector<std::chrono::nanoseconds> started;
+  std::array<keel_test::outcome<int>, 3> out;
+  for (int i = 0; i < 3; ++i) {
+    keel_test::spawn(ctx,
+                     keel::with_throttle(bucket, {},
+                                         [&, i]() -> asio::awaitable<int> {
+                                           started.push_back(elapsed());
+                                           co_return 10 * i;
+                                         }),
+                     out[i]);
+  }
+  keel_test::outcome<void> last;
+  bool ran_void = false;
+  keel_test::spawn(ctx,
+                   keel::with_throttle(bucket, {.requests = 1},
+                                       [&]() -> asio::awaitable<void> {
+                                         started.push_back(elapsed());
+                                         ran_void = true;
+                                         co_return;
+                                       }),
+                   last);
+  keel::testing::poll_all(ctx);
+  CHECK(started == std::vector<std::chrono::nanoseconds>{0ms});  // the others queue
+  CHECK(bucket.waiters() == 3);
+  REQUIRE(keel::testing::run_until(
+      ctx, [&] { return last.done; }, 1s));
+  CHECK(started == std::vector<std::chrono::nanoseconds>{0ms, 10ms, 20ms, 30ms});
+  for (int i = 0; i < 3; ++i) {
+    INFO("call " << i);
+    REQUIRE(out[i].done);
+    CHECK_FALSE(out[i].error);
+    CHECK(out[i].value == 10 * i);
+    CHECK(out[i].finished_at_ms == 10 * i);
+  }
+  CHECK(ran_void);
+  CHECK_FALSE(last.error);
+  CHECK(bucket.total_granted() == 4);
+}
+
+TEST_CASE("with_throttle settles the estimate with the reported usage, but not a failed call",
+          "[throttler][with_throttle]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  // One token a second: virtual time does not move here, so nothing refills.
+  virtual_throttler bucket{ctx.get_executor(), {.tokens_per_minute = 60, .token_burst = 1000}};
+  int mapped = 0;
+  auto tokens_of = [&mapped](const usage_reply& r) {
+    ++mapped;
+    return r.total_tokens;
+  };
+
+  keel_test::outcome<usage_reply> under;  // estimated 500, used 200: 300 come back
+  keel_test::spawn(
+      ctx,
+      keel::with_throttle(
+          bucket, {.requests = 1, .tokens = 500},
+          []() -> asio::awaitable<usage_reply> { co_return usage_reply{200}; }, tokens_of),
+      under);
+  keel::testing::poll_all(ctx);
+  REQUIRE(under.done);
+  CHECK(under.value->total_tokens == 200);
+  CHECK(mapped == 1);
+  CHECK(bucket.available_tokens() == Approx(800));
+
+  keel_test::outcome<usage_reply> failed;  // estimated 300, then the call throws: not settled
+  keel_test::spawn(ctx,
+                   keel::with_throttle(
+                       bucket, {.requests = 1, .tokens = 300},
+                       []() -> asio::awaitable<usage_reply> {
+                         throw std::runtime_error("provider down");
+                         co_return usage_reply{};
+                       },
+                       tokens_of),
+                   failed);
+  keel::testing::poll_all(ctx);
+  REQUIRE(failed.done);
+  CHECK_THROWS_WITH(std::rethrow_exception(failed.error), "provider down");
+  CHECK(mapped == 1);
+  CHECK(bucket.available_tokens() == Approx(500));
+
+  keel_test::outcome<usage_reply> over;  // estimated 100, used 450: the overrun is charged
+  keel_test::spawn(
+      ctx,
+      keel::with_throttle(
+          bucket, {.requests = 1, .tokens = 100},
+          []() -> asio::awaitable<usage_reply> { co_return usage_reply{450}; }, tokens_of),
+      over);
+  keel::testing::poll_all(ctx);
+  REQUIRE(over.done);
+  CHECK(mapped == 2);
+  CHECK(bucket.available_tokens() == Approx(50));
+}
+
+TEST_CASE("with_throttle cancelled while queued never calls the operation and takes nothing",
+          "[throttler][with_throttle]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  virtual_throttler bucket{ctx.get_executor(), {.requests_per_second = 100, .burst = 1}};
+  REQUIRE(bucket.try_acquire());
+  int cancelled_calls = 0;
+  std::vector<std::chrono::nanoseconds> started;
+  asio::cancellation_signal cancel;
+  keel_test::outcome<void> first;
+  keel_test::outcome<void> second;
+  keel_test::spawn(ctx,
+                   keel::with_throttle(bucket, {},
+                                       [&]() -> asio::awaitable<void> {
+                                         ++cancelled_calls;
+                                         co_return;
+                                       }),
+                   first, cancel.slot());
+  keel_test::spawn(ctx,
+                   keel::with_throttle(bucket, {},
+                                       [&]() -> asio::awaitable<void> {
+                                         started.push_back(elapsed());
+                                         co_return;
+                                       }),
+                   second);
+  keel::testing::run_for(ctx, 5ms);
+  CHECK(bucket.waiters() == 2);
+
+  cancel.emit(asio::cancellation_type::terminal);
+  keel::testing::poll_all(ctx);
+  REQUIRE(first.done);
+  CHECK(first.code() == asio::error::operation_aborted);
+  CHECK(first.finished_at_ms == 5);
+  CHECK(cancelled_calls == 0);
+  CHECK(bucket.waiters() == 1);
+  // The second call takes the turn the cancelled one would have had.
+  REQUIRE(keel::testing::run_until(
+      ctx, [&] { return second.done; }, 1s));
+  CHECK(started == std::vector<std::chrono::nanoseconds>{10ms});
+  CHECK_FALSE(second.error);
+  CHECK(bucket.total_granted() == 2);  // the try_acquire and the second call
+}
+
+TEST_CASE("with_throttle cancelled during the operation propagates and keeps the cost spent",
+          "[throttler][with_throttle]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  virtual_throttler bucket{
+      ctx.get_executor(),
+      {.requests_per_second = 1, .burst = 1, .tokens_per_minute = 60, .token_burst = 1000}};
+  int mapped = 0;
+  asio::cancellation_signal cancel;
+  keel_test::outcome<usage_reply> out;
+  keel_test::spawn(ctx,
+                   keel::with_throttle(
+                       bucket, {.requests = 1, .tokens = 500},
+                       []() -> asio::awaitable<usage_reply> {
+                         co_await sleep_for(100ms);
+                         co_return usage_reply{10};
+                       },
+                       [&mapped](const usage_reply& r) {
+                         ++mapped;
+                         return r.total_tokens;
+                       }),
+                   out, cancel.slot());
+  keel::testing::run_for(ctx, 50ms);
+  CHECK_FALSE(out.done);
+  cancel.emit(asio::cancellation_type::terminal);
+  keel::testing::poll_all(ctx);
+  REQUIRE(out.done);
+  CHECK(out.code() == asio::error::operation_aborted);
+  CHECK(out.finished_at_ms == 50);
+  CHECK(mapped == 0);
+  // Nothing given back or settled: only 50 ms of refill on top of what the call took.
+  CHECK(bucket.available_tokens() == Approx(500.05));
+  CHECK(bucket.available_requests() == Approx(0.05));
 }

@@ -18,7 +18,8 @@
 //
 //     keel::bulkhead pool{ex, {.max_concurrent = 8, .max_queue = 32, .queue_timeout = 2s}};
 //
-//     std::string text = co_await keel::with_bulkhead(pool, [&] { return client.complete(req); });
+//     auto call = [&] { return keel::llm::complete(http, ep, req); };  // <keel/llm/complete.hpp>
+//     keel::llm::chat_response reply = co_await keel::with_bulkhead(pool, call);
 //
 //     // or by hand:
 //     keel::bulkhead_permit permit = co_await pool.acquire();

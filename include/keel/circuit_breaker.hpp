@@ -42,7 +42,7 @@
 // Example:
 //
 //     keel::circuit_breaker breaker{ex, keel::breaker_policy::consecutive(5, 60s)};
-//     auto op = [&] { return client.complete(req); };
+//     auto op = [&] { return call_model(prompt); };  // your factory of awaitable<std::string>
 //     std::string reply = co_await keel::with_breaker(breaker, op);
 //     // or answer something useful while the provider is down:
 //     auto busy = [] { return std::string("The assistant is busy; please try again shortly."); };

@@ -5,8 +5,9 @@
 // --------
 // Including this header gives the whole core: errors and classification, results, clocks,
 // randomness, backoff, retry budget, with_retry, with_deadline, with_fallback, the circuit
-// breaker, the throttler and its rate controller, the bulkhead and fan_out. Each also has its own
-// header; include only what you use to keep compile times down.
+// breaker and with_breaker, the throttler with with_throttle and its rate controller, the
+// bulkhead with with_bulkhead, and fan_out. Each also has its own header; include only what you
+// use to keep compile times down.
 //
 // Example:
 //

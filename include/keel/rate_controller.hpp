@@ -94,11 +94,17 @@
 //     co_await bucket.acquire({.requests = 1, .tokens = estimate});
 //     auto ticket = pacing.on_send({.requests = 1, .tokens = estimate});
 //     try {
-//       auto reply = co_await send(request);
+//       auto reply = co_await keel::llm::complete(http, ep, req);  // <keel/llm/complete.hpp>
 //       pacing.on_accepted(ticket);
-//     } catch (const provider_error& e) {
-//       if (is_429(e)) pacing.on_throttled(ticket, keel::limit_kind::requests);
-//       else pacing.on_accepted(ticket);             // the limiter let it through
+//     } catch (const keel::llm::provider_error& e) {
+//       if (e.code() == keel::llm::errc::rate_limited) {
+//         pacing.on_throttled(ticket, keel::llm::limit_of(e), e.retry_after());
+//       } else {
+//         pacing.on_accepted(ticket);               // the limiter let it through
+//       }
+//       throw;
+//     } catch (...) {
+//       pacing.on_abandoned(ticket);                // no answer: transport failure, cancelled
 //       throw;
 //     }
 //

@@ -1,4 +1,4 @@
-// keel::basic_throttler: a shared two-dimensional token bucket (requests, LLM tokens) with a FIFO.
+// keel::basic_throttler, a shared token bucket over requests and LLM tokens, and with_throttle.
 #pragma once
 
 // Overview
@@ -29,12 +29,27 @@
 //     keel::throttler bucket{ex, {.requests_per_second = 50, .burst = 10,
 //                                 .tokens_per_minute = 90'000}};
 //
+//     const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
 //     co_await bucket.acquire({.requests = 1, .tokens = estimate});
-//     auto reply = co_await client.send(request);
-//     bucket.settle(estimate, reply.usage.total_tokens);
+//     keel::llm::chat_response reply = co_await keel::llm::complete(http, ep, req);
+//     bucket.settle(estimate, static_cast<double>(reply.usage.input + reply.usage.output));
 //
 //     // On a 429 with "retry-after: 2": hold every caller, not just this one.
 //     bucket.pause_for(2s);
+//
+//     // Acquire, call and settle with the reported usage in one step (keel::llm::complete):
+//     keel::llm::chat_response reply2 = co_await keel::with_throttle(
+//         bucket, {.requests = 1, .tokens = estimate},
+//         [&] { return keel::llm::complete(http, ep, req); },
+//         [](const keel::llm::chat_response& r) { return r.usage.input + r.usage.output; });
+//
+// `with_throttle(bucket, cost, op)` lives here, beside the throttler, as `with_bulkhead` lives in
+// <keel/bulkhead.hpp>: it acquires `cost`, then runs `op()` once. Settling with real usage is an
+// optional fourth argument (a function from the result to the tokens actually used) rather than
+// a separate facility: it is the one correction every LLM caller wants, and it needs the
+// estimate that only the combinator still holds. A call that throws is not settled (its usage is
+// unknown, and a request that reached the provider may well have been billed): its estimate
+// stays spent.
 //
 // Failures: `acquire` only ever throws `boost::system::system_error` with
 // `boost::asio::error::operation_aborted` (condition `keel::condition::cancelled`, never retried)
@@ -45,14 +60,19 @@
 // its own coroutine's executor.
 
 #include <keel/clock.hpp>
+#include <keel/detail/awaitable_traits.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <type_traits>
+#include <utility>
 
 namespace keel {
 
@@ -216,6 +236,75 @@ class basic_throttler {
 
 /// The throttler on `std::chrono::steady_clock`.
 using throttler = basic_throttler<>;
+
+namespace detail {
+// `F` maps the non-void result of the factory `MakeOp` to a token count.
+template <class F, class MakeOp>
+concept settles_result =
+    is_op_factory_v<MakeOp> && !std::is_void_v<op_value_t<MakeOp>> &&
+    std::is_invocable_v<F&, const op_value_t<MakeOp>&> &&
+    std::convertible_to<std::invoke_result_t<F&, const op_value_t<MakeOp>&>, double>;
+}  // namespace detail
+
+/// Acquires `cost` from `bucket`, then runs `op()` once.
+///
+/// The cost is not given back when `op` completes: a throttler meters starts, not concurrency
+/// (use `with_bulkhead` to cap calls in flight). Use the overload with `actual_tokens` to correct
+/// the token estimate once the result is known.
+/// @param bucket the throttler; must outlive the call.
+/// @param cost requests and estimated LLM tokens to take, as for `acquire`.
+/// @param op a callable returning a fresh `boost::asio::awaitable<T>` (T may be void), taken by
+///   value so it lives in this coroutine's frame; called once, only after `cost` is granted.
+/// @returns what the awaitable returns.
+/// @throws what `acquire` throws (then `op` is never called), or what `op`'s awaitable throws
+///   (rethrown unchanged; the cost stays spent).
+///
+/// Cancellation: while queued in the throttler, cancellation (terminal, partial or total, as the
+/// coroutine's cancellation state lets through) makes `acquire` throw `operation_aborted`: the
+/// waiter leaves the queue having taken nothing (a grant that raced with the cancellation is
+/// given back), the waiters behind it are re-evaluated, and `op` is never called. A cancellation
+/// requested before the call starts throws at its first `co_await` (Asio's `throw_if_cancelled`,
+/// on by default), before anything is taken. Once `op` runs, cancellation is the business of
+/// `op`'s awaitable; what it throws (typically `operation_aborted`) propagates and the cost is
+/// not given back.
+template <class Clock, class MakeOp>
+requires detail::is_op_factory_v<MakeOp>
+auto with_throttle(basic_throttler<Clock>& bucket, throttle_cost cost, MakeOp op)
+    -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
+  co_await bucket.acquire(cost);
+  co_return co_await op();
+}
+
+/// Acquires `cost` from `bucket`, runs `op()` once, then settles the token estimate with the
+/// tokens the result reports.
+///
+/// On success, calls `bucket.settle(cost.tokens, actual_tokens(result))` before returning the
+/// result: unused tokens are given back, an overrun is charged. A call that throws is not settled.
+/// @param bucket the throttler; must outlive the call.
+/// @param cost requests and estimated LLM tokens to take, as for `acquire`.
+/// @param op a callable returning a fresh `boost::asio::awaitable<T>` with non-void T, taken by
+///   value; called once, only after `cost` is granted.
+/// @param actual_tokens a callable taking `const T&` and returning the tokens actually used
+///   (convertible to double; e.g. `[](const auto& r) { return r.usage.input + r.usage.output; }`
+///   for a `keel::llm::chat_response`), taken by value; called only when `op`'s awaitable
+///   returns.
+/// @returns what the awaitable returns.
+/// @throws what `acquire` throws (then `op` is never called), what `op`'s awaitable throws
+///   (unsettled), or what `actual_tokens` throws (unsettled; the result is lost).
+///
+/// Cancellation: as for the three-argument overload; a call cancelled while `op` runs is not
+/// settled, so its whole estimate stays spent.
+template <class Clock, class MakeOp, class ActualTokens>
+requires detail::settles_result<ActualTokens, MakeOp>
+auto with_throttle(basic_throttler<Clock>& bucket, throttle_cost cost, MakeOp op,
+                   ActualTokens actual_tokens)
+    -> boost::asio::awaitable<detail::op_value_t<MakeOp>> {
+  co_await bucket.acquire(cost);
+  detail::op_value_t<MakeOp> result = co_await op();
+  const double used = static_cast<double>(std::invoke(actual_tokens, std::as_const(result)));
+  bucket.settle(cost.tokens, used);
+  co_return result;
+}
 
 }  // namespace keel
 

@@ -22,7 +22,7 @@
 //
 // Example:
 //
-//     keel::llm::chat_request req("gpt-4o-mini", {{"user", "Say hi"}}, 64);
+//     auto req = keel::llm::chat_request::from_prompt("gpt-4o-mini", "Say hi", 64, "Be terse.");
 //     keel::llm::endpoint ep(keel::llm::provider_kind::openai, "", api_key);
 //     keel::http::request http_req = keel::llm::build_request(req, ep);
 //     keel::http::response res = co_await client.send(http_req);   // keel::http
@@ -116,6 +116,22 @@ struct chat_request {
   /// A request for `model` with a conversation and a reply budget.
   chat_request(std::string m, std::vector<chat_message> msgs, int max_tok = 1024)
       : model(std::move(m)), messages(std::move(msgs)), max_tokens(max_tok) {}
+
+  /// A request for `model` with one user turn: the common one-prompt case.
+  ///
+  /// A named function rather than a `(string, string)` constructor, so that the call says which
+  /// string is the prompt.
+  /// @param m the provider's model id.
+  /// @param prompt the text of the single user turn.
+  /// @param max_tok the most tokens the reply may use.
+  /// @param system_prompt the system prompt (empty: none).
+  /// @returns the request; every other field has its default.
+  static chat_request from_prompt(std::string m, std::string prompt, int max_tok = 1024,
+                                  std::string system_prompt = {}) {
+    chat_request r(std::move(m), {chat_message("user", std::move(prompt))}, max_tok);
+    r.system = std::move(system_prompt);
+    return r;
+  }
 };
 
 /// Tokens billed for one call.

@@ -8,8 +8,8 @@
 // same file as the `keel` command) and shares it among all its calls:
 //
 //     keel::llm::client llm{io.get_executor(), keel::llm::load_config("keel.json")};
-//     keel::llm::chat_response r = co_await llm.complete(keel::llm::chat_request(
-//         "", {{"user", "Say hi"}}));     // model "": the entry's
+//     keel::llm::chat_response r = co_await llm.complete(
+//         keel::llm::chat_request::from_prompt("", "Say hi", 64));   // model "": the entry's
 //
 // One call (`complete`, or `call`, which returns the outcome instead of throwing) is, from the
 // outside in:

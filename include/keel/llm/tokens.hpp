@@ -18,8 +18,8 @@
 //
 // Example:
 //
-//     long long cost = keel::llm::estimate_tokens(req);
-//     co_await token_bucket.acquire(cost);
+//     const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
+//     co_await bucket.acquire({.requests = 1, .tokens = estimate});   // a keel::throttler
 //
 // Thread safety: a pure function.
 
