@@ -1,4 +1,6 @@
 // keel::http::client: Beast HTTP/1.1 over TCP or TLS with a per-host keep-alive pool.
+#include "url.hpp"
+
 #include <keel/detail/waiter_queue.hpp>
 #include <keel/error.hpp>
 #include <keel/http/client.hpp>
@@ -27,7 +29,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <deque>
@@ -42,88 +43,11 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
 using tcp = asio::ip::tcp;
+using detail::has_control;
+using detail::parse_url;
+using detail::url_parts;
 
 namespace {
-
-struct url_parts {
-  bool tls = false;
-  std::string host;  // without brackets for IPv6
-  std::uint16_t port = 0;
-  std::string target;
-  bool host_is_ip = false;
-};
-
-bool has_control(std::string_view s) {
-  return std::any_of(s.begin(), s.end(),
-                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; });
-}
-
-bool istarts_with(std::string_view s, std::string_view prefix) {
-  return s.size() >= prefix.size() && iequals(s.substr(0, prefix.size()), prefix);
-}
-
-std::optional<url_parts> parse_url(std::string_view url) {
-  url_parts u;
-  std::string_view rest;
-  if (istarts_with(url, "http://")) {
-    rest = url.substr(7);
-  } else if (istarts_with(url, "https://")) {
-    u.tls = true;
-    rest = url.substr(8);
-  } else {
-    return std::nullopt;
-  }
-  if (has_control(url) || url.find(' ') != std::string_view::npos) {
-    return std::nullopt;
-  }
-  const auto auth_end = rest.find_first_of("/?#");
-  std::string_view auth = rest.substr(0, auth_end);
-  std::string_view target = auth_end == std::string_view::npos ? "/" : rest.substr(auth_end);
-  target = target.substr(0, target.find('#'));
-  if (auth.find('@') != std::string_view::npos || auth.empty()) {
-    return std::nullopt;  // userinfo would put credentials into error messages and logs
-  }
-  std::string_view port_text;
-  if (auth.front() == '[') {
-    const auto close = auth.find(']');
-    if (close == std::string_view::npos) {
-      return std::nullopt;
-    }
-    u.host = std::string(auth.substr(1, close - 1));
-    const auto after = auth.substr(close + 1);
-    if (!after.empty()) {
-      if (after.front() != ':') {
-        return std::nullopt;
-      }
-      port_text = after.substr(1);
-    }
-  } else {
-    const auto colon = auth.find(':');
-    u.host = std::string(auth.substr(0, colon));
-    if (colon != std::string_view::npos) {
-      port_text = auth.substr(colon + 1);
-    }
-  }
-  if (u.host.empty()) {
-    return std::nullopt;
-  }
-  u.port = u.tls ? 443 : 80;
-  if (!port_text.empty()) {
-    unsigned p = 0;
-    const auto [end, ec] =
-        std::from_chars(port_text.data(), port_text.data() + port_text.size(), p);
-    if (ec != std::errc() || end != port_text.data() + port_text.size() || p == 0 || p > 65535) {
-      return std::nullopt;
-    }
-    u.port = static_cast<std::uint16_t>(p);
-  }
-  u.target =
-      target.empty() || target.front() != '/' ? "/" + std::string(target) : std::string(target);
-  boost::system::error_code ec;
-  asio::ip::make_address(u.host, ec);
-  u.host_is_ip = !ec;
-  return u;
-}
 
 [[noreturn]] void fail(boost::system::error_code ec, std::string_view what,
                        std::string_view where) {
@@ -616,45 +540,6 @@ struct client::impl {
   std::map<std::string, host_pool> pools;
   std::size_t opened = 0;
 };
-
-std::string redact_url(std::string_view url) {
-  std::string out(url.substr(0, url.find('#')));  // a fragment is never sent, nor shown
-  // Userinfo (`user:password@`) is never shown.
-  if (const auto scheme = out.find("://"); scheme != std::string::npos) {
-    const auto auth_begin = scheme + 3;
-    const auto auth_end = out.find_first_of("/?", auth_begin);
-    const auto at = out.substr(auth_begin, auth_end - auth_begin).rfind('@');
-    if (at != std::string::npos) {
-      out.replace(auth_begin, at, "<redacted>");
-    }
-  }
-  // The query can carry an API key (Gemini's `?key=`): names stay, values go.
-  const auto q = out.find('?');
-  if (q == std::string::npos) {
-    return out;
-  }
-  const std::string query = out.substr(q + 1);
-  out.resize(q + 1);
-  std::size_t begin = 0;
-  while (begin <= query.size()) {
-    const auto amp = std::min(query.find('&', begin), query.size());
-    const std::string_view param(query.data() + begin, amp - begin);
-    if (begin > 0) {
-      out += '&';
-    }
-    if (const auto eq = param.find('='); eq != std::string_view::npos) {
-      out.append(param.substr(0, eq)).append("=<redacted>");
-    } else if (!param.empty()) {
-      out += "<redacted>";
-    }
-    begin = amp + 1;
-  }
-  return out;
-}
-
-bool valid_url(std::string_view url) {
-  return parse_url(url).has_value();
-}
 
 client::client(asio::any_io_executor ex, client_options options)
     : impl_(std::make_shared<impl>(std::move(ex), std::move(options))) {}

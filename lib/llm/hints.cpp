@@ -1,4 +1,6 @@
 // Parsing of server hints: Retry-After and friends, HTTP-dates, Go durations, rate-limit headers.
+#include "civil_date.hpp"
+
 #include <keel/llm/hints.hpp>
 
 #include <array>
@@ -9,6 +11,9 @@
 
 namespace keel::llm {
 namespace {
+
+using detail::civil_from_days;
+using detail::days_from_civil;
 
 using std::chrono::nanoseconds;
 using std::chrono::system_clock;
@@ -86,16 +91,6 @@ std::optional<nanoseconds> ns_from(double count, double ns_per_unit) noexcept {
   return nanoseconds(static_cast<std::int64_t>(std::llround(ns)));
 }
 
-// Howard Hinnant's days_from_civil: days since 1970-01-01 in the proleptic Gregorian calendar.
-constexpr std::int64_t days_from_civil(std::int64_t y, unsigned m, unsigned d) noexcept {
-  y -= m <= 2;
-  const std::int64_t era = (y >= 0 ? y : y - 399) / 400;
-  const auto yoe = static_cast<unsigned>(y - era * 400);
-  const unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-  const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-  return era * 146097 + static_cast<std::int64_t>(doe) - 719468;
-}
-
 constexpr bool is_leap(std::int64_t y) noexcept {
   return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
 }
@@ -108,15 +103,7 @@ constexpr unsigned days_in_month(std::int64_t y, unsigned m) noexcept {
 // Civil year of a time point (for RFC 850's two-digit years).
 std::int64_t year_of(system_clock::time_point t) noexcept {
   const auto days = std::chrono::floor<std::chrono::days>(t).time_since_epoch().count();
-  // civil_from_days, year only.
-  const std::int64_t z = days + 719468;
-  const std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-  const auto doe = static_cast<unsigned>(z - era * 146097);
-  const unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-  const unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-  const unsigned mp = (5 * doy + 2) / 153;
-  const unsigned m = mp < 10 ? mp + 3 : mp - 9;
-  return static_cast<std::int64_t>(yoe) + era * 400 + (m <= 2);
+  return civil_from_days(days).year;
 }
 
 struct civil_time {

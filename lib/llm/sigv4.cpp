@@ -1,4 +1,6 @@
 // AWS Signature Version 4: canonical request, string to sign, signing key and the signer.
+#include "civil_date.hpp"
+
 #include <keel/llm/sigv4.hpp>
 
 #include <cstdlib>
@@ -223,19 +225,11 @@ std::string amz_date(std::chrono::system_clock::time_point t) {
     rem += 86400;
     --days;
   }
-  // Howard Hinnant's civil_from_days.
-  const std::int64_t z = days + 719468;
-  const std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-  const auto doe = static_cast<unsigned>(z - era * 146097);
-  const unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-  const unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-  const unsigned mp = (5 * doy + 2) / 153;
-  const unsigned d = doy - (153 * mp + 2) / 5 + 1;
-  const unsigned m = mp < 10 ? mp + 3 : mp - 9;
-  const std::int64_t y = static_cast<std::int64_t>(yoe) + era * 400 + (m <= 2);
+  const detail::civil_date date = detail::civil_from_days(days);
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%04lld%02u%02uT%02lld%02lld%02lldZ", static_cast<long long>(y), m,
-                d, static_cast<long long>(rem / 3600), static_cast<long long>(rem / 60 % 60),
+  std::snprintf(buf, sizeof buf, "%04lld%02u%02uT%02lld%02lld%02lldZ",
+                static_cast<long long>(date.year), date.month, date.day,
+                static_cast<long long>(rem / 3600), static_cast<long long>(rem / 60 % 60),
                 static_cast<long long>(rem % 60));
   return buf;
 }

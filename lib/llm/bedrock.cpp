@@ -1,0 +1,148 @@
+// The Bedrock Converse wire format: request bodies, SDK headers and response classification.
+#include "wire_common.hpp"
+
+#include <keel/llm/bedrock.hpp>
+
+#include <cctype>
+#include <stdexcept>
+#include <string>
+
+namespace keel::llm {
+
+using namespace detail;  // the shared wire helpers (wire_common.hpp)
+
+std::string bedrock::uri_encode(std::string_view s) {
+  static constexpr char hex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(s.size() * 3);
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 0xF];
+    }
+  }
+  return out;
+}
+
+keel::http::request bedrock::build_request(const chat_request& req, const endpoint& ep) {
+  if (ep.base_url.empty() && ep.region.empty()) {
+    throw std::invalid_argument("bedrock endpoint needs a region or a base URL");
+  }
+  json messages = json::array();
+  for (const auto& m : req.messages) {
+    messages.push_back({{"role", m.role}, {"content", json::array({{{"text", m.content}}})}});
+  }
+  json config = {{"maxTokens", req.max_tokens}};
+  if (req.temperature) {
+    config["temperature"] = *req.temperature;
+  }
+  if (req.top_p) {
+    config["topP"] = *req.top_p;
+  }
+  if (!req.stop.empty()) {
+    config["stopSequences"] = req.stop;
+  }
+  json body = {{"messages", std::move(messages)}, {"inferenceConfig", std::move(config)}};
+  if (!req.system.empty()) {
+    body["system"] = json::array({{{"text", req.system}}});
+  }
+  if (has_metadata(req.metadata)) {
+    body["requestMetadata"] = req.metadata;
+  }
+  const std::string base = base_of(ep, "https://bedrock-runtime." + ep.region + ".amazonaws.com");
+  keel::http::request r("POST", base + "/model/" + uri_encode(req.model) + "/converse");
+  set_json_body(r, body);
+  return r;
+}
+
+chat_response bedrock::parse_response(const keel::http::response& res,
+                                      system_clock::time_point now) {
+  constexpr auto kind = provider_kind::bedrock;
+  if (!is_2xx(res.status)) {
+    provider_error_info info = info_from(res, kind, now);
+    const json body = parse_json(res.body);
+    std::string type;
+    if (auto h = res.headers.find("x-amzn-errortype")) {
+      type = std::string(h->substr(0, h->find(':')));
+    } else {
+      type = string_field(body, "__type");
+      if (auto hash = type.rfind('#'); hash != std::string::npos) {
+        type.erase(0, hash + 1);
+      }
+      type = type.substr(0, type.find(':'));
+    }
+    info.provider_code = type;
+    info.message = string_field(body, "message");
+    if (info.message.empty()) {
+      info.message = string_field(body, "Message");
+    }
+    if (info.message.empty() && !body.is_object()) {
+      info.message = body_excerpt(res.body);
+    }
+    errc e = from_status(res.status);
+    if (type == "ThrottlingException") {
+      e = errc::rate_limited;
+    } else if (type == "ServiceUnavailableException" || type == "ModelNotReadyException") {
+      e = errc::overloaded;
+    } else if (type == "InternalServerException" || type == "ModelErrorException" ||
+               type == "ModelStreamErrorException") {
+      e = errc::server_error;
+    } else if (type == "ModelTimeoutException") {
+      e = errc::timeout;
+    } else if (type == "ValidationException") {
+      e = contains_ci(info.message, "too long") || contains_ci(info.message, "too many tokens")
+              ? errc::context_length_exceeded
+              : errc::bad_request;
+    } else if (type == "AccessDeniedException" || type == "UnrecognizedClientException" ||
+               type == "ExpiredTokenException") {
+      e = errc::auth;
+    } else if (type == "ResourceNotFoundException") {
+      e = errc::not_found;
+    } else if (type == "ServiceQuotaExceededException") {
+      e = errc::quota_exhausted;
+    }
+    fail(e, with_redirect(res, std::move(info)));
+  }
+  reader rd(res, kind, now);
+  json body = rd.body();
+  const json& output = rd.member(body, "output", "");
+  const json& message = rd.member(output, "message", "output");
+  const json& content = rd.array(message, "content", "output.message");
+  chat_response r = rd.start(json());
+  for (std::size_t i = 0; i < content.size(); ++i) {
+    const std::string path = "output.message.content[" + std::to_string(i) + "]";
+    const json& block = content[i];
+    if (!block.is_object()) {
+      rd.fail(path + " is not an object");
+    }
+    auto it = block.find("text");
+    if (it == block.end()) {
+      continue;  // a non-text block (tool use, reasoning) keel does not request
+    }
+    if (!it->is_string()) {
+      rd.fail(path + ".text is not a string");
+    }
+    r.text += it->get<std::string>();
+  }
+  r.finish_reason = rd.optional_string(body, "stopReason", "");
+  if (r.finish_reason == "content_filtered" || r.finish_reason == "guardrail_intervened") {
+    rd.filtered("stopReason " + r.finish_reason);
+  }
+  r.usage = rd.usage(body, "usage", "inputTokens", "outputTokens");
+  r.raw = std::move(body);
+  return r;
+}
+
+void bedrock::add_sdk_request_headers(keel::http::request& req,
+                                      const keel::aws::sdk_request_info& info) {
+  if (info.invocation_id.empty()) {
+    throw std::invalid_argument("amz-sdk-invocation-id needs an invocation id");
+  }
+  req.set(keel::aws::invocation_id_header, info.invocation_id);
+  req.set(keel::aws::sdk_request_header, info.header_value());
+}
+
+}  // namespace keel::llm

@@ -1,0 +1,48 @@
+// The provider-neutral entry points of chat.hpp: provider names and dispatch by provider kind.
+#include <keel/llm/anthropic.hpp>
+#include <keel/llm/bedrock.hpp>
+#include <keel/llm/chat.hpp>
+#include <keel/llm/openai.hpp>
+
+#include <stdexcept>
+
+namespace keel::llm {
+
+std::string_view to_string(provider_kind k) noexcept {
+  switch (k) {
+    case provider_kind::openai:
+      return "openai";
+    case provider_kind::anthropic:
+      return "anthropic";
+    case provider_kind::bedrock:
+      return "bedrock";
+  }
+  return "unknown";
+}
+
+keel::http::request build_request(const chat_request& req, const endpoint& ep) {
+  switch (ep.kind) {
+    case provider_kind::openai:
+      return openai::build_request(req, ep);
+    case provider_kind::anthropic:
+      return anthropic::build_request(req, ep);
+    case provider_kind::bedrock:
+      return bedrock::build_request(req, ep);
+  }
+  throw std::invalid_argument("unknown provider kind");
+}
+
+chat_response parse_response(const keel::http::response& res, provider_kind kind,
+                             std::chrono::system_clock::time_point now) {
+  switch (kind) {
+    case provider_kind::openai:
+      return openai::parse_response(res, now);
+    case provider_kind::anthropic:
+      return anthropic::parse_response(res, now);
+    case provider_kind::bedrock:
+      return bedrock::parse_response(res, now);
+  }
+  throw std::invalid_argument("unknown provider kind");
+}
+
+}  // namespace keel::llm

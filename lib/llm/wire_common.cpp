@@ -1,0 +1,172 @@
+// The helpers shared by the provider wire formats (declared in wire_common.hpp).
+#include "wire_common.hpp"
+
+#include <algorithm>
+#include <cctype>
+
+namespace keel::llm::detail {
+
+std::string base_of(const endpoint& ep, std::string_view fallback) {
+  std::string b = ep.base_url.empty() ? std::string(fallback) : ep.base_url;
+  while (!b.empty() && b.back() == '/') {
+    b.pop_back();
+  }
+  return b;
+}
+
+std::string versioned(std::string base, std::string_view path) {
+  constexpr std::string_view version = "/v1";
+  if (base.size() < version.size() ||
+      base.compare(base.size() - version.size(), version.size(), version) != 0) {
+    base += version;
+  }
+  base += path;
+  return base;
+}
+
+bool contains_ci(std::string_view hay, std::string_view needle) {
+  auto it = std::search(hay.begin(), hay.end(), needle.begin(), needle.end(), [](char a, char b) {
+    return std::tolower(static_cast<unsigned char>(a)) ==
+           std::tolower(static_cast<unsigned char>(b));
+  });
+  return it != hay.end();
+}
+
+provider_error_info info_from(const keel::http::response& res, provider_kind kind,
+                              system_clock::time_point now) {
+  provider_error_info info;
+  info.status = res.status;
+  info.provider = std::string(to_string(kind));
+  for (std::string_view name : {"x-request-id", "request-id", "x-amzn-requestid"}) {
+    if (auto v = res.headers.find(name)) {
+      info.request_id = std::string(*v);
+      break;
+    }
+  }
+  info.retry_after = server_delay_hint(res.headers, now);
+  if (auto v = res.headers.find("x-should-retry")) {
+    info.should_retry = parse_should_retry(*v);
+  }
+  return info;
+}
+
+errc from_status(int status) {
+  if (status == 0) {
+    return errc::transport;
+  }
+  if (status == 429) {
+    return errc::rate_limited;
+  }
+  if (status == 401 || status == 403) {
+    return errc::auth;
+  }
+  if (status == 404) {
+    return errc::not_found;
+  }
+  if (status == 413) {
+    return errc::request_too_large;
+  }
+  if (status >= 300 && status <= 399) {
+    return errc::redirect;
+  }
+  if (status == 408 || status == 504) {
+    return errc::timeout;
+  }
+  if (status == 503 || status == 529) {
+    return errc::overloaded;
+  }
+  if (status == 409 || (status >= 500 && status <= 599)) {
+    return errc::server_error;
+  }
+  return errc::bad_request;
+}
+
+[[noreturn]] void fail(errc code, provider_error_info info) {
+  // The official SDKs let x-should-retry override the status; we do so for "true" only, and never
+  // for an exhausted quota, which no retry can fix. "false" stays visible in should_retry().
+  if (info.should_retry == true && condition_of(code) == keel::condition::permanent &&
+      code != errc::quota_exhausted) {
+    code = errc::server_error;
+  }
+  throw provider_error(code, std::move(info));
+}
+
+provider_error_info with_redirect(const keel::http::response& res, provider_error_info info) {
+  if (res.status < 300 || res.status > 399) {
+    return info;
+  }
+  std::string to = "(no Location header)";
+  if (auto v = res.headers.find("location")) {
+    std::string_view loc = *v;
+    loc = loc.substr(0, loc.find_first_of("?#"));
+    if (const auto scheme = loc.find("://"); scheme != std::string_view::npos) {
+      const auto at = loc.substr(0, loc.find('/', scheme + 3)).rfind('@');
+      if (at != std::string_view::npos && at > scheme) {
+        to = std::string(loc.substr(0, scheme + 3)) + std::string(loc.substr(at + 1));
+      } else {
+        to = std::string(loc);
+      }
+    } else {
+      to = std::string(loc);
+    }
+  }
+  info.message = "redirected to " + to +
+                 "; keel does not follow redirects (they would resend the key): point base_url "
+                 "at the final URL";
+  return info;
+}
+
+[[noreturn]] void malformed(const keel::http::response& res, provider_kind kind,
+                            system_clock::time_point now, const std::string& what) {
+  provider_error_info info = info_from(res, kind, now);
+  info.message = what;
+  throw provider_error(errc::malformed_response, std::move(info));
+}
+
+json parse_json(std::string_view body) {
+  if (json_too_deep_at(body) != std::string_view::npos) {
+    return json(json::value_t::discarded);  // malformed: never copied or dumped recursively
+  }
+  return json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
+}
+
+bool is_2xx(int status) {
+  return status >= 200 && status <= 299;
+}
+
+const json& error_object(const json& body) {
+  static const json empty = json::object();
+  if (body.is_object()) {
+    auto it = body.find("error");
+    if (it != body.end() && it->is_object()) {
+      return *it;
+    }
+  }
+  return empty;
+}
+
+std::string string_field(const json& obj, const char* key) {
+  if (obj.is_object()) {
+    auto it = obj.find(key);
+    if (it != obj.end() && it->is_string()) {
+      return it->get<std::string>();
+    }
+  }
+  return {};
+}
+
+std::string body_excerpt(const std::string& body) {
+  return redact(body, 200);
+}
+
+void set_json_body(keel::http::request& r, const json& body) {
+  r.set("content-type", "application/json");
+  r.set("accept", "application/json");
+  r.body = body.dump();
+}
+
+bool has_metadata(const json& m) {
+  return m.is_object() && !m.empty();
+}
+
+}  // namespace keel::llm::detail

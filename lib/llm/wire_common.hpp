@@ -1,0 +1,163 @@
+// Private helpers shared by the provider wire formats (lib/llm/openai.cpp, anthropic.cpp,
+// bedrock.cpp): base URLs, JSON bodies, the first steps of error classification and the reader
+// of success bodies.
+#pragma once
+
+#include <keel/llm/chat.hpp>
+#include <keel/llm/error.hpp>
+#include <keel/llm/hints.hpp>
+#include <keel/llm/json_depth.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <string>
+#include <string_view>
+
+namespace keel::llm::detail {
+
+using json = nlohmann::json;
+using std::chrono::system_clock;
+
+// `ep.base_url` (else `fallback`) without trailing slashes.
+std::string base_of(const endpoint& ep, std::string_view fallback);
+
+// `base` + "/v1" + `path`, unless `base` already ends with the API version: the official
+// OpenAI SDKs (and AG2 configs, vLLM and most OpenAI-compatible servers' docs) write base URLs
+// as "http://host:8000/v1", which keel used to turn into ".../v1/v1/chat/completions".
+std::string versioned(std::string base, std::string_view path);
+
+// True if `hay` contains `needle`, ignoring ASCII case.
+bool contains_ci(std::string_view hay, std::string_view needle);
+
+// Everything we know about a failed call before reading the provider-specific body.
+provider_error_info info_from(const keel::http::response& res, provider_kind kind,
+                              system_clock::time_point now);
+
+// The error code a status means before the provider's body is read.
+errc from_status(int status);
+
+// Throws the provider_error for `code`, after applying x-should-retry.
+[[noreturn]] void fail(errc code, provider_error_info info);
+
+// A 3xx names where it leads: usually the fix of a wrong base_url (http:// for https://, a
+// missing path prefix). The query and any user:password@ are cut (they may hold a key).
+provider_error_info with_redirect(const keel::http::response& res, provider_error_info info);
+
+// Throws errc::malformed_response with message `what`.
+[[noreturn]] void malformed(const keel::http::response& res, provider_kind kind,
+                            system_clock::time_point now, const std::string& what);
+
+// The body as JSON, or a discarded value if it is not JSON or nests too deep.
+json parse_json(std::string_view body);
+
+bool is_2xx(int status);
+
+// The error object of a non-2xx body, if it has the shape `{error: {...}}`, else an empty object.
+// A reference, never a copy: nlohmann copies recursively, so copying a deeply nested error object
+// from a broken or hostile server (a few hundred KB of "[[[[...") overflowed the stack.
+const json& error_object(const json& body);
+
+// `obj[key]` if it is a string, else "".
+std::string string_field(const json& obj, const char* key);
+
+// The start of a body for an error message, with secrets redacted.
+std::string body_excerpt(const std::string& body);
+
+// Sets the JSON content headers and `body` as the request body.
+void set_json_body(keel::http::request& r, const json& body);
+
+bool has_metadata(const json& m);
+
+// Reads a success body; every missing or mistyped field is reported by its JSON path.
+class reader {
+ public:
+  reader(const keel::http::response& res, provider_kind kind, system_clock::time_point now)
+      : res_(res), kind_(kind), now_(now) {}
+
+  json body() const {
+    json j = parse_json(res_.body);
+    if (j.is_discarded()) {
+      fail(json_too_deep_at(res_.body) != std::string_view::npos
+               ? "body nests deeper than " + std::to_string(max_json_depth) + " levels"
+               : std::string("body is not valid JSON"));
+    }
+    if (!j.is_object()) {
+      fail("body is not a JSON object");
+    }
+    return j;
+  }
+  const json& member(const json& obj, const char* key, const std::string& path) const {
+    if (!obj.is_object()) {
+      fail(path + " is not an object");
+    }
+    auto it = obj.find(key);
+    if (it == obj.end()) {
+      fail(join(path, key) + " missing");
+    }
+    return *it;
+  }
+  const json& array(const json& obj, const char* key, const std::string& path) const {
+    const json& a = member(obj, key, path);
+    if (!a.is_array()) {
+      fail(join(path, key) + " is not an array");
+    }
+    return a;
+  }
+  std::string optional_string(const json& obj, const char* key, const std::string& path) const {
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) {
+      return {};
+    }
+    if (!it->is_string()) {
+      fail(join(path, key) + " is not a string");
+    }
+    return it->get<std::string>();
+  }
+  long long optional_count(const json& obj, const char* key, const std::string& path) const {
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) {
+      return 0;
+    }
+    if (!it->is_number_integer() || it->get<long long>() < 0) {
+      fail(join(path, key) + " is not a non-negative integer");
+    }
+    return it->get<long long>();
+  }
+  token_usage usage(const json& obj, const char* key, const char* in, const char* out) const {
+    token_usage u;
+    auto it = obj.find(key);
+    if (it == obj.end() || it->is_null()) {
+      return u;
+    }
+    if (!it->is_object()) {
+      fail(std::string(key) + " is not an object");
+    }
+    u.input = optional_count(*it, in, key);
+    u.output = optional_count(*it, out, key);
+    return u;
+  }
+  [[noreturn]] void fail(const std::string& what) const { malformed(res_, kind_, now_, what); }
+  [[noreturn]] void filtered(const std::string& what) const {
+    provider_error_info info = info_from(res_, kind_, now_);
+    info.message = what;
+    throw provider_error(errc::content_filtered, std::move(info));
+  }
+  chat_response start(json raw) const {
+    chat_response r;
+    r.request_id = info_from(res_, kind_, now_).request_id;
+    r.rate_limits = parse_rate_limits(res_.headers, now_);
+    r.raw = std::move(raw);
+    return r;
+  }
+
+ private:
+  static std::string join(const std::string& path, const char* key) {
+    return path.empty() ? std::string(key) : path + "." + key;
+  }
+  const keel::http::response& res_;
+  provider_kind kind_;
+  system_clock::time_point now_;
+};
+
+}  // namespace keel::llm::detail

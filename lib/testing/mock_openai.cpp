@@ -1,0 +1,167 @@
+// The mock LLM server's OpenAI Chat Completions bodies: answers, error bodies and the reset
+// duration format.
+#include "mock_detail.hpp"
+
+#include <cstdio>
+#include <ctime>
+
+namespace keel::testing::detail {
+
+// OpenAI's duration format for x-ratelimit-reset-*: "20ms", "1.5s", "6m0s".
+std::string openai_duration(milliseconds d) {
+  const auto ms = d.count();
+  char buf[64];
+  if (ms < 1000) {
+    std::snprintf(buf, sizeof buf, "%lldms", static_cast<long long>(ms));
+  } else if (ms < 60000) {
+    if (ms % 1000 == 0) {
+      std::snprintf(buf, sizeof buf, "%llds", static_cast<long long>(ms / 1000));
+    } else {
+      std::snprintf(buf, sizeof buf, "%.3gs", static_cast<double>(ms) / 1000.0);
+    }
+  } else {
+    std::snprintf(buf, sizeof buf, "%lldm%llds", static_cast<long long>(ms / 60000),
+                  static_cast<long long>((ms % 60000) / 1000));
+  }
+  return buf;
+}
+
+json openai_error(std::string_view message, std::string_view type, json param, json code) {
+  return json{{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", code}}}};
+}
+
+void openai_malformed(reply& r) {
+  r.status = 400;
+  r.body = dump(openai_error(
+      "We could not parse the JSON body of your request. (HINT: This likely means you "
+      "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, "
+      "but what was sent was not valid JSON. If you have trouble figuring out how to fix "
+      "this, please contact us through our help center at help.openai.com.)",
+      "invalid_request_error", nullptr, nullptr));
+}
+
+void openai_answer(reply& r, fault_kind k, const body_input& in) {
+  const std::string& id = in.id;
+  const std::string& model = in.request.model;
+  const fault_plan* plan = in.plan;
+  const std::size_t prompt_tokens = in.prompt_tokens;
+  const std::size_t completion_tokens = in.completion_tokens;
+  const std::optional<milliseconds>& retry_after = in.retry_after;
+  const bool tokens_limited = in.tokens_limited;
+  switch (k) {
+    case fault_kind::ok:
+      r.body = dump(
+          json{{"id", "chatcmpl-mock" + id},
+               {"object", "chat.completion"},
+               {"created", static_cast<std::int64_t>(std::time(nullptr))},
+               {"model", model},
+               {"choices", json::array({{{"index", 0},
+                                         {"message",
+                                          {{"role", "assistant"},
+                                           {"content", in.request.json_content.value_or(in.text)}}},
+                                         {"logprobs", nullptr},
+                                         {"finish_reason", "stop"}}})},
+               {"usage",
+                {{"prompt_tokens", prompt_tokens},
+                 {"completion_tokens", completion_tokens},
+                 {"total_tokens", prompt_tokens + completion_tokens}}},
+               {"system_fingerprint", "fp_mock"}});
+      break;
+    case fault_kind::rate_limit:
+    case fault_kind::throttling: {
+      r.status = 429;
+      const char* what = tokens_limited ? "tokens per min (TPM)" : "requests per min (RPM)";
+      // A server that states no delay does not state one in the body either.
+      const std::string when = retry_after ? "Please try again in " + openai_duration(*retry_after)
+                                           : std::string("Please try again later");
+      r.body = dump(openai_error(
+          "Rate limit reached for " + model + " in organization org-mock on " + what + ". " + when +
+              ". Visit https://platform.openai.com/account/rate-limits to learn more.",
+          tokens_limited ? "tokens" : "requests", nullptr, "rate_limit_exceeded"));
+      break;
+    }
+    case fault_kind::quota_exhausted:
+      r.status = 429;
+      r.body = dump(openai_error(
+          "You exceeded your current quota, please check your plan and billing details. "
+          "For more information on this error, read the docs: "
+          "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+          "insufficient_quota", nullptr, "insufficient_quota"));
+      break;
+    case fault_kind::context_length: {
+      const std::size_t limit = plan && plan->context_window ? plan->context_window : 128000;
+      r.status = 400;
+      r.body = dump(openai_error("This model's maximum context length is " + std::to_string(limit) +
+                                     " tokens. However, your messages resulted in " +
+                                     std::to_string(std::max(prompt_tokens, limit + 1)) +
+                                     " tokens. Please reduce the length of the messages.",
+                                 "invalid_request_error", "messages", "context_length_exceeded"));
+      break;
+    }
+    case fault_kind::server_error:
+      r.status = 500;
+      r.body = dump(
+          openai_error("The server had an error while processing your request. Sorry about that!",
+                       "server_error", nullptr, nullptr));
+      break;
+    case fault_kind::auth:
+      r.status = 401;
+      r.body =
+          dump(openai_error("Incorrect API key provided: sk-****. You can find your API key at "
+                            "https://platform.openai.com/account/api-keys.",
+                            "invalid_request_error", nullptr, "invalid_api_key"));
+      break;
+    case fault_kind::bad_request:
+      r.status = 400;
+      r.body =
+          dump(openai_error("Invalid value for 'temperature': expected a number between 0 and 2.",
+                            "invalid_request_error", "temperature", "invalid_value"));
+      break;
+    case fault_kind::not_found:
+      r.status = 404;
+      r.body = dump(
+          openai_error("The model `" + model + "` does not exist or you do not have access to it.",
+                       "invalid_request_error", nullptr, "model_not_found"));
+      break;
+    case fault_kind::content_filter:
+      if (!(plan && plan->quirks.azure_content_filter)) {
+        // OpenAI itself answers 200 and says so in finish_reason; the 400 below is Azure's.
+        r.body = dump(json{
+            {"id", "chatcmpl-mock" + id},
+            {"object", "chat.completion"},
+            {"created", static_cast<std::int64_t>(std::time(nullptr))},
+            {"model", model},
+            {"choices",
+             json::array(
+                 {{{"index", 0},
+                   {"message", {{"role", "assistant"}, {"content", nullptr}, {"refusal", nullptr}}},
+                   {"logprobs", nullptr},
+                   {"finish_reason", "content_filter"}}})},
+            {"usage",
+             {{"prompt_tokens", prompt_tokens},
+              {"completion_tokens", 0},
+              {"total_tokens", prompt_tokens}}},
+            {"system_fingerprint", "fp_mock"}});
+        break;
+      }
+      r.status = 400;
+      r.body = dump(openai_error(
+          "The response was filtered due to the prompt triggering the content management "
+          "policy. Please modify your prompt and retry.",
+          "invalid_request_error", "prompt", "content_filter"));
+      break;
+    case fault_kind::timeout:
+      // OpenAI documents no timeout status; 408 is a client-side notion (the SDKs retry it),
+      // while a server-side timeout reaches clients as a 504 from the front end.
+      r.status = plan && plan->quirks.openai_timeout_408 ? 408 : 504;
+      r.body = dump(openai_error("Request timed out.", "server_error", nullptr, "timeout"));
+      break;
+    default:  // unavailable, overloaded
+      r.status = 503;
+      r.body = dump(openai_error("The server is overloaded. Please try again later.",
+                                 "service_unavailable_error", nullptr, "server_is_overloaded"));
+      break;
+  }
+}
+
+}  // namespace keel::testing::detail

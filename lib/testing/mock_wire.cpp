@@ -1,0 +1,155 @@
+// The mock LLM server's request reading (provider, model, prompt) and the wire helpers its
+// answers share.
+#include "mock_detail.hpp"
+
+#include <keel/llm/json_depth.hpp>
+#include <keel/testing/detail/json_schema_instance.hpp>
+
+#include <cstdlib>
+
+namespace keel::testing::detail {
+
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+namespace {
+
+std::string text_of(const json& content) {
+  if (content.is_string()) {
+    return content.get<std::string>();
+  }
+  std::string out;
+  if (content.is_array()) {
+    for (const auto& part : content) {
+      if (part.is_object() && part.contains("text") && part["text"].is_string()) {
+        out += part["text"].get<std::string>();
+      }
+    }
+  }
+  return out;
+}
+
+std::string percent_decode(std::string_view s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '%' && i + 2 < s.size()) {
+      const std::string hex(s.substr(i + 1, 2));
+      char* end = nullptr;
+      const long v = std::strtol(hex.c_str(), &end, 16);
+      if (end == hex.c_str() + 2) {
+        out += static_cast<char>(v);
+        i += 2;
+        continue;
+      }
+    }
+    out += s[i];
+  }
+  return out;
+}
+
+}  // namespace
+
+parsed_request parse_request(std::string_view method, std::string_view target,
+                             const std::string& body) {
+  parsed_request r;
+  const std::string_view path = target.substr(0, target.find('?'));
+  if (method != "POST") {
+    return r;
+  }
+  if (path == "/v1/chat/completions") {
+    r.format = wire::openai;
+  } else if (path == "/v1/messages") {
+    r.format = wire::anthropic;
+  } else if (path.starts_with("/model/") && path.ends_with("/converse") &&
+             path.size() > std::string_view("/model//converse").size()) {
+    r.format = wire::bedrock;
+    r.model = percent_decode(path.substr(7, path.size() - 7 - 9));
+  } else {
+    return r;
+  }
+  json doc = keel::llm::json_too_deep_at(body) == std::string_view::npos
+                 ? json::parse(body, nullptr, /*allow_exceptions=*/false)
+                 : json(json::value_t::discarded);
+  if (doc.is_discarded() || !doc.is_object()) {
+    r.malformed = true;
+    return r;
+  }
+  if (r.format != wire::bedrock) {
+    if (doc.contains("model") && doc["model"].is_string()) {
+      r.model = doc["model"].get<std::string>();
+    }
+  }
+  if (!doc.contains("messages") || !doc["messages"].is_array() || r.model.empty()) {
+    r.malformed = true;
+    return r;
+  }
+  if (r.format == wire::openai) {
+    const json& rf = doc.contains("response_format") ? doc["response_format"] : json();
+    const std::string rf_type = rf.is_object() ? rf.value("type", "") : "";
+    if (rf_type == "json_object") {
+      r.json_content = "{}";
+    } else if (rf_type == "json_schema" && rf.contains("json_schema") &&
+               rf["json_schema"].is_object() && rf["json_schema"].contains("schema")) {
+      r.json_content = detail::minimal_json_instance(dump(rf["json_schema"]["schema"]));
+    }
+  }
+  if (doc.contains("system")) {
+    r.prompt_chars += text_of(doc["system"]).size();
+  }
+  for (const auto& m : doc["messages"]) {
+    if (!m.is_object()) {
+      continue;
+    }
+    const std::string t = m.contains("content") ? text_of(m["content"]) : std::string();
+    r.prompt_chars += t.size();
+    if (m.value("role", "") == "user") {
+      r.last_user = t;
+    }
+  }
+  return r;
+}
+
+std::size_t tokens_for(std::size_t chars) {
+  return std::max<std::size_t>(1, (chars + 3) / 4);
+}
+
+std::string completion_for(const std::string& prompt) {
+  std::size_t n = std::min<std::size_t>(40, prompt.size());
+  // Never cut a UTF-8 sequence in half.
+  while (n > 0 && n < prompt.size() && (static_cast<unsigned char>(prompt[n]) & 0xC0) == 0x80) {
+    --n;
+  }
+  return "mock answer to: " + prompt.substr(0, n);
+}
+
+const char* reason_for(int status) {
+  switch (status) {
+    case 200:
+      return "OK";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 408:
+      return "Request Timeout";
+    case 429:
+      return "Too Many Requests";
+    case 500:
+      return "Internal Server Error";
+    case 503:
+      return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
+    case 529:
+      return "Overloaded";
+    default:
+      return "Unknown";
+  }
+}
+
+}  // namespace keel::testing::detail
