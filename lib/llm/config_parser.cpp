@@ -1,0 +1,309 @@
+// The config parser: typed values with their JSON paths, and the `policy` block.
+#include "config_parser.hpp"
+
+#include <keel/llm/error.hpp>
+#include <keel/llm/json_depth.hpp>
+
+namespace keel::llm::detail {
+
+client_config parser::run(const json& doc) {
+  client_config c;
+  c.source = source_;
+  const json* list = nullptr;
+  std::string list_path;
+  if (doc.is_array()) {
+    list = &doc;
+  } else if (doc.is_object()) {
+    check_keys(doc, "", {"config_list", "policy"});
+    if (const auto it = doc.find("policy"); it != doc.end()) {
+      c.policy = parse_policy(*it, "/policy");
+    }
+    list_path = "/config_list";
+    const auto it = doc.find("config_list");
+    if (it == doc.end()) {
+      fail(list_path, "a non-empty array of entries", "nothing");
+    }
+    list = &*it;
+  } else {
+    fail("", "an array of entries or an object with \"config_list\"", shown(doc));
+  }
+  if (!list->is_array() || list->empty()) {
+    fail(list_path, "a non-empty array of entries", shown(*list));
+  }
+  for (std::size_t i = 0; i < list->size(); ++i) {
+    c.entries.push_back(parse_entry((*list)[i], child(list_path, i), c.policy));
+  }
+  return c;
+}
+
+void parser::fail(const std::string& path, std::string_view expected, std::string_view got) const {
+  throw config_error(source_, path,
+                     "expected " + std::string(expected) + ", got " + std::string(got));
+}
+
+void parser::expect_object(const json& j, const std::string& path) const {
+  if (!j.is_object()) {
+    fail(path, "an object", shown(j));
+  }
+}
+
+void parser::check_keys(const json& j, const std::string& path,
+                        std::initializer_list<std::string_view> allowed) const {
+  expect_object(j, path);
+  for (const auto& [key, value] : j.items()) {
+    if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+      std::string list;
+      for (auto a : allowed) {
+        list += (list.empty() ? "" : ", ") + std::string(a);
+      }
+      fail(child(path, key), "one of the keys " + list, "unknown key " + echo_text(key));
+    }
+  }
+}
+
+double parser::number(const json& j, const std::string& path, const num_range& r) const {
+  if (!j.is_number()) {
+    fail(path, r.describe("a number", false), shown(j));
+  }
+  const double v = j.get<double>();
+  if (!r.contains(v)) {
+    fail(path, r.describe("a number", !r.hi_shown && v > r.lo), shown(j));
+  }
+  return v;
+}
+
+long long parser::integer(const json& j, const std::string& path, const num_range& r) const {
+  if (!j.is_number_integer()) {
+    fail(path, r.describe("an integer", false), shown(j));
+  }
+  const bool huge = j.is_number_unsigned() && j.get<std::uint64_t>() > LLONG_MAX;
+  const long long v = huge ? LLONG_MAX : j.get<long long>();
+  if (huge || !r.contains(static_cast<double>(v))) {
+    fail(path, r.describe("an integer", !r.hi_shown && v > r.lo), shown(j));
+  }
+  return v;
+}
+
+// AG2's `stop`: one string or an array of them, none empty.
+std::vector<std::string> parser::stop_sequences(const json& j, const std::string& path) const {
+  if (j.is_string()) {
+    return {string(j, path)};
+  }
+  if (!j.is_array() || j.empty()) {
+    fail(path, "a non-empty string or a non-empty array of them", shown(j));
+  }
+  std::vector<std::string> out;
+  for (std::size_t i = 0; i < j.size(); ++i) {
+    out.push_back(string(j[i], child(path, i)));
+  }
+  return out;
+}
+
+bool parser::boolean(const json& j, const std::string& path) const {
+  if (!j.is_boolean()) {
+    fail(path, "true or false", shown(j));
+  }
+  return j.get<bool>();
+}
+
+std::string parser::string(const json& j, const std::string& path) const {
+  if (!j.is_string() || j.get_ref<const std::string&>().empty()) {
+    fail(path, "a non-empty string", shown(j));
+  }
+  return j.get<std::string>();
+}
+
+// Like string(), but the value is never echoed.
+std::string parser::secret(const json& j, const std::string& path) const {
+  if (!j.is_string() || j.get_ref<const std::string&>().empty()) {
+    fail(path, "a non-empty string", type_only(j));
+  }
+  return j.get<std::string>();
+}
+
+// A secret that is sent in an HTTP header (API key, AWS credentials) must not hold a control
+// character; `where` names the field (or the variable or profile it came from), never the value.
+void parser::header_safe(const std::string& where, std::string_view value) const {
+  if (const std::string c = control_character_in(value); !c.empty()) {
+    fail(where,
+         "a value without control characters (it is sent in an HTTP header; a trailing "
+         "newline from an environment variable or a file?)",
+         "a value with " + c + " (not shown)");
+  }
+}
+
+std::string parser::choice(const json& j, const std::string& path,
+                           std::initializer_list<std::string_view> options) const {
+  if (j.is_string()) {
+    const auto& s = j.get_ref<const std::string&>();
+    if (std::find(options.begin(), options.end(), s) != options.end()) {
+      return s;
+    }
+  }
+  fail(path, join_quoted(options, "or"), shown(j));
+}
+
+keel::backoff parser::parse_backoff(const json& j, const std::string& path, keel::backoff b) const {
+  check_keys(j, path, {"kind", "base", "cap", "jitter", "multiplier", "first_retry_immediate"});
+  bool immediate = false;
+  double base = to_seconds(b.base);
+  double cap = to_seconds(b.cap);
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "kind") {
+      const std::string kind = choice(v, p, {"exponential", "linear", "constant", "immediate"});
+      immediate = kind == "immediate";
+      if (!immediate) {
+        b.shape = *keel::parse_backoff_shape(kind);
+      }
+    } else if (key == "base") {
+      base = number(v, p, seconds_non_negative);
+    } else if (key == "cap") {
+      cap = number(v, p, seconds_non_negative);
+    } else if (key == "jitter") {
+      b.jitter = *keel::parse_jitter(
+          choice(v, p, {"none", "full", "equal", "decorrelated", "decorrelated_v2"}));
+    } else if (key == "multiplier") {
+      b.multiplier = number(v, p, growth_factor);
+    } else if (key == "first_retry_immediate") {
+      b.first_retry_immediate = boolean(v, p);
+    }
+  }
+  if (cap < base) {
+    if (j.contains("cap")) {
+      fail(child(path, "cap"), "a number >= base (" + format_number(base) + ")", shown(j["cap"]));
+    }
+    fail(child(path, "base"), "a number <= cap (" + format_number(cap) + ")", shown(j["base"]));
+  }
+  if (immediate) {
+    const bool first = b.first_retry_immediate;
+    b = keel::backoff::immediate();
+    b.first_retry_immediate = first;
+    return b;
+  }
+  b.base = seconds_ns(base);
+  b.cap = seconds_ns(cap);
+  return b;
+}
+
+retry_config parser::parse_retry(const json& j, const std::string& path) const {
+  check_keys(
+      j, path,
+      {"max_attempts", "backoff", "backoff_by_condition", "honour_retry_after", "max_retry_after"});
+  retry_config r;
+  if (j.contains("backoff") || j.contains("backoff_by_condition")) {
+    r.backoff_by_condition.clear();  // a named curve replaces the default immediate retry
+  }
+  // `backoff` first: the per-condition curves start from it whatever the key order.
+  if (const auto it = j.find("backoff"); it != j.end()) {
+    r.backoff = parse_backoff(*it, child(path, "backoff"), r.backoff);
+  }
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "max_attempts") {
+      r.max_attempts = static_cast<int>(integer(v, p, {1, false, INT_MAX}));
+    } else if (key == "backoff_by_condition") {
+      check_keys(v, p, {"throttled", "transient", "timeout"});
+      for (const auto& [cond, curve] : v.items()) {
+        r.backoff_by_condition[*keel::parse_condition(cond)] =
+            parse_backoff(curve, child(p, cond), r.backoff);
+      }
+    } else if (key == "honour_retry_after") {
+      r.honour_retry_after = boolean(v, p);
+    } else if (key == "max_retry_after") {
+      r.max_retry_after = number(v, p, seconds_non_negative);
+    }
+  }
+  return r;
+}
+
+breaker_config parser::parse_breaker(const json& j, const std::string& path) const {
+  check_keys(j, path, {"enabled", "failure_threshold", "break", "break_growth", "max_break"});
+  breaker_config b;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "enabled") {
+      b.enabled = boolean(v, p);
+    } else if (key == "failure_threshold") {
+      b.failure_threshold = static_cast<int>(integer(v, p, {1, false, INT_MAX}));
+    } else if (key == "break") {
+      b.break_duration = number(v, p, seconds_positive);
+    } else if (key == "break_growth") {
+      b.break_growth = number(v, p, growth_factor);
+    } else if (key == "max_break") {
+      b.max_break = number(v, p, seconds_positive);
+    }
+  }
+  if (b.max_break < b.break_duration) {
+    if (j.contains("max_break")) {
+      fail(child(path, "max_break"), "a number >= break (" + format_number(b.break_duration) + ")",
+           shown(j["max_break"]));
+    }
+    fail(child(path, "break"), "a number <= max_break (" + format_number(b.max_break) + ")",
+         shown(j["break"]));
+  }
+  return b;
+}
+
+budget_config parser::parse_budget(const json& j, const std::string& path) const {
+  check_keys(j, path, {"enabled", "max_tokens", "token_ratio"});
+  budget_config b;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "enabled") {
+      b.enabled = boolean(v, p);
+    } else if (key == "max_tokens") {
+      b.max_tokens = number(v, p, {0, true, 1e9});
+    } else if (key == "token_ratio") {
+      b.token_ratio = number(v, p, {0, true, 1, false, true});
+    }
+  }
+  return b;
+}
+
+rate_limit_config parser::parse_rate_limits(const json& j, const std::string& path) const {
+  check_keys(j, path, {"requests_per_minute", "tokens_per_minute", "burst"});
+  rate_limit_config r;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "requests_per_minute") {
+      r.requests_per_minute = number(v, p, rate_non_negative);
+    } else if (key == "tokens_per_minute") {
+      r.tokens_per_minute = number(v, p, rate_non_negative);
+    } else if (key == "burst") {
+      r.burst = number(v, p, rate_non_negative);
+    }
+  }
+  return r;
+}
+
+policy_config parser::parse_policy(const json& j, const std::string& path) const {
+  check_keys(
+      j, path,
+      {"retry", "deadline", "breaker", "retry_budget", "rate_limits", "concurrency", "queue"});
+  policy_config pc;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "retry") {
+      pc.retry = parse_retry(v, p);
+    } else if (key == "deadline") {
+      pc.deadline = number(v, p, seconds_positive);
+    } else if (key == "breaker") {
+      pc.breaker = parse_breaker(v, p);
+    } else if (key == "retry_budget") {
+      pc.retry_budget = parse_budget(v, p);
+    } else if (key == "rate_limits") {
+      pc.rate_limits = parse_rate_limits(v, p);
+    } else if (key == "concurrency") {
+      pc.concurrency = static_cast<int>(integer(v, p, {1, false, 100000, false, true}));
+    } else if (key == "queue") {
+      check_keys(v, p, {"max_wait"});
+      if (const auto it = v.find("max_wait"); it != v.end()) {
+        pc.queue_max_wait = number(*it, child(p, "max_wait"), seconds_non_negative);
+      }
+    }
+  }
+  return pc;
+}
+
+}  // namespace keel::llm::detail
