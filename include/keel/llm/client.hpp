@@ -55,6 +55,7 @@
 // `complete` from coroutines on that executor.
 
 #include <keel/llm/config.hpp>
+#include <keel/llm/error.hpp>
 
 #include <keel/bulkhead.hpp>
 #include <keel/circuit_breaker.hpp>
@@ -336,20 +337,6 @@ class client {
   std::vector<std::unique_ptr<entry_state>> entries_;
   std::vector<std::string> secrets_;  // every entry's credentials of min_scrubbed_secret+ bytes
 };
-
-/// A short name for the kind of error that decided a failure (through retries_exhausted,
-/// budget_exhausted and all_fallbacks_failed to the last attempt's error): the keel::llm errc
-/// ("rate_limited", "overloaded", ...), else keel's error or condition ("deadline_exceeded",
-/// "circuit_open", "cancelled", "timeout", "connection", ...); "ok" for null.
-std::string error_class(const std::exception_ptr& e);
-
-/// The HTTP status of the deciding provider error (0 otherwise).
-int error_status(const std::exception_ptr& e);
-
-/// The error part of a failure record: class, condition, and for a provider error its status,
-/// provider, code, message and request id; `gave_up` says why retrying or falling back stopped
-/// ("retries_exhausted", "budget_exhausted", "all_fallbacks_failed"). Never holds a secret.
-nlohmann::json error_json(const std::exception_ptr& e);
 
 /// True if an answered call's token reservation is settled with the real usage: unless the
 /// controller paces tokens at a limit it learned from 429s (measured in this client's

@@ -35,11 +35,14 @@
 
 #include <keel/error.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <boost/system/error_category.hpp>
 #include <boost/system/error_code.hpp>
 
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -181,6 +184,21 @@ std::string redact(std::string_view text, std::size_t max_bytes = message_limit)
 /// would mask ordinary words).
 provider_error without_secrets(const provider_error& e,
                                std::initializer_list<std::string_view> secrets);
+
+/// A short name for the kind of error that decided a failure (`keel::deciding_cause`: through
+/// retries_exhausted, budget_exhausted and all_fallbacks_failed to the last attempt's error):
+/// the keel::llm errc
+/// ("rate_limited", "overloaded", ...), else keel's error or condition ("deadline_exceeded",
+/// "circuit_open", "cancelled", "timeout", "connection", ...); "ok" for null.
+std::string error_class(const std::exception_ptr& e);
+
+/// The HTTP status of the deciding provider error (0 otherwise).
+int error_status(const std::exception_ptr& e);
+
+/// The error part of a failure record: class, condition, and for a provider error its status,
+/// provider, code, message and request id; `gave_up` says why retrying or falling back stopped
+/// ("retries_exhausted", "budget_exhausted", "all_fallbacks_failed"). Never holds a secret.
+nlohmann::json error_json(const std::exception_ptr& e);
 
 }  // namespace keel::llm
 
