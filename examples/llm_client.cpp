@@ -11,13 +11,11 @@
 // and 529, and answers the fallback normally; it exits 1 unless every prompt got an answer.
 #include <keel/fan_out.hpp>
 #include <keel/llm/client.hpp>
-#include <keel/testing/mock_llm_server.hpp>
+#include <keel/testing/mock_llm_thread.hpp>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/post.hpp>
 
 #include <unistd.h>
 
@@ -25,7 +23,6 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace asio = boost::asio;
@@ -46,9 +43,8 @@ asio::awaitable<void> summarise(keel::llm::client& llm, std::vector<std::string>
 }
 // ------------------------------------------------------------------------------------------------
 
-// Starts the mock (rate limit without headers, 5% 503 + 5% 529 on the primary) and writes a
-// config naming it; returns the file's path.
-std::string start_mock(keel::testing::mock_llm_server& server) {
+// Plans the mock: the primary rate-limited without headers, and 5% 503 + 5% 529.
+void plan_mock(keel::testing::mock_llm_server& server) {
   using keel::testing::fault_kind;
   server.set_plan("primary-model",
                   keel::testing::fault_plan{}
@@ -58,23 +54,23 @@ std::string start_mock(keel::testing::mock_llm_server& server) {
                       .with_limiter_retry_after(keel::testing::limiter_retry_after_mode::constant)
                       .with_probability(fault_kind::unavailable, 0.05)
                       .with_probability(fault_kind::overloaded, 0.05));
-  server.start();
+}
+
+// Writes a config naming the mock's two models; returns the file's path.
+std::string write_config(const std::string& base_url) {
   const auto path = std::filesystem::temp_directory_path() /
                     ("keel-example-" + std::to_string(::getpid()) + ".json");
-  std::ofstream(path) << R"([{"model": "primary-model", "base_url": ")" << server.base_url()
+  std::ofstream(path) << R"([{"model": "primary-model", "base_url": ")" << base_url
                       << R"(", "api_key": "sk-demo"}, {"model": "fallback-model", "base_url": ")"
-                      << server.base_url() << R"(", "api_key": "sk-demo"}])";
+                      << base_url << R"(", "api_key": "sk-demo"}])";
   return path.string();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  asio::io_context mock_io;  // the mock server runs on its own thread
-  keel::testing::mock_llm_server server{mock_io, {.seed = 7}};
-  const std::string config_file = argc > 1 ? argv[1] : start_mock(server);
-  auto work = asio::make_work_guard(mock_io);
-  std::thread mock_thread([&] { mock_io.run(); });
+  keel::testing::mock_llm_thread mock{{.seed = 7}, plan_mock};  // its own thread
+  const std::string config_file = argc > 1 ? argv[1] : write_config(mock.base_url());
   std::vector<std::string> prompts;
   for (int i = 0; i < 200; ++i) {
     prompts.push_back("summarise report #" + std::to_string(i));
@@ -85,9 +81,6 @@ int main(int argc, char** argv) {
   asio::co_spawn(io, summarise(llm, std::move(prompts)), asio::detached);
   io.run();
   // ------------------------------------------------------------------------------------------------
-  asio::post(mock_io, [&] { server.stop(); });
-  work.reset();
-  mock_thread.join();
   if (argc <= 1) {
     std::filesystem::remove(config_file);
   }
