@@ -1,10 +1,13 @@
-// `keel batch`: workers, records, signals, progress, metrics and the summary.
+// `keel batch`: set-up, signals, progress, the workers and the summary (the client hooks are in
+// batch_hooks.cpp, the records' schema in record.cpp).
 #include "batch.hpp"
+#include "batch_detail.hpp"
 
 #include <keel/llm/client.hpp>
 #include "jsonl.hpp"
 #include "line_feed.hpp"
 #include "metrics.hpp"
+#include "record.hpp"
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
@@ -24,6 +27,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <unordered_map>
@@ -31,35 +35,9 @@
 namespace keel::cli {
 namespace asio = boost::asio;
 using nlohmann::json;
+using namespace batch_detail;
 
 namespace {
-
-// The batch item behind a client hook's context: every call of a run passes its item.
-const batch_item& item_of(const void* context) {
-  return *static_cast<const batch_item*>(context);
-}
-
-const std::vector<double> latency_buckets = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                                             1,     2.5,  5,     10,   30,  60,   120};
-
-std::string seconds_text(std::chrono::nanoseconds d) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3fs", std::chrono::duration<double>(d).count());
-  return buf;
-}
-
-double breaker_state_value(keel::breaker_state s) {
-  switch (s) {
-    case keel::breaker_state::closed:
-      return 0;
-    case keel::breaker_state::half_open:
-      return 1;
-    case keel::breaker_state::open:
-    case keel::breaker_state::isolated:
-      return 2;
-  }
-  return 0;
-}
 
 // Everything one run shares; lives on run_batch's stack while the io_context runs.
 struct run_state {
@@ -118,14 +96,7 @@ struct run_state {
 
   void record_line_failure(std::size_t line, const json& id, const std::string& cls,
                            const std::string& message) {
-    json rec;
-    rec["id"] = id;
-    rec["line"] = line;
-    rec["status"] = "failed";
-    rec["error"] = {{"class", cls}, {"condition", "permanent"}, {"message", message}};
-    rec["attempts"] = 0;
-    rec["latency_ms"] = 0;  // every record has it; nothing was sent
-    if (!write(rec)) {
+    if (!write(line_failure_record(line, id, cls, message))) {
       return;
     }
     ++stats.done;
@@ -136,16 +107,10 @@ struct run_state {
   }
 };
 
-}  // namespace
-
-std::uint64_t random_seed() {
-  std::random_device device;
-  const std::uint64_t hi = device();
-  const std::uint64_t lo = device();
-  return ((hi << 32) ^ lo) & ((std::uint64_t{1} << 53) - 1);
-}
-
-int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log) {
+// Checks that `opts.out` may take this run's records (not a directory, not the input, earlier
+// results only with --resume or --overwrite) and locks it for the run into `lock`.
+// @throws std::runtime_error if it may not, or another run holds it.
+void claim_output(const batch_options& opts, std::optional<results_lock>& lock) {
   namespace fs = std::filesystem;
   if (opts.resume && opts.overwrite) {
     throw std::runtime_error("--resume and --overwrite contradict each other");
@@ -168,14 +133,13 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
                                "); write the results to another file");
     }
     // --overwrite empties the file only once the input is open and the metrics port bound
-    // (below): a run that cannot start leaves the earlier results alone.
+    // (run_batch): a run that cannot start leaves the earlier results alone.
   } else if (opts.resume) {
     throw std::runtime_error("--resume needs --out to be a file");
   }
   // One run per results file, from before --resume reads (and may rewrite) it until the last
   // record: two runs wrote two records per id. Only a file (or one to be created) is locked:
   // /dev/null or a pipe holds no results to protect.
-  std::optional<results_lock> lock;
   if (opts.out != "-") {
     std::error_code ec;
     const auto kind = fs::status(opts.out, ec).type();
@@ -183,6 +147,20 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
       lock.emplace(opts.out);
     }
   }
+}
+
+}  // namespace
+
+std::uint64_t random_seed() {
+  std::random_device device;
+  const std::uint64_t hi = device();
+  const std::uint64_t lo = device();
+  return ((hi << 32) ^ lo) & ((std::uint64_t{1} << 53) - 1);
+}
+
+int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log) {
+  std::optional<results_lock> lock;
+  claim_output(opts, lock);
   resume_state resumed;
   if (opts.resume) {
     resumed = prepare_resume(opts.out);
@@ -242,122 +220,8 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   ho.max_connections_per_host = static_cast<std::size_t>(std::max(64, concurrency));
   llm::http_clients http(ex, ho);  // one per distinct ca_file (a client has one trust store)
   llm::bucket_registry buckets(ex, opts.seed);
-  buckets.on_pacing = [&](const std::string& name, const keel::pacing_state& r,
-                          const keel::pacing_state& t) {
-    // Phase changes and new estimates (not every probe step): what the controller learned.
-    m.gauge("keel_pacing_rate", "Rate the bucket paces at (requests per second; 0: unlimited).",
-            {{"bucket", name}})
-        .set(r.rate);
-    m.gauge("keel_pacing_estimate",
-            "The server's request limit as learned or stated (requests per second; 0: unknown).",
-            {{"bucket", name}})
-        .set(r.estimate);
-    m.gauge("keel_pacing_token_estimate",
-            "The server's token limit as learned or stated (tokens per minute; 0: unknown).",
-            {{"bucket", name}})
-        .set(t.estimate * 60);
-    json f;
-    f["bucket"] = name;
-    f["phase"] = keel::to_string(r.phase);
-    if (r.estimate > 0) {
-      f["limit_rps"] = std::round(r.estimate * 100) / 100;
-      f["rate_rps"] = std::round(r.rate * 100) / 100;
-    }
-    if (t.phase != keel::pacing_phase::unlimited) {
-      f["token_phase"] = keel::to_string(t.phase);
-      if (t.estimate > 0) {
-        f["limit_tpm"] = std::round(t.estimate * 60);
-      }
-    }
-    log.log(log_level::info, "pacing", "", f);
-  };
-  llm::client_hooks hooks;
-  hooks.on_attempt = [&](const llm::attempt_report& r) {
-    const std::string& name = cfg.entries[r.entry].name();
-    ++st.attempts;
-    ++st.attempts_by_model[name];
-    if (r.status == 429) {
-      ++st.http_429;
-    }
-    m.counter("keel_attempts_total", "HTTP attempts, by entry and outcome class.",
-              {{"model", name}, {"class", llm::error_class(r.error)}})
-        .inc();
-    m.histogram("keel_attempt_latency_seconds", "Time from send to answer of each attempt.",
-                latency_buckets, {{"model", name}})
-        .observe(r.seconds);
-  };
-  hooks.on_retry = [&](const llm::retry_report& r) {
-    const std::string cause = llm::error_class(r.error);
-    ++st.retries;
-    ++st.retries_by_cause[cause];
-    m.counter("keel_retries_total", "Retries, by the class of the error that caused them.",
-              {{"cause", cause}})
-        .inc();
-    if (log.enabled(log_level::warning)) {
-      json f;
-      f["id"] = item_of(r.context).id;
-      f["attempt"] = r.attempt;
-      f["class"] = cause;
-      if (const int status = llm::error_status(r.error)) {
-        f["status"] = status;
-      }
-      f["delay"] = seconds_text(r.delay);
-      if (r.from_server_hint) {
-        f["delay_from"] = "server";
-      }
-      f["model"] = cfg.entries[r.entry].name();
-      f["prompt"] = item_of(r.context).preview;
-      log.log(log_level::warning, "retry", "", f);
-    }
-  };
-  hooks.on_fallback = [&](const void* context, std::size_t from, std::size_t to,
-                          std::exception_ptr e) {
-    ++st.fallbacks;
-    m.counter("keel_fallbacks_total", "Moves from one entry to the next.",
-              {{"from", cfg.entries[from].name()}, {"to", cfg.entries[to].name()}})
-        .inc();
-    log.log(log_level::info, "fallback", "",
-            {{"id", item_of(context).id},
-             {"from", cfg.entries[from].name()},
-             {"to", cfg.entries[to].name()},
-             {"class", llm::error_class(e)}});
-  };
-  hooks.on_breaker = [&](std::size_t entry, keel::breaker_state from, keel::breaker_state to) {
-    const std::string& name = cfg.entries[entry].name();
-    if (to == keel::breaker_state::open) {
-      ++st.breaker_opens;
-      m.counter("keel_breaker_opens_total", "Times a breaker opened.", {{"model", name}}).inc();
-    }
-    m.gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
-            {{"model", name}})
-        .set(breaker_state_value(to));
-    log.log(to == keel::breaker_state::open ? log_level::warning : log_level::info, "breaker", "",
-            {{"model", name}, {"from", keel::to_string(from)}, {"to", keel::to_string(to)}});
-  };
-  hooks.on_throttle_wait = [&](std::size_t entry, std::chrono::nanoseconds d) {
-    const double s = std::chrono::duration<double>(d).count();
-    ++st.throttle_waits;
-    st.throttled_seconds += s;
-    m.counter("keel_throttle_waits_total", "Attempts that waited for rate-limit capacity.",
-              {{"model", cfg.entries[entry].name()}})
-        .inc();
-    m.counter("keel_throttle_wait_seconds_total", "Time attempts waited for rate-limit capacity.",
-              {{"model", cfg.entries[entry].name()}})
-        .inc(s);
-  };
-  hooks.on_hold = [&](std::size_t entry, const void* context, std::chrono::nanoseconds left) {
-    ++st.breaker_holds;
-    m.counter("keel_breaker_holds_total",
-              "Times an item waited for an open breaker's probe (no fallback left).",
-              {{"model", cfg.entries[entry].name()}})
-        .inc();
-    if (log.enabled(log_level::debug)) {
-      log.log(log_level::debug, "hold", "",
-              {{"id", item_of(context).id},
-               {"model", cfg.entries[entry].name()},
-               {"probe_in", seconds_text(left)}});
-    }
-  };
+  watch_pacing(buckets, m, log);
+  const llm::client_hooks hooks = batch_hooks(cfg, st, m, log);
   llm::client_options co;
   co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
   co.attempt_slots = slots;
@@ -464,7 +328,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
           ++st.skipped;
           continue;
         }
-        rs.record_line_failure(raw->number, nullptr, "invalid_input",
+        rs.record_line_failure(raw->number, nullptr, record_invalid_input,
                                "line " + std::to_string(raw->number) + " is longer than " +
                                    std::to_string(max_line_bytes) + " bytes");
         continue;
@@ -475,7 +339,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
           ++st.skipped;
           continue;
         }
-        rs.record_line_failure(bad->line, bad->id, "invalid_input",
+        rs.record_line_failure(bad->line, bad->id, record_invalid_input,
                                "line " + std::to_string(bad->line) + ": " + bad->message);
         continue;
       }
@@ -485,7 +349,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
           ++st.skipped;
           continue;
         }
-        rs.record_line_failure(item.line, item.id, "duplicate_id",
+        rs.record_line_failure(item.line, item.id, record_duplicate_id,
                                "line " + std::to_string(item.line) + ": id " + item.key +
                                    " was already used on line " + std::to_string(it->second));
         continue;
@@ -512,47 +376,15 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
       --st.in_flight;
       in_flight_gauge.set(static_cast<double>(st.in_flight));
 
-      json rec;
-      rec["id"] = item.id;
-      rec["line"] = item.line;
       const llm::entry_config& entry = cfg.entries[out.entry];
       const std::string cls = llm::error_class(out.error);
-      if (out.response) {
-        const auto& r = *out.response;
-        rec["status"] = "ok";
-        rec["text"] = r.text;
-        rec["model"] =
-            r.model.empty()
-                ? (out.entry == 0 && !item.request.model.empty() ? item.request.model : entry.model)
-                : r.model;
-        rec["entry"] = entry.name();
-        rec["fallback"] = out.entry != 0;
-        rec["finish_reason"] = r.finish_reason;
-        rec["usage"] = {{"input", r.usage.input}, {"output", r.usage.output}};
-      } else if (cls == "cancelled") {
-        rec["status"] = "cancelled";
-        rec["error"] = {{"class", "cancelled"},
-                        {"condition", "cancelled"},
-                        {"message", "interrupted by a signal; rerun with --resume"}};
-      } else {
-        rec["status"] = "failed";
-        rec["error"] = llm::error_json(out.error);
-        rec["entry"] = entry.name();
-      }
-      rec["attempts"] = out.attempts;
-      rec["latency_ms"] = std::round(out.seconds * 1e4) / 10;
-      if (!item.metadata.is_null()) {
-        rec["metadata"] = item.metadata;
-      }
+      const std::optional<double> cost =
+          out.response ? answer_cost(entry, *out.response) : std::nullopt;
+      const json rec = outcome_record(item, out, entry, cost);
       // Tokens were billed whether or not the record could be written.
       if (out.response) {
-        if (entry.price) {
-          const double cost =
-              (static_cast<double>(out.response->usage.input) * entry.price->first +
-               static_cast<double>(out.response->usage.output) * entry.price->second) /
-              1000;
-          rec["cost"] = cost;
-          st.cost += cost;
+        if (cost) {
+          st.cost += *cost;
           ++st.priced;
         } else {
           ++st.unpriced;

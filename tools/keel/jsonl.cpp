@@ -1,5 +1,6 @@
 // Input items, the append-only results file and the resume scan of the keel command.
 #include "jsonl.hpp"
+#include "record.hpp"
 
 #include <keel/llm/json_depth.hpp>
 
@@ -561,22 +562,8 @@ resume_state prepare_resume(const std::string& path) {
       break;
     }
     ++number;
-    json rec;
-    bool ok = true;
-    try {
-      // A NUL ends nlohmann's input: "record + NUL padding" (what a power loss can leave) would
-      // parse as the record and be kept with its NULs. Too deep a line is not keel's either.
-      ok = text.find('\0') == std::string::npos &&
-           keel::llm::json_too_deep_at(text) == std::string_view::npos;
-      if (ok) {
-        rec = json::parse(text);
-      }
-      ok = ok && rec.is_object() && rec.contains("status") && rec.contains("line") &&
-           rec.contains("id") && rec["status"].is_string() && rec["line"].is_number_unsigned();
-    } catch (const json::exception&) {  // parse_error, or out_of_range for "1e400"
-      ok = false;
-    }
-    if (!ok) {
+    const std::optional<stored_record> rec = read_record(text);
+    if (!rec) {
       const bool last = !newline || std::getc(f) == EOF;
       if (last) {
         st.dropped_torn_tail = true;
@@ -587,23 +574,13 @@ resume_state prepare_resume(const std::string& path) {
       throw std::runtime_error(path + ":" + std::to_string(number) +
                                ": not a keel result record; fix or move the file before --resume");
     }
-    const std::string status = rec["status"].get<std::string>();
-    if (status == "cancelled") {
+    if (rec->status == record_status_cancelled) {
       ++st.dropped_cancelled;
       rewrite = true;
       continue;
     }
-    std::string cls;
-    if (auto e = rec.find("error");
-        e != rec.end() && e->is_object() && e->contains("class") && (*e)["class"].is_string()) {
-      cls = (*e)["class"].get<std::string>();
-    }
-    bool fresh;
-    if (cls == "invalid_input" || cls == "duplicate_id") {
-      fresh = st.done_lines.insert(rec["line"].get<std::size_t>()).second;
-    } else {
-      fresh = st.done_keys.insert(rec["id"].dump()).second;
-    }
+    const bool fresh = rec->about_line() ? st.done_lines.insert(rec->line).second
+                                         : st.done_keys.insert(rec->key).second;
     if (!fresh) {
       ++st.dropped_duplicates;
       rewrite = true;
@@ -611,7 +588,7 @@ resume_state prepare_resume(const std::string& path) {
     }
     kept.push_back(text);
     ++st.kept;
-    st.kept_failed += status == "failed" ? 1 : 0;
+    st.kept_failed += rec->status == record_status_failed ? 1 : 0;
     if (!newline) {
       rewrite = true;  // appending after it would join two records on one line
     }

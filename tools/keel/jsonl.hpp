@@ -14,6 +14,8 @@
 // descriptor, so each record reaches the kernel whole as soon as it is decided (a `kill -9`
 // cannot lose a written record, and can at worst leave one torn last line).
 //
+// What a record holds, and how --resume reads one back, is in record.hpp.
+//
 // Every record carries `id` and `line` (the input line number). Resume identifies work by id:
 // an item whose id already has an `ok` or `failed` record is skipped. Lines whose record is
 // about the line itself (`invalid_input`, `duplicate_id`) are identified by line number.

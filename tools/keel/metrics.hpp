@@ -29,7 +29,8 @@
 // counters, base units), which `promtool check metrics` lints.
 //
 // `metrics_server` serves `registry.render()` over HTTP/1.1 (keep-alive) on an Asio executor, for
-// a Prometheus server to scrape.
+// a Prometheus server to scrape. (The registry is implemented in metrics.cpp, the server in
+// metrics_server.cpp.)
 //
 // Example:
 //

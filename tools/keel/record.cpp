@@ -1,0 +1,106 @@
+// The results file's records: built for `keel batch` and read back for `--resume` (record.hpp).
+#include "record.hpp"
+
+#include <keel/llm/json_depth.hpp>
+
+#include <cmath>
+#include <string_view>
+
+namespace keel::cli {
+
+using nlohmann::json;
+
+json line_failure_record(std::size_t line, const json& id, const std::string& cls,
+                         const std::string& message) {
+  json rec;
+  rec["id"] = id;
+  rec["line"] = line;
+  rec["status"] = record_status_failed;
+  rec["error"] = {{"class", cls}, {"condition", "permanent"}, {"message", message}};
+  rec["attempts"] = 0;
+  rec["latency_ms"] = 0;  // every record has it; nothing was sent
+  return rec;
+}
+
+std::optional<double> answer_cost(const llm::entry_config& entry, const llm::chat_response& r) {
+  if (!entry.price) {
+    return std::nullopt;
+  }
+  return (static_cast<double>(r.usage.input) * entry.price->first +
+          static_cast<double>(r.usage.output) * entry.price->second) /
+         1000;
+}
+
+json outcome_record(const batch_item& item, const llm::call_outcome& out,
+                    const llm::entry_config& entry, std::optional<double> cost) {
+  json rec;
+  rec["id"] = item.id;
+  rec["line"] = item.line;
+  if (out.response) {
+    const auto& r = *out.response;
+    rec["status"] = record_status_ok;
+    rec["text"] = r.text;
+    rec["model"] =
+        r.model.empty()
+            ? (out.entry == 0 && !item.request.model.empty() ? item.request.model : entry.model)
+            : r.model;
+    rec["entry"] = entry.name();
+    rec["fallback"] = out.entry != 0;
+    rec["finish_reason"] = r.finish_reason;
+    rec["usage"] = {{"input", r.usage.input}, {"output", r.usage.output}};
+  } else if (llm::error_class(out.error) == "cancelled") {
+    rec["status"] = record_status_cancelled;
+    rec["error"] = {{"class", "cancelled"},
+                    {"condition", "cancelled"},
+                    {"message", "interrupted by a signal; rerun with --resume"}};
+  } else {
+    rec["status"] = record_status_failed;
+    rec["error"] = llm::error_json(out.error);
+    rec["entry"] = entry.name();
+  }
+  rec["attempts"] = out.attempts;
+  rec["latency_ms"] = std::round(out.seconds * 1e4) / 10;
+  if (!item.metadata.is_null()) {
+    rec["metadata"] = item.metadata;
+  }
+  if (out.response && cost) {
+    rec["cost"] = *cost;
+  }
+  return rec;
+}
+
+bool stored_record::about_line() const {
+  return error_class == record_invalid_input || error_class == record_duplicate_id;
+}
+
+std::optional<stored_record> read_record(const std::string& text) {
+  json rec;
+  bool ok = true;
+  try {
+    // A NUL ends nlohmann's input: "record + NUL padding" (what a power loss can leave) would
+    // parse as the record and be kept with its NULs. Too deep a line is not keel's either.
+    ok = text.find('\0') == std::string::npos &&
+         keel::llm::json_too_deep_at(text) == std::string_view::npos;
+    if (ok) {
+      rec = json::parse(text);
+    }
+    ok = ok && rec.is_object() && rec.contains("status") && rec.contains("line") &&
+         rec.contains("id") && rec["status"].is_string() && rec["line"].is_number_unsigned();
+  } catch (const json::exception&) {  // parse_error, or out_of_range for "1e400"
+    ok = false;
+  }
+  if (!ok) {
+    return std::nullopt;
+  }
+  stored_record out;
+  out.status = rec["status"].get<std::string>();
+  out.line = rec["line"].get<std::size_t>();
+  out.key = rec["id"].dump();
+  if (auto e = rec.find("error");
+      e != rec.end() && e->is_object() && e->contains("class") && (*e)["class"].is_string()) {
+    out.error_class = (*e)["class"].get<std::string>();
+  }
+  return out;
+}
+
+}  // namespace keel::cli
