@@ -14,10 +14,10 @@
 #include <keel/llm/tokens.hpp>
 #include <keel/rate_controller.hpp>
 #include <keel/testing/mock_llm_server.hpp>
+#include <keel/testing/mock_llm_thread.hpp>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -33,7 +33,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace keel::cli {
@@ -69,54 +68,6 @@ double current_rss_mib() {
   return static_cast<double>(resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) /
          (1024.0 * 1024.0);
 }
-
-// The mock server on its own thread and io_context, as a provider would be on another machine
-// (here: the second core). Measures its thread's CPU time when it stops.
-class bench_mock {
- public:
-  bench_mock(const keel::testing::scenario& s, std::uint64_t seed)
-      : work_(ctx_.get_executor()), server_(ctx_, options(seed)) {
-    server_.set_scenario(s);
-    server_.start();
-    thread_ = std::thread([this] {
-      ctx_.run();
-      cpu_seconds_ = cpu_seconds(RUSAGE_THREAD);
-    });
-  }
-  ~bench_mock() { stop(); }
-  bench_mock(const bench_mock&) = delete;
-  bench_mock& operator=(const bench_mock&) = delete;
-
-  // Stops the server and its thread; returns the thread's CPU seconds.
-  double stop() {
-    if (thread_.joinable()) {
-      asio::post(ctx_, [this] {
-        server_.stop();
-        work_.reset();
-      });
-      thread_.join();
-    }
-    return cpu_seconds_;
-  }
-  std::string base_url() const { return server_.base_url(); }
-  keel::testing::mock_stats stats() const { return server_.stats(); }
-  // The limit in force now for `model` (thread-safe: the server takes its lock).
-  keel::testing::rate_limits current_limit(const std::string& model) const {
-    return server_.current_limit(model);
-  }
-
- private:
-  static keel::testing::mock_options options(std::uint64_t seed) {
-    keel::testing::mock_options o;
-    o.seed = seed;
-    return o;
-  }
-  asio::io_context ctx_;
-  asio::executor_work_guard<asio::io_context::executor_type> work_;
-  keel::testing::mock_llm_server server_;
-  std::thread thread_;
-  double cpu_seconds_ = 0;
-};
 
 // Everything one run observes, fed by the client's hooks and the workers.
 struct recorder {
@@ -270,7 +221,7 @@ struct rate_sampler {
   std::vector<std::string> phase;              // the request dimension's phase
   bool any_tokens = false;
 
-  void sample(const bench_mock* mock, const std::string& model,
+  void sample(const keel::testing::mock_llm_thread* mock, const std::string& model,
               const keel::rate_controller* controller) {
     if (mock) {
       const auto l = mock->current_limit(model);
@@ -321,13 +272,15 @@ struct rate_sampler {
 
 json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
   const double rss_start = current_rss_mib();
-  std::unique_ptr<bench_mock> mock;
+  std::unique_ptr<keel::testing::mock_llm_thread> mock;
   std::string url = opts.url;
   if (url.empty()) {
-    mock = std::make_unique<bench_mock>(
+    keel::testing::mock_options mo;
+    mo.seed = opts.seed;
+    mock = std::make_unique<keel::testing::mock_llm_thread>(
         keel::testing::scenario::from_json(
             bench_scenario_json(spec.fault, spec.rate > 0 ? spec.rate : bench_default_rate)),
-        opts.seed);
+        mo);
     url = mock->base_url();
   }
   const llm::client_config cfg = bench_config(spec, url, opts);

@@ -2,8 +2,8 @@
 #include "demo.hpp"
 
 #include <keel/testing/mock_llm_server.hpp>
+#include <keel/testing/mock_llm_thread.hpp>
 
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 
@@ -11,7 +11,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <thread>
 
 namespace keel::cli {
 
@@ -57,37 +56,6 @@ const char* const demo_scenario = R"({
   }
 })";
 
-// The mock on its own thread.
-class mock_thread {
- public:
-  explicit mock_thread(const keel::testing::scenario& s, std::uint64_t seed)
-      : work_(ctx_.get_executor()), server_(ctx_, make_options(seed)) {
-    server_.set_scenario(s);
-    server_.start();
-    thread_ = std::thread([this] { ctx_.run(); });
-  }
-  ~mock_thread() {
-    boost::asio::post(ctx_, [this] {
-      server_.stop();
-      work_.reset();
-    });
-    thread_.join();
-  }
-  std::string base_url() const { return server_.base_url(); }
-  keel::testing::mock_stats stats() const { return server_.stats(); }
-
- private:
-  static keel::testing::mock_options make_options(std::uint64_t seed) {
-    keel::testing::mock_options o;
-    o.seed = seed;
-    return o;
-  }
-  boost::asio::io_context ctx_;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
-  keel::testing::mock_llm_server server_;
-  std::thread thread_;
-};
-
 std::string status_line(const keel::testing::mock_model_stats& s) {
   std::string out = std::to_string(s.requests) + " requests:";
   bool first = true;
@@ -117,7 +85,9 @@ int run_with_mock(const std::string& scenario, llm::client_config cfg, batch_opt
   const keel::testing::scenario s = scenario == "demo"
                                         ? keel::testing::scenario::from_json(demo_scenario)
                                         : keel::testing::load_scenario(scenario);
-  mock_thread mock(s, opts.seed);
+  keel::testing::mock_options mo;
+  mo.seed = opts.seed;
+  keel::testing::mock_llm_thread mock(s, mo);
   for (auto& e : cfg.entries) {
     e.base_url = mock.base_url();
   }
