@@ -3,6 +3,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <type_traits>
+
 #include <string>
 
 TEST_CASE("estimate_tokens counts text, per-message overhead and the reply budget",
@@ -25,4 +27,16 @@ TEST_CASE("estimate_tokens counts text, per-message overhead and the reply budge
 TEST_CASE("estimate_tokens errs high on non-Latin text", "[llm][tokens]") {
   keel::llm::chat_request req("m", {{"user", "\xE4\xBD\xA0\xE5\xA5\xBD"}}, 0);  // two CJK chars
   CHECK(keel::llm::estimate_tokens(req) == 3 + 2 + 4);
+}
+
+TEST_CASE("token counts meet the throttler as doubles: the estimate and the usage total",
+          "[llm][tokens]") {
+  static_assert(std::is_same_v<decltype(keel::llm::estimate_tokens(keel::llm::chat_request{})),
+                               double>);
+  keel::llm::token_usage u;
+  u.input = 12;
+  u.output = 30;
+  CHECK(u.total() == 42.0);
+  keel::llm::chat_request req("m", {{"user", "abcd"}}, 10);
+  CHECK(keel::llm::estimate_tokens(req) == 3.0 + (1 + 4) + 10);
 }

@@ -29,7 +29,7 @@
 //     keel::throttler bucket{ex, {.requests_per_second = 50, .burst = 10,
 //                                 .tokens_per_minute = 90'000}};
 //
-//     const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
+//     const double estimate = keel::llm::estimate_tokens(req);
 //     co_await bucket.acquire({.requests = 1, .tokens = estimate});
 //     keel::llm::chat_response reply = co_await keel::llm::complete(http, ep, req);
 //     bucket.settle(estimate, static_cast<double>(reply.usage.input + reply.usage.output));

@@ -299,7 +299,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   if (slots_ && !cs.slot) {
     cs.slot = co_await slots_->acquire();  // given up while the call slept; FIFO
   }
-  const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
+  const double estimate = keel::llm::estimate_tokens(req);
   keel::throttle_cost cost;
   cost.requests = 1;
   cost.tokens = estimate;
@@ -378,7 +378,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   // (without, 102,800 configured tokens/s paced 635-token estimates at 162 calls/s, not 200).
   if (!es.pacing ||
       settles_token_usage(es.pacing->tokens().phase, es.cfg->rate_limits.tokens_per_minute)) {
-    es.bucket->settle(estimate, static_cast<double>(reply->usage.input + reply->usage.output));
+    es.bucket->settle(estimate, reply->usage.total());
   }
   if (es.pacing) {
     es.pacing->on_accepted(ticket);

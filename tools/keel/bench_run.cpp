@@ -459,7 +459,9 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
     j["timeline"]["ok_tokens"] = rec.bin_ok_tokens;
     j["token_cost"] = {
         {"server", mock_tokens(token_prompt_bytes)},
-        {"client_estimate", items.empty() ? 0 : keel::llm::estimate_tokens(items.front().request)}};
+        {"client_estimate", items.empty() ? 0
+                                          : static_cast<long long>(keel::llm::estimate_tokens(
+                                                items.front().request))}};
   }
   if (!pacing.is_null()) {
     j["pacing"] = pacing;

@@ -140,6 +140,8 @@ struct token_usage {
   long long input = 0;
   /// Completion tokens.
   long long output = 0;
+  /// Input plus output, in the throttler's unit (`keel::throttler::settle`).
+  double total() const noexcept { return static_cast<double>(input + output); }
 };
 
 /// A successful chat completion.

@@ -18,8 +18,15 @@
 //
 // Example:
 //
-//     const double estimate = static_cast<double>(keel::llm::estimate_tokens(req));
+//     const double estimate = keel::llm::estimate_tokens(req);
 //     co_await bucket.acquire({.requests = 1, .tokens = estimate});   // a keel::throttler
+//     ...
+//     bucket.settle(estimate, reply.usage.total());
+//
+// Token counts are `double` wherever they meet pacing (`keel::throttle_cost::tokens`,
+// `keel::throttler::settle`, `keel::rate_controller`, `rate_limit_info::limit_tokens`, this
+// estimate, `token_usage::total()`): buckets refill continuously, so fractions are meaningful.
+// The provider's billed counts (`token_usage::input`/`output`) stay integers.
 //
 // Thread safety: a pure function.
 
@@ -35,8 +42,8 @@ inline constexpr long long tokens_per_message = 4;
 inline constexpr long long tokens_reply_priming = 3;
 
 /// Estimates the tokens `req` will consume (prompt plus the full reply budget); see the header.
-/// @return a non-negative estimate.
-inline long long estimate_tokens(const chat_request& req) noexcept {
+/// @return a non-negative whole number, as a `double` (the throttler's unit).
+inline double estimate_tokens(const chat_request& req) noexcept {
   auto text_tokens = [](const std::string& s) {
     return static_cast<long long>((s.size() + 3) / 4);
   };
@@ -48,7 +55,7 @@ inline long long estimate_tokens(const chat_request& req) noexcept {
     total += text_tokens(m.content) + tokens_per_message;
   }
   total += std::max(req.max_tokens, 0);
-  return total;
+  return static_cast<double>(total);
 }
 
 }  // namespace keel::llm
