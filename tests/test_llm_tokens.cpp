@@ -31,8 +31,8 @@ TEST_CASE("estimate_tokens errs high on non-Latin text", "[llm][tokens]") {
 
 TEST_CASE("token counts meet the throttler as doubles: the estimate and the usage total",
           "[llm][tokens]") {
-  static_assert(std::is_same_v<decltype(keel::llm::estimate_tokens(keel::llm::chat_request{})),
-                               double>);
+  static_assert(
+      std::is_same_v<decltype(keel::llm::estimate_tokens(keel::llm::chat_request{})), double>);
   keel::llm::token_usage u;
   u.input = 12;
   u.output = 30;
