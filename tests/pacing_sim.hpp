@@ -56,6 +56,7 @@ struct server_spec {
   std::optional<nanoseconds> retry_after = std::chrono::seconds(1);  // constant; nullopt: none
   bool exact_retry_after = false;  // the limiter's exact wait instead of the constant
   double p_error = 0;              // probability of a 503 after admission
+  double p_throttle = 0;           // probability of a 429 whatever the rate (a busy shared pool)
   nanoseconds arrival_jitter{0};   // each request reaches the server up to this much later
   bool advertise = false;          // send the limit (as rate-limit headers would)
 };
@@ -259,7 +260,9 @@ inline result run(const server_spec& ss, const client_spec& cs,
             faults.uniform() * static_cast<double>(ss.arrival_jitter.count()))));
       }
       const double t = seconds(clock::now());
-      const auto d = server.arrive(t, tokens);
+      // A random 429 is decided before the limiter, which it does not charge.
+      const bool noise = ss.p_throttle > 0 && faults.uniform() < ss.p_throttle;
+      const auto d = noise ? server_model::decision{false, false, 0} : server.arrive(t, tokens);
       if (!d.admitted) {
         ++res.rejected;
         bin_of(t).rejected += 1;

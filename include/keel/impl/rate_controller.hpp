@@ -60,7 +60,7 @@ class rate_controller_state {
   static constexpr std::size_t max_log = 1 << 16;
   // Send-time bins for the accepted rate of the last second.
   static constexpr auto bin_width = std::chrono::milliseconds(50);
-  static constexpr std::size_t bin_count = 40;
+  static constexpr std::size_t bin_count = 80;       // four seconds: a trial looks 1 s back, 3 s on
   static constexpr std::int64_t accepted_bins = 20;  // one second
   // The probe gain stops doubling after this many rounds (probe_step x 1023).
   static constexpr int max_probe_round = 10;
@@ -74,6 +74,10 @@ class rate_controller_state {
   // they are open) must not make every later sample look too short to trust.
   static constexpr auto latency_half_life = std::chrono::seconds(1);
   static constexpr auto spread_memory = std::chrono::seconds(1);
+  // Rate-independent refusals (see `start_trial`): a trial compares two halves of
+  // `trial_half` (by send time), and ends without a verdict after `trial_max`.
+  static constexpr auto trial_half = std::chrono::milliseconds(500);
+  static constexpr auto trial_max = std::chrono::seconds(3);
 
   rate_controller_state(basic_throttler<Clock>& bucket, const rate_controller_options& o)
       : bucket_(bucket), o_(normalized(o)), epoch_(Clock::now()) {
@@ -209,9 +213,16 @@ class rate_controller_state {
         server_burst_ = std::min(server_burst_, static_cast<double>(t.seq - 1));
       }
       resolve(t.seq);
-      record_rejection(t, di, now);
-      react(di, now, hint);
-      on_rejection(di, t);
+      count_refused(t);
+      note_reject_latency(t, now);
+      if (!only_noise(di, t.sent, now)) {
+        if (!dims_[di].trial) {
+          start_trial(di, now);
+        }
+        log_rejection(t, di);
+        react(di, now, hint);
+        on_rejection(di, t);
+      }
     }
     update(now);
   }
@@ -270,6 +281,16 @@ class rate_controller_state {
     double episode_best = 0;    // accepted work of the episode's adopted sample
     double episode_floor = 0;   // lowest estimate the episode's under-measured samples may set
     time_point adopted_at{};    // when the estimate was last set
+    // Refusals that do not depend on the rate (see `start_trial`).
+    double noise = 0;            // the share refused that a lower rate did not reduce
+    time_point noise_updated{};  // when `noise` last followed the refused share
+    bool trial = false;          // a cut is being tried
+    time_point trial_at{};       // the 429 that started it
+    time_point wave_end{};       // sends before it belong to the latest episode's wave
+    time_point trial_next{};     // when to look at it next
+    pacing_phase trial_phase{};  // the phase, rate and estimate before it
+    double trial_rate = 0;
+    double trial_estimate = 0;
     // The episode.
     bool in_episode = false;
     rejection first{};
@@ -379,27 +400,234 @@ class rate_controller_state {
     return b;
   }
 
-  // Work sent over the last second and not rejected, per second.
-  double accepted_rate(std::size_t di, time_point now) const {
+  // Work sent and not rejected, per second: over the last second, or the last `bins` bins.
+  double accepted_rate(std::size_t di, time_point now, std::int64_t bins = accepted_bins) const {
     const std::int64_t cur = bin_index(now);
     double sum = 0;
     for (const bin& b : bins_) {
-      if (b.index >= 0 && b.index > cur - accepted_bins && b.index <= cur) {
+      if (b.index >= 0 && b.index > cur - bins && b.index <= cur) {
         sum += b.sent[di] - b.rejected[di];
       }
     }
-    return std::max(0.0, sum);
+    return std::max(0.0, sum) * static_cast<double>(accepted_bins) / static_cast<double>(bins);
+  }
+
+  // ---- refusals that do not depend on the rate ----
+  //
+  // A server may refuse a share of calls whatever the rate: a shared pool that is busy with
+  // other tenants, a flaky proxy, keel's mock with a `rate_limit` fault. Each such 429 looks like
+  // a limit crossed, and the estimators above take the client's own accepted rate for the
+  // limit; 429s that keep coming at the same share ratchet it down (5% random 429s and no limit
+  // at all took the estimate from 210 r/s to 55 r/s within 4 s, and a batch from thousands of
+  // items per second to 26). The difference is an experiment the cut already makes: a
+  // token-bucket limiter refuses nothing once the client sends below what it accepted, while
+  // random refusals keep their share at any rate. So every 429 that starts a reaction (with no
+  // trial running) starts a *trial*: its verdict compares the share refused over the second
+  // before it with the share refused after it, once the client sends clearly less than the
+  // server accepted before (below (1 - margin) of it). If the share stayed at least half of
+  // what it was (above the noise already known), the refusals do not depend on the rate: the
+  // pacing goes back to where it was before the trial, and the share becomes the dimension's
+  // *noise*. Later 429s are rate signals only while the share refused over the last second is
+  // above the noise by more than the margin (and three standard deviations of its sampling
+  // error); others are counted, not reacted to. The noise only decays (when the refusals fade),
+  // never rises without a trial: a client slightly above a real limit also sees a small steady
+  // share, and learning it as noise would let the client drift above the limit.
+
+  struct counts {
+    double sent = 0;
+    double rejected = 0;
+    double span = 0;  // seconds covered by the bins counted
+  };
+
+  // Work sent and refused, by send time, in the bins that overlap [from, to) (clipped to the
+  // controller's epoch and to `now`).
+  counts window(std::size_t di, time_point from, time_point to, time_point now) const {
+    counts c;
+    from = std::max(from, epoch_);
+    to = std::min(to, now);
+    if (to <= from) {
+      return c;
+    }
+    const duration w = to_duration(bin_width);
+    const std::int64_t lo = (from - epoch_) / w;
+    const std::int64_t hi = (to - epoch_ + w - duration(1)) / w;
+    for (const bin& b : bins_) {
+      if (b.index >= lo && b.index < hi) {
+        c.sent += b.sent[di];
+        c.rejected += b.rejected[di];
+      }
+    }
+    const time_point end = std::min(epoch_ + w * hi, now);
+    c.span = std::max(0.0, seconds(end - (epoch_ + w * lo)));
+    return c;
+  }
+
+  // The share of the noise plus what sampling error allows for `sent` units of work.
+  double noise_bound(std::size_t di, double sent) const {
+    const double p = dims_[di].noise;
+    const double n = std::max(1.0, sent / unit_of(di));
+    return p + std::max({o_.margin, p / 2, 3 * std::sqrt(p * (1 - p) / n)});
+  }
+
+  // True if the 429 just counted for a send at `sent` leaves the share refused within the noise:
+  // over the last second, but not before the latest episode's wave (whose 429s are the reason
+  // for a cut already made, and would make every later random 429 look like a limit for a
+  // second). A 429 of that wave itself is never noise: the episode measures the limit with it.
+  bool only_noise(std::size_t di, time_point sent, time_point now) const {
+    const dim& d = dims_[di];
+    if (d.noise <= 0 || sent < d.wave_end) {
+      return false;
+    }
+    const counts c =
+        window(di, std::max(now - to_duration(std::chrono::seconds(1)), d.wave_end), now, now);
+    return c.sent > 0 && c.rejected / c.sent <= noise_bound(di, c.sent);
+  }
+
+  void start_trial(std::size_t di, time_point now) {
+    dim& d = dims_[di];
+    d.trial = true;
+    d.trial_at = now;
+    d.trial_next = saturating_add(now, settle_time() + to_duration(std::chrono::milliseconds(1)));
+    d.trial_phase = d.phase;
+    d.trial_rate = d.rate;
+    d.trial_estimate = d.estimate;
+  }
+
+  // Looks at a running trial (every 50 ms once its two halves have been sent): see above.
+  void check_trial(std::size_t di, time_point now) {
+    dim& d = dims_[di];
+    if (!d.trial || now < d.trial_next) {
+      return;
+    }
+    d.trial_next = saturating_add(now, to_duration(std::chrono::milliseconds(50)));
+    if (now - d.trial_at >= to_duration(trial_max)) {
+      d.trial = false;  // no verdict: the refusals stopped, or the rate never fell
+    }
+    const duration settle = settle_time();
+    // Before: the second up to the 429 and the sends whose 429s it heralded.
+    const counts before =
+        window(di, d.trial_at - to_duration(std::chrono::seconds(1)), d.trial_at + settle, now);
+    const double unit = unit_of(di);
+    if (before.span <= 0 || before.sent < 10 * unit) {
+      d.trial = false;  // too few calls before it to compare with: the next 429 tries again
+      return;
+    }
+    const time_point half = d.trial_at + to_duration(trial_half);
+    if (now < half + to_duration(trial_half) + settle) {
+      d.trial_next = half + to_duration(trial_half) + settle;
+      return;
+    }
+    const counts after = window(di, half, now - settle, now);
+    if (after.span <= 0 || after.sent < 10 * unit || after.rejected < 3 * unit) {
+      return;
+    }
+    // Of the two windows, `lo` sent at the lower rate. A token-bucket limiter that refused a
+    // share of `hi` accepted about its limit there, and refuses next to nothing of `lo` if `lo`
+    // sent clearly less than that. So if `lo` sent below 90% of what `hi` got accepted, and its
+    // share refused stayed (at least half of `hi`'s, or not lower by two standard errors: the
+    // first second of a run has a few dozen calls), the refusals do not depend on the rate.
+    // A limit that fell refused next to nothing before its first 429, and one crossed by a
+    // probe refuses a share below the margin: `hi` must have refused at least the margin.
+    const bool after_lower = after.sent / after.span <= before.sent / before.span;
+    const counts& lo = after_lower ? after : before;
+    const counts& hi = after_lower ? before : after;
+    const double accepted_hi = (hi.sent - hi.rejected) / hi.span;
+    const double share_lo = lo.rejected / lo.sent - d.noise;
+    const double share_hi = hi.rejected / hi.sent - d.noise;
+    const double pooled = (lo.rejected + hi.rejected) / (lo.sent + hi.sent) - d.noise;
+    const double error =
+        std::sqrt(std::max(0.0, pooled * (1 - pooled)) * (unit / lo.sent + unit / hi.sent));
+    const bool kept = share_lo >= 0.5 * share_hi || share_hi - share_lo < 2 * error;
+    if (lo.sent / lo.span <= 0.9 * accepted_hi && share_hi >= o_.margin && kept) {
+      d.trial = false;
+      d.noise = (lo.rejected + hi.rejected) / (lo.sent + hi.sent);
+      d.noise_updated = now;
+      undo_trial(di, now, accepted_hi);
+    }
+  }
+
+  // The trial found noise: pacing goes back to where it was before it.
+  void undo_trial(std::size_t di, time_point now, double accepted) {
+    dim& d = dims_[di];
+    switch (d.trial_phase) {
+      case pacing_phase::unlimited:
+        d.phase = pacing_phase::unlimited;
+        d.rate = 0;
+        d.estimate = d.trial_estimate;
+        break;
+      case pacing_phase::fixed:
+        d.phase = pacing_phase::fixed;
+        d.rate = d.trial_rate;
+        d.estimate = d.trial_estimate;
+        break;
+      case pacing_phase::startup:
+        if (di == req) {
+          server_burst_ = 0;  // it was the noise's first 429, not the server's burst
+        }
+        [[fallthrough]];
+      case pacing_phase::search:
+        // What the server accepted before the trial is a rate it takes.
+        d.estimate = std::max(d.trial_estimate, accepted);
+        d.phase = pacing_phase::cruise;
+        d.rate = base_rate(di);
+        break;
+      case pacing_phase::cruise:
+      case pacing_phase::probe:
+        d.estimate = std::max(d.estimate, d.trial_estimate);
+        d.phase = pacing_phase::cruise;
+        d.rate = base_rate(di);
+        break;
+    }
+    d.adopted_at = now;
+    d.reacting = false;
+    d.in_episode = false;
+    d.previous = rejection{};  // no sample reaches back across the noise
+    if (d.phase == pacing_phase::cruise) {
+      // The cuts the noise made were the plateau: probe up from the restored rate at once.
+      d.plateau_until = now;
+    } else if (d.phase == pacing_phase::fixed && d.estimate > 0) {
+      start_plateau(d, now);
+    }
+  }
+
+  // Once a second, the noise fades if the refusals do (it never rises without a trial: see
+  // above).
+  void decay_noise(std::size_t di, time_point now) {
+    dim& d = dims_[di];
+    if (d.noise <= 0 || d.trial || now - d.noise_updated < to_duration(std::chrono::seconds(1))) {
+      return;
+    }
+    d.noise_updated = now;
+    const duration settle = settle_time();
+    const counts c =
+        window(di, now - settle - to_duration(std::chrono::seconds(1)), now - settle, now);
+    if (c.sent < 20 * unit_of(di)) {
+      return;
+    }
+    // Only a share well below the noise moves it: following every second's share down (and
+    // never up) would walk it to the low end of its sampling spread.
+    const double share = c.rejected / c.sent;
+    if (share < 0.5 * d.noise) {
+      d.noise = 0.7 * d.noise + 0.3 * share;
+    }
+    if (d.noise < 0.002) {
+      d.noise = 0;
+    }
   }
 
   // ---- the rejection log ----
 
-  void record_rejection(const ticket& t, std::size_t di, time_point now) {
+  // Counts a 429 in the bin of its send (if the bin is still kept).
+  void count_refused(const ticket& t) {
     const std::int64_t i = bin_index(t.sent);
     bin& b = bins_[static_cast<std::size_t>(i % static_cast<std::int64_t>(bin_count))];
     if (b.index == i) {
       b.rejected[req] += 1;
       b.rejected[tok] += t.tokens;
     }
+  }
+
+  void log_rejection(const ticket& t, std::size_t di) {
     // Reports arrive nearly in send order: insert from the back.
     auto it = log_.end();
     while (it != log_.begin() && std::prev(it)->seq > t.seq) {
@@ -410,7 +638,10 @@ class rate_controller_state {
            (log_.front().sent < t.sent - to_duration(log_span) || log_.size() > max_log)) {
       log_.pop_front();
     }
-    // How long a 429 takes to come back: a slowly decaying maximum.
+  }
+
+  // How long a 429 takes to come back: a slowly decaying maximum.
+  void note_reject_latency(const ticket& t, time_point now) {
     const duration latency = now > t.sent ? now - t.sent : duration::zero();
     reject_latency_ = std::max(latency, reject_latency(now));
     reject_latency_at_ = now;
@@ -548,6 +779,7 @@ class rate_controller_state {
     }
     if (!d.reacting) {
       d.reacting = true;
+      d.wave_end = saturating_add(now, settle_time());
       d.block_until = time_point{};
       switch (d.phase) {
         case pacing_phase::startup:
@@ -902,9 +1134,13 @@ class rate_controller_state {
   void update(time_point now) {
     bool waiting_known = false;
     bool waiting = false;
+    // Calls wait for the bucket now, or one did since the last update (at concurrency 1 the
+    // only caller is never queued when it sends or gets its answer).
     auto bottleneck = [&] {
       if (!waiting_known) {
-        waiting = bucket_.waiters() > 0;
+        const std::uint64_t waits = bucket_.total_waits();
+        waiting = bucket_.waiters() > 0 || waits != waits_seen_;
+        waits_seen_ = waits;
         waiting_known = true;
       }
       return waiting;
@@ -936,6 +1172,8 @@ class rate_controller_state {
       dim& d = dims_[di];
       const duration dt = now > d.last_update ? now - d.last_update : duration::zero();
       d.last_update = std::max(d.last_update, now);
+      check_trial(di, now);
+      decay_noise(di, now);
       // An episode ends after `quiet` without a 429.
       if (d.reacting && now - d.last_arrival >= to_duration(o_.quiet)) {
         end_episode(di, now);
@@ -974,6 +1212,17 @@ class rate_controller_state {
         const int k = static_cast<int>(std::min<double>(
             max_probe_round,
             std::floor(std::chrono::duration<double>(d.probe_elapsed).count() / round_s) + 1));
+        if (k == max_probe_round && d.estimate > 0 &&
+            d.probe_elapsed >=
+                to_duration(std::chrono::duration<double>(round_s * (max_probe_round + 1)))) {
+          // The last round went by with no 429 (or only noise) while calls waited for the
+          // bucket: the server took all of it. Its accepted rate is a floor of the limit; probe on
+          // from there (a server with no limit but random 429s would otherwise cap the client at
+          // the last round's gain).
+          d.estimate = std::max(d.estimate, accepted_rate(di, now, 4));  // the last 200 ms
+          d.adopted_at = now;
+          d.probe_elapsed = duration::zero();
+        }
         const double gain = o_.probe_step * (std::exp2(k) - 1);
         d.rate = clamp_rate(di, base_rate(di) * (1 + gain));
       }
@@ -1057,6 +1306,7 @@ class rate_controller_state {
   double slots_freed_ = 0;                     // startup slots to give back to the bucket
   std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
   double server_burst_ = 0;                    // calls accepted before the first 429 (0: not seen)
+  std::uint64_t waits_seen_ = 0;               // the bucket's total_waits() at the last look
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};
