@@ -9,6 +9,7 @@
 #include "line_feed.hpp"
 #include "metrics.hpp"
 #include "record.hpp"
+#include "results_file.hpp"
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
