@@ -1,7 +1,8 @@
-// Tests of the keel command's input parsing, results file and resume scan (tools/keel/jsonl.hpp),
-// and of the summary statistics (tools/keel/stats.hpp).
+// Tests of the keel command's input parsing (tools/keel/jsonl.hpp), results file and resume scan
+// (tools/keel/results_file.hpp), and of the summary statistics (tools/keel/stats.hpp).
 #include "jsonl.hpp"
 #include "line_feed.hpp"
+#include "results_file.hpp"
 #include "stats.hpp"
 
 #include <keel/llm/json_depth.hpp>

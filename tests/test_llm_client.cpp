@@ -1,6 +1,8 @@
 // Tests of keel::llm::client's library surface (the owning constructor, `complete`, the opaque
 // per-call context, the pacing hook) against the mock server over loopback. The policy stack
-// itself (pacing, fallback, breakers, AWS modes) is tested in test_cli_client.cpp.
+// itself is tested in test_llm_client_fallback.cpp (fallback, breakers, attempt slots),
+// test_llm_client_pacing.cpp (429s, token buckets, learned limits) and test_llm_client_wire.cpp
+// (AWS modes, generation parameters, odd answers, redaction, private CAs).
 #include <keel/llm/client.hpp>
 
 #include <keel/testing/mock_llm_server.hpp>
@@ -63,7 +65,8 @@ T run(asio::io_context& ctx, Body body) {
 
 TEST_CASE(
     "an owning client completes a request with the entry's model when the request names "
-    "none, and hands its context to every hook") {
+    "none, and hands its context to every hook",
+    "[llm_client]") {
   asio::io_context ctx;
   keel::testing::mock_llm_server server{ctx, {.seed = 1}};
   server.set_plan("primary", fault_plan{}.with_script({fault_kind::unavailable}));
@@ -93,7 +96,8 @@ TEST_CASE(
   CHECK(server.stats().status_count(503) == 1);
 }
 
-TEST_CASE("complete throws the call's final error, and error_class names its deciding kind") {
+TEST_CASE("complete throws the call's final error, and error_class names its deciding kind",
+          "[llm_client]") {
   asio::io_context ctx;
   keel::testing::mock_llm_server server{ctx, {.seed = 2}};
   // Both entries refuse the key: a permanent error, not retried, falls back, then fails.
@@ -124,7 +128,7 @@ TEST_CASE("complete throws the call's final error, and error_class names its dec
   CHECK(keel::llm::error_json(failure).dump().find("sk-test-key-123") == std::string::npos);
 }
 
-TEST_CASE("an owning client reports its buckets' pacing through the pacing hook") {
+TEST_CASE("an owning client reports its buckets' pacing through the pacing hook", "[llm_client]") {
   asio::io_context ctx;
   keel::testing::mock_llm_server server{ctx, {.seed = 3}};
   // A limiter without rate-limit headers and without Retry-After: only outcomes teach the rate.

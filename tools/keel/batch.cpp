@@ -1,13 +1,15 @@
-// `keel batch`: set-up, signals, progress, the workers and the summary (the client hooks are in
-// batch_hooks.cpp, the records' schema in record.cpp).
+// `keel batch`: set-up, progress, the workers and the summary (the signals are handled in
+// batch_signals.cpp, the client hooks in batch_hooks.cpp, the records' schema in record.cpp).
 #include "batch.hpp"
 #include "batch_detail.hpp"
+#include "batch_signals.hpp"
 
 #include <keel/llm/client.hpp>
 #include "jsonl.hpp"
 #include "line_feed.hpp"
 #include "metrics.hpp"
 #include "record.hpp"
+#include "results_file.hpp"
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
@@ -18,14 +20,14 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/redirect_error.hpp>
-#include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
-#include <cmath>
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -51,11 +53,12 @@ struct run_state {
   record_writer writer;
   resume_state resume;
   std::unordered_map<std::string, std::size_t> seen;  // key -> first line
-  std::vector<asio::cancellation_signal> cancels;
+  std::vector<asio::cancellation_signal> cancels;     // one per worker
   bool stopping = false;
-  int signal_number = 0;
   bool fatal = false;
   std::size_t workers_left = 0;
+  gauge* in_flight_gauge = nullptr;
+  histogram* item_latency = nullptr;
 
   run_state(const llm::client_config& c, const batch_options& o, logger& l, std::size_t workers)
       : cfg(c),
@@ -66,11 +69,37 @@ struct run_state {
         cancels(workers),
         workers_left(workers) {}
 
+  // The run's own metrics, registered before the client's (the exposition keeps this order).
+  void register_metrics() {
+    in_flight_gauge = &metrics.gauge("keel_in_flight", "Items being processed.");
+    item_latency = &metrics.histogram("keel_item_latency_seconds",
+                                      "Time from start to record of each item, fallbacks included.",
+                                      latency_buckets);
+    for (std::size_t i = 0; i < cfg.entries.size(); ++i) {
+      metrics
+          .gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
+                 {{"model", cfg.entries[i].name()}})
+          .set(0);
+    }
+  }
+
   // No new items: workers finish the item in hand, and a worker waiting for a line of a pipe
   // stops waiting.
   void stop() {
     stopping = true;
     feed.close();
+  }
+
+  // Cancels every worker's item in flight (a second signal, or the grace expired).
+  void cancel_all() {
+    for (auto& c : cancels) {
+      c.emit(asio::cancellation_type::terminal);
+    }
+  }
+
+  void set_in_flight(std::size_t n) {
+    stats.in_flight = n;
+    in_flight_gauge->set(static_cast<double>(n));
   }
 
   void count_item(const std::string& status) {
@@ -104,6 +133,53 @@ struct run_state {
     ++stats.failed_by_class[cls];
     count_item("failed");
     log.log(log_level::warning, cls, message, {{"line", line}, {"id", id}});
+  }
+
+  // Writes the record of an item the client ran and counts it into the summary and metrics.
+  void record_outcome(const batch_item& item, const llm::call_outcome& out) {
+    batch_stats& st = stats;
+    const llm::entry_config& entry = cfg.entries[out.entry];
+    const std::string cls = llm::error_class(out.error);
+    const std::optional<double> cost =
+        out.response ? answer_cost(entry, *out.response) : std::nullopt;
+    const json rec = outcome_record(item, out, entry, cost);
+    // Tokens were billed whether or not the record could be written.
+    if (out.response) {
+      if (cost) {
+        st.cost += *cost;
+        ++st.priced;
+      } else {
+        ++st.unpriced;
+      }
+      st.tokens_in += out.response->usage.input;
+      st.tokens_out += out.response->usage.output;
+      metrics.counter("keel_tokens_total", "Tokens billed.", {{"direction", "input"}})
+          .inc(static_cast<double>(out.response->usage.input));
+      metrics.counter("keel_tokens_total", "Tokens billed.", {{"direction", "output"}})
+          .inc(static_cast<double>(out.response->usage.output));
+    }
+    // The summary and the metrics count what the results file holds.
+    if (!write(rec)) {
+      return;
+    }
+    if (out.response) {
+      ++st.ok;
+      ++st.ok_by_model[entry.name()];
+      count_item("ok");
+    } else if (cls == "cancelled") {
+      ++st.cancelled;
+      count_item("cancelled");
+    } else {
+      ++st.failed;
+      ++st.failed_by_class[cls];
+      count_item("failed");
+      log.log(
+          log_level::error, "failed", "",
+          {{"id", item.id}, {"class", cls}, {"model", entry.name()}, {"attempts", out.attempts}});
+    }
+    ++st.done;
+    st.latencies.push_back(out.seconds);
+    item_latency->observe(out.seconds);
   }
 };
 
@@ -149,299 +225,196 @@ void claim_output(const batch_options& opts, std::optional<results_lock>& lock) 
   }
 }
 
-}  // namespace
-
-std::uint64_t random_seed() {
-  std::random_device device;
-  const std::uint64_t hi = device();
-  const std::uint64_t lo = device();
-  return ((hi << 32) ^ lo) & ((std::uint64_t{1} << 53) - 1);
-}
-
-int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log) {
-  std::optional<results_lock> lock;
-  claim_output(opts, lock);
-  resume_state resumed;
-  if (opts.resume) {
-    resumed = prepare_resume(opts.out);
-  }
-  const int concurrency = std::max(1, opts.concurrency.value_or(cfg.policy.concurrency));
-  // `concurrency` attempts in flight, and a quarter more workers: an item asleep before a retry
-  // (or held at an open breaker) gives its attempt slot to a spare worker's next item. A spare
-  // worker waits for a slot with its line read (at most `spare_workers` such lines).
-  const std::size_t slots = static_cast<std::size_t>(concurrency);
-  run_state rs(cfg, opts, log, slots + llm::spare_workers(slots));
-  rs.resume = std::move(resumed);
-  if (opts.resume) {
-    log.log(log_level::info, "resume", "results file scanned",
-            {{"file", opts.out},
-             {"kept", rs.resume.kept},
-             {"dropped_cancelled", rs.resume.dropped_cancelled},
-             {"dropped_duplicates", rs.resume.dropped_duplicates},
-             {"dropped_torn_tail", rs.resume.dropped_torn_tail}});
-  }
-  rs.stats.total = count_items(opts.in).value_or(0);
-  rs.stats.seed = opts.seed;
-  batch_stats& st = rs.stats;
-  log.log(log_level::info, "seed",
-          opts.seed_is_random ? "retry jitter seed drawn at random; --seed repeats it"
-                              : "retry jitter seed from --seed",
-          {{"seed", opts.seed}});
-  auto ex = rs.ctx.get_executor();
-
-  // ---- metrics --------------------------------------------------------------------------------
-  auto& m = rs.metrics;
-  std::unique_ptr<metrics_server> metrics_http;
-  if (opts.metrics_port) {
-    metrics_http = std::make_unique<metrics_server>(ex, m, "127.0.0.1", *opts.metrics_port);
-    metrics_http->start();
-    log.log(log_level::info, "metrics", "serving Prometheus metrics",
-            {{"url", "http://127.0.0.1:" + std::to_string(metrics_http->port()) + "/metrics"}});
-    if (opts.on_metrics_port) {
-      opts.on_metrics_port(metrics_http->port());
+// Ticks the progress display every 100 ms (the bar) or every --progress-interval (lines) until
+// `stop()`; `--progress quiet` never ticks.
+class progress_ticker {
+ public:
+  progress_ticker(asio::any_io_executor ex, progress_display& progress, const batch_options& opts)
+      : timer_(ex), progress_(progress) {
+    if (opts.progress == progress_mode::quiet) {
+      return;
     }
-  }
-  // Input open, output open, port bound: only now may --overwrite drop the earlier results.
-  if (opts.overwrite) {
-    rs.writer.truncate();
-  }
-  auto& in_flight_gauge = m.gauge("keel_in_flight", "Items being processed.");
-  auto& item_latency =
-      m.histogram("keel_item_latency_seconds",
-                  "Time from start to record of each item, fallbacks included.", latency_buckets);
-  for (std::size_t i = 0; i < cfg.entries.size(); ++i) {
-    m.gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
-            {{"model", cfg.entries[i].name()}})
-        .set(0);
-  }
-
-  // ---- client and hooks --------------------------------------------------------------------
-  keel::http::client_options ho;
-  ho.max_connections_per_host = static_cast<std::size_t>(std::max(64, concurrency));
-  llm::http_clients http(ex, ho);  // one per distinct ca_file (a client has one trust store)
-  llm::bucket_registry buckets(ex, opts.seed);
-  watch_pacing(buckets, m, log);
-  const llm::client_hooks hooks = batch_hooks(cfg, st, m, log);
-  llm::client_options co;
-  co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
-  co.attempt_slots = slots;
-  llm::client client(ex, cfg, http, buckets, hooks, opts.seed, co);
-
-  // ---- progress ------------------------------------------------------------------------------
-  progress_display progress(opts.progress, stderr, st);
-  if (opts.progress == progress_mode::bar) {
-    log.set_around_line([&] { progress.clear(); }, [&] { progress.redraw(); });
-  }
-  asio::steady_timer progress_timer(ex);
-  bool finished = false;
-  if (opts.progress != progress_mode::quiet) {
     const auto period = opts.progress == progress_mode::bar
                             ? std::chrono::milliseconds(100)
                             : std::chrono::milliseconds(static_cast<long long>(
                                   std::max(0.1, opts.progress_interval) * 1000));
-    asio::co_spawn(
-        ex,
-        [&, period]() -> asio::awaitable<void> {
-          while (!finished) {
-            progress_timer.expires_after(period);
-            boost::system::error_code ec;
-            co_await progress_timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-            if (!finished) {
-              progress.tick();
-            }
-          }
-        },
-        asio::detached);
+    asio::co_spawn(ex, tick_every(period), asio::detached);
   }
 
-  // ---- signals -------------------------------------------------------------------------------
-  asio::signal_set signals(ex, SIGINT, SIGTERM);
-  asio::steady_timer grace_timer(ex);
-  auto cancel_all = [&] {
-    for (auto& c : rs.cancels) {
-      c.emit(asio::cancellation_type::terminal);
-    }
-  };
-  std::function<void()> wait_signal = [&] {
-    signals.async_wait([&](const boost::system::error_code& ec, int signo) {
-      if (ec || finished) {
-        return;
-      }
-      if (!rs.stopping || rs.signal_number == 0) {
-        rs.stop();
-        rs.signal_number = signo;
-        log.log(
-            log_level::warning, "interrupted",
-            "no new items; waiting for the items in flight (signal again to cancel them now)",
-            {{"signal", signo == SIGINT ? "SIGINT" : "SIGTERM"},
-             {"in_flight", st.in_flight},
-             {"grace",
-              seconds_text(std::chrono::nanoseconds(static_cast<long long>(opts.grace * 1e9)))}});
-        grace_timer.expires_after(
-            std::chrono::nanoseconds(static_cast<long long>(std::max(0.0, opts.grace) * 1e9)));
-        grace_timer.async_wait([&](const boost::system::error_code& gec) {
-          if (!gec && !finished) {
-            log.log(log_level::warning, "grace_expired", "cancelling the items in flight",
-                    {{"in_flight", st.in_flight}});
-            cancel_all();
-          }
-        });
-        wait_signal();
-      } else {
-        log.log(log_level::warning, "interrupted", "second signal: cancelling the items in flight",
-                {{"in_flight", st.in_flight}});
-        cancel_all();
-      }
-    });
-  };
-  wait_signal();
+  void stop() {
+    stopped_ = true;
+    timer_.cancel();
+  }
 
-  // ---- workers -------------------------------------------------------------------------------
-  const int default_max_tokens = 1024;
-  auto shutdown = [&] {
-    finished = true;
-    rs.feed.close();
-    boost::system::error_code ignored;
-    signals.cancel(ignored);
-    grace_timer.cancel();
-    progress_timer.cancel();
-    if (metrics_http) {
-      metrics_http->stop();
+ private:
+  asio::awaitable<void> tick_every(std::chrono::milliseconds period) {
+    while (!stopped_) {
+      timer_.expires_after(period);
+      boost::system::error_code ec;
+      co_await timer_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      if (!stopped_) {
+        progress_.tick();
+      }
     }
-  };
-  auto worker = [&]() -> asio::awaitable<void> {
-    while (!rs.stopping) {
-      std::optional<input_reader::raw_line> raw;
-      try {
-        raw = co_await rs.feed.next();  // never blocks the thread, even on a pipe
-      } catch (const std::exception& e) {
-        log.log(log_level::error, "input_error", e.what());
-        rs.fatal = true;
-        rs.stop();
-        break;
-      }
-      if (!raw) {
-        break;
-      }
-      if (raw->too_long) {
-        if (rs.resume.done_lines.count(raw->number)) {
-          ++st.skipped;
-          continue;
-        }
-        rs.record_line_failure(raw->number, nullptr, record_invalid_input,
-                               "line " + std::to_string(raw->number) + " is longer than " +
-                                   std::to_string(max_line_bytes) + " bytes");
-        continue;
-      }
-      auto parsed = parse_input_line(raw->text, raw->number, default_max_tokens);
-      if (auto* bad = std::get_if<input_error>(&parsed)) {
-        if (rs.resume.done_lines.count(bad->line)) {
-          ++st.skipped;
-          continue;
-        }
-        rs.record_line_failure(bad->line, bad->id, record_invalid_input,
-                               "line " + std::to_string(bad->line) + ": " + bad->message);
-        continue;
-      }
-      batch_item item = std::move(std::get<batch_item>(parsed));
-      if (auto [it, fresh] = rs.seen.emplace(item.key, item.line); !fresh) {
-        if (rs.resume.done_lines.count(item.line)) {
-          ++st.skipped;
-          continue;
-        }
-        rs.record_line_failure(item.line, item.id, record_duplicate_id,
-                               "line " + std::to_string(item.line) + ": id " + item.key +
-                                   " was already used on line " + std::to_string(it->second));
-        continue;
-      }
-      if (rs.resume.done_keys.count(item.key)) {
+  }
+
+  asio::steady_timer timer_;
+  progress_display& progress_;
+  bool stopped_ = false;
+};
+
+// Logs what --resume kept of the results file and what it dropped.
+void log_resume(const run_state& rs) {
+  const batch_options& opts = rs.opts;
+  if (opts.resume) {
+    rs.log.log(log_level::info, "resume", "results file scanned",
+               {{"file", opts.out},
+                {"kept", rs.resume.kept},
+                {"dropped_cancelled", rs.resume.dropped_cancelled},
+                {"dropped_duplicates", rs.resume.dropped_duplicates},
+                {"dropped_torn_tail", rs.resume.dropped_torn_tail}});
+  }
+}
+
+// Logs the retry jitter's seed, so that a run's draws can be repeated.
+void log_seed(const run_state& rs) {
+  rs.log.log(log_level::info, "seed",
+             rs.opts.seed_is_random ? "retry jitter seed drawn at random; --seed repeats it"
+                                    : "retry jitter seed from --seed",
+             {{"seed", rs.opts.seed}});
+}
+
+// Starts the Prometheus endpoint if --metrics-port asks for one (nullptr if not).
+std::unique_ptr<metrics_server> start_metrics_server(run_state& rs) {
+  const batch_options& opts = rs.opts;
+  if (!opts.metrics_port) {
+    return nullptr;
+  }
+  auto server = std::make_unique<metrics_server>(rs.ctx.get_executor(), rs.metrics, "127.0.0.1",
+                                                 *opts.metrics_port);
+  server->start();
+  rs.log.log(log_level::info, "metrics", "serving Prometheus metrics",
+             {{"url", "http://127.0.0.1:" + std::to_string(server->port()) + "/metrics"}});
+  if (opts.on_metrics_port) {
+    opts.on_metrics_port(server->port());
+  }
+  return server;
+}
+
+// The next item of the input to run. Lines that cannot run (too long, invalid, a duplicate id)
+// get their failure record here; lines an earlier run recorded are skipped. nullopt at the end
+// of the input, once the run stops, or after a read error (which stops the run).
+asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
+  constexpr int default_max_tokens = 1024;
+  batch_stats& st = rs.stats;
+  while (!rs.stopping) {
+    std::optional<input_reader::raw_line> raw;
+    try {
+      raw = co_await rs.feed.next();  // never blocks the thread, even on a pipe
+    } catch (const std::exception& e) {
+      rs.log.log(log_level::error, "input_error", e.what());
+      rs.fatal = true;
+      rs.stop();
+      break;
+    }
+    if (!raw) {
+      break;
+    }
+    if (raw->too_long) {
+      if (rs.resume.done_lines.count(raw->number)) {
         ++st.skipped;
         continue;
       }
-      // An attempt slot, taken only now: a worker waiting for a line of a slow pipe holds none,
-      // which would keep a sleeping item from its retry. An item that never got one has not
-      // started: after a signal it gets no record, like a line never read (--resume runs it).
-      keel::bulkhead_permit slot;
-      try {
-        slot = co_await client.admit();
-      } catch (const boost::system::system_error&) {
-        break;  // cancelled (a second signal) while waiting
-      }
-      if (rs.stopping) {
-        break;
-      }
-      ++st.in_flight;
-      in_flight_gauge.set(static_cast<double>(st.in_flight));
-      llm::call_outcome out = co_await client.call(item.request, &item, std::move(slot));
-      --st.in_flight;
-      in_flight_gauge.set(static_cast<double>(st.in_flight));
-
-      const llm::entry_config& entry = cfg.entries[out.entry];
-      const std::string cls = llm::error_class(out.error);
-      const std::optional<double> cost =
-          out.response ? answer_cost(entry, *out.response) : std::nullopt;
-      const json rec = outcome_record(item, out, entry, cost);
-      // Tokens were billed whether or not the record could be written.
-      if (out.response) {
-        if (cost) {
-          st.cost += *cost;
-          ++st.priced;
-        } else {
-          ++st.unpriced;
-        }
-        st.tokens_in += out.response->usage.input;
-        st.tokens_out += out.response->usage.output;
-        m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "input"}})
-            .inc(static_cast<double>(out.response->usage.input));
-        m.counter("keel_tokens_total", "Tokens billed.", {{"direction", "output"}})
-            .inc(static_cast<double>(out.response->usage.output));
-      }
-      // The summary and the metrics count what the results file holds.
-      if (!rs.write(rec)) {
+      rs.record_line_failure(raw->number, nullptr, record_invalid_input,
+                             "line " + std::to_string(raw->number) + " is longer than " +
+                                 std::to_string(max_line_bytes) + " bytes");
+      continue;
+    }
+    auto parsed = parse_input_line(raw->text, raw->number, default_max_tokens);
+    if (auto* bad = std::get_if<input_error>(&parsed)) {
+      if (rs.resume.done_lines.count(bad->line)) {
+        ++st.skipped;
         continue;
       }
-      if (out.response) {
-        ++st.ok;
-        ++st.ok_by_model[entry.name()];
-        rs.count_item("ok");
-      } else if (cls == "cancelled") {
-        ++st.cancelled;
-        rs.count_item("cancelled");
-      } else {
-        ++st.failed;
-        ++st.failed_by_class[cls];
-        rs.count_item("failed");
-        log.log(
-            log_level::error, "failed", "",
-            {{"id", item.id}, {"class", cls}, {"model", entry.name()}, {"attempts", out.attempts}});
-      }
-      ++st.done;
-      st.latencies.push_back(out.seconds);
-      item_latency.observe(out.seconds);
+      rs.record_line_failure(bad->line, bad->id, record_invalid_input,
+                             "line " + std::to_string(bad->line) + ": " + bad->message);
+      continue;
     }
-  };
-  for (std::size_t i = 0; i < rs.cancels.size(); ++i) {
-    asio::co_spawn(ex, worker,
-                   asio::bind_cancellation_slot(rs.cancels[i].slot(), [&](std::exception_ptr e) {
-                     if (e) {
-                       try {
-                         std::rethrow_exception(e);
-                       } catch (const std::exception& ex_) {
-                         log.log(log_level::error, "internal_error", ex_.what());
-                       }
-                       rs.fatal = true;
-                       rs.stop();
-                     }
-                     if (--rs.workers_left == 0) {
-                       shutdown();
-                     }
-                   }));
+    batch_item item = std::move(std::get<batch_item>(parsed));
+    if (auto [it, fresh] = rs.seen.emplace(item.key, item.line); !fresh) {
+      if (rs.resume.done_lines.count(item.line)) {
+        ++st.skipped;
+        continue;
+      }
+      rs.record_line_failure(item.line, item.id, record_duplicate_id,
+                             "line " + std::to_string(item.line) + ": id " + item.key +
+                                 " was already used on line " + std::to_string(it->second));
+      continue;
+    }
+    if (rs.resume.done_keys.count(item.key)) {
+      ++st.skipped;
+      continue;
+    }
+    co_return std::move(item);
   }
-  rs.ctx.run();
-  progress.finish();
-  st.wall_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - st.start).count();
+  co_return std::nullopt;
+}
 
+// One worker: items one at a time until the input ends or the run stops.
+asio::awaitable<void> work(run_state& rs, llm::client& client) {
+  while (!rs.stopping) {
+    std::optional<batch_item> item = co_await next_item(rs);
+    if (!item) {
+      break;
+    }
+    // An attempt slot, taken only now: a worker waiting for a line of a slow pipe holds none,
+    // which would keep a sleeping item from its retry. An item that never got one has not
+    // started: after a signal it gets no record, like a line never read (--resume runs it).
+    keel::bulkhead_permit slot;
+    try {
+      slot = co_await client.admit();
+    } catch (const boost::system::system_error&) {
+      break;  // cancelled (a second signal) while waiting
+    }
+    if (rs.stopping) {
+      break;
+    }
+    rs.set_in_flight(rs.stats.in_flight + 1);
+    const llm::call_outcome out = co_await client.call(item->request, &*item, std::move(slot));
+    rs.set_in_flight(rs.stats.in_flight - 1);
+    rs.record_outcome(*item, out);
+  }
+}
+
+// Spawns one worker per cancellation signal of `rs`; `shutdown` runs when the last one ends. A
+// worker that throws logs `internal_error` and makes the run fatal (exit status 2).
+// @param shutdown must outlive the io_context's run.
+void spawn_workers(run_state& rs, llm::client& client, const std::function<void()>& shutdown) {
+  for (auto& cancel : rs.cancels) {
+    asio::co_spawn(
+        rs.ctx, work(rs, client),
+        asio::bind_cancellation_slot(cancel.slot(), [&rs, &shutdown](std::exception_ptr e) {
+          if (e) {
+            try {
+              std::rethrow_exception(e);
+            } catch (const std::exception& ex) {
+              rs.log.log(log_level::error, "internal_error", ex.what());
+            }
+            rs.fatal = true;
+            rs.stop();
+          }
+          if (--rs.workers_left == 0) {
+            shutdown();
+          }
+        }));
+  }
+}
+
+// The run is over: prints the summary table, writes the summary JSON, says how to resume after
+// a signal, and returns the exit status (128 + signal, 2 fatal, 1 if any item failed, else 0).
+int finish_run(run_state& rs, int signal_number) {
+  const batch_options& opts = rs.opts;
+  const batch_stats& st = rs.stats;
   if (opts.print_summary) {
     std::fputs(summary_table(st, opts.title).c_str(), stdout);
     std::fflush(stdout);
@@ -451,12 +424,12 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
     f << summary_json(st).dump(2) << "\n";
     f.flush();
     if (!f) {
-      log.log(log_level::error, "summary_error", "cannot write " + opts.summary_json);
+      rs.log.log(log_level::error, "summary_error", "cannot write " + opts.summary_json);
       rs.fatal = true;  // an output that could not be written: exit status 2
     }
   }
-  if (rs.signal_number != 0) {
-    const char* sig = rs.signal_number == SIGINT ? "SIGINT" : "SIGTERM";
+  if (signal_number != 0) {
+    const char* sig = signal_number == SIGINT ? "SIGINT" : "SIGTERM";
     if (opts.out == "-") {
       // --resume needs a results file to read back; standard output cannot be read back.
       std::fprintf(stderr,
@@ -471,13 +444,88 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
                    "with:\n  %s\n",
                    sig, st.done, hint.c_str());
     }
-    return 128 + rs.signal_number;
+    return 128 + signal_number;
   }
   if (rs.fatal) {
     return 2;
   }
   // 0 only if every item of the input succeeded, including those an earlier run recorded.
   return st.failed + st.cancelled + rs.resume.kept_failed > 0 ? 1 : 0;
+}
+
+}  // namespace
+
+std::uint64_t random_seed() {
+  std::random_device device;
+  const std::uint64_t hi = device();
+  const std::uint64_t lo = device();
+  return ((hi << 32) ^ lo) & ((std::uint64_t{1} << 53) - 1);
+}
+
+int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log) {
+  // ---- set-up --------------------------------------------------------------------------------
+  std::optional<results_lock> lock;
+  claim_output(opts, lock);
+  resume_state resumed;
+  if (opts.resume) {
+    resumed = prepare_resume(opts.out);
+  }
+  const int concurrency = std::max(1, opts.concurrency.value_or(cfg.policy.concurrency));
+  // `concurrency` attempts in flight, and a quarter more workers: an item asleep before a retry
+  // (or held at an open breaker) gives its attempt slot to a spare worker's next item. A spare
+  // worker waits for a slot with its line read (at most `spare_workers` such lines).
+  const std::size_t slots = static_cast<std::size_t>(concurrency);
+  run_state rs(cfg, opts, log, slots + llm::spare_workers(slots));
+  rs.resume = std::move(resumed);
+  log_resume(rs);
+  rs.stats.total = count_items(opts.in).value_or(0);
+  rs.stats.seed = opts.seed;
+  log_seed(rs);
+  auto ex = rs.ctx.get_executor();
+  const std::unique_ptr<metrics_server> metrics_http = start_metrics_server(rs);
+  // Input open, output open, port bound: only now may --overwrite drop the earlier results.
+  if (opts.overwrite) {
+    rs.writer.truncate();
+  }
+  rs.register_metrics();
+
+  keel::http::client_options ho;
+  ho.max_connections_per_host = static_cast<std::size_t>(std::max(64, concurrency));
+  llm::http_clients http(ex, ho);  // one per distinct ca_file (a client has one trust store)
+  llm::bucket_registry buckets(ex, opts.seed);
+  watch_pacing(buckets, rs.metrics, log);
+  const llm::client_hooks hooks = batch_hooks(cfg, rs.stats, rs.metrics, log);
+  llm::client_options co;
+  co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
+  co.attempt_slots = slots;
+  llm::client client(ex, cfg, http, buckets, hooks, opts.seed, co);
+
+  progress_display progress(opts.progress, stderr, rs.stats);
+  if (opts.progress == progress_mode::bar) {
+    log.set_around_line([&] { progress.clear(); }, [&] { progress.redraw(); });
+  }
+  progress_ticker ticker(ex, progress, opts);
+  batch_signals signals(
+      ex, opts.grace, log, rs.stats, [&] { rs.stop(); }, [&] { rs.cancel_all(); });
+  signals.start();
+
+  // ---- run -----------------------------------------------------------------------------------
+  const std::function<void()> shutdown = [&] {
+    rs.feed.close();
+    signals.close();
+    ticker.stop();
+    if (metrics_http) {
+      metrics_http->stop();
+    }
+  };
+  spawn_workers(rs, client, shutdown);
+  rs.ctx.run();
+  progress.finish();
+  rs.stats.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - rs.stats.start).count();
+
+  // ---- summary -------------------------------------------------------------------------------
+  return finish_run(rs, signals.signal_number());
 }
 
 }  // namespace keel::cli

@@ -6,7 +6,7 @@
 // `concurrency` worker coroutines on one io_context pull lines from the input one at a time
 // (the file is streamed, never loaded whole), so at most `concurrency` items are in flight and
 // memory does not grow with the file. Each line ends as exactly one record in the results file
-// (see jsonl.hpp): the reply, the failure, an `invalid_input` or `duplicate_id` record, or a
+// (see results_file.hpp): the reply, the failure, an `invalid_input` or `duplicate_id` record, or a
 // `cancelled` record if a signal interrupted it.
 //
 // Signals: the first SIGINT/SIGTERM stops admitting lines and gives the items in flight

@@ -1,5 +1,6 @@
-// `keel batch`'s private declarations, shared by batch.cpp (set-up, signals, workers, summary)
-// and batch_hooks.cpp (the client hooks: summary counts, metrics and log lines).
+// `keel batch`'s private declarations, shared by batch.cpp (set-up, workers, summary),
+// batch_signals.cpp (SIGINT/SIGTERM) and batch_hooks.cpp (the client hooks: summary counts,
+// metrics and log lines).
 #pragma once
 
 // The records a batch writes, and reads back on --resume, are in record.hpp.
