@@ -61,8 +61,7 @@ bool learned(keel::pacing_phase p) {
 // Tells a bucket's controller how an attempt that failed ended: a rate limit (429,
 // ThrottlingException) is a throttle, with the limit it names; any other answer from the server
 // means its limiter let the call through; no answer (transport failure, timeout, cancellation)
-// is no signal.
-// Tells the controller how a failed attempt ended; true if it was a 429.
+// is no signal. True if it was a 429.
 bool tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::ticket& t,
                  const std::exception_ptr& e) {
   try {

@@ -25,6 +25,11 @@
 #   unthrottled  no effective limit in front of `keel mock` with 50 ms latency: keel vs the
 #                OpenAI Node SDK (sdk-baseline/openai-batch.mjs, default maxRetries) at
 #                concurrency 16 and 64, 2,000 prompts
+#   random       429s at random whatever the rate (`nginx-limiter.sh --random-429 5`: 5% of
+#                requests refused before limit_req, the limit's 429 body), nginx's fixed reply:
+#                no effective limit with Retry-After 1 and none, keel vs the OpenAI Node SDK
+#                (default maxRetries), 10,000 prompts at concurrency 64; and 200 r/s burst 20
+#                Retry-After 1 plus the 5%, keel only, 2,000 prompts (ideal 10 s)
 #   all          every series above, in that order
 #
 # Options (all series):
@@ -37,10 +42,12 @@
 #                   (default 0.5) ...
 #   --max-wait S    ... but at most S seconds (default 1800), then run anyway and say so
 #   --no-wait       do not wait for a quiet machine (the load is still recorded)
-#   --prompts N     override the prompt count of mixed / change / errors / unthrottled
+#   --prompts N     override the prompt count of mixed / change / errors / unthrottled / random
+#                   (random: of its no-limit runs)
 #   --latency MS    the mock's latency in the errors series (default 0)
 #
-# Needs nginx (nginx-limiter.sh installs it), python3, taskset; node + npm for `unthrottled`.
+# Needs nginx (nginx-limiter.sh installs it), python3, taskset; node + npm for `unthrottled` and
+# `random`.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,9 +61,9 @@ usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 series="$1"
 shift
 case "$series" in
-  matrix | mixed | change | errors | unthrottled | all) ;;
+  matrix | mixed | change | errors | unthrottled | random | all) ;;
   -h | --help | help) usage; exit 0 ;;
-  *) die "unknown series '$series' (matrix, mixed, change, errors, unthrottled or all; see --help)" ;;
+  *) die "unknown series '$series' (matrix, mixed, change, errors, unthrottled, random or all; see --help)" ;;
 esac
 
 port=18190 mock_port=19190 keel_src="$root/build/tools/keel/keel" dir="" runs=1
@@ -104,8 +111,8 @@ for c in "${conc_list[@]}"; do is_uint "$c" && [ "$c" -ge 1 ] || die "--concurre
 for a in "${ra_list[@]}"; do [ "$a" = none ] || is_uint "$a" || die "--retry-after: expected seconds or 'none', got '$retry_afters'"; done
 command -v python3 >/dev/null || die "python3 not found"
 command -v taskset >/dev/null || die "taskset not found (util-linux)"
-if [ "$series" = unthrottled ] || [ "$series" = all ]; then
-  command -v node >/dev/null || die "node not found (needed by 'unthrottled'; apt-get install nodejs npm)"
+if [ "$series" = unthrottled ] || [ "$series" = random ] || [ "$series" = all ]; then
+  command -v node >/dev/null || die "node not found (needed by '$series'; apt-get install nodejs npm)"
   if [ ! -d "$here/sdk-baseline/node_modules/openai" ]; then
     note "installing the OpenAI SDK (npm ci in $here/sdk-baseline)"
     (cd "$here/sdk-baseline" && npm ci --no-audit --no-fund >&2)
@@ -374,6 +381,8 @@ def cmd_table(a):
                 r = m["10% 503"]["wall_s"] / m["0%"]["wall_s"]
                 ok = r <= 1.10 and not m["10% 503"]["failed"] and not m["0%"]["failed"]
                 print(f'run {run}: wall ratio 10% 503 / 0% = {r:.2f} (target ≤ 1.10 with 0 failed: {"ok" if ok else "MISS"})')
+    elif kind == "random":
+        table_random(rows)
     elif kind == "unthrottled":
         print("| run | concurrency | client | wall s | p50 s | p99 s | ok | failed | attempts | 429s |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -390,6 +399,24 @@ def cmd_table(a):
                 p = m["keel"]["p99_s"] / m["sdk"]["p99_s"] if m["sdk"]["p99_s"] else float("nan")
                 ok = w <= 1.05 and p <= 1.05 and not m["keel"]["failed"]
                 print(f'run {run}, concurrency {c}: keel/SDK wall {w:.3f}, p99 {p:.3f} (target ≤ 1.05: {"ok" if ok else "MISS"})')
+
+def table_random(rows):
+    print("| run | limit | Retry-After | client | prompts | wall s | ideal s | ok | failed | attempts/prompt | 429s | p50 s | p99 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d in rows:
+        print(f'| {d.get("run")} | {d["limit"]} | {d["retry_after"]} | {d["client"]} | {d["prompts"]} | {d["wall_s"]:.3f} | '
+              f'{d.get("ideal_s", "")} | {d["ok"]} | {d["failed"]} | {d["attempts_per_prompt"]:.3f} | {d["http_429"]} | '
+              f'{d["p50_s"]:.3f} | {d["p99_s"]:.3f} |')
+    by = collections.defaultdict(dict)
+    for d in rows:
+        by[(d.get("run"), d["limit"], d["retry_after"])]["keel" if d["client"] == "keel" else "sdk"] = d
+    print()
+    for (run, limit, ra), m in sorted(by.items(), key=str):
+        if "keel" in m and "sdk" in m:
+            print(f'run {run}, {limit}, Retry-After {ra}: keel/SDK wall {m["keel"]["wall_s"] / m["sdk"]["wall_s"]:.3f}, '
+                  f'failed keel {m["keel"]["failed"]}, SDK {m["sdk"]["failed"]}')
+        elif "keel" in m and m["keel"].get("ideal_s"):
+            print(f'run {run}, {limit}, Retry-After {ra}: keel wall/ideal {m["keel"]["wall_s"] / m["keel"]["ideal_s"]:.3f}, failed {m["keel"]["failed"]}')
 
 def cmd_ideal(a):
     """Time at which a limit schedule [[t, rate], ...] has admitted N requests."""
@@ -674,6 +701,40 @@ do_unthrottled() {
   cat "$dir/unthrottled.md"
 }
 
+do_random() {
+  wait_quiet random
+  local out="$dir/random.jsonl" n=${prompts_override:-10000} tag p p2 ra
+  p=$(make_prompts "$n")
+  p2=$(make_prompts 2000)
+  : >"$out"
+  for run in $(seq "$runs"); do
+    for ra in 1 none; do
+      fresh_limiter --rate 100000 --burst 100000 --retry-after "$ra" --random-429 5
+      tag="random-nolimit-ra$ra-keel-run$run"
+      run_keel "$tag" "$openai_config" "$p" 64
+      keel_json "$tag" "{\"series\":\"random\",\"run\":$run,\"limit\":\"none\",\"retry_after\":\"$ra\",\"concurrency\":64}" | tee -a "$out"
+
+      fresh_limiter --rate 100000 --burst 100000 --retry-after "$ra" --random-429 5
+      local rc=0 stag="random-nolimit-ra$ra-sdk-run$run"
+      "${client[@]}" node "$here/sdk-baseline/openai-batch.mjs" --base-url "http://127.0.0.1:$port/v1" \
+        --in "$p" --concurrency 64 --out "$dir/$stag.results.jsonl" >"$dir/$stag.stdout" 2>"$dir/$stag.stderr" &
+      keel_pid=$!  # (the client's pid: the trap stops it)
+      wait "$keel_pid" || rc=$?
+      keel_pid=""
+      [ "$rc" -le 1 ] || die "openai-batch.mjs failed (exit $rc); see $dir/$stag.stderr"
+      report sdk "$(cat "$dir/$stag.stdout")" "{\"series\":\"random\",\"run\":$run,\"limit\":\"none\",\"retry_after\":\"$ra\",\"concurrency\":64}" | tee -a "$out"
+    done
+    fresh_limiter --rate 200 --burst 20 --retry-after 1 --random-429 5
+    tag="random-limit200-keel-run$run"
+    run_keel "$tag" "$openai_config" "$p2" 64
+    keel_json "$tag" "{\"series\":\"random\",\"run\":$run,\"limit\":\"200 r/s burst 20\",\"retry_after\":\"1\",\"concurrency\":64,\"ideal_s\":10}" | tee -a "$out"
+  done
+  "$here/nginx-limiter.sh" stop --dir "$ldir" >/dev/null
+  header "random (5% of requests refused 429 at random by nginx split_clients, before limit_req; nginx's fixed reply; concurrency 64; load at start $series_load)" >"$dir/random.md"
+  report table random "$out" >>"$dir/random.md"
+  cat "$dir/random.md"
+}
+
 note "$(date -u +%FT%TZ): series $series; keel $keel_src (commit $commit, $keel_info); files in $dir"
 case "$series" in
   matrix) do_matrix ;;
@@ -681,6 +742,7 @@ case "$series" in
   change) do_change ;;
   errors) do_errors ;;
   unthrottled) do_unthrottled ;;
-  all) do_matrix; do_mixed; do_change; do_errors; do_unthrottled ;;
+  random) do_random ;;
+  all) do_matrix; do_mixed; do_change; do_errors; do_unthrottled; do_random ;;
 esac
 note "done; files in $dir"

@@ -65,6 +65,9 @@ void watch_pacing(llm::bucket_registry& buckets, metrics_registry& m, logger& lo
       f["limit_rps"] = std::round(r.estimate * 100) / 100;
       f["rate_rps"] = std::round(r.rate * 100) / 100;
     }
+    if (r.noise > 0) {
+      f["noise"] = std::round(r.noise * 1000) / 1000;  // 429s refused whatever the rate
+    }
     if (t.phase != keel::pacing_phase::unlimited) {
       f["token_phase"] = keel::to_string(t.phase);
       if (t.estimate > 0) {
