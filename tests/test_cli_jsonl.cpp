@@ -90,6 +90,22 @@ TEST_CASE("a prompt line becomes a one-message request", "[cli_jsonl]") {
   CHECK(item.preview == "Hello");
 }
 
+TEST_CASE("a line's generation parameters become the request's", "[cli_jsonl]") {
+  // That the request's win over the entry's on the wire is keel::llm::client's business
+  // (test_llm_client_wire.cpp).
+  auto r = parse_input_line(
+      R"({"id": 1, "prompt": "hi", "max_tokens": 32, "temperature": 1.5, "stop": ["A", "B"]})", 1,
+      1024);
+  REQUIRE(std::holds_alternative<batch_item>(r));
+  const auto& req = std::get<batch_item>(r).request;
+  CHECK(req.max_tokens == 32);
+  REQUIRE(req.temperature);
+  CHECK(*req.temperature == 1.5);
+  CHECK(req.stop == std::vector<std::string>{"A", "B"});
+  CHECK_FALSE(req.top_p);  // not on the line: the entry's applies
+  CHECK_FALSE(req.seed);
+}
+
 TEST_CASE("a messages line keeps the turns and moves system turns to the system prompt",
           "[cli_jsonl]") {
   auto r = parse_input_line(

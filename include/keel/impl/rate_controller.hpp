@@ -402,16 +402,16 @@ class rate_controller_state {
     return b;
   }
 
-  // Work sent and not rejected, per second: over the last second, or the last `bins` bins.
-  double accepted_rate(std::size_t di, time_point now, std::int64_t bins = accepted_bins) const {
+  // Work sent over the last second and not rejected, per second.
+  double accepted_rate(std::size_t di, time_point now) const {
     const std::int64_t cur = bin_index(now);
     double sum = 0;
     for (const bin& b : bins_) {
-      if (b.index >= 0 && b.index > cur - bins && b.index <= cur) {
+      if (b.index >= 0 && b.index > cur - accepted_bins && b.index <= cur) {
         sum += b.sent[di] - b.rejected[di];
       }
     }
-    return std::max(0.0, sum) * static_cast<double>(accepted_bins) / static_cast<double>(bins);
+    return std::max(0.0, sum);
   }
 
   // ---- refusals that do not depend on the rate ----
@@ -464,17 +464,20 @@ class rate_controller_state {
     return c;
   }
 
-  // The share of the noise plus what sampling error allows for `sent` units of work.
-  double noise_bound(std::size_t di, double sent) const {
+  // How many calls of `n` the noise may refuse: its share plus the margin, half the noise, or
+  // three standard deviations and three calls (a few dozen calls after a cut see clusters of
+  // random 429s that a normal approximation calls a limit: 4 of 15 at 5%).
+  double noise_bound(std::size_t di, double n) const {
     const double p = dims_[di].noise;
-    const double n = std::max(1.0, sent / unit_of(di));
-    return p + std::max({o_.margin, p / 2, 3 * std::sqrt(p * (1 - p) / n)});
+    return std::max({n * (p + o_.margin), n * p * 1.5, n * p + 3 * std::sqrt(n * p * (1 - p)) + 3});
   }
 
   // True if the 429 just counted for a send at `sent` leaves the share refused within the noise:
-  // over the last second, but not before the latest episode's wave (whose 429s are the reason
-  // for a cut already made, and would make every later random 429 look like a limit for a
-  // second). A 429 of that wave itself is never noise: the episode measures the limit with it.
+  // over the last second, but not before the latest episode's wave or the latest cut (the
+  // refusals of a crossing are the reason for a cut already made, and would make every later
+  // random 429 look like a limit for a second: after each probe's crossing they walked the
+  // estimate from 203 to 155 r/s against nginx at 200 r/s with 5% random 429s). A 429 for a send
+  // before that is never noise: the episode measures the limit with it.
   bool only_noise(std::size_t di, time_point sent, time_point now) const {
     const dim& d = dims_[di];
     if (d.noise <= 0 || sent < d.wave_end) {
@@ -482,7 +485,8 @@ class rate_controller_state {
     }
     const counts c =
         window(di, std::max(now - to_duration(std::chrono::seconds(1)), d.wave_end), now, now);
-    return c.sent > 0 && c.rejected / c.sent <= noise_bound(di, c.sent);
+    const double unit = unit_of(di);
+    return c.rejected / unit <= noise_bound(di, c.sent / unit);
   }
 
   void start_trial(std::size_t di, time_point now) {
@@ -549,17 +553,20 @@ class rate_controller_state {
       return;
     }
     const bool kept = share_lo >= 0.5 * share_hi || share_hi - share_lo < 2 * error;
-    // `lo` must also have sent clearly below the rate paced before the trial: `hi`'s accepted
+    // `lo` must also have sent 5% below the rate paced before the trial: `hi`'s accepted
     // rate includes any burst the limiter let drain (at 50 r/s, burst 20 adds 20 calls to a
     // second), and after a probe's crossing the client paces at the limit again, refused now and
     // then: against nginx at 50 r/s that passed for 3-7% noise, and the probes above the limit
     // that the noise then hid drew twice the 429s.
     const double lo_rate = lo.sent / lo.span;
-    const bool below = lo_rate <= 0.9 * accepted_hi &&
-                       (d.trial_estimate <= 0 || lo_rate <= 0.9 * d.trial_estimate);
+    const bool below =
+        lo_rate <= 0.9 * accepted_hi &&
+        (d.trial_estimate <= 0 || lo_rate <= 0.95 * (1 - o_.margin) * d.trial_estimate);
     if (below && share_hi >= o_.margin && kept) {
       d.trial = false;
-      d.noise = lo.rejected / lo.sent;  // `hi` may hold a crossing's refusals too
+      // Either window may hold a crossing's refusals besides the noise: the lower share is the
+      // better guess (a limit behind 5% random 429s was learned as 13% noise from `lo` alone).
+      d.noise = std::max(d.noise, std::min(lo.rejected / lo.sent, hi.rejected / hi.sent));
       d.noise_updated = now;
       undo_trial(di, now, std::max(accepted_hi, (lo.sent - lo.rejected) / lo.span));
     }
@@ -871,8 +878,14 @@ class rate_controller_state {
 
   void adopt(std::size_t di, double estimate) {
     dim& d = dims_[di];
+    const double before = d.estimate;
     d.estimate = d.advertised > 0 ? std::min(estimate, d.advertised) : estimate;
     d.adopted_at = Clock::now();
+    if (d.estimate < before) {
+      // Sends before the cut took effect went at the higher rate: the noise filter judges the
+      // share refused since (see `only_noise`).
+      d.wave_end = std::max(d.wave_end, saturating_add(d.adopted_at, settle_time()));
+    }
     ++d.samples;
     d.phase = pacing_phase::cruise;
     d.rate = base_rate(di);
@@ -1239,7 +1252,13 @@ class rate_controller_state {
           // bucket: the server took all of it. Its accepted rate is a floor of the limit; probe on
           // from there (a server with no limit but random 429s would otherwise cap the client at
           // the last round's gain).
-          d.estimate = std::max(d.estimate, accepted_rate(di, now, 4));  // the last 200 ms
+          // The four whole bins before the current one (200 ms).
+          const duration w = to_duration(bin_width);
+          const time_point edge = epoch_ + w * bin_index(now);
+          const counts c = window(di, edge - 4 * w, edge, now);
+          if (c.span > 0) {
+            d.estimate = std::max(d.estimate, (c.sent - c.rejected) / c.span);
+          }
           d.adopted_at = now;
           d.probe_elapsed = duration::zero();
         }
