@@ -564,9 +564,13 @@ class rate_controller_state {
         (d.trial_estimate <= 0 || lo_rate <= 0.95 * (1 - o_.margin) * d.trial_estimate);
     if (below && share_hi >= o_.margin && kept) {
       d.trial = false;
-      // Either window may hold a crossing's refusals besides the noise: the lower share is the
-      // better guess (a limit behind 5% random 429s was learned as 13% noise from `lo` alone).
-      d.noise = std::max(d.noise, std::min(lo.rejected / lo.sent, hi.rejected / hi.sent));
+      // Only the first verdict sets the noise; a later one undoes its cut and leaves the noise
+      // as it is. Windows of a run that probes a real limit hold the crossings' refusals
+      // besides the noise, and taking their share raised 4.5% of noise to 10% and 12.5% within
+      // two seconds (nginx, 200 r/s behind 5% random 429s), hiding ever larger crossings.
+      if (d.noise <= 0) {
+        d.noise = std::min(lo.rejected / lo.sent, hi.rejected / hi.sent);
+      }
       d.noise_updated = now;
       undo_trial(di, now, std::max(accepted_hi, (lo.sent - lo.rejected) / lo.span));
     }
