@@ -85,19 +85,20 @@
 //   proxy, keel's mock with a `rate_limit` fault) are told apart by the experiment a cut already
 //   is: a token-bucket limiter refuses next to nothing once the client sends clearly below what
 //   it accepted, random refusals keep their share at any rate. Each 429 that starts a reaction
-//   starts a *trial* that compares the second before it with a window from 0.5 s after it; if
-//   the window that sent less (below 90% of what the other had accepted, and of the estimate
-//   paced before the trial) kept the refused share (half or more, or within two standard errors
-//   where both count 30 calls), the pacing goes back to where it was, probes up at once, and the
-//   share becomes the dimension's *noise*: later 429s react only when the
-//   share refused since the latest episode's wave exceeds the noise by the margin (and three
-//   standard errors). The noise fades when the refusals do, and rises only through a trial
-//   (learning a steady small share as noise would let a client slightly above a real limit
-//   stay there). A probe whose last round (10 rounds of doubling gain) drew no 429 beyond the
-//   noise raises the estimate to what the server accepted over its last 200 ms: without it a
-//   server with no limit but random 429s would cap the client at that round's gain.
-//   Measured: 5% random 429s (`Retry-After` 10 ms), no limit, keel's mock, 20,000 prompts at
-//   concurrency 64: 5,300 items/s (before: 28).
+//   starts a *trial* that compares the second before it with a window from 0.5 s after it
+//   (both at least 30 calls over 0.4 s). If the window that sent less (below 90% of what the
+//   other had accepted, and 5% below the pace before the trial) kept the refused share (half or
+//   more, or within two standard errors), the pacing goes back to where it was and probes up at
+//   once; the first such verdict sets the dimension's *noise* (the lower window's share). Later
+//   429s react only when the calls refused since the latest wave or cut exceed the noise's share
+//   by the margin (and three standard deviations plus three calls). The noise fades when the
+//   refusals do and never rises after the first verdict (a client slightly above a real limit
+//   also sees a small steady share; learning it as noise would let it stay there). A probe whose
+//   last round (10 rounds of doubling gain) drew no 429 beyond the noise raises the estimate to
+//   what the server accepted over its last 200 ms: without it a server with no limit but random
+//   429s would cap the client at that round's gain. Measured: 5% random 429s (`Retry-After` 10 ms),
+//   no limit, keel's mock, 20,000 prompts at concurrency 64: 3,578 items/s (before: 28; 14,544
+//   without the faults). Finding them takes 2-5 s, once 31 s (docs/BENCHMARKS.md).
 // - Failures that are not 429s (5xx, 529 overloaded, timeouts) are not rate signals: random
 //   faults must not lower the rate (the breaker and the retry policy handle them). For the
 //   estimator they count as accepted (the limiter let them through), except transport failures

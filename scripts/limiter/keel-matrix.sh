@@ -499,6 +499,16 @@ run_keel() {  # $1 tag, $2 config, $3 prompts file, $4 concurrency; sets keel_t0
   [ "$rc" -le 1 ] || die "keel batch failed (exit $rc); see $dir/$1.stderr"
 }
 
+run_sdk() {  # $1 tag, $2 prompts file, $3 concurrency (not in a pipeline: the trap stops it)
+  local rc=0
+  "${client[@]}" node "$here/sdk-baseline/openai-batch.mjs" --base-url "http://127.0.0.1:$port/v1" \
+    --in "$2" --concurrency "$3" --out "$dir/$1.results.jsonl" >"$dir/$1.stdout" 2>"$dir/$1.stderr" &
+  keel_pid=$!  # (the client's pid: the trap stops it)
+  wait "$keel_pid" || rc=$?
+  keel_pid=""
+  [ "$rc" -le 1 ] || die "openai-batch.mjs failed (exit $rc); see $dir/$1.stderr"
+}
+
 keel_json() {  # $1 tag, $2 extra JSON -> one JSON line
   report keel "$dir/$1.summary.json" "$dir/$1.results.jsonl" "$dir/$1.stderr" "$2"
 }
@@ -684,14 +694,9 @@ do_unthrottled() {
 
       fresh_mock "$sc"
       fresh_limiter --rate 100000 --burst 100000 --retry-after 1 --upstream "http://127.0.0.1:$mock_port"
-      local rc=0 stag="unthrottled-sdk-c$c-run$run"
-      "${client[@]}" node "$here/sdk-baseline/openai-batch.mjs" --base-url "http://127.0.0.1:$port/v1" \
-        --in "$p" --concurrency "$c" --out "$dir/$stag.results.jsonl" >"$dir/$stag.stdout" 2>"$dir/$stag.stderr" &
-      keel_pid=$!  # (the client's pid: the trap stops it)
-      wait "$keel_pid" || rc=$?
-      keel_pid=""
-      [ "$rc" -le 1 ] || die "openai-batch.mjs failed (exit $rc); see $dir/$stag.stderr"
-      report sdk "$(cat "$dir/$stag.stdout")" "{\"series\":\"unthrottled\",\"run\":$run,\"concurrency\":$c}" | tee -a "$out"
+      tag="unthrottled-sdk-c$c-run$run"
+      run_sdk "$tag" "$p" "$c"
+      report sdk "$(cat "$dir/$tag.stdout")" "{\"series\":\"unthrottled\",\"run\":$run,\"concurrency\":$c}" | tee -a "$out"
     done
   done
   stop_mock
@@ -715,14 +720,9 @@ do_random() {
       keel_json "$tag" "{\"series\":\"random\",\"run\":$run,\"limit\":\"none\",\"retry_after\":\"$ra\",\"concurrency\":64}" | tee -a "$out"
 
       fresh_limiter --rate 100000 --burst 100000 --retry-after "$ra" --random-429 5
-      local rc=0 stag="random-nolimit-ra$ra-sdk-run$run"
-      "${client[@]}" node "$here/sdk-baseline/openai-batch.mjs" --base-url "http://127.0.0.1:$port/v1" \
-        --in "$p" --concurrency 64 --out "$dir/$stag.results.jsonl" >"$dir/$stag.stdout" 2>"$dir/$stag.stderr" &
-      keel_pid=$!  # (the client's pid: the trap stops it)
-      wait "$keel_pid" || rc=$?
-      keel_pid=""
-      [ "$rc" -le 1 ] || die "openai-batch.mjs failed (exit $rc); see $dir/$stag.stderr"
-      report sdk "$(cat "$dir/$stag.stdout")" "{\"series\":\"random\",\"run\":$run,\"limit\":\"none\",\"retry_after\":\"$ra\",\"concurrency\":64}" | tee -a "$out"
+      tag="random-nolimit-ra$ra-sdk-run$run"
+      run_sdk "$tag" "$p" 64
+      report sdk "$(cat "$dir/$tag.stdout")" "{\"series\":\"random\",\"run\":$run,\"limit\":\"none\",\"retry_after\":\"$ra\",\"concurrency\":64}" | tee -a "$out"
     done
     fresh_limiter --rate 200 --burst 20 --retry-after 1 --random-429 5
     tag="random-limit200-keel-run$run"
