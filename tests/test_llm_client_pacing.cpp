@@ -259,12 +259,25 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
   CHECK(st.samples >= 1);
   CHECK(st.estimate > 80);
   CHECK(st.estimate < 125);
-  // At most one 429 per worker from the first wave (on a slow machine, such as under ASan, all
-  // 64 calls go out before the first answer comes back), and few while learning: a common
-  // client sends 3-4 attempts per prompt here (900-1200). The server runs on real time: under
-  // ASan in a clean chroot one run took 403 (a second wave of 64 while the first estimate
-  // formed), so the bound allows two waves.
-  CHECK(attempts <= 300 + 2 * 64 + 20);
+  // At most one 429 per worker from the first wave (on a slow machine all 64 calls go out
+  // before the first answer comes back), and few while learning: a common client sends 3-4
+  // attempts per prompt here (900-1200). An optimised build takes 308-309. The server runs on
+  // real time, so a sanitizer's slowdown changes what the client sees: under ASan in a clean
+  // chroot runs took 403 (2026-12-02) and 428-534 (2026-12-03, six runs, after search began
+  // to count a call that waited since its last look as held back). The optimised bound allows
+  // two waves; under a sanitizer, whose business here is memory errors, four.
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr int waves = 4;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  constexpr int waves = 4;
+#else
+  constexpr int waves = 2;
+#endif
+#else
+  constexpr int waves = 2;
+#endif
+  CHECK(attempts <= 300 + waves * 64 + 20);
   CHECK(server.stats().model("m").status_count(429) == static_cast<std::uint64_t>(attempts - 300));
   // The hook saw the way there: startup, then search, then an estimate.
   REQUIRE(phases.size() >= 3);
