@@ -6,7 +6,7 @@
 // file must be clean: a second scan keeps the same records, drops nothing and rewrites nothing.
 #include "fuzz_support.hpp"
 
-#include "jsonl.hpp"
+#include "results_file.hpp"
 
 #include <nlohmann/json.hpp>
 
