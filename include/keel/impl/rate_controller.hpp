@@ -422,18 +422,14 @@ class rate_controller_state {
   // limit; 429s that keep coming at the same share ratchet it down (5% random 429s and no limit
   // at all took the estimate from 210 r/s to 55 r/s within 4 s, and a batch from thousands of
   // items per second to 26). The difference is an experiment the cut already makes: a
-  // token-bucket limiter refuses nothing once the client sends below what it accepted, while
-  // random refusals keep their share at any rate. So every 429 that starts a reaction (with no
-  // trial running) starts a *trial*: its verdict compares the share refused over the second
-  // before it with the share refused after it, once the client sends clearly less than the
-  // server accepted before (below (1 - margin) of it). If the share stayed at least half of
-  // what it was (above the noise already known), the refusals do not depend on the rate: the
-  // pacing goes back to where it was before the trial, and the share becomes the dimension's
-  // *noise*. Later 429s are rate signals only while the share refused over the last second is
-  // above the noise by more than the margin (and three standard deviations of its sampling
-  // error); others are counted, not reacted to. The noise only decays (when the refusals fade),
-  // never rises without a trial: a client slightly above a real limit also sees a small steady
-  // share, and learning it as noise would let the client drift above the limit.
+  // token-bucket limiter refuses next to nothing once the client sends clearly below what it
+  // accepted, while random refusals keep their share at any rate. So every 429 that starts a
+  // reaction (with no trial running) starts a *trial* (`check_trial` has the verdict's rules);
+  // a noise verdict undoes the trial's cut (`undo_trial`), and the first one sets the
+  // dimension's *noise*. Later 429s within the noise are counted, not reacted to
+  // (`only_noise`). The noise fades when the refusals do (`decay_noise`) and never rises after
+  // the first verdict: a client slightly above a real limit also sees a small steady share,
+  // and learning it as noise would let the client drift above the limit.
 
   struct counts {
     double sent = 0;
@@ -508,6 +504,7 @@ class rate_controller_state {
     d.trial_next = saturating_add(now, to_duration(std::chrono::milliseconds(50)));
     if (now - d.trial_at >= to_duration(trial_max)) {
       d.trial = false;  // no verdict: the refusals stopped, or the rate never fell
+      return;
     }
     const duration settle = settle_time();
     // Before: the second up to the 429 and the sends whose 429s it heralded.
@@ -538,11 +535,6 @@ class rate_controller_state {
     const counts& lo = after_lower ? after : before;
     const counts& hi = after_lower ? before : after;
     const double accepted_hi = (hi.sent - hi.rejected) / hi.span;
-    const double share_lo = lo.rejected / lo.sent - d.noise;
-    const double share_hi = hi.rejected / hi.sent - d.noise;
-    const double pooled = (lo.rejected + hi.rejected) / (lo.sent + hi.sent) - d.noise;
-    const double error =
-        std::sqrt(std::max(0.0, pooled * (1 - pooled)) * (unit / lo.sent + unit / hi.sent));
     // Both windows must count 30 calls over 0.4 s or more: against nginx at 50 r/s a
     // startup window of 26 calls (a few refused, its burst accepted at many times the limit's
     // rate) passed for noise against a later window whose probe crossed the limit. A trial begun
@@ -552,6 +544,11 @@ class rate_controller_state {
       d.trial = false;
       return;
     }
+    const double share_lo = lo.rejected / lo.sent - d.noise;
+    const double share_hi = hi.rejected / hi.sent - d.noise;
+    const double pooled = (lo.rejected + hi.rejected) / (lo.sent + hi.sent) - d.noise;
+    const double error =
+        std::sqrt(std::max(0.0, pooled * (1 - pooled)) * (unit / lo.sent + unit / hi.sent));
     const bool kept = share_lo >= 0.5 * share_hi || share_hi - share_lo < 2 * error;
     // `lo` must also have sent 5% below the rate paced before the trial: `hi`'s accepted
     // rate includes any burst the limiter let drain (at 50 r/s, burst 20 adds 20 calls to a
