@@ -60,7 +60,7 @@ class rate_controller_state {
   static constexpr std::size_t max_log = 1 << 16;
   // Send-time bins for the accepted rate of the last second.
   static constexpr auto bin_width = std::chrono::milliseconds(50);
-  static constexpr std::size_t bin_count = 80;       // four seconds: a trial looks 1 s back, 3 s on
+  static constexpr std::size_t bin_count = 240;      // 12 s: a trial looks up to 3 s back, 8 s on
   static constexpr std::int64_t accepted_bins = 20;  // one second
   // The probe gain stops doubling after this many rounds (probe_step x 1023).
   static constexpr int max_probe_round = 10;
@@ -74,10 +74,14 @@ class rate_controller_state {
   // they are open) must not make every later sample look too short to trust.
   static constexpr auto latency_half_life = std::chrono::seconds(1);
   static constexpr auto spread_memory = std::chrono::seconds(1);
-  // Rate-independent refusals (see `start_trial`): a trial compares two halves of
-  // `trial_half` (by send time), and ends without a verdict after `trial_max`.
+  // Rate-independent refusals (see `start_trial`): a trial compares the second (up to
+  // `trial_back`) before its 429 with the latest `trial_window` from `trial_half` after it, and
+  // ends without a verdict after `trial_max`.
   static constexpr auto trial_half = std::chrono::milliseconds(500);
-  static constexpr auto trial_max = std::chrono::seconds(3);
+  static constexpr auto trial_window = std::chrono::seconds(2);
+  static constexpr auto trial_back = std::chrono::seconds(3);
+  static constexpr auto trial_max = std::chrono::seconds(8);
+  static constexpr double trial_calls = 30;  // calls each window needs (and 0.4 s)
 
   rate_controller_state(basic_throttler<Clock>& bucket, const rate_controller_options& o)
       : bucket_(bucket), o_(normalized(o)), epoch_(Clock::now()) {
@@ -178,6 +182,11 @@ class rate_controller_state {
     bin& b = bin_at(now);
     b.sent[req] += 1;
     b.sent[tok] += t.tokens;
+    const std::uint64_t waits = bucket_.total_waits();
+    if (bucket_.waiters() > 0 || waits != send_waits_seen_) {
+      b.queued += 1;
+    }
+    send_waits_seen_ = waits;
     if (dims_[req].phase == pacing_phase::startup) {
       startup_sends_ = t.seq;
     }
@@ -288,6 +297,7 @@ class rate_controller_state {
     time_point noise_updated{};  // when `noise` last followed the refused share
     bool trial = false;          // a cut is being tried
     time_point trial_at{};       // the 429 that started it
+    duration trial_back{};       // how far its first window reaches back
     time_point wave_end{};       // sends before it belong to the latest episode's wave
     time_point trial_next{};     // when to look at it next
     pacing_phase trial_phase{};  // the phase, rate and estimate before it
@@ -318,6 +328,7 @@ class rate_controller_state {
     std::int64_t index = -1;
     double sent[2] = {0, 0};
     double rejected[2] = {0, 0};
+    double queued = 0;  // requests sent while other calls waited for the bucket
   };
 
   // Work accepted between two logged rejections (by send time) and their span.
@@ -434,7 +445,8 @@ class rate_controller_state {
   struct counts {
     double sent = 0;
     double rejected = 0;
-    double span = 0;  // seconds covered by the bins counted
+    double queued = 0;  // requests, see `bin::queued`
+    double span = 0;    // seconds covered by the bins counted
   };
 
   // Work sent and refused, by send time, in the bins that overlap [from, to) (clipped to the
@@ -453,10 +465,35 @@ class rate_controller_state {
       if (b.index >= lo && b.index < hi) {
         c.sent += b.sent[di];
         c.rejected += b.rejected[di];
+        c.queued += b.queued;
       }
     }
     const time_point end = std::min(epoch_ + w * hi, now);
     c.span = std::max(0.0, seconds(end - (epoch_ + w * lo)));
+    return c;
+  }
+
+  // The same over the whole bins of [from, to) whose requests mostly went while other calls
+  // waited for the bucket: what the client sent when the pace held it back, not when it ran
+  // out of work (the last second of a batch).
+  counts paced_window(std::size_t di, time_point from, time_point to, time_point now) const {
+    counts c;
+    from = std::max(from, epoch_);
+    to = std::min(to, now);
+    if (to <= from) {
+      return c;
+    }
+    const duration w = to_duration(bin_width);
+    const std::int64_t lo = (from - epoch_) / w;
+    const std::int64_t hi = (to - epoch_) / w;
+    for (const bin& b : bins_) {
+      if (b.index >= lo && b.index < hi && b.sent[req] > 0 && b.queued >= 0.5 * b.sent[req]) {
+        c.sent += b.sent[di];
+        c.rejected += b.rejected[di];
+        c.queued += b.queued;
+        c.span += seconds(w);
+      }
+    }
     return c;
   }
 
@@ -485,8 +522,28 @@ class rate_controller_state {
     return c.rejected / unit <= noise_bound(di, c.sent / unit);
   }
 
+  // Starts a trial at a 429 if the second before it (or up to `trial_back` at a low rate) sent
+  // enough to compare with; if not, the next 429 tries again. Not in startup or search: a window
+  // before the first estimate holds the server's burst, accepted at many times its limit (at
+  // 50 r/s with burst 20, 90 r/s over the first half second), and a later window at the limit
+  // would look like noise beside it.
   void start_trial(std::size_t di, time_point now) {
     dim& d = dims_[di];
+    if (d.phase == pacing_phase::startup || d.phase == pacing_phase::search) {
+      return;
+    }
+    const double unit = unit_of(di);
+    for (auto back = to_duration(std::chrono::seconds(1));;
+         back += to_duration(std::chrono::seconds(1))) {
+      const counts c = window(di, now - back, now, now);
+      if (c.sent >= trial_calls * unit && c.span >= 0.4) {
+        d.trial_back = back;
+        break;
+      }
+      if (back >= to_duration(trial_back)) {
+        return;
+      }
+    }
     d.trial = true;
     d.trial_at = now;
     d.trial_next = saturating_add(now, settle_time() + to_duration(std::chrono::milliseconds(1)));
@@ -508,20 +565,21 @@ class rate_controller_state {
     }
     const duration settle = settle_time();
     // Before: the second up to the 429 and the sends whose 429s it heralded.
-    const counts before =
-        window(di, d.trial_at - to_duration(std::chrono::seconds(1)), d.trial_at + settle, now);
+    const counts before = window(di, d.trial_at - d.trial_back, d.trial_at + settle, now);
     const double unit = unit_of(di);
-    if (before.span <= 0 || before.sent < 10 * unit) {
-      d.trial = false;  // too few calls before it to compare with: the next 429 tries again
-      return;
-    }
     const time_point half = d.trial_at + to_duration(trial_half);
     if (now < half + to_duration(trial_half) + settle) {
       d.trial_next = half + to_duration(trial_half) + settle;
       return;
     }
-    const counts after = window(di, half, now - settle, now);
-    if (after.span <= 0 || after.sent < 10 * unit || after.rejected < 3 * unit) {
+    // After: the latest `trial_window`, so that a rate that keeps falling under refusals that
+    // keep their share (each random 429 cutting a little: at 30 r/s and 5% one a second) is
+    // compared at its lowest, not averaged since the trial began; and only its bins where the
+    // pace held calls back: a batch that runs out of work sends less too (its last second
+    // passed for noise against a probe above the limit, and left the estimate 40% above it).
+    const counts after = paced_window(di, std::max(half, now - settle - to_duration(trial_window)),
+                                      now - settle, now);
+    if (after.span < 0.4 || after.sent < trial_calls * unit || after.rejected < 3 * unit) {
       return;
     }
     // Of the two windows, `lo` sent at the lower rate. A token-bucket limiter that refused a
@@ -535,15 +593,6 @@ class rate_controller_state {
     const counts& lo = after_lower ? after : before;
     const counts& hi = after_lower ? before : after;
     const double accepted_hi = (hi.sent - hi.rejected) / hi.span;
-    // Both windows must count 30 calls over 0.4 s or more: against nginx at 50 r/s a
-    // startup window of 26 calls (a few refused, its burst accepted at many times the limit's
-    // rate) passed for noise against a later window whose probe crossed the limit. A trial begun
-    // by the first calls of a run ends here without a verdict; the next 429 starts one with a
-    // second of calls before it.
-    if (lo.sent < 30 * unit || hi.sent < 30 * unit || lo.span < 0.4 || hi.span < 0.4) {
-      d.trial = false;
-      return;
-    }
     const double share_lo = lo.rejected / lo.sent - d.noise;
     const double share_hi = hi.rejected / hi.sent - d.noise;
     const double pooled = (lo.rejected + hi.rejected) / (lo.sent + hi.sent) - d.noise;
@@ -559,7 +608,12 @@ class rate_controller_state {
     const bool below =
         lo_rate <= 0.9 * accepted_hi &&
         (d.trial_estimate <= 0 || lo_rate <= 0.95 * (1 - o_.margin) * d.trial_estimate);
-    if (below && share_hi >= o_.margin && kept) {
+    // `hi` must have refused enough to be a crossing: the margin, or half of it if `lo` refused
+    // the margin (a 5% noise leaves 5 of 174 calls in one window about as often as 1 in 8).
+    const bool refusing =
+        share_hi >= o_.margin ||
+        (hi.rejected >= 3 * unit && share_hi >= 0.5 * o_.margin && share_lo >= o_.margin);
+    if (below && refusing && kept) {
       d.trial = false;
       // Only the first verdict sets the noise; a later one undoes its cut and leaves the noise
       // as it is. Windows of a run that probes a real limit hold the crossings' refusals
@@ -1347,6 +1401,7 @@ class rate_controller_state {
   std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
   double server_burst_ = 0;                    // calls accepted before the first 429 (0: not seen)
   std::uint64_t waits_seen_ = 0;               // the bucket's total_waits() at the last look
+  std::uint64_t send_waits_seen_ = 0;          // the same at the last send
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};
