@@ -479,3 +479,17 @@ TEST_CASE("only the first choice and text content are decoded", "[llm][stream]")
       anthropic_event("message_stop", R"({"type":"message_stop"})");
   CHECK(show(decode(provider_kind::anthropic, tools)) == "done\n");
 }
+
+TEST_CASE("bedrock detects a corrupted byte anywhere in the body", "[llm][stream]") {
+  // CRC32 catches every burst of up to 32 bits, so no single changed byte may go unnoticed:
+  // each one ends the stream with malformed_response (a CRC mismatch) instead of done.
+  for (std::size_t at = 0; at < bedrock_body.size(); ++at) {
+    std::string body = bedrock_body;
+    body[at] = static_cast<char>(body[at] ^ 0x5A);
+    const auto events = decode(provider_kind::bedrock, body);
+    INFO("byte " << at);
+    REQUIRE(events.back().kind == stream_event_kind::error);
+    CHECK(events.back().error->llm_code() == errc::malformed_response);
+    CHECK(events.back().error->message().find("CRC mismatch") != std::string::npos);
+  }
+}
