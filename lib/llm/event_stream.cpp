@@ -1,6 +1,7 @@
 // The AWS event-stream decoder and encoder (declared in keel/llm/event_stream.hpp).
 #include <keel/llm/event_stream.hpp>
 
+#include <algorithm>
 #include <array>
 #include <stdexcept>
 #include <utility>
@@ -196,6 +197,8 @@ bool event_stream_decoder::feed(std::string_view bytes, std::vector<event_stream
         return !failed();
       }
     }
+    // No reserve(expected_): a 12-byte prelude with a valid CRC would then cost up to
+    // max_bytes_ at once; appending makes memory follow the bytes actually received.
     const std::size_t take = std::min(expected_ - buffer_.size(), bytes.size());
     buffer_.append(bytes.substr(0, take));
     bytes.remove_prefix(take);

@@ -62,7 +62,12 @@ bool sse_decoder::feed(std::string_view bytes, std::vector<sse_event>& out) {
     } else {
       line_.append(bytes.substr(0, eol));
       ok = process_line(line_, out);
-      line_.clear();
+      // Give back a long line's buffer: idle streams should cost little memory.
+      if (line_.capacity() > 4096) {
+        line_ = std::string();
+      } else {
+        line_.clear();
+      }
     }
     if (!ok) {
       return false;

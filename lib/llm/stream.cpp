@@ -70,6 +70,17 @@ field count_at(const json& obj, const char* key, long long& out) {
   return field::ok;
 }
 
+// Empties a scratch vector between calls, so that a decoder does not keep the last chunk's
+// events (up to a whole event's data each) alive while it waits for more bytes; a large array is
+// given back too (keel aims at thousands of concurrent streams).
+template <class T>
+void release(std::vector<T>& v) {
+  v.clear();
+  if (v.capacity() > 16) {
+    v.shrink_to_fit();
+  }
+}
+
 // The message of an error payload ("message" or Bedrock's "Message").
 std::string message_of(const json& obj) {
   std::string m;
@@ -136,14 +147,14 @@ void openai_stream_decoder::feed(std::string_view bytes, std::vector<stream_even
   if (ended_) {
     return;  // after [DONE] or an error: what follows is ignored, and never buffered
   }
-  events_.clear();
   const bool ok = sse_.feed(bytes, events_);
   for (const auto& e : events_) {
     if (ended_) {
-      return;
+      break;
     }
     on_event(e, out);
   }
+  release(events_);
   if (!ok && !ended_) {
     emit_error(out, errc::malformed_response, "", sse_.error());
   }
@@ -153,14 +164,14 @@ void openai_stream_decoder::finish(std::vector<stream_event>& out) {
   if (ended_) {
     return;
   }
-  events_.clear();
   sse_.finish(events_);
   for (const auto& e : events_) {
     if (ended_) {
-      return;
+      break;
     }
     on_event(e, out);
   }
+  release(events_);
   if (!ended_) {
     emit_error(out, errc::transport, "", "the stream ended before data: [DONE]");
   }
@@ -281,14 +292,14 @@ void anthropic_stream_decoder::feed(std::string_view bytes, std::vector<stream_e
   if (ended_) {
     return;
   }
-  events_.clear();
   const bool ok = sse_.feed(bytes, events_);
   for (const auto& e : events_) {
     if (ended_) {
-      return;
+      break;
     }
     on_event(e, out);
   }
+  release(events_);
   if (!ok && !ended_) {
     emit_error(out, errc::malformed_response, "", sse_.error());
   }
@@ -298,14 +309,14 @@ void anthropic_stream_decoder::finish(std::vector<stream_event>& out) {
   if (ended_) {
     return;
   }
-  events_.clear();
   sse_.finish(events_);
   for (const auto& e : events_) {
     if (ended_) {
-      return;
+      break;
     }
     on_event(e, out);
   }
+  release(events_);
   if (!ended_) {
     emit_error(out, errc::transport, "", "the stream ended before message_stop");
   }
@@ -437,15 +448,14 @@ void bedrock_stream_decoder::feed(std::string_view bytes, std::vector<stream_eve
   if (ended_) {
     return;
   }
-  messages_.clear();
   const bool ok = frames_.feed(bytes, messages_);
   for (const auto& m : messages_) {
     if (ended_) {
-      return;
+      break;
     }
     on_message(m, out);
   }
-  messages_.clear();
+  release(messages_);
   if (!ok && !ended_) {
     emit_error(out, errc::malformed_response, "", frames_.error());
   }
