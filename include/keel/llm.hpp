@@ -5,9 +5,10 @@
 // --------
 // Including this header gives the whole of `keel::llm`: the configured client
 // (`keel::llm::client`) and its config loader, the provider-neutral chat model and its
-// dispatching `build_request` / `parse_response`, the OpenAI, Anthropic and Bedrock wire formats,
-// one-call `complete`, provider errors and server hints, SigV4 signing, token estimates, the JSON
-// depth bound and the mapping onto AWS retry-mode facts. Link `keel::llm` (it brings
+// dispatching `build_request` / `parse_response`, the OpenAI, Anthropic and Bedrock wire formats
+// and their stream decoders (server-sent events, AWS event-stream), one-call `complete`, provider
+// errors and server hints, SigV4 signing, token estimates, the JSON depth bound and the mapping
+// onto AWS retry-mode facts. Link `keel::llm` (it brings
 // nlohmann_json, OpenSSL and `keel::http`, which the client sends through). Each header can also
 // be included on its own; include only what you use to keep compile times down.
 //
@@ -30,8 +31,11 @@
 #include <keel/llm/complete.hpp>
 #include <keel/llm/config.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/llm/event_stream.hpp>
 #include <keel/llm/hints.hpp>
 #include <keel/llm/json_depth.hpp>
 #include <keel/llm/openai.hpp>
 #include <keel/llm/sigv4.hpp>
+#include <keel/llm/sse.hpp>
+#include <keel/llm/stream.hpp>
 #include <keel/llm/tokens.hpp>

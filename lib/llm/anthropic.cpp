@@ -9,6 +9,39 @@ namespace keel::llm {
 
 using namespace detail;  // the shared wire helpers (wire_common.hpp)
 
+errc detail::anthropic_error_code(std::string_view type, std::string_view message, errc fallback) {
+  if (type == "rate_limit_error") {
+    return errc::rate_limited;
+  }
+  if (type == "overloaded_error") {
+    return errc::overloaded;
+  }
+  if (type == "api_error") {
+    return errc::server_error;
+  }
+  if (type == "timeout_error") {
+    return errc::timeout;
+  }
+  if (type == "invalid_request_error") {
+    return contains_ci(message, "prompt is too long") ? errc::context_length_exceeded
+           : contains_ci(message, "credit balance")   ? errc::quota_exhausted
+                                                      : errc::bad_request;
+  }
+  if (type == "billing_error") {
+    return errc::quota_exhausted;
+  }
+  if (type == "authentication_error" || type == "permission_error") {
+    return errc::auth;
+  }
+  if (type == "not_found_error") {
+    return errc::not_found;
+  }
+  if (type == "request_too_large") {
+    return errc::request_too_large;
+  }
+  return fallback;
+}
+
 keel::http::request anthropic::build_request(const chat_request& req, const endpoint& ep) {
   json messages = json::array();
   for (const auto& m : req.messages) {
@@ -54,28 +87,7 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     const std::string type = string_field(err, "type");
     info.provider_code = type;
     info.message = err.empty() ? body_excerpt(res.body) : string_field(err, "message");
-    errc e = from_status(res.status);
-    if (type == "rate_limit_error") {
-      e = errc::rate_limited;
-    } else if (type == "overloaded_error") {
-      e = errc::overloaded;
-    } else if (type == "api_error") {
-      e = errc::server_error;
-    } else if (type == "timeout_error") {
-      e = errc::timeout;
-    } else if (type == "invalid_request_error") {
-      e = contains_ci(info.message, "prompt is too long") ? errc::context_length_exceeded
-          : contains_ci(info.message, "credit balance")   ? errc::quota_exhausted
-                                                          : errc::bad_request;
-    } else if (type == "billing_error") {
-      e = errc::quota_exhausted;
-    } else if (type == "authentication_error" || type == "permission_error") {
-      e = errc::auth;
-    } else if (type == "not_found_error") {
-      e = errc::not_found;
-    } else if (type == "request_too_large") {
-      e = errc::request_too_large;
-    }
+    const errc e = anthropic_error_code(type, info.message, from_status(res.status));
     fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);

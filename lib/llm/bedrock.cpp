@@ -11,6 +11,43 @@ namespace keel::llm {
 
 using namespace detail;  // the shared wire helpers (wire_common.hpp)
 
+errc detail::bedrock_error_code(std::string_view type_in, std::string_view message, errc fallback) {
+  // ConverseStream names its exception events in lowerCamelCase ("throttlingException").
+  std::string type(type_in);
+  if (!type.empty()) {
+    type[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(type[0])));
+  }
+  if (type == "ThrottlingException") {
+    return errc::rate_limited;
+  }
+  if (type == "ServiceUnavailableException" || type == "ModelNotReadyException") {
+    return errc::overloaded;
+  }
+  if (type == "InternalServerException" || type == "ModelErrorException" ||
+      type == "ModelStreamErrorException") {
+    return errc::server_error;
+  }
+  if (type == "ModelTimeoutException") {
+    return errc::timeout;
+  }
+  if (type == "ValidationException") {
+    return contains_ci(message, "too long") || contains_ci(message, "too many tokens")
+               ? errc::context_length_exceeded
+               : errc::bad_request;
+  }
+  if (type == "AccessDeniedException" || type == "UnrecognizedClientException" ||
+      type == "ExpiredTokenException") {
+    return errc::auth;
+  }
+  if (type == "ResourceNotFoundException") {
+    return errc::not_found;
+  }
+  if (type == "ServiceQuotaExceededException") {
+    return errc::quota_exhausted;
+  }
+  return fallback;
+}
+
 std::string bedrock::uri_encode(std::string_view s) {
   static constexpr char hex[] = "0123456789ABCDEF";
   std::string out;
@@ -82,28 +119,7 @@ chat_response bedrock::parse_response(const keel::http::response& res,
     if (info.message.empty() && !body.is_object()) {
       info.message = body_excerpt(res.body);
     }
-    errc e = from_status(res.status);
-    if (type == "ThrottlingException") {
-      e = errc::rate_limited;
-    } else if (type == "ServiceUnavailableException" || type == "ModelNotReadyException") {
-      e = errc::overloaded;
-    } else if (type == "InternalServerException" || type == "ModelErrorException" ||
-               type == "ModelStreamErrorException") {
-      e = errc::server_error;
-    } else if (type == "ModelTimeoutException") {
-      e = errc::timeout;
-    } else if (type == "ValidationException") {
-      e = contains_ci(info.message, "too long") || contains_ci(info.message, "too many tokens")
-              ? errc::context_length_exceeded
-              : errc::bad_request;
-    } else if (type == "AccessDeniedException" || type == "UnrecognizedClientException" ||
-               type == "ExpiredTokenException") {
-      e = errc::auth;
-    } else if (type == "ResourceNotFoundException") {
-      e = errc::not_found;
-    } else if (type == "ServiceQuotaExceededException") {
-      e = errc::quota_exhausted;
-    }
+    const errc e = bedrock_error_code(type, info.message, from_status(res.status));
     fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);

@@ -9,6 +9,23 @@ namespace keel::llm {
 
 using namespace detail;  // the shared wire helpers (wire_common.hpp)
 
+errc detail::openai_error_code(std::string_view code, std::string_view type,
+                               std::string_view message, int status, errc fallback) {
+  auto is = [&](std::string_view s) { return code == s || type == s; };
+  if (is("insufficient_quota") || is("billing_hard_limit_reached") || is("billing_not_active") ||
+      is("quota_exceeded")) {
+    return errc::quota_exhausted;
+  }
+  if (is("context_length_exceeded") ||
+      (status == 400 && contains_ci(message, "maximum context length"))) {
+    return errc::context_length_exceeded;
+  }
+  if (is("content_filter") || is("content_policy_violation")) {
+    return errc::content_filtered;
+  }
+  return fallback;
+}
+
 bool is_openai_reasoning_model(std::string_view model) noexcept {
   if (const auto slash = model.rfind('/'); slash != std::string_view::npos) {
     model.remove_prefix(slash + 1);
@@ -80,17 +97,7 @@ chat_response openai::parse_response(const keel::http::response& res,
     const std::string code = string_field(err, "code");
     info.provider_code = code.empty() ? type : code;
     info.message = err.empty() ? body_excerpt(res.body) : string_field(err, "message");
-    auto is = [&](std::string_view s) { return code == s || type == s; };
-    errc e = from_status(res.status);
-    if (is("insufficient_quota") || is("billing_hard_limit_reached") || is("billing_not_active") ||
-        is("quota_exceeded")) {
-      e = errc::quota_exhausted;
-    } else if (is("context_length_exceeded") ||
-               (res.status == 400 && contains_ci(info.message, "maximum context length"))) {
-      e = errc::context_length_exceeded;
-    } else if (is("content_filter") || is("content_policy_violation")) {
-      e = errc::content_filtered;
-    }
+    const errc e = openai_error_code(code, type, info.message, res.status, from_status(res.status));
     fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);

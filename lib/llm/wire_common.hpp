@@ -37,6 +37,19 @@ provider_error_info info_from(const keel::http::response& res, provider_kind kin
 // The error code a status means before the provider's body is read.
 errc from_status(int status);
 
+// The provider-specific classification of an error body, shared by parse_response and the stream
+// decoders (stream.cpp) so that a failure is named the same whether it came as an HTTP error or
+// mid-stream. Each returns `fallback` when the provider's code says nothing more specific.
+// OpenAI: the error object's `code`, `type` and `message`; `status` is the HTTP status (0 for an
+// error event in a stream).
+errc openai_error_code(std::string_view code, std::string_view type, std::string_view message,
+                       int status, errc fallback);
+// Anthropic: the error object's `type` and `message`.
+errc anthropic_error_code(std::string_view type, std::string_view message, errc fallback);
+// Bedrock: the exception's name without namespace ("ThrottlingException"; the streaming spelling
+// "throttlingException" is accepted too) and its message.
+errc bedrock_error_code(std::string_view type, std::string_view message, errc fallback);
+
 // Throws the provider_error for `code`, after applying x-should-retry.
 [[noreturn]] void fail(errc code, provider_error_info info);
 
