@@ -85,9 +85,10 @@
 //   proxy, keel's mock with a `rate_limit` fault) are told apart by the experiment a cut already
 //   is: a token-bucket limiter refuses next to nothing once the client sends clearly below what
 //   it accepted, random refusals keep their share at any rate. Each 429 that starts a reaction
-//   starts a *trial* that compares the second before it with a window from 0.5 s after it
-//   (both at least 30 calls over 0.4 s). If the window that sent less (below 90% of what the
-//   other had accepted, and 5% below the pace before the trial) kept the refused share (half or
+//   once an estimate exists starts a *trial* that compares the second before it (up to 3 s at a
+//   low rate) with the latest 2 s from 0.5 s after it, counting only bins where calls waited for
+//   the bucket (both at least 30 calls over 0.4 s). If the window that sent less (below 90% of what
+//   the other had accepted, and 5% below the pace before the trial) kept the refused share (half or
 //   more, or within two standard errors), the pacing goes back to where it was and probes up at
 //   once; the first such verdict sets the dimension's *noise* (the lower window's share). Later
 //   429s react only when the calls refused since the latest wave or cut exceed the noise's share
