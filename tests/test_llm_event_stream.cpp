@@ -66,8 +66,7 @@ decoded decode(std::string_view body, std::size_t max = keel::llm::default_event
 TEST_CASE("crc32 is the IEEE CRC with the standard check value", "[llm][event_stream]") {
   CHECK(keel::llm::crc32("123456789") == 0xCBF43926U);
   CHECK(keel::llm::crc32("") == 0U);
-  // Continuation: in two pieces gives the same as at once.
-  CHECK(keel::llm::crc32("6789", keel::llm::crc32("12345")) == 0xCBF43926U);
+  CHECK(keel::llm::crc32("a") == 0xE8B7BE43U);
 }
 
 TEST_CASE("event_stream decodes the messages published in aws-c-event-stream's tests",

@@ -1,28 +1,15 @@
 // The AWS event-stream decoder and encoder (declared in keel/llm/event_stream.hpp).
 #include <keel/llm/event_stream.hpp>
 
+#include <boost/crc.hpp>
+
 #include <algorithm>
-#include <array>
 #include <stdexcept>
 #include <utility>
 
 namespace keel::llm {
 
 namespace {
-
-constexpr std::array<std::uint32_t, 256> make_crc_table() {
-  std::array<std::uint32_t, 256> t{};
-  for (std::uint32_t i = 0; i < 256; ++i) {
-    std::uint32_t c = i;
-    for (int k = 0; k < 8; ++k) {
-      c = (c & 1U) != 0 ? 0xEDB88320U ^ (c >> 1) : c >> 1;
-    }
-    t[i] = c;
-  }
-  return t;
-}
-
-constexpr std::array<std::uint32_t, 256> crc_table = make_crc_table();
 
 constexpr std::size_t prelude_bytes = 12;
 
@@ -80,12 +67,10 @@ std::string hex32(std::uint32_t v) {
 
 }  // namespace
 
-std::uint32_t crc32(std::string_view bytes, std::uint32_t crc) noexcept {
-  crc = ~crc;
-  for (char ch : bytes) {
-    crc = crc_table[(crc ^ static_cast<unsigned char>(ch)) & 0xFFU] ^ (crc >> 8);
-  }
-  return ~crc;
+std::uint32_t crc32(std::string_view bytes) noexcept {
+  boost::crc_32_type c;
+  c.process_bytes(bytes.data(), bytes.size());
+  return c.checksum();
 }
 
 std::optional<std::string_view> event_stream_message::header(std::string_view name) const noexcept {

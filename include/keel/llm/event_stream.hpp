@@ -25,11 +25,10 @@
 // violation fails the decoder: `feed` returns false, `error()` says why, and every later call does
 // nothing. No input makes it throw anything but `std::bad_alloc`.
 //
-// CRC32: the IEEE polynomial (reflected 0xEDB88320, as in zlib and Ethernet), computed here with a
-// 256-entry table. zlib1g-dev is installed on the development machines but is not one of keel's
-// declared dependencies (scripts/setup.sh, the installed package's find_dependency list), and a
-// table is twenty lines, so keel::llm does not link zlib. The tests check `crc32` against the
-// standard check value and decode messages published in aws-c-event-stream's tests.
+// CRC32: the IEEE polynomial (reflected 0xEDB88320, as in zlib and Ethernet), computed with
+// Boost.CRC (header-only, part of the Boost keel already depends on; zlib is not one of keel's
+// declared dependencies). The tests check `crc32` against the standard check value and decode
+// messages published in aws-c-event-stream's tests.
 //
 // Example:
 //
@@ -58,9 +57,8 @@ inline constexpr std::size_t default_event_stream_max_bytes = std::size_t{16} <<
 /// The smallest possible message: prelude (12 bytes) and message CRC (4), no headers or payload.
 inline constexpr std::size_t event_stream_min_bytes = 16;
 
-/// The CRC32 (IEEE 802.3, reflected polynomial 0xEDB88320) of `bytes`, continuing from `crc`
-/// (pass the previous result to checksum data in pieces; 0 to start).
-std::uint32_t crc32(std::string_view bytes, std::uint32_t crc = 0) noexcept;
+/// The CRC32 (IEEE 802.3, reflected polynomial 0xEDB88320) of `bytes`.
+std::uint32_t crc32(std::string_view bytes) noexcept;
 
 /// The value types of an event-stream header.
 enum class event_stream_header_type : std::uint8_t {
