@@ -138,16 +138,13 @@ std::unique_ptr<stream_decoder> make_stream_decoder(provider_kind kind, stream_o
   return std::make_unique<openai_stream_decoder>(std::move(opts));
 }
 
-// ---- OpenAI -------------------------------------------------------------------------------
+// ---- SSE-based decoders ------------------------------------------------------------------
 
-openai_stream_decoder::openai_stream_decoder(stream_options opts)
-    : stream_decoder(provider_kind::openai, std::move(opts)), sse_(opts_.max_event_bytes) {}
+detail::sse_stream_decoder::sse_stream_decoder(provider_kind provider, stream_options opts,
+                                               const char* end_name)
+    : stream_decoder(provider, std::move(opts)), sse_(opts_.max_event_bytes), end_name_(end_name) {}
 
-void openai_stream_decoder::feed(std::string_view bytes, std::vector<stream_event>& out) {
-  if (ended_) {
-    return;  // after [DONE] or an error: what follows is ignored, and never buffered
-  }
-  const bool ok = sse_.feed(bytes, events_);
+void detail::sse_stream_decoder::dispatch(std::vector<stream_event>& out) {
   for (const auto& e : events_) {
     if (ended_) {
       break;
@@ -155,27 +152,34 @@ void openai_stream_decoder::feed(std::string_view bytes, std::vector<stream_even
     on_event(e, out);
   }
   release(events_);
+}
+
+void detail::sse_stream_decoder::feed(std::string_view bytes, std::vector<stream_event>& out) {
+  if (ended_) {
+    return;  // after the end or an error: what follows is ignored, and never buffered
+  }
+  const bool ok = sse_.feed(bytes, events_);
+  dispatch(out);
   if (!ok && !ended_) {
     emit_error(out, errc::malformed_response, "", sse_.error());
   }
 }
 
-void openai_stream_decoder::finish(std::vector<stream_event>& out) {
+void detail::sse_stream_decoder::finish(std::vector<stream_event>& out) {
   if (ended_) {
     return;
   }
   sse_.finish(events_);
-  for (const auto& e : events_) {
-    if (ended_) {
-      break;
-    }
-    on_event(e, out);
-  }
-  release(events_);
+  dispatch(out);
   if (!ended_) {
-    emit_error(out, errc::transport, "", "the stream ended before data: [DONE]");
+    emit_error(out, errc::transport, "", std::string("the stream ended before ") + end_name_);
   }
 }
+
+// ---- OpenAI -------------------------------------------------------------------------------
+
+openai_stream_decoder::openai_stream_decoder(stream_options opts)
+    : sse_stream_decoder(provider_kind::openai, std::move(opts), "data: [DONE]") {}
 
 void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_event>& out) {
   if (e.data == "[DONE]") {
@@ -286,41 +290,7 @@ void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_even
 // ---- Anthropic ----------------------------------------------------------------------------
 
 anthropic_stream_decoder::anthropic_stream_decoder(stream_options opts)
-    : stream_decoder(provider_kind::anthropic, std::move(opts)), sse_(opts_.max_event_bytes) {}
-
-void anthropic_stream_decoder::feed(std::string_view bytes, std::vector<stream_event>& out) {
-  if (ended_) {
-    return;
-  }
-  const bool ok = sse_.feed(bytes, events_);
-  for (const auto& e : events_) {
-    if (ended_) {
-      break;
-    }
-    on_event(e, out);
-  }
-  release(events_);
-  if (!ok && !ended_) {
-    emit_error(out, errc::malformed_response, "", sse_.error());
-  }
-}
-
-void anthropic_stream_decoder::finish(std::vector<stream_event>& out) {
-  if (ended_) {
-    return;
-  }
-  sse_.finish(events_);
-  for (const auto& e : events_) {
-    if (ended_) {
-      break;
-    }
-    on_event(e, out);
-  }
-  release(events_);
-  if (!ended_) {
-    emit_error(out, errc::transport, "", "the stream ended before message_stop");
-  }
-}
+    : sse_stream_decoder(provider_kind::anthropic, std::move(opts), "message_stop") {}
 
 void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_event>& out) {
   json ev;

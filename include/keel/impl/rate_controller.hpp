@@ -445,38 +445,24 @@ class rate_controller_state {
   struct counts {
     double sent = 0;
     double rejected = 0;
-    double queued = 0;  // requests, see `bin::queued`
-    double span = 0;    // seconds covered by the bins counted
+    double span = 0;  // seconds covered by the bins counted
   };
 
   // Work sent and refused, by send time, in the bins that overlap [from, to) (clipped to the
   // controller's epoch and to `now`).
   counts window(std::size_t di, time_point from, time_point to, time_point now) const {
-    counts c;
-    from = std::max(from, epoch_);
-    to = std::min(to, now);
-    if (to <= from) {
-      return c;
-    }
-    const duration w = to_duration(bin_width);
-    const std::int64_t lo = (from - epoch_) / w;
-    const std::int64_t hi = (to - epoch_ + w - duration(1)) / w;
-    for (const bin& b : bins_) {
-      if (b.index >= lo && b.index < hi) {
-        c.sent += b.sent[di];
-        c.rejected += b.rejected[di];
-        c.queued += b.queued;
-      }
-    }
-    const time_point end = std::min(epoch_ + w * hi, now);
-    c.span = std::max(0.0, seconds(end - (epoch_ + w * lo)));
-    return c;
+    return count_bins(di, from, to, now, false);
   }
 
   // The same over the whole bins of [from, to) whose requests mostly went while other calls
   // waited for the bucket: what the client sent when the pace held it back, not when it ran
   // out of work (the last second of a batch).
   counts paced_window(std::size_t di, time_point from, time_point to, time_point now) const {
+    return count_bins(di, from, to, now, true);
+  }
+
+  counts count_bins(std::size_t di, time_point from, time_point to, time_point now,
+                    bool paced_only) const {
     counts c;
     from = std::max(from, epoch_);
     to = std::min(to, now);
@@ -485,14 +471,24 @@ class rate_controller_state {
     }
     const duration w = to_duration(bin_width);
     const std::int64_t lo = (from - epoch_) / w;
-    const std::int64_t hi = (to - epoch_) / w;
+    // Paced-only windows count whole bins (the current one is still filling).
+    const std::int64_t hi = paced_only ? (to - epoch_) / w : (to - epoch_ + w - duration(1)) / w;
     for (const bin& b : bins_) {
-      if (b.index >= lo && b.index < hi && b.sent[req] > 0 && b.queued >= 0.5 * b.sent[req]) {
-        c.sent += b.sent[di];
-        c.rejected += b.rejected[di];
-        c.queued += b.queued;
+      if (b.index < lo || b.index >= hi) {
+        continue;
+      }
+      if (paced_only && (b.sent[req] <= 0 || b.queued < 0.5 * b.sent[req])) {
+        continue;
+      }
+      c.sent += b.sent[di];
+      c.rejected += b.rejected[di];
+      if (paced_only) {
         c.span += seconds(w);
       }
+    }
+    if (!paced_only) {
+      const time_point end = std::min(epoch_ + w * hi, now);
+      c.span = std::max(0.0, seconds(end - (epoch_ + w * lo)));
     }
     return c;
   }

@@ -185,37 +185,52 @@ class stream_decoder {
   bool ended_ = false;
 };
 
-/// Decodes OpenAI chat completions streams (`stream: true`).
-class openai_stream_decoder final : public stream_decoder {
+namespace detail {
+
+/// The part of the SSE-based decoders (OpenAI, Anthropic) that feeds the SSE decoder and hands
+/// each complete event to `on_event`.
+class sse_stream_decoder : public stream_decoder {
+ public:
+  /// See `stream_decoder::feed`.
+  void feed(std::string_view bytes, std::vector<stream_event>& out) final;
+  /// See `stream_decoder::finish`; a stream that did not reach `end_name` is truncated.
+  void finish(std::vector<stream_event>& out) final;
+
+ protected:
+  /// A decoder for `provider` whose protocol ends with `end_name` (for the truncation error).
+  sse_stream_decoder(provider_kind provider, stream_options opts, const char* end_name);
+  /// Decodes one SSE event into `out`.
+  virtual void on_event(const sse_event& e, std::vector<stream_event>& out) = 0;
+
+ private:
+  void dispatch(std::vector<stream_event>& out);
+  sse_decoder sse_;
+  std::vector<sse_event> events_;
+  const char* end_name_;
+};
+
+}  // namespace detail
+
+/// Decodes OpenAI chat completions streams (`stream: true`); without `data: [DONE]` the stream
+/// is truncated.
+class openai_stream_decoder final : public detail::sse_stream_decoder {
  public:
   /// A decoder with `opts`.
   explicit openai_stream_decoder(stream_options opts = stream_options());
-  /// See `stream_decoder::feed`.
-  void feed(std::string_view bytes, std::vector<stream_event>& out) override;
-  /// See `stream_decoder::finish`; without `data: [DONE]` the stream is truncated.
-  void finish(std::vector<stream_event>& out) override;
 
  private:
-  void on_event(const sse_event& e, std::vector<stream_event>& out);
-  sse_decoder sse_;
-  std::vector<sse_event> events_;
+  void on_event(const sse_event& e, std::vector<stream_event>& out) override;
   bool started_ = false;
 };
 
-/// Decodes Anthropic messages streams.
-class anthropic_stream_decoder final : public stream_decoder {
+/// Decodes Anthropic messages streams; without `message_stop` the stream is truncated.
+class anthropic_stream_decoder final : public detail::sse_stream_decoder {
  public:
   /// A decoder with `opts`.
   explicit anthropic_stream_decoder(stream_options opts = stream_options());
-  /// See `stream_decoder::feed`.
-  void feed(std::string_view bytes, std::vector<stream_event>& out) override;
-  /// See `stream_decoder::finish`; without `message_stop` the stream is truncated.
-  void finish(std::vector<stream_event>& out) override;
 
  private:
-  void on_event(const sse_event& e, std::vector<stream_event>& out);
-  sse_decoder sse_;
-  std::vector<sse_event> events_;
+  void on_event(const sse_event& e, std::vector<stream_event>& out) override;
   token_usage usage_;
 };
 
