@@ -135,8 +135,9 @@ class client;
 /// A response whose status line and header fields have arrived and whose body is read piece by
 /// piece, as it arrives; returned by `client::open`. It owns the response's connection: the
 /// connection goes back to the client's pool when the body has been read to its end (and keep-alive
-/// allows it), and is closed if the reader is closed, destroyed or fails before that. Movable, not
-/// copyable.
+/// allows it), and is closed if the reader is closed, destroyed or fails before that. Until then
+/// it holds one of its host's `max_connections_per_host` slots, so a reader left unread makes
+/// other sends to that host wait. Movable, not copyable.
 ///
 /// The reader keeps the client's internals (pool, TLS context) alive, so it stays usable after its
 /// client is destroyed (the executor must still run); its connection is then closed at the end of
