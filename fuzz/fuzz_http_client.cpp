@@ -1,11 +1,14 @@
 // Fuzz target: keel::http::client reading whatever bytes a server sends back (the input, verbatim).
 //
-// A tiny loopback server (plain Asio, 127.0.0.1 port 0, bound once per process) accepts one
-// connection per input, reads the request head, writes the input bytes as the "response" and
-// closes. The client sends one GET with small limits and must end with a response that respects
-// those limits or a keel::failure with a transport code; a timeout means it waited for bytes that
-// could never come (the server has closed), so it counts as a hang. Everything runs in one
-// io_context run per input, with no sleeps.
+// A tiny loopback server (plain Asio, 127.0.0.1 port 0, bound once per process) accepts two
+// connections per input; on each it reads the request head, writes the input bytes as the
+// "response" and closes. On the first, the client sends one GET with small limits and must end
+// with a response that respects those limits or a keel::failure with a transport code; a timeout
+// means it waited for bytes that could never come (the server has closed), so it counts as a
+// hang. On the second, a fresh client `open`s the same GET and reads the body with `read_some`
+// until its end: it must end exactly as `send` did (same status, fields and body, or the same
+// error code), every piece must be non-empty and the reader's counters must agree with what it
+// returned. Everything runs in one io_context run per input, with no sleeps.
 #include "fuzz_support.hpp"
 
 #include <keel/error.hpp>
@@ -102,6 +105,48 @@ asio::awaitable<void> fetch(const std::string& url, outcome& out) {
   }
 }
 
+// What the streaming path saw: the head, the pieces, and the reader's own account.
+struct stream_outcome {
+  std::optional<keel::http::response> head;  // with the pieces joined into its body
+  std::optional<boost::system::error_code> error;
+  std::string what;
+  bool empty_piece = false;
+  bool counters_agree = true;  // bytes_read() and done() matched what read_some returned
+};
+
+asio::awaitable<void> stream(const std::string& url, stream_outcome& out) {
+  keel::http::client_options opts;
+  opts.max_response_body = max_body;
+  opts.max_header_count = max_headers;
+  opts.max_header_bytes = max_header_bytes;
+  opts.connect_timeout = 2s;
+  opts.request_timeout = 2s;
+  opts.tls.verify_peer = false;
+  auto client = std::make_unique<keel::http::client>(co_await asio::this_coro::executor, opts);
+  keel::http::request req("GET", url);
+  req.set("accept", "application/json");
+  try {
+    keel::http::response_reader reader = co_await client->open(std::move(req));
+    out.head = reader.head();
+    out.counters_agree = reader.bytes_read() == 0 && out.head->body.empty();
+    // A bound on the reads, should read_some ever stop making progress (a piece is never
+    // empty, so the body's size bounds it).
+    for (std::size_t reads = 0; reads <= max_body + 1; ++reads) {
+      auto piece = co_await reader.read_some();
+      if (!piece) {
+        break;
+      }
+      out.empty_piece = out.empty_piece || piece->empty();
+      out.head->body += *piece;
+      out.counters_agree = out.counters_agree && reader.bytes_read() == out.head->body.size();
+    }
+    out.counters_agree = out.counters_agree && reader.done();
+  } catch (const keel::failure& e) {
+    out.error = e.code();
+    out.what = e.what();
+  }
+}
+
 void check_error(const boost::system::error_code& ec, const std::string& what) {
   using keel::http::error;
   // Beast and OpenSSL codes must have been translated by normalize_error.
@@ -127,19 +172,29 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   loopback& lb = instance();
   const std::string_view bytes = keel::fuzz::as_text(data, size);
   outcome out;
+  stream_outcome streamed;
+  // The two exchanges run one after the other, each with its own client and connection.
+  auto both = [&]() -> asio::awaitable<void> {
+    co_await fetch(lb.url, out);
+    co_await stream(lb.url, streamed);
+  };
+  auto serve_twice = [&]() -> asio::awaitable<void> {
+    co_await serve_once(lb.acceptor, bytes);
+    co_await serve_once(lb.acceptor, bytes);
+  };
   bool server_done = false;
   bool client_done = false;
   std::exception_ptr client_failure;
-  asio::co_spawn(lb.ctx, serve_once(lb.acceptor, bytes), [&](std::exception_ptr e) {
+  asio::co_spawn(lb.ctx, serve_twice(), [&](std::exception_ptr e) {
     server_done = true;
     if (e) {
       std::rethrow_exception(e);
     }
   });
-  asio::co_spawn(lb.ctx, fetch(lb.url, out), [&](std::exception_ptr e) {
+  asio::co_spawn(lb.ctx, both(), [&](std::exception_ptr e) {
     client_done = true;
     client_failure = e;
-    // If the client never connected, nothing else will complete the accept.
+    // If a client never connected, nothing else will complete the accept.
     boost::system::error_code ignored;
     lb.acceptor.cancel(ignored);
   });
@@ -150,12 +205,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     try {
       std::rethrow_exception(client_failure);
     } catch (...) {
-      keel::fuzz::unexpected_exception("keel::http::client::send");
+      keel::fuzz::unexpected_exception("keel::http::client::send or open/read_some");
     }
   }
   KEEL_FUZZ_CHECK(out.response.has_value() != out.error.has_value());
+  // Reading piece by piece ends exactly as reading the whole response: send is open plus
+  // reads, and the bytes are the same whatever the segmentation.
+  KEEL_FUZZ_CHECK(out.error.has_value() == streamed.error.has_value());
   if (out.error) {
     check_error(*out.error, out.what);
+    check_error(*streamed.error, streamed.what);
+    KEEL_FUZZ_CHECK(*out.error == *streamed.error);
     return 0;
   }
   const keel::http::response& res = *out.response;
@@ -164,5 +224,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // De-chunking only removes bytes: the body cannot be larger than what the server sent.
   KEEL_FUZZ_CHECK(res.body.size() <= size);
   KEEL_FUZZ_CHECK(res.headers.size() <= max_headers);
+  const keel::http::response& sres = *streamed.head;
+  KEEL_FUZZ_CHECK(sres.status == res.status);
+  KEEL_FUZZ_CHECK(sres.reason == res.reason);
+  KEEL_FUZZ_CHECK(sres.headers.fields() == res.headers.fields());
+  KEEL_FUZZ_CHECK(sres.body == res.body);
+  KEEL_FUZZ_CHECK(!streamed.empty_piece);
+  KEEL_FUZZ_CHECK(streamed.counters_agree);
   return 0;
 }

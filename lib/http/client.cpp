@@ -18,8 +18,8 @@
 #include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
-#include <boost/beast/http/read.hpp>
-#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/error.hpp>
+#include <boost/beast/http/parser.hpp>
 
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -155,7 +155,86 @@ struct host_pool {
   keel::detail::waiter_list waiters;
 };
 
+// The parser's body: it appends the body's bytes to whatever string the current read names, so a
+// streamed body never accumulates in the parser and `send` still builds its body in place. (With
+// Beast's buffer_body each read would need a buffer of a guessed size and a need_buffer dance.)
+// The limit on a Content-Length is checked here, when the body starts, rather than by the parser
+// at the end of the header: `open` must return the status of a response whose body is too large,
+// and the first `read_some` refuse it. Chunked and close-delimited bodies are counted by the
+// parser's own body_limit, set once the header is in.
+struct sink_body {
+  struct value_type {
+    std::string* out = nullptr;  // null outside a read: body bytes then would be a bug
+    std::uint64_t limit = 0;
+    bool reserve = false;  // reading the whole body (send): reserve Content-Length, as string_body
+  };
+  class reader {
+   public:
+    template <bool IsRequest, class Fields>
+    reader(bhttp::header<IsRequest, Fields>&, value_type& v) : v_(v) {}
+    void init(const boost::optional<std::uint64_t>& length, boost::system::error_code& ec) {
+      ec = {};
+      if (length && *length > v_.limit) {
+        ec = bhttp::error::body_limit;
+        return;
+      }
+      if (length && v_.reserve && v_.out != nullptr) {
+        v_.out->reserve(v_.out->size() + static_cast<std::size_t>(*length));
+      }
+    }
+    std::size_t put(asio::const_buffer b, boost::system::error_code& ec) {
+      if (v_.out == nullptr) {
+        ec = bhttp::error::need_buffer;
+        return 0;
+      }
+      ec = {};
+      v_.out->append(static_cast<const char*>(b.data()), b.size());
+      return b.size();
+    }
+    void finish(boost::system::error_code& ec) { ec = {}; }
+
+   private:
+    value_type& v_;
+  };
+};
+
+using body_parser = bhttp::response_parser<sink_body>;
+
 }  // namespace
+
+// One request's hold on a pool slot and its connection, from `open` until the body has been read
+// (or abandoned): anything but a clean, complete keep-alive exchange (an exception, a
+// cancellation, a partial message, a reader closed or destroyed early) closes the connection.
+// `send` uses it for the length of one call; a `response_reader` owns it.
+struct response_reader::state {
+  state(std::shared_ptr<client::impl> o, host_pool* p, std::string w)
+      : owner(std::move(o)), pool(p), where(std::move(w)) {}
+  state(const state&) = delete;
+  state& operator=(const state&) = delete;
+  ~state() { release(); }
+
+  // Gives the slot back: the connection to the pool after a complete keep-alive message,
+  // otherwise closed. Idempotent.
+  void release() noexcept;
+  // Closes the connection now. A read in progress still uses the connection object: it ends
+  // with an error and releases the slot itself.
+  void abandon() noexcept;
+  // Reads body bytes onto `out`: all of them (`to_end`), or until at least one arrived.
+  // Throws keel::failure; any failure closes the connection.
+  asio::awaitable<void> read(std::string& out, bool to_end);
+  static asio::awaitable<std::optional<std::string>> read_some(state* st);
+
+  std::shared_ptr<client::impl> owner;
+  host_pool* pool;  // null once the slot was given back
+  std::unique_ptr<connection> conn;
+  std::optional<body_parser> parser;  // in place: a Beast parser cannot move
+  response head;
+  std::string where;
+  bool reusable = false;  // keep-alive allowed and requests left, once the message is complete
+  bool finished = false;  // the body was read to its end
+  bool reading = false;   // a read's frame refers to `conn`
+  std::size_t delivered = 0;
+};
 
 struct client::impl {
   impl(asio::any_io_executor executor, client_options options)
@@ -233,8 +312,11 @@ struct client::impl {
         w->wake.cancel();
         return;
       }
-      pool.idle.push_back(std::move(c));
-      return;
+      if (!client_destroyed) {
+        pool.idle.push_back(std::move(c));
+        return;
+      }
+      // A reader or send that outlived its client: nobody would close an idle connection now.
     }
     if (c) {
       c->close();
@@ -248,19 +330,6 @@ struct client::impl {
     }
     --pool.open;
   }
-
-  // Owns a pool slot for the duration of one send; anything but a clean, complete keep-alive
-  // exchange (an exception, a cancellation, a partial message) closes the connection.
-  struct lease {
-    impl* owner;
-    host_pool* pool;
-    std::unique_ptr<connection> conn;
-    bool reusable = false;
-    lease(impl* o, host_pool* p) : owner(o), pool(p) {}
-    lease(const lease&) = delete;
-    lease& operator=(const lease&) = delete;
-    ~lease() { owner->release(*pool, std::move(conn), reusable); }
-  };
 
   asio::awaitable<void> connect(connection& c, const url_parts& u, std::string_view where) {
     boost::system::error_code ec;
@@ -315,23 +384,24 @@ struct client::impl {
     }
   }
 
-  // Reads one message into `p` as Beast's http::async_read does, but calling the parser itself,
-  // for two holes in Beast 1.81's parser (found by probing with hostile servers):
+  // Feeds `buf` to `p`, reading from `s` when it runs dry, until `enough()`: as Beast's
+  // http::async_read does, but calling the parser itself, for two holes in Beast 1.81's parser
+  // (found by probing with hostile servers):
   // - a header or trailer field longer than 65,535 bytes makes it throw std::length_error, which
   //   inside async_read escapes io_context::run() and ends the program;
   // - chunk-size lines (with extensions) and trailers count toward no limit, so a server could
   //   make the buffer grow without bound until the request timeout.
   // Both become `header_too_large`: the bytes waiting to be parsed are capped at the header limit
-  // plus one read.
-  template <class Stream, class Parser>
-  asio::awaitable<boost::system::error_code> read_message(Stream& s, beast::flat_buffer& buf,
-                                                          Parser& p) {
+  // plus one read. The body is parsed as it arrives (eager), so only unparsed metadata waits in
+  // `buf`, and one call never holds more than one read beyond what it hands on.
+  template <class Stream, class Parser, class Enough>
+  asio::awaitable<boost::system::error_code> read_until(Stream& s, beast::flat_buffer& buf,
+                                                        Parser& p, Enough enough) {
     constexpr std::size_t read_size = 64 * 1024;
     const std::size_t backlog_cap = opts.max_header_bytes + read_size;
-    p.eager(true);  // parse the body as it arrives, so only unparsed metadata waits in `buf`
     boost::system::error_code ec;
     for (;;) {
-      while (buf.size() > 0 && !p.is_done()) {
+      while (buf.size() > 0 && !enough()) {
         std::size_t used = 0;
         try {
           used = p.put(buf.data(), ec);
@@ -350,7 +420,7 @@ struct client::impl {
           break;
         }
       }
-      if (p.is_done()) {
+      if (enough()) {
         co_return ec;
       }
       if (buf.size() >= backlog_cap) {
@@ -376,9 +446,13 @@ struct client::impl {
     }
   }
 
+  // Writes the request and reads the final response's status line and header fields into `st`
+  // (its parser, head and reusability), reading past interim responses.
   template <class Stream>
-  asio::awaitable<response> exchange(Stream& s, connection& c, const std::string& wire, bool head,
-                                     bool& keep_alive, std::string_view where) {
+  asio::awaitable<void> write_and_read_head(Stream& s, response_reader::state& st,
+                                            const std::string& wire, bool head) {
+    connection& c = *st.conn;
+    const std::string& where = st.where;
     boost::system::error_code ec;
     co_await asio::async_write(s, asio::buffer(wire),
                                asio::redirect_error(asio::use_awaitable, ec));
@@ -391,18 +465,17 @@ struct client::impl {
     // real response in the buffer. A status below 100 is invalid and 101 (switching protocols)
     // was never asked for: both are protocol errors, so status 0 keeps meaning "no response"
     // to the provider layers. (Found by fuzz/fuzz_http_client.)
-    // One async_read per message: an interim response has no body, so reading it completes
-    // after its header. (Reading the header and then the body as two operations cost a second
-    // composed operation per request, about 5% of the client's throughput.)
     constexpr int max_interim = 8;
-    std::optional<bhttp::response_parser<bhttp::string_body>> interim_or_final;
     for (int interim = 0;; ++interim) {
-      auto& p = interim_or_final.emplace();
+      auto& p = st.parser.emplace();
       p.header_limit(static_cast<std::uint32_t>(
           std::min<std::size_t>(opts.max_header_bytes, std::numeric_limits<std::uint32_t>::max())));
-      p.body_limit(static_cast<std::uint64_t>(opts.max_response_body));
+      // No body limit yet: Beast would apply it to a Content-Length at the end of the header,
+      // and `open` must still return such a response's status (see sink_body).
+      p.body_limit(boost::none);
       p.skip(head);
-      ec = co_await read_message(s, c.buffer, p);
+      p.eager(false);  // stop at the end of the header
+      ec = co_await read_until(s, c.buffer, p, [&p] { return p.is_header_done(); });
       if (ec) {
         fail(c.timed_out ? make_error_code(error::request_timeout) : ec,
              "reading the response failed", where);
@@ -415,26 +488,30 @@ struct client::impl {
         break;
       }
     }
-    auto& parser = *interim_or_final;
-    const auto& fields = parser.get().base();
-    if (static_cast<std::size_t>(std::distance(fields.begin(), fields.end())) >
-        opts.max_header_count) {
+    auto& p = *st.parser;
+    const auto& msg = p.get();
+    if (static_cast<std::size_t>(std::distance(msg.begin(), msg.end())) > opts.max_header_count) {
       fail(error::too_many_headers, "reading the response failed", where);
     }
-    auto& msg = parser.get();
-    keep_alive = msg.keep_alive();
-    response res;
-    res.status = static_cast<int>(msg.result_int());
-    res.reason = std::string(msg.reason());
-    for (const auto& f : msg.base()) {
-      res.headers.add(std::string(f.name_string()), std::string(f.value()));
+    p.body_limit(static_cast<std::uint64_t>(opts.max_response_body));
+    p.get().body().limit = static_cast<std::uint64_t>(opts.max_response_body);
+    p.eager(true);
+    // The parser's keep_alive, not the message's: a body delimited by the close is not
+    // keep-alive whatever the Connection field says.
+    st.reusable = p.keep_alive() && c.requests < opts.max_requests_per_connection;
+    st.head.status = static_cast<int>(msg.result_int());
+    st.head.reason = std::string(msg.reason());
+    for (const auto& f : msg) {
+      st.head.headers.add(std::string(f.name_string()), std::string(f.value()));
     }
-    res.body = std::move(msg.body());
-    co_return res;
+    st.finished = p.is_done();  // no body: HEAD, 204, 304, Content-Length 0
   }
 
-  static asio::awaitable<response> send(std::shared_ptr<impl> self, request req) {
-    const std::string where = req.method + " " + redact_url(req.url);
+  // Everything up to the final response's header. `whole`: the caller reads the body to its end
+  // at once (send), so request_timeout keeps running over it; otherwise it stops here.
+  static asio::awaitable<std::unique_ptr<response_reader::state>> open(std::shared_ptr<impl> self,
+                                                                       request req, bool whole) {
+    std::string where = req.method + " " + redact_url(req.url);
     const auto u = parse_url(req.url);
     if (!u) {
       fail(error::bad_url, "cannot send", where);
@@ -499,29 +576,46 @@ struct client::impl {
     std::string key = (u->tls ? "https://" : "http://") + u->host + ":" + std::to_string(u->port);
     host_pool& pool = self->pools[key];
     // Acquire first: a caller cancelled while queued holds no slot, so it must not create the
-    // lease whose destructor gives a slot back.
+    // state whose destructor gives a slot back.
     std::unique_ptr<connection> acquired = co_await self->acquire(pool);
-    lease l(self.get(), &pool);
-    l.conn = std::move(acquired);
-    if (!l.conn) {
-      l.conn = std::make_unique<connection>(self->ex);
-      co_await self->connect(*l.conn, *u, where);
+    auto st = std::make_unique<response_reader::state>(self, &pool, std::move(where));
+    st->conn = std::move(acquired);
+    if (!st->conn) {
+      st->conn = std::make_unique<connection>(self->ex);
+      co_await self->connect(*st->conn, *u, st->where);
     }
-    connection& c = *l.conn;
+    connection& c = *st->conn;
     ++c.requests;
     c.lowest().expires_never();  // the connect timeout is over; no per-operation timers
     if (self->opts.request_timeout) {
       c.start_request_timer(*self->opts.request_timeout);
     }
-    struct stop_timer {
-      connection& c;
-      ~stop_timer() { c.stop_request_timer(); }
-    } stop{c};
-    bool keep_alive = false;
-    response res = c.tls ? co_await self->exchange(*c.tls, c, wire, head, keep_alive, where)
-                         : co_await self->exchange(c.plain, c, wire, head, keep_alive, where);
-    l.reusable = keep_alive && c.requests < self->opts.max_requests_per_connection;
+    if (c.tls) {
+      co_await self->write_and_read_head(*c.tls, *st, wire, head);
+    } else {
+      co_await self->write_and_read_head(c.plain, *st, wire, head);
+    }
+    if (!whole) {
+      c.stop_request_timer();
+      c.timed_out = false;  // had it fired just after the header, it cancelled nothing
+    }
+    if (st->finished) {
+      st->release();  // no body to wait for: the connection is free now
+    }
+    co_return st;
+  }
+
+  static asio::awaitable<response> send(std::shared_ptr<impl> self, request req) {
+    auto st = co_await open(std::move(self), std::move(req), true);
+    response res = std::move(st->head);
+    if (!st->finished) {
+      co_await st->read(res.body, true);
+    }
     co_return res;
+  }
+
+  static asio::awaitable<response_reader> open_reader(std::shared_ptr<impl> self, request req) {
+    co_return response_reader(co_await open(std::move(self), std::move(req), false));
   }
 
   void close_idle() {
@@ -539,18 +633,130 @@ struct client::impl {
   asio::ssl::context ssl_ctx;
   std::map<std::string, host_pool> pools;
   std::size_t opened = 0;
+  bool client_destroyed = false;  // see release()
 };
+
+void response_reader::state::release() noexcept {
+  if (pool == nullptr) {
+    return;
+  }
+  if (conn) {
+    conn->stop_request_timer();
+  }
+  host_pool& p = *pool;
+  pool = nullptr;
+  owner->release(p, std::move(conn), finished && reusable);
+}
+
+void response_reader::state::abandon() noexcept {
+  if (pool == nullptr) {
+    return;
+  }
+  if (reading) {
+    // The read's frame still refers to the connection: closing the socket ends it with an
+    // error, and the read gives the slot back as it unwinds.
+    conn->close();
+    return;
+  }
+  release();
+}
+
+asio::awaitable<void> response_reader::state::read(std::string& out, bool to_end) {
+  connection& c = *conn;
+  body_parser& p = *parser;
+  p.get().body().out = &out;
+  p.get().body().reserve = to_end;
+  reading = true;
+  // However the read ends (an error, a cancellation, the frame destroyed at shutdown), the
+  // parser must not keep a pointer to `out`, and a failure closes the connection at once.
+  struct guard {
+    state& st;
+    bool ok = false;
+    ~guard() {
+      st.reading = false;
+      st.parser->get().body().out = nullptr;
+      if (!ok) {
+        st.abandon();
+      }
+    }
+  } g{*this};
+  const std::size_t before = out.size();
+  auto enough = [&] { return p.is_done() || (!to_end && out.size() > before); };
+  const boost::system::error_code ec =
+      c.tls ? co_await owner->read_until(*c.tls, c.buffer, p, enough)
+            : co_await owner->read_until(c.plain, c.buffer, p, enough);
+  if (ec) {
+    fail(c.timed_out ? make_error_code(error::request_timeout) : ec, "reading the response failed",
+         where);
+  }
+  g.ok = true;
+  if (p.is_done()) {
+    finished = true;
+    release();
+  }
+}
+
+asio::awaitable<std::optional<std::string>> response_reader::state::read_some(state* st) {
+  if (st != nullptr && st->finished) {
+    co_return std::nullopt;
+  }
+  if (st == nullptr || st->pool == nullptr) {
+    throw keel::failure(asio::error::operation_aborted,
+                        "keel.http: the response body was abandoned (the reader was closed, "
+                        "failed or moved from)" +
+                            (st != nullptr ? " (" + st->where + ")" : std::string()));
+  }
+  std::string piece;
+  co_await st->read(piece, false);
+  if (piece.empty()) {
+    co_return std::nullopt;  // the body ended with no further bytes
+  }
+  st->delivered += piece.size();
+  co_return std::optional<std::string>(std::move(piece));
+}
+
+response_reader::response_reader(std::unique_ptr<state> s) noexcept : state_(std::move(s)) {}
+response_reader::response_reader(response_reader&& other) noexcept = default;
+response_reader& response_reader::operator=(response_reader&& other) noexcept = default;
+response_reader::~response_reader() = default;
+
+const response& response_reader::head() const noexcept {
+  return state_->head;
+}
+
+bool response_reader::done() const noexcept {
+  return state_ && state_->finished;
+}
+
+std::size_t response_reader::bytes_read() const noexcept {
+  return state_ ? state_->delivered : 0;
+}
+
+void response_reader::close() noexcept {
+  if (state_) {
+    state_->abandon();
+  }
+}
+
+asio::awaitable<std::optional<std::string>> response_reader::read_some() {
+  return state::read_some(state_.get());
+}
 
 client::client(asio::any_io_executor ex, client_options options)
     : impl_(std::make_shared<impl>(std::move(ex), std::move(options))) {}
 
 client::~client() {
+  impl_->client_destroyed = true;
   impl_->close_idle();
 }
 
 asio::awaitable<response> client::send(request req) {
   // A free-standing coroutine holding the impl: the frame does not depend on `this`.
   return impl::send(impl_, std::move(req));
+}
+
+asio::awaitable<response_reader> client::open(request req) {
+  return impl::open_reader(impl_, std::move(req));
 }
 
 asio::any_io_executor client::get_executor() const noexcept {
