@@ -105,4 +105,78 @@ void anthropic_answer(reply& r, fault_kind k, const body_input& in) {
   }
 }
 
+// The event flow of https://docs.anthropic.com/en/docs/build-with-claude/streaming: message_start,
+// content_block_start, ping, content_block_delta (text_delta) pieces, content_block_stop,
+// message_delta (stop_reason, cumulative usage.output_tokens), message_stop. A refusal has no
+// content block.
+stream_reply anthropic_stream(fault_kind k, fault_kind fault, const body_input& in) {
+  const stream_settings settings = in.plan ? in.plan->stream : stream_settings();
+  const bool refused = k == fault_kind::content_filter;
+  auto event = [](std::string_view type, json data) { return sse_event(type, dump(data)); };
+  stream_reply s;
+  s.content_type = "text/event-stream; charset=utf-8";
+  s.chunk_latency = settings.chunk_latency;
+  s.parts.push_back(
+      {event("message_start",
+             {{"type", "message_start"},
+              {"message",
+               {{"id", "msg_mock" + in.id},
+                {"type", "message"},
+                {"role", "assistant"},
+                {"content", json::array()},
+                {"model", in.request.model},
+                {"stop_reason", nullptr},
+                {"stop_sequence", nullptr},
+                {"usage", {{"input_tokens", in.prompt_tokens}, {"output_tokens", 1}}}}}}),
+       false});
+  if (!refused) {
+    s.parts.push_back(
+        {event("content_block_start", {{"type", "content_block_start"},
+                                       {"index", 0},
+                                       {"content_block", {{"type", "text"}, {"text", ""}}}}),
+         false});
+  }
+  s.parts.push_back({event("ping", {{"type", "ping"}}), false});
+  const std::size_t head = s.parts.size();
+  const std::vector<std::string> pieces =
+      refused ? std::vector<std::string>() : split_text(in.text, settings.chunk_bytes);
+  for (const std::string& piece : pieces) {
+    s.parts.push_back(
+        {event("content_block_delta", {{"type", "content_block_delta"},
+                                       {"index", 0},
+                                       {"delta", {{"type", "text_delta"}, {"text", piece}}}}),
+         true});
+  }
+  if (!refused) {
+    s.parts.push_back(
+        {event("content_block_stop", {{"type", "content_block_stop"}, {"index", 0}}), false});
+  }
+  s.parts.push_back(
+      {event("message_delta",
+             {{"type", "message_delta"},
+              {"delta",
+               {{"stop_reason", refused ? "refusal" : "end_turn"}, {"stop_sequence", nullptr}}},
+              {"usage", {{"output_tokens", refused ? std::size_t{0} : in.completion_tokens}}}}),
+       false});
+  s.parts.push_back({event("message_stop", {{"type", "message_stop"}}), false});
+
+  const std::size_t at = head + std::min(settings.fault_after_chunks, pieces.size());
+  std::string error;
+  if (fault == fault_kind::stream_error) {
+    // Anthropic's documented example of an error mid-stream.
+    error = event("error", {{"type", "error"},
+                            {"error", {{"type", "overloaded_error"}, {"message", "Overloaded"}}}});
+  } else if (fault == fault_kind::stream_throttled) {
+    error = event("error", {{"type", "error"},
+                            {"error",
+                             {{"type", "rate_limit_error"},
+                              {"message",
+                               "This request would exceed your organization's rate limit of "
+                               "output tokens per minute. For details, refer to: "
+                               "https://docs.anthropic.com/en/api/rate-limits."}}}});
+  }
+  place_fault(s, fault, at, std::move(error), corrupt_sse(s.parts[at].bytes));
+  return s;
+}
+
 }  // namespace keel::testing::detail

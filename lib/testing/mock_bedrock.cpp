@@ -1,5 +1,8 @@
-// The mock LLM server's Bedrock Converse bodies: answers and error bodies.
+// The mock LLM server's Bedrock Converse bodies (answers and error bodies) and ConverseStream
+// event streams.
 #include "mock_detail.hpp"
+
+#include <keel/llm/event_stream.hpp>
 
 namespace keel::testing::detail {
 
@@ -84,6 +87,76 @@ void bedrock_answer(reply& r, fault_kind k, const body_input& in) {
                     "Bedrock is unable to process your request.");
       break;
   }
+}
+
+namespace {
+
+using keel::llm::event_stream_header;
+using keel::llm::event_stream_header_type;
+
+// One event-stream frame with the headers AWS sends on ConverseStream events.
+std::string bedrock_event(std::string_view type, const json& payload) {
+  return keel::llm::encode_event_stream_message(
+      {event_stream_header(":event-type", event_stream_header_type::string, std::string(type)),
+       event_stream_header(":content-type", event_stream_header_type::string, "application/json"),
+       event_stream_header(":message-type", event_stream_header_type::string, "event")},
+      dump(payload));
+}
+
+// A modelled exception inside the stream (`:message-type` exception).
+std::string bedrock_exception(std::string_view type, std::string_view message) {
+  return keel::llm::encode_event_stream_message(
+      {event_stream_header(":exception-type", event_stream_header_type::string, std::string(type)),
+       event_stream_header(":content-type", event_stream_header_type::string, "application/json"),
+       event_stream_header(":message-type", event_stream_header_type::string, "exception")},
+      dump(json{{"message", message}}));
+}
+
+}  // namespace
+
+// ConverseStream's event order: messageStart, contentBlockDelta pieces, contentBlockStop,
+// messageStop, metadata (usage, metrics).
+stream_reply bedrock_stream(fault_kind k, fault_kind fault, const body_input& in) {
+  const stream_settings settings = in.plan ? in.plan->stream : stream_settings();
+  const bool blocked = k == fault_kind::content_filter;
+  const std::string text =
+      blocked ? std::string("Sorry, the model cannot answer this question.") : in.text;
+  stream_reply s;
+  s.content_type = "application/vnd.amazon.eventstream";
+  s.chunk_latency = settings.chunk_latency;
+  s.parts.push_back({bedrock_event("messageStart", {{"role", "assistant"}}), false});
+  const std::vector<std::string> pieces = split_text(text, settings.chunk_bytes);
+  for (const std::string& piece : pieces) {
+    s.parts.push_back({bedrock_event("contentBlockDelta",
+                                     {{"contentBlockIndex", 0}, {"delta", {{"text", piece}}}}),
+                       true});
+  }
+  s.parts.push_back({bedrock_event("contentBlockStop", {{"contentBlockIndex", 0}}), false});
+  s.parts.push_back({bedrock_event("messageStop",
+                                   {{"stopReason", blocked ? "guardrail_intervened" : "end_turn"}}),
+                     false});
+  s.parts.push_back(
+      {bedrock_event("metadata", {{"usage",
+                                   {{"inputTokens", in.prompt_tokens},
+                                    {"outputTokens", in.completion_tokens},
+                                    {"totalTokens", in.prompt_tokens + in.completion_tokens}}},
+                                  {"metrics", {{"latencyMs", 0}}}}),
+       false});
+
+  const std::size_t at = 1 + std::min(settings.fault_after_chunks, pieces.size());
+  std::string error;
+  if (fault == fault_kind::stream_error) {
+    error = bedrock_exception("modelStreamErrorException",
+                              "The model stream encountered an error. Try your request again.");
+  } else if (fault == fault_kind::stream_throttled) {
+    error = bedrock_exception("throttlingException",
+                              "Too many requests, please wait before trying again.");
+  }
+  // A bad CRC: the frame's last byte is its message CRC32.
+  std::string corrupted = s.parts[at].bytes;
+  corrupted.back() = static_cast<char>(corrupted.back() ^ 0x5a);
+  place_fault(s, fault, at, std::move(error), std::move(corrupted));
+  return s;
 }
 
 }  // namespace keel::testing::detail

@@ -46,6 +46,23 @@ struct parsed_request {
   std::size_t prompt_chars = 0;
   // OpenAI `response_format` json_object / json_schema: the content to answer with.
   std::optional<std::string> json_content;
+  bool stream = false;         // `"stream": true`, or Bedrock's converse-stream route
+  bool include_usage = false;  // OpenAI `stream_options.include_usage`
+};
+
+// A streamed answer: the wire pieces in order, each written as its own HTTP chunk, and the
+// mid-stream fault (if any) that replaces what follows `fault_at`.
+struct stream_reply {
+  struct part {
+    std::string bytes;  // one SSE event, or one event-stream frame
+    bool text = false;  // a text chunk: `chunk_latency` is waited before it
+  };
+  std::string content_type;
+  std::vector<part> parts;
+  milliseconds chunk_latency{0};
+  fault_kind fault = fault_kind::ok;  // ok, or one of the stream_* kinds
+  std::size_t fault_at = 0;           // parts written before the fault
+  std::string fault_bytes;            // written at the fault (error event, half event, ...)
 };
 
 // One response, ready to write; `action` says whether to write it at all.
@@ -56,6 +73,7 @@ struct reply {
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
   milliseconds latency{0};
+  std::optional<stream_reply> stream;  // set: stream this 200 instead of writing `body`
 };
 
 // ---- mock_wire.cpp: requests and shared wire helpers ----------------------------------------
@@ -71,6 +89,17 @@ std::size_t tokens_for(std::size_t chars);
 std::string completion_for(const std::string& prompt);
 // The reason phrase the mock writes for `status`.
 const char* reason_for(int status);
+// `text` in pieces of about `bytes` bytes (at least 1), never splitting a UTF-8 sequence.
+std::vector<std::string> split_text(const std::string& text, std::size_t bytes);
+// One server-sent event: optional `event:` line, one `data:` line, blank line.
+std::string sse_event(std::string_view event, std::string_view data);
+// An SSE event whose JSON data is cut in half (still a complete event): `stream_corrupt`.
+std::string corrupt_sse(const std::string& event);
+// Sets `fault` to strike before part `at` (which must exist), writing `error_bytes` for the
+// error kinds, the first half of part `at` for stream_truncated and `corrupted` for
+// stream_corrupt. `fault` ok leaves the stream whole.
+void place_fault(stream_reply& s, fault_kind fault, std::size_t at, std::string error_bytes,
+                 std::string corrupted);
 
 // ---- provider bodies: mock_openai.cpp, mock_anthropic.cpp, mock_bedrock.cpp ----------------
 
@@ -94,16 +123,20 @@ json openai_error(std::string_view message, std::string_view type, json param, j
 void openai_malformed(reply& r);
 // Fills status and body of OpenAI's answer for `k` (an HTTP-level outcome other than malformed).
 void openai_answer(reply& r, fault_kind k, const body_input& in);
+// Builds OpenAI's streamed answer (`k` ok or content_filter) with the mid-stream `fault`.
+stream_reply openai_stream(fault_kind k, fault_kind fault, const body_input& in);
 
 // Anthropic's documented error body carries the request id at the top level too.
 json anthropic_error(std::string_view type, std::string_view message, std::string_view request_id);
 void anthropic_malformed(reply& r, const std::string& request_id);
 void anthropic_answer(reply& r, fault_kind k, const body_input& in);
+stream_reply anthropic_stream(fault_kind k, fault_kind fault, const body_input& in);
 
 // Sets status, x-amzn-ErrorType and body of a Bedrock error.
 void bedrock_error(reply& r, int status, std::string_view type, std::string_view message);
 void bedrock_malformed(reply& r);
 void bedrock_answer(reply& r, fault_kind k, const body_input& in);
+stream_reply bedrock_stream(fault_kind k, fault_kind fault, const body_input& in);
 
 // ---- mock_faults.cpp: limiter state and fault decisions ------------------------------------
 
@@ -268,6 +301,12 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
 
   static boost::asio::awaitable<void> session(std::shared_ptr<impl> self,
                                               std::shared_ptr<connection> c);
+  // Writes a streamed 200 (`r.stream`), one HTTP chunk per part, and carries out its fault.
+  // Returns whether the connection may serve another request.
+  static boost::asio::awaitable<bool> write_stream(std::shared_ptr<impl> self,
+                                                   std::shared_ptr<connection> c,
+                                                   const detail::reply& r, const std::string& model,
+                                                   unsigned version, bool keep_alive);
   static boost::asio::awaitable<void> refuse_too_large(std::shared_ptr<impl> self,
                                                        std::shared_ptr<connection> c,
                                                        const std::string& target);

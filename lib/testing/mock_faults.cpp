@@ -211,6 +211,12 @@ void mock_llm_server::impl::answer(reply& r, fault_kind k, const parsed_request&
     return;
   }
 
+  // A mid-stream fault strikes only a streamed answer; before that it is a success.
+  fault_kind stream_fault = fault_kind::ok;
+  if (is_stream_fault(k)) {
+    stream_fault = pr.stream ? k : fault_kind::ok;
+    k = fault_kind::ok;
+  }
   const bool is_rate_limit = k == fault_kind::rate_limit || k == fault_kind::throttling;
   const retry_after_style style = st ? st->plan.retry_after_format : retry_after_style::both;
   if (style == retry_after_style::none) {
@@ -251,6 +257,22 @@ void mock_llm_server::impl::answer(reply& r, fault_kind k, const parsed_request&
   }
   if (cut_body) {
     r.body.resize(r.body.size() / 2);
+  } else if (pr.stream && r.status == 200 &&
+             (k == fault_kind::ok || k == fault_kind::content_filter)) {
+    // Errors before the first byte stay plain JSON answers, as the providers send them.
+    switch (pr.format) {
+      case wire::openai:
+        r.stream = openai_stream(k, stream_fault, in);
+        break;
+      case wire::anthropic:
+        r.stream = anthropic_stream(k, stream_fault, in);
+        break;
+      case wire::bedrock:
+        r.stream = bedrock_stream(k, stream_fault, in);
+        break;
+      case wire::unknown:
+        break;
+    }
   }
 }
 
@@ -344,7 +366,7 @@ reply mock_llm_server::impl::decide(const parsed_request& pr) {
       r.latency = plan.latency_min;
     }
   }
-  r.action = k;
+  r.action = is_stream_fault(k) ? fault_kind::ok : k;
   if (k == fault_kind::reset || k == fault_kind::stall) {
     return r;
   }

@@ -21,6 +21,31 @@ namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
 using tcp = asio::ip::tcp;
 
+// Reads and drops whatever the client sends until it closes (or `stop()` closes the socket).
+asio::awaitable<void> wait_for_close(tcp::socket& socket) {
+  char sink[512];
+  for (;;) {
+    auto [ec, n] =
+        co_await socket.async_read_some(asio::buffer(sink), asio::as_tuple(asio::use_awaitable));
+    if (ec) {
+      co_return;
+    }
+  }
+}
+
+// Writes `bytes` as one HTTP chunk (`chunked`) or as they are (a close-delimited body); with
+// TCP_NODELAY each goes out at once, so a client sees every event when it is written.
+asio::awaitable<bool> write_piece(tcp::socket& socket, std::string_view bytes, bool chunked) {
+  if (chunked) {
+    auto [ec, n] = co_await asio::async_write(socket, bhttp::make_chunk(asio::buffer(bytes)),
+                                              asio::as_tuple(asio::use_awaitable));
+    co_return !ec;
+  }
+  auto [ec, n] =
+      co_await asio::async_write(socket, asio::buffer(bytes), asio::as_tuple(asio::use_awaitable));
+  co_return !ec;
+}
+
 }  // namespace
 
 asio::awaitable<void> mock_llm_server::impl::session(std::shared_ptr<impl> self,
@@ -70,14 +95,7 @@ asio::awaitable<void> mock_llm_server::impl::session(std::shared_ptr<impl> self,
     if (r.action == fault_kind::stall) {
       self->count(pr.model, [](mock_model_stats& s) { ++s.stalls; });
       // Wait for the client to give up (EOF/reset) or for stop(); discard anything it sends.
-      char sink[512];
-      for (;;) {
-        auto [rec, rn] = co_await c->socket.async_read_some(asio::buffer(sink),
-                                                            asio::as_tuple(asio::use_awaitable));
-        if (rec) {
-          break;
-        }
-      }
+      co_await wait_for_close(c->socket);
       boost::system::error_code ignored;
       c->socket.close(ignored);
       co_return;
@@ -98,6 +116,12 @@ asio::awaitable<void> mock_llm_server::impl::session(std::shared_ptr<impl> self,
       c->socket.shutdown(tcp::socket::shutdown_both, ignored);
       c->socket.close(ignored);
       co_return;
+    }
+    if (r.stream) {
+      if (co_await write_stream(self, c, r, pr.model, req.version(), req.keep_alive())) {
+        continue;
+      }
+      break;
     }
     bhttp::response<bhttp::string_body> res;
     res.version(req.version());
@@ -121,6 +145,80 @@ asio::awaitable<void> mock_llm_server::impl::session(std::shared_ptr<impl> self,
   boost::system::error_code ignored;
   c->socket.shutdown(tcp::socket::shutdown_send, ignored);
   c->socket.close(ignored);
+}
+
+asio::awaitable<bool> mock_llm_server::impl::write_stream(std::shared_ptr<impl> self,
+                                                          std::shared_ptr<connection> c,
+                                                          const reply& r, const std::string& model,
+                                                          unsigned version, bool keep_alive) {
+  const stream_reply& s = *r.stream;
+  // HTTP/1.0 has no chunked encoding: its body ends when the connection closes.
+  const bool chunked = version >= 11;
+  keep_alive = keep_alive && chunked;
+  bhttp::response<bhttp::empty_body> res;
+  res.version(version);
+  res.result(static_cast<unsigned>(r.status));
+  res.reason(r.reason);
+  for (const auto& [name, value] : r.headers) {
+    res.insert(name, value);
+  }
+  res.set(bhttp::field::content_type, s.content_type);
+  res.set(bhttp::field::cache_control, "no-cache");
+  res.keep_alive(keep_alive);
+  res.chunked(chunked);
+  const int status = r.status;
+  self->count(model, [status](mock_model_stats& st) {
+    ++st.by_status[status];
+    ++st.streams;
+  });
+  bhttp::response_serializer<bhttp::empty_body> sr{res};
+  auto [hec, hn] =
+      co_await bhttp::async_write_header(c->socket, sr, asio::as_tuple(asio::use_awaitable));
+  if (hec) {
+    co_return false;
+  }
+  const bool faulty = s.fault != fault_kind::ok;
+  const std::size_t clean = faulty ? s.fault_at : s.parts.size();
+  for (std::size_t i = 0; i <= clean && i < s.parts.size(); ++i) {
+    if (s.parts[i].text && s.chunk_latency.count() > 0) {
+      // The fault takes the place of part `i`, so it keeps its pacing too.
+      c->timer.expires_after(s.chunk_latency);
+      auto [tec] = co_await c->timer.async_wait(asio::as_tuple(asio::use_awaitable));
+      if (tec || !self->running) {
+        co_return false;
+      }
+    }
+    if (i == clean) {
+      break;
+    }
+    if (!co_await write_piece(c->socket, s.parts[i].bytes, chunked)) {
+      co_return false;
+    }
+  }
+  if (faulty) {
+    self->count(model, [](mock_model_stats& st) { ++st.stream_faults; });
+    boost::system::error_code ignored;
+    if (s.fault == fault_kind::stream_drop) {
+      // FIN, not RST: the client reads every chunk sent so far, then EOF inside the body.
+      c->socket.shutdown(tcp::socket::shutdown_both, ignored);
+      c->socket.close(ignored);
+      co_return false;
+    }
+    if (s.fault == fault_kind::stream_stall) {
+      co_await wait_for_close(c->socket);
+      c->socket.close(ignored);
+      co_return false;
+    }
+    if (!s.fault_bytes.empty() && !co_await write_piece(c->socket, s.fault_bytes, chunked)) {
+      co_return false;
+    }
+  }
+  if (!chunked) {
+    co_return false;  // the close ends the body
+  }
+  auto [wec, wn] = co_await asio::async_write(c->socket, bhttp::make_chunk_last(),
+                                              asio::as_tuple(asio::use_awaitable));
+  co_return !wec && keep_alive;
 }
 
 // A request body over max_request_body: 413 in the provider's shape, as a real front end

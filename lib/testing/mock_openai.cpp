@@ -164,4 +164,72 @@ void openai_answer(reply& r, fault_kind k, const body_input& in) {
   }
 }
 
+// The shapes of https://platform.openai.com/docs/api-reference/chat-streaming: a first chunk with
+// the role, content pieces, a chunk with the finish_reason and an empty delta, with
+// `include_usage` a last chunk with empty `choices` and the usage (`usage: null` before), then
+// `[DONE]`.
+stream_reply openai_stream(fault_kind k, fault_kind fault, const body_input& in) {
+  const stream_settings settings = in.plan ? in.plan->stream : stream_settings();
+  const bool refused = k == fault_kind::content_filter;
+  const auto created = static_cast<std::int64_t>(std::time(nullptr));
+  auto chunk = [&](json choices, json usage) {
+    json j{{"id", "chatcmpl-mock" + in.id},
+           {"object", "chat.completion.chunk"},
+           {"created", created},
+           {"model", in.request.model},
+           {"system_fingerprint", "fp_mock"},
+           {"choices", std::move(choices)}};
+    if (in.request.include_usage) {
+      j["usage"] = std::move(usage);
+    }
+    return sse_event("", dump(j));
+  };
+  auto choice = [](json delta, json finish_reason) {
+    return json::array({{{"index", 0},
+                         {"delta", std::move(delta)},
+                         {"logprobs", nullptr},
+                         {"finish_reason", std::move(finish_reason)}}});
+  };
+  stream_reply s;
+  s.content_type = "text/event-stream; charset=utf-8";
+  s.chunk_latency = settings.chunk_latency;
+  s.parts.push_back(
+      {chunk(choice({{"role", "assistant"}, {"content", ""}, {"refusal", nullptr}}, nullptr),
+             nullptr),
+       false});
+  const std::string content = refused ? std::string() : in.request.json_content.value_or(in.text);
+  const std::vector<std::string> pieces = split_text(content, settings.chunk_bytes);
+  for (const std::string& piece : pieces) {
+    s.parts.push_back({chunk(choice({{"content", piece}}, nullptr), nullptr), true});
+  }
+  s.parts.push_back(
+      {chunk(choice(json::object(), refused ? "content_filter" : "stop"), nullptr), false});
+  if (in.request.include_usage) {
+    const std::size_t completion = refused ? 0 : in.completion_tokens;
+    s.parts.push_back({chunk(json::array(), {{"prompt_tokens", in.prompt_tokens},
+                                             {"completion_tokens", completion},
+                                             {"total_tokens", in.prompt_tokens + completion}}),
+                       false});
+  }
+  s.parts.push_back({sse_event("", "[DONE]"), false});
+
+  const std::size_t at = 1 + std::min(settings.fault_after_chunks, pieces.size());
+  std::string error;
+  if (fault == fault_kind::stream_error) {
+    error = sse_event(
+        "", dump(openai_error("The server had an error while processing your request. Sorry "
+                              "about that!",
+                              "server_error", nullptr, nullptr)));
+  } else if (fault == fault_kind::stream_throttled) {
+    error = sse_event(
+        "", dump(openai_error("Rate limit reached for " + in.request.model +
+                                  " in organization org-mock on tokens per min (TPM). Please try "
+                                  "again later. Visit https://platform.openai.com/account/"
+                                  "rate-limits to learn more.",
+                              "tokens", nullptr, "rate_limit_exceeded")));
+  }
+  place_fault(s, fault, at, std::move(error), corrupt_sse(s.parts[at].bytes));
+  return s;
+}
+
 }  // namespace keel::testing::detail

@@ -16,7 +16,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::array<std::pair<fault_kind, std::string_view>, 17> fault_names{{
+constexpr std::array<std::pair<fault_kind, std::string_view>, 23> fault_names{{
     {fault_kind::ok, "ok"},
     {fault_kind::rate_limit, "rate_limit"},
     {fault_kind::server_error, "server_error"},
@@ -34,6 +34,12 @@ constexpr std::array<std::pair<fault_kind, std::string_view>, 17> fault_names{{
     {fault_kind::timeout, "timeout"},
     {fault_kind::malformed, "malformed"},
     {fault_kind::bad_request, "bad_request"},
+    {fault_kind::stream_drop, "stream_drop"},
+    {fault_kind::stream_stall, "stream_stall"},
+    {fault_kind::stream_error, "stream_error"},
+    {fault_kind::stream_throttled, "stream_throttled"},
+    {fault_kind::stream_truncated, "stream_truncated"},
+    {fault_kind::stream_corrupt, "stream_corrupt"},
 }};
 
 constexpr std::array<std::pair<retry_after_style, std::string_view>, 7> retry_after_names{{
@@ -195,6 +201,20 @@ fault_plan parse_plan(const json& j, const std::string& path) {
           throw scenario_error(p2, "expected true or false, got " + std::string(v2.type_name()));
         }
         *flag = v2.get<bool>();
+      }
+    } else if (key == "stream") {
+      object(v, p);
+      for (const auto& [k2, v2] : v.items()) {
+        const std::string p2 = child(p, k2);
+        if (k2 == "chunk_latency_ms") {
+          plan.stream.chunk_latency = millis(v2, p2);
+        } else if (k2 == "chunk_bytes") {
+          plan.stream.chunk_bytes = static_cast<std::size_t>(number(v2, p2, 1, 1 << 20));
+        } else if (k2 == "fault_after_chunks") {
+          plan.stream.fault_after_chunks = static_cast<std::size_t>(number(v2, p2, 0, 1e6));
+        } else {
+          unknown_key(p, k2);
+        }
       }
     } else if (key == "rate_schedule") {
       array(v, p);

@@ -65,6 +65,11 @@ parsed_request parse_request(std::string_view method, std::string_view target,
              path.size() > std::string_view("/model//converse").size()) {
     r.format = wire::bedrock;
     r.model = percent_decode(path.substr(7, path.size() - 7 - 9));
+  } else if (path.starts_with("/model/") && path.ends_with("/converse-stream") &&
+             path.size() > std::string_view("/model//converse-stream").size()) {
+    r.format = wire::bedrock;
+    r.stream = true;
+    r.model = percent_decode(path.substr(7, path.size() - 7 - 16));
   } else {
     return r;
   }
@@ -83,6 +88,15 @@ parsed_request parse_request(std::string_view method, std::string_view target,
   if (!doc.contains("messages") || !doc["messages"].is_array() || r.model.empty()) {
     r.malformed = true;
     return r;
+  }
+  if (r.format != wire::bedrock) {
+    // Only a JSON `true` streams, as the providers' parsers read the flag.
+    r.stream = doc.contains("stream") && doc["stream"].is_boolean() && doc["stream"].get<bool>();
+  }
+  if (r.format == wire::openai && r.stream) {
+    const json& so = doc.contains("stream_options") ? doc["stream_options"] : json();
+    r.include_usage = so.is_object() && so.contains("include_usage") &&
+                      so["include_usage"].is_boolean() && so["include_usage"].get<bool>();
   }
   if (r.format == wire::openai) {
     const json& rf = doc.contains("response_format") ? doc["response_format"] : json();
@@ -121,6 +135,63 @@ std::string completion_for(const std::string& prompt) {
     --n;
   }
   return "mock answer to: " + prompt.substr(0, n);
+}
+
+std::vector<std::string> split_text(const std::string& text, std::size_t bytes) {
+  bytes = std::max<std::size_t>(1, bytes);
+  std::vector<std::string> out;
+  std::size_t i = 0;
+  while (i < text.size()) {
+    std::size_t n = std::min(bytes, text.size() - i);
+    // Extend, rather than shorten, a piece that would end inside a UTF-8 sequence: a piece of
+    // one byte must still make progress.
+    while (i + n < text.size() && (static_cast<unsigned char>(text[i + n]) & 0xC0) == 0x80) {
+      ++n;
+    }
+    out.push_back(text.substr(i, n));
+    i += n;
+  }
+  return out;
+}
+
+std::string sse_event(std::string_view event, std::string_view data) {
+  std::string out;
+  if (!event.empty()) {
+    out.append("event: ").append(event).append("\n");
+  }
+  out.append("data: ").append(data).append("\n\n");
+  return out;
+}
+
+std::string corrupt_sse(const std::string& event) {
+  const std::size_t data = event.find("data: ");
+  if (data == std::string::npos) {
+    return event;
+  }
+  const std::size_t from = data + 6;
+  const std::size_t end = event.find('\n', from);
+  const std::size_t len = (end == std::string::npos ? event.size() : end) - from;
+  return event.substr(0, from + len / 2) + "\n\n";
+}
+
+void place_fault(stream_reply& s, fault_kind fault, std::size_t at, std::string error_bytes,
+                 std::string corrupted) {
+  s.fault = fault;
+  s.fault_at = at;
+  switch (fault) {
+    case fault_kind::stream_error:
+    case fault_kind::stream_throttled:
+      s.fault_bytes = std::move(error_bytes);
+      break;
+    case fault_kind::stream_truncated:
+      s.fault_bytes = s.parts[at].bytes.substr(0, s.parts[at].bytes.size() / 2);
+      break;
+    case fault_kind::stream_corrupt:
+      s.fault_bytes = std::move(corrupted);
+      break;
+    default:  // ok, stream_drop, stream_stall: nothing is written at the fault
+      break;
+  }
 }
 
 const char* reason_for(int status) {

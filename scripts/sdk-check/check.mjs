@@ -13,6 +13,7 @@ import Anthropic from '@anthropic-ai/sdk';
 import {
   BedrockRuntimeClient,
   ConverseCommand,
+  ConverseStreamCommand,
 } from '@aws-sdk/client-bedrock-runtime';
 import { NodeHttpHandler } from '@smithy/node-http-handler';
 
@@ -35,10 +36,23 @@ const attempts = (model) => (seen.get(model) ?? []).length;
 
 async function recordingFetch(url, init) {
   let model = '?';
-  try { model = JSON.parse(init?.body ?? '{}').model ?? '?'; } catch { /* not JSON */ }
+  let stream = false;
+  try {
+    const req = JSON.parse(init?.body ?? '{}');
+    model = req.model ?? '?';
+    stream = req.stream === true;
+  } catch { /* not JSON */ }
   const res = await fetch(url, init);
-  const body = await res.clone().text();
-  record(model, res.status, Object.fromEntries(res.headers.entries()), body);
+  const headers = Object.fromEntries(res.headers.entries());
+  const body = res.clone().text();
+  if (stream) {
+    // A stream goes to the SDK at once, to be consumed as it arrives; its copy is recorded when
+    // it ends (a stream cut short is recorded as such).
+    body.then((b) => record(model, res.status, headers, b),
+      (e) => record(model, res.status, headers, `(stream cut: ${e?.message ?? e})`));
+    return res;
+  }
+  record(model, res.status, headers, await body);
   return res;
 }
 
@@ -152,6 +166,25 @@ function validate(schema, value, root = schema, path = '$') {
 }
 
 const messages = [{ role: 'user', content: 'Say something.' }];
+// The mock's reply to `messages`, and its chunks: 4 bytes each (stream_settings' default).
+const REPLY = 'mock answer to: Say something.';
+const REPLY_CHUNKS = Math.ceil(REPLY.length / 4);
+
+// Records when each text delta reached the SDK's consumer: with chunk_latency_ms 25 in
+// scenario.json, deltas that arrive spread over >= 100 ms show that the mock flushes every chunk
+// and that the SDK hands them on as they arrive (not after the body ended).
+function pacing() {
+  const times = [];
+  return {
+    tick() { times.push(performance.now()); },
+    check(what) {
+      expect(times.length === REPLY_CHUNKS, `${what}: ${times.length} text deltas, expected ${REPLY_CHUNKS}`);
+      const spread = times[times.length - 1] - times[0];
+      expect(spread >= 100, `${what}: text deltas arrived within ${spread.toFixed(0)} ms (buffered?)`);
+      return `${times.length} deltas over ${spread.toFixed(0)} ms`;
+    },
+  };
+}
 
 // ---------------------------------------------------------------------------------------------
 // OpenAI
@@ -262,6 +295,74 @@ await check('openai content_filter -> 200 with finish_reason "content_filter" an
     eq(c.choices[0].message.content, null, 'message.content');
   });
 
+await check('openai stream: true + include_usage -> chunks reassemble the text, finish_reason stop, usage chunk, paced',
+  ['oa-stream'], async () => {
+    const stream = await openai.chat.completions.create({
+      model: 'oa-stream', messages, stream: true, stream_options: { include_usage: true },
+    });
+    const pace = pacing();
+    let text = '';
+    let role = null;
+    let finish = null;
+    let usage = null;
+    for await (const chunk of stream) {
+      eq(chunk.object, 'chat.completion.chunk', 'object');
+      const c = chunk.choices[0];
+      if (c?.delta?.role) role = c.delta.role;
+      if (c?.delta?.content) { text += c.delta.content; pace.tick(); }
+      if (c?.finish_reason) finish = c.finish_reason;
+      if (chunk.usage) {
+        eq(chunk.choices.length, 0, 'choices of the usage chunk');
+        usage = chunk.usage;
+      }
+    }
+    eq(role, 'assistant', 'delta.role');
+    eq(text, REPLY, 'text');
+    eq(finish, 'stop', 'finish_reason');
+    expect(usage, 'no usage chunk');
+    eq(usage.completion_tokens, REPLY_CHUNKS, 'usage.completion_tokens');
+    eq(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens, 'usage.total_tokens');
+    return pace.check('openai');
+  });
+
+await check('openai chat.completions.stream() helper -> finalChatCompletion() has the text, stop and usage',
+  ['oa-stream-helper'], async () => {
+    const runner = openai.chat.completions.stream({
+      model: 'oa-stream-helper', messages, stream_options: { include_usage: true },
+    });
+    let deltas = '';
+    runner.on('content', (delta) => { deltas += delta; });
+    const c = await runner.finalChatCompletion();
+    eq(c.choices[0].message.content, REPLY, 'message.content');
+    eq(c.choices[0].message.role, 'assistant', 'message.role');
+    eq(c.choices[0].finish_reason, 'stop', 'finish_reason');
+    eq(deltas, REPLY, 'content events');
+    eq(c.usage?.completion_tokens, REPLY_CHUNKS, 'usage.completion_tokens');
+  });
+
+await check('openai stream: 429 before the stream (retry-after-ms 50) -> SDK retries and streams',
+  ['oa-stream-429-then-ok'], async () => {
+    const stream = await openai.chat.completions.create({ model: 'oa-stream-429-then-ok', messages, stream: true });
+    let text = '';
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
+    eq(text, REPLY, 'text');
+    eq(seen.get('oa-stream-429-then-ok')?.[0]?.status, 429, 'first status');
+  });
+
+await check('openai stream_error after 2 chunks -> the SDK throws APIError (no status) type server_error after "mock ans"',
+  ['oa-stream-error'], async () => {
+    const stream = await openai.chat.completions.create({ model: 'oa-stream-error', messages, stream: true });
+    let text = '';
+    const e = await thrown((async () => {
+      for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
+    })());
+    expect(e instanceof OpenAI.APIError, `not an APIError: ${e?.constructor?.name} ${e}`);
+    eq(e.status, undefined, 'status');
+    eq(e.type, 'server_error', 'error.type');
+    eq(text, REPLY.slice(0, 8), 'text before the error');
+    return `${e.constructor.name}: ${e.message}`;
+  });
+
 // ---------------------------------------------------------------------------------------------
 // Anthropic
 
@@ -307,6 +408,40 @@ await check('anthropic 429 with retry-after only (no retry-after-ms) -> SDK wait
     expect(ms >= 950 && ms < 3000, `took ${ms.toFixed(0)} ms`);
     eq(m.content[0]?.type, 'text', 'content[0].type');
     return `2 requests, ${ms.toFixed(0)} ms`;
+  });
+
+await check('anthropic messages.stream() -> finalMessage() text, end_turn, usage; text events paced',
+  ['claude-stream'], async () => {
+    const pace = pacing();
+    let deltas = '';
+    const stream = anthropic.messages.stream({ model: 'claude-stream', max_tokens: 64, messages });
+    stream.on('text', (t) => { deltas += t; pace.tick(); });
+    const m = await stream.finalMessage();
+    eq(m.role, 'assistant', 'role');
+    eq(m.content.length, 1, 'content blocks');
+    eq(m.content[0].type, 'text', 'content[0].type');
+    eq(m.content[0].text, REPLY, 'content[0].text');
+    eq(deltas, REPLY, 'text events');
+    eq(m.stop_reason, 'end_turn', 'stop_reason');
+    eq(m.usage.output_tokens, REPLY_CHUNKS, 'usage.output_tokens');
+    expect(m.usage.input_tokens > 0, `usage.input_tokens ${m.usage.input_tokens}`);
+    return pace.check('anthropic');
+  });
+
+await check('anthropic stream event: error overloaded_error after 2 chunks -> APIError type overloaded_error, requestID',
+  ['claude-stream-overloaded'], async () => {
+    let deltas = '';
+    const stream = anthropic.messages.stream({ model: 'claude-stream-overloaded', max_tokens: 64, messages });
+    stream.on('text', (t) => { deltas += t; });
+    stream.on('error', () => { /* finalMessage() rejects with it */ });
+    const e = await thrown(stream.finalMessage());
+    expect(e instanceof Anthropic.APIError, `not an APIError: ${e?.constructor?.name} ${e}`);
+    eq(e.type, 'overloaded_error', 'err.type');
+    eq(e.error?.error?.type, 'overloaded_error', 'error.error.type');
+    eq(e.status, undefined, 'status (an error event has none)');
+    expect(e.requestID, `requestID ${e.requestID}`);
+    eq(deltas, REPLY.slice(0, 8), 'text before the error');
+    return `${e.constructor.name}: ${e.message}`;
   });
 
 // ---------------------------------------------------------------------------------------------
@@ -369,6 +504,60 @@ await check('bedrock context_length -> ValidationException 400, not retried',
     return `message ${JSON.stringify(e.message)}`;
   });
 
+// Streams: a plain HTTP/1.1 handler, so that the SDK decodes the event stream as it arrives (the
+// recording handler above buffers bodies).
+const bedrockStream = new BedrockRuntimeClient({
+  region: 'us-east-1',
+  endpoint: BASE,
+  credentials: { accessKeyId: 'AKIDMOCK', secretAccessKey: 'mock-secret' },
+  requestHandler: new NodeHttpHandler(),
+});
+const converseStream = (modelId) => bedrockStream.send(new ConverseStreamCommand({
+  modelId,
+  messages: [{ role: 'user', content: [{ text: 'Say something.' }] }],
+}));
+
+await check('bedrock ConverseStreamCommand -> messageStart, text deltas, messageStop end_turn, metadata usage; paced',
+  ['br-stream'], async () => {
+    const r = await converseStream('br-stream');
+    eq(r.$metadata.httpStatusCode, 200, 'httpStatusCode');
+    const pace = pacing();
+    const order = [];
+    let text = '';
+    let stop = null;
+    let meta = null;
+    for await (const ev of r.stream) {
+      const kind = Object.keys(ev).find((k) => ev[k] !== undefined);
+      if (order[order.length - 1] !== kind) order.push(kind);
+      if (ev.messageStart) eq(ev.messageStart.role, 'assistant', 'messageStart.role');
+      if (ev.contentBlockDelta) { text += ev.contentBlockDelta.delta?.text ?? ''; pace.tick(); }
+      if (ev.messageStop) stop = ev.messageStop.stopReason;
+      if (ev.metadata) meta = ev.metadata;
+    }
+    eq(order.join(','), 'messageStart,contentBlockDelta,contentBlockStop,messageStop,metadata', 'event order');
+    eq(text, REPLY, 'text');
+    eq(stop, 'end_turn', 'stopReason');
+    eq(meta?.usage?.outputTokens, REPLY_CHUNKS, 'metadata.usage.outputTokens');
+    eq(meta.usage.totalTokens, meta.usage.inputTokens + meta.usage.outputTokens, 'metadata.usage.totalTokens');
+    expect(typeof meta.metrics?.latencyMs === 'number', `metadata.metrics ${JSON.stringify(meta.metrics)}`);
+    return pace.check('bedrock');
+  });
+
+for (const [model, name] of [['br-stream-throttled', 'ThrottlingException'],
+  ['br-stream-model-error', 'ModelStreamErrorException']]) {
+  await check(`bedrock stream exception after 2 chunks -> iterating the stream throws ${name}`,
+    [model], async () => {
+      const r = await converseStream(model);
+      let text = '';
+      const e = await thrown((async () => {
+        for await (const ev of r.stream) text += ev.contentBlockDelta?.delta?.text ?? '';
+      })());
+      eq(e.name, name, 'err.name');
+      eq(text, REPLY.slice(0, 8), 'text before the exception');
+      return `${e.name}: ${e.message}`;
+    });
+}
+
 // Not a check: the Bedrock Runtime client's default transport is NodeHttp2Handler, which over an
 // http:// endpoint speaks HTTP/2 with prior knowledge (h2c). The mock is HTTP/1.1 only, so a
 // client must be given an HTTP/1.1 handler (as above). Report what the default does.
@@ -388,5 +577,6 @@ await check('bedrock context_length -> ValidationException 400, not retried',
 }
 
 bedrock.destroy();
+bedrockStream.destroy();
 console.log(`${passed} passed, ${failed} failed`);
 process.exit(failed ? 1 : 0);

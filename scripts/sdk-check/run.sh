@@ -2,8 +2,8 @@
 # Checks keel's mock LLM server against the official OpenAI, Anthropic and Bedrock Runtime Node
 # SDKs. Usage: scripts/sdk-check/run.sh /path/to/keel
 # Starts `keel mock` on a free port with scenario.json, runs check.mjs (one PASS/FAIL line per
-# check), stops the mock and exits non-zero if any check failed. Needs Node >= 20; runs `npm ci`
-# the first time.
+# check), stops the mock and exits non-zero if any check failed. Needs Node >= 18.20 (checked on
+# Debian 12's nodejs 18.20.4 with its npm 9.2.0, and on Node 20); runs `npm ci` the first time.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 keel="${1:?usage: $0 /path/to/keel}"
@@ -34,5 +34,5 @@ done
 [[ -n "$url" ]] || { echo "keel mock did not print its address:" >&2; cat "$log" >&2; exit 2; }
 echo "mock: $url ($("$keel" --version 2>/dev/null | head -1 || true))"
 
-# AWS SDK releases after January 2027 need Node >= 22; the pinned one runs on 20 and only warns.
+# The pinned AWS SDK declares Node >= 20 and warns below 22; it runs on 18.20 (every check passes).
 AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED=true MOCK_URL="$url" node check.mjs

@@ -146,7 +146,7 @@ int run_mock(const std::string& address, unsigned short port, const std::string&
   }
   std::printf(
       "keel mock: listening on %s (OpenAI /v1/chat/completions, Anthropic /v1/messages, "
-      "Bedrock /model/{id}/converse); Ctrl-C to stop\n",
+      "Bedrock /model/{id}/converse and /converse-stream; streams on request); Ctrl-C to stop\n",
       server.base_url().c_str());
   std::fflush(stdout);
   boost::asio::signal_set signals(ctx, SIGINT, SIGTERM);

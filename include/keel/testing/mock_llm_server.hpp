@@ -9,6 +9,15 @@
 //   - OpenAI chat completions   `POST /v1/chat/completions`
 //   - Anthropic messages        `POST /v1/messages`
 //   - Amazon Bedrock Converse   `POST /model/{modelId}/converse`
+//                               `POST /model/{modelId}/converse-stream`
+//
+// Requests with `"stream": true` (and every converse-stream request) are answered with the
+// provider's stream: OpenAI `chat.completion.chunk` server-sent events ending in `data: [DONE]`
+// (with a usage chunk when `stream_options.include_usage` is true), Anthropic's `message_start`
+// ... `message_stop` events, or Bedrock ConverseStream event-stream frames. Each event is its
+// own HTTP chunk (chunked transfer encoding), paced by `stream_settings::chunk_latency`, and the
+// `stream_*` fault kinds break a stream midway: a dropped connection, a stall, an error event,
+// a truncated event or frame, a bad CRC.
 //
 // Successful answers are deterministic: the completion text is "mock answer to: " followed by
 // the first 40 bytes of the last user message, and usage is estimated as one token per four
@@ -34,8 +43,9 @@
 // outcome (decides outright, even "ok") → context window → rate limit (429) → random faults →
 // success. Latency is applied before every answer, including errors.
 //
-// `stats()` counts requests, statuses, resets, stalls and truncations per model and in total,
-// plus accepted connections, so a test can measure retry amplification exactly.
+// `stats()` counts requests, statuses, resets, stalls, truncations, streams and mid-stream
+// faults per model and in total, plus accepted connections, so a test can measure retry
+// amplification exactly.
 //
 // Example:
 //
@@ -105,7 +115,27 @@ enum class fault_kind {
   malformed,        ///< 200 whose body is cut in half: not valid JSON.
   bad_request,      ///< OpenAI 400 invalid_request_error (bad parameter); Anthropic 400
                     ///< invalid_request_error; Bedrock 400 ValidationException.
+  // Mid-stream faults: a streaming request gets a 200 stream that goes wrong after
+  // `stream_settings::fault_after_chunks` text chunks; a non-streaming request is answered
+  // normally (as `ok`).
+  stream_drop,       ///< Close the connection (FIN) mid-body: the chunked body never ends.
+  stream_stall,      ///< Send nothing more; the connection stays open until the client gives up.
+  stream_error,      ///< The provider's mid-stream error event: OpenAI `{"error":{"type":
+                     ///< "server_error"}}` data, Anthropic `event: error` overloaded_error,
+                     ///< Bedrock exception modelStreamErrorException; then the body ends.
+  stream_throttled,  ///< A mid-stream rate-limit error: OpenAI `rate_limit_exceeded` data,
+                     ///< Anthropic `event: error` rate_limit_error, Bedrock exception
+                     ///< throttlingException; then the body ends.
+  stream_truncated,  ///< Send the first half of the next event (Bedrock: frame), then end the
+                     ///< body properly: the HTTP response is complete, the stream is not.
+  stream_corrupt,    ///< Bedrock: the next frame with a wrong message CRC; OpenAI and Anthropic:
+                     ///< a complete event whose JSON data is cut in half. Then the body ends.
 };
+
+/// True for the mid-stream fault kinds (`stream_drop` ... `stream_corrupt`).
+constexpr bool is_stream_fault(fault_kind k) noexcept {
+  return k >= fault_kind::stream_drop && k <= fault_kind::stream_corrupt;
+}
 
 /// The scenario-file name of a fault kind ("ok", "rate_limit", ..., "malformed").
 std::string_view to_string(fault_kind k) noexcept;
@@ -190,6 +220,21 @@ struct provider_quirks {
   bool azure_content_filter = false;
 };
 
+/// How the mock streams a reply (requests with `"stream": true`, or Bedrock `converse-stream`).
+struct stream_settings {
+  /// Delay before each text chunk (the head of the stream, up to the first text chunk, goes out
+  /// after the plan's latency without it).
+  std::chrono::milliseconds chunk_latency{0};
+  /// Bytes of reply text per chunk (never splitting a UTF-8 sequence; at least 1). The default,
+  /// 4, gives as many chunks as the mock counts completion tokens.
+  std::size_t chunk_bytes = 4;
+  /// Text chunks sent before a mid-stream fault (`stream_drop` ... `stream_corrupt`); at or past
+  /// the number of chunks, the fault comes after the last one, before the stream's end.
+  std::size_t fault_after_chunks = 1;
+
+  stream_settings() = default;
+};
+
 /// How one model misbehaves. A default-constructed plan never fails and answers at once.
 struct fault_plan {
   /// Smallest added latency before each answer.
@@ -231,6 +276,8 @@ struct fault_plan {
   std::vector<fault_kind> script;
   /// Non-documented shapes to answer with instead of the documented ones.
   provider_quirks quirks;
+  /// How streamed replies are paced and where mid-stream faults strike.
+  stream_settings stream;
 
   fault_plan() = default;
 
@@ -299,6 +346,11 @@ struct fault_plan {
     quirks = q;
     return *this;
   }
+  /// Sets how streamed replies are paced and where mid-stream faults strike. @returns *this.
+  fault_plan& with_stream(stream_settings s) {
+    stream = s;
+    return *this;
+  }
   /// Appends scripted outcomes, consumed one per request. @returns *this.
   fault_plan& with_script(std::vector<fault_kind> outcomes) {
     script.insert(script.end(), outcomes.begin(), outcomes.end());
@@ -353,6 +405,10 @@ struct mock_model_stats {
   std::uint64_t stalls = 0;
   /// Responses cut short.
   std::uint64_t truncations = 0;
+  /// Streamed responses started (also counted in `by_status`).
+  std::uint64_t streams = 0;
+  /// Mid-stream faults carried out (a fault planned after the client went away is not).
+  std::uint64_t stream_faults = 0;
   /// The body of the latest request (what a client sent, for tests of its wire format).
   std::string last_body;
 
