@@ -35,27 +35,28 @@ using tcp = asio::ip::tcp;
 namespace {
 
 /// One step of the server's answer to a request.
-struct step {
+struct server_step {
   enum kind_t { send, wait, close, await_close } kind;
   std::string bytes;  // send: written in one write
   int gate = 0;       // wait: the gate to wait for
 };
-using script = std::vector<step>;
+using script = std::vector<server_step>;
 
-step send(std::string bytes) {
-  return {step::send, std::move(bytes)};
+/// Writes `bytes` in one write.
+server_step emit(std::string bytes) {
+  return {server_step::send, std::move(bytes)};
 }
 /// Waits until the test opens gate `g`.
-step wait(int g) {
-  return {step::wait, {}, g};
+server_step hold(int g) {
+  return {server_step::wait, {}, g};
 }
 /// Closes the connection (FIN) and ends the session.
-step close() {
-  return {step::close, {}};
+server_step hang_up() {
+  return {server_step::close, {}};
 }
 /// Reads until the client closes the connection, counts that close, and ends the session.
-step await_close() {
-  return {step::await_close, {}};
+server_step await_close() {
+  return {server_step::await_close, {}};
 }
 /// One chunk of a chunked body.
 std::string chunk(const std::string& data) {
@@ -140,9 +141,9 @@ struct stream_server {
       if (ec) {
         co_return;
       }
-      for (const step& st : plan(requests++)) {
+      for (const server_step& st : plan(requests++)) {
         switch (st.kind) {
-          case step::send: {
+          case server_step::send: {
             auto [wec, wn] = co_await asio::async_write(s, asio::buffer(st.bytes),
                                                         asio::as_tuple(asio::use_awaitable));
             if (wec) {
@@ -151,16 +152,16 @@ struct stream_server {
             ++sent;
             break;
           }
-          case step::wait: {
+          case server_step::wait: {
             gate& g = *gates[static_cast<std::size_t>(st.gate)];
             if (!g.opened) {
               co_await g.timer.async_wait(asio::as_tuple(asio::use_awaitable));
             }
             break;
           }
-          case step::close:
+          case server_step::close:
             co_return;
-          case step::await_close:
+          case server_step::await_close:
             for (;;) {
               char byte[512];
               auto [rec, rn] = co_await s.async_read_some(asio::buffer(byte),
@@ -230,8 +231,8 @@ TEST_CASE("http open: read_some returns each chunk before the server sent the ne
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int) {
-    return script{send(chunked_head + chunk("hello")), wait(0), send(chunk(" world")), wait(1),
-                  send(last_chunk)};
+    return script{emit(chunked_head + chunk("hello")), hold(0), emit(chunk(" world")), hold(1),
+                  emit(last_chunk)};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   std::vector<std::string> pieces;
@@ -270,10 +271,10 @@ TEST_CASE("http open: a Content-Length body arrives in pieces and the connection
   stream_server srv(ctx);
   srv.plan = [](int k) {
     if (k == 0) {
-      return script{send("HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-A: b\r\n\r\n01234"), wait(0),
-                    send("56789")};
+      return script{emit("HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-A: b\r\n\r\n01234"), hold(0),
+                    emit("56789")};
     }
-    return script{send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")};
+    return script{emit("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   std::string first, second;
@@ -307,7 +308,7 @@ TEST_CASE("http open: a body delimited by the close ends at EOF and is not poole
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int) {
-    return script{send("HTTP/1.1 200 OK\r\n\r\npart1"), wait(0), send("part2"), close()};
+    return script{emit("HTTP/1.1 200 OK\r\n\r\npart1"), hold(0), emit("part2"), hang_up()};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   int sent_at_first = -1;
@@ -333,9 +334,9 @@ TEST_CASE("http open: an empty body is done at once and frees the connection", "
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int k) {
-    return k == 0   ? script{send("HTTP/1.1 204 No Content\r\n\r\n")}
-           : k == 1 ? script{send("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")}
-                    : script{send(chunked_head + last_chunk)};
+    return k == 0   ? script{emit("HTTP/1.1 204 No Content\r\n\r\n")}
+           : k == 1 ? script{emit("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")}
+                    : script{emit(chunked_head + last_chunk)};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   for (int k = 0; k < 3; ++k) {
@@ -371,13 +372,13 @@ TEST_CASE("http open: max_response_body bounds the total over several reads", "[
     stream_server srv(ctx);
     srv.plan = [variant](int) {
       if (variant == 0) {
-        return script{send(chunked_head + chunk("abcdef")), wait(0), send(chunk("ghijkl")),
+        return script{emit(chunked_head + chunk("abcdef")), hold(0), emit(chunk("ghijkl")),
                       await_close()};
       }
       if (variant == 1) {
-        return script{send("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nabcdef"), await_close()};
+        return script{emit("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nabcdef"), await_close()};
       }
-      return script{send("HTTP/1.1 200 OK\r\n\r\nabcdef"), wait(0), send("ghijkl"), await_close()};
+      return script{emit("HTTP/1.1 200 OK\r\n\r\nabcdef"), hold(0), emit("ghijkl"), await_close()};
     };
     kh::client_options opts;
     opts.max_response_body = 10;
@@ -408,7 +409,7 @@ TEST_CASE("http open: a read never holds more than one 64 KiB read beyond what i
   stream_server srv(ctx);
   const std::string big(1024 * 1024, 'x');
   srv.plan = [&big](int) {
-    return script{send("HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + big)};
+    return script{emit("HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + big)};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   std::size_t largest = 0;
@@ -436,7 +437,7 @@ TEST_CASE("http open: a deadline on read_some closes the connection and the serv
   manual_clock::reset();
   asio::io_context ctx;
   stream_server srv(ctx);
-  srv.plan = [](int) { return script{send(chunked_head + chunk("first")), await_close()}; };
+  srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   std::string first;
   auto body = [&]() -> asio::awaitable<int> {
@@ -458,11 +459,28 @@ TEST_CASE("http open: a deadline on read_some closes the connection and the serv
   CHECK(cl.pooled_idle() == 0);
 }
 
+TEST_CASE("http open: a deadline on open before the head closes the connection", "[http][stream]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  stream_server srv(ctx);
+  srv.plan = [](int) { return script{await_close()}; };  // never answers
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  const kh::request req("GET", srv.url());
+  outcome<kh::response_reader> out;
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return cl.open(req); }, 2s), out);
+  REQUIRE(run_real(ctx, [&] { return srv.requests == 1; }));
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.finished_at_ms == 2000);
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  REQUIRE(run_real(ctx, [&] { return srv.peer_closes == 1; }));
+  CHECK(cl.pooled_idle() == 0);
+}
+
 TEST_CASE("http open: terminal cancellation of read_some throws operation_aborted and closes",
           "[http][stream]") {
   asio::io_context ctx;
   stream_server srv(ctx);
-  srv.plan = [](int) { return script{send(chunked_head + chunk("first")), await_close()}; };
+  srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
   REQUIRE(opened.value);
@@ -487,15 +505,15 @@ TEST_CASE("http open: terminal cancellation of read_some throws operation_aborte
   CHECK(cl.pooled_idle() == 0);
 }
 
-TEST_CASE("http open: close() or destruction mid-body closes the connection, never pools it",
+TEST_CASE("http open: hang_up() or destruction mid-body closes the connection, never pools it",
           "[http][stream]") {
   for (bool destroy : {false, true}) {
     INFO("destroy = " << destroy);
     asio::io_context ctx;
     stream_server srv(ctx);
     srv.plan = [](int k) {
-      return k == 0 ? script{send(chunked_head + chunk("first")), await_close()}
-                    : script{send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")};
+      return k == 0 ? script{emit(chunked_head + chunk("first")), await_close()}
+                    : script{emit("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")};
     };
     kh::client cl(ctx.get_executor(), kh::client_options{});
     {
@@ -522,11 +540,11 @@ TEST_CASE("http open: close() or destruction mid-body closes the connection, nev
   }
 }
 
-TEST_CASE("http open: close() during a read_some ends that read with operation_aborted",
+TEST_CASE("http open: hang_up() during a read_some ends that read with operation_aborted",
           "[http][stream]") {
   asio::io_context ctx;
   stream_server srv(ctx);
-  srv.plan = [](int) { return script{send(chunked_head), await_close()}; };
+  srv.plan = [](int) { return script{emit(chunked_head), await_close()}; };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
   REQUIRE(opened.value);
@@ -548,9 +566,9 @@ TEST_CASE("http open: interim 1xx responses come before the head and are skipped
   stream_server srv(ctx);
   srv.plan = [](int) {
     return script{
-        send("HTTP/1.1 100 Continue\r\n\r\n"), wait(0),
-        send("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + chunked_head + chunk("data")),
-        send(last_chunk)};
+        emit("HTTP/1.1 100 Continue\r\n\r\n"), hold(0),
+        emit("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + chunked_head + chunk("data")),
+        emit(last_chunk)};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   bool opened = false;
@@ -580,7 +598,7 @@ TEST_CASE("http open: a 5xx head is a response with a readable body, not an exce
   stream_server srv(ctx);
   srv.plan = [](int) {
     return script{
-        send("HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\n"
+        emit("HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\n"
              "Content-Length: 17\r\n\r\n{\"error\":\"busy\"}\n")};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
@@ -601,8 +619,8 @@ TEST_CASE("http open: failures before the head are thrown by open as by send", "
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int k) {
-    return k == 0 ? script{close()}
-                  : script{send("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"), close()};
+    return k == 0 ? script{hang_up()}
+                  : script{emit("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"), hang_up()};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   auto bad = run_one(ctx, cl.open(kh::request("GET", "ftp://example.com/")));
@@ -625,7 +643,7 @@ TEST_CASE("http open: request_timeout covers the head only, not a slow body", "[
   stream_server srv(ctx);
   srv.plan = [](int k) {
     if (k == 0) {
-      return script{send(chunked_head + chunk("a")), wait(0), send(chunk("b") + last_chunk)};
+      return script{emit(chunked_head + chunk("a")), hold(0), emit(chunk("b") + last_chunk)};
     }
     return script{await_close()};  // never answers
   };
@@ -659,7 +677,7 @@ TEST_CASE("http open: a reader outlives its client and closes its connection at 
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int) {
-    return script{send(chunked_head + chunk("one")), wait(0), send(chunk("two") + last_chunk),
+    return script{emit(chunked_head + chunk("one")), hold(0), emit(chunk("two") + last_chunk),
                   await_close()};
   };
   auto cl = std::make_unique<kh::client>(ctx.get_executor(), kh::client_options{});
@@ -681,7 +699,7 @@ TEST_CASE("http open: a moved reader keeps reading; the moved-from one is empty"
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int) {
-    return script{send(chunked_head + chunk("one")), wait(0), send(chunk("two") + last_chunk)};
+    return script{emit(chunked_head + chunk("one")), hold(0), emit(chunk("two") + last_chunk)};
   };
   kh::client cl(ctx.get_executor(), kh::client_options{});
   auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
@@ -707,10 +725,10 @@ TEST_CASE("https open: a TLS body arrives in pieces and the connection is reused
   stream_server srv(ctx, &pki.server_ctx);
   srv.plan = [](int k) {
     if (k == 0) {
-      return script{send(chunked_head + chunk("secure")), wait(0), send(chunk(" stream")),
-                    send(last_chunk)};
+      return script{emit(chunked_head + chunk("secure")), hold(0), emit(chunk(" stream")),
+                    emit(last_chunk)};
     }
-    return script{send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")};
+    return script{emit("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")};
   };
   kh::client_options opts;
   opts.tls.ca_file = pki.ca_file;
