@@ -26,6 +26,22 @@ using keel::testing::manual_clock;
 using namespace std::chrono_literals;
 using ms = std::chrono::milliseconds;
 
+/// Runs `ctx` in real time (waiting only for I/O) until `done()` or 20 s.
+template <class Predicate>
+bool run_real(asio::io_context& ctx, Predicate done) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) {
+      return false;
+    }
+    if (ctx.stopped()) {
+      ctx.restart();
+    }
+    ctx.run_one_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
 /// Milliseconds since the manual clock's epoch.
 inline long long now_ms() {
   return std::chrono::duration_cast<ms>(manual_clock::now().time_since_epoch()).count();

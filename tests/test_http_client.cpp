@@ -215,22 +215,6 @@ struct test_server {
   }
 };
 
-/// Runs `ctx` in real time (waiting only for I/O) until `done()` or 20 s.
-template <class Predicate>
-bool run_real(asio::io_context& ctx, Predicate done) {
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > end) {
-      return false;
-    }
-    if (ctx.stopped()) {
-      ctx.restart();
-    }
-    ctx.run_one_for(std::chrono::milliseconds(5));
-  }
-  return true;
-}
-
 /// Sends one request and runs until it ends.
 outcome<kh::response> send_one(asio::io_context& ctx, kh::client& cl, kh::request req) {
   outcome<kh::response> out;

@@ -177,22 +177,6 @@ struct stream_server {
   }
 };
 
-/// Runs `ctx` in real time (waiting only for I/O) until `done()` or 20 s.
-template <class Predicate>
-bool run_real(asio::io_context& ctx, Predicate done) {
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > end) {
-      return false;
-    }
-    if (ctx.stopped()) {
-      ctx.restart();
-    }
-    ctx.run_one_for(std::chrono::milliseconds(5));
-  }
-  return true;
-}
-
 /// Runs `aw` to its end in real time.
 template <class T>
 outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw) {

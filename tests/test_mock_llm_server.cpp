@@ -18,6 +18,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "mock_support.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -113,19 +115,7 @@ asio::awaitable<answer> post(unsigned short port, call c, ms timeout = 2s) {
 // Runs the client coroutine `body` against a started server, then stops the server.
 void run(asio::io_context& ctx, mock_llm_server& server,
          std::function<asio::awaitable<void>()> body) {
-  server.start();
-  bool done = false;
-  std::exception_ptr error;
-  asio::co_spawn(ctx, body(), [&](std::exception_ptr e) {
-    error = e;
-    done = true;
-    server.stop();
-  });
-  ctx.run_for(5s);
-  REQUIRE(done);
-  if (error) {
-    std::rethrow_exception(error);
-  }
+  keel_test::run_against(ctx, server, std::move(body), 5s);
 }
 
 // A fake clock for the rate limiter and outage windows.

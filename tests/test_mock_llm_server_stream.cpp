@@ -19,6 +19,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "mock_support.hpp"
+
 #include <chrono>
 #include <functional>
 #include <string>
@@ -137,19 +139,7 @@ asio::awaitable<streamed> post_stream(unsigned short port, call c, ms timeout = 
 // Runs the client coroutine `body` against a started server, then stops the server.
 void run(asio::io_context& ctx, mock_llm_server& server,
          std::function<asio::awaitable<void>()> body) {
-  server.start();
-  bool done = false;
-  std::exception_ptr error;
-  asio::co_spawn(ctx, body(), [&](std::exception_ptr e) {
-    error = e;
-    done = true;
-    server.stop();
-  });
-  ctx.run_for(10s);
-  REQUIRE(done);
-  if (error) {
-    std::rethrow_exception(error);
-  }
+  keel_test::run_against(ctx, server, std::move(body), 10s);
 }
 
 // The decoder's events for `chunks`, fed one HTTP chunk at a time; `finish` ends the body.
