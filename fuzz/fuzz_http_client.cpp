@@ -78,13 +78,8 @@ asio::awaitable<void> serve_once(tcp::acceptor& acceptor, std::string_view bytes
   sock.close(ignored);
 }
 
-struct outcome {
-  std::optional<keel::http::response> response;
-  std::optional<boost::system::error_code> error;
-  std::string what;
-};
-
-asio::awaitable<void> fetch(const std::string& url, outcome& out) {
+// The limits every input is read under (both paths).
+keel::http::client_options client_options() {
   keel::http::client_options opts;
   opts.max_response_body = max_body;
   opts.max_header_count = max_headers;
@@ -92,6 +87,17 @@ asio::awaitable<void> fetch(const std::string& url, outcome& out) {
   opts.connect_timeout = 2s;
   opts.request_timeout = 2s;
   opts.tls.verify_peer = false;  // plain http; skips loading the system trust store per input
+  return opts;
+}
+
+struct outcome {
+  std::optional<keel::http::response> response;
+  std::optional<boost::system::error_code> error;
+  std::string what;
+};
+
+asio::awaitable<void> fetch(const std::string& url, outcome& out) {
+  const keel::http::client_options opts = client_options();
   // The client lives in this frame: destroying it closes a pooled keep-alive connection, so the
   // server's write always completes even if the client left bytes unread.
   auto client = std::make_unique<keel::http::client>(co_await asio::this_coro::executor, opts);
@@ -115,13 +121,7 @@ struct stream_outcome {
 };
 
 asio::awaitable<void> stream(const std::string& url, stream_outcome& out) {
-  keel::http::client_options opts;
-  opts.max_response_body = max_body;
-  opts.max_header_count = max_headers;
-  opts.max_header_bytes = max_header_bytes;
-  opts.connect_timeout = 2s;
-  opts.request_timeout = 2s;
-  opts.tls.verify_peer = false;
+  const keel::http::client_options opts = client_options();
   auto client = std::make_unique<keel::http::client>(co_await asio::this_coro::executor, opts);
   keel::http::request req("GET", url);
   req.set("accept", "application/json");

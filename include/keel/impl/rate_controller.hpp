@@ -519,13 +519,14 @@ class rate_controller_state {
   }
 
   // Starts a trial at a 429 if the second before it (or up to `trial_back` at a low rate) sent
-  // enough to compare with; if not, the next 429 tries again. Not in startup or search: a window
-  // before the first estimate holds the server's burst, accepted at many times its limit (at
-  // 50 r/s with burst 20, 90 r/s over the first half second), and a later window at the limit
-  // would look like noise beside it.
+  // enough to compare with; if not, the next 429 tries again. Only in cruise, probe or fixed,
+  // not before a first estimate (startup, search, unlimited): such a window holds the server's
+  // burst, accepted at many times its limit (at 50 r/s with burst 20, 90 r/s over the first half
+  // second), and a later window at the limit would look like noise beside it.
   void start_trial(std::size_t di, time_point now) {
     dim& d = dims_[di];
-    if (d.phase == pacing_phase::startup || d.phase == pacing_phase::search) {
+    if (d.phase != pacing_phase::cruise && d.phase != pacing_phase::probe &&
+        d.phase != pacing_phase::fixed) {
       return;
     }
     const double unit = unit_of(di);
@@ -619,42 +620,22 @@ class rate_controller_state {
         d.noise = std::min(lo.rejected / lo.sent, hi.rejected / hi.sent);
       }
       d.noise_updated = now;
-      undo_trial(di, now, std::max(accepted_hi, (lo.sent - lo.rejected) / lo.span));
+      undo_trial(di, now);
     }
   }
 
-  // The trial found noise: pacing goes back to where it was before it (a trial begun in startup
-  // or search cruises at `accepted`, the higher of the two windows' accepted rates), and probes
-  // up at once.
-  void undo_trial(std::size_t di, time_point now, double accepted) {
+  // The trial found noise: pacing goes back to where it was before it, and probes up at once.
+  // (Trials start only in cruise, probe and fixed: see `start_trial`.)
+  void undo_trial(std::size_t di, time_point now) {
     dim& d = dims_[di];
-    switch (d.trial_phase) {
-      case pacing_phase::unlimited:
-        d.phase = pacing_phase::unlimited;
-        d.rate = 0;
-        d.estimate = d.trial_estimate;
-        break;
-      case pacing_phase::fixed:
-        d.phase = pacing_phase::fixed;
-        d.rate = d.trial_rate;
-        d.estimate = d.trial_estimate;
-        break;
-      case pacing_phase::startup:
-        if (di == req) {
-          server_burst_ = 0;  // it was the noise's first 429, not the server's burst
-        }
-        [[fallthrough]];
-      case pacing_phase::search:
-        d.estimate = std::max(d.trial_estimate, accepted);
-        d.phase = pacing_phase::cruise;
-        d.rate = base_rate(di);
-        break;
-      case pacing_phase::cruise:
-      case pacing_phase::probe:
-        d.estimate = std::max(d.estimate, d.trial_estimate);
-        d.phase = pacing_phase::cruise;
-        d.rate = base_rate(di);
-        break;
+    if (d.trial_phase == pacing_phase::fixed) {
+      d.phase = pacing_phase::fixed;
+      d.rate = d.trial_rate;
+      d.estimate = d.trial_estimate;
+    } else {
+      d.estimate = std::max(d.estimate, d.trial_estimate);
+      d.phase = pacing_phase::cruise;
+      d.rate = base_rate(di);
     }
     d.adopted_at = now;
     d.reacting = false;
