@@ -94,6 +94,8 @@ TEST_CASE("keel's error and condition names are one table that reads back", "[er
   CHECK(keel::to_string(keel::error::retries_exhausted) == "retries_exhausted");
   CHECK(keel::to_string(keel::error::all_fallbacks_failed) == "all_fallbacks_failed");
   CHECK(keel::to_string(keel::error::queue_timeout) == "queue_timeout");
+  CHECK(keel::to_string(keel::error::stream_interrupted) == "stream_interrupted");
+  CHECK(make_error_code(keel::error::stream_interrupted) == keel::condition::permanent);
   for (auto c : {keel::condition::transient, keel::condition::throttled, keel::condition::timeout,
                  keel::condition::permanent, keel::condition::cancelled}) {
     CHECK(keel::parse_condition(keel::to_string(c)) == c);

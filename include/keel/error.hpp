@@ -67,6 +67,10 @@ enum class error {
   queue_timeout,
   /// Every alternative of `with_fallback` failed; each alternative's error is a cause, in order.
   all_fallbacks_failed,
+  /// A streamed reply failed after part of it had reached the caller (its commit point), so it
+  /// was not retried; the failure that cut it is the first cause. Its condition is `permanent`:
+  /// retrying would repeat what the caller already has, unless the caller discards it first.
+  stream_interrupted,
 };
 
 /// What a caller should do about a failure; compare any `error_code` against these.
@@ -152,8 +156,8 @@ class failure : public boost::system::system_error {
 [[noreturn]] void throw_failure(error e, std::exception_ptr cause = nullptr, int attempts = 0);
 
 /// The short name of a keel error: "retries_exhausted", "deadline_exceeded", "circuit_open",
-/// "throttled", "budget_exhausted", "queue_full", "queue_timeout", "all_fallbacks_failed"
-/// ("unknown" for a value outside the enum).
+/// "throttled", "budget_exhausted", "queue_full", "queue_timeout", "all_fallbacks_failed",
+/// "stream_interrupted" ("unknown" for a value outside the enum).
 std::string_view to_string(error e) noexcept;
 
 /// The short name of a condition: "transient", "throttled", "timeout", "permanent",

@@ -35,6 +35,8 @@ class error_category_impl final : public boost::system::error_category {
         return "timed out waiting in queue";
       case error::all_fallbacks_failed:
         return "all fallbacks failed";
+      case error::stream_interrupted:
+        return "stream interrupted after its first delta";
     }
     return "unknown keel error";
   }
@@ -50,6 +52,7 @@ class error_category_impl final : public boost::system::error_category {
       case error::retries_exhausted:
       case error::budget_exhausted:
       case error::all_fallbacks_failed:
+      case error::stream_interrupted:
         return condition::permanent;
     }
     return condition::permanent;
@@ -183,6 +186,8 @@ std::string_view to_string(error e) noexcept {
       return "queue_timeout";
     case error::all_fallbacks_failed:
       return "all_fallbacks_failed";
+    case error::stream_interrupted:
+      return "stream_interrupted";
   }
   return "unknown";
 }

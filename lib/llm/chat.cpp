@@ -4,6 +4,8 @@
 #include <keel/llm/chat.hpp>
 #include <keel/llm/openai.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <stdexcept>
 
 namespace keel::llm {
@@ -30,6 +32,26 @@ keel::http::request build_request(const chat_request& req, const endpoint& ep) {
       return bedrock::build_request(req, ep);
   }
   throw std::invalid_argument("unknown provider kind");
+}
+
+keel::http::request build_stream_request(const chat_request& req, const endpoint& ep) {
+  keel::http::request r = build_request(req, ep);
+  if (ep.kind == provider_kind::bedrock) {
+    // Same body; ConverseStream is the same resource with "-stream" (the SDK's path).
+    r.url += "-stream";
+    r.headers.erase("accept");  // the AWS SDKs send none for ConverseStream
+    return r;
+  }
+  // The body is ours and small: adding two members to it costs less than threading a flag
+  // through every provider's builder.
+  nlohmann::json body = nlohmann::json::parse(r.body);
+  body["stream"] = true;
+  if (ep.kind == provider_kind::openai) {
+    body["stream_options"] = {{"include_usage", true}};
+  }
+  r.body = body.dump();
+  r.set("accept", "text/event-stream");
+  return r;
 }
 
 chat_response parse_response(const keel::http::response& res, provider_kind kind,

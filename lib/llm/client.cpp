@@ -10,6 +10,8 @@
 #include <keel/llm/aws_facts.hpp>
 #include <keel/llm/complete.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/llm/hints.hpp>
+#include <keel/llm/stream.hpp>
 #include <keel/llm/tokens.hpp>
 #include <keel/retry.hpp>
 
@@ -114,6 +116,28 @@ struct client::call_state {
   std::optional<keel::aws::sdk_invocation> invocation;
   // The attempt slot (client_options::attempt_slots) while the call holds one.
   keel::bulkhead_permit slot;
+  // Streamed calls only (null for `call`).
+  stream_state* stream = nullptr;
+};
+
+struct client::stream_state {
+  delta_handler on_delta;
+  double first_token_timeout = 0;  // seconds; 0: none (an entry's shorter timeout wins)
+  double idle_timeout = 0;
+  bool restartable = false;
+  clock_type::time_point started;
+  // The commit point: a delta has reached the caller. After it a failure is not retried
+  // (unless restartable) and the next attempt's first delta restarts the reply.
+  bool committed = false;
+  std::size_t delivered_bytes = 0;
+  std::size_t delivered_deltas = 0;
+  std::optional<double> first_token_seconds;
+  // Tokens the failed attempt used, by estimate (settled into the bucket).
+  double partial_tokens = 0;
+  // The consumer's handler threw: its error ends the call.
+  bool consumer_failed = false;
+  // True once no further retry or fallback may run.
+  bool final() const noexcept { return consumer_failed || (committed && !restartable); }
 };
 
 struct client::owned {
@@ -341,7 +365,18 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
       // No credentials (e.g. against the mock server): sign with placeholders.
       creds = keel::llm::aws_credentials("AKIDKEELPLACEHOLDER", "keel-placeholder-secret");
     }
-    if (es.cfg->timeout) {
+    if (cs.stream) {
+      keel::http::request http_req = keel::llm::build_stream_request(req, es.ep);
+      if (es.cfg->api_type == keel::llm::provider_kind::bedrock) {
+        if (sdk) {
+          keel::llm::bedrock::add_sdk_request_headers(http_req, *sdk);
+        }
+        keel::llm::sign_request(http_req, *creds, es.ep.region, "bedrock",
+                                std::chrono::system_clock::now());
+      }
+      reply = co_await stream_attempt(es, cs, std::move(http_req),
+                                      estimate - std::max(req.max_tokens, 0));
+    } else if (es.cfg->timeout) {
       reply = co_await keel::with_deadline(
           [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk); },
           seconds_ns(*es.cfg->timeout));
@@ -361,7 +396,9 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
     // (One classification of the error serves both the controller and the settling.)
     const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed);
-    es.bucket->settle(estimate, throttled ? estimate : 0);
+    // A stream cut short used what it generated (its estimate); a refusal used nothing.
+    const double used = cs.stream ? std::min(cs.stream->partial_tokens, estimate) : 0;
+    es.bucket->settle(estimate, throttled ? estimate : used);
     report.error = failed;
     report.status = error_status(failed);
     if (hooks_.on_attempt) {
@@ -377,7 +414,12 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   // (without, 102,800 configured tokens/s paced 635-token estimates at 162 calls/s, not 200).
   if (!es.pacing ||
       settles_token_usage(es.pacing->tokens().phase, es.cfg->rate_limits.tokens_per_minute)) {
-    es.bucket->settle(estimate, reply->usage.total());
+    // A reply without usage (a server that reports none) used about what it wrote, not nothing.
+    const double used = reply->usage.total() > 0
+                            ? reply->usage.total()
+                            : estimate - std::max(req.max_tokens, 0) +
+                                  static_cast<double>((reply->text.size() + 3) / 4);
+    es.bucket->settle(estimate, used);
   }
   if (es.pacing) {
     es.pacing->on_accepted(ticket);
@@ -397,6 +439,175 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     hooks_.on_attempt(report);
   }
   co_return std::move(*reply);
+}
+
+asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es,
+                                                                 call_state& cs,
+                                                                 keel::http::request http_req,
+                                                                 double prompt_tokens) {
+  stream_state& ss = *cs.stream;
+  ss.partial_tokens = 0;
+  const auto sent = clock_type::now();
+  double first = ss.first_token_timeout;
+  if (es.cfg->timeout && *es.cfg->timeout > 0 && (first <= 0 || *es.cfg->timeout < first)) {
+    first = *es.cfg->timeout;
+  }
+  bool got_text = false;
+  // Before the first text: what is left of the first-token deadline; after it: the idle
+  // timeout, per read (the consumer's time between reads is not silence of the server).
+  auto limit = [&]() -> std::optional<nanoseconds> {
+    if (!got_text) {
+      if (first <= 0) {
+        return std::nullopt;
+      }
+      return std::max(nanoseconds{0}, duration_cast<nanoseconds>(sent + seconds_ns(first) -
+                                                                 clock_type::now()));
+    }
+    if (ss.idle_timeout <= 0) {
+      return std::nullopt;
+    }
+    return seconds_ns(ss.idle_timeout);
+  };
+  // A timeout names which one it was (both are `deadline_exceeded`, condition timeout).
+  auto timed_out = [&]() {
+    const std::string what = got_text ? "stream idle for " + std::to_string(ss.idle_timeout) + " s"
+                                      : "no first token within " + std::to_string(first) + " s";
+    return std::make_exception_ptr(
+        keel::failure(keel::make_error_code(keel::error::deadline_exceeded), what));
+  };
+  const std::optional<keel::llm::aws_credentials>& creds = es.cfg->aws;
+  auto masked = [&](const keel::llm::provider_error& e) {
+    // A server may echo the credentials it was sent, as in `keel::llm::complete`.
+    if (creds) {
+      return keel::llm::without_secrets(
+          e, {es.ep.api_key, creds->secret_key, creds->session_token, creds->access_key});
+    }
+    return keel::llm::without_secrets(e, {es.ep.api_key});
+  };
+
+  std::optional<keel::http::response_reader> reader;
+  auto read = [&]() -> asio::awaitable<std::optional<std::string>> {
+    if (const auto lim = limit()) {
+      co_return co_await keel::with_deadline([&] { return reader->read_some(); }, *lim);
+    }
+    co_return co_await reader->read_some();
+  };
+  std::size_t attempt_bytes = 0;  // text this attempt delivered
+  keel::llm::token_usage usage;
+  try {
+    try {
+      if (const auto lim = limit()) {
+        reader.emplace(co_await keel::with_deadline(
+            [&] { return es.http->open(std::move(http_req)); }, *lim));
+      } else {
+        reader.emplace(co_await es.http->open(std::move(http_req)));
+      }
+      const keel::http::response& head = reader->head();
+      if (head.status < 200 || head.status > 299) {
+        // An error answer is a whole JSON body: read it (bounded by the transport) and classify
+        // it exactly as a non-streamed call would.
+        keel::http::response res = head;
+        while (auto piece = co_await read()) {
+          res.body += *piece;
+        }
+        try {
+          keel::llm::parse_response(res, es.cfg->api_type, std::chrono::system_clock::now());
+        } catch (const keel::llm::provider_error& e) {
+          throw masked(e);
+        }
+        throw std::logic_error("keel: a non-2xx response parsed as a reply");  // unreachable
+      }
+      keel::llm::stream_options opts;
+      opts.http_status = head.status;
+      for (std::string_view name : {"x-request-id", "request-id", "x-amzn-requestid"}) {
+        if (auto v = head.headers.find(name); v && opts.request_id.empty()) {
+          opts.request_id = std::string(*v);
+        }
+      }
+      keel::llm::chat_response out;
+      out.request_id = opts.request_id;
+      out.rate_limits =
+          keel::llm::parse_rate_limits(head.headers, std::chrono::system_clock::now());
+      auto decoder = keel::llm::make_stream_decoder(es.cfg->api_type, std::move(opts));
+      std::vector<keel::llm::stream_event> events;
+      for (bool ended = false; !ended;) {
+        std::optional<std::string> piece = co_await read();
+        events.clear();
+        if (piece) {
+          decoder->feed(*piece, events);
+        } else {
+          decoder->finish(events);  // appends done or (cut short) a transport error
+        }
+        for (keel::llm::stream_event& ev : events) {
+          switch (ev.kind) {
+            case keel::llm::stream_event_kind::start:
+              if (!ev.model.empty()) {
+                out.model = std::move(ev.model);
+              }
+              break;
+            case keel::llm::stream_event_kind::text: {
+              got_text = true;
+              stream_delta d;
+              d.text = ev.text;
+              d.entry = es.index;
+              if (attempt_bytes == 0 && ss.committed) {
+                // A restartable stream's new attempt: the caller discards what it has.
+                d.restart = true;
+                ss.delivered_bytes = 0;
+                ss.delivered_deltas = 0;
+              }
+              ss.committed = true;
+              if (!ss.first_token_seconds) {
+                ss.first_token_seconds = seconds_since(ss.started);
+              }
+              attempt_bytes += ev.text.size();
+              ss.delivered_bytes += ev.text.size();
+              ++ss.delivered_deltas;
+              out.text += ev.text;
+              try {
+                co_await ss.on_delta(d);
+              } catch (...) {
+                ss.consumer_failed = true;  // the caller's own failure: never retried
+                throw;
+              }
+              if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+                  asio::cancellation_type::none) {
+                reader->close();  // the consumer was cancelled: stop the generation now
+                throw boost::system::system_error(asio::error::operation_aborted);
+              }
+              break;
+            }
+            case keel::llm::stream_event_kind::finish:
+              out.finish_reason = std::move(ev.finish_reason);
+              break;
+            case keel::llm::stream_event_kind::usage:
+              usage = ev.usage;
+              out.usage = ev.usage;
+              break;
+            case keel::llm::stream_event_kind::done:
+              ended = true;
+              break;
+            case keel::llm::stream_event_kind::error:
+              throw masked(*ev.error);
+          }
+        }
+        if (!piece) {
+          ended = true;
+        }
+      }
+      co_return out;
+    } catch (const boost::system::system_error& e) {
+      if (e.code() == keel::make_error_code(keel::error::deadline_exceeded)) {
+        std::rethrow_exception(timed_out());
+      }
+      throw;
+    }
+  } catch (...) {
+    // What the cut stream used: its reported usage, or the prompt and the text it wrote.
+    ss.partial_tokens = std::max(usage.total(),
+                                 prompt_tokens + static_cast<double>((attempt_bytes + 3) / 4));
+    throw;
+  }
 }
 
 asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_state& cs) {
@@ -456,7 +667,12 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
   };
   if (es.aws) {
     keel::aws::aws_retry_options opts;
-    opts.facts = [](const std::exception_ptr& e) { return keel::llm::aws_attempt_facts(e); };
+    opts.facts = [&cs](const std::exception_ptr& e) -> std::optional<keel::aws::attempt_facts> {
+      if (cs.stream && cs.stream->final()) {
+        return std::nullopt;  // past a stream's commit point: not retried
+      }
+      return keel::llm::aws_attempt_facts(e);
+    };
     opts.rand = [this] { return random_.uniform(); };
     opts.on_retry = on_retry;
     opts.on_rate_limit_wait = [this, &es](nanoseconds d) {
@@ -487,6 +703,12 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
   }
   keel::retry_policy p = es.policy;
   p.on_retry = on_retry;
+  if (cs.stream) {
+    p.retry_if = [base = std::move(p.retry_if), &cs](const std::exception_ptr& e,
+                                                     const keel::classification& c) {
+      return !cs.stream->final() && (!base || base(e, c));  // past the commit point: no retry
+    };
+  }
   co_return co_await keel::with_retry(one, std::move(p));
 }
 
@@ -503,6 +725,42 @@ asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, cons
   cs.request = std::move(request);
   cs.context = context;
   cs.slot = std::move(slot);
+  co_return co_await run_call(cs);
+}
+
+asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request request,
+                                                  delta_handler on_delta,
+                                                  stream_call_options options,
+                                                  const void* context, keel::bulkhead_permit slot) {
+  stream_state ss;
+  ss.on_delta = std::move(on_delta);
+  const stream_config& sc = cfg_.policy.stream;
+  ss.first_token_timeout = options.first_token_timeout.value_or(sc.first_token_timeout);
+  ss.idle_timeout = options.idle_timeout.value_or(sc.idle_timeout);
+  ss.restartable = options.restartable.value_or(sc.restartable);
+  call_state cs;
+  cs.request = std::move(request);
+  cs.context = context;
+  cs.slot = std::move(slot);
+  cs.stream = &ss;
+  call_outcome out = co_await run_call(cs);
+  out.first_token_seconds = ss.first_token_seconds;
+  out.delivered_bytes = ss.delivered_bytes;
+  out.delivered_deltas = ss.delivered_deltas;
+  if (out.error && ss.committed && !ss.consumer_failed &&
+      keel::classify(out.error).condition != keel::condition::cancelled) {
+    // Past the commit point: the caller has part of a reply that keel could not finish.
+    const std::string what = "stream interrupted after " + std::to_string(ss.delivered_bytes) +
+                             " bytes in " + std::to_string(ss.delivered_deltas) +
+                             " deltas (" + keel::llm::error_class(out.error) + ")";
+    keel::failure f(keel::make_error_code(keel::error::stream_interrupted), what, {out.error});
+    f.set_attempts(out.attempts);
+    out.error = std::make_exception_ptr(std::move(f));
+  }
+  co_return out;
+}
+
+asio::awaitable<call_outcome> client::run_call(call_state& cs) {
   call_outcome out;
   if (slots_ && !cs.slot) {
     // Before the item's clock starts: its latency does not count the wait for a slot.
@@ -514,6 +772,9 @@ asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, cons
     }
   }
   const auto t0 = clock_type::now();
+  if (cs.stream) {
+    cs.stream->started = t0;
+  }
   std::vector<keel::alternative<keel::llm::chat_response>> alts;
   alts.reserve(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
@@ -521,9 +782,14 @@ asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, cons
   }
   keel::fallback_policy fp;
   if (hooks_.on_fallback) {
-    fp.on_fallback = [this, context](const keel::fallback_event& e) {
+    fp.on_fallback = [this, context = cs.context](const keel::fallback_event& e) {
       hooks_.on_fallback(context, e.from, e.to, e.error);
     };
+  }
+  if (cs.stream) {
+    // Past a stream's commit point no other entry may answer.
+    fp.should_try = [&cs](const std::exception_ptr&, const keel::classification&, std::size_t,
+                          std::size_t) { return !cs.stream->final(); };
   }
   try {
     out.response = co_await keel::with_deadline(
@@ -555,6 +821,16 @@ asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, cons
 asio::awaitable<keel::llm::chat_response> client::complete(keel::llm::chat_request request,
                                                            const void* context) {
   call_outcome out = co_await call(std::move(request), context);
+  if (out.error) {
+    std::rethrow_exception(out.error);
+  }
+  co_return std::move(*out.response);
+}
+
+asio::awaitable<keel::llm::chat_response> client::stream(keel::llm::chat_request request,
+                                                         delta_handler on_delta,
+                                                         stream_call_options options) {
+  call_outcome out = co_await stream_call(std::move(request), std::move(on_delta), options);
   if (out.error) {
     std::rethrow_exception(out.error);
   }

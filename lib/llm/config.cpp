@@ -295,6 +295,10 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"burst", p.rate_limits.burst}}},
       {"concurrency", p.concurrency},
       {"queue", {{"max_wait", p.queue_max_wait}}},
+      {"stream",
+       {{"first_token_timeout", p.stream.first_token_timeout},
+        {"idle_timeout", p.stream.idle_timeout},
+        {"restartable", p.stream.restartable}}},
   };
   return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
 }

@@ -280,7 +280,8 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
 policy_config parser::parse_policy(const json& j, const std::string& path) const {
   check_keys(
       j, path,
-      {"retry", "deadline", "breaker", "retry_budget", "rate_limits", "concurrency", "queue"});
+      {"retry", "deadline", "breaker", "retry_budget", "rate_limits", "concurrency", "queue",
+       "stream"});
   policy_config pc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -300,6 +301,18 @@ policy_config parser::parse_policy(const json& j, const std::string& path) const
       check_keys(v, p, {"max_wait"});
       if (const auto it = v.find("max_wait"); it != v.end()) {
         pc.queue_max_wait = number(*it, child(p, "max_wait"), seconds_non_negative);
+      }
+    } else if (key == "stream") {
+      check_keys(v, p, {"first_token_timeout", "idle_timeout", "restartable"});
+      for (const auto& [skey, sv] : v.items()) {
+        const std::string sp = child(p, skey);
+        if (skey == "first_token_timeout") {
+          pc.stream.first_token_timeout = number(sv, sp, seconds_non_negative);
+        } else if (skey == "idle_timeout") {
+          pc.stream.idle_timeout = number(sv, sp, seconds_non_negative);
+        } else if (skey == "restartable") {
+          pc.stream.restartable = boolean(sv, sp);
+        }
       }
     }
   }

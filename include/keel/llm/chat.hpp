@@ -209,6 +209,13 @@ struct endpoint {
 /// @throws std::invalid_argument if a Bedrock endpoint has neither a base URL nor a region.
 keel::http::request build_request(const chat_request& req, const endpoint& ep);
 
+/// Builds the HTTP request for a streamed reply to `req` (Bedrock: unsigned): OpenAI and
+/// Anthropic bodies get `"stream": true` (OpenAI also `stream_options.include_usage`, so the last
+/// chunk carries the usage), Bedrock goes to `ConverseStream` (`/converse-stream`). Decode the
+/// reply with `make_stream_decoder` (<keel/llm/stream.hpp>).
+/// @throws std::invalid_argument as `build_request`.
+keel::http::request build_stream_request(const chat_request& req, const endpoint& ep);
+
 /// Parses a response in `kind`'s wire format.
 /// @param now the wall-clock time the response arrived, for HTTP-date and RFC 3339 hints.
 /// @return the reply on 2xx.

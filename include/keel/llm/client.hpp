@@ -166,6 +166,34 @@ struct client_hooks {
       on_pacing;
 };
 
+/// A piece of a streamed reply, as `client::stream` hands it to the caller.
+struct stream_delta {
+  /// The text (never empty); valid until the handler's awaitable completes.
+  std::string_view text;
+  /// True on the first delta of an attempt that starts the reply over (`restartable` streams
+  /// only, after an attempt that had delivered deltas failed): discard every earlier delta.
+  bool restart = false;
+  /// The entry answering.
+  std::size_t entry = 0;
+};
+
+/// Consumes one delta of a streamed reply. keel reads nothing more from the connection until the
+/// returned awaitable completes, so a slow consumer slows the server down (TCP flow control)
+/// instead of making keel buffer: at most one read (64 KiB) is held per stream. It runs on the
+/// client's executor; to consume on another, hand the delta to a bounded channel and await the
+/// send. An exception it throws ends the call with that error (nothing is retried after it).
+using delta_handler = std::function<boost::asio::awaitable<void>(const stream_delta&)>;
+
+/// Per-call settings of a streamed call; an absent field takes the config's `policy.stream`.
+struct stream_call_options {
+  /// Seconds from sending an attempt to its first text delta (0: none).
+  std::optional<double> first_token_timeout;
+  /// Seconds of silence allowed between pieces of the body after the first text delta (0: none).
+  std::optional<double> idle_timeout;
+  /// May a stream that failed after its first delta be retried from the start?
+  std::optional<bool> restartable;
+};
+
 /// The outcome of one call.
 struct call_outcome {
   /// The reply, on success.
@@ -178,6 +206,13 @@ struct call_outcome {
   int attempts = 0;
   /// Seconds from start to end.
   double seconds = 0;
+  /// Streamed calls: seconds from the start to the first delta handed to the caller (absent: none
+  /// was).
+  std::optional<double> first_token_seconds;
+  /// Streamed calls: text bytes handed to the caller (since the last restart).
+  std::size_t delivered_bytes = 0;
+  /// Streamed calls: deltas handed to the caller (since the last restart).
+  std::size_t delivered_deltas = 0;
 };
 
 /// Switches of a client that are not part of the config file.
@@ -302,6 +337,39 @@ class client {
   boost::asio::awaitable<keel::llm::chat_response> complete(keel::llm::chat_request request,
                                                             const void* context = nullptr);
 
+  /// Runs one request through the whole chain as `call` does, streamed: each piece of the reply's
+  /// text goes to `on_delta` as it arrives, and the outcome's `response` holds the whole text,
+  /// the finish reason and the usage (from the stream's usage event) at the end. Never throws.
+  ///
+  /// The commit point is the first delta handed to `on_delta`. Before it, any failure (a 429, a
+  /// 5xx, an error event, a dropped connection, no first token within `first_token_timeout`)
+  /// is retried or falls back exactly like a `call`. After it, nothing is retried unless the
+  /// call is `restartable` (then a new attempt's first delta has `restart` set); the call ends
+  /// with a `keel::failure` `stream_interrupted` whose cause is the failure that cut it, and the
+  /// outcome says how much was delivered. An idle timeout after the commit point is such a
+  /// failure.
+  ///
+  /// The token bucket settles with the stream's reported usage; a stream cut short settles with
+  /// an estimate (the prompt plus the text delivered, about 4 bytes a token).
+  /// Cancellation: the attempt in flight is cancelled and its connection closed at once (the
+  /// server stops generating); a cancellation that arrives while `on_delta` runs is seen by the
+  /// handler's own operations, and the connection is closed when it returns. The outcome's error
+  /// is `operation_aborted`.
+  boost::asio::awaitable<call_outcome> stream_call(keel::llm::chat_request request,
+                                                   delta_handler on_delta,
+                                                   stream_call_options options = {},
+                                                   const void* context = nullptr,
+                                                   keel::bulkhead_permit slot = {});
+
+  /// Runs one request as `stream_call` and returns the whole reply.
+  /// @throws the call's final error, as `complete` does (`stream_interrupted` after the commit
+  ///   point).
+  /// Cancellation: as `stream_call`; throws `boost::system::system_error`
+  ///   (`operation_aborted`).
+  boost::asio::awaitable<keel::llm::chat_response> stream(keel::llm::chat_request request,
+                                                          delta_handler on_delta,
+                                                          stream_call_options options = {});
+
   /// The config.
   const client_config& cfg() const noexcept { return cfg_; }
 
@@ -314,7 +382,13 @@ class client {
  private:
   struct entry_state;
   struct call_state;
+  struct stream_state;
+  boost::asio::awaitable<call_outcome> run_call(call_state& cs);
   boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs);
+  boost::asio::awaitable<keel::llm::chat_response> stream_attempt(entry_state& es,
+                                                                  call_state& cs,
+                                                                  keel::http::request req,
+                                                                  double estimate);
   boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
   void scrub_secrets(keel::llm::chat_response& r) const;
 

@@ -190,6 +190,24 @@ struct rate_limit_config {
   double burst = 0;
 };
 
+/// Streamed calls (`client::stream`): the deadlines a stream has besides the call's.
+struct stream_config {
+  /// Longest wait from sending a streamed attempt to its first text delta, seconds (0: none);
+  /// an entry's `timeout`, when shorter, is used instead. A timeout here happens before the
+  /// commit point, so the attempt is retried or falls back like any other. 60 s: far above a
+  /// normal time to first token (0.2-5 s), below the call's `deadline`; raise it for reasoning
+  /// models that think for minutes before they write.
+  double first_token_timeout = 60;
+  /// Longest silence between two pieces of a streamed body after its first text delta, seconds
+  /// (0: none). Any byte counts (Anthropic's pings too), and time the caller spends consuming a
+  /// delta does not.
+  double idle_timeout = 30;
+  /// True: a stream that fails after its first delta may be retried from the start (the caller
+  /// is told to discard what it has, `stream_delta::restart`). False (the default): it ends with
+  /// `stream_interrupted`.
+  bool restartable = false;
+};
+
 /// The keel `policy` block.
 struct policy_config {
   /// keel-native retry.
@@ -206,6 +224,8 @@ struct policy_config {
   int concurrency = 16;
   /// Longest wait for rate-limit capacity per attempt, seconds (0: no limit).
   double queue_max_wait = 0;
+  /// Streamed calls.
+  stream_config stream;
 };
 
 /// One `config_list` entry, resolved.
