@@ -130,18 +130,20 @@ boost::asio::awaitable<std::optional<V>> hedge_body(MakeOp& op, hedge_attempt& h
 
 /// Waits on the call's timer as an async operation that ignores the awaiting coroutine's
 /// cancellation slot: the call keeps its own handler in that slot (forwarding the caller's
-/// cancellation to every attempt), which a plain `async_wait(use_awaitable)` would replace.
+/// cancellation to every attempt), which a plain `async_wait(use_awaitable)` would replace. It
+/// completes with no error code (awaiting one would throw on `operation_aborted`, which is how
+/// the call is woken): the caller looks at the clock and the race instead.
 template <class Timer>
 struct hedge_wait {
   Timer& timer;
 
   template <class CompletionToken>
-  requires boost::asio::completion_token_for<CompletionToken, void(boost::system::error_code)>
+  requires boost::asio::completion_token_for<CompletionToken, void()>
   auto operator()(CompletionToken&& token) && {
-    return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
+    return boost::asio::async_initiate<CompletionToken, void()>(
         [](auto handler, Timer* t) {
           t->async_wait(
-              [h = std::move(handler)](boost::system::error_code ec) mutable { std::move(h)(ec); });
+              [h = std::move(handler)](boost::system::error_code) mutable { std::move(h)(); });
         },
         token, &timer);
   }
