@@ -521,3 +521,64 @@ TEST_CASE("an on_hedge hook that throws cancels the attempts, waits for them and
   CHECK(h.cancelled[0] == asio::cancellation_type::terminal);
   CHECK(h.unwound[0] == 100);
 }
+
+TEST_CASE(
+    "with_hedge waits for a loser's slow cleanup, and a caller cancellation then keeps the value",
+    "[hedge]") {
+  for (bool cancel_during_cleanup : {false, true}) {
+    manual_clock::reset();
+    asio::io_context ctx;
+    long long cleanup_done = -1, primary_unwound = -1;
+    auto op = [&](std::size_t i) -> asio::awaitable<int> {
+      if (i == 1) {
+        co_await sleep_for(50ms);
+        co_return 2;
+      }
+      struct guard {
+        long long& at;
+        ~guard() { at = now_ms(); }
+      } g{primary_unwound};
+      try {
+        co_await sleep_for(500ms);
+      } catch (const boost::system::system_error&) {
+      }
+      // Cancelled: clean up for 100 ms (say, a graceful close) before unwinding.
+      co_await asio::this_coro::reset_cancellation_state();
+      co_await sleep_for(100ms);
+      cleanup_done = now_ms();
+      throw boost::system::system_error(asio::error::operation_aborted);
+    };
+    outcome<int> out;
+    asio::cancellation_signal sig;
+    spawn(ctx, keel::with_hedge(op, policy_with(2, 100ms)), out, sig.slot());
+    keel::testing::run_for(ctx, 200ms);
+    CHECK_FALSE(out.done);  // the hedge won at 150 ms; the primary is still cleaning up
+    if (cancel_during_cleanup) {
+      sig.emit(asio::cancellation_type::terminal);
+    }
+    REQUIRE(run_until(ctx, [&] { return out.done; }));
+    // The caller's cancellation reaches the loser too and cuts its cleanup short.
+    const long long end = cancel_during_cleanup ? 200 : 250;
+    CHECK(cleanup_done == (cancel_during_cleanup ? -1 : 250));
+    CHECK(primary_unwound == end);
+    CHECK(out.finished_at_ms == end);
+    CHECK(out.value == 2);  // the value was in hand before the caller's cancellation
+  }
+}
+
+TEST_CASE("a deadline around with_hedge cancels every attempt", "[hedge]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  hedged h({plan{500ms, {}, {}, 1}, plan{500ms, {}, {}, 2}});
+  auto p = policy_with(2, 100ms);
+  auto hedged_call = [&] { return keel::with_hedge(h.factory(), p); };
+  outcome<int> out;
+  spawn(ctx, keel::with_deadline<manual_clock>(hedged_call, 300ms), out);
+  REQUIRE(run_until(ctx, [&] { return out.done; }));
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(out.finished_at_ms == 300);
+  CHECK(h.started == std::vector<long long>{0, 100});
+  CHECK(h.cancelled[0] == asio::cancellation_type::terminal);
+  CHECK(h.cancelled[1] == asio::cancellation_type::terminal);
+  CHECK(h.unwound == std::vector<long long>{300, 300});
+}

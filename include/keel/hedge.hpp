@@ -80,7 +80,8 @@
 //
 // Cancellation: cancelling the caller cancels every attempt (terminal), waits for all of them to
 // unwind, and throws `operation_aborted`, unless an attempt had already completed successfully
-// as the winner: then its value is returned once the losers have unwound.
+// as the winner: then its value is returned once the losers have unwound (the cancellation
+// reaches losers still unwinding too, cutting a slow cleanup short).
 // Thread safety: each call is independent; `hedge_budget` and `basic_latency_window` may be
 // shared by calls on any thread. A call runs its attempts and its timer on the caller's
 // executor; as with `with_deadline`, on an io_context run by several threads make the call from
