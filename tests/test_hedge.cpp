@@ -582,3 +582,12 @@ TEST_CASE("a deadline around with_hedge cancels every attempt", "[hedge]") {
   CHECK(h.cancelled[1] == asio::cancellation_type::terminal);
   CHECK(h.unwound == std::vector<long long>{300, 300});
 }
+
+TEST_CASE("with_hedge takes only factories of awaitables", "[hedge]") {
+  auto returns_int = [] { return 1; };
+  auto takes_string = [](const std::string&) -> asio::awaitable<int> { co_return 1; };
+  auto takes_index = [](std::size_t) -> asio::awaitable<int> { co_return 1; };
+  STATIC_REQUIRE_FALSE(keel::detail::hedge_factory<decltype(returns_int)>);
+  STATIC_REQUIRE_FALSE(keel::detail::hedge_factory<decltype(takes_string)>);
+  STATIC_REQUIRE(keel::detail::hedge_factory<decltype(takes_index)>);
+}

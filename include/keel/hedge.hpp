@@ -379,15 +379,21 @@ using hedge_awaitable_t =
 template <class MakeOp>
 using hedge_value_t = typename awaitable_traits<hedge_awaitable_t<MakeOp>>::value_type;
 
+/// True for `boost::asio::awaitable<T>` on `any_io_executor`, what every keel factory returns.
+template <class A>
+inline constexpr bool is_any_io_awaitable_v = false;
+template <class T>
+inline constexpr bool is_any_io_awaitable_v<boost::asio::awaitable<T>> = true;
+
+/// Callable as `with_hedge` calls a factory.
+template <class MakeOp>
+concept hedge_invocable = std::is_invocable_v<MakeOp&, hedge_attempt&> ||
+    std::is_invocable_v<MakeOp&, std::size_t> || std::is_invocable_v<MakeOp&>;
+
 /// A factory `with_hedge` accepts: callable as above, returning a fresh `awaitable<T>` on
 /// `any_io_executor`.
 template <class MakeOp>
-concept hedge_factory =
-    (std::is_invocable_v<MakeOp&, hedge_attempt&> || std::is_invocable_v<MakeOp&, std::size_t> ||
-     std::is_invocable_v<MakeOp&>)&&awaitable_traits<hedge_awaitable_t<MakeOp>>::
-        is_awaitable&& std::is_same_v<
-            typename awaitable_traits<hedge_awaitable_t<MakeOp>>::executor_type,
-            boost::asio::any_io_executor>;
+concept hedge_factory = hedge_invocable<MakeOp> && is_any_io_awaitable_v<hedge_awaitable_t<MakeOp>>;
 
 template <class Clock, class MakeOp>
 auto hedge_impl(MakeOp op, basic_hedge_policy<Clock> policy)
