@@ -228,13 +228,13 @@ class hedge_budget {
 /// Design: a ring of the most recent samples plus a sorted snapshot of it, re-sorted when a
 /// percentile is asked for and at least `refresh_every` samples have arrived since the last sort
 /// (or the snapshot is empty). `record` is O(1); `percentile` is an O(1) look-up, plus, once per
-/// `refresh_every` records, a sort of `capacity` values (about 20-30 µs for 1024): at 10,000
-/// calls/s and the defaults that is under 5 ms of CPU per second. Chosen over a log-bucket
-/// histogram because the ring forgets old samples by itself (a histogram needs decay or rotating
-/// generations to stay "recent"), and its percentiles are exact sample values rather than bucket
-/// bounds. The price is that a percentile may lag by up to `refresh_every` samples.
-/// Thread safety: every member may be called concurrently from any thread (one mutex; a sort
-/// holds it).
+/// `refresh_every` records, a sort of `capacity` values (35 µs for 1024, measured with -O2 on a
+/// loaded 2-core VM; record + percentile came to 0.68 µs a call with the defaults): at 10,000
+/// calls/s about 7 ms of CPU per second. Chosen over a log-bucket histogram because the ring
+/// forgets old samples by itself (a histogram needs decay or rotating generations to stay
+/// "recent"), and its percentiles are exact sample values rather than bucket bounds. The price is
+/// that a percentile may lag by up to `refresh_every` samples. Thread safety: every member may be
+/// called concurrently from any thread (one mutex; a sort holds it).
 template <class Clock = default_clock>
 class basic_latency_window {
  public:
