@@ -6,8 +6,8 @@
 // Including this header gives the whole core: errors and classification, results, clocks,
 // randomness, backoff, retry budget, with_retry, with_deadline, with_fallback, the circuit
 // breaker and with_breaker, the throttler with with_throttle and its rate controller, the
-// bulkhead with with_bulkhead, and fan_out. Each also has its own header; include only what you
-// use to keep compile times down.
+// bulkhead with with_bulkhead, with_hedge with its budget and latency window, and fan_out. Each
+// also has its own header; include only what you use to keep compile times down.
 //
 // Example:
 //
@@ -23,6 +23,7 @@
 #include <keel/error.hpp>
 #include <keel/fallback.hpp>
 #include <keel/fan_out.hpp>
+#include <keel/hedge.hpp>
 #include <keel/random.hpp>
 #include <keel/rate_controller.hpp>
 #include <keel/result.hpp>
