@@ -164,7 +164,7 @@ TEST_CASE("mock_llm_server tail delays a stream's first token, not each chunk",
   asio::io_context ctx;
   mock_llm_server server{ctx, mock_options{}};
   stream_settings settings;
-  settings.chunk_latency = 5ms;  // 11 text chunks: about 55 ms of stream
+  settings.chunk_latency = 10ms;  // 36 bytes of reply: 9 text chunks, 90 ms of stream
   server.set_plan("m", fault_plan{}.with_tail(1.0, 300ms).with_stream(settings));
   run(ctx, server, [&]() -> asio::awaitable<void> {
     beast::tcp_stream stream(co_await asio::this_coro::executor);
@@ -184,8 +184,8 @@ TEST_CASE("mock_llm_server tail delays a stream's first token, not each chunk",
   REQUIRE(r.first_byte_at);
   REQUIRE(r.completed_at);
   CHECK(*r.first_byte_at - r.received_at >= 300ms);
-  // Had every chunk waited the tail, the stream would last 11 x 300 ms.
-  CHECK(*r.completed_at - *r.first_byte_at >= 50ms);
+  // Had every chunk waited the tail, the stream would last 9 x 300 ms.
+  CHECK(*r.completed_at - *r.first_byte_at >= 90ms);
   CHECK(*r.completed_at - *r.first_byte_at < 300ms);
 }
 
