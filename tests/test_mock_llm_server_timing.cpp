@@ -215,6 +215,8 @@ TEST_CASE("mock_llm_server counts a client that closes mid-latency or mid-stall 
       closed = steady::now();
       stream.close();
       co_await until([&] { return server.stats().total.abandoned == 1; });
+      // The mock gave up its wait when it saw the close, not when the latency ran out.
+      CHECK(steady::now() - closed < 2s);
     });
     CHECK(steady::now() - started < 5s);
     const auto s = server.stats();
@@ -262,6 +264,8 @@ TEST_CASE("mock_llm_server counts a client that closes mid-stream as abandoned",
     closed = steady::now();
     stream.close();
     co_await until([&] { return server.stats().total.abandoned == 1; });
+    // Counted when the mock saw the close, not when the next chunk's wait (1 s) ran out.
+    CHECK(steady::now() - closed < 500ms);
   });
   const auto s = server.stats();
   CHECK(chunks >= 2);
