@@ -141,9 +141,11 @@ TEST_CASE("mock_llm_server makes a seeded fraction of calls wait the tail latenc
     }
   }
   CHECK(logged_tails == tails);
-  // Deterministic for a seed, and another seed picks other calls.
-  CHECK(slow_calls(7, plan, calls, tail, again) == seed7);
+  // Deterministic for a seed, and another seed picks other calls. Compared on the server's log:
+  // at the client a call that was not a tail can still take 30 ms on a loaded machine.
+  (void)slow_calls(7, plan, calls, tail, again);
   CHECK(again.model("m").tail_delays == tails);
+  REQUIRE(again.responses.size() == s7.responses.size());
   std::vector<bool> tail7;
   std::vector<bool> tail7_again;
   for (std::size_t i = 0; i < s7.responses.size(); ++i) {
