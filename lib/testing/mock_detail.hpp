@@ -11,6 +11,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
@@ -19,6 +20,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -73,7 +75,9 @@ struct reply {
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
   milliseconds latency{0};
-  std::optional<stream_reply> stream;  // set: stream this 200 instead of writing `body`
+  bool tail = false;                    // `latency` is the plan's tail latency
+  fault_kind outcome = fault_kind::ok;  // what the plan decided (for the response log)
+  std::optional<stream_reply> stream;   // set: stream this 200 instead of writing `body`
 };
 
 // ---- mock_wire.cpp: requests and shared wire helpers ----------------------------------------
@@ -203,6 +207,10 @@ std::vector<rate_change> sorted_schedule(const std::vector<rate_change>& changes
 struct model_state {
   fault_plan plan;
   std::unique_ptr<keel::random_source> rng;
+  // The tail draw has a generator of its own, drawn once per request that gets a latency: which
+  // requests are slow then depends on the seed and the request's rank only, not on how many
+  // draws the faults and the latency range took before it.
+  std::unique_ptr<keel::random_source> tail_rng;
   std::size_t script_pos = 0;
   bucket requests;
   bucket tokens;
@@ -212,6 +220,7 @@ struct model_state {
   model_state(fault_plan p, std::uint64_t seed)
       : plan(std::move(p)),
         rng(std::make_unique<keel::random_source>(seed)),
+        tail_rng(std::make_unique<keel::random_source>(seed ^ 0x7461696c5f726e67ULL)),
         schedule(sorted_schedule(plan.rate_schedule)) {
     set_requests(plan.requests_per_second, {});
     set_tokens(plan.tokens_per_minute, {});
@@ -246,11 +255,31 @@ namespace keel::testing {
 // The server's state. Decisions (mock_faults.cpp) run under `mu` on any thread; I/O
 // (mock_llm_server.cpp) runs on the executor.
 struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
+  // One accepted connection. While a response is in progress a "close watcher" keeps a read
+  // outstanding on the socket (see watch_client in mock_llm_server.cpp), so that a client that
+  // gives up is noticed at once, even while the mock sleeps out latency: the watcher records the
+  // instant and cancels `timer`. Touched on the executor only.
   struct connection {
     boost::asio::ip::tcp::socket socket;
-    boost::asio::steady_timer timer;
+    boost::asio::steady_timer timer;       // latency and chunk pacing
+    boost::asio::steady_timer watch_done;  // never expires; cancelled when the watcher stops
+    boost::asio::cancellation_signal watch_cancel;
+    std::uint64_t serial = 0;
+    unsigned short peer_port = 0;
+    detail::clock_type::time_point accepted_at{};
+    bool watching = false;       // a watcher read is outstanding
+    bool unwatch = false;        // stop_watch asked the watcher not to read again
+    bool client_closed = false;  // the watcher saw EOF or an error from the client
+    detail::clock_type::time_point closed_at{};
+    // Bytes the client sent while a response was in progress (a pipelined request), handed to
+    // the request parser afterwards. Bounded: when full the watcher stops reading.
+    std::vector<char> early;
+    std::size_t early_size = 0;
     explicit connection(boost::asio::ip::tcp::socket s)
-        : socket(std::move(s)), timer(socket.get_executor()) {}
+        : socket(std::move(s)),
+          timer(socket.get_executor()),
+          watch_done(socket.get_executor()),
+          early(16 * 1024) {}
   };
 
   boost::asio::any_io_executor ex;
@@ -267,6 +296,7 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
   detail::clock_type::time_point started{};
   std::uint64_t next_id = 0;
   mock_stats counters;
+  std::deque<response_record> log;  // becomes counters.responses in stats()
 
   impl(boost::asio::any_io_executor e, mock_options o)
       : ex(std::move(e)), opts(std::move(o)), acceptor(ex), seed(opts.seed) {}
@@ -297,16 +327,41 @@ struct mock_llm_server::impl : std::enable_shared_from_this<impl> {
     }
   }
 
+  // Appends to the response log (under mu), dropping the oldest beyond opts.response_log.
+  void log_response(response_record rec);
+
   // ---- I/O (on the executor), in mock_llm_server.cpp ----
 
   static boost::asio::awaitable<void> session(std::shared_ptr<impl> self,
                                               std::shared_ptr<connection> c);
+  // Starts the close watcher on `c` (a read outstanding until stop_watch, a close or stop()).
+  static void watch_client(std::shared_ptr<connection> c);
+  // Marks `rec` abandoned (at the instant the watcher saw the close, else now) and counts it.
+  static void abandon(const std::shared_ptr<impl>& self, const connection& c,
+                      const std::string& model, response_record& rec);
+  // After the last write of a response: completed, or abandoned if the write failed or the
+  // client had closed. Returns whether it completed.
+  static bool finish(const std::shared_ptr<impl>& self, const connection& c,
+                     const std::string& model, response_record& rec,
+                     const boost::system::error_code& ec);
+  // Stops the close watcher and waits until its read has completed.
+  static boost::asio::awaitable<void> stop_watch(std::shared_ptr<connection> c);
+  // Waits until the client closes `c` (true) or stop() does (false), dropping what it sends.
+  static boost::asio::awaitable<bool> await_close(std::shared_ptr<impl> self,
+                                                  std::shared_ptr<connection> c);
+  // Waits out the latency and writes (or withholds) `r`, filling `rec`'s instants. Returns
+  // whether the connection may serve another request.
+  static boost::asio::awaitable<bool> respond(std::shared_ptr<impl> self,
+                                              std::shared_ptr<connection> c, const detail::reply& r,
+                                              const std::string& model, unsigned version,
+                                              bool keep_alive, response_record& rec);
   // Writes a streamed 200 (`r.stream`), one HTTP chunk per part, and carries out its fault.
   // Returns whether the connection may serve another request.
   static boost::asio::awaitable<bool> write_stream(std::shared_ptr<impl> self,
                                                    std::shared_ptr<connection> c,
                                                    const detail::reply& r, const std::string& model,
-                                                   unsigned version, bool keep_alive);
+                                                   unsigned version, bool keep_alive,
+                                                   response_record& rec);
   static boost::asio::awaitable<void> refuse_too_large(std::shared_ptr<impl> self,
                                                        std::shared_ptr<connection> c,
                                                        const std::string& target);

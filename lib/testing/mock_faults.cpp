@@ -365,7 +365,14 @@ reply mock_llm_server::impl::decide(const parsed_request& pr) {
     } else {
       r.latency = plan.latency_min;
     }
+    if (plan.tail_fraction > 0 && st->tail_rng->uniform() < plan.tail_fraction) {
+      r.latency = std::max(r.latency, plan.tail_latency);
+      r.tail = true;
+      ++counters.total.tail_delays;  // `count()` would take mu again
+      ++counters.by_model[pr.model].tail_delays;
+    }
   }
+  r.outcome = is_stream_fault(k) && !pr.stream ? fault_kind::ok : k;
   r.action = is_stream_fault(k) ? fault_kind::ok : k;
   if (k == fault_kind::reset || k == fault_kind::stall) {
     return r;

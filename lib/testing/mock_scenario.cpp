@@ -148,6 +148,24 @@ fault_plan parse_plan(const json& j, const std::string& path) {
           throw scenario_error(child(p, "max"), "max is smaller than min");
         }
       }
+    } else if (key == "tail") {
+      object(v, p);
+      bool has_fraction = false;
+      bool has_latency = false;
+      for (const auto& [k2, v2] : v.items()) {
+        if (k2 == "fraction") {
+          plan.tail_fraction = number(v2, child(p, k2), 0, 1);
+          has_fraction = true;
+        } else if (k2 == "latency_ms") {
+          plan.tail_latency = millis(v2, child(p, k2));
+          has_latency = true;
+        } else {
+          unknown_key(p, k2);
+        }
+      }
+      if (!has_fraction || !has_latency) {
+        throw scenario_error(p, "a tail needs both \"fraction\" and \"latency_ms\"");
+      }
     } else if (key == "errors") {
       object(v, p);
       double sum = 0;

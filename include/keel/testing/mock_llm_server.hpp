@@ -41,11 +41,16 @@
 //
 // For each request the server decides, in this order: outage window (503) → next scripted
 // outcome (decides outright, even "ok") → context window → rate limit (429) → random faults →
-// success. Latency is applied before every answer, including errors.
+// success. Latency is applied before every answer, including errors; a seeded fraction of
+// requests can get a much longer "tail" latency instead (`fault_plan::tail_fraction`).
 //
 // `stats()` counts requests, statuses, resets, stalls, truncations, streams and mid-stream
 // faults per model and in total, plus accepted connections, so a test can measure retry
-// amplification exactly.
+// amplification exactly. It also counts responses the client abandoned (closed the connection
+// before their last byte: while the mock waited out latency, stalled or streamed; the mock
+// watches the socket throughout, so it notices at once), and keeps a bounded log of the latest
+// responses with their real `steady_clock` instants (`mock_stats::responses`), so a benchmark can
+// measure how soon a hedging client drops the loser after the winner finished.
 //
 // Example:
 //
@@ -278,6 +283,16 @@ struct fault_plan {
   provider_quirks quirks;
   /// How streamed replies are paced and where mid-stream faults strike.
   stream_settings stream;
+  /// Probability (0..1) that a request waits `tail_latency` instead of its drawn latency: the
+  /// slow tail of a real provider. Drawn from a seeded generator of its own (one draw per
+  /// request that gets a latency), so the same requests are slow whatever the other faults.
+  double tail_fraction = 0;
+  /// Latency of a tail request, in place of the drawn one (a tail never shortens a request: the
+  /// longer of the two is waited). Absolute rather than a multiple of the draw, so that the
+  /// slow calls take a known time a test or a hedge delay can be set against, even when the
+  /// plan's latency is zero or spread out. Like all latency it is waited before the first byte:
+  /// for a stream it delays the head and first token, not each chunk.
+  std::chrono::milliseconds tail_latency{0};
 
   fault_plan() = default;
 
@@ -351,6 +366,13 @@ struct fault_plan {
     stream = s;
     return *this;
   }
+  /// Makes a `fraction` (0..1) of requests wait `latency` instead of their drawn latency.
+  /// @returns *this.
+  fault_plan& with_tail(double fraction, std::chrono::milliseconds latency) {
+    tail_fraction = fraction;
+    tail_latency = latency;
+    return *this;
+  }
   /// Appends scripted outcomes, consumed one per request. @returns *this.
   fault_plan& with_script(std::vector<fault_kind> outcomes) {
     script.insert(script.end(), outcomes.begin(), outcomes.end());
@@ -409,6 +431,11 @@ struct mock_model_stats {
   std::uint64_t streams = 0;
   /// Mid-stream faults carried out (a fault planned after the client went away is not).
   std::uint64_t stream_faults = 0;
+  /// Requests given the plan's tail latency (`fault_plan::tail_fraction`).
+  std::uint64_t tail_delays = 0;
+  /// Responses the client abandoned: it closed the connection (FIN or RST) while the mock was
+  /// waiting out latency, stalling (`stall`, `stream_stall`) or writing, before the last byte.
+  std::uint64_t abandoned = 0;
   /// The body of the latest request (what a client sent, for tests of its wire format).
   std::string last_body;
 
@@ -419,6 +446,39 @@ struct mock_model_stats {
   }
 };
 
+/// How one response went, for benchmarks that match the mock's view to a client's. Instants are
+/// the real `std::chrono::steady_clock` (not `mock_options::now`), taken on the mock's executor.
+struct response_record {
+  using time_point = std::chrono::steady_clock::time_point;
+  /// Serial of the connection the request came on (1 for the first accepted).
+  std::uint64_t connection = 0;
+  /// The client's port on that connection (its `local_endpoint().port()`), to match a record to
+  /// one of the client's attempts without any header.
+  unsigned short peer_port = 0;
+  /// The request's model ("" when it could not be read).
+  std::string model;
+  /// What the plan decided (`ok` for a plain success; a stream fault for a faulty stream).
+  fault_kind outcome = fault_kind::ok;
+  /// HTTP status of the response, as decided (also when it was never written).
+  int status = 0;
+  /// Whether the request got the tail latency.
+  bool tail = false;
+  /// The latency waited (or to be waited) before the first byte.
+  std::chrono::milliseconds latency{0};
+  /// When the connection was accepted.
+  time_point accepted_at{};
+  /// When the request had been read whole.
+  time_point received_at{};
+  /// When the mock began to write the response (after the latency); empty if it never did.
+  std::optional<time_point> first_byte_at;
+  /// When the mock was done: the last byte handed to the socket, or the reset, truncation or
+  /// mid-stream fault carried out. Empty for an abandoned response.
+  std::optional<time_point> completed_at;
+  /// When the mock noticed that the client had closed the connection before `completed_at`
+  /// (set exactly for the responses counted in `mock_model_stats::abandoned`).
+  std::optional<time_point> closed_by_client_at;
+};
+
 /// A snapshot of the server's counters.
 struct mock_stats {
   /// TCP connections accepted.
@@ -427,6 +487,12 @@ struct mock_stats {
   mock_model_stats total;
   /// Counters per request model.
   std::map<std::string, mock_model_stats> by_model;
+  /// The latest responses, oldest first, in the order they ended (completed, abandoned, or cut
+  /// off by `stop()`: those have neither `completed_at` nor `closed_by_client_at`); at most
+  /// `mock_options::response_log` of them. A 413 (body too large) has none.
+  std::vector<response_record> responses;
+  /// Records dropped from the front of `responses` to keep it within its bound.
+  std::uint64_t responses_dropped = 0;
 
   /// Responses sent with `status`, over every model.
   std::uint64_t status_count(int status) const { return total.status_count(status); }
@@ -454,6 +520,9 @@ struct mock_options {
   /// of the request body has been read and discarded (so that the client sees the answer rather
   /// than a reset), as nginx does.
   std::size_t max_request_body = 1024 * 1024;
+  /// How many of the latest responses `stats().responses` keeps (0: none). Each is about 150
+  /// bytes, and `stats()` copies them all.
+  std::size_t response_log = 4096;
 };
 
 /// A mock LLM provider server with per-model fault plans and exact counters.
