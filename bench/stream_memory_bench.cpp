@@ -3,6 +3,7 @@
 //   ulimit -n 20000   # N client sockets here, N more in the mock's process
 //   build-bench/bench/bench_stream_memory --streams 1000
 //   build-bench/bench/bench_stream_memory --streams 10000 --census
+//   build-bench/bench/bench_stream_memory --streams 1000 --tls
 //
 // The mock LLM server (keel::testing::mock_llm_server) runs in a child process (fork), so that
 // none of its allocations are counted here. It streams every reply with `--chunk-latency-ms`
@@ -24,9 +25,14 @@
 // `--census` adds a table of the live heap blocks by size that the spawn window created, net of
 // those it freed (blocks allocated through operator new or aligned_alloc, which is where Asio
 // puts coroutine frames and operations, and freed through operator delete or free, by usable
-// size), listing the sizes that occur at least N/2 times; it is how the coroutine frame sizes
-// were read. The counting is done by the linker's --wrap on this program's and keel's static
-// objects, so it never changes what is allocated.
+// size), listing the sizes that occur at least N/2 times, apart for operator new (objects) and
+// aligned_alloc (Asio's coroutine frames and operations); it is how the frame sizes were read. The
+// counting is done by the linker's --wrap on this program's and keel's static objects, so it never
+// changes what is allocated.
+//
+// `--tls`: the child process also runs a TLS terminating proxy (a self-signed P-256 certificate
+// made at start, TLS 1.3) in front of the mock, and the client speaks https:// to it (peer
+// verification off). The proxy's memory is the child's, not counted.
 //
 // Prints one JSON line at the end.
 #include <keel/http/client.hpp>
@@ -35,11 +41,19 @@
 
 #include <fmt/core.h>
 #include <CLI/CLI.hpp>
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+#include <openssl/evp.h>
+#include <openssl/x509.h>
 
 #include <malloc.h>
 #include <signal.h>
@@ -65,12 +79,14 @@ using namespace std::chrono_literals;
 // ---- census: counts blocks by usable size while `census_on` (see the top comment) ----
 namespace {
 constexpr std::size_t census_sizes = 1 << 17;  // usable sizes below 128 KiB, one slot each
-std::array<std::int64_t, census_sizes + 1> census_live{};  // the last slot: 128 KiB and more
+// [0]: operator new / delete (objects); [1]: aligned_alloc / free (Asio's coroutine frames and
+// operations: its recycling allocator calls aligned_alloc). The last slot: 128 KiB and more.
+std::array<std::array<std::int64_t, census_sizes + 1>, 2> census_live{};
 bool census_on = false;
 
-void census_add(void* p, std::int64_t sign) {
+void census_add(int kind, void* p, std::int64_t sign) {
   if (census_on && p != nullptr) {
-    census_live[std::min(malloc_usable_size(p), census_sizes)] += sign;
+    census_live[kind][std::min(malloc_usable_size(p), census_sizes)] += sign;
   }
 }
 }  // namespace
@@ -84,24 +100,24 @@ void __real_free(void* p) noexcept;
 
 void* __wrap__Znwm(std::size_t n) {
   void* p = __real__Znwm(n);
-  census_add(p, +1);
+  census_add(0, p, +1);
   return p;
 }
 void __wrap__ZdlPv(void* p) noexcept {
-  census_add(p, -1);
+  census_add(0, p, -1);
   __real__ZdlPv(p);
 }
 void __wrap__ZdlPvm(void* p, std::size_t n) noexcept {
-  census_add(p, -1);
+  census_add(0, p, -1);
   __real__ZdlPvm(p, n);
 }
 void* __wrap_aligned_alloc(std::size_t a, std::size_t n) noexcept {
   void* p = __real_aligned_alloc(a, n);
-  census_add(p, +1);
+  census_add(1, p, +1);
   return p;
 }
 void __wrap_free(void* p) noexcept {
-  census_add(p, -1);
+  census_add(1, p, -1);
   __real_free(p);
 }
 }
@@ -128,7 +144,76 @@ struct run_options {
   int samples = 10;
   int sample_every_ms = 100;
   bool census = false;
+  bool tls = false;
 };
+
+using tcp = asio::ip::tcp;
+
+// Copies bytes from `from` to `to` until either fails, then closes both.
+template <class From, class To>
+asio::awaitable<void> splice(From& from, To& to) {
+  std::array<char, 16 * 1024> buf;
+  for (;;) {
+    auto [ec, n] =
+        co_await from.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+    if (ec) {
+      break;
+    }
+    auto [wec, wn] = co_await asio::async_write(to, asio::buffer(buf.data(), n),
+                                                asio::as_tuple(asio::use_awaitable));
+    if (wec) {
+      break;
+    }
+  }
+  boost::system::error_code ignored;
+  from.lowest_layer().close(ignored);
+  to.lowest_layer().close(ignored);
+}
+
+asio::awaitable<void> tls_session(tcp::socket s, asio::ssl::context& ctx, tcp::endpoint mock) {
+  auto down = std::make_shared<asio::ssl::stream<tcp::socket>>(std::move(s), ctx);
+  auto up = std::make_shared<tcp::socket>(down->get_executor());
+  auto [hec] = co_await down->async_handshake(asio::ssl::stream_base::server,
+                                              asio::as_tuple(asio::use_awaitable));
+  auto [cec] = co_await up->async_connect(mock, asio::as_tuple(asio::use_awaitable));
+  if (hec || cec) {
+    co_return;
+  }
+  asio::co_spawn(
+      down->get_executor(), [down, up]() -> asio::awaitable<void> { co_await splice(*up, *down); },
+      asio::detached);
+  co_await splice(*down, *up);
+}
+
+asio::awaitable<void> tls_accept(tcp::acceptor& acceptor, asio::ssl::context& ctx,
+                                 tcp::endpoint mock) {
+  for (;;) {
+    auto [ec, s] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
+    if (ec) {
+      co_return;
+    }
+    asio::co_spawn(acceptor.get_executor(), tls_session(std::move(s), ctx, mock), asio::detached);
+  }
+}
+
+// A self-signed P-256 certificate for 127.0.0.1 in `ctx`.
+void self_signed(asio::ssl::context& ctx) {
+  EVP_PKEY* key = EVP_EC_gen("P-256");
+  X509* cert = X509_new();
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert), 24 * 3600);
+  X509_set_pubkey(cert, key);
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(cert), "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("127.0.0.1"), -1, -1, 0);
+  X509_set_issuer_name(cert, X509_get_subject_name(cert));
+  X509_sign(cert, key, EVP_sha256());
+  SSL_CTX_use_certificate(ctx.native_handle(), cert);
+  SSL_CTX_use_PrivateKey(ctx.native_handle(), key);
+  X509_free(cert);
+  EVP_PKEY_free(key);
+}
 
 // Runs the mock in a child process; returns its port (0 on failure) and sets `child`.
 unsigned short start_mock(const run_options& o, pid_t& child) {
@@ -147,7 +232,17 @@ unsigned short start_mock(const run_options& o, pid_t& child) {
     s.chunk_bytes = static_cast<std::size_t>(o.chunk_bytes);
     server.set_plan("*", keel::testing::fault_plan{}.with_stream(s));
     server.start();
-    const unsigned short port = server.port();
+    unsigned short port = server.port();
+    asio::ssl::context tls_ctx{asio::ssl::context::tls_server};
+    tcp::acceptor acceptor{ctx};
+    if (o.tls) {
+      self_signed(tls_ctx);
+      acceptor = tcp::acceptor{ctx, {asio::ip::make_address("127.0.0.1"), 0}};
+      asio::co_spawn(ctx,
+                     tls_accept(acceptor, tls_ctx, {asio::ip::make_address("127.0.0.1"), port}),
+                     asio::detached);
+      port = acceptor.local_endpoint().port();
+    }
     if (write(fds[1], &port, sizeof port) != sizeof port) {
       _exit(1);
     }
@@ -216,6 +311,7 @@ int main(int argc, char** argv) {
   app.add_option("--sample-every-ms", o.sample_every_ms, "time between samples")
       ->check(CLI::Range(1, 60'000));
   app.add_flag("--census", o.census, "print live heap blocks by size (see the source)");
+  app.add_flag("--tls", o.tls, "https:// through a TLS proxy in the mock's process");
   CLI11_PARSE(app, argc, argv);
 
   // N sockets here (and N in the mock's process, which inherits this limit).
@@ -235,11 +331,13 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "bench_stream_memory: the mock did not start\n");
     return 1;
   }
-  const std::string base = "http://127.0.0.1:" + std::to_string(port);
+  const std::string base =
+      (o.tls ? "https://127.0.0.1:" : "http://127.0.0.1:") + std::to_string(port);
 
   asio::io_context ctx{1};
   keel::http::client_options copts;
   copts.max_connections_per_host = static_cast<std::size_t>(o.streams);
+  copts.tls.verify_peer = false;  // the proxy's certificate is self-signed
   keel::http::client client{ctx.get_executor(), copts};
   const keel::http::request req = make_request(o, base);
   const auto kind = kind_of(o.format);
@@ -291,7 +389,9 @@ int main(int argc, char** argv) {
   ctx.restart();
   opened = first_piece = finished = failed = stream_errors = 0;
 
-  std::fill(census_live.begin(), census_live.end(), 0);  // resident before the baseline
+  for (auto& h : census_live) {
+    std::fill(h.begin(), h.end(), 0);  // resident before the baseline
+  }
   heap_samples.reserve(static_cast<std::size_t>(o.samples));
   rss_samples.reserve(static_cast<std::size_t>(o.samples));
   const long heap_before = heap_bytes();
@@ -329,12 +429,15 @@ int main(int argc, char** argv) {
   const double n = o.streams;
   if (o.census) {
     fmt::print("live heap blocks made in the window, by usable size, occurring >= N/2 times:\n");
-    fmt::print("{:>10} {:>10} {:>12}\n", "usable", "per stream", "bytes/stream");
-    for (std::size_t s = 0; s <= census_sizes; ++s) {
-      if (static_cast<double>(census_live[s]) >= n / 2) {
-        fmt::print("{:>10}{} {:>10.2f} {:>12.0f}\n", s, s == census_sizes ? "+" : " ",
-                   static_cast<double>(census_live[s]) / n,
-                   static_cast<double>(census_live[s]) * static_cast<double>(s) / n);
+    fmt::print("{:>14} {:>10} {:>10} {:>12}\n", "via", "usable", "per stream", "bytes/stream");
+    for (int via = 0; via < 2; ++via) {
+      for (std::size_t s = 0; s <= census_sizes; ++s) {
+        const auto live = static_cast<double>(census_live[via][s]);
+        if (live >= n / 2) {
+          fmt::print("{:>14} {:>10}{} {:>10.2f} {:>12.0f}\n",
+                     via == 0 ? "operator new" : "aligned_alloc", s, s == census_sizes ? "+" : " ",
+                     live / n, live * static_cast<double>(s) / n);
+        }
       }
     }
   }
@@ -343,11 +446,12 @@ int main(int argc, char** argv) {
   }
   const bool all_open = open_at_sample_min == o.streams;
   fmt::print(
-      "{{\"streams\":{},\"format\":\"{}\",\"chunk_latency_ms\":{},\"all_open_at_samples\":{},"
+      "{{\"streams\":{},\"tls\":{},\"format\":\"{}\",\"chunk_latency_ms\":{},\"all_open_at_"
+      "samples\":{},"
       "\"seconds_to_first_pieces\":{:.2f},\"heap_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:."
       "0f},\"max\":{:.0f}}},\"rss_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:.0f},\"max\":{:."
       "0f}}},\"finished\":{},\"failed\":{},\"stream_errors\":{}}}\n",
-      o.streams, o.format, o.chunk_latency_ms, all_open, all_open_s,
+      o.streams, o.tls, o.format, o.chunk_latency_ms, all_open, all_open_s,
       static_cast<double>(median(heap_samples)) / n,
       static_cast<double>(*std::min_element(heap_samples.begin(), heap_samples.end())) / n,
       static_cast<double>(*std::max_element(heap_samples.begin(), heap_samples.end())) / n,
