@@ -241,9 +241,6 @@ struct client::impl {
   impl(asio::any_io_executor executor, client_options options)
       : ex(std::move(executor)), opts(std::move(options)), ssl_ctx(asio::ssl::context::tls_client) {
     SSL_CTX_set_min_proto_version(ssl_ctx.native_handle(), TLS1_2_VERSION);
-    // OpenSSL frees a connection's record buffers (about 34 KiB) while it has nothing to read or
-    // write: most of an idle TLS stream's time (issue 15; nginx sets it too).
-    SSL_CTX_set_mode(ssl_ctx.native_handle(), SSL_MODE_RELEASE_BUFFERS);
     if (opts.tls.insecure_skip_verify) {
       std::fprintf(stderr,
                    "keel.http: WARNING: insecure_skip_verify is set: TLS certificates and host "
