@@ -160,8 +160,10 @@ class response_reader {
   const response& head() const noexcept;
 
   /// Reads the next piece of the body (de-chunked): completes as soon as at least one body byte
-  /// is available, with every body byte the connection has delivered so far (at most one 64 KiB
-  /// read plus what arrived with the header; it never waits to fill a buffer). Returns an empty
+  /// is available, with every body byte the connection has delivered so far (at most one read,
+  /// 64 KiB over TCP and 16 KiB over TLS, plus what arrived with the header; it never waits to
+  /// fill a buffer). Between reads, and over TCP while a read waits for the next bytes, the
+  /// reader holds no read buffer, so an idle stream costs a few KiB. Returns an empty
   /// optional once the body has ended (a piece is never empty). A body framed by Content-Length,
   /// by chunked encoding or by the server closing the connection all work; a HEAD response, a
   /// 204 or a 304 has no body and returns an empty optional at once.
