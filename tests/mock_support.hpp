@@ -6,6 +6,9 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -14,6 +17,15 @@
 #include <functional>
 
 namespace keel_test {
+
+/// Lets the server's handlers run (the client shares its io_context) until `done()` holds: no
+/// timer, so a test waits exactly as long as the server takes.
+inline boost::asio::awaitable<void> until(std::function<bool()> done) {
+  while (!done()) {
+    co_await boost::asio::post(co_await boost::asio::this_coro::executor,
+                               boost::asio::use_awaitable);
+  }
+}
 
 /// Starts `server`, runs the client coroutine `body` on `ctx` (in real time, at most `limit`),
 /// then stops the server; rethrows what `body` threw.

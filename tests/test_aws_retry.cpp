@@ -558,6 +558,41 @@ TEST_CASE("attempt facts tell a socket error from other transport errors", "[aws
   CHECK_FALSE(throttled->socket_error);
 }
 
+TEST_CASE("a ConverseStream exception event is judged as the same exception as a whole response",
+          "[aws][retry][stream]") {
+  // Exception events carry the stream's 200 and a lowerCamelCase :exception-type.
+  struct row {
+    errc kind;
+    const char* type;
+    const char* code;
+    int status;
+  };
+  for (const row& r :
+       {row{errc::rate_limited, "throttlingException", "ThrottlingException", 429},
+        row{errc::server_error, "modelStreamErrorException", "ModelStreamErrorException", 500},
+        row{errc::overloaded, "serviceUnavailableException", "ServiceUnavailableException", 503},
+        row{errc::bad_request, "validationException", "ValidationException", 400}}) {
+    INFO(r.type);
+    const auto f = keel::llm::aws_attempt_facts(provider("bedrock", r.kind, 200, r.type));
+    REQUIRE(f);
+    CHECK(f->code == r.code);
+    CHECK(f->status == r.status);
+  }
+  // So legacy mode retries a throttling event and a model stream error, and not a validation one.
+  manual_clock::reset();
+  keel::aws::aws_retry_options opts;
+  opts.facts = keel::llm::aws_attempt_facts;
+  opts.rand = [] { return 0.0; };
+  auto legacy = strategy(retry_mode::legacy, 5);
+  aws_script events{{provider("bedrock", errc::rate_limited, 200, "throttlingException"),
+                     provider("bedrock", errc::server_error, 200, "modelStreamErrorException")}};
+  CHECK(run_call(events, legacy, opts).value == 42);
+  CHECK(events.started_ms.size() == 3);
+  auto legacy2 = strategy(retry_mode::legacy, 5);
+  aws_script invalid{{provider("bedrock", errc::bad_request, 200, "validationException")}};
+  CHECK(run_call(invalid, legacy2, opts).error == invalid.outcomes[0]);
+}
+
 TEST_CASE("cancellation during a backoff sleep ends the call at once and is not retried", "[aws]") {
   manual_clock::reset();
   asio::io_context ctx;

@@ -64,14 +64,6 @@ asio::awaitable<void> connect(beast::tcp_stream& stream, unsigned short port) {
                                 asio::use_awaitable);
 }
 
-// Lets the server's handlers run (the client shares its io_context) until `done()` holds: no
-// timer, so a test waits exactly as long as the server takes.
-asio::awaitable<void> until(std::function<bool()> done) {
-  while (!done()) {
-    co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
-  }
-}
-
 void run(asio::io_context& ctx, mock_llm_server& server,
          std::function<asio::awaitable<void>()> body) {
   keel_test::run_against(ctx, server, std::move(body), 10s);
@@ -213,10 +205,10 @@ TEST_CASE("mock_llm_server counts a client that closes mid-latency or mid-stall 
       client_port = stream.socket().local_endpoint().port();
       auto req = chat("m");
       co_await bhttp::async_write(stream, req, asio::use_awaitable);
-      co_await until([&] { return server.stats().total.requests == 1; });
+      co_await keel_test::until([&] { return server.stats().total.requests == 1; });
       closed = steady::now();
       stream.close();
-      co_await until([&] { return server.stats().total.abandoned == 1; });
+      co_await keel_test::until([&] { return server.stats().total.abandoned == 1; });
       // The mock gave up its wait when it saw the close, not when the latency ran out.
       CHECK(steady::now() - closed < 2s);
     });
@@ -265,7 +257,7 @@ TEST_CASE("mock_llm_server counts a client that closes mid-stream as abandoned",
     }
     closed = steady::now();
     stream.close();
-    co_await until([&] { return server.stats().total.abandoned == 1; });
+    co_await keel_test::until([&] { return server.stats().total.abandoned == 1; });
     // Counted when the mock saw the close, not when the next chunk's wait (1 s) ran out.
     CHECK(steady::now() - closed < 500ms);
   });
@@ -302,7 +294,7 @@ TEST_CASE("mock_llm_server logs completed responses, keeps pipelined requests an
       os << req;
       const std::string bytes = os.str();
       co_await asio::async_write(stream.socket(), asio::buffer(bytes), asio::use_awaitable);
-      co_await until([&] { return server.stats().total.requests == 1; });
+      co_await keel_test::until([&] { return server.stats().total.requests == 1; });
     }
     beast::flat_buffer buffer;
     for (int i = 0; i < 5; ++i) {

@@ -8,6 +8,27 @@
 
 namespace keel::llm {
 
+namespace {
+
+// The status a Bedrock exception of this kind has as a whole response.
+int stream_exception_status(errc c) {
+  switch (c) {
+    case errc::rate_limited:
+      return 429;
+    case errc::overloaded:
+      return 503;
+    case errc::server_error:
+    case errc::transport:
+      return 500;
+    case errc::timeout:
+      return 408;
+    default:
+      return 400;
+  }
+}
+
+}  // namespace
+
 std::optional<keel::aws::attempt_facts> aws_attempt_facts(const std::exception_ptr& ep) {
   if (!ep) {
     return keel::aws::default_attempt_facts(ep);
@@ -27,6 +48,17 @@ std::optional<keel::aws::attempt_facts> aws_attempt_facts(const std::exception_p
       // x-amz-retry-after (or a standard header, which means the same); rounding up keeps a
       // sub-millisecond hint from being shortened.
       f.code = e.provider_code();
+      if (f.status >= 200 && f.status <= 299) {
+        // An exception event of a ConverseStream before its first text (past it nothing is
+        // retried): its `:exception-type` is lowerCamelCase where the AWS retry tables name
+        // codes in UpperCamelCase, and its status is the stream's 200. Judge it as the same
+        // exception answered as a whole response would be; `modelStreamErrorException` (424 to
+        // AWS, "try your request again") counts as the server error keel classifies it as.
+        if (!f.code.empty() && f.code[0] >= 'a' && f.code[0] <= 'z') {
+          f.code[0] = static_cast<char>(f.code[0] - 'a' + 'A');
+        }
+        f.status = stream_exception_status(e.llm_code());
+      }
       if (const auto hint = e.retry_after()) {
         f.amz_retry_after =
             std::to_string(std::chrono::ceil<std::chrono::milliseconds>(*hint).count());

@@ -441,8 +441,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   co_return std::move(*reply);
 }
 
-asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es,
-                                                                 call_state& cs,
+asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es, call_state& cs,
                                                                  keel::http::request http_req,
                                                                  double prompt_tokens) {
   stream_state& ss = *cs.stream;
@@ -460,8 +459,8 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
       if (first <= 0) {
         return std::nullopt;
       }
-      return std::max(nanoseconds{0}, duration_cast<nanoseconds>(sent + seconds_ns(first) -
-                                                                 clock_type::now()));
+      return std::max(nanoseconds{0},
+                      duration_cast<nanoseconds>(sent + seconds_ns(first) - clock_type::now()));
     }
     if (ss.idle_timeout <= 0) {
       return std::nullopt;
@@ -497,8 +496,8 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
   try {
     try {
       if (const auto lim = limit()) {
-        reader.emplace(co_await keel::with_deadline(
-            [&] { return es.http->open(std::move(http_req)); }, *lim));
+        reader.emplace(
+            co_await keel::with_deadline([&] { return es.http->open(std::move(http_req)); }, *lim));
       } else {
         reader.emplace(co_await es.http->open(std::move(http_req)));
       }
@@ -604,8 +603,8 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
     }
   } catch (...) {
     // What the cut stream used: its reported usage, or the prompt and the text it wrote.
-    ss.partial_tokens = std::max(usage.total(),
-                                 prompt_tokens + static_cast<double>((attempt_bytes + 3) / 4));
+    ss.partial_tokens =
+        std::max(usage.total(), prompt_tokens + static_cast<double>((attempt_bytes + 3) / 4));
     throw;
   }
 }
@@ -730,8 +729,8 @@ asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, cons
 
 asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request request,
                                                   delta_handler on_delta,
-                                                  stream_call_options options,
-                                                  const void* context, keel::bulkhead_permit slot) {
+                                                  stream_call_options options, const void* context,
+                                                  keel::bulkhead_permit slot) {
   stream_state ss;
   ss.on_delta = std::move(on_delta);
   const stream_config& sc = cfg_.policy.stream;
@@ -751,8 +750,8 @@ asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request reques
       keel::classify(out.error).condition != keel::condition::cancelled) {
     // Past the commit point: the caller has part of a reply that keel could not finish.
     const std::string what = "stream interrupted after " + std::to_string(ss.delivered_bytes) +
-                             " bytes in " + std::to_string(ss.delivered_deltas) +
-                             " deltas (" + keel::llm::error_class(out.error) + ")";
+                             " bytes in " + std::to_string(ss.delivered_deltas) + " deltas (" +
+                             keel::llm::error_class(out.error) + ")";
     keel::failure f(keel::make_error_code(keel::error::stream_interrupted), what, {out.error});
     f.set_attempts(out.attempts);
     out.error = std::make_exception_ptr(std::move(f));

@@ -385,8 +385,7 @@ class client {
   struct stream_state;
   boost::asio::awaitable<call_outcome> run_call(call_state& cs);
   boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs);
-  boost::asio::awaitable<keel::llm::chat_response> stream_attempt(entry_state& es,
-                                                                  call_state& cs,
+  boost::asio::awaitable<keel::llm::chat_response> stream_attempt(entry_state& es, call_state& cs,
                                                                   keel::http::request req,
                                                                   double estimate);
   boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
