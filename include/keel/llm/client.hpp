@@ -48,6 +48,13 @@
 //   next item, and takes one again (FIFO) before its next attempt. Immediate retries keep it.
 // - `call` never throws: it returns the reply or the final error with the attempts made;
 //   `complete` returns the reply or throws that error.
+// - Streams (`stream_call`, `stream`) run the same stack; one attempt opens the body and feeds
+//   a `stream_decoder`, handing each text delta to the caller's handler and awaiting it before
+//   the next read (back-pressure). The first-token timeout covers sending up to the first text,
+//   the idle timeout each read after it. The commit point is the first delta: before it a
+//   failure is retried and falls back like a whole call; after it the retry and fallback
+//   predicates refuse (unless restartable), and the call's error becomes `stream_interrupted`
+//   with the failure that cut it as its cause.
 // - Hooks see each call's opaque `context` pointer (what the caller passed to `call`), never a
 //   type of the caller's: the keel command passes its batch item, a service its request id.
 //
