@@ -43,3 +43,28 @@ TEST_CASE("a from_prompt request goes on the wire like the same request built by
                                              {"role":"user","content":"Why jitter?"}])"));
   CHECK(body["max_tokens"] == 128);
 }
+
+TEST_CASE("a streamed request is the whole request with each provider's stream switch",
+          "[llm][chat][stream]") {
+  const auto req = keel::llm::chat_request::from_prompt("m", "Why jitter?", 128);
+  for (const auto kind : {keel::llm::provider_kind::openai, keel::llm::provider_kind::anthropic,
+                          keel::llm::provider_kind::bedrock}) {
+    CAPTURE(keel::llm::to_string(kind));
+    const keel::llm::endpoint ep(kind, "http://127.0.0.1:1", "key", "us-east-1");
+    const keel::http::request whole = keel::llm::build_request(req, ep);
+    const keel::http::request streamed = keel::llm::build_stream_request(req, ep);
+    json expected = json::parse(whole.body);
+    if (kind == keel::llm::provider_kind::bedrock) {
+      CHECK(streamed.url == whole.url.substr(0, whole.url.size() - 8) + "converse-stream");
+      CHECK(whole.url.ends_with("/converse"));
+    } else {
+      CHECK(streamed.url == whole.url);
+      expected["stream"] = true;
+      if (kind == keel::llm::provider_kind::openai) {
+        expected["stream_options"] = {{"include_usage", true}};
+      }
+      CHECK(streamed.headers.find("accept").value_or("") == "text/event-stream");
+    }
+    CHECK(json::parse(streamed.body) == expected);
+  }
+}
