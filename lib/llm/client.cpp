@@ -6,6 +6,7 @@
 #include <keel/classify.hpp>
 #include <keel/deadline.hpp>
 #include <keel/fallback.hpp>
+#include <keel/hedge.hpp>
 #include <keel/http/error.hpp>
 #include <keel/llm/aws_facts.hpp>
 #include <keel/llm/complete.hpp>
@@ -104,6 +105,10 @@ struct client::entry_state {
   keel::retry_policy policy;                       // keel-native
   std::unique_ptr<keel::aws::retry_strategy> aws;  // AWS modes
   bool last = false;
+  // policy.hedge (null when off): the entry's recent attempt latencies (streams: time to first
+  // text) and its cap on hedges.
+  std::unique_ptr<keel::latency_window> latencies;
+  std::unique_ptr<keel::hedge_budget> hedges;
 };
 
 struct client::call_state {
@@ -275,6 +280,11 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
       };
       es->policy = std::move(p);
     }
+    if (pol.hedge.enabled) {
+      es->latencies = std::make_unique<keel::latency_window>();
+      es->hedges =
+          std::make_unique<keel::hedge_budget>(pol.hedge.budget_ratio, pol.hedge.budget_capacity);
+    }
     entries_.push_back(std::move(es));
   }
 }
@@ -297,7 +307,53 @@ const keel::circuit_breaker* client::breaker(std::size_t i) const {
   return i < entries_.size() ? entries_[i]->breaker.get() : nullptr;
 }
 
-asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_state& cs) {
+asio::awaitable<keel::llm::chat_response> client::hedged_attempt(entry_state& es, call_state& cs) {
+  if (!es.hedges) {
+    co_return co_await attempt(es, cs, nullptr);
+  }
+  const hedge_config& hc = cfg_.policy.hedge;
+  keel::hedge_policy hp;
+  hp.max_attempts = static_cast<std::size_t>(hc.max_attempts);
+  hp.delay = seconds_ns(hc.delay);
+  if (hc.percentile > 0) {
+    hp.latency = es.latencies.get();
+    hp.percentile = hc.percentile;
+    hp.min_samples = static_cast<std::size_t>(hc.min_samples);
+  }
+  hp.budget = es.hedges.get();
+  hp.retry_budget = budget_.get();
+  // A hedge goes to the same entry, or (target "next") to the next one unless its breaker is
+  // open: a hedge must not be how traffic gets past an open breaker.
+  auto target = [this, &es, &hc](std::size_t index) -> entry_state& {
+    if (index == 0 || !hc.to_next || es.last) {
+      return es;
+    }
+    entry_state& next = *entries_[es.index + 1];
+    if (next.breaker && next.breaker->state() == keel::breaker_state::open) {
+      return es;
+    }
+    return next;
+  };
+  if (hooks_.on_hedge) {
+    hp.on_hedge = [this, &es, &cs, &target](const keel::hedge_event& e) {
+      hooks_.on_hedge(es.index, cs.context, e.attempt, target(e.attempt).index);
+    };
+  }
+  std::size_t winner = es.index;
+  keel::llm::chat_response r = co_await keel::with_hedge(
+      [&](keel::hedge_attempt& h) -> asio::awaitable<keel::llm::chat_response> {
+        entry_state& to = target(h.index());
+        keel::llm::chat_response out = co_await attempt(to, cs, &h);
+        winner = to.index;  // only the winner completes: the others are cancelled
+        co_return out;
+      },
+      hp);
+  cs.entry = winner;
+  co_return r;
+}
+
+asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_state& cs,
+                                                          keel::hedge_attempt* hedge) {
   keel::llm::chat_request req = cs.request;
   if (req.model.empty() || es.index != 0) {
     req.model = es.cfg->model;
@@ -375,7 +431,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
                                 std::chrono::system_clock::now());
       }
       reply = co_await stream_attempt(es, cs, std::move(http_req),
-                                      estimate - std::max(req.max_tokens, 0));
+                                      estimate - std::max(req.max_tokens, 0), hedge);
     } else if (es.cfg->timeout) {
       reply = co_await keel::with_deadline(
           [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk); },
@@ -443,7 +499,8 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
 
 asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es, call_state& cs,
                                                                  keel::http::request http_req,
-                                                                 double prompt_tokens) {
+                                                                 double prompt_tokens,
+                                                                 keel::hedge_attempt* hedge) {
   stream_state& ss = *cs.stream;
   ss.partial_tokens = 0;
   const auto sent = clock_type::now();
@@ -545,6 +602,11 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
               }
               break;
             case keel::llm::stream_event_kind::text: {
+              if (attempt_bytes == 0 && hedge && !hedge->commit()) {
+                // A hedged stream: another copy produced its first text first.
+                reader->close();
+                throw boost::system::system_error(asio::error::operation_aborted);
+              }
               got_text = true;
               stream_delta d;
               d.text = ev.text;
@@ -618,11 +680,11 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
   }
   auto one = [this, &es, &cs]() -> asio::awaitable<keel::llm::chat_response> {
     if (!es.breaker) {
-      co_return co_await attempt(es, cs);
+      co_return co_await hedged_attempt(es, cs);
     }
     if (!(es.last && options_.hold_open_breaker)) {
       co_return co_await keel::with_breaker(*es.breaker,
-                                            [this, &es, &cs] { return attempt(es, cs); });
+                                            [this, &es, &cs] { return hedged_attempt(es, cs); });
     }
     // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
     // call's deadline still bounds the wait). Waiters wake with jitter and go through the
@@ -631,7 +693,7 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
     for (;;) {
       try {
         co_return co_await keel::with_breaker(*es.breaker,
-                                              [this, &es, &cs] { return attempt(es, cs); });
+                                              [this, &es, &cs] { return hedged_attempt(es, cs); });
       } catch (const boost::system::system_error& e) {
         if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
           throw;

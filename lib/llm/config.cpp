@@ -299,6 +299,15 @@ nlohmann::json to_json(const client_config& c, bool redact) {
        {{"first_token_timeout", p.stream.first_token_timeout},
         {"idle_timeout", p.stream.idle_timeout},
         {"restartable", p.stream.restartable}}},
+      {"hedge",
+       {{"enabled", p.hedge.enabled},
+        {"max_attempts", p.hedge.max_attempts},
+        {"delay", p.hedge.delay},
+        {"percentile", p.hedge.percentile},
+        {"min_samples", p.hedge.min_samples},
+        {"budget_ratio", p.hedge.budget_ratio},
+        {"budget_capacity", p.hedge.budget_capacity},
+        {"target", p.hedge.to_next ? "next" : "same"}}},
   };
   return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
 }

@@ -261,6 +261,34 @@ budget_config parser::parse_budget(const json& j, const std::string& path) const
   return b;
 }
 
+hedge_config parser::parse_hedge(const json& j, const std::string& path) const {
+  check_keys(j, path,
+             {"enabled", "max_attempts", "delay", "percentile", "min_samples", "budget_ratio",
+              "budget_capacity", "target"});
+  hedge_config h;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "enabled") {
+      h.enabled = boolean(v, p);
+    } else if (key == "max_attempts") {
+      h.max_attempts = static_cast<int>(integer(v, p, {2, false, 10, false, true}));
+    } else if (key == "delay") {
+      h.delay = number(v, p, seconds_positive);
+    } else if (key == "percentile") {
+      h.percentile = number(v, p, {0, false, 100, false, true});
+    } else if (key == "min_samples") {
+      h.min_samples = static_cast<int>(integer(v, p, {1, false, 1024, false, true}));
+    } else if (key == "budget_ratio") {
+      h.budget_ratio = number(v, p, {0, false, 1, false, true});
+    } else if (key == "budget_capacity") {
+      h.budget_capacity = number(v, p, {0, false, 1e6});
+    } else if (key == "target") {
+      h.to_next = choice(v, p, {"same", "next"}) == "next";
+    }
+  }
+  return h;
+}
+
 rate_limit_config parser::parse_rate_limits(const json& j, const std::string& path) const {
   check_keys(j, path, {"requests_per_minute", "tokens_per_minute", "burst"});
   rate_limit_config r;
@@ -278,10 +306,9 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
 }
 
 policy_config parser::parse_policy(const json& j, const std::string& path) const {
-  check_keys(
-      j, path,
-      {"retry", "deadline", "breaker", "retry_budget", "rate_limits", "concurrency", "queue",
-       "stream"});
+  check_keys(j, path,
+             {"retry", "deadline", "breaker", "retry_budget", "rate_limits", "concurrency", "queue",
+              "stream", "hedge"});
   policy_config pc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -314,6 +341,8 @@ policy_config parser::parse_policy(const json& j, const std::string& path) const
           pc.stream.restartable = boolean(sv, sp);
         }
       }
+    } else if (key == "hedge") {
+      pc.hedge = parse_hedge(v, p);
     }
   }
   return pc;

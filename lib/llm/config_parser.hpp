@@ -220,6 +220,8 @@ class parser {
 
   rate_limit_config parse_rate_limits(const json& j, const std::string& path) const;
 
+  hedge_config parse_hedge(const json& j, const std::string& path) const;
+
   policy_config parse_policy(const json& j, const std::string& path) const;
 
   // ---- entries --------------------------------------------------------------------------------

@@ -55,6 +55,10 @@
 //   failure is retried and falls back like a whole call; after it the retry and fallback
 //   predicates refuse (unless restartable), and the call's error becomes `stream_interrupted`
 //   with the failure that cut it as its cause.
+// - Hedging (`policy.hedge`, off by default) wraps each attempt in `keel::with_hedge`, inside
+//   the breaker and the retry: a hedged group is one attempt to them. Each entry has its own
+//   latency window and hedge budget; a stream's copy commits at its first text, so only one
+//   copy ever reaches the handler.
 // - Hooks see each call's opaque `context` pointer (what the caller passed to `call`), never a
 //   type of the caller's: the keel command passes its batch item, a service its request id.
 //
@@ -66,6 +70,7 @@
 
 #include <keel/bulkhead.hpp>
 #include <keel/circuit_breaker.hpp>
+#include <keel/hedge.hpp>
 #include <keel/http/client.hpp>
 #include <keel/random.hpp>
 #include <keel/rate_controller.hpp>
@@ -166,6 +171,10 @@ struct client_hooks {
   /// The last entry's breaker is open and the item waits for its probe
   /// (`client_options::hold_open_breaker`); the time left until the probe.
   std::function<void(std::size_t entry, const void* context, std::chrono::nanoseconds)> on_hold;
+  /// A hedge of an attempt on entry `entry` starts (`policy.hedge`); `attempt` is 1 for the first
+  /// hedge, `to` the entry it goes to.
+  std::function<void(std::size_t entry, const void* context, std::size_t attempt, std::size_t to)>
+      on_hedge;
   /// A bucket's controller changed phase or estimate: the bucket's (redaction-safe) name and its
   /// request and token states. Only for a client that owns its buckets (the constructor without
   /// a `bucket_registry`); with a shared registry, set `bucket_registry::on_pacing`.
@@ -391,10 +400,13 @@ class client {
   struct call_state;
   struct stream_state;
   boost::asio::awaitable<call_outcome> run_call(call_state& cs);
-  boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs);
+  boost::asio::awaitable<keel::llm::chat_response> hedged_attempt(entry_state& es, call_state& cs);
+  boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs,
+                                                           keel::hedge_attempt* hedge);
   boost::asio::awaitable<keel::llm::chat_response> stream_attempt(entry_state& es, call_state& cs,
                                                                   keel::http::request req,
-                                                                  double estimate);
+                                                                  double estimate,
+                                                                  keel::hedge_attempt* hedge);
   boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
   void scrub_secrets(keel::llm::chat_response& r) const;
 

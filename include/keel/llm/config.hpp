@@ -208,6 +208,32 @@ struct stream_config {
   bool restartable = false;
 };
 
+/// Hedging (`keel::with_hedge`) of each attempt: a second copy of a slow attempt, the first to
+/// answer (a stream: to produce its first text) wins and the other is cancelled, its connection
+/// closed. Off by default: it trades extra requests (capped by the budget) for a shorter tail.
+struct hedge_config {
+  /// Hedge attempts.
+  bool enabled = false;
+  /// Copies of one attempt in total, the original included (2: one hedge).
+  int max_attempts = 2;
+  /// The hedge delay until `min_samples` latencies are known, seconds (and always, with
+  /// `percentile` 0).
+  double delay = 1;
+  /// The hedge delay is this percentile of the entry's recent attempt latencies (streams: time
+  /// to first token); 0: always `delay`.
+  double percentile = 95;
+  /// Latencies needed before the percentile is used.
+  int min_samples = 20;
+  /// Hedges per attempt allowed in steady state (a Finagle-style budget per entry); each hedge
+  /// also takes a token from the retry budget when that is on.
+  double budget_ratio = 0.05;
+  /// Hedges the budget holds at most (and at start).
+  double budget_capacity = 10;
+  /// Where a hedge goes: false the same entry, true the next entry of the chain (the same one
+  /// when there is none, or when its breaker is open).
+  bool to_next = false;
+};
+
 /// The keel `policy` block.
 struct policy_config {
   /// keel-native retry.
@@ -226,6 +252,8 @@ struct policy_config {
   double queue_max_wait = 0;
   /// Streamed calls.
   stream_config stream;
+  /// Hedged attempts.
+  hedge_config hedge;
 };
 
 /// One `config_list` entry, resolved.
