@@ -1220,18 +1220,13 @@ TEST_CASE(
 
 // ---- 8. metrics -------------------------------------------------------------------------------
 
-TEST_CASE("A running batch serves Prometheus metrics on the port it logs", "[cli_e2e]") {
-  temp_dir dir;
-  write_file(dir / "config.json", fast_config);
-  write_file(dir / "scenario.json", slow_scenario(300));
-  write_file(dir / "in.jsonl", prompts_jsonl(16));
+namespace {
 
-  child_process c(
-      dir, "metrics",
-      batch_args(dir, {"--metrics-port", "0", "--log-level", "info", "--log-format", "json",
-                       "--concurrency", "2", "--progress", "none", "--grace", "0"}));
+// The metrics URL a batch run with `--metrics-port 0 --log-level info --log-format json` logs
+// (empty if it exits, or 20 s pass, without logging one).
+std::string logged_metrics_url(child_process& c) {
   std::string url;
-  const bool logged = eventually(
+  eventually(
       [&] {
         for (const auto& j : json_lines(c.err())) {
           if (!j.is_discarded() && j.value("event", "") == "metrics") {
@@ -1242,8 +1237,23 @@ TEST_CASE("A running batch serves Prometheus metrics on the port it logs", "[cli
         return !c.running();
       },
       20s);
+  return url;
+}
+
+}  // namespace
+
+TEST_CASE("A running batch serves Prometheus metrics on the port it logs", "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", slow_scenario(300));
+  write_file(dir / "in.jsonl", prompts_jsonl(16));
+
+  child_process c(
+      dir, "metrics",
+      batch_args(dir, {"--metrics-port", "0", "--log-level", "info", "--log-format", "json",
+                       "--concurrency", "2", "--progress", "none", "--grace", "0"}));
+  const std::string url = logged_metrics_url(c);
   INFO("stderr:\n" << c.err());
-  REQUIRE(logged);
   REQUIRE(!url.empty());
   const unsigned short port = port_in(url);
   REQUIRE(port != 0);
@@ -1787,4 +1797,214 @@ TEST_CASE("a prompt over the mock's 1 MiB limit fails as request_too_large witho
   CHECK(big->at("error").at("status") == 413);
   CHECK(big->at("attempts") == 1);  // fast_config allows 8: a 413 is not retried
   CHECK(find_line(records, 2)->at("status") == "ok");
+}
+
+// ---- 14. streamed batches (issue 15) ----------------------------------------------------------
+
+namespace {
+
+// The API key or AWS secret key of `stream_config(api_type)`.
+std::string stream_secret(const std::string& api_type) {
+  return api_type == "bedrock" ? "streamTestSecret0123" : "test-key-a";
+}
+
+// One entry of `api_type` for model-a (fake credentials: the mock checks none), fast retries, no
+// breaker.
+std::string stream_config(const std::string& api_type) {
+  json entry = {{"api_type", api_type}, {"model", "model-a"}, {"timeout", 10}};
+  if (api_type == "bedrock") {
+    entry["aws_region"] = "us-east-1";
+    entry["aws_access_key"] = "AKIASTREAMTEST000001";
+    entry["aws_secret_key"] = stream_secret(api_type);
+  } else {
+    entry["api_key"] = stream_secret(api_type);
+  }
+  return json{
+      {"config_list", {entry}},
+      {"policy",
+       {{"retry", {{"max_attempts", 4}, {"backoff", {{"kind", "constant"}, {"base", 0.01}}}}},
+        {"breaker", {{"enabled", false}}}}}}
+      .dump();
+}
+
+// The summary JSON a run wrote (fails the test if it is not JSON).
+json read_summary(const std::string& path) {
+  const json j = json::parse(read_file(path), nullptr, false);
+  INFO("summary " << path);
+  REQUIRE(!j.is_discarded());
+  return j;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "keel batch --stream writes a plain run's records plus ttft_ms and the summary's TTFT "
+    "percentiles, in every wire format",
+    "[cli_e2e][stream]") {
+  constexpr int items = 12;
+  for (const std::string api_type : {"openai", "anthropic", "bedrock"}) {
+    INFO("api_type " << api_type);
+    temp_dir dir;
+    write_file(dir / "config.json", stream_config(api_type));
+    // 4-byte chunks, each after 5 ms: a reply of two chunks or more ends at least 5 ms after its
+    // first token.
+    write_file(dir / "scenario.json",
+               R"({"seed": 1, "models": {"*": {"stream": {"chunk_bytes": 4,
+                                                         "chunk_latency_ms": 5}}}})");
+    // The mock's reply quotes the prompt, so every reply echoes the credential: no record may.
+    const std::string secret = stream_secret(api_type);
+    write_file(dir / "in.jsonl", prompts_jsonl(items, secret));
+    child_process plain(dir, "plain",
+                        batch_args(dir,
+                                   {"--concurrency", "4", "--progress", "none", "--seed", "5",
+                                    "--summary-json", dir / "plain-summary.json"},
+                                   "config.json", "scenario.json", "in.jsonl", "plain.jsonl"));
+    child_process streamed(
+        dir, "stream",
+        batch_args(dir,
+                   {"--stream", "--concurrency", "4", "--progress", "none", "--seed", "5",
+                    "--summary-json", dir / "stream-summary.json"},
+                   "config.json", "scenario.json", "in.jsonl", "stream.jsonl"));
+    CHECK(plain.wait() == 0);
+    const int status = streamed.wait();
+    INFO("stream stdout:\n" << streamed.out() << "\nstream stderr:\n" << streamed.err());
+    CHECK(status == 0);
+
+    const auto plain_records = read_records(dir / "plain.jsonl");
+    const auto stream_records = read_records(dir / "stream.jsonl");
+    check_each_id_once(plain_records, items);
+    check_each_id_once(stream_records, items);
+    std::map<std::string, json> plain_by_id;
+    for (const auto& r : plain_records) {
+      CHECK_FALSE(r.contains("ttft_ms"));
+      plain_by_id[r.at("id").dump()] = r;
+    }
+    double max_ttft_ms = 0;
+    for (json r : stream_records) {
+      INFO(r.dump());
+      CHECK(r.at("status") == "ok");
+      REQUIRE(r.at("text").is_string());
+      CHECK(r.at("text").get<std::string>().size() > 4);  // two chunks or more
+      CHECK(contains(r.at("text").get<std::string>(), "<redacted>"));
+      CHECK_FALSE(contains(r.dump(), secret));
+      REQUIRE(r.contains("ttft_ms"));
+      REQUIRE(r.at("ttft_ms").is_number());
+      const double ttft = r.at("ttft_ms").get<double>();
+      CHECK(ttft > 0);
+      CHECK(ttft < r.at("latency_ms").get<double>());
+      max_ttft_ms = std::max(max_ttft_ms, ttft);
+      // The same record as the plain run's, but for the timings.
+      json plain_record = plain_by_id[r.at("id").dump()];
+      INFO("plain " << plain_record.dump());
+      r.erase("ttft_ms");
+      r.erase("latency_ms");
+      plain_record.erase("latency_ms");
+      CHECK(r == plain_record);
+    }
+
+    CHECK_FALSE(read_summary(dir / "plain-summary.json").contains("ttft_seconds"));
+    CHECK_FALSE(contains(plain.out(), "first token"));
+    const json summary = read_summary(dir / "stream-summary.json");
+    CHECK(summary.at("items").at("ok") == items);
+    REQUIRE(summary.contains("ttft_seconds"));
+    const json& ttft = summary.at("ttft_seconds");
+    INFO(ttft.dump());
+    CHECK(ttft.at("items") == items);
+    const double p50 = ttft.at("p50").get<double>();
+    const double p99 = ttft.at("p99").get<double>();
+    CHECK(p50 > 0);
+    CHECK(p50 <= p99);
+    CHECK(p99 <= ttft.at("max").get<double>());
+    CHECK(std::abs(ttft.at("max").get<double>() * 1000 - max_ttft_ms) < 0.06);  // ms to 0.1
+    CHECK(p99 < summary.at("latency_seconds").at("max").get<double>());
+    CHECK(contains(streamed.out(), "first token     p50 "));
+    CHECK(contains(streamed.out(), "(12 of 12 items had one)"));
+  }
+}
+
+TEST_CASE(
+    "keel batch --stream fails an item whose stream broke after its first token and records "
+    "null ttft_ms for a reply without text",
+    "[cli_e2e][stream]") {
+  temp_dir dir;
+  write_file(dir / "config.json", stream_config("openai"));
+  // One item at a time, so the script's requests are the items in order: the second stream
+  // breaks after one text chunk (a non-streamed request gets a normal answer instead), the
+  // fourth is a refusal without text.
+  write_file(dir / "scenario.json", R"({"seed": 1, "models": {"model-a": {
+      "stream": {"fault_after_chunks": 1},
+      "script": ["ok", "stream_error", "ok", "content_filter"]}}})");
+  write_file(dir / "in.jsonl", prompts_jsonl(4));
+  child_process plain(dir, "plain",
+                      batch_args(dir, {"--concurrency", "1", "--progress", "none", "--seed", "5"},
+                                 "config.json", "scenario.json", "in.jsonl", "plain.jsonl"));
+  CHECK(plain.wait() == 1);  // the refusal fails a plain run too
+  child_process streamed(dir, "stream",
+                         batch_args(dir,
+                                    {"--stream", "--concurrency", "1", "--progress", "none",
+                                     "--seed", "5", "--summary-json", dir / "summary.json"},
+                                    "config.json", "scenario.json", "in.jsonl", "stream.jsonl"));
+  const int status = streamed.wait();
+  INFO("stream stdout:\n" << streamed.out() << "\nstream stderr:\n" << streamed.err());
+  CHECK(status == 1);
+
+  const auto plain_records = read_records(dir / "plain.jsonl");
+  check_each_id_once(plain_records, 4);
+  CHECK(find_line(plain_records, 2)->at("status") == "ok");  // not streamed: no mid-stream fault
+  const auto records = read_records(dir / "stream.jsonl");
+  check_each_id_once(records, 4);
+  for (const auto& r : records) {
+    INFO(r.dump());
+    CHECK(r.contains("ttft_ms"));
+  }
+  const json* broken = find_line(records, 2);
+  REQUIRE(broken != nullptr);
+  INFO(broken->dump());
+  CHECK(broken->at("status") == "failed");
+  CHECK(broken->at("attempts") == 1);  // past the first token a stream is not retried
+  CHECK(broken->at("error").at("class") == "stream_interrupted");
+  CHECK(broken->at("ttft_ms").is_number());
+  CHECK(find_line(records, 1)->at("status") == "ok");
+  CHECK(find_line(records, 3)->at("status") == "ok");
+  const json* refusal = find_line(records, 4);
+  REQUIRE(refusal != nullptr);
+  INFO(refusal->dump());
+  CHECK(refusal->at("ttft_ms").is_null());
+  CHECK(refusal->at("status") == "failed");
+  CHECK(refusal->at("error").at("class") == "content_filtered");
+  CHECK(find_line(plain_records, 4)->at("error").at("class") == "content_filtered");
+
+  const json summary = read_summary(dir / "summary.json");
+  CHECK(summary.at("items").at("ok") == 2);
+  CHECK(summary.at("failed_by_class").at("stream_interrupted") == 1);
+  CHECK(summary.at("ttft_seconds").at("items") == 3);
+  CHECK(contains(streamed.out(), "(3 of 4 items had one)"));
+}
+
+TEST_CASE("keel batch --stream serves the time to first token as a Prometheus histogram",
+          "[cli_e2e][stream]") {
+  temp_dir dir;
+  write_file(dir / "config.json", stream_config("openai"));
+  write_file(dir / "scenario.json", slow_scenario(300));
+  write_file(dir / "in.jsonl", prompts_jsonl(16));
+  child_process c(
+      dir, "metrics",
+      batch_args(dir, {"--stream", "--metrics-port", "0", "--log-level", "info", "--log-format",
+                       "json", "--concurrency", "2", "--progress", "none", "--grace", "0"}));
+  const std::string url = logged_metrics_url(c);
+  INFO("stderr:\n" << c.err());
+  const unsigned short port = port_in(url);
+  REQUIRE(port != 0);
+  // A written record has been observed (the record and the histogram are updated together).
+  REQUIRE(eventually([&] { return count_lines(dir / "results.jsonl") >= 1 || !c.running(); }, 20s));
+  REQUIRE(c.running());
+  const http_answer a = http_request(port, "GET", "/metrics");
+  INFO("body:\n" << a.body);
+  CHECK(a.status == 200);
+  CHECK(contains(a.body, "# TYPE keel_first_token_seconds histogram"));
+  const auto count_at = a.body.find("\nkeel_first_token_seconds_count ");
+  REQUIRE(count_at != std::string::npos);
+  CHECK(std::stod(a.body.substr(count_at + 32)) >= 1);
+  c.signal(SIGTERM);
+  CHECK(c.wait(20s) == 143);
 }

@@ -1,7 +1,9 @@
 // Tests of the keel command's input parsing (tools/keel/jsonl.hpp), results file and resume scan
-// (tools/keel/results_file.hpp), and of the summary statistics (tools/keel/stats.hpp).
+// (tools/keel/results_file.hpp), records (tools/keel/record.hpp), and of the summary statistics
+// (tools/keel/stats.hpp).
 #include "jsonl.hpp"
 #include "line_feed.hpp"
+#include "record.hpp"
 #include "results_file.hpp"
 #include "stats.hpp"
 
@@ -340,6 +342,53 @@ TEST_CASE("the summary counts items, failures by class and throughput", "[cli_js
   CHECK(keel::cli::summary_json(s).at("cost_usd") == 0.01234);
   CHECK(table.find("6 (1.50 per item)") != std::string::npos);
   CHECK(table.find("2.0 items/s") != std::string::npos);
+}
+
+TEST_CASE("a streamed run's summary has the time to first token, a plain run's has none",
+          "[cli_jsonl]") {
+  keel::cli::batch_stats s;
+  s.done = 5;
+  s.ok = 5;
+  s.latencies = {0.5, 0.6, 0.7, 0.8, 0.9};
+  s.first_tokens = {0.04, 0.01, 0.03, 0.02};
+  CHECK_FALSE(keel::cli::summary_json(s).contains("ttft_seconds"));
+  CHECK(keel::cli::summary_table(s, "t").find("first token") == std::string::npos);
+  s.streamed = true;
+  const auto j = keel::cli::summary_json(s);
+  CHECK(j["ttft_seconds"]["p50"] == 0.02);
+  CHECK(j["ttft_seconds"]["p90"] == 0.04);
+  CHECK(j["ttft_seconds"]["p99"] == 0.04);
+  CHECK(j["ttft_seconds"]["max"] == 0.04);
+  CHECK(j["ttft_seconds"]["items"] == 4);
+  CHECK(j["latency_seconds"]["p50"] == 0.7);  // the items' latency is unchanged
+  const std::string table = keel::cli::summary_table(s, "t");
+  CHECK(table.find("  first token     p50 20 ms, p90 40 ms, p99 40 ms (4 of 5 items had one)\n") !=
+        std::string::npos);
+}
+
+TEST_CASE("a streamed call's record has ttft_ms, null without a first token", "[cli_jsonl]") {
+  batch_item item;
+  item.line = 3;
+  item.id = "a";
+  keel::llm::entry_config entry;
+  entry.model = "m";
+  keel::llm::call_outcome out;
+  out.response.emplace();
+  out.response->text = "hello";
+  out.attempts = 1;
+  out.seconds = 0.25;
+  const auto plain = keel::cli::outcome_record(item, out, entry, std::nullopt, false);
+  CHECK_FALSE(plain.contains("ttft_ms"));
+  const auto none = keel::cli::outcome_record(item, out, entry, std::nullopt, true);
+  REQUIRE(none.contains("ttft_ms"));
+  CHECK(none.at("ttft_ms").is_null());
+  out.first_token_seconds = 0.01234;
+  const auto rec = keel::cli::outcome_record(item, out, entry, std::nullopt, true);
+  CHECK(rec.at("ttft_ms") == 12.3);
+  CHECK(rec.at("latency_ms") == 250.0);
+  auto without = rec;
+  without.erase("ttft_ms");
+  CHECK(without == plain);
 }
 
 // ---- line_feed: input from a pipe never blocks the io_context ---------------------------------

@@ -59,6 +59,7 @@ struct run_state {
   std::size_t workers_left = 0;
   gauge* in_flight_gauge = nullptr;
   histogram* item_latency = nullptr;
+  histogram* first_token = nullptr;  // --stream only
 
   run_state(const llm::client_config& c, const batch_options& o, logger& l, std::size_t workers)
       : cfg(c),
@@ -75,6 +76,12 @@ struct run_state {
     item_latency = &metrics.histogram("keel_item_latency_seconds",
                                       "Time from start to record of each item, fallbacks included.",
                                       latency_buckets);
+    if (opts.stream) {
+      first_token = &metrics.histogram(
+          "keel_first_token_seconds",
+          "Time from start to the first text of each streamed item that got one (--stream).",
+          latency_buckets);
+    }
     for (std::size_t i = 0; i < cfg.entries.size(); ++i) {
       metrics
           .gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
@@ -142,7 +149,7 @@ struct run_state {
     const std::string cls = llm::error_class(out.error);
     const std::optional<double> cost =
         out.response ? answer_cost(entry, *out.response) : std::nullopt;
-    const json rec = outcome_record(item, out, entry, cost);
+    const json rec = outcome_record(item, out, entry, cost, opts.stream);
     // Tokens were billed whether or not the record could be written.
     if (out.response) {
       if (cost) {
@@ -180,6 +187,10 @@ struct run_state {
     ++st.done;
     st.latencies.push_back(out.seconds);
     item_latency->observe(out.seconds);
+    if (opts.stream && out.first_token_seconds) {
+      st.first_tokens.push_back(*out.first_token_seconds);
+      first_token->observe(*out.first_token_seconds);
+    }
   }
 };
 
@@ -360,6 +371,20 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
   co_return std::nullopt;
 }
 
+// Runs `item` through the client: as one call, or streamed with --stream. A streamed reply's
+// deltas are not kept: the outcome's response holds the whole text (only the last attempt's, if
+// a restartable stream started over), with any echoed credential replaced, as a call's does.
+asio::awaitable<llm::call_outcome> run_item(const run_state& rs, llm::client& client,
+                                            const batch_item& item, keel::bulkhead_permit slot) {
+  if (!rs.opts.stream) {
+    co_return co_await client.call(item.request, &item, std::move(slot));
+  }
+  const llm::delta_handler ignore = [](const llm::stream_delta&) -> asio::awaitable<void> {
+    co_return;
+  };
+  co_return co_await client.stream_call(item.request, ignore, {}, &item, std::move(slot));
+}
+
 // One worker: items one at a time until the input ends or the run stops.
 asio::awaitable<void> work(run_state& rs, llm::client& client) {
   while (!rs.stopping) {
@@ -380,7 +405,7 @@ asio::awaitable<void> work(run_state& rs, llm::client& client) {
       break;
     }
     rs.set_in_flight(rs.stats.in_flight + 1);
-    const llm::call_outcome out = co_await client.call(item->request, &*item, std::move(slot));
+    const llm::call_outcome out = co_await run_item(rs, client, *item, std::move(slot));
     rs.set_in_flight(rs.stats.in_flight - 1);
     rs.record_outcome(*item, out);
   }
@@ -480,6 +505,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   log_resume(rs);
   rs.stats.total = count_items(opts.in).value_or(0);
   rs.stats.seed = opts.seed;
+  rs.stats.streamed = opts.stream;
   log_seed(rs);
   auto ex = rs.ctx.get_executor();
   const std::unique_ptr<metrics_server> metrics_http = start_metrics_server(rs);

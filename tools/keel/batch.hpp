@@ -52,6 +52,9 @@ struct batch_options {
   std::optional<unsigned short> metrics_port;
   /// fdatasync after every record.
   bool fsync = false;
+  /// Stream each reply (`llm::client::stream_call`, the config's `policy.stream` settings): each
+  /// record then has `ttft_ms` and the summary the time to first token's percentiles.
+  bool stream = false;
   /// Seed of the retry jitter (and of an in-process mock whose scenario names no seed). The
   /// command draws one per run with `random_seed()` unless `--seed` is given; the summary and an
   /// INFO log line name it so that the run's jitter can be repeated.

@@ -180,12 +180,15 @@ int main(int argc, char** argv) {
                                    "policy, one result record per input line");
   common_flags bf;
   std::string config_file, in_file, out_file, mock_scenario;
-  bool resume = false, overwrite = false, print_config = false;
+  bool resume = false, overwrite = false, print_config = false, stream = false;
   batch->add_option("--config", config_file, "Config file (AG2 config_list + policy)");
   batch->add_option("--in,-i", in_file, "Input JSONL ('-': stdin)");
   batch->add_option("--out,-o", out_file, "Results JSONL, appended ('-': stdout)");
   batch->add_flag("--resume", resume, "Skip items already in --out (and redo cancelled ones)");
   batch->add_flag("--overwrite", overwrite, "Replace an existing --out");
+  batch->add_flag("--stream", stream,
+                  "Stream each reply and record its time to first token (ttft_ms; the summary "
+                  "gives its p50/p90/p99)");
   batch->add_flag("--print-config", print_config,
                   "Print the resolved config (secrets redacted) and exit");
   batch->add_option("--mock", mock_scenario,
@@ -367,6 +370,7 @@ int main(int argc, char** argv) {
     o.out = out_file;
     o.resume = resume;
     o.overwrite = overwrite;
+    o.stream = stream;
     o.resume_command = resume_command(argc, argv);
     o.print_summary = out_file != "-";
     if (!mock_scenario.empty()) {

@@ -10,6 +10,15 @@ namespace keel::cli {
 
 using nlohmann::json;
 
+namespace {
+
+// Seconds as a record's milliseconds, to a tenth.
+double record_ms(double seconds) {
+  return std::round(seconds * 1e4) / 10;
+}
+
+}  // namespace
+
 json line_failure_record(std::size_t line, const json& id, const std::string& cls,
                          const std::string& message) {
   json rec;
@@ -32,7 +41,7 @@ std::optional<double> answer_cost(const llm::entry_config& entry, const llm::cha
 }
 
 json outcome_record(const batch_item& item, const llm::call_outcome& out,
-                    const llm::entry_config& entry, std::optional<double> cost) {
+                    const llm::entry_config& entry, std::optional<double> cost, bool streamed) {
   json rec;
   rec["id"] = item.id;
   rec["line"] = item.line;
@@ -59,7 +68,10 @@ json outcome_record(const batch_item& item, const llm::call_outcome& out,
     rec["entry"] = entry.name();
   }
   rec["attempts"] = out.attempts;
-  rec["latency_ms"] = std::round(out.seconds * 1e4) / 10;
+  rec["latency_ms"] = record_ms(out.seconds);
+  if (streamed) {
+    rec["ttft_ms"] = out.first_token_seconds ? json(record_ms(*out.first_token_seconds)) : json();
+  }
   if (!item.metadata.is_null()) {
     rec["metadata"] = item.metadata;
   }

@@ -16,7 +16,8 @@
 //               duplicate_id, condition: permanent, message}, attempts 0 and latency_ms 0
 //   cancelled   error {class: cancelled, condition: cancelled, message}; dropped on --resume
 //
-// and `metadata` when the input line had one.
+// and `metadata` when the input line had one. A streamed run (`--stream`) gives every record of
+// a call `ttft_ms`: the time to the first text of the reply, null if none came.
 //
 // Reading back (--resume): a record is an object with a string `status`, an unsigned `line`
 // and an `id`. An item is identified by its id (`id.dump()`, the batch's key), except the
@@ -66,8 +67,11 @@ std::optional<double> answer_cost(const llm::entry_config& entry, const llm::cha
 /// @param out the call's outcome.
 /// @param entry the config entry `out.entry` names.
 /// @param cost `answer_cost` of the answer (written as `cost` when set).
+/// @param streamed true if the call was streamed: the record has `ttft_ms`
+///   (`out.first_token_seconds`, null without a first token).
 nlohmann::json outcome_record(const batch_item& item, const llm::call_outcome& out,
-                              const llm::entry_config& entry, std::optional<double> cost);
+                              const llm::entry_config& entry, std::optional<double> cost,
+                              bool streamed);
 
 /// A record read back from a results file: what --resume needs of it.
 struct stored_record {

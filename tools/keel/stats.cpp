@@ -34,6 +34,20 @@ std::string join_counts(const std::map<std::string, std::uint64_t>& m) {
   return out;
 }
 
+// p50, p90, p99 and the maximum of `values` (seconds), as the summary JSON shows a latency.
+nlohmann::json spread_json(const std::vector<double>& values) {
+  return {{"p50", percentile(values, 50)},
+          {"p90", percentile(values, 90)},
+          {"p99", percentile(values, 99)},
+          {"max", values.empty() ? 0.0 : *std::max_element(values.begin(), values.end())}};
+}
+
+// "p50 12 ms, p90 40 ms, p99 95 ms": `values` (seconds) as the summary table shows a latency.
+std::string spread_text(const std::vector<double>& values) {
+  return "p50 " + fmt_seconds(percentile(values, 50)) + ", p90 " +
+         fmt_seconds(percentile(values, 90)) + ", p99 " + fmt_seconds(percentile(values, 99));
+}
+
 }  // namespace
 
 double percentile(std::vector<double> values, double p) {
@@ -67,12 +81,11 @@ nlohmann::json summary_json(const batch_stats& s) {
   j["breaker_holds"] = s.breaker_holds;
   j["throttle_waits"] = s.throttle_waits;
   j["throttled_seconds"] = s.throttled_seconds;
-  j["latency_seconds"] = {
-      {"p50", percentile(s.latencies, 50)},
-      {"p90", percentile(s.latencies, 90)},
-      {"p99", percentile(s.latencies, 99)},
-      {"max",
-       s.latencies.empty() ? 0.0 : *std::max_element(s.latencies.begin(), s.latencies.end())}};
+  j["latency_seconds"] = spread_json(s.latencies);
+  if (s.streamed) {
+    j["ttft_seconds"] = spread_json(s.first_tokens);
+    j["ttft_seconds"]["items"] = s.first_tokens.size();
+  }
   j["tokens"] = {{"input", s.tokens_in}, {"output", s.tokens_out}};
   j["cost_usd"] = s.cost;
   j["unpriced_answers"] = s.unpriced;
@@ -124,9 +137,11 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
           fmt_seconds(s.throttle_waits ? s.throttled_seconds / static_cast<double>(s.throttle_waits)
                                        : 0.0) +
           " on average (" + fmt_seconds(s.throttled_seconds) + " summed)");
-  row("latency", "p50 " + fmt_seconds(percentile(s.latencies, 50)) + ", p90 " +
-                     fmt_seconds(percentile(s.latencies, 90)) + ", p99 " +
-                     fmt_seconds(percentile(s.latencies, 99)));
+  row("latency", spread_text(s.latencies));
+  if (s.streamed) {
+    row("first token", spread_text(s.first_tokens) + " (" + std::to_string(s.first_tokens.size()) +
+                           " of " + std::to_string(s.done) + " items had one)");
+  }
   row("tokens", "in " + std::to_string(s.tokens_in) + ", out " + std::to_string(s.tokens_out));
   if (s.priced > 0) {
     std::snprintf(buf, sizeof buf, "$%.4f estimated from the configured prices", s.cost);

@@ -64,6 +64,12 @@ struct batch_stats {
   std::map<std::string, std::uint64_t> ok_by_model;
   /// Latency of each finished item, seconds.
   std::vector<double> latencies;
+  /// True when the run streams its replies (`--stream`): the summary then has the time to first
+  /// token.
+  bool streamed = false;
+  /// Time to first token of each finished item whose stream delivered text (`--stream`),
+  /// seconds.
+  std::vector<double> first_tokens;
   /// Tokens billed (input).
   long long tokens_in = 0;
   /// Tokens billed (output).
