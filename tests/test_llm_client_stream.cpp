@@ -521,3 +521,33 @@ TEST_CASE("a streamed call settles its token reservation with the final usage",
   CHECK(after_cut > 60000 - 100);
   CHECK(after_cut < 60000 - 2);
 }
+
+TEST_CASE("a key the server echoes into a stream never reaches the consumer",
+          "[llm_client][stream]") {
+  // The mock's reply echoes the prompt; 4-byte chunks split the key across deltas.
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.start();
+  keel::llm::client client(
+      ctx.get_executor(),
+      make_config(R"({"config_list": [{"model": "m", "api_key": "sk-ECHOED-KEY-99"}]})",
+                  server.base_url()),
+      {}, {.seed = 1});
+  consumer c;
+  keel::llm::call_outcome out;
+  keel_test::run_against(
+      ctx, server,
+      [&]() -> asio::awaitable<void> {
+        out = co_await client.stream_call(
+            keel::llm::chat_request::from_prompt("", "is sk-ECHOED-KEY-99 mine? s", 64),
+            c.handler());
+      },
+      10s);
+  REQUIRE_FALSE(out.error);
+  CHECK(c.text == "mock answer to: is <redacted> mine? s");
+  CHECK(out.response->text == c.text);
+  for (const auto& d : c.deltas) {
+    CHECK_FALSE(d.restart);
+  }
+  CHECK(out.delivered_bytes == c.text.size());
+}

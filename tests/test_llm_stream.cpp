@@ -493,3 +493,32 @@ TEST_CASE("bedrock detects a corrupted byte anywhere in the body", "[llm][stream
     CHECK(events.back().error->message().find("CRC mismatch") != std::string::npos);
   }
 }
+
+TEST_CASE("stream_scrubber replaces a secret split across pieces and holds back only a prefix",
+          "[llm][stream][scrub]") {
+  const std::vector<std::string> secrets{"sk-SECRET1234", "AKIAEXAMPLEKEY"};
+  const std::string text = "a sk-SECRET1234 b sk-SEC c AKIAEXAMPLEKEY d s";
+  const std::string want = "a <x> b sk-SEC c <x> d s";
+  // Every split of the text into pieces of size n gives the same output.
+  for (std::size_t n = 1; n <= text.size(); ++n) {
+    INFO("pieces of " << n);
+    keel::llm::stream_scrubber s(secrets, "<x>");
+    std::string out;
+    for (std::size_t at = 0; at < text.size(); at += n) {
+      s.feed(std::string_view(text).substr(at, n), out);
+      CHECK(out.find("sk-SECRET1234") == std::string::npos);
+      CHECK(out.find("AKIAEXAMPLEKEY") == std::string::npos);
+    }
+    s.finish(out);
+    CHECK(out == want);
+  }
+  // Text that cannot begin a secret is handed out at once.
+  keel::llm::stream_scrubber s(secrets, "<x>");
+  std::string out;
+  s.feed("hello world", out);
+  CHECK(out == "hello world");
+  s.feed(" ask", out);  // "sk" might begin a secret
+  CHECK(out == "hello world a");
+  s.feed("ed", out);
+  CHECK(out == "hello world asked");
+}

@@ -548,7 +548,7 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
     }
     co_return co_await reader->read_some();
   };
-  std::size_t attempt_bytes = 0;  // text this attempt delivered
+  std::size_t attempt_bytes = 0;  // text this attempt received
   keel::llm::token_usage usage;
   try {
     try {
@@ -585,6 +585,47 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
       out.rate_limits =
           keel::llm::parse_rate_limits(head.headers, std::chrono::system_clock::now());
       auto decoder = keel::llm::make_stream_decoder(es.cfg->api_type, std::move(opts));
+      // A key the server echoes never reaches the consumer, even split across two deltas.
+      keel::llm::stream_scrubber scrubber(secrets_, secret_marker);
+      std::string safe;
+      std::size_t attempt_delivered = 0;  // text this attempt handed to the consumer
+      auto deliver = [&](std::string_view text) -> asio::awaitable<void> {
+        if (text.empty()) {
+          co_return;
+        }
+        if (attempt_delivered == 0 && hedge && !hedge->commit()) {
+          // A hedged stream: another copy produced its first text first.
+          reader->close();
+          throw boost::system::system_error(asio::error::operation_aborted);
+        }
+        stream_delta d;
+        d.text = text;
+        d.entry = es.index;
+        if (attempt_delivered == 0 && ss.committed) {
+          // A restartable stream's new attempt: the caller discards what it has.
+          d.restart = true;
+          ss.delivered_bytes = 0;
+          ss.delivered_deltas = 0;
+        }
+        ss.committed = true;
+        if (!ss.first_token_seconds) {
+          ss.first_token_seconds = seconds_since(ss.started);
+        }
+        attempt_delivered += text.size();
+        ss.delivered_bytes += text.size();
+        ++ss.delivered_deltas;
+        try {
+          co_await ss.on_delta(d);
+        } catch (...) {
+          ss.consumer_failed = true;  // the caller's own failure: never retried
+          throw;
+        }
+        if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+            asio::cancellation_type::none) {
+          reader->close();  // the consumer was cancelled: stop the generation now
+          throw boost::system::system_error(asio::error::operation_aborted);
+        }
+      };
       std::vector<keel::llm::stream_event> events;
       for (bool ended = false; !ended;) {
         std::optional<std::string> piece = co_await read();
@@ -602,40 +643,12 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
               }
               break;
             case keel::llm::stream_event_kind::text: {
-              if (attempt_bytes == 0 && hedge && !hedge->commit()) {
-                // A hedged stream: another copy produced its first text first.
-                reader->close();
-                throw boost::system::system_error(asio::error::operation_aborted);
-              }
               got_text = true;
-              stream_delta d;
-              d.text = ev.text;
-              d.entry = es.index;
-              if (attempt_bytes == 0 && ss.committed) {
-                // A restartable stream's new attempt: the caller discards what it has.
-                d.restart = true;
-                ss.delivered_bytes = 0;
-                ss.delivered_deltas = 0;
-              }
-              ss.committed = true;
-              if (!ss.first_token_seconds) {
-                ss.first_token_seconds = seconds_since(ss.started);
-              }
               attempt_bytes += ev.text.size();
-              ss.delivered_bytes += ev.text.size();
-              ++ss.delivered_deltas;
-              out.text += ev.text;
-              try {
-                co_await ss.on_delta(d);
-              } catch (...) {
-                ss.consumer_failed = true;  // the caller's own failure: never retried
-                throw;
-              }
-              if ((co_await asio::this_coro::cancellation_state).cancelled() !=
-                  asio::cancellation_type::none) {
-                reader->close();  // the consumer was cancelled: stop the generation now
-                throw boost::system::system_error(asio::error::operation_aborted);
-              }
+              out.text += ev.text;  // scrubbed whole in run_call
+              safe.clear();
+              scrubber.feed(ev.text, safe);
+              co_await deliver(safe);
               break;
             }
             case keel::llm::stream_event_kind::finish:
@@ -646,6 +659,9 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
               out.usage = ev.usage;
               break;
             case keel::llm::stream_event_kind::done:
+              safe.clear();
+              scrubber.finish(safe);
+              co_await deliver(safe);
               ended = true;
               break;
             case keel::llm::stream_event_kind::error:

@@ -3,6 +3,7 @@
 
 #include <keel/llm/stream.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -523,6 +524,41 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
     }
   }
   // contentBlockStart (tool use), contentBlockStop and newer event types: nothing to report.
+}
+
+void stream_scrubber::feed(std::string_view piece, std::string& out) {
+  held_.append(piece);
+  // Whole secrets first; then the tail after the last replacement that could begin one.
+  std::size_t safe_from = 0;
+  for (const std::string& secret : secrets_) {
+    if (secret.empty()) {
+      continue;
+    }
+    for (auto at = held_.find(secret); at != std::string::npos;
+         at = held_.find(secret, at + marker_.size())) {
+      held_.replace(at, secret.size(), marker_);
+      safe_from = std::max(safe_from, at + marker_.size());
+    }
+  }
+  std::size_t hold = 0;
+  for (const std::string& secret : secrets_) {
+    const std::size_t most =
+        std::min(secret.size() - (secret.empty() ? 0 : 1), held_.size() - safe_from);
+    for (std::size_t k = most; k > hold; --k) {
+      if (std::string_view(held_).substr(held_.size() - k) ==
+          std::string_view(secret).substr(0, k)) {
+        hold = k;
+        break;
+      }
+    }
+  }
+  out.append(held_, 0, held_.size() - hold);
+  held_.erase(0, held_.size() - hold);
+}
+
+void stream_scrubber::finish(std::string& out) {
+  out += held_;
+  held_.clear();
 }
 
 }  // namespace keel::llm

@@ -256,4 +256,28 @@ class bedrock_stream_decoder final : public stream_decoder {
 std::unique_ptr<stream_decoder> make_stream_decoder(provider_kind kind,
                                                     stream_options opts = stream_options());
 
+/// Replaces every whole occurrence of a secret in text that arrives in pieces (a stream's
+/// deltas), so that a key a server echoes is caught even when it straddles two pieces.
+///
+/// It holds back only a tail that could be the start of a secret (usually nothing; a key's
+/// first bytes, such as `sk-`, at most one byte short of the longest secret), and hands it out
+/// with the next piece or at `finish`. No I/O; one scrubber per stream.
+class stream_scrubber {
+ public:
+  /// A scrubber of `secrets` (empty strings are ignored), replacing each by `marker`. Both must
+  /// outlive the scrubber.
+  stream_scrubber(const std::vector<std::string>& secrets, std::string_view marker) noexcept
+      : secrets_(secrets), marker_(marker) {}
+  /// Takes the next piece and appends to `out` the text that is safe to hand out now (possibly
+  /// nothing).
+  void feed(std::string_view piece, std::string& out);
+  /// The stream ended: appends the held-back tail (it was not a secret) to `out`.
+  void finish(std::string& out);
+
+ private:
+  const std::vector<std::string>& secrets_;
+  std::string_view marker_;
+  std::string held_;
+};
+
 }  // namespace keel::llm
