@@ -78,7 +78,6 @@ TEST_CASE("a stalled attempt is hedged, the hedge answers and the stalled one is
   REQUIRE_FALSE(out.error);
   CHECK(out.response->text == "mock answer to: hedge me");
   CHECK(out.attempts == 2);
-  CHECK(out.seconds < 5);  // not the stall's
   REQUIRE(seen.size() == 1);
   CHECK(seen[0].attempt == 1);
   CHECK(seen[0].to == 0);
@@ -224,7 +223,6 @@ TEST_CASE("the hedge budget caps hedges: a call it refuses waits for its own att
   REQUIRE_FALSE(first.error);
   REQUIRE_FALSE(second.error);
   CHECK(first.attempts == 2);
-  CHECK(first.seconds < 0.25);
   CHECK(second.attempts == 2);
   CHECK(second.seconds >= 0.3);  // waited out its timeout: no hedge
   CHECK(seen.size() == 1);

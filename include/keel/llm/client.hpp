@@ -223,7 +223,8 @@ struct call_outcome {
   /// Seconds from start to end.
   double seconds = 0;
   /// Streamed calls: seconds from the start to the first delta handed to the caller (absent: none
-  /// was).
+  /// was). After a restart it still says when the caller first saw text, not when the attempt
+  /// that finished produced its own.
   std::optional<double> first_token_seconds;
   /// Streamed calls: text bytes handed to the caller (since the last restart).
   std::size_t delivered_bytes = 0;
@@ -377,14 +378,16 @@ class client {
                                                    const void* context = nullptr,
                                                    keel::bulkhead_permit slot = {});
 
-  /// Runs one request as `stream_call` and returns the whole reply.
+  /// Runs one request as `stream_call` and returns the whole reply. `context` is handed to every
+  /// hook, as in `complete`.
   /// @throws the call's final error, as `complete` does (`stream_interrupted` after the commit
   ///   point).
   /// Cancellation: as `stream_call`; throws `boost::system::system_error`
   ///   (`operation_aborted`).
   boost::asio::awaitable<keel::llm::chat_response> stream(keel::llm::chat_request request,
                                                           delta_handler on_delta,
-                                                          stream_call_options options = {});
+                                                          stream_call_options options = {},
+                                                          const void* context = nullptr);
 
   /// The config.
   const client_config& cfg() const noexcept { return cfg_; }
