@@ -423,12 +423,14 @@ TEST_CASE("the hedge delay is a percentile of the latency window once it has min
   for (int i = 1; i <= 18; ++i) {
     window.record(ms(i * 10));
   }
-  // 18 samples: the fixed delay. The call records its own time to commit (110 ms): 19 samples.
+  // 18 samples: the fixed delay. The hedge wins, so the call records when it started (100 ms,
+  // not its commit at 110 ms): 19 samples.
   CHECK(run_one(100) == 110);
   CHECK(window.size() == 19);
   CHECK(run_one(100) == 110);
   REQUIRE(window.size() == 20);
-  // Samples 10..180 ms and 110 ms twice: the 95th percentile is the 19th of 20, 170 ms.
+  // Samples 10..180 ms and 100 ms twice: the 95th percentile is the 19th of 20, 170 ms.
+  CHECK(window.percentile(60) == ms(100));  // 12th of 20: 10..90, then 100 three times
   CHECK(window.percentile(95) == ms(170));
   CHECK(run_one(170) == 180);
 }

@@ -34,11 +34,16 @@
 //
 // Delay. A fixed `policy.delay`, or a percentile (`policy.percentile`, 95 by default) of recent
 // latencies in a shared `keel::basic_latency_window` (`policy.latency`); with fewer than
-// `policy.min_samples` samples in it, the fixed delay. `with_hedge` records into that window the
-// time from the call's start to its commit. When the primary wins that is the primary's
-// latency; when a hedge wins it is a lower bound of the primary's latency (which never
-// finished), and a closer one than the hedge's own time, so the window errs towards
-// under-stating the tail only when hedges win. Callers may record other latencies themselves.
+// `policy.min_samples` samples in it, the fixed delay. `with_hedge` records into that window one
+// latency per call that commits: when the primary wins, the primary's time to commit; when a
+// hedge wins, the time the first hedge started (the delay), since all that is known of the
+// primary, which never finished, is that it had not answered by then. The commit time would be
+// a closer lower bound, but it adds the hedge's own latency to the sample: when the tail is
+// about 1 - percentile of the calls, those samples sit at the percentile and every window
+// refresh raised the delay by one hedge latency until it reached the tail itself and hedging
+// stopped (bench_hedge, 5% of calls 10x slow, p95: the delay climbed from ~40 ms to 200 ms in 3
+// of 9 runs). Recording the delay cannot raise it; the budget keeps it from sinking, because
+// calls it refuses record their whole latency. Callers may record other latencies themselves.
 //
 // Load. Hedging trades extra requests for a shorter tail, so the extra load is capped the way
 // Finagle caps retries: a shared `keel::hedge_budget` (`policy.budget`) receives `ratio` (0.05)

@@ -162,6 +162,9 @@ class hedge_race final : public hedge_arbiter {
   template <class MakeOp>
   void start(const boost::asio::any_io_executor& ex, MakeOp& op) noexcept {
     const std::size_t i = started++;
+    if (i == 1) {
+      first_hedge_at_ = Clock::now();
+    }
     attempt_slot& s = slots[i];
     s.running = true;
     ++in_flight;
@@ -201,7 +204,11 @@ class hedge_race final : public hedge_arbiter {
  private:
   void on_commit() noexcept override {
     if (latency_) {
-      latency_->record(Clock::now() - start_);
+      // The primary's latency when it won; when a hedge won, all that is known is that the
+      // primary had not answered when the first hedge went out (see the header: recording the
+      // commit time fed the hedge's own latency back into the delay).
+      latency_->record((winner == 0 || !first_hedge_at_ ? Clock::now() : *first_hedge_at_) -
+                       start_);
     }
     wake.cancel();  // the loop re-arms the timer: no further hedge
   }
@@ -231,6 +238,7 @@ class hedge_race final : public hedge_arbiter {
 
   basic_latency_window<Clock>* latency_;
   typename Clock::time_point start_;
+  std::optional<typename Clock::time_point> first_hedge_at_;  // when attempt 1 started
 };
 
 template <class Clock>
