@@ -5,6 +5,7 @@
 //   build-rel/bench/bench_hedge                                # 2,000 calls, c = 64
 //   build-rel/bench/bench_hedge --stream                       # p99 time to first token
 //   build-rel/bench/bench_hedge --fixed-delay-ms 40 --variants off,p95,fixed
+//   build-rel/bench/bench_hedge --pin                          # mock on CPU 0, client on CPU 1
 //
 // The mock LLM server (keel::testing::mock_llm_thread) runs in this process on its own thread
 // and io_context, with a fixed latency (`--latency-ms`, 20) before every answer and a seeded
@@ -55,6 +56,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <pthread.h>
+#include <sched.h>
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -89,6 +92,7 @@ struct run_options {
   double budget_capacity = 10;
   std::uint64_t seed = 1;
   bool stream = false;
+  bool pin = false;
   std::vector<std::string> variants{"off", "p95"};
 };
 
@@ -186,6 +190,14 @@ asio::awaitable<std::size_t> stream_attempt(keel::http::client& client,
   co_return h.index();
 }
 
+// Binds the calling thread to one CPU (`--pin`).
+void pin_to(int cpu) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+}
+
 // Runs an attempt and notes when it failed (a loser: once its frames, and so its connection, are
 // gone).
 asio::awaitable<std::size_t> noting_failure(asio::awaitable<std::size_t> attempt,
@@ -215,6 +227,9 @@ variant_result run_variant(const run_options& o, const std::string& variant) {
   keel::testing::mock_options mo;
   mo.seed = o.seed;
   mo.response_log = static_cast<std::size_t>(o.calls) * 3 + 64;
+  if (o.pin) {
+    pin_to(0);  // the mock's thread inherits this
+  }
   keel::testing::mock_llm_thread mock{mo, [&](keel::testing::mock_llm_server& s) {
                                         keel::testing::fault_plan plan;
                                         plan.with_latency(std::chrono::milliseconds(o.latency_ms))
@@ -223,6 +238,9 @@ variant_result run_variant(const run_options& o, const std::string& variant) {
                                         s.set_plan("*", plan);
                                       }};
   const std::string base = mock.base_url();
+  if (o.pin) {
+    pin_to(1);
+  }
 
   asio::io_context ctx{1};
   keel::http::client_options copts;
@@ -421,15 +439,18 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1e6));
   app.add_option("--seed", o.seed, "the mock's seed");
   app.add_flag("--stream", o.stream, "streamed calls: measure time to first token");
+  app.add_flag("--pin", o.pin, "the mock's thread on CPU 0, the client's on CPU 1");
   app.add_option("--variants", o.variants, "off, p95, fixed")
       ->delimiter(',')
       ->check(CLI::IsMember({"off", "p95", "fixed"}));
   CLI11_PARSE(app, argc, argv);
 
   fmt::print(
-      "mock: latency {} ms, {:.1f}% tail at {} ms; {} calls ({} warm-up), concurrency {}, {}\n",
+      "mock: latency {} ms, {:.1f}% tail at {} ms; {} calls ({} warm-up), concurrency {}, {}; "
+      "p95 variant: percentile {}, fixed: {} ms\n",
       o.latency_ms, o.tail_fraction * 100, o.tail_ms, o.calls, o.warmup, o.concurrency,
-      o.stream ? "streamed (latency = time to first token)" : "unary (latency = whole call)");
+      o.stream ? "streamed (latency = time to first token)" : "unary (latency = whole call)",
+      o.percentile, o.fixed_delay_ms);
   fmt::print("{:>6} {:>7} {:>7} {:>7} {:>7} {:>9} {:>7} {:>7} {:>7} {:>13} {:>22} {:>22} {:>22}\n",
              "", "p50 ms", "p95", "p99", "max", "att/call", "hedges", "refused", "failed",
              "delay p50/max", "loser gap mock p50/99/max", "client p50/99/max",
@@ -458,9 +479,9 @@ int main(int argc, char** argv) {
     std::ostringstream j;
     j << fmt::format(
         "{{\"variant\":\"{}\",\"stream\":{},\"calls\":{},\"concurrency\":{},\"latency_ms\":{},"
-        "\"tail_fraction\":{},\"tail_ms\":{},\"seed\":{},\"wall_s\":{:.3f},",
-        name, o.stream, o.calls, o.concurrency, o.latency_ms, o.tail_fraction, o.tail_ms, o.seed,
-        v.wall_s);
+        "\"tail_fraction\":{},\"tail_ms\":{},\"percentile\":{},\"seed\":{},\"wall_s\":{:.3f},",
+        name, o.stream, o.calls, o.concurrency, o.latency_ms, o.tail_fraction, o.tail_ms,
+        o.percentile, o.seed, v.wall_s);
     j << fmt::format(
         "\"p50_ms\":{:.2f},\"p95_ms\":{:.2f},\"p99_ms\":{:.2f},\"max_ms\":{:.2f},"
         "\"call_p99_ms\":{:.2f},\"attempts_per_call\":{:.4f},\"hedges\":{},\"budget_refusals\":{},"
