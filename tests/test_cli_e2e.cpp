@@ -1476,6 +1476,36 @@ TEST_CASE("With the default policy 400 prompts against 10 percent 503s all succe
   CHECK(count_gave_up(records, "budget_exhausted") == 0);
 }
 
+TEST_CASE("policy.hedge hedges stalled attempts in a batch and counts them in the summary",
+          "[cli_e2e][hedge]") {
+  temp_dir dir;
+  constexpr int items = 20;
+  write_file(dir / "config.json",
+             R"({"config_list": [{"api_type": "openai", "model": "model-a", "api_key": "k"}],
+                 "policy": {"hedge": {"enabled": true, "delay": 0.05, "percentile": 0}}})");
+  // One at a time: requests 1 and 12 stall (each hedged by the next request), the rest answer.
+  json script = json::array();
+  for (int i = 1; i <= items + 2; ++i) {
+    script.push_back(i == 1 || i == 12 ? "stall" : "ok");
+  }
+  write_file(dir / "scenario.json",
+             json{{"seed", 3}, {"models", {{"model-a", {{"script", script}}}}}}.dump());
+  write_file(dir / "in.jsonl", prompts_jsonl(items));
+  child_process c(dir, "batch",
+                  batch_args(dir, {"--concurrency", "1", "--progress", "none", "--summary-json",
+                                   dir / "summary.json"}));
+  const int status = c.wait(120s);
+  INFO("stdout:\n" << c.out() << "\nstderr:\n" << c.err());
+  CHECK(status == 0);
+  const json summary = json::parse(read_file(dir / "summary.json"), nullptr, false);
+  REQUIRE(!summary.is_discarded());
+  CHECK(summary.at("items").at("ok") == items);
+  CHECK(summary.at("hedges") == 2);
+  CHECK(summary.at("attempts") == items + 2);
+  CHECK(contains(c.out(), "hedges"));
+  check_each_id_once(read_records(dir / "results.jsonl"), items);
+}
+
 // The long run is where gRPC's ratio (0.1) lost: 10% failures drain it by 0.01 token per prompt,
 // and after about 4,500 prompts it refused 59 retries that would have succeeded.
 TEST_CASE("5000 prompts against 10 percent 503s never exhaust the default retry budget",

@@ -169,6 +169,20 @@ llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, me
                {"probe_in", seconds_text(left)}});
     }
   };
+  hooks.on_hedge = [&cfg, &st, &m, &log](std::size_t entry, const void* context,
+                                         std::size_t attempt, std::size_t to) {
+    ++st.hedges;
+    m.counter("keel_hedges_total", "Hedged copies of slow attempts (policy.hedge).",
+              {{"from", cfg.entries[entry].name()}, {"to", cfg.entries[to].name()}})
+        .inc();
+    if (log.enabled(log_level::info)) {
+      log.log(log_level::info, "hedge", "",
+              {{"id", item_of(context).id},
+               {"attempt", attempt},
+               {"from", cfg.entries[entry].name()},
+               {"to", cfg.entries[to].name()}});
+    }
+  };
   return hooks;
 }
 

@@ -79,6 +79,7 @@ nlohmann::json summary_json(const batch_stats& s) {
   j["fallbacks"] = s.fallbacks;
   j["breaker_opens"] = s.breaker_opens;
   j["breaker_holds"] = s.breaker_holds;
+  j["hedges"] = s.hedges;
   j["throttle_waits"] = s.throttle_waits;
   j["throttled_seconds"] = s.throttled_seconds;
   j["latency_seconds"] = spread_json(s.latencies);
@@ -130,6 +131,9 @@ std::string summary_table(const batch_stats& s, const std::string& title) {
   row("breaker opens", std::to_string(s.breaker_opens));
   if (s.breaker_holds > 0) {
     row("breaker holds", std::to_string(s.breaker_holds));
+  }
+  if (s.hedges > 0) {
+    row("hedges", std::to_string(s.hedges));
   }
   // Waits overlap (many attempts wait at once), so the sum is attempt-seconds, not wall time.
   row("throttled",

@@ -54,6 +54,8 @@ struct batch_stats {
   std::uint64_t breaker_opens = 0;
   /// Times an item waited for an open breaker's probe (no fallback left).
   std::uint64_t breaker_holds = 0;
+  /// Hedged copies of slow attempts sent (`policy.hedge`).
+  std::uint64_t hedges = 0;
   /// Failed items by error class.
   std::map<std::string, std::uint64_t> failed_by_class;
   /// Retries by the class of the error that caused them.
