@@ -85,6 +85,19 @@ keel::llm::client make_client(asio::io_context& ctx, keel::testing::mock_llm_ser
                            {.seed = 1});
 }
 
+// Runs one streamed call of `req` through `client` against `server`, handing deltas to `c`.
+keel::llm::call_outcome stream_once(asio::io_context& ctx, keel::testing::mock_llm_server& server,
+                                    keel::llm::client& client, consumer& c,
+                                    keel::llm::stream_call_options o = {},
+                                    keel::llm::chat_request req = prompt()) {
+  keel::llm::call_outcome out;
+  keel_test::run_against(
+      ctx, server,
+      [&]() -> asio::awaitable<void> { out = co_await client.stream_call(req, c.handler(), o); },
+      10s);
+  return out;
+}
+
 // Retries transient failures up to 3 attempts, 1 ms apart; no breaker.
 const std::string retrying =
     R"({"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
@@ -108,13 +121,7 @@ TEST_CASE("a streamed call hands every delta to the consumer and returns the who
     keel::testing::mock_llm_server server(ctx);
     keel::llm::client client = make_client(ctx, server, api, retrying);
     consumer c;
-    keel::llm::call_outcome out;
-    keel_test::run_against(
-        ctx, server,
-        [&]() -> asio::awaitable<void> {
-          out = co_await client.stream_call(prompt(), c.handler());
-        },
-        10s);
+    const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
     REQUIRE_FALSE(out.error);
     REQUIRE(out.response);
     CHECK(out.response->text == reply);
@@ -147,13 +154,7 @@ TEST_CASE("failures before the first delta are retried like a whole call", "[llm
                              {fault_kind::unavailable, fault_kind::stream_error}));
     keel::llm::client client = make_client(ctx, server, api, retrying);
     consumer c;
-    keel::llm::call_outcome out;
-    keel_test::run_against(
-        ctx, server,
-        [&]() -> asio::awaitable<void> {
-          out = co_await client.stream_call(prompt(), c.handler());
-        },
-        10s);
+    const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
     INFO((out.error ? failure_text(out.error) : ""));
     REQUIRE_FALSE(out.error);
     CHECK(out.attempts == 3);
@@ -180,13 +181,7 @@ TEST_CASE("a stream cut after its first delta is not retried and reports what it
       server.set_plan("m", fault_plan{}.with_stream(st).with_script({r.fault}));
       keel::llm::client client = make_client(ctx, server, api, retrying);
       consumer c;
-      keel::llm::call_outcome out;
-      keel_test::run_against(
-          ctx, server,
-          [&]() -> asio::awaitable<void> {
-            out = co_await client.stream_call(prompt(), c.handler());
-          },
-          10s);
+      const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
       REQUIRE(out.error);
       CHECK(keel::llm::error_class(out.error) == "stream_interrupted");
       CHECK(keel::classify(out.error).condition == keel::condition::permanent);
@@ -220,15 +215,9 @@ TEST_CASE("a restartable stream is retried and the consumer is told to discard i
   server.set_plan("m", fault_plan{}.with_stream(st).with_script({fault_kind::stream_drop}));
   keel::llm::client client = make_client(ctx, server, "openai", retrying);
   consumer c;
-  keel::llm::call_outcome out;
   keel::llm::stream_call_options o;
   o.restartable = true;
-  keel_test::run_against(
-      ctx, server,
-      [&]() -> asio::awaitable<void> {
-        out = co_await client.stream_call(prompt(), c.handler(), o);
-      },
-      10s);
+  const keel::llm::call_outcome out = stream_once(ctx, server, client, c, o);
   REQUIRE_FALSE(out.error);
   CHECK(out.attempts == 2);
   CHECK(c.restarts == 1);
@@ -255,11 +244,7 @@ TEST_CASE("past the commit point no fallback entry answers", "[llm_client][strea
           server.base_url()),
       {}, {.seed = 1});
   consumer c;
-  keel::llm::call_outcome out;
-  keel_test::run_against(
-      ctx, server,
-      [&]() -> asio::awaitable<void> { out = co_await client.stream_call(prompt(), c.handler()); },
-      10s);
+  const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
   REQUIRE(out.error);
   CHECK(keel::llm::error_class(out.error) == "stream_interrupted");
   CHECK(server.stats().model("n").requests == 0);
@@ -278,11 +263,7 @@ TEST_CASE("a failure before the first delta falls back to the next entry", "[llm
                                        server.base_url()),
                            {}, {.seed = 1});
   consumer c;
-  keel::llm::call_outcome out;
-  keel_test::run_against(
-      ctx, server,
-      [&]() -> asio::awaitable<void> { out = co_await client.stream_call(prompt(), c.handler()); },
-      10s);
+  const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
   REQUIRE_FALSE(out.error);
   CHECK(out.entry == 1);
   REQUIRE_FALSE(c.deltas.empty());
@@ -298,17 +279,10 @@ TEST_CASE("a server that sends no first token in time is timed out and retried",
   server.set_plan("m", fault_plan{}.with_script({fault_kind::stall}));
   keel::llm::client client = make_client(ctx, server, "openai", retrying);
   consumer c;
-  keel::llm::call_outcome out;
   keel::llm::stream_call_options o;
   o.first_token_timeout = 0.05;
-  std::vector<std::string> retried;
   const auto t0 = std::chrono::steady_clock::now();
-  keel_test::run_against(
-      ctx, server,
-      [&]() -> asio::awaitable<void> {
-        out = co_await client.stream_call(prompt(), c.handler(), o);
-      },
-      10s);
+  const keel::llm::call_outcome out = stream_once(ctx, server, client, c, o);
   REQUIRE_FALSE(out.error);
   CHECK(std::chrono::steady_clock::now() - t0 < 5s);
   CHECK(out.attempts == 2);
@@ -329,13 +303,7 @@ TEST_CASE("first-token and idle timeouts name which one fired", "[llm_client][st
         R"({"retry": {"max_attempts": 2, "backoff": {"kind": "constant", "base": 0.001}},
             "stream": {"first_token_timeout": 0.05}})");
     consumer c;
-    keel::llm::call_outcome out;
-    keel_test::run_against(
-        ctx, server,
-        [&]() -> asio::awaitable<void> {
-          out = co_await client.stream_call(prompt(), c.handler());
-        },
-        10s);
+    const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
     REQUIRE(out.error);
     CHECK(out.attempts == 2);
     CHECK(c.deltas.empty());
@@ -479,7 +447,7 @@ TEST_CASE("a consumer that throws ends the call with its own error, not retried"
 
 TEST_CASE("a streamed call settles its token reservation with the final usage",
           "[llm_client][stream]") {
-  const auto remaining = [](std::vector<fault_kind> script, bool restartable) {
+  const auto remaining = [](std::vector<fault_kind> script) {
     asio::io_context ctx;
     keel::testing::mock_llm_server server(ctx);
     stream_settings st;
@@ -492,21 +460,13 @@ TEST_CASE("a streamed call settles its token reservation with the final usage",
                                        R"(, "tokens_per_minute": 60000)"),
                              http, buckets, {}, 1);
     consumer c;
-    keel::llm::call_outcome out;
-    keel::llm::stream_call_options o;
-    o.restartable = restartable;
-    keel_test::run_against(
-        ctx, server,
-        [&]() -> asio::awaitable<void> {
-          out = co_await client.stream_call(
-              keel::llm::chat_request::from_prompt("", "tell me about keels and hulls", 4000),
-              c.handler(), o);
-        },
-        10s);
+    const keel::llm::call_outcome out = stream_once(
+        ctx, server, client, c, {},
+        keel::llm::chat_request::from_prompt("", "tell me about keels and hulls", 4000));
     return std::pair{out, buckets.all().at(0).second->available_tokens()};
   };
   // A whole stream: reserved prompt + 4,000 max_tokens; settled to the reported usage (~20).
-  const auto [ok, after_ok] = remaining({}, false);
+  const auto [ok, after_ok] = remaining({});
   REQUIRE(ok.response);
   const double used = static_cast<double>(ok.response->usage.total());
   CHECK(used > 10);
@@ -514,7 +474,7 @@ TEST_CASE("a streamed call settles its token reservation with the final usage",
   CHECK(after_ok < 60000 - used + 50);
   // Cut after two chunks: settled to the estimate of what it used (prompt + 8 bytes of text),
   // not the 4,000-token reservation.
-  const auto [cut, after_cut] = remaining({fault_kind::stream_drop}, false);
+  const auto [cut, after_cut] = remaining({fault_kind::stream_drop});
   REQUIRE(cut.error);
   CHECK(after_cut > 60000 - 100);
   CHECK(after_cut < 60000 - 2);
@@ -532,15 +492,9 @@ TEST_CASE("a key the server echoes into a stream never reaches the consumer",
                   server.base_url()),
       {}, {.seed = 1});
   consumer c;
-  keel::llm::call_outcome out;
-  keel_test::run_against(
-      ctx, server,
-      [&]() -> asio::awaitable<void> {
-        out = co_await client.stream_call(
-            keel::llm::chat_request::from_prompt("", "is sk-ECHOED-KEY-99 mine? s", 64),
-            c.handler());
-      },
-      10s);
+  const keel::llm::call_outcome out =
+      stream_once(ctx, server, client, c, {},
+                  keel::llm::chat_request::from_prompt("", "is sk-ECHOED-KEY-99 mine? s", 64));
   REQUIRE_FALSE(out.error);
   CHECK(c.text == "mock answer to: is <redacted> mine? s");
   CHECK(out.response->text == c.text);
