@@ -36,6 +36,7 @@
 //
 // Prints one JSON line at the end.
 #include <keel/http/client.hpp>
+#include <keel/llm/client.hpp>
 #include <keel/llm/stream.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
@@ -145,7 +146,11 @@ struct run_options {
   int sample_every_ms = 100;
   bool census = false;
   bool tls = false;
+  bool client = false;
 };
+
+// 40 bytes of prompt: the mock answers "mock answer to: " + them, 56 bytes of text.
+const std::string prompt = "tell me about memory per stream, briefly";
 
 using tcp = asio::ip::tcp;
 
@@ -260,8 +265,6 @@ unsigned short start_mock(const run_options& o, pid_t& child) {
 }
 
 keel::http::request make_request(const run_options& o, const std::string& base) {
-  // 40 bytes of prompt: the mock answers "mock answer to: " + them, 56 bytes of text.
-  const std::string prompt = "tell me about memory per stream, briefly";
   keel::http::request req{"POST", base};
   req.set("content-type", "application/json");
   if (o.format == "openai") {
@@ -312,6 +315,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 60'000));
   app.add_flag("--census", o.census, "print live heap blocks by size (see the source)");
   app.add_flag("--tls", o.tls, "https:// through a TLS proxy in the mock's process");
+  app.add_flag("--client", o.client,
+               "each stream is a keel::llm::client::stream_call (the whole policy stack)");
   CLI11_PARSE(app, argc, argv);
 
   // N sockets here (and N in the mock's process, which inherits this limit).
@@ -341,6 +346,27 @@ int main(int argc, char** argv) {
   keel::http::client client{ctx.get_executor(), copts};
   const keel::http::request req = make_request(o, base);
   const auto kind = kind_of(o.format);
+  // --client: the configured client a newcomer writes (one entry, every policy default), with
+  // shared pacing off so that N streams open at once (the pacing state is per bucket, not per
+  // call, so it changes no memory per stream).
+  std::unique_ptr<keel::llm::client> llm;
+  if (o.client) {
+    const std::string entry =
+        o.format == "bedrock"
+            ? R"({"api_type": "bedrock", "model": "m", "aws_region": "us-east-1", "base_url": ")" +
+                  base + R"("})"
+            : R"({"api_type": ")" + o.format + R"(", "model": "m", "api_key": "k", "base_url": ")" +
+                  base + R"("})";
+    keel::llm::client_options lo;
+    lo.http = copts;
+    lo.shared_pacing = false;
+    lo.seed = 1;
+    llm = std::make_unique<keel::llm::client>(
+        ctx.get_executor(),
+        keel::llm::parse_config("[" + entry + "]", "<bench>",
+                                [](std::string_view) { return std::optional<std::string>{}; }),
+        keel::llm::client_hooks{}, lo);
+  }
 
   int opened = 0;
   int first_piece = 0;
@@ -353,6 +379,25 @@ int main(int argc, char** argv) {
   int open_at_sample_min = o.streams;
 
   auto stream = [&]() -> asio::awaitable<void> {
+    if (llm) {
+      ++opened;
+      bool first = true;
+      const keel::llm::call_outcome out = co_await llm->stream_call(
+          keel::llm::chat_request::from_prompt("", prompt, 64),
+          [&](const keel::llm::stream_delta&) -> asio::awaitable<void> {
+            if (first) {
+              ++first_piece;
+              first = false;
+            }
+            co_return;
+          });
+      if (!out.error) {
+        ++finished;
+      } else if (failed++ == 0) {
+        first_error = keel::llm::error_class(out.error);
+      }
+      co_return;
+    }
     try {
       keel::http::response_reader body = co_await client.open(req);
       ++opened;
@@ -446,12 +491,12 @@ int main(int argc, char** argv) {
   }
   const bool all_open = open_at_sample_min == o.streams;
   fmt::print(
-      "{{\"streams\":{},\"tls\":{},\"format\":\"{}\",\"chunk_latency_ms\":{},\"all_open_at_"
+      "{{\"streams\":{},\"client\":{},\"tls\":{},\"format\":\"{}\",\"chunk_latency_ms\":{},\"all_open_at_"
       "samples\":{},"
       "\"seconds_to_first_pieces\":{:.2f},\"heap_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:."
       "0f},\"max\":{:.0f}}},\"rss_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:.0f},\"max\":{:."
       "0f}}},\"finished\":{},\"failed\":{},\"stream_errors\":{}}}\n",
-      o.streams, o.tls, o.format, o.chunk_latency_ms, all_open, all_open_s,
+      o.streams, o.client, o.tls, o.format, o.chunk_latency_ms, all_open, all_open_s,
       static_cast<double>(median(heap_samples)) / n,
       static_cast<double>(*std::min_element(heap_samples.begin(), heap_samples.end())) / n,
       static_cast<double>(*std::max_element(heap_samples.begin(), heap_samples.end())) / n,
