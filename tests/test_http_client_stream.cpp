@@ -830,3 +830,30 @@ TEST_CASE("https open: a TLS body arrives in pieces and the connection is reused
   CHECK(cl.connections_opened() == 1);
   CHECK(srv.accepts == 1);
 }
+
+TEST_CASE("https open: a large TLS body read in pieces arrives whole (records span reads)",
+          "[http][stream]") {
+  // A streamed TLS read waits in a one-byte read and then takes the record's pending plaintext:
+  // a body of many full 16 KiB records, some written at once, must arrive byte for byte.
+  test_pki pki;
+  asio::io_context ctx;
+  stream_server srv(ctx, &pki.server_ctx);
+  std::string big;
+  for (int i = 0; i < 100000; ++i) {
+    big += static_cast<char>('a' + i % 26);
+  }
+  srv.plan = [&big](int) {
+    return script{emit(chunked_head + chunk(big.substr(0, 70000))), emit(chunk(big.substr(70000))),
+                  emit(last_chunk)};
+  };
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  kh::client cl(ctx.get_executor(), opts);
+  auto body = [&]() -> asio::awaitable<std::string> {
+    auto r = co_await cl.open(kh::request("GET", srv.url()));
+    co_return co_await read_all(r);
+  };
+  auto out = run_one(ctx, body());
+  REQUIRE(out.value);
+  CHECK(*out.value == big);
+}
