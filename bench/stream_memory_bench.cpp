@@ -382,15 +382,15 @@ int main(int argc, char** argv) {
     if (llm) {
       ++opened;
       bool first = true;
-      const keel::llm::call_outcome out = co_await llm->stream_call(
-          keel::llm::chat_request::from_prompt("", prompt, 64),
-          [&](const keel::llm::stream_delta&) -> asio::awaitable<void> {
-            if (first) {
-              ++first_piece;
-              first = false;
-            }
-            co_return;
-          });
+      const keel::llm::call_outcome out =
+          co_await llm->stream_call(keel::llm::chat_request::from_prompt("", prompt, 64),
+                                    [&](const keel::llm::stream_delta&) -> asio::awaitable<void> {
+                                      if (first) {
+                                        ++first_piece;
+                                        first = false;
+                                      }
+                                      co_return;
+                                    });
       if (!out.error) {
         ++finished;
       } else if (failed++ == 0) {
@@ -491,7 +491,8 @@ int main(int argc, char** argv) {
   }
   const bool all_open = open_at_sample_min == o.streams;
   fmt::print(
-      "{{\"streams\":{},\"client\":{},\"tls\":{},\"format\":\"{}\",\"chunk_latency_ms\":{},\"all_open_at_"
+      "{{\"streams\":{},\"client\":{},\"tls\":{},\"format\":\"{}\",\"chunk_latency_ms\":{},\"all_"
+      "open_at_"
       "samples\":{},"
       "\"seconds_to_first_pieces\":{:.2f},\"heap_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:."
       "0f},\"max\":{:.0f}}},\"rss_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:.0f},\"max\":{:."
