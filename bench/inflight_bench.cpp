@@ -41,19 +41,15 @@
 #include <string>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
 
 namespace {
 
-long resident_bytes() {
-  std::ifstream statm("/proc/self/statm");
-  long size = 0;
-  long resident = 0;
-  statm >> size >> resident;
-  return resident * sysconf(_SC_PAGESIZE);
-}
+using keel_bench::resident_bytes;
 
 struct run_options {
   int calls = 100'000;

@@ -74,6 +74,8 @@
 #include <string>
 #include <vector>
 
+#include "bench_support.hpp"
+
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 
@@ -125,13 +127,7 @@ void __wrap_free(void* p) noexcept {
 
 namespace {
 
-long resident_bytes() {
-  std::ifstream statm("/proc/self/statm");
-  long size = 0;
-  long resident = 0;
-  statm >> size >> resident;
-  return resident * sysconf(_SC_PAGESIZE);
-}
+using keel_bench::resident_bytes;
 
 long heap_bytes() {
   return static_cast<long>(mallinfo2().uordblks);
