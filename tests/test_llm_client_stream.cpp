@@ -447,37 +447,48 @@ TEST_CASE("a consumer that throws ends the call with its own error, not retried"
 
 TEST_CASE("a streamed call settles its token reservation with the final usage",
           "[llm_client][stream]") {
-  const auto remaining = [](std::vector<fault_kind> script) {
+  // The bucket refills on the steady clock (100 tokens/s at 6,000 per minute). The prompt is
+  // ~1,000 tokens so that what a settle leaves differs from a held reservation (+4,000) by far
+  // more than a slow run refills: the checks below hold for runs of up to ~5 s.
+  const std::string prompt = [] {
+    std::string p;
+    while (p.size() < 4000) {
+      p += "tell me about keels and hulls. ";
+    }
+    return p;
+  }();
+  const auto remaining = [&](std::vector<fault_kind> script) {
     asio::io_context ctx;
     keel::testing::mock_llm_server server(ctx);
     stream_settings st;
+    st.chunk_bytes = 256;
     st.fault_after_chunks = 2;
     server.set_plan("m", fault_plan{}.with_stream(st).with_script(std::move(script)));
     keel::http::client http(ctx.get_executor(), {});
     keel::llm::bucket_registry buckets(ctx.get_executor());
     keel::llm::client client(ctx.get_executor(),
                              one_entry(server, "openai", R"({"retry": {"max_attempts": 1}})",
-                                       R"(, "tokens_per_minute": 60000)"),
+                                       R"(, "tokens_per_minute": 6000)"),
                              http, buckets, {}, 1);
     consumer c;
     const keel::llm::call_outcome out = stream_once(
-        ctx, server, client, c, {},
-        keel::llm::chat_request::from_prompt("", "tell me about keels and hulls", 4000));
+        ctx, server, client, c, {}, keel::llm::chat_request::from_prompt("", prompt, 4000));
     return std::pair{out, buckets.all().at(0).second->available_tokens()};
   };
-  // A whole stream: reserved prompt + 4,000 max_tokens; settled to the reported usage (~20).
+  const double estimate_prompt = static_cast<double>(prompt.size()) / 4;
+  // A whole stream: reserved prompt + 4,000 max_tokens; settled to the reported usage.
   const auto [ok, after_ok] = remaining({});
   REQUIRE(ok.response);
   const double used = static_cast<double>(ok.response->usage.total());
-  CHECK(used > 10);
-  CHECK(after_ok >= 60000 - used - 1);
-  CHECK(after_ok < 60000 - used + 50);
-  // Cut after two chunks: settled to the estimate of what it used (prompt + 8 bytes of text),
-  // not the 4,000-token reservation.
+  CHECK(used > estimate_prompt * 0.9);
+  CHECK(after_ok >= 6000 - used - 1);
+  CHECK(after_ok < 6000 - used + 400);
+  // Cut after two chunks: settled to the estimate of what it used (prompt + 512 bytes of text),
+  // not the 4,000-token reservation (which would leave ~1,000 plus the refill).
   const auto [cut, after_cut] = remaining({fault_kind::stream_drop});
   REQUIRE(cut.error);
-  CHECK(after_cut > 60000 - 100);
-  CHECK(after_cut < 60000 - 2);
+  CHECK(after_cut > 6000 - estimate_prompt - 300);
+  CHECK(after_cut < 6000 - estimate_prompt + 500);
 }
 
 TEST_CASE("a key the server echoes into a stream never reaches the consumer",

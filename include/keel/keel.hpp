@@ -29,4 +29,5 @@
 #include <keel/result.hpp>
 #include <keel/retry.hpp>
 #include <keel/retry_budget.hpp>
+#include <keel/stream_guard.hpp>
 #include <keel/throttler.hpp>

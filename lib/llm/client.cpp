@@ -15,6 +15,7 @@
 #include <keel/llm/stream.hpp>
 #include <keel/llm/tokens.hpp>
 #include <keel/retry.hpp>
+#include <keel/stream_guard.hpp>
 
 #include <boost/asio/error.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -126,23 +127,19 @@ struct client::call_state {
 };
 
 struct client::stream_state {
+  explicit stream_state(bool restartable) : commit(restartable) {}
   delta_handler on_delta;
   double first_token_timeout = 0;  // seconds; 0: none (an entry's shorter timeout wins)
   double idle_timeout = 0;
-  bool restartable = false;
   clock_type::time_point started;
-  // The commit point: a delta has reached the caller. After it a failure is not retried
-  // (unless restartable) and the next attempt's first delta restarts the reply.
-  bool committed = false;
-  std::size_t delivered_bytes = 0;
-  std::size_t delivered_deltas = 0;
+  // The commit point (keel/stream_guard.hpp): past it a failure is not retried (unless
+  // restartable) and the next attempt's first delta restarts the reply.
+  keel::stream_commit commit;
   std::optional<double> first_token_seconds;
   // Tokens the failed attempt used, by estimate (settled into the bucket).
   double partial_tokens = 0;
-  // The consumer's handler threw: its error ends the call.
-  bool consumer_failed = false;
   // True once no further retry or fallback may run.
-  bool final() const noexcept { return consumer_failed || (committed && !restartable); }
+  bool final() const noexcept { return commit.final(); }
 };
 
 struct client::owned {
@@ -503,34 +500,20 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
                                                                  keel::hedge_attempt* hedge) {
   stream_state& ss = *cs.stream;
   ss.partial_tokens = 0;
-  const auto sent = clock_type::now();
   double first = ss.first_token_timeout;
   if (es.cfg->timeout && *es.cfg->timeout > 0 && (first <= 0 || *es.cfg->timeout < first)) {
     first = *es.cfg->timeout;
   }
-  bool got_text = false;
-  // Before the first text: what is left of the first-token deadline; after it: the idle
-  // timeout, per read (the consumer's time between reads is not silence of the server).
-  auto limit = [&]() -> std::optional<nanoseconds> {
-    if (!got_text) {
-      if (first <= 0) {
-        return std::nullopt;
-      }
-      return std::max(nanoseconds{0},
-                      duration_cast<nanoseconds>(sent + seconds_ns(first) - clock_type::now()));
-    }
-    if (ss.idle_timeout <= 0) {
-      return std::nullopt;
-    }
-    return seconds_ns(ss.idle_timeout);
-  };
-  // A timeout names which one it was (both are `deadline_exceeded`, condition timeout).
-  auto timed_out = [&]() {
-    const std::string what = got_text ? "stream idle for " + std::to_string(ss.idle_timeout) + " s"
-                                      : "no first token within " + std::to_string(first) + " s";
-    return std::make_exception_ptr(
-        keel::failure(keel::make_error_code(keel::error::deadline_exceeded), what));
-  };
+  // The first-token timeout runs from here; the idle timeout per read after the first text
+  // (the consumer's time between reads is not silence of the server).
+  keel::stream_timeouts timeouts;
+  if (first > 0) {
+    timeouts.first_token = seconds_ns(first);
+  }
+  if (ss.idle_timeout > 0) {
+    timeouts.idle = seconds_ns(ss.idle_timeout);
+  }
+  keel::stream_watch watch(timeouts);
   const std::optional<keel::llm::aws_credentials>& creds = es.cfg->aws;
   auto masked = [&](const keel::llm::provider_error& e) {
     // A server may echo the credentials it was sent, as in `keel::llm::complete`.
@@ -542,143 +525,118 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
   };
 
   std::optional<keel::http::response_reader> reader;
-  auto read = [&]() -> asio::awaitable<std::optional<std::string>> {
-    if (const auto lim = limit()) {
-      co_return co_await keel::with_deadline([&] { return reader->read_some(); }, *lim);
-    }
-    co_return co_await reader->read_some();
-  };
+  auto read = [&] { return watch.next([&] { return reader->read_some(); }); };
   std::size_t attempt_bytes = 0;  // text this attempt received
   keel::llm::token_usage usage;
   try {
-    try {
-      if (const auto lim = limit()) {
-        reader.emplace(
-            co_await keel::with_deadline([&] { return es.http->open(std::move(http_req)); }, *lim));
-      } else {
-        reader.emplace(co_await es.http->open(std::move(http_req)));
+    reader.emplace(co_await watch.next([&] { return es.http->open(std::move(http_req)); }));
+    const keel::http::response& head = reader->head();
+    if (head.status < 200 || head.status > 299) {
+      // An error answer is a whole JSON body: read it (bounded by the transport) and classify
+      // it exactly as a non-streamed call would.
+      keel::http::response res = head;
+      while (auto piece = co_await read()) {
+        res.body += *piece;
       }
-      const keel::http::response& head = reader->head();
-      if (head.status < 200 || head.status > 299) {
-        // An error answer is a whole JSON body: read it (bounded by the transport) and classify
-        // it exactly as a non-streamed call would.
-        keel::http::response res = head;
-        while (auto piece = co_await read()) {
-          res.body += *piece;
-        }
-        try {
-          keel::llm::parse_response(res, es.cfg->api_type, std::chrono::system_clock::now());
-        } catch (const keel::llm::provider_error& e) {
-          throw masked(e);
-        }
-        throw std::logic_error("keel: a non-2xx response parsed as a reply");  // unreachable
+      try {
+        keel::llm::parse_response(res, es.cfg->api_type, std::chrono::system_clock::now());
+      } catch (const keel::llm::provider_error& e) {
+        throw masked(e);
       }
-      keel::llm::stream_options opts;
-      opts.http_status = head.status;
-      for (std::string_view name : {"x-request-id", "request-id", "x-amzn-requestid"}) {
-        if (auto v = head.headers.find(name); v && opts.request_id.empty()) {
-          opts.request_id = std::string(*v);
-        }
-      }
-      keel::llm::chat_response out;
-      out.request_id = opts.request_id;
-      out.rate_limits =
-          keel::llm::parse_rate_limits(head.headers, std::chrono::system_clock::now());
-      auto decoder = keel::llm::make_stream_decoder(es.cfg->api_type, std::move(opts));
-      // A key the server echoes never reaches the consumer, even split across two deltas.
-      keel::llm::stream_scrubber scrubber(secrets_, secret_marker);
-      std::string safe;
-      std::size_t attempt_delivered = 0;  // text this attempt handed to the consumer
-      auto deliver = [&](std::string_view text) -> asio::awaitable<void> {
-        if (text.empty()) {
-          co_return;
-        }
-        if (attempt_delivered == 0 && hedge && !hedge->commit()) {
-          // A hedged stream: another copy produced its first text first.
-          reader->close();
-          throw boost::system::system_error(asio::error::operation_aborted);
-        }
-        stream_delta d;
-        d.text = text;
-        d.entry = es.index;
-        if (attempt_delivered == 0 && ss.committed) {
-          // A restartable stream's new attempt: the caller discards what it has.
-          d.restart = true;
-          ss.delivered_bytes = 0;
-          ss.delivered_deltas = 0;
-        }
-        ss.committed = true;
-        if (!ss.first_token_seconds) {
-          ss.first_token_seconds = seconds_since(ss.started);
-        }
-        attempt_delivered += text.size();
-        ss.delivered_bytes += text.size();
-        ++ss.delivered_deltas;
-        try {
-          co_await ss.on_delta(d);
-        } catch (...) {
-          ss.consumer_failed = true;  // the caller's own failure: never retried
-          throw;
-        }
-        if ((co_await asio::this_coro::cancellation_state).cancelled() !=
-            asio::cancellation_type::none) {
-          reader->close();  // the consumer was cancelled: stop the generation now
-          throw boost::system::system_error(asio::error::operation_aborted);
-        }
-      };
-      std::vector<keel::llm::stream_event> events;
-      for (bool ended = false; !ended;) {
-        std::optional<std::string> piece = co_await read();
-        events.clear();
-        if (piece) {
-          decoder->feed(*piece, events);
-        } else {
-          decoder->finish(events);  // appends done or (cut short) a transport error
-        }
-        for (keel::llm::stream_event& ev : events) {
-          switch (ev.kind) {
-            case keel::llm::stream_event_kind::start:
-              if (!ev.model.empty()) {
-                out.model = std::move(ev.model);
-              }
-              break;
-            case keel::llm::stream_event_kind::text: {
-              got_text = true;
-              attempt_bytes += ev.text.size();
-              out.text += ev.text;  // scrubbed whole in run_call
-              safe.clear();
-              scrubber.feed(ev.text, safe);
-              co_await deliver(safe);
-              break;
-            }
-            case keel::llm::stream_event_kind::finish:
-              out.finish_reason = std::move(ev.finish_reason);
-              break;
-            case keel::llm::stream_event_kind::usage:
-              usage = ev.usage;
-              out.usage = ev.usage;
-              break;
-            case keel::llm::stream_event_kind::done:
-              safe.clear();
-              scrubber.finish(safe);
-              co_await deliver(safe);
-              ended = true;
-              break;
-            case keel::llm::stream_event_kind::error:
-              throw masked(*ev.error);
-          }
-        }
-        if (!piece) {
-          ended = true;
-        }
-      }
-      co_return out;
-    } catch (const boost::system::system_error& e) {
-      if (e.code() == keel::make_error_code(keel::error::deadline_exceeded)) {
-        std::rethrow_exception(timed_out());
-      }
-      throw;
+      throw std::logic_error("keel: a non-2xx response parsed as a reply");  // unreachable
     }
+    keel::llm::stream_options opts;
+    opts.http_status = head.status;
+    for (std::string_view name : {"x-request-id", "request-id", "x-amzn-requestid"}) {
+      if (auto v = head.headers.find(name); v && opts.request_id.empty()) {
+        opts.request_id = std::string(*v);
+      }
+    }
+    keel::llm::chat_response out;
+    out.request_id = opts.request_id;
+    out.rate_limits = keel::llm::parse_rate_limits(head.headers, std::chrono::system_clock::now());
+    auto decoder = keel::llm::make_stream_decoder(es.cfg->api_type, std::move(opts));
+    // A key the server echoes never reaches the consumer, even split across two deltas.
+    keel::llm::stream_scrubber scrubber(secrets_, secret_marker);
+    std::string safe;
+    std::size_t attempt_delivered = 0;  // text this attempt handed to the consumer
+    auto deliver = [&](std::string_view text) -> asio::awaitable<void> {
+      if (text.empty()) {
+        co_return;
+      }
+      if (attempt_delivered == 0 && hedge && !hedge->commit()) {
+        // A hedged stream: another copy produced its first text first.
+        reader->close();
+        throw boost::system::system_error(asio::error::operation_aborted);
+      }
+      stream_delta d;
+      d.text = text;
+      d.entry = es.index;
+      // A restartable stream's new attempt: the caller discards what it has.
+      d.restart = ss.commit.deliver(text.size(), attempt_delivered == 0);
+      if (!ss.first_token_seconds) {
+        ss.first_token_seconds = seconds_since(ss.started);
+      }
+      attempt_delivered += text.size();
+      try {
+        co_await ss.on_delta(d);
+      } catch (...) {
+        ss.commit.consumer_failed();  // the caller's own failure: never retried
+        throw;
+      }
+      if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+          asio::cancellation_type::none) {
+        reader->close();  // the consumer was cancelled: stop the generation now
+        throw boost::system::system_error(asio::error::operation_aborted);
+      }
+    };
+    std::vector<keel::llm::stream_event> events;
+    for (bool ended = false; !ended;) {
+      std::optional<std::string> piece = co_await read();
+      events.clear();
+      if (piece) {
+        decoder->feed(*piece, events);
+      } else {
+        decoder->finish(events);  // appends done or (cut short) a transport error
+      }
+      for (keel::llm::stream_event& ev : events) {
+        switch (ev.kind) {
+          case keel::llm::stream_event_kind::start:
+            if (!ev.model.empty()) {
+              out.model = std::move(ev.model);
+            }
+            break;
+          case keel::llm::stream_event_kind::text: {
+            watch.first_token_seen();
+            attempt_bytes += ev.text.size();
+            out.text += ev.text;  // scrubbed whole in run_call
+            safe.clear();
+            scrubber.feed(ev.text, safe);
+            co_await deliver(safe);
+            break;
+          }
+          case keel::llm::stream_event_kind::finish:
+            out.finish_reason = std::move(ev.finish_reason);
+            break;
+          case keel::llm::stream_event_kind::usage:
+            usage = ev.usage;
+            out.usage = ev.usage;
+            break;
+          case keel::llm::stream_event_kind::done:
+            safe.clear();
+            scrubber.finish(safe);
+            co_await deliver(safe);
+            ended = true;
+            break;
+          case keel::llm::stream_event_kind::error:
+            throw masked(*ev.error);
+        }
+      }
+      if (!piece) {
+        ended = true;
+      }
+    }
+    co_return out;
   } catch (...) {
     // What the cut stream used: its reported usage, or the prompt and the text it wrote.
     ss.partial_tokens =
@@ -809,12 +767,11 @@ asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request reques
                                                   delta_handler on_delta,
                                                   stream_call_options options, const void* context,
                                                   keel::bulkhead_permit slot) {
-  stream_state ss;
-  ss.on_delta = std::move(on_delta);
   const stream_config& sc = cfg_.policy.stream;
+  stream_state ss(options.restartable.value_or(sc.restartable));
+  ss.on_delta = std::move(on_delta);
   ss.first_token_timeout = options.first_token_timeout.value_or(sc.first_token_timeout);
   ss.idle_timeout = options.idle_timeout.value_or(sc.idle_timeout);
-  ss.restartable = options.restartable.value_or(sc.restartable);
   call_state cs;
   cs.request = std::move(request);
   cs.context = context;
@@ -822,17 +779,11 @@ asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request reques
   cs.stream = &ss;
   call_outcome out = co_await run_call(cs);
   out.first_token_seconds = ss.first_token_seconds;
-  out.delivered_bytes = ss.delivered_bytes;
-  out.delivered_deltas = ss.delivered_deltas;
-  if (out.error && ss.committed && !ss.consumer_failed &&
-      keel::classify(out.error).condition != keel::condition::cancelled) {
+  out.delivered_bytes = ss.commit.delivered_bytes();
+  out.delivered_deltas = ss.commit.delivered_deltas();
+  if (out.error) {
     // Past the commit point: the caller has part of a reply that keel could not finish.
-    const std::string what = "stream interrupted after " + std::to_string(ss.delivered_bytes) +
-                             " bytes in " + std::to_string(ss.delivered_deltas) + " deltas (" +
-                             keel::llm::error_class(out.error) + ")";
-    keel::failure f(keel::make_error_code(keel::error::stream_interrupted), what, {out.error});
-    f.set_attempts(out.attempts);
-    out.error = std::make_exception_ptr(std::move(f));
+    out.error = ss.commit.outcome(out.error, out.attempts, keel::llm::error_class(out.error));
   }
   co_return out;
 }
