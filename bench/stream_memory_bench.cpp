@@ -56,6 +56,8 @@
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 
+#include <cxxabi.h>
+#include <execinfo.h>
 #include <malloc.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -71,6 +73,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -86,10 +89,26 @@ constexpr std::size_t census_sizes = 1 << 17;  // usable sizes below 128 KiB, on
 // operations: its recycling allocator calls aligned_alloc). The last slot: 128 KiB and more.
 std::array<std::array<std::int64_t, census_sizes + 1>, 2> census_live{};
 bool census_on = false;
+// --census-where: the call stack of the first block of each size (backtrace(3); the binary
+// exports its symbols so that backtrace_symbols can name keel's coroutines).
+bool census_where = false;
+constexpr int where_depth = 10;
+std::map<std::pair<int, std::size_t>, std::vector<void*>>* census_stacks = nullptr;
+thread_local bool in_census = false;
 
 void census_add(int kind, void* p, std::int64_t sign) {
   if (census_on && p != nullptr) {
-    census_live[kind][std::min(malloc_usable_size(p), census_sizes)] += sign;
+    const std::size_t size = std::min(malloc_usable_size(p), census_sizes);
+    census_live[kind][size] += sign;
+    if (census_where && sign > 0 && !in_census && census_stacks) {
+      in_census = true;
+      auto [it, fresh] = census_stacks->try_emplace({kind, size});
+      if (fresh) {
+        it->second.resize(where_depth);
+        it->second.resize(static_cast<std::size_t>(backtrace(it->second.data(), where_depth)));
+      }
+      in_census = false;
+    }
   }
 }
 }  // namespace
@@ -310,6 +329,8 @@ int main(int argc, char** argv) {
   app.add_option("--sample-every-ms", o.sample_every_ms, "time between samples")
       ->check(CLI::Range(1, 60'000));
   app.add_flag("--census", o.census, "print live heap blocks by size (see the source)");
+  app.add_flag("--census-where", census_where,
+               "with --census: the call stack of each size's first block");
   app.add_flag("--tls", o.tls, "https:// through a TLS proxy in the mock's process");
   app.add_flag("--client", o.client,
                "each stream is a keel::llm::client::stream_call (the whole policy stack)");
@@ -437,6 +458,8 @@ int main(int argc, char** argv) {
   rss_samples.reserve(static_cast<std::size_t>(o.samples));
   const long heap_before = heap_bytes();
   const long rss_before = resident_bytes();
+  std::map<std::pair<int, std::size_t>, std::vector<void*>> stacks;
+  census_stacks = &stacks;
   census_on = o.census;
   const auto start = std::chrono::steady_clock::now();
   double all_open_s = 0;
@@ -478,6 +501,27 @@ int main(int argc, char** argv) {
           fmt::print("{:>14} {:>10}{} {:>10.2f} {:>12.0f}\n",
                      via == 0 ? "operator new" : "aligned_alloc", s, s == census_sizes ? "+" : " ",
                      live / n, live * static_cast<double>(s) / n);
+          if (census_where && census_stacks) {
+            if (auto it = census_stacks->find({via, s}); it != census_stacks->end()) {
+              char** names =
+                  backtrace_symbols(it->second.data(), static_cast<int>(it->second.size()));
+              for (std::size_t f = 2; names && f < it->second.size(); ++f) {
+                std::string name = names[f];
+                const auto open = name.find('(');
+                const auto plus = name.find('+', open);
+                if (open != std::string::npos && plus != std::string::npos && plus > open + 1) {
+                  int status = 0;
+                  const std::string mangled = name.substr(open + 1, plus - open - 1);
+                  if (char* d = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status)) {
+                    name = d;
+                    std::free(d);
+                  }
+                }
+                fmt::print("{:>50}{}\n", "", name.substr(0, 160));
+              }
+              std::free(names);
+            }
+          }
         }
       }
     }

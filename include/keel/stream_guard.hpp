@@ -27,7 +27,12 @@
 //    call's whole deadline (`with_deadline` around the call, which still applies). Each read goes
 //    through `next(op)`, which runs it under `with_deadline` with whatever limit applies now; a
 //    timeout throws `keel::failure` with `error::deadline_exceeded` (condition timeout, so it is
-//    retried before the commit point) and a message saying which one fired.
+//    retried before the commit point) and a message saying which one fired. A read that can be
+//    ended from outside (a socket read ends when its connection closes) goes through
+//    `next(op, abort)` instead: one timer of the watch, re-armed per read, calls `abort()` when
+//    the limit passes, and no coroutine thread is spawned per read (keel::llm::client reads
+//    streams this way: an idle stream then holds one pending timer wait, not a `with_deadline`
+//    thread and its frames).
 //
 // Design: the commit point is a plain state object, not a combinator, because what it decides is
 // consulted by three combinators at once (retry, fallback and, for hedged streams, `with_hedge`'s
@@ -62,14 +67,18 @@
 #include <keel/error.hpp>
 
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/system/system_error.hpp>
 
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace keel {
 
@@ -171,12 +180,7 @@ class basic_stream_watch {
   template <class MakeOp>
   requires detail::is_op_factory_v<MakeOp> boost::asio::awaitable<detail::op_value_t<MakeOp>> next(
       MakeOp op) {
-    std::optional<typename Clock::time_point> at;
-    if (!seen_first_) {
-      at = first_deadline_;
-    } else if (timeouts_.idle > std::chrono::nanoseconds::zero()) {
-      at = saturating_add(Clock::now(), timeouts_.idle);
-    }
+    const std::optional<typename Clock::time_point> at = limit_at();
     if (!at) {
       co_return co_await op();
     }
@@ -190,9 +194,86 @@ class basic_stream_watch {
         throw;
       }
     }
-    throw failure(make_error_code(error::deadline_exceeded),
-                  first ? "no first token within " + seconds_text(timeouts_.first_token)
-                        : "stream idle for " + seconds_text(timeouts_.idle));
+    throw timed_out(first);
+  }
+
+  /// Runs one read, `op()`, under the same limit as `next(op)`, enforced by calling `abort()`
+  /// instead of cancelling the read: the cheap form for a read that can be ended from outside
+  /// (a socket read ends when its connection is closed). No coroutine thread is spawned: one
+  /// timer of the watch, re-armed per read, calls `abort()` if the limit passes first.
+  /// @param op a callable returning a fresh awaitable; called once.
+  /// @param abort called (at most once, on the caller's executor, while `op()` is in progress)
+  ///   when the limit passes; it must make `op()` complete soon, with any value or error.
+  /// @returns the read's value.
+  /// @throws keel::failure with `error::deadline_exceeded` naming the timeout if the limit passed
+  ///   first (then what the read returned or threw is discarded; without calling `op` if the
+  ///   first-token deadline has already passed); otherwise what `op` threw.
+  /// Cancellation: the read runs in the caller's coroutine, so cancelling the caller cancels it
+  ///   as if `next` were not there; its error propagates, unchanged.
+  template <class MakeOp, class Abort>
+  requires detail::is_op_factory_v<MakeOp> && std::invocable<Abort&>
+      boost::asio::awaitable<detail::op_value_t<MakeOp>> next(MakeOp op, Abort abort) {
+    using T = detail::op_value_t<MakeOp>;
+    const std::optional<typename Clock::time_point> at = limit_at();
+    if (!at) {
+      co_return co_await op();
+    }
+    const bool first = !seen_first_;
+    if (Clock::now() >= *at) {
+      throw timed_out(first);
+    }
+    if (!timer_) {
+      timer_.emplace(co_await boost::asio::this_coro::executor);
+      armed_ = std::make_shared<arming>();
+    }
+    // The timer's handler may run after this read has finished (its expiry was already queued)
+    // or after the watch is gone: it acts only while `active`, which the read's end clears.
+    armed_->active = true;
+    armed_->fired = false;
+    armed_->abort = &abort;
+    armed_->call = [](void* a) { (*static_cast<Abort*>(a))(); };
+    timer_->expires_at(*at);
+    timer_->async_wait([a = armed_](const boost::system::error_code& ec) {
+      if (!ec && a->active) {
+        a->active = false;
+        a->fired = true;
+        a->call(a->abort);
+      }
+    });
+    struct disarm {
+      basic_stream_watch& w;
+      ~disarm() {
+        w.armed_->active = false;
+        w.timer_->cancel();
+      }
+    };
+    if constexpr (std::is_void_v<T>) {
+      try {
+        disarm guard{*this};
+        co_await op();
+      } catch (...) {
+        if (!armed_->fired) {
+          throw;
+        }
+      }
+      if (armed_->fired) {
+        throw timed_out(first);
+      }
+    } else {
+      std::optional<T> value;
+      try {
+        disarm guard{*this};
+        value.emplace(co_await op());
+      } catch (...) {
+        if (!armed_->fired) {
+          throw;
+        }
+      }
+      if (armed_->fired) {
+        throw timed_out(first);
+      }
+      co_return std::move(*value);
+    }
   }
 
   /// Records that the first delta has come: later reads are under the idle timeout.
@@ -209,9 +290,36 @@ class basic_stream_watch {
     return detail::format_seconds(std::chrono::duration<double>(d).count());
   }
 
+  // What applies to the next read: the first-token deadline, or now + the idle timeout.
+  std::optional<typename Clock::time_point> limit_at() const {
+    if (!seen_first_) {
+      return first_deadline_;
+    }
+    if (timeouts_.idle > std::chrono::nanoseconds::zero()) {
+      return saturating_add(Clock::now(), timeouts_.idle);
+    }
+    return std::nullopt;
+  }
+
+  failure timed_out(bool first) const {
+    return failure(make_error_code(error::deadline_exceeded),
+                   first ? "no first token within " + seconds_text(timeouts_.first_token)
+                         : "stream idle for " + seconds_text(timeouts_.idle));
+  }
+
+  // Shared with the timer's pending handler, which may outlive a read or the watch.
+  struct arming {
+    bool active = false;
+    bool fired = false;
+    void* abort = nullptr;
+    void (*call)(void*) = nullptr;
+  };
+
   stream_timeouts timeouts_;
   std::optional<typename Clock::time_point> first_deadline_;
   bool seen_first_ = false;
+  std::optional<basic_timer<Clock>> timer_;
+  std::shared_ptr<arming> armed_;
 };
 
 /// The stream watch on `std::chrono::steady_clock`.

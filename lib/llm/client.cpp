@@ -112,20 +112,6 @@ struct client::entry_state {
   std::unique_ptr<keel::hedge_budget> hedges;
 };
 
-struct client::call_state {
-  keel::llm::chat_request request;
-  const void* context = nullptr;
-  int attempts = 0;
-  std::size_t entry = 0;
-  // The AWS SDK headers of the entry being tried (Bedrock only): one invocation per entry, as
-  // each entry is a call on its own client, with its own attempt count and maximum.
-  std::optional<keel::aws::sdk_invocation> invocation;
-  // The attempt slot (client_options::attempt_slots) while the call holds one.
-  keel::bulkhead_permit slot;
-  // Streamed calls only (null for `call`).
-  stream_state* stream = nullptr;
-};
-
 struct client::stream_state {
   explicit stream_state(bool restartable) : commit(restartable) {}
   delta_handler on_delta;
@@ -140,6 +126,20 @@ struct client::stream_state {
   double partial_tokens = 0;
   // True once no further retry or fallback may run.
   bool final() const noexcept { return commit.final(); }
+};
+
+struct client::call_state {
+  keel::llm::chat_request request;
+  const void* context = nullptr;
+  int attempts = 0;
+  std::size_t entry = 0;
+  // The AWS SDK headers of the entry being tried (Bedrock only): one invocation per entry, as
+  // each entry is a call on its own client, with its own attempt count and maximum.
+  std::optional<keel::aws::sdk_invocation> invocation;
+  // The attempt slot (client_options::attempt_slots) while the call holds one.
+  keel::bulkhead_permit slot;
+  // Streamed calls only (empty for `call`).
+  std::optional<stream_state> stream;
 };
 
 struct client::owned {
@@ -305,9 +305,15 @@ const keel::circuit_breaker* client::breaker(std::size_t i) const {
 }
 
 asio::awaitable<keel::llm::chat_response> client::hedged_attempt(entry_state& es, call_state& cs) {
+  // Not a coroutine: without hedging the attempt's awaitable is returned as it is, with no frame
+  // of this function held for the attempt's life (a stream's life, for a streamed call).
   if (!es.hedges) {
-    co_return co_await attempt(es, cs, nullptr);
+    return attempt(es, cs, nullptr);
   }
+  return hedge_attempts(es, cs);
+}
+
+asio::awaitable<keel::llm::chat_response> client::hedge_attempts(entry_state& es, call_state& cs) {
   const hedge_config& hc = cfg_.policy.hedge;
   keel::hedge_policy hp;
   hp.max_attempts = static_cast<std::size_t>(hc.max_attempts);
@@ -525,7 +531,10 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
   };
 
   std::optional<keel::http::response_reader> reader;
-  auto read = [&] { return watch.next([&] { return reader->read_some(); }); };
+  // A read that times out is ended by closing the connection (no coroutine thread per read).
+  auto read = [&] {
+    return watch.next([&] { return reader->read_some(); }, [&] { reader->close(); });
+  };
   std::size_t attempt_bytes = 0;  // text this attempt received
   keel::llm::token_usage usage;
   try {
@@ -754,13 +763,15 @@ asio::awaitable<keel::bulkhead_permit> client::admit() {
   co_return co_await slots_->acquire();
 }
 
+// `call` and `stream_call` are not coroutines: the call's state moves into `run_call`'s frame,
+// so a call holds one frame fewer for its life (a stream's life, for a streamed call).
 asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, const void* context,
                                            keel::bulkhead_permit slot) {
   call_state cs;
   cs.request = std::move(request);
   cs.context = context;
   cs.slot = std::move(slot);
-  co_return co_await run_call(cs);
+  return run_call(std::move(cs));
 }
 
 asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request request,
@@ -768,27 +779,18 @@ asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request reques
                                                   stream_call_options options, const void* context,
                                                   keel::bulkhead_permit slot) {
   const stream_config& sc = cfg_.policy.stream;
-  stream_state ss(options.restartable.value_or(sc.restartable));
-  ss.on_delta = std::move(on_delta);
-  ss.first_token_timeout = options.first_token_timeout.value_or(sc.first_token_timeout);
-  ss.idle_timeout = options.idle_timeout.value_or(sc.idle_timeout);
   call_state cs;
   cs.request = std::move(request);
   cs.context = context;
   cs.slot = std::move(slot);
-  cs.stream = &ss;
-  call_outcome out = co_await run_call(cs);
-  out.first_token_seconds = ss.first_token_seconds;
-  out.delivered_bytes = ss.commit.delivered_bytes();
-  out.delivered_deltas = ss.commit.delivered_deltas();
-  if (out.error) {
-    // Past the commit point: the caller has part of a reply that keel could not finish.
-    out.error = ss.commit.outcome(out.error, out.attempts, keel::llm::error_class(out.error));
-  }
-  co_return out;
+  stream_state& ss = cs.stream.emplace(options.restartable.value_or(sc.restartable));
+  ss.on_delta = std::move(on_delta);
+  ss.first_token_timeout = options.first_token_timeout.value_or(sc.first_token_timeout);
+  ss.idle_timeout = options.idle_timeout.value_or(sc.idle_timeout);
+  return run_call(std::move(cs));
 }
 
-asio::awaitable<call_outcome> client::run_call(call_state& cs) {
+asio::awaitable<call_outcome> client::run_call(call_state cs) {
   call_outcome out;
   if (slots_ && !cs.slot) {
     // Before the item's clock starts: its latency does not count the wait for a slot.
@@ -843,6 +845,16 @@ asio::awaitable<call_outcome> client::run_call(call_state& cs) {
   out.entry = cs.entry;
   out.attempts = cs.attempts;
   out.seconds = seconds_since(t0);
+  if (cs.stream) {
+    const stream_state& ss = *cs.stream;
+    out.first_token_seconds = ss.first_token_seconds;
+    out.delivered_bytes = ss.commit.delivered_bytes();
+    out.delivered_deltas = ss.commit.delivered_deltas();
+    if (out.error) {
+      // Past the commit point: the caller has part of a reply that keel could not finish.
+      out.error = ss.commit.outcome(out.error, out.attempts, keel::llm::error_class(out.error));
+    }
+  }
   co_return out;
 }
 

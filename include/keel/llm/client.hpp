@@ -51,10 +51,12 @@
 // - Streams (`stream_call`, `stream`) run the same stack; one attempt opens the body and feeds
 //   a `stream_decoder`, handing each text delta to the caller's handler and awaiting it before
 //   the next read (back-pressure). The first-token timeout covers sending up to the first text,
-//   the idle timeout each read after it. The commit point is the first delta: before it a
-//   failure is retried and falls back like a whole call; after it the retry and fallback
-//   predicates refuse (unless restartable), and the call's error becomes `stream_interrupted`
-//   with the failure that cut it as its cause.
+//   the idle timeout each read after it (a `keel::stream_watch`, whose timer closes the
+//   connection when it fires). The commit point (a `keel::stream_commit`) is the first delta:
+//   before it a failure is retried and falls back like a whole call; after it the retry and
+//   fallback predicates refuse (unless restartable), and the call's error becomes
+//   `stream_interrupted` with the failure that cut it as its cause. Both are the core facility
+//   of keel/stream_guard.hpp, tested there on virtual time.
 // - Hedging (`policy.hedge`, off by default) wraps each attempt in `keel::with_hedge`, inside
 //   the breaker and the retry: a hedged group is one attempt to them. Each entry has its own
 //   latency window and hedge budget; a stream's copy commits at its first text, so only one
@@ -402,8 +404,9 @@ class client {
   struct entry_state;
   struct call_state;
   struct stream_state;
-  boost::asio::awaitable<call_outcome> run_call(call_state& cs);
+  boost::asio::awaitable<call_outcome> run_call(call_state cs);
   boost::asio::awaitable<keel::llm::chat_response> hedged_attempt(entry_state& es, call_state& cs);
+  boost::asio::awaitable<keel::llm::chat_response> hedge_attempts(entry_state& es, call_state& cs);
   boost::asio::awaitable<keel::llm::chat_response> attempt(entry_state& es, call_state& cs,
                                                            keel::hedge_attempt* hedge);
   boost::asio::awaitable<keel::llm::chat_response> stream_attempt(entry_state& es, call_state& cs,
