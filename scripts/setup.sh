@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
 done
 
 packages=(clang cmake ninja-build g++ make ca-certificates libboost1.81-dev nlohmann-json3-dev
-  libfmt-dev catch2 libssl-dev libcli11-dev libbenchmark-dev)
+  libfmt-dev catch2 libssl-dev libcli11-dev libbenchmark-dev libhiredis-dev redis-server)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,320 @@
+// Tests for keel/redis/client.hpp against a real redis-server (tests/redis_support.hpp) and, for
+// a server that never answers, a silent acceptor; all on 127.0.0.1.
+#include <keel/classify.hpp>
+#include <keel/redis/client.hpp>
+
+#include "redis_support.hpp"
+#include "support.hpp"
+
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/system/errc.hpp>
+#include <catch2/catch.hpp>
+
+#include <list>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace keel_test;
+using keel::redis::reply;
+using keel::redis::reply_kind;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+keel::redis::client_options options_for(std::uint16_t port) {
+  keel::redis::client_options o;
+  o.server.port = port;
+  return o;
+}
+
+/// Runs `aw` on `ctx` in real time until it completes (at most 20 s).
+template <class T>
+outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw,
+                   asio::cancellation_slot slot = {}) {
+  outcome<T> out;
+  spawn(ctx, std::move(aw), out, slot);
+  REQUIRE(run_real(ctx, [&] { return out.done; }));
+  return out;
+}
+
+std::string what_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  }
+}
+
+/// Accepts connections on 127.0.0.1 and reads from them forever, never answering.
+struct silent_server {
+  explicit silent_server(asio::io_context& ctx)
+      : acceptor(ctx, {asio::ip::make_address("127.0.0.1"), 0}) {
+    asio::co_spawn(ctx, accept(), asio::detached);
+  }
+  std::uint16_t port() const { return acceptor.local_endpoint().port(); }
+  asio::awaitable<void> accept() {
+    for (;;) {
+      boost::system::error_code ec;
+      tcp::socket s = co_await acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        co_return;
+      }
+      ++accepted;
+      sockets.push_back(std::move(s));
+      asio::co_spawn(acceptor.get_executor(), drain(sockets.back()), asio::detached);
+    }
+  }
+  static asio::awaitable<void> drain(tcp::socket& s) {
+    char buf[4096];
+    boost::system::error_code ec;
+    while (!ec) {
+      co_await s.async_read_some(asio::buffer(buf), asio::redirect_error(asio::use_awaitable, ec));
+    }
+  }
+  tcp::acceptor acceptor;
+  std::list<tcp::socket> sockets;
+  int accepted = 0;
+};
+
+}  // namespace
+
+TEST_CASE("a redis client sends commands and reads every kind of reply", "[redis]") {
+  redis_process server;
+  asio::io_context ctx;
+  keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+  const auto cmd = [&](std::vector<std::string> args) {
+    outcome<reply> out = run_one(ctx, redis.command(std::move(args)));
+    REQUIRE_FALSE(out.error);
+    return std::move(*out.value);
+  };
+  reply r = cmd({"PING"});
+  CHECK(r.kind == reply_kind::status);
+  CHECK(r.text == "PONG");
+  CHECK(cmd({"SET", "k", "v\r\nwith a CRLF"}).text == "OK");
+  r = cmd({"GET", "k"});
+  CHECK(r.kind == reply_kind::string);
+  CHECK(r.text == "v\r\nwith a CRLF");  // bulk strings carry any bytes
+  CHECK(cmd({"GET", "missing"}).kind == reply_kind::nil);
+  r = cmd({"INCRBY", "n", "41"});
+  CHECK(r.kind == reply_kind::integer);
+  CHECK(r.integer == 41);
+  r = cmd({"INCR", "k"});  // not a number: an error reply is a value
+  CHECK(r.is_error());
+  CHECK(r.text.find("not an integer") != std::string::npos);
+  r = cmd({"EVAL", "return {1, 'a', {2}}", "0"});
+  REQUIRE(r.kind == reply_kind::array);
+  REQUIRE(r.elements.size() == 3);
+  CHECK(r.elements[0].integer == 1);
+  CHECK(r.elements[1].text == "a");
+  REQUIRE(r.elements[2].elements.size() == 1);
+  CHECK(r.elements[2].elements[0].integer == 2);
+  CHECK(redis.connected());
+  CHECK(redis.connects() == 1);
+}
+
+TEST_CASE("commands issued together go out in few writes and are answered in order", "[redis]") {
+  redis_process server;
+  asio::io_context ctx;
+  keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+  constexpr int n = 1000;
+  std::vector<outcome<reply>> outs(n);
+  for (int i = 0; i < n; ++i) {
+    spawn(ctx, redis.command({"INCR", "counter"}), outs[i]);
+  }
+  REQUIRE(run_real(ctx, [&] { return outs.back().done; }));
+  REQUIRE(run_real(
+      ctx, [&] { return std::all_of(outs.begin(), outs.end(), [](auto& o) { return o.done; }); }));
+  for (int i = 0; i < n; ++i) {
+    REQUIRE_FALSE(outs[i].error);
+    CHECK(outs[i].value->integer == i + 1);  // in the order they were issued
+  }
+  CHECK(redis.commands() == n);
+  // All 1,000 were queued before the first write ran (it is posted): one write, plus at most a
+  // couple more if the connect finished while they were still being queued.
+  CHECK(redis.writes() <= 3);
+}
+
+TEST_CASE("a server that does not answer times the command out and the next one reconnects",
+          "[redis]") {
+  asio::io_context ctx;
+  silent_server silent(ctx);
+  keel::redis::client_options o = options_for(silent.port());
+  o.command_timeout = std::chrono::milliseconds(50);
+  o.reconnect_delay = std::chrono::milliseconds(0);
+  keel::redis::client redis(ctx.get_executor(), o);
+  outcome<reply> out = run_one(ctx, redis.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(what_of(out.error).find("no reply within 50 ms") != std::string::npos);
+  CHECK_FALSE(redis.connected());  // taken for gone
+  out = run_one(ctx, redis.command({"PING"}));
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(redis.connects() == 2);
+  CHECK(silent.accepted == 2);
+}
+
+TEST_CASE("with no server, commands fail fast and none connects during the reconnect delay",
+          "[redis]") {
+  asio::io_context ctx;
+  const std::uint16_t port = free_port();
+  keel::redis::client_options o = options_for(port);
+  o.reconnect_delay = std::chrono::minutes(1);
+  keel::redis::client redis(ctx.get_executor(), o);
+  outcome<reply> out = run_one(ctx, redis.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(out.code() == boost::system::errc::connection_refused);
+  CHECK(what_of(out.error).find("redis 127.0.0.1:" + std::to_string(port)) != std::string::npos);
+  CHECK(redis.connects() == 1);
+  out = run_one(ctx, redis.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(what_of(out.error).find("unavailable") != std::string::npos);
+  CHECK(redis.connects() == 1);  // no new attempt
+}
+
+TEST_CASE("a server killed mid-run fails what was in flight; restarted, it is used again",
+          "[redis]") {
+  redis_process server;
+  asio::io_context ctx;
+  keel::redis::client_options o = options_for(server.port());
+  o.reconnect_delay = std::chrono::milliseconds(0);
+  keel::redis::client redis(ctx.get_executor(), o);
+  REQUIRE_FALSE(run_one(ctx, redis.command({"SET", "k", "1"})).error);
+  // A command blocked on the server when it dies.
+  outcome<reply> blocked;
+  spawn(ctx, redis.command({"BLPOP", "list", "0"}), blocked);
+  REQUIRE(run_real(ctx, [&] { return redis.writes() >= 2; }));
+  server.stop();
+  REQUIRE(run_real(ctx, [&] { return blocked.done; }));
+  REQUIRE(blocked.error);
+  CHECK(keel::classify(blocked.error).condition == keel::condition::transient);
+  // Down: an error, not a hang.
+  CHECK(run_one(ctx, redis.command({"PING"})).error);
+  server.start();  // empty, as after a restart
+  outcome<reply> out = run_one(ctx, redis.command({"GET", "k"}));
+  REQUIRE_FALSE(out.error);
+  CHECK(out.value->kind == reply_kind::nil);
+  CHECK(redis.connects() >= 2);
+}
+
+TEST_CASE("a password logs in; a wrong one is refused and never printed", "[redis]") {
+  redis_process server({"--requirepass", "s3cret-PW-77"});
+  asio::io_context ctx;
+  {
+    keel::redis::client_options o = options_for(server.port());
+    o.server.password = "s3cret-PW-77";
+    keel::redis::client redis(ctx.get_executor(), o);
+    outcome<reply> out = run_one(ctx, redis.command({"PING"}));
+    REQUIRE_FALSE(out.error);
+    CHECK(out.value->text == "PONG");
+    CHECK(o.server.to_string().find("s3cret") == std::string::npos);
+  }
+  {
+    keel::redis::client_options o = options_for(server.port());
+    o.server.password = "WRONG-pass-123";
+    keel::redis::client redis(ctx.get_executor(), o);
+    outcome<reply> out = run_one(ctx, redis.command({"PING"}));
+    REQUIRE(out.error);
+    CHECK(out.code() == boost::system::errc::permission_denied);
+    CHECK(what_of(out.error).find("login refused") != std::string::npos);
+    CHECK(what_of(out.error).find("WRONG-pass-123") == std::string::npos);
+  }
+  {
+    keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+    outcome<reply> out = run_one(ctx, redis.command({"PING"}));
+    REQUIRE_FALSE(out.error);
+    CHECK(out.value->is_error());  // NOAUTH: the server's answer to a command without login
+  }
+}
+
+TEST_CASE("a database number is selected before the first command", "[redis]") {
+  redis_process server;
+  asio::io_context ctx;
+  keel::redis::client_options o3 = options_for(server.port());
+  o3.server.db = 3;
+  keel::redis::client db3(ctx.get_executor(), o3);
+  keel::redis::client db0(ctx.get_executor(), options_for(server.port()));
+  REQUIRE_FALSE(run_one(ctx, db3.command({"SET", "only-in-3", "x"})).error);
+  CHECK(run_one(ctx, db3.command({"GET", "only-in-3"})).value->text == "x");
+  CHECK(run_one(ctx, db0.command({"GET", "only-in-3"})).value->kind == reply_kind::nil);
+}
+
+TEST_CASE("cancelling a command ends it at once and keeps the connection", "[redis]") {
+  asio::io_context ctx;
+  silent_server silent(ctx);
+  keel::redis::client_options o = options_for(silent.port());
+  o.command_timeout = std::chrono::seconds(30);
+  keel::redis::client redis(ctx.get_executor(), o);
+  asio::cancellation_signal cancel;
+  outcome<reply> out;
+  spawn(ctx, redis.command({"PING"}), out, cancel.slot());
+  REQUIRE(run_real(ctx, [&] { return redis.writes() == 1; }));
+  const auto t0 = std::chrono::steady_clock::now();
+  cancel.emit(asio::cancellation_type::terminal);
+  REQUIRE(run_real(ctx, [&] { return out.done; }));
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+  CHECK(out.code() == asio::error::operation_aborted);
+  CHECK(redis.connected());
+}
+
+TEST_CASE("bounds: commands waiting and reply size", "[redis]") {
+  SECTION("past max_pending a command fails at once") {
+    asio::io_context ctx;
+    silent_server silent(ctx);
+    keel::redis::client_options o = options_for(silent.port());
+    o.max_pending = 2;
+    keel::redis::client redis(ctx.get_executor(), o);
+    outcome<reply> a, b;
+    spawn(ctx, redis.command({"PING"}), a);
+    spawn(ctx, redis.command({"PING"}), b);
+    REQUIRE(run_real(ctx, [&] { return redis.commands() == 2; }));
+    outcome<reply> c = run_one(ctx, redis.command({"PING"}));
+    CHECK(c.code() == keel::error::queue_full);
+    CHECK_FALSE(a.done);
+  }
+  SECTION("a reply over max_reply_bytes is a protocol error") {
+    redis_process server;
+    asio::io_context ctx;
+    keel::redis::client_options o = options_for(server.port());
+    o.max_reply_bytes = 10000;
+    keel::redis::client redis(ctx.get_executor(), o);
+    REQUIRE_FALSE(run_one(ctx, redis.command({"SET", "big", std::string(100000, 'x')})).error);
+    outcome<reply> out = run_one(ctx, redis.command({"GET", "big"}));
+    REQUIRE(out.error);
+    CHECK(out.code() == boost::system::errc::protocol_error);
+    CHECK_FALSE(redis.connected());
+  }
+}
+
+TEST_CASE("redis URLs name their parts; a bad one says which part", "[redis]") {
+  keel::redis::endpoint e = keel::redis::parse_url("redis://127.0.0.1:6380/2");
+  CHECK(e.host == "127.0.0.1");
+  CHECK(e.port == 6380);
+  CHECK(e.db == 2);
+  CHECK(e.password.empty());
+  e = keel::redis::parse_url("redis://app:p%w@cache.internal");
+  CHECK(e.username == "app");
+  CHECK(e.password == "p%w");
+  CHECK(e.host == "cache.internal");
+  CHECK(e.port == 6379);
+  CHECK(e.to_string() == "cache.internal:6379/0");
+  e = keel::redis::parse_url("redis://:only-pw@h:1/");
+  CHECK(e.username.empty());
+  CHECK(e.password == "only-pw");
+  const auto error_of = [](const char* url) {
+    try {
+      keel::redis::parse_url(url);
+    } catch (const std::invalid_argument& x) {
+      return std::string(x.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(error_of("http://h").find("redis://") != std::string::npos);
+  CHECK(error_of("redis://h:99999").find("port \"99999\"") != std::string::npos);
+  CHECK(error_of("redis://h/x").find("database \"x\"") != std::string::npos);
+  CHECK(error_of("redis://:pw-SECRET@/0").find("no host") != std::string::npos);
+  CHECK(error_of("redis://:pw-SECRET@/0").find("SECRET") == std::string::npos);
+}
