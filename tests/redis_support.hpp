@@ -41,7 +41,18 @@ class redis_process {
   /// Starts it (extra arguments, e.g. {"--requirepass", "pw"}); waits until it accepts.
   explicit redis_process(std::vector<std::string> extra = {})
       : port_(free_port()), extra_(std::move(extra)) {
-    start();
+    // Another test may take the free port before redis-server binds it: try a few.
+    for (int tries = 1;; ++tries) {
+      try {
+        start();
+        return;
+      } catch (const std::runtime_error&) {
+        if (tries == 5) {
+          throw;
+        }
+        port_ = free_port();
+      }
+    }
   }
   ~redis_process() { stop(); }
   redis_process(const redis_process&) = delete;
