@@ -42,6 +42,17 @@ bool run_real(asio::io_context& ctx, Predicate done) {
   return true;
 }
 
+/// The `what()` of the exception in `e`.
+inline std::string what_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "(not a std::exception)";
+  }
+}
+
 /// Milliseconds since the manual clock's epoch.
 inline long long now_ms() {
   return std::chrono::duration_cast<ms>(manual_clock::now().time_since_epoch()).count();

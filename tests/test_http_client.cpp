@@ -223,7 +223,7 @@ outcome<kh::response> send_one(asio::io_context& ctx, kh::client& cl, kh::reques
   return out;
 }
 
-std::string what_of(const std::exception_ptr& ep) {
+std::string described(const std::exception_ptr& ep) {
   return keel::describe(ep);
 }
 
@@ -579,7 +579,7 @@ TEST_CASE("http client: connection refused is transient and the message names th
   auto out = send_one(ctx, cl, req);
   CHECK(out.code() == asio::error::connection_refused);
   CHECK(out.code() == keel::condition::transient);
-  const std::string what = what_of(out.error);
+  const std::string what = described(out.error);
   CHECK(what.find("POST http://127.0.0.1:" + std::to_string(port) + "/v1/chat") !=
         std::string::npos);
   CHECK(what.find("sk-secret-header") == std::string::npos);
@@ -595,15 +595,15 @@ TEST_CASE("http client: bad URLs and header injection are rejected before sendin
     auto out = send_one(ctx, cl, kh::request("GET", url));
     CHECK(out.code() == kh::error::bad_url);
     CHECK(out.code() == keel::condition::permanent);
-    CHECK(what_of(out.error).find("pw@") == std::string::npos);
+    CHECK(described(out.error).find("pw@") == std::string::npos);
   }
   kh::request inj("GET", "http://127.0.0.1:9/");
   inj.set("x-a", "v\r\nx-injected: 1");
   auto out = send_one(ctx, cl, inj);
   CHECK(out.code() == kh::error::bad_header);
   // The header is named (a key with a trailing newline is otherwise a mystery); never its value.
-  CHECK_THAT(what_of(out.error), Catch::Contains("bad request header \"x-a\""));
-  CHECK_THAT(what_of(out.error), !Catch::Contains("injected"));
+  CHECK_THAT(described(out.error), Catch::Contains("bad request header \"x-a\""));
+  CHECK_THAT(described(out.error), !Catch::Contains("injected"));
   CHECK(cl.connections_opened() == 0);
 }
 
@@ -666,7 +666,7 @@ TEST_CASE("https client: a TLS failure says whether the chain or the host name d
     kh::client cl(ctx.get_executor(), kh::client_options{});
     auto out = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
     CHECK(out.code() == kh::error::tls_verification_failed);
-    const std::string what = what_of(out.error);
+    const std::string what = described(out.error);
     CHECK_THAT(what, Catch::Contains("certificate chain did not verify"));
     CHECK_THAT(what, Catch::Contains("local issuer certificate"));
     CHECK_THAT(what, !Catch::Contains("host name"));
@@ -682,12 +682,12 @@ TEST_CASE("https client: a TLS failure says whether the chain or the host name d
     auto by_ip = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
     CHECK(by_ip.code() == kh::error::tls_verification_failed);
     CHECK(by_ip.code() == keel::condition::permanent);
-    CHECK_THAT(what_of(by_ip.error),
+    CHECK_THAT(described(by_ip.error),
                Catch::Contains("not valid for host name \"127.0.0.1\" (the chain is trusted)"));
     auto by_name = send_one(
         ctx, cl, kh::request("GET", "https://localhost:" + std::to_string(srv.port()) + "/tls"));
     CHECK(by_name.code() == kh::error::tls_verification_failed);
-    CHECK_THAT(what_of(by_name.error), Catch::Contains("not valid for host name \"localhost\""));
+    CHECK_THAT(described(by_name.error), Catch::Contains("not valid for host name \"localhost\""));
     CHECK(srv.requests == 0);
   }
 }

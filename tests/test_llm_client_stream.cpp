@@ -26,6 +26,7 @@
 
 #include "llm_client_support.hpp"
 #include "mock_support.hpp"
+#include "support.hpp"
 
 namespace {
 
@@ -103,14 +104,6 @@ const std::string retrying =
     R"({"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
         "breaker": {"enabled": false}})";
 
-std::string failure_text(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  }
-}
-
 }  // namespace
 
 TEST_CASE("a streamed call hands every delta to the consumer and returns the whole reply",
@@ -155,7 +148,7 @@ TEST_CASE("failures before the first delta are retried like a whole call", "[llm
     keel::llm::client client = make_client(ctx, server, api, retrying);
     consumer c;
     const keel::llm::call_outcome out = stream_once(ctx, server, client, c);
-    INFO((out.error ? failure_text(out.error) : ""));
+    INFO((out.error ? keel_test::what_of(out.error) : ""));
     REQUIRE_FALSE(out.error);
     CHECK(out.attempts == 3);
     CHECK(c.text == reply);
@@ -191,7 +184,7 @@ TEST_CASE("a stream cut after its first delta is not retried and reports what it
       CHECK(out.delivered_deltas == 2);
       CHECK(out.delivered_bytes == 8);
       CHECK(c.text == reply.substr(0, 8));
-      CHECK(failure_text(out.error).find("stream interrupted after 8 bytes in 2 deltas") !=
+      CHECK(keel_test::what_of(out.error).find("stream interrupted after 8 bytes in 2 deltas") !=
             std::string::npos);
       // The cause is kept (what cut the stream).
       try {
@@ -309,7 +302,7 @@ TEST_CASE("first-token and idle timeouts name which one fired", "[llm_client][st
     CHECK(c.deltas.empty());
     CHECK_FALSE(out.first_token_seconds);
     CHECK(keel::llm::error_class(out.error) == "deadline_exceeded");
-    CHECK(failure_text(keel::root_cause(out.error)).find("no first token within") !=
+    CHECK(keel_test::what_of(keel::root_cause(out.error)).find("no first token within") !=
           std::string::npos);
   }
   SECTION("silence after a delta: stream_interrupted caused by the idle timeout") {
@@ -339,7 +332,7 @@ TEST_CASE("first-token and idle timeouts name which one fired", "[llm_client][st
       std::rethrow_exception(out.error);
     } catch (const keel::failure& f) {
       REQUIRE(f.causes().size() == 1);
-      CHECK(failure_text(f.causes()[0]).find("stream idle for") != std::string::npos);
+      CHECK(keel_test::what_of(f.causes()[0]).find("stream idle for") != std::string::npos);
     }
   }
 }

@@ -41,14 +41,6 @@ outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw,
   return out;
 }
 
-std::string what_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  }
-}
-
 /// Accepts connections on 127.0.0.1 and reads from them forever, never answering.
 struct silent_server {
   explicit silent_server(asio::io_context& ctx)

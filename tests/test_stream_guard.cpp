@@ -32,14 +32,6 @@ struct piece {
   bool end = false;
 };
 
-std::string what_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  }
-}
-
 /// A streamed call whose attempts follow scripts, on the manual clock, delivering into `text` as
 /// a caller would (discarding it on a restart).
 struct fake_stream {
