@@ -2038,3 +2038,69 @@ TEST_CASE("keel batch --stream serves the time to first token as a Prometheus hi
   c.signal(SIGTERM);
   CHECK(c.wait(20s) == 143);
 }
+
+// ---- shards (issue 16 item 6) -----------------------------------------------------------------
+
+TEST_CASE("Shards of one input write one record per line between them and keel check proves it",
+          "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", instant_scenario);
+  // 40 items, a line that is not JSON and a repeated id: each must end in exactly one shard.
+  write_file(dir / "in.jsonl", prompts_jsonl(40) + "not json\n" +
+                                   R"({"id": 3, "prompt": "the same id as line 3"})" + "\n");
+  std::vector<std::string> outs;
+  std::size_t total = 0;
+  for (int i = 0; i < 3; ++i) {
+    const std::string out = dir / ("r" + std::to_string(i) + ".jsonl");
+    const auto r = run_keel(
+        dir, "shard" + std::to_string(i),
+        {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out", out, "--mock",
+         dir / "scenario.json", "--progress", "none", "--shard", std::to_string(i) + "/3"});
+    INFO("shard " << i << " stderr:\n" << r.err);
+    CHECK((r.status == 0 || r.status == 1));  // 1: the shard holding a failed line
+    const auto n = read_records(out).size();
+    CHECK(n > 0);
+    CHECK(n < 42);  // a share, not everything
+    total += n;
+    outs.push_back(out);
+  }
+  CHECK(total == 42);
+  // The repeated id met its first use in the same shard: still a duplicate_id failure.
+  bool saw_duplicate = false;
+  for (const auto& out : outs) {
+    for (const auto& r : read_records(out)) {
+      if (r.at("line") == 42) {
+        saw_duplicate = r.at("error").at("class") == "duplicate_id";
+      }
+    }
+  }
+  CHECK(saw_duplicate);
+
+  std::vector<std::string> args = {"check", "--in", dir / "in.jsonl", "--merge",
+                                   dir / "merged.jsonl"};
+  args.insert(args.end(), outs.begin(), outs.end());
+  const auto ok = run_keel(dir, "check", args);
+  INFO("check stdout:\n" << ok.out << "\nstderr:\n" << ok.err);
+  CHECK(ok.status == 0);
+  CHECK(ok.out.find("42 input lines, 42 final records in 3 files") != std::string::npos);
+  CHECK(ok.out.find("complete") != std::string::npos);
+  const auto merged = read_records(dir / "merged.jsonl");
+  REQUIRE(merged.size() == 42);
+  for (std::size_t i = 0; i < merged.size(); ++i) {
+    CHECK(merged[i].at("line") == i + 1);
+  }
+
+  // Without one shard's file: each of its lines is named, status 1.
+  const auto missing =
+      run_keel(dir, "check-missing", {"check", "--in", dir / "in.jsonl", outs[0], outs[1]});
+  CHECK(missing.status == 1);
+  CHECK(missing.out.find("INCOMPLETE") != std::string::npos);
+  CHECK(missing.err.find(": no record") != std::string::npos);
+
+  const auto bad = run_keel(dir, "bad-shard",
+                            {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl",
+                             "--out", dir / "x.jsonl", "--shard", "3/3"});
+  CHECK(bad.status == 2);
+  CHECK(bad.err.find("--shard \"3/3\": I must be below N") != std::string::npos);
+}

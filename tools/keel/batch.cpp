@@ -331,7 +331,11 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
     if (!raw) {
       break;
     }
+    const auto& shard = rs.opts.shard;
     if (raw->too_long) {
+      if (shard && shard_of_line(raw->number, shard->count) != shard->index) {
+        continue;  // another shard's line
+      }
       if (rs.resume.done_lines.count(raw->number)) {
         ++st.skipped;
         continue;
@@ -343,6 +347,9 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
     }
     auto parsed = parse_input_line(raw->text, raw->number, default_max_tokens);
     if (auto* bad = std::get_if<input_error>(&parsed)) {
+      if (shard && shard_of_line(bad->line, shard->count) != shard->index) {
+        continue;
+      }
       if (rs.resume.done_lines.count(bad->line)) {
         ++st.skipped;
         continue;
@@ -352,6 +359,9 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
       continue;
     }
     batch_item item = std::move(std::get<batch_item>(parsed));
+    if (shard && shard_of_key(item.key, shard->count) != shard->index) {
+      continue;  // by id, so that a repeated id meets its first use in the same shard
+    }
     if (auto [it, fresh] = rs.seen.emplace(item.key, item.line); !fresh) {
       if (rs.resume.done_lines.count(item.line)) {
         ++st.skipped;
@@ -503,7 +513,8 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   run_state rs(cfg, opts, log, slots + llm::spare_workers(slots));
   rs.resume = std::move(resumed);
   log_resume(rs);
-  rs.stats.total = count_items(opts.in).value_or(0);
+  // A shard's share of the lines is known only as they are read: no total for its progress.
+  rs.stats.total = opts.shard ? 0 : count_items(opts.in).value_or(0);
   rs.stats.seed = opts.seed;
   rs.stats.streamed = opts.stream;
   log_seed(rs);

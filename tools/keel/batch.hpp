@@ -20,6 +20,7 @@
 
 #include <keel/llm/config.hpp>
 #include "log.hpp"
+#include "shard.hpp"
 #include "stats.hpp"
 
 #include <cstdint>
@@ -61,6 +62,8 @@ struct batch_options {
   std::uint64_t seed = 0;
   /// True when `seed` was drawn at random rather than given (`--seed`); only changes the log line.
   bool seed_is_random = false;
+  /// Run only this part of the input (`--shard I/N`, shard.hpp); nullopt: all of it.
+  std::optional<shard_spec> shard;
   /// Title of the summary table.
   std::string title = "keel batch";
   /// The command that resumes this run (printed after an interruption).

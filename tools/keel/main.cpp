@@ -4,6 +4,7 @@
 #include "bench.hpp"
 #include "demo.hpp"
 #include "log.hpp"
+#include "shard.hpp"
 
 #include <keel/testing/mock_llm_server.hpp>
 
@@ -162,6 +163,26 @@ int run_mock(const std::string& address, unsigned short port, const std::string&
   return 0;
 }
 
+// `keel check`: prints what check_results found; 0 if complete, 1 if not.
+int run_check(const std::string& in, const std::vector<std::string>& results,
+              const std::string& merge_to) {
+  const check_report r = check_results(in, results, merge_to);
+  for (const std::string& p : r.problems) {
+    std::cerr << "keel check: " << p << "\n";
+  }
+  const std::size_t shown = r.problems.size();
+  const std::size_t total = r.missing + r.duplicated + r.unexpected + r.unreadable;
+  if (total > shown) {
+    std::cerr << "keel check: ... and " << (total - shown) << " more\n";
+  }
+  std::cout << in << ": " << r.lines << " input lines, " << r.records << " final records in "
+            << results.size() << " file" << (results.size() == 1 ? "" : "s") << "; missing "
+            << r.missing << " (cancelled " << r.cancelled << "), duplicated " << r.duplicated
+            << ", unexpected " << r.unexpected << ", unreadable " << r.unreadable << ": "
+            << (r.complete() ? "complete" : "INCOMPLETE") << "\n";
+  return r.complete() ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -194,6 +215,10 @@ int main(int argc, char** argv) {
   batch->add_option("--mock", mock_scenario,
                     "Run against an in-process mock server: 'demo' or a scenario file; every "
                     "entry's base_url is pointed at it");
+  std::string shard_text;
+  batch->add_option("--shard", shard_text,
+                    "Run only part I of N of the input (I/N, 0-based), chosen by id, so that N "
+                    "runs with their own --out split one file; `keel check` verifies them");
   std::string ca_file;
   batch->add_option("--ca-file", ca_file,
                     "PEM file of CA certificates to trust (besides the system store) for every "
@@ -285,6 +310,18 @@ int main(int argc, char** argv) {
   std::string check_file;
   check->add_option("file", check_file, "Config file")->required();
 
+  // ---- check ----
+  auto* results_check = app.add_subcommand(
+      "check",
+      "Check that results files hold exactly one final record per input line (e.g. the shards "
+      "of one input); exit status 0 if so, 1 if not");
+  std::string check_in, merge_out;
+  std::vector<std::string> check_results_files;
+  results_check->add_option("--in,-i", check_in, "The input JSONL the results are for")->required();
+  results_check->add_option("results", check_results_files, "Results files")->required();
+  results_check->add_option("--merge", merge_out,
+                            "Also write every final record, in input order, to this file");
+
   // CLI11 answers an unknown first word with "A subcommand is required", which does not say what
   // was wrong.
   if (argc > 1 && argv[1][0] != '-') {
@@ -318,6 +355,9 @@ int main(int argc, char** argv) {
     }
     if (*mock) {
       return run_mock(mock_address, mock_port, mock_file, mock_seed);
+    }
+    if (*results_check) {
+      return run_check(check_in, check_results_files, merge_out);
     }
     if (*bench) {
       if (bench_prompts > 0) {
@@ -373,6 +413,10 @@ int main(int argc, char** argv) {
     o.stream = stream;
     o.resume_command = resume_command(argc, argv);
     o.print_summary = out_file != "-";
+    if (!shard_text.empty()) {
+      o.shard = parse_shard(shard_text);
+      o.title += " (shard " + shard_text + ")";
+    }
     if (!mock_scenario.empty()) {
       return run_with_mock(mock_scenario, std::move(c), o, log);
     }
