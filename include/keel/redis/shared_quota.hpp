@@ -1,0 +1,141 @@
+// keel::redis::shared_quota and shared_pacer: one token bucket in Redis shared by every process
+// that names the same key, leased in batches so that a process rarely asks Redis.
+#pragma once
+
+// Overview
+// --------
+// A provider's rate limit belongs to an API key, not to a process (issue 16). `shared_quota` keeps
+// one token bucket per key in a Redis hash and takes tokens from it with a Lua script, which runs
+// atomically on the server and reads the **server's** clock (`TIME`), so every process of a
+// fleet sees one bucket on one clock:
+//
+//     refill:  tokens = min(burst, tokens + (now - ts) * rate)      (not during a pause)
+//     lease:   granted = min(want, tokens); tokens -= granted
+//     answer:  granted, and how long until what was not granted could be (0 if all was)
+//
+// `pause(d)` is the fleet-wide Retry-After: until `now + d` nothing is granted, the bucket is
+// emptied, and it refills from zero at the pause's end, so the fleet restarts at the bucket's
+// rate, never in a synchronized burst of everyone's backlog.
+//
+// `shared_pacer` is what a caller uses per request: `co_await pacer.acquire(1)` takes from a local
+// pool and, when the pool is short, leases `rate * lease_window` (50 ms of quota by default, at
+// most `burst / rate`, or what the caller needs if more) in one script call shared by every
+// waiter of the process. After a partial grant (other processes drain the bucket too) the process
+// waits at least one window before leasing again, so it makes at most one lease per window
+// however many processes share the key: round trips per request <= processes / (rate * window),
+// 0.06 for 3 processes at 1,000 requests/s. The fleet's total stays within `burst + rate * t`
+// plus what the processes hold leased and unused (at most one lease each).
+//
+// Decisions:
+// - A token bucket rather than GCRA: keel's local throttler is a bucket with the same rate and
+//   burst, partial grants fit leases, and the pause needs a level to empty.
+// - The script is loaded with `SCRIPT LOAD` and run with `EVALSHA`; a server that answers
+//   `NOSCRIPT` (restarted empty) gets it loaded again, once per call.
+// - The hash expires (`PEXPIRE`) after `idle_ttl` unused, so abandoned keys do not accumulate.
+// - Rates are the caller's (configured or learned; the last caller's rate and burst apply to the
+//   refill it triggers). Sharing what a controller learned across the fleet is not built yet.
+// - Errors are the Redis client's (keel/redis/client.hpp): fast, with a command timeout, so a
+//   caller can fall back to a local limit.
+//
+// Cancellation: as `client::command` for `lease` and `pause`. A cancelled `acquire` takes nothing
+// from the pool; a lease runs detached from the callers that wait for it, so the tokens it
+// brings go to the pool even if they are all cancelled. The quota and its Redis client must
+// outlive the pacer and any lease in flight (run the io_context until they are done).
+//
+// Thread safety: not thread-safe; one executor (the Redis client's).
+
+#include <keel/redis/client.hpp>
+
+#include <boost/asio/awaitable.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace keel::redis {
+
+/// A shared bucket's key and limits.
+struct quota_options {
+  /// The Redis key of the bucket (namespace it: e.g. "keel:{fingerprint}:requests").
+  std::string key;
+  /// Tokens per second the bucket refills.
+  double rate = 0;
+  /// The bucket's capacity (at least the largest single lease).
+  double burst = 1;
+  /// How long an unused bucket is kept.
+  std::chrono::milliseconds idle_ttl{std::chrono::minutes(10)};
+};
+
+/// What one lease got.
+struct lease_result {
+  /// Tokens granted (between 0 and what was asked).
+  double granted = 0;
+  /// When what was not granted could be: 0 if everything was granted; during a pause, the
+  /// pause's end.
+  std::chrono::nanoseconds retry_after{0};
+};
+
+/// One token bucket in Redis shared by every process on the same key.
+class shared_quota {
+ public:
+  /// A bucket `options.key` reached through `redis` (which must outlive this object).
+  shared_quota(client& redis, quota_options options);
+
+  /// Takes up to `want` tokens from the shared bucket, atomically, on the server's clock.
+  /// @param now_ms_for_tests the time to use instead of the server's (tests only).
+  /// @throws what `client::command` throws; std::runtime_error if the script answers oddly.
+  /// Cancellation: as `client::command`.
+  boost::asio::awaitable<lease_result> lease(double want,
+                                             std::optional<long long> now_ms_for_tests = {});
+
+  /// Pauses the bucket for everyone for `d` from now (server time): nothing is granted until
+  /// then, and it refills from empty at the end. A longer pause already set is kept.
+  /// @throws what `client::command` throws.
+  /// Cancellation: as `client::command`.
+  boost::asio::awaitable<void> pause(std::chrono::milliseconds d,
+                                     std::optional<long long> now_ms_for_tests = {});
+
+  /// The options.
+  const quota_options& options() const noexcept { return options_; }
+
+ private:
+  boost::asio::awaitable<reply> run(const std::string& script, const std::string& sha_slot,
+                                    std::vector<std::string> argv);
+  client& redis_;
+  quota_options options_;
+  std::string lease_sha_;
+  std::string pause_sha_;
+};
+
+/// Paces one process's requests from a `shared_quota`, leasing in batches.
+class shared_pacer {
+ public:
+  /// Leases `lease_window` of `quota`'s rate at a time (at least what a caller needs).
+  explicit shared_pacer(shared_quota& quota,
+                        std::chrono::milliseconds lease_window = std::chrono::milliseconds(50));
+  ~shared_pacer();
+
+  /// Waits until `cost` tokens are available to this process and takes them.
+  /// @throws what `shared_quota::lease` throws (the caller falls back to a local limit); the
+  ///   pool is kept.
+  /// Cancellation: terminal or partial cancellation ends the wait with `operation_aborted`,
+  ///   taking nothing.
+  boost::asio::awaitable<void> acquire(double cost);
+
+  /// Tokens leased and not yet taken.
+  double pooled() const noexcept;
+  /// Leases made (script calls).
+  std::uint64_t leases() const noexcept;
+  /// Acquires granted.
+  std::uint64_t granted() const noexcept;
+
+ private:
+  struct state;
+  static boost::asio::awaitable<void> lease_task(std::shared_ptr<state> st, double want);
+  std::shared_ptr<state> state_;
+};
+
+}  // namespace keel::redis

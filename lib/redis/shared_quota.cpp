@@ -1,0 +1,284 @@
+// keel::redis::shared_quota and shared_pacer (keel/redis/shared_quota.hpp).
+#include <keel/redis/shared_quota.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/system/system_error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace keel::redis {
+namespace asio = boost::asio;
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
+
+namespace {
+
+// The bucket: a hash {tokens, ts, pause} (times in ms on the server's clock, or ARGV's in tests).
+// Numbers go back as strings: Redis truncates a Lua number reply to an integer.
+constexpr const char* lease_script = R"lua(
+local want = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local now
+if ARGV[5] ~= nil and ARGV[5] ~= '' then
+  now = tonumber(ARGV[5])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local s = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'pause')
+local tokens = tonumber(s[1])
+local ts = tonumber(s[2])
+local pause = tonumber(s[3]) or 0
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+end
+if now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+  ts = now
+end
+local granted = 0
+local wait = 0
+if now < pause then
+  wait = pause - now
+else
+  granted = math.min(want, tokens)
+  tokens = tokens - granted
+  if granted < want then
+    if rate > 0 then
+      wait = (want - granted) * 1000 / rate
+    else
+      wait = -1
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts), 'pause', tostring(pause))
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {tostring(granted), tostring(wait)}
+)lua";
+
+// A pause empties the bucket and starts its refill at the pause's end.
+constexpr const char* pause_script = R"lua(
+local d = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local now
+if ARGV[3] ~= nil and ARGV[3] ~= '' then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local pause = tonumber(redis.call('HGET', KEYS[1], 'pause')) or 0
+local ends = now + d
+if ends > pause then
+  redis.call('HSET', KEYS[1], 'tokens', '0', 'ts', tostring(ends), 'pause', tostring(ends))
+  redis.call('PEXPIRE', KEYS[1], math.max(ttl, math.ceil(d)))
+end
+return 1
+)lua";
+
+std::string number(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+double parse_number(const reply& r) {
+  if (r.kind == reply_kind::integer) {
+    return static_cast<double>(r.integer);
+  }
+  char* end = nullptr;
+  const double v = std::strtod(r.text.c_str(), &end);
+  if (r.text.empty() || end != r.text.c_str() + r.text.size() || !std::isfinite(v)) {
+    throw std::runtime_error("keel::redis::shared_quota: the script answered \"" + r.text +
+                             "\", not a number");
+  }
+  return v;
+}
+
+}  // namespace
+
+// ---- shared_quota ------------------------------------------------------------------------------
+
+shared_quota::shared_quota(client& redis, quota_options options)
+    : redis_(redis), options_(std::move(options)) {}
+
+asio::awaitable<reply> shared_quota::run(const std::string& script, const std::string& which,
+                                         std::vector<std::string> argv) {
+  std::string& sha = which == "lease" ? lease_sha_ : pause_sha_;
+  for (int loads = 0;; ++loads) {
+    if (sha.empty()) {
+      reply loaded = co_await redis_.command({"SCRIPT", "LOAD", script});
+      if (loaded.kind != reply_kind::string) {
+        throw std::runtime_error("keel::redis::shared_quota: SCRIPT LOAD failed: " + loaded.text);
+      }
+      sha = loaded.text;
+    }
+    std::vector<std::string> args = {"EVALSHA", sha, "1", options_.key};
+    args.insert(args.end(), argv.begin(), argv.end());
+    reply r = co_await redis_.command(std::move(args));
+    if (r.is_error() && r.text.rfind("NOSCRIPT", 0) == 0 && loads == 0) {
+      sha.clear();  // the server restarted empty: load it again, once
+      continue;
+    }
+    if (r.is_error()) {
+      throw std::runtime_error("keel::redis::shared_quota: " + which + " on " + options_.key +
+                               ": " + r.text);
+    }
+    co_return r;
+  }
+}
+
+asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now) {
+  reply r = co_await run(
+      lease_script, "lease",
+      {number(want), number(options_.rate), number(options_.burst),
+       std::to_string(options_.idle_ttl.count()), now ? std::to_string(*now) : std::string()});
+  if (r.kind != reply_kind::array || r.elements.size() != 2) {
+    throw std::runtime_error("keel::redis::shared_quota: lease answered an unexpected reply");
+  }
+  lease_result out;
+  out.granted = parse_number(r.elements[0]);
+  const double wait_ms = parse_number(r.elements[1]);
+  out.retry_after = wait_ms < 0 ? nanoseconds(std::chrono::seconds(1))
+                                : nanoseconds(static_cast<long long>(std::ceil(wait_ms * 1e6)));
+  co_return out;
+}
+
+asio::awaitable<void> shared_quota::pause(milliseconds d, std::optional<long long> now) {
+  co_await run(pause_script, "pause",
+               {std::to_string(d.count()), std::to_string(options_.idle_ttl.count()),
+                now ? std::to_string(*now) : std::string()});
+}
+
+// ---- shared_pacer ------------------------------------------------------------------------------
+
+struct shared_pacer::state {
+  state(shared_quota& q, milliseconds w) : quota(q), window(w) {}
+  shared_quota& quota;
+  milliseconds window;
+  double pool = 0;
+  bool leasing = false;
+  std::uint64_t generation = 0;            // leases finished
+  std::exception_ptr last_error;           // of the last lease, if it failed
+  nanoseconds retry_after{0};              // of the last lease
+  std::optional<asio::steady_timer> wake;  // waiters for a lease; cancelled when one ends
+  std::uint64_t leases = 0;
+  std::uint64_t granted = 0;
+  bool closed = false;
+
+  // The lease window, at most burst / rate (seconds).
+  std::chrono::duration<double> effective_window() const {
+    const auto& o = quota.options();
+    std::chrono::duration<double> w = window;
+    if (o.rate > 0) {
+      w = std::min(w, std::chrono::duration<double>(o.burst / o.rate));
+    }
+    return w;
+  }
+};
+
+shared_pacer::shared_pacer(shared_quota& quota, milliseconds lease_window)
+    : state_(std::make_shared<state>(quota, lease_window)) {}
+
+shared_pacer::~shared_pacer() {
+  state_->closed = true;
+  if (state_->wake) {
+    state_->wake->cancel();
+  }
+}
+
+asio::awaitable<void> shared_pacer::acquire(double cost) {
+  std::shared_ptr<state> st = state_;
+  const auto ex = co_await asio::this_coro::executor;
+  if (!st->wake) {
+    st->wake.emplace(ex, asio::steady_timer::time_point::max());
+  }
+  const auto cancelled = [&]() -> asio::awaitable<bool> {
+    co_return (co_await asio::this_coro::cancellation_state).cancelled() !=
+        asio::cancellation_type::none;
+  };
+  for (;;) {
+    if (st->closed) {
+      throw boost::system::system_error(asio::error::operation_aborted);
+    }
+    if (st->pool >= cost) {
+      st->pool -= cost;
+      ++st->granted;
+      co_return;
+    }
+    if (!st->leasing) {
+      st->leasing = true;
+      const double rate = st->quota.options().rate;
+      const double want = std::max(cost - st->pool, rate * st->effective_window().count());
+      asio::co_spawn(ex, lease_task(st, want), asio::detached);
+    }
+    const std::uint64_t seen = st->generation;
+    boost::system::error_code ec;
+    co_await st->wake->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (co_await cancelled()) {
+      throw boost::system::system_error(asio::error::operation_aborted);
+    }
+    if (st->generation == seen) {
+      continue;  // woken for another reason (the pacer closing)
+    }
+    if (st->last_error) {
+      std::rethrow_exception(st->last_error);  // the caller falls back to its local limit
+    }
+    if (st->pool < cost && !st->leasing && st->retry_after > nanoseconds::zero()) {
+      // The shared bucket is short (other processes take from it too): wait until it could give
+      // what is missing, and at least one lease window, so that a process leases at most once
+      // per window however many share the key (round trips per request <= processes /
+      // (rate * window)). The window is at most burst / rate: a longer one would let the
+      // bucket overflow while everyone waits.
+      const auto window = std::chrono::duration_cast<nanoseconds>(st->effective_window());
+      asio::steady_timer t(ex, std::min<nanoseconds>(std::max(st->retry_after, window),
+                                                     std::chrono::seconds(1)));
+      co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      if (co_await cancelled()) {
+        throw boost::system::system_error(asio::error::operation_aborted);
+      }
+    }
+  }
+}
+
+// One lease, detached from the callers so that a cancelled caller loses nothing: what it brings
+// goes to the pool.
+asio::awaitable<void> shared_pacer::lease_task(std::shared_ptr<state> st, double want) {
+  try {
+    const lease_result r = co_await st->quota.lease(want);
+    st->pool += r.granted;
+    st->retry_after = r.retry_after;
+    st->last_error = nullptr;
+  } catch (...) {
+    st->last_error = std::current_exception();
+  }
+  ++st->leases;
+  ++st->generation;
+  st->leasing = false;
+  if (st->wake) {
+    st->wake->cancel();
+  }
+}
+
+double shared_pacer::pooled() const noexcept {
+  return state_->pool;
+}
+std::uint64_t shared_pacer::leases() const noexcept {
+  return state_->leases;
+}
+std::uint64_t shared_pacer::granted() const noexcept {
+  return state_->granted;
+}
+
+}  // namespace keel::redis
