@@ -169,9 +169,9 @@ struct shared_pacer::state {
   milliseconds window;
   double pool = 0;
   bool leasing = false;
-  std::uint64_t generation = 0;            // leases finished
-  std::exception_ptr last_error;           // of the last lease, if it failed
-  nanoseconds retry_after{0};              // of the last lease
+  std::uint64_t generation = 0;                           // leases finished
+  std::exception_ptr last_error;                          // of the last lease, if it failed
+  std::chrono::steady_clock::time_point next_lease_at{};  // no lease before (short grants)
   std::optional<asio::steady_timer> wake;  // waiters for a lease; cancelled when one ends
   std::uint64_t leases = 0;
   std::uint64_t granted = 0;
@@ -217,6 +217,19 @@ asio::awaitable<void> shared_pacer::acquire(double cost) {
       ++st->granted;
       co_return;
     }
+    if (!st->leasing && std::chrono::steady_clock::now() < st->next_lease_at) {
+      // The shared bucket was short at the last lease (other processes take from it too): no
+      // new lease until it could give what was missing, and not before one lease window, so
+      // that a process leases at most once per window however many share the key (round trips
+      // per request <= processes / (rate * window)).
+      asio::steady_timer t(ex, st->next_lease_at);
+      boost::system::error_code ec;
+      co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      if (co_await cancelled()) {
+        throw boost::system::system_error(asio::error::operation_aborted);
+      }
+      continue;
+    }
     if (!st->leasing) {
       st->leasing = true;
       const double rate = st->quota.options().rate;
@@ -229,25 +242,8 @@ asio::awaitable<void> shared_pacer::acquire(double cost) {
     if (co_await cancelled()) {
       throw boost::system::system_error(asio::error::operation_aborted);
     }
-    if (st->generation == seen) {
-      continue;  // woken for another reason (the pacer closing)
-    }
-    if (st->last_error) {
+    if (st->generation != seen && st->last_error) {
       std::rethrow_exception(st->last_error);  // the caller falls back to its local limit
-    }
-    if (st->pool < cost && !st->leasing && st->retry_after > nanoseconds::zero()) {
-      // The shared bucket is short (other processes take from it too): wait until it could give
-      // what is missing, and at least one lease window, so that a process leases at most once
-      // per window however many share the key (round trips per request <= processes /
-      // (rate * window)). The window is at most burst / rate: a longer one would let the
-      // bucket overflow while everyone waits.
-      const auto window = std::chrono::duration_cast<nanoseconds>(st->effective_window());
-      asio::steady_timer t(ex, std::min<nanoseconds>(std::max(st->retry_after, window),
-                                                     std::chrono::seconds(1)));
-      co_await t.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-      if (co_await cancelled()) {
-        throw boost::system::system_error(asio::error::operation_aborted);
-      }
     }
   }
 }
@@ -258,8 +254,14 @@ asio::awaitable<void> shared_pacer::lease_task(std::shared_ptr<state> st, double
   try {
     const lease_result r = co_await st->quota.lease(want);
     st->pool += r.granted;
-    st->retry_after = r.retry_after;
     st->last_error = nullptr;
+    if (r.granted < want) {
+      // The window is at most burst / rate: a longer wait would let the bucket overflow.
+      const auto window = std::chrono::duration_cast<nanoseconds>(st->effective_window());
+      st->next_lease_at =
+          std::chrono::steady_clock::now() +
+          std::min<nanoseconds>(std::max(r.retry_after, window), std::chrono::seconds(1));
+    }
   } catch (...) {
     st->last_error = std::current_exception();
   }
