@@ -163,7 +163,15 @@ TEST_CASE("a pacer whose Redis is gone fails at once so the caller can fall back
   REQUIRE(run_real(ctx, [&] { return out.done; }));
   REQUIRE(out.error);
   CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+  // Again, in the client's reconnect delay: the lease fails before co_spawn returns, and the
+  // caller must still see it (it once waited for a wake-up that had already happened).
+  outcome<void> again;
+  spawn(ctx, pacer.acquire(1), again);
+  REQUIRE(run_real(ctx, [&] { return again.done; }));
+  CHECK(again.error);
+  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
   CHECK(pacer.granted() == 0);
+  CHECK(pacer.leases() == 2);
 }
 
 TEST_CASE("a cancelled acquire takes nothing and the lease it waited for feeds the pool",

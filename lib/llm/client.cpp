@@ -91,6 +91,19 @@ bool tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::tic
   return false;
 }
 
+// The delay a 429 (or ThrottlingException) asked for, if it named one.
+std::optional<nanoseconds> server_delay_of_429(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::llm::provider_error& pe) {
+    if (pe.llm_code() == keel::llm::errc::rate_limited && pe.retry_after()) {
+      return std::chrono::duration_cast<nanoseconds>(*pe.retry_after());
+    }
+  } catch (...) {
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 // ---- client --------------------------------------------------------------------------------
@@ -403,6 +416,21 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   if (waited > std::chrono::milliseconds(1) && hooks_.on_throttle_wait) {
     hooks_.on_throttle_wait(es.index, waited);
   }
+  if (options_.fleet) {
+    // The fleet's bucket, after this process's own: if it cannot be reached, the attempt goes on
+    // under the entry's own bucket (its configured limit) and the hook says so.
+    try {
+      co_await options_.fleet->acquire(*es.cfg, estimate);
+    } catch (...) {
+      const std::exception_ptr e = std::current_exception();
+      if (keel::classify(e).condition == keel::condition::cancelled) {
+        throw;
+      }
+      if (hooks_.on_fleet_pacing_error) {
+        hooks_.on_fleet_pacing_error(es.index, e);
+      }
+    }
+  }
 
   ++cs.attempts;
   cs.entry = es.index;
@@ -455,6 +483,11 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
     // (One classification of the error serves both the controller and the settling.)
     const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed);
+    if (options_.fleet) {
+      if (const auto delay = server_delay_of_429(failed)) {
+        options_.fleet->on_server_delay(*es.cfg, *delay);  // hold the fleet, not just this process
+      }
+    }
     // A stream cut short used what it generated (its estimate); a refusal used nothing.
     const double used = cs.stream ? std::min(cs.stream->partial_tokens, estimate) : 0;
     es.bucket->settle(estimate, throttled ? estimate : used);

@@ -308,6 +308,12 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"budget_ratio", p.hedge.budget_ratio},
         {"budget_capacity", p.hedge.budget_capacity},
         {"target", p.hedge.to_next ? "next" : "same"}}},
+      {"shared",
+       {{"redis", p.shared.redis},
+        {"key_prefix", p.shared.key_prefix},
+        {"password_env", p.shared.password_env},
+        {"timeout", p.shared.timeout},
+        {"lease_window", p.shared.lease_window}}},
   };
   return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
 }

@@ -305,10 +305,48 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
   return r;
 }
 
+shared_config parser::parse_shared(const json& j, const std::string& path) const {
+  check_keys(j, path, {"redis", "key_prefix", "password_env", "timeout", "lease_window"});
+  shared_config sc;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "redis") {
+      if (v.is_string() && v.get_ref<const std::string&>().empty()) {
+        continue;  // "": off (what --print-config shows when it is)
+      }
+      sc.redis = string(v, p);
+      if (sc.redis.rfind("redis://", 0) != 0) {
+        fail(p, "a redis://host[:port][/db] URL", shown(v));
+      }
+      if (sc.redis.find('@') != std::string::npos) {
+        // Never echoed: it holds a credential.
+        fail(p,
+             "a URL without credentials (put the password in the environment variable named by "
+             "password_env)",
+             "a URL with credentials");
+      }
+    } else if (key == "key_prefix") {
+      sc.key_prefix = string(v, p);
+    } else if (key == "password_env") {
+      sc.password_env = string(v, p);
+    } else if (key == "timeout") {
+      sc.timeout = number(v, p, seconds_positive);
+    } else if (key == "lease_window") {
+      sc.lease_window = number(v, p, seconds_positive);
+    }
+  }
+  if (!sc.redis.empty()) {
+    if (auto pw = env_(sc.password_env); pw && !pw->empty()) {
+      sc.password = *pw;
+    }
+  }
+  return sc;
+}
+
 policy_config parser::parse_policy(const json& j, const std::string& path) const {
   check_keys(j, path,
              {"retry", "deadline", "breaker", "retry_budget", "rate_limits", "concurrency", "queue",
-              "stream", "hedge"});
+              "stream", "hedge", "shared"});
   policy_config pc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -343,6 +381,8 @@ policy_config parser::parse_policy(const json& j, const std::string& path) const
       }
     } else if (key == "hedge") {
       pc.hedge = parse_hedge(v, p);
+    } else if (key == "shared") {
+      pc.shared = parse_shared(v, p);
     }
   }
   return pc;

@@ -222,6 +222,8 @@ class parser {
 
   hedge_config parse_hedge(const json& j, const std::string& path) const;
 
+  shared_config parse_shared(const json& j, const std::string& path) const;
+
   policy_config parse_policy(const json& j, const std::string& path) const;
 
   // ---- entries --------------------------------------------------------------------------------

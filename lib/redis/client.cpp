@@ -424,6 +424,10 @@ client::client(asio::any_io_executor ex, client_options options)
     : impl_(std::make_shared<impl>(std::move(ex), std::move(options))) {}
 
 client::~client() {
+  close();
+}
+
+void client::close() {
   if (impl_->current) {
     impl_->fail(impl_->current, std::make_exception_ptr(
                                     boost::system::system_error(asio::error::operation_aborted)));

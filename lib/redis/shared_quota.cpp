@@ -230,17 +230,21 @@ asio::awaitable<void> shared_pacer::acquire(double cost) {
       }
       continue;
     }
+    // Taken before the lease starts: co_spawn may run a lease that fails at once (Redis in its
+    // reconnect delay) to its end before returning, and a wait begun after that would miss it.
+    const std::uint64_t seen = st->generation;
     if (!st->leasing) {
       st->leasing = true;
       const double rate = st->quota.options().rate;
       const double want = std::max(cost - st->pool, rate * st->effective_window().count());
       asio::co_spawn(ex, lease_task(st, want), asio::detached);
     }
-    const std::uint64_t seen = st->generation;
-    boost::system::error_code ec;
-    co_await st->wake->async_wait(asio::redirect_error(asio::use_awaitable, ec));
-    if (co_await cancelled()) {
-      throw boost::system::system_error(asio::error::operation_aborted);
+    if (st->generation == seen) {
+      boost::system::error_code ec;
+      co_await st->wake->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      if (co_await cancelled()) {
+        throw boost::system::system_error(asio::error::operation_aborted);
+      }
     }
     if (st->generation != seen && st->last_error) {
       std::rethrow_exception(st->last_error);  // the caller falls back to its local limit

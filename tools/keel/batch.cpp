@@ -3,6 +3,7 @@
 #include "batch.hpp"
 #include "batch_detail.hpp"
 #include "batch_signals.hpp"
+#include "fleet_pacing.hpp"
 
 #include <keel/llm/client.hpp>
 #include "jsonl.hpp"
@@ -519,6 +520,8 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   rs.stats.streamed = opts.stream;
   log_seed(rs);
   auto ex = rs.ctx.get_executor();
+  // policy.shared (Redis), made before --overwrite may drop anything: a bad URL is a config error.
+  const std::unique_ptr<closable_fleet_pacing> fleet = make_fleet_pacing(ex, cfg);
   const std::unique_ptr<metrics_server> metrics_http = start_metrics_server(rs);
   // Input open, output open, port bound: only now may --overwrite drop the earlier results.
   if (opts.overwrite) {
@@ -535,6 +538,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   llm::client_options co;
   co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
   co.attempt_slots = slots;
+  co.fleet = fleet.get();
   llm::client client(ex, cfg, http, buckets, hooks, opts.seed, co);
 
   progress_display progress(opts.progress, stderr, rs.stats);
@@ -553,6 +557,9 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
     ticker.stop();
     if (metrics_http) {
       metrics_http->stop();
+    }
+    if (fleet) {
+      fleet->close();
     }
   };
   spawn_workers(rs, client, shutdown);

@@ -183,6 +183,28 @@ llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, me
                {"to", cfg.entries[to].name()}});
     }
   };
+  // Redis unreachable (policy.shared): the attempt went on under its own bucket. One WARNING
+  // per 10 s at most, with how many attempts it concerned.
+  hooks.on_fleet_pacing_error = [&cfg, &m, &log, last = std::chrono::steady_clock::time_point{},
+                                 since = std::uint64_t{0}](std::size_t entry,
+                                                           const std::exception_ptr& e) mutable {
+    ++since;
+    m.counter("keel_fleet_pacing_errors_total",
+              "Attempts paced by their own process because the shared state (policy.shared) "
+              "could not be reached.",
+              {{"model", cfg.entries[entry].name()}})
+        .inc();
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last >= std::chrono::seconds(10) && log.enabled(log_level::warning)) {
+      log.log(log_level::warning, "fleet_pacing_unavailable",
+              "shared pacing unavailable; pacing by this process's own limit",
+              {{"model", cfg.entries[entry].name()},
+               {"attempts", since},
+               {"error", keel::describe(e)}});
+      last = now;
+      since = 0;
+    }
+  };
   return hooks;
 }
 

@@ -157,6 +157,22 @@ struct retry_report {
 };
 
 /// Observers of a client's calls; every member is optional.
+/// Pacing shared with other processes (`client_options::fleet`): asked for every attempt after
+/// the entry's own bucket has granted it. The client knows nothing of how it is shared (the
+/// `keel` command's `policy.shared` puts a keel::redis::shared_pacer per entry behind it).
+class fleet_pacing {
+ public:
+  virtual ~fleet_pacing() = default;
+  /// Waits until the fleet allows one request of about `tokens` tokens to `entry`.
+  /// @throws anything when the shared state cannot be reached in time: the attempt then goes on
+  ///   under the entry's own bucket only, and `client_hooks::on_fleet_pacing_error` is told.
+  /// Cancellation: the call's cancellation reaches it; its `operation_aborted` ends the call.
+  virtual boost::asio::awaitable<void> acquire(const entry_config& entry, double tokens) = 0;
+  /// `entry`'s server asked this process to wait `delay` (a 429's Retry-After): hold the fleet.
+  /// Must not throw or block.
+  virtual void on_server_delay(const entry_config& entry, std::chrono::nanoseconds delay) = 0;
+};
+
 struct client_hooks {
   /// After every attempt.
   std::function<void(const attempt_report&)> on_attempt;
@@ -170,6 +186,9 @@ struct client_hooks {
       on_breaker;
   /// An attempt waited this long for rate-limit capacity (bucket or AWS adaptive limiter).
   std::function<void(std::size_t entry, std::chrono::nanoseconds)> on_throttle_wait;
+  /// The fleet's pacing (`client_options::fleet`) failed for an attempt, which went on under the
+  /// entry's own bucket.
+  std::function<void(std::size_t entry, const std::exception_ptr&)> on_fleet_pacing_error;
   /// The last entry's breaker is open and the item waits for its probe
   /// (`client_options::hold_open_breaker`); the time left until the probe.
   std::function<void(std::size_t entry, const void* context, std::chrono::nanoseconds)> on_hold;
@@ -255,6 +274,9 @@ struct client_options {
   /// without a `bucket_registry`); 0 (the default): drawn from `std::random_device`, so that
   /// processes of a fleet do not draw the same jitter. The other constructors take a seed.
   std::uint64_t seed = 0;
+  /// Pacing shared with other processes, asked after each entry's own bucket (not owned; must
+  /// outlive the client). Null (the default): none.
+  fleet_pacing* fleet = nullptr;
   /// The transport settings of a client that owns its transports (TLS verification on by
   /// default); an entry's `ca_file` replaces `tls.ca_file` for that entry's transport.
   keel::http::client_options http;

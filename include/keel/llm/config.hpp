@@ -234,6 +234,28 @@ struct hedge_config {
   bool to_next = false;
 };
 
+/// Pacing shared with other processes through Redis (`policy.shared`, issue 16): every process
+/// with the same key, provider and model takes its requests (and tokens, when a
+/// `tokens_per_minute` is configured) from one bucket in Redis holding the entry's configured
+/// `rate_limits`. Off unless `redis` is set. Used by the `keel` command; a library user gives
+/// `client_options::fleet` an implementation (keel::redis::shared_pacer behind it).
+struct shared_config {
+  /// `redis://host[:port][/db]` (no credentials: see `password_env`); empty: off.
+  std::string redis;
+  /// First part of every Redis key; the rest is provider, model and a fingerprint of the key
+  /// (never the key itself).
+  std::string key_prefix = "keel";
+  /// The environment variable whose value, if set, is the Redis password.
+  std::string password_env = "KEEL_REDIS_PASSWORD";
+  /// The Redis password, read from `password_env` when the config is loaded. Never printed.
+  std::string password;
+  /// Limit on each Redis command, seconds; past it (or with Redis unreachable) a call goes on
+  /// under its process's own bucket and the `keel` command logs a WARNING.
+  double timeout = 0.25;
+  /// Seconds of quota a process leases at a time.
+  double lease_window = 0.05;
+};
+
 /// The keel `policy` block.
 struct policy_config {
   /// keel-native retry.
@@ -254,6 +276,8 @@ struct policy_config {
   stream_config stream;
   /// Hedged attempts.
   hedge_config hedge;
+  /// Pacing shared across processes (Redis).
+  shared_config shared;
 };
 
 /// One `config_list` entry, resolved.

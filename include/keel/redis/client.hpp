@@ -154,6 +154,10 @@ class client {
   ///   `operation_aborted`; the command may still run; the connection stays open.
   boost::asio::awaitable<reply> command(std::vector<std::string> args);
 
+  /// Closes the connection now: commands in flight complete with `operation_aborted`, and
+  /// nothing of the client keeps its executor busy. A later command connects again.
+  void close();
+
   /// True while a connection is open and logged in.
   bool connected() const noexcept;
   /// Socket writes made so far (each carries every command queued since the previous one).

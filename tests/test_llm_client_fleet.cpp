@@ -1,0 +1,91 @@
+// Tests for keel::llm::client's fleet pacing hook (client_options::fleet): asked for every
+// attempt after the entry's own bucket, bypassed (and reported) when it fails, told of 429
+// delays. The Redis-backed implementation is tested through `keel batch` (test_cli_e2e.cpp).
+#include "llm_client_support.hpp"
+
+#include <keel/llm/client.hpp>
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <boost/asio/io_context.hpp>
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using keel::testing::fault_kind;
+using keel::testing::fault_plan;
+using keel_test::client::make_config;
+using keel_test::client::one_retrying_entry;
+using keel_test::client::request;
+using keel_test::client::run;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Records what the client asks; fails every acquire when `down`.
+struct fake_fleet final : keel::llm::fleet_pacing {
+  boost::asio::awaitable<void> acquire(const keel::llm::entry_config& e, double tokens) override {
+    models.push_back(e.model);
+    estimates.push_back(tokens);
+    if (down) {
+      throw std::runtime_error("redis 127.0.0.1:1/0: unavailable");
+    }
+    co_return;
+  }
+  void on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds d) override {
+    delays.emplace_back(e.model, d);
+  }
+  bool down = false;
+  std::vector<std::string> models;
+  std::vector<double> estimates;
+  std::vector<std::pair<std::string, std::chrono::nanoseconds>> delays;
+};
+
+}  // namespace
+
+TEST_CASE("every attempt asks the fleet, and a 429's delay is passed on to it", "[llm_client]") {
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_retry_after(250ms).with_script({fault_kind::rate_limit}));
+  server.start();
+  fake_fleet fleet;
+  keel::llm::client_options o;
+  o.seed = 1;
+  o.fleet = &fleet;
+  keel::llm::client client(ctx.get_executor(), make_config(one_retrying_entry, server.base_url()),
+                           {}, o);
+  const auto out = run(ctx, client, {request()});
+  REQUIRE_FALSE(out[0].error);
+  CHECK(out[0].attempts == 2);
+  CHECK(fleet.models == std::vector<std::string>{"m", "m"});  // once per attempt
+  CHECK(fleet.estimates.at(0) > 64);                          // the request's token estimate
+  REQUIRE(fleet.delays.size() == 1);
+  CHECK(fleet.delays[0].first == "m");
+  CHECK(fleet.delays[0].second == 250ms);
+}
+
+TEST_CASE("when the fleet cannot be reached the call goes on under its own bucket", "[llm_client]") {
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.start();
+  fake_fleet fleet;
+  fleet.down = true;
+  std::vector<std::size_t> errors;
+  keel::llm::client_hooks hooks;
+  hooks.on_fleet_pacing_error = [&](std::size_t entry, const std::exception_ptr& e) {
+    errors.push_back(entry);
+    CHECK(keel::describe(e).find("unavailable") != std::string::npos);
+  };
+  keel::llm::client_options o;
+  o.seed = 1;
+  o.fleet = &fleet;
+  keel::llm::client client(ctx.get_executor(), make_config(one_retrying_entry, server.base_url()),
+                           hooks, o);
+  const auto out = run(ctx, client, {request(), request()}, 2);
+  CHECK_FALSE(out[0].error);
+  CHECK_FALSE(out[1].error);
+  CHECK(errors == std::vector<std::size_t>{0, 0});
+  CHECK(server.stats().model("m").requests == 2);
+}

@@ -1,0 +1,131 @@
+// `keel batch` with `policy.shared` against a real redis-server (tests/redis_support.hpp): the
+// fleet's bucket in Redis, the fallback when Redis is unreachable, and secrets kept out.
+#include <keel/redis/client.hpp>
+
+#include "redis_support.hpp"
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+
+using namespace keel_test;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct batch_dir {
+  batch_dir() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("keel-redis-batch-" + std::to_string(rd()));
+    fs::create_directories(path);
+    write("scenario.json", R"({"seed": 1, "models": {}})");
+    std::string in;
+    for (int i = 1; i <= 30; ++i) {
+      in += nlohmann::json{{"id", i}, {"prompt", "item " + std::to_string(i)}}.dump() + "\n";
+    }
+    write("in.jsonl", in);
+  }
+  ~batch_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+  void write(const std::string& name, const std::string& text) const {
+    std::ofstream(path / name, std::ios::binary) << text;
+  }
+  std::string read(const std::string& name) const {
+    std::ifstream f(path / name, std::ios::binary);
+    std::stringstream s;
+    s << f.rdbuf();
+    return s.str();
+  }
+  // Runs keel with `args` (shell-quoted by the caller: only test paths), env prefix `env`.
+  int keel(const std::string& args, const std::string& env = "") const {
+    const std::string cmd = env + " " + std::string(KEEL_CLI_PATH) + " " + args + " > " +
+                            (*this / "out.txt") + " 2> " + (*this / "err.txt");
+    const int st = std::system(cmd.c_str());
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  }
+  std::string config(const std::string& redis_url) const {
+    return R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-FLEET-KEY-1"}],
+               "policy": {"rate_limits": {"requests_per_minute": 6000},
+                          "shared": {"redis": ")" +
+           redis_url + R"(", "key_prefix": "keeltest", "timeout": 0.2}}})";
+  }
+  std::string batch_args(const std::string& out) const {
+    return "batch --config " + (*this / "config.json") + " --in " + (*this / "in.jsonl") +
+           " --out " + (*this / out) + " --mock " + (*this / "scenario.json") +
+           " --progress none --overwrite";
+  }
+  std::size_t records(const std::string& out) const {
+    std::size_t n = 0;
+    std::istringstream s(read(out));
+    for (std::string l; std::getline(s, l);) {
+      n += nlohmann::json::parse(l).at("status") == "ok" ? 1 : 0;
+    }
+    return n;
+  }
+  fs::path path;
+};
+
+}  // namespace
+
+TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[redis]") {
+  redis_process server;
+  batch_dir dir;
+  dir.write("config.json",
+            dir.config("redis://127.0.0.1:" + std::to_string(server.port()) + "/0"));
+  REQUIRE(dir.keel(dir.batch_args("r.jsonl")) == 0);
+  INFO("stderr: " << dir.read("err.txt"));
+  CHECK(dir.records("r.jsonl") == 30);
+  CHECK(dir.read("err.txt").find("fleet_pacing_unavailable") == std::string::npos);
+  // The bucket is there, named by provider, model and a fingerprint, never the key.
+  asio::io_context ctx;
+  keel::redis::client_options o;
+  o.server.port = server.port();
+  keel::redis::client redis(ctx.get_executor(), o);
+  outcome<keel::redis::reply> keys;
+  spawn(ctx, redis.command({"KEYS", "keeltest:*"}), keys);
+  REQUIRE(run_real(ctx, [&] { return keys.done; }));
+  REQUIRE_FALSE(keys.error);
+  REQUIRE(keys.value->elements.size() == 1);
+  const std::string key = keys.value->elements[0].text;
+  CHECK(key.rfind("keeltest:openai:m:", 0) == 0);
+  CHECK(key.size() > std::string("keeltest:openai:m::requests").size());
+  CHECK(key.substr(key.size() - 9) == ":requests");
+  CHECK(key.find("FLEET-KEY") == std::string::npos);
+}
+
+TEST_CASE("keel batch goes on under its own limit when Redis is unreachable, and says so",
+          "[redis]") {
+  batch_dir dir;
+  dir.write("config.json", dir.config("redis://127.0.0.1:" + std::to_string(free_port())));
+  const int status = dir.keel(dir.batch_args("r.jsonl") + " --log-format json");
+  const std::string err = dir.read("err.txt");
+  INFO("stderr: " << err);
+  CHECK(status == 0);
+  CHECK(dir.records("r.jsonl") == 30);
+  CHECK(err.find("\"event\":\"fleet_pacing_unavailable\"") != std::string::npos);
+}
+
+TEST_CASE("policy.shared keeps the Redis password out of the config and of --print-config",
+          "[redis]") {
+  batch_dir dir;
+  dir.write("config.json", dir.config("redis://:pw-IN-URL-9@127.0.0.1:6379"));
+  CHECK(dir.keel("config check " + (dir / "config.json")) == 2);
+  CHECK(dir.read("err.txt").find("/policy/shared/redis") != std::string::npos);
+  CHECK(dir.read("err.txt").find("pw-IN-URL-9") == std::string::npos);
+  dir.write("config.json", dir.config("redis://127.0.0.1:6379"));
+  CHECK(dir.keel("batch --config " + (dir / "config.json") + " --print-config",
+                 "KEEL_REDIS_PASSWORD=pw-FROM-ENV-7") == 0);
+  const std::string out = dir.read("out.txt");
+  CHECK(out.find("\"password_env\": \"KEEL_REDIS_PASSWORD\"") != std::string::npos);
+  CHECK(out.find("pw-FROM-ENV-7") == std::string::npos);
+}

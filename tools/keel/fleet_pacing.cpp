@@ -1,0 +1,150 @@
+// `policy.shared` on Redis (fleet_pacing.hpp).
+#include "fleet_pacing.hpp"
+
+#include <keel/llm/sigv4.hpp>
+
+#if KEEL_HAS_REDIS
+#include <keel/redis/client.hpp>
+#include <keel/redis/shared_quota.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <stdexcept>
+
+namespace keel::cli {
+
+std::string fleet_key(const std::string& prefix, const llm::entry_config& e,
+                      const std::string& dimension) {
+  const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
+  const std::string fingerprint = llm::sigv4::sha256_hex(e.base_url + "\n" + secret).substr(0, 16);
+  return prefix + ":" + std::string(llm::to_string(e.api_type)) + ":" + e.model + ":" +
+         fingerprint + ":" + dimension;
+}
+
+#if KEEL_HAS_REDIS
+
+namespace {
+
+namespace asio = boost::asio;
+
+class redis_fleet_pacing final : public closable_fleet_pacing {
+ public:
+  redis_fleet_pacing(asio::any_io_executor ex, const llm::shared_config& sc,
+                     keel::redis::client_options o)
+      : ex_(ex), sc_(sc), redis_(ex, std::move(o)) {}
+
+  asio::awaitable<void> acquire(const llm::entry_config& e, double tokens) override {
+    buckets* b = of(e);
+    if (b == nullptr) {
+      co_return;  // no configured limit to share
+    }
+    co_await b->requests_pacer->acquire(1);
+    if (b->tokens_pacer) {
+      co_await b->tokens_pacer->acquire(tokens);
+    }
+  }
+
+  void close() override { redis_.close(); }
+
+  void on_server_delay(const llm::entry_config& e, std::chrono::nanoseconds delay) override {
+    buckets* b = of(e);
+    if (b == nullptr) {
+      return;
+    }
+    const auto d = std::chrono::ceil<std::chrono::milliseconds>(delay);
+    // Detached: the attempt does not wait for Redis; an error here shows in the next acquire.
+    asio::co_spawn(
+        ex_,
+        [](buckets* bk, std::chrono::milliseconds ms) -> asio::awaitable<void> {
+          co_await bk->requests->pause(ms);
+          if (bk->tokens) {
+            co_await bk->tokens->pause(ms);
+          }
+        }(b, d),
+        asio::detached);
+  }
+
+ private:
+  struct buckets {
+    std::unique_ptr<keel::redis::shared_quota> requests;
+    std::unique_ptr<keel::redis::shared_pacer> requests_pacer;
+    std::unique_ptr<keel::redis::shared_quota> tokens;
+    std::unique_ptr<keel::redis::shared_pacer> tokens_pacer;
+  };
+
+  buckets* of(const llm::entry_config& e) {
+    const std::string key = fleet_key(sc_.key_prefix, e, "requests");
+    auto it = map_.find(key);
+    if (it == map_.end()) {
+      buckets b;
+      const auto window =
+          std::chrono::milliseconds(std::max<long long>(1, std::llround(sc_.lease_window * 1000)));
+      const auto& rl = e.rate_limits;
+      if (rl.requests_per_minute > 0) {
+        const double rate = rl.requests_per_minute / 60;
+        b.requests = std::make_unique<keel::redis::shared_quota>(
+            redis_,
+            keel::redis::quota_options{
+                .key = key, .rate = rate, .burst = rl.burst > 0 ? rl.burst : std::max(1.0, rate)});
+        b.requests_pacer = std::make_unique<keel::redis::shared_pacer>(*b.requests, window);
+        if (rl.tokens_per_minute > 0) {
+          const double trate = rl.tokens_per_minute / 60;
+          b.tokens = std::make_unique<keel::redis::shared_quota>(
+              redis_, keel::redis::quota_options{.key = fleet_key(sc_.key_prefix, e, "tokens"),
+                                                 .rate = trate,
+                                                 .burst = std::max(1.0, trate)});
+          b.tokens_pacer = std::make_unique<keel::redis::shared_pacer>(*b.tokens, window);
+        }
+      }
+      it = map_.emplace(key, std::move(b)).first;
+    }
+    return it->second.requests ? &it->second : nullptr;
+  }
+
+  asio::any_io_executor ex_;
+  llm::shared_config sc_;
+  keel::redis::client redis_;
+  std::map<std::string, buckets> map_;
+};
+
+}  // namespace
+
+std::unique_ptr<closable_fleet_pacing> make_fleet_pacing(asio::any_io_executor ex,
+                                                         const llm::client_config& cfg) {
+  const llm::shared_config& sc = cfg.policy.shared;
+  if (sc.redis.empty()) {
+    return nullptr;
+  }
+  keel::redis::client_options o;
+  try {
+    o.server = keel::redis::parse_url(sc.redis);
+  } catch (const std::invalid_argument& e) {
+    throw llm::config_error(cfg.source, "/policy/shared/redis", e.what());
+  }
+  o.server.password = sc.password;
+  o.command_timeout =
+      std::chrono::milliseconds(std::max<long long>(1, std::llround(sc.timeout * 1000)));
+  o.connect_timeout = std::max(o.command_timeout, std::chrono::milliseconds(250));
+  return std::make_unique<redis_fleet_pacing>(ex, sc, std::move(o));
+}
+
+#else
+
+std::unique_ptr<closable_fleet_pacing> make_fleet_pacing(boost::asio::any_io_executor,
+                                                         const llm::client_config& cfg) {
+  if (cfg.policy.shared.redis.empty()) {
+    return nullptr;
+  }
+  throw llm::config_error(cfg.source, "/policy/shared/redis",
+                          "this keel was built without Redis support (install libhiredis-dev and "
+                          "rebuild)");
+}
+
+#endif
+
+}  // namespace keel::cli

@@ -1,0 +1,47 @@
+// `policy.shared`: the keel command's fleet pacing (keel::llm::fleet_pacing) on Redis, with one
+// shared bucket per entry (issue 16).
+#pragma once
+
+// Design
+// ------
+// Every entry with a configured `rate_limits.requests_per_minute` (and, if configured,
+// `tokens_per_minute`) gets a `keel::redis::shared_quota` holding that limit for the whole fleet
+// and a `keel::redis::shared_pacer` leasing from it for this process. Keys are
+// `<key_prefix>:<provider>:<model>:<fingerprint>:requests` (and `:tokens`), the fingerprint being
+// the first 16 hex digits of SHA-256 of the entry's base URL and API key (or AWS access key):
+// processes that use the same key against the same server share one bucket, and the key itself
+// is never in Redis. An entry with no configured limit is not shared (sharing a learned rate is
+// not built yet). A 429's Retry-After pauses the fleet's bucket. When Redis cannot be reached
+// within `policy.shared.timeout`, `acquire` throws and the client goes on under the entry's own
+// bucket: each process then paces by the configured limit on its own.
+//
+// Built only with keel::redis (hiredis); otherwise `make_fleet_pacing` throws a config error.
+//
+// Thread safety: one executor, like the client.
+
+#include <keel/llm/client.hpp>
+#include <keel/llm/config.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+
+#include <memory>
+
+namespace keel::cli {
+
+/// A fleet pacing the batch closes when it ends (its Redis connection would keep the run going).
+class closable_fleet_pacing : public llm::fleet_pacing {
+ public:
+  /// Closes the connection; later acquires connect again.
+  virtual void close() = 0;
+};
+
+/// The fleet pacing `cfg.policy.shared` asks for, or null when it names no Redis.
+/// @throws llm::config_error if this keel was built without Redis support, or the URL is bad.
+std::unique_ptr<closable_fleet_pacing> make_fleet_pacing(boost::asio::any_io_executor ex,
+                                                         const llm::client_config& cfg);
+
+/// The Redis key of `e`'s bucket for `dimension` ("requests" or "tokens") under `prefix`.
+std::string fleet_key(const std::string& prefix, const llm::entry_config& e,
+                      const std::string& dimension);
+
+}  // namespace keel::cli
