@@ -1,6 +1,8 @@
 // A redis-server of the test's own on 127.0.0.1 and a free port (Debian's redis-server package).
 #pragma once
 
+#include <keel/redis/client.hpp>
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -33,6 +35,13 @@ inline std::uint16_t free_port() {
   }
   ::close(fd);
   return ntohs(a.sin_port);
+}
+
+/// Options for a keel::redis::client of the server on 127.0.0.1:`port`.
+inline keel::redis::client_options redis_options(std::uint16_t port) {
+  keel::redis::client_options o;
+  o.server.port = port;
+  return o;
 }
 
 /// redis-server on 127.0.0.1:`port()` with no persistence, killed when this is destroyed.

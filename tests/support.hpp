@@ -16,6 +16,7 @@
 #include <chrono>
 #include <exception>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -125,6 +126,19 @@ void spawn(asio::io_context& ctx, asio::awaitable<T> aw, outcome<T>& out,
           }
         }));
   }
+}
+
+/// Spawns `aw` on `ctx` and runs it in real time to its end (waiting only for I/O); after 20 s
+/// without an end, the outcome holds an error saying so.
+template <class T>
+outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw,
+                   asio::cancellation_slot slot = {}) {
+  outcome<T> out;
+  spawn(ctx, std::move(aw), out, slot);
+  if (!run_real(ctx, [&] { return out.done; })) {
+    out.error = std::make_exception_ptr(std::runtime_error("run_one: no end within 20 s"));
+  }
+  return out;
 }
 
 /// Virtual time since the manual clock's epoch (tests reset it at their start).

@@ -177,15 +177,6 @@ struct stream_server {
   }
 };
 
-/// Runs `aw` to its end in real time.
-template <class T>
-outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw) {
-  outcome<T> out;
-  spawn(ctx, std::move(aw), out);
-  REQUIRE(run_real(ctx, [&] { return out.done; }));
-  return out;
-}
-
 /// Reads pieces until at least `want` bytes have arrived or the body ended (one piece of the
 /// server's may arrive in several reads).
 asio::awaitable<std::string> read_at_least(kh::response_reader& r, std::size_t want) {

@@ -80,17 +80,14 @@ struct batch_dir {
 TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[redis]") {
   redis_process server;
   batch_dir dir;
-  dir.write("config.json",
-            dir.config("redis://127.0.0.1:" + std::to_string(server.port()) + "/0"));
+  dir.write("config.json", dir.config("redis://127.0.0.1:" + std::to_string(server.port()) + "/0"));
   REQUIRE(dir.keel(dir.batch_args("r.jsonl")) == 0);
   INFO("stderr: " << dir.read("err.txt"));
   CHECK(dir.records("r.jsonl") == 30);
   CHECK(dir.read("err.txt").find("fleet_pacing_unavailable") == std::string::npos);
   // The bucket is there, named by provider, model and a fingerprint, never the key.
   asio::io_context ctx;
-  keel::redis::client_options o;
-  o.server.port = server.port();
-  keel::redis::client redis(ctx.get_executor(), o);
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   outcome<keel::redis::reply> keys;
   spawn(ctx, redis.command({"KEYS", "keeltest:*"}), keys);
   REQUIRE(run_real(ctx, [&] { return keys.done; }));

@@ -25,22 +25,6 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-keel::redis::client_options options_for(std::uint16_t port) {
-  keel::redis::client_options o;
-  o.server.port = port;
-  return o;
-}
-
-/// Runs `aw` on `ctx` in real time until it completes (at most 20 s).
-template <class T>
-outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw,
-                   asio::cancellation_slot slot = {}) {
-  outcome<T> out;
-  spawn(ctx, std::move(aw), out, slot);
-  REQUIRE(run_real(ctx, [&] { return out.done; }));
-  return out;
-}
-
 /// Accepts connections on 127.0.0.1 and reads from them forever, never answering.
 struct silent_server {
   explicit silent_server(asio::io_context& ctx)
@@ -77,7 +61,7 @@ struct silent_server {
 TEST_CASE("a redis client sends commands and reads every kind of reply", "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   const auto cmd = [&](std::vector<std::string> args) {
     outcome<reply> out = run_one(ctx, redis.command(std::move(args)));
     REQUIRE_FALSE(out.error);
@@ -111,7 +95,7 @@ TEST_CASE("a redis client sends commands and reads every kind of reply", "[redis
 TEST_CASE("commands issued together go out in few writes and are answered in order", "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   constexpr int n = 1000;
   std::vector<outcome<reply>> outs(n);
   for (int i = 0; i < n; ++i) {
@@ -134,7 +118,7 @@ TEST_CASE("a server that does not answer times the command out and the next one 
           "[redis]") {
   asio::io_context ctx;
   silent_server silent(ctx);
-  keel::redis::client_options o = options_for(silent.port());
+  keel::redis::client_options o = redis_options(silent.port());
   o.command_timeout = std::chrono::milliseconds(50);
   o.reconnect_delay = std::chrono::milliseconds(0);
   keel::redis::client redis(ctx.get_executor(), o);
@@ -153,7 +137,7 @@ TEST_CASE("with no server, commands fail fast and none connects during the recon
           "[redis]") {
   asio::io_context ctx;
   const std::uint16_t port = free_port();
-  keel::redis::client_options o = options_for(port);
+  keel::redis::client_options o = redis_options(port);
   o.reconnect_delay = std::chrono::minutes(1);
   keel::redis::client redis(ctx.get_executor(), o);
   outcome<reply> out = run_one(ctx, redis.command({"PING"}));
@@ -171,7 +155,7 @@ TEST_CASE("a server killed mid-run fails what was in flight; restarted, it is us
           "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client_options o = options_for(server.port());
+  keel::redis::client_options o = redis_options(server.port());
   o.reconnect_delay = std::chrono::milliseconds(0);
   keel::redis::client redis(ctx.get_executor(), o);
   REQUIRE_FALSE(run_one(ctx, redis.command({"SET", "k", "1"})).error);
@@ -196,7 +180,7 @@ TEST_CASE("a password logs in; a wrong one is refused and never printed", "[redi
   redis_process server({"--requirepass", "s3cret-PW-77"});
   asio::io_context ctx;
   {
-    keel::redis::client_options o = options_for(server.port());
+    keel::redis::client_options o = redis_options(server.port());
     o.server.password = "s3cret-PW-77";
     keel::redis::client redis(ctx.get_executor(), o);
     outcome<reply> out = run_one(ctx, redis.command({"PING"}));
@@ -205,7 +189,7 @@ TEST_CASE("a password logs in; a wrong one is refused and never printed", "[redi
     CHECK(o.server.to_string().find("s3cret") == std::string::npos);
   }
   {
-    keel::redis::client_options o = options_for(server.port());
+    keel::redis::client_options o = redis_options(server.port());
     o.server.password = "WRONG-pass-123";
     keel::redis::client redis(ctx.get_executor(), o);
     outcome<reply> out = run_one(ctx, redis.command({"PING"}));
@@ -215,7 +199,7 @@ TEST_CASE("a password logs in; a wrong one is refused and never printed", "[redi
     CHECK(what_of(out.error).find("WRONG-pass-123") == std::string::npos);
   }
   {
-    keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+    keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
     outcome<reply> out = run_one(ctx, redis.command({"PING"}));
     REQUIRE_FALSE(out.error);
     CHECK(out.value->is_error());  // NOAUTH: the server's answer to a command without login
@@ -225,10 +209,10 @@ TEST_CASE("a password logs in; a wrong one is refused and never printed", "[redi
 TEST_CASE("a database number is selected before the first command", "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client_options o3 = options_for(server.port());
+  keel::redis::client_options o3 = redis_options(server.port());
   o3.server.db = 3;
   keel::redis::client db3(ctx.get_executor(), o3);
-  keel::redis::client db0(ctx.get_executor(), options_for(server.port()));
+  keel::redis::client db0(ctx.get_executor(), redis_options(server.port()));
   REQUIRE_FALSE(run_one(ctx, db3.command({"SET", "only-in-3", "x"})).error);
   CHECK(run_one(ctx, db3.command({"GET", "only-in-3"})).value->text == "x");
   CHECK(run_one(ctx, db0.command({"GET", "only-in-3"})).value->kind == reply_kind::nil);
@@ -237,7 +221,7 @@ TEST_CASE("a database number is selected before the first command", "[redis]") {
 TEST_CASE("cancelling a command ends it at once and keeps the connection", "[redis]") {
   asio::io_context ctx;
   silent_server silent(ctx);
-  keel::redis::client_options o = options_for(silent.port());
+  keel::redis::client_options o = redis_options(silent.port());
   o.command_timeout = std::chrono::seconds(30);
   keel::redis::client redis(ctx.get_executor(), o);
   asio::cancellation_signal cancel;
@@ -256,7 +240,7 @@ TEST_CASE("bounds: commands waiting and reply size", "[redis]") {
   SECTION("past max_pending a command fails at once") {
     asio::io_context ctx;
     silent_server silent(ctx);
-    keel::redis::client_options o = options_for(silent.port());
+    keel::redis::client_options o = redis_options(silent.port());
     o.max_pending = 2;
     keel::redis::client redis(ctx.get_executor(), o);
     outcome<reply> a, b;
@@ -270,7 +254,7 @@ TEST_CASE("bounds: commands waiting and reply size", "[redis]") {
   SECTION("a reply over max_reply_bytes is a protocol error") {
     redis_process server;
     asio::io_context ctx;
-    keel::redis::client_options o = options_for(server.port());
+    keel::redis::client_options o = redis_options(server.port());
     o.max_reply_bytes = 10000;
     keel::redis::client redis(ctx.get_executor(), o);
     REQUIRE_FALSE(run_one(ctx, redis.command({"SET", "big", std::string(100000, 'x')})).error);

@@ -15,28 +15,10 @@
 using namespace keel_test;
 using keel::redis::lease_result;
 
-namespace {
-
-keel::redis::client_options options_for(std::uint16_t port) {
-  keel::redis::client_options o;
-  o.server.port = port;
-  return o;
-}
-
-template <class T>
-outcome<T> run_one(asio::io_context& ctx, asio::awaitable<T> aw) {
-  outcome<T> out;
-  spawn(ctx, std::move(aw), out);
-  REQUIRE(run_real(ctx, [&] { return out.done; }));
-  return out;
-}
-
-}  // namespace
-
 TEST_CASE("a shared bucket grants, refills at its rate and caps at its burst", "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   keel::redis::shared_quota q(redis, {.key = "keel:test:bucket", .rate = 100, .burst = 10});
   const auto lease = [&](double want, long long now_ms) {
     outcome<lease_result> out = run_one(ctx, q.lease(want, now_ms));
@@ -63,8 +45,8 @@ TEST_CASE("a shared bucket grants, refills at its rate and caps at its burst", "
 TEST_CASE("a shared pause stops every process and ends at the rate, not in a burst", "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client a_client(ctx.get_executor(), options_for(server.port()));
-  keel::redis::client b_client(ctx.get_executor(), options_for(server.port()));
+  keel::redis::client a_client(ctx.get_executor(), redis_options(server.port()));
+  keel::redis::client b_client(ctx.get_executor(), redis_options(server.port()));
   keel::redis::shared_quota a(a_client, {.key = "keel:test:p", .rate = 100, .burst = 20});
   keel::redis::shared_quota b(b_client, {.key = "keel:test:p", .rate = 100, .burst = 20});
   REQUIRE(run_one(ctx, a.lease(1, 0)).value->granted == 1);
@@ -97,7 +79,7 @@ TEST_CASE(
   std::vector<std::unique_ptr<keel::redis::shared_pacer>> pacers;
   for (int i = 0; i < processes; ++i) {
     clients.push_back(
-        std::make_unique<keel::redis::client>(ctx.get_executor(), options_for(server.port())));
+        std::make_unique<keel::redis::client>(ctx.get_executor(), redis_options(server.port())));
     quotas.push_back(std::make_unique<keel::redis::shared_quota>(
         *clients.back(),
         keel::redis::quota_options{.key = "keel:test:fleet", .rate = rate, .burst = burst}));
@@ -147,14 +129,13 @@ TEST_CASE(
   // (50 tokens: at most done / 50 of them, plus one per process still pooled) or short, and then
   // followed by a wait of one window (at most elapsed / window + 1 per process). The ratio itself
   // measured 0.071-0.084 here (548-553 requests, 39-46 leases).
-  CHECK(static_cast<double>(leases) <=
-        done / (rate * 0.05) + processes * (elapsed / 0.05 + 2));
+  CHECK(static_cast<double>(leases) <= done / (rate * 0.05) + processes * (elapsed / 0.05 + 2));
   CHECK(static_cast<double>(leases) / done <= 0.2);
 }
 
 TEST_CASE("a pacer whose Redis is gone fails at once so the caller can fall back", "[redis]") {
   asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), options_for(free_port()));
+  keel::redis::client redis(ctx.get_executor(), redis_options(free_port()));
   keel::redis::shared_quota q(redis, {.key = "k", .rate = 100, .burst = 10});
   keel::redis::shared_pacer pacer(q);
   const auto t0 = std::chrono::steady_clock::now();
@@ -178,7 +159,7 @@ TEST_CASE("a cancelled acquire takes nothing and the lease it waited for feeds t
           "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), options_for(server.port()));
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   keel::redis::shared_quota q(redis, {.key = "keel:test:c", .rate = 1000, .burst = 100});
   keel::redis::shared_pacer pacer(q);
   asio::cancellation_signal cancel;

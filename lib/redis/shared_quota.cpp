@@ -23,18 +23,22 @@ namespace {
 
 // The bucket: a hash {tokens, ts, pause} (times in ms on the server's clock, or ARGV's in tests).
 // Numbers go back as strings: Redis truncates a Lua number reply to an integer.
-constexpr const char* lease_script = R"lua(
-local want = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
+// Both scripts start with it: `now` in ms, the server's unless ARGV[1] (tests) gives it.
+constexpr const char* now_prelude = R"lua(
 local now
-if ARGV[5] ~= nil and ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
+)lua";
+
+constexpr const char* lease_body = R"lua(
+local want = tonumber(ARGV[2])
+local rate = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
 local s = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'pause')
 local tokens = tonumber(s[1])
 local ts = tonumber(s[2])
@@ -68,16 +72,9 @@ return {tostring(granted), tostring(wait)}
 )lua";
 
 // A pause empties the bucket and starts its refill at the pause's end.
-constexpr const char* pause_script = R"lua(
-local d = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local now
-if ARGV[3] ~= nil and ARGV[3] ~= '' then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
+constexpr const char* pause_body = R"lua(
+local d = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
 local pause = tonumber(redis.call('HGET', KEYS[1], 'pause')) or 0
 local ends = now + d
 if ends > pause then
@@ -140,10 +137,11 @@ asio::awaitable<reply> shared_quota::run(const std::string& script, const std::s
 }
 
 asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now) {
-  reply r = co_await run(
-      lease_script, "lease",
-      {number(want), number(options_.rate), number(options_.burst),
-       std::to_string(options_.idle_ttl.count()), now ? std::to_string(*now) : std::string()});
+  static const std::string script = std::string(now_prelude) + lease_body;
+  reply r =
+      co_await run(script, "lease",
+                   {now ? std::to_string(*now) : std::string(), number(want), number(options_.rate),
+                    number(options_.burst), std::to_string(options_.idle_ttl.count())});
   if (r.kind != reply_kind::array || r.elements.size() != 2) {
     throw std::runtime_error("keel::redis::shared_quota: lease answered an unexpected reply");
   }
@@ -156,9 +154,10 @@ asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<lon
 }
 
 asio::awaitable<void> shared_quota::pause(milliseconds d, std::optional<long long> now) {
-  co_await run(pause_script, "pause",
-               {std::to_string(d.count()), std::to_string(options_.idle_ttl.count()),
-                now ? std::to_string(*now) : std::string()});
+  static const std::string script = std::string(now_prelude) + pause_body;
+  co_await run(script, "pause",
+               {now ? std::to_string(*now) : std::string(), std::to_string(d.count()),
+                std::to_string(options_.idle_ttl.count())});
 }
 
 // ---- shared_pacer ------------------------------------------------------------------------------
