@@ -143,13 +143,13 @@ class client {
 
   /// Sends `args` (the command and its arguments) and awaits its reply.
   /// @returns the reply; an error reply (`reply_kind::error`) is returned, not thrown.
-  /// @throws keel::failure: `error::deadline_exceeded` after `command_timeout` (the connection
-  ///   is then closed), `error::queue_full` past `max_pending`, an Asio network code (refused,
-  ///   reset, eof) when the connection fails or is unavailable (also, at once, during the delay
-  ///   after a failed connect), `error::protocol_error`-like `errc::protocol_error` for a reply
-  ///   hiredis cannot parse or over `max_reply_bytes`; `AUTH`/`SELECT` refused:
-  ///   `errc::permission_denied`. Messages name the server (`endpoint::to_string`), never a
-  ///   password.
+  /// @throws keel::failure with `keel::error::deadline_exceeded` after `command_timeout` (the
+  ///   connection is then closed); `keel::error::queue_full` past `max_pending`; an Asio or
+  ///   system code (refused, reset, eof) when the connection fails, and `errc::connection_refused`
+  ///   at once during the delay after a failed connect; `errc::protocol_error` for a reply
+  ///   hiredis cannot parse or one over `max_reply_bytes`; `errc::permission_denied` when AUTH or
+  ///   SELECT is refused. Messages name the server (`endpoint::to_string`), never a password.
+  ///   std::invalid_argument for an empty `args`.
   /// Cancellation: terminal or partial cancellation completes the call at once with
   ///   `operation_aborted`; the command may still run; the connection stays open.
   boost::asio::awaitable<reply> command(std::vector<std::string> args);
