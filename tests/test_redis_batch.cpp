@@ -8,12 +8,14 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 
 using namespace keel_test;
 namespace fs = std::filesystem;
@@ -125,4 +127,39 @@ TEST_CASE("policy.shared keeps the Redis password out of the config and of --pri
   const std::string out = dir.read("out.txt");
   CHECK(out.find("\"password_env\": \"KEEL_REDIS_PASSWORD\"") != std::string::npos);
   CHECK(out.find("pw-FROM-ENV-7") == std::string::npos);
+}
+
+TEST_CASE("keel batch loses nothing when Redis is killed mid-run and paces on by itself",
+          "[redis]") {
+  redis_process server;
+  batch_dir dir;
+  std::string in;
+  for (int i = 1; i <= 300; ++i) {
+    in += nlohmann::json{{"id", i}, {"prompt", "item " + std::to_string(i)}}.dump() + "\n";
+  }
+  dir.write("in.jsonl", in);
+  // 6,000 per minute: 100 per second after the burst, so the run lasts about 2 s.
+  dir.write("config.json", dir.config("redis://127.0.0.1:" + std::to_string(server.port()) + "/0"));
+  int status = -1;
+  std::thread run([&] { status = dir.keel(dir.batch_args("r.jsonl") + " --log-format json"); });
+  // Kill Redis once a third of the items have records (polling the file, no fixed sleep).
+  const auto lines = [&] {
+    const std::string text = dir.read("r.jsonl");
+    return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
+  };
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (lines() < 100 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const std::size_t at_kill = lines();
+  server.stop();
+  run.join();
+  const std::string err = dir.read("err.txt");
+  INFO("stderr: " << err);
+  CHECK(at_kill >= 100);
+  CHECK(at_kill < 300);  // killed mid-run, not after
+  CHECK(status == 0);
+  CHECK(dir.records("r.jsonl") == 300);  // every item, exactly once (ok)
+  CHECK(lines() == 300);
+  CHECK(err.find("\"event\":\"fleet_pacing_unavailable\"") != std::string::npos);
 }
