@@ -175,6 +175,34 @@ struct shared_pacer::state {
   std::uint64_t leases = 0;
   std::uint64_t granted = 0;
   bool closed = false;
+  // This process's demand (tokens per second, smoothed), measured between leases.
+  double demand = 0;
+  double taken = 0;           // tokens taken from the pool so far
+  double taken_at_lease = 0;  // `taken` when the last lease started
+  std::chrono::steady_clock::time_point lease_started{};
+  double low_water = 0;  // below this the next lease starts early
+
+  // Starts a lease of about one window of this process's demand (at least 16 times `cost`, so
+  // that a request costs at most 1/16 round trip; at most one window of the bucket's rate).
+  void start_lease(const asio::any_io_executor& ex, double cost,
+                   const std::shared_ptr<state>& self) {
+    const auto now = std::chrono::steady_clock::now();
+    if (lease_started != std::chrono::steady_clock::time_point{}) {
+      const double dt = std::chrono::duration<double>(now - lease_started).count();
+      if (dt > 0) {
+        const double r = (taken - taken_at_lease) / dt;
+        demand = demand == 0 ? r : 0.7 * demand + 0.3 * r;
+      }
+    }
+    lease_started = now;
+    taken_at_lease = taken;
+    const double w = effective_window().count();
+    const double size =
+        std::min(std::max(16 * cost, demand * w), std::max(quota.options().rate * w, cost));
+    low_water = size / 2;
+    leasing = true;
+    asio::co_spawn(ex, lease_task(self, std::max(cost - pool, size)), asio::detached);
+  }
 
   // The lease window, at most burst / rate (seconds).
   std::chrono::duration<double> effective_window() const {
@@ -213,7 +241,13 @@ asio::awaitable<void> shared_pacer::acquire(double cost) {
     }
     if (st->pool >= cost) {
       st->pool -= cost;
+      st->taken += cost;
       ++st->granted;
+      // Running low: the next lease starts now, so that callers seldom wait for a round trip.
+      if (st->pool < st->low_water && !st->leasing &&
+          std::chrono::steady_clock::now() >= st->next_lease_at) {
+        st->start_lease(ex, cost, st);
+      }
       co_return;
     }
     if (!st->leasing && std::chrono::steady_clock::now() < st->next_lease_at) {
@@ -233,10 +267,7 @@ asio::awaitable<void> shared_pacer::acquire(double cost) {
     // reconnect delay) to its end before returning, and a wait begun after that would miss it.
     const std::uint64_t seen = st->generation;
     if (!st->leasing) {
-      st->leasing = true;
-      const double rate = st->quota.options().rate;
-      const double want = std::max(cost - st->pool, rate * st->effective_window().count());
-      asio::co_spawn(ex, lease_task(st, want), asio::detached);
+      st->start_lease(ex, cost, st);
     }
     if (st->generation == seen) {
       boost::system::error_code ec;
