@@ -66,7 +66,8 @@ TEST_CASE("every attempt asks the fleet, and a 429's delay is passed on to it", 
   CHECK(fleet.delays[0].second == 250ms);
 }
 
-TEST_CASE("when the fleet cannot be reached the call goes on under its own bucket", "[llm_client]") {
+TEST_CASE("when the fleet cannot be reached the call goes on under its own bucket",
+          "[llm_client]") {
   boost::asio::io_context ctx;
   keel::testing::mock_llm_server server(ctx);
   server.start();

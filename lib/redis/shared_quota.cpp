@@ -110,9 +110,8 @@ double parse_number(const reply& r) {
 shared_quota::shared_quota(client& redis, quota_options options)
     : redis_(redis), options_(std::move(options)) {}
 
-asio::awaitable<reply> shared_quota::run(const std::string& script, const std::string& which,
-                                         std::vector<std::string> argv) {
-  std::string& sha = which == "lease" ? lease_sha_ : pause_sha_;
+asio::awaitable<reply> shared_quota::run(const std::string& script, std::string& sha,
+                                         const char* what, std::vector<std::string> argv) {
   for (int loads = 0;; ++loads) {
     if (sha.empty()) {
       reply loaded = co_await redis_.command({"SCRIPT", "LOAD", script});
@@ -129,8 +128,8 @@ asio::awaitable<reply> shared_quota::run(const std::string& script, const std::s
       continue;
     }
     if (r.is_error()) {
-      throw std::runtime_error("keel::redis::shared_quota: " + which + " on " + options_.key +
-                               ": " + r.text);
+      throw std::runtime_error("keel::redis::shared_quota: " + std::string(what) + " on " +
+                               options_.key + ": " + r.text);
     }
     co_return r;
   }
@@ -139,7 +138,7 @@ asio::awaitable<reply> shared_quota::run(const std::string& script, const std::s
 asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now) {
   static const std::string script = std::string(now_prelude) + lease_body;
   reply r =
-      co_await run(script, "lease",
+      co_await run(script, lease_sha_, "lease",
                    {now ? std::to_string(*now) : std::string(), number(want), number(options_.rate),
                     number(options_.burst), std::to_string(options_.idle_ttl.count())});
   if (r.kind != reply_kind::array || r.elements.size() != 2) {
@@ -155,7 +154,7 @@ asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<lon
 
 asio::awaitable<void> shared_quota::pause(milliseconds d, std::optional<long long> now) {
   static const std::string script = std::string(now_prelude) + pause_body;
-  co_await run(script, "pause",
+  co_await run(script, pause_sha_, "pause",
                {now ? std::to_string(*now) : std::string(), std::to_string(d.count()),
                 std::to_string(options_.idle_ttl.count())});
 }

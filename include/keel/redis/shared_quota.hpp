@@ -104,7 +104,9 @@ class shared_quota {
   const quota_options& options() const noexcept { return options_; }
 
  private:
-  boost::asio::awaitable<reply> run(const std::string& script, const std::string& sha_slot,
+  // Runs `script` by its SHA (`sha`, loaded on first use and again after NOSCRIPT); `what`
+  // names it in errors.
+  boost::asio::awaitable<reply> run(const std::string& script, std::string& sha, const char* what,
                                     std::vector<std::string> argv);
   client& redis_;
   quota_options options_;
