@@ -129,37 +129,80 @@ TEST_CASE("policy.shared keeps the Redis password out of the config and of --pri
   CHECK(out.find("pw-FROM-ENV-7") == std::string::npos);
 }
 
-TEST_CASE("keel batch loses nothing when Redis is killed mid-run and paces on by itself",
+TEST_CASE("keel batch loses nothing when Redis is killed mid-run, paces on by itself and rejoins",
           "[redis]") {
   redis_process server;
   batch_dir dir;
   std::string in;
-  for (int i = 1; i <= 300; ++i) {
+  for (int i = 1; i <= 400; ++i) {
     in += nlohmann::json{{"id", i}, {"prompt", "item " + std::to_string(i)}}.dump() + "\n";
   }
   dir.write("in.jsonl", in);
-  // 6,000 per minute: 100 per second after the burst, so the run lasts about 2 s.
+  // 6,000 per minute: 100 per second after the burst, so the run lasts about 3 s.
   dir.write("config.json", dir.config("redis://127.0.0.1:" + std::to_string(server.port()) + "/0"));
   int status = -1;
   std::thread run([&] { status = dir.keel(dir.batch_args("r.jsonl") + " --log-format json"); });
-  // Kill Redis once a third of the items have records (polling the file, no fixed sleep).
+  // Kill Redis once a quarter of the items have records, start it again (empty) at 150
+  // (polling the file, no fixed sleep).
   const auto lines = [&] {
     const std::string text = dir.read("r.jsonl");
     return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
   };
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (lines() < 100 && std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  const std::size_t at_kill = lines();
+  const auto wait_for = [&](std::size_t n) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (lines() < n && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return lines();
+  };
+  const std::size_t at_kill = wait_for(100);
   server.stop();
+  const std::size_t at_restart = wait_for(150);
+  server.start();
   run.join();
   const std::string err = dir.read("err.txt");
   INFO("stderr: " << err);
   CHECK(at_kill >= 100);
-  CHECK(at_kill < 300);  // killed mid-run, not after
+  CHECK(at_restart < 400);  // restarted mid-run, not after
   CHECK(status == 0);
-  CHECK(dir.records("r.jsonl") == 300);  // every item, exactly once (ok)
-  CHECK(lines() == 300);
-  CHECK(err.find("\"event\":\"fleet_pacing_unavailable\"") != std::string::npos);
+  CHECK(dir.records("r.jsonl") == 400);  // every item, exactly once (ok)
+  CHECK(lines() == 400);
+  const auto unavailable = err.find("\"event\":\"fleet_pacing_unavailable\"");
+  const auto restored = err.find("\"event\":\"fleet_pacing_restored\"");
+  CHECK(unavailable != std::string::npos);
+  CHECK(restored != std::string::npos);
+  CHECK(restored > unavailable);
+  // It rejoined: the restarted, empty server holds the fleet's bucket again.
+  asio::io_context ctx;
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
+  outcome<keel::redis::reply> keys;
+  spawn(ctx, redis.command({"KEYS", "keeltest:*:requests"}), keys);
+  REQUIRE(run_real(ctx, [&] { return keys.done; }));
+  REQUIRE_FALSE(keys.error);
+  CHECK(keys.value->elements.size() == 1);
+}
+
+TEST_CASE("keel batch cut off from Redis paces at its share of the limit (fleet_size)",
+          "[redis]") {
+  batch_dir dir;
+  std::string in;
+  for (int i = 1; i <= 8; ++i) {
+    in += nlohmann::json{{"id", i}, {"prompt", "item " + std::to_string(i)}}.dump() + "\n";
+  }
+  dir.write("in.jsonl", in);
+  // 1,200 per minute (20/s, burst 1) for a fleet of 4: 5 per second for this process, so 8
+  // items take at least 7 × 0.2 s; under its own limit alone they would take 0.35 s.
+  dir.write("config.json",
+            R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-FLEET-KEY-1"}],
+                "policy": {"rate_limits": {"requests_per_minute": 1200, "burst": 1},
+                           "shared": {"redis": "redis://127.0.0.1:)" +
+                std::to_string(free_port()) + R"(", "fleet_size": 4, "timeout": 0.2}}})");
+  const auto started = std::chrono::steady_clock::now();
+  const int status = dir.keel(dir.batch_args("r.jsonl") + " --log-format json");
+  const auto took = std::chrono::steady_clock::now() - started;
+  INFO("stderr: " << dir.read("err.txt"));
+  CHECK(status == 0);
+  CHECK(dir.records("r.jsonl") == 8);
+  CHECK(took >= std::chrono::milliseconds(1350));  // a lower bound: pacing, not speed
+  CHECK(dir.read("err.txt").find("fleet_pacing_unavailable") != std::string::npos);
 }

@@ -119,6 +119,7 @@ struct client::entry_state {
   keel::retry_policy policy;                       // keel-native
   std::unique_ptr<keel::aws::retry_strategy> aws;  // AWS modes
   bool last = false;
+  bool fleet_unreachable = false;  // the last fleet acquire failed (client_options::fleet)
   // policy.hedge (null when off): the entry's recent attempt latencies (streams: time to first
   // text) and its cap on hedges.
   std::unique_ptr<keel::latency_window> latencies;
@@ -418,17 +419,29 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   }
   if (options_.fleet) {
     // The fleet's bucket, after this process's own: if it cannot be reached, the attempt goes on
-    // under the entry's own bucket (its configured limit) and the hook says so.
+    // under the entry's own bucket and the fleet's local share, and the hook says so.
+    bool unreachable = false;
     try {
       co_await options_.fleet->acquire(*es.cfg, estimate);
+      if (es.fleet_unreachable) {
+        es.fleet_unreachable = false;
+        if (hooks_.on_fleet_pacing_restored) {
+          hooks_.on_fleet_pacing_restored(es.index);
+        }
+      }
     } catch (...) {
       const std::exception_ptr e = std::current_exception();
       if (keel::classify(e).condition == keel::condition::cancelled) {
         throw;
       }
+      unreachable = true;
+      es.fleet_unreachable = true;
       if (hooks_.on_fleet_pacing_error) {
         hooks_.on_fleet_pacing_error(es.index, e);
       }
+    }
+    if (unreachable) {
+      co_await options_.fleet->acquire_local(*es.cfg, estimate);
     }
   }
 

@@ -313,7 +313,8 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"key_prefix", p.shared.key_prefix},
         {"password_env", p.shared.password_env},
         {"timeout", p.shared.timeout},
-        {"lease_window", p.shared.lease_window}}},
+        {"lease_window", p.shared.lease_window},
+        {"fleet_size", p.shared.fleet_size}}},
   };
   return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
 }

@@ -306,7 +306,8 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
 }
 
 shared_config parser::parse_shared(const json& j, const std::string& path) const {
-  check_keys(j, path, {"redis", "key_prefix", "password_env", "timeout", "lease_window"});
+  check_keys(j, path,
+             {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size"});
   shared_config sc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -333,6 +334,8 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
       sc.timeout = number(v, p, seconds_positive);
     } else if (key == "lease_window") {
       sc.lease_window = number(v, p, seconds_positive);
+    } else if (key == "fleet_size") {
+      sc.fleet_size = static_cast<int>(integer(v, p, {0, false, 100000, false, true}));
     }
   }
   if (!sc.redis.empty()) {

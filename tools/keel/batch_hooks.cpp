@@ -197,12 +197,19 @@ llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, me
     const auto now = std::chrono::steady_clock::now();
     if (now - last >= std::chrono::seconds(10) && log.enabled(log_level::warning)) {
       log.log(log_level::warning, "fleet_pacing_unavailable",
-              "shared pacing unavailable; pacing by this process's own limit",
+              "shared pacing unavailable; pacing by this process's local share of the limit",
               {{"model", cfg.entries[entry].name()},
                {"attempts", since},
                {"error", keel::describe(e)}});
       last = now;
       since = 0;
+    }
+  };
+  hooks.on_fleet_pacing_restored = [&cfg, &log](std::size_t entry) {
+    if (log.enabled(log_level::warning)) {
+      log.log(log_level::warning, "fleet_pacing_restored",
+              "shared pacing reachable again; pacing by the fleet's bucket",
+              {{"model", cfg.entries[entry].name()}});
     }
   };
   return hooks;

@@ -165,9 +165,20 @@ class fleet_pacing {
   virtual ~fleet_pacing() = default;
   /// Waits until the fleet allows one request of about `tokens` tokens to `entry`.
   /// @throws anything when the shared state cannot be reached in time: the attempt then goes on
-  ///   under the entry's own bucket only, and `client_hooks::on_fleet_pacing_error` is told.
+  ///   under the entry's own bucket and `acquire_local`, and `client_hooks::on_fleet_pacing_error`
+  ///   is told.
   /// Cancellation: the call's cancellation reaches it; its `operation_aborted` ends the call.
   virtual boost::asio::awaitable<void> acquire(const entry_config& entry, double tokens) = 0;
+  /// After `acquire` threw: waits for this process's local share of the fleet's limit (e.g. the
+  /// limit divided by the fleet's size), so that a fleet cut off from its shared state does not
+  /// send N times the limit. The default waits for nothing (the entry's own bucket only).
+  /// @throws only `operation_aborted` (cancellation).
+  /// Cancellation: the call's cancellation reaches it; its `operation_aborted` ends the call.
+  virtual boost::asio::awaitable<void> acquire_local(const entry_config& entry, double tokens) {
+    (void)entry;
+    (void)tokens;
+    co_return;
+  }
   /// `entry`'s server asked this process to wait `delay` (a 429's Retry-After): hold the fleet.
   /// Must not throw or block.
   virtual void on_server_delay(const entry_config& entry, std::chrono::nanoseconds delay) = 0;
@@ -187,8 +198,10 @@ struct client_hooks {
   /// An attempt waited this long for rate-limit capacity (bucket or AWS adaptive limiter).
   std::function<void(std::size_t entry, std::chrono::nanoseconds)> on_throttle_wait;
   /// The fleet's pacing (`client_options::fleet`) failed for an attempt, which went on under the
-  /// entry's own bucket.
+  /// entry's own bucket and the fleet's `acquire_local`.
   std::function<void(std::size_t entry, const std::exception_ptr&)> on_fleet_pacing_error;
+  /// The fleet's pacing granted an attempt on `entry` again after failing for an earlier one.
+  std::function<void(std::size_t entry)> on_fleet_pacing_restored;
   /// The last entry's breaker is open and the item waits for its probe
   /// (`client_options::hold_open_breaker`); the time left until the probe.
   std::function<void(std::size_t entry, const void* context, std::chrono::nanoseconds)> on_hold;

@@ -254,6 +254,10 @@ struct shared_config {
   double timeout = 0.25;
   /// Seconds of quota a process leases at a time.
   double lease_window = 0.05;
+  /// How many processes share the limit, for the local share while Redis cannot be reached
+  /// (each then paces at limit / fleet_size); 0: unknown, each process then paces at the share
+  /// it was last granted through Redis (the whole limit if it never reached Redis).
+  int fleet_size = 0;
 };
 
 /// The keel `policy` block.
