@@ -94,8 +94,15 @@ TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[r
   spawn(ctx, redis.command({"KEYS", "keeltest:*"}), keys);
   REQUIRE(run_real(ctx, [&] { return keys.done; }));
   REQUIRE_FALSE(keys.error);
-  REQUIRE(keys.value->elements.size() == 1);
+  REQUIRE(keys.value->elements.size() == 2);  // the bucket and its member set
+  std::sort(keys.value->elements.begin(), keys.value->elements.end(),
+            [](const auto& x, const auto& y) { return x.text < y.text; });
+  CHECK(keys.value->elements[1].text == keys.value->elements[0].text + ":members");
   const std::string key = keys.value->elements[0].text;
+  outcome<keel::redis::reply> members;
+  spawn(ctx, redis.command({"ZCARD", key + ":members"}), members);
+  REQUIRE(run_real(ctx, [&] { return members.done; }));
+  CHECK(members.value->integer == 1);  // one process leased
   CHECK(key.rfind("keeltest:openai:m:", 0) == 0);
   CHECK(key.size() > std::string("keeltest:openai:m::requests").size());
   CHECK(key.substr(key.size() - 9) == ":requests");

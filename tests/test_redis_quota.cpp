@@ -25,21 +25,46 @@ TEST_CASE("a shared bucket grants, refills at its rate and caps at its burst", "
     REQUIRE_FALSE(out.error);
     return *out.value;
   };
-  // A new bucket starts full.
+  // A new bucket starts empty: nothing now, 8 tokens in 80 ms at 100/s.
   lease_result r = lease(8, 1000);
+  CHECK(r.granted == 0);
+  CHECK(r.retry_after == std::chrono::milliseconds(80));
+  CHECK(r.members == 0);  // no member named
+  // 100 ms later it holds its burst (10), no more.
+  r = lease(8, 1100);
   CHECK(r.granted == 8);
   CHECK(r.retry_after.count() == 0);
   // 2 left: a partial grant, and how long the rest takes at 100/s (3 tokens: 30 ms).
-  r = lease(5, 1000);
+  r = lease(5, 1100);
   CHECK(r.granted == 2);
   CHECK(r.retry_after == std::chrono::milliseconds(30));
   // 25 ms later: 2.5 tokens.
-  r = lease(5, 1025);
+  r = lease(5, 1125);
   CHECK(r.granted == Approx(2.5));
   // A long idle time refills to the burst, no more.
   r = lease(50, 60000);
   CHECK(r.granted == 10);
   CHECK(r.retry_after == std::chrono::milliseconds(400));
+}
+
+TEST_CASE("a shared bucket counts the members that leased within its member window", "[redis]") {
+  redis_process server;
+  asio::io_context ctx;
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
+  keel::redis::shared_quota q(
+      redis, {.key = "keel:test:members", .rate = 100, .burst = 10, .member_window = std::chrono::milliseconds(5000)});
+  const auto members = [&](const std::string& member, long long now_ms) {
+    outcome<lease_result> out = run_one(ctx, q.lease(1, now_ms, member));
+    REQUIRE_FALSE(out.error);
+    return out.value->members;
+  };
+  CHECK(members("a", 1000) == 1);
+  CHECK(members("b", 2000) == 2);
+  CHECK(members("a", 3000) == 2);  // the same member again
+  CHECK(members("c", 4000) == 3);
+  // At 7,500 "b" (last at 2,000) is out of the window; "a" (3,000) and "c" (4,000) are in.
+  CHECK(members("c", 7500) == 2);
+  CHECK(members("c", 12000) == 1);  // alone
 }
 
 TEST_CASE("a shared pause stops every process and ends at the rate, not in a burst", "[redis]") {
@@ -49,7 +74,8 @@ TEST_CASE("a shared pause stops every process and ends at the rate, not in a bur
   keel::redis::client b_client(ctx.get_executor(), redis_options(server.port()));
   keel::redis::shared_quota a(a_client, {.key = "keel:test:p", .rate = 100, .burst = 20});
   keel::redis::shared_quota b(b_client, {.key = "keel:test:p", .rate = 100, .burst = 20});
-  REQUIRE(run_one(ctx, a.lease(1, 0)).value->granted == 1);
+  REQUIRE(run_one(ctx, a.lease(1, 0)).value->granted == 0);  // new: empty
+  REQUIRE(run_one(ctx, a.lease(1, 50)).value->granted == 1);
   // Process a hears a Retry-After of 200 ms at t = 100.
   REQUIRE_FALSE(run_one(ctx, a.pause(std::chrono::milliseconds(200), 100)).error);
   // Process b is held too, told when the pause ends.
@@ -161,6 +187,8 @@ TEST_CASE("a cancelled acquire takes nothing and the lease it waited for feeds t
   asio::io_context ctx;
   keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   keel::redis::shared_quota q(redis, {.key = "keel:test:c", .rate = 1000, .burst = 100});
+  // Made at time 0 (a new bucket starts empty): full by the server's clock now.
+  REQUIRE_FALSE(run_one(ctx, q.lease(0, 0)).error);
   keel::redis::shared_pacer pacer(q);
   asio::cancellation_signal cancel;
   outcome<void> out;

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <stdexcept>
 
 namespace keel::redis {
@@ -44,7 +46,7 @@ local tokens = tonumber(s[1])
 local ts = tonumber(s[2])
 local pause = tonumber(s[3]) or 0
 if tokens == nil or ts == nil then
-  tokens = burst
+  tokens = 0  -- new (or Redis restarted empty): the fleet may have been sending until now
   ts = now
 end
 if now > ts then
@@ -68,7 +70,14 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts), 'pause', tostring(pause))
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {tostring(granted), tostring(wait)}
+local members = 0
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[2], now, ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[7]))
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  members = redis.call('ZCARD', KEYS[2])
+end
+return {tostring(granted), tostring(wait), tostring(members)}
 )lua";
 
 // A pause empties the bucket and starts its refill at the pause's end.
@@ -83,6 +92,14 @@ if ends > pause then
 end
 return 1
 )lua";
+
+// 16 random hex digits: a pacer's name in its bucket's member set.
+std::string random_member() {
+  std::random_device rd;
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%08x%08x", rd(), rd());
+  return buf;
+}
 
 std::string number(double v) {
   char buf[64];
@@ -111,7 +128,8 @@ shared_quota::shared_quota(client& redis, quota_options options)
     : redis_(redis), options_(std::move(options)) {}
 
 asio::awaitable<reply> shared_quota::run(const std::string& script, std::string& sha,
-                                         const char* what, std::vector<std::string> argv) {
+                                         const char* what, std::vector<std::string> keys,
+                                         std::vector<std::string> argv) {
   for (int loads = 0;; ++loads) {
     if (sha.empty()) {
       reply loaded = co_await redis_.command({"SCRIPT", "LOAD", script});
@@ -120,7 +138,8 @@ asio::awaitable<reply> shared_quota::run(const std::string& script, std::string&
       }
       sha = loaded.text;
     }
-    std::vector<std::string> args = {"EVALSHA", sha, "1", options_.key};
+    std::vector<std::string> args = {"EVALSHA", sha, std::to_string(keys.size())};
+    args.insert(args.end(), keys.begin(), keys.end());
     args.insert(args.end(), argv.begin(), argv.end());
     reply r = co_await redis_.command(std::move(args));
     if (r.is_error() && r.text.rfind("NOSCRIPT", 0) == 0 && loads == 0) {
@@ -135,17 +154,20 @@ asio::awaitable<reply> shared_quota::run(const std::string& script, std::string&
   }
 }
 
-asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now) {
+asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now,
+                                                 std::string member) {
   static const std::string script = std::string(now_prelude) + lease_body;
-  reply r =
-      co_await run(script, lease_sha_, "lease",
-                   {now ? std::to_string(*now) : std::string(), number(want), number(options_.rate),
-                    number(options_.burst), std::to_string(options_.idle_ttl.count())});
-  if (r.kind != reply_kind::array || r.elements.size() != 2) {
+  reply r = co_await run(
+      script, lease_sha_, "lease", {options_.key, options_.key + ":members"},
+      {now ? std::to_string(*now) : std::string(), number(want), number(options_.rate),
+       number(options_.burst), std::to_string(options_.idle_ttl.count()), std::move(member),
+       std::to_string(std::max<long long>(1, options_.member_window.count()))});
+  if (r.kind != reply_kind::array || r.elements.size() != 3) {
     throw std::runtime_error("keel::redis::shared_quota: lease answered an unexpected reply");
   }
   lease_result out;
   out.granted = parse_number(r.elements[0]);
+  out.members = static_cast<std::size_t>(std::max(0.0, parse_number(r.elements[2])));
   const double wait_ms = parse_number(r.elements[1]);
   out.retry_after = wait_ms < 0 ? nanoseconds(std::chrono::seconds(1))
                                 : nanoseconds(static_cast<long long>(std::ceil(wait_ms * 1e6)));
@@ -154,7 +176,7 @@ asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<lon
 
 asio::awaitable<void> shared_quota::pause(milliseconds d, std::optional<long long> now) {
   static const std::string script = std::string(now_prelude) + pause_body;
-  co_await run(script, pause_sha_, "pause",
+  co_await run(script, pause_sha_, "pause", {options_.key},
                {now ? std::to_string(*now) : std::string(), std::to_string(d.count()),
                 std::to_string(options_.idle_ttl.count())});
 }
@@ -174,6 +196,8 @@ struct shared_pacer::state {
   std::uint64_t leases = 0;
   std::uint64_t granted = 0;
   bool closed = false;
+  std::string member = random_member();  // this pacer in the bucket's member set
+  std::size_t members = 0;               // as the last lease counted them
   // This process's demand (tokens per second, smoothed), measured between leases.
   double demand = 0;
   double taken = 0;           // tokens taken from the pool so far
@@ -285,8 +309,9 @@ asio::awaitable<void> shared_pacer::acquire(double cost) {
 // goes to the pool.
 asio::awaitable<void> shared_pacer::lease_task(std::shared_ptr<state> st, double want) {
   try {
-    const lease_result r = co_await st->quota.lease(want);
+    const lease_result r = co_await st->quota.lease(want, std::nullopt, st->member);
     st->pool += r.granted;
+    st->members = r.members;
     st->last_error = nullptr;
     if (r.granted < want) {
       // The window is at most burst / rate: a longer wait would let the bucket overflow.
@@ -314,6 +339,9 @@ std::uint64_t shared_pacer::leases() const noexcept {
 }
 std::uint64_t shared_pacer::granted() const noexcept {
   return state_->granted;
+}
+std::size_t shared_pacer::members() const noexcept {
+  return state_->members;
 }
 
 }  // namespace keel::redis

@@ -234,7 +234,7 @@ install_nginx() {
   echo "$prog: nginx not found; installing it with apt-get (the system service is not started)" >&2
   $sudo apt-get update -qq >&2
   for p in nginx nginx-light; do  # Debian 12: nginx is the real package, nginx-light a transition
-    if apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then pkg="$p"; break; fi
+    if apt-cache policy "$p" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then pkg="$p"; break; fi
   done
   [ -n "$pkg" ] || die "apt has neither nginx nor nginx-light"
   # Keep the package's postinst from starting the system nginx on port 80 (Debian's policy-rc.d

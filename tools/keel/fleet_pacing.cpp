@@ -14,9 +14,7 @@
 #endif
 
 #include <algorithm>
-#include <array>
 #include <cmath>
-#include <optional>
 #include <map>
 #include <stdexcept>
 
@@ -51,10 +49,7 @@ class redis_fleet_pacing final : public closable_fleet_pacing {
     if (b->tokens_pacer) {
       co_await b->tokens_pacer->acquire(tokens);
     }
-    const auto now = std::chrono::steady_clock::now();
-    b->requests_granted.add(now, 1);
-    b->tokens_granted.add(now, tokens);
-    b->local_current = false;
+    b->local_current = false;  // in the fleet's bucket (again)
   }
 
   asio::awaitable<void> acquire_local(const llm::entry_config& e, double tokens) override {
@@ -63,33 +58,32 @@ class redis_fleet_pacing final : public closable_fleet_pacing {
       co_return;
     }
     if (!b->local_current) {
-      // Cut off from the fleet (again): this process's share, fixed for the outage.
-      const auto now = std::chrono::steady_clock::now();
+      // Cut off from the fleet (again): this process's share, fixed for the outage, starting
+      // empty (it was sending at its share of the fleet's rate until now).
       const auto& rl = e.rate_limits;
       const double rate = rl.requests_per_minute / 60;
-      const double trate = rl.tokens_per_minute / 60;
       const double burst = rl.burst > 0 ? rl.burst : std::max(1.0, rate);
-      double part = 1;  // of the limit
+      std::size_t n = 1;  // never reached Redis: alone, as far as it knows
       if (sc_.fleet_size > 0) {
-        part = 1.0 / sc_.fleet_size;
-      } else if (const auto r = b->requests_granted.rate(now)) {
-        part = std::clamp(*r / rate, 0.0, 1.0);
-        if (trate > 0) {
-          part = std::max(part, std::clamp(b->tokens_granted.rate(now).value_or(0) / trate, 0.0,
-                                           1.0));
-        }
+        n = static_cast<std::size_t>(sc_.fleet_size);
+      } else if (b->requests_pacer->members() > 0) {
+        n = b->requests_pacer->members();
       }
       // At least one request per second, whatever the share.
-      const double share = std::max(rate * part, std::min(rate, 1.0));
+      const double share = std::max(rate / static_cast<double>(n), std::min(rate, 1.0));
       keel::throttler_options o;
       o.requests_per_second = share;
       o.burst = std::max(1.0, burst * share / rate);
-      o.tokens_per_minute = trate * 60 * (share / rate);
+      o.tokens_per_minute = rl.tokens_per_minute * (share / rate);
       if (!b->local) {
         b->local = std::make_unique<keel::throttler>(ex_, o);
       } else {
         b->local->set_rate(o.requests_per_second, o.tokens_per_minute);
         b->local->set_burst(o.burst);
+      }
+      b->local->set_available_requests(0);
+      if (o.tokens_per_minute > 0) {
+        b->local->set_available_tokens(0);
       }
       b->local_current = true;
     }
@@ -117,60 +111,11 @@ class redis_fleet_pacing final : public closable_fleet_pacing {
   }
 
  private:
-  // What the fleet granted this process per second over the last `slots` seconds: its share.
-  class granted_meter {
-   public:
-    void add(std::chrono::steady_clock::time_point now, double n) {
-      advance(now);
-      counts_[head_ % slots] += n;
-    }
-    // Per second over the seconds measured (at least one), or nothing if none were granted.
-    std::optional<double> rate(std::chrono::steady_clock::time_point now) {
-      if (!started_) {
-        return std::nullopt;
-      }
-      advance(now);
-      double sum = 0;
-      for (const double c : counts_) {
-        sum += c;
-      }
-      const double span = std::clamp(std::chrono::duration<double>(now - first_).count(), 1.0,
-                                     static_cast<double>(slots));
-      return sum / span;
-    }
-
-   private:
-    static constexpr std::size_t slots = 5;
-    void advance(std::chrono::steady_clock::time_point now) {
-      if (!started_) {
-        started_ = true;
-        first_ = now;
-      }
-      const auto sec =
-          static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(now - first_)
-                                         .count());
-      if (sec > head_ + slots) {
-        counts_.fill(0);  // a long idle: nothing measured is recent
-        head_ = sec;
-      }
-      while (head_ < sec) {
-        ++head_;
-        counts_[head_ % slots] = 0;
-      }
-    }
-    std::array<double, slots> counts_{};
-    std::uint64_t head_ = 0;
-    bool started_ = false;
-    std::chrono::steady_clock::time_point first_;
-  };
-
   struct buckets {
     std::unique_ptr<keel::redis::shared_quota> requests;
     std::unique_ptr<keel::redis::shared_pacer> requests_pacer;
     std::unique_ptr<keel::redis::shared_quota> tokens;
     std::unique_ptr<keel::redis::shared_pacer> tokens_pacer;
-    granted_meter requests_granted;
-    granted_meter tokens_granted;
     // The local share while Redis cannot be reached; `local_current` while it applies.
     std::unique_ptr<keel::throttler> local;
     bool local_current = false;

@@ -14,12 +14,14 @@
 // not built yet). A 429's Retry-After pauses the fleet's bucket. When Redis cannot be reached
 // within `policy.shared.timeout`, `acquire` throws and the client goes on under the entry's own
 // bucket and `acquire_local`: a local bucket at this process's share of the limit, fixed when
-// the outage starts. The share is `limit / policy.shared.fleet_size` when the size is given;
-// otherwise what Redis granted this process per second over its last 5 s (a saturated fleet's
-// shares add up to the limit), the whole limit if it never reached Redis, at least 1/s. The
-// Redis client tries again after its reconnect delay (0.1 s doubling to 2 s), so a process
-// rejoins the fleet's bucket within about 2 s of Redis returning; an empty, restarted server
-// gets the scripts and the bucket again.
+// the outage starts and starting empty. The share is `limit / policy.shared.fleet_size` when the
+// size is given; otherwise `limit / members`, the processes that leased from the fleet's bucket
+// in its last 5 s as the last lease counted them (the whole limit if it never reached Redis); at
+// least 1/s. The Redis client tries again after its reconnect delay (0.1 s doubling to 2 s), so
+// a process rejoins the fleet's bucket within about 2 s of Redis returning; an empty, restarted
+// server gets the scripts again and a new bucket, which starts empty. Measured against nginx
+// (docs/BENCHMARKS.md): the staggered rejoins of 4 processes cost 4-17 429s and one fleet-wide
+// Retry-After pause; keeping the local share for 2 s after a rejoin did not do better.
 //
 // Built only with keel::redis (hiredis); otherwise `make_fleet_pacing` throws a config error.
 //

@@ -13,6 +13,13 @@
 //     lease:   granted = min(want, tokens); tokens -= granted
 //     answer:  granted, and how long until what was not granted could be (0 if all was)
 //
+// A new bucket (first use, or a Redis restarted empty) starts **empty**: the fleet may have been
+// sending at the limit until then (on its local shares while Redis was away), and a full bucket
+// on top of that is a burst the server refuses. Each lease may name its pacer; the script keeps
+// them in a sorted set `<key>:members` by last lease and answers how many leased within
+// `member_window`, which is how a process knows its share of the limit (limit / members) when
+// Redis is later out of reach.
+//
 // `pause(d)` is the fleet-wide Retry-After: until `now + d` nothing is granted, the bucket is
 // emptied, and it refills from zero at the pause's end, so the fleet restarts at the bucket's
 // rate, never in a synchronized burst of everyone's backlog.
@@ -69,6 +76,8 @@ struct quota_options {
   double burst = 1;
   /// How long an unused bucket is kept.
   std::chrono::milliseconds idle_ttl{std::chrono::minutes(10)};
+  /// A member (a pacer) counts as active while it leased within this time.
+  std::chrono::milliseconds member_window{std::chrono::seconds(5)};
 };
 
 /// What one lease got.
@@ -78,6 +87,9 @@ struct lease_result {
   /// When what was not granted could be: 0 if everything was granted; during a pause, the
   /// pause's end.
   std::chrono::nanoseconds retry_after{0};
+  /// Members that leased from the bucket within `member_window`, this one included; 0 when the
+  /// lease named no member.
+  std::size_t members = 0;
 };
 
 /// One token bucket in Redis shared by every process on the same key.
@@ -88,10 +100,13 @@ class shared_quota {
 
   /// Takes up to `want` tokens from the shared bucket, atomically, on the server's clock.
   /// @param now_ms_for_tests the time to use instead of the server's (tests only).
+  /// @param member if not empty, the caller's name in the bucket's member set (key
+  ///   `<key>:members`), which the answer counts.
   /// @throws what `client::command` throws; std::runtime_error if the script answers oddly.
   /// Cancellation: as `client::command`.
   boost::asio::awaitable<lease_result> lease(double want,
-                                             std::optional<long long> now_ms_for_tests = {});
+                                             std::optional<long long> now_ms_for_tests = {},
+                                             std::string member = {});
 
   /// Pauses the bucket for everyone for `d` from now (server time): nothing is granted until
   /// then, and it refills from empty at the end. A longer pause already set is kept.
@@ -107,7 +122,7 @@ class shared_quota {
   // Runs `script` by its SHA (`sha`, loaded on first use and again after NOSCRIPT); `what`
   // names it in errors.
   boost::asio::awaitable<reply> run(const std::string& script, std::string& sha, const char* what,
-                                    std::vector<std::string> argv);
+                                    std::vector<std::string> keys, std::vector<std::string> argv);
   client& redis_;
   quota_options options_;
   std::string lease_sha_;
@@ -135,6 +150,10 @@ class shared_pacer {
   std::uint64_t leases() const noexcept;
   /// Acquires granted.
   std::uint64_t granted() const noexcept;
+  /// Processes (pacers) that leased from the bucket within its `member_window`, this one
+  /// included, as the last successful lease counted them; 0 before the first. What a process's
+  /// share of the limit is when the bucket cannot be reached.
+  std::size_t members() const noexcept;
 
  private:
   struct state;

@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# A fleet of `keel batch` processes sharing one provider key (issue 16) against the stock nginx
+# limit_req limiter (nginx-limiter.sh: 200 r/s, burst 20, 429 + Retry-After 1, no rate-limit
+# headers), with Debian's redis-server as the shared state. One input of N prompts is split with
+# `keel batch --shard I/P` across P processes at concurrency C each; `keel check` proves every id
+# has exactly one record. nginx and redis-server run on CPU 0 (taskset), the keel processes are
+# not pinned.
+#
+# Usage: scripts/limiter/fleet.sh SERIES [OPTIONS]
+#
+#   configured   the limit configured (requests_per_minute 12000, burst 20) and shared through
+#                Redis (policy.shared); compared with the same config and no Redis (each process
+#                alone at the whole limit: the fleet sends P x the limit) and with Redis unreachable
+#                and fleet_size P (each process at its share)
+#   learned      nothing configured but policy.shared: each process learns the limit on its own
+#                (sharing a learned rate is not built; this measures what that costs)
+#   kill         configured and shared; Redis killed (SIGKILL) at t = 5 s and started again, empty,
+#                at t = 10 s; with fleet_size unset (the last granted share) and with fleet_size P
+#   all          every series above
+#
+# Options:
+#   --port P       limiter port (default 18290)   --redis-port R   redis port (default 16390)
+#   --procs P      processes (default 4)          --concurrency C  per process (default 64)
+#   --prompts N    prompts in all (default 4000)  --runs K         repeat each run (default 1)
+#   --keel PATH    keel binary (default build/tools/keel/keel, copied into the run directory)
+#   --dir DIR      everything a run writes (default: a new /tmp/keel-fleet.XXXXXX; kept)
+#
+# Each run prints one JSON line: fleet wall (first start to last end), ok/failed, attempts,
+# per-process attempts, requests that reached nginx per second (all statuses, from its access
+# log), the seconds in which they exceeded 1.5 x the limit, the 429s, and keel check's verdict.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+prog="fleet.sh"
+die() { echo "$prog: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
+
+[ $# -ge 1 ] || { usage >&2; exit 2; }
+series="$1"
+shift
+case "$series" in
+  configured | learned | kill | all) ;;
+  -h | --help | help) usage; exit 0 ;;
+  *) die "unknown series '$series' (configured, learned, kill or all; see --help)" ;;
+esac
+port=18290 redis_port=16390 procs=4 conc=64 prompts=4000 runs=1
+keel_src="$root/build/tools/keel/keel" dir=""
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || die "$1 needs a value"
+  case "$1" in
+    --port) port="$2" ;;
+    --redis-port) redis_port="$2" ;;
+    --procs) procs="$2" ;;
+    --concurrency) conc="$2" ;;
+    --prompts) prompts="$2" ;;
+    --runs) runs="$2" ;;
+    --keel) keel_src="$2" ;;
+    --dir) dir="$2" ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+  shift 2
+done
+command -v redis-server >/dev/null || die "redis-server not found (Debian: apt-get install redis-server)"
+command -v python3 >/dev/null || die "python3 not found"
+[ -x "$keel_src" ] || die "no keel binary at $keel_src (build first)"
+[ -n "$dir" ] || dir=$(mktemp -d /tmp/keel-fleet.XXXXXX)
+mkdir -p "$dir"
+cp "$keel_src" "$dir/keel"
+keel="$dir/keel"
+ldir="$dir/limiter"
+echo "$prog: results in $dir" >&2
+
+python3 - "$dir/prompts.jsonl" "$prompts" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(1, int(sys.argv[2]) + 1):
+        f.write(json.dumps({"id": i, "prompt": f"Prompt {i}: summarise the incident report."}) + "\n")
+PY
+
+redis_pid=""
+redis_start() {
+  taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --protected-mode no --loglevel warning >"$dir/redis.log" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && return 0
+    sleep 0.02
+  done
+  die "redis-server did not listen on $redis_port"
+}
+redis_kill() {
+  if [ -n "$redis_pid" ]; then
+    kill -9 "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    redis_pid=""
+  fi
+}
+cleanup() {
+  redis_kill
+  "$here/nginx-limiter.sh" stop --dir "$ldir" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# $1 tag; $2 "configured" or "learned"; $3 "redis", "unreachable" or "none"; $4 fleet_size;
+# $5 "kill" to kill Redis at 5 s and start it at 10 s
+run() {
+  local tag="$1" limit="$2" shared="$3" fleet_size="$4" fault="${5:-}"
+  local rl="" sh=""
+  [ "$limit" = configured ] && rl='"rate_limits": {"requests_per_minute": 12000, "burst": 20},'
+  case "$shared" in
+    redis) sh="\"shared\": {\"redis\": \"redis://127.0.0.1:$redis_port/0\", \"key_prefix\": \"fleet-$tag\", \"fleet_size\": $fleet_size}" ;;
+    unreachable) sh="\"shared\": {\"redis\": \"redis://127.0.0.1:1/0\", \"fleet_size\": $fleet_size}" ;;
+    none) sh='"shared": {}' ;;
+  esac
+  cat >"$dir/$tag.config.json" <<EOF
+{"config_list": [{"model": "gpt-4o-mini", "base_url": "http://127.0.0.1:$port", "api_key": "sk-fleet-bench"}],
+ "policy": {$rl $sh}}
+EOF
+  "$here/nginx-limiter.sh" stop --dir "$ldir" >/dev/null 2>&1 || true
+  "$here/nginx-limiter.sh" start --port "$port" --rate 200 --burst 20 --retry-after 1 --cpu 0 \
+    --access-log --dir "$ldir" >/dev/null
+  redis_kill
+  [ "$shared" = redis ] && redis_start
+  local t0 pids=() i
+  t0=$(date +%s.%N)
+  for i in $(seq 0 $((procs - 1))); do
+    "$keel" batch --config "$dir/$tag.config.json" --in "$dir/prompts.jsonl" --shard "$i/$procs" \
+      --out "$dir/$tag.r$i.jsonl" --overwrite --concurrency "$conc" --progress none \
+      --log-format json --log-level info --summary-json "$dir/$tag.s$i.json" 2>"$dir/$tag.err$i.log" >/dev/null &
+    pids+=($!)
+  done
+  local events=""
+  if [ "$fault" = kill ]; then
+    sleep 5
+    redis_kill
+    events="killed $(date +%s.%N)"
+    sleep 5
+    redis_start
+    events="$events started $(date +%s.%N)"
+  fi
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  local t1
+  t1=$(date +%s.%N)
+  redis_kill
+  "$here/nginx-limiter.sh" stop --dir "$ldir" >/dev/null  # flushes the access log
+  cp "$ldir/access.log" "$dir/$tag.access.log"
+  local check=0
+  "$keel" check --in "$dir/prompts.jsonl" "$dir/$tag".r*.jsonl >"$dir/$tag.check.txt" 2>&1 || check=$?
+  python3 - "$dir" "$tag" "$procs" "$t0" "$t1" "$rc" "$check" "$events" <<'PY'
+import collections, glob, json, sys
+d, tag, procs, t0, t1, rc, check, events = sys.argv[1:9]
+procs, t0, t1 = int(procs), float(t0), float(t1)
+s = [json.load(open(f"{d}/{tag}.s{i}.json")) for i in range(procs)]
+arrivals, admitted = collections.Counter(), collections.Counter()
+for line in open(f"{d}/{tag}.access.log"):
+    parts = line.split()
+    if len(parts) != 2:
+        continue
+    sec = int(float(parts[0]) - t0)
+    arrivals[sec] += 1
+    admitted[sec] += parts[1] == "200"
+secs = range(0, max(arrivals) + 1) if arrivals else []
+warnings = collections.Counter()
+for i in range(procs):
+    for l in open(f"{d}/{tag}.err{i}.log"):
+        try:
+            e = json.loads(l).get("event")
+        except ValueError:
+            continue
+        if e in ("fleet_pacing_unavailable", "fleet_pacing_restored"):
+            warnings[e] += 1
+ok = sum(x["items"]["ok"] for x in s)
+items = sum(x["items"]["total"] or x["items"]["done"] for x in s)
+attempts = sum(x["attempts"] for x in s)
+print(json.dumps({
+    "run": tag, "exit": int(rc), "check_exit": int(check),
+    "wall_s": round(t1 - t0, 2), "items": sum(x["items"]["done"] for x in s), "ok": ok,
+    "failed": sum(x["items"]["failed"] for x in s), "attempts": attempts,
+    "attempts_per_process": [x["attempts"] for x in s],
+    "http_429": sum(x["http_429"] for x in s),
+    "nginx_arrivals_per_s": [arrivals[k] for k in secs],
+    "nginx_200_per_s": [admitted[k] for k in secs],
+    "seconds_above_1.5x": sum(1 for k in secs if arrivals[k] > 300),
+    "max_arrivals_per_s": max(arrivals.values()) if arrivals else 0,
+    "events": events, "warnings": dict(warnings),
+}))
+PY
+}
+
+series_configured() {
+  for k in $(seq "$runs"); do
+    run "configured-redis-$k" configured redis 0
+    run "configured-alone-$k" configured none 0
+    run "configured-unreachable-size$procs-$k" configured unreachable "$procs"
+  done
+}
+series_learned() {
+  for k in $(seq "$runs"); do
+    run "learned-redis-$k" learned redis 0
+  done
+}
+series_kill() {
+  for k in $(seq "$runs"); do
+    run "kill-share-$k" configured redis 0 kill
+    [ -n "${KEEL_FLEET_ONLY_SHARE:-}" ] || run "kill-size$procs-$k" configured redis "$procs" kill
+  done
+}
+case "$series" in
+  configured) series_configured ;;
+  learned) series_learned ;;
+  kill) series_kill ;;
+  all) series_configured; series_learned; series_kill ;;
+esac | tee -a "$dir/results.jsonl"
