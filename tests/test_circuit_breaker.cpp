@@ -925,3 +925,46 @@ TEST_CASE("a cancelled call that reports another error does not count against th
   CHECK(breaker.counters().failed == 0);
   CHECK(breaker.counters().cancelled == 1);
 }
+
+TEST_CASE("force_open_until opens for a break decided elsewhere, moves it, and keeps isolation",
+          "[breaker]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  std::vector<std::pair<breaker_state, breaker_state>> changes;
+  auto policy = keel::breaker_policy::consecutive(3, 10s);
+  policy.on_state_change = [&](breaker_state f, breaker_state t) { changes.emplace_back(f, t); };
+  test_breaker b{ctx.get_executor(), policy};
+  fake_provider p;
+  // A time already past leaves a closed breaker closed.
+  b.force_open_until(manual_clock::now());
+  CHECK(b.state() == breaker_state::closed);
+  CHECK(changes.empty());
+  // Closed -> open until the given time (not its own 10 s): rejected, nothing runs.
+  b.force_open_until(manual_clock::now() + 2s);
+  CHECK(b.state() == breaker_state::open);
+  CHECK(b.remaining_open_time() == 2s);
+  CHECK(b.opened_count() == 1);
+  CHECK(code_of(call(ctx, b, p).error) == keel::error::circuit_open);
+  CHECK(p.calls == 0);
+  // Moved later, then earlier: the end is where it was last put.
+  b.force_open_until(manual_clock::now() + 5s);
+  CHECK(b.remaining_open_time() == 5s);
+  b.force_open_until(manual_clock::now() + 1s);
+  CHECK(b.remaining_open_time() == 1s);
+  // Moved to now: the next call is the half-open probe, and its success closes.
+  b.force_open_until(manual_clock::now());
+  CHECK(b.state() == breaker_state::half_open);
+  CHECK(call(ctx, b, p).value);
+  CHECK(p.calls == 1);
+  CHECK(b.state() == breaker_state::closed);
+  REQUIRE(changes.size() == 3);
+  CHECK(changes[0] == std::pair{breaker_state::closed, breaker_state::open});
+  CHECK(changes[1] == std::pair{breaker_state::open, breaker_state::half_open});
+  CHECK(changes[2] == std::pair{breaker_state::half_open, breaker_state::closed});
+  // Isolation is kept.
+  b.isolate();
+  b.force_open_until(manual_clock::now() + 1s);
+  CHECK(b.state() == breaker_state::isolated);
+  manual_clock::advance(2s);
+  CHECK(b.state() == breaker_state::isolated);
+}

@@ -329,6 +329,14 @@ class basic_circuit_breaker {
   /// May take the lazy open -> half_open transition and call `on_state_change` on this thread.
   std::optional<permit> try_acquire();
 
+  /// Opens the breaker until `until`, or moves the end of its current break there (earlier or
+  /// later): calls are rejected until then, then it is half-open as usual. For a break decided
+  /// elsewhere, e.g. by a fleet's shared breaker (keel::redis::shared_breaker). A closed or
+  /// half-open breaker opens (counted as an opening, calling `on_state_change`) only if `until`
+  /// is in the future; isolation is kept. Outcomes of calls already running no longer change
+  /// the state when it opens.
+  void force_open_until(time_point until);
+
   /// Forces the breaker open until `reset()`: every call is rejected. Outcomes of calls already
   /// running no longer change the state.
   void isolate();

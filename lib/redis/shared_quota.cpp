@@ -1,6 +1,8 @@
 // keel::redis::shared_quota and shared_pacer (keel/redis/shared_quota.hpp).
 #include <keel/redis/shared_quota.hpp>
 
+#include "script.hpp"
+
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/redirect_error.hpp>
@@ -11,9 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <random>
 #include <stdexcept>
 
 namespace keel::redis {
@@ -23,19 +22,10 @@ using std::chrono::nanoseconds;
 
 namespace {
 
+constexpr const char* who = "keel::redis::shared_quota";
+
 // The bucket: a hash {tokens, ts, pause} (times in ms on the server's clock, or ARGV's in tests).
 // Numbers go back as strings: Redis truncates a Lua number reply to an integer.
-// Both scripts start with it: `now` in ms, the server's unless ARGV[1] (tests) gives it.
-constexpr const char* now_prelude = R"lua(
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-)lua";
-
 constexpr const char* lease_body = R"lua(
 local want = tonumber(ARGV[2])
 local rate = tonumber(ARGV[3])
@@ -93,33 +83,6 @@ end
 return 1
 )lua";
 
-// 16 random hex digits: a pacer's name in its bucket's member set.
-std::string random_member() {
-  std::random_device rd;
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%08x%08x", rd(), rd());
-  return buf;
-}
-
-std::string number(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
-}
-
-double parse_number(const reply& r) {
-  if (r.kind == reply_kind::integer) {
-    return static_cast<double>(r.integer);
-  }
-  char* end = nullptr;
-  const double v = std::strtod(r.text.c_str(), &end);
-  if (r.text.empty() || end != r.text.c_str() + r.text.size() || !std::isfinite(v)) {
-    throw std::runtime_error("keel::redis::shared_quota: the script answered \"" + r.text +
-                             "\", not a number");
-  }
-  return v;
-}
-
 }  // namespace
 
 // ---- shared_quota ------------------------------------------------------------------------------
@@ -130,52 +93,32 @@ shared_quota::shared_quota(client& redis, quota_options options)
 asio::awaitable<reply> shared_quota::run(const std::string& script, std::string& sha,
                                          const char* what, std::vector<std::string> keys,
                                          std::vector<std::string> argv) {
-  for (int loads = 0;; ++loads) {
-    if (sha.empty()) {
-      reply loaded = co_await redis_.command({"SCRIPT", "LOAD", script});
-      if (loaded.kind != reply_kind::string) {
-        throw std::runtime_error("keel::redis::shared_quota: SCRIPT LOAD failed: " + loaded.text);
-      }
-      sha = loaded.text;
-    }
-    std::vector<std::string> args = {"EVALSHA", sha, std::to_string(keys.size())};
-    args.insert(args.end(), keys.begin(), keys.end());
-    args.insert(args.end(), argv.begin(), argv.end());
-    reply r = co_await redis_.command(std::move(args));
-    if (r.is_error() && r.text.rfind("NOSCRIPT", 0) == 0 && loads == 0) {
-      sha.clear();  // the server restarted empty: load it again, once
-      continue;
-    }
-    if (r.is_error()) {
-      throw std::runtime_error("keel::redis::shared_quota: " + std::string(what) + " on " +
-                               options_.key + ": " + r.text);
-    }
-    co_return r;
-  }
+  return detail::eval_script(redis_, script, sha, "keel::redis::shared_quota", what,
+                             std::move(keys), std::move(argv));
 }
 
 asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now,
                                                  std::string member) {
-  static const std::string script = std::string(now_prelude) + lease_body;
+  static const std::string script = std::string(detail::now_prelude) + lease_body;
   reply r = co_await run(
       script, lease_sha_, "lease", {options_.key, options_.key + ":members"},
-      {now ? std::to_string(*now) : std::string(), number(want), number(options_.rate),
-       number(options_.burst), std::to_string(options_.idle_ttl.count()), std::move(member),
+      {now ? std::to_string(*now) : std::string(), detail::number(want), detail::number(options_.rate),
+       detail::number(options_.burst), std::to_string(options_.idle_ttl.count()), std::move(member),
        std::to_string(std::max<long long>(1, options_.member_window.count()))});
   if (r.kind != reply_kind::array || r.elements.size() != 3) {
     throw std::runtime_error("keel::redis::shared_quota: lease answered an unexpected reply");
   }
   lease_result out;
-  out.granted = parse_number(r.elements[0]);
-  out.members = static_cast<std::size_t>(std::max(0.0, parse_number(r.elements[2])));
-  const double wait_ms = parse_number(r.elements[1]);
+  out.granted = detail::parse_number(r.elements[0], who);
+  out.members = static_cast<std::size_t>(std::max(0.0, detail::parse_number(r.elements[2], who)));
+  const double wait_ms = detail::parse_number(r.elements[1], who);
   out.retry_after = wait_ms < 0 ? nanoseconds(std::chrono::seconds(1))
                                 : nanoseconds(static_cast<long long>(std::ceil(wait_ms * 1e6)));
   co_return out;
 }
 
 asio::awaitable<void> shared_quota::pause(milliseconds d, std::optional<long long> now) {
-  static const std::string script = std::string(now_prelude) + pause_body;
+  static const std::string script = std::string(detail::now_prelude) + pause_body;
   co_await run(script, pause_sha_, "pause", {options_.key},
                {now ? std::to_string(*now) : std::string(), std::to_string(d.count()),
                 std::to_string(options_.idle_ttl.count())});
@@ -196,7 +139,7 @@ struct shared_pacer::state {
   std::uint64_t leases = 0;
   std::uint64_t granted = 0;
   bool closed = false;
-  std::string member = random_member();  // this pacer in the bucket's member set
+  std::string member = detail::random_member();  // this pacer in the bucket's member set
   std::size_t members = 0;               // as the last lease counted them
   // This process's demand (tokens per second, smoothed), measured between leases.
   double demand = 0;

@@ -431,6 +431,24 @@ void basic_circuit_breaker<Clock>::transition(breaker_state to, time_point now,
 }
 
 template <class Clock>
+void basic_circuit_breaker<Clock>::force_open_until(time_point until) {
+  detail::transition_log log;
+  {
+    std::lock_guard lock(mutex_);
+    const auto now = Clock::now();
+    maybe_half_open(now, log);
+    if (state_ == breaker_state::open) {
+      open_until_ = until;  // earlier or later; at or past it, the next call finds it half-open
+    } else if ((state_ == breaker_state::closed || state_ == breaker_state::half_open) &&
+               until > now) {
+      transition(breaker_state::open, now, log);
+      open_until_ = until;
+    }
+  }
+  log.replay(policy_.on_state_change);
+}
+
+template <class Clock>
 void basic_circuit_breaker<Clock>::isolate() {
   detail::transition_log log;
   {
