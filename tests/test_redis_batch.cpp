@@ -91,7 +91,7 @@ TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[r
   asio::io_context ctx;
   keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
   outcome<keel::redis::reply> keys;
-  spawn(ctx, redis.command({"KEYS", "keeltest:*"}), keys);
+  spawn(ctx, redis.command({"KEYS", "keeltest:*:requests*"}), keys);
   REQUIRE(run_real(ctx, [&] { return keys.done; }));
   REQUIRE_FALSE(keys.error);
   REQUIRE(keys.value->elements.size() == 2);  // the bucket and its member set
@@ -103,6 +103,12 @@ TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[r
   spawn(ctx, redis.command({"ZCARD", key + ":members"}), members);
   REQUIRE(run_real(ctx, [&] { return members.done; }));
   CHECK(members.value->integer == 1);  // one process leased
+  // The entry's breaker is shared too, under the same name.
+  outcome<keel::redis::reply> breaker;
+  spawn(ctx, redis.command({"HGET", key.substr(0, key.size() - 9) + ":breaker", "open_until"}),
+        breaker);
+  REQUIRE(run_real(ctx, [&] { return breaker.done; }));
+  CHECK(breaker.value->text == "0");  // closed
   CHECK(key.rfind("keeltest:openai:m:", 0) == 0);
   CHECK(key.size() > std::string("keeltest:openai:m::requests").size());
   CHECK(key.substr(key.size() - 9) == ":requests");

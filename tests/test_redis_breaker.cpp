@@ -68,7 +68,7 @@ TEST_CASE("a shared breaker opens on the fleet's failures and lets one process p
   // The break is over: the first to ask probes; the other waits for the probe's timeout.
   CHECK(a.sync(0, false, 1030).what == state::probe);
   v = b.sync(0, false, 1040);
-  CHECK(v.what == state::open);
+  CHECK(v.what == state::probing);
   CHECK(v.remaining == milliseconds(490));
   // The probe fails: a longer break (the prober's own grown one), the probe released.
   v = a.opened(2000, 1100);
@@ -81,7 +81,7 @@ TEST_CASE("a shared breaker opens on the fleet's failures and lets one process p
   CHECK(b.sync(0, false, 3100).what == state::probe);
   CHECK(a.sync(0, false, 3200).remaining == milliseconds(400));
   CHECK(a.sync(0, false, 3600).what == state::probe);
-  CHECK(b.sync(0, false, 3650).what == state::open);
+  CHECK(b.sync(0, false, 3650).what == state::probing);
   // a's probe succeeds: the fleet closes, a new epoch, the count starts again.
   v = a.closed(3700);
   CHECK(v.what == state::closed);

@@ -264,9 +264,16 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
       // Throttling is the bucket's business; a breaker opens on failures only.
       bp.counts_as_failure =
           keel::condition_set{keel::condition::transient, keel::condition::timeout};
-      if (hooks_.on_breaker) {
-        bp.on_state_change = [this, i](keel::breaker_state from, keel::breaker_state to) {
-          hooks_.on_breaker(i, from, to);
+      if (hooks_.on_breaker || options_.fleet) {
+        bp.on_state_change = [this, i, es = es.get()](keel::breaker_state from,
+                                                      keel::breaker_state to) {
+          if (hooks_.on_breaker) {
+            hooks_.on_breaker(i, from, to);
+          }
+          if (options_.fleet) {
+            options_.fleet->on_breaker_change(*es->cfg, from, to,
+                                              es->breaker->remaining_open_time());
+          }
         };
       }
       es->breaker = std::make_unique<keel::circuit_breaker>(ex_, bp);
@@ -506,6 +513,13 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     es.bucket->settle(estimate, throttled ? estimate : used);
     report.error = failed;
     report.status = error_status(failed);
+    if (options_.fleet && es.breaker) {
+      const keel::condition c = keel::classify(failed).condition;
+      if (c != keel::condition::cancelled) {
+        options_.fleet->on_breaker_outcome(*es.cfg,
+                                           es.breaker->policy().counts_as_failure.contains(c));
+      }
+    }
     if (hooks_.on_attempt) {
       hooks_.on_attempt(report);
     }
@@ -540,6 +554,9 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     }
   }
   report.status = 200;
+  if (options_.fleet && es.breaker) {
+    options_.fleet->on_breaker_outcome(*es.cfg, false);
+  }
   if (hooks_.on_attempt) {
     hooks_.on_attempt(report);
   }
@@ -711,6 +728,9 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
     if (!es.breaker) {
       co_return co_await hedged_attempt(es, cs);
     }
+    if (options_.fleet) {
+      options_.fleet->sync_breaker(*es.cfg, *es.breaker);
+    }
     if (!(es.last && options_.hold_open_breaker)) {
       co_return co_await keel::with_breaker(*es.breaker,
                                             [this, &es, &cs] { return hedged_attempt(es, cs); });
@@ -727,6 +747,9 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
         if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
           throw;
         }
+      }
+      if (options_.fleet) {
+        options_.fleet->sync_breaker(*es.cfg, *es.breaker);
       }
       if (hooks_.on_hold) {
         hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());

@@ -80,7 +80,7 @@ if open_until ~= 0 then
     if probe == member then
       what = 'probe'
     else
-      what = 'open'
+      what = 'probing'
       remaining = probe_until - now
     end
   end
@@ -109,9 +109,10 @@ asio::awaitable<breaker_view> shared_breaker::run(const char* mode, std::optiona
   }
   breaker_view v;
   const std::string& what = r.elements[0].text;
-  v.what = what == "open"    ? breaker_view::state::open
-           : what == "probe" ? breaker_view::state::probe
-                             : breaker_view::state::closed;
+  v.what = what == "open"      ? breaker_view::state::open
+           : what == "probe"   ? breaker_view::state::probe
+           : what == "probing" ? breaker_view::state::probing
+                               : breaker_view::state::closed;
   v.remaining = std::chrono::milliseconds(
       static_cast<long long>(std::ceil(detail::parse_number(r.elements[1], who))));
   v.epoch = static_cast<std::uint64_t>(detail::parse_number(r.elements[2], who));

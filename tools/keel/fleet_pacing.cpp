@@ -5,6 +5,7 @@
 
 #if KEEL_HAS_REDIS
 #include <keel/redis/client.hpp>
+#include <keel/redis/shared_breaker.hpp>
 #include <keel/redis/shared_quota.hpp>
 
 #include <boost/asio/co_spawn.hpp>
@@ -16,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
+#include <utility>
 #include <stdexcept>
 
 namespace keel::cli {
@@ -37,8 +40,8 @@ namespace asio = boost::asio;
 class redis_fleet_pacing final : public closable_fleet_pacing {
  public:
   redis_fleet_pacing(asio::any_io_executor ex, const llm::shared_config& sc,
-                     keel::redis::client_options o)
-      : ex_(ex), sc_(sc), redis_(ex, std::move(o)) {}
+                     const llm::breaker_config& bc, keel::redis::client_options o)
+      : ex_(ex), sc_(sc), bc_(bc), redis_(ex, std::move(o)) {}
 
   asio::awaitable<void> acquire(const llm::entry_config& e, double tokens) override {
     buckets* b = of(e);
@@ -91,6 +94,71 @@ class redis_fleet_pacing final : public closable_fleet_pacing {
   }
 
   void close() override { redis_.close(); }
+
+  // ---- the fleet's breaker ----
+
+  void sync_breaker(const llm::entry_config& e, keel::circuit_breaker& breaker) override {
+    breaker_sync& bs = breaker_of(e);
+    const auto now = std::chrono::steady_clock::now();
+    if (!bs.syncing && now - bs.last_sync >= breaker_sync_interval) {
+      bs.syncing = true;
+      bs.last_sync = now;
+      const std::size_t failures = std::exchange(bs.failures, 0);
+      const bool had_success = std::exchange(bs.had_success, false);
+      asio::co_spawn(
+          ex_,
+          [](breaker_sync* b, std::size_t f, bool ok) -> asio::awaitable<void> {
+            try {
+              b->take(co_await b->shared->sync(f, ok));
+            } catch (...) {
+              // Redis unreachable: this process's breaker goes on alone (pacing says so).
+            }
+            b->syncing = false;
+          }(&bs, failures, had_success),
+          asio::detached);
+    }
+    apply(bs, breaker, now);
+  }
+
+  void on_breaker_outcome(const llm::entry_config& e, bool failure) override {
+    breaker_sync& bs = breaker_of(e);
+    if (failure) {
+      ++bs.failures;
+    } else {
+      bs.had_success = true;
+      bs.failures = 0;
+    }
+  }
+
+  void on_breaker_change(const llm::entry_config& e, keel::breaker_state, keel::breaker_state to,
+                         std::chrono::nanoseconds open_for) override {
+    if (applying_) {
+      return;  // the fleet's own state, brought in by sync_breaker
+    }
+    breaker_sync& bs = breaker_of(e);
+    if (to == keel::breaker_state::open) {
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(open_for);
+      asio::co_spawn(
+          ex_,
+          [](breaker_sync* b, std::chrono::milliseconds d) -> asio::awaitable<void> {
+            try {
+              b->take(co_await b->shared->opened(d));
+            } catch (...) {
+            }
+          }(&bs, ms),
+          asio::detached);
+    } else if (to == keel::breaker_state::closed) {
+      asio::co_spawn(
+          ex_,
+          [](breaker_sync* b) -> asio::awaitable<void> {
+            try {
+              b->take(co_await b->shared->closed());
+            } catch (...) {
+            }
+          }(&bs),
+          asio::detached);
+    }
+  }
 
   void on_server_delay(const llm::entry_config& e, std::chrono::nanoseconds delay) override {
     buckets* b = of(e);
@@ -150,8 +218,111 @@ class redis_fleet_pacing final : public closable_fleet_pacing {
     return it->second.requests ? &it->second : nullptr;
   }
 
+  // One entry's breaker as the fleet sees it.
+  struct breaker_sync {
+    std::unique_ptr<keel::redis::shared_breaker> shared;
+    std::size_t failures = 0;  // since the last success, not yet reported
+    bool had_success = false;  // a success not yet reported
+    bool syncing = false;
+    std::chrono::steady_clock::time_point last_sync{};
+    // The fleet's last answer, and when it came (its durations count from then).
+    std::optional<keel::redis::breaker_view> view;
+    std::chrono::steady_clock::time_point viewed_at{};
+    std::uint64_t applied_epoch = 0;  // the fleet's epoch this process has followed
+    bool probe_applied = false;       // this process's breaker was let through for the probe
+
+    void take(const keel::redis::breaker_view& v) {
+      if (v.what != keel::redis::breaker_view::state::probe) {
+        probe_applied = false;
+      }
+      view = v;
+      viewed_at = std::chrono::steady_clock::now();
+    }
+  };
+
+  breaker_sync& breaker_of(const llm::entry_config& e) {
+    const std::string key = fleet_key(sc_.key_prefix, e, "breaker");
+    auto it = breakers_.find(key);
+    if (it == breakers_.end()) {
+      auto bs = std::make_unique<breaker_sync>();
+      bs->shared = std::make_unique<keel::redis::shared_breaker>(
+          redis_,
+          keel::redis::breaker_options{
+              .key = key,
+              .failure_threshold = static_cast<std::size_t>(std::max(1, bc_.failure_threshold)),
+              .break_duration = std::chrono::milliseconds(
+                  std::max<long long>(1, std::llround(bc_.break_duration * 1000))),
+              .probe_timeout = probe_timeout});
+      it = breakers_.emplace(key, std::move(bs)).first;
+    }
+    return *it->second;
+  }
+
+  // Brings the fleet's last answer into this process's breaker.
+  void apply(breaker_sync& bs, keel::circuit_breaker& breaker,
+             std::chrono::steady_clock::time_point now) {
+    if (!bs.view) {
+      return;
+    }
+    using state = keel::redis::breaker_view::state;
+    const keel::redis::breaker_view& v = *bs.view;
+    const keel::breaker_state local = breaker.state();
+    applying_ = true;
+    switch (v.what) {
+      case state::open: {
+        // The fleet's break: this process keeps to it, to its end.
+        const auto until = bs.viewed_at + v.remaining;
+        if (until > now) {
+          if (local != keel::breaker_state::open || !breaker.open_until() ||
+              *breaker.open_until() < until) {
+            breaker.force_open_until(until);
+          }
+        } else if (now - until < breaker_sync_interval * 8) {
+          // Over, by this (old) answer: no probe of its own before asking the fleet who probes.
+          breaker.force_open_until(now + breaker_sync_interval);
+          bs.last_sync = {};
+        }
+        bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
+        break;
+      }
+      case state::probing:
+        // Another process probes: stay open, but only until the next look, so that its
+        // success reaches this process within a sync interval.
+        breaker.force_open_until(now + breaker_sync_interval);
+        bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
+        break;
+      case state::probe:
+        // This process probes for the fleet (once): its breaker is half-open at its next call,
+        // whose outcome it then tells the fleet (closed, or open again).
+        if (!bs.probe_applied) {
+          breaker.force_open_until(now + std::chrono::microseconds(1));
+        }
+        bs.probe_applied = true;
+        bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
+        break;
+      case state::closed:
+        // Closed by another process's probe since this one followed the fleet.
+        if (v.epoch > bs.applied_epoch) {
+          if (local == keel::breaker_state::open || local == keel::breaker_state::half_open) {
+            breaker.reset();
+          }
+          bs.applied_epoch = v.epoch;
+        }
+        break;
+    }
+    applying_ = false;
+  }
+
+  // A sync at most this often per entry while calls are made.
+  static constexpr std::chrono::milliseconds breaker_sync_interval{250};
+  // A probe silent this long is given to another process.
+  static constexpr std::chrono::milliseconds probe_timeout{30000};
+
   asio::any_io_executor ex_;
   llm::shared_config sc_;
+  llm::breaker_config bc_;
+  std::map<std::string, std::unique_ptr<breaker_sync>> breakers_;
+  bool applying_ = false;
   keel::redis::client redis_;
   std::map<std::string, buckets> map_;
 };
@@ -174,7 +345,7 @@ std::unique_ptr<closable_fleet_pacing> make_fleet_pacing(asio::any_io_executor e
   o.command_timeout =
       std::chrono::milliseconds(std::max<long long>(1, std::llround(sc.timeout * 1000)));
   o.connect_timeout = std::max(o.command_timeout, std::chrono::milliseconds(250));
-  return std::make_unique<redis_fleet_pacing>(ex, sc, std::move(o));
+  return std::make_unique<redis_fleet_pacing>(ex, sc, cfg.policy.breaker, std::move(o));
 }
 
 #else

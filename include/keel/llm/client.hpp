@@ -157,9 +157,10 @@ struct retry_report {
 };
 
 /// Observers of a client's calls; every member is optional.
-/// Pacing shared with other processes (`client_options::fleet`): asked for every attempt after
-/// the entry's own bucket has granted it. The client knows nothing of how it is shared (the
-/// `keel` command's `policy.shared` puts a keel::redis::shared_pacer per entry behind it).
+/// State shared with other processes (`client_options::fleet`): pacing, asked for every attempt
+/// after the entry's own bucket has granted it, and optionally the entries' breakers. The client
+/// knows nothing of how it is shared (the `keel` command's `policy.shared` puts a
+/// keel::redis::shared_pacer and a keel::redis::shared_breaker per entry behind it).
 class fleet_pacing {
  public:
   virtual ~fleet_pacing() = default;
@@ -182,6 +183,31 @@ class fleet_pacing {
   /// `entry`'s server asked this process to wait `delay` (a 429's Retry-After): hold the fleet.
   /// Must not throw or block.
   virtual void on_server_delay(const entry_config& entry, std::chrono::nanoseconds delay) = 0;
+
+  // The fleet's breaker (each default does nothing: breakers stay per process).
+
+  /// Before a call on `entry` goes through `breaker` (this process's): brings the fleet's state
+  /// into it, e.g. `force_open_until` for a break another process started, `reset` after
+  /// another process's probe closed the fleet's breaker. Must not throw or block.
+  virtual void sync_breaker(const entry_config& entry, keel::circuit_breaker& breaker) {
+    (void)entry;
+    (void)breaker;
+  }
+  /// An attempt on `entry` ended: `failure` if it counts against a breaker (transient or
+  /// timeout); cancelled attempts are not reported. Must not throw or block.
+  virtual void on_breaker_outcome(const entry_config& entry, bool failure) {
+    (void)entry;
+    (void)failure;
+  }
+  /// This process's breaker of `entry` went from `from` to `to` (also when `sync_breaker`
+  /// moved it); `open_for` is its break when `to` is open. Must not throw or block.
+  virtual void on_breaker_change(const entry_config& entry, keel::breaker_state from,
+                                 keel::breaker_state to, std::chrono::nanoseconds open_for) {
+    (void)entry;
+    (void)from;
+    (void)to;
+    (void)open_for;
+  }
 };
 
 struct client_hooks {

@@ -12,7 +12,8 @@
 //                batches); at `failure_threshold` the fleet opens for `break_duration`
 //     open:      until `open_until` (the server's clock) every process keeps its breaker open
 //     probing:   once the break is over, the first process to `sync` gets the probe (`probe`);
-//                every other is told to stay open for `probe_timeout` more. The probe's success
+//                every other is told another process is probing (`probing`), for at most
+//                `probe_timeout` more. The probe's success
 //                (`closed`) closes the fleet; its failure (`opened`) opens it again; a probe
 //                holder that says nothing within `probe_timeout` loses it to the next process
 //
@@ -73,6 +74,9 @@ struct breaker_view {
     open,
     /// This process holds the fleet's one probe: its next call runs as the probe.
     probe,
+    /// Another process holds the probe: calls are rejected; look again soon (`remaining` is
+    /// the probe's timeout).
+    probing,
   };
   /// What the process should do.
   state what = state::closed;

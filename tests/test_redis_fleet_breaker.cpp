@@ -1,0 +1,101 @@
+// The fleet's breaker through Redis (`policy.shared`, tools/keel/fleet_pacing.cpp): two clients
+// standing for two processes, each with its own Redis connection, against one mock server.
+#include "fleet_pacing.hpp"
+#include "llm_client_support.hpp"
+#include "redis_support.hpp"
+#include "support.hpp"
+
+#include <keel/llm/client.hpp>
+#include <keel/llm/error.hpp>
+#include <keel/testing/mock_llm_server.hpp>
+
+#include <catch2/catch.hpp>
+
+using keel::testing::fault_kind;
+using keel::testing::fault_plan;
+
+namespace {
+
+// Two "processes" sharing one key: failing fast, a breaker that opens after 3 failures in a row
+// for 0.3 s, no retries (every call is one attempt).
+keel::llm::client_config fleet_config(const std::string& base_url, std::uint16_t redis_port) {
+  auto cfg = keel_test::client::make_config(R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}],
+    "policy": {"retry": {"max_attempts": 1},
+               "retry_budget": {"enabled": false},
+               "breaker": {"failure_threshold": 3, "break": 0.3, "break_growth": 1}}
+  })",
+                                            base_url);
+  cfg.policy.shared.redis = "redis://127.0.0.1:" + std::to_string(redis_port) + "/0";
+  cfg.policy.shared.key_prefix = "keeltest";
+  return cfg;
+}
+
+bool circuit_open(const std::exception_ptr& e) {
+  return e && keel::llm::error_class(e) == "circuit_open";
+}
+
+}  // namespace
+
+TEST_CASE("a breaker one process opens holds the others, and one probe closes it for all",
+          "[redis]") {
+  using keel_test::client::request;
+  using keel_test::client::run;
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  // Every call fails (503) and takes 50 ms.
+  server.set_plan("m", fault_plan{}
+                           .with_probability(fault_kind::unavailable, 1.0)
+                           .with_latency(std::chrono::milliseconds(50)));
+  server.start();
+  const auto cfg = fleet_config(server.base_url(), redis.port());
+  const auto fleet_a = keel::cli::make_fleet_pacing(ctx.get_executor(), cfg);
+  const auto fleet_b = keel::cli::make_fleet_pacing(ctx.get_executor(), cfg);
+  keel::llm::client_options oa;
+  oa.seed = 1;
+  oa.fleet = fleet_a.get();
+  keel::llm::client_options ob = oa;
+  ob.fleet = fleet_b.get();
+  keel::llm::client a(ctx.get_executor(), cfg, {}, oa);
+  keel::llm::client b(ctx.get_executor(), cfg, {}, ob);
+
+  // Process a fails three times in a row: its breaker opens and tells the fleet.
+  auto out = run(ctx, a, {request(), request(), request(), request()});
+  CHECK(server.stats().total.requests == 3);
+  CHECK(circuit_open(out[3].error));
+  CHECK(a.breaker(0)->state() == keel::breaker_state::open);
+
+  // Process b has not failed once. Its first call asks the fleet (the answer comes while the
+  // call runs); from its second call on it keeps to the fleet's break without calling.
+  out = run(ctx, b, {request(), request(), request()});
+  CHECK(server.stats().total.requests == 4);
+  CHECK(circuit_open(out[1].error));
+  CHECK(circuit_open(out[2].error));
+  CHECK(b.breaker(0)->state() == keel::breaker_state::open);
+
+  CHECK_FALSE(circuit_open(out[0].error));  // its own call, a 503
+
+  // The provider is back. After the break the fleet lets one process probe; its success closes
+  // the fleet, and the other process's breaker closes with it (without a probe of its own).
+  server.clear_plans();
+  const auto before = server.stats().total.requests;
+  std::size_t calls = 0;
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    ++calls;
+    const auto ra = run(ctx, a, {request()});
+    const auto rb = run(ctx, b, {request()});
+    const bool a_ok = !ra[0].error;
+    const bool b_ok = !rb[0].error;
+    return a_ok && b_ok;
+  }));
+  CHECK(a.breaker(0)->state() == keel::breaker_state::closed);
+  CHECK(b.breaker(0)->state() == keel::breaker_state::closed);
+  // Every admitted call succeeded: the probe, then the calls after the close (at most 2 per
+  // round, one round with both).
+  CHECK(server.stats().total.requests - before >= 2);
+  CHECK(server.stats().total.by_status[200] == server.stats().total.requests - before);
+  INFO("rounds: " << calls);
+  fleet_a->close();
+  fleet_b->close();
+}
