@@ -195,8 +195,7 @@ TEST_CASE("keel batch loses nothing when Redis is killed mid-run, paces on by it
   CHECK(keys.value->elements.size() == 1);
 }
 
-TEST_CASE("keel batch cut off from Redis paces at its share of the limit (fleet_size)",
-          "[redis]") {
+TEST_CASE("keel batch cut off from Redis paces at its share of the limit (fleet_size)", "[redis]") {
   batch_dir dir;
   std::string in;
   for (int i = 1; i <= 8; ++i) {

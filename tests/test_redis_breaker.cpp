@@ -39,8 +39,7 @@ struct fleet_process {
 
 }  // namespace
 
-TEST_CASE("a shared breaker opens on the fleet's failures and lets one process probe",
-          "[redis]") {
+TEST_CASE("a shared breaker opens on the fleet's failures and lets one process probe", "[redis]") {
   redis_process server;
   asio::io_context ctx;
   keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
@@ -52,7 +51,7 @@ TEST_CASE("a shared breaker opens on the fleet's failures and lets one process p
   breaker_view v = a.sync(2, false, 0);
   CHECK(v.what == state::closed);
   CHECK(v.epoch == 0);
-  CHECK(b.sync(0, true, 10).what == state::closed);  // 2 -> 0
+  CHECK(b.sync(0, true, 10).what == state::closed);   // 2 -> 0
   CHECK(a.sync(2, false, 20).what == state::closed);  // 2
   v = b.sync(1, false, 30);                           // 3: the fleet opens for 1,000 ms
   CHECK(v.what == state::open);

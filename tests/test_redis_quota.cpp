@@ -51,8 +51,10 @@ TEST_CASE("a shared bucket counts the members that leased within its member wind
   redis_process server;
   asio::io_context ctx;
   keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
-  keel::redis::shared_quota q(
-      redis, {.key = "keel:test:members", .rate = 100, .burst = 10, .member_window = std::chrono::milliseconds(5000)});
+  keel::redis::shared_quota q(redis, {.key = "keel:test:members",
+                                      .rate = 100,
+                                      .burst = 10,
+                                      .member_window = std::chrono::milliseconds(5000)});
   const auto members = [&](const std::string& member, long long now_ms) {
     outcome<lease_result> out = run_one(ctx, q.lease(1, now_ms, member));
     REQUIRE_FALSE(out.error);

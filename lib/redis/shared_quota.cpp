@@ -98,13 +98,13 @@ asio::awaitable<reply> shared_quota::run(const std::string& script, std::string&
 }
 
 asio::awaitable<lease_result> shared_quota::lease(double want, std::optional<long long> now,
-                                                 std::string member) {
+                                                  std::string member) {
   static const std::string script = std::string(detail::now_prelude) + lease_body;
-  reply r = co_await run(
-      script, lease_sha_, "lease", {options_.key, options_.key + ":members"},
-      {now ? std::to_string(*now) : std::string(), detail::number(want), detail::number(options_.rate),
-       detail::number(options_.burst), std::to_string(options_.idle_ttl.count()), std::move(member),
-       std::to_string(std::max<long long>(1, options_.member_window.count()))});
+  reply r = co_await run(script, lease_sha_, "lease", {options_.key, options_.key + ":members"},
+                         {now ? std::to_string(*now) : std::string(), detail::number(want),
+                          detail::number(options_.rate), detail::number(options_.burst),
+                          std::to_string(options_.idle_ttl.count()), std::move(member),
+                          std::to_string(std::max<long long>(1, options_.member_window.count()))});
   if (r.kind != reply_kind::array || r.elements.size() != 3) {
     throw std::runtime_error("keel::redis::shared_quota: lease answered an unexpected reply");
   }
@@ -140,7 +140,7 @@ struct shared_pacer::state {
   std::uint64_t granted = 0;
   bool closed = false;
   std::string member = detail::random_member();  // this pacer in the bucket's member set
-  std::size_t members = 0;               // as the last lease counted them
+  std::size_t members = 0;                       // as the last lease counted them
   // This process's demand (tokens per second, smoothed), measured between leases.
   double demand = 0;
   double taken = 0;           // tokens taken from the pool so far

@@ -18,8 +18,8 @@
 #include <cmath>
 #include <map>
 #include <optional>
-#include <utility>
 #include <stdexcept>
+#include <utility>
 
 namespace keel::cli {
 

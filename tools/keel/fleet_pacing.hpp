@@ -1,5 +1,5 @@
-// `policy.shared`: the keel command's fleet pacing (keel::llm::fleet_pacing) on Redis, with one
-// shared bucket per entry (issue 16).
+// `policy.shared`: the keel command's fleet state (keel::llm::fleet_pacing) on Redis: one shared
+// bucket and one shared breaker per entry (issue 16).
 #pragma once
 
 // Design
@@ -22,6 +22,17 @@
 // server gets the scripts again and a new bucket, which starts empty. Measured against nginx
 // (docs/BENCHMARKS.md): the staggered rejoins of 4 processes cost 4-17 429s and one fleet-wide
 // Retry-After pause; keeping the local share for 2 s after a rejoin did not do better.
+//
+// Breakers: with `policy.breaker` on, every entry's breaker is shared through a
+// `keel::redis::shared_breaker` under `...:<fingerprint>:breaker`. `on_breaker_outcome` counts
+// this process's failures since its last success; `sync_breaker` (before each call under the
+// breaker) sends them and reads the fleet's state in one detached script call at most every
+// 250 ms, and brings the last answer into the process's breaker: the fleet's break
+// (`force_open_until`), a short hold while another process probes, the end of the break when
+// this process holds the probe, and `reset` after a close this process has not seen. A change of
+// the process's own breaker (`on_breaker_change`: opened, or closed by its probe) is published
+// at once; changes that `sync_breaker` made are not published back. With Redis unreachable, each
+// breaker goes on alone.
 //
 // Built only with keel::redis (hiredis); otherwise `make_fleet_pacing` throws a config error.
 //
