@@ -47,9 +47,11 @@ inline keel::redis::client_options redis_options(std::uint16_t port) {
 /// redis-server on 127.0.0.1:`port()` with no persistence, killed when this is destroyed.
 class redis_process {
  public:
-  /// Starts it (extra arguments, e.g. {"--requirepass", "pw"}); waits until it accepts.
-  explicit redis_process(std::vector<std::string> extra = {})
-      : port_(free_port()), extra_(std::move(extra)) {
+  /// Starts it (extra arguments, e.g. {"--requirepass", "pw"}); waits until it accepts. With
+  /// `tls`, `port()` is its TLS port (and it has no plain one): give the certificate files in
+  /// `extra`.
+  explicit redis_process(std::vector<std::string> extra = {}, bool tls = false)
+      : port_(free_port()), extra_(std::move(extra)), tls_(tls) {
     // Another test may take the free port before redis-server binds it: try a few.
     for (int tries = 1;; ++tries) {
       try {
@@ -83,6 +85,10 @@ class redis_process {
     std::vector<std::string> args = {
         "redis-server", "--port", std::to_string(port_), "--bind", "127.0.0.1",  "--save", "",
         "--appendonly", "no",     "--protected-mode",    "no",     "--loglevel", "warning"};
+    if (tls_) {
+      args[2] = "0";  // no plain port
+      args.insert(args.end(), {"--tls-port", std::to_string(port_)});
+    }
     args.insert(args.end(), extra_.begin(), extra_.end());
     std::fflush(nullptr);  // or the child's copy of unflushed output is written twice
     pid_ = ::fork();
@@ -131,6 +137,7 @@ class redis_process {
 
   std::uint16_t port_;
   std::vector<std::string> extra_;
+  bool tls_ = false;
   pid_t pid_ = -1;
 };
 

@@ -4,6 +4,7 @@
 
 #include "redis_support.hpp"
 #include "support.hpp"
+#include "tls_support.hpp"
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -217,4 +218,30 @@ TEST_CASE("keel batch cut off from Redis paces at its share of the limit (fleet_
   CHECK(dir.records("r.jsonl") == 8);
   CHECK(took >= std::chrono::milliseconds(1350));  // a lower bound: pacing, not speed
   CHECK(dir.read("err.txt").find("fleet_pacing_unavailable") != std::string::npos);
+}
+
+TEST_CASE("keel batch shares its bucket through Redis over TLS (rediss://, shared.ca_file)",
+          "[redis]") {
+  keel_test::test_pki pki;
+  redis_process server(
+      {"--tls-cert-file", pki.server_cert_file, "--tls-key-file", pki.server_key_file,
+       "--tls-ca-cert-file", pki.ca_file, "--tls-auth-clients", "no"},
+      true);
+  batch_dir dir;
+  const auto config = [&](const std::string& ca_file) {
+    return R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-FLEET-KEY-1"}],
+               "policy": {"rate_limits": {"requests_per_minute": 6000},
+                          "shared": {"redis": "rediss://127.0.0.1:)" +
+           std::to_string(server.port()) + R"(", "ca_file": ")" + ca_file +
+           R"(", "key_prefix": "keeltest", "timeout": 0.5}}})";
+  };
+  dir.write("config.json", config(pki.ca_file));
+  REQUIRE(dir.keel(dir.batch_args("r.jsonl") + " --log-format json") == 0);
+  INFO("stderr: " << dir.read("err.txt"));
+  CHECK(dir.records("r.jsonl") == 30);
+  CHECK(dir.read("err.txt").find("fleet_pacing_unavailable") == std::string::npos);
+  // A CA file that cannot be read is a config error that names it.
+  dir.write("config.json", config(dir / "no-such-ca.pem"));
+  CHECK(dir.keel(dir.batch_args("r2.jsonl")) == 2);
+  CHECK(dir.read("err.txt").find("/policy/shared/ca_file") != std::string::npos);
 }

@@ -5,6 +5,7 @@
 
 #include "redis_support.hpp"
 #include "support.hpp"
+#include "tls_support.hpp"
 
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/detached.hpp>
@@ -277,9 +278,14 @@ TEST_CASE("redis URLs name their parts; a bad one says which part", "[redis]") {
   CHECK(e.host == "cache.internal");
   CHECK(e.port == 6379);
   CHECK(e.to_string() == "cache.internal:6379/0");
+  CHECK_FALSE(e.tls);
   e = keel::redis::parse_url("redis://:only-pw@h:1/");
   CHECK(e.username.empty());
   CHECK(e.password == "only-pw");
+  e = keel::redis::parse_url("rediss://cache.internal:6380");
+  CHECK(e.tls);
+  CHECK(e.port == 6380);
+  CHECK(e.to_string() == "rediss://cache.internal:6380/0");
   const auto error_of = [](const char* url) {
     try {
       keel::redis::parse_url(url);
@@ -293,4 +299,61 @@ TEST_CASE("redis URLs name their parts; a bad one says which part", "[redis]") {
   CHECK(error_of("redis://h/x").find("database \"x\"") != std::string::npos);
   CHECK(error_of("redis://:pw-SECRET@/0").find("no host") != std::string::npos);
   CHECK(error_of("redis://:pw-SECRET@/0").find("SECRET") == std::string::npos);
+}
+
+TEST_CASE("rediss:// talks TLS, verifies the certificate and its name, and says why it refuses",
+          "[redis]") {
+  keel_test::test_pki pki;
+  redis_process server(
+      {"--tls-cert-file", pki.server_cert_file, "--tls-key-file", pki.server_key_file,
+       "--tls-ca-cert-file", pki.ca_file, "--tls-auth-clients", "no"},
+      true);
+  asio::io_context ctx;
+  keel::redis::client_options o = redis_options(server.port());
+  o.server.tls = true;
+  o.ca_file = pki.ca_file;
+  {
+    keel::redis::client redis(ctx.get_executor(), o);
+    outcome<keel::redis::reply> set = run_one(ctx, redis.command({"SET", "k", "over TLS"}));
+    REQUIRE_FALSE(set.error);
+    outcome<keel::redis::reply> get = run_one(ctx, redis.command({"GET", "k"}));
+    REQUIRE_FALSE(get.error);
+    CHECK(get.value->text == "over TLS");
+  }
+  // Plain RESP to the TLS port gets no answer it understands.
+  {
+    keel::redis::client_options plain = o;
+    plain.server.tls = false;
+    plain.command_timeout = std::chrono::milliseconds(300);
+    keel::redis::client redis(ctx.get_executor(), plain);
+    CHECK(run_one(ctx, redis.command({"PING"})).error);
+  }
+  // A certificate from a CA it does not trust.
+  {
+    keel_test::test_pki other;
+    keel::redis::client_options untrusted = o;
+    untrusted.ca_file = other.ca_file;
+    keel::redis::client redis(ctx.get_executor(), untrusted);
+    outcome<keel::redis::reply> r = run_one(ctx, redis.command({"PING"}));
+    REQUIRE(r.error);
+    INFO(what_of(r.error));
+    CHECK(what_of(r.error).find("TLS handshake failed") != std::string::npos);
+    CHECK(what_of(r.error).find("the certificate chain did not verify") != std::string::npos);
+  }
+  // A trusted certificate for another name.
+  {
+    keel_test::test_pki elsewhere("DNS:elsewhere.example");
+    redis_process named(
+        {"--tls-cert-file", elsewhere.server_cert_file, "--tls-key-file", elsewhere.server_key_file,
+         "--tls-ca-cert-file", elsewhere.ca_file, "--tls-auth-clients", "no"},
+        true);
+    keel::redis::client_options wrong_name = o;
+    wrong_name.server.port = named.port();
+    wrong_name.ca_file = elsewhere.ca_file;
+    keel::redis::client redis(ctx.get_executor(), wrong_name);
+    outcome<keel::redis::reply> r = run_one(ctx, redis.command({"PING"}));
+    REQUIRE(r.error);
+    INFO(what_of(r.error));
+    CHECK(what_of(r.error).find("not valid for \"127.0.0.1\"") != std::string::npos);
+  }
 }

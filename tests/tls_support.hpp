@@ -92,11 +92,26 @@ struct test_pki {
     REQUIRE(f != nullptr);
     PEM_write_X509(f, ca.get());
     std::fclose(f);
+    // The server's certificate and key as PEM too, for servers started as processes.
+    server_cert_file = ca_file.substr(0, ca_file.size() - 4) + "_server.pem";
+    server_key_file = ca_file.substr(0, ca_file.size() - 4) + "_server_key.pem";
+    f = std::fopen(server_cert_file.c_str(), "w");
+    REQUIRE(f != nullptr);
+    PEM_write_X509(f, server.get());
+    std::fclose(f);
+    f = std::fopen(server_key_file.c_str(), "w");
+    REQUIRE(f != nullptr);
+    PEM_write_PrivateKey(f, server_key.get(), nullptr, nullptr, 0, nullptr, nullptr);
+    std::fclose(f);
     server_ctx.set_options(boost::asio::ssl::context::default_workarounds);
     REQUIRE(SSL_CTX_use_certificate(server_ctx.native_handle(), server.get()) == 1);
     REQUIRE(SSL_CTX_use_PrivateKey(server_ctx.native_handle(), server_key.get()) == 1);
   }
-  ~test_pki() { std::filesystem::remove(ca_file); }
+  ~test_pki() {
+    std::filesystem::remove(ca_file);
+    std::filesystem::remove(server_cert_file);
+    std::filesystem::remove(server_key_file);
+  }
   test_pki(const test_pki&) = delete;
   test_pki& operator=(const test_pki&) = delete;
 
@@ -106,6 +121,8 @@ struct test_pki {
   x509_ptr ca, server;
   /// The CA certificate as PEM.
   std::string ca_file;
+  /// The server's certificate and private key as PEM.
+  std::string server_cert_file, server_key_file;
   /// A server context presenting `server`.
   boost::asio::ssl::context server_ctx{boost::asio::ssl::context::tls_server};
 };

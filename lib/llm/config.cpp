@@ -314,7 +314,8 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"password_env", p.shared.password_env},
         {"timeout", p.shared.timeout},
         {"lease_window", p.shared.lease_window},
-        {"fleet_size", p.shared.fleet_size}}},
+        {"fleet_size", p.shared.fleet_size},
+        {"ca_file", p.shared.ca_file}}},
   };
   return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
 }

@@ -306,8 +306,9 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
 }
 
 shared_config parser::parse_shared(const json& j, const std::string& path) const {
-  check_keys(j, path,
-             {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size"});
+  check_keys(
+      j, path,
+      {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size", "ca_file"});
   shared_config sc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -316,8 +317,8 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
         continue;  // "": off (what --print-config shows when it is)
       }
       sc.redis = string(v, p);
-      if (sc.redis.rfind("redis://", 0) != 0) {
-        fail(p, "a redis://host[:port][/db] URL", shown(v));
+      if (sc.redis.rfind("redis://", 0) != 0 && sc.redis.rfind("rediss://", 0) != 0) {
+        fail(p, "a redis://host[:port][/db] or rediss:// (TLS) URL", shown(v));
       }
       if (sc.redis.find('@') != std::string::npos) {
         // Never echoed: it holds a credential.
@@ -334,6 +335,8 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
       sc.timeout = number(v, p, seconds_positive);
     } else if (key == "lease_window") {
       sc.lease_window = number(v, p, seconds_positive);
+    } else if (key == "ca_file") {
+      sc.ca_file = string(v, p);
     } else if (key == "fleet_size") {
       sc.fleet_size = static_cast<int>(integer(v, p, {0, false, 100000, false, true}));
     }

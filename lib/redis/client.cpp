@@ -10,6 +10,7 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -34,16 +35,22 @@ using std::chrono::steady_clock;
 // ---- endpoint ----------------------------------------------------------------------------------
 
 std::string endpoint::to_string() const {
-  return host + ":" + std::to_string(port) + "/" + std::to_string(db);
+  return (tls ? "rediss://" : "") + host + ":" + std::to_string(port) + "/" + std::to_string(db);
 }
 
 endpoint parse_url(std::string_view url) {
-  constexpr std::string_view scheme = "redis://";
-  if (url.substr(0, scheme.size()) != scheme) {
-    throw std::invalid_argument("redis URL: must start with redis:// (rediss:// is not supported)");
-  }
-  std::string_view rest = url.substr(scheme.size());
+  constexpr std::string_view plain = "redis://";
+  constexpr std::string_view secure = "rediss://";
   endpoint ep;
+  std::string_view rest;
+  if (url.substr(0, plain.size()) == plain) {
+    rest = url.substr(plain.size());
+  } else if (url.substr(0, secure.size()) == secure) {
+    rest = url.substr(secure.size());
+    ep.tls = true;
+  } else {
+    throw std::invalid_argument("redis URL: must start with redis:// or rediss:// (TLS)");
+  }
   if (const auto at = rest.rfind('@'); at != std::string_view::npos) {
     const std::string_view cred = rest.substr(0, at);
     rest = rest.substr(at + 1);
@@ -120,6 +127,7 @@ struct connection {
   connection& operator=(const connection&) = delete;
 
   tcp::socket sock;
+  std::optional<asio::ssl::stream<tcp::socket&>> tls;  // over `sock`, with rediss://
   redisReader* reader;
   std::string out;                            // commands not yet written
   std::deque<std::shared_ptr<pending>> sent;  // in order, awaiting replies (queued or written)
@@ -175,17 +183,46 @@ reply convert(const redisReply& r) {
   return out;
 }
 
+// Why a TLS handshake failed: for a certificate that did not verify, whether the name did not
+// match or the chain did not verify (OpenSSL's reason); else OpenSSL's error.
+std::string tls_failure(const boost::system::error_code& ec, SSL* ssl, const std::string& host) {
+  const long result = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+  if (result == X509_V_ERR_HOSTNAME_MISMATCH || result == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+    return "TLS handshake failed: the certificate is not valid for \"" + host +
+           "\" (the chain is trusted)";
+  }
+  if (result != X509_V_OK) {
+    return std::string("TLS handshake failed: the certificate chain did not verify (") +
+           X509_verify_cert_error_string(result) + ")";
+  }
+  return "TLS handshake failed: " + ec.message();
+}
+
 }  // namespace
 
 struct client::impl : std::enable_shared_from_this<impl> {
-  impl(asio::any_io_executor e, client_options o) : ex(std::move(e)), opts(std::move(o)) {}
+  impl(asio::any_io_executor e, client_options o) : ex(std::move(e)), opts(std::move(o)) {
+    if (opts.server.tls) {
+      tls_ctx.emplace(asio::ssl::context::tls_client);
+      tls_ctx->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                           asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
+                           asio::ssl::context::no_tlsv1_1);
+      if (opts.ca_file.empty()) {
+        tls_ctx->set_default_verify_paths();
+      } else {
+        tls_ctx->load_verify_file(opts.ca_file);  // throws, naming the error, if unreadable
+      }
+      tls_ctx->set_verify_mode(opts.verify_peer ? asio::ssl::verify_peer : asio::ssl::verify_none);
+    }
+  }
 
   asio::any_io_executor ex;
   client_options opts;
-  std::shared_ptr<connection> current;  // null when there is none
-  steady_clock::time_point retry_at{};  // no connect before this (after a failure)
-  milliseconds delay{0};                // the next failure's wait
-  std::string last_failure;             // why the last connect failed
+  std::optional<asio::ssl::context> tls_ctx;  // with rediss://
+  std::shared_ptr<connection> current;        // null when there is none
+  steady_clock::time_point retry_at{};        // no connect before this (after a failure)
+  milliseconds delay{0};                      // the next failure's wait
+  std::string last_failure;                   // why the last connect failed
   std::uint64_t writes = 0;
   std::uint64_t connects = 0;
   std::uint64_t commands = 0;
@@ -231,6 +268,25 @@ struct client::impl : std::enable_shared_from_this<impl> {
             auto results = co_await resolver.async_resolve(ep.host, std::to_string(ep.port),
                                                            asio::use_awaitable);
             co_await asio::async_connect(c->sock, results, asio::use_awaitable);
+            if (self->tls_ctx) {
+              c->tls.emplace(c->sock, *self->tls_ctx);
+              SSL* ssl = c->tls->native_handle();
+              boost::system::error_code ec;
+              (void)asio::ip::make_address(ep.host, ec);
+              const bool is_ip = !ec;
+              if (!is_ip) {  // a name: say it (SNI)
+                SSL_set_tlsext_host_name(ssl, ep.host.c_str());
+              }
+              // The certificate must name the host (RFC 6125), checked by OpenSSL itself.
+              if (self->opts.verify_peer &&
+                  (is_ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), ep.host.c_str())
+                         : SSL_set1_host(ssl, ep.host.c_str())) != 1) {
+                throw boost::system::system_error(
+                    make_error_code(boost::system::errc::invalid_argument),
+                    "cannot verify host name \"" + ep.host + "\"");
+              }
+              co_await c->tls->async_handshake(asio::ssl::stream_base::client, asio::use_awaitable);
+            }
           },
           self->opts.connect_timeout);
     } catch (const boost::system::system_error& e) {
@@ -238,6 +294,9 @@ struct client::impl : std::enable_shared_from_this<impl> {
           c, e.code(),
           e.code() == keel::make_error_code(keel::error::deadline_exceeded)
               ? "no connection within " + std::to_string(self->opts.connect_timeout.count()) + " ms"
+          : e.code().category() == asio::error::get_ssl_category() ||
+                  e.code() == asio::ssl::error::stream_truncated
+              ? tls_failure(e.code(), c->tls ? c->tls->native_handle() : nullptr, ep.host)
               : "cannot connect: " + e.code().message());
       co_return;
     }
@@ -297,8 +356,10 @@ struct client::impl : std::enable_shared_from_this<impl> {
       buf.clear();
       buf.swap(c->out);  // everything queued until now goes out in one write
       ++self->writes;
-      auto [ec, n] = co_await asio::async_write(c->sock, asio::buffer(buf),
-                                                asio::as_tuple(asio::use_awaitable));
+      auto [ec, n] = c->tls ? co_await asio::async_write(*c->tls, asio::buffer(buf),
+                                                         asio::as_tuple(asio::use_awaitable))
+                            : co_await asio::async_write(c->sock, asio::buffer(buf),
+                                                         asio::as_tuple(asio::use_awaitable));
       if (ec) {
         self->fail(c, self->make_failure(ec, "write failed: " + ec.message()));
         break;
@@ -311,8 +372,10 @@ struct client::impl : std::enable_shared_from_this<impl> {
                                          std::shared_ptr<connection> c) {
     std::vector<char> buf(16 * 1024);
     while (!c->dead) {
-      auto [ec, n] =
-          co_await c->sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+      auto [ec, n] = c->tls ? co_await c->tls->async_read_some(asio::buffer(buf),
+                                                               asio::as_tuple(asio::use_awaitable))
+                            : co_await c->sock.async_read_some(asio::buffer(buf),
+                                                               asio::as_tuple(asio::use_awaitable));
       if (c->dead) {
         break;
       }

@@ -342,10 +342,16 @@ std::unique_ptr<closable_fleet_pacing> make_fleet_pacing(asio::any_io_executor e
     throw llm::config_error(cfg.source, "/policy/shared/redis", e.what());
   }
   o.server.password = sc.password;
+  o.ca_file = sc.ca_file;
   o.command_timeout =
       std::chrono::milliseconds(std::max<long long>(1, std::llround(sc.timeout * 1000)));
   o.connect_timeout = std::max(o.command_timeout, std::chrono::milliseconds(250));
-  return std::make_unique<redis_fleet_pacing>(ex, sc, cfg.policy.breaker, std::move(o));
+  try {
+    return std::make_unique<redis_fleet_pacing>(ex, sc, cfg.policy.breaker, std::move(o));
+  } catch (const boost::system::system_error& e) {  // the CA file (TLS)
+    throw llm::config_error(cfg.source, "/policy/shared/ca_file",
+                            "cannot load \"" + sc.ca_file + "\": " + e.code().message());
+  }
 }
 
 #else

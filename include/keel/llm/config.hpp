@@ -240,8 +240,11 @@ struct hedge_config {
 /// `rate_limits`. Off unless `redis` is set. Used by the `keel` command; a library user gives
 /// `client_options::fleet` an implementation (keel::redis::shared_pacer behind it).
 struct shared_config {
-  /// `redis://host[:port][/db]` (no credentials: see `password_env`); empty: off.
+  /// `redis://host[:port][/db]`, or `rediss://` for TLS (no credentials: see `password_env`);
+  /// empty: off.
   std::string redis;
+  /// With `rediss://`: a PEM file of the CAs to trust (empty: the system's trust store).
+  std::string ca_file;
   /// First part of every Redis key; the rest is provider, model and a fingerprint of the key
   /// (never the key itself).
   std::string key_prefix = "keel";

@@ -25,6 +25,9 @@
 //   for `reconnect_delay` (doubling per failure up to `max_reconnect_delay`), every new command
 //   fails at once without touching the network, so a dead Redis costs callers nothing but an
 //   error they can fall back on (keel's shared pacing falls back to a local limit).
+// - **TLS** (`rediss://`): Asio's OpenSSL stream over the same socket; the certificate is
+//   verified (chain and host name, RFC 6125 via `ssl::host_name_verification`) unless
+//   `verify_peer` is off, and the handshake counts against `connect_timeout`.
 // - **Secrets**: the password (`endpoint::password`, usually from an environment variable) is
 //   sent in `AUTH` and appears in no error message, log or `to_string`.
 // - **Bounds**: at most `max_pending` commands in flight (more fail at once with `queue_full`);
@@ -103,12 +106,15 @@ struct endpoint {
   std::string username;
   /// Password for `AUTH` (empty: none). Never printed.
   std::string password;
+  /// TLS (`rediss://`): the server's certificate is verified against `client_options::ca_file`
+  /// (or the system's trust store) and must name `host`.
+  bool tls = false;
 
-  /// "host:port/db", never the credentials.
+  /// "host:port/db" ("rediss://host:port/db" with TLS), never the credentials.
   std::string to_string() const;
 };
 
-/// Parses `redis://[[user][:password]@]host[:port][/db]`.
+/// Parses `redis://[[user][:password]@]host[:port][/db]`, or `rediss://...` for TLS.
 /// @throws std::invalid_argument naming the part that is wrong (never echoing a password).
 endpoint parse_url(std::string_view url);
 
@@ -116,6 +122,11 @@ endpoint parse_url(std::string_view url);
 struct client_options {
   /// The server.
   endpoint server;
+  /// With `server.tls`: a PEM file of the CAs to trust (empty: the system's trust store).
+  std::string ca_file;
+  /// With `server.tls`: whether the server's certificate is verified (on by default; off only
+  /// for tests against a server with a throwaway certificate).
+  bool verify_peer = true;
   /// Limit on resolving, connecting and logging in.
   std::chrono::milliseconds connect_timeout{1000};
   /// Limit on each command, from the call until its reply.
