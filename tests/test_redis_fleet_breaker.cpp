@@ -1,12 +1,12 @@
-// The fleet's breaker through Redis (`policy.shared`, tools/keel/fleet_pacing.cpp): two clients
+// The fleet's breaker through Redis (`policy.shared`, keel::redis::fleet): two clients
 // standing for two processes, each with its own Redis connection, against one mock server.
-#include "fleet_pacing.hpp"
 #include "llm_client_support.hpp"
 #include "redis_support.hpp"
 #include "support.hpp"
 
 #include <keel/llm/client.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/redis/fleet.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <catch2/catch.hpp>
@@ -50,13 +50,13 @@ TEST_CASE("a breaker one process opens holds the others, and one probe closes it
                            .with_latency(std::chrono::milliseconds(50)));
   server.start();
   const auto cfg = fleet_config(server.base_url(), redis.port());
-  const auto fleet_a = keel::cli::make_fleet_pacing(ctx.get_executor(), cfg);
-  const auto fleet_b = keel::cli::make_fleet_pacing(ctx.get_executor(), cfg);
+  keel::redis::fleet fleet_a(ctx.get_executor(), cfg);
+  keel::redis::fleet fleet_b(ctx.get_executor(), cfg);
   keel::llm::client_options oa;
   oa.seed = 1;
-  oa.fleet = fleet_a.get();
+  oa.fleet = &fleet_a;
   keel::llm::client_options ob = oa;
-  ob.fleet = fleet_b.get();
+  ob.fleet = &fleet_b;
   keel::llm::client a(ctx.get_executor(), cfg, {}, oa);
   keel::llm::client b(ctx.get_executor(), cfg, {}, ob);
 
@@ -96,6 +96,6 @@ TEST_CASE("a breaker one process opens holds the others, and one probe closes it
   CHECK(server.stats().total.requests - before >= 2);
   CHECK(server.stats().total.by_status[200] == server.stats().total.requests - before);
   INFO("rounds: " << calls);
-  fleet_a->close();
-  fleet_b->close();
+  fleet_a.close();
+  fleet_b.close();
 }

@@ -336,6 +336,9 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
     } else if (key == "lease_window") {
       sc.lease_window = number(v, p, seconds_positive);
     } else if (key == "ca_file") {
+      if (v.is_string() && v.get_ref<const std::string&>().empty()) {
+        continue;  // "": the system's trust store (what --print-config shows)
+      }
       sc.ca_file = string(v, p);
     } else if (key == "fleet_size") {
       sc.fleet_size = static_cast<int>(integer(v, p, {0, false, 100000, false, true}));

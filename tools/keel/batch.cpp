@@ -521,7 +521,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   log_seed(rs);
   auto ex = rs.ctx.get_executor();
   // policy.shared (Redis), made before --overwrite may drop anything: a bad URL is a config error.
-  const std::unique_ptr<closable_fleet_pacing> fleet = make_fleet_pacing(ex, cfg);
+  const std::unique_ptr<llm::fleet_pacing> fleet = make_fleet_pacing(ex, cfg);
   const std::unique_ptr<metrics_server> metrics_http = start_metrics_server(rs);
   // Input open, output open, port bound: only now may --overwrite drop the earlier results.
   if (opts.overwrite) {

@@ -184,6 +184,10 @@ class fleet_pacing {
   /// Must not throw or block.
   virtual void on_server_delay(const entry_config& entry, std::chrono::nanoseconds delay) = 0;
 
+  /// Closes what the fleet state holds open (e.g. its connection), so that the io_context can
+  /// finish; the default does nothing.
+  virtual void close() {}
+
   // The fleet's breaker (each default does nothing: breakers stay per process).
 
   /// Before a call on `entry` goes through `breaker` (this process's): brings the fleet's state

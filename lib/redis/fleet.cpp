@@ -1,0 +1,388 @@
+// keel::redis::fleet (keel/redis/fleet.hpp).
+#include <keel/redis/fleet.hpp>
+
+#include <keel/llm/sigv4.hpp>
+#include <keel/redis/client.hpp>
+#include <keel/redis/shared_breaker.hpp>
+#include <keel/redis/shared_quota.hpp>
+#include <keel/throttler.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <utility>
+
+namespace keel::redis {
+
+namespace asio = boost::asio;
+
+std::string fleet_key(const std::string& prefix, const keel::llm::entry_config& e,
+                      const std::string& dimension) {
+  const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
+  const std::string fingerprint =
+      keel::llm::sigv4::sha256_hex(e.base_url + "\n" + secret).substr(0, 16);
+  return prefix + ":" + std::string(keel::llm::to_string(e.api_type)) + ":" + e.model + ":" +
+         fingerprint + ":" + dimension;
+}
+
+// One process's fleet state: the buckets and breakers of its entries, on one Redis connection.
+class fleet_impl {
+ public:
+  fleet_impl(asio::any_io_executor ex, const keel::llm::shared_config& sc,
+             const keel::llm::breaker_config& bc, client_options o)
+      : ex_(ex), sc_(sc), bc_(bc), redis_(ex, std::move(o)) {}
+
+  asio::awaitable<void> acquire(const keel::llm::entry_config& e, double tokens) {
+    buckets* b = of(e);
+    if (b == nullptr) {
+      co_return;  // no configured limit to share
+    }
+    co_await b->requests_pacer->acquire(1);
+    if (b->tokens_pacer) {
+      co_await b->tokens_pacer->acquire(tokens);
+    }
+    b->local_current = false;  // in the fleet's bucket (again)
+  }
+
+  asio::awaitable<void> acquire_local(const keel::llm::entry_config& e, double tokens) {
+    buckets* b = of(e);
+    if (b == nullptr) {
+      co_return;
+    }
+    if (!b->local_current) {
+      // Cut off from the fleet (again): this process's share, fixed for the outage, starting
+      // empty (it was sending at its share of the fleet's rate until now).
+      const auto& rl = e.rate_limits;
+      const double rate = rl.requests_per_minute / 60;
+      const double burst = rl.burst > 0 ? rl.burst : std::max(1.0, rate);
+      std::size_t n = 1;  // never reached Redis: alone, as far as it knows
+      if (sc_.fleet_size > 0) {
+        n = static_cast<std::size_t>(sc_.fleet_size);
+      } else if (b->requests_pacer->members() > 0) {
+        n = b->requests_pacer->members();
+      }
+      // At least one request per second, whatever the share.
+      const double share = std::max(rate / static_cast<double>(n), std::min(rate, 1.0));
+      keel::throttler_options o;
+      o.requests_per_second = share;
+      o.burst = std::max(1.0, burst * share / rate);
+      o.tokens_per_minute = rl.tokens_per_minute * (share / rate);
+      if (!b->local) {
+        b->local = std::make_unique<keel::throttler>(ex_, o);
+      } else {
+        b->local->set_rate(o.requests_per_second, o.tokens_per_minute);
+        b->local->set_burst(o.burst);
+      }
+      b->local->set_available_requests(0);
+      if (o.tokens_per_minute > 0) {
+        b->local->set_available_tokens(0);
+      }
+      b->local_current = true;
+    }
+    co_await b->local->acquire(keel::throttle_cost{1, b->tokens ? tokens : 0});
+  }
+
+  void close() { redis_.close(); }
+
+  // ---- the fleet's breaker ----
+
+  void sync_breaker(const keel::llm::entry_config& e, keel::circuit_breaker& breaker) {
+    breaker_sync& bs = breaker_of(e);
+    const auto now = std::chrono::steady_clock::now();
+    if (!bs.syncing && now - bs.last_sync >= breaker_sync_interval) {
+      bs.syncing = true;
+      bs.last_sync = now;
+      const std::size_t failures = std::exchange(bs.failures, 0);
+      const bool had_success = std::exchange(bs.had_success, false);
+      asio::co_spawn(
+          ex_,
+          [](breaker_sync* b, std::size_t f, bool ok) -> asio::awaitable<void> {
+            try {
+              b->take(co_await b->shared->sync(f, ok));
+            } catch (...) {
+              // Redis unreachable: this process's breaker goes on alone (pacing says so).
+            }
+            b->syncing = false;
+          }(&bs, failures, had_success),
+          asio::detached);
+    }
+    apply(bs, breaker, now);
+  }
+
+  void on_breaker_outcome(const keel::llm::entry_config& e, bool failure) {
+    breaker_sync& bs = breaker_of(e);
+    if (failure) {
+      ++bs.failures;
+    } else {
+      bs.had_success = true;
+      bs.failures = 0;
+    }
+  }
+
+  void on_breaker_change(const keel::llm::entry_config& e, keel::breaker_state,
+                         keel::breaker_state to, std::chrono::nanoseconds open_for) {
+    if (applying_) {
+      return;  // the fleet's own state, brought in by sync_breaker
+    }
+    breaker_sync& bs = breaker_of(e);
+    if (to == keel::breaker_state::open) {
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(open_for);
+      asio::co_spawn(
+          ex_,
+          [](breaker_sync* b, std::chrono::milliseconds d) -> asio::awaitable<void> {
+            try {
+              b->take(co_await b->shared->opened(d));
+            } catch (...) {
+            }
+          }(&bs, ms),
+          asio::detached);
+    } else if (to == keel::breaker_state::closed) {
+      asio::co_spawn(
+          ex_,
+          [](breaker_sync* b) -> asio::awaitable<void> {
+            try {
+              b->take(co_await b->shared->closed());
+            } catch (...) {
+            }
+          }(&bs),
+          asio::detached);
+    }
+  }
+
+  void on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds delay) {
+    buckets* b = of(e);
+    if (b == nullptr) {
+      return;
+    }
+    const auto d = std::chrono::ceil<std::chrono::milliseconds>(delay);
+    // Detached: the attempt does not wait for Redis; an error here shows in the next acquire.
+    asio::co_spawn(
+        ex_,
+        [](buckets* bk, std::chrono::milliseconds ms) -> asio::awaitable<void> {
+          co_await bk->requests->pause(ms);
+          if (bk->tokens) {
+            co_await bk->tokens->pause(ms);
+          }
+        }(b, d),
+        asio::detached);
+  }
+
+ private:
+  struct buckets {
+    std::unique_ptr<shared_quota> requests;
+    std::unique_ptr<shared_pacer> requests_pacer;
+    std::unique_ptr<shared_quota> tokens;
+    std::unique_ptr<shared_pacer> tokens_pacer;
+    // The local share while Redis cannot be reached; `local_current` while it applies.
+    std::unique_ptr<keel::throttler> local;
+    bool local_current = false;
+  };
+
+  buckets* of(const keel::llm::entry_config& e) {
+    const std::string key = fleet_key(sc_.key_prefix, e, "requests");
+    auto it = map_.find(key);
+    if (it == map_.end()) {
+      buckets b;
+      const auto window =
+          std::chrono::milliseconds(std::max<long long>(1, std::llround(sc_.lease_window * 1000)));
+      const auto& rl = e.rate_limits;
+      if (rl.requests_per_minute > 0) {
+        const double rate = rl.requests_per_minute / 60;
+        b.requests = std::make_unique<shared_quota>(
+            redis_,
+            quota_options{
+                .key = key, .rate = rate, .burst = rl.burst > 0 ? rl.burst : std::max(1.0, rate)});
+        b.requests_pacer = std::make_unique<shared_pacer>(*b.requests, window);
+        if (rl.tokens_per_minute > 0) {
+          const double trate = rl.tokens_per_minute / 60;
+          b.tokens = std::make_unique<shared_quota>(
+              redis_, quota_options{.key = fleet_key(sc_.key_prefix, e, "tokens"),
+                                    .rate = trate,
+                                    .burst = std::max(1.0, trate)});
+          b.tokens_pacer = std::make_unique<shared_pacer>(*b.tokens, window);
+        }
+      }
+      it = map_.emplace(key, std::move(b)).first;
+    }
+    return it->second.requests ? &it->second : nullptr;
+  }
+
+  // One entry's breaker as the fleet sees it.
+  struct breaker_sync {
+    std::unique_ptr<shared_breaker> shared;
+    std::size_t failures = 0;  // since the last success, not yet reported
+    bool had_success = false;  // a success not yet reported
+    bool syncing = false;
+    std::chrono::steady_clock::time_point last_sync{};
+    // The fleet's last answer, and when it came (its durations count from then).
+    std::optional<breaker_view> view;
+    std::chrono::steady_clock::time_point viewed_at{};
+    std::uint64_t applied_epoch = 0;  // the fleet's epoch this process has followed
+    bool probe_applied = false;       // this process's breaker was let through for the probe
+
+    void take(const breaker_view& v) {
+      if (v.what != breaker_view::state::probe) {
+        probe_applied = false;
+      }
+      view = v;
+      viewed_at = std::chrono::steady_clock::now();
+    }
+  };
+
+  breaker_sync& breaker_of(const keel::llm::entry_config& e) {
+    const std::string key = fleet_key(sc_.key_prefix, e, "breaker");
+    auto it = breakers_.find(key);
+    if (it == breakers_.end()) {
+      auto bs = std::make_unique<breaker_sync>();
+      bs->shared = std::make_unique<shared_breaker>(
+          redis_, breaker_options{.key = key,
+                                  .failure_threshold =
+                                      static_cast<std::size_t>(std::max(1, bc_.failure_threshold)),
+                                  .break_duration = std::chrono::milliseconds(std::max<long long>(
+                                      1, std::llround(bc_.break_duration * 1000))),
+                                  .probe_timeout = probe_timeout});
+      it = breakers_.emplace(key, std::move(bs)).first;
+    }
+    return *it->second;
+  }
+
+  // Brings the fleet's last answer into this process's breaker.
+  void apply(breaker_sync& bs, keel::circuit_breaker& breaker,
+             std::chrono::steady_clock::time_point now) {
+    if (!bs.view) {
+      return;
+    }
+    using state = breaker_view::state;
+    const breaker_view& v = *bs.view;
+    const keel::breaker_state local = breaker.state();
+    applying_ = true;
+    switch (v.what) {
+      case state::open: {
+        // The fleet's break: this process keeps to it, to its end.
+        const auto until = bs.viewed_at + v.remaining;
+        if (until > now) {
+          if (local != keel::breaker_state::open || !breaker.open_until() ||
+              *breaker.open_until() < until) {
+            breaker.force_open_until(until);
+          }
+        } else if (now - until < breaker_sync_interval * 8) {
+          // Over, by this (old) answer: no probe of its own before asking the fleet who probes.
+          breaker.force_open_until(now + breaker_sync_interval);
+          bs.last_sync = {};
+        }
+        bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
+        break;
+      }
+      case state::probing:
+        // Another process probes: stay open, but only until the next look, so that its
+        // success reaches this process within a sync interval.
+        breaker.force_open_until(now + breaker_sync_interval);
+        bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
+        break;
+      case state::probe:
+        // This process probes for the fleet (once): its breaker is half-open at its next call,
+        // whose outcome it then tells the fleet (closed, or open again).
+        if (!bs.probe_applied) {
+          breaker.force_open_until(now + std::chrono::microseconds(1));
+        }
+        bs.probe_applied = true;
+        bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
+        break;
+      case state::closed:
+        // Closed by another process's probe since this one followed the fleet.
+        if (v.epoch > bs.applied_epoch) {
+          if (local == keel::breaker_state::open || local == keel::breaker_state::half_open) {
+            breaker.reset();
+          }
+          bs.applied_epoch = v.epoch;
+        }
+        break;
+    }
+    applying_ = false;
+  }
+
+  // A sync at most this often per entry while calls are made.
+  static constexpr std::chrono::milliseconds breaker_sync_interval{250};
+  // A probe silent this long is given to another process.
+  static constexpr std::chrono::milliseconds probe_timeout{30000};
+
+  asio::any_io_executor ex_;
+  keel::llm::shared_config sc_;
+  keel::llm::breaker_config bc_;
+  std::map<std::string, std::unique_ptr<breaker_sync>> breakers_;
+  bool applying_ = false;
+  client redis_;
+  std::map<std::string, buckets> map_;
+};
+
+namespace {
+
+client_options options_of(const keel::llm::client_config& cfg) {
+  const keel::llm::shared_config& sc = cfg.policy.shared;
+  if (sc.redis.empty()) {
+    throw keel::llm::config_error(cfg.source, "/policy/shared/redis", "no Redis URL");
+  }
+  client_options o;
+  try {
+    o.server = parse_url(sc.redis);
+  } catch (const std::invalid_argument& e) {
+    throw keel::llm::config_error(cfg.source, "/policy/shared/redis", e.what());
+  }
+  o.server.password = sc.password;
+  o.ca_file = sc.ca_file;
+  o.command_timeout =
+      std::chrono::milliseconds(std::max<long long>(1, std::llround(sc.timeout * 1000)));
+  o.connect_timeout = std::max(o.command_timeout, std::chrono::milliseconds(250));
+  return o;
+}
+
+}  // namespace
+
+fleet::fleet(asio::any_io_executor ex, const keel::llm::client_config& cfg) {
+  client_options o = options_of(cfg);
+  try {
+    impl_ = std::make_unique<fleet_impl>(ex, cfg.policy.shared, cfg.policy.breaker, std::move(o));
+  } catch (const boost::system::system_error& e) {  // the CA file (TLS)
+    throw keel::llm::config_error(
+        cfg.source, "/policy/shared/ca_file",
+        "cannot load \"" + cfg.policy.shared.ca_file + "\": " + e.code().message());
+  }
+}
+
+fleet::~fleet() = default;
+
+asio::awaitable<void> fleet::acquire(const keel::llm::entry_config& e, double tokens) {
+  return impl_->acquire(e, tokens);
+}
+
+asio::awaitable<void> fleet::acquire_local(const keel::llm::entry_config& e, double tokens) {
+  return impl_->acquire_local(e, tokens);
+}
+
+void fleet::on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds d) {
+  impl_->on_server_delay(e, d);
+}
+
+void fleet::sync_breaker(const keel::llm::entry_config& e, keel::circuit_breaker& b) {
+  impl_->sync_breaker(e, b);
+}
+
+void fleet::on_breaker_outcome(const keel::llm::entry_config& e, bool failure) {
+  impl_->on_breaker_outcome(e, failure);
+}
+
+void fleet::on_breaker_change(const keel::llm::entry_config& e, keel::breaker_state from,
+                              keel::breaker_state to, std::chrono::nanoseconds open_for) {
+  impl_->on_breaker_change(e, from, to, open_for);
+}
+
+void fleet::close() {
+  impl_->close();
+}
+
+}  // namespace keel::redis
