@@ -943,7 +943,7 @@ TEST_CASE("force_open_until opens for a break decided elsewhere, moves it, and k
   b.force_open_until(manual_clock::now() + 2s);
   CHECK(b.state() == breaker_state::open);
   CHECK(b.remaining_open_time() == 2s);
-  CHECK(b.opened_count() == 1);
+  CHECK(b.opened_count() == 0);  // not one of its own openings
   CHECK(code_of(call(ctx, b, p).error) == keel::error::circuit_open);
   CHECK(p.calls == 0);
   // Moved later, then earlier: the end is where it was last put.
@@ -951,6 +951,12 @@ TEST_CASE("force_open_until opens for a break decided elsewhere, moves it, and k
   CHECK(b.remaining_open_time() == 5s);
   b.force_open_until(manual_clock::now() + 1s);
   CHECK(b.remaining_open_time() == 1s);
+  // A break over is extended without a half-open in between (no state change).
+  manual_clock::advance(1s);
+  CHECK(b.state() == breaker_state::half_open);  // as reported, lazily
+  b.force_open_until(manual_clock::now() + 1s);
+  CHECK(b.state() == breaker_state::open);
+  CHECK(changes.size() == 1);
   // Moved to now: the next call is the half-open probe, and its success closes.
   b.force_open_until(manual_clock::now());
   CHECK(b.state() == breaker_state::half_open);

@@ -135,6 +135,11 @@ TEST_CASE("policy.shared keeps the Redis password out of the config and of --pri
   CHECK(dir.keel("config check " + (dir / "config.json")) == 2);
   CHECK(dir.read("err.txt").find("/policy/shared/redis") != std::string::npos);
   CHECK(dir.read("err.txt").find("pw-IN-URL-9") == std::string::npos);
+  // A mistyped scheme is not echoed either when the URL holds credentials.
+  dir.write("config.json", dir.config("Redis:/:pw-TYPO-3@127.0.0.1:6379"));
+  CHECK(dir.keel("config check " + (dir / "config.json")) == 2);
+  CHECK(dir.read("err.txt").find("/policy/shared/redis") != std::string::npos);
+  CHECK(dir.read("err.txt").find("pw-TYPO-3") == std::string::npos);
   dir.write("config.json", dir.config("redis://127.0.0.1:6379"));
   CHECK(dir.keel("batch --config " + (dir / "config.json") + " --print-config",
                  "KEEL_REDIS_PASSWORD=pw-FROM-ENV-7") == 0);

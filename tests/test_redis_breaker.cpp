@@ -46,6 +46,8 @@ TEST_CASE("a shared breaker opens on the fleet's failures and lets one process p
   fleet_process a(ctx, redis);
   fleet_process b(ctx, redis);
   CHECK(a.breaker.member() != b.breaker.member());
+  const std::string incarnation = a.sync(0, false, 0).incarnation;
+  CHECK(b.sync(0, false, 0).incarnation == incarnation);  // one hash, one name
 
   // Failures add up across processes; a success resets the count to what followed it.
   breaker_view v = a.sync(2, false, 0);
@@ -106,7 +108,9 @@ TEST_CASE("a shared breaker whose Redis restarted empty starts closed, its scrip
   o.reconnect_delay = std::chrono::milliseconds(0);
   keel::redis::client redis(ctx.get_executor(), o);
   fleet_process a(ctx, redis);
-  CHECK(a.sync(3, false, 0).what == state::open);
+  const breaker_view before = a.sync(3, false, 0);
+  CHECK(before.what == state::open);
+  CHECK_FALSE(before.incarnation.empty());
   server.stop();
   server.start();
   // The first command after the restart may meet the dropped connection; the next one
@@ -115,4 +119,5 @@ TEST_CASE("a shared breaker whose Redis restarted empty starts closed, its scrip
   const breaker_view v = a.sync(0, false, 100);
   CHECK(v.what == state::closed);
   CHECK(v.epoch == 0);
+  CHECK(v.incarnation != before.incarnation);  // a new hash: its epochs start again
 }

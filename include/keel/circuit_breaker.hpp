@@ -332,9 +332,11 @@ class basic_circuit_breaker {
   /// Opens the breaker until `until`, or moves the end of its current break there (earlier or
   /// later): calls are rejected until then, then it is half-open as usual. For a break decided
   /// elsewhere, e.g. by a fleet's shared breaker (keel::redis::shared_breaker). A closed or
-  /// half-open breaker opens (counted as an opening, calling `on_state_change`) only if `until`
-  /// is in the future; isolation is kept. Outcomes of calls already running no longer change
-  /// the state when it opens.
+  /// half-open breaker opens (calling `on_state_change`) only if `until` is in the future; such
+  /// an opening is not counted in `opened_count()` and does not grow this breaker's own later
+  /// breaks. An open breaker whose break is over is extended without passing through half-open.
+  /// Isolation is kept. Outcomes of calls already running no longer change the state when it
+  /// opens.
   void force_open_until(time_point until);
 
   /// Forces the breaker open until `reset()`: every call is rejected. Outcomes of calls already

@@ -739,7 +739,10 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
     // call's deadline still bounds the wait). Waiters wake with jitter and go through the
     // paced bucket, so the breaker closing does not release them in one burst.
     asio::steady_timer timer(co_await asio::this_coro::executor);
-    for (;;) {
+    for (bool first = true;; first = false) {
+      if (options_.fleet && !first) {
+        options_.fleet->sync_breaker(*es.cfg, *es.breaker);  // the fleet's latest word first
+      }
       try {
         co_return co_await keel::with_breaker(*es.breaker,
                                               [this, &es, &cs] { return hedged_attempt(es, cs); });
@@ -747,9 +750,6 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
         if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
           throw;
         }
-      }
-      if (options_.fleet) {
-        options_.fleet->sync_breaker(*es.cfg, *es.breaker);
       }
       if (hooks_.on_hold) {
         hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());

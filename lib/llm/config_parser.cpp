@@ -317,15 +317,15 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
         continue;  // "": off (what --print-config shows when it is)
       }
       sc.redis = string(v, p);
-      if (sc.redis.rfind("redis://", 0) != 0 && sc.redis.rfind("rediss://", 0) != 0) {
-        fail(p, "a redis://host[:port][/db] or rediss:// (TLS) URL", shown(v));
-      }
       if (sc.redis.find('@') != std::string::npos) {
-        // Never echoed: it holds a credential.
+        // First, and never echoed: it holds a credential (whatever else is wrong with it).
         fail(p,
              "a URL without credentials (put the password in the environment variable named by "
              "password_env)",
              "a URL with credentials");
+      }
+      if (sc.redis.rfind("redis://", 0) != 0 && sc.redis.rfind("rediss://", 0) != 0) {
+        fail(p, "a redis://host[:port][/db] or rediss:// (TLS) URL", shown(v));
       }
     } else if (key == "key_prefix") {
       sc.key_prefix = string(v, p);

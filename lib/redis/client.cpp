@@ -185,8 +185,9 @@ reply convert(const redisReply& r) {
 
 // Why a TLS handshake failed: for a certificate that did not verify, whether the name did not
 // match or the chain did not verify (OpenSSL's reason); else OpenSSL's error.
-std::string tls_failure(const boost::system::error_code& ec, SSL* ssl, const std::string& host) {
-  const long result = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+std::string tls_failure(const boost::system::error_code& ec, SSL* ssl, bool verified,
+                        const std::string& host) {
+  const long result = ssl && verified ? SSL_get_verify_result(ssl) : X509_V_OK;
   if (result == X509_V_ERR_HOSTNAME_MISMATCH || result == X509_V_ERR_IP_ADDRESS_MISMATCH) {
     return "TLS handshake failed: the certificate is not valid for \"" + host +
            "\" (the chain is trusted)";
@@ -296,7 +297,8 @@ struct client::impl : std::enable_shared_from_this<impl> {
               ? "no connection within " + std::to_string(self->opts.connect_timeout.count()) + " ms"
           : e.code().category() == asio::error::get_ssl_category() ||
                   e.code() == asio::ssl::error::stream_truncated
-              ? tls_failure(e.code(), c->tls ? c->tls->native_handle() : nullptr, ep.host)
+              ? tls_failure(e.code(), c->tls ? c->tls->native_handle() : nullptr,
+                            self->opts.verify_peer, ep.host)
               : "cannot connect: " + e.code().message());
       co_return;
     }

@@ -87,14 +87,17 @@ class fleet_impl {
     co_await b->local->acquire(keel::throttle_cost{1, b->tokens ? tokens : 0});
   }
 
-  void close() { redis_.close(); }
+  void close() {
+    *closed_ = true;
+    redis_.close();
+  }
 
   // ---- the fleet's breaker ----
 
   void sync_breaker(const keel::llm::entry_config& e, keel::circuit_breaker& breaker) {
     breaker_sync& bs = breaker_of(e);
     const auto now = std::chrono::steady_clock::now();
-    if (!bs.syncing && now - bs.last_sync >= breaker_sync_interval) {
+    if (!*closed_ && !bs.syncing && now - bs.last_sync >= breaker_sync_interval) {
       bs.syncing = true;
       bs.last_sync = now;
       const std::size_t failures = std::exchange(bs.failures, 0);
@@ -105,7 +108,9 @@ class fleet_impl {
             try {
               b->take(co_await b->shared->sync(f, ok));
             } catch (...) {
-              // Redis unreachable: this process's breaker goes on alone (pacing says so).
+              // Redis unreachable: this process's breaker goes on alone (pacing says so), not
+              // held by an answer that is getting old.
+              b->view.reset();
             }
             b->syncing = false;
           }(&bs, failures, had_success),
@@ -126,8 +131,8 @@ class fleet_impl {
 
   void on_breaker_change(const keel::llm::entry_config& e, keel::breaker_state,
                          keel::breaker_state to, std::chrono::nanoseconds open_for) {
-    if (applying_) {
-      return;  // the fleet's own state, brought in by sync_breaker
+    if (applying_ || *closed_) {
+      return;  // the fleet's own state, brought in by sync_breaker (or closed)
     }
     breaker_sync& bs = breaker_of(e);
     if (to == keel::breaker_state::open) {
@@ -163,12 +168,13 @@ class fleet_impl {
     // Detached: the attempt does not wait for Redis; an error here shows in the next acquire.
     asio::co_spawn(
         ex_,
-        [](buckets* bk, std::chrono::milliseconds ms) -> asio::awaitable<void> {
+        [](buckets* bk, std::chrono::milliseconds ms,
+           std::shared_ptr<const bool> closed) -> asio::awaitable<void> {
           co_await bk->requests->pause(ms);
-          if (bk->tokens) {
+          if (bk->tokens && !*closed) {  // after close(), no new connection for it
             co_await bk->tokens->pause(ms);
           }
-        }(b, d),
+        }(b, d, closed_),
         asio::detached);
   }
 
@@ -223,6 +229,7 @@ class fleet_impl {
     std::optional<breaker_view> view;
     std::chrono::steady_clock::time_point viewed_at{};
     std::uint64_t applied_epoch = 0;  // the fleet's epoch this process has followed
+    std::string applied_incarnation;  // ... in this incarnation of the fleet's breaker
     bool probe_applied = false;       // this process's breaker was let through for the probe
 
     void take(const breaker_view& v) {
@@ -240,12 +247,15 @@ class fleet_impl {
     if (it == breakers_.end()) {
       auto bs = std::make_unique<breaker_sync>();
       bs->shared = std::make_unique<shared_breaker>(
-          redis_, breaker_options{.key = key,
-                                  .failure_threshold =
-                                      static_cast<std::size_t>(std::max(1, bc_.failure_threshold)),
-                                  .break_duration = std::chrono::milliseconds(std::max<long long>(
-                                      1, std::llround(bc_.break_duration * 1000))),
-                                  .probe_timeout = probe_timeout});
+          redis_,
+          breaker_options{
+              .key = key,
+              .failure_threshold = static_cast<std::size_t>(std::max(1, bc_.failure_threshold)),
+              .break_duration = std::chrono::milliseconds(
+                  std::max<long long>(1, std::llround(bc_.break_duration * 1000))),
+              // A probe is one call: give it its whole timeout before another may probe.
+              .probe_timeout = std::max(probe_timeout, std::chrono::milliseconds(std::llround(
+                                                           2000 * e.timeout.value_or(0.0))))});
       it = breakers_.emplace(key, std::move(bs)).first;
     }
     return *it->second;
@@ -260,7 +270,18 @@ class fleet_impl {
     using state = breaker_view::state;
     const breaker_view& v = *bs.view;
     const keel::breaker_state local = breaker.state();
-    applying_ = true;
+    if (v.incarnation != bs.applied_incarnation && v.what != state::closed) {
+      bs.applied_epoch = 0;  // a new incarnation: its epochs start again
+      bs.applied_incarnation = v.incarnation;
+    }
+    // Changes made here are the fleet's: on_breaker_change must not publish them back.
+    struct applying_guard {
+      bool& flag;
+      explicit applying_guard(bool& f) : flag(f) { flag = true; }
+      ~applying_guard() { flag = false; }
+      applying_guard(const applying_guard&) = delete;
+      applying_guard& operator=(const applying_guard&) = delete;
+    } guard(applying_);
     switch (v.what) {
       case state::open: {
         // The fleet's break: this process keeps to it, to its end.
@@ -280,8 +301,12 @@ class fleet_impl {
       }
       case state::probing:
         // Another process probes: stay open, but only until the next look, so that its
-        // success reaches this process within a sync interval.
-        breaker.force_open_until(now + breaker_sync_interval);
+        // success reaches this process within a sync interval (and never past the probe's
+        // timeout).
+        if (const auto until = std::min(now + breaker_sync_interval, bs.viewed_at + v.remaining);
+            until > now) {
+          breaker.force_open_until(until);
+        }
         bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
         break;
       case state::probe:
@@ -294,21 +319,23 @@ class fleet_impl {
         bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
         break;
       case state::closed:
-        // Closed by another process's probe since this one followed the fleet.
-        if (v.epoch > bs.applied_epoch) {
+        // Closed by another process's probe since this one followed the fleet (or a new
+        // incarnation of the fleet's breaker, whose epochs start again).
+        if (v.epoch > bs.applied_epoch || v.incarnation != bs.applied_incarnation) {
           if (local == keel::breaker_state::open || local == keel::breaker_state::half_open) {
             breaker.reset();
           }
           bs.applied_epoch = v.epoch;
+          bs.applied_incarnation = v.incarnation;
         }
         break;
     }
-    applying_ = false;
   }
 
   // A sync at most this often per entry while calls are made.
   static constexpr std::chrono::milliseconds breaker_sync_interval{250};
-  // A probe silent this long is given to another process.
+  // A probe silent this long (or twice the entry's timeout, if longer) is given to another
+  // process.
   static constexpr std::chrono::milliseconds probe_timeout{30000};
 
   asio::any_io_executor ex_;
@@ -316,6 +343,7 @@ class fleet_impl {
   keel::llm::breaker_config bc_;
   std::map<std::string, std::unique_ptr<breaker_sync>> breakers_;
   bool applying_ = false;
+  std::shared_ptr<bool> closed_ = std::make_shared<bool>(false);
   client redis_;
   std::map<std::string, buckets> map_;
 };

@@ -24,7 +24,14 @@ local threshold = tonumber(ARGV[6])
 local brk = tonumber(ARGV[7])
 local probe_ms = tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
-local h = redis.call('HMGET', KEYS[1], 'open_until', 'epoch', 'failures', 'probe', 'probe_until')
+local h = redis.call('HMGET', KEYS[1], 'open_until', 'epoch', 'failures', 'probe', 'probe_until',
+                    'incarnation')
+local incarnation = h[6]
+if not incarnation then
+  -- A new hash (first use, expired, or Redis restarted empty): epochs start again, so answers
+  -- carry this name with them.
+  incarnation = tostring(now) .. ':' .. member
+end
 local open_until = tonumber(h[1]) or 0
 local epoch = tonumber(h[2]) or 0
 local failures = tonumber(h[3]) or 0
@@ -86,9 +93,10 @@ if open_until ~= 0 then
   end
 end
 redis.call('HSET', KEYS[1], 'open_until', tostring(open_until), 'epoch', tostring(epoch),
-           'failures', tostring(failures), 'probe', probe, 'probe_until', tostring(probe_until))
+           'failures', tostring(failures), 'probe', probe, 'probe_until', tostring(probe_until),
+           'incarnation', incarnation)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {what, tostring(remaining), tostring(epoch)}
+return {what, tostring(remaining), tostring(epoch), incarnation}
 )lua";
 
 }  // namespace
@@ -104,7 +112,7 @@ asio::awaitable<breaker_view> shared_breaker::run(const char* mode, std::optiona
       {now ? std::to_string(*now) : std::string(), mode, member_, std::move(a), std::move(b),
        std::to_string(options_.failure_threshold), std::to_string(options_.break_duration.count()),
        std::to_string(options_.probe_timeout.count()), std::to_string(options_.idle_ttl.count())});
-  if (r.kind != reply_kind::array || r.elements.size() != 3) {
+  if (r.kind != reply_kind::array || r.elements.size() != 4) {
     throw std::runtime_error(std::string(who) + ": " + mode + " answered an unexpected reply");
   }
   breaker_view v;
@@ -116,6 +124,7 @@ asio::awaitable<breaker_view> shared_breaker::run(const char* mode, std::optiona
   v.remaining = std::chrono::milliseconds(
       static_cast<long long>(std::ceil(detail::parse_number(r.elements[1], who))));
   v.epoch = static_cast<std::uint64_t>(detail::parse_number(r.elements[2], who));
+  v.incarnation = r.elements[3].text;
   co_return v;
 }
 

@@ -436,13 +436,19 @@ void basic_circuit_breaker<Clock>::force_open_until(time_point until) {
   {
     std::lock_guard lock(mutex_);
     const auto now = Clock::now();
-    maybe_half_open(now, log);
     if (state_ == breaker_state::open) {
-      open_until_ = until;  // earlier or later; at or past it, the next call finds it half-open
+      // Earlier or later, and a break already over is extended without a half-open in between;
+      // at or past `until`, the next call finds it half-open.
+      open_until_ = until;
     } else if ((state_ == breaker_state::closed || state_ == breaker_state::half_open) &&
                until > now) {
-      transition(breaker_state::open, now, log);
+      // Not one of this breaker's own openings: no growth of its later breaks, not counted.
+      const breaker_state from = state_;
+      state_ = breaker_state::open;
+      ++epoch_;
+      clear_counts();
       open_until_ = until;
+      log.push(from, breaker_state::open);
     }
   }
   log.replay(policy_.on_state_change);

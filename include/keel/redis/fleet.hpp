@@ -34,8 +34,6 @@
 // at once; changes that `sync_breaker` made are not published back. With Redis unreachable, each
 // breaker goes on alone.
 //
-// Thread safety: one executor, like the client.
-
 // Example:
 //
 //     auto cfg = keel::llm::load_config("keel.json");   // with policy.shared.redis
@@ -47,7 +45,10 @@
 //     fleet.close();  // at the end, so that the io_context can finish
 //
 // Cancellation: as `keel::llm::fleet_pacing`; the Redis commands it spawns on its own (pauses,
-// breaker syncs) run detached and end when `close()` closes the connection.
+// breaker syncs) run detached and end when `close()` closes the connection; after `close()` it
+// starts no more of them. Lifetime: like `shared_pacer`, destroy it only after `close()` and
+// after the io_context has run what it started (e.g. once `run()` returned), not while its
+// detached commands may still resume.
 //
 // Thread safety: one executor, like the client.
 

@@ -84,6 +84,9 @@ struct breaker_view {
   std::chrono::milliseconds remaining{0};
   /// Bumped on every opening and closing of the fleet's breaker.
   std::uint64_t epoch = 0;
+  /// Names the breaker's hash: a new one (expired, or Redis restarted empty) starts its epochs
+  /// again, so epochs compare only within one incarnation.
+  std::string incarnation;
 };
 
 /// One circuit breaker's state in Redis, shared by every process on the same key.
