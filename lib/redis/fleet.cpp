@@ -26,8 +26,8 @@ std::string fleet_key(const std::string& prefix, const keel::llm::entry_config& 
   const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
   const std::string fingerprint =
       keel::llm::sigv4::sha256_hex(e.base_url + "\n" + secret).substr(0, 16);
-  return prefix + ":" + std::string(keel::llm::to_string(e.api_type)) + ":" + e.model + ":" +
-         fingerprint + ":" + dimension;
+  return prefix + ":" + std::string(keel::llm::to_string(e.api_type)) + ":" + e.model + ":" + "{" +
+         fingerprint + "}:" + dimension;
 }
 
 // One process's fleet state: the buckets and breakers of its entries, on one Redis connection.

@@ -7,7 +7,7 @@
 // Every entry with a configured `rate_limits.requests_per_minute` (and, if configured,
 // `tokens_per_minute`) gets a `keel::redis::shared_quota` holding that limit for the whole fleet
 // and a `keel::redis::shared_pacer` leasing from it for this process. Keys are
-// `<key_prefix>:<provider>:<model>:<fingerprint>:requests` (and `:tokens`), the fingerprint being
+// `<key_prefix>:<provider>:<model>:{<fingerprint>}:requests` (and `:tokens`), the fingerprint being
 // the first 16 hex digits of SHA-256 of the entry's base URL and API key (or AWS access key):
 // processes that use the same key against the same server share one bucket, and the key itself
 // is never in Redis. An entry with no configured limit is not shared (sharing a learned rate is
@@ -24,7 +24,7 @@
 // Retry-After pause; keeping the local share for 2 s after a rejoin did not do better.
 //
 // Breakers: with `policy.breaker` on, every entry's breaker is shared through a
-// `keel::redis::shared_breaker` under `...:<fingerprint>:breaker`. `on_breaker_outcome` counts
+// `keel::redis::shared_breaker` under `...:{<fingerprint>}:breaker`. `on_breaker_outcome` counts
 // this process's failures since its last success; `sync_breaker` (before each call under the
 // breaker) sends them and reads the fleet's state in one detached script call at most every
 // 250 ms, and brings the last answer into the process's breaker: the fleet's break
@@ -63,8 +63,10 @@
 namespace keel::redis {
 
 /// The Redis key of `e`'s state `what` ("requests", "tokens", "breaker") under `prefix`:
-/// `<prefix>:<provider>:<model>:<fingerprint>:<what>`, the fingerprint being the first 16 hex
+/// `<prefix>:<provider>:<model>:{<fingerprint>}:<what>`, the fingerprint being the first 16 hex
 /// digits of SHA-256 of the entry's base URL and API key (or AWS access key id): never the key.
+/// The braces are a Redis Cluster hash tag: an entry's keys (and a bucket's member set) share a
+/// slot, so its scripts may touch them together.
 std::string fleet_key(const std::string& prefix, const keel::llm::entry_config& e,
                       const std::string& what);
 
