@@ -44,6 +44,14 @@ inline keel::redis::client_options redis_options(std::uint16_t port) {
   return o;
 }
 
+/// redis-server arguments for TLS with `pki`'s server certificate and key (a keel_test::test_pki);
+/// clients need no certificate of their own.
+template <class Pki>
+std::vector<std::string> tls_args(const Pki& pki) {
+  return {"--tls-cert-file",    pki.server_cert_file, "--tls-key-file",     pki.server_key_file,
+          "--tls-ca-cert-file", pki.ca_file,          "--tls-auth-clients", "no"};
+}
+
 /// redis-server on 127.0.0.1:`port()` with no persistence, killed when this is destroyed.
 class redis_process {
  public:

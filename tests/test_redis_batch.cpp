@@ -228,10 +228,7 @@ TEST_CASE("keel batch cut off from Redis paces at its share of the limit (fleet_
 TEST_CASE("keel batch shares its bucket through Redis over TLS (rediss://, shared.ca_file)",
           "[redis]") {
   keel_test::test_pki pki;
-  redis_process server(
-      {"--tls-cert-file", pki.server_cert_file, "--tls-key-file", pki.server_key_file,
-       "--tls-ca-cert-file", pki.ca_file, "--tls-auth-clients", "no"},
-      true);
+  redis_process server(tls_args(pki), true);
   batch_dir dir;
   const auto config = [&](const std::string& ca_file) {
     return R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-FLEET-KEY-1"}],

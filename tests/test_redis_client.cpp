@@ -304,10 +304,7 @@ TEST_CASE("redis URLs name their parts; a bad one says which part", "[redis]") {
 TEST_CASE("rediss:// talks TLS, verifies the certificate and its name, and says why it refuses",
           "[redis]") {
   keel_test::test_pki pki;
-  redis_process server(
-      {"--tls-cert-file", pki.server_cert_file, "--tls-key-file", pki.server_key_file,
-       "--tls-ca-cert-file", pki.ca_file, "--tls-auth-clients", "no"},
-      true);
+  redis_process server(tls_args(pki), true);
   asio::io_context ctx;
   keel::redis::client_options o = redis_options(server.port());
   o.server.tls = true;
@@ -343,10 +340,7 @@ TEST_CASE("rediss:// talks TLS, verifies the certificate and its name, and says 
   // A trusted certificate for another name.
   {
     keel_test::test_pki elsewhere("DNS:elsewhere.example");
-    redis_process named(
-        {"--tls-cert-file", elsewhere.server_cert_file, "--tls-key-file", elsewhere.server_key_file,
-         "--tls-ca-cert-file", elsewhere.ca_file, "--tls-auth-clients", "no"},
-        true);
+    redis_process named(tls_args(elsewhere), true);
     keel::redis::client_options wrong_name = o;
     wrong_name.server.port = named.port();
     wrong_name.ca_file = elsewhere.ca_file;
