@@ -37,10 +37,14 @@ inline std::uint16_t free_port() {
   return ntohs(a.sin_port);
 }
 
-/// Options for a keel::redis::client of the server on 127.0.0.1:`port`.
-inline keel::redis::client_options redis_options(std::uint16_t port) {
+/// Options for a keel::redis::client of the server on 127.0.0.1:`port`, trying again
+/// `reconnect_delay` after a failed connect.
+inline keel::redis::client_options redis_options(
+    std::uint16_t port,
+    std::chrono::milliseconds reconnect_delay = keel::redis::client_options{}.reconnect_delay) {
   keel::redis::client_options o;
   o.server.port = port;
+  o.reconnect_delay = reconnect_delay;
   return o;
 }
 

@@ -78,6 +78,17 @@ struct batch_dir {
   fs::path path;
 };
 
+// One command to the redis-server on `port`, on a connection of its own.
+keel::redis::reply redis_command(std::uint16_t port, std::vector<std::string> args) {
+  asio::io_context ctx;
+  keel::redis::client redis(ctx.get_executor(), redis_options(port));
+  outcome<keel::redis::reply> out;
+  spawn(ctx, redis.command(std::move(args)), out);
+  REQUIRE(run_real(ctx, [&] { return out.done; }));
+  REQUIRE_FALSE(out.error);
+  return *out.value;
+}
+
 }  // namespace
 
 TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[redis]") {
@@ -89,27 +100,18 @@ TEST_CASE("keel batch with policy.shared paces through one bucket in Redis", "[r
   CHECK(dir.records("r.jsonl") == 30);
   CHECK(dir.read("err.txt").find("fleet_pacing_unavailable") == std::string::npos);
   // The bucket is there, named by provider, model and a fingerprint, never the key.
-  asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
-  outcome<keel::redis::reply> keys;
-  spawn(ctx, redis.command({"KEYS", "keeltest:*:requests*"}), keys);
-  REQUIRE(run_real(ctx, [&] { return keys.done; }));
-  REQUIRE_FALSE(keys.error);
-  REQUIRE(keys.value->elements.size() == 2);  // the bucket and its member set
-  std::sort(keys.value->elements.begin(), keys.value->elements.end(),
+  keel::redis::reply keys = redis_command(server.port(), {"KEYS", "keeltest:*:requests*"});
+  REQUIRE(keys.elements.size() == 2);  // the bucket and its member set
+  std::sort(keys.elements.begin(), keys.elements.end(),
             [](const auto& x, const auto& y) { return x.text < y.text; });
-  CHECK(keys.value->elements[1].text == keys.value->elements[0].text + ":members");
-  const std::string key = keys.value->elements[0].text;
-  outcome<keel::redis::reply> members;
-  spawn(ctx, redis.command({"ZCARD", key + ":members"}), members);
-  REQUIRE(run_real(ctx, [&] { return members.done; }));
-  CHECK(members.value->integer == 1);  // one process leased
+  CHECK(keys.elements[1].text == keys.elements[0].text + ":members");
+  const std::string key = keys.elements[0].text;
+  CHECK(redis_command(server.port(), {"ZCARD", key + ":members"}).integer ==
+        1);  // one process leased
   // The entry's breaker is shared too, under the same name.
-  outcome<keel::redis::reply> breaker;
-  spawn(ctx, redis.command({"HGET", key.substr(0, key.size() - 9) + ":breaker", "open_until"}),
-        breaker);
-  REQUIRE(run_real(ctx, [&] { return breaker.done; }));
-  CHECK(breaker.value->text == "0");  // closed
+  CHECK(redis_command(server.port(),
+                      {"HGET", key.substr(0, key.size() - 9) + ":breaker", "open_until"})
+            .text == "0");  // closed
   CHECK(key.rfind("keeltest:openai:m:", 0) == 0);
   CHECK(key.size() > std::string("keeltest:openai:m::requests").size());
   CHECK(key.substr(key.size() - 9) == ":requests");
@@ -192,13 +194,7 @@ TEST_CASE("keel batch loses nothing when Redis is killed mid-run, paces on by it
   CHECK(restored != std::string::npos);
   CHECK(restored > unavailable);
   // It rejoined: the restarted, empty server holds the fleet's bucket again.
-  asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
-  outcome<keel::redis::reply> keys;
-  spawn(ctx, redis.command({"KEYS", "keeltest:*:requests"}), keys);
-  REQUIRE(run_real(ctx, [&] { return keys.done; }));
-  REQUIRE_FALSE(keys.error);
-  CHECK(keys.value->elements.size() == 1);
+  CHECK(redis_command(server.port(), {"KEYS", "keeltest:*:requests"}).elements.size() == 1);
 }
 
 TEST_CASE("keel batch cut off from Redis paces at its share of the limit (fleet_size)", "[redis]") {

@@ -104,9 +104,7 @@ TEST_CASE("a shared breaker whose Redis restarted empty starts closed, its scrip
           "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client_options o = redis_options(server.port());
-  o.reconnect_delay = std::chrono::milliseconds(0);
-  keel::redis::client redis(ctx.get_executor(), o);
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port(), 0ms));
   fleet_process a(ctx, redis);
   const breaker_view before = a.sync(3, false, 0);
   CHECK(before.what == state::open);

@@ -119,9 +119,8 @@ TEST_CASE("a server that does not answer times the command out and the next one 
           "[redis]") {
   asio::io_context ctx;
   silent_server silent(ctx);
-  keel::redis::client_options o = redis_options(silent.port());
+  keel::redis::client_options o = redis_options(silent.port(), 0ms);
   o.command_timeout = std::chrono::milliseconds(50);
-  o.reconnect_delay = std::chrono::milliseconds(0);
   keel::redis::client redis(ctx.get_executor(), o);
   outcome<reply> out = run_one(ctx, redis.command({"PING"}));
   REQUIRE(out.error);
@@ -156,9 +155,7 @@ TEST_CASE("a server killed mid-run fails what was in flight; restarted, it is us
           "[redis]") {
   redis_process server;
   asio::io_context ctx;
-  keel::redis::client_options o = redis_options(server.port());
-  o.reconnect_delay = std::chrono::milliseconds(0);
-  keel::redis::client redis(ctx.get_executor(), o);
+  keel::redis::client redis(ctx.get_executor(), redis_options(server.port(), 0ms));
   REQUIRE_FALSE(run_one(ctx, redis.command({"SET", "k", "1"})).error);
   // A command blocked on the server when it dies.
   outcome<reply> blocked;

@@ -15,6 +15,7 @@
 #include <map>
 #include <optional>
 #include <stdexcept>
+#include <unordered_map>
 #include <utility>
 
 namespace keel::redis {
@@ -189,7 +190,37 @@ class fleet_impl {
     bool local_current = false;
   };
 
+  // An entry's buckets and breaker, found once per entry: fleet_key hashes the key (SHA-256),
+  // which is not for every attempt. Keyed by the entry's address, checked against what names
+  // it (a client made later may reuse an address).
+  struct breaker_sync;
+  struct entry_refs {
+    std::string model, base_url, api_key, aws_key;
+    keel::llm::provider_kind api_type{};
+    buckets* b = nullptr;
+    bool b_known = false;
+    breaker_sync* bs = nullptr;
+  };
+  entry_refs& refs(const keel::llm::entry_config& e) {
+    entry_refs& r = refs_[&e];
+    const std::string& aws_key = e.aws ? e.aws->access_key : empty_;
+    if (r.model != e.model || r.base_url != e.base_url || r.api_key != e.api_key ||
+        r.aws_key != aws_key || r.api_type != e.api_type) {
+      r = entry_refs{e.model, e.base_url, e.api_key, aws_key, e.api_type};
+    }
+    return r;
+  }
+
   buckets* of(const keel::llm::entry_config& e) {
+    entry_refs& r = refs(e);
+    if (!r.b_known) {
+      r.b = find_buckets(e);
+      r.b_known = true;
+    }
+    return r.b;
+  }
+
+  buckets* find_buckets(const keel::llm::entry_config& e) {
     const std::string key = fleet_key(sc_.key_prefix, e, "requests");
     auto it = map_.find(key);
     if (it == map_.end()) {
@@ -242,6 +273,14 @@ class fleet_impl {
   };
 
   breaker_sync& breaker_of(const keel::llm::entry_config& e) {
+    entry_refs& r = refs(e);
+    if (r.bs == nullptr) {
+      r.bs = &find_breaker(e);
+    }
+    return *r.bs;
+  }
+
+  breaker_sync& find_breaker(const keel::llm::entry_config& e) {
     const std::string key = fleet_key(sc_.key_prefix, e, "breaker");
     auto it = breakers_.find(key);
     if (it == breakers_.end()) {
@@ -342,6 +381,8 @@ class fleet_impl {
   keel::llm::shared_config sc_;
   keel::llm::breaker_config bc_;
   std::map<std::string, std::unique_ptr<breaker_sync>> breakers_;
+  std::unordered_map<const keel::llm::entry_config*, entry_refs> refs_;
+  const std::string empty_;
   bool applying_ = false;
   std::shared_ptr<bool> closed_ = std::make_shared<bool>(false);
   client redis_;
