@@ -5,7 +5,8 @@
 // S|none|exact]
 //                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--tpm T] [--token-burst T]
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
-//                   [--max-attempts K] [--seed S] [--timeline] [--matrix]
+//                   [--max-attempts K] [--seed S] [--jitter-ms J] [--stall-every-ms E]
+//                   [--stall-max-ms S] [--timeline] [--matrix]
 #include "pacing_sim.hpp"
 
 #include <cstdio>
@@ -30,9 +31,12 @@ void print(const char* label, const pacing_sim::server_spec& s, const pacing_sim
       static_cast<unsigned long long>(r.final_requests.samples));
   if (timeline) {
     for (std::size_t i = 0; i < r.bins.size(); ++i) {
-      std::printf("  t=%5.1f accepted/s=%6.0f rejected/s=%6.0f rate=%8.1f limit=%6.0f\n",
-                  static_cast<double>(i) * 0.1, r.bins[i].accepted * 10, r.bins[i].rejected * 10,
-                  r.bins[i].rate, r.bins[i].limit);
+      std::printf(
+          "  t=%5.1f accepted/s=%6.0f rejected/s=%6.0f rate=%8.1f limit=%6.0f est=%8.1f "
+          "noise=%.3f %s\n",
+          static_cast<double>(i) * 0.1, r.bins[i].accepted * 10, r.bins[i].rejected * 10,
+          r.bins[i].rate, r.bins[i].limit, r.bins[i].estimate, r.bins[i].noise,
+          keel::to_string(r.bins[i].phase));
     }
   }
 }
@@ -83,6 +87,10 @@ int main(int argc, char** argv) {
     } else if (a == "--jitter-ms") {
       s.arrival_jitter =
           duration_cast<nanoseconds>(duration<double, std::milli>(std::stod(next())));
+    } else if (a == "--stall-every-ms") {
+      c.stall_every = duration_cast<nanoseconds>(duration<double, std::milli>(std::stod(next())));
+    } else if (a == "--stall-max-ms") {
+      c.stall_max = duration_cast<nanoseconds>(duration<double, std::milli>(std::stod(next())));
     } else if (a == "--p-error") {
       s.p_error = std::stod(next());
     } else if (a == "--tpm") {

@@ -72,6 +72,11 @@ struct client_spec {
   double tokens_per_prompt = 100;  // mean estimated tokens per call
   double tokens_spread = 0;        // uniform +- this fraction
   bool paced = true;               // false: no controller (a plain retry loop)
+  // The client process freezes (a loaded CI machine, a VM's steal, a GC-like pause): on average
+  // every `stall_every` it runs nothing for a time uniform in [0, stall_max]; then everything
+  // that fell due runs at once, late.
+  nanoseconds stall_every{0};
+  nanoseconds stall_max{0};
   keel::rate_controller_options pacing;
   std::uint64_t seed = 1;
 };
@@ -85,6 +90,8 @@ struct bin {
   double estimate = 0;        // controller's request estimate at the end of the bin
   double token_rate = 0;      // controller's token rate (per second) at the end of the bin
   double token_estimate = 0;  // controller's token estimate (per second) at the end of the bin
+  double noise = 0;           // controller's request noise share at the end of the bin
+  keel::pacing_phase phase = keel::pacing_phase::unlimited;  // request phase at the end
 };
 
 /// What happened.
@@ -245,6 +252,7 @@ inline result run(const server_spec& ss, const client_spec& cs,
     return std::chrono::duration_cast<nanoseconds>(duration<double>(rng.uniform() * cap));
   };
   keel::random_source faults{cs.seed * 7919 + 1};
+  keel::random_source stalls{cs.seed * 104729 + 3};
   auto item = [&]() -> asio::awaitable<bool> {
     const double tokens = cs.tokens_per_prompt * (1 + cs.tokens_spread * (2 * rng.uniform() - 1));
     for (int attempt = 1;; ++attempt) {
@@ -340,8 +348,16 @@ inline result run(const server_spec& ss, const client_spec& cs,
           const keel::pacing_state k = pacing->tokens();
           b.rate = r.rate;
           b.estimate = r.estimate;
+          b.noise = r.noise;
+          b.phase = r.phase;
           b.token_rate = k.rate;
           b.token_estimate = k.estimate;
+        }
+        if (cs.stall_every > nanoseconds::zero() && cs.stall_max > nanoseconds::zero() &&
+            stalls.uniform() <
+                static_cast<double>(tick.count()) / static_cast<double>(cs.stall_every.count())) {
+          clock::advance(std::chrono::duration_cast<nanoseconds>(duration<double, std::nano>(
+              stalls.uniform() * static_cast<double>(cs.stall_max.count()))));
         }
         return running == 0;
       },

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -248,14 +249,35 @@ TEST_CASE("a server that states no limit is paced at the limit its 429s reveal",
   const auto out = run(ctx, client, std::vector<keel::llm::chat_request>(300, request()), 64);
   int ok = 0;
   int attempts = 0;
+  double wall = 0;
+  std::map<std::string, int> errors;  // what the failed items ended with, for the report
   for (const auto& o : out) {
     ok += o.response ? 1 : 0;
     attempts += o.attempts;
+    wall = std::max(wall, o.seconds);
+    if (o.error) {
+      try {
+        std::rethrow_exception(o.error);
+      } catch (const std::exception& e) {
+        ++errors[e.what()];
+      }
+    }
+  }
+  const auto st = buckets.pacing(*buckets.all().at(0).second)->requests();
+  std::string seen;
+  for (const auto p : phases) {
+    seen += std::string(keel::to_string(p)) + " ";
+  }
+  // This runs on real time: on a loaded machine the process stalls now and then, and what
+  // the client sees depends on it. Say what happened if a check fails.
+  CAPTURE(wall, attempts, st.estimate, st.rate, st.samples, st.rejections, st.noise,
+          keel::to_string(st.phase), seen);
+  for (const auto& [what, n] : errors) {
+    UNSCOPED_INFO(n << " failed: " << what);
   }
   // Every item answered; the old shared pause made all 64 callers resume together each second
   // and collapsed to about 21 per second, failing most items.
   CHECK(ok == 300);
-  const auto st = buckets.pacing(*buckets.all().at(0).second)->requests();
   CHECK(st.samples >= 1);
   CHECK(st.estimate > 80);
   CHECK(st.estimate < 125);
