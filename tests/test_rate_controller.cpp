@@ -568,6 +568,41 @@ TEST_CASE(
   CHECK(s.rate == Approx(0.97 * 95 * (1 - 1.0 / 45)));
 }
 
+TEST_CASE("a probe that goes on over a stall raises the rate by one round, not ten",
+          "[rate_controller]") {
+  rig r;
+  learn_95_per_second(r);
+  const double base = r.pacing.requests().rate;
+  // The episode ends (quiet), the plateau (at most 1 s) passes, and with callers waiting for
+  // the bucket the probe begins.
+  advance_to(1500ms);
+  r.pacing.on_accepted(r.pacing.on_send());
+  REQUIRE(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  advance_to(2600ms);
+  std::vector<std::chrono::nanoseconds> granted;
+  while (r.bucket.try_acquire()) {
+  }
+  for (int i = 0; i < 4; ++i) {
+    asio::co_spawn(r.ctx, take(r.bucket, granted), asio::detached);
+  }
+  keel::testing::poll_all(r.ctx);
+  REQUIRE(r.bucket.waiters() > 0);
+  r.pacing.on_accepted(r.pacing.on_send());
+  REQUIRE(r.pacing.requests().phase == keel::pacing_phase::probe);
+
+  // 2 s with callers waiting and nothing run (the bucket would have granted about 180): one
+  // more round of 100 ms at most, gain 0.02 x (2^2 - 1). Crediting the 2 s went to round 10:
+  // 21 x the base rate, and every waiting call at once.
+  // (One event: the rate the bucket releases its waiters at.)
+  advance_to(4600ms);
+  const ticket t = r.pacing.on_send();
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::probe);
+  CHECK(r.pacing.requests().rate <= base * (1 + 0.02 * 3) + 1e-9);
+  CHECK(r.pacing.requests().rate > base);
+  CHECK(r.bucket.options().requests_per_second == Approx(r.pacing.requests().rate));
+  r.pacing.on_accepted(t);
+}
+
 TEST_CASE("429s of one episode that under-measure the limit cut the margin once, not once each",
           "[rate_controller]") {
   rig r{with_ceiling(100)};
