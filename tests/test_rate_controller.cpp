@@ -358,6 +358,41 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("search does not grow over a silence in which no caller waited for the bucket",
+          "[rate_controller]") {
+  rig r;
+  std::vector<ticket> flight;
+  for (int i = 0; i < 16; ++i) {
+    flight.push_back(r.send());
+  }
+  advance_to(10ms);
+  r.pacing.on_throttled(flight[0], keel::limit_kind::requests);
+  REQUIRE(r.pacing.requests().rate == Approx(15));
+  for (std::size_t i = 1; i < flight.size(); ++i) {
+    r.pacing.on_throttled(flight[i], keel::limit_kind::requests);
+  }
+  // Every caller sleeps out its Retry-After (1 s): nobody waits for the bucket. Then the first
+  // comes back, takes the token the bucket saved, and the second waits 66.7 ms (at 15/s).
+  advance_to(1010ms);
+  REQUIRE(r.bucket.try_acquire());
+  std::vector<std::chrono::nanoseconds> granted;
+  asio::co_spawn(r.ctx, take(r.bucket, granted), asio::detached);
+  keel::testing::poll_all(r.ctx);
+  REQUIRE(r.bucket.waiters() == 1);
+  advance_to(1080ms);
+  keel::testing::poll_all(r.ctx);
+  REQUIRE(granted.size() == 1);
+  // Both send; the controller hears of nothing between the last 429 and these sends.
+  const ticket t1 = r.pacing.on_send();
+  const ticket t2 = r.pacing.on_send();
+  // Growth for the 66.7 ms the rate held a caller back (2^(66.7 / 50)), not for the second
+  // before it: that was credited as 21 doublings, and every caller went into the limit at once.
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::search);
+  CHECK(r.pacing.requests().rate == Approx(15 * std::exp2((1000.0 / 15) / 50)));
+  r.pacing.on_accepted(t1);
+  r.pacing.on_accepted(t2);
+}
+
 // ---- configured and advertised limits ----
 
 TEST_CASE("a configured request ceiling makes the phase fixed at that rate", "[rate_controller]") {

@@ -105,6 +105,7 @@ TEST_CASE("a thousand coroutines sharing a 100/s bucket are granted in FIFO orde
   keel::testing::run_for(ctx, 5s);
   CHECK(log.size() == 501);  // the burst at t=0, then one every 10 ms up to and including 5 s
   CHECK(bucket.waiters() == 499);
+  CHECK(bucket.total_queued_time() == 5s);  // the present wait counts
 
   REQUIRE(keel::testing::run_until(
       ctx, [&] { return log.size() == 1000; }, 10s));
@@ -118,6 +119,11 @@ TEST_CASE("a thousand coroutines sharing a 100/s bucket are granted in FIFO orde
   CHECK(bucket.total_waits() == 999);
   // Waiter k (k >= 1) queued at 0 and was granted at k * 10 ms.
   CHECK(bucket.total_wait_time() == 10ms * (999 * 1000 / 2));
+  // The rate held calls back from 0 to the last grant, counted once however many waited; time
+  // with nobody waiting adds nothing.
+  CHECK(bucket.total_queued_time() == 9990ms);
+  manual_clock::advance(1s);
+  CHECK(bucket.total_queued_time() == 9990ms);
 }
 
 TEST_CASE("a large token request is not starved by smaller ones queued behind it", "[throttler]") {
@@ -242,11 +248,13 @@ TEST_CASE("pause_until holds every waiter until the pause ends, then releases th
   keel::testing::run_for(ctx, 149ms);
   CHECK(log.empty());
   CHECK(elapsed() == 199ms);
+  CHECK(bucket.total_queued_time() == 0ms);  // waiting out a pause is not waiting for the rate
 
   REQUIRE(keel::testing::run_until(
       ctx, [&] { return log.size() == 5; }, 10s));
   // The saved token goes at the end of the pause, then one every 10 ms.
   CHECK(log == std::vector<grant>{{1, 200ms}, {2, 210ms}, {3, 220ms}, {4, 230ms}, {5, 240ms}});
+  CHECK(bucket.total_queued_time() == 40ms);
 }
 
 TEST_CASE("a later pause extends an earlier one and time paused earns no tokens", "[throttler]") {
@@ -268,6 +276,7 @@ TEST_CASE("a later pause extends an earlier one and time paused earns no tokens"
       ctx, [&] { return log.size() == 3; }, 10s));
   // The bucket was empty when paused and earns nothing before 300 ms.
   CHECK(log == std::vector<grant>{{1, 310ms}, {2, 320ms}, {3, 330ms}});
+  CHECK(bucket.total_queued_time() == 30ms);  // from the end of the extended pause
 }
 
 TEST_CASE("set_rate changes the grant spacing mid-run", "[throttler]") {

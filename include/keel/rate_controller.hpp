@@ -100,12 +100,18 @@
 //   429s would cap the client at that round's gain. Measured: 5% random 429s (`Retry-After` 10 ms),
 //   no limit, keel's mock, 20,000 prompts at concurrency 64: 3,578 items/s (before: 28; 14,544
 //   without the faults). Finding them takes 2-5 s, once 31 s (docs/BENCHMARKS.md).
+// - **Growth is earned by waiting.** Search and probes grow only by the time in which the rate
+//   held calls back: the bucket had a queue and no pause (`throttler::total_queued_time`).
+//   Time in which nobody waited (every caller sleeping out a `Retry-After`) proves nothing
+//   about the server; credited, one idle second doubled search's rate 18 times, and the
+//   callers herded into the limit every second (a slow process that sent its whole first
+//   window before the first 429 came back).
 // - **Stalls.** A process that ran nothing for a while (a loaded machine, a VM's steal time)
 //   fires every timer that fell due at once and sends its backlog within a millisecond. A gap of
-//   20 ms or more between events while calls wait for the bucket, which would have granted two
-//   or more meanwhile, is a stall: growth (ramp, search, probe) takes one step at most after
-//   it, and for a second an estimate is capped at 2x what the server accepted over the last
-//   second (bunched sends make a sample's span meaningless).
+//   20 ms or more between events in which the rate held calls back for long enough to grant two
+//   or more is a stall: growth (ramp, search, probe) takes one step at most after it, and for a
+//   second an estimate is capped at 2x what the server accepted over the last second (bunched
+//   sends make a sample's span meaningless).
 // - Failures that are not 429s (5xx, 529 overloaded, timeouts) are not rate signals: random
 //   faults must not lower the rate (the breaker and the retry policy handle them). For the
 //   estimator they count as accepted (the limiter let them through), except transport failures

@@ -230,6 +230,13 @@ class basic_throttler {
   /// Total time spent queued by waiters that have left the queue (granted, cancelled, aborted).
   duration total_wait_time() const;
 
+  /// Total time during which the rate held calls back: at least one `acquire` was queued and
+  /// the bucket was not paused, up to now. Unlike `total_wait_time` it counts time once however
+  /// many wait, and counts the present wait. An adaptive controller grows its rate by this time
+  /// only: time when nobody waits (callers sleeping out a Retry-After) proves nothing about the
+  /// server.
+  duration total_queued_time() const;
+
  private:
   std::shared_ptr<detail::throttler_state<Clock>> state_;
 };

@@ -921,6 +921,10 @@ class rate_controller_state {
     // said 6,800 r/s against a limit of 100. Within a second of a stall, the estimate is
     // capped at `max_estimate_gain` x what the server accepted over the last second (of the
     // time since the first call, if shorter). Probes raise a cap that was too low.
+    // The second is wall time, stalls included: the server's bucket refilled during them, so
+    // per second the process ran, a backlog sent at once measured up to 1.5 x the limit (and
+    // at R = 200 one simulated run took 1.54 attempts per item), while per wall second the
+    // server never accepts more than its limit and burst.
     if (const time_point now = Clock::now();
         last_stall_ != time_point{} && now - last_stall_ <= to_duration(std::chrono::seconds(1))) {
       const counts c = window(di, now - to_duration(std::chrono::seconds(1)), now, now);
@@ -1222,30 +1226,27 @@ class rate_controller_state {
 
   // Advances every dimension to `now`: final rejections, episode ends, growth; then applies.
   void update(time_point now) {
-    bool waiting_known = false;
-    bool waiting = false;
-    // Calls wait for the bucket now, or one did since the last update (at concurrency 1 the
-    // only caller is never queued when it sends or gets its answer).
-    auto bottleneck = [&] {
-      if (!waiting_known) {
-        const std::uint64_t waits = bucket_.total_waits();
-        waiting = bucket_.waiters() > 0 || waits != waits_seen_;
-        waits_seen_ = waits;
-        waiting_known = true;
-      }
-      return waiting;
-    };
+    // Growth is earned only by time in which the rate held calls back (the bucket had a queue
+    // and no pause). Time in which nobody waited proves nothing: when a wave of 429s had every
+    // caller sleep out Retry-After: 1, the second of silence was credited to search as 7 and 18
+    // doublings, and 64 callers went into the limit at once, every second (a slow process,
+    // here a sanitizer build, sent the whole first window before the first 429 came back).
+    const duration queued_total = bucket_.total_queued_time();
+    const duration queued =
+        queued_total > queued_seen_ ? queued_total - queued_seen_ : duration::zero();
+    queued_seen_ = std::max(queued_seen_, queued_total);
     prune_young(now);
-    // A *stall*: calls wait for the bucket, which grants at least two in the time since the
-    // controller last heard of anything, and nothing happened (every grant and every answer
-    // comes here). The process ran nothing: a loaded machine, a VM's steal time, a debugger.
-    // Growth is earned by calls going out at the paced rate, and none went, so after a stall
-    // the ramp, search and probes grow by at most one step. Crediting a 300 ms stall doubled
-    // search's rate 12 times, and the backlog went into the limit at once.
+    // A *stall*: the rate held calls back for long enough to grant at least two, and nothing
+    // happened (every grant and every answer comes here). The process ran nothing: a loaded
+    // machine, a VM's steal time, a debugger. Growth is earned by calls going out at the paced
+    // rate, and none went, so after a stall the ramp, search and probes grow by at most one
+    // step. Crediting a 300 ms stall doubled search's rate 12 times, and the backlog went into
+    // the limit at once. (Whether calls wait *now* says nothing: when the process resumes, the
+    // bucket's timer may grant every waiter before the controller hears of the first.)
     const duration gap = now > last_event_ ? now - last_event_ : duration::zero();
     last_event_ = std::max(last_event_, now);
     const bool stalled = gap >= to_duration(stall_min) && applied_.requests_per_second > 0 &&
-                         seconds(gap) * applied_.requests_per_second >= 2 && bucket_.waiters() > 0;
+                         seconds(std::min(gap, queued)) * applied_.requests_per_second >= 2;
     if (stalled) {
       last_stall_ = now;
     }
@@ -1285,8 +1286,9 @@ class rate_controller_state {
       }
       switch (d.phase) {
         case pacing_phase::search:
-          if (now - d.last_arrival >= search_hold(d) && bottleneck()) {
-            const double doublings = seconds(now - d.last_growth) / search_tau();
+          if (now - d.last_arrival >= search_hold(d) && queued > duration::zero()) {
+            const double doublings =
+                seconds(std::min<duration>(now - d.last_growth, queued)) / search_tau();
             d.rate = clamp_rate(di, d.rate * std::exp2(std::min(doublings, stalled ? 1.0 : 30.0)));
           }
           d.last_growth = now;
@@ -1299,12 +1301,10 @@ class rate_controller_state {
           }
           break;
         case pacing_phase::probe:
-          if (bottleneck()) {
-            d.probe_elapsed +=
-                stalled
-                    ? std::min(dt, to_duration(std::chrono::duration<double>(probe_round_s(di))))
-                    : dt;
-          }
+          d.probe_elapsed +=
+              stalled ? std::min({dt, queued,
+                                  to_duration(std::chrono::duration<double>(probe_round_s(di)))})
+                      : std::min(dt, queued);
           break;
         default:
           break;
@@ -1418,8 +1418,8 @@ class rate_controller_state {
   double slots_freed_ = 0;                     // startup slots to give back to the bucket
   std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
   double server_burst_ = 0;                    // calls accepted before the first 429 (0: not seen)
-  std::uint64_t waits_seen_ = 0;               // the bucket's total_waits() at the last look
-  std::uint64_t send_waits_seen_ = 0;          // the same at the last send
+  duration queued_seen_{};                     // the bucket's total_queued_time() at the last look
+  std::uint64_t send_waits_seen_ = 0;          // the bucket's total_waits() at the last send
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;
   throttler_options applied_{-1, -1, -1, -1};

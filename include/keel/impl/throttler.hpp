@@ -119,6 +119,9 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
         batch.add(n, {});
       } else {
         n.enqueued = now;
+        if (queue_.empty()) {
+          queued_since_ = std::max(now, paused_until_);
+        }
         queue_.push_back(n);
         ++waits_;
         if (queue_.size() == 1) {
@@ -149,6 +152,9 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
       const time_point now = Clock::now();
       queue_.erase(n);
       wait_time_ += now - n.enqueued;
+      if (queue_.empty()) {
+        end_queued(now);
+      }
       batch.add(n, boost::asio::error::operation_aborted);
       if (was_head) {
         process(now, batch);  // the next waiter may be cheaper, or the queue may be empty
@@ -163,6 +169,9 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
       std::lock_guard lock{mutex_};
       closed_ = true;
       const time_point now = Clock::now();
+      if (!queue_.empty()) {
+        end_queued(now);
+      }
       while (!queue_.empty()) {
         auto& n = static_cast<node&>(queue_.pop_front());
         wait_time_ += now - n.enqueued;
@@ -209,6 +218,9 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     // Time spent paused earns nothing: refill resumes from the end of the pause.
     last_ = std::max(last_, paused_until_);
     if (!queue_.empty()) {
+      // Nor is it time the rate held calls back.
+      end_queued(now);
+      queued_since_ = std::max(now, paused_until_);
       schedule(now);  // a pause only ever delays, so nobody can become ready here
     }
   }
@@ -288,6 +300,12 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     std::lock_guard lock{mutex_};
     return wait_time_;
   }
+  duration total_queued_time() const {
+    std::lock_guard lock{mutex_};
+    const time_point now = Clock::now();
+    return queued_time_ +
+           (!queue_.empty() && now > queued_since_ ? now - queued_since_ : duration::zero());
+  }
 
  private:
   double token_capacity() const noexcept {
@@ -335,6 +353,14 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
     return true;
   }
 
+  // The queue became empty at `t` (or a pause began): its time since `queued_since_` counts.
+  void end_queued(time_point t) noexcept {
+    if (t > queued_since_) {
+      queued_time_ += t - queued_since_;
+    }
+    queued_since_ = t;
+  }
+
   // Grants as many heads as the buckets allow at `t`; a waiter that queued after `t` is not
   // granted at `t` (only reached by catch_up, whose `t` can be in the past).
   void grant_heads(time_point t, completion_batch& batch) {
@@ -345,6 +371,9 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
       }
       queue_.pop_front();
       wait_time_ += t - head.enqueued;
+      if (queue_.empty()) {
+        end_queued(t);
+      }
       batch.add(head, {});
     }
   }
@@ -439,6 +468,10 @@ class throttler_state : public std::enable_shared_from_this<throttler_state<Cloc
   std::uint64_t granted_ = 0;
   std::uint64_t waits_ = 0;
   duration wait_time_{};
+  // Time with a non-empty queue and no pause, accounted up to queued_since_ (while the queue is
+  // not empty, counting resumes there: the end of a pause, or when the first caller queued).
+  duration queued_time_{};
+  time_point queued_since_{};
 };
 
 }  // namespace keel::detail
@@ -566,6 +599,11 @@ std::uint64_t basic_throttler<Clock>::total_waits() const {
 template <class Clock>
 auto basic_throttler<Clock>::total_wait_time() const -> duration {
   return state_->total_wait_time();
+}
+
+template <class Clock>
+auto basic_throttler<Clock>::total_queued_time() const -> duration {
+  return state_->total_queued_time();
 }
 
 }  // namespace keel
