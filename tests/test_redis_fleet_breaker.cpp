@@ -100,3 +100,50 @@ TEST_CASE("a breaker one process opens holds the others, and both close when the
   fleet_a.close();
   fleet_b.close();
 }
+
+TEST_CASE("shared.breaker_sync sets how soon a process sees another's open breaker", "[redis]") {
+  using keel_test::client::request;
+  using keel_test::client::run;
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}
+                           .with_probability(fault_kind::unavailable, 1.0)
+                           .with_latency(std::chrono::milliseconds(50)));
+  server.start();
+  const auto cfg_a = fleet_config(server.base_url(), redis.port());
+  auto cfg_b = cfg_a;
+  // 1 ms: every call of b checks the fleet; 60 s: b checks once, at its first call.
+  const double sync = GENERATE(0.001, 60.0);
+  cfg_b.policy.shared.breaker_sync = sync;
+  keel::redis::fleet fleet_a(ctx.get_executor(), cfg_a);
+  keel::redis::fleet fleet_b(ctx.get_executor(), cfg_b);
+  keel::llm::client_options oa;
+  oa.seed = 1;
+  oa.fleet = &fleet_a;
+  keel::llm::client_options ob = oa;
+  ob.fleet = &fleet_b;
+  keel::llm::client a(ctx.get_executor(), cfg_a, {}, oa);
+  keel::llm::client b(ctx.get_executor(), cfg_b, {}, ob);
+
+  // b's first call checks the fleet (closed) and fails on its own (1 of b's 3).
+  auto out = run(ctx, b, {request()});
+  CHECK_FALSE(circuit_open(out[0].error));
+  // a fails three times in a row: its breaker opens and tells the fleet.
+  out = run(ctx, a, {request(), request(), request()});
+  REQUIRE(a.breaker(0)->state() == keel::breaker_state::open);
+  // b's next call checks the fleet again if the interval allows (the answer comes while the
+  // call runs), so the call after it keeps to the fleet's break; otherwise both go out.
+  out = run(ctx, b, {request(), request()});
+  INFO("breaker_sync " << sync);
+  CHECK_FALSE(circuit_open(out[0].error));
+  if (sync < 1) {
+    CHECK(circuit_open(out[1].error));
+    CHECK(server.stats().total.requests == 5);
+  } else {
+    CHECK_FALSE(circuit_open(out[1].error));
+    CHECK(server.stats().total.requests == 6);
+  }
+  fleet_a.close();
+  fleet_b.close();
+}

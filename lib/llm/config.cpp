@@ -314,6 +314,8 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"password_env", p.shared.password_env},
         {"timeout", p.shared.timeout},
         {"lease_window", p.shared.lease_window},
+        {"breaker_sync", p.shared.breaker_sync},
+        {"probe_timeout", p.shared.probe_timeout},
         {"fleet_size", p.shared.fleet_size},
         {"ca_file", p.shared.ca_file}}},
   };

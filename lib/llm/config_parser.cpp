@@ -306,9 +306,9 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
 }
 
 shared_config parser::parse_shared(const json& j, const std::string& path) const {
-  check_keys(
-      j, path,
-      {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size", "ca_file"});
+  check_keys(j, path,
+             {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size",
+              "ca_file", "breaker_sync", "probe_timeout"});
   shared_config sc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -335,6 +335,10 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
       sc.timeout = number(v, p, seconds_positive);
     } else if (key == "lease_window") {
       sc.lease_window = number(v, p, seconds_positive);
+    } else if (key == "breaker_sync") {
+      sc.breaker_sync = number(v, p, seconds_positive);
+    } else if (key == "probe_timeout") {
+      sc.probe_timeout = number(v, p, seconds_positive);
     } else if (key == "ca_file") {
       if (v.is_string() && v.get_ref<const std::string&>().empty()) {
         continue;  // "": the system's trust store (what --print-config shows)

@@ -98,7 +98,7 @@ class fleet_impl {
   void sync_breaker(const keel::llm::entry_config& e, keel::circuit_breaker& breaker) {
     breaker_sync& bs = breaker_of(e);
     const auto now = std::chrono::steady_clock::now();
-    if (!*closed_ && !bs.syncing && now - bs.last_sync >= breaker_sync_interval) {
+    if (!*closed_ && !bs.syncing && now - bs.last_sync >= breaker_sync_interval_) {
       bs.syncing = true;
       bs.last_sync = now;
       const std::size_t failures = std::exchange(bs.failures, 0);
@@ -293,8 +293,8 @@ class fleet_impl {
               .break_duration = std::chrono::milliseconds(
                   std::max<long long>(1, std::llround(bc_.break_duration * 1000))),
               // A probe is one call: give it its whole timeout before another may probe.
-              .probe_timeout = std::max(probe_timeout, std::chrono::milliseconds(std::llround(
-                                                           2000 * e.timeout.value_or(0.0))))});
+              .probe_timeout = std::max(probe_timeout_, std::chrono::milliseconds(std::llround(
+                                                            2000 * e.timeout.value_or(0.0))))});
       it = breakers_.emplace(key, std::move(bs)).first;
     }
     return *it->second;
@@ -330,9 +330,9 @@ class fleet_impl {
               *breaker.open_until() < until) {
             breaker.force_open_until(until);
           }
-        } else if (now - until < breaker_sync_interval * 8) {
+        } else if (now - until < breaker_sync_interval_ * 8) {
           // Over, by this (old) answer: no probe of its own before asking the fleet who probes.
-          breaker.force_open_until(now + breaker_sync_interval);
+          breaker.force_open_until(now + breaker_sync_interval_);
           bs.last_sync = {};
         }
         bs.applied_epoch = std::max(bs.applied_epoch, v.epoch);
@@ -342,7 +342,7 @@ class fleet_impl {
         // Another process probes: stay open, but only until the next look, so that its
         // success reaches this process within a sync interval (and never past the probe's
         // timeout).
-        if (const auto until = std::min(now + breaker_sync_interval, bs.viewed_at + v.remaining);
+        if (const auto until = std::min(now + breaker_sync_interval_, bs.viewed_at + v.remaining);
             until > now) {
           breaker.force_open_until(until);
         }
@@ -371,14 +371,17 @@ class fleet_impl {
     }
   }
 
-  // A sync at most this often per entry while calls are made.
-  static constexpr std::chrono::milliseconds breaker_sync_interval{250};
-  // A probe silent this long (or twice the entry's timeout, if longer) is given to another
-  // process.
-  static constexpr std::chrono::milliseconds probe_timeout{30000};
+  static std::chrono::milliseconds whole_ms(double seconds) {
+    return std::chrono::milliseconds(std::max<long long>(1, std::llround(seconds * 1000)));
+  }
 
   asio::any_io_executor ex_;
   keel::llm::shared_config sc_;
+  // A sync at most this often per entry while calls are made (`shared.breaker_sync`).
+  std::chrono::milliseconds breaker_sync_interval_ = whole_ms(sc_.breaker_sync);
+  // A probe silent this long (or twice the entry's timeout, if longer) is given to another
+  // process (`shared.probe_timeout`).
+  std::chrono::milliseconds probe_timeout_ = whole_ms(sc_.probe_timeout);
   keel::llm::breaker_config bc_;
   std::map<std::string, std::unique_ptr<breaker_sync>> breakers_;
   std::unordered_map<const keel::llm::entry_config*, entry_refs> refs_;

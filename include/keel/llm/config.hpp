@@ -257,6 +257,12 @@ struct shared_config {
   double timeout = 0.25;
   /// Seconds of quota a process leases at a time.
   double lease_window = 0.05;
+  /// How often, at most, a process that makes calls checks its entry's breaker in Redis,
+  /// seconds: the longest another process's open breaker goes unseen here.
+  double breaker_sync = 0.25;
+  /// A fleet-wide half-open probe that reports nothing for this long (or twice its entry's
+  /// `timeout`, if longer) is given to another process, seconds.
+  double probe_timeout = 30;
   /// How many processes share the limit, for the local share while Redis cannot be reached
   /// (each then paces at limit / fleet_size); 0: unknown, each process then paces at the share
   /// it was last granted through Redis (the whole limit if it never reached Redis).
