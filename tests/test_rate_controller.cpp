@@ -283,15 +283,24 @@ TEST_CASE("the startup window of a server that never throttles stays finite", "[
 
 // ---- search ----
 
-TEST_CASE("the first 429 ends startup: the controller paces the bucket at the accepted rate",
-          "[rate_controller]") {
-  rig r;
+// The startup window's 16 calls go out at once; at 10 ms the first comes back a 429 (search
+// then paces at 15/s: 16 sent over the last second, 1 refused). Returns the 16 tickets.
+namespace {
+std::vector<ticket> first_window_then_429(rig& r) {
   std::vector<ticket> flight;
   for (int i = 0; i < 16; ++i) {
     flight.push_back(r.send());
   }
   advance_to(10ms);
   r.pacing.on_throttled(flight[0], keel::limit_kind::requests);
+  return flight;
+}
+}  // namespace
+
+TEST_CASE("the first 429 ends startup: the controller paces the bucket at the accepted rate",
+          "[rate_controller]") {
+  rig r;
+  const std::vector<ticket> flight = first_window_then_429(r);
 
   const keel::pacing_state s = r.pacing.requests();
   CHECK(s.phase == keel::pacing_phase::search);
@@ -318,12 +327,7 @@ TEST_CASE(
     "wait, and grows by one doubling after a stall",
     "[rate_controller]") {
   rig r;
-  std::vector<ticket> flight;
-  for (int i = 0; i < 16; ++i) {
-    flight.push_back(r.send());
-  }
-  advance_to(10ms);
-  r.pacing.on_throttled(flight[0], keel::limit_kind::requests);
+  const std::vector<ticket> flight = first_window_then_429(r);
   REQUIRE(r.pacing.requests().rate == Approx(15));
 
   // Nobody waits for the bucket: the rate holds.
@@ -361,12 +365,7 @@ TEST_CASE(
 TEST_CASE("search does not grow over a silence in which no caller waited for the bucket",
           "[rate_controller]") {
   rig r;
-  std::vector<ticket> flight;
-  for (int i = 0; i < 16; ++i) {
-    flight.push_back(r.send());
-  }
-  advance_to(10ms);
-  r.pacing.on_throttled(flight[0], keel::limit_kind::requests);
+  const std::vector<ticket> flight = first_window_then_429(r);
   REQUIRE(r.pacing.requests().rate == Approx(15));
   for (std::size_t i = 1; i < flight.size(); ++i) {
     r.pacing.on_throttled(flight[i], keel::limit_kind::requests);

@@ -11,6 +11,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <functional>
+#include <optional>
+
 using keel::testing::fault_kind;
 using keel::testing::fault_plan;
 
@@ -35,30 +38,56 @@ bool circuit_open(const std::exception_ptr& e) {
   return e && keel::llm::error_class(e) == "circuit_open";
 }
 
+// Two processes, a and b (each a client with its own fleet and Redis connection), and one mock
+// server on which every call fails (503) after 50 ms. `tune_b` changes b's config.
+struct two_processes {
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server{ctx};
+  std::optional<keel::redis::fleet> fleet_a;
+  std::optional<keel::redis::fleet> fleet_b;
+  std::optional<keel::llm::client> a;
+  std::optional<keel::llm::client> b;
+
+  explicit two_processes(const std::function<void(keel::llm::client_config&)>& tune_b = {}) {
+    server.set_plan("m", fault_plan{}
+                             .with_probability(fault_kind::unavailable, 1.0)
+                             .with_latency(std::chrono::milliseconds(50)));
+    server.start();
+    const auto cfg_a = fleet_config(server.base_url(), redis.port());
+    auto cfg_b = cfg_a;
+    if (tune_b) {
+      tune_b(cfg_b);
+    }
+    fleet_a.emplace(ctx.get_executor(), cfg_a);
+    fleet_b.emplace(ctx.get_executor(), cfg_b);
+    keel::llm::client_options oa;
+    oa.seed = 1;
+    oa.fleet = &*fleet_a;
+    keel::llm::client_options ob = oa;
+    ob.fleet = &*fleet_b;
+    a.emplace(ctx.get_executor(), cfg_a, keel::llm::client_hooks{}, oa);
+    b.emplace(ctx.get_executor(), cfg_b, keel::llm::client_hooks{}, ob);
+  }
+  two_processes(const two_processes&) = delete;
+  two_processes& operator=(const two_processes&) = delete;
+  ~two_processes() {
+    fleet_a->close();
+    fleet_b->close();
+  }
+};
+
 }  // namespace
 
 TEST_CASE("a breaker one process opens holds the others, and both close when the provider is back",
           "[redis]") {
   using keel_test::client::request;
   using keel_test::client::run;
-  keel_test::redis_process redis;
-  boost::asio::io_context ctx;
-  keel::testing::mock_llm_server server(ctx);
-  // Every call fails (503) and takes 50 ms.
-  server.set_plan("m", fault_plan{}
-                           .with_probability(fault_kind::unavailable, 1.0)
-                           .with_latency(std::chrono::milliseconds(50)));
-  server.start();
-  const auto cfg = fleet_config(server.base_url(), redis.port());
-  keel::redis::fleet fleet_a(ctx.get_executor(), cfg);
-  keel::redis::fleet fleet_b(ctx.get_executor(), cfg);
-  keel::llm::client_options oa;
-  oa.seed = 1;
-  oa.fleet = &fleet_a;
-  keel::llm::client_options ob = oa;
-  ob.fleet = &fleet_b;
-  keel::llm::client a(ctx.get_executor(), cfg, {}, oa);
-  keel::llm::client b(ctx.get_executor(), cfg, {}, ob);
+  two_processes p;
+  auto& ctx = p.ctx;
+  auto& server = p.server;
+  keel::llm::client& a = *p.a;
+  keel::llm::client& b = *p.b;
 
   // Process a fails three times in a row: its breaker opens and tells the fleet.
   auto out = run(ctx, a, {request(), request(), request(), request()});
@@ -97,34 +126,18 @@ TEST_CASE("a breaker one process opens holds the others, and both close when the
   CHECK(server.stats().total.requests - before >= 2);
   CHECK(server.stats().total.by_status[200] == server.stats().total.requests - before);
   INFO("rounds: " << calls);
-  fleet_a.close();
-  fleet_b.close();
 }
 
 TEST_CASE("shared.breaker_sync sets how soon a process sees another's open breaker", "[redis]") {
   using keel_test::client::request;
   using keel_test::client::run;
-  keel_test::redis_process redis;
-  boost::asio::io_context ctx;
-  keel::testing::mock_llm_server server(ctx);
-  server.set_plan("m", fault_plan{}
-                           .with_probability(fault_kind::unavailable, 1.0)
-                           .with_latency(std::chrono::milliseconds(50)));
-  server.start();
-  const auto cfg_a = fleet_config(server.base_url(), redis.port());
-  auto cfg_b = cfg_a;
   // 1 ms: every call of b checks the fleet; 60 s: b checks once, at its first call.
   const double sync = GENERATE(0.001, 60.0);
-  cfg_b.policy.shared.breaker_sync = sync;
-  keel::redis::fleet fleet_a(ctx.get_executor(), cfg_a);
-  keel::redis::fleet fleet_b(ctx.get_executor(), cfg_b);
-  keel::llm::client_options oa;
-  oa.seed = 1;
-  oa.fleet = &fleet_a;
-  keel::llm::client_options ob = oa;
-  ob.fleet = &fleet_b;
-  keel::llm::client a(ctx.get_executor(), cfg_a, {}, oa);
-  keel::llm::client b(ctx.get_executor(), cfg_b, {}, ob);
+  two_processes p([&](keel::llm::client_config& c) { c.policy.shared.breaker_sync = sync; });
+  auto& ctx = p.ctx;
+  auto& server = p.server;
+  keel::llm::client& a = *p.a;
+  keel::llm::client& b = *p.b;
 
   // b's first call checks the fleet (closed) and fails on its own (1 of b's 3).
   auto out = run(ctx, b, {request()});
@@ -144,6 +157,4 @@ TEST_CASE("shared.breaker_sync sets how soon a process sees another's open break
     CHECK_FALSE(circuit_open(out[1].error));
     CHECK(server.stats().total.requests == 6);
   }
-  fleet_a.close();
-  fleet_b.close();
 }
