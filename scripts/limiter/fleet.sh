@@ -16,7 +16,12 @@
 #                (sharing a learned rate is not built; this measures what that costs)
 #   kill         configured and shared; Redis killed (SIGKILL) at t = 5 s and started again, empty,
 #                at t = 10 s; with fleet_size unset (the last granted share) and with fleet_size P
-#   all          every series above
+#   breaker      an outage, not a limit: `keel mock` (50 ms answers) answers 503 from 5 s to 10 s
+#                after it starts; the fleet paced at 200 r/s in all, breaker break 1 s growing to
+#                4 s. Each process's breaker shared through Redis (with the pacing), against each
+#                process alone (its own breaker, a quarter of the rate). Reports the requests
+#                that reached the provider during the outage (the mock's non-200 answers)
+#   all          every series above except breaker
 #
 # Options:
 #   --port P       limiter port (default 18290)   --redis-port R   redis port (default 16390)
@@ -40,9 +45,9 @@ usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 series="$1"
 shift
 case "$series" in
-  configured | learned | kill | all) ;;
+  configured | learned | kill | breaker | all) ;;
   -h | --help | help) usage; exit 0 ;;
-  *) die "unknown series '$series' (configured, learned, kill or all; see --help)" ;;
+  *) die "unknown series '$series' (configured, learned, kill, breaker or all; see --help)" ;;
 esac
 port=18290 redis_port=16390 procs=4 conc=64 prompts=4000 runs=1
 keel_src="$root/build/tools/keel/keel" dir=""
@@ -189,6 +194,70 @@ print(json.dumps({
 PY
 }
 
+# $1 tag; $2 "redis" (pacing and breaker shared) or "alone" (each process its own, at 1/P of
+# the rate)
+run_breaker() {
+  local tag="$1" shared="$2" rpm sh
+  if [ "$shared" = redis ]; then
+    rpm=12000
+    sh="\"shared\": {\"redis\": \"redis://127.0.0.1:$redis_port/0\", \"key_prefix\": \"fleet-$tag\"}"
+  else
+    rpm=$((12000 / procs))
+    sh='"shared": {}'
+  fi
+  cat >"$dir/$tag.config.json" <<EOF
+{"config_list": [{"model": "gpt-4o-mini", "base_url": "http://127.0.0.1:$port", "api_key": "sk-fleet-bench"}],
+ "policy": {"rate_limits": {"requests_per_minute": $rpm, "burst": 20},
+            "breaker": {"break": 1, "max_break": 4}, $sh}}
+EOF
+  cat >"$dir/$tag.scenario.json" <<EOF
+{"seed": 1, "models": {"gpt-4o-mini": {"latency_ms": 50, "outages": [{"from_ms": 5000, "to_ms": 10000}]}}}
+EOF
+  redis_kill
+  [ "$shared" = redis ] && redis_start
+  taskset -c 0 "$keel" mock --port "$port" --scenario "$dir/$tag.scenario.json" >"$dir/$tag.mock.txt" 2>&1 &
+  local mock_pid=$!
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.02
+  done
+  local t0 pids=() i
+  t0=$(date +%s.%N)
+  for i in $(seq 0 $((procs - 1))); do
+    "$keel" batch --config "$dir/$tag.config.json" --in "$dir/prompts.jsonl" --shard "$i/$procs" \
+      --out "$dir/$tag.r$i.jsonl" --overwrite --concurrency "$conc" --progress none \
+      --log-format json --log-level info --summary-json "$dir/$tag.s$i.json" 2>"$dir/$tag.err$i.log" >/dev/null &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  local t1
+  t1=$(date +%s.%N)
+  kill -INT "$mock_pid" 2>/dev/null || true
+  wait "$mock_pid" 2>/dev/null || true
+  redis_kill
+  local check=0
+  "$keel" check --in "$dir/prompts.jsonl" "$dir/$tag".r*.jsonl >"$dir/$tag.check.txt" 2>&1 || check=$?
+  python3 - "$dir" "$tag" "$procs" "$t0" "$t1" "$rc" "$check" <<'PY'
+import json, re, sys
+d, tag, procs, t0, t1, rc, check = sys.argv[1:8]
+procs, t0, t1 = int(procs), float(t0), float(t1)
+s = [json.load(open(f"{d}/{tag}.s{i}.json")) for i in range(procs)]
+m = re.search(r"stopped after (\d+) requests \((\d+) answered 200\)", open(f"{d}/{tag}.mock.txt").read())
+total, ok200 = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+print(json.dumps({
+    "run": tag, "exit": int(rc), "check_exit": int(check),
+    "wall_s": round(t1 - t0, 2), "items": sum(x["items"]["done"] for x in s),
+    "ok": sum(x["items"]["ok"] for x in s), "failed": sum(x["items"]["failed"] for x in s),
+    "failed_by_class": [x["failed_by_class"] for x in s],
+    "attempts": sum(x["attempts"] for x in s),
+    "provider_requests": total, "provider_non_200": None if total is None else total - ok200,
+    "breaker_opens": [x["breaker_opens"] for x in s],
+    "breaker_holds": [x["breaker_holds"] for x in s],
+}))
+PY
+}
+
 series_configured() {
   for k in $(seq "$runs"); do
     run "configured-redis-$k" configured redis 0
@@ -201,6 +270,12 @@ series_learned() {
     run "learned-redis-$k" learned redis 0
   done
 }
+series_breaker() {
+  for k in $(seq "$runs"); do
+    run_breaker "breaker-redis-$k" redis
+    run_breaker "breaker-alone-$k" alone
+  done
+}
 series_kill() {
   for k in $(seq "$runs"); do
     run "kill-share-$k" configured redis 0 kill
@@ -211,5 +286,6 @@ case "$series" in
   configured) series_configured ;;
   learned) series_learned ;;
   kill) series_kill ;;
+  breaker) series_breaker ;;
   all) series_configured; series_learned; series_kill ;;
 esac | tee -a "$dir/results.jsonl"
