@@ -83,16 +83,41 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"id": i, "prompt": f"Prompt {i}: summarise the incident report."}) + "\n")
 PY
 
+# True once something listens on 127.0.0.1:$1 (within 4 s).
+wait_listen() {
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.02
+  done
+  return 1
+}
+
+# Starts the P processes of run $1, each on its shard; their pids go to fleet_pids.
+fleet_pids=()
+fleet_start() {
+  local tag="$1" i
+  fleet_pids=()
+  for i in $(seq 0 $((procs - 1))); do
+    "$keel" batch --config "$dir/$tag.config.json" --in "$dir/prompts.jsonl" --shard "$i/$procs" \
+      --out "$dir/$tag.r$i.jsonl" --overwrite --concurrency "$conc" --progress none \
+      --log-format json --log-level info --summary-json "$dir/$tag.s$i.json" 2>"$dir/$tag.err$i.log" >/dev/null &
+    fleet_pids+=($!)
+  done
+}
+
+# Waits for every process of the run; fails with the last failing exit status.
+fleet_wait() {
+  local rc=0 p
+  for p in "${fleet_pids[@]}"; do wait "$p" || rc=$?; done
+  return "$rc"
+}
+
 redis_pid=""
 redis_start() {
   taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
     --protected-mode no --loglevel warning >"$dir/redis.log" 2>&1 &
   redis_pid=$!
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && return 0
-    sleep 0.02
-  done
-  die "redis-server did not listen on $redis_port"
+  wait_listen "$redis_port" || die "redis-server did not listen on $redis_port"
 }
 redis_kill() {
   if [ -n "$redis_pid" ]; then
@@ -127,14 +152,9 @@ EOF
     --access-log --dir "$ldir" >/dev/null
   redis_kill
   [ "$shared" = redis ] && redis_start
-  local t0 pids=() i
+  local t0
   t0=$(date +%s.%N)
-  for i in $(seq 0 $((procs - 1))); do
-    "$keel" batch --config "$dir/$tag.config.json" --in "$dir/prompts.jsonl" --shard "$i/$procs" \
-      --out "$dir/$tag.r$i.jsonl" --overwrite --concurrency "$conc" --progress none \
-      --log-format json --log-level info --summary-json "$dir/$tag.s$i.json" 2>"$dir/$tag.err$i.log" >/dev/null &
-    pids+=($!)
-  done
+  fleet_start "$tag"
   local events=""
   if [ "$fault" = kill ]; then
     sleep 5
@@ -145,7 +165,7 @@ EOF
     events="$events started $(date +%s.%N)"
   fi
   local rc=0
-  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  fleet_wait || rc=$?
   local t1
   t1=$(date +%s.%N)
   redis_kill
@@ -217,20 +237,12 @@ EOF
   [ "$shared" = redis ] && redis_start
   taskset -c 0 "$keel" mock --port "$port" --scenario "$dir/$tag.scenario.json" >"$dir/$tag.mock.txt" 2>&1 &
   local mock_pid=$!
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.02
-  done
-  local t0 pids=() i
+  wait_listen "$port" || die "keel mock did not listen on $port"
+  local t0
   t0=$(date +%s.%N)
-  for i in $(seq 0 $((procs - 1))); do
-    "$keel" batch --config "$dir/$tag.config.json" --in "$dir/prompts.jsonl" --shard "$i/$procs" \
-      --out "$dir/$tag.r$i.jsonl" --overwrite --concurrency "$conc" --progress none \
-      --log-format json --log-level info --summary-json "$dir/$tag.s$i.json" 2>"$dir/$tag.err$i.log" >/dev/null &
-    pids+=($!)
-  done
+  fleet_start "$tag"
   local rc=0
-  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  fleet_wait || rc=$?
   local t1
   t1=$(date +%s.%N)
   kill -INT "$mock_pid" 2>/dev/null || true
