@@ -22,6 +22,15 @@ namespace keel::redis {
 
 namespace asio = boost::asio;
 
+namespace {
+
+// A configured number of seconds as whole milliseconds, at least 1.
+std::chrono::milliseconds whole_ms(double seconds) {
+  return std::chrono::milliseconds(std::max<long long>(1, std::llround(seconds * 1000)));
+}
+
+}  // namespace
+
 std::string fleet_key(const std::string& prefix, const keel::llm::entry_config& e,
                       const std::string& dimension) {
   const std::string secret = e.api_key.empty() && e.aws ? e.aws->access_key : e.api_key;
@@ -225,8 +234,7 @@ class fleet_impl {
     auto it = map_.find(key);
     if (it == map_.end()) {
       buckets b;
-      const auto window =
-          std::chrono::milliseconds(std::max<long long>(1, std::llround(sc_.lease_window * 1000)));
+      const auto window = whole_ms(sc_.lease_window);
       const auto& rl = e.rate_limits;
       if (rl.requests_per_minute > 0) {
         const double rate = rl.requests_per_minute / 60;
@@ -290,8 +298,7 @@ class fleet_impl {
           breaker_options{
               .key = key,
               .failure_threshold = static_cast<std::size_t>(std::max(1, bc_.failure_threshold)),
-              .break_duration = std::chrono::milliseconds(
-                  std::max<long long>(1, std::llround(bc_.break_duration * 1000))),
+              .break_duration = whole_ms(bc_.break_duration),
               // A probe is one call: give it its whole timeout before another may probe.
               .probe_timeout = std::max(probe_timeout_, std::chrono::milliseconds(std::llround(
                                                             2000 * e.timeout.value_or(0.0))))});
@@ -371,10 +378,6 @@ class fleet_impl {
     }
   }
 
-  static std::chrono::milliseconds whole_ms(double seconds) {
-    return std::chrono::milliseconds(std::max<long long>(1, std::llround(seconds * 1000)));
-  }
-
   asio::any_io_executor ex_;
   keel::llm::shared_config sc_;
   // A sync at most this often per entry while calls are made (`shared.breaker_sync`).
@@ -407,8 +410,7 @@ client_options options_of(const keel::llm::client_config& cfg) {
   }
   o.server.password = sc.password;
   o.ca_file = sc.ca_file;
-  o.command_timeout =
-      std::chrono::milliseconds(std::max<long long>(1, std::llround(sc.timeout * 1000)));
+  o.command_timeout = whole_ms(sc.timeout);
   o.connect_timeout = std::max(o.command_timeout, std::chrono::milliseconds(250));
   return o;
 }

@@ -1300,12 +1300,16 @@ class rate_controller_state {
             d.probe_elapsed = duration::zero();
           }
           break;
-        case pacing_phase::probe:
-          d.probe_elapsed +=
-              stalled ? std::min({dt, queued,
-                                  to_duration(std::chrono::duration<double>(probe_round_s(di)))})
-                      : std::min(dt, queued);
+        case pacing_phase::probe: {
+          // Only time in which the rate held calls back; after a stall, one round at most.
+          duration credit = std::min(dt, queued);
+          if (stalled) {
+            credit =
+                std::min(credit, to_duration(std::chrono::duration<double>(probe_round_s(di))));
+          }
+          d.probe_elapsed += credit;
           break;
+        }
         default:
           break;
       }
