@@ -974,3 +974,90 @@ TEST_CASE("force_open_until opens for a break decided elsewhere, moves it, and k
   manual_clock::advance(2s);
   CHECK(b.state() == breaker_state::isolated);
 }
+
+TEST_CASE("a call admitted before the breaker opened does not send after waiting to",
+          "[breaker]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  test_breaker b{ctx.get_executor(), keel::breaker_policy::consecutive(3, 10s)};
+  fake_provider p;
+  p.default_fault = fault::transient;
+  // Six calls admitted at once, each held back (as by a rate limiter's queue) for 100 ms more
+  // than the one before, then asking the breaker again just before they send.
+  std::vector<call_result> results(6);
+  for (int i = 0; i < 6; ++i) {
+    auto op = [&p, i](test_breaker::permit& permit) -> asio::awaitable<int> {
+      keel::basic_timer<manual_clock> t{co_await asio::this_coro::executor};
+      t.expires_after(100ms * (i + 1));
+      co_await t.async_wait(asio::use_awaitable);
+      permit.ensure_admitted();
+      co_return co_await p.call();
+    };
+    spawn_call(ctx, keel::with_breaker(b, op), results[static_cast<std::size_t>(i)]);
+  }
+  REQUIRE(keel::testing::run_until(
+      ctx, [&] { return std::all_of(results.begin(), results.end(), [](auto& r) { return r.done; }); }));
+  // The first three sent and failed; the third opened the breaker at 300 ms.
+  CHECK(p.calls == 3);
+  for (int i = 0; i < 3; ++i) {
+    CHECK(code_of(results[static_cast<std::size_t>(i)].error) == asio::error::connection_reset);
+  }
+  // The other three never sent: circuit_open with the break that is left when each asked.
+  for (int i = 3; i < 6; ++i) {
+    const auto f = failure_of(results[static_cast<std::size_t>(i)].error);
+    REQUIRE(f);
+    CHECK(f->code() == keel::error::circuit_open);
+    REQUIRE(f->retry_after());
+    CHECK(*f->retry_after() == 10s - 100ms * (i - 2));
+    CHECK(std::string(f->what()).find("while the call waited") != std::string::npos);
+  }
+  const auto c = b.counters();
+  CHECK(c.failed == 3);
+  CHECK(c.cancelled == 3);  // never ran: neither success nor failure
+  CHECK(c.opened == 1);
+  CHECK(b.state() == breaker_state::open);
+}
+
+TEST_CASE("a permit stays admitted while its phase lasts or once the breaker is closed again",
+          "[breaker]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  auto policy = keel::breaker_policy::consecutive(1, 1s);
+  policy.half_open_probes = 2;
+  test_breaker b{ctx.get_executor(), policy};
+  auto closed_phase = b.try_acquire();
+  REQUIRE(closed_phase);
+  CHECK(closed_phase->still_admitted());
+  fail_once(b);  // opens
+  CHECK_FALSE(closed_phase->still_admitted());
+  CHECK_THROWS_AS(closed_phase->ensure_admitted(), keel::failure);
+  CHECK_FALSE(closed_phase->pending());  // recorded as cancelled
+  CHECK_FALSE(closed_phase->still_admitted());
+
+  manual_clock::advance(1s);
+  auto probe1 = b.try_acquire();
+  auto probe2 = b.try_acquire();
+  REQUIRE(probe1);
+  REQUIRE(probe2);
+  CHECK(probe1->still_admitted());
+  CHECK_NOTHROW(probe1->ensure_admitted());
+  CHECK_FALSE(b.try_acquire());  // both probe slots taken
+  b.force_open_until(manual_clock::now() + 1s);  // e.g. the fleet's word: a new phase
+  CHECK_FALSE(probe2->still_admitted());
+  CHECK_THROWS_AS(probe2->ensure_admitted(), keel::failure);
+  manual_clock::advance(1s);
+  auto probe3 = b.try_acquire();
+  REQUIRE(probe3);
+  CHECK_FALSE(probe1->still_admitted());  // its half-open phase is over
+  auto probe4 = b.try_acquire();
+  REQUIRE(probe4);
+  auto late = b.try_acquire();
+  CHECK_FALSE(late);  // two probe slots, both taken
+  probe3->record_success();
+  probe4->record_success();
+  CHECK(b.state() == breaker_state::closed);
+  // Closed again: the earlier probe may go out after all; an outcome recorded ends it.
+  CHECK(probe1->still_admitted());
+  probe1->record_success();
+  CHECK_FALSE(probe1->still_admitted());
+}

@@ -232,3 +232,39 @@ TEST_CASE("spare workers are a quarter of the attempt slots", "[llm_client]") {
   CHECK(keel::llm::spare_workers(16) == 4);
   CHECK(keel::llm::spare_workers(64) == 16);
 }
+
+TEST_CASE("calls queued at the bucket when the breaker opens do not go out into the outage",
+          "[llm_client]") {
+  // The primary is paced at 20 requests/s with a burst of 1 and answers 503 to everything; its
+  // breaker opens after 2 failures. Eight items start at once: the breaker admits all eight,
+  // then they queue at the bucket, 50 ms apart. Once two have failed, the six still queued (and
+  // the first item's retry) must not be sent: they move to the fallback without a request.
+  const char* const policy = R"({
+    "config_list": [
+      {"api_type": "openai", "model": "primary", "api_key": "k1", "requests_per_minute": 1200},
+      {"api_type": "anthropic", "model": "secondary", "api_key": "k2"}
+    ],
+    "policy": {"retry": {"max_attempts": 2, "backoff": {"kind": "constant", "base": 0.001}},
+               "rate_limits": {"burst": 1},
+               "breaker": {"failure_threshold": 2, "break": 30}}
+  })";
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("primary", fault_plan{}.with_probability(fault_kind::unavailable, 1.0));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
+                           buckets, {}, 1);
+  const auto out = run(ctx, client, std::vector<keel::llm::chat_request>(8, request()), 8);
+  for (const auto& o : out) {
+    REQUIRE(o.response);
+    CHECK(o.entry == 1);
+  }
+  CHECK(server.stats().model("primary").requests == 2);
+  CHECK(server.stats().model("secondary").status_count(200) == 8);
+  const auto c = client.breaker(0)->counters();
+  CHECK(c.opened == 1);
+  CHECK(c.failed == 2);
+  CHECK(c.cancelled >= 6);  // admitted, then held back and never sent
+}

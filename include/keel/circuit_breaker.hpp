@@ -39,6 +39,15 @@
 // outer `with_retry` waits exactly until the probe. `with_breaker(breaker, op, degraded)` returns
 // `degraded()` instead of throwing. `try_acquire()` is the same admission without coroutines.
 //
+// Admitted, then held back: a call is admitted when it starts, but it may not send at once; it
+// may wait in a rate limiter's queue for a second or more. If the breaker opens meanwhile, the
+// call must not go out into the outage the breaker just found: with a bucket paced at 50 r/s and
+// 64 calls queued, every queued call would, spending the retry budget on requests that cannot
+// succeed. So the operation may take the permit (`op(permit&)` instead of `op()`) and call
+// `permit.ensure_admitted()` just before it sends: if the breaker has changed state since it
+// admitted the call and is not closed again, the call ends with `circuit_open` (recorded as
+// cancelled, never sent), exactly as if it had arrived after the opening.
+//
 // Example:
 //
 //     keel::circuit_breaker breaker{ex, keel::breaker_policy::consecutive(5, 60s)};
@@ -284,6 +293,18 @@ class basic_circuit_breaker {
     /// Records the call as neither success nor failure, freeing its probe slot if it had one.
     void record_cancelled() noexcept;
 
+    /// True if the call may still go out now: no outcome is recorded yet and the breaker is in
+    /// the phase that admitted the call (closed, or half-open with this call as a probe), or is
+    /// closed again. False once it has opened, been isolated, or moved to a new half-open phase
+    /// since. Takes no transition and calls no hook.
+    bool still_admitted() const;
+
+    /// Returns if `still_admitted()`; otherwise records the call as cancelled (it never ran; a
+    /// probe slot is freed) and throws `keel::failure` with `error::circuit_open`, whose
+    /// `retry_after()` is the remaining open time while the breaker is open. Call it just
+    /// before sending, after any wait (see "Admitted, then held back" in the overview).
+    void ensure_admitted();
+
    private:
     friend class basic_circuit_breaker;
     permit(basic_circuit_breaker* b, std::uint64_t epoch, time_point start, bool probe) noexcept
@@ -391,11 +412,34 @@ class basic_circuit_breaker {
 /// A circuit breaker on `std::chrono::steady_clock`.
 using circuit_breaker = basic_circuit_breaker<>;
 
+namespace detail {
+
+/// What a breaker's operation factory returns: `op(permit&)` if it takes the permit, else `op()`.
+template <class MakeOp, class Permit>
+struct breaker_op {
+  static constexpr bool takes_permit = std::is_invocable_v<MakeOp&, Permit&>;
+  using awaitable_type = typename std::conditional_t<takes_permit, std::invoke_result<MakeOp&, Permit&>,
+                                                     std::invoke_result<MakeOp&>>::type;
+  using value_type = typename awaitable_traits<awaitable_type>::value_type;
+  static constexpr bool valid =
+      awaitable_traits<awaitable_type>::is_awaitable &&
+      std::is_same_v<typename awaitable_traits<awaitable_type>::executor_type,
+                     boost::asio::any_io_executor>;
+};
+
+template <class MakeOp, class Clock>
+using breaker_op_value_t =
+    typename breaker_op<MakeOp, typename basic_circuit_breaker<Clock>::permit>::value_type;
+
+}  // namespace detail
+
 /// Runs `op()` once if `breaker` admits it, and records its outcome.
 ///
 /// @param breaker the breaker; it must outlive the returned awaitable.
 /// @param op a factory returning a fresh `boost::asio::awaitable<T>`; taken by value and kept in
-/// the coroutine frame; called at most once.
+/// the coroutine frame; called at most once. It may instead take the call's permit
+/// (`op(basic_circuit_breaker<Clock>::permit&)`), to call `ensure_admitted()` on it after a wait
+/// and just before it sends; it must not record an outcome on it (with_breaker does).
 /// @returns the operation's value. A success slower than `slow_call_threshold` is still returned
 /// (and counted as a failure).
 /// @throws `keel::failure` with `error::circuit_open` if rejected, without calling `op`; its
@@ -408,7 +452,7 @@ using circuit_breaker = basic_circuit_breaker<>;
 /// failure, frees the probe slot and propagates. If the coroutine is destroyed before the
 /// operation completes, the call is recorded as cancelled too.
 template <class Clock, class MakeOp>
-boost::asio::awaitable<detail::op_value_t<MakeOp>> with_breaker(
+boost::asio::awaitable<detail::breaker_op_value_t<MakeOp, Clock>> with_breaker(
     basic_circuit_breaker<Clock>& breaker, MakeOp op);
 
 /// Runs `op()` once if `breaker` admits it; if rejected, returns `degraded()` instead of throwing.
@@ -418,7 +462,7 @@ boost::asio::awaitable<detail::op_value_t<MakeOp>> with_breaker(
 /// thrown; taken by value, called only when the call is rejected.
 /// Everything else (recording, rethrowing, cancellation) is as for `with_breaker(breaker, op)`.
 template <class Clock, class MakeOp, class Degraded>
-boost::asio::awaitable<detail::op_value_t<MakeOp>> with_breaker(
+boost::asio::awaitable<detail::breaker_op_value_t<MakeOp, Clock>> with_breaker(
     basic_circuit_breaker<Clock>& breaker, MakeOp op, Degraded degraded);
 
 }  // namespace keel

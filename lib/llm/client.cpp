@@ -154,6 +154,12 @@ struct client::call_state {
   keel::bulkhead_permit slot;
   // Streamed calls only (empty for `call`).
   std::optional<stream_state> stream;
+  // The breaker permit of the attempt running for entry `gate_entry`, asked again just before
+  // the request is sent (after the bucket's wait). Set by run_entry's `one` each time it enters
+  // the entry's breaker, so an attempt of an entry with a breaker always finds its own permit
+  // here; an attempt of another entry (a hedge to the next) does not use it.
+  keel::circuit_breaker::permit* gate = nullptr;
+  std::size_t gate_entry = 0;
 };
 
 struct client::owned {
@@ -452,6 +458,18 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     }
   }
 
+  if (es.breaker && cs.gate && cs.gate_entry == es.index) {
+    // The breaker admitted this call before its wait for the bucket; if it opened meanwhile
+    // (here or, through the fleet, elsewhere), the call must not go out into the outage. Its
+    // place in the bucket is given back.
+    if (options_.fleet) {
+      options_.fleet->sync_breaker(*es.cfg, *es.breaker);
+    }
+    if (!cs.gate->still_admitted()) {
+      es.bucket->release(cost);
+      cs.gate->ensure_admitted();  // throws circuit_open
+    }
+  }
   ++cs.attempts;
   cs.entry = es.index;
   // Counted here, where a request really goes out: an open breaker's refusals send nothing.
@@ -731,9 +749,13 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
     if (options_.fleet) {
       options_.fleet->sync_breaker(*es.cfg, *es.breaker);
     }
+    auto gated = [this, &es, &cs](keel::circuit_breaker::permit& p) {
+      cs.gate = &p;
+      cs.gate_entry = es.index;
+      return hedged_attempt(es, cs);
+    };
     if (!(es.last && options_.hold_open_breaker)) {
-      co_return co_await keel::with_breaker(*es.breaker,
-                                            [this, &es, &cs] { return hedged_attempt(es, cs); });
+      co_return co_await keel::with_breaker(*es.breaker, gated);
     }
     // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
     // call's deadline still bounds the wait). Waiters wake with jitter and go through the
@@ -744,8 +766,7 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
         options_.fleet->sync_breaker(*es.cfg, *es.breaker);  // the fleet's latest word first
       }
       try {
-        co_return co_await keel::with_breaker(*es.breaker,
-                                              [this, &es, &cs] { return hedged_attempt(es, cs); });
+        co_return co_await keel::with_breaker(*es.breaker, gated);
       } catch (const boost::system::system_error& e) {
         if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
           throw;

@@ -63,8 +63,13 @@ struct breaker_access {
   }
 };
 
-inline failure make_rejection(breaker_state seen, std::optional<std::chrono::nanoseconds> retry) {
+inline failure make_rejection(breaker_state seen, std::optional<std::chrono::nanoseconds> retry,
+                              bool after_admission = false) {
   std::string what = make_error_code(error::circuit_open).message();
+  if (after_admission) {
+    what += " (it changed state while the call waited to send)";
+    return failure(make_error_code(error::circuit_open), what, {}, retry);
+  }
   switch (seen) {
     case breaker_state::isolated:
       what += " (isolated)";
@@ -95,9 +100,17 @@ void settle_failure(Permit& p, const std::exception_ptr& error,
 // Not a catch block with co_await in it: the exception is captured, the permit is settled outside
 // the handler, and the original exception object is rethrown unchanged.
 template <class Clock, class MakeOp, class Degraded>
-boost::asio::awaitable<op_value_t<MakeOp>> with_breaker_impl(basic_circuit_breaker<Clock>& breaker,
-                                                             MakeOp op, Degraded degraded) {
-  using value_type = op_value_t<MakeOp>;
+boost::asio::awaitable<breaker_op_value_t<MakeOp, Clock>> with_breaker_impl(
+    basic_circuit_breaker<Clock>& breaker, MakeOp op, Degraded degraded) {
+  using value_type = breaker_op_value_t<MakeOp, Clock>;
+  using permit_type = typename basic_circuit_breaker<Clock>::permit;
+  auto start = [&](permit_type& granted) {
+    if constexpr (breaker_op<MakeOp, permit_type>::takes_permit) {
+      return op(granted);
+    } else {
+      return op();
+    }
+  };
   std::optional<std::chrono::nanoseconds> retry_after;
   breaker_state seen = breaker_state::closed;
   auto p = breaker_access::acquire(breaker, retry_after, seen);
@@ -125,7 +138,7 @@ boost::asio::awaitable<op_value_t<MakeOp>> with_breaker_impl(basic_circuit_break
   std::exception_ptr error;
   if constexpr (std::is_void_v<value_type>) {
     try {
-      co_await op();
+      co_await start(*p);
     } catch (...) {
       error = std::current_exception();
     }
@@ -137,7 +150,7 @@ boost::asio::awaitable<op_value_t<MakeOp>> with_breaker_impl(basic_circuit_break
   } else {
     std::optional<value_type> value;
     try {
-      value.emplace(co_await op());
+      value.emplace(co_await start(*p));
     } catch (...) {
       error = std::current_exception();
     }
@@ -209,6 +222,36 @@ void basic_circuit_breaker<Clock>::permit::record_cancelled() noexcept {
   if (auto* b = std::exchange(breaker_, nullptr)) {
     b->record(*this, outcome::cancelled, false, false);
   }
+}
+
+template <class Clock>
+bool basic_circuit_breaker<Clock>::permit::still_admitted() const {
+  if (breaker_ == nullptr) {
+    return false;
+  }
+  std::lock_guard lock(breaker_->mutex_);
+  // An open phase admits nothing, so a permit of the current epoch is of a closed or a
+  // half-open phase that is still going on.
+  return epoch_ == breaker_->epoch_ || breaker_->state_ == breaker_state::closed;
+}
+
+template <class Clock>
+void basic_circuit_breaker<Clock>::permit::ensure_admitted() {
+  if (still_admitted()) {
+    return;
+  }
+  breaker_state seen = breaker_state::open;
+  std::optional<std::chrono::nanoseconds> retry_after;
+  if (breaker_ != nullptr) {
+    std::lock_guard lock(breaker_->mutex_);
+    const auto now = Clock::now();
+    seen = breaker_->observed_state(now);
+    if (seen == breaker_state::open) {
+      retry_after = std::chrono::duration_cast<std::chrono::nanoseconds>(breaker_->open_until_ - now);
+    }
+  }
+  record_cancelled();
+  throw detail::make_rejection(seen, retry_after, true);
 }
 
 // ---- breaker -----------------------------------------------------------------------------------
@@ -489,19 +532,19 @@ void basic_circuit_breaker<Clock>::reset() {
 // ---- with_breaker ------------------------------------------------------------------------------
 
 template <class Clock, class MakeOp>
-boost::asio::awaitable<detail::op_value_t<MakeOp>> with_breaker(
+boost::asio::awaitable<detail::breaker_op_value_t<MakeOp, Clock>> with_breaker(
     basic_circuit_breaker<Clock>& breaker, MakeOp op) {
-  static_assert(detail::is_op_factory_v<MakeOp>,
+  static_assert(detail::breaker_op<MakeOp, typename basic_circuit_breaker<Clock>::permit>::valid,
                 "with_breaker: op must be a callable returning boost::asio::awaitable<T>");
   return detail::with_breaker_impl(breaker, std::move(op), detail::no_degraded{});
 }
 
 template <class Clock, class MakeOp, class Degraded>
-boost::asio::awaitable<detail::op_value_t<MakeOp>> with_breaker(
+boost::asio::awaitable<detail::breaker_op_value_t<MakeOp, Clock>> with_breaker(
     basic_circuit_breaker<Clock>& breaker, MakeOp op, Degraded degraded) {
-  static_assert(detail::is_op_factory_v<MakeOp>,
+  static_assert(detail::breaker_op<MakeOp, typename basic_circuit_breaker<Clock>::permit>::valid,
                 "with_breaker: op must be a callable returning boost::asio::awaitable<T>");
-  using value_type = detail::op_value_t<MakeOp>;
+  using value_type = detail::breaker_op_value_t<MakeOp, Clock>;
   static_assert(std::is_invocable_r_v<value_type, Degraded&, const failure&> ||
                     std::is_invocable_r_v<value_type, Degraded&>,
                 "with_breaker: degraded must return something convertible to the op's value");
