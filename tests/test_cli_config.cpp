@@ -128,7 +128,7 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
   CHECK(p.deadline == 300);
   CHECK(p.breaker.enabled);
   CHECK(p.breaker.failure_threshold == 10);
-  CHECK(p.breaker.break_duration == 30);
+  CHECK(p.breaker.break_duration == 5);
   CHECK(p.breaker.break_growth == 2);
   CHECK(p.breaker.max_break == 300);
   CHECK(p.retry_budget.enabled);
@@ -263,7 +263,7 @@ TEST_CASE("to_json fills in every default and says which retry algorithm applies
   CHECK(j["config_list"][1]["aws_credentials_source"] == "");
   CHECK(j["config_list"][1]["aws_region"] == "us-east-1");
   CHECK(j["policy"]["retry"]["backoff"]["jitter"] == "full");
-  CHECK(j["policy"]["breaker"]["break"] == 30);
+  CHECK(j["policy"]["breaker"]["break"] == 5);
   CHECK(j["policy"]["retry_budget"]["token_ratio"] == 0.5);
   CHECK(j["policy"]["queue"]["max_wait"] == 0);
   CHECK(j["policy"]["concurrency"] == 16);

@@ -268,3 +268,35 @@ TEST_CASE("calls queued at the bucket when the breaker opens do not go out into 
   CHECK(c.failed == 2);
   CHECK(c.cancelled >= 6);  // admitted, then held back and never sent
 }
+
+TEST_CASE("a retry the budget refuses while the breaker is open waits for the probe",
+          "[llm_client]") {
+  // One entry; its server answers 503 for the first 300 ms. Eight items start at once, more
+  // failures than the budget's half (4 tokens: 2 failures spend it); the second failure also
+  // opens the breaker. The refused retries are held by the breaker instead of failing the items
+  // with budget_exhausted, and succeed once its probe does.
+  const char* const policy = R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
+    "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.02}},
+               "breaker": {"failure_threshold": 2, "break": 0.1, "break_growth": 1},
+               "retry_budget": {"max_tokens": 4, "token_ratio": 0.5}}
+  })";
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_outage(0ms, 300ms));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
+  keel::llm::client_options co;
+  co.hold_open_breaker = true;
+  keel::llm::client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
+                           buckets, {}, 1, co);
+  const auto out = run(ctx, client, std::vector<keel::llm::chat_request>(8, request()), 8);
+  for (const auto& o : out) {
+    INFO((o.error ? keel::llm::error_class(o.error) : std::string("ok")));
+    REQUIRE(o.response);
+    CHECK(o.attempts <= 3);
+  }
+  CHECK(server.stats().model("m").status_count(200) == 8);
+  CHECK(client.breaker(0)->opened_count() >= 1);
+}

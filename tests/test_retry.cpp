@@ -284,6 +284,54 @@ TEST_CASE("an exhausted budget still lets a throttled failure retry but refuses 
   CHECK(budget.tokens() == Approx(1.5));
 }
 
+TEST_CASE("a retry the budget refuses is sent anyway while exempt_from_budget says so",
+          "[retry][budget]") {
+  manual_clock::reset();
+  asio::io_context ctx;
+  keel::retry_budget budget{4, 0.5};  // retries allowed while tokens > 2
+  budget.on_failure();
+  budget.on_failure();
+  REQUIRE_FALSE(budget.can_retry());
+  auto policy = constant_policy(4, 10ms);
+  policy.budget = &budget;
+  bool exempt = true;  // e.g. "the breaker is open: it will hold the retry"
+  std::vector<keel::condition> asked;
+  policy.exempt_from_budget = [&](const std::exception_ptr& e, const keel::classification& c) {
+    CHECK(e);
+    asked.push_back(c.condition);
+    return exempt;
+  };
+
+  // Exempt: retried at the backoff's instants, every failure still charged, every refusal counted.
+  scripted exempted{{step{reset}, step{reset}, step{}}};
+  outcome<int> a;
+  spawn(ctx, keel::with_retry<manual_clock>(exempted.factory(), policy), a);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return a.done; }));
+  CHECK(a.value == 42);
+  CHECK(exempted.started_ms == std::vector<long long>{0, 10, 20});
+  CHECK(asked == std::vector<keel::condition>{keel::condition::transient,
+                                              keel::condition::transient});
+  CHECK(budget.denied() == 2);
+  CHECK(budget.tokens() == Approx(0.5));  // 2 - 1 - 1 + 0.5 for the success
+
+  // Attempts still bound an exempt call.
+  scripted always_failing{std::vector<step>(10, step{reset})};
+  outcome<int> b;
+  spawn(ctx, keel::with_retry<manual_clock>(always_failing.factory(), policy), b);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return b.done; }));
+  CHECK(always_failing.started_ms.size() == 4);
+  CHECK(b.code() == keel::error::retries_exhausted);
+
+  // Not exempt: refused at once, as without the hook.
+  exempt = false;
+  scripted refused{{step{reset}, step{}}};
+  outcome<int> c;
+  spawn(ctx, keel::with_retry<manual_clock>(refused.factory(), policy), c);
+  REQUIRE(keel::testing::run_until(ctx, [&] { return c.done; }));
+  CHECK(refused.started_ms.size() == 1);
+  CHECK(c.code() == keel::error::budget_exhausted);
+}
+
 TEST_CASE("transient and timeout failures draw on the budget by default, throttled ones do not",
           "[retry][budget]") {
   const keel::retry_policy defaults;

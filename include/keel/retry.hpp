@@ -16,7 +16,8 @@
 // 3. After `policy.max_attempts` attempts (total, including the first) the call fails with
 //    `keel::error::retries_exhausted`, the last error as its cause. If the failure was charged
 //    and the budget is below half, it fails with `keel::error::budget_exhausted` instead of
-//    retrying.
+//    retrying, unless `policy.exempt_from_budget` says the retry cannot add load now (an open
+//    breaker that will hold it).
 // 4. The delay is the server's hint (Retry-After) if the failure carried one, clamped to
 //    `policy.max_retry_after`; otherwise the policy's backoff for that failure.
 // 5. The call has an absolute deadline: `policy.timeout` after the first attempt started, and the
@@ -138,6 +139,13 @@ struct retry_policy {
   /// refused: they are paced by the server's hint, the backoff and a throttler instead (see the
   /// header overview). Add `condition::throttled` to budget them too.
   condition_set charge_budget_on{condition::transient, condition::timeout};
+  /// Optional: return true to send a retry that `budget` refused anyway, because it cannot add
+  /// load now. keel's LLM client says so while the entry's circuit breaker is open or half-open:
+  /// the breaker holds the retry until its probe has succeeded, so the budget's purpose is
+  /// served without failing the call. The failure is still charged, the refusal still counted
+  /// in `budget->denied()`, and `max_attempts` and the deadline still bound the call. Called
+  /// with a null exception for a rejected result.
+  std::function<bool(const std::exception_ptr&, const classification&)> exempt_from_budget;
   /// Jitter source (non-owning); a per-thread random source when null.
   random_source* random = nullptr;
   /// Called before every backoff sleep (log retries at WARNING here).
@@ -344,7 +352,8 @@ auto retry_impl(MakeOp op, Policy held_policy, RetryIfResult retry_if_result)
       co_return return_rejected_or_throw(
           [&] { throw_failure(error::retries_exhausted, failed, attempt); });
     }
-    if (charged && !charged->try_retry()) {
+    if (charged && !charged->try_retry() &&
+        !(policy.exempt_from_budget && policy.exempt_from_budget(failed, cls))) {
       co_return return_rejected_or_throw(
           [&] { throw_failure(error::budget_exhausted, failed, attempt); });
     }

@@ -302,6 +302,16 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
       p.retry_if = [last](const std::exception_ptr& e, const keel::classification&) {
         return last || !is_code(e, keel::error::circuit_open);
       };
+      // A retry the budget refuses while the entry's breaker is open or half-open adds no load:
+      // the breaker holds it (or, before the last entry, sends it on to the fallback) until a
+      // probe has succeeded. Failing it instead failed every item whose attempt was in flight
+      // when an outage began, beyond the budget's half (fleet.sh breaker; a 256-wide batch).
+      if (es->breaker) {
+        p.exempt_from_budget = [b = es->breaker.get()](const std::exception_ptr&,
+                                                       const keel::classification&) {
+          return b->state() != keel::breaker_state::closed;
+        };
+      }
       es->policy = std::move(p);
     }
     if (pol.hedge.enabled) {
