@@ -975,8 +975,7 @@ TEST_CASE("force_open_until opens for a break decided elsewhere, moves it, and k
   CHECK(b.state() == breaker_state::isolated);
 }
 
-TEST_CASE("a call admitted before the breaker opened does not send after waiting to",
-          "[breaker]") {
+TEST_CASE("a call admitted before the breaker opened does not send after waiting to", "[breaker]") {
   manual_clock::reset();
   asio::io_context ctx;
   test_breaker b{ctx.get_executor(), keel::breaker_policy::consecutive(3, 10s)};
@@ -995,8 +994,9 @@ TEST_CASE("a call admitted before the breaker opened does not send after waiting
     };
     spawn_call(ctx, keel::with_breaker(b, op), results[static_cast<std::size_t>(i)]);
   }
-  REQUIRE(keel::testing::run_until(
-      ctx, [&] { return std::all_of(results.begin(), results.end(), [](auto& r) { return r.done; }); }));
+  REQUIRE(keel::testing::run_until(ctx, [&] {
+    return std::all_of(results.begin(), results.end(), [](auto& r) { return r.done; });
+  }));
   // The first three sent and failed; the third opened the breaker at 300 ms.
   CHECK(p.calls == 3);
   for (int i = 0; i < 3; ++i) {
@@ -1041,7 +1041,7 @@ TEST_CASE("a permit stays admitted while its phase lasts or once the breaker is 
   REQUIRE(probe2);
   CHECK(probe1->still_admitted());
   CHECK_NOTHROW(probe1->ensure_admitted());
-  CHECK_FALSE(b.try_acquire());  // both probe slots taken
+  CHECK_FALSE(b.try_acquire());                  // both probe slots taken
   b.force_open_until(manual_clock::now() + 1s);  // e.g. the fleet's word: a new phase
   CHECK_FALSE(probe2->still_admitted());
   CHECK_THROWS_AS(probe2->ensure_admitted(), keel::failure);

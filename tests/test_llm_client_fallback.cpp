@@ -3,6 +3,7 @@
 // share a key's bucket, the deciding error of a failed call, holding at an open breaker, and a
 // retry's sleep giving its attempt slot away.
 #include "llm_client_support.hpp"
+#include "redis_support.hpp"  // free_port
 
 #include <keel/llm/client.hpp>
 #include <keel/llm/error.hpp>
@@ -299,4 +300,64 @@ TEST_CASE("a retry the budget refuses while the breaker is open waits for the pr
   }
   CHECK(server.stats().model("m").status_count(200) == 8);
   CHECK(client.breaker(0)->opened_count() >= 1);
+}
+
+TEST_CASE("a server that has never answered is not waited for once unanswered_grace is over",
+          "[llm_client]") {
+  // Nothing listens on the entry's port: every attempt is a refused connection, never an HTTP
+  // answer. The breaker opens after 2 failures for 100 ms at a time. Items held at it fail with
+  // circuit_open once the grace since the first failure is over, saying why and carrying the
+  // refused connection as a cause (a wrong base_url must not hold a batch for the items'
+  // deadlines). An outage of a server that answers (a 503) is held instead: see "with
+  // hold_open_breaker an item with no fallback left waits for the probe".
+  const char* const policy = R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
+    "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
+               "breaker": {"failure_threshold": 2, "break": 0.1, "break_growth": 1}}
+  })";
+  const std::string base_url = "http://127.0.0.1:" + std::to_string(keel_test::free_port());
+  for (const auto grace : {0ms, 300ms}) {
+    DYNAMIC_SECTION("grace " << grace.count() << " ms") {
+      asio::io_context ctx;
+      keel::http::client http(ctx.get_executor(), {});
+      keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
+      keel::llm::client_hooks hooks;
+      int holds = 0;
+      hooks.on_hold = [&](std::size_t, const void*, std::chrono::nanoseconds) { ++holds; };
+      keel::llm::client_options co;
+      co.hold_open_breaker = true;
+      co.unanswered_grace = grace;
+      keel::llm::client client(ctx.get_executor(), make_config(policy, base_url), http, buckets,
+                               hooks, 1, co);
+      const auto out = run(ctx, client, std::vector<keel::llm::chat_request>(6, request()), 2);
+      int explained = 0;
+      int held_through_grace = 0;  // items that failed only once the grace was over
+      for (const auto& o : out) {
+        REQUIRE_FALSE(o.response);
+        try {
+          std::rethrow_exception(o.error);
+        } catch (const keel::failure& f) {
+          if (f.code() == keel::error::circuit_open) {
+            CHECK(std::string(f.what()).find("has not answered one request") != std::string::npos);
+            REQUIRE(f.causes().size() == 2);
+            CHECK(keel::classify(f.causes().front()).condition == keel::condition::transient);
+            ++explained;
+          }
+        } catch (...) {
+        }
+        if (o.seconds >= 0.29) {
+          ++held_through_grace;
+        }
+      }
+      CHECK(explained >= 4);  // every item after the breaker opened
+      if (grace == 0ms) {
+        CHECK(holds == 0);
+        CHECK(held_through_grace == 0);
+      } else {
+        // The two first items were held until the grace was over; later ones failed at once.
+        CHECK(holds > 0);
+        CHECK(held_through_grace >= 2);
+      }
+    }
+  }
 }

@@ -309,8 +309,8 @@ TEST_CASE("a retry the budget refuses is sent anyway while exempt_from_budget sa
   REQUIRE(keel::testing::run_until(ctx, [&] { return a.done; }));
   CHECK(a.value == 42);
   CHECK(exempted.started_ms == std::vector<long long>{0, 10, 20});
-  CHECK(asked == std::vector<keel::condition>{keel::condition::transient,
-                                              keel::condition::transient});
+  CHECK(asked ==
+        std::vector<keel::condition>{keel::condition::transient, keel::condition::transient});
   CHECK(budget.denied() == 2);
   CHECK(budget.tokens() == Approx(0.5));  // 2 - 1 - 1 + 0.5 for the success
 

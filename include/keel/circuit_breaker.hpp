@@ -418,8 +418,9 @@ namespace detail {
 template <class MakeOp, class Permit>
 struct breaker_op {
   static constexpr bool takes_permit = std::is_invocable_v<MakeOp&, Permit&>;
-  using awaitable_type = typename std::conditional_t<takes_permit, std::invoke_result<MakeOp&, Permit&>,
-                                                     std::invoke_result<MakeOp&>>::type;
+  using awaitable_type =
+      typename std::conditional_t<takes_permit, std::invoke_result<MakeOp&, Permit&>,
+                                  std::invoke_result<MakeOp&>>::type;
   using value_type = typename awaitable_traits<awaitable_type>::value_type;
   static constexpr bool valid =
       awaitable_traits<awaitable_type>::is_awaitable &&

@@ -120,6 +120,17 @@ struct client::entry_state {
   std::unique_ptr<keel::aws::retry_strategy> aws;  // AWS modes
   bool last = false;
   bool fleet_unreachable = false;  // the last fleet acquire failed (client_options::fleet)
+  // True once the entry's server has sent any HTTP answer (a 503 too) in this client's life.
+  // A server that has never answered, `client_options::unanswered_grace` after its first
+  // failure, is more likely a wrong base_url, port or network than an outage: its open breaker
+  // is no longer waited for (see run_entry).
+  bool answered = false;
+  std::optional<clock_type::time_point> first_unanswered;  // its first failure without an answer
+  std::exception_ptr last_unanswered;                      // the last one
+  bool given_up(const client_options& o) const {
+    return !answered && first_unanswered &&
+           clock_type::now() - *first_unanswered >= o.unanswered_grace;
+  }
   // policy.hedge (null when off): the entry's recent attempt latencies (streams: time to first
   // text) and its cap on hedges.
   std::unique_ptr<keel::latency_window> latencies;
@@ -299,8 +310,9 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
       p.random = &random_;
       const bool last = es->last;
       // An open breaker is a reason to move on to the next entry; the last entry waits for it.
-      p.retry_if = [last](const std::exception_ptr& e, const keel::classification&) {
-        return last || !is_code(e, keel::error::circuit_open);
+      p.retry_if = [this, last, es = es.get()](const std::exception_ptr& e,
+                                               const keel::classification&) {
+        return !is_code(e, keel::error::circuit_open) || (last && !es->given_up(options_));
       };
       // A retry the budget refuses while the entry's breaker is open or half-open adds no load:
       // the breaker holds it (or, before the last entry, sends it on to the fallback) until a
@@ -541,6 +553,14 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     es.bucket->settle(estimate, throttled ? estimate : used);
     report.error = failed;
     report.status = error_status(failed);
+    if (report.status > 0) {
+      es.answered = true;
+    } else if (keel::classify(failed).condition != keel::condition::cancelled) {
+      es.last_unanswered = failed;
+      if (!es.first_unanswered) {
+        es.first_unanswered = clock_type::now();
+      }
+    }
     if (options_.fleet && es.breaker) {
       const keel::condition c = keel::classify(failed).condition;
       if (c != keel::condition::cancelled) {
@@ -553,6 +573,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     }
     std::rethrow_exception(failed);
   }
+  es.answered = true;
   // A token limit the controller learned from 429s is measured in this client's estimates:
   // settling with the real usage would give back the over-estimate and send more tokens than
   // the server allows (an estimate of 635 against 514 charged sent 240 r/s into a 200 r/s
@@ -764,7 +785,25 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
       cs.gate_entry = es.index;
       return hedged_attempt(es, cs);
     };
-    if (!(es.last && options_.hold_open_breaker)) {
+    // No HTTP answer at all for `unanswered_grace` since the first failure: an open breaker is
+    // no longer waited for (held or retried), so that a wrong base_url fails its items within
+    // the grace instead of holding each one for its deadline. The error says why, with the last
+    // transport error as its cause.
+    auto unanswered = [&es](const std::exception_ptr& rejected) {
+      std::vector<std::exception_ptr> causes;
+      if (es.last_unanswered) {
+        causes.push_back(es.last_unanswered);
+      }
+      causes.push_back(rejected);
+      return keel::failure(keel::make_error_code(keel::error::circuit_open),
+                           "circuit open: " + es.cfg->model +
+                               " has not answered one request (every failure had no HTTP "
+                               "answer), so calls no longer wait for its probe: check base_url, "
+                               "the network and TLS",
+                           std::move(causes));
+    };
+    const bool hold = es.last && options_.hold_open_breaker;
+    if (!hold && !es.given_up(options_)) {
       co_return co_await keel::with_breaker(*es.breaker, gated);
     }
     // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
@@ -775,21 +814,36 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
       if (options_.fleet && !first) {
         options_.fleet->sync_breaker(*es.cfg, *es.breaker);  // the fleet's latest word first
       }
+      std::exception_ptr rejected;
       try {
         co_return co_await keel::with_breaker(*es.breaker, gated);
       } catch (const boost::system::system_error& e) {
         if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
           throw;
         }
+        rejected = std::current_exception();
+      }
+      if (es.given_up(options_)) {
+        throw unanswered(rejected);
+      }
+      if (!hold) {
+        std::rethrow_exception(rejected);
       }
       if (hooks_.on_hold) {
         hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());
       }
       cs.slot.release();  // a held item sends nothing: let another one use the slot
-      // Until the probe, or (half-open, the probe slots taken) a short while.
-      const auto wait = es.breaker->remaining_open_time() +
-                        std::chrono::duration_cast<nanoseconds>(
-                            std::chrono::duration<double>(0.05 + 0.2 * random_.uniform()));
+      // Until the probe, or (half-open, the probe slots taken) a short while; for a server
+      // that has never answered, no later than the end of its grace.
+      auto wait = es.breaker->remaining_open_time() +
+                  std::chrono::duration_cast<nanoseconds>(
+                      std::chrono::duration<double>(0.05 + 0.2 * random_.uniform()));
+      if (!es.answered && es.first_unanswered) {
+        const auto grace_left =
+            *es.first_unanswered + options_.unanswered_grace - clock_type::now();
+        wait = std::min(wait, std::max(std::chrono::duration_cast<nanoseconds>(grace_left),
+                                       nanoseconds::zero()));
+      }
       timer.expires_after(wait);
       co_await timer.async_wait(asio::use_awaitable);
     }

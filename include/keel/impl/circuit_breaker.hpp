@@ -247,7 +247,8 @@ void basic_circuit_breaker<Clock>::permit::ensure_admitted() {
     const auto now = Clock::now();
     seen = breaker_->observed_state(now);
     if (seen == breaker_state::open) {
-      retry_after = std::chrono::duration_cast<std::chrono::nanoseconds>(breaker_->open_until_ - now);
+      retry_after =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(breaker_->open_until_ - now);
     }
   }
   record_cancelled();
