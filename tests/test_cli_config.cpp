@@ -131,6 +131,7 @@ TEST_CASE("a bare config_list array resolves with every default", "[cli_config]"
   CHECK(p.breaker.break_duration == 5);
   CHECK(p.breaker.break_growth == 2);
   CHECK(p.breaker.max_break == 300);
+  CHECK(p.breaker.unanswered_grace == 30);
   CHECK(p.retry_budget.enabled);
   CHECK(p.retry_budget.max_tokens == 100);
   CHECK(p.retry_budget.token_ratio == Approx(0.5));
@@ -153,7 +154,7 @@ TEST_CASE("the object shape reads config_list and every policy key", "[cli_confi
                 "honour_retry_after": false, "max_retry_after": 10},
       "deadline": 12.5,
       "breaker": {"enabled": false, "failure_threshold": 2, "break": 1, "break_growth": 1.5,
-                  "max_break": 4},
+                  "max_break": 4, "unanswered_grace": 0},
       "retry_budget": {"enabled": false, "max_tokens": 10, "token_ratio": 1},
       "rate_limits": {"requests_per_minute": 60, "tokens_per_minute": 1000, "burst": 3},
       "concurrency": 100000,
@@ -195,6 +196,7 @@ TEST_CASE("the object shape reads config_list and every policy key", "[cli_confi
   CHECK(p.breaker.break_duration == 1);
   CHECK(p.breaker.break_growth == 1.5);
   CHECK(p.breaker.max_break == 4);
+  CHECK(p.breaker.unanswered_grace == 0);
   CHECK_FALSE(p.retry_budget.enabled);
   CHECK(p.retry_budget.max_tokens == 10);
   CHECK(p.retry_budget.token_ratio == 1);
@@ -264,6 +266,7 @@ TEST_CASE("to_json fills in every default and says which retry algorithm applies
   CHECK(j["config_list"][1]["aws_region"] == "us-east-1");
   CHECK(j["policy"]["retry"]["backoff"]["jitter"] == "full");
   CHECK(j["policy"]["breaker"]["break"] == 5);
+  CHECK(j["policy"]["breaker"]["unanswered_grace"] == 30);
   CHECK(j["policy"]["retry_budget"]["token_ratio"] == 0.5);
   CHECK(j["policy"]["queue"]["max_wait"] == 0);
   CHECK(j["policy"]["concurrency"] == 16);
@@ -459,6 +462,8 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
        "/policy/breaker/failure_threshold", "an integer >= 1"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"breaker": {"break": 60, "max_break": 10}}})",
        "/policy/breaker/max_break", "a number >= break (60)"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"breaker": {"unanswered_grace": -1}}})",
+       "/policy/breaker/unanswered_grace", "a number >= 0"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry_budget": {"token_ratio": 1.5}}})",
        "/policy/retry_budget/token_ratio", "a number in (0, 1], got 1.5"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"retry_budget": {"max_tokens": 0}}})",

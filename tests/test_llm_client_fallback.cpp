@@ -310,13 +310,14 @@ TEST_CASE("a server that has never answered is not waited for once unanswered_gr
   // refused connection as a cause (a wrong base_url must not hold a batch for the items'
   // deadlines). An outage of a server that answers (a 503) is held instead: see "with
   // hold_open_breaker an item with no fallback left waits for the probe".
-  const char* const policy = R"({
-    "config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
-    "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
-               "breaker": {"failure_threshold": 2, "break": 0.1, "break_growth": 1}}
-  })";
   const std::string base_url = "http://127.0.0.1:" + std::to_string(keel_test::free_port());
   for (const auto grace : {0ms, 300ms}) {
+    const std::string policy =
+        R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
+            "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
+                       "breaker": {"failure_threshold": 2, "break": 0.1, "break_growth": 1,
+                                   "unanswered_grace": )" +
+        std::to_string(static_cast<double>(grace.count()) / 1000.0) + "}}}";
     DYNAMIC_SECTION("grace " << grace.count() << " ms") {
       asio::io_context ctx;
       keel::http::client http(ctx.get_executor(), {});
@@ -326,7 +327,6 @@ TEST_CASE("a server that has never answered is not waited for once unanswered_gr
       hooks.on_hold = [&](std::size_t, const void*, std::chrono::nanoseconds) { ++holds; };
       keel::llm::client_options co;
       co.hold_open_breaker = true;
-      co.unanswered_grace = grace;
       keel::llm::client client(ctx.get_executor(), make_config(policy, base_url), http, buckets,
                                hooks, 1, co);
       const auto out = run(ctx, client, std::vector<keel::llm::chat_request>(6, request()), 2);

@@ -121,15 +121,16 @@ struct client::entry_state {
   bool last = false;
   bool fleet_unreachable = false;  // the last fleet acquire failed (client_options::fleet)
   // True once the entry's server has sent any HTTP answer (a 503 too) in this client's life.
-  // A server that has never answered, `client_options::unanswered_grace` after its first
+  // A server that has never answered, `policy.breaker.unanswered_grace` after its first
   // failure, is more likely a wrong base_url, port or network than an outage: its open breaker
   // is no longer waited for (see run_entry).
   bool answered = false;
   std::optional<clock_type::time_point> first_unanswered;  // its first failure without an answer
   std::exception_ptr last_unanswered;                      // the last one
-  bool given_up(const client_options& o) const {
+  nanoseconds unanswered_grace{0};                         // policy.breaker.unanswered_grace
+  bool given_up() const {
     return !answered && first_unanswered &&
-           clock_type::now() - *first_unanswered >= o.unanswered_grace;
+           clock_type::now() - *first_unanswered >= unanswered_grace;
   }
   // policy.hedge (null when off): the entry's recent attempt latencies (streams: time to first
   // text) and its cap on hedges.
@@ -294,6 +295,7 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
         };
       }
       es->breaker = std::make_unique<keel::circuit_breaker>(ex_, bp);
+      es->unanswered_grace = seconds_ns(pol.breaker.unanswered_grace);
     }
     if (const auto& aws = cfg_.entries[i].aws_retry) {
       const double now =
@@ -310,9 +312,8 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
       p.random = &random_;
       const bool last = es->last;
       // An open breaker is a reason to move on to the next entry; the last entry waits for it.
-      p.retry_if = [this, last, es = es.get()](const std::exception_ptr& e,
-                                               const keel::classification&) {
-        return !is_code(e, keel::error::circuit_open) || (last && !es->given_up(options_));
+      p.retry_if = [last, es = es.get()](const std::exception_ptr& e, const keel::classification&) {
+        return !is_code(e, keel::error::circuit_open) || (last && !es->given_up());
       };
       // A retry the budget refuses while the entry's breaker is open or half-open adds no load:
       // the breaker holds it (or, before the last entry, sends it on to the fallback) until a
@@ -803,7 +804,7 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
                            std::move(causes));
     };
     const bool hold = es.last && options_.hold_open_breaker;
-    if (!hold && !es.given_up(options_)) {
+    if (!hold && !es.given_up()) {
       co_return co_await keel::with_breaker(*es.breaker, gated);
     }
     // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
@@ -823,7 +824,7 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
         }
         rejected = std::current_exception();
       }
-      if (es.given_up(options_)) {
+      if (es.given_up()) {
         throw unanswered(rejected);
       }
       if (!hold) {
@@ -839,8 +840,7 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
                   std::chrono::duration_cast<nanoseconds>(
                       std::chrono::duration<double>(0.05 + 0.2 * random_.uniform()));
       if (!es.answered && es.first_unanswered) {
-        const auto grace_left =
-            *es.first_unanswered + options_.unanswered_grace - clock_type::now();
+        const auto grace_left = *es.first_unanswered + es.unanswered_grace - clock_type::now();
         wait = std::min(wait, std::max(std::chrono::duration_cast<nanoseconds>(grace_left),
                                        nanoseconds::zero()));
       }

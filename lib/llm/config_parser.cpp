@@ -218,7 +218,9 @@ retry_config parser::parse_retry(const json& j, const std::string& path) const {
 }
 
 breaker_config parser::parse_breaker(const json& j, const std::string& path) const {
-  check_keys(j, path, {"enabled", "failure_threshold", "break", "break_growth", "max_break"});
+  check_keys(
+      j, path,
+      {"enabled", "failure_threshold", "break", "break_growth", "max_break", "unanswered_grace"});
   breaker_config b;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -232,6 +234,8 @@ breaker_config parser::parse_breaker(const json& j, const std::string& path) con
       b.break_growth = number(v, p, growth_factor);
     } else if (key == "max_break") {
       b.max_break = number(v, p, seconds_positive);
+    } else if (key == "unanswered_grace") {
+      b.unanswered_grace = number(v, p, seconds_non_negative);
     }
   }
   if (b.max_break < b.break_duration) {

@@ -36,7 +36,7 @@
 // - An open breaker moves on to the next entry at once; on the last entry, keel-native retry
 //   waits for the breaker's probe instead (its error carries the remaining open time); with
 //   `client_options::hold_open_breaker` (keel batch) that wait costs no attempt. Not for a
-//   server that has never sent an HTTP answer, after `client_options::unanswered_grace`: that
+//   server that has never sent an HTTP answer, after `policy.breaker.unanswered_grace`: that
 //   is more likely a wrong base_url than an outage, and its calls fail with `circuit_open`.
 // - An attempt asks its entry's breaker again after the bucket's wait, just before it is sent
 //   (`permit::ensure_admitted`), and a retry the budget refuses while the breaker is open or
@@ -312,15 +312,6 @@ struct client_options {
   /// (bounded by the call's deadline) without spending an attempt; when false (the library's
   /// way), the wait is an ordinary retry whose delay is the time left until the probe.
   bool hold_open_breaker = false;
-  /// How long an entry whose server has not sent one HTTP answer (every failure a connection,
-  /// TLS or timeout error) is waited for, from its first failure. After it, the entry's open
-  /// breaker is neither held for nor retried: calls fail at once with `circuit_open`, whose
-  /// message says the server never answered and whose causes hold the last transport error. A
-  /// wrong base_url then fails a batch within about this long instead of holding every item
-  /// for its deadline (300 s by default: a 100-item batch took 25 minutes). 30 s outlasts a
-  /// plain retry loop's patience (the OpenAI SDK with 5 retries waits ~16 s). Any answer, a 503
-  /// too, ends the grace for good: an outage of a server that has answered is held as before.
-  std::chrono::nanoseconds unanswered_grace = std::chrono::seconds(30);
   /// When nonzero, at most this many calls hold an attempt slot at once (`client::call`).
   /// A call gives its slot up while it sleeps (a retry's backoff or server delay, a hold at an
   /// open breaker) and takes one again, in FIFO order, before its next attempt: a sleeping item

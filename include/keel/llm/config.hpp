@@ -60,6 +60,7 @@
 //                 rung); naming either replaces that default.
 //   deadline:     seconds > 0: overall limit per item, fallbacks included (300)
 //   breaker:      {enabled: bool (true), failure_threshold: int >= 1 (10), break: s (5),
+//   unanswered_grace: s >= 0 (30),
 //                  break_growth: number >= 1 (2), max_break: s (300)}
 //   retry_budget: {enabled: bool (true), max_tokens: number > 0 (100), token_ratio: number in
 //                  (0, 1] (0.5: refuses retries only above ~33% failed attempts); only
@@ -169,6 +170,16 @@ struct breaker_config {
   double break_growth = 2;
   /// Longest break, seconds.
   double max_break = 300;
+  /// How long, seconds, a server that has not sent one HTTP answer (every failure a refused
+  /// connection, a TLS, DNS or timeout error) is waited for at its open breaker, from its first
+  /// failure. After it, the breaker is neither held for nor retried: calls fail at once with
+  /// `circuit_open`, whose message says the server never answered and whose causes hold the
+  /// last transport error. A wrong base_url then fails a batch within about this long instead
+  /// of holding every item for its deadline (a 100-item batch took 25 minutes). 30 outlasts a
+  /// plain retry loop's patience (the OpenAI SDK with 5 retries gives up after ~16 s). Any
+  /// answer, a 503 too, ends the grace for good: an outage of a server that has answered is
+  /// held as before. 0: give up as soon as the breaker opens.
+  double unanswered_grace = 30;
 };
 
 /// gRFC A6 retry budget shared by every entry of one client.
