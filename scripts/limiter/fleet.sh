@@ -39,6 +39,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 prog="fleet.sh"
 die() { echo "$prog: $*" >&2; exit 2; }
+# shellcheck source=common.sh
+. "$here/common.sh"
 usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 [ $# -ge 1 ] || { usage >&2; exit 2; }
@@ -76,21 +78,7 @@ keel="$dir/keel"
 ldir="$dir/limiter"
 echo "$prog: results in $dir" >&2
 
-python3 - "$dir/prompts.jsonl" "$prompts" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as f:
-    for i in range(1, int(sys.argv[2]) + 1):
-        f.write(json.dumps({"id": i, "prompt": f"Prompt {i}: summarise the incident report."}) + "\n")
-PY
-
-# True once something listens on 127.0.0.1:$1 (within 4 s).
-wait_listen() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.02
-  done
-  return 1
-}
+write_prompts "$dir/prompts.jsonl" "$prompts"
 
 # Starts the P processes of run $1, each on its shard; their pids go to fleet_pids.
 fleet_pids=()

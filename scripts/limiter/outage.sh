@@ -22,6 +22,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 prog="outage.sh"
 die() { echo "$prog: $*" >&2; exit 2; }
+# shellcheck source=common.sh
+. "$here/common.sh"
 
 concs="16 64 256" prompts=2000 latency=200 outage="1000 6000" runs=1 sdk_retries="default 5"
 sdk=1 keel_src="$root/build/tools/keel/keel" port=18390 dir=""
@@ -65,27 +67,13 @@ cp "$keel_src" "$dir/keel"
 keel="$dir/keel"
 echo "$prog: results in $dir" >&2
 
-python3 - "$dir/prompts.jsonl" "$prompts" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as f:
-    for i in range(1, int(sys.argv[2]) + 1):
-        f.write(json.dumps({"id": i, "prompt": f"Prompt {i}: summarise the incident report."}) + "\n")
-PY
+write_prompts "$dir/prompts.jsonl" "$prompts"
 cat >"$dir/scenario.json" <<EOF
 {"seed": 1, "models": {"gpt-4o-mini": {"latency_ms": $latency, "outages": [{"from_ms": $out_from, "to_ms": $out_to}]}}}
 EOF
 cat >"$dir/config.json" <<EOF
 [{"model": "gpt-4o-mini", "base_url": "http://127.0.0.1:$port/v1", "api_key": "sk-outage-bench"}]
 EOF
-
-# True once something listens on 127.0.0.1:$1 (within 4 s).
-wait_listen() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.02
-  done
-  return 1
-}
 
 mock_pid=""
 mock_start() {
