@@ -325,6 +325,12 @@ TEST_CASE("a server that has never answered is not waited for once unanswered_gr
       keel::llm::client_hooks hooks;
       int holds = 0;
       hooks.on_hold = [&](std::size_t, const void*, std::chrono::nanoseconds) { ++holds; };
+      int reported = 0;
+      hooks.on_unanswered = [&](std::size_t entry, const std::exception_ptr& last) {
+        CHECK(entry == 0);
+        CHECK(keel::classify(last).condition == keel::condition::transient);
+        ++reported;
+      };
       keel::llm::client_options co;
       co.hold_open_breaker = true;
       keel::llm::client client(ctx.get_executor(), make_config(policy, base_url), http, buckets,
@@ -350,6 +356,7 @@ TEST_CASE("a server that has never answered is not waited for once unanswered_gr
         }
       }
       CHECK(explained >= 4);  // every item after the breaker opened
+      CHECK(reported == 1);   // once per entry
       if (grace == 0ms) {
         CHECK(holds == 0);
         CHECK(held_through_grace == 0);

@@ -127,6 +127,7 @@ struct client::entry_state {
   bool answered = false;
   std::optional<clock_type::time_point> first_unanswered;  // its first failure without an answer
   std::exception_ptr last_unanswered;                      // the last one
+  bool unanswered_reported = false;                        // client_hooks::on_unanswered called
   nanoseconds unanswered_grace{0};                         // policy.breaker.unanswered_grace
   bool given_up() const {
     return !answered && first_unanswered &&
@@ -790,7 +791,13 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
     // no longer waited for (held or retried), so that a wrong base_url fails its items within
     // the grace instead of holding each one for its deadline. The error says why, with the last
     // transport error as its cause.
-    auto unanswered = [&es](const std::exception_ptr& rejected) {
+    auto unanswered = [this, &es](const std::exception_ptr& rejected) {
+      if (!es.unanswered_reported) {
+        es.unanswered_reported = true;
+        if (hooks_.on_unanswered) {
+          hooks_.on_unanswered(es.index, es.last_unanswered);
+        }
+      }
       std::vector<std::exception_ptr> causes;
       if (es.last_unanswered) {
         causes.push_back(es.last_unanswered);

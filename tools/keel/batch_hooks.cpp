@@ -169,6 +169,13 @@ llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, me
                {"probe_in", seconds_text(left)}});
     }
   };
+  hooks.on_unanswered = [&cfg, &log](std::size_t entry, const std::exception_ptr& last_error) {
+    log.log(log_level::warning, "unanswered",
+            "no HTTP answer since the first failure (policy.breaker.unanswered_grace): its items "
+            "now fail with circuit_open instead of waiting; check base_url, the network and TLS",
+            {{"model", cfg.entries[entry].name()},
+             {"class", last_error ? llm::error_class(last_error) : std::string("none")}});
+  };
   hooks.on_hedge = [&cfg, &st, &m, &log](std::size_t entry, const void* context,
                                          std::size_t attempt, std::size_t to) {
     ++st.hedges;

@@ -240,6 +240,10 @@ struct client_hooks {
   /// The last entry's breaker is open and the item waits for its probe
   /// (`client_options::hold_open_breaker`); the time left until the probe.
   std::function<void(std::size_t entry, const void* context, std::chrono::nanoseconds)> on_hold;
+  /// Entry `entry`'s server has sent no HTTP answer for `policy.breaker.unanswered_grace` since
+  /// its first failure: from now on its open breaker fails calls instead of holding them. Called
+  /// once per entry, with the last transport error (e.g. a refused connection).
+  std::function<void(std::size_t entry, const std::exception_ptr& last_error)> on_unanswered;
   /// A hedge of an attempt on entry `entry` starts (`policy.hedge`); `attempt` is 1 for the first
   /// hedge, `to` the entry it goes to.
   std::function<void(std::size_t entry, const void* context, std::size_t attempt, std::size_t to)>
