@@ -555,16 +555,16 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     es.bucket->settle(estimate, throttled ? estimate : used);
     report.error = failed;
     report.status = error_status(failed);
+    const keel::condition c = keel::classify(failed).condition;
     if (report.status > 0) {
       es.answered = true;
-    } else if (keel::classify(failed).condition != keel::condition::cancelled) {
+    } else if (c != keel::condition::cancelled) {
       es.last_unanswered = failed;
       if (!es.first_unanswered) {
         es.first_unanswered = clock_type::now();
       }
     }
     if (options_.fleet && es.breaker) {
-      const keel::condition c = keel::classify(failed).condition;
       if (c != keel::condition::cancelled) {
         options_.fleet->on_breaker_outcome(*es.cfg,
                                            es.breaker->policy().counts_as_failure.contains(c));
