@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks keel's mock LLM server against the official OpenAI, Anthropic and Bedrock Runtime Node
-# SDKs. Usage: scripts/sdk-check/run.sh /path/to/keel
+# SDKs, and `keel serve` with the OpenAI SDK as its client (gateway.mjs). Usage:
+# scripts/sdk-check/run.sh /path/to/keel
 # Starts `keel mock` on a free port with scenario.json, runs check.mjs (one PASS/FAIL line per
 # check), stops the mock and exits non-zero if any check failed. Needs Node >= 18.20 (checked on
 # Debian 12's nodejs 18.20.4 with its npm 9.2.0, and on Node 20); runs `npm ci` the first time.
@@ -35,4 +36,48 @@ done
 echo "mock: $url ($("$keel" --version 2>/dev/null | head -1 || true))"
 
 # The pinned AWS SDK declares Node >= 20 and warns below 22; it runs on 18.20 (every check passes).
-AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED=true MOCK_URL="$url" node check.mjs
+rc=0
+AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED=true MOCK_URL="$url" node check.mjs || rc=$?
+
+# keel serve with the OpenAI SDK as its client (gateway.mjs): two gateways in front of the mock.
+tmp="$(mktemp -d)"
+serve_pids=()
+cat >"$tmp/gw.json" <<EOF
+{"config_list": [{"model": "gw-primary", "base_url": "$url", "api_key": "sk-gateway-check-1"},
+                 {"model": "gw-backup", "base_url": "$url", "api_key": "sk-gateway-check-2"}],
+ "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.01}}}}
+EOF
+cat >"$tmp/limited.json" <<EOF
+{"config_list": [{"model": "gw-limited", "base_url": "$url", "api_key": "sk-gateway-check-3"}],
+ "policy": {"retry": {"max_attempts": 1}}}
+EOF
+# Starts a gateway on a free port (in this shell, so that its pid is kept); `served` is its URL.
+start_serve() {  # config log
+  "$keel" serve --config "$1" --listen 127.0.0.1:0 >"$2" 2>&1 &
+  serve_pids+=($!)
+  served=""
+  for _ in $(seq 100); do
+    served="$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$2" | head -1 || true)"
+    [[ -n "$served" ]] && return 0
+    sleep 0.05
+  done
+  echo "keel serve did not print its address:" >&2
+  cat "$2" >&2
+  return 1
+}
+start_serve "$tmp/gw.json" "$tmp/gw.log"
+gw="$served"
+start_serve "$tmp/limited.json" "$tmp/limited.log"
+lim="$served"
+echo "serve: $gw (gw-primary -> gw-backup), $lim (gw-limited)"
+SERVE_URL="$gw" LIMITED_URL="$lim" node gateway.mjs || rc=$?
+for p in "${serve_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${serve_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+sed -n 's/^keel serve: stopped/serve: stopped/p' "$tmp/gw.log" "$tmp/limited.log"
+grep -h 'WARNING' "$tmp/gw.log" "$tmp/limited.log" | grep -v draining | head -5 || true
+if grep -q 'sk-gateway-check' "$tmp/gw.log" "$tmp/limited.log"; then
+  echo "FAIL keel serve logged a provider key" >&2
+  rc=1
+fi
+rm -rf "$tmp"
+exit "$rc"

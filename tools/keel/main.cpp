@@ -4,6 +4,7 @@
 #include "bench.hpp"
 #include "demo.hpp"
 #include "log.hpp"
+#include "serve.hpp"
 #include "shard.hpp"
 
 #include <keel/testing/mock_llm_server.hpp>
@@ -251,6 +252,27 @@ int main(int argc, char** argv) {
   mock->add_option("--scenario", mock_file, "Scenario file (docs/mock_llm_server.md)");
   mock->add_option("--seed", mock_seed, "Seed of the fault generators");
 
+  // ---- serve ----
+  auto* serve = app.add_subcommand(
+      "serve",
+      "Serve a config as an OpenAI-compatible API (POST /v1/chat/completions): point any "
+      "OpenAI SDK's base_url at it and its calls get the config's policy");
+  std::string serve_config;
+  keel::cli::serve_options serve_opts;
+  common_flags sf;
+  serve->add_option("--config", serve_config, "Config file (AG2 config_list + policy)")->required();
+  serve->add_option("--listen", serve_opts.listen, "ADDR:PORT to listen on (port 0: any free)")
+      ->capture_default_str();
+  serve
+      ->add_option("--grace", serve_opts.grace,
+                   "Seconds calls in flight may finish after SIGINT/SIGTERM (a second signal "
+                   "stops at once)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 86400.0));
+  serve->add_option("--log-level", sf.log_level, "debug, info, warning, error or off")
+      ->capture_default_str();
+  serve->add_option("--log-format", sf.log_format, "text or json")->capture_default_str();
+
   // ---- bench ----
   auto* bench = app.add_subcommand(
       "bench",
@@ -355,6 +377,11 @@ int main(int argc, char** argv) {
     }
     if (*mock) {
       return run_mock(mock_address, mock_port, mock_file, mock_seed);
+    }
+    if (*serve) {
+      logger log = make_logger(sf);
+      const llm::client_config c = llm::load_config(serve_config, llm::process_env());
+      return run_serve(c, serve_opts, log);
     }
     if (*results_check) {
       return run_check(check_in, check_results_files, merge_out);

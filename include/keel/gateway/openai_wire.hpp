@@ -1,0 +1,123 @@
+// keel::gateway OpenAI wire: what `keel serve` reads from and writes to the services that call it
+// (the OpenAI chat completions API, as the official SDKs speak it), as pure functions.
+#pragma once
+
+// Overview
+// --------
+// `keel serve` (issue 18) lets a service in any language point its OpenAI SDK's `base_url` at keel
+// and get keel's pacing, retries, fallbacks and breakers. These functions translate at its edge:
+//
+//   - `parse_chat_request`: an OpenAI `POST /v1/chat/completions` body to a provider-neutral
+//     `keel::llm::chat_request` (which the configured client sends in whatever wire format each
+//     entry speaks: OpenAI, Anthropic or Bedrock), or a `bad_request` naming the JSON path;
+//   - `completion_body`: a `keel::llm::chat_response` back to an OpenAI `chat.completion`;
+//   - `error_answer`: a failed call (keel's final error) to the status, `retry-after` and
+//     `{"error": {message, type, param, code}}` body the OpenAI SDKs map to their exception
+//     classes.
+//
+// Decisions:
+// - Messages: `system` and `developer` turns become the system prompt (joined by blank lines);
+//   `user` and `assistant` turns keep their order. `content` may be a string or an array of
+//   `{"type": "text", "text": ...}` parts (joined). Other part types (images, audio), `tool`
+//   turns, `tools`/`functions`, `n` other than 1 and `logprobs` are refused with a 400 that names
+//   the field: keel's provider-neutral request cannot carry them yet, and dropping them silently
+//   would answer a different question.
+// - `max_completion_tokens` wins over `max_tokens`; neither: keel's default (1024).
+//   `temperature`, `top_p`, `stop` (a string or up to 4 strings), `seed`, `response_format` and
+//   `metadata` pass through. Unknown fields are ignored (the OpenAI API grows faster than any
+//   gateway).
+// - Errors the caller can fix (a 400/404/413/422 from the provider: context too long, content
+//   filtered, a bad parameter) keep their status. A rate limit or exhausted quota is a 429; an
+//   upstream overload, 5xx, open breaker, exhausted budget or unreachable server is a 502 or
+//   503; a deadline is a 504. An upstream 401/403 means keel's *provider* key was refused, not the
+//   caller's: it is a 502 (`upstream_auth`), so the caller's SDK does not report its own key as
+//   bad. `retry-after` (seconds, rounded up) and `retry-after-ms` go with every answer for which
+//   keel knows when capacity returns (a provider's delay hint, an open breaker's remaining
+//   break), so that the callers' own retries do not herd.
+// - Messages never carry a key: provider messages are redacted by keel::llm (and the client masks
+//   its entries' keys); keel's own messages name no secret.
+//
+// Thread safety: pure functions.
+
+#include <keel/llm/chat.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <exception>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace keel::gateway {
+
+/// A request body keel cannot serve: `status` (400, or 404 for an unknown model), OpenAI's
+/// `param` (the JSON path, e.g. "messages[2].content") and `code`.
+class bad_request : public std::runtime_error {
+ public:
+  /// A 400 (or `status`) naming `param`.
+  bad_request(std::string message, std::string param, std::string code = {}, int status = 400)
+      : std::runtime_error(std::move(message)),
+        param_(std::move(param)),
+        code_(std::move(code)),
+        status_(status) {}
+  /// The field at fault ("" if none).
+  const std::string& param() const noexcept { return param_; }
+  /// OpenAI's error code ("" if none).
+  const std::string& code() const noexcept { return code_; }
+  /// The HTTP status to answer with.
+  int status() const noexcept { return status_; }
+
+ private:
+  std::string param_;
+  std::string code_;
+  int status_;
+};
+
+/// What a chat completions body asks for.
+struct parsed_chat_request {
+  /// The provider-neutral request (its `model` is the route's name as the caller wrote it).
+  keel::llm::chat_request request;
+  /// `"stream": true`.
+  bool stream = false;
+  /// `stream_options.include_usage`.
+  bool include_usage = false;
+};
+
+/// Parses an OpenAI chat completions request body.
+/// @throws bad_request naming the field at fault (invalid JSON: param "").
+parsed_chat_request parse_chat_request(std::string_view body);
+
+/// OpenAI's `finish_reason` for a provider's ("end_turn" -> "stop", "max_tokens" -> "length",
+/// "tool_use" -> "tool_calls", "content_filter"/"guardrail_intervened" -> "content_filter";
+/// empty -> "stop"; anything else passes through).
+std::string openai_finish_reason(std::string_view provider_reason);
+
+/// The `chat.completion` object for `reply`.
+/// @param id the completion's id ("chatcmpl-...").
+/// @param created seconds since the epoch.
+/// @param model the model to report (the route's name if the provider did not say).
+nlohmann::json completion_body(const keel::llm::chat_response& reply, const std::string& id,
+                               long long created, const std::string& model);
+
+/// An answer for a failed call.
+struct error_reply {
+  /// HTTP status.
+  int status = 500;
+  /// When the caller may try again, if keel knows.
+  std::optional<std::chrono::nanoseconds> retry_after;
+  /// `{"error": {"message", "type", "param", "code"}}`.
+  nlohmann::json body;
+};
+
+/// `{"error": {"message": message, "type": type, "param": param or null, "code": code or
+/// null}}`.
+nlohmann::json error_body(std::string_view message, std::string_view type,
+                          std::string_view param = {}, std::string_view code = {});
+
+/// The answer for a call that failed with `e` (keel's final error: a provider error, a keel
+/// failure such as retries_exhausted or circuit_open, or a transport error). See the overview.
+error_reply error_answer(const std::exception_ptr& e);
+
+}  // namespace keel::gateway

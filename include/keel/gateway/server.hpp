@@ -1,0 +1,118 @@
+// keel::gateway::server: an OpenAI-compatible HTTP/1.1 front for a `keel::llm::client`, so that a
+// service in any language gets keel's policy by pointing its SDK's base_url at it (`keel serve`).
+#pragma once
+
+// Overview
+// --------
+// One server per process, on one executor (the client's), Beast inside lib/gateway:
+//
+//   POST /v1/chat/completions   an OpenAI chat completion through the client's whole policy
+//                               (pacing, retries, fallbacks, breakers); see openai_wire.hpp for
+//                               the translation, the errors and what is refused
+//   GET  /v1/models             the served model names (`server_options::models`)
+//   GET  /healthz               200 {"status": "ok"}; 503 {"status": "draining"} while draining
+//
+// The request's `model` must be one of `models` (else a 404 `model_not_found`, as OpenAI
+// answers); the call then runs the client's chain, each entry with its own model.
+//
+// Limits, so that no caller holds resources without bound: a request's header block
+// (`max_header`, else 431) and body (`max_request_body`, else 413 and the connection closes);
+// `read_timeout` for a whole request to arrive (head and body; a keep-alive connection with no
+// request for that long is closed); `write_timeout` for an answer to leave. A call itself is
+// bounded by the client's policy (`policy.deadline`).
+//
+// Not yet (issue 18, named in README): `stream: true` (refused with a 400 naming `stream`),
+// gateway keys and per-caller limits (listen on loopback, the default, or behind a proxy that
+// authenticates), `/metrics`, routes other than one chain per config.
+//
+// Cancellation and shutdown: `drain(grace)` stops accepting, closes idle connections and lets
+// calls in flight finish; after `grace` the rest are cancelled (their callers get a 503
+// `shutting_down`), and it completes when no connection is left. `stop()` closes everything at
+// once. A caller that disconnects while its call runs does not cancel it (the answer is dropped):
+// the call's attempts are already paced and counted.
+//
+// Thread safety: one executor; call every member from it.
+
+#include <keel/llm/client.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace keel::gateway {
+
+/// Where and how a gateway listens.
+struct server_options {
+  /// The address to listen on (loopback by default: there are no gateway keys yet).
+  std::string address = "127.0.0.1";
+  /// The port (0: any free one; see `server::port`).
+  unsigned short port = 0;
+  /// The model names callers may ask for (empty: any).
+  std::vector<std::string> models;
+  /// The largest request body, bytes.
+  std::size_t max_request_body = 4 * 1024 * 1024;
+  /// The largest request header block, bytes.
+  std::uint32_t max_header = 16 * 1024;
+  /// Longest time for a whole request to arrive, and for an idle keep-alive connection.
+  std::chrono::milliseconds read_timeout{std::chrono::seconds(30)};
+  /// Longest time for an answer to be written.
+  std::chrono::milliseconds write_timeout{std::chrono::seconds(30)};
+};
+
+/// What a gateway has done so far.
+struct server_stats {
+  /// Connections accepted.
+  std::uint64_t connections = 0;
+  /// Requests read (every path).
+  std::uint64_t requests = 0;
+  /// Chat completions answered with 200.
+  std::uint64_t completions = 0;
+  /// Answers with a status >= 400 (every path).
+  std::uint64_t errors = 0;
+  /// Chat completions running now.
+  std::size_t in_flight = 0;
+};
+
+/// An OpenAI-compatible HTTP/1.1 server in front of a `keel::llm::client`.
+class server {
+ public:
+  /// A server for `client` (which must outlive it); nothing listens until `start()`.
+  server(boost::asio::any_io_executor ex, keel::llm::client& client, server_options options);
+  /// Stops (as `stop()`).
+  ~server();
+  server(const server&) = delete;
+  server& operator=(const server&) = delete;
+
+  /// Binds and listens.
+  /// @throws boost::system::system_error if the address cannot be bound.
+  void start();
+
+  /// The port it listens on (after `start()`).
+  unsigned short port() const noexcept;
+
+  /// `http://address:port`.
+  std::string base_url() const;
+
+  /// Stops accepting, closes idle connections, lets calls in flight finish for up to `grace`,
+  /// then cancels the rest; completes when no connection is left.
+  /// Cancellation: cancelling the drain itself cancels the calls still in flight at once.
+  boost::asio::awaitable<void> drain(std::chrono::nanoseconds grace);
+
+  /// Closes the listener and every connection now; calls in flight are cancelled.
+  void stop();
+
+  /// Counters so far.
+  server_stats stats() const;
+
+ private:
+  struct impl;
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace keel::gateway

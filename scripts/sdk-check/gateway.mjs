@@ -1,0 +1,120 @@
+// Checks `keel serve` (docs/serve.md) with the official OpenAI Node SDK as its client: the SDK
+// points its baseURL at keel, keel calls `keel mock` under the config's policy.
+//
+//   SERVE_URL=http://127.0.0.1:P LIMITED_URL=http://127.0.0.1:Q node gateway.mjs
+//
+// run.sh starts the mock (scenario.json: models gw-primary, gw-backup, gw-limited) and two
+// gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each),
+// LIMITED_URL serves "gw-limited" with one attempt. Prints one PASS/FAIL line per check and exits
+// 1 if any failed.
+
+import OpenAI from 'openai';
+
+const SERVE = process.env.SERVE_URL;
+const LIMITED = process.env.LIMITED_URL;
+if (!SERVE || !LIMITED) {
+  console.error('SERVE_URL and LIMITED_URL must be set (run run.sh)');
+  process.exit(2);
+}
+
+// Every request the SDK makes, to count its own attempts.
+const sent = [];
+async function countingFetch(url, init) {
+  sent.push(url);
+  return fetch(url, init);
+}
+const sdk = new OpenAI({ baseURL: `${SERVE}/v1`, apiKey: 'not-a-provider-key', fetch: countingFetch });
+const limited = new OpenAI({ baseURL: `${LIMITED}/v1`, apiKey: 'x', maxRetries: 0 });
+
+let failed = 0;
+let passed = 0;
+async function check(name, fn) {
+  try {
+    const detail = await fn();
+    passed++;
+    console.log(`PASS ${name}${detail ? ` (${detail})` : ''}`);
+  } catch (e) {
+    failed++;
+    console.log(`FAIL ${name}: ${e?.stack ?? e}`);
+  }
+}
+function eq(actual, expected, what) {
+  if (actual !== expected) {
+    throw new Error(`${what}: expected ${JSON.stringify(expected)}, got ${JSON.stringify(actual)}`);
+  }
+}
+async function thrown(promise) {
+  try {
+    const v = await promise;
+    throw new Error(`expected an error, got a result: ${JSON.stringify(v).slice(0, 300)}`);
+  } catch (e) {
+    if (e?.message?.startsWith('expected an error')) throw e;
+    return e;
+  }
+}
+const ask = (model, content = 'hello gateway') => ({
+  model, messages: [{ role: 'user', content }], max_completion_tokens: 32,
+});
+
+await check('keel serve: upstream 429 then ok -> one 200 for the SDK (keel retried), text, usage, _request_id', async () => {
+  const before = sent.length;
+  const r = await sdk.chat.completions.create(ask('gw-primary'));
+  eq(sent.length - before, 1, 'SDK attempts');
+  eq(r.object, 'chat.completion', 'object');
+  eq(r.choices[0].message.content, 'mock answer to: hello gateway', 'content');
+  eq(r.choices[0].finish_reason, 'stop', 'finish_reason');
+  eq(r.usage.total_tokens > 0, true, 'usage.total_tokens > 0');
+  eq(typeof r._request_id, 'string', '_request_id');
+  return `model ${r.model}, ${r._request_id}`;
+});
+
+await check('keel serve: upstream 503 x3 -> keel falls back; the SDK gets 200 from gw-backup', async () => {
+  const before = sent.length;
+  const r = await sdk.chat.completions.create(ask('gw-primary'));
+  eq(sent.length - before, 1, 'SDK attempts');
+  eq(r.model, 'gw-backup', 'model');
+  return `model ${r.model}`;
+});
+
+await check('keel serve: a model it does not serve -> NotFoundError 404 model_not_found, not retried', async () => {
+  const before = sent.length;
+  const e = await thrown(sdk.chat.completions.create(ask('gpt-unknown')));
+  eq(e instanceof OpenAI.NotFoundError, true, `NotFoundError (got ${e?.constructor?.name})`);
+  eq(e.status, 404, 'status');
+  eq(e.code, 'model_not_found', 'code');
+  eq(sent.length - before, 1, 'SDK attempts');
+});
+
+await check('keel serve: an image content part -> BadRequestError 400 naming the param', async () => {
+  const e = await thrown(sdk.chat.completions.create({
+    model: 'gw-primary',
+    messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'http://x/y.png' } }] }],
+  }));
+  eq(e instanceof OpenAI.BadRequestError, true, `BadRequestError (got ${e?.constructor?.name})`);
+  eq(e.param, 'messages[0].content[0].type', 'param');
+});
+
+await check('keel serve: stream: true is refused (not built yet) -> BadRequestError param stream', async () => {
+  const e = await thrown(sdk.chat.completions.create({ ...ask('gw-primary'), stream: true }));
+  eq(e instanceof OpenAI.BadRequestError, true, `BadRequestError (got ${e?.constructor?.name})`);
+  eq(e.param, 'stream', 'param');
+});
+
+await check('keel serve: models.list() names the served model', async () => {
+  const ids = [];
+  for await (const m of sdk.models.list()) ids.push(m.id);
+  eq(JSON.stringify(ids), '["gw-primary"]', 'ids');
+});
+
+await check('keel serve: upstream 429 (Retry-After 2 s) with no retry left -> RateLimitError 429, retry-after and retry-after-ms', async () => {
+  const e = await thrown(limited.chat.completions.create(ask('gw-limited')));
+  eq(e instanceof OpenAI.RateLimitError, true, `RateLimitError (got ${e?.constructor?.name})`);
+  eq(e.status, 429, 'status');
+  eq(e.code, 'rate_limit_exceeded', 'code');
+  eq(e.headers.get('retry-after'), '2', 'retry-after');
+  eq(e.headers.get('retry-after-ms'), '2000', 'retry-after-ms');
+  return e.message.slice(0, 120);
+});
+
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,357 @@
+// Tests for keel::gateway (keel serve): the OpenAI wire translation as pure functions, and the
+// server on loopback in front of a keel::llm::client and the mock LLM server.
+#include <keel/gateway/openai_wire.hpp>
+#include <keel/gateway/server.hpp>
+
+#include <keel/error.hpp>
+#include <keel/http/client.hpp>
+#include <keel/llm/error.hpp>
+#include <keel/testing/mock_llm_server.hpp>
+
+#include "llm_client_support.hpp"
+#include "support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+
+using namespace keel_test;
+using keel::gateway::bad_request;
+using keel::gateway::parse_chat_request;
+using nlohmann::json;
+
+namespace {
+
+// The bad_request `body` raises (param, status); fails the test if it parses.
+std::pair<std::string, int> refusal(const std::string& body) {
+  try {
+    (void)parse_chat_request(body);
+  } catch (const bad_request& e) {
+    return {e.param(), e.status()};
+  }
+  FAIL("parsed: " << body);
+  return {};
+}
+
+std::exception_ptr provider(keel::llm::errc code, int status,
+                            std::optional<std::chrono::nanoseconds> retry_after = {}) {
+  keel::llm::provider_error_info info(status, "openai", "code", "upstream said no");
+  info.retry_after = retry_after;
+  return std::make_exception_ptr(keel::llm::provider_error(code, info));
+}
+
+}  // namespace
+
+TEST_CASE("an OpenAI chat completions body becomes a provider-neutral request", "[gateway]") {
+  const auto p = parse_chat_request(R"({
+    "model": "route", "max_tokens": 10, "max_completion_tokens": 20, "temperature": 0.5,
+    "top_p": 0.9, "stop": "END", "seed": 7, "stream": false, "user": "ignored",
+    "response_format": {"type": "json_object"}, "metadata": {"team": "a"},
+    "messages": [
+      {"role": "system", "content": "Be terse."},
+      {"role": "developer", "content": [{"type": "text", "text": "Answer in "},
+                                         {"type": "text", "text": "French."}]},
+      {"role": "user", "content": "Hello"},
+      {"role": "assistant", "content": "Bonjour"},
+      {"role": "user", "content": [{"type": "text", "text": "Again"}]}]})");
+  const keel::llm::chat_request& r = p.request;
+  CHECK(r.model == "route");
+  CHECK(r.system == "Be terse.\n\nAnswer in French.");
+  REQUIRE(r.messages.size() == 3);
+  CHECK(r.messages[0].role == "user");
+  CHECK(r.messages[1].content == "Bonjour");
+  CHECK(r.messages[2].content == "Again");
+  CHECK(r.max_tokens == 20);  // max_completion_tokens wins
+  CHECK(r.temperature == 0.5);
+  CHECK(r.top_p == 0.9);
+  CHECK(r.stop == std::vector<std::string>{"END"});
+  CHECK(r.seed == 7);
+  REQUIRE(r.response_format);
+  CHECK((*r.response_format)["type"] == "json_object");
+  CHECK(r.metadata["team"] == "a");
+  CHECK_FALSE(p.stream);
+
+  const auto s = parse_chat_request(
+      R"({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+          "messages": [{"role": "user", "content": "x"}]})");
+  CHECK(s.stream);
+  CHECK(s.include_usage);
+  CHECK(s.request.max_tokens == 1024);  // keel's default
+}
+
+TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gateway]") {
+  struct row {
+    const char* body;
+    const char* param;
+    int status;
+  };
+  const std::vector<row> rows = {
+      {"{bad", "", 400},
+      {"[1]", "", 400},
+      {R"({"messages": [{"role": "user", "content": "x"}]})", "model", 400},
+      {R"({"model": "m"})", "messages", 400},
+      {R"({"model": "m", "messages": []})", "messages", 400},
+      {R"({"model": "m", "messages": [{"role": "robot", "content": "x"}]})", "messages[0].role",
+       400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": 5}]})", "messages[0].content",
+       400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
+       "messages[0].content[0].type", 400},
+      {R"({"model": "m", "messages": [{"role": "system", "content": "only a system prompt"}]})",
+       "messages", 400},
+      {R"({"model": "m", "messages": [{"role": "tool", "content": "x"}]})", "messages[0].role",
+       400},
+      {R"({"model": "m", "tools": [], "messages": [{"role": "user", "content": "x"}]})", "tools",
+       400},
+      {R"({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]})", "n", 400},
+      {R"({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]})",
+       "max_tokens", 400},
+      {R"({"model": "m", "temperature": 3, "messages": [{"role": "user", "content": "x"}]})",
+       "temperature", 400},
+      {R"({"model": "m", "stop": ["a", 1], "messages": [{"role": "user", "content": "x"}]})",
+       "stop[1]", 400},
+      {R"({"model": "m", "response_format": {"type": "xml"},
+           "messages": [{"role": "user", "content": "x"}]})",
+       "response_format.type", 400},
+      {R"({"model": "m", "stream": "yes", "messages": [{"role": "user", "content": "x"}]})",
+       "stream", 400},
+  };
+  for (const row& r : rows) {
+    INFO(r.body);
+    const auto [param, status] = refusal(r.body);
+    CHECK(param == r.param);
+    CHECK(status == r.status);
+  }
+}
+
+TEST_CASE("a reply becomes a chat.completion with OpenAI's finish reasons", "[gateway]") {
+  keel::llm::chat_response reply;
+  reply.text = "hi";
+  reply.finish_reason = "end_turn";
+  reply.usage.input = 3;
+  reply.usage.output = 2;
+  json j = keel::gateway::completion_body(reply, "chatcmpl-1", 1700000000, "route");
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["model"] == "route");  // the provider did not say
+  CHECK(j["choices"][0]["message"]["content"] == "hi");
+  CHECK(j["choices"][0]["finish_reason"] == "stop");
+  CHECK(j["usage"]["total_tokens"] == 5);
+  reply.model = "claude-x";
+  CHECK(keel::gateway::completion_body(reply, "id", 0, "route")["model"] == "claude-x");
+  CHECK(keel::gateway::openai_finish_reason("max_tokens") == "length");
+  CHECK(keel::gateway::openai_finish_reason("tool_use") == "tool_calls");
+  CHECK(keel::gateway::openai_finish_reason("guardrail_intervened") == "content_filter");
+  CHECK(keel::gateway::openai_finish_reason("") == "stop");
+}
+
+TEST_CASE("a failed call is answered in OpenAI's error shape, with when to try again",
+          "[gateway]") {
+  using keel::llm::errc;
+  using namespace std::chrono_literals;
+  // Rate limited after keel's retries: a 429 with the server's delay.
+  const auto exhausted = std::make_exception_ptr(
+      keel::failure(keel::make_error_code(keel::error::retries_exhausted),
+                    "retries exhausted after 3 attempts", {provider(errc::rate_limited, 429, 2s)}));
+  auto e = keel::gateway::error_answer(exhausted);
+  CHECK(e.status == 429);
+  CHECK(e.body["error"]["code"] == "rate_limit_exceeded");
+  REQUIRE(e.retry_after);
+  CHECK(*e.retry_after == 2s);
+
+  // The provider refused keel's key: not the caller's fault, not the caller's key.
+  e = keel::gateway::error_answer(provider(errc::auth, 401));
+  CHECK(e.status == 502);
+  CHECK(e.body["error"]["code"] == "upstream_auth");
+
+  e = keel::gateway::error_answer(provider(errc::context_length_exceeded, 400));
+  CHECK(e.status == 400);
+  CHECK(e.body["error"]["param"] == "messages");
+
+  e = keel::gateway::error_answer(provider(errc::overloaded, 529));
+  CHECK(e.status == 503);
+
+  // An open breaker: 503 with its remaining break.
+  e = keel::gateway::error_answer(std::make_exception_ptr(
+      keel::failure(keel::make_error_code(keel::error::circuit_open), "circuit open", {}, 4500ms)));
+  CHECK(e.status == 503);
+  CHECK(e.body["error"]["code"] == "circuit_open");
+  REQUIRE(e.retry_after);
+  CHECK(*e.retry_after == 4500ms);
+
+  e = keel::gateway::error_answer(std::make_exception_ptr(
+      keel::failure(keel::make_error_code(keel::error::deadline_exceeded), "deadline")));
+  CHECK(e.status == 504);
+
+  // The retry budget gave up on a 503: said so.
+  e = keel::gateway::error_answer(std::make_exception_ptr(
+      keel::failure(keel::make_error_code(keel::error::budget_exhausted), "budget exhausted",
+                    {provider(errc::server_error, 503)})));
+  CHECK(e.status == 502);
+  CHECK(e.body["error"]["message"].get<std::string>().find("retry budget") != std::string::npos);
+
+  // A transport error that never reached a provider.
+  e = keel::gateway::error_answer(std::make_exception_ptr(
+      boost::system::system_error(make_error_code(boost::asio::error::connection_refused))));
+  CHECK(e.status == 502);
+  CHECK(e.body["error"]["code"] == "upstream_unreachable");
+}
+
+namespace {
+
+// keel serve's parts on one io_context: the mock, a client of it, the gateway in front.
+struct gateway_rig {
+  explicit gateway_rig(const char* config, keel::gateway::server_options so = {})
+      : mock(ctx, {.seed = 1}),
+        client(ctx.get_executor(), (mock.start(), client::make_config(config, mock.base_url())), {},
+               {}),
+        http(ctx.get_executor(), keel::http::client_options{}),
+        gateway(ctx.get_executor(), client, (so.models = {"m"}, so)) {
+    gateway.start();
+  }
+
+  // Sends `method path` with `body` to the gateway and runs the context until it answers.
+  keel::http::response send(const std::string& method, const std::string& path,
+                            const std::string& body = {}) {
+    keel::http::request req(method, gateway.base_url() + path);
+    req.body = body;
+    if (!body.empty()) {
+      req.set("content-type", "application/json");
+    }
+    auto o = run_one(ctx, http.send(req));
+    REQUIRE_FALSE(o.error);
+    return *o.value;
+  }
+
+  asio::io_context ctx;
+  keel::testing::mock_llm_server mock;
+  keel::llm::client client;
+  keel::http::client http;
+  keel::gateway::server gateway;
+};
+
+constexpr const char* one_entry = R"({
+  "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}],
+  "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}}}
+})";
+
+const std::string hello = R"({"model": "m", "messages": [{"role": "user", "content": "hello"}]})";
+
+}  // namespace
+
+TEST_CASE("keel serve answers a chat completion through the client's retries", "[gateway]") {
+  gateway_rig rig(one_entry);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::rate_limit, keel::testing::fault_kind::ok};
+  plan.retry_after = std::chrono::milliseconds(1);
+  rig.mock.set_plan("m", plan);
+
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", hello);
+  REQUIRE(res.status == 200);
+  const json j = json::parse(res.body);
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["choices"][0]["message"]["content"] == "mock answer to: hello");
+  CHECK(j["usage"]["total_tokens"].get<int>() > 0);
+  CHECK(std::string(res.headers.find("x-request-id").value_or("")).rfind("req_keel_", 0) == 0);
+  // The 429 was keel's to retry: the caller saw one answer, the provider two requests.
+  CHECK(rig.mock.stats().model("m").requests == 2);
+  CHECK(rig.gateway.stats().completions == 1);
+}
+
+TEST_CASE("keel serve answers what it cannot serve in OpenAI's shapes", "[gateway]") {
+  keel::gateway::server_options so;
+  so.max_request_body = 1024;
+  gateway_rig rig(one_entry, so);
+
+  keel::http::response res =
+      rig.send("POST", "/v1/chat/completions",
+               R"({"model": "gpt-x", "messages": [{"role": "user", "content": "hello"}]})");
+  CHECK(res.status == 404);
+  CHECK(json::parse(res.body)["error"]["code"] == "model_not_found");
+
+  res = rig.send("POST", "/v1/chat/completions", R"({"model": "m", "messages": 1})");
+  CHECK(res.status == 400);
+  CHECK(json::parse(res.body)["error"]["param"] == "messages");
+
+  res =
+      rig.send("POST", "/v1/chat/completions",
+               R"({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]})");
+  CHECK(res.status == 400);
+  CHECK(json::parse(res.body)["error"]["param"] == "stream");
+
+  res = rig.send("POST", "/v1/chat/completions",
+                 R"({"model": "m", "messages": [{"role": "user", "content": ")" +
+                     std::string(2000, 'x') + R"("}]})");
+  CHECK(res.status == 413);
+
+  res = rig.send("GET", "/v1/chat/completions");
+  CHECK(res.status == 405);
+  res = rig.send("GET", "/v1/embeddings");
+  CHECK(res.status == 404);
+  CHECK(json::parse(res.body)["error"]["code"] == "unknown_url");
+
+  res = rig.send("GET", "/v1/models");
+  REQUIRE(res.status == 200);
+  CHECK(json::parse(res.body)["data"][0]["id"] == "m");
+  res = rig.send("GET", "/healthz");
+  CHECK(res.status == 200);
+  CHECK(rig.mock.stats().total.requests == 0);  // nothing above reached the provider
+}
+
+TEST_CASE("keel serve answers a failed call with the status and retry-after the caller needs",
+          "[gateway]") {
+  gateway_rig rig(one_entry);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::quota_exhausted};
+  rig.mock.set_plan("m", plan);
+  keel::http::response res = rig.send("POST", "/v1/chat/completions", hello);
+  CHECK(res.status == 429);
+  CHECK(json::parse(res.body)["error"]["code"] == "insufficient_quota");
+  // The key never shows.
+  CHECK(res.body.find("sk-test-KEY000001") == std::string::npos);
+}
+
+TEST_CASE("draining lets a call in flight finish and refuses new connections", "[gateway]") {
+  gateway_rig rig(one_entry);
+  rig.mock.set_plan("m", keel::testing::fault_plan().with_latency(std::chrono::milliseconds(50)));
+  keel::http::request req("POST", rig.gateway.base_url() + "/v1/chat/completions");
+  req.body = hello;
+  outcome<keel::http::response> answer;
+  spawn(rig.ctx, rig.http.send(req), answer);
+  bool drained = false;
+  // Start draining once the call is in flight.
+  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().in_flight == 1; }));
+  asio::co_spawn(
+      rig.ctx,
+      [&]() -> asio::awaitable<void> {
+        co_await rig.gateway.drain(std::chrono::seconds(10));
+        drained = true;
+      },
+      asio::detached);
+  REQUIRE(run_real(rig.ctx, [&] { return drained && answer.done; }));
+  REQUIRE_FALSE(answer.error);
+  CHECK(answer.value->status == 200);  // finished within the grace
+  CHECK(rig.gateway.stats().completions == 1);
+}
+
+TEST_CASE("a drain whose grace ends cancels the call and answers 503 shutting_down", "[gateway]") {
+  gateway_rig rig(one_entry);
+  rig.mock.set_plan("m", keel::testing::fault_plan().with_latency(std::chrono::seconds(30)));
+  keel::http::request req("POST", rig.gateway.base_url() + "/v1/chat/completions");
+  req.body = hello;
+  outcome<keel::http::response> answer;
+  spawn(rig.ctx, rig.http.send(req), answer);
+  bool drained = false;
+  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().in_flight == 1; }));
+  asio::co_spawn(
+      rig.ctx,
+      [&]() -> asio::awaitable<void> {
+        co_await rig.gateway.drain(std::chrono::milliseconds(0));
+        drained = true;
+      },
+      asio::detached);
+  REQUIRE(run_real(rig.ctx, [&] { return drained && answer.done; }));
+  REQUIRE_FALSE(answer.error);
+  CHECK(answer.value->status == 503);
+  CHECK(json::parse(answer.value->body)["error"]["code"] == "shutting_down");
+}
