@@ -998,3 +998,49 @@ TEST_CASE("a relative ca_file is taken from the config file's directory", "[cli_
   CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": "ca.pem"}])").path() ==
         "/0/ca_file");
 }
+
+TEST_CASE("the serve block reads each client's key digest and limits", "[cli_config]") {
+  const std::string digest(64, 'A');
+  const auto c = parse(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "serve": {"clients": [
+      {"name": "svc-a", "key_sha256": ")" +
+                       digest + R"(", "requests_per_minute": 600,
+       "concurrency": 8},
+      {"name": "svc-b", "key_sha256": ")" +
+                       std::string(64, 'b') + R"("}]}})");
+  REQUIRE(c.serve.clients.size() == 2);
+  CHECK(c.serve.clients[0].name == "svc-a");
+  CHECK(c.serve.clients[0].key_sha256 == std::string(64, 'a'));  // lowercased
+  CHECK(c.serve.clients[0].requests_per_minute == 600);
+  CHECK(c.serve.clients[0].concurrency == 8);
+  CHECK(c.serve.clients[1].requests_per_minute == 0);
+  // --print-config shows only the digest's start.
+  const auto j = keel::llm::to_json(c);
+  CHECK(j["serve"]["clients"][0]["key_sha256"] == "aaaaaaaa...");
+  CHECK(j.dump().find(std::string(64, 'a')) == std::string::npos);
+  CHECK(parse(R"({"config_list": [{"model": "m", "api_key": "k"}]})").serve.clients.empty());
+}
+
+TEST_CASE("a serve client with a key instead of its digest is refused without echoing it",
+          "[cli_config]") {
+  const auto e = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "serve": {"clients": [{"name": "a", "key_sha256": "sk-live-secret-key-123"}]}})");
+  CHECK(e.path() == "/serve/clients/0/key_sha256");
+  CHECK_THAT(e.message(), Catch::Contains("not the key"));
+  CHECK(std::string(e.what()).find("sk-live-secret") == std::string::npos);
+
+  const std::string d(64, 'c');
+  const auto dup = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "serve": {"clients": [{"name": "a", "key_sha256": ")" +
+                            d + R"("},
+                          {"name": "b", "key_sha256": ")" +
+                            d + R"("}]}})");
+  CHECK(dup.path() == "/serve/clients/1/key_sha256");
+  const auto unnamed = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "serve": {"clients": [{"key_sha256": ")" +
+                                d + R"("}]}})");
+  CHECK(unnamed.path() == "/serve/clients/0/name");
+  const auto unknown = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "serve": {"clientz": []}})");
+  CHECK(unknown.path() == "/serve/clientz");
+}

@@ -6,6 +6,7 @@
 #include <keel/error.hpp>
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/llm/sigv4.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include "llm_client_support.hpp"
@@ -273,12 +274,6 @@ TEST_CASE("keel serve answers what it cannot serve in OpenAI's shapes", "[gatewa
   CHECK(res.status == 400);
   CHECK(json::parse(res.body)["error"]["param"] == "messages");
 
-  res =
-      rig.send("POST", "/v1/chat/completions",
-               R"({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}]})");
-  CHECK(res.status == 400);
-  CHECK(json::parse(res.body)["error"]["param"] == "stream");
-
   res = rig.send("POST", "/v1/chat/completions",
                  R"({"model": "m", "messages": [{"role": "user", "content": ")" +
                      std::string(2000, 'x') + R"("}]})");
@@ -354,4 +349,164 @@ TEST_CASE("a drain whose grace ends cancels the call and answers 503 shutting_do
   REQUIRE_FALSE(answer.error);
   CHECK(answer.value->status == 503);
   CHECK(json::parse(answer.value->body)["error"]["code"] == "shutting_down");
+}
+
+namespace {
+
+// The `data:` payloads of a server-sent event stream, in order.
+std::vector<std::string> events_of(const std::string& body) {
+  std::vector<std::string> out;
+  std::size_t at = 0;
+  while ((at = body.find("data: ", at)) != std::string::npos) {
+    const std::size_t end = body.find("\n\n", at);
+    REQUIRE(end != std::string::npos);
+    out.push_back(body.substr(at + 6, end - at - 6));
+    at = end + 2;
+  }
+  return out;
+}
+
+const std::string streamed =
+    R"({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hello"}]})";
+
+}  // namespace
+
+TEST_CASE("keel serve streams a reply as OpenAI chat.completion.chunk events", "[gateway]") {
+  gateway_rig rig(one_entry);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::rate_limit, keel::testing::fault_kind::ok};
+  plan.retry_after = std::chrono::milliseconds(1);
+  rig.mock.set_plan("m", plan);
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", streamed);
+  REQUIRE(res.status == 200);
+  CHECK(std::string(res.headers.find("content-type").value_or("")).rfind("text/event-stream", 0) ==
+        0);
+  const auto ev = events_of(res.body);
+  REQUIRE(ev.size() >= 5);  // role, text..., finish, usage, [DONE]
+  CHECK(ev.back() == "[DONE]");
+  const json first = json::parse(ev.front());
+  CHECK(first["object"] == "chat.completion.chunk");
+  CHECK(first["choices"][0]["delta"]["role"] == "assistant");
+  std::string text;
+  for (std::size_t i = 1; i + 3 < ev.size(); ++i) {
+    text += json::parse(ev[i])["choices"][0]["delta"]["content"].get<std::string>();
+  }
+  CHECK(text == "mock answer to: hello");
+  const json finish = json::parse(ev[ev.size() - 3]);
+  CHECK(finish["choices"][0]["finish_reason"] == "stop");
+  const json usage = json::parse(ev[ev.size() - 2]);
+  CHECK(usage["choices"].empty());
+  CHECK(usage["usage"]["total_tokens"].get<int>() > 0);
+  // The 429 came before the first delta: retried by keel, unseen by the caller.
+  CHECK(rig.mock.stats().model("m").requests == 2);
+  CHECK(rig.gateway.stats().completions == 1);
+}
+
+TEST_CASE("a streamed call that fails before its first delta gets an ordinary error answer",
+          "[gateway]") {
+  gateway_rig rig(one_entry);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::quota_exhausted};
+  rig.mock.set_plan("m", plan);
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", streamed);
+  CHECK(res.status == 429);
+  CHECK(json::parse(res.body)["error"]["code"] == "insufficient_quota");
+}
+
+TEST_CASE("a stream cut after its first delta ends with an error event and no [DONE]",
+          "[gateway]") {
+  gateway_rig rig(one_entry);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::stream_error};
+  plan.stream.fault_after_chunks = 2;
+  rig.mock.set_plan("m", plan);
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", streamed);
+  REQUIRE(res.status == 200);  // committed before the failure
+  const auto ev = events_of(res.body);
+  REQUIRE(ev.size() == 4);  // role, two deltas, the error
+  const json err = json::parse(ev.back());
+  REQUIRE(err.contains("error"));
+  CHECK(err["error"]["code"] == "stream_interrupted");
+  // Not retried after the commit point.
+  CHECK(rig.mock.stats().model("m").requests == 1);
+}
+
+namespace {
+
+// A rig whose gateway knows two callers: "a" (key sk-caller-a, 60 requests per minute: a burst
+// of one) and "b" (key sk-caller-b, one call at a time).
+keel::gateway::server_options two_callers() {
+  keel::gateway::server_options so;
+  keel::llm::serve_client a;
+  a.name = "a";
+  a.key_sha256 = keel::llm::sigv4::sha256_hex("sk-caller-a");
+  a.requests_per_minute = 60;
+  keel::llm::serve_client b;
+  b.name = "b";
+  b.key_sha256 = keel::llm::sigv4::sha256_hex("sk-caller-b");
+  b.concurrency = 1;
+  so.clients = {a, b};
+  return so;
+}
+
+keel::http::request completion_as(const std::string& base, const std::string& key) {
+  keel::http::request req("POST", base + "/v1/chat/completions");
+  req.body = hello;
+  if (!key.empty()) {
+    req.set("authorization", "Bearer " + key);
+  }
+  return req;
+}
+
+}  // namespace
+
+TEST_CASE("with client keys, keel serve answers only the callers it knows", "[gateway]") {
+  gateway_rig rig(one_entry, two_callers());
+  auto send = [&](const std::string& key) {
+    auto o = run_one(rig.ctx, rig.http.send(completion_as(rig.gateway.base_url(), key)));
+    REQUIRE_FALSE(o.error);
+    return *o.value;
+  };
+  keel::http::response res = send("");
+  CHECK(res.status == 401);
+  CHECK(json::parse(res.body)["error"]["code"] == "missing_api_key");
+  res = send("sk-someone-else");
+  CHECK(res.status == 401);
+  CHECK(json::parse(res.body)["error"]["code"] == "invalid_api_key");
+  CHECK(res.body.find("sk-someone-else") == std::string::npos);
+  CHECK(rig.mock.stats().total.requests == 0);
+  // /healthz needs no key.
+  CHECK(rig.send("GET", "/healthz").status == 200);
+
+  // Caller a: 60 per minute, a burst of one: the second request at once is refused with when
+  // to come back.
+  res = send("sk-caller-a");
+  CHECK(res.status == 200);
+  res = send("sk-caller-a");
+  CHECK(res.status == 429);
+  CHECK(json::parse(res.body)["error"]["code"] == "rate_limit_exceeded");
+  const auto after = std::string(res.headers.find("retry-after-ms").value_or("0"));
+  CHECK(std::stoi(after) > 0);
+  CHECK(std::stoi(after) <= 1000);
+  CHECK(rig.gateway.stats().limited == 1);
+  CHECK(rig.gateway.stats().unauthorized == 2);
+  CHECK(rig.mock.stats().total.requests == 1);
+}
+
+TEST_CASE("a caller's concurrency limit refuses its extra call at once", "[gateway]") {
+  gateway_rig rig(one_entry, two_callers());
+  rig.mock.set_plan("m", keel::testing::fault_plan().with_latency(std::chrono::milliseconds(100)));
+  outcome<keel::http::response> first;
+  outcome<keel::http::response> second;
+  spawn(rig.ctx, rig.http.send(completion_as(rig.gateway.base_url(), "sk-caller-b")), first);
+  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().in_flight == 1; }));
+  spawn(rig.ctx, rig.http.send(completion_as(rig.gateway.base_url(), "sk-caller-b")), second);
+  REQUIRE(run_real(rig.ctx, [&] { return first.done && second.done; }));
+  REQUIRE_FALSE(first.error);
+  REQUIRE_FALSE(second.error);
+  CHECK(first.value->status == 200);
+  CHECK(second.value->status == 429);
+  CHECK(json::parse(second.value->body)["error"]["code"] == "concurrency_limit_exceeded");
+  CHECK(rig.mock.stats().total.requests == 1);
 }

@@ -284,6 +284,41 @@ nlohmann::json completion_body(const keel::llm::chat_response& reply, const std:
   };
 }
 
+nlohmann::json stream_chunk(const std::string& id, long long created, const std::string& model,
+                            nlohmann::json delta, std::string_view finish_reason,
+                            bool include_usage) {
+  json j{{"id", id},
+         {"object", "chat.completion.chunk"},
+         {"created", created},
+         {"model", model},
+         {"system_fingerprint", nullptr},
+         {"choices",
+          json::array(
+              {json{{"index", 0},
+                    {"delta", std::move(delta)},
+                    {"logprobs", nullptr},
+                    {"finish_reason",
+                     finish_reason.empty() ? json(nullptr) : json(std::string(finish_reason))}}})}};
+  if (include_usage) {
+    j["usage"] = nullptr;
+  }
+  return j;
+}
+
+nlohmann::json usage_chunk(const std::string& id, long long created, const std::string& model,
+                           const keel::llm::token_usage& usage) {
+  return json{{"id", id},
+              {"object", "chat.completion.chunk"},
+              {"created", created},
+              {"model", model},
+              {"system_fingerprint", nullptr},
+              {"choices", json::array()},
+              {"usage",
+               {{"prompt_tokens", usage.input},
+                {"completion_tokens", usage.output},
+                {"total_tokens", usage.input + usage.output}}}};
+}
+
 nlohmann::json error_body(std::string_view message, std::string_view type, std::string_view param,
                           std::string_view code) {
   return json{{"error",

@@ -2,6 +2,8 @@
 #include <keel/gateway/server.hpp>
 
 #include <keel/gateway/openai_wire.hpp>
+#include <keel/llm/sigv4.hpp>
+#include <keel/throttler.hpp>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -12,6 +14,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <set>
 
@@ -54,7 +58,15 @@ struct server::impl : std::enable_shared_from_this<impl> {
     explicit connection(tcp::socket s) : stream(std::move(s)) {}
     beast::tcp_stream stream;
     asio::cancellation_signal cancel;
-    bool busy = false;  // a request is being answered
+    bool busy = false;      // a request is being answered
+    bool stream_ok = true;  // the last streamed answer ended cleanly (keep-alive possible)
+  };
+
+  // One configured caller: its limits and what it uses now.
+  struct caller {
+    const keel::llm::serve_client* cfg = nullptr;
+    std::unique_ptr<keel::throttler> rate;  // null: no rate limit
+    int in_flight = 0;
   };
 
   impl(asio::any_io_executor e, keel::llm::client& c, server_options o)
@@ -63,7 +75,77 @@ struct server::impl : std::enable_shared_from_this<impl> {
         opts(std::move(o)),
         acceptor(ex),
         drain_timer(ex),
-        ids(std::random_device{}()) {}
+        ids(std::random_device{}()) {
+    for (const keel::llm::serve_client& sc : opts.clients) {
+      caller& k = callers[sc.key_sha256];
+      k.cfg = &sc;
+      if (sc.requests_per_minute > 0) {
+        keel::throttler_options to;
+        to.requests_per_second = sc.requests_per_minute / 60;
+        to.burst = std::max(1.0, to.requests_per_second);  // one second of burst
+        k.rate = std::make_unique<keel::throttler>(ex, to);
+      }
+    }
+  }
+
+  std::map<std::string, caller> callers;  // by the SHA-256 of the key (hex)
+
+  // The caller a request's key names; null (and `refusal` set) if it may not call.
+  caller* authenticate(const bhttp::request<bhttp::string_body>& req,
+                       std::optional<response>& refusal) {
+    if (callers.empty()) {
+      return nullptr;
+    }
+    const auto auth = req.find(bhttp::field::authorization);
+    std::string_view v;
+    if (auth != req.end()) {
+      v = std::string_view(auth->value().data(), auth->value().size());
+    }
+    constexpr std::string_view bearer = "Bearer ";
+    const bool has = v.size() > bearer.size() && beast::iequals(v.substr(0, bearer.size()), bearer);
+    if (!has) {
+      ++counters.unauthorized;
+      refusal = error_response(
+          401,
+          "You didn't provide an API key. You need to provide your API key in an Authorization "
+          "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+          "invalid_request_error", "", "missing_api_key");
+      return nullptr;
+    }
+    const auto it = callers.find(keel::llm::sigv4::sha256_hex(v.substr(bearer.size())));
+    if (it == callers.end()) {
+      ++counters.unauthorized;
+      refusal = error_response(401, "Incorrect API key provided (not shown) for this keel serve.",
+                               "invalid_request_error", "", "invalid_api_key");
+      return nullptr;
+    }
+    return &it->second;
+  }
+
+  // Checks `k`'s limits before a call; a refusal (429) if it is over one.
+  std::optional<response> over_limit(caller& k) {
+    if (k.cfg->concurrency > 0 && k.in_flight >= k.cfg->concurrency) {
+      ++counters.limited;
+      return error_response(429,
+                            "Too many requests in flight for client '" + k.cfg->name + "' (" +
+                                std::to_string(k.cfg->concurrency) + " allowed at once).",
+                            "requests", "", "concurrency_limit_exceeded");
+    }
+    if (k.rate && !k.rate->try_acquire()) {
+      ++counters.limited;
+      const double rps = k.cfg->requests_per_minute / 60;
+      const double wait = std::max(0.001, (1 - k.rate->available_requests()) / rps);
+      response res = error_response(429,
+                                    "Rate limit reached for client '" + k.cfg->name +
+                                        "': " + json(k.cfg->requests_per_minute).dump() +
+                                        " requests per minute.",
+                                    "requests", "", "rate_limit_exceeded");
+      res.set("retry-after", std::to_string(static_cast<long long>(std::ceil(wait))));
+      res.set("retry-after-ms", std::to_string(static_cast<long long>(std::ceil(wait * 1000))));
+      return res;
+    }
+    return std::nullopt;
+  }
 
   asio::any_io_executor ex;
   keel::llm::client& client;
@@ -142,9 +224,16 @@ struct server::impl : std::enable_shared_from_this<impl> {
         ++self->counters.requests;
         bhttp::request<bhttp::string_body> req = parser.release();
         c->busy = true;
-        res = co_await self->handle(req);
+        res = co_await self->handle(req, *c);
         c->busy = false;
         keep = req.keep_alive() && self->running && !self->draining;
+        if (!res) {
+          // Streamed: written already.
+          if (keep && c->stream_ok) {
+            continue;
+          }
+          break;
+        }
         res->version(req.version());
       }
       if (res->result_int() >= 400) {
@@ -173,7 +262,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
   }
 
-  asio::awaitable<response> handle(const bhttp::request<bhttp::string_body>& req) {
+  // The answer to `req`, or nothing when it was streamed to `c` (see stream()).
+  asio::awaitable<std::optional<response>> handle(const bhttp::request<bhttp::string_body>& req,
+                                                  connection& c) {
     std::string_view target = req.target();
     target = target.substr(0, target.find('?'));
     const bool get = req.method() == bhttp::verb::get;
@@ -183,6 +274,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
         co_return error_response(405, "Use GET /healthz.", "invalid_request_error");
       }
       co_return json_response(draining ? 503 : 200, json{{"status", draining ? "draining" : "ok"}});
+    }
+    std::optional<response> refusal;
+    caller* who = authenticate(req, refusal);
+    if (refusal) {
+      co_return refusal;
     }
     if (target == "/v1/models") {
       if (!get) {
@@ -198,7 +294,17 @@ struct server::impl : std::enable_shared_from_this<impl> {
       if (!post) {
         co_return error_response(405, "Use POST /v1/chat/completions.", "invalid_request_error");
       }
-      co_return co_await complete(req.body());
+      if (who != nullptr) {
+        if (auto r = over_limit(*who)) {
+          co_return r;
+        }
+        ++who->in_flight;
+      }
+      std::optional<response> res = co_await complete(req.body(), req.version(), c);
+      if (who != nullptr) {
+        --who->in_flight;
+      }
+      co_return res;
     }
     co_return error_response(404,
                              "Unknown request URL: " + std::string(req.method_string()) + " " +
@@ -206,7 +312,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
                              "invalid_request_error", "", "unknown_url");
   }
 
-  asio::awaitable<response> complete(const std::string& body) {
+  asio::awaitable<std::optional<response>> complete(const std::string& body, unsigned version,
+                                                    connection& c) {
     parsed_chat_request p;
     try {
       p = parse_chat_request(body);
@@ -220,44 +327,159 @@ struct server::impl : std::enable_shared_from_this<impl> {
           404, "The model `" + model + "` does not exist or you do not have access to it.",
           "invalid_request_error", "model", "model_not_found");
     }
-    if (p.stream) {
-      co_return error_response(400, "keel serve does not stream yet; send stream: false.",
-                               "invalid_request_error", "stream", "unsupported_parameter");
-    }
     p.request.model.clear();  // every entry of the chain asks for its own model
+    if (p.stream) {
+      co_return co_await stream(std::move(p), model, version, c);
+    }
     const auto started = std::chrono::steady_clock::now();
     ++counters.in_flight;
     keel::llm::call_outcome out =
         co_await client.call(std::move(p.request), nullptr, keel::bulkhead_permit{});
     --counters.in_flight;
-    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                        std::chrono::steady_clock::now() - started)
-                        .count();
     response res;
     if (out.error) {
-      if (cancelling) {
-        res = error_response(503, "keel serve is shutting down; try again.", "server_error", "",
-                             "shutting_down");
-      } else {
-        const error_reply e = error_answer(out.error);
-        res = json_response(e.status, e.body);
-        if (e.retry_after && e.retry_after->count() > 0) {
-          const double s = std::chrono::duration<double>(*e.retry_after).count();
-          res.set("retry-after", std::to_string(static_cast<long long>(std::ceil(s))));
-          res.set("retry-after-ms", std::to_string(static_cast<long long>(std::ceil(s * 1000))));
-        }
-      }
+      res = failed(out.error);
     } else {
       ++counters.completions;
-      const long long created = std::chrono::duration_cast<std::chrono::seconds>(
-                                    std::chrono::system_clock::now().time_since_epoch())
-                                    .count();
       res = json_response(
-          200, completion_body(*out.response, next_id("chatcmpl-keel-"), created, model));
+          200, completion_body(*out.response, next_id("chatcmpl-keel-"), now_s(), model));
     }
     res.set("x-request-id", next_id("req_keel_"));
-    res.set("openai-processing-ms", std::to_string(ms));
+    res.set("openai-processing-ms", std::to_string(ms_since(started)));
     co_return res;
+  }
+
+  static long long now_s() {
+    return std::chrono::duration_cast<std::chrono::seconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+
+  static long long ms_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                 t)
+        .count();
+  }
+
+  // The answer for a call that failed before anything was sent.
+  response failed(const std::exception_ptr& error) {
+    if (cancelling) {
+      return error_response(503, "keel serve is shutting down; try again.", "server_error", "",
+                            "shutting_down");
+    }
+    const error_reply e = error_answer(error);
+    response res = json_response(e.status, e.body);
+    if (e.retry_after && e.retry_after->count() > 0) {
+      const double s = std::chrono::duration<double>(*e.retry_after).count();
+      res.set("retry-after", std::to_string(static_cast<long long>(std::ceil(s))));
+      res.set("retry-after-ms", std::to_string(static_cast<long long>(std::ceil(s * 1000))));
+    }
+    return res;
+  }
+
+  // A streamed answer. Nothing goes to the caller before the reply's first delta (keel's commit
+  // point): a call that fails before it is answered like a non-streamed one (status, error body,
+  // retry-after). From the first delta on, the answer is server-sent events in chunked encoding,
+  // each delta written before the next is read from the provider (a slow caller slows the
+  // provider's stream, keel buffers nothing more), ending with the finish reason, the usage
+  // chunk if asked for, and `data: [DONE]`. A failure after the commit point is an error event
+  // (`data: {"error": ...}`, which the OpenAI SDKs raise as an APIError) and the end of the body.
+  // A caller that goes away mid-stream fails the next write: the call ends and keel closes the
+  // provider's connection. Returns nothing when it wrote an answer, else the answer to write.
+  asio::awaitable<std::optional<response>> stream(parsed_chat_request p, const std::string& model,
+                                                  unsigned version, connection& c) {
+    const auto started = std::chrono::steady_clock::now();
+    const std::string id = next_id("chatcmpl-keel-");
+    const long long created = now_s();
+    const bool usage = p.include_usage;
+    bool committed = false;
+    c.stream_ok = true;
+    auto write = [this, &c](std::string bytes) -> asio::awaitable<void> {
+      c.stream.expires_after(opts.write_timeout);
+      auto [ec, n] = co_await asio::async_write(c.stream, bhttp::make_chunk(asio::buffer(bytes)),
+                                                asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        c.stream_ok = false;
+        throw boost::system::system_error(ec);
+      }
+    };
+    auto event = [](const json& j) { return "data: " + j.dump() + "\n\n"; };
+    auto commit = [&]() -> asio::awaitable<void> {
+      committed = true;
+      bhttp::response<bhttp::empty_body> head{bhttp::status::ok, version};
+      head.set(bhttp::field::server, "keel");
+      head.set(bhttp::field::content_type, "text/event-stream; charset=utf-8");
+      head.set(bhttp::field::cache_control, "no-cache");
+      head.set("x-request-id", next_id("req_keel_"));
+      head.set("openai-processing-ms", std::to_string(ms_since(started)));
+      head.keep_alive(true);
+      head.chunked(true);
+      bhttp::response_serializer<bhttp::empty_body> sr{head};
+      c.stream.expires_after(opts.write_timeout);
+      auto [ec, n] =
+          co_await bhttp::async_write_header(c.stream, sr, asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        c.stream_ok = false;
+        throw boost::system::system_error(ec);
+      }
+      co_await write(event(stream_chunk(id, created, model,
+                                        json{{"role", "assistant"}, {"content", ""}}, {}, usage)));
+    };
+    keel::llm::stream_call_options so;
+    so.restartable = false;  // what was written cannot be taken back
+    ++counters.in_flight;
+    keel::llm::call_outcome out = co_await client.stream_call(
+        std::move(p.request),
+        [&](const keel::llm::stream_delta& d) -> asio::awaitable<void> {
+          if (!committed) {
+            co_await commit();
+          }
+          co_await write(event(
+              stream_chunk(id, created, model, json{{"content", std::string(d.text)}}, {}, usage)));
+        },
+        so);
+    --counters.in_flight;
+    if (cancelling) {
+      co_await asio::this_coro::reset_cancellation_state();
+    }
+    if (!committed && out.error) {
+      response res = failed(out.error);
+      res.set("x-request-id", next_id("req_keel_"));
+      co_return res;
+    }
+    if (!c.stream_ok) {
+      co_return std::nullopt;  // the caller went away
+    }
+    try {
+      if (!committed) {
+        co_await commit();  // a reply with no text
+      }
+      if (out.error) {
+        json err = cancelling ? error_body("keel serve is shutting down; the stream was cut.",
+                                           "server_error", "", "shutting_down")
+                              : error_answer(out.error).body;
+        co_await write(event(err));
+        c.stream_ok = false;  // an interrupted answer: no keep-alive after it
+      } else {
+        ++counters.completions;
+        co_await write(
+            event(stream_chunk(id, created, model, json::object(),
+                               openai_finish_reason(out.response->finish_reason), usage)));
+        if (usage) {
+          co_await write(event(usage_chunk(id, created, model, out.response->usage)));
+        }
+        co_await write("data: [DONE]\n\n");
+      }
+      c.stream.expires_after(opts.write_timeout);
+      auto [ec, n] = co_await asio::async_write(c.stream, bhttp::make_chunk_last(),
+                                                asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        c.stream_ok = false;
+      }
+    } catch (const boost::system::system_error&) {
+      c.stream_ok = false;
+    }
+    co_return std::nullopt;
   }
 
   void close_idle() {

@@ -320,7 +320,18 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"fleet_size", p.shared.fleet_size},
         {"ca_file", p.shared.ca_file}}},
   };
-  return {{"source", c.source}, {"config_list", std::move(entries)}, {"policy", std::move(policy)}};
+  json clients = json::array();
+  for (const serve_client& sc : c.serve.clients) {
+    // The digest is not the key, but it is enough to test guesses offline: only its start.
+    clients.push_back({{"name", sc.name},
+                       {"key_sha256", sc.key_sha256.substr(0, 8) + "..."},
+                       {"requests_per_minute", sc.requests_per_minute},
+                       {"concurrency", sc.concurrency}});
+  }
+  return {{"source", c.source},
+          {"config_list", std::move(entries)},
+          {"policy", std::move(policy)},
+          {"serve", {{"clients", std::move(clients)}}}};
 }
 
 }  // namespace keel::llm

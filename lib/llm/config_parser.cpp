@@ -4,6 +4,8 @@
 #include <keel/llm/error.hpp>
 #include <keel/llm/json_depth.hpp>
 
+#include <cctype>
+
 namespace keel::llm::detail {
 
 client_config parser::run(const json& doc) {
@@ -14,9 +16,12 @@ client_config parser::run(const json& doc) {
   if (doc.is_array()) {
     list = &doc;
   } else if (doc.is_object()) {
-    check_keys(doc, "", {"config_list", "policy"});
+    check_keys(doc, "", {"config_list", "policy", "serve"});
     if (const auto it = doc.find("policy"); it != doc.end()) {
       c.policy = parse_policy(*it, "/policy");
+    }
+    if (const auto it = doc.find("serve"); it != doc.end()) {
+      c.serve = parse_serve(*it, "/serve");
     }
     list_path = "/config_list";
     const auto it = doc.find("config_list");
@@ -307,6 +312,72 @@ rate_limit_config parser::parse_rate_limits(const json& j, const std::string& pa
     }
   }
   return r;
+}
+
+serve_config parser::parse_serve(const json& j, const std::string& path) const {
+  check_keys(j, path, {"clients"});
+  serve_config sc;
+  const auto it = j.find("clients");
+  if (it == j.end()) {
+    return sc;
+  }
+  const std::string list = child(path, "clients");
+  if (!it->is_array()) {
+    fail(list, "an array of clients", shown(*it));
+  }
+  for (std::size_t i = 0; i < it->size(); ++i) {
+    const json& cj = (*it)[i];
+    const std::string cp = child(list, i);
+    check_keys(cj, cp, {"name", "key_sha256", "requests_per_minute", "concurrency"});
+    serve_client c;
+    for (const auto& [key, v] : cj.items()) {
+      const std::string p = child(cp, key);
+      if (key == "name") {
+        c.name = string(v, p);
+      } else if (key == "key_sha256") {
+        // A digest, never the key: a 64-digit hex string, so that a key pasted here by mistake
+        // is refused (and not echoed).
+        if (!v.is_string()) {
+          fail(p, "the SHA-256 of the key as 64 hex digits", shown(v));
+        }
+        std::string h = v.get<std::string>();
+        const bool hex = h.size() == 64 && std::all_of(h.begin(), h.end(), [](char ch) {
+                           return std::isxdigit(static_cast<unsigned char>(ch)) != 0;
+                         });
+        if (!hex) {
+          fail(p,
+               "the SHA-256 of the key as 64 hex digits (printf %s \"$KEY\" | sha256sum), not "
+               "the key",
+               "a string of " + std::to_string(h.size()) + " characters (not shown)");
+        }
+        std::transform(h.begin(), h.end(), h.begin(),
+                       [](char ch) { return static_cast<char>(std::tolower(ch)); });
+        c.key_sha256 = std::move(h);
+      } else if (key == "requests_per_minute") {
+        c.requests_per_minute = number(v, p, rate_non_negative);
+      } else if (key == "concurrency") {
+        c.concurrency = static_cast<int>(integer(v, p, {0, false, 1000000}));
+      }
+    }
+    if (c.name.empty()) {
+      fail(child(cp, "name"), "a non-empty name",
+           c.name.empty() && cj.contains("name") ? "\"\"" : "nothing");
+    }
+    if (c.key_sha256.empty()) {
+      fail(child(cp, "key_sha256"), "the SHA-256 of the key as 64 hex digits", "nothing");
+    }
+    for (const serve_client& other : sc.clients) {
+      if (other.name == c.name) {
+        fail(child(cp, "name"), "a name no other client has", echo_text(c.name));
+      }
+      if (other.key_sha256 == c.key_sha256) {
+        fail(child(cp, "key_sha256"), "a key no other client has",
+             "the key of " + echo_text(other.name));
+      }
+    }
+    sc.clients.push_back(std::move(c));
+  }
+  return sc;
 }
 
 shared_config parser::parse_shared(const json& j, const std::string& path) const {

@@ -226,6 +226,8 @@ class parser {
 
   policy_config parse_policy(const json& j, const std::string& path) const;
 
+  serve_config parse_serve(const json& j, const std::string& path) const;
+
   // ---- entries --------------------------------------------------------------------------------
 
   const aws_shared_files& shared_files();

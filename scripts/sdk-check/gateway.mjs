@@ -94,10 +94,34 @@ await check('keel serve: an image content part -> BadRequestError 400 naming the
   eq(e.param, 'messages[0].content[0].type', 'param');
 });
 
-await check('keel serve: stream: true is refused (not built yet) -> BadRequestError param stream', async () => {
-  const e = await thrown(sdk.chat.completions.create({ ...ask('gw-primary'), stream: true }));
-  eq(e instanceof OpenAI.BadRequestError, true, `BadRequestError (got ${e?.constructor?.name})`);
-  eq(e.param, 'stream', 'param');
+await check('keel serve: stream: true + include_usage -> chunks reassemble the text, finish_reason stop, usage chunk', async () => {
+  const stream = await sdk.chat.completions.create({
+    ...ask('gw-primary', 'stream through keel'), stream: true, stream_options: { include_usage: true },
+  });
+  let text = '';
+  let finish = null;
+  let usage = null;
+  let chunks = 0;
+  for await (const chunk of stream) {
+    chunks++;
+    eq(chunk.object, 'chat.completion.chunk', 'object');
+    if (chunk.choices.length > 0) {
+      text += chunk.choices[0].delta.content ?? '';
+      finish = chunk.choices[0].finish_reason ?? finish;
+    }
+    if (chunk.usage) usage = chunk.usage;
+  }
+  eq(text, 'mock answer to: stream through keel', 'text');
+  eq(finish, 'stop', 'finish_reason');
+  eq(usage?.total_tokens > 0, true, 'usage chunk');
+  return `${chunks} chunks`;
+});
+
+await check('keel serve: chat.completions.stream() helper -> finalChatCompletion() has the text and stop', async () => {
+  const runner = sdk.chat.completions.stream(ask('gw-primary', 'helper'));
+  const final = await runner.finalChatCompletion();
+  eq(final.choices[0].message.content, 'mock answer to: helper', 'content');
+  eq(final.choices[0].finish_reason, 'stop', 'finish_reason');
 });
 
 await check('keel serve: models.list() names the served model', async () => {

@@ -42,6 +42,7 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
   }
   // One route per config: the model of its first entry; the chain behind it is the config's.
   so.models = {cfg.entries.front().model};
+  so.clients = cfg.serve.clients;
 
   asio::io_context ctx;
   const std::unique_ptr<llm::fleet_pacing> fleet = make_fleet_pacing(ctx.get_executor(), cfg);
@@ -83,11 +84,15 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
     throw std::runtime_error("keel serve: cannot listen on " + o.listen + ": " +
                              e.code().message());
   }
+  const std::string who =
+      so.clients.empty()
+          ? std::string("no client keys: anyone who can connect is served")
+          : std::to_string(so.clients.size()) + " client key" + (so.clients.size() == 1 ? "" : "s");
   std::printf(
       "keel serve: listening on %s (POST /v1/chat/completions, GET /v1/models, GET "
-      "/healthz); model \"%s\" -> %zu entr%s; Ctrl-C to stop\n",
+      "/healthz); model \"%s\" -> %zu entr%s; %s; Ctrl-C to stop\n",
       server.base_url().c_str(), so.models.front().c_str(), cfg.entries.size(),
-      cfg.entries.size() == 1 ? "y" : "ies");
+      cfg.entries.size() == 1 ? "y" : "ies", who.c_str());
   std::fflush(stdout);
 
   asio::signal_set signals(ctx, SIGINT, SIGTERM);

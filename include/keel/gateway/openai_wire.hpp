@@ -101,6 +101,21 @@ std::string openai_finish_reason(std::string_view provider_reason);
 nlohmann::json completion_body(const keel::llm::chat_response& reply, const std::string& id,
                                long long created, const std::string& model);
 
+/// One `chat.completion.chunk` of a streamed answer (`data: ...` of its server-sent events).
+/// @param delta the choice's `delta` (`{"role": "assistant", "content": ""}` first, then
+///   `{"content": text}`, and `{}` with the finish reason at the end).
+/// @param finish_reason OpenAI's finish reason on the last choice chunk; empty: `null`.
+/// @param include_usage adds `"usage": null`, as OpenAI does on every chunk of a stream that
+///   asked for usage.
+nlohmann::json stream_chunk(const std::string& id, long long created, const std::string& model,
+                            nlohmann::json delta, std::string_view finish_reason = {},
+                            bool include_usage = false);
+
+/// The usage chunk that ends a stream which asked for it (`stream_options.include_usage`): no
+/// choices, the reply's usage.
+nlohmann::json usage_chunk(const std::string& id, long long created, const std::string& model,
+                           const keel::llm::token_usage& usage);
+
 /// An answer for a failed call.
 struct error_reply {
   /// HTTP status.

@@ -21,9 +21,23 @@
 // request for that long is closed); `write_timeout` for an answer to leave. A call itself is
 // bounded by the client's policy (`policy.deadline`).
 //
-// Not yet (issue 18, named in README): `stream: true` (refused with a 400 naming `stream`),
-// gateway keys and per-caller limits (listen on loopback, the default, or behind a proxy that
-// authenticates), `/metrics`, routes other than one chain per config.
+// Callers: with `clients` configured, `/v1/...` needs `Authorization: Bearer <key>` whose SHA-256
+// is a client's `key_sha256` (else 401 `invalid_api_key`, which the SDKs raise as
+// AuthenticationError; the key is never echoed). Each client's `requests_per_minute` (a token
+// bucket with one second of burst) and `concurrency` are checked before the call: past either,
+// a 429 at once (`rate_limit_exceeded` with retry-after, or `concurrency_limit_exceeded`), so
+// that one caller cannot take the whole provider quota from the others. `/healthz` needs no key.
+// Without `clients`, anyone who can connect is served: listen on loopback (the default) or
+// behind a proxy that authenticates.
+//
+// Streams (`stream: true`): see `impl::stream` in lib/gateway/server.cpp. Nothing goes to the
+// caller before the reply's first delta (keel's commit point), so a call that fails before it
+// is answered like a non-streamed one; after it, OpenAI `chat.completion.chunk` events in
+// chunked encoding, written one by one before the next delta is read (a slow caller slows the
+// provider, keel buffers nothing), ending in `data: [DONE]`, or an error event if the stream
+// was cut.
+//
+// Not yet (issue 18): `/metrics`, routes other than one chain per config, tools.
 //
 // Cancellation and shutdown: `drain(grace)` stops accepting, closes idle connections and lets
 // calls in flight finish; after `grace` the rest are cancelled (their callers get a 503
@@ -55,6 +69,9 @@ struct server_options {
   unsigned short port = 0;
   /// The model names callers may ask for (empty: any).
   std::vector<std::string> models;
+  /// The callers allowed, each by the SHA-256 of its key and with its own limits (config
+  /// `serve.clients`); empty: no key needed.
+  std::vector<keel::llm::serve_client> clients;
   /// The largest request body, bytes.
   std::size_t max_request_body = 4 * 1024 * 1024;
   /// The largest request header block, bytes.
@@ -77,6 +94,10 @@ struct server_stats {
   std::uint64_t errors = 0;
   /// Chat completions running now.
   std::size_t in_flight = 0;
+  /// Requests refused for a missing or unknown key (401).
+  std::uint64_t unauthorized = 0;
+  /// Requests refused for a caller's rate or concurrency limit (429).
+  std::uint64_t limited = 0;
 };
 
 /// An OpenAI-compatible HTTP/1.1 server in front of a `keel::llm::client`.

@@ -364,12 +364,35 @@ struct entry_config {
   keel::llm::endpoint endpoint() const;
 };
 
+/// One caller of `keel serve`: its gateway key (as a SHA-256 digest: the key itself is never
+/// stored) and its limits.
+struct serve_client {
+  /// Names the caller in logs and metrics (never the key).
+  std::string name;
+  /// SHA-256 of the caller's key, 64 lowercase hex digits (`printf %s "$KEY" | sha256sum`).
+  std::string key_sha256;
+  /// Requests per minute this caller may send; past it keel answers 429 with retry-after at
+  /// once. 0: no limit.
+  double requests_per_minute = 0;
+  /// Calls this caller may have in flight; past it, 429 at once. 0: no limit.
+  int concurrency = 0;
+};
+
+/// The `serve` block: what `keel serve` needs beyond the policy.
+struct serve_config {
+  /// The callers allowed, by key (`Authorization: Bearer <key>`); empty: any caller, no key
+  /// needed (serve on loopback only, or behind a proxy that authenticates).
+  std::vector<serve_client> clients;
+};
+
 /// A whole resolved config.
 struct client_config {
   /// Primary first, then fallbacks in order; never empty.
   std::vector<entry_config> entries;
   /// The policy block.
   policy_config policy;
+  /// The `serve` block (`keel serve` only).
+  serve_config serve;
   /// Where it was read from (file name or "<config>").
   std::string source;
 };
