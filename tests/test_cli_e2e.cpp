@@ -1317,6 +1317,64 @@ TEST_CASE("keel mock prints its URL, answers a chat completion and exits 0 on SI
   CHECK(contains(c.out(), "stopped after 1 requests (1 answered 200)"));
 }
 
+// ---- 9b. keel serve ---------------------------------------------------------------------------
+
+TEST_CASE("keel serve answers through its config's policy, serves /metrics and drains on SIGTERM",
+          "[cli_e2e]") {
+  temp_dir dir;
+  write_file(dir / "scenario.json",
+             R"({"seed": 3, "models": {"served": {"script": ["unavailable", "ok"]}}})");
+  child_process mock(dir, "mock",
+                     keel_args({"mock", "--port", "0", "--scenario", dir / "scenario.json"}));
+  unsigned short mock_port = 0;
+  REQUIRE(eventually(
+      [&] {
+        mock_port = port_in(mock.out());
+        return mock_port != 0 || !mock.running();
+      },
+      20s));
+  REQUIRE(mock_port != 0);
+  write_file(dir / "keel.json",
+             R"({"config_list": [{"model": "served", "base_url": "http://127.0.0.1:)" +
+                 std::to_string(mock_port) + R"(", "api_key": "sk-e2e-serve-key"}],
+                 "policy": {"retry": {"backoff": {"kind": "constant", "base": 0.01}}}})");
+  child_process serve(dir, "serve",
+                      keel_args({"serve", "--config", dir / "keel.json", "--listen", "127.0.0.1:0",
+                                 "--grace", "5"}));
+  unsigned short port = 0;
+  REQUIRE(eventually(
+      [&] {
+        port = port_in(serve.out());
+        return port != 0 || !serve.running();
+      },
+      20s));
+  INFO("stdout:\n" << serve.out() << "\nstderr:\n" << serve.err());
+  REQUIRE(port != 0);
+  CHECK(contains(serve.out(), "model \"served\" -> 1 entry"));
+
+  const http_answer a =
+      http_request(port, "POST", "/v1/chat/completions",
+                   R"({"model": "served", "messages": [{"role": "user", "content": "hi"}]})");
+  INFO("body: " << a.body);
+  CHECK(a.status == 200);  // after keel retried the 503
+  const json body = json::parse(a.body, nullptr, false);
+  REQUIRE(!body.is_discarded());
+  CHECK(body.at("choices").at(0).at("message").at("content") == "mock answer to: hi");
+
+  const http_answer m = http_request(port, "GET", "/metrics", "");
+  CHECK(m.status == 200);
+  CHECK(contains(m.body, "keel_retries_total{cause=\"overloaded\"} 1"));
+  CHECK(contains(m.body, "keel_serve_completions_total 1"));
+
+  serve.signal(SIGTERM);
+  CHECK(serve.wait(20s) == 0);
+  CHECK(contains(serve.out(), "stopped after 2 requests (1 completions, 0 errors)"));
+  CHECK(contains(serve.err(), "retry"));
+  CHECK_FALSE(contains(serve.err(), "sk-e2e-serve-key"));
+  mock.signal(SIGTERM);
+  CHECK(mock.wait(20s) == 0);
+}
+
 // ---- 10. keel demo ----------------------------------------------------------------------------
 
 TEST_CASE("keel demo runs 300 prompts to success and reports fallbacks", "[cli_e2e]") {

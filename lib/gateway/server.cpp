@@ -275,6 +275,16 @@ struct server::impl : std::enable_shared_from_this<impl> {
       }
       co_return json_response(draining ? 503 : 200, json{{"status", draining ? "draining" : "ok"}});
     }
+    if (target == "/metrics" && opts.metrics) {
+      if (!get) {
+        co_return error_response(405, "Use GET /metrics.", "invalid_request_error");
+      }
+      response res;
+      res.result(bhttp::status::ok);
+      res.set(bhttp::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+      res.body() = opts.metrics();
+      co_return res;
+    }
     std::optional<response> refusal;
     caller* who = authenticate(req, refusal);
     if (refusal) {

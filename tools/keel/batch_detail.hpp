@@ -32,7 +32,7 @@ void watch_pacing(llm::bucket_registry& buckets, metrics_registry& m, logger& lo
 /// The client hooks of a batch run: each attempt, retry, fallback, breaker change, rate-limit
 /// wait and breaker hold counts into `st` and the metrics `m`, and retries (WARNING), fallbacks
 /// (INFO), breaker changes and holds (DEBUG) are logged. Every call's context must be its
-/// `batch_item`.
+/// `batch_item`, or null (`keel serve`: the logs then name no item).
 /// @param cfg, @param st, @param m and @param log must outlive the client the hooks go to.
 llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, metrics_registry& m,
                               logger& log);

@@ -17,9 +17,11 @@ using nlohmann::json;
 
 namespace {
 
-// The batch item behind a client hook's context: every call of a run passes its item.
+// The batch item behind a client hook's context: every call of a batch passes its item; `keel
+// serve`'s calls pass none (an empty item: no id, no prompt in the logs).
 const batch_item& item_of(const void* context) {
-  return *static_cast<const batch_item*>(context);
+  static const batch_item none{};
+  return context == nullptr ? none : *static_cast<const batch_item*>(context);
 }
 
 double breaker_state_value(keel::breaker_state s) {
@@ -104,7 +106,9 @@ llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, me
         .inc();
     if (log.enabled(log_level::warning)) {
       json f;
-      f["id"] = item_of(r.context).id;
+      if (r.context != nullptr) {
+        f["id"] = item_of(r.context).id;
+      }
       f["attempt"] = r.attempt;
       f["class"] = cause;
       if (const int status = llm::error_status(r.error)) {
@@ -115,7 +119,9 @@ llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, me
         f["delay_from"] = "server";
       }
       f["model"] = cfg.entries[r.entry].name();
-      f["prompt"] = item_of(r.context).preview;
+      if (r.context != nullptr) {
+        f["prompt"] = item_of(r.context).preview;
+      }
       log.log(log_level::warning, "retry", "", f);
     }
   };

@@ -1,7 +1,10 @@
 // `keel serve` (serve.hpp).
 #include "serve.hpp"
 
+#include "batch_detail.hpp"
 #include "fleet_pacing.hpp"
+#include "metrics.hpp"
+#include "stats.hpp"
 
 #include <keel/gateway/server.hpp>
 #include <keel/llm/client.hpp>
@@ -14,6 +17,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <random>
 #include <stdexcept>
 
 namespace keel::cli {
@@ -46,38 +50,49 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
 
   asio::io_context ctx;
   const std::unique_ptr<llm::fleet_pacing> fleet = make_fleet_pacing(ctx.get_executor(), cfg);
-  llm::client_hooks hooks;
-  hooks.on_retry = [&cfg, &log](const llm::retry_report& r) {
-    if (log.enabled(log_level::warning)) {
-      json f;
-      f["attempt"] = r.attempt;
-      f["class"] = llm::error_class(r.error);
-      if (const int status = llm::error_status(r.error)) {
-        f["status"] = status;
-      }
-      f["delay_ms"] = std::chrono::duration_cast<std::chrono::milliseconds>(r.delay).count();
-      f["model"] = cfg.entries[r.entry].name();
-      log.log(log_level::warning, "retry", "", f);
-    }
-  };
-  hooks.on_fallback = [&cfg, &log](const void*, std::size_t from, std::size_t to,
-                                   std::exception_ptr e) {
-    log.log(log_level::warning, "fallback", "",
-            json{{"from", cfg.entries[from].name()},
-                 {"to", cfg.entries[to].name()},
-                 {"class", llm::error_class(e)}});
-  };
-  hooks.on_breaker = [&cfg, &log](std::size_t entry, keel::breaker_state from,
-                                  keel::breaker_state to) {
-    log.log(log_level::warning, "breaker", "",
-            json{{"model", cfg.entries[entry].name()},
-                 {"from", keel::to_string(from)},
-                 {"to", keel::to_string(to)}});
-  };
+  // The same client hooks, metric names and log lines as `keel batch` (calls carry no item).
+  metrics_registry metrics;
+  batch_stats stats;
+  keel::http::client_options ho;
+  ho.max_connections_per_host = 256;
+  llm::http_clients http(ctx.get_executor(), ho);  // one per distinct ca_file
+  llm::bucket_registry buckets(ctx.get_executor(), std::random_device{}());
+  batch_detail::watch_pacing(buckets, metrics, log);
+  const llm::client_hooks hooks = batch_detail::batch_hooks(cfg, stats, metrics, log);
   llm::client_options co;
   co.fleet = fleet.get();
-  llm::client client(ctx.get_executor(), cfg, hooks, co);
+  llm::client client(ctx.get_executor(), cfg, http, buckets, hooks, std::random_device{}(), co);
+  for (const auto& e : cfg.entries) {
+    metrics
+        .gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
+               {{"model", e.name()}})
+        .set(0);
+  }
+  // The gateway's own counters, brought into the registry at each scrape.
+  keel::gateway::server* served = nullptr;
+  keel::gateway::server_stats told;
+  so.metrics = [&]() {
+    const keel::gateway::server_stats now = served->stats();
+    auto add = [&](const char* name, const char* help, std::uint64_t value, std::uint64_t before) {
+      metrics.counter(name, help).inc(static_cast<double>(value - before));
+    };
+    add("keel_serve_requests_total", "HTTP requests read by keel serve (every path).", now.requests,
+        told.requests);
+    add("keel_serve_completions_total", "Chat completions answered 200 (streams included).",
+        now.completions, told.completions);
+    add("keel_serve_errors_total", "Answers with a status of 400 or more.", now.errors,
+        told.errors);
+    add("keel_serve_unauthorized_total", "Requests refused for a missing or unknown key.",
+        now.unauthorized, told.unauthorized);
+    add("keel_serve_limited_total", "Requests refused for a client's rate or concurrency limit.",
+        now.limited, told.limited);
+    metrics.gauge("keel_in_flight", "Chat completions running now.")
+        .set(static_cast<double>(now.in_flight));
+    told = now;
+    return metrics.render();
+  };
   keel::gateway::server server(ctx.get_executor(), client, so);
+  served = &server;
   try {
     server.start();
   } catch (const boost::system::system_error& e) {
@@ -89,8 +104,8 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
           ? std::string("no client keys: anyone who can connect is served")
           : std::to_string(so.clients.size()) + " client key" + (so.clients.size() == 1 ? "" : "s");
   std::printf(
-      "keel serve: listening on %s (POST /v1/chat/completions, GET /v1/models, GET "
-      "/healthz); model \"%s\" -> %zu entr%s; %s; Ctrl-C to stop\n",
+      "keel serve: listening on %s (POST /v1/chat/completions, GET /v1/models, GET /healthz, "
+      "GET /metrics); model \"%s\" -> %zu entr%s; %s; Ctrl-C to stop\n",
       server.base_url().c_str(), so.models.front().c_str(), cfg.entries.size(),
       cfg.entries.size() == 1 ? "y" : "ies", who.c_str());
   std::fflush(stdout);

@@ -11,6 +11,7 @@
 //                               the translation, the errors and what is refused
 //   GET  /v1/models             the served model names (`server_options::models`)
 //   GET  /healthz               200 {"status": "ok"}; 503 {"status": "draining"} while draining
+//   GET  /metrics               Prometheus text, when `server_options::metrics` is set
 //
 // The request's `model` must be one of `models` (else a 404 `model_not_found`, as OpenAI
 // answers); the call then runs the client's chain, each entry with its own model.
@@ -37,7 +38,7 @@
 // provider, keel buffers nothing), ending in `data: [DONE]`, or an error event if the stream
 // was cut.
 //
-// Not yet (issue 18): `/metrics`, routes other than one chain per config, tools.
+// Not yet (issue 18): routes other than one chain per config, tools.
 //
 // Cancellation and shutdown: `drain(grace)` stops accepting, closes idle connections and lets
 // calls in flight finish; after `grace` the rest are cancelled (their callers get a 503
@@ -55,6 +56,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -80,6 +82,9 @@ struct server_options {
   std::chrono::milliseconds read_timeout{std::chrono::seconds(30)};
   /// Longest time for an answer to be written.
   std::chrono::milliseconds write_timeout{std::chrono::seconds(30)};
+  /// If set, `GET /metrics` answers what it returns (Prometheus text format; no key needed, like
+  /// `/healthz`); else 404.
+  std::function<std::string()> metrics;
 };
 
 /// What a gateway has done so far.
