@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Issue 18: `keel serve` in front of `keel mock`, against the mock directly, both driven by wrk
+# with the same OpenAI chat completion body (non-streaming, no faults).
+#
+# Usage: scripts/bench-serve.sh [--keel PATH] [--seconds N] [--connections "8 64"] [--rounds R]
+# Needs wrk (apt-get install wrk). PATH defaults to build-rel/tools/keel/keel, then
+# build/tools/keel/keel. The mock runs on CPU 0, keel serve on CPU 1, wrk (one thread) is not
+# pinned: on a 2-core machine the three share the CPU, so "through keel" measures the gateway
+# and its client together with the contention they cause.
+# Prints one line per (target, connections, round): requests/s and wrk's p50/p90/p99 latency.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+keel=""
+seconds=10
+conns="8 64"
+rounds=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keel) keel="$2"; shift ;;
+    --seconds) seconds="$2"; shift ;;
+    --connections) conns="$2"; shift ;;
+    --rounds) rounds="$2"; shift ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench-serve.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+command -v wrk >/dev/null || { echo "bench-serve.sh: wrk not found (apt-get install wrk)" >&2; exit 2; }
+if [ -z "$keel" ]; then
+  for k in "$here/build-rel/tools/keel/keel" "$here/../build-rel/tools/keel/keel" \
+           "$here/build/tools/keel/keel"; do
+    [ -x "$k" ] && { keel="$k"; break; }
+  done
+fi
+[ -x "$keel" ] || { echo "bench-serve.sh: no keel binary (--keel PATH)" >&2; exit 2; }
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+url_of() {  # log -> the first http://127.0.0.1:PORT it prints
+  for _ in $(seq 200); do
+    local u
+    u=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$1" | head -1 || true)
+    [ -n "$u" ] && { echo "$u"; return 0; }
+    sleep 0.05
+  done
+  cat "$1" >&2
+  return 1
+}
+
+taskset -c 0 "$keel" mock --port 0 >"$dir/mock.log" 2>&1 &
+pids+=($!)
+mock=$(url_of "$dir/mock.log")
+cat >"$dir/keel.json" <<JSON
+{"config_list": [{"model": "gpt-4o-mini", "base_url": "$mock", "api_key": "sk-bench"}]}
+JSON
+taskset -c 1 "$keel" serve --config "$dir/keel.json" --listen 127.0.0.1:0 >"$dir/serve.log" 2>&1 &
+pids+=($!)
+serve=$(url_of "$dir/serve.log")
+
+cat >"$dir/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model": "gpt-4o-mini", "max_tokens": 32, "messages": [{"role": "user", "content": "Summarise the incident report in one line."}]}'
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT rps=%.0f p50_ms=%.3f p90_ms=%.3f p99_ms=%.3f errors=%d non2xx=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000,
+    latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status))
+end
+LUA
+
+echo "keel: $keel ($("$keel" --version)); mock $mock (CPU 0), keel serve $serve (CPU 1); ${seconds}s per run"
+# Warm-up (connections, the client's pool, the pacing ramp).
+wrk -t1 -c64 -d2s -s "$dir/post.lua" "$serve/v1/chat/completions" >/dev/null
+for c in $conns; do
+  for r in $(seq "$rounds"); do
+    for target in direct serve; do
+      base=$mock
+      [ "$target" = serve ] && base=$serve
+      line=$(wrk -t1 -c"$c" -d"${seconds}s" -s "$dir/post.lua" "$base/v1/chat/completions" |
+        grep '^RESULT' | sed 's/^RESULT //')
+      echo "target=$target connections=$c round=$r $line"
+    done
+  done
+done
+curl -s "$serve/metrics" | grep -E '^keel_(serve_(requests|errors)_total|attempts_total)' || true
