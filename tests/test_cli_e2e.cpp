@@ -1008,9 +1008,17 @@ TEST_CASE("usage errors exit with status 2, help with 0", "[cli_e2e][review]") {
   }
   CHECK(run_keel(dir, "help", {"--help"}).status == 0);
   // What was wrong, not CLI11's "A subcommand is required" (issue 13).
-  CHECK(contains(run_keel(dir, "unknown", {"frobnicate"}).err,
-                 "keel: unknown command 'frobnicate'; the commands are batch, demo, mock, bench, "
-                 "config"));
+  CHECK(contains(
+      run_keel(dir, "unknown", {"frobnicate"}).err,
+      "keel: unknown command 'frobnicate'; the commands are batch, demo, mock, serve, bench, "
+      "config"));
+  // keel serve: a bad --listen and a missing --config are usage errors.
+  write_file(dir / "serve.json", R"([{"model": "m", "api_key": "k"}])");
+  const run_result listen =
+      run_keel(dir, "serve-listen", {"serve", "--config", dir / "serve.json", "--listen", "8080"});
+  CHECK(listen.status == 2);
+  CHECK(contains(listen.err, "--listen 8080: expected ADDR:PORT"));
+  CHECK(run_keel(dir, "serve-noconfig", {"serve"}).status == 2);
   // A range a person can read, not 300 digits of DBL_MAX.
   const run_result grace = run_keel(dir, "grace", {"batch", "--grace", "-1"});
   CHECK(grace.status == 2);
