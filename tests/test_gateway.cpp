@@ -16,6 +16,7 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
 
 using namespace keel_test;
 using keel::gateway::bad_request;
@@ -509,4 +510,24 @@ TEST_CASE("a caller's concurrency limit refuses its extra call at once", "[gatew
   CHECK(second.value->status == 429);
   CHECK(json::parse(second.value->body)["error"]["code"] == "concurrency_limit_exceeded");
   CHECK(rig.mock.stats().total.requests == 1);
+}
+
+TEST_CASE("connections beyond max_connections are closed at once", "[gateway]") {
+  keel::gateway::server_options so;
+  so.max_connections = 1;
+  gateway_rig rig(one_entry, so);
+  // One idle connection takes the only place.
+  asio::ip::tcp::socket idle(rig.ctx);
+  idle.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
+  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().connections == 1; }));
+  keel::http::request req("GET", rig.gateway.base_url() + "/healthz");
+  auto refused = run_one(rig.ctx, rig.http.send(req));
+  CHECK(refused.error);  // closed without an answer
+  CHECK(rig.gateway.stats().refused_connections >= 1);
+  // Once the idle one is gone, the next caller is served.
+  idle.close();
+  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().open_connections == 0; }));
+  auto served = run_one(rig.ctx, rig.http.send(req));
+  REQUIRE_FALSE(served.error);
+  CHECK(served.value->status == 200);
 }

@@ -187,9 +187,17 @@ struct server::impl : std::enable_shared_from_this<impl> {
         if (!self->running || !self->acceptor.is_open()) {
           co_return;
         }
+        // Out of file descriptors (or another failure that may last): not a busy loop.
+        asio::steady_timer pause(self->ex, std::chrono::milliseconds(50));
+        co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
         continue;
       }
       boost::system::error_code ignored;
+      if (self->live.size() >= self->opts.max_connections) {
+        ++self->counters.refused_connections;
+        sock.close(ignored);
+        continue;
+      }
       sock.set_option(tcp::no_delay(true), ignored);
       auto c = std::make_shared<connection>(std::move(sock));
       ++self->counters.connections;
@@ -583,7 +591,9 @@ void server::stop() {
 }
 
 server_stats server::stats() const {
-  return impl_->counters;
+  server_stats s = impl_->counters;
+  s.open_connections = impl_->live.size();
+  return s;
 }
 
 }  // namespace keel::gateway

@@ -19,8 +19,9 @@
 // Limits, so that no caller holds resources without bound: a request's header block
 // (`max_header`, else 431) and body (`max_request_body`, else 413 and the connection closes);
 // `read_timeout` for a whole request to arrive (head and body; a keep-alive connection with no
-// request for that long is closed); `write_timeout` for an answer to leave. A call itself is
-// bounded by the client's policy (`policy.deadline`).
+// request for that long is closed); `write_timeout` for an answer to leave; `max_connections`
+// open at once. A call itself is bounded by the client's policy (`policy.deadline`). An accept
+// that fails (e.g. out of file descriptors) is retried after 50 ms, not in a busy loop.
 //
 // Callers: with `clients` configured, `/v1/...` needs `Authorization: Bearer <key>` whose SHA-256
 // is a client's `key_sha256` (else 401 `invalid_api_key`, which the SDKs raise as
@@ -45,6 +46,10 @@
 // `shutting_down`), and it completes when no connection is left. `stop()` closes everything at
 // once. A caller that disconnects while its call runs does not cancel it (the answer is dropped):
 // the call's attempts are already paced and counted.
+//
+// Lifetime: the client must outlive what the server started on the executor: destroy it only
+// after `stop()` (or a completed `drain`) and after the io_context has run the sessions to their
+// end (e.g. once `run()` returned).
 //
 // Thread safety: one executor; call every member from it.
 
@@ -82,6 +87,10 @@ struct server_options {
   std::chrono::milliseconds read_timeout{std::chrono::seconds(30)};
   /// Longest time for an answer to be written.
   std::chrono::milliseconds write_timeout{std::chrono::seconds(30)};
+  /// Connections open at once; one more is closed as soon as it is accepted (and counted in
+  /// `server_stats::refused_connections`), so that idle or slow callers cannot use up the
+  /// process's file descriptors.
+  std::size_t max_connections = 4096;
   /// If set, `GET /metrics` answers what it returns (Prometheus text format; no key needed, like
   /// `/healthz`); else 404.
   std::function<std::string()> metrics;
@@ -103,6 +112,10 @@ struct server_stats {
   std::uint64_t unauthorized = 0;
   /// Requests refused for a caller's rate or concurrency limit (429).
   std::uint64_t limited = 0;
+  /// Connections closed at once because `max_connections` were open.
+  std::uint64_t refused_connections = 0;
+  /// Connections open now.
+  std::size_t open_connections = 0;
 };
 
 /// An OpenAI-compatible HTTP/1.1 server in front of a `keel::llm::client`.
