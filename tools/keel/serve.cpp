@@ -86,6 +86,11 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
         now.unauthorized, told.unauthorized);
     add("keel_serve_limited_total", "Requests refused for a client's rate or concurrency limit.",
         now.limited, told.limited);
+    add("keel_serve_refused_connections_total",
+        "Connections closed at once because 4096 were open.", now.refused_connections,
+        told.refused_connections);
+    metrics.gauge("keel_serve_open_connections", "Connections open now.")
+        .set(static_cast<double>(now.open_connections));
     metrics.gauge("keel_in_flight", "Chat completions running now.")
         .set(static_cast<double>(now.in_flight));
     told = now;
