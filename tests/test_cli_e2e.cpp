@@ -1019,6 +1019,11 @@ TEST_CASE("usage errors exit with status 2, help with 0", "[cli_e2e][review]") {
   CHECK(listen.status == 2);
   CHECK(contains(listen.err, "--listen 8080: expected ADDR:PORT"));
   CHECK(run_keel(dir, "serve-noconfig", {"serve"}).status == 2);
+  const run_result twice = run_keel(dir, "serve-twice",
+                                    {"serve", "--config", dir / "serve.json", "--config",
+                                     dir / "serve.json", "--listen", "127.0.0.1:0"});
+  CHECK(twice.status == 2);
+  CHECK(contains(twice.err, "both serve the model \"m\""));
   // A range a person can read, not 300 digits of DBL_MAX.
   const run_result grace = run_keel(dir, "grace", {"batch", "--grace", "-1"});
   CHECK(grace.status == 2);
@@ -1346,9 +1351,12 @@ TEST_CASE("keel serve answers through its config's policy, serves /metrics and d
              R"({"config_list": [{"model": "served", "base_url": "http://127.0.0.1:)" +
                  std::to_string(mock_port) + R"(", "api_key": "sk-e2e-serve-key"}],
                  "policy": {"retry": {"backoff": {"kind": "constant", "base": 0.01}}}})");
+  write_file(dir / "second.json",
+             R"({"config_list": [{"model": "second", "base_url": "http://127.0.0.1:)" +
+                 std::to_string(mock_port) + R"(", "api_key": "sk-e2e-serve-key-2"}]})");
   child_process serve(dir, "serve",
-                      keel_args({"serve", "--config", dir / "keel.json", "--listen", "127.0.0.1:0",
-                                 "--grace", "5"}));
+                      keel_args({"serve", "--config", dir / "keel.json", "--config",
+                                 dir / "second.json", "--listen", "127.0.0.1:0", "--grace", "5"}));
   unsigned short port = 0;
   REQUIRE(eventually(
       [&] {
@@ -1358,7 +1366,7 @@ TEST_CASE("keel serve answers through its config's policy, serves /metrics and d
       20s));
   INFO("stdout:\n" << serve.out() << "\nstderr:\n" << serve.err());
   REQUIRE(port != 0);
-  CHECK(contains(serve.out(), "model \"served\" -> 1 entry"));
+  CHECK(contains(serve.out(), "model \"served\" -> 1 entry, model \"second\" -> 1 entry"));
 
   const http_answer a =
       http_request(port, "POST", "/v1/chat/completions",
@@ -1369,14 +1377,19 @@ TEST_CASE("keel serve answers through its config's policy, serves /metrics and d
   REQUIRE(!body.is_discarded());
   CHECK(body.at("choices").at(0).at("message").at("content") == "mock answer to: hi");
 
+  const http_answer second =
+      http_request(port, "POST", "/v1/chat/completions",
+                   R"({"model": "second", "messages": [{"role": "user", "content": "yo"}]})");
+  CHECK(second.status == 200);
+  CHECK(contains(second.body, "mock answer to: yo"));
   const http_answer m = http_request(port, "GET", "/metrics", "");
   CHECK(m.status == 200);
   CHECK(contains(m.body, "keel_retries_total{cause=\"overloaded\"} 1"));
-  CHECK(contains(m.body, "keel_serve_completions_total 1"));
+  CHECK(contains(m.body, "keel_serve_completions_total 2"));
 
   serve.signal(SIGTERM);
   CHECK(serve.wait(20s) == 0);
-  CHECK(contains(serve.out(), "stopped after 2 requests (1 completions, 0 errors)"));
+  CHECK(contains(serve.out(), "stopped after 3 requests (2 completions, 0 errors)"));
   CHECK(contains(serve.err(), "retry"));
   CHECK_FALSE(contains(serve.err(), "sk-e2e-serve-key"));
   mock.signal(SIGTERM);

@@ -531,3 +531,44 @@ TEST_CASE("connections beyond max_connections are closed at once", "[gateway]") 
   REQUIRE_FALSE(served.error);
   CHECK(served.value->status == 200);
 }
+
+TEST_CASE("a gateway with one route per model sends each to its own client", "[gateway]") {
+  asio::io_context ctx;
+  keel::testing::mock_llm_server mock(ctx, {.seed = 1});
+  mock.start();
+  auto config = [&](const char* model) {
+    return client::make_config(
+        std::string(R"({"config_list": [{"api_type": "openai", "model": ")") + model +
+            R"(", "api_key": "sk-test-KEY000001"}]})",
+        mock.base_url());
+  };
+  keel::llm::client fast(ctx.get_executor(), config("fast"), {}, {});
+  keel::llm::client smart(ctx.get_executor(), config("smart"), {}, {});
+  keel::gateway::server gw(ctx.get_executor(), {{"fast", &fast}, {"smart", &smart}}, {});
+  gw.start();
+  keel::http::client http(ctx.get_executor(), keel::http::client_options{});
+  auto ask = [&](const std::string& model) {
+    keel::http::request req("POST", gw.base_url() + "/v1/chat/completions");
+    req.body = R"({"model": ")" + model + R"(", "messages": [{"role": "user", "content": "x"}]})";
+    auto o = run_one(ctx, http.send(req));
+    REQUIRE_FALSE(o.error);
+    return *o.value;
+  };
+  CHECK(ask("smart").status == 200);
+  CHECK(ask("smart").status == 200);
+  CHECK(ask("fast").status == 200);
+  CHECK(ask("other").status == 404);
+  CHECK(mock.stats().model("smart").requests == 2);
+  CHECK(mock.stats().model("fast").requests == 1);
+  auto models = run_one(ctx, http.send(keel::http::request("GET", gw.base_url() + "/v1/models")));
+  REQUIRE_FALSE(models.error);
+  const json data = json::parse(models.value->body)["data"];
+  REQUIRE(data.size() == 2);
+  CHECK(data[0]["id"] == "fast");
+  CHECK(data[1]["id"] == "smart");
+
+  CHECK_THROWS_AS(keel::gateway::server(ctx.get_executor(), {{"a", &fast}, {"a", &smart}}, {}),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(keel::gateway::server(ctx.get_executor(), {{"a", nullptr}}, {}),
+                  std::invalid_argument);
+}

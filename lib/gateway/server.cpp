@@ -25,6 +25,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <stdexcept>
 
 namespace keel::gateway {
 
@@ -69,9 +70,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
     int in_flight = 0;
   };
 
-  impl(asio::any_io_executor e, keel::llm::client& c, server_options o)
+  impl(asio::any_io_executor e, std::vector<route> r, keel::llm::client* any_model,
+       server_options o)
       : ex(std::move(e)),
-        client(c),
+        routes(std::move(r)),
+        any(any_model),
         opts(std::move(o)),
         acceptor(ex),
         drain_timer(ex),
@@ -148,8 +151,19 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 
   asio::any_io_executor ex;
-  keel::llm::client& client;
+  std::vector<route> routes;
+  keel::llm::client* any = nullptr;  // answers every model (one client, no `models`)
   server_options opts;
+
+  // The client that answers `model`; null if none.
+  keel::llm::client* client_for(const std::string& model) const {
+    for (const route& r : routes) {
+      if (r.model == model) {
+        return r.client;
+      }
+    }
+    return any;
+  }
   tcp::acceptor acceptor;
   asio::steady_timer drain_timer;
   std::mt19937_64 ids;
@@ -303,8 +317,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
         co_return error_response(405, "Use GET /v1/models.", "invalid_request_error");
       }
       json data = json::array();
-      for (const auto& m : opts.models) {
-        data.push_back({{"id", m}, {"object", "model"}, {"created", 0}, {"owned_by", "keel"}});
+      for (const route& r : routes) {
+        data.push_back(
+            {{"id", r.model}, {"object", "model"}, {"created", 0}, {"owned_by", "keel"}});
       }
       co_return json_response(200, json{{"object", "list"}, {"data", std::move(data)}});
     }
@@ -339,20 +354,20 @@ struct server::impl : std::enable_shared_from_this<impl> {
       co_return error_response(e.status(), e.what(), "invalid_request_error", e.param(), e.code());
     }
     const std::string model = p.request.model;
-    if (!opts.models.empty() &&
-        std::find(opts.models.begin(), opts.models.end(), model) == opts.models.end()) {
+    keel::llm::client* const client = client_for(model);
+    if (client == nullptr) {
       co_return error_response(
           404, "The model `" + model + "` does not exist or you do not have access to it.",
           "invalid_request_error", "model", "model_not_found");
     }
     p.request.model.clear();  // every entry of the chain asks for its own model
     if (p.stream) {
-      co_return co_await stream(std::move(p), model, version, c);
+      co_return co_await stream(*client, std::move(p), model, version, c);
     }
     const auto started = std::chrono::steady_clock::now();
     ++counters.in_flight;
     keel::llm::call_outcome out =
-        co_await client.call(std::move(p.request), nullptr, keel::bulkhead_permit{});
+        co_await client->call(std::move(p.request), nullptr, keel::bulkhead_permit{});
     --counters.in_flight;
     response res;
     if (out.error) {
@@ -404,8 +419,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
   // (`data: {"error": ...}`, which the OpenAI SDKs raise as an APIError) and the end of the body.
   // A caller that goes away mid-stream fails the next write: the call ends and keel closes the
   // provider's connection. Returns nothing when it wrote an answer, else the answer to write.
-  asio::awaitable<std::optional<response>> stream(parsed_chat_request p, const std::string& model,
-                                                  unsigned version, connection& c) {
+  asio::awaitable<std::optional<response>> stream(keel::llm::client& client, parsed_chat_request p,
+                                                  const std::string& model, unsigned version,
+                                                  connection& c) {
     const auto started = std::chrono::steady_clock::now();
     const std::string id = next_id("chatcmpl-keel-");
     const long long created = now_s();
@@ -541,8 +557,42 @@ struct server::impl : std::enable_shared_from_this<impl> {
   }
 };
 
+namespace {
+
+std::vector<route> routes_of(keel::llm::client& client, const server_options& o) {
+  std::vector<route> r;
+  for (const std::string& m : o.models) {
+    r.push_back(route{m, &client});
+  }
+  return r;
+}
+
+std::vector<route> checked(std::vector<route> routes) {
+  for (std::size_t i = 0; i < routes.size(); ++i) {
+    if (routes[i].client == nullptr) {
+      throw std::invalid_argument("keel::gateway::server: route '" + routes[i].model +
+                                  "' has no client");
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (routes[j].model == routes[i].model) {
+        throw std::invalid_argument("keel::gateway::server: two routes serve the model '" +
+                                    routes[i].model + "'");
+      }
+    }
+  }
+  return routes;
+}
+
+}  // namespace
+
 server::server(asio::any_io_executor ex, keel::llm::client& client, server_options options)
-    : impl_(std::make_shared<impl>(std::move(ex), client, std::move(options))) {}
+    : impl_(std::make_shared<impl>(std::move(ex), routes_of(client, options),
+                                   options.models.empty() ? &client : nullptr,
+                                   std::move(options))) {}
+
+server::server(asio::any_io_executor ex, std::vector<route> routes, server_options options)
+    : impl_(std::make_shared<impl>(std::move(ex), checked(std::move(routes)), nullptr,
+                                   std::move(options))) {}
 
 server::~server() {
   impl_->stop();

@@ -257,10 +257,14 @@ int main(int argc, char** argv) {
       "serve",
       "Serve a config as an OpenAI-compatible API (POST /v1/chat/completions): point any "
       "OpenAI SDK's base_url at it and its calls get the config's policy");
-  std::string serve_config;
+  std::vector<std::string> serve_configs;
   keel::cli::serve_options serve_opts;
   common_flags sf;
-  serve->add_option("--config", serve_config, "Config file (AG2 config_list + policy)")->required();
+  serve
+      ->add_option("--config", serve_configs,
+                   "Config file (AG2 config_list + policy + serve); repeat it to serve several "
+                   "models, one route per config named by its first entry's model")
+      ->required();
   serve->add_option("--listen", serve_opts.listen, "ADDR:PORT to listen on (port 0: any free)")
       ->capture_default_str();
   serve
@@ -380,8 +384,11 @@ int main(int argc, char** argv) {
     }
     if (*serve) {
       logger log = make_logger(sf);
-      const llm::client_config c = llm::load_config(serve_config, llm::process_env());
-      return run_serve(c, serve_opts, log);
+      std::vector<llm::client_config> cs;
+      for (const std::string& f : serve_configs) {
+        cs.push_back(llm::load_config(f, llm::process_env()));
+      }
+      return run_serve(cs, serve_opts, log);
     }
     if (*results_check) {
       return run_check(check_in, check_results_files, merge_out);

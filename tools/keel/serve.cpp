@@ -25,7 +25,7 @@ namespace keel::cli {
 namespace asio = boost::asio;
 using nlohmann::json;
 
-int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log) {
+int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& o, logger& log) {
   const auto colon = o.listen.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == o.listen.size()) {
     throw std::invalid_argument("--listen " + o.listen + ": expected ADDR:PORT");
@@ -41,16 +41,37 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
   } catch (const std::exception&) {
     throw std::invalid_argument("--listen " + o.listen + ": the port must be 0-65535");
   }
-  if (cfg.entries.empty()) {
-    throw std::invalid_argument(cfg.source + ": config_list is empty: nothing to serve");
+  if (cfgs.empty()) {
+    throw std::invalid_argument("keel serve: no config");
   }
-  // One route per config: the model of its first entry; the chain behind it is the config's.
-  so.models = {cfg.entries.front().model};
-  so.clients = cfg.serve.clients;
+  // One route per config, named by its first entry's model; the callers' keys of every config.
+  for (std::size_t i = 0; i < cfgs.size(); ++i) {
+    const llm::client_config& cfg = cfgs[i];
+    if (cfg.entries.empty()) {
+      throw std::invalid_argument(cfg.source + ": config_list is empty: nothing to serve");
+    }
+    for (std::size_t j = 0; j < i; ++j) {
+      if (cfgs[j].entries.front().model == cfg.entries.front().model) {
+        throw std::invalid_argument(cfg.source + " and " + cfgs[j].source +
+                                    " both serve the model \"" + cfg.entries.front().model +
+                                    "\" (each config is the route of its first entry's model)");
+      }
+    }
+    for (const llm::serve_client& c : cfg.serve.clients) {
+      for (const llm::serve_client& other : so.clients) {
+        if (other.name == c.name || other.key_sha256 == c.key_sha256) {
+          throw std::invalid_argument(cfg.source + ": serve client \"" + c.name +
+                                      "\" is also in another config (by name or key)");
+        }
+      }
+      so.clients.push_back(c);
+    }
+  }
 
   asio::io_context ctx;
-  const std::unique_ptr<llm::fleet_pacing> fleet = make_fleet_pacing(ctx.get_executor(), cfg);
   // The same client hooks, metric names and log lines as `keel batch` (calls carry no item).
+  // Routes share the transports and the rate-limit buckets: two routes on one provider key and
+  // model pace through one bucket.
   metrics_registry metrics;
   batch_stats stats;
   keel::http::client_options ho;
@@ -58,15 +79,29 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
   llm::http_clients http(ctx.get_executor(), ho);  // one per distinct ca_file
   llm::bucket_registry buckets(ctx.get_executor(), std::random_device{}());
   batch_detail::watch_pacing(buckets, metrics, log);
-  const llm::client_hooks hooks = batch_detail::batch_hooks(cfg, stats, metrics, log);
-  llm::client_options co;
-  co.fleet = fleet.get();
-  llm::client client(ctx.get_executor(), cfg, http, buckets, hooks, std::random_device{}(), co);
-  for (const auto& e : cfg.entries) {
-    metrics
-        .gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
-               {{"model", e.name()}})
-        .set(0);
+  struct served_route {
+    std::unique_ptr<llm::fleet_pacing> fleet;
+    llm::client_hooks hooks;
+    std::unique_ptr<llm::client> client;
+  };
+  std::vector<served_route> routes;
+  std::vector<keel::gateway::route> table;
+  for (const llm::client_config& cfg : cfgs) {
+    served_route r;
+    r.fleet = make_fleet_pacing(ctx.get_executor(), cfg);
+    r.hooks = batch_detail::batch_hooks(cfg, stats, metrics, log);
+    llm::client_options co;
+    co.fleet = r.fleet.get();
+    r.client = std::make_unique<llm::client>(ctx.get_executor(), cfg, http, buckets, r.hooks,
+                                             std::random_device{}(), co);
+    for (const auto& e : cfg.entries) {
+      metrics
+          .gauge("keel_breaker_state", "Breaker state per entry: 0 closed, 1 half-open, 2 open.",
+                 {{"model", e.name()}})
+          .set(0);
+    }
+    table.push_back(keel::gateway::route{cfg.entries.front().model, r.client.get()});
+    routes.push_back(std::move(r));
   }
   // The gateway's own counters, brought into the registry at each scrape.
   keel::gateway::server* served = nullptr;
@@ -96,7 +131,7 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
     told = now;
     return metrics.render();
   };
-  keel::gateway::server server(ctx.get_executor(), client, so);
+  keel::gateway::server server(ctx.get_executor(), table, so);
   served = &server;
   try {
     server.start();
@@ -108,11 +143,16 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
       so.clients.empty()
           ? std::string("no client keys: anyone who can connect is served")
           : std::to_string(so.clients.size()) + " client key" + (so.clients.size() == 1 ? "" : "s");
+  std::string served_models;
+  for (const llm::client_config& cfg : cfgs) {
+    served_models += std::string(served_models.empty() ? "" : ", ") + "model \"" +
+                     cfg.entries.front().model + "\" -> " + std::to_string(cfg.entries.size()) +
+                     (cfg.entries.size() == 1 ? " entry" : " entries");
+  }
   std::printf(
       "keel serve: listening on %s (POST /v1/chat/completions, GET /v1/models, GET /healthz, "
-      "GET /metrics); model \"%s\" -> %zu entr%s; %s; Ctrl-C to stop\n",
-      server.base_url().c_str(), so.models.front().c_str(), cfg.entries.size(),
-      cfg.entries.size() == 1 ? "y" : "ies", who.c_str());
+      "GET /metrics); %s; %s; Ctrl-C to stop\n",
+      server.base_url().c_str(), served_models.c_str(), who.c_str());
   std::fflush(stdout);
 
   asio::signal_set signals(ctx, SIGINT, SIGTERM);
@@ -136,8 +176,10 @@ int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log
           co_await server.drain(std::chrono::duration_cast<std::chrono::nanoseconds>(
               std::chrono::duration<double>(o.grace)));
           signals.cancel();
-          if (fleet) {
-            fleet->close();
+          for (served_route& r : routes) {
+            if (r.fleet) {
+              r.fleet->close();
+            }
           }
         },
         asio::detached);

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 namespace keel::cli {
 
@@ -18,10 +19,12 @@ struct serve_options {
   double grace = 30;
 };
 
-/// Serves `cfg` (its chain of entries answers the model named by its first entry) until SIGINT or
-/// SIGTERM, then drains for `o.grace`. Prints the listening address on stdout.
+/// Serves `cfgs`, one route per config (its chain of entries answers the model named by its
+/// first entry), until SIGINT or SIGTERM, then drains for `o.grace`. Prints the listening
+/// address on stdout.
 /// @returns the exit status (0 after a clean drain).
-/// @throws std::runtime_error naming the address if it cannot listen.
-int run_serve(const llm::client_config& cfg, const serve_options& o, logger& log);
+/// @throws std::invalid_argument for a bad `--listen`, two configs serving one model, or one
+///   caller key in two configs; std::runtime_error naming the address if it cannot listen.
+int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& o, logger& log);
 
 }  // namespace keel::cli

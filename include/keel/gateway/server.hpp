@@ -13,8 +13,10 @@
 //   GET  /healthz               200 {"status": "ok"}; 503 {"status": "draining"} while draining
 //   GET  /metrics               Prometheus text, when `server_options::metrics` is set
 //
-// The request's `model` must be one of `models` (else a 404 `model_not_found`, as OpenAI
-// answers); the call then runs the client's chain, each entry with its own model.
+// The request's `model` names a route (else a 404 `model_not_found`, as OpenAI answers): one
+// client per served model (`keel serve --config a.json --config b.json`: each config is a route
+// named by its first entry's model), or one client for `server_options::models`. The call then
+// runs that client's chain, each entry with its own model.
 //
 // Limits, so that no caller holds resources without bound: a request's header block
 // (`max_header`, else 431) and body (`max_request_body`, else 413 and the connection closes);
@@ -39,7 +41,7 @@
 // provider, keel buffers nothing), ending in `data: [DONE]`, or an error event if the stream
 // was cut.
 //
-// Not yet (issue 18): routes other than one chain per config, tools.
+// Not yet (issue 18): tools and function calls, images.
 //
 // Cancellation and shutdown: `drain(grace)` stops accepting, closes idle connections and lets
 // calls in flight finish; after `grace` the rest are cancelled (their callers get a 503
@@ -118,11 +120,24 @@ struct server_stats {
   std::size_t open_connections = 0;
 };
 
-/// An OpenAI-compatible HTTP/1.1 server in front of a `keel::llm::client`.
+/// A model name callers may ask for, and the client (its chain and policy) that answers it.
+struct route {
+  /// The `model` a request names.
+  std::string model;
+  /// The client that runs its calls (must outlive the server).
+  keel::llm::client* client = nullptr;
+};
+
+/// An OpenAI-compatible HTTP/1.1 server in front of `keel::llm::client`s.
 class server {
  public:
-  /// A server for `client` (which must outlive it); nothing listens until `start()`.
+  /// A server for `client` (which must outlive it), answering `options.models` (any model if
+  /// empty); nothing listens until `start()`.
   server(boost::asio::any_io_executor ex, keel::llm::client& client, server_options options);
+  /// A server with one route per served model, each to its own client (chain and policy);
+  /// `options.models` is ignored. Nothing listens until `start()`.
+  /// @throws std::invalid_argument if two routes name the same model or a route has no client.
+  server(boost::asio::any_io_executor ex, std::vector<route> routes, server_options options);
   /// Stops (as `stop()`).
   ~server();
   server(const server&) = delete;
