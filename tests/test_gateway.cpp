@@ -572,3 +572,26 @@ TEST_CASE("a gateway with one route per model sends each to its own client", "[g
   CHECK_THROWS_AS(keel::gateway::server(ctx.get_executor(), {{"a", nullptr}}, {}),
                   std::invalid_argument);
 }
+
+TEST_CASE("an Anthropic-backed route answers the OpenAI caller in OpenAI's shape", "[gateway]") {
+  gateway_rig rig(R"({"config_list": [
+      {"api_type": "anthropic", "model": "m", "api_key": "sk-ant-test-KEY0001"}]})");
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", hello);
+  REQUIRE(res.status == 200);
+  const json j = json::parse(res.body);
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["choices"][0]["message"]["content"] == "mock answer to: hello");
+  CHECK(j["choices"][0]["finish_reason"] == "stop");  // Anthropic's end_turn
+  CHECK(j["usage"]["prompt_tokens"].get<int>() > 0);
+  // The mock saw an Anthropic messages request.
+  CHECK(rig.mock.stats().model("m").last_body.find("\"max_tokens\"") != std::string::npos);
+  CHECK(rig.mock.stats().model("m").requests == 1);
+
+  // Streamed too: Anthropic's events become OpenAI chunks.
+  const keel::http::response s = rig.send(
+      "POST", "/v1/chat/completions",
+      R"({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hello"}]})");
+  REQUIRE(s.status == 200);
+  CHECK(s.body.find("chat.completion.chunk") != std::string::npos);
+  CHECK(s.body.find("data: [DONE]") != std::string::npos);
+}

@@ -4,8 +4,9 @@
 //   SERVE_URL=http://127.0.0.1:P LIMITED_URL=http://127.0.0.1:Q node gateway.mjs
 //
 // run.sh starts the mock (scenario.json: models gw-primary, gw-backup, gw-limited) and two
-// gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each),
-// LIMITED_URL serves "gw-limited" with one attempt. Prints one PASS/FAIL line per check and exits
+// gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each) and
+// "gw-claude" (an Anthropic-format entry: a second route), LIMITED_URL serves "gw-limited" with
+// one attempt. Prints one PASS/FAIL line per check and exits
 // 1 if any failed.
 
 import OpenAI from 'openai';
@@ -124,10 +125,39 @@ await check('keel serve: chat.completions.stream() helper -> finalChatCompletion
   eq(final.choices[0].finish_reason, 'stop', 'finish_reason');
 });
 
-await check('keel serve: models.list() names the served model', async () => {
+await check('keel serve: models.list() names one route per config', async () => {
   const ids = [];
   for await (const m of sdk.models.list()) ids.push(m.id);
-  eq(JSON.stringify(ids), '["gw-primary"]', 'ids');
+  eq(JSON.stringify(ids), '["gw-primary","gw-claude"]', 'ids');
+});
+
+await check('keel serve: an Anthropic-backed route answers the OpenAI SDK as an OpenAI completion', async () => {
+  const r = await sdk.chat.completions.create(ask('gw-claude', 'from claude'));
+  eq(r.choices[0].message.content, 'mock answer to: from claude', 'content');
+  eq(r.choices[0].finish_reason, 'stop', 'finish_reason (end_turn)');
+  eq(r.usage.prompt_tokens > 0, true, 'usage');
+  let text = '';
+  for await (const chunk of await sdk.chat.completions.create({ ...ask('gw-claude', 'stream claude'), stream: true })) {
+    text += chunk.choices[0]?.delta?.content ?? '';
+  }
+  eq(text, 'mock answer to: stream claude', 'streamed text');
+});
+
+await check('keel serve: chat.completions.parse() strict json_schema passes through -> message.parsed', async () => {
+  const schema = {
+    type: 'object',
+    properties: { id: { type: 'string' }, tier: { type: 'string', enum: ['free', 'pro'] } },
+    required: ['id', 'tier'],
+    additionalProperties: false,
+  };
+  const c = await sdk.chat.completions.parse({
+    ...ask('gw-primary', 'an order'),
+    response_format: { type: 'json_schema', json_schema: { name: 'order', strict: true, schema } },
+  });
+  const parsed = c.choices[0].message.parsed;
+  eq(typeof parsed?.id, 'string', 'parsed.id');
+  eq(['free', 'pro'].includes(parsed?.tier), true, `parsed.tier ${parsed?.tier}`);
+  return `parsed ${JSON.stringify(parsed)}`;
 });
 
 await check('keel serve: upstream 429 (Retry-After 2 s) with no retry left -> RateLimitError 429, retry-after and retry-after-ms', async () => {

@@ -47,13 +47,18 @@ cat >"$tmp/gw.json" <<EOF
                  {"model": "gw-backup", "base_url": "$url", "api_key": "sk-gateway-check-2"}],
  "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.01}}}}
 EOF
+cat >"$tmp/claude.json" <<EOF
+{"config_list": [{"api_type": "anthropic", "model": "gw-claude", "base_url": "$url", "api_key": "sk-gateway-check-4"}]}
+EOF
 cat >"$tmp/limited.json" <<EOF
 {"config_list": [{"model": "gw-limited", "base_url": "$url", "api_key": "sk-gateway-check-3"}],
  "policy": {"retry": {"max_attempts": 1}}}
 EOF
 # Starts a gateway on a free port (in this shell, so that its pid is kept); `served` is its URL.
-start_serve() {  # config log
-  "$keel" serve --config "$1" --listen 127.0.0.1:0 >"$2" 2>&1 &
+start_serve() {  # config log [second config]
+  local extra=()
+  [[ $# -ge 3 ]] && extra=(--config "$3")
+  "$keel" serve --config "$1" "${extra[@]}" --listen 127.0.0.1:0 >"$2" 2>&1 &
   serve_pids+=($!)
   served=""
   for _ in $(seq 100); do
@@ -65,11 +70,11 @@ start_serve() {  # config log
   cat "$2" >&2
   return 1
 }
-start_serve "$tmp/gw.json" "$tmp/gw.log"
+start_serve "$tmp/gw.json" "$tmp/gw.log" "$tmp/claude.json"
 gw="$served"
 start_serve "$tmp/limited.json" "$tmp/limited.log"
 lim="$served"
-echo "serve: $gw (gw-primary -> gw-backup), $lim (gw-limited)"
+echo "serve: $gw (gw-primary -> gw-backup; gw-claude), $lim (gw-limited)"
 SERVE_URL="$gw" LIMITED_URL="$lim" node gateway.mjs || rc=$?
 for p in "${serve_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${serve_pids[@]}"; do wait "$p" 2>/dev/null || true; done
