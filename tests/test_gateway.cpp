@@ -90,6 +90,7 @@ TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gatew
   };
   const std::vector<row> rows = {
       {"{bad", "", 400},
+      {"", "", 400},
       {"[1]", "", 400},
       {R"({"messages": [{"role": "user", "content": "x"}]})", "model", 400},
       {R"({"model": "m"})", "messages", 400},
@@ -124,6 +125,16 @@ TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gatew
     const auto [param, status] = refusal(r.body);
     CHECK(param == r.param);
     CHECK(status == r.status);
+  }
+  // Nested far too deep for the recursive copies that would follow: refused before parsing.
+  const std::string deep = R"({"model": "m", "metadata": )" + std::string(100000, '[') +
+                           std::string(100000, ']') +
+                           R"(, "messages": [{"role": "user", "content": "x"}]})";
+  try {
+    (void)parse_chat_request(deep);
+    FAIL("parsed");
+  } catch (const bad_request& e) {
+    CHECK_THAT(e.what(), Catch::Contains("deeper than 128"));
   }
 }
 

@@ -4,6 +4,7 @@
 #include <keel/classify.hpp>
 #include <keel/error.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/llm/json_depth.hpp>
 #include <keel/rate_controller.hpp>
 
 #include <boost/system/system_error.hpp>
@@ -98,6 +99,14 @@ std::string seconds_text(std::chrono::nanoseconds d) {
 }  // namespace
 
 parsed_chat_request parse_chat_request(std::string_view body) {
+  // Bounded before parsing: nlohmann copies and dumps recursively, and a body nested a million
+  // levels deep would overflow the stack when `response_format` or `metadata` is copied.
+  if (const std::size_t at = keel::llm::json_too_deep_at(body); at != std::string_view::npos) {
+    throw bad_request("The request body nests arrays and objects deeper than " +
+                          std::to_string(keel::llm::max_json_depth) + " levels (at byte " +
+                          std::to_string(at) + ").",
+                      "", "invalid_json");
+  }
   json doc = json::parse(body, nullptr, false);
   if (doc.is_discarded()) {
     throw bad_request(

@@ -2,6 +2,8 @@
 #include <keel/gateway/server.hpp>
 
 #include <keel/gateway/openai_wire.hpp>
+
+#include <keel/error.hpp>
 #include <keel/llm/sigv4.hpp>
 #include <keel/throttler.hpp>
 
@@ -39,11 +41,17 @@ namespace {
 
 using response = bhttp::response<bhttp::string_body>;
 
+// JSON text that never throws: a provider's message cut inside a UTF-8 sequence (messages are
+// truncated) would make dump() throw type_error 316 and end the session without an answer.
+std::string text_of(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 response json_response(int status, const json& body) {
   response res;
   res.result(static_cast<unsigned>(status));
   res.set(bhttp::field::content_type, "application/json");
-  res.body() = body.dump();
+  res.body() = text_of(body);
   return res;
 }
 
@@ -59,8 +67,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
     explicit connection(tcp::socket s) : stream(std::move(s)) {}
     beast::tcp_stream stream;
     asio::cancellation_signal cancel;
-    bool busy = false;      // a request is being answered
-    bool stream_ok = true;  // the last streamed answer ended cleanly (keep-alive possible)
+    bool busy = false;            // a request is being answered
+    bool stream_ok = true;        // the last streamed answer ended cleanly (keep-alive possible)
+    bool stream_started = false;  // the current answer's head went out as a stream
   };
 
   // One configured caller: its limits and what it uses now.
@@ -246,7 +255,21 @@ struct server::impl : std::enable_shared_from_this<impl> {
         ++self->counters.requests;
         bhttp::request<bhttp::string_body> req = parser.release();
         c->busy = true;
-        res = co_await self->handle(req, *c);
+        c->stream_started = false;
+        try {
+          res = co_await self->handle(req, *c);
+        } catch (...) {
+          // A defect, or memory exhausted: answer 500 (or, mid-stream, close) rather than end
+          // the session without a word.
+          c->busy = false;
+          if (c->stream_started) {
+            break;
+          }
+          res = error_response(
+              500, "keel serve could not answer: " + keel::describe(std::current_exception()),
+              "server_error", "", "internal_error");
+          req.keep_alive(false);
+        }
         c->busy = false;
         keep = req.keep_alive() && self->running && !self->draining;
         if (!res) {
@@ -437,9 +460,10 @@ struct server::impl : std::enable_shared_from_this<impl> {
         throw boost::system::system_error(ec);
       }
     };
-    auto event = [](const json& j) { return "data: " + j.dump() + "\n\n"; };
+    auto event = [](const json& j) { return "data: " + text_of(j) + "\n\n"; };
     auto commit = [&]() -> asio::awaitable<void> {
       committed = true;
+      c.stream_started = true;
       bhttp::response<bhttp::empty_body> head{bhttp::status::ok, version};
       head.set(bhttp::field::server, "keel");
       head.set(bhttp::field::content_type, "text/event-stream; charset=utf-8");

@@ -1,0 +1,57 @@
+// Fuzz target: keel serve's reading of a caller's chat completions body
+// (keel::gateway::parse_chat_request, keel/gateway/openai_wire.hpp), the one parser of the
+// gateway that sees every byte a caller sends.
+//
+// The parser promises to throw only `bad_request` (with a 400 or 404 status and a message) and,
+// on success, to give a request keel can send: at least one user or assistant turn, only those
+// roles, a reply budget of at least one token. The answer built around it (a completion, a chunk,
+// an error body) must serialise.
+#include "fuzz_support.hpp"
+
+#include <keel/gateway/openai_wire.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  // The body is depth-checked before it is parsed: recursion on nesting would show here.
+  keel::fuzz::limit_stack(512 * 1024);
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string_view body = keel::fuzz::as_text(data, size);
+  keel::gateway::parsed_chat_request p;
+  try {
+    p = keel::gateway::parse_chat_request(body);
+  } catch (const keel::gateway::bad_request& e) {
+    KEEL_FUZZ_CHECK(e.status() == 400 || e.status() == 404);
+    KEEL_FUZZ_CHECK(*e.what() != '\0');
+    (void)keel::gateway::error_body(e.what(), "invalid_request_error", e.param(), e.code())
+        .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    return 0;
+  } catch (...) {
+    keel::fuzz::unexpected_exception("keel::gateway::parse_chat_request");
+  }
+  const keel::llm::chat_request& r = p.request;
+  KEEL_FUZZ_CHECK(!r.model.empty());
+  KEEL_FUZZ_CHECK(!r.messages.empty());
+  for (const auto& m : r.messages) {
+    KEEL_FUZZ_CHECK(m.role == "user" || m.role == "assistant");
+  }
+  KEEL_FUZZ_CHECK(r.max_tokens >= 1);
+  KEEL_FUZZ_CHECK(!r.temperature || (*r.temperature >= 0 && *r.temperature <= 2));
+  KEEL_FUZZ_CHECK(!r.top_p || (*r.top_p >= 0 && *r.top_p <= 1));
+  KEEL_FUZZ_CHECK(r.stop.size() <= 4);
+  KEEL_FUZZ_CHECK(!r.response_format || r.response_format->is_object());
+  // What the gateway would answer around it serialises (the text as if echoed back).
+  keel::llm::chat_response reply;
+  reply.text = r.messages.back().content;
+  reply.finish_reason = r.system;
+  (void)keel::gateway::completion_body(reply, "chatcmpl-fuzz", 0, r.model)
+      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  (void)keel::gateway::stream_chunk("chatcmpl-fuzz", 0, r.model,
+                                    nlohmann::json{{"content", reply.text}}, {}, p.include_usage)
+      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return 0;
+}
