@@ -19,33 +19,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ -z "$keel" ]; then
-  for k in "$here/build-rel/tools/keel/keel" "$here/../build-rel/tools/keel/keel" \
-           "$here/build/tools/keel/keel"; do
-    [ -x "$k" ] && { keel="$k"; break; }
-  done
-fi
-[ -x "$keel" ] || { echo "bench-serve-streams.sh: no keel binary (--keel PATH)" >&2; exit 2; }
+prog=bench-serve-streams.sh
+# shellcheck source=serve-common.sh
+. "$here/scripts/serve-common.sh"
+find_keel
 ulimit -n 65536 2>/dev/null || true
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-url_of() {
-  for _ in $(seq 200); do
-    local u
-    u=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$1" | head -1 || true)
-    [ -n "$u" ] && { echo "$u"; return 0; }
-    sleep 0.05
-  done
-  cat "$1" >&2
-  return 1
-}
 cat >"$dir/scenario.json" <<'JSON'
 {"seed": 1, "models": {"streamed": {"stream": {"chunk_latency_ms": 100, "chunk_bytes": 4}}}}
 JSON

@@ -33,33 +33,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 command -v wrk >/dev/null || { echo "bench-serve.sh: wrk not found (apt-get install wrk)" >&2; exit 2; }
-if [ -z "$keel" ]; then
-  for k in "$here/build-rel/tools/keel/keel" "$here/../build-rel/tools/keel/keel" \
-           "$here/build/tools/keel/keel"; do
-    [ -x "$k" ] && { keel="$k"; break; }
-  done
-fi
-[ -x "$keel" ] || { echo "bench-serve.sh: no keel binary (--keel PATH)" >&2; exit 2; }
-
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-url_of() {  # log -> the first http://127.0.0.1:PORT it prints
-  for _ in $(seq 200); do
-    local u
-    u=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$1" | head -1 || true)
-    [ -n "$u" ] && { echo "$u"; return 0; }
-    sleep 0.05
-  done
-  cat "$1" >&2
-  return 1
-}
+prog=bench-serve.sh
+# shellcheck source=serve-common.sh
+. "$here/scripts/serve-common.sh"
+find_keel
 
 taskset -c 0 "$keel" mock --port 0 >"$dir/mock.log" 2>&1 &
 pids+=($!)

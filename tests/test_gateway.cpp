@@ -318,46 +318,50 @@ TEST_CASE("keel serve answers a failed call with the status and retry-after the 
   CHECK(res.body.find("sk-test-KEY000001") == std::string::npos);
 }
 
-TEST_CASE("draining lets a call in flight finish and refuses new connections", "[gateway]") {
-  gateway_rig rig(one_entry);
-  rig.mock.set_plan("m", keel::testing::fault_plan().with_latency(std::chrono::milliseconds(50)));
+namespace {
+
+// Sends one completion to a mock that answers after `latency`, starts draining the gateway with
+// `grace` once the call is in flight, and runs until both the drain and the call are done.
+outcome<keel::http::response> drain_during_call(gateway_rig& rig, std::chrono::milliseconds latency,
+                                                std::chrono::milliseconds grace) {
+  rig.mock.set_plan("m", keel::testing::fault_plan().with_latency(latency));
   keel::http::request req("POST", rig.gateway.base_url() + "/v1/chat/completions");
   req.body = hello;
   outcome<keel::http::response> answer;
   spawn(rig.ctx, rig.http.send(req), answer);
   bool drained = false;
-  // Start draining once the call is in flight.
   REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().in_flight == 1; }));
   asio::co_spawn(
       rig.ctx,
       [&]() -> asio::awaitable<void> {
-        co_await rig.gateway.drain(std::chrono::seconds(10));
+        co_await rig.gateway.drain(grace);
         drained = true;
       },
       asio::detached);
   REQUIRE(run_real(rig.ctx, [&] { return drained && answer.done; }));
+  return answer;
+}
+
+}  // namespace
+
+TEST_CASE("draining lets a call in flight finish and refuses new connections", "[gateway]") {
+  gateway_rig rig(one_entry);
+  const auto answer =
+      drain_during_call(rig, std::chrono::milliseconds(50), std::chrono::seconds(10));
   REQUIRE_FALSE(answer.error);
   CHECK(answer.value->status == 200);  // finished within the grace
   CHECK(rig.gateway.stats().completions == 1);
+  // The listener is closed: a new caller is not served.
+  auto late = run_one(
+      rig.ctx, rig.http.send(keel::http::request("GET", rig.gateway.base_url() + "/healthz")));
+  CHECK(late.error);
+  CHECK(rig.gateway.stats().connections == 1);
 }
 
 TEST_CASE("a drain whose grace ends cancels the call and answers 503 shutting_down", "[gateway]") {
   gateway_rig rig(one_entry);
-  rig.mock.set_plan("m", keel::testing::fault_plan().with_latency(std::chrono::seconds(30)));
-  keel::http::request req("POST", rig.gateway.base_url() + "/v1/chat/completions");
-  req.body = hello;
-  outcome<keel::http::response> answer;
-  spawn(rig.ctx, rig.http.send(req), answer);
-  bool drained = false;
-  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().in_flight == 1; }));
-  asio::co_spawn(
-      rig.ctx,
-      [&]() -> asio::awaitable<void> {
-        co_await rig.gateway.drain(std::chrono::milliseconds(0));
-        drained = true;
-      },
-      asio::detached);
-  REQUIRE(run_real(rig.ctx, [&] { return drained && answer.done; }));
+  const auto answer =
+      drain_during_call(rig, std::chrono::seconds(30), std::chrono::milliseconds(0));
   REQUIRE_FALSE(answer.error);
   CHECK(answer.value->status == 503);
   CHECK(json::parse(answer.value->body)["error"]["code"] == "shutting_down");
