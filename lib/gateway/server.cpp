@@ -356,11 +356,17 @@ struct server::impl : std::enable_shared_from_this<impl> {
         }
         ++who->in_flight;
       }
-      std::optional<response> res = co_await complete(req.body(), req.version(), c);
-      if (who != nullptr) {
-        --who->in_flight;
-      }
-      co_return res;
+      // Given back however the answer ends (a throw would otherwise hold the caller's slot for
+      // good, and its every later call would be refused).
+      struct slot_back {
+        caller* k;
+        ~slot_back() {
+          if (k != nullptr) {
+            --k->in_flight;
+          }
+        }
+      } back{who};
+      co_return co_await complete(req.body(), req.version(), c);
     }
     co_return error_response(404,
                              "Unknown request URL: " + std::string(req.method_string()) + " " +
