@@ -104,6 +104,121 @@ std::optional<nanoseconds> server_delay_of_429(const std::exception_ptr& e) {
   return std::nullopt;
 }
 
+// ---- traces (see docs/tracing.md for the attributes) ----------------------------------------
+
+// OpenTelemetry GenAI's `gen_ai.provider.name` values.
+const char* provider_name(keel::llm::provider_kind k) {
+  switch (k) {
+    case keel::llm::provider_kind::anthropic:
+      return "anthropic";
+    case keel::llm::provider_kind::bedrock:
+      return "aws.bedrock";
+    case keel::llm::provider_kind::openai:
+      break;
+  }
+  return "openai";
+}
+
+// `server.address` and `server.port` of an entry (the provider's public host when no base_url).
+std::pair<std::string, std::int64_t> server_of(const keel::llm::endpoint& ep) {
+  std::string_view url = ep.base_url;
+  std::int64_t port = 443;
+  if (url.empty()) {
+    switch (ep.kind) {
+      case keel::llm::provider_kind::anthropic:
+        return {"api.anthropic.com", port};
+      case keel::llm::provider_kind::bedrock:
+        return {"bedrock-runtime." + ep.region + ".amazonaws.com", port};
+      case keel::llm::provider_kind::openai:
+        break;
+    }
+    return {"api.openai.com", port};
+  }
+  if (url.starts_with("http://")) {
+    port = 80;
+  }
+  if (const auto scheme = url.find("://"); scheme != std::string_view::npos) {
+    url.remove_prefix(scheme + 3);
+  }
+  url = url.substr(0, url.find_first_of("/?#"));
+  if (const auto at = url.rfind('@'); at != std::string_view::npos) {
+    url.remove_prefix(at + 1);  // never the userinfo
+  }
+  const auto colon = url.rfind(':');
+  if (colon != std::string_view::npos && url.find(']', colon) == std::string_view::npos) {
+    std::int64_t p = 0;
+    for (char c : url.substr(colon + 1)) {
+      p = (c >= '0' && c <= '9' && p < 65536) ? p * 10 + (c - '0') : -1;
+    }
+    if (p > 0) {
+      port = p;
+    }
+    url = url.substr(0, colon);
+  }
+  return {std::string(url), port};
+}
+
+std::string message_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    return ex.what();
+  } catch (...) {
+  }
+  return "unknown error";
+}
+
+double milliseconds_of(nanoseconds d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
+
+// The GenAI request attributes of a call or attempt span.
+void set_request_attributes(keel::trace::span& s, const keel::llm::chat_request& req,
+                            const keel::llm::entry_config& e) {
+  s.set("gen_ai.operation.name", "chat");
+  s.set("gen_ai.provider.name", provider_name(e.api_type));
+  s.set("gen_ai.system", provider_name(e.api_type));  // the attribute's older name
+  s.set("gen_ai.request.model", req.model.empty() ? e.model : req.model);
+  s.set("gen_ai.request.max_tokens", req.max_tokens);
+  if (req.temperature) {
+    s.set("gen_ai.request.temperature", *req.temperature);
+  }
+  if (req.top_p) {
+    s.set("gen_ai.request.top_p", *req.top_p);
+  }
+}
+
+// The GenAI response attributes of a call or attempt span.
+void set_response_attributes(keel::trace::span& s, const keel::llm::chat_response& r) {
+  if (!r.model.empty()) {
+    s.set("gen_ai.response.model", r.model);
+  }
+  if (!r.request_id.empty()) {
+    s.set("gen_ai.response.id", r.request_id);
+  }
+  if (!r.finish_reason.empty()) {
+    s.set("gen_ai.response.finish_reasons", std::vector<std::string>{r.finish_reason});
+  }
+  s.set("gen_ai.usage.input_tokens", static_cast<std::int64_t>(r.usage.input));
+  s.set("gen_ai.usage.output_tokens", static_cast<std::int64_t>(r.usage.output));
+}
+
+// Forwards sends to the transport with the attempt's trace context in the header fields (added
+// after SigV4 signing, unsigned, as the AWS SDKs add X-Amzn-Trace-Id).
+struct traced_sender {
+  keel::http::client& http;
+  const keel::trace::span_context* context;
+  asio::awaitable<keel::http::response> send(keel::http::request req) {
+    if (context && context->valid()) {
+      req.set("traceparent", keel::trace::to_traceparent(*context));
+      if (!context->state.empty()) {
+        req.set("tracestate", context->state);
+      }
+    }
+    return http.send(std::move(req));
+  }
+};
+
 }  // namespace
 
 // ---- client --------------------------------------------------------------------------------
@@ -173,6 +288,16 @@ struct client::call_state {
   // here; an attempt of another entry (a hedge to the next) does not use it.
   keel::circuit_breaker::permit* gate = nullptr;
   std::size_t gate_entry = 0;
+  // Traces: the caller's context (invalid: none), the call's span (null without a tracer or
+  // when not sampled), and what the call's span sums up at its end.
+  keel::trace::span_context parent;
+  keel::trace::span span;
+  int fallbacks = 0;
+  nanoseconds throttle_wait{0};
+  // The context attempts send: the call's span's, or the caller's when there is no tracer.
+  const keel::trace::span_context* outgoing() const noexcept {
+    return span.context().valid() ? &span.context() : (parent.valid() ? &parent : nullptr);
+  }
 };
 
 struct client::owned {
@@ -388,9 +513,14 @@ asio::awaitable<keel::llm::chat_response> client::hedge_attempts(entry_state& es
     }
     return next;
   };
-  if (hooks_.on_hedge) {
+  if (hooks_.on_hedge || cs.span.recording()) {
     hp.on_hedge = [this, &es, &cs, &target](const keel::hedge_event& e) {
-      hooks_.on_hedge(es.index, cs.context, e.attempt, target(e.attempt).index);
+      const std::size_t to = target(e.attempt).index;
+      cs.span.add_event("keel.hedge",
+                        {{"keel.entry", es.index}, {"keel.hedge", e.attempt}, {"keel.to", to}});
+      if (hooks_.on_hedge) {
+        hooks_.on_hedge(es.index, cs.context, e.attempt, to);
+      }
     };
   }
   std::size_t winner = es.index;
@@ -451,8 +581,13 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     co_await es.bucket->acquire(cost);
   }
   const auto waited = clock_type::now() - waited_from;
-  if (waited > std::chrono::milliseconds(1) && hooks_.on_throttle_wait) {
-    hooks_.on_throttle_wait(es.index, waited);
+  if (waited > std::chrono::milliseconds(1)) {
+    if (hooks_.on_throttle_wait) {
+      hooks_.on_throttle_wait(es.index, waited);
+    }
+    cs.throttle_wait += waited;
+    cs.span.add_event("keel.throttle_wait",
+                      {{"keel.entry", es.index}, {"keel.wait_ms", milliseconds_of(waited)}});
   }
   if (options_.fleet) {
     // The fleet's bucket, after this process's own: if it cannot be reached, the attempt goes on
@@ -505,6 +640,26 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   if (es.pacing) {
     ticket = es.pacing->on_send(cost);
   }
+  // The attempt's span (a child of the call's); its context is what the request carries.
+  keel::trace::span span;
+  if (options_.tracer) {
+    span = options_.tracer->start("chat " + req.model, keel::trace::span_kind::client,
+                                  &cs.span.context());
+    if (span.recording()) {
+      set_request_attributes(span, req, *es.cfg);
+      const auto [host, port] = server_of(es.ep);
+      span.set("server.address", host);
+      span.set("server.port", port);
+      span.set("keel.entry", es.index);
+      span.set("keel.attempt", cs.attempts);
+      span.set("keel.throttle_wait_ms", milliseconds_of(waited));
+      if (hedge && hedge->index() > 0) {
+        span.set("keel.hedge", hedge->index());
+      }
+    }
+  }
+  const keel::trace::span_context* outgoing =
+      span.context().valid() ? &span.context() : cs.outgoing();
   const auto sent = clock_type::now();
   std::exception_ptr failed;
   std::optional<keel::llm::chat_response> reply;
@@ -523,8 +678,23 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
         keel::llm::sign_request(http_req, *creds, es.ep.region, "bedrock",
                                 std::chrono::system_clock::now());
       }
+      if (outgoing) {
+        http_req.set("traceparent", keel::trace::to_traceparent(*outgoing));
+        if (!outgoing->state.empty()) {
+          http_req.set("tracestate", outgoing->state);
+        }
+      }
       reply = co_await stream_attempt(es, cs, std::move(http_req),
                                       estimate - std::max(req.max_tokens, 0), hedge);
+    } else if (outgoing) {
+      traced_sender sender{*es.http, outgoing};
+      if (es.cfg->timeout) {
+        reply = co_await keel::with_deadline(
+            [&] { return keel::llm::complete(sender, es.ep, req, creds, sdk); },
+            seconds_ns(*es.cfg->timeout));
+      } else {
+        reply = co_await keel::llm::complete(sender, es.ep, req, creds, sdk);
+      }
     } else if (es.cfg->timeout) {
       reply = co_await keel::with_deadline(
           [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk); },
@@ -573,6 +743,12 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     if (hooks_.on_attempt) {
       hooks_.on_attempt(report);
     }
+    if (span.recording()) {
+      if (report.status > 0) {
+        span.set("http.response.status_code", report.status);
+      }
+      span.set_error(keel::llm::error_class(failed), message_of(failed));
+    }
     std::rethrow_exception(failed);
   }
   es.answered = true;
@@ -605,6 +781,10 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     }
   }
   report.status = 200;
+  if (span.recording()) {
+    span.set("http.response.status_code", 200);
+    set_response_attributes(span, *reply);
+  }
   if (options_.fleet && es.breaker) {
     options_.fleet->on_breaker_outcome(*es.cfg, false);
   }
@@ -840,6 +1020,9 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
       if (hooks_.on_hold) {
         hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());
       }
+      cs.span.add_event("keel.breaker_hold",
+                        {{"keel.entry", es.index},
+                         {"keel.wait_ms", milliseconds_of(es.breaker->remaining_open_time())}});
       cs.slot.release();  // a held item sends nothing: let another one use the slot
       // Until the probe, or (half-open, the probe slots taken) a short while; for a server
       // that has never answered, no later than the end of its grace.
@@ -858,6 +1041,17 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
   auto on_retry = [this, &es, &cs](const keel::retry_event& ev) {
     if (ev.delay > nanoseconds::zero()) {
       cs.slot.release();  // asleep until the retry: let another item use the slot
+    }
+    if (cs.span.recording()) {
+      const std::string type = keel::llm::error_class(ev.error);
+      if (type == "circuit_open") {
+        cs.span.add_event("keel.breaker_rejected", {{"keel.entry", es.index}});
+      }
+      cs.span.add_event("keel.retry", {{"keel.entry", es.index},
+                                       {"keel.attempt", ev.attempt},
+                                       {"error.type", type},
+                                       {"keel.delay_ms", milliseconds_of(ev.delay)},
+                                       {"keel.delay_from_server", ev.from_server_hint}});
     }
     if (hooks_.on_retry) {
       retry_report r;
@@ -927,23 +1121,31 @@ asio::awaitable<keel::bulkhead_permit> client::admit() {
 // `call` and `stream_call` are not coroutines: the call's state moves into `run_call`'s frame,
 // so a call holds one frame fewer for its life (a stream's life, for a streamed call).
 asio::awaitable<call_outcome> client::call(keel::llm::chat_request request, const void* context,
-                                           keel::bulkhead_permit slot) {
+                                           keel::bulkhead_permit slot,
+                                           const keel::trace::span_context* parent) {
   call_state cs;
   cs.request = std::move(request);
   cs.context = context;
   cs.slot = std::move(slot);
+  if (parent) {
+    cs.parent = *parent;
+  }
   return run_call(std::move(cs));
 }
 
 asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request request,
                                                   delta_handler on_delta,
                                                   stream_call_options options, const void* context,
-                                                  keel::bulkhead_permit slot) {
+                                                  keel::bulkhead_permit slot,
+                                                  const keel::trace::span_context* parent) {
   const stream_config& sc = cfg_.policy.stream;
   call_state cs;
   cs.request = std::move(request);
   cs.context = context;
   cs.slot = std::move(slot);
+  if (parent) {
+    cs.parent = *parent;
+  }
   stream_state& ss = cs.stream.emplace(options.restartable.value_or(sc.restartable));
   ss.on_delta = std::move(on_delta);
   ss.first_token_timeout = options.first_token_timeout.value_or(sc.first_token_timeout);
@@ -966,15 +1168,36 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
   if (cs.stream) {
     cs.stream->started = t0;
   }
+  if (options_.tracer) {
+    const entry_config& first = *entries_.front()->cfg;
+    cs.span = options_.tracer->start(
+        "chat " + (cs.request.model.empty() ? first.model : cs.request.model),
+        keel::trace::span_kind::internal, &cs.parent);
+    if (cs.span.recording()) {
+      set_request_attributes(cs.span, cs.request, first);
+      cs.span.set("keel.stream", cs.stream.has_value());
+    }
+  }
   std::vector<keel::alternative<keel::llm::chat_response>> alts;
   alts.reserve(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     alts.emplace_back([this, i, &cs] { return run_entry(i, cs); });
   }
   keel::fallback_policy fp;
-  if (hooks_.on_fallback) {
-    fp.on_fallback = [this, context = cs.context](const keel::fallback_event& e) {
-      hooks_.on_fallback(context, e.from, e.to, e.error);
+  if (hooks_.on_fallback || cs.span.recording()) {
+    fp.on_fallback = [this, &cs](const keel::fallback_event& e) {
+      ++cs.fallbacks;
+      if (cs.span.recording()) {
+        const std::string type = keel::llm::error_class(e.error);
+        if (type == "circuit_open") {
+          cs.span.add_event("keel.breaker_rejected", {{"keel.entry", e.from}});
+        }
+        cs.span.add_event("keel.fallback",
+                          {{"keel.from", e.from}, {"keel.to", e.to}, {"error.type", type}});
+      }
+      if (hooks_.on_fallback) {
+        hooks_.on_fallback(cs.context, e.from, e.to, e.error);
+      }
     };
   }
   if (cs.stream) {
@@ -1016,12 +1239,34 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
       out.error = ss.commit.outcome(out.error, out.attempts, keel::llm::error_class(out.error));
     }
   }
+  if (cs.span.recording()) {
+    const entry_config& e = *entries_[cs.entry]->cfg;
+    cs.span.set("gen_ai.provider.name", provider_name(e.api_type));
+    cs.span.set("gen_ai.system", provider_name(e.api_type));
+    cs.span.set("keel.entry", cs.entry);
+    cs.span.set("keel.attempts", cs.attempts);
+    cs.span.set("keel.fallbacks", cs.fallbacks);
+    cs.span.set("keel.throttle_wait_ms", milliseconds_of(cs.throttle_wait));
+    if (out.response) {
+      set_response_attributes(cs.span, *out.response);
+      cs.span.set_ok();
+    } else {
+      cs.span.set_error(keel::llm::error_class(out.error), message_of(out.error));
+    }
+    if (cs.stream) {
+      cs.span.set("keel.stream.delivered_deltas", out.delivered_deltas);
+      if (out.first_token_seconds) {
+        cs.span.set("keel.stream.first_token_ms", *out.first_token_seconds * 1000.0);
+      }
+    }
+  }
+  cs.span.end();
   co_return out;
 }
 
-asio::awaitable<keel::llm::chat_response> client::complete(keel::llm::chat_request request,
-                                                           const void* context) {
-  call_outcome out = co_await call(std::move(request), context);
+asio::awaitable<keel::llm::chat_response> client::complete(
+    keel::llm::chat_request request, const void* context, const keel::trace::span_context* parent) {
+  call_outcome out = co_await call(std::move(request), context, {}, parent);
   if (out.error) {
     std::rethrow_exception(out.error);
   }
@@ -1031,9 +1276,10 @@ asio::awaitable<keel::llm::chat_response> client::complete(keel::llm::chat_reque
 asio::awaitable<keel::llm::chat_response> client::stream(keel::llm::chat_request request,
                                                          delta_handler on_delta,
                                                          stream_call_options options,
-                                                         const void* context) {
+                                                         const void* context,
+                                                         const keel::trace::span_context* parent) {
   call_outcome out =
-      co_await stream_call(std::move(request), std::move(on_delta), options, context);
+      co_await stream_call(std::move(request), std::move(on_delta), options, context, {}, parent);
   if (out.error) {
     std::rethrow_exception(out.error);
   }

@@ -149,6 +149,9 @@ asio::awaitable<void> mock_llm_server::impl::session(std::shared_ptr<impl> self,
     self->count(pr.model, [&req](mock_model_stats& s) {
       ++s.requests;
       s.last_body = req.body();
+      if (auto tp = req.find("traceparent"); tp != req.end() && s.traceparents.size() < 4096) {
+        s.traceparents.emplace_back(tp->value());
+      }
     });
     const reply r = self->decide(pr);
     rec.connection = c->serial;

@@ -66,6 +66,13 @@
 //   the breaker and the retry: a hedged group is one attempt to them. Each entry has its own
 //   latency window and hedge budget; a stream's copy commits at its first text, so only one
 //   copy ever reaches the handler.
+// - Traces (`client_options::tracer`, off by default): a span per call ("chat {model}",
+//   internal) with a child per HTTP attempt (client), both with the OpenTelemetry GenAI
+//   attributes, and events on the call's span for each retry decision, fallback move, throttle
+//   wait, breaker rejection, hold and hedge. The caller's span context (`parent`) makes the call
+//   a child of the caller's span; each attempt sends its own context as W3C `traceparent` (and
+//   `tracestate`). Without a tracer a given `parent` is passed on unchanged. Prompt and reply
+//   text are never recorded. The attributes are listed in docs/tracing.md.
 // - Hooks see each call's opaque `context` pointer (what the caller passed to `call`), never a
 //   type of the caller's: the keel command passes its batch item, a service its request id.
 //
@@ -83,6 +90,7 @@
 #include <keel/rate_controller.hpp>
 #include <keel/retry_budget.hpp>
 #include <keel/throttler.hpp>
+#include <keel/trace.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -329,6 +337,9 @@ struct client_options {
   /// Pacing shared with other processes, asked after each entry's own bucket (not owned; must
   /// outlive the client). Null (the default): none.
   fleet_pacing* fleet = nullptr;
+  /// Records spans of calls and attempts (not owned; must outlive the client). Null (the
+  /// default): no spans, and a call's `parent` is passed on unchanged in `traceparent`.
+  keel::trace::tracer* tracer = nullptr;
   /// The transport settings of a client that owns its transports (TLS verification on by
   /// default); an entry's `ca_file` replaces `tls.ca_file` for that entry's transport.
   keel::http::client_options http;
@@ -415,20 +426,25 @@ class client {
   /// With `client_options::attempt_slots`, the call holds `slot` or first waits (FIFO) for one,
   /// before its latency clock starts; it gives the slot up while it sleeps and takes one again
   /// before its next attempt, and releases it at its end.
+  /// `parent` (may be null or invalid) is the caller's span: the call's span becomes its child
+  /// (see `client_options::tracer`); it is copied before the first suspension.
   /// Cancellation: the attempt in flight (or the wait for a slot) is cancelled and the
   /// outcome's error is `operation_aborted`.
   boost::asio::awaitable<call_outcome> call(keel::llm::chat_request request,
                                             const void* context = nullptr,
-                                            keel::bulkhead_permit slot = {});
+                                            keel::bulkhead_permit slot = {},
+                                            const keel::trace::span_context* parent = nullptr);
 
-  /// Runs one request through the whole chain (as `call`) and returns the reply.
+  /// Runs one request through the whole chain (as `call`, `parent` included) and returns the
+  /// reply.
   /// @throws the call's final error: the deciding provider error or transport error, or a
   ///   `keel::failure` (`retries_exhausted`, `budget_exhausted`, `all_fallbacks_failed`,
   ///   `deadline_exceeded`, ...) whose causes lead to it; `error_class` names it.
   /// Cancellation: the attempt in flight (or the wait for a slot) is cancelled and
   /// `boost::system::system_error` (`operation_aborted`) is thrown.
-  boost::asio::awaitable<keel::llm::chat_response> complete(keel::llm::chat_request request,
-                                                            const void* context = nullptr);
+  boost::asio::awaitable<keel::llm::chat_response> complete(
+      keel::llm::chat_request request, const void* context = nullptr,
+      const keel::trace::span_context* parent = nullptr);
 
   /// Runs one request through the whole chain as `call` does, streamed: each piece of the reply's
   /// text goes to `on_delta` as it arrives, and the outcome's `response` holds the whole text,
@@ -443,27 +459,26 @@ class client {
   /// failure.
   ///
   /// The token bucket settles with the stream's reported usage; a stream cut short settles with
-  /// an estimate (the prompt plus the text delivered, about 4 bytes a token).
+  /// an estimate (the prompt plus the text delivered, about 4 bytes a token). `parent` as in
+  /// `call`.
   /// Cancellation: the attempt in flight is cancelled and its connection closed at once (the
   /// server stops generating); a cancellation that arrives while `on_delta` runs is seen by the
   /// handler's own operations, and the connection is closed when it returns. The outcome's error
   /// is `operation_aborted`.
-  boost::asio::awaitable<call_outcome> stream_call(keel::llm::chat_request request,
-                                                   delta_handler on_delta,
-                                                   stream_call_options options = {},
-                                                   const void* context = nullptr,
-                                                   keel::bulkhead_permit slot = {});
+  boost::asio::awaitable<call_outcome> stream_call(
+      keel::llm::chat_request request, delta_handler on_delta, stream_call_options options = {},
+      const void* context = nullptr, keel::bulkhead_permit slot = {},
+      const keel::trace::span_context* parent = nullptr);
 
   /// Runs one request as `stream_call` and returns the whole reply. `context` is handed to every
-  /// hook, as in `complete`.
+  /// hook, as in `complete`; `parent` as in `call`.
   /// @throws the call's final error, as `complete` does (`stream_interrupted` after the commit
   ///   point).
   /// Cancellation: as `stream_call`; throws `boost::system::system_error`
   ///   (`operation_aborted`).
-  boost::asio::awaitable<keel::llm::chat_response> stream(keel::llm::chat_request request,
-                                                          delta_handler on_delta,
-                                                          stream_call_options options = {},
-                                                          const void* context = nullptr);
+  boost::asio::awaitable<keel::llm::chat_response> stream(
+      keel::llm::chat_request request, delta_handler on_delta, stream_call_options options = {},
+      const void* context = nullptr, const keel::trace::span_context* parent = nullptr);
 
   /// The config.
   const client_config& cfg() const noexcept { return cfg_; }

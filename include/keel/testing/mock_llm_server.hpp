@@ -438,6 +438,9 @@ struct mock_model_stats {
   std::uint64_t abandoned = 0;
   /// The body of the latest request (what a client sent, for tests of its wire format).
   std::string last_body;
+  /// The W3C `traceparent` of each request that carried one, in arrival order (the first 4096;
+  /// for tests of trace propagation).
+  std::vector<std::string> traceparents;
 
   /// Responses sent with `status` (0 if none).
   std::uint64_t status_count(int status) const {
