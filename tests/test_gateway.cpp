@@ -7,7 +7,9 @@
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
 #include <keel/llm/sigv4.hpp>
+#include <keel/otlp.hpp>
 #include <keel/testing/mock_llm_server.hpp>
+#include <keel/trace.hpp>
 
 #include "llm_client_support.hpp"
 #include "support.hpp"
@@ -214,20 +216,34 @@ namespace {
 
 // keel serve's parts on one io_context: the mock, a client of it, the gateway in front.
 struct gateway_rig {
-  explicit gateway_rig(const char* config, keel::gateway::server_options so = {})
-      : mock(ctx, {.seed = 1}),
+  // `traced`: the client and the gateway record spans into `spans`.
+  explicit gateway_rig(const char* config, keel::gateway::server_options so = {},
+                       bool traced = false)
+      : tracer(ctx.get_executor(), spans, {.seed = 9}),
+        mock(ctx, {.seed = 1}),
         client(ctx.get_executor(), (mock.start(), client::make_config(config, mock.base_url())), {},
-               {}),
+               {.seed = 1, .tracer = traced ? &tracer : nullptr}),
         http(ctx.get_executor(), keel::http::client_options{}),
-        gateway(ctx.get_executor(), client, (so.models = {"m"}, so)) {
+        gateway(ctx.get_executor(), client,
+                (so.models = {"m"}, so.tracer = traced ? &tracer : nullptr, so)) {
     gateway.start();
   }
 
   // Sends `method path` with `body` to the gateway and runs the context until it answers.
   keel::http::response send(const std::string& method, const std::string& path,
                             const std::string& body = {}) {
+    return send(method, path, body, {});
+  }
+
+  // As above, with extra header fields.
+  keel::http::response send(const std::string& method, const std::string& path,
+                            const std::string& body,
+                            const std::vector<std::pair<std::string, std::string>>& headers) {
     keel::http::request req(method, gateway.base_url() + path);
     req.body = body;
+    for (const auto& [name, value] : headers) {
+      req.set(name, value);
+    }
     if (!body.empty()) {
       req.set("content-type", "application/json");
     }
@@ -237,6 +253,8 @@ struct gateway_rig {
   }
 
   asio::io_context ctx;
+  keel::otlp::memory_exporter spans;
+  keel::trace::tracer tracer;
   keel::testing::mock_llm_server mock;
   keel::llm::client client;
   keel::http::client http;
@@ -609,4 +627,52 @@ TEST_CASE("an Anthropic-backed route answers the OpenAI caller in OpenAI's shape
   REQUIRE(s.status == 200);
   CHECK(s.body.find("chat.completion.chunk") != std::string::npos);
   CHECK(s.body.find("data: [DONE]") != std::string::npos);
+}
+
+TEST_CASE("keel serve traces a request under the caller's traceparent down to the provider",
+          "[gateway][trace]") {
+  gateway_rig rig(one_entry, {}, true);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::unavailable, keel::testing::fault_kind::ok};
+  rig.mock.set_plan("m", plan);
+  const std::string trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+  const keel::http::response res =
+      rig.send("POST", "/v1/chat/completions", hello,
+               {{"traceparent", "00-" + trace + "-00f067aa0ba902b7-01"}, {"tracestate", "a=1"}});
+  REQUIRE(res.status == 200);
+  auto flushed = run_one(rig.ctx, rig.tracer.flush());
+  REQUIRE_FALSE(flushed.error);
+
+  // Two attempts, the call, the request: one trace, each span under the one above it.
+  const auto& spans = rig.spans.spans();
+  REQUIRE(spans.size() == 4);
+  const keel::trace::span_data& server = spans[3];
+  const keel::trace::span_data& call = spans[2];
+  CHECK(server.name == "POST /v1/chat/completions");
+  CHECK(server.kind == keel::trace::span_kind::server);
+  CHECK(keel::trace::to_hex(server.parent.data(), 8) == "00f067aa0ba902b7");
+  CHECK(server.context.state == "a=1");
+  CHECK(std::get<std::int64_t>(*server.find("http.response.status_code")) == 200);
+  CHECK(std::get<std::string>(*server.find("gen_ai.request.model")) == "m");
+  CHECK(call.parent == server.context.span);
+  CHECK(std::get<std::int64_t>(*call.find("keel.attempts")) == 2);
+  REQUIRE(call.events.size() == 1);
+  CHECK(call.events[0].name == "keel.retry");
+  for (int i = 0; i < 2; ++i) {
+    CHECK(spans[i].parent == call.context.span);
+    CHECK(keel::trace::to_hex(spans[i].context.trace.data(), 16) == trace);
+  }
+  // The provider saw each attempt's own span as its parent, in the caller's trace.
+  const auto sent = rig.mock.stats().model("m").traceparents;
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[1] == keel::trace::to_traceparent(spans[1].context));
+}
+
+TEST_CASE("keel serve without a tracer passes the caller's traceparent on", "[gateway][trace]") {
+  gateway_rig rig(one_entry);
+  const std::string tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  REQUIRE(rig.send("POST", "/v1/chat/completions", hello, {{"traceparent", tp}}).status == 200);
+  REQUIRE(rig.send("POST", "/v1/chat/completions", hello).status == 200);
+  CHECK(rig.mock.stats().model("m").traceparents == std::vector<std::string>{tp});
+  CHECK(rig.spans.spans().empty());
 }

@@ -47,6 +47,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -206,6 +207,9 @@ struct tracer_options {
   std::function<std::uint64_t()> now;
   /// Extra resource attributes (e.g. `deployment.environment`).
   std::vector<attribute> resource_attributes;
+  /// Called when the exporter fails a batch, with its error and the spans lost (e.g. to log
+  /// it); must not throw.
+  std::function<void(const std::exception_ptr&, std::size_t)> on_export_error;
 };
 
 /// What a tracer did, for metrics.

@@ -211,6 +211,9 @@ struct tracer_state {
       } catch (...) {
         ++self->stats.failed_exports;
         self->stats.failed += n;
+        if (self->options.on_export_error) {
+          self->options.on_export_error(std::current_exception(), n);
+        }
       }
     }
   }

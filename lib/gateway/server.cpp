@@ -366,7 +366,35 @@ struct server::impl : std::enable_shared_from_this<impl> {
           }
         }
       } back{who};
-      co_return co_await complete(req.body(), req.version(), c);
+      // The caller's trace context, and the request's span in it (when tracing).
+      std::optional<keel::trace::span_context> incoming;
+      if (const auto tp = req.find("traceparent"); tp != req.end()) {
+        const auto ts = req.find("tracestate");
+        incoming = keel::trace::parse_traceparent(
+            tp->value(), ts == req.end() ? std::string_view{} : std::string_view(ts->value()));
+      }
+      keel::trace::span span;
+      if (opts.tracer) {
+        span = opts.tracer->start("POST /v1/chat/completions", keel::trace::span_kind::server,
+                                  incoming ? &*incoming : nullptr);
+        span.set("http.request.method", "POST");
+        span.set("http.route", "/v1/chat/completions");
+        span.set("url.path", "/v1/chat/completions");
+        if (who != nullptr) {
+          span.set("keel.caller", who->cfg->name);
+        }
+      }
+      std::optional<response> res = co_await complete(req.body(), req.version(), c, span,
+                                                      incoming ? &*incoming : nullptr);
+      if (span.recording()) {
+        // Streamed answers (nothing returned) began with 200.
+        const int status = res ? static_cast<int>(res->result_int()) : 200;
+        span.set("http.response.status_code", status);
+        if (status >= 500) {
+          span.set_error(std::to_string(status), "HTTP " + std::to_string(status));
+        }
+      }
+      co_return res;
     }
     co_return error_response(404,
                              "Unknown request URL: " + std::string(req.method_string()) + " " +
@@ -374,8 +402,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
                              "invalid_request_error", "", "unknown_url");
   }
 
+  // `span` is the request's (null when not traced); `incoming` the caller's context, passed on
+  // when there is no span.
   asio::awaitable<std::optional<response>> complete(const std::string& body, unsigned version,
-                                                    connection& c) {
+                                                    connection& c, keel::trace::span& span,
+                                                    const keel::trace::span_context* incoming) {
     parsed_chat_request p;
     try {
       p = parse_chat_request(body);
@@ -383,6 +414,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
       co_return error_response(e.status(), e.what(), "invalid_request_error", e.param(), e.code());
     }
     const std::string model = p.request.model;
+    span.set("gen_ai.request.model", model);
+    const keel::trace::span_context* parent = span.context().valid() ? &span.context() : incoming;
     keel::llm::client* const client = client_for(model);
     if (client == nullptr) {
       co_return error_response(
@@ -391,12 +424,12 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
     p.request.model.clear();  // every entry of the chain asks for its own model
     if (p.stream) {
-      co_return co_await stream(*client, std::move(p), model, version, c);
+      co_return co_await stream(*client, std::move(p), model, version, c, span, parent);
     }
     const auto started = std::chrono::steady_clock::now();
     ++counters.in_flight;
     keel::llm::call_outcome out =
-        co_await client->call(std::move(p.request), nullptr, keel::bulkhead_permit{});
+        co_await client->call(std::move(p.request), nullptr, keel::bulkhead_permit{}, parent);
     --counters.in_flight;
     response res;
     if (out.error) {
@@ -450,7 +483,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
   // provider's connection. Returns nothing when it wrote an answer, else the answer to write.
   asio::awaitable<std::optional<response>> stream(keel::llm::client& client, parsed_chat_request p,
                                                   const std::string& model, unsigned version,
-                                                  connection& c) {
+                                                  connection& c, keel::trace::span& span,
+                                                  const keel::trace::span_context* parent) {
     const auto started = std::chrono::steady_clock::now();
     const std::string id = next_id("chatcmpl-keel-");
     const long long created = now_s();
@@ -501,7 +535,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
           co_await write(event(
               stream_chunk(id, created, model, json{{"content", std::string(d.text)}}, {}, usage)));
         },
-        so);
+        so, nullptr, keel::bulkhead_permit{}, parent);
+    span.set("keel.stream", true);
     --counters.in_flight;
     if (cancelling) {
       co_await asio::this_coro::reset_cancellation_state();
@@ -519,6 +554,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
         co_await commit();  // a reply with no text
       }
       if (out.error) {
+        span.set_error("stream_interrupted", "the stream failed after its first delta");
         json err = cancelling ? error_body("keel serve is shutting down; the stream was cut.",
                                            "server_error", "", "shutting_down")
                               : error_answer(out.error).body;

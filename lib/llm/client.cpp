@@ -193,8 +193,14 @@ void set_response_attributes(keel::trace::span& s, const keel::llm::chat_respons
   if (!r.model.empty()) {
     s.set("gen_ai.response.model", r.model);
   }
+  // The completion's id (OpenAI `id`, Anthropic `id`); the HTTP request id is keel's own.
+  if (r.raw.is_object()) {
+    if (const auto id = r.raw.find("id"); id != r.raw.end() && id->is_string()) {
+      s.set("gen_ai.response.id", id->get<std::string>());
+    }
+  }
   if (!r.request_id.empty()) {
-    s.set("gen_ai.response.id", r.request_id);
+    s.set("keel.request_id", r.request_id);
   }
   if (!r.finish_reason.empty()) {
     s.set("gen_ai.response.finish_reasons", std::vector<std::string>{r.finish_reason});

@@ -331,7 +331,13 @@ nlohmann::json to_json(const client_config& c, bool redact) {
   return {{"source", c.source},
           {"config_list", std::move(entries)},
           {"policy", std::move(policy)},
-          {"serve", {{"clients", std::move(clients)}}}};
+          {"serve", {{"clients", std::move(clients)}}},
+          {"trace",
+           {{"otlp_endpoint", c.trace.otlp_endpoint},
+            {"sample_ratio", c.trace.sample_ratio},
+            {"service_name", c.trace.service_name},
+            {"headers_env", c.trace.headers_env},
+            {"timeout", c.trace.timeout}}}};
 }
 
 }  // namespace keel::llm

@@ -16,12 +16,15 @@ client_config parser::run(const json& doc) {
   if (doc.is_array()) {
     list = &doc;
   } else if (doc.is_object()) {
-    check_keys(doc, "", {"config_list", "policy", "serve"});
+    check_keys(doc, "", {"config_list", "policy", "serve", "trace"});
     if (const auto it = doc.find("policy"); it != doc.end()) {
       c.policy = parse_policy(*it, "/policy");
     }
     if (const auto it = doc.find("serve"); it != doc.end()) {
       c.serve = parse_serve(*it, "/serve");
+    }
+    if (const auto it = doc.find("trace"); it != doc.end()) {
+      c.trace = parse_trace(*it, "/trace");
     }
     list_path = "/config_list";
     const auto it = doc.find("config_list");
@@ -378,6 +381,43 @@ serve_config parser::parse_serve(const json& j, const std::string& path) const {
     sc.clients.push_back(std::move(c));
   }
   return sc;
+}
+
+trace_config parser::parse_trace(const json& j, const std::string& path) const {
+  check_keys(j, path, {"otlp_endpoint", "sample_ratio", "service_name", "headers_env", "timeout"});
+  trace_config tc;
+  for (const auto& [key, v] : j.items()) {
+    const std::string p = child(path, key);
+    if (key == "otlp_endpoint") {
+      tc.otlp_endpoint = string(v, p);
+      const std::string& e = tc.otlp_endpoint;
+      const std::size_t scheme = e.find("://");
+      const std::size_t host = scheme == std::string::npos ? 0 : scheme + 3;
+      const std::size_t path_at = e.find_first_of("/?#", host);
+      const std::string authority =
+          e.substr(host, path_at == std::string::npos ? std::string::npos : path_at - host);
+      if (authority.find('@') != std::string::npos) {
+        // Credentials in the URL would be printed with it: not echoed, and refused.
+        fail(p, "a URL without user:password@ (put credentials in the headers_env variable)",
+             "a URL with credentials (not shown)");
+      }
+      if (!e.empty() && e.rfind("http://", 0) != 0 && e.rfind("https://", 0) != 0) {
+        fail(p, "an http:// or https:// URL", echo_text(e));
+      }
+    } else if (key == "sample_ratio") {
+      tc.sample_ratio = number(v, p, {0, false, 1, false, true});
+    } else if (key == "service_name") {
+      tc.service_name = string(v, p);
+      if (tc.service_name.empty()) {
+        fail(p, "a non-empty name", "\"\"");
+      }
+    } else if (key == "headers_env") {
+      tc.headers_env = string(v, p);
+    } else if (key == "timeout") {
+      tc.timeout = number(v, p, seconds_positive);
+    }
+  }
+  return tc;
 }
 
 shared_config parser::parse_shared(const json& j, const std::string& path) const {

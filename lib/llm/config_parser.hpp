@@ -227,6 +227,7 @@ class parser {
   policy_config parse_policy(const json& j, const std::string& path) const;
 
   serve_config parse_serve(const json& j, const std::string& path) const;
+  trace_config parse_trace(const json& j, const std::string& path) const;
 
   // ---- entries --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@
 #include "metrics.hpp"
 #include "record.hpp"
 #include "results_file.hpp"
+#include "tracing.hpp"
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
@@ -56,6 +57,7 @@ struct run_state {
   std::unordered_map<std::string, std::size_t> seen;  // key -> first line
   std::vector<asio::cancellation_signal> cancels;     // one per worker
   bool stopping = false;
+  keel::trace::tracer* tracer = nullptr;  // null: no traces
   bool fatal = false;
   std::size_t workers_left = 0;
   gauge* in_flight_gauge = nullptr;
@@ -385,15 +387,42 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
 // Runs `item` through the client: as one call, or streamed with --stream. A streamed reply's
 // deltas are not kept: the outcome's response holds the whole text (only the last attempt's, if
 // a restartable stream started over), with any echoed credential replaced, as a call's does.
+// With traces on, each item is a trace of its own: the item's span (its id and line, and the
+// time it waited for an attempt slot), the call's span under it, and the attempts'.
 asio::awaitable<llm::call_outcome> run_item(const run_state& rs, llm::client& client,
                                             const batch_item& item, keel::bulkhead_permit slot) {
-  if (!rs.opts.stream) {
-    co_return co_await client.call(item.request, &item, std::move(slot));
+  keel::trace::span span;
+  if (rs.tracer) {
+    span = rs.tracer->start("keel batch item", keel::trace::span_kind::internal);
+    span.set("keel.item.id", item.id.is_string() ? item.id.get<std::string>() : item.key);
+    span.set("keel.item.line", static_cast<std::int64_t>(item.line));
   }
-  const llm::delta_handler ignore = [](const llm::stream_delta&) -> asio::awaitable<void> {
-    co_return;
-  };
-  co_return co_await client.stream_call(item.request, ignore, {}, &item, std::move(slot));
+  const keel::trace::span_context* parent = span.context().valid() ? &span.context() : nullptr;
+  llm::call_outcome out;
+  if (!rs.opts.stream) {
+    out = co_await client.call(item.request, &item, std::move(slot), parent);
+  } else {
+    const llm::delta_handler ignore = [](const llm::stream_delta&) -> asio::awaitable<void> {
+      co_return;
+    };
+    out = co_await client.stream_call(item.request, ignore, {}, &item, std::move(slot), parent);
+  }
+  if (span.recording()) {
+    span.set("keel.attempts", out.attempts);
+    if (out.error) {
+      std::string what;
+      try {
+        std::rethrow_exception(out.error);
+      } catch (const std::exception& e) {
+        what = e.what();
+      } catch (...) {
+      }
+      span.set_error(llm::error_class(out.error), what);
+    } else {
+      span.set_ok();
+    }
+  }
+  co_return out;
 }
 
 // One worker: items one at a time until the input ends or the run stops.
@@ -535,10 +564,13 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   llm::bucket_registry buckets(ex, opts.seed);
   watch_pacing(buckets, rs.metrics, log);
   const llm::client_hooks hooks = batch_hooks(cfg, rs.stats, rs.metrics, log);
+  trace_sink traces(ex, cfg.trace, opts.trace_file, log, llm::process_env());
+  rs.tracer = traces.tracer();
   llm::client_options co;
   co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
   co.attempt_slots = slots;
   co.fleet = fleet.get();
+  co.tracer = traces.tracer();
   llm::client client(ex, cfg, http, buckets, hooks, opts.seed, co);
 
   progress_display progress(opts.progress, stderr, rs.stats);
@@ -564,6 +596,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   };
   spawn_workers(rs, client, shutdown);
   rs.ctx.run();
+  traces.finish(rs.ctx);
   progress.finish();
   rs.stats.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - rs.stats.start).count();

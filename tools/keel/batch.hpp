@@ -62,6 +62,9 @@ struct batch_options {
   std::uint64_t seed = 0;
   /// True when `seed` was drawn at random rather than given (`--seed`); only changes the log line.
   bool seed_is_random = false;
+  /// Write a span per item, call and attempt to this file as OTLP/JSON lines (empty: only the
+  /// config's `trace.otlp_endpoint`, if any).
+  std::string trace_file;
   /// Run only this part of the input (`--shard I/N`, shard.hpp); nullopt: all of it.
   std::optional<shard_spec> shard;
   /// Title of the summary table.

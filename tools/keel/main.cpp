@@ -220,6 +220,10 @@ int main(int argc, char** argv) {
   batch->add_option("--shard", shard_text,
                     "Run only part I of N of the input (I/N, 0-based), chosen by id, so that N "
                     "runs with their own --out split one file; `keel check` verifies them");
+  std::string batch_trace;
+  batch->add_option("--trace", batch_trace,
+                    "Write a span per item, call and attempt to this file (OTLP/JSON, one export "
+                    "request per line; docs/tracing.md), besides the config's trace.otlp_endpoint");
   std::string ca_file;
   batch->add_option("--ca-file", ca_file,
                     "PEM file of CA certificates to trust (besides the system store) for every "
@@ -273,6 +277,9 @@ int main(int argc, char** argv) {
                    "stops at once)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 86400.0));
+  serve->add_option("--trace", serve_opts.trace_file,
+                    "Write a span per request, call and attempt to this file (OTLP/JSON lines; "
+                    "docs/tracing.md), besides the config's trace.otlp_endpoint");
   serve->add_option("--log-level", sf.log_level, "debug, info, warning, error or off")
       ->capture_default_str();
   serve->add_option("--log-format", sf.log_format, "text or json")->capture_default_str();
@@ -445,6 +452,7 @@ int main(int argc, char** argv) {
     o.resume = resume;
     o.overwrite = overwrite;
     o.stream = stream;
+    o.trace_file = batch_trace;
     o.resume_command = resume_command(argc, argv);
     o.print_summary = out_file != "-";
     if (!shard_text.empty()) {

@@ -1,5 +1,6 @@
 // `keel serve` (serve.hpp).
 #include "serve.hpp"
+#include "tracing.hpp"
 
 #include "batch_detail.hpp"
 #include "fleet_pacing.hpp"
@@ -68,7 +69,20 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
     }
   }
 
+  // One tracer for every route: the first config's `trace` block (a later config may repeat
+  // its endpoint or name none).
+  const llm::trace_config& trace_cfg = cfgs.front().trace;
+  for (const llm::client_config& cfg : cfgs) {
+    if (!cfg.trace.otlp_endpoint.empty() && cfg.trace.otlp_endpoint != trace_cfg.otlp_endpoint) {
+      throw std::invalid_argument(cfg.source + ": trace.otlp_endpoint differs from " +
+                                  cfgs.front().source +
+                                  "'s (one keel serve exports to one collector)");
+    }
+  }
+
   asio::io_context ctx;
+  trace_sink traces(ctx.get_executor(), trace_cfg, o.trace_file, log, llm::process_env());
+  so.tracer = traces.tracer();
   // The same client hooks, metric names and log lines as `keel batch` (calls carry no item).
   // Routes share the transports and the rate-limit buckets: two routes on one provider key and
   // model pace through one bucket.
@@ -92,6 +106,7 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
     r.hooks = batch_detail::batch_hooks(cfg, stats, metrics, log);
     llm::client_options co;
     co.fleet = r.fleet.get();
+    co.tracer = traces.tracer();
     r.client = std::make_unique<llm::client>(ctx.get_executor(), cfg, http, buckets, r.hooks,
                                              std::random_device{}(), co);
     for (const auto& e : cfg.entries) {
@@ -185,6 +200,7 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
         asio::detached);
   });
   ctx.run();
+  traces.finish(ctx);
   const auto s = server.stats();
   std::printf("keel serve: stopped after %llu requests (%llu completions, %llu errors)\n",
               static_cast<unsigned long long>(s.requests),

@@ -93,6 +93,11 @@ struct server_options {
   /// `server_stats::refused_connections`), so that idle or slow callers cannot use up the
   /// process's file descriptors.
   std::size_t max_connections = 4096;
+  /// Records a server span per chat completion (`POST /v1/chat/completions`), a child of the
+  /// caller's `traceparent`, with the routed client's call under it (not owned; must outlive the
+  /// server). Null (the default): no spans; a caller's `traceparent` is still passed on to the
+  /// provider.
+  keel::trace::tracer* tracer = nullptr;
   /// If set, `GET /metrics` answers what it returns (Prometheus text format; no key needed, like
   /// `/healthz`); else 404.
   std::function<std::string()> metrics;

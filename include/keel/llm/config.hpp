@@ -385,6 +385,23 @@ struct serve_config {
   std::vector<serve_client> clients;
 };
 
+/// The `trace` block: where spans go (see docs/tracing.md). Tracing is on when `otlp_endpoint`
+/// is set, or when a command is given a trace file (`keel batch --trace FILE`).
+struct trace_config {
+  /// Base URL of an OpenTelemetry collector's OTLP/HTTP receiver, e.g. "http://127.0.0.1:4318"
+  /// (keel appends /v1/traces unless the path already ends so); empty: no OTLP export.
+  std::string otlp_endpoint;
+  /// Share of traces recorded, in [0, 1]; a caller's `traceparent` decides for its own trace.
+  double sample_ratio = 1.0;
+  /// The resource's `service.name`.
+  std::string service_name = "keel";
+  /// Environment variable holding extra export header fields as `name=value,name=value`
+  /// (OpenTelemetry's format), e.g. a backend's key: read at start, never printed.
+  std::string headers_env = "OTEL_EXPORTER_OTLP_HEADERS";
+  /// Longest time one export may take, seconds.
+  double timeout = 10;
+};
+
 /// A whole resolved config.
 struct client_config {
   /// Primary first, then fallbacks in order; never empty.
@@ -393,6 +410,8 @@ struct client_config {
   policy_config policy;
   /// The `serve` block (`keel serve` only).
   serve_config serve;
+  /// The `trace` block.
+  trace_config trace;
   /// Where it was read from (file name or "<config>").
   std::string source;
 };
