@@ -44,7 +44,7 @@ case "$build_dir" in /*) ;; *) build_dir="$PWD/$build_dir" ;; esac
 # must be able to exceed the 64 KiB body limit; header values are short.
 targets=(http_client:81920 hints:4096 llm_response:16384 cli_config:16384 cli_jsonl:16384
   cli_resume:16384 mock_scenario:8192 stream_openai:16384 stream_anthropic:16384
-  stream_bedrock:16384 gateway_request:16384)
+  stream_bedrock:16384 gateway_request:16384 traceparent:1024)
 if [ ${#only[@]} -gt 0 ]; then
   selected=()
   for t in "${targets[@]}"; do

@@ -1044,3 +1044,37 @@ TEST_CASE("a serve client with a key instead of its digest is refused without ec
     "serve": {"clientz": []}})");
   CHECK(unknown.path() == "/serve/clientz");
 }
+
+TEST_CASE("the trace block names the collector, the sampling and the service", "[cli_config]") {
+  const auto c = parse(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "trace": {"otlp_endpoint": "http://127.0.0.1:4318", "sample_ratio": 0.25,
+              "service_name": "batch-jobs", "headers_env": "MY_OTLP_HEADERS", "timeout": 3,
+              "xray_ids": true}})");
+  CHECK(c.trace.otlp_endpoint == "http://127.0.0.1:4318");
+  CHECK(c.trace.sample_ratio == 0.25);
+  CHECK(c.trace.service_name == "batch-jobs");
+  CHECK(c.trace.headers_env == "MY_OTLP_HEADERS");
+  CHECK(c.trace.timeout == 3);
+  CHECK(c.trace.xray_ids);
+  CHECK(keel::llm::to_json(c)["trace"]["sample_ratio"] == 0.25);
+  // Defaults: no endpoint (no export), everything sampled.
+  const auto d = parse(R"({"config_list": [{"model": "m", "api_key": "k"}]})");
+  CHECK(d.trace.otlp_endpoint.empty());
+  CHECK(d.trace.sample_ratio == 1);
+  CHECK(d.trace.headers_env == "OTEL_EXPORTER_OTLP_HEADERS");
+
+  const auto ratio = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "trace": {"sample_ratio": 2}})");
+  CHECK(ratio.path() == "/trace/sample_ratio");
+  const auto scheme = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "trace": {"otlp_endpoint": "127.0.0.1:4318"}})");
+  CHECK(scheme.path() == "/trace/otlp_endpoint");
+  // Credentials in the URL are refused and not echoed.
+  const auto creds = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "trace": {"otlp_endpoint": "https://user:hunter2pass@collector.example/v1/traces"}})");
+  CHECK(creds.path() == "/trace/otlp_endpoint");
+  CHECK(std::string(creds.what()).find("hunter2pass") == std::string::npos);
+  const auto unknown = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+    "trace": {"endpoint": "http://x"}})");
+  CHECK(unknown.path() == "/trace/endpoint");
+}

@@ -217,3 +217,17 @@ TEST_CASE("OTLP/JSON has the collector's field names and encodings", "[trace][ot
   CHECK(s.at("events").at(0).at("name") == "keel.retry");
   CHECK(s.at("status") == nlohmann::json::parse(R"({"code":2,"message":"HTTP 503"})"));
 }
+
+TEST_CASE("X-Ray trace ids start with the Unix time in seconds", "[trace]") {
+  asio::io_context io;
+  keel::otlp::memory_exporter out;
+  auto o = options();
+  o.xray_ids = true;
+  o.now = [] { return std::uint64_t{0x58406520} * 1'000'000'000ULL + 5; };
+  keel::trace::tracer t(io.get_executor(), out, o);
+  const keel::trace::span s = t.start("x", span_kind::internal);
+  CHECK(keel::trace::to_hex(s.context().trace.data(), 16).substr(0, 8) == "58406520");
+  // A child keeps its parent's trace id.
+  const keel::trace::span c = t.start("y", span_kind::internal, &s.context());
+  CHECK(c.context().trace == s.context().trace);
+}

@@ -203,6 +203,10 @@ struct tracer_options {
   std::chrono::milliseconds interval{1000};
   /// Seeds the ids (0: drawn from `std::random_device`).
   std::uint64_t seed = 0;
+  /// Root trace ids in AWS X-Ray's form: the first 4 bytes are the start's Unix time in seconds
+  /// (as OpenTelemetry's AWSXRayIdGenerator makes them), so that the AWS X-Ray exporter of an
+  /// OpenTelemetry collector can turn them into X-Ray trace ids.
+  bool xray_ids = false;
   /// Unix time in nanoseconds (empty: the system clock).
   std::function<std::uint64_t()> now;
   /// Extra resource attributes (e.g. `deployment.environment`).
@@ -242,13 +246,15 @@ class span {
   span(const span&) = delete;
   span& operator=(const span&) = delete;
   /// Ends the span if it has not ended.
-  ~span();
+  ~span() { end(); }
 
   /// True while the span records (sampled and not ended).
   bool recording() const noexcept { return data_ != nullptr; }
   /// Its context: what to propagate (valid whenever a tracer made it, sampled or not).
   const span_context& context() const noexcept { return context_; }
 
+  // Every setter tests for a null span before it builds anything: with tracing off a call site
+  // costs one branch per call.
   /// Sets `key` (replacing an earlier value of the same key).
   void set(std::string_view key, trace::value v) {
     if (data_) {
@@ -262,31 +268,59 @@ class span {
     }
   }
   /// Sets a string attribute.
-  void set(std::string_view key, std::string v) { set(key, trace::value(std::move(v))); }
+  void set(std::string_view key, std::string v) {
+    if (data_) {
+      set_value(key, std::move(v));
+    }
+  }
   /// Sets a bool attribute.
-  void set(std::string_view key, bool v) { set(key, trace::value(v)); }
+  void set(std::string_view key, bool v) {
+    if (data_) {
+      set_value(key, v);
+    }
+  }
   /// Sets an integer attribute.
-  void set(std::string_view key, int v) { set(key, trace::value(std::int64_t{v})); }
+  void set(std::string_view key, int v) {
+    if (data_) {
+      set_value(key, std::int64_t{v});
+    }
+  }
   /// Sets an integer attribute.
-  void set(std::string_view key, std::int64_t v) { set(key, trace::value(v)); }
+  void set(std::string_view key, std::int64_t v) {
+    if (data_) {
+      set_value(key, v);
+    }
+  }
   /// Sets an integer attribute.
   void set(std::string_view key, std::size_t v) {
-    set(key, trace::value(static_cast<std::int64_t>(v)));
+    if (data_) {
+      set_value(key, static_cast<std::int64_t>(v));
+    }
   }
   /// Sets a double attribute.
-  void set(std::string_view key, double v) { set(key, trace::value(v)); }
-  /// Adds an event at the current time.
+  void set(std::string_view key, double v) {
+    if (data_) {
+      set_value(key, v);
+    }
+  }
+  /// Adds an event at the current time. Its attributes are built before the call even on a null
+  /// span: on a hot path, build them under `if (s.recording())`.
   void add_event(std::string_view name, std::vector<attribute> attributes = {});
   /// Marks the span failed: status error with `message`, and `error.type` = `type`.
   void set_error(std::string_view type, std::string_view message);
   /// Marks the span successful (status ok).
   void set_ok();
   /// Ends the span and queues it for export; later calls do nothing.
-  void end();
+  void end() {
+    if (data_) {
+      finish();
+    }
+  }
 
  private:
   friend class tracer;
   void set_value(std::string_view key, trace::value v);
+  void finish();
   std::shared_ptr<detail::tracer_state> owner_;  // keeps the queue alive while the span is open
   span_context context_;
   std::unique_ptr<span_data> data_;

@@ -252,10 +252,6 @@ span& span::operator=(span&& other) noexcept {
   return *this;
 }
 
-span::~span() {
-  end();
-}
-
 void span::set_value(std::string_view key, trace::value v) {
   for (attribute& a : data_->attributes) {
     if (a.key == key) {
@@ -288,10 +284,7 @@ void span::set_ok() {
   }
 }
 
-void span::end() {
-  if (!data_) {
-    return;
-  }
+void span::finish() {
   data_->end_unix_nano = owner_->options.now();
   owner_->push(std::move(*data_));
   data_.reset();
@@ -322,6 +315,12 @@ span tracer::start(std::string_view name, span_kind kind, const span_context* pa
     s.context_.state = parent->state;
   } else {
     fill_random(s.context_.trace, st.ids);
+    if (st.options.xray_ids) {
+      const auto secs = static_cast<std::uint32_t>(st.options.now() / 1'000'000'000ULL);
+      for (std::size_t i = 0; i < 4; ++i) {
+        s.context_.trace[i] = static_cast<std::uint8_t>(secs >> (24 - 8 * i));
+      }
+    }
     // TraceIdRatioBased: the last 8 bytes as a big-endian number against ratio x 2^64.
     std::uint64_t low = 0;
     for (std::size_t i = 8; i < 16; ++i) {
@@ -342,6 +341,7 @@ span tracer::start(std::string_view name, span_kind kind, const span_context* pa
   if (child) {
     s.data_->parent = parent->span;
   }
+  s.data_->attributes.reserve(24);  // keel's spans carry up to ~20: no regrowth on the way
   s.data_->name = std::string(name);
   s.data_->kind = kind;
   s.data_->start_unix_nano = st.options.now();

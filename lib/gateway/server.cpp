@@ -384,8 +384,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
           span.set("keel.caller", who->cfg->name);
         }
       }
-      std::optional<response> res = co_await complete(req.body(), req.version(), c, span,
-                                                      incoming ? &*incoming : nullptr);
+      std::optional<response> res =
+          co_await complete(req.body(), req.version(), c, span, incoming ? &*incoming : nullptr);
       if (span.recording()) {
         // Streamed answers (nothing returned) began with 200.
         const int status = res ? static_cast<int>(res->result_int()) : 200;

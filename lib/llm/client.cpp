@@ -522,8 +522,10 @@ asio::awaitable<keel::llm::chat_response> client::hedge_attempts(entry_state& es
   if (hooks_.on_hedge || cs.span.recording()) {
     hp.on_hedge = [this, &es, &cs, &target](const keel::hedge_event& e) {
       const std::size_t to = target(e.attempt).index;
-      cs.span.add_event("keel.hedge",
-                        {{"keel.entry", es.index}, {"keel.hedge", e.attempt}, {"keel.to", to}});
+      if (cs.span.recording()) {
+        cs.span.add_event("keel.hedge",
+                          {{"keel.entry", es.index}, {"keel.hedge", e.attempt}, {"keel.to", to}});
+      }
       if (hooks_.on_hedge) {
         hooks_.on_hedge(es.index, cs.context, e.attempt, to);
       }
@@ -592,8 +594,10 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
       hooks_.on_throttle_wait(es.index, waited);
     }
     cs.throttle_wait += waited;
-    cs.span.add_event("keel.throttle_wait",
-                      {{"keel.entry", es.index}, {"keel.wait_ms", milliseconds_of(waited)}});
+    if (cs.span.recording()) {
+      cs.span.add_event("keel.throttle_wait",
+                        {{"keel.entry", es.index}, {"keel.wait_ms", milliseconds_of(waited)}});
+    }
   }
   if (options_.fleet) {
     // The fleet's bucket, after this process's own: if it cannot be reached, the attempt goes on
@@ -1026,9 +1030,11 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
       if (hooks_.on_hold) {
         hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());
       }
-      cs.span.add_event("keel.breaker_hold",
-                        {{"keel.entry", es.index},
-                         {"keel.wait_ms", milliseconds_of(es.breaker->remaining_open_time())}});
+      if (cs.span.recording()) {
+        cs.span.add_event("keel.breaker_hold",
+                          {{"keel.entry", es.index},
+                           {"keel.wait_ms", milliseconds_of(es.breaker->remaining_open_time())}});
+      }
       cs.slot.release();  // a held item sends nothing: let another one use the slot
       // Until the probe, or (half-open, the probe slots taken) a short while; for a server
       // that has never answered, no later than the end of its grace.

@@ -337,7 +337,8 @@ nlohmann::json to_json(const client_config& c, bool redact) {
             {"sample_ratio", c.trace.sample_ratio},
             {"service_name", c.trace.service_name},
             {"headers_env", c.trace.headers_env},
-            {"timeout", c.trace.timeout}}}};
+            {"timeout", c.trace.timeout},
+            {"xray_ids", c.trace.xray_ids}}}};
 }
 
 }  // namespace keel::llm

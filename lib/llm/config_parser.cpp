@@ -384,7 +384,9 @@ serve_config parser::parse_serve(const json& j, const std::string& path) const {
 }
 
 trace_config parser::parse_trace(const json& j, const std::string& path) const {
-  check_keys(j, path, {"otlp_endpoint", "sample_ratio", "service_name", "headers_env", "timeout"});
+  check_keys(
+      j, path,
+      {"otlp_endpoint", "sample_ratio", "service_name", "headers_env", "timeout", "xray_ids"});
   trace_config tc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -415,6 +417,8 @@ trace_config parser::parse_trace(const json& j, const std::string& path) const {
       tc.headers_env = string(v, p);
     } else if (key == "timeout") {
       tc.timeout = number(v, p, seconds_positive);
+    } else if (key == "xray_ids") {
+      tc.xray_ids = boolean(v, p);
     }
   }
   return tc;

@@ -37,8 +37,7 @@ int hex_value(char c) {
 std::string percent_decode(std::string_view s) {
   std::string out;
   for (std::size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size() && hex_value(s[i + 1]) >= 0 &&
-        hex_value(s[i + 2]) >= 0) {
+    if (s[i] == '%' && i + 2 < s.size() && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0) {
       out += static_cast<char>(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
       i += 2;
     } else {
@@ -133,6 +132,7 @@ trace_sink::trace_sink(asio::any_io_executor ex, const keel::llm::trace_config& 
   keel::trace::tracer_options to;
   to.service_name = cfg.service_name;
   to.sample_ratio = cfg.sample_ratio;
+  to.xray_ids = cfg.xray_ids;
   to.max_queue = 8192;
   to.on_export_error = [this](const std::exception_ptr& e, std::size_t n) {
     std::string what = "unknown error";
@@ -142,8 +142,7 @@ trace_sink::trace_sink(asio::any_io_executor ex, const keel::llm::trace_config& 
       what = ex2.what();
     } catch (...) {
     }
-    log_->log(log_level::warning, "trace_export_failed", what,
-              nlohmann::json{{"spans_lost", n}});
+    log_->log(log_level::warning, "trace_export_failed", what, nlohmann::json{{"spans_lost", n}});
   };
   tracer_ = std::make_unique<keel::trace::tracer>(ex, *out, std::move(to));
 }

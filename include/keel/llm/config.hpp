@@ -400,6 +400,9 @@ struct trace_config {
   std::string headers_env = "OTEL_EXPORTER_OTLP_HEADERS";
   /// Longest time one export may take, seconds.
   double timeout = 10;
+  /// Root trace ids in AWS X-Ray's form (their first 4 bytes the Unix time), for a collector
+  /// that exports to X-Ray.
+  bool xray_ids = false;
 };
 
 /// A whole resolved config.
