@@ -10,6 +10,11 @@
 
 #include <catch2/catch.hpp>
 
+#include <boost/asio/detached.hpp>
+
+#include <memory>
+#include <optional>
+
 namespace asio = boost::asio;
 using keel::trace::span_kind;
 
@@ -98,6 +103,8 @@ TEST_CASE("a child span joins its parent's trace and follows its sampled flag", 
     s.add_event("keel.retry", {{"keel.delay_ms", 120.0}, {"keel.delay_from_server", true}});
     s.set_error("rate_limited", "HTTP 429");
   }
+  parent->flags = 0x03;  // an unknown flag bit is not passed on (version 00 defines bit 0 only)
+  CHECK(t.start("x", span_kind::client, &*parent).context().flags == 0x01);
   parent->flags = 0;  // the caller did not sample: neither does keel
   keel::trace::span unsampled = t.start("chat m", span_kind::client, &*parent);
   CHECK_FALSE(unsampled.recording());
@@ -107,7 +114,7 @@ TEST_CASE("a child span joins its parent's trace and follows its sampled flag", 
   unsampled.end();
   flush(io, t);
 
-  REQUIRE(out.spans().size() == 1);
+  REQUIRE(out.spans().size() == 2);
   const keel::trace::span_data& d = out.spans()[0];
   CHECK(d.parent == parent->span);
   CHECK(d.context.state == "k=v");
@@ -122,8 +129,8 @@ TEST_CASE("a child span joins its parent's trace and follows its sampled flag", 
   CHECK(d.status_message == "HTTP 429");
   REQUIRE(d.events.size() == 1);
   CHECK(d.events[0].name == "keel.retry");
-  CHECK(t.stats().sampled == 1);
-  CHECK(t.stats().exported == 1);
+  CHECK(t.stats().sampled == 2);  // and the flags check's span
+  CHECK(t.stats().exported == 2);
 }
 
 TEST_CASE("root spans are sampled by their trace id at the configured ratio", "[trace]") {
@@ -144,7 +151,13 @@ TEST_CASE("root spans are sampled by their trace id at the configured ratio", "[
   // Ratio 0 samples nothing, 1 everything.
   o.sample_ratio = 0;
   keel::trace::tracer none(io.get_executor(), out, o);
-  CHECK_FALSE(none.start("x", span_kind::internal).recording());
+  keel::otlp::memory_exporter all_out;
+  o.sample_ratio = 1;
+  keel::trace::tracer all(io.get_executor(), all_out, o);
+  for (int i = 0; i < 100; ++i) {
+    CHECK_FALSE(none.start("x", span_kind::internal).recording());
+    CHECK(all.start("x", span_kind::internal).recording());
+  }
   flush(io, t);
   CHECK(out.spans().size() == static_cast<std::size_t>(sampled));
 }
@@ -156,6 +169,7 @@ TEST_CASE("a full queue drops spans and counts them; a failed export is counted"
   auto o = options();
   o.max_queue = 3;
   o.max_batch = 2;
+  o.failure_pause = std::chrono::milliseconds(0);  // the next batch goes to the exporter again
   keel::trace::tracer t(io.get_executor(), out, o);
   for (int i = 0; i < 5; ++i) {
     t.start("s", span_kind::internal).end();  // nothing runs until the io_context does
@@ -230,4 +244,87 @@ TEST_CASE("X-Ray trace ids start with the Unix time in seconds", "[trace]") {
   // A child keeps its parent's trace id.
   const keel::trace::span c = t.start("y", span_kind::internal, &s.context());
   CHECK(c.context().trace == s.context().trace);
+}
+
+TEST_CASE("after a failed export, batches are dropped for the failure pause", "[trace]") {
+  asio::io_context io;
+  flaky_exporter out;
+  out.fail = 1;
+  auto o = options();
+  o.max_batch = 1;
+  o.failure_pause = std::chrono::hours(1);
+  keel::trace::tracer t(io.get_executor(), out, o);
+  for (int i = 0; i < 4; ++i) {
+    t.start("s", span_kind::internal).end();
+  }
+  flush(io, t);
+  // The first batch failed; the other three were dropped without asking the collector again.
+  CHECK(out.fail == 0);
+  CHECK(out.delivered == 0);
+  CHECK(t.stats().failed_exports == 1);
+  CHECK(t.stats().failed == 4);
+  CHECK(t.stats().exported == 0);
+}
+
+TEST_CASE("a full batch is exported without waiting for the interval or a flush", "[trace]") {
+  asio::io_context io;
+  keel::otlp::memory_exporter out;
+  auto o = options();
+  o.max_batch = 2;
+  o.interval = std::chrono::hours(1);
+  keel::trace::tracer t(io.get_executor(), out, o);
+  for (int i = 0; i < 3; ++i) {
+    t.start("s", span_kind::internal).end();
+  }
+  io.poll();  // runs what is ready; the loop then waits (an hour) for the third span's batch
+  CHECK(out.batches() == 1);
+  CHECK(out.spans().size() == 2);
+  flush(io, t);
+  CHECK(out.spans().size() == 3);
+}
+
+TEST_CASE("a tracer destroyed with open spans and a waiting export loop exports nothing more",
+          "[trace]") {
+  asio::io_context io;
+  auto out = std::make_unique<keel::otlp::memory_exporter>();
+  std::optional<keel::trace::span> open;
+  {
+    keel::trace::tracer t(io.get_executor(), *out, options());
+    t.start("queued", span_kind::internal).end();
+    open.emplace(t.start("open", span_kind::internal));
+    io.poll();  // the export loop starts and waits for its interval
+    // A flush begun before the tracer goes holds the tracer's state.
+    asio::co_spawn(io, t.flush(), asio::detached);
+  }
+  out.reset();  // the exporter goes with the tracer, as in a program's shutdown
+  open->set("late", 1);
+  open->end();  // after its tracer: dropped, not queued
+  io.run();     // the loop and the flush wake and end without touching the exporter
+  SUCCEED("no use of the destroyed exporter (ASan would report one)");
+}
+
+TEST_CASE("a span keeps at most 128 events and 128 attributes and counts the rest", "[trace]") {
+  asio::io_context io;
+  keel::otlp::memory_exporter out;
+  keel::trace::tracer t(io.get_executor(), out, options());
+  {
+    keel::trace::span s = t.start("held", span_kind::internal);
+    for (int i = 0; i < 200; ++i) {
+      s.add_event("keel.breaker_hold");
+      s.set("k" + std::to_string(i), i);
+    }
+    s.set("k0", 7);  // an existing key is still replaced
+  }
+  flush(io, t);
+  REQUIRE(out.spans().size() == 1);
+  const auto& d = out.spans()[0];
+  CHECK(d.events.size() == keel::trace::max_span_events);
+  CHECK(d.dropped_events == 72);
+  CHECK(d.attributes.size() == keel::trace::max_span_attributes);
+  CHECK(d.dropped_attributes == 72);
+  CHECK(std::get<std::int64_t>(*d.find("k0")) == 7);
+  const auto j = nlohmann::json::parse(keel::otlp::to_json(t.resource(), out.spans()));
+  const auto& js = j["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+  CHECK(js["droppedEventsCount"] == 72);
+  CHECK(js["droppedAttributesCount"] == 72);
 }

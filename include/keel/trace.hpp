@@ -162,10 +162,19 @@ struct span_data {
   status_code status = status_code::unset;
   /// The status's message (only with `status_code::error`).
   std::string status_message;
+  /// Attributes not kept (beyond `max_span_attributes`).
+  std::uint32_t dropped_attributes = 0;
+  /// Events not kept (beyond `max_span_events`).
+  std::uint32_t dropped_events = 0;
 
   /// The value of `key`, or null.
   const trace::value* find(std::string_view key) const noexcept;
 };
+
+/// Attributes one span keeps at most (OpenTelemetry's default limit); more are counted.
+inline constexpr std::size_t max_span_attributes = 128;
+/// Events one span keeps at most (OpenTelemetry's default limit); more are counted.
+inline constexpr std::size_t max_span_events = 128;
 
 /// Who is tracing: the `resource` and instrumentation scope of every span a tracer exports.
 struct resource {
@@ -201,6 +210,9 @@ struct tracer_options {
   std::size_t max_batch = 512;
   /// How long the export loop waits for a batch to fill.
   std::chrono::milliseconds interval{1000};
+  /// After the exporter fails a batch, batches are dropped (and counted as failed) without
+  /// calling it for this long: a collector that is down costs one export timeout per pause.
+  std::chrono::milliseconds failure_pause{30000};
   /// Seeds the ids (0: drawn from `std::random_device`).
   std::uint64_t seed = 0;
   /// Root trace ids in AWS X-Ray's form: the first 4 bytes are the start's Unix time in seconds
@@ -310,6 +322,8 @@ class span {
   void set_error(std::string_view type, std::string_view message);
   /// Marks the span successful (status ok).
   void set_ok();
+  /// Renames the span (a name known only once the span is known to record).
+  void set_name(std::string name);
   /// Ends the span and queues it for export; later calls do nothing.
   void end() {
     if (data_) {
@@ -329,7 +343,8 @@ class span {
 /// Makes spans and exports them in batches (see the header comment).
 class tracer {
  public:
-  /// A tracer exporting to `exp` (must outlive the tracer and its last export; `flush` first).
+  /// A tracer exporting to `exp`, which must outlive the tracer (and an export in flight when the
+  /// tracer is destroyed). Destroying the tracer drops what is still queued: `flush` first.
   tracer(boost::asio::any_io_executor ex, exporter& exp, tracer_options options = {});
   ~tracer();
   tracer(const tracer&) = delete;
@@ -343,7 +358,9 @@ class tracer {
   /// Unix time in nanoseconds by the tracer's clock.
   std::uint64_t now() const;
 
-  /// Exports every queued span, then returns (waits for an export in flight first).
+  /// Exports every queued span, then returns (waits for an export in flight first); returns at
+  /// once when the tracer is destroyed meanwhile. The awaitable holds the tracer's state, so it
+  /// may outlive the tracer.
   /// Cancellation: the wait ends with `operation_aborted`; what was queued stays queued.
   boost::asio::awaitable<void> flush();
 

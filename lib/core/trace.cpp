@@ -162,6 +162,7 @@ struct tracer_state {
 
   void push(span_data&& d) {
     if (closed) {
+      ++stats.dropped;  // ended after its tracer: nobody exports it
       return;
     }
     if (queue.size() >= options.max_queue) {
@@ -177,15 +178,22 @@ struct tracer_state {
     }
   }
 
+  // The loop ends (and wakes `flush`) when the queue is empty or the tracer is gone: a closed
+  // tracer's exporter may be gone too, so nothing is exported after `closed`.
+  static void loop_ended(tracer_state& s) {
+    s.running = false;
+    s.idle.cancel();
+  }
+
   static asio::awaitable<void> export_loop(std::weak_ptr<tracer_state> weak) {
     boost::system::error_code ignored;
     for (;;) {
       std::shared_ptr<tracer_state> self = weak.lock();
-      if (!self || self->queue.empty() || self->closed) {
-        if (self) {
-          self->running = false;
-          self->idle.cancel();  // wakes `flush`
-        }
+      if (!self) {
+        co_return;
+      }
+      if (self->queue.empty() || self->closed) {
+        loop_ended(*self);
         co_return;
       }
       if (self->queue.size() < self->options.max_batch && self->flushing == 0) {
@@ -197,6 +205,10 @@ struct tracer_state {
         if (!self) {
           co_return;
         }
+        if (self->closed) {
+          loop_ended(*self);
+          co_return;
+        }
       }
       const std::size_t n = std::min(self->queue.size(), self->options.max_batch);
       std::vector<span_data> batch;
@@ -205,15 +217,44 @@ struct tracer_state {
         batch.push_back(std::move(self->queue.front()));
         self->queue.pop_front();
       }
+      // After a failed export, batches are dropped (and counted) for `failure_pause`: a
+      // collector that is down costs one timeout per pause, not one per batch, and a program
+      // that flushes at exit is not held for the whole queue's worth of timeouts.
+      if (std::chrono::steady_clock::now() < self->paused_until) {
+        self->stats.failed += n;
+        continue;
+      }
       try {
         co_await self->out->export_spans(self->res, std::move(batch));
         self->stats.exported += n;
       } catch (...) {
         ++self->stats.failed_exports;
         self->stats.failed += n;
+        self->paused_until = std::chrono::steady_clock::now() + self->options.failure_pause;
         if (self->options.on_export_error) {
           self->options.on_export_error(std::current_exception(), n);
         }
+      }
+    }
+  }
+
+  static asio::awaitable<void> flush(std::shared_ptr<tracer_state> st) {
+    ++st->flushing;
+    struct done {
+      tracer_state* s;
+      ~done() { --s->flushing; }
+    } guard{st.get()};
+    while (!st->closed && (st->running || !st->queue.empty())) {
+      if (!st->running) {
+        st->running = true;
+        asio::co_spawn(st->executor, export_loop(st), asio::detached);
+      }
+      st->wake.cancel();
+      boost::system::error_code ec;
+      co_await st->idle.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+          asio::cancellation_type::none) {
+        throw boost::system::system_error(asio::error::operation_aborted);
       }
     }
   }
@@ -227,6 +268,7 @@ struct tracer_state {
   tracer_stats stats;
   asio::steady_timer wake;  // the export loop's wait for a batch
   asio::steady_timer idle;  // cancelled when the export loop ends (for `flush`)
+  std::chrono::steady_clock::time_point paused_until{};  // after a failed export
   bool running = false;
   bool closed = false;
   int flushing = 0;
@@ -259,6 +301,10 @@ void span::set_value(std::string_view key, trace::value v) {
       return;
     }
   }
+  if (data_->attributes.size() >= max_span_attributes) {
+    ++data_->dropped_attributes;
+    return;
+  }
   data_->attributes.emplace_back(std::string(key), std::move(v));
 }
 
@@ -266,7 +312,17 @@ void span::add_event(std::string_view name, std::vector<attribute> attributes) {
   if (!data_) {
     return;
   }
+  if (data_->events.size() >= max_span_events) {
+    ++data_->dropped_events;  // e.g. an item held at an open breaker through a long outage
+    return;
+  }
   data_->events.push_back(event{std::string(name), owner_->options.now(), std::move(attributes)});
+}
+
+void span::set_name(std::string name) {
+  if (data_) {
+    data_->name = std::move(name);
+  }
 }
 
 void span::set_error(std::string_view type, std::string_view message) {
@@ -299,10 +355,14 @@ tracer::tracer(asio::any_io_executor ex, exporter& exp, tracer_options options)
 }
 
 tracer::~tracer() {
-  // Spans still open keep the state alive but queue nothing more; a waiting export loop wakes
-  // and ends.
+  // Spans still open keep the state alive but queue nothing more. What is queued is dropped
+  // (`flush` first to export it); a waiting export loop and any `flush` wake and end without
+  // touching the exporter.
   state_->closed = true;
+  state_->stats.dropped += state_->queue.size();
+  state_->queue.clear();
   state_->wake.cancel();
+  state_->idle.cancel();
 }
 
 span tracer::start(std::string_view name, span_kind kind, const span_context* parent) {
@@ -311,7 +371,7 @@ span tracer::start(std::string_view name, span_kind kind, const span_context* pa
   const bool child = parent && parent->valid();
   if (child) {
     s.context_.trace = parent->trace;
-    s.context_.flags = parent->flags;
+    s.context_.flags = parent->flags & 1;  // version 00 defines only "sampled"
     s.context_.state = parent->state;
   } else {
     fill_random(s.context_.trace, st.ids);
@@ -352,27 +412,10 @@ std::uint64_t tracer::now() const {
   return state_->options.now();
 }
 
+// Not a coroutine: the state is taken now, so a flush started before the tracer's destruction
+// holds what it needs.
 asio::awaitable<void> tracer::flush() {
-  std::shared_ptr<detail::tracer_state> st = state_;
-  ++st->flushing;
-  struct done {
-    detail::tracer_state* s;
-    ~done() { --s->flushing; }
-  } guard{st.get()};
-  while (st->running || !st->queue.empty()) {
-    if (!st->running) {
-      st->running = true;
-      asio::co_spawn(st->executor, detail::tracer_state::export_loop(st), asio::detached);
-    }
-    st->wake.cancel();
-    boost::system::error_code ec;
-    st->idle.expires_at(asio::steady_timer::time_point::max());
-    co_await st->idle.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-    if ((co_await asio::this_coro::cancellation_state).cancelled() !=
-        asio::cancellation_type::none) {
-      throw boost::system::system_error(asio::error::operation_aborted);
-    }
-  }
+  return detail::tracer_state::flush(state_);
 }
 
 tracer_stats tracer::stats() const noexcept {

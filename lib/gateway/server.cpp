@@ -367,11 +367,15 @@ struct server::impl : std::enable_shared_from_this<impl> {
         }
       } back{who};
       // The caller's trace context, and the request's span in it (when tracing).
+      // W3C: two traceparent fields are no parent at all; several tracestate fields are one
+      // list, joined with commas.
       std::optional<keel::trace::span_context> incoming;
-      if (const auto tp = req.find("traceparent"); tp != req.end()) {
-        const auto ts = req.find("tracestate");
-        incoming = keel::trace::parse_traceparent(
-            tp->value(), ts == req.end() ? std::string_view{} : std::string_view(ts->value()));
+      if (req.count("traceparent") == 1) {
+        std::string state;
+        for (auto [it, end] = req.equal_range("tracestate"); it != end; ++it) {
+          state += (state.empty() ? "" : ",") + std::string(it->value());
+        }
+        incoming = keel::trace::parse_traceparent(req.find("traceparent")->value(), state);
       }
       keel::trace::span span;
       if (opts.tracer) {
@@ -414,7 +418,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
       co_return error_response(e.status(), e.what(), "invalid_request_error", e.param(), e.code());
     }
     const std::string model = p.request.model;
-    span.set("gen_ai.request.model", model);
+    if (span.recording()) {
+      span.set("gen_ai.request.model", model);
+    }
     const keel::trace::span_context* parent = span.context().valid() ? &span.context() : incoming;
     keel::llm::client* const client = client_for(model);
     if (client == nullptr) {

@@ -1276,13 +1276,24 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
   co_return out;
 }
 
-asio::awaitable<keel::llm::chat_response> client::complete(
-    keel::llm::chat_request request, const void* context, const keel::trace::span_context* parent) {
-  call_outcome out = co_await call(std::move(request), context, {}, parent);
+namespace {
+
+// The reply of a call's outcome, or its error thrown.
+asio::awaitable<keel::llm::chat_response> reply_of(asio::awaitable<call_outcome> call) {
+  call_outcome out = co_await std::move(call);
   if (out.error) {
     std::rethrow_exception(out.error);
   }
   co_return std::move(*out.response);
+}
+
+}  // namespace
+
+// `complete` and `stream` are not coroutines either: `call` and `stream_call` copy `parent`
+// now, so the caller's context may go away before the awaitable starts.
+asio::awaitable<keel::llm::chat_response> client::complete(
+    keel::llm::chat_request request, const void* context, const keel::trace::span_context* parent) {
+  return reply_of(call(std::move(request), context, {}, parent));
 }
 
 asio::awaitable<keel::llm::chat_response> client::stream(keel::llm::chat_request request,
@@ -1290,12 +1301,8 @@ asio::awaitable<keel::llm::chat_response> client::stream(keel::llm::chat_request
                                                          stream_call_options options,
                                                          const void* context,
                                                          const keel::trace::span_context* parent) {
-  call_outcome out =
-      co_await stream_call(std::move(request), std::move(on_delta), options, context, {}, parent);
-  if (out.error) {
-    std::rethrow_exception(out.error);
-  }
-  co_return std::move(*out.response);
+  return reply_of(
+      stream_call(std::move(request), std::move(on_delta), options, context, {}, parent));
 }
 
 bool settles_token_usage(keel::pacing_phase token_phase, double configured_tokens_per_minute) {

@@ -3,6 +3,8 @@
 
 #include <keel/llm/sigv4.hpp>
 
+#include <keel/http/message.hpp>
+
 #include <cstdlib>
 
 #include <openssl/crypto.h>
@@ -81,32 +83,6 @@ std::string encode(std::string_view s, bool keep_slash) {
   return out;
 }
 
-int hex_value(char c) {
-  if (c >= '0' && c <= '9') {
-    return c - '0';
-  }
-  if (c >= 'a' && c <= 'f') {
-    return c - 'a' + 10;
-  }
-  if (c >= 'A' && c <= 'F') {
-    return c - 'A' + 10;
-  }
-  return -1;
-}
-
-std::string decode(std::string_view s) {
-  std::string out;
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size() && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0) {
-      out += static_cast<char>(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
-      i += 2;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
-
 std::string canonical_query(std::string_view query) {
   std::vector<std::pair<std::string, std::string>> params;
   while (!query.empty()) {
@@ -119,7 +95,8 @@ std::string canonical_query(std::string_view query) {
     const auto eq = part.find('=');
     std::string_view k = part.substr(0, eq);
     std::string_view v = eq == std::string_view::npos ? std::string_view() : part.substr(eq + 1);
-    params.emplace_back(encode(decode(k), false), encode(decode(v), false));
+    params.emplace_back(encode(keel::http::percent_decode(k), false),
+                        encode(keel::http::percent_decode(v), false));
   }
   std::sort(params.begin(), params.end());
   std::string out;

@@ -70,6 +70,12 @@ json span_json(const trace::span_data& s) {
   if (!s.context.state.empty()) {
     j["traceState"] = s.context.state;
   }
+  if (s.dropped_attributes > 0) {
+    j["droppedAttributesCount"] = s.dropped_attributes;
+  }
+  if (s.dropped_events > 0) {
+    j["droppedEventsCount"] = s.dropped_events;
+  }
   if (!s.events.empty()) {
     json events = json::array();
     for (const trace::event& e : s.events) {
@@ -140,8 +146,8 @@ http_exporter::http_exporter(keel::http::client& http, std::string endpoint,
                              http_exporter_options options)
     : http_(&http), url_(std::move(endpoint)), options_(std::move(options)) {
   if (url_.rfind("http://", 0) != 0 && url_.rfind("https://", 0) != 0) {
-    throw std::invalid_argument("OTLP endpoint must be an http:// or https:// URL, got \"" + url_ +
-                                "\"");
+    throw std::invalid_argument("OTLP endpoint must be an http:// or https:// URL, got \"" +
+                                keel::http::redact_url(url_) + "\"");
   }
   constexpr std::string_view suffix = "/v1/traces";
   if (url_.size() < suffix.size() ||
@@ -165,8 +171,8 @@ boost::asio::awaitable<void> http_exporter::export_spans(const trace::resource& 
       [&] { return http_->send(std::move(req)); },
       std::chrono::duration_cast<std::chrono::nanoseconds>(options_.timeout));
   if (res.status < 200 || res.status > 299) {
-    throw std::runtime_error("OTLP collector at " + url_ + " answered HTTP " +
-                             std::to_string(res.status));
+    throw std::runtime_error("OTLP collector at " + keel::http::redact_url(url_) +
+                             " answered HTTP " + std::to_string(res.status));
   }
 }
 

@@ -2,6 +2,7 @@
 // answers share.
 #include "mock_detail.hpp"
 
+#include <keel/http/message.hpp>
 #include <keel/llm/json_depth.hpp>
 #include <keel/testing/detail/json_schema_instance.hpp>
 
@@ -30,24 +31,6 @@ std::string text_of(const json& content) {
   return out;
 }
 
-std::string percent_decode(std::string_view s) {
-  std::string out;
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size()) {
-      const std::string hex(s.substr(i + 1, 2));
-      char* end = nullptr;
-      const long v = std::strtol(hex.c_str(), &end, 16);
-      if (end == hex.c_str() + 2) {
-        out += static_cast<char>(v);
-        i += 2;
-        continue;
-      }
-    }
-    out += s[i];
-  }
-  return out;
-}
-
 }  // namespace
 
 parsed_request parse_request(std::string_view method, std::string_view target,
@@ -64,12 +47,12 @@ parsed_request parse_request(std::string_view method, std::string_view target,
   } else if (path.starts_with("/model/") && path.ends_with("/converse") &&
              path.size() > std::string_view("/model//converse").size()) {
     r.format = wire::bedrock;
-    r.model = percent_decode(path.substr(7, path.size() - 7 - 9));
+    r.model = keel::http::percent_decode(path.substr(7, path.size() - 7 - 9));
   } else if (path.starts_with("/model/") && path.ends_with("/converse-stream") &&
              path.size() > std::string_view("/model//converse-stream").size()) {
     r.format = wire::bedrock;
     r.stream = true;
-    r.model = percent_decode(path.substr(7, path.size() - 7 - 16));
+    r.model = keel::http::percent_decode(path.substr(7, path.size() - 7 - 16));
   } else {
     return r;
   }

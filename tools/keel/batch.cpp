@@ -394,8 +394,10 @@ asio::awaitable<llm::call_outcome> run_item(const run_state& rs, llm::client& cl
   keel::trace::span span;
   if (rs.tracer) {
     span = rs.tracer->start("keel batch item", keel::trace::span_kind::internal);
-    span.set("keel.item.id", item.id.is_string() ? item.id.get<std::string>() : item.key);
-    span.set("keel.item.line", static_cast<std::int64_t>(item.line));
+    if (span.recording()) {
+      span.set("keel.item.id", item.id.is_string() ? item.id.get<std::string>() : item.key);
+      span.set("keel.item.line", static_cast<std::int64_t>(item.line));
+    }
   }
   const keel::trace::span_context* parent = span.context().valid() ? &span.context() : nullptr;
   llm::call_outcome out;

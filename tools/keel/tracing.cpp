@@ -21,32 +21,6 @@ std::string trim(std::string_view s) {
   return std::string(s.substr(b, s.find_last_not_of(" \t") - b + 1));
 }
 
-int hex_value(char c) {
-  if (c >= '0' && c <= '9') {
-    return c - '0';
-  }
-  if (c >= 'a' && c <= 'f') {
-    return c - 'a' + 10;
-  }
-  if (c >= 'A' && c <= 'F') {
-    return c - 'A' + 10;
-  }
-  return -1;
-}
-
-std::string percent_decode(std::string_view s) {
-  std::string out;
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size() && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0) {
-      out += static_cast<char>(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2]));
-      i += 2;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> parse_otlp_headers(const std::string& text,
@@ -67,7 +41,8 @@ std::vector<std::pair<std::string, std::string>> parse_otlp_headers(const std::s
                                  " is not name=value (expected name=value,name=value; the "
                                  "value is not shown)");
       }
-      out.emplace_back(percent_decode(name), percent_decode(trim(item.substr(eq + 1))));
+      out.emplace_back(keel::http::percent_decode(name),
+                       keel::http::percent_decode(trim(item.substr(eq + 1))));
     }
     start = comma + 1;
   }
@@ -114,7 +89,7 @@ trace_sink::trace_sink(asio::any_io_executor ex, const keel::llm::trace_config& 
     }
     http_ = std::make_unique<keel::http::client>(ex, keel::http::client_options{});
     auto exp = std::make_unique<keel::otlp::http_exporter>(*http_, cfg.otlp_endpoint, ho);
-    where_ += (where_.empty() ? "" : " and ") + exp->url();
+    where_ += (where_.empty() ? "" : " and ") + keel::http::redact_url(exp->url());
     exporters_.push_back(std::move(exp));
   }
   if (exporters_.empty()) {
