@@ -1354,9 +1354,10 @@ TEST_CASE("keel serve answers through its config's policy, serves /metrics and d
   write_file(dir / "second.json",
              R"({"config_list": [{"model": "second", "base_url": "http://127.0.0.1:)" +
                  std::to_string(mock_port) + R"(", "api_key": "sk-e2e-serve-key-2"}]})");
-  child_process serve(dir, "serve",
-                      keel_args({"serve", "--config", dir / "keel.json", "--config",
-                                 dir / "second.json", "--listen", "127.0.0.1:0", "--grace", "5"}));
+  child_process serve(
+      dir, "serve",
+      keel_args({"serve", "--config", dir / "keel.json", "--config", dir / "second.json",
+                 "--listen", "127.0.0.1:0", "--grace", "5", "--trace", dir / "trace.jsonl"}));
   unsigned short port = 0;
   REQUIRE(eventually(
       [&] {
@@ -1386,12 +1387,23 @@ TEST_CASE("keel serve answers through its config's policy, serves /metrics and d
   CHECK(m.status == 200);
   CHECK(contains(m.body, "keel_retries_total{cause=\"overloaded\"} 1"));
   CHECK(contains(m.body, "keel_serve_completions_total 2"));
+  // Traced (--trace): per request a server span and a call span, per attempt one (2 + 1).
+  CHECK(contains(m.body, "keel_trace_spans_sampled_total 7"));
 
   serve.signal(SIGTERM);
   CHECK(serve.wait(20s) == 0);
   CHECK(contains(serve.out(), "stopped after 3 requests (2 completions, 0 errors)"));
   CHECK(contains(serve.err(), "retry"));
   CHECK_FALSE(contains(serve.err(), "sk-e2e-serve-key"));
+  // The spans were flushed to the file at exit.
+  std::size_t spans = 0;
+  std::ifstream trace(dir / "trace.jsonl");
+  for (std::string line; std::getline(trace, line);) {
+    const json j = json::parse(line, nullptr, false);
+    REQUIRE_FALSE(j.is_discarded());
+    spans += j["resourceSpans"][0]["scopeSpans"][0]["spans"].size();
+  }
+  CHECK(spans == 7);
   mock.signal(SIGTERM);
   CHECK(mock.wait(20s) == 0);
 }

@@ -121,7 +121,25 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
   // The gateway's own counters, brought into the registry at each scrape.
   keel::gateway::server* served = nullptr;
   keel::gateway::server_stats told;
+  keel::trace::tracer_stats traced;
   so.metrics = [&]() {
+    if (const keel::trace::tracer* t = traces.tracer()) {
+      // The tracer's counters (issue 17: drops are counted), as deltas since the last scrape.
+      const keel::trace::tracer_stats now = t->stats();
+      auto spans = [&](const char* name, const char* help, std::uint64_t v, std::uint64_t before) {
+        metrics.counter(name, help).inc(static_cast<double>(v - before));
+      };
+      spans("keel_trace_spans_sampled_total", "Spans recorded (sampled).", now.sampled,
+            traced.sampled);
+      spans("keel_trace_spans_exported_total", "Spans the exporter accepted.", now.exported,
+            traced.exported);
+      spans("keel_trace_spans_dropped_total", "Spans dropped because the export queue was full.",
+            now.dropped, traced.dropped);
+      spans("keel_trace_spans_failed_total",
+            "Spans lost to failed exports (or dropped during the pause after one).", now.failed,
+            traced.failed);
+      traced = now;
+    }
     const keel::gateway::server_stats now = served->stats();
     auto add = [&](const char* name, const char* help, std::uint64_t value, std::uint64_t before) {
       metrics.counter(name, help).inc(static_cast<double>(value - before));
