@@ -6,8 +6,9 @@
 // Including this header gives the whole core: errors and classification, results, clocks,
 // randomness, backoff, retry budget, with_retry, with_deadline, with_fallback, the circuit
 // breaker and with_breaker, the throttler with with_throttle and its rate controller, the
-// bulkhead with with_bulkhead, with_hedge with its budget and latency window, and fan_out. Each
-// also has its own header; include only what you use to keep compile times down.
+// bulkhead with with_bulkhead, with_hedge with its budget and latency window, fan_out, and the
+// spans of keel::trace. Each also has its own header; include only what you use to keep compile
+// times down.
 //
 // Example:
 //
@@ -31,3 +32,4 @@
 #include <keel/retry_budget.hpp>
 #include <keel/stream_guard.hpp>
 #include <keel/throttler.hpp>
+#include <keel/trace.hpp>
