@@ -947,6 +947,17 @@ TEST_CASE(
       CHECK(read_file(dir / "in.jsonl") == input);
     }
   }
+  SECTION("--trace naming the results or the input") {
+    for (const std::string trace : {"results.jsonl", "./in.jsonl"}) {
+      child_process c(
+          dir, "trace_same",
+          batch_args(dir, {"--resume", "--trace", dir / trace}, "config.json", "scenario.json"));
+      CHECK(c.wait() == 2);
+      CHECK(contains(c.err(), "--trace names the same file"));
+      CHECK(read_file(dir / "results.jsonl") == existing);
+      CHECK(read_file(dir / "in.jsonl") == input);
+    }
+  }
   SECTION("a metrics port already in use") {
     const int busy = ::socket(AF_INET, SOCK_STREAM, 0);
     REQUIRE(busy >= 0);

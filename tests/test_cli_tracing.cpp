@@ -37,6 +37,7 @@ TEST_CASE("a trace sink writes OTLP/JSON lines to --trace FILE and flushes at th
           "[cli_tracing]") {
   const auto file = std::filesystem::temp_directory_path() /
                     ("keel_cli_tracing_" + std::to_string(::getpid()) + ".jsonl");
+  std::filesystem::remove(file);  // the sink appends
   keel::cli::logger log(keel::cli::log_level::off);
   boost::asio::io_context ctx;
   keel::llm::trace_config cfg;

@@ -45,7 +45,7 @@ std::string to_json(const keel::trace::resource& from,
 /// Writes each batch as one line of OTLP/JSON to a file.
 class file_exporter : public keel::trace::exporter {
  public:
-  /// Opens (creates or truncates) `path`.
+  /// Opens `path` for appending (created if absent): earlier lines are kept.
   /// @throws std::runtime_error naming the file if it cannot be opened.
   explicit file_exporter(const std::string& path);
   ~file_exporter() override;

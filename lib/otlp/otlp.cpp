@@ -118,7 +118,8 @@ std::string to_json(const trace::resource& from, const std::vector<trace::span_d
 // ---- file_exporter ---------------------------------------------------------------------------
 
 file_exporter::file_exporter(const std::string& path) : path_(path) {
-  file_ = std::fopen(path.c_str(), "w");
+  // Appended: a resumed run, or a second run with the same file, keeps the spans already there.
+  file_ = std::fopen(path.c_str(), "a");
   if (!file_) {
     throw std::runtime_error("cannot open trace file " + path + ": " + std::strerror(errno));
   }

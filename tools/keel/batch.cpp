@@ -205,6 +205,18 @@ void claim_output(const batch_options& opts, std::optional<results_lock>& lock) 
   if (opts.resume && opts.overwrite) {
     throw std::runtime_error("--resume and --overwrite contradict each other");
   }
+  if (!opts.trace_file.empty()) {
+    // Spans appended to the results or to the input would corrupt them.
+    std::error_code ec;
+    for (const std::string* other : {&opts.out, &opts.in}) {
+      if (*other != "-" &&
+          (*other == opts.trace_file || fs::equivalent(*other, opts.trace_file, ec))) {
+        throw std::runtime_error("--trace names the same file as --" +
+                                 std::string(other == &opts.out ? "out" : "in") + " (" +
+                                 opts.trace_file + "); write the spans to another file");
+      }
+    }
+  }
   if (opts.out != "-") {
     std::error_code ec;
     if (fs::is_directory(opts.out, ec)) {
