@@ -102,11 +102,49 @@ TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gatew
       {R"({"model": "m", "messages": [{"role": "user", "content": 5}]})", "messages[0].content",
        400},
       {R"({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
+       "messages[0].content[0].image_url", 400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})",
        "messages[0].content[0].type", 400},
+      {R"({"model": "m", "messages": [{"role": "system", "content": [
+           {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}, {"role": "user",
+           "content": "x"}]})",
+       "messages[0].content[0].type", 400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": [
+           {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]})",
+       "messages[0].content[0].image_url.url", 400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": [
+           {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "max"}}]}]})",
+       "messages[0].content[0].image_url.detail", 400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",
+           "tool_calls": [{"id": "c", "type": "function",
+                           "function": {"name": "f", "arguments": "[1]"}}]}]})",
+       "messages[1].tool_calls[0].function.arguments", 400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",
+           "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]})",
+       "messages[1].tool_calls[0].id", 400},
+      {R"({"model": "m", "messages": [{"role": "user", "content": "x", "tool_calls": []}]})",
+       "messages[0].tool_calls", 400},
+      {R"({"model": "m", "messages": [{"role": "function", "name": "f", "content": "x"}]})",
+       "messages[0].role", 400},
+      {R"({"model": "m", "functions": [{"name": "f"}],
+           "messages": [{"role": "user", "content": "x"}]})",
+       "functions", 400},
+      {R"({"model": "m", "tools": [{"type": "custom", "custom": {"name": "f"}}],
+           "messages": [{"role": "user", "content": "x"}]})",
+       "tools[0].type", 400},
+      {R"({"model": "m", "tools": [{"type": "function", "function": {"parameters": {}}}],
+           "messages": [{"role": "user", "content": "x"}]})",
+       "tools[0].function.name", 400},
+      {R"({"model": "m", "tool_choice": "auto", "messages": [{"role": "user", "content": "x"}]})",
+       "tool_choice", 400},
+      {R"({"model": "m", "tool_choice": "sometimes",
+           "tools": [{"type": "function", "function": {"name": "f"}}],
+           "messages": [{"role": "user", "content": "x"}]})",
+       "tool_choice", 400},
       {R"({"model": "m", "messages": [{"role": "system", "content": "only a system prompt"}]})",
        "messages", 400},
-      {R"({"model": "m", "messages": [{"role": "tool", "content": "x"}]})", "messages[0].role",
-       400},
+      {R"({"model": "m", "messages": [{"role": "tool", "content": "x"}]})",
+       "messages[0].tool_call_id", 400},
       {R"({"model": "m", "tools": [], "messages": [{"role": "user", "content": "x"}]})", "tools",
        400},
       {R"({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]})", "n", 400},
@@ -704,4 +742,130 @@ TEST_CASE("keel serve without a tracer passes the caller's traceparent on", "[ga
   REQUIRE(rig.send("POST", "/v1/chat/completions", hello, {{"traceparent", tp}}).status == 200);
   REQUIRE(rig.send("POST", "/v1/chat/completions", hello).status == 200);
   CHECK(rig.mock.stats().model("m").traceparents == std::vector<std::string>{tp});
+}
+
+namespace {
+
+// A request with one tool, and the conversation after the model called it.
+const std::string with_tool = R"({"model": "m", "messages": [{"role": "user", "content": "Paris?"}],
+  "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]})";
+
+std::string after_tool(const std::string& id) {
+  return std::string(R"({"model": "m", )") +
+         R"("messages": [{"role": "user", "content": [{"type": "text", "text": "Paris?"},
+      {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]},
+    {"role": "assistant", "content": null, "tool_calls": [{"id": ")" +
+         id + R"(", "type": "function",
+      "function": {"name": "get_weather", "arguments": "{\"city\":\"\"}"}}]},
+    {"role": "tool", "tool_call_id": ")" +
+         id + R"(", "content": "18C"}],
+  "tools": [{"type": "function", "function": {"name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]})";
+}
+
+}  // namespace
+
+TEST_CASE("tool calls and images pass through keel serve to each provider and back",
+          "[gateway][tools]") {
+  struct route {
+    const char* config;
+    const char* call_marker;    // how the provider's request names the tool
+    const char* result_marker;  // how it carries the tool's result
+    const char* image_marker;   // how it carries the image
+  };
+  const std::vector<route> routes = {
+      {R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}]})",
+       R"("type":"function")", R"("role":"tool")", R"("image_url")"},
+      {R"({"config_list": [{"api_type": "anthropic", "model": "m",
+           "api_key": "sk-ant-test-KEY0001"}]})",
+       R"("input_schema")", R"("tool_result")", R"("media_type":"image/png")"},
+      {R"({"config_list": [{"api_type": "bedrock", "model": "m", "aws_region": "us-east-1"}]})",
+       R"("toolSpec")", R"("toolResult")", R"("format":"png")"},
+  };
+  for (const route& rt : routes) {
+    INFO(rt.config);
+    gateway_rig rig(rt.config);
+    // The model calls the tool: an OpenAI completion with tool_calls, whatever the provider.
+    const keel::http::response res = rig.send("POST", "/v1/chat/completions", with_tool);
+    REQUIRE(res.status == 200);
+    CHECK(rig.mock.stats().model("m").last_body.find(rt.call_marker) != std::string::npos);
+    const json j = json::parse(res.body);
+    const json& msg = j["choices"][0]["message"];
+    CHECK(j["choices"][0]["finish_reason"] == "tool_calls");
+    CHECK(msg["content"].is_null());
+    REQUIRE(msg["tool_calls"].size() == 1);
+    const json& call = msg["tool_calls"][0];
+    CHECK(call["type"] == "function");
+    CHECK(call["function"]["name"] == "get_weather");
+    // The mock's arguments are the smallest instance of the schema.
+    CHECK(json::parse(call["function"]["arguments"].get<std::string>()) == json{{"city", ""}});
+    const std::string id = call["id"].get<std::string>();
+    CHECK_FALSE(id.empty());
+
+    // The caller sends the result back (with an image): the provider gets it in its own shape
+    // and answers in text.
+    const keel::http::response next = rig.send("POST", "/v1/chat/completions", after_tool(id));
+    REQUIRE(next.status == 200);
+    const std::string& sent = rig.mock.stats().model("m").last_body;
+    CHECK(sent.find(rt.result_marker) != std::string::npos);
+    CHECK(sent.find(rt.image_marker) != std::string::npos);
+    CHECK(sent.find(id) != std::string::npos);
+    const json answer = json::parse(next.body);
+    CHECK(answer["choices"][0]["finish_reason"] == "stop");
+    CHECK(answer["choices"][0]["message"]["content"] == "mock answer to: tool result 18C");
+
+    // Streamed: the call arrives as OpenAI tool_calls deltas whose pieces join to the call.
+    std::string stream_body = with_tool;
+    stream_body.insert(1, R"("stream": true, )");
+    const keel::http::response s = rig.send("POST", "/v1/chat/completions", stream_body);
+    REQUIRE(s.status == 200);
+    const auto ev = events_of(s.body);
+    REQUIRE(ev.size() >= 4);
+    CHECK(ev.back() == "[DONE]");
+    INFO(s.body);
+    std::string name;
+    std::string args;
+    std::string stream_id;
+    std::string finish;
+    for (std::size_t i = 0; i + 1 < ev.size(); ++i) {
+      const json chunk = json::parse(ev[i]);
+      const json& choice = chunk["choices"][0];
+      if (!choice["finish_reason"].is_null()) {
+        finish = choice["finish_reason"].get<std::string>();
+      }
+      if (!choice["delta"].contains("tool_calls")) {
+        continue;
+      }
+      const json& piece = choice["delta"]["tool_calls"][0];
+      CHECK(piece["index"] == 0);
+      if (piece.contains("id")) {
+        stream_id += piece["id"].get<std::string>();
+        CHECK(piece["type"] == "function");
+      }
+      if (piece["function"].contains("name")) {
+        name += piece["function"]["name"].get<std::string>();
+      }
+      args += piece["function"]["arguments"].get<std::string>();
+    }
+    CHECK(name == "get_weather");
+    CHECK_FALSE(stream_id.empty());
+    CHECK(json::parse(args) == json{{"city", ""}});
+    CHECK(finish == "tool_calls");
+  }
+}
+
+TEST_CASE("what a route's provider cannot take is a 400 naming it", "[gateway][tools]") {
+  gateway_rig rig(
+      R"({"config_list": [{"api_type": "bedrock", "model": "m", "aws_region": "us-east-1"}]})");
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", R"({"model": "m",
+      "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]})");
+  CHECK(res.status == 400);
+  const json j = json::parse(res.body);
+  CHECK(j["error"]["type"] == "invalid_request_error");
+  CHECK_THAT(j["error"]["message"].get<std::string>(), Catch::Contains("http(s) URL"));
+  // Nothing was sent: the request could not be written in Bedrock's shape.
+  CHECK(rig.mock.stats().model("m").requests == 0);
 }

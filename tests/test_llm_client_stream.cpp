@@ -507,3 +507,60 @@ TEST_CASE("a key the server echoes into a stream never reaches the consumer",
   }
   CHECK(out.delivered_bytes == c.text.size());
 }
+
+TEST_CASE("a streamed tool call reaches the consumer as pieces and the reply as a whole call",
+          "[llm_client][stream][tools]") {
+  for (const char* api : {"openai", "anthropic", "bedrock"}) {
+    INFO(api);
+    asio::io_context ctx;
+    keel::testing::mock_llm_server server(ctx);
+    // The first attempt fails before any piece: retried like text.
+    server.set_plan("m", fault_plan{}.with_retry_after(0ms).with_script(
+                             {fault_kind::unavailable, fault_kind::ok}));
+    keel::llm::client client = make_client(ctx, server, api, retrying);
+    keel::llm::chat_request req = prompt();
+    keel::llm::tool_definition tool;
+    tool.name = "lookup";
+    tool.parameters = nlohmann::json::parse(
+        R"({"type":"object","properties":{"term":{"type":"string"},"n":{"type":"integer"}},
+            "required":["term","n"]})");
+    req.tools.push_back(tool);
+    std::string id;
+    std::string name;
+    std::string args;
+    std::size_t pieces = 0;
+    keel::llm::call_outcome out;
+    keel_test::run_against(
+        ctx, server,
+        [&]() -> asio::awaitable<void> {
+          out = co_await client.stream_call(
+              req, [&](const keel::llm::stream_delta& d) -> asio::awaitable<void> {
+                REQUIRE(d.tool != nullptr);  // no text in this reply
+                CHECK(d.tool_index == 0);
+                CHECK(d.tool->arguments.empty());  // the fragment is the text
+                id += d.tool->id;
+                name += d.tool->name;
+                args += d.text;
+                ++pieces;
+                co_return;
+              });
+        },
+        10s);
+    REQUIRE_FALSE(out.error);
+    CHECK(out.attempts == 2);
+    CHECK(pieces > 2);  // the call's start, then 4-byte argument fragments
+    CHECK(out.delivered_deltas == pieces);
+    CHECK(name == "lookup");
+    CHECK_FALSE(id.empty());
+    CHECK(nlohmann::json::parse(args) == nlohmann::json{{"term", ""}, {"n", 0}});
+    REQUIRE(out.response);
+    CHECK(out.response->text.empty());
+    REQUIRE(out.response->tool_calls.size() == 1);
+    CHECK(out.response->tool_calls[0].id == id);
+    CHECK(out.response->tool_calls[0].name == "lookup");
+    CHECK(out.response->tool_calls[0].arguments == args);
+    // As each provider says it: OpenAI "tool_calls", Anthropic and Bedrock "tool_use".
+    CHECK(
+        (out.response->finish_reason == "tool_calls" || out.response->finish_reason == "tool_use"));
+  }
+}

@@ -29,6 +29,10 @@ std::string show(const std::vector<stream_event>& events) {
       case stream_event_kind::text:
         s += " " + e.text;
         break;
+      case stream_event_kind::tool_call:
+        s += " " + std::to_string(e.tool_index) + " " + e.tool.id + " " + e.tool.name + " " +
+             e.tool.arguments;
+        break;
       case stream_event_kind::finish:
         s += " " + e.finish_reason;
         break;
@@ -461,7 +465,7 @@ TEST_CASE("bytes after the end or after an error are ignored", "[llm][stream]") 
   CHECK(bout[0].error->llm_code() == errc::rate_limited);
 }
 
-TEST_CASE("only the first choice and text content are decoded", "[llm][stream]") {
+TEST_CASE("only the first choice is decoded; tool calls become tool_call events", "[llm][stream]") {
   const std::string body =
       openai_chunk(R"([{"index":1,"delta":{"content":"other"},"finish_reason":null},)"
                    R"({"index":0,"delta":{"content":"mine"},"finish_reason":null}])") +
@@ -477,7 +481,117 @@ TEST_CASE("only the first choice and text content are decoded", "[llm][stream]")
           R"({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\""}})") +
       anthropic_event("some_future_event", R"({"type":"some_future_event"})") +
       anthropic_event("message_stop", R"({"type":"message_stop"})");
-  CHECK(show(decode(provider_kind::anthropic, tools)) == "done\n");
+  CHECK(show(decode(provider_kind::anthropic, tools)) ==
+        "tool_call 0 t f \ntool_call 0   {\"a\"\ndone\n");
+}
+
+// The streams of a reply that calls a tool, in each provider's documented shape (OpenAI's
+// "function calling" streaming example, Anthropic's "streaming with tool use", Bedrock's
+// ConverseStream toolUse blocks): the same tool_call events, split anywhere.
+TEST_CASE("tool calls stream as tool_call events from all three providers, split anywhere",
+          "[llm][stream][tools]") {
+  const std::string openai =
+      openai_delta(R"({"role":"assistant","content":null})") +
+      openai_delta(
+          R"({"tool_calls":[{"index":0,"id":"call_abc","type":"function","function":{"name":"get_weather","arguments":""}}]})") +
+      openai_delta(R"({"tool_calls":[{"index":0,"function":{"arguments":"{\"ci"}}]})") +
+      openai_delta(R"({"tool_calls":[{"index":0,"function":{"arguments":"ty\":\"Paris\"}"}}]})") +
+      openai_delta(
+          R"({"tool_calls":[{"index":1,"id":"call_def","type":"function","function":{"name":"get_time","arguments":"{}"}}]})") +
+      openai_delta("{}", "\"tool_calls\"") + "data: [DONE]\n\n";
+  check_every_split(provider_kind::openai, openai,
+                    "start chatcmpl-AbC123 gpt-4o-mini-2024-07-18 assistant\n"
+                    "tool_call 0 call_abc get_weather \n"
+                    "tool_call 0   {\"ci\n"
+                    "tool_call 0   ty\":\"Paris\"}\n"
+                    "tool_call 1 call_def get_time {}\n"
+                    "finish tool_calls\n"
+                    "done\n");
+
+  const std::string anthropic =
+      anthropic_event(
+          "message_start",
+          R"({"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-x","content":[],"usage":{"input_tokens":472,"output_tokens":2}}})") +
+      anthropic_event(
+          "content_block_start",
+          R"({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})") +
+      anthropic_event(
+          "content_block_delta",
+          R"({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Let me check."}})") +
+      anthropic_event("content_block_stop", R"({"type":"content_block_stop","index":0})") +
+      anthropic_event(
+          "content_block_start",
+          R"({"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01","name":"get_weather","input":{}}})") +
+      anthropic_event(
+          "content_block_delta",
+          R"({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}})") +
+      anthropic_event(
+          "content_block_delta",
+          R"({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": \"Paris\"}"}})") +
+      anthropic_event("content_block_stop", R"({"type":"content_block_stop","index":1})") +
+      anthropic_event(
+          "message_delta",
+          R"({"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":89}})") +
+      anthropic_event("message_stop", R"({"type":"message_stop"})");
+  check_every_split(provider_kind::anthropic, anthropic,
+                    "start msg_1 claude-x assistant\n"
+                    "usage 472/2\n"
+                    "text Let me check.\n"
+                    "tool_call 0 toolu_01 get_weather \n"
+                    "tool_call 0   {\"city\": \"Paris\"}\n"
+                    "finish tool_use\n"
+                    "usage 472/89\n"
+                    "done\n");
+
+  const std::string bedrock =
+      bedrock_event("messageStart", R"({"role":"assistant"})") +
+      bedrock_event(
+          "contentBlockStart",
+          R"({"contentBlockIndex":0,"start":{"toolUse":{"toolUseId":"tooluse_1","name":"get_weather"}}})") +
+      bedrock_event("contentBlockDelta",
+                    R"({"contentBlockIndex":0,"delta":{"toolUse":{"input":"{\"city\""}}})") +
+      bedrock_event("contentBlockDelta",
+                    R"({"contentBlockIndex":0,"delta":{"toolUse":{"input":":\"Paris\"}"}}})") +
+      bedrock_event("contentBlockStop", R"({"contentBlockIndex":0})") +
+      bedrock_event("messageStop", R"({"stopReason":"tool_use"})") +
+      bedrock_event("metadata", R"({"usage":{"inputTokens":10,"outputTokens":5}})");
+  check_every_split(provider_kind::bedrock, bedrock,
+                    "start   assistant\n"
+                    "tool_call 0 tooluse_1 get_weather \n"
+                    "tool_call 0   {\"city\"\n"
+                    "tool_call 0   :\"Paris\"}\n"
+                    "finish tool_use\n"
+                    "usage 10/5\n"
+                    "done\n");
+}
+
+TEST_CASE("malformed tool-call pieces are malformed_response errors", "[llm][stream][tools]") {
+  // An OpenAI piece without an index, an argument delta for a block that is no tool use, a
+  // Bedrock toolUse delta before its block started.
+  const auto last = [](provider_kind kind, const std::string& body) {
+    const auto events = decode(kind, body);
+    REQUIRE_FALSE(events.empty());
+    REQUIRE(events.back().kind == stream_event_kind::error);
+    return events.back().error->llm_code();
+  };
+  CHECK(last(provider_kind::openai,
+             openai_delta(R"({"tool_calls":[{"id":"c","function":{"name":"f"}}]})")) ==
+        errc::malformed_response);
+  CHECK(last(provider_kind::openai,
+             openai_delta(R"({"tool_calls":[{"index":5000,"function":{"name":"f"}}]})")) ==
+        errc::malformed_response);
+  CHECK(
+      last(
+          provider_kind::anthropic,
+          anthropic_event(
+              "content_block_delta",
+              R"({"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{}"}})")) ==
+      errc::malformed_response);
+  CHECK(last(provider_kind::bedrock,
+             bedrock_event("messageStart", R"({"role":"assistant"})") +
+                 bedrock_event("contentBlockDelta",
+                               R"({"contentBlockIndex":0,"delta":{"toolUse":{"input":"{}"}}})")) ==
+        errc::malformed_response);
 }
 
 TEST_CASE("bedrock detects a corrupted byte anywhere in the body", "[llm][stream]") {

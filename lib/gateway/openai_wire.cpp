@@ -53,18 +53,34 @@ double number_in(const json& v, const std::string& param, double lo, double hi) 
   return x;
 }
 
-// The text of a message's content: a string, or text parts joined.
-std::string content_text(const json& content, const std::string& param) {
+// A string member `key` of `obj` at `param`, or "" when absent or null.
+std::string string_member(const json& obj, const char* key, const std::string& param) {
+  const auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) {
+    return {};
+  }
+  if (!it->is_string()) {
+    invalid(param + "." + key, "expected a string, got " + type_name(*it));
+  }
+  return it->get<std::string>();
+}
+
+// A message's content: a string, or text and (where `images`) image parts in order. A content of
+// only text parts is joined into one string (the provider-neutral request's plain form).
+void read_content(const json& content, const std::string& param, bool images,
+                  keel::llm::chat_message& out) {
   if (content.is_string()) {
-    return content.get<std::string>();
+    out.content = content.get<std::string>();
+    return;
   }
   if (content.is_null()) {
-    return {};
+    return;
   }
   if (!content.is_array()) {
     invalid(param, "expected a string or an array of content parts, got " + type_name(content));
   }
-  std::string text;
+  std::vector<keel::llm::content_part> parts;
+  bool has_image = false;
   for (std::size_t i = 0; i < content.size(); ++i) {
     const json& part = content[i];
     const std::string p = param + "[" + std::to_string(i) + "]";
@@ -75,8 +91,28 @@ std::string content_text(const json& content, const std::string& param) {
     if (type == part.end() || !type->is_string()) {
       invalid(p + ".type", "expected a string");
     }
+    if (*type == "image_url" && images) {
+      const auto image = part.find("image_url");
+      if (image == part.end() || !image->is_object()) {
+        invalid(p + ".image_url", "expected an object with a 'url'");
+      }
+      const std::string url = string_member(*image, "url", p + ".image_url");
+      const bool data = url.size() > 5 && (url.compare(0, 5, "data:") == 0);
+      const bool web = url.compare(0, 7, "http://") == 0 || url.compare(0, 8, "https://") == 0;
+      if (!data && !web) {
+        invalid(p + ".image_url.url", "expected a data: URL or an http(s) URL");
+      }
+      const std::string detail = string_member(*image, "detail", p + ".image_url");
+      if (!detail.empty() && detail != "auto" && detail != "low" && detail != "high") {
+        invalid(p + ".image_url.detail", "expected 'auto', 'low' or 'high', got '" + detail + "'");
+      }
+      parts.push_back(keel::llm::content_part::from_image(url, detail));
+      has_image = true;
+      continue;
+    }
     if (*type != "text") {
-      throw bad_request("keel serve passes text content parts only; '" + type->get<std::string>() +
+      throw bad_request("keel serve passes text" + std::string(images ? " and image_url" : "") +
+                            " content parts here; '" + type->get<std::string>() +
                             "' is not supported.",
                         p + ".type", "unsupported_content");
     }
@@ -84,9 +120,134 @@ std::string content_text(const json& content, const std::string& param) {
     if (t == part.end() || !t->is_string()) {
       invalid(p + ".text", "expected a string");
     }
-    text += t->get<std::string>();
+    parts.push_back(keel::llm::content_part::from_text(t->get<std::string>()));
   }
-  return text;
+  if (has_image) {
+    out.parts = std::move(parts);
+    return;
+  }
+  for (const auto& part : parts) {
+    out.content += part.text;
+  }
+}
+
+// An assistant turn's `tool_calls`.
+void read_tool_calls(const json& calls, const std::string& param, keel::llm::chat_message& out) {
+  if (calls.is_null()) {
+    return;
+  }
+  if (!calls.is_array()) {
+    invalid(param, "expected an array, got " + type_name(calls));
+  }
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    const json& c = calls[i];
+    const std::string p = param + "[" + std::to_string(i) + "]";
+    if (!c.is_object()) {
+      invalid(p, "expected a tool call object, got " + type_name(c));
+    }
+    const std::string type = string_member(c, "type", p);
+    if (!type.empty() && type != "function") {
+      throw bad_request(
+          "keel serve passes function tool calls only; '" + type + "' is not supported.",
+          p + ".type", "unsupported_parameter");
+    }
+    const auto fn = c.find("function");
+    if (fn == c.end() || !fn->is_object()) {
+      invalid(p + ".function", "expected an object with 'name' and 'arguments'");
+    }
+    keel::llm::tool_call call(string_member(c, "id", p),
+                              string_member(*fn, "name", p + ".function"),
+                              string_member(*fn, "arguments", p + ".function"));
+    if (call.id.empty()) {
+      invalid(p + ".id", "expected a non-empty string");
+    }
+    if (call.name.empty()) {
+      invalid(p + ".function.name", "expected a non-empty string");
+    }
+    // A route may send the call to Anthropic or Bedrock, which take the arguments as an object.
+    if (!call.arguments.empty()) {
+      const json args = json::parse(call.arguments, nullptr, false);
+      if (!args.is_object()) {
+        invalid(p + ".function.arguments", "expected a JSON object as text");
+      }
+    }
+    out.tool_calls.push_back(std::move(call));
+  }
+}
+
+// `tools`: function tools only.
+std::vector<keel::llm::tool_definition> read_tools(const json& tools) {
+  if (!tools.is_array() || tools.empty()) {
+    invalid("tools", "expected a non-empty array, got " + tools.dump().substr(0, 40));
+  }
+  std::vector<keel::llm::tool_definition> out;
+  for (std::size_t i = 0; i < tools.size(); ++i) {
+    const json& t = tools[i];
+    const std::string p = "tools[" + std::to_string(i) + "]";
+    if (!t.is_object()) {
+      invalid(p, "expected a tool object, got " + type_name(t));
+    }
+    const std::string type = string_member(t, "type", p);
+    if (type != "function") {
+      throw bad_request("keel serve passes function tools only; '" + type + "' is not supported.",
+                        p + ".type", "unsupported_parameter");
+    }
+    const auto fn = t.find("function");
+    if (fn == t.end() || !fn->is_object()) {
+      invalid(p + ".function", "expected an object with a 'name'");
+    }
+    keel::llm::tool_definition def;
+    def.name = string_member(*fn, "name", p + ".function");
+    if (def.name.empty()) {
+      invalid(p + ".function.name", "expected a non-empty string");
+    }
+    def.description = string_member(*fn, "description", p + ".function");
+    if (const auto params = fn->find("parameters"); params != fn->end() && !params->is_null()) {
+      if (!params->is_object()) {
+        invalid(p + ".function.parameters", "expected a JSON schema object");
+      }
+      def.parameters = *params;
+    }
+    if (const auto strict = fn->find("strict"); strict != fn->end() && !strict->is_null()) {
+      if (!strict->is_boolean()) {
+        invalid(p + ".function.strict", "expected a boolean");
+      }
+      def.strict = strict->get<bool>();
+    }
+    out.push_back(std::move(def));
+  }
+  return out;
+}
+
+// `tool_choice`: "none", "auto", "required" or a named function.
+keel::llm::tool_choice_option read_tool_choice(const json& c) {
+  keel::llm::tool_choice_option out;
+  if (c.is_string()) {
+    const std::string& s = c.get_ref<const std::string&>();
+    if (s == "auto") {
+      out.mode = keel::llm::tool_choice_mode::automatic;
+    } else if (s == "none") {
+      out.mode = keel::llm::tool_choice_mode::none;
+    } else if (s == "required") {
+      out.mode = keel::llm::tool_choice_mode::required;
+    } else {
+      invalid("tool_choice", "expected 'none', 'auto', 'required' or a function, got '" + s + "'");
+    }
+    return out;
+  }
+  if (!c.is_object() || string_member(c, "type", "tool_choice") != "function" ||
+      !c.contains("function") || !c["function"].is_object()) {
+    throw bad_request(
+        "keel serve takes tool_choice 'none', 'auto', 'required' or {\"type\": \"function\", "
+        "\"function\": {\"name\": ...}}.",
+        "tool_choice", "unsupported_parameter");
+  }
+  out.mode = keel::llm::tool_choice_mode::named;
+  out.name = string_member(c["function"], "name", "tool_choice.function");
+  if (out.name.empty()) {
+    invalid("tool_choice.function.name", "expected a non-empty string");
+  }
+  return out;
 }
 
 std::string seconds_text(std::chrono::nanoseconds d) {
@@ -149,37 +310,73 @@ parsed_chat_request parse_chat_request(std::string_view body) {
     }
     const std::string& rl = role->get_ref<const std::string&>();
     const auto content = m.find("content");
-    const std::string text =
-        content == m.end() ? std::string() : content_text(*content, p + ".content");
+    keel::llm::chat_message turn;
+    turn.role = rl;
+    if (content != m.end()) {
+      read_content(*content, p + ".content", rl == "user", turn);
+    }
     if (rl == "system" || rl == "developer") {
       if (!r.system.empty()) {
         r.system += "\n\n";
       }
-      r.system += text;
+      r.system += turn.content;
     } else if (rl == "user" || rl == "assistant") {
-      if (m.contains("tool_calls") || m.contains("function_call")) {
-        throw bad_request("keel serve does not pass tool calls yet.", p + ".tool_calls",
-                          "unsupported_parameter");
+      if (m.contains("function_call") && !m["function_call"].is_null()) {
+        throw bad_request("keel serve passes 'tool_calls', not the deprecated 'function_call'.",
+                          p + ".function_call", "unsupported_parameter");
       }
-      r.messages.emplace_back(rl, text);
-    } else if (rl == "tool" || rl == "function") {
-      throw bad_request("keel serve does not pass tool results yet.", p + ".role",
-                        "unsupported_parameter");
+      if (const auto calls = m.find("tool_calls"); calls != m.end()) {
+        if (rl != "assistant") {
+          invalid(p + ".tool_calls", "only an assistant message has tool calls");
+        }
+        read_tool_calls(*calls, p + ".tool_calls", turn);
+      }
+      r.messages.push_back(std::move(turn));
+    } else if (rl == "tool") {
+      turn.tool_call_id = string_member(m, "tool_call_id", p);
+      if (turn.tool_call_id.empty()) {
+        throw bad_request("Missing required parameter: '" + p + ".tool_call_id'.",
+                          p + ".tool_call_id", "missing_required_parameter");
+      }
+      r.messages.push_back(std::move(turn));
+    } else if (rl == "function") {
+      throw bad_request("keel serve passes 'tool' messages, not the deprecated 'function' role.",
+                        p + ".role", "unsupported_parameter");
     } else {
       invalid(p + ".role",
-              "expected 'system', 'developer', 'user' or 'assistant', got '" + rl + "'");
+              "expected 'system', 'developer', 'user', 'assistant' or 'tool', got '" + rl + "'");
     }
   }
   if (r.messages.empty()) {
     invalid("messages", "expected at least one user or assistant message");
   }
 
-  for (const char* unsupported : {"tools", "functions", "tool_choice", "function_call", "audio"}) {
+  for (const char* unsupported : {"functions", "function_call"}) {
     const auto it = doc.find(unsupported);
     if (it != doc.end() && !it->is_null()) {
-      throw bad_request(std::string("keel serve does not pass '") + unsupported + "' yet.",
+      throw bad_request(std::string("keel serve passes 'tools' and 'tool_choice', not the "
+                                    "deprecated '") +
+                            unsupported + "'.",
                         unsupported, "unsupported_parameter");
     }
+  }
+  if (const auto it = doc.find("audio"); it != doc.end() && !it->is_null()) {
+    throw bad_request("keel serve does not pass 'audio'.", "audio", "unsupported_parameter");
+  }
+  if (const auto t = doc.find("tools"); t != doc.end() && !t->is_null()) {
+    r.tools = read_tools(*t);
+  }
+  if (const auto c = doc.find("tool_choice"); c != doc.end() && !c->is_null()) {
+    r.tool_choice = read_tool_choice(*c);
+    if (r.tool_choice->mode != keel::llm::tool_choice_mode::none && r.tools.empty()) {
+      invalid("tool_choice", "tool_choice is only allowed when 'tools' are given");
+    }
+  }
+  if (const auto pt = doc.find("parallel_tool_calls"); pt != doc.end() && !pt->is_null()) {
+    if (!pt->is_boolean()) {
+      invalid("parallel_tool_calls", "expected a boolean, got " + type_name(*pt));
+    }
+    r.parallel_tool_calls = pt->get<bool>();
   }
   if (const auto n = doc.find("n"); n != doc.end() && !n->is_null() && *n != 1) {
     throw bad_request("keel serve answers one choice per request; 'n' must be 1.", "n",
@@ -272,6 +469,31 @@ std::string openai_finish_reason(std::string_view p) {
   return std::string(p);
 }
 
+nlohmann::json tool_calls_json(const std::vector<keel::llm::tool_call>& calls) {
+  json out = json::array();
+  for (const keel::llm::tool_call& c : calls) {
+    out.push_back({{"id", c.id},
+                   {"type", "function"},
+                   {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
+  }
+  return out;
+}
+
+namespace {
+
+json message_body(const keel::llm::chat_response& reply) {
+  json m = {{"role", "assistant"}};
+  // OpenAI answers a turn of only tool calls with null content.
+  m["content"] = reply.text.empty() && !reply.tool_calls.empty() ? json(nullptr) : json(reply.text);
+  m["refusal"] = nullptr;
+  if (!reply.tool_calls.empty()) {
+    m["tool_calls"] = tool_calls_json(reply.tool_calls);
+  }
+  return m;
+}
+
+}  // namespace
+
 nlohmann::json completion_body(const keel::llm::chat_response& reply, const std::string& id,
                                long long created, const std::string& model) {
   return json{
@@ -280,11 +502,10 @@ nlohmann::json completion_body(const keel::llm::chat_response& reply, const std:
       {"created", created},
       {"model", reply.model.empty() ? model : reply.model},
       {"choices",
-       json::array({json{
-           {"index", 0},
-           {"message", {{"role", "assistant"}, {"content", reply.text}, {"refusal", nullptr}}},
-           {"logprobs", nullptr},
-           {"finish_reason", openai_finish_reason(reply.finish_reason)}}})},
+       json::array({json{{"index", 0},
+                         {"message", message_body(reply)},
+                         {"logprobs", nullptr},
+                         {"finish_reason", openai_finish_reason(reply.finish_reason)}}})},
       {"usage",
        {{"prompt_tokens", reply.usage.input},
         {"completion_tokens", reply.usage.output},
@@ -312,6 +533,23 @@ nlohmann::json stream_chunk(const std::string& id, long long created, const std:
     j["usage"] = nullptr;
   }
   return j;
+}
+
+nlohmann::json delta_json(const keel::llm::stream_delta& d) {
+  if (d.tool == nullptr) {
+    return json{{"content", std::string(d.text)}};
+  }
+  json call = {{"index", d.tool_index}};
+  json fn = {{"arguments", std::string(d.text)}};
+  if (!d.tool->id.empty()) {
+    call["id"] = d.tool->id;
+    call["type"] = "function";
+  }
+  if (!d.tool->name.empty()) {
+    fn["name"] = d.tool->name;
+  }
+  call["function"] = std::move(fn);
+  return json{{"tool_calls", json::array({std::move(call)})}};
 }
 
 nlohmann::json usage_chunk(const std::string& id, long long created, const std::string& model,

@@ -538,8 +538,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
           if (!committed) {
             co_await commit();
           }
-          co_await write(event(
-              stream_chunk(id, created, model, json{{"content", std::string(d.text)}}, {}, usage)));
+          co_await write(event(stream_chunk(id, created, model, delta_json(d), {}, usage)));
         },
         so, nullptr, keel::bulkhead_permit{}, parent);
     span.set("keel.stream", true);

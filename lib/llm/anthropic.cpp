@@ -42,11 +42,132 @@ errc detail::anthropic_error_code(std::string_view type, std::string_view messag
   return fallback;
 }
 
-keel::http::request anthropic::build_request(const chat_request& req, const endpoint& ep) {
-  json messages = json::array();
-  for (const auto& m : req.messages) {
-    messages.push_back({{"role", m.role}, {"content", m.content}});
+namespace {
+
+constexpr auto kind = provider_kind::anthropic;
+
+// A turn's content blocks: text and image parts, then an assistant's tool_use blocks.
+json content_blocks(const chat_message& m, std::size_t index) {
+  const std::string path = message_path(index);
+  json blocks = json::array();
+  if (m.parts.empty()) {
+    if (!m.content.empty()) {
+      blocks.push_back({{"type", "text"}, {"text", m.content}});
+    }
   }
+  for (std::size_t j = 0; j < m.parts.size(); ++j) {
+    const content_part& p = m.parts[j];
+    if (p.kind == part_kind::text) {
+      blocks.push_back({{"type", "text"}, {"text", p.text}});
+      continue;
+    }
+    const std::string part = path + ".content[" + std::to_string(j) + "]";
+    if (auto d = parse_data_url(p.image_url)) {
+      if (d->media_type != "image/png" && d->media_type != "image/jpeg" &&
+          d->media_type != "image/gif" && d->media_type != "image/webp") {
+        unsupported(kind,
+                    part + ": anthropic takes PNG, JPEG, GIF or WebP images, not " + d->media_type);
+      }
+      blocks.push_back(
+          {{"type", "image"},
+           {"source", {{"type", "base64"}, {"media_type", d->media_type}, {"data", d->data}}}});
+    } else if (is_http_url(p.image_url)) {
+      blocks.push_back({{"type", "image"}, {"source", {{"type", "url"}, {"url", p.image_url}}}});
+    } else {
+      unsupported(kind, part + ": an image must be a base64 data: URL or an http(s) URL");
+    }
+  }
+  for (std::size_t j = 0; j < m.tool_calls.size(); ++j) {
+    const tool_call& c = m.tool_calls[j];
+    blocks.push_back(
+        {{"type", "tool_use"},
+         {"id", c.id},
+         {"name", c.name},
+         {"input", arguments_object(kind, c, path + ".tool_calls[" + std::to_string(j) + "]")}});
+  }
+  return blocks;
+}
+
+json messages_json(const chat_request& req) {
+  json messages = json::array();
+  // Whether the last message built holds tool results: the next tool result, or the user turn
+  // after them, joins it (Anthropic wants every result of a turn in one user message).
+  bool open_results = false;
+  for (std::size_t i = 0; i < req.messages.size(); ++i) {
+    const chat_message& m = req.messages[i];
+    if (m.role == "tool") {
+      json result = {{"type", "tool_result"}, {"tool_use_id", m.tool_call_id}};
+      result["content"] = text_of(m);
+      if (open_results) {
+        messages.back()["content"].push_back(std::move(result));
+      } else {
+        messages.push_back({{"role", "user"}, {"content", json::array({std::move(result)})}});
+        open_results = true;
+      }
+      continue;
+    }
+    const bool plain = m.parts.empty() && m.tool_calls.empty();
+    if (open_results && m.role == "user") {
+      for (json& b : content_blocks(m, i)) {
+        messages.back()["content"].push_back(std::move(b));
+      }
+    } else if (plain) {
+      messages.push_back({{"role", m.role}, {"content", m.content}});
+    } else {
+      messages.push_back({{"role", m.role}, {"content", content_blocks(m, i)}});
+    }
+    open_results = false;
+  }
+  return messages;
+}
+
+void add_tools(const chat_request& req, json& body) {
+  if (!req.tools.empty()) {
+    json tools = json::array();
+    for (const tool_definition& t : req.tools) {
+      json tool = {{"name", t.name}};
+      if (!t.description.empty()) {
+        tool["description"] = t.description;
+      }
+      tool["input_schema"] = parameters_of(t);
+      tools.push_back(std::move(tool));
+    }
+    body["tools"] = std::move(tools);
+  }
+  json choice;
+  if (req.tool_choice) {
+    switch (req.tool_choice->mode) {
+      case tool_choice_mode::automatic:
+        choice = {{"type", "auto"}};
+        break;
+      case tool_choice_mode::none:
+        choice = {{"type", "none"}};
+        break;
+      case tool_choice_mode::required:
+        choice = {{"type", "any"}};
+        break;
+      case tool_choice_mode::named:
+        choice = {{"type", "tool"}, {"name", req.tool_choice->name}};
+        break;
+    }
+  }
+  if (req.parallel_tool_calls && !*req.parallel_tool_calls && !req.tools.empty()) {
+    if (choice.is_null()) {
+      choice = {{"type", "auto"}};
+    }
+    if (choice["type"] != "none") {
+      choice["disable_parallel_tool_use"] = true;
+    }
+  }
+  if (!choice.is_null()) {
+    body["tool_choice"] = std::move(choice);
+  }
+}
+
+}  // namespace
+
+keel::http::request anthropic::build_request(const chat_request& req, const endpoint& ep) {
+  json messages = messages_json(req);
   json body = {
       {"model", req.model}, {"max_tokens", req.max_tokens}, {"messages", std::move(messages)}};
   if (!req.system.empty()) {
@@ -66,6 +187,7 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
   if (has_metadata(req.metadata)) {
     body["metadata"] = req.metadata;
   }
+  add_tools(req, body);
   keel::http::request r("POST", versioned(base_of(ep, "https://api.anthropic.com"), "/messages"));
   if (current) {
     r.set("authorization", "Bearer " + ep.api_key);
@@ -79,7 +201,6 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
 
 chat_response anthropic::parse_response(const keel::http::response& res,
                                         system_clock::time_point now) {
-  constexpr auto kind = provider_kind::anthropic;
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
     const json body = parse_json(res.body);
@@ -100,7 +221,17 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     if (!block.is_object()) {
       rd.fail(path + " is not an object");
     }
-    if (rd.optional_string(block, "type", path) != "text") {
+    const std::string type = rd.optional_string(block, "type", path);
+    if (type == "tool_use") {
+      const json& input = rd.member(block, "input", path);
+      r.tool_calls.emplace_back(rd.optional_string(block, "id", path),
+                                rd.optional_string(block, "name", path), input.dump());
+      if (r.tool_calls.back().name.empty()) {
+        rd.fail(path + ".name missing");
+      }
+      continue;
+    }
+    if (type != "text") {
       continue;
     }
     const json& text = rd.member(block, "text", path);

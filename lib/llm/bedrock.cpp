@@ -64,14 +64,119 @@ std::string bedrock::uri_encode(std::string_view s) {
   return out;
 }
 
+namespace {
+
+constexpr auto kind = provider_kind::bedrock;
+
+// A turn's content blocks: text and image parts, then an assistant's toolUse blocks.
+json content_blocks(const chat_message& m, std::size_t index) {
+  const std::string path = message_path(index);
+  json blocks = json::array();
+  if (m.parts.empty() && (!m.content.empty() || m.tool_calls.empty())) {
+    blocks.push_back({{"text", m.content}});
+  }
+  for (std::size_t j = 0; j < m.parts.size(); ++j) {
+    const content_part& p = m.parts[j];
+    if (p.kind == part_kind::text) {
+      blocks.push_back({{"text", p.text}});
+      continue;
+    }
+    const std::string part = path + ".content[" + std::to_string(j) + "]";
+    const auto d = parse_data_url(p.image_url);
+    if (!d) {
+      unsupported(kind, part + ": bedrock takes images as base64 data: URLs only" +
+                            std::string(is_http_url(p.image_url) ? ", not by http(s) URL" : ""));
+    }
+    const std::string_view mt = d->media_type;
+    if (mt != "image/png" && mt != "image/jpeg" && mt != "image/gif" && mt != "image/webp") {
+      unsupported(kind,
+                  part + ": bedrock takes PNG, JPEG, GIF or WebP images, not " + d->media_type);
+    }
+    blocks.push_back({{"image", {{"format", mt.substr(6)}, {"source", {{"bytes", d->data}}}}}});
+  }
+  for (std::size_t j = 0; j < m.tool_calls.size(); ++j) {
+    const tool_call& c = m.tool_calls[j];
+    blocks.push_back(
+        {{"toolUse",
+          {{"toolUseId", c.id},
+           {"name", c.name},
+           {"input",
+            arguments_object(kind, c, path + ".tool_calls[" + std::to_string(j) + "]")}}}});
+  }
+  return blocks;
+}
+
+json messages_json(const chat_request& req) {
+  json messages = json::array();
+  bool open_results = false;  // as in anthropic.cpp: results of one turn go in one user message
+  for (std::size_t i = 0; i < req.messages.size(); ++i) {
+    const chat_message& m = req.messages[i];
+    if (m.role == "tool") {
+      json result = {
+          {"toolResult",
+           {{"toolUseId", m.tool_call_id}, {"content", json::array({{{"text", text_of(m)}}})}}}};
+      if (open_results) {
+        messages.back()["content"].push_back(std::move(result));
+      } else {
+        messages.push_back({{"role", "user"}, {"content", json::array({std::move(result)})}});
+        open_results = true;
+      }
+      continue;
+    }
+    if (open_results && m.role == "user") {
+      for (json& b : content_blocks(m, i)) {
+        messages.back()["content"].push_back(std::move(b));
+      }
+    } else {
+      messages.push_back({{"role", m.role}, {"content", content_blocks(m, i)}});
+    }
+    open_results = false;
+  }
+  return messages;
+}
+
+void add_tools(const chat_request& req, json& body) {
+  if (req.tool_choice && req.tool_choice->mode == tool_choice_mode::none) {
+    unsupported(kind, "tool_choice: bedrock Converse has no 'none' (send no tools instead)");
+  }
+  if (req.tools.empty()) {
+    return;
+  }
+  json tools = json::array();
+  for (const tool_definition& t : req.tools) {
+    json spec = {{"name", t.name}};
+    if (!t.description.empty()) {
+      spec["description"] = t.description;
+    }
+    spec["inputSchema"] = {{"json", parameters_of(t)}};
+    tools.push_back({{"toolSpec", std::move(spec)}});
+  }
+  json config = {{"tools", std::move(tools)}};
+  if (req.tool_choice) {
+    switch (req.tool_choice->mode) {
+      case tool_choice_mode::automatic:
+        config["toolChoice"] = {{"auto", json::object()}};
+        break;
+      case tool_choice_mode::required:
+        config["toolChoice"] = {{"any", json::object()}};
+        break;
+      case tool_choice_mode::named:
+        config["toolChoice"] = {{"tool", {{"name", req.tool_choice->name}}}};
+        break;
+      case tool_choice_mode::none:
+        break;  // refused above
+    }
+  }
+  body["toolConfig"] = std::move(config);
+}
+
+}  // namespace
+
 keel::http::request bedrock::build_request(const chat_request& req, const endpoint& ep) {
   if (ep.base_url.empty() && ep.region.empty()) {
     throw std::invalid_argument("bedrock endpoint needs a region or a base URL");
   }
-  json messages = json::array();
-  for (const auto& m : req.messages) {
-    messages.push_back({{"role", m.role}, {"content", json::array({{{"text", m.content}}})}});
-  }
+  json messages = messages_json(req);
   json config = {{"maxTokens", req.max_tokens}};
   if (req.temperature) {
     config["temperature"] = *req.temperature;
@@ -89,6 +194,7 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
   if (has_metadata(req.metadata)) {
     body["requestMetadata"] = req.metadata;
   }
+  add_tools(req, body);
   const std::string base = base_of(ep, "https://bedrock-runtime." + ep.region + ".amazonaws.com");
   keel::http::request r("POST", base + "/model/" + uri_encode(req.model) + "/converse");
   set_json_body(r, body);
@@ -97,7 +203,6 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
 
 chat_response bedrock::parse_response(const keel::http::response& res,
                                       system_clock::time_point now) {
-  constexpr auto kind = provider_kind::bedrock;
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
     const json body = parse_json(res.body);
@@ -134,9 +239,19 @@ chat_response bedrock::parse_response(const keel::http::response& res,
     if (!block.is_object()) {
       rd.fail(path + " is not an object");
     }
+    if (const auto use = block.find("toolUse"); use != block.end()) {
+      const std::string use_path = path + ".toolUse";
+      const json& input = rd.member(*use, "input", use_path);
+      r.tool_calls.emplace_back(rd.optional_string(*use, "toolUseId", use_path),
+                                rd.optional_string(*use, "name", use_path), input.dump());
+      if (r.tool_calls.back().name.empty()) {
+        rd.fail(use_path + ".name missing");
+      }
+      continue;
+    }
     auto it = block.find("text");
     if (it == block.end()) {
-      continue;  // a non-text block (tool use, reasoning) keel does not request
+      continue;  // a non-text block (reasoning, ...) keel does not request
     }
     if (!it->is_string()) {
       rd.fail(path + ".text is not a string");

@@ -473,10 +473,18 @@ client::~client() = default;
 void client::scrub_secrets(keel::llm::chat_response& r) const {
   // One search per field and secret: a reply is scanned a handful of times, not per character.
   for (const std::string& secret : secrets_) {
-    for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
+    auto scrub = [&](std::string* field) {
       for (auto at = field->find(secret); at != std::string::npos;
            at = field->find(secret, at + secret_marker.size())) {
         field->replace(at, secret.size(), secret_marker);
+      }
+    };
+    for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
+      scrub(field);
+    }
+    for (keel::llm::tool_call& c : r.tool_calls) {
+      for (std::string* field : {&c.id, &c.name, &c.arguments}) {
+        scrub(field);
       }
     }
   }
@@ -872,9 +880,13 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
     // A key the server echoes never reaches the consumer, even split across two deltas.
     keel::llm::stream_scrubber scrubber(secrets_, secret_marker);
     std::string safe;
-    std::size_t attempt_delivered = 0;  // text this attempt handed to the consumer
-    auto deliver = [&](std::string_view text) -> asio::awaitable<void> {
-      if (text.empty()) {
+    std::size_t attempt_delivered = 0;  // bytes this attempt handed to the consumer
+    // Each tool call's arguments pass their own scrubber (fragments of two calls may interleave).
+    std::vector<keel::llm::stream_scrubber> tool_scrubbers;
+    keel::llm::tool_call piece_call;  // the tool-call piece being delivered
+    auto deliver = [&](std::string_view text,
+                       std::optional<std::size_t> tool_index = {}) -> asio::awaitable<void> {
+      if (text.empty() && !tool_index) {
         co_return;
       }
       if (attempt_delivered == 0 && hedge && !hedge->commit()) {
@@ -885,12 +897,18 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
       stream_delta d;
       d.text = text;
       d.entry = es.index;
+      if (tool_index) {
+        d.tool = &piece_call;
+        d.tool_index = *tool_index;
+      }
+      const std::size_t bytes =
+          std::max<std::size_t>(1, text.size() + piece_call.id.size() + piece_call.name.size());
       // A restartable stream's new attempt: the caller discards what it has.
-      d.restart = ss.commit.deliver(text.size(), attempt_delivered == 0);
+      d.restart = ss.commit.deliver(bytes, attempt_delivered == 0);
       if (!ss.first_token_seconds) {
         ss.first_token_seconds = seconds_since(ss.started);
       }
-      attempt_delivered += text.size();
+      attempt_delivered += bytes;
       try {
         co_await ss.on_delta(d);
       } catch (...) {
@@ -928,6 +946,29 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
             co_await deliver(safe);
             break;
           }
+          case keel::llm::stream_event_kind::tool_call: {
+            watch.first_token_seen();
+            const std::size_t ti = ev.tool_index;
+            attempt_bytes += ev.tool.arguments.size() + ev.tool.name.size();
+            if (out.tool_calls.size() <= ti) {
+              out.tool_calls.resize(ti + 1);
+              while (tool_scrubbers.size() <= ti) {
+                tool_scrubbers.emplace_back(secrets_, secret_marker);
+              }
+            }
+            keel::llm::tool_call& call = out.tool_calls[ti];  // scrubbed whole in run_call
+            call.id += ev.tool.id;
+            call.name += ev.tool.name;
+            call.arguments += ev.tool.arguments;
+            safe.clear();
+            tool_scrubbers[ti].feed(ev.tool.arguments, safe);
+            piece_call = keel::llm::tool_call(std::move(ev.tool.id), std::move(ev.tool.name), {});
+            if (!safe.empty() || !piece_call.id.empty() || !piece_call.name.empty()) {
+              co_await deliver(safe, ti);
+            }
+            piece_call = {};
+            break;
+          }
           case keel::llm::stream_event_kind::finish:
             out.finish_reason = std::move(ev.finish_reason);
             break;
@@ -939,6 +980,13 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
             safe.clear();
             scrubber.finish(safe);
             co_await deliver(safe);
+            for (std::size_t ti = 0; ti < tool_scrubbers.size(); ++ti) {
+              safe.clear();
+              tool_scrubbers[ti].finish(safe);
+              if (!safe.empty()) {
+                co_await deliver(safe, ti);
+              }
+            }
             ended = true;
             break;
           case keel::llm::stream_event_kind::error:

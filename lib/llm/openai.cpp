@@ -38,13 +38,93 @@ bool is_openai_reasoning_model(std::string_view model) noexcept {
   return false;
 }
 
+namespace {
+
+// One message in OpenAI's shape: text or parts, an assistant's tool calls, a tool's result.
+json message_json(const chat_message& m) {
+  json out = {{"role", m.role}};
+  if (m.role == "tool") {
+    out["tool_call_id"] = m.tool_call_id;
+    out["content"] = text_of(m);
+    return out;
+  }
+  if (m.parts.empty()) {
+    // An assistant turn that only calls tools has null content, as OpenAI writes it.
+    out["content"] = m.content.empty() && !m.tool_calls.empty() ? json(nullptr) : json(m.content);
+  } else {
+    json parts = json::array();
+    for (const content_part& p : m.parts) {
+      if (p.kind == part_kind::text) {
+        parts.push_back({{"type", "text"}, {"text", p.text}});
+      } else {
+        json image = {{"url", p.image_url}};
+        if (!p.detail.empty()) {
+          image["detail"] = p.detail;
+        }
+        parts.push_back({{"type", "image_url"}, {"image_url", std::move(image)}});
+      }
+    }
+    out["content"] = std::move(parts);
+  }
+  if (!m.tool_calls.empty()) {
+    json calls = json::array();
+    for (const tool_call& c : m.tool_calls) {
+      calls.push_back({{"id", c.id},
+                       {"type", "function"},
+                       {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
+    }
+    out["tool_calls"] = std::move(calls);
+  }
+  return out;
+}
+
+void add_tools(const chat_request& req, json& body) {
+  if (!req.tools.empty()) {
+    json tools = json::array();
+    for (const tool_definition& t : req.tools) {
+      json fn = {{"name", t.name}};
+      if (!t.description.empty()) {
+        fn["description"] = t.description;
+      }
+      fn["parameters"] = parameters_of(t);
+      if (t.strict) {
+        fn["strict"] = *t.strict;
+      }
+      tools.push_back({{"type", "function"}, {"function", std::move(fn)}});
+    }
+    body["tools"] = std::move(tools);
+  }
+  if (req.tool_choice) {
+    switch (req.tool_choice->mode) {
+      case tool_choice_mode::automatic:
+        body["tool_choice"] = "auto";
+        break;
+      case tool_choice_mode::none:
+        body["tool_choice"] = "none";
+        break;
+      case tool_choice_mode::required:
+        body["tool_choice"] = "required";
+        break;
+      case tool_choice_mode::named:
+        body["tool_choice"] = {{"type", "function"},
+                               {"function", {{"name", req.tool_choice->name}}}};
+        break;
+    }
+  }
+  if (req.parallel_tool_calls && !req.tools.empty()) {
+    body["parallel_tool_calls"] = *req.parallel_tool_calls;
+  }
+}
+
+}  // namespace
+
 keel::http::request openai::build_request(const chat_request& req, const endpoint& ep) {
   json messages = json::array();
   if (!req.system.empty()) {
     messages.push_back({{"role", "system"}, {"content", req.system}});
   }
   for (const auto& m : req.messages) {
-    messages.push_back({{"role", m.role}, {"content", m.content}});
+    messages.push_back(message_json(m));
   }
   const bool completion_field =
       req.token_field == max_tokens_field::max_completion_tokens ||
@@ -79,6 +159,7 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
   if (has_metadata(req.metadata)) {
     body["metadata"] = req.metadata;
   }
+  add_tools(req, body);
   keel::http::request r("POST",
                         versioned(base_of(ep, "https://api.openai.com"), "/chat/completions"));
   r.set("authorization", "Bearer " + ep.api_key);
@@ -117,12 +198,32 @@ chat_response openai::parse_response(const keel::http::response& res,
   if (content.is_string()) {
     r.text = content.get<std::string>();
   } else if (content.is_null()) {
-    // No text (a refusal, or tool calls keel does not request).
+    // No text: a refusal, or only tool calls.
     if (!rd.optional_string(message, "refusal", "choices[0].message").empty()) {
       rd.filtered("the model refused");
     }
   } else {
     rd.fail("choices[0].message.content is not a string");
+  }
+  if (const auto calls = message.find("tool_calls"); calls != message.end() && !calls->is_null()) {
+    if (!calls->is_array()) {
+      rd.fail("choices[0].message.tool_calls is not an array");
+    }
+    for (std::size_t i = 0; i < calls->size(); ++i) {
+      const std::string path = "choices[0].message.tool_calls[" + std::to_string(i) + "]";
+      const json& call = (*calls)[i];
+      if (!call.is_object()) {
+        rd.fail(path + " is not an object");
+      }
+      const json& fn = rd.member(call, "function", path);
+      tool_call tc(rd.optional_string(call, "id", path),
+                   rd.optional_string(fn, "name", path + ".function"),
+                   rd.optional_string(fn, "arguments", path + ".function"));
+      if (tc.name.empty()) {
+        rd.fail(path + ".function.name missing");
+      }
+      r.tool_calls.push_back(std::move(tc));
+    }
   }
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "prompt_tokens", "completion_tokens");

@@ -99,6 +99,8 @@ std::string_view to_string(stream_event_kind k) noexcept {
       return "start";
     case stream_event_kind::text:
       return "text";
+    case stream_event_kind::tool_call:
+      return "tool_call";
     case stream_event_kind::finish:
       return "finish";
     case stream_event_kind::usage:
@@ -109,6 +111,15 @@ std::string_view to_string(stream_event_kind k) noexcept {
       return "error";
   }
   return "unknown";
+}
+
+long long stream_decoder::tool_of_block(long long block) const noexcept {
+  for (std::size_t i = 0; i < tool_blocks_.size(); ++i) {
+    if (tool_blocks_[i] == block) {
+      return static_cast<long long>(i);
+    }
+  }
+  return -1;
 }
 
 void stream_decoder::emit_error(std::vector<stream_event>& out, errc code,
@@ -251,6 +262,30 @@ void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_even
           t.text = std::move(text);
           out.push_back(std::move(t));
         }
+        if (auto calls = d->find("tool_calls"); calls != d->end() && !calls->is_null()) {
+          if (!calls->is_array()) {
+            return bad("choices[0].delta.tool_calls is not an array");
+          }
+          for (const json& c : *calls) {
+            stream_event t(stream_event_kind::tool_call);
+            long long ti = 0;
+            if (!c.is_object() || count_at(c, "index", ti) != field::ok ||
+                static_cast<std::size_t>(ti) >= max_tool_calls) {
+              return bad("choices[0].delta.tool_calls[] has no valid index");
+            }
+            t.tool_index = static_cast<std::size_t>(ti);
+            if (string_at(c, "id", t.tool.id) == field::bad) {
+              return bad("choices[0].delta.tool_calls[].id is not a string");
+            }
+            if (auto fn = c.find("function"); fn != c.end() && !fn->is_null()) {
+              if (!fn->is_object() || string_at(*fn, "name", t.tool.name) == field::bad ||
+                  string_at(*fn, "arguments", t.tool.arguments) == field::bad) {
+                return bad("choices[0].delta.tool_calls[].function is not an object of strings");
+              }
+            }
+            out.push_back(std::move(t));
+          }
+        }
         std::string refusal;
         if (string_at(*d, "refusal", refusal) == field::bad) {
           return bad("choices[0].delta.refusal is not a string");
@@ -347,7 +382,23 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
     std::string block_type;
     std::string text;
     string_at(*block, "type", block_type);
-    if (block_type == "text") {
+    if (block_type == "tool_use") {
+      long long index = 0;
+      if (count_at(ev, "index", index) == field::bad) {
+        return bad("index is not a non-negative integer");
+      }
+      if (tool_blocks_.size() >= max_tool_calls) {
+        return bad("more than " + std::to_string(max_tool_calls) + " tool calls");
+      }
+      stream_event t(stream_event_kind::tool_call);
+      if (string_at(*block, "id", t.tool.id) == field::bad ||
+          string_at(*block, "name", t.tool.name) == field::bad) {
+        return bad("content_block.id or name is not a string");
+      }
+      t.tool_index = tool_blocks_.size();
+      tool_blocks_.push_back(index);
+      out.push_back(std::move(t));
+    } else if (block_type == "text") {
       if (string_at(*block, "text", text) == field::bad) {
         return bad("content_block.text is not a string");
       }
@@ -364,7 +415,24 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
     }
     std::string delta_type;
     string_at(*delta, "type", delta_type);
-    if (delta_type == "text_delta") {
+    if (delta_type == "input_json_delta") {
+      long long index = 0;
+      if (count_at(ev, "index", index) == field::bad) {
+        return bad("index is not a non-negative integer");
+      }
+      const long long tool = tool_of_block(index);
+      if (tool < 0) {
+        return bad("input_json_delta for a block that is not a tool_use");
+      }
+      stream_event t(stream_event_kind::tool_call);
+      t.tool_index = static_cast<std::size_t>(tool);
+      if (string_at(*delta, "partial_json", t.tool.arguments) == field::bad) {
+        return bad("delta.partial_json is not a string");
+      }
+      if (!t.tool.arguments.empty()) {
+        out.push_back(std::move(t));
+      }
+    } else if (delta_type == "text_delta") {
       std::string text;
       if (string_at(*delta, "text", text) != field::ok) {
         return bad("delta.text is not a string");
@@ -486,10 +554,50 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
       s.role = "assistant";
     }
     out.push_back(std::move(s));
+  } else if (event_type == "contentBlockStart") {
+    const json* start = object_at(body, "start");
+    const json* use = start != nullptr ? object_at(*start, "toolUse") : nullptr;
+    if (use == nullptr) {
+      return;  // a block type keel does not decode
+    }
+    long long index = 0;
+    if (count_at(body, "contentBlockIndex", index) == field::bad) {
+      return bad("contentBlockIndex is not a non-negative integer");
+    }
+    if (tool_blocks_.size() >= max_tool_calls) {
+      return bad("more than " + std::to_string(max_tool_calls) + " tool calls");
+    }
+    stream_event t(stream_event_kind::tool_call);
+    if (string_at(*use, "toolUseId", t.tool.id) == field::bad ||
+        string_at(*use, "name", t.tool.name) == field::bad) {
+      return bad("start.toolUse.toolUseId or name is not a string");
+    }
+    t.tool_index = tool_blocks_.size();
+    tool_blocks_.push_back(index);
+    out.push_back(std::move(t));
   } else if (event_type == "contentBlockDelta") {
     const json* delta = object_at(body, "delta");
     if (delta == nullptr) {
       return bad("delta is not an object");
+    }
+    if (const json* use = object_at(*delta, "toolUse")) {
+      long long index = 0;
+      if (count_at(body, "contentBlockIndex", index) == field::bad) {
+        return bad("contentBlockIndex is not a non-negative integer");
+      }
+      const long long tool = tool_of_block(index);
+      if (tool < 0) {
+        return bad("delta.toolUse for a block that did not start a tool use");
+      }
+      stream_event t(stream_event_kind::tool_call);
+      t.tool_index = static_cast<std::size_t>(tool);
+      if (string_at(*use, "input", t.tool.arguments) == field::bad) {
+        return bad("delta.toolUse.input is not a string");
+      }
+      if (!t.tool.arguments.empty()) {
+        out.push_back(std::move(t));
+      }
+      return;
     }
     std::string text;
     if (string_at(*delta, "text", text) == field::bad) {
@@ -523,7 +631,7 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
       out.push_back(std::move(u));
     }
   }
-  // contentBlockStart (tool use), contentBlockStop and newer event types: nothing to report.
+  // contentBlockStop and newer event types: nothing to report.
 }
 
 void stream_scrubber::feed(std::string_view piece, std::string& out) {

@@ -169,4 +169,76 @@ bool has_metadata(const json& m) {
   return m.is_object() && !m.empty();
 }
 
+void unsupported(provider_kind kind, const std::string& message) {
+  throw provider_error(errc::bad_request, provider_error_info(0, std::string(to_string(kind)),
+                                                              "unsupported_content", message));
+}
+
+std::string message_path(std::size_t i) {
+  return "messages[" + std::to_string(i) + "]";
+}
+
+json arguments_object(provider_kind kind, const tool_call& call, const std::string& path) {
+  if (call.arguments.empty()) {
+    return json::object();
+  }
+  json args = parse_json(call.arguments);
+  if (!args.is_object()) {
+    unsupported(kind, path + ".arguments is not a JSON object (" + std::string(to_string(kind)) +
+                          " takes tool input as an object)");
+  }
+  return args;
+}
+
+std::optional<data_url> parse_data_url(std::string_view url) {
+  constexpr std::string_view scheme = "data:";
+  if (url.size() < scheme.size() || !contains_ci(url.substr(0, scheme.size()), scheme)) {
+    return std::nullopt;
+  }
+  url.remove_prefix(scheme.size());
+  const auto comma = url.find(',');
+  if (comma == std::string_view::npos) {
+    return std::nullopt;
+  }
+  std::string_view meta = url.substr(0, comma);
+  constexpr std::string_view b64 = ";base64";
+  if (meta.size() < b64.size() || !contains_ci(meta.substr(meta.size() - b64.size()), b64)) {
+    return std::nullopt;
+  }
+  meta.remove_suffix(b64.size());
+  data_url out;
+  out.media_type.reserve(meta.size());
+  for (char c : meta) {
+    out.media_type += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  out.data = std::string(url.substr(comma + 1));
+  return out;
+}
+
+bool is_http_url(std::string_view url) {
+  for (std::string_view scheme : {"http://", "https://"}) {
+    if (url.size() >= scheme.size() && contains_ci(url.substr(0, scheme.size()), scheme)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string text_of(const chat_message& m) {
+  if (m.parts.empty()) {
+    return m.content;
+  }
+  std::string out;
+  for (const content_part& p : m.parts) {
+    if (p.kind == part_kind::text) {
+      out += p.text;
+    }
+  }
+  return out;
+}
+
+json parameters_of(const tool_definition& t) {
+  return t.parameters.is_null() ? json{{"type", "object"}} : t.parameters;
+}
+
 }  // namespace keel::llm::detail

@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cstddef>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -81,6 +83,36 @@ std::string body_excerpt(const std::string& body);
 void set_json_body(keel::http::request& r, const json& body);
 
 bool has_metadata(const json& m);
+
+// ---- tools and images (chat.hpp's overview) ----
+
+// Throws provider_error bad_request (status 0) for what `kind` cannot be sent: `message` names the
+// message and part.
+[[noreturn]] void unsupported(provider_kind kind, const std::string& message);
+
+// "messages[i]" for the message at `i` of the request.
+std::string message_path(std::size_t i);
+
+// A tool call's arguments as the JSON object Anthropic and Bedrock take as `input` (empty text:
+// `{}`), or `unsupported` naming `path` if they are not one.
+json arguments_object(provider_kind kind, const tool_call& call, const std::string& path);
+
+// A `data:` URL's media type and base64 payload.
+struct data_url {
+  std::string media_type;  // "image/png"
+  std::string data;        // base64, as in the URL
+};
+// `url` as a base64 data URL, if it is one.
+std::optional<data_url> parse_data_url(std::string_view url);
+
+// True if `url` starts with http:// or https:// (any case).
+bool is_http_url(std::string_view url);
+
+// The text a "tool" turn or a text-only turn carries: `content`, or its text parts joined.
+std::string text_of(const chat_message& m);
+
+// A tool's parameters schema, `{"type": "object"}` when none was given.
+json parameters_of(const tool_definition& t);
 
 // Reads a success body; every missing or mistyped field is reported by its JSON path.
 class reader {

@@ -32,17 +32,26 @@ void anthropic_answer(reply& r, fault_kind k, const body_input& in) {
     case fault_kind::content_filter: {
       // keel::llm reads stop_reason "refusal" as content_filtered; a refusal has no text.
       const bool refused = k == fault_kind::content_filter;
-      r.body = dump(json{
-          {"id", "msg_mock" + id},
-          {"type", "message"},
-          {"role", "assistant"},
-          {"model", model},
-          {"content", refused ? json::array() : json::array({{{"type", "text"}, {"text", text}}})},
-          {"stop_reason", refused ? "refusal" : "end_turn"},
-          {"stop_sequence", nullptr},
-          {"usage",
-           {{"input_tokens", prompt_tokens},
-            {"output_tokens", refused ? std::size_t{0} : completion_tokens}}}});
+      const auto& call = in.request.tool_call;
+      json content = refused ? json::array() : json::array({{{"type", "text"}, {"text", text}}});
+      if (call && !refused) {
+        content = json::array({{{"type", "tool_use"},
+                                {"id", "toolu_mock" + id},
+                                {"name", call->name},
+                                {"input", json::parse(call->arguments)}}});
+      }
+      r.body = dump(json{{"id", "msg_mock" + id},
+                         {"type", "message"},
+                         {"role", "assistant"},
+                         {"model", model},
+                         {"content", std::move(content)},
+                         {"stop_reason", refused ? "refusal"
+                                         : call  ? "tool_use"
+                                                 : "end_turn"},
+                         {"stop_sequence", nullptr},
+                         {"usage",
+                          {{"input_tokens", prompt_tokens},
+                           {"output_tokens", refused ? std::size_t{0} : completion_tokens}}}});
       break;
     }
     case fault_kind::rate_limit:
@@ -129,7 +138,17 @@ stream_reply anthropic_stream(fault_kind k, fault_kind fault, const body_input& 
                 {"stop_sequence", nullptr},
                 {"usage", {{"input_tokens", in.prompt_tokens}, {"output_tokens", 1}}}}}}),
        false});
-  if (!refused) {
+  const auto& call = refused ? std::nullopt : in.request.tool_call;
+  if (call) {
+    s.parts.push_back({event("content_block_start", {{"type", "content_block_start"},
+                                                     {"index", 0},
+                                                     {"content_block",
+                                                      {{"type", "tool_use"},
+                                                       {"id", "toolu_mock" + in.id},
+                                                       {"name", call->name},
+                                                       {"input", json::object()}}}}),
+                       false});
+  } else if (!refused) {
     s.parts.push_back(
         {event("content_block_start", {{"type", "content_block_start"},
                                        {"index", 0},
@@ -139,12 +158,14 @@ stream_reply anthropic_stream(fault_kind k, fault_kind fault, const body_input& 
   s.parts.push_back({event("ping", {{"type", "ping"}}), false});
   const std::size_t head = s.parts.size();
   const std::vector<std::string> pieces =
-      refused ? std::vector<std::string>() : split_text(in.text, settings.chunk_bytes);
+      refused ? std::vector<std::string>()
+              : split_text(call ? call->arguments : in.text, settings.chunk_bytes);
   for (const std::string& piece : pieces) {
+    json delta = call ? json{{"type", "input_json_delta"}, {"partial_json", piece}}
+                      : json{{"type", "text_delta"}, {"text", piece}};
     s.parts.push_back(
-        {event("content_block_delta", {{"type", "content_block_delta"},
-                                       {"index", 0},
-                                       {"delta", {{"type", "text_delta"}, {"text", piece}}}}),
+        {event("content_block_delta",
+               {{"type", "content_block_delta"}, {"index", 0}, {"delta", std::move(delta)}}),
          true});
   }
   if (!refused) {
@@ -155,7 +176,10 @@ stream_reply anthropic_stream(fault_kind k, fault_kind fault, const body_input& 
       {event("message_delta",
              {{"type", "message_delta"},
               {"delta",
-               {{"stop_reason", refused ? "refusal" : "end_turn"}, {"stop_sequence", nullptr}}},
+               {{"stop_reason", refused ? "refusal"
+                                : call  ? "tool_use"
+                                        : "end_turn"},
+                {"stop_sequence", nullptr}}},
               {"usage", {{"output_tokens", refused ? std::size_t{0} : in.completion_tokens}}}}),
        false});
   s.parts.push_back({event("message_stop", {{"type", "message_stop"}}), false});

@@ -29,19 +29,26 @@ void bedrock_answer(reply& r, fault_kind k, const body_input& in) {
       // A guardrail answers 200 with its canned message and stopReason
       // "guardrail_intervened", which keel::llm reads as content_filtered.
       const bool blocked = k == fault_kind::content_filter;
-      r.body = dump(json{
-          {"output",
-           {{"message",
-             {{"role", "assistant"},
-              {"content", json::array({{{"text", blocked ? std::string("Sorry, the model cannot "
-                                                                       "answer this question.")
-                                                         : text}}})}}}}},
-          {"stopReason", blocked ? "guardrail_intervened" : "end_turn"},
-          {"usage",
-           {{"inputTokens", prompt_tokens},
-            {"outputTokens", completion_tokens},
-            {"totalTokens", prompt_tokens + completion_tokens}}},
-          {"metrics", {{"latencyMs", r.latency.count()}}}});
+      const auto& call = blocked ? std::nullopt : in.request.tool_call;
+      json content = json::array(
+          {{{"text",
+             blocked ? std::string("Sorry, the model cannot answer this question.") : text}}});
+      if (call) {
+        content = json::array({{{"toolUse",
+                                 {{"toolUseId", "tooluse_mock" + in.id},
+                                  {"name", call->name},
+                                  {"input", json::parse(call->arguments)}}}}});
+      }
+      r.body = dump(
+          json{{"output", {{"message", {{"role", "assistant"}, {"content", std::move(content)}}}}},
+               {"stopReason", blocked ? "guardrail_intervened"
+                              : call  ? "tool_use"
+                                      : "end_turn"},
+               {"usage",
+                {{"inputTokens", prompt_tokens},
+                 {"outputTokens", completion_tokens},
+                 {"totalTokens", prompt_tokens + completion_tokens}}},
+               {"metrics", {{"latencyMs", r.latency.count()}}}});
       break;
     }
     case fault_kind::rate_limit:
@@ -125,15 +132,28 @@ stream_reply bedrock_stream(fault_kind k, fault_kind fault, const body_input& in
   s.content_type = "application/vnd.amazon.eventstream";
   s.chunk_latency = settings.chunk_latency;
   s.parts.push_back({bedrock_event("messageStart", {{"role", "assistant"}}), false});
-  const std::vector<std::string> pieces = split_text(text, settings.chunk_bytes);
+  const auto& call = blocked ? std::nullopt : in.request.tool_call;
+  if (call) {
+    s.parts.push_back(
+        {bedrock_event(
+             "contentBlockStart",
+             {{"contentBlockIndex", 0},
+              {"start",
+               {{"toolUse", {{"toolUseId", "tooluse_mock" + in.id}, {"name", call->name}}}}}}),
+         false});
+  }
+  const std::vector<std::string> pieces =
+      split_text(call ? call->arguments : text, settings.chunk_bytes);
   for (const std::string& piece : pieces) {
+    json delta = call ? json{{"toolUse", {{"input", piece}}}} : json{{"text", piece}};
     s.parts.push_back({bedrock_event("contentBlockDelta",
-                                     {{"contentBlockIndex", 0}, {"delta", {{"text", piece}}}}),
+                                     {{"contentBlockIndex", 0}, {"delta", std::move(delta)}}),
                        true});
   }
   s.parts.push_back({bedrock_event("contentBlockStop", {{"contentBlockIndex", 0}}), false});
-  s.parts.push_back({bedrock_event("messageStop",
-                                   {{"stopReason", blocked ? "guardrail_intervened" : "end_turn"}}),
+  s.parts.push_back({bedrock_event("messageStop", {{"stopReason", blocked ? "guardrail_intervened"
+                                                                  : call  ? "tool_use"
+                                                                          : "end_turn"}}),
                      false});
   s.parts.push_back(
       {bedrock_event("metadata", {{"usage",
@@ -143,7 +163,7 @@ stream_reply bedrock_stream(fault_kind k, fault_kind fault, const body_input& in
                                   {"metrics", {{"latencyMs", 0}}}}),
        false});
 
-  const std::size_t at = 1 + std::min(settings.fault_after_chunks, pieces.size());
+  const std::size_t at = (call ? 2 : 1) + std::min(settings.fault_after_chunks, pieces.size());
   std::string error;
   if (fault == fault_kind::stream_error) {
     error = bedrock_exception("modelStreamErrorException",

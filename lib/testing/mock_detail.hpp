@@ -48,6 +48,14 @@ struct parsed_request {
   std::size_t prompt_chars = 0;
   // OpenAI `response_format` json_object / json_schema: the content to answer with.
   std::optional<std::string> json_content;
+  // The request offers tools, does not forbid them (tool_choice none) and does not end with tool
+  // results: the mock answers with a call of the first tool (or the one tool_choice names) whose
+  // arguments are the smallest instance of its schema (mock_schema.cpp).
+  struct tool_answer {
+    std::string name;
+    std::string arguments;  // JSON text
+  };
+  std::optional<tool_answer> tool_call;
   bool stream = false;         // `"stream": true`, or Bedrock's converse-stream route
   bool include_usage = false;  // OpenAI `stream_options.include_usage`
 };

@@ -49,24 +49,34 @@ void openai_answer(reply& r, fault_kind k, const body_input& in) {
   const std::optional<milliseconds>& retry_after = in.retry_after;
   const bool tokens_limited = in.tokens_limited;
   switch (k) {
-    case fault_kind::ok:
-      r.body = dump(
-          json{{"id", "chatcmpl-mock" + id},
-               {"object", "chat.completion"},
-               {"created", static_cast<std::int64_t>(std::time(nullptr))},
-               {"model", model},
-               {"choices", json::array({{{"index", 0},
-                                         {"message",
-                                          {{"role", "assistant"},
-                                           {"content", in.request.json_content.value_or(in.text)}}},
-                                         {"logprobs", nullptr},
-                                         {"finish_reason", "stop"}}})},
-               {"usage",
-                {{"prompt_tokens", prompt_tokens},
-                 {"completion_tokens", completion_tokens},
-                 {"total_tokens", prompt_tokens + completion_tokens}}},
-               {"system_fingerprint", "fp_mock"}});
+    case fault_kind::ok: {
+      const auto& call = in.request.tool_call;
+      json message = {
+          {"role", "assistant"},
+          {"content", call ? json(nullptr) : json(in.request.json_content.value_or(in.text))},
+          {"refusal", nullptr}};
+      if (call) {
+        message["tool_calls"] =
+            json::array({{{"id", "call_mock" + id},
+                          {"type", "function"},
+                          {"function", {{"name", call->name}, {"arguments", call->arguments}}}}});
+      }
+      r.body =
+          dump(json{{"id", "chatcmpl-mock" + id},
+                    {"object", "chat.completion"},
+                    {"created", static_cast<std::int64_t>(std::time(nullptr))},
+                    {"model", model},
+                    {"choices", json::array({{{"index", 0},
+                                              {"message", std::move(message)},
+                                              {"logprobs", nullptr},
+                                              {"finish_reason", call ? "tool_calls" : "stop"}}})},
+                    {"usage",
+                     {{"prompt_tokens", prompt_tokens},
+                      {"completion_tokens", completion_tokens},
+                      {"total_tokens", prompt_tokens + completion_tokens}}},
+                    {"system_fingerprint", "fp_mock"}});
       break;
+    }
     case fault_kind::rate_limit:
     case fault_kind::throttling: {
       r.status = 429;
@@ -197,13 +207,34 @@ stream_reply openai_stream(fault_kind k, fault_kind fault, const body_input& in)
       {chunk(choice({{"role", "assistant"}, {"content", ""}, {"refusal", nullptr}}, nullptr),
              nullptr),
        false});
-  const std::string content = refused ? std::string() : in.request.json_content.value_or(in.text);
+  const auto& call = refused ? std::nullopt : in.request.tool_call;
+  const std::string content = refused ? std::string()
+                              : call  ? call->arguments
+                                      : in.request.json_content.value_or(in.text);
   const std::vector<std::string> pieces = split_text(content, settings.chunk_bytes);
-  for (const std::string& piece : pieces) {
-    s.parts.push_back({chunk(choice({{"content", piece}}, nullptr), nullptr), true});
+  if (call) {
+    // A tool call streams as OpenAI does: id, type and name first, then argument fragments.
+    s.parts.push_back(
+        {chunk(choice({{"tool_calls",
+                        json::array({{{"index", 0},
+                                      {"id", "call_mock" + in.id},
+                                      {"type", "function"},
+                                      {"function", {{"name", call->name}, {"arguments", ""}}}}})}},
+                      nullptr),
+               nullptr),
+         false});
   }
-  s.parts.push_back(
-      {chunk(choice(json::object(), refused ? "content_filter" : "stop"), nullptr), false});
+  for (const std::string& piece : pieces) {
+    json delta = call ? json{{"tool_calls",
+                              json::array({{{"index", 0}, {"function", {{"arguments", piece}}}}})}}
+                      : json{{"content", piece}};
+    s.parts.push_back({chunk(choice(std::move(delta), nullptr), nullptr), true});
+  }
+  s.parts.push_back({chunk(choice(json::object(), refused ? "content_filter"
+                                                  : call  ? "tool_calls"
+                                                          : "stop"),
+                           nullptr),
+                     false});
   if (in.request.include_usage) {
     const std::size_t completion = refused ? 0 : in.completion_tokens;
     s.parts.push_back({chunk(json::array(), {{"prompt_tokens", in.prompt_tokens},
@@ -213,7 +244,7 @@ stream_reply openai_stream(fault_kind k, fault_kind fault, const body_input& in)
   }
   s.parts.push_back({sse_event("", "[DONE]"), false});
 
-  const std::size_t at = 1 + std::min(settings.fault_after_chunks, pieces.size());
+  const std::size_t at = (call ? 2 : 1) + std::min(settings.fault_after_chunks, pieces.size());
   std::string error;
   if (fault == fault_kind::stream_error) {
     error = sse_event(

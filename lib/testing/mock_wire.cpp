@@ -23,9 +23,104 @@ std::string text_of(const json& content) {
   std::string out;
   if (content.is_array()) {
     for (const auto& part : content) {
-      if (part.is_object() && part.contains("text") && part["text"].is_string()) {
+      if (!part.is_object()) {
+        continue;
+      }
+      if (part.contains("text") && part["text"].is_string()) {
         out += part["text"].get<std::string>();
       }
+      // A tool result (Anthropic tool_result, Bedrock toolResult): its text.
+      if (part.contains("content") && part.value("type", "") == "tool_result") {
+        out += text_of(part["content"]);
+      }
+      if (part.contains("toolResult") && part["toolResult"].is_object() &&
+          part["toolResult"].contains("content")) {
+        out += text_of(part["toolResult"]["content"]);
+      }
+    }
+  }
+  return out;
+}
+
+// True if a message is a tool result: OpenAI role "tool", or a user turn with an Anthropic
+// tool_result or Bedrock toolResult block.
+bool is_tool_result(const json& m) {
+  if (m.value("role", "") == "tool") {
+    return true;
+  }
+  const json& content = m.contains("content") ? m["content"] : json();
+  if (!content.is_array()) {
+    return false;
+  }
+  for (const auto& part : content) {
+    if (part.is_object() &&
+        (part.value("type", "") == "tool_result" || part.contains("toolResult"))) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// The tools a request offers, as (name, schema) in order, and the one its tool choice names
+// ("" if none; `forbidden` if it says no tool), in each provider's shape.
+struct offered_tools {
+  std::vector<std::pair<std::string, json>> tools;
+  std::string named;
+  bool forbidden = false;
+};
+
+offered_tools tools_of(wire format, const json& doc) {
+  offered_tools out;
+  auto add = [&](const json& name, const json* schema) {
+    if (name.is_string()) {
+      out.tools.emplace_back(name.get<std::string>(), schema ? *schema : json::object());
+    }
+  };
+  const json none;
+  if (format == wire::openai) {
+    const json& tools = doc.contains("tools") ? doc["tools"] : none;
+    for (const auto& t : tools.is_array() ? tools : json::array()) {
+      if (t.is_object() && t.contains("function") && t["function"].is_object()) {
+        const json& fn = t["function"];
+        add(fn.value("name", json()), fn.contains("parameters") ? &fn["parameters"] : nullptr);
+      }
+    }
+    const json& c = doc.contains("tool_choice") ? doc["tool_choice"] : none;
+    out.forbidden = c == "none";
+    if (c.is_object() && c.contains("function") && c["function"].is_object()) {
+      out.named = c["function"].value("name", "");
+    }
+  } else if (format == wire::anthropic) {
+    const json& tools = doc.contains("tools") ? doc["tools"] : none;
+    for (const auto& t : tools.is_array() ? tools : json::array()) {
+      if (t.is_object()) {
+        add(t.value("name", json()), t.contains("input_schema") ? &t["input_schema"] : nullptr);
+      }
+    }
+    const json& c = doc.contains("tool_choice") ? doc["tool_choice"] : none;
+    if (c.is_object()) {
+      out.forbidden = c.value("type", "") == "none";
+      if (c.value("type", "") == "tool") {
+        out.named = c.value("name", "");
+      }
+    }
+  } else if (format == wire::bedrock) {
+    const json& config = doc.contains("toolConfig") ? doc["toolConfig"] : none;
+    const json& tools = config.is_object() && config.contains("tools") ? config["tools"] : none;
+    for (const auto& t : tools.is_array() ? tools : json::array()) {
+      if (t.is_object() && t.contains("toolSpec") && t["toolSpec"].is_object()) {
+        const json& spec = t["toolSpec"];
+        const json* schema = spec.contains("inputSchema") && spec["inputSchema"].is_object() &&
+                                     spec["inputSchema"].contains("json")
+                                 ? &spec["inputSchema"]["json"]
+                                 : nullptr;
+        add(spec.value("name", json()), schema);
+      }
+    }
+    const json& c =
+        config.is_object() && config.contains("toolChoice") ? config["toolChoice"] : none;
+    if (c.is_object() && c.contains("tool") && c["tool"].is_object()) {
+      out.named = c["tool"].value("name", "");
     }
   }
   return out;
@@ -94,15 +189,33 @@ parsed_request parse_request(std::string_view method, std::string_view target,
   if (doc.contains("system")) {
     r.prompt_chars += text_of(doc["system"]).size();
   }
+  bool ends_with_result = false;
   for (const auto& m : doc["messages"]) {
     if (!m.is_object()) {
       continue;
     }
     const std::string t = m.contains("content") ? text_of(m["content"]) : std::string();
     r.prompt_chars += t.size();
-    if (m.value("role", "") == "user") {
+    ends_with_result = is_tool_result(m);
+    if (ends_with_result) {
+      r.last_user = "tool result " + t;
+    } else if (m.value("role", "") == "user") {
       r.last_user = t;
     }
+  }
+  const offered_tools offered = tools_of(r.format, doc);
+  if (!offered.tools.empty() && !offered.forbidden && !ends_with_result) {
+    const auto* chosen = &offered.tools.front();
+    for (const auto& t : offered.tools) {
+      if (t.first == offered.named) {
+        chosen = &t;
+      }
+    }
+    std::string args = detail::minimal_json_instance(dump(chosen->second));
+    if (args.empty() || args.front() != '{') {
+      args = "{}";  // a schema with no object type: the arguments are still an object
+    }
+    r.tool_call = parsed_request::tool_answer{chosen->first, std::move(args)};
   }
   return r;
 }

@@ -86,14 +86,81 @@ await check('keel serve: a model it does not serve -> NotFoundError 404 model_no
   eq(sent.length - before, 1, 'SDK attempts');
 });
 
-await check('keel serve: an image content part -> BadRequestError 400 naming the param', async () => {
+await check('keel serve: an audio content part -> BadRequestError 400 naming the part', async () => {
   const e = await thrown(sdk.chat.completions.create({
     model: 'gw-primary',
-    messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'http://x/y.png' } }] }],
+    messages: [{ role: 'user', content: [{ type: 'input_audio', input_audio: { data: 'AAAA', format: 'wav' } }] }],
   }));
   eq(e instanceof OpenAI.BadRequestError, true, `BadRequestError (got ${e?.constructor?.name})`);
   eq(e.param, 'messages[0].content[0].type', 'param');
 });
+
+// Tools (issue 18): the SDK's own tool loop through keel, to an OpenAI and an Anthropic route.
+const weatherTool = {
+  type: 'function',
+  function: {
+    name: 'get_weather',
+    description: 'Current weather in a city',
+    parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+  },
+};
+const png = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==';
+
+for (const model of ['gw-primary', 'gw-claude']) {
+  await check(`keel serve (${model}): tools -> message.tool_calls the SDK reads, finish_reason tool_calls`, async () => {
+    const r = await sdk.chat.completions.create({ ...ask(model, 'weather in Paris?'), tools: [weatherTool] });
+    const choice = r.choices[0];
+    eq(choice.finish_reason, 'tool_calls', 'finish_reason');
+    eq(choice.message.content, null, 'content');
+    eq(choice.message.tool_calls?.length, 1, 'tool_calls');
+    const call = choice.message.tool_calls[0];
+    eq(call.type, 'function', 'type');
+    eq(call.function.name, 'get_weather', 'name');
+    eq(typeof JSON.parse(call.function.arguments).city, 'string', 'arguments.city');
+    return `id ${call.id}`;
+  });
+
+  await check(`keel serve (${model}): runTools() loop -> the tool runs once, its result comes back, final text`, async () => {
+    let calls = 0;
+    const runner = sdk.chat.completions.runTools({
+      ...ask(model, 'weather in Paris?'),
+      tools: [{
+        type: 'function',
+        function: {
+          name: 'get_weather',
+          parameters: weatherTool.function.parameters,
+          parse: JSON.parse,
+          function: (args) => { calls++; eq(typeof args.city, 'string', 'parsed args.city'); return 'sunny 18C'; },
+        },
+      }],
+    });
+    const final = await runner.finalContent();
+    eq(calls, 1, 'tool calls run');
+    eq(final, 'mock answer to: tool result sunny 18C', 'final content');
+    eq(runner.messages.length, 4, 'messages (user, assistant call, tool, assistant)');
+  });
+
+  await check(`keel serve (${model}): chat.completions.stream() with tools -> finalChatCompletion() assembles the call from deltas`, async () => {
+    const runner = sdk.chat.completions.stream({ ...ask(model, 'weather?'), tools: [weatherTool] });
+    let deltas = 0;
+    runner.on('chunk', (c) => { if (c.choices[0]?.delta?.tool_calls) deltas++; });
+    const final = await runner.finalChatCompletion();
+    const call = final.choices[0].message.tool_calls?.[0];
+    eq(final.choices[0].finish_reason, 'tool_calls', 'finish_reason');
+    eq(call?.function?.name, 'get_weather', 'name');
+    eq(typeof JSON.parse(call.function.arguments).city, 'string', 'arguments');
+    eq(deltas > 1, true, `tool_calls deltas (${deltas})`);
+    return `${deltas} tool_calls deltas`;
+  });
+
+  await check(`keel serve (${model}): an image_url part (data: URL) passes through -> 200`, async () => {
+    const r = await sdk.chat.completions.create({
+      model, max_completion_tokens: 32,
+      messages: [{ role: 'user', content: [{ type: 'text', text: 'what is this?' }, { type: 'image_url', image_url: { url: png, detail: 'low' } }] }],
+    });
+    eq(r.choices[0].message.content, 'mock answer to: what is this?', 'content');
+  });
+}
 
 await check('keel serve: stream: true + include_usage -> chunks reassemble the text, finish_reason stop, usage chunk', async () => {
   const stream = await sdk.chat.completions.create({

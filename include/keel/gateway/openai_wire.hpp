@@ -17,11 +17,20 @@
 //
 // Decisions:
 // - Messages: `system` and `developer` turns become the system prompt (joined by blank lines);
-//   `user` and `assistant` turns keep their order. `content` may be a string or an array of
-//   `{"type": "text", "text": ...}` parts (joined). Other part types (images, audio), `tool`
-//   turns, `tools`/`functions`, `n` other than 1 and `logprobs` are refused with a 400 that names
-//   the field: keel's provider-neutral request cannot carry them yet, and dropping them silently
-//   would answer a different question.
+//   `user`, `assistant` and `tool` turns keep their order. `content` may be a string or an array
+//   of `{"type": "text", "text": ...}` parts (joined); a user turn may also have
+//   `{"type": "image_url", "image_url": {"url", "detail"}}` parts (a data: or http(s) URL), kept
+//   in order with its text. Other part types (audio, files) are refused with a 400 naming the part.
+// - Tools: `tools` (function tools), `tool_choice` ("none", "auto", "required" or a named
+//   function), `parallel_tool_calls`, an assistant turn's `tool_calls` and `tool` turns
+//   (`tool_call_id`, text content) pass through to whichever provider the route's entry speaks
+//   (keel::llm translates: Anthropic `tool_use`/`tool_result`, Bedrock `toolUse`/`toolResult`);
+//   the answer's tool calls come back as OpenAI `tool_calls` with finish reason "tool_calls", in
+//   a completion or as stream deltas. A call's `arguments` must be a JSON object as text (a route
+//   may send it to Anthropic or Bedrock, which take objects). What an entry's provider cannot take
+//   (Bedrock: an image by URL, `tool_choice` "none") fails that entry with a 400 naming the part,
+//   and the route falls back like any other failure. The deprecated `functions`/`function_call`,
+//   `n` other than 1 and `logprobs` are refused with a 400 that names the field.
 // - `max_completion_tokens` wins over `max_tokens`; neither: keel's default (1024).
 //   `temperature`, `top_p`, `stop` (a string or up to 4 strings), `seed`, `response_format` and
 //   `metadata` pass through. Unknown fields are ignored (the OpenAI API grows faster than any
@@ -40,6 +49,7 @@
 // Thread safety: pure functions.
 
 #include <keel/llm/chat.hpp>
+#include <keel/llm/client.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -49,6 +59,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace keel::gateway {
 
@@ -94,7 +105,12 @@ parsed_chat_request parse_chat_request(std::string_view body);
 /// empty -> "stop"; anything else passes through).
 std::string openai_finish_reason(std::string_view provider_reason);
 
-/// The `chat.completion` object for `reply`.
+/// OpenAI's `tool_calls` array for `calls` (`[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`).
+nlohmann::json tool_calls_json(const std::vector<keel::llm::tool_call>& calls);
+
+/// The `chat.completion` object for `reply` (content null and `tool_calls` when the model only
+/// called tools).
 /// @param id the completion's id ("chatcmpl-...").
 /// @param created seconds since the epoch.
 /// @param model the model to report (the route's name if the provider did not say).
@@ -110,6 +126,11 @@ nlohmann::json completion_body(const keel::llm::chat_response& reply, const std:
 nlohmann::json stream_chunk(const std::string& id, long long created, const std::string& model,
                             nlohmann::json delta, std::string_view finish_reason = {},
                             bool include_usage = false);
+
+/// A stream chunk's `delta` for one delta of keel's stream: `{"content": text}`, or for a
+/// tool-call piece `{"tool_calls": [{"index", "id", "type": "function", "function": {"name",
+/// "arguments"}}]}` (id, type and name on a call's first piece only, as OpenAI streams them).
+nlohmann::json delta_json(const keel::llm::stream_delta& d);
 
 /// The usage chunk that ends a stream which asked for it (`stream_options.include_usage`): no
 /// choices, the reply's usage.

@@ -41,8 +41,6 @@
 // provider, keel buffers nothing), ending in `data: [DONE]`, or an error event if the stream
 // was cut.
 //
-// Not yet (issue 18): tools and function calls, images.
-//
 // Cancellation and shutdown: `drain(grace)` stops accepting, closes idle connections and lets
 // calls in flight finish; after `grace` the rest are cancelled (their callers get a 503
 // `shutting_down`), and it completes when no connection is left. `stop()` closes everything at

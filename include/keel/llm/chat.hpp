@@ -29,6 +29,15 @@
 //     keel::llm::chat_response reply =
 //         keel::llm::parse_response(res, ep.kind, std::chrono::system_clock::now());
 //
+// Tools and images (issue 18) are carried in OpenAI's shape, the one most callers already hold:
+// a tool call's arguments are JSON text, an image is a URL (data: or http(s)). Each wire format
+// translates: Anthropic and Bedrock get `input` objects, `tool_result` blocks in user turns
+// (consecutive results merged) and base64 image sources. What a provider cannot take (Bedrock:
+// an image by http URL, `tool_choice` none; any: arguments that are not a JSON object, an image
+// type other than PNG, JPEG, GIF or WebP) throws `provider_error` `bad_request` (status 0) from
+// `build_request`, naming the message and part, rather than being dropped: a dropped image or
+// tool would answer a different question.
+//
 // Which failures are worth retrying: see <keel/llm/error.hpp>; `parse_response` throws
 // `provider_error` whose code's condition says so, with `retry_after()` from the server's hints.
 //
@@ -49,12 +58,112 @@
 
 namespace keel::llm {
 
+/// What a `content_part` holds.
+enum class part_kind {
+  /// Text (`content_part::text`).
+  text,
+  /// An image (`content_part::image_url`).
+  image,
+};
+
+/// One piece of a turn whose content is more than one string (text and images, in order).
+struct content_part {
+  /// Text or image.
+  part_kind kind = part_kind::text;
+  /// The text of a text part.
+  std::string text;
+  /// An image part's source: a `data:image/{png,jpeg,gif,webp};base64,...` URL, or an http(s)
+  /// URL (OpenAI and Anthropic fetch it; Bedrock takes bytes only and is refused one).
+  std::string image_url;
+  /// An image part's OpenAI `detail` ("auto", "low", "high"; empty: not sent; other providers
+  /// have none).
+  std::string detail;
+
+  /// An empty text part.
+  content_part() = default;
+  /// A text part.
+  static content_part from_text(std::string t) {
+    content_part p;
+    p.text = std::move(t);
+    return p;
+  }
+  /// An image part from a data: or http(s) URL.
+  static content_part from_image(std::string url, std::string detail_level = {}) {
+    content_part p;
+    p.kind = part_kind::image;
+    p.image_url = std::move(url);
+    p.detail = std::move(detail_level);
+    return p;
+  }
+};
+
+/// A call of one of the request's tools, as the model asked for it.
+struct tool_call {
+  /// The provider's id for the call (OpenAI "call_...", Anthropic "toolu_...", Bedrock
+  /// `toolUseId`); a `tool` turn answers it by this id.
+  std::string id;
+  /// The tool's name.
+  std::string name;
+  /// The arguments as JSON text (an object), as OpenAI sends them; Anthropic's and Bedrock's
+  /// `input` objects are serialised to it, and parsed back from it when sent to them.
+  std::string arguments;
+
+  /// An empty call.
+  tool_call() = default;
+  /// A call of `n` with id `i` and JSON arguments `args`.
+  tool_call(std::string i, std::string n, std::string args)
+      : id(std::move(i)), name(std::move(n)), arguments(std::move(args)) {}
+};
+
+/// A tool (function) the model may call.
+struct tool_definition {
+  /// The name the model calls it by.
+  std::string name;
+  /// What it does (empty: not sent).
+  std::string description;
+  /// The JSON schema of its arguments (an object schema); null: `{"type": "object"}`.
+  nlohmann::json parameters;
+  /// OpenAI's `strict` (absent: not sent; other providers have none).
+  std::optional<bool> strict;
+};
+
+/// How the model may use the request's tools.
+enum class tool_choice_mode {
+  /// The model decides (OpenAI "auto", Anthropic `auto`, Bedrock `auto`).
+  automatic,
+  /// No tool (OpenAI "none", Anthropic `none`; Bedrock has none: refused).
+  none,
+  /// Some tool (OpenAI "required", Anthropic `any`, Bedrock `any`).
+  required,
+  /// The tool named `tool_choice_option::name` (OpenAI function, Anthropic/Bedrock `tool`).
+  named,
+};
+
+/// A request's tool choice.
+struct tool_choice_option {
+  /// How tools may be used.
+  tool_choice_mode mode = tool_choice_mode::automatic;
+  /// The tool, for `named`.
+  std::string name;
+};
+
 /// One turn of a conversation.
+///
+/// Roles: "user", "assistant" and "tool" (put the system prompt in `chat_request::system`). A
+/// "tool" turn carries one tool's result (`content`) for the call `tool_call_id`; Anthropic and
+/// Bedrock get it as a `tool_result` block of a user turn, consecutive results merged into one
+/// turn as they require.
 struct chat_message {
-  /// "user" or "assistant" (put the system prompt in `chat_request::system`).
+  /// "user", "assistant" or "tool".
   std::string role;
-  /// The text of the turn.
+  /// The text of the turn (ignored when `parts` is not empty).
   std::string content;
+  /// Text and image parts in order; empty: the turn is `content`.
+  std::vector<content_part> parts;
+  /// An assistant turn's tool calls (its `content` may then be empty).
+  std::vector<tool_call> tool_calls;
+  /// A "tool" turn: the id of the call it answers.
+  std::string tool_call_id;
 
   /// An empty turn.
   chat_message() = default;
@@ -110,6 +219,15 @@ struct chat_request {
   /// Free-form metadata: sent as OpenAI `metadata`, Anthropic `metadata`, Bedrock
   /// `requestMetadata` when it is a non-empty object; otherwise not sent.
   nlohmann::json metadata;
+  /// Tools the model may call (empty: none): OpenAI `tools` (function), Anthropic `tools`,
+  /// Bedrock `toolConfig.tools`.
+  std::vector<tool_definition> tools;
+  /// How the tools may be used (absent: the provider's default, automatic).
+  std::optional<tool_choice_option> tool_choice;
+  /// May the model call several tools in one turn (absent: the provider's default, yes)?
+  /// OpenAI `parallel_tool_calls`, Anthropic `tool_choice.disable_parallel_tool_use`; Bedrock
+  /// has no such switch and ignores it.
+  std::optional<bool> parallel_tool_calls;
 
   /// An empty request (set `model` and `messages`).
   chat_request() = default;
@@ -148,6 +266,8 @@ struct token_usage {
 struct chat_response {
   /// The reply text (text blocks concatenated).
   std::string text;
+  /// The tools the model asked to call, in order (finish reason "tool_calls" / "tool_use").
+  std::vector<tool_call> tool_calls;
   /// Why generation stopped, as the provider said it ("stop", "end_turn", "max_tokens", ...).
   std::string finish_reason;
   /// The model that answered, when the provider says (Bedrock does not).

@@ -265,8 +265,16 @@ struct client_hooks {
 
 /// A piece of a streamed reply, as `client::stream` hands it to the caller.
 struct stream_delta {
-  /// The text (never empty); valid until the handler's awaitable completes.
+  /// The text (never empty for a text delta); valid until the handler's awaitable completes.
+  /// For a tool-call delta (`tool` set): a fragment of the call's arguments (JSON text; may be
+  /// empty on a call's first piece).
   std::string_view text;
+  /// A tool-call delta: the call's `id` and `name` on its first piece (empty after), its
+  /// `arguments` empty (the fragment is `text`); null for text. Valid until the handler's
+  /// awaitable completes. The pieces joined per `tool_index` are `chat_response::tool_calls`.
+  const keel::llm::tool_call* tool = nullptr;
+  /// Which tool call of the reply a tool-call delta belongs to (0, 1, ...).
+  std::size_t tool_index = 0;
   /// True on the first delta of an attempt that starts the reply over (`restartable` streams
   /// only, after an attempt that had delivered deltas failed): discard every earlier delta.
   bool restart = false;

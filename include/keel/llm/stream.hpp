@@ -50,9 +50,12 @@
 //   delta, Anthropic `stop_reason` "refusal", Bedrock `stopReason` "content_filtered" or
 //   "guardrail_intervened" give the `finish` event (when there is one) and then a
 //   `content_filtered` error.
-// - Only the first choice (OpenAI `index` 0) is decoded; other content (tool calls, thinking,
-//   other choices) is skipped. Unknown event types are ignored, as the providers' versioning
-//   policies ask.
+// - Tool calls (issue 18) become `tool_call` events in OpenAI's streaming shape, whatever the
+//   provider: OpenAI `delta.tool_calls[]`, Anthropic `content_block_start` of a `tool_use` block
+//   then `input_json_delta` fragments, Bedrock `contentBlockStart.start.toolUse` then
+//   `contentBlockDelta.delta.toolUse.input` fragments. Calls are numbered in the order they start.
+// - Only the first choice (OpenAI `index` 0) is decoded; other content (thinking, other choices)
+//   is skipped. Unknown event types are ignored, as the providers' versioning policies ask.
 //
 // Example:
 //
@@ -95,6 +98,11 @@ enum class stream_event_kind {
   start,
   /// A piece of the reply's text: `text` (never empty).
   text,
+  /// A piece of a tool call: `tool_index` says which call of the reply (0, 1, ... in order); the
+  /// first piece of a call carries `tool.id` and `tool.name`, and every piece may carry a
+  /// fragment of `tool.arguments` (JSON text; the fragments joined are the arguments), as OpenAI
+  /// streams them.
+  tool_call,
   /// The model stopped: `finish_reason` as the provider spells it ("stop", "end_turn", ...).
   finish,
   /// Token counts so far: `usage` (cumulative; a later usage event replaces an earlier one).
@@ -123,6 +131,10 @@ struct stream_event {
   std::string role;
   /// `finish`: why the model stopped.
   std::string finish_reason;
+  /// `tool_call`: the call's id and name (first piece) and an arguments fragment.
+  keel::llm::tool_call tool;
+  /// `tool_call`: which call of the reply, from 0.
+  std::size_t tool_index = 0;
   /// `usage`: input and output tokens reported so far.
   token_usage usage;
   /// `error`: the classified failure.
@@ -183,6 +195,13 @@ class stream_decoder {
   stream_options opts_;
   /// Set by `emit_error` and `emit_done`.
   bool ended_ = false;
+  /// The most tool calls one reply may start (a bound against a hostile stream).
+  static constexpr std::size_t max_tool_calls = 1024;
+  /// The content-block index of each tool call started so far (Anthropic, Bedrock), in order:
+  /// a call's position is its `tool_index`.
+  std::vector<long long> tool_blocks_;
+  /// The `tool_index` of the tool call in content block `block`, or -1 if none started there.
+  long long tool_of_block(long long block) const noexcept;
 };
 
 namespace detail {

@@ -1,0 +1,299 @@
+// Tests for tools and images in keel/llm/chat.hpp's model, as each wire format (OpenAI, Anthropic,
+// Bedrock) sends them and reads them back (issue 18: the gateway passes them through).
+#include <keel/llm/anthropic.hpp>
+#include <keel/llm/bedrock.hpp>
+#include <keel/llm/chat.hpp>
+#include <keel/llm/openai.hpp>
+
+#include "llm_support.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+using keel::llm::errc;
+using keel::llm::provider_kind;
+using json = nlohmann::json;
+
+namespace {
+using keel_test::llm::reply;
+using keel_test::llm::t0;
+
+const json weather_schema =
+    json::parse(R"({"type":"object","properties":{"city":{"type":"string"}},"required":["city"]})");
+
+// A conversation that used a tool: the user asks, the assistant calls two tools, both results
+// come back, the user adds a picture.
+keel::llm::chat_request tool_conversation() {
+  keel::llm::chat_request req("m", {}, 100);
+  req.system = "Be brief.";
+  req.messages.emplace_back("user", "Weather in Paris?");
+  keel::llm::chat_message call("assistant", "Checking.");
+  call.tool_calls.emplace_back("call_1", "get_weather", R"({"city":"Paris"})");
+  call.tool_calls.emplace_back("call_2", "get_time", "");
+  req.messages.push_back(call);
+  keel::llm::chat_message r1("tool", "18C");
+  r1.tool_call_id = "call_1";
+  keel::llm::chat_message r2("tool", "noon");
+  r2.tool_call_id = "call_2";
+  req.messages.push_back(r1);
+  req.messages.push_back(r2);
+  keel::llm::chat_message pic("user", "");
+  pic.parts.push_back(keel::llm::content_part::from_text("And this?"));
+  pic.parts.push_back(keel::llm::content_part::from_image("data:image/png;base64,iVBORw0K", "low"));
+  req.messages.push_back(pic);
+  keel::llm::tool_definition weather;
+  weather.name = "get_weather";
+  weather.description = "Current weather";
+  weather.parameters = weather_schema;
+  weather.strict = true;
+  keel::llm::tool_definition time;
+  time.name = "get_time";
+  req.tools = {weather, time};
+  return req;
+}
+
+json body_of(const keel::llm::chat_request& req, provider_kind kind) {
+  keel::llm::endpoint ep(kind, "http://h", "k", "us-east-1");
+  return json::parse(keel::llm::build_request(req, ep).body);
+}
+
+// The provider_error `build_request` throws for `req` on `kind`.
+keel::llm::provider_error refusal(const keel::llm::chat_request& req, provider_kind kind) {
+  try {
+    body_of(req, kind);
+  } catch (const keel::llm::provider_error& e) {
+    return e;
+  }
+  FAIL("build_request did not refuse");
+  throw std::logic_error("unreachable");
+}
+
+}  // namespace
+
+TEST_CASE("openai sends tools, tool calls, tool results and image parts in its own shape",
+          "[llm][tools][openai]") {
+  keel::llm::chat_request req = tool_conversation();
+  req.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::named, "get_time"};
+  req.parallel_tool_calls = false;
+  const json body = body_of(req, provider_kind::openai);
+  const json& m = body.at("messages");
+  REQUIRE(m.size() == 6);
+  CHECK(m[0] == json{{"role", "system"}, {"content", "Be brief."}});
+  CHECK(m[2] == json::parse(R"({"role":"assistant","content":"Checking.","tool_calls":[
+      {"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}},
+      {"id":"call_2","type":"function","function":{"name":"get_time","arguments":""}}]})"));
+  CHECK(m[3] == json::parse(R"({"role":"tool","tool_call_id":"call_1","content":"18C"})"));
+  CHECK(m[4] == json::parse(R"({"role":"tool","tool_call_id":"call_2","content":"noon"})"));
+  CHECK(m[5] == json::parse(R"({"role":"user","content":[{"type":"text","text":"And this?"},
+      {"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0K","detail":"low"}}]})"));
+  CHECK(body.at("tools") == json::parse(R"([
+      {"type":"function","function":{"name":"get_weather","description":"Current weather",
+       "parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]},
+       "strict":true}},
+      {"type":"function","function":{"name":"get_time","parameters":{"type":"object"}}}])"));
+  CHECK(body.at("tool_choice") ==
+        json::parse(R"({"type":"function","function":{"name":"get_time"}})"));
+  CHECK(body.at("parallel_tool_calls") == false);
+  // An assistant turn of tool calls only has null content, as OpenAI writes it.
+  keel::llm::chat_request only("m", {{"user", "x"}});
+  keel::llm::chat_message a("assistant", "");
+  a.tool_calls.emplace_back("c", "f", "{}");
+  only.messages.push_back(a);
+  CHECK(body_of(only, provider_kind::openai).at("messages")[1].at("content").is_null());
+  for (auto [mode, want] : {std::pair{keel::llm::tool_choice_mode::automatic, "auto"},
+                            std::pair{keel::llm::tool_choice_mode::none, "none"},
+                            std::pair{keel::llm::tool_choice_mode::required, "required"}}) {
+    req.tool_choice = keel::llm::tool_choice_option{mode, ""};
+    CHECK(body_of(req, provider_kind::openai).at("tool_choice") == want);
+  }
+  // No tools: none of the tool fields.
+  const json plain = body_of(keel::llm::chat_request("m", {{"user", "x"}}), provider_kind::openai);
+  CHECK_FALSE(plain.contains("tools"));
+  CHECK_FALSE(plain.contains("tool_choice"));
+  CHECK_FALSE(plain.contains("parallel_tool_calls"));
+}
+
+TEST_CASE("openai parse_response reads tool calls and null content", "[llm][tools][openai]") {
+  const auto r = keel::llm::openai::parse_response(reply(200, R"({"id":"x","model":"gpt-4o",
+      "choices":[{"index":0,"finish_reason":"tool_calls","message":{"role":"assistant",
+      "content":null,"refusal":null,"tool_calls":[
+        {"id":"call_9","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Oslo\"}"}}]}}],
+      "usage":{"prompt_tokens":5,"completion_tokens":7}})"),
+                                                   t0);
+  CHECK(r.text.empty());
+  CHECK(r.finish_reason == "tool_calls");
+  REQUIRE(r.tool_calls.size() == 1);
+  CHECK(r.tool_calls[0].id == "call_9");
+  CHECK(r.tool_calls[0].name == "get_weather");
+  CHECK(r.tool_calls[0].arguments == R"({"city":"Oslo"})");
+  // A call without a function name is malformed, named by its path.
+  try {
+    keel::llm::openai::parse_response(
+        reply(200, R"({"choices":[{"index":0,"message":{"content":null,"tool_calls":[
+          {"id":"c","type":"function","function":{"arguments":"{}"}}]}}]})"),
+        t0);
+    FAIL("no error");
+  } catch (const keel::llm::provider_error& e) {
+    CHECK(e.llm_code() == errc::malformed_response);
+    CHECK_THAT(e.message(),
+               Catch::Contains("choices[0].message.tool_calls[0].function.name missing"));
+  }
+}
+
+TEST_CASE("anthropic gets tool_use and merged tool_result blocks, tools and base64 images",
+          "[llm][tools][anthropic]") {
+  keel::llm::chat_request req = tool_conversation();
+  req.tool_choice =
+      keel::llm::tool_choice_option{keel::llm::tool_choice_mode::required, std::string()};
+  req.parallel_tool_calls = false;
+  const json body = body_of(req, provider_kind::anthropic);
+  CHECK(body.at("system") == "Be brief.");
+  const json& m = body.at("messages");
+  REQUIRE(m.size() == 3);
+  CHECK(m[0] == json{{"role", "user"}, {"content", "Weather in Paris?"}});
+  CHECK(m[1] == json::parse(R"({"role":"assistant","content":[{"type":"text","text":"Checking."},
+      {"type":"tool_use","id":"call_1","name":"get_weather","input":{"city":"Paris"}},
+      {"type":"tool_use","id":"call_2","name":"get_time","input":{}}]})"));
+  // Both results and the next user turn form one user message, results first.
+  CHECK(m[2] == json::parse(R"({"role":"user","content":[
+      {"type":"tool_result","tool_use_id":"call_1","content":"18C"},
+      {"type":"tool_result","tool_use_id":"call_2","content":"noon"},
+      {"type":"text","text":"And this?"},
+      {"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0K"}}]})"));
+  CHECK(body.at("tools") == json::parse(R"([
+      {"name":"get_weather","description":"Current weather",
+       "input_schema":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}},
+      {"name":"get_time","input_schema":{"type":"object"}}])"));
+  CHECK(body.at("tool_choice") ==
+        json::parse(R"({"type":"any","disable_parallel_tool_use":true})"));
+  req.parallel_tool_calls.reset();
+  for (auto [choice, want] :
+       {std::pair{keel::llm::tool_choice_option{keel::llm::tool_choice_mode::automatic, ""},
+                  R"({"type":"auto"})"},
+        std::pair{keel::llm::tool_choice_option{keel::llm::tool_choice_mode::none, ""},
+                  R"({"type":"none"})"},
+        std::pair{keel::llm::tool_choice_option{keel::llm::tool_choice_mode::named, "get_time"},
+                  R"({"type":"tool","name":"get_time"})"}}) {
+    req.tool_choice = choice;
+    CHECK(body_of(req, provider_kind::anthropic).at("tool_choice") == json::parse(want));
+  }
+  // parallel_tool_calls false alone: an automatic choice that disables it.
+  req.tool_choice.reset();
+  req.parallel_tool_calls = false;
+  CHECK(body_of(req, provider_kind::anthropic).at("tool_choice") ==
+        json::parse(R"({"type":"auto","disable_parallel_tool_use":true})"));
+  // An http image goes as a URL source.
+  keel::llm::chat_request web("m", {});
+  keel::llm::chat_message u("user", "");
+  u.parts.push_back(keel::llm::content_part::from_image("https://example.com/cat.jpg"));
+  web.messages.push_back(u);
+  CHECK(body_of(web, provider_kind::anthropic).at("messages")[0].at("content")[0] ==
+        json::parse(
+            R"({"type":"image","source":{"type":"url","url":"https://example.com/cat.jpg"}})"));
+}
+
+TEST_CASE("anthropic and bedrock refuse what they cannot take, naming the part",
+          "[llm][tools][anthropic][bedrock]") {
+  keel::llm::chat_request bad_args("m", {{"user", "x"}});
+  keel::llm::chat_message a("assistant", "");
+  a.tool_calls.emplace_back("c", "f", "[1,2]");
+  bad_args.messages.push_back(a);
+  for (provider_kind kind : {provider_kind::anthropic, provider_kind::bedrock}) {
+    const auto e = refusal(bad_args, kind);
+    CHECK(e.llm_code() == errc::bad_request);
+    CHECK(e.status() == 0);
+    CHECK(e.provider_code() == "unsupported_content");
+    CHECK_THAT(e.message(), Catch::Contains("messages[1].tool_calls[0].arguments"));
+  }
+  keel::llm::chat_request tiff("m", {});
+  keel::llm::chat_message u("user", "");
+  u.parts.push_back(keel::llm::content_part::from_text("see"));
+  u.parts.push_back(keel::llm::content_part::from_image("data:image/tiff;base64,AAAA"));
+  tiff.messages.push_back(u);
+  for (provider_kind kind : {provider_kind::anthropic, provider_kind::bedrock}) {
+    CHECK_THAT(refusal(tiff, kind).message(),
+               Catch::Contains("messages[0].content[1]") && Catch::Contains("image/tiff"));
+  }
+  // OpenAI passes both on: it fetches URLs and validates the rest itself.
+  CHECK_NOTHROW(body_of(bad_args, provider_kind::openai));
+  CHECK_NOTHROW(body_of(tiff, provider_kind::openai));
+  // Bedrock takes bytes only, and has no tool_choice none.
+  keel::llm::chat_request web("m", {});
+  keel::llm::chat_message w("user", "");
+  w.parts.push_back(keel::llm::content_part::from_image("https://example.com/cat.png"));
+  web.messages.push_back(w);
+  CHECK_THAT(refusal(web, provider_kind::bedrock).message(),
+             Catch::Contains("messages[0].content[0]") && Catch::Contains("not by http(s) URL"));
+  CHECK_NOTHROW(body_of(web, provider_kind::anthropic));
+  keel::llm::chat_request none = tool_conversation();
+  none.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::none, ""};
+  CHECK_THAT(refusal(none, provider_kind::bedrock).message(), Catch::Contains("tool_choice"));
+}
+
+TEST_CASE("anthropic parse_response reads tool_use blocks as tool calls",
+          "[llm][tools][anthropic]") {
+  const auto r = keel::llm::anthropic::parse_response(
+      reply(200, R"({"id":"msg_1","model":"claude-x","stop_reason":"tool_use","content":[
+          {"type":"text","text":"Let me check."},
+          {"type":"tool_use","id":"toolu_01","name":"get_weather","input":{"city":"Paris","days":2}}],
+          "usage":{"input_tokens":3,"output_tokens":4}})"),
+      t0);
+  CHECK(r.text == "Let me check.");
+  CHECK(r.finish_reason == "tool_use");
+  REQUIRE(r.tool_calls.size() == 1);
+  CHECK(r.tool_calls[0].id == "toolu_01");
+  CHECK(r.tool_calls[0].name == "get_weather");
+  CHECK(json::parse(r.tool_calls[0].arguments) == json{{"city", "Paris"}, {"days", 2}});
+  CHECK_THROWS_AS(keel::llm::anthropic::parse_response(
+                      reply(200, R"({"content":[{"type":"tool_use","id":"t","name":"f"}]})"), t0),
+                  keel::llm::provider_error);
+}
+
+TEST_CASE("bedrock gets toolUse, merged toolResult blocks, toolConfig and image bytes",
+          "[llm][tools][bedrock]") {
+  keel::llm::chat_request req = tool_conversation();
+  req.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::named, "get_time"};
+  req.parallel_tool_calls = false;  // Bedrock has no such switch: not sent
+  const json body = body_of(req, provider_kind::bedrock);
+  const json& m = body.at("messages");
+  REQUIRE(m.size() == 3);
+  CHECK(m[1] == json::parse(R"({"role":"assistant","content":[{"text":"Checking."},
+      {"toolUse":{"toolUseId":"call_1","name":"get_weather","input":{"city":"Paris"}}},
+      {"toolUse":{"toolUseId":"call_2","name":"get_time","input":{}}}]})"));
+  CHECK(m[2] == json::parse(R"({"role":"user","content":[
+      {"toolResult":{"toolUseId":"call_1","content":[{"text":"18C"}]}},
+      {"toolResult":{"toolUseId":"call_2","content":[{"text":"noon"}]}},
+      {"text":"And this?"},
+      {"image":{"format":"png","source":{"bytes":"iVBORw0K"}}}]})"));
+  CHECK(body.at("toolConfig") == json::parse(R"({"tools":[
+      {"toolSpec":{"name":"get_weather","description":"Current weather","inputSchema":{"json":
+        {"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}},
+      {"toolSpec":{"name":"get_time","inputSchema":{"json":{"type":"object"}}}}],
+      "toolChoice":{"tool":{"name":"get_time"}}})"));
+  req.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::required, ""};
+  CHECK(body_of(req, provider_kind::bedrock).at("toolConfig").at("toolChoice") ==
+        json::parse(R"({"any":{}})"));
+  req.tool_choice.reset();
+  CHECK_FALSE(body_of(req, provider_kind::bedrock).at("toolConfig").contains("toolChoice"));
+  // An assistant turn of tool calls only has no empty text block (Bedrock refuses blank text).
+  keel::llm::chat_request only("m", {{"user", "x"}});
+  keel::llm::chat_message a("assistant", "");
+  a.tool_calls.emplace_back("c", "f", "{}");
+  only.messages.push_back(a);
+  CHECK(body_of(only, provider_kind::bedrock).at("messages")[1].at("content") ==
+        json::parse(R"([{"toolUse":{"toolUseId":"c","name":"f","input":{}}}])"));
+}
+
+TEST_CASE("bedrock parse_response reads toolUse blocks as tool calls", "[llm][tools][bedrock]") {
+  const auto r = keel::llm::bedrock::parse_response(
+      reply(200, R"({"output":{"message":{"role":"assistant","content":[
+          {"toolUse":{"toolUseId":"tooluse_1","name":"get_weather","input":{"city":"Lima"}}}]}},
+          "stopReason":"tool_use","usage":{"inputTokens":1,"outputTokens":2}})"),
+      t0);
+  CHECK(r.text.empty());
+  CHECK(r.finish_reason == "tool_use");
+  REQUIRE(r.tool_calls.size() == 1);
+  CHECK(r.tool_calls[0].id == "tooluse_1");
+  CHECK(json::parse(r.tool_calls[0].arguments) == json{{"city", "Lima"}});
+}
