@@ -868,4 +868,18 @@ TEST_CASE("what a route's provider cannot take is a 400 naming it", "[gateway][t
   CHECK_THAT(j["error"]["message"].get<std::string>(), Catch::Contains("http(s) URL"));
   // Nothing was sent: the request could not be written in Bedrock's shape.
   CHECK(rig.mock.stats().model("m").requests == 0);
+
+  // With a fallback that can take it, the route answers from the fallback at once.
+  gateway_rig both(R"({"config_list": [
+      {"api_type": "bedrock", "model": "b", "aws_region": "us-east-1"},
+      {"api_type": "openai", "model": "o", "api_key": "sk-test-KEY000001"}]})");
+  const keel::http::response fell = both.send("POST", "/v1/chat/completions", R"({"model": "m",
+      "messages": [{"role": "user", "content": [{"type": "text", "text": "cat?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]})");
+  CHECK(fell.status == 200);
+  CHECK(json::parse(fell.body)["choices"][0]["message"]["content"] == "mock answer to: cat?");
+  CHECK(both.mock.stats().model("b").requests == 0);
+  CHECK(both.mock.stats().model("o").requests == 1);
+  CHECK(both.mock.stats().model("o").last_body.find("https://example.com/cat.png") !=
+        std::string::npos);
 }

@@ -508,6 +508,46 @@ TEST_CASE("a key the server echoes into a stream never reaches the consumer",
   CHECK(out.delivered_bytes == c.text.size());
 }
 
+TEST_CASE("a key the server echoes into a streamed tool call never reaches the consumer",
+          "[llm_client][stream][tools]") {
+  // The mock calls the tool by its name with the schema's enum value: both hold the key, and
+  // 4-byte argument fragments split it.
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.start();
+  keel::llm::client client(
+      ctx.get_executor(),
+      make_config(R"({"config_list": [{"model": "m", "api_key": "sk-ECHOED-KEY-99"}]})",
+                  server.base_url()),
+      {}, {.seed = 1});
+  keel::llm::chat_request req = prompt();
+  keel::llm::tool_definition tool;
+  tool.name = "call-sk-ECHOED-KEY-99";
+  tool.parameters = nlohmann::json::parse(
+      R"({"type":"object","properties":{"k":{"type":"string","enum":["sk-ECHOED-KEY-99"]}},
+          "required":["k"]})");
+  req.tools.push_back(tool);
+  std::string seen;
+  keel::llm::call_outcome out;
+  keel_test::run_against(
+      ctx, server,
+      [&]() -> asio::awaitable<void> {
+        out = co_await client.stream_call(
+            req, [&](const keel::llm::stream_delta& d) -> asio::awaitable<void> {
+              REQUIRE(d.tool != nullptr);
+              seen += d.tool->id + "|" + d.tool->name + "|" + std::string(d.text) + "\n";
+              co_return;
+            });
+      },
+      10s);
+  REQUIRE_FALSE(out.error);
+  CHECK(seen.find("sk-ECHOED") == std::string::npos);
+  CHECK(seen.find("call-<redacted>") != std::string::npos);
+  REQUIRE(out.response->tool_calls.size() == 1);
+  CHECK(out.response->tool_calls[0].name == "call-<redacted>");
+  CHECK(out.response->tool_calls[0].arguments == R"({"k":"<redacted>"})");
+}
+
 TEST_CASE("a streamed tool call reaches the consumer as pieces and the reply as a whole call",
           "[llm_client][stream][tools]") {
   for (const char* api : {"openai", "anthropic", "bedrock"}) {

@@ -218,7 +218,7 @@ TEST_CASE("anthropic and bedrock refuse what they cannot take, naming the part",
   // OpenAI passes both on: it fetches URLs and validates the rest itself.
   CHECK_NOTHROW(body_of(bad_args, provider_kind::openai));
   CHECK_NOTHROW(body_of(tiff, provider_kind::openai));
-  // Bedrock takes bytes only, and has no tool_choice none.
+  // Bedrock takes bytes only.
   keel::llm::chat_request web("m", {});
   keel::llm::chat_message w("user", "");
   w.parts.push_back(keel::llm::content_part::from_image("https://example.com/cat.png"));
@@ -226,9 +226,32 @@ TEST_CASE("anthropic and bedrock refuse what they cannot take, naming the part",
   CHECK_THAT(refusal(web, provider_kind::bedrock).message(),
              Catch::Contains("messages[0].content[0]") && Catch::Contains("not by http(s) URL"));
   CHECK_NOTHROW(body_of(web, provider_kind::anthropic));
+}
+
+TEST_CASE("bedrock withholds tools for tool_choice none, declaring those the history called",
+          "[llm][tools][bedrock]") {
+  // Converse has no "none", and refuses toolUse/toolResult blocks without a toolConfig: the
+  // request's tools are withheld and the ones the conversation called are declared by name.
   keel::llm::chat_request none = tool_conversation();
   none.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::none, ""};
-  CHECK_THAT(refusal(none, provider_kind::bedrock).message(), Catch::Contains("tool_choice"));
+  CHECK(body_of(none, provider_kind::bedrock).at("toolConfig") == json::parse(R"({"tools":[
+      {"toolSpec":{"name":"get_weather","inputSchema":{"json":{"type":"object"}}}},
+      {"toolSpec":{"name":"get_time","inputSchema":{"json":{"type":"object"}}}}]})"));
+  // The same for a final turn sent with no tools at all.
+  none.tool_choice.reset();
+  none.tools.clear();
+  CHECK(body_of(none, provider_kind::bedrock).at("toolConfig").at("tools").size() == 2);
+  // A conversation without tool calls gets no toolConfig; nor a tool choice without tools,
+  // on any provider.
+  keel::llm::chat_request plain("m", {{"user", "x"}});
+  plain.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::none, ""};
+  plain.parallel_tool_calls = false;
+  CHECK_FALSE(body_of(plain, provider_kind::bedrock).contains("toolConfig"));
+  for (provider_kind kind : {provider_kind::openai, provider_kind::anthropic}) {
+    const json b = body_of(plain, kind);
+    CHECK_FALSE(b.contains("tool_choice"));
+    CHECK_FALSE(b.contains("parallel_tool_calls"));
+  }
 }
 
 TEST_CASE("anthropic parse_response reads tool_use blocks as tool calls",

@@ -135,7 +135,8 @@ void add_tools(const chat_request& req, json& body) {
     body["tools"] = std::move(tools);
   }
   json choice;
-  if (req.tool_choice) {
+  // Without tools a tool choice says nothing (and some servers refuse one).
+  if (req.tool_choice && !req.tools.empty()) {
     switch (req.tool_choice->mode) {
       case tool_choice_mode::automatic:
         choice = {{"type", "auto"}};

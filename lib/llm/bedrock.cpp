@@ -3,6 +3,7 @@
 
 #include <keel/llm/bedrock.hpp>
 
+#include <algorithm>
 #include <cctype>
 #include <stdexcept>
 #include <string>
@@ -125,7 +126,10 @@ json messages_json(const chat_request& req) {
     }
     if (open_results && m.role == "user") {
       for (json& b : content_blocks(m, i)) {
-        messages.back()["content"].push_back(std::move(b));
+        // Converse refuses a blank text block; after the results one adds nothing.
+        if (!(b.contains("text") && b["text"] == "")) {
+          messages.back()["content"].push_back(std::move(b));
+        }
       }
     } else {
       messages.push_back({{"role", m.role}, {"content", content_blocks(m, i)}});
@@ -135,21 +139,44 @@ json messages_json(const chat_request& req) {
   return messages;
 }
 
-void add_tools(const chat_request& req, json& body) {
-  if (req.tool_choice && req.tool_choice->mode == tool_choice_mode::none) {
-    unsupported(kind, "tool_choice: bedrock Converse has no 'none' (send no tools instead)");
+json tool_spec(const std::string& name, const std::string& description, json schema) {
+  json spec = {{"name", name}};
+  if (!description.empty()) {
+    spec["description"] = description;
   }
-  if (req.tools.empty()) {
+  spec["inputSchema"] = {{"json", std::move(schema)}};
+  return {{"toolSpec", std::move(spec)}};
+}
+
+// Converse has no tool_choice "none": the tools are withheld. But it refuses a conversation
+// that holds toolUse or toolResult blocks without a toolConfig, so then the tools the
+// conversation called are declared by name, with an open schema.
+json history_tools(const chat_request& req) {
+  json tools = json::array();
+  std::vector<std::string> seen;
+  for (const chat_message& m : req.messages) {
+    for (const tool_call& c : m.tool_calls) {
+      if (std::find(seen.begin(), seen.end(), c.name) == seen.end()) {
+        seen.push_back(c.name);
+        tools.push_back(tool_spec(c.name, "", json{{"type", "object"}}));
+      }
+    }
+  }
+  return tools;
+}
+
+void add_tools(const chat_request& req, json& body) {
+  const bool withheld =
+      req.tools.empty() || (req.tool_choice && req.tool_choice->mode == tool_choice_mode::none);
+  if (withheld) {
+    if (json tools = history_tools(req); !tools.empty()) {
+      body["toolConfig"] = {{"tools", std::move(tools)}};
+    }
     return;
   }
   json tools = json::array();
   for (const tool_definition& t : req.tools) {
-    json spec = {{"name", t.name}};
-    if (!t.description.empty()) {
-      spec["description"] = t.description;
-    }
-    spec["inputSchema"] = {{"json", parameters_of(t)}};
-    tools.push_back({{"toolSpec", std::move(spec)}});
+    tools.push_back(tool_spec(t.name, t.description, parameters_of(t)));
   }
   json config = {{"tools", std::move(tools)}};
   if (req.tool_choice) {
@@ -164,7 +191,7 @@ void add_tools(const chat_request& req, json& body) {
         config["toolChoice"] = {{"tool", {{"name", req.tool_choice->name}}}};
         break;
       case tool_choice_mode::none:
-        break;  // refused above
+        break;  // withheld above
     }
   }
   body["toolConfig"] = std::move(config);

@@ -104,6 +104,18 @@ std::optional<nanoseconds> server_delay_of_429(const std::exception_ptr& e) {
   return std::nullopt;
 }
 
+// True for a request keel refused to build (a part the entry's provider cannot take: status 0,
+// bad_request): nothing was sent, so it says nothing about whether the server answers.
+bool refused_locally(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::llm::provider_error& pe) {
+    return pe.status() == 0 && pe.llm_code() == keel::llm::errc::bad_request;
+  } catch (...) {
+  }
+  return false;
+}
+
 // ---- traces (see docs/tracing.md for the attributes) ----------------------------------------
 
 // OpenTelemetry GenAI's `gen_ai.provider.name` values.
@@ -470,22 +482,23 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
 
 client::~client() = default;
 
-void client::scrub_secrets(keel::llm::chat_response& r) const {
+void client::scrub_secrets(std::string& field) const {
   // One search per field and secret: a reply is scanned a handful of times, not per character.
   for (const std::string& secret : secrets_) {
-    auto scrub = [&](std::string* field) {
-      for (auto at = field->find(secret); at != std::string::npos;
-           at = field->find(secret, at + secret_marker.size())) {
-        field->replace(at, secret.size(), secret_marker);
-      }
-    };
-    for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
-      scrub(field);
+    for (auto at = field.find(secret); at != std::string::npos;
+         at = field.find(secret, at + secret_marker.size())) {
+      field.replace(at, secret.size(), secret_marker);
     }
-    for (keel::llm::tool_call& c : r.tool_calls) {
-      for (std::string* field : {&c.id, &c.name, &c.arguments}) {
-        scrub(field);
-      }
+  }
+}
+
+void client::scrub_secrets(keel::llm::chat_response& r) const {
+  for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
+    scrub_secrets(*field);
+  }
+  for (keel::llm::tool_call& c : r.tool_calls) {
+    for (std::string* field : {&c.id, &c.name, &c.arguments}) {
+      scrub_secrets(*field);
     }
   }
 }
@@ -746,7 +759,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
     const keel::condition c = keel::classify(failed).condition;
     if (report.status > 0) {
       es.answered = true;
-    } else if (c != keel::condition::cancelled) {
+    } else if (c != keel::condition::cancelled && !refused_locally(failed)) {
       es.last_unanswered = failed;
       if (!es.first_unanswered) {
         es.first_unanswered = clock_type::now();
@@ -957,12 +970,20 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
               }
             }
             keel::llm::tool_call& call = out.tool_calls[ti];  // scrubbed whole in run_call
-            call.id += ev.tool.id;
-            call.name += ev.tool.name;
+            // The id and name come whole (a server may repeat them on every piece); only the
+            // arguments come in fragments.
+            if (!ev.tool.id.empty()) {
+              call.id = ev.tool.id;
+            }
+            if (!ev.tool.name.empty()) {
+              call.name = ev.tool.name;
+            }
             call.arguments += ev.tool.arguments;
             safe.clear();
             tool_scrubbers[ti].feed(ev.tool.arguments, safe);
             piece_call = keel::llm::tool_call(std::move(ev.tool.id), std::move(ev.tool.name), {});
+            scrub_secrets(piece_call.id);
+            scrub_secrets(piece_call.name);
             if (!safe.empty() || !piece_call.id.empty() || !piece_call.name.empty()) {
               co_await deliver(safe, ti);
             }

@@ -122,6 +122,24 @@ long long stream_decoder::tool_of_block(long long block) const noexcept {
   return -1;
 }
 
+std::size_t stream_decoder::start_tool(long long block) {
+  tool_blocks_.push_back(block);
+  tool_has_args_.push_back(false);
+  return tool_blocks_.size() - 1;
+}
+
+void stream_decoder::end_block(long long block, std::vector<stream_event>& out) {
+  const long long tool = tool_of_block(block);
+  if (tool < 0 || tool_has_args_[static_cast<std::size_t>(tool)]) {
+    return;
+  }
+  tool_has_args_[static_cast<std::size_t>(tool)] = true;
+  stream_event t(stream_event_kind::tool_call);
+  t.tool_index = static_cast<std::size_t>(tool);
+  t.tool.arguments = "{}";
+  out.push_back(std::move(t));
+}
+
 void stream_decoder::emit_error(std::vector<stream_event>& out, errc code,
                                 std::string provider_code, std::string message) {
   provider_error_info info(opts_.http_status, std::string(to_string(provider_)),
@@ -269,11 +287,16 @@ void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_even
           for (const json& c : *calls) {
             stream_event t(stream_event_kind::tool_call);
             long long ti = 0;
-            if (!c.is_object() || count_at(c, "index", ti) != field::ok ||
-                static_cast<std::size_t>(ti) >= max_tool_calls) {
+            if (!c.is_object() || count_at(c, "index", ti) != field::ok) {
               return bad("choices[0].delta.tool_calls[] has no valid index");
             }
-            t.tool_index = static_cast<std::size_t>(ti);
+            if (const long long known = tool_of_block(ti); known >= 0) {
+              t.tool_index = static_cast<std::size_t>(known);
+            } else if (tool_blocks_.size() >= max_tool_calls) {
+              return bad("more than " + std::to_string(max_tool_calls) + " tool calls");
+            } else {
+              t.tool_index = start_tool(ti);
+            }
             if (string_at(c, "id", t.tool.id) == field::bad) {
               return bad("choices[0].delta.tool_calls[].id is not a string");
             }
@@ -282,6 +305,9 @@ void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_even
                   string_at(*fn, "arguments", t.tool.arguments) == field::bad) {
                 return bad("choices[0].delta.tool_calls[].function is not an object of strings");
               }
+            }
+            if (!t.tool.arguments.empty()) {
+              tool_has_args_[t.tool_index] = true;
             }
             out.push_back(std::move(t));
           }
@@ -395,8 +421,7 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
           string_at(*block, "name", t.tool.name) == field::bad) {
         return bad("content_block.id or name is not a string");
       }
-      t.tool_index = tool_blocks_.size();
-      tool_blocks_.push_back(index);
+      t.tool_index = start_tool(index);
       out.push_back(std::move(t));
     } else if (block_type == "text") {
       if (string_at(*block, "text", text) == field::bad) {
@@ -430,6 +455,7 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
         return bad("delta.partial_json is not a string");
       }
       if (!t.tool.arguments.empty()) {
+        tool_has_args_[t.tool_index] = true;
         out.push_back(std::move(t));
       }
     } else if (delta_type == "text_delta") {
@@ -463,6 +489,12 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
     if (reason == "refusal") {
       emit_error(out, errc::content_filtered, "refusal", "stop_reason refusal");
     }
+  } else if (type == "content_block_stop") {
+    long long index = 0;
+    if (count_at(ev, "index", index) == field::bad) {
+      return bad("index is not a non-negative integer");
+    }
+    end_block(index, out);
   } else if (type == "message_stop") {
     emit_done(out);
   } else if (type == "error") {
@@ -475,7 +507,7 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
     }
     emit_error(out, anthropic_error_code(err_type, msg, errc::server_error), err_type, msg);
   }
-  // ping, content_block_stop and event types added after this was written: nothing to report.
+  // ping and event types added after this was written: nothing to report.
 }
 
 // ---- Bedrock ------------------------------------------------------------------------------
@@ -572,9 +604,14 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
         string_at(*use, "name", t.tool.name) == field::bad) {
       return bad("start.toolUse.toolUseId or name is not a string");
     }
-    t.tool_index = tool_blocks_.size();
-    tool_blocks_.push_back(index);
+    t.tool_index = start_tool(index);
     out.push_back(std::move(t));
+  } else if (event_type == "contentBlockStop") {
+    long long index = 0;
+    if (count_at(body, "contentBlockIndex", index) == field::bad) {
+      return bad("contentBlockIndex is not a non-negative integer");
+    }
+    end_block(index, out);
   } else if (event_type == "contentBlockDelta") {
     const json* delta = object_at(body, "delta");
     if (delta == nullptr) {
@@ -595,6 +632,7 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
         return bad("delta.toolUse.input is not a string");
       }
       if (!t.tool.arguments.empty()) {
+        tool_has_args_[t.tool_index] = true;
         out.push_back(std::move(t));
       }
       return;
@@ -631,7 +669,7 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
       out.push_back(std::move(u));
     }
   }
-  // contentBlockStop and newer event types: nothing to report.
+  // Newer event types: nothing to report.
 }
 
 void stream_scrubber::feed(std::string_view piece, std::string& out) {

@@ -16,6 +16,16 @@ std::string dump(const json& j) {
 
 namespace {
 
+// `obj[key]` if `obj` is an object and that is a string, else "": a request with a number where a
+// string belongs must be answered, not end the session on nlohmann's type_error.
+std::string str_of(const json& obj, const char* key) {
+  if (!obj.is_object()) {
+    return {};
+  }
+  const auto it = obj.find(key);
+  return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 std::string text_of(const json& content) {
   if (content.is_string()) {
     return content.get<std::string>();
@@ -30,7 +40,7 @@ std::string text_of(const json& content) {
         out += part["text"].get<std::string>();
       }
       // A tool result (Anthropic tool_result, Bedrock toolResult): its text.
-      if (part.contains("content") && part.value("type", "") == "tool_result") {
+      if (part.contains("content") && str_of(part, "type") == "tool_result") {
         out += text_of(part["content"]);
       }
       if (part.contains("toolResult") && part["toolResult"].is_object() &&
@@ -45,7 +55,7 @@ std::string text_of(const json& content) {
 // True if a message is a tool result: OpenAI role "tool", or a user turn with an Anthropic
 // tool_result or Bedrock toolResult block.
 bool is_tool_result(const json& m) {
-  if (m.value("role", "") == "tool") {
+  if (str_of(m, "role") == "tool") {
     return true;
   }
   const json& content = m.contains("content") ? m["content"] : json();
@@ -54,7 +64,7 @@ bool is_tool_result(const json& m) {
   }
   for (const auto& part : content) {
     if (part.is_object() &&
-        (part.value("type", "") == "tool_result" || part.contains("toolResult"))) {
+        (str_of(part, "type") == "tool_result" || part.contains("toolResult"))) {
       return true;
     }
   }
@@ -88,7 +98,7 @@ offered_tools tools_of(wire format, const json& doc) {
     const json& c = doc.contains("tool_choice") ? doc["tool_choice"] : none;
     out.forbidden = c == "none";
     if (c.is_object() && c.contains("function") && c["function"].is_object()) {
-      out.named = c["function"].value("name", "");
+      out.named = str_of(c["function"], "name");
     }
   } else if (format == wire::anthropic) {
     const json& tools = doc.contains("tools") ? doc["tools"] : none;
@@ -99,9 +109,9 @@ offered_tools tools_of(wire format, const json& doc) {
     }
     const json& c = doc.contains("tool_choice") ? doc["tool_choice"] : none;
     if (c.is_object()) {
-      out.forbidden = c.value("type", "") == "none";
-      if (c.value("type", "") == "tool") {
-        out.named = c.value("name", "");
+      out.forbidden = str_of(c, "type") == "none";
+      if (str_of(c, "type") == "tool") {
+        out.named = str_of(c, "name");
       }
     }
   } else if (format == wire::bedrock) {
@@ -120,7 +130,7 @@ offered_tools tools_of(wire format, const json& doc) {
     const json& c =
         config.is_object() && config.contains("toolChoice") ? config["toolChoice"] : none;
     if (c.is_object() && c.contains("tool") && c["tool"].is_object()) {
-      out.named = c["tool"].value("name", "");
+      out.named = str_of(c["tool"], "name");
     }
   }
   return out;
@@ -178,7 +188,7 @@ parsed_request parse_request(std::string_view method, std::string_view target,
   }
   if (r.format == wire::openai) {
     const json& rf = doc.contains("response_format") ? doc["response_format"] : json();
-    const std::string rf_type = rf.is_object() ? rf.value("type", "") : "";
+    const std::string rf_type = rf.is_object() ? str_of(rf, "type") : "";
     if (rf_type == "json_object") {
       r.json_content = "{}";
     } else if (rf_type == "json_schema" && rf.contains("json_schema") &&
@@ -199,7 +209,7 @@ parsed_request parse_request(std::string_view method, std::string_view target,
     ends_with_result = is_tool_result(m);
     if (ends_with_result) {
       r.last_user = "tool result " + t;
-    } else if (m.value("role", "") == "user") {
+    } else if (str_of(m, "role") == "user") {
       r.last_user = t;
     }
   }

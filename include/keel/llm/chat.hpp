@@ -32,11 +32,14 @@
 // Tools and images (issue 18) are carried in OpenAI's shape, the one most callers already hold:
 // a tool call's arguments are JSON text, an image is a URL (data: or http(s)). Each wire format
 // translates: Anthropic and Bedrock get `input` objects, `tool_result` blocks in user turns
-// (consecutive results merged) and base64 image sources. What a provider cannot take (Bedrock:
-// an image by http URL, `tool_choice` none; any: arguments that are not a JSON object, an image
-// type other than PNG, JPEG, GIF or WebP) throws `provider_error` `bad_request` (status 0) from
-// `build_request`, naming the message and part, rather than being dropped: a dropped image or
-// tool would answer a different question.
+// (consecutive results merged) and base64 image sources. Bedrock has no `tool_choice` none: the
+// tools are withheld; and since Converse refuses a conversation holding tool calls without a
+// `toolConfig`, the tools such a conversation called are then declared by name with an open
+// schema. What a provider cannot take (Bedrock: an image by http URL; any: arguments that are not
+// a JSON object, an image type other than PNG, JPEG, GIF or WebP) throws `provider_error`
+// `bad_request` (status 0) from `build_request`, naming the message and part, rather than being
+// dropped: a dropped image or tool would answer a different question. A tool choice without
+// tools is not sent.
 //
 // Which failures are worth retrying: see <keel/llm/error.hpp>; `parse_response` throws
 // `provider_error` whose code's condition says so, with `retry_after()` from the server's hints.
@@ -131,7 +134,7 @@ struct tool_definition {
 enum class tool_choice_mode {
   /// The model decides (OpenAI "auto", Anthropic `auto`, Bedrock `auto`).
   automatic,
-  /// No tool (OpenAI "none", Anthropic `none`; Bedrock has none: refused).
+  /// No tool (OpenAI "none", Anthropic `none`; Bedrock has none: its tools are withheld).
   none,
   /// Some tool (OpenAI "required", Anthropic `any`, Bedrock `any`).
   required,

@@ -512,6 +512,7 @@ class client {
                                                                   keel::hedge_attempt* hedge);
   boost::asio::awaitable<keel::llm::chat_response> run_entry(std::size_t i, call_state& cs);
   void scrub_secrets(keel::llm::chat_response& r) const;
+  void scrub_secrets(std::string& field) const;
 
   struct owned;  // the transports and buckets of a client that owns them
   using transport_for = std::function<keel::http::client&(const entry_config&)>;

@@ -53,7 +53,9 @@
 // - Tool calls (issue 18) become `tool_call` events in OpenAI's streaming shape, whatever the
 //   provider: OpenAI `delta.tool_calls[]`, Anthropic `content_block_start` of a `tool_use` block
 //   then `input_json_delta` fragments, Bedrock `contentBlockStart.start.toolUse` then
-//   `contentBlockDelta.delta.toolUse.input` fragments. Calls are numbered in the order they start.
+//   `contentBlockDelta.delta.toolUse.input` fragments. Calls are numbered 0, 1, ... in the order
+//   they start (whatever indices the provider used). A call whose block ends with no arguments
+//   gets a `{}` fragment, as the non-streamed answer would have.
 // - Only the first choice (OpenAI `index` 0) is decoded; other content (thinking, other choices)
 //   is skipped. Unknown event types are ignored, as the providers' versioning policies ask.
 //
@@ -197,11 +199,19 @@ class stream_decoder {
   bool ended_ = false;
   /// The most tool calls one reply may start (a bound against a hostile stream).
   static constexpr std::size_t max_tool_calls = 1024;
-  /// The content-block index of each tool call started so far (Anthropic, Bedrock), in order:
-  /// a call's position is its `tool_index`.
+  /// The provider's index of each tool call started so far (Anthropic and Bedrock: the content
+  /// block; OpenAI: `tool_calls[].index`), in order: a call's position is its `tool_index`.
   std::vector<long long> tool_blocks_;
-  /// The `tool_index` of the tool call in content block `block`, or -1 if none started there.
+  /// Whether each tool call has had a non-empty arguments fragment.
+  std::vector<bool> tool_has_args_;
+  /// The `tool_index` of the tool call at provider index `block`, or -1 if none started there.
   long long tool_of_block(long long block) const noexcept;
+  /// Starts a tool call at provider index `block`; its `tool_index`.
+  std::size_t start_tool(long long block);
+  /// A content block ended: a tool call in it that had no arguments gets `{}` (Anthropic and
+  /// Bedrock stream an empty `partial_json`/no `input` for a tool without input, which their
+  /// non-streamed answers give as `{}`; OpenAI SDKs parse the arguments as JSON).
+  void end_block(long long block, std::vector<stream_event>& out);
 };
 
 namespace detail {

@@ -8,7 +8,11 @@
 // estimate up front. `estimate_tokens` uses the common rule of thumb for English text with BPE
 // tokenisers, rounded up everywhere so that it errs on the side of pacing too much:
 //
-//     ceil(bytes / 4) for the system prompt, the model-visible text of every message
+//     ceil(bytes / 4) for the system prompt, the model-visible text of every message (text
+//                     parts, a tool turn's result, tool calls' names and arguments) and every
+//                     tool definition (name, description, parameters schema as JSON)
+//   + 1,600 per image (Anthropic's figure for a 1.15-megapixel image, the size it scales
+//     larger ones down to; OpenAI's high-detail 1024x1024 is about 765)
 //   + 4 per message (role and separators) + 3 for the reply's priming
 //   + max_tokens (the reply may use all of it; providers reserve it against the limit)
 //
@@ -40,6 +44,8 @@ namespace keel::llm {
 inline constexpr long long tokens_per_message = 4;
 /// Estimated tokens that prime the reply.
 inline constexpr long long tokens_reply_priming = 3;
+/// Estimated tokens per image part.
+inline constexpr long long tokens_per_image = 1600;
 
 /// Estimates the tokens `req` will consume (prompt plus the full reply budget); see the header.
 /// @return a non-negative whole number, as a `double` (the throttler's unit).
@@ -53,6 +59,21 @@ inline double estimate_tokens(const chat_request& req) noexcept {
   }
   for (const auto& m : req.messages) {
     total += text_tokens(m.content) + tokens_per_message;
+    for (const auto& p : m.parts) {
+      total += p.kind == part_kind::image ? tokens_per_image : text_tokens(p.text);
+    }
+    for (const auto& c : m.tool_calls) {
+      total += text_tokens(c.name) + text_tokens(c.arguments) + tokens_per_message;
+    }
+  }
+  for (const auto& t : req.tools) {
+    total += text_tokens(t.name) + text_tokens(t.description) + tokens_per_message;
+    try {
+      total +=
+          text_tokens(t.parameters.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+    } catch (...) {
+      // Out of memory while estimating: count the tool as its name and description.
+    }
   }
   total += std::max(req.max_tokens, 0);
   return static_cast<double>(total);
