@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 18: the batch path's CPU cost, `keel batch` against a plain Go client on net/http
+# (scripts/loadgen/batch.go: read JSONL, POST each prompt with C workers, write JSONL; no
+# policy), both against `keel mock` (no faults) with the same N prompts.
+#
+# Usage: scripts/bench-batch-go.sh [--keel PATH] [--prompts N] [--concurrency "64 1024"]
+#                                  [--rounds R]
+# Needs Go (apt-get install golang-go) to build the baseline. keel uses the newcomer's one-entry
+# config ([{"model", "base_url", "api_key"}]: its default policy, adaptive pacing included). The
+# mock runs on CPU 0, the client under test on CPU 1 (taskset). Prints one line per (client,
+# concurrency, round): wall seconds, user and system CPU seconds of the client process (GNU
+# time), CPU microseconds per item, and the result lines written.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+keel=""
+prompts=20000
+conc="64 1024"
+rounds=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keel) keel="$2"; shift ;;
+    --prompts) prompts="$2"; shift ;;
+    --concurrency) conc="$2"; shift ;;
+    --rounds) rounds="$2"; shift ;;
+    -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench-batch-go.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+command -v go >/dev/null || { echo "bench-batch-go.sh: go not found (apt-get install golang-go)" >&2; exit 2; }
+prog=bench-batch-go.sh
+# shellcheck source=serve-common.sh
+. "$here/scripts/serve-common.sh"
+find_keel
+
+tmp="$dir"
+(cd "$here/scripts/loadgen" && HOME="${HOME:-$tmp}" GOCACHE="$tmp/gocache" go build -o "$tmp/gobatch" batch.go)
+
+taskset -c 0 "$keel" mock --port 0 >"$tmp/mock.log" 2>&1 &
+pids+=($!)
+url=$(url_of "$tmp/mock.log") || { echo "$prog: keel mock did not start" >&2; exit 2; }
+
+for i in $(seq "$prompts"); do
+  printf '{"id": %d, "prompt": "Summarise item %d in one line"}\n' "$i" "$i"
+done >"$tmp/prompts.jsonl"
+printf '[{"model": "m", "base_url": "%s", "api_key": "sk-bench-batch-0001"}]\n' "$url" >"$tmp/keel.json"
+
+measure() {  # label, then the command
+  local label="$1"; shift
+  rm -f "$tmp/out.jsonl"
+  /usr/bin/time -f '%e %U %S' -o "$tmp/time" taskset -c 1 "$@" >/dev/null 2>"$tmp/client.log" || {
+    echo "$prog: $label failed:" >&2; tail -5 "$tmp/client.log" >&2; return 1; }
+  read -r wall user sys <"$tmp/time"
+  local lines ok
+  lines=$(wc -l <"$tmp/out.jsonl")
+  ok=$(grep -c '"status":"ok"' "$tmp/out.jsonl" || true)
+  awk -v l="$label" -v w="$wall" -v u="$user" -v s="$sys" -v n="$prompts" -v lines="$lines" -v ok="$ok" \
+    'BEGIN { printf "%-22s wall %6.2f s  user %6.2f s  sys %5.2f s  cpu %6.1f us/item  records %d (ok %d)\n", l, w, u, s, (u + s) * 1e6 / n, lines, ok }'
+}
+
+echo "mock $url; $prompts prompts; keel $("$keel" --version | head -1); $(go version)"
+for c in $conc; do
+  for r in $(seq "$rounds"); do
+    measure "go c=$c r=$r" "$tmp/gobatch" -url "$url" -in "$tmp/prompts.jsonl" -out "$tmp/out.jsonl" -c "$c"
+    measure "keel c=$c r=$r" "$keel" batch --config "$tmp/keel.json" --in "$tmp/prompts.jsonl" \
+      --out "$tmp/out.jsonl" --overwrite -c "$c" --quiet
+  done
+done
