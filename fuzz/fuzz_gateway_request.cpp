@@ -3,12 +3,16 @@
 // gateway that sees every byte a caller sends.
 //
 // The parser promises to throw only `bad_request` (with a 400 or 404 status and a message) and,
-// on success, to give a request keel can send: at least one user or assistant turn, only those
-// roles, a reply budget of at least one token. The answer built around it (a completion, a chunk,
-// an error body) must serialise.
+// on success, to give a request keel can send: at least one user, assistant or tool turn, only
+// those roles (a tool turn with the id of its call, tool calls only on assistant turns), a reply
+// budget of at least one token. Each provider's wire format then builds it or refuses it with a
+// `provider_error` bad_request naming the part (nothing else). The answer built around it (a
+// completion, a chunk, an error body) must serialise.
 #include "fuzz_support.hpp"
 
 #include <keel/gateway/openai_wire.hpp>
+#include <keel/llm/chat.hpp>
+#include <keel/llm/error.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -37,7 +41,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   KEEL_FUZZ_CHECK(!r.model.empty());
   KEEL_FUZZ_CHECK(!r.messages.empty());
   for (const auto& m : r.messages) {
-    KEEL_FUZZ_CHECK(m.role == "user" || m.role == "assistant");
+    KEEL_FUZZ_CHECK(m.role == "user" || m.role == "assistant" || m.role == "tool");
+    KEEL_FUZZ_CHECK((m.role == "tool") == !m.tool_call_id.empty());
+    KEEL_FUZZ_CHECK(m.tool_calls.empty() || m.role == "assistant");
+    KEEL_FUZZ_CHECK(m.parts.empty() || m.role == "user");
+  }
+  for (const auto kind : {keel::llm::provider_kind::openai, keel::llm::provider_kind::anthropic,
+                          keel::llm::provider_kind::bedrock}) {
+    try {
+      const keel::llm::endpoint ep(kind, "http://127.0.0.1:1", "k", "us-east-1");
+      (void)keel::llm::build_request(r, ep);
+      (void)keel::llm::build_stream_request(r, ep);
+    } catch (const keel::llm::provider_error& e) {
+      KEEL_FUZZ_CHECK(e.llm_code() == keel::llm::errc::bad_request);
+      KEEL_FUZZ_CHECK(!e.message().empty());
+    } catch (...) {
+      keel::fuzz::unexpected_exception("keel::llm::build_request");
+    }
   }
   KEEL_FUZZ_CHECK(r.max_tokens >= 1);
   KEEL_FUZZ_CHECK(!r.temperature || (*r.temperature >= 0 && *r.temperature <= 2));
@@ -48,6 +68,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   keel::llm::chat_response reply;
   reply.text = r.messages.back().content;
   reply.finish_reason = r.system;
+  reply.tool_calls = r.messages.back().tool_calls;
   (void)keel::gateway::completion_body(reply, "chatcmpl-fuzz", 0, r.model)
       .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   (void)keel::gateway::stream_chunk("chatcmpl-fuzz", 0, r.model,
