@@ -99,6 +99,16 @@ keel::llm::call_outcome stream_once(asio::io_context& ctx, keel::testing::mock_l
   return out;
 }
 
+// A client of `server` whose key, "sk-ECHOED-KEY-99", the tests make the mock echo.
+keel::llm::client echoed_key_client(asio::io_context& ctx, keel::testing::mock_llm_server& server) {
+  server.start();
+  return keel::llm::client(
+      ctx.get_executor(),
+      make_config(R"({"config_list": [{"model": "m", "api_key": "sk-ECHOED-KEY-99"}]})",
+                  server.base_url()),
+      {}, {.seed = 1});
+}
+
 // Retries transient failures up to 3 attempts, 1 ms apart; no breaker.
 const std::string retrying =
     R"({"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
@@ -489,12 +499,7 @@ TEST_CASE("a key the server echoes into a stream never reaches the consumer",
   // The mock's reply echoes the prompt; 4-byte chunks split the key across deltas.
   asio::io_context ctx;
   keel::testing::mock_llm_server server(ctx);
-  server.start();
-  keel::llm::client client(
-      ctx.get_executor(),
-      make_config(R"({"config_list": [{"model": "m", "api_key": "sk-ECHOED-KEY-99"}]})",
-                  server.base_url()),
-      {}, {.seed = 1});
+  keel::llm::client client = echoed_key_client(ctx, server);
   consumer c;
   const keel::llm::call_outcome out =
       stream_once(ctx, server, client, c, {},
@@ -514,12 +519,7 @@ TEST_CASE("a key the server echoes into a streamed tool call never reaches the c
   // 4-byte argument fragments split it.
   asio::io_context ctx;
   keel::testing::mock_llm_server server(ctx);
-  server.start();
-  keel::llm::client client(
-      ctx.get_executor(),
-      make_config(R"({"config_list": [{"model": "m", "api_key": "sk-ECHOED-KEY-99"}]})",
-                  server.base_url()),
-      {}, {.seed = 1});
+  keel::llm::client client = echoed_key_client(ctx, server);
   keel::llm::chat_request req = prompt();
   keel::llm::tool_definition tool;
   tool.name = "call-sk-ECHOED-KEY-99";

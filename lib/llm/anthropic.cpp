@@ -89,36 +89,17 @@ json content_blocks(const chat_message& m, std::size_t index) {
 }
 
 json messages_json(const chat_request& req) {
-  json messages = json::array();
-  // Whether the last message built holds tool results: the next tool result, or the user turn
-  // after them, joins it (Anthropic wants every result of a turn in one user message).
-  bool open_results = false;
-  for (std::size_t i = 0; i < req.messages.size(); ++i) {
-    const chat_message& m = req.messages[i];
-    if (m.role == "tool") {
-      json result = {{"type", "tool_result"}, {"tool_use_id", m.tool_call_id}};
-      result["content"] = text_of(m);
-      if (open_results) {
-        messages.back()["content"].push_back(std::move(result));
-      } else {
-        messages.push_back({{"role", "user"}, {"content", json::array({std::move(result)})}});
-        open_results = true;
-      }
-      continue;
-    }
-    const bool plain = m.parts.empty() && m.tool_calls.empty();
-    if (open_results && m.role == "user") {
-      for (json& b : content_blocks(m, i)) {
-        messages.back()["content"].push_back(std::move(b));
-      }
-    } else if (plain) {
-      messages.push_back({{"role", m.role}, {"content", m.content}});
-    } else {
-      messages.push_back({{"role", m.role}, {"content", content_blocks(m, i)}});
-    }
-    open_results = false;
-  }
-  return messages;
+  return user_turn_results(
+      req,
+      [](const chat_message& m) {
+        return json{
+            {"type", "tool_result"}, {"tool_use_id", m.tool_call_id}, {"content", text_of(m)}};
+      },
+      content_blocks,
+      [](const chat_message& m, std::size_t i) {
+        // A plain turn keeps its string content (the shape keel has always sent).
+        return m.parts.empty() && m.tool_calls.empty() ? json(m.content) : content_blocks(m, i);
+      });
 }
 
 void add_tools(const chat_request& req, json& body) {

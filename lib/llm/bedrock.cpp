@@ -108,35 +108,14 @@ json content_blocks(const chat_message& m, std::size_t index) {
 }
 
 json messages_json(const chat_request& req) {
-  json messages = json::array();
-  bool open_results = false;  // as in anthropic.cpp: results of one turn go in one user message
-  for (std::size_t i = 0; i < req.messages.size(); ++i) {
-    const chat_message& m = req.messages[i];
-    if (m.role == "tool") {
-      json result = {
-          {"toolResult",
-           {{"toolUseId", m.tool_call_id}, {"content", json::array({{{"text", text_of(m)}}})}}}};
-      if (open_results) {
-        messages.back()["content"].push_back(std::move(result));
-      } else {
-        messages.push_back({{"role", "user"}, {"content", json::array({std::move(result)})}});
-        open_results = true;
-      }
-      continue;
-    }
-    if (open_results && m.role == "user") {
-      for (json& b : content_blocks(m, i)) {
-        // Converse refuses a blank text block; after the results one adds nothing.
-        if (!(b.contains("text") && b["text"] == "")) {
-          messages.back()["content"].push_back(std::move(b));
-        }
-      }
-    } else {
-      messages.push_back({{"role", m.role}, {"content", content_blocks(m, i)}});
-    }
-    open_results = false;
-  }
-  return messages;
+  return user_turn_results(
+      req,
+      [](const chat_message& m) {
+        return json{
+            {"toolResult",
+             {{"toolUseId", m.tool_call_id}, {"content", json::array({{{"text", text_of(m)}}})}}}};
+      },
+      content_blocks, content_blocks);
 }
 
 json tool_spec(const std::string& name, const std::string& description, json schema) {

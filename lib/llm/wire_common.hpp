@@ -114,6 +114,42 @@ std::string text_of(const chat_message& m);
 // A tool's parameters schema, `{"type": "object"}` when none was given.
 json parameters_of(const tool_definition& t);
 
+// The messages of `req` for a provider whose tool results are blocks of a user turn (Anthropic,
+// Bedrock): `result(m)` is a tool turn's block, `blocks(m, i)` a turn's content blocks and
+// `content(m, i)` a turn's `content` value. Every result of one turn, and the user turn right
+// after them, go in one user message, results first (both providers want a turn's results
+// together, before any text); a blank text block is left out of it (both refuse one).
+template <class Result, class Blocks, class Content>
+json user_turn_results(const chat_request& req, Result result, Blocks blocks, Content content) {
+  json messages = json::array();
+  bool open_results = false;  // the last message holds tool results
+  for (std::size_t i = 0; i < req.messages.size(); ++i) {
+    const chat_message& m = req.messages[i];
+    if (m.role == "tool") {
+      json r = result(m);
+      if (open_results) {
+        messages.back()["content"].push_back(std::move(r));
+      } else {
+        messages.push_back({{"role", "user"}, {"content", json::array({std::move(r)})}});
+        open_results = true;
+      }
+      continue;
+    }
+    if (open_results && m.role == "user") {
+      for (json& b : blocks(m, i)) {
+        const auto text = b.find("text");
+        if (text == b.end() || *text != "") {
+          messages.back()["content"].push_back(std::move(b));
+        }
+      }
+    } else {
+      messages.push_back({{"role", m.role}, {"content", content(m, i)}});
+    }
+    open_results = false;
+  }
+  return messages;
+}
+
 // Reads a success body; every missing or mistyped field is reported by its JSON path.
 class reader {
  public:
