@@ -4,8 +4,6 @@
 #include <keel/llm/chat.hpp>
 #include <keel/llm/openai.hpp>
 
-#include <nlohmann/json.hpp>
-
 #include <stdexcept>
 
 namespace keel::llm {
@@ -42,14 +40,16 @@ keel::http::request build_stream_request(const chat_request& req, const endpoint
     r.headers.erase("accept");  // the AWS SDKs send none for ConverseStream
     return r;
   }
-  // The body is ours and small: adding two members to it costs less than threading a flag
-  // through every provider's builder.
-  nlohmann::json body = nlohmann::json::parse(r.body);
-  body["stream"] = true;
-  if (ep.kind == provider_kind::openai) {
-    body["stream_options"] = {{"include_usage", true}};
+  // The body is a JSON object the builder just dumped (compact, ending in '}', never empty: it
+  // has a model or messages): the members go in before its last byte, without parsing and
+  // dumping it again (with base64 images it can be megabytes).
+  if (r.body.size() < 2 || r.body.back() != '}') {
+    throw std::logic_error("keel: a request body that is not a JSON object");
   }
-  r.body = body.dump();
+  r.body.pop_back();
+  r.body += ep.kind == provider_kind::openai
+                ? R"(,"stream":true,"stream_options":{"include_usage":true}})"
+                : R"(,"stream":true})";
   r.set("accept", "text/event-stream");
   return r;
 }
