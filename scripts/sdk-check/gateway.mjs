@@ -4,9 +4,9 @@
 //   SERVE_URL=http://127.0.0.1:P LIMITED_URL=http://127.0.0.1:Q node gateway.mjs
 //
 // run.sh starts the mock (scenario.json: models gw-primary, gw-backup, gw-limited) and two
-// gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each) and
-// "gw-claude" (an Anthropic-format entry: a second route), LIMITED_URL serves "gw-limited" with
-// one attempt. Prints one PASS/FAIL line per check and exits
+// gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each),
+// "gw-claude" (an Anthropic-format entry: a second route) and "gw-bedrock" (a Bedrock Converse
+// entry: a third), LIMITED_URL serves "gw-limited" with one attempt. Prints one PASS/FAIL line per check and exits
 // 1 if any failed.
 
 import OpenAI from 'openai';
@@ -95,7 +95,8 @@ await check('keel serve: an audio content part -> BadRequestError 400 naming the
   eq(e.param, 'messages[0].content[0].type', 'param');
 });
 
-// Tools (issue 18): the SDK's own tool loop through keel, to an OpenAI and an Anthropic route.
+// Tools (issue 18): the SDK's own tool loop through keel, to an OpenAI, an Anthropic and a
+// Bedrock route.
 const weatherTool = {
   type: 'function',
   function: {
@@ -106,7 +107,7 @@ const weatherTool = {
 };
 const png = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==';
 
-for (const model of ['gw-primary', 'gw-claude']) {
+for (const model of ['gw-primary', 'gw-claude', 'gw-bedrock']) {
   await check(`keel serve (${model}): tools -> message.tool_calls the SDK reads, finish_reason tool_calls`, async () => {
     const r = await sdk.chat.completions.create({ ...ask(model, 'weather in Paris?'), tools: [weatherTool] });
     const choice = r.choices[0];
@@ -195,7 +196,7 @@ await check('keel serve: chat.completions.stream() helper -> finalChatCompletion
 await check('keel serve: models.list() names one route per config', async () => {
   const ids = [];
   for await (const m of sdk.models.list()) ids.push(m.id);
-  eq(JSON.stringify(ids), '["gw-primary","gw-claude"]', 'ids');
+  eq(JSON.stringify(ids), '["gw-primary","gw-claude","gw-bedrock"]', 'ids');
 });
 
 await check('keel serve: an Anthropic-backed route answers the OpenAI SDK as an OpenAI completion', async () => {

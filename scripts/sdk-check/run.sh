@@ -50,31 +50,35 @@ EOF
 cat >"$tmp/claude.json" <<EOF
 {"config_list": [{"api_type": "anthropic", "model": "gw-claude", "base_url": "$url", "api_key": "sk-gateway-check-4"}]}
 EOF
+cat >"$tmp/bedrock.json" <<EOF
+{"config_list": [{"api_type": "bedrock", "model": "gw-bedrock", "base_url": "$url", "aws_region": "us-east-1"}]}
+EOF
 cat >"$tmp/limited.json" <<EOF
 {"config_list": [{"model": "gw-limited", "base_url": "$url", "api_key": "sk-gateway-check-3"}],
  "policy": {"retry": {"max_attempts": 1}}}
 EOF
 # Starts a gateway on a free port (in this shell, so that its pid is kept); `served` is its URL.
-start_serve() {  # config log [second config]
-  local extra=()
-  [[ $# -ge 3 ]] && extra=(--config "$3")
-  "$keel" serve --config "$1" "${extra[@]}" --listen 127.0.0.1:0 >"$2" 2>&1 &
+start_serve() {  # config log [more configs...]
+  local config="$1" log="$2" extra=()
+  shift 2
+  for c in "$@"; do extra+=(--config "$c"); done
+  "$keel" serve --config "$config" "${extra[@]}" --listen 127.0.0.1:0 >"$log" 2>&1 &
   serve_pids+=($!)
   served=""
   for _ in $(seq 100); do
-    served="$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$2" | head -1 || true)"
+    served="$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$log" | head -1 || true)"
     [[ -n "$served" ]] && return 0
     sleep 0.05
   done
   echo "keel serve did not print its address:" >&2
-  cat "$2" >&2
+  cat "$log" >&2
   return 1
 }
-start_serve "$tmp/gw.json" "$tmp/gw.log" "$tmp/claude.json"
+start_serve "$tmp/gw.json" "$tmp/gw.log" "$tmp/claude.json" "$tmp/bedrock.json"
 gw="$served"
 start_serve "$tmp/limited.json" "$tmp/limited.log"
 lim="$served"
-echo "serve: $gw (gw-primary -> gw-backup; gw-claude), $lim (gw-limited)"
+echo "serve: $gw (gw-primary -> gw-backup; gw-claude; gw-bedrock), $lim (gw-limited)"
 SERVE_URL="$gw" LIMITED_URL="$lim" node gateway.mjs || rc=$?
 for p in "${serve_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${serve_pids[@]}"; do wait "$p" 2>/dev/null || true; done
