@@ -963,11 +963,10 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
             watch.first_token_seen();
             const std::size_t ti = ev.tool_index;
             attempt_bytes += ev.tool.arguments.size() + ev.tool.name.size();
-            if (out.tool_calls.size() <= ti) {
-              out.tool_calls.resize(ti + 1);
-              while (tool_scrubbers.size() <= ti) {
-                tool_scrubbers.emplace_back(secrets_, secret_marker);
-              }
+            // Decoders number calls densely from 0, so a new call is always the next one.
+            while (out.tool_calls.size() <= ti) {
+              out.tool_calls.emplace_back();
+              tool_scrubbers.emplace_back(secrets_, secret_marker);
             }
             keel::llm::tool_call& call = out.tool_calls[ti];  // scrubbed whole in run_call
             // The id and name come whole (a server may repeat them on every piece); only the

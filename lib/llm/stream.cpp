@@ -122,10 +122,30 @@ long long stream_decoder::tool_of_block(long long block) const noexcept {
   return -1;
 }
 
-std::size_t stream_decoder::start_tool(long long block) {
-  tool_blocks_.push_back(block);
-  tool_has_args_.push_back(false);
-  return tool_blocks_.size() - 1;
+std::string stream_decoder::tool_piece(long long block, tool_call piece, bool starts,
+                                       std::vector<stream_event>& out) {
+  long long tool = tool_of_block(block);
+  if (tool < 0) {
+    if (!starts) {
+      return "a tool-call piece for a block that did not start a tool call";
+    }
+    if (tool_blocks_.size() >= max_tool_calls) {
+      return "more than " + std::to_string(max_tool_calls) + " tool calls";
+    }
+    tool_blocks_.push_back(block);
+    tool_has_args_.push_back(false);
+    tool = static_cast<long long>(tool_blocks_.size() - 1);
+  } else if (piece.id.empty() && piece.name.empty() && piece.arguments.empty()) {
+    return {};
+  }
+  stream_event t(stream_event_kind::tool_call);
+  t.tool_index = static_cast<std::size_t>(tool);
+  if (!piece.arguments.empty()) {
+    tool_has_args_[t.tool_index] = true;
+  }
+  t.tool = std::move(piece);
+  out.push_back(std::move(t));
+  return {};
 }
 
 void stream_decoder::end_block(long long block, std::vector<stream_event>& out) {
@@ -285,31 +305,24 @@ void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_even
             return bad("choices[0].delta.tool_calls is not an array");
           }
           for (const json& c : *calls) {
-            stream_event t(stream_event_kind::tool_call);
             long long ti = 0;
             if (!c.is_object() || count_at(c, "index", ti) != field::ok) {
               return bad("choices[0].delta.tool_calls[] has no valid index");
             }
-            if (const long long known = tool_of_block(ti); known >= 0) {
-              t.tool_index = static_cast<std::size_t>(known);
-            } else if (tool_blocks_.size() >= max_tool_calls) {
-              return bad("more than " + std::to_string(max_tool_calls) + " tool calls");
-            } else {
-              t.tool_index = start_tool(ti);
-            }
-            if (string_at(c, "id", t.tool.id) == field::bad) {
+            tool_call piece;
+            if (string_at(c, "id", piece.id) == field::bad) {
               return bad("choices[0].delta.tool_calls[].id is not a string");
             }
             if (auto fn = c.find("function"); fn != c.end() && !fn->is_null()) {
-              if (!fn->is_object() || string_at(*fn, "name", t.tool.name) == field::bad ||
-                  string_at(*fn, "arguments", t.tool.arguments) == field::bad) {
+              if (!fn->is_object() || string_at(*fn, "name", piece.name) == field::bad ||
+                  string_at(*fn, "arguments", piece.arguments) == field::bad) {
                 return bad("choices[0].delta.tool_calls[].function is not an object of strings");
               }
             }
-            if (!t.tool.arguments.empty()) {
-              tool_has_args_[t.tool_index] = true;
+            // Any index may start a call: OpenAI-compatible servers number them as they like.
+            if (std::string why = tool_piece(ti, std::move(piece), true, out); !why.empty()) {
+              return bad("choices[0].delta.tool_calls[]: " + why);
             }
-            out.push_back(std::move(t));
           }
         }
         std::string refusal;
@@ -413,16 +426,14 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
       if (count_at(ev, "index", index) == field::bad) {
         return bad("index is not a non-negative integer");
       }
-      if (tool_blocks_.size() >= max_tool_calls) {
-        return bad("more than " + std::to_string(max_tool_calls) + " tool calls");
-      }
-      stream_event t(stream_event_kind::tool_call);
-      if (string_at(*block, "id", t.tool.id) == field::bad ||
-          string_at(*block, "name", t.tool.name) == field::bad) {
+      tool_call piece;
+      if (string_at(*block, "id", piece.id) == field::bad ||
+          string_at(*block, "name", piece.name) == field::bad) {
         return bad("content_block.id or name is not a string");
       }
-      t.tool_index = start_tool(index);
-      out.push_back(std::move(t));
+      if (std::string why = tool_piece(index, std::move(piece), true, out); !why.empty()) {
+        return bad(why);
+      }
     } else if (block_type == "text") {
       if (string_at(*block, "text", text) == field::bad) {
         return bad("content_block.text is not a string");
@@ -445,18 +456,12 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
       if (count_at(ev, "index", index) == field::bad) {
         return bad("index is not a non-negative integer");
       }
-      const long long tool = tool_of_block(index);
-      if (tool < 0) {
-        return bad("input_json_delta for a block that is not a tool_use");
-      }
-      stream_event t(stream_event_kind::tool_call);
-      t.tool_index = static_cast<std::size_t>(tool);
-      if (string_at(*delta, "partial_json", t.tool.arguments) == field::bad) {
+      tool_call piece;
+      if (string_at(*delta, "partial_json", piece.arguments) == field::bad) {
         return bad("delta.partial_json is not a string");
       }
-      if (!t.tool.arguments.empty()) {
-        tool_has_args_[t.tool_index] = true;
-        out.push_back(std::move(t));
+      if (std::string why = tool_piece(index, std::move(piece), false, out); !why.empty()) {
+        return bad("input_json_delta: " + why);
       }
     } else if (delta_type == "text_delta") {
       std::string text;
@@ -596,16 +601,14 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
     if (count_at(body, "contentBlockIndex", index) == field::bad) {
       return bad("contentBlockIndex is not a non-negative integer");
     }
-    if (tool_blocks_.size() >= max_tool_calls) {
-      return bad("more than " + std::to_string(max_tool_calls) + " tool calls");
-    }
-    stream_event t(stream_event_kind::tool_call);
-    if (string_at(*use, "toolUseId", t.tool.id) == field::bad ||
-        string_at(*use, "name", t.tool.name) == field::bad) {
+    tool_call piece;
+    if (string_at(*use, "toolUseId", piece.id) == field::bad ||
+        string_at(*use, "name", piece.name) == field::bad) {
       return bad("start.toolUse.toolUseId or name is not a string");
     }
-    t.tool_index = start_tool(index);
-    out.push_back(std::move(t));
+    if (std::string why = tool_piece(index, std::move(piece), true, out); !why.empty()) {
+      return bad(why);
+    }
   } else if (event_type == "contentBlockStop") {
     long long index = 0;
     if (count_at(body, "contentBlockIndex", index) == field::bad) {
@@ -622,18 +625,12 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
       if (count_at(body, "contentBlockIndex", index) == field::bad) {
         return bad("contentBlockIndex is not a non-negative integer");
       }
-      const long long tool = tool_of_block(index);
-      if (tool < 0) {
-        return bad("delta.toolUse for a block that did not start a tool use");
-      }
-      stream_event t(stream_event_kind::tool_call);
-      t.tool_index = static_cast<std::size_t>(tool);
-      if (string_at(*use, "input", t.tool.arguments) == field::bad) {
+      tool_call piece;
+      if (string_at(*use, "input", piece.arguments) == field::bad) {
         return bad("delta.toolUse.input is not a string");
       }
-      if (!t.tool.arguments.empty()) {
-        tool_has_args_[t.tool_index] = true;
-        out.push_back(std::move(t));
+      if (std::string why = tool_piece(index, std::move(piece), false, out); !why.empty()) {
+        return bad("delta.toolUse: " + why);
       }
       return;
     }

@@ -206,8 +206,12 @@ class stream_decoder {
   std::vector<bool> tool_has_args_;
   /// The `tool_index` of the tool call at provider index `block`, or -1 if none started there.
   long long tool_of_block(long long block) const noexcept;
-  /// Starts a tool call at provider index `block`; its `tool_index`.
-  std::size_t start_tool(long long block);
+  /// Appends a `tool_call` event for the call at provider index `block`: its start if no call
+  /// is there yet and `starts` (at most `max_tool_calls` per reply), else a piece of it (a piece
+  /// with nothing in it is dropped). Returns what was wrong, "" if nothing: no call there, or
+  /// too many calls; the caller reports it as malformed.
+  std::string tool_piece(long long block, tool_call piece, bool starts,
+                         std::vector<stream_event>& out);
   /// A content block ended: a tool call in it that had no arguments gets `{}` (Anthropic and
   /// Bedrock stream an empty `partial_json`/no `input` for a tool without input, which their
   /// non-streamed answers give as `{}`; OpenAI SDKs parse the arguments as JSON).
