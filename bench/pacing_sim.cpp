@@ -6,7 +6,7 @@
 //                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--tpm T] [--token-burst T]
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
 //                   [--max-attempts K] [--seed S] [--jitter-ms J] [--stall-every-ms E]
-//                   [--stall-max-ms S] [--timeline] [--matrix]
+//                   [--stall-max-ms S] [--processes P [--follow]] [--timeline] [--matrix]
 #include "pacing_sim.hpp"
 
 #include <cstdio>
@@ -18,15 +18,15 @@ namespace {
 
 void print(const char* label, const pacing_sim::server_spec& s, const pacing_sim::client_spec& c,
            const pacing_sim::result& r, bool timeline) {
-  const double ideal =
-      s.requests_per_second > 0 ? static_cast<double>(c.prompts) / s.requests_per_second : 0;
+  // A fleet's processes each take `prompts` items.
+  const double items = static_cast<double>(c.prompts * std::max<std::size_t>(1, c.processes));
+  const double ideal = s.requests_per_second > 0 ? items / s.requests_per_second : 0;
   std::printf(
       "%-28s R=%-5g c=%-5zu N=%-6zu wall=%7.2fs (%.3fx) ok=%zu failed=%zu attempts=%.3fxN 429=%zu "
       "err=%zu p50=%.3f p99=%.3f  est=%.1f rate=%.1f phase=%s samples=%llu\n",
       label, s.requests_per_second, c.concurrency, c.prompts, r.wall_s,
-      ideal > 0 ? r.wall_s / ideal : 0, r.ok, r.failed,
-      static_cast<double>(r.attempts) / static_cast<double>(c.prompts), r.rejected, r.errors,
-      r.p50_s, r.p99_s, r.final_requests.estimate, r.final_requests.rate,
+      ideal > 0 ? r.wall_s / ideal : 0, r.ok, r.failed, static_cast<double>(r.attempts) / items,
+      r.rejected, r.errors, r.p50_s, r.p99_s, r.final_requests.estimate, r.final_requests.rate,
       keel::to_string(r.final_requests.phase),
       static_cast<unsigned long long>(r.final_requests.samples));
   if (timeline) {
@@ -108,6 +108,10 @@ int main(int argc, char** argv) {
       ch.at = duration_cast<nanoseconds>(duration<double>(std::stod(v.substr(0, colon))));
       ch.requests_per_second = std::stod(v.substr(colon + 1));
       s.schedule.push_back(ch);
+    } else if (a == "--processes") {
+      c.processes = std::stoul(next());
+    } else if (a == "--follow") {
+      c.follow_leader = true;
     } else if (a == "--plain") {
       c.paced = false;
     } else if (a == "--advertise") {

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -79,6 +80,15 @@ struct client_spec {
   nanoseconds stall_max{0};
   keel::rate_controller_options pacing;
   std::uint64_t seed = 1;
+  // A fleet: this many processes, each with `prompts` items, `concurrency` workers and a
+  // throttler and controller of its own, against the one server.
+  std::size_t processes = 1;
+  // The fleet probes as keel::redis::fleet has it (keel/redis/shared_rate.hpp): process 0
+  // leads; every `sync_every` each other process reads the gain of the leader's probe and
+  // follows it (`follow_probes`) `sync_lag` later.
+  bool follow_leader = false;
+  nanoseconds sync_every = milliseconds(100);
+  nanoseconds sync_lag = microseconds(500);
 };
 
 /// One 100 ms bin of the run.
@@ -218,21 +228,36 @@ inline result run(const server_spec& ss, const client_spec& cs,
                   nanoseconds limit = std::chrono::seconds(600)) {
   clock::reset();
   asio::io_context ctx;
-  keel::basic_throttler<clock> bucket{ctx.get_executor()};
-  std::optional<keel::basic_rate_controller<clock>> pacing;
   keel::random_source rng{cs.seed};
-  keel::rate_controller_options po = cs.pacing;
-  if (po.random == nullptr) {
-    po.random = &rng;
-  }
-  if (cs.paced) {
-    pacing.emplace(bucket, po);
+  // One process of the fleet (the only one, usually).
+  struct process {
+    keel::basic_throttler<clock> bucket;
+    std::optional<keel::basic_rate_controller<clock>> pacing;
+    std::size_t next = 0;
+    explicit process(asio::io_context& c) : bucket{c.get_executor()} {}
+  };
+  std::vector<std::unique_ptr<process>> fleet;
+  std::vector<std::unique_ptr<keel::random_source>> plateaus;
+  const std::size_t processes = std::max<std::size_t>(1, cs.processes);
+  for (std::size_t i = 0; i < processes; ++i) {
+    fleet.push_back(std::make_unique<process>(ctx));
+    keel::rate_controller_options po = cs.pacing;
+    if (po.random == nullptr) {
+      if (i == 0) {
+        po.random = &rng;
+      } else {
+        plateaus.push_back(std::make_unique<keel::random_source>(cs.seed * 31 + i));
+        po.random = plateaus.back().get();
+      }
+    }
+    if (cs.paced) {
+      fleet.back()->pacing.emplace(fleet.back()->bucket, po);
+    }
   }
   server_model server{ss};
   result res;
   std::vector<double> latencies;
-  std::size_t next = 0;
-  std::size_t running = cs.concurrency;
+  std::size_t running = cs.concurrency * processes;
   auto bin_of = [&](double t) -> bin& {
     const auto i = static_cast<std::size_t>(std::max(0.0, t) / 0.1);
     if (res.bins.size() <= i) {
@@ -253,7 +278,9 @@ inline result run(const server_spec& ss, const client_spec& cs,
   };
   keel::random_source faults{cs.seed * 7919 + 1};
   keel::random_source stalls{cs.seed * 104729 + 3};
-  auto item = [&]() -> asio::awaitable<bool> {
+  auto item = [&](process& pr) -> asio::awaitable<bool> {
+    auto& bucket = pr.bucket;
+    auto& pacing = pr.pacing;
     const double tokens = cs.tokens_per_prompt * (1 + cs.tokens_spread * (2 * rng.uniform() - 1));
     for (int attempt = 1;; ++attempt) {
       co_await bucket.acquire({1, tokens});
@@ -319,22 +346,97 @@ inline result run(const server_spec& ss, const client_spec& cs,
     }
   };
   clock::time_point end{};
-  for (std::size_t w = 0; w < cs.concurrency; ++w) {
-    asio::co_spawn(
-        ctx,
-        [&]() -> asio::awaitable<void> {
-          while (next < cs.prompts) {
-            ++next;
-            const auto t0 = clock::now();
-            const bool ok = co_await item();
-            latencies.push_back(std::chrono::duration<double>(clock::now() - t0).count());
-            (ok ? res.ok : res.failed) += 1;
-            end = std::max(end, clock::now());
-          }
-          --running;
-        },
-        asio::detached);
+  for (auto& pr : fleet) {
+    for (std::size_t w = 0; w < cs.concurrency; ++w) {
+      asio::co_spawn(
+          ctx,
+          [&, p = pr.get()]() -> asio::awaitable<void> {
+            while (p->next < cs.prompts) {
+              ++p->next;
+              const auto t0 = clock::now();
+              const bool ok = co_await item(*p);
+              latencies.push_back(std::chrono::duration<double>(clock::now() - t0).count());
+              (ok ? res.ok : res.failed) += 1;
+              end = std::max(end, clock::now());
+            }
+            --running;
+          },
+          asio::detached);
+    }
   }
+  // The fleet's state (keel/redis/shared_rate.hpp's script): every member's latest estimate and
+  // when it synced, the members' samples at their last report, and the fleet's limit.
+  struct member_entry {
+    double estimate = 0;
+    double at = -1;
+    std::uint64_t samples = 0;
+    std::uint64_t rejections = 0;
+    bool followed = false;  // followed a probe at its last sync
+  };
+  std::vector<member_entry> members(processes);
+  double fleet_limit = 0;
+  bool probe_hit = false;  // a follower drew a 429 in the leader's probe
+  if (cs.follow_leader && cs.paced && processes > 1) {
+    for (std::size_t i = 0; i < processes; ++i) {
+      asio::co_spawn(
+          ctx,
+          [&, i, p = fleet[i].get()]() -> asio::awaitable<void> {
+            // Each member syncs every `sync_every`, from a start of its own.
+            co_await sleep(std::chrono::duration_cast<nanoseconds>(cs.sync_every * (i + 1)) /
+                           static_cast<long>(processes + 1));
+            // A member that has started its last item stops syncing (and leading), as a process
+            // that stops calling does.
+            while (p->next < cs.prompts) {
+              const keel::pacing_state st = p->pacing->requests();
+              const double t = seconds(clock::now());
+              member_entry& me = members[i];
+              me.at = t;
+              me.estimate = st.estimate;
+              std::size_t active = 0;
+              double sum = 0;
+              for (const member_entry& m : members) {
+                if (m.at >= 0 && t - m.at <= 1.0) {
+                  ++active;
+                  sum += m.estimate;
+                }
+              }
+              if (st.samples > me.samples) {  // a measurement of its own: the fleet's limit
+                me.samples = st.samples;
+                fleet_limit = sum;
+              }
+              if (st.rejections > me.rejections && me.followed) {
+                probe_hit = true;  // the fleet's probe crossed the limit
+              }
+              me.rejections = st.rejections;
+              const double share = fleet_limit > 0 ? fleet_limit / static_cast<double>(active) : 0;
+              // The leader: the first member still syncing (a lapsed lead goes to the next).
+              std::size_t leader = 0;
+              while (leader < processes && fleet[leader]->next >= cs.prompts) {
+                ++leader;
+              }
+              const double gain = fleet[leader]->pacing->requests().gain;
+              co_await sleep(cs.sync_lag);
+              if (share > 0) {
+                p->pacing->adopt_share(share);
+              }
+              if (i != leader) {
+                p->pacing->follow_probes(gain);
+                me.followed = gain > 0;
+              } else {
+                p->pacing->lead();
+                if (probe_hit) {
+                  p->pacing->end_probe();
+                  probe_hit = false;
+                }
+                me.followed = false;
+              }
+              co_await sleep(cs.sync_every - cs.sync_lag);
+            }
+          },
+          asio::detached);
+    }
+  }
+  auto& pacing = fleet[0]->pacing;
   keel::testing::run_until(
       ctx,
       [&] {

@@ -205,17 +205,20 @@ TEST_CASE("the object shape reads config_list and every policy key", "[cli_confi
   // Defaults of the fleet's breaker timing (shared.redis off: nothing is shared).
   CHECK(p.shared.breaker_sync == 0.25);
   CHECK(p.shared.probe_timeout == 30);
+  CHECK(p.shared.rate_sync == 0.1);
 }
 
-TEST_CASE("policy.shared reads the fleet breaker's sync interval and probe timeout",
+TEST_CASE("policy.shared reads the fleet breaker's sync interval, probe timeout and rate sync",
           "[cli_config]") {
   const auto c = parse(R"({"config_list": [{"model": "m", "api_key": "k"}],
-    "policy": {"shared": {"breaker_sync": 0.05, "probe_timeout": 4.5}}})");
+    "policy": {"shared": {"breaker_sync": 0.05, "probe_timeout": 4.5, "rate_sync": 0.2}}})");
   CHECK(c.policy.shared.breaker_sync == 0.05);
   CHECK(c.policy.shared.probe_timeout == 4.5);
+  CHECK(c.policy.shared.rate_sync == 0.2);
   const auto j = keel::llm::to_json(c);
   CHECK(j["policy"]["shared"]["breaker_sync"] == 0.05);
   CHECK(j["policy"]["shared"]["probe_timeout"] == 4.5);
+  CHECK(j["policy"]["shared"]["rate_sync"] == 0.2);
 }
 
 TEST_CASE("entry rate limits are the policy's overridden key by key", "[cli_config]") {
@@ -476,6 +479,8 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
        "/policy/shared/breaker_sync", "a number > 0"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"probe_timeout": "1"}}})",
        "/policy/shared/probe_timeout", "a number > 0"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"rate_sync": -0.1}}})",
+       "/policy/shared/rate_sync", "a number > 0"},
   };
   for (const auto& row : table) {
     INFO("config: " << row.json);

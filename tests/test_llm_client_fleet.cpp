@@ -37,7 +37,17 @@ struct fake_fleet final : keel::llm::fleet_pacing {
   void on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds d) override {
     delays.emplace_back(e.model, d);
   }
+  void sync_pacing(const keel::llm::entry_config& e, keel::rate_controller& pacing) override {
+    synced.push_back(e.model);
+    controllers.push_back(&pacing);
+    if (share > 0) {
+      pacing.adopt_share(share);  // the fleet's learned share of the limit
+    }
+  }
   bool down = false;
+  double share = 0;
+  std::vector<std::string> synced;
+  std::vector<keel::rate_controller*> controllers;
   std::vector<std::string> models;
   std::vector<double> estimates;
   std::vector<std::pair<std::string, std::chrono::nanoseconds>> delays;
@@ -64,6 +74,33 @@ TEST_CASE("every attempt asks the fleet, and a 429's delay is passed on to it", 
   REQUIRE(fleet.delays.size() == 1);
   CHECK(fleet.delays[0].first == "m");
   CHECK(fleet.delays[0].second == 250ms);
+}
+
+TEST_CASE("every attempt shares its entry's rate controller with the fleet before it is paced",
+          "[llm_client]") {
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_retry_after(10ms).with_script({fault_kind::rate_limit}));
+  server.start();
+  fake_fleet fleet;
+  fleet.share = 7;
+  keel::llm::client_options o;
+  o.seed = 1;
+  o.fleet = &fleet;
+  keel::llm::client client(ctx.get_executor(), make_config(one_retrying_entry, server.base_url()),
+                           {}, o);
+  const auto out = run(ctx, client, {request()});
+  REQUIRE_FALSE(out[0].error);
+  CHECK(out[0].attempts == 2);
+  CHECK(fleet.synced == std::vector<std::string>{"m", "m"});  // once per attempt
+  REQUIRE(fleet.controllers.size() == 2);
+  CHECK(fleet.controllers[0] == fleet.controllers[1]);  // the entry's one controller
+  // It paces at the share the fleet gave it (alone, the 429 would have put it in search), less
+  // what its own 429 at that share took off (the share refused).
+  const keel::pacing_state st = fleet.controllers[0]->requests();
+  CHECK(st.phase == keel::pacing_phase::cruise);
+  CHECK(st.estimate == Approx(7 * 0.97));
+  CHECK(fleet.controllers[0]->bucket().options().requests_per_second == Approx(7 * 0.97 * 0.97));
 }
 
 TEST_CASE("when the fleet cannot be reached the call goes on under its own bucket",

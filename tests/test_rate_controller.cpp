@@ -932,7 +932,155 @@ TEST_CASE("pacing phases have names", "[rate_controller]") {
   CHECK(std::string(keel::to_string(keel::pacing_phase::fixed)) == "fixed");
 }
 
+// ---- a fleet's shares and probes (keel/redis/shared_rate.hpp) ----
+
+// Sends and accepts one call if the bucket has room, `n` times, `step` apart: the controller
+// sees events (its phases advance lazily).
+void accept_calls(rig& r, int n, std::chrono::nanoseconds step) {
+  for (int i = 0; i < n; ++i) {
+    advance_to(now() + step);
+    if (r.bucket.try_acquire({1, 0})) {
+      r.pacing.on_accepted(r.pacing.on_send({1, 0}));
+    }
+  }
+}
+
+TEST_CASE("adopt_share sets the estimate to the fleet's share, out of startup or search",
+          "[rate_controller]") {
+  rig r;
+  REQUIRE(r.pacing.requests().phase == keel::pacing_phase::startup);
+  r.pacing.adopt_share(100);
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  CHECK(r.pacing.requests().estimate == 100);
+  CHECK(r.pacing.requests().rate == Approx(97));  // (1 - margin) x the share
+  CHECK(r.bucket.options().requests_per_second == Approx(97));
+
+  // A share that is not positive or not finite changes nothing.
+  r.pacing.adopt_share(0);
+  r.pacing.adopt_share(-3);
+  r.pacing.adopt_share(std::numeric_limits<double>::quiet_NaN());
+  r.pacing.adopt_share(std::numeric_limits<double>::infinity());
+  CHECK(r.pacing.requests().estimate == 100);
+
+  // A new share replaces the estimate.
+  r.pacing.adopt_share(50);
+  CHECK(r.pacing.requests().estimate == 50);
+  CHECK(r.bucket.options().requests_per_second == Approx(48.5));
+
+  // While it reacts to a 429 of its own, the episode decides, not the fleet.
+  const ticket t = r.send();
+  r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
+  const double reacting = r.pacing.requests().estimate;
+  r.pacing.adopt_share(200);
+  CHECK(r.pacing.requests().estimate == reacting);
+  CHECK(reacting < 100);
+
+  // A ceiling (configured or advertised) is knowledge of its own.
+  rig configured{with_ceiling(20)};
+  configured.pacing.adopt_share(100);
+  CHECK(configured.pacing.requests().phase == keel::pacing_phase::fixed);
+  CHECK(configured.bucket.options().requests_per_second == 20);
+}
+
+TEST_CASE(
+    "a follower of the fleet's probes does not probe on its own and probes by the leader's "
+    "gain",
+    "[rate_controller]") {
+  rig alone;
+  alone.pacing.adopt_share(100);
+  accept_calls(alone, 50, 50ms);  // 2.5 s: past any plateau
+  CHECK(alone.pacing.requests().phase == keel::pacing_phase::probe);
+  CHECK(alone.pacing.requests().gain > 0);
+
+  rig r;
+  r.pacing.adopt_share(100);
+  r.pacing.follow_probes(0);
+  accept_calls(r, 50, 50ms);
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  CHECK(r.pacing.requests().gain == 0);
+  CHECK(r.bucket.options().requests_per_second == Approx(97));
+
+  // The leader probes at +50%: so does the follower, on its own plateau rate.
+  r.pacing.follow_probes(0.5);
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::probe);
+  CHECK(r.pacing.requests().rate == Approx(145.5));
+  CHECK(r.pacing.requests().gain == Approx(0.5));
+  CHECK(r.bucket.options().requests_per_second == Approx(145.5));
+  // The leader's probe is over: back to the plateau.
+  r.pacing.follow_probes(0);
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  CHECK(r.bucket.options().requests_per_second == Approx(97));
+  // A gain that is negative or not finite is none.
+  r.pacing.follow_probes(-1);
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  r.pacing.follow_probes(std::numeric_limits<double>::quiet_NaN());
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+
+  // Its own 429 in a followed probe is its own episode: the probe stops for it at once.
+  r.pacing.follow_probes(0.5);
+  REQUIRE(r.pacing.requests().phase == keel::pacing_phase::probe);
+  const ticket t = r.send();
+  r.pacing.on_throttled(t, keel::limit_kind::requests, 1s);
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  CHECK(r.pacing.requests().rejections == 1);
+}
+
+TEST_CASE("lead() gives a follower its own probes back; end_probe() ends one without a 429",
+          "[rate_controller]") {
+  rig r;
+  r.pacing.adopt_share(100);
+  r.pacing.follow_probes(0.3);
+  REQUIRE(r.pacing.requests().phase == keel::pacing_phase::probe);
+  r.pacing.lead();
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  CHECK(r.bucket.options().requests_per_second == Approx(97));
+  accept_calls(r, 50, 50ms);  // its plateau started again at lead(), and ended
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::probe);
+
+  r.pacing.end_probe();  // a follower drew this probe's 429
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+  CHECK(r.pacing.requests().rate == Approx(97));
+  CHECK(r.pacing.requests().estimate == 100);  // nothing measured: the estimate stays
+  r.pacing.end_probe();                        // not probing: nothing changes
+  CHECK(r.pacing.requests().phase == keel::pacing_phase::cruise);
+
+  rig startup;
+  startup.pacing.lead();       // not a follower: nothing changes
+  startup.pacing.end_probe();  // not probing
+  CHECK(startup.pacing.requests().phase == keel::pacing_phase::startup);
+}
+
 // ---- against simulated limiters ----
+
+// Four processes x 64 workers x 1,000 prompts against one 200/s limiter, learning alone or
+// following process 0 (keel/redis/shared_rate.hpp's protocol).
+const pacing_sim::result& fleet_run(bool follow) {
+  static std::array<std::optional<pacing_sim::result>, 2> runs;
+  auto& r = runs[follow ? 1 : 0];
+  if (!r) {
+    auto c = batch(1000, 64);
+    c.processes = 4;
+    c.follow_leader = follow;
+    r = pacing_sim::run(limiter(200), c, tick);
+  }
+  return *r;
+}
+
+TEST_CASE("a fleet whose processes follow one leader learns one limit without colliding",
+          "[rate_controller]") {
+  const pacing_sim::result& alone = fleet_run(false);
+  const pacing_sim::result& shared = fleet_run(true);
+  CAPTURE(alone.wall_s, alone.attempts, alone.rejected, alone.failed);
+  CAPTURE(shared.wall_s, shared.attempts, shared.rejected, shared.failed,
+          shared.final_requests.estimate, keel::to_string(shared.final_requests.phase));
+  CHECK(shared.failed == 0);
+  CHECK(shared.ok == 4000);
+  CHECK(shared.wall_s <= 1.10 * 4000 / 200);
+  CHECK(static_cast<double>(shared.attempts) <= 1.10 * 4000);
+  // The leader measures its share of the limit.
+  CHECK(shared.final_requests.estimate == Approx(50).epsilon(0.15));
+  CHECK(shared.rejected < alone.rejected);
+}
 
 TEST_CASE("against a 200/s limiter the batch converges to its rate, with or without Retry-After",
           "[rate_controller]") {

@@ -116,6 +116,13 @@
 //   faults must not lower the rate (the breaker and the retry policy handle them). For the
 //   estimator they count as accepted (the limiter let them through), except transport failures
 //   without an answer (`on_abandoned`), which count as nothing.
+// - **A fleet probes as one.** Processes that share one key (keel/redis/shared_rate.hpp) each
+//   learn their share of the limit as above, but only one of them (the leader) probes; the
+//   others `follow_probes`: they raise their rates by the leader's probe gain at the same time.
+//   Learning alone, each process probed at its own random time, the others drew the 429s of
+//   its probe and cut, and the shares walked (4 processes against 200 r/s: 1.25-1.53 attempts
+//   per prompt, docs/BENCHMARKS.md). Probing together, a crossing is the fleet's, every process
+//   draws its part of the 429s and measures its share again.
 //
 // Example:
 //
@@ -195,6 +202,9 @@ struct pacing_state {
   /// The share of calls the server refuses whatever the rate, as a trial found it (0: none
   /// found). 429s within it are counted, not reacted to.
   double noise = 0;
+  /// In `probe`: how far above the plateau's rate the probe is (rate = plateau rate x (1 +
+  /// gain)); 0 otherwise.
+  double gain = 0;
 };
 
 /// Settings of a rate controller. The defaults suit LLM APIs and HTTP rate limiters; every
@@ -320,6 +330,28 @@ class basic_rate_controller {
   /// value changes nothing. They set the estimate and become a ceiling.
   void on_advertised(std::optional<double> requests_per_minute,
                      std::optional<double> tokens_per_minute);
+
+  /// Makes this controller a *follower* of a fleet's probes (keel/redis/shared_rate.hpp): its
+  /// request dimension no longer starts probes of its own after a plateau; instead, while
+  /// `gain` is positive and it cruises without a rejection to react to, it probes at its plateau
+  /// rate x (1 + gain), the gain of the leader's probe (`pacing_state::gain`), and a `gain` of 0
+  /// ends that probe. Everything else (startup, search, estimates, cuts on its own 429s) is its
+  /// own. A non-finite or negative gain counts as 0.
+  void follow_probes(double gain);
+
+  /// Probes on its own again (after `follow_probes`); the plateau starts again from now.
+  void lead();
+
+  /// Ends a probe of the request rate as a 429 would, without one of its own: another process
+  /// of the fleet drew the 429 of this probe. The rate falls back to the plateau's and a new
+  /// plateau starts; not probing, nothing changes.
+  void end_probe();
+
+  /// Takes `requests_per_second` as its estimate of the server's limit for this process: its
+  /// share of a limit the fleet learned (keel/redis/shared_rate.hpp). A controller that is
+  /// reacting to a 429 (an episode is open), has a ceiling (configured or advertised), or is not
+  /// positive and finite changes nothing; one in startup or search goes to cruise at the share.
+  void adopt_share(double requests_per_second);
 
   /// The request dimension's state.
   pacing_state requests() const;

@@ -595,6 +595,9 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   keel::throttle_cost cost;
   cost.requests = 1;
   cost.tokens = estimate;
+  if (options_.fleet && es.pacing) {
+    options_.fleet->sync_pacing(*es.cfg, *es.pacing);  // the fleet's learned rate, or ours to it
+  }
   const auto waited_from = clock_type::now();
   if (cfg_.policy.queue_max_wait > 0) {
     try {

@@ -317,6 +317,7 @@ nlohmann::json to_json(const client_config& c, bool redact) {
         {"lease_window", p.shared.lease_window},
         {"breaker_sync", p.shared.breaker_sync},
         {"probe_timeout", p.shared.probe_timeout},
+        {"rate_sync", p.shared.rate_sync},
         {"fleet_size", p.shared.fleet_size},
         {"ca_file", p.shared.ca_file}}},
   };

@@ -427,7 +427,7 @@ trace_config parser::parse_trace(const json& j, const std::string& path) const {
 shared_config parser::parse_shared(const json& j, const std::string& path) const {
   check_keys(j, path,
              {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size",
-              "ca_file", "breaker_sync", "probe_timeout"});
+              "ca_file", "breaker_sync", "probe_timeout", "rate_sync"});
   shared_config sc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -458,6 +458,8 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
       sc.breaker_sync = number(v, p, seconds_positive);
     } else if (key == "probe_timeout") {
       sc.probe_timeout = number(v, p, seconds_positive);
+    } else if (key == "rate_sync") {
+      sc.rate_sync = number(v, p, seconds_positive);
     } else if (key == "ca_file") {
       if (v.is_string() && v.get_ref<const std::string&>().empty()) {
         continue;  // "": the system's trust store (what --print-config shows)

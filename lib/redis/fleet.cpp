@@ -5,6 +5,7 @@
 #include <keel/redis/client.hpp>
 #include <keel/redis/shared_breaker.hpp>
 #include <keel/redis/shared_quota.hpp>
+#include <keel/redis/shared_rate.hpp>
 #include <keel/throttler.hpp>
 
 #include <boost/asio/co_spawn.hpp>
@@ -169,6 +170,47 @@ class fleet_impl {
     }
   }
 
+  // ---- the fleet's learned rate ----
+
+  void sync_pacing(const keel::llm::entry_config& e, keel::rate_controller& pacing) {
+    if (e.rate_limits.requests_per_minute > 0) {
+      return;  // a configured limit: shared through the fleet's bucket
+    }
+    rate_sync& rs = rate_of(e);
+    const auto now = std::chrono::steady_clock::now();
+    if (!*closed_ && !rs.syncing && now - rs.last_sync >= rate_sync_interval_) {
+      rs.syncing = true;
+      rs.last_sync = now;
+      const keel::pacing_state st = pacing.requests();
+      rate_report mine;
+      if (st.phase == keel::pacing_phase::cruise || st.phase == keel::pacing_phase::probe) {
+        mine.estimate = st.estimate;  // learned (or adopted): this process's share
+        mine.new_sample = st.samples > rs.samples;
+      }
+      rs.samples = st.samples;
+      mine.gain = rs.leading ? st.gain : 0;
+      mine.probe_hit = rs.following_probe && st.rejections > rs.rejections;
+      rs.rejections = st.rejections;
+      if (const auto until = pacing.bucket().paused_until(); until > now) {
+        mine.pause = std::chrono::ceil<std::chrono::milliseconds>(until - now);
+      }
+      asio::co_spawn(
+          ex_,
+          [](rate_sync* r, rate_report m) -> asio::awaitable<void> {
+            try {
+              r->view = co_await r->shared->sync(m);
+              r->viewed_at = std::chrono::steady_clock::now();
+              r->fresh = true;
+            } catch (...) {
+              r->failed = true;  // Redis unreachable: learn alone (see apply_rate)
+            }
+            r->syncing = false;
+          }(&rs, mine),
+          asio::detached);
+    }
+    apply_rate(rs, pacing);
+  }
+
   void on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds delay) {
     buckets* b = of(e);
     if (b == nullptr) {
@@ -203,12 +245,14 @@ class fleet_impl {
   // which is not for every attempt. Keyed by the entry's address, checked against what names
   // it (a client made later may reuse an address).
   struct breaker_sync;
+  struct rate_sync;
   struct entry_refs {
     std::string model, base_url, api_key, aws_key;
     keel::llm::provider_kind api_type{};
     buckets* b = nullptr;
     bool b_known = false;
     breaker_sync* bs = nullptr;
+    rate_sync* rs = nullptr;
   };
   entry_refs& refs(const keel::llm::entry_config& e) {
     entry_refs& r = refs_[&e];
@@ -255,6 +299,78 @@ class fleet_impl {
       it = map_.emplace(key, std::move(b)).first;
     }
     return it->second.requests ? &it->second : nullptr;
+  }
+
+  // One entry's learned rate as the fleet sees it.
+  struct rate_sync {
+    std::unique_ptr<shared_rate> shared;
+    bool syncing = false;
+    std::chrono::steady_clock::time_point last_sync{};
+    std::uint64_t samples = 0;     // the controller's samples at the last report
+    std::uint64_t rejections = 0;  // ... and its rejections
+    bool leading = false;          // this process probes for the fleet
+    bool following_probe = false;  // it follows the leader's probe (a gain above 0)
+    bool fresh = false;            // `view` not applied yet
+    bool failed = false;           // the last sync could not reach Redis
+    rate_view view;
+    std::chrono::steady_clock::time_point viewed_at{};
+  };
+
+  rate_sync& rate_of(const keel::llm::entry_config& e) {
+    entry_refs& r = refs(e);
+    if (r.rs == nullptr) {
+      const std::string key = fleet_key(sc_.key_prefix, e, "learned");
+      auto it = rates_.find(key);
+      if (it == rates_.end()) {
+        auto rs = std::make_unique<rate_sync>();
+        rs->shared = std::make_unique<shared_rate>(
+            redis_, rate_options{.key = key,
+                                 // Several syncs missed before a process counts as gone.
+                                 .member_window = std::max(std::chrono::milliseconds(1000),
+                                                           5 * rate_sync_interval_)});
+        it = rates_.emplace(key, std::move(rs)).first;
+      }
+      r.rs = it->second.get();
+    }
+    return *r.rs;
+  }
+
+  // Brings the fleet's last answer into this process's controller (each answer once).
+  static void apply_rate(rate_sync& rs, keel::rate_controller& pacing) {
+    if (rs.failed) {
+      // Cut off from the fleet: learn alone, from where it was.
+      rs.failed = false;
+      rs.leading = false;
+      rs.following_probe = false;
+      pacing.lead();
+      return;
+    }
+    if (!rs.fresh) {
+      return;
+    }
+    rs.fresh = false;
+    const rate_view& v = rs.view;
+    if (v.share > 0) {
+      pacing.adopt_share(v.share);
+    }
+    if (v.leader) {
+      pacing.lead();
+      if (v.probe_hit) {
+        pacing.end_probe();  // a follower drew this probe's 429
+      }
+      rs.leading = true;
+      rs.following_probe = false;
+    } else {
+      pacing.follow_probes(v.gain);
+      rs.leading = false;
+      rs.following_probe = v.gain > 0;
+    }
+    if (v.pause.count() > 0) {
+      const auto until = rs.viewed_at + v.pause;
+      if (until > pacing.bucket().paused_until()) {
+        pacing.bucket().pause_until(until);
+      }
+    }
   }
 
   // One entry's breaker as the fleet sees it.
@@ -385,8 +501,11 @@ class fleet_impl {
   // A probe silent this long (or twice the entry's timeout, if longer) is given to another
   // process (`shared.probe_timeout`).
   std::chrono::milliseconds probe_timeout_ = whole_ms(sc_.probe_timeout);
+  // A learned-rate sync at most this often per entry while calls are made (`shared.rate_sync`).
+  std::chrono::milliseconds rate_sync_interval_ = whole_ms(sc_.rate_sync);
   keel::llm::breaker_config bc_;
   std::map<std::string, std::unique_ptr<breaker_sync>> breakers_;
+  std::map<std::string, std::unique_ptr<rate_sync>> rates_;
   std::unordered_map<const keel::llm::entry_config*, entry_refs> refs_;
   const std::string empty_;
   bool applying_ = false;
@@ -440,6 +559,10 @@ asio::awaitable<void> fleet::acquire_local(const keel::llm::entry_config& e, dou
 
 void fleet::on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds d) {
   impl_->on_server_delay(e, d);
+}
+
+void fleet::sync_pacing(const keel::llm::entry_config& e, keel::rate_controller& pacing) {
+  impl_->sync_pacing(e, pacing);
 }
 
 void fleet::sync_breaker(const keel::llm::entry_config& e, keel::circuit_breaker& b) {

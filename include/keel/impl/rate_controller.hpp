@@ -142,6 +142,69 @@ class rate_controller_state {
     locked([&] { advertised(rpm, tpm); });
   }
 
+  void on_follow_probes(double gain) {
+    locked([&] {
+      probe_follower_ = true;
+      followed_gain_ = std::isfinite(gain) ? std::max(0.0, gain) : 0.0;
+      update(Clock::now());
+    });
+  }
+
+  void on_adopt_share(double rps) {
+    locked([&] {
+      dim& d = dims_[req];
+      if (!(rps > 0) || !std::isfinite(rps) || d.reacting || d.ceiling > 0 ||
+          d.phase == pacing_phase::fixed || d.phase == pacing_phase::unlimited) {
+        return;
+      }
+      const time_point now = Clock::now();
+      if (d.phase == pacing_phase::startup || d.phase == pacing_phase::search) {
+        d.phase = pacing_phase::cruise;
+        start_plateau(d, now);
+      }
+      d.estimate = rps;
+      d.adopted_at = now;
+      if (d.phase == pacing_phase::cruise) {
+        d.rate = base_rate(req);
+      }
+      update(now);
+    });
+  }
+
+  void on_end_probe() {
+    locked([&] {
+      dim& d = dims_[req];
+      if (d.phase != pacing_phase::probe) {
+        return;
+      }
+      const time_point now = Clock::now();
+      d.phase = pacing_phase::cruise;
+      d.rate = base_rate(req);
+      start_plateau(d, now);
+      update(now);
+    });
+  }
+
+  void on_lead() {
+    locked([&] {
+      if (!probe_follower_) {
+        return;
+      }
+      probe_follower_ = false;
+      followed_gain_ = 0;
+      const time_point now = Clock::now();
+      dim& d = dims_[req];
+      if (d.phase == pacing_phase::probe) {
+        d.phase = pacing_phase::cruise;  // the leader's probe is over for this one
+        d.rate = base_rate(req);
+      }
+      if (d.phase == pacing_phase::cruise) {
+        start_plateau(d, now);
+      }
+      update(now);
+    });
+  }
+
   pacing_state snapshot(std::size_t di) const {
     std::lock_guard lock{mutex_};
     return snapshot_locked(di);
@@ -265,6 +328,9 @@ class rate_controller_state {
     s.samples = d.samples;
     s.rejections = d.rejections;
     s.noise = d.noise;
+    if (d.phase == pacing_phase::probe && base_rate(di) > 0) {
+      s.gain = std::max(0.0, d.rate / base_rate(di) - 1);
+    }
     return s;
   }
 
@@ -1294,8 +1360,15 @@ class rate_controller_state {
           d.last_growth = now;
           break;
         case pacing_phase::cruise:
-          if (!d.reacting && d.plateau_until != time_point{} && now >= d.plateau_until &&
-              (d.ceiling <= 0 || base_rate(di) < d.ceiling)) {
+          if (di == req && probe_follower_) {
+            // A follower probes when the leader does (see follow_probes()).
+            if (!d.reacting && followed_gain_ > 0 &&
+                (d.ceiling <= 0 || base_rate(di) < d.ceiling)) {
+              d.phase = pacing_phase::probe;
+              d.probe_elapsed = duration::zero();
+            }
+          } else if (!d.reacting && d.plateau_until != time_point{} && now >= d.plateau_until &&
+                     (d.ceiling <= 0 || base_rate(di) < d.ceiling)) {
             d.phase = pacing_phase::probe;
             d.probe_elapsed = duration::zero();
           }
@@ -1313,7 +1386,15 @@ class rate_controller_state {
         default:
           break;
       }
-      if (d.phase == pacing_phase::probe) {
+      if (d.phase == pacing_phase::probe && di == req && probe_follower_) {
+        // The leader's gain, on this process's own plateau rate; its end ends this probe.
+        if (followed_gain_ > 0) {
+          d.rate = clamp_rate(di, base_rate(di) * (1 + followed_gain_));
+        } else {
+          d.phase = pacing_phase::cruise;
+          d.rate = base_rate(di);
+        }
+      } else if (d.phase == pacing_phase::probe) {
         // A round lasts long enough for `min_sample` calls, so that at low rates the gain does
         // not double faster than the server's burst (which hides the limit) can drain.
         // A round also lasts two 429 round trips, so that a round's 429s arrive before the
@@ -1422,6 +1503,8 @@ class rate_controller_state {
   double slots_freed_ = 0;                     // startup slots to give back to the bucket
   std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
   double server_burst_ = 0;                    // calls accepted before the first 429 (0: not seen)
+  bool probe_follower_ = false;                // see follow_probes()
+  double followed_gain_ = 0;                   // the leader's probe gain (follow_probes())
   duration queued_seen_{};                     // the bucket's total_queued_time() at the last look
   std::uint64_t send_waits_seen_ = 0;          // the bucket's total_waits() at the last send
   bool keep_request_burst_ = false;
@@ -1468,6 +1551,26 @@ template <class Clock>
 void basic_rate_controller<Clock>::on_advertised(std::optional<double> requests_per_minute,
                                                  std::optional<double> tokens_per_minute) {
   state_->on_advertised(requests_per_minute, tokens_per_minute);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::follow_probes(double gain) {
+  state_->on_follow_probes(gain);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::adopt_share(double requests_per_second) {
+  state_->on_adopt_share(requests_per_second);
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::end_probe() {
+  state_->on_end_probe();
+}
+
+template <class Clock>
+void basic_rate_controller<Clock>::lead() {
+  state_->on_lead();
 }
 
 template <class Clock>

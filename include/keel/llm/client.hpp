@@ -201,6 +201,15 @@ class fleet_pacing {
   /// finish; the default does nothing.
   virtual void close() {}
 
+  /// Before an attempt on `entry` waits for `pacing`'s bucket (this process's controller of the
+  /// entry): shares what the controller learned with the fleet, or brings the fleet's learned
+  /// rate into it (`keel::rate_controller::follow`/`lead`), e.g. keel/redis/shared_rate.hpp.
+  /// The default does nothing (each process learns alone). Must not throw or block.
+  virtual void sync_pacing(const entry_config& entry, keel::rate_controller& pacing) {
+    (void)entry;
+    (void)pacing;
+  }
+
   // The fleet's breaker (each default does nothing: breakers stay per process).
 
   /// Before a call on `entry` goes through `breaker` (this process's): brings the fleet's state

@@ -274,6 +274,10 @@ struct shared_config {
   /// How often, at most, a process that makes calls checks its entry's breaker in Redis,
   /// seconds: the longest another process's open breaker goes unseen here.
   double breaker_sync = 0.25;
+  /// How often, at most, a process that makes calls on an entry with no configured request limit
+  /// syncs the learned rate with the fleet, seconds (keel/redis/shared_rate.hpp): one process
+  /// learns the limit, the others follow its rate, seen here within this time.
+  double rate_sync = 0.1;
   /// A fleet-wide half-open probe that reports nothing for this long (or twice its entry's
   /// `timeout`, if longer) is given to another process, seconds.
   double probe_timeout = 30;

@@ -10,10 +10,12 @@
 // `<key_prefix>:<provider>:<model>:{<fingerprint>}:requests` (and `:tokens`), the fingerprint being
 // the first 16 hex digits of SHA-256 of the entry's base URL and API key (or AWS access key):
 // processes that use the same key against the same server share one bucket, and the key itself
-// is never in Redis. An entry with no configured limit is not shared (sharing a learned rate is
-// not built yet). A 429's Retry-After pauses the fleet's bucket. When Redis cannot be reached
-// within `policy.shared.timeout`, `acquire` throws and the client goes on under the entry's own
-// bucket and `acquire_local`: a local bucket at this process's share of the limit, fixed when
+// is never in Redis. An entry with no configured limit shares what its processes learn instead
+// (`sync_pacing`, keel/redis/shared_rate.hpp, key `...:{<fingerprint>}:learned`): the fleet's
+// limit summed from the processes' measured shares, an equal share each, and one process's
+// probes followed by all. A 429's Retry-After pauses the fleet's bucket. When Redis cannot be
+// reached within `policy.shared.timeout`, `acquire` throws and the client goes on under the entry's
+// own bucket and `acquire_local`: a local bucket at this process's share of the limit, fixed when
 // the outage starts and starting empty. The share is `limit / policy.shared.fleet_size` when the
 // size is given; otherwise `limit / members`, the processes that leased from the fleet's bucket
 // in its last 5 s as the last lease counted them (the whole limit if it never reached Redis); at
@@ -91,6 +93,11 @@ class fleet final : public keel::llm::fleet_pacing {
   /// Pauses the fleet's bucket (detached).
   void on_server_delay(const keel::llm::entry_config& entry,
                        std::chrono::nanoseconds delay) override;
+  /// Shares what `pacing` learned for an entry with no configured limit (keel/redis/
+  /// shared_rate.hpp): reports its estimate, adopts the fleet's share, and leads or follows the
+  /// fleet's probes; syncs at most every `shared.rate_sync` (detached) and applies each answer
+  /// at the next call. With Redis unreachable, `pacing` learns alone from where it was.
+  void sync_pacing(const keel::llm::entry_config& entry, keel::rate_controller& pacing) override;
   /// Brings the fleet's breaker state into `breaker`; syncs at most every 250 ms (detached).
   void sync_breaker(const keel::llm::entry_config& entry, keel::circuit_breaker& breaker) override;
   /// Counts an outcome for the next sync.

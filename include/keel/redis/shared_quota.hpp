@@ -42,7 +42,8 @@
 //   `NOSCRIPT` (restarted empty) gets it loaded again, once per call.
 // - The hash expires (`PEXPIRE`) after `idle_ttl` unused, so abandoned keys do not accumulate.
 // - Rates are the caller's (configured or learned; the last caller's rate and burst apply to the
-//   refill it triggers). Sharing what a controller learned across the fleet is not built yet.
+//   refill it triggers). What controllers learn with no configured limit is shared by
+//   `shared_rate` (keel/redis/shared_rate.hpp), not through a bucket.
 // - Errors are the Redis client's (keel/redis/client.hpp): fast, with a command timeout, so a
 //   caller can fall back to a local limit.
 //

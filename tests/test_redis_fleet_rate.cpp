@@ -1,0 +1,123 @@
+// The fleet's learned rate through Redis (`policy.shared`, keel::redis::fleet::sync_pacing): a
+// process's rate controller takes the fleet's share, follows the leader's probe and shares
+// pauses; cut off from Redis it learns alone. Another process of the fleet is played by a
+// keel::redis::shared_rate on the same key (its protocol is tested in test_redis_rate.cpp).
+#include "llm_client_support.hpp"
+#include "redis_support.hpp"
+#include "support.hpp"
+
+#include <keel/rate_controller.hpp>
+#include <keel/redis/fleet.hpp>
+#include <keel/redis/shared_rate.hpp>
+#include <keel/throttler.hpp>
+
+#include <catch2/catch.hpp>
+
+namespace {
+
+keel::llm::client_config learned_config(std::uint16_t redis_port) {
+  auto cfg = keel_test::client::make_config(R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}]
+  })",
+                                            "http://127.0.0.1:1");
+  cfg.policy.shared.redis = "redis://127.0.0.1:" + std::to_string(redis_port) + "/0";
+  cfg.policy.shared.key_prefix = "keeltest";
+  cfg.policy.shared.rate_sync = 0.01;
+  return cfg;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a process takes the fleet's share, follows its leader's probe and pause, and learns "
+    "alone without Redis",
+    "[redis]") {
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  const auto cfg = learned_config(redis.port());
+  const keel::llm::entry_config& entry = cfg.entries.at(0);
+  keel::redis::fleet fleet(ctx.get_executor(), cfg);
+  keel::throttler bucket(ctx.get_executor());
+  keel::rate_controller pacing(bucket);
+  REQUIRE(pacing.requests().phase == keel::pacing_phase::startup);
+
+  // The other process: it leads (it syncs first) and has measured 120 r/s on its own.
+  keel::redis::client other_redis(ctx.get_executor(), keel_test::redis_options(redis.port()));
+  keel::redis::shared_rate other(other_redis,
+                                 {.key = keel::redis::fleet_key("keeltest", entry, "learned"),
+                                  .member_window = std::chrono::milliseconds(60'000)});
+  keel::redis::rate_report measured;
+  measured.estimate = 120;
+  measured.new_sample = true;
+  REQUIRE(keel_test::run_one(ctx, other.sync(measured)).value->leader);
+
+  // This process syncs at its calls (here: the loop), and paces at half the fleet's limit.
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    return pacing.requests().phase == keel::pacing_phase::cruise;
+  }));
+  CHECK(pacing.requests().estimate == Approx(60));
+  CHECK(bucket.options().requests_per_second == Approx(60 * 0.97));
+
+  // The leader probes at +40%: so does this process; then its probe ends.
+  keel::redis::rate_report probing = measured;
+  probing.new_sample = false;
+  probing.gain = 0.4;
+  REQUIRE_FALSE(keel_test::run_one(ctx, other.sync(probing)).error);
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    return pacing.requests().phase == keel::pacing_phase::probe;
+  }));
+  CHECK(bucket.options().requests_per_second == Approx(60 * 0.97 * 1.4));
+
+  // A pause the leader's bucket holds (a block) holds this one too.
+  keel::redis::rate_report paused = probing;
+  paused.pause = std::chrono::milliseconds(30'000);
+  REQUIRE_FALSE(keel_test::run_one(ctx, other.sync(paused)).error);
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    return bucket.paused_until() > std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  }));
+
+  // Redis is gone: this process learns alone from where it was (its own probes, not the
+  // leader's gain).
+  redis.stop();
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    return pacing.requests().phase == keel::pacing_phase::cruise;
+  }));
+  CHECK(pacing.requests().estimate == Approx(60));
+  CHECK(bucket.options().requests_per_second == Approx(60 * 0.97));
+  fleet.close();
+  other_redis.close();
+}
+
+TEST_CASE("an entry with a configured limit shares its bucket, not a learned rate", "[redis]") {
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  auto cfg = learned_config(redis.port());
+  cfg.entries.at(0).rate_limits.requests_per_minute = 600;
+  const keel::llm::entry_config& entry = cfg.entries.at(0);
+  keel::redis::fleet fleet(ctx.get_executor(), cfg);
+  keel::throttler bucket(ctx.get_executor());
+  keel::rate_controller pacing(bucket);
+
+  keel::redis::client other_redis(ctx.get_executor(), keel_test::redis_options(redis.port()));
+  keel::redis::shared_rate other(other_redis,
+                                 {.key = keel::redis::fleet_key("keeltest", entry, "learned")});
+  keel::redis::rate_report measured;
+  measured.estimate = 120;
+  measured.new_sample = true;
+  REQUIRE(keel_test::run_one(ctx, other.sync(measured)).value->leader);
+  for (int i = 0; i < 20; ++i) {
+    fleet.sync_pacing(entry, pacing);
+    ctx.run_for(std::chrono::milliseconds(5));
+  }
+  CHECK(pacing.requests().phase == keel::pacing_phase::startup);  // never took a share
+  // ... and never joined the learned rate's members.
+  const auto view = keel_test::run_one(ctx, other.sync(measured));
+  REQUIRE_FALSE(view.error);
+  CHECK(view.value->members == 1);
+  fleet.close();
+  other_redis.close();
+}
