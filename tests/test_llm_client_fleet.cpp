@@ -55,12 +55,14 @@ struct fake_fleet final : keel::llm::fleet_pacing {
 
 }  // namespace
 
-TEST_CASE("every attempt asks the fleet, and a 429's delay is passed on to it", "[llm_client]") {
+TEST_CASE("every attempt asks the fleet and shares its controller, and a 429's delay is passed on",
+          "[llm_client]") {
   boost::asio::io_context ctx;
   keel::testing::mock_llm_server server(ctx);
   server.set_plan("m", fault_plan{}.with_retry_after(250ms).with_script({fault_kind::rate_limit}));
   server.start();
   fake_fleet fleet;
+  fleet.share = 7;
   keel::llm::client_options o;
   o.seed = 1;
   o.fleet = &fleet;
@@ -74,24 +76,7 @@ TEST_CASE("every attempt asks the fleet, and a 429's delay is passed on to it", 
   REQUIRE(fleet.delays.size() == 1);
   CHECK(fleet.delays[0].first == "m");
   CHECK(fleet.delays[0].second == 250ms);
-}
-
-TEST_CASE("every attempt shares its entry's rate controller with the fleet before it is paced",
-          "[llm_client]") {
-  boost::asio::io_context ctx;
-  keel::testing::mock_llm_server server(ctx);
-  server.set_plan("m", fault_plan{}.with_retry_after(10ms).with_script({fault_kind::rate_limit}));
-  server.start();
-  fake_fleet fleet;
-  fleet.share = 7;
-  keel::llm::client_options o;
-  o.seed = 1;
-  o.fleet = &fleet;
-  keel::llm::client client(ctx.get_executor(), make_config(one_retrying_entry, server.base_url()),
-                           {}, o);
-  const auto out = run(ctx, client, {request()});
-  REQUIRE_FALSE(out[0].error);
-  CHECK(out[0].attempts == 2);
+  // Each attempt shares its entry's rate controller with the fleet before it is paced.
   CHECK(fleet.synced == std::vector<std::string>{"m", "m"});  // once per attempt
   REQUIRE(fleet.controllers.size() == 2);
   CHECK(fleet.controllers[0] == fleet.controllers[1]);  // the entry's one controller

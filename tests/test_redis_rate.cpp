@@ -14,6 +14,13 @@ using std::chrono::milliseconds;
 
 namespace {
 
+// A redis-server of the test's own and one connection to it.
+struct one_redis {
+  redis_process server;
+  asio::io_context ctx;
+  keel::redis::client redis{ctx.get_executor(), redis_options(server.port())};
+};
+
 struct fleet_process {
   fleet_process(asio::io_context& ctx, keel::redis::client& redis)
       : ctx(ctx), rate(redis, {.key = "keel:test:learned", .member_window = milliseconds(1000)}) {}
@@ -37,12 +44,10 @@ struct fleet_process {
 
 TEST_CASE("a shared rate: one leader, the fleet's limit summed from its members' samples",
           "[redis]") {
-  redis_process server;
-  asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
-  fleet_process a(ctx, redis);
-  fleet_process b(ctx, redis);
-  fleet_process c(ctx, redis);
+  one_redis r;
+  fleet_process a(r.ctx, r.redis);
+  fleet_process b(r.ctx, r.redis);
+  fleet_process c(r.ctx, r.redis);
   CHECK(a.rate.member() != b.rate.member());
 
   // The first to sync leads; nothing is learned yet, so there is no share.
@@ -94,11 +99,9 @@ TEST_CASE("a shared rate: one leader, the fleet's limit summed from its members'
 
 TEST_CASE("a shared rate: followers get the leader's probe gain, the leader gets their hits",
           "[redis]") {
-  redis_process server;
-  asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
-  fleet_process a(ctx, redis);
-  fleet_process b(ctx, redis);
+  one_redis r;
+  fleet_process a(r.ctx, r.redis);
+  fleet_process b(r.ctx, r.redis);
   REQUIRE(a.sync(50, true, 0).leader);
   REQUIRE_FALSE(b.sync(50, true, 0).leader);
 
@@ -138,11 +141,9 @@ TEST_CASE("a shared rate: followers get the leader's probe gain, the leader gets
 }
 
 TEST_CASE("a shared rate keeps the fleet's latest pause end", "[redis]") {
-  redis_process server;
-  asio::io_context ctx;
-  keel::redis::client redis(ctx.get_executor(), redis_options(server.port()));
-  fleet_process a(ctx, redis);
-  fleet_process b(ctx, redis);
+  one_redis r;
+  fleet_process a(r.ctx, r.redis);
+  fleet_process b(r.ctx, r.redis);
   rate_report paused;
   paused.pause = milliseconds(3000);
   CHECK(a.sync(paused, 0).pause == milliseconds(3000));
