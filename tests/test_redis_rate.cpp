@@ -140,6 +140,29 @@ TEST_CASE("a shared rate: followers get the leader's probe gain, the leader gets
   CHECK(v.gain == 0);
 }
 
+TEST_CASE("a shared rate keeps a slow member as long as the window it names", "[redis]") {
+  one_redis r;
+  fleet_process fast(r.ctx, r.redis);
+  fleet_process slow(r.ctx, r.redis);
+  rate_report sparse;
+  sparse.estimate = 1;
+  sparse.window = milliseconds(5000);  // its calls are seconds apart
+  REQUIRE(slow.sync(sparse, 0).leader);
+  CHECK(fast.sync(1, false, 100).members == 2);
+  // At 3 s the slow member still counts, and still leads; the fast one, silent since 100 ms,
+  // has gone (its window is the default 1 s).
+  rate_view v = slow.sync(sparse, 3000);
+  CHECK(v.leader);
+  CHECK(v.members == 1);
+  v = fast.sync(1, false, 3100);
+  CHECK_FALSE(v.leader);
+  CHECK(v.members == 2);
+  // Past its window without a sync, the slow member is gone too, and the lead with it.
+  v = fast.sync(1, false, 8100);
+  CHECK(v.leader);
+  CHECK(v.members == 1);
+}
+
 TEST_CASE("a shared rate keeps the fleet's latest pause end", "[redis]") {
   one_redis r;
   fleet_process a(r.ctx, r.redis);

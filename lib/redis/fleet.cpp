@@ -194,6 +194,12 @@ class fleet_impl {
       if (const auto until = pacing.bucket().paused_until(); until > now) {
         mine.pause = std::chrono::ceil<std::chrono::milliseconds>(until - now);
       }
+      // This process syncs at its calls: at a low rate they are seconds apart, and it must not
+      // drop out of the fleet (and its lead) between two of them. Three calls' time, at most a
+      // minute.
+      if (const double rps = pacing.bucket().options().requests_per_second; rps > 0) {
+        mine.window = std::chrono::milliseconds(std::llround(std::min(60'000.0, 3'000 / rps)));
+      }
       asio::co_spawn(
           ex_,
           [](rate_sync* r, rate_report m) -> asio::awaitable<void> {

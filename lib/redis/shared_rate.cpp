@@ -15,8 +15,9 @@ namespace {
 constexpr const char* who = "keel::redis::shared_rate";
 
 // KEYS: the hash {leader, leader_until, limit, gain, hit, pause_until}, the sorted set of active
-// members (score: last sync), the hash of their estimates. ARGV: now, member, active ("1"/"0"),
-// estimate, new sample ("1"/"0"), gain, probe hit ("1"/"0"), pause ms, member window ms, ttl ms.
+// members (score: when each stops counting), the hash of their estimates. ARGV: now, member,
+// active ("1"/"0"), estimate, new sample ("1"/"0"), gain, probe hit ("1"/"0"), pause ms, this
+// member's window ms, ttl ms.
 // Answers {role, share, limit, members, gain, hit, pause ms} as strings; role is "leader" or
 // "follower".
 constexpr const char* body = R"lua(
@@ -29,14 +30,14 @@ local hit = ARGV[7] == '1'
 local pause = tonumber(ARGV[8])
 local window = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
--- Members that have not synced within the window are gone (their estimates with them).
-local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now - window))
+-- Members that have not synced within their windows are gone (their estimates with them).
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now))
 if #stale > 0 then
   redis.call('HDEL', KEYS[3], unpack(stale))
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now - window))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now))
 end
 if active then
-  redis.call('ZADD', KEYS[2], now, member)
+  redis.call('ZADD', KEYS[2], now + window, member)
   if estimate > 0 then
     redis.call('HSET', KEYS[3], member, tostring(estimate))
   end
@@ -127,7 +128,8 @@ asio::awaitable<rate_view> shared_rate::sync(const rate_report& mine,
        detail::number(clean(mine.estimate)), mine.new_sample ? "1" : "0",
        detail::number(clean(mine.gain)), mine.probe_hit ? "1" : "0",
        std::to_string(std::max<long long>(0, mine.pause.count())),
-       std::to_string(options_.member_window.count()), std::to_string(options_.idle_ttl.count())});
+       std::to_string(std::max(options_.member_window, mine.window).count()),
+       std::to_string(options_.idle_ttl.count())});
   if (r.kind != reply_kind::array || r.elements.size() != 7) {
     throw std::runtime_error(std::string(who) + ": sync answered an unexpected reply");
   }

@@ -45,7 +45,9 @@
 // - Equal shares: a fleet whose processes want very different rates (a batch and a sporadic
 //   service on one key) leaves the share of a process with less demand unused until the
 //   leader's probes find room (for every process alike).
-// - The server's clock (`TIME`) decides who is active and who leads.
+// - The server's clock (`TIME`) decides who is active and who leads. A process syncs at its
+//   calls, so one paced at a low rate names a longer window (`rate_report::window`: three calls'
+//   time in keel::redis::fleet) and keeps its place and lead between calls seconds apart.
 //
 // Cancellation and errors: as `client::command`. A process that cannot reach Redis learns alone
 // (its own probes again) from where it was.
@@ -68,7 +70,8 @@ struct rate_options {
   /// The Redis key of its hash (namespace it per provider, model and key); `<key>:members` and
   /// `<key>:estimates` hold the active processes and their estimates.
   std::string key;
-  /// A process is active (counts in the share, may hold the lead) while it synced within this.
+  /// A process is active (counts in the share, may hold the lead) while it synced within this
+  /// (or within the longer `rate_report::window` it named).
   std::chrono::milliseconds member_window{std::chrono::seconds(1)};
   /// How long an unused rate is kept (a fleet started again within it begins at its share).
   std::chrono::milliseconds idle_ttl{std::chrono::minutes(10)};
@@ -89,6 +92,10 @@ struct rate_report {
   bool probe_hit = false;
   /// How long its bucket stays paused from now (0: not paused).
   std::chrono::milliseconds pause{0};
+  /// How long it stays active (and keeps a lead it holds) without syncing again, if longer than
+  /// `rate_options::member_window`: a process paced at a low rate syncs at its calls only, so it
+  /// names how far apart they may be.
+  std::chrono::milliseconds window{0};
 };
 
 /// The fleet's learned rate as one process sees it.
