@@ -1,7 +1,8 @@
 // The fleet's learned rate through Redis (`policy.shared`, keel::redis::fleet::sync_pacing): a
 // process's rate controller takes the fleet's share, follows the leader's probe and shares
-// pauses; cut off from Redis it learns alone. Another process of the fleet is played by a
-// keel::redis::shared_rate on the same key (its protocol is tested in test_redis_rate.cpp).
+// pauses; cut off from Redis it learns alone, and the fleet's acquire reports it. Another process
+// of the fleet is played by a keel::redis::shared_rate on the same key (its protocol is tested in
+// test_redis_rate.cpp).
 #include "llm_client_support.hpp"
 #include "redis_support.hpp"
 #include "support.hpp"
@@ -88,6 +89,15 @@ TEST_CASE(
   }));
   CHECK(pacing.requests().estimate == Approx(60));
   CHECK(bucket.options().requests_per_second == Approx(60 * 0.97));
+  // ... and the fleet's acquire says so (the client warns and counts it, as for a bucket).
+  CHECK(keel_test::run_one(ctx, fleet.acquire(entry, 1)).error);
+
+  // Redis is back (empty): the next sync succeeds and the acquire stops complaining.
+  redis.start();
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    return !keel_test::run_one(ctx, fleet.acquire(entry, 1)).error;
+  }));
   fleet.close();
   other_redis.close();
 }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -51,7 +52,12 @@ class fleet_impl {
   asio::awaitable<void> acquire(const keel::llm::entry_config& e, double tokens) {
     buckets* b = of(e);
     if (b == nullptr) {
-      co_return;  // no configured limit to share
+      // No configured limit to share. A learned rate that cannot reach Redis says so here, so
+      // that the caller warns and counts it as for a bucket (it goes on learning alone).
+      if (const entry_refs& r = refs(e); r.rs != nullptr && r.rs->error) {
+        std::rethrow_exception(r.rs->error);
+      }
+      co_return;
     }
     co_await b->requests_pacer->acquire(1);
     if (b->tokens_pacer) {
@@ -207,8 +213,10 @@ class fleet_impl {
               r->view = co_await r->shared->sync(m);
               r->viewed_at = std::chrono::steady_clock::now();
               r->fresh = true;
+              r->error = nullptr;
             } catch (...) {
               r->failed = true;  // Redis unreachable: learn alone (see apply_rate)
+              r->error = std::current_exception();
             }
             r->syncing = false;
           }(&rs, mine),
@@ -317,7 +325,8 @@ class fleet_impl {
     bool leading = false;          // this process probes for the fleet
     bool following_probe = false;  // it follows the leader's probe (a gain above 0)
     bool fresh = false;            // `view` not applied yet
-    bool failed = false;           // the last sync could not reach Redis
+    bool failed = false;           // the last sync could not reach Redis (not applied yet)
+    std::exception_ptr error;      // why the last sync failed (null after a success)
     rate_view view;
     std::chrono::steady_clock::time_point viewed_at{};
   };
