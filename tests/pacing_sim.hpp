@@ -83,9 +83,10 @@ struct client_spec {
   // A fleet: this many processes, each with `prompts` items, `concurrency` workers and a
   // throttler and controller of its own, against the one server.
   std::size_t processes = 1;
-  // The fleet probes as keel::redis::fleet has it (keel/redis/shared_rate.hpp): process 0
-  // leads; every `sync_every` each other process reads the gain of the leader's probe and
-  // follows it (`follow_probes`) `sync_lag` later.
+  // The fleet shares what it learns as keel::redis::fleet does (keel/redis/shared_rate.hpp):
+  // every `sync_every` each process reports (its estimate, a new sample, its demand, its gain as
+  // leader, a 429 in a followed probe) and applies the answer `sync_lag` later (the share, the
+  // leader's gain, its role). Pauses and the script's round trip are not modelled.
   bool follow_leader = false;
   nanoseconds sync_every = milliseconds(100);
   nanoseconds sync_lag = microseconds(500);
@@ -364,72 +365,112 @@ inline result run(const server_spec& ss, const client_spec& cs,
           asio::detached);
     }
   }
-  // The fleet's state (keel/redis/shared_rate.hpp's script): every member's latest estimate and
-  // when it synced, the members' samples at their last report, and the fleet's limit.
+  // The fleet's state, as keel/redis/shared_rate.hpp's script keeps it: each member's latest
+  // estimate and last sync, the leader, its published gain, a follower's hit, the limit.
   struct member_entry {
-    double estimate = 0;
-    double at = -1;
-    std::uint64_t samples = 0;
-    std::uint64_t rejections = 0;
-    bool followed = false;  // followed a probe at its last sync
+    double estimate = 0;  // 0: none yet
+    double at = -1;       // last sync (seconds); -1: never
   };
   std::vector<member_entry> members(processes);
   double fleet_limit = 0;
-  bool probe_hit = false;  // a follower drew a 429 in the leader's probe
+  double published_gain = 0;
+  bool probe_hit = false;
+  std::optional<std::size_t> leader;
   if (cs.follow_leader && cs.paced && processes > 1) {
     for (std::size_t i = 0; i < processes; ++i) {
       asio::co_spawn(
           ctx,
           [&, i, p = fleet[i].get()]() -> asio::awaitable<void> {
+            // What keel::redis::fleet keeps per process: what it reported, its role.
+            std::uint64_t reported_samples = 0;
+            std::uint64_t reported_rejections = 0;
+            clock::duration queued_seen{};
+            bool leading = false;
+            bool following = false;
             // Each member syncs every `sync_every`, from a start of its own.
             co_await sleep(std::chrono::duration_cast<nanoseconds>(cs.sync_every * (i + 1)) /
                            static_cast<long>(processes + 1));
-            // A member that has started its last item stops syncing (and leading), as a process
-            // that stops calling does.
+            // A member that has started its last item stops syncing, as a process that stops
+            // calling does (it then drops out after the member window).
             while (p->next < cs.prompts) {
               const keel::pacing_state st = p->pacing->requests();
               const double t = seconds(clock::now());
-              member_entry& me = members[i];
-              me.at = t;
-              me.estimate = st.estimate;
+              // The report.
+              const bool learned =
+                  st.phase == keel::pacing_phase::cruise || st.phase == keel::pacing_phase::probe;
+              const auto queued = p->bucket.total_queued_time();
+              const bool wants_lead = p->bucket.waiters() > 0 || queued > queued_seen;
+              queued_seen = queued;
+              const bool new_sample = learned && st.samples > reported_samples;
+              const bool hit = following && st.rejections > reported_rejections;
+              reported_samples = st.samples;
+              reported_rejections = st.rejections;
+              // The script.
               std::size_t active = 0;
-              double sum = 0;
-              for (const member_entry& m : members) {
-                if (m.at >= 0 && t - m.at <= 1.0) {
-                  ++active;
-                  sum += m.estimate;
+              for (std::size_t j = 0; j < processes; ++j) {
+                if (members[j].at >= 0 && t - members[j].at > 1.0) {
+                  members[j] = member_entry{};  // gone
+                  if (leader == j) {
+                    leader.reset();
+                    published_gain = 0;
+                    probe_hit = false;
+                  }
                 }
               }
-              if (st.samples > me.samples) {  // a measurement of its own: the fleet's limit
-                me.samples = st.samples;
-                fleet_limit = sum;
+              members[i].at = t;
+              if (learned) {
+                members[i].estimate = st.estimate;
               }
-              if (st.rejections > me.rejections && me.followed) {
-                probe_hit = true;  // the fleet's probe crossed the limit
+              double sum = 0;
+              std::size_t reporting = 0;
+              for (const member_entry& m : members) {
+                if (m.at >= 0) {
+                  ++active;
+                  if (m.estimate > 0) {
+                    sum += m.estimate;
+                    ++reporting;
+                  }
+                }
               }
-              me.rejections = st.rejections;
+              if (leader == i && !wants_lead) {
+                leader.reset();
+                published_gain = 0;
+                probe_hit = false;
+              } else if (!leader && wants_lead) {
+                leader = i;
+              }
+              bool answer_hit = false;
+              double answer_gain = 0;
+              if (leader == i) {
+                published_gain = leading ? st.gain : 0;
+                answer_hit = probe_hit;
+                probe_hit = false;
+              } else {
+                answer_gain = published_gain;
+                if (hit && published_gain > 0) {
+                  probe_hit = true;
+                }
+              }
+              if (new_sample && reporting > 0) {
+                fleet_limit = sum * static_cast<double>(active) / static_cast<double>(reporting);
+              }
               const double share = fleet_limit > 0 ? fleet_limit / static_cast<double>(active) : 0;
-              // The leader: the first member still syncing (a lapsed lead goes to the next).
-              std::size_t leader = 0;
-              while (leader < processes && fleet[leader]->next >= cs.prompts) {
-                ++leader;
-              }
-              const double gain = fleet[leader]->pacing->requests().gain;
+              const bool is_leader = leader == i;
+              // The answer, applied a little later.
               co_await sleep(cs.sync_lag);
-              if (share > 0) {
+              if (share > 0 && p->pacing->requests().samples == reported_samples) {
                 p->pacing->adopt_share(share);
               }
-              if (i != leader) {
-                p->pacing->follow_probes(gain);
-                me.followed = gain > 0;
-              } else {
+              if (is_leader) {
                 p->pacing->lead();
-                if (probe_hit) {
+                if (answer_hit) {
                   p->pacing->end_probe();
-                  probe_hit = false;
                 }
-                me.followed = false;
+              } else {
+                p->pacing->follow_probes(answer_gain);
               }
+              leading = is_leader;
+              following = !is_leader && answer_gain > 0;
               co_await sleep(cs.sync_every - cs.sync_lag);
             }
           },

@@ -1077,8 +1077,8 @@ TEST_CASE("a fleet whose processes follow one leader learns one limit without co
   CHECK(shared.ok == 4000);
   CHECK(shared.wall_s <= 1.10 * 4000 / 200);
   CHECK(static_cast<double>(shared.attempts) <= 1.10 * 4000);
-  // The leader measures its share of the limit.
-  CHECK(shared.final_requests.estimate == Approx(50).epsilon(0.15));
+  // In the middle of the run the fleet as a whole is paced at the limit.
+  CHECK(shared.accepted_in(5, 15) >= 0.95 * 200 * 10);
   CHECK(shared.rejected < alone.rejected);
 }
 

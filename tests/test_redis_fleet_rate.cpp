@@ -12,6 +12,8 @@
 #include <keel/redis/shared_rate.hpp>
 #include <keel/throttler.hpp>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <catch2/catch.hpp>
 
 namespace {
@@ -128,6 +130,72 @@ TEST_CASE("an entry with a configured limit shares its bucket, not a learned rat
   const auto view = keel_test::run_one(ctx, other.sync(measured));
   REQUIRE_FALSE(view.error);
   CHECK(view.value->members == 1);
+  fleet.close();
+  other_redis.close();
+}
+
+TEST_CASE(
+    "a process whose calls wait leads: the fleet sees its probe's gain, and a follower's "
+    "429 ends the probe",
+    "[redis]") {
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  const auto cfg = learned_config(redis.port());
+  const keel::llm::entry_config& entry = cfg.entries.at(0);
+  keel::redis::fleet fleet(ctx.get_executor(), cfg);
+  keel::throttler bucket(ctx.get_executor());
+  keel::rate_controller pacing(bucket);
+  pacing.adopt_share(20);  // as if it had learned its share: cruise at 19.4 r/s
+
+  // Calls that always wait for the bucket (demand beyond the share), each accepted at once.
+  bool stop = false;
+  std::size_t running = 8;
+  for (int i = 0; i < 8; ++i) {
+    boost::asio::co_spawn(
+        ctx,
+        [&]() -> boost::asio::awaitable<void> {
+          while (!stop) {
+            co_await bucket.acquire({1, 0});
+            pacing.on_accepted(pacing.on_send({1, 0}));
+          }
+          --running;
+        },
+        boost::asio::detached);
+  }
+
+  keel::redis::client other_redis(ctx.get_executor(), keel_test::redis_options(redis.port()));
+  keel::redis::shared_rate other(other_redis,
+                                 {.key = keel::redis::fleet_key("keeltest", entry, "learned")});
+  keel::redis::rate_report follower;
+  follower.estimate = 20;
+  follower.wants_lead = false;
+
+  // After its plateau it probes, for the fleet: the other process is told the gain.
+  double seen_gain = 0;
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    const auto v = keel_test::run_one(ctx, other.sync(follower));
+    REQUIRE_FALSE(v.error);
+    CHECK_FALSE(v.value->leader);
+    seen_gain = v.value->gain;
+    return seen_gain > 0;
+  }));
+  CHECK(pacing.requests().phase == keel::pacing_phase::probe);
+
+  // The other process draws a 429 in that probe: the leader's probe ends without a 429 of its
+  // own.
+  keel::redis::rate_report hit = follower;
+  hit.probe_hit = true;
+  REQUIRE_FALSE(keel_test::run_one(ctx, other.sync(hit)).error);
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    return pacing.requests().phase == keel::pacing_phase::cruise;
+  }));
+  CHECK(pacing.requests().rejections == 0);
+
+  stop = true;
+  bucket.set_rate(1e6, 0);  // release the waiting calls
+  REQUIRE(keel_test::run_real(ctx, [&] { return running == 0; }));
   fleet.close();
   other_redis.close();
 }

@@ -63,9 +63,11 @@ TEST_CASE("a shared rate: one leader, the fleet's limit summed from its members'
 
   // Each measures its share; a new sample sums the active members' latest estimates.
   v = a.sync(60, true, 100);
-  CHECK(v.limit == 60);  // only a's estimate so far
-  CHECK(v.share == 20);  // split three ways
-  b.sync(70, true, 110);
+  // Only a has an estimate so far; b and c were sending too: 60 x 3 / 1.
+  CHECK(v.limit == 180);
+  CHECK(v.share == 60);
+  v = b.sync(70, true, 110);
+  CHECK(v.limit == Approx(130.0 * 3 / 2));
   v = c.sync(70, true, 120);
   CHECK(v.limit == 200);
   CHECK(v.share == Approx(200.0 / 3));
@@ -86,15 +88,36 @@ TEST_CASE("a shared rate: one leader, the fleet's limit summed from its members'
   CHECK(v.limit == Approx(136));
   CHECK(v.share == Approx(68));
 
-  // A member that says it is no longer active leaves at once, and gives up the lead.
+  // A leader whose calls no longer wait for its pacing gives up the lead (its probes could not
+  // grow) but stays a member; one whose calls wait takes it.
+  rate_report content;
+  content.estimate = 66;
+  content.wants_lead = false;
+  v = a.sync(content, 1512);
+  CHECK_FALSE(v.leader);
+  CHECK(v.members == 2);
+  v = a.sync(content, 1514);
+  CHECK_FALSE(v.leader);  // the lead is free, but a does not want it
+  v = b.sync(70, false, 1516);
+  CHECK(v.leader);
+  v = b.sync(70, false, 1518);
+  CHECK(v.leader);
+  v = a.sync(66, false, 1519);  // wants it again, but b holds it
+  CHECK_FALSE(v.leader);
+
+  // A member that says it is no longer active leaves at once.
   rate_report gone;
   gone.active = false;
   v = a.sync(gone, 1520);
   CHECK_FALSE(v.leader);
   CHECK(v.members == 1);
   v = b.sync(70, false, 1530);
-  CHECK(v.leader);  // the lead was free
+  CHECK(v.leader);
   CHECK(v.members == 1);
+  v = b.sync(gone, 1540);  // a leader that leaves gives up the lead
+  CHECK_FALSE(v.leader);
+  v = a.sync(66, false, 1550);
+  CHECK(v.leader);
 }
 
 TEST_CASE("a shared rate: followers get the leader's probe gain, the leader gets their hits",

@@ -54,7 +54,7 @@ class fleet_impl {
     if (b == nullptr) {
       // No configured limit to share. A learned rate that cannot reach Redis says so here, so
       // that the caller warns and counts it as for a bucket (it goes on learning alone).
-      if (const entry_refs& r = refs(e); r.rs != nullptr && r.rs->error) {
+      if (const entry_refs& r = refs(e); r.rs != nullptr && r.rs->error && !*closed_) {
         std::rethrow_exception(r.rs->error);
       }
       co_return;
@@ -184,45 +184,57 @@ class fleet_impl {
     }
     rate_sync& rs = rate_of(e);
     const auto now = std::chrono::steady_clock::now();
-    if (!*closed_ && !rs.syncing && now - rs.last_sync >= rate_sync_interval_) {
-      rs.syncing = true;
-      rs.last_sync = now;
-      const keel::pacing_state st = pacing.requests();
-      rate_report mine;
-      if (st.phase == keel::pacing_phase::cruise || st.phase == keel::pacing_phase::probe) {
-        mine.estimate = st.estimate;  // learned (or adopted): this process's share
-        mine.new_sample = st.samples > rs.samples;
-      }
-      rs.samples = st.samples;
-      mine.gain = rs.leading ? st.gain : 0;
-      mine.probe_hit = rs.following_probe && st.rejections > rs.rejections;
-      rs.rejections = st.rejections;
-      if (const auto until = pacing.bucket().paused_until(); until > now) {
-        mine.pause = std::chrono::ceil<std::chrono::milliseconds>(until - now);
-      }
-      // This process syncs at its calls: at a low rate they are seconds apart, and it must not
-      // drop out of the fleet (and its lead) between two of them. Three calls' time, at most a
-      // minute.
-      if (const double rps = pacing.bucket().options().requests_per_second; rps > 0) {
-        mine.window = std::chrono::milliseconds(std::llround(std::min(60'000.0, 3'000 / rps)));
-      }
-      asio::co_spawn(
-          ex_,
-          [](rate_sync* r, rate_report m) -> asio::awaitable<void> {
-            try {
-              r->view = co_await r->shared->sync(m);
-              r->viewed_at = std::chrono::steady_clock::now();
-              r->fresh = true;
-              r->error = nullptr;
-            } catch (...) {
-              r->failed = true;  // Redis unreachable: learn alone (see apply_rate)
-              r->error = std::current_exception();
-            }
-            r->syncing = false;
-          }(&rs, mine),
-          asio::detached);
+    // The answer that came since the last call first: the report below is then made by the
+    // process as the fleet left it (its role, the probe it follows, the share it took).
+    apply_rate(rs, pacing, now);
+    if (*closed_ || rs.syncing || now - rs.last_sync < rate_sync_interval_) {
+      return;
     }
-    apply_rate(rs, pacing);
+    rs.syncing = true;
+    rs.last_sync = now;
+    const keel::pacing_state st = pacing.requests();
+    keel::throttler& bucket = pacing.bucket();
+    rate_report mine;
+    if (st.phase == keel::pacing_phase::cruise || st.phase == keel::pacing_phase::probe) {
+      mine.estimate = st.estimate;  // learned (or adopted): this process's share
+      mine.new_sample = st.samples > rs.samples;
+    }
+    // Demand beyond its share: calls wait for its pacing now, or did since the last sync.
+    const auto queued = bucket.total_queued_time();
+    mine.wants_lead = bucket.waiters() > 0 || queued > rs.queued;
+    rs.queued = queued;
+    mine.gain = rs.leading ? st.gain : 0;
+    mine.probe_hit = rs.following_probe && st.rejections > rs.rejections;
+    // Its own pause only (a block its controller found), not the fleet's it was told of.
+    if (const auto until = bucket.paused_until(); until > now && until > rs.fleet_pause) {
+      mine.pause = std::chrono::ceil<std::chrono::milliseconds>(until - now);
+    }
+    // This process syncs at its calls: at a low rate they are seconds apart, and it must not
+    // drop out of the fleet (and its lead) between two of them. Three calls' time, at most a
+    // minute.
+    if (const double rps = bucket.options().requests_per_second; rps > 0) {
+      mine.window = std::chrono::milliseconds(std::llround(std::min(60'000.0, 3'000 / rps)));
+    }
+    rs.window = std::max(rs.shared->options().member_window, mine.window);
+    asio::co_spawn(
+        ex_,
+        [](rate_sync* r, rate_report m, std::uint64_t samples,
+           std::uint64_t rejections) -> asio::awaitable<void> {
+          try {
+            r->view = co_await r->shared->sync(m);
+            r->viewed_at = std::chrono::steady_clock::now();
+            r->fresh = true;
+            r->error = nullptr;
+            // Reported: a sample or a 429 is not reported twice, nor lost by a failed sync.
+            r->samples = samples;
+            r->rejections = rejections;
+          } catch (...) {
+            r->failed = true;  // Redis unreachable: learn alone (see apply_rate)
+            r->error = std::current_exception();
+          }
+          r->syncing = false;
+        }(&rs, mine, st.samples, st.rejections),
+        asio::detached);
   }
 
   void on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds delay) {
@@ -315,14 +327,61 @@ class fleet_impl {
     return it->second.requests ? &it->second : nullptr;
   }
 
+  // Brings the fleet's last answer into this process's controller (each answer once).
+  static void apply_rate(rate_sync& rs, keel::rate_controller& pacing,
+                         std::chrono::steady_clock::time_point now) {
+    if (rs.failed) {
+      // Cut off from the fleet: learn alone, from where it was.
+      rs.failed = false;
+      rs.leading = false;
+      rs.following_probe = false;
+      pacing.lead();
+      return;
+    }
+    if (!rs.fresh) {
+      return;
+    }
+    rs.fresh = false;
+    if (now - rs.viewed_at > rs.window) {
+      return;  // an answer older than this process's place in the fleet says little now
+    }
+    const rate_view& v = rs.view;
+    // A measurement of its own that the fleet has not summed yet wins over the share.
+    if (v.share > 0 && pacing.requests().samples == rs.samples) {
+      pacing.adopt_share(v.share);
+    }
+    if (v.leader) {
+      pacing.lead();
+      if (v.probe_hit) {
+        pacing.end_probe();  // a follower drew this probe's 429
+      }
+      rs.leading = true;
+      rs.following_probe = false;
+    } else {
+      pacing.follow_probes(v.gain);
+      rs.leading = false;
+      rs.following_probe = v.gain > 0;
+    }
+    if (v.pause.count() > 0) {
+      const auto until = rs.viewed_at + v.pause;
+      rs.fleet_pause = std::max(rs.fleet_pause, until);
+      if (until > pacing.bucket().paused_until()) {
+        pacing.bucket().pause_until(until);
+      }
+    }
+  }
+
   // One entry's learned rate as the fleet sees it.
   struct rate_sync {
     std::unique_ptr<shared_rate> shared;
     bool syncing = false;
     std::chrono::steady_clock::time_point last_sync{};
-    std::uint64_t samples = 0;     // the controller's samples at the last report
-    std::uint64_t rejections = 0;  // ... and its rejections
-    bool leading = false;          // this process probes for the fleet
+    std::uint64_t samples = 0;           // the controller's samples the fleet has been told of
+    std::uint64_t rejections = 0;        // ... and its rejections
+    keel::throttler::duration queued{};  // the bucket's total_queued_time() at the last report
+    std::chrono::milliseconds window{};  // how long this process counts in the fleet unsynced
+    std::chrono::steady_clock::time_point fleet_pause{};  // the latest pause the fleet set here
+    bool leading = false;                                 // this process probes for the fleet
     bool following_probe = false;  // it follows the leader's probe (a gain above 0)
     bool fresh = false;            // `view` not applied yet
     bool failed = false;           // the last sync could not reach Redis (not applied yet)
@@ -343,49 +402,12 @@ class fleet_impl {
                                  // Several syncs missed before a process counts as gone.
                                  .member_window = std::max(std::chrono::milliseconds(1000),
                                                            5 * rate_sync_interval_)});
+        rs->window = rs->shared->options().member_window;
         it = rates_.emplace(key, std::move(rs)).first;
       }
       r.rs = it->second.get();
     }
     return *r.rs;
-  }
-
-  // Brings the fleet's last answer into this process's controller (each answer once).
-  static void apply_rate(rate_sync& rs, keel::rate_controller& pacing) {
-    if (rs.failed) {
-      // Cut off from the fleet: learn alone, from where it was.
-      rs.failed = false;
-      rs.leading = false;
-      rs.following_probe = false;
-      pacing.lead();
-      return;
-    }
-    if (!rs.fresh) {
-      return;
-    }
-    rs.fresh = false;
-    const rate_view& v = rs.view;
-    if (v.share > 0) {
-      pacing.adopt_share(v.share);
-    }
-    if (v.leader) {
-      pacing.lead();
-      if (v.probe_hit) {
-        pacing.end_probe();  // a follower drew this probe's 429
-      }
-      rs.leading = true;
-      rs.following_probe = false;
-    } else {
-      pacing.follow_probes(v.gain);
-      rs.leading = false;
-      rs.following_probe = v.gain > 0;
-    }
-    if (v.pause.count() > 0) {
-      const auto until = rs.viewed_at + v.pause;
-      if (until > pacing.bucket().paused_until()) {
-        pacing.bucket().pause_until(until);
-      }
-    }
   }
 
   // One entry's breaker as the fleet sees it.

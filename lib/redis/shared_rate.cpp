@@ -17,7 +17,7 @@ constexpr const char* who = "keel::redis::shared_rate";
 // KEYS: the hash {leader, leader_until, limit, gain, hit, pause_until}, the sorted set of active
 // members (score: when each stops counting), the hash of their estimates. ARGV: now, member,
 // active ("1"/"0"), estimate, new sample ("1"/"0"), gain, probe hit ("1"/"0"), pause ms, this
-// member's window ms, ttl ms.
+// member's window ms, ttl ms, wants lead ("1"/"0").
 // Answers {role, share, limit, members, gain, hit, pause ms} as strings; role is "leader" or
 // "follower".
 constexpr const char* body = R"lua(
@@ -30,6 +30,7 @@ local hit = ARGV[7] == '1'
 local pause = tonumber(ARGV[8])
 local window = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
+local wants_lead = active and ARGV[11] == '1'
 -- Members that have not synced within their windows are gone (their estimates with them).
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now))
 if #stale > 0 then
@@ -59,11 +60,11 @@ if leader ~= '' and now >= leader_until then
   pub_gain = 0
   pub_hit = false
 end
-if leader == member and not active then
+if leader == member and not wants_lead then
   leader = ''
   pub_gain = 0
   pub_hit = false
-elseif leader == '' and active then
+elseif leader == '' and wants_lead then
   leader = member
 end
 local role = 'follower'
@@ -81,11 +82,16 @@ elseif hit and pub_gain > 0 then
 end
 if new_sample and estimate > 0 then
   -- A new measurement: the fleet's limit is what its active members measured, together.
+  -- Members with no estimate yet were sending too: scale by active / reporting members.
   local sum = 0
+  local reporting = 0
   for _, v in ipairs(redis.call('HVALS', KEYS[3])) do
     sum = sum + tonumber(v)
+    reporting = reporting + 1
   end
-  limit = sum
+  if reporting > 0 then
+    limit = sum * members / reporting
+  end
 end
 if pause > 0 and now + pause > pause_until then
   pause_until = now + pause
@@ -129,7 +135,7 @@ asio::awaitable<rate_view> shared_rate::sync(const rate_report& mine,
        detail::number(clean(mine.gain)), mine.probe_hit ? "1" : "0",
        std::to_string(std::max<long long>(0, mine.pause.count())),
        std::to_string(std::max(options_.member_window, mine.window).count()),
-       std::to_string(options_.idle_ttl.count())});
+       std::to_string(options_.idle_ttl.count()), mine.wants_lead ? "1" : "0"});
   if (r.kind != reply_kind::array || r.elements.size() != 7) {
     throw std::runtime_error(std::string(who) + ": sync answered an unexpected reply");
   }

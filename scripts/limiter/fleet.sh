@@ -15,7 +15,9 @@
 #   learned      nothing configured but policy.shared: the processes share what they learn
 #                (keel/redis/shared_rate.hpp: the fleet's limit from their measured shares, an
 #                equal share each, one leader's probes followed by all); compared with the same
-#                config and no Redis (each process learns the limit on its own)
+#                config and no Redis (each process learns the limit on its own), and with Redis
+#                killed at t = 5 s and started again, empty, at t = 10 s (each learns alone
+#                meanwhile)
 #   kill         configured and shared; Redis killed (SIGKILL) at t = 5 s and started again, empty,
 #                at t = 10 s; with fleet_size unset (the last granted share) and with fleet_size P
 #   breaker      an outage, not a limit: `keel mock` (50 ms answers) answers 503 from 5 s to 10 s
@@ -271,6 +273,7 @@ series_learned() {
   for k in $(seq "$runs"); do
     run "learned-redis-$k" learned redis 0
     run "learned-alone-$k" learned none 0
+    run "learned-kill-$k" learned redis 0 kill
   done
 }
 series_breaker() {

@@ -158,9 +158,18 @@ class rate_controller_state {
         return;
       }
       const time_point now = Clock::now();
-      if (d.phase == pacing_phase::startup || d.phase == pacing_phase::search) {
+      const bool learning = d.phase == pacing_phase::startup || d.phase == pacing_phase::search;
+      if (!learning && d.estimate == rps) {
+        return;  // the share it has
+      }
+      if (learning) {
         d.phase = pacing_phase::cruise;
         start_plateau(d, now);
+      }
+      if (rps < d.estimate) {
+        // As after a cut of its own (adopt()): the noise filter judges what is refused after
+        // sends at the higher rate have settled.
+        d.wave_end = std::max(d.wave_end, saturating_add(now, settle_time()));
       }
       d.estimate = rps;
       d.adopted_at = now;
@@ -1414,8 +1423,9 @@ class rate_controller_state {
           const duration w = to_duration(bin_width);
           const time_point edge = epoch_ + w * bin_index(now);
           const counts c = window(di, edge - 4 * w, edge, now);
-          if (c.span > 0) {
-            d.estimate = std::max(d.estimate, (c.sent - c.rejected) / c.span);
+          if (c.span > 0 && (c.sent - c.rejected) / c.span > d.estimate) {
+            d.estimate = (c.sent - c.rejected) / c.span;
+            ++d.samples;  // a measurement too (a fleet sums it: keel/redis/shared_rate.hpp)
           }
           d.adopted_at = now;
           d.probe_elapsed = duration::zero();

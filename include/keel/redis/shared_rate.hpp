@@ -15,13 +15,14 @@
 //     the limit:  each process still measures its own share (what the server accepted from it
 //                 between its rejections). When a process reports a new measurement, the fleet's
 //                 limit becomes the sum of the latest estimates of the active processes (those
-//                 that synced within `member_window`), and every process paces at
-//                 limit / active (`basic_rate_controller::adopt_share`). Shares become equal,
+//                 that synced within `member_window`), scaled by active / reporting processes
+//                 when some have no estimate yet (they were sending too), and every process paces
+//                 at limit / active (`basic_rate_controller::adopt_share`). Shares become equal,
 //                 and a process that leaves gives its share to the others at once (the limit
 //                 stays; the count falls).
 //     probes:     one process, the leader (a lease of `member_window`, renewed by each sync
-//                 while it makes calls), probes as it would alone and publishes its probe's gain;
-//                 the others raise their rates by that gain at the same time
+//                 while its calls wait for its pacing), probes as it would alone and publishes its
+//                 probe's gain; the others raise their rates by that gain at the same time
 //                 (`follow_probes`), so the fleet probes as one client. A follower that draws a
 //                 429 while it follows a probe says so, and the leader ends the probe
 //                 (`end_probe`): the fleet crossed the limit, though the leader, sending a
@@ -79,9 +80,13 @@ struct rate_options {
 
 /// What one process tells the fleet at a sync.
 struct rate_report {
-  /// This process makes calls: it is active and may lead. A process that stopped calling leaves
-  /// (its estimate no longer counts; a lead it held is given up).
+  /// This process makes calls: it is active. A process that stopped calling leaves (its
+  /// estimate no longer counts; a lead it held is given up).
   bool active = true;
+  /// Its calls wait for its pacing (it wants more than its share): only such a process takes
+  /// the lead, and a leader without it gives the lead up (its probes would not grow: a probe
+  /// grows only while calls wait).
+  bool wants_lead = true;
   /// Its estimate of its share of the limit, requests per second (0: none yet).
   double estimate = 0;
   /// `estimate` is a new measurement of its own (the fleet's limit is summed again).
