@@ -3,7 +3,7 @@
 //
 // Usage: pacing_sim [--rps R] [--burst B] [--concurrency C] [--prompts N] [--retry-after
 // S|none|exact]
-//                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--tpm T] [--token-burst T]
+//                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--p-throttle P] [--tpm T] [--token-burst T]
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
 //                   [--max-attempts K] [--seed S] [--jitter-ms J] [--stall-every-ms E]
 //                   [--stall-max-ms S] [--processes P [--follow]] [--timeline] [--matrix]
@@ -108,6 +108,8 @@ int main(int argc, char** argv) {
       ch.at = duration_cast<nanoseconds>(duration<double>(std::stod(v.substr(0, colon))));
       ch.requests_per_second = std::stod(v.substr(colon + 1));
       s.schedule.push_back(ch);
+    } else if (a == "--p-throttle") {
+      s.p_throttle = std::stod(next());
     } else if (a == "--processes") {
       c.processes = std::stoul(next());
     } else if (a == "--follow") {

@@ -1,6 +1,6 @@
 // The fleet's learned rate through Redis (`policy.shared`, keel::redis::fleet::sync_pacing): a
 // process's rate controller takes the fleet's share, follows the leader's probe and shares
-// pauses; cut off from Redis it learns alone, and the fleet's acquire reports it. Another process
+// pauses; cut off from Redis it keeps to its share, and the fleet's acquire reports it. Another process
 // of the fleet is played by a keel::redis::shared_rate on the same key (its protocol is tested in
 // test_redis_rate.cpp).
 #include "llm_client_support.hpp"
@@ -82,8 +82,8 @@ TEST_CASE(
     return bucket.paused_until() > std::chrono::steady_clock::now() + std::chrono::seconds(20);
   }));
 
-  // Redis is gone: this process learns alone from where it was (its own probes, not the
-  // leader's gain).
+  // Redis is gone: this process keeps to its share (the leader's probe no longer raises it, and
+  // it starts none of its own).
   redis.stop();
   REQUIRE(keel_test::run_real(ctx, [&] {
     fleet.sync_pacing(entry, pacing);
@@ -93,6 +93,12 @@ TEST_CASE(
   CHECK(bucket.options().requests_per_second == Approx(60 * 0.97));
   // ... and the fleet's acquire says so (the client warns and counts it, as for a bucket).
   CHECK(keel_test::run_one(ctx, fleet.acquire(entry, 1)).error);
+  for (int i = 0; i < 50; ++i) {  // 2.5 s, past any plateau: still no probe
+    pacing.on_accepted(pacing.on_send({1, 0}));
+    fleet.sync_pacing(entry, pacing);
+    ctx.run_for(std::chrono::milliseconds(50));
+  }
+  CHECK(pacing.requests().phase == keel::pacing_phase::cruise);
 
   // Redis is back (empty): the next sync succeeds and the acquire stops complaining.
   redis.start();
