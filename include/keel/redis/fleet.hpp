@@ -13,8 +13,8 @@
 // is never in Redis. An entry with no configured limit shares what its processes learn instead
 // (`sync_pacing`, keel/redis/shared_rate.hpp, key `...:{<fingerprint>}:learned`): the fleet's
 // limit summed from the processes' measured shares, an equal share each, and one process's
-// probes followed by all; while its syncs cannot reach Redis, each process learns alone from
-// where it was and `acquire` throws the sync's error (so the client warns and counts it, as for
+// probes followed by all; while its syncs cannot reach Redis, each process keeps to its last
+// share (its own 429s still cut it, it probes no more) and `acquire` throws the sync's error (so the client warns and counts it, as for
 // a bucket). A 429's Retry-After pauses the fleet's bucket. When Redis cannot be
 // reached within `policy.shared.timeout`, `acquire` throws and the client goes on under the entry's
 // own bucket and `acquire_local`: a local bucket at this process's share of the limit, fixed when
@@ -98,7 +98,7 @@ class fleet final : public keel::llm::fleet_pacing {
   /// Shares what `pacing` learned for an entry with no configured limit (keel/redis/
   /// shared_rate.hpp): reports its estimate, adopts the fleet's share, and leads or follows the
   /// fleet's probes; syncs at most every `shared.rate_sync` (detached) and applies each answer
-  /// at the next call. With Redis unreachable, `pacing` learns alone from where it was.
+  /// at the next call. With Redis unreachable, `pacing` keeps to its share and probes no more.
   void sync_pacing(const keel::llm::entry_config& entry, keel::rate_controller& pacing) override;
   /// Brings the fleet's breaker state into `breaker`; syncs at most every 250 ms (detached).
   void sync_breaker(const keel::llm::entry_config& entry, keel::circuit_breaker& breaker) override;

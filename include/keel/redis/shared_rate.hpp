@@ -27,17 +27,20 @@
 //                 429 while it follows a probe says so, and the leader ends the probe
 //                 (`end_probe`): the fleet crossed the limit, though the leader, sending a
 //                 quarter of the calls, may not have drawn a 429 of its own yet.
-//     takeover:   a leader that stops syncing (it finished, stopped calling, or died) loses the
-//                 lease after `member_window`; the next process to sync takes it.
+//     takeover:   a leader that stops syncing (it finished, stopped calling, or died), or whose
+//                 calls no longer wait for its pacing (its probes would not grow), loses the
+//                 lead; the next process to sync whose calls wait takes it.
 //     pauses:     the controller's block pauses (rejections with nothing accepted for a while: a
 //                 quota window exhausted) are shared: each sync reports how long this process's
 //                 bucket is paused, the script keeps the latest end, and every process pauses
 //                 until then.
 //
 // Measured in virtual time (tests/pacing_sim.hpp, 4 processes x 64 calls x 1,000 prompts, a
-// 200 r/s limiter with burst 20): 1.00-1.03x the ideal wall and 1.05-1.06 attempts per prompt
-// over 8 seeds, against 1.10-2.17x and 1.05-1.12 learning alone. Against nginx `limit_req`
-// (docs/BENCHMARKS.md): 20.2-21.5 s for the 20 s job, 1.04-1.08 attempts per prompt, 0 failed.
+// 200 r/s limiter with burst 20): 1.005-1.038x the ideal wall and 1.04-1.07 attempts per prompt
+// over 8 seeds, against 1.10-2.17x and 1.05-1.12 learning alone (more in
+// docs/core/rate_controller.md, where it is not better). Against nginx `limit_req`
+// (docs/BENCHMARKS.md): 20.3-21.1 s for the 20 s job, 0 failed, 1.05 attempts per prompt in 3
+// of 4 runs and 1.14 in one; with Redis killed for 5 s, 20.6-21.7 s and 1.04-1.05.
 //
 // Decisions:
 // - Sharing estimates and the probe clock, not one fleet-wide bucket: the estimator needs this
@@ -50,8 +53,9 @@
 //   calls, so one paced at a low rate names a longer window (`rate_report::window`: three calls'
 //   time in keel::redis::fleet) and keeps its place and lead between calls seconds apart.
 //
-// Cancellation and errors: as `client::command`. A process that cannot reach Redis learns alone
-// (its own probes again) from where it was.
+// Cancellation and errors: as `client::command`. A process that cannot reach Redis keeps to
+// the share it had (keel::redis::fleet: `follow_probes(0)`; its own 429s still cut it) and
+// probes no more until Redis answers again.
 //
 // Thread safety: not thread-safe; one executor (the Redis client's).
 
