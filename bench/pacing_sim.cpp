@@ -3,7 +3,8 @@
 //
 // Usage: pacing_sim [--rps R] [--burst B] [--concurrency C] [--prompts N] [--retry-after
 // S|none|exact]
-//                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--p-throttle P] [--tpm T] [--token-burst T]
+//                   [--latency-ms L] [--latency-max-ms L] [--p-error P] [--p-throttle P]
+//                   [--tpm T] [--token-burst T]
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
 //                   [--max-attempts K] [--seed S] [--jitter-ms J] [--stall-every-ms E]
 //                   [--stall-max-ms S] [--processes P [--follow]] [--timeline] [--matrix]

@@ -14,8 +14,9 @@
 // (`sync_pacing`, keel/redis/shared_rate.hpp, key `...:{<fingerprint>}:learned`): the fleet's
 // limit summed from the processes' measured shares, an equal share each, and one process's
 // probes followed by all; while its syncs cannot reach Redis, each process keeps to its last
-// share (its own 429s still cut it, it probes no more) and `acquire` throws the sync's error (so the client warns and counts it, as for
-// a bucket). A 429's Retry-After pauses the fleet's bucket. When Redis cannot be
+// share (its own 429s still cut it, it probes no more) and `acquire` throws the sync's error
+// (so the client warns and counts it, as for a bucket). A 429's Retry-After pauses the fleet's
+// bucket. When Redis cannot be
 // reached within `policy.shared.timeout`, `acquire` throws and the client goes on under the entry's
 // own bucket and `acquire_local`: a local bucket at this process's share of the limit, fixed when
 // the outage starts and starting empty. The share is `limit / policy.shared.fleet_size` when the
