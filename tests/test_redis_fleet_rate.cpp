@@ -1,8 +1,8 @@
 // The fleet's learned rate through Redis (`policy.shared`, keel::redis::fleet::sync_pacing): a
 // process's rate controller takes the fleet's share, follows the leader's probe and shares
-// pauses; cut off from Redis it keeps to its share, and the fleet's acquire reports it. Another process
-// of the fleet is played by a keel::redis::shared_rate on the same key (its protocol is tested in
-// test_redis_rate.cpp).
+// pauses; a process whose calls wait leads; cut off from Redis a process keeps to its share, and
+// the fleet's acquire reports it. Another process of the fleet is played by a
+// keel::redis::shared_rate on the same key (its protocol is tested in test_redis_rate.cpp).
 #include "llm_client_support.hpp"
 #include "redis_support.hpp"
 #include "support.hpp"
