@@ -29,26 +29,57 @@ keel::llm::client_config learned_config(std::uint16_t redis_port) {
   return cfg;
 }
 
+// One process of the fleet (its fleet, bucket and controller of the entry) and a connection
+// for another process's shared_rate, on one redis-server of the test's own.
+struct one_process {
+  keel_test::redis_process redis;
+  boost::asio::io_context ctx;
+  keel::llm::client_config cfg;
+  const keel::llm::entry_config& entry;
+  keel::redis::fleet fleet;
+  keel::throttler bucket{ctx.get_executor()};
+  keel::rate_controller pacing{bucket};
+  keel::redis::client other_redis{ctx.get_executor(), keel_test::redis_options(redis.port())};
+
+  explicit one_process(double requests_per_minute = 0)
+      : cfg(configured(learned_config(redis.port()), requests_per_minute)),
+        entry(cfg.entries.at(0)),
+        fleet(ctx.get_executor(), cfg) {}
+  one_process(const one_process&) = delete;
+  one_process& operator=(const one_process&) = delete;
+  ~one_process() {
+    fleet.close();
+    other_redis.close();
+  }
+  static keel::llm::client_config configured(keel::llm::client_config c, double rpm) {
+    c.entries.at(0).rate_limits.requests_per_minute = rpm;
+    return c;
+  }
+  // The other process's view of the entry's learned rate.
+  keel::redis::shared_rate other(std::chrono::milliseconds window = std::chrono::seconds(1)) {
+    return keel::redis::shared_rate(
+        other_redis,
+        {.key = keel::redis::fleet_key("keeltest", entry, "learned"), .member_window = window});
+  }
+};
+
 }  // namespace
 
 TEST_CASE(
-    "a process takes the fleet's share, follows its leader's probe and pause, and learns "
-    "alone without Redis",
+    "a process takes the fleet's share, follows its leader's probe and pause, and keeps to its "
+    "share without Redis",
     "[redis]") {
-  keel_test::redis_process redis;
-  boost::asio::io_context ctx;
-  const auto cfg = learned_config(redis.port());
-  const keel::llm::entry_config& entry = cfg.entries.at(0);
-  keel::redis::fleet fleet(ctx.get_executor(), cfg);
-  keel::throttler bucket(ctx.get_executor());
-  keel::rate_controller pacing(bucket);
+  one_process p;
+  keel_test::redis_process& redis = p.redis;
+  boost::asio::io_context& ctx = p.ctx;
+  const keel::llm::entry_config& entry = p.entry;
+  keel::redis::fleet& fleet = p.fleet;
+  keel::throttler& bucket = p.bucket;
+  keel::rate_controller& pacing = p.pacing;
   REQUIRE(pacing.requests().phase == keel::pacing_phase::startup);
 
   // The other process: it leads (it syncs first) and has measured 120 r/s on its own.
-  keel::redis::client other_redis(ctx.get_executor(), keel_test::redis_options(redis.port()));
-  keel::redis::shared_rate other(other_redis,
-                                 {.key = keel::redis::fleet_key("keeltest", entry, "learned"),
-                                  .member_window = std::chrono::milliseconds(60'000)});
+  keel::redis::shared_rate other = p.other(std::chrono::milliseconds(60'000));
   keel::redis::rate_report measured;
   measured.estimate = 120;
   measured.new_sample = true;
@@ -106,23 +137,16 @@ TEST_CASE(
     fleet.sync_pacing(entry, pacing);
     return !keel_test::run_one(ctx, fleet.acquire(entry, 1)).error;
   }));
-  fleet.close();
-  other_redis.close();
 }
 
 TEST_CASE("an entry with a configured limit shares its bucket, not a learned rate", "[redis]") {
-  keel_test::redis_process redis;
-  boost::asio::io_context ctx;
-  auto cfg = learned_config(redis.port());
-  cfg.entries.at(0).rate_limits.requests_per_minute = 600;
-  const keel::llm::entry_config& entry = cfg.entries.at(0);
-  keel::redis::fleet fleet(ctx.get_executor(), cfg);
-  keel::throttler bucket(ctx.get_executor());
-  keel::rate_controller pacing(bucket);
+  one_process p(600);
+  boost::asio::io_context& ctx = p.ctx;
+  const keel::llm::entry_config& entry = p.entry;
+  keel::redis::fleet& fleet = p.fleet;
+  keel::rate_controller& pacing = p.pacing;
 
-  keel::redis::client other_redis(ctx.get_executor(), keel_test::redis_options(redis.port()));
-  keel::redis::shared_rate other(other_redis,
-                                 {.key = keel::redis::fleet_key("keeltest", entry, "learned")});
+  keel::redis::shared_rate other = p.other();
   keel::redis::rate_report measured;
   measured.estimate = 120;
   measured.new_sample = true;
@@ -136,21 +160,18 @@ TEST_CASE("an entry with a configured limit shares its bucket, not a learned rat
   const auto view = keel_test::run_one(ctx, other.sync(measured));
   REQUIRE_FALSE(view.error);
   CHECK(view.value->members == 1);
-  fleet.close();
-  other_redis.close();
 }
 
 TEST_CASE(
     "a process whose calls wait leads: the fleet sees its probe's gain, and a follower's "
     "429 ends the probe",
     "[redis]") {
-  keel_test::redis_process redis;
-  boost::asio::io_context ctx;
-  const auto cfg = learned_config(redis.port());
-  const keel::llm::entry_config& entry = cfg.entries.at(0);
-  keel::redis::fleet fleet(ctx.get_executor(), cfg);
-  keel::throttler bucket(ctx.get_executor());
-  keel::rate_controller pacing(bucket);
+  one_process p;
+  boost::asio::io_context& ctx = p.ctx;
+  const keel::llm::entry_config& entry = p.entry;
+  keel::redis::fleet& fleet = p.fleet;
+  keel::throttler& bucket = p.bucket;
+  keel::rate_controller& pacing = p.pacing;
   pacing.adopt_share(20);  // as if it had learned its share: cruise at 19.4 r/s
 
   // Calls that always wait for the bucket (demand beyond the share), each accepted at once.
@@ -169,9 +190,7 @@ TEST_CASE(
         boost::asio::detached);
   }
 
-  keel::redis::client other_redis(ctx.get_executor(), keel_test::redis_options(redis.port()));
-  keel::redis::shared_rate other(other_redis,
-                                 {.key = keel::redis::fleet_key("keeltest", entry, "learned")});
+  keel::redis::shared_rate other = p.other();
   keel::redis::rate_report follower;
   follower.estimate = 20;
   follower.wants_lead = false;
@@ -202,6 +221,4 @@ TEST_CASE(
   stop = true;
   bucket.set_rate(1e6, 0);  // release the waiting calls
   REQUIRE(keel_test::run_real(ctx, [&] { return running == 0; }));
-  fleet.close();
-  other_redis.close();
 }
