@@ -53,7 +53,7 @@ class fleet_impl {
     buckets* b = of(e);
     if (b == nullptr) {
       // No configured limit to share. A learned rate that cannot reach Redis says so here, so
-      // that the caller warns and counts it as for a bucket (it goes on learning alone).
+      // that the caller warns and counts it as for a bucket (it keeps to its share meanwhile).
       if (const entry_refs& r = refs(e); r.rs != nullptr && r.rs->error && !*closed_) {
         std::rethrow_exception(r.rs->error);
       }
@@ -229,7 +229,7 @@ class fleet_impl {
             r->samples = samples;
             r->rejections = rejections;
           } catch (...) {
-            r->failed = true;  // Redis unreachable: learn alone (see apply_rate)
+            r->failed = true;  // Redis unreachable: keep to the share (see apply_rate)
             r->error = std::current_exception();
           }
           r->syncing = false;

@@ -187,9 +187,7 @@ class rate_controller_state {
         return;
       }
       const time_point now = Clock::now();
-      d.phase = pacing_phase::cruise;
-      d.rate = base_rate(req);
-      start_plateau(d, now);
+      back_to_plateau(d, now);
       update(now);
     });
   }
@@ -203,12 +201,8 @@ class rate_controller_state {
       followed_gain_ = 0;
       const time_point now = Clock::now();
       dim& d = dims_[req];
-      if (d.phase == pacing_phase::probe) {
-        d.phase = pacing_phase::cruise;  // the leader's probe is over for this one
-        d.rate = base_rate(req);
-      }
-      if (d.phase == pacing_phase::cruise) {
-        start_plateau(d, now);
+      if (d.phase == pacing_phase::probe || d.phase == pacing_phase::cruise) {
+        back_to_plateau(d, now);  // the leader's probe is over for this one; its own plateau
       }
       update(now);
     });
@@ -1277,6 +1271,14 @@ class rate_controller_state {
     d.plateau_until = saturating_add(now, to_duration(wait));
   }
 
+  // The request rate back to its plateau (a probe ended without a 429 of its own, or a
+  // follower leads now): the plateau's rate, and a new plateau from now.
+  void back_to_plateau(dim& d, time_point now) {
+    d.phase = pacing_phase::cruise;
+    d.rate = base_rate(req);
+    start_plateau(d, now);
+  }
+
   void end_episode(std::size_t di, time_point now) {
     dim& d = dims_[di];
     d.reacting = false;
@@ -1400,7 +1402,7 @@ class rate_controller_state {
         if (followed_gain_ > 0) {
           d.rate = clamp_rate(di, base_rate(di) * (1 + followed_gain_));
         } else {
-          d.phase = pacing_phase::cruise;
+          d.phase = pacing_phase::cruise;  // a follower's plateau does not end in a probe
           d.rate = base_rate(di);
         }
       } else if (d.phase == pacing_phase::probe) {
