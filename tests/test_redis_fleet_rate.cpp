@@ -16,6 +16,9 @@
 #include <boost/asio/detached.hpp>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <string>
+
 namespace {
 
 keel::llm::client_config learned_config(std::uint16_t redis_port) {
@@ -221,4 +224,64 @@ TEST_CASE(
   stop = true;
   bucket.set_rate(1e6, 0);  // release the waiting calls
   REQUIRE(keel_test::run_real(ctx, [&] { return running == 0; }));
+}
+
+TEST_CASE("a process that closes leaves the fleet at once, not after its window", "[redis]") {
+  one_process p;
+  boost::asio::io_context& ctx = p.ctx;
+  // Paced at a twentieth of a call per second, this process names a window of a minute (three
+  // calls' time, capped): without a goodbye it would count in the fleet for that long.
+  keel::rate_controller_options slow;
+  slow.min_requests_per_second = 0.01;
+  keel::throttler bucket{ctx.get_executor()};
+  keel::rate_controller pacing{bucket, slow};
+  // The other process (a window of a second: it syncs at every look below).
+  keel::redis::shared_rate other = p.other();
+  keel::redis::rate_report measured;
+  measured.estimate = 0.1;
+  measured.new_sample = true;
+  REQUIRE(keel_test::run_one(ctx, other.sync(measured)).value->leader);
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    p.fleet.sync_pacing(p.entry, pacing);
+    return pacing.requests().phase == keel::pacing_phase::cruise;
+  }));
+  CHECK(pacing.requests().estimate == Approx(0.05));
+
+  // Its next sync names the long window: its membership then reaches ~60 s ahead (the other's
+  // only a second).
+  const std::string members = keel::redis::fleet_key("keeltest", p.entry, "learned") + ":members";
+  const auto latest_expiry = [&] {
+    const auto now = keel_test::run_one(ctx, p.other_redis.command({"TIME"})).value;
+    const auto zs = keel_test::run_one(
+        ctx, p.other_redis.command({"ZRANGE", members, "0", "-1", "WITHSCORES"}));
+    REQUIRE(now);
+    REQUIRE(zs.value);
+    const double now_ms = std::stod(now->elements.at(0).text) * 1000;
+    double latest = 0;
+    for (std::size_t i = 1; i < zs.value->elements.size(); i += 2) {
+      latest = std::max(latest, std::stod(zs.value->elements[i].text) - now_ms);
+    }
+    return latest;  // ms
+  };
+  keel::redis::rate_report still;
+  still.estimate = 0.1;
+  REQUIRE(keel_test::run_real(ctx, [&] {
+    p.fleet.sync_pacing(p.entry, pacing);
+    return keel_test::run_one(ctx, other.sync(still)).value->members == 2 &&
+           latest_expiry() > 50'000 && latest_expiry() < 61'000 &&
+           keel_test::run_one(ctx, p.other_redis.command({"ZCARD", members})).value->integer == 2;
+  }));
+
+  // Closed: its last sync says it is gone; the other process is alone and takes the whole limit
+  // long before the minute would have passed (run_real gives up after 20 s).
+  p.fleet.close();
+  CHECK(keel_test::run_real(ctx, [&] {
+    const auto v = keel_test::run_one(ctx, other.sync(still)).value;
+    return v && v->members == 1 && v->share == Approx(0.1);
+  }));
+  // ... and then its connection: only the other process's remains.
+  CHECK(keel_test::run_real(ctx, [&] {
+    const auto list = keel_test::run_one(ctx, p.other_redis.command({"CLIENT", "LIST"})).value;
+    return list && std::count(list->text.begin(), list->text.end(), '\n') == 1;
+  }));
 }

@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace keel::redis {
 
@@ -104,9 +105,40 @@ class fleet_impl {
     co_await b->local->acquire(keel::throttle_cost{1, b->tokens ? tokens : 0});
   }
 
+  // Leaves every learned rate this process joined (its share goes to the others and its lead,
+  // if it held one, at once, not after its window: up to a minute at a low rate), then closes
+  // the connection. Not when its last sync failed: Redis is likely gone, and the run's end must
+  // not wait for a timeout. Detached: the io_context's run() returns once it is done.
   void close() {
+    if (*closed_) {
+      return;
+    }
     *closed_ = true;
-    redis_.close();
+    std::vector<shared_rate*> joined;
+    for (const auto& [key, rs] : rates_) {
+      if (rs->last_sync != std::chrono::steady_clock::time_point{} && !rs->error && !rs->failed) {
+        joined.push_back(rs->shared.get());
+      }
+    }
+    if (joined.empty()) {
+      redis_.close();
+      return;
+    }
+    asio::co_spawn(
+        ex_,
+        [](std::vector<shared_rate*> rates, client* redis) -> asio::awaitable<void> {
+          rate_report leaving;
+          leaving.active = false;
+          leaving.wants_lead = false;
+          for (shared_rate* r : rates) {
+            try {
+              co_await r->sync(leaving);
+            } catch (...) {  // NOLINT(bugprone-empty-catch): it expires after its window instead
+            }
+          }
+          redis->close();
+        }(std::move(joined), &redis_),
+        asio::detached);
   }
 
   // ---- the fleet's breaker ----

@@ -108,7 +108,12 @@ class fleet final : public keel::llm::fleet_pacing {
   /// Publishes this process's breaker opening or closing (detached).
   void on_breaker_change(const keel::llm::entry_config& entry, keel::breaker_state from,
                          keel::breaker_state to, std::chrono::nanoseconds open_for) override;
-  /// Closes the Redis connection (commands in flight fail; later ones connect again).
+  /// Leaves the fleet and closes the Redis connection: for every learned rate this process
+  /// joined (unless its last sync failed) one last sync says it is gone, so that its share and
+  /// any lead it held pass to the others at once rather than after its window (up to a minute
+  /// at a low rate); then the connection closes. Detached (each step bounded by the connection's
+  /// `command_timeout`); the io_context's `run()` returns once it is done. Commands in flight
+  /// when the connection closes fail; later ones connect again. Calling it again does nothing.
   void close() override;
 
  private:
