@@ -24,12 +24,12 @@ void print(const char* label, const pacing_sim::server_spec& s, const pacing_sim
   const double ideal = s.requests_per_second > 0 ? items / s.requests_per_second : 0;
   std::printf(
       "%-28s R=%-5g c=%-5zu N=%-6zu wall=%7.2fs (%.3fx) ok=%zu failed=%zu attempts=%.3fxN 429=%zu "
-      "err=%zu p50=%.3f p99=%.3f  est=%.1f rate=%.1f phase=%s samples=%llu\n",
+      "err=%zu p50=%.3f p99=%.3f  est=%.1f rate=%.1f phase=%s samples=%llu max_noise=%.3f\n",
       label, s.requests_per_second, c.concurrency, c.prompts, r.wall_s,
       ideal > 0 ? r.wall_s / ideal : 0, r.ok, r.failed, static_cast<double>(r.attempts) / items,
       r.rejected, r.errors, r.p50_s, r.p99_s, r.final_requests.estimate, r.final_requests.rate,
       keel::to_string(r.final_requests.phase),
-      static_cast<unsigned long long>(r.final_requests.samples));
+      static_cast<unsigned long long>(r.final_requests.samples), r.max_noise);
   if (timeline) {
     for (std::size_t i = 0; i < r.bins.size(); ++i) {
       std::printf(

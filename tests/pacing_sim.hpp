@@ -118,6 +118,7 @@ struct result {
   std::vector<bin> bins;
   keel::pacing_state final_requests;
   keel::pacing_state final_tokens;
+  double max_noise = 0;  // the highest request noise any process held during the run
   double accepted_in(double from_s, double to_s) const {
     double n = 0;
     for (std::size_t i = 0; i < bins.size(); ++i) {
@@ -486,6 +487,11 @@ inline result run(const server_spec& ss, const client_spec& cs,
         // bin_of() rounds down, e.g. 4.1 / 0.1 = 40.999..., and left them at rate 0.)
         bin& b = bin_of(seconds(clock::now()));
         b.limit = server.rps();
+        for (const auto& pr : fleet) {
+          if (pr->pacing) {
+            res.max_noise = std::max(res.max_noise, pr->pacing->requests().noise);
+          }
+        }
         if (pacing) {
           const keel::pacing_state r = pacing->requests();
           const keel::pacing_state k = pacing->tokens();

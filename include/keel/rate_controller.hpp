@@ -122,7 +122,10 @@
 //   Learning alone, each process probed at its own random time, the others drew the 429s of
 //   its probe and cut, and the shares walked (4 processes against 200 r/s: 1.25-1.53 attempts
 //   per prompt, docs/BENCHMARKS.md). Probing together, a crossing is the fleet's, every process
-//   draws its part of the 429s and measures its share again.
+//   draws its part of the 429s and measures its share again. A fleet member's noise trial is
+//   stricter (the lower window must keep half the refused share whatever the sample size, and
+//   refuse at most twice the higher's): the other processes fill the limiter too, and a process
+//   that cut while they were still above their shares kept part of its 429s.
 //
 // Example:
 //
