@@ -1089,8 +1089,9 @@ TEST_CASE("a fleet's processes do not take the limit's 429s for noise while they
   // but the others' sends fill the limiter too: a process that halved its rate kept a share of
   // 429s while the others were still above theirs (13% of noise after 1.6 s, 1.145 attempts per
   // prompt, client seed 13 here). In a fleet a trial now needs the lower window to keep half the
-  // share refused whatever the sample size, and not to refuse more than twice as much.
-  const std::uint64_t client_seed = GENERATE(13, 17, 21);
+  // share refused whatever the sample size, and not to refuse more than twice as much (seeds 13,
+  // 17, 21), and the fleet's share to have moved with it (seed 14: 2.9% of noise without).
+  const std::uint64_t client_seed = GENERATE(13, 14, 17, 21);
   pacing_sim::server_spec s;
   s.requests_per_second = 200;
   s.latency = 50ms;
@@ -1104,7 +1105,7 @@ TEST_CASE("a fleet's processes do not take the limit's 429s for noise while they
   const pacing_sim::result res = pacing_sim::run(s, c);
   CAPTURE(client_seed, res.wall_s, res.attempts, res.rejected, res.max_noise);
   CHECK(res.failed == 0);
-  CHECK(res.max_noise == 0);  // before: 0.133, 0.058, 0.033
+  CHECK(res.max_noise == 0);  // before: 0.133, 0.029, 0.058, 0.033
   CHECK(static_cast<double>(res.attempts) <= 1.10 * 4000);
 }
 

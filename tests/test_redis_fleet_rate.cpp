@@ -140,6 +140,15 @@ TEST_CASE(
     fleet.sync_pacing(entry, pacing);
     return !keel_test::run_one(ctx, fleet.acquire(entry, 1)).error;
   }));
+  // Its share counts as a measurement the empty Redis has not summed: the fleet's limit is 60
+  // again, not 0 (nor, later, whatever the first process back measured alone).
+  const std::string key = keel::redis::fleet_key("keeltest", entry, "learned");
+  CHECK(keel_test::run_real(ctx, [&] {
+    fleet.sync_pacing(entry, pacing);
+    const auto limit = keel_test::run_one(ctx, p.other_redis.command({"HGET", key, "limit"}));
+    return limit.value && limit.value->kind != keel::redis::reply_kind::nil &&
+           std::stod(limit.value->text) == Approx(60);
+  }));
 }
 
 TEST_CASE("an entry with a configured limit shares its bucket, not a learned rate", "[redis]") {

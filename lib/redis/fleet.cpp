@@ -229,7 +229,11 @@ class fleet_impl {
     rate_report mine;
     if (st.phase == keel::pacing_phase::cruise || st.phase == keel::pacing_phase::probe) {
       mine.estimate = st.estimate;  // learned (or adopted): this process's share
-      mine.new_sample = st.samples > rs.samples;
+      // After a failed sync Redis may have restarted empty: the estimate is news to it. (The
+      // first process back would otherwise sum the limit from its estimate alone, and the
+      // others, with nothing new to report, follow a share of that until a 429: measured
+      // against nginx, a quarter of the limit for 15 s.)
+      mine.new_sample = st.samples > rs.samples || rs.error != nullptr;
     }
     // Demand beyond its share: calls wait for its pacing now, or did since the last sync.
     const auto queued = bucket.total_queued_time();

@@ -155,6 +155,9 @@ class rate_controller_state {
     locked([&] {
       dim& d = dims_[req];
       in_fleet_ = true;
+      if (rps > 0 && std::isfinite(rps)) {
+        fleet_share_ = rps;
+      }
       if (!(rps > 0) || !std::isfinite(rps) || d.reacting || d.ceiling > 0 ||
           d.phase == pacing_phase::fixed || d.phase == pacing_phase::unlimited) {
         return;
@@ -380,6 +383,7 @@ class rate_controller_state {
     pacing_phase trial_phase{};  // the phase, rate and estimate before it
     double trial_rate = 0;
     double trial_estimate = 0;
+    double trial_share = 0;  // the fleet's share when it began (0: none)
     // The episode.
     bool in_episode = false;
     rejection first{};
@@ -624,6 +628,7 @@ class rate_controller_state {
     d.trial_phase = d.phase;
     d.trial_rate = d.rate;
     d.trial_estimate = d.estimate;
+    d.trial_share = fleet_share_;
   }
 
   // Looks at a running trial (every 50 ms once its two halves have been sent): see above.
@@ -677,8 +682,8 @@ class rate_controller_state {
     // within two standard errors of 30-50 calls, and a lower window refused more than the
     // higher), so a verdict there needs half the share kept whatever the sample, and the lower
     // window not to refuse more than twice the higher's (simulated, 4 x 64 calls at 200 r/s
-    // with stalls: a noise learned in 3 of 40 seeds instead of 6, at most 1.087 attempts per
-    // prompt instead of 1.145; docs/core/rate_controller.md).
+    // with stalls, without `fleet_moved` above: a noise learned in 3 of 40 seeds instead of 6,
+    // at most 1.087 attempts per prompt instead of 1.145; docs/core/rate_controller.md).
     const bool kept = in_fleet_ ? share_lo >= 0.5 * share_hi && share_lo <= 2 * share_hi + 2 * error
                                 : share_lo >= 0.5 * share_hi || share_hi - share_lo < 2 * error;
     // `lo` must also have sent 5% below the rate paced before the trial: `hi`'s accepted
@@ -687,8 +692,17 @@ class rate_controller_state {
     // then: against nginx at 50 r/s that passed for 3-7% noise, and the probes above the limit
     // that the noise then hid drew twice the 429s.
     const double lo_rate = lo.sent / lo.span;
+    // In a fleet, `lo` sending less proves nothing if only this process cut: the others' sends
+    // kept the limiter above its rate. The fleet's share (adopt_share()) must have moved with
+    // `lo` too, by 10% (the fleet's limit is the sum of its processes' estimates, so it falls
+    // when they all cut). Simulated (4 x 64 calls at 200 r/s with stalls, 40 seeds): with the
+    // stricter `kept` below, a noise learned in 2 seeds instead of 6, at most 1.050 attempts per
+    // prompt instead of 1.145.
+    const bool fleet_moved =
+        !in_fleet_ || di != req || d.trial_share <= 0 || fleet_share_ <= 0 ||
+        (after_lower ? fleet_share_ <= 0.9 * d.trial_share : d.trial_share <= 0.9 * fleet_share_);
     const bool below =
-        lo_rate <= 0.9 * accepted_hi &&
+        fleet_moved && lo_rate <= 0.9 * accepted_hi &&
         (d.trial_estimate <= 0 || lo_rate <= 0.95 * (1 - o_.margin) * d.trial_estimate);
     // `hi` must have refused enough to be a crossing: the margin, or half of it if `lo` refused
     // the margin (a 5% noise leaves 5 of 174 calls in one window about as often as 1 in 8).
@@ -1527,9 +1541,10 @@ class rate_controller_state {
   std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
   double server_burst_ = 0;                    // calls accepted before the first 429 (0: not seen)
   bool probe_follower_ = false;                // see follow_probes()
-  bool in_fleet_ = false;              // told by a fleet: adopt_share(), lead() or follow_probes()
-  double followed_gain_ = 0;           // the leader's probe gain (follow_probes())
-  duration queued_seen_{};             // the bucket's total_queued_time() at the last look
+  double fleet_share_ = 0;    // the latest share a fleet gave (adopt_share(), adopted or not)
+  bool in_fleet_ = false;     // told by a fleet: adopt_share(), lead() or follow_probes()
+  double followed_gain_ = 0;  // the leader's probe gain (follow_probes())
+  duration queued_seen_{};    // the bucket's total_queued_time() at the last look
   std::uint64_t send_waits_seen_ = 0;  // the bucket's total_waits() at the last send
   bool keep_request_burst_ = false;
   bool keep_token_burst_ = false;

@@ -39,8 +39,9 @@
 // 200 r/s limiter with burst 20): 1.005-1.038x the ideal wall and 1.04-1.07 attempts per prompt
 // over 8 seeds, against 1.10-2.17x and 1.05-1.12 learning alone (more in
 // docs/core/rate_controller.md, where it is not better). Against nginx `limit_req`
-// (docs/BENCHMARKS.md): 20.3-21.1 s for the 20 s job, 0 failed, 1.05 attempts per prompt in 3
-// of 4 runs and 1.14 in one; with Redis killed for 5 s, 20.6-21.7 s and 1.04-1.05.
+// (docs/BENCHMARKS.md), with stricter noise trials in a fleet: 20.1-21.0 s for the 20 s job in 8
+// of 8 runs, 0 failed, 1.034-1.057 attempts per prompt (one earlier run: 1.14); with Redis killed
+// for 5 s, 20.4-20.6 s and 1.035-1.038.
 //
 // Decisions:
 // - Sharing estimates and the probe clock, not one fleet-wide bucket: the estimator needs this
