@@ -682,7 +682,7 @@ class rate_controller_state {
     // within two standard errors of 30-50 calls, and a lower window refused more than the
     // higher), so a verdict there needs half the share kept whatever the sample, and the lower
     // window not to refuse more than twice the higher's (simulated, 4 x 64 calls at 200 r/s
-    // with stalls, without `fleet_moved` above: a noise learned in 3 of 40 seeds instead of 6,
+    // with stalls, without `fleet_moved` below: a noise learned in 3 of 40 seeds instead of 6,
     // at most 1.087 attempts per prompt instead of 1.145; docs/core/rate_controller.md).
     const bool kept = in_fleet_ ? share_lo >= 0.5 * share_hi && share_lo <= 2 * share_hi + 2 * error
                                 : share_lo >= 0.5 * share_hi || share_hi - share_lo < 2 * error;
@@ -696,7 +696,7 @@ class rate_controller_state {
     // kept the limiter above its rate. The fleet's share (adopt_share()) must have moved with
     // `lo` too, by 10% (the fleet's limit is the sum of its processes' estimates, so it falls
     // when they all cut). Simulated (4 x 64 calls at 200 r/s with stalls, 40 seeds): with the
-    // stricter `kept` below, a noise learned in 2 seeds instead of 6, at most 1.050 attempts per
+    // stricter `kept` above, a noise learned in 2 seeds instead of 6, at most 1.050 attempts per
     // prompt instead of 1.145.
     const bool fleet_moved =
         !in_fleet_ || di != req || d.trial_share <= 0 || fleet_share_ <= 0 ||
