@@ -69,8 +69,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   reply.text = r.messages.back().content;
   reply.finish_reason = r.system;
   reply.tool_calls = r.messages.back().tool_calls;
-  (void)keel::gateway::completion_body(reply, "chatcmpl-fuzz", 0, r.model)
-      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  // Written as text by hand (keel/llm/json_writer.hpp): it must always be valid JSON.
+  KEEL_FUZZ_CHECK(
+      nlohmann::json::accept(keel::gateway::completion_body(reply, "chatcmpl-fuzz", 0, r.model)));
   (void)keel::gateway::stream_chunk("chatcmpl-fuzz", 0, r.model,
                                     nlohmann::json{{"content", reply.text}}, {}, p.include_usage)
       .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);

@@ -178,20 +178,61 @@ TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gatew
   }
 }
 
+TEST_CASE("a completion written as text is the chat.completion OpenAI sends", "[gateway]") {
+  keel::llm::chat_response reply;
+  reply.text = "line 1\n\"quoted\" \xc3\xa9t\xc3\xa9 \x01 bad:\xff";
+  reply.finish_reason = "max_tokens";
+  reply.usage.input = 7;
+  reply.usage.output = 9;
+  const std::string text = keel::gateway::completion_body(reply, "chatcmpl-9", 1700000001, "r");
+  // Members in OpenAI's order, not sorted.
+  CHECK(text.rfind(R"({"id":"chatcmpl-9","object":"chat.completion","created":1700000001,)", 0) ==
+        0);
+  const json expected = {
+      {"id", "chatcmpl-9"},
+      {"object", "chat.completion"},
+      {"created", 1700000001},
+      {"model", "r"},
+      {"choices",
+       json::array({{{"index", 0},
+                     {"message",
+                      {{"role", "assistant"},
+                       {"content", "line 1\n\"quoted\" \xc3\xa9t\xc3\xa9 \x01 bad:\xef\xbf\xbd"},
+                       {"refusal", nullptr}}},
+                     {"logprobs", nullptr},
+                     {"finish_reason", "length"}}})},
+      {"usage", {{"prompt_tokens", 7}, {"completion_tokens", 9}, {"total_tokens", 16}}},
+      {"system_fingerprint", nullptr}};
+  CHECK(json::parse(text) == expected);
+
+  // Only tool calls: content null, the calls in OpenAI's shape.
+  reply.text.clear();
+  reply.finish_reason = "tool_use";
+  reply.tool_calls.emplace_back("call_1", "get_weather", R"({"city":"Paris"})");
+  reply.tool_calls.emplace_back("call_2", "f", "{}");
+  const json j = json::parse(keel::gateway::completion_body(reply, "id", 0, "r"));
+  const json& m = j["choices"][0]["message"];
+  CHECK(m["content"].is_null());
+  CHECK(m["tool_calls"] == keel::gateway::tool_calls_json(reply.tool_calls));
+  CHECK(m["tool_calls"][1]["function"]["name"] == "f");
+  CHECK(j["choices"][0]["finish_reason"] == "tool_calls");
+}
+
 TEST_CASE("a reply becomes a chat.completion with OpenAI's finish reasons", "[gateway]") {
   keel::llm::chat_response reply;
   reply.text = "hi";
   reply.finish_reason = "end_turn";
   reply.usage.input = 3;
   reply.usage.output = 2;
-  json j = keel::gateway::completion_body(reply, "chatcmpl-1", 1700000000, "route");
+  json j = json::parse(keel::gateway::completion_body(reply, "chatcmpl-1", 1700000000, "route"));
   CHECK(j["object"] == "chat.completion");
   CHECK(j["model"] == "route");  // the provider did not say
   CHECK(j["choices"][0]["message"]["content"] == "hi");
   CHECK(j["choices"][0]["finish_reason"] == "stop");
   CHECK(j["usage"]["total_tokens"] == 5);
   reply.model = "claude-x";
-  CHECK(keel::gateway::completion_body(reply, "id", 0, "route")["model"] == "claude-x");
+  CHECK(json::parse(keel::gateway::completion_body(reply, "id", 0, "route"))["model"] ==
+        "claude-x");
   CHECK(keel::gateway::openai_finish_reason("max_tokens") == "length");
   CHECK(keel::gateway::openai_finish_reason("tool_use") == "tool_calls");
   CHECK(keel::gateway::openai_finish_reason("guardrail_intervened") == "content_filter");

@@ -1,5 +1,6 @@
 // keel::gateway OpenAI wire (keel/gateway/openai_wire.hpp).
 #include <keel/gateway/openai_wire.hpp>
+#include <keel/llm/json_writer.hpp>
 
 #include <keel/classify.hpp>
 #include <keel/error.hpp>
@@ -479,39 +480,78 @@ nlohmann::json tool_calls_json(const std::vector<keel::llm::tool_call>& calls) {
   return out;
 }
 
-namespace {
-
-json message_body(const keel::llm::chat_response& reply) {
-  json m = {{"role", "assistant"}};
+std::string completion_body(const keel::llm::chat_response& reply, const std::string& id,
+                            long long created, const std::string& model) {
+  // Written straight to text (keel/llm/json_writer.hpp): building this as a tree and dumping it
+  // was 19% of keel serve's instructions per request.
+  std::string out;
+  out.reserve(256 + reply.text.size());
+  keel::llm::json_writer w(out);
+  w.begin_object()
+      .key("id")
+      .value(id)
+      .key("object")
+      .value("chat.completion")
+      .key("created")
+      .value(created)
+      .key("model")
+      .value(reply.model.empty() ? model : reply.model)
+      .key("choices")
+      .begin_array()
+      .begin_object()
+      .key("index")
+      .value(0)
+      .key("message")
+      .begin_object()
+      .key("role")
+      .value("assistant")
+      .key("content");
   // OpenAI answers a turn of only tool calls with null content.
-  m["content"] = reply.text.empty() && !reply.tool_calls.empty() ? json(nullptr) : json(reply.text);
-  m["refusal"] = nullptr;
-  if (!reply.tool_calls.empty()) {
-    m["tool_calls"] = tool_calls_json(reply.tool_calls);
+  if (reply.text.empty() && !reply.tool_calls.empty()) {
+    w.null();
+  } else {
+    w.value(reply.text);
   }
-  return m;
-}
-
-}  // namespace
-
-nlohmann::json completion_body(const keel::llm::chat_response& reply, const std::string& id,
-                               long long created, const std::string& model) {
-  return json{
-      {"id", id},
-      {"object", "chat.completion"},
-      {"created", created},
-      {"model", reply.model.empty() ? model : reply.model},
-      {"choices",
-       json::array({json{{"index", 0},
-                         {"message", message_body(reply)},
-                         {"logprobs", nullptr},
-                         {"finish_reason", openai_finish_reason(reply.finish_reason)}}})},
-      {"usage",
-       {{"prompt_tokens", reply.usage.input},
-        {"completion_tokens", reply.usage.output},
-        {"total_tokens", reply.usage.input + reply.usage.output}}},
-      {"system_fingerprint", nullptr},
-  };
+  w.key("refusal").null();
+  if (!reply.tool_calls.empty()) {
+    w.key("tool_calls").begin_array();
+    for (const keel::llm::tool_call& c : reply.tool_calls) {
+      w.begin_object()
+          .key("id")
+          .value(c.id)
+          .key("type")
+          .value("function")
+          .key("function")
+          .begin_object()
+          .key("name")
+          .value(c.name)
+          .key("arguments")
+          .value(c.arguments)
+          .end_object()
+          .end_object();
+    }
+    w.end_array();
+  }
+  w.end_object()
+      .key("logprobs")
+      .null()
+      .key("finish_reason")
+      .value(openai_finish_reason(reply.finish_reason))
+      .end_object()
+      .end_array()
+      .key("usage")
+      .begin_object()
+      .key("prompt_tokens")
+      .value(reply.usage.input)
+      .key("completion_tokens")
+      .value(reply.usage.output)
+      .key("total_tokens")
+      .value(reply.usage.input + reply.usage.output)
+      .end_object()
+      .key("system_fingerprint")
+      .null()
+      .end_object();
+  return out;
 }
 
 nlohmann::json stream_chunk(const std::string& id, long long created, const std::string& model,

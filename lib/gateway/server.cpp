@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <map>
 #include <random>
@@ -47,12 +48,16 @@ std::string text_of(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-response json_response(int status, const json& body) {
+response json_response(int status, std::string body) {
   response res;
   res.result(static_cast<unsigned>(status));
   res.set(bhttp::field::content_type, "application/json");
-  res.body() = text_of(body);
+  res.body() = std::move(body);
   return res;
+}
+
+response json_response(int status, const json& body) {
+  return json_response(status, text_of(body));
 }
 
 response error_response(int status, std::string_view message, std::string_view type,
@@ -183,10 +188,16 @@ struct server::impl : std::enable_shared_from_this<impl> {
   bool cancelling = false;  // the drain's grace is over (or stop()): calls are cancelled
   server_stats counters;
 
-  std::string next_id(const char* prefix) {
-    char buf[40];
-    std::snprintf(buf, sizeof buf, "%s%016llx", prefix, static_cast<unsigned long long>(ids()));
-    return buf;
+  // The prefix and 16 hex digits of the next id (by hand: snprintf was 1% of a request).
+  std::string next_id(std::string_view prefix) {
+    static constexpr char hex[] = "0123456789abcdef";
+    std::string id(prefix);
+    id.resize(prefix.size() + 16);
+    std::uint64_t v = ids();
+    for (std::size_t i = id.size(); i-- > prefix.size(); v >>= 4) {
+      id[i] = hex[v & 0xf];
+    }
+    return id;
   }
 
   void start() {

@@ -160,9 +160,13 @@ std::string body_excerpt(const std::string& body) {
 }
 
 void set_json_body(keel::http::request& r, const json& body) {
+  set_json_body(r, body.dump());
+}
+
+void set_json_body(keel::http::request& r, std::string body) {
   r.set("content-type", "application/json");
   r.set("accept", "application/json");
-  r.body = body.dump();
+  r.body = std::move(body);
 }
 
 bool has_metadata(const json& m) {

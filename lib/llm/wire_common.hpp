@@ -81,6 +81,8 @@ std::string body_excerpt(const std::string& body);
 
 // Sets the JSON content headers and `body` as the request body.
 void set_json_body(keel::http::request& r, const json& body);
+// The same for a body already written as JSON text.
+void set_json_body(keel::http::request& r, std::string body);
 
 bool has_metadata(const json& m);
 

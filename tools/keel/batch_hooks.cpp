@@ -9,7 +9,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace keel::cli::batch_detail {
 
@@ -83,19 +86,43 @@ void watch_pacing(llm::bucket_registry& buckets, metrics_registry& m, logger& lo
 llm::client_hooks batch_hooks(const llm::client_config& cfg, batch_stats& st, metrics_registry& m,
                               logger& log) {
   llm::client_hooks hooks;
-  hooks.on_attempt = [&cfg, &st, &m](const llm::attempt_report& r) {
-    const std::string& name = cfg.entries[r.entry].name();
+  // The series every attempt touches, per entry, looked up once: a registry lookup builds and
+  // checks a label set (with the entry's name and the bucket bounds copied), which was 3% of
+  // keel serve's instructions per request. Series live as long as the registry.
+  struct entry_series {
+    std::string name;
+    keel::cli::histogram* latency = nullptr;
+    std::vector<std::pair<std::string, keel::cli::counter*>> attempts;  // by class
+  };
+  auto series = std::make_shared<std::vector<entry_series>>(cfg.entries.size());
+  hooks.on_attempt = [&cfg, &st, &m, series](const llm::attempt_report& r) {
+    entry_series& e = (*series)[r.entry];
+    if (e.latency == nullptr) {
+      e.name = cfg.entries[r.entry].name();
+      e.latency =
+          &m.histogram("keel_attempt_latency_seconds", "Time from send to answer of each attempt.",
+                       latency_buckets, {{"model", e.name}});
+    }
     ++st.attempts;
-    ++st.attempts_by_model[name];
+    ++st.attempts_by_model[e.name];
     if (r.status == 429) {
       ++st.http_429;
     }
-    m.counter("keel_attempts_total", "HTTP attempts, by entry and outcome class.",
-              {{"model", name}, {"class", llm::error_class(r.error)}})
-        .inc();
-    m.histogram("keel_attempt_latency_seconds", "Time from send to answer of each attempt.",
-                latency_buckets, {{"model", name}})
-        .observe(r.seconds);
+    std::string cls = llm::error_class(r.error);
+    keel::cli::counter* attempts = nullptr;
+    for (const auto& [c, counter] : e.attempts) {
+      if (c == cls) {
+        attempts = counter;
+        break;
+      }
+    }
+    if (attempts == nullptr) {
+      attempts = &m.counter("keel_attempts_total", "HTTP attempts, by entry and outcome class.",
+                            {{"model", e.name}, {"class", cls}});
+      e.attempts.emplace_back(std::move(cls), attempts);
+    }
+    attempts->inc();
+    e.latency->observe(r.seconds);
   };
   hooks.on_retry = [&cfg, &st, &m, &log](const llm::retry_report& r) {
     const std::string cause = llm::error_class(r.error);

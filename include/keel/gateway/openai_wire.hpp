@@ -109,13 +109,13 @@ std::string openai_finish_reason(std::string_view provider_reason);
 /// "arguments"}}]`).
 nlohmann::json tool_calls_json(const std::vector<keel::llm::tool_call>& calls);
 
-/// The `chat.completion` object for `reply` (content null and `tool_calls` when the model only
-/// called tools).
+/// The `chat.completion` object for `reply` as JSON text, members in OpenAI's order (content null
+/// and `tool_calls` when the model only called tools).
 /// @param id the completion's id ("chatcmpl-...").
 /// @param created seconds since the epoch.
 /// @param model the model to report (the route's name if the provider did not say).
-nlohmann::json completion_body(const keel::llm::chat_response& reply, const std::string& id,
-                               long long created, const std::string& model);
+std::string completion_body(const keel::llm::chat_response& reply, const std::string& id,
+                            long long created, const std::string& model);
 
 /// One `chat.completion.chunk` of a streamed answer (`data: ...` of its server-sent events).
 /// @param delta the choice's `delta` (`{"role": "assistant", "content": ""}` first, then

@@ -1,0 +1,117 @@
+// Tests for keel/llm/json_writer.hpp: strings escaped byte for byte as nlohmann escapes them, and
+// the structure (commas, keys, nesting) of what the writer writes.
+#include <keel/llm/json_writer.hpp>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <random>
+#include <string>
+
+using nlohmann::json;
+
+namespace {
+
+std::string by_nlohmann(const std::string& s) {
+  return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string by_writer(const std::string& s) {
+  std::string out;
+  keel::llm::append_json_string(out, s);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("append_json_string escapes every single byte as nlohmann does", "[json_writer]") {
+  for (int b = 0; b < 256; ++b) {
+    const std::string s = "a" + std::string(1, static_cast<char>(b)) + "z";
+    INFO("byte " << b);
+    CHECK(by_writer(s) == by_nlohmann(s));
+  }
+  CHECK(by_writer("") == "\"\"");
+  CHECK(by_writer("say \"hi\"\n\\") == R"("say \"hi\"\n\\")");
+  CHECK(by_writer(std::string("\x01\x1f", 2)) == R"("\u0001\u001f")");
+  CHECK(by_writer("h\xc3\xa9llo") == "\"h\xc3\xa9llo\"");    // valid UTF-8 passes through
+  CHECK(by_writer("bad \xc3(") == "\"bad \xef\xbf\xbd(\"");  // invalid: U+FFFD
+}
+
+TEST_CASE("append_json_string matches nlohmann on seeded random strings", "[json_writer]") {
+  std::mt19937 rng(20261206);
+  // Mostly printable ASCII with escapes and, in some strings, bytes >= 0x80 (valid or not).
+  std::uniform_int_distribution<int> len(0, 40);
+  std::uniform_int_distribution<int> pick(0, 99);
+  std::uniform_int_distribution<int> any(0, 255);
+  std::uniform_int_distribution<int> ascii(0x20, 0x7e);
+  int compared = 0;
+  for (int i = 0; i < 5000; ++i) {
+    std::string s;
+    const int n = len(rng);
+    const bool high = i % 3 == 0;
+    for (int k = 0; k < n; ++k) {
+      const int p = pick(rng);
+      if (p < 10) {
+        s += static_cast<char>(any(rng) % (high ? 256 : 128));
+      } else if (p < 15) {
+        s += "\"\\\n\t\b"[p - 10];
+      } else {
+        s += static_cast<char>(ascii(rng));
+      }
+    }
+    INFO("string " << i);
+    REQUIRE(by_writer(s) == by_nlohmann(s));
+    ++compared;
+  }
+  CHECK(compared == 5000);
+}
+
+TEST_CASE("json_writer writes commas, keys and nesting as JSON", "[json_writer]") {
+  std::string out = "prefix:";
+  keel::llm::json_writer w(out);
+  w.begin_object()
+      .key("a")
+      .value(1)
+      .key("b")
+      .begin_array()
+      .value("x")
+      .value(true)
+      .null()
+      .begin_object()
+      .end_object()
+      .begin_array()
+      .end_array()
+      .value(-7LL)
+      .end_array()
+      .key("c\"q")
+      .value(0.5)
+      .key("d")
+      .value(json{{"k", {1, 2}}})
+      .key("e")
+      .value(std::string("s"))
+      .key("f")
+      .value(false)
+      .end_object();
+  CHECK(
+      out ==
+      R"(prefix:{"a":1,"b":["x",true,null,{},[],-7],"c\"q":0.5,"d":{"k":[1,2]},"e":"s","f":false})");
+  const json j = json::parse(out.substr(7));
+  CHECK(j["b"].size() == 6);
+  CHECK(j["c\"q"] == 0.5);
+}
+
+TEST_CASE("json_writer prints numbers as nlohmann does", "[json_writer]") {
+  for (const double d : {0.0, 0.1, 0.7, 1.0, 1e-7, 123456.789, -2.5}) {
+    std::string out;
+    keel::llm::json_writer(out).value(d);
+    CHECK(out == json(d).dump());
+  }
+  std::string out;
+  keel::llm::json_writer(out)
+      .begin_array()
+      .value(std::uint64_t{18446744073709551615ULL})
+      .value(std::int64_t{-9223372036854775807LL - 1})
+      .value(0)
+      .end_array();
+  CHECK(out == "[18446744073709551615,-9223372036854775808,0]");
+}
