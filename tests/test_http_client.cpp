@@ -742,6 +742,21 @@ TEST_CASE("https client: a certificate signed by ca_file is accepted and reused"
   CHECK(cl.connections_opened() == 1);
 }
 
+TEST_CASE("https client: a ca_file that cannot be read fails when the client is made", "[http]") {
+  // The TLS context is made lazily (at the first TLS connection), except with a ca_file: a bad
+  // one must still fail at once, not at the first call.
+  asio::io_context ctx;
+  kh::client_options opts;
+  opts.tls.ca_file = "/nonexistent/keel-ca.pem";
+  CHECK_THROWS(kh::client(ctx.get_executor(), opts));
+  // Without one, no CA store is read up front and a plain-HTTP client works as before.
+  test_server srv(ctx);
+  kh::client plain(ctx.get_executor(), kh::client_options{});
+  auto out = send_one(ctx, plain, kh::request("GET", srv.url("/plain")));
+  REQUIRE(out.value);
+  CHECK(out.value->status == 200);
+}
+
 TEST_CASE("https client: insecure_skip_verify accepts an untrusted certificate", "[http]") {
   test_pki pki;
   asio::io_context ctx;

@@ -239,27 +239,49 @@ struct response_reader::state {
 
 struct client::impl {
   impl(asio::any_io_executor executor, client_options options)
-      : ex(std::move(executor)), opts(std::move(options)), ssl_ctx(asio::ssl::context::tls_client) {
-    SSL_CTX_set_min_proto_version(ssl_ctx.native_handle(), TLS1_2_VERSION);
+      : ex(std::move(executor)), opts(std::move(options)) {
     if (opts.tls.insecure_skip_verify) {
       std::fprintf(stderr,
                    "keel.http: WARNING: insecure_skip_verify is set: TLS certificates and host "
                    "names are NOT verified; API keys can be stolen by anyone on the network path. "
                    "Use only with local test servers.\n");
-      ssl_ctx.set_verify_mode(asio::ssl::verify_none);
-    } else {
-      if (opts.tls.verify_peer) {
-        ssl_ctx.set_default_verify_paths();
-        ssl_ctx.set_verify_mode(asio::ssl::verify_peer);
-      } else {
-        ssl_ctx.set_verify_mode(asio::ssl::verify_none);
-      }
-      if (opts.tls.ca_file) {
-        ssl_ctx.load_verify_file(*opts.tls.ca_file);
-      }
+    }
+    if (opts.tls.ca_file) {
+      (void)tls_context();  // a CA file that cannot be read fails here, not at the first call
     }
     opts.max_connections_per_host = std::max<std::size_t>(1, opts.max_connections_per_host);
     opts.max_requests_per_connection = std::max<std::size_t>(1, opts.max_requests_per_connection);
+  }
+
+  // The TLS context, made for the first TLS connection. Loading the system's CA store is most
+  // of the cost of making a client (255M instructions, tens of milliseconds), which a client of
+  // plain-HTTP servers (a local model server, the mock, a gateway's tests) never needs; Go's
+  // net/http loads its roots lazily too.
+  asio::ssl::context& tls_context() {
+    if (ssl_ctx) {
+      return *ssl_ctx;
+    }
+    asio::ssl::context& ctx = ssl_ctx.emplace(asio::ssl::context::tls_client);
+    SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION);
+    if (opts.tls.insecure_skip_verify) {
+      ctx.set_verify_mode(asio::ssl::verify_none);
+      return ctx;
+    }
+    if (opts.tls.verify_peer) {
+      ctx.set_default_verify_paths();
+      ctx.set_verify_mode(asio::ssl::verify_peer);
+    } else {
+      ctx.set_verify_mode(asio::ssl::verify_none);
+    }
+    if (opts.tls.ca_file) {
+      try {
+        ctx.load_verify_file(*opts.tls.ca_file);
+      } catch (...) {
+        ssl_ctx.reset();  // the next call tries again (and fails the same way)
+        throw;
+      }
+    }
+    return ctx;
   }
 
   bool verifies() const { return opts.tls.verify_peer && !opts.tls.insecure_skip_verify; }
@@ -335,7 +357,7 @@ struct client::impl {
   asio::awaitable<void> connect(connection& c, const url_parts& u, std::string_view where) {
     boost::system::error_code ec;
     if (u.tls) {
-      c.tls.emplace(ex, ssl_ctx);
+      c.tls.emplace(ex, tls_context());
     }
     beast::tcp_stream& stream = c.lowest();
     stream.expires_after(opts.connect_timeout);
@@ -698,7 +720,7 @@ struct client::impl {
 
   asio::any_io_executor ex;
   client_options opts;
-  asio::ssl::context ssl_ctx;
+  std::optional<asio::ssl::context> ssl_ctx;  // see tls_context()
   std::map<std::string, host_pool> pools;
   std::size_t opened = 0;
   bool client_destroyed = false;  // see release()
