@@ -24,7 +24,8 @@ while [ $# -gt 0 ]; do
 done
 
 packages=(clang cmake ninja-build g++ make ca-certificates libboost1.81-dev nlohmann-json3-dev
-  libfmt-dev catch2 libssl-dev libcli11-dev libbenchmark-dev libhiredis-dev redis-server)
+  libfmt-dev catch2 libssl-dev libcli11-dev libbenchmark-dev libhiredis-dev redis-server
+  libtcmalloc-minimal4)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -80,7 +80,7 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
     }
   }
 
-  asio::io_context ctx;
+  asio::io_context ctx(1);  // one thread runs it (Asio skips waking others)
   trace_sink traces(ctx.get_executor(), trace_cfg, o.trace_file, log, llm::process_env());
   so.tracer = traces.tracer();
   // The same client hooks, metric names and log lines as `keel batch` (calls carry no item).
