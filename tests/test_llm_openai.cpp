@@ -1,5 +1,6 @@
 // Tests for keel/llm/openai.hpp: request bodies, success parsing and error classification.
 #include <keel/classify.hpp>
+#include <keel/llm/chat.hpp>
 #include <keel/llm/openai.hpp>
 
 #include "llm_support.hpp"
@@ -26,6 +27,28 @@ std::string err_body(const char* type, const char* code, const char* message) {
   return json{{"error", e}}.dump();
 }
 }  // namespace
+
+TEST_CASE("every provider's body sends invalid UTF-8 in a request as U+FFFD", "[llm][openai]") {
+  keel::llm::chat_request req("m", {{"user", "caf\xc3\xa9 \xff\"end\""}}, 16);
+  req.system = "sys \xc3(";
+  req.metadata = json{{"k", "v"}};
+  const std::string want_user = "caf\xc3\xa9 \xef\xbf\xbd\"end\"";
+  const std::string want_system = "sys \xef\xbf\xbd(";
+  // OpenAI's body is written as text (json_writer); Anthropic's is a tree, dumped the same way.
+  const json openai =
+      json::parse(keel::llm::build_request(
+                      req, keel::llm::endpoint(keel::llm::provider_kind::openai, "http://h", "k"))
+                      .body);
+  CHECK(openai.at("messages").at(0).at("content") == want_system);
+  CHECK(openai.at("messages").at(1).at("content") == want_user);
+  const json anthropic = json::parse(
+      keel::llm::build_request(
+          req, keel::llm::endpoint(keel::llm::provider_kind::anthropic, "http://h", "k"))
+          .body);
+  CHECK(anthropic.at("system") == want_system);
+  CHECK(anthropic.at("messages").at(0).at("content").dump().find("\xef\xbf\xbd") !=
+        std::string::npos);
+}
 
 TEST_CASE("openai build_request maps the generation parameters and the token field",
           "[llm][openai]") {

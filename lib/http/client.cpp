@@ -261,27 +261,24 @@ struct client::impl {
     if (ssl_ctx) {
       return *ssl_ctx;
     }
-    asio::ssl::context& ctx = ssl_ctx.emplace(asio::ssl::context::tls_client);
+    // Configured in full before it is kept: a context left half set up by an exception would
+    // not verify peers (a new OpenSSL context verifies nothing).
+    asio::ssl::context ctx(asio::ssl::context::tls_client);
     SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION);
     if (opts.tls.insecure_skip_verify) {
       ctx.set_verify_mode(asio::ssl::verify_none);
-      return ctx;
-    }
-    if (opts.tls.verify_peer) {
-      ctx.set_default_verify_paths();
-      ctx.set_verify_mode(asio::ssl::verify_peer);
     } else {
-      ctx.set_verify_mode(asio::ssl::verify_none);
-    }
-    if (opts.tls.ca_file) {
-      try {
+      if (opts.tls.verify_peer) {
+        ctx.set_default_verify_paths();
+        ctx.set_verify_mode(asio::ssl::verify_peer);
+      } else {
+        ctx.set_verify_mode(asio::ssl::verify_none);
+      }
+      if (opts.tls.ca_file) {
         ctx.load_verify_file(*opts.tls.ca_file);
-      } catch (...) {
-        ssl_ctx.reset();  // the next call tries again (and fails the same way)
-        throw;
       }
     }
-    return ctx;
+    return ssl_ctx.emplace(std::move(ctx));
   }
 
   bool verifies() const { return opts.tls.verify_peer && !opts.tls.insecure_skip_verify; }
@@ -357,7 +354,13 @@ struct client::impl {
   asio::awaitable<void> connect(connection& c, const url_parts& u, std::string_view where) {
     boost::system::error_code ec;
     if (u.tls) {
-      c.tls.emplace(ex, tls_context());
+      asio::ssl::context* tls_ctx = nullptr;
+      try {
+        tls_ctx = &tls_context();
+      } catch (const boost::system::system_error& e) {
+        fail(e.code(), "cannot set up TLS", where);
+      }
+      c.tls.emplace(ex, *tls_ctx);
     }
     beast::tcp_stream& stream = c.lowest();
     stream.expires_after(opts.connect_timeout);

@@ -160,7 +160,9 @@ std::string body_excerpt(const std::string& body) {
 }
 
 void set_json_body(keel::http::request& r, const json& body) {
-  set_json_body(r, body.dump());
+  // Invalid UTF-8 in a caller's strings becomes U+FFFD, as json_writer writes it for OpenAI's
+  // bodies, rather than a type_error thrown from deep inside a call.
+  set_json_body(r, body.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
 void set_json_body(keel::http::request& r, std::string body) {

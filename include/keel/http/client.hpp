@@ -66,7 +66,10 @@ namespace keel::http {
 /// TLS settings of a client.
 struct tls_options {
   /// Verify the server's certificate chain and host name (default). The system trust store is
-  /// used (`set_default_verify_paths`), plus `ca_file` if given.
+  /// used (`set_default_verify_paths`), plus `ca_file` if given. The store is loaded when the
+  /// client opens its first TLS connection, on the thread that runs the client (once, tens of
+  /// milliseconds; a client of plain-HTTP servers never pays for it); a `ca_file` is loaded when
+  /// the client is made, so that a bad one fails there.
   bool verify_peer = true;
   /// A PEM file of extra trusted CA certificates (e.g. a private CA), if any.
   std::optional<std::string> ca_file;

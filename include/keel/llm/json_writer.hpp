@@ -177,6 +177,7 @@ class json_writer {
   template <typename Int,
             std::enable_if_t<std::is_integral_v<Int> && !std::is_same_v<Int, bool>, int> = 0>
   json_writer& value(Int n) {
+    static_assert(sizeof(Int) <= 8, "at most 64-bit integers");
     separate();
     char buf[24];
     const auto r = std::to_chars(buf, buf + sizeof buf, n);
