@@ -1,6 +1,7 @@
 // keel::gateway OpenAI wire (keel/gateway/openai_wire.hpp).
 #include <keel/gateway/openai_wire.hpp>
 #include <keel/llm/json_writer.hpp>
+#include <keel/llm/openai.hpp>
 
 #include <keel/classify.hpp>
 #include <keel/error.hpp>
@@ -514,23 +515,8 @@ std::string completion_body(const keel::llm::chat_response& reply, const std::st
   }
   w.key("refusal").null();
   if (!reply.tool_calls.empty()) {
-    w.key("tool_calls").begin_array();
-    for (const keel::llm::tool_call& c : reply.tool_calls) {
-      w.begin_object()
-          .key("id")
-          .value(c.id)
-          .key("type")
-          .value("function")
-          .key("function")
-          .begin_object()
-          .key("name")
-          .value(c.name)
-          .key("arguments")
-          .value(c.arguments)
-          .end_object()
-          .end_object();
-    }
-    w.end_array();
+    w.key("tool_calls");
+    keel::llm::openai::write_tool_calls(w, reply.tool_calls);
   }
   w.end_object()
       .key("logprobs")

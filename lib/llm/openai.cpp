@@ -81,23 +81,8 @@ void write_message(json_writer& w, const chat_message& m) {
     w.end_array();
   }
   if (!m.tool_calls.empty()) {
-    w.key("tool_calls").begin_array();
-    for (const tool_call& c : m.tool_calls) {
-      w.begin_object()
-          .key("id")
-          .value(c.id)
-          .key("type")
-          .value("function")
-          .key("function")
-          .begin_object()
-          .key("name")
-          .value(c.name)
-          .key("arguments")
-          .value(c.arguments)
-          .end_object()
-          .end_object();
-    }
-    w.end_array();
+    w.key("tool_calls");
+    openai::write_tool_calls(w, m.tool_calls);
   }
   w.end_object();
 }
@@ -156,6 +141,16 @@ void write_tools(const chat_request& req, json_writer& w) {
 }
 
 }  // namespace
+
+void openai::write_tool_calls(json_writer& w, const std::vector<tool_call>& calls) {
+  w.begin_array();
+  for (const tool_call& c : calls) {
+    w.begin_object().key("id").value(c.id).key("type").value("function").key("function");
+    w.begin_object().key("name").value(c.name).key("arguments").value(c.arguments).end_object();
+    w.end_object();
+  }
+  w.end_array();
+}
 
 keel::http::request openai::build_request(const chat_request& req, const endpoint& ep) {
   const bool completion_field =

@@ -37,13 +37,19 @@
 #include <keel/http/message.hpp>
 #include <keel/llm/chat.hpp>
 #include <keel/llm/error.hpp>
+#include <keel/llm/json_writer.hpp>
 
 #include <chrono>
+#include <vector>
 
 namespace keel::llm::openai {
 
 /// Builds the chat completions request (`ep.kind` is ignored).
 keel::http::request build_request(const chat_request& req, const endpoint& ep);
+
+/// Writes `calls` as OpenAI's `tool_calls` array (`[{"id", "type": "function", "function":
+/// {"name", "arguments"}}]`), as a request's assistant turn and a completion both carry it.
+void write_tool_calls(json_writer& w, const std::vector<tool_call>& calls);
 
 /// Parses a chat completions response.
 /// @throws provider_error on failure; see the classification above.
