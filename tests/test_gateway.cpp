@@ -213,7 +213,10 @@ TEST_CASE("a completion written as text is the chat.completion OpenAI sends", "[
   const json j = json::parse(keel::gateway::completion_body(reply, "id", 0, "r"));
   const json& m = j["choices"][0]["message"];
   CHECK(m["content"].is_null());
-  CHECK(m["tool_calls"] == keel::gateway::tool_calls_json(reply.tool_calls));
+  CHECK(m["tool_calls"] == json::parse(R"([{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                        {"id": "call_2", "type": "function",
+                         "function": {"name": "f", "arguments": "{}"}}])"));
   CHECK(m["tool_calls"][1]["function"]["name"] == "f");
   CHECK(j["choices"][0]["finish_reason"] == "tool_calls");
 }

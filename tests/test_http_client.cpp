@@ -749,7 +749,7 @@ TEST_CASE("https client: a ca_file that cannot be read fails when the client is 
   kh::client_options opts;
   opts.tls.ca_file = "/nonexistent/keel-ca.pem";
   CHECK_THROWS(kh::client(ctx.get_executor(), opts));
-  // Without one, no CA store is read up front and a plain-HTTP client works as before.
+  // Without one (the context then waits for the first TLS connection) a plain-HTTP client works.
   test_server srv(ctx);
   kh::client plain(ctx.get_executor(), kh::client_options{});
   auto out = send_one(ctx, plain, kh::request("GET", srv.url("/plain")));

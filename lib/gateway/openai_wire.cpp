@@ -471,16 +471,6 @@ std::string openai_finish_reason(std::string_view p) {
   return std::string(p);
 }
 
-nlohmann::json tool_calls_json(const std::vector<keel::llm::tool_call>& calls) {
-  json out = json::array();
-  for (const keel::llm::tool_call& c : calls) {
-    out.push_back({{"id", c.id},
-                   {"type", "function"},
-                   {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
-  }
-  return out;
-}
-
 std::string completion_body(const keel::llm::chat_response& reply, const std::string& id,
                             long long created, const std::string& model) {
   // Written straight to text (keel/llm/json_writer.hpp): building this as a tree and dumping it

@@ -105,10 +105,6 @@ parsed_chat_request parse_chat_request(std::string_view body);
 /// empty -> "stop"; anything else passes through).
 std::string openai_finish_reason(std::string_view provider_reason);
 
-/// OpenAI's `tool_calls` array for `calls` (`[{"id", "type": "function", "function": {"name",
-/// "arguments"}}]`).
-nlohmann::json tool_calls_json(const std::vector<keel::llm::tool_call>& calls);
-
 /// The `chat.completion` object for `reply` as JSON text, members in OpenAI's order (content null
 /// and `tool_calls` when the model only called tools).
 /// @param id the completion's id ("chatcmpl-...").
