@@ -265,6 +265,89 @@ TEST_CASE("before any answer the startup ramp doubles every 100 ms", "[rate_cont
   CHECK(r.pacing.requests().window == Approx(32).epsilon(0.02));
 }
 
+// Grants the bucket makes at `now()` (each recorded as a send).
+int grants(rig& r) {
+  int n = 0;
+  while (r.bucket.try_acquire()) {
+    (void)r.pacing.on_send();
+    ++n;
+  }
+  return n;
+}
+
+TEST_CASE(
+    "a network round trip told before any answer makes the ramp double every 4 of them, at"
+    " least 1 ms",
+    "[rate_controller]") {
+  SECTION("a server 0.1 ms away: 64 calls out within 2 ms, not one round trip of its answers") {
+    rig r;
+    for (int i = 0; i < 16; ++i) {
+      (void)r.send();
+    }
+    advance_to(100us);  // the first connection's handshake took 100 us
+    r.pacing.on_round_trip(100us);
+    // Doubling every 1 ms (4 x 0.1 ms is below the floor): the bucket refills at
+    // 16 x ln 2 / 1 ms per second from now.
+    CHECK(r.bucket.options().requests_per_second ==
+          Approx(16 * std::log(2.0) / 0.001).epsilon(0.01));
+    int sent = 16;
+    for (int k = 1; k <= 20; ++k) {
+      advance_to(100us * k + 100us);
+      sent += grants(r);
+    }
+    // 2 ms after the round trip: 16 x 2^2 = 64 granted in all (the ramp's integral).
+    CHECK(sent >= 60);
+    CHECK(sent <= 66);
+    CHECK(r.pacing.requests().window == Approx(64).epsilon(0.05));
+    CHECK(r.pacing.requests().phase == keel::pacing_phase::startup);
+  }
+  SECTION("without it the same 2 ms grant next to nothing") {
+    rig r;
+    for (int i = 0; i < 16; ++i) {
+      (void)r.send();
+    }
+    int sent = 16;
+    for (int k = 1; k <= 22; ++k) {
+      advance_to(100us * k);
+      sent += grants(r);
+    }
+    CHECK(sent <= 17);
+  }
+  SECTION("a server 20 ms away: every 80 ms") {
+    rig r;
+    for (int i = 0; i < 16; ++i) {
+      (void)r.send();
+    }
+    r.pacing.on_round_trip(20ms);
+    advance_to(80ms);
+    (void)grants(r);
+    CHECK(r.pacing.requests().window == Approx(32).epsilon(0.02));
+  }
+  SECTION("the time before it is not doubled again at the new pace") {
+    rig r;
+    for (int i = 0; i < 16; ++i) {
+      (void)r.send();
+    }
+    advance_to(50ms);  // half a doubling at 100 ms
+    r.pacing.on_round_trip(100us);
+    CHECK(r.pacing.requests().window == Approx(16 * std::sqrt(2.0)).epsilon(0.01));
+    // A longer or a non-positive round trip changes nothing; the shortest counts.
+    const double rps = r.bucket.options().requests_per_second;
+    r.pacing.on_round_trip(5ms);
+    r.pacing.on_round_trip(0ns);
+    r.pacing.on_round_trip(-1ms);
+    CHECK(r.bucket.options().requests_per_second == Approx(rps));
+  }
+  SECTION("no effect outside startup") {
+    rig r{with_ceiling(50)};
+    const keel::throttler_options before = r.bucket.options();
+    r.pacing.on_round_trip(100us);
+    CHECK(r.bucket.options().requests_per_second == before.requests_per_second);
+    CHECK(r.bucket.options().burst == before.burst);
+    CHECK(r.pacing.requests().phase == keel::pacing_phase::fixed);
+  }
+}
+
 TEST_CASE("the startup window of a server that never throttles stays finite", "[rate_controller]") {
   // Minutes of sends with no 429: the window doubles every 100 ms at most, and would pass
   // the largest double (2^1024) after about 100 s.
@@ -1242,6 +1325,44 @@ TEST_CASE("against an unthrottled server pacing costs nothing", "[rate_controlle
   CHECK(paced.final_requests.phase == keel::pacing_phase::startup);
   CHECK(paced.wall_s == Approx(plain.wall_s).epsilon(0.02));
   CHECK(paced.p99_s == Approx(plain.p99_s).epsilon(0.02));
+}
+
+TEST_CASE(
+    "with the handshake's round trip told, 64 calls to an unthrottled server cost a plain"
+    " client's p99",
+    "[rate_controller]") {
+  // 50 ms answers, 0.1 ms away: the ramp doubles every 1 ms (its floor) and has 64 calls out in
+  // about 2 ms. Not told, it doubles every 100 ms until the first answer: p99 about 2x.
+  auto s = limiter(0);
+  s.latency = 50ms;
+  auto c = batch(2000, 64);
+  c.connect_rtt = 100us;
+  const pacing_sim::result told = pacing_sim::run(s, c, 100us);
+  c.connect_rtt = 0ns;
+  const pacing_sim::result untold = pacing_sim::run(s, c, 100us);
+  c.paced = false;
+  const pacing_sim::result plain = pacing_sim::run(s, c, 100us);
+  CAPTURE(told.wall_s, untold.wall_s, plain.wall_s, told.p99_s, untold.p99_s, plain.p99_s);
+  CHECK(told.failed == 0);
+  CHECK(told.final_requests.phase == keel::pacing_phase::startup);
+  CHECK(told.p99_s <= 1.05 * plain.p99_s);
+  CHECK(told.wall_s <= 1.01 * plain.wall_s);
+  CHECK(untold.p99_s >= 1.5 * plain.p99_s);
+}
+
+TEST_CASE("the handshake's round trip does not pour the ramp into a nearby burst limit",
+          "[rate_controller]") {
+  // nginx 0.2 ms away at 50 r/s, burst 20, its 429s back in 0.2 ms; 1,024 workers.
+  auto s = limiter(50);
+  s.latency = 200us;
+  s.reject_latency = 200us;
+  auto c = batch(500, 1024);
+  c.connect_rtt = 100us;
+  const pacing_sim::result r = pacing_sim::run(s, c, 100us);
+  CAPTURE(r.wall_s, r.attempts, r.rejected);
+  CHECK(r.failed == 0);
+  CHECK(static_cast<double>(r.attempts) <= 1.10 * 500);
+  CHECK(r.wall_s <= 1.10 * 10);
 }
 
 // A server with no rate limit that answers 5% of calls 429 at random (Retry-After 10 ms): a

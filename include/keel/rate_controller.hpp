@@ -46,9 +46,13 @@
 //    or without answers: an LLM answer can take seconds, and waiting for it would cost the
 //    first calls that long. Against a burst-limited server the first 429 comes back before
 //    more than about one round trip's doubling beyond its burst has gone (answers do not free
-//    slots early, so a fast server cannot pull a whole window into the 429s); an unthrottled
-//    one is not held back once the ramp exceeds the demand (about 100 ms for 64 calls in
-//    flight at 50 ms latency).
+//    slots early, so a fast server cannot pull a whole window into the 429s). A measured
+//    *network* round trip (`on_round_trip`: the TCP handshake, known before any answer) bounds
+//    the doubling time to 4 of them, at least 1 ms: TCP's slow start, clocked by the RTT its
+//    handshake measured. A server 0.1 ms away whose answers take 50 ms then has 64 calls in
+//    flight after 2 ms instead of about 100 ms (the ramp cost p99 2x at 64 calls); a limiter
+//    that far answers its 429 well within one doubling. A server 20 ms away doubles every
+//    80 ms (a 429 from behind a CDN edge takes longer than the handshake with the edge).
 // 2. *Search* (after the first 429, before an estimate): pace at the rate accepted over the last
 //    second, and double it every `search_doubling` while calls are waiting for the bucket, until
 //    an episode yields an estimate. A rejection in search cuts the rate back to the accepted rate.
@@ -220,9 +224,10 @@ struct rate_controller_options {
   double max_tokens_per_minute = 0;
   /// Calls that may go at once at first, before anything is known (the startup ramp's burst).
   double initial_window = 16;
-  /// The startup ramp's rate (and burst) doubles at most this often until the first 429: once
-  /// per round trip (the fastest answer so far) within [this, 4 x this], and every 4 x this
-  /// before any answer.
+  /// The startup ramp's rate (and burst) doubles once per round trip as answers measure it
+  /// (the fastest answer so far) within [this, 4 x this], and every 4 x this before any answer;
+  /// a network round trip told by `on_round_trip` may make it faster (4 of those, at least
+  /// 1 ms).
   std::chrono::nanoseconds startup_doubling = std::chrono::milliseconds(25);
   /// Pace at (1 - margin) x the estimate, so small estimation errors do not keep hitting 429s.
   double margin = 0.03;
@@ -333,6 +338,16 @@ class basic_rate_controller {
   /// value changes nothing. They set the estimate and become a ceiling.
   void on_advertised(std::optional<double> requests_per_minute,
                      std::optional<double> tokens_per_minute);
+
+  /// A network round trip to the server measured outside any call's answer: the TCP handshake
+  /// of a new connection (keel's LLM client tells it for every connection it opens). In startup
+  /// the ramp then doubles at least once per 4 such round trips (but at most once per
+  /// millisecond), as TCP's slow start grows once per round trip it learned from the handshake:
+  /// a server whose answers take seconds says nothing of its distance until it answers, and
+  /// until then the ramp would double only every `4 x startup_doubling`. The shortest round
+  /// trip told counts; a non-positive one changes nothing. No effect outside startup. Calls
+  /// nothing that can block or be cancelled.
+  void on_round_trip(duration rtt);
 
   /// Makes this controller a *follower* of a fleet's probes (keel/redis/shared_rate.hpp): its
   /// request dimension no longer starts probes of its own after a plateau; instead, while

@@ -33,6 +33,8 @@ type result struct {
 	Status string          `json:"status"`
 	Text   string          `json:"text,omitempty"`
 	Error  string          `json:"error,omitempty"`
+	// Seconds from the moment a worker took the item to its answer (as keel's "seconds").
+	Seconds float64 `json:"seconds"`
 }
 
 func main() {
@@ -80,6 +82,7 @@ func main() {
 		go func() {
 			defer wg.Done()
 			for it := range items {
+				took := time.Now()
 				body, _ := json.Marshal(map[string]any{
 					"model":      *model,
 					"max_tokens": 1024,
@@ -87,13 +90,13 @@ func main() {
 				})
 				res, err := client.Post(url, "application/json", bytes.NewReader(body))
 				if err != nil {
-					write(result{ID: it.ID, Status: "failed", Error: err.Error()})
+					write(result{ID: it.ID, Status: "failed", Error: err.Error(), Seconds: time.Since(took).Seconds()})
 					continue
 				}
 				data, err := io.ReadAll(res.Body)
 				res.Body.Close()
 				if err != nil || res.StatusCode != 200 {
-					write(result{ID: it.ID, Status: "failed", Error: fmt.Sprintf("HTTP %d", res.StatusCode)})
+					write(result{ID: it.ID, Status: "failed", Error: fmt.Sprintf("HTTP %d", res.StatusCode), Seconds: time.Since(took).Seconds()})
 					continue
 				}
 				var c struct {
@@ -104,10 +107,10 @@ func main() {
 					} `json:"choices"`
 				}
 				if err := json.Unmarshal(data, &c); err != nil || len(c.Choices) == 0 {
-					write(result{ID: it.ID, Status: "failed", Error: "malformed answer"})
+					write(result{ID: it.ID, Status: "failed", Error: "malformed answer", Seconds: time.Since(took).Seconds()})
 					continue
 				}
-				write(result{ID: it.ID, Status: "ok", Text: c.Choices[0].Message.Content})
+				write(result{ID: it.ID, Status: "ok", Text: c.Choices[0].Message.Content, Seconds: time.Since(took).Seconds()})
 			}
 		}()
 	}
