@@ -8,6 +8,7 @@
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
 //                   [--max-attempts K] [--seed S] [--jitter-ms J] [--stall-every-ms E]
 //                   [--stall-max-ms S] [--processes P [--follow]] [--connect-rtt-ms T]
+//                   [--min-doubling-ms D]
 //                   [--timeline] [--matrix]
 #include "pacing_sim.hpp"
 
@@ -112,6 +113,9 @@ int main(int argc, char** argv) {
       s.schedule.push_back(ch);
     } else if (a == "--connect-rtt-ms") {
       c.connect_rtt = std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::chrono::duration<double, std::milli>(std::stod(next())));
+    } else if (a == "--min-doubling-ms") {
+      c.pacing.startup_min_doubling = std::chrono::duration_cast<std::chrono::nanoseconds>(
           std::chrono::duration<double, std::milli>(std::stod(next())));
     } else if (a == "--p-throttle") {
       s.p_throttle = std::stod(next());

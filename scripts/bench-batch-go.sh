@@ -4,12 +4,15 @@
 # policy), both against `keel mock` (no faults) with the same N prompts.
 #
 # Usage: scripts/bench-batch-go.sh [--keel PATH] [--prompts N] [--concurrency "64 1024"]
-#                                  [--rounds R]
+#                                  [--rounds R] [--latency MS]
 # Needs Go (apt-get install golang-go) to build the baseline. keel uses the newcomer's one-entry
 # config ([{"model", "base_url", "api_key"}]: its default policy, adaptive pacing included). The
 # mock runs on CPU 0, the client under test on CPU 1 (taskset). Prints one line per (client,
 # concurrency, round): wall seconds, user and system CPU seconds of the client process (GNU
-# time), CPU microseconds per item, and the result lines written.
+# time), CPU microseconds per item, the result lines written, and the items' latency (p50 and
+# p99, from the moment a worker took the item to its answer: keel's `latency_ms`, the Go
+# client's `seconds`). With --latency MS the mock answers after MS milliseconds (issue 12's
+# "unthrottled server" target: keel against an unpaced client as fast as itself).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,12 +20,14 @@ keel=""
 prompts=20000
 conc="64 1024"
 rounds=2
+latency=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --keel) keel="$2"; shift ;;
     --prompts) prompts="$2"; shift ;;
     --concurrency) conc="$2"; shift ;;
     --rounds) rounds="$2"; shift ;;
+    --latency) latency="$2"; shift ;;
     -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-batch-go.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -37,7 +42,8 @@ find_keel
 tmp="$dir"
 (cd "$here/scripts/loadgen" && HOME="${HOME:-$tmp}" GOCACHE="$tmp/gocache" go build -o "$tmp/gobatch" batch.go)
 
-taskset -c 0 "$keel" mock --port 0 >"$tmp/mock.log" 2>&1 &
+printf '{"seed": 7, "models": {"m": {"latency_ms": %d}}}\n' "$latency" >"$tmp/scenario.json"
+taskset -c 0 "$keel" mock --port 0 --scenario "$tmp/scenario.json" >"$tmp/mock.log" 2>&1 &
 pids+=($!)
 url=$(url_of "$tmp/mock.log") || { echo "$prog: keel mock did not start" >&2; exit 2; }
 
@@ -55,11 +61,20 @@ measure() {  # label, then the command
   local lines ok
   lines=$(wc -l <"$tmp/out.jsonl")
   ok=$(grep -c '"status":"ok"' "$tmp/out.jsonl" || true)
-  awk -v l="$label" -v w="$wall" -v u="$user" -v s="$sys" -v n="$prompts" -v lines="$lines" -v ok="$ok" \
-    'BEGIN { printf "%-22s wall %6.2f s  user %6.2f s  sys %5.2f s  cpu %6.1f us/item  records %d (ok %d)\n", l, w, u, s, (u + s) * 1e6 / n, lines, ok }'
+  local pct
+  pct=$(python3 -c '
+import json, sys
+v = []
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    v.append(r["latency_ms"] if "latency_ms" in r else r.get("seconds", 0) * 1000)
+v.sort()
+print("p50 %.1f ms  p99 %.1f ms" % (v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.99))]) if v else "")' "$tmp/out.jsonl")
+  awk -v l="$label" -v w="$wall" -v u="$user" -v s="$sys" -v n="$prompts" -v lines="$lines" -v ok="$ok" -v pct="$pct" \
+    'BEGIN { printf "%-22s wall %6.2f s  user %6.2f s  sys %5.2f s  cpu %6.1f us/item  records %d (ok %d)  %s\n", l, w, u, s, (u + s) * 1e6 / n, lines, ok, pct }'
 }
 
-echo "mock $url; $prompts prompts; keel $("$keel" --version | head -1); $(go version)"
+echo "mock $url (latency $latency ms); $prompts prompts; keel $("$keel" --version | head -1); $(go version)"
 for c in $conc; do
   for r in $(seq "$rounds"); do
     measure "go c=$c r=$r" "$tmp/gobatch" -url "$url" -in "$tmp/prompts.jsonl" -out "$tmp/out.jsonl" -c "$c"

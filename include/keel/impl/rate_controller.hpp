@@ -68,9 +68,8 @@ class rate_controller_state {
   static constexpr auto slot_hold = std::chrono::milliseconds(10);
   // A network round trip (on_round_trip) bounds the startup ramp's doubling time to this many
   // of them (a 429 from behind a proxy or CDN edge takes longer than the handshake with the
-  // edge), but no shorter than `network_tau_min`.
+  // edge), but no shorter than `startup_min_doubling`.
   static constexpr double network_tau_factor = 4;
-  static constexpr auto network_tau_min = std::chrono::milliseconds(1);
   // The startup window's cap, calls: more than any batch sends at once.
   static constexpr double max_window = 1e9;
   // How long a 429's latency is remembered: the longest one halves every `latency_half_life`,
@@ -456,6 +455,7 @@ class rate_controller_state {
     o.plateau_max = std::max(o.plateau_max, o.plateau_min);
     o.search_doubling = std::max(o.search_doubling, std::chrono::nanoseconds(1000000));
     o.startup_doubling = std::max(o.startup_doubling, std::chrono::nanoseconds(1000000));
+    o.startup_min_doubling = std::max(o.startup_min_doubling, std::chrono::nanoseconds(100000));
     o.probe_round = std::max(o.probe_round, std::chrono::nanoseconds(1000000));
     return o;
   }
@@ -1290,7 +1290,7 @@ class rate_controller_state {
   // The startup ramp's doubling time, seconds (see update()): once per round trip as the
   // answers know it (within [startup_doubling, 4 x startup_doubling], the slow end before any
   // answer), and no slower than `network_tau_factor` network round trips (on_round_trip), but
-  // not faster than `network_tau_min`.
+  // not faster than `startup_min_doubling`.
   double startup_tau() const {
     const double fastest = seconds(o_.startup_doubling);
     double tau = 4 * fastest;
@@ -1298,8 +1298,8 @@ class rate_controller_state {
       tau = std::clamp(std::chrono::duration<double>(fastest_answer_).count(), fastest, tau);
     }
     if (network_rtt_ != duration::max()) {
-      tau = std::min(
-          tau, std::max(seconds(network_tau_min), network_tau_factor * seconds(network_rtt_)));
+      tau = std::min(tau, std::max(seconds(o_.startup_min_doubling),
+                                   network_tau_factor * seconds(network_rtt_)));
     }
     return tau;
   }
