@@ -7,9 +7,7 @@
 //                   [--tpm T] [--token-burst T]
 //                   [--tokens T] [--spread F] [--change AT_S:RPS ...] [--plain] [--advertise]
 //                   [--max-attempts K] [--seed S] [--jitter-ms J] [--stall-every-ms E]
-//                   [--stall-max-ms S] [--processes P [--follow]] [--connect-rtt-ms T]
-//                   [--min-doubling-ms D]
-//                   [--timeline] [--matrix]
+//                   [--stall-max-ms S] [--processes P [--follow]] [--timeline] [--matrix]
 #include "pacing_sim.hpp"
 
 #include <cstdio>
@@ -111,12 +109,6 @@ int main(int argc, char** argv) {
       ch.at = duration_cast<nanoseconds>(duration<double>(std::stod(v.substr(0, colon))));
       ch.requests_per_second = std::stod(v.substr(colon + 1));
       s.schedule.push_back(ch);
-    } else if (a == "--connect-rtt-ms") {
-      c.connect_rtt = std::chrono::duration_cast<std::chrono::nanoseconds>(
-          std::chrono::duration<double, std::milli>(std::stod(next())));
-    } else if (a == "--min-doubling-ms") {
-      c.pacing.startup_min_doubling = std::chrono::duration_cast<std::chrono::nanoseconds>(
-          std::chrono::duration<double, std::milli>(std::stod(next())));
     } else if (a == "--p-throttle") {
       s.p_throttle = std::stod(next());
     } else if (a == "--processes") {

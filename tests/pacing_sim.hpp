@@ -73,9 +73,6 @@ struct client_spec {
   double tokens_per_prompt = 100;  // mean estimated tokens per call
   double tokens_spread = 0;        // uniform +- this fraction
   bool paced = true;               // false: no controller (a plain retry loop)
-  // The network round trip a TCP handshake measures, told to the controller (on_round_trip)
-  // when the first connection is up, as keel's LLM client does; 0: not told.
-  nanoseconds connect_rtt{0};
   // The client process freezes (a loaded CI machine, a VM's steal, a GC-like pause): on average
   // every `stall_every` it runs nothing for a time uniform in [0, stall_max]; then everything
   // that fell due runs at once, late.
@@ -351,17 +348,6 @@ inline result run(const server_spec& ss, const client_spec& cs,
     }
   };
   clock::time_point end{};
-  if (cs.connect_rtt > nanoseconds::zero() && cs.paced) {
-    for (auto& pr : fleet) {
-      asio::co_spawn(
-          ctx,
-          [&, p = pr.get()]() -> asio::awaitable<void> {
-            co_await sleep(cs.connect_rtt);
-            p->pacing->on_round_trip(cs.connect_rtt);
-          },
-          asio::detached);
-    }
-  }
   for (auto& pr : fleet) {
     for (std::size_t w = 0; w < cs.concurrency; ++w) {
       asio::co_spawn(

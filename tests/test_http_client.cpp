@@ -308,48 +308,6 @@ TEST_CASE("http client: max_requests_per_connection closes a connection after N 
   CHECK(cl.connections_opened() == 4);
 }
 
-TEST_CASE(
-    "http client: on_connected tells each new connection's handshake time before the request"
-    " goes, never a reused one",
-    "[http]") {
-  asio::io_context ctx;
-  test_server srv(ctx);
-  kh::client_options opts;
-  opts.max_requests_per_connection = 3;
-  kh::client cl(ctx.get_executor(), opts);
-  std::vector<std::chrono::steady_clock::duration> told;
-  std::vector<int> seen_by_server;  // requests the server had read when each was told
-  auto seq = [&]() -> asio::awaitable<int> {
-    int ok = 0;
-    for (int i = 0; i < 6; ++i) {
-      kh::request req("GET", srv.url());
-      req.on_connected = [&](std::chrono::steady_clock::duration d) {
-        told.push_back(d);
-        seen_by_server.push_back(srv.requests);
-      };
-      auto r = co_await cl.send(std::move(req));
-      ok += r.status == 200 ? 1 : 0;
-    }
-    // A streamed response's connection is told as well (the pool is empty after the 6th).
-    kh::request req("GET", srv.url());
-    req.on_connected = [&](std::chrono::steady_clock::duration d) { told.push_back(d); };
-    auto reader = co_await cl.open(std::move(req));
-    ok += reader.head().status == 200 ? 1 : 0;
-    co_return ok;
-  };
-  outcome<int> out;
-  spawn(ctx, seq(), out);
-  REQUIRE(run_real(ctx, [&] { return out.done; }));
-  CHECK(out.value == 7);
-  CHECK(cl.connections_opened() == 3);  // 3 + 3 requests, and the stream's
-  REQUIRE(told.size() == 3);
-  CHECK(seen_by_server == std::vector<int>{0, 3});
-  for (const auto d : told) {
-    CHECK(d > std::chrono::steady_clock::duration::zero());
-    CHECK(d < std::chrono::seconds(10));
-  }
-}
-
 TEST_CASE("http client: concurrent sends never exceed max_connections_per_host", "[http]") {
   asio::io_context ctx;
   test_server srv(ctx);

@@ -46,16 +46,9 @@
 //    or without answers: an LLM answer can take seconds, and waiting for it would cost the
 //    first calls that long. Against a burst-limited server the first 429 comes back before
 //    more than about one round trip's doubling beyond its burst has gone (answers do not free
-//    slots early, so a fast server cannot pull a whole window into the 429s). A measured
-//    *network* round trip (`on_round_trip`: the TCP handshake, known before any answer) bounds
-//    the doubling time to 4 of them, at least `startup_min_doubling` (4 ms): TCP's slow start,
-//    clocked by the RTT its handshake measured. A server 0.1 ms away whose answers take 50 ms
-//    then has 64 calls in flight after 8 ms instead of about 100 ms (the ramp cost p99 2x at 64
-//    calls). The floor is about the time a nearby limiter's 429 takes to come back *and be
-//    read* by a client opening tens of connections at once: at 1 ms, measured behind nginx
-//    (200 r/s, burst 20) with 50 ms answers, all 64 calls went before the first 429 was read
-//    (44 refused, against about 20 at 4 ms in virtual time). A server 20 ms away doubles every
-//    80 ms (a 429 from behind a CDN edge takes longer than the handshake with the edge).
+//    slots early, so a fast server cannot pull a whole window into the 429s); an unthrottled
+//    one is not held back once the ramp exceeds the demand (about 100 ms for 64 calls in
+//    flight at 50 ms latency).
 // 2. *Search* (after the first 429, before an estimate): pace at the rate accepted over the last
 //    second, and double it every `search_doubling` while calls are waiting for the bucket, until
 //    an episode yields an estimate. A rejection in search cuts the rate back to the accepted rate.
@@ -227,17 +220,10 @@ struct rate_controller_options {
   double max_tokens_per_minute = 0;
   /// Calls that may go at once at first, before anything is known (the startup ramp's burst).
   double initial_window = 16;
-  /// The startup ramp's rate (and burst) doubles once per round trip as answers measure it
-  /// (the fastest answer so far) within [this, 4 x this], and every 4 x this before any answer;
-  /// a network round trip told by `on_round_trip` may make it faster (4 of those, but no faster
-  /// than `startup_min_doubling`).
+  /// The startup ramp's rate (and burst) doubles at most this often until the first 429: once
+  /// per round trip (the fastest answer so far) within [this, 4 x this], and every 4 x this
+  /// before any answer.
   std::chrono::nanoseconds startup_doubling = std::chrono::milliseconds(25);
-  /// The fastest the startup ramp doubles when a network round trip says it may: about the time
-  /// a 429 takes to come back *and be handled* when the server is near (a client that opens
-  /// tens of connections at once takes milliseconds to read the first answers; a ramp that
-  /// doubled faster sent its whole first wave before the first 429 of a nearby limiter was
-  /// read). At least 0.1 ms.
-  std::chrono::nanoseconds startup_min_doubling = std::chrono::milliseconds(4);
   /// Pace at (1 - margin) x the estimate, so small estimation errors do not keep hitting 429s.
   double margin = 0.03;
   /// The throttler's burst is this much time at the paced rate (at least one request).
@@ -347,16 +333,6 @@ class basic_rate_controller {
   /// value changes nothing. They set the estimate and become a ceiling.
   void on_advertised(std::optional<double> requests_per_minute,
                      std::optional<double> tokens_per_minute);
-
-  /// A network round trip to the server measured outside any call's answer: the TCP handshake
-  /// of a new connection (keel's LLM client tells it for every connection it opens). In startup
-  /// the ramp then doubles at least once per 4 such round trips (but at most once per
-  /// `startup_min_doubling`), as TCP's slow start grows once per round trip it learned from the
-  /// handshake: a server whose answers take seconds says nothing of its distance until it answers,
-  /// and until then the ramp would double only every `4 x startup_doubling`. The shortest round
-  /// trip told counts; a non-positive one changes nothing. No effect outside startup. Calls
-  /// nothing that can block or be cancelled.
-  void on_round_trip(duration rtt);
 
   /// Makes this controller a *follower* of a fleet's probes (keel/redis/shared_rate.hpp): its
   /// request dimension no longer starts probes of its own after a plateau; instead, while

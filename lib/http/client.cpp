@@ -351,10 +351,7 @@ struct client::impl {
     --pool.open;
   }
 
-  // `connected`: told how long the TCP handshake took (request::on_connected), if set.
-  asio::awaitable<void> connect(
-      connection& c, const url_parts& u, std::string_view where,
-      const std::function<void(std::chrono::steady_clock::duration)>& connected) {
+  asio::awaitable<void> connect(connection& c, const url_parts& u, std::string_view where) {
     boost::system::error_code ec;
     if (u.tls) {
       asio::ssl::context* tls_ctx = nullptr;
@@ -367,10 +364,8 @@ struct client::impl {
     }
     beast::tcp_stream& stream = c.lowest();
     stream.expires_after(opts.connect_timeout);
-    std::chrono::steady_clock::time_point started;
     if (u.host_is_ip) {
       const tcp::endpoint ep(asio::ip::make_address(u.host), u.port);
-      started = std::chrono::steady_clock::now();
       co_await stream.async_connect(ep, asio::redirect_error(asio::use_awaitable, ec));
     } else {
       tcp::resolver resolver(ex);
@@ -379,7 +374,6 @@ struct client::impl {
       if (ec) {
         fail(ec, "resolve failed", where);
       }
-      started = std::chrono::steady_clock::now();
       co_await stream.async_connect(results, asio::redirect_error(asio::use_awaitable, ec));
     }
     if (ec == beast::error::timeout) {
@@ -389,9 +383,6 @@ struct client::impl {
       fail(ec, "connect failed", where);
     }
     ++opened;
-    if (connected) {
-      connected(std::chrono::steady_clock::now() - started);
-    }
     if (u.tls) {
       if (!u.host_is_ip && !SSL_set_tlsext_host_name(c.tls->native_handle(), u.host.c_str())) {
         fail(error::tls_error, "cannot set SNI", where);
@@ -683,7 +674,7 @@ struct client::impl {
     st->conn = std::move(acquired);
     if (!st->conn) {
       st->conn = std::make_unique<connection>(self->ex);
-      co_await self->connect(*st->conn, *u, st->where, req.on_connected);
+      co_await self->connect(*st->conn, *u, st->where);
     }
     connection& c = *st->conn;
     ++c.requests;

@@ -223,22 +223,9 @@ void set_response_attributes(keel::trace::span& s, const keel::llm::chat_respons
 
 // Forwards sends to the transport with the attempt's trace context in the header fields (added
 // after SigV4 signing, unsigned, as the AWS SDKs add X-Amzn-Trace-Id).
-// Tells `pacing` (if any) the network round trip of each connection `req` opens: the startup
-// ramp is clocked by it long before a slow answer arrives (rate_controller::on_round_trip).
-void tell_round_trips(keel::http::request& req, keel::rate_controller* pacing) {
-  if (pacing) {
-    req.on_connected = [pacing](std::chrono::steady_clock::duration rtt) {
-      pacing->on_round_trip(rtt);
-    };
-  }
-}
-
-// What one attempt sends through: the trace context's headers (if any), the round trips to
-// the entry's controller (if any).
-struct attempt_sender {
+struct traced_sender {
   keel::http::client& http;
   const keel::trace::span_context* context;
-  keel::rate_controller* pacing;
   asio::awaitable<keel::http::response> send(keel::http::request req) {
     if (context && context->valid()) {
       req.set("traceparent", keel::trace::to_traceparent(*context));
@@ -246,7 +233,6 @@ struct attempt_sender {
         req.set("tracestate", context->state);
       }
     }
-    tell_round_trips(req, pacing);
     return http.send(std::move(req));
   }
 };
@@ -734,8 +720,8 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
       }
       reply = co_await stream_attempt(es, cs, std::move(http_req),
                                       estimate - std::max(req.max_tokens, 0), hedge);
-    } else {
-      attempt_sender sender{*es.http, outgoing, es.pacing};
+    } else if (outgoing) {
+      traced_sender sender{*es.http, outgoing};
       if (es.cfg->timeout) {
         reply = co_await keel::with_deadline(
             [&] { return keel::llm::complete(sender, es.ep, req, creds, sdk); },
@@ -743,6 +729,12 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
       } else {
         reply = co_await keel::llm::complete(sender, es.ep, req, creds, sdk);
       }
+    } else if (es.cfg->timeout) {
+      reply = co_await keel::with_deadline(
+          [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk); },
+          seconds_ns(*es.cfg->timeout));
+    } else {
+      reply = co_await keel::llm::complete(*es.http, es.ep, req, creds, sdk);
     }
   } catch (...) {
     failed = std::current_exception();
@@ -874,7 +866,6 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
   std::size_t attempt_bytes = 0;  // text this attempt received
   keel::llm::token_usage usage;
   try {
-    tell_round_trips(http_req, es.pacing);
     reader.emplace(co_await watch.next([&] { return es.http->open(std::move(http_req)); }));
     const keel::http::response& head = reader->head();
     if (head.status < 200 || head.status > 299) {

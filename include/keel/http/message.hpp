@@ -22,8 +22,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <chrono>
-#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -113,13 +111,6 @@ struct request {
   header_list headers;
   /// Body bytes.
   std::string body;
-  /// Called when the client opens a new connection for this request, as soon as its TCP
-  /// handshake completes (before any TLS handshake and before the request is written), with
-  /// how long the handshake took: one network round trip to the server, known long before a
-  /// slow server answers (keel's LLM client tells its rate controller, whose startup ramp is
-  /// clocked by it). Not called for a pooled connection reused. Runs on the client's executor,
-  /// inside `send`/`open`; must not throw. Empty: nobody is told.
-  std::function<void(std::chrono::steady_clock::duration)> on_connected;
 
   request() = default;
   /// A request with a method and URL.

@@ -66,10 +66,6 @@ class rate_controller_state {
   static constexpr int max_probe_round = 10;
   // In startup, answers slower than this free their slot (see free_startup_slot).
   static constexpr auto slot_hold = std::chrono::milliseconds(10);
-  // A network round trip (on_round_trip) bounds the startup ramp's doubling time to this many
-  // of them (a 429 from behind a proxy or CDN edge takes longer than the handshake with the
-  // edge), but no shorter than `startup_min_doubling`.
-  static constexpr double network_tau_factor = 4;
   // The startup window's cap, calls: more than any batch sends at once.
   static constexpr double max_window = 1e9;
   // How long a 429's latency is remembered: the longest one halves every `latency_half_life`,
@@ -144,23 +140,6 @@ class rate_controller_state {
 
   void on_advertised(std::optional<double> rpm, std::optional<double> tpm) {
     locked([&] { advertised(rpm, tpm); });
-  }
-
-  void on_round_trip(duration rtt) {
-    locked([&] {
-      if (rtt <= duration::zero() || rtt >= network_rtt_) {
-        return;
-      }
-      // The window grows at the old doubling time up to now, and at the new one from here:
-      // applied to the time since the last event, a shorter one would double it retroactively.
-      const time_point now = Clock::now();
-      update(now);
-      network_rtt_ = rtt;
-      if (dims_[req].phase == pacing_phase::startup) {
-        window_growth_ = window_ * std::log(2.0) / startup_tau();
-        apply();
-      }
-    });
   }
 
   void on_follow_probes(double gain) {
@@ -455,7 +434,6 @@ class rate_controller_state {
     o.plateau_max = std::max(o.plateau_max, o.plateau_min);
     o.search_doubling = std::max(o.search_doubling, std::chrono::nanoseconds(1000000));
     o.startup_doubling = std::max(o.startup_doubling, std::chrono::nanoseconds(1000000));
-    o.startup_min_doubling = std::max(o.startup_min_doubling, std::chrono::nanoseconds(100000));
     o.probe_round = std::max(o.probe_round, std::chrono::nanoseconds(1000000));
     return o;
   }
@@ -1287,21 +1265,13 @@ class rate_controller_state {
     }
   }
 
-  // The startup ramp's doubling time, seconds (see update()): once per round trip as the
-  // answers know it (within [startup_doubling, 4 x startup_doubling], the slow end before any
-  // answer), and no slower than `network_tau_factor` network round trips (on_round_trip), but
-  // not faster than `startup_min_doubling`.
+  // The startup ramp's doubling time, seconds (see update()).
   double startup_tau() const {
     const double fastest = seconds(o_.startup_doubling);
-    double tau = 4 * fastest;
-    if (fastest_answer_ != duration::max()) {
-      tau = std::clamp(std::chrono::duration<double>(fastest_answer_).count(), fastest, tau);
+    if (fastest_answer_ == duration::max()) {
+      return 4 * fastest;
     }
-    if (network_rtt_ != duration::max()) {
-      tau = std::min(tau, std::max(seconds(o_.startup_min_doubling),
-                                   network_tau_factor * seconds(network_rtt_)));
-    }
-    return tau;
+    return std::clamp(std::chrono::duration<double>(fastest_answer_).count(), fastest, 4 * fastest);
   }
 
   void note_answer(const ticket& t, time_point now) {
@@ -1566,7 +1536,6 @@ class rate_controller_state {
   double window_ = 0;
   time_point window_updated_{};
   duration fastest_answer_ = duration::max();  // the quickest answer or 429 so far
-  duration network_rtt_ = duration::max();     // the shortest network round trip told
   double window_growth_ = 0;                   // the startup window's growth, calls per second
   double slots_freed_ = 0;                     // startup slots to give back to the bucket
   std::uint64_t startup_sends_ = 0;            // sends made in startup (their slots may come back)
@@ -1621,11 +1590,6 @@ template <class Clock>
 void basic_rate_controller<Clock>::on_advertised(std::optional<double> requests_per_minute,
                                                  std::optional<double> tokens_per_minute) {
   state_->on_advertised(requests_per_minute, tokens_per_minute);
-}
-
-template <class Clock>
-void basic_rate_controller<Clock>::on_round_trip(duration rtt) {
-  state_->on_round_trip(rtt);
 }
 
 template <class Clock>
