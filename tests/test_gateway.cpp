@@ -16,9 +16,17 @@
 
 #include <catch2/catch.hpp>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+#include <algorithm>
+#include <array>
+#include <string>
+#include <vector>
 
 using namespace keel_test;
 using keel::gateway::bad_request;
@@ -645,6 +653,87 @@ TEST_CASE("connections beyond max_connections are closed at once", "[gateway]") 
   auto served = run_one(rig.ctx, rig.http.send(req));
   REQUIRE_FALSE(served.error);
   CHECK(served.value->status == 200);
+}
+
+TEST_CASE("keel serve frames each answer exactly: status line, fields, length, body", "[gateway]") {
+  gateway_rig rig(one_entry);
+  asio::ip::tcp::socket sock(rig.ctx);
+  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
+  // Three pipelined requests: a 404 and a 200 on HTTP/1.1 (kept alive), then an HTTP/1.0 one
+  // without keep-alive, after which the gateway closes the connection.
+  const std::string requests =
+      "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+      "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+      "GET /healthz HTTP/1.0\r\n\r\n";
+  std::string got;
+  bool done = false;
+  asio::co_spawn(
+      rig.ctx,
+      [&]() -> asio::awaitable<void> {
+        co_await asio::async_write(sock, asio::buffer(requests), asio::use_awaitable);
+        std::array<char, 4096> buf{};
+        for (;;) {
+          auto [ec, n] =
+              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+          if (ec) {
+            break;
+          }
+          got.append(buf.data(), n);
+        }
+        done = true;
+      },
+      asio::detached);
+  REQUIRE(run_real(rig.ctx, [&] { return done; }));
+
+  struct answer {
+    std::string status_line;
+    std::vector<std::string> fields;
+    std::string body;
+  };
+  std::vector<answer> answers;
+  std::size_t at = 0;
+  while (at < got.size()) {
+    const std::size_t end = got.find("\r\n\r\n", at);
+    REQUIRE(end != std::string::npos);
+    answer a;
+    std::size_t line = at;
+    std::size_t length = 0;
+    bool has_length = false;
+    while (line < end) {
+      const std::size_t eol = got.find("\r\n", line);
+      const std::string text = got.substr(line, eol - line);
+      if (a.status_line.empty()) {
+        a.status_line = text;
+      } else {
+        a.fields.push_back(text);
+        if (text.rfind("Content-Length: ", 0) == 0) {
+          length = std::stoul(text.substr(16));
+          has_length = true;
+        }
+      }
+      line = eol + 2;
+    }
+    REQUIRE(has_length);
+    REQUIRE(end + 4 + length <= got.size());
+    a.body = got.substr(end + 4, length);
+    at = end + 4 + length;
+    answers.push_back(std::move(a));
+  }
+  REQUIRE(answers.size() == 3);
+  CHECK(answers[0].status_line == "HTTP/1.1 404 Not Found");
+  CHECK(answers[1].status_line == "HTTP/1.1 200 OK");
+  CHECK(answers[2].status_line == "HTTP/1.0 200 OK");
+  for (const answer& a : answers) {
+    CHECK(std::count(a.fields.begin(), a.fields.end(), "Server: keel") == 1);
+    CHECK(json::accept(a.body));
+  }
+  CHECK(json::parse(answers[0].body)["error"]["type"] == "invalid_request_error");
+  CHECK(answers[1].body == answers[2].body);
+  // HTTP/1.1 keeps the connection by default; the 1.0 answer says nothing of keep-alive, and the
+  // connection ends after it.
+  for (const answer& a : answers) {
+    CHECK(std::find(a.fields.begin(), a.fields.end(), "Connection: keep-alive") == a.fields.end());
+  }
 }
 
 TEST_CASE("a gateway with one route per model sends each to its own client", "[gateway]") {
