@@ -729,10 +729,15 @@ TEST_CASE("keel serve frames each answer exactly: status line, fields, length, b
   }
   CHECK(json::parse(answers[0].body)["error"]["type"] == "invalid_request_error");
   CHECK(answers[1].body == answers[2].body);
-  // HTTP/1.1 keeps the connection by default; the 1.0 answer says nothing of keep-alive, and the
-  // connection ends after it.
+  // HTTP/1.1 keeps the connection by default and HTTP/1.0 closes it by default: no answer has a
+  // Connection field, and the connection ends after the 1.0 answer.
   for (const answer& a : answers) {
-    CHECK(std::find(a.fields.begin(), a.fields.end(), "Connection: keep-alive") == a.fields.end());
+    CHECK(std::none_of(a.fields.begin(), a.fields.end(), [](const std::string& f) {
+      return f.rfind("Connection:", 0) == 0 || f.rfind("connection:", 0) == 0;
+    }));
+    CHECK(std::count_if(a.fields.begin(), a.fields.end(), [](const std::string& f) {
+            return f.rfind("Content-Type: application/json", 0) == 0;
+          }) == 1);
   }
 }
 
