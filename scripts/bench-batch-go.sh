@@ -7,8 +7,8 @@
 #                                  [--rounds R] [--latency MS]
 # Needs Go (apt-get install golang-go) to build the baseline, and python3 for the percentiles.
 # keel uses the newcomer's one-entry config ([{"model", "base_url", "api_key"}]: its default
-# policy, adaptive pacing included). The mock runs on CPU 0, the client under test on CPU 1 (taskset). Prints one line per (client,
-# concurrency, round): wall seconds, user and system CPU seconds of the client process (GNU
+# policy, adaptive pacing included). The mock runs on CPU 0, the client under test on CPU 1
+# (taskset). Prints one line per (client, concurrency, round): wall seconds, user and system CPU seconds of the client process (GNU
 # time), CPU microseconds per item, the result lines written, and the items' latency (p50 and
 # p99, from the moment a worker took the item to its answer: keel's `latency_ms`, the Go
 # client's `seconds`). With --latency MS the mock answers after MS milliseconds (issue 12's

@@ -43,21 +43,23 @@ namespace {
 
 using response = bhttp::response<bhttp::string_body>;
 
-// The head of `res` as HTTP/1.x bytes: status line, header fields in order, blank line (what
-// bhttp::async_write sends before the body; the framing fields come from prepare_payload() and
-// keep_alive()).
-std::string serialize_head(const response& res) {
-  const std::string_view reason = res.reason();
+// The head of a response as HTTP/1.x bytes: status line, header fields in order, blank line,
+// what Beast's serializer sends before the body (the framing fields come from prepare_payload(),
+// keep_alive() or chunked()). Every answer's head, streamed or not, is written from this.
+std::string serialize_head(const bhttp::response_header<>& h) {
+  const unsigned v = h.version();
   std::string wire;
   wire.reserve(256);
-  const unsigned v = res.version();
-  wire.append("HTTP/").append(1, static_cast<char>('0' + v / 10 % 10)).append(".");
-  wire.append(1, static_cast<char>('0' + v % 10)).append(" ");
-  wire.append(std::to_string(res.result_int())).append(" ").append(reason).append("\r\n");
-  for (const auto& f : res) {
+  wire += "HTTP/";
+  wire += static_cast<char>('0' + v / 10 % 10);
+  wire += '.';
+  wire += static_cast<char>('0' + v % 10);
+  wire += ' ';
+  wire.append(std::to_string(h.result_int())).append(" ").append(h.reason()).append("\r\n");
+  for (const auto& f : h) {
     wire.append(f.name_string()).append(": ").append(f.value()).append("\r\n");
   }
-  wire.append("\r\n");
+  wire += "\r\n";
   return wire;
 }
 
@@ -554,10 +556,10 @@ struct server::impl : std::enable_shared_from_this<impl> {
       head.set("openai-processing-ms", std::to_string(ms_since(started)));
       head.keep_alive(true);
       head.chunked(true);
-      bhttp::response_serializer<bhttp::empty_body> sr{head};
+      const std::string head_bytes = serialize_head(head);
       c.stream.expires_after(opts.write_timeout);
-      auto [ec, n] =
-          co_await bhttp::async_write_header(c.stream, sr, asio::as_tuple(asio::use_awaitable));
+      auto [ec, n] = co_await asio::async_write(c.stream, asio::buffer(head_bytes),
+                                                asio::as_tuple(asio::use_awaitable));
       if (ec) {
         c.stream_ok = false;
         throw boost::system::system_error(ec);
