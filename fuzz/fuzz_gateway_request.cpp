@@ -16,6 +16,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
+#include <string>
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   // The body is depth-checked before it is parsed: recursion on nesting would show here.
@@ -25,10 +27,22 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view body = keel::fuzz::as_text(data, size);
+  // The common request is read without a tree (keel/llm/json_scan.hpp): it must read exactly
+  // what the tree reads, and refuse (decline to the tree) whatever the tree refuses.
+  std::optional<keel::gateway::parsed_chat_request> tree;
+  std::string tree_error;
+  try {
+    tree = keel::gateway::detail::parse_chat_request_tree(body);
+  } catch (const keel::gateway::bad_request& e) {
+    tree_error = e.what();
+  } catch (...) {
+    keel::fuzz::unexpected_exception("keel::gateway::detail::parse_chat_request_tree");
+  }
   keel::gateway::parsed_chat_request p;
   try {
     p = keel::gateway::parse_chat_request(body);
   } catch (const keel::gateway::bad_request& e) {
+    KEEL_FUZZ_CHECK(!tree && tree_error == e.what());
     KEEL_FUZZ_CHECK(e.status() == 400 || e.status() == 404);
     KEEL_FUZZ_CHECK(*e.what() != '\0');
     (void)keel::gateway::error_body(e.what(), "invalid_request_error", e.param(), e.code())
@@ -38,6 +52,26 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     keel::fuzz::unexpected_exception("keel::gateway::parse_chat_request");
   }
   const keel::llm::chat_request& r = p.request;
+  KEEL_FUZZ_CHECK(tree.has_value());
+  KEEL_FUZZ_CHECK(p.stream == tree->stream && p.include_usage == tree->include_usage &&
+                  r.system == tree->request.system);
+  {
+    // Every field of the request, as the OpenAI body writes it.
+    const keel::llm::endpoint ep(keel::llm::provider_kind::openai, "http://127.0.0.1:1", "k");
+    std::string a;
+    std::string b;
+    try {
+      a = keel::llm::build_request(r, ep).body;
+    } catch (const keel::llm::provider_error& e) {
+      a = e.what();
+    }
+    try {
+      b = keel::llm::build_request(tree->request, ep).body;
+    } catch (const keel::llm::provider_error& e) {
+      b = e.what();
+    }
+    KEEL_FUZZ_CHECK(a == b);
+  }
   KEEL_FUZZ_CHECK(!r.model.empty());
   KEEL_FUZZ_CHECK(!r.messages.empty());
   for (const auto& m : r.messages) {

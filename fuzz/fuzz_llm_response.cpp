@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -81,8 +82,30 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::chrono::system_clock::time_point now(
       std::chrono::duration_cast<std::chrono::system_clock::duration>(
           std::chrono::seconds(1'780'000'000)));
+  // Without `raw`, an OpenAI body is read by a scanner that builds no tree (json_scan.hpp): it
+  // must give the same reply or the same error as the tree on every input.
+  std::optional<keel::llm::chat_response> fast;
+  std::optional<keel::llm::provider_error> fast_error;
+  try {
+    fast = keel::llm::parse_response(res, kind, now, /*keep_raw=*/false);
+    KEEL_FUZZ_CHECK(fast->raw.is_null());
+  } catch (const keel::llm::provider_error& e) {
+    fast_error = e;
+  } catch (...) {
+    keel::fuzz::unexpected_exception("keel::llm::parse_response without raw");
+  }
   try {
     const keel::llm::chat_response r = keel::llm::parse_response(res, kind, now);
+    KEEL_FUZZ_CHECK(fast.has_value());
+    KEEL_FUZZ_CHECK(fast->text == r.text && fast->finish_reason == r.finish_reason &&
+                    fast->model == r.model && fast->id == r.id &&
+                    fast->usage.input == r.usage.input && fast->usage.output == r.usage.output &&
+                    fast->tool_calls.size() == r.tool_calls.size());
+    for (std::size_t i = 0; i < r.tool_calls.size(); ++i) {
+      KEEL_FUZZ_CHECK(fast->tool_calls[i].id == r.tool_calls[i].id &&
+                      fast->tool_calls[i].name == r.tool_calls[i].name &&
+                      fast->tool_calls[i].arguments == r.tool_calls[i].arguments);
+    }
     KEEL_FUZZ_CHECK(res.status >= 200 && res.status <= 299);
     KEEL_FUZZ_CHECK(r.usage.input >= 0 && r.usage.output >= 0);
     KEEL_FUZZ_CHECK(r.raw.is_object());
@@ -93,6 +116,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
   } catch (const keel::llm::provider_error& e) {
     check_error(e, res, kind);
+    KEEL_FUZZ_CHECK(fast_error.has_value() && fast_error->llm_code() == e.llm_code() &&
+                    std::string_view(fast_error->what()) == e.what());
   } catch (...) {
     keel::fuzz::unexpected_exception("keel::llm::parse_response");
   }

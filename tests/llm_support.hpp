@@ -27,11 +27,12 @@ inline keel::http::response reply(int status, std::string body, keel::http::head
   return r;
 }
 
-/// Runs `parse(r, t0)` expecting a provider_error; returns it (or fails the test).
+/// Runs `parse(r, t0, keep_raw)` expecting a provider_error; returns it (or fails the test).
 template <class Parse>
-keel::llm::provider_error error_of(Parse parse, const keel::http::response& r) {
+keel::llm::provider_error error_of(Parse parse, const keel::http::response& r,
+                                   bool keep_raw = true) {
   try {
-    parse(r, t0);
+    parse(r, t0, keep_raw);
   } catch (const keel::llm::provider_error& e) {
     return e;
   }

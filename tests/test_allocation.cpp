@@ -4,6 +4,8 @@
 // (Allocation counts are deterministic, so this is a test, not a benchmark.)
 #include <keel/circuit_breaker.hpp>
 #include <keel/deadline.hpp>
+#include <keel/gateway/openai_wire.hpp>
+#include <keel/llm/openai.hpp>
 #include <keel/retry.hpp>
 #include <keel/throttler.hpp>
 
@@ -160,5 +162,51 @@ TEST_CASE("a deadline whose timer cannot be re-armed leaves the queue consistent
     ctx.run();
     CHECK(ran);
   }
+}
+TEST_CASE("an OpenAI completion read without raw allocates only the strings it returns",
+          "[llm][openai][allocation]") {
+  // The mock's answer: the fast reader (lib/llm/json_scan.hpp) must take it, so only the
+  // returned strings longer than the small-string buffer and the reply's own members allocate;
+  // the tree takes dozens of blocks. A reader that declined would count as the tree does.
+  keel::http::response res;
+  res.status = 200;
+  res.body =
+      R"({"choices":[{"finish_reason":"stop","index":0,"logprobs":null,"message":{"content":)"
+      R"("mock answer to: Summarise the incident report in one lin","refusal":null,"role":)"
+      R"("assistant"}}],"created":1796564567,"id":"chatcmpl-mock000000000001","model":)"
+      R"("gpt-4o-mini","object":"chat.completion","system_fingerprint":"fp_mock","usage":)"
+      R"({"completion_tokens":14,"prompt_tokens":11,"total_tokens":25}})";
+  const auto now = std::chrono::system_clock::time_point{};
+  auto count = [&](bool keep_raw) {
+    const long before = allocations.load();
+    const auto r = keel::llm::openai::parse_response(res, now, keep_raw);
+    const long n = allocations.load() - before;
+    CHECK(r.text == "mock answer to: Summarise the incident report in one lin");
+    CHECK(r.id == "chatcmpl-mock000000000001");
+    CHECK(r.usage.output == 14);
+    return n;
+  };
+  const long tree = count(true);
+  const long fast = count(false);
+  CHECK(fast <= 2);  // text and id; model and finish_reason fit in the small-string buffer
+  CHECK(tree >= 20);
+}
+TEST_CASE("the gateway reads the common request without a tree", "[gateway][allocation]") {
+  // wrk's body in scripts/bench-serve.sh: read by the scanner, it allocates the message vector
+  // and the prompt (longer than the small-string buffer); the tree takes dozens of blocks.
+  const std::string body =
+      R"({"model": "gpt-4o-mini", "max_tokens": 32, "messages": [{"role": "user", "content": )"
+      R"("Summarise the incident report in one line."}]})";
+  long before = allocations.load();
+  const auto fast = keel::gateway::parse_chat_request(body);
+  const long fast_n = allocations.load() - before;
+  before = allocations.load();
+  const auto tree = keel::gateway::detail::parse_chat_request_tree(body);
+  const long tree_n = allocations.load() - before;
+  REQUIRE(fast.request.messages.size() == 1);
+  CHECK(fast.request.messages[0].content == tree.request.messages[0].content);
+  CHECK(fast.request.max_tokens == 32);
+  CHECK(fast_n <= 3);
+  CHECK(tree_n >= 15);
 }
 #endif  // !BOOST_ASIO_DISABLE_AWAITABLE_FRAME_RECYCLING

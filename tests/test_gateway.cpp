@@ -35,11 +35,19 @@ using nlohmann::json;
 
 namespace {
 
-// The bad_request `body` raises (param, status); fails the test if it parses.
+// The bad_request `body` raises (param, status); fails the test if it parses. The tree-only
+// reading must refuse it with the same message: the reader without a tree declines it.
 std::pair<std::string, int> refusal(const std::string& body) {
+  std::string tree_says;
+  try {
+    (void)keel::gateway::detail::parse_chat_request_tree(body);
+  } catch (const bad_request& e) {
+    tree_says = e.what();
+  }
   try {
     (void)parse_chat_request(body);
   } catch (const bad_request& e) {
+    CHECK(tree_says == e.what());
     return {e.param(), e.status()};
   }
   FAIL("parsed: " << body);
@@ -90,6 +98,55 @@ TEST_CASE("an OpenAI chat completions body becomes a provider-neutral request", 
   CHECK(s.stream);
   CHECK(s.include_usage);
   CHECK(s.request.max_tokens == 1024);  // keel's default
+}
+
+TEST_CASE("the common request is read without a tree as the tree reads it", "[gateway]") {
+  // Bodies the scanner takes (keel/llm/json_scan.hpp), and valid ones it leaves to the tree
+  // (other members, content parts, a duplicate member, -0, escapes): the same request either way.
+  const std::string bodies[] = {
+      R"({"model": "gpt-4o-mini", "max_tokens": 32, "messages": [{"role": "user", "content":
+          "Summarise the incident report in one line."}]})",
+      R"({"model":"m","messages":[{"role":"system","content":"a"},{"role":"developer",
+          "content":null},{"role":"system","content":"b"},{"role":"user","content":"q",
+          "name":"ann"},{"role":"assistant","content":null},{"role":"user","content":"\u00e9\n"}],
+          "max_tokens":null,"max_completion_tokens":7,"temperature":0,"top_p":1,"stream":true,
+          "stream_options":{"include_usage":true,"other":[1]}})",
+      R"({"max_completion_tokens":9,"max_tokens":3,"model":"m","temperature":1.25e0,
+          "top_p":-0,"stream":null,"stream_options":{"include_usage":"yes"},
+          "messages":[{"role":"user","content":"x"}]})",
+      R"({"model":"m","stream_options":5,"temperature":null,"messages":[{"content":"x",
+          "role":"user"}]})",
+      R"({"model":"m","user":"u","seed":-4,"messages":[{"role":"user","content":"x"}]})",
+      R"({"model":"m","model":"n","messages":[{"role":"user","content":"x"}]})",
+      R"({"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"p"}]}]})",
+      R"({"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant",
+          "tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},
+          {"role":"tool","tool_call_id":"c","content":"r"}]})",
+      R"({"model":"m","temperature":2,"top_p":0.000001,"max_tokens":2147483647,
+          "messages":[{"role":"user","content":"x"}]})",
+  };
+  const keel::llm::endpoint ep(keel::llm::provider_kind::openai, "http://h", "k");
+  for (const auto& body : bodies) {
+    INFO(body);
+    const auto tree = keel::gateway::detail::parse_chat_request_tree(body);
+    const auto fast = parse_chat_request(body);
+    CHECK(fast.stream == tree.stream);
+    CHECK(fast.include_usage == tree.include_usage);
+    CHECK(fast.request.system == tree.request.system);
+    CHECK(fast.request.max_tokens == tree.request.max_tokens);
+    CHECK(fast.request.temperature == tree.request.temperature);
+    CHECK(fast.request.top_p == tree.request.top_p);
+    CHECK(keel::llm::build_request(fast.request, ep).body ==
+          keel::llm::build_request(tree.request, ep).body);
+  }
+  const auto p = parse_chat_request(bodies[1]);
+  CHECK(p.request.system == "a\n\n\n\nb");
+  REQUIRE(p.request.messages.size() == 3);
+  CHECK(p.request.messages[2].content == "\xc3\xa9\n");
+  CHECK(p.request.max_tokens == 7);
+  CHECK(p.stream);
+  CHECK(p.include_usage);
+  CHECK(parse_chat_request(bodies[2]).request.max_tokens == 9);  // max_completion_tokens wins
 }
 
 TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gateway]") {

@@ -115,3 +115,27 @@ TEST_CASE("json_writer prints numbers as nlohmann does", "[json_writer]") {
       .end_array();
   CHECK(out == "[18446744073709551615,-9223372036854775808,0]");
 }
+
+TEST_CASE("skip_plain_ascii stops at exactly the first byte that needs care", "[json_writer]") {
+  // Every byte value at every position of a word and past it, after plain bytes of every kind.
+  for (int b = 0; b < 256; ++b) {
+    const auto c = static_cast<char>(b);
+    const bool plain = b >= 0x20 && b < 0x80 && c != '"' && c != '\\';
+    for (std::size_t at = 0; at < 20; ++at) {
+      std::string s(24, 'a');
+      for (std::size_t i = 0; i < at; ++i) {
+        s[i] = static_cast<char>(0x20 + (i * 7) % 0x5f);  // plain, varied
+        if (s[i] == '"' || s[i] == '\\') {
+          s[i] = '~';
+        }
+      }
+      s[at] = c;
+      s[at + 1] = '"';  // a second special byte above the first must not move the answer
+      const char* end = s.data() + s.size();
+      const char* got = keel::llm::detail::skip_plain_ascii(s.data(), end);
+      INFO("byte " << b << " at " << at);
+      // Whole words cover every byte up to 23, so the first byte needing care is always found.
+      CHECK(got == s.data() + (plain ? at + 1 : at));
+    }
+  }
+}

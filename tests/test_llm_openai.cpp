@@ -17,8 +17,31 @@ namespace {
 using keel_test::llm::reply;
 using keel_test::llm::t0;
 
+// Every error is checked both ways: read into a tree (`keep_raw`), and read by the scanner that
+// builds none, which must decline the body and leave the same error to the tree's reading.
 keel::llm::provider_error error_of(const keel::http::response& r) {
-  return keel_test::llm::error_of(&keel::llm::openai::parse_response, r);
+  auto e = keel_test::llm::error_of(&keel::llm::openai::parse_response, r, true);
+  auto fast = keel_test::llm::error_of(&keel::llm::openai::parse_response, r, false);
+  CHECK(fast.llm_code() == e.llm_code());
+  CHECK(std::string(fast.what()) == e.what());
+  return e;
+}
+
+// The mapped fields of two replies are the same.
+void check_same(const keel::llm::chat_response& a, const keel::llm::chat_response& b) {
+  CHECK(a.text == b.text);
+  CHECK(a.finish_reason == b.finish_reason);
+  CHECK(a.model == b.model);
+  CHECK(a.id == b.id);
+  CHECK(a.request_id == b.request_id);
+  CHECK(a.usage.input == b.usage.input);
+  CHECK(a.usage.output == b.usage.output);
+  REQUIRE(a.tool_calls.size() == b.tool_calls.size());
+  for (std::size_t i = 0; i < a.tool_calls.size(); ++i) {
+    CHECK(a.tool_calls[i].id == b.tool_calls[i].id);
+    CHECK(a.tool_calls[i].name == b.tool_calls[i].name);
+    CHECK(a.tool_calls[i].arguments == b.tool_calls[i].arguments);
+  }
 }
 
 std::string err_body(const char* type, const char* code, const char* message) {
@@ -143,6 +166,108 @@ TEST_CASE("openai parse_response reads text, usage, ids and rate limits", "[llm]
   CHECK(r.request_id == "req_1");
   CHECK(r.rate_limits.remaining_requests == 99.0);
   CHECK(r.raw["id"] == "chatcmpl-1");
+}
+
+TEST_CASE("openai parse_response without raw reads the same fields as the tree", "[llm][openai]") {
+  // Bodies the scanner takes, and valid bodies it declines (a duplicate key, an out-of-range
+  // float elsewhere, a BOM): the replies must match either way, and `raw` stays null.
+  const std::string bodies[] = {
+      R"({"id":"chatcmpl-1","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":
+         "assistant","content":"Hello!","refusal":null},"logprobs":null,"finish_reason":"stop"}],
+         "usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,
+         "prompt_tokens_details":{"cached_tokens":0}},"system_fingerprint":"fp"})",
+      " \r\n\t{\"choices\" : [ { \"message\" : { \"content\" : \"spaced\" } } ] } \n",
+      R"({"choices":[{"message":{"content":"esc \" \\ \/ \b\f\n\r\t \u00e9 \u20AC \ud83d\ude00 \u0000."}}]})",
+      "{\"choices\":[{\"message\":{\"content\":\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"}}]}",
+      R"({"ch\u006fices":[{"message":{"content":"escaped key"}}],"model":null,"usage":null})",
+      R"({"choices":[{"finish_reason":"tool_calls","message":{"content":null,"refusal":null,
+         "tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather",
+         "arguments":"{\"city\":\"Paris\"}"}},{"id":null,"function":{"name":"f2",
+         "arguments":null}}]}}]})",
+      R"({"choices":[{"message":{"content":"a","refusal":7}},{"message":5},[1,{"x":[]}]]})",
+      R"({"choices":[{"message":{"content":"n","x":[-0,1.5e-3,2E+2,-12.25,1844674407370955161,
+         true,false,null,{},[]]}}],"usage":{"prompt_tokens":0,"completion_tokens":null}})",
+      R"({"id":5,"choices":[{"message":{"content":"id not a string"}}]})",
+      R"({"model":"a","model":"b","choices":[{"message":{"content":"dup"}}]})",
+      R"({"choices":[{"message":{"content":"big float"}}],"x":1e400})",
+      R"({"choices":[{"message":{"content":"tiny float"}}],"x":1e-400})",
+      "\xef\xbb\xbf{\"choices\":[{\"message\":{\"content\":\"bom\"}}]}",
+      R"({"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":9223372036854775807}})",
+  };
+  for (const auto& body : bodies) {
+    INFO(body);
+    const auto res = reply(200, body, {{"x-request-id", "req_7"}});
+    keel::llm::chat_response tree;
+    try {
+      tree = keel::llm::openai::parse_response(res, t0);
+    } catch (const keel::llm::provider_error& e) {
+      // Only the 1e400 body: nlohmann refuses a number it cannot hold.
+      CHECK(error_of(res).llm_code() == errc::malformed_response);
+      continue;
+    }
+    const auto fast = keel::llm::openai::parse_response(res, t0, false);
+    check_same(fast, tree);
+    CHECK(fast.raw.is_null());
+    CHECK(!tree.raw.is_null());
+  }
+  const auto r = keel::llm::openai::parse_response(reply(200, bodies[5]), t0, false);
+  REQUIRE(r.tool_calls.size() == 2);
+  CHECK(r.tool_calls[0].arguments == R"({"city":"Paris"})");
+  CHECK(r.text.empty());
+  const auto u = keel::llm::openai::parse_response(reply(200, bodies[2]), t0, false);
+  CHECK(u.text ==
+        std::string("esc \" \\ / \b\f\n\r\t \xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 ") + '\0' + ".");
+}
+
+TEST_CASE("openai parse_response without raw declines what the tree refuses", "[llm][openai]") {
+  // Each is refused by nlohmann or by the reader of its tree; `error_of` checks that both ways
+  // give the same error.
+  const std::string bodies[] = {
+      R"({"choices":[{"message":{"content":"x"}}],})",
+      R"({"choices":[{"message":{"content":"x"}}]} x)",
+      R"({"choices":[{"message":{"content":"x"}}])",
+      R"({"choices":[{"message":{"content":"\ud800"}}]})",
+      R"({"choices":[{"message":{"content":"\udc00"}}]})",
+      R"({"choices":[{"message":{"content":"\ud800\u0041"}}]})",
+      R"({"choices":[{"message":{"content":"\x"}}]})",
+      R"({"choices":[{"message":{"content":"\u12G4"}}]})",
+      "{\"choices\":[{\"message\":{\"content\":\"tab\there\"}}]}",
+      "{\"choices\":[{\"message\":{\"content\":\"bad \xc3\x28\"}}]}",
+      "{\"choices\":[{\"message\":{\"content\":\"overlong \xc0\xaf\"}}]}",
+      "{\"choices\":[{\"message\":{\"content\":\"surrogate \xed\xa0\x80\"}}]}",
+      "{\"choices\":[{\"message\":{\"content\":\"cut \xe2\x82\"}}]}",
+      R"({"choices":[{"message":{"content":"x"}}],"n":01})",
+      R"({"choices":[{"message":{"content":"x"}}],"n":1.})",
+      R"({"choices":[{"message":{"content":"x"}}],"n":-})",
+      R"({"choices":[{"message":{"content":"x"}}],"n":tru})",
+      R"({"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":-1}})",
+      R"({"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1.0}})",
+      R"({"choices":[{"message":{"content":"x"}}],"usage":{"completion_tokens":1e2}})",
+      R"({"choices":[{"message":{"content":"x"}}],"usage":5})",
+      R"({"choices":[{"message":{"content":"x"}}],"model":5})",
+      R"({"choices":[{"finish_reason":5,"message":{"content":"x"}}]})",
+      R"({"choices":[{"finish_reason":"content_filter","message":{"content":"x"}}]})",
+      R"({"choices":[{"message":{"content":null,"refusal":"I can't"}}]})",
+      R"({"choices":[{"message":{"content":null,"refusal":7}}]})",
+      R"({"choices":[{"message":{"content":null,"tool_calls":{}}}]})",
+      R"({"choices":[{"message":{"content":null,"tool_calls":[5]}}]})",
+      R"({"choices":[{"message":{"content":null,"tool_calls":[{"id":"c"}]}}]})",
+      R"({"choices":[{"message":{"content":null,"tool_calls":[{"function":{"name":""}}]}}]})",
+      R"({"choices":[{"message":{"content":null,"tool_calls":[{"function":{"name":3}}]}}]})",
+      R"({"choices":[{"message":{"content":null,"tool_calls":[{"function":[]}]}}]})",
+      R"({"choices":[{"message":"x"}]})",
+      R"({"choices":["x"]})",
+      R"({"choices":[]})",
+      R"({"choices":null})",
+      "",
+      "   ",
+      "null",
+  };
+  for (const auto& body : bodies) {
+    INFO(body);
+    const auto e = error_of(reply(200, body));
+    CHECK((e.llm_code() == errc::malformed_response || e.llm_code() == errc::content_filtered));
+  }
 }
 
 TEST_CASE("openai malformed success bodies name the JSON path", "[llm][openai]") {

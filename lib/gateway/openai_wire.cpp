@@ -1,5 +1,6 @@
 // keel::gateway OpenAI wire (keel/gateway/openai_wire.hpp).
 #include <keel/gateway/openai_wire.hpp>
+#include <keel/llm/json_scan.hpp>
 #include <keel/llm/json_writer.hpp>
 #include <keel/llm/openai.hpp>
 
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 
 namespace keel::gateway {
 
@@ -261,7 +263,178 @@ std::string seconds_text(std::chrono::nanoseconds d) {
 
 }  // namespace
 
+namespace {
+
+using scan_kind = keel::llm::json_scan::kind;
+
+// Sets `seen` and returns true the first time: a member given twice declines (the tree keeps
+// the last one).
+bool first(bool& seen) {
+  const bool was = seen;
+  seen = true;
+  return !was;
+}
+
+// One message of the common shape: a role and a string (or null) content. Other roles, content
+// parts, tool calls and tool results decline.
+bool read_message_fast(keel::llm::json_scan& s, keel::llm::chat_request& r) {
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  std::string role;
+  std::string content;
+  bool have_role = false;
+  bool have_content = false;
+  const bool ok = s.object([&](std::string_view k) {
+    if (k == "role") {
+      return first(have_role) && s.peek() == scan_kind::string && s.string(role);
+    }
+    if (k == "content") {
+      if (!first(have_content)) {
+        return false;
+      }
+      return s.peek() == scan_kind::null ? s.null()
+                                         : s.peek() == scan_kind::string && s.string(content);
+    }
+    if (k == "function_call" || k == "tool_calls" || k == "tool_call_id") {
+      return false;
+    }
+    return s.skip();  // the tree's reading ignores other members ("name", ...)
+  });
+  if (!ok || !have_role) {
+    return false;
+  }
+  if (role == "system" || role == "developer") {
+    if (!r.system.empty()) {
+      r.system += "\n\n";
+    }
+    r.system += content;
+    return true;
+  }
+  if (role != "user" && role != "assistant") {
+    return false;
+  }
+  keel::llm::chat_message turn;
+  turn.role = std::move(role);
+  turn.content = std::move(content);
+  r.messages.push_back(std::move(turn));
+  return true;
+}
+
+// Reads the common request — a model, plain-text messages, token limits, temperature, top_p,
+// stream and stream_options — without building a tree (keel/llm/json_scan.hpp), as
+// `parse_chat_request_tree` would. False: not taken (any other member, any other shape, or
+// anything the tree's reading refuses); the caller then reads it with nlohmann.
+bool read_request_fast(std::string_view body, parsed_chat_request& out) {
+  keel::llm::json_scan s(body);
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  keel::llm::chat_request& r = out.request;
+  bool have_model = false;
+  bool have_messages = false;
+  bool have_max = false;
+  bool have_max_completion = false;
+  bool have_temperature = false;
+  bool have_top_p = false;
+  bool have_stream = false;
+  bool have_options = false;
+  long long max_tokens = 0;
+  long long max_completion = 0;
+  auto optional_limit = [&](bool& seen, long long& v) {
+    if (!first(seen)) {
+      return false;
+    }
+    if (s.peek() == scan_kind::null) {
+      return s.null();
+    }
+    return s.count(v) && v >= 1 && v <= std::numeric_limits<int>::max();
+  };
+  auto optional_number = [&](bool& seen, std::optional<double>& v, double hi) {
+    if (!first(seen)) {
+      return false;
+    }
+    if (s.peek() == scan_kind::null) {
+      return s.null();
+    }
+    double x = 0;
+    if (s.peek() != scan_kind::number || !s.number(x) || !(x >= 0 && x <= hi)) {
+      return false;
+    }
+    v = x;
+    return true;
+  };
+  const bool ok = s.object([&](std::string_view k) {
+    if (k == "model") {
+      return first(have_model) && s.peek() == scan_kind::string && s.string(r.model) &&
+             !r.model.empty();
+    }
+    if (k == "messages") {
+      return first(have_messages) && s.peek() == scan_kind::array &&
+             s.array([&](std::size_t) { return read_message_fast(s, r); });
+    }
+    if (k == "max_tokens") {
+      return optional_limit(have_max, max_tokens);
+    }
+    if (k == "max_completion_tokens") {
+      return optional_limit(have_max_completion, max_completion);
+    }
+    if (k == "temperature") {
+      return optional_number(have_temperature, r.temperature, 2);
+    }
+    if (k == "top_p") {
+      return optional_number(have_top_p, r.top_p, 1);
+    }
+    if (k == "stream") {
+      if (!first(have_stream)) {
+        return false;
+      }
+      return s.peek() == scan_kind::null ? s.null()
+                                         : s.peek() == scan_kind::boolean && s.boolean(out.stream);
+    }
+    if (k == "stream_options") {
+      if (!first(have_options)) {
+        return false;
+      }
+      if (s.peek() != scan_kind::object) {
+        return s.skip();  // the tree's reading ignores it
+      }
+      bool have_usage = false;
+      return s.object([&](std::string_view ok_key) {
+        if (ok_key != "include_usage") {
+          return s.skip();
+        }
+        if (!first(have_usage)) {
+          return false;
+        }
+        return s.peek() == scan_kind::boolean ? s.boolean(out.include_usage) : s.skip();
+      });
+    }
+    return false;  // any other member: the tree's reading
+  });
+  if (!ok || !s.at_end() || !have_model || r.messages.empty()) {
+    return false;
+  }
+  // As the tree's reading: max_completion_tokens is read last, so it wins.
+  if (max_tokens > 0) {
+    r.max_tokens = static_cast<int>(max_tokens);
+  }
+  if (max_completion > 0) {
+    r.max_tokens = static_cast<int>(max_completion);
+  }
+  return true;
+}
+
+}  // namespace
+
 parsed_chat_request parse_chat_request(std::string_view body) {
+  if (parsed_chat_request fast; read_request_fast(body, fast)) {
+    return fast;
+  }
+  return detail::parse_chat_request_tree(body);
+}
+
+parsed_chat_request detail::parse_chat_request_tree(std::string_view body) {
   // Bounded before parsing: nlohmann copies and dumps recursively, and a body nested a million
   // levels deep would overflow the stack when `response_format` or `metadata` is copied.
   if (const std::size_t at = keel::llm::json_too_deep_at(body); at != std::string_view::npos) {

@@ -182,7 +182,7 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
 }
 
 chat_response anthropic::parse_response(const keel::http::response& res,
-                                        system_clock::time_point now) {
+                                        system_clock::time_point now, bool keep_raw) {
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
     const json body = parse_json(res.body);
@@ -228,7 +228,7 @@ chat_response anthropic::parse_response(const keel::http::response& res,
   }
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "input_tokens", "output_tokens");
-  r.raw = std::move(body);
+  rd.finish(r, std::move(body), keep_raw);
   return r;
 }
 

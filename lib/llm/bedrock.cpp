@@ -207,8 +207,8 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
   return r;
 }
 
-chat_response bedrock::parse_response(const keel::http::response& res,
-                                      system_clock::time_point now) {
+chat_response bedrock::parse_response(const keel::http::response& res, system_clock::time_point now,
+                                      bool keep_raw) {
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
     const json body = parse_json(res.body);
@@ -269,7 +269,7 @@ chat_response bedrock::parse_response(const keel::http::response& res,
     rd.filtered("stopReason " + r.finish_reason);
   }
   r.usage = rd.usage(body, "usage", "inputTokens", "outputTokens");
-  r.raw = std::move(body);
+  rd.finish(r, std::move(body), keep_raw);
   return r;
 }
 

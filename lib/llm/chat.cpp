@@ -55,14 +55,14 @@ keel::http::request build_stream_request(const chat_request& req, const endpoint
 }
 
 chat_response parse_response(const keel::http::response& res, provider_kind kind,
-                             std::chrono::system_clock::time_point now) {
+                             std::chrono::system_clock::time_point now, bool keep_raw) {
   switch (kind) {
     case provider_kind::openai:
-      return openai::parse_response(res, now);
+      return openai::parse_response(res, now, keep_raw);
     case provider_kind::anthropic:
-      return anthropic::parse_response(res, now);
+      return anthropic::parse_response(res, now, keep_raw);
     case provider_kind::bedrock:
-      return bedrock::parse_response(res, now);
+      return bedrock::parse_response(res, now, keep_raw);
   }
   throw std::invalid_argument("unknown provider kind");
 }

@@ -206,10 +206,8 @@ void set_response_attributes(keel::trace::span& s, const keel::llm::chat_respons
     s.set("gen_ai.response.model", r.model);
   }
   // The completion's id (OpenAI `id`, Anthropic `id`); the HTTP request id is keel's own.
-  if (r.raw.is_object()) {
-    if (const auto id = r.raw.find("id"); id != r.raw.end() && id->is_string()) {
-      s.set("gen_ai.response.id", id->get<std::string>());
-    }
+  if (!r.id.empty()) {
+    s.set("gen_ai.response.id", r.id);
   }
   if (!r.request_id.empty()) {
     s.set("keel.request_id", r.request_id);
@@ -724,17 +722,17 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
       traced_sender sender{*es.http, outgoing};
       if (es.cfg->timeout) {
         reply = co_await keel::with_deadline(
-            [&] { return keel::llm::complete(sender, es.ep, req, creds, sdk); },
+            [&] { return keel::llm::complete(sender, es.ep, req, creds, sdk, options_.keep_raw); },
             seconds_ns(*es.cfg->timeout));
       } else {
-        reply = co_await keel::llm::complete(sender, es.ep, req, creds, sdk);
+        reply = co_await keel::llm::complete(sender, es.ep, req, creds, sdk, options_.keep_raw);
       }
     } else if (es.cfg->timeout) {
       reply = co_await keel::with_deadline(
-          [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk); },
+          [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk, options_.keep_raw); },
           seconds_ns(*es.cfg->timeout));
     } else {
-      reply = co_await keel::llm::complete(*es.http, es.ep, req, creds, sdk);
+      reply = co_await keel::llm::complete(*es.http, es.ep, req, creds, sdk, options_.keep_raw);
     }
   } catch (...) {
     failed = std::current_exception();

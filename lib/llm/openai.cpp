@@ -1,4 +1,5 @@
 // The OpenAI chat completions wire format: request bodies and response classification.
+#include <keel/llm/json_scan.hpp>
 #include "wire_common.hpp"
 
 #include <keel/llm/json_writer.hpp>
@@ -222,8 +223,210 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
   return r;
 }
 
-chat_response openai::parse_response(const keel::http::response& res,
-                                     system_clock::time_point now) {
+namespace {
+
+using scan_kind = json_scan::kind;
+
+// A string or null (null reads as empty), as `reader::optional_string` takes it.
+bool read_optional_string(json_scan& s, std::string& out) {
+  switch (s.peek()) {
+    case scan_kind::null:
+      out.clear();
+      return s.null();
+    case scan_kind::string:
+      return s.string(out);
+    default:
+      return false;
+  }
+}
+
+// A count or null (null reads as 0), as `reader::optional_count` takes it.
+bool read_optional_count(json_scan& s, long long& out) {
+  if (s.peek() == scan_kind::null) {
+    out = 0;
+    return s.null();
+  }
+  return s.count(out);
+}
+
+// Sets `seen` and returns true the first time; a key read twice declines (nlohmann keeps the last
+// one, and matching that is not worth the code).
+bool first(bool& seen) {
+  const bool was = seen;
+  seen = true;
+  return !was;
+}
+
+bool read_tool_call(json_scan& s, std::vector<tool_call>& calls) {
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  std::string id;
+  std::string name;
+  std::string arguments;
+  bool have_id = false;
+  bool have_fn = false;
+  bool have_name = false;
+  bool have_args = false;
+  const bool ok = s.object([&](std::string_view k) {
+    if (k == "id") {
+      return first(have_id) && read_optional_string(s, id);
+    }
+    if (k == "function") {
+      if (!first(have_fn) || s.peek() != scan_kind::object) {
+        return false;
+      }
+      return s.object([&](std::string_view fk) {
+        if (fk == "name") {
+          return first(have_name) && read_optional_string(s, name);
+        }
+        if (fk == "arguments") {
+          return first(have_args) && read_optional_string(s, arguments);
+        }
+        return s.skip();
+      });
+    }
+    return s.skip();
+  });
+  if (!ok || !have_fn || name.empty()) {
+    return false;
+  }
+  calls.emplace_back(std::move(id), std::move(name), std::move(arguments));
+  return true;
+}
+
+bool read_message(json_scan& s, chat_response& r) {
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  bool have_content = false;
+  bool content_null = false;
+  bool have_refusal = false;
+  bool refusal_given = false;  // a non-empty string, or anything but a string or null
+  bool have_calls = false;
+  const bool ok = s.object([&](std::string_view k) {
+    if (k == "content") {
+      if (!first(have_content)) {
+        return false;
+      }
+      content_null = s.peek() == scan_kind::null;
+      return content_null ? s.null() : s.peek() == scan_kind::string && s.string(r.text);
+    }
+    if (k == "refusal") {
+      if (!first(have_refusal)) {
+        return false;
+      }
+      std::string refusal;
+      if (read_optional_string(s, refusal)) {
+        refusal_given = !refusal.empty();
+        return true;
+      }
+      refusal_given = true;  // read only when the content is null, and then malformed
+      return s.skip();
+    }
+    if (k == "tool_calls") {
+      if (!first(have_calls)) {
+        return false;
+      }
+      if (s.peek() == scan_kind::null) {
+        return s.null();
+      }
+      if (s.peek() != scan_kind::array) {
+        return false;
+      }
+      return s.array([&](std::size_t) { return read_tool_call(s, r.tool_calls); });
+    }
+    return s.skip();
+  });
+  return ok && have_content && !(content_null && refusal_given);
+}
+
+bool read_choice(json_scan& s, chat_response& r) {
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  bool have_finish = false;
+  bool have_message = false;
+  const bool ok = s.object([&](std::string_view k) {
+    if (k == "finish_reason") {
+      return first(have_finish) && read_optional_string(s, r.finish_reason);
+    }
+    if (k == "message") {
+      return first(have_message) && read_message(s, r);
+    }
+    return s.skip();
+  });
+  return ok && have_message && r.finish_reason != "content_filter";
+}
+
+bool read_usage(json_scan& s, token_usage& u) {
+  if (s.peek() == scan_kind::null) {
+    return s.null();
+  }
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  bool have_in = false;
+  bool have_out = false;
+  return s.object([&](std::string_view k) {
+    if (k == "prompt_tokens") {
+      return first(have_in) && read_optional_count(s, u.input);
+    }
+    if (k == "completion_tokens") {
+      return first(have_out) && read_optional_count(s, u.output);
+    }
+    return s.skip();
+  });
+}
+
+// Reads a completion's body into `r` without building a tree (json_scan.hpp), exactly as the
+// tree-based reading in `parse_response` below would. False: not taken, because the body is
+// malformed, refused or filtered, or has a shape this reader declines; the caller then reads it
+// with nlohmann, which finds the same values or reports what is wrong. `r` is then garbage.
+bool read_completion(std::string_view body, chat_response& r) {
+  json_scan s(body);
+  if (s.peek() != scan_kind::object) {
+    return false;
+  }
+  bool have_choices = false;
+  bool have_choice = false;
+  bool have_model = false;
+  bool have_usage = false;
+  bool have_id = false;
+  const bool ok = s.object([&](std::string_view k) {
+    if (k == "choices") {
+      if (!first(have_choices) || s.peek() != scan_kind::array) {
+        return false;
+      }
+      return s.array([&](std::size_t i) {
+        if (i > 0) {
+          return s.skip();
+        }
+        have_choice = true;
+        return read_choice(s, r);
+      });
+    }
+    if (k == "model") {
+      return first(have_model) && read_optional_string(s, r.model);
+    }
+    if (k == "usage") {
+      return first(have_usage) && read_usage(s, r.usage);
+    }
+    if (k == "id") {
+      if (!first(have_id)) {
+        return false;
+      }
+      return s.peek() == scan_kind::string ? s.string(r.id) : s.skip();
+    }
+    return s.skip();
+  });
+  return ok && have_choice && s.at_end();
+}
+
+}  // namespace
+
+chat_response openai::parse_response(const keel::http::response& res, system_clock::time_point now,
+                                     bool keep_raw) {
   constexpr auto kind = provider_kind::openai;
   if (!is_2xx(res.status)) {
     provider_error_info info = info_from(res, kind, now);
@@ -237,6 +440,12 @@ chat_response openai::parse_response(const keel::http::response& res,
     fail(e, with_redirect(res, std::move(info)));
   }
   reader rd(res, kind, now);
+  if (!keep_raw) {
+    chat_response r = rd.start(json());
+    if (read_completion(res.body, r)) {
+      return r;
+    }
+  }
   json body = rd.body();
   const json& choices = rd.array(body, "choices", "");
   if (choices.empty()) {
@@ -282,7 +491,7 @@ chat_response openai::parse_response(const keel::http::response& res,
   }
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "prompt_tokens", "completion_tokens");
-  r.raw = std::move(body);
+  rd.finish(r, std::move(body), keep_raw);
   return r;
 }
 

@@ -233,6 +233,15 @@ class reader {
     r.raw = std::move(raw);
     return r;
   }
+  // The last step of a parse: the completion's `id` (when a string) and, if kept, the tree.
+  static void finish(chat_response& r, json body, bool keep_raw) {
+    if (const auto id = body.find("id"); id != body.end() && id->is_string()) {
+      r.id = id->get<std::string>();
+    }
+    if (keep_raw) {
+      r.raw = std::move(body);
+    }
+  }
 
  private:
   static std::string join(const std::string& path, const char* key) {

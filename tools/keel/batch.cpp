@@ -581,6 +581,7 @@ int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& 
   trace_sink traces(ex, cfg.trace, opts.trace_file, log, llm::process_env());
   rs.tracer = traces.tracer();
   llm::client_options co;
+  co.keep_raw = false;          // output records hold the mapped fields only
   co.hold_open_breaker = true;  // an item with no fallback left waits for the probe
   co.attempt_slots = slots;
   co.fleet = fleet.get();

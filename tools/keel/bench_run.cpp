@@ -302,6 +302,7 @@ json run_bench_scenario(const bench_run_spec& spec, const bench_options& opts) {
     llm::client_options co;
     co.shared_pacing = bench_paced_policy(spec.policy);
     co.hold_open_breaker = co.shared_pacing;  // as `keel batch`
+    co.keep_raw = false;                      // as `keel batch`
     // keel's policies run as `keel batch` does: attempt slots, and spare workers that use the
     // slots of sleeping items. The common clients hold their worker while they sleep.
     const std::size_t slots = static_cast<std::size_t>(std::max(1, spec.concurrency));

@@ -105,6 +105,7 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
     r.fleet = make_fleet_pacing(ctx.get_executor(), cfg);
     r.hooks = batch_detail::batch_hooks(cfg, stats, metrics, log);
     llm::client_options co;
+    co.keep_raw = false;  // answers are written from the mapped fields
     co.fleet = r.fleet.get();
     co.tracer = traces.tracer();
     r.client = std::make_unique<llm::client>(ctx.get_executor(), cfg, http, buckets, r.hooks,

@@ -96,9 +96,19 @@ struct parsed_chat_request {
   bool include_usage = false;
 };
 
-/// Parses an OpenAI chat completions request body.
+/// Parses an OpenAI chat completions request body. The common request (model, plain-text
+/// messages, token limits, temperature, top_p, stream, stream_options and nothing else) is read
+/// without building a JSON tree (<keel/llm/json_scan.hpp>); any other body as
+/// `detail::parse_chat_request_tree` reads it, with the same result either way.
 /// @throws bad_request naming the field at fault (invalid JSON: param "").
 parsed_chat_request parse_chat_request(std::string_view body);
+
+namespace detail {
+/// `parse_chat_request` through an nlohmann tree only, every body; for tests and fuzzing, which
+/// check that both readings agree.
+/// @throws bad_request as `parse_chat_request`.
+parsed_chat_request parse_chat_request_tree(std::string_view body);
+}  // namespace detail
 
 /// OpenAI's `finish_reason` for a provider's ("end_turn" -> "stop", "max_tokens" -> "length",
 /// "tool_use" -> "tool_calls", "content_filter"/"guardrail_intervened" -> "content_filter";

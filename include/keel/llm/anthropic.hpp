@@ -46,7 +46,8 @@ keel::http::request build_request(const chat_request& req, const endpoint& ep);
 
 /// Parses a messages response.
 /// @throws provider_error on failure; see the classification above.
+/// @param keep_raw false: leave `chat_response::raw` null (see `keel::llm::parse_response`).
 chat_response parse_response(const keel::http::response& res,
-                             std::chrono::system_clock::time_point now);
+                             std::chrono::system_clock::time_point now, bool keep_raw = true);
 
 }  // namespace keel::llm::anthropic

@@ -62,8 +62,9 @@ void add_sdk_request_headers(keel::http::request& req, const keel::aws::sdk_requ
 
 /// Parses a Converse response.
 /// @throws provider_error on failure; see the classification above.
+/// @param keep_raw false: leave `chat_response::raw` null (see `keel::llm::parse_response`).
 chat_response parse_response(const keel::http::response& res,
-                             std::chrono::system_clock::time_point now);
+                             std::chrono::system_clock::time_point now, bool keep_raw = true);
 
 /// Percent-encodes everything except RFC 3986 unreserved characters (A-Z a-z 0-9 - _ . ~).
 std::string uri_encode(std::string_view s);

@@ -347,6 +347,11 @@ struct client_options {
   /// then does not idle the run's concurrency, while no more than this many attempts are ever
   /// in flight (or waiting for pacing). Zero (the default): no slots.
   std::size_t attempt_slots = 0;
+  /// When false, replies are returned with `chat_response::raw` null: an OpenAI body is then read
+  /// without building a JSON tree (`keel::llm::parse_response`), which the `keel` command's
+  /// batch and gateway do, since they read only the mapped fields. True (the default): `raw`
+  /// holds the parsed body.
+  bool keep_raw = true;
   /// Seeds the jitter and the probe timing of a client that owns its buckets (the constructor
   /// without a `bucket_registry`); 0 (the default): drawn from `std::random_device`, so that
   /// processes of a fleet do not draw the same jitter. The other constructors take a seed.

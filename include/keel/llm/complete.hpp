@@ -51,6 +51,7 @@ namespace keel::llm {
 /// @param aws credentials for a Bedrock endpoint (required for Bedrock, ignored otherwise).
 /// @param sdk the call's invocation id and this attempt's number and maximum, sent as
 ///   `amz-sdk-invocation-id` and `amz-sdk-request` on a Bedrock request (ignored otherwise).
+/// @param keep_raw false: the reply's `raw` is left null (see `keel::llm::parse_response`).
 /// @returns the reply.
 /// @throws provider_error for a non-2xx status or a malformed reply, with the endpoint's API
 ///   key and the AWS credentials masked wherever the server echoed them; the sender's transport
@@ -61,7 +62,7 @@ template <class Sender>
 boost::asio::awaitable<chat_response> complete(
     Sender& sender, endpoint ep, chat_request req,
     std::optional<aws_credentials> aws = std::nullopt,
-    std::optional<keel::aws::sdk_request_info> sdk = std::nullopt) {
+    std::optional<keel::aws::sdk_request_info> sdk = std::nullopt, bool keep_raw = true) {
   keel::http::request http_req = build_request(req, ep);
   if (ep.kind == provider_kind::bedrock) {
     if (!aws) {
@@ -74,7 +75,7 @@ boost::asio::awaitable<chat_response> complete(
   }
   keel::http::response res = co_await sender.send(std::move(http_req));
   try {
-    co_return parse_response(res, ep.kind, std::chrono::system_clock::now());
+    co_return parse_response(res, ep.kind, std::chrono::system_clock::now(), keep_raw);
   } catch (const provider_error& e) {
     // A server may echo the credentials it was sent (e.g. "Incorrect API key provided: ..."),
     // in a shape `redact`'s patterns do not recognise: mask the exact values we sent.

@@ -53,7 +53,8 @@ void write_tool_calls(json_writer& w, const std::vector<tool_call>& calls);
 
 /// Parses a chat completions response.
 /// @throws provider_error on failure; see the classification above.
+/// @param keep_raw false: leave `chat_response::raw` null (see `keel::llm::parse_response`).
 chat_response parse_response(const keel::http::response& res,
-                             std::chrono::system_clock::time_point now);
+                             std::chrono::system_clock::time_point now, bool keep_raw = true);
 
 }  // namespace keel::llm::openai
