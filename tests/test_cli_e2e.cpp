@@ -1294,6 +1294,14 @@ TEST_CASE("A running batch serves Prometheus metrics on the port it logs", "[cli
                            "keel_item_latency_seconds_bucket", "keel_breaker_state"}) {
     CHECK(contains(a.body, name));
   }
+  // The per-item series count what was written (the batch looks each up once and keeps it).
+  auto value_of = [&](const std::string& series) {
+    const auto at = a.body.find("\n" + series + " ");
+    return at == std::string::npos ? -1.0 : std::stod(a.body.substr(at + series.size() + 2));
+  };
+  CHECK(value_of(R"(keel_items_total{status="ok"})") >= 1);
+  CHECK(value_of(R"(keel_tokens_total{direction="input"})") >= 1);
+  CHECK(value_of(R"(keel_tokens_total{direction="output"})") >= 1);
   if (on_path("promtool")) {
     write_file(dir / "metrics.txt", a.body);
     child_process promtool(dir, "promtool", {"/bin/sh", "-c", "exec promtool check metrics"}, {},

@@ -34,6 +34,7 @@
 #include <keel/llm/event_stream.hpp>
 #include <keel/llm/hints.hpp>
 #include <keel/llm/json_depth.hpp>
+#include <keel/llm/json_scan.hpp>
 #include <keel/llm/json_writer.hpp>
 #include <keel/llm/openai.hpp>
 #include <keel/llm/sigv4.hpp>
