@@ -110,6 +110,8 @@ TEST_CASE("a call that retried twice and fell back once is one span with an atte
   CHECK(attr<std::int64_t>(call, "keel.entry") == 1);
   CHECK(attr<std::int64_t>(call, "gen_ai.usage.output_tokens") > 0);
   CHECK(attr<std::vector<std::string>>(call, "gen_ai.response.finish_reasons").size() == 1);
+  // The completion's own id (chat_response::id), not the HTTP request id.
+  CHECK(attr<std::string>(call, "gen_ai.response.id").rfind("msg_mock", 0) == 0);
 
   // Events: two retries on the primary (from 503s), then the move to the fallback.
   std::vector<std::string> names;

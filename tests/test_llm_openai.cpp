@@ -236,6 +236,11 @@ TEST_CASE("openai parse_response without raw declines what the tree refuses", "[
       "{\"choices\":[{\"message\":{\"content\":\"overlong \xc0\xaf\"}}]}",
       "{\"choices\":[{\"message\":{\"content\":\"surrogate \xed\xa0\x80\"}}]}",
       "{\"choices\":[{\"message\":{\"content\":\"cut \xe2\x82\"}}]}",
+      // A refusal that is not a string is skipped when the content is a string; a broken one
+      // must not be skipped from inside it (found by review: each was taken as a reply).
+      R"({"choices":[{"message":{"content":"hi","refusal":"\1,"a":1}}]})",
+      R"({"choices":[{"message":{"content":"hi","refusal":"\uD800""}}]})",
+      R"({"choices":[{"message":{"content":"hi","refusal":"\{"x":[1]}}}]})",
       R"({"choices":[{"message":{"content":"x"}}],"n":01})",
       R"({"choices":[{"message":{"content":"x"}}],"n":1.})",
       R"({"choices":[{"message":{"content":"x"}}],"n":-})",

@@ -316,13 +316,18 @@ bool read_message(json_scan& s, chat_response& r) {
       if (!first(have_refusal)) {
         return false;
       }
-      std::string refusal;
-      if (read_optional_string(s, refusal)) {
-        refusal_given = !refusal.empty();
-        return true;
+      // Chosen by the first character, never by a failed read: a string read that fails may
+      // stop inside the string, and skipping from there would take its text for structure.
+      if (s.peek() != scan_kind::string && s.peek() != scan_kind::null) {
+        refusal_given = true;  // read only when the content is null, and then malformed
+        return s.skip();
       }
-      refusal_given = true;  // read only when the content is null, and then malformed
-      return s.skip();
+      std::string refusal;
+      if (!read_optional_string(s, refusal)) {
+        return false;
+      }
+      refusal_given = !refusal.empty();
+      return true;
     }
     if (k == "tool_calls") {
       if (!first(have_calls)) {
