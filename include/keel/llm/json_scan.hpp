@@ -104,21 +104,13 @@ class json_scan {
         return false;
       }
       ++p_;
-      if (!f(k)) {
+      bool more = false;
+      if (!f(k) || !separator('}', more)) {
         return false;
       }
-      ws();
-      if (p_ == end_) {
-        return false;
+      if (!more) {
+        return true;
       }
-      if (*p_ == ',') {
-        ++p_;
-        continue;
-      }
-      if (*p_ == '}') {
-        return leave();
-      }
-      return false;
     }
   }
 
@@ -134,21 +126,13 @@ class json_scan {
       return leave();
     }
     for (std::size_t i = 0;; ++i) {
-      if (!f(i)) {
+      bool more = false;
+      if (!f(i) || !separator(']', more)) {
         return false;
       }
-      ws();
-      if (p_ == end_) {
-        return false;
+      if (!more) {
+        return true;
       }
-      if (*p_ == ',') {
-        ++p_;
-        continue;
-      }
-      if (*p_ == ']') {
-        return leave();
-      }
-      return false;
     }
   }
 
@@ -272,6 +256,18 @@ class json_scan {
     ++p_;
     --depth_;
     return true;
+  }
+  // After a member or an element: a comma (consumed, `more` set) or `close` (consumed, the level
+  // left); false for anything else.
+  bool separator(char close, bool& more) noexcept {
+    ws();
+    if (p_ != end_ && *p_ == ',') {
+      ++p_;
+      more = true;
+      return true;
+    }
+    more = false;
+    return p_ != end_ && *p_ == close && leave();
   }
   bool key(std::string_view& k) {
     if (!scan_string(k, &key_)) {
