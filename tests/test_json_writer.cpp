@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
+#include <iterator>
 #include <random>
 #include <string>
 
@@ -64,6 +66,64 @@ TEST_CASE("append_json_string matches nlohmann on seeded random strings", "[json
     ++compared;
   }
   CHECK(compared == 5000);
+}
+
+TEST_CASE("append_json_string copies well-formed UTF-8 as nlohmann does", "[json_writer]") {
+  // Random code points of every length (1 to 4 bytes, the edges of each range included) between
+  // ASCII and escapes, valid throughout; then the same strings with one byte broken.
+  std::mt19937 rng(20261206);
+  const std::uint32_t edges[] = {0x80,   0x7ff,   0x800,    0xd7ff,  0xe000, 0xfffd,
+                                 0xffff, 0x10000, 0x10ffff, 0x1f600, 0xe9,   0x20ac};
+  std::uniform_int_distribution<std::uint32_t> cp(0x80, 0x10ffff);
+  std::uniform_int_distribution<int> pick(0, 9);
+  auto utf8 = [](std::uint32_t c) {
+    std::string o;
+    if (c < 0x800) {
+      o += static_cast<char>(0xc0 | (c >> 6));
+    } else if (c < 0x10000) {
+      o += static_cast<char>(0xe0 | (c >> 12));
+      o += static_cast<char>(0x80 | ((c >> 6) & 0x3f));
+    } else {
+      o += static_cast<char>(0xf0 | (c >> 18));
+      o += static_cast<char>(0x80 | ((c >> 12) & 0x3f));
+      o += static_cast<char>(0x80 | ((c >> 6) & 0x3f));
+    }
+    o += static_cast<char>(0x80 | (c & 0x3f));
+    return o;
+  };
+  int valid = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string s;
+    for (int k = 0; k < 12; ++k) {
+      const int p = pick(rng);
+      if (p < 3) {
+        std::uint32_t c =
+            p == 0 ? edges[static_cast<std::size_t>(i + k) % std::size(edges)] : cp(rng);
+        if (c >= 0xd800 && c <= 0xdfff) {
+          c = 0xfffd;  // surrogates are not characters
+        }
+        s += utf8(c);
+      } else if (p < 4) {
+        s += "\"\n\\"[k % 3];
+      } else {
+        s += static_cast<char>('a' + k);
+      }
+    }
+    INFO("string " << i);
+    REQUIRE(by_writer(s) == by_nlohmann(s));
+    ++valid;
+    // Broken: a byte replaced by each kind of trouble (a lone continuation, a lead without its
+    // continuation, an overlong lead, a surrogate's lead, a byte never valid).
+    std::string broken = s;
+    broken[static_cast<std::size_t>(i) % broken.size()] =
+        "\x80\xc3\xc0\xed\xff"[static_cast<std::size_t>(i) % 5];
+    REQUIRE(by_writer(broken) == by_nlohmann(broken));
+  }
+  CHECK(valid == 3000);
+  CHECK(by_writer("\xe4\xbd\xa0\xe5\xa5\xbd") == "\"\xe4\xbd\xa0\xe5\xa5\xbd\"");
+  const std::string surrogate = "\xed\xa0\x80";  // U+D800 written as UTF-8: ill-formed
+  CHECK(by_writer(surrogate) == by_nlohmann(surrogate));
+  CHECK(by_writer(surrogate).find("\xef\xbf\xbd") != std::string::npos);
 }
 
 TEST_CASE("json_writer writes commas, keys and nesting as JSON", "[json_writer]") {

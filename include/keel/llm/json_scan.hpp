@@ -489,45 +489,11 @@ class json_scan {
       out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
     }
   }
-  // One multi-byte UTF-8 sequence (RFC 3629 table 3-7): no overlongs, surrogates or values
-  // beyond U+10FFFF.
+  // One multi-byte UTF-8 sequence (detail::utf8_sequence, json_writer.hpp).
   bool utf8() noexcept {
-    const auto b0 = static_cast<unsigned char>(p_[0]);
-    int n = 0;
-    unsigned char lo = 0x80;
-    unsigned char hi = 0xBF;
-    if (b0 >= 0xC2 && b0 <= 0xDF) {
-      n = 1;
-    } else if (b0 == 0xE0) {
-      n = 2;
-      lo = 0xA0;
-    } else if ((b0 >= 0xE1 && b0 <= 0xEC) || b0 == 0xEE || b0 == 0xEF) {
-      n = 2;
-    } else if (b0 == 0xED) {
-      n = 2;
-      hi = 0x9F;
-    } else if (b0 == 0xF0) {
-      n = 3;
-      lo = 0x90;
-    } else if (b0 >= 0xF1 && b0 <= 0xF3) {
-      n = 3;
-    } else if (b0 == 0xF4) {
-      n = 3;
-      hi = 0x8F;
-    } else {
-      return false;
-    }
-    if (end_ - p_ <= n) {
-      return false;
-    }
-    for (int i = 1; i <= n; ++i) {
-      const auto b = static_cast<unsigned char>(p_[i]);
-      if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) {
-        return false;
-      }
-    }
-    p_ += n + 1;
-    return true;
+    const std::size_t n = detail::utf8_sequence(p_, end_);
+    p_ += n;
+    return n != 0;
   }
 
   const char* p_;

@@ -16,8 +16,9 @@
 // body reads in the code as its JSON does. Strings are escaped exactly as
 // `nlohmann::json::dump(-1, ' ', false, error_handler_t::replace)` escapes them (the serialiser
 // keel used before, and still uses to read): pure ASCII is escaped here (`\"`, `\\`, `\b`, `\f`,
-// `\n`, `\r`, `\t`, other control bytes as `\u00XX`); a string with any byte >= 0x80 is handed to
-// nlohmann, which validates the UTF-8 and replaces invalid sequences with U+FFFD. Floating-point
+// `\n`, `\r`, `\t`, other control bytes as `\u00XX`), well-formed UTF-8 (RFC 3629) is copied as
+// is, and a string with an ill-formed sequence is handed whole to nlohmann, which replaces the
+// bytes it rejects with U+FFFD. Floating-point
 // numbers and embedded JSON values (a `response_format` schema, `metadata`, tool parameters) are
 // dumped by nlohmann too, so numbers print as before. Key order is the order written (OpenAI's
 // own order where keel writes OpenAI's shapes), where the tree sorted keys alphabetically; JSON
@@ -57,6 +58,47 @@ struct json_escape_table {
   }
 };
 inline constexpr json_escape_table json_escapes{};
+
+// The length of the well-formed multi-byte UTF-8 sequence at `p` (before `end`), or 0: RFC 3629
+// table 3-7, so no overlong forms, no surrogates and nothing beyond U+10FFFF, exactly what
+// nlohmann's lexer and serialiser accept.
+inline std::size_t utf8_sequence(const char* p, const char* end) noexcept {
+  const auto b0 = static_cast<unsigned char>(p[0]);
+  std::size_t n = 0;  // continuation bytes
+  unsigned char lo = 0x80;
+  unsigned char hi = 0xBF;
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    n = 1;
+  } else if (b0 == 0xE0) {
+    n = 2;
+    lo = 0xA0;
+  } else if ((b0 >= 0xE1 && b0 <= 0xEC) || b0 == 0xEE || b0 == 0xEF) {
+    n = 2;
+  } else if (b0 == 0xED) {
+    n = 2;
+    hi = 0x9F;
+  } else if (b0 == 0xF0) {
+    n = 3;
+    lo = 0x90;
+  } else if (b0 >= 0xF1 && b0 <= 0xF3) {
+    n = 3;
+  } else if (b0 == 0xF4) {
+    n = 3;
+    hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (static_cast<std::size_t>(end - p) <= n) {
+    return 0;
+  }
+  for (std::size_t i = 1; i <= n; ++i) {
+    const auto b = static_cast<unsigned char>(p[i]);
+    if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) {
+      return 0;
+    }
+  }
+  return n + 1;
+}
 
 // Skips plain ASCII (bytes copied as is: kind 0 above) eight bytes at a time, for the reader and
 // the writer of JSON strings: returns the first byte that is not plain, or a point in the last
@@ -104,7 +146,13 @@ inline void append_json_string(std::string& out, std::string_view s) {
       continue;
     }
     if (kind == 2) {
-      // Not ASCII: nlohmann validates the UTF-8 (invalid bytes become U+FFFD).
+      // Not ASCII: a well-formed sequence is copied as is, as nlohmann's dump copies it. At an
+      // ill-formed one the whole string goes to nlohmann, which writes U+FFFD where its
+      // decoder rejects bytes (how many bytes one U+FFFD stands for is its rule, not ours).
+      if (const std::size_t n = detail::utf8_sequence(p, end); n != 0) {
+        p += n - 1;
+        continue;
+      }
       out.resize(start);
       out += nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
       return;
