@@ -391,6 +391,61 @@ TEST_CASE("a streamed call's record has ttft_ms, null without a first token", "[
   CHECK(without == plain);
 }
 
+TEST_CASE("an answer's record written as text is the tree's record byte for byte", "[cli]") {
+  // outcome_line writes an answer's record with json_writer in the tree's sorted key order; the
+  // results file must not change. Every optional member, on and off, and strings that escape.
+  auto dumped = [](const nlohmann::json& j) {
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  };
+  int compared = 0;
+  for (int variant = 0; variant < 64; ++variant) {
+    batch_item item;
+    item.line = 7 + static_cast<std::size_t>(variant);
+    item.id = variant % 2 ? nlohmann::json("id \"q\" \xc3\xa9") : nlohmann::json(123456789012LL);
+    if (variant & 2) {
+      item.metadata = {{"z", 1}, {"a", {{"nested", "x\ny"}}}, {"bad", "\xff"}};
+    }
+    if (variant & 4) {
+      item.request.model = "asked-model";
+    }
+    keel::llm::entry_config entry;
+    entry.model = "entry-model";
+    keel::llm::call_outcome out;
+    out.response.emplace();
+    out.response->text = variant & 8 ? "plain" : "tab\there \"q\" \x01 caf\xc3\xa9 bad\xc3(";
+    out.response->finish_reason = variant & 16 ? "stop" : "";
+    out.response->model = variant & 32 ? "answered-model" : "";
+    out.response->usage.input = 12;
+    out.response->usage.output = variant;
+    out.entry = static_cast<std::size_t>(variant % 3 == 0 ? 1 : 0);
+    out.attempts = 1 + variant % 4;
+    out.seconds = 0.123456 * variant;
+    if (variant % 5 == 0) {
+      out.first_token_seconds = 0.0101 * variant;
+    }
+    for (const bool streamed : {false, true}) {
+      for (const std::optional<double> cost :
+           {std::optional<double>(), std::optional<double>(0.25)}) {
+        INFO("variant " << variant << " streamed " << streamed << " cost " << cost.has_value());
+        CHECK(keel::cli::outcome_line(item, out, entry, cost, streamed) ==
+              dumped(keel::cli::outcome_record(item, out, entry, cost, streamed)));
+        ++compared;
+      }
+    }
+  }
+  CHECK(compared == 256);
+  // Failures and cancellations go through the tree.
+  batch_item item;
+  item.line = 1;
+  item.id = "f";
+  keel::llm::entry_config entry;
+  entry.model = "m";
+  keel::llm::call_outcome failed;
+  failed.attempts = 3;
+  CHECK(keel::cli::outcome_line(item, failed, entry, std::nullopt, false) ==
+        dumped(keel::cli::outcome_record(item, failed, entry, std::nullopt, false)));
+}
+
 // ---- line_feed: input from a pipe never blocks the io_context ---------------------------------
 
 namespace {

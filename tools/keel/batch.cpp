@@ -145,8 +145,11 @@ struct run_state {
   // True if the record was written. A record that could not be written is not counted as done
   // (its item runs again on --resume), and the run stops taking new items.
   bool write(const json& record) {
+    return write_line(record.dump(-1, ' ', false, json::error_handler_t::replace));
+  }
+  bool write_line(std::string line) {
     try {
-      writer.write(record);
+      writer.write_line(std::move(line));
       return true;
     } catch (const std::exception& e) {
       if (!fatal) {
@@ -178,7 +181,7 @@ struct run_state {
     const std::string cls = llm::error_class(out.error);
     const std::optional<double> cost =
         out.response ? answer_cost(entry, *out.response) : std::nullopt;
-    const json rec = outcome_record(item, out, entry, cost, opts.stream);
+    std::string rec = outcome_line(item, out, entry, cost, opts.stream);
     // Tokens were billed whether or not the record could be written.
     if (out.response) {
       if (cost) {
@@ -193,7 +196,7 @@ struct run_state {
       count_tokens(1, "output", out.response->usage.output);
     }
     // The summary and the metrics count what the results file holds.
-    if (!write(rec)) {
+    if (!write_line(std::move(rec))) {
       return;
     }
     if (out.response) {

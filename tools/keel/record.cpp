@@ -2,6 +2,7 @@
 #include "record.hpp"
 
 #include <keel/llm/json_depth.hpp>
+#include <keel/llm/json_writer.hpp>
 
 #include <cmath>
 #include <string_view>
@@ -79,6 +80,51 @@ json outcome_record(const batch_item& item, const llm::call_outcome& out,
     rec["cost"] = *cost;
   }
   return rec;
+}
+
+std::string outcome_line(const batch_item& item, const llm::call_outcome& out,
+                         const llm::entry_config& entry, std::optional<double> cost,
+                         bool streamed) {
+  if (!out.response) {
+    return outcome_record(item, out, entry, cost, streamed)
+        .dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  // The members of `outcome_record`'s answer, in the order nlohmann's sorted map dumps them.
+  const auto& r = *out.response;
+  std::string text;
+  text.reserve(160 + r.text.size());
+  llm::json_writer w(text);
+  w.begin_object().key("attempts").value(out.attempts);
+  if (cost) {
+    w.key("cost").value(*cost);
+  }
+  w.key("entry").value(entry.name());
+  w.key("fallback").value(out.entry != 0);
+  w.key("finish_reason").value(r.finish_reason);
+  w.key("id").value(item.id);
+  w.key("latency_ms").value(record_ms(out.seconds));
+  w.key("line").value(item.line);
+  if (!item.metadata.is_null()) {
+    w.key("metadata").value(item.metadata);
+  }
+  w.key("model").value(
+      r.model.empty()
+          ? (out.entry == 0 && !item.request.model.empty() ? item.request.model : entry.model)
+          : r.model);
+  w.key("status").value(record_status_ok);
+  w.key("text").value(r.text);
+  if (streamed) {
+    w.key("ttft_ms");
+    if (out.first_token_seconds) {
+      w.value(record_ms(*out.first_token_seconds));
+    } else {
+      w.null();
+    }
+  }
+  w.key("usage").begin_object().key("input").value(r.usage.input);
+  w.key("output").value(r.usage.output).end_object();
+  w.end_object();
+  return text;
 }
 
 bool stored_record::about_line() const {

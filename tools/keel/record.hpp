@@ -73,6 +73,13 @@ nlohmann::json outcome_record(const batch_item& item, const llm::call_outcome& o
                               const llm::entry_config& entry, std::optional<double> cost,
                               bool streamed);
 
+/// `outcome_record` as the text the results file holds
+/// (`dump(-1, ' ', false, error_handler_t::replace)`), byte for byte; an answer's record (the
+/// hot path) is written straight as text (keel/llm/json_writer.hpp), its keys in the order the
+/// tree would sort them, the others through the tree.
+std::string outcome_line(const batch_item& item, const llm::call_outcome& out,
+                         const llm::entry_config& entry, std::optional<double> cost, bool streamed);
+
 /// A record read back from a results file: what --resume needs of it.
 struct stored_record {
   /// `status`: "ok", "failed", "cancelled" (or another string).

@@ -51,16 +51,16 @@ record_writer::~record_writer() {
 }
 
 void record_writer::write(const nlohmann::json& record) {
+  // Invalid UTF-8 from a provider must not make the record unwritable: replace it.
+  write_line(record.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
+void record_writer::write_line(std::string line) {
   if (broken_) {
     throw std::runtime_error("cannot write output " + path_ +
                              ": an earlier write failed and its part could not be removed");
   }
-  // Invalid UTF-8 from a provider must not make the record unwritable: replace it.
-  std::string line = record.dump(-1, ' ', false, json::error_handler_t::replace);
   line.push_back('\n');
-  // Where this record starts: the file's end (O_APPEND, and the run's lock keeps other writers
-  // out). -1 for a pipe or terminal, which cannot be cut back.
-  const off_t start = ::lseek(fd_, 0, SEEK_END);
   const char* p = line.data();
   std::size_t left = line.size();
   while (left > 0) {
@@ -72,9 +72,15 @@ void record_writer::write(const nlohmann::json& record) {
       const int err = errno;
       // A short write (a full disk, a file size limit) left part of the record: cut the file
       // back to the record boundary, so a later record is not glued to the fragment and
-      // --resume can read the file. If that fails, write nothing more.
-      if (left != line.size() && (start < 0 || ::ftruncate(fd_, start) != 0)) {
-        broken_ = true;
+      // --resume can read the file. If that fails, write nothing more. Where the record
+      // started is found only now (the end, less what was written: O_APPEND put it there),
+      // not asked of the kernel before every record: a syscall per item saved.
+      if (left != line.size()) {
+        const off_t end = ::lseek(fd_, 0, SEEK_END);  // -1 for a pipe or terminal
+        const off_t start = end < 0 ? -1 : end - static_cast<off_t>(line.size() - left);
+        if (start < 0 || ::ftruncate(fd_, start) != 0) {
+          broken_ = true;
+        }
       }
       errno = err;
       throw_errno("cannot write output", path_);

@@ -45,6 +45,10 @@ class record_writer {
   /// @throws std::runtime_error naming the file on a write error (e.g. disk full).
   void write(const nlohmann::json& record);
 
+  /// Writes `line` (one record's JSON text, without its newline) as `write` writes a record.
+  /// @throws std::runtime_error as `write`.
+  void write_line(std::string line);
+
   /// Empties the file (for `--overwrite`, once everything else the run needs is in place).
   /// No effect on standard output.
   /// @throws std::runtime_error naming the file if it cannot be truncated.
