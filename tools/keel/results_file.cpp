@@ -29,6 +29,10 @@ void throw_errno(const std::string& what, const std::string& path) {
 record_writer::record_writer(const std::string& path, bool sync) : sync_(sync), path_(path) {
   if (path == "-") {
     fd_ = STDOUT_FILENO;
+    // Standard output redirected with `>` or `1<>` is not O_APPEND: each record is then placed
+    // at the end by hand, as an owned file's O_APPEND does.
+    const int flags = ::fcntl(fd_, F_GETFL);
+    append_ = flags >= 0 && (flags & O_APPEND) != 0;
     return;
   }
   fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
@@ -61,6 +65,9 @@ void record_writer::write_line(std::string line) {
                              ": an earlier write failed and its part could not be removed");
   }
   line.push_back('\n');
+  if (!append_) {
+    (void)::lseek(fd_, 0, SEEK_END);  // fails harmlessly on a pipe or terminal
+  }
   const char* p = line.data();
   std::size_t left = line.size();
   while (left > 0) {
@@ -74,7 +81,8 @@ void record_writer::write_line(std::string line) {
       // back to the record boundary, so a later record is not glued to the fragment and
       // --resume can read the file. If that fails, write nothing more. Where the record
       // started is found only now (the end, less what was written: O_APPEND put it there),
-      // not asked of the kernel before every record: a syscall per item saved.
+      // not asked of the kernel before every record of an O_APPEND file: a syscall per item
+      // saved. (Standard output without O_APPEND was placed at the end just above.)
       if (left != line.size()) {
         const off_t end = ::lseek(fd_, 0, SEEK_END);  // -1 for a pipe or terminal
         const off_t start = end < 0 ? -1 : end - static_cast<off_t>(line.size() - left);

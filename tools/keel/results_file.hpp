@@ -62,6 +62,7 @@ class record_writer {
   bool owned_ = false;
   bool sync_ = false;
   bool broken_ = false;  // a partial record is in the file: write nothing more
+  bool append_ = true;   // fd_ is O_APPEND (an owned file always; standard output may not be)
   std::size_t written_ = 0;
   std::string path_;
 };
