@@ -366,12 +366,23 @@ TEST_CASE("a streamed run's summary has the time to first token, a plain run's h
         std::string::npos);
 }
 
-TEST_CASE("a streamed call's record has ttft_ms, null without a first token", "[cli_jsonl]") {
+namespace {
+// An input item (line, id) and the config entry of model "m" that answered it.
+struct record_inputs {
   batch_item item;
-  item.line = 3;
-  item.id = "a";
   keel::llm::entry_config entry;
-  entry.model = "m";
+  record_inputs(std::size_t line, nlohmann::json id) {
+    item.line = line;
+    item.id = std::move(id);
+    entry.model = "m";
+  }
+};
+}  // namespace
+
+TEST_CASE("a streamed call's record has ttft_ms, null without a first token", "[cli_jsonl]") {
+  const record_inputs in(3, "a");
+  const batch_item& item = in.item;
+  const keel::llm::entry_config& entry = in.entry;
   keel::llm::call_outcome out;
   out.response.emplace();
   out.response->text = "hello";
@@ -435,15 +446,11 @@ TEST_CASE("an answer's record written as text is the tree's record byte for byte
   }
   CHECK(compared == 256);
   // Failures and cancellations go through the tree.
-  batch_item item;
-  item.line = 1;
-  item.id = "f";
-  keel::llm::entry_config entry;
-  entry.model = "m";
+  const record_inputs in(1, "f");
   keel::llm::call_outcome failed;
   failed.attempts = 3;
-  CHECK(keel::cli::outcome_line(item, failed, entry, std::nullopt, false) ==
-        dumped(keel::cli::outcome_record(item, failed, entry, std::nullopt, false)));
+  CHECK(keel::cli::outcome_line(in.item, failed, in.entry, std::nullopt, false) ==
+        dumped(keel::cli::outcome_record(in.item, failed, in.entry, std::nullopt, false)));
 }
 
 // ---- line_feed: input from a pipe never blocks the io_context ---------------------------------

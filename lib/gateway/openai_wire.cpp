@@ -267,13 +267,7 @@ namespace {
 
 using scan_kind = keel::llm::json_scan::kind;
 
-// Sets `seen` and returns true the first time: a member given twice declines (the tree keeps
-// the last one).
-bool first(bool& seen) {
-  const bool was = seen;
-  seen = true;
-  return !was;
-}
+constexpr auto first = keel::llm::json_scan::first_time;
 
 // One message of the common shape: a role and a string (or null) content. Other roles, content
 // parts, tool calls and tool results decline.
@@ -290,11 +284,7 @@ bool read_message_fast(keel::llm::json_scan& s, keel::llm::chat_request& r) {
       return first(have_role) && s.peek() == scan_kind::string && s.string(role);
     }
     if (k == "content") {
-      if (!first(have_content)) {
-        return false;
-      }
-      return s.peek() == scan_kind::null ? s.null()
-                                         : s.peek() == scan_kind::string && s.string(content);
+      return first(have_content) && s.optional_string(content);
     }
     if (k == "function_call" || k == "tool_calls" || k == "tool_call_id") {
       return false;

@@ -227,19 +227,6 @@ namespace {
 
 using scan_kind = json_scan::kind;
 
-// A string or null (null reads as empty), as `reader::optional_string` takes it.
-bool read_optional_string(json_scan& s, std::string& out) {
-  switch (s.peek()) {
-    case scan_kind::null:
-      out.clear();
-      return s.null();
-    case scan_kind::string:
-      return s.string(out);
-    default:
-      return false;
-  }
-}
-
 // A count or null (null reads as 0), as `reader::optional_count` takes it.
 bool read_optional_count(json_scan& s, long long& out) {
   if (s.peek() == scan_kind::null) {
@@ -249,13 +236,7 @@ bool read_optional_count(json_scan& s, long long& out) {
   return s.count(out);
 }
 
-// Sets `seen` and returns true the first time; a key read twice declines (nlohmann keeps the last
-// one, and matching that is not worth the code).
-bool first(bool& seen) {
-  const bool was = seen;
-  seen = true;
-  return !was;
-}
+constexpr auto first = json_scan::first_time;
 
 bool read_tool_call(json_scan& s, std::vector<tool_call>& calls) {
   if (s.peek() != scan_kind::object) {
@@ -270,7 +251,7 @@ bool read_tool_call(json_scan& s, std::vector<tool_call>& calls) {
   bool have_args = false;
   const bool ok = s.object([&](std::string_view k) {
     if (k == "id") {
-      return first(have_id) && read_optional_string(s, id);
+      return first(have_id) && s.optional_string(id);
     }
     if (k == "function") {
       if (!first(have_fn) || s.peek() != scan_kind::object) {
@@ -278,10 +259,10 @@ bool read_tool_call(json_scan& s, std::vector<tool_call>& calls) {
       }
       return s.object([&](std::string_view fk) {
         if (fk == "name") {
-          return first(have_name) && read_optional_string(s, name);
+          return first(have_name) && s.optional_string(name);
         }
         if (fk == "arguments") {
-          return first(have_args) && read_optional_string(s, arguments);
+          return first(have_args) && s.optional_string(arguments);
         }
         return s.skip();
       });
@@ -323,7 +304,7 @@ bool read_message(json_scan& s, chat_response& r) {
         return s.skip();
       }
       std::string refusal;
-      if (!read_optional_string(s, refusal)) {
+      if (!s.optional_string(refusal)) {
         return false;
       }
       refusal_given = !refusal.empty();
@@ -354,7 +335,7 @@ bool read_choice(json_scan& s, chat_response& r) {
   bool have_message = false;
   const bool ok = s.object([&](std::string_view k) {
     if (k == "finish_reason") {
-      return first(have_finish) && read_optional_string(s, r.finish_reason);
+      return first(have_finish) && s.optional_string(r.finish_reason);
     }
     if (k == "message") {
       return first(have_message) && read_message(s, r);
@@ -412,7 +393,7 @@ bool read_completion(std::string_view body, chat_response& r) {
       });
     }
     if (k == "model") {
-      return first(have_model) && read_optional_string(s, r.model);
+      return first(have_model) && s.optional_string(r.model);
     }
     if (k == "usage") {
       return first(have_usage) && read_usage(s, r.usage);

@@ -144,9 +144,7 @@ struct run_state {
 
   // True if the record was written. A record that could not be written is not counted as done
   // (its item runs again on --resume), and the run stops taking new items.
-  bool write(const json& record) {
-    return write_line(record.dump(-1, ' ', false, json::error_handler_t::replace));
-  }
+  bool write(const json& record) { return write_line(record_text(record)); }
   bool write_line(std::string line) {
     try {
       writer.write_line(std::move(line));

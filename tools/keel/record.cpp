@@ -86,8 +86,7 @@ std::string outcome_line(const batch_item& item, const llm::call_outcome& out,
                          const llm::entry_config& entry, std::optional<double> cost,
                          bool streamed) {
   if (!out.response) {
-    return outcome_record(item, out, entry, cost, streamed)
-        .dump(-1, ' ', false, json::error_handler_t::replace);
+    return record_text(outcome_record(item, out, entry, cost, streamed));
   }
   // The members of `outcome_record`'s answer, in the order nlohmann's sorted map dumps them.
   const auto& r = *out.response;

@@ -73,8 +73,14 @@ nlohmann::json outcome_record(const batch_item& item, const llm::call_outcome& o
                               const llm::entry_config& entry, std::optional<double> cost,
                               bool streamed);
 
+/// A record as one line of the results file (no newline). Invalid UTF-8 from a provider must
+/// not make a record unwritable: it becomes U+FFFD.
+inline std::string record_text(const nlohmann::json& record) {
+  return record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 /// `outcome_record` as the text the results file holds
-/// (`dump(-1, ' ', false, error_handler_t::replace)`), byte for byte; an answer's record (the
+/// (`record_text`), byte for byte; an answer's record (the
 /// hot path) is written straight as text (keel/llm/json_writer.hpp), its keys in the order the
 /// tree would sort them, the others through the tree.
 std::string outcome_line(const batch_item& item, const llm::call_outcome& out,

@@ -55,8 +55,7 @@ record_writer::~record_writer() {
 }
 
 void record_writer::write(const nlohmann::json& record) {
-  // Invalid UTF-8 from a provider must not make the record unwritable: replace it.
-  write_line(record.dump(-1, ' ', false, json::error_handler_t::replace));
+  write_line(record_text(record));
 }
 
 void record_writer::write_line(std::string line) {

@@ -149,6 +149,29 @@ class json_scan {
     return true;
   }
 
+  /// Reads a string, or `null` as an empty string; declines anything else without reading it
+  /// (chosen by the first character: a failed read may stop inside a string).
+  bool optional_string(std::string& out) {
+    switch (peek()) {
+      case kind::null:
+        out.clear();
+        return null();
+      case kind::string:
+        return string(out);
+      default:
+        return false;
+    }
+  }
+
+  /// Sets `seen` and returns true the first time: for a member a caller reads, so that a
+  /// member given twice declines (nlohmann's tree keeps the last one; matching that is not
+  /// worth the code).
+  static bool first_time(bool& seen) noexcept {
+    const bool was = seen;
+    seen = true;
+    return !was;
+  }
+
   /// Reads `null`.
   bool null() noexcept {
     ws();
