@@ -34,21 +34,23 @@ namespace {
 
 /// What the server does with one request.
 enum class act {
-  normal,             // 200 with an echo body, keep-alive
-  chunked,            // 200, chunked encoding
-  oversized,          // 200 with a 1 MiB Content-Length body
-  oversized_chunked,  // an endless chunked body (up to 32 MiB)
-  many_headers,       // 150 header fields
-  huge_header,        // one 100 KiB header field
-  close,              // close without answering
-  eof_mid_body,       // Content-Length 100, send 10 bytes, close
-  stall,              // never answer (keep reading until the client closes)
-  interim_then_ok,    // 100 Continue and 103 Early Hints, then 200 "final", keep-alive
-  status_000,         // "HTTP/1.1 000 Zero" with a body, then close
-  switching,          // 101 Switching Protocols, then close
-  huge_trailer,       // a chunked 200 whose one trailer field is 70,000 bytes
-  endless_chunk_ext,  // a chunk-size line whose extension never ends (up to 32 MiB)
-  endless_trailers,   // a chunked 200 whose trailer section never ends (up to 32 MiB)
+  normal,              // 200 with an echo body, keep-alive
+  chunked,             // 200, chunked encoding
+  oversized,           // 200 with a 1 MiB Content-Length body
+  oversized_chunked,   // an endless chunked body (up to 32 MiB)
+  many_headers,        // 150 header fields
+  huge_header,         // one 100 KiB header field
+  close,               // close without answering
+  eof_mid_body,        // Content-Length 100, send 10 bytes, close
+  stall,               // never answer (keep reading until the client closes)
+  interim_then_ok,     // 100 Continue and 103 Early Hints, then 200 "final", keep-alive
+  status_000,          // "HTTP/1.1 000 Zero" with a body, then close
+  switching,           // 101 Switching Protocols, then close
+  huge_trailer,        // a chunked 200 whose one trailer field is 70,000 bytes
+  endless_chunk_ext,   // a chunk-size line whose extension never ends (up to 32 MiB)
+  endless_trailers,    // a chunked 200 whose trailer section never ends (up to 32 MiB)
+  until_close,         // a 200 with no length (its body ends at the close): TLS sends close_notify
+  until_close_abrupt,  // the same, but a TLS server closes TCP without a close_notify
 };
 
 /// A scripted HTTP/1.1 server on 127.0.0.1:0, optionally over TLS. `plan(k)` decides what to do
@@ -209,6 +211,15 @@ struct test_server {
           co_return;
         case act::switching:
           co_await raw(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n");
+          co_return;
+        case act::until_close:
+        case act::until_close_abrupt:
+          co_await raw(s, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close");
+          if constexpr (!std::is_same_v<Stream, tcp::socket>) {
+            if (a == act::until_close) {
+              co_await s.async_shutdown(asio::as_tuple(asio::use_awaitable));
+            }
+          }
           co_return;
       }
     }
@@ -805,4 +816,180 @@ TEST_CASE("http client: a connect that cannot complete ends with connect_timeout
   REQUIRE(out.error);
   CHECK(out.code() == kh::error::connect_timeout);
   CHECK(out.code() == keel::condition::timeout);
+}
+
+// ---- TLS stream (lib/http/tls_stream.hpp: keel drives OpenSSL over the socket) ----------------
+
+TEST_CASE("https client: a server's faults end over TLS as they do over plain HTTP",
+          "[http][tls]") {
+  test_pki pki;
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  opts.max_response_body = 64 * 1024;
+  opts.request_timeout = std::chrono::milliseconds(200);
+  struct expect {
+    act a;
+    kh::error code;
+  };
+  for (const expect e : {expect{act::eof_mid_body, kh::error::truncated_response},
+                         expect{act::oversized, kh::error::body_too_large},
+                         expect{act::oversized_chunked, kh::error::body_too_large},
+                         expect{act::many_headers, kh::error::too_many_headers},
+                         expect{act::huge_header, kh::error::header_too_large},
+                         expect{act::endless_trailers, kh::error::header_too_large},
+                         expect{act::stall, kh::error::request_timeout},
+                         expect{act::status_000, kh::error::protocol_error}}) {
+    INFO("act " << static_cast<int>(e.a));
+    asio::io_context ctx;
+    test_server srv(ctx, &pki.server_ctx);
+    srv.plan = [&](int) { return e.a; };
+    kh::client cl(ctx.get_executor(), opts);
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url("/fault")));
+    CHECK(out.code() == e.code);
+    CHECK(cl.pooled_idle() == 0);
+    // The client closed the connection (for oversized bodies while the server was writing).
+    REQUIRE(run_real(ctx, [&] { return srv.sessions_ended == 1; }));
+  }
+}
+
+TEST_CASE("https client: a body that ends at the close needs the server's close_notify",
+          "[http][tls]") {
+  test_pki pki;
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  {
+    // close_notify, then the TCP close: the body is whole.
+    asio::io_context ctx;
+    test_server srv(ctx, &pki.server_ctx);
+    srv.plan = [](int) { return act::until_close; };
+    kh::client cl(ctx.get_executor(), opts);
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url("/close")));
+    REQUIRE(out.value);
+    CHECK(out.value->status == 200);
+    CHECK(out.value->body == "until close");
+    CHECK(cl.pooled_idle() == 0);
+  }
+  {
+    // The TCP close alone could be an attacker cutting the body short: truncated_response.
+    asio::io_context ctx;
+    test_server srv(ctx, &pki.server_ctx);
+    srv.plan = [](int) { return act::until_close_abrupt; };
+    kh::client cl(ctx.get_executor(), opts);
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url("/abrupt")));
+    CHECK(out.code() == kh::error::truncated_response);
+    CHECK(out.code() == keel::condition::transient);
+  }
+  {
+    // Over plain HTTP the close alone ends such a body.
+    asio::io_context ctx;
+    test_server srv(ctx);
+    srv.plan = [](int) { return act::until_close_abrupt; };
+    kh::client cl(ctx.get_executor(), kh::client_options{});
+    auto out = send_one(ctx, cl, kh::request("GET", srv.url("/plain")));
+    REQUIRE(out.value);
+    CHECK(out.value->body == "until close");
+  }
+}
+
+TEST_CASE("https client: large bodies both ways span many TLS records on one connection",
+          "[http][tls]") {
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  kh::client cl(ctx.get_executor(), opts);
+  for (int i = 0; i < 3; ++i) {
+    kh::request post("POST", srv.url("/big"));
+    // 600 KiB: about 38 records each way, in a pattern that shows a dropped or repeated record.
+    post.body.resize(600 * 1024);
+    for (std::size_t k = 0; k < post.body.size(); ++k) {
+      post.body[k] = static_cast<char>('a' + (k * 7 + static_cast<std::size_t>(i)) % 26);
+    }
+    auto out = send_one(ctx, cl, post);
+    REQUIRE(out.value);
+    CHECK(out.value->status == 200);
+    CHECK(out.value->body == "echo POST /big " + post.body);
+  }
+  CHECK(srv.accepts == 1);
+  CHECK(cl.connections_opened() == 1);
+  CHECK(cl.pooled_idle() == 1);
+}
+
+TEST_CASE("https client: a server that resets the connection mid-write fails the request only",
+          "[http][tls]") {
+  // (That such a write raises no SIGPIPE is tls_stream's own test.)
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  kh::client cl(ctx.get_executor(), opts);
+  // The server reads at most 1 MiB of a request body (Beast's default limit), then closes
+  // with the rest unread, which resets the connection while the client is still writing.
+  kh::request post("POST", srv.url("/huge"));
+  post.body.assign(16 * 1024 * 1024, 'x');
+  auto out = send_one(ctx, cl, post);
+  REQUIRE(out.error);
+  CHECK(out.code() == keel::condition::transient);
+  CHECK(cl.pooled_idle() == 0);
+  // The client still works.
+  auto next = send_one(ctx, cl, kh::request("GET", srv.url("/after")));
+  REQUIRE(next.value);
+  CHECK(next.value->body == "echo GET /after ");
+}
+
+TEST_CASE("https client: a TLS handshake the server never answers ends with connect_timeout",
+          "[http][tls]") {
+  asio::io_context ctx;
+  // Accepts TCP connections and says nothing: the ClientHello is never answered.
+  tcp::acceptor silent(ctx, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  std::vector<tcp::socket> held;
+  std::function<void()> accept_next = [&] {
+    silent.async_accept([&](boost::system::error_code ec, tcp::socket s) {
+      if (!ec) {
+        held.push_back(std::move(s));
+        accept_next();
+      }
+    });
+  };
+  accept_next();
+  kh::client_options opts;
+  opts.tls.insecure_skip_verify = true;
+  opts.connect_timeout = std::chrono::milliseconds(100);
+  opts.request_timeout = std::chrono::seconds(30);  // the handshake is the connect's to time
+  kh::client cl(ctx.get_executor(), opts);
+  const std::string url =
+      "https://127.0.0.1:" + std::to_string(silent.local_endpoint().port()) + "/";
+  auto out = send_one(ctx, cl, kh::request("GET", url));
+  REQUIRE(out.error);
+  CHECK(out.code() == kh::error::connect_timeout);
+  CHECK(out.code() == keel::condition::timeout);
+  CHECK(held.size() == 1);
+  CHECK(cl.pooled_idle() == 0);
+}
+
+TEST_CASE("https client: a deadline cancels a stalled TLS read through its cancellation slot",
+          "[http][tls]") {
+  manual_clock::reset();
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv(ctx, &pki.server_ctx);
+  srv.plan = [](int k) { return k == 0 ? act::stall : act::normal; };
+  kh::client_options opts;
+  opts.tls.ca_file = pki.ca_file;
+  kh::client cl(ctx.get_executor(), opts);
+  const kh::request req("GET", srv.url("/slow"));
+  outcome<kh::response> out;
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return cl.send(req); }, 5s), out);
+  REQUIRE(run_real(ctx, [&] { return srv.stalled == 1; }));
+  REQUIRE(keel::testing::run_until(ctx, [&] { return out.done; }));
+  CHECK(out.finished_at_ms == 5000);
+  CHECK(out.code() == keel::error::deadline_exceeded);
+  CHECK(cl.pooled_idle() == 0);
+  REQUIRE(run_real(ctx, [&] { return srv.sessions_ended == 1; }));
+  auto next = send_one(ctx, cl, req);
+  REQUIRE(next.value);
+  CHECK(next.value->status == 200);
+  CHECK(srv.accepts == 2);
 }

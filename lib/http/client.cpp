@@ -1,4 +1,5 @@
 // keel::http::client: Beast HTTP/1.1 over TCP or TLS with a per-host keep-alive pool.
+#include "tls_stream.hpp"
 #include "url.hpp"
 
 #include <keel/detail/waiter_queue.hpp>
@@ -11,7 +12,6 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/ssl/context.hpp>
-#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -87,7 +87,7 @@ struct connection {
   // `plain` is the TCP stream of an http:// connection; an https:// connection uses `tls` (whose
   // next layer is its own TCP stream) and leaves `plain` unused.
   beast::tcp_stream plain;
-  std::optional<asio::ssl::stream<beast::tcp_stream>> tls;
+  std::optional<detail::tls_stream> tls;  // see tls_stream.hpp for why not asio::ssl::stream
   beast::flat_buffer buffer;
   std::size_t requests = 0;
   std::chrono::steady_clock::time_point idle_since;
@@ -360,8 +360,13 @@ struct client::impl {
       } catch (const boost::system::system_error& e) {
         fail(e.code(), "cannot set up TLS", where);
       }
-      c.tls.emplace(ex, *tls_ctx);
+      try {
+        c.tls.emplace(ex, *tls_ctx);
+      } catch (const boost::system::system_error& e) {
+        fail(e.code(), "cannot set up TLS", where);
+      }
     }
+    const auto connect_deadline = std::chrono::steady_clock::now() + opts.connect_timeout;
     beast::tcp_stream& stream = c.lowest();
     stream.expires_after(opts.connect_timeout);
     if (u.host_is_ip) {
@@ -399,9 +404,14 @@ struct client::impl {
           fail(error::tls_error, "cannot set the host name to verify", where);
         }
       }
-      co_await c.tls->async_handshake(asio::ssl::stream_base::client,
-                                      asio::redirect_error(asio::use_awaitable, ec));
-      if (ec == beast::error::timeout) {
+      // The connect timeout covers the handshake too: what is left of it, on the request timer
+      // (the TLS stream waits on the socket itself, not through the TCP stream's timer).
+      c.start_request_timer(connect_deadline - std::chrono::steady_clock::now());
+      co_await c.tls->async_handshake(asio::redirect_error(asio::use_awaitable, ec));
+      const bool handshake_timed_out = c.timed_out;
+      c.stop_request_timer();
+      c.timed_out = false;
+      if (handshake_timed_out) {
         fail(error::connect_timeout, "TLS handshake failed", where);
       }
       if (ec) {

@@ -13,6 +13,8 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -43,6 +45,7 @@ func main() {
 	out := flag.String("out", "", "JSONL output")
 	workers := flag.Int("c", 64, "concurrency")
 	model := flag.String("model", "m", "the model to ask")
+	ca := flag.String("ca", "", "PEM CA file to trust for an https:// -url (scripts/bench-tls.sh)")
 	flag.Parse()
 	f, err := os.Open(*in)
 	if err != nil {
@@ -56,13 +59,28 @@ func main() {
 		os.Exit(2)
 	}
 	defer w.Close()
+	transport := &http.Transport{
+		MaxIdleConnsPerHost: *workers,
+		MaxConnsPerHost:     *workers,
+		MaxIdleConns:        *workers,
+	}
+	if *ca != "" {
+		pem, err := os.ReadFile(*ca)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "batch:", err)
+			os.Exit(2)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			fmt.Fprintln(os.Stderr, "batch: no certificate in", *ca)
+			os.Exit(2)
+		}
+		// HTTP/1.1 over TLS, as keel speaks (a custom TLS config turns HTTP/2 off).
+		transport.TLSClientConfig = &tls.Config{RootCAs: pool}
+	}
 	client := &http.Client{
-		Timeout: 60 * time.Second,
-		Transport: &http.Transport{
-			MaxIdleConnsPerHost: *workers,
-			MaxConnsPerHost:     *workers,
-			MaxIdleConns:        *workers,
-		},
+		Timeout:   60 * time.Second,
+		Transport: transport,
 	}
 	url := *base + "/v1/chat/completions"
 	items := make(chan item, *workers)
