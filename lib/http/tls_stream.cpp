@@ -132,6 +132,10 @@ bool tls_stream::drained() const noexcept {
   return SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0;
 }
 
+void tls_stream::release_buffers() noexcept {
+  (void)SSL_free_buffers(ssl_);  // refuses (0) while a record is partly read or written
+}
+
 tls_stream::want tls_stream::perform(op_kind kind, void* data, std::size_t size,
                                      boost::system::error_code& ec, std::size_t& n) {
   n = 0;
