@@ -438,9 +438,10 @@ struct client::impl {
   // parse yet (none, or part of a chunk's framing) and a plain TCP stream waits for readability
   // (`wait_read`, which needs no buffer) before it reads; the 64 KiB read is allocated only once
   // bytes are there, and `response_reader::state::read` shrinks it again after the read. A TLS
-  // stream cannot wait that way (the TLS engine may hold bytes already read from the socket), so
-  // it waits in a one-byte read instead and then takes the rest of that record's plaintext into
-  // a buffer of its size (at most 16 KiB: an SSL_read never returns more than a record). `send`
+  // stream cannot wait on the socket alone (OpenSSL, reading ahead, may hold bytes already read
+  // from it), so it waits in a one-byte read instead (tls_stream frees OpenSSL's buffers before
+  // it waits) and then takes the rest of that record's plaintext into a buffer of its size (at
+  // most 16 KiB: an SSL_read never returns more than a record). `send`
   // (not streaming) reads as before: 64 KiB, kept by the connection.
   //
   // `Streaming` is a template parameter so that `send`'s instantiation is the loop as it was,
