@@ -74,6 +74,7 @@ struct test_server {
   int stalled = 0;
   int sessions_ended = 0;
   int handshake_failures = 0;
+  int resumed_sessions = 0;  // TLS handshakes that resumed a session
   std::string last_user_agent;
   std::string last_host;
 
@@ -96,6 +97,7 @@ struct test_server {
       if (ec) {
         ++handshake_failures;
       } else {
+        resumed_sessions += SSL_session_reused(s.native_handle()) == 1 ? 1 : 0;
         co_await serve(s);
       }
     } else {
@@ -992,4 +994,33 @@ TEST_CASE("https client: a deadline cancels a stalled TLS read through its cance
   REQUIRE(next.value);
   CHECK(next.value->status == 200);
   CHECK(srv.accepts == 2);
+}
+
+TEST_CASE("https client: later connections to a host resume its TLS session, other hosts do not",
+          "[http][tls]") {
+  test_pki pki;
+  for (const bool resume : {true, false}) {
+    INFO("resume_sessions " << resume);
+    asio::io_context ctx;
+    test_server one(ctx, &pki.server_ctx);
+    test_server two(ctx, &pki.server_ctx);
+    kh::client_options opts;
+    opts.tls.ca_file = pki.ca_file;
+    opts.tls.resume_sessions = resume;
+    opts.max_requests_per_connection = 1;  // a new connection (and handshake) per request
+    kh::client cl(ctx.get_executor(), opts);
+    for (int i = 0; i < 3; ++i) {
+      auto out = send_one(ctx, cl, kh::request("GET", one.url("/r")));
+      REQUIRE(out.value);
+      CHECK(out.value->body == "echo GET /r ");
+    }
+    // Another host (another port of the same address) gets no session of the first.
+    auto other = send_one(ctx, cl, kh::request("GET", two.url("/o")));
+    REQUIRE(other.value);
+    CHECK(one.accepts == 3);
+    CHECK(two.accepts == 1);
+    CHECK(two.resumed_sessions == 0);
+    CHECK(one.resumed_sessions == (resume ? 2 : 0));
+    CHECK(cl.tls_sessions_resumed() == (resume ? 2U : 0U));
+  }
 }

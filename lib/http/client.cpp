@@ -2,6 +2,7 @@
 #include "tls_stream.hpp"
 #include "url.hpp"
 
+#include <keel/clock.hpp>
 #include <keel/detail/waiter_queue.hpp>
 #include <keel/error.hpp>
 #include <keel/http/client.hpp>
@@ -134,6 +135,11 @@ struct connection {
     if (!lowest().socket().is_open() || buffer.size() != 0) {
       return false;
     }
+    // Over TLS, OpenSSL may already have read (ahead) what the server sent: a close_notify or
+    // an unsolicited response.
+    if (tls && SSL_has_pending(tls->native_handle()) != 0) {
+      return false;
+    }
     char byte = 0;
     const auto n = ::recv(lowest().socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
@@ -150,11 +156,35 @@ struct waiter : keel::detail::waiter {
   bool may_open = false;             // a connection slot handed over by release()
 };
 
+struct ssl_session_free {
+  void operator()(SSL_SESSION* s) const noexcept { SSL_SESSION_free(s); }
+};
+
 struct host_pool {
   std::size_t open = 0;  // busy + idle connections, plus slots granted for connecting
   std::deque<std::unique_ptr<connection>> idle;
   keel::detail::waiter_list waiters;
+  // The latest TLS session this host gave (tls_options::resume_sessions), offered to its next
+  // connection. Set by on_new_session, which finds the pool through the SSL object's ex data.
+  std::unique_ptr<SSL_SESSION, ssl_session_free> tls_session;
 };
+
+// The SSL ex-data slot that points an SSL object at its host_pool (for on_new_session).
+int pool_ex_index() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+// OpenSSL's new-session callback (a TLS 1.3 ticket, or a TLS 1.2 session once the handshake is
+// done): the host's pool keeps the latest. Returns 1: the pool owns the reference now.
+int on_new_session(SSL* ssl, SSL_SESSION* session) {
+  auto* pool = static_cast<host_pool*>(SSL_get_ex_data(ssl, pool_ex_index()));
+  if (pool == nullptr || SSL_SESSION_is_resumable(session) != 1) {
+    return 0;
+  }
+  pool->tls_session.reset(session);
+  return 1;
+}
 
 // The parser's body: it appends the body's bytes to whatever string the current read names, so a
 // streamed body never accumulates in the parser and `send` still builds its body in place. (With
@@ -265,6 +295,12 @@ struct client::impl {
     // not verify peers (a new OpenSSL context verifies nothing).
     asio::ssl::context ctx(asio::ssl::context::tls_client);
     SSL_CTX_set_min_proto_version(ctx.native_handle(), TLS1_2_VERSION);
+    if (opts.tls.resume_sessions) {
+      // Sessions are kept by keel's host pools (on_new_session), not OpenSSL's internal cache.
+      SSL_CTX_set_session_cache_mode(ctx.native_handle(),
+                                     SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+      SSL_CTX_sess_set_new_cb(ctx.native_handle(), &on_new_session);
+    }
     if (opts.tls.insecure_skip_verify) {
       ctx.set_verify_mode(asio::ssl::verify_none);
     } else {
@@ -351,7 +387,8 @@ struct client::impl {
     --pool.open;
   }
 
-  asio::awaitable<void> connect(connection& c, const url_parts& u, std::string_view where) {
+  asio::awaitable<void> connect(connection& c, host_pool& pool, const url_parts& u,
+                                std::string_view where) {
     boost::system::error_code ec;
     if (u.tls) {
       asio::ssl::context* tls_ctx = nullptr;
@@ -366,7 +403,8 @@ struct client::impl {
         fail(e.code(), "cannot set up TLS", where);
       }
     }
-    const auto connect_deadline = std::chrono::steady_clock::now() + opts.connect_timeout;
+    const auto connect_deadline =
+        keel::saturating_add(std::chrono::steady_clock::now(), opts.connect_timeout);
     beast::tcp_stream& stream = c.lowest();
     stream.expires_after(opts.connect_timeout);
     if (u.host_is_ip) {
@@ -404,6 +442,13 @@ struct client::impl {
           fail(error::tls_error, "cannot set the host name to verify", where);
         }
       }
+      if (opts.tls.resume_sessions) {
+        SSL* ssl = c.tls->native_handle();
+        SSL_set_ex_data(ssl, pool_ex_index(), &pool);
+        if (pool.tls_session && SSL_set_session(ssl, pool.tls_session.get()) != 1) {
+          pool.tls_session.reset();  // not usable with this context: forget it
+        }
+      }
       // The connect timeout covers the handshake too: what is left of it, on the request timer
       // (the TLS stream waits on the socket itself, not through the TCP stream's timer).
       c.start_request_timer(connect_deadline - std::chrono::steady_clock::now());
@@ -415,7 +460,11 @@ struct client::impl {
         fail(error::connect_timeout, "TLS handshake failed", where);
       }
       if (ec) {
+        pool.tls_session.reset();  // the next connection starts afresh (a full handshake)
         fail(ec, tls_failure(ec, c.tls->native_handle(), u.host), where);
+      }
+      if (SSL_session_reused(c.tls->native_handle()) == 1) {
+        ++resumed;
       }
     }
   }
@@ -685,7 +734,7 @@ struct client::impl {
     st->conn = std::move(acquired);
     if (!st->conn) {
       st->conn = std::make_unique<connection>(self->ex);
-      co_await self->connect(*st->conn, *u, st->where);
+      co_await self->connect(*st->conn, pool, *u, st->where);
     }
     connection& c = *st->conn;
     ++c.requests;
@@ -737,6 +786,7 @@ struct client::impl {
   std::optional<asio::ssl::context> ssl_ctx;  // see tls_context()
   std::map<std::string, host_pool> pools;
   std::size_t opened = 0;
+  std::size_t resumed = 0;        // TLS handshakes that resumed a session
   bool client_destroyed = false;  // see release()
 };
 
@@ -875,6 +925,10 @@ asio::awaitable<response_reader> client::open(request req) {
 
 asio::any_io_executor client::get_executor() const noexcept {
   return impl_->ex;
+}
+
+std::size_t client::tls_sessions_resumed() const noexcept {
+  return impl_->resumed;
 }
 
 std::size_t client::connections_opened() const noexcept {

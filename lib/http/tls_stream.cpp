@@ -6,6 +6,7 @@
 #include <boost/system/system_error.hpp>
 
 #include <openssl/bio.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <sys/socket.h>
 
@@ -71,15 +72,22 @@ struct tls_bio {
   }
 
   static BIO_METHOD* make() {
-    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "keel socket");
-    if (m == nullptr || BIO_meth_set_write(m, &write) != 1 || BIO_meth_set_read(m, &read) != 1 ||
+    const int index = BIO_get_new_index();
+    BIO_METHOD* m =
+        index == -1 ? nullptr : BIO_meth_new(index | BIO_TYPE_SOURCE_SINK, "keel socket");
+    if (m == nullptr) {
+      return nullptr;
+    }
+    if (BIO_meth_set_write(m, &write) != 1 || BIO_meth_set_read(m, &read) != 1 ||
         BIO_meth_set_ctrl(m, &ctrl) != 1) {
+      BIO_meth_free(m);
       return nullptr;
     }
     return m;
   }
 
-  // Made once per process and never freed (as OpenSSL's own methods).
+  // Made once per process and never freed (as OpenSSL's own methods). If OpenSSL cannot make
+  // it (out of memory at the first TLS connection), every TLS connection fails to set up.
   static BIO_METHOD* method() {
     static BIO_METHOD* const m = make();
     return m;
@@ -109,6 +117,12 @@ tls_stream::tls_stream(const executor_type& ex, asio::ssl::context& ctx)
 }
 
 tls_stream::~tls_stream() {
+  // keel closes connections without a close_notify. Unless the connection failed, tell OpenSSL
+  // it ended properly: otherwise SSL_free marks its session not resumable, and that session
+  // (shared with the client's cache of sessions to resume) could never be offered again.
+  if (!failed_ && SSL_is_init_finished(ssl_) == 1) {
+    SSL_set_shutdown(ssl_, SSL_SENT_SHUTDOWN);
+  }
   SSL_free(ssl_);
 }
 
@@ -132,8 +146,40 @@ bool tls_stream::drained() const noexcept {
   return SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0;
 }
 
+namespace {
+
+// SSL_free_buffers freed a buffer still in use when only a record's header had arrived before
+// OpenSSL 3.0.14, 3.1.6, 3.2.2 and 3.3.1 (CVE-2024-4741); with read-ahead a read can stop there.
+// On those versions (and on any before 3.0) the buffers are left to SSL_MODE_RELEASE_BUFFERS.
+bool free_buffers_safe() {
+  const unsigned long v = OpenSSL_version_num();  // 0xMNN00PP0 from 3.0 on
+  const unsigned long major = v >> 28;
+  const unsigned long minor = (v >> 20) & 0xff;
+  const unsigned long patch = (v >> 4) & 0xff;
+  if (major != 3) {
+    return major > 3;
+  }
+  switch (minor) {
+    case 0:
+      return patch >= 14;
+    case 1:
+      return patch >= 6;
+    case 2:
+      return patch >= 2;
+    case 3:
+      return patch >= 1;
+    default:
+      return true;
+  }
+}
+
+}  // namespace
+
 void tls_stream::release_buffers() noexcept {
-  (void)SSL_free_buffers(ssl_);  // refuses (0) while a record is partly read or written
+  static const bool safe = free_buffers_safe();
+  if (safe) {
+    (void)SSL_free_buffers(ssl_);  // refuses (0) while a record is partly read or written
+  }
 }
 
 tls_stream::want tls_stream::perform(op_kind kind, void* data, std::size_t size,
@@ -172,6 +218,9 @@ tls_stream::want tls_stream::perform(op_kind kind, void* data, std::size_t size,
   }
   const unsigned long queued = ERR_get_error();
   ERR_clear_error();
+  if (err == SSL_ERROR_SSL || err == SSL_ERROR_SYSCALL) {
+    failed_ = true;
+  }
   switch (err) {
     case SSL_ERROR_ZERO_RETURN:  // the peer's close_notify
       ec = asio::error::eof;

@@ -35,7 +35,8 @@
 // `basic_socket::async_wait`): a cancelled operation completes with `operation_aborted` and
 // whatever it did before the wait stands (for a write, OpenSSL may have taken part of a record;
 // the connection should then be closed, as after any cancelled TLS write). `cancel()` on the
-// socket aborts the waits the same way. At most one read and one write may be pending at once.
+// socket aborts the waits the same way. At most one read and one write may be pending at once,
+// and the stream must outlive its operations (as `asio::ssl::stream`).
 //
 // Not supported (the client does not use them): the server side, renegotiation started by keel,
 // and a TLS shutdown (the client closes the socket; keel never reuses a connection after a
@@ -150,44 +151,45 @@ class tls_stream {
     template <class Self>
     void operator()(Self& self, boost::system::error_code wait_ec = {}) {
       using boost::asio::ip::tcp;
-      if (at == stage::posted) {
-        finish(self);
-        return;
-      }
-      if (at == stage::waiting && wait_ec) {
-        complete(self, wait_ec, 0);
-        return;
+      switch (at) {
+        case stage::posted:
+          finish(self);
+          return;
+        case stage::start:
+          // Partial and total cancellation too, not only terminal (async_compose's default):
+          // everything the operation has done before a wait stands, as with a socket's read.
+          self.reset_cancellation_state(boost::asio::enable_total_cancellation());
+          break;
+        case stage::waiting:
+          if (wait_ec) {
+            done(self, wait_ec, 0);
+            return;
+          }
+          // A cancellation emitted after the wait completed, before this resumed, found no
+          // wait to cancel: honour it here rather than start another wait.
+          if (self.cancelled() != boost::asio::cancellation_type::none) {
+            done(self, boost::asio::error::operation_aborted, 0);
+            return;
+          }
+          break;
       }
       const bool first = at == stage::start;
-      want w = want::nothing;
+      if (size == 0 && Kind != op_kind::handshake) {
+        post_result(self, {}, 0);  // as Asio: an empty buffer completes at once with 0
+        return;
+      }
       if constexpr (Kind == op_kind::read) {
-        if (size == 0) {
-          result_ec = {};
-          result_n = 0;
-          at = stage::posted;
-          boost::asio::post(std::move(self));
-          return;
-        }
         // Right after a write the answer is rarely there yet: wait before the first recv.
-        if (first && s->wrote_ && s->drained()) {
-          s->wrote_ = false;
+        const bool after_write = s->wrote_;
+        s->wrote_ = false;
+        if (first && after_write && s->drained()) {
           s->release_buffers();
           at = stage::waiting;
           s->next_.socket().async_wait(tcp::socket::wait_read, std::move(self));
           return;
         }
-        s->wrote_ = false;
       }
-      if constexpr (Kind == op_kind::write) {
-        if (size == 0) {
-          result_ec = {};
-          result_n = 0;
-          at = stage::posted;
-          boost::asio::post(std::move(self));
-          return;
-        }
-      }
-      w = s->perform(Kind, data, size, result_ec, result_n);
+      const want w = s->perform(Kind, data, size, result_ec, result_n);
       if (w != want::nothing) {
         if (w == want::read) {
           s->release_buffers();
@@ -197,31 +199,38 @@ class tls_stream {
             w == want::read ? tcp::socket::wait_read : tcp::socket::wait_write, std::move(self));
         return;
       }
+      if constexpr (Kind == op_kind::write) {
+        s->wrote_ = !result_ec;
+      }
       if (first) {
-        at = stage::posted;
-        boost::asio::post(std::move(self));
+        post_result(self, result_ec, result_n);
         return;
       }
-      finish(self);
+      done(self, result_ec, result_n);
+    }
+
+    // Completes from a later turn: never inside the initiating call.
+    template <class Self>
+    void post_result(Self& self, boost::system::error_code ec, std::size_t n) {
+      result_ec = ec;
+      result_n = n;
+      at = stage::posted;
+      boost::asio::post(std::move(self));
     }
 
     template <class Self>
-    void complete(Self& self, boost::system::error_code ec, std::size_t n) {
+    void done(Self& self, boost::system::error_code ec, std::size_t n) {
       result_ec = ec;
       result_n = n;
       finish(self);
     }
 
+    // The handshake completes with the error only.
     template <class Self>
     void finish(Self& self) {
       if constexpr (Kind == op_kind::handshake) {
         self.complete(result_ec);
       } else {
-        if constexpr (Kind == op_kind::write) {
-          if (!result_ec) {
-            s->wrote_ = true;
-          }
-        }
         self.complete(result_ec, result_n);
       }
     }
@@ -230,9 +239,10 @@ class tls_stream {
   boost::beast::tcp_stream next_;
   SSL* ssl_ = nullptr;
   bool bound_ = false;
-  bool wrote_ = false;  // the last completed operation was a write
-  bool eof_ = false;    // the socket returned end of file
-  int last_errno_ = 0;  // the BIO's last recv/send error other than "would block"
+  bool wrote_ = false;   // the last completed operation was a write
+  bool eof_ = false;     // the socket returned end of file
+  bool failed_ = false;  // OpenSSL reported a fatal error (SSL_ERROR_SSL or SSL_ERROR_SYSCALL)
+  int last_errno_ = 0;   // the BIO's last recv/send error other than "would block"
   friend struct tls_bio;
 };
 

@@ -77,6 +77,11 @@ struct tls_options {
   /// change the traffic, including API keys. Meant only for local test servers; the client prints
   /// a warning to stderr once when it is constructed with this set.
   bool insecure_skip_verify = false;
+  /// Resume TLS sessions: the client keeps the latest session ticket each (scheme, host, port)
+  /// gave it and offers it on the next connection there, which then skips the certificate
+  /// exchange and its verification (the certificate was verified, for the same host name, when
+  /// the session began). A server may always decline; the handshake is then a full one.
+  bool resume_sessions = true;
 
   tls_options() = default;
 };
@@ -250,6 +255,8 @@ class client {
   boost::asio::any_io_executor get_executor() const noexcept;
   /// How many connections this client has opened (TCP connects that succeeded), for tests.
   std::size_t connections_opened() const noexcept;
+  /// How many TLS connections resumed a session (see `tls_options::resume_sessions`).
+  std::size_t tls_sessions_resumed() const noexcept;
   /// How many idle connections sit in the pool now, over all hosts, for tests.
   std::size_t pooled_idle() const noexcept;
 
