@@ -32,7 +32,9 @@
 //
 // `--tls`: the child process also runs a TLS terminating proxy (a self-signed P-256 certificate
 // made at start, TLS 1.3) in front of the mock, and the client speaks https:// to it (peer
-// verification off). The proxy's memory is the child's, not counted.
+// verification off). The proxy's memory is the child's, not counted. The client resumes TLS
+// sessions (its default; the JSON line says how many connections did); `--no-tls-resume` makes
+// every connection a full handshake.
 //
 // Prints one JSON line at the end.
 #include <keel/http/client.hpp>
@@ -161,6 +163,7 @@ struct run_options {
   int sample_every_ms = 100;
   bool census = false;
   bool tls = false;
+  bool no_tls_resume = false;
   bool client = false;
 };
 
@@ -332,6 +335,8 @@ int main(int argc, char** argv) {
   app.add_flag("--census-where", census_where,
                "with --census: the call stack of each size's first block");
   app.add_flag("--tls", o.tls, "https:// through a TLS proxy in the mock's process");
+  app.add_flag("--no-tls-resume", o.no_tls_resume,
+               "with --tls: every connection makes a full handshake (tls.resume_sessions off)");
   app.add_flag("--client", o.client,
                "each stream is a keel::llm::client::stream_call (the whole policy stack)");
   CLI11_PARSE(app, argc, argv);
@@ -360,6 +365,7 @@ int main(int argc, char** argv) {
   keel::http::client_options copts;
   copts.max_connections_per_host = static_cast<std::size_t>(o.streams);
   copts.tls.verify_peer = false;  // the proxy's certificate is self-signed
+  copts.tls.resume_sessions = !o.no_tls_resume;
   keel::http::client client{ctx.get_executor(), copts};
   const keel::http::request req = make_request(o, base);
   const auto kind = kind_of(o.format);
@@ -536,7 +542,7 @@ int main(int argc, char** argv) {
       "samples\":{},"
       "\"seconds_to_first_pieces\":{:.2f},\"heap_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:."
       "0f},\"max\":{:.0f}}},\"rss_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:.0f},\"max\":{:."
-      "0f}}},\"finished\":{},\"failed\":{},\"stream_errors\":{}}}\n",
+      "0f}}},\"finished\":{},\"failed\":{},\"stream_errors\":{},\"tls_sessions_resumed\":{}}}\n",
       o.streams, o.client, o.tls, o.format, o.chunk_latency_ms, all_open, all_open_s,
       static_cast<double>(median(heap_samples)) / n,
       static_cast<double>(*std::min_element(heap_samples.begin(), heap_samples.end())) / n,
@@ -544,6 +550,6 @@ int main(int argc, char** argv) {
       static_cast<double>(median(rss_samples)) / n,
       static_cast<double>(*std::min_element(rss_samples.begin(), rss_samples.end())) / n,
       static_cast<double>(*std::max_element(rss_samples.begin(), rss_samples.end())) / n, finished,
-      failed, stream_errors);
+      failed, stream_errors, client.tls_sessions_resumed());
   return failed == 0 && stream_errors == 0 && all_open ? 0 : 1;
 }
