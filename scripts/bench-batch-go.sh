@@ -52,27 +52,6 @@ for i in $(seq "$prompts"); do
 done >"$tmp/prompts.jsonl"
 printf '[{"model": "m", "base_url": "%s", "api_key": "sk-bench-batch-0001"}]\n' "$url" >"$tmp/keel.json"
 
-measure() {  # label, then the command
-  local label="$1"; shift
-  rm -f "$tmp/out.jsonl"
-  /usr/bin/time -f '%e %U %S' -o "$tmp/time" taskset -c 1 "$@" >/dev/null 2>"$tmp/client.log" || {
-    echo "$prog: $label failed:" >&2; tail -5 "$tmp/client.log" >&2; return 1; }
-  read -r wall user sys <"$tmp/time"
-  local lines ok
-  lines=$(wc -l <"$tmp/out.jsonl")
-  ok=$(grep -c '"status":"ok"' "$tmp/out.jsonl" || true)
-  local pct
-  pct=$(python3 -c '
-import json, sys
-v = []
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    v.append(r["latency_ms"] if "latency_ms" in r else r.get("seconds", 0) * 1000)
-v.sort()
-print("p50 %.1f ms  p99 %.1f ms" % (v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.99))]) if v else "")' "$tmp/out.jsonl")
-  awk -v l="$label" -v w="$wall" -v u="$user" -v s="$sys" -v n="$prompts" -v lines="$lines" -v ok="$ok" -v pct="$pct" \
-    'BEGIN { printf "%-22s wall %6.2f s  user %6.2f s  sys %5.2f s  cpu %6.1f us/item  records %d (ok %d)  %s\n", l, w, u, s, (u + s) * 1e6 / n, lines, ok, pct }'
-}
 
 echo "mock $url (latency $latency ms); $prompts prompts; keel $("$keel" --version | head -1); $(go version)"
 for c in $conc; do

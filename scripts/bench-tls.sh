@@ -11,7 +11,7 @@
 #                        [--rounds R] [--no-go]
 #
 # Every client gets the one-entry config (plus --ca-file for the throwaway CA). Prints one line
-# per run: wall, user, system, CPU per item, records written and how many were ok.
+# per run: wall, user, system, CPU per item, records written (ok) and latency p50/p99.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -96,18 +96,6 @@ for i in $(seq "$prompts"); do
 done >"$tmp/prompts.jsonl"
 printf '[{"model": "m", "base_url": "%s", "api_key": "sk-bench-tls-0001"}]\n' "$url" >"$tmp/keel.json"
 
-measure() {  # label, then the command
-  local label="$1"; shift
-  rm -f "$tmp/out.jsonl"
-  /usr/bin/time -f '%e %U %S' -o "$tmp/time" taskset -c 1 "$@" >/dev/null 2>"$tmp/client.log" || {
-    echo "$prog: $label failed:" >&2; tail -5 "$tmp/client.log" >&2; return 1; }
-  read -r wall user sys <"$tmp/time"
-  local lines ok
-  lines=$(wc -l <"$tmp/out.jsonl")
-  ok=$(grep -c '"status":"ok"' "$tmp/out.jsonl" || true)
-  awk -v l="$label" -v w="$wall" -v u="$user" -v s="$sys" -v n="$prompts" -v lines="$lines" -v ok="$ok" \
-    'BEGIN { printf "%-26s wall %6.2f s  user %6.2f s  sys %5.2f s  cpu %6.1f us/item  records %d (ok %d)\n", l, w, u, s, (u + s) * 1e6 / n, lines, ok }'
-}
 run_keel() {  # label, binary, concurrency
   measure "$1" "$2" batch --config "$tmp/keel.json" --ca-file "$tmp/ca.pem" \
     --in "$tmp/prompts.jsonl" --out "$tmp/out.jsonl" --overwrite -c "$3" --quiet

@@ -228,6 +228,20 @@ struct test_server {
   }
 };
 
+/// A TLS test server and a client that trusts its CA, with default options otherwise.
+struct trusted_tls {
+  /// The client's options: the test CA trusted.
+  static kh::client_options trusting(const test_pki& p) {
+    kh::client_options o;
+    o.tls.ca_file = p.ca_file;
+    return o;
+  }
+  test_pki pki;
+  asio::io_context ctx;
+  test_server srv{ctx, &pki.server_ctx};
+  kh::client cl{ctx.get_executor(), trusting(pki)};
+};
+
 /// Sends one request and runs until it ends.
 outcome<kh::response> send_one(asio::io_context& ctx, kh::client& cl, kh::request req) {
   outcome<kh::response> out;
@@ -739,13 +753,8 @@ TEST_CASE("https client: a self-signed server certificate is refused by default"
   CHECK(srv.requests == 1);
 }
 
-TEST_CASE("https client: a certificate signed by ca_file is accepted and reused", "[http]") {
-  test_pki pki;
-  asio::io_context ctx;
-  test_server srv(ctx, &pki.server_ctx);
-  kh::client_options opts;
-  opts.tls.ca_file = pki.ca_file;
-  kh::client cl(ctx.get_executor(), opts);
+TEST_CASE_METHOD(trusted_tls,
+                 "https client: a certificate signed by ca_file is accepted and reused", "[http]") {
   for (int i = 0; i < 3; ++i) {
     auto out = send_one(ctx, cl, kh::request("GET", srv.url("/tls")));
     REQUIRE(out.value);
@@ -782,14 +791,9 @@ TEST_CASE("https client: insecure_skip_verify accepts an untrusted certificate",
   CHECK(out.value->status == 200);
 }
 
-TEST_CASE("https client: a host name is resolved by DNS and verified against the certificate",
-          "[http]") {
-  test_pki pki;
-  asio::io_context ctx;
-  test_server srv(ctx, &pki.server_ctx);
-  kh::client_options opts;
-  opts.tls.ca_file = pki.ca_file;
-  kh::client cl(ctx.get_executor(), opts);
+TEST_CASE_METHOD(
+    trusted_tls,
+    "https client: a host name is resolved by DNS and verified against the certificate", "[http]") {
   // "localhost" goes through the resolver, SNI and host-name verification (DNS:localhost SAN).
   const std::string url = "https://localhost:" + std::to_string(srv.port()) + "/named";
   auto out = send_one(ctx, cl, kh::request("GET", url));
@@ -893,14 +897,9 @@ TEST_CASE("https client: a body that ends at the close needs the server's close_
   }
 }
 
-TEST_CASE("https client: large bodies both ways span many TLS records on one connection",
-          "[http][tls]") {
-  test_pki pki;
-  asio::io_context ctx;
-  test_server srv(ctx, &pki.server_ctx);
-  kh::client_options opts;
-  opts.tls.ca_file = pki.ca_file;
-  kh::client cl(ctx.get_executor(), opts);
+TEST_CASE_METHOD(trusted_tls,
+                 "https client: large bodies both ways span many TLS records on one connection",
+                 "[http][tls]") {
   for (int i = 0; i < 3; ++i) {
     kh::request post("POST", srv.url("/big"));
     // 600 KiB: about 38 records each way, in a pattern that shows a dropped or repeated record.
@@ -971,16 +970,12 @@ TEST_CASE("https client: a TLS handshake the server never answers ends with conn
   CHECK(cl.pooled_idle() == 0);
 }
 
-TEST_CASE("https client: a deadline cancels a stalled TLS read through its cancellation slot",
-          "[http][tls]") {
+TEST_CASE_METHOD(
+    trusted_tls,
+    "https client: a deadline cancels a stalled TLS read through its cancellation slot",
+    "[http][tls]") {
   manual_clock::reset();
-  test_pki pki;
-  asio::io_context ctx;
-  test_server srv(ctx, &pki.server_ctx);
   srv.plan = [](int k) { return k == 0 ? act::stall : act::normal; };
-  kh::client_options opts;
-  opts.tls.ca_file = pki.ca_file;
-  kh::client cl(ctx.get_executor(), opts);
   const kh::request req("GET", srv.url("/slow"));
   outcome<kh::response> out;
   spawn(ctx, keel::with_deadline<manual_clock>([&] { return cl.send(req); }, 5s), out);
