@@ -267,3 +267,25 @@ TEST_CASE("tls_stream: a certificate that does not verify fails the handshake in
   CHECK(keel::http::normalize_error(ec) == keel::http::error::tls_verification_failed);
   CHECK(SSL_get_verify_result(client.native_handle()) != X509_V_OK);
 }
+
+TEST_CASE("tls_stream: async_wait_readable waits on the socket until a record arrives",
+          "[http][tls]") {
+  tls_pair p;
+  bool woke = false;
+  REQUIRE(p.client.drained());
+  p.client.async_wait_readable([&](boost::system::error_code ec) {
+    CHECK_FALSE(ec);
+    woke = true;
+  });
+  for (int i = 0; i < 10; ++i) {
+    p.ctx.poll();
+  }
+  CHECK_FALSE(woke);
+  asio::async_write(*p.server, asio::buffer(std::string("ping")),
+                    [](boost::system::error_code, std::size_t) {});
+  REQUIRE(run_real(p.ctx, [&] { return woke; }));
+  CHECK(p.client.drained());  // the record waits in the socket, not in OpenSSL
+  auto [ec, got] = p.client_read(4);
+  CHECK_FALSE(ec);
+  CHECK(got == "ping");
+}

@@ -487,10 +487,10 @@ struct client::impl {
   // parse yet (none, or part of a chunk's framing) and a plain TCP stream waits for readability
   // (`wait_read`, which needs no buffer) before it reads; the 64 KiB read is allocated only once
   // bytes are there, and `response_reader::state::read` shrinks it again after the read. A TLS
-  // stream cannot wait on the socket alone (OpenSSL, reading ahead, may hold bytes already read
-  // from it), so it waits in a one-byte read instead (tls_stream frees OpenSSL's buffers before
-  // it waits) and then takes the rest of that record's plaintext into a buffer of its size (at
-  // most 16 KiB: an SSL_read never returns more than a record). `send`
+  // stream waits on the socket too when OpenSSL holds nothing (OpenSSL, reading ahead, may hold
+  // bytes already read from it), with OpenSSL's buffers freed; then a one-byte read takes the
+  // first byte of the record and a second read the rest of that record's plaintext, into a
+  // buffer of its size (at most 16 KiB: an SSL_read never returns more than a record). `send`
   // (not streaming) reads as before: 64 KiB, kept by the connection.
   //
   // `Streaming` is a template parameter so that `send`'s instantiation is the loop as it was,
@@ -554,11 +554,18 @@ struct client::impl {
       std::size_t got = 0;
       bool read_done = false;
       if constexpr (Streaming && is_tls) {
-        // A TLS stream waits holding a one-byte buffer: a one-byte SSL_read returns as soon as a
+        // When OpenSSL holds nothing, the stream waits on the socket as a plain one does (no
+        // buffer, and the smallest pending operation). Then a one-byte SSL_read returns once a
         // record has arrived and been decrypted, and leaves the rest of its plaintext pending in
-        // OpenSSL, which the read below then takes into a buffer of just that size (no read
-        // touches the socket while plaintext is pending). Not when OpenSSL already holds
-        // unprocessed bytes: those are read at once, as before.
+        // OpenSSL, which the read below takes into a buffer of just that size (no read touches
+        // the socket while plaintext is pending). Not when OpenSSL already holds unprocessed
+        // bytes: those are read at once.
+        if (s.drained()) {
+          co_await s.async_wait_readable(asio::redirect_error(asio::use_awaitable, ec));
+          if (ec) {
+            co_return ec;
+          }
+        }
         SSL* ssl = s.native_handle();
         if (SSL_has_pending(ssl) == 0) {
           unsigned char first = 0;

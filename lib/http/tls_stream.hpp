@@ -98,6 +98,27 @@ class tls_stream {
         io_op<op_kind::read>{this, b.data(), b.size()}, token, next_.socket());
   }
 
+  /// True if nothing is buffered in OpenSSL (no plaintext, no unprocessed record bytes): the
+  /// next bytes can only come from the socket, so a caller may wait for its readability
+  /// (`next_layer().socket().async_wait`) holding no buffer.
+  bool drained() const noexcept;
+  /// Frees OpenSSL's record buffers if they hold nothing; call before a long wait. (The stream's
+  /// own operations do before each wait for readability: SSL_MODE_RELEASE_BUFFERS alone does
+  /// not, as OpenSSL 3.0 keeps the read buffer after a record it has consumed, 16.2 KiB per idle
+  /// connection, measured.)
+  void release_buffers() noexcept;
+
+  /// Waits until the socket is readable, holding no buffer (OpenSSL's are freed first): for a
+  /// caller that waits long between reads, when `drained()`. Completion: `void(error_code)`.
+  /// Cancellation: as `basic_socket::async_wait` (terminal, partial, total).
+  template <class Token>
+  auto async_wait_readable(Token&& token) {
+    wrote_ = false;  // the next read follows this wait, not the last write
+    release_buffers();
+    return next_.socket().async_wait(boost::asio::ip::tcp::socket::wait_read,
+                                     std::forward<Token>(token));
+  }
+
   /// Encrypts and sends some bytes of the first non-empty buffer of `buffers`. Completion:
   /// `void(error_code, std::size_t)` with how many plaintext bytes were taken. Cancellation:
   /// per operation, as `async_handshake` (after a cancelled write the connection must be
@@ -120,12 +141,6 @@ class tls_stream {
   // for before calling again, or want::nothing with `ec` and `n` set.
   want perform(op_kind kind, void* data, std::size_t size, boost::system::error_code& ec,
                std::size_t& n);
-  // True if nothing is buffered in OpenSSL (no plaintext, no unprocessed record bytes).
-  bool drained() const noexcept;
-  // Frees OpenSSL's record buffers if they hold nothing, before a wait for readability.
-  // SSL_MODE_RELEASE_BUFFERS alone does not: OpenSSL 3.0 keeps the read buffer after a record
-  // it has consumed (16.2 KiB per idle connection, measured).
-  void release_buffers() noexcept;
 
   template <class Buffer, class Sequence>
   static Buffer first_buffer(const Sequence& buffers) {
