@@ -442,11 +442,19 @@ struct client::impl {
           fail(error::tls_error, "cannot set the host name to verify", where);
         }
       }
+      // The session offered, held (up-ref'd) so that a failure can tell whether the pool still
+      // holds that same session.
+      std::unique_ptr<SSL_SESSION, ssl_session_free> offered;
       if (opts.tls.resume_sessions) {
         SSL* ssl = c.tls->native_handle();
         SSL_set_ex_data(ssl, pool_ex_index(), &pool);
-        if (pool.tls_session && SSL_set_session(ssl, pool.tls_session.get()) != 1) {
-          pool.tls_session.reset();  // not usable with this context: forget it
+        if (pool.tls_session) {
+          if (SSL_set_session(ssl, pool.tls_session.get()) == 1) {
+            SSL_SESSION_up_ref(pool.tls_session.get());
+            offered.reset(pool.tls_session.get());
+          } else {
+            pool.tls_session.reset();  // not usable with this context: forget it
+          }
         }
       }
       // The connect timeout covers the handshake too: what is left of it, on the request timer
@@ -460,11 +468,25 @@ struct client::impl {
         fail(error::connect_timeout, "TLS handshake failed", where);
       }
       if (ec) {
-        pool.tls_session.reset();  // the next connection starts afresh (a full handshake)
+        // A TLS failure (not a reset or a cancellation) with the session offered: the next
+        // connection starts afresh, unless another connection has stored a newer session since.
+        if (offered && pool.tls_session.get() == offered.get() &&
+            ec.category() == asio::error::get_ssl_category()) {
+          pool.tls_session.reset();
+        }
         fail(ec, tls_failure(ec, c.tls->native_handle(), u.host), where);
       }
-      if (SSL_session_reused(c.tls->native_handle()) == 1) {
+      SSL* ssl = c.tls->native_handle();
+      if (SSL_session_reused(ssl) == 1) {
         ++resumed;
+      }
+      // TLS 1.2 reports no new session through the callback when a resumed handshake renewed
+      // the ticket (OpenSSL then also marks the old one not resumable): keep the renewed one.
+      if (opts.tls.resume_sessions && SSL_version(ssl) < TLS1_3_VERSION) {
+        SSL_SESSION* now = SSL_get0_session(ssl);
+        if (now != nullptr && now != pool.tls_session.get() && SSL_SESSION_is_resumable(now) == 1) {
+          pool.tls_session.reset(SSL_get1_session(ssl));
+        }
       }
     }
   }
