@@ -9,8 +9,8 @@
 // be sized or released through its interface. Here the SSL object's BIO is the socket itself, and
 // with `SSL_MODE_RELEASE_BUFFERS` OpenSSL holds its record buffers only while a record is in
 // flight, so an idle connection costs OpenSSL's connection state and no buffer (the stream frees
-// the read buffer itself before it waits: see release_buffers). It also saves the
-// two copies of every record through the BIO pair.
+// the read buffer itself before it waits, on OpenSSL versions where that is safe: see
+// release_buffers). It also saves the two copies of every record through the BIO pair.
 //
 // How: each operation calls `SSL_read_ex` / `SSL_write_ex` / `SSL_do_handshake` first and, when
 // OpenSSL wants the socket readable or writable, waits for that with `socket.async_wait` (the
@@ -37,6 +37,9 @@
 // the connection should then be closed, as after any cancelled TLS write). `cancel()` on the
 // socket aborts the waits the same way. At most one read and one write may be pending at once,
 // and the stream must outlive its operations (as `asio::ssl::stream`).
+//
+// Destruction closes nothing by TLS (no close_notify is sent); a connection that did not fail is
+// marked as ended properly (SSL_SENT_SHUTDOWN), so that OpenSSL keeps its session resumable.
 //
 // Not supported (the client does not use them): the server side, renegotiation started by keel,
 // and a TLS shutdown (the client closes the socket; keel never reuses a connection after a
