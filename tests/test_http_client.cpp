@@ -509,7 +509,7 @@ TEST_CASE("http client: request_timeout is armed again for each request on a reu
   test_server srv(ctx);
   srv.plan = [](int k) { return k < 3 ? act::normal : act::stall; };
   kh::client_options opts;
-  opts.request_timeout = std::chrono::milliseconds(20);
+  opts.request_timeout = std::chrono::milliseconds(200);
   kh::client cl(ctx.get_executor(), opts);
   for (int i = 0; i < 3; ++i) {
     auto ok = send_one(ctx, cl, kh::request("GET", srv.url("/ok")));
