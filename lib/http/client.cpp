@@ -137,7 +137,7 @@ struct connection {
     }
     // Over TLS, OpenSSL may already have read (ahead) what the server sent: a close_notify or
     // an unsolicited response.
-    if (tls && SSL_has_pending(tls->native_handle()) != 0) {
+    if (tls && !tls->drained()) {
       return false;
     }
     char byte = 0;
@@ -582,14 +582,12 @@ struct client::impl {
         // OpenSSL, which the read below takes into a buffer of just that size (no read touches
         // the socket while plaintext is pending). Not when OpenSSL already holds unprocessed
         // bytes: those are read at once.
+        SSL* ssl = s.native_handle();
         if (s.drained()) {
           co_await s.async_wait_readable(asio::redirect_error(asio::use_awaitable, ec));
           if (ec) {
             co_return ec;
           }
-        }
-        SSL* ssl = s.native_handle();
-        if (SSL_has_pending(ssl) == 0) {
           unsigned char first = 0;
           got = co_await s.async_read_some(asio::buffer(&first, 1),
                                            asio::redirect_error(asio::use_awaitable, ec));

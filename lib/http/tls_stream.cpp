@@ -143,7 +143,7 @@ bool tls_stream::bind() {
 }
 
 bool tls_stream::drained() const noexcept {
-  return SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0;
+  return SSL_has_pending(ssl_) == 0;  // covers decrypted plaintext and raw record bytes
 }
 
 namespace {
