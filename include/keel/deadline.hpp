@@ -21,7 +21,10 @@
 //
 // Cost (bench/core_bench.cpp, docs/BENCHMARKS.md): about 1.5 µs and 1.6 KiB per call, most of
 // it the spawned thread (0.6–1.0 µs; its frames and cancellation handler, 0.65 KiB); the queue
-// adds about 0.1 µs and no allocation.
+// adds about 0.1 µs and no allocation. When the operation's value type has a default
+// constructor, the thread's body is the operation's own awaitable (`op()` is called just before
+// the thread starts); otherwise (void, or no default constructor, which co_spawn's completion
+// needs for an exception) a small coroutine wraps it, one frame more for the call's life.
 //
 // Nested deadlines: the tighter wins. The operation runs on an executor that carries its
 // deadline, so code inside it can ask how much time is left (`keel::deadline_of`,
@@ -126,33 +129,54 @@ auto run_op_lifted(MakeOp& op)
   }
 }
 
+/// True if the operation's own awaitable can be the spawned thread's body: co_spawn hands back a
+/// default-constructed value with an exception, so `T` must have one. Otherwise (void, or no
+/// default constructor) the body is `run_op_lifted`, one coroutine frame more for the call's life.
+template <class T>
+inline constexpr bool spawn_direct_v =
+    !std::is_void_v<T> && std::is_default_constructible_v<T> && std::is_move_constructible_v<T>;
+
+/// What the spawned thread's body returns: `T` itself when spawned directly, else the optional.
+template <class T>
+using spawn_result_t = std::conditional_t<spawn_direct_v<T>, T, std::optional<deadline_value_t<T>>>;
+
+/// The spawned thread's body: `op()` itself, or `run_op_lifted(op)`. `op` lives in the caller's
+/// frame, which outlives the thread; called here, before the thread starts, when spawned directly.
+template <class MakeOp>
+auto spawn_body(MakeOp& op) -> boost::asio::awaitable<spawn_result_t<op_value_t<MakeOp>>> {
+  if constexpr (spawn_direct_v<op_value_t<MakeOp>>) {
+    return op();
+  } else {
+    return run_op_lifted(op);
+  }
+}
+
 /// `co_spawn(ex, body, ...)` with its completion bound to `slot`, as an async operation object
 /// that a coroutine can `co_await` in place: unlike `use_awaitable`, it allocates no frame of its
-/// own. Completes with `(std::tuple<std::exception_ptr, std::optional<V>>)`, because Asio 1.81
-/// cannot `co_await` an operation whose signature is `(std::exception_ptr, T)` and its
+/// own. Completes with `(std::tuple<std::exception_ptr, R>)`, because Asio 1.81 cannot
+/// `co_await` an operation whose signature is `(std::exception_ptr, T)` and its
 /// `bind_cancellation_slot` cannot wrap `deferred`.
-template <class V>
+template <class R>
 struct spawn_with_slot {
-  using outcome = std::tuple<std::exception_ptr, std::optional<V>>;
+  using outcome = std::tuple<std::exception_ptr, R>;
 
   boost::asio::any_io_executor ex;
-  boost::asio::awaitable<std::optional<V>> body;
+  boost::asio::awaitable<R> body;
   boost::asio::cancellation_slot slot;
 
   template <class CompletionToken>
   requires boost::asio::completion_token_for<CompletionToken, void(outcome)>
   auto operator()(CompletionToken&& token) && {
     return boost::asio::async_initiate<CompletionToken, void(outcome)>(
-        [](auto handler, boost::asio::any_io_executor spawn_ex,
-           boost::asio::awaitable<std::optional<V>> spawn_body, boost::asio::cancellation_slot s) {
+        [](auto handler, boost::asio::any_io_executor spawn_ex, boost::asio::awaitable<R> body_,
+           boost::asio::cancellation_slot s) {
           // The spawned thread runs on `spawn_ex`, which wraps the caller's executor, so its
           // completion is dispatched there too.
-          boost::asio::co_spawn(
-              spawn_ex, std::move(spawn_body),
-              boost::asio::bind_cancellation_slot(
-                  s, [h = std::move(handler)](std::exception_ptr e, std::optional<V> v) mutable {
-                    std::move(h)(outcome(e, std::move(v)));
-                  }));
+          boost::asio::co_spawn(spawn_ex, std::move(body_),
+                                boost::asio::bind_cancellation_slot(
+                                    s, [h = std::move(handler)](std::exception_ptr e, R v) mutable {
+                                      std::move(h)(outcome(e, std::move(v)));
+                                    }));
         },
         token, std::move(ex), std::move(body), slot);
   }
@@ -233,8 +257,8 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
   // `use_awaitable`, which allocates a frame of its own per call. Made (allocating the
   // operation's frame) before the caller's slot is connected to `race`: a bad_alloc must not
   // leave the caller's slot pointing into this unwinding frame.
-  spawn_with_slot<deadline_value_t<T>> spawn{detail::with_deadline_executor<Clock>(ex, visible),
-                                             detail::run_op_lifted(op), race.cancel_op.slot()};
+  spawn_with_slot<spawn_result_t<T>> spawn{detail::with_deadline_executor<Clock>(ex, visible),
+                                           detail::spawn_body(op), race.cancel_op.slot()};
   auto cs = co_await asio::this_coro::cancellation_state;
   if (auto caller = cs.slot(); caller.is_connected()) {
     caller.assign([&race](asio::cancellation_type type) {
@@ -273,11 +297,15 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
   if (op_error) {
     std::rethrow_exception(op_error);
   }
-  if (!value) {
-    throw boost::system::system_error(asio::error::operation_aborted);
-  }
-  if constexpr (!std::is_void_v<T>) {
-    co_return std::move(*value);
+  if constexpr (spawn_direct_v<T>) {
+    co_return std::move(value);
+  } else {
+    if (!value) {
+      throw boost::system::system_error(asio::error::operation_aborted);
+    }
+    if constexpr (!std::is_void_v<T>) {
+      co_return std::move(*value);
+    }
   }
 }
 

@@ -505,7 +505,7 @@ const keel::circuit_breaker* client::breaker(std::size_t i) const {
   return i < entries_.size() ? entries_[i]->breaker.get() : nullptr;
 }
 
-asio::awaitable<keel::llm::chat_response> client::hedged_attempt(entry_state& es, call_state& cs) {
+asio::awaitable<client::reply_box> client::hedged_attempt(entry_state& es, call_state& cs) {
   // Not a coroutine: without hedging the attempt's awaitable is returned as it is, with no frame
   // of this function held for the attempt's life (a stream's life, for a streamed call).
   if (!es.hedges) {
@@ -514,7 +514,7 @@ asio::awaitable<keel::llm::chat_response> client::hedged_attempt(entry_state& es
   return hedge_attempts(es, cs);
 }
 
-asio::awaitable<keel::llm::chat_response> client::hedge_attempts(entry_state& es, call_state& cs) {
+asio::awaitable<client::reply_box> client::hedge_attempts(entry_state& es, call_state& cs) {
   const hedge_config& hc = cfg_.policy.hedge;
   keel::hedge_policy hp;
   hp.max_attempts = static_cast<std::size_t>(hc.max_attempts);
@@ -551,10 +551,10 @@ asio::awaitable<keel::llm::chat_response> client::hedge_attempts(entry_state& es
     };
   }
   std::size_t winner = es.index;
-  keel::llm::chat_response r = co_await keel::with_hedge(
-      [&](keel::hedge_attempt& h) -> asio::awaitable<keel::llm::chat_response> {
+  reply_box r = co_await keel::with_hedge(
+      [&](keel::hedge_attempt& h) -> asio::awaitable<reply_box> {
         entry_state& to = target(h.index());
-        keel::llm::chat_response out = co_await attempt(to, cs, &h);
+        reply_box out = co_await attempt(to, cs, &h);
         winner = to.index;  // only the winner completes: the others are cancelled
         co_return out;
       },
@@ -563,29 +563,14 @@ asio::awaitable<keel::llm::chat_response> client::hedge_attempts(entry_state& es
   co_return r;
 }
 
-asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_state& cs,
-                                                          keel::hedge_attempt* hedge) {
-  keel::llm::chat_request req = cs.request;
-  if (req.model.empty() || es.index != 0) {
-    req.model = es.cfg->model;
-  }
-  if (es.cfg->response_format) {
-    req.response_format = es.cfg->response_format;
-  }
-  // The entry's generation parameters, where the input line gave none.
-  if (!req.temperature) {
-    req.temperature = es.cfg->temperature;
-  }
-  if (!req.top_p) {
-    req.top_p = es.cfg->top_p;
-  }
-  if (req.stop.empty()) {
-    req.stop = es.cfg->stop;
-  }
-  if (!req.seed) {
-    req.seed = es.cfg->seed;
-  }
-  req.token_field = es.cfg->max_tokens_field;
+// The attempt's frame is held for a streamed call's whole life, so what does not wait is in plain
+// functions around it (attempt_request, start_attempt_span, stream_request, attempt_failed,
+// attempt_succeeded), whose temporaries are on the stack rather than in the frame; and no call
+// awaited here takes arguments by value (their temporaries would live in the frame across the
+// wait): the stream's request is built inside a lambda.
+asio::awaitable<client::reply_box> client::attempt(entry_state& es, call_state& cs,
+                                                   keel::hedge_attempt* hedge) {
+  const keel::llm::chat_request req = attempt_request(es, cs);
   if (slots_ && !cs.slot) {
     cs.slot = co_await slots_->acquire();  // given up while the call slept; FIFO
   }
@@ -672,6 +657,61 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   if (es.pacing) {
     ticket = es.pacing->on_send(cost);
   }
+  keel::trace::span span = start_attempt_span(es, cs, req, waited, hedge);
+  const keel::trace::span_context* outgoing =
+      span.context().valid() ? &span.context() : cs.outgoing();
+  const auto sent = clock_type::now();
+  std::exception_ptr failed;
+  reply_box reply;
+  try {
+    if (cs.stream) {
+      reply = co_await [&] {
+        return stream_attempt(es, cs, stream_request(es, req, sdk, outgoing),
+                              estimate - std::max(req.max_tokens, 0), hedge);
+      }();
+    } else {
+      reply = co_await complete_attempt(es, req, sdk, outgoing);
+    }
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  if (failed) {
+    attempt_failed(es, cs, ticket, estimate, failed, span, sent);
+    std::rethrow_exception(failed);
+  }
+  attempt_succeeded(es, cs, ticket, estimate - std::max(req.max_tokens, 0), estimate, *reply, span,
+                    sent);
+  co_return reply;
+}
+
+keel::llm::chat_request client::attempt_request(const entry_state& es, const call_state& cs) {
+  keel::llm::chat_request req = cs.request;
+  if (req.model.empty() || es.index != 0) {
+    req.model = es.cfg->model;
+  }
+  if (es.cfg->response_format) {
+    req.response_format = es.cfg->response_format;
+  }
+  // The entry's generation parameters, where the input line gave none.
+  if (!req.temperature) {
+    req.temperature = es.cfg->temperature;
+  }
+  if (!req.top_p) {
+    req.top_p = es.cfg->top_p;
+  }
+  if (req.stop.empty()) {
+    req.stop = es.cfg->stop;
+  }
+  if (!req.seed) {
+    req.seed = es.cfg->seed;
+  }
+  req.token_field = es.cfg->max_tokens_field;
+  return req;
+}
+
+keel::trace::span client::start_attempt_span(entry_state& es, call_state& cs,
+                                             const keel::llm::chat_request& req, nanoseconds waited,
+                                             const keel::hedge_attempt* hedge) {
   // The attempt's span (a child of the call's); its context is what the request carries.
   keel::trace::span span;
   if (options_.tracer) {
@@ -690,99 +730,116 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
       }
     }
   }
-  const keel::trace::span_context* outgoing =
-      span.context().valid() ? &span.context() : cs.outgoing();
-  const auto sent = clock_type::now();
-  std::exception_ptr failed;
-  std::optional<keel::llm::chat_response> reply;
-  try {
-    std::optional<keel::llm::aws_credentials> creds = es.cfg->aws;
-    if (es.cfg->api_type == keel::llm::provider_kind::bedrock && !creds) {
-      // No credentials (e.g. against the mock server): sign with placeholders.
-      creds = keel::llm::aws_credentials("AKIDKEELPLACEHOLDER", "keel-placeholder-secret");
-    }
-    if (cs.stream) {
-      keel::http::request http_req = keel::llm::build_stream_request(req, es.ep);
-      if (es.cfg->api_type == keel::llm::provider_kind::bedrock) {
-        if (sdk) {
-          keel::llm::bedrock::add_sdk_request_headers(http_req, *sdk);
-        }
-        keel::llm::sign_request(http_req, *creds, es.ep.region, "bedrock",
-                                std::chrono::system_clock::now());
-      }
-      if (outgoing) {
-        http_req.set("traceparent", keel::trace::to_traceparent(*outgoing));
-        if (!outgoing->state.empty()) {
-          http_req.set("tracestate", outgoing->state);
-        }
-      }
-      reply = co_await stream_attempt(es, cs, std::move(http_req),
-                                      estimate - std::max(req.max_tokens, 0), hedge);
-    } else if (outgoing) {
-      traced_sender sender{*es.http, outgoing};
-      if (es.cfg->timeout) {
-        reply = co_await keel::with_deadline(
-            [&] { return keel::llm::complete(sender, es.ep, req, creds, sdk, options_.keep_raw); },
-            seconds_ns(*es.cfg->timeout));
-      } else {
-        reply = co_await keel::llm::complete(sender, es.ep, req, creds, sdk, options_.keep_raw);
-      }
-    } else if (es.cfg->timeout) {
-      reply = co_await keel::with_deadline(
-          [&] { return keel::llm::complete(*es.http, es.ep, req, creds, sdk, options_.keep_raw); },
-          seconds_ns(*es.cfg->timeout));
-    } else {
-      reply = co_await keel::llm::complete(*es.http, es.ep, req, creds, sdk, options_.keep_raw);
-    }
-  } catch (...) {
-    failed = std::current_exception();
+  return span;
+}
+
+const std::optional<keel::llm::aws_credentials>& client::credentials(const entry_state& es) {
+  if (es.cfg->api_type == keel::llm::provider_kind::bedrock && !es.cfg->aws) {
+    // No credentials (e.g. against the mock server): sign with placeholders.
+    static const std::optional<keel::llm::aws_credentials> placeholder(
+        std::in_place, "AKIDKEELPLACEHOLDER", "keel-placeholder-secret");
+    return placeholder;
   }
+  return es.cfg->aws;
+}
+
+keel::http::request client::stream_request(entry_state& es, const keel::llm::chat_request& req,
+                                           const std::optional<keel::aws::sdk_request_info>& sdk,
+                                           const keel::trace::span_context* outgoing) {
+  keel::http::request http_req = keel::llm::build_stream_request(req, es.ep);
+  if (es.cfg->api_type == keel::llm::provider_kind::bedrock) {
+    if (sdk) {
+      keel::llm::bedrock::add_sdk_request_headers(http_req, *sdk);
+    }
+    keel::llm::sign_request(http_req, *credentials(es), es.ep.region, "bedrock",
+                            std::chrono::system_clock::now());
+  }
+  if (outgoing) {
+    http_req.set("traceparent", keel::trace::to_traceparent(*outgoing));
+    if (!outgoing->state.empty()) {
+      http_req.set("tracestate", outgoing->state);
+    }
+  }
+  return http_req;
+}
+
+// A coroutine of its own, so that a non-streamed attempt's temporaries are not in the frame a
+// streamed attempt holds.
+asio::awaitable<client::reply_box> client::complete_attempt(
+    entry_state& es, const keel::llm::chat_request& req,
+    const std::optional<keel::aws::sdk_request_info>& sdk,
+    const keel::trace::span_context* outgoing) {
+  traced_sender sender{*es.http, outgoing};  // `complete` keeps a reference to it
+  auto one = [&]() -> asio::awaitable<keel::llm::chat_response> {
+    if (outgoing) {
+      return keel::llm::complete(sender, es.ep, req, credentials(es), sdk, options_.keep_raw);
+    }
+    return keel::llm::complete(*es.http, es.ep, req, credentials(es), sdk, options_.keep_raw);
+  };
+  if (es.cfg->timeout) {
+    co_return std::make_unique<keel::llm::chat_response>(
+        co_await keel::with_deadline(one, seconds_ns(*es.cfg->timeout)));
+  }
+  co_return std::make_unique<keel::llm::chat_response>(co_await one());
+}
+
+void client::attempt_failed(entry_state& es, call_state& cs,
+                            const keel::rate_controller::ticket& ticket, double estimate,
+                            const std::exception_ptr& failed, keel::trace::span& span,
+                            clock_type::time_point sent) {
   attempt_report report;
   report.entry = es.index;
   report.context = cs.context;
   report.seconds = seconds_since(sent);
-  if (failed) {
-    // A refused call used no tokens, but under a controller a 429 keeps its reservation: giving
-    // it back lets the next caller go at once into the same refusal, and at a token limit every
-    // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
-    // (One classification of the error serves both the controller and the settling.)
-    const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed);
-    if (options_.fleet) {
-      if (const auto delay = server_delay_of_429(failed)) {
-        options_.fleet->on_server_delay(*es.cfg, *delay);  // hold the fleet, not just this process
-      }
+  // A refused call used no tokens, but under a controller a 429 keeps its reservation: giving
+  // it back lets the next caller go at once into the same refusal, and at a token limit every
+  // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
+  // (One classification of the error serves both the controller and the settling.)
+  const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed);
+  if (options_.fleet) {
+    if (const auto delay = server_delay_of_429(failed)) {
+      options_.fleet->on_server_delay(*es.cfg, *delay);  // hold the fleet, not just this process
     }
-    // A stream cut short used what it generated (its estimate); a refusal used nothing.
-    const double used = cs.stream ? std::min(cs.stream->partial_tokens, estimate) : 0;
-    es.bucket->settle(estimate, throttled ? estimate : used);
-    report.error = failed;
-    report.status = error_status(failed);
-    const keel::condition c = keel::classify(failed).condition;
-    if (report.status > 0) {
-      es.answered = true;
-    } else if (c != keel::condition::cancelled && !refused_locally(failed)) {
-      es.last_unanswered = failed;
-      if (!es.first_unanswered) {
-        es.first_unanswered = clock_type::now();
-      }
-    }
-    if (options_.fleet && es.breaker) {
-      if (c != keel::condition::cancelled) {
-        options_.fleet->on_breaker_outcome(*es.cfg,
-                                           es.breaker->policy().counts_as_failure.contains(c));
-      }
-    }
-    if (hooks_.on_attempt) {
-      hooks_.on_attempt(report);
-    }
-    if (span.recording()) {
-      if (report.status > 0) {
-        span.set("http.response.status_code", report.status);
-      }
-      span.set_error(keel::llm::error_class(failed), message_of(failed));
-    }
-    std::rethrow_exception(failed);
   }
+  // A stream cut short used what it generated (its estimate); a refusal used nothing.
+  const double used = cs.stream ? std::min(cs.stream->partial_tokens, estimate) : 0;
+  es.bucket->settle(estimate, throttled ? estimate : used);
+  report.error = failed;
+  report.status = error_status(failed);
+  const keel::condition c = keel::classify(failed).condition;
+  if (report.status > 0) {
+    es.answered = true;
+  } else if (c != keel::condition::cancelled && !refused_locally(failed)) {
+    es.last_unanswered = failed;
+    if (!es.first_unanswered) {
+      es.first_unanswered = clock_type::now();
+    }
+  }
+  if (options_.fleet && es.breaker) {
+    if (c != keel::condition::cancelled) {
+      options_.fleet->on_breaker_outcome(*es.cfg,
+                                         es.breaker->policy().counts_as_failure.contains(c));
+    }
+  }
+  if (hooks_.on_attempt) {
+    hooks_.on_attempt(report);
+  }
+  if (span.recording()) {
+    if (report.status > 0) {
+      span.set("http.response.status_code", report.status);
+    }
+    span.set_error(keel::llm::error_class(failed), message_of(failed));
+  }
+}
+
+void client::attempt_succeeded(entry_state& es, call_state& cs,
+                               const keel::rate_controller::ticket& ticket, double prompt_estimate,
+                               double estimate, const keel::llm::chat_response& reply,
+                               keel::trace::span& span, clock_type::time_point sent) {
+  attempt_report report;
+  report.entry = es.index;
+  report.context = cs.context;
+  report.seconds = seconds_since(sent);
   es.answered = true;
   // A token limit the controller learned from 429s is measured in this client's estimates:
   // settling with the real usage would give back the over-estimate and send more tokens than
@@ -793,17 +850,16 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   if (!es.pacing ||
       settles_token_usage(es.pacing->tokens().phase, es.cfg->rate_limits.tokens_per_minute)) {
     // A reply without usage (a server that reports none) used about what it wrote, not nothing.
-    const double used = reply->usage.total() > 0
-                            ? reply->usage.total()
-                            : estimate - std::max(req.max_tokens, 0) +
-                                  static_cast<double>((reply->text.size() + 3) / 4);
+    const double used = reply.usage.total() > 0
+                            ? reply.usage.total()
+                            : prompt_estimate + static_cast<double>((reply.text.size() + 3) / 4);
     es.bucket->settle(estimate, used);
   }
   if (es.pacing) {
     es.pacing->on_accepted(ticket);
     // Headers win: a stated limit is the estimate and a ceiling; a lower `remaining` than the
     // bucket holds is adopted (the key may be shared with other clients).
-    const auto& rl = reply->rate_limits;
+    const auto& rl = reply.rate_limits;
     es.pacing->on_advertised(rl.limit_requests, rl.limit_tokens);
     if (rl.remaining_requests && *rl.remaining_requests < es.bucket->available_requests()) {
       es.bucket->set_available_requests(*rl.remaining_requests);
@@ -815,7 +871,7 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   report.status = 200;
   if (span.recording()) {
     span.set("http.response.status_code", 200);
-    set_response_attributes(span, *reply);
+    set_response_attributes(span, reply);
   }
   if (options_.fleet && es.breaker) {
     options_.fleet->on_breaker_outcome(*es.cfg, false);
@@ -823,13 +879,12 @@ asio::awaitable<keel::llm::chat_response> client::attempt(entry_state& es, call_
   if (hooks_.on_attempt) {
     hooks_.on_attempt(report);
   }
-  co_return std::move(*reply);
 }
 
-asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es, call_state& cs,
-                                                                 keel::http::request http_req,
-                                                                 double prompt_tokens,
-                                                                 keel::hedge_attempt* hedge) {
+asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_state& cs,
+                                                          keel::http::request http_req,
+                                                          double prompt_tokens,
+                                                          keel::hedge_attempt* hedge) {
   stream_state& ss = *cs.stream;
   ss.partial_tokens = 0;
   double first = ss.first_token_timeout;
@@ -887,9 +942,9 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
         opts.request_id = std::string(*v);
       }
     }
-    keel::llm::chat_response out;
-    out.request_id = opts.request_id;
-    out.rate_limits = keel::llm::parse_rate_limits(head.headers, std::chrono::system_clock::now());
+    auto out = std::make_unique<keel::llm::chat_response>();
+    out->request_id = opts.request_id;
+    out->rate_limits = keel::llm::parse_rate_limits(head.headers, std::chrono::system_clock::now());
     auto decoder = keel::llm::make_stream_decoder(es.cfg->api_type, std::move(opts));
     // A key the server echoes never reaches the consumer, even split across two deltas.
     keel::llm::stream_scrubber scrubber(secrets_, secret_marker);
@@ -948,13 +1003,13 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
         switch (ev.kind) {
           case keel::llm::stream_event_kind::start:
             if (!ev.model.empty()) {
-              out.model = std::move(ev.model);
+              out->model = std::move(ev.model);
             }
             break;
           case keel::llm::stream_event_kind::text: {
             watch.first_token_seen();
             attempt_bytes += ev.text.size();
-            out.text += ev.text;  // scrubbed whole in run_call
+            out->text += ev.text;  // scrubbed whole in run_call
             safe.clear();
             scrubber.feed(ev.text, safe);
             co_await deliver(safe);
@@ -965,11 +1020,11 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
             const std::size_t ti = ev.tool_index;
             attempt_bytes += ev.tool.arguments.size() + ev.tool.name.size();
             // Decoders number calls densely from 0, so a new call is always the next one.
-            while (out.tool_calls.size() <= ti) {
-              out.tool_calls.emplace_back();
+            while (out->tool_calls.size() <= ti) {
+              out->tool_calls.emplace_back();
               tool_scrubbers.emplace_back(secrets_, secret_marker);
             }
-            keel::llm::tool_call& call = out.tool_calls[ti];  // scrubbed whole in run_call
+            keel::llm::tool_call& call = out->tool_calls[ti];  // scrubbed whole in run_call
             // The id and name come whole (a server may repeat them on every piece); only the
             // arguments come in fragments.
             if (!ev.tool.id.empty()) {
@@ -991,11 +1046,11 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
             break;
           }
           case keel::llm::stream_event_kind::finish:
-            out.finish_reason = std::move(ev.finish_reason);
+            out->finish_reason = std::move(ev.finish_reason);
             break;
           case keel::llm::stream_event_kind::usage:
             usage = ev.usage;
-            out.usage = ev.usage;
+            out->usage = ev.usage;
             break;
           case keel::llm::stream_event_kind::done:
             safe.clear();
@@ -1027,99 +1082,31 @@ asio::awaitable<keel::llm::chat_response> client::stream_attempt(entry_state& es
   }
 }
 
-asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_state& cs) {
+// Not a coroutine with keel's own retry: a frame of this function would be held for the call's
+// life (a stream's life, for a streamed call) with nothing in it the retry's frame does not hold.
+asio::awaitable<client::reply_box> client::run_entry(std::size_t i, call_state& cs) {
   entry_state& es = *entries_[i];
   cs.invocation.reset();
   if (es.cfg->api_type == keel::llm::provider_kind::bedrock) {
     const int max = es.aws ? es.aws->total_max_attempts() : es.policy.max_attempts;
     cs.invocation.emplace(keel::aws::make_invocation_id(invocation_ids_), max);
   }
-  auto one = [this, &es, &cs]() -> asio::awaitable<keel::llm::chat_response> {
-    if (!es.breaker) {
-      co_return co_await hedged_attempt(es, cs);
-    }
-    if (options_.fleet) {
-      options_.fleet->sync_breaker(*es.cfg, *es.breaker);
-    }
-    auto gated = [this, &es, &cs](keel::circuit_breaker::permit& p) {
-      cs.gate = &p;
-      cs.gate_entry = es.index;
-      return hedged_attempt(es, cs);
+  if (es.aws) {
+    return run_entry_aws(es, cs);
+  }
+  keel::retry_policy p = es.policy;
+  p.on_retry = retry_hook(es, cs);
+  if (cs.stream) {
+    p.retry_if = [base = std::move(p.retry_if), &cs](const std::exception_ptr& e,
+                                                     const keel::classification& c) {
+      return !cs.stream->final() && (!base || base(e, c));  // past the commit point: no retry
     };
-    // No HTTP answer at all for `unanswered_grace` since the first failure: an open breaker is
-    // no longer waited for (held or retried), so that a wrong base_url fails its items within
-    // the grace instead of holding each one for its deadline. The error says why, with the last
-    // transport error as its cause.
-    auto unanswered = [this, &es](const std::exception_ptr& rejected) {
-      if (!es.unanswered_reported) {
-        es.unanswered_reported = true;
-        if (hooks_.on_unanswered) {
-          hooks_.on_unanswered(es.index, es.last_unanswered);
-        }
-      }
-      std::vector<std::exception_ptr> causes;
-      if (es.last_unanswered) {
-        causes.push_back(es.last_unanswered);
-      }
-      causes.push_back(rejected);
-      return keel::failure(keel::make_error_code(keel::error::circuit_open),
-                           "circuit open: " + es.cfg->model +
-                               " has not answered one request (every failure had no HTTP "
-                               "answer), so calls no longer wait for its probe: check base_url, "
-                               "the network and TLS",
-                           std::move(causes));
-    };
-    const bool hold = es.last && options_.hold_open_breaker;
-    if (!hold && !es.given_up()) {
-      co_return co_await keel::with_breaker(*es.breaker, gated);
-    }
-    // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
-    // call's deadline still bounds the wait). Waiters wake with jitter and go through the
-    // paced bucket, so the breaker closing does not release them in one burst.
-    asio::steady_timer timer(co_await asio::this_coro::executor);
-    for (bool first = true;; first = false) {
-      if (options_.fleet && !first) {
-        options_.fleet->sync_breaker(*es.cfg, *es.breaker);  // the fleet's latest word first
-      }
-      std::exception_ptr rejected;
-      try {
-        co_return co_await keel::with_breaker(*es.breaker, gated);
-      } catch (const boost::system::system_error& e) {
-        if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
-          throw;
-        }
-        rejected = std::current_exception();
-      }
-      if (es.given_up()) {
-        throw unanswered(rejected);
-      }
-      if (!hold) {
-        std::rethrow_exception(rejected);
-      }
-      if (hooks_.on_hold) {
-        hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());
-      }
-      if (cs.span.recording()) {
-        cs.span.add_event("keel.breaker_hold",
-                          {{"keel.entry", es.index},
-                           {"keel.wait_ms", milliseconds_of(es.breaker->remaining_open_time())}});
-      }
-      cs.slot.release();  // a held item sends nothing: let another one use the slot
-      // Until the probe, or (half-open, the probe slots taken) a short while; for a server
-      // that has never answered, no later than the end of its grace.
-      auto wait = es.breaker->remaining_open_time() +
-                  std::chrono::duration_cast<nanoseconds>(
-                      std::chrono::duration<double>(0.05 + 0.2 * random_.uniform()));
-      if (!es.answered && es.first_unanswered) {
-        const auto grace_left = *es.first_unanswered + es.unanswered_grace - clock_type::now();
-        wait = std::min(wait, std::max(std::chrono::duration_cast<nanoseconds>(grace_left),
-                                       nanoseconds::zero()));
-      }
-      timer.expires_after(wait);
-      co_await timer.async_wait(asio::use_awaitable);
-    }
-  };
-  auto on_retry = [this, &es, &cs](const keel::retry_event& ev) {
+  }
+  return keel::with_retry([this, &es, &cs] { return gated_attempt(es, cs); }, std::move(p));
+}
+
+std::function<void(const keel::retry_event&)> client::retry_hook(entry_state& es, call_state& cs) {
+  return [this, &es, &cs](const keel::retry_event& ev) {
     if (ev.delay > nanoseconds::zero()) {
       cs.slot.release();  // asleep until the retry: let another item use the slot
     }
@@ -1145,51 +1132,137 @@ asio::awaitable<keel::llm::chat_response> client::run_entry(std::size_t i, call_
       hooks_.on_retry(r);
     }
   };
-  if (es.aws) {
-    keel::aws::aws_retry_options opts;
-    opts.facts = [&cs](const std::exception_ptr& e) -> std::optional<keel::aws::attempt_facts> {
-      if (cs.stream && cs.stream->final()) {
-        return std::nullopt;  // past a stream's commit point: not retried
+}
+
+asio::awaitable<client::reply_box> client::run_entry_aws(entry_state& es, call_state& cs) {
+  keel::aws::aws_retry_options opts;
+  opts.facts = [&cs](const std::exception_ptr& e) -> std::optional<keel::aws::attempt_facts> {
+    if (cs.stream && cs.stream->final()) {
+      return std::nullopt;  // past a stream's commit point: not retried
+    }
+    return keel::llm::aws_attempt_facts(e);
+  };
+  opts.rand = [this] { return random_.uniform(); };
+  opts.on_retry = retry_hook(es, cs);
+  opts.on_rate_limit_wait = [this, &es](nanoseconds d) {
+    if (hooks_.on_throttle_wait) {
+      hooks_.on_throttle_wait(es.index, d);
+    }
+  };
+  // AWS modes rethrow the last attempt's error unchanged, as botocore does. For the record's
+  // `gave_up` (and `--summary`), say why as keel's own retry does: attempts used up is
+  // `retries_exhausted`, an empty retry quota (AWS's retry budget) is `budget_exhausted`.
+  std::optional<keel::aws::give_up_reason> why;
+  opts.on_give_up = [&why](keel::aws::give_up_reason r) { why = r; };
+  const int attempts_before = cs.attempts;
+  std::exception_ptr failed;
+  try {
+    co_return co_await keel::aws::with_retry([this, &es, &cs] { return gated_attempt(es, cs); },
+                                             *es.aws, std::move(opts));
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  const int attempts = cs.attempts - attempts_before;
+  if (why == keel::aws::give_up_reason::attempts_exhausted) {
+    keel::throw_failure(keel::error::retries_exhausted, failed, attempts);
+  }
+  if (why == keel::aws::give_up_reason::quota_exhausted) {
+    keel::throw_failure(keel::error::budget_exhausted, failed, attempts);
+  }
+  std::rethrow_exception(failed);
+}
+
+// An attempt under the entry's breaker. Not a coroutine unless the call may wait for an open
+// breaker's probe (held_attempt): with_breaker's frame is all it holds for the attempt's life.
+asio::awaitable<client::reply_box> client::gated_attempt(entry_state& es, call_state& cs) {
+  if (!es.breaker) {
+    return hedged_attempt(es, cs);
+  }
+  if (options_.fleet) {
+    options_.fleet->sync_breaker(*es.cfg, *es.breaker);
+  }
+  const bool hold = es.last && options_.hold_open_breaker;
+  if (!hold && !es.given_up()) {
+    return keel::with_breaker(*es.breaker, [this, &es, &cs](keel::circuit_breaker::permit& p) {
+      return admitted_attempt(es, cs, p);
+    });
+  }
+  return held_attempt(es, cs);
+}
+
+asio::awaitable<client::reply_box> client::admitted_attempt(entry_state& es, call_state& cs,
+                                                            keel::circuit_breaker::permit& p) {
+  cs.gate = &p;
+  cs.gate_entry = es.index;
+  return hedged_attempt(es, cs);
+}
+
+asio::awaitable<client::reply_box> client::held_attempt(entry_state& es, call_state& cs) {
+  auto gated = [this, &es, &cs](keel::circuit_breaker::permit& p) {
+    return admitted_attempt(es, cs, p);
+  };
+  auto unanswered = [this, &es](const std::exception_ptr& rejected) {
+    if (!es.unanswered_reported) {
+      es.unanswered_reported = true;
+      if (hooks_.on_unanswered) {
+        hooks_.on_unanswered(es.index, es.last_unanswered);
       }
-      return keel::llm::aws_attempt_facts(e);
-    };
-    opts.rand = [this] { return random_.uniform(); };
-    opts.on_retry = on_retry;
-    opts.on_rate_limit_wait = [this, &es](nanoseconds d) {
-      if (hooks_.on_throttle_wait) {
-        hooks_.on_throttle_wait(es.index, d);
-      }
-    };
-    // AWS modes rethrow the last attempt's error unchanged, as botocore does. For the record's
-    // `gave_up` (and `--summary`), say why as keel's own retry does: attempts used up is
-    // `retries_exhausted`, an empty retry quota (AWS's retry budget) is `budget_exhausted`.
-    std::optional<keel::aws::give_up_reason> why;
-    opts.on_give_up = [&why](keel::aws::give_up_reason r) { why = r; };
-    const int attempts_before = cs.attempts;
-    std::exception_ptr failed;
+    }
+    std::vector<std::exception_ptr> causes;
+    if (es.last_unanswered) {
+      causes.push_back(es.last_unanswered);
+    }
+    causes.push_back(rejected);
+    return keel::failure(keel::make_error_code(keel::error::circuit_open),
+                         "circuit open: " + es.cfg->model +
+                             " has not answered one request (every failure had no HTTP "
+                             "answer), so calls no longer wait for its probe: check base_url, "
+                             "the network and TLS",
+                         std::move(causes));
+  };
+  const bool hold = es.last && options_.hold_open_breaker;
+  asio::steady_timer timer(co_await asio::this_coro::executor);
+  for (bool first = true;; first = false) {
+    if (options_.fleet && !first) {
+      options_.fleet->sync_breaker(*es.cfg, *es.breaker);  // the fleet's latest word first
+    }
+    std::exception_ptr rejected;
     try {
-      co_return co_await keel::aws::with_retry(one, *es.aws, std::move(opts));
-    } catch (...) {
-      failed = std::current_exception();
+      co_return co_await keel::with_breaker(*es.breaker, gated);
+    } catch (const boost::system::system_error& e) {
+      if (e.code() != keel::make_error_code(keel::error::circuit_open)) {
+        throw;
+      }
+      rejected = std::current_exception();
     }
-    const int attempts = cs.attempts - attempts_before;
-    if (why == keel::aws::give_up_reason::attempts_exhausted) {
-      keel::throw_failure(keel::error::retries_exhausted, failed, attempts);
+    if (es.given_up()) {
+      throw unanswered(rejected);
     }
-    if (why == keel::aws::give_up_reason::quota_exhausted) {
-      keel::throw_failure(keel::error::budget_exhausted, failed, attempts);
+    if (!hold) {
+      std::rethrow_exception(rejected);
     }
-    std::rethrow_exception(failed);
+    if (hooks_.on_hold) {
+      hooks_.on_hold(es.index, cs.context, es.breaker->remaining_open_time());
+    }
+    if (cs.span.recording()) {
+      cs.span.add_event("keel.breaker_hold",
+                        {{"keel.entry", es.index},
+                         {"keel.wait_ms", milliseconds_of(es.breaker->remaining_open_time())}});
+    }
+    cs.slot.release();  // a held item sends nothing: let another one use the slot
+    // Until the probe, or (half-open, the probe slots taken) a short while; for a server
+    // that has never answered, no later than the end of its grace.
+    auto wait = es.breaker->remaining_open_time() +
+                std::chrono::duration_cast<nanoseconds>(
+                    std::chrono::duration<double>(0.05 + 0.2 * random_.uniform()));
+    if (!es.answered && es.first_unanswered) {
+      const auto grace_left = *es.first_unanswered + es.unanswered_grace - clock_type::now();
+      wait = std::min(
+          wait, std::max(std::chrono::duration_cast<nanoseconds>(grace_left), nanoseconds::zero()));
+    }
+    timer.expires_after(wait);
+    co_await timer.async_wait(asio::use_awaitable);
   }
-  keel::retry_policy p = es.policy;
-  p.on_retry = on_retry;
-  if (cs.stream) {
-    p.retry_if = [base = std::move(p.retry_if), &cs](const std::exception_ptr& e,
-                                                     const keel::classification& c) {
-      return !cs.stream->final() && (!base || base(e, c));  // past the commit point: no retry
-    };
-  }
-  co_return co_await keel::with_retry(one, std::move(p));
 }
 
 asio::awaitable<keel::bulkhead_permit> client::admit() {
@@ -1234,14 +1307,20 @@ asio::awaitable<call_outcome> client::stream_call(keel::llm::chat_request reques
   return run_call(std::move(cs));
 }
 
+// A streamed call holds this frame for the stream's life: what does not wait is in
+// start_call_span, call_chain and finish_call, and the outcome is made only at the end.
 asio::awaitable<call_outcome> client::run_call(call_state cs) {
-  call_outcome out;
   if (slots_ && !cs.slot) {
     // Before the item's clock starts: its latency does not count the wait for a slot.
+    std::exception_ptr cancelled;
     try {
       cs.slot = co_await slots_->acquire();
     } catch (...) {
-      out.error = std::current_exception();  // cancelled while waiting: no attempt made
+      cancelled = std::current_exception();  // cancelled while waiting: no attempt made
+    }
+    if (cancelled) {
+      call_outcome out;
+      out.error = cancelled;
       co_return out;
     }
   }
@@ -1249,6 +1328,23 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
   if (cs.stream) {
     cs.stream->started = t0;
   }
+  start_call_span(cs);
+  reply_box reply;
+  std::exception_ptr error;
+  try {
+    reply = co_await keel::with_deadline([this, &cs] { return call_chain(cs); },
+                                         seconds_ns(cfg_.policy.deadline));
+  } catch (...) {
+    error = std::current_exception();
+  }
+  auto state = co_await asio::this_coro::cancellation_state;
+  if (error && state.cancelled() != asio::cancellation_type::none) {
+    error = std::make_exception_ptr(boost::system::system_error(asio::error::operation_aborted));
+  }
+  co_return finish_call(cs, std::move(reply), error, t0);
+}
+
+void client::start_call_span(call_state& cs) {
   if (options_.tracer) {
     const entry_config& first = *entries_.front()->cfg;
     cs.span = options_.tracer->start(
@@ -1259,7 +1355,13 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
       cs.span.set("keel.stream", cs.stream.has_value());
     }
   }
-  std::vector<keel::alternative<keel::llm::chat_response>> alts;
+}
+
+asio::awaitable<client::reply_box> client::call_chain(call_state& cs) {
+  if (entries_.size() == 1) {
+    return run_entry(0, cs);  // nothing to fall back to: no all_fallbacks_failed wrapper
+  }
+  std::vector<keel::alternative<reply_box>> alts;
   alts.reserve(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     alts.emplace_back([this, i, &cs] { return run_entry(i, cs); });
@@ -1286,22 +1388,15 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
     fp.should_try = [&cs](const std::exception_ptr&, const keel::classification&, std::size_t,
                           std::size_t) { return !cs.stream->final(); };
   }
-  try {
-    out.response = co_await keel::with_deadline(
-        [&]() -> asio::awaitable<keel::llm::chat_response> {
-          if (alts.size() == 1) {
-            return alts.front()();  // nothing to fall back to: no all_fallbacks_failed wrapper
-          }
-          return keel::with_fallback(std::move(alts), std::move(fp));
-        },
-        seconds_ns(cfg_.policy.deadline));
-  } catch (...) {
-    out.error = std::current_exception();
-  }
-  auto state = co_await asio::this_coro::cancellation_state;
-  if (out.error && state.cancelled() != asio::cancellation_type::none) {
-    out.error =
-        std::make_exception_ptr(boost::system::system_error(asio::error::operation_aborted));
+  return keel::with_fallback(std::move(alts), std::move(fp));
+}
+
+call_outcome client::finish_call(call_state& cs, reply_box reply, std::exception_ptr error,
+                                 std::chrono::steady_clock::time_point t0) {
+  call_outcome out;
+  out.error = std::move(error);
+  if (reply) {
+    out.response = std::move(*reply);
   }
   if (out.response) {
     scrub_secrets(*out.response);
@@ -1342,7 +1437,7 @@ asio::awaitable<call_outcome> client::run_call(call_state cs) {
     }
   }
   cs.span.end();
-  co_return out;
+  return out;
 }
 
 namespace {

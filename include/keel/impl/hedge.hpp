@@ -169,8 +169,8 @@ class hedge_race final : public hedge_arbiter {
     s.running = true;
     ++in_flight;
     try {
-      using outcome = typename spawn_with_slot<V>::outcome;
-      spawn_with_slot<V>{ex, hedge_body<V>(op, s.handle), s.cancel.slot()}(
+      using outcome = typename spawn_with_slot<std::optional<V>>::outcome;
+      spawn_with_slot<std::optional<V>>{ex, hedge_body<V>(op, s.handle), s.cancel.slot()}(
           [this, i](outcome o) { on_done(i, std::get<0>(o), std::move(std::get<1>(o))); });
     } catch (...) {
       // Nothing was spawned (an allocation failed): the attempt failed before it began.
