@@ -106,6 +106,7 @@ struct stream_server {
   int sent = 0;         // send steps completed
   int peer_closes = 0;  // await_close steps that saw the client close
   int sessions_ended = 0;
+  std::vector<int> fds;  // each accepted connection's descriptor, server side
 
   asio::awaitable<void> accept_loop() {
     for (;;) {
@@ -114,6 +115,7 @@ struct stream_server {
         co_return;
       }
       ++accepts;
+      fds.push_back(sock.native_handle());
       asio::co_spawn(acceptor.get_executor(), session(std::move(sock)), asio::detached);
     }
   }
@@ -574,6 +576,68 @@ TEST_CASE("http open: terminal cancellation of read_some throws operation_aborte
   CHECK(third.code() == asio::error::operation_aborted);
   CHECK_FALSE(r.done());
   CHECK(cl.pooled_idle() == 0);
+}
+
+namespace {
+
+/// True once the peer of server-side descriptor `fd` has closed its end (a FIN has arrived),
+/// waiting at most `limit` for it in the kernel, without running any io_context.
+bool peer_closed_within(int fd, int limit_ms) {
+  pollfd p{fd, POLLIN | POLLRDHUP, 0};
+  if (::poll(&p, 1, limit_ms) <= 0) {
+    return false;
+  }
+  char byte = 0;
+  return (p.revents & POLLRDHUP) != 0 || ::recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("http open: cancelling a stream's idle read closes its socket within the emit",
+          "[http][stream]") {
+  // A hedge's loser or a caller gone: the server must see the close when the cancellation is
+  // emitted, not when the client's thread next gets to the cancelled coroutine (on a busy
+  // thread, milliseconds later). The emit runs in a handler on the client's io_context, as
+  // with_hedge's and with_deadline's do (co_spawn dispatches a cancellation to its thread), and
+  // the server's view is taken in that same handler, before anything else runs. Before the close
+  // moved into the cancellation handler, the FIN did not come (the poll ran out).
+  asio::io_context ctx;
+  stream_server srv(ctx);
+  srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
+  kh::client cl(ctx.get_executor(), kh::client_options{});
+  auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
+  REQUIRE(opened.value);
+  kh::response_reader r = std::move(*opened.value);
+  auto first = run_one(ctx, read_at_least(r, 5));
+  REQUIRE(first.value);
+  REQUIRE(srv.fds.size() == 1);
+  asio::cancellation_signal sig;
+  outcome<std::optional<std::string>> second;
+  spawn(ctx, r.read_some(), second, sig.slot());
+  ctx.poll();  // the read is now in its idle wait on the socket
+  REQUIRE_FALSE(second.done);
+  bool closed_before = true;
+  bool closed_in_emit = false;
+  bool done_in_emit = true;
+  asio::post(ctx, [&] {
+    closed_before = peer_closed_within(srv.fds[0], 0);
+    sig.emit(asio::cancellation_type::terminal);
+    closed_in_emit = peer_closed_within(srv.fds[0], 1000);
+    done_in_emit = second.done;  // the cancelled coroutine itself has not run yet
+  });
+  ctx.restart();
+  ctx.run_one();
+  CHECK_FALSE(closed_before);
+  CHECK(closed_in_emit);
+  CHECK_FALSE(done_in_emit);
+  REQUIRE(run_real(ctx, [&] { return second.done; }));
+  CHECK(second.code() == asio::error::operation_aborted);
+  CHECK(second.code() == keel::condition::cancelled);
+  REQUIRE(run_real(ctx, [&] { return srv.peer_closes == 1; }));
+  CHECK(cl.pooled_idle() == 0);
+  // A read after the cancelled one fails; nothing was pooled.
+  auto third = run_one(ctx, r.read_some());
+  CHECK(third.code() == asio::error::operation_aborted);
 }
 
 TEST_CASE("http open: hang_up() or destruction mid-body closes the connection, never pools it",
