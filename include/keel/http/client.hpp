@@ -191,7 +191,9 @@ class response_reader {
   /// Cancellation: terminal cancellation (what `keel::with_deadline` emits) aborts the socket
   /// read, closes the connection at once (the server sees the close) and throws
   /// `operation_aborted`; bytes read in that call are lost, so the reader cannot be resumed.
-  /// The reader must outlive the operation and must not be read by two operations at once.
+  /// While the read waits for the server's next bytes, the socket is closed inside the
+  /// cancellation handler itself, before the coroutine runs again. The reader must outlive the
+  /// operation and must not be read by two operations at once.
   boost::asio::awaitable<std::optional<std::string>> read_some();
 
   /// True once the end of the body has been read (the last piece may still be in the hands of
