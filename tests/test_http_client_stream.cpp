@@ -549,35 +549,6 @@ TEST_CASE("http open: a deadline on open before the head closes the connection",
   CHECK(cl.pooled_idle() == 0);
 }
 
-TEST_CASE("http open: terminal cancellation of read_some throws operation_aborted and closes",
-          "[http][stream]") {
-  asio::io_context ctx;
-  stream_server srv(ctx);
-  srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
-  kh::client cl(ctx.get_executor(), kh::client_options{});
-  auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
-  REQUIRE(opened.value);
-  kh::response_reader r = std::move(*opened.value);
-  auto first = run_one(ctx, read_at_least(r, 5));
-  REQUIRE(first.value);
-  CHECK(*first.value == "first");
-  asio::cancellation_signal sig;
-  outcome<std::optional<std::string>> second;
-  spawn(ctx, r.read_some(), second, sig.slot());
-  ctx.poll();  // the read is now waiting on the socket: the server holds the rest back
-  CHECK_FALSE(second.done);
-  sig.emit(asio::cancellation_type::terminal);
-  REQUIRE(run_real(ctx, [&] { return second.done; }));
-  CHECK(second.code() == asio::error::operation_aborted);
-  CHECK(second.code() == keel::condition::cancelled);
-  REQUIRE(run_real(ctx, [&] { return srv.peer_closes == 1; }));
-  // The reader cannot go on: the bytes of the cancelled read are lost.
-  auto third = run_one(ctx, r.read_some());
-  CHECK(third.code() == asio::error::operation_aborted);
-  CHECK_FALSE(r.done());
-  CHECK(cl.pooled_idle() == 0);
-}
-
 namespace {
 
 /// True once the peer of server-side descriptor `fd` has closed its end (a FIN has arrived),
@@ -593,14 +564,8 @@ bool peer_closed_within(int fd, int limit_ms) {
 
 }  // namespace
 
-TEST_CASE("http open: cancelling a stream's idle read closes its socket within the emit",
+TEST_CASE("http open: terminal cancellation of read_some closes within the emit and throws",
           "[http][stream]") {
-  // A hedge's loser or a caller gone: the server must see the close when the cancellation is
-  // emitted, not when the client's thread next gets to the cancelled coroutine (on a busy
-  // thread, milliseconds later). The emit runs in a handler on the client's io_context, as
-  // with_hedge's and with_deadline's do (co_spawn dispatches a cancellation to its thread), and
-  // the server's view is taken in that same handler, before anything else runs. Before the close
-  // moved into the cancellation handler, the FIN did not come (the poll ran out).
   asio::io_context ctx;
   stream_server srv(ctx);
   srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
@@ -610,12 +575,19 @@ TEST_CASE("http open: cancelling a stream's idle read closes its socket within t
   kh::response_reader r = std::move(*opened.value);
   auto first = run_one(ctx, read_at_least(r, 5));
   REQUIRE(first.value);
+  CHECK(*first.value == "first");
   REQUIRE(srv.fds.size() == 1);
   asio::cancellation_signal sig;
   outcome<std::optional<std::string>> second;
   spawn(ctx, r.read_some(), second, sig.slot());
-  ctx.poll();  // the read is now in its idle wait on the socket
-  REQUIRE_FALSE(second.done);
+  ctx.poll();  // the read is now waiting on the socket: the server holds the rest back
+  CHECK_FALSE(second.done);
+  // A hedge's loser or a caller gone: the server must see the close when the cancellation is
+  // emitted, not when the client's thread next gets to the cancelled coroutine (on a busy
+  // thread, milliseconds later). The emit runs in a handler on the client's io_context, as
+  // with_hedge's and with_deadline's do (co_spawn dispatches a cancellation to its thread), and
+  // the server's view is taken in that same handler, before anything else runs. Before the close
+  // moved into the cancellation handler, the FIN did not come (the poll ran out).
   bool closed_before = true;
   bool closed_in_emit = false;
   bool done_in_emit = true;
@@ -634,10 +606,11 @@ TEST_CASE("http open: cancelling a stream's idle read closes its socket within t
   CHECK(second.code() == asio::error::operation_aborted);
   CHECK(second.code() == keel::condition::cancelled);
   REQUIRE(run_real(ctx, [&] { return srv.peer_closes == 1; }));
-  CHECK(cl.pooled_idle() == 0);
-  // A read after the cancelled one fails; nothing was pooled.
+  // The reader cannot go on: the bytes of the cancelled read are lost.
   auto third = run_one(ctx, r.read_some());
   CHECK(third.code() == asio::error::operation_aborted);
+  CHECK_FALSE(r.done());
+  CHECK(cl.pooled_idle() == 0);
 }
 
 TEST_CASE("http open: hang_up() or destruction mid-body closes the connection, never pools it",
