@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <stdexcept>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -170,6 +172,61 @@ TEST_CASE("with_deadline works for operations returning void", "[deadline]") {
   CHECK(fast.finished_at_ms == 100);
   CHECK(slow.code() == keel::error::deadline_exceeded);
   CHECK(slow.finished_at_ms == 1000);
+}
+
+TEST_CASE("with_deadline runs move-only, non-default-constructible and throwing factories",
+          "[deadline]") {
+  // A value with a default constructor is spawned as the operation's own awaitable (no wrapping
+  // coroutine); one without goes through the optional. A factory that throws at once does so
+  // before the deadline is queued: nothing of the call is left to fire.
+  manual_clock::reset();
+  asio::io_context ctx;
+  auto boxed = [](manual_clock::duration d) -> asio::awaitable<std::unique_ptr<int>> {
+    co_await sleep_for(d);
+    co_return std::make_unique<int>(7);
+  };
+  struct no_default {
+    explicit no_default(int x) : v(x) {}
+    int v;
+  };
+  auto plain = [](manual_clock::duration d) -> asio::awaitable<no_default> {
+    co_await sleep_for(d);
+    co_return no_default(9);
+  };
+  outcome<std::unique_ptr<int>> fast_box, slow_box;
+  outcome<no_default> fast_plain, slow_plain;
+  outcome<int> thrown;
+  int factory_calls = 0;
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return boxed(100ms); }, 1s), fast_box);
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return boxed(3s); }, 1s), slow_box);
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return plain(200ms); }, 1s), fast_plain);
+  spawn(ctx, keel::with_deadline<manual_clock>([&] { return plain(3s); }, 1s), slow_plain);
+  spawn(ctx,
+        keel::with_deadline<manual_clock>(
+            [&]() -> asio::awaitable<int> {
+              ++factory_calls;
+              throw std::runtime_error("no operation");
+            },
+            500ms),
+        thrown);
+  REQUIRE(keel::testing::run_until(ctx, [&] {
+    return fast_box.done && slow_box.done && fast_plain.done && slow_plain.done && thrown.done;
+  }));
+  REQUIRE(fast_box.value);
+  REQUIRE(*fast_box.value);
+  CHECK(**fast_box.value == 7);
+  CHECK(fast_box.finished_at_ms == 100);
+  CHECK(slow_box.code() == keel::error::deadline_exceeded);
+  CHECK(slow_box.finished_at_ms == 1000);
+  REQUIRE(fast_plain.value);
+  CHECK(fast_plain.value->v == 9);
+  CHECK(slow_plain.code() == keel::error::deadline_exceeded);
+  CHECK(thrown.finished_at_ms == 0);
+  CHECK(factory_calls == 1);
+  REQUIRE(thrown.error);
+  CHECK_THROWS_AS(std::rethrow_exception(thrown.error), std::runtime_error);
+  keel::testing::run_for(ctx, 5s);  // past every deadline: nothing of the calls fires
+  CHECK(factory_calls == 1);
 }
 
 TEST_CASE("an unbounded deadline does not overflow", "[deadline][review]") {

@@ -566,51 +566,60 @@ bool peer_closed_within(int fd, int limit_ms) {
 
 TEST_CASE("http open: terminal cancellation of read_some closes within the emit and throws",
           "[http][stream]") {
-  asio::io_context ctx;
-  stream_server srv(ctx);
-  srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
-  kh::client cl(ctx.get_executor(), kh::client_options{});
-  auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
-  REQUIRE(opened.value);
-  kh::response_reader r = std::move(*opened.value);
-  auto first = run_one(ctx, read_at_least(r, 5));
-  REQUIRE(first.value);
-  CHECK(*first.value == "first");
-  REQUIRE(srv.fds.size() == 1);
-  asio::cancellation_signal sig;
-  outcome<std::optional<std::string>> second;
-  spawn(ctx, r.read_some(), second, sig.slot());
-  ctx.poll();  // the read is now waiting on the socket: the server holds the rest back
-  CHECK_FALSE(second.done);
-  // A hedge's loser or a caller gone: the server must see the close when the cancellation is
-  // emitted, not when the client's thread next gets to the cancelled coroutine (on a busy
-  // thread, milliseconds later). The emit runs in a handler on the client's io_context, as
-  // with_hedge's and with_deadline's do (co_spawn dispatches a cancellation to its thread), and
-  // the server's view is taken in that same handler, before anything else runs. Before the close
-  // moved into the cancellation handler, the FIN did not come (the poll ran out).
-  bool closed_before = true;
-  bool closed_in_emit = false;
-  bool done_in_emit = true;
-  asio::post(ctx, [&] {
-    closed_before = peer_closed_within(srv.fds[0], 0);
-    sig.emit(asio::cancellation_type::terminal);
-    closed_in_emit = peer_closed_within(srv.fds[0], 1000);
-    done_in_emit = second.done;  // the cancelled coroutine itself has not run yet
-  });
-  ctx.restart();
-  ctx.run_one();
-  CHECK_FALSE(closed_before);
-  CHECK(closed_in_emit);
-  CHECK_FALSE(done_in_emit);
-  REQUIRE(run_real(ctx, [&] { return second.done; }));
-  CHECK(second.code() == asio::error::operation_aborted);
-  CHECK(second.code() == keel::condition::cancelled);
-  REQUIRE(run_real(ctx, [&] { return srv.peer_closes == 1; }));
-  // The reader cannot go on: the bytes of the cancelled read are lost.
-  auto third = run_one(ctx, r.read_some());
-  CHECK(third.code() == asio::error::operation_aborted);
-  CHECK_FALSE(r.done());
-  CHECK(cl.pooled_idle() == 0);
+  test_pki pki;
+  for (bool tls : {false, true}) {
+    INFO("tls = " << tls);
+    asio::io_context ctx;
+    stream_server srv(ctx, tls ? &pki.server_ctx : nullptr);
+    srv.plan = [](int) { return script{emit(chunked_head + chunk("first")), await_close()}; };
+    kh::client_options opts;
+    if (tls) {
+      opts.tls.ca_file = pki.ca_file;
+    }
+    kh::client cl(ctx.get_executor(), opts);
+    auto opened = run_one(ctx, cl.open(kh::request("GET", srv.url())));
+    REQUIRE(opened.value);
+    kh::response_reader r = std::move(*opened.value);
+    auto first = run_one(ctx, read_at_least(r, 5));
+    REQUIRE(first.value);
+    CHECK(*first.value == "first");
+    REQUIRE(srv.fds.size() == 1);
+    asio::cancellation_signal sig;
+    outcome<std::optional<std::string>> second;
+    spawn(ctx, r.read_some(), second, sig.slot());
+    ctx.poll();  // the read is now waiting on the socket: the server holds the rest back
+    CHECK_FALSE(second.done);
+    // A hedge's loser or a caller gone: the server must see the close when the cancellation is
+    // emitted, not when the client's thread next gets to the cancelled coroutine (on a busy
+    // thread, milliseconds later). The emit runs in a handler on the client's io_context, as
+    // with_hedge's and with_deadline's do (emitted from outside the context, the cancellation
+    // reached the wait only when the context ran), and the server's view is taken in that same
+    // handler, before anything else runs. Before the close moved into the cancellation handler,
+    // the FIN did not come (the poll ran out).
+    bool closed_before = true;
+    bool closed_in_emit = false;
+    bool done_in_emit = true;
+    asio::post(ctx, [&] {
+      closed_before = peer_closed_within(srv.fds[0], 0);
+      sig.emit(asio::cancellation_type::terminal);
+      closed_in_emit = peer_closed_within(srv.fds[0], 1000);
+      done_in_emit = second.done;  // the cancelled coroutine itself has not run yet
+    });
+    ctx.restart();
+    ctx.run_one();
+    CHECK_FALSE(closed_before);
+    CHECK(closed_in_emit);
+    CHECK_FALSE(done_in_emit);
+    REQUIRE(run_real(ctx, [&] { return second.done; }));
+    CHECK(second.code() == asio::error::operation_aborted);
+    CHECK(second.code() == keel::condition::cancelled);
+    REQUIRE(run_real(ctx, [&] { return srv.peer_closes == 1; }));
+    // The reader cannot go on: the bytes of the cancelled read are lost.
+    auto third = run_one(ctx, r.read_some());
+    CHECK(third.code() == asio::error::operation_aborted);
+    CHECK_FALSE(r.done());
+    CHECK(cl.pooled_idle() == 0);
+  }
 }
 
 TEST_CASE("http open: hang_up() or destruction mid-body closes the connection, never pools it",

@@ -234,7 +234,13 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
 
   // The operation runs as its own coroutine thread so that it can be cancelled alone; its
   // cancellation slot is `race.cancel_op`, which the deadline and the caller's own cancellation
-  // (forwarded below) both emit on.
+  // (forwarded below) both emit on. The thread is awaited as an async operation object, which lives
+  // in this frame, rather than through `use_awaitable`, which allocates a frame of its own per
+  // call. Made (allocating the operation's frame, and calling `op()` when it is spawned directly)
+  // before the deadline is queued and before the caller's slot is connected to `race`: an exception
+  // from either must not leave the queue or the caller's slot pointing into this unwinding frame.
+  spawn_with_slot<spawn_result_t<T>> spawn{detail::with_deadline_executor<Clock>(ex, visible),
+                                           detail::spawn_body(op), race.cancel_op.slot()};
   race.at = deadline;
   deadline_queue<Clock>* queue = nullptr;
   if (deadline != Clock::time_point::max()) {
@@ -253,12 +259,6 @@ auto deadline_impl(MakeOp op, std::optional<typename Clock::time_point> at,
     }
   } guard{queue, race};
 
-  // Awaited as an async operation object, which lives in this frame, rather than through
-  // `use_awaitable`, which allocates a frame of its own per call. Made (allocating the
-  // operation's frame) before the caller's slot is connected to `race`: a bad_alloc must not
-  // leave the caller's slot pointing into this unwinding frame.
-  spawn_with_slot<spawn_result_t<T>> spawn{detail::with_deadline_executor<Clock>(ex, visible),
-                                           detail::spawn_body(op), race.cancel_op.slot()};
   auto cs = co_await asio::this_coro::cancellation_state;
   if (auto caller = cs.slot(); caller.is_connected()) {
     caller.assign([&race](asio::cancellation_type type) {

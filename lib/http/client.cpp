@@ -493,6 +493,38 @@ struct client::impl {
     }
   }
 
+  // A stream's idle wait (see read_until) is where a cancelled stream usually is: its caller
+  // gone, its deadline past, or a hedge that lost. The caller's cancellation closes the socket
+  // there and then, in the handler that emits it, rather than when this coroutine next runs: on
+  // a thread busy with other streams that can be milliseconds later, and the server keeps
+  // generating (and billing) until it sees the close. The wait is started with no slot of its
+  // own (`idle_wait_token`), so that the socket's cancellation handler does not replace this
+  // one; the close ends it with `operation_aborted`, as a cancellation would, and a close that
+  // lands after the wait completed but before this coroutine resumed is reported the same way
+  // (`closed_while_idle`). Any cancellation type: the reader closes a connection whose read was
+  // cancelled anyway. The handler refers to the socket: the awaitable machinery removes it when
+  // the wait completes, and read_until when the wait does not start (an exception from the
+  // co_await: a cancellation already requested, or no memory). Like any Asio cancellation, it
+  // must be emitted on the client's executor.
+  static void close_on_cancel(asio::cancellation_slot slot, tcp::socket& socket) {
+    if (slot.is_connected()) {
+      slot.assign([&socket](asio::cancellation_type) {
+        boost::system::error_code ignored;
+        socket.shutdown(tcp::socket::shutdown_both, ignored);
+        socket.close(ignored);
+      });
+    }
+  }
+  static auto idle_wait_token(boost::system::error_code& ec) {
+    return asio::bind_cancellation_slot(asio::cancellation_slot(),
+                                        asio::redirect_error(asio::use_awaitable, ec));
+  }
+  static void closed_while_idle(const tcp::socket& socket, boost::system::error_code& ec) {
+    if (!ec && !socket.is_open()) {
+      ec = asio::error::operation_aborted;
+    }
+  }
+
   // Feeds `buf` to `p`, reading from `s` when it runs dry, until `enough()`: as Beast's
   // http::async_read does, but calling the parser itself, for two holes in Beast 1.81's parser
   // (found by probing with hostile servers):
@@ -520,43 +552,6 @@ struct client::impl {
   // `Streaming` is a template parameter so that `send`'s instantiation is the loop as it was,
   // with no wait in its frame: with a runtime flag, `send` measured about 5% slower at 16
   // connections (bench_http, alternated pairs).
-  // A stream's idle wait (see read_until) is where a cancelled stream usually is: its caller
-  // gone, its deadline past, or a hedge that lost. The caller's cancellation closes the socket
-  // there and then, in the handler that emits it, rather than when this coroutine next runs: on
-  // a thread busy with other streams that can be milliseconds later, and the server keeps
-  // generating (and billing) until it sees the close. The wait is started with no slot of its
-  // own (`idle_wait_token`), so that the socket's cancellation handler does not replace this
-  // one; the close ends it with `operation_aborted`, as a cancellation would. (Any cancellation
-  // type: the reader closes a connection whose read was cancelled anyway.) The handler refers to
-  // the socket, so it is removed when the wait ends, however it ends (the awaitable machinery
-  // also clears the slot when the wait completes).
-  class close_on_cancel {
-   public:
-    close_on_cancel(asio::cancellation_slot slot, tcp::socket& socket) : slot_(slot) {
-      if (slot_.is_connected()) {
-        slot_.assign([&socket](asio::cancellation_type) {
-          boost::system::error_code ignored;
-          socket.shutdown(tcp::socket::shutdown_both, ignored);
-          socket.close(ignored);
-        });
-      }
-    }
-    ~close_on_cancel() {
-      if (slot_.is_connected()) {
-        slot_.clear();
-      }
-    }
-    close_on_cancel(const close_on_cancel&) = delete;
-    close_on_cancel& operator=(const close_on_cancel&) = delete;
-
-   private:
-    asio::cancellation_slot slot_;
-  };
-  static auto idle_wait_token(boost::system::error_code& ec) {
-    return asio::bind_cancellation_slot(asio::cancellation_slot(),
-                                        asio::redirect_error(asio::use_awaitable, ec));
-  }
-
   template <bool Streaming, class Stream, class Parser, class Enough>
   asio::awaitable<boost::system::error_code> read_until(Stream& s, beast::flat_buffer& buf,
                                                         Parser& p, Enough enough) {
@@ -603,11 +598,16 @@ struct client::impl {
           // Bytes already waiting (a stream that is flowing) need no trip through the reactor.
           boost::system::error_code ignored;
           if (s.socket().available(ignored) == 0) {
-            {
-              const close_on_cancel closing((co_await asio::this_coro::cancellation_state).slot(),
-                                            s.socket());
+            const asio::cancellation_slot slot =
+                (co_await asio::this_coro::cancellation_state).slot();
+            close_on_cancel(slot, s.socket());
+            try {
               co_await s.socket().async_wait(tcp::socket::wait_read, idle_wait_token(ec));
+            } catch (...) {
+              asio::cancellation_slot(slot).clear();  // the wait did not start
+              throw;
             }
+            closed_while_idle(s.socket(), ec);
             if (ec) {
               co_return ec;
             }
@@ -626,11 +626,16 @@ struct client::impl {
         // bytes: those are read at once.
         SSL* ssl = s.native_handle();
         if (s.drained()) {
-          {
-            const close_on_cancel closing((co_await asio::this_coro::cancellation_state).slot(),
-                                          s.next_layer().socket());
+          const asio::cancellation_slot slot =
+              (co_await asio::this_coro::cancellation_state).slot();
+          close_on_cancel(slot, s.next_layer().socket());
+          try {
             co_await s.async_wait_readable(idle_wait_token(ec));
+          } catch (...) {
+            asio::cancellation_slot(slot).clear();  // the wait did not start
+            throw;
           }
+          closed_while_idle(s.next_layer().socket(), ec);
           if (ec) {
             co_return ec;
           }
