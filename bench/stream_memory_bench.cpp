@@ -372,6 +372,9 @@ int main(int argc, char** argv) {
   // --client: the configured client a newcomer writes (one entry, every policy default), with
   // shared pacing off so that N streams open at once (the pacing state is per bucket, not per
   // call, so it changes no memory per stream).
+  // The configured client sends through `client` (the same options), so that the TLS sessions
+  // it resumes are counted in `tls_sessions_resumed`.
+  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
   std::unique_ptr<keel::llm::client> llm;
   if (o.client) {
     const std::string entry =
@@ -381,14 +384,13 @@ int main(int argc, char** argv) {
             : R"({"api_type": ")" + o.format + R"(", "model": "m", "api_key": "k", "base_url": ")" +
                   base + R"("})";
     keel::llm::client_options lo;
-    lo.http = copts;
     lo.shared_pacing = false;
     lo.seed = 1;
     llm = std::make_unique<keel::llm::client>(
         ctx.get_executor(),
         keel::llm::parse_config("[" + entry + "]", "<bench>",
                                 [](std::string_view) { return std::optional<std::string>{}; }),
-        keel::llm::client_hooks{}, lo);
+        client, buckets, keel::llm::client_hooks{}, 1, lo);
   }
 
   int opened = 0;
