@@ -765,8 +765,8 @@ TEST_CASE("http open: request_timeout covers the head only, not a slow body", "[
     return script{await_close()};  // never answers
   };
   kh::client_options opts;
-  opts.request_timeout = std::chrono::milliseconds(
-      200);  // the first head must beat it, even under ASan on a loaded machine
+  // The first head must beat it, even under ASan on a loaded machine.
+  opts.request_timeout = std::chrono::milliseconds(200);
   kh::client cl(ctx.get_executor(), opts);
   boost::system::error_code other;
   auto body = [&]() -> asio::awaitable<std::string> {

@@ -219,6 +219,15 @@ void set_response_attributes(keel::trace::span& s, const keel::llm::chat_respons
   s.set("gen_ai.usage.output_tokens", static_cast<std::int64_t>(r.usage.output));
 }
 
+// The record of an attempt sent at `sent`, for `client_hooks::on_attempt`.
+attempt_report new_report(std::size_t entry, const void* context, clock_type::time_point sent) {
+  attempt_report r;
+  r.entry = entry;
+  r.context = context;
+  r.seconds = seconds_since(sent);
+  return r;
+}
+
 // Forwards sends to the transport with the attempt's trace context in the header fields (added
 // after SigV4 signing, unsigned, as the AWS SDKs add X-Amzn-Trace-Id).
 struct traced_sender {
@@ -770,11 +779,8 @@ asio::awaitable<client::reply_box> client::complete_attempt(
     const std::optional<keel::aws::sdk_request_info>& sdk,
     const keel::trace::span_context* outgoing) {
   traced_sender sender{*es.http, outgoing};  // `complete` keeps a reference to it
-  auto one = [&]() -> asio::awaitable<keel::llm::chat_response> {
-    if (outgoing) {
-      return keel::llm::complete(sender, es.ep, req, credentials(es), sdk, options_.keep_raw);
-    }
-    return keel::llm::complete(*es.http, es.ep, req, credentials(es), sdk, options_.keep_raw);
+  auto one = [&] {
+    return keel::llm::complete(sender, es.ep, req, credentials(es), sdk, options_.keep_raw);
   };
   if (es.cfg->timeout) {
     co_return std::make_unique<keel::llm::chat_response>(
@@ -787,10 +793,7 @@ void client::attempt_failed(entry_state& es, call_state& cs,
                             const keel::rate_controller::ticket& ticket, double estimate,
                             const std::exception_ptr& failed, keel::trace::span& span,
                             clock_type::time_point sent) {
-  attempt_report report;
-  report.entry = es.index;
-  report.context = cs.context;
-  report.seconds = seconds_since(sent);
+  attempt_report report = new_report(es.index, cs.context, sent);
   // A refused call used no tokens, but under a controller a 429 keeps its reservation: giving
   // it back lets the next caller go at once into the same refusal, and at a token limit every
   // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
@@ -836,10 +839,7 @@ void client::attempt_succeeded(entry_state& es, call_state& cs,
                                const keel::rate_controller::ticket& ticket, double prompt_estimate,
                                double estimate, const keel::llm::chat_response& reply,
                                keel::trace::span& span, clock_type::time_point sent) {
-  attempt_report report;
-  report.entry = es.index;
-  report.context = cs.context;
-  report.seconds = seconds_since(sent);
+  attempt_report report = new_report(es.index, cs.context, sent);
   es.answered = true;
   // A token limit the controller learned from 429s is measured in this client's estimates:
   // settling with the real usage would give back the over-estimate and send more tokens than
@@ -1201,6 +1201,10 @@ asio::awaitable<client::reply_box> client::held_attempt(entry_state& es, call_st
   auto gated = [this, &es, &cs](keel::circuit_breaker::permit& p) {
     return admitted_attempt(es, cs, p);
   };
+  // No HTTP answer at all for `unanswered_grace` since the first failure: an open breaker is
+  // no longer waited for (held or retried), so that a wrong base_url fails its items within
+  // the grace instead of holding each one for its deadline. The error says why, with the last
+  // transport error as its cause.
   auto unanswered = [this, &es](const std::exception_ptr& rejected) {
     if (!es.unanswered_reported) {
       es.unanswered_reported = true;
@@ -1220,6 +1224,9 @@ asio::awaitable<client::reply_box> client::held_attempt(entry_state& es, call_st
                              "the network and TLS",
                          std::move(causes));
   };
+  // Nothing to fall back to: wait for the breaker's probe instead of failing the item (the
+  // call's deadline still bounds the wait). Waiters wake with jitter and go through the
+  // paced bucket, so the breaker closing does not release them in one burst.
   const bool hold = es.last && options_.hold_open_breaker;
   asio::steady_timer timer(co_await asio::this_coro::executor);
   for (bool first = true;; first = false) {
