@@ -408,6 +408,8 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
       {with_entry(R"("base_url": "http://a b.example")"), "/config_list/0/base_url", "got"},
       {with_entry(R"("base_url": "http://user:QQSECRET15pass@127.0.0.1:1")"),
        "/config_list/0/base_url", "user:password@ (not shown)"},
+      {with_entry(R"("base_url": "http://h/v1?key=QQSECRET16#frag")"), "/config_list/0/base_url",
+       "a URL without a #fragment"},
       {with_entry(R"("timeout": 0)"), "/config_list/0/timeout", "a number > 0, got 0"},
       {with_entry(R"("timeout": 1e300)"), "/config_list/0/timeout", "<= 31536000"},
       {with_entry(R"("total_max_attempts": 0)"), "/config_list/0/total_max_attempts",
@@ -490,6 +492,7 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
     CHECK_THAT(e.message(), Catch::StartsWith("expected "));
     const std::string prefix = row.path.empty() ? "p.json: " : "p.json: " + row.path + ": ";
     CHECK_THAT(std::string(e.what()), Catch::StartsWith(prefix));
+    CHECK_THAT(std::string(e.what()), !Catch::Contains("QQSECRET"));  // secrets never echoed
   }
 }
 

@@ -939,12 +939,15 @@ TEST_CASE(
   }
   SECTION("the input named as the output") {
     for (const std::string out : {"in.jsonl", "./in.jsonl"}) {
-      child_process c(
-          dir, "same",
-          batch_args(dir, {"--overwrite"}, "config.json", "scenario.json", "in.jsonl", out));
-      CHECK(c.wait() == 2);
-      CHECK(contains(c.err(), "same file"));
-      CHECK(read_file(dir / "in.jsonl") == input);
+      // With no flag, too: not "already has results; pass --resume", which would be wrong.
+      for (const std::vector<std::string>& flags :
+           {std::vector<std::string>{"--overwrite"}, std::vector<std::string>{}}) {
+        child_process c(dir, "same",
+                        batch_args(dir, flags, "config.json", "scenario.json", "in.jsonl", out));
+        CHECK(c.wait() == 2);
+        CHECK(contains(c.err(), "--in and --out name the same file"));
+        CHECK(read_file(dir / "in.jsonl") == input);
+      }
     }
   }
   SECTION("--trace naming the results or the input") {
@@ -957,6 +960,27 @@ TEST_CASE(
       CHECK(read_file(dir / "results.jsonl") == existing);
       CHECK(read_file(dir / "in.jsonl") == input);
     }
+  }
+  SECTION("--summary-json naming the results, the input or the trace") {
+    for (const std::string summary : {"results.jsonl", "./in.jsonl", "spans.jsonl"}) {
+      child_process c(
+          dir, "summary_same",
+          batch_args(dir,
+                     {"--resume", "--trace", dir / "spans.jsonl", "--summary-json", dir / summary},
+                     "config.json", "scenario.json"));
+      CHECK(c.wait() == 2);
+      CHECK(contains(c.err(), "--summary-json names the same file as"));
+      CHECK(read_file(dir / "results.jsonl") == existing);
+      CHECK(read_file(dir / "in.jsonl") == input);
+    }
+  }
+  SECTION("a --summary-json that cannot be written") {
+    child_process c(dir, "summary_dir",
+                    batch_args(dir, {"--overwrite", "--summary-json", dir / "no-such-dir/s.json"},
+                               "config.json", "scenario.json"));
+    CHECK(c.wait() == 2);
+    CHECK(contains(c.err(), "cannot write the summary to"));
+    CHECK(read_file(dir / "results.jsonl") == existing);
   }
   SECTION("a metrics port already in use") {
     const int busy = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -1029,7 +1053,21 @@ TEST_CASE("usage errors exit with status 2, help with 0", "[cli_e2e][review]") {
       run_keel(dir, "serve-listen", {"serve", "--config", dir / "serve.json", "--listen", "8080"});
   CHECK(listen.status == 2);
   CHECK(contains(listen.err, "--listen 8080: expected ADDR:PORT"));
+  const run_result host = run_keel(
+      dir, "serve-host", {"serve", "--config", dir / "serve.json", "--listen", "example.com:8080"});
+  CHECK(host.status == 2);
+  CHECK(contains(host.err, "--listen example.com:8080: ADDR must be an IP address"));
   CHECK(run_keel(dir, "serve-noconfig", {"serve"}).status == 2);
+  // Refused before it listens, as batch refuses them (it used to start with the defaults).
+  for (const std::vector<std::string>& bad :
+       {std::vector<std::string>{"--log-level", "bogus"}, {"--log-format", "xml"}}) {
+    std::vector<std::string> args = {"serve", "--config", dir / "serve.json", "--listen",
+                                     "127.0.0.1:0"};
+    args.insert(args.end(), bad.begin(), bad.end());
+    const run_result r = run_keel(dir, "serve-log", args);
+    CHECK(r.status == 2);
+    CHECK(contains(r.err, bad.front()));
+  }
   const run_result twice = run_keel(dir, "serve-twice",
                                     {"serve", "--config", dir / "serve.json", "--config",
                                      dir / "serve.json", "--listen", "127.0.0.1:0"});
@@ -1376,7 +1414,7 @@ TEST_CASE("keel serve answers through its config's policy, serves /metrics and d
   child_process serve(
       dir, "serve",
       keel_args({"serve", "--config", dir / "keel.json", "--config", dir / "second.json",
-                 "--listen", "127.0.0.1:0", "--grace", "5", "--trace", dir / "trace.jsonl"}));
+                 "--listen", "localhost:0", "--grace", "5", "--trace", dir / "trace.jsonl"}));
   unsigned short port = 0;
   REQUIRE(eventually(
       [&] {

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 namespace fs = std::filesystem;
 using keel::cli::check_results;
 using nlohmann::json;
@@ -107,6 +109,37 @@ TEST_CASE("keel check: one final record per input line is complete, in any file 
     order.push_back(json::parse(l).at("line").get<std::size_t>());
   }
   CHECK(order == std::vector<std::size_t>{1, 2, 4, 5});
+}
+
+TEST_CASE("keel check --merge never writes over a file it reads, and keeps one record per line",
+          "[cli_shard]") {
+  scratch dir;
+  const std::string in = dir.write("in.jsonl", input_text);
+  const std::string r0 = dir.write("r0.jsonl", record(4, "c") + record(1, "a"));
+  const std::string r1 = dir.write("r1.jsonl", record(5, nullptr, "failed") + record(2, "b"));
+  const auto read = [](const std::string& path) {
+    std::ifstream f(path);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  const std::string r0_text = read(r0);
+  for (const std::string& target : {in, r0, (dir.path / "." / "r1.jsonl").string()}) {
+    CHECK_THROWS_WITH(check_results(in, {r0, r1}, target),
+                      Catch::Contains("--merge names a file this check reads"));
+  }
+  CHECK(read(in) == input_text);
+  CHECK(read(r0) == r0_text);
+  // r0 given twice: every line of it is duplicated, and the merged file still has one each.
+  const std::string merged = (dir.path / "merged.jsonl").string();
+  dir.write("merged.jsonl", "an earlier merge\n");
+  const auto rep = check_results(in, {r0, r0, r1}, merged);
+  CHECK(rep.duplicated == 2);
+  std::ifstream m(merged);
+  std::vector<std::size_t> order;
+  for (std::string l; std::getline(m, l);) {
+    order.push_back(json::parse(l).at("line").get<std::size_t>());
+  }
+  CHECK(order == std::vector<std::size_t>{1, 2, 4, 5});
+  CHECK_FALSE(std::filesystem::exists(merged + ".keel-merge-" + std::to_string(::getpid())));
 }
 
 TEST_CASE("keel check names every missing, duplicated, foreign and unreadable record",

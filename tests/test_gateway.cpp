@@ -357,6 +357,22 @@ TEST_CASE("a failed call is answered in OpenAI's error shape, with when to try a
       boost::system::system_error(make_error_code(boost::asio::error::connection_refused))));
   CHECK(e.status == 502);
   CHECK(e.body["error"]["code"] == "upstream_unreachable");
+
+  // The same as keel's HTTP client throws it (a keel::failure with the socket's code), after
+  // the retries: still unreachable, not the error's class ("connection").
+  const auto refused = std::make_exception_ptr(keel::failure(
+      make_error_code(boost::asio::error::connection_refused), "keel.http: connect: refused"));
+  for (const auto& err : {refused, std::make_exception_ptr(keel::failure(
+                                       keel::make_error_code(keel::error::retries_exhausted),
+                                       "retries exhausted after 2 attempts", {refused}))}) {
+    e = keel::gateway::error_answer(err);
+    CHECK(e.status == 502);
+    CHECK(e.body["error"]["code"] == "upstream_unreachable");
+  }
+  e = keel::gateway::error_answer(std::make_exception_ptr(
+      keel::failure(make_error_code(boost::asio::error::timed_out), "keel.http: read: timed out")));
+  CHECK(e.status == 504);
+  CHECK(e.body["error"]["code"] == "upstream_timeout");
 }
 
 namespace {

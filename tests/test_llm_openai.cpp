@@ -145,6 +145,31 @@ TEST_CASE("openai build_request makes the chat completions call", "[llm][openai]
         plain, keel::llm::endpoint(keel::llm::provider_kind::openai, base, "sk-test"));
     CHECK(v.url == "http://h:8000/v1/chat/completions");
   }
+  // A query in the base URL (Azure's api-version, a gateway's key) stays at the end.
+  for (const char* base :
+       {"http://h/openai/v1?api-version=2024-06-01", "http://h/openai/v1/?api-version=2024-06-01",
+        "http://h/openai?api-version=2024-06-01"}) {
+    CAPTURE(base);
+    const auto v = keel::llm::build_request(
+        plain, keel::llm::endpoint(keel::llm::provider_kind::openai, base, "sk-test"));
+    CHECK(v.url == "http://h/openai/v1/chat/completions?api-version=2024-06-01");
+    CHECK(keel::llm::build_stream_request(
+              plain, keel::llm::endpoint(keel::llm::provider_kind::openai, base, "sk-test"))
+              .url == v.url);
+  }
+  for (auto kind : {keel::llm::provider_kind::anthropic, keel::llm::provider_kind::bedrock}) {
+    const keel::llm::endpoint with_query(kind, "http://h:9/p/?k=v&x=1", "sk-test", "us-east-1");
+    const std::string whole = keel::llm::build_request(plain, with_query).url;
+    const std::string streamed = keel::llm::build_stream_request(plain, with_query).url;
+    CAPTURE(whole, streamed);
+    if (kind == keel::llm::provider_kind::anthropic) {
+      CHECK(whole == "http://h:9/p/v1/messages?k=v&x=1");
+      CHECK(streamed == whole);
+    } else {
+      CHECK(whole == "http://h:9/p/model/gpt-4o/converse?k=v&x=1");
+      CHECK(streamed == "http://h:9/p/model/gpt-4o/converse-stream?k=v&x=1");
+    }
+  }
   CHECK(json::parse(p.body) ==
         json::parse(R"({"model":"gpt-4o","messages":[{"role":"user","content":"x"}],
                         "max_tokens":1024})"));
@@ -284,6 +309,9 @@ TEST_CASE("openai malformed success bodies name the JSON path", "[llm][openai]")
       {"not json", "body is not valid JSON"},
       {"[1,2]", "body is not a JSON object"},
       {"{}", "choices missing"},
+      // A proxy's failure answered with a 200: what it said, with its key redacted.
+      {R"({"error":{"message":"upstream timed out for sk-proj-abcdefghijklmnopqrstuvwx","type":"timeout"}})",
+       "choices missing; the body is an error: upstream timed out for [redacted]"},
       {R"({"choices":{}})", "choices is not an array"},
       {R"({"choices":[]})", "choices is empty"},
       {R"({"choices":[{}]})", "choices[0].message missing"},

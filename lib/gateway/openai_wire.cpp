@@ -754,6 +754,19 @@ nlohmann::json error_body(std::string_view message, std::string_view type, std::
                 {"code", code.empty() ? json(nullptr) : json(std::string(code))}}}};
 }
 
+namespace {
+
+// `out` with "(try again in N s)" added to its message when it has a delay.
+error_reply with_retry_after_note(error_reply out) {
+  if (out.retry_after && out.retry_after->count() > 0) {
+    out.body["error"]["message"] = out.body["error"]["message"].get<std::string>() +
+                                   " (try again in " + seconds_text(*out.retry_after) + " s)";
+  }
+  return out;
+}
+
+}  // namespace
+
 error_reply error_answer(const std::exception_ptr& e) {
   error_reply out;
   const keel::decided_by d = keel::deciding_cause(e);
@@ -771,6 +784,18 @@ error_reply error_answer(const std::exception_ptr& e) {
   auto set = [&](int status, const char* type, std::string code) {
     out.status = status;
     out.body = error_body(message, type, {}, code);
+  };
+  // An error that is neither the provider's answer nor keel's own (a refused or reset
+  // connection, a timeout): by its condition.
+  auto by_condition = [&] {
+    const keel::condition c = keel::classify(decided).condition;
+    if (c == keel::condition::timeout) {
+      set(504, "server_error", "upstream_timeout");
+    } else if (c == keel::condition::cancelled) {
+      set(499, "server_error", "cancelled");
+    } else {
+      set(502, "upstream_error", "upstream_unreachable");
+    }
   };
   try {
     std::rethrow_exception(decided);
@@ -819,10 +844,13 @@ error_reply error_answer(const std::exception_ptr& e) {
         break;
     }
   } catch (const keel::failure& f) {
-    const auto code = f.code().category() == keel::error_category()
-                          ? static_cast<keel::error>(f.code().value())
-                          : keel::error::all_fallbacks_failed;  // not keel's: the default below
-    switch (code) {
+    if (f.code().category() != keel::error_category()) {
+      // Not keel's own code: the transport's error, thrown as a failure (a refused connection
+      // whose retries were spent).
+      by_condition();
+      return with_retry_after_note(std::move(out));
+    }
+    switch (static_cast<keel::error>(f.code().value())) {
       case keel::error::circuit_open:
         set(503, "server_error", "circuit_open");
         break;
@@ -841,20 +869,9 @@ error_reply error_answer(const std::exception_ptr& e) {
         break;
     }
   } catch (...) {
-    const keel::condition c = keel::classify(decided).condition;
-    if (c == keel::condition::timeout) {
-      set(504, "server_error", "upstream_timeout");
-    } else if (c == keel::condition::cancelled) {
-      set(499, "server_error", "cancelled");
-    } else {
-      set(502, "upstream_error", "upstream_unreachable");
-    }
+    by_condition();
   }
-  if (out.retry_after && out.retry_after->count() > 0) {
-    out.body["error"]["message"] = out.body["error"]["message"].get<std::string>() +
-                                   " (try again in " + seconds_text(*out.retry_after) + " s)";
-  }
-  return out;
+  return with_retry_after_note(std::move(out));
 }
 
 }  // namespace keel::gateway

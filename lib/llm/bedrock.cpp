@@ -202,7 +202,7 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
   }
   add_tools(req, body);
   const std::string base = base_of(ep, "https://bedrock-runtime." + ep.region + ".amazonaws.com");
-  keel::http::request r("POST", base + "/model/" + uri_encode(req.model) + "/converse");
+  keel::http::request r("POST", with_path(base, "/model/" + uri_encode(req.model) + "/converse"));
   set_json_body(r, body);
   return r;
 }

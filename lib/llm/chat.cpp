@@ -4,6 +4,7 @@
 #include <keel/llm/chat.hpp>
 #include <keel/llm/openai.hpp>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace keel::llm {
@@ -36,7 +37,7 @@ keel::http::request build_stream_request(const chat_request& req, const endpoint
   keel::http::request r = build_request(req, ep);
   if (ep.kind == provider_kind::bedrock) {
     // Same body; ConverseStream is the same resource with "-stream" (the SDK's path).
-    r.url += "-stream";
+    r.url.insert(std::min(r.url.find('?'), r.url.size()), "-stream");  // before a query
     r.headers.erase("accept");  // the AWS SDKs send none for ConverseStream
     return r;
   }

@@ -102,6 +102,12 @@ entry_config parser::parse_entry(const json& j, const std::string& path,
                  ? "a URL with user:password@ (not shown)"
                  : shown(json(keel::http::redact_url(e.base_url))));
       }
+      if (e.base_url.find('#') != std::string::npos) {
+        // A fragment is never sent: the requests would silently go to the URL without it.
+        fail(p, "a URL without a #fragment",
+             shown(json(keel::http::redact_url(e.base_url.substr(0, e.base_url.find('#'))) +
+                        "#...")));
+      }
     } else if (key == "api_key") {
       api_key = secret(v, p);
     } else if (key == "api_key_env") {

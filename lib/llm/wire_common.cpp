@@ -6,22 +6,44 @@
 
 namespace keel::llm::detail {
 
+namespace {
+
+// Where a URL's query starts ('?'), or its size: a path is joined before it (a base_url such as
+// "https://host/openai?api-version=2024-06-01" keeps its query at the end).
+std::size_t query_at(std::string_view url) {
+  return std::min(url.find('?'), url.size());
+}
+
+}  // namespace
+
 std::string base_of(const endpoint& ep, std::string_view fallback) {
   std::string b = ep.base_url.empty() ? std::string(fallback) : ep.base_url;
-  while (!b.empty() && b.back() == '/') {
-    b.pop_back();
+  std::size_t end = query_at(b);
+  std::size_t path_end = end;
+  while (path_end > 0 && b[path_end - 1] == '/') {
+    --path_end;
   }
+  b.erase(path_end, end - path_end);
   return b;
 }
 
-std::string versioned(std::string base, std::string_view path) {
+std::string with_path(std::string_view base, std::string_view path) {
+  const std::size_t q = query_at(base);
+  std::string url;
+  url.reserve(base.size() + path.size());
+  url.append(base.substr(0, q)).append(path).append(base.substr(q));
+  return url;
+}
+
+std::string versioned(std::string_view base, std::string_view path) {
   constexpr std::string_view version = "/v1";
-  if (base.size() < version.size() ||
-      base.compare(base.size() - version.size(), version.size(), version) != 0) {
-    base += version;
+  if (base.substr(0, query_at(base)).ends_with(version)) {
+    return with_path(base, path);
   }
-  base += path;
-  return base;
+  std::string p;
+  p.reserve(version.size() + path.size());
+  p.append(version).append(path);
+  return with_path(base, p);
 }
 
 bool contains_ci(std::string_view hay, std::string_view needle) {
@@ -120,6 +142,15 @@ provider_error_info with_redirect(const keel::http::response& res, provider_erro
                             system_clock::time_point now, const std::string& what) {
   provider_error_info info = info_from(res, kind, now);
   info.message = what;
+  // Some proxies answer a failure with a 2xx and an error object: what it said is the news
+  // (redacted by provider_error, as every provider message).
+  const json body = parse_json(res.body);
+  const json& err = error_object(body);
+  if (std::string said = string_field(err, "message"); !said.empty()) {
+    info.message += "; the body is an error: " + said;
+    const std::string code = string_field(err, "code");
+    info.provider_code = code.empty() ? string_field(err, "type") : code;
+  }
   throw provider_error(errc::malformed_response, std::move(info));
 }
 

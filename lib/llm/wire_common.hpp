@@ -21,13 +21,19 @@ namespace keel::llm::detail {
 using json = nlohmann::json;
 using std::chrono::system_clock;
 
-// `ep.base_url` (else `fallback`) without trailing slashes.
+// `ep.base_url` (else `fallback`) without trailing slashes on its path (its query, if any,
+// kept).
 std::string base_of(const endpoint& ep, std::string_view fallback);
 
-// `base` + "/v1" + `path`, unless `base` already ends with the API version: the official
-// OpenAI SDKs (and AG2 configs, vLLM and most OpenAI-compatible servers' docs) write base URLs
-// as "http://host:8000/v1", which keel used to turn into ".../v1/v1/chat/completions".
-std::string versioned(std::string base, std::string_view path);
+// `base` with `path` appended to its path, before its query if it has one
+// ("https://h/x?k=v" + "/y" = "https://h/x/y?k=v").
+std::string with_path(std::string_view base, std::string_view path);
+
+// `base` + "/v1" + `path` (by `with_path`), unless `base`'s path already ends with the API
+// version: the official OpenAI SDKs (and AG2 configs, vLLM and most OpenAI-compatible servers'
+// docs) write base URLs as "http://host:8000/v1", which keel used to turn into
+// ".../v1/v1/chat/completions".
+std::string versioned(std::string_view base, std::string_view path);
 
 // True if `hay` contains `needle`, ignoring ASCII case.
 bool contains_ci(std::string_view hay, std::string_view needle);

@@ -230,22 +230,39 @@ void claim_output(const batch_options& opts, std::optional<results_lock>& lock) 
   if (opts.resume && opts.overwrite) {
     throw std::runtime_error("--resume and --overwrite contradict each other");
   }
-  if (!opts.trace_file.empty()) {
-    // Spans appended to the results or to the input would corrupt them.
+  // The side outputs: spans appended to the results or to the input would corrupt them, and
+  // the summary (written at the end, truncating) would replace them.
+  const std::pair<const char*, const std::string*> side[] = {
+      {"--trace", &opts.trace_file}, {"--summary-json", &opts.summary_json}};
+  const std::pair<const char*, const std::string*> named[] = {
+      {"--out", &opts.out}, {"--in", &opts.in}, side[0]};
+  for (const auto& [flag, file] : side) {
+    if (file->empty()) {
+      continue;
+    }
     std::error_code ec;
-    for (const std::string* other : {&opts.out, &opts.in}) {
-      if (*other != "-" &&
-          (*other == opts.trace_file || fs::equivalent(*other, opts.trace_file, ec))) {
-        throw std::runtime_error("--trace names the same file as --" +
-                                 std::string(other == &opts.out ? "out" : "in") + " (" +
-                                 opts.trace_file + "); write the spans to another file");
+    for (const auto& [other_flag, other] : named) {
+      if (other != file && !other->empty() && *other != "-" &&
+          (*other == *file || fs::equivalent(*other, *file, ec))) {
+        throw std::runtime_error(std::string(flag) + " names the same file as " + other_flag +
+                                 " (" + *file + "); write it to another file");
       }
     }
+  }
+  if (!opts.summary_json.empty() && !std::ofstream(opts.summary_json, std::ios::app)) {
+    // Found now rather than after the whole run (and after --overwrite emptied the results).
+    throw std::runtime_error("cannot write the summary to " + opts.summary_json);
   }
   if (opts.out != "-") {
     std::error_code ec;
     if (fs::is_directory(opts.out, ec)) {
       throw std::runtime_error("cannot write results to " + opts.out + ": it is a directory");
+    }
+    if (opts.in != "-" && fs::equivalent(opts.in, opts.out, ec)) {
+      // --overwrite would empty the input before reading it; --resume would read it as results.
+      // (Checked first: "already has results" would be the wrong advice.)
+      throw std::runtime_error("--in and --out name the same file (" + opts.out +
+                               "); write the results to another file");
     }
     // Only a regular file can hold earlier results (/dev/null and pipes cannot).
     const bool has_results = fs::is_regular_file(opts.out, ec) && fs::file_size(opts.out, ec) > 0;
@@ -253,11 +270,6 @@ void claim_output(const batch_options& opts, std::optional<results_lock>& lock) 
       throw std::runtime_error(opts.out +
                                " already has results; pass --resume to continue it or "
                                "--overwrite to replace it");
-    }
-    if (opts.in != "-" && fs::equivalent(opts.in, opts.out, ec)) {
-      // --overwrite would empty the input before reading it; --resume would read it as results.
-      throw std::runtime_error("--in and --out name the same file (" + opts.out +
-                               "); write the results to another file");
     }
     // --overwrite empties the file only once the input is open and the metrics port bound
     // (run_batch): a run that cannot start leaves the earlier results alone.

@@ -143,6 +143,19 @@ void throw_errno(const std::string& what, const std::string& path) {
   throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
 }
 
+// What nlohmann's message says is wrong, without its exception id, position (the caller gives the
+// byte) or "last read" echo of the line: "[json.exception.parse_error.101] parse error at line 1,
+// column 7: syntax error while parsing value - invalid string: ill-formed UTF-8 byte; last read:
+// ..." gives "invalid string: ill-formed UTF-8 byte".
+std::string parser_reason(std::string_view what) {
+  if (const auto dash = what.find(" - "); dash != std::string_view::npos) {
+    what.remove_prefix(dash + 3);
+  } else if (const auto id = what.find("] "); id != std::string_view::npos) {
+    what.remove_prefix(id + 2);
+  }
+  return std::string(what.substr(0, what.find("; last read")));
+}
+
 }  // namespace
 
 std::variant<batch_item, input_error> parse_input_line(std::string_view text, std::size_t line,
@@ -169,10 +182,11 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
                            "value; keel refuses to guess)"};
   } catch (const json::parse_error& e) {
     return input_error{line, nullptr,
-                       "not valid JSON (at byte " + std::to_string(e.byte) + " of the line)"};
+                       "not valid JSON (at byte " + std::to_string(e.byte) +
+                           " of the line: " + parser_reason(e.what()) + ")"};
   } catch (const json::exception& e) {
     // Valid syntax the parser still refuses, e.g. a number too large for a double ("1e400").
-    return input_error{line, nullptr, std::string("not usable JSON: ") + e.what()};
+    return input_error{line, nullptr, "not usable JSON: " + parser_reason(e.what())};
   }
   if (!doc.is_object()) {
     return input_error{line, nullptr, "expected a JSON object, got " + type_name(doc)};

@@ -281,8 +281,11 @@ int main(int argc, char** argv) {
                     "Write a span per request, call and attempt to this file (OTLP/JSON lines; "
                     "docs/tracing.md), besides the config's trace.otlp_endpoint");
   serve->add_option("--log-level", sf.log_level, "debug, info, warning, error or off")
-      ->capture_default_str();
-  serve->add_option("--log-format", sf.log_format, "text or json")->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"debug", "info", "warning", "warn", "error", "off"}));
+  serve->add_option("--log-format", sf.log_format, "text or json")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"text", "json"}));
 
   // ---- bench ----
   auto* bench = app.add_subcommand(

@@ -14,6 +14,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/address.hpp>
 #include <boost/asio/signal_set.hpp>
 
 #include <csignal>
@@ -33,6 +34,16 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
   }
   keel::gateway::server_options so;
   so.address = o.listen.substr(0, colon);
+  if (so.address == "localhost") {
+    so.address = "127.0.0.1";
+  } else if (so.address.size() > 2 && so.address.front() == '[' && so.address.back() == ']') {
+    so.address = so.address.substr(1, so.address.size() - 2);  // [::1]:8080
+  }
+  if (boost::system::error_code ec; asio::ip::make_address(so.address, ec), ec) {
+    throw std::invalid_argument("--listen " + o.listen +
+                                ": ADDR must be an IP address (127.0.0.1, 0.0.0.0, [::1]) or "
+                                "localhost");
+  }
   try {
     const int port = std::stoi(o.listen.substr(colon + 1));
     if (port < 0 || port > 65535) {
@@ -81,6 +92,9 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
   }
 
   asio::io_context ctx(1);  // one thread runs it (Asio skips waking others)
+  // Taken over now, not once listening: a SIGTERM during start-up is then a drain of nothing
+  // (exit 0), not the default action's death (143). Asio keeps a signal until a wait takes it.
+  asio::signal_set signals(ctx, SIGINT, SIGTERM);
   trace_sink traces(ctx.get_executor(), trace_cfg, o.trace_file, log, llm::process_env());
   so.tracer = traces.tracer();
   // The same client hooks, metric names and log lines as `keel batch` (calls carry no item).
@@ -189,7 +203,6 @@ int run_serve(const std::vector<llm::client_config>& cfgs, const serve_options& 
       server.base_url().c_str(), served_models.c_str(), who.c_str());
   std::fflush(stdout);
 
-  asio::signal_set signals(ctx, SIGINT, SIGTERM);
   int signal_number = 0;
   signals.async_wait([&](const boost::system::error_code& ec, int sig) {
     if (ec) {

@@ -9,8 +9,11 @@
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <stdexcept>
 #include <utility>
+
+#include <unistd.h>
 
 namespace keel::cli {
 
@@ -106,6 +109,23 @@ struct expected_line {
 
 check_report check_results(const std::string& input, const std::vector<std::string>& results,
                            const std::string& merge_to, std::size_t max_problems) {
+  if (!merge_to.empty()) {
+    // The merged file replaces OUT at the end: naming a file being read would destroy it.
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    for (const std::string* read : [&] {
+           std::vector<const std::string*> all{&input};
+           for (const std::string& r : results) {
+             all.push_back(&r);
+           }
+           return all;
+         }()) {
+      if (*read == merge_to || fs::equivalent(*read, merge_to, ec)) {
+        throw std::invalid_argument("--merge names a file this check reads (" + merge_to +
+                                    "); merge into another file");
+      }
+    }
+  }
   check_report rep;
   const auto problem = [&](std::string msg) {
     if (rep.problems.size() < max_problems) {
@@ -162,8 +182,8 @@ check_report check_results(const std::string& input, const std::vector<std::stri
         problem("line " + std::to_string(rec->line) + ": another record in " + where +
                 " (the first is in " + e.first_where + ")");
       }
-      if (!merge_to.empty()) {
-        merged.emplace_back(rec->line, text);
+      if (!merge_to.empty() && e.finals == 1) {
+        merged.emplace_back(rec->line, text);  // the first only: one record per line
       }
     });
   }
@@ -189,7 +209,9 @@ check_report check_results(const std::string& input, const std::vector<std::stri
   if (!merge_to.empty()) {
     std::stable_sort(merged.begin(), merged.end(),
                      [](const auto& a, const auto& b) { return a.first < b.first; });
-    std::FILE* out = std::fopen(merge_to.c_str(), "wb");
+    // Written beside OUT and renamed over it: OUT is either what it was or the whole merge.
+    const std::string temp = merge_to + ".keel-merge-" + std::to_string(::getpid());
+    std::FILE* out = std::fopen(temp.c_str(), "wb");
     if (out == nullptr) {
       throw std::runtime_error(merge_to + ": cannot open for writing: " + std::strerror(errno));
     }
@@ -198,9 +220,12 @@ check_report check_results(const std::string& input, const std::vector<std::stri
       ok = ok && std::fwrite(text.data(), 1, text.size(), out) == text.size() &&
            std::fputc('\n', out) != EOF;
     }
+    ok = std::fflush(out) == 0 && ::fsync(::fileno(out)) == 0 && ok;
     ok = std::fclose(out) == 0 && ok;
-    if (!ok) {
-      throw std::runtime_error(merge_to + ": write error");
+    if (!ok || std::rename(temp.c_str(), merge_to.c_str()) != 0) {
+      const int err = errno;
+      std::remove(temp.c_str());
+      throw std::runtime_error(merge_to + ": write error: " + std::strerror(err));
     }
   }
   return rep;

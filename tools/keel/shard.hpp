@@ -77,10 +77,12 @@ struct check_report {
 };
 
 /// Checks `results` against `input` (see the top of this header).
-/// @param merge_to if not empty, every final record is written there in input-line order (also
-///   when the check fails: what there is).
+/// @param merge_to if not empty, each input line's first final record is written there in
+///   input-line order (also when the check fails: what there is), through a temporary file
+///   beside it renamed over it at the end.
 /// @param max_problems how many problem messages to keep.
 /// @throws std::runtime_error naming the file when one cannot be read or written.
+/// @throws std::invalid_argument if `merge_to` is the input or one of `results`.
 check_report check_results(const std::string& input, const std::vector<std::string>& results,
                            const std::string& merge_to = {}, std::size_t max_problems = 20);
 

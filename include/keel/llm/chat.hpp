@@ -309,7 +309,8 @@ inline bool anthropic_bearer_version(std::string_view version) noexcept {
 struct endpoint {
   /// The wire format.
   provider_kind kind = provider_kind::openai;
-  /// Scheme and authority (and optional path prefix), no trailing slash needed; empty means the
+  /// Scheme and authority (and an optional path prefix, and a query that ends every request's
+  /// URL, e.g. `?api-version=...`), no trailing slash needed; empty means the
   /// provider's public URL (https://api.openai.com, https://api.anthropic.com,
   /// https://bedrock-runtime.{region}.amazonaws.com). Point it at a mock server in tests.
   std::string base_url;
