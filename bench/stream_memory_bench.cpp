@@ -32,9 +32,10 @@
 //
 // `--tls`: the child process also runs a TLS terminating proxy (a self-signed P-256 certificate
 // made at start, TLS 1.3) in front of the mock, and the client speaks https:// to it (peer
-// verification off). The proxy's memory is the child's, not counted. The client resumes TLS
-// sessions (its default; the JSON line says how many connections did); `--no-tls-resume` makes
-// every connection a full handshake.
+// verification off). The proxy's memory is the child's, not counted. Above about 6,000 streams
+// several such children share the proxy's port (SO_REUSEPORT), each under the descriptor limit
+// (`--mock-processes` sets how many). The client resumes TLS sessions (its default; the JSON line
+// says how many connections did); `--no-tls-resume` makes every connection a full handshake.
 //
 // Prints one JSON line at the end.
 #include <keel/http/client.hpp>
@@ -165,6 +166,7 @@ struct run_options {
   bool tls = false;
   bool no_tls_resume = false;
   bool client = false;
+  int mock_processes = 0;  // 0: as many as the descriptor limit needs
 };
 
 // 40 bytes of prompt: the mock answers "mock answer to: " + them, 56 bytes of text.
@@ -238,8 +240,13 @@ void self_signed(asio::ssl::context& ctx) {
   EVP_PKEY_free(key);
 }
 
-// Runs the mock in a child process; returns its port (0 on failure) and sets `child`.
-unsigned short start_mock(const run_options& o, pid_t& child) {
+// Runs the mock in a child process; returns its port (0 on failure) and sets `child`. With TLS
+// the proxy listens with SO_REUSEPORT, on `port_wanted` when it is not 0: several children then
+// share one listening port and the kernel spreads the connections over them (a proxy holds 2
+// descriptors per stream and the mock one more, so 10,000 streams need more than one process
+// under this VM's hard limit of 20,000 descriptors per process).
+unsigned short start_mock(const run_options& o, asio::ssl::context& tls_ctx,
+                          unsigned short port_wanted, pid_t& child) {
   int fds[2];
   if (pipe(fds) != 0) {
     return 0;
@@ -256,11 +263,13 @@ unsigned short start_mock(const run_options& o, pid_t& child) {
     server.set_plan("*", keel::testing::fault_plan{}.with_stream(s));
     server.start();
     unsigned short port = server.port();
-    asio::ssl::context tls_ctx{asio::ssl::context::tls_server};
     tcp::acceptor acceptor{ctx};
     if (o.tls) {
-      self_signed(tls_ctx);
-      acceptor = tcp::acceptor{ctx, {asio::ip::make_address("127.0.0.1"), 0}};
+      const tcp::endpoint at{asio::ip::make_address("127.0.0.1"), port_wanted};
+      acceptor.open(at.protocol());
+      acceptor.set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true));
+      acceptor.bind(at);
+      acceptor.listen();
       asio::co_spawn(ctx,
                      tls_accept(acceptor, tls_ctx, {asio::ip::make_address("127.0.0.1"), port}),
                      asio::detached);
@@ -339,9 +348,12 @@ int main(int argc, char** argv) {
                "with --tls: every connection makes a full handshake (tls.resume_sessions off)");
   app.add_flag("--client", o.client,
                "each stream is a keel::llm::client::stream_call (the whole policy stack)");
+  app.add_option("--mock-processes", o.mock_processes,
+                 "with --tls: proxy processes sharing the port (default: as the fd limit needs)")
+      ->check(CLI::Range(0, 64));
   CLI11_PARSE(app, argc, argv);
 
-  // N sockets here (and N in the mock's process, which inherits this limit).
+  // N sockets here (and N, or 3N with TLS, over the mock processes, which inherit this limit).
   rlimit nofile{};
   getrlimit(RLIMIT_NOFILE, &nofile);
   nofile.rlim_cur = nofile.rlim_max;
@@ -352,11 +364,27 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  pid_t mock = -1;
-  const unsigned short port = start_mock(o, mock);
-  if (port == 0) {
-    fmt::print(stderr, "bench_stream_memory: the mock did not start\n");
-    return 1;
+  // Mock processes: one, or with TLS as many as keep each under the limit with 10% to spare
+  // for the kernel's uneven spreading (3 descriptors per stream: the proxy's two, the mock's).
+  const auto limit = static_cast<long>(nofile.rlim_cur) - 64;
+  const int processes = o.mock_processes > 0 ? o.mock_processes
+                        : o.tls ? static_cast<int>((3L * o.streams * 11 / 10 + limit - 1) / limit)
+                                : 1;
+  std::vector<pid_t> mocks(static_cast<std::size_t>(processes), -1);
+  // One certificate and one session-ticket key for all of them (made before the forks), so a
+  // session one process issued resumes in another, as behind one load-balanced endpoint.
+  asio::ssl::context tls_ctx{asio::ssl::context::tls_server};
+  if (o.tls) {
+    self_signed(tls_ctx);
+  }
+  unsigned short port = 0;
+  for (pid_t& m : mocks) {
+    const unsigned short p = start_mock(o, tls_ctx, port, m);
+    if (p == 0 || (port != 0 && p != port)) {
+      fmt::print(stderr, "bench_stream_memory: the mock did not start\n");
+      return 1;
+    }
+    port = p;
   }
   const std::string base =
       (o.tls ? "https://127.0.0.1:" : "http://127.0.0.1:") + std::to_string(port);
@@ -495,8 +523,10 @@ int main(int argc, char** argv) {
       },
       asio::detached);
   ctx.run();
-  kill(mock, SIGKILL);
-  waitpid(mock, nullptr, 0);
+  for (const pid_t m : mocks) {
+    kill(m, SIGKILL);
+    waitpid(m, nullptr, 0);
+  }
 
   const double n = o.streams;
   if (o.census) {
@@ -544,7 +574,8 @@ int main(int argc, char** argv) {
       "samples\":{},"
       "\"seconds_to_first_pieces\":{:.2f},\"heap_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:."
       "0f},\"max\":{:.0f}}},\"rss_bytes_per_stream\":{{\"median\":{:.0f},\"min\":{:.0f},\"max\":{:."
-      "0f}}},\"finished\":{},\"failed\":{},\"stream_errors\":{},\"tls_sessions_resumed\":{}}}\n",
+      "0f}}},\"finished\":{},\"failed\":{},\"stream_errors\":{},\"tls_sessions_resumed\":{},"
+      "\"mock_processes\":{}}}\n",
       o.streams, o.client, o.tls, o.format, o.chunk_latency_ms, all_open, all_open_s,
       static_cast<double>(median(heap_samples)) / n,
       static_cast<double>(*std::min_element(heap_samples.begin(), heap_samples.end())) / n,
@@ -552,6 +583,6 @@ int main(int argc, char** argv) {
       static_cast<double>(median(rss_samples)) / n,
       static_cast<double>(*std::min_element(rss_samples.begin(), rss_samples.end())) / n,
       static_cast<double>(*std::max_element(rss_samples.begin(), rss_samples.end())) / n, finished,
-      failed, stream_errors, client.tls_sessions_resumed());
+      failed, stream_errors, client.tls_sessions_resumed(), processes);
   return failed == 0 && stream_errors == 0 && all_open ? 0 : 1;
 }
