@@ -392,7 +392,8 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
        "/policy/queue/wait", "max_wait"},
       // Wrong types and ranges in entries.
       {R"({"config_list": [{"api_key": "k"}]})", "/config_list/0/model", "got nothing"},
-      {with_entry(R"("model": 5)"), "/config_list/0/model", "non-empty string, got 5"},
+      {R"({"config_list": [{"api_key": "k", "model": 5}]})", "/config_list/0/model",
+       "non-empty string, got 5"},
       {R"({"config_list": [{"model": "", "api_key": "k"}]})", "/config_list/0/model",
        "non-empty string"},
       {with_entry(R"("api_type": "azure")"), "/config_list/0/api_type",
@@ -512,6 +513,20 @@ TEST_CASE("a JSON syntax error names the line and column", "[cli_config]") {
   CHECK_THAT(first.message(), Catch::StartsWith("invalid JSON at line 1, column 1"));
   const auto later = error_of("[\n\n  {\"model\": \"m\"\n  ]");
   CHECK_THAT(later.message(), Catch::StartsWith("invalid JSON at line 4, column 3"));
+}
+
+TEST_CASE("a key given twice in one object of a config is refused with its JSON pointer",
+          "[cli_config][review]") {
+  // nlohmann keeps the last, another parser the first: the config would mean two things.
+  const auto e = error_of(R"({"config_list": [{"model": "a", "api_key": "k", "model": "b"}]})");
+  CHECK(e.path() == "/config_list/0/model");
+  CHECK_THAT(e.message(), Catch::StartsWith("the key appears twice in one object"));
+  const auto policy = error_of(
+      R"({"config_list": [{"model": "a", "api_key": "k"}], "policy": {"retry": {"max_attempts": 3, "max_attempts": 9}}})");
+  CHECK(policy.path() == "/policy/retry/max_attempts");
+  // Too large a number: what is wrong, without the parser's exception id.
+  CHECK(error_of(R"([{"model": "a", "api_key": "k", "timeout": 1e400}])").message() ==
+        "invalid JSON: number overflow parsing '1e400'");
 }
 
 TEST_CASE("a config nested 60,000 objects deep is refused naming line and column",

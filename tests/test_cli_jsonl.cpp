@@ -140,10 +140,11 @@ TEST_CASE("bad input lines name the JSON path of the problem", "[cli_jsonl]") {
         "not usable JSON: number overflow parsing '1e400'");  // not the library's exception id
   // What is wrong, without the parser's echo of the line.
   CHECK(error_of("{\"id\": 1, \"prompt\": \"\xff\"}") ==
-        "not valid JSON (at byte 22 of the line: invalid string: ill-formed UTF-8 byte)");
+        "not valid JSON (at byte 21 of the line: syntax error while parsing value - invalid "
+        "string: ill-formed UTF-8 byte)");
   CHECK(error_of(R"({"id": 1, "prompt": "\ud800"})") ==
-        "not valid JSON (at byte 28 of the line: invalid string: surrogate U+D800..U+DBFF must be "
-        "followed by U+DC00..U+DFFF)");
+        "not valid JSON (at byte 27 of the line: syntax error while parsing value - invalid "
+        "string: surrogate U+D800..U+DBFF must be followed by U+DC00..U+DFFF)");
   CHECK(error_of("[1, 2]").find("expected a JSON object, got an array") != std::string::npos);
   CHECK(error_of(R"({"prompt": "x"})").find("/id: missing") != std::string::npos);
   CHECK(error_of(R"({"id": 1.5, "prompt": "x"})").find("/id: expected a string or an integer") !=

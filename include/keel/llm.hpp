@@ -40,4 +40,5 @@
 #include <keel/llm/sigv4.hpp>
 #include <keel/llm/sse.hpp>
 #include <keel/llm/stream.hpp>
+#include <keel/llm/strict_json.hpp>
 #include <keel/llm/tokens.hpp>

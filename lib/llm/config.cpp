@@ -5,7 +5,7 @@
 
 #include <keel/http/client.hpp>
 #include <keel/llm/error.hpp>
-#include <keel/llm/json_depth.hpp>
+#include <keel/llm/strict_json.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -42,26 +42,6 @@ std::pair<std::size_t, std::size_t> line_column(std::string_view text, std::size
     }
   }
   return {line, at - line_start + 1};
-}
-
-// nlohmann's description without its prefix, and without "last read: '...'", which quotes the
-// document (possibly an unterminated secret).
-std::string parse_error_detail(const std::string& what) {
-  std::string_view w = what;
-  if (const auto col = w.find("column "); col != std::string_view::npos) {
-    if (const auto colon = w.find(": ", col); colon != std::string_view::npos) {
-      w.remove_prefix(colon + 2);
-    }
-  } else if (const auto bracket = w.find("] "); bracket != std::string_view::npos) {
-    w.remove_prefix(bracket + 2);
-  }
-  std::string out(w);
-  if (const auto last = out.find("; last read"); last != std::string::npos) {
-    const auto expected = out.rfind("; expected ");
-    std::string tail = expected != std::string::npos && expected > last ? out.substr(expected) : "";
-    out = out.substr(0, last) + tail;
-  }
-  return keel::llm::redact(out, 200);
 }
 
 json redacted_or(bool redact, const std::string& value, const char* mask = "<redacted>") {
@@ -134,24 +114,23 @@ namespace {
 
 client_config parse_text(std::string_view text, const std::string& source, const env_lookup& env,
                          const std::filesystem::path& base_dir) {
-  if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
-    const auto [line, column] = line_column(text, deep + 1);
-    throw config_error(source, "",
-                       "JSON nested deeper than " + std::to_string(keel::llm::max_json_depth) +
-                           " levels at line " + std::to_string(line) + ", column " +
-                           std::to_string(column));
-  }
   json doc;
   try {
-    doc = json::parse(text.begin(), text.end());
-  } catch (const json::parse_error& e) {
-    const auto [line, column] = line_column(text, e.byte);
+    doc = parse_strict_json(text);
+  } catch (const json_refused& e) {
+    if (e.problem() == json_problem::duplicate_key) {
+      throw config_error(source, e.pointer(), e.what());
+    }
+    if (e.problem() == json_problem::unusable) {
+      throw config_error(source, "", std::string("invalid JSON: ") + e.what());
+    }
+    const auto [line, column] = line_column(text, e.byte() + 1);
+    const std::string at =
+        " at line " + std::to_string(line) + ", column " + std::to_string(column);
     throw config_error(source, "",
-                       "invalid JSON at line " + std::to_string(line) + ", column " +
-                           std::to_string(column) + ": " + parse_error_detail(e.what()));
-  } catch (const json::exception& e) {
-    // Valid syntax the parser still refuses, e.g. a number too large for a double ("1e400").
-    throw config_error(source, "", std::string("invalid JSON: ") + e.what());
+                       e.problem() == json_problem::too_deep
+                           ? "JSON " + std::string(e.what()) + at
+                           : "invalid JSON" + at + ": " + e.what());
   }
   return parser(source, env, base_dir).run(doc);
 }

@@ -1,16 +1,14 @@
 // The keel command's input: JSONL items parsed, and read line by line.
 #include "jsonl.hpp"
 
-#include <keel/llm/json_depth.hpp>
+#include <keel/llm/strict_json.hpp>
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
 #include <cstring>
-#include <memory>
 #include <stdexcept>
-#include <unordered_set>
 #include <vector>
 
 namespace keel::cli {
@@ -67,93 +65,8 @@ std::string preview_of(std::string_view text) {
   return std::string(text.substr(0, std::min(i, text.size())));
 }
 
-// A key given twice in one object of an input line; `path` is its JSON pointer.
-struct duplicate_key {
-  std::string path;
-};
-
-// A parser callback that throws duplicate_key for `{"id": "b", "id": "c"}` (nlohmann keeps the
-// last silently), tracking the JSON pointer of where the parser is. Containers nest at most
-// keel::llm::max_json_depth deep (checked before parsing), so the stack is bounded.
-class duplicate_key_finder {
- public:
-  bool operator()(int /*depth*/, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-        element();
-        frames_->push_back({true, {}, {}, 0});
-        break;
-      case json::parse_event_t::array_start:
-        element();
-        frames_->push_back({false, {}, {}, 0});
-        break;
-      case json::parse_event_t::object_end:
-      case json::parse_event_t::array_end:
-        frames_->pop_back();
-        break;
-      case json::parse_event_t::key: {
-        auto& top = frames_->back();
-        top.key = parsed.get<std::string>();
-        if (!top.keys.insert(top.key).second) {
-          throw duplicate_key{pointer()};
-        }
-        break;
-      }
-      case json::parse_event_t::value:
-        element();
-        break;
-    }
-    return true;
-  }
-
- private:
-  struct frame {
-    bool object;
-    std::unordered_set<std::string> keys;
-    std::string key;       // an object's current key
-    std::size_t next = 0;  // an array's element count
-  };
-
-  void element() {
-    if (!frames_->empty() && !frames_->back().object) {
-      ++frames_->back().next;
-    }
-  }
-
-  std::string pointer() const {
-    std::string out;
-    for (const auto& f : *frames_) {
-      out += '/';
-      if (!f.object) {
-        out += std::to_string(f.next - 1);
-        continue;
-      }
-      for (const char c : f.key) {
-        out += c == '~' ? "~0" : c == '/' ? "~1" : std::string(1, c);
-      }
-    }
-    return out;
-  }
-
-  // nlohmann copies the callback; the copies share one stack.
-  std::shared_ptr<std::vector<frame>> frames_ = std::make_shared<std::vector<frame>>();
-};
-
 void throw_errno(const std::string& what, const std::string& path) {
   throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
-}
-
-// What nlohmann's message says is wrong, without its exception id, position (the caller gives the
-// byte) or "last read" echo of the line: "[json.exception.parse_error.101] parse error at line 1,
-// column 7: syntax error while parsing value - invalid string: ill-formed UTF-8 byte; last read:
-// ..." gives "invalid string: ill-formed UTF-8 byte".
-std::string parser_reason(std::string_view what) {
-  if (const auto dash = what.find(" - "); dash != std::string_view::npos) {
-    what.remove_prefix(dash + 3);
-  } else if (const auto id = what.find("] "); id != std::string_view::npos) {
-    what.remove_prefix(id + 2);
-  }
-  return std::string(what.substr(0, what.find("; last read")));
 }
 
 }  // namespace
@@ -167,26 +80,23 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
         line, nullptr,
         "a NUL byte at byte " + std::to_string(nul) + " of the line (JSON text cannot hold one)"};
   }
-  if (const auto deep = keel::llm::json_too_deep_at(text); deep != std::string_view::npos) {
-    return input_error{line, nullptr,
-                       "nested deeper than " + std::to_string(keel::llm::max_json_depth) +
-                           " levels at byte " + std::to_string(deep) + " of the line"};
-  }
   json doc;
   try {
-    doc = json::parse(text, duplicate_key_finder());
-  } catch (const duplicate_key& d) {
-    return input_error{line, nullptr,
-                       d.path +
-                           ": the key appears twice in one object (JSON parsers keep either "
-                           "value; keel refuses to guess)"};
-  } catch (const json::parse_error& e) {
-    return input_error{line, nullptr,
-                       "not valid JSON (at byte " + std::to_string(e.byte) +
-                           " of the line: " + parser_reason(e.what()) + ")"};
-  } catch (const json::exception& e) {
-    // Valid syntax the parser still refuses, e.g. a number too large for a double ("1e400").
-    return input_error{line, nullptr, "not usable JSON: " + parser_reason(e.what())};
+    doc = keel::llm::parse_strict_json(text);
+  } catch (const keel::llm::json_refused& e) {
+    const std::string at = " at byte " + std::to_string(e.byte()) + " of the line";
+    switch (e.problem()) {
+      case keel::llm::json_problem::duplicate_key:
+        return input_error{line, nullptr, e.pointer() + ": " + e.what()};
+      case keel::llm::json_problem::too_deep:
+        return input_error{line, nullptr, e.what() + at};
+      case keel::llm::json_problem::syntax:
+        return input_error{line, nullptr,
+                           "not valid JSON (" + at.substr(1) + ": " + e.what() + ")"};
+      case keel::llm::json_problem::unusable:
+        break;
+    }
+    return input_error{line, nullptr, std::string("not usable JSON: ") + e.what()};
   }
   if (!doc.is_object()) {
     return input_error{line, nullptr, "expected a JSON object, got " + type_name(doc)};
