@@ -1314,6 +1314,9 @@ TEST_CASE("a bad scenario names the JSON path of the offending value", "[mock_ll
            // Regression (fuzz/fuzz_mock_scenario): nlohmann reports a number that overflows a
            // double as out_of_range, not parse_error; it escaped as a non-scenario_error.
            {R"({"models": {"m": {"retry_after_ms": 1e400}}})", ""},
+           // A key twice: refused at its pointer (nlohmann kept the last).
+           {R"({"models": {"m": {"retry_after_ms": 5, "retry_after_ms": 9}}})",
+            "/models/m/retry_after_ms"},
        }) {
     INFO(b.text);
     try {

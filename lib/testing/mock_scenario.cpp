@@ -1,5 +1,5 @@
 // Scenario files for the mock LLM server: JSON to fault plans, with errors naming the JSON path.
-#include <keel/llm/json_depth.hpp>
+#include <keel/llm/strict_json.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <nlohmann/json.hpp>
@@ -379,18 +379,19 @@ std::optional<limiter_retry_after_mode> parse_limiter_retry_after_mode(
 }
 
 scenario scenario::from_json(std::string_view json_text) {
-  if (const auto deep = keel::llm::json_too_deep_at(json_text); deep != std::string_view::npos) {
-    throw scenario_error("", "invalid JSON: nested deeper than " +
-                                 std::to_string(keel::llm::max_json_depth) + " levels at byte " +
-                                 std::to_string(deep));
-  }
   json doc;
   try {
-    doc = json::parse(json_text.begin(), json_text.end());
-  } catch (const json::exception& e) {
-    // Not only parse_error: a number too large for a double ("1e400") is out_of_range (found by
-    // fuzz/fuzz_mock_scenario).
-    throw scenario_error("", std::string("invalid JSON: ") + e.what());
+    // Strict: a repeated key is refused (nlohmann kept the last), a number too large for a
+    // double ("1e400", found by fuzz/fuzz_mock_scenario) is said plainly.
+    doc = keel::llm::parse_strict_json(json_text);
+  } catch (const keel::llm::json_refused& e) {
+    if (e.problem() == keel::llm::json_problem::duplicate_key) {
+      throw scenario_error(e.pointer(), e.what());
+    }
+    throw scenario_error("", std::string("invalid JSON: ") + e.what() +
+                                 (e.problem() == keel::llm::json_problem::unusable
+                                      ? std::string()
+                                      : " (at byte " + std::to_string(e.byte()) + ")"));
   }
   object(doc, "");
   scenario s;
