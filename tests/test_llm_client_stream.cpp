@@ -448,6 +448,44 @@ TEST_CASE("a consumer that throws ends the call with its own error, not retried"
   CHECK(server.stats().model("m").requests == 1);
 }
 
+TEST_CASE("a consumer's failure is the caller's: no breaker opens and nothing is retried",
+          "[llm_client][stream][review]") {
+  // keel serve's consumer writes to its caller's socket: a caller that hung up makes it throw
+  // the socket's error, a transient-looking one. Twelve such callers opened the provider's
+  // breaker for everyone else (and through Redis, for the fleet).
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  keel::llm::client client =
+      make_client(ctx, server, "openai",
+                  R"({"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
+          "breaker": {"failure_threshold": 2, "break": 60}})");
+  const auto hung_up = [](const keel::llm::stream_delta&) -> asio::awaitable<void> {
+    throw boost::system::system_error(asio::error::broken_pipe, "writing to the caller");
+    co_return;
+  };
+  std::vector<boost::system::error_code> codes;
+  keel_test::run_against(
+      ctx, server,
+      [&]() -> asio::awaitable<void> {
+        for (int i = 0; i < 4; ++i) {
+          const keel::llm::call_outcome out = co_await client.stream_call(prompt(), hung_up);
+          try {
+            std::rethrow_exception(out.error);
+          } catch (const boost::system::system_error& e) {
+            codes.push_back(e.code());
+          }
+        }
+      },
+      10s);
+  // Each call ended with the consumer's own error, after one request: no retry, no open
+  // breaker (two counted failures would have refused the third and fourth calls).
+  REQUIRE(codes.size() == 4);
+  for (const auto& ec : codes) {
+    CHECK(ec == asio::error::broken_pipe);
+  }
+  CHECK(server.stats().model("m").requests == 4);
+}
+
 TEST_CASE("a streamed call settles its token reservation with the final usage",
           "[llm_client][stream]") {
   // The bucket refills on the steady clock (100 tokens/s at 6,000 per minute). The prompt is

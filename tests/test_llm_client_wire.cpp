@@ -348,6 +348,45 @@ TEST_CASE("redirects, 413s and oversized answers get their own class and are not
   }
 }
 
+TEST_CASE("a server that ignores stream: true and answers one JSON body still streams",
+          "[llm_client][stream][review]") {
+  // vLLM-style servers and proxies that drop "stream": it was read as a stream that ended
+  // before [DONE], a transient failure retried to the attempt cap (and charged to the breaker).
+  asio::io_context ctx;
+  canned_server srv(ctx, http_answer(200, "OK", openai_ok("whole body", "served-model")));
+  keel::http::client http(ctx.get_executor(), keel::http::client_options{});
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client client(ctx.get_executor(), make_config(one_retrying_entry, srv.base_url()),
+                           http, buckets, {}, 1);
+  std::string text;
+  int deltas = 0;
+  keel::llm::call_outcome out;
+  asio::co_spawn(
+      ctx,
+      [&]() -> asio::awaitable<void> {
+        out = co_await client.stream_call(
+            request(), [&](const keel::llm::stream_delta& d) -> asio::awaitable<void> {
+              text += d.text;
+              ++deltas;
+              co_return;
+            });
+        ctx.stop();
+      },
+      asio::detached);
+  ctx.run();
+  INFO((out.error ? keel::llm::error_class(out.error) : "ok"));
+  REQUIRE_FALSE(out.error);
+  CHECK(text == "whole body");
+  CHECK(deltas == 1);
+  REQUIRE(out.response);
+  CHECK(out.response->text == "whole body");
+  CHECK(out.response->model == "served-model");
+  CHECK(out.response->finish_reason == "stop");
+  CHECK(out.response->usage.output == 1);
+  CHECK(out.attempts == 1);
+  CHECK(srv.requests == 1);
+}
+
 TEST_CASE("the mock answers an oversized request 413 and keel does not retry it", "[llm_client]") {
   // Beast's default 1 MiB request limit used to make the mock drop the connection: keel saw a
   // reset and retried a request that can never succeed, as `connection`.

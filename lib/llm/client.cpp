@@ -1,6 +1,8 @@
 // keel::llm::client, the configured policy stack (see keel/llm/client.hpp for the layering).
 #include <keel/llm/client.hpp>
 
+#include "wire_common.hpp"
+
 #include <keel/aws/retry.hpp>
 #include <keel/aws/sdk_request.hpp>
 #include <keel/classify.hpp>
@@ -114,6 +116,31 @@ bool refused_locally(const std::exception_ptr& e) {
   } catch (...) {
   }
   return false;
+}
+
+// A stream consumer's own failure (its handler threw: in keel serve, the caller hung up and the
+// write failed), carried through the policy stack as a cancellation and rethrown unchanged by
+// finish_call. It is the caller's doing, not the provider's: as a cancellation no breaker,
+// fleet breaker, retry budget or retry counts it (the socket error a hung-up caller leaves
+// classifies as a transient failure, and 12 callers who hung up opened the provider's breaker
+// for every other caller, and through Redis for the fleet).
+class consumer_failure : public boost::system::system_error {
+ public:
+  explicit consumer_failure(std::exception_ptr e)
+      : boost::system::system_error(asio::error::operation_aborted, "the stream's consumer failed"),
+        inner(std::move(e)) {}
+  std::exception_ptr inner;
+};
+
+// `e`, or the consumer's own error if `e` is a consumer_failure.
+std::exception_ptr unwrap_consumer_failure(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const consumer_failure& f) {
+    return f.inner;
+  } catch (...) {
+  }
+  return e;
 }
 
 // ---- traces (see docs/tracing.md for the attributes) ----------------------------------------
@@ -935,6 +962,23 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
       }
       throw std::logic_error("keel: a non-2xx response parsed as a reply");  // unreachable
     }
+    // A server that ignores `"stream": true` answers one JSON body (a stream's content type is
+    // text/event-stream, or application/vnd.amazon.eventstream for Bedrock): read it whole and
+    // hand it on as the events a stream of it would give. Retrying would get the same answer.
+    std::optional<std::vector<keel::llm::stream_event>> whole;
+    if (const auto type = head.headers.find("content-type");
+        type && keel::llm::detail::contains_ci(type->substr(0, type->find(';')), "json")) {
+      keel::http::response res = head;
+      while (auto piece = co_await read()) {
+        res.body += *piece;
+      }
+      try {
+        whole = keel::llm::events_of(
+            keel::llm::parse_response(res, es.cfg->api_type, std::chrono::system_clock::now()));
+      } catch (const keel::llm::provider_error& e) {
+        throw masked(e);
+      }
+    }
     keel::llm::stream_options opts;
     opts.http_status = head.status;
     for (std::string_view name : {"x-request-id", "request-id", "x-amzn-requestid"}) {
@@ -978,11 +1022,16 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
         ss.first_token_seconds = seconds_since(ss.started);
       }
       attempt_delivered += bytes;
+      std::exception_ptr consumer_error;
       try {
         co_await ss.on_delta(d);
       } catch (...) {
+        consumer_error = std::current_exception();
+      }
+      if (consumer_error) {
         ss.commit.consumer_failed();  // the caller's own failure: never retried
-        throw;
+        reader->close();              // nobody reads the rest: stop the generation now
+        throw consumer_failure(std::move(consumer_error));
       }
       if ((co_await asio::this_coro::cancellation_state).cancelled() !=
           asio::cancellation_type::none) {
@@ -992,10 +1041,13 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
     };
     std::vector<keel::llm::stream_event> events;
     for (bool ended = false; !ended;) {
-      std::optional<std::string> piece = co_await read();
       events.clear();
-      if (piece) {
+      bool body_ended = true;
+      if (whole) {
+        events.swap(*whole);  // ends with done
+      } else if (std::optional<std::string> piece = co_await read()) {
         decoder->feed(*piece, events);
+        body_ended = false;
       } else {
         decoder->finish(events);  // appends done or (cut short) a transport error
       }
@@ -1069,7 +1121,7 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
             throw masked(*ev.error);
         }
       }
-      if (!piece) {
+      if (body_ended) {
         ended = true;
       }
     }
@@ -1401,7 +1453,7 @@ asio::awaitable<client::reply_box> client::call_chain(call_state& cs) {
 call_outcome client::finish_call(call_state& cs, reply_box reply, std::exception_ptr error,
                                  std::chrono::steady_clock::time_point t0) {
   call_outcome out;
-  out.error = std::move(error);
+  out.error = error ? unwrap_consumer_failure(std::move(error)) : nullptr;
   if (reply) {
     out.response = std::move(*reply);
   }

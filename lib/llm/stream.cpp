@@ -188,6 +188,27 @@ std::unique_ptr<stream_decoder> make_stream_decoder(provider_kind kind, stream_o
   return std::make_unique<openai_stream_decoder>(std::move(opts));
 }
 
+std::vector<stream_event> events_of(const chat_response& reply) {
+  std::vector<stream_event> out;
+  out.reserve(5 + reply.tool_calls.size());
+  stream_event& start = out.emplace_back(stream_event_kind::start);
+  start.id = reply.id;
+  start.model = reply.model;
+  start.role = "assistant";
+  if (!reply.text.empty()) {
+    out.emplace_back().text = reply.text;
+  }
+  for (std::size_t i = 0; i < reply.tool_calls.size(); ++i) {
+    stream_event& call = out.emplace_back(stream_event_kind::tool_call);
+    call.tool = reply.tool_calls[i];
+    call.tool_index = i;
+  }
+  out.emplace_back(stream_event_kind::finish).finish_reason = reply.finish_reason;
+  out.emplace_back(stream_event_kind::usage).usage = reply.usage;
+  out.emplace_back(stream_event_kind::done);
+  return out;
+}
+
 // ---- SSE-based decoders ------------------------------------------------------------------
 
 detail::sse_stream_decoder::sse_stream_decoder(provider_kind provider, stream_options opts,

@@ -289,6 +289,12 @@ class bedrock_stream_decoder final : public stream_decoder {
 std::unique_ptr<stream_decoder> make_stream_decoder(provider_kind kind,
                                                     stream_options opts = stream_options());
 
+/// A whole reply as the events a stream of it would give: start (id, model), the text as one
+/// event, each tool call as one event, finish, usage, done. For a server that ignores
+/// `"stream": true` and answers one JSON body (parse it with `parse_response`, then feed these
+/// to what consumes a stream). No I/O.
+std::vector<stream_event> events_of(const chat_response& reply);
+
 /// Replaces every whole occurrence of a secret in text that arrives in pieces (a stream's
 /// deltas), so that a key a server echoes is caught even when it straddles two pieces.
 ///
