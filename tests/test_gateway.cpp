@@ -627,6 +627,69 @@ TEST_CASE("a stream cut after its first delta ends with an error event and no [D
   CHECK(err["error"]["code"] == "stream_interrupted");
   // Not retried after the commit point.
   CHECK(rig.mock.stats().model("m").requests == 1);
+  // The body ended properly, so the connection stays usable: the next request on it is
+  // answered (it used to be closed after a keep-alive head, and the caller's next request on
+  // the pooled connection met a reset).
+  REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().open_connections == 1; }));
+  CHECK(rig.send("GET", "/healthz").status == 200);
+  CHECK(rig.gateway.stats().connections == 1);
+}
+
+TEST_CASE("an HTTP/1.0 caller's stream is not chunked and ends with the connection",
+          "[gateway][review]") {
+  gateway_rig rig(one_entry);
+  asio::ip::tcp::socket sock(rig.ctx);
+  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
+  const std::string request =
+      "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: "
+      "application/json\r\nContent-Length: " +
+      std::to_string(streamed.size()) + "\r\n\r\n" + streamed;
+  std::string got;
+  bool done = false;
+  asio::co_spawn(
+      rig.ctx,
+      [&]() -> asio::awaitable<void> {
+        co_await asio::async_write(sock, asio::buffer(request), asio::use_awaitable);
+        std::array<char, 4096> buf{};
+        for (;;) {
+          auto [ec, n] =
+              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+          if (ec) {
+            break;
+          }
+          got.append(buf.data(), n);
+        }
+        done = true;
+      },
+      asio::detached);
+  REQUIRE(run_real(rig.ctx, [&] { return done; }));
+  const auto split = got.find("\r\n\r\n");
+  REQUIRE(split != std::string::npos);
+  const std::string head = got.substr(0, split);
+  INFO(head);
+  CHECK(head.rfind("HTTP/1.0 200 OK\r\n", 0) == 0);
+  CHECK_THAT(head, !Catch::Contains("chunked", Catch::CaseSensitive::No));
+  CHECK_THAT(head, !Catch::Contains("keep-alive", Catch::CaseSensitive::No));
+  // The events themselves, unframed, to the end: the close ends the body.
+  const std::string body = got.substr(split + 4);
+  CHECK(body.rfind("data: {", 0) == 0);
+  CHECK(body.size() >= 14);
+  INFO(body.substr(body.size() > 400 ? body.size() - 400 : 0));
+  CHECK(body.substr(body.size() - 14) == "data: [DONE]\n\n");
+}
+
+TEST_CASE("a request body over the limit gets its 413, not a reset, however much is sent",
+          "[gateway][review]") {
+  // The SDKs write the whole body before reading: with the socket closed on unread bytes, the
+  // kernel's reset destroyed the 413 and they reported EPIPE (and retried the upload).
+  keel::gateway::server_options so;
+  so.max_request_body = 1024;
+  gateway_rig rig(one_entry, so);
+  const std::string huge = R"({"model": "m", "messages": [{"role": "user", "content": ")" +
+                           std::string(8 << 20, 'x') + R"("}]})";
+  const keel::http::response res = rig.send("POST", "/v1/chat/completions", huge);
+  CHECK(res.status == 413);
+  CHECK(json::parse(res.body)["error"]["code"] == "request_too_large");
 }
 
 namespace {

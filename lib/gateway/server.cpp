@@ -273,6 +273,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
                                                 asio::as_tuple(asio::use_awaitable));
       std::optional<response> res;
       bool keep = false;
+      // A refused request whose body was not read: see the lingering close below.
+      const bool unread = ec == bhttp::error::body_limit || ec == bhttp::error::header_limit;
       if (ec == bhttp::error::body_limit) {
         res = error_response(413,
                              "The request body is larger than this gateway accepts (" +
@@ -332,6 +334,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
       const std::array<asio::const_buffer, 2> wire{asio::buffer(head), asio::buffer(res->body())};
       auto [wec, wn] =
           co_await asio::async_write(c->stream, wire, asio::as_tuple(asio::use_awaitable));
+      if (!wec && unread) {
+        co_await linger(self, *c);
+      }
       if (wec || !keep) {
         break;
       }
@@ -342,6 +347,27 @@ struct server::impl : std::enable_shared_from_this<impl> {
     self->live.erase(c);
     if (self->draining && self->live.empty()) {
       self->drain_timer.cancel();
+    }
+  }
+
+  // After a 413 or 431 the client may still be sending the request. Closing at once would
+  // leave its bytes unread, and the kernel answers unread bytes with a reset that destroys the
+  // answer before the client reads it: the SDKs then saw EPIPE or ECONNRESET, not the 413 (and
+  // retried the upload). So the send side is shut and the rest is read and dropped until the
+  // client closes (nginx's lingering close), bounded by the read timeout and 64 MiB.
+  static asio::awaitable<void> linger(std::shared_ptr<impl> self, connection& c) {
+    boost::system::error_code ignored;
+    c.stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    c.stream.expires_after(self->opts.read_timeout);
+    std::vector<char> sink(16 * 1024);
+    constexpr std::size_t max_drain = std::size_t{64} * 1024 * 1024;
+    for (std::size_t drained = 0; drained < max_drain;) {
+      auto [ec, n] = co_await c.stream.async_read_some(asio::buffer(sink),
+                                                       asio::as_tuple(asio::use_awaitable));
+      if (ec) {
+        break;
+      }
+      drained += n;
     }
   }
 
@@ -524,7 +550,9 @@ struct server::impl : std::enable_shared_from_this<impl> {
   // chunk if asked for, and `data: [DONE]`. A failure after the commit point is an error event
   // (`data: {"error": ...}`, which the OpenAI SDKs raise as an APIError) and the end of the body.
   // A caller that goes away mid-stream fails the next write: the call ends and keel closes the
-  // provider's connection. Returns nothing when it wrote an answer, else the answer to write.
+  // provider's connection. An HTTP/1.0 caller, which cannot take chunked encoding (RFC 9112
+  // §6.1), gets the events unframed, `Connection: close`, and the close ends the body. Returns
+  // nothing when it wrote an answer, else the answer to write.
   asio::awaitable<std::optional<response>> stream(keel::llm::client& client, parsed_chat_request p,
                                                   const std::string& model, unsigned version,
                                                   connection& c, keel::trace::span& span,
@@ -534,11 +562,15 @@ struct server::impl : std::enable_shared_from_this<impl> {
     const long long created = now_s();
     const bool usage = p.include_usage;
     bool committed = false;
+    const bool chunked = version >= 11;
     c.stream_ok = true;
-    auto write = [this, &c](std::string bytes) -> asio::awaitable<void> {
+    auto write = [this, &c, chunked](std::string bytes) -> asio::awaitable<void> {
       c.stream.expires_after(opts.write_timeout);
-      auto [ec, n] = co_await asio::async_write(c.stream, bhttp::make_chunk(asio::buffer(bytes)),
-                                                asio::as_tuple(asio::use_awaitable));
+      auto [ec, n] =
+          chunked ? co_await asio::async_write(c.stream, bhttp::make_chunk(asio::buffer(bytes)),
+                                               asio::as_tuple(asio::use_awaitable))
+                  : co_await asio::async_write(c.stream, asio::buffer(bytes),
+                                               asio::as_tuple(asio::use_awaitable));
       if (ec) {
         c.stream_ok = false;
         throw boost::system::system_error(ec);
@@ -554,8 +586,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
       head.set(bhttp::field::cache_control, "no-cache");
       head.set("x-request-id", next_id("req_keel_"));
       head.set("openai-processing-ms", std::to_string(ms_since(started)));
-      head.keep_alive(true);
-      head.chunked(true);
+      head.keep_alive(chunked);
+      head.chunked(chunked);
       const std::string head_bytes = serialize_head(head);
       c.stream.expires_after(opts.write_timeout);
       auto [ec, n] = co_await asio::async_write(c.stream, asio::buffer(head_bytes),
@@ -601,8 +633,10 @@ struct server::impl : std::enable_shared_from_this<impl> {
         json err = cancelling ? error_body("keel serve is shutting down; the stream was cut.",
                                            "server_error", "", "shutting_down")
                               : error_answer(out.error).body;
+        // The body still ends properly (the last chunk below), so the connection stays
+        // usable: closing it after a keep-alive head and a complete body made the caller's
+        // next request on it fail with a reset.
         co_await write(event(err));
-        c.stream_ok = false;  // an interrupted answer: no keep-alive after it
       } else {
         ++counters.completions;
         co_await write(
@@ -613,11 +647,15 @@ struct server::impl : std::enable_shared_from_this<impl> {
         }
         co_await write("data: [DONE]\n\n");
       }
-      c.stream.expires_after(opts.write_timeout);
-      auto [ec, n] = co_await asio::async_write(c.stream, bhttp::make_chunk_last(),
-                                                asio::as_tuple(asio::use_awaitable));
-      if (ec) {
-        c.stream_ok = false;
+      if (chunked) {
+        c.stream.expires_after(opts.write_timeout);
+        auto [ec, n] = co_await asio::async_write(c.stream, bhttp::make_chunk_last(),
+                                                  asio::as_tuple(asio::use_awaitable));
+        if (ec) {
+          c.stream_ok = false;
+        }
+      } else {
+        c.stream_ok = false;  // the close ends an HTTP/1.0 answer
       }
     } catch (const boost::system::system_error&) {
       c.stream_ok = false;
