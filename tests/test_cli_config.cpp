@@ -484,6 +484,17 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
        "/policy/shared/probe_timeout", "a number > 0"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"rate_sync": -0.1}}})",
        "/policy/shared/rate_sync", "a number > 0"},
+      // Redis URLs keel::redis would refuse when the run starts: refused at load, not echoed.
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://127.0.0.1:6379/0?password=QQSECRET17"}}})",
+       "/policy/shared/redis", "no query or fragment"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://127.0.0.1:6379/QQSECRET18"}}})",
+       "/policy/shared/redis", "a database number"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://127.0.0.1:6379/0#QQSECRET19"}}})",
+       "/policy/shared/redis", "not shown"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://127.0.0.1:99999"}}})",
+       "/policy/shared/redis", "a port 1-65535"},
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://:6379"}}})",
+       "/policy/shared/redis", "a host"},
   };
   for (const auto& row : table) {
     INFO("config: " << row.json);

@@ -4,6 +4,7 @@
 #include <keel/llm/error.hpp>
 #include <keel/llm/json_depth.hpp>
 
+#include <algorithm>
 #include <cctype>
 
 namespace keel::llm::detail {
@@ -424,6 +425,45 @@ trace_config parser::parse_trace(const json& j, const std::string& path) const {
   return tc;
 }
 
+namespace {
+
+// The shape keel::redis::parse_url accepts (minus credentials, refused before): the scheme,
+// a host, an optional port 1-65535 and an optional database number, nothing else.
+bool redis_url_ok(std::string_view url) {
+  for (std::string_view scheme : {"redis://", "rediss://"}) {
+    if (url.substr(0, scheme.size()) == scheme) {
+      url.remove_prefix(scheme.size());
+      if (url.find_first_of("?#") != std::string_view::npos) {
+        return false;
+      }
+      const auto all_digits = [](std::string_view d) {
+        return !d.empty() && d.size() <= 9 &&
+               std::all_of(d.begin(), d.end(), [](char c) { return c >= '0' && c <= '9'; });
+      };
+      std::string_view hostport = url.substr(0, url.find('/'));
+      if (const auto slash = url.find('/'); slash != std::string_view::npos) {
+        const std::string_view db = url.substr(slash + 1);
+        if (!db.empty() && !all_digits(db)) {
+          return false;
+        }
+      }
+      if (const auto colon = hostport.rfind(':');
+          colon != std::string_view::npos && hostport.find(']', colon) == std::string_view::npos) {
+        const std::string_view port = hostport.substr(colon + 1);
+        if (!all_digits(port) || std::stoul(std::string(port)) == 0 ||
+            std::stoul(std::string(port)) > 65535) {
+          return false;
+        }
+        hostport = hostport.substr(0, colon);
+      }
+      return !hostport.empty();
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
 shared_config parser::parse_shared(const json& j, const std::string& path) const {
   check_keys(j, path,
              {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size",
@@ -443,8 +483,14 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
              "password_env)",
              "a URL with credentials");
       }
-      if (sc.redis.rfind("redis://", 0) != 0 && sc.redis.rfind("rediss://", 0) != 0) {
-        fail(p, "a redis://host[:port][/db] or rediss:// (TLS) URL", shown(v));
+      if (!redis_url_ok(sc.redis)) {
+        // Checked here as keel::redis::parse_url checks it when the run starts, so that a
+        // config that loads is one that runs. Not echoed: a password put in the path, query or
+        // fragment by mistake would be printed.
+        fail(p,
+             "a redis://host[:port][/db] or rediss:// (TLS) URL: a host, a port 1-65535, a "
+             "database number, no query or fragment",
+             "a URL not of that form (not shown: it may hold a credential)");
       }
     } else if (key == "key_prefix") {
       sc.key_prefix = string(v, p);

@@ -70,8 +70,10 @@ endpoint parse_url(std::string_view url) {
       int n = -1;
       const auto [p, ec] = std::from_chars(db.data(), db.data() + db.size(), n);
       if (ec != std::errc() || p != db.data() + db.size() || n < 0) {
-        throw std::invalid_argument("redis URL: database \"" + std::string(db) +
-                                    "\" is not a non-negative integer");
+        // Not echoed: a password put in the path by mistake would be printed.
+        throw std::invalid_argument(
+            "redis URL: the database (after the '/') is not a "
+            "non-negative integer");
       }
       ep.db = n;
     }
@@ -83,8 +85,7 @@ endpoint parse_url(std::string_view url) {
     unsigned n = 0;
     const auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), n);
     if (ec != std::errc() || p != port.data() + port.size() || n == 0 || n > 65535) {
-      throw std::invalid_argument("redis URL: port \"" + std::string(port) +
-                                  "\" is not a number in 1-65535");
+      throw std::invalid_argument("redis URL: the port is not a number in 1-65535");
     }
     ep.port = static_cast<std::uint16_t>(n);
   }
