@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -267,6 +268,24 @@ TEST_CASE("a server that omits the blank line after data: [DONE] is not truncate
           "[llm][stream]") {
   const std::string body = openai_body.substr(0, openai_body.size() - 1);
   CHECK(show(decode(provider_kind::openai, body)) == openai_expected);
+}
+
+TEST_CASE("an Azure content-filter chunk first does not hide the model that answers",
+          "[llm][stream][review]") {
+  const std::string body =
+      R"(data: {"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0}]})"
+      "\n\n"
+      R"(data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"hi"}}],"id":"c1","model":"gpt-4o-2024-08-06"})"
+      "\n\ndata: [DONE]\n\n";
+  const auto events = decode(provider_kind::openai, body);
+  REQUIRE(events.size() >= 2);
+  CHECK(events[0].kind == keel::llm::stream_event_kind::start);
+  CHECK(events[0].model == "gpt-4o-2024-08-06");
+  CHECK(events[0].id == "c1");
+  CHECK(events[1].text == "hi");
+  CHECK(std::count_if(events.begin(), events.end(), [](const stream_event& e) {
+          return e.kind == keel::llm::stream_event_kind::start;
+        }) == 1);
 }
 
 TEST_CASE("openai error payload mid-stream is classified", "[llm][stream]") {

@@ -283,12 +283,19 @@ void openai_stream_decoder::on_event(const sse_event& e, std::vector<stream_even
     return;
   }
   if (!started_) {
-    started_ = true;
     stream_event s(stream_event_kind::start);
     string_at(chunk, "id", s.id);
     string_at(chunk, "model", s.model);
-    s.role = "assistant";
-    out.push_back(std::move(s));
+    // Azure OpenAI leads with a content-filter chunk of empty id and model and no choices: the
+    // start (and the model it names) waits for the first chunk that says something.
+    const auto choices = chunk.find("choices");
+    const bool says_nothing = s.id.empty() && s.model.empty() &&
+                              (choices == chunk.end() || (choices->is_array() && choices->empty()));
+    if (!says_nothing) {
+      started_ = true;
+      s.role = "assistant";
+      out.push_back(std::move(s));
+    }
   }
   auto bad = [&](const std::string& path) {
     emit_error(out, errc::malformed_response, "", "stream chunk: " + path);
