@@ -149,6 +149,16 @@ TEST_CASE("the common request is read without a tree as the tree reads it", "[ga
   CHECK(parse_chat_request(bodies[2]).request.max_tokens == 9);  // max_completion_tokens wins
 }
 
+TEST_CASE("a max_tokens over INT_MAX says the real range", "[gateway][review]") {
+  try {
+    (void)parse_chat_request(
+        R"({"model": "m", "max_tokens": 2147483648, "messages": [{"role": "user", "content": "x"}]})");
+    FAIL("parsed");
+  } catch (const bad_request& e) {
+    CHECK_THAT(std::string(e.what()), Catch::Contains("an integer from 1 to 2147483647"));
+  }
+}
+
 TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gateway]") {
   struct row {
     const char* body;
@@ -161,6 +171,8 @@ TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gatew
       {"[1]", "", 400},
       {R"({"messages": [{"role": "user", "content": "x"}]})", "model", 400},
       {R"({"model": "m"})", "messages", 400},
+      {R"({"model": "m", "max_tokens": 2147483648, "messages": [{"role": "user", "content": "x"}]})",
+       "max_tokens", 400},
       {R"({"model": "m", "messages": []})", "messages", 400},
       {R"({"model": "m", "messages": [{"role": "robot", "content": "x"}]})", "messages[0].role",
        400},

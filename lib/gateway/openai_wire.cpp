@@ -558,7 +558,8 @@ parsed_chat_request detail::parse_chat_request_tree(std::string_view body) {
     }
     if (!it->is_number_integer() || it->get<long long>() < 1 ||
         it->get<long long>() > std::numeric_limits<int>::max()) {
-      invalid(field, "expected an integer >= 1, got " + it->dump());
+      invalid(field, "expected an integer from 1 to " +
+                         std::to_string(std::numeric_limits<int>::max()) + ", got " + it->dump());
     }
     r.max_tokens = static_cast<int>(it->get<long long>());  // max_completion_tokens last: wins
   }
