@@ -443,6 +443,33 @@ constexpr const char* one_entry = R"({
 
 const std::string hello = R"({"model": "m", "messages": [{"role": "user", "content": "hello"}]})";
 
+// Writes `bytes` to the gateway on a new connection and returns everything it answers until it
+// closes the connection.
+std::string exchange_raw(gateway_rig& rig, const std::string& bytes) {
+  asio::ip::tcp::socket sock(rig.ctx);
+  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
+  std::string got;
+  bool done = false;
+  asio::co_spawn(
+      rig.ctx,
+      [&]() -> asio::awaitable<void> {
+        co_await asio::async_write(sock, asio::buffer(bytes), asio::use_awaitable);
+        std::array<char, 4096> buf{};
+        for (;;) {
+          auto [ec, n] =
+              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+          if (ec) {
+            break;
+          }
+          got.append(buf.data(), n);
+        }
+        done = true;
+      },
+      asio::detached);
+  REQUIRE(run_real(rig.ctx, [&] { return done; }));
+  return got;
+}
+
 }  // namespace
 
 TEST_CASE("keel serve answers a chat completion through the client's retries", "[gateway]") {
@@ -650,31 +677,11 @@ TEST_CASE("a stream cut after its first delta ends with an error event and no [D
 TEST_CASE("an HTTP/1.0 caller's stream is not chunked and ends with the connection",
           "[gateway][review]") {
   gateway_rig rig(one_entry);
-  asio::ip::tcp::socket sock(rig.ctx);
-  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
-  const std::string request =
-      "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: "
-      "application/json\r\nContent-Length: " +
-      std::to_string(streamed.size()) + "\r\n\r\n" + streamed;
-  std::string got;
-  bool done = false;
-  asio::co_spawn(
-      rig.ctx,
-      [&]() -> asio::awaitable<void> {
-        co_await asio::async_write(sock, asio::buffer(request), asio::use_awaitable);
-        std::array<char, 4096> buf{};
-        for (;;) {
-          auto [ec, n] =
-              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
-          if (ec) {
-            break;
-          }
-          got.append(buf.data(), n);
-        }
-        done = true;
-      },
-      asio::detached);
-  REQUIRE(run_real(rig.ctx, [&] { return done; }));
+  const std::string got =
+      exchange_raw(rig,
+                   "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                   "Content-Length: " +
+                       std::to_string(streamed.size()) + "\r\n\r\n" + streamed);
   const auto split = got.find("\r\n\r\n");
   REQUIRE(split != std::string::npos);
   const std::string head = got.substr(0, split);
@@ -805,33 +812,12 @@ TEST_CASE("connections beyond max_connections are closed at once", "[gateway]") 
 
 TEST_CASE("keel serve frames each answer exactly: status line, fields, length, body", "[gateway]") {
   gateway_rig rig(one_entry);
-  asio::ip::tcp::socket sock(rig.ctx);
-  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
   // Three pipelined requests: a 404 and a 200 on HTTP/1.1 (kept alive), then an HTTP/1.0 one
   // without keep-alive, after which the gateway closes the connection.
-  const std::string requests =
-      "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
-      "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-      "GET /healthz HTTP/1.0\r\n\r\n";
-  std::string got;
-  bool done = false;
-  asio::co_spawn(
-      rig.ctx,
-      [&]() -> asio::awaitable<void> {
-        co_await asio::async_write(sock, asio::buffer(requests), asio::use_awaitable);
-        std::array<char, 4096> buf{};
-        for (;;) {
-          auto [ec, n] =
-              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
-          if (ec) {
-            break;
-          }
-          got.append(buf.data(), n);
-        }
-        done = true;
-      },
-      asio::detached);
-  REQUIRE(run_real(rig.ctx, [&] { return done; }));
+  const std::string got = exchange_raw(rig,
+                                       "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+                                       "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                                       "GET /healthz HTTP/1.0\r\n\r\n");
 
   struct answer {
     std::string status_line;
