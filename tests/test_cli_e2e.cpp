@@ -974,6 +974,15 @@ TEST_CASE(
       CHECK(read_file(dir / "in.jsonl") == input);
     }
   }
+  SECTION("--summary-json naming a results file the run would create") {
+    // It does not exist yet, so the two paths differ only in spelling.
+    child_process c(dir, "summary_fresh",
+                    batch_args(dir, {"--summary-json", dir / "./fresh.jsonl"}, "config.json",
+                               "scenario.json", "in.jsonl", "fresh.jsonl"));
+    CHECK(c.wait() == 2);
+    CHECK(contains(c.err(), "--summary-json names the same file as --out"));
+    CHECK_FALSE(std::filesystem::exists(dir / "fresh.jsonl"));
+  }
   SECTION("a --summary-json that cannot be written") {
     child_process c(dir, "summary_dir",
                     batch_args(dir, {"--overwrite", "--summary-json", dir / "no-such-dir/s.json"},

@@ -10,8 +10,6 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
 namespace fs = std::filesystem;
 using keel::cli::check_results;
 using nlohmann::json;
@@ -139,7 +137,23 @@ TEST_CASE("keel check --merge never writes over a file it reads, and keeps one r
     order.push_back(json::parse(l).at("line").get<std::size_t>());
   }
   CHECK(order == std::vector<std::size_t>{1, 2, 4, 5});
-  CHECK_FALSE(std::filesystem::exists(merged + ".keel-merge-" + std::to_string(::getpid())));
+  // No temporary file left beside it; a symlink is written through, not replaced.
+  for (const auto& f : fs::directory_iterator(dir.path)) {
+    CHECK(f.path().filename().string().find(".keel-merge-") == std::string::npos);
+  }
+  const std::string target = dir.write("target.jsonl", "old\n");
+  fs::create_symlink(target, dir.path / "link.jsonl");
+  (void)check_results(in, {r0, r1}, (dir.path / "link.jsonl").string());
+  CHECK(fs::is_symlink(dir.path / "link.jsonl"));
+  std::ifstream t(target);
+  std::string first;
+  std::getline(t, first);
+  CHECK(json::parse(first).at("line") == 1);
+  // A device or a pipe is written directly (no temporary file beside /dev/null).
+  CHECK_NOTHROW(check_results(in, {r0, r1}, "/dev/null"));
+  for (const auto& f : fs::directory_iterator("/dev")) {
+    CHECK(f.path().filename().string().find("null.keel-merge-") == std::string::npos);
+  }
 }
 
 TEST_CASE("keel check names every missing, duplicated, foreign and unreadable record",

@@ -5,6 +5,7 @@
 
 #include <keel/error.hpp>
 #include <keel/http/client.hpp>
+#include <keel/http/error.hpp>
 #include <keel/llm/error.hpp>
 #include <keel/llm/sigv4.hpp>
 #include <keel/otlp.hpp>
@@ -385,6 +386,12 @@ TEST_CASE("a failed call is answered in OpenAI's error shape, with when to try a
       keel::failure(make_error_code(boost::asio::error::timed_out), "keel.http: read: timed out")));
   CHECK(e.status == 504);
   CHECK(e.body["error"]["code"] == "upstream_timeout");
+  // A permanent transport error keeps its class: what to fix (keel's TLS trust, a limit).
+  e = keel::gateway::error_answer(std::make_exception_ptr(
+      keel::failure(keel::http::make_error_code(keel::http::error::tls_verification_failed),
+                    "keel.http: TLS handshake failed")));
+  CHECK(e.status == 502);
+  CHECK(e.body["error"]["code"] == "tls");
 }
 
 namespace {

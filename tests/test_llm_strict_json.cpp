@@ -53,6 +53,10 @@ TEST_CASE("parse_strict_json says where a syntax error is without quoting the te
   CHECK(e.byte() == text.size());  // it ran out of text
   CHECK_THAT(std::string(e.what()), !Catch::Contains("QQSECRET"));
   CHECK_THAT(std::string(e.what()), !Catch::Contains("json.exception"));
+  // What the parser expected stays; a quoted text that contains "; expected " does not.
+  CHECK_THAT(std::string(refusal_of(R"({"a" 1})").what()), Catch::EndsWith("; expected ':'"));
+  const auto quoted = refusal_of("{\"a\": \"x; expected QQSECRET43\x01\"}");
+  CHECK_THAT(std::string(quoted.what()), !Catch::Contains("QQSECRET"));
   const auto bad_byte = refusal_of("{\"a\": \"\xff\"}");
   CHECK(bad_byte.byte() == 7);  // the 0xff
   CHECK_THAT(std::string(bad_byte.what()), Catch::Contains("ill-formed UTF-8 byte"));

@@ -292,6 +292,12 @@ TEST_CASE("redis URLs name their parts; a bad one says which part", "[redis]") {
     return std::string("no error");
   };
   CHECK(error_of("http://h").find("redis://") != std::string::npos);
+  // IPv6, bracketed as in any URL.
+  e = keel::redis::parse_url("redis://[::1]:6380/1");
+  CHECK(e.host == "::1");
+  CHECK(e.port == 6380);
+  CHECK(e.db == 1);
+  CHECK(keel::redis::parse_url("redis://[::1]").host == "::1");
   // What is wrong, without echoing it (a password typed into the path would be printed).
   CHECK(error_of("redis://h:99999") == "redis URL: the port is not a number in 1-65535");
   CHECK(error_of("redis://h/pw-IN-PATH") ==

@@ -846,9 +846,14 @@ error_reply error_answer(const std::exception_ptr& e) {
     }
   } catch (const keel::failure& f) {
     if (f.code().category() != keel::error_category()) {
-      // Not keel's own code: the transport's error, thrown as a failure (a refused connection
-      // whose retries were spent).
-      by_condition();
+      // Not keel's own code: the transport's error, thrown as a failure. A refused or reset
+      // connection, a timeout: by its condition; a permanent one (TLS verification, an answer
+      // too large) keeps its class as the code.
+      if (keel::classify(decided).condition == keel::condition::permanent) {
+        set(502, "upstream_error", keel::llm::error_class(e));
+      } else {
+        by_condition();
+      }
       return with_retry_after_note(std::move(out));
     }
     switch (static_cast<keel::error>(f.code().value())) {

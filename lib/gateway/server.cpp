@@ -754,7 +754,9 @@ unsigned short server::port() const noexcept {
 }
 
 std::string server::base_url() const {
-  return "http://" + impl_->opts.address + ":" + std::to_string(impl_->bound_port);
+  const std::string& a = impl_->opts.address;
+  const bool v6 = a.find(':') != std::string::npos;  // a URL brackets an IPv6 address
+  return "http://" + (v6 ? "[" + a + "]" : a) + ":" + std::to_string(impl_->bound_port);
 }
 
 asio::awaitable<void> server::drain(std::chrono::nanoseconds grace) {

@@ -1,8 +1,6 @@
 // keel::llm::client, the configured policy stack (see keel/llm/client.hpp for the layering).
 #include <keel/llm/client.hpp>
 
-#include "wire_common.hpp"
-
 #include <keel/aws/retry.hpp>
 #include <keel/aws/sdk_request.hpp>
 #include <keel/classify.hpp>
@@ -118,6 +116,17 @@ bool refused_locally(const std::exception_ptr& e) {
   return false;
 }
 
+// `s` without leading and trailing spaces and tabs.
+std::string_view trimmed(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) {
+    s.remove_prefix(1);
+  }
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) {
+    s.remove_suffix(1);
+  }
+  return s;
+}
+
 // A stream consumer's own failure (its handler threw: in keel serve, the caller hung up and the
 // write failed), carried through the policy stack as a cancellation and rethrown unchanged by
 // finish_call. It is the caller's doing, not the provider's: as a cancellation no breaker,
@@ -126,8 +135,11 @@ bool refused_locally(const std::exception_ptr& e) {
 // for every other caller, and through Redis for the fleet).
 class consumer_failure : public boost::system::system_error {
  public:
+  // Hooks and the attempt's span see this (the attempt was abandoned: class "cancelled"), so
+  // its message says what the consumer's error was.
   explicit consumer_failure(std::exception_ptr e)
-      : boost::system::system_error(asio::error::operation_aborted, "the stream's consumer failed"),
+      : boost::system::system_error(asio::error::operation_aborted,
+                                    "the stream's consumer failed (" + keel::describe(e) + ")"),
         inner(std::move(e)) {}
   std::exception_ptr inner;
 };
@@ -967,7 +979,11 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
     // hand it on as the events a stream of it would give. Retrying would get the same answer.
     std::optional<std::vector<keel::llm::stream_event>> whole;
     if (const auto type = head.headers.find("content-type");
-        type && keel::llm::detail::contains_ci(type->substr(0, type->find(';')), "json")) {
+        type &&
+        keel::http::iequals(trimmed(type->substr(0, type->find(';'))), "application/json")) {
+      // The reply is written: its body is bounded by the idle timeout between reads (the
+      // transport bounds its size), not by the first-token timeout as a whole.
+      watch.first_token_seen();
       keel::http::response res = head;
       while (auto piece = co_await read()) {
         res.body += *piece;

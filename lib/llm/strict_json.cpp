@@ -98,8 +98,35 @@ std::string parser_detail(const std::string& what) {
   }
   std::string out(w);
   if (const auto last = out.find("; last read"); last != std::string::npos) {
-    const auto expected = out.rfind("; expected ");
-    std::string tail = expected != std::string::npos && expected > last ? out.substr(expected) : "";
+    // What nlohmann expected is one of its token names; anything else after "; expected " is
+    // part of the quoted text (which may hold "; expected " itself) and is dropped with it.
+    static constexpr std::string_view tokens[] = {"true literal",
+                                                  "false literal",
+                                                  "null literal",
+                                                  "string literal",
+                                                  "number literal",
+                                                  "'['",
+                                                  "'{'",
+                                                  "']'",
+                                                  "'}'",
+                                                  "':'",
+                                                  "','",
+                                                  "end of input",
+                                                  "'[', '{', or a literal",
+                                                  "unknown token",
+                                                  "<parse error>",
+                                                  "<uninitialized>"};
+    constexpr std::string_view marker = "; expected ";
+    const auto expected = out.rfind(marker);
+    std::string tail;
+    if (expected != std::string::npos && expected > last) {
+      const std::string_view what_expected = std::string_view(out).substr(expected + marker.size());
+      for (const std::string_view t : tokens) {
+        if (what_expected == t) {
+          tail = out.substr(expected);
+        }
+      }
+    }
     out = out.substr(0, last) + tail;
   }
   return redact(out, 200);

@@ -79,7 +79,10 @@ endpoint parse_url(std::string_view url) {
     }
   }
   std::string_view host = hostport;
-  if (const auto colon = hostport.rfind(':'); colon != std::string_view::npos) {
+  // An IPv6 address is bracketed ([::1]:6379): the port's colon comes after the ']'.
+  const auto bracket = hostport.rfind(']');
+  if (const auto colon = hostport.rfind(':');
+      colon != std::string_view::npos && (bracket == std::string_view::npos || colon > bracket)) {
     host = hostport.substr(0, colon);
     const std::string_view port = hostport.substr(colon + 1);
     unsigned n = 0;
@@ -88,6 +91,9 @@ endpoint parse_url(std::string_view url) {
       throw std::invalid_argument("redis URL: the port is not a number in 1-65535");
     }
     ep.port = static_cast<std::uint16_t>(n);
+  }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
   }
   if (host.empty()) {
     throw std::invalid_argument("redis URL: no host");

@@ -25,10 +25,14 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -222,6 +226,32 @@ struct run_state {
   }
 };
 
+// True if `a` and `b` name one file: the same path once made absolute with symlinks resolved
+// (as far as the path exists), or the same existing file. A results file a fresh run is about
+// to create does not exist yet, so `equivalent` alone missed `--out r.jsonl --summary-json
+// ./r.jsonl`, and the summary then replaced the results.
+bool same_file(const std::string& a, const std::string& b) {
+  namespace fs = std::filesystem;
+  std::error_code ec1, ec2;
+  if (a == b || fs::equivalent(a, b, ec1)) {
+    return true;
+  }
+  const fs::path ca = fs::weakly_canonical(fs::absolute(a, ec1), ec1);
+  const fs::path cb = fs::weakly_canonical(fs::absolute(b, ec2), ec2);
+  return !ec1 && !ec2 && ca == cb;
+}
+
+// True if `path` may be written: it exists and is writable, or its directory is.
+bool writable(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(path, ec)) {
+    return ::access(path.c_str(), W_OK) == 0;
+  }
+  const fs::path dir = fs::absolute(path, ec).parent_path();
+  return ::access(dir.empty() ? "." : dir.c_str(), W_OK | X_OK) == 0;
+}
+
 // Checks that `opts.out` may take this run's records (not a directory, not the input, earlier
 // results only with --resume or --overwrite) and locks it for the run into `lock`.
 // @throws std::runtime_error if it may not, or another run holds it.
@@ -240,18 +270,12 @@ void claim_output(const batch_options& opts, std::optional<results_lock>& lock) 
     if (file->empty()) {
       continue;
     }
-    std::error_code ec;
     for (const auto& [other_flag, other] : named) {
-      if (other != file && !other->empty() && *other != "-" &&
-          (*other == *file || fs::equivalent(*other, *file, ec))) {
+      if (other != file && !other->empty() && *other != "-" && same_file(*other, *file)) {
         throw std::runtime_error(std::string(flag) + " names the same file as " + other_flag +
                                  " (" + *file + "); write it to another file");
       }
     }
-  }
-  if (!opts.summary_json.empty() && !std::ofstream(opts.summary_json, std::ios::app)) {
-    // Found now rather than after the whole run (and after --overwrite emptied the results).
-    throw std::runtime_error("cannot write the summary to " + opts.summary_json);
   }
   if (opts.out != "-") {
     std::error_code ec;
@@ -285,6 +309,12 @@ void claim_output(const batch_options& opts, std::optional<results_lock>& lock) 
     if (kind == fs::file_type::regular || kind == fs::file_type::not_found) {
       lock.emplace(opts.out);
     }
+  }
+  if (!opts.summary_json.empty() && !writable(opts.summary_json)) {
+    // Found now rather than after the whole run (and after --overwrite emptied the results);
+    // checked without creating or opening it (a FIFO would block).
+    throw std::runtime_error("cannot write the summary to " + opts.summary_json + ": " +
+                             std::strerror(errno));
   }
 }
 
