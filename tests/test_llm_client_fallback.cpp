@@ -180,6 +180,36 @@ TEST_CASE("with hold_open_breaker an item with no fallback left waits for the pr
   }
 }
 
+TEST_CASE("a deadline that ends a hold at an open breaker names the failure that opened it",
+          "[llm_client][review]") {
+  // The server answers 503 for 2 s; the breaker opens after 2 failures for 10 s; the call's
+  // deadline is 0.4 s: it is held, and the deadline ends the hold.
+  const char* const policy = R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "k"}],
+    "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.01}},
+               "breaker": {"failure_threshold": 2, "break": 10, "break_growth": 1},
+               "retry_budget": {"enabled": false}, "deadline": 0.4}
+  })";
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_outage(0ms, 2000ms));
+  server.start();
+  keel::http::client http(ctx.get_executor(), {});
+  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
+  keel::llm::client_options co;
+  co.hold_open_breaker = true;
+  keel::llm::client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
+                           buckets, {}, 1, co);
+  const auto out = run(ctx, client, {request(), request()}, 1);
+  // The first call's two 503s opened the breaker; the second was held from the start.
+  REQUIRE(out[1].error);
+  CHECK(keel::llm::error_class(out[1].error) == "deadline_exceeded");
+  const std::string message = keel::llm::error_json(out[1].error)["message"].get<std::string>();
+  CHECK_THAT(message, Catch::Contains("deadline exceeded while held at m's open breaker"));
+  CHECK_THAT(message, Catch::Contains("503"));
+  CHECK(out[1].attempts == 0);
+}
+
 TEST_CASE(
     "a call asleep before a retry gives its attempt slot to the next item; an immediate "
     "retry keeps it",

@@ -306,8 +306,9 @@ struct client::entry_state {
   bool answered = false;
   std::optional<clock_type::time_point> first_unanswered;  // its first failure without an answer
   std::exception_ptr last_unanswered;                      // the last one
-  bool unanswered_reported = false;                        // client_hooks::on_unanswered called
-  nanoseconds unanswered_grace{0};                         // policy.breaker.unanswered_grace
+  std::exception_ptr last_failure;   // the last failure its breaker counted (why it may be open)
+  bool unanswered_reported = false;  // client_hooks::on_unanswered called
+  nanoseconds unanswered_grace{0};   // policy.breaker.unanswered_grace
   bool given_up() const {
     return !answered && first_unanswered &&
            clock_type::now() - *first_unanswered >= unanswered_grace;
@@ -358,6 +359,10 @@ struct client::call_state {
   keel::trace::span span;
   int fallbacks = 0;
   nanoseconds throttle_wait{0};
+  // While the call is held at an open breaker (held_attempt): the entry's last counted failure,
+  // the cause a deadline that ends the hold reports (else the record said only "deadline
+  // exceeded", and a batch held at a failing provider never named the failure).
+  std::exception_ptr held_because;
   // The context attempts send: the call's span's, or the caller's when there is no tracer.
   const keel::trace::span_context* outgoing() const noexcept {
     return span.context().valid() ? &span.context() : (parent.valid() ? &parent : nullptr);
@@ -857,6 +862,9 @@ void client::attempt_failed(entry_state& es, call_state& cs,
       es.first_unanswered = clock_type::now();
     }
   }
+  if (es.breaker && es.breaker->policy().counts_as_failure.contains(c)) {
+    es.last_failure = failed;
+  }
   if (options_.fleet && es.breaker) {
     if (c != keel::condition::cancelled) {
       options_.fleet->on_breaker_outcome(*es.cfg,
@@ -1302,6 +1310,7 @@ asio::awaitable<client::reply_box> client::held_attempt(entry_state& es, call_st
       options_.fleet->sync_breaker(*es.cfg, *es.breaker);  // the fleet's latest word first
     }
     std::exception_ptr rejected;
+    cs.held_because = nullptr;  // an attempt that runs now is what a deadline would end
     try {
       co_return co_await keel::with_breaker(*es.breaker, gated);
     } catch (const boost::system::system_error& e) {
@@ -1325,6 +1334,7 @@ asio::awaitable<client::reply_box> client::held_attempt(entry_state& es, call_st
                          {"keel.wait_ms", milliseconds_of(es.breaker->remaining_open_time())}});
     }
     cs.slot.release();  // a held item sends nothing: let another one use the slot
+    cs.held_because = es.last_failure ? es.last_failure : rejected;
     // Until the probe, or (half-open, the probe slots taken) a short while; for a server
     // that has never answered, no later than the end of its grace.
     auto wait = es.breaker->remaining_open_time() +
@@ -1470,6 +1480,16 @@ call_outcome client::finish_call(call_state& cs, reply_box reply, std::exception
                                  std::chrono::steady_clock::time_point t0) {
   call_outcome out;
   out.error = error ? unwrap_consumer_failure(std::move(error)) : nullptr;
+  if (cs.held_because && out.error &&
+      keel::classify(out.error).condition == keel::condition::timeout && !out.response) {
+    // The deadline ended a hold at an open breaker: say so, with what opened it as the cause.
+    const std::string model = entries_[cs.entry]->cfg->model;
+    out.error = std::make_exception_ptr(
+        keel::failure(keel::make_error_code(keel::error::deadline_exceeded),
+                      "deadline exceeded while held at " + model +
+                          "'s open breaker; its last failure: " + keel::describe(cs.held_because),
+                      {out.error, cs.held_because}));
+  }
   if (reply) {
     out.response = std::move(*reply);
   }
