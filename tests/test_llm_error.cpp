@@ -89,6 +89,17 @@ TEST_CASE("provider_error never puts a secret in what()", "[llm][error]") {
   CHECK(keel::llm::redact(std::string(1000, 'x')).size() == 303);
 }
 
+TEST_CASE("redact keeps a URL's port and path, and still masks a key in a path", "[llm][review]") {
+  CHECK(
+      keel::llm::redact("connect failed (POST http://127.0.0.1:20999/openai/deployments/gpt4o)") ==
+      "connect failed (POST http://127.0.0.1:20999/openai/deployments/gpt4o)");
+  // A key-like path segment run after the port is still masked.
+  CHECK(keel::llm::redact("GET http://h:8080/k/abcdefghijklmnopqrstuvwxyz0123456789AB") ==
+        "GET http://h:8080[redacted]");
+  // Not a port: a long token after a colon is judged whole.
+  CHECK(keel::llm::redact("key:1234567/abcdefghijklmnopqrstuvwxyz0123456789") == "key:[redacted]");
+}
+
 TEST_CASE("redact turns control characters into '?' so what() is never cut short",
           "[llm][review]") {
   const std::string text = std::string("line1") + '\0' +

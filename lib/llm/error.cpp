@@ -177,6 +177,20 @@ std::string redact(std::string_view text, std::size_t max_bytes) {
       ++j;
     }
     std::string_view word = text.substr(i, j - i);
+    // A URL's port and path ("http://127.0.0.1:20999/openai/deployments/gpt4o" in a transport
+    // error) read as one long word with digits, which looked like a key and hid the very part
+    // of base_url a reader must check: the port is split off and the rest judged on its own.
+    if (i > 0 && text[i - 1] == ':') {
+      std::size_t digits = 0;
+      while (digits < word.size() && digits < 6 && word[digits] >= '0' && word[digits] <= '9') {
+        ++digits;
+      }
+      if (digits > 0 && digits <= 5 && digits < word.size() && word[digits] == '/') {
+        out += word.substr(0, digits);
+        i += digits;
+        continue;
+      }
+    }
     const bool looks_like_key =
         after_bearer || (starts_with_ci(word, "sk-") && word.size() >= 8) ||
         ((word.starts_with("AKIA") || word.starts_with("ASIA")) && word.size() >= 16) ||
