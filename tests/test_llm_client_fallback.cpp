@@ -180,6 +180,31 @@ TEST_CASE("with hold_open_breaker an item with no fallback left waits for the pr
   }
 }
 
+namespace {
+
+// One entry "m" of `policy` on a mock whose first `outage` answers 503, through a client that
+// holds items at an open breaker (keel batch's setting).
+struct holding_rig {
+  holding_rig(const char* policy, std::chrono::milliseconds outage)
+      : server(ctx),
+        http(ctx.get_executor(), {}),
+        buckets(ctx.get_executor(), 1),
+        client(ctx.get_executor(), make_config(policy, started(server, outage)), http, buckets, {},
+               1, keel::llm::client_options{.hold_open_breaker = true}) {}
+  static std::string started(keel::testing::mock_llm_server& s, std::chrono::milliseconds outage) {
+    s.set_plan("m", fault_plan{}.with_outage(0ms, outage));
+    s.start();
+    return s.base_url();
+  }
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server;
+  keel::http::client http;
+  keel::llm::bucket_registry buckets;
+  keel::llm::client client;
+};
+
+}  // namespace
+
 TEST_CASE("a deadline that ends a hold at an open breaker names the failure that opened it",
           "[llm_client][review]") {
   // The server answers 503 for 2 s; the breaker opens after 2 failures for 10 s; the call's
@@ -190,17 +215,8 @@ TEST_CASE("a deadline that ends a hold at an open breaker names the failure that
                "breaker": {"failure_threshold": 2, "break": 10, "break_growth": 1},
                "retry_budget": {"enabled": false}, "deadline": 0.4}
   })";
-  asio::io_context ctx;
-  keel::testing::mock_llm_server server(ctx);
-  server.set_plan("m", fault_plan{}.with_outage(0ms, 2000ms));
-  server.start();
-  keel::http::client http(ctx.get_executor(), {});
-  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
-  keel::llm::client_options co;
-  co.hold_open_breaker = true;
-  keel::llm::client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
-                           buckets, {}, 1, co);
-  const auto out = run(ctx, client, {request(), request()}, 1);
+  holding_rig rig(policy, 2000ms);
+  const auto out = run(rig.ctx, rig.client, {request(), request()}, 1);
   // The first call's two 503s opened the breaker; the second was held from the start.
   REQUIRE(out[1].error);
   CHECK(keel::llm::error_class(out[1].error) == "deadline_exceeded");
@@ -312,24 +328,15 @@ TEST_CASE("a retry the budget refuses while the breaker is open waits for the pr
                "breaker": {"failure_threshold": 2, "break": 0.1, "break_growth": 1},
                "retry_budget": {"max_tokens": 4, "token_ratio": 0.5}}
   })";
-  asio::io_context ctx;
-  keel::testing::mock_llm_server server(ctx);
-  server.set_plan("m", fault_plan{}.with_outage(0ms, 300ms));
-  server.start();
-  keel::http::client http(ctx.get_executor(), {});
-  keel::llm::bucket_registry buckets(ctx.get_executor(), 1);
-  keel::llm::client_options co;
-  co.hold_open_breaker = true;
-  keel::llm::client client(ctx.get_executor(), make_config(policy, server.base_url()), http,
-                           buckets, {}, 1, co);
-  const auto out = run(ctx, client, std::vector<keel::llm::chat_request>(8, request()), 8);
+  holding_rig rig(policy, 300ms);
+  const auto out = run(rig.ctx, rig.client, std::vector<keel::llm::chat_request>(8, request()), 8);
   for (const auto& o : out) {
     INFO((o.error ? keel::llm::error_class(o.error) : std::string("ok")));
     REQUIRE(o.response);
     CHECK(o.attempts <= 3);
   }
-  CHECK(server.stats().model("m").status_count(200) == 8);
-  CHECK(client.breaker(0)->opened_count() >= 1);
+  CHECK(rig.server.stats().model("m").status_count(200) == 8);
+  CHECK(rig.client.breaker(0)->opened_count() >= 1);
 }
 
 TEST_CASE("a server that has never answered is not waited for once unanswered_grace is over",
