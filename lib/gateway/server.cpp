@@ -551,7 +551,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
   // (`data: {"error": ...}`, which the OpenAI SDKs raise as an APIError) and the end of the body.
   // A caller that goes away mid-stream fails the next write: the call ends and keel closes the
   // provider's connection. An HTTP/1.0 caller, which cannot take chunked encoding (RFC 9112
-  // §6.1), gets the events unframed, `Connection: close`, and the close ends the body. Returns
+  // §6.1), gets the events unframed and no keep-alive, and the close ends the body. Returns
   // nothing when it wrote an answer, else the answer to write.
   asio::awaitable<std::optional<response>> stream(keel::llm::client& client, parsed_chat_request p,
                                                   const std::string& model, unsigned version,

@@ -1480,8 +1480,8 @@ call_outcome client::finish_call(call_state& cs, reply_box reply, std::exception
                                  std::chrono::steady_clock::time_point t0) {
   call_outcome out;
   out.error = error ? unwrap_consumer_failure(std::move(error)) : nullptr;
-  if (cs.held_because && out.error &&
-      keel::classify(out.error).condition == keel::condition::timeout && !out.response) {
+  if (cs.held_because && out.error && !reply &&
+      keel::classify(out.error).condition == keel::condition::timeout) {
     // The deadline ended a hold at an open breaker: say so, with what opened it as the cause.
     const std::string model = entries_[cs.entry]->cfg->model;
     out.error = std::make_exception_ptr(

@@ -227,7 +227,9 @@ check_report check_results(const std::string& input, const std::vector<std::stri
     if (replace) {
       temp = dest + ".keel-merge-XXXXXX";
       const int fd = ::mkstemp(temp.data());
-      if (fd >= 0) {
+      if (fd < 0) {
+        temp.clear();  // nothing was made
+      } else {
         if (st.type() == fs::file_type::regular) {
           ::fchmod(fd, static_cast<mode_t>(st.permissions()));
         }
