@@ -681,6 +681,18 @@ TEST_CASE("a stream cut after its first delta ends with an error event and no [D
   CHECK(rig.gateway.stats().connections == 1);
 }
 
+TEST_CASE("keel serve's URL brackets an IPv6 address", "[gateway][review]") {
+  keel::gateway::server_options so;
+  so.address = "::1";
+  try {
+    gateway_rig rig(one_entry, so);
+    CHECK(rig.gateway.base_url().rfind("http://[::1]:", 0) == 0);
+    CHECK(rig.send("GET", "/healthz").status == 200);  // the printed URL is usable
+  } catch (const boost::system::system_error& e) {
+    WARN("no IPv6 loopback on this machine: " << e.what());
+  }
+}
+
 TEST_CASE("an HTTP/1.0 caller's stream is not chunked and ends with the connection",
           "[gateway][review]") {
   gateway_rig rig(one_entry);

@@ -1,6 +1,8 @@
 // Reading the AWS shared credentials and config files (a small INI dialect).
 #include <keel/llm/aws_shared_files.hpp>
 
+#include "wire_common.hpp"
+
 #include <cctype>
 #include <fstream>
 #include <sstream>
@@ -9,15 +11,7 @@ namespace keel::llm {
 
 namespace {
 
-constexpr std::string_view blanks = " \t\r\f\v";
-
-std::string_view trim(std::string_view s) {
-  const auto first = s.find_first_not_of(blanks);
-  if (first == std::string_view::npos) {
-    return {};
-  }
-  return s.substr(first, s.find_last_not_of(blanks) - first + 1);
-}
+using detail::trim_blanks;
 
 std::string lower(std::string_view s) {
   std::string out(s);
@@ -56,7 +50,7 @@ ini_file parse_ini(std::string_view text) {
     text = eol == std::string_view::npos ? std::string_view{} : text.substr(eol + 1);
 
     const bool indented = !raw.empty() && (raw.front() == ' ' || raw.front() == '\t');
-    const std::string_view line = trim(raw);
+    const std::string_view line = trim_blanks(raw);
     if (line.empty() || line.front() == '#' || line.front() == ';') {
       continue;
     }
@@ -70,15 +64,15 @@ ini_file parse_ini(std::string_view text) {
         section = nullptr;  // malformed header: ignore its keys rather than misfile them
         continue;
       }
-      section = &out[std::string(trim(line.substr(1, close - 1)))];
+      section = &out[std::string(trim_blanks(line.substr(1, close - 1)))];
       continue;
     }
     const auto delim = line.find_first_of("=:");
     if (section == nullptr || delim == std::string_view::npos) {
       continue;
     }
-    const std::string key = lower(trim(line.substr(0, delim)));
-    const std::string_view value = trim(line.substr(delim + 1));
+    const std::string key = lower(trim_blanks(line.substr(0, delim)));
+    const std::string_view value = trim_blanks(line.substr(delim + 1));
     if (key.empty()) {
       continue;
     }
@@ -111,7 +105,7 @@ const ini_section* aws_shared_files::config_profile(const std::string& profile) 
   for (const auto& [name, section] : config) {
     const std::string_view n = name;
     if (n.size() > 7 && n.starts_with("profile") && (n[7] == ' ' || n[7] == '\t') &&
-        trim(n.substr(7)) == profile) {
+        trim_blanks(n.substr(7)) == profile) {
       return &section;
     }
   }

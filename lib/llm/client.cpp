@@ -1,6 +1,8 @@
 // keel::llm::client, the configured policy stack (see keel/llm/client.hpp for the layering).
 #include <keel/llm/client.hpp>
 
+#include "wire_common.hpp"
+
 #include <keel/aws/retry.hpp>
 #include <keel/aws/sdk_request.hpp>
 #include <keel/classify.hpp>
@@ -114,17 +116,6 @@ bool refused_locally(const std::exception_ptr& e) {
   } catch (...) {
   }
   return false;
-}
-
-// `s` without leading and trailing spaces and tabs.
-std::string_view trimmed(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) {
-    s.remove_prefix(1);
-  }
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) {
-    s.remove_suffix(1);
-  }
-  return s;
 }
 
 // A stream consumer's own failure (its handler threw: in keel serve, the caller hung up and the
@@ -988,7 +979,8 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
     std::optional<std::vector<keel::llm::stream_event>> whole;
     if (const auto type = head.headers.find("content-type");
         type &&
-        keel::http::iequals(trimmed(type->substr(0, type->find(';'))), "application/json")) {
+        keel::http::iequals(keel::llm::detail::trim_blanks(type->substr(0, type->find(';'))),
+                            "application/json")) {
       // The reply is written: its body is bounded by the idle timeout between reads (the
       // transport bounds its size), not by the first-token timeout as a whole.
       watch.first_token_seen();

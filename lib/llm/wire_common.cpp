@@ -46,6 +46,15 @@ std::string versioned(std::string_view base, std::string_view path) {
   return with_path(base, p);
 }
 
+std::string_view trim_blanks(std::string_view s) {
+  constexpr std::string_view blanks = " \t\r\f\v";
+  const auto first = s.find_first_not_of(blanks);
+  if (first == std::string_view::npos) {
+    return {};
+  }
+  return s.substr(first, s.find_last_not_of(blanks) - first + 1);
+}
+
 bool contains_ci(std::string_view hay, std::string_view needle) {
   auto it = std::search(hay.begin(), hay.end(), needle.begin(), needle.end(), [](char a, char b) {
     return std::tolower(static_cast<unsigned char>(a)) ==

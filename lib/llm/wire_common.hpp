@@ -35,6 +35,9 @@ std::string with_path(std::string_view base, std::string_view path);
 // ".../v1/v1/chat/completions".
 std::string versioned(std::string_view base, std::string_view path);
 
+// `s` without leading and trailing blanks (space, tab, CR, FF, VT).
+std::string_view trim_blanks(std::string_view s);
+
 // True if `hay` contains `needle`, ignoring ASCII case.
 bool contains_ci(std::string_view hay, std::string_view needle);
 
