@@ -150,6 +150,23 @@ TEST_CASE("the common request is read without a tree as the tree reads it", "[ga
   CHECK(parse_chat_request(bodies[2]).request.max_tokens == 9);  // max_completion_tokens wins
 }
 
+TEST_CASE("fields keel does not model are kept for OpenAI-format entries", "[gateway]") {
+  const auto parsed = parse_chat_request(R"({"model": "m", "frequency_penalty": 0.5,
+      "logit_bias": {"50256": -100}, "user": "u-1", "top_k": 20, "reasoning_effort": null,
+      "seed": 7, "stream": false, "logprobs": false, "n": 1,
+      "messages": [{"role": "user", "content": "x"}]})");
+  const json expected = {{"frequency_penalty", 0.5},
+                         {"logit_bias", {{"50256", -100}}},
+                         {"user", "u-1"},
+                         {"top_k", 20},
+                         {"reasoning_effort", nullptr}};
+  CHECK(parsed.request.extra_fields == expected);
+  CHECK(parsed.request.seed == std::optional<std::int64_t>(7));
+  // A body with only the fields keel reads has none (and takes the reading without a tree).
+  CHECK(parse_chat_request(R"({"model": "m", "messages": [{"role": "user", "content": "x"}]})")
+            .request.extra_fields.is_null());
+}
+
 TEST_CASE("a max_tokens over INT_MAX says the real range", "[gateway][review]") {
   try {
     (void)parse_chat_request(
@@ -226,6 +243,8 @@ TEST_CASE("a body keel cannot serve is refused with the field at fault", "[gatew
       {R"({"model": "m", "tools": [], "messages": [{"role": "user", "content": "x"}]})", "tools",
        400},
       {R"({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]})", "n", 400},
+      {R"({"model": "m", "top_logprobs": 2, "messages": [{"role": "user", "content": "x"}]})",
+       "top_logprobs", 400},
       {R"({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]})",
        "max_tokens", 400},
       {R"({"model": "m", "temperature": 3, "messages": [{"role": "user", "content": "x"}]})",

@@ -134,6 +134,30 @@ TEST_CASE("openai build_request makes the chat completions call", "[llm][openai]
   })");
   CHECK(json::parse(r.body) == expected);
 
+  // Extra fields follow keel's own, verbatim; one keel writes itself is not sent twice.
+  req.extra_fields = {{"frequency_penalty", 0.5},
+                      {"top_k", 20},
+                      {"model", "other"},
+                      {"stream", true},
+                      {"temperature", 2}};
+  const std::string with_extra = keel::llm::openai::build_request(req, ep).body;
+  json expected_extra = expected;
+  expected_extra["frequency_penalty"] = 0.5;
+  expected_extra["top_k"] = 20;
+  CHECK(json::parse(with_extra) == expected_extra);  // a repeated key would take the last value
+  CHECK(with_extra.find("\"model\"", with_extra.find("\"model\"") + 1) == std::string::npos);
+  CHECK(with_extra.find("\"stream\"") == std::string::npos);
+  const std::string stream_body = keel::llm::build_stream_request(req, ep).body;
+  CHECK(json::parse(stream_body).at("stream") == true);
+  CHECK(stream_body.find("\"stream\"", stream_body.find("\"stream\"") + 1) == std::string::npos);
+  // Anthropic and Bedrock have no such fields and do not get them.
+  for (const auto kind : {keel::llm::provider_kind::anthropic, keel::llm::provider_kind::bedrock}) {
+    const auto other = keel::llm::build_request(
+        req, keel::llm::endpoint(kind, "http://127.0.0.1:8080", "sk-test", "eu-west-1"));
+    CHECK(other.body.find("frequency_penalty") == std::string::npos);
+    CHECK(other.body.find("top_k") == std::string::npos);
+  }
+
   keel::llm::chat_request plain("gpt-4o", {{"user", "x"}});
   auto p =
       keel::llm::build_request(plain, keel::llm::endpoint(keel::llm::provider_kind::openai, ""));

@@ -12,7 +12,9 @@
 
 #include <boost/system/system_error.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <optional>
 
@@ -415,6 +417,32 @@ bool read_request_fast(std::string_view body, parsed_chat_request& out) {
   return true;
 }
 
+// The members parse_chat_request_tree reads (or refuses) itself; any other is an extra field.
+bool read_above(std::string_view key) {
+  static constexpr std::string_view read[] = {"model",
+                                              "messages",
+                                              "functions",
+                                              "function_call",
+                                              "audio",
+                                              "tools",
+                                              "tool_choice",
+                                              "parallel_tool_calls",
+                                              "n",
+                                              "logprobs",
+                                              "top_logprobs",
+                                              "max_tokens",
+                                              "max_completion_tokens",
+                                              "temperature",
+                                              "top_p",
+                                              "stop",
+                                              "seed",
+                                              "response_format",
+                                              "metadata",
+                                              "stream",
+                                              "stream_options"};
+  return std::find(std::begin(read), std::end(read), key) != std::end(read);
+}
+
 }  // namespace
 
 parsed_chat_request parse_chat_request(std::string_view body) {
@@ -550,6 +578,10 @@ parsed_chat_request detail::parse_chat_request_tree(std::string_view body) {
   if (const auto lp = doc.find("logprobs"); lp != doc.end() && lp->is_boolean() && *lp) {
     throw bad_request("keel serve does not return logprobs.", "logprobs", "unsupported_parameter");
   }
+  if (const auto tl = doc.find("top_logprobs"); tl != doc.end() && !tl->is_null()) {
+    throw bad_request("keel serve does not return logprobs.", "top_logprobs",
+                      "unsupported_parameter");
+  }
 
   for (const char* field : {"max_tokens", "max_completion_tokens"}) {
     const auto it = doc.find(field);
@@ -614,6 +646,13 @@ parsed_chat_request detail::parse_chat_request_tree(std::string_view body) {
   if (const auto so = doc.find("stream_options"); so != doc.end() && so->is_object()) {
     if (const auto u = so->find("include_usage"); u != so->end() && u->is_boolean()) {
       out.include_usage = u->get<bool>();
+    }
+  }
+  // Everything else goes to OpenAI-format entries as sent (`frequency_penalty`, `user`, a
+  // server's own extensions): the caller's own API would take or refuse it the same way.
+  for (auto& [key, value] : doc.items()) {
+    if (!read_above(key)) {
+      r.extra_fields[key] = std::move(value);
     }
   }
   return out;

@@ -5,6 +5,8 @@
 #include <keel/llm/json_writer.hpp>
 #include <keel/llm/openai.hpp>
 
+#include <algorithm>
+#include <iterator>
 #include <string>
 
 namespace keel::llm {
@@ -153,6 +155,42 @@ void openai::write_tool_calls(json_writer& w, const std::vector<tool_call>& call
   w.end_array();
 }
 
+namespace {
+
+// Members of `chat_request::extra_fields` that keel writes itself (or appends, for a stream) and
+// so never sends twice.
+bool written_by_keel(std::string_view key) {
+  static constexpr std::string_view own[] = {"model",
+                                             "messages",
+                                             "max_tokens",
+                                             "max_completion_tokens",
+                                             "temperature",
+                                             "top_p",
+                                             "stop",
+                                             "seed",
+                                             "response_format",
+                                             "metadata",
+                                             "tools",
+                                             "tool_choice",
+                                             "parallel_tool_calls",
+                                             "stream",
+                                             "stream_options"};
+  return std::find(std::begin(own), std::end(own), key) != std::end(own);
+}
+
+void write_extra_fields(const chat_request& req, json_writer& w) {
+  if (!req.extra_fields.is_object()) {
+    return;
+  }
+  for (const auto& [key, value] : req.extra_fields.items()) {
+    if (!written_by_keel(key)) {
+      w.key(key).value(value);
+    }
+  }
+}
+
+}  // namespace
+
 keel::http::request openai::build_request(const chat_request& req, const endpoint& ep) {
   const bool completion_field =
       req.token_field == max_tokens_field::max_completion_tokens ||
@@ -215,6 +253,7 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
     w.key("metadata").value(req.metadata);
   }
   write_tools(req, w);
+  write_extra_fields(req, w);
   w.end_object();
   keel::http::request r("POST",
                         versioned(base_of(ep, "https://api.openai.com"), "/chat/completions"));

@@ -30,11 +30,13 @@
 //   may send it to Anthropic or Bedrock, which take objects). What an entry's provider cannot take
 //   (Bedrock: an image by URL, `tool_choice` "none") fails that entry with a 400 naming the part,
 //   and the route falls back like any other failure. The deprecated `functions`/`function_call`,
-//   `n` other than 1 and `logprobs` are refused with a 400 that names the field.
+//   `n` other than 1, `logprobs` and `top_logprobs` are refused with a 400 that names the field.
 // - `max_completion_tokens` wins over `max_tokens`; neither: keel's default (1024).
 //   `temperature`, `top_p`, `stop` (a string or up to 4 strings), `seed`, `response_format` and
-//   `metadata` pass through. Unknown fields are ignored (the OpenAI API grows faster than any
-//   gateway).
+//   `metadata` pass through. Every other field goes into `chat_request::extra_fields`, which
+//   OpenAI-format entries send as is (the OpenAI API grows faster than any gateway, and
+//   OpenAI-compatible servers take their own extensions) and Anthropic and Bedrock entries do not
+//   (a sampling hint such as `frequency_penalty` should not fail a fallback to them).
 // - Errors the caller can fix (a 400/404/413/422 from the provider: context too long, content
 //   filtered, a bad parameter) keep their status. A rate limit or exhausted quota is a 429; an
 //   upstream overload, 5xx, open breaker, exhausted budget or unreachable server is a 502 or

@@ -8,8 +8,8 @@
 // mock server) with the model id percent-encoded (":" and "/" in ids and ARNs become %3A and %2F)
 // and a body `{messages:[{role, content:[{text}]}], system?:[{text}], inferenceConfig:{maxTokens,
 // temperature?, topP?, stopSequences?}, requestMetadata?}` (`seed` is not sent: Converse has none).
-// `response_format` is not sent. The request is **not signed**: call `keel::llm::sign_request(req,
-// credentials, region, "bedrock", now)`
+// `response_format` and `extra_fields` (OpenAI's own fields) are not sent. The request is **not
+// signed**: call `keel::llm::sign_request(req, credentials, region, "bedrock", now)`
 // (<keel/llm/sigv4.hpp>) before sending it. `add_sdk_request_headers` adds the AWS SDKs'
 // `amz-sdk-invocation-id` and `amz-sdk-request: attempt=N; max=M` (add them before signing: the
 // SDKs sign them); `keel::llm::complete` does both when given a `keel::aws::sdk_request_info`.

@@ -231,6 +231,15 @@ struct chat_request {
   /// OpenAI `parallel_tool_calls`, Anthropic `tool_choice.disable_parallel_tool_use`; Bedrock
   /// has no such switch and ignores it.
   std::optional<bool> parallel_tool_calls;
+  /// OpenAI-format fields keel does not model (`frequency_penalty`, `presence_penalty`,
+  /// `logit_bias`, `reasoning_effort`, `user`, a server's own extensions such as vLLM's `top_k`):
+  /// an object whose members an OpenAI-format entry sends verbatim at the top level of its body,
+  /// after keel's own. Anthropic and Bedrock entries do not send them (they have no such fields;
+  /// a field they would refuse is better dropped than failing every call of a mixed route). A
+  /// member keel writes itself (`model`, `messages`, `stream`, `stream_options`, `max_tokens`,
+  /// `max_completion_tokens` and every field above) is not sent from here. Null or not an
+  /// object: nothing.
+  nlohmann::json extra_fields;
 
   /// An empty request (set `model` and `messages`).
   chat_request() = default;

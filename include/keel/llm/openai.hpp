@@ -6,7 +6,8 @@
 // `build_request` makes `POST {base}/v1/chat/completions` (`{base}/chat/completions` when the base
 // already ends in "/v1", as the OpenAI SDKs write it) with `Authorization: Bearer KEY` and a
 // body `{model, messages:[{role:"system"...}, ...], max_tokens (or max_completion_tokens: see
-// `max_tokens_field`), temperature?, top_p?, stop?, seed?, response_format?, metadata?}`. A
+// `max_tokens_field`), temperature?, top_p?, stop?, seed?, response_format?, metadata?, tools?,
+// ...}` followed by the members of `chat_request::extra_fields` keel does not write itself. A
 // `chat_request::response_format` whose "type" is "json_schema", "json_object" or "text" is sent as
 // is; any other JSON value is taken as a schema and wrapped as
 // `{type:"json_schema", json_schema:{name:"response", schema, strict:true}}`.
