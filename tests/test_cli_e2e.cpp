@@ -1831,6 +1831,85 @@ TEST_CASE("A line nested 80,000 deep fails alone; the batch and its resume finis
   CHECK(read_records(dir / "results.jsonl").size() == 5);
 }
 
+TEST_CASE("A line fixed in the input after a run gets one record on --resume",
+          "[cli_e2e][hardening]") {
+  // Before: the fixed line ran and kept its stale invalid_input record too (two records, exit 1).
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", slow_scenario(1));
+  write_file(dir / "in.jsonl", R"({"id":"a","prompt":"x"})"
+                               "\n"
+                               R"({"id":"b","prompt":5})"
+                               "\n"
+                               R"({"id":"c","prompt":"z"})"
+                               "\n");
+  const std::vector<std::string> args = {"batch",
+                                         "--config",
+                                         dir / "config.json",
+                                         "--in",
+                                         dir / "in.jsonl",
+                                         "--out",
+                                         dir / "results.jsonl",
+                                         "--mock",
+                                         dir / "scenario.json",
+                                         "--progress",
+                                         "none"};
+  CHECK(run_keel(dir, "first", args).status == 1);
+  write_file(dir / "in.jsonl", R"({"id":"a","prompt":"x"})"
+                               "\n"
+                               R"({"id":"b","prompt":"fixed"})"
+                               "\n"
+                               R"({"id":"c","prompt":"z"})"
+                               "\n");
+  auto resume_args = args;
+  resume_args.push_back("--resume");
+  const auto again = run_keel(dir, "resume", resume_args);
+  INFO(again.err);
+  CHECK(again.status == 0);
+  const auto records = read_records(dir / "results.jsonl");
+  CHECK(records.size() == 3);
+  const json* b = find_line(records, 2);
+  REQUIRE(b != nullptr);
+  CHECK(b->at("status") == "ok");
+}
+
+TEST_CASE("A file size limit is an output error, not a signal", "[cli_e2e][hardening]") {
+  // Before: SIGXFSZ killed keel (exit 153) with a torn last record and no summary.
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", slow_scenario(1));
+  write_file(dir / "in.jsonl", prompts_jsonl(300));
+  const std::string results = dir / "results.jsonl";
+  child_process c(dir, "fsize",
+                  {"/bin/sh", "-c", "ulimit -f 64 && exec \"$0\" \"$@\"", keel_binary, "batch",
+                   "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out", results,
+                   "--mock", dir / "scenario.json", "--progress", "none", "--log-level", "error"});
+  CHECK(c.wait() == 2);
+  INFO(c.err());
+  CHECK(contains(c.err(), "cannot write output"));
+  const std::string text = read_file(results);
+  REQUIRE_FALSE(text.empty());
+  CHECK(text.back() == '\n');  // cut back to the last whole record
+  CHECK(contains(c.out(), "not written"));
+}
+
+TEST_CASE("A results file deleted during the run is an output error", "[cli_e2e][hardening]") {
+  // Before: exit status 0 and "40 done" with every record in a file that no longer existed.
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", slow_scenario(50));
+  write_file(dir / "in.jsonl", prompts_jsonl(40));
+  const std::string results = dir / "results.jsonl";
+  child_process c(dir, "deleted",
+                  keel_args({"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl",
+                             "--out", results, "--mock", dir / "scenario.json", "--progress",
+                             "none", "--concurrency", "2"}));
+  REQUIRE(eventually([&] { return count_lines(results) >= 1 || !c.running(); }, 30s));
+  fs::remove(results);
+  CHECK(c.wait() == 2);
+  CHECK(contains(c.err(), "was deleted during the run"));
+}
+
 TEST_CASE("A closed stderr does not stop a batch", "[cli_e2e][hardening]") {
   // Before: `keel batch ... 2>&1 | head -2` died of SIGPIPE (exit 141) after a few records,
   // with no summary and no resume hint.

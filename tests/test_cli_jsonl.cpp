@@ -168,6 +168,9 @@ TEST_CASE("bad input lines name the JSON path of the problem", "[cli_jsonl]") {
             .find("/metadata: expected an object") != std::string::npos);
   CHECK(error_of(R"({"id": 1, "prompt": "x", "promt": "y"})").find("/promt: unknown key") !=
         std::string::npos);
+  // A key with "/" or "~" is one JSON Pointer token, as a repeated key's path names it.
+  CHECK(error_of(R"({"id": 1, "prompt": "x", "a/b~": 1})").find("/a~1b~0: unknown key") !=
+        std::string::npos);
   // A key given twice: nlohmann kept the last silently, so id "b" ran as "c" (issue 13).
   CHECK(error_of(R"({"id": "b", "id": "c", "prompt": "x"})")
             .find("/id: the key appears twice in one object") != std::string::npos);
@@ -259,20 +262,48 @@ TEST_CASE("resume keeps finished records and drops cancelled ones and a torn tai
       "{\"id\":1,\"line\":5,\"status\":\"failed\",\"error\":{\"class\":\"duplicate_id\"}}\n"
       "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n"
       "{\"id\":6,\"line\":6,\"sta");
+  ::chmod(out.c_str(), 0600);
   const auto st = keel::cli::prepare_resume(out);
   CHECK(st.done_keys == std::unordered_set<std::string>{"1", "\"b\""});
-  CHECK(st.done_lines == std::unordered_set<std::size_t>{4, 5});
-  CHECK(st.kept == 4);
-  CHECK(st.kept_failed == 3);  // "b", line 4 and line 5: the exit status must not say success
+  CHECK(st.kept == 2);
+  CHECK(st.kept_failed == 1);  // "b": the exit status must not say success
   CHECK(st.dropped_cancelled == 1);
   CHECK(st.dropped_duplicates == 1);
+  // Lines 4 and 5 are read again (the input may have been fixed since) and recorded again.
+  CHECK(st.dropped_line_records == 2);
   CHECK(st.dropped_torn_tail);
   const std::string after = read_file(out);
   CHECK(after.find("cancelled") == std::string::npos);
   CHECK(after.find("\"id\":6") == std::string::npos);
-  CHECK(std::count(after.begin(), after.end(), '\n') == 4);
+  CHECK(after.find("invalid_input") == std::string::npos);
+  CHECK(std::count(after.begin(), after.end(), '\n') == 2);
   CHECK(after.back() == '\n');
-  CHECK_FALSE(fs::exists(out + ".keel-tmp"));
+  // Rewritten through a new temporary file that took the file's permissions; none left.
+  CHECK((fs::status(out).permissions() & fs::perms::all) ==
+        (fs::perms::owner_read | fs::perms::owner_write));
+  for (const auto& f : fs::directory_iterator(dir.path)) {
+    CHECK(f.path().filename().string().find(".keel-tmp") == std::string::npos);
+  }
+}
+
+TEST_CASE("resume rewrites a symlinked results file through the link, never a planted temp",
+          "[cli_jsonl][hardening]") {
+  // Before: the rewrite replaced the link with a regular file (the target kept stale records),
+  // and opened a fixed `<out>.keel-tmp` with O_TRUNC, following a symlink planted there.
+  temp_dir dir;
+  const auto target = dir.file("target.jsonl");
+  const auto link = dir.file("link.jsonl");
+  const auto victim = dir.file("victim.txt");
+  write_file(target, "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n{\"id\":2,\"line\":2,\"sta");
+  write_file(victim, "precious\n");
+  fs::create_symlink(target, link);
+  fs::create_symlink(victim, link + ".keel-tmp");
+  fs::create_symlink(victim, target + ".keel-tmp");
+  const auto st = keel::cli::prepare_resume(link);
+  CHECK(st.dropped_torn_tail);
+  CHECK(fs::is_symlink(link));
+  CHECK(read_file(target) == "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n");
+  CHECK(read_file(victim) == "precious\n");
 }
 
 TEST_CASE("resume adds the missing newline after a complete last record", "[cli_jsonl]") {
@@ -701,6 +732,25 @@ TEST_CASE("a results file has one writer: a second lock names the holder's pid",
   CHECK_FALSE(fs::exists(out + ".lock"));  // released and removed
   keel::cli::results_lock again(out);      // free again
   CHECK(fs::exists(out + ".lock"));
+}
+
+TEST_CASE("a results file's lock holds under another name: a symlink or a hard link",
+          "[cli_jsonl][hardening]") {
+  // Before: the lock was `<the path given>.lock`, so a second run through a link got its own.
+  temp_dir dir;
+  const auto out = dir.file("out.jsonl");
+  write_file(out, "");
+  fs::create_symlink(out, dir.file("sym.jsonl"));
+  fs::create_hard_link(out, dir.file("hard.jsonl"));
+  {
+    keel::cli::results_lock first(out);
+    CHECK_THROWS_WITH(keel::cli::results_lock(dir.file("sym.jsonl")),
+                      Catch::Contains("another keel run (pid " + std::to_string(::getpid())));
+    CHECK_THROWS_WITH(keel::cli::results_lock(dir.file("hard.jsonl")),
+                      Catch::Contains("under another name"));
+    CHECK_FALSE(fs::exists(dir.file("hard.jsonl.lock")));  // a refused lock leaves none
+  }
+  keel::cli::results_lock again(dir.file("hard.jsonl"));  // free again
 }
 
 TEST_CASE("a pipe's read-ahead is bounded in bytes as well as lines",

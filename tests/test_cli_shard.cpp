@@ -139,7 +139,7 @@ TEST_CASE("keel check --merge never writes over a file it reads, and keeps one r
   CHECK(order == std::vector<std::size_t>{1, 2, 4, 5});
   // No temporary file left beside it; a symlink is written through, not replaced.
   for (const auto& f : fs::directory_iterator(dir.path)) {
-    CHECK(f.path().filename().string().find(".keel-merge-") == std::string::npos);
+    CHECK(f.path().filename().string().find(".keel-tmp-") == std::string::npos);
   }
   const std::string target = dir.write("target.jsonl", "old\n");
   fs::create_symlink(target, dir.path / "link.jsonl");
@@ -152,7 +152,7 @@ TEST_CASE("keel check --merge never writes over a file it reads, and keeps one r
   // A device or a pipe is written directly (no temporary file beside /dev/null).
   CHECK_NOTHROW(check_results(in, {r0, r1}, "/dev/null"));
   for (const auto& f : fs::directory_iterator("/dev")) {
-    CHECK(f.path().filename().string().find("null.keel-merge-") == std::string::npos);
+    CHECK(f.path().filename().string().find("null.keel-tmp-") == std::string::npos);
   }
 }
 

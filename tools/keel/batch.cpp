@@ -365,6 +365,7 @@ void log_resume(const run_state& rs) {
                 {"kept", rs.resume.kept},
                 {"dropped_cancelled", rs.resume.dropped_cancelled},
                 {"dropped_duplicates", rs.resume.dropped_duplicates},
+                {"dropped_line_records", rs.resume.dropped_line_records},
                 {"dropped_torn_tail", rs.resume.dropped_torn_tail}});
   }
 }
@@ -395,7 +396,8 @@ std::unique_ptr<metrics_server> start_metrics_server(run_state& rs) {
 }
 
 // The next item of the input to run. Lines that cannot run (too long, invalid, a duplicate id)
-// get their failure record here; lines an earlier run recorded are skipped. nullopt at the end
+// get their failure record here (again on --resume, which dropped the earlier one: the line may
+// have been fixed since); items an earlier run finished are skipped by id. nullopt at the end
 // of the input, once the run stops, or after a read error (which stops the run).
 asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
   constexpr int default_max_tokens = 1024;
@@ -418,10 +420,6 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
       if (shard && shard_of_line(raw->number, shard->count) != shard->index) {
         continue;  // another shard's line
       }
-      if (rs.resume.done_lines.count(raw->number)) {
-        ++st.skipped;
-        continue;
-      }
       rs.record_line_failure(raw->number, nullptr, record_invalid_input,
                              "line " + std::to_string(raw->number) + " is longer than " +
                                  std::to_string(max_line_bytes) + " bytes");
@@ -430,10 +428,6 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
     auto parsed = parse_input_line(raw->text, raw->number, default_max_tokens);
     if (auto* bad = std::get_if<input_error>(&parsed)) {
       if (shard && shard_of_line(bad->line, shard->count) != shard->index) {
-        continue;
-      }
-      if (rs.resume.done_lines.count(bad->line)) {
-        ++st.skipped;
         continue;
       }
       rs.record_line_failure(bad->line, bad->id, record_invalid_input,
@@ -445,10 +439,6 @@ asio::awaitable<std::optional<batch_item>> next_item(run_state& rs) {
       continue;  // by id, so that a repeated id meets its first use in the same shard
     }
     if (auto [it, fresh] = rs.seen.emplace(item.key, item.line); !fresh) {
-      if (rs.resume.done_lines.count(item.line)) {
-        ++st.skipped;
-        continue;
-      }
       rs.record_line_failure(item.line, item.id, record_duplicate_id,
                              "line " + std::to_string(item.line) + ": id " + item.key +
                                  " was already used on line " + std::to_string(it->second));
@@ -561,6 +551,14 @@ void spawn_workers(run_state& rs, llm::client& client, const std::function<void(
 int finish_run(run_state& rs, int signal_number) {
   const batch_options& opts = rs.opts;
   const batch_stats& st = rs.stats;
+  if (rs.writer.removed()) {
+    // Every record went to a file with no name: the run must not say that anything was kept.
+    rs.log.log(log_level::error, "output_error",
+               opts.out + " was deleted during the run; the " +
+                   std::to_string(rs.writer.written()) +
+                   " records written to it are gone. Run the batch again.");
+    rs.fatal = true;
+  }
   if (opts.print_summary) {
     std::fputs(summary_table(st, opts.title).c_str(), stdout);
     std::fflush(stdout);

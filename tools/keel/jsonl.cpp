@@ -14,6 +14,23 @@
 namespace keel::cli {
 namespace {
 
+// `key` as one JSON Pointer reference token (RFC 6901: "~" is "~0", "/" is "~1"), as the strict
+// reader names a repeated key, so that "/a~1b" is the member "a/b", never a path into "a".
+std::string pointer_token(const std::string& key) {
+  std::string out;
+  out.reserve(key.size());
+  for (const char c : key) {
+    if (c == '~') {
+      out += "~0";
+    } else if (c == '/') {
+      out += "~1";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
 using nlohmann::json;
 
 std::string type_name(const json& v) {
@@ -118,7 +135,7 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
     item.request.max_tokens = default_max_tokens;
     bool has_prompt = false, has_messages = false;
     for (const auto& [key, value] : doc.items()) {
-      const std::string path = "/" + key;
+      const std::string path = "/" + pointer_token(key);
       if (key == "id") {
         continue;
       }
@@ -149,7 +166,8 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
               content = get_string(mv, mp + "/content");
               has_content = true;
             } else {
-              throw bad_line(mp + "/" + mk + ": unknown key (allowed: role, content)");
+              throw bad_line(mp + "/" + pointer_token(mk) +
+                             ": unknown key (allowed: role, content)");
             }
           }
           if (!has_role) {

@@ -191,6 +191,10 @@ int main(int argc, char** argv) {
   // SIGPIPE ignored a write there fails with EPIPE, which logging and progress ignore, and which
   // the results writer reports (results to a closed stdout cannot be written: exit status 2).
   std::signal(SIGPIPE, SIG_IGN);
+  // Likewise a file size limit (`ulimit -f`): the write fails with EFBIG, which the results
+  // writer reports and cuts back (exit status 2), instead of a signal killing the run with a
+  // torn record and no summary.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"keel: resilient LLM batch calls (retries, fallbacks, breakers, rate limits)",
                "keel"};
   app.require_subcommand(1);

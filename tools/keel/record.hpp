@@ -21,7 +21,8 @@
 //
 // Reading back (--resume): a record is an object with a string `status`, an unsigned `line`
 // and an `id`. An item is identified by its id (`id.dump()`, the batch's key), except the
-// records about the line itself (invalid_input, duplicate_id), identified by line number.
+// records about the line itself (invalid_input, duplicate_id), identified by line number (and
+// dropped on --resume: the resumed run reads the line again).
 //
 // Thread safety: these are pure functions.
 

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -46,6 +47,11 @@ void record_writer::truncate() {
   if (owned_ && ::ftruncate(fd_, 0) != 0) {
     throw_errno("cannot truncate", path_);
   }
+}
+
+bool record_writer::removed() const noexcept {
+  struct stat st {};
+  return owned_ && ::fstat(fd_, &st) == 0 && st.st_nlink == 0;
 }
 
 record_writer::~record_writer() {
@@ -103,7 +109,19 @@ void record_writer::write_line(std::string line) {
 
 // ---- results_lock ----------------------------------------------------------------------------
 
-results_lock::results_lock(const std::string& path) : lock_path_(path + ".lock") {
+namespace {
+
+// `<path>.lock` beside the file `path` resolves to: a symlink and its target share one lock.
+std::string lock_path_for(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path resolved = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  return (ec || resolved.empty() ? path : resolved.string()) + ".lock";
+}
+
+}  // namespace
+
+results_lock::results_lock(const std::string& path) : lock_path_(lock_path_for(path)) {
   for (;;) {
     fd_ = ::open(lock_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd_ < 0) {
@@ -138,16 +156,117 @@ results_lock::results_lock(const std::string& path) : lock_path_(path + ".lock")
     ::close(fd_);
     fd_ = -1;
   }
+  // A hard link is another name with another lock file: the file itself is locked too. (Opened
+  // without blocking: the caller locks only regular files, but the path may have changed.)
+  file_fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (file_fd_ >= 0 && ::flock(file_fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    release();
+    if (err != EWOULDBLOCK) {
+      errno = err;
+      throw_errno("cannot lock", path);
+    }
+    throw std::runtime_error("another keel run is writing " + path +
+                             " under another name (a hard link); wait for it to end or stop it");
+  }
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {
     // The lock holds without the pid; a second run's message just cannot name us.
   }
 }
 
-results_lock::~results_lock() {
+void results_lock::release() noexcept {
+  if (file_fd_ >= 0) {
+    ::close(file_fd_);
+    file_fd_ = -1;
+  }
   if (fd_ >= 0) {
     ::unlink(lock_path_.c_str());  // while still holding the lock: see the constructor
     ::close(fd_);
+    fd_ = -1;
+  }
+}
+
+results_lock::~results_lock() {
+  release();
+}
+
+// ---- replace_file ----------------------------------------------------------------------------
+
+void replace_file(const std::string& path, std::string_view text) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  // A symlink is written through: its target is replaced, not the link.
+  const std::string dest =
+      fs::is_symlink(path, ec) ? fs::weakly_canonical(path, ec).string() : path;
+  const fs::file_status st = fs::status(dest, ec);
+  const bool replace = st.type() == fs::file_type::regular || st.type() == fs::file_type::not_found;
+  auto fail = [&](const char* what, const std::string& temp) {
+    const int err = errno;
+    if (!temp.empty()) {
+      ::unlink(temp.c_str());
+    }
+    throw std::runtime_error(path + ": " + what + ": " + std::strerror(err));
+  };
+  std::string temp;
+  int fd = -1;
+  if (replace) {
+    temp = dest + ".keel-tmp-XXXXXX";
+    fd = ::mkstemp(temp.data());  // a new file: never one that is already there
+    if (fd < 0) {
+      fail("cannot create a temporary file beside it", {});
+    }
+    if (st.type() == fs::file_type::regular) {
+      ::fchmod(fd, static_cast<mode_t>(st.permissions()));
+    } else {
+      const mode_t mask = ::umask(0);  // a new file gets what open(2) would have given it
+      ::umask(mask);
+      ::fchmod(fd, 0666 & ~mask);
+    }
+  } else {
+    fd = ::open(dest.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+      fail("cannot open for writing", {});
+    }
+  }
+  const char* p = text.data();
+  std::size_t left = text.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd, p, left);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      errno = err;
+      fail("cannot write", temp);
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+  if (!replace) {
+    ::close(fd);
+    return;
+  }
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    errno = err;
+    fail("cannot sync", temp);
+  }
+  if (::close(fd) != 0) {
+    fail("cannot write", temp);
+  }
+  if (std::rename(temp.c_str(), dest.c_str()) != 0) {
+    fail("cannot replace", temp);
+  }
+  // The rename itself survives a crash only once the directory is synced.
+  const fs::path dir = fs::path(dest).parent_path();
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);
+    ::close(dfd);
   }
 }
 
@@ -199,9 +318,13 @@ resume_state prepare_resume(const std::string& path) {
       rewrite = true;
       continue;
     }
-    const bool fresh = rec->about_line() ? st.done_lines.insert(rec->line).second
-                                         : st.done_keys.insert(rec->key).second;
-    if (!fresh) {
+    if (rec->about_line()) {
+      // Read again by the resumed run: the line may have been fixed since.
+      ++st.dropped_line_records;
+      rewrite = true;
+      continue;
+    }
+    if (!st.done_keys.insert(rec->key).second) {
       ++st.dropped_duplicates;
       rewrite = true;
       continue;
@@ -217,39 +340,12 @@ resume_state prepare_resume(const std::string& path) {
   if (!rewrite) {
     return st;
   }
-  const std::string tmp = path + ".keel-tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw_errno("cannot create", tmp);
-  }
   std::string out;
   for (const auto& k : kept) {
     out += k;
     out += '\n';
   }
-  const char* p = out.data();
-  std::size_t left = out.size();
-  while (left > 0) {
-    const ssize_t n = ::write(fd, p, left);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0) {
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw_errno("cannot write", tmp);
-    }
-    p += n;
-    left -= static_cast<std::size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw_errno("cannot sync", tmp);
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    ::unlink(tmp.c_str());
-    throw_errno("cannot replace", path);
-  }
+  replace_file(path, out);
   return st;
 }
 

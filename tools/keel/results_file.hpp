@@ -11,12 +11,13 @@
 // What a record holds, and how --resume reads one back, is in record.hpp.
 //
 // Every record carries `id` and `line` (the input line number). Resume identifies work by id:
-// an item whose id already has an `ok` or `failed` record is skipped. Lines whose record is
-// about the line itself (`invalid_input`, `duplicate_id`) are identified by line number.
+// an item whose id already has an `ok` or `failed` record is skipped. Records about a line
+// itself (`invalid_input`, `duplicate_id`) cost nothing to redo and are dropped on resume, so a
+// line fixed in the input since runs.
 // `cancelled` records (items interrupted by a signal) are dropped on resume and run again.
 // `prepare_resume` rewrites the file atomically (temp file + rename) when it must drop
 // cancelled records or a torn last line, so one id never has two records. A `results_lock`
-// (flock on `<out>.lock`) keeps a second run off the file for the whole run.
+// (flock on `<out>.lock`, and on the file) keeps a second run off the file for the whole run.
 //
 // Thread safety: none; the keel command uses these from one thread.
 
@@ -24,6 +25,7 @@
 
 #include <cstddef>
 #include <string>
+#include <string_view>
 #include <unordered_set>
 
 namespace keel::cli {
@@ -57,6 +59,10 @@ class record_writer {
   /// Records written by this writer.
   std::size_t written() const noexcept { return written_; }
 
+  /// True if the file this writer owns has no name left (it was deleted during the run, so
+  /// every record written to it is gone with the descriptor); false for standard output.
+  bool removed() const noexcept;
+
  private:
   int fd_ = -1;
   bool owned_ = false;
@@ -67,10 +73,12 @@ class record_writer {
   std::string path_;
 };
 
-/// The exclusive right to write one results file: an `flock` on `<path>.lock` (beside the file,
-/// never renamed, so it survives `prepare_resume`'s rewrite), holding the owner's pid. A second
-/// run on the same file, resumed or not, is refused while the first lives; a crashed run's lock
-/// is released by the kernel.
+/// The exclusive right to write one results file: an `flock` on `<path>.lock` beside the file
+/// `path` resolves to (symlinks followed, so two names of one file share it; never renamed, so
+/// it survives `prepare_resume`'s rewrite), holding the owner's pid, and an `flock` on the file
+/// itself where it exists (so a hard link cannot get round the lock file). A second run on the
+/// same file, resumed or not, is refused while the first lives; a crashed run's locks are
+/// released by the kernel.
 class results_lock {
  public:
   /// Takes the lock without waiting.
@@ -86,7 +94,10 @@ class results_lock {
   const std::string& path() const noexcept { return lock_path_; }
 
  private:
+  void release() noexcept;
+
   int fd_ = -1;
+  int file_fd_ = -1;  // the results file itself, locked (-1: it did not exist)
   std::string lock_path_;
 };
 
@@ -94,8 +105,8 @@ class results_lock {
 struct resume_state {
   /// Keys (`id.dump()`) of items with an `ok` or `failed` record.
   std::unordered_set<std::string> done_keys;
-  /// Line numbers of `invalid_input` / `duplicate_id` records.
-  std::unordered_set<std::size_t> done_lines;
+  /// `invalid_input` / `duplicate_id` records dropped (their lines are read again).
+  std::size_t dropped_line_records = 0;
   /// Records kept.
   std::size_t kept = 0;
   /// Kept records whose status is `failed` (the batch's exit status counts them).
@@ -108,7 +119,19 @@ struct resume_state {
   bool dropped_torn_tail = false;
 };
 
-/// Reads `path` (a missing file is empty) and, if it must drop records, rewrites it atomically.
+/// Replaces what `path` holds with `text`, atomically where it can: a regular file (or one to be
+/// created) is written to a new `mkstemp` file beside it that takes its permissions, synced, and
+/// renamed over it, and the directory is synced; a symlink is written through (its target is
+/// replaced, the link stays); anything else (`/dev/stdout`, a pipe) is written directly. A hard
+/// link to the old file keeps the old contents.
+/// @throws std::runtime_error naming `path` and the system's reason; `path` is then as it was
+///   and no temporary file is left.
+void replace_file(const std::string& path, std::string_view text);
+
+/// Reads `path` (a missing file is empty) and, if it must drop records, rewrites it atomically
+/// (`replace_file`). Records about a line (`invalid_input`, `duplicate_id`) are dropped too: the
+/// resumed run reads those lines again and records them again, so a line fixed in the input
+/// since runs (and a line's record is never stale).
 /// @throws std::runtime_error naming the file and line for a malformed record that is not the
 ///   last line (the file is then left untouched).
 resume_state prepare_resume(const std::string& path);

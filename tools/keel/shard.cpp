@@ -3,6 +3,7 @@
 
 #include "jsonl.hpp"
 #include "record.hpp"
+#include "results_file.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -210,58 +211,15 @@ check_report check_results(const std::string& input, const std::vector<std::stri
   if (!merge_to.empty()) {
     std::stable_sort(merged.begin(), merged.end(),
                      [](const auto& a, const auto& b) { return a.first < b.first; });
-    // A regular file (or a new one) is written beside OUT and renamed over it, so OUT is either
-    // what it was or the whole merge; the temporary file is made with mkstemp (never one that
-    // is already there) and takes OUT's permissions. Anything else (/dev/stdout, a pipe) is
-    // written directly.
-    namespace fs = std::filesystem;
-    std::error_code ec;
-    // A symlink is written through: its target is replaced, not the link.
-    const std::string dest =
-        fs::is_symlink(merge_to, ec) ? fs::weakly_canonical(merge_to, ec).string() : merge_to;
-    const fs::file_status st = fs::status(dest, ec);
-    const bool replace =
-        st.type() == fs::file_type::regular || st.type() == fs::file_type::not_found;
-    std::string temp;
-    std::FILE* out = nullptr;
-    if (replace) {
-      temp = dest + ".keel-merge-XXXXXX";
-      const int fd = ::mkstemp(temp.data());
-      if (fd < 0) {
-        temp.clear();  // nothing was made
-      } else {
-        if (st.type() == fs::file_type::regular) {
-          ::fchmod(fd, static_cast<mode_t>(st.permissions()));
-        }
-        out = ::fdopen(fd, "wb");
-        if (out == nullptr) {
-          ::close(fd);
-        }
-      }
-    } else {
-      out = std::fopen(merge_to.c_str(), "wb");
+    // OUT is either what it was or the whole merge (replace_file: a new temporary file beside
+    // it, with its permissions, renamed over it; a symlink written through; /dev/stdout or a
+    // pipe written directly).
+    std::string text;
+    for (const auto& [line, record] : merged) {
+      text += record;
+      text += '\n';
     }
-    if (out == nullptr) {
-      const int err = errno;
-      if (!temp.empty()) {
-        std::remove(temp.c_str());
-      }
-      throw std::runtime_error(merge_to + ": cannot open for writing: " + std::strerror(err));
-    }
-    bool ok = true;
-    for (const auto& [line, text] : merged) {
-      ok = ok && std::fwrite(text.data(), 1, text.size(), out) == text.size() &&
-           std::fputc('\n', out) != EOF;
-    }
-    ok = std::fflush(out) == 0 && (!replace || ::fsync(::fileno(out)) == 0) && ok;
-    ok = std::fclose(out) == 0 && ok;
-    if (!ok || (replace && std::rename(temp.c_str(), dest.c_str()) != 0)) {
-      const int err = errno;
-      if (replace) {
-        std::remove(temp.c_str());
-      }
-      throw std::runtime_error(merge_to + ": write error: " + std::strerror(err));
-    }
+    replace_file(merge_to, text);
   }
   return rep;
 }
