@@ -337,6 +337,44 @@ TEST_CASE("a reply becomes a chat.completion with OpenAI's finish reasons", "[ga
   CHECK(keel::gateway::openai_finish_reason("tool_use") == "tool_calls");
   CHECK(keel::gateway::openai_finish_reason("guardrail_intervened") == "content_filter");
   CHECK(keel::gateway::openai_finish_reason("") == "stop");
+  // Only OpenAI's four reach a caller (before: "pause_turn" and "model_context_window_exceeded"
+  // passed through, which the SDKs' types do not know).
+  CHECK(keel::gateway::openai_finish_reason("model_context_window_exceeded") == "length");
+  CHECK(keel::gateway::openai_finish_reason("refusal") == "content_filter");
+  CHECK(keel::gateway::openai_finish_reason("pause_turn") == "stop");
+  CHECK(keel::gateway::openai_finish_reason("something_new") == "stop");
+}
+
+TEST_CASE("a content filter or refusal is answered as OpenAI answers it, a completion",
+          "[gateway]") {
+  // Before: a 400 content_filter error, which the SDKs raise as BadRequestError.
+  keel::llm::chat_response partial;
+  partial.text = "partial";
+  partial.finish_reason = "guardrail_intervened";
+  keel::llm::provider_error_info info(200, "bedrock", "", "stopReason guardrail_intervened");
+  info.filtered_reply = std::make_shared<const keel::llm::chat_response>(partial);
+  const auto error = std::make_exception_ptr(
+      keel::llm::provider_error(keel::llm::errc::content_filtered, std::move(info)));
+  CHECK(keel::gateway::is_content_filter(error));
+  const auto reply = keel::gateway::filtered_reply(error);
+  REQUIRE(reply != nullptr);
+  json j = json::parse(keel::gateway::completion_body(*reply, "id", 0, "route"));
+  CHECK(j["choices"][0]["finish_reason"] == "content_filter");
+  CHECK(j["choices"][0]["message"]["content"] == "partial");
+  CHECK(j["choices"][0]["message"]["refusal"] == nullptr);
+  // OpenAI's refusal: content null, the refusal, finish reason as sent.
+  keel::llm::chat_response refused;
+  refused.refusal = "I can't help with that.";
+  refused.finish_reason = "stop";
+  j = json::parse(keel::gateway::completion_body(refused, "id", 0, "route"));
+  CHECK(j["choices"][0]["message"]["content"] == nullptr);
+  CHECK(j["choices"][0]["message"]["refusal"] == "I can't help with that.");
+  CHECK(j["choices"][0]["finish_reason"] == "stop");
+  // Any other error is not one.
+  const auto other = std::make_exception_ptr(keel::llm::provider_error(
+      keel::llm::errc::overloaded, keel::llm::provider_error_info(529, "anthropic", "", "x")));
+  CHECK_FALSE(keel::gateway::is_content_filter(other));
+  CHECK(keel::gateway::filtered_reply(other) == nullptr);
 }
 
 TEST_CASE("a failed call is answered in OpenAI's error shape, with when to try again",
@@ -698,6 +736,36 @@ TEST_CASE("a stream cut after its first delta ends with an error event and no [D
   REQUIRE(run_real(rig.ctx, [&] { return rig.gateway.stats().open_connections == 1; }));
   CHECK(rig.send("GET", "/healthz").status == 200);
   CHECK(rig.gateway.stats().connections == 1);
+}
+
+TEST_CASE("keel serve passes a content filter on as OpenAI does, whole or streamed", "[gateway]") {
+  gateway_rig rig(one_entry);
+  keel::testing::fault_plan plan;
+  plan.script = {keel::testing::fault_kind::content_filter,
+                 keel::testing::fault_kind::content_filter};
+  rig.mock.set_plan("m", plan);
+  keel::http::response res = rig.send("POST", "/v1/chat/completions", hello);
+  REQUIRE(res.status == 200);  // before: 400 content_filter (the SDKs' BadRequestError)
+  const json j = json::parse(res.body);
+  CHECK(j["choices"][0]["finish_reason"] == "content_filter");
+  CHECK(j["object"] == "chat.completion");
+  res = rig.send("POST", "/v1/chat/completions", streamed);
+  REQUIRE(res.status == 200);
+  const auto ev = events_of(res.body);
+  REQUIRE(ev.size() >= 3);  // the role, the finish, [DONE]
+  CHECK(ev.back() == "[DONE]");
+  bool finished = false;
+  for (const auto& e : ev) {
+    if (e != "[DONE]") {
+      const json c = json::parse(e);
+      CHECK_FALSE(c.contains("error"));  // before: a stream_interrupted error event
+      if (!c["choices"].empty() && c["choices"][0]["finish_reason"] == "content_filter") {
+        finished = true;
+      }
+    }
+  }
+  CHECK(finished);
+  CHECK(rig.mock.stats().model("m").requests == 2);  // neither was retried
 }
 
 TEST_CASE("keel serve's URL brackets an IPv6 address", "[gateway][review]") {

@@ -98,6 +98,11 @@ TEST_CASE("anthropic parse_response joins text blocks and reads usage", "[llm][a
   CHECK(error_of(reply(200, "{truncated")).llm_code() == errc::malformed_response);
   CHECK(error_of(reply(200, R"({"content":[],"stop_reason":"refusal"})")).llm_code() ==
         errc::content_filtered);
+  const auto refused = error_of(
+      reply(200, R"({"content":[{"type":"text","text":"Sure, here"}],"stop_reason":"refusal"})"));
+  REQUIRE(refused.info().filtered_reply != nullptr);
+  CHECK(refused.info().filtered_reply->text == "Sure, here");  // the text before the refusal
+  CHECK(refused.info().filtered_reply->finish_reason == "refusal");
 }
 
 TEST_CASE("anthropic errors are classified per the provider table", "[llm][anthropic]") {

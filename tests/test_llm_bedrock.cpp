@@ -75,9 +75,11 @@ TEST_CASE("bedrock parse_response reads output, stopReason and usage", "[llm][be
   auto m2 = error_of(reply(200, R"({"output":{"message":{"content":[{"text":1}]}}})"));
   CHECK(std::string(m2.what()).find("output.message.content[0].text is not a string") !=
         std::string::npos);
-  CHECK(error_of(reply(200, R"({"output":{"message":{"content":[]}},"stopReason":
-                                "guardrail_intervened"})"))
-            .llm_code() == errc::content_filtered);
+  const auto blocked = error_of(reply(200, R"({"output":{"message":{"content":[{"text":"x"}]}},
+                                               "stopReason":"guardrail_intervened"})"));
+  CHECK(blocked.llm_code() == errc::content_filtered);
+  REQUIRE(blocked.info().filtered_reply != nullptr);
+  CHECK(blocked.info().filtered_reply->text == "x");
 }
 
 TEST_CASE("bedrock errors are classified by x-amzn-ErrorType or __type", "[llm][bedrock]") {

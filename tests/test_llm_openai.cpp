@@ -446,13 +446,23 @@ TEST_CASE("openai errors carry the retry hint and honour x-should-retry", "[llm]
 }
 
 TEST_CASE("openai content filter and refusals on 200 are content_filtered", "[llm][openai]") {
-  auto f = error_of(reply(
-      200, R"({"choices":[{"message":{"content":"partial"},"finish_reason":"content_filter"}]})"));
+  auto f = error_of(
+      reply(200, R"({"choices":[{"message":{"content":"partial"},"finish_reason":"content_filter"}],
+              "usage":{"prompt_tokens":3,"completion_tokens":1}})"));
   CHECK(f.llm_code() == errc::content_filtered);
+  // What came with the filter, for a caller that passes it on (keel serve).
+  REQUIRE(f.info().filtered_reply != nullptr);
+  CHECK(f.info().filtered_reply->text == "partial");
+  CHECK(f.info().filtered_reply->finish_reason == "content_filter");
+  CHECK(f.info().filtered_reply->usage.input == 3);
+  CHECK(f.info().filtered_reply->refusal.empty());
   auto r = error_of(reply(
       200,
       R"({"choices":[{"message":{"content":null,"refusal":"I can't"},"finish_reason":"stop"}]})"));
   CHECK(r.llm_code() == errc::content_filtered);
+  REQUIRE(r.info().filtered_reply != nullptr);
+  CHECK(r.info().filtered_reply->refusal == "I can't");
+  CHECK(r.info().filtered_reply->text.empty());
 }
 
 TEST_CASE("openai classifies a deeply nested error body by its status without parsing it",

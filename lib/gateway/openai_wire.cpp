@@ -662,16 +662,39 @@ std::string openai_finish_reason(std::string_view p) {
   if (p.empty() || p == "end_turn" || p == "stop_sequence" || p == "stop" || p == "complete") {
     return "stop";
   }
-  if (p == "max_tokens" || p == "length") {
+  if (p == "max_tokens" || p == "length" || p == "model_context_window_exceeded") {
     return "length";
   }
   if (p == "tool_use" || p == "tool_calls") {
     return "tool_calls";
   }
-  if (p == "content_filter" || p == "content_filtered" || p == "guardrail_intervened") {
+  if (p == "content_filter" || p == "content_filtered" || p == "guardrail_intervened" ||
+      p == "refusal") {
     return "content_filter";
   }
-  return std::string(p);
+  // Anthropic's pause_turn (a server tool's long turn, paused) and whatever a provider adds next:
+  // the SDKs' types know only OpenAI's four, and the answer did end.
+  return "stop";
+}
+
+bool is_content_filter(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::llm::provider_error& pe) {
+    return pe.llm_code() == keel::llm::errc::content_filtered;
+  } catch (...) {
+    return false;
+  }
+}
+
+std::shared_ptr<const keel::llm::chat_response> filtered_reply(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const keel::llm::provider_error& pe) {
+    return pe.llm_code() == keel::llm::errc::content_filtered ? pe.info().filtered_reply : nullptr;
+  } catch (...) {
+    return nullptr;
+  }
 }
 
 std::string completion_body(const keel::llm::chat_response& reply, const std::string& id,
@@ -700,13 +723,18 @@ std::string completion_body(const keel::llm::chat_response& reply, const std::st
       .key("role")
       .value("assistant")
       .key("content");
-  // OpenAI answers a turn of only tool calls with null content.
-  if (reply.text.empty() && !reply.tool_calls.empty()) {
+  // OpenAI answers a turn of only tool calls, or a refusal, with null content.
+  if (reply.text.empty() && (!reply.tool_calls.empty() || !reply.refusal.empty())) {
     w.null();
   } else {
     w.value(reply.text);
   }
-  w.key("refusal").null();
+  w.key("refusal");
+  if (reply.refusal.empty()) {
+    w.null();
+  } else {
+    w.value(reply.refusal);
+  }
   if (!reply.tool_calls.empty()) {
     w.key("tool_calls");
     keel::llm::openai::write_tool_calls(w, reply.tool_calls);

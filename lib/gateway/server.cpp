@@ -502,7 +502,12 @@ struct server::impl : std::enable_shared_from_this<impl> {
         co_await client->call(std::move(p.request), nullptr, keel::bulkhead_permit{}, parent);
     --counters.in_flight;
     response res;
-    if (out.error) {
+    if (const auto filtered = out.error ? filtered_reply(out.error) : nullptr) {
+      // A content filter or refusal: OpenAI answers it as a completion, not an error.
+      ++counters.completions;
+      res =
+          json_response(200, completion_body(*filtered, next_id("chatcmpl-keel-"), now_s(), model));
+    } else if (out.error) {
       res = failed(out.error);
     } else {
       ++counters.completions;
@@ -616,7 +621,10 @@ struct server::impl : std::enable_shared_from_this<impl> {
     if (cancelling) {
       co_await asio::this_coro::reset_cancellation_state();
     }
-    if (!committed && out.error) {
+    // A content filter or refusal ends the stream as OpenAI ends it: finish reason
+    // "content_filter", not an error.
+    const bool filtered = out.error && !cancelling && is_content_filter(out.error);
+    if (!committed && out.error && !filtered) {
       response res = failed(out.error);
       res.set("x-request-id", next_id("req_keel_"));
       co_return res;
@@ -628,7 +636,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
       if (!committed) {
         co_await commit();  // a reply with no text
       }
-      if (out.error) {
+      if (out.error && !filtered) {
         span.set_error("stream_interrupted", "the stream failed after its first delta");
         json err = cancelling ? error_body("keel serve is shutting down; the stream was cut.",
                                            "server_error", "", "shutting_down")
@@ -639,10 +647,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
         co_await write(event(err));
       } else {
         ++counters.completions;
-        co_await write(
-            event(stream_chunk(id, created, model, json::object(),
-                               openai_finish_reason(out.response->finish_reason), usage)));
-        if (usage) {
+        co_await write(event(stream_chunk(
+            id, created, model, json::object(),
+            filtered ? "content_filter" : openai_finish_reason(out.response->finish_reason),
+            usage)));
+        if (usage && out.response) {
           co_await write(event(usage_chunk(id, created, model, out.response->usage)));
         }
         co_await write("data: [DONE]\n\n");

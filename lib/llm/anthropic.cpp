@@ -223,11 +223,11 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     r.text += text.get<std::string>();
   }
   r.finish_reason = rd.optional_string(body, "stop_reason", "");
-  if (r.finish_reason == "refusal") {
-    rd.filtered("stop_reason refusal");
-  }
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "input_tokens", "output_tokens");
+  if (r.finish_reason == "refusal") {
+    rd.filtered("stop_reason refusal", std::move(r));
+  }
   rd.finish(r, std::move(body), keep_raw);
   return r;
 }

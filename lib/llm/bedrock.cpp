@@ -265,10 +265,10 @@ chat_response bedrock::parse_response(const keel::http::response& res, system_cl
     r.text += it->get<std::string>();
   }
   r.finish_reason = rd.optional_string(body, "stopReason", "");
-  if (r.finish_reason == "content_filtered" || r.finish_reason == "guardrail_intervened") {
-    rd.filtered("stopReason " + r.finish_reason);
-  }
   r.usage = rd.usage(body, "usage", "inputTokens", "outputTokens");
+  if (r.finish_reason == "content_filtered" || r.finish_reason == "guardrail_intervened") {
+    rd.filtered("stopReason " + r.finish_reason, std::move(r));
+  }
   rd.finish(r, std::move(body), keep_raw);
   return r;
 }

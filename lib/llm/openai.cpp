@@ -481,16 +481,11 @@ chat_response openai::parse_response(const keel::http::response& res, system_clo
   const json& content = rd.member(message, "content", "choices[0].message");
   chat_response r = rd.start(json());
   r.finish_reason = rd.optional_string(choice, "finish_reason", "choices[0]");
-  if (r.finish_reason == "content_filter") {
-    rd.filtered("finish_reason content_filter");
-  }
   if (content.is_string()) {
     r.text = content.get<std::string>();
   } else if (content.is_null()) {
     // No text: a refusal, or only tool calls.
-    if (!rd.optional_string(message, "refusal", "choices[0].message").empty()) {
-      rd.filtered("the model refused");
-    }
+    r.refusal = rd.optional_string(message, "refusal", "choices[0].message");
   } else {
     rd.fail("choices[0].message.content is not a string");
   }
@@ -516,6 +511,12 @@ chat_response openai::parse_response(const keel::http::response& res, system_clo
   }
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "prompt_tokens", "completion_tokens");
+  if (r.finish_reason == "content_filter") {
+    rd.filtered("finish_reason content_filter", std::move(r));
+  }
+  if (!r.refusal.empty()) {
+    rd.filtered("the model refused", std::move(r));
+  }
   rd.finish(r, std::move(body), keep_raw);
   return r;
 }

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -230,9 +231,12 @@ class reader {
     return u;
   }
   [[noreturn]] void fail(const std::string& what) const { malformed(res_, kind_, now_, what); }
-  [[noreturn]] void filtered(const std::string& what) const {
+  // A content filter or refusal: `partial` is what the answer held with it (the error's
+  // `filtered_reply`).
+  [[noreturn]] void filtered(const std::string& what, chat_response partial) const {
     provider_error_info info = info_from(res_, kind_, now_);
     info.message = what;
+    info.filtered_reply = std::make_shared<const chat_response>(std::move(partial));
     throw provider_error(errc::content_filtered, std::move(info));
   }
   chat_response start(json raw) const {

@@ -45,6 +45,10 @@
 //   bad. `retry-after` (seconds, rounded up) and `retry-after-ms` go with every answer for which
 //   keel knows when capacity returns (a provider's delay hint, an open breaker's remaining
 //   break), so that the callers' own retries do not herd.
+// - A content filter or refusal is an answer, as OpenAI gives it: a 200 completion whose finish
+//   reason is "content_filter" (with the text before the filter), or whose message has
+//   `content: null` and the `refusal`; a stream ends with finish reason "content_filter".
+//   (keel::llm reports them as `content_filtered` errors, so a route can fall back.)
 // - Messages never carry a key: provider messages are redacted by keel::llm (and the client masks
 //   its entries' keys); keel's own messages name no secret.
 //
@@ -57,6 +61,7 @@
 
 #include <chrono>
 #include <exception>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -112,9 +117,10 @@ namespace detail {
 parsed_chat_request parse_chat_request_tree(std::string_view body);
 }  // namespace detail
 
-/// OpenAI's `finish_reason` for a provider's ("end_turn" -> "stop", "max_tokens" -> "length",
-/// "tool_use" -> "tool_calls", "content_filter"/"guardrail_intervened" -> "content_filter";
-/// empty -> "stop"; anything else passes through).
+/// OpenAI's `finish_reason` (always one of OpenAI's four) for a provider's: "max_tokens" and
+/// "model_context_window_exceeded" -> "length", "tool_use" -> "tool_calls",
+/// "content_filter"/"content_filtered"/"guardrail_intervened"/"refusal" -> "content_filter";
+/// anything else ("end_turn", "stop_sequence", "pause_turn", empty, unknown) -> "stop".
 std::string openai_finish_reason(std::string_view provider_reason);
 
 /// The `chat.completion` object for `reply` as JSON text, members in OpenAI's order (content null
@@ -163,5 +169,16 @@ nlohmann::json error_body(std::string_view message, std::string_view type,
 /// The answer for a call that failed with `e` (keel's final error: a provider error, a keel
 /// failure such as retries_exhausted or circuit_open, or a transport error). See the overview.
 error_reply error_answer(const std::exception_ptr& e);
+
+/// True if `e` is a provider's content filter or refusal (`keel::llm::errc::content_filtered`),
+/// which OpenAI answers as a completion, not an error: `keel serve` then ends a stream with
+/// finish reason "content_filter", and answers a whole call with `filtered_reply`'s completion
+/// when the error has one (else as `error_answer` says).
+bool is_content_filter(const std::exception_ptr& e);
+
+/// The answer a content filter or refusal came with (`provider_error_info::filtered_reply`), or
+/// null if `e` has none. `completion_body` writes it as OpenAI would: the text before the filter
+/// with finish reason "content_filter", or `content: null` and the `refusal`.
+std::shared_ptr<const keel::llm::chat_response> filtered_reply(const std::exception_ptr& e);
 
 }  // namespace keel::gateway

@@ -282,6 +282,10 @@ struct chat_response {
   std::vector<tool_call> tool_calls;
   /// Why generation stopped, as the provider said it ("stop", "end_turn", "max_tokens", ...).
   std::string finish_reason;
+  /// The model's refusal (OpenAI `message.refusal`, e.g. to a strict JSON schema), when it
+  /// declined instead of answering; empty otherwise. A reply with one is a `content_filtered`
+  /// error: it reaches a caller only as the error's `filtered_reply` (<keel/llm/error.hpp>).
+  std::string refusal;
   /// The model that answered, when the provider says (Bedrock does not).
   std::string model;
   /// Tokens billed (zero when the provider did not report usage).

@@ -44,6 +44,7 @@
 #include <cstddef>
 #include <exception>
 #include <initializer_list>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -54,6 +55,8 @@ enum class limit_kind;  // keel/rate_controller.hpp
 }  // namespace keel
 
 namespace keel::llm {
+
+struct chat_response;  // <keel/llm/chat.hpp>
 
 /// Specific failures of an LLM provider call.
 enum class errc {
@@ -121,6 +124,12 @@ struct provider_error_info {
   std::optional<std::chrono::nanoseconds> retry_after;
   /// The `x-should-retry` header, if sent.
   std::optional<bool> should_retry;
+  /// For `errc::content_filtered` from a whole (not streamed) answer: what the provider answered
+  /// along with the filter or refusal (the text before it, tool calls, `finish_reason`, usage,
+  /// and OpenAI's `refusal`), for a caller that passes such an answer on as the provider gave
+  /// it (`keel serve` answers it as OpenAI does: a completion whose finish reason is
+  /// "content_filter", or whose message has the refusal). Null otherwise.
+  std::shared_ptr<const chat_response> filtered_reply;
 
   /// No information (status 0).
   provider_error_info() = default;
