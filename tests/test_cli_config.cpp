@@ -1,8 +1,12 @@
 // Tests for tools/keel/config.hpp: the keel command's config_list + policy loader.
+#include <keel/http/client.hpp>
 #include <keel/llm/aws_shared_files.hpp>
 #include <keel/llm/config.hpp>
+#include <keel/otlp.hpp>
 
 #include <catch2/catch.hpp>
+
+#include <boost/asio/io_context.hpp>
 
 #include <unistd.h>
 
@@ -335,6 +339,20 @@ TEST_CASE("an unreadable config file is an error with an empty path", "[cli_conf
 
 // ---- errors ---------------------------------------------------------------------------------
 
+TEST_CASE("an unknown key is shown whole and safe: control characters escaped, a key masked",
+          "[cli_config][review]") {
+  // Before: a NUL in a key cut the message at "/0/", an ESC reached the terminal, and a key
+  // pasted as a name was masked in the message but printed in the path.
+  const auto nul = error_of(R"([{"model": "m", "api_key": "k", "\u0000zz": 1}])");
+  CHECK_THAT(std::string(nul.what()), Catch::Contains("\\u0000zz"));
+  CHECK_THAT(std::string(nul.what()), Catch::Contains("unknown key"));
+  const auto esc = error_of(R"([{"model": "m", "api_key": "k", "\u001b]0;x\u0007": 1}])");
+  CHECK(std::string(esc.what()).find('\x1b') == std::string::npos);
+  const auto pasted = error_of(R"([{"model": "m", "api_key": "k", "sk-LEAKCHECK123456": 1}])");
+  CHECK(std::string(pasted.what()).find("LEAKCHECK") == std::string::npos);
+  CHECK(pasted.path() == "/0/[redacted]");
+}
+
 TEST_CASE("errors read source, JSON pointer, expected and got", "[cli_config]") {
   auto e = error_of(R"({"config_list": [{"model": "m", "api_key": "k"},
                                         {"model": "m", "api_key": "k", "timeout": "abc"}]})");
@@ -537,7 +555,7 @@ TEST_CASE("a key given twice in one object of a config is refused with its JSON 
   CHECK(policy.path() == "/policy/retry/max_attempts");
   // Too large a number: what is wrong, without the parser's exception id.
   CHECK(error_of(R"([{"model": "a", "api_key": "k", "timeout": 1e400}])").message() ==
-        "invalid JSON: number overflow parsing '1e400'");
+        "invalid JSON at line 1, column 44: a number too large for a double");
 }
 
 TEST_CASE("a config nested 60,000 objects deep is refused naming line and column",
@@ -1014,6 +1032,18 @@ TEST_CASE("ca_file must name a readable file and is printed", "[cli_config]") {
   CHECK(error_of(R"([{"model": "a", "api_key": "k", "ca_file": 3}])").path() == "/0/ca_file");
 }
 
+TEST_CASE("a config file that never ends is refused, not read into all memory",
+          "[cli_config][review]") {
+  // Before: /dev/zero grew until std::bad_alloc (no file named).
+  try {
+    (void)keel::llm::load_config("/dev/zero", env_of({}));
+    FAIL("read");
+  } catch (const keel::llm::config_error& e) {
+    CHECK(std::string(e.what()).rfind("/dev/zero: ", 0) == 0);
+    CHECK_THAT(e.message(), Catch::Contains("larger than 64 MiB"));
+  }
+}
+
 TEST_CASE("a relative ca_file is taken from the config file's directory", "[cli_config]") {
   temp_dir dir;
   const std::string pem = dir.write("ca.pem", "-----BEGIN CERTIFICATE-----\n");
@@ -1108,6 +1138,26 @@ TEST_CASE("the trace block names the collector, the sampling and the service", "
     "trace": {"otlp_endpoint": "https://user:hunter2pass@collector.example/v1/traces"}})");
   CHECK(creds.path() == "/trace/otlp_endpoint");
   CHECK(std::string(creds.what()).find("hunter2pass") == std::string::npos);
+  // A URL the exporter could not use is refused at load (before: every span was lost at run
+  // time), with a collector's token in the query never shown.
+  for (const char* bad : {"http://", "http://h:99999/", "http://h:abc/",
+                          "http://h/a b?token=T0KEN1", "http://h/x?token=T0KEN1#frag"}) {
+    INFO(bad);
+    const auto e = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
+      "trace": {"otlp_endpoint": ")" +
+                            std::string(bad) + R"("}})");
+    CHECK(e.path() == "/trace/otlp_endpoint");
+    CHECK(std::string(e.what()).find("T0KEN1") == std::string::npos);
+  }
+  const auto tokened = keel::llm::parse_config(
+      R"({"config_list": [{"model": "m", "api_key": "k"}],
+          "trace": {"otlp_endpoint": "http://127.0.0.1:4318/otlp?token=T0KEN1"}})",
+      "<test>", [](std::string_view) { return std::optional<std::string>{}; });
+  CHECK(keel::llm::to_json(tokened, true).dump().find("T0KEN1") == std::string::npos);
+  boost::asio::io_context io;
+  keel::http::client http(io.get_executor(), {});
+  CHECK(keel::otlp::http_exporter(http, tokened.trace.otlp_endpoint).url() ==
+        "http://127.0.0.1:4318/otlp/v1/traces?token=T0KEN1");  // before: ...?token=T0KEN1/v1/traces
   const auto unknown = error_of(R"({"config_list": [{"model": "m", "api_key": "k"}],
     "trace": {"endpoint": "http://x"}})");
   CHECK(unknown.path() == "/trace/endpoint");

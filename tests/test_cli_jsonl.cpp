@@ -137,7 +137,7 @@ TEST_CASE("the log preview is the first 100 characters without cutting UTF-8", "
 TEST_CASE("bad input lines name the JSON path of the problem", "[cli_jsonl]") {
   CHECK(error_of("not json").find("not valid JSON") != std::string::npos);
   CHECK(error_of(R"({"id": 1, "prompt": "x", "max_tokens": 1e400})") ==
-        "not usable JSON: number overflow parsing '1e400'");  // not the library's exception id
+        "not valid JSON (at byte 39 of the line: a number too large for a double)");
   // What is wrong, without the parser's echo of the line.
   CHECK(error_of("{\"id\": 1, \"prompt\": \"\xff\"}") ==
         "not valid JSON (at byte 21 of the line: syntax error while parsing value - invalid "

@@ -434,6 +434,30 @@ TEST_CASE("a reply that echoes a credential is redacted before it leaves the cli
   CHECK(out[0].response->model == "gpt-<redacted>");
 }
 
+TEST_CASE("a key in base_url's query that the server echoes is redacted from the error",
+          "[llm_client][review]") {
+  // Before: "... path /v1/chat/completions?key=LEAKQUERYKEY1 ..." reached records and callers.
+  asio::io_context ctx;
+  canned_server srv(
+      ctx,
+      http_answer(404, "Not Found",
+                  R"X({"error":{"message":"Invalid URL (POST /v1/chat/completions?key=)X"
+                  R"X(LEAKQUERYKEY1&api-version=2024-06-01)","type":"invalid_request_error"}})X"));
+  keel::http::client http(ctx.get_executor(), {});
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client client(
+      ctx.get_executor(),
+      make_config(one_retrying_entry,
+                  srv.base_url() + "/v1?key=LEAKQUERYKEY1&api-version=2024-06-01"),
+      http, buckets, {}, 1);
+  const auto out = run(ctx, client, {request()});
+  REQUIRE(out[0].error);
+  const std::string message = keel::llm::error_json(out[0].error)["message"].get<std::string>();
+  CHECK(message.find("LEAKQUERYKEY1") == std::string::npos);
+  CHECK(message.find("[redacted]") != std::string::npos);
+  CHECK(message.find("2024-06-01") != std::string::npos);  // not a credential: kept
+}
+
 TEST_CASE("an entry's ca_file trusts a private CA; without it the server is refused as tls",
           "[llm_client]") {
   keel_test::test_pki pki;

@@ -87,6 +87,17 @@ TEST_CASE("provider_error never puts a secret in what()", "[llm][error]") {
   CHECK(w.find("[redacted]") != std::string::npos);
   CHECK(w.find("Incorrect API key provided") != std::string::npos);
   CHECK(keel::llm::redact(std::string(1000, 'x')).size() == 303);
+  // Redacting twice changes nothing (before: "Bearer [[redacted]]" in keel serve's answers).
+  const std::string once = keel::llm::redact("Header Bearer tok_secret and sk-proj-abcdEFGH1234");
+  CHECK(once == "Header Bearer [redacted] and [redacted]");
+  CHECK(keel::llm::redact(once) == once);
+}
+
+TEST_CASE("url_credentials finds the query values that name a credential", "[llm][review]") {
+  CHECK(keel::llm::url_credentials("http://h/v1?api-version=2024-06-01&key=abc%2Bd1&x=y&"
+                                   "X-Amz-Signature=s1g&token") ==
+        std::vector<std::string>{"abc%2Bd1", "abc+d1", "s1g"});
+  CHECK(keel::llm::url_credentials("http://h/v1").empty());
 }
 
 TEST_CASE("redact keeps a URL's port and path, and still masks a key in a path", "[llm][review]") {

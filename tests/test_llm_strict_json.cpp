@@ -68,7 +68,10 @@ TEST_CASE("parse_strict_json refuses deep nesting and numbers it cannot hold",
   const auto e = refusal_of(deep);
   CHECK(e.problem() == json_problem::too_deep);
   CHECK(e.byte() == keel::llm::max_json_depth);  // the '[' that opens level 129
+  // Placed, and not quoted (before: "number overflow parsing '1e400'", with no position, so a
+  // number where a key belongs was echoed).
   const auto big = refusal_of(R"({"n": 1e400})");
-  CHECK(big.problem() == json_problem::unusable);
-  CHECK(std::string(big.what()) == "number overflow parsing '1e400'");
+  CHECK(big.problem() == json_problem::syntax);
+  CHECK(big.byte() == 6);
+  CHECK(std::string(big.what()) == "a number too large for a double");
 }

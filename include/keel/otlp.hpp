@@ -76,8 +76,9 @@ struct http_exporter_options {
 class http_exporter : public keel::trace::exporter {
  public:
   /// Exports through `http` (must outlive the exporter) to `endpoint`: a base URL such as
-  /// `http://127.0.0.1:4318` gets `/v1/traces` appended (as OTEL_EXPORTER_OTLP_ENDPOINT); a URL
-  /// whose path already ends in `/v1/traces` is used as it is.
+  /// `http://127.0.0.1:4318` gets `/v1/traces` appended to its path (as
+  /// OTEL_EXPORTER_OTLP_ENDPOINT), before its query if it has one; a URL whose path already ends
+  /// in `/v1/traces` is used as it is.
   /// @throws std::invalid_argument if `endpoint` is not an http:// or https:// URL.
   http_exporter(keel::http::client& http, std::string endpoint, http_exporter_options options = {});
 

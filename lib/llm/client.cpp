@@ -438,6 +438,10 @@ client::client(asio::any_io_executor ex, client_config cfg, const transport_for&
       candidates.insert(candidates.end(),
                         {&e.aws->access_key, &e.aws->secret_key, &e.aws->session_token});
     }
+    const std::vector<std::string> in_query = url_credentials(e.base_url);
+    for (const std::string& v : in_query) {
+      candidates.push_back(&v);
+    }
     for (const std::string* c : candidates) {
       // A shorter string would match ordinary words; no real credential is that short.
       if (c->size() >= min_scrubbed_secret &&
@@ -942,11 +946,14 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
   const std::optional<keel::llm::aws_credentials>& creds = es.cfg->aws;
   auto masked = [&](const keel::llm::provider_error& e) {
     // A server may echo the credentials it was sent, as in `keel::llm::complete`.
-    if (creds) {
-      return keel::llm::without_secrets(
-          e, {es.ep.api_key, creds->secret_key, creds->session_token, creds->access_key});
+    keel::llm::provider_error out =
+        creds ? keel::llm::without_secrets(
+                    e, {es.ep.api_key, creds->secret_key, creds->session_token, creds->access_key})
+              : keel::llm::without_secrets(e, {es.ep.api_key});
+    for (const std::string& q : keel::llm::url_credentials(es.ep.base_url)) {
+      out = keel::llm::without_secrets(out, {q});
     }
-    return keel::llm::without_secrets(e, {es.ep.api_key});
+    return out;
   };
 
   std::optional<keel::http::response_reader> reader;

@@ -83,9 +83,32 @@ std::string unreadable_file(const std::string& path) {
   return "";
 }
 
+namespace {
+
+// `text` with every control character written as \u00XX: a key in a path may hold any (a NUL
+// cut the message short, an ESC drove the terminal, a newline split the line).
+std::string printable(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x20 || u == 0x7f) {
+      static constexpr char hex[] = "0123456789abcdef";
+      out += "\\u00";
+      out += hex[u >> 4];
+      out += hex[u & 0xf];
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 config_error::config_error(std::string source, std::string path, std::string message)
-    : std::runtime_error(path.empty() ? source + ": " + message
-                                      : source + ": " + path + ": " + message),
+    : std::runtime_error(printable(path.empty() ? source + ": " + message
+                                                : source + ": " + path + ": " + message)),
       path_(std::move(path)),
       message_(std::move(message)) {}
 
@@ -153,14 +176,25 @@ client_config load_config(const std::string& file, const env_lookup& env) {
                        std::string("cannot read the config file: ") +
                            (err != 0 ? std::strerror(err) : "open failed"));
   }
-  std::ostringstream os;
-  os << in.rdbuf();
+  // Read in blocks up to a bound: /dev/zero or a runaway generated file must not take all
+  // memory. No real config comes near it (a thousand entries are well under 1 MiB).
+  std::string text;
+  char block[65536];
+  while (in.read(block, sizeof block) || in.gcount() > 0) {
+    text.append(block, static_cast<std::size_t>(in.gcount()));
+    if (text.size() > max_config_bytes) {
+      throw config_error(file, "",
+                         "the config file is larger than " +
+                             std::to_string(max_config_bytes >> 20) +
+                             " MiB; is it the right file?");
+    }
+  }
   if (in.bad()) {
     throw config_error(file, "", "cannot read the config file");
   }
   // A relative ca_file is taken from the config file's directory.
   const std::filesystem::path dir = std::filesystem::path(file).parent_path();
-  return parse_text(os.str(), file, env, dir.empty() ? std::filesystem::path(".") : dir);
+  return parse_text(text, file, env, dir.empty() ? std::filesystem::path(".") : dir);
 }
 
 nlohmann::json to_json(const client_config& c, bool redact) {
@@ -313,7 +347,8 @@ nlohmann::json to_json(const client_config& c, bool redact) {
           {"policy", std::move(policy)},
           {"serve", {{"clients", std::move(clients)}}},
           {"trace",
-           {{"otlp_endpoint", c.trace.otlp_endpoint},
+           {{"otlp_endpoint",
+             redact ? keel::http::redact_url(c.trace.otlp_endpoint) : c.trace.otlp_endpoint},
             {"sample_ratio", c.trace.sample_ratio},
             {"service_name", c.trace.service_name},
             {"headers_env", c.trace.headers_env},

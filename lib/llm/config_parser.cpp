@@ -65,7 +65,11 @@ void parser::check_keys(const json& j, const std::string& path,
       for (auto a : allowed) {
         list += (list.empty() ? "" : ", ") + std::string(a);
       }
-      fail(child(path, key), "one of the keys " + list, "unknown key " + echo_text(key));
+      // A key that looks like a credential (a key pasted as a name) is masked in the path too.
+      const std::string shown_key = echo_text(key);
+      const bool masked = shown_key.find("[redacted]") != std::string::npos;
+      fail(child(path, masked ? std::string_view("[redacted]") : std::string_view(key)),
+           "one of the keys " + list, "unknown key " + shown_key);
     }
   }
 }
@@ -404,8 +408,15 @@ trace_config parser::parse_trace(const json& j, const std::string& path) const {
         fail(p, "a URL without user:password@ (put credentials in the headers_env variable)",
              "a URL with credentials (not shown)");
       }
-      if (!e.empty() && e.rfind("http://", 0) != 0 && e.rfind("https://", 0) != 0) {
-        fail(p, "an http:// or https:// URL", echo_text(e));
+      if (!e.empty() && !keel::http::valid_url(e)) {
+        // Checked here as base_url is: a URL the exporter cannot use lost every span at run
+        // time. Shown with its query values redacted (a collector's token).
+        fail(p, "an http:// or https:// URL with a host and an optional port 1-65535 (or \"\")",
+             echo_text(keel::http::redact_url(e)));
+      }
+      if (e.find('#') != std::string::npos) {
+        fail(p, "a URL without a #fragment",
+             echo_text(keel::http::redact_url(e.substr(0, e.find('#'))) + "#..."));
       }
     } else if (key == "sample_ratio") {
       tc.sample_ratio = number(v, p, {0, false, 1, false, true});

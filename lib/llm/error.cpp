@@ -191,8 +191,12 @@ std::string redact(std::string_view text, std::size_t max_bytes) {
         continue;
       }
     }
+    // "Bearer [redacted]" is already masked: redacting twice (keel serve redacts a message the
+    // client redacted) must not make it "Bearer [[redacted]]".
+    const bool masked_already =
+        word == "redacted" && i > 0 && text[i - 1] == '[' && j < text.size() && text[j] == ']';
     const bool looks_like_key =
-        after_bearer || (starts_with_ci(word, "sk-") && word.size() >= 8) ||
+        (after_bearer && !masked_already) || (starts_with_ci(word, "sk-") && word.size() >= 8) ||
         ((word.starts_with("AKIA") || word.starts_with("ASIA")) && word.size() >= 16) ||
         (word.size() >= 32 && word.find_first_of("0123456789") != std::string_view::npos &&
          word.find(' ') == std::string_view::npos && word.find('.') == std::string_view::npos &&
@@ -269,6 +273,61 @@ provider_error without_secrets(const provider_error& e,
     masked = mask_secret(info.request_id, secret) || masked;
   }
   return masked ? provider_error(e.llm_code(), std::move(info)) : e;
+}
+
+std::vector<std::string> url_credentials(std::string_view url) {
+  auto contains_word = [](std::string_view hay, std::string_view word) {
+    return std::search(hay.begin(), hay.end(), word.begin(), word.end(), [](char a, char b) {
+             return std::tolower(static_cast<unsigned char>(a)) ==
+                    std::tolower(static_cast<unsigned char>(b));
+           }) != hay.end();
+  };
+  std::vector<std::string> out;
+  const auto q = url.find('?');
+  if (q == std::string_view::npos) {
+    return out;
+  }
+  std::string_view rest = url.substr(q + 1);
+  while (!rest.empty()) {
+    const auto amp = rest.find('&');
+    const std::string_view pair = rest.substr(0, amp);
+    rest = amp == std::string_view::npos ? std::string_view() : rest.substr(amp + 1);
+    const auto eq = pair.find('=');
+    if (eq == std::string_view::npos) {
+      continue;
+    }
+    const std::string_view name = pair.substr(0, eq);
+    const std::string_view value = pair.substr(eq + 1);
+    bool secret = false;
+    for (const std::string_view word :
+         {"key", "token", "secret", "sig", "auth", "pass", "cred", "code"}) {
+      secret = secret || contains_word(name, word);
+    }
+    if (!secret || value.empty()) {
+      continue;
+    }
+    out.emplace_back(value);
+    std::string decoded;
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      const auto hex = [](char c) {
+        return c >= '0' && c <= '9'   ? c - '0'
+               : c >= 'a' && c <= 'f' ? c - 'a' + 10
+               : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                      : -1;
+      };
+      if (value[i] == '%' && i + 2 < value.size() && hex(value[i + 1]) >= 0 &&
+          hex(value[i + 2]) >= 0) {
+        decoded.push_back(static_cast<char>(hex(value[i + 1]) * 16 + hex(value[i + 2])));
+        i += 2;
+      } else {
+        decoded.push_back(value[i] == '+' ? ' ' : value[i]);
+      }
+    }
+    if (decoded != value) {
+      out.push_back(std::move(decoded));
+    }
+  }
+  return out;
 }
 
 keel::limit_kind limit_of(const provider_error& e) noexcept {

@@ -149,6 +149,20 @@ json parse_strict_json(std::string_view text) {
     // nlohmann's byte is the 1-based position of the byte it stopped at.
     throw json_refused(json_problem::syntax, e.byte > 0 ? e.byte - 1 : 0, {},
                        parser_detail(e.what()));
+  } catch (const json::out_of_range& e) {
+    // A number beyond a double (nlohmann's 406 "number overflow parsing '<the token>'"): found
+    // in the text for its position, and not quoted (it may stand where a key belongs).
+    const std::string_view what = e.what();
+    const auto open = what.find("parsing '");
+    const auto close = what.rfind('\'');
+    std::size_t at = std::string_view::npos;
+    if (e.id == 406 && open != std::string_view::npos && close > open + 9) {
+      at = text.find(what.substr(open + 9, close - open - 9));
+    }
+    if (at == std::string_view::npos) {
+      throw json_refused(json_problem::unusable, 0, {}, parser_detail(e.what()));
+    }
+    throw json_refused(json_problem::syntax, at, {}, "a number too large for a double");
   } catch (const json::exception& e) {
     throw json_refused(json_problem::unusable, 0, {}, parser_detail(e.what()));
   }

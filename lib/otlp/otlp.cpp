@@ -150,14 +150,20 @@ http_exporter::http_exporter(keel::http::client& http, std::string endpoint,
     throw std::invalid_argument("OTLP endpoint must be an http:// or https:// URL, got \"" +
                                 keel::http::redact_url(url_) + "\"");
   }
+  // The path gets "/v1/traces" (unless it ends so already) before the query, if any: appended
+  // after it, the suffix became part of the last query value (a collector's token).
+  const std::size_t q = std::min(url_.find('?'), url_.size());
+  std::string base = url_.substr(0, q);
+  const std::string query = url_.substr(q);
   constexpr std::string_view suffix = "/v1/traces";
-  if (url_.size() < suffix.size() ||
-      url_.compare(url_.size() - suffix.size(), suffix.size(), suffix) != 0) {
-    while (!url_.empty() && url_.back() == '/') {
-      url_.pop_back();
+  if (base.size() < suffix.size() ||
+      base.compare(base.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    while (!base.empty() && base.back() == '/') {
+      base.pop_back();
     }
-    url_ += suffix;
+    base += suffix;
   }
+  url_ = base + query;
 }
 
 boost::asio::awaitable<void> http_exporter::export_spans(const trace::resource& from,

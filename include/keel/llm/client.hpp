@@ -582,7 +582,7 @@ class client {
   std::unique_ptr<keel::retry_budget> budget_;
   std::unique_ptr<keel::bulkhead> slots_;  // client_options::attempt_slots (null: none)
   std::vector<std::unique_ptr<entry_state>> entries_;
-  std::vector<std::string> secrets_;  // every entry's credentials of min_scrubbed_secret+ bytes
+  std::vector<std::string> secrets_;  // every entry's credentials (and base_url query keys)
 };
 
 /// True if an answered call's token reservation is settled with the real usage: unless the

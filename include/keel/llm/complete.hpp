@@ -79,10 +79,14 @@ boost::asio::awaitable<chat_response> complete(
   } catch (const provider_error& e) {
     // A server may echo the credentials it was sent (e.g. "Incorrect API key provided: ..."),
     // in a shape `redact`'s patterns do not recognise: mask the exact values we sent.
-    if (aws) {
-      throw without_secrets(e, {ep.api_key, aws->secret_key, aws->session_token, aws->access_key});
+    // So may it echo its URL, with a key in the query.
+    provider_error out =
+        aws ? without_secrets(e, {ep.api_key, aws->secret_key, aws->session_token, aws->access_key})
+            : without_secrets(e, {ep.api_key});
+    for (const std::string& q : url_credentials(ep.base_url)) {
+      out = without_secrets(out, {q});
     }
-    throw without_secrets(e, {ep.api_key});
+    throw out;
   }
 }
 

@@ -433,8 +433,12 @@ std::string unreadable_file(const std::string& path);
 /// @throws config_error naming the JSON path of the first bad value.
 client_config parse_config(std::string_view text, const std::string& source, const env_lookup& env);
 
+/// The largest config file `load_config` reads (64 MiB).
+inline constexpr std::size_t max_config_bytes = std::size_t{64} << 20;
+
 /// Reads and parses a config file.
-/// @throws config_error if the file cannot be read (path "") or is invalid.
+/// @throws config_error if the file cannot be read (path ""), is larger than `max_config_bytes`
+///   (e.g. /dev/zero) or is invalid.
 client_config load_config(const std::string& file, const env_lookup& env = process_env());
 
 /// The resolved config as JSON (every default filled in), for `--print-config` and

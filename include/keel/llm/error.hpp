@@ -49,6 +49,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace keel {
 enum class limit_kind;  // keel/rate_controller.hpp
@@ -193,6 +194,13 @@ std::string redact(std::string_view text, std::size_t max_bytes = message_limit)
 /// would mask ordinary words).
 provider_error without_secrets(const provider_error& e,
                                std::initializer_list<std::string_view> secrets);
+
+/// The values of `url`'s query parameters whose names say they hold a credential (a name with
+/// "key", "token", "secret", "sig", "auth", "pass", "cred" or "code" in it, any case), as sent
+/// and percent-decoded: a server that echoes its request URL in an error puts them in the
+/// message, so `complete` and `client` mask them with `without_secrets` as they mask the key.
+/// Not every value: an Azure `api-version` date is not a secret, and would be masked in replies.
+std::vector<std::string> url_credentials(std::string_view url);
 
 /// A short name for the kind of error that decided a failure (`keel::deciding_cause`: through
 /// retries_exhausted, budget_exhausted and all_fallbacks_failed to the last attempt's error):

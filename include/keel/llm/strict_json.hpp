@@ -30,9 +30,10 @@ namespace keel::llm {
 
 /// Why `parse_strict_json` refused a text.
 enum class json_problem {
-  /// Not JSON (a syntax error, an invalid UTF-8 byte or escape, a NUL byte).
+  /// Not JSON (a syntax error, an invalid UTF-8 byte or escape, a NUL byte), or a number too
+  /// large for a double (`1e400`: "a number too large for a double", at its first byte).
   syntax,
-  /// Valid syntax the parser still refuses, e.g. a number too large for a double (`1e400`).
+  /// Valid syntax the parser still refuses in a way keel cannot place (byte 0).
   unusable,
   /// Arrays and objects nested deeper than `max_json_depth`.
   too_deep,
