@@ -747,6 +747,67 @@ TEST_CASE("bedrock credentials and region come from a named profile", "[cli_conf
   CHECK(from_default.entries[0].aws->access_key == "AKIADEFAULT000000000");
 }
 
+TEST_CASE("AWS_PROFILE picks the profile; keys in the config file count; no silent fallback",
+          "[cli_config][review]") {
+  // Before: AWS_PROFILE was never read (keel signed as [default] in its region), keys kept in
+  // ~/.aws/config were never used, and a named profile without keys fell back to the
+  // environment's, which no SDK does.
+  temp_dir dir;
+  const std::string creds = dir.write("credentials",
+                                      "[default]\n"
+                                      "aws_access_key_id = AKIADEFAULT000000000\n"
+                                      "aws_secret_access_key = default-secret\n"
+                                      "[prod]\n"
+                                      "aws_access_key_id = AKIAPROD000000000000\n"
+                                      "aws_secret_access_key = prod-secret\n");
+  const std::string cfg = dir.write("config",
+                                    "[default]\nregion = us-east-1\n"
+                                    "[profile prod]\nregion = eu-west-3\nretry_mode = standard\n"
+                                    "[profile cfgonly]\nregion = ap-south-1\n"
+                                    "aws_access_key_id = AKIACONFIGONLY000000\n"
+                                    "aws_secret_access_key = cfg-secret\n"
+                                    "[profile proc]\ncredential_process = /bin/true\n"
+                                    "[profile regiononly]\nregion = us-west-2\n");
+  const env_map files{{"AWS_SHARED_CREDENTIALS_FILE", creds}, {"AWS_CONFIG_FILE", cfg}};
+  env_map prod = files;
+  prod["AWS_PROFILE"] = "prod";
+  const auto by_env = parse(bedrock(), prod).entries[0];
+  CHECK(by_env.aws_credentials_source == "profile prod");
+  CHECK(by_env.aws->access_key == "AKIAPROD000000000000");
+  CHECK(by_env.aws_region == "eu-west-3");
+  REQUIRE(by_env.aws_retry);
+  CHECK(by_env.aws_retry->mode == retry_mode::standard);
+  env_map legacy_name = files;
+  legacy_name["AWS_DEFAULT_PROFILE"] = "prod";
+  CHECK(parse(bedrock(), legacy_name).entries[0].aws_credentials_source == "profile prod");
+  // The environment's keys still come before a profile named by the environment (botocore).
+  env_map with_keys = prod;
+  with_keys["AWS_ACCESS_KEY_ID"] = "AKIAENV0000000000000";
+  with_keys["AWS_SECRET_ACCESS_KEY"] = "env-secret";
+  CHECK(parse(bedrock(), with_keys).entries[0].aws_credentials_source == "environment");
+  // Keys in the config file's section.
+  const auto cfg_only = parse(bedrock(R"("aws_profile_name": "cfgonly")"), files).entries[0];
+  CHECK(cfg_only.aws->access_key == "AKIACONFIGONLY000000");
+  CHECK(cfg_only.aws_region == "ap-south-1");
+  // A profile the entry names, without keys: not the environment's.
+  env_map env_keys = files;
+  env_keys["AWS_ACCESS_KEY_ID"] = "AKIAENV0000000000000";
+  env_keys["AWS_SECRET_ACCESS_KEY"] = "env-secret";
+  const auto region_only =
+      parse(bedrock(R"("aws_profile_name": "regiononly")"), env_keys).entries[0];
+  CHECK_FALSE(region_only.aws);
+  CHECK(region_only.aws_region == "us-west-2");
+  // A credential_process profile is an error, not a silent fallback or placeholder.
+  const auto proc = error_of(bedrock(R"("aws_profile_name": "proc")"), env_keys);
+  CHECK(proc.path() == "/config_list/0/aws_profile_name");
+  CHECK_THAT(proc.message(), Catch::Contains("credential_process"));
+  // A profile AWS_PROFILE names that is in neither file is an error naming the variable.
+  env_map nope = files;
+  nope["AWS_PROFILE"] = "nope";
+  CHECK_THAT(std::string(error_of(bedrock(R"("aws_region": "us-east-1")"), nope).what()),
+             Catch::Contains("(AWS_PROFILE)"));
+}
+
 TEST_CASE(
     "the region comes from aws_region then AWS_REGION then AWS_DEFAULT_REGION then the "
     "profile",

@@ -250,9 +250,10 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
                          std::optional<std::string> access_key,
                          std::optional<std::string> secret_key,
                          std::optional<std::string> session_token) {
-  // Credentials: the entry, then the named profile, then the environment, then the default
-  // profile (botocore's order once an explicit profile is set aside). None at all is fine at
-  // load time: the mock server does not check signatures, and a real call fails loudly.
+  // Credentials: the entry; then, for a profile the entry names, that profile only; otherwise
+  // the environment, then the profile (AWS_PROFILE, AWS_DEFAULT_PROFILE or default), as
+  // botocore orders its providers. None at all is fine at load time: the mock server does not
+  // check signatures, and a real call fails loudly.
   if (access_key || secret_key || session_token) {
     if (!access_key || !secret_key) {
       const char* missing = !access_key ? "aws_access_key" : "aws_secret_key";
@@ -263,22 +264,55 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
                                        session_token.value_or(""));
     e.aws_credentials_source = "config";
   }
-  if (!e.aws_profile_name.empty()) {
-    const auto& f = shared_files();
-    const ini_section* creds = f.credentials_profile(e.aws_profile_name);
-    if (creds == nullptr && f.config_profile(e.aws_profile_name) == nullptr) {
-      fail(child(path, "aws_profile_name"), "a profile of " + files_description(),
-           echo_text(e.aws_profile_name));
+  // The profile: aws_profile_name, else AWS_PROFILE, else AWS_DEFAULT_PROFILE, else default.
+  const std::pair<std::string, std::string_view> chosen = aws_profile(e);
+  const std::string& profile = chosen.first;
+  const std::string_view named_by = chosen.second;
+  const auto& f = shared_files();
+  const bool in_files =
+      f.credentials_profile(profile) != nullptr || f.config_profile(profile) != nullptr;
+  const std::string profile_where = named_by == "aws_profile_name"
+                                        ? child(path, "aws_profile_name")
+                                        : path + " (" + std::string(named_by) + ")";
+  if (!named_by.empty() && !in_files) {
+    // As the SDKs (ProfileNotFound): a named profile that is not there is an error.
+    fail(profile_where, "a profile of " + files_description(), echo_text(profile));
+  }
+  // A profile's static keys: its section of the credentials file, else of the config file (the
+  // SDKs read both). A profile that gets its credentials another way keel does not run
+  // (credential_process, role_arn, SSO) is an error rather than a silent fallback.
+  auto from_profile = [&]() -> std::optional<keel::llm::aws_credentials> {
+    if (auto c = profile_credentials(profile_where, f.credentials_profile(profile), profile,
+                                     f.credentials_path)) {
+      return c;
     }
-    if (!e.aws) {
-      e.aws = profile_credentials(child(path, "aws_profile_name"), creds, e.aws_profile_name,
-                                  f.credentials_path);
-      if (e.aws) {
-        e.aws_credentials_source = "profile " + e.aws_profile_name;
+    if (auto c =
+            profile_credentials(profile_where, f.config_profile(profile), profile, f.config_path)) {
+      return c;
+    }
+    for (const ini_section* sec : {f.credentials_profile(profile), f.config_profile(profile)}) {
+      for (const char* other : {"credential_process", "role_arn", "sso_session", "sso_start_url",
+                                "web_identity_token_file"}) {
+        if (ini_value(sec, other)) {
+          fail(profile_where,
+               "aws_access_key_id and aws_secret_access_key in profile " + echo_text(profile) +
+                   " (keel does not run credential_process, role_arn or SSO profiles; export "
+                   "the keys, e.g. with `aws configure export-credentials --format env`)",
+               std::string("a profile with ") + other);
+        }
       }
     }
+    return std::nullopt;
+  };
+  if (!e.aws && named_by == "aws_profile_name") {
+    // A profile the entry names explicitly: the environment's keys are not used (the SDKs
+    // drop the environment provider when a profile is given).
+    e.aws = from_profile();
+    if (e.aws) {
+      e.aws_credentials_source = "profile " + profile;
+    }
   }
-  if (!e.aws) {
+  if (!e.aws && named_by != "aws_profile_name") {
     auto id = env_value("AWS_ACCESS_KEY_ID");
     auto key = env_value("AWS_SECRET_ACCESS_KEY");
     if (id && key) {
@@ -287,12 +321,10 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
       e.aws_credentials_source = "environment";
     }
   }
-  if (!e.aws && e.aws_profile_name.empty()) {
-    const auto& f = shared_files();
-    e.aws = profile_credentials(path + " (profile \"default\")", f.credentials_profile("default"),
-                                "default", f.credentials_path);
+  if (!e.aws && named_by != "aws_profile_name" && in_files) {
+    e.aws = from_profile();
     if (e.aws) {
-      e.aws_credentials_source = "profile default";
+      e.aws_credentials_source = "profile " + profile;
     }
   }
 
@@ -322,13 +354,8 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
       e.aws_region = *r;
     } else if (auto d = env_value("AWS_DEFAULT_REGION")) {
       e.aws_region = *d;
-    } else {
-      const std::string profile =
-          e.aws_profile_name.empty() ? std::string("default") : e.aws_profile_name;
-      if (auto pr = ini_value(shared_files().config_profile(profile), "region");
-          pr && !pr->empty()) {
-        e.aws_region = *pr;
-      }
+    } else if (auto pr = ini_value(f.config_profile(profile), "region"); pr && !pr->empty()) {
+      e.aws_region = *pr;
     }
   }
   // The region becomes part of the host name and of the signature's scope.
@@ -346,6 +373,18 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
          "AWS_DEFAULT_REGION or the AWS profile's region)",
          "nothing");
   }
+}
+
+std::pair<std::string, std::string_view> parser::aws_profile(const entry_config& e) const {
+  if (!e.aws_profile_name.empty()) {
+    return {e.aws_profile_name, "aws_profile_name"};
+  }
+  for (const std::string_view variable : {"AWS_PROFILE", "AWS_DEFAULT_PROFILE"}) {
+    if (auto p = env_value(variable)) {
+      return {*p, variable};
+    }
+  }
+  return {"default", ""};
 }
 
 std::optional<keel::llm::aws_credentials> parser::profile_credentials(
@@ -380,8 +419,7 @@ keel::aws::resolved_retry_config parser::resolve_aws_retry(
   const auto env_max = env_("AWS_MAX_ATTEMPTS");
   // The 2.1 switch: revision 2.1 and `standard` as the default mode ("true" only, as the SDKs).
   const auto env_new_retries = env_("AWS_NEW_RETRIES_2026");
-  const std::string profile =
-      e.aws_profile_name.empty() ? std::string("default") : e.aws_profile_name;
+  const std::string profile = aws_profile(e).first;
   std::optional<std::string> profile_mode;
   std::optional<std::string> profile_max;
   if (!in.mode && !env_mode) {

@@ -248,6 +248,10 @@ class parser {
   void resolve_aws(const std::string& path, entry_config& e, std::optional<std::string> access_key,
                    std::optional<std::string> secret_key, std::optional<std::string> session_token);
 
+  // The AWS profile an entry reads (credentials, region, retry settings) and what named it:
+  // "aws_profile_name", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", or "" for `default`.
+  std::pair<std::string, std::string_view> aws_profile(const entry_config& e) const;
+
   std::optional<keel::llm::aws_credentials> profile_credentials(const std::string& where,
                                                                 const ini_section* s,
                                                                 const std::string& profile,

@@ -21,7 +21,8 @@
 //   aws_region          string (bedrock: required unless base_url is set, or AWS_REGION /
 //                       AWS_DEFAULT_REGION / the AWS profile's `region` is set)
 //   aws_access_key, aws_secret_key, aws_session_token   strings (secrets); both key parts or none
-//   aws_profile_name    a profile of the AWS shared files (credentials and retry settings)
+//   aws_profile_name    a profile of the AWS shared files (credentials, region, retry settings;
+//                       absent: AWS_PROFILE, AWS_DEFAULT_PROFILE, else default)
 //   total_max_attempts  integer >= 1: all attempts, wins over max_attempts
 //   max_attempts        integer >= 0: *retries* (total = value + 1)
 //   mode                "legacy" | "standard" | "adaptive": AWS retry semantics (any api_type)
