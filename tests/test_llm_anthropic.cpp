@@ -66,6 +66,32 @@ TEST_CASE("anthropic build_request maps top_p and stop, and sends no seed", "[ll
   CHECK(json::parse(keel::llm::anthropic::build_request(req, ep).body) ==
         json::parse(R"({"model": "claude-3-5-haiku-latest", "max_tokens": 16,
     "messages": [{"role": "user", "content": "Hi"}], "top_p": 0.5, "stop_sequences": ["END"]})"));
+  // From the probes: OpenAI's ranges and shapes that Anthropic refuses. Temperature above 1 is
+  // sent as 1; metadata keeps only user_id (else OpenAI's `user`); a blank stop sequence fails
+  // the entry before anything is sent.
+  req.temperature = 1.5;
+  req.metadata = {{"team", "support"}};
+  req.extra_fields = {{"user", "u-7"}, {"frequency_penalty", 1}};
+  const json mapped = json::parse(keel::llm::anthropic::build_request(req, ep).body);
+  CHECK(mapped.at("temperature") == 1.0);
+  CHECK(mapped.at("metadata") == json{{"user_id", "u-7"}});
+  CHECK_FALSE(mapped.contains("frequency_penalty"));
+  req.metadata = {{"user_id", "u-1"}, {"team", "support"}};
+  CHECK(json::parse(keel::llm::anthropic::build_request(req, ep).body).at("metadata") ==
+        json{{"user_id", "u-1"}});
+  req.metadata = {{"team", "support"}};
+  req.extra_fields = nullptr;
+  CHECK_FALSE(json::parse(keel::llm::anthropic::build_request(req, ep).body).contains("metadata"));
+  for (const std::vector<std::string>& stop : {std::vector<std::string>{"\n"}, {"END", ""}}) {
+    req.stop = stop;
+    try {
+      (void)keel::llm::anthropic::build_request(req, ep);
+      FAIL("sent");
+    } catch (const keel::llm::provider_error& e) {
+      CHECK(e.llm_code() == keel::llm::errc::bad_request);
+      CHECK_THAT(std::string(e.what()), Catch::Contains("stop["));
+    }
+  }
   CHECK(keel::llm::anthropic_bearer_version("2026-10-21"));
   CHECK(keel::llm::anthropic_bearer_version("2027-01-05"));
   CHECK_FALSE(keel::llm::anthropic_bearer_version("2026-10-20"));

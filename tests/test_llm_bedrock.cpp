@@ -44,6 +44,14 @@ TEST_CASE("bedrock build_request makes the Converse call", "[llm][bedrock]") {
         json::parse(R"({"maxTokens": 300, "temperature": 0.2, "topP": 0.8,
                         "stopSequences": ["a", "b"]})"));
 
+  req.temperature = 1.7;  // OpenAI's scale: Converse's maximum is 1
+  CHECK(json::parse(keel::llm::bedrock::build_request(req, ep).body)
+            .at("inferenceConfig")
+            .at("temperature") == 1.0);
+  req.stop = {" "};
+  CHECK_THROWS_AS(keel::llm::bedrock::build_request(req, ep), keel::llm::provider_error);
+  req.stop.clear();
+
   keel::llm::endpoint mock(keel::llm::provider_kind::bedrock, "http://127.0.0.1:9000");
   keel::llm::chat_request arn("arn:aws:bedrock:us-east-1:1:inference-profile/x", {{"user", "q"}});
   CHECK(keel::llm::build_request(arn, mock).url ==
@@ -52,6 +60,32 @@ TEST_CASE("bedrock build_request makes the Converse call", "[llm][bedrock]") {
   CHECK_THROWS_AS(keel::llm::bedrock::build_request(
                       req, keel::llm::endpoint(keel::llm::provider_kind::bedrock, "")),
                   std::invalid_argument);
+}
+
+TEST_CASE("bedrock merges turns of one role and sends no blank text block", "[llm][bedrock]") {
+  // Before: two user turns in a row, or an empty assistant turn, went as they were, and
+  // Converse refuses both ("must alternate between user and assistant roles", "is blank").
+  keel::llm::chat_request req("m", {{"user", "Here is a document"},
+                                    {"user", "Summarise it."},
+                                    {"assistant", ""},
+                                    {"user", "Shorter."}});
+  keel::llm::chat_message with_call("assistant", "");
+  with_call.tool_calls.emplace_back("t1", "f", "{}");
+  req.messages.push_back(with_call);
+  keel::llm::chat_message result("tool", "ok");
+  result.tool_call_id = "t1";
+  req.messages.push_back(result);
+  keel::llm::endpoint ep(keel::llm::provider_kind::bedrock, "", "", "eu-west-1");
+  const json messages = json::parse(keel::llm::bedrock::build_request(req, ep).body)["messages"];
+  REQUIRE(messages.size() == 3);
+  CHECK(messages[0]["role"] == "user");
+  CHECK(messages[0]["content"] == json::parse(R"([{"text": "Here is a document"},
+      {"text": "Summarise it."}, {"text": "Shorter."}])"));
+  CHECK(messages[1]["role"] == "assistant");
+  CHECK(messages[1]["content"].size() == 1);  // the toolUse, no blank text
+  CHECK(messages[1]["content"][0].contains("toolUse"));
+  CHECK(messages[2]["role"] == "user");
+  CHECK(messages[2]["content"][0].contains("toolResult"));
 }
 
 TEST_CASE("bedrock parse_response reads output, stopReason and usage", "[llm][bedrock]") {

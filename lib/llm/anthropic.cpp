@@ -158,16 +158,28 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
   const bool current = anthropic_bearer_version(ep.anthropic_version);
   // 2026-10-21 removed the sampling parameters: a request with them would be refused.
   if (req.temperature && !current) {
-    body["temperature"] = *req.temperature;
+    body["temperature"] = provider_temperature(*req.temperature);
   }
   if (req.top_p && !current) {
     body["top_p"] = *req.top_p;
   }
   if (!req.stop.empty()) {
+    check_stop_sequences(kind, req.stop);
     body["stop_sequences"] = req.stop;
   }
-  if (has_metadata(req.metadata)) {
-    body["metadata"] = req.metadata;
+  // Anthropic's metadata takes `user_id` only (another key is refused): the request's
+  // metadata.user_id, else OpenAI's `user` (an extra field).
+  std::string user_id;
+  for (const auto& [from, key] :
+       {std::pair{&req.metadata, "user_id"}, std::pair{&req.extra_fields, "user"}}) {
+    if (user_id.empty() && from->is_object()) {
+      if (const auto it = from->find(key); it != from->end() && it->is_string()) {
+        user_id = it->get<std::string>();
+      }
+    }
+  }
+  if (!user_id.empty()) {
+    body["metadata"] = {{"user_id", user_id}};
   }
   add_tools(req, body);
   keel::http::request r("POST", versioned(base_of(ep, "https://api.anthropic.com"), "/messages"));

@@ -69,17 +69,26 @@ namespace {
 
 constexpr auto kind = provider_kind::bedrock;
 
-// A turn's content blocks: text and image parts, then an assistant's toolUse blocks.
+bool blank(std::string_view text) {
+  return text.find_first_not_of(" \t\r\n\f\v") == std::string_view::npos;
+}
+
+// A turn's content blocks: text and image parts, then an assistant's toolUse blocks. Converse
+// refuses a blank text block ("The text field in the ContentBlock object ... is blank"): one is
+// sent only as a user turn's whole content (which the provider then refuses, as it should); an
+// assistant turn with nothing else has no blocks, and messages_json leaves it out.
 json content_blocks(const chat_message& m, std::size_t index) {
   const std::string path = message_path(index);
   json blocks = json::array();
-  if (m.parts.empty() && (!m.content.empty() || m.tool_calls.empty())) {
+  if (m.parts.empty() && (!blank(m.content) || (m.tool_calls.empty() && m.role != "assistant"))) {
     blocks.push_back({{"text", m.content}});
   }
   for (std::size_t j = 0; j < m.parts.size(); ++j) {
     const content_part& p = m.parts[j];
     if (p.kind == part_kind::text) {
-      blocks.push_back({{"text", p.text}});
+      if (!blank(p.text)) {
+        blocks.push_back({{"text", p.text}});
+      }
       continue;
     }
     const std::string part = path + ".content[" + std::to_string(j) + "]";
@@ -108,7 +117,7 @@ json content_blocks(const chat_message& m, std::size_t index) {
 }
 
 json messages_json(const chat_request& req) {
-  return user_turn_results(
+  json built = user_turn_results(
       req,
       [](const chat_message& m) {
         return json{
@@ -116,6 +125,26 @@ json messages_json(const chat_request& req) {
              {{"toolUseId", m.tool_call_id}, {"content", json::array({{{"text", text_of(m)}}})}}}};
       },
       content_blocks, content_blocks);
+  // Converse refuses two turns of one role in a row ("A conversation must alternate between
+  // user and assistant roles"), which OpenAI takes and Anthropic merges itself: they are merged
+  // here, and a turn left with no blocks is dropped.
+  json messages = json::array();
+  for (json& m : built) {
+    if (m["content"].empty()) {
+      continue;
+    }
+    if (!messages.empty() && messages.back()["role"] == m["role"]) {
+      for (json& b : m["content"]) {
+        messages.back()["content"].push_back(std::move(b));
+      }
+      continue;
+    }
+    messages.push_back(std::move(m));
+  }
+  if (messages.empty() && !built.empty()) {
+    return built;  // nothing but blank turns: sent as they are, for the provider to refuse
+  }
+  return messages;
 }
 
 json tool_spec(const std::string& name, const std::string& description, json schema) {
@@ -185,12 +214,13 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
   json messages = messages_json(req);
   json config = {{"maxTokens", req.max_tokens}};
   if (req.temperature) {
-    config["temperature"] = *req.temperature;
+    config["temperature"] = provider_temperature(*req.temperature);
   }
   if (req.top_p) {
     config["topP"] = *req.top_p;
   }
   if (!req.stop.empty()) {
+    check_stop_sequences(kind, req.stop);
     config["stopSequences"] = req.stop;
   }
   json body = {{"messages", std::move(messages)}, {"inferenceConfig", std::move(config)}};

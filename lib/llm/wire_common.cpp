@@ -215,6 +215,20 @@ bool has_metadata(const json& m) {
   return m.is_object() && !m.empty();
 }
 
+void check_stop_sequences(provider_kind kind, const std::vector<std::string>& stop) {
+  for (std::size_t i = 0; i < stop.size(); ++i) {
+    if (stop[i].find_first_not_of(" \t\r\n\f\v") == std::string::npos) {
+      unsupported(kind, "stop[" + std::to_string(i) + "]: " + std::string(to_string(kind)) +
+                            " takes no stop sequence that is empty or only whitespace, got " +
+                            nlohmann::json(stop[i]).dump());
+    }
+  }
+}
+
+double provider_temperature(double openai_temperature) {
+  return std::clamp(openai_temperature, 0.0, 1.0);
+}
+
 void unsupported(provider_kind kind, const std::string& message) {
   throw provider_error(errc::bad_request, provider_error_info(0, std::string(to_string(kind)),
                                                               "unsupported_content", message));

@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace keel::llm::detail {
 
@@ -101,6 +102,15 @@ bool has_metadata(const json& m);
 // Throws provider_error bad_request (status 0) for what `kind` cannot be sent: `message` names the
 // message and part.
 [[noreturn]] void unsupported(provider_kind kind, const std::string& message);
+
+// Anthropic and Bedrock refuse a stop sequence that is empty or only whitespace (OpenAI's
+// common `"stop": ["\n"]`): such a request fails the entry here, naming it, before anything is
+// sent (dropping it would answer past the caller's stop).
+void check_stop_sequences(provider_kind kind, const std::vector<std::string>& stop);
+
+// OpenAI's temperature runs 0-2, Anthropic's and Bedrock's 0-1: above 1 is sent as 1, their
+// most random (refusing it would fail every fallback from an OpenAI entry).
+double provider_temperature(double openai_temperature);
 
 // "messages[i]" for the message at `i` of the request.
 std::string message_path(std::size_t i);
