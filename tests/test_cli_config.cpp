@@ -828,6 +828,18 @@ TEST_CASE(
   CHECK(c.entries[0].aws_region.empty());
 }
 
+TEST_CASE("a bad region names where it came from; a seed takes any 64-bit integer",
+          "[cli_config][review]") {
+  // Before: AWS_REGION's bad value was reported at /0/aws_region, which the file does not have,
+  // and INT64_MAX was refused as a seed.
+  const auto bad = error_of(bedrock(""), {{"AWS_REGION", "us east"}});
+  CHECK_THAT(std::string(bad.what()), Catch::Contains("(AWS_REGION)"));
+  CHECK(parse(R"([{"model": "m", "api_key": "k", "seed": 9223372036854775807}])").entries[0].seed ==
+        std::optional<std::int64_t>(INT64_MAX));
+  CHECK(error_of(R"([{"model": "m", "api_key": "k", "seed": 9223372036854775808}])").path() ==
+        "/0/seed");
+}
+
 TEST_CASE("a bedrock entry without any credentials loads with none", "[cli_config]") {
   auto c = parse(bedrock(R"("aws_region": "us-east-1")"),
                  {{"AWS_ACCESS_KEY_ID", "AKIAONLYHALF00000000"}});
@@ -1052,7 +1064,7 @@ TEST_CASE(
   CHECK_THAT(std::string(aws_env.what()), !Catch::Contains("CTRL"));
   // The region goes into the host name.
   auto region = error_of(bedrock(), {{"AWS_REGION", "us-east-1\n"}});
-  CHECK(region.path() == "/config_list/0/aws_region");
+  CHECK(region.path() == "/config_list/0 (AWS_REGION)");  // named where it came from
   // Clean values still load.
   CHECK(
       parse(R"([{"model": "a", "api_key_env": "MY_KEY"}])", {{"MY_KEY", key}}).entries[0].api_key ==

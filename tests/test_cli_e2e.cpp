@@ -1873,6 +1873,21 @@ TEST_CASE("A line fixed in the input after a run gets one record on --resume",
   CHECK(b->at("status") == "ok");
 }
 
+TEST_CASE("--out naming the config file is refused, even with --overwrite",
+          "[cli_e2e][hardening]") {
+  temp_dir dir;
+  write_file(dir / "config.json", fast_config);
+  write_file(dir / "scenario.json", slow_scenario(1));
+  write_file(dir / "in.jsonl", prompts_jsonl(3));
+  const auto r = run_keel(
+      dir, "own-config",
+      {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl", "--out",
+       dir / "config.json", "--overwrite", "--mock", dir / "scenario.json", "--progress", "none"});
+  CHECK(r.status == 2);
+  CHECK(contains(r.err, "--out names the config file"));
+  CHECK(read_file(dir / "config.json") == fast_config);  // before: replaced by the results
+}
+
 TEST_CASE("A file size limit is an output error, not a signal", "[cli_e2e][hardening]") {
   // Before: SIGXFSZ killed keel (exit 153) with a torn last record and no summary.
   temp_dir dir;

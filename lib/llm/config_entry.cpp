@@ -5,6 +5,8 @@
 #include <keel/llm/error.hpp>
 #include <keel/llm/json_depth.hpp>
 
+#include <cstdint>
+
 namespace keel::llm::detail {
 
 const aws_shared_files& parser::shared_files() {
@@ -140,7 +142,13 @@ entry_config parser::parse_entry(const json& j, const std::string& path,
     } else if (key == "stop") {
       e.stop = stop_sequences(v, p);
     } else if (key == "seed") {
-      e.seed = integer(v, p, {-9.2e18, false, 9.2e18, false, false});
+      // Any 64-bit integer (a range in doubles refused INT64_MAX).
+      if (!v.is_number_integer() ||
+          (v.is_number_unsigned() &&
+           v.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))) {
+        fail(p, "a 64-bit integer", shown(v));
+      }
+      e.seed = v.get<std::int64_t>();
     } else if (key == "anthropic_version") {
       const std::string ver = string(v, p);
       const bool date = ver.size() == 10 && ver[4] == '-' && ver[7] == '-' &&
@@ -349,20 +357,25 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
   }
 
   // Region: the entry, AWS_REGION, AWS_DEFAULT_REGION, then the profile's `region`.
+  std::string region_where = child(path, "aws_region");  // where a bad region came from
   if (e.aws_region.empty()) {
     if (auto r = env_value("AWS_REGION")) {
       e.aws_region = *r;
+      region_where = path + " (AWS_REGION)";
     } else if (auto d = env_value("AWS_DEFAULT_REGION")) {
       e.aws_region = *d;
+      region_where = path + " (AWS_DEFAULT_REGION)";
     } else if (auto pr = ini_value(f.config_profile(profile), "region"); pr && !pr->empty()) {
       e.aws_region = *pr;
+      region_where =
+          path + " (region of profile " + echo_text(profile) + " in " + f.config_path + ")";
     }
   }
   // The region becomes part of the host name and of the signature's scope.
   if (!e.aws_region.empty() && !std::all_of(e.aws_region.begin(), e.aws_region.end(), [](char c) {
         return std::isalnum(static_cast<unsigned char>(c)) || c == '-';
       })) {
-    fail(child(path, "aws_region"),
+    fail(region_where,
          "a region name of letters, digits and '-' (from aws_region, AWS_REGION, "
          "AWS_DEFAULT_REGION or the AWS profile's region)",
          shown(json(e.aws_region)));
