@@ -768,6 +768,60 @@ TEST_CASE("keel serve passes a content filter on as OpenAI does, whole or stream
   CHECK(rig.mock.stats().model("m").requests == 2);  // neither was retried
 }
 
+TEST_CASE("keel serve answers Expect: 100-continue before the body is sent", "[gateway][review]") {
+  // Before: no 100 Continue, so curl waited a second before every body over 1 KiB.
+  gateway_rig rig(one_entry);
+  asio::ip::tcp::socket sock(rig.ctx);
+  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
+  std::string interim;
+  std::string answer;
+  bool done = false;
+  asio::co_spawn(
+      rig.ctx,
+      [&]() -> asio::awaitable<void> {
+        const std::string head =
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\nContent-Length: " +
+            std::to_string(hello.size()) + "\r\n\r\n";
+        co_await asio::async_write(sock, asio::buffer(head), asio::use_awaitable);
+        std::array<char, 4096> buf{};
+        // Only the head was sent: the gateway must answer it before the body comes.
+        while (interim.find("\r\n\r\n") == std::string::npos) {
+          auto [ec, n] =
+              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+          if (ec) {
+            break;
+          }
+          interim.append(buf.data(), n);
+        }
+        co_await asio::async_write(sock, asio::buffer(hello), asio::use_awaitable);
+        for (;;) {
+          auto [ec, n] =
+              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+          if (ec) {
+            break;
+          }
+          answer.append(buf.data(), n);
+        }
+        done = true;
+      },
+      asio::detached);
+  REQUIRE(run_real(rig.ctx, [&] { return done; }));
+  CHECK(interim == "HTTP/1.1 100 Continue\r\n\r\n");
+  CHECK(answer.rfind("HTTP/1.1 200 OK\r\n", 0) == 0);
+  CHECK(answer.find("mock answer to: hello") != std::string::npos);
+  // A body over the limit is refused by its Content-Length, with no 100 Continue.
+  keel::gateway::server_options small;
+  small.max_request_body = 16;
+  gateway_rig tight(one_entry, small);
+  const std::string refused =
+      exchange_raw(tight,
+                   "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                   "Content-Length: 5000\r\n\r\n");
+  CHECK(refused.rfind("HTTP/1.1 413", 0) == 0);
+}
+
 TEST_CASE("keel serve's URL brackets an IPv6 address", "[gateway][review]") {
   keel::gateway::server_options so;
   so.address = "::1";

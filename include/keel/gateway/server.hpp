@@ -20,6 +20,7 @@
 //
 // Limits, so that no caller holds resources without bound: a request's header block
 // (`max_header`, else 431) and body (`max_request_body`, else 413 and the connection closes);
+// `Expect: 100-continue` is answered with `100 Continue` once the head has passed those limits;
 // `read_timeout` for a whole request to arrive (head and body; a keep-alive connection with no
 // request for that long is closed); `write_timeout` for an answer to leave; `max_connections`
 // open at once. A call itself is bounded by the client's policy (`policy.deadline`). An accept
