@@ -6,7 +6,7 @@
 // run.sh starts the mock (scenario.json: models gw-primary, gw-backup, gw-limited) and two
 // gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each),
 // "gw-claude" (an Anthropic-format entry: a second route) and "gw-bedrock" (a Bedrock Converse
-// entry: a third), LIMITED_URL serves "gw-limited" with one attempt. Prints one PASS/FAIL line per check and exits
+// entry: a third), LIMITED_URL serves "gw-limited" and "gw-filtered" with one attempt. Prints one PASS/FAIL line per check and exits
 // 1 if any failed.
 
 import OpenAI from 'openai';
@@ -75,6 +75,21 @@ await check('keel serve: upstream 503 x3 -> keel falls back; the SDK gets 200 fr
   eq(sent.length - before, 1, 'SDK attempts');
   eq(r.model, 'gw-backup', 'model');
   return `model ${r.model}`;
+});
+
+await check('keel serve: an upstream content filter -> 200 with finish_reason "content_filter", as OpenAI answers it', async () => {
+  const r = await limited.chat.completions.create(ask('gw-filtered'));
+  eq(r.object, 'chat.completion', 'object');
+  eq(r.choices[0].finish_reason, 'content_filter', 'finish_reason');
+});
+
+await check('keel serve: an upstream content filter in a stream -> the stream ends with finish_reason "content_filter", no error', async () => {
+  const stream = await limited.chat.completions.create({ ...ask('gw-filtered'), stream: true });
+  let finish = null;
+  for await (const chunk of stream) {
+    if (chunk.choices[0]?.finish_reason) finish = chunk.choices[0].finish_reason;
+  }
+  eq(finish, 'content_filter', 'finish_reason');
 });
 
 await check('keel serve: a model it does not serve -> NotFoundError 404 model_not_found, not retried', async () => {

@@ -57,6 +57,10 @@ cat >"$tmp/limited.json" <<EOF
 {"config_list": [{"model": "gw-limited", "base_url": "$url", "api_key": "sk-gateway-check-3"}],
  "policy": {"retry": {"max_attempts": 1}}}
 EOF
+cat >"$tmp/filtered.json" <<EOF
+{"config_list": [{"model": "gw-filtered", "base_url": "$url", "api_key": "sk-gateway-check-5"}],
+ "policy": {"retry": {"max_attempts": 1}}}
+EOF
 # Starts a gateway on a free port (in this shell, so that its pid is kept); `served` is its URL.
 start_serve() {  # config log [more configs...]
   local config="$1" log="$2" extra=()
@@ -76,9 +80,9 @@ start_serve() {  # config log [more configs...]
 }
 start_serve "$tmp/gw.json" "$tmp/gw.log" "$tmp/claude.json" "$tmp/bedrock.json"
 gw="$served"
-start_serve "$tmp/limited.json" "$tmp/limited.log"
+start_serve "$tmp/limited.json" "$tmp/limited.log" "$tmp/filtered.json"
 lim="$served"
-echo "serve: $gw (gw-primary -> gw-backup; gw-claude; gw-bedrock), $lim (gw-limited)"
+echo "serve: $gw (gw-primary -> gw-backup; gw-claude; gw-bedrock), $lim (gw-limited; gw-filtered)"
 SERVE_URL="$gw" LIMITED_URL="$lim" node gateway.mjs || rc=$?
 for p in "${serve_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${serve_pids[@]}"; do wait "$p" 2>/dev/null || true; done
