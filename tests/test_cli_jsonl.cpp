@@ -734,6 +734,29 @@ TEST_CASE("a results file has one writer: a second lock names the holder's pid",
   CHECK(fs::exists(out + ".lock"));
 }
 
+TEST_CASE("replace_file leaves the file as it was when what it writes fails",
+          "[cli_jsonl][hardening]") {
+  temp_dir dir;
+  const auto out = dir.file("out.jsonl");
+  write_file(out, "old\n");
+  CHECK_THROWS_WITH(keel::cli::replace_file(out,
+                                            [](const keel::cli::byte_sink& sink) {
+                                              sink(std::string(100000, 'x'));  // one flush
+                                              throw std::runtime_error("reading failed");
+                                            }),
+                    "reading failed");
+  CHECK(read_file(out) == "old\n");
+  for (const auto& f : fs::directory_iterator(dir.path)) {
+    CHECK(f.path().filename().string().find(".keel-tmp") == std::string::npos);
+  }
+  keel::cli::replace_file(out, [](const keel::cli::byte_sink& sink) {
+    for (int i = 0; i < 5000; ++i) {
+      sink("0123456789abcdef\n");  // over the buffer: written in several flushes
+    }
+  });
+  CHECK(read_file(out).size() == 5000 * 17);
+}
+
 TEST_CASE("a results file's lock holds under another name: a symlink or a hard link",
           "[cli_jsonl][hardening]") {
   // Before: the lock was `<the path given>.lock`, so a second run through a link got its own.

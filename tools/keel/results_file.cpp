@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -194,6 +195,10 @@ results_lock::~results_lock() {
 // ---- replace_file ----------------------------------------------------------------------------
 
 void replace_file(const std::string& path, std::string_view text) {
+  replace_file(path, [&](const byte_sink& out) { out(text); });
+}
+
+void replace_file(const std::string& path, const std::function<void(const byte_sink&)>& produce) {
   namespace fs = std::filesystem;
   std::error_code ec;
   // A symlink is written through: its target is replaced, not the link.
@@ -229,21 +234,46 @@ void replace_file(const std::string& path, std::string_view text) {
       fail("cannot open for writing", {});
     }
   }
-  const char* p = text.data();
-  std::size_t left = text.size();
-  while (left > 0) {
-    const ssize_t n = ::write(fd, p, left);
-    if (n < 0 && errno == EINTR) {
-      continue;
+  // Written through a 64 KiB buffer: a resumed file of a million records is not a million
+  // write(2)s, nor held whole in memory.
+  std::string pending;
+  bool closed = false;  // by a failed write, which also removed the temporary file
+  auto flush = [&] {
+    const char* p = pending.data();
+    std::size_t left = pending.size();
+    while (left > 0) {
+      const ssize_t n = ::write(fd, p, left);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n < 0) {
+        const int err = errno;
+        ::close(fd);
+        closed = true;
+        errno = err;
+        fail("cannot write", temp);
+      }
+      p += n;
+      left -= static_cast<std::size_t>(n);
     }
-    if (n < 0) {
-      const int err = errno;
+    pending.clear();
+  };
+  try {
+    produce([&](std::string_view bytes) {
+      pending.append(bytes);
+      if (pending.size() >= 65536) {
+        flush();
+      }
+    });
+    flush();
+  } catch (...) {
+    if (!closed) {  // `produce` itself failed (e.g. reading what it copies)
       ::close(fd);
-      errno = err;
-      fail("cannot write", temp);
+      if (!temp.empty()) {
+        ::unlink(temp.c_str());
+      }
     }
-    p += n;
-    left -= static_cast<std::size_t>(n);
+    throw;
   }
   if (!replace) {
     ::close(fd);
@@ -281,13 +311,16 @@ resume_state prepare_resume(const std::string& path) {
     }
     throw_errno("cannot open output for --resume", path);
   }
-  std::vector<std::string> kept;
+  // Where each kept record is (offset, length), not its text: a file of millions of records is
+  // copied from itself on a rewrite, never held in memory.
+  std::vector<std::pair<long, std::size_t>> kept;
   bool rewrite = false;
   std::string text;
   std::size_t number = 0;
   int c = 0;
   for (;;) {
     text.clear();
+    const long start = std::ftell(f);
     bool any = false, newline = false;
     while ((c = std::getc(f)) != EOF) {
       any = true;
@@ -329,7 +362,7 @@ resume_state prepare_resume(const std::string& path) {
       rewrite = true;
       continue;
     }
-    kept.push_back(text);
+    kept.emplace_back(start, text.size());
     ++st.kept;
     st.kept_failed += rec->status == record_status_failed ? 1 : 0;
     if (!newline) {
@@ -340,12 +373,39 @@ resume_state prepare_resume(const std::string& path) {
   if (!rewrite) {
     return st;
   }
-  std::string out;
-  for (const auto& k : kept) {
-    out += k;
-    out += '\n';
+  const int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) {
+    throw_errno("cannot open output for --resume", path);
   }
-  replace_file(path, out);
+  try {
+    replace_file(path, [&](const byte_sink& out) {
+      std::string record;
+      for (const auto& [at, size] : kept) {
+        record.resize(size);
+        std::size_t got = 0;
+        while (got < size) {
+          const ssize_t n =
+              ::pread(in, record.data() + got, size - got, at + static_cast<long>(got));
+          if (n < 0 && errno == EINTR) {
+            continue;
+          }
+          if (n <= 0) {
+            if (n == 0) {
+              errno = EIO;  // the file shrank under us
+            }
+            throw_errno("cannot read back", path);
+          }
+          got += static_cast<std::size_t>(n);
+        }
+        out(record);
+        out("\n");
+      }
+    });
+  } catch (...) {
+    ::close(in);
+    throw;
+  }
+  ::close(in);
   return st;
 }
 

@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <unordered_set>
@@ -127,6 +128,15 @@ struct resume_state {
 /// @throws std::runtime_error naming `path` and the system's reason; `path` is then as it was
 ///   and no temporary file is left.
 void replace_file(const std::string& path, std::string_view text);
+
+/// What `produce` writes into: called with the bytes in order.
+using byte_sink = std::function<void(std::string_view)>;
+
+/// `replace_file` with the new contents written by `produce` (through a 64 KiB buffer), so a
+/// large file need not be held in memory.
+/// @throws what `produce` throws, or std::runtime_error as `replace_file`; either way `path` is
+///   as it was and no temporary file is left.
+void replace_file(const std::string& path, const std::function<void(const byte_sink&)>& produce);
 
 /// Reads `path` (a missing file is empty) and, if it must drop records, rewrites it atomically
 /// (`replace_file`). Records about a line (`invalid_input`, `duplicate_id`) are dropped too: the
