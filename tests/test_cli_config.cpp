@@ -801,6 +801,19 @@ TEST_CASE("AWS_PROFILE picks the profile; keys in the config file count; no sile
   const auto proc = error_of(bedrock(R"("aws_profile_name": "proc")"), env_keys);
   CHECK(proc.path() == "/config_list/0/aws_profile_name");
   CHECK_THAT(proc.message(), Catch::Contains("credential_process"));
+  // A role with keys beside it: botocore assumes the role; keel cannot, so refuses.
+  temp_dir more;
+  const std::string role_cfg = more.write("config",
+                                          "[default]\nregion = us-east-1\nsso_session = corp\n"
+                                          "[profile role]\nrole_arn = arn:aws:iam::1:role/r\n"
+                                          "aws_access_key_id = AKIABASE000000000000\n"
+                                          "aws_secret_access_key = base-secret\n");
+  const env_map roles{{"AWS_SHARED_CREDENTIALS_FILE", more.file("none")},
+                      {"AWS_CONFIG_FILE", role_cfg}};
+  CHECK_THAT(error_of(bedrock(R"("aws_profile_name": "role")"), roles).message(),
+             Catch::Contains("role_arn"));
+  // The implicit default profile with SSO: no credentials, and a mock config still loads.
+  CHECK_FALSE(parse(bedrock(), roles).entries[0].aws);
   // A profile AWS_PROFILE names that is in neither file is an error naming the variable.
   env_map nope = files;
   nope["AWS_PROFILE"] = "nope";

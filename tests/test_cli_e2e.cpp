@@ -1886,6 +1886,13 @@ TEST_CASE("--out naming the config file is refused, even with --overwrite",
   CHECK(r.status == 2);
   CHECK(contains(r.err, "--out names the config file"));
   CHECK(read_file(dir / "config.json") == fast_config);  // before: replaced by the results
+  const auto s = run_keel(dir, "summary-config",
+                          {"batch", "--config", dir / "config.json", "--in", dir / "in.jsonl",
+                           "--out", dir / "r.jsonl", "--summary-json", dir / "config.json",
+                           "--mock", dir / "scenario.json", "--progress", "none"});
+  CHECK(s.status == 2);
+  CHECK(contains(s.err, "--summary-json names the config file"));
+  CHECK(read_file(dir / "config.json") == fast_config);
 }
 
 TEST_CASE("A file size limit is an output error, not a signal", "[cli_e2e][hardening]") {

@@ -262,7 +262,7 @@ TEST_CASE("resume keeps finished records and drops cancelled ones and a torn tai
       "{\"id\":1,\"line\":5,\"status\":\"failed\",\"error\":{\"class\":\"duplicate_id\"}}\n"
       "{\"id\":1,\"line\":1,\"status\":\"ok\"}\n"
       "{\"id\":6,\"line\":6,\"sta");
-  ::chmod(out.c_str(), 0600);
+  ::chmod(out.c_str(), 0640);  // not mkstemp's 0600: the rewrite must carry it over
   const auto st = keel::cli::prepare_resume(out);
   CHECK(st.done_keys == std::unordered_set<std::string>{"1", "\"b\""});
   CHECK(st.kept == 2);
@@ -280,7 +280,7 @@ TEST_CASE("resume keeps finished records and drops cancelled ones and a torn tai
   CHECK(after.back() == '\n');
   // Rewritten through a new temporary file that took the file's permissions; none left.
   CHECK((fs::status(out).permissions() & fs::perms::all) ==
-        (fs::perms::owner_read | fs::perms::owner_write));
+        (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read));
   for (const auto& f : fs::directory_iterator(dir.path)) {
     CHECK(f.path().filename().string().find(".keel-tmp") == std::string::npos);
   }
@@ -767,11 +767,14 @@ TEST_CASE("a results file's lock holds under another name: a symlink or a hard l
   fs::create_hard_link(out, dir.file("hard.jsonl"));
   {
     keel::cli::results_lock first(out);
+    keel::cli::record_writer writing(out);  // a run holds the file itself while it writes
     CHECK_THROWS_WITH(keel::cli::results_lock(dir.file("sym.jsonl")),
                       Catch::Contains("another keel run (pid " + std::to_string(::getpid())));
     CHECK_THROWS_WITH(keel::cli::results_lock(dir.file("hard.jsonl")),
                       Catch::Contains("under another name"));
     CHECK_FALSE(fs::exists(dir.file("hard.jsonl.lock")));  // a refused lock leaves none
+    CHECK_THROWS_WITH(keel::cli::record_writer(dir.file("hard.jsonl")),
+                      Catch::Contains("under another name"));
   }
   keel::cli::results_lock again(dir.file("hard.jsonl"));  // free again
 }

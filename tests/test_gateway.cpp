@@ -739,11 +739,16 @@ TEST_CASE("a stream cut after its first delta ends with an error event and no [D
 }
 
 TEST_CASE("keel serve passes a content filter on as OpenAI does, whole or streamed", "[gateway]") {
-  gateway_rig rig(one_entry);
+  // A route with a fallback: the call's error is all_fallbacks_failed around the last entry's.
+  gateway_rig rig(R"({"config_list": [
+      {"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"},
+      {"api_type": "openai", "model": "m2", "api_key": "sk-test-KEY000002"}],
+      "policy": {"retry": {"max_attempts": 1}}})");
   keel::testing::fault_plan plan;
   plan.script = {keel::testing::fault_kind::content_filter,
                  keel::testing::fault_kind::content_filter};
   rig.mock.set_plan("m", plan);
+  rig.mock.set_plan("m2", plan);
   keel::http::response res = rig.send("POST", "/v1/chat/completions", hello);
   REQUIRE(res.status == 200);  // before: 400 content_filter (the SDKs' BadRequestError)
   const json j = json::parse(res.body);
@@ -765,7 +770,17 @@ TEST_CASE("keel serve passes a content filter on as OpenAI does, whole or stream
     }
   }
   CHECK(finished);
-  CHECK(rig.mock.stats().model("m").requests == 2);  // neither was retried
+  CHECK(rig.mock.stats().model("m").requests == 2);   // neither was retried
+  CHECK(rig.mock.stats().model("m2").requests == 2);  // each fell back first
+  // Azure's 400 for a filtered prompt stays an error, streamed or not, as Azure answers it.
+  gateway_rig azure(one_entry);
+  keel::testing::fault_plan azure_plan;
+  azure_plan.script = {keel::testing::fault_kind::content_filter,
+                       keel::testing::fault_kind::content_filter};
+  azure_plan.quirks.azure_content_filter = true;
+  azure.mock.set_plan("m", azure_plan);
+  CHECK(azure.send("POST", "/v1/chat/completions", hello).status == 400);
+  CHECK(azure.send("POST", "/v1/chat/completions", streamed).status == 400);
 }
 
 TEST_CASE("keel serve answers Expect: 100-continue before the body is sent", "[gateway][review]") {

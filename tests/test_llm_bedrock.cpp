@@ -86,6 +86,10 @@ TEST_CASE("bedrock merges turns of one role and sends no blank text block", "[ll
   CHECK(messages[1]["content"][0].contains("toolUse"));
   CHECK(messages[2]["role"] == "user");
   CHECK(messages[2]["content"][0].contains("toolResult"));
+  // A blank user turn merged into another keeps no blank block.
+  keel::llm::chat_request blank_turn("m", {{"user", "Q"}, {"user", "  "}});
+  CHECK(json::parse(keel::llm::bedrock::build_request(blank_turn, ep).body)["messages"] ==
+        json::parse(R"([{"role": "user", "content": [{"text": "Q"}]}])"));
 }
 
 TEST_CASE("bedrock parse_response reads output, stopReason and usage", "[llm][bedrock]") {

@@ -1,5 +1,6 @@
 // Tests for keel/llm/error.hpp: the keel.llm category, provider_error and redaction.
 #include <keel/classify.hpp>
+#include <keel/llm/chat.hpp>
 #include <keel/llm/error.hpp>
 #include <keel/rate_controller.hpp>
 
@@ -91,12 +92,27 @@ TEST_CASE("provider_error never puts a secret in what()", "[llm][error]") {
   const std::string once = keel::llm::redact("Header Bearer tok_secret and sk-proj-abcdEFGH1234");
   CHECK(once == "Header Bearer [redacted] and [redacted]");
   CHECK(keel::llm::redact(once) == once);
+  CHECK(keel::llm::redact("Bearer <redacted>") == "Bearer <redacted>");
+}
+
+TEST_CASE("without_secrets masks what a content filter's answer held", "[llm][review]") {
+  keel::llm::chat_response partial;
+  partial.text = "your key is sk-ECHOED-0001";
+  partial.refusal = "not with sk-ECHOED-0001";
+  keel::llm::provider_error_info info(200, "openai", "", "finish_reason content_filter");
+  info.filtered_reply = std::make_shared<const keel::llm::chat_response>(partial);
+  const keel::llm::provider_error e(errc::content_filtered, std::move(info));
+  const auto masked = keel::llm::without_secrets(e, {"sk-ECHOED-0001"});
+  REQUIRE(masked.info().filtered_reply != nullptr);
+  CHECK(masked.info().filtered_reply->text == "your key is [redacted]");
+  CHECK(masked.info().filtered_reply->refusal == "not with [redacted]");
+  CHECK(e.info().filtered_reply->text == partial.text);  // a copy was masked
 }
 
 TEST_CASE("url_credentials finds the query values that name a credential", "[llm][review]") {
   CHECK(keel::llm::url_credentials("http://h/v1?api-version=2024-06-01&key=abc%2Bd1&x=y&"
-                                   "X-Amz-Signature=s1g&token") ==
-        std::vector<std::string>{"abc%2Bd1", "abc+d1", "s1g"});
+                                   "X-Amz-Signature=s1gnature&auth=true&token") ==
+        std::vector<std::string>{"abc%2Bd1", "abc+d1", "s1gnature"});  // "true" is too short
   CHECK(keel::llm::url_credentials("http://h/v1").empty());
 }
 

@@ -678,10 +678,14 @@ std::string openai_finish_reason(std::string_view p) {
 }
 
 bool is_content_filter(const std::exception_ptr& e) {
+  // Through all_fallbacks_failed and retries_exhausted to the last entry's error. Only a
+  // filter in a 2xx answer (a finish reason, a stream's event) is an answer: a 4xx one (Azure's
+  // prompt filter) is OpenAI's error too.
   try {
-    std::rethrow_exception(e);
+    std::rethrow_exception(keel::deciding_cause(e).error);
   } catch (const keel::llm::provider_error& pe) {
-    return pe.llm_code() == keel::llm::errc::content_filtered;
+    return pe.llm_code() == keel::llm::errc::content_filtered && pe.status() >= 200 &&
+           pe.status() < 300;
   } catch (...) {
     return false;
   }
@@ -689,7 +693,7 @@ bool is_content_filter(const std::exception_ptr& e) {
 
 std::shared_ptr<const keel::llm::chat_response> filtered_reply(const std::exception_ptr& e) {
   try {
-    std::rethrow_exception(e);
+    std::rethrow_exception(keel::deciding_cause(e).error);
   } catch (const keel::llm::provider_error& pe) {
     return pe.llm_code() == keel::llm::errc::content_filtered ? pe.info().filtered_reply : nullptr;
   } catch (...) {

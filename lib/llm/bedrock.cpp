@@ -75,8 +75,9 @@ bool blank(std::string_view text) {
 
 // A turn's content blocks: text and image parts, then an assistant's toolUse blocks. Converse
 // refuses a blank text block ("The text field in the ContentBlock object ... is blank"): one is
-// sent only as a user turn's whole content (which the provider then refuses, as it should); an
-// assistant turn with nothing else has no blocks, and messages_json leaves it out.
+// kept only as a user turn's whole content (dropped again if merging gives that turn other
+// blocks; else the provider refuses it, as it should); an assistant turn with nothing else has
+// no blocks, and messages_json leaves it out.
 json content_blocks(const chat_message& m, std::size_t index) {
   const std::string path = message_path(index);
   json blocks = json::array();
@@ -143,6 +144,23 @@ json messages_json(const chat_request& req) {
   }
   if (messages.empty() && !built.empty()) {
     return built;  // nothing but blank turns: sent as they are, for the provider to refuse
+  }
+  // A blank user turn kept whole may have been merged into a turn with other blocks: dropped.
+  for (json& m : messages) {
+    json& blocks = m["content"];
+    if (blocks.size() < 2) {
+      continue;
+    }
+    json kept = json::array();
+    for (json& b : blocks) {
+      const auto text = b.find("text");
+      if (text == b.end() || !text->is_string() || !blank(text->get_ref<const std::string&>())) {
+        kept.push_back(std::move(b));
+      }
+    }
+    if (!kept.empty()) {
+      blocks = std::move(kept);
+    }
   }
   return messages;
 }

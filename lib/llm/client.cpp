@@ -539,7 +539,7 @@ void client::scrub_secrets(std::string& field) const {
 }
 
 void client::scrub_secrets(keel::llm::chat_response& r) const {
-  for (std::string* field : {&r.text, &r.model, &r.finish_reason, &r.request_id}) {
+  for (std::string* field : {&r.text, &r.refusal, &r.model, &r.finish_reason, &r.request_id}) {
     scrub_secrets(*field);
   }
   for (keel::llm::tool_call& c : r.tool_calls) {

@@ -287,28 +287,41 @@ void parser::resolve_aws(const std::string& path, entry_config& e,
     fail(profile_where, "a profile of " + files_description(), echo_text(profile));
   }
   // A profile's static keys: its section of the credentials file, else of the config file (the
-  // SDKs read both). A profile that gets its credentials another way keel does not run
-  // (credential_process, role_arn, SSO) is an error rather than a silent fallback.
+  // SDKs read both). A profile that gets its credentials another way keel does not run (an
+  // assumed role, SSO, a web identity: these come before static keys in botocore; a
+  // credential_process: before keys in the config file) gives none. For a profile named
+  // explicitly (aws_profile_name, AWS_PROFILE) that is an error, not a silent fallback or
+  // placeholder; the implicit `default` only gives no credentials (mock configs need none).
   auto from_profile = [&]() -> std::optional<keel::llm::aws_credentials> {
-    if (auto c = profile_credentials(profile_where, f.credentials_profile(profile), profile,
-                                     f.credentials_path)) {
-      return c;
-    }
-    if (auto c =
-            profile_credentials(profile_where, f.config_profile(profile), profile, f.config_path)) {
-      return c;
-    }
-    for (const ini_section* sec : {f.credentials_profile(profile), f.config_profile(profile)}) {
-      for (const char* other : {"credential_process", "role_arn", "sso_session", "sso_start_url",
-                                "web_identity_token_file"}) {
-        if (ini_value(sec, other)) {
-          fail(profile_where,
-               "aws_access_key_id and aws_secret_access_key in profile " + echo_text(profile) +
-                   " (keel does not run credential_process, role_arn or SSO profiles; export "
-                   "the keys, e.g. with `aws configure export-credentials --format env`)",
-               std::string("a profile with ") + other);
+    const ini_section* in_credentials = f.credentials_profile(profile);
+    const ini_section* in_config = f.config_profile(profile);
+    const char* other_way = nullptr;
+    for (const ini_section* sec : {in_credentials, in_config}) {
+      for (const char* key :
+           {"role_arn", "sso_session", "sso_start_url", "web_identity_token_file"}) {
+        if (other_way == nullptr && ini_value(sec, key)) {
+          other_way = key;
         }
       }
+    }
+    if (other_way == nullptr) {
+      if (auto c =
+              profile_credentials(profile_where, in_credentials, profile, f.credentials_path)) {
+        return c;
+      }
+      if (ini_value(in_credentials, "credential_process") ||
+          ini_value(in_config, "credential_process")) {
+        other_way = "credential_process";
+      } else if (auto c = profile_credentials(profile_where, in_config, profile, f.config_path)) {
+        return c;
+      }
+    }
+    if (other_way != nullptr && !named_by.empty()) {
+      fail(profile_where,
+           "aws_access_key_id and aws_secret_access_key in profile " + echo_text(profile) +
+               " (keel does not assume roles or run credential_process or SSO; export the "
+               "keys, e.g. with `aws configure export-credentials --format env`)",
+           std::string("a profile with ") + other_way);
     }
     return std::nullopt;
   };

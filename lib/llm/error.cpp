@@ -1,4 +1,5 @@
 // The keel.llm error category, provider_error and secret redaction.
+#include <keel/llm/chat.hpp>
 #include <keel/llm/error.hpp>
 #include <keel/rate_controller.hpp>
 
@@ -194,7 +195,8 @@ std::string redact(std::string_view text, std::size_t max_bytes) {
     // "Bearer [redacted]" is already masked: redacting twice (keel serve redacts a message the
     // client redacted) must not make it "Bearer [[redacted]]".
     const bool masked_already =
-        word == "redacted" && i > 0 && text[i - 1] == '[' && j < text.size() && text[j] == ']';
+        word == "redacted" && i > 0 && j < text.size() &&
+        ((text[i - 1] == '[' && text[j] == ']') || (text[i - 1] == '<' && text[j] == '>'));
     const bool looks_like_key =
         (after_bearer && !masked_already) || (starts_with_ci(word, "sk-") && word.size() >= 8) ||
         ((word.starts_with("AKIA") || word.starts_with("ASIA")) && word.size() >= 16) ||
@@ -264,6 +266,11 @@ provider_error without_secrets(const provider_error& e,
                                std::initializer_list<std::string_view> secrets) {
   provider_error_info info = e.info();
   bool masked = false;
+  // What a content filter's answer held is passed on to callers (keel serve): masked too.
+  std::shared_ptr<chat_response> reply;
+  if (info.filtered_reply) {
+    reply = std::make_shared<chat_response>(*info.filtered_reply);
+  }
   for (std::string_view secret : secrets) {
     if (secret.size() < 4) {
       continue;
@@ -271,6 +278,19 @@ provider_error without_secrets(const provider_error& e,
     masked = mask_secret(info.message, secret) || masked;
     masked = mask_secret(info.provider_code, secret) || masked;
     masked = mask_secret(info.request_id, secret) || masked;
+    if (reply) {
+      for (std::string* field : {&reply->text, &reply->refusal, &reply->model}) {
+        masked = mask_secret(*field, secret) || masked;
+      }
+      for (tool_call& c : reply->tool_calls) {
+        for (std::string* field : {&c.id, &c.name, &c.arguments}) {
+          masked = mask_secret(*field, secret) || masked;
+        }
+      }
+    }
+  }
+  if (reply) {
+    info.filtered_reply = std::move(reply);
   }
   return masked ? provider_error(e.llm_code(), std::move(info)) : e;
 }
@@ -303,8 +323,8 @@ std::vector<std::string> url_credentials(std::string_view url) {
          {"key", "token", "secret", "sig", "auth", "pass", "cred", "code"}) {
       secret = secret || contains_word(name, word);
     }
-    if (!secret || value.empty()) {
-      continue;
+    if (!secret || value.size() < 8) {
+      continue;  // shorter values ("?auth=true") would mask ordinary words; no key is that short
     }
     out.emplace_back(value);
     std::string decoded;

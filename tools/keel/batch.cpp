@@ -609,12 +609,17 @@ std::uint64_t random_seed() {
 int run_batch(const llm::client_config& cfg, const batch_options& opts, logger& log) {
   // ---- set-up --------------------------------------------------------------------------------
   std::optional<results_lock> lock;
-  if (opts.out != "-" && !cfg.source.empty() && std::filesystem::exists(cfg.source) &&
-      same_file(opts.out, cfg.source)) {
-    // With --overwrite the config was replaced by the results; without, the refusal said the
-    // config "already has results".
-    throw std::runtime_error("--out names the config file (" + opts.out +
-                             "); write the results to another file");
+  if (!cfg.source.empty() && std::filesystem::exists(cfg.source)) {
+    // With --overwrite the config was replaced by the results (without, the refusal said the
+    // config "already has results"); the summary replaced it at the end; spans were appended.
+    for (const auto& [flag, file] :
+         {std::pair{"--out", &opts.out}, std::pair{"--summary-json", &opts.summary_json},
+          std::pair{"--trace", &opts.trace_file}}) {
+      if (!file->empty() && *file != "-" && same_file(*file, cfg.source)) {
+        throw std::runtime_error(std::string(flag) + " names the config file (" + *file +
+                                 "); write it to another file");
+      }
+    }
   }
   claim_output(opts, lock);
   resume_state resumed;

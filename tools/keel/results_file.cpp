@@ -24,6 +24,11 @@ void throw_errno(const std::string& what, const std::string& path) {
   throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
 }
 
+std::string another_name(const std::string& path) {
+  return "another keel run is writing " + path +
+         " under another name (a hard link); wait for it to end or stop it";
+}
+
 }  // namespace
 
 // ---- record_writer ---------------------------------------------------------------------------
@@ -40,6 +45,18 @@ record_writer::record_writer(const std::string& path, bool sync) : sync_(sync), 
   fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
   if (fd_ < 0) {
     throw_errno("cannot open output", path);
+  }
+  // The file itself is locked while it is written, so that a run through another name for it (a
+  // hard link, which has its own lock file) is refused: see results_lock.
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    ::close(fd_);
+    fd_ = -1;
+    if (err != EWOULDBLOCK) {
+      errno = err;
+      throw_errno("cannot lock output", path);
+    }
+    throw std::runtime_error(another_name(path));
   }
   owned_ = true;
 }
@@ -157,18 +174,17 @@ results_lock::results_lock(const std::string& path) : lock_path_(lock_path_for(p
     ::close(fd_);
     fd_ = -1;
   }
-  // A hard link is another name with another lock file: the file itself is locked too. (Opened
+  // A hard link is another name with another lock file, but the same file, which a run's
+  // record_writer holds locked: probed here, before --resume reads (and may rewrite) it. (Opened
   // without blocking: the caller locks only regular files, but the path may have changed.)
-  file_fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (file_fd_ >= 0 && ::flock(file_fd_, LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
-    release();
-    if (err != EWOULDBLOCK) {
-      errno = err;
-      throw_errno("cannot lock", path);
+  const int probe = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (probe >= 0) {
+    const bool held = ::flock(probe, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    ::close(probe);  // releases the probe's lock: the writer takes its own
+    if (held) {
+      release();
+      throw std::runtime_error(another_name(path));
     }
-    throw std::runtime_error("another keel run is writing " + path +
-                             " under another name (a hard link); wait for it to end or stop it");
   }
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {
@@ -177,10 +193,6 @@ results_lock::results_lock(const std::string& path) : lock_path_(lock_path_for(p
 }
 
 void results_lock::release() noexcept {
-  if (file_fd_ >= 0) {
-    ::close(file_fd_);
-    file_fd_ = -1;
-  }
   if (fd_ >= 0) {
     ::unlink(lock_path_.c_str());  // while still holding the lock: see the constructor
     ::close(fd_);

@@ -34,9 +34,11 @@ namespace keel::cli {
 /// Appends records to the results file, one `write(2)` per record.
 class record_writer {
  public:
-  /// Opens (creating if needed) `path` for appending ("-": stdout).
+  /// Opens (creating if needed) `path` for appending ("-": stdout), and holds an `flock` on it
+  /// (see results_lock).
   /// @param sync also `fdatasync` after every record (slower; survives power loss).
-  /// @throws std::runtime_error naming the file if it cannot be opened.
+  /// @throws std::runtime_error naming the file if it cannot be opened, or if another run's
+  ///   writer holds it.
   explicit record_writer(const std::string& path, bool sync = false);
   ~record_writer();
   record_writer(const record_writer&) = delete;
@@ -76,10 +78,10 @@ class record_writer {
 
 /// The exclusive right to write one results file: an `flock` on `<path>.lock` beside the file
 /// `path` resolves to (symlinks followed, so two names of one file share it; never renamed, so
-/// it survives `prepare_resume`'s rewrite), holding the owner's pid, and an `flock` on the file
-/// itself where it exists (so a hard link cannot get round the lock file). A second run on the
-/// same file, resumed or not, is refused while the first lives; a crashed run's locks are
-/// released by the kernel.
+/// it survives `prepare_resume`'s rewrite), holding the owner's pid. A hard link is a name with
+/// its own lock file: for it, the file itself is probed for the `flock` a run's `record_writer`
+/// holds on it. A second run on the same file, resumed or not, is refused while the first
+/// lives; a crashed run's locks are released by the kernel.
 class results_lock {
  public:
   /// Takes the lock without waiting.
@@ -98,7 +100,6 @@ class results_lock {
   void release() noexcept;
 
   int fd_ = -1;
-  int file_fd_ = -1;  // the results file itself, locked (-1: it did not exist)
   std::string lock_path_;
 };
 

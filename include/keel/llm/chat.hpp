@@ -219,8 +219,9 @@ struct chat_request {
   /// "type" is "json_schema", "json_object" or "text" is sent verbatim as OpenAI's
   /// `response_format`.
   std::optional<nlohmann::json> response_format;
-  /// Free-form metadata: sent as OpenAI `metadata`, Anthropic `metadata`, Bedrock
-  /// `requestMetadata` when it is a non-empty object; otherwise not sent.
+  /// Free-form metadata: sent as OpenAI `metadata` and Bedrock `requestMetadata` when it is a
+  /// non-empty object (otherwise not sent); Anthropic gets only its `user_id` (Anthropic's
+  /// `metadata` refuses other keys).
   nlohmann::json metadata;
   /// Tools the model may call (empty: none): OpenAI `tools` (function), Anthropic `tools`,
   /// Bedrock `toolConfig.tools`.

@@ -190,8 +190,8 @@ std::string redact(std::string_view text, std::size_t max_bytes = message_limit)
 /// "[redacted]" in its message, provider code and request id, and a secret's beginning cut off by
 /// the message's truncation masked too. For the secrets `redact`'s patterns cannot recognise, such
 /// as an OpenAI-compatible server's API key echoed in a 401's message; `complete` applies it
-/// with the endpoint's key and AWS credentials. Values shorter than 4 bytes are ignored (they
-/// would mask ordinary words).
+/// with the endpoint's key and AWS credentials. A `filtered_reply` is masked too (in a copy).
+/// Values shorter than 4 bytes are ignored (they would mask ordinary words).
 provider_error without_secrets(const provider_error& e,
                                std::initializer_list<std::string_view> secrets);
 
@@ -199,7 +199,8 @@ provider_error without_secrets(const provider_error& e,
 /// "key", "token", "secret", "sig", "auth", "pass", "cred" or "code" in it, any case), as sent
 /// and percent-decoded: a server that echoes its request URL in an error puts them in the
 /// message, so `complete` and `client` mask them with `without_secrets` as they mask the key.
-/// Not every value: an Azure `api-version` date is not a secret, and would be masked in replies.
+/// Not every value: an Azure `api-version` date is not a secret, and would be masked in replies;
+/// nor one shorter than 8 bytes (`?auth=true` would mask every "true").
 std::vector<std::string> url_credentials(std::string_view url);
 
 /// A short name for the kind of error that decided a failure (`keel::deciding_cause`: through
