@@ -1873,7 +1873,7 @@ TEST_CASE("A line fixed in the input after a run gets one record on --resume",
   CHECK(b->at("status") == "ok");
 }
 
-TEST_CASE("--out naming the config file is refused, even with --overwrite",
+TEST_CASE("keel batch refuses an output that names its config file, even with --overwrite",
           "[cli_e2e][hardening]") {
   temp_dir dir;
   write_file(dir / "config.json", fast_config);
