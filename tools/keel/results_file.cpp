@@ -46,9 +46,11 @@ record_writer::record_writer(const std::string& path, bool sync) : sync_(sync), 
   if (fd_ < 0) {
     throw_errno("cannot open output", path);
   }
-  // The file itself is locked while it is written, so that a run through another name for it (a
-  // hard link, which has its own lock file) is refused: see results_lock.
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+  // A regular file is locked while it is written, so that a run through another name for it (a
+  // hard link, which has its own lock file) is refused: see results_lock. Not a device or a
+  // pipe: two runs may well both write to /dev/null.
+  struct stat st {};
+  if (::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode) && ::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     ::close(fd_);
     fd_ = -1;
