@@ -370,6 +370,13 @@ TEST_CASE("a content filter or refusal is answered as OpenAI answers it, a compl
   CHECK(j["choices"][0]["message"]["content"] == nullptr);
   CHECK(j["choices"][0]["message"]["refusal"] == "I can't help with that.");
   CHECK(j["choices"][0]["finish_reason"] == "stop");
+  // A stream's filter after its first delta: the call's error is stream_interrupted around it.
+  const auto in_stream = std::make_exception_ptr(keel::llm::provider_error(
+      keel::llm::errc::content_filtered,
+      keel::llm::provider_error_info(200, "openai", "content_filter", "finish_reason")));
+  const auto cut = std::make_exception_ptr(
+      keel::failure(keel::make_error_code(keel::error::stream_interrupted), "cut", {in_stream}));
+  CHECK(keel::gateway::is_content_filter(cut));
   // Any other error is not one.
   const auto other = std::make_exception_ptr(keel::llm::provider_error(
       keel::llm::errc::overloaded, keel::llm::provider_error_info(529, "anthropic", "", "x")));

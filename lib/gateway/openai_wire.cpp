@@ -677,12 +677,30 @@ std::string openai_finish_reason(std::string_view p) {
   return "stop";
 }
 
-bool is_content_filter(const std::exception_ptr& e) {
-  // Through all_fallbacks_failed and retries_exhausted to the last entry's error. Only a
-  // filter in a 2xx answer (a finish reason, a stream's event) is an answer: a 4xx one (Azure's
-  // prompt filter) is OpenAI's error too.
+namespace {
+
+// The error that decided `e`: through all_fallbacks_failed and retries_exhausted to the last
+// entry's, and through stream_interrupted (a stream cut after its first delta) to its cause.
+std::exception_ptr deciding_error(const std::exception_ptr& e) {
+  std::exception_ptr d = keel::deciding_cause(e).error;
   try {
-    std::rethrow_exception(keel::deciding_cause(e).error);
+    std::rethrow_exception(d);
+  } catch (const keel::failure& f) {
+    if (f.code() == keel::make_error_code(keel::error::stream_interrupted) && !f.causes().empty()) {
+      return keel::deciding_cause(f.causes().back()).error;
+    }
+  } catch (...) {
+  }
+  return d;
+}
+
+}  // namespace
+
+bool is_content_filter(const std::exception_ptr& e) {
+  // Only a filter in a 2xx answer (a finish reason, a stream's event) is an answer: a 4xx one
+  // (Azure's prompt filter) is OpenAI's error too.
+  try {
+    std::rethrow_exception(deciding_error(e));
   } catch (const keel::llm::provider_error& pe) {
     return pe.llm_code() == keel::llm::errc::content_filtered && pe.status() >= 200 &&
            pe.status() < 300;
@@ -693,7 +711,7 @@ bool is_content_filter(const std::exception_ptr& e) {
 
 std::shared_ptr<const keel::llm::chat_response> filtered_reply(const std::exception_ptr& e) {
   try {
-    std::rethrow_exception(keel::deciding_cause(e).error);
+    std::rethrow_exception(deciding_error(e));
   } catch (const keel::llm::provider_error& pe) {
     return pe.llm_code() == keel::llm::errc::content_filtered ? pe.info().filtered_reply : nullptr;
   } catch (...) {
