@@ -107,12 +107,22 @@ TEST_CASE("without_secrets masks what a content filter's answer held", "[llm][re
   CHECK(masked.info().filtered_reply->text == "your key is [redacted]");
   CHECK(masked.info().filtered_reply->refusal == "not with [redacted]");
   CHECK(e.info().filtered_reply->text == partial.text);  // a copy was masked
+  // Whole occurrences only: a reply ending in "..." is not cut as a truncated message is.
+  partial.text = std::string(400, 'a') + " keys look like sk-ECHO...";
+  keel::llm::provider_error_info long_info(200, "openai", "", "filtered");
+  long_info.filtered_reply = std::make_shared<const keel::llm::chat_response>(partial);
+  const auto kept = keel::llm::without_secrets(
+      keel::llm::provider_error(errc::content_filtered, std::move(long_info)), {"sk-ECHOED-0001"});
+  CHECK(kept.info().filtered_reply->text == partial.text);
 }
 
 TEST_CASE("url_credentials finds the query values that name a credential", "[llm][review]") {
-  CHECK(keel::llm::url_credentials("http://h/v1?api-version=2024-06-01&key=abc%2Bd1&x=y&"
+  CHECK(keel::llm::url_credentials("http://h/v1?api-version=2024-06-01&key=abc%2Bdef%2B&x=y&"
                                    "X-Amz-Signature=s1gnature&auth=true&token") ==
-        std::vector<std::string>{"abc%2Bd1", "abc+d1", "s1gnature"});  // "true" is too short
+        std::vector<std::string>{"abc%2Bdef%2B", "abc+def+", "s1gnature"});  // "true": too short
+  // A decoded form under 8 bytes is not kept either.
+  CHECK(keel::llm::url_credentials("http://h/?key=abc%2Bd1") ==
+        std::vector<std::string>{"abc%2Bd1"});
   CHECK(keel::llm::url_credentials("http://h/v1").empty());
 }
 

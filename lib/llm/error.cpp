@@ -279,12 +279,22 @@ provider_error without_secrets(const provider_error& e,
     masked = mask_secret(info.provider_code, secret) || masked;
     masked = mask_secret(info.request_id, secret) || masked;
     if (reply) {
-      for (std::string* field : {&reply->text, &reply->refusal, &reply->model}) {
-        masked = mask_secret(*field, secret) || masked;
+      // Whole occurrences only: a reply's fields are not messages cut at message_limit, so
+      // mask_secret's rule for a secret cut off before "..." does not apply to them.
+      auto replace_all = [&](std::string& field) {
+        for (auto at = field.find(secret); at != std::string::npos;
+             at = field.find(secret, at + 10)) {
+          field.replace(at, secret.size(), "[redacted]");
+          masked = true;
+        }
+      };
+      for (std::string* field : {&reply->text, &reply->refusal, &reply->model,
+                                 &reply->finish_reason, &reply->request_id}) {
+        replace_all(*field);
       }
       for (tool_call& c : reply->tool_calls) {
         for (std::string* field : {&c.id, &c.name, &c.arguments}) {
-          masked = mask_secret(*field, secret) || masked;
+          replace_all(*field);
         }
       }
     }
@@ -343,7 +353,7 @@ std::vector<std::string> url_credentials(std::string_view url) {
         decoded.push_back(value[i] == '+' ? ' ' : value[i]);
       }
     }
-    if (decoded != value) {
+    if (decoded != value && decoded.size() >= 8) {
       out.push_back(std::move(decoded));
     }
   }

@@ -170,14 +170,16 @@ nlohmann::json error_body(std::string_view message, std::string_view type,
 /// failure such as retries_exhausted or circuit_open, or a transport error). See the overview.
 error_reply error_answer(const std::exception_ptr& e);
 
-/// True if `e` is a provider's content filter or refusal (`keel::llm::errc::content_filtered`),
-/// which OpenAI answers as a completion, not an error: `keel serve` then ends a stream with
-/// finish reason "content_filter", and answers a whole call with `filtered_reply`'s completion
-/// when the error has one (else as `error_answer` says).
+/// True if the error that decided `e` (through all_fallbacks_failed, retries_exhausted and a
+/// stream's stream_interrupted) is a provider's content filter or refusal
+/// (`keel::llm::errc::content_filtered`) that came in a 2xx answer, which OpenAI answers as a
+/// completion, not an error: `keel serve` then ends a stream with finish reason
+/// "content_filter". (A filter answered with a 4xx, Azure's, stays an error.)
 bool is_content_filter(const std::exception_ptr& e);
 
-/// The answer a content filter or refusal came with (`provider_error_info::filtered_reply`), or
-/// null if `e` has none. `completion_body` writes it as OpenAI would: the text before the filter
+/// The answer a content filter or refusal came with (`provider_error_info::filtered_reply`, set
+/// only from a 2xx answer; found as `is_content_filter` finds the error), or null if `e` has
+/// none. `completion_body` writes it as OpenAI would: the text before the filter
 /// with finish reason "content_filter", or `content: null` and the `refusal`.
 std::shared_ptr<const keel::llm::chat_response> filtered_reply(const std::exception_ptr& e);
 
