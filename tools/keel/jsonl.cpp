@@ -14,21 +14,10 @@
 namespace keel::cli {
 namespace {
 
-// `key` as one JSON Pointer reference token (RFC 6901: "~" is "~0", "/" is "~1"), as the strict
-// reader names a repeated key, so that "/a~1b" is the member "a/b", never a path into "a".
-std::string pointer_token(const std::string& key) {
-  std::string out;
-  out.reserve(key.size());
-  for (const char c : key) {
-    if (c == '~') {
-      out += "~0";
-    } else if (c == '/') {
-      out += "~1";
-    } else {
-      out.push_back(c);
-    }
-  }
-  return out;
+// "/" + `key` as one JSON Pointer reference token (RFC 6901, by nlohmann: "~" is "~0", "/" is
+// "~1"), as the strict reader names a repeated key: "/a~1b" is the member "a/b".
+std::string pointer_to(const std::string& key) {
+  return (nlohmann::json::json_pointer() / key).to_string();
 }
 
 using nlohmann::json;
@@ -135,7 +124,7 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
     item.request.max_tokens = default_max_tokens;
     bool has_prompt = false, has_messages = false;
     for (const auto& [key, value] : doc.items()) {
-      const std::string path = "/" + pointer_token(key);
+      const std::string path = pointer_to(key);
       if (key == "id") {
         continue;
       }
@@ -166,8 +155,7 @@ std::variant<batch_item, input_error> parse_input_line(std::string_view text, st
               content = get_string(mv, mp + "/content");
               has_content = true;
             } else {
-              throw bad_line(mp + "/" + pointer_token(mk) +
-                             ": unknown key (allowed: role, content)");
+              throw bad_line(mp + pointer_to(mk) + ": unknown key (allowed: role, content)");
             }
           }
           if (!has_role) {
