@@ -98,7 +98,7 @@ TEST_CASE("an OpenAI chat completions body becomes a provider-neutral request", 
           "messages": [{"role": "user", "content": "x"}]})");
   CHECK(s.stream);
   CHECK(s.include_usage);
-  CHECK(s.request.max_tokens == 1024);  // keel's default
+  CHECK(s.request.max_tokens == 0);  // not given: no limit sent (Anthropic: its default)
 }
 
 TEST_CASE("the common request is read without a tree as the tree reads it", "[gateway]") {
@@ -1336,4 +1336,85 @@ TEST_CASE("what a route's provider cannot take is a 400 naming it", "[gateway][t
   CHECK(both.mock.stats().model("o").requests == 1);
   CHECK(both.mock.stats().model("o").last_body.find("https://example.com/cat.png") !=
         std::string::npos);
+}
+
+TEST_CASE("structured output through keel serve is JSON content from every provider",
+          "[gateway][response_format]") {
+  const char* configs[] = {
+      R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}]})",
+      R"({"config_list": [{"api_type": "anthropic", "model": "m",
+          "api_key": "sk-ant-test-KEY0001"}]})",
+      R"({"config_list": [{"api_type": "bedrock", "model": "m", "aws_region": "us-east-1"}]})",
+  };
+  const std::string body = R"({"model": "m", "messages": [{"role": "user", "content": "w?"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema":
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}})";
+  for (const char* config : configs) {
+    INFO(config);
+    gateway_rig rig(config);
+    const keel::http::response res = rig.send("POST", "/v1/chat/completions", body);
+    REQUIRE(res.status == 200);
+    const json j = json::parse(res.body);
+    const json& choice = j["choices"][0];
+    CHECK(choice["finish_reason"] == "stop");
+    CHECK_FALSE(choice["message"].contains("tool_calls"));
+    // The mock answers with the smallest instance of the schema, as a tool call's input for
+    // Anthropic and Bedrock (the answer tool) and as content for OpenAI.
+    CHECK(json::parse(choice["message"]["content"].get<std::string>()) == json{{"city", ""}});
+
+    std::string stream_body = body;
+    stream_body.insert(1, R"("stream": true, )");
+    const keel::http::response s = rig.send("POST", "/v1/chat/completions", stream_body);
+    REQUIRE(s.status == 200);
+    const auto ev = events_of(s.body);
+    REQUIRE(ev.size() >= 3);
+    CHECK(ev.back() == "[DONE]");
+    std::string content;
+    std::string finish;
+    for (std::size_t i = 0; i + 1 < ev.size(); ++i) {
+      const json chunk = json::parse(ev[i]);
+      if (chunk["choices"].empty()) {
+        continue;  // a usage chunk
+      }
+      const json& c = chunk["choices"][0];
+      CHECK_FALSE(c["delta"].contains("tool_calls"));
+      if (c["delta"].contains("content") && c["delta"]["content"].is_string()) {
+        content += c["delta"]["content"].get<std::string>();
+      }
+      if (!c["finish_reason"].is_null()) {
+        finish = c["finish_reason"].get<std::string>();
+      }
+    }
+    CHECK(json::parse(content) == json{{"city", ""}});
+    CHECK(finish == "stop");
+  }
+}
+
+TEST_CASE("a caller that sets no max_tokens gets no limit sent, but to Anthropic",
+          "[gateway][max_tokens]") {
+  struct route {
+    const char* config;
+    bool has_limit;
+  };
+  for (const route& rt : {route{R"({"config_list": [{"api_type": "openai", "model": "m",
+                 "api_key": "sk-test-KEY000001"}]})",
+                                false},
+                          route{R"({"config_list": [{"api_type": "anthropic", "model": "m",
+                 "api_key": "sk-ant-test-KEY0001"}]})",
+                                true},
+                          route{R"({"config_list": [{"api_type": "bedrock", "model": "m",
+                 "aws_region": "us-east-1"}]})",
+                                false}}) {
+    INFO(rt.config);
+    gateway_rig rig(rt.config);
+    REQUIRE(rig.send("POST", "/v1/chat/completions", hello).status == 200);
+    const std::string& sent = rig.mock.stats().model("m").last_body;
+    INFO(sent);
+    CHECK((sent.find("\"max_tokens\":4096") != std::string::npos) == rt.has_limit);
+    CHECK(sent.find("max_completion_tokens") == std::string::npos);
+    CHECK(sent.find("maxTokens") == std::string::npos);
+    if (!rt.has_limit) {
+      CHECK(sent.find("\"max_tokens\"") == std::string::npos);
+    }
+  }
 }

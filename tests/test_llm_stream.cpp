@@ -690,3 +690,62 @@ TEST_CASE("stream_scrubber replaces a secret split across pieces and holds back 
   s.feed("ed", out);
   CHECK(out == "hello world asked");
 }
+
+TEST_CASE("a streamed call of the answer tool is the reply's text",
+          "[llm][stream][response_format]") {
+  const std::string anthropic =
+      anthropic_event(
+          "message_start",
+          R"({"type":"message_start","message":{"id":"msg_1","role":"assistant","model":"claude-x","content":[],"usage":{"input_tokens":4,"output_tokens":1}}})") +
+      anthropic_event(
+          "content_block_start",
+          R"({"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_01","name":"keel_response_format","input":{}}})") +
+      anthropic_event(
+          "content_block_delta",
+          R"({"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"city\": "}})") +
+      anthropic_event(
+          "content_block_delta",
+          R"({"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"Paris\"}"}})") +
+      anthropic_event("content_block_stop", R"({"type":"content_block_stop","index":0})") +
+      anthropic_event(
+          "message_delta",
+          R"({"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}})") +
+      anthropic_event("message_stop", R"({"type":"message_stop"})");
+  check_every_split(provider_kind::anthropic, anthropic,
+                    "start msg_1 claude-x assistant\n"
+                    "usage 4/1\n"
+                    "text {\"city\": \n"
+                    "text \"Paris\"}\n"
+                    "finish end_turn\n"
+                    "usage 4/9\n"
+                    "done\n");
+
+  // Bedrock: an answer with no input is "{}"; a real call beside it keeps finish tool_use.
+  const std::string bedrock =
+      bedrock_event("messageStart", R"({"role":"assistant"})") +
+      bedrock_event(
+          "contentBlockStart",
+          R"({"contentBlockIndex":0,"start":{"toolUse":{"toolUseId":"t0","name":"get_time"}}})") +
+      bedrock_event("contentBlockStop", R"({"contentBlockIndex":0})") +
+      bedrock_event(
+          "contentBlockStart",
+          R"({"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"t1","name":"keel_response_format"}}})") +
+      bedrock_event("contentBlockStop", R"({"contentBlockIndex":1})") +
+      bedrock_event("messageStop", R"({"stopReason":"tool_use"})") +
+      bedrock_event("metadata", R"({"usage":{"inputTokens":10,"outputTokens":5}})");
+  check_every_split(provider_kind::bedrock, bedrock,
+                    "start   assistant\n"
+                    "tool_call 0 t0 get_time \n"
+                    "tool_call 0   {}\n"
+                    "text {}\n"
+                    "finish tool_use\n"
+                    "usage 10/5\n"
+                    "done\n");
+  // OpenAI's stream is never unwrapped: a tool of that name there is the caller's.
+  const std::string openai =
+      openai_delta(
+          R"({"tool_calls":[{"index":0,"id":"a","type":"function","function":{"name":"keel_response_format","arguments":"{}"}}]})") +
+      "data: [DONE]\n\n";
+  CHECK(show(decode(provider_kind::openai, openai)).find("tool_call 0 a keel_response_format") !=
+        std::string::npos);
+}

@@ -320,3 +320,133 @@ TEST_CASE("bedrock parse_response reads toolUse blocks as tool calls", "[llm][to
   CHECK(r.tool_calls[0].id == "tooluse_1");
   CHECK(json::parse(r.tool_calls[0].arguments) == json{{"city", "Lima"}});
 }
+
+TEST_CASE("response_format reaches anthropic and bedrock as a tool the model must call",
+          "[llm][tools][response_format]") {
+  keel::llm::chat_request req("m", {{"user", "Weather?"}}, 0);
+  req.response_format =
+      json{{"type", "json_schema"}, {"json_schema", {{"name", "w"}, {"schema", weather_schema}}}};
+  const json anthropic = body_of(req, provider_kind::anthropic);
+  REQUIRE(anthropic.at("tools").size() == 1);
+  const json& tool = anthropic.at("tools")[0];
+  CHECK(tool.at("name") == keel::llm::answer_tool_name);
+  CHECK(tool.at("input_schema") == weather_schema);
+  CHECK_FALSE(tool.at("description").get<std::string>().empty());
+  CHECK(anthropic.at("tool_choice") == json{{"type", "tool"}, {"name", "keel_response_format"}});
+  const json bedrock = body_of(req, provider_kind::bedrock);
+  CHECK(bedrock.at("toolConfig").at("tools")[0].at("toolSpec").at("inputSchema").at("json") ==
+        weather_schema);
+  CHECK(bedrock.at("toolConfig").at("toolChoice") ==
+        json{{"tool", {{"name", "keel_response_format"}}}});
+  // OpenAI gets it verbatim and no tool.
+  const json openai = body_of(req, provider_kind::openai);
+  CHECK(openai.at("response_format") == *req.response_format);
+  CHECK_FALSE(openai.contains("tools"));
+
+  // json_object: any object.
+  req.response_format = json{{"type", "json_object"}};
+  CHECK(body_of(req, provider_kind::anthropic).at("tools")[0].at("input_schema") ==
+        json{{"type", "object"}});
+  // A bare schema (wrapped for OpenAI) is the tool's schema as it is.
+  req.response_format = weather_schema;
+  CHECK(body_of(req, provider_kind::anthropic).at("tools")[0].at("input_schema") == weather_schema);
+  CHECK(body_of(req, provider_kind::bedrock)
+            .at("toolConfig")
+            .at("tools")[0]
+            .at("toolSpec")
+            .at("inputSchema")
+            .at("json") == weather_schema);
+  // "text": nothing to ask for.
+  req.response_format = json{{"type", "text"}};
+  CHECK_FALSE(body_of(req, provider_kind::anthropic).contains("tools"));
+  CHECK_FALSE(body_of(req, provider_kind::bedrock).contains("toolConfig"));
+
+  // With the request's own tools and an automatic choice, the model must call one of them or
+  // the answer tool; with "required" or a named tool, no answer tool; with "none", the answer
+  // alone (Anthropic keeps the own tools declared: the conversation may have called them).
+  keel::llm::chat_request tools = tool_conversation();
+  tools.response_format = json{{"type", "json_object"}};
+  json a = body_of(tools, provider_kind::anthropic);
+  CHECK(a.at("tools").size() == 3);
+  CHECK(a.at("tools")[2].at("name") == "keel_response_format");
+  CHECK(a.at("tool_choice") == json{{"type", "any"}});
+  json b = body_of(tools, provider_kind::bedrock);
+  CHECK(b.at("toolConfig").at("tools").size() == 3);
+  CHECK(b.at("toolConfig").at("toolChoice") == json{{"any", json::object()}});
+  tools.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::required, ""};
+  CHECK(body_of(tools, provider_kind::anthropic).at("tools").size() == 2);
+  CHECK(body_of(tools, provider_kind::bedrock).at("toolConfig").at("tools").size() == 2);
+  tools.tool_choice = keel::llm::tool_choice_option{keel::llm::tool_choice_mode::none, ""};
+  a = body_of(tools, provider_kind::anthropic);
+  CHECK(a.at("tools").size() == 3);
+  CHECK(a.at("tool_choice") == json{{"type", "tool"}, {"name", "keel_response_format"}});
+  b = body_of(tools, provider_kind::bedrock);
+  // Bedrock: the history's tools (declared by name) and the answer tool, forced.
+  CHECK(b.at("toolConfig").at("tools").size() == 3);
+  CHECK(b.at("toolConfig").at("toolChoice") == json{{"tool", {{"name", "keel_response_format"}}}});
+}
+
+TEST_CASE("a call of the answer tool comes back as the reply's text",
+          "[llm][tools][response_format]") {
+  const auto a = keel::llm::anthropic::parse_response(
+      reply(200, R"({"id":"msg_1","model":"claude-x","stop_reason":"tool_use","content":[
+          {"type":"tool_use","id":"toolu_01","name":"keel_response_format","input":{"city":"Paris"}}],
+          "usage":{"input_tokens":3,"output_tokens":4}})"),
+      t0);
+  CHECK(json::parse(a.text) == json{{"city", "Paris"}});
+  CHECK(a.tool_calls.empty());
+  CHECK(a.finish_reason == "end_turn");
+  // Beside a real call (tool choice "any"), the finish stays tool_use; a cut answer stays
+  // max_tokens.
+  const auto both = keel::llm::anthropic::parse_response(
+      reply(200, R"({"stop_reason":"tool_use","content":[{"type":"text","text":"prose"},
+          {"type":"tool_use","id":"t1","name":"get_time","input":{}},
+          {"type":"tool_use","id":"t2","name":"keel_response_format","input":{"a":1}}]})"),
+      t0);
+  CHECK(both.text == R"({"a":1})");
+  REQUIRE(both.tool_calls.size() == 1);
+  CHECK(both.tool_calls[0].name == "get_time");
+  CHECK(both.finish_reason == "tool_use");
+  const auto cut =
+      keel::llm::anthropic::parse_response(reply(200, R"({"stop_reason":"max_tokens","content":[
+          {"type":"tool_use","id":"t","name":"keel_response_format","input":{}}]})"),
+                                           t0);
+  CHECK(cut.text == "{}");
+  CHECK(cut.finish_reason == "max_tokens");
+
+  const auto b = keel::llm::bedrock::parse_response(
+      reply(200, R"({"output":{"message":{"role":"assistant","content":[
+          {"toolUse":{"toolUseId":"tooluse_1","name":"keel_response_format","input":{"city":"Lima"}}}]}},
+          "stopReason":"tool_use","usage":{"inputTokens":1,"outputTokens":2}})"),
+      t0);
+  CHECK(json::parse(b.text) == json{{"city", "Lima"}});
+  CHECK(b.tool_calls.empty());
+  CHECK(b.finish_reason == "end_turn");
+  // OpenAI's reply is never unwrapped: a tool of that name there is the caller's.
+  const auto o = keel::llm::openai::parse_response(
+      reply(200, R"({"choices":[{"message":{"role":"assistant","content":null,"tool_calls":[
+          {"id":"c","type":"function","function":{"name":"keel_response_format","arguments":"{}"}}]},
+          "finish_reason":"tool_calls"}]})"),
+      t0);
+  CHECK(o.tool_calls.size() == 1);
+}
+
+TEST_CASE("a request without max_tokens sends no limit, but to anthropic, which requires one",
+          "[llm][max_tokens]") {
+  keel::llm::chat_request req("gpt-4o", {{"user", "x"}}, 0);
+  const json openai = body_of(req, provider_kind::openai);
+  CHECK_FALSE(openai.contains("max_tokens"));
+  CHECK_FALSE(openai.contains("max_completion_tokens"));
+  req.model = "o3-mini";
+  CHECK_FALSE(body_of(req, provider_kind::openai).contains("max_completion_tokens"));
+  CHECK(body_of(req, provider_kind::anthropic).at("max_tokens") ==
+        keel::llm::anthropic_default_max_tokens);
+  CHECK_FALSE(body_of(req, provider_kind::bedrock).contains("inferenceConfig"));
+  req.temperature = 0.5;
+  CHECK(body_of(req, provider_kind::bedrock).at("inferenceConfig") == json{{"temperature", 0.5}});
+  // Given, it goes everywhere.
+  req.max_tokens = 7;
+  CHECK(body_of(req, provider_kind::openai).at("max_completion_tokens") == 7);
+  CHECK(body_of(req, provider_kind::anthropic).at("max_tokens") == 7);
+  CHECK(body_of(req, provider_kind::bedrock).at("inferenceConfig").at("maxTokens") == 7);
+}

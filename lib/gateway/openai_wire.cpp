@@ -323,6 +323,7 @@ bool read_request_fast(std::string_view body, parsed_chat_request& out) {
     return false;
   }
   keel::llm::chat_request& r = out.request;
+  r.max_tokens = 0;  // not given, unless the body gives it
   bool have_model = false;
   bool have_messages = false;
   bool have_max = false;
@@ -474,6 +475,7 @@ parsed_chat_request detail::parse_chat_request_tree(std::string_view body) {
   }
   parsed_chat_request out;
   keel::llm::chat_request& r = out.request;
+  r.max_tokens = 0;  // not given, unless the body gives it
   const auto model = doc.find("model");
   if (model == doc.end()) {
     throw bad_request("you must provide a model parameter", "model", "missing_required_parameter");

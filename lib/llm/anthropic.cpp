@@ -146,12 +146,37 @@ void add_tools(const chat_request& req, json& body) {
   }
 }
 
+// response_format as a tool the model must call (chat.hpp's `response_format`).
+void add_answer_tool(const chat_request& req, json& body) {
+  answer_tool_plan plan = plan_answer_tool(req);
+  // The request's own tools go even when the answer is forced (tool choice "none"): the
+  // conversation may hold calls of them.
+  add_tools(req, body);
+  if (plan.schema.is_null()) {
+    return;
+  }
+  json tools = body.contains("tools") ? std::move(body["tools"]) : json::array();
+  json choice = {{"type", "tool"}, {"name", answer_tool_name}};
+  if (plan.with_own_tools) {
+    choice = {{"type", "any"}};
+    if (req.parallel_tool_calls && !*req.parallel_tool_calls) {
+      choice["disable_parallel_tool_use"] = true;
+    }
+  }
+  tools.push_back({{"name", answer_tool_name},
+                   {"description", answer_tool_description},
+                   {"input_schema", std::move(plan.schema)}});
+  body["tools"] = std::move(tools);
+  body["tool_choice"] = std::move(choice);
+}
+
 }  // namespace
 
 keel::http::request anthropic::build_request(const chat_request& req, const endpoint& ep) {
   json messages = messages_json(req);
-  json body = {
-      {"model", req.model}, {"max_tokens", req.max_tokens}, {"messages", std::move(messages)}};
+  json body = {{"model", req.model},
+               {"max_tokens", req.max_tokens > 0 ? req.max_tokens : anthropic_default_max_tokens},
+               {"messages", std::move(messages)}};
   if (!req.system.empty()) {
     body["system"] = req.system;
   }
@@ -181,7 +206,7 @@ keel::http::request anthropic::build_request(const chat_request& req, const endp
   if (!user_id.empty()) {
     body["metadata"] = {{"user_id", user_id}};
   }
-  add_tools(req, body);
+  add_answer_tool(req, body);
   keel::http::request r("POST", versioned(base_of(ep, "https://api.anthropic.com"), "/messages"));
   if (current) {
     r.set("authorization", "Bearer " + ep.api_key);
@@ -209,6 +234,7 @@ chat_response anthropic::parse_response(const keel::http::response& res,
   json body = rd.body();
   const json& content = rd.array(body, "content", "");
   chat_response r = rd.start(json());
+  std::optional<std::string> answer;  // the answer tool's input (chat.hpp's `response_format`)
   for (std::size_t i = 0; i < content.size(); ++i) {
     const std::string path = "content[" + std::to_string(i) + "]";
     const json& block = content[i];
@@ -218,11 +244,16 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     const std::string type = rd.optional_string(block, "type", path);
     if (type == "tool_use") {
       const json& input = rd.member(block, "input", path);
-      r.tool_calls.emplace_back(rd.optional_string(block, "id", path),
-                                rd.optional_string(block, "name", path), input.dump());
-      if (r.tool_calls.back().name.empty()) {
+      std::string name = rd.optional_string(block, "name", path);
+      if (name.empty()) {
         rd.fail(path + ".name missing");
       }
+      if (name == answer_tool_name && !answer) {
+        answer = input.dump();
+        continue;
+      }
+      r.tool_calls.emplace_back(rd.optional_string(block, "id", path), std::move(name),
+                                input.dump());
       continue;
     }
     if (type != "text") {
@@ -234,7 +265,11 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     }
     r.text += text.get<std::string>();
   }
-  r.finish_reason = rd.optional_string(body, "stop_reason", "");
+  if (answer) {
+    r.text = std::move(*answer);  // the answer alone: prose beside it would not parse
+  }
+  r.finish_reason = answered_finish_reason(rd.optional_string(body, "stop_reason", ""),
+                                           answer.has_value(), !r.tool_calls.empty());
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "input_tokens", "output_tokens");
   if (r.finish_reason == "refusal") {

@@ -223,6 +223,24 @@ void add_tools(const chat_request& req, json& body) {
   body["toolConfig"] = std::move(config);
 }
 
+// response_format as a tool the model must call (chat.hpp's `response_format`).
+void add_answer_tool(const chat_request& req, json& body) {
+  answer_tool_plan plan = plan_answer_tool(req);
+  add_tools(req, body);
+  if (plan.schema.is_null()) {
+    return;
+  }
+  // Own tools withheld (none, or tool choice "none"): any tools declared are the history's.
+  json& config = body["toolConfig"];
+  if (!config.contains("tools")) {
+    config["tools"] = json::array();
+  }
+  config["tools"].push_back(
+      tool_spec(std::string(answer_tool_name), answer_tool_description, std::move(plan.schema)));
+  config["toolChoice"] = plan.with_own_tools ? json{{"any", json::object()}}
+                                             : json{{"tool", {{"name", answer_tool_name}}}};
+}
+
 }  // namespace
 
 keel::http::request bedrock::build_request(const chat_request& req, const endpoint& ep) {
@@ -230,7 +248,10 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
     throw std::invalid_argument("bedrock endpoint needs a region or a base URL");
   }
   json messages = messages_json(req);
-  json config = {{"maxTokens", req.max_tokens}};
+  json config = json::object();
+  if (req.max_tokens > 0) {  // not given: the model's own limit (Converse's maxTokens is optional)
+    config["maxTokens"] = req.max_tokens;
+  }
   if (req.temperature) {
     config["temperature"] = provider_temperature(*req.temperature);
   }
@@ -241,14 +262,17 @@ keel::http::request bedrock::build_request(const chat_request& req, const endpoi
     check_stop_sequences(kind, req.stop);
     config["stopSequences"] = req.stop;
   }
-  json body = {{"messages", std::move(messages)}, {"inferenceConfig", std::move(config)}};
+  json body = {{"messages", std::move(messages)}};
+  if (!config.empty()) {
+    body["inferenceConfig"] = std::move(config);
+  }
   if (!req.system.empty()) {
     body["system"] = json::array({{{"text", req.system}}});
   }
   if (has_metadata(req.metadata)) {
     body["requestMetadata"] = req.metadata;
   }
-  add_tools(req, body);
+  add_answer_tool(req, body);
   const std::string base = base_of(ep, "https://bedrock-runtime." + ep.region + ".amazonaws.com");
   keel::http::request r("POST", with_path(base, "/model/" + uri_encode(req.model) + "/converse"));
   set_json_body(r, body);
@@ -287,6 +311,7 @@ chat_response bedrock::parse_response(const keel::http::response& res, system_cl
   const json& message = rd.member(output, "message", "output");
   const json& content = rd.array(message, "content", "output.message");
   chat_response r = rd.start(json());
+  std::optional<std::string> answer;  // the answer tool's input (chat.hpp's `response_format`)
   for (std::size_t i = 0; i < content.size(); ++i) {
     const std::string path = "output.message.content[" + std::to_string(i) + "]";
     const json& block = content[i];
@@ -296,11 +321,16 @@ chat_response bedrock::parse_response(const keel::http::response& res, system_cl
     if (const auto use = block.find("toolUse"); use != block.end()) {
       const std::string use_path = path + ".toolUse";
       const json& input = rd.member(*use, "input", use_path);
-      r.tool_calls.emplace_back(rd.optional_string(*use, "toolUseId", use_path),
-                                rd.optional_string(*use, "name", use_path), input.dump());
-      if (r.tool_calls.back().name.empty()) {
+      std::string name = rd.optional_string(*use, "name", use_path);
+      if (name.empty()) {
         rd.fail(use_path + ".name missing");
       }
+      if (name == answer_tool_name && !answer) {
+        answer = input.dump();
+        continue;
+      }
+      r.tool_calls.emplace_back(rd.optional_string(*use, "toolUseId", use_path), std::move(name),
+                                input.dump());
       continue;
     }
     auto it = block.find("text");
@@ -312,7 +342,11 @@ chat_response bedrock::parse_response(const keel::http::response& res, system_cl
     }
     r.text += it->get<std::string>();
   }
-  r.finish_reason = rd.optional_string(body, "stopReason", "");
+  if (answer) {
+    r.text = std::move(*answer);  // the answer alone: prose beside it would not parse
+  }
+  r.finish_reason = answered_finish_reason(rd.optional_string(body, "stopReason", ""),
+                                           answer.has_value(), !r.tool_calls.empty());
   r.usage = rd.usage(body, "usage", "inputTokens", "outputTokens");
   if (r.finish_reason == "content_filtered" || r.finish_reason == "guardrail_intervened") {
     rd.filtered("stopReason " + r.finish_reason, std::move(r));

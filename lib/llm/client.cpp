@@ -221,7 +221,9 @@ void set_request_attributes(keel::trace::span& s, const keel::llm::chat_request&
   s.set("gen_ai.provider.name", provider_name(e.api_type));
   s.set("gen_ai.system", provider_name(e.api_type));  // the attribute's older name
   s.set("gen_ai.request.model", req.model.empty() ? e.model : req.model);
-  s.set("gen_ai.request.max_tokens", req.max_tokens);
+  if (req.max_tokens > 0) {
+    s.set("gen_ai.request.max_tokens", req.max_tokens);
+  }
   if (req.temperature) {
     s.set("gen_ai.request.temperature", *req.temperature);
   }

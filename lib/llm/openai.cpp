@@ -207,9 +207,10 @@ keel::http::request openai::build_request(const chat_request& req, const endpoin
   for (const auto& m : req.messages) {
     write_message(w, m);
   }
-  w.end_array()
-      .key(completion_field ? "max_completion_tokens" : "max_tokens")
-      .value(req.max_tokens);
+  w.end_array();
+  if (req.max_tokens > 0) {  // not given: the model's own limit, as the API's default
+    w.key(completion_field ? "max_completion_tokens" : "max_tokens").value(req.max_tokens);
+  }
   if (req.temperature) {
     w.key("temperature").value(*req.temperature);
   }

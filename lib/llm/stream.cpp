@@ -124,6 +124,18 @@ long long stream_decoder::tool_of_block(long long block) const noexcept {
 
 std::string stream_decoder::tool_piece(long long block, tool_call piece, bool starts,
                                        std::vector<stream_event>& out) {
+  if (block == answer_block_ ||
+      (starts && answer_block_ < 0 && provider_ != provider_kind::openai &&
+       piece.name == answer_tool_name && tool_of_block(block) < 0)) {
+    answer_block_ = block;
+    if (!piece.arguments.empty()) {
+      answer_has_text_ = true;
+      stream_event t(stream_event_kind::text);
+      t.text = std::move(piece.arguments);
+      out.push_back(std::move(t));
+    }
+    return {};
+  }
   long long tool = tool_of_block(block);
   if (tool < 0) {
     if (!starts) {
@@ -149,6 +161,13 @@ std::string stream_decoder::tool_piece(long long block, tool_call piece, bool st
 }
 
 void stream_decoder::end_block(long long block, std::vector<stream_event>& out) {
+  if (block == answer_block_ && !answer_has_text_) {
+    answer_has_text_ = true;
+    stream_event t(stream_event_kind::text);
+    t.text = "{}";
+    out.push_back(std::move(t));
+    return;
+  }
   const long long tool = tool_of_block(block);
   if (tool < 0 || tool_has_args_[static_cast<std::size_t>(tool)]) {
     return;
@@ -513,7 +532,7 @@ void anthropic_stream_decoder::on_event(const sse_event& e, std::vector<stream_e
     }
     if (f == field::ok) {
       stream_event fin(stream_event_kind::finish);
-      fin.finish_reason = reason;
+      fin.finish_reason = answered_finish_reason(reason, answer_block_ >= 0, !tool_blocks_.empty());
       out.push_back(std::move(fin));
     }
     if (!read_usage(ev)) {
@@ -678,7 +697,7 @@ void bedrock_stream_decoder::on_message(const event_stream_message& m,
     }
     stopped_ = true;
     stream_event fin(stream_event_kind::finish);
-    fin.finish_reason = reason;
+    fin.finish_reason = answered_finish_reason(reason, answer_block_ >= 0, !tool_blocks_.empty());
     out.push_back(std::move(fin));
     if (reason == "content_filtered" || reason == "guardrail_intervened") {
       emit_error(out, errc::content_filtered, reason, "stopReason " + reason);

@@ -225,6 +225,44 @@ void check_stop_sequences(provider_kind kind, const std::vector<std::string>& st
   }
 }
 
+answer_tool_plan plan_answer_tool(const chat_request& req) {
+  answer_tool_plan plan;
+  if (!req.response_format || !req.response_format->is_object()) {
+    return plan;
+  }
+  const json& rf = *req.response_format;
+  // OpenAI's own shapes by their type; any other object is a schema itself (openai.cpp wraps it).
+  const std::string type = string_field(rf, "type");
+  if (type == "text") {
+    return plan;
+  }
+  const tool_choice_mode mode =
+      req.tool_choice ? req.tool_choice->mode : tool_choice_mode::automatic;
+  if (!req.tools.empty() &&
+      (mode == tool_choice_mode::required || mode == tool_choice_mode::named)) {
+    return plan;  // the reply is a call of the request's own tool: the format does not apply
+  }
+  plan.with_own_tools = !req.tools.empty() && mode == tool_choice_mode::automatic;
+  plan.schema = json{{"type", "object"}};
+  if (type == "json_schema") {
+    if (const auto js = rf.find("json_schema"); js != rf.end() && js->is_object()) {
+      if (const auto schema = js->find("schema"); schema != js->end() && schema->is_object()) {
+        plan.schema = *schema;
+      }
+    }
+  } else if (type != "json_object") {
+    plan.schema = rf;
+  }
+  return plan;
+}
+
+std::string answered_finish_reason(std::string reason, bool answered, bool other_calls) {
+  if (answered && !other_calls && reason == "tool_use") {
+    return "end_turn";
+  }
+  return reason;
+}
+
 double provider_temperature(double openai_temperature) {
   return std::clamp(openai_temperature, 0.0, 1.0);
 }

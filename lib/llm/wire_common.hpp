@@ -108,6 +108,27 @@ bool has_metadata(const json& m);
 // sent (dropping it would answer past the caller's stop).
 void check_stop_sequences(provider_kind kind, const std::vector<std::string>& stop);
 
+// ---- response_format on Anthropic and Bedrock (chat.hpp's `response_format`) ----
+
+// How a request's response_format goes to a provider that has none.
+struct answer_tool_plan {
+  // The answer tool's input schema; null: no answer tool (no response_format, type "text", or
+  // the request's own tool choice is "required" or a named tool).
+  nlohmann::json schema;
+  // The request's own tools go too (tool choice automatic or none given), and the model must
+  // call one of them or the answer tool; false: the answer tool alone, forced.
+  bool with_own_tools = false;
+};
+answer_tool_plan plan_answer_tool(const chat_request& req);
+
+// What the answer tool tells the model.
+inline constexpr const char* answer_tool_description =
+    "Give your answer by calling this tool: its input is the answer, in the format asked for.";
+
+// A reply's finish reason once the answer tool's call became its text: "tool_use" (the call)
+// becomes "end_turn" when no other tool was called.
+std::string answered_finish_reason(std::string reason, bool answered, bool other_calls);
+
 // OpenAI's temperature runs 0-2, Anthropic's and Bedrock's 0-1: above 1 is sent as 1, their
 // most random (refusing it would fail every fallback from an OpenAI entry).
 double provider_temperature(double openai_temperature);

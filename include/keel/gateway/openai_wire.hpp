@@ -31,7 +31,9 @@
 //   (Bedrock: an image by URL, `tool_choice` "none") fails that entry with a 400 naming the part,
 //   and the route falls back like any other failure. The deprecated `functions`/`function_call`,
 //   `n` other than 1, `logprobs` and `top_logprobs` are refused with a 400 that names the field.
-// - `max_completion_tokens` wins over `max_tokens`; neither: keel's default (1024).
+// - `max_completion_tokens` wins over `max_tokens`; neither: not given (`chat_request::max_tokens`
+//   0): OpenAI-format and Bedrock entries send no limit, as the API has none by default, and
+//   Anthropic entries send 4,096 (their API requires one).
 //   `temperature`, `top_p`, `stop` (a string or up to 4 strings), `seed`, `response_format` and
 //   `metadata` pass through. Every other field goes into `chat_request::extra_fields`, which
 //   OpenAI-format entries send as is (the OpenAI API grows faster than any gateway, and

@@ -9,10 +9,11 @@
 // content}], stop_sequences?, metadata?}`. The version shapes the rest, as the SDKs do: from
 // 2026-10-21 the key goes in `Authorization: Bearer` and `temperature`/`top_p` are not sent (that
 // version removed them); before it, the key goes in `x-api-key` and both are sent. `seed` is
-// never sent (the messages API has none), nor `response_format` (no equivalent; ask for JSON in
-// the prompt), nor `extra_fields` (OpenAI's own fields), but for OpenAI's `user`, which becomes
-// `metadata.user_id` when the request's metadata has none (Anthropic's metadata takes only
-// `user_id`).
+// never sent (the messages API has none). `response_format` becomes a tool the model must call
+// (chat.hpp), whose call `parse_response` and the stream decoder give back as text. `max_tokens`
+// not given is sent as `anthropic_default_max_tokens`. `extra_fields` (OpenAI's own fields) are
+// not sent, but for OpenAI's `user`, which becomes `metadata.user_id` when the request's metadata
+// has none (Anthropic's metadata takes only `user_id`).
 //
 // `parse_response` concatenates the `text` of every `content` block of type "text" and reads
 // `stop_reason`, `model` and `usage.{input_tokens,output_tokens}` (usage is optional). A

@@ -6,9 +6,11 @@
 // `build_request` makes `POST https://bedrock-runtime.{region}.amazonaws.com/model/{modelId}/
 // converse` (or `{base_url}/model/{modelId}/converse` when the endpoint has a base URL, e.g. a
 // mock server) with the model id percent-encoded (":" and "/" in ids and ARNs become %3A and %2F)
-// and a body `{messages:[{role, content:[{text}]}], system?:[{text}], inferenceConfig:{maxTokens,
-// temperature?, topP?, stopSequences?}, requestMetadata?}` (`seed` is not sent: Converse has none).
-// `response_format` and `extra_fields` (OpenAI's own fields) are not sent. The request is **not
+// and a body `{messages:[{role, content:[{text}]}], system?:[{text}], inferenceConfig?:{maxTokens?,
+// temperature?, topP?, stopSequences?}, requestMetadata?, toolConfig?}` (`seed` is not sent:
+// Converse has none; `maxTokens` only when the request gives one). `response_format` becomes a
+// tool the model must call (chat.hpp), whose call `parse_response` and the stream decoder give
+// back as text. `extra_fields` (OpenAI's own fields) are not sent. The request is **not
 // signed**: call `keel::llm::sign_request(req, credentials, region, "bedrock", now)`
 // (<keel/llm/sigv4.hpp>) before sending it. `add_sdk_request_headers` adds the AWS SDKs'
 // `amz-sdk-invocation-id` and `amz-sdk-request: attempt=N; max=M` (add them before signing: the

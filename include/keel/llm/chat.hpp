@@ -187,6 +187,15 @@ enum class max_tokens_field {
   max_completion_tokens,
 };
 
+/// The `max_tokens` an Anthropic entry sends for a request that gives none
+/// (`chat_request::max_tokens` <= 0): the messages API requires the field, and 4,096 is the
+/// output limit of the oldest Claude 3 models (newer ones allow more), as LiteLLM's default.
+inline constexpr int anthropic_default_max_tokens = 4096;
+
+/// The name of the tool that carries `chat_request::response_format` to Anthropic and Bedrock
+/// entries (see there). A request's own tool of this name is not told apart from it.
+inline constexpr std::string_view answer_tool_name = "keel_response_format";
+
 /// True for the model ids of OpenAI's reasoning families: the last path segment of `model`
 /// starts with "o1", "o3", "o4" or "gpt-5" ("o3-mini", "openai/o4-mini", "gpt-5-nano").
 bool is_openai_reasoning_model(std::string_view model) noexcept;
@@ -200,7 +209,10 @@ struct chat_request {
   std::string system;
   /// The conversation, oldest first.
   std::vector<chat_message> messages;
-  /// The most tokens the reply may use.
+  /// The most tokens the reply may use; 0 or less: not given. Not given, OpenAI-format and
+  /// Bedrock entries send no limit (the model's own maximum applies, as when an SDK caller sets
+  /// none) and Anthropic entries, whose API requires one, send `anthropic_default_max_tokens`.
+  /// The token estimate (<keel/llm/tokens.hpp>) then counts the prompt only.
   int max_tokens = 1024;
   /// Sampling temperature (absent: the provider's default).
   std::optional<double> temperature;
@@ -215,9 +227,18 @@ struct chat_request {
   std::optional<std::int64_t> seed;
   /// OpenAI only: the field `max_tokens` goes in.
   max_tokens_field token_field = max_tokens_field::automatic;
-  /// A JSON schema the reply must follow (OpenAI only; see the provider headers). An object whose
-  /// "type" is "json_schema", "json_object" or "text" is sent verbatim as OpenAI's
-  /// `response_format`.
+  /// The format the reply must take: a JSON schema, or OpenAI's own `{"type": "json_schema",
+  /// "json_schema": {"name", "schema", ...}}`, `{"type": "json_object"}` or `{"type": "text"}`.
+  /// OpenAI-format entries send OpenAI's shapes verbatim as `response_format` and a schema
+  /// wrapped in one (see <keel/llm/openai.hpp>). Anthropic and Bedrock have no such field, so
+  /// it is asked for with a tool, as LiteLLM does: a tool named `answer_tool_name` whose input
+  /// schema is the format's schema (`json_object`: any object; `text`: no tool), which the model
+  /// must call, and whose call comes back as the reply's text (JSON) with finish reason "end_turn",
+  /// in a whole reply or as a stream's text deltas. With tools of the request's own and a tool
+  /// choice of automatic (or none given), the model must call one of them or the answer tool
+  /// (Anthropic `any`, Bedrock `any`); with "required" or a named tool, no answer tool is added
+  /// (the reply is a tool call); with "none", only the answer tool. Bedrock forces a tool only for
+  /// the models that support it (Anthropic's, Mistral Large); others answer 400.
   std::optional<nlohmann::json> response_format;
   /// Free-form metadata: sent as OpenAI `metadata` and Bedrock `requestMetadata` when it is a
   /// non-empty object (otherwise not sent); Anthropic gets only its `user_id` (Anthropic's

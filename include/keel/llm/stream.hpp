@@ -208,10 +208,17 @@ class stream_decoder {
   long long tool_of_block(long long block) const noexcept;
   /// Appends a `tool_call` event for the call at provider index `block`: its start if no call
   /// is there yet and `starts` (at most `max_tool_calls` per reply), else a piece of it (a piece
-  /// with nothing in it is dropped). Returns what was wrong, "" if nothing: no call there, or
-  /// too many calls; the caller reports it as malformed.
+  /// with nothing in it is dropped). The first call of `answer_tool_name` (Anthropic and
+  /// Bedrock) is the reply's text instead: its pieces' arguments are `text` events. Returns what
+  /// was wrong, "" if nothing: no call there, or too many calls; the caller reports it as
+  /// malformed.
   std::string tool_piece(long long block, tool_call piece, bool starts,
                          std::vector<stream_event>& out);
+  /// The provider index of the block that calls `answer_tool_name` (chat.hpp's
+  /// `response_format` on Anthropic and Bedrock), -1 if none: its pieces are text events.
+  long long answer_block_ = -1;
+  /// Whether the answer block has had a non-empty piece.
+  bool answer_has_text_ = false;
   /// A content block ended: a tool call in it that had no arguments gets `{}` (Anthropic and
   /// Bedrock stream an empty `partial_json`/no `input` for a tool without input, which their
   /// non-streamed answers give as `{}`; OpenAI SDKs parse the arguments as JSON).
