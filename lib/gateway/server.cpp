@@ -86,6 +86,43 @@ response error_response(int status, std::string_view message, std::string_view t
   return json_response(status, error_body(message, type, param, code));
 }
 
+// The most a chunk's size line (with extensions) or the trailer may take beyond `max_header`: the
+// request buffer's bound (see session()).
+constexpr std::size_t max_chunk_line = 64 * 1024;
+
+// A 405 for a target that takes only `allow` (RFC 9110: the answer names the methods it takes).
+response method_not_allowed(std::string_view allow, std::string_view target) {
+  response res = error_response(405, "Use " + std::string(allow) + " " + std::string(target) + ".",
+                                "invalid_request_error");
+  res.set(bhttp::field::allow, allow);
+  return res;
+}
+
+// A parse error of the caller's HTTP (not the connection ending, nor a limit, which are answered
+// apart): answered with a 400 before the connection closes, as nginx does, so that the caller
+// sees why and does not retry a request that will never parse.
+bool malformed_http(const boost::system::error_code& ec) {
+  if (ec.category() != bhttp::make_error_code(bhttp::error::bad_method).category()) {
+    return false;
+  }
+  switch (static_cast<bhttp::error>(ec.value())) {
+    case bhttp::error::end_of_stream:
+    case bhttp::error::partial_message:
+    case bhttp::error::need_more:
+    case bhttp::error::need_buffer:
+    case bhttp::error::end_of_chunk:
+    case bhttp::error::stale_parser:
+    case bhttp::error::short_read:
+    case bhttp::error::body_limit:
+    case bhttp::error::header_limit:
+    case bhttp::error::buffer_overflow:
+    case bhttp::error::bad_alloc:
+      return false;
+    default:
+      return true;
+  }
+}
+
 }  // namespace
 
 struct server::impl : std::enable_shared_from_this<impl> {
@@ -262,18 +299,25 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
   }
 
-  // Reads one request: the head, then the body. A caller that sent `Expect: 100-continue`
-  // (curl does for a body over 1 KiB) waits for a `100 Continue` before it sends the body, or a
-  // second without one: it gets one once the head has passed the limits (a body over
-  // `max_request_body` is refused by its Content-Length with the head, so it is never sent).
-  // The body bytes that came with the head are parsed from the buffer without another
-  // asynchronous operation, so the common request costs what one `async_read` did.
+  // Reads one request: the head, then the body. Before the body, `before_body` may answer the
+  // request from its head alone (`early`): a caller whose key is refused, or a target whose answer
+  // does not read a body; the body is then never read, so a caller without a key cannot make the
+  // gateway hold `max_request_body` bytes per connection. A caller that sent `Expect:
+  // 100-continue` (curl does for a body over 1 KiB) waits for a `100 Continue` before it sends the
+  // body, or a second without one: it gets one once the head has passed the limits and those
+  // checks (a body over `max_request_body` is refused by its Content-Length with the head, so it
+  // is never sent). The body bytes that came with the head are parsed from the buffer without
+  // another asynchronous operation, so the common request costs what one `async_read` did.
   static asio::awaitable<boost::system::error_code> read_request(
-      connection& c, beast::flat_buffer& buffer,
-      bhttp::request_parser<bhttp::string_body>& parser) {
+      impl& self, connection& c, beast::flat_buffer& buffer,
+      bhttp::request_parser<bhttp::string_body>& parser, std::optional<response>& early) {
     auto [ec, n] = co_await bhttp::async_read_header(c.stream, buffer, parser,
                                                      asio::as_tuple(asio::use_awaitable));
     if (ec || parser.is_done()) {
+      co_return ec;
+    }
+    early = co_await self.before_body(parser.get(), c);
+    if (early) {
       co_return ec;
     }
     if (parser.get().version() >= 11 &&
@@ -307,19 +351,47 @@ struct server::impl : std::enable_shared_from_this<impl> {
     co_return bec;
   }
 
+  // The answer to a request whose body is still to come, when the head decides it: a refused key
+  // for POST /v1/chat/completions, and every other target's answer (none reads a body).
+  // Nothing: read the body.
+  asio::awaitable<std::optional<response>> before_body(
+      const bhttp::request<bhttp::string_body>& head, connection& c) {
+    std::string_view target = head.target();
+    target = target.substr(0, target.find('?'));
+    if (target == "/v1/chat/completions" && head.method() == bhttp::verb::post) {
+      std::optional<response> refusal;
+      authenticate(head, refusal);
+      co_return refusal;
+    }
+    co_return co_await handle(head, c);
+  }
+
   static asio::awaitable<void> session(std::shared_ptr<impl> self, std::shared_ptr<connection> c) {
-    beast::flat_buffer buffer;
+    // Bounded: Beast's parser keeps a chunk's size line (with its extensions) and the trailer in
+    // the buffer until each is whole, and neither the header nor the body limit counts them; an
+    // unbounded buffer let a caller without a key grow the gateway by hundreds of MB.
+    beast::flat_buffer buffer(self->opts.max_header + max_chunk_line);
     for (;;) {
+      c->busy = false;
       bhttp::request_parser<bhttp::string_body> parser;
       parser.header_limit(self->opts.max_header);
       parser.body_limit(self->opts.max_request_body);
       c->stream.expires_after(self->opts.read_timeout);
-      boost::system::error_code ec = co_await read_request(*c, buffer, parser);
+      std::optional<response> early;
+      boost::system::error_code ec = co_await read_request(*self, *c, buffer, parser, early);
       std::optional<response> res;
       bool keep = false;
-      // A refused request whose body was not read: see the lingering close below.
-      const bool unread = ec == bhttp::error::body_limit || ec == bhttp::error::header_limit;
-      if (ec == bhttp::error::body_limit) {
+      bool head_only = false;  // HEAD: the answer's head, no body
+      // A request answered without its body read: see the lingering close below.
+      const bool unread = early || ec == bhttp::error::body_limit ||
+                          ec == bhttp::error::header_limit || ec == bhttp::error::buffer_overflow ||
+                          malformed_http(ec);
+      if (early) {
+        ++self->counters.requests;
+        res = std::move(early);
+        res->version(parser.get().version());
+        head_only = parser.get().method() == bhttp::verb::head;
+      } else if (ec == bhttp::error::body_limit) {
         res = error_response(413,
                              "The request body is larger than this gateway accepts (" +
                                  std::to_string(self->opts.max_request_body) + " bytes).",
@@ -327,19 +399,28 @@ struct server::impl : std::enable_shared_from_this<impl> {
       } else if (ec == bhttp::error::header_limit) {
         res = error_response(431, "The request's headers are too large.", "invalid_request_error",
                              "", "headers_too_large");
+      } else if (ec == bhttp::error::buffer_overflow) {
+        res = error_response(
+            400,
+            "A chunk header or the trailer of the request is larger than this gateway accepts.",
+            "invalid_request_error", "", "invalid_http");
+      } else if (malformed_http(ec)) {
+        res = error_response(400,
+                             "keel serve could not parse the HTTP request: " + ec.message() + ".",
+                             "invalid_request_error", "", "invalid_http");
       } else if (ec) {
         break;
       } else {
         ++self->counters.requests;
         bhttp::request<bhttp::string_body> req = parser.release();
-        c->busy = true;
+        head_only = req.method() == bhttp::verb::head;
+        c->busy = true;  // until the answer is written: a drain does not cut it off
         c->stream_started = false;
         try {
           res = co_await self->handle(req, *c);
         } catch (...) {
           // A defect, or memory exhausted: answer 500 (or, mid-stream, close) rather than end
           // the session without a word.
-          c->busy = false;
           if (c->stream_started) {
             break;
           }
@@ -348,7 +429,6 @@ struct server::impl : std::enable_shared_from_this<impl> {
               "server_error", "", "internal_error");
           req.keep_alive(false);
         }
-        c->busy = false;
         keep = req.keep_alive() && self->running && !self->draining;
         if (!res) {
           // Streamed: written already.
@@ -373,18 +453,22 @@ struct server::impl : std::enable_shared_from_this<impl> {
       // The head and the body in one gathering write: Beast's serializer walks a concatenated
       // buffer sequence whose iterators cost about 7% of the gateway's instructions per request
       // (callgrind), as they did the client's (lib/http/client.cpp writes its requests in one
-      // buffer). The body is not copied.
+      // buffer). The body is not copied. A HEAD gets the head only (its Content-Length says
+      // what a GET would get).
       const std::string head = serialize_head(*res);
-      const std::array<asio::const_buffer, 2> wire{asio::buffer(head), asio::buffer(res->body())};
+      const std::array<asio::const_buffer, 2> wire{
+          asio::buffer(head), head_only ? asio::const_buffer() : asio::buffer(res->body())};
       auto [wec, wn] =
           co_await asio::async_write(c->stream, wire, asio::as_tuple(asio::use_awaitable));
+      c->busy = false;
       if (!wec && unread) {
         co_await linger(self, *c);
       }
-      if (wec || !keep) {
+      if (wec || !keep || self->draining) {  // a drain that began during the write: close
         break;
       }
     }
+    c->busy = false;
     boost::system::error_code ignored;
     c->stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
     c->stream.close();
@@ -424,13 +508,13 @@ struct server::impl : std::enable_shared_from_this<impl> {
     const bool post = req.method() == bhttp::verb::post;
     if (target == "/healthz") {
       if (!get) {
-        co_return error_response(405, "Use GET /healthz.", "invalid_request_error");
+        co_return method_not_allowed("GET", "/healthz");
       }
       co_return json_response(draining ? 503 : 200, json{{"status", draining ? "draining" : "ok"}});
     }
     if (target == "/metrics" && opts.metrics) {
       if (!get) {
-        co_return error_response(405, "Use GET /metrics.", "invalid_request_error");
+        co_return method_not_allowed("GET", "/metrics");
       }
       response res;
       res.result(bhttp::status::ok);
@@ -445,7 +529,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
     if (target == "/v1/models") {
       if (!get) {
-        co_return error_response(405, "Use GET /v1/models.", "invalid_request_error");
+        co_return method_not_allowed("GET", "/v1/models");
       }
       json data = json::array();
       for (const route& r : routes) {
@@ -456,7 +540,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
     if (target == "/v1/chat/completions") {
       if (!post) {
-        co_return error_response(405, "Use POST /v1/chat/completions.", "invalid_request_error");
+        co_return method_not_allowed("POST", "/v1/chat/completions");
       }
       if (who != nullptr) {
         if (auto r = over_limit(*who)) {
