@@ -299,8 +299,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
     }
   }
 
-  // Reads one request: the head, then the body. Before the body, `before_body` may answer the
-  // request from its head alone (`early`): a caller whose key is refused, or a target whose answer
+  // Reads one request: the head, then the body. Before the body, the head alone may decide the
+  // answer (`early`): a caller whose key is refused, or a target whose answer
   // does not read a body; the body is then never read, so a caller without a key cannot make the
   // gateway hold `max_request_body` bytes per connection. A caller that sent `Expect:
   // 100-continue` (curl does for a body over 1 KiB) waits for a `100 Continue` before it sends the
@@ -316,7 +316,11 @@ struct server::impl : std::enable_shared_from_this<impl> {
     if (ec || parser.is_done()) {
       co_return ec;
     }
-    early = co_await self.before_body(parser.get(), c);
+    if (self.completion_target(parser.get())) {
+      self.authenticate(parser.get(), early);  // no coroutine frame on the common path
+    } else {
+      early = co_await self.handle(parser.get(), c);
+    }
     if (early) {
       co_return ec;
     }
@@ -351,19 +355,12 @@ struct server::impl : std::enable_shared_from_this<impl> {
     co_return bec;
   }
 
-  // The answer to a request whose body is still to come, when the head decides it: a refused key
-  // for POST /v1/chat/completions, and every other target's answer (none reads a body).
-  // Nothing: read the body.
-  asio::awaitable<std::optional<response>> before_body(
-      const bhttp::request<bhttp::string_body>& head, connection& c) {
+  // POST /v1/chat/completions, the one target whose answer reads the body: for any other, or a
+  // refused key, the head decides the answer (see read_request).
+  static bool completion_target(const bhttp::request<bhttp::string_body>& head) {
     std::string_view target = head.target();
     target = target.substr(0, target.find('?'));
-    if (target == "/v1/chat/completions" && head.method() == bhttp::verb::post) {
-      std::optional<response> refusal;
-      authenticate(head, refusal);
-      co_return refusal;
-    }
-    co_return co_await handle(head, c);
+    return target == "/v1/chat/completions" && head.method() == bhttp::verb::post;
   }
 
   static asio::awaitable<void> session(std::shared_ptr<impl> self, std::shared_ptr<connection> c) {
