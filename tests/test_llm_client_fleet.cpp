@@ -88,6 +88,34 @@ TEST_CASE("every attempt asks the fleet and shares its controller, and a 429's d
   CHECK(fleet.controllers[0]->bucket().options().requests_per_second == Approx(7 * 0.97 * 0.97));
 }
 
+TEST_CASE("a server's delay holds the pacing and the fleet no longer than max_retry_after",
+          "[llm_client][review]") {
+  // Before, a 429 with a Retry-After of ten minutes paused every process of the fleet for ten
+  // minutes (and this one's pacing for its 60 s cap), whatever retry.max_retry_after said.
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.set_plan("m", fault_plan{}.with_retry_after(600s).with_script({fault_kind::rate_limit}));
+  server.start();
+  fake_fleet fleet;
+  keel::llm::client_options o;
+  o.seed = 1;
+  o.fleet = &fleet;
+  keel::llm::client client(ctx.get_executor(),
+                           make_config(R"({
+      "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}],
+      "policy": {"retry": {"max_attempts": 3, "max_retry_after": 0.05,
+                           "backoff": {"kind": "constant", "base": 0.001}}}})",
+                                       server.base_url()),
+                           {}, o);
+  const auto out = run(ctx, client, {request()});
+  REQUIRE_FALSE(out[0].error);
+  CHECK(out[0].attempts == 2);
+  REQUIRE(fleet.delays.size() == 1);
+  CHECK(fleet.delays[0].second == 50ms);
+  // The retry went within the cap.
+  CHECK(out[0].seconds < 5);
+}
+
 TEST_CASE("when the fleet cannot be reached the call goes on under its own bucket",
           "[llm_client]") {
   boost::asio::io_context ctx;

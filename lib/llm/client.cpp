@@ -69,14 +69,15 @@ bool learned(keel::pacing_phase p) {
 // means its limiter let the call through; no answer (transport failure, timeout, cancellation)
 // is no signal. True if it was a 429.
 bool tell_pacing(keel::rate_controller& pacing, const keel::rate_controller::ticket& t,
-                 const std::exception_ptr& e) {
+                 const std::exception_ptr& e, nanoseconds max_hint) {
   try {
     std::rethrow_exception(e);
   } catch (const keel::llm::provider_error& pe) {
     if (pe.llm_code() == keel::llm::errc::rate_limited) {
       std::optional<keel::rate_controller::duration> hint;
       if (pe.retry_after()) {
-        hint = std::chrono::duration_cast<keel::rate_controller::duration>(*pe.retry_after());
+        hint = std::chrono::duration_cast<keel::rate_controller::duration>(
+            std::min<nanoseconds>(*pe.retry_after(), max_hint));
       }
       pacing.on_throttled(t, keel::llm::limit_of(pe), hint);
       return true;
@@ -839,10 +840,15 @@ void client::attempt_failed(entry_state& es, call_state& cs,
   // it back lets the next caller go at once into the same refusal, and at a token limit every
   // probe ended with all 64 callers drawing a 429 within 100 ms (and sleeping its Retry-After).
   // (One classification of the error serves both the controller and the settling.)
-  const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed);
+  // A server's delay holds the pacing (and the fleet) no longer than the longest hint the retry
+  // obeys (`retry.max_retry_after`): one 429 with a Retry-After of ten minutes stopped every
+  // process of a fleet for ten minutes, whatever the policy said.
+  const nanoseconds max_hint = seconds_ns(cfg_.policy.retry.max_retry_after);
+  const bool throttled = es.pacing && tell_pacing(*es.pacing, ticket, failed, max_hint);
   if (options_.fleet) {
     if (const auto delay = server_delay_of_429(failed)) {
-      options_.fleet->on_server_delay(*es.cfg, *delay);  // hold the fleet, not just this process
+      // Hold the fleet, not just this process.
+      options_.fleet->on_server_delay(*es.cfg, std::min<nanoseconds>(*delay, max_hint));
     }
   }
   // A stream cut short used what it generated (its estimate); a refusal used nothing.
