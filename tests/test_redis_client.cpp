@@ -359,3 +359,41 @@ TEST_CASE("rediss:// talks TLS, verifies the certificate and its name, and says 
     CHECK(what.find("not valid for \"127.0.0.1\"") != std::string::npos);
   }
 }
+
+TEST_CASE("a refused login or a silent server waits the reconnect delay before the next try",
+          "[redis][review]") {
+  // Before, the delay was reset once TCP connected: a wrong password (or a database out of
+  // range) had every command open a new connection, 430 a second.
+  redis_process server({"--requirepass", "s3cret-PW-77"});
+  asio::io_context ctx;
+  keel::redis::client_options o = redis_options(server.port());
+  o.server.password = "WRONG-pass-123";
+  o.reconnect_delay = std::chrono::minutes(1);
+  keel::redis::client redis(ctx.get_executor(), o);
+  outcome<reply> out = run_one(ctx, redis.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(what_of(out.error).find("login refused") != std::string::npos);
+  out = run_one(ctx, redis.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(what_of(out.error).find("next connection attempt in") != std::string::npos);
+  CHECK(what_of(out.error).find("login refused") != std::string::npos);
+  CHECK(redis.connects() == 1);
+
+  // A server that accepts and never answers: the same.
+  silent_server silent(ctx);
+  keel::redis::client_options so = redis_options(silent.port());
+  so.command_timeout = std::chrono::milliseconds(50);
+  so.reconnect_delay = std::chrono::minutes(1);
+  keel::redis::client quiet(ctx.get_executor(), so);
+  // Two commands time out together: one reconnect delay, not two.
+  outcome<reply> a;
+  outcome<reply> b;
+  spawn(ctx, quiet.command({"PING"}), a);
+  spawn(ctx, quiet.command({"PING"}), b);
+  REQUIRE(run_real(ctx, [&] { return a.done && b.done; }));
+  CHECK(a.code() == keel::error::deadline_exceeded);
+  out = run_one(ctx, quiet.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(what_of(out.error).find("next connection attempt in") != std::string::npos);
+  CHECK(quiet.connects() == 1);
+}

@@ -337,17 +337,25 @@ struct client::impl : std::enable_shared_from_this<impl> {
     c->out.insert(0, login);
     c->sent.insert(c->sent.begin(), login_waits.begin(), login_waits.end());
     c->open = true;
-    self->delay = milliseconds{0};
+    // The reconnect delay is not reset here but at the first good reply: a server that accepts
+    // and then refuses the login (a wrong password, a database out of range) was reconnected
+    // to by every command, 430 connections a second.
     asio::co_spawn(self->ex, read_loop(self, c), asio::detached);
     flush(self, c);
   }
 
   void on_connect_failed(const std::shared_ptr<connection>& c, boost::system::error_code ec,
                          const std::string& what) {
+    fail(c, back_off(ec, what));
+  }
+
+  // A connection that failed to work (no connection, a refused login, no reply in time): the
+  // next one waits the reconnect delay, which doubles up to its maximum until a reply comes.
+  std::exception_ptr back_off(boost::system::error_code ec, const std::string& what) {
     delay = std::min(std::max(delay * 2, opts.reconnect_delay), opts.max_reconnect_delay);
     retry_at = steady_clock::now() + delay;
     last_failure = what;
-    fail(c, make_failure(ec, what));
+    return make_failure(ec, what);
   }
 
   // Starts writing `c`'s queued commands unless a write is in progress.
@@ -421,10 +429,11 @@ struct client::impl : std::enable_shared_from_this<impl> {
         c->sent.pop_front();
         if (p->login && r.is_error()) {
           // The server's words (e.g. WRONGPASS) name no password.
-          self->fail(c, self->make_failure(make_error_code(boost::system::errc::permission_denied),
-                                           "login refused: " + r.text));
+          self->fail(c, self->back_off(make_error_code(boost::system::errc::permission_denied),
+                                       "login refused: " + r.text));
           break;
         }
+        self->delay = milliseconds{0};  // the connection works
         if (!p->abandoned) {
           p->result = std::move(r);
           p->finish();
@@ -482,9 +491,11 @@ struct client::impl : std::enable_shared_from_this<impl> {
     if (!ec) {
       // No reply in time: the connection is taken for gone (its reply may still come, and
       // the commands behind it would wait too); the next command reconnects.
-      auto e = self->make_failure(
-          keel::make_error_code(keel::error::deadline_exceeded),
-          "no reply within " + std::to_string(self->opts.command_timeout.count()) + " ms");
+      const auto code = keel::make_error_code(keel::error::deadline_exceeded);
+      const std::string what =
+          "no reply within " + std::to_string(self->opts.command_timeout.count()) + " ms";
+      // Once per connection: the commands queued behind the first one time out together.
+      auto e = c->dead ? self->make_failure(code, what) : self->back_off(code, what);
       self->fail(c, e);
       std::rethrow_exception(e);
     }

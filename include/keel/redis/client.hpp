@@ -21,9 +21,11 @@
 //   connection's failure) cancels it. A command that times out closes the connection: its reply
 //   may still come, and a server that fails to answer in time is treated as gone, so the next
 //   command reconnects rather than queueing behind it.
-// - **Failures are fast.** A refused or timed-out connect fails the commands waiting for it and,
-//   for `reconnect_delay` (doubling per failure up to `max_reconnect_delay`), every new command
-//   fails at once without touching the network, so a dead Redis costs callers nothing but an
+// - **Failures are fast.** A connection that fails to work (a refused or timed-out connect, a
+//   refused login such as a wrong password or a database out of range, a command with no reply
+//   in time) fails the commands waiting on it and, for `reconnect_delay` (doubling per failure
+//   up to `max_reconnect_delay`, reset by the first good reply), every new command fails at once
+//   without touching the network, so a dead Redis costs callers nothing but an
 //   error they can fall back on (keel's shared pacing falls back to a local limit).
 // - **TLS** (`rediss://`): Asio's OpenSSL stream over the same socket; the certificate is
 //   verified (chain and host name, RFC 6125 via `ssl::host_name_verification`) unless
