@@ -195,6 +195,39 @@ TEST_CASE("hedges go to the next entry when asked, and the winner's entry is rep
   CHECK(server.stats().model("n").requests == 1);
 }
 
+TEST_CASE("a hedged stream that fails after its first text is the committed entry's failure",
+          "[llm_client][hedge][stream][review]") {
+  // Before, the entry reported was the hedge's (started last, then cancelled), because only a
+  // copy that finished named the winner.
+  asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  stream_settings st;
+  st.fault_after_chunks = 2;
+  server.set_plan("m", fault_plan{}.with_latency(200ms).with_stream(st).with_script(
+                           {fault_kind::stream_error}));
+  server.set_plan("n", fault_plan{}.with_latency(5s));
+  std::vector<hedge_seen> seen;
+  keel::llm::client client = make_client(
+      ctx, server,
+      R"([{"model": "m", "api_key": "k"}, {"api_type": "anthropic", "model": "n", "api_key": "k"}])",
+      R"({"hedge": {"enabled": true, "delay": 0.05, "percentile": 0, "target": "next"},
+          "retry_budget": {"enabled": false}})",
+      seen);
+  keel::llm::call_outcome out;
+  keel_test::run_against(
+      ctx, server,
+      [&]() -> asio::awaitable<void> {
+        out = co_await client.stream_call(
+            prompt(), [&](const keel::llm::stream_delta&) -> asio::awaitable<void> { co_return; });
+      },
+      10s);
+  REQUIRE(out.error);
+  CHECK(keel::llm::error_class(out.error) == "stream_interrupted");
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].to == 1);  // the hedge went to "n" and was cancelled
+  CHECK(out.entry == 0);   // "m" delivered text and failed
+}
+
 TEST_CASE("the hedge budget caps hedges: a call it refuses waits for its own attempt",
           "[llm_client][hedge]") {
   asio::io_context ctx;

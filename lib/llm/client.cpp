@@ -1033,10 +1033,15 @@ asio::awaitable<client::reply_box> client::stream_attempt(entry_state& es, call_
       if (text.empty() && !tool_index) {
         co_return;
       }
-      if (attempt_delivered == 0 && hedge && !hedge->commit()) {
-        // A hedged stream: another copy produced its first text first.
-        reader->close();
-        throw boost::system::system_error(asio::error::operation_aborted);
+      if (attempt_delivered == 0 && hedge) {
+        if (!hedge->commit()) {
+          // A hedged stream: another copy produced its first text first.
+          reader->close();
+          throw boost::system::system_error(asio::error::operation_aborted);
+        }
+        // The call is this copy's from here: if the stream then fails, the failure is this
+        // entry's (the hedge that started last, now cancelled, had set cs.entry).
+        cs.entry = es.index;
       }
       stream_delta d;
       d.text = text;
