@@ -1569,3 +1569,54 @@ TEST_CASE("a drain does not cut off an answer still being written", "[gateway][r
   CHECK(length == page.size());
   CHECK(got.size() - end - 4 == length);
 }
+
+TEST_CASE("a caller that hangs up on a stream cancels its call, before or after the first delta",
+          "[gateway][review]") {
+  // Before, nothing noticed until a write failed: a stream waiting for its first token went on
+  // (and retried) up to the deadline for a caller that was gone, and a stalled stream was read
+  // until its idle timeout.
+  for (const auto fault :
+       {keel::testing::fault_kind::stall, keel::testing::fault_kind::stream_stall}) {
+    INFO(static_cast<int>(fault));
+    gateway_rig rig(R"({
+        "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}],
+        "policy": {"retry": {"max_attempts": 3, "backoff": {"kind": "constant", "base": 0.001}},
+                   "stream": {"first_token_timeout": 60, "idle_timeout": 60}}})");
+    keel::testing::stream_settings st;
+    st.fault_after_chunks = 1;
+    rig.mock.set_plan("m", keel::testing::fault_plan().with_stream(st).with_script({fault}));
+    asio::ip::tcp::socket sock(rig.ctx);
+    sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
+    const std::string request =
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+        std::to_string(streamed.size()) + "\r\n\r\n" + streamed;
+    asio::write(sock, asio::buffer(request));
+    // The provider has the request (and, mid-stream, the caller has the first delta).
+    REQUIRE(run_real(rig.ctx, [&] { return rig.mock.stats().model("m").requests == 1; }));
+    if (fault == keel::testing::fault_kind::stream_stall) {
+      std::string got;
+      std::array<char, 4096> buf{};
+      bool reading = false;
+      REQUIRE(run_real(rig.ctx, [&] {
+        if (got.find("\"content\":\"m") != std::string::npos) {
+          return !reading;  // no read left pending on these locals
+        }
+        if (!reading) {
+          reading = true;
+          sock.async_read_some(asio::buffer(buf), [&](boost::system::error_code ec, std::size_t n) {
+            got.append(buf.data(), n);
+            reading = ec.failed();  // a failure stops the reads (and the wait times out)
+          });
+        }
+        return false;
+      }));
+    }
+    sock.close();
+    // The call is cancelled: the provider's connection is closed and nothing is retried.
+    REQUIRE(run_real(rig.ctx, [&] {
+      return rig.mock.stats().total.abandoned == 1 && rig.gateway.stats().in_flight == 0;
+    }));
+    CHECK(rig.mock.stats().model("m").requests == 1);
+    CHECK(rig.gateway.stats().completions == 0);
+  }
+}

@@ -21,8 +21,11 @@
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
 
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -133,6 +136,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
     bool busy = false;            // a request is being answered
     bool stream_ok = true;        // the last streamed answer ended cleanly (keep-alive possible)
     bool stream_started = false;  // the current answer's head went out as a stream
+    bool hung_up = false;         // the caller closed while its stream ran (see watch_hangup)
   };
 
   // One configured caller: its limits and what it uses now.
@@ -732,6 +736,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
     keel::llm::stream_call_options so;
     so.restartable = false;  // what was written cannot be taken back
     ++counters.in_flight;
+    const std::shared_ptr<hangup_watch> watch = watch_hangup(c);
     keel::llm::call_outcome out = co_await client.stream_call(
         std::move(p.request),
         [&](const keel::llm::stream_delta& d) -> asio::awaitable<void> {
@@ -743,8 +748,13 @@ struct server::impl : std::enable_shared_from_this<impl> {
         so, nullptr, keel::bulkhead_permit{}, parent);
     span.set("keel.stream", true);
     --counters.in_flight;
-    if (cancelling) {
+    watch->done = true;
+    watch->stop.emit(asio::cancellation_type::terminal);
+    if (cancelling || c.hung_up) {
       co_await asio::this_coro::reset_cancellation_state();
+    }
+    if (c.hung_up) {
+      co_return std::nullopt;  // nobody to answer; the session closes (stream_ok is false)
     }
     // A content filter or refusal ends the stream as OpenAI ends it: finish reason
     // "content_filter", not an error.
@@ -795,6 +805,40 @@ struct server::impl : std::enable_shared_from_this<impl> {
       c.stream_ok = false;
     }
     co_return std::nullopt;
+  }
+
+  // A streamed call's watch on its caller's socket (see watch_hangup), shared with the wait's
+  // handler, which may run after the stream (and the connection) are gone.
+  struct hangup_watch {
+    bool done = false;  // the stream ended: the handler touches nothing
+    asio::cancellation_signal stop;
+  };
+
+  // While a stream runs, a caller that hangs up (end of stream or an error on its socket)
+  // cancels the call, as the drain's grace does: before the first delta no write would fail, and
+  // keel went on retrying for a caller that was gone (up to the deadline), and mid-stream a
+  // stalled provider was read until its idle timeout. Bytes from the caller (a pipelined
+  // request) end the watch without a cancel and stay for the session to read. One wait per
+  // stream, cancelled when it ends.
+  std::shared_ptr<hangup_watch> watch_hangup(connection& c) {
+    auto w = std::make_shared<hangup_watch>();
+    c.hung_up = false;
+    c.stream.socket().async_wait(
+        tcp::socket::wait_read,
+        asio::bind_cancellation_slot(w->stop.slot(), [w, cp = &c](boost::system::error_code ec) {
+          if (w->done || ec == asio::error::operation_aborted) {
+            return;
+          }
+          char b = 0;
+          const ssize_t n =
+              ::recv(cp->stream.socket().native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+          if (ec || n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            cp->hung_up = true;
+            cp->stream_ok = false;
+            cp->cancel.emit(asio::cancellation_type::terminal);
+          }
+        }));
+    return w;
   }
 
   void close_idle() {
