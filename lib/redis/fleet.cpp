@@ -8,8 +8,11 @@
 #include <keel/redis/shared_rate.hpp>
 #include <keel/throttler.hpp>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -51,6 +54,13 @@ class fleet_impl {
       : ex_(ex), sc_(sc), bc_(bc), redis_(ex, std::move(o)) {}
 
   asio::awaitable<void> acquire(const keel::llm::entry_config& e, double tokens) {
+    if (breaker_sync* bs = refs(e).bs; bs != nullptr && !bs->synced_once && bs->syncing) {
+      // This process's first word from the fleet's breaker is on its way (sync_breaker asked
+      // at the call's start): a process that joins during the fleet's break waits for it,
+      // bounded by the Redis command timeout, rather than sending its first calls into the
+      // outage (16 calls at concurrency 32 before). The caller checks the breaker again after.
+      (void)co_await bs->first_sync.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
     buckets* b = of(e);
     if (b == nullptr) {
       // No configured limit to share. A learned rate that cannot reach Redis says so here, so
@@ -162,6 +172,10 @@ class fleet_impl {
               b->view.reset();
             }
             b->syncing = false;
+            if (!b->synced_once) {
+              b->synced_once = true;
+              b->first_sync.cancel();  // wakes the calls that wait for it (see acquire)
+            }
           }(&bs, failures, had_success),
           asio::detached);
     }
@@ -455,6 +469,9 @@ class fleet_impl {
     std::size_t failures = 0;  // since the last success, not yet reported
     bool had_success = false;  // a success not yet reported
     bool syncing = false;
+    bool synced_once = false;  // the first sync has answered (or failed)
+    // Never expires: cancelled when the first sync ends (acquire waits on it).
+    asio::steady_timer first_sync;
     std::chrono::steady_clock::time_point last_sync{};
     // The fleet's last answer, and when it came (its durations count from then).
     std::optional<breaker_view> view;
@@ -462,6 +479,9 @@ class fleet_impl {
     std::uint64_t applied_epoch = 0;  // the fleet's epoch this process has followed
     std::string applied_incarnation;  // ... in this incarnation of the fleet's breaker
     bool probe_applied = false;       // this process's breaker was let through for the probe
+
+    explicit breaker_sync(const asio::any_io_executor& ex)
+        : first_sync(ex, asio::steady_timer::time_point::max()) {}
 
     void take(const breaker_view& v) {
       if (v.what != breaker_view::state::probe) {
@@ -484,7 +504,7 @@ class fleet_impl {
     const std::string key = fleet_key(sc_.key_prefix, e, "breaker");
     auto it = breakers_.find(key);
     if (it == breakers_.end()) {
-      auto bs = std::make_unique<breaker_sync>();
+      auto bs = std::make_unique<breaker_sync>(ex_);
       bs->shared = std::make_unique<shared_breaker>(
           redis_,
           breaker_options{
