@@ -513,6 +513,9 @@ TEST_CASE("each bad config names the exact JSON path of the problem", "[cli_conf
        "/policy/shared/redis", "a port 1-65535"},
       {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://:6379"}}})",
        "/policy/shared/redis", "a host"},
+      // Read as host "::" and port 1 before, and refused only when the run connected.
+      {R"({"config_list": [{"model": "m", "api_key": "k"}], "policy": {"shared": {"redis": "redis://::1/0"}}})",
+       "/policy/shared/redis", "an IPv6 address in brackets"},
   };
   for (const auto& row : table) {
     INFO("config: " << row.json);

@@ -298,6 +298,10 @@ TEST_CASE("redis URLs name their parts; a bad one says which part", "[redis]") {
   CHECK(e.port == 6380);
   CHECK(e.db == 1);
   CHECK(keel::redis::parse_url("redis://[::1]").host == "::1");
+  CHECK(e.to_string() == "[::1]:6380/1");
+  // Not bracketed, it was read as host "::" and port 1, and failed only when connecting.
+  CHECK(error_of("redis://::1/0").find("must be bracketed") != std::string::npos);
+  CHECK(error_of("redis://fe80::1:6379").find("must be bracketed") != std::string::npos);
   // What is wrong, without echoing it (a password typed into the path would be printed).
   CHECK(error_of("redis://h:99999") == "redis URL: the port is not a number in 1-65535");
   CHECK(error_of("redis://h/pw-IN-PATH") ==

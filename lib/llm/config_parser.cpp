@@ -467,6 +467,11 @@ bool redis_url_ok(std::string_view url) {
         }
         hostport = hostport.substr(0, colon);
       }
+      if (hostport.size() >= 2 && hostport.front() == '[' && hostport.back() == ']') {
+        hostport = hostport.substr(1, hostport.size() - 2);
+      } else if (hostport.find_first_of(":[]") != std::string_view::npos) {
+        return false;  // an IPv6 address not bracketed (redis://::1/0 is host "::", port 1)
+      }
       return !hostport.empty();
     }
   }
@@ -499,8 +504,8 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
         // config that loads is one that runs. Not echoed: a password put in the path, query or
         // fragment by mistake would be printed.
         fail(p,
-             "a redis://host[:port][/db] or rediss:// (TLS) URL: a host, a port 1-65535, a "
-             "database number, no query or fragment",
+             "a redis://host[:port][/db] or rediss:// (TLS) URL: a host (an IPv6 address in "
+             "brackets), a port 1-65535, a database number, no query or fragment",
              "a URL not of that form (not shown: it may hold a credential)");
       }
     } else if (key == "key_prefix") {

@@ -35,7 +35,9 @@ using std::chrono::steady_clock;
 // ---- endpoint ----------------------------------------------------------------------------------
 
 std::string endpoint::to_string() const {
-  return (tls ? "rediss://" : "") + host + ":" + std::to_string(port) + "/" + std::to_string(db);
+  const bool v6 = host.find(':') != std::string::npos;  // bracketed, as in a URL
+  return (tls ? "rediss://" : "") + (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port) +
+         "/" + std::to_string(db);
 }
 
 endpoint parse_url(std::string_view url) {
@@ -94,6 +96,9 @@ endpoint parse_url(std::string_view url) {
   }
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
+  } else if (host.find_first_of(":[]") != std::string_view::npos) {
+    // redis://::1/0 would be host "::" and port 1.
+    throw std::invalid_argument("redis URL: an IPv6 address must be bracketed ([::1]:6379)");
   }
   if (host.empty()) {
     throw std::invalid_argument("redis URL: no host");
