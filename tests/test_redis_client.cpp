@@ -373,7 +373,14 @@ TEST_CASE("a refused login or a silent server waits the reconnect delay before t
   keel::redis::client_options o = redis_options(server.port());
   o.server.password = "WRONG-pass-123";
   o.reconnect_delay = std::chrono::minutes(1);
+  o.max_reconnect_delay = std::chrono::minutes(10);
   keel::redis::client redis(ctx.get_executor(), o);
+  // The delay left, in ms, that a refusal names.
+  const auto left_ms = [](const outcome<reply>& r) {
+    const std::string w = what_of(r.error);
+    const auto at = w.find("next connection attempt in ");
+    return at == std::string::npos ? -1 : std::stol(w.substr(at + 27));
+  };
   outcome<reply> out = run_one(ctx, redis.command({"PING"}));
   REQUIRE(out.error);
   CHECK(what_of(out.error).find("login refused") != std::string::npos);
@@ -381,13 +388,28 @@ TEST_CASE("a refused login or a silent server waits the reconnect delay before t
   REQUIRE(out.error);
   CHECK(what_of(out.error).find("next connection attempt in") != std::string::npos);
   CHECK(what_of(out.error).find("login refused") != std::string::npos);
+  CHECK(left_ms(out) > 50'000);
   CHECK(redis.connects() == 1);
+
+  // A password that logs in and a database out of range: AUTH's +OK does not reset the delay
+  // that SELECT's refusal then doubles.
+  keel::redis::client_options db = o;
+  db.server.password = "s3cret-PW-77";
+  db.server.db = 99;
+  keel::redis::client wrong_db(ctx.get_executor(), db);
+  out = run_one(ctx, wrong_db.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(what_of(out.error).find("login refused") != std::string::npos);
+  out = run_one(ctx, wrong_db.command({"PING"}));
+  CHECK(left_ms(out) > 50'000);
+  CHECK(wrong_db.connects() == 1);
 
   // A server that accepts and never answers: the same.
   silent_server silent(ctx);
   keel::redis::client_options so = redis_options(silent.port());
   so.command_timeout = std::chrono::milliseconds(50);
   so.reconnect_delay = std::chrono::minutes(1);
+  so.max_reconnect_delay = std::chrono::minutes(10);
   keel::redis::client quiet(ctx.get_executor(), so);
   // Two commands time out together: one reconnect delay, not two.
   outcome<reply> a;
@@ -399,5 +421,7 @@ TEST_CASE("a refused login or a silent server waits the reconnect delay before t
   out = run_one(ctx, quiet.command({"PING"}));
   REQUIRE(out.error);
   CHECK(what_of(out.error).find("next connection attempt in") != std::string::npos);
+  CHECK(left_ms(out) > 50'000);
+  CHECK(left_ms(out) <= 60'000);  // one delay (a second back-off would make it 120 s)
   CHECK(quiet.connects() == 1);
 }

@@ -297,3 +297,32 @@ TEST_CASE("a process that closes leaves the fleet at once, not after its window"
     return list && std::count(list->text.begin(), list->text.end(), '\n') == 1;
   }));
 }
+
+TEST_CASE("shared.username logs the fleet in as a Redis ACL user", "[redis][review]") {
+  // Before, policy.shared could only log in as Redis's default user (credentials in the URL are
+  // refused, and there was no other way to name a user).
+  keel_test::redis_process redis(
+      {"--user", "app", "on", ">app-PW-5", "~*", "&*", "+@all", "--user", "default", "off"});
+  boost::asio::io_context ctx;
+  auto cfg = keel_test::client::make_config(R"({
+    "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001",
+                     "requests_per_minute": 600}],
+    "policy": {"shared": {"username": "app", "key_prefix": "keeltest"}}
+  })",
+                                            "http://127.0.0.1:1");
+  CHECK(cfg.policy.shared.username == "app");
+  cfg.policy.shared.redis = "redis://127.0.0.1:" + std::to_string(redis.port()) + "/0";
+  cfg.policy.shared.password = "app-PW-5";
+  {
+    keel::redis::fleet fleet(ctx.get_executor(), cfg);
+    CHECK_FALSE(keel_test::run_one(ctx, fleet.acquire(cfg.entries.at(0), 1)).error);
+    fleet.close();
+  }
+  // The same password as the default user (which is off here): refused.
+  cfg.policy.shared.username.clear();
+  keel::redis::fleet fleet(ctx.get_executor(), cfg);
+  const auto out = keel_test::run_one(ctx, fleet.acquire(cfg.entries.at(0), 1));
+  REQUIRE(out.error);
+  CHECK(keel::describe(out.error).find("login refused") != std::string::npos);
+  fleet.close();
+}

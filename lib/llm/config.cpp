@@ -325,6 +325,7 @@ nlohmann::json to_json(const client_config& c, bool redact) {
       {"shared",
        {{"redis", p.shared.redis},
         {"key_prefix", p.shared.key_prefix},
+        {"username", p.shared.username},
         {"password_env", p.shared.password_env},
         {"timeout", p.shared.timeout},
         {"lease_window", p.shared.lease_window},

@@ -482,8 +482,8 @@ bool redis_url_ok(std::string_view url) {
 
 shared_config parser::parse_shared(const json& j, const std::string& path) const {
   check_keys(j, path,
-             {"redis", "key_prefix", "password_env", "timeout", "lease_window", "fleet_size",
-              "ca_file", "breaker_sync", "probe_timeout", "rate_sync"});
+             {"redis", "key_prefix", "username", "password_env", "timeout", "lease_window",
+              "fleet_size", "ca_file", "breaker_sync", "probe_timeout", "rate_sync"});
   shared_config sc;
   for (const auto& [key, v] : j.items()) {
     const std::string p = child(path, key);
@@ -512,6 +512,11 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
       sc.key_prefix = string(v, p);
     } else if (key == "password_env") {
       sc.password_env = string(v, p);
+    } else if (key == "username") {
+      if (v.is_string() && v.get_ref<const std::string&>().empty()) {
+        continue;  // "": the default user (what --print-config shows)
+      }
+      sc.username = string(v, p);
     } else if (key == "timeout") {
       sc.timeout = number(v, p, seconds_positive);
     } else if (key == "lease_window") {

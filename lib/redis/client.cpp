@@ -303,6 +303,9 @@ struct client::impl : std::enable_shared_from_this<impl> {
           },
           self->opts.connect_timeout);
     } catch (const boost::system::system_error& e) {
+      if (c->dead) {
+        co_return;  // failed already (a command's timeout closed it): backed off once, there
+      }
       self->on_connect_failed(
           c, e.code(),
           e.code() == keel::make_error_code(keel::error::deadline_exceeded)
@@ -438,7 +441,9 @@ struct client::impl : std::enable_shared_from_this<impl> {
                                        "login refused: " + r.text));
           break;
         }
-        self->delay = milliseconds{0};  // the connection works
+        if (!p->login) {
+          self->delay = milliseconds{0};  // the connection works (AUTH's +OK alone says not)
+        }
         if (!p->abandoned) {
           p->result = std::move(r);
           p->finish();

@@ -623,6 +623,7 @@ client_options options_of(const keel::llm::client_config& cfg) {
   } catch (const std::invalid_argument& e) {
     throw keel::llm::config_error(cfg.source, "/policy/shared/redis", e.what());
   }
+  o.server.username = sc.username;
   o.server.password = sc.password;
   o.ca_file = sc.ca_file;
   o.command_timeout = whole_ms(sc.timeout);

@@ -263,6 +263,8 @@ struct shared_config {
   /// First part of every Redis key; the rest is provider, model and a fingerprint of the key
   /// (never the key itself).
   std::string key_prefix = "keel";
+  /// The Redis ACL user to log in as (empty: Redis's `default` user, `AUTH password`).
+  std::string username;
   /// The environment variable whose value, if set, is the Redis password.
   std::string password_env = "KEEL_REDIS_PASSWORD";
   /// The Redis password, read from `password_env` when the config is loaded. Never printed.
