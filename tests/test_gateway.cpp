@@ -1344,7 +1344,8 @@ TEST_CASE("structured output through keel serve is JSON content from every provi
       R"({"config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001"}]})",
       R"({"config_list": [{"api_type": "anthropic", "model": "m",
           "api_key": "sk-ant-test-KEY0001"}]})",
-      R"({"config_list": [{"api_type": "bedrock", "model": "m", "aws_region": "us-east-1"}]})",
+      R"({"config_list": [{"api_type": "bedrock", "model": "anthropic.m",
+          "aws_region": "us-east-1"}]})",
   };
   const std::string body = R"({"model": "m", "messages": [{"role": "user", "content": "w?"}],
       "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema":
@@ -1467,7 +1468,7 @@ TEST_CASE("a caller keel serve refuses is answered before its body is read", "[g
   const std::string health =
       answer_to_head(rig, "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n");
   CHECK(health.rfind("HTTP/1.1 405", 0) == 0);
-  CHECK(health.find("\r\nAllow: GET\r\n") != std::string::npos);
+  CHECK(health.find("\r\nAllow: GET, HEAD\r\n") != std::string::npos);
   // A known caller's body is read and answered.
   const auto ok =
       run_one(rig.ctx, rig.http.send(completion_as(rig.gateway.base_url(), "sk-caller-b")));
@@ -1507,15 +1508,23 @@ TEST_CASE("a chunk extension or trailer cannot grow keel serve's buffer without 
   }
 }
 
-TEST_CASE("a HEAD gets the head of the answer and no body", "[gateway][review]") {
+TEST_CASE("a HEAD is answered as a GET, with the head only", "[gateway][review]") {
+  // Before, HEAD /healthz got a 405 with a body, which a keep-alive client reads as the start of
+  // its next answer (load balancers probe with HEAD).
   gateway_rig rig(one_entry);
   const std::string got =
       exchange_raw(rig, "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-  REQUIRE(got.rfind("HTTP/1.1 405", 0) == 0);
-  CHECK(got.find("Allow: GET\r\n") != std::string::npos);
+  REQUIRE(got.rfind("HTTP/1.1 200", 0) == 0);
   // Content-Length says what a GET would get; nothing follows the head.
-  CHECK(got.find("Content-Length: ") != std::string::npos);
+  const std::size_t at = got.find("Content-Length: ");
+  REQUIRE(at != std::string::npos);
+  CHECK(std::stoul(got.substr(at + 16)) == rig.send("GET", "/healthz").body.size());
   CHECK(got.size() == got.find("\r\n\r\n") + 4);
+  // Another method is refused with the methods the target takes.
+  const std::string put =
+      exchange_raw(rig, "PUT /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  REQUIRE(put.rfind("HTTP/1.1 405", 0) == 0);
+  CHECK(put.find("Allow: GET, HEAD\r\n") != std::string::npos);
 }
 
 TEST_CASE("a drain does not cut off an answer still being written", "[gateway][review]") {

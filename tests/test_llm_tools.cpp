@@ -323,7 +323,9 @@ TEST_CASE("bedrock parse_response reads toolUse blocks as tool calls", "[llm][to
 
 TEST_CASE("response_format reaches anthropic and bedrock as a tool the model must call",
           "[llm][tools][response_format]") {
-  keel::llm::chat_request req("m", {{"user", "Weather?"}}, 0);
+  // A Bedrock model of a family whose tool choice Converse lets keel force.
+  keel::llm::chat_request req("us.anthropic.claude-3-5-haiku-20241022-v1:0", {{"user", "Weather?"}},
+                              0);
   req.response_format =
       json{{"type", "json_schema"}, {"json_schema", {{"name", "w"}, {"schema", weather_schema}}}};
   const json anthropic = body_of(req, provider_kind::anthropic);
@@ -356,6 +358,13 @@ TEST_CASE("response_format reaches anthropic and bedrock as a tool the model mus
             .at("toolSpec")
             .at("inputSchema")
             .at("json") == weather_schema);
+  // Bedrock models whose tool choice cannot be forced (Llama, Cohere, ...) get nothing, as
+  // before: Converse would refuse the request.
+  keel::llm::chat_request llama = req;
+  llama.model = "meta.llama3-70b-instruct-v1:0";
+  CHECK_FALSE(body_of(llama, provider_kind::bedrock).contains("toolConfig"));
+  llama.model = "arn:aws:bedrock:us-east-1::foundation-model/amazon.nova-pro-v1:0";
+  CHECK(body_of(llama, provider_kind::bedrock).contains("toolConfig"));
   // "text": nothing to ask for.
   req.response_format = json{{"type", "text"}};
   CHECK_FALSE(body_of(req, provider_kind::anthropic).contains("tools"));
@@ -365,6 +374,7 @@ TEST_CASE("response_format reaches anthropic and bedrock as a tool the model mus
   // the answer tool; with "required" or a named tool, no answer tool; with "none", the answer
   // alone (Anthropic keeps the own tools declared: the conversation may have called them).
   keel::llm::chat_request tools = tool_conversation();
+  tools.model = "anthropic.claude-3-haiku-20240307-v1:0";
   tools.response_format = json{{"type", "json_object"}};
   json a = body_of(tools, provider_kind::anthropic);
   CHECK(a.at("tools").size() == 3);

@@ -95,8 +95,9 @@ constexpr std::size_t max_chunk_line = 64 * 1024;
 
 // A 405 for a target that takes only `allow` (RFC 9110: the answer names the methods it takes).
 response method_not_allowed(std::string_view allow, std::string_view target) {
-  response res = error_response(405, "Use " + std::string(allow) + " " + std::string(target) + ".",
-                                "invalid_request_error");
+  const std::string use = allow == "POST" ? "POST" : "GET";  // HEAD goes with GET
+  response res =
+      error_response(405, "Use " + use + " " + std::string(target) + ".", "invalid_request_error");
   res.set(bhttp::field::allow, allow);
   return res;
 }
@@ -129,7 +130,8 @@ bool malformed_http(const boost::system::error_code& ec) {
 }  // namespace
 
 struct server::impl : std::enable_shared_from_this<impl> {
-  struct connection {
+  struct caller;
+  struct connection : std::enable_shared_from_this<connection> {
     explicit connection(tcp::socket s) : stream(std::move(s)) {}
     beast::tcp_stream stream;
     asio::cancellation_signal cancel;
@@ -137,6 +139,13 @@ struct server::impl : std::enable_shared_from_this<impl> {
     bool stream_ok = true;        // the last streamed answer ended cleanly (keep-alive possible)
     bool stream_started = false;  // the current answer's head went out as a stream
     bool hung_up = false;         // the caller closed while its stream ran (see watch_hangup)
+    // The current request's key, checked from its head (read_request): `who` is its caller.
+    bool authenticated = false;
+    caller* who = nullptr;
+    // The wait on the caller's socket while a stream runs (watch_hangup): `watching` until the
+    // stream ends; `watch_stop` cancels the wait.
+    bool watching = false;
+    asio::cancellation_signal watch_stop;
   };
 
   // One configured caller: its limits and what it uses now.
@@ -321,9 +330,18 @@ struct server::impl : std::enable_shared_from_this<impl> {
       co_return ec;
     }
     if (self.completion_target(parser.get())) {
-      self.authenticate(parser.get(), early);  // no coroutine frame on the common path
+      // No coroutine frame on the common path; handle() then takes the caller found here.
+      c.who = self.authenticate(parser.get(), early);
+      c.authenticated = !early;
     } else {
-      early = co_await self.handle(parser.get(), c);
+      try {
+        early = co_await self.handle(parser.get(), c);
+      } catch (...) {
+        // As the session's own catch: an answer, and the session's cleanup still runs.
+        early = error_response(
+            500, "keel serve could not answer: " + keel::describe(std::current_exception()),
+            "server_error", "", "internal_error");
+      }
     }
     if (early) {
       co_return ec;
@@ -374,6 +392,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
     beast::flat_buffer buffer(self->opts.max_header + max_chunk_line);
     for (;;) {
       c->busy = false;
+      c->authenticated = false;
       bhttp::request_parser<bhttp::string_body> parser;
       parser.header_limit(self->opts.max_header);
       parser.body_limit(self->opts.max_request_body);
@@ -450,6 +469,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
       res->set(bhttp::field::server, "keel");
       res->keep_alive(keep);
       res->prepare_payload();
+      c->busy = true;  // any answer being written, refusals too: a drain does not cut it off
       c->stream.expires_after(self->opts.write_timeout);
       // The head and the body in one gathering write: Beast's serializer walks a concatenated
       // buffer sequence whose iterators cost about 7% of the gateway's instructions per request
@@ -505,17 +525,18 @@ struct server::impl : std::enable_shared_from_this<impl> {
                                                   connection& c) {
     std::string_view target = req.target();
     target = target.substr(0, target.find('?'));
-    const bool get = req.method() == bhttp::verb::get;
+    // HEAD is answered as GET (RFC 9110), without the body (see session()).
+    const bool get = req.method() == bhttp::verb::get || req.method() == bhttp::verb::head;
     const bool post = req.method() == bhttp::verb::post;
     if (target == "/healthz") {
       if (!get) {
-        co_return method_not_allowed("GET", "/healthz");
+        co_return method_not_allowed("GET, HEAD", "/healthz");
       }
       co_return json_response(draining ? 503 : 200, json{{"status", draining ? "draining" : "ok"}});
     }
     if (target == "/metrics" && opts.metrics) {
       if (!get) {
-        co_return method_not_allowed("GET", "/metrics");
+        co_return method_not_allowed("GET, HEAD", "/metrics");
       }
       response res;
       res.result(bhttp::status::ok);
@@ -524,13 +545,13 @@ struct server::impl : std::enable_shared_from_this<impl> {
       co_return res;
     }
     std::optional<response> refusal;
-    caller* who = authenticate(req, refusal);
+    caller* who = c.authenticated ? c.who : authenticate(req, refusal);
     if (refusal) {
       co_return refusal;
     }
     if (target == "/v1/models") {
       if (!get) {
-        co_return method_not_allowed("GET", "/v1/models");
+        co_return method_not_allowed("GET, HEAD", "/v1/models");
       }
       json data = json::array();
       for (const route& r : routes) {
@@ -736,7 +757,16 @@ struct server::impl : std::enable_shared_from_this<impl> {
     keel::llm::stream_call_options so;
     so.restartable = false;  // what was written cannot be taken back
     ++counters.in_flight;
-    const std::shared_ptr<hangup_watch> watch = watch_hangup(c);
+    // Ended however stream_call ends (a throw must not leave the wait's handler reading a
+    // connection the session has closed).
+    struct watch_end {
+      connection& c;
+      ~watch_end() {
+        c.watching = false;
+        c.watch_stop.emit(asio::cancellation_type::terminal);
+      }
+    } end_watch{c};
+    watch_hangup(c);
     keel::llm::call_outcome out = co_await client.stream_call(
         std::move(p.request),
         [&](const keel::llm::stream_delta& d) -> asio::awaitable<void> {
@@ -748,8 +778,8 @@ struct server::impl : std::enable_shared_from_this<impl> {
         so, nullptr, keel::bulkhead_permit{}, parent);
     span.set("keel.stream", true);
     --counters.in_flight;
-    watch->done = true;
-    watch->stop.emit(asio::cancellation_type::terminal);
+    c.watching = false;
+    c.watch_stop.emit(asio::cancellation_type::terminal);
     if (cancelling || c.hung_up) {
       co_await asio::this_coro::reset_cancellation_state();
     }
@@ -807,38 +837,31 @@ struct server::impl : std::enable_shared_from_this<impl> {
     co_return std::nullopt;
   }
 
-  // A streamed call's watch on its caller's socket (see watch_hangup), shared with the wait's
-  // handler, which may run after the stream (and the connection) are gone.
-  struct hangup_watch {
-    bool done = false;  // the stream ended: the handler touches nothing
-    asio::cancellation_signal stop;
-  };
-
   // While a stream runs, a caller that hangs up (end of stream or an error on its socket)
   // cancels the call, as the drain's grace does: before the first delta no write would fail, and
   // keel went on retrying for a caller that was gone (up to the deadline), and mid-stream a
   // stalled provider was read until its idle timeout. Bytes from the caller (a pipelined
   // request) end the watch without a cancel and stay for the session to read. One wait per
-  // stream, cancelled when it ends.
-  std::shared_ptr<hangup_watch> watch_hangup(connection& c) {
-    auto w = std::make_shared<hangup_watch>();
+  // stream (no allocation: the handler holds the connection), cancelled when it ends.
+  static void watch_hangup(connection& c) {
     c.hung_up = false;
+    c.watching = true;
     c.stream.socket().async_wait(
         tcp::socket::wait_read,
-        asio::bind_cancellation_slot(w->stop.slot(), [w, cp = &c](boost::system::error_code ec) {
-          if (w->done || ec == asio::error::operation_aborted) {
-            return;
-          }
-          char b = 0;
-          const ssize_t n =
-              ::recv(cp->stream.socket().native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
-          if (ec || n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
-            cp->hung_up = true;
-            cp->stream_ok = false;
-            cp->cancel.emit(asio::cancellation_type::terminal);
-          }
-        }));
-    return w;
+        asio::bind_cancellation_slot(
+            c.watch_stop.slot(), [cp = c.shared_from_this()](boost::system::error_code ec) {
+              if (!cp->watching || ec == asio::error::operation_aborted) {
+                return;
+              }
+              char b = 0;
+              const ssize_t n =
+                  ::recv(cp->stream.socket().native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
+              if (ec || n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+                cp->hung_up = true;
+                cp->stream_ok = false;
+                cp->cancel.emit(asio::cancellation_type::terminal);
+              }
+            }));
   }
 
   void close_idle() {

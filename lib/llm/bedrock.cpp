@@ -223,11 +223,25 @@ void add_tools(const chat_request& req, json& body) {
   body["toolConfig"] = std::move(config);
 }
 
-// response_format as a tool the model must call (chat.hpp's `response_format`).
+// Converse takes a forced tool choice (`any`, `tool`) only for some model families: Anthropic's
+// Claude, Mistral Large and Amazon Nova. Model ids may carry a region prefix (us.anthropic...)
+// or be ARNs, so the family is looked for anywhere in the id.
+bool forces_tool_choice(std::string_view model) {
+  for (std::string_view family : {"anthropic.", "mistral.mistral-large", "amazon.nova"}) {
+    if (model.find(family) != std::string_view::npos) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// response_format as a tool the model must call (chat.hpp's `response_format`); for a model that
+// cannot be made to call a tool, nothing (as before the answer tool: Converse would refuse the
+// request, and some of those models take no tools at all).
 void add_answer_tool(const chat_request& req, json& body) {
   answer_tool_plan plan = plan_answer_tool(req);
   add_tools(req, body);
-  if (plan.schema.is_null()) {
+  if (plan.schema.is_null() || !forces_tool_choice(req.model)) {
     return;
   }
   // Own tools withheld (none, or tool choice "none"): any tools declared are the history's.

@@ -697,6 +697,13 @@ asio::awaitable<client::reply_box> client::attempt(entry_state& es, call_state& 
       cs.gate->ensure_admitted();  // throws circuit_open
     }
   }
+  if (hedge &&
+      (co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none) {
+    // A hedge whose wait for the bucket ended in the turn another copy won: it is cancelled,
+    // and neither counts as an attempt nor names the call's entry.
+    es.bucket->release(cost);
+    throw boost::system::system_error(asio::error::operation_aborted);
+  }
   ++cs.attempts;
   cs.entry = es.index;
   // Counted here, where a request really goes out: an open breaker's refusals send nothing.

@@ -5,7 +5,7 @@
 //
 // run.sh starts the mock (scenario.json: models gw-primary, gw-backup, gw-limited) and two
 // gateways: SERVE_URL serves "gw-primary" with "gw-backup" as its fallback (3 attempts each),
-// "gw-claude" (an Anthropic-format entry: a second route) and "gw-bedrock" (a Bedrock Converse
+// "gw-claude" (an Anthropic-format entry: a second route) and "anthropic.gw-bedrock" (a Bedrock Converse
 // entry: a third), LIMITED_URL serves "gw-limited" and "gw-filtered" with one attempt. Prints one PASS/FAIL line per check and exits
 // 1 if any failed.
 
@@ -122,7 +122,7 @@ const weatherTool = {
 };
 const png = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==';
 
-for (const model of ['gw-primary', 'gw-claude', 'gw-bedrock']) {
+for (const model of ['gw-primary', 'gw-claude', 'anthropic.gw-bedrock']) {
   await check(`keel serve (${model}): tools -> message.tool_calls the SDK reads, finish_reason tool_calls`, async () => {
     const r = await sdk.chat.completions.create({ ...ask(model, 'weather in Paris?'), tools: [weatherTool] });
     const choice = r.choices[0];
@@ -211,7 +211,7 @@ await check('keel serve: chat.completions.stream() helper -> finalChatCompletion
 await check('keel serve: models.list() names one route per config', async () => {
   const ids = [];
   for await (const m of sdk.models.list()) ids.push(m.id);
-  eq(JSON.stringify(ids), '["gw-primary","gw-claude","gw-bedrock"]', 'ids');
+  eq(JSON.stringify(ids), '["gw-primary","gw-claude","anthropic.gw-bedrock"]', 'ids');
 });
 
 await check('keel serve: an Anthropic-backed route answers the OpenAI SDK as an OpenAI completion', async () => {
@@ -234,7 +234,7 @@ const orderSchema = {
   required: ['id', 'tier'],
   additionalProperties: false,
 };
-for (const model of ['gw-primary', 'gw-claude', 'gw-bedrock']) {
+for (const model of ['gw-primary', 'gw-claude', 'anthropic.gw-bedrock']) {
   await check(`keel serve (${model}): chat.completions.parse() strict json_schema -> message.parsed`, async () => {
     const c = await sdk.chat.completions.parse({
       ...ask(model, 'an order'),

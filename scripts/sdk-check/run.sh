@@ -51,7 +51,7 @@ cat >"$tmp/claude.json" <<EOF
 {"config_list": [{"api_type": "anthropic", "model": "gw-claude", "base_url": "$url", "api_key": "sk-gateway-check-4"}]}
 EOF
 cat >"$tmp/bedrock.json" <<EOF
-{"config_list": [{"api_type": "bedrock", "model": "gw-bedrock", "base_url": "$url", "aws_region": "us-east-1"}]}
+{"config_list": [{"api_type": "bedrock", "model": "anthropic.gw-bedrock", "base_url": "$url", "aws_region": "us-east-1"}]}
 EOF
 cat >"$tmp/limited.json" <<EOF
 {"config_list": [{"model": "gw-limited", "base_url": "$url", "api_key": "sk-gateway-check-3"}],
@@ -82,7 +82,7 @@ start_serve "$tmp/gw.json" "$tmp/gw.log" "$tmp/claude.json" "$tmp/bedrock.json"
 gw="$served"
 start_serve "$tmp/limited.json" "$tmp/limited.log" "$tmp/filtered.json"
 lim="$served"
-echo "serve: $gw (gw-primary -> gw-backup; gw-claude; gw-bedrock), $lim (gw-limited; gw-filtered)"
+echo "serve: $gw (gw-primary -> gw-backup; gw-claude; anthropic.gw-bedrock), $lim (gw-limited; gw-filtered)"
 SERVE_URL="$gw" LIMITED_URL="$lim" node gateway.mjs || rc=$?
 for p in "${serve_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${serve_pids[@]}"; do wait "$p" 2>/dev/null || true; done

@@ -238,7 +238,8 @@ struct chat_request {
   /// choice of automatic (or none given), the model must call one of them or the answer tool
   /// (Anthropic `any`, Bedrock `any`); with "required" or a named tool, no answer tool is added
   /// (the reply is a tool call); with "none", only the answer tool. Bedrock forces a tool only for
-  /// the models that support it (Anthropic's, Mistral Large); others answer 400.
+  /// the families that support it (Anthropic's, Mistral Large, Amazon Nova); other Bedrock
+  /// models get neither the tool nor the format.
   std::optional<nlohmann::json> response_format;
   /// Free-form metadata: sent as OpenAI `metadata` and Bedrock `requestMetadata` when it is a
   /// non-empty object (otherwise not sent); Anthropic gets only its `user_id` (Anthropic's
