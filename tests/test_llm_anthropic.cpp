@@ -30,7 +30,6 @@ TEST_CASE("anthropic build_request makes the messages call", "[llm][anthropic]")
   req.system = "Be brief.";
   req.temperature = 0.0;
   req.metadata = {{"user_id", "u1"}};
-  req.response_format = json{{"type", "object"}};  // not sent: no equivalent in the API
   keel::llm::endpoint ep(keel::llm::provider_kind::anthropic, "", "sk-ant-secret");
   // The current version, as @anthropic-ai/sdk 1.x sends it: the key as a bearer token, and no
   // sampling parameters (2026-10-21 removed them).
