@@ -674,11 +674,27 @@ TEST_CASE("an invalid AWS variable fails at load naming the variable", "[cli_con
   const std::string text = bedrock(R"("aws_region": "us-east-1")");
   auto e = error_of(text, {{"AWS_MAX_ATTEMPTS", "many"}});
   CHECK(e.path() == "/config_list/0 (AWS_MAX_ATTEMPTS)");
-  CHECK(e.message() == R"(expected an integer >= 1 (total attempts), got "many")");
+  CHECK(e.message() == R"(expected an integer from 1 to 2147483647 (total attempts), got "many")");
   CHECK(error_of(text, {{"AWS_MAX_ATTEMPTS", "0"}}).path() == "/config_list/0 (AWS_MAX_ATTEMPTS)");
+  // Over INT_MAX: the message said ">= 1", which the value is.
+  CHECK_THAT(error_of(text, {{"AWS_MAX_ATTEMPTS", "3000000000"}}).message(),
+             Catch::StartsWith("expected an integer from 1 to 2147483647"));
   auto m = error_of(text, {{"AWS_RETRY_MODE", "fast"}});
   CHECK(m.path() == "/config_list/0 (AWS_RETRY_MODE)");
   CHECK_THAT(m.message(), Catch::EndsWith(R"(got "fast")"));
+}
+
+TEST_CASE("config messages name a space in base_url and the bound of a huge number",
+          "[cli_config][review]") {
+  // A space in base_url is named, with where it is (and the URL is not echoed).
+  const auto space = error_of(with_entry(R"("base_url": "https://api.example.com /v1")"));
+  CHECK(space.path() == "/config_list/0/base_url");
+  CHECK(space.message() ==
+        "expected a URL without spaces or line breaks (percent-encode a space "
+        "in a path as %20), got one at byte 23");
+  // A number too large to be an integer is told the bound too.
+  CHECK_THAT(error_of(with_entry(R"("total_max_attempts": 1e308)")).message(),
+             Catch::StartsWith("expected an integer >= 1 and <= 2147483647"));
 }
 
 TEST_CASE("an invalid profile retry setting fails naming the profile and file", "[cli_config]") {

@@ -1420,37 +1420,6 @@ TEST_CASE("a caller that sets no max_tokens gets no limit sent, but to Anthropic
   }
 }
 
-namespace {
-
-// The answer keel serve gives to `head` sent alone (no body yet): read up to the end of its head
-// and body (the gateway closes after an answer to a request whose body it did not read).
-std::string answer_to_head(gateway_rig& rig, const std::string& head) {
-  asio::ip::tcp::socket sock(rig.ctx);
-  sock.connect({asio::ip::make_address("127.0.0.1"), rig.gateway.port()});
-  std::string got;
-  bool done = false;
-  asio::co_spawn(
-      rig.ctx,
-      [&]() -> asio::awaitable<void> {
-        co_await asio::async_write(sock, asio::buffer(head), asio::use_awaitable);
-        std::array<char, 4096> buf{};
-        for (;;) {
-          auto [ec, n] =
-              co_await sock.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
-          if (ec) {
-            break;
-          }
-          got.append(buf.data(), n);
-        }
-        done = true;
-      },
-      asio::detached);
-  REQUIRE(run_real(rig.ctx, [&] { return done; }));
-  return got;
-}
-
-}  // namespace
-
 TEST_CASE("a caller keel serve refuses is answered before its body is read", "[gateway][review]") {
   // Before, the whole body (up to max_request_body) was read, and 100 Continue sent, before the
   // key was checked: 60 connections without a key held 250 MB.
@@ -1458,15 +1427,15 @@ TEST_CASE("a caller keel serve refuses is answered before its body is read", "[g
   for (const char* auth : {"", "Authorization: Bearer nope\r\n"}) {
     INFO(auth);
     const std::string got =
-        answer_to_head(rig, std::string("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n") +
-                                auth + "Expect: 100-continue\r\nContent-Length: 3000000\r\n\r\n");
+        exchange_raw(rig, std::string("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n") + auth +
+                              "Expect: 100-continue\r\nContent-Length: 3000000\r\n\r\n");
     CHECK(got.rfind("HTTP/1.1 401", 0) == 0);
     CHECK(got.find("100 Continue") == std::string::npos);
     CHECK(got.find(auth[0] == 0 ? "missing_api_key" : "invalid_api_key") != std::string::npos);
   }
   // A target that reads no body answers from the head too.
   const std::string health =
-      answer_to_head(rig, "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n");
+      exchange_raw(rig, "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n");
   CHECK(health.rfind("HTTP/1.1 405", 0) == 0);
   CHECK(health.find("\r\nAllow: GET, HEAD\r\n") != std::string::npos);
   // A known caller's body is read and answered.

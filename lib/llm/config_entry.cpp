@@ -94,6 +94,11 @@ entry_config parser::parse_entry(const json& j, const std::string& path,
         fail(p, "a string (an http:// or https:// URL, or \"\")", shown(v));
       }
       e.base_url = v.get<std::string>();
+      if (const auto ws = e.base_url.find_first_of(" \t\r\n"); ws != std::string::npos) {
+        // Said apart: the generic message left a pasted space (or newline) hard to see.
+        fail(p, "a URL without spaces or line breaks (percent-encode a space in a path as %20)",
+             "one at byte " + std::to_string(ws));
+      }
       if (!e.base_url.empty() && !keel::http::valid_url(e.base_url)) {
         // A password in the URL is not echoed back.
         const auto authority = e.base_url.substr(0, e.base_url.find_first_of("/?#", 8));
@@ -477,7 +482,7 @@ keel::aws::resolved_retry_config parser::resolve_aws_retry(
   } catch (const std::invalid_argument&) {
     // Entry values were range-checked above, so the culprit is the variable or the profile.
     const std::string where = env_max ? path + " (AWS_MAX_ATTEMPTS)" : profile_path("max_attempts");
-    fail(where, "an integer >= 1 (total attempts)",
+    fail(where, "an integer from 1 to " + std::to_string(INT_MAX) + " (total attempts)",
          echo_text(env_max ? *env_max : profile_max.value_or("")));
   }
 }

@@ -87,7 +87,9 @@ double parser::number(const json& j, const std::string& path, const num_range& r
 
 long long parser::integer(const json& j, const std::string& path, const num_range& r) const {
   if (!j.is_number_integer()) {
-    fail(path, r.describe("an integer", false), shown(j));
+    // A number past the bound (1e308) is told the bound too, not only that it is no integer.
+    fail(path, r.describe("an integer", !r.hi_shown && j.is_number() && j.get<double>() > r.hi),
+         shown(j));
   }
   const bool huge = j.is_number_unsigned() && j.get<std::uint64_t>() > LLONG_MAX;
   const long long v = huge ? LLONG_MAX : j.get<long long>();
