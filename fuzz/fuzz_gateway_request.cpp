@@ -93,7 +93,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       keel::fuzz::unexpected_exception("keel::llm::build_request");
     }
   }
-  KEEL_FUZZ_CHECK(r.max_tokens >= 1);
+  KEEL_FUZZ_CHECK(r.max_tokens >= 0);  // 0: not given (no limit sent; Anthropic its default)
   KEEL_FUZZ_CHECK(!r.temperature || (*r.temperature >= 0 && *r.temperature <= 2));
   KEEL_FUZZ_CHECK(!r.top_p || (*r.top_p >= 0 && *r.top_p <= 1));
   KEEL_FUZZ_CHECK(r.stop.size() <= 4);
