@@ -692,6 +692,12 @@ TEST_CASE("config messages name a space in base_url and the bound of a huge numb
   CHECK(space.message() ==
         "expected a URL without spaces or line breaks (percent-encode a space "
         "in a path as %20), got one at byte 23");
+  // A Redis username without a password would log in as `default` unnoticed.
+  const auto user = error_of(
+      R"({"config_list": [{"model": "m", "api_key": "k"}],
+          "policy": {"shared": {"redis": "redis://127.0.0.1:6379/0", "username": "app"}}})");
+  CHECK(user.path() == "/policy/shared/username");
+  CHECK_THAT(user.message(), Catch::Contains("KEEL_REDIS_PASSWORD"));
   // A number too large to be an integer is told the bound too.
   CHECK_THAT(error_of(with_entry(R"("total_max_attempts": 1e308)")).message(),
              Catch::StartsWith("expected an integer >= 1 and <= 2147483647"));

@@ -3,13 +3,17 @@
 // delays. The Redis-backed implementation is tested through `keel batch` (test_cli_e2e.cpp).
 #include "llm_client_support.hpp"
 
+#include <keel/http/client.hpp>
 #include <keel/llm/client.hpp>
 #include <keel/testing/mock_llm_server.hpp>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,8 +36,12 @@ struct fake_fleet final : keel::llm::fleet_pacing {
     if (down) {
       throw std::runtime_error("redis 127.0.0.1:1/0: unavailable");
     }
-    co_return;
+    if (hold != nullptr && *hold) {
+      co_await (*hold)->async_wait(boost::asio::use_awaitable);  // throws when cancelled
+    }
   }
+  // When `hold` is set, acquire waits on it (until the call is cancelled).
+  std::optional<boost::asio::steady_timer>* hold = nullptr;
   void on_server_delay(const keel::llm::entry_config& e, std::chrono::nanoseconds d) override {
     delays.emplace_back(e.model, d);
   }
@@ -114,6 +122,39 @@ TEST_CASE("a server's delay holds the pacing and the fleet no longer than max_re
   CHECK(fleet.delays[0].second == 50ms);
   // The retry went within the cap.
   CHECK(out[0].seconds < 5);
+}
+
+TEST_CASE("a call cancelled while the fleet holds it gives its place in the bucket back",
+          "[llm_client][review]") {
+  // Before, a call cancelled in the fleet's wait (a deadline, a lost hedge, a caller gone) kept
+  // the request it had taken from its entry's bucket, though it sent nothing.
+  boost::asio::io_context ctx;
+  keel::testing::mock_llm_server server(ctx);
+  server.start();
+  std::optional<boost::asio::steady_timer> hold;
+  hold.emplace(ctx, std::chrono::steady_clock::time_point::max());
+  fake_fleet fleet;
+  fleet.hold = &hold;
+  keel::http::client http(ctx.get_executor(), {});
+  keel::llm::bucket_registry buckets(ctx.get_executor());
+  keel::llm::client_options o;
+  o.fleet = &fleet;
+  o.shared_pacing = false;  // the configured bucket only
+  keel::llm::client client(ctx.get_executor(),
+                           make_config(R"({
+      "config_list": [{"api_type": "openai", "model": "m", "api_key": "sk-test-KEY000001",
+                       "requests_per_minute": 6}],
+      "policy": {"retry": {"max_attempts": 1}, "deadline": 0.2,
+                 "rate_limits": {"burst": 1}}})",
+                                       server.base_url()),
+                           http, buckets, {}, 1, o);
+  const auto out = run(ctx, client, {request()});
+  REQUIRE(out[0].error);
+  CHECK(out[0].attempts == 0);
+  CHECK(server.stats().total.requests == 0);
+  REQUIRE(buckets.all().size() == 1);
+  // The one request of the burst is back (one request per 10 s would not have refilled it).
+  CHECK(buckets.all()[0].second->available_requests() == Approx(1).margin(0.1));
 }
 
 TEST_CASE("when the fleet cannot be reached the call goes on under its own bucket",

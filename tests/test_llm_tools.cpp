@@ -363,6 +363,8 @@ TEST_CASE("response_format reaches anthropic and bedrock as a tool the model mus
   keel::llm::chat_request llama = req;
   llama.model = "meta.llama3-70b-instruct-v1:0";
   CHECK_FALSE(body_of(llama, provider_kind::bedrock).contains("toolConfig"));
+  llama.model = "anthropic.claude-v2:1";  // Claude 2 takes no tools on Converse
+  CHECK_FALSE(body_of(llama, provider_kind::bedrock).contains("toolConfig"));
   llama.model = "arn:aws:bedrock:us-east-1::foundation-model/amazon.nova-pro-v1:0";
   CHECK(body_of(llama, provider_kind::bedrock).contains("toolConfig"));
   // "text": nothing to ask for.

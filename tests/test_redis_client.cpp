@@ -41,6 +41,10 @@ struct silent_server {
         co_return;
       }
       ++accepted;
+      if (close_at_once) {
+        s.close();
+        continue;
+      }
       sockets.push_back(std::move(s));
       asio::co_spawn(acceptor.get_executor(), drain(sockets.back()), asio::detached);
     }
@@ -55,6 +59,9 @@ struct silent_server {
   tcp::acceptor acceptor;
   std::list<tcp::socket> sockets;
   int accepted = 0;
+  /// Close each connection as soon as it is accepted (a Redis at maxclients, or a proxy with
+  /// no backend).
+  bool close_at_once = false;
 };
 
 }  // namespace
@@ -424,4 +431,19 @@ TEST_CASE("a refused login or a silent server waits the reconnect delay before t
   CHECK(left_ms(out) > 50'000);
   CHECK(left_ms(out) <= 60'000);  // one delay (a second back-off would make it 120 s)
   CHECK(quiet.connects() == 1);
+
+  // A server that closes before it ever answered: the same (before, every command reconnected).
+  silent_server closing(ctx);
+  closing.close_at_once = true;
+  keel::redis::client_options co = redis_options(closing.port());
+  co.reconnect_delay = std::chrono::minutes(1);
+  co.max_reconnect_delay = std::chrono::minutes(10);
+  keel::redis::client shut(ctx.get_executor(), co);
+  out = run_one(ctx, shut.command({"PING"}));
+  REQUIRE(out.error);
+  INFO(what_of(out.error));
+  out = run_one(ctx, shut.command({"PING"}));
+  REQUIRE(out.error);
+  CHECK(left_ms(out) > 50'000);
+  CHECK(shut.connects() == 1);
 }

@@ -227,6 +227,11 @@ void add_tools(const chat_request& req, json& body) {
 // Claude, Mistral Large and Amazon Nova. Model ids may carry a region prefix (us.anthropic...)
 // or be ARNs, so the family is looked for anywhere in the id.
 bool forces_tool_choice(std::string_view model) {
+  for (std::string_view old : {"anthropic.claude-v2", "anthropic.claude-instant"}) {
+    if (model.find(old) != std::string_view::npos) {
+      return false;  // Claude 2 and Instant take no tools on Converse
+    }
+  }
   for (std::string_view family : {"anthropic.", "mistral.mistral-large", "amazon.nova"}) {
     if (model.find(family) != std::string_view::npos) {
       return true;

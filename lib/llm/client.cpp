@@ -646,6 +646,23 @@ asio::awaitable<client::reply_box> client::attempt(entry_state& es, call_state& 
   } else {
     co_await es.bucket->acquire(cost);
   }
+  // Until the attempt is counted (below), the bucket's grant goes back however this ends: a
+  // refusal by the breaker, or a cancellation in the fleet's waits (a hedge that lost as its
+  // wait ended, a deadline, a caller gone) sends nothing.
+  struct grant_back {
+    keel::throttler& bucket;
+    keel::throttle_cost cost;
+    bool armed = true;
+    ~grant_back() {
+      if (armed) {
+        try {
+          bucket.release(cost);
+        } catch (...) {
+          // Out of memory while waking a waiter: the grant is lost, not the process.
+        }
+      }
+    }
+  } give_back{*es.bucket, cost};
   const auto waited = clock_type::now() - waited_from;
   if (waited > std::chrono::milliseconds(1)) {
     if (hooks_.on_throttle_wait) {
@@ -693,17 +710,15 @@ asio::awaitable<client::reply_box> client::attempt(entry_state& es, call_state& 
       options_.fleet->sync_breaker(*es.cfg, *es.breaker);
     }
     if (!cs.gate->still_admitted()) {
-      es.bucket->release(cost);
-      cs.gate->ensure_admitted();  // throws circuit_open
+      cs.gate->ensure_admitted();  // throws circuit_open (the grant goes back)
     }
   }
-  if (hedge &&
-      (co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none) {
-    // A hedge whose wait for the bucket ended in the turn another copy won: it is cancelled,
-    // and neither counts as an attempt nor names the call's entry.
-    es.bucket->release(cost);
+  if ((co_await asio::this_coro::cancellation_state).cancelled() != asio::cancellation_type::none) {
+    // Cancelled as the last wait ended (a hedge whose wait ended in the turn another copy won):
+    // it neither counts as an attempt nor names the call's entry.
     throw boost::system::system_error(asio::error::operation_aborted);
   }
+  give_back.armed = false;
   ++cs.attempts;
   cs.entry = es.index;
   // Counted here, where a request really goes out: an open breaker's refusals send nothing.

@@ -542,6 +542,11 @@ shared_config parser::parse_shared(const json& j, const std::string& path) const
     if (auto pw = env_(sc.password_env); pw && !pw->empty()) {
       sc.password = *pw;
     }
+    if (!sc.username.empty() && sc.password.empty()) {
+      // Without a password no AUTH is sent, and the fleet would log in as `default` unnoticed.
+      fail(child(path, "username"), "a password in $" + sc.password_env + " with a username",
+           "none set");
+    }
   }
   return sc;
 }

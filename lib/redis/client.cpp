@@ -143,7 +143,10 @@ struct connection {
   redisReader* reader;
   std::string out;                            // commands not yet written
   std::deque<std::shared_ptr<pending>> sent;  // in order, awaiting replies (queued or written)
-  bool open = false;                          // connected (commands may be written)
+  // A command (not the login) had a reply that is not an error: the connection works, and its
+  // end is no reason to wait before the next one.
+  bool answered = false;
+  bool open = false;  // connected (commands may be written)
   bool writing = false;
   bool dead = false;
 };
@@ -386,7 +389,8 @@ struct client::impl : std::enable_shared_from_this<impl> {
                             : co_await asio::async_write(c->sock, asio::buffer(buf),
                                                          asio::as_tuple(asio::use_awaitable));
       if (ec) {
-        self->fail(c, self->make_failure(ec, "write failed: " + ec.message()));
+        const std::string what = "write failed: " + ec.message();
+        self->fail(c, c->answered ? self->make_failure(ec, what) : self->back_off(ec, what));
         break;
       }
     }
@@ -405,9 +409,11 @@ struct client::impl : std::enable_shared_from_this<impl> {
         break;
       }
       if (ec) {
-        self->fail(c,
-                   self->make_failure(ec, ec == asio::error::eof ? "connection closed by the server"
-                                                                 : "read failed: " + ec.message()));
+        // A server that closes before it ever answered (at maxclients, or a proxy with no
+        // backend) is backed off from, as a refused connect is.
+        const std::string what = ec == asio::error::eof ? "connection closed by the server"
+                                                        : "read failed: " + ec.message();
+        self->fail(c, c->answered ? self->make_failure(ec, what) : self->back_off(ec, what));
         break;
       }
       const auto protocol_error = [&](const std::string& what) {
@@ -441,8 +447,10 @@ struct client::impl : std::enable_shared_from_this<impl> {
                                        "login refused: " + r.text));
           break;
         }
-        if (!p->login) {
-          self->delay = milliseconds{0};  // the connection works (AUTH's +OK alone says not)
+        if (!p->login && !r.is_error()) {
+          // The connection works (AUTH's +OK alone says not, nor an error such as maxclients').
+          c->answered = true;
+          self->delay = milliseconds{0};
         }
         if (!p->abandoned) {
           p->result = std::move(r);

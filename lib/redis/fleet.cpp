@@ -12,6 +12,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <algorithm>
@@ -60,6 +61,12 @@ class fleet_impl {
       // bounded by the Redis command timeout, rather than sending its first calls into the
       // outage (16 calls at concurrency 32 before). The caller checks the breaker again after.
       (void)co_await bs->first_sync.async_wait(asio::as_tuple(asio::use_awaitable));
+      // The sync's own end also wakes the wait with operation_aborted: only the caller's
+      // cancellation state tells a cancelled call (which must not go on to an attempt).
+      if ((co_await asio::this_coro::cancellation_state).cancelled() !=
+          asio::cancellation_type::none) {
+        throw boost::system::system_error(asio::error::operation_aborted);
+      }
     }
     buckets* b = of(e);
     if (b == nullptr) {
