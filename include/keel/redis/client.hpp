@@ -23,8 +23,9 @@
 //   command reconnects rather than queueing behind it.
 // - **Failures are fast.** A connection that fails to work (a refused or timed-out connect, a
 //   refused login such as a wrong password or a database out of range, a command with no reply
-//   in time) fails the commands waiting on it and, for `reconnect_delay` (doubling per failure
-//   up to `max_reconnect_delay`, reset by the first good reply), every new command fails at once
+//   in time, a close before any reply) fails the commands waiting on it and, for
+//   `reconnect_delay` (doubling per failure up to `max_reconnect_delay`, reset by the first
+//   reply to a command that is not an error), every new command fails at once
 //   without touching the network, so a dead Redis costs callers nothing but an
 //   error they can fall back on (keel's shared pacing falls back to a local limit).
 // - **TLS** (`rediss://`): Asio's OpenSSL stream over the same socket; the certificate is
