@@ -757,14 +757,17 @@ struct server::impl : std::enable_shared_from_this<impl> {
     keel::llm::stream_call_options so;
     so.restartable = false;  // what was written cannot be taken back
     ++counters.in_flight;
-    // Ended however stream_call ends (a throw must not leave the wait's handler reading a
-    // connection the session has closed).
+    // Ended when the call ends, and however stream() ends (a throw must not leave the wait's
+    // handler reading a connection the session has closed).
     struct watch_end {
       connection& c;
-      ~watch_end() {
-        c.watching = false;
-        c.watch_stop.emit(asio::cancellation_type::terminal);
+      void stop() {
+        if (c.watching) {
+          c.watching = false;
+          c.watch_stop.emit(asio::cancellation_type::terminal);
+        }
       }
+      ~watch_end() { stop(); }
     } end_watch{c};
     watch_hangup(c);
     keel::llm::call_outcome out = co_await client.stream_call(
@@ -778,8 +781,7 @@ struct server::impl : std::enable_shared_from_this<impl> {
         so, nullptr, keel::bulkhead_permit{}, parent);
     span.set("keel.stream", true);
     --counters.in_flight;
-    c.watching = false;
-    c.watch_stop.emit(asio::cancellation_type::terminal);
+    end_watch.stop();
     if (cancelling || c.hung_up) {
       co_await asio::this_coro::reset_cancellation_state();
     }

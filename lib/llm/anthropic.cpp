@@ -265,11 +265,7 @@ chat_response anthropic::parse_response(const keel::http::response& res,
     }
     r.text += text.get<std::string>();
   }
-  if (answer) {
-    r.text = std::move(*answer);  // the answer alone: prose beside it would not parse
-  }
-  r.finish_reason = answered_finish_reason(rd.optional_string(body, "stop_reason", ""),
-                                           answer.has_value(), !r.tool_calls.empty());
+  finish_answered(r, std::move(answer), rd.optional_string(body, "stop_reason", ""));
   r.model = rd.optional_string(body, "model", "");
   r.usage = rd.usage(body, "usage", "input_tokens", "output_tokens");
   if (r.finish_reason == "refusal") {

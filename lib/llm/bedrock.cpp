@@ -361,11 +361,7 @@ chat_response bedrock::parse_response(const keel::http::response& res, system_cl
     }
     r.text += it->get<std::string>();
   }
-  if (answer) {
-    r.text = std::move(*answer);  // the answer alone: prose beside it would not parse
-  }
-  r.finish_reason = answered_finish_reason(rd.optional_string(body, "stopReason", ""),
-                                           answer.has_value(), !r.tool_calls.empty());
+  finish_answered(r, std::move(answer), rd.optional_string(body, "stopReason", ""));
   r.usage = rd.usage(body, "usage", "inputTokens", "outputTokens");
   if (r.finish_reason == "content_filtered" || r.finish_reason == "guardrail_intervened") {
     rd.filtered("stopReason " + r.finish_reason, std::move(r));

@@ -263,6 +263,14 @@ std::string answered_finish_reason(std::string reason, bool answered, bool other
   return reason;
 }
 
+void finish_answered(chat_response& r, std::optional<std::string> answer, std::string reason) {
+  const bool answered = answer.has_value();
+  if (answered) {
+    r.text = std::move(*answer);
+  }
+  r.finish_reason = answered_finish_reason(std::move(reason), answered, !r.tool_calls.empty());
+}
+
 double provider_temperature(double openai_temperature) {
   return std::clamp(openai_temperature, 0.0, 1.0);
 }

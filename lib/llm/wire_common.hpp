@@ -129,6 +129,11 @@ inline constexpr const char* answer_tool_description =
 // becomes "end_turn" when no other tool was called.
 std::string answered_finish_reason(std::string reason, bool answered, bool other_calls);
 
+// A whole reply's end, for Anthropic and Bedrock: the answer tool's input, if it was called,
+// becomes the reply's text, alone (prose beside it would not parse), and the finish reason is
+// `reason` as answered_finish_reason gives it.
+void finish_answered(chat_response& r, std::optional<std::string> answer, std::string reason);
+
 // OpenAI's temperature runs 0-2, Anthropic's and Bedrock's 0-1: above 1 is sent as 1, their
 // most random (refusing it would fail every fallback from an OpenAI entry).
 double provider_temperature(double openai_temperature);
